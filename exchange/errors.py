@@ -1,0 +1,40 @@
+"""The exceptions the exchange raises. Every message is meant for a person and fits on one line."""
+
+from __future__ import annotations
+
+
+class ExchangeError(Exception):
+    """Base class: anything the exchange refuses to read, write or convert."""
+
+
+class ExchangeFileError(ExchangeError):
+    """A file is missing, unreadable, truncated or not of the expected kind."""
+
+
+class UnsupportedLayerError(ExchangeError):
+    """A model holds a layer kind (or an activation) that the exchange has no layout rule for."""
+
+
+class ArchitectureMismatchError(ExchangeError):
+    """A file's architecture differs from the model it is being loaded into."""
+
+
+class TensorMismatchError(ExchangeError):
+    """Tensors are missing, unexpected or of the wrong shape or dtype.
+
+    The message lists every problem, sorted by key, so one run shows all of them.
+    """
+
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str],
+                 where: str = ""):
+        self.missing = missing
+        self.unexpected = unexpected
+        self.mismatched = mismatched
+        parts = []
+        if missing:
+            parts.append("missing tensors: " + ", ".join(missing))
+        if unexpected:
+            parts.append("unexpected tensors: " + ", ".join(unexpected))
+        if mismatched:
+            parts.append("wrong shape or dtype: " + "; ".join(mismatched))
+        super().__init__((f"{where}: " if where else "") + "; ".join(parts))

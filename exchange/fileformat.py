@@ -1,0 +1,156 @@
+"""The common file: one `.safetensors` in PyTorch layout, self-described by its metadata.
+
+Layout: tensors keyed `layers.{i}.weight` (out, in) and `layers.{i}.bias` (out,), float32, so a
+plain `safetensors.torch.load_file` + `load_state_dict(strict=True)` works without this package.
+Metadata (all strings, as safetensors requires):
+
+    format            "pt"            what `transformers` and others look for
+    exchange_version  "1"             this file format's version
+    architecture      JSON            `Architecture.to_json()`: rebuild the model from the file
+    source_framework  "keras"|"torch" who produced the weights
+
+This module needs numpy and safetensors only: no framework is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file as _safetensors_save_file
+
+from exchange.architecture import Architecture
+from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError
+
+FORMAT_VERSION = "1"
+SOURCE_FRAMEWORKS = ("keras", "torch")
+TENSOR_DTYPE = np.dtype(np.float32)
+
+
+@dataclass(frozen=True)
+class ExchangeFile:
+    """What one common-format file holds."""
+
+    architecture: Architecture
+    tensors: dict[str, np.ndarray]
+    source_framework: str
+    metadata: dict[str, str]
+
+
+def check_tensors(architecture: Architecture, tensors: dict[str, np.ndarray], where: str = "") -> None:
+    """Raise one `TensorMismatchError` listing every missing, unexpected and mis-shaped tensor.
+
+    `where` (a file name, say) starts the message when given.
+    """
+    expected = architecture.tensor_shapes()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = []
+    for key in sorted(set(expected) & set(tensors)):
+        actual_shape, actual_dtype = tuple(tensors[key].shape), np.dtype(tensors[key].dtype)
+        if actual_shape != expected[key] or actual_dtype != TENSOR_DTYPE:
+            mismatched.append(f"{key}: expected {TENSOR_DTYPE.name} {expected[key]}, "
+                              f"found {actual_dtype.name} {actual_shape}")
+    if missing or unexpected or mismatched:
+        raise TensorMismatchError(missing, unexpected, mismatched, where)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
+
+    A failed write leaves no partial file and never clobbers an existing one. The temporary
+    name keeps the final suffix because some writers (Keras) insist on it.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise ExchangeFileError(f"{path}: output folder {path.parent} does not exist")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                             suffix=f".tmp{path.suffix}")
+    os.close(descriptor)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        os.replace(temporary_path, path)
+    finally:
+        temporary_path.unlink(missing_ok=True)
+
+
+def save(path: str | os.PathLike, architecture: Architecture, tensors: dict[str, np.ndarray],
+         source_framework: str) -> None:
+    """Validate `tensors` against `architecture`, then write the common file atomically.
+
+    Example:
+        >>> arch = Architecture.from_json('{"input_dim":2,"layers":[{"kind":"dense","units":1}]}')
+        >>> save("tiny.safetensors", arch, {"layers.0.weight": np.ones((1, 2), np.float32),
+        ...      "layers.0.bias": np.zeros(1, np.float32)}, source_framework="torch")
+    """
+    if source_framework not in SOURCE_FRAMEWORKS:
+        raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, "
+                            f"got {source_framework!r}")
+    check_tensors(architecture, tensors)
+    metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
+                "architecture": architecture.to_json(), "source_framework": source_framework}
+    contiguous = {key: np.ascontiguousarray(array) for key, array in tensors.items()}
+    with atomic_output(path) as temporary:
+        _safetensors_save_file(contiguous, str(temporary), metadata=metadata)
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The file's metadata, reading only its header."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="numpy") as reader:
+            return dict(reader.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+
+
+def load(path: str | os.PathLike) -> ExchangeFile:
+    """Read and validate a common file: its metadata, architecture and every tensor's shape."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="numpy") as reader:
+            metadata = dict(reader.metadata() or {})
+            tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    architecture = architecture_from_metadata(path, metadata)
+    source_framework = metadata.get("source_framework", "unknown")
+    check_tensors(architecture, tensors, where=str(path))
+    return ExchangeFile(architecture, tensors, source_framework, metadata)
+
+
+def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Architecture:
+    version = metadata.get("exchange_version")
+    if "architecture" not in metadata or version is None:
+        raise ExchangeFileError(f"{path}: no exchange metadata (architecture, exchange_version); "
+                                "it was not written by this tool")
+    if version != FORMAT_VERSION:
+        raise ExchangeFileError(f"{path}: exchange_version {version!r} is not supported "
+                                f"(this tool reads version {FORMAT_VERSION})")
+    try:
+        return Architecture.from_json(metadata["architecture"])
+    except ExchangeError as err:
+        raise ExchangeFileError(f"{path}: {err}") from None
+
+
+def _check_readable(path: Path) -> None:
+    if not path.exists():
+        raise ExchangeFileError(f"{path}: no such file")
+    if not path.is_file():
+        raise ExchangeFileError(f"{path}: not a regular file")
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+

@@ -1,0 +1,83 @@
+"""PyTorch side of the exchange: `TorchMLP` <-> common file.
+
+The file is in PyTorch layout already, so this adapter only moves tensors between torch and numpy.
+
+Example:
+    >>> from exchange import torch_adapter
+    >>> model = torch_adapter.model_from_file("mlp.safetensors")
+    >>> torch_adapter.save_file(model, "copy.safetensors")
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+from exchange import fileformat
+from exchange.architecture import Architecture
+from exchange.errors import ArchitectureMismatchError, ExchangeError, ExchangeFileError
+
+
+def architecture_of(model: torch.nn.Module) -> Architecture:
+    architecture = getattr(model, "architecture", None)
+    if not isinstance(architecture, Architecture):
+        raise ExchangeError(f"{type(model).__name__} has no `architecture`; build it with "
+                            "frameworks.torch_mlp.TorchMLP")
+    return architecture
+
+
+def get_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}
+
+
+def set_tensors(model: torch.nn.Module, file_tensors: dict[str, np.ndarray]) -> None:
+    """Load file tensors with `strict=True` after checking every shape and dtype."""
+    fileformat.check_tensors(architecture_of(model), file_tensors)
+    model.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in file_tensors.items()},
+                          strict=True)
+
+
+def save_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    fileformat.save(path, architecture_of(model), get_tensors(model), source_framework="torch")
+
+
+def load_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+    exchange_file = fileformat.load(path)
+    differences = exchange_file.architecture.differences(architecture_of(model))
+    if differences:
+        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: "
+                                        + "; ".join(differences))
+    set_tensors(model, exchange_file.tensors)
+
+
+def model_from_file(path: str | os.PathLike) -> torch.nn.Module:
+    from frameworks.torch_mlp import TorchMLP
+
+    exchange_file = fileformat.load(path)
+    model = TorchMLP(exchange_file.architecture)
+    set_tensors(model, exchange_file.tensors)
+    return model.eval()
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read a `.pt` state_dict safely (`weights_only=True`: no code runs) as numpy arrays."""
+    try:
+        state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ExchangeFileError(f"{path}: no such file") from None
+    except Exception as err:  # torch raises many types for a bad file: pickle, zip, runtime
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ExchangeFileError(f"{path}: not a readable PyTorch weights file ({message})") from None
+    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
+        raise ExchangeFileError(f"{path}: expected a state_dict (a dict of tensors), "
+                                f"found {type(state).__name__}")
+    return {key: value.detach().cpu().numpy() for key, value in state.items()}
+
+
+def save_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """Write a plain `.pt` state_dict atomically."""
+    state = {key: torch.from_numpy(np.array(value)) for key, value in file_tensors.items()}
+    with fileformat.atomic_output(path) as temporary:
+        torch.save(state, temporary)

@@ -1,0 +1,182 @@
+"""The seed's data: MNIST as four pickles (X float32 (N, 784) in [0, 1], y one-hot float32 (N, 10)).
+
+A folder may hold the seed's pickles, the canonical IDX files (`train-images-idx3-ubyte[.gz]`, …)
+or Keras's `mnist.npz`. Pickles are read with a restricted unpickler that builds numpy arrays and
+nothing else, so a pickle carrying code is refused before any of it runs.
+
+Where data comes from, first match wins: `--data DIR`, `$MNIST_DIR`, `./data/`, Keras's standard
+download (machines with internet only).
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import os
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+PICKLE_NAMES = {"x_train": "mnist_X_train.pkl", "x_test": "mnist_X_test.pkl",
+                "y_train": "mnist_y_train.pkl", "y_test": "mnist_y_test.pkl"}
+IDX_NAMES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+NPZ_NAME = "mnist.npz"
+NUM_CLASSES = 10
+IMAGE_PIXELS = 28 * 28
+
+# The only globals a pickled numpy array needs. numpy 1 names the modules `numpy.core.*`,
+# numpy 2 `numpy._core.*`; `_codecs.encode` appears in protocol-2 pickles of array bytes.
+ALLOWED_PICKLE_GLOBALS = {
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("_codecs", "encode"),
+}
+
+
+class DataError(Exception):
+    """MNIST could not be found or read; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Mnist:
+    x_train: np.ndarray  # float32 (60000, 784) in [0, 1]
+    y_train: np.ndarray  # float32 one-hot (60000, 10)
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+class NumpyOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and refuses every other global, so no code from the file runs."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in ALLOWED_PICKLE_GLOBALS:
+            raise DataError(f"refusing {module}.{name}: only numpy arrays are accepted")
+        if module.startswith("numpy.core."):
+            module = "numpy._core." + module.removeprefix("numpy.core.")
+        return super().find_class(module, name)
+
+
+def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
+    """One numpy array from a pickle, refusing anything else with a one-line error."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as stream:
+            # latin1 reads pickles written by Python 2, as old seed notebooks may have.
+            array = NumpyOnlyUnpickler(stream, encoding="latin1").load()
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+        raise DataError(f"{path}: not a readable pickle of a numpy array ({err})") from None
+    if not isinstance(array, np.ndarray) or array.dtype.hasobject:
+        raise DataError(f"{path}: holds {type(array).__name__}, expected a numeric numpy array")
+    return array
+
+
+def read_idx(path: str | os.PathLike) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a uint8 array of its stated shape."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as stream:
+        raw = stream.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: not an IDX file of uint8 data")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * axis: 8 + 4 * axis], "big") for axis in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise DataError(f"{path}: header says {shape} but holds {data.size} values")
+    return data.reshape(shape)
+
+
+def to_seed_format(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """uint8 images (N, 28, 28) and integer labels (N,) -> the seed's X and one-hot y."""
+    x = (images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / np.float32(255.0))
+    y = np.eye(NUM_CLASSES, dtype=np.float32)[labels.astype(np.int64)]
+    return x, y
+
+
+def load_folder(folder: str | os.PathLike) -> Mnist:
+    """MNIST from a folder of the seed's pickles, IDX files (.gz or not), or `mnist.npz`."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder")
+    if all((folder / name).exists() for name in PICKLE_NAMES.values()):
+        arrays = {key: load_pickled_array(folder / name) for key, name in PICKLE_NAMES.items()}
+        mnist = Mnist(**arrays)
+    elif all(_idx_path(folder, name) for name in IDX_NAMES.values()):
+        raw = {key: read_idx(_idx_path(folder, name)) for key, name in IDX_NAMES.items()}
+        x_train, y_train = to_seed_format(raw["x_train"], raw["y_train"])
+        x_test, y_test = to_seed_format(raw["x_test"], raw["y_test"])
+        mnist = Mnist(x_train, y_train, x_test, y_test)
+    elif (folder / NPZ_NAME).exists():
+        mnist = _load_npz(folder / NPZ_NAME)
+    else:
+        raise DataError(f"{folder}: holds neither the seed's pickles ({', '.join(PICKLE_NAMES.values())}),"
+                        f" nor the IDX files ({', '.join(IDX_NAMES.values())}[.gz]), nor {NPZ_NAME}")
+    _check_seed_format(mnist, folder)
+    return mnist
+
+
+def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
+    """MNIST from `data_dir`, else `$MNIST_DIR`, else `./data/`, else Keras's download."""
+    if data_dir is not None:
+        return load_folder(data_dir)
+    if os.environ.get("MNIST_DIR"):
+        return load_folder(os.environ["MNIST_DIR"])
+    if Path("data").is_dir():
+        return load_folder("data")
+    try:
+        from keras.datasets import mnist as keras_mnist
+
+        (train_images, train_labels), (test_images, test_labels) = keras_mnist.load_data()
+    except Exception as err:  # no keras, no internet, a broken cache: all mean "supply it"
+        raise DataError("MNIST not found: pass --data DIR or set MNIST_DIR to a folder holding the "
+                        "IDX files or the seed's pickles (see scripts/prepare_data.py); Keras's "
+                        f"download failed too ({type(err).__name__})") from None
+    x_train, y_train = to_seed_format(train_images, train_labels)
+    x_test, y_test = to_seed_format(test_images, test_labels)
+    return Mnist(x_train, y_train, x_test, y_test)
+
+
+def write_pickles(mnist: Mnist, folder: str | os.PathLike) -> list[Path]:
+    """Write the seed's four pickles, each atomically."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, name in PICKLE_NAMES.items():
+        target = folder / name
+        temporary = target.with_name(f".{name}.tmp")
+        with open(temporary, "wb") as stream:
+            pickle.dump(getattr(mnist, key), stream, protocol=4)
+        os.replace(temporary, target)
+        written.append(target)
+    return written
+
+
+def _idx_path(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+def _load_npz(path: Path) -> Mnist:
+    with np.load(path, allow_pickle=False) as npz:
+        x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
+        x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
+    return Mnist(x_train, y_train, x_test, y_test)
+
+
+def _check_seed_format(mnist: Mnist, source: Path) -> None:
+    for key in PICKLE_NAMES:
+        array = getattr(mnist, key)
+        width = IMAGE_PIXELS if key.startswith("x") else NUM_CLASSES
+        if array.ndim != 2 or array.shape[1] != width or array.dtype != np.float32:
+            raise DataError(f"{source}: {key} is {array.dtype} {array.shape}, "
+                            f"expected float32 (N, {width})")
+    if len(mnist.x_train) != len(mnist.y_train) or len(mnist.x_test) != len(mnist.y_test):
+        raise DataError(f"{source}: images and labels differ in count")

@@ -1,0 +1,133 @@
+"""The seed MLP in PyTorch: Linear layers in an `nn.ModuleList` named `layers`.
+
+Activations are applied in `forward()` rather than stored as modules, so the state_dict keys are
+`layers.0.weight`, `layers.1.weight`, … (an `nn.Sequential` with activation modules would number
+them 0, 2, 4) and match the exchange file's keys one to one.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+from exchange.architecture import Architecture
+from frameworks.recipe import Recipe
+
+KERAS_EPSILON = 1e-7  # keras.config.epsilon(): the clip of probabilities in its cross-entropy
+
+ACTIVATION_FUNCTIONS = {
+    "linear": lambda x: x,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "softmax": lambda x: torch.softmax(x, dim=-1),
+}
+
+
+class TorchMLP(nn.Module):
+    """`forward` returns what Keras's `predict` returns: the last activation, softmax included."""
+
+    def __init__(self, architecture: Architecture, device: str | torch.device | None = None):
+        super().__init__()
+        self.architecture = architecture
+        dims = architecture.layer_input_dims()
+        self.layers = nn.ModuleList(
+            nn.Linear(dims[index], layer.units, bias=layer.use_bias, device=device)
+            for index, layer in enumerate(architecture.layers))
+
+    def pre_activation(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The last layer's input to its activation (the logits, for a softmax output)."""
+        hidden = inputs
+        for linear, layer in zip(self.layers[:-1], self.architecture.layers[:-1]):
+            hidden = ACTIVATION_FUNCTIONS[layer.activation](linear(hidden))
+        return self.layers[-1](hidden)
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return ACTIVATION_FUNCTIONS[self.architecture.layers[-1].activation](self.pre_activation(inputs))
+
+
+def build_torch_model(architecture: Architecture) -> TorchMLP:
+    return TorchMLP(architecture)
+
+
+class KerasSGD(torch.optim.Optimizer):
+    """SGD with momentum written as Keras writes it, with old Keras's decaying learning rate.
+
+    Keras:   v <- mu * v - lr_t * g;  w <- w + v
+    PyTorch: b <- mu * b + g;         w <- w - lr_t * b
+    With a constant learning rate the two are the same (v = -lr * b). With lr_t decaying, PyTorch's
+    form applies today's lr_t to the whole accumulated buffer while Keras's applies each step's own
+    lr_t to that step's gradient, so they differ. This optimizer is the Keras form, with
+    lr_t = lr / (1 + decay * t) computed in float32 as Keras does (t = updates so far).
+    """
+
+    def __init__(self, params, recipe: Recipe):
+        super().__init__(params, {"momentum": recipe.momentum})
+        self.recipe = recipe
+        self.updates_so_far = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        learning_rate = torch.tensor(self.recipe.learning_rate_at(self.updates_so_far))
+        for group in self.param_groups:
+            momentum = torch.tensor(group["momentum"], dtype=torch.float32)
+            for parameter in group["params"]:
+                if parameter.grad is None:
+                    continue
+                state = self.state[parameter]
+                if "velocity" not in state:
+                    state["velocity"] = torch.zeros_like(parameter)
+                velocity = state["velocity"]
+                velocity.copy_(velocity * momentum - parameter.grad * learning_rate)
+                parameter.add_(velocity)
+        self.updates_so_far += 1
+
+
+def keras_categorical_crossentropy(model: TorchMLP, inputs: torch.Tensor,
+                                   targets: torch.Tensor) -> torch.Tensor:
+    """Mean categorical cross-entropy as Keras 3 (TensorFlow backend) computes it for this model.
+
+    When the output layer is a softmax, Keras notices and computes the loss from the logits
+    (`softmax_cross_entropy_with_logits`), with no clipping. Otherwise it normalises the
+    probabilities, clips them to [1e-7, 1 - 1e-7] and takes -sum(y * log p).
+    """
+    if model.architecture.layers[-1].activation == "softmax":
+        log_probabilities = torch.log_softmax(model.pre_activation(inputs), dim=-1)
+        return -(targets * log_probabilities).sum(dim=-1).mean()
+    probabilities = model(inputs)
+    probabilities = probabilities / probabilities.sum(dim=-1, keepdim=True)
+    probabilities = probabilities.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return -(targets * torch.log(probabilities)).sum(dim=-1).mean()
+
+
+def train_torch_epoch(model: TorchMLP, optimizer: KerasSGD, x_train: torch.Tensor,
+                      y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
+                      batch_size: int, order: torch.Tensor) -> dict[str, float]:
+    """One epoch in `order`; reports what Keras's `fit` reports: the running means of the batch
+    losses and of per-sample accuracy during the epoch, then loss and accuracy on the hold-out."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        inputs, targets = x_train[batch], y_train[batch]
+        optimizer.zero_grad(set_to_none=True)
+        loss = keras_categorical_crossentropy(model, inputs, targets)
+        loss.backward()
+        with torch.no_grad():
+            correct += int((model(inputs).argmax(-1) == targets.argmax(-1)).sum())
+        optimizer.step()
+        loss_sum += float(loss.detach()) * len(batch)
+        seen += len(batch)
+    model.eval()
+    with torch.no_grad():
+        val_loss = float(keras_categorical_crossentropy(model, x_val, y_val))
+        val_accuracy = float((model(x_val).argmax(-1) == y_val.argmax(-1)).float().mean())
+    return {"loss": loss_sum / seen, "accuracy": correct / seen,
+            "val_loss": val_loss, "val_accuracy": val_accuracy}
+
+
+@torch.no_grad()
+def predict(model: TorchMLP, x: np.ndarray) -> np.ndarray:
+    model.eval()
+    return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()
