@@ -113,7 +113,7 @@ def load_folder(folder: str | os.PathLike) -> Mnist:
         x_test, y_test = to_seed_format(raw["x_test"], raw["y_test"])
         mnist = Mnist(x_train, y_train, x_test, y_test)
     elif (folder / NPZ_NAME).exists():
-        mnist = _load_npz(folder / NPZ_NAME)
+        mnist = load_npz(folder / NPZ_NAME)
     else:
         raise DataError(f"{folder}: holds neither the seed's pickles ({', '.join(PICKLE_NAMES.values())}),"
                         f" nor the IDX files ({', '.join(IDX_NAMES.values())}[.gz]), nor {NPZ_NAME}")
@@ -164,7 +164,10 @@ def _idx_path(folder: Path, name: str) -> Path | None:
     return None
 
 
-def _load_npz(path: Path) -> Mnist:
+def load_npz(path: Path) -> Mnist:
+    """MNIST from a Keras `mnist.npz` (x_train, y_train, x_test, y_test as uint8 and labels)."""
+    if not Path(path).is_file():
+        raise DataError(f"{path}: no such file")
     with np.load(path, allow_pickle=False) as npz:
         x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
         x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])

@@ -165,10 +165,10 @@ def cross_load(runs: dict, out_dir: Path, x_test: np.ndarray) -> dict:
 
 
 def run(data: Mnist, out_dir: str | Path, architecture: Architecture, recipe: Recipe = Recipe(),
-        frameworks: tuple[str, ...] = FRAMEWORKS, lockstep: bool = True,
+        frameworks: tuple[str, ...] = FRAMEWORKS, lockstep: bool = True, plots: bool = True,
         log: Callable[[str], None] = print) -> dict:
-    """Train, save `keras.safetensors` / `torch.safetensors` / `report.json`, cross-load; returns
-    the report."""
+    """Train, save `keras.safetensors` / `torch.safetensors` / `report.json`, cross-load, plot;
+    returns the report."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lockstep = lockstep and len(frameworks) == 2
@@ -217,6 +217,14 @@ def run(data: Mnist, out_dir: str | Path, architecture: Architecture, recipe: Re
         log(f"{direction.replace('_', ' ')}: max abs output difference on the test set "
             f"{result['max_abs_diff']:.3e}, argmax agreement {result['argmax_agreement']:.4%}")
     write_report(report, out_dir / "report.json")
+    if plots:
+        try:
+            from frameworks.plots import plot_report
+        except ImportError:
+            log("plots skipped: matplotlib is not installed (pip install '.[plots]')")
+        else:
+            for path in plot_report(out_dir / "report.json"):
+                log(f"wrote {path}")
     return report
 
 

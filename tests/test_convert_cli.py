@@ -1,0 +1,136 @@
+"""scripts/convert.py on real files: every direction, --verify, and one-line errors with exit 2."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, random_file_tensors
+from exchange import cli, fileformat, keras_adapter
+from frameworks import keras_mlp, torch_mlp
+from frameworks.recipe import SEED_ARCHITECTURE
+
+OUTPUT_TOLERANCE = 1e-6  # as in test_cross_framework: float32 rounding between the frameworks
+
+
+def run_convert(*args):
+    return subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def keras_file(tmp_path_factory):
+    """A real `.keras` file written by Keras, and the model it holds."""
+    model = keras_mlp.build_keras_model(SEED_ARCHITECTURE)
+    keras_adapter.set_tensors(model, random_file_tensors(SEED_ARCHITECTURE))
+    path = tmp_path_factory.mktemp("keras") / "seed.keras"
+    model.save(path)
+    return path, model
+
+
+def test_keras_to_safetensors_to_keras_and_pt(keras_file, mnist, tmp_path):
+    keras_path, keras_model = keras_file
+    common = tmp_path / "seed.safetensors"
+    result = run_convert(keras_path, common, "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {common}: 6 tensors, 42,310 parameters" in result.stdout
+    assert "on 10,000 MNIST test images" in result.stdout and "argmax agreement 100.00%" in result.stdout
+
+    rebuilt = tmp_path / "rebuilt.keras"
+    assert run_convert(common, rebuilt).returncode == 0
+    import keras
+
+    reopened = keras.saving.load_model(rebuilt, safe_mode=True)
+    np.testing.assert_array_equal(keras_mlp.predict(reopened, mnist.x_test),
+                                  keras_mlp.predict(keras_model, mnist.x_test))
+
+    state_path = tmp_path / "seed.pt"
+    assert run_convert(common, state_path).returncode == 0
+    state_dict = torch.load(state_path, weights_only=True)
+    assert sorted(state_dict) == sorted(SEED_ARCHITECTURE.tensor_shapes())
+    torch_model = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
+    torch_model.load_state_dict(state_dict, strict=True)
+    keras_probs = keras_mlp.predict(keras_model, mnist.x_test)
+    torch_probs = torch_mlp.predict(torch_model, mnist.x_test)
+    assert np.max(np.abs(keras_probs - torch_probs)) <= OUTPUT_TOLERANCE
+    np.testing.assert_array_equal(keras_probs.argmax(-1), torch_probs.argmax(-1))
+
+
+def test_keras_to_pt_directly_and_back(keras_file, tmp_path):
+    keras_path, keras_model = keras_file
+    state_path = tmp_path / "direct.pt"
+    result = run_convert(keras_path, state_path, "--verify")
+    assert result.returncode == 0, result.stderr
+    assert f"Keras ({keras_path}) vs PyTorch ({state_path})" in result.stdout
+
+    back = tmp_path / "back.safetensors"
+    result = run_convert(state_path, back, "--activations", "tanh,tanh,softmax", "--verify")
+    assert result.returncode == 0, result.stderr
+    exchange_file = fileformat.load(back)
+    assert exchange_file.architecture == SEED_ARCHITECTURE
+    assert exchange_file.source_framework == "torch"
+    for key, tensor in keras_adapter.get_tensors(keras_model).items():
+        np.testing.assert_array_equal(exchange_file.tensors[key], tensor)
+
+
+def test_verify_without_mnist_uses_a_fixed_random_batch(keras_file, tmp_path, monkeypatch):
+    monkeypatch.delenv("MNIST_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([str(keras_file[0]), str(tmp_path / "x.safetensors"), "--verify"]) == 0
+
+
+def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path):
+    out = tmp_path / "out.pt"
+    out.write_bytes(b"existing")
+    result = run_convert(tmp_path / "missing.keras", out)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"error: {tmp_path / 'missing.keras'}: no such file"]
+    assert out.read_bytes() == b"existing"
+
+
+def _write_pt_with_wrong_shape(path):
+    tensors = {key: torch.from_numpy(value) for key, value in random_file_tensors(SEED_ARCHITECTURE).items()}
+    tensors["layers.1.weight"] = torch.zeros(50, 49)
+    torch.save(tensors, path)
+
+
+def _write_unsupported_keras(path):
+    import keras
+
+    keras.Sequential([keras.Input((8,)), keras.layers.Dense(4, name="d"),
+                      keras.layers.BatchNormalization(name="norm")]).save(path)
+
+
+@pytest.mark.parametrize("make_input, input_name, extra, message", [
+    (lambda p: p.write_text("{}"), "model.json", [], "unsupported file kind '.json'"),
+    (lambda p: p.write_bytes(b"\x00" * 40), "trunc.safetensors", [], "not a readable safetensors file"),
+    (lambda p: p.write_text("not a zip"), "fake.keras", [], "not a .keras file"),
+    (_write_unsupported_keras, "norm.keras", [], r"unsupported layer 'norm' \(BatchNormalization\)"),
+    (_write_pt_with_wrong_shape, "wrong.pt", ["--activations", "tanh,tanh,softmax"],
+     r"layers.1.weight: expected float32 \(50, 50\), found float32 \(50, 49\)"),
+    (lambda p: p.write_bytes(b"garbage"), "garbage.pt", ["--activations", "tanh"],
+     "not a readable PyTorch weights file"),
+])
+@pytest.mark.parametrize("output_name", ["out.safetensors", "out.keras", "out.pt"])
+def test_bad_inputs(tmp_path, capsys, make_input, input_name, extra, message, output_name):
+    source = tmp_path / input_name
+    make_input(source)
+    out = tmp_path / output_name
+    assert cli.main([str(source), str(out), *extra]) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    assert __import__("re").search(message, lines[0]), lines[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [input_name], "nothing may be written"
+
+
+def test_pt_without_architecture_asks_for_one(tmp_path, capsys):
+    path = tmp_path / "plain.pt"
+    torch.save(torch_mlp.TorchMLP(SEED_ARCHITECTURE).state_dict(), path)
+    assert cli.main([str(path), str(tmp_path / "x.safetensors")]) == 2
+    assert "carries no architecture; pass --activations" in capsys.readouterr().err
+    arch = tmp_path / "arch.json"
+    arch.write_text(SEED_ARCHITECTURE.to_json())
+    assert cli.main([str(path), str(tmp_path / "x.safetensors"), "--arch", str(arch)]) == 0

@@ -1,0 +1,116 @@
+"""The common file: header, metadata, validation errors, atomic writes (numpy + safetensors only)."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from exchange import fileformat
+from exchange.architecture import dense_stack
+from exchange.errors import ExchangeFileError, TensorMismatchError
+from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
+
+TINY = dense_stack(3, [(2, "tanh")])
+
+
+def tiny_tensors():
+    return {"layers.0.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+            "layers.0.bias": np.array([0.5, -0.5], dtype=np.float32)}
+
+
+def read_header(path):
+    raw = path.read_bytes()
+    (length,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + length])
+
+
+def test_golden_header(tmp_path):
+    """Pins the format: keys, dtype, shapes, offsets and every metadata field."""
+    path = tmp_path / "tiny.safetensors"
+    fileformat.save(path, TINY, tiny_tensors(), source_framework="torch")
+    assert read_header(path) == {
+        "__metadata__": {
+            "format": "pt", "exchange_version": "1", "source_framework": "torch",
+            "architecture": '{"input_dim":3,"layers":[{"kind":"dense","units":2,'
+                            '"activation":"tanh","use_bias":true}]}'},
+        "layers.0.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
+        "layers.0.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [8, 32]},
+    }
+    loaded = fileformat.load(path)
+    assert loaded.architecture == TINY and loaded.source_framework == "torch"
+    np.testing.assert_array_equal(loaded.tensors["layers.0.weight"], tiny_tensors()["layers.0.weight"])
+
+
+def test_seed_file_holds_42310_parameters(tmp_path):
+    path = tmp_path / "seed.safetensors"
+    fileformat.save(path, SEED_ARCHITECTURE, seed_initial_tensors(SEED_ARCHITECTURE), "keras")
+    header = read_header(path)
+    assert sum(int(np.prod(entry["shape"])) for key, entry in header.items()
+               if key != "__metadata__") == 42_310
+
+
+def test_mismatch_error_names_every_tensor_with_expected_and_actual(tmp_path):
+    tensors = seed_initial_tensors(SEED_ARCHITECTURE)
+    tensors["layers.1.weight"] = np.zeros((50, 51), np.float32)
+    tensors["layers.2.weight"] = tensors["layers.2.weight"].astype(np.float64)
+    del tensors["layers.0.bias"]
+    tensors["layers.3.weight"] = np.zeros((1, 1), np.float32)
+    with pytest.raises(TensorMismatchError) as caught:
+        fileformat.save(tmp_path / "bad.safetensors", SEED_ARCHITECTURE, tensors, "keras")
+    assert str(caught.value) == (
+        "missing tensors: layers.0.bias; unexpected tensors: layers.3.weight; wrong shape or dtype: "
+        "layers.1.weight: expected float32 (50, 50), found float32 (50, 51); "
+        "layers.2.weight: expected float32 (10, 50), found float64 (10, 50)")
+    assert not list(tmp_path.iterdir()), "nothing may be written on a failed save"
+
+
+def test_transposed_tensor_in_file_is_named(tmp_path):
+    """A file written with (in, out) instead of (out, in) is refused on load, naming the key."""
+    from safetensors.numpy import save_file
+
+    tensors = seed_initial_tensors(SEED_ARCHITECTURE)
+    tensors["layers.0.weight"] = np.ascontiguousarray(tensors["layers.0.weight"].T)
+    path = tmp_path / "transposed.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt", "exchange_version": "1",
+                                            "architecture": SEED_ARCHITECTURE.to_json()})
+    with pytest.raises(TensorMismatchError,
+                       match=r"layers.0.weight: expected float32 \(50, 784\), found float32 \(784, 50\)"):
+        fileformat.load(path)
+
+
+def test_truncated_and_missing_files(tmp_path):
+    path = tmp_path / "seed.safetensors"
+    fileformat.save(path, SEED_ARCHITECTURE, seed_initial_tensors(SEED_ARCHITECTURE), "keras")
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[:-1000])
+    with pytest.raises(ExchangeFileError, match="truncated.safetensors: not a readable safetensors file"):
+        fileformat.load(truncated)
+    with pytest.raises(ExchangeFileError, match="absent.safetensors: no such file"):
+        fileformat.load(tmp_path / "absent.safetensors")
+
+
+def test_file_without_exchange_metadata_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    path = tmp_path / "foreign.safetensors"
+    save_file(tiny_tensors(), str(path), metadata={"format": "pt"})
+    with pytest.raises(ExchangeFileError, match="no exchange metadata"):
+        fileformat.load(path)
+
+
+def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
+    path = tmp_path / "model.safetensors"
+    fileformat.save(path, TINY, tiny_tensors(), "torch")
+    before = path.read_bytes()
+
+    def failing_writer(tensors, filename, metadata=None):
+        with open(filename, "wb") as stream:
+            stream.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(fileformat, "_safetensors_save_file", failing_writer)
+    with pytest.raises(OSError, match="disk full"):
+        fileformat.save(path, TINY, tiny_tensors(), "torch")
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
