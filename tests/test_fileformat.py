@@ -114,3 +114,15 @@ def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
         fileformat.save(path, TINY, tiny_tensors(), "torch")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_written_file_has_the_usual_permissions(tmp_path):
+    """The temporary file is private while written; the result gets the umask's mode."""
+    import os
+
+    previous = os.umask(0o022)
+    try:
+        fileformat.save(tmp_path / "m.safetensors", TINY, tiny_tensors(), "torch")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
