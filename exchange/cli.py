@@ -1,12 +1,14 @@
 """`convert IN OUT`: move a model's weights between Keras and PyTorch files, by file extension.
 
-    .keras        a Keras 3 model file (read and written with Keras, safe mode)
-    .safetensors  the common exchange file (PyTorch layout + architecture metadata)
-    .pt           a plain PyTorch state_dict (read with torch.load(weights_only=True))
+    .keras         Keras 3 model file            read directly (no Keras); written with Keras
+    .h5            Keras 3 .weights.h5, Keras 2 full-model or weights-only .h5; read directly
+    .safetensors   the common exchange file      numpy + safetensors only
+    .pt            a plain PyTorch state_dict    torch, read with torch.load(weights_only=True)
 
 Every conversion goes through the neutral form (architecture + tensors in file layout), so any
-input kind can be written as any output kind. A `.pt` state_dict carries no architecture: give it
-with `--activations tanh,tanh,softmax` (sizes come from the tensors) or `--arch FILE`.
+input kind can be written as any output kind. Weights-only files carry no architecture: give it
+with `--arch` (a .keras, a Keras 2 .h5, a Keras config or exchange architecture .json, or an
+exchange .safetensors), or for a `.pt`, `--activations tanh,tanh,softmax` (sizes from the tensors).
 
 Exit codes: 0 done, 1 `--verify` found outputs that differ beyond `--tolerance`, 2 bad input.
 """
@@ -14,46 +16,52 @@ Exit codes: 0 done, 1 `--verify` found outputs that differ beyond `--tolerance`,
 from __future__ import annotations
 
 import argparse
+import importlib
+import json
 import os
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat
+from exchange import fileformat, keras_files, reference
 from exchange.architecture import Architecture, DenseLayer
 from exchange.errors import ExchangeError, ExchangeFileError
 
-KINDS = (".keras", ".safetensors", ".pt")
+INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
+OUTPUT_KINDS = (".keras", ".safetensors", ".pt")
+KERAS_KINDS = (".keras", ".h5")
 VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not available
 DEFAULT_TOLERANCE = 1e-5      # float32 matmul rounding between TensorFlow and PyTorch is ~1e-7
 
 
-def file_kind(path: Path) -> str:
-    if path.suffix not in KINDS:
+def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
+    if path.suffix not in kinds:
         raise ExchangeFileError(f"{path}: unsupported file kind {path.suffix or '(no extension)'!r}; "
-                                f"expected one of {', '.join(KINDS)}")
+                                f"expected one of {', '.join(kinds)}")
     return path.suffix
 
 
-def read_weights(path: Path, architecture_hint: Architecture | None = None,
-                 activations: list[str] | None = None) -> tuple[Architecture, dict[str, np.ndarray], str]:
-    """(architecture, file-layout tensors, source framework) from any supported file."""
-    kind = file_kind(path)
+def open_weights(path: Path, stack: ExitStack, arch_path: Path | None = None,
+                 activations: list[str] | None = None) -> tuple[Architecture, dict, str]:
+    """(architecture, file-layout tensors, source framework) from any input kind. Keras files
+    give lazy tensors, read when written; `stack` keeps their file open until then."""
+    kind = file_kind(path, INPUT_KINDS)
     if not path.is_file():
         raise ExchangeFileError(f"{path}: no such file")
     if kind == ".safetensors":
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
-    if kind == ".keras":
-        from exchange import keras_adapter
-
-        model = keras_adapter.load_keras_file(path)
-        return keras_adapter.architecture_of(model), keras_adapter.get_tensors(model), "keras"
-    from exchange import torch_adapter
-
+    if kind in KERAS_KINDS:
+        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch_path))
+        return keras_weights.architecture, keras_weights.tensors, "keras"
+    torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
     tensors = torch_adapter.load_state_dict_file(path)
-    architecture = architecture_hint or architecture_from_state_dict(path, tensors, activations)
+    if arch_path is not None:
+        architecture = load_architecture(arch_path)
+    else:
+        architecture = architecture_from_state_dict(path, tensors, activations)
     fileformat.check_tensors(architecture, tensors, where=str(path))
     return architecture, tensors, "torch"
 
@@ -73,57 +81,123 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
     return Architecture(int(weights[0].shape[1]), layers)
 
 
-def write_weights(path: Path, architecture: Architecture, tensors: dict[str, np.ndarray],
-                  source_framework: str) -> None:
-    """Write any supported kind atomically; tensors are checked against the architecture first."""
-    kind = file_kind(path)
+def load_architecture(path: Path) -> Architecture:
+    """An architecture from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file
+    holding either an exchange architecture or a Keras model config."""
+    if not path.is_file():
+        raise ExchangeFileError(f"{path}: no such file")
+    if path.suffix == ".safetensors":
+        return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
+    if path.suffix in KERAS_KINDS:
+        return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path)).architecture
+    try:
+        description = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ExchangeFileError(f"{path}: not a JSON architecture ({err})") from None
+    if isinstance(description, dict) and "class_name" in description:
+        return keras_files.describe_model_config(description, str(path)).architecture
+    if not isinstance(description, dict):
+        raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
+    try:
+        return Architecture.from_dict(description)
+    except ExchangeError as err:
+        raise ExchangeFileError(f"{path}: {err}") from None
+
+
+def write_weights(path: Path, architecture: Architecture, tensors: dict, source_framework: str) -> None:
+    """Write any output kind atomically; tensors are checked against the architecture first."""
+    kind = file_kind(path, OUTPUT_KINDS)
     fileformat.check_tensors(architecture, tensors)
     if kind == ".safetensors":
         fileformat.save(path, architecture, tensors, source_framework)
     elif kind == ".keras":
-        from exchange import keras_adapter
+        keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
         from frameworks.keras_mlp import build_keras_model
 
         model = build_keras_model(architecture)
-        keras_adapter.set_tensors(model, tensors)
+        keras_adapter.set_tensors(model, fileformat.materialize(tensors))
         keras_adapter.save_keras_file(model, path)
     else:
-        from exchange import torch_adapter
-
-        torch_adapter.save_state_dict_file(tensors, path)
-
-
-def check_written(path: Path, architecture: Architecture, tensors: dict[str, np.ndarray]) -> None:
-    """Read the output back and require every tensor to be bit-identical to what was meant."""
-    _, written, _ = read_weights(path, architecture_hint=architecture)
-    differing = sorted(key for key in tensors if not np.array_equal(tensors[key], written.get(key)))
-    if differing or set(written) != set(tensors):
-        raise ExchangeError(f"{path}: read-back check failed for {', '.join(differing) or 'key set'}")
+        torch_adapter = _framework_module("exchange.torch_adapter", "writing a .pt file", "torch")
+        torch_adapter.save_state_dict_file(fileformat.materialize(tensors), path)
 
 
-def verify(in_path: Path, out_path: Path, architecture: Architecture, tensors: dict[str, np.ndarray],
-           data_dir: Path | None) -> dict:
-    """Run Keras and PyTorch on the same inputs; Keras from the `.keras` side when there is one,
-    PyTorch from the `.pt` side when there is one, otherwise built from the tensors."""
-    from exchange import keras_adapter, torch_adapter
-    from frameworks import keras_mlp, torch_mlp
-
-    paths = {in_path.suffix: in_path, out_path.suffix: out_path}
-    if ".keras" in paths:
-        keras_model, keras_from = keras_adapter.load_keras_file(paths[".keras"]), str(paths[".keras"])
+def check_written(path: Path, architecture: Architecture) -> None:
+    """Read the output's header back: it must parse and hold exactly the expected tensors.
+    (`--verify` compares the values too.)"""
+    if path.suffix == ".safetensors":
+        written = fileformat.load(path)
+        differences = written.architecture.differences(architecture)
+        if differences:
+            raise ExchangeError(f"{path}: read-back architecture differs: {'; '.join(differences)}")
     else:
-        keras_model, keras_from = keras_mlp.build_keras_model(architecture), "the tensors"
-        keras_adapter.set_tensors(keras_model, tensors)
-    torch_model = torch_mlp.TorchMLP(architecture)
-    torch_tensors = torch_adapter.load_state_dict_file(paths[".pt"]) if ".pt" in paths else tensors
-    torch_adapter.set_tensors(torch_model, torch_tensors)
-    torch_from = str(paths[".pt"]) if ".pt" in paths else "the tensors"
+        with ExitStack() as stack:
+            written_architecture, _, _ = open_weights(path, stack, activations=_activations(architecture))
+        if written_architecture.differences(architecture):
+            raise ExchangeError(f"{path}: read-back architecture differs")
 
+
+def _activations(architecture: Architecture) -> list[str]:
+    return [layer.activation for layer in architecture.layers]
+
+
+def verify(in_path: Path, out_path: Path, architecture: Architecture, data_dir: Path | None,
+           arch_path: Path | None = None) -> dict:
+    """Run the two frameworks on the same inputs, each on the weights of its own file.
+
+    Keras runs on the Keras file (IN or OUT) opened by Keras itself when it can, else on the
+    tensors. PyTorch runs on the `.pt` or `.safetensors` side. A framework that is not installed is
+    replaced by a numpy forward pass over the same file's tensors, and the result says so.
+    """
+    keras_path = next((p for p in (in_path, out_path) if p.suffix in KERAS_KINDS), None)
+    torch_path = next((p for p in (out_path, in_path) if p.suffix in (".pt", ".safetensors")), None)
     inputs, inputs_name = verification_inputs(architecture, data_dir)
-    keras_probs, torch_probs = keras_mlp.predict(keras_model, inputs), torch_mlp.predict(torch_model, inputs)
-    return {"keras_from": keras_from, "torch_from": torch_from, "inputs": inputs_name,
+    read_tensors = lambda path: _file_tensors(path, architecture, arch_path if path == in_path else None)  # noqa: E731
+    keras_side = _keras_outputs(keras_path or in_path, architecture, inputs, read_tensors)
+    torch_side = _torch_outputs(torch_path or out_path, architecture, inputs, read_tensors)
+    (keras_name, keras_probs), (torch_name, torch_probs) = keras_side, torch_side
+    return {"compared": f"{keras_name} vs {torch_name}", "inputs": inputs_name,
             "max_abs_diff": float(np.max(np.abs(keras_probs - torch_probs))),
             "argmax_agreement": float((keras_probs.argmax(-1) == torch_probs.argmax(-1)).mean())}
+
+
+def _file_tensors(path: Path, architecture: Architecture, arch_path: Path | None) -> dict[str, np.ndarray]:
+    with ExitStack() as stack:
+        _, tensors, _ = open_weights(path, stack, arch_path, activations=_activations(architecture))
+        return fileformat.materialize(tensors)
+
+
+def _keras_outputs(path: Path, architecture: Architecture, inputs: np.ndarray, read_tensors):
+    try:
+        from exchange import keras_adapter
+        from frameworks import keras_mlp
+    except ImportError:
+        return (f"numpy reference on {path} (Keras not installed)",
+                reference.forward(architecture, read_tensors(path), inputs))
+    if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
+        return f"Keras on {path}", keras_mlp.predict(keras_adapter.load_keras_file(path), inputs)
+    model = keras_mlp.build_keras_model(architecture)
+    keras_adapter.set_tensors(model, read_tensors(path))
+    return f"Keras on the tensors of {path}", keras_mlp.predict(model, inputs)
+
+
+def _torch_outputs(path: Path, architecture: Architecture, inputs: np.ndarray, read_tensors):
+    tensors = read_tensors(path)
+    try:
+        from exchange import torch_adapter
+        from frameworks import torch_mlp
+    except ImportError:
+        return f"numpy reference on {path} (PyTorch not installed)", reference.forward(architecture, tensors, inputs)
+    model = torch_mlp.TorchMLP(architecture)
+    torch_adapter.set_tensors(model, tensors)
+    return f"PyTorch on {path}", torch_mlp.predict(model, inputs)
+
+
+def _is_full_keras2_model(path: Path) -> bool:
+    import h5py
+
+    with h5py.File(path, "r") as h5:
+        return "model_config" in h5.attrs
 
 
 def verification_inputs(architecture: Architecture, data_dir: Path | None) -> tuple[np.ndarray, str]:
@@ -145,40 +219,37 @@ def verification_inputs(architecture: Architecture, data_dir: Path | None) -> tu
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None) -> tuple[Architecture, dict[str, np.ndarray]]:
-    """Read `in_path`, write `out_path`, read it back and check it."""
-    file_kind(out_path)
+            arch_path: Path | None = None) -> Architecture:
+    """Read `in_path`, write `out_path` atomically, read its header back."""
+    file_kind(out_path, OUTPUT_KINDS)
     if in_path.resolve() == out_path.resolve():
         raise ExchangeFileError(f"{out_path}: output would overwrite the input")
-    architecture_hint = load_architecture(arch_path) if arch_path else None
-    architecture, tensors, source = read_weights(in_path, architecture_hint, activations)
-    write_weights(out_path, architecture, tensors, source)
-    check_written(out_path, architecture, tensors)
-    return architecture, tensors
+    with ExitStack() as stack:
+        architecture, tensors, source = open_weights(in_path, stack, arch_path, activations)
+        write_weights(out_path, architecture, tensors, source)
+    check_written(out_path, architecture)
+    return architecture
 
 
-def load_architecture(path: Path) -> Architecture:
-    """An architecture from a JSON file or from an exchange `.safetensors` file's metadata."""
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
+def _framework_module(module: str, purpose: str, extra: str):
     try:
-        return Architecture.from_json(path.read_text())
-    except (ExchangeError, UnicodeDecodeError) as err:
-        raise ExchangeFileError(f"{path}: {err}") from None
+        return importlib.import_module(module)
+    except ImportError as err:
+        raise ExchangeError(f"{purpose} needs {extra}, which is not installed ({err}); "
+                            f"pip install 'keras-torch-exchange[{extra}]'") from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="convert", description=__doc__.split("\n\n")[0],
-                                     epilog="kinds: .keras, .safetensors, .pt")
+    parser = argparse.ArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
+                                     epilog="input kinds: .keras, .h5, .safetensors, .pt; "
+                                            "output kinds: .keras, .safetensors, .pt")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
+    parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "
+                        "Keras 2 .h5, a Keras config or exchange architecture .json, or a .safetensors")
     parser.add_argument("--activations", help="for a .pt input: comma-separated, one per layer")
-    parser.add_argument("--arch", type=Path, help="for a .pt input: architecture JSON or an exchange "
-                        ".safetensors file whose architecture to use")
     parser.add_argument("--verify", action="store_true",
-                        help="run Keras and PyTorch on the same inputs and compare outputs")
+                        help="run Keras and PyTorch (or numpy where one is missing) on the same inputs")
     parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="--verify fails above this max abs difference (default: %(default)g)")
@@ -186,14 +257,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     activations = args.activations.split(",") if args.activations else None
     try:
-        architecture, tensors = convert(args.input, args.output, activations, args.arch)
-        print(f"wrote {args.output}: {len(tensors)} tensors, "
+        architecture = convert(args.input, args.output, activations, args.arch)
+        print(f"wrote {args.output}: {len(architecture.tensor_shapes())} tensors, "
               f"{architecture.parameter_count():,} parameters")
         if args.verify:
-            result = verify(args.input, args.output, architecture, tensors, args.data)
-            print(f"verify: Keras ({result['keras_from']}) vs PyTorch ({result['torch_from']}) on "
-                  f"{result['inputs']}: max abs diff {result['max_abs_diff']:.3e}, "
-                  f"argmax agreement {result['argmax_agreement']:.2%}")
+            result = verify(args.input, args.output, architecture, args.data, args.arch)
+            print(f"verify: {result['compared']}, on {result['inputs']}: max abs diff "
+                  f"{result['max_abs_diff']:.3e}, argmax agreement {result['argmax_agreement']:.2%}")
             if not result["max_abs_diff"] <= args.tolerance:
                 print(f"error: outputs differ by more than {args.tolerance:g}", file=sys.stderr)
                 return 1

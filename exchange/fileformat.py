@@ -14,8 +14,11 @@ This module needs numpy and safetensors only: no framework is imported.
 
 from __future__ import annotations
 
+import json
 import os
+import struct
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +26,10 @@ from typing import Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import save_file as _safetensors_save_file
 
 from exchange.architecture import Architecture
 from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError
+from exchange.layout import LazyTensor
 
 FORMAT_VERSION = "1"
 SOURCE_FRAMEWORKS = ("keras", "torch")
@@ -90,9 +93,13 @@ def _current_umask() -> int:
     return mask
 
 
-def save(path: str | os.PathLike, architecture: Architecture, tensors: dict[str, np.ndarray],
-         source_framework: str) -> None:
+def save(path: str | os.PathLike, architecture: Architecture,
+         tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
+
+    Tensors may be arrays or `LazyTensor`s; lazy ones are loaded one at a time (the next one in
+    a background thread while the current one is written), so a large model is never whole in
+    memory.
 
     Example:
         >>> arch = Architecture.from_json('{"input_dim":2,"layers":[{"kind":"dense","units":1}]}')
@@ -105,9 +112,49 @@ def save(path: str | os.PathLike, architecture: Architecture, tensors: dict[str,
     check_tensors(architecture, tensors)
     metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
                 "architecture": architecture.to_json(), "source_framework": source_framework}
-    contiguous = {key: np.ascontiguousarray(array) for key, array in tensors.items()}
     with atomic_output(path) as temporary:
-        _safetensors_save_file(contiguous, str(temporary), metadata=metadata)
+        _write_safetensors(temporary, tensors, metadata)
+
+
+def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
+                       metadata: dict[str, str]) -> None:
+    """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
+    header padded with spaces to 8 bytes, then each tensor's bytes in header order."""
+    keys = sorted(tensors)
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for key in keys:
+        nbytes = int(np.prod(tensors[key].shape, dtype=np.int64)) * TENSOR_DTYPE.itemsize
+        header[key] = {"dtype": "F32", "shape": list(tensors[key].shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    header_bytes = json.dumps(header, separators=(",", ":")).encode()
+    header_bytes += b" " * (-len(header_bytes) % 8)
+
+    def load(key: str) -> np.ndarray:
+        tensor = tensors[key]
+        array = tensor.load() if isinstance(tensor, LazyTensor) else tensor
+        if tuple(array.shape) != tuple(header[key]["shape"]) or array.dtype != TENSOR_DTYPE:
+            raise TensorMismatchError([], [], [f"{key}: expected {TENSOR_DTYPE.name} "
+                                               f"{tuple(header[key]['shape'])}, found "
+                                               f"{array.dtype.name} {tuple(array.shape)}"])
+        return np.ascontiguousarray(array, dtype="<f4")
+
+    with open(path, "wb") as stream, ThreadPoolExecutor(max_workers=1) as prefetch:
+        stream.write(struct.pack("<Q", len(header_bytes)))
+        stream.write(header_bytes)
+        pending = prefetch.submit(load, keys[0]) if keys else None
+        for index in range(len(keys)):
+            array = pending.result()
+            pending = prefetch.submit(load, keys[index + 1]) if index + 1 < len(keys) else None
+            stream.write(memoryview(array).cast("B"))
+            del array
+
+
+def materialize(tensors: dict[str, np.ndarray | LazyTensor]) -> dict[str, np.ndarray]:
+    """Every tensor as an array (lazy ones are read now)."""
+    return {key: tensor.load() if isinstance(tensor, LazyTensor) else tensor
+            for key, tensor in tensors.items()}
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

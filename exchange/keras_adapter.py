@@ -80,10 +80,11 @@ def model_from_file(path: str | os.PathLike) -> keras.Model:
 
 
 def load_keras_file(path: str | os.PathLike) -> keras.Model:
-    """Open a `.keras` file with Keras, in safe mode (no arbitrary code from the file)."""
+    """Open a `.keras` (or legacy Keras 2 `.h5`) file with Keras, in safe mode (no arbitrary
+    code from the file)."""
     if not os.path.isfile(path):
         raise ExchangeFileError(f"{path}: no such file")
-    if not zipfile.is_zipfile(path):
+    if not os.fspath(path).endswith(".h5") and not zipfile.is_zipfile(path):
         raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)")
     try:
         return keras.saving.load_model(os.fspath(path), compile=False, safe_mode=True)

@@ -9,6 +9,7 @@ import pytest
 from exchange import fileformat
 from exchange.architecture import dense_stack
 from exchange.errors import ExchangeFileError, TensorMismatchError
+from exchange.layout import LazyTensor
 from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
 
 TINY = dense_stack(3, [(2, "tanh")])
@@ -99,19 +100,19 @@ def test_file_without_exchange_metadata_is_refused(tmp_path):
         fileformat.load(path)
 
 
-def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):
+def test_failed_write_keeps_existing_file(tmp_path):
+    """A tensor that fails mid-write (after the header) leaves the old file and no temporary."""
     path = tmp_path / "model.safetensors"
     fileformat.save(path, TINY, tiny_tensors(), "torch")
     before = path.read_bytes()
 
-    def failing_writer(tensors, filename, metadata=None):
-        with open(filename, "wb") as stream:
-            stream.write(b"partial")
+    def failing_load():
         raise OSError("disk full")
 
-    monkeypatch.setattr(fileformat, "_safetensors_save_file", failing_writer)
+    tensors = {**tiny_tensors(), "layers.0.weight": LazyTensor((2, 3), np.dtype(np.float32), failing_load)}
+    assert not list(tmp_path.glob(".*")), "no temporary file before the save"
     with pytest.raises(OSError, match="disk full"):
-        fileformat.save(path, TINY, tiny_tensors(), "torch")
+        fileformat.save(path, TINY, tensors, "torch")
     assert path.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
 
