@@ -233,8 +233,12 @@ class _Hdf5Source:
             raise ExchangeFileError(f"{self.label}: not an HDF5 file") from None
 
     def close(self) -> None:
-        self.h5.close()  # before the descriptor: h5py may still read while closing
+        """Idempotent. The h5py file closes before the descriptor: it may read while closing."""
+        if self.descriptor is None:
+            return
+        self.h5.close()
         os.close(self.descriptor)
+        self.descriptor = None
 
     def lazy(self, dataset_path: str) -> LazyTensor:
         dataset = self.h5[dataset_path]

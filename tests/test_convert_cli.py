@@ -63,7 +63,7 @@ def test_keras_to_pt_directly_and_back(keras_file, tmp_path):
     state_path = tmp_path / "direct.pt"
     result = run_convert(keras_path, state_path, "--verify")
     assert result.returncode == 0, result.stderr
-    assert f"Keras ({keras_path}) vs PyTorch ({state_path})" in result.stdout
+    assert f"Keras on {keras_path} vs PyTorch on {state_path}" in result.stdout
 
     back = tmp_path / "back.safetensors"
     result = run_convert(state_path, back, "--activations", "tanh,tanh,softmax", "--verify")

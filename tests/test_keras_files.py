@@ -1,0 +1,197 @@
+"""Reading Keras 3 and Keras 2 files directly, and converting them with no framework importable.
+
+The Keras 2 files in tests/fixtures/keras2/ were written by real Keras 2 (tf-keras 2.21.0);
+regenerate them with:
+    pip install tf-keras==2.21.0
+    TF_USE_LEGACY_KERAS=1 python scripts/make_keras2_fixtures.py
+expected_outputs.npz holds what Keras 2 computed on np.random.default_rng(0).random((64, input_dim)).
+"""
+
+import re
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from exchange import fileformat, keras_files, torch_adapter
+from exchange.architecture import Architecture, DenseLayer
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from frameworks import keras_mlp, torch_mlp
+
+FIXTURES = ROOT / "tests/fixtures/keras2"
+OUTPUT_TOLERANCE = 1e-6  # float32 rounding between TensorFlow and PyTorch, as elsewhere
+
+# Runs scripts/convert.py in a process where importing tensorflow, keras or torch raises.
+NO_FRAMEWORK_RUNNER = textwrap.dedent("""
+    import runpy, sys
+    BLOCKED = ("tensorflow", "keras", "tf_keras", "torch")
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, Blocker())
+    sys.argv = ["convert.py"] + sys.argv[1:]
+    try:
+        runpy.run_path(%r, run_name="__main__")
+    finally:
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        print("frameworks imported:", loaded or "none")
+""") % str(ROOT / "scripts/convert.py")
+
+
+def convert_without_frameworks(*args):
+    return subprocess.run([sys.executable, "-c", NO_FRAMEWORK_RUNNER, *map(str, args)],
+                          capture_output=True, text=True, timeout=300)
+
+
+def fixed_batch(input_dim):
+    return np.random.default_rng(0).random((64, input_dim), dtype=np.float32)
+
+
+def keras3_model_with_pass_through_layers():
+    """A Keras 3 Sequential with Dropout, Activation and a flat Flatten between Dense layers."""
+    model = keras.Sequential([
+        keras.Input((784,)), keras.layers.Flatten(), keras.layers.Dense(50, activation="tanh", name="a"),
+        keras.layers.Dropout(0.3), keras.layers.Dense(50, name="b"), keras.layers.Activation("relu"),
+        keras.layers.Dense(10, activation="softmax", name="c")])
+    generator = np.random.default_rng(7)
+    model.set_weights([generator.normal(0, 0.2, w.shape).astype(np.float32) for w in model.get_weights()])
+    return model
+
+
+@pytest.fixture(scope="module")
+def keras3_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("keras3")
+    model = keras3_model_with_pass_through_layers()
+    model.save(folder / "model.keras")
+    model.save_weights(folder / "model.weights.h5")
+    return folder, model
+
+
+def test_no_framework_converts_keras3_and_keras2_files(keras3_files, mnist, tmp_path):
+    folder, model = keras3_files
+    for source in (folder / "model.keras", FIXTURES / "seed_mlp.h5"):
+        out = tmp_path / f"{source.stem}.safetensors"
+        result = convert_without_frameworks(source, out, "--verify")
+        assert result.returncode == 0, result.stderr
+        assert "frameworks imported: none" in result.stdout
+        assert "numpy reference" in result.stdout and "Keras not installed" in result.stdout
+        assert "PyTorch not installed" in result.stdout
+    torch_model = torch_adapter.model_from_file(tmp_path / "model.safetensors")
+    keras_probs = keras_mlp.predict(model, mnist.x_test)
+    torch_probs = torch_mlp.predict(torch_model, mnist.x_test)
+    assert np.max(np.abs(keras_probs - torch_probs)) <= OUTPUT_TOLERANCE
+    np.testing.assert_array_equal(keras_probs.argmax(-1), torch_probs.argmax(-1))
+
+    keras2_outputs = np.load(FIXTURES / "expected_outputs.npz")["seed_mlp_outputs"]
+    torch_model = torch_adapter.model_from_file(tmp_path / "seed_mlp.safetensors")
+    assert np.max(np.abs(torch_mlp.predict(torch_model, fixed_batch(784)) - keras2_outputs)) <= OUTPUT_TOLERANCE
+
+
+def test_keras3_pass_through_layers_fold_into_the_architecture(keras3_files):
+    folder, model = keras3_files
+    with keras_files.open_keras_file(folder / "model.keras") as weights:
+        assert weights.architecture == Architecture(784, (
+            DenseLayer(50, "tanh"), DenseLayer(50, "relu"), DenseLayer(10, "softmax")))
+        tensors = fileformat.materialize(weights.tensors)
+    keras_weights = model.get_weights()
+    np.testing.assert_array_equal(tensors["layers.1.weight"], keras_weights[2].T)
+    np.testing.assert_array_equal(tensors["layers.2.bias"], keras_weights[5])
+
+
+def test_keras3_weights_h5_with_architecture_alongside(keras3_files, tmp_path):
+    folder, model = keras3_files
+    with keras_files.open_keras_file(folder / "model.weights.h5", folder / "model.keras") as from_h5, \
+            keras_files.open_keras_file(folder / "model.keras") as from_keras:
+        for key in from_keras.tensors:
+            np.testing.assert_array_equal(from_h5.tensors[key].load(), from_keras.tensors[key].load())
+    config_json = tmp_path / "config.json"
+    config_json.write_text(model.to_json())
+    with keras_files.open_keras_file(folder / "model.weights.h5", config_json) as from_config:
+        assert from_config.architecture.parameter_count() == 42_310
+
+
+def test_keras3_functional_chain(tmp_path):
+    inputs = keras.Input((12,), name="features")
+    hidden = keras.layers.Dense(6, activation="sigmoid", name="first")(inputs)
+    hidden = keras.layers.Dropout(0.1)(hidden)
+    outputs = keras.layers.Dense(3, use_bias=False, name="second")(hidden)
+    model = keras.Model(inputs, outputs)
+    model.save(tmp_path / "chain.keras")
+    with keras_files.open_keras_file(tmp_path / "chain.keras") as weights:
+        torch_model = torch_mlp.TorchMLP(weights.architecture)
+        torch_adapter.set_tensors(torch_model, fileformat.materialize(weights.tensors))
+    batch = fixed_batch(12)
+    assert np.max(np.abs(keras_mlp.predict(model, batch) - torch_mlp.predict(torch_model, batch))) <= OUTPUT_TOLERANCE
+
+
+@pytest.mark.parametrize("name, arch", [("seed_mlp", None), ("seed_mlp_weights", "seed_mlp_config.json"),
+                                        ("functional_chain", None),
+                                        ("functional_chain_weights", "functional_chain.h5")])
+def test_keras2_files_match_keras2_outputs(name, arch):
+    with keras_files.open_keras_file(FIXTURES / f"{name}.h5", FIXTURES / arch if arch else None) as weights:
+        architecture = weights.architecture
+        torch_model = torch_mlp.TorchMLP(architecture)
+        torch_adapter.set_tensors(torch_model, fileformat.materialize(weights.tensors))
+    model_name = name.removesuffix("_weights")
+    expected = np.load(FIXTURES / "expected_outputs.npz")[f"{model_name}_outputs"]
+    outputs = torch_mlp.predict(torch_model, fixed_batch(architecture.input_dim))
+    assert np.max(np.abs(outputs - expected)) <= OUTPUT_TOLERANCE
+    if model_name == "functional_chain":  # Activation("relu") folded into a linear Dense; no bias
+        assert architecture == Architecture(20, (DenseLayer(16, "relu"), DenseLayer(8, "sigmoid", False),
+                                                 DenseLayer(4, "softmax")))
+
+
+@pytest.mark.parametrize("source, extra, message", [
+    ("unsupported_batchnorm.h5", [], r"unsupported layer 'batch_norm' \(BatchNormalization\)"),
+    ("branching.h5", [], r"layer 'right' \(Dense\) takes \['x'\]; only functional models "
+                         r"that form a single chain"),
+    ("seed_mlp_weights.h5", [], "a weights-only file; give the architecture"),
+    ("seed_mlp_weights.h5", ["--arch", FIXTURES / "functional_chain_config.json"],
+     "config and weights do not match"),
+    ("functional_chain_weights.h5", ["--arch", FIXTURES / "seed_mlp.h5"],
+     "no weights for layer 'dense_1'; config and weights do not match"),
+    ("expected_outputs.npz", [], r"unsupported file kind '.npz'"),
+])
+def test_bad_keras_inputs_one_line_exit_2_nothing_written(tmp_path, source, extra, message):
+    out = tmp_path / "out.safetensors"
+    result = convert_without_frameworks(FIXTURES / source, out, *extra)
+    assert result.returncode == 2, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(message, lines[0]), lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_hdf5_without_weights_and_mismatched_shapes(tmp_path, keras3_files):
+    import h5py
+
+    empty = tmp_path / "empty.h5"
+    with h5py.File(empty, "w") as h5:
+        h5.attrs["note"] = "no weights here"
+    with pytest.raises(ExchangeError, match="HDF5 file without Keras weights"):
+        keras_files.open_keras_file(empty)
+    not_hdf5 = tmp_path / "text.h5"
+    not_hdf5.write_text("plain text")
+    with pytest.raises(ExchangeError, match="text.h5: not an HDF5 file"):
+        keras_files.open_keras_file(not_hdf5)
+    # Same layer count and names, other sizes: the shape check names the tensor before any read.
+    folder, _ = keras3_files
+    other = keras.Sequential([keras.Input((784,)), keras.layers.Dense(64, activation="tanh", name="a"),
+                              keras.layers.Dense(50, name="b"), keras.layers.Dense(10, name="c")])
+    (tmp_path / "other.json").write_text(other.to_json())
+    with pytest.raises(ExchangeError, match=r"config and weights do not match: .*layers.0.weight: "
+                                            r"expected float32 \(64, 784\), found float32 \(50, 784\)"):
+        keras_files.open_keras_file(folder / "model.weights.h5", tmp_path / "other.json")
+
+
+def test_flatten_of_an_image_input_is_named():
+    config = keras.Sequential([keras.Input((28, 28)), keras.layers.Flatten(name="flat"),
+                               keras.layers.Dense(10)]).get_config()
+    with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'flat' \(Flatten of a \(28, 28\) input"):
+        keras_files.describe_model_config({"class_name": "Sequential", "config": config}, "model")
