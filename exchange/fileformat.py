@@ -18,7 +18,6 @@ import json
 import os
 import struct
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,8 @@ from safetensors import SafetensorError, safe_open
 
 from exchange.architecture import Architecture
 from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError
-from exchange.layout import LazyTensor
+from exchange.tensors import LazyTensor
+from exchange.tensors import materialize as materialize_tensor
 
 FORMAT_VERSION = "1"
 SOURCE_FRAMEWORKS = ("keras", "torch")
@@ -97,9 +97,8 @@ def save(path: str | os.PathLike, architecture: Architecture,
          tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
-    Tensors may be arrays or `LazyTensor`s; lazy ones are loaded one at a time (the next one in
-    a background thread while the current one is written), so a large model is never whole in
-    memory.
+    Tensors may be arrays or `LazyTensor`s; lazy ones are read one at a time, so a large model
+    is never whole in memory.
 
     Example:
         >>> arch = Architecture.from_json('{"input_dim":2,"layers":[{"kind":"dense","units":1}]}')
@@ -119,7 +118,11 @@ def save(path: str | os.PathLike, architecture: Architecture,
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
                        metadata: dict[str, str]) -> None:
     """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
-    header padded with spaces to 8 bytes, then each tensor's bytes in header order."""
+    header padded with spaces to 8 bytes, then each tensor's bytes in header order.
+
+    Each tensor is copied (or transposed) straight into a memory map of its place in the file,
+    one at a time, so memory holds at most one tensor of the input and one of the output.
+    """
     keys = sorted(tensors)
     header: dict = {"__metadata__": metadata}
     offset = 0
@@ -130,31 +133,48 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
-
-    def load(key: str) -> np.ndarray:
-        tensor = tensors[key]
-        array = tensor.load() if isinstance(tensor, LazyTensor) else tensor
-        if tuple(array.shape) != tuple(header[key]["shape"]) or array.dtype != TENSOR_DTYPE:
-            raise TensorMismatchError([], [], [f"{key}: expected {TENSOR_DTYPE.name} "
-                                               f"{tuple(header[key]['shape'])}, found "
-                                               f"{array.dtype.name} {tuple(array.shape)}"])
-        return np.ascontiguousarray(array, dtype="<f4")
-
-    with open(path, "wb") as stream, ThreadPoolExecutor(max_workers=1) as prefetch:
+    data_start = 8 + len(header_bytes)
+    with open(path, "wb") as stream:
         stream.write(struct.pack("<Q", len(header_bytes)))
         stream.write(header_bytes)
-        pending = prefetch.submit(load, keys[0]) if keys else None
-        for index in range(len(keys)):
-            array = pending.result()
-            pending = prefetch.submit(load, keys[index + 1]) if index + 1 < len(keys) else None
-            stream.write(memoryview(array).cast("B"))
-            del array
+        stream.truncate(data_start + offset)
+    for key in keys:
+        begin, end = header[key]["data_offsets"]
+        if end == begin:
+            continue
+        out = np.memmap(path, dtype="<f4", mode="r+", offset=data_start + begin,
+                        shape=tuple(header[key]["shape"]))
+        tensor = tensors[key]
+        if isinstance(tensor, LazyTensor):
+            tensor.copy_into(out)
+        else:
+            np.copyto(out, tensor)
+        del out  # unmapped: the pages stay in the page cache, not in this process
 
 
 def materialize(tensors: dict[str, np.ndarray | LazyTensor]) -> dict[str, np.ndarray]:
     """Every tensor as an array (lazy ones are read now)."""
-    return {key: tensor.load() if isinstance(tensor, LazyTensor) else tensor
-            for key, tensor in tensors.items()}
+    return {key: materialize_tensor(tensor) for key, tensor in tensors.items()}
+
+
+def check_header(path: str | os.PathLike, architecture: Architecture) -> None:
+    """Check a written file from its header alone (no tensor data is read): its architecture,
+    and every tensor's key, dtype and shape."""
+    path = Path(path)
+    _check_readable(path)
+    try:
+        with safe_open(str(path), framework="numpy") as reader:
+            metadata = dict(reader.metadata() or {})
+            shapes = {key: (tuple(reader.get_slice(key).get_shape()), reader.get_slice(key).get_dtype())
+                      for key in reader.keys()}
+    except (SafetensorError, OSError) as err:
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+    differences = architecture_from_metadata(path, metadata).differences(architecture)
+    if differences:
+        raise ExchangeFileError(f"{path}: architecture in the file differs: {'; '.join(differences)}")
+    expected = {key: (shape, "F32") for key, shape in architecture.tensor_shapes().items()}
+    if shapes != expected:
+        raise ExchangeFileError(f"{path}: tensors in the file differ from the architecture's")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:

@@ -30,7 +30,7 @@ import numpy as np
 from exchange import fileformat, layout
 from exchange.architecture import ACTIVATIONS, Architecture, DenseLayer
 from exchange.errors import ExchangeFileError, TensorMismatchError, UnsupportedLayerError
-from exchange.layout import LazyTensor
+from exchange.tensors import LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
@@ -245,21 +245,12 @@ class _Hdf5Source:
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()
         plain = dataset.chunks is None and dataset.compression is None and offset is not None
-        if not plain:  # chunked or filtered: let h5py decode it (needs the file open)
+        if not plain or 0 in shape:  # chunked, filtered or empty: let h5py read it now
             array = dataset[()]
             return LazyTensor(shape, dtype, lambda: array)
-        absolute = self.start + offset
-        path = self.path
-
-        def load() -> np.ndarray:
-            array = np.empty(shape, dtype=dtype)
-            with open(path, "rb", buffering=0) as stream:
-                stream.seek(absolute)
-                if stream.readinto(memoryview(array).cast("B")) != array.nbytes:
-                    raise ExchangeFileError(f"{path}: truncated data for {dataset_path}")
-            return array
-
-        return LazyTensor(shape, dtype, load)
+        path, absolute = self.path, self.start + offset
+        return LazyTensor(shape, dtype, lambda: np.memmap(path, dtype=dtype, mode="r",
+                                                          offset=absolute, shape=shape))
 
 
 def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int, int]:

@@ -9,7 +9,7 @@ import pytest
 from exchange import fileformat
 from exchange.architecture import dense_stack
 from exchange.errors import ExchangeFileError, TensorMismatchError
-from exchange.layout import LazyTensor
+from exchange.tensors import LazyTensor
 from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
 
 TINY = dense_stack(3, [(2, "tanh")])

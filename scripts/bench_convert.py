@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Benchmark `.keras -> .safetensors` conversion: whole-process wall time and peak RSS.
+
+For the seed MLP and a large MLP (4096 -> 8 x Dense 4096 -> 10, about 134M parameters, 537 MB),
+each route runs in a fresh process, `--repeats` times (median time, largest peak RSS):
+
+    convert.py   python scripts/convert.py model.keras model.safetensors (reads the file directly)
+    by hand      keras.saving.load_model, get_weights(), transpose, safetensors save_file
+    plain write  safetensors.numpy.save_file of the same tensors already in memory (the write
+                 alone is timed, inside the process; the floor for any converter)
+
+    python scripts/bench_convert.py [--repeats 3] [--work-dir DIR] [--json FILE] [--skip-large]
+
+Needs Keras (to write the input files and for the by-hand route). Figures go in the README.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+LARGE_WIDTH, LARGE_HIDDEN_LAYERS = 4096, 8
+
+BY_HAND = """
+import sys, numpy as np, keras
+from safetensors.numpy import save_file
+model = keras.saving.load_model(sys.argv[1], compile=False)
+weights = model.get_weights()  # kernel, bias, kernel, bias, ...
+tensors = {}
+for index in range(len(weights) // 2):
+    tensors[f"layers.{index}.weight"] = np.ascontiguousarray(weights[2 * index].T)
+    tensors[f"layers.{index}.bias"] = weights[2 * index + 1]
+save_file(tensors, sys.argv[2], metadata={"format": "pt"})
+"""
+
+PLAIN_WRITE = """
+import sys, time, numpy as np
+from safetensors.numpy import load_file, save_file
+tensors = {key: np.array(value) for key, value in load_file(sys.argv[1]).items()}  # in memory
+started = time.perf_counter()
+save_file(tensors, sys.argv[2], metadata={"format": "pt"})
+print(f"write_seconds={time.perf_counter() - started:.4f}")
+"""
+
+
+def run_measured(command: list[str]) -> dict:
+    """Wall time and peak RSS (MB) of one child process, from os.wait4's resource usage.
+
+    Dirty pages left by the previous run are flushed first (os.sync): otherwise the kernel's
+    write-back throttling of one run lands in the next run's time. Linux keeps a process's peak
+    RSS across fork and exec, so this parent stays small (it never imports Keras or numpy).
+    """
+    os.sync()
+    time.sleep(0.5)
+    started = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)
+    seconds = time.perf_counter() - started
+    stdout, stderr = process.stdout.read().decode(), process.stderr.read().decode()
+    process.stdout.close()
+    process.stderr.close()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {stderr[-2000:]}")
+    result = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
+    for line in stdout.splitlines():
+        if line.startswith("write_seconds="):
+            result["write_seconds"] = float(line.split("=", 1)[1])
+    return result
+
+
+def repeat(command: list[str], repeats: int) -> dict:
+    runs = [run_measured(command) for _ in range(repeats)]
+    summary = {"seconds": statistics.median(r["seconds"] for r in runs),
+               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+    if "write_seconds" in runs[0]:
+        summary["write_seconds"] = statistics.median(r["write_seconds"] for r in runs)
+    return summary
+
+
+def write_models(work_dir: Path, skip_large: bool) -> None:
+    """Runs in its own process (`--write-models`): Keras would make this one large."""
+    import keras
+    import numpy as np
+
+    from frameworks.keras_mlp import build_keras_model
+    from frameworks.recipe import SEED_ARCHITECTURE
+    from exchange.architecture import dense_stack
+
+    architectures = {"seed": SEED_ARCHITECTURE}
+    if not skip_large:
+        architectures["large"] = dense_stack(
+            LARGE_WIDTH, [(LARGE_WIDTH, "relu")] * LARGE_HIDDEN_LAYERS + [(10, "softmax")])
+    for name, architecture in architectures.items():
+        model = build_keras_model(architecture)
+        generator = np.random.default_rng(0)
+        model.set_weights([generator.standard_normal(w.shape, dtype=np.float32) * np.float32(0.01)
+                           for w in model.get_weights()])
+        path = work_dir / f"{name}.keras"
+        model.save(path)
+        print(f"{name}: {architecture.parameter_count():,} parameters, "
+              f"{path.stat().st_size / 2**20:,.1f} MiB file", flush=True)
+        del model
+        keras.backend.clear_session()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--work-dir", type=Path, help="default: a temporary folder")
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--write-models", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.write_models:
+        write_models(args.write_models, args.skip_large)
+        return 0
+
+    with tempfile.TemporaryDirectory() as temporary:
+        work_dir = args.work_dir or Path(temporary)
+        work_dir.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--write-models", str(work_dir)]
+                       + (["--skip-large"] if args.skip_large else []), check=True)
+        results = {}
+        for name in ("seed",) if args.skip_large else ("seed", "large"):
+            keras_path = work_dir / f"{name}.keras"
+            ours = work_dir / f"{name}.safetensors"
+            size_mb = keras_path.stat().st_size / 2**20
+            results[name] = {
+                "file_mb": size_mb,
+                "convert.py": repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path),
+                                      str(ours)], args.repeats),
+                "by hand": repeat([sys.executable, "-c", BY_HAND, str(keras_path),
+                                   str(work_dir / f"{name}.byhand.safetensors")], args.repeats),
+                "plain write": repeat([sys.executable, "-c", PLAIN_WRITE, str(ours),
+                                       str(work_dir / f"{name}.plain.safetensors")], args.repeats),
+            }
+            print_table(name, results[name])
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_table(name: str, figures: dict) -> None:
+    ours, by_hand, plain = figures["convert.py"], figures["by hand"], figures["plain write"]
+    print(f"\n{name} ({figures['file_mb']:,.1f} MiB of weights)")
+    print("| route | wall time, whole process (s) | peak RSS (MiB) |")
+    print("|---|---|---|")
+    print(f"| convert.py | {ours['seconds']:.3f} | {ours['peak_rss_mb']:,.0f} |")
+    print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
+          f"{by_hand['peak_rss_mb']:,.0f} |")
+    print(f"| plain safetensors write of the same tensors | {plain['seconds']:.3f} "
+          f"(write alone {plain['write_seconds']:.3f}) | {plain['peak_rss_mb']:,.0f} |")
+    print(f"convert.py is {by_hand['seconds'] / ours['seconds']:.1f}x faster than by hand; "
+          f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
+          f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
