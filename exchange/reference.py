@@ -10,16 +10,22 @@ import numpy as np
 
 from exchange.architecture import Architecture
 
+def _softmax(x: np.ndarray) -> np.ndarray:
+    exponentials = np.exp(x - x.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
 NUMPY_ACTIVATIONS = {
     "linear": lambda x: x,
     "relu": lambda x: np.maximum(x, 0),
     "tanh": np.tanh,
     "sigmoid": lambda x: 1 / (1 + np.exp(-x)),
-    "softmax": lambda x: (lambda e: e / e.sum(axis=-1, keepdims=True))(np.exp(x - x.max(axis=-1, keepdims=True))),
+    "softmax": _softmax,
 }
 
 
-def forward(architecture: Architecture, file_tensors: dict[str, np.ndarray], inputs: np.ndarray) -> np.ndarray:
+def forward(architecture: Architecture, file_tensors: dict[str, np.ndarray],
+            inputs: np.ndarray) -> np.ndarray:
     """y = activation(x @ weight.T + bias), layer by layer, in float32 like both frameworks."""
     hidden = np.asarray(inputs, dtype=np.float32)
     for index, layer in enumerate(architecture.layers):

@@ -53,11 +53,18 @@ def load_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 
 def model_from_file(path: str | os.PathLike) -> torch.nn.Module:
+    """A ready `TorchMLP` (in eval mode) built from the file's architecture and weights.
+
+    The model is built on the `meta` device and the file's tensors are assigned to it, so no
+    time goes into a random initialisation that would be overwritten at once.
+    """
     from frameworks.torch_mlp import TorchMLP
 
     exchange_file = fileformat.load(path)
-    model = TorchMLP(exchange_file.architecture)
-    set_tensors(model, exchange_file.tensors)
+    model = TorchMLP(exchange_file.architecture, device="meta")
+    fileformat.check_tensors(exchange_file.architecture, exchange_file.tensors, where=str(path))
+    model.load_state_dict({key: torch.from_numpy(np.array(value))
+                           for key, value in exchange_file.tensors.items()}, strict=True, assign=True)
     return model.eval()
 
 

@@ -11,7 +11,6 @@ download (machines with internet only).
 from __future__ import annotations
 
 import gzip
-import io
 import os
 import pickle
 from dataclasses import dataclass

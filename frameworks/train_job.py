@@ -8,6 +8,7 @@ records how far their weights and test-set outputs have drifted apart.
 
 from __future__ import annotations
 
+import importlib
 import json
 import time
 from pathlib import Path
@@ -23,17 +24,38 @@ from frameworks.recipe import Recipe, epoch_orders, layer_role, seed_initial_ten
 FRAMEWORKS = ("keras", "torch")
 
 
-class KerasRun:
-    """The Keras half of a run: model, optimizer state and the exchange adapter."""
+class FrameworkRun:
+    """What both halves of a run share: their exchange adapter and framework module, imported
+    only when that framework is used."""
 
-    name = "keras"
+    adapter_module: str
+    framework_module: str
+
+    def __init__(self, recipe: Recipe):
+        self.adapter = importlib.import_module(self.adapter_module)
+        self.framework = importlib.import_module(self.framework_module)
+        self.recipe = recipe
+
+    @classmethod
+    def model_from_file(cls, path: Path):
+        return importlib.import_module(cls.adapter_module).model_from_file(path)
+
+    @classmethod
+    def predict_model(cls, model, x: np.ndarray) -> np.ndarray:
+        return importlib.import_module(cls.framework_module).predict(model, x)
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return self.predict_model(self.model, x)
+
+
+class KerasRun(FrameworkRun):
+    """The Keras half of a run: model and optimizer state."""
+
+    adapter_module, framework_module = "exchange.keras_adapter", "frameworks.keras_mlp"
 
     def __init__(self, architecture: Architecture, recipe: Recipe, initial_file: Path):
-        from exchange import keras_adapter
-        from frameworks import keras_mlp
-
-        self.adapter, self.framework = keras_adapter, keras_mlp
-        self.recipe = recipe
+        super().__init__(recipe)
+        keras_adapter, keras_mlp = self.adapter, self.framework
         self.model = keras_mlp.build_keras_model(architecture)
         keras_adapter.load_file(self.model, initial_file)
         keras_mlp.compile_with_recipe(self.model, recipe)
@@ -46,42 +68,27 @@ class KerasRun:
         return self.framework.train_keras_epoch(self.model, *split, self.recipe.batch_size, order=order,
                                                 seed=self.recipe.shuffle_seed + epoch)
 
-    @staticmethod
-    def model_from_file(path: Path):
-        from exchange import keras_adapter
 
-        return keras_adapter.model_from_file(path)
-
-    @staticmethod
-    def predict_model(model, x: np.ndarray) -> np.ndarray:
-        from frameworks import keras_mlp
-
-        return keras_mlp.predict(model, x)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_model(self.model, x)
-
-
-class TorchRun:
+class TorchRun(FrameworkRun):
     """The PyTorch half of a run."""
 
-    name = "torch"
+    adapter_module, framework_module = "exchange.torch_adapter", "frameworks.torch_mlp"
 
     def __init__(self, architecture: Architecture, recipe: Recipe, initial_file: Path):
         import torch
 
-        from exchange import torch_adapter
-        from frameworks import torch_mlp
-
-        self.torch, self.adapter, self.framework = torch, torch_adapter, torch_mlp
-        self.recipe = recipe
+        super().__init__(recipe)
+        torch_mlp = self.framework
+        self.torch = torch
         self.model = torch_mlp.TorchMLP(architecture)
-        torch_adapter.load_file(self.model, initial_file)
+        self.adapter.load_file(self.model, initial_file)
         self.optimizer = torch_mlp.KerasSGD(self.model.parameters(), recipe)
         self.shuffle_generator = torch.Generator().manual_seed(recipe.shuffle_seed)
         self._tensors: tuple | None = None
 
     def layer_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
+        """Per layer, (weight shape turned to Keras's (in, out), bias shape), so the report
+        counts inputs first as the seed notebook did."""
         return [tuple(tuple(p.shape[::-1]) if p.ndim == 2 else tuple(p.shape)
                       for p in layer.parameters()) for layer in self.model.layers]
 
@@ -95,22 +102,6 @@ class TorchRun:
             batch_order = self.torch.from_numpy(order)
         return self.framework.train_torch_epoch(self.model, self.optimizer, *self._tensors,
                                                 self.recipe.batch_size, batch_order)
-
-    @staticmethod
-    def model_from_file(path: Path):
-        from exchange import torch_adapter
-
-        return torch_adapter.model_from_file(path)
-
-    @staticmethod
-    def predict_model(model, x: np.ndarray) -> np.ndarray:
-        from frameworks import torch_mlp
-
-        return torch_mlp.predict(model, x)
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return self.predict_model(self.model, x)
-
 
 RUNNERS = {"keras": KerasRun, "torch": TorchRun}
 
