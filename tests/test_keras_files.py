@@ -195,3 +195,17 @@ def test_flatten_of_an_image_input_is_named():
                                keras.layers.Dense(10)]).get_config()
     with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'flat' \(Flatten of a \(28, 28\) input"):
         keras_files.describe_model_config({"class_name": "Sequential", "config": config}, "model")
+
+
+def test_hdf5_without_weights_through_the_cli(tmp_path_factory):
+    import h5py
+
+    source = tmp_path_factory.mktemp("input") / "notes.h5"
+    with h5py.File(source, "w") as h5:
+        h5.create_dataset("values", data=np.arange(3))
+    out_dir = tmp_path_factory.mktemp("output")
+    result = convert_without_frameworks(source, out_dir / "out.safetensors")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {source}: HDF5 file without Keras weights (no model_weights, layers or layer_names)"]
+    assert list(out_dir.iterdir()) == []
