@@ -111,13 +111,16 @@ class Architecture:
         try:
             layers = []
             for layer in description["layers"]:
+                if not isinstance(layer, dict):
+                    raise ExchangeError(f"malformed architecture description: layer {layer!r} "
+                                        "is not an object")
                 fields = dict(layer)
                 kind = fields.pop("kind")
                 if kind not in LAYER_KINDS:
                     raise UnsupportedLayerError(f"unsupported layer kind {kind!r} in architecture")
                 layers.append(LAYER_KINDS[kind](**fields))
             return cls(input_dim=description["input_dim"], layers=tuple(layers))
-        except (KeyError, TypeError) as err:
+        except (KeyError, TypeError, ValueError) as err:
             raise ExchangeError(f"malformed architecture description: {err!r}") from None
 
     @classmethod

@@ -217,14 +217,17 @@ def verification_inputs(architecture: Architecture, data_dir: Path | None) -> tu
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             arch_path: Path | None = None) -> Architecture:
-    """Read `in_path`, write `out_path` atomically, read its header back."""
+    """Read `in_path`, write `out_path` atomically after reading its header back."""
     file_kind(out_path, OUTPUT_KINDS)
     if in_path.resolve() == out_path.resolve():
         raise ExchangeFileError(f"{out_path}: output would overwrite the input")
     with ExitStack() as stack:
         architecture, tensors, source = open_weights(in_path, stack, arch_path, activations)
-        write_weights(out_path, architecture, tensors, source)
-    check_written(out_path, architecture)
+        # The read-back check runs on the temporary file, so a failed check leaves any
+        # existing output untouched.
+        with fileformat.atomic_output(out_path) as temporary:
+            write_weights(temporary, architecture, tensors, source)
+            check_written(temporary, architecture)
     return architecture
 
 
@@ -266,5 +269,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
     except ExchangeError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a disk problem: full, read-only, vanished
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     return 0

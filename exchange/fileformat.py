@@ -196,6 +196,9 @@ def load(path: str | os.PathLike) -> ExchangeFile:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = dict(reader.metadata() or {})
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
+    except TypeError as err:  # a dtype numpy lacks, such as bfloat16
+        raise ExchangeFileError(f"{path}: holds a tensor numpy cannot read ({_first_line(err)}); "
+                                "the exchange file stores float32") from None
     except (SafetensorError, OSError) as err:
         raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
     architecture = architecture_from_metadata(path, metadata)

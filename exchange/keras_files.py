@@ -61,6 +61,13 @@ class KerasModelDescription:
 
 def describe_model_config(model_config: dict, source: str) -> KerasModelDescription:
     """A Keras 2 or Keras 3 model config (as in config.json or `model_config`) -> architecture."""
+    try:
+        return _describe_model_config(model_config, source)
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise ExchangeFileError(f"{source}: malformed Keras model config ({type(err).__name__}: {err})") from None
+
+
+def _describe_model_config(model_config: dict, source: str) -> KerasModelDescription:
     layers, input_shape = _chain_of_layers(model_config, source)
     dense_layers: list[DenseLayer] = []
     dense_names: list[str] = []
@@ -241,7 +248,10 @@ class _Hdf5Source:
         self.descriptor = None
 
     def lazy(self, dataset_path: str) -> LazyTensor:
-        dataset = self.h5[dataset_path]
+        dataset = self.h5.get(dataset_path)
+        if not isinstance(dataset, h5py.Dataset):
+            raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; "
+                                    "config and weights do not match")
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()
         plain = dataset.chunks is None and dataset.compression is None and offset is not None
@@ -359,7 +369,11 @@ def read_keras_config(path: str | os.PathLike) -> dict:
         with _open_zip(path) as archive:
             return _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
     if path.suffix == ".h5":
-        with h5py.File(path, "r") as h5:
+        try:
+            h5 = h5py.File(path, "r")
+        except OSError:
+            raise ExchangeFileError(f"{path}: not an HDF5 file") from None
+        with h5:
             if "model_config" not in h5.attrs:
                 raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
             return _json(h5.attrs["model_config"], str(path))

@@ -20,6 +20,11 @@ from exchange.architecture import Architecture
 from exchange.errors import ArchitectureMismatchError, ExchangeError, ExchangeFileError
 
 
+# dtypes that convert to numpy; bfloat16 and the float8 types do not.
+NUMPY_READABLE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
+                         torch.int32, torch.int64, torch.uint8, torch.bool)
+
+
 def architecture_of(model: torch.nn.Module) -> Architecture:
     architecture = getattr(model, "architecture", None)
     if not isinstance(architecture, Architecture):
@@ -77,9 +82,15 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except Exception as err:  # torch raises many types for a bad file: pickle, zip, runtime
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExchangeFileError(f"{path}: not a readable PyTorch weights file ({message})") from None
-    if not isinstance(state, dict) or not all(isinstance(value, torch.Tensor) for value in state.values()):
-        raise ExchangeFileError(f"{path}: expected a state_dict (a dict of tensors), "
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
+                                              for key, value in state.items()):
+        raise ExchangeFileError(f"{path}: expected a state_dict (a dict of named tensors), "
                                 f"found {type(state).__name__}")
+    unreadable = sorted(f"{key} ({value.dtype})" for key, value in state.items()
+                        if value.dtype not in NUMPY_READABLE_DTYPES)
+    if unreadable:
+        raise ExchangeFileError(f"{path}: tensors of a dtype the exchange file cannot hold (it stores "
+                                f"float32): {', '.join(unreadable)}")
     return {key: value.detach().cpu().numpy() for key, value in state.items()}
 
 

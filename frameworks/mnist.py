@@ -13,10 +13,14 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import zipfile
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from exchange.fileformat import atomic_output
 
 PICKLE_NAMES = {"x_train": "mnist_X_train.pkl", "x_test": "mnist_X_test.pkl",
                 "y_train": "mnist_y_train.pkl", "y_test": "mnist_y_test.pkl"}
@@ -79,8 +83,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
     """An IDX file (optionally gzipped) as a uint8 array of its stated shape."""
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as stream:
-        raw = stream.read()
+    try:
+        with opener(path, "rb") as stream:
+            raw = stream.read()
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: unreadable ({err})") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
         raise DataError(f"{path}: not an IDX file of uint8 data")
     ndim = raw[3]
@@ -145,15 +152,15 @@ def write_pickles(mnist: Mnist, folder: str | os.PathLike) -> list[Path]:
     """Write the seed's four pickles, each atomically."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for key, name in PICKLE_NAMES.items():
-        target = folder / name
-        temporary = target.with_name(f".{name}.tmp")
-        with open(temporary, "wb") as stream:
-            pickle.dump(getattr(mnist, key), stream, protocol=4)
-        os.replace(temporary, target)
-        written.append(target)
-    return written
+    targets = [folder / name for name in PICKLE_NAMES.values()]
+    # All four are written to temporary files first and renamed only when every one succeeded,
+    # so a failure never leaves old and new pickles mixed.
+    with ExitStack() as stack:
+        for key, target in zip(PICKLE_NAMES, targets):
+            temporary = stack.enter_context(atomic_output(target))
+            with open(temporary, "wb") as stream:
+                pickle.dump(getattr(mnist, key), stream, protocol=4)
+    return targets
 
 
 def _idx_path(folder: Path, name: str) -> Path | None:
@@ -167,9 +174,12 @@ def load_npz(path: Path) -> Mnist:
     """MNIST from a Keras `mnist.npz` (x_train, y_train, x_test, y_test as uint8 and labels)."""
     if not Path(path).is_file():
         raise DataError(f"{path}: no such file")
-    with np.load(path, allow_pickle=False) as npz:
-        x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
-        x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
+            x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError) as err:
+        raise DataError(f"{path}: not a readable Keras mnist.npz ({err})") from None
     return Mnist(x_train, y_train, x_test, y_test)
 
 

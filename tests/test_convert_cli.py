@@ -134,3 +134,35 @@ def test_pt_without_architecture_asks_for_one(tmp_path, capsys):
     arch = tmp_path / "arch.json"
     arch.write_text(SEED_ARCHITECTURE.to_json())
     assert cli.main([str(path), str(tmp_path / "x.safetensors"), "--arch", str(arch)]) == 0
+
+
+def test_failed_read_back_check_keeps_the_existing_output(keras_file, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "model.safetensors"
+    out.write_bytes(b"old")
+
+    def failing_check(path, architecture):
+        raise cli.ExchangeError(f"{path}: read-back check failed")
+
+    monkeypatch.setattr(cli, "check_written", failing_check)
+    assert cli.main([str(keras_file[0]), str(out)]) == 2
+    assert "read-back check failed" in capsys.readouterr().err
+    assert out.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+
+
+def test_malformed_inputs_are_one_line_errors(tmp_path, capsys):
+    import json
+
+    config = json.loads((ROOT / "tests/fixtures/keras2/seed_mlp_config.json").read_text())
+    del config["config"]["layers"][1]["config"]["units"]
+    broken_config = tmp_path / "broken.json"
+    broken_config.write_text(json.dumps(config))
+    weights = ROOT / "tests/fixtures/keras2/seed_mlp_weights.h5"
+    assert cli.main([str(weights), str(tmp_path / "a.safetensors"), "--arch", str(broken_config)]) == 2
+    assert "malformed Keras model config (KeyError: 'units')" in capsys.readouterr().err
+
+    bfloat16 = tmp_path / "bf16.pt"
+    torch.save({"layers.0.weight": torch.zeros(2, 3, dtype=torch.bfloat16)}, bfloat16)
+    assert cli.main([str(bfloat16), str(tmp_path / "b.safetensors"), "--activations", "tanh"]) == 2
+    assert "layers.0.weight (torch.bfloat16)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.pt", "broken.json"]
