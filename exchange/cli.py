@@ -200,11 +200,9 @@ def _is_full_keras2_model(path: Path) -> bool:
 def verification_inputs(architecture: Architecture, data_dir: Path | None) -> tuple[np.ndarray, str]:
     """The MNIST test set when it fits the model and can be found, else a fixed random batch."""
     if architecture.input_dim == 784:
-        from frameworks.mnist import DataError, load_folder
+        from frameworks.mnist import DataError, load_folder, local_data_folder
 
-        folder = data_dir or (Path(os.environ["MNIST_DIR"]) if os.environ.get("MNIST_DIR") else None)
-        if folder is None and Path("data").is_dir():
-            folder = Path("data")
+        folder = local_data_folder(data_dir)
         if folder is not None:
             try:
                 x_test = load_folder(folder).x_test

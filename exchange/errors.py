@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an exception's message (its type name when empty), for one-line errors."""
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0]
+
+
 class ExchangeError(Exception):
     """Base class: anything the exchange refuses to read, write or convert."""
 

@@ -27,7 +27,8 @@ import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from exchange.architecture import Architecture
-from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError
+from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
+                             TensorMismatchError, first_line)
 from exchange.tensors import LazyTensor
 from exchange.tensors import materialize as materialize_tensor
 
@@ -168,7 +169,7 @@ def check_header(path: str | os.PathLike, architecture: Architecture) -> None:
             shapes = {key: (tuple(reader.get_slice(key).get_shape()), reader.get_slice(key).get_dtype())
                       for key in reader.keys()}
     except (SafetensorError, OSError) as err:
-        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     differences = architecture_from_metadata(path, metadata).differences(architecture)
     if differences:
         raise ExchangeFileError(f"{path}: architecture in the file differs: {'; '.join(differences)}")
@@ -185,7 +186,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         with safe_open(str(path), framework="numpy") as reader:
             return dict(reader.metadata() or {})
     except (SafetensorError, OSError) as err:
-        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
 
 
 def load(path: str | os.PathLike) -> ExchangeFile:
@@ -197,14 +198,22 @@ def load(path: str | os.PathLike) -> ExchangeFile:
             metadata = dict(reader.metadata() or {})
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except TypeError as err:  # a dtype numpy lacks, such as bfloat16
-        raise ExchangeFileError(f"{path}: holds a tensor numpy cannot read ({_first_line(err)}); "
+        raise ExchangeFileError(f"{path}: holds a tensor numpy cannot read ({first_line(err)}); "
                                 "the exchange file stores float32") from None
     except (SafetensorError, OSError) as err:
-        raise ExchangeFileError(f"{path}: not a readable safetensors file ({_first_line(err)})") from None
+        raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     architecture = architecture_from_metadata(path, metadata)
     source_framework = metadata.get("source_framework", "unknown")
     check_tensors(architecture, tensors, where=str(path))
     return ExchangeFile(architecture, tensors, source_framework, metadata)
+
+
+def check_same_architecture(in_file: Architecture, in_model: Architecture, path) -> None:
+    """Refuse to load a file into a model of another architecture, saying how they differ."""
+    differences = in_file.differences(in_model)
+    if differences:
+        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: "
+                                        + "; ".join(differences))
 
 
 def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Architecture:
@@ -226,9 +235,3 @@ def _check_readable(path: Path) -> None:
         raise ExchangeFileError(f"{path}: no such file")
     if not path.is_file():
         raise ExchangeFileError(f"{path}: not a regular file")
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
-    return text.splitlines()[0]
-

@@ -19,7 +19,7 @@ import numpy as np
 
 from exchange import fileformat, layout
 from exchange.architecture import ACTIVATIONS, Architecture, DenseLayer
-from exchange.errors import ArchitectureMismatchError, ExchangeFileError, UnsupportedLayerError
+from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line
 
 # Layers that carry no weights and do nothing at inference in a single chain.
 PASS_THROUGH = ("InputLayer",)
@@ -65,7 +65,7 @@ def save_file(model: keras.Model, path: str | os.PathLike) -> None:
 def load_file(model: keras.Model, path: str | os.PathLike) -> None:
     """Load a common file into an existing model of the same architecture."""
     exchange_file = fileformat.load(path)
-    _check_same_architecture(exchange_file.architecture, architecture_of(model), path)
+    fileformat.check_same_architecture(exchange_file.architecture, architecture_of(model), path)
     set_tensors(model, exchange_file.tensors)
 
 
@@ -89,7 +89,7 @@ def load_keras_file(path: str | os.PathLike) -> keras.Model:
     try:
         return keras.saving.load_model(os.fspath(path), compile=False, safe_mode=True)
     except (ValueError, OSError, KeyError, TypeError) as err:
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise ExchangeFileError(f"{path}: Keras could not load it ({message})") from None
 
 
@@ -110,9 +110,3 @@ def _weighted_layers(model: keras.Model) -> list:
         weighted.append(keras_layer)
     return weighted
 
-
-def _check_same_architecture(in_file: Architecture, in_model: Architecture, path) -> None:
-    differences = in_file.differences(in_model)
-    if differences:
-        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: "
-                                        + "; ".join(differences))

@@ -17,7 +17,7 @@ import torch
 
 from exchange import fileformat
 from exchange.architecture import Architecture
-from exchange.errors import ArchitectureMismatchError, ExchangeError, ExchangeFileError
+from exchange.errors import ExchangeError, ExchangeFileError, first_line
 
 
 # dtypes that convert to numpy; bfloat16 and the float8 types do not.
@@ -50,10 +50,7 @@ def save_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
 
 def load_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
     exchange_file = fileformat.load(path)
-    differences = exchange_file.architecture.differences(architecture_of(model))
-    if differences:
-        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: "
-                                        + "; ".join(differences))
+    fileformat.check_same_architecture(exchange_file.architecture, architecture_of(model), path)
     set_tensors(model, exchange_file.tensors)
 
 
@@ -80,7 +77,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise ExchangeFileError(f"{path}: no such file") from None
     except Exception as err:  # torch raises many types for a bad file: pickle, zip, runtime
-        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        message = first_line(err)
         raise ExchangeFileError(f"{path}: not a readable PyTorch weights file ({message})") from None
     if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
                                               for key, value in state.items()):

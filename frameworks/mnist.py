@@ -127,14 +127,20 @@ def load_folder(folder: str | os.PathLike) -> Mnist:
     return mnist
 
 
+def local_data_folder(data_dir: str | os.PathLike | None = None) -> Path | None:
+    """The first of `data_dir`, `$MNIST_DIR`, `./data/` that is given (or, for ./data/, exists)."""
+    if data_dir is not None:
+        return Path(data_dir)
+    if os.environ.get("MNIST_DIR"):
+        return Path(os.environ["MNIST_DIR"])
+    return Path("data") if Path("data").is_dir() else None
+
+
 def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
     """MNIST from `data_dir`, else `$MNIST_DIR`, else `./data/`, else Keras's download."""
-    if data_dir is not None:
-        return load_folder(data_dir)
-    if os.environ.get("MNIST_DIR"):
-        return load_folder(os.environ["MNIST_DIR"])
-    if Path("data").is_dir():
-        return load_folder("data")
+    folder = local_data_folder(data_dir)
+    if folder is not None:
+        return load_folder(folder)
     try:
         from keras.datasets import mnist as keras_mnist
 
