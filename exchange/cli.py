@@ -26,14 +26,15 @@ from pathlib import Path
 import numpy as np
 
 from exchange import fileformat, keras_files, reference
-from exchange.architecture import Architecture, DenseLayer
 from exchange.errors import ExchangeError, ExchangeFileError
+from exchange.graph import Graph, dense_chain
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
 OUTPUT_KINDS = (".keras", ".safetensors", ".pt")
 KERAS_KINDS = (".keras", ".h5")
-VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not available
-DEFAULT_TOLERANCE = 1e-5      # float32 matmul rounding between TensorFlow and PyTorch is ~1e-7
+VERIFY_BATCH = 1000           # rows of the fixed random batch for a flat input when MNIST is not used
+VERIFY_ELEMENTS = 4_000_000   # fewer rows for larger inputs: rows * input size stays under this
+DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
 
 
 def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
@@ -43,10 +44,11 @@ def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
     return path.suffix
 
 
-def open_weights(path: Path, stack: ExitStack, arch_path: Path | None = None,
-                 activations: list[str] | None = None) -> tuple[Architecture, dict, str]:
-    """(architecture, file-layout tensors, source framework) from any input kind. Keras files
-    give lazy tensors, read when written; `stack` keeps their file open until then."""
+def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
+                 activations: list[str] | None = None) -> tuple[Graph, dict, str]:
+    """(graph, file-layout tensors, source framework) from any input kind. Keras files give lazy
+    tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
+    graph) gives the architecture of a weights-only input."""
     kind = file_kind(path, INPUT_KINDS)
     if not path.is_file():
         raise ExchangeFileError(f"{path}: no such file")
@@ -54,140 +56,163 @@ def open_weights(path: Path, stack: ExitStack, arch_path: Path | None = None,
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
     if kind in KERAS_KINDS:
-        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch_path))
+        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None))
         return keras_weights.architecture, keras_weights.tensors, "keras"
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
-    tensors = torch_adapter.load_state_dict_file(path)
-    if arch_path is not None:
-        architecture = load_architecture(arch_path)
+    tensors = fileformat.upgrade_v1_keys(torch_adapter.load_state_dict_file(path))
+    if isinstance(arch, Graph):
+        graph = arch
+    elif arch is not None:
+        graph = load_architecture(arch)
     else:
-        architecture = architecture_from_state_dict(path, tensors, activations)
-    fileformat.check_tensors(architecture, tensors, where=str(path))
-    return architecture, tensors, "torch"
+        graph = architecture_from_state_dict(path, tensors, activations)
+    fileformat.check_tensors(graph, tensors, where=str(path))
+    return graph, tensors, "torch"
 
 
 def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
-                                 activations: list[str] | None) -> Architecture:
-    """Sizes from `layers.{i}.weight` shapes; activations must be given, never guessed."""
+                                 activations: list[str] | None) -> Graph:
+    """A Dense stack from `dense_{i}.weight` (or version-1 `layers.{i}.weight`) shapes;
+    activations must be given, never guessed."""
     if not activations:
         raise ExchangeFileError(f"{path}: a .pt state_dict carries no architecture; pass "
                                 "--activations (e.g. tanh,tanh,softmax) or --arch FILE")
-    weights = [tensors.get(f"layers.{index}.weight") for index in range(len(activations))]
+    weights = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
     if any(weight is None or weight.ndim != 2 for weight in weights):
         raise ExchangeFileError(f"{path}: expected 2-D tensors layers.0.weight … "
-                                f"layers.{len(activations) - 1}.weight for {len(activations)} activations")
-    layers = tuple(DenseLayer(int(weight.shape[0]), activation, f"layers.{index}.bias" in tensors)
-                   for index, (weight, activation) in enumerate(zip(weights, activations)))
-    return Architecture(int(weights[0].shape[1]), layers)
+                                f"layers.{len(activations) - 1}.weight (or dense_0.weight …) for "
+                                f"{len(activations)} activations")
+    layers = [(int(weight.shape[0]), activation, f"dense_{index}.bias" in tensors)
+              for index, (weight, activation) in enumerate(zip(weights, activations))]
+    try:
+        return dense_chain("model", int(weights[0].shape[1]), layers)
+    except ExchangeError as err:
+        raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def load_architecture(path: Path) -> Architecture:
-    """An architecture from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file
-    holding either an exchange architecture or a Keras model config."""
+def load_architecture(path: Path) -> Graph:
+    """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
+    exchange architecture (version 2 or 1) or a Keras model config."""
     if not path.is_file():
         raise ExchangeFileError(f"{path}: no such file")
     if path.suffix == ".safetensors":
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if path.suffix in KERAS_KINDS:
-        return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path)).architecture
+        return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path),
+                                                 keras2=path.suffix == ".h5").graph
     try:
-        description = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExchangeFileError(f"{path}: not a JSON architecture ({err})") from None
+        text = path.read_text()
+        description = json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
+        raise ExchangeFileError(f"{path}: not a JSON architecture ({type(err).__name__})") from None
     if isinstance(description, dict) and "class_name" in description:
-        return keras_files.describe_model_config(description, str(path)).architecture
+        keras2 = str(description.get("keras_version", "")).startswith("2.")
+        return keras_files.describe_model_config(description, str(path), keras2=keras2).graph
     if not isinstance(description, dict):
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
-        return Architecture.from_dict(description)
+        if "input_dim" in description:
+            return fileformat.upgrade_v1_architecture(text)
+        return Graph.from_dict(description)
     except ExchangeError as err:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def write_weights(path: Path, architecture: Architecture, tensors: dict, source_framework: str) -> None:
-    """Write any output kind atomically; tensors are checked against the architecture first."""
+def write_weights(path: Path, graph: Graph, tensors: dict, source_framework: str) -> None:
+    """Write any output kind; tensors are checked against the architecture first."""
     kind = file_kind(path, OUTPUT_KINDS)
-    fileformat.check_tensors(architecture, tensors)
+    fileformat.check_tensors(graph, tensors)
     if kind == ".safetensors":
-        fileformat.save(path, architecture, tensors, source_framework)
+        fileformat.write(path, graph, tensors, source_framework)
     elif kind == ".keras":
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
-        from frameworks.keras_mlp import build_keras_model
-
-        model = build_keras_model(architecture)
-        keras_adapter.set_tensors(model, fileformat.materialize(tensors))
-        keras_adapter.save_keras_file(model, path)
+        keras_adapter.model_from_tensors(graph, tensors).save(path)
     else:
         torch_adapter = _framework_module("exchange.torch_adapter", "writing a .pt file", "torch")
-        torch_adapter.save_state_dict_file(fileformat.materialize(tensors), path)
+        torch_adapter.write_state_dict_file(fileformat.materialize(tensors), path)
 
 
-def check_written(path: Path, architecture: Architecture) -> None:
+def check_written(path: Path, graph: Graph) -> None:
     """Read the output's header back: it must parse and hold exactly the expected tensors.
     (`--verify` compares the values too.)"""
     if path.suffix == ".safetensors":
-        fileformat.check_header(path, architecture)
+        fileformat.check_header(path, graph)
     else:
         with ExitStack() as stack:
-            written_architecture, _, _ = open_weights(path, stack, activations=_activations(architecture))
-        if written_architecture.differences(architecture):
-            raise ExchangeError(f"{path}: read-back architecture differs")
+            written_graph, _, _ = open_weights(path, stack, arch=graph)
+        if written_graph.differences(graph):
+            raise ExchangeError(f"{path}: read-back architecture differs: "
+                                + "; ".join(written_graph.differences(graph)))
 
 
-def _activations(architecture: Architecture) -> list[str]:
-    return [layer.activation for layer in architecture.layers]
-
-
-def verify(in_path: Path, out_path: Path, architecture: Architecture, data_dir: Path | None,
+def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float,
            arch_path: Path | None = None) -> dict:
     """Run the two frameworks on the same inputs, each on the weights of its own file.
 
     Keras runs on the Keras file (IN or OUT) opened by Keras itself when it can, else on the
     tensors. PyTorch runs on the `.pt` or `.safetensors` side. A framework that is not installed is
-    replaced by a numpy forward pass over the same file's tensors, and the result says so.
+    replaced by a numpy forward pass over the same file's tensors, and the result says so. When
+    the outputs differ beyond `tolerance`, the layers are compared one by one and the first one
+    that diverges is named.
     """
     keras_path = next((p for p in (in_path, out_path) if p.suffix in KERAS_KINDS), None)
     torch_path = next((p for p in (out_path, in_path) if p.suffix in (".pt", ".safetensors")), None)
-    inputs, inputs_name = verification_inputs(architecture, data_dir)
-    read_tensors = lambda path: _file_tensors(path, architecture, arch_path if path == in_path else None)  # noqa: E731
-    keras_side = _keras_outputs(keras_path or in_path, architecture, inputs, read_tensors)
-    torch_side = _torch_outputs(torch_path or out_path, architecture, inputs, read_tensors)
-    (keras_name, keras_probs), (torch_name, torch_probs) = keras_side, torch_side
-    return {"compared": f"{keras_name} vs {torch_name}", "inputs": inputs_name,
-            "max_abs_diff": float(np.max(np.abs(keras_probs - torch_probs))),
-            "argmax_agreement": float((keras_probs.argmax(-1) == torch_probs.argmax(-1)).mean())}
+    inputs, inputs_name = verification_inputs(graph, data_dir)
+    read_tensors = lambda path: _file_tensors(path, graph, arch_path if path == in_path else None)  # noqa: E731
+    keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
+    torch_name, torch_outputs, torch_model = _torch_outputs(torch_path or out_path, graph, inputs, read_tensors)
+    max_abs_diff = max(float(np.max(np.abs(k - t))) if k.size else 0.0 for k, t in zip(keras_outputs, torch_outputs))
+    first, second = keras_outputs[0], torch_outputs[0]
+    result = {"compared": f"{keras_name} vs {torch_name}", "inputs": inputs_name, "max_abs_diff": max_abs_diff,
+              "output_scale": max(float(np.max(np.abs(k))) if k.size else 0.0 for k in keras_outputs),
+              "argmax_agreement": float((first.reshape(len(first), -1).argmax(-1)
+                                         == second.reshape(len(second), -1).argmax(-1)).mean())}
+    if not max_abs_diff <= tolerance and keras_model is not None and torch_model is not None:
+        result["first_divergence"] = first_divergent_layer(graph, keras_model, torch_model, inputs, tolerance)
+    return result
 
 
-def _file_tensors(path: Path, architecture: Architecture, arch_path: Path | None) -> dict[str, np.ndarray]:
+def first_divergent_layer(graph: Graph, keras_model, torch_model, inputs: list, tolerance: float) -> str:
+    """The first layer (in graph order) whose Keras and torch outputs differ beyond `tolerance`."""
+    from exchange import keras_adapter, torch_adapter
+
+    keras_values = keras_adapter.intermediate_outputs(keras_model, graph, inputs)
+    torch_values = torch_adapter.intermediate_outputs(torch_model, inputs)
+    for node in graph.nodes:
+        if node.name in keras_values and node.name in torch_values:
+            difference = float(np.max(np.abs(keras_values[node.name] - torch_values[node.name])))
+            if not difference <= tolerance:
+                return f"layer {node.name!r} ({node.kind}): max abs diff {difference:.3e}"
+    return "no single layer exceeds the tolerance"
+
+
+def _file_tensors(path: Path, graph: Graph, arch_path: Path | None) -> dict[str, np.ndarray]:
     with ExitStack() as stack:
-        _, tensors, _ = open_weights(path, stack, arch_path, activations=_activations(architecture))
+        _, tensors, _ = open_weights(path, stack, arch_path or graph)
         return fileformat.materialize(tensors)
 
 
-def _keras_outputs(path: Path, architecture: Architecture, inputs: np.ndarray, read_tensors):
+def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     try:
         from exchange import keras_adapter
-        from frameworks import keras_mlp
     except ImportError:
         return (f"numpy reference on {path} (Keras not installed)",
-                reference.forward(architecture, read_tensors(path), inputs))
+                reference.forward(graph, read_tensors(path), inputs), None)
     if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
-        return f"Keras on {path}", keras_mlp.predict(keras_adapter.load_keras_file(path), inputs)
-    model = keras_mlp.build_keras_model(architecture)
-    keras_adapter.set_tensors(model, read_tensors(path))
-    return f"Keras on the tensors of {path}", keras_mlp.predict(model, inputs)
+        model = keras_adapter.load_keras_file(path)
+        return f"Keras on {path}", keras_adapter.predict(model, inputs), model
+    model = keras_adapter.model_from_tensors(graph, read_tensors(path))
+    return f"Keras on the tensors of {path}", keras_adapter.predict(model, inputs), model
 
 
-def _torch_outputs(path: Path, architecture: Architecture, inputs: np.ndarray, read_tensors):
+def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     tensors = read_tensors(path)
     try:
         from exchange import torch_adapter
-        from frameworks import torch_mlp
     except ImportError:
-        return f"numpy reference on {path} (PyTorch not installed)", reference.forward(architecture, tensors, inputs)
-    model = torch_mlp.TorchMLP(architecture)
-    torch_adapter.set_tensors(model, tensors)
-    return f"PyTorch on {path}", torch_mlp.predict(model, inputs)
+        return f"numpy reference on {path} (PyTorch not installed)", reference.forward(graph, tensors, inputs), None
+    model = torch_adapter.model_from_tensors(graph, tensors)
+    return f"PyTorch on {path}", torch_adapter.predict(model, inputs), model
 
 
 def _is_full_keras2_model(path: Path) -> bool:
@@ -197,36 +222,43 @@ def _is_full_keras2_model(path: Path) -> bool:
         return "model_config" in h5.attrs
 
 
-def verification_inputs(architecture: Architecture, data_dir: Path | None) -> tuple[np.ndarray, str]:
-    """The MNIST test set when it fits the model and can be found, else a fixed random batch."""
-    if architecture.input_dim == 784:
-        from frameworks.mnist import DataError, load_folder, local_data_folder
+def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.ndarray], str]:
+    """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
+    fixed random batch in [0, 1) for each input (fewer rows for large inputs)."""
+    shapes = [spec.shape for spec in graph.inputs]
+    if shapes == [(784,)]:
+        from exchange.mnist import DataError, load_folder, local_data_folder
 
         folder = local_data_folder(data_dir)
         if folder is not None:
             try:
                 x_test = load_folder(folder).x_test
-                return x_test, f"{len(x_test):,} MNIST test images"
+                return [x_test], f"{len(x_test):,} MNIST test images"
             except DataError:
                 pass
-    batch = np.random.default_rng(0).random((VERIFY_BATCH, architecture.input_dim), dtype=np.float32)
-    return batch, f"a fixed random batch of {VERIFY_BATCH:,} inputs"
+    if any(size is None for shape in shapes for size in shape):
+        raise ExchangeError(f"--verify needs fixed input shapes; the model takes {shapes}")
+    largest = max(int(np.prod(shape)) for shape in shapes)
+    rows = max(8, min(VERIFY_BATCH, VERIFY_ELEMENTS // max(largest, 1)))
+    generator = np.random.default_rng(0)
+    batch = [generator.random((rows,) + tuple(spec.shape), dtype=np.float32) for spec in graph.inputs]
+    return batch, f"a fixed random batch of {rows:,} inputs"
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None) -> Architecture:
+            arch_path: Path | None = None) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back."""
     file_kind(out_path, OUTPUT_KINDS)
     if in_path.resolve() == out_path.resolve():
         raise ExchangeFileError(f"{out_path}: output would overwrite the input")
     with ExitStack() as stack:
-        architecture, tensors, source = open_weights(in_path, stack, arch_path, activations)
+        graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_output(out_path) as temporary:
-            write_weights(temporary, architecture, tensors, source)
-            check_written(temporary, architecture)
-    return architecture
+            write_weights(temporary, graph, tensors, source)
+            check_written(temporary, graph)
+    return graph
 
 
 def _framework_module(module: str, purpose: str, extra: str):
@@ -254,16 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     activations = args.activations.split(",") if args.activations else None
+    if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
+        print(f"error: --tolerance must be a finite non-negative number, got {args.tolerance}", file=sys.stderr)
+        return 2
     try:
-        architecture = convert(args.input, args.output, activations, args.arch)
-        print(f"wrote {args.output}: {len(architecture.tensor_shapes())} tensors, "
-              f"{architecture.parameter_count():,} parameters")
+        graph = convert(args.input, args.output, activations, args.arch)
+        print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, "
+              f"{graph.parameter_count():,} parameters")
         if args.verify:
-            result = verify(args.input, args.output, architecture, args.data, args.arch)
+            result = verify(args.input, args.output, graph, args.data, args.tolerance, args.arch)
             print(f"verify: {result['compared']}, on {result['inputs']}: max abs diff "
-                  f"{result['max_abs_diff']:.3e}, argmax agreement {result['argmax_agreement']:.2%}")
+                  f"{result['max_abs_diff']:.3e} (outputs up to {result['output_scale']:.3g}), "
+                  f"argmax agreement {result['argmax_agreement']:.2%}")
             if not result["max_abs_diff"] <= args.tolerance:
-                print(f"error: outputs differ by more than {args.tolerance:g}", file=sys.stderr)
+                print(f"error: outputs differ by more than {args.tolerance:g}"
+                      + (f"; first divergent {result['first_divergence']}" if "first_divergence" in result else ""),
+                      file=sys.stderr)
                 return 1
     except ExchangeError as err:
         print(f"error: {err}", file=sys.stderr)

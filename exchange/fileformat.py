@@ -1,13 +1,18 @@
-"""The common file: one `.safetensors` in PyTorch layout, self-described by its metadata.
+"""The common file: one `.safetensors` that is exactly the torch module's `state_dict()`.
 
-Layout: tensors keyed `layers.{i}.weight` (out, in) and `layers.{i}.bias` (out,), float32, so a
-plain `safetensors.torch.load_file` + `load_state_dict(strict=True)` works without this package.
+Tensors are keyed by the Keras layer names made safe for torch (`conv1_conv.weight`,
+`conv1_bn.running_mean`), in torch layout, each in its own dtype (float16, float32, float64;
+BatchNorm's `num_batches_tracked` int64). A plain `safetensors.torch.load_file` +
+`load_state_dict(strict=True)` loads it into the module built from its architecture.
 Metadata (all strings, as safetensors requires):
 
     format            "pt"            what `transformers` and others look for
-    exchange_version  "1"             this file format's version
-    architecture      JSON            `Architecture.to_json()`: rebuild the model from the file
+    exchange_version  "2"             this file format's version ("1" files still load)
+    architecture      JSON            `Graph.to_json()`: rebuild the model from the file
     source_framework  "keras"|"torch" who produced the weights
+
+Version 1 files (a Dense stack, keys `layers.{i}.weight`) are upgraded on read: the same graph
+with layers `dense_0`, `dense_1`, … and keys renamed to match.
 
 This module needs numpy and safetensors only: no framework is imported.
 """
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -26,41 +32,46 @@ from typing import Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
-from exchange.architecture import Architecture
 from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
                              TensorMismatchError, first_line)
+from exchange.graph import Graph, dense_chain
 from exchange.tensors import LazyTensor
 from exchange.tensors import materialize as materialize_tensor
 
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"
+READABLE_VERSIONS = ("1", "2")
 SOURCE_FRAMEWORKS = ("keras", "torch")
-TENSOR_DTYPE = np.dtype(np.float32)
+# safetensors dtype code <-> numpy dtype, for the dtypes the exchange file holds.
+SAFETENSORS_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+                      "I64": np.dtype("<i8")}
+DTYPE_CODES = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
 @dataclass(frozen=True)
 class ExchangeFile:
     """What one common-format file holds."""
 
-    architecture: Architecture
+    architecture: Graph
     tensors: dict[str, np.ndarray]
     source_framework: str
     metadata: dict[str, str]
 
 
-def check_tensors(architecture: Architecture, tensors: dict[str, np.ndarray], where: str = "") -> None:
+def check_tensors(architecture: Graph, tensors: dict[str, np.ndarray], where: str = "") -> None:
     """Raise one `TensorMismatchError` listing every missing, unexpected and mis-shaped tensor.
 
     `where` (a file name, say) starts the message when given.
     """
-    expected = architecture.tensor_shapes()
+    expected = architecture.tensor_specs
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = []
     for key in sorted(set(expected) & set(tensors)):
-        actual_shape, actual_dtype = tuple(tensors[key].shape), np.dtype(tensors[key].dtype)
-        if actual_shape != expected[key] or actual_dtype != TENSOR_DTYPE:
-            mismatched.append(f"{key}: expected {TENSOR_DTYPE.name} {expected[key]}, "
-                              f"found {actual_dtype.name} {actual_shape}")
+        actual_shape, actual_dtype = tuple(tensors[key].shape), np.dtype(tensors[key].dtype).name
+        expected_shape, expected_dtype = expected[key]
+        if actual_shape != tuple(expected_shape) or actual_dtype != expected_dtype:
+            mismatched.append(f"{key}: expected {expected_dtype} {tuple(expected_shape)}, "
+                              f"found {actual_dtype} {actual_shape}")
     if missing or unexpected or mismatched:
         raise TensorMismatchError(missing, unexpected, mismatched, where)
 
@@ -94,7 +105,7 @@ def _current_umask() -> int:
     return mask
 
 
-def save(path: str | os.PathLike, architecture: Architecture,
+def save(path: str | os.PathLike, architecture: Graph,
          tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
@@ -102,18 +113,24 @@ def save(path: str | os.PathLike, architecture: Architecture,
     is never whole in memory.
 
     Example:
-        >>> arch = Architecture.from_json('{"input_dim":2,"layers":[{"kind":"dense","units":1}]}')
-        >>> save("tiny.safetensors", arch, {"layers.0.weight": np.ones((1, 2), np.float32),
-        ...      "layers.0.bias": np.zeros(1, np.float32)}, source_framework="torch")
+        >>> graph = dense_chain("tiny", 2, [(1, "linear")])
+        >>> save("tiny.safetensors", graph, {"dense_0.weight": np.ones((1, 2), np.float32),
+        ...      "dense_0.bias": np.zeros(1, np.float32)}, source_framework="torch")
     """
+    with atomic_output(path) as temporary:
+        write(temporary, architecture, tensors, source_framework)
+
+
+def write(path: str | os.PathLike, architecture: Graph, tensors: dict[str, np.ndarray | LazyTensor],
+          source_framework: str) -> None:
+    """`save` without the atomic rename, for a caller that owns the temporary file."""
     if source_framework not in SOURCE_FRAMEWORKS:
         raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, "
                             f"got {source_framework!r}")
     check_tensors(architecture, tensors)
     metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
                 "architecture": architecture.to_json(), "source_framework": source_framework}
-    with atomic_output(path) as temporary:
-        _write_safetensors(temporary, tensors, metadata)
+    _write_safetensors(Path(path), tensors, metadata)
 
 
 def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
@@ -128,8 +145,9 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
     header: dict = {"__metadata__": metadata}
     offset = 0
     for key in keys:
-        nbytes = int(np.prod(tensors[key].shape, dtype=np.int64)) * TENSOR_DTYPE.itemsize
-        header[key] = {"dtype": "F32", "shape": list(tensors[key].shape),
+        dtype = np.dtype(tensors[key].dtype)
+        nbytes = int(np.prod(tensors[key].shape, dtype=np.int64)) * dtype.itemsize
+        header[key] = {"dtype": DTYPE_CODES[dtype.name], "shape": list(tensors[key].shape),
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
@@ -143,7 +161,7 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
         begin, end = header[key]["data_offsets"]
         if end == begin:
             continue
-        out = np.memmap(path, dtype="<f4", mode="r+", offset=data_start + begin,
+        out = np.memmap(path, dtype=SAFETENSORS_DTYPES[header[key]["dtype"]], mode="r+", offset=data_start + begin,
                         shape=tuple(header[key]["shape"]))
         tensor = tensors[key]
         if isinstance(tensor, LazyTensor):
@@ -158,7 +176,7 @@ def materialize(tensors: dict[str, np.ndarray | LazyTensor]) -> dict[str, np.nda
     return {key: materialize_tensor(tensor) for key, tensor in tensors.items()}
 
 
-def check_header(path: str | os.PathLike, architecture: Architecture) -> None:
+def check_header(path: str | os.PathLike, architecture: Graph) -> None:
     """Check a written file from its header alone (no tensor data is read): its architecture,
     and every tensor's key, dtype and shape."""
     path = Path(path)
@@ -173,7 +191,7 @@ def check_header(path: str | os.PathLike, architecture: Architecture) -> None:
     differences = architecture_from_metadata(path, metadata).differences(architecture)
     if differences:
         raise ExchangeFileError(f"{path}: architecture in the file differs: {'; '.join(differences)}")
-    expected = {key: (shape, "F32") for key, shape in architecture.tensor_shapes().items()}
+    expected = {key: (tuple(shape), DTYPE_CODES[dtype]) for key, (shape, dtype) in architecture.tensor_specs.items()}
     if shapes != expected:
         raise ExchangeFileError(f"{path}: tensors in the file differ from the architecture's")
 
@@ -199,16 +217,18 @@ def load(path: str | os.PathLike) -> ExchangeFile:
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except TypeError as err:  # a dtype numpy lacks, such as bfloat16
         raise ExchangeFileError(f"{path}: holds a tensor numpy cannot read ({first_line(err)}); "
-                                "the exchange file stores float32") from None
+                                f"the exchange file stores {', '.join(DTYPE_CODES)}") from None
     except (SafetensorError, OSError) as err:
         raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     architecture = architecture_from_metadata(path, metadata)
+    if metadata.get("exchange_version") == "1":
+        tensors = upgrade_v1_keys(tensors)
     source_framework = metadata.get("source_framework", "unknown")
     check_tensors(architecture, tensors, where=str(path))
     return ExchangeFile(architecture, tensors, source_framework, metadata)
 
 
-def check_same_architecture(in_file: Architecture, in_model: Architecture, path) -> None:
+def check_same_architecture(in_file: Graph, in_model: Graph, path) -> None:
     """Refuse to load a file into a model of another architecture, saying how they differ."""
     differences = in_file.differences(in_model)
     if differences:
@@ -216,18 +236,53 @@ def check_same_architecture(in_file: Architecture, in_model: Architecture, path)
                                         + "; ".join(differences))
 
 
-def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Architecture:
+def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
     version = metadata.get("exchange_version")
     if "architecture" not in metadata or version is None:
         raise ExchangeFileError(f"{path}: no exchange metadata (architecture, exchange_version); "
                                 "it was not written by this tool")
-    if version != FORMAT_VERSION:
+    if version not in READABLE_VERSIONS:
         raise ExchangeFileError(f"{path}: exchange_version {version!r} is not supported "
-                                f"(this tool reads version {FORMAT_VERSION})")
+                                f"(this tool reads versions {', '.join(READABLE_VERSIONS)})")
     try:
-        return Architecture.from_json(metadata["architecture"])
+        if version == "1":
+            return upgrade_v1_architecture(metadata["architecture"])
+        return Graph.from_json(metadata["architecture"])
     except ExchangeError as err:
         raise ExchangeFileError(f"{path}: {err}") from None
+
+
+V1_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
+
+
+def upgrade_v1_architecture(text: str) -> Graph:
+    """A version-1 architecture (`{"input_dim": 784, "layers": [{"kind": "dense", …}]}`) as a graph."""
+    try:
+        description = json.loads(text)
+        layers = [(layer["units"], layer.get("activation", "linear"), layer.get("use_bias", True))
+                  for layer in description["layers"] if layer.get("kind") == "dense" or _bad_v1_kind(layer)]
+        input_dim = description["input_dim"]
+    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
+        raise ExchangeError(f"malformed version-1 architecture ({type(err).__name__})") from None
+    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1 or not layers:
+        raise ExchangeError("malformed version-1 architecture (input_dim or layers)")
+    for units, activation, use_bias in layers:
+        if not isinstance(use_bias, bool) or not isinstance(activation, str):
+            raise ExchangeError(f"malformed version-1 layer ({units!r}, {activation!r}, {use_bias!r})")
+    return dense_chain("model", input_dim, layers)
+
+
+def _bad_v1_kind(layer) -> bool:
+    raise ExchangeError(f"unsupported layer kind {layer.get('kind')!r} in a version-1 architecture")
+
+
+def upgrade_v1_keys(tensors: dict) -> dict:
+    """`layers.{i}.weight` -> `dense_{i}.weight`: the keys of the upgraded graph."""
+    renamed = {}
+    for key, tensor in tensors.items():
+        match = V1_KEY.match(key)
+        renamed[f"dense_{match.group(1)}.{match.group(2)}" if match else key] = tensor
+    return renamed
 
 
 def _check_readable(path: Path) -> None:

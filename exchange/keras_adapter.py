@@ -1,16 +1,19 @@
-"""Keras side of the exchange: Keras model <-> common file.
+"""Keras side of the exchange: live Keras models <-> graph and file tensors; graph -> Keras model.
 
-Keras keeps a Dense kernel as (in, out); the file keeps PyTorch's (out, in). That difference, and
-every other, lives in `exchange.layout.LAYOUT_RULES`; this module only reads and assigns variables.
+A live model is described by the same parser as a Keras file (`exchange.keras_config`, fed with
+`model.get_config()`), so a model and its saved `.keras` give the same graph. Every layout
+difference lives in the layer kinds' ports (`exchange.kinds`); this module only reads and assigns
+variables and builds a functional `keras.Model` from a graph.
 
 Example:
     >>> from exchange import keras_adapter
-    >>> keras_adapter.save_file(keras_model, "mlp.safetensors")
-    >>> restored = keras_adapter.model_from_file("mlp.safetensors")
+    >>> keras_adapter.save_file(keras_model, "model.safetensors")
+    >>> restored = keras_adapter.model_from_file("model.safetensors")
 """
 
 from __future__ import annotations
 
+import json
 import os
 import zipfile
 
@@ -18,44 +21,90 @@ import keras
 import numpy as np
 
 from exchange import fileformat, layout
-from exchange.architecture import ACTIVATIONS, Architecture, DenseLayer
 from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line
+from exchange.graph import Graph
+from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
+from exchange.kinds import kind_of
 
-# Layers that carry no weights and do nothing at inference in a single chain.
-PASS_THROUGH = ("InputLayer",)
+
+def parse_model(model: keras.Model) -> ParsedModel:
+    """The graph of a live Sequential or functional model, and where each layer lives in it."""
+    if isinstance(model, keras.Sequential):
+        class_name = "Sequential"
+    elif isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False) or \
+            type(model).__name__ == "Functional":
+        class_name = "Functional"
+    else:
+        raise UnsupportedLayerError(f"model {model.name!r} is a subclassed {type(model).__name__}; only "
+                                    "Sequential and functional models have a config to convert")
+    # Through JSON, as a saved config.json is: tuples become lists, so both read the same.
+    config = json.loads(json.dumps({"class_name": class_name, "config": model.get_config()}, default=_plain))
+    return parse_model_config(config, f"Keras model {model.name!r}")
 
 
-def architecture_of(model: keras.Model) -> Architecture:
-    """Describe a Keras model made of Dense layers; any other layer is an error naming it."""
-    layers = []
-    for keras_layer in _weighted_layers(model):
-        activation = keras.activations.serialize(keras_layer.activation)
-        if not isinstance(activation, str) or activation not in ACTIVATIONS:
-            raise UnsupportedLayerError(f"unsupported activation {activation!r} in layer "
-                                        f"{keras_layer.name!r}; supported: {', '.join(ACTIVATIONS)}")
-        layers.append(DenseLayer(int(keras_layer.units), activation, bool(keras_layer.use_bias)))
-    input_shape = model.input_shape
-    if not isinstance(input_shape, tuple) or len(input_shape) != 2 or input_shape[1] is None:
-        raise UnsupportedLayerError(f"model input shape {input_shape} is not a flat (batch, features)")
-    return Architecture(int(input_shape[1]), tuple(layers))
+def _plain(value):
+    """JSON for the numpy values a live config may hold."""
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"config value of type {type(value).__name__} is not JSON")
+
+
+def architecture_of(model: keras.Model) -> Graph:
+    return parse_model(model).graph
+
+
+def _layer_at(model: keras.Model, location: KerasLocation):
+    container = model
+    for name in location.container_path:
+        container = container.get_layer(name)
+    return container.get_layer(location.layer_name)
 
 
 def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
-    """The model's weights as file tensors (PyTorch layout)."""
-    architecture = architecture_of(model)
-    keras_variables = [{variable.name: np.asarray(variable.numpy()) for variable in layer.weights}
-                       for layer in _weighted_layers(model)]
-    return layout.keras_to_file(architecture, keras_variables)
+    """The model's weights as file tensors (torch layout)."""
+    parsed = parse_model(model)
+    stored = {}
+    for node in parsed.graph.nodes:
+        keras_layer = _layer_at(model, parsed.locations[node.name])
+        stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
+    return layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
 
 
-def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray]) -> None:
-    """Assign file tensors to the model's variables; every shape is checked before any is set."""
-    architecture = architecture_of(model)
-    fileformat.check_tensors(architecture, file_tensors)
-    per_layer = layout.file_to_keras(architecture, file_tensors)
-    for keras_layer, keras_variables in zip(_weighted_layers(model), per_layer):
-        for variable in keras_layer.weights:
-            variable.assign(keras_variables[variable.name])
+def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: Graph | None = None) -> None:
+    """Assign file tensors to the model's variables; every key and shape is checked first."""
+    parsed = parse_model(model)
+    if graph is not None:
+        fileformat.check_same_architecture(graph, parsed.graph, f"Keras model {model.name!r}")
+    fileformat.check_tensors(parsed.graph, file_tensors)
+    per_node = layout.file_to_keras(parsed.graph, file_tensors)
+    for node in parsed.graph.nodes:
+        keras_layer = _layer_at(model, parsed.locations[node.name])
+        for variable, value in zip(keras_layer.weights, per_node[node.name]):
+            if value is not None:
+                variable.assign(value)
+        finalize = getattr(keras_layer, "finalize_state", None)
+        if callable(finalize):
+            finalize()   # layers that derive state from their variables (Normalization)
+
+
+def build_model(graph: Graph) -> keras.Model:
+    """A functional Keras model computing the graph, every layer option explicit (random weights)."""
+    values = {spec.name: keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in graph.inputs}
+    inputs = [values[spec.name] for spec in graph.inputs]
+    for node in graph.nodes:
+        kind = kind_of(node.kind)
+        keras_layer = kind.keras_layer(keras, graph.context(node))
+        arguments = [values[name] for name in node.inputs]
+        values[node.name] = keras_layer(arguments if kind.takes_list else arguments[0])
+    outputs = [values[name] for name in graph.outputs]
+    return keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs,
+                       outputs=outputs[0] if len(outputs) == 1 else outputs, name=graph.name)
+
+
+def model_from_tensors(graph: Graph, file_tensors: dict) -> keras.Model:
+    model = build_model(graph)
+    set_tensors(model, fileformat.materialize(file_tensors))
+    return model
 
 
 def save_file(model: keras.Model, path: str | os.PathLike) -> None:
@@ -65,18 +114,28 @@ def save_file(model: keras.Model, path: str | os.PathLike) -> None:
 def load_file(model: keras.Model, path: str | os.PathLike) -> None:
     """Load a common file into an existing model of the same architecture."""
     exchange_file = fileformat.load(path)
-    fileformat.check_same_architecture(exchange_file.architecture, architecture_of(model), path)
-    set_tensors(model, exchange_file.tensors)
+    set_tensors(model, exchange_file.tensors, graph=exchange_file.architecture)
 
 
 def model_from_file(path: str | os.PathLike) -> keras.Model:
     """Build a Keras model from the file's architecture and load its weights."""
-    from frameworks.keras_mlp import build_keras_model
-
     exchange_file = fileformat.load(path)
-    model = build_keras_model(exchange_file.architecture)
-    set_tensors(model, exchange_file.tensors)
-    return model
+    return model_from_tensors(exchange_file.architecture, exchange_file.tensors)
+
+
+def predict(model: keras.Model, arrays: list[np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
+    outputs = model.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=batch_size, verbose=0)
+    return [np.asarray(output) for output in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
+
+
+def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every node's output (Keras layout) by layer name, for layer-by-layer checks."""
+    parsed = parse_model(model)
+    names = [node.name for node in graph.nodes if node.name in parsed.locations]
+    probe = keras.Model(model.inputs, [_layer_at(model, parsed.locations[name]).output for name in names])
+    outputs = probe.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=256, verbose=0)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    return {name: np.asarray(output) for name, output in zip(names, outputs)}
 
 
 def load_keras_file(path: str | os.PathLike) -> keras.Model:
@@ -97,16 +156,4 @@ def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:
     """Write a `.keras` file atomically."""
     with fileformat.atomic_output(path) as temporary:
         model.save(temporary)
-
-
-def _weighted_layers(model: keras.Model) -> list:
-    weighted = []
-    for keras_layer in model.layers:
-        kind = type(keras_layer).__name__
-        if kind in PASS_THROUGH:
-            continue
-        if not isinstance(keras_layer, keras.layers.Dense):
-            raise UnsupportedLayerError(f"unsupported layer {keras_layer.name!r} ({kind})")
-        weighted.append(keras_layer)
-    return weighted
 

@@ -1,17 +1,16 @@
 """Read Keras weight files directly: zipfile, json, h5py and numpy, no TensorFlow, Keras or torch.
 
-Four kinds of file, each read to (architecture, tensors in file layout):
+Four kinds of file, each read to (graph, tensors in file layout):
 
-    .keras             Keras 3: a zip of config.json + model.weights.h5 (layers/<group>/vars/0, 1)
+    .keras             Keras 3: a zip of config.json + model.weights.h5 (layers/<group>/vars/0, 1, …)
     .weights.h5        Keras 3 weights only; the architecture comes from a .keras or config.json
     .h5 (full model)   Keras 2: the config as JSON in the `model_config` attribute, weights under
                        model_weights/<layer>/…/kernel:0 as listed in each layer's `weight_names`
     .h5 (weights only) Keras 2: the same groups at the top level; architecture given alongside
 
-Models must be a Sequential or a functional model forming a single chain, of Dense layers with
-InputLayer, Dropout, Activation and Flatten (of an already flat input) passing through; anything
-else is an error that names the layer. Tensors come back as `LazyTensor`s: every shape is checked
-before any data is read, and a large model is read one tensor at a time.
+The config is read by `exchange.keras_config` (the one parser, shared with live models), which
+also says where each layer's variables are stored. Tensors come back as `LazyTensor`s: every
+shape is checked before any data is read, and a large model is read one tensor at a time.
 """
 
 from __future__ import annotations
@@ -27,166 +26,19 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from exchange import fileformat, layout
-from exchange.architecture import ACTIVATIONS, Architecture, DenseLayer
-from exchange.errors import ExchangeFileError, TensorMismatchError, UnsupportedLayerError
+from exchange import layout
+from exchange.errors import ExchangeFileError
+from exchange.graph import Graph
+from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
 from exchange.tensors import LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
-# Layers that compute nothing at inference in a chain of Dense layers.
-PASS_THROUGH = ("InputLayer", "Dropout", "Flatten", "Activation")
-SEQUENTIAL_CLASSES = ("Sequential",)
-FUNCTIONAL_CLASSES = ("Functional", "Model")
 
 
-@dataclass(frozen=True)
-class KerasLayerConfig:
-    class_name: str
-    name: str
-    config: dict
-
-
-@dataclass(frozen=True)
-class KerasModelDescription:
-    """What a model config says: the architecture, and the Dense layers' names in order."""
-
-    architecture: Architecture
-    dense_names: tuple[str, ...]
-
-
-# ---------------------------------------------------------------------------------------------
-# Model config -> architecture
-
-
-def describe_model_config(model_config: dict, source: str) -> KerasModelDescription:
-    """A Keras 2 or Keras 3 model config (as in config.json or `model_config`) -> architecture."""
-    try:
-        return _describe_model_config(model_config, source)
-    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
-        raise ExchangeFileError(f"{source}: malformed Keras model config ({type(err).__name__}: {err})") from None
-
-
-def _describe_model_config(model_config: dict, source: str) -> KerasModelDescription:
-    layers, input_shape = _chain_of_layers(model_config, source)
-    dense_layers: list[DenseLayer] = []
-    dense_names: list[str] = []
-    for layer in layers:
-        config = layer.config
-        if input_shape is None:
-            input_shape = _declared_input_shape(config)
-        if layer.class_name == "Dense":
-            dense_layers.append(DenseLayer(int(config["units"]), _activation(layer, source),
-                                           bool(config.get("use_bias", True))))
-            dense_names.append(layer.name)
-        elif layer.class_name == "Activation":
-            _fold_activation(layer, dense_layers, source)
-        elif layer.class_name == "Flatten":
-            flat_input = bool(dense_layers) or (input_shape is not None and len(input_shape) == 1)
-            if not flat_input:
-                raise UnsupportedLayerError(
-                    f"{source}: unsupported layer {layer.name!r} (Flatten of a {input_shape} input; "
-                    "only a Flatten of an already flat input passes through)")
-        elif layer.class_name not in PASS_THROUGH:
-            raise UnsupportedLayerError(f"{source}: unsupported layer {layer.name!r} ({layer.class_name})")
-    if not dense_layers:
-        raise UnsupportedLayerError(f"{source}: the model has no Dense layer")
-    if input_shape is None or len(input_shape) != 1 or input_shape[0] is None:
-        raise UnsupportedLayerError(f"{source}: input shape {input_shape} is not a flat "
-                                    "(batch, features) input")
-    return KerasModelDescription(Architecture(int(input_shape[0]), tuple(dense_layers)),
-                                 tuple(dense_names))
-
-
-def _chain_of_layers(model_config: dict, source: str):
-    class_name = model_config.get("class_name")
-    config = model_config.get("config")
-    if class_name in SEQUENTIAL_CLASSES:
-        raw_layers = config if isinstance(config, list) else config.get("layers", [])
-        build_shape = (model_config.get("build_config") or {}).get("input_shape")
-        input_shape = tuple(build_shape[1:]) if build_shape else None
-        return [_layer(raw) for raw in raw_layers], input_shape
-    if class_name in FUNCTIONAL_CLASSES:
-        layers = [_layer(raw) for raw in config["layers"]]
-        _require_single_chain(config, layers, source)
-        return layers, None
-    raise UnsupportedLayerError(f"{source}: unsupported model class {class_name!r} "
-                                "(Sequential and single-chain functional models are supported)")
-
-
-def _layer(raw: dict) -> KerasLayerConfig:
-    config = raw.get("config", {})
-    return KerasLayerConfig(raw["class_name"], raw.get("name") or config.get("name", "?"), config)
-
-
-def _require_single_chain(config: dict, layers: list[KerasLayerConfig], source: str) -> None:
-    """Each layer must take exactly one input, the layer listed just before it."""
-    raw_layers = config["layers"]
-    for previous, (raw, layer) in zip([None] + layers[:-1], zip(raw_layers, layers)):
-        inbound = _inbound_layer_names(raw.get("inbound_nodes", []))
-        expected = [] if previous is None else [previous.name]
-        if inbound != expected:
-            raise UnsupportedLayerError(
-                f"{source}: layer {layer.name!r} ({layer.class_name}) takes {inbound or 'no input'}; "
-                "only functional models that form a single chain are supported")
-    outputs = _flat_names(config.get("output_layers", []))
-    if outputs and outputs[0] != layers[-1].name or len(outputs) > 1:
-        raise UnsupportedLayerError(f"{source}: model outputs {outputs} are not the last layer "
-                                    f"{layers[-1].name!r} alone")
-
-
-def _inbound_layer_names(inbound_nodes: list) -> list[str]:
-    names = []
-    for node in inbound_nodes:
-        if isinstance(node, dict):  # Keras 3: {"args": [keras_tensor, …], "kwargs": {…}}
-            names += [history[0] for history in _keras_histories(node.get("args", []))]
-        else:                       # Keras 2: [["layer_name", node_index, tensor_index, {…}], …]
-            names += [entry[0] for entry in node]
-    return names
-
-
-def _keras_histories(value) -> list:
-    if isinstance(value, dict):
-        if value.get("class_name") == "__keras_tensor__":
-            return [value["config"]["keras_history"]]
-        return [h for item in value.values() for h in _keras_histories(item)]
-    if isinstance(value, list):
-        return [h for item in value for h in _keras_histories(item)]
-    return []
-
-
-def _flat_names(layers_spec) -> list[str]:
-    if not layers_spec:
-        return []
-    if isinstance(layers_spec[0], str):  # a single ["name", 0, 0]
-        return [layers_spec[0]]
-    return [entry[0] for entry in layers_spec]
-
-
-def _declared_input_shape(config: dict):
-    shape = config.get("batch_shape") or config.get("batch_input_shape")
-    return tuple(shape[1:]) if shape else None
-
-
-def _activation(layer: KerasLayerConfig, source: str) -> str:
-    activation = layer.config.get("activation", "linear")
-    if not isinstance(activation, str) or activation not in ACTIVATIONS:
-        raise UnsupportedLayerError(f"{source}: unsupported activation {activation!r} in layer "
-                                    f"{layer.name!r}; supported: {', '.join(ACTIVATIONS)}")
-    return activation
-
-
-def _fold_activation(layer: KerasLayerConfig, dense_layers: list[DenseLayer], source: str) -> None:
-    """An Activation layer after a linear Dense becomes that Dense's activation."""
-    activation = _activation(layer, source)
-    if activation == "linear":
-        return
-    if not dense_layers or dense_layers[-1].activation != "linear":
-        raise UnsupportedLayerError(
-            f"{source}: unsupported layer {layer.name!r} (Activation {activation!r} that does not "
-            "follow a linear Dense layer)")
-    last = dense_layers[-1]
-    dense_layers[-1] = DenseLayer(last.units, activation, last.use_bias)
+def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
+    """A Keras 2 or Keras 3 model config -> graph and variable locations."""
+    return parse_model_config(model_config, source, keras2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,63 +131,42 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
 
 
 # ---------------------------------------------------------------------------------------------
-# Weights -> file tensors
+# Variable locators: where each format keeps a layer's variables
 
 
-def _keras3_variables(source: _Hdf5Source, description: KerasModelDescription) -> list[dict]:
-    """Keras 3 names a layer's group by class and order (dense, dense_1, …), not by layer name;
-    its variables are vars/0 (kernel) and vars/1 (bias)."""
-    per_layer = []
-    for index, (layer, name) in enumerate(zip(description.architecture.layers, description.dense_names)):
-        group = "layers/dense" if index == 0 else f"layers/dense_{index}"
-        if f"{group}/vars" not in source.h5:
-            raise ExchangeFileError(f"{source.label}: no weights for layer {name!r} (expected "
-                                    f"group {group}/vars); config and weights do not match")
-        stored_name = source.h5[f"{group}/vars"].attrs.get("name")
-        if stored_name is not None and _text(stored_name) != name:
-            raise ExchangeFileError(f"{source.label}: group {group} holds layer {_text(stored_name)!r}, "
-                                    f"expected {name!r}; config and weights do not match")
-        variables = source.h5[f"{group}/vars"]
-        names = ["kernel", "bias"] if layer.use_bias else ["kernel"]
-        if len(variables) != len(names):
-            raise ExchangeFileError(f"{source.label}: layer {name!r} has {len(variables)} variables, "
-                                    f"expected {len(names)} ({', '.join(names)})")
-        per_layer.append({var: source.lazy(f"{group}/vars/{i}") for i, var in enumerate(names)})
-    return per_layer
+def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
+    """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored)."""
+    group = source.h5.get(f"{location.keras3_group}/vars")
+    if not isinstance(group, h5py.Group):
+        return []
+    stored_name = group.attrs.get("name")
+    if stored_name is not None and _text(stored_name) != location.layer_name:
+        raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
+                                f"{_text(stored_name)!r}, expected {location.layer_name!r}; config and weights do not match")
+    count = len(group)
+    if sorted(group) != [str(index) for index in range(count)]:
+        raise ExchangeFileError(f"{source.label}: unexpected entries in {location.keras3_group}/vars: {sorted(group)}")
+    return [(None, source.lazy(f"{location.keras3_group}/vars/{index}")) for index in range(count)]
 
 
-def _keras2_variables(source: _Hdf5Source, root: str, description: KerasModelDescription) -> list[dict]:
-    """Keras 2 keeps a group per layer name; its `weight_names` attribute lists the datasets
-    (`dense_1/kernel:0`, …), whose last component before ':' names the variable."""
-    per_layer = []
-    for name in description.dense_names:
-        group_path = f"{root}/{name}" if root else name
-        if group_path not in source.h5:
-            raise ExchangeFileError(f"{source.label}: no weights for layer {name!r}; "
-                                    "config and weights do not match")
-        group = source.h5[group_path]
-        variables = {}
-        for weight_name in (_text(n) for n in group.attrs.get("weight_names", [])):
-            variable = re.sub(r":\d+$", "", weight_name.rsplit("/", 1)[-1])
-            variables[variable] = source.lazy(f"{group_path}/{weight_name}")
-        per_layer.append(variables)
-    return per_layer
+def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -> list:
+    """Keras 2: the top-level layer's group lists its datasets in `weight_names`
+    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`): those whose path ends in
+    `<layer name>/<variable>:N` belong to the layer."""
+    group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
+    group = source.h5.get(group_path)
+    if not isinstance(group, h5py.Group):
+        return []
+    found = []
+    for weight_name in (_text(name) for name in group.attrs.get("weight_names", [])):
+        parts = weight_name.split("/")
+        if len(parts) >= 2 and parts[-2] == location.layer_name:
+            found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
+    return found
 
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
-
-
-def _to_file_tensors(description: KerasModelDescription, per_layer: list[dict], label: str):
-    """Apply the layout rules (lazily) and check every shape against the config before any
-    tensor data is read."""
-    where = f"{label}: config and weights do not match"
-    try:
-        tensors = layout.keras_to_file(description.architecture, per_layer)
-    except TensorMismatchError as err:
-        raise TensorMismatchError(err.missing, err.unexpected, err.mismatched, where) from None
-    fileformat.check_tensors(description.architecture, tensors, where=where)
-    return tensors
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +175,9 @@ def _to_file_tensors(description: KerasModelDescription, per_layer: list[dict], 
 
 @dataclass
 class KerasWeights:
-    """Architecture and lazy file-layout tensors of a Keras file; close() when done reading."""
+    """Graph and lazy file-layout tensors of a Keras file; close() when done reading."""
 
-    architecture: Architecture
+    architecture: Graph
     tensors: dict[str, LazyTensor]
     source: _Hdf5Source
 
@@ -390,23 +221,23 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
         with _open_zip(path) as archive:
             config = _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
             start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
-        description = describe_model_config(config, str(path))
+        parsed = describe_model_config(config, str(path))
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
-        return _finish(description, source, lambda: _keras3_variables(source, description))
+        return _finish(parsed, source, lambda location: _keras3_variables(source, location))
     if path.suffix != ".h5":
         raise ExchangeFileError(f"{path}: not a Keras file (.keras, .weights.h5 or .h5)")
     source = _Hdf5Source(path)
     h5 = source.h5
     try:
         if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-            description = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path))
-            return _finish(description, source, lambda: _keras2_variables(source, "model_weights", description))
+            parsed = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path), keras2=True)
+            return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
         if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
-            description = _description_from(architecture_from, path)
-            return _finish(description, source, lambda: _keras3_variables(source, description))
+            parsed = _description_from(architecture_from, path)
+            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
         if "layer_names" in h5.attrs:                                     # Keras 2 weights only
-            description = _description_from(architecture_from, path)
-            return _finish(description, source, lambda: _keras2_variables(source, "", description))
+            parsed = _description_from(architecture_from, path, keras2=True)
+            return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
         raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
                                 "layers or layer_names)")
     except BaseException:
@@ -414,20 +245,34 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
         raise
 
 
-def _finish(description, source, read_variables) -> KerasWeights:
+def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeights:
+    """Locate every node's variables and map them to file tensors (shapes checked, data unread)."""
     try:
-        tensors = _to_file_tensors(description, read_variables(), source.label)
+        stored = {node.name: variables_of(parsed.locations[node.name]) for node in parsed.graph.nodes}
+        tensors = layout.keras_to_file(parsed.graph, stored, source.label, parsed.class_names)
     except BaseException:
         source.close()
         raise
-    return KerasWeights(description.architecture, tensors, source)
+    return KerasWeights(parsed.graph, tensors, source)
 
 
-def _description_from(architecture_from, weights_path: Path) -> KerasModelDescription:
+def _description_from(architecture_from, weights_path: Path, keras2: bool = False) -> ParsedModel:
     if architecture_from is None:
         raise ExchangeFileError(f"{weights_path}: a weights-only file; give the architecture "
                                 "(--arch a .keras, a Keras 2 .h5 or a config .json)")
-    return describe_model_config(read_keras_config(architecture_from), str(architecture_from))
+    config_path = Path(architecture_from)
+    is_keras2 = keras2 or (config_path.suffix == ".h5") or _looks_keras2(config_path)
+    return describe_model_config(read_keras_config(config_path), str(config_path), keras2=is_keras2)
+
+
+def _looks_keras2(path: Path) -> bool:
+    """A `to_json()` file of Keras 2 carries `keras_version` 2.x."""
+    if path.suffix != ".json" or not path.is_file():
+        return False
+    try:
+        return str(json.loads(path.read_bytes()).get("keras_version", "")).startswith("2.")
+    except (ValueError, AttributeError, RecursionError):
+        return False
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:

@@ -1,94 +1,82 @@
-"""The one table of layout rules: how each layer kind's Keras variables map to file tensors.
+"""Keras variables <-> file tensors for a whole graph, through each layer kind's ports.
 
-The file uses the PyTorch layout, so the PyTorch side needs no rules at all; Keras differs. Each
-rule names the Keras variable, the file tensor, and the axis permutation from Keras layout to the
-file layout. The reverse direction is derived from the same permutation (`np.argsort`), so the two
-directions cannot drift apart. Adding a layer kind means adding one entry to `LAYOUT_RULES`.
+The rules themselves live with their layer kinds (`exchange.kinds`, each kind's `ports`); this
+module runs them over every node. Every stored Keras variable must be claimed by a port: a layer
+with more or other variables than its kind expects (a Dense with LoRA weights, say) is an error
+naming the layer and the variable, never a silently dropped tensor.
 
 Conversions are pure: they never modify the arrays they are given.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from exchange.architecture import Architecture
-from exchange.errors import TensorMismatchError, UnsupportedLayerError
-from exchange.tensors import LazyTensor, transpose_contiguous
+from exchange.errors import ExchangeError, TensorMismatchError
+from exchange.graph import Graph
+from exchange.ports import KerasOnly, Port, TorchOnly
+from exchange.tensors import materialize
+
+# One stored Keras variable: its name where the format records one (None for Keras 3's vars/N),
+# and its array (or LazyTensor).
+StoredVariable = tuple  # (str | None, array)
 
 
-@dataclass(frozen=True)
-class TensorRule:
-    """How one Keras variable of a layer is stored in the file."""
+def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: str = "",
+                  class_names: dict[str, str] | None = None) -> dict:
+    """Per-node stored Keras variables -> the file's tensors (lazy ones stay lazy where they can).
 
-    keras_name: str                             # Keras variable name, e.g. "kernel"
-    file_name: str                              # file key suffix: layers.{i}.<file_name>
-    keras_to_file_axes: tuple[int, ...] | None  # permutation Keras -> file; None keeps the layout
-    only_if: str | None = None                  # layer attribute that switches the tensor on
-
-    def applies_to(self, layer) -> bool:
-        return self.only_if is None or bool(getattr(layer, self.only_if))
-
-    def to_file(self, keras_array):
-        """Keras layout -> file layout; a `LazyTensor` stays lazy (only its shape moves now)."""
-        return _permute(keras_array, self.keras_to_file_axes)
-
-    def to_keras(self, file_array):
-        axes = self.keras_to_file_axes
-        return _permute(file_array, None if axes is None else tuple(int(a) for a in np.argsort(axes)))
-
-
-def _permute(tensor, axes: tuple[int, ...] | None):
-    if axes is None:
-        return tensor
-    if len(tensor.shape) != len(axes):
-        return tensor  # wrong rank: left as it is, so the shape check names it
-    if isinstance(tensor, LazyTensor):
-        return tensor.permuted(axes)
-    # safetensors refuses strided views, so the transposed copy is made contiguous.
-    return transpose_contiguous(tensor, axes)
-
-
-LAYOUT_RULES: dict[str, tuple[TensorRule, ...]] = {
-    # Keras Dense computes x @ kernel with kernel (in, out); torch Linear computes x @ weight.T
-    # with weight (out, in). The bias is (out,) in both.
-    "dense": (
-        TensorRule("kernel", "weight", keras_to_file_axes=(1, 0)),
-        TensorRule("bias", "bias", keras_to_file_axes=None, only_if="use_bias"),
-    ),
-}
+    All problems (unclaimed, missing or mis-shaped variables) are reported in one error.
+    """
+    class_names = class_names or {}
+    problems, tensors = [], {}
+    for node in graph.nodes:
+        expected = graph.keras_variables(node)
+        found = stored.get(node.name, [])
+        label = f"layer {node.name!r} ({class_names.get(node.name, node.kind)})"
+        if len(found) != len(expected) or any(name is not None and name != want
+                                              for (name, _), (want, _) in zip(found, expected)):
+            found_names = [name if name is not None else f"vars/{index}" for index, (name, _) in enumerate(found)]
+            unclaimed = [name for name in found_names[len(expected):]] + [
+                name for (name, _), (want, _) in zip(found, expected) if name is not None and name != want]
+            problems.append(f"{label} stores variables {found_names}, expected {[want for want, _ in expected]}"
+                            + (f"; no port claims {unclaimed}" if unclaimed else ""))
+            continue
+        variables = {}
+        for (want, shape), (_, array) in zip(expected, found):
+            if tuple(array.shape) != tuple(shape):
+                problems.append(f"{label} variable {want!r}: expected shape {tuple(shape)}, found {tuple(array.shape)}")
+            variables[want] = array
+        if problems:
+            continue
+        prefix = graph.torch_names[node.name]
+        for port in graph.ports(node):
+            if isinstance(port, Port):
+                tensors[f"{prefix}.{port.torch}"] = port.to_torch(variables[port.keras])
+            elif isinstance(port, TorchOnly):
+                tensors[f"{prefix}.{port.torch}"] = np.full(port.shape, port.fill, dtype=port.dtype or node.dtype)
+    if problems:
+        raise TensorMismatchError([], [], problems, where=f"{where}: config and weights do not match"
+                                  if where else "config and weights do not match")
+    return tensors
 
 
-def rules_for(layer) -> tuple[TensorRule, ...]:
-    """The rules that apply to one layer of an architecture."""
-    if layer.kind not in LAYOUT_RULES:
-        raise UnsupportedLayerError(f"no layout rule for layer kind {layer.kind!r}")
-    return tuple(rule for rule in LAYOUT_RULES[layer.kind] if rule.applies_to(layer))
-
-
-def keras_to_file(architecture: Architecture,
-                  keras_variables: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-layer Keras variables ({"kernel": …, "bias": …} per layer) -> flat file tensors."""
-    if len(keras_variables) != len(architecture.layers):
-        raise TensorMismatchError([], [], [f"{len(keras_variables)} layers of weights for an "
-                                           f"architecture of {len(architecture.layers)} layers"])
-    file_tensors = {}
-    for index, (layer, variables) in enumerate(zip(architecture.layers, keras_variables)):
-        rules = rules_for(layer)
-        missing = [f"layer {index} ({layer.kind}) variable {rule.keras_name!r}"
-                   for rule in rules if rule.keras_name not in variables]
-        if missing:
-            raise TensorMismatchError(missing, [], [])
-        for rule in rules:
-            file_tensors[f"layers.{index}.{rule.file_name}"] = rule.to_file(variables[rule.keras_name])
-    return file_tensors
-
-
-def file_to_keras(architecture: Architecture,
-                  file_tensors: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """Flat file tensors -> per-layer Keras variables, the inverse of `keras_to_file`."""
-    return [{rule.keras_name: rule.to_keras(file_tensors[f"layers.{index}.{rule.file_name}"])
-             for rule in rules_for(layer)}
-            for index, layer in enumerate(architecture.layers)]
+def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
+    """File tensors -> per-node Keras variable arrays in the layer's variable order; None for a
+    Keras-only variable (left as the Keras layer has it). The inverse of `keras_to_file`."""
+    per_node = {}
+    for node in graph.nodes:
+        prefix = graph.torch_names[node.name]
+        variables = {}
+        for port in graph.ports(node):
+            if isinstance(port, Port):
+                variables[port.keras] = materialize(port.to_keras(tensors[f"{prefix}.{port.torch}"]))
+            elif isinstance(port, KerasOnly):
+                variables[port.keras] = None
+            elif isinstance(port, TorchOnly) and port.must_equal_fill:
+                value = materialize(tensors[f"{prefix}.{port.torch}"])
+                if not np.all(value == port.fill):
+                    raise ExchangeError(f"{prefix}.{port.torch} must be {port.fill} everywhere to go back "
+                                        f"to Keras ({port.why}); it holds other values")
+        per_node[node.name] = [variables[name] for name, _ in graph.keras_variables(node)]
+    return per_node

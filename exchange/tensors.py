@@ -14,6 +14,8 @@ from typing import Callable
 
 import numpy as np
 
+from exchange.errors import ExchangeFileError
+
 # Above this many elements a 2-D transpose is copied in cache-sized blocks by several threads
 # (numpy releases the GIL while copying a block): measured on this project's 2-core machines,
 # 4096x4096 float32 takes 0.16 s with np.ascontiguousarray(a.T) and about 0.06 s this way.
@@ -44,9 +46,15 @@ class LazyTensor:
         return array
 
     def copy_into(self, out: np.ndarray) -> None:
+        """Copy into `out`, which must have exactly this tensor's shape: nothing is broadcast."""
         stored = self.source()
+        stored_shape = self.shape if self.axes is None else tuple(
+            self.shape[axis] for axis in np.argsort(self.axes))
+        if tuple(stored.shape) != stored_shape or tuple(out.shape) != self.shape:
+            raise ExchangeFileError(f"stored tensor is {tuple(stored.shape)}, declared {stored_shape}; "
+                             f"output {tuple(out.shape)}, declared {self.shape}")
         if self.axes is None:
-            np.copyto(out, stored.reshape(out.shape) if stored.shape == out.shape else stored)
+            np.copyto(out, stored)
         else:
             transpose_into(stored, self.axes, out)
 

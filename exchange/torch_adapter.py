@@ -1,73 +1,212 @@
-"""PyTorch side of the exchange: `TorchMLP` <-> common file.
+"""PyTorch side of the exchange: the graph as a `torch.fx.GraphModule` of standard torch modules.
 
-The file is in PyTorch layout already, so this adapter only moves tensors between torch and numpy.
+The file is already in torch layout (it is the module's `state_dict()`), so this adapter builds the
+module from the file's architecture and moves tensors; every layout difference lives in the layer
+kinds (`exchange.kinds`). The module's `forward` is a straight line, one or two statements per
+Keras layer: `print(model.code)` shows it. Images are channels-first; `keras_layout=True` adds a
+permutation at each input and output so the module is a drop-in for `keras_model(x)`.
 
 Example:
     >>> from exchange import torch_adapter
-    >>> model = torch_adapter.model_from_file("mlp.safetensors")
+    >>> model = torch_adapter.model_from_file("resnet50.safetensors")
+    >>> probabilities = model(torch.rand(1, 3, 64, 64))
     >>> torch_adapter.save_file(model, "copy.safetensors")
 """
 
 from __future__ import annotations
 
 import os
+import re
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import fx, nn
 
-from exchange import fileformat
-from exchange.architecture import Architecture
-from exchange.errors import ExchangeError, ExchangeFileError, first_line
+from exchange import fileformat, torch_modules
+from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError, first_line
+from exchange.graph import Graph
+from exchange.kinds import kind_of
+from exchange.kinds.layout import to_keras_order, to_torch_order
 
-
+TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+                "float64": torch.float64, "int32": torch.int32, "int64": torch.int64}
 # dtypes that convert to numpy; bfloat16 and the float8 types do not.
 NUMPY_READABLE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
                          torch.int32, torch.int64, torch.uint8, torch.bool)
 
 
-def architecture_of(model: torch.nn.Module) -> Architecture:
-    architecture = getattr(model, "architecture", None)
-    if not isinstance(architecture, Architecture):
-        raise ExchangeError(f"{type(model).__name__} has no `architecture`; build it with "
-                            "frameworks.torch_mlp.TorchMLP")
-    return architecture
+def _start_thread_pool() -> None:
+    """Run one small parallel matmul and element-wise op now.
+
+    Measured on this project's 2-core machines (torch 2.13, TensorFlow 2.21 in the same process):
+    in about one process in eight, the first parallel torch computation after TensorFlow has run
+    comes out wrong on the main thread's half of the batch (errors near 1e-4 instead of 1e-7);
+    every later computation is right, and a process whose thread pool started first never shows
+    it. Starting the pool when this module is imported keeps converted models' first outputs exact.
+    """
+    with torch.no_grad():
+        torch.tanh(F.linear(torch.ones(2048, 256), torch.ones(64, 256)))
 
 
-def get_tensors(model: torch.nn.Module) -> dict[str, np.ndarray]:
+_start_thread_pool()
+
+
+class TorchGraphBuilder:
+    """What a layer kind's `torch_forward` writes with: modules registered under the node's torch
+    name, and calls of torch functions, each one statement of the generated `forward`."""
+
+    nn, F, torch, helpers = nn, F, torch, torch_modules
+
+    def __init__(self) -> None:
+        self.root = nn.Module()
+        self.graph = fx.Graph()
+
+    def dtype(self, context) -> torch.dtype:
+        return TORCH_DTYPES[context.node.dtype]
+
+    def module(self, context, module: nn.Module, *args) -> fx.Node:
+        self.root.add_module(context.torch_name, module)
+        return self.graph.call_module(context.torch_name, args)
+
+    def call(self, function, *args, **kwargs) -> fx.Node:
+        return self.graph.call_function(function, args, kwargs)
+
+    def method(self, value: fx.Node, name: str, *args) -> fx.Node:
+        return self.graph.call_method(name, (value,) + args)
+
+
+def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
+    """The graph as a torch module on the `meta` device (no memory, no random initialisation):
+    load a state_dict into it with `assign=True`."""
+    builder = TorchGraphBuilder()
+    values: dict[str, fx.Node] = {}
+    for spec in graph.inputs:
+        value = builder.graph.placeholder(re.sub(r"\W", "_", spec.name))
+        if keras_layout and len(spec.shape) >= 2:
+            value = builder.call(torch.permute, value, to_torch_order(len(spec.shape)))
+        values[spec.name] = value
+    for node in graph.nodes:
+        values[node.name] = kind_of(node.kind).torch_forward(builder, graph.context(node),
+                                                             [values[name] for name in node.inputs])
+    outputs = []
+    for name in graph.outputs:
+        value, rank = values[name], len(graph.shapes[name])
+        if keras_layout and rank >= 2:
+            value = builder.call(torch.permute, value, to_keras_order(rank))
+        outputs.append(value)
+    builder.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
+    module = fx.GraphModule(builder.root, builder.graph, class_name=class_name(graph.name))
+    module.exchange_graph = graph
+    module.exchange_values = {name: value.name for name, value in values.items()}
+    return module
+
+
+def class_name(model_name: str) -> str:
+    """A Python class name from a Keras model name: `resnet50` -> `Resnet50`."""
+    name = re.sub(r"\W", "_", model_name).strip("_") or "Model"
+    name = name[0].upper() + name[1:]
+    return f"_{name}" if name[0].isdigit() else name
+
+
+def architecture_of(model: nn.Module) -> Graph:
+    graph = getattr(model, "exchange_graph", None)
+    if not isinstance(graph, Graph):
+        raise ExchangeError(f"{type(model).__name__} has no exchange architecture; build it with "
+                            "exchange.torch_adapter.model_from_file or build_module")
+    return graph
+
+
+def get_tensors(model: nn.Module) -> dict[str, np.ndarray]:
     return {key: value.detach().cpu().numpy().copy() for key, value in model.state_dict().items()}
 
 
-def set_tensors(model: torch.nn.Module, file_tensors: dict[str, np.ndarray]) -> None:
-    """Load file tensors with `strict=True` after checking every shape and dtype."""
-    fileformat.check_tensors(architecture_of(model), file_tensors)
-    model.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in file_tensors.items()},
-                          strict=True)
+def to_torch_state(file_tensors: dict) -> dict[str, torch.Tensor]:
+    # torch-allocated copies: aligned as torch allocates, independent of the source buffers
+    return {key: torch.from_numpy(np.asarray(value)).clone() for key, value in file_tensors.items()}
 
 
-def save_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: bool = False) -> None:
+    """Load file tensors with `strict=True` after checking every key, shape and dtype against
+    the module's own state_dict (all problems in one error)."""
+    expected = {key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
+                for key, value in model.state_dict().items()}
+    missing = sorted(set(expected) - set(file_tensors))
+    unexpected = sorted(set(file_tensors) - set(expected))
+    mismatched = [f"{key}: expected {expected[key][1]} {expected[key][0]}, found "
+                  f"{np.dtype(file_tensors[key].dtype).name} {tuple(file_tensors[key].shape)}"
+                  for key in sorted(set(expected) & set(file_tensors))
+                  if (tuple(file_tensors[key].shape), np.dtype(file_tensors[key].dtype).name) != expected[key]]
+    if missing or unexpected or mismatched:
+        raise TensorMismatchError(missing, unexpected, mismatched)
+    model.load_state_dict(to_torch_state(file_tensors), strict=True, assign=assign)
+
+
+def save_file(model: nn.Module, path: str | os.PathLike) -> None:
     fileformat.save(path, architecture_of(model), get_tensors(model), source_framework="torch")
 
 
-def load_file(model: torch.nn.Module, path: str | os.PathLike) -> None:
+def load_file(model: nn.Module, path: str | os.PathLike) -> None:
     exchange_file = fileformat.load(path)
-    fileformat.check_same_architecture(exchange_file.architecture, architecture_of(model), path)
+    graph = getattr(model, "exchange_graph", None)
+    if isinstance(graph, Graph):
+        fileformat.check_same_architecture(exchange_file.architecture, graph, path)
     set_tensors(model, exchange_file.tensors)
 
 
-def model_from_file(path: str | os.PathLike) -> torch.nn.Module:
-    """A ready `TorchMLP` (in eval mode) built from the file's architecture and weights.
-
-    The model is built on the `meta` device and the file's tensors are assigned to it, so no
-    time goes into a random initialisation that would be overwritten at once.
-    """
-    from frameworks.torch_mlp import TorchMLP
-
-    exchange_file = fileformat.load(path)
-    model = TorchMLP(exchange_file.architecture, device="meta")
-    fileformat.check_tensors(exchange_file.architecture, exchange_file.tensors, where=str(path))
-    model.load_state_dict({key: torch.from_numpy(np.array(value))
-                           for key, value in exchange_file.tensors.items()}, strict=True, assign=True)
+def model_from_tensors(graph: Graph, file_tensors: dict, keras_layout: bool = False) -> fx.GraphModule:
+    """A ready module (eval mode, trainable) built from `graph` with the given file tensors."""
+    fileformat.check_tensors(graph, file_tensors)
+    model = build_module(graph, keras_layout)
+    set_tensors(model, fileformat.materialize(file_tensors), assign=True)
     return model.eval()
+
+
+def model_from_file(path: str | os.PathLike, keras_layout: bool = False) -> fx.GraphModule:
+    """A ready torch module (in eval mode) built from the file's architecture and weights.
+
+    Built on the `meta` device with the file's tensors assigned, so no time goes into a random
+    initialisation that would be overwritten at once. Parameters require grad: it can be
+    fine-tuned. With `keras_layout=True` it takes and returns tensors in the Keras model's layout
+    (images channels-last).
+    """
+    exchange_file = fileformat.load(path)
+    return model_from_tensors(exchange_file.architecture, exchange_file.tensors, keras_layout)
+
+
+def torch_inputs(graph: Graph, keras_arrays: list[np.ndarray]) -> list[torch.Tensor]:
+    """Keras-layout numpy inputs as channels-first torch tensors."""
+    return [torch.from_numpy(np.ascontiguousarray(array)).permute(to_torch_order(len(spec.shape)))
+            for spec, array in zip(graph.inputs, keras_arrays)]
+
+
+@torch.no_grad()
+def predict(model: nn.Module, keras_arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Outputs in Keras layout for inputs in Keras layout, on a module built by `build_module`."""
+    graph = architecture_of(model)
+    model.eval()
+    outputs = model(*torch_inputs(graph, keras_arrays))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return [output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
+            for name, output in zip(graph.outputs, outputs)]
+
+
+@torch.no_grad()
+def intermediate_outputs(model: fx.GraphModule, keras_arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """Every node's output, in Keras layout, by Keras layer name (for layer-by-layer checks)."""
+    graph = architecture_of(model)
+    recorded: dict[str, torch.Tensor] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            recorded[node.name] = result
+            return result
+
+    Recorder(model.eval()).run(*torch_inputs(graph, keras_arrays))
+    return {name: recorded[fx_name].permute(to_keras_order(len(graph.shapes[name]))).numpy()
+            for name, fx_name in model.exchange_values.items()
+            if fx_name in recorded and name not in {spec.name for spec in graph.inputs}}
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -84,15 +223,20 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ExchangeFileError(f"{path}: expected a state_dict (a dict of named tensors), "
                                 f"found {type(state).__name__}")
     unreadable = sorted(f"{key} ({value.dtype})" for key, value in state.items()
-                        if value.dtype not in NUMPY_READABLE_DTYPES)
+                        if value.dtype not in NUMPY_READABLE_DTYPES or value.layout != torch.strided
+                        or value.device.type != "cpu")
     if unreadable:
-        raise ExchangeFileError(f"{path}: tensors of a dtype the exchange file cannot hold (it stores "
-                                f"float32): {', '.join(unreadable)}")
+        raise ExchangeFileError(f"{path}: tensors the exchange file cannot hold (it stores dense "
+                                f"{', '.join(fileformat.DTYPE_CODES)}): {', '.join(unreadable)}")
     return {key: value.detach().cpu().numpy() for key, value in state.items()}
 
 
 def save_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a plain `.pt` state_dict atomically."""
-    state = {key: torch.from_numpy(np.array(value)) for key, value in file_tensors.items()}
     with fileformat.atomic_output(path) as temporary:
-        torch.save(state, temporary)
+        write_state_dict_file(file_tensors, temporary)
+
+
+def write_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
+    """`save_state_dict_file` without the atomic rename, for a caller that owns the temporary."""
+    torch.save(to_torch_state(file_tensors), path)

@@ -1,22 +1,19 @@
-"""The seed MLP in Keras: a `keras.Sequential` of named Dense layers built from an Architecture."""
+"""The seed MLP in Keras: the exchange's Keras model of the seed graph, and the seed's training."""
 
 from __future__ import annotations
 
 import keras
 import numpy as np
 
-from exchange.architecture import Architecture
+from exchange import keras_adapter
+from exchange.graph import Graph
 from frameworks.recipe import Recipe
 
 
-def build_keras_model(architecture: Architecture, name: str = "mlp") -> keras.Sequential:
-    """A Sequential model whose `predict` returns the last layer's activations (probabilities
-    for the seed). Layers are named `dense_0`, `dense_1`, … in model order."""
-    layers = [keras.Input(shape=(architecture.input_dim,), name="input")]
-    for index, layer in enumerate(architecture.layers):
-        layers.append(keras.layers.Dense(layer.units, activation=layer.activation,
-                                         use_bias=layer.use_bias, name=f"dense_{index}"))
-    return keras.Sequential(layers, name=name)
+def build_keras_model(architecture: Graph) -> keras.Model:
+    """The functional model of the graph (layers `dense_0`, `dense_1`, … for the seed), whose
+    `predict` returns the last layer's activations (probabilities for the seed)."""
+    return keras_adapter.build_model(architecture)
 
 
 def compile_with_recipe(model: keras.Model, recipe: Recipe, jit_compile: bool = False) -> None:

@@ -63,7 +63,7 @@ def plot_weight_difference(report: dict, path: Path) -> Path | None:
 
 def plot_first_layer(weight_files: dict[str, Path], path: Path) -> Path | None:
     """The first layer's weight vectors as 28x28 tiles, one panel per framework."""
-    weights = {name: fileformat.load(file).tensors["layers.0.weight"]
+    weights = {name: first_weight(fileformat.load(file))
                for name, file in weight_files.items() if Path(file).is_file()}
     weights = {name: w for name, w in weights.items() if w.shape[1] == TILE_SIDE * TILE_SIDE}
     if not weights:
@@ -75,6 +75,12 @@ def plot_first_layer(weight_files: dict[str, Path], path: Path) -> Path | None:
         axes.set_title(f"{name}: first layer, {weight.shape[0]} units")
         axes.axis("off")
     return _save(figure, path)
+
+
+def first_weight(exchange_file) -> np.ndarray:
+    """The first layer's weight (out, in) of a Dense stack."""
+    graph = exchange_file.architecture
+    return exchange_file.tensors[f"{graph.torch_names[graph.nodes[0].name]}.weight"]
 
 
 def tile_rows(weight: np.ndarray, columns: int = 10) -> np.ndarray:

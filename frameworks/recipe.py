@@ -11,10 +11,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from exchange import layout
-from exchange.architecture import Architecture, dense_stack
+from exchange.graph import Graph, dense_chain
 
 # The seed's table: 784 -> 50 tanh -> 50 tanh -> 10 softmax; 39,250 + 2,550 + 510 = 42,310.
-SEED_ARCHITECTURE = dense_stack(784, [(50, "tanh"), (50, "tanh"), (10, "softmax")])
+# Layers dense_0, dense_1, dense_2 fed by an input named "input".
+SEED_ARCHITECTURE = dense_chain("mlp", 784, [(50, "tanh"), (50, "tanh"), (10, "softmax")])
 
 # The seed's per-layer names in its printed report.
 def layer_role(index: int, count: int) -> str:
@@ -49,22 +50,24 @@ class Recipe:
         return np.float32(self.learning_rate) / (one + decay * np.float32(updates_so_far))
 
 
-def seed_initial_tensors(architecture: Architecture, recipe: Recipe = Recipe()) -> dict[str, np.ndarray]:
+def seed_initial_tensors(architecture: Graph, recipe: Recipe = Recipe()) -> dict[str, np.ndarray]:
     """The seed's starting weights as file tensors (PyTorch layout).
 
     Old Keras `init='normal'` drew each kernel from numpy's global RNG in Keras layout (in, out),
     row-major, layer after layer, after `np.random.seed(0)`; biases started at zero. The draw is
-    reproduced in that order, then converted by the exchange's layout rules.
+    reproduced in that order, then converted by the Dense kind's ports like any Keras weights.
     """
     np.random.seed(recipe.init_seed)
-    keras_variables = []
-    for layer, input_dim in zip(architecture.layers, architecture.layer_input_dims()):
-        kernel = np.random.normal(0.0, recipe.init_stddev, size=(input_dim, layer.units))
-        variables = {"kernel": kernel.astype(np.float32)}
-        if layer.use_bias:
-            variables["bias"] = np.zeros(layer.units, dtype=np.float32)
-        keras_variables.append(variables)
-    return layout.keras_to_file(architecture, keras_variables)
+    stored = {}
+    for node in architecture.nodes:
+        variables = []
+        for name, shape in architecture.keras_variables(node):
+            if name == "kernel":
+                variables.append((name, np.random.normal(0.0, recipe.init_stddev, size=shape).astype(np.float32)))
+            else:
+                variables.append((name, np.zeros(shape, dtype=np.float32)))
+        stored[node.name] = variables
+    return layout.keras_to_file(architecture, stored)
 
 
 def validation_split(x: np.ndarray, y: np.ndarray, fraction: float):

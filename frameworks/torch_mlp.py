@@ -1,8 +1,8 @@
-"""The seed MLP in PyTorch: Linear layers in an `nn.ModuleList` named `layers`.
+"""The seed MLP in PyTorch, for training: Linear layers named after the graph's Dense layers.
 
-Activations are applied in `forward()` rather than stored as modules, so the state_dict keys are
-`layers.0.weight`, `layers.1.weight`, … (an `nn.Sequential` with activation modules would number
-them 0, 2, 4) and match the exchange file's keys one to one.
+The module's state_dict is the exchange file's (`dense_0.weight`, `dense_0.bias`, …), the same as
+the module `exchange.torch_adapter` builds from the graph; this one also exposes the last layer's
+pre-activation (`pre_activation`), which the Keras-style loss needs.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from exchange.architecture import Architecture
+from exchange.graph import Graph
+from exchange.kinds.dense import DenseConfig
 from frameworks.recipe import Recipe
 
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): the clip of probabilities in its cross-entropy
@@ -28,26 +29,36 @@ ACTIVATION_FUNCTIONS = {
 class TorchMLP(nn.Module):
     """`forward` returns what Keras's `predict` returns: the last activation, softmax included."""
 
-    def __init__(self, architecture: Architecture, device: str | torch.device | None = None):
+    def __init__(self, architecture: Graph, device: str | torch.device | None = None):
         super().__init__()
-        self.architecture = architecture
-        dims = architecture.layer_input_dims()
-        self.layers = nn.ModuleList(
-            nn.Linear(dims[index], layer.units, bias=layer.use_bias, device=device)
-            for index, layer in enumerate(architecture.layers))
+        if not all(isinstance(node.config, DenseConfig) and len(architecture.input_shape_of(node)) == 1
+                   for node in architecture.nodes) or len(architecture.outputs) != 1:
+            raise ValueError("TorchMLP trains a chain of Dense layers on flat inputs")
+        self.exchange_graph = architecture
+        self.activations = [node.config.activation for node in architecture.nodes]
+        self.linears = []
+        for node in architecture.nodes:
+            linear = nn.Linear(architecture.input_shape_of(node)[-1], node.config.units,
+                               bias=node.config.use_bias, device=device)
+            self.add_module(architecture.torch_names[node.name], linear)
+            self.linears.append(linear)
+
+    @property
+    def architecture(self) -> Graph:
+        return self.exchange_graph
 
     def pre_activation(self, inputs: torch.Tensor) -> torch.Tensor:
         """The last layer's input to its activation (the logits, for a softmax output)."""
         hidden = inputs
-        for linear, layer in zip(self.layers[:-1], self.architecture.layers[:-1]):
-            hidden = ACTIVATION_FUNCTIONS[layer.activation](linear(hidden))
-        return self.layers[-1](hidden)
+        for linear, activation in zip(self.linears[:-1], self.activations[:-1]):
+            hidden = ACTIVATION_FUNCTIONS[activation](linear(hidden))
+        return self.linears[-1](hidden)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return ACTIVATION_FUNCTIONS[self.architecture.layers[-1].activation](self.pre_activation(inputs))
+        return ACTIVATION_FUNCTIONS[self.activations[-1]](self.pre_activation(inputs))
 
 
-def build_torch_model(architecture: Architecture) -> TorchMLP:
+def build_torch_model(architecture: Graph) -> TorchMLP:
     return TorchMLP(architecture)
 
 
@@ -92,7 +103,7 @@ def keras_categorical_crossentropy(model: TorchMLP, inputs: torch.Tensor,
     (`softmax_cross_entropy_with_logits`), with no clipping. Otherwise it normalises the
     probabilities, clips them to [1e-7, 1 - 1e-7] and takes -sum(y * log p).
     """
-    if model.architecture.layers[-1].activation == "softmax":
+    if model.activations[-1] == "softmax":
         log_probabilities = torch.log_softmax(model.pre_activation(inputs), dim=-1)
         return -(targets * log_probabilities).sum(dim=-1).mean()
     probabilities = model(inputs)
@@ -128,6 +139,7 @@ def train_torch_epoch(model: TorchMLP, optimizer: KerasSGD, x_train: torch.Tenso
 
 
 @torch.no_grad()
-def predict(model: TorchMLP, x: np.ndarray) -> np.ndarray:
+def predict(model: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Outputs of a flat-input model (the seed's TorchMLP or the exchange's module of it)."""
     model.eval()
     return model(torch.from_numpy(np.ascontiguousarray(x))).numpy()

@@ -17,8 +17,8 @@ from typing import Callable
 import numpy as np
 
 from exchange import fileformat
-from exchange.architecture import Architecture
-from frameworks.mnist import Mnist
+from exchange.graph import Graph
+from exchange.mnist import Mnist
 from frameworks.recipe import Recipe, epoch_orders, layer_role, seed_initial_tensors, validation_split
 
 FRAMEWORKS = ("keras", "torch")
@@ -53,7 +53,7 @@ class KerasRun(FrameworkRun):
 
     adapter_module, framework_module = "exchange.keras_adapter", "frameworks.keras_mlp"
 
-    def __init__(self, architecture: Architecture, recipe: Recipe, initial_file: Path):
+    def __init__(self, architecture: Graph, recipe: Recipe, initial_file: Path):
         super().__init__(recipe)
         keras_adapter, keras_mlp = self.adapter, self.framework
         self.model = keras_mlp.build_keras_model(architecture)
@@ -62,7 +62,7 @@ class KerasRun(FrameworkRun):
 
     def layer_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
         """Shapes of `get_weights()` per layer, as the seed notebook printed them."""
-        return [tuple(w.shape for w in layer.get_weights()) for layer in self.model.layers]
+        return [tuple(w.shape for w in layer.get_weights()) for layer in self.model.layers if layer.weights]
 
     def train_epoch(self, split, order: np.ndarray | None, epoch: int) -> dict[str, float]:
         return self.framework.train_keras_epoch(self.model, *split, self.recipe.batch_size, order=order,
@@ -74,7 +74,7 @@ class TorchRun(FrameworkRun):
 
     adapter_module, framework_module = "exchange.torch_adapter", "frameworks.torch_mlp"
 
-    def __init__(self, architecture: Architecture, recipe: Recipe, initial_file: Path):
+    def __init__(self, architecture: Graph, recipe: Recipe, initial_file: Path):
         import torch
 
         super().__init__(recipe)
@@ -90,7 +90,7 @@ class TorchRun(FrameworkRun):
         """Per layer, (weight shape turned to Keras's (in, out), bias shape), so the report
         counts inputs first as the seed notebook did."""
         return [tuple(tuple(p.shape[::-1]) if p.ndim == 2 else tuple(p.shape)
-                      for p in layer.parameters()) for layer in self.model.layers]
+                      for p in layer.parameters()) for layer in self.model.linears]
 
     def train_epoch(self, split, order: np.ndarray | None, epoch: int) -> dict[str, float]:
         if self._tensors is None:
@@ -155,7 +155,7 @@ def cross_load(runs: dict, out_dir: Path, x_test: np.ndarray) -> dict:
     return results
 
 
-def run(data: Mnist, out_dir: str | Path, architecture: Architecture, recipe: Recipe = Recipe(),
+def run(data: Mnist, out_dir: str | Path, architecture: Graph, recipe: Recipe = Recipe(),
         frameworks: tuple[str, ...] = FRAMEWORKS, lockstep: bool = True, plots: bool = True,
         log: Callable[[str], None] = print) -> dict:
     """Train, save `keras.safetensors` / `torch.safetensors` / `report.json`, cross-load, plot;

@@ -7,8 +7,9 @@ Needs tf-keras (Keras 2) beside TensorFlow, selected with TF_USE_LEGACY_KERAS=1:
     TF_USE_LEGACY_KERAS=1 python scripts/make_keras2_fixtures.py [OUT_DIR]
 
 For each model it writes the file(s) and, in expected_outputs.npz, what Keras 2 itself computes on
-a fixed batch (`np.random.default_rng(0).random((64, input_dim), dtype=np.float32)`), so the tests
-compare against real Keras 2 without having it installed.
+a fixed batch (`np.random.default_rng(0).random((rows, *model.input_shape[1:]), dtype=np.float32)`,
+64 rows for the dense models, 16 for the CNN), so the tests compare against real Keras 2 without having
+it installed.
 """
 
 from __future__ import annotations
@@ -27,6 +28,12 @@ import tf_keras as keras  # noqa: E402
 
 FIXED_BATCH_SEED = 0
 FIXED_BATCH_ROWS = 64
+CNN_BATCH_ROWS = 16
+CNN_WEIGHT_SEED = 7
+
+
+def fixed_batch(model: keras.Model, rows: int = FIXED_BATCH_ROWS) -> np.ndarray:
+    return np.random.default_rng(FIXED_BATCH_SEED).random((rows, *model.input_shape[1:]), dtype=np.float32)
 
 
 def seed_mlp() -> keras.Model:
@@ -63,6 +70,33 @@ def branching() -> keras.Model:
     return keras.Model(inputs, keras.layers.Add(name="add")([left, right]), name="branching")
 
 
+def cnn() -> keras.Model:
+    """A small channels-last CNN; every weight (BatchNorm statistics included) is overwritten with
+    seeded non-default values so that biases, beta, moving mean and variance are all exercised."""
+    inputs = keras.Input(shape=(29, 30, 3), name="image")
+    x = keras.layers.Conv2D(8, (3, 5), padding="valid", activation="relu", name="conv_a")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-3, name="bn_a")(x)
+    x = keras.layers.MaxPooling2D((2, 2), name="pool_a")(x)
+    x = keras.layers.Conv2D(12, 3, strides=2, padding="same", name="conv_b")(x)
+    x = keras.layers.Activation("relu", name="relu_b")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    x = keras.layers.Dense(16, activation="tanh", name="fc")(x)
+    outputs = keras.layers.Dense(5, activation="softmax", name="logits")(x)
+    model = keras.Model(inputs, outputs, name="cnn")
+    rng = np.random.default_rng(CNN_WEIGHT_SEED)
+    for layer in model.layers:
+        new = []
+        for var, w in zip(layer.weights, layer.get_weights()):
+            short = var.name.split("/")[-1].split(":")[0]
+            if short in ("moving_variance", "gamma"):  # keep variance and scale positive
+                new.append(rng.uniform(0.5, 1.5, w.shape).astype(w.dtype))
+            else:
+                new.append(rng.normal(0.0, 0.3, w.shape).astype(w.dtype))
+        if new:
+            layer.set_weights(new)
+    return model
+
+
 def main() -> None:
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -73,11 +107,12 @@ def main() -> None:
         model.save(out_dir / f"{name}.h5")                    # full model: config + weights
         model.save_weights(out_dir / f"{name}_weights.h5")     # weights only
         (out_dir / f"{name}_config.json").write_text(json.dumps(json.loads(model.to_json()), indent=1))
-        batch = np.random.default_rng(FIXED_BATCH_SEED).random(
-            (FIXED_BATCH_ROWS, model.input_shape[-1]), dtype=np.float32)
-        expected[f"{name}_outputs"] = model.predict(batch, verbose=0)
+        expected[f"{name}_outputs"] = model.predict(fixed_batch(model), verbose=0)
     unsupported().save(out_dir / "unsupported_batchnorm.h5")
     branching().save(out_dir / "branching.h5")
+    cnn_model = cnn()  # built last so the seeded initial weights of the models above do not change
+    cnn_model.save(out_dir / "cnn.h5")                         # full model: config + weights
+    expected["cnn_outputs"] = cnn_model.predict(fixed_batch(cnn_model, CNN_BATCH_ROWS), verbose=0)
     np.savez(out_dir / "expected_outputs.npz", **expected)
     (out_dir / "VERSIONS.txt").write_text(f"tf_keras {keras.__version__}\n")
     for path in sorted(out_dir.iterdir()):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from frameworks.mnist import DataError, load_folder, write_pickles  # noqa: E402
+from exchange.mnist import DataError, load_folder, write_pickles  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.source.suffix == ".npz":
-            from frameworks.mnist import load_npz
+            from exchange.mnist import load_npz
 
             mnist = load_npz(args.source)
         else:

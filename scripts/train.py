@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from exchange.errors import ExchangeError  # noqa: E402
-from frameworks.mnist import DataError, load_mnist  # noqa: E402
+from exchange.mnist import DataError, load_mnist  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe  # noqa: E402
 
 

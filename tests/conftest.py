@@ -12,20 +12,20 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from exchange.architecture import Architecture, DenseLayer  # noqa: E402
+from exchange.graph import Graph, dense_chain  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE  # noqa: E402
 
 # Architectures every exchange test runs over: the seed's, and a Dense stack with other sizes,
 # other activations and a layer without bias (its own key set).
-OTHER_ARCHITECTURE = Architecture(784, (DenseLayer(64, "relu"), DenseLayer(32, "sigmoid", use_bias=False),
-                                        DenseLayer(32, "linear"), DenseLayer(10, "softmax")))
+OTHER_ARCHITECTURE = dense_chain("other", 784, [(64, "relu"), (32, "sigmoid", False), (32, "linear"),
+                                                (10, "softmax")])
 ARCHITECTURES = {"seed": SEED_ARCHITECTURE, "other": OTHER_ARCHITECTURE}
 
 
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from $MNIST_DIR; skipped when absent unless MNIST_REQUIRED=1 (CI) fails it."""
-    from frameworks.mnist import load_folder
+    from exchange.mnist import load_folder
 
     folder = os.environ.get("MNIST_DIR")
     if not folder or not Path(folder).is_dir():
@@ -37,11 +37,11 @@ def mnist():
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES), ids=sorted(ARCHITECTURES))
-def architecture(request) -> Architecture:
+def architecture(request) -> Graph:
     return ARCHITECTURES[request.param]
 
 
-def random_file_tensors(architecture: Architecture, seed: int = 1):
+def random_file_tensors(architecture: Graph, seed: int = 1):
     """Random weights in file layout, big enough that activations leave their linear range."""
     import numpy as np
 

@@ -9,6 +9,7 @@ from conftest import random_file_tensors
 from exchange import fileformat, keras_adapter, torch_adapter
 from exchange.errors import ArchitectureMismatchError, TensorMismatchError, UnsupportedLayerError
 from frameworks import keras_mlp, torch_mlp
+from exchange.graph import dense_chain
 from frameworks.recipe import SEED_ARCHITECTURE
 
 # TensorFlow and PyTorch sum float32 products in different orders; on probabilities in [0, 1]
@@ -29,10 +30,11 @@ def test_parameter_counts_in_each_framework():
     torch_model = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
     assert keras_model.count_params() == 42_310
     assert sum(p.numel() for p in torch_model.parameters()) == 42_310
-    assert [sum(w.size for w in layer.get_weights()) for layer in keras_model.layers] == \
+    assert [sum(w.size for w in layer.get_weights()) for layer in keras_model.layers if layer.weights] == \
         [784 * 50 + 50, 50 * 50 + 50, 50 * 10 + 10]
-    assert [sum(p.numel() for p in layer.parameters()) for layer in torch_model.layers] == \
+    assert [sum(p.numel() for p in layer.parameters()) for layer in torch_model.linears] == \
         [784 * 50 + 50, 50 * 50 + 50, 50 * 10 + 10]
+    assert sum(p.numel() for p in torch_adapter.build_module(SEED_ARCHITECTURE).parameters()) == 42_310
     assert keras_adapter.architecture_of(keras_model) == SEED_ARCHITECTURE
 
 
@@ -81,7 +83,7 @@ def test_plain_safetensors_load_state_dict_strict(architecture, tmp_path):
     state_dict = safetensors_torch_load_file(str(path))
     torch_model = torch_mlp.TorchMLP(architecture)
     torch_model.load_state_dict(state_dict, strict=True)
-    inputs = np.random.default_rng(0).random((64, architecture.input_dim), dtype=np.float32)
+    inputs = np.random.default_rng(0).random((64, 784), dtype=np.float32)
     assert np.max(np.abs(keras_mlp.predict(keras_model, inputs)
                          - torch_mlp.predict(torch_model, inputs))) <= OUTPUT_TOLERANCE
 
@@ -93,7 +95,7 @@ def test_wrong_transposition_is_caught_by_outputs(mnist, tmp_path):
     path = tmp_path / "model.safetensors"
     keras_adapter.save_file(keras_model, path)
     state_dict = safetensors_torch_load_file(str(path))
-    state_dict["layers.1.weight"] = state_dict["layers.1.weight"].t().contiguous()
+    state_dict["dense_1.weight"] = state_dict["dense_1.weight"].t().contiguous()
     wrong = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
     wrong.load_state_dict(state_dict, strict=True)  # shapes alone do not notice
     difference = np.max(np.abs(keras_mlp.predict(keras_model, mnist.x_test)
@@ -103,11 +105,11 @@ def test_wrong_transposition_is_caught_by_outputs(mnist, tmp_path):
 
 def test_wrong_shape_into_keras_names_the_tensor():
     tensors = random_file_tensors(SEED_ARCHITECTURE)
-    tensors["layers.2.weight"] = np.zeros((50, 10), np.float32)
+    tensors["dense_2.weight"] = np.zeros((50, 10), np.float32)
     model = keras_mlp.build_keras_model(SEED_ARCHITECTURE)
     before = [w.numpy().copy() for w in model.weights]
     with pytest.raises(TensorMismatchError,
-                       match=r"layers.2.weight: expected float32 \(10, 50\), found float32 \(50, 10\)"):
+                       match=r"dense_2.weight: expected float32 \(10, 50\), found float32 \(50, 10\)"):
         keras_adapter.set_tensors(model, tensors)
     for old, variable in zip(before, model.weights):
         np.testing.assert_array_equal(old, variable.numpy())  # nothing was half-assigned
@@ -116,20 +118,34 @@ def test_wrong_shape_into_keras_names_the_tensor():
 def test_architecture_mismatch_on_load(tmp_path):
     path = tmp_path / "seed.safetensors"
     torch_adapter.save_file(torch_mlp.TorchMLP(SEED_ARCHITECTURE), path)
-    other = torch_mlp.TorchMLP(SEED_ARCHITECTURE.__class__(784, (
-        SEED_ARCHITECTURE.layers[0], SEED_ARCHITECTURE.layers[1].__class__(50, "relu"),
-        SEED_ARCHITECTURE.layers[2])))
-    with pytest.raises(ArchitectureMismatchError, match="layer 1: .*'tanh'.* != .*'relu'"):
+    other = torch_mlp.TorchMLP(dense_chain("mlp", 784, [(50, "tanh"), (50, "relu"), (10, "softmax")]))
+    with pytest.raises(ArchitectureMismatchError, match="layer 'dense_1' differs"):
         torch_adapter.load_file(other, path)
 
 
 def test_unsupported_keras_layer_is_named():
     import keras
 
-    model = keras.Sequential([keras.Input((784,)), keras.layers.Dense(50, activation="tanh"),
-                              keras.layers.BatchNormalization(name="norm"), keras.layers.Dense(10)])
-    with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'norm' \(BatchNormalization\)"):
+    model = keras.Sequential([keras.Input((7, 784)), keras.layers.Dense(50, activation="tanh"),
+                              keras.layers.SimpleRNN(4, name="rnn"), keras.layers.Dense(10)])
+    with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'rnn' \(SimpleRNN\)"):
         keras_adapter.architecture_of(model)
-    gelu = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="gelu", name="g")])
-    with pytest.raises(UnsupportedLayerError, match="unsupported activation 'gelu' in layer 'g'"):
-        keras_adapter.architecture_of(gelu)
+    odd = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="log_sigmoid", name="g")])
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'g' \(Dense\): unsupported option activation='log_sigmoid'"):
+        keras_adapter.architecture_of(odd)
+
+
+def test_live_model_and_its_saved_file_give_the_same_graph_and_tensors(tmp_path):
+    """One parser: Dropout in a live model is read exactly as in its .keras file."""
+    import keras
+
+    from exchange import keras_files
+
+    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(6, name="a"), keras.layers.Dropout(0.3),
+                              keras.layers.Dense(2, activation="softmax", name="b")], name="drop")
+    model.save(tmp_path / "drop.keras")
+    with keras_files.open_keras_file(tmp_path / "drop.keras") as from_file:
+        assert from_file.architecture == keras_adapter.architecture_of(model)
+        live = keras_adapter.get_tensors(model)
+        for key, tensor in fileformat.materialize(from_file.tensors).items():
+            np.testing.assert_array_equal(live[key], tensor)

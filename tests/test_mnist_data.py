@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
-from frameworks import mnist as mnist_module
-from frameworks.mnist import DataError, load_folder, load_mnist, load_pickled_array, write_pickles
+from exchange import mnist as mnist_module
+from exchange.mnist import DataError, load_folder, load_mnist, load_pickled_array, write_pickles
 
 
 class RunsCode:

@@ -1,5 +1,8 @@
 """The seed's data: MNIST as four pickles (X float32 (N, 784) in [0, 1], y one-hot float32 (N, 10)).
 
+It lives in `exchange/` because the converter's `--verify` runs models on MNIST when they take it;
+the seed's training (`frameworks/`) reads it from here.
+
 A folder may hold the seed's pickles, the canonical IDX files (`train-images-idx3-ubyte[.gz]`, …)
 or Keras's `mnist.npz`. Pickles are read with a restricted unpickler that builds numpy arrays and
 nothing else, so a pickle carrying code is refused before any of it runs.

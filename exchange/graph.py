@@ -1,0 +1,386 @@
+"""The framework-neutral description of a model (exchange format 2): a graph of layers.
+
+A `Graph` is plain data, stored as JSON in every exchange file's metadata, from which either
+framework builds the model. It has inputs (name, shape, dtype), nodes (name, layer kind, the
+names of the nodes or inputs they read, a typed config with every value explicit, the dtype of
+their weights) and outputs. Shapes are written in Keras's own layout without the batch axis
+(an image is (H, W, C)); the torch side holds images channels-first.
+
+Everything that depends on a layer kind is asked of its module in `exchange.kinds`; this module
+only walks the graph: shape inference, the file's tensor keys, shapes and dtypes.
+
+Example:
+    >>> graph = dense_chain("mlp", 784, [(50, "tanh"), (10, "softmax")])
+    >>> graph.parameter_count()
+    39760
+    >>> Graph.from_json(graph.to_json()) == graph
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import keyword
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from math import prod
+from typing import Any
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.ports import KerasOnly, Port, TorchOnly
+
+Shape = tuple  # of int (or None for a size known only at run time), batch axis left out
+
+DTYPES = ("float16", "bfloat16", "float32", "float64")
+INPUT_DTYPES = DTYPES + ("int32", "int64")
+# Caps on what an architecture may declare: a real model is far below them.
+MAX_NODES = 100_000          # keras.applications' largest CNN has under 1,000 layers
+MAX_RANK = 8                 # Keras layers work on tensors of rank <= 5
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    name: str
+    shape: Shape
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class Node:
+    name: str          # the Keras layer name
+    kind: str          # an exchange kind registered in exchange.kinds
+    inputs: tuple[str, ...]
+    config: Any        # the kind's frozen Config dataclass
+    dtype: str = "float32"   # the dtype of the node's weights
+
+
+@dataclass(frozen=True)
+class NodeContext:
+    """What a layer kind needs to know about one node beyond its config."""
+
+    node: Node
+    torch_name: str                  # the node's name as a torch attribute (the key prefix)
+    input_shapes: tuple[Shape, ...]
+    output_shape: Shape
+    # When the torch side holds input 0 as a channels-first Flatten of this Keras shape, a Dense
+    # reading it permutes its weight rows instead (see the Flatten kind); None otherwise.
+    flat_source: Shape | None = None
+    # For a Flatten node: whether its torch form keeps the channels-first order.
+    channels_first_flatten: bool = False
+
+    @property
+    def config(self):
+        return self.node.config
+
+    @property
+    def input_shape(self) -> Shape:
+        return self.input_shapes[0]
+
+
+@dataclass(frozen=True)
+class Graph:
+    name: str
+    inputs: tuple[InputSpec, ...]
+    nodes: tuple[Node, ...]
+    outputs: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "nodes", tuple(self.nodes))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        self._check()
+
+    # -- structure ------------------------------------------------------------------------
+
+    def _check(self) -> None:
+        from exchange.kinds import kind_of
+
+        if not self.nodes:
+            raise ExchangeError("a graph needs at least one node")
+        if len(self.nodes) > MAX_NODES:
+            raise ExchangeError(f"{len(self.nodes):,} nodes is more than the {MAX_NODES:,} allowed")
+        seen: set[str] = set()
+        for spec in self.inputs:
+            _check_name(spec.name, seen)
+            if spec.dtype not in INPUT_DTYPES:
+                raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype!r} is not one of {INPUT_DTYPES}")
+            _check_shape(spec.shape, f"input {spec.name!r}")
+        for node in self.nodes:
+            _check_name(node.name, seen)
+            kind_of(node.kind)  # raises for an unknown kind
+            if node.dtype not in DTYPES:
+                raise ExchangeError(f"layer {node.name!r}: dtype {node.dtype!r} is not one of {DTYPES}")
+            missing = [name for name in node.inputs if name not in seen or name == node.name]
+            if missing or not node.inputs:
+                raise ExchangeError(f"layer {node.name!r} reads {missing or 'nothing'}, which is not "
+                                    "an input or an earlier layer")
+        unknown = [name for name in self.outputs if name not in seen]
+        if unknown or not self.outputs:
+            raise ExchangeError(f"graph outputs {unknown or '(none)'} are not layers or inputs")
+
+    def node(self, name: str) -> Node:
+        return self._nodes_by_name[name]
+
+    @cached_property
+    def _nodes_by_name(self) -> dict[str, Node]:
+        return {node.name: node for node in self.nodes}
+
+    @cached_property
+    def consumers(self) -> dict[str, list[Node]]:
+        readers: dict[str, list[Node]] = {}
+        for node in self.nodes:
+            for name in node.inputs:
+                readers.setdefault(name, []).append(node)
+        return readers
+
+    @cached_property
+    def torch_names(self) -> dict[str, str]:
+        """Node name -> a torch attribute name; unique, so it can prefix the node's keys."""
+        names: dict[str, str] = {}
+        taken: dict[str, str] = {}
+        for node in self.nodes:
+            safe = re.sub(r"\W", "_", node.name)
+            if not safe or safe[0].isdigit() or keyword.iskeyword(safe) or safe in _RESERVED:
+                safe = f"_{safe}"
+            if safe in taken:
+                raise ExchangeError(f"layers {taken[safe]!r} and {node.name!r} both become torch "
+                                    f"name {safe!r}; rename one")
+            taken[safe] = node.name
+            names[node.name] = safe
+        return names
+
+    # -- shape inference ------------------------------------------------------------------
+
+    @cached_property
+    def shapes(self) -> dict[str, Shape]:
+        """Every input's and node's output shape, in Keras layout without the batch axis."""
+        from exchange.kinds import kind_of
+
+        shapes: dict[str, Shape] = {spec.name: tuple(spec.shape) for spec in self.inputs}
+        for node in self.nodes:
+            input_shapes = tuple(shapes[name] for name in node.inputs)
+            try:
+                shape = tuple(kind_of(node.kind).output_shape(node.config, input_shapes))
+            except UnsupportedLayerError:
+                raise
+            except ExchangeError as err:
+                raise ExchangeError(f"layer {node.name!r} ({node.kind}): {err}") from None
+            _check_shape(shape, f"layer {node.name!r} output")
+            shapes[node.name] = shape
+        return shapes
+
+    @cached_property
+    def channels_first_flattens(self) -> dict[str, Shape]:
+        """Flatten nodes whose torch form may keep the channels-first order, with the Keras shape
+        they flatten.
+
+        A Flatten of an image gives (H, W, C) order in Keras but (C, H, W) order on a torch
+        tensor. Where every path from the Flatten reaches only layers that can absorb the order
+        into their weights (a Dense permutes its weight rows), through layers that keep the
+        element order (activations, dropout), torch flattens as torch does. Anywhere else (a
+        model output, a Reshape, a merge) the torch side reorders to (H, W, C) first.
+        """
+        from exchange.kinds import kind_of
+
+        found = {}
+        outputs = set(self.outputs)
+        for node in self.nodes:
+            kind = kind_of(node.kind)
+            shape = self.shapes[node.inputs[0]]
+            if not kind.may_flatten_channels_first or len(shape) < 2 or None in shape:
+                continue
+            frontier, ok = [node.name], True
+            while frontier and ok:
+                name = frontier.pop()
+                if name in outputs:
+                    ok = False
+                for reader in self.consumers.get(name, []):
+                    reader_kind = kind_of(reader.kind)
+                    if reader_kind.reads_permuted_flat and len(reader.inputs) == 1:
+                        continue
+                    if reader_kind.keeps_element_order and len(reader.inputs) == 1:
+                        frontier.append(reader.name)
+                    else:
+                        ok = False
+            if ok:
+                found[node.name] = shape
+        return found
+
+    @cached_property
+    def _flat_sources(self) -> dict[str, Shape]:
+        from exchange.kinds import kind_of
+
+        sources: dict[str, Shape] = dict(self.channels_first_flattens)
+        for node in self.nodes:
+            if node.inputs[0] in sources and kind_of(node.kind).keeps_element_order:
+                sources[node.name] = sources[node.inputs[0]]
+        return sources
+
+    def input_shape_of(self, node: Node) -> Shape:
+        """The shape of the node's first input."""
+        return self.shapes[node.inputs[0]]
+
+    def context(self, node: Node) -> NodeContext:
+        return NodeContext(node, self.torch_names[node.name],
+                           tuple(self.shapes[name] for name in node.inputs), self.shapes[node.name],
+                           self._flat_sources.get(node.inputs[0]),
+                           node.name in self.channels_first_flattens)
+
+    # -- tensors ----------------------------------------------------------------------------
+
+    def ports(self, node: Node) -> list:
+        from exchange.kinds import kind_of
+
+        return kind_of(node.kind).ports(self.context(node))
+
+    def keras_variables(self, node: Node) -> list[tuple[str, Shape]]:
+        """The node's Keras variables, in the layer's variable order, with their Keras shapes."""
+        from exchange.kinds import kind_of
+
+        return kind_of(node.kind).keras_variables(self.context(node))
+
+    @cached_property
+    def tensor_specs(self) -> dict[str, tuple[Shape, str]]:
+        """Every tensor of the file (= the torch module's state_dict): key -> (shape, dtype)."""
+        specs: dict[str, tuple[Shape, str]] = {}
+        for node in self.nodes:
+            keras_shapes = dict(self.keras_variables(node))
+            prefix = self.torch_names[node.name]
+            for port in self.ports(node):
+                if isinstance(port, Port):
+                    specs[f"{prefix}.{port.torch}"] = (port.torch_shape(keras_shapes[port.keras]), node.dtype)
+                elif isinstance(port, TorchOnly):
+                    specs[f"{prefix}.{port.torch}"] = (tuple(port.shape), port.dtype or node.dtype)
+        return specs
+
+    def tensor_shapes(self) -> dict[str, Shape]:
+        return {key: shape for key, (shape, _) in self.tensor_specs.items()}
+
+    def node_parameter_counts(self) -> dict[str, int]:
+        """Parameters per node that has any (floating-point tensors only)."""
+        counts: dict[str, int] = {}
+        for key, (shape, dtype) in self.tensor_specs.items():
+            if dtype in DTYPES:
+                node = key.split(".", 1)[0]
+                counts[node] = counts.get(node, 0) + prod(shape)
+        return counts
+
+    def parameter_count(self) -> int:
+        return sum(self.node_parameter_counts().values())
+
+    # -- JSON -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        from exchange.kinds import config_to_dict
+
+        return {"name": self.name,
+                "inputs": [{"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
+                           for spec in self.inputs],
+                "nodes": [{"name": node.name, "kind": node.kind, "inputs": list(node.inputs),
+                           "dtype": node.dtype, "config": config_to_dict(node.config)}
+                          for node in self.nodes],
+                "outputs": list(self.outputs)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, description: dict) -> "Graph":
+        from exchange.kinds import kind_of
+
+        try:
+            inputs = tuple(InputSpec(_str(item["name"]), _shape(item["shape"]), _str(item.get("dtype", "float32")))
+                           for item in _list(description["inputs"]))
+            nodes = []
+            for item in _list(description["nodes"]):
+                kind = kind_of(_str(item["kind"]))
+                nodes.append(Node(_str(item["name"]), kind.kind, tuple(_str(name) for name in _list(item["inputs"])),
+                                  kind.config_from_dict(item.get("config", {}), _str(item["name"])),
+                                  _str(item.get("dtype", "float32"))))
+            return cls(_str(description.get("name", "model")), inputs, tuple(nodes),
+                       tuple(_str(name) for name in _list(description["outputs"])))
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ExchangeError(f"malformed architecture: {type(err).__name__}: {err}") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "Graph":
+        try:
+            description = json.loads(text)
+        except (json.JSONDecodeError, RecursionError, ValueError) as err:
+            raise ExchangeError(f"architecture is not valid JSON ({type(err).__name__})") from None
+        if not isinstance(description, dict):
+            raise ExchangeError("architecture JSON must be an object")
+        return cls.from_dict(description)
+
+    def differences(self, other: "Graph") -> list[str]:
+        """Human-readable differences between two graphs (empty when equal)."""
+        found = []
+        if self.inputs != other.inputs:
+            found.append(f"inputs {[(i.name, i.shape) for i in self.inputs]} != "
+                         f"{[(i.name, i.shape) for i in other.inputs]}")
+        mine, theirs = {n.name: n for n in self.nodes}, {n.name: n for n in other.nodes}
+        for name in sorted(set(mine) | set(theirs)):
+            if name not in theirs or name not in mine:
+                found.append(f"layer {name!r} only in {'the first' if name in mine else 'the second'}")
+            elif mine[name] != theirs[name]:
+                found.append(f"layer {name!r} differs")
+        if self.outputs != other.outputs:
+            found.append(f"outputs {list(self.outputs)} != {list(other.outputs)}")
+        return found
+
+
+# Attribute names a torch module already has; a layer of that name gets a leading underscore.
+_RESERVED = {"training", "forward", "state_dict", "parameters", "buffers", "modules", "children",
+             "eval", "train", "to", "cuda", "cpu", "type", "float", "double", "half", "apply",
+             "graph", "code", "meta", "dump_patches", "call_super_init"}
+
+
+def _check_name(name: str, seen: set[str]) -> None:
+    if not name or len(name) > 1000:
+        raise ExchangeError(f"invalid layer or input name {name[:40]!r}")
+    if name in seen:
+        raise ExchangeError(f"name {name!r} is used twice")
+    seen.add(name)
+
+
+def _check_shape(shape: Shape, what: str) -> None:
+    if len(shape) > MAX_RANK or any(size is not None and (not isinstance(size, int) or isinstance(size, bool)
+                                                          or size < 0) for size in shape):
+        raise ExchangeError(f"{what}: invalid shape {list(shape)}")
+
+
+def _str(value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, found {type(value).__name__}")
+    return value
+
+
+def _list(value) -> list:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list, found {type(value).__name__}")
+    return value
+
+
+def _shape(value) -> Shape:
+    shape = tuple(_list(value))
+    _check_shape(shape, "input")
+    return shape
+
+
+def dense_chain(name: str, input_dim: int, layers: list[tuple[int, str]] | list[tuple[int, str, bool]],
+                input_name: str = "input", layer_prefix: str = "dense_") -> Graph:
+    """Shorthand for a stack of Dense layers: `dense_chain("mlp", 784, [(50, "tanh"), (10, "softmax")])`.
+
+    Layers are named `dense_0`, `dense_1`, … (the names the seed's Keras model uses); a third
+    item per layer, when given, is `use_bias`.
+    """
+    from exchange.kinds.dense import DenseConfig
+
+    nodes, previous = [], input_name
+    for index, layer in enumerate(layers):
+        units, activation, use_bias = (tuple(layer) + (True,))[:3]
+        nodes.append(Node(f"{layer_prefix}{index}", "dense", (previous,),
+                          DenseConfig(units=units, activation=activation, use_bias=use_bias)))
+        previous = nodes[-1].name
+    return Graph(name, (InputSpec(input_name, (input_dim,)),), tuple(nodes), (previous,))

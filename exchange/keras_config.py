@@ -1,0 +1,267 @@
+"""The one Keras model-config parser: Keras 2 and Keras 3 configs, Sequential and functional
+models, nested models inlined, multiple inputs and outputs -> a `Graph`.
+
+It reads what `config.json` in a `.keras`, `model_config` in a Keras 2 `.h5`, a `to_json()` file
+or a live model's `get_config()` holds, and also says where each layer's variables are stored
+(`KerasLocation`), reproducing how each format names its weight groups:
+- Keras 3 names a layer's group by its class in snake_case plus a counter per class over the
+  container's layers (`layers/conv2d`, `layers/conv2d_1`, …), nesting sub-models
+  (`layers/functional/layers/dense`); variables are `vars/0`, `vars/1`, … in creation order.
+- Keras 2 keeps a group per top-level layer name; its `weight_names` attribute lists datasets
+  such as `conv_a/kernel:0` (for a nested model, `inner_layer/kernel:0` inside the model's group).
+
+Every layer kind reads its own options (`exchange.kinds`); an unknown layer or option is an error
+naming the layer, its class and the option, and all the model's problems are reported together.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
+from exchange.graph import DTYPES, Graph, InputSpec, Node
+from exchange.kinds import KerasOptions, kind_for_keras_class
+
+SEQUENTIAL_CLASSES = ("Sequential",)
+FUNCTIONAL_CLASSES = ("Functional", "Model")
+MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
+
+
+@dataclass(frozen=True)
+class KerasLocation:
+    keras3_group: str                  # e.g. "layers/functional/layers/dense_1"
+    keras2_group: str                  # the top-level layer's group name, e.g. "model_1"
+    layer_name: str
+    container_path: tuple[str, ...]    # names of the nested models holding the layer
+
+
+@dataclass(frozen=True)
+class ParsedModel:
+    graph: Graph
+    locations: dict[str, KerasLocation]
+    class_names: dict[str, str]        # node name -> Keras class name, for messages
+
+
+def to_snake_case(name: str) -> str:
+    """Keras's own `naming.to_snake_case`: `Conv2DTranspose` -> `conv2d_transpose`."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub("(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub("([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def parse_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
+    """A Keras model config ({"class_name": …, "config": …}) -> graph and variable locations."""
+    parser = _Parser(source, keras2)
+    try:
+        if not isinstance(model_config, dict):
+            raise ExchangeFileError(f"{source}: not a Keras model config")
+        outputs = parser.model(model_config, (), "layers", None, None)
+    except UnsupportedLayerError:
+        raise
+    except ExchangeError as err:
+        raise ExchangeFileError(f"{source}: {err}") from None
+    except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
+        raise ExchangeFileError(f"{source}: malformed Keras model config ({type(err).__name__}: {err})") from None
+    if parser.problems:
+        raise UnsupportedLayerError(f"{source}: " + "; ".join(parser.problems))
+    try:
+        graph = Graph(_text(model_config["config"].get("name", "model")) if isinstance(
+            model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(parser.nodes), tuple(outputs))
+        graph.shapes  # noqa: B018  (shape inference now, so a bad model fails here, naming the layer)
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(f"{source}: {err}") from None
+    except ExchangeError as err:
+        raise ExchangeFileError(f"{source}: {err}") from None
+    return ParsedModel(graph, parser.locations, parser.class_names)
+
+
+class _Parser:
+    def __init__(self, source: str, keras2: bool):
+        self.source, self.keras2 = source, keras2
+        self.inputs: list[InputSpec] = []
+        self.nodes: list[Node] = []
+        self.locations: dict[str, KerasLocation] = {}
+        self.class_names: dict[str, str] = {}
+        self.problems: list[str] = []
+
+    def model(self, model_config: dict, container_path: tuple[str, ...], keras3_prefix: str,
+              keras2_group: str | None, incoming: list[str] | None) -> list[str]:
+        """Parse one (possibly nested) model; returns its output edge names."""
+        if len(container_path) > MAX_NESTING:
+            raise ExchangeError(f"models nested more than {MAX_NESTING} deep")
+        class_name, config = model_config.get("class_name"), model_config.get("config")
+        if class_name in SEQUENTIAL_CLASSES:
+            return self.sequential(model_config, config, container_path, keras3_prefix, keras2_group, incoming)
+        if class_name in FUNCTIONAL_CLASSES:
+            return self.functional(config, container_path, keras3_prefix, keras2_group, incoming)
+        raise UnsupportedLayerError(f"unsupported model class {class_name!r} (Sequential and functional "
+                                    "models are supported; a subclassed model has no config to read)")
+
+    def _groups(self, layers: list[dict], keras3_prefix: str) -> list[str]:
+        counts: dict[str, int] = {}
+        groups = []
+        for layer in layers:
+            snake = to_snake_case(_text(layer["class_name"]))
+            counts[snake] = counts.get(snake, -1) + 1
+            groups.append(f"{keras3_prefix}/{snake}" + (f"_{counts[snake]}" if counts[snake] else ""))
+        return groups
+
+    def sequential(self, model_config, config, container_path, keras3_prefix, keras2_group, incoming):
+        layers = config if isinstance(config, list) else config["layers"]
+        if not isinstance(layers, list) or not layers:
+            raise ExchangeError("a Sequential model with no layers")
+        groups = self._groups(layers, keras3_prefix)
+        current = None if incoming is None else incoming
+        for layer, group in zip(layers, groups):
+            class_name, layer_config = _text(layer["class_name"]), layer.get("config", {})
+            name = _layer_name(layer)
+            if class_name == "InputLayer":
+                if current is None:
+                    current = [self.add_input(name, layer_config)]
+                continue
+            if current is None:   # Keras 2: the first layer declares the input shape
+                shape = _batch_shape(layer_config) or _build_shape(model_config)
+                if shape is None:
+                    raise ExchangeError(f"Sequential model without an input shape (layer {name!r})")
+                current = [self.add_input(f"{name}_input", {"batch_shape": shape,
+                                                            "dtype": layer_config.get("dtype")})]
+            current = self.layer(layer, current, container_path, group, keras2_group or name)
+        return current
+
+    def functional(self, config, container_path, keras3_prefix, keras2_group, incoming):
+        layers = config["layers"]
+        groups = self._groups(layers, keras3_prefix)
+        input_names = [entry[0] for entry in _entries(config.get("input_layers", []))]
+        edges: dict[tuple[str, int], str] = {}
+        if incoming is not None and len(incoming) != len(input_names):
+            raise ExchangeError(f"nested model takes {len(input_names)} inputs, given {len(incoming)}")
+        for layer, group in zip(layers, groups):
+            class_name, name = _text(layer["class_name"]), _layer_name(layer)
+            if class_name == "InputLayer":
+                if incoming is None:
+                    edges[(name, 0)] = self.add_input(name, layer.get("config", {}))
+                else:
+                    edges[(name, 0)] = incoming[input_names.index(name)]
+                continue
+            inbound = layer.get("inbound_nodes", [])
+            if len(inbound) != 1:
+                self.problems.append(f"layer {name!r} ({class_name}) is called {len(inbound)} times; "
+                                     "shared layers are not supported")
+                continue
+            try:
+                sources = [edges[(ref_name, tensor_index)] for ref_name, tensor_index in _inbound_refs(inbound[0])]
+            except KeyError as err:
+                if self.problems:
+                    continue  # a layer before it failed; that problem is already reported
+                raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
+            outputs = self.layer(layer, sources, container_path, group, keras2_group or name)
+            for index, edge in enumerate(outputs):
+                edges[(name, index)] = edge
+        try:
+            return [edges[(name, tensor_index)] for name, _, tensor_index in _entries(config["output_layers"])]
+        except KeyError:
+            if self.problems:
+                return []
+            raise
+
+    def add_input(self, name: str, config: dict) -> str:
+        shape = _batch_shape(config)
+        if shape is None:
+            raise ExchangeError(f"input {name!r} has no shape")
+        dtype = _dtype(config.get("dtype"), name) if config.get("dtype") is not None else "float32"
+        self.inputs.append(InputSpec(name, tuple(shape[1:]), dtype))
+        return name
+
+    def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str) -> list[str]:
+        class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
+        if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
+            return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
+        kind = kind_for_keras_class(class_name)
+        if kind is None:
+            self.problems.append(f"unsupported layer {name!r} ({class_name})")
+            return [name]
+        try:
+            if not isinstance(config, dict):
+                raise ExchangeError("config is not an object")
+            options = KerasOptions(class_name, name, config, keras2=self.keras2)
+            node_config = kind.from_keras(options)
+            options.finish()
+            dtype = _dtype(config.get("dtype"), name)
+        except (ExchangeError, KeyError, TypeError, ValueError) as err:
+            message = str(err) if isinstance(err, ExchangeError) else f"{type(err).__name__}: {err}"
+            self.problems.append(message if name in message else f"layer {name!r} ({class_name}): {message}")
+            return [name]
+        self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
+        self.locations[name] = KerasLocation(group, keras2_group, name, container_path)
+        self.class_names[name] = class_name
+        return [name]
+
+
+def _layer_name(layer: dict) -> str:
+    return _text(layer.get("name") or (layer.get("config") or {}).get("name"))
+
+
+def _text(value) -> str:
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    if not isinstance(value, str):
+        raise TypeError(f"expected a name, found {type(value).__name__}")
+    return value
+
+
+def _batch_shape(config: dict):
+    shape = config.get("batch_shape") or config.get("batch_input_shape")
+    if shape is None:
+        return None
+    if not isinstance(shape, (list, tuple)) or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)
+                                                            and s >= 0) for s in shape):
+        raise ExchangeError(f"invalid input shape {shape!r}")
+    return shape
+
+
+def _build_shape(model_config: dict):
+    build = model_config.get("build_config") or {}
+    return build.get("input_shape") if isinstance(build, dict) else None
+
+
+def _dtype(value, name: str) -> str:
+    """The dtype of a layer's variables from its dtype or dtype policy."""
+    if value is None:
+        return "float32"
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("name")
+    if isinstance(value, str) and value.startswith("mixed_"):
+        return "float32"   # mixed precision keeps float32 variables
+    if value not in DTYPES:
+        raise UnsupportedLayerError(f"layer {name!r}: unsupported dtype {value!r}")
+    return value
+
+
+def _entries(spec) -> list:
+    """Keras's input_layers/output_layers: ["name", 0, 0] or [["name", 0, 0], …]."""
+    if not spec:
+        return []
+    if isinstance(spec[0], str):
+        return [spec]
+    return spec
+
+
+def _inbound_refs(node) -> list[tuple[str, int]]:
+    """(layer name, output index) of each tensor a call reads, in order."""
+    if isinstance(node, dict):   # Keras 3: {"args": [...], "kwargs": {...}}
+        for key, value in (node.get("kwargs") or {}).items():
+            if _histories(value):
+                raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
+        return [(_text(history[0]), int(history[2])) for history in _histories(node.get("args", []))]
+    return [(_text(entry[0]), int(entry[2])) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+
+
+def _histories(value) -> list:
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            return [value["config"]["keras_history"]]
+        return [history for item in value.values() for history in _histories(item)]
+    if isinstance(value, list):
+        return [history for item in value for history in _histories(item)]
+    return []

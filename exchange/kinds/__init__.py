@@ -1,0 +1,227 @@
+"""The registry of layer kinds: one module per family, each kind registered by a decorator.
+
+A kind owns everything about its layers that differs between the frameworks: reading its Keras
+config (Keras 2 and Keras 3 spellings), shape inference, its weight ports, its torch form and its
+Keras form (and, for a few, a numpy forward). Nothing outside this package branches on a layer
+kind: the graph, the file format, the adapters and the CLI ask the kind.
+
+    @register
+    class Dense(LayerKind):
+        kind, keras_classes, Config = "dense", ("Dense",), DenseConfig
+        ...
+
+Registering a kind or a Keras class name twice is an error; an unknown kind or Keras class is an
+error naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from typing import Any
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+
+KINDS: dict[str, "LayerKind"] = {}
+KERAS_CLASSES: dict[str, "LayerKind"] = {}
+
+# Keras config keys that say nothing about what the layer computes at inference.
+IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
+IGNORED_OPTIONS = {"name", "trainable", "dtype", "batch_input_shape", "batch_shape", "input_shape",
+                   "activity_regularizer", "input_dim", "autocast", "build_config"}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoConfig:
+    """The config of a kind that has no options."""
+
+
+class LayerKind:
+    """Base class of a layer kind. Subclasses set the class attributes and override what applies."""
+
+    kind: str = ""
+    keras_classes: tuple[str, ...] = ()
+    Config: type = NoConfig
+    keeps_element_order = False       # element-wise: a permuted flat order passes through
+    reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights
+    may_flatten_channels_first = False
+    takes_list = False                # Keras calls the layer on a list of tensors (merges)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def from_keras(self, options: "KerasOptions") -> Any:
+        """The typed config from a Keras layer config; `options.take` every key that matters."""
+        return self.Config()
+
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
+        """The typed config from the JSON in an exchange file, every field type-checked."""
+        if not isinstance(values, dict):
+            raise ExchangeError(f"layer {node_name!r}: config must be an object")
+        fields = {field.name: field for field in dataclasses.fields(self.Config)}
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            raise ExchangeError(f"layer {node_name!r} ({self.kind}): unknown option(s) {', '.join(unknown)}")
+        hints = typing.get_type_hints(self.Config)
+        converted = {}
+        for name, field in fields.items():
+            if name in values:
+                converted[name] = coerce(values[name], hints[name], f"layer {node_name!r} option {name!r}")
+            elif field.default is dataclasses.MISSING:
+                raise ExchangeError(f"layer {node_name!r} ({self.kind}): option {name!r} is missing")
+        return self.Config(**converted)
+
+    # -- shapes and weights -----------------------------------------------------------------
+
+    def output_shape(self, config, input_shapes: tuple) -> tuple:
+        """Output shape (Keras layout, no batch axis). Default: the input's (element-wise)."""
+        return input_shapes[0]
+
+    def keras_variables(self, context) -> list[tuple[str, tuple]]:
+        """(name, Keras shape) of each Keras variable, in the layer's variable order."""
+        return []
+
+    def ports(self, context) -> list:
+        """The ports between the Keras variables and the torch tensors (`exchange.ports`)."""
+        return []
+
+    # -- building -------------------------------------------------------------------------
+
+    def torch_forward(self, builder, context, inputs):
+        """Add this node's computation to the torch graph `builder`; return its output value."""
+        raise NotImplementedError
+
+    def keras_layer(self, keras, context):
+        """The Keras layer for this node, every option explicit."""
+        raise NotImplementedError
+
+    def numpy_forward(self, context, tensors: dict, inputs: list):
+        """Optional: this node in numpy on the file's tensors (keys without the node prefix)."""
+        raise UnsupportedLayerError(f"no numpy forward for layer kind {self.kind!r}; install torch "
+                                    "or keras to run this model")
+
+
+def register(cls: type) -> type:
+    kind = cls()
+    if not kind.kind or kind.kind in KINDS:
+        raise ExchangeError(f"layer kind {kind.kind!r} is empty or registered twice")
+    taken = [name for name in kind.keras_classes if name in KERAS_CLASSES]
+    if taken:
+        raise ExchangeError(f"Keras class(es) {', '.join(taken)} registered twice")
+    KINDS[kind.kind] = kind
+    KERAS_CLASSES.update({class_name: kind for class_name in kind.keras_classes})
+    return cls
+
+
+def kind_of(name: str) -> LayerKind:
+    if name not in KINDS:
+        raise UnsupportedLayerError(f"unsupported layer kind {name!r} (known: {', '.join(sorted(KINDS))})")
+    return KINDS[name]
+
+
+def kind_for_keras_class(class_name: str) -> LayerKind | None:
+    return KERAS_CLASSES.get(class_name)
+
+
+def config_to_dict(config) -> dict:
+    return {field.name: _jsonable(getattr(config, field.name)) for field in dataclasses.fields(config)}
+
+
+def _jsonable(value):
+    if isinstance(value, tuple):
+        return [_jsonable(item) for item in value]
+    return value
+
+
+def coerce(value, hint, what: str):
+    """`value` from JSON as type `hint` (int, float, bool, str, None, tuples of them, unions)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        for option in args:
+            try:
+                return coerce(value, option, what)
+            except ExchangeError:
+                continue
+        raise ExchangeError(f"{what}: {_short(value)} is not a {hint}")
+    if hint is type(None):
+        if value is None:
+            return None
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 1 << 62:
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            return float(value)
+    elif hint is str:
+        if isinstance(value, str):
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(coerce(item, args[0], what) for item in value)
+            if len(value) == len(args):
+                return tuple(coerce(item, arg, what) for item, arg in zip(value, args))
+    raise ExchangeError(f"{what}: {_short(value)} is not a {getattr(hint, '__name__', hint)}")
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class KerasOptions:
+    """A Keras layer's config, read option by option so that nothing is silently ignored.
+
+    `take` reads an option (with its Keras 2 spelling as a fallback); `finish` refuses any option
+    that was neither taken nor is known not to matter at inference.
+    """
+
+    def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False):
+        self.class_name, self.layer_name, self.config = class_name, layer_name, config
+        self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
+        self.taken: set[str] = set()
+
+    def where(self) -> str:
+        return f"layer {self.layer_name!r} ({self.class_name})"
+
+    def take(self, key: str, default: Any = dataclasses.MISSING, *, keras2: str | None = None) -> Any:
+        for spelling in (key, keras2):
+            if spelling is not None and spelling in self.config:
+                self.taken.add(spelling)
+                return self.config[spelling]
+        if default is dataclasses.MISSING:
+            raise UnsupportedLayerError(f"{self.where()}: option {key!r} is missing")
+        return default
+
+    def expect(self, key: str, *allowed: Any) -> None:
+        """The option, when present, must be one of `allowed` (what this exchange supports)."""
+        value = self.take(key, allowed[0])
+        if value not in allowed:
+            raise self.unsupported(key, value)
+
+    def unsupported(self, key: str, value: Any, why: str = "") -> UnsupportedLayerError:
+        return UnsupportedLayerError(f"{self.where()}: unsupported option {key}={_short(value)}"
+                                     + (f" ({why})" if why else ""))
+
+    def finish(self) -> None:
+        unknown = sorted(key for key in self.config if key not in self.taken and key not in IGNORED_OPTIONS
+                         and not key.endswith(IGNORED_SUFFIXES))
+        if unknown:
+            raise UnsupportedLayerError(f"{self.where()}: unknown option(s) {', '.join(unknown)}")
+
+
+def ints(value, count: int, what: str) -> tuple[int, ...]:
+    """A Keras size option (`3` or `[3, 5]`) as `count` ints."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return (value,) * count
+    if isinstance(value, (list, tuple)) and len(value) == count and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return tuple(value)
+    raise UnsupportedLayerError(f"{what}: expected {count} integers, found {_short(value)}")
+
+
+# The families. Importing them fills the registry.
+from exchange.kinds import activations, convolution, dense, merging, normalization, pooling, reshaping  # noqa: E402,F401

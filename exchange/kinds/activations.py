@@ -1,0 +1,241 @@
+"""Activations: the function table shared by every layer with an `activation` option, and the
+layers that only apply one (Activation, ReLU, LeakyReLU, Softmax, ELU).
+
+Conventions that differ:
+- Keras applies `softmax` over the last axis, the channels of an image; torch holds images
+  channels-first, so the torch side uses `dim=1` (which is also the last axis of a flat input).
+- `hard_sigmoid` is relu6(x + 3) / 6 in Keras 3 (= `F.hardsigmoid`) but clip(0.2x + 0.5, 0, 1)
+  in Keras 2. A Keras 2 file's `hard_sigmoid` is read as `hard_sigmoid_keras2`.
+- Keras 2 spells silu `swish`; Keras 3's `gelu` activation is the exact (erf) form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from exchange.kinds import LayerKind, coerce, register
+
+
+def _np_softmax(x):
+    exponentials = np.exp(x - x.max(axis=-1, keepdims=True))
+    return exponentials / exponentials.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class Activation:
+    """One activation: its torch form (a function of builder and value), its Keras 3 name (None
+    where Keras 3 has none) and, where written, a numpy form (on Keras-layout arrays)."""
+
+    torch: object
+    keras: str | None
+    numpy: object = None
+
+
+# Keyed by the exchange's name for the activation (Keras 3's, except hard_sigmoid_keras2).
+ACTIVATIONS: dict[str, Activation] = {
+    "linear": Activation(lambda b, x: x, "linear", lambda x: x),
+    "relu": Activation(lambda b, x: b.call(b.F.relu, x), "relu", lambda x: np.maximum(x, 0)),
+    "relu6": Activation(lambda b, x: b.call(b.F.relu6, x), "relu6", lambda x: np.clip(x, 0, 6)),
+    "tanh": Activation(lambda b, x: b.call(b.torch.tanh, x), "tanh", np.tanh),
+    "sigmoid": Activation(lambda b, x: b.call(b.torch.sigmoid, x), "sigmoid", lambda x: 1 / (1 + np.exp(-x))),
+    "hard_sigmoid": Activation(lambda b, x: b.call(b.F.hardsigmoid, x), "hard_sigmoid",
+                               lambda x: np.clip(x + 3, 0, 6) / 6),
+    "hard_sigmoid_keras2": Activation(lambda b, x: b.call(b.torch.clamp, b.call(b.torch.add, b.call(
+        b.torch.mul, x, 0.2), 0.5), 0.0, 1.0), None, lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
+    "softmax": Activation(lambda b, x: b.call(b.torch.softmax, x, dim=1), "softmax", _np_softmax),
+    "log_softmax": Activation(lambda b, x: b.call(b.torch.log_softmax, x, dim=1), "log_softmax"),
+    "silu": Activation(lambda b, x: b.call(b.F.silu, x), "silu", lambda x: x / (1 + np.exp(-x))),
+    "hard_silu": Activation(lambda b, x: b.call(b.F.hardswish, x), "hard_silu"),
+    "gelu": Activation(lambda b, x: b.call(b.F.gelu, x), "gelu"),
+    "gelu_tanh": Activation(lambda b, x: b.call(b.F.gelu, x, approximate="tanh"), None),
+    "elu": Activation(lambda b, x: b.call(b.F.elu, x), "elu"),
+    "selu": Activation(lambda b, x: b.call(b.F.selu, x), "selu"),
+    "softplus": Activation(lambda b, x: b.call(b.F.softplus, x), "softplus", lambda x: np.logaddexp(0, x)),
+    "softsign": Activation(lambda b, x: b.call(b.F.softsign, x), "softsign", lambda x: x / (1 + np.abs(x))),
+    "mish": Activation(lambda b, x: b.call(b.F.mish, x), "mish"),
+    "exponential": Activation(lambda b, x: b.call(b.torch.exp, x), "exponential", np.exp),
+}
+KERAS_SPELLINGS = {"swish": "silu", "hard_swish": "hard_silu"}
+
+
+def read_activation(options, key: str = "activation") -> str:
+    """The exchange name of a layer's activation option; anything else is an error naming it."""
+    value = options.take(key, "linear")
+    if value is None:
+        return "linear"
+    if isinstance(value, dict) and isinstance(value.get("config"), str):  # Keras 3 serialized function
+        value = value["config"]
+    if not isinstance(value, str):
+        raise options.unsupported(key, value, "only built-in activations are supported")
+    name = KERAS_SPELLINGS.get(value, value)
+    if name == "hard_sigmoid" and options.keras2:
+        name = "hard_sigmoid_keras2"
+    if name not in ACTIVATIONS or name in ("hard_sigmoid_keras2", "gelu_tanh"):
+        raise options.unsupported(key, value, f"supported: {', '.join(sorted(set(ACTIVATIONS) - {'gelu_tanh', 'hard_sigmoid_keras2'}))}")
+    return name
+
+
+def check_activation(name: str, what: str) -> str:
+    coerce(name, str, what)
+    if name not in ACTIVATIONS:
+        from exchange.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(f"{what}: unsupported activation {name!r}")
+    return name
+
+
+def torch_activation(builder, name: str, value):
+    return ACTIVATIONS[name].torch(builder, value)
+
+
+def keras_activation(name: str, what: str) -> str:
+    keras_name = ACTIVATIONS[name].keras
+    if keras_name is None:
+        from exchange.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(f"{what}: activation {name!r} has no Keras 3 equivalent")
+    return keras_name
+
+
+def numpy_activation(name: str, what: str):
+    function = ACTIVATIONS[name].numpy
+    if function is None:
+        from exchange.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(f"{what}: no numpy form of activation {name!r}; install torch")
+    return function
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    activation: str
+
+    def __post_init__(self) -> None:
+        check_activation(self.activation, "Activation")
+
+
+@register
+class ActivationLayer(LayerKind):
+    kind, keras_classes, Config = "activation", ("Activation",), ActivationConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        return ActivationConfig(read_activation(options))
+
+    def torch_forward(self, builder, context, inputs):
+        return torch_activation(builder, context.config.activation, inputs[0])
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Activation(keras_activation(context.config.activation, context.node.name),
+                                       name=context.node.name, dtype=context.node.dtype)
+
+    def numpy_forward(self, context, tensors, inputs):
+        return numpy_activation(context.config.activation, context.node.name)(inputs[0])
+
+
+@dataclass(frozen=True)
+class ReLUConfig:
+    max_value: float | None = None
+    negative_slope: float = 0.0
+    threshold: float = 0.0
+
+
+@register
+class ReLU(LayerKind):
+    """Keras's ReLU: x >= threshold -> min(x, max_value); below -> negative_slope * (x - threshold).
+    The plain and the relu6 forms are `F.relu` / `F.relu6`; others a `KerasReLU` module."""
+
+    kind, keras_classes, Config = "relu", ("ReLU",), ReLUConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        max_value = options.take("max_value", None)
+        return ReLUConfig(None if max_value is None else float(max_value),
+                          float(options.take("negative_slope", 0.0)), float(options.take("threshold", 0.0)))
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        if config.negative_slope == 0 and config.threshold == 0 and config.max_value in (None, 6.0):
+            return builder.call(builder.F.relu if config.max_value is None else builder.F.relu6, inputs[0])
+        return builder.module(context, builder.helpers.KerasReLU(config.max_value, config.negative_slope,
+                                                                 config.threshold), inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.ReLU(max_value=config.max_value, negative_slope=config.negative_slope,
+                                 threshold=config.threshold, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class LeakyReLUConfig:
+    negative_slope: float = 0.3
+
+
+@register
+class LeakyReLU(LayerKind):
+    """Keras 3 spells the slope `negative_slope`, Keras 2 `alpha`; the default is 0.3 in both
+    (torch's is 0.01), so it is always written out."""
+
+    kind, keras_classes, Config = "leaky_relu", ("LeakyReLU",), LeakyReLUConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        return LeakyReLUConfig(float(options.take("negative_slope", 0.3, keras2="alpha")))
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.call(builder.F.leaky_relu, inputs[0], negative_slope=context.config.negative_slope)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.LeakyReLU(negative_slope=context.config.negative_slope,
+                                      name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class ELUConfig:
+    alpha: float = 1.0
+
+
+@register
+class ELU(LayerKind):
+    kind, keras_classes, Config = "elu", ("ELU",), ELUConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        return ELUConfig(float(options.take("alpha", 1.0)))
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.call(builder.F.elu, inputs[0], alpha=context.config.alpha)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.ELU(alpha=context.config.alpha, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class SoftmaxConfig:
+    axis: int = -1      # Keras axis, batch included; negative counts from the end
+
+
+@register
+class Softmax(LayerKind):
+    """The Keras axis is remapped to torch's channels-first layout."""
+
+    kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
+
+    def from_keras(self, options):
+        axis = options.take("axis", -1)
+        if isinstance(axis, list) and len(axis) == 1:
+            axis = axis[0]
+        if not isinstance(axis, int):
+            raise options.unsupported("axis", axis, "one axis")
+        return SoftmaxConfig(axis)
+
+    def torch_forward(self, builder, context, inputs):
+        from exchange.kinds.layout import torch_axis
+
+        dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
+        return builder.call(builder.torch.softmax, inputs[0], dim=dim)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Softmax(axis=context.config.axis, name=context.node.name, dtype=context.node.dtype)

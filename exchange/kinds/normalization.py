@@ -1,0 +1,169 @@
+"""Normalisation: BatchNormalization, Normalization (a preprocessing layer), Rescaling.
+
+Conventions that differ:
+- BatchNormalization: Keras gamma, beta, moving_mean, moving_variance are torch's weight, bias,
+  running_mean, running_var. torch also keeps `num_batches_tracked` (int64, no Keras source;
+  written as 0, dropped going back). Keras's `momentum` weighs the old value (0.99), torch's the
+  new one (0.1): torch momentum = 1 − Keras momentum. Epsilon is written out (Keras 1e-3, torch
+  1e-5 by default; keras.applications' ResNets use 1.001e-5). With only one of center/scale off,
+  torch's affine BatchNorm holds the missing one as a constant (bias 0 or weight 1); a torch file
+  whose constant was changed cannot go back to Keras and is refused.
+- Normalization: its adapted mean and variance are weights; Keras divides by
+  max(sqrt(variance), 1e-7). Its `count` only matters to `adapt` and is not exported.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exchange.errors import UnsupportedLayerError
+from exchange.kinds import LayerKind, register
+from exchange.kinds.layout import keras_axis
+from exchange.ports import KerasOnly, Port, TorchOnly
+
+KERAS_EPSILON = 1e-7   # keras.config.epsilon(), Normalization's floor on the standard deviation
+
+
+def _one_axis(options, default=-1) -> int:
+    axis = options.take("axis", default)
+    if isinstance(axis, (list, tuple)) and len(axis) == 1:
+        axis = axis[0]
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise options.unsupported("axis", axis, "one axis, the channels")
+    return axis
+
+
+def _check_channel_axis(axis: int, shape: tuple, where: str) -> None:
+    if keras_axis(axis, len(shape), where) != len(shape):
+        raise UnsupportedLayerError(f"{where}: axis {axis} is not the channel axis; only "
+                                    "the last axis is supported")
+
+
+@dataclass(frozen=True)
+class BatchNormConfig:
+    axis: int = -1
+    momentum: float = 0.99
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+
+
+@register
+class BatchNormalization(LayerKind):
+    kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
+
+    def from_keras(self, options):
+        for key, allowed in (("synchronized", False), ("renorm", False), ("renorm_clipping", None),
+                             ("virtual_batch_size", None), ("adjustment", None)):
+            options.expect(key, allowed)
+        options.take("renorm_momentum", None)   # unused without renorm
+        options.take("fused", None)             # Keras 2: an implementation choice
+        return BatchNormConfig(_one_axis(options), float(options.take("momentum", 0.99)),
+                               float(options.take("epsilon", 1e-3)), bool(options.take("center", True)),
+                               bool(options.take("scale", True)))
+
+    def output_shape(self, config, input_shapes):
+        _check_channel_axis(config.axis, input_shapes[0], "BatchNormalization")
+        return input_shapes[0]
+
+    def keras_variables(self, context):
+        channels = (context.input_shape[-1],)
+        names = (["gamma"] if context.config.scale else []) + (["beta"] if context.config.center else [])
+        return [(name, channels) for name in names + ["moving_mean", "moving_variance"]]
+
+    def ports(self, context):
+        config, channels = context.config, (context.input_shape[-1],)
+        ports: list = []
+        if config.scale:
+            ports.append(Port("gamma", "weight"))
+        elif config.center:
+            ports.append(TorchOnly("weight", channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
+        if config.center:
+            ports.append(Port("beta", "bias"))
+        elif config.scale:
+            ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
+        ports += [Port("moving_mean", "running_mean"), Port("moving_variance", "running_var"),
+                  TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config, rank = context.config, len(context.input_shape)
+        module_class = {1: builder.nn.BatchNorm1d, 2: builder.nn.BatchNorm1d, 3: builder.nn.BatchNorm2d,
+                        4: builder.nn.BatchNorm3d}[rank]
+        norm = module_class(context.input_shape[-1], eps=config.epsilon, momentum=1.0 - config.momentum,
+                            affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
+        return builder.module(context, norm, inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
+                                               center=config.center, scale=config.scale,
+                                               name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class NormalizationConfig:
+    axis: int = -1
+    invert: bool = False
+
+
+@register
+class Normalization(LayerKind):
+    kind, keras_classes, Config = "normalization", ("Normalization",), NormalizationConfig
+
+    def from_keras(self, options):
+        for key in ("mean", "variance"):
+            value = options.take(key, None)
+            if value is not None:
+                raise options.unsupported(key, value, "only an adapted Normalization (mean and variance "
+                                                      "as weights) is supported")
+        return NormalizationConfig(_one_axis(options), bool(options.take("invert", False)))
+
+    def output_shape(self, config, input_shapes):
+        _check_channel_axis(config.axis, input_shapes[0], "Normalization")
+        return input_shapes[0]
+
+    def keras_variables(self, context):
+        channels = (context.input_shape[-1],)
+        return [("mean", channels), ("variance", channels), ("count", ())]
+
+    def ports(self, context):
+        return [Port("mean", "mean"), Port("variance", "variance"),
+                KerasOnly("count", why="the number of samples seen by adapt()")]
+
+    def torch_forward(self, builder, context, inputs):
+        module = builder.helpers.KerasNormalization(context.input_shape[-1], len(context.input_shape),
+                                                    context.config.invert, KERAS_EPSILON,
+                                                    dtype=builder.dtype(context))
+        return builder.module(context, module, inputs[0])
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Normalization(axis=context.config.axis, invert=context.config.invert,
+                                          name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class RescalingConfig:
+    scale: float = 1.0
+    offset: float = 0.0
+
+
+@register
+class Rescaling(LayerKind):
+    kind, keras_classes, Config = "rescaling", ("Rescaling",), RescalingConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        scale, offset = options.take("scale", 1.0), options.take("offset", 0.0)
+        for key, value in (("scale", scale), ("offset", offset)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                raise options.unsupported(key, value, "a single number")
+        return RescalingConfig(float(scale), float(offset))
+
+    def torch_forward(self, builder, context, inputs):
+        value = builder.call(builder.torch.mul, inputs[0], context.config.scale)
+        return builder.call(builder.torch.add, value, context.config.offset)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Rescaling(context.config.scale, context.config.offset,
+                                      name=context.node.name, dtype=context.node.dtype)

@@ -1,0 +1,218 @@
+"""Layers that move or pass data without weights: Flatten, Reshape, ZeroPadding2D, Cropping2D,
+Dropout and SpatialDropout (no-ops at inference).
+
+Conventions that differ:
+- Flatten: Keras flattens an image in (H, W, C) order; `torch.flatten` on a channels-first tensor
+  gives (C, H, W) order. When everything after the Flatten is a Dense (through activations and
+  dropout), torch flattens its own way and the Dense permutes its weight rows instead (see
+  `Graph.channels_first_flattens`); elsewhere the torch side moves the channels last first.
+- Reshape works on Keras's channels-last element order, so the torch side moves the channels last
+  before and back to the front after.
+- Padding and cropping amounts are (top, bottom), (left, right) in Keras, (left, right, top, bottom)
+  for `F.pad` / `nn.ZeroPad2d`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from math import prod
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import LayerKind, register
+
+
+@register
+class Flatten(LayerKind):
+    kind, keras_classes = "flatten", ("Flatten",)
+    may_flatten_channels_first = True
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        return self.Config()
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        return (None if None in shape else prod(shape),)
+
+    def torch_forward(self, builder, context, inputs):
+        value = inputs[0]
+        if len(context.input_shape) < 2:
+            return value
+        if not context.channels_first_flatten:
+            value = builder.call(builder.torch.movedim, value, 1, -1)
+        return builder.call(builder.torch.flatten, value, 1)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Flatten(name=context.node.name, dtype=context.node.dtype)
+
+    def numpy_forward(self, context, tensors, inputs):
+        if len(context.input_shape) > 1:
+            raise UnsupportedLayerError(f"no numpy forward for a Flatten of an image ({context.node.name!r})")
+        return inputs[0]
+
+
+@dataclass(frozen=True)
+class ReshapeConfig:
+    target_shape: tuple[int, ...]
+
+
+@register
+class Reshape(LayerKind):
+    kind, keras_classes, Config = "reshape", ("Reshape",), ReshapeConfig
+
+    def from_keras(self, options):
+        target = options.take("target_shape")
+        if not isinstance(target, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                            for s in target):
+            raise options.unsupported("target_shape", target)
+        return ReshapeConfig(tuple(target))
+
+    def output_shape(self, config, input_shapes):
+        shape, target = input_shapes[0], list(config.target_shape)
+        if None in shape:
+            raise ExchangeError("Reshape needs a fixed input size")
+        size = prod(shape)
+        if target.count(-1) > 1 or any(s < -1 or s == 0 for s in target):
+            raise ExchangeError(f"invalid target shape {config.target_shape}")
+        if -1 in target:
+            known = prod(s for s in target if s != -1)
+            if size % known:
+                raise ExchangeError(f"cannot reshape {shape} to {config.target_shape}")
+            target[target.index(-1)] = size // known
+        if prod(target) != size:
+            raise ExchangeError(f"cannot reshape {shape} to {config.target_shape}")
+        return tuple(target)
+
+    def torch_forward(self, builder, context, inputs):
+        value = inputs[0]
+        if len(context.input_shape) > 1:
+            value = builder.call(builder.torch.movedim, value, 1, -1)
+        value = builder.call(builder.torch.reshape, value, (-1,) + tuple(context.output_shape))
+        if len(context.output_shape) > 1:
+            value = builder.call(builder.torch.movedim, value, -1, 1)
+        return value
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Reshape(context.config.target_shape, name=context.node.name, dtype=context.node.dtype)
+
+
+def _pairs(options, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keras's 2-D padding/cropping spellings: 1, (1, 2) or ((1, 0), (2, 1))."""
+    value = options.take(key, 1)
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value, value)
+    try:
+        pairs = tuple((item, item) if isinstance(item, int) else tuple(item) for item in value)
+        if len(pairs) == 2 and all(len(p) == 2 and all(isinstance(a, int) and a >= 0 for a in p) for p in pairs):
+            return pairs
+    except TypeError:
+        pass
+    raise options.unsupported(key, value)
+
+
+@dataclass(frozen=True)
+class Padding2DConfig:
+    amounts: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right))
+
+
+@register
+class ZeroPadding2D(LayerKind):
+    kind, keras_classes, Config = "zero_padding2d", ("ZeroPadding2D",), Padding2DConfig
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        return Padding2DConfig(_pairs(options, "padding"))
+
+    def output_shape(self, config, input_shapes):
+        (top, bottom), (left, right) = config.amounts
+        height, width, channels = _image(input_shapes[0])
+        return (None if height is None else height + top + bottom,
+                None if width is None else width + left + right, channels)
+
+    def torch_forward(self, builder, context, inputs):
+        (top, bottom), (left, right) = context.config.amounts
+        return builder.module(context, builder.nn.ZeroPad2d((left, right, top, bottom)), inputs[0])
+
+    def keras_layer(self, keras, context):
+        return keras.layers.ZeroPadding2D(context.config.amounts, data_format="channels_last",
+                                          name=context.node.name, dtype=context.node.dtype)
+
+
+@register
+class Cropping2D(LayerKind):
+    kind, keras_classes, Config = "cropping2d", ("Cropping2D",), Padding2DConfig
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        return Padding2DConfig(_pairs(options, "cropping"))
+
+    def output_shape(self, config, input_shapes):
+        (top, bottom), (left, right) = config.amounts
+        height, width, channels = _image(input_shapes[0])
+        if height is None or width is None:
+            raise ExchangeError("Cropping2D needs a fixed input size")
+        if height <= top + bottom or width <= left + right:
+            raise ExchangeError(f"cropping {config.amounts} leaves nothing of {height}x{width}")
+        return (height - top - bottom, width - left - right, channels)
+
+    def torch_forward(self, builder, context, inputs):
+        (top, _), (left, _) = context.config.amounts
+        height, width, _ = context.output_shape
+        value = builder.method(inputs[0], "narrow", 2, top, height)
+        return builder.method(value, "narrow", 3, left, width)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Cropping2D(context.config.amounts, data_format="channels_last",
+                                       name=context.node.name, dtype=context.node.dtype)
+
+
+def _image(shape: tuple) -> tuple:
+    if len(shape) != 3:
+        raise ExchangeError(f"expects rank-4 input, found shape (batch, {shape})")
+    return shape
+
+
+@dataclass(frozen=True)
+class DropoutConfig:
+    rate: float = 0.0
+
+
+class _Dropout(LayerKind):
+    """Random only in training; at inference the identity, in both frameworks."""
+
+    Config = DropoutConfig
+    keeps_element_order = True
+
+    def from_keras(self, options):
+        options.take("noise_shape", None)
+        options.take("seed", None)
+        return DropoutConfig(float(options.take("rate", 0.0)))
+
+    def torch_forward(self, builder, context, inputs):
+        return inputs[0]
+
+    def keras_layer(self, keras, context):
+        return getattr(keras.layers, self.keras_classes[0])(context.config.rate, name=context.node.name,
+                                                            dtype=context.node.dtype)
+
+    def numpy_forward(self, context, tensors, inputs):
+        return inputs[0]
+
+
+@register
+class Dropout(_Dropout):
+    kind, keras_classes = "dropout", ("Dropout",)
+
+
+@register
+class SpatialDropout1D(_Dropout):
+    kind, keras_classes = "spatial_dropout1d", ("SpatialDropout1D",)
+
+
+@register
+class SpatialDropout2D(_Dropout):
+    kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        return super().from_keras(options)

@@ -1,0 +1,88 @@
+"""Small torch modules for Keras behaviour that no standard `torch.nn` module has.
+
+Each one reproduces exactly one Keras convention, named in its docstring. Everything else in a
+converted model is a standard module (`nn.Conv2d`, `nn.BatchNorm2d`, …).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class SeparableConv2d(nn.Module):
+    """Keras SeparableConv2D: a depthwise convolution (no bias) then a 1x1 pointwise one.
+
+    Keys `depthwise.weight`, `pointwise.weight`, `pointwise.bias`.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 depth_multiplier: int = 1, bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        middle = in_channels * depth_multiplier
+        self.depthwise = nn.Conv2d(in_channels, middle, kernel_size, stride=stride, padding=padding,
+                                   dilation=dilation, groups=in_channels, bias=False, device=device, dtype=dtype)
+        self.pointwise = nn.Conv2d(middle, out_channels, 1, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class KerasAvgPool(nn.Module):
+    """Keras average pooling with asymmetric TensorFlow `same` padding: padded cells are not
+    counted (torch's `count_include_pad=False` only takes symmetric padding)."""
+
+    def __init__(self, kernel_size, stride, pad: tuple[int, ...]):
+        super().__init__()
+        self.kernel_size, self.stride, self.pad = tuple(kernel_size), tuple(stride), tuple(pad)
+        self.pool = F.avg_pool1d if len(self.kernel_size) == 1 else F.avg_pool2d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums = self.pool(F.pad(x, self.pad), self.kernel_size, self.stride)
+        cells = self.pool(F.pad(torch.ones_like(x[:1, :1]), self.pad), self.kernel_size, self.stride)
+        return sums / cells
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, pad={self.pad}"
+
+
+class KerasNormalization(nn.Module):
+    """Keras's Normalization layer: (x − mean) / max(sqrt(variance), epsilon) per channel
+    (or the inverse with `invert`). mean and variance are buffers, so they are in the state_dict."""
+
+    def __init__(self, channels: int, rank: int, invert: bool, epsilon: float, dtype=None):
+        super().__init__()
+        self.register_buffer("mean", torch.empty(channels, dtype=dtype, device="meta"))
+        self.register_buffer("variance", torch.empty(channels, dtype=dtype, device="meta"))
+        self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
+        self.invert, self.epsilon = invert, epsilon
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean, variance = self.mean.view(self.view), self.variance.view(self.view)
+        scale = torch.clamp(torch.sqrt(variance), min=self.epsilon)
+        return mean + x * scale if self.invert else (x - mean) / scale
+
+
+class KerasReLU(nn.Module):
+    """Keras's ReLU with a threshold, a negative slope or a max value other than 6:
+    x > threshold -> clip(x, 0, max_value); below -> negative_slope * (x − threshold)."""
+
+    def __init__(self, max_value: float | None, negative_slope: float, threshold: float):
+        super().__init__()
+        self.max_value, self.negative_slope, self.threshold = max_value, negative_slope, threshold
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # The order of Keras's `relu(x, negative_slope, max_value, threshold)`, step by step.
+        if self.threshold != 0:
+            y = x * (x > self.threshold).to(x.dtype)
+        else:
+            y = torch.relu(x)
+        if self.max_value is not None:
+            y = torch.clamp(y, 0.0, self.max_value)
+        if self.negative_slope != 0:
+            y = y - self.negative_slope * torch.relu(self.threshold - x)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"max_value={self.max_value}, negative_slope={self.negative_slope}, threshold={self.threshold}"

@@ -1,0 +1,134 @@
+"""The framework-neutral graph, the registry of layer kinds and the ports (no framework)."""
+
+import numpy as np
+import pytest
+
+from exchange import layout
+from exchange.errors import ExchangeError, TensorMismatchError, UnsupportedLayerError
+from exchange.graph import Graph, dense_chain
+from exchange.kinds import KERAS_CLASSES, KINDS, LayerKind, register
+from exchange.ports import Permute, Port, Reshape
+from exchange.tensors import LazyTensor
+from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
+
+
+def test_seed_parameter_counts():
+    assert SEED_ARCHITECTURE.node_parameter_counts() == {
+        "dense_0": 784 * 50 + 50, "dense_1": 50 * 50 + 50, "dense_2": 50 * 10 + 10}
+    assert SEED_ARCHITECTURE.parameter_count() == 42_310
+    assert SEED_ARCHITECTURE.tensor_shapes() == {
+        "dense_0.weight": (50, 784), "dense_0.bias": (50,),
+        "dense_1.weight": (50, 50), "dense_1.bias": (50,),
+        "dense_2.weight": (10, 50), "dense_2.bias": (10,)}
+
+
+def test_json_round_trip_and_no_bias_layer():
+    graph = dense_chain("m", 20, [(7, "relu"), (3, "sigmoid"), (2, "linear", False)])
+    assert Graph.from_json(graph.to_json()) == graph
+    assert "dense_2.bias" not in graph.tensor_shapes()
+    assert graph.parameter_count() == 20 * 7 + 7 + 7 * 3 + 3 + 3 * 2
+
+
+def _node(kind="dense", config=None, inputs=("x",), name="d"):
+    return {"name": "m", "inputs": [{"name": "x", "shape": [4]}], "outputs": [name],
+            "nodes": [{"name": name, "kind": kind, "inputs": list(inputs),
+                       "config": {"units": 3} if config is None else config}]}
+
+
+@pytest.mark.parametrize("description, message", [
+    (_node(kind="conv3d"), "unsupported layer kind 'conv3d'"),
+    (_node(config={"units": 3, "activation": "swishy"}), "unsupported activation 'swishy'"),
+    (_node(config={"units": 3, "use_bias": "no"}), "option 'use_bias': 'no' is not a bool"),
+    (_node(config={"units": 3, "lora_rank": 4}), "unknown option"),
+    (_node(config={}), "option 'units' is missing"),
+    (_node(inputs=("y",)), "reads \\['y'\\]"),
+    ({"inputs": []}, "malformed architecture"),
+])
+def test_bad_architecture_descriptions(description, message):
+    with pytest.raises(ExchangeError, match=message):
+        Graph.from_dict(description)
+
+
+def test_bad_json_is_one_error():
+    with pytest.raises(ExchangeError, match="not valid JSON"):
+        Graph.from_json("not json")
+    with pytest.raises(ExchangeError, match="not valid JSON"):
+        Graph.from_json("[" * 100_000 + "]" * 100_000)
+
+
+def test_registry_refuses_a_second_registration():
+    with pytest.raises(ExchangeError, match="registered twice"):
+        @register
+        class AnotherDense(LayerKind):
+            kind, keras_classes = "dense_again", ("Dense",)
+    assert "dense_again" not in KINDS and KERAS_CLASSES["Dense"].kind == "dense"
+
+
+def test_dense_port_transposes_and_inverts():
+    graph = dense_chain("m", 3, [(4, "linear")])
+    kernel = np.arange(12, dtype=np.float32).reshape(3, 4)  # Keras (in=3, out=4)
+    tensors = layout.keras_to_file(graph, {"dense_0": [("kernel", kernel), ("bias", np.zeros(4, np.float32))]})
+    np.testing.assert_array_equal(tensors["dense_0.weight"], kernel.T)
+    assert tensors["dense_0.weight"].flags.c_contiguous
+    back = layout.file_to_keras(graph, tensors)
+    np.testing.assert_array_equal(back["dense_0"][0], kernel)
+    assert kernel[0, 1] == 1.0  # the input was not modified
+
+
+def test_unclaimed_keras_variable_is_an_error_naming_it():
+    """A Dense with LoRA variables must not export its base kernel alone."""
+    graph = dense_chain("m", 3, [(4, "linear")])
+    stored = [("kernel", np.zeros((3, 4), np.float32)), ("bias", np.zeros(4, np.float32)),
+              ("lora_kernel_a", np.zeros((3, 2), np.float32))]
+    with pytest.raises(TensorMismatchError, match="no port claims \\['lora_kernel_a'\\]"):
+        layout.keras_to_file(graph, {"dense_0": stored}, class_names={"dense_0": "Dense"})
+
+
+def test_ports_map_shapes_exactly_both_ways():
+    port = Port("kernel", "weight", (Permute((2, 3, 0, 1)), Reshape((5, 2, 3, 4), (10, 1, 3, 4))))
+    keras_kernel = np.random.default_rng(0).random((3, 4, 5, 2)).astype(np.float32)
+    torch_weight = port.to_torch(keras_kernel)
+    assert torch_weight.shape == port.torch_shape(keras_kernel.shape) == (10, 1, 3, 4)
+    np.testing.assert_array_equal(torch_weight[2 * 2 + 1, 0], keras_kernel[:, :, 2, 1])
+    np.testing.assert_array_equal(port.to_keras(torch_weight), keras_kernel)
+    with pytest.raises(ExchangeError, match="changes the size"):
+        Reshape((2, 3), (7,))
+
+
+def test_lazy_tensor_never_broadcasts():
+    """A stored (3,) array must not fill a declared (2, 3) tensor."""
+    lazy = LazyTensor((2, 3), np.dtype(np.float32), lambda: np.ones(3, np.float32))
+    with pytest.raises(ExchangeError, match="stored tensor is \\(3,\\), declared \\(2, 3\\)"):
+        lazy.load()
+
+
+def test_flatten_of_an_image_into_dense_permutes_the_weight_rows():
+    """Keras flattens (H, W, C); torch flattens (C, H, W): the Dense weight absorbs the order."""
+    graph = Graph.from_dict({
+        "name": "m", "inputs": [{"name": "x", "shape": [2, 3, 4]}], "outputs": ["d"],
+        "nodes": [{"name": "f", "kind": "flatten", "inputs": ["x"], "config": {}},
+                  {"name": "d", "kind": "dense", "inputs": ["f"], "config": {"units": 5}}]})
+    assert graph.channels_first_flattens == {"f": (2, 3, 4)}
+    kernel = np.random.default_rng(1).random((24, 5)).astype(np.float32)
+    weight = layout.keras_to_file(graph, {"d": [("kernel", kernel), ("bias", np.zeros(5, np.float32))]})["d.weight"]
+    image = np.random.default_rng(2).random((2, 3, 4)).astype(np.float32)   # (H, W, C)
+    np.testing.assert_allclose(weight @ image.transpose(2, 0, 1).reshape(-1), image.reshape(-1) @ kernel, rtol=1e-6)
+    output_graph = Graph.from_dict({**graph.to_dict(), "outputs": ["f"], "nodes": graph.to_dict()["nodes"][:1]})
+    assert output_graph.channels_first_flattens == {}, "a Flatten that is an output keeps Keras's order"
+
+
+def test_unknown_layer_kind_is_named():
+    with pytest.raises(UnsupportedLayerError, match="unsupported layer kind 'conv3d'"):
+        Graph.from_dict(_node(kind="conv3d"))
+
+
+def test_seed_initialisation_is_old_keras_normal():
+    """np.random.seed(0), then N(0, 0.05) per kernel in Keras layout (in, out), biases zero."""
+    tensors = seed_initial_tensors(SEED_ARCHITECTURE)
+    np.random.seed(0)
+    first_kernel = np.random.normal(0.0, 0.05, size=(784, 50)).astype(np.float32)
+    second_kernel = np.random.normal(0.0, 0.05, size=(50, 50)).astype(np.float32)
+    np.testing.assert_array_equal(tensors["dense_0.weight"], first_kernel.T)
+    np.testing.assert_array_equal(tensors["dense_1.weight"], second_kernel.T)
+    assert not tensors["dense_2.bias"].any()
+    assert abs(float(tensors["dense_0.weight"].std()) - 0.05) < 0.001
