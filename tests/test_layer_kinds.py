@@ -1,0 +1,197 @@
+"""Every layer kind in both directions, with real Keras (TensorFlow backend) and real PyTorch.
+
+Each case is a small Keras model around one layer, on non-square sizes (in != out, kh != kw, odd
+and even spatial sizes with stride 2), with seeded non-trivial weights and statistics.
+- Keras -> torch: the live model's tensors into the torch module; outputs compared.
+- torch -> Keras: a random state_dict (as after training in torch) into both the torch module and
+  the Keras model built from the graph; outputs compared, and the Keras weights read back give
+  the same state_dict bit for bit.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from exchange import keras_adapter, torch_adapter
+from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+
+L = keras.layers
+# float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
+LAYER_TOLERANCE = 1e-5
+
+IMAGE = (9, 12, 5)      # odd height, even width, channels unlike any filter count
+EVEN_IMAGE = (10, 8, 3)
+SEQUENCE = (11, 4)
+
+
+def single(shape, *layers):
+    return keras.Sequential([keras.Input(shape)] + list(layers))
+
+
+def two_branches(merge, shape=IMAGE):
+    inputs = keras.Input(shape, name="image")
+    left = L.Conv2D(4, (3, 2), padding="same", name="left")(inputs)
+    right = L.Conv2D(4, (1, 3), padding="same", activation="tanh", name="right")(inputs)
+    return keras.Model(inputs, merge([left, right]))
+
+
+def normalization():
+    layer = L.Normalization(name="norm")
+    layer.adapt(np.random.default_rng(5).normal(2.0, 3.0, (64,) + IMAGE).astype(np.float32))
+    return single(IMAGE, layer, L.Conv2D(2, 1, name="after"))
+
+
+CASES = {
+    "dense": lambda: single((13,), L.Dense(6, activation="relu")),
+    "dense_rank3": lambda: single((5, 7), L.Dense(4, activation="tanh")),
+    "dense_rank4_no_bias": lambda: single((3, 4, 5), L.Dense(6, use_bias=False)),
+    "conv2d_valid": lambda: single(IMAGE, L.Conv2D(4, (3, 2))),
+    "conv2d_same_stride2": lambda: single(IMAGE, L.Conv2D(6, (3, 4), strides=2, padding="same", activation="relu")),
+    "conv2d_same_stride2_even": lambda: single(EVEN_IMAGE, L.Conv2D(5, 3, strides=2, padding="same")),
+    "conv2d_dilated": lambda: single(IMAGE, L.Conv2D(3, (3, 2), dilation_rate=(2, 3), padding="same")),
+    "conv2d_groups": lambda: single((9, 12, 6), L.Conv2D(9, 3, groups=3)),
+    "conv2d_no_bias_strides": lambda: single(IMAGE, L.Conv2D(4, (2, 3), strides=(1, 2), use_bias=False)),
+    "conv1d_same_stride2": lambda: single(SEQUENCE, L.Conv1D(5, 3, strides=2, padding="same")),
+    "conv1d_causal_dilated": lambda: single(SEQUENCE, L.Conv1D(3, 2, padding="causal", dilation_rate=2)),
+    "conv2d_transpose_same": lambda: single((5, 6, 4), L.Conv2DTranspose(3, 3, strides=2, padding="same")),
+    "conv2d_transpose_same_even_kernel": lambda: single((5, 6, 4), L.Conv2DTranspose(3, (4, 2), strides=2,
+                                                                                     padding="same")),
+    "conv2d_transpose_valid": lambda: single((5, 6, 4), L.Conv2DTranspose(2, (3, 2), strides=(2, 1))),
+    "conv2d_transpose_kernel_below_stride": lambda: single((5, 6, 4), L.Conv2DTranspose(2, 2, strides=3)),
+    "depthwise": lambda: single(IMAGE, L.DepthwiseConv2D((3, 2), depth_multiplier=2, strides=2, padding="same")),
+    "separable": lambda: single(IMAGE, L.SeparableConv2D(7, 3, depth_multiplier=2, padding="same")),
+    "separable_valid_stride2": lambda: single(EVEN_IMAGE, L.SeparableConv2D(4, (3, 2), strides=2, use_bias=False)),
+    "batch_norm_image": lambda: single(IMAGE, L.BatchNormalization(epsilon=1.001e-5, momentum=0.9)),
+    "batch_norm_no_center": lambda: single(IMAGE, L.BatchNormalization(center=False)),
+    "batch_norm_no_scale": lambda: single((13,), L.BatchNormalization(scale=False)),
+    "batch_norm_neither": lambda: single(SEQUENCE, L.BatchNormalization(center=False, scale=False)),
+    "max_pool_same_stride2": lambda: single(IMAGE, L.MaxPooling2D(3, strides=2, padding="same")),
+    "max_pool_valid": lambda: single(IMAGE, L.MaxPooling2D((2, 3))),
+    "avg_pool_same_stride2": lambda: single(IMAGE, L.AveragePooling2D(3, strides=2, padding="same")),
+    "avg_pool_same_even": lambda: single(EVEN_IMAGE, L.AveragePooling2D(2, strides=1, padding="same")),
+    "avg_pool_same_symmetric": lambda: single(IMAGE, L.AveragePooling2D(3, strides=1, padding="same")),
+    "avg_pool_valid": lambda: single(IMAGE, L.AveragePooling2D((3, 2), strides=(2, 1))),
+    "pool1d": lambda: single(SEQUENCE, L.MaxPooling1D(3, strides=2, padding="same"),
+                             L.AveragePooling1D(2, padding="same")),
+    "global_pools": lambda: single(IMAGE, L.Conv2D(4, 3), L.GlobalAveragePooling2D(keepdims=True),
+                                   L.Conv2D(3, 1), L.GlobalMaxPooling2D()),
+    "global_pools_1d": lambda: single(SEQUENCE, L.GlobalAveragePooling1D(keepdims=True), L.Conv1D(2, 1),
+                                      L.GlobalMaxPooling1D()),
+    "zero_padding_and_cropping": lambda: single(IMAGE, L.ZeroPadding2D(((1, 2), (0, 3))),
+                                                L.Conv2D(3, 2), L.Cropping2D(((1, 0), (2, 1)))),
+    "flatten_into_dense": lambda: single(IMAGE, L.Conv2D(3, 2), L.Flatten(), L.Dropout(0.5),
+                                         L.Activation("relu"), L.Dense(7)),
+    "flatten_as_output": lambda: single(IMAGE, L.Conv2D(3, 2), L.Flatten()),
+    "reshape": lambda: single(IMAGE, L.Reshape((12, 45)), L.Conv1D(3, 2), L.Reshape((-1,)), L.Dense(2)),
+    "dropouts": lambda: single(IMAGE, L.SpatialDropout2D(0.3), L.Dropout(0.2), L.Conv2D(2, 1)),
+    "activations": lambda: single((13,), *[L.Dense(6, activation=name) for name in (
+        "linear", "relu", "relu6", "tanh", "sigmoid", "hard_sigmoid", "silu", "gelu", "elu", "selu",
+        "softplus", "softsign", "softmax")]),
+    "swish_and_softmax_on_images": lambda: single(IMAGE, L.Conv2D(4, 1, activation="swish"),
+                                                  L.Activation("softmax")),
+    "relu_options": lambda: single((13,), L.Dense(8), L.ReLU(max_value=6.0), L.Dense(8),
+                                   L.ReLU(max_value=2.5, negative_slope=0.1, threshold=0.5), L.Dense(8),
+                                   L.LeakyReLU(negative_slope=0.2), L.Dense(8), L.ELU(alpha=0.5)),
+    "softmax_axes": lambda: single(IMAGE, L.Softmax(axis=-1), L.Softmax(axis=2)),
+    "add": lambda: two_branches(L.Add()),
+    "subtract": lambda: two_branches(L.Subtract()),
+    "multiply": lambda: two_branches(L.Multiply()),
+    "average": lambda: two_branches(L.Average()),
+    "maximum_minimum": lambda: two_branches(lambda x: L.Minimum()([L.Maximum()(x), x[0]])),
+    "concatenate_channels": lambda: two_branches(L.Concatenate()),
+    "concatenate_width": lambda: two_branches(L.Concatenate(axis=2)),
+    "rescaling": lambda: single(IMAGE, L.Rescaling(1 / 255.0, offset=-0.5), L.Conv2D(2, 1)),
+    "normalization": normalization,
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_layer_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    keras_model = randomize(CASES[case](), seed=3)
+    graph = keras_adapter.architecture_of(keras_model)
+    inputs = batch(keras_model)
+
+    keras_tensors = keras_adapter.get_tensors(keras_model)
+    assert keras_vs_torch(keras_model, graph, keras_tensors, inputs) <= LAYER_TOLERANCE
+
+    torch_state = random_torch_state(graph, seed=4)
+    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    torch_outputs = torch_adapter.predict(torch_model, inputs)
+    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) <= LAYER_TOLERANCE
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    for key, tensor in torch_state.items():
+        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+
+
+def test_keras_layout_wrapper_is_a_drop_in_for_the_keras_model():
+    keras.utils.set_random_seed(2)
+    keras_model = randomize(CASES["conv2d_same_stride2"](), seed=1)
+    graph = keras_adapter.architecture_of(keras_model)
+    module = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model), keras_layout=True)
+    import torch
+
+    (inputs,) = batch(keras_model)
+    with torch.no_grad():
+        outputs = module(torch.from_numpy(inputs)).numpy()
+    assert outputs.shape == (len(inputs), 5, 6, 6)
+    assert max_difference([outputs], keras_adapter.predict(keras_model, [inputs])) <= LAYER_TOLERANCE
+
+
+def test_torch_module_is_trainable():
+    """Gradients reach every parameter of a converted model: it can be fine-tuned in PyTorch."""
+    import torch
+
+    keras.utils.set_random_seed(2)
+    keras_model = randomize(CASES["flatten_into_dense"](), seed=1)
+    graph = keras_adapter.architecture_of(keras_model)
+    module = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model)).train()
+    loss = module(torch.rand(4, 5, 9, 12)).square().mean()
+    loss.backward()
+    assert all(parameter.requires_grad and parameter.grad is not None and parameter.grad.abs().sum() > 0
+               for parameter in module.parameters())
+    assert "conv2d" in module.code and "torch.flatten" in module.code
+
+
+def test_batch_norm_constant_that_keras_cannot_hold_is_refused():
+    keras.utils.set_random_seed(2)
+    graph = keras_adapter.architecture_of(CASES["batch_norm_no_center"]())
+    state = random_torch_state(graph, seed=1)
+    key = next(key for key in state if key.endswith(".bias"))
+    state[key] = state[key] + 0.5
+    from exchange.errors import ExchangeError
+
+    with pytest.raises(ExchangeError, match=f"{key} must be 0.0 everywhere to go back to Keras"):
+        keras_adapter.model_from_tensors(graph, state)
+
+
+@pytest.mark.parametrize("make_layer, message", [
+    (lambda: L.Conv2D(2, 3, data_format="channels_first"), "unsupported option data_format='channels_first'"),
+    (lambda: L.Dense(3, activation="log_sigmoid"), "unsupported option activation='log_sigmoid'"),
+    (lambda: L.BatchNormalization(axis=1), "axis 1 is not the channel axis"),
+    (lambda: L.Conv2DTranspose(2, 3, strides=2, output_padding=1), "unsupported option output_padding=\\[1, 1\\]"),
+    (lambda: L.SimpleRNN(3), "unsupported layer 'bad' \\(SimpleRNN\\)"),
+])
+def test_unsupported_options_are_named(make_layer, message):
+    from exchange.errors import UnsupportedLayerError
+
+    layer = make_layer()
+    layer.name = "bad"
+    shape = (7, 6) if "RNN" in type(layer).__name__ else (7, 6, 3)
+    model = keras.Sequential([keras.Input(shape), layer])
+    with pytest.raises(UnsupportedLayerError, match=message):
+        keras_adapter.architecture_of(model)
+
+
+def test_all_problems_of_a_model_in_one_error():
+    from exchange.errors import UnsupportedLayerError
+
+    model = keras.Sequential([keras.Input((7, 6)), L.SimpleRNN(3, return_sequences=True, name="first"),
+                              L.Dense(2, activation="log_sigmoid", name="second"), L.GRU(2, name="third")])
+    with pytest.raises(UnsupportedLayerError) as caught:
+        keras_adapter.architecture_of(model)
+    message = str(caught.value)
+    assert "'first' (SimpleRNN)" in message and "'second' (Dense)" in message and "'third' (GRU)" in message

@@ -1,0 +1,163 @@
+"""The CNN zoo: real Keras models saved as real files, converted in every direction by the CLI's
+own functions, and compared on outputs (Keras on TensorFlow is the reference).
+
+For each model: `.keras` -> `.safetensors` -> torch matches Keras; `.safetensors` -> `.keras`
+(opened by Keras itself) matches; `.keras` -> `.pt` -> `.keras` matches; and file -> Keras -> file
+is bit-identical. Run with `-s` to see each model's measured differences.
+"""
+
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from exchange import cli, keras_adapter, keras_files, torch_adapter
+from kerasmodels import batch, max_difference, randomize
+
+L = keras.layers
+# Small models: float32 rounding between TensorFlow and PyTorch stays near 1e-6.
+SMALL_TOLERANCE = 1e-5
+# keras.applications models: 50+ layers of rounding, relative to the largest output.
+APPLICATION_RELATIVE_TOLERANCE = 1e-4
+KERAS2_FIXTURES = ROOT / "tests/fixtures/keras2"
+
+
+def mnist_cnn():
+    inputs = keras.Input((28, 28, 1), name="digits")
+    x = L.Conv2D(8, 3, activation="relu", name="conv1")(inputs)
+    x = L.MaxPooling2D(2, name="pool1")(x)
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="conv2")(x)
+    x = L.Flatten(name="flatten")(x)
+    x = L.Dense(32, activation="relu", name="fc1")(x)
+    x = L.Dropout(0.5, name="dropout")(x)
+    return keras.Model(inputs, L.Dense(10, activation="softmax", name="fc2")(x), name="mnist_cnn")
+
+
+def conv_bn_relu_gap():
+    inputs = keras.Input((27, 33, 3), name="image")
+    x = L.Conv2D(12, (3, 5), padding="same", use_bias=False, name="conv1")(inputs)
+    x = L.BatchNormalization(name="bn1")(x)
+    x = L.ReLU(name="relu1")(x)
+    x = L.Conv2D(16, 3, strides=2, name="conv2")(x)
+    x = L.BatchNormalization(epsilon=1.001e-5, name="bn2")(x)
+    x = L.ReLU(name="relu2")(x)
+    x = L.GlobalAveragePooling2D(name="gap")(x)
+    return keras.Model(inputs, L.Dense(5, activation="softmax", name="classifier")(x), name="conv_bn_relu_gap")
+
+
+def depthwise_separable():
+    inputs = keras.Input((30, 26, 4), name="image")
+    x = L.DepthwiseConv2D(3, depth_multiplier=2, strides=2, padding="same", name="dw")(inputs)
+    x = L.BatchNormalization(name="dw_bn")(x)
+    x = L.ReLU(6.0, name="dw_relu")(x)
+    x = L.SeparableConv2D(10, 3, padding="same", name="sep")(x)
+    x = L.BatchNormalization(name="sep_bn")(x)
+    x = L.Activation("swish", name="sep_swish")(x)
+    x = L.GlobalMaxPooling2D(name="gmp")(x)
+    return keras.Model(inputs, L.Dense(3, name="head")(x), name="depthwise_separable")
+
+
+def conv_transpose_autoencoder():
+    inputs = keras.Input((24, 20, 2), name="image")
+    x = L.Conv2D(8, 3, strides=2, padding="same", activation="relu", name="enc1")(inputs)
+    x = L.Conv2D(16, 3, strides=2, padding="same", activation="relu", name="enc2")(x)
+    x = L.Conv2DTranspose(8, 3, strides=2, padding="same", activation="relu", name="dec1")(x)
+    outputs = L.Conv2DTranspose(2, 3, strides=2, padding="same", activation="sigmoid", name="dec2")(x)
+    return keras.Model(inputs, outputs, name="autoencoder")
+
+
+def mobilenet_v2():
+    return keras.applications.MobileNetV2(weights=None, input_shape=(96, 96, 3))
+
+
+def resnet50():
+    return keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))
+
+
+SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
+         "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder}
+APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50}
+
+
+def check(name: str, keras_outputs: list, other_outputs: list, application: bool, what: str) -> float:
+    difference = max_difference(keras_outputs, other_outputs)
+    scale = max(float(np.max(np.abs(output))) for output in keras_outputs)
+    print(f"{name}: {what}: max abs diff {difference:.2e} (outputs up to {scale:.3g})")
+    if application:
+        assert difference <= APPLICATION_RELATIVE_TOLERANCE * scale, (what, difference, scale)
+        for keras_output, other in zip(keras_outputs, other_outputs):
+            np.testing.assert_array_equal(keras_output.argmax(-1), other.argmax(-1))
+    else:
+        assert difference <= SMALL_TOLERANCE, (what, difference)
+    return difference
+
+
+def convert(source: Path, target: Path, arch: Path | None = None) -> None:
+    cli.convert(source, target, arch_path=arch)
+
+
+@pytest.mark.parametrize("name", sorted(SMALL) + sorted(APPLICATIONS))
+def test_zoo_model_in_every_direction(name, tmp_path):
+    application = name in APPLICATIONS
+    keras.utils.set_random_seed(21)
+    model = randomize((APPLICATIONS | SMALL)[name](), seed=5, offset_scale=0.05 if application else 0.2)
+    inputs = batch(model, rows=4 if application else 8)
+    reference = keras_adapter.predict(model, inputs)
+    keras_path = tmp_path / f"{name}.keras"
+    model.save(keras_path)
+
+    common = tmp_path / f"{name}.safetensors"
+    convert(keras_path, common)
+    torch_model = torch_adapter.model_from_file(common)
+    check(name, reference, torch_adapter.predict(torch_model, inputs), application, ".keras -> .safetensors -> torch")
+
+    rebuilt = tmp_path / f"{name}_rebuilt.keras"
+    convert(common, rebuilt)
+    reopened = keras.saving.load_model(rebuilt, safe_mode=True)
+    check(name, reference, keras_adapter.predict(reopened, inputs), application, ".safetensors -> .keras")
+
+    state = tmp_path / f"{name}.pt"
+    convert(keras_path, state)
+    from_state = tmp_path / f"{name}_from_pt.keras"
+    convert(state, from_state, arch=common)
+    check(name, reference, keras_adapter.predict(keras.saving.load_model(from_state, safe_mode=True), inputs),
+          application, ".keras -> .pt -> .keras")
+
+    again = tmp_path / f"{name}_again.safetensors"
+    convert(rebuilt, again)
+    assert again.read_bytes() == common.read_bytes(), "file -> Keras -> file must be bit-identical"
+
+
+def test_keras2_cnn_written_by_tf_keras(tmp_path):
+    """A Keras 2 `.h5` CNN (Conv2D, BatchNormalization, MaxPooling2D, stride-2 `same`, Flatten,
+    Dense) against what Keras 2 itself computed, then on to `.keras` and back."""
+    expected = np.load(KERAS2_FIXTURES / "expected_outputs.npz")["cnn_outputs"]
+    inputs = [np.random.default_rng(0).random((len(expected), 29, 30, 3), dtype=np.float32)]
+    common = tmp_path / "cnn.safetensors"
+    convert(KERAS2_FIXTURES / "cnn.h5", common)
+    check("keras2_cnn", [expected], torch_adapter.predict(torch_adapter.model_from_file(common), inputs), False,
+          "Keras 2 .h5 -> .safetensors -> torch vs Keras 2")
+    with keras_files.open_keras_file(KERAS2_FIXTURES / "cnn.h5") as weights:
+        assert weights.architecture.channels_first_flattens == {"flatten": (7, 7, 12)}
+    rebuilt = tmp_path / "cnn.keras"
+    convert(common, rebuilt)
+    check("keras2_cnn", [expected], keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
+          False, ".safetensors -> Keras 3 .keras vs Keras 2")
+    again = tmp_path / "again.safetensors"
+    convert(rebuilt, again)
+    assert again.read_bytes() == common.read_bytes()
+
+
+def test_reading_zoo_files_imports_no_framework(tmp_path):
+    """A CNN `.keras` and the Keras 2 `.h5` CNN convert with tensorflow, keras and torch blocked."""
+    from test_keras_files import convert_without_frameworks
+
+    keras.utils.set_random_seed(3)
+    path = tmp_path / "cnn.keras"
+    randomize(mnist_cnn(), seed=1).save(path)
+    for source in (path, KERAS2_FIXTURES / "cnn.h5"):
+        result = convert_without_frameworks(source, tmp_path / f"{source.stem}_blocked.safetensors")
+        assert result.returncode == 0, result.stderr
+        assert "frameworks imported: none" in result.stdout
