@@ -65,8 +65,9 @@ def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
     parsed = parse_model(model)
     stored = {}
     for node in parsed.graph.nodes:
-        keras_layer = _layer_at(model, parsed.locations[node.name])
-        stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
+        if parsed.graph.keras_variables(node):   # operations (`x + 3.0`) are not layers and hold none
+            keras_layer = _layer_at(model, parsed.locations[node.name])
+            stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
     return layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
 
 
@@ -78,6 +79,8 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
     fileformat.check_tensors(parsed.graph, file_tensors)
     per_node = layout.file_to_keras(parsed.graph, file_tensors)
     for node in parsed.graph.nodes:
+        if not per_node[node.name]:
+            continue
         keras_layer = _layer_at(model, parsed.locations[node.name])
         for variable, value in zip(keras_layer.weights, per_node[node.name]):
             if value is not None:
@@ -93,9 +96,9 @@ def build_model(graph: Graph) -> keras.Model:
     inputs = [values[spec.name] for spec in graph.inputs]
     for node in graph.nodes:
         kind = kind_of(node.kind)
-        keras_layer = kind.keras_layer(keras, graph.context(node))
-        arguments = [values[name] for name in node.inputs]
-        values[node.name] = keras_layer(arguments if kind.takes_list else arguments[0])
+        context = graph.context(node)
+        values[node.name] = kind.keras_call(kind.keras_layer(keras, context), [values[name] for name in node.inputs],
+                                            context)
     outputs = [values[name] for name in graph.outputs]
     return keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs,
                        outputs=outputs[0] if len(outputs) == 1 else outputs, name=graph.name)
@@ -131,8 +134,16 @@ def predict(model: keras.Model, arrays: list[np.ndarray], batch_size: int = 256)
 def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
     """Every node's output (Keras layout) by layer name, for layer-by-layer checks."""
     parsed = parse_model(model)
-    names = [node.name for node in graph.nodes if node.name in parsed.locations]
-    probe = keras.Model(model.inputs, [_layer_at(model, parsed.locations[name]).output for name in names])
+    outputs_by_name = {}
+    for node in graph.nodes:   # top-level layers only: a nested model's layers have no outer output
+        location = parsed.locations.get(node.name)
+        if location is not None and not location.container_path:
+            try:
+                outputs_by_name[node.name] = model.get_layer(node.name).output
+            except ValueError:
+                continue   # an operation, not a layer
+    names = list(outputs_by_name)
+    probe = keras.Model(model.inputs, [outputs_by_name[name] for name in names])
     outputs = probe.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=256, verbose=0)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
     return {name: np.asarray(output) for name, output in zip(names, outputs)}

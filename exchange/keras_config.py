@@ -24,6 +24,8 @@ from exchange.graph import DTYPES, Graph, InputSpec, Node
 from exchange.kinds import KerasOptions, kind_for_keras_class
 
 SEQUENTIAL_CLASSES = ("Sequential",)
+OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operation, not a layer
+OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
 
@@ -102,6 +104,9 @@ class _Parser:
         counts: dict[str, int] = {}
         groups = []
         for layer in layers:
+            if _is_operation(layer):
+                groups.append("")   # operations are not layers: no weights, not counted
+                continue
             snake = to_snake_case(_text(layer["class_name"]))
             counts[snake] = counts.get(snake, -1) + 1
             groups.append(f"{keras3_prefix}/{snake}" + (f"_{counts[snake]}" if counts[snake] else ""))
@@ -151,11 +156,12 @@ class _Parser:
                 continue
             try:
                 sources = [edges[(ref_name, tensor_index)] for ref_name, tensor_index in _inbound_refs(inbound[0])]
+                call_args = _call_args(inbound[0])
             except KeyError as err:
                 if self.problems:
                     continue  # a layer before it failed; that problem is already reported
                 raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
-            outputs = self.layer(layer, sources, container_path, group, keras2_group or name)
+            outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args)
             for index, edge in enumerate(outputs):
                 edges[(name, index)] = edge
         try:
@@ -173,18 +179,22 @@ class _Parser:
         self.inputs.append(InputSpec(name, tuple(shape[1:]), dtype))
         return name
 
-    def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str) -> list[str]:
+    def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str,
+              call_args: list | None = None) -> list[str]:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
-        kind = kind_for_keras_class(class_name)
+        operation = _is_operation(layer)
+        kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else class_name)
         if kind is None:
-            self.problems.append(f"unsupported layer {name!r} ({class_name})")
+            what = f"operation {layer.get('module')}.{class_name}" if operation else class_name
+            self.problems.append(f"unsupported layer {name!r} ({what})")
             return [name]
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
-            options = KerasOptions(class_name, name, config, keras2=self.keras2)
+            options = KerasOptions(class_name, name, config, keras2=self.keras2,
+                                   call_args=call_args if call_args is not None else [None] * len(sources))
             node_config = kind.from_keras(options)
             options.finish()
             dtype = _dtype(config.get("dtype"), name)
@@ -255,6 +265,23 @@ def _inbound_refs(node) -> list[tuple[str, int]]:
                 raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
         return [(_text(history[0]), int(history[2])) for history in _histories(node.get("args", []))]
     return [(_text(entry[0]), int(entry[2])) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+
+
+def _is_operation(layer: dict) -> bool:
+    return str(layer.get("module") or "").startswith(OPS_MODULE)
+
+
+def _call_args(node) -> list:
+    """A call's positional arguments: None for each tensor, the value of each constant."""
+    if not isinstance(node, dict):
+        return [None] * len(node)     # Keras 2: tensors only
+    arguments = []
+    for value in node.get("args", []):
+        if isinstance(value, list) and _histories(value) and all(_histories(item) for item in value):
+            arguments += [None] * len(value)   # a list of tensors, as merges take
+        else:
+            arguments.append(None if _histories(value) else value)
+    return arguments
 
 
 def _histories(value) -> list:

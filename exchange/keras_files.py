@@ -136,6 +136,8 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
 
 def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored)."""
+    if not location.keras3_group:
+        return []   # an operation (`x + 3.0`): not a layer, nothing stored
     group = source.h5.get(f"{location.keras3_group}/vars")
     if not isinstance(group, h5py.Group):
         return []

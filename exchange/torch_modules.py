@@ -49,12 +49,19 @@ class KerasAvgPool(nn.Module):
 
 class KerasNormalization(nn.Module):
     """Keras's Normalization layer: (x − mean) / max(sqrt(variance), epsilon) per channel
-    (or the inverse with `invert`). mean and variance are buffers, so they are in the state_dict."""
+    (or the inverse with `invert`). An adapted layer's mean and variance are buffers in the
+    state_dict; values given in the Keras config are constants (non-persistent buffers)."""
 
-    def __init__(self, channels: int, rank: int, invert: bool, epsilon: float, dtype=None):
+    def __init__(self, channels: int, rank: int, invert: bool, epsilon: float, dtype=None,
+                 mean: tuple[float, ...] | None = None, variance: tuple[float, ...] | None = None):
         super().__init__()
-        self.register_buffer("mean", torch.empty(channels, dtype=dtype, device="meta"))
-        self.register_buffer("variance", torch.empty(channels, dtype=dtype, device="meta"))
+        if mean is None:
+            self.register_buffer("mean", torch.empty(channels, dtype=dtype, device="meta"))
+            self.register_buffer("variance", torch.empty(channels, dtype=dtype, device="meta"))
+        else:
+            self.register_buffer("mean", torch.tensor(mean, dtype=dtype).expand(channels).clone(), persistent=False)
+            self.register_buffer("variance", torch.tensor(variance, dtype=dtype).expand(channels).clone(),
+                                 persistent=False)
         self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
         self.invert, self.epsilon = invert, epsilon
 
@@ -86,3 +93,17 @@ class KerasReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"max_value={self.max_value}, negative_slope={self.negative_slope}, threshold={self.threshold}"
+
+
+class ChannelAffine(nn.Module):
+    """Keras's Rescaling with per-channel values: x * scale + offset, the values constants
+    (non-persistent buffers) shaped for the channels-first layout."""
+
+    def __init__(self, scale, offset, rank: int):
+        super().__init__()
+        view = (-1,) + (1,) * (rank - 1)
+        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).reshape(view), persistent=False)
+        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32).reshape(view), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale.to(x.dtype) + self.offset.to(x.dtype)

@@ -41,6 +41,14 @@ def normalization():
     return single(IMAGE, layer, L.Conv2D(2, 1, name="after"))
 
 
+def squeeze_excitation():
+    inputs = keras.Input(IMAGE, name="image")
+    features = L.Conv2D(6, 3, padding="same", name="conv")(inputs)
+    weights = L.GlobalAveragePooling2D(keepdims=True, name="squeeze")(features)
+    weights = L.Conv2D(6, 1, activation="sigmoid", name="excite")(L.Dense(3, activation="relu", name="reduce")(weights))
+    return keras.Model(inputs, L.Multiply(name="scale")([features, weights]))
+
+
 CASES = {
     "dense": lambda: single((13,), L.Dense(6, activation="relu")),
     "dense_rank3": lambda: single((5, 7), L.Dense(4, activation="tanh")),
@@ -102,6 +110,11 @@ CASES = {
     "concatenate_width": lambda: two_branches(L.Concatenate(axis=2)),
     "rescaling": lambda: single(IMAGE, L.Rescaling(1 / 255.0, offset=-0.5), L.Conv2D(2, 1)),
     "normalization": normalization,
+    "normalization_constants": lambda: single(IMAGE, L.Normalization(mean=[0.1, 0.2, 0.3, 0.4, 0.5],
+                                                                      variance=[1.0, 2.0, 0.5, 0.25, 4.0])),
+    "rescaling_per_channel": lambda: single(IMAGE, L.Rescaling([0.5, 1.0, 2.0, 3.0, 4.0],
+                                                               offset=[0.1, 0.0, -0.1, 0.2, 0.3])),
+    "squeeze_excitation_broadcast": squeeze_excitation,
 }
 
 

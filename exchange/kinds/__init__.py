@@ -95,6 +95,10 @@ class LayerKind:
         """The Keras layer for this node, every option explicit."""
         raise NotImplementedError
 
+    def keras_call(self, keras_layer, arguments: list, context):
+        """Call the Keras layer on its input tensors (a list for merges)."""
+        return keras_layer(arguments if self.takes_list else arguments[0])
+
     def numpy_forward(self, context, tensors: dict, inputs: list):
         """Optional: this node in numpy on the file's tensors (keys without the node prefix)."""
         raise UnsupportedLayerError(f"no numpy forward for layer kind {self.kind!r}; install torch "
@@ -179,9 +183,11 @@ class KerasOptions:
     that was neither taken nor is known not to matter at inference.
     """
 
-    def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False):
+    def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False,
+                 call_args: list | None = None):
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
         self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
+        self.call_args = call_args or []   # positional arguments of the call: None for a tensor
         self.taken: set[str] = set()
 
     def where(self) -> str:
@@ -224,4 +230,5 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 
 # The families. Importing them fills the registry.
-from exchange.kinds import activations, convolution, dense, merging, normalization, pooling, reshaping  # noqa: E402,F401
+from exchange.kinds import (activations, arithmetic, convolution, dense, merging, normalization,  # noqa: E402,F401
+                            pooling, reshaping)

@@ -1,7 +1,11 @@
 """Merges: Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate.
 
-Conventions that differ: Concatenate's axis is a Keras axis (channels last); it is remapped to
-the torch dim that holds the same axis in the channels-first layout (axis −1 of an image is dim 1).
+Conventions that differ:
+- Concatenate's axis is a Keras axis (channels last); it is remapped to the torch dim that holds
+  the same axis in the channels-first layout (axis −1 of an image is dim 1).
+- Element-wise merges broadcast inputs of one rank whose sizes are equal or 1 (a squeeze-and-
+  excitation block multiplies (H, W, C) by (1, 1, C)); the channels-first forms (C, H, W) and
+  (C, 1, 1) broadcast the same way in torch.
 """
 
 from __future__ import annotations
@@ -17,15 +21,29 @@ from exchange.kinds import LayerKind, register
 from exchange.kinds.layout import keras_axis, torch_axis
 
 
+def broadcast_shapes(input_shapes) -> tuple:
+    """Keras layout shapes of one rank, sizes equal or 1 -> the broadcast shape."""
+    rank = len(input_shapes[0])
+    if any(len(shape) != rank for shape in input_shapes):
+        raise ExchangeError(f"needs inputs of one rank, found {list(input_shapes)}")
+    merged = []
+    for sizes in zip(*input_shapes):
+        known = {size for size in sizes if size not in (1, None)}
+        if len(known) > 1:
+            raise ExchangeError(f"cannot broadcast shapes {list(input_shapes)}")
+        merged.append(known.pop() if known else (None if None in sizes else 1))
+    return tuple(merged)
+
+
 class _ElementwiseMerge(LayerKind):
     takes_list = True
     torch_function = ""      # name of a two-argument torch function, folded over the inputs
     numpy_function = None
 
     def output_shape(self, config, input_shapes):
-        if len(input_shapes) < 2 or any(shape != input_shapes[0] for shape in input_shapes):
-            raise ExchangeError(f"needs two or more inputs of one shape, found {list(input_shapes)}")
-        return input_shapes[0]
+        if len(input_shapes) < 2:
+            raise ExchangeError(f"needs two or more inputs, found {list(input_shapes)}")
+        return broadcast_shapes(input_shapes)
 
     def torch_forward(self, builder, context, inputs):
         function = getattr(builder.torch, self.torch_function)
@@ -114,3 +132,36 @@ class Concatenate(LayerKind):
 
     def numpy_forward(self, context, tensors, inputs):
         return np.concatenate(inputs, axis=context.config.axis)
+
+
+@dataclass(frozen=True)
+class ScaleConfig:
+    scale: float
+
+
+@register
+class CustomScaleLayer(LayerKind):
+    """keras.applications' InceptionResNetV2 residual: inputs[0] + inputs[1] * scale."""
+
+    kind, keras_classes, Config = "residual_scale", ("CustomScaleLayer",), ScaleConfig
+    takes_list = True
+
+    def from_keras(self, options):
+        scale = options.take("scale")
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+            raise options.unsupported("scale", scale, "a number")
+        return ScaleConfig(float(scale))
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes) != 2:
+            raise ExchangeError("needs two inputs")
+        return broadcast_shapes(input_shapes)
+
+    def torch_forward(self, builder, context, inputs):
+        scaled = builder.call(builder.torch.mul, inputs[1], context.config.scale)
+        return builder.call(builder.torch.add, inputs[0], scaled)
+
+    def keras_layer(self, keras, context):
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer as KerasCustomScaleLayer
+
+        return KerasCustomScaleLayer(context.config.scale, name=context.node.name, dtype=context.node.dtype)

@@ -8,8 +8,10 @@ Conventions that differ:
   1e-5 by default; keras.applications' ResNets use 1.001e-5). With only one of center/scale off,
   torch's affine BatchNorm holds the missing one as a constant (bias 0 or weight 1); a torch file
   whose constant was changed cannot go back to Keras and is refused.
-- Normalization: its adapted mean and variance are weights; Keras divides by
-  max(sqrt(variance), 1e-7). Its `count` only matters to `adapt` and is not exported.
+- Normalization: an adapted layer's mean and variance are weights; Keras divides by
+  max(sqrt(variance), 1e-7). Its `count` only matters to `adapt` and is not exported. A layer given
+  `mean=` and `variance=` in its config (keras.applications' ConvNeXt) keeps them in the config,
+  and the torch module holds them as non-persistent buffers (not weights, not in the file).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ class BatchNormalization(LayerKind):
 class NormalizationConfig:
     axis: int = -1
     invert: bool = False
+    mean: tuple[float, ...] | None = None       # given in the Keras config: constants, not weights
+    variance: tuple[float, ...] | None = None
 
 
 @register
@@ -112,58 +116,94 @@ class Normalization(LayerKind):
     kind, keras_classes, Config = "normalization", ("Normalization",), NormalizationConfig
 
     def from_keras(self, options):
+        constants = {}
         for key in ("mean", "variance"):
             value = options.take(key, None)
-            if value is not None:
-                raise options.unsupported(key, value, "only an adapted Normalization (mean and variance "
-                                                      "as weights) is supported")
-        return NormalizationConfig(_one_axis(options), bool(options.take("invert", False)))
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                value = [value]
+            if value is not None and not (isinstance(value, list) and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+                raise options.unsupported(key, value, "a number or a list of numbers per channel")
+            constants[key] = None if value is None else tuple(float(v) for v in value)
+        if (constants["mean"] is None) != (constants["variance"] is None):
+            raise options.unsupported("mean", constants["mean"], "mean and variance are given together")
+        return NormalizationConfig(_one_axis(options), bool(options.take("invert", False)), **constants)
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "Normalization")
+        channels = input_shapes[0][-1]
+        for values in (config.mean, config.variance):
+            if values is not None and len(values) not in (1, channels):
+                raise UnsupportedLayerError(f"Normalization: {len(values)} values for {channels} channels")
         return input_shapes[0]
 
     def keras_variables(self, context):
+        if context.config.mean is not None:
+            return []
         channels = (context.input_shape[-1],)
         return [("mean", channels), ("variance", channels), ("count", ())]
 
     def ports(self, context):
+        if context.config.mean is not None:
+            return []
         return [Port("mean", "mean"), Port("variance", "variance"),
                 KerasOnly("count", why="the number of samples seen by adapt()")]
 
     def torch_forward(self, builder, context, inputs):
+        config = context.config
         module = builder.helpers.KerasNormalization(context.input_shape[-1], len(context.input_shape),
-                                                    context.config.invert, KERAS_EPSILON,
-                                                    dtype=builder.dtype(context))
+                                                    config.invert, KERAS_EPSILON, dtype=builder.dtype(context),
+                                                    mean=config.mean, variance=config.variance)
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
-        return keras.layers.Normalization(axis=context.config.axis, invert=context.config.invert,
-                                          name=context.node.name, dtype=context.node.dtype)
+        config = context.config
+        constants = {} if config.mean is None else {"mean": list(config.mean), "variance": list(config.variance)}
+        return keras.layers.Normalization(axis=config.axis, invert=config.invert, name=context.node.name,
+                                          dtype=context.node.dtype, **constants)
 
 
 @dataclass(frozen=True)
 class RescalingConfig:
-    scale: float = 1.0
-    offset: float = 0.0
+    scale: float | tuple[float, ...] = 1.0       # one number, or one per channel
+    offset: float | tuple[float, ...] = 0.0
 
 
 @register
 class Rescaling(LayerKind):
+    """x * scale + offset. Per-channel values (keras.applications' EfficientNet) become a small
+    module holding them as constants in the channels-first layout."""
+
     kind, keras_classes, Config = "rescaling", ("Rescaling",), RescalingConfig
     keeps_element_order = True
 
     def from_keras(self, options):
-        scale, offset = options.take("scale", 1.0), options.take("offset", 0.0)
-        for key, value in (("scale", scale), ("offset", offset)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool):
-                raise options.unsupported(key, value, "a single number")
-        return RescalingConfig(float(scale), float(offset))
+        values = {}
+        for key, default in (("scale", 1.0), ("offset", 0.0)):
+            value = options.take(key, default)
+            if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+                values[key] = tuple(float(v) for v in value)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = float(value)
+            else:
+                raise options.unsupported(key, value, "a number or a list of numbers per channel")
+        return RescalingConfig(**values)
+
+    def output_shape(self, config, input_shapes):
+        for values in (config.scale, config.offset):
+            if isinstance(values, tuple) and len(values) not in (1, input_shapes[0][-1]):
+                raise UnsupportedLayerError(f"Rescaling: {len(values)} values for {input_shapes[0][-1]} channels")
+        return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
-        value = builder.call(builder.torch.mul, inputs[0], context.config.scale)
-        return builder.call(builder.torch.add, value, context.config.offset)
+        config = context.config
+        if isinstance(config.scale, tuple) or isinstance(config.offset, tuple):
+            module = builder.helpers.ChannelAffine(config.scale, config.offset, len(context.input_shape))
+            return builder.module(context, module, inputs[0])
+        value = builder.call(builder.torch.mul, inputs[0], config.scale)
+        return builder.call(builder.torch.add, value, config.offset)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Rescaling(context.config.scale, context.config.offset,
-                                      name=context.node.name, dtype=context.node.dtype)
+        config = context.config
+        scale, offset = (list(v) if isinstance(v, tuple) else v for v in (config.scale, config.offset))
+        return keras.layers.Rescaling(scale, offset, name=context.node.name, dtype=context.node.dtype)
