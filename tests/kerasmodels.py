@@ -20,13 +20,15 @@ POSITIVE_VARIABLES = ("gamma", "moving_variance", "variance")
 OFFSET_VARIABLES = ("beta", "moving_mean", "bias", "mean")
 
 
-def randomize(model: keras.Model, seed: int, offset_scale: float = 0.2) -> keras.Model:
-    """Seeded non-trivial biases and statistics; kernels keep Keras's (seeded) initialisation."""
+def randomize(model: keras.Model, seed: int, offset_scale: float = 0.2,
+              positive_range: tuple[float, float] = (0.5, 1.5)) -> keras.Model:
+    """Seeded non-trivial biases and statistics; kernels keep Keras's (seeded) initialisation.
+    Very deep models take a lower `positive_range`, or their activations grow without bound."""
     generator = np.random.default_rng(seed)
     for variable in model.weights:
         name, shape = variable.name, tuple(variable.shape)
         if name in POSITIVE_VARIABLES:
-            variable.assign(generator.uniform(0.5, 1.5, shape).astype(variable.dtype))
+            variable.assign(generator.uniform(*positive_range, shape).astype(variable.dtype))
         elif name in OFFSET_VARIABLES:
             variable.assign(generator.normal(0.0, offset_scale, shape).astype(variable.dtype))
     for layer in _all_layers(model):
