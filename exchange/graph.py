@@ -28,7 +28,7 @@ from math import prod
 from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.ports import KerasOnly, Port, TorchOnly
+from exchange.ports import Port, TorchOnly
 
 Shape = tuple  # of int (or None for a size known only at run time), batch axis left out
 

@@ -23,6 +23,7 @@ from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerEr
 from exchange.graph import DTYPES, Graph, InputSpec, Node
 from exchange.kinds import KerasOptions, kind_for_keras_class
 
+INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
 SEQUENTIAL_CLASSES = ("Sequential",)
 OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operation, not a layer
 OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
@@ -121,7 +122,7 @@ class _Parser:
         for layer, group in zip(layers, groups):
             class_name, layer_config = _text(layer["class_name"]), layer.get("config", {})
             name = _layer_name(layer)
-            if class_name == "InputLayer":
+            if class_name in INPUT_CLASSES:
                 if current is None:
                     current = [self.add_input(name, layer_config)]
                 continue
@@ -143,7 +144,7 @@ class _Parser:
             raise ExchangeError(f"nested model takes {len(input_names)} inputs, given {len(incoming)}")
         for layer, group in zip(layers, groups):
             class_name, name = _text(layer["class_name"]), _layer_name(layer)
-            if class_name == "InputLayer":
+            if class_name in INPUT_CLASSES:
                 if incoming is None:
                     edges[(name, 0)] = self.add_input(name, layer.get("config", {}))
                 else:

@@ -144,7 +144,8 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     stored_name = group.attrs.get("name")
     if stored_name is not None and _text(stored_name) != location.layer_name:
         raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
-                                f"{_text(stored_name)!r}, expected {location.layer_name!r}; config and weights do not match")
+                                f"{_text(stored_name)!r}, expected {location.layer_name!r}; "
+                                "config and weights do not match")
     count = len(group)
     if sorted(group) != [str(index) for index in range(count)]:
         raise ExchangeFileError(f"{source.label}: unexpected entries in {location.keras3_group}/vars: {sorted(group)}")

@@ -122,8 +122,9 @@ def get_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 
 
 def to_torch_state(file_tensors: dict) -> dict[str, torch.Tensor]:
-    # torch-allocated copies: aligned as torch allocates, independent of the source buffers
-    return {key: torch.from_numpy(np.asarray(value)).clone() for key, value in file_tensors.items()}
+    """Tensors sharing the arrays' memory where they are writable (no copy), else copies."""
+    return {key: torch.from_numpy(value if isinstance(value, np.ndarray) and value.flags.writeable
+                                  else np.array(value)) for key, value in file_tensors.items()}
 
 
 def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: bool = False) -> None:

@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Benchmark `.keras -> .safetensors` conversion: whole-process wall time and peak RSS.
 
-For the seed MLP and a large MLP (4096 -> 8 x Dense 4096 -> 10, about 134M parameters, 537 MB),
-each route runs in a fresh process, `--repeats` times (median time, largest peak RSS):
+For the seed MLP, a large MLP (4096 -> 8 x Dense 4096 -> 10, about 134M parameters, 537 MB) and
+keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in a fresh process,
+`--repeats` times (median time, largest peak RSS):
 
-    convert.py   python scripts/convert.py model.keras model.safetensors (reads the file directly)
-    by hand      keras.saving.load_model, get_weights(), transpose, safetensors save_file
-    plain write  safetensors.numpy.save_file of the same tensors already in memory (the write
-                 alone is timed, inside the process; the floor for any converter)
+    convert.py      python scripts/convert.py model.keras model.safetensors (reads the file directly)
+    by hand         keras.saving.load_model, get_weights(), transpose, safetensors save_file (MLPs)
+    plain write     safetensors.numpy.save_file of the same tensors already in memory (the write
+                    alone is timed, inside the process; the floor for any converter)
+    model_from_file exchange.torch_adapter.model_from_file(model.safetensors), timed inside the
+                    process after torch is imported (ResNet50)
 
     python scripts/bench_convert.py [--repeats 3] [--work-dir DIR] [--json FILE] [--skip-large]
 
@@ -54,17 +57,36 @@ print(f"write_seconds={time.perf_counter() - started:.4f}")
 """
 
 
-def run_measured(command: list[str]) -> dict:
+MODEL_FROM_FILE = """
+import sys, time
+sys.path.insert(0, sys.argv[2])
+from exchange import torch_adapter
+started = time.perf_counter()
+model = torch_adapter.model_from_file(sys.argv[1])
+print(f"load_seconds={time.perf_counter() - started:.4f}")
+"""
+
+
+# Children write and use bytecode caches, as an installed package does (a session that sets
+# PYTHONDONTWRITEBYTECODE would otherwise time the compilation of every module on every run).
+CHILD_ENVIRONMENT = {key: value for key, value in os.environ.items() if key != "PYTHONDONTWRITEBYTECODE"}
+
+
+def run_measured(command: list[str], output: Path | None = None) -> dict:
     """Wall time and peak RSS (MB) of one child process, from os.wait4's resource usage.
 
     Dirty pages left by the previous run are flushed first (os.sync): otherwise the kernel's
-    write-back throttling of one run lands in the next run's time. Linux keeps a process's peak
-    RSS across fork and exec, so this parent stays small (it never imports Keras or numpy).
+    write-back throttling of one run lands in the next run's time. The previous run's `output`
+    is removed first, so each run writes a new file (replacing a 537 MB file costs its unlinking).
+    Linux keeps a process's peak RSS across fork and exec, so this parent stays small (it never
+    imports Keras or numpy).
     """
+    if output is not None:
+        output.unlink(missing_ok=True)
     os.sync()
     time.sleep(0.5)
     started = time.perf_counter()
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=CHILD_ENVIRONMENT)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     stdout, stderr = process.stdout.read().decode(), process.stderr.read().decode()
@@ -75,17 +97,21 @@ def run_measured(command: list[str]) -> dict:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {stderr[-2000:]}")
     result = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
     for line in stdout.splitlines():
-        if line.startswith("write_seconds="):
-            result["write_seconds"] = float(line.split("=", 1)[1])
+        for key in ("write_seconds", "load_seconds"):
+            if line.startswith(f"{key}="):
+                result[key] = float(line.split("=", 1)[1])
     return result
 
 
-def repeat(command: list[str], repeats: int) -> dict:
-    runs = [run_measured(command) for _ in range(repeats)]
+def repeat(command: list[str], repeats: int, output: Path | None = None) -> dict:
+    """A first unmeasured run warms the page cache and the bytecode cache; then `repeats` runs."""
+    run_measured(command, output)
+    runs = [run_measured(command, output) for _ in range(repeats)]
     summary = {"seconds": statistics.median(r["seconds"] for r in runs),
                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
-    if "write_seconds" in runs[0]:
-        summary["write_seconds"] = statistics.median(r["write_seconds"] for r in runs)
+    for key in ("write_seconds", "load_seconds"):
+        if key in runs[0]:
+            summary[key] = statistics.median(r[key] for r in runs)
     return summary
 
 
@@ -94,22 +120,23 @@ def write_models(work_dir: Path, skip_large: bool) -> None:
     import keras
     import numpy as np
 
+    from exchange.graph import dense_chain
     from frameworks.keras_mlp import build_keras_model
     from frameworks.recipe import SEED_ARCHITECTURE
-    from exchange.architecture import dense_stack
 
-    architectures = {"seed": SEED_ARCHITECTURE}
+    models = {"seed": lambda: build_keras_model(SEED_ARCHITECTURE),
+              "resnet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))}
     if not skip_large:
-        architectures["large"] = dense_stack(
-            LARGE_WIDTH, [(LARGE_WIDTH, "relu")] * LARGE_HIDDEN_LAYERS + [(10, "softmax")])
-    for name, architecture in architectures.items():
-        model = build_keras_model(architecture)
+        models["large"] = lambda: build_keras_model(dense_chain(
+            "large", LARGE_WIDTH, [(LARGE_WIDTH, "relu")] * LARGE_HIDDEN_LAYERS + [(10, "softmax")]))
+    for name, build in models.items():
+        model = build()
         generator = np.random.default_rng(0)
-        model.set_weights([generator.standard_normal(w.shape, dtype=np.float32) * np.float32(0.01)
+        model.set_weights([generator.standard_normal(w.shape).astype(w.dtype) * np.float32(0.01)
                            for w in model.get_weights()])
         path = work_dir / f"{name}.keras"
         model.save(path)
-        print(f"{name}: {architecture.parameter_count():,} parameters, "
+        print(f"{name}: {model.count_params():,} parameters, "
               f"{path.stat().st_size / 2**20:,.1f} MiB file", flush=True)
         del model
         keras.backend.clear_session()
@@ -133,19 +160,25 @@ def main(argv: list[str] | None = None) -> int:
         subprocess.run([sys.executable, __file__, "--write-models", str(work_dir)]
                        + (["--skip-large"] if args.skip_large else []), check=True)
         results = {}
-        for name in ("seed",) if args.skip_large else ("seed", "large"):
+        for name in ("seed", "resnet50") if args.skip_large else ("seed", "large", "resnet50"):
             keras_path = work_dir / f"{name}.keras"
             ours = work_dir / f"{name}.safetensors"
             size_mb = keras_path.stat().st_size / 2**20
             results[name] = {
                 "file_mb": size_mb,
                 "convert.py": repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path),
-                                      str(ours)], args.repeats),
-                "by hand": repeat([sys.executable, "-c", BY_HAND, str(keras_path),
-                                   str(work_dir / f"{name}.byhand.safetensors")], args.repeats),
+                                      str(ours)], args.repeats, ours),
                 "plain write": repeat([sys.executable, "-c", PLAIN_WRITE, str(ours),
-                                       str(work_dir / f"{name}.plain.safetensors")], args.repeats),
+                                       str(work_dir / f"{name}.plain.safetensors")], args.repeats,
+                                      work_dir / f"{name}.plain.safetensors"),
             }
+            if name == "resnet50":
+                results[name]["model_from_file"] = repeat([sys.executable, "-c", MODEL_FROM_FILE, str(ours),
+                                                           str(ROOT)], args.repeats)
+            else:
+                by_hand = work_dir / f"{name}.byhand.safetensors"
+                results[name]["by hand"] = repeat([sys.executable, "-c", BY_HAND, str(keras_path), str(by_hand)],
+                                                  args.repeats, by_hand)
             print_table(name, results[name])
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
@@ -153,18 +186,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(name: str, figures: dict) -> None:
-    ours, by_hand, plain = figures["convert.py"], figures["by hand"], figures["plain write"]
+    ours, plain = figures["convert.py"], figures["plain write"]
     print(f"\n{name} ({figures['file_mb']:,.1f} MiB of weights)")
     print("| route | wall time, whole process (s) | peak RSS (MiB) |")
     print("|---|---|---|")
     print(f"| convert.py | {ours['seconds']:.3f} | {ours['peak_rss_mb']:,.0f} |")
-    print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
-          f"{by_hand['peak_rss_mb']:,.0f} |")
+    if "by hand" in figures:
+        by_hand = figures["by hand"]
+        print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
+              f"{by_hand['peak_rss_mb']:,.0f} |")
     print(f"| plain safetensors write of the same tensors | {plain['seconds']:.3f} "
           f"(write alone {plain['write_seconds']:.3f}) | {plain['peak_rss_mb']:,.0f} |")
-    print(f"convert.py is {by_hand['seconds'] / ours['seconds']:.1f}x faster than by hand; "
-          f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
-          f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}", flush=True)
+    if "model_from_file" in figures:
+        load = figures["model_from_file"]
+        print(f"| torch_adapter.model_from_file (whole process, torch import included) | {load['seconds']:.3f} "
+              f"(the call alone {load['load_seconds']:.3f}) | {load['peak_rss_mb']:,.0f} |")
+    print(f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
+          f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}"
+          + (f"; {figures['by hand']['seconds'] / ours['seconds']:.1f}x faster than by hand"
+             if "by hand" in figures else ""), flush=True)
 
 
 if __name__ == "__main__":

@@ -98,7 +98,8 @@ def cnn() -> keras.Model:
 
 
 def main() -> None:
-    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
+    default_dir = Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
+    out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     np.random.seed(FIXED_BATCH_SEED)  # Keras 2 initialisers draw from TensorFlow's seeded RNG
     keras.utils.set_random_seed(FIXED_BATCH_SEED)

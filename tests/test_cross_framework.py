@@ -131,7 +131,8 @@ def test_unsupported_keras_layer_is_named():
     with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'rnn' \(SimpleRNN\)"):
         keras_adapter.architecture_of(model)
     odd = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="log_sigmoid", name="g")])
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'g' \(Dense\): unsupported option activation='log_sigmoid'"):
+    with pytest.raises(UnsupportedLayerError,
+                       match=r"layer 'g' \(Dense\): unsupported option activation='log_sigmoid'"):
         keras_adapter.architecture_of(odd)
 
 

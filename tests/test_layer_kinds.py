@@ -208,3 +208,32 @@ def test_all_problems_of_a_model_in_one_error():
         keras_adapter.architecture_of(model)
     message = str(caught.value)
     assert "'first' (SimpleRNN)" in message and "'second' (Dense)" in message and "'third' (GRU)" in message
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("float16", 2e-2), ("float64", 1e-12)])
+def test_weights_keep_their_dtype_through_every_direction(dtype, tolerance, tmp_path):
+    """A float16 or float64 Keras model: the file, the torch module and the rebuilt Keras model
+    keep the dtype; outputs agree within that dtype's rounding."""
+    import torch
+
+    from exchange import cli, fileformat
+
+    keras.utils.set_random_seed(6)
+    inputs = keras.Input(IMAGE, dtype=dtype, name="image")
+    x = L.Conv2D(4, 3, strides=2, padding="same", dtype=dtype, name="conv")(inputs)
+    x = L.BatchNormalization(dtype=dtype, name="bn")(x)
+    x = L.GlobalAveragePooling2D(dtype=dtype, name="gap")(x)
+    model = randomize(keras.Model(inputs, L.Dense(3, dtype=dtype, name="out")(x)), seed=2)
+    model.save(tmp_path / "typed.keras")
+    cli.convert(tmp_path / "typed.keras", tmp_path / "typed.safetensors")
+    exchange_file = fileformat.load(tmp_path / "typed.safetensors")
+    assert {key: tensor.dtype.name for key, tensor in exchange_file.tensors.items()} == {
+        key: "int64" if key.endswith("num_batches_tracked") else dtype for key in exchange_file.tensors}
+    torch_model = torch_adapter.model_from_file(tmp_path / "typed.safetensors")
+    assert {parameter.dtype for parameter in torch_model.parameters()} == {getattr(torch, dtype)}
+    (image,) = batch(model)
+    keras_outputs = keras_adapter.predict(model, [image.astype(dtype)])
+    assert max_difference(keras_outputs, torch_adapter.predict(torch_model, [image.astype(dtype)])) <= tolerance
+    cli.convert(tmp_path / "typed.safetensors", tmp_path / "rebuilt.keras")
+    cli.convert(tmp_path / "rebuilt.keras", tmp_path / "again.safetensors")
+    assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "typed.safetensors").read_bytes()

@@ -72,8 +72,9 @@ def read_activation(options, key: str = "activation") -> str:
     name = KERAS_SPELLINGS.get(value, value)
     if name == "hard_sigmoid" and options.keras2:
         name = "hard_sigmoid_keras2"
-    if name not in ACTIVATIONS or name in ("hard_sigmoid_keras2", "gelu_tanh"):
-        raise options.unsupported(key, value, f"supported: {', '.join(sorted(set(ACTIVATIONS) - {'gelu_tanh', 'hard_sigmoid_keras2'}))}")
+    if name not in ACTIVATIONS or ACTIVATIONS[name].keras is None and not options.keras2:
+        readable = sorted(name for name, activation in ACTIVATIONS.items() if activation.keras)
+        raise options.unsupported(key, value, f"supported: {', '.join(readable)}")
     return name
 
 
