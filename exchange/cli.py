@@ -4,6 +4,7 @@
     .h5            Keras 3 .weights.h5, Keras 2 full-model or weights-only .h5; read directly
     .safetensors   the common exchange file      numpy + safetensors only
     .pt            a plain PyTorch state_dict    torch, read with torch.load(weights_only=True)
+    .py            PyTorch source code           written only: a module class + OUT.safetensors beside it
 
 Every conversion goes through the neutral form (architecture + tensors in file layout), so any
 input kind can be written as any output kind. Weights-only files carry no architecture: give it
@@ -30,7 +31,7 @@ from exchange.errors import ExchangeError, ExchangeFileError
 from exchange.graph import Graph, dense_chain
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
-OUTPUT_KINDS = (".keras", ".safetensors", ".pt")
+OUTPUT_KINDS = (".keras", ".safetensors", ".pt", ".py")
 KERAS_KINDS = (".keras", ".h5")
 VERIFY_BATCH = 1000           # rows of the fixed random batch for a flat input when MNIST is not used
 VERIFY_ELEMENTS = 4_000_000   # fewer rows for larger inputs: rows * input size stays under this
@@ -160,7 +161,10 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
     inputs, inputs_name = verification_inputs(graph, data_dir)
     read_tensors = lambda path: _file_tensors(path, graph, arch_path if path == in_path else None)  # noqa: E731
     keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
-    torch_name, torch_outputs, torch_model = _torch_outputs(torch_path or out_path, graph, inputs, read_tensors)
+    if out_path.suffix == ".py":
+        torch_name, torch_outputs, torch_model = _generated_code_outputs(out_path, graph, inputs)
+    else:
+        torch_name, torch_outputs, torch_model = _torch_outputs(torch_path or out_path, graph, inputs, read_tensors)
     max_abs_diff = max(float(np.max(np.abs(k - t))) if k.size else 0.0 for k, t in zip(keras_outputs, torch_outputs))
     first, second = keras_outputs[0], torch_outputs[0]
     result = {"compared": f"{keras_name} vs {torch_name}", "inputs": inputs_name, "max_abs_diff": max_abs_diff,
@@ -215,6 +219,23 @@ def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     return f"PyTorch on {path}", torch_adapter.predict(model, inputs), model
 
 
+def _generated_code_outputs(code_path: Path, graph: Graph, inputs: list):
+    """Import the generated module from its file, load its weights file, run it."""
+    import importlib.util
+
+    from exchange import torch_adapter
+
+    spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    from exchange.torch_adapter import class_name
+
+    model = getattr(generated, class_name(graph.name))()
+    model.load_state_dict(generated.load(str(code_weights_path(code_path))), strict=True)
+    model.exchange_graph = graph
+    return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
+
+
 def _is_full_keras2_model(path: Path) -> bool:
     import h5py
 
@@ -247,18 +268,30 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             arch_path: Path | None = None) -> Graph:
-    """Read `in_path`, write `out_path` atomically after reading its header back."""
+    """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
+    output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`)."""
     file_kind(out_path, OUTPUT_KINDS)
-    if in_path.resolve() == out_path.resolve():
-        raise ExchangeFileError(f"{out_path}: output would overwrite the input")
+    weights_path = code_weights_path(out_path) if out_path.suffix == ".py" else out_path
+    for path in (out_path, weights_path):
+        if in_path.resolve() == path.resolve():
+            raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
-        with fileformat.atomic_output(out_path) as temporary:
+        with fileformat.atomic_output(weights_path) as temporary:
             write_weights(temporary, graph, tensors, source)
             check_written(temporary, graph)
+            if out_path.suffix == ".py":
+                codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")
+                with fileformat.atomic_output(out_path) as code_temporary:
+                    codegen.write_module(graph, code_temporary, weights_path.name, in_path.name)
     return graph
+
+
+def code_weights_path(code_path: Path) -> Path:
+    """Where generated code's weights go: `model.py` -> `model.safetensors`, beside it."""
+    return code_path.with_suffix(".safetensors")
 
 
 def _framework_module(module: str, purpose: str, extra: str):
@@ -272,7 +305,8 @@ def _framework_module(module: str, purpose: str, extra: str):
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
                                      epilog="input kinds: .keras, .h5, .safetensors, .pt; "
-                                            "output kinds: .keras, .safetensors, .pt")
+                                            "output kinds: .keras, .safetensors, .pt, .py (PyTorch source "
+                                            "code, with its weights in a .safetensors beside it)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "

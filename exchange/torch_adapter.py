@@ -103,10 +103,10 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
 
 
 def class_name(model_name: str) -> str:
-    """A Python class name from a Keras model name: `resnet50` -> `Resnet50`."""
-    name = re.sub(r"\W", "_", model_name).strip("_") or "Model"
-    name = name[0].upper() + name[1:]
-    return f"_{name}" if name[0].isdigit() else name
+    """A Python class name from a Keras model name: `mnist_cnn` -> `MnistCnn`, `resnet50` -> `Resnet50`."""
+    words = [word for word in re.split(r"[\W_]+", model_name) if word]
+    name = "".join(word[0].upper() + word[1:] for word in words) or "Model"
+    return f"Model{name}" if name[0].isdigit() else name
 
 
 def architecture_of(model: nn.Module) -> Graph:

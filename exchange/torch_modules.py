@@ -1,7 +1,9 @@
 """Small torch modules for Keras behaviour that no standard `torch.nn` module has.
 
 Each one reproduces exactly one Keras convention, named in its docstring. Everything else in a
-converted model is a standard module (`nn.Conv2d`, `nn.BatchNorm2d`, …).
+converted model is a standard module (`nn.Conv2d`, `nn.BatchNorm2d`, …). Like torch's own modules,
+each keeps its constructor arguments as attributes of the same names, so generated code can
+rebuild it (`exchange.codegen`); their source is copied into generated files as it is.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ class SeparableConv2d(nn.Module):
     Keys `depthwise.weight`, `pointwise.weight`, `pointwise.bias`.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
-                 depth_multiplier: int = 1, bias: bool = True, device=None, dtype=None):
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
+                 depth_multiplier=1, bias=True, device=None, dtype=None):
         super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.depth_multiplier, self.bias = depth_multiplier, bias
         middle = in_channels * depth_multiplier
         self.depthwise = nn.Conv2d(in_channels, middle, kernel_size, stride=stride, padding=padding,
                                    dilation=dilation, groups=in_channels, bias=False, device=device, dtype=dtype)
@@ -33,7 +38,7 @@ class KerasAvgPool(nn.Module):
     """Keras average pooling with asymmetric TensorFlow `same` padding: padded cells are not
     counted (torch's `count_include_pad=False` only takes symmetric padding)."""
 
-    def __init__(self, kernel_size, stride, pad: tuple[int, ...]):
+    def __init__(self, kernel_size, stride, pad):
         super().__init__()
         self.kernel_size, self.stride, self.pad = tuple(kernel_size), tuple(stride), tuple(pad)
         self.pool = F.avg_pool1d if len(self.kernel_size) == 1 else F.avg_pool2d
@@ -52,15 +57,17 @@ class KerasNormalization(nn.Module):
     (or the inverse with `invert`). An adapted layer's mean and variance are buffers in the
     state_dict; values given in the Keras config are constants (non-persistent buffers)."""
 
-    def __init__(self, channels: int, rank: int, invert: bool, epsilon: float, dtype=None,
-                 mean: tuple[float, ...] | None = None, variance: tuple[float, ...] | None = None):
+    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None):
         super().__init__()
-        if mean is None:
-            self.register_buffer("mean", torch.empty(channels, dtype=dtype, device="meta"))
-            self.register_buffer("variance", torch.empty(channels, dtype=dtype, device="meta"))
+        self.channels, self.rank, self.constant_mean, self.constant_variance = channels, rank, constant_mean, \
+            constant_variance
+        if constant_mean is None:
+            self.register_buffer("mean", torch.empty(channels, dtype=dtype))
+            self.register_buffer("variance", torch.empty(channels, dtype=dtype))
         else:
-            self.register_buffer("mean", torch.tensor(mean, dtype=dtype).expand(channels).clone(), persistent=False)
-            self.register_buffer("variance", torch.tensor(variance, dtype=dtype).expand(channels).clone(),
+            self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).expand(channels).clone(),
+                                 persistent=False)
+            self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).expand(channels).clone(),
                                  persistent=False)
         self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
         self.invert, self.epsilon = invert, epsilon
@@ -75,7 +82,7 @@ class KerasReLU(nn.Module):
     """Keras's ReLU with a threshold, a negative slope or a max value other than 6:
     x > threshold -> clip(x, 0, max_value); below -> negative_slope * (x − threshold)."""
 
-    def __init__(self, max_value: float | None, negative_slope: float, threshold: float):
+    def __init__(self, max_value, negative_slope, threshold):
         super().__init__()
         self.max_value, self.negative_slope, self.threshold = max_value, negative_slope, threshold
 
@@ -99,11 +106,12 @@ class ChannelAffine(nn.Module):
     """Keras's Rescaling with per-channel values: x * scale + offset, the values constants
     (non-persistent buffers) shaped for the channels-first layout."""
 
-    def __init__(self, scale, offset, rank: int):
+    def __init__(self, scales, offsets, rank):
         super().__init__()
+        self.scales, self.offsets, self.rank = scales, offsets, rank
         view = (-1,) + (1,) * (rank - 1)
-        self.register_buffer("scale", torch.tensor(scale, dtype=torch.float32).reshape(view), persistent=False)
-        self.register_buffer("offset", torch.tensor(offset, dtype=torch.float32).reshape(view), persistent=False)
+        self.register_buffer("scale", torch.tensor(scales, dtype=torch.float32).reshape(view), persistent=False)
+        self.register_buffer("offset", torch.tensor(offsets, dtype=torch.float32).reshape(view), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype) + self.offset.to(x.dtype)

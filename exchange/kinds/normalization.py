@@ -92,7 +92,8 @@ class BatchNormalization(LayerKind):
         config, rank = context.config, len(context.input_shape)
         module_class = {1: builder.nn.BatchNorm1d, 2: builder.nn.BatchNorm1d, 3: builder.nn.BatchNorm2d,
                         4: builder.nn.BatchNorm3d}[rank]
-        norm = module_class(context.input_shape[-1], eps=config.epsilon, momentum=1.0 - config.momentum,
+        # round(): 1 - 0.99 is 0.010000000000000009 in floats; torch's momentum is the written 0.01
+        norm = module_class(context.input_shape[-1], eps=config.epsilon, momentum=round(1.0 - config.momentum, 12),
                             affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
         return builder.module(context, norm, inputs[0])
 
@@ -153,7 +154,7 @@ class Normalization(LayerKind):
         config = context.config
         module = builder.helpers.KerasNormalization(context.input_shape[-1], len(context.input_shape),
                                                     config.invert, KERAS_EPSILON, dtype=builder.dtype(context),
-                                                    mean=config.mean, variance=config.variance)
+                                                    constant_mean=config.mean, constant_variance=config.variance)
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
