@@ -32,6 +32,9 @@ NN_NAMES = {module_type: f"nn.{module_type.__name__}" for module_type in (
 HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
            if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
 SKIPPED_ARGUMENTS = ("device",)
+# Size arguments torch takes as one int for all axes: (7, 7) is written 7.
+SIZE_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "output_padding")
+POSITIONAL_ARGUMENTS = 2   # nn.Conv2d(3, 64, kernel_size=7): sizes positional, the rest by keyword
 
 
 def generate(graph: Graph, weights_name: str, source_name: str) -> str:
@@ -105,7 +108,10 @@ def _constructor(module: nn.Module) -> str:
         value = _argument(module, parameter_name)
         if value is _ABSENT or (parameter.default is not parameter.empty and _same(value, parameter.default)):
             continue
-        if parameter.default is parameter.empty and not keywords:
+        if (parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
+                and all(isinstance(item, int) and item == value[0] for item in value)):
+            value = value[0]
+        if parameter.default is parameter.empty and not keywords and len(positional) < POSITIONAL_ARGUMENTS:
             positional.append(_format(value))
         else:
             keywords.append(f"{parameter_name}={_format(value)}")
