@@ -10,6 +10,8 @@ Conversions are pure: they never modify the arrays they are given.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from exchange.errors import ExchangeError, TensorMismatchError
@@ -34,11 +36,11 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
         expected = graph.keras_variables(node)
         found = stored.get(node.name, [])
         label = f"layer {node.name!r} ({class_names.get(node.name, node.kind)})"
-        if len(found) != len(expected) or any(name is not None and name != want
+        if len(found) != len(expected) or any(not _same_variable(name, want)
                                               for (name, _), (want, _) in zip(found, expected)):
             found_names = [name if name is not None else f"vars/{index}" for index, (name, _) in enumerate(found)]
             unclaimed = [name for name in found_names[len(expected):]] + [
-                name for (name, _), (want, _) in zip(found, expected) if name is not None and name != want]
+                name for (name, _), (want, _) in zip(found, expected) if not _same_variable(name, want)]
             problems.append(f"{label} stores variables {found_names}, expected {[want for want, _ in expected]}"
                             + (f"; no port claims {unclaimed}" if unclaimed else ""))
             continue
@@ -59,6 +61,12 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
         raise TensorMismatchError([], [], problems, where=f"{where}: config and weights do not match"
                                   if where else "config and weights do not match")
     return tensors
+
+
+def _same_variable(stored_name: str | None, expected: str) -> bool:
+    """Keras 3 numbers unnamed variables `variable`, `variable_1`, … across a model; Keras 3
+    files store no names (None)."""
+    return stored_name is None or re.fullmatch(rf"{re.escape(expected)}(_\d+)?", stored_name) is not None
 
 
 def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:

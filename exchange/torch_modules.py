@@ -115,3 +115,15 @@ class ChannelAffine(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale.to(x.dtype) + self.offset.to(x.dtype)
+
+
+class ChannelScale(nn.Module):
+    """ConvNeXt's LayerScale: a learned scale per channel, x * gamma, broadcast channels-first."""
+
+    def __init__(self, channels, rank, dtype=None):
+        super().__init__()
+        self.channels, self.rank = channels, rank
+        self.gamma = nn.Parameter(torch.empty(channels, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma.view((-1,) + (1,) * (self.rank - 1))

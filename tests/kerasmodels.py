@@ -16,6 +16,8 @@ from exchange.ports import TorchOnly
 
 # Variables drawn in [0.5, 1.5): scales and variances must stay positive.
 POSITIVE_VARIABLES = ("gamma", "moving_variance", "variance")
+# ConvNeXt's LayerScale adds its gamma unnamed: Keras calls it `variable`, `variable_1`, …
+UNNAMED_VARIABLE = "variable"
 # Variables Keras starts at zero (or a default) that get a seeded normal value.
 OFFSET_VARIABLES = ("beta", "moving_mean", "bias", "mean")
 
@@ -27,7 +29,7 @@ def randomize(model: keras.Model, seed: int, offset_scale: float = 0.2,
     generator = np.random.default_rng(seed)
     for variable in model.weights:
         name, shape = variable.name, tuple(variable.shape)
-        if name in POSITIVE_VARIABLES:
+        if name in POSITIVE_VARIABLES or name.split("_")[0] == UNNAMED_VARIABLE:
             variable.assign(generator.uniform(*positive_range, shape).astype(variable.dtype))
         elif name in OFFSET_VARIABLES:
             variable.assign(generator.normal(0.0, offset_scale, shape).astype(variable.dtype))

@@ -115,6 +115,12 @@ CASES = {
     "rescaling_per_channel": lambda: single(IMAGE, L.Rescaling([0.5, 1.0, 2.0, 3.0, 4.0],
                                                                offset=[0.1, 0.0, -0.1, 0.2, 0.3])),
     "squeeze_excitation_broadcast": squeeze_excitation,
+    "layer_norm_features": lambda: single((13,), L.LayerNormalization(epsilon=1e-5), L.Dense(4)),
+    "layer_norm_image_no_center": lambda: single(IMAGE, L.LayerNormalization(center=False)),
+    "layer_norm_sequence_no_scale": lambda: single(SEQUENCE, L.LayerNormalization(scale=False)),
+    "group_norm": lambda: single((9, 12, 6), L.GroupNormalization(groups=3, epsilon=1e-4)),
+    "group_norm_no_center": lambda: single((9, 12, 6), L.GroupNormalization(groups=2, center=False)),
+    "unit_norm": lambda: single(IMAGE, L.UnitNormalization(), L.Conv2D(3, 1), L.UnitNormalization(axis=2)),
 }
 
 

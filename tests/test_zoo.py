@@ -84,8 +84,7 @@ def mobilenet_v3_small():
 SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
          "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder}
 APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
-# keras.applications made of layers the sequence issue brings (LayerNormalization, LayerScale).
-NOT_YET_SUPPORTED = {"ConvNeXtBase", "ConvNeXtLarge", "ConvNeXtSmall", "ConvNeXtTiny", "ConvNeXtXLarge"}
+
 
 
 def check(name: str, keras_outputs: list, other_outputs: list, application: bool, what: str) -> float:
@@ -183,12 +182,6 @@ def test_every_keras_application(name):
     keras.utils.set_random_seed(21)
     size = application_input_size(name)
     model = getattr(keras.applications, name)(weights=None, input_shape=(size, size, 3))
-    if name in NOT_YET_SUPPORTED:
-        from exchange.errors import UnsupportedLayerError
-
-        with pytest.raises(UnsupportedLayerError, match="LayerNormalization"):
-            keras_adapter.architecture_of(model)
-        return
     # BatchNorm scales and variances in [0.4, 0.8): in [0.5, 1.5) the activations of the deepest
     # models (EfficientNetV2-S/M/L) grow to ~1e3 and float32 rounding alone decides their argmax.
     randomize(model, seed=5, offset_scale=0.05, positive_range=(0.4, 0.8))
@@ -223,3 +216,41 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     result = cli.verify(keras_path, tampered, graph, None, cli.DEFAULT_TOLERANCE)
     assert result["max_abs_diff"] > cli.DEFAULT_TOLERANCE
     assert result["first_divergence"].startswith("layer 'conv2' (conv2d): max abs diff")
+
+
+def nested_multi_io():
+    """Two inputs, two outputs, a Sequential and a functional model nested inside."""
+    image = keras.Input((10, 9, 3), name="image")
+    extra = keras.Input((5,), name="extra")
+    trunk = keras.Sequential([keras.Input((10, 9, 3)), L.Conv2D(4, 3, padding="same", name="inner_conv"),
+                              L.BatchNormalization(name="inner_bn")], name="trunk")
+    inner_in = keras.Input((4,), name="head_in")
+    head = keras.Model(inner_in, L.Dense(3, activation="softmax", name="inner_dense")(inner_in), name="head")
+    features = L.GlobalAveragePooling2D(name="gap")(trunk(image))
+    joined = L.Concatenate(name="join")([features, L.Dense(4, name="side")(extra)])
+    return keras.Model([image, extra], [head(L.Dense(4, name="mix")(joined)), L.Dense(2, name="aux")(joined)],
+                       name="nested_multi_io")
+
+
+def test_nested_models_with_several_inputs_and_outputs(tmp_path):
+    keras.utils.set_random_seed(8)
+    model = randomize(nested_multi_io(), seed=3)
+    inputs = batch(model)
+    reference = keras_adapter.predict(model, inputs)
+    keras_path = tmp_path / "nested.keras"
+    model.save(keras_path)
+    common = tmp_path / "nested.safetensors"
+    convert(keras_path, common)
+    graph = torch_adapter.model_from_file(common).exchange_graph
+    assert [spec.name for spec in graph.inputs] == ["image", "extra"] and graph.outputs == ("inner_dense", "aux")
+    assert {"inner_conv.weight", "inner_bn.running_var", "inner_dense.weight"} <= set(graph.tensor_specs)
+    check("nested_multi_io", reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs), False,
+          "nested .keras -> .safetensors -> torch")
+    live = keras_adapter.get_tensors(model)
+    with keras_files.open_keras_file(keras_path) as from_file:
+        for key, tensor in from_file.tensors.items():
+            np.testing.assert_array_equal(live[key], np.asarray(tensor.load() if hasattr(tensor, "load") else tensor))
+    rebuilt = tmp_path / "rebuilt.keras"
+    convert(common, rebuilt)
+    check("nested_multi_io", reference, keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
+          False, ".safetensors -> .keras (inlined)")

@@ -208,3 +208,175 @@ class Rescaling(LayerKind):
         config = context.config
         scale, offset = (list(v) if isinstance(v, tuple) else v for v in (config.scale, config.offset))
         return keras.layers.Rescaling(scale, offset, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class LayerNormConfig:
+    axis: int = -1
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+
+
+def _affine_ports(config, channels: tuple, weight: str = "weight", bias: str = "bias") -> list:
+    """gamma/beta as torch weight/bias; with one of them off, torch's affine form holds the
+    missing one as a constant that Keras cannot change (see BatchNormalization)."""
+    ports: list = []
+    if config.scale:
+        ports.append(Port("gamma", weight))
+    if config.center:
+        if not config.scale:
+            ports.append(TorchOnly(weight, channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
+        ports.append(Port("beta", bias))
+    return ports
+
+
+@register
+class LayerNormalization(LayerKind):
+    """Over the channels (Keras's last axis): torch's `nn.LayerNorm` normalises trailing dims, so on
+    channels-first tensors the torch side moves the channels last and back. Keras's epsilon
+    (1e-3) is written out (torch's is 1e-5); `scale=False` alone is `bias=False` in torch."""
+
+    kind, keras_classes, Config = "layer_norm", ("LayerNormalization",), LayerNormConfig
+
+    def from_keras(self, options):
+        options.expect("rms_scaling", False)   # deprecated in Keras: it scales by the variance
+        return LayerNormConfig(_one_axis(options), float(options.take("epsilon", 1e-3)),
+                               bool(options.take("center", True)), bool(options.take("scale", True)))
+
+    def output_shape(self, config, input_shapes):
+        _check_channel_axis(config.axis, input_shapes[0], "LayerNormalization")
+        return input_shapes[0]
+
+    def keras_variables(self, context):
+        channels = (context.input_shape[-1],)
+        return [(name, channels) for name, on in (("gamma", context.config.scale), ("beta", context.config.center))
+                if on]
+
+    def ports(self, context):
+        return _affine_ports(context.config, (context.input_shape[-1],))
+
+    def torch_forward(self, builder, context, inputs):
+        config, rank = context.config, len(context.input_shape)
+        norm = builder.nn.LayerNorm(context.input_shape[-1], eps=config.epsilon,
+                                    elementwise_affine=config.center or config.scale, bias=config.center,
+                                    device="meta", dtype=builder.dtype(context))
+        value = inputs[0] if rank < 2 else builder.call(builder.torch.movedim, inputs[0], 1, -1)
+        value = builder.module(context, norm, value)
+        return value if rank < 2 else builder.call(builder.torch.movedim, value, -1, 1)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.LayerNormalization(axis=config.axis, epsilon=config.epsilon, center=config.center,
+                                               scale=config.scale, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class GroupNormConfig:
+    groups: int
+    axis: int = -1
+    epsilon: float = 1e-3
+    center: bool = True
+    scale: bool = True
+
+
+@register
+class GroupNormalization(LayerKind):
+    """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups))."""
+
+    kind, keras_classes, Config = "group_norm", ("GroupNormalization",), GroupNormConfig
+
+    def from_keras(self, options):
+        return GroupNormConfig(int(options.take("groups", 32)), _one_axis(options),
+                               float(options.take("epsilon", 1e-3)), bool(options.take("center", True)),
+                               bool(options.take("scale", True)))
+
+    def output_shape(self, config, input_shapes):
+        _check_channel_axis(config.axis, input_shapes[0], "GroupNormalization")
+        if config.groups < 1 or input_shapes[0][-1] % config.groups:
+            raise UnsupportedLayerError(f"GroupNormalization: {input_shapes[0][-1]} channels do not split "
+                                        f"into {config.groups} groups")
+        return input_shapes[0]
+
+    def keras_variables(self, context):
+        channels = (context.input_shape[-1],)
+        return [(name, channels) for name, on in (("gamma", context.config.scale), ("beta", context.config.center))
+                if on]
+
+    def ports(self, context):
+        config, channels = context.config, (context.input_shape[-1],)
+        ports = _affine_ports(config, channels)
+        if config.scale and not config.center:
+            ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        norm = builder.nn.GroupNorm(config.groups, context.input_shape[-1], eps=config.epsilon,
+                                    affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
+        return builder.module(context, norm, inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.GroupNormalization(groups=config.groups, axis=config.axis, epsilon=config.epsilon,
+                                               center=config.center, scale=config.scale,
+                                               name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class UnitNormConfig:
+    axis: int = -1
+
+
+@register
+class UnitNormalization(LayerKind):
+    """x / max(‖x‖₂, 1e-6) along the axis: Keras's rsqrt(max(Σx², 1e-12)) is `F.normalize`'s form."""
+
+    kind, keras_classes, Config = "unit_norm", ("UnitNormalization",), UnitNormConfig
+
+    def from_keras(self, options):
+        return UnitNormConfig(_one_axis(options))
+
+    def torch_forward(self, builder, context, inputs):
+        from exchange.kinds.layout import torch_axis
+
+        dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
+        return builder.call(builder.F.normalize, inputs[0], p=2.0, dim=dim, eps=1e-6)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.UnitNormalization(axis=context.config.axis, name=context.node.name,
+                                              dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class LayerScaleConfig:
+    init_values: float = 1e-6
+
+
+@register
+class LayerScale(LayerKind):
+    """keras.applications' ConvNeXt LayerScale: x * gamma per channel (gamma is a weight)."""
+
+    kind, keras_classes, Config = "layer_scale", ("LayerScale",), LayerScaleConfig
+    keeps_element_order = False
+
+    def from_keras(self, options):
+        options.take("projection_dim")   # the channel count, known from the input shape
+        return LayerScaleConfig(float(options.take("init_values", 1e-6)))
+
+    def keras_variables(self, context):
+        return [("variable", (context.input_shape[-1],))]   # ConvNeXt adds its gamma without a name
+
+    def ports(self, context):
+        return [Port("variable", "gamma")]
+
+    def torch_forward(self, builder, context, inputs):
+        module = builder.helpers.ChannelScale(context.input_shape[-1], len(context.input_shape),
+                                              dtype=builder.dtype(context))
+        return builder.module(context, module, inputs[0])
+
+    def keras_layer(self, keras, context):
+        from keras.src.applications.convnext import LayerScale as KerasLayerScale
+
+        return KerasLayerScale(context.config.init_values, context.input_shape[-1], name=context.node.name,
+                               dtype=context.node.dtype)

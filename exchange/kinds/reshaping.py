@@ -210,6 +210,21 @@ class SpatialDropout1D(_Dropout):
 
 
 @register
+class StochasticDepth(_Dropout):
+    """keras.applications' ConvNeXt: drops whole residual branches in training only."""
+
+    kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
+
+    def from_keras(self, options):
+        return DropoutConfig(float(options.take("drop_path_rate", 0.0)))
+
+    def keras_layer(self, keras, context):
+        from keras.src.applications.convnext import StochasticDepth as KerasStochasticDepth
+
+        return KerasStochasticDepth(context.config.rate, name=context.node.name, dtype=context.node.dtype)
+
+
+@register
 class SpatialDropout2D(_Dropout):
     kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
 
