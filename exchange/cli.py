@@ -262,8 +262,17 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
     largest = max(int(np.prod(shape)) for shape in shapes)
     rows = max(8, min(VERIFY_BATCH, VERIFY_ELEMENTS // max(largest, 1)))
     generator = np.random.default_rng(0)
-    batch = [generator.random((rows,) + tuple(spec.shape), dtype=np.float32) for spec in graph.inputs]
+    batch = [generator.integers(0, _token_ids(graph, spec.name), (rows,) + tuple(spec.shape)).astype(spec.dtype)
+             if spec.dtype.startswith("int") else generator.random((rows,) + tuple(spec.shape), dtype=np.float32)
+             for spec in graph.inputs]
     return batch, f"a fixed random batch of {rows:,} inputs"
+
+
+def _token_ids(graph: Graph, input_name: str) -> int:
+    """How many token ids an integer input may take: the smallest vocabulary reading it."""
+    vocabularies = [node.config.input_dim for node in graph.consumers.get(input_name, [])
+                    if isinstance(getattr(node.config, "input_dim", None), int)]
+    return min(vocabularies, default=2)
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,

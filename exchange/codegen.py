@@ -28,7 +28,8 @@ from exchange.torch_adapter import build_module, class_name
 # torch's module types by the name generated code uses for them.
 NN_NAMES = {module_type: f"nn.{module_type.__name__}" for module_type in (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.ZeroPad2d)}
+    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.ZeroPad2d, nn.LayerNorm, nn.GroupNorm,
+    nn.Embedding)}
 HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
            if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
 SKIPPED_ARGUMENTS = ("device",)

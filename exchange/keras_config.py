@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
-from exchange.graph import DTYPES, Graph, InputSpec, Node
+from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
 from exchange.kinds import KerasOptions, kind_for_keras_class
 
 INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
@@ -176,7 +176,7 @@ class _Parser:
         shape = _batch_shape(config)
         if shape is None:
             raise ExchangeError(f"input {name!r} has no shape")
-        dtype = _dtype(config.get("dtype"), name) if config.get("dtype") is not None else "float32"
+        dtype = _input_dtype(config.get("dtype"), name)
         self.inputs.append(InputSpec(name, tuple(shape[1:]), dtype))
         return name
 
@@ -246,6 +246,17 @@ def _dtype(value, name: str) -> str:
         return "float32"   # mixed precision keeps float32 variables
     if value not in DTYPES:
         raise UnsupportedLayerError(f"layer {name!r}: unsupported dtype {value!r}")
+    return value
+
+
+def _input_dtype(value, name: str) -> str:
+    """An input's dtype: a float type, or int32/int64 token ids."""
+    if isinstance(value, dict):
+        value = (value.get("config") or {}).get("name")
+    if value is None:
+        return "float32"
+    if value not in INPUT_DTYPES:
+        raise UnsupportedLayerError(f"input {name!r}: unsupported dtype {value!r}")
     return value
 
 

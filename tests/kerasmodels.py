@@ -14,6 +14,8 @@ from exchange import keras_adapter, torch_adapter
 from exchange.graph import Graph
 from exchange.ports import TorchOnly
 
+TOKEN_IDS = 7   # integer inputs (token ids) are drawn in [0, 7): every test vocabulary is larger
+
 # Variables drawn in [0.5, 1.5): scales and variances must stay positive.
 POSITIVE_VARIABLES = ("gamma", "moving_variance", "variance")
 # ConvNeXt's LayerScale adds its gamma unnamed: Keras calls it `variable`, `variable_1`, …
@@ -65,10 +67,11 @@ def random_torch_state(graph: Graph, seed: int) -> dict[str, np.ndarray]:
 
 def batch(graph_or_model, rows: int = 6, seed: int = 0) -> list[np.ndarray]:
     """A fixed random batch for each input (Keras layout)."""
-    shapes = ([spec.shape for spec in graph_or_model.inputs] if isinstance(graph_or_model, Graph)
-              else [tuple(tensor.shape[1:]) for tensor in graph_or_model.inputs])
+    specs = ([(spec.shape, spec.dtype) for spec in graph_or_model.inputs] if isinstance(graph_or_model, Graph)
+             else [(tuple(tensor.shape[1:]), str(tensor.dtype)) for tensor in graph_or_model.inputs])
     generator = np.random.default_rng(seed)
-    return [generator.standard_normal((rows,) + tuple(shape)).astype(np.float32) for shape in shapes]
+    return [generator.integers(0, TOKEN_IDS, (rows,) + tuple(shape)).astype(dtype) if "int" in dtype
+            else generator.standard_normal((rows,) + tuple(shape)).astype(np.float32) for shape, dtype in specs]
 
 
 def max_difference(first: list[np.ndarray], second: list[np.ndarray]) -> float:

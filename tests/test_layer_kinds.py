@@ -121,6 +121,13 @@ CASES = {
     "group_norm": lambda: single((9, 12, 6), L.GroupNormalization(groups=3, epsilon=1e-4)),
     "group_norm_no_center": lambda: single((9, 12, 6), L.GroupNormalization(groups=2, center=False)),
     "unit_norm": lambda: single(IMAGE, L.UnitNormalization(), L.Conv2D(3, 1), L.UnitNormalization(axis=2)),
+    "embedding_conv1d_text_classifier": lambda: keras.Sequential([
+        keras.Input((13,), dtype="int32"), L.Embedding(11, 6), L.Conv1D(5, 3, padding="same", activation="relu"),
+        L.GlobalMaxPooling1D(), L.Dense(3, activation="softmax")]),
+    "embedding_permute": lambda: keras.Sequential([keras.Input((13,), dtype="int64"), L.Embedding(9, 4),
+                                                   L.Permute((2, 1)), L.Dense(5)]),
+    "permute_image": lambda: single(IMAGE, L.Permute((3, 1, 2)), L.Conv2D(2, 1)),
+    "repeat_vector": lambda: single((5,), L.Dense(4), L.RepeatVector(3), L.Conv1D(2, 2)),
 }
 
 

@@ -1,5 +1,5 @@
-"""Layers that move or pass data without weights: Flatten, Reshape, ZeroPadding2D, Cropping2D,
-Dropout and SpatialDropout (no-ops at inference).
+"""Layers that move or pass data: Flatten, Reshape, Permute, RepeatVector, ZeroPadding2D,
+Cropping2D, Dropout and SpatialDropout (no-ops at inference), and Embedding (token ids to vectors).
 
 Conventions that differ:
 - Flatten: Keras flattens an image in (H, W, C) order; `torch.flatten` on a channels-first tensor
@@ -19,6 +19,7 @@ from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import LayerKind, register
+from exchange.ports import Port
 
 
 @register
@@ -231,3 +232,111 @@ class SpatialDropout2D(_Dropout):
     def from_keras(self, options):
         options.expect("data_format", "channels_last", None)
         return super().from_keras(options)
+
+
+@dataclass(frozen=True)
+class PermuteConfig:
+    dims: tuple[int, ...]   # Keras's: 1-based axes after the batch axis, in Keras layout
+
+
+@register
+class Permute(LayerKind):
+    """Keras permutes its own (channels-last) axes; the torch side composes that with the two
+    layout changes into one `permute`."""
+
+    kind, keras_classes, Config = "permute", ("Permute",), PermuteConfig
+
+    def from_keras(self, options):
+        dims = options.take("dims")
+        if not isinstance(dims, list) or sorted(dims) != list(range(1, len(dims) + 1)):
+            raise options.unsupported("dims", dims)
+        return PermuteConfig(tuple(dims))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(config.dims) != len(shape):
+            raise ExchangeError(f"dims {config.dims} do not match input shape {shape}")
+        return tuple(shape[dim - 1] for dim in config.dims)
+
+    def torch_forward(self, builder, context, inputs):
+        from exchange.kinds.layout import to_keras_order, to_torch_order
+
+        rank = len(context.input_shape)
+        keras_permutation = (0,) + tuple(context.config.dims)
+        # torch input -> Keras layout -> Keras's permutation -> torch layout, as one permutation
+        combined = tuple(to_keras_order(rank)[keras_permutation[axis]] for axis in to_torch_order(rank))
+        return builder.method(inputs[0], "permute", *combined)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Permute(context.config.dims, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class RepeatVectorConfig:
+    n: int
+
+
+@register
+class RepeatVector(LayerKind):
+    """(N, F) -> (N, n, F) in Keras; torch holds the result channels-first, (N, F, n)."""
+
+    kind, keras_classes, Config = "repeat_vector", ("RepeatVector",), RepeatVectorConfig
+
+    def from_keras(self, options):
+        return RepeatVectorConfig(int(options.take("n")))
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes[0]) != 1 or config.n < 1:
+            raise ExchangeError(f"repeats a (batch, features) input, found (batch, {input_shapes[0]})")
+        return (config.n, input_shapes[0][0])
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.method(builder.method(inputs[0], "unsqueeze", 2), "repeat", 1, 1, context.config.n)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.RepeatVector(context.config.n, name=context.node.name, dtype=context.node.dtype)
+
+
+@dataclass(frozen=True)
+class EmbeddingConfig:
+    input_dim: int
+    output_dim: int
+
+
+@register
+class Embedding(LayerKind):
+    """Token ids -> vectors: Keras's `embeddings` (vocabulary, dim) is `nn.Embedding`'s weight as it
+    is. Keras casts float ids to int; the torch side calls `.long()`. The result is held
+    channels-first, (N, dim, T), like a Conv1D's. `mask_zero=True` is refused for now: Keras's
+    recurrent and pooling layers would skip the masked steps."""
+
+    kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
+
+    def from_keras(self, options):
+        options.expect("mask_zero", False)
+        options.expect("lora_rank", None)
+        options.expect("lora_alpha", None)
+        options.expect("sparse", False)
+        options.expect("quantization_config", None)
+        options.take("input_length", None)   # Keras 2: the sequence length, known from the input shape
+        return EmbeddingConfig(int(options.take("input_dim")), int(options.take("output_dim")))
+
+    def output_shape(self, config, input_shapes):
+        return tuple(input_shapes[0]) + (config.output_dim,)
+
+    def keras_variables(self, context):
+        return [("embeddings", (context.config.input_dim, context.config.output_dim))]
+
+    def ports(self, context):
+        return [Port("embeddings", "weight")]
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.nn.Embedding(config.input_dim, config.output_dim, device="meta", dtype=builder.dtype(context))
+        value = builder.module(context, module, builder.method(inputs[0], "long"))
+        return builder.call(builder.torch.movedim, value, -1, 1) if len(context.input_shape) >= 1 else value
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Embedding(config.input_dim, config.output_dim, name=context.node.name,
+                                      dtype=context.node.dtype)
