@@ -158,3 +158,22 @@ def test_generation_is_deterministic(tmp_path):
     assert first.replace("first.safetensors", "X") == (tmp_path / "second.py").read_text().replace(
         "second.safetensors", "X")
     assert (tmp_path / "first.safetensors").read_bytes() == (tmp_path / "second.safetensors").read_bytes()
+
+
+def test_code_from_a_torch_state_dict_with_its_architecture(tmp_path, capsys):
+    """`.pt` + `--arch` -> `.py`: the generated class loads the same tensors the .pt held."""
+    import torch
+
+    keras.utils.set_random_seed(2)
+    keras_path = tmp_path / "ae.keras"
+    randomize(SMALL["autoencoder"](), seed=2).save(keras_path)
+    cli.convert(keras_path, tmp_path / "ae.safetensors")
+    cli.convert(keras_path, tmp_path / "ae.pt")
+    assert cli.main([str(tmp_path / "ae.pt"), str(tmp_path / "port.py"), "--arch", str(tmp_path / "ae.safetensors"),
+                     "--verify"]) == 0
+    assert "vs the generated PyTorch code" in capsys.readouterr().out
+    state = torch.load(tmp_path / "ae.pt", weights_only=True)
+    from safetensors.torch import load_file
+
+    written = load_file(str(tmp_path / "port.safetensors"))
+    assert sorted(written) == sorted(state) and all(torch.equal(written[key], state[key]) for key in state)
