@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from exchange import fileformat, keras_files, reference
-from exchange.errors import ExchangeError, ExchangeFileError
+from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
@@ -100,15 +100,15 @@ def load_architecture(path: Path) -> Graph:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if path.suffix in KERAS_KINDS:
         return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path),
-                                                 keras2=path.suffix == ".h5").graph
+                                                 keras2=keras_files.written_by_keras2(path)).graph
     try:
         text = path.read_text()
         description = json.loads(text)
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
         raise ExchangeFileError(f"{path}: not a JSON architecture ({type(err).__name__})") from None
     if isinstance(description, dict) and "class_name" in description:
-        keras2 = str(description.get("keras_version", "")).startswith("2.")
-        return keras_files.describe_model_config(description, str(path), keras2=keras2).graph
+        return keras_files.describe_model_config(description, str(path),
+                                                 keras2=keras_files.written_by_keras2(path)).graph
     if not isinstance(description, dict):
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
@@ -182,8 +182,9 @@ def first_divergent_layer(graph: Graph, keras_model, torch_model, inputs: list, 
 
     keras_values = keras_adapter.intermediate_outputs(keras_model, graph, inputs)
     torch_values = torch_adapter.intermediate_outputs(torch_model, inputs)
+    reordered = graph.torch_order_differs   # torch holds these flattened in (C, H, W) order
     for node in graph.nodes:
-        if node.name in keras_values and node.name in torch_values:
+        if node.name in keras_values and node.name in torch_values and node.name not in reordered:
             difference = float(np.max(np.abs(keras_values[node.name] - torch_values[node.name])))
             if not difference <= tolerance:
                 return f"layer {node.name!r} ({node.kind}): max abs diff {difference:.3e}"
@@ -202,11 +203,15 @@ def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     except ImportError:
         return (f"numpy reference on {path} (Keras not installed)",
                 reference.forward(graph, read_tensors(path), inputs), None)
+    note = ""
     if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
-        model = keras_adapter.load_keras_file(path)
-        return f"Keras on {path}", keras_adapter.predict(model, inputs), model
+        try:
+            model = keras_adapter.load_keras_file(path)
+            return f"Keras on {path}", keras_adapter.predict(model, inputs), model
+        except ExchangeFileError as err:   # e.g. a Keras 2 file Keras 3 cannot deserialize
+            note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
     model = keras_adapter.model_from_tensors(graph, read_tensors(path))
-    return f"Keras on the tensors of {path}", keras_adapter.predict(model, inputs), model
+    return f"Keras on the tensors of {path}{note}", keras_adapter.predict(model, inputs), model
 
 
 def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
@@ -225,15 +230,19 @@ def _generated_code_outputs(code_path: Path, graph: Graph, inputs: list):
 
     from exchange import torch_adapter
 
-    spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
-    generated = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generated)
     from exchange.torch_adapter import class_name
 
-    model = getattr(generated, class_name(graph.name))()
-    model.load_state_dict(generated.load(str(code_weights_path(code_path))), strict=True)
-    model.exchange_graph = graph
-    return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
+    try:
+        spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
+        generated = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(generated)
+        model = getattr(generated, class_name(graph.name))()
+        model.load_state_dict(generated.load(str(code_weights_path(code_path))), strict=True)
+        model.exchange_graph = graph
+        return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
+    except Exception as err:   # anything the generated code raises is a bug of the generator
+        raise ExchangeError(f"{code_path}: the generated code does not run ({type(err).__name__}: "
+                            f"{first_line(err)}); please report it") from None
 
 
 def _is_full_keras2_model(path: Path) -> bool:

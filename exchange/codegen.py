@@ -109,7 +109,7 @@ def _constructor(module: nn.Module) -> str:
         value = _argument(module, parameter_name)
         if value is _ABSENT or (parameter.default is not parameter.empty and _same(value, parameter.default)):
             continue
-        if (parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
+        if (module_type in NN_NAMES and parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
                 and all(isinstance(item, int) and item == value[0] for item in value)):
             value = value[0]
         if parameter.default is parameter.empty and not keywords and len(positional) < POSITIONAL_ARGUMENTS:

@@ -127,6 +127,11 @@ class Graph:
         return {node.name: node for node in self.nodes}
 
     @cached_property
+    def input_arguments(self) -> dict[str, str]:
+        """Input name -> the torch module's `forward` argument name (a valid, unshadowing Python name)."""
+        return {spec.name: python_name(spec.name) for spec in self.inputs}
+
+    @cached_property
     def consumers(self) -> dict[str, list[Node]]:
         readers: dict[str, list[Node]] = {}
         for node in self.nodes:
@@ -140,9 +145,7 @@ class Graph:
         names: dict[str, str] = {}
         taken: dict[str, str] = {}
         for node in self.nodes:
-            safe = re.sub(r"\W", "_", node.name)
-            if not safe or safe[0].isdigit() or keyword.iskeyword(safe) or safe in _RESERVED:
-                safe = f"_{safe}"
+            safe = python_name(node.name)
             if safe in taken:
                 raise ExchangeError(f"layers {taken[safe]!r} and {node.name!r} both become torch "
                                     f"name {safe!r}; rename one")
@@ -199,7 +202,7 @@ class Graph:
                     reader_kind = kind_of(reader.kind)
                     if reader_kind.reads_permuted_flat and len(reader.inputs) == 1:
                         continue
-                    if reader_kind.keeps_element_order and len(reader.inputs) == 1:
+                    if reader_kind.keeps_order(reader.config) and len(reader.inputs) == 1:
                         frontier.append(reader.name)
                     else:
                         ok = False
@@ -213,13 +216,19 @@ class Graph:
 
         sources: dict[str, Shape] = dict(self.channels_first_flattens)
         for node in self.nodes:
-            if node.inputs[0] in sources and kind_of(node.kind).keeps_element_order:
+            if node.inputs[0] in sources and kind_of(node.kind).keeps_order(node.config):
                 sources[node.name] = sources[node.inputs[0]]
         return sources
 
     def input_shape_of(self, node: Node) -> Shape:
         """The shape of the node's first input."""
         return self.shapes[node.inputs[0]]
+
+    @property
+    def torch_order_differs(self) -> set[str]:
+        """Nodes whose torch output holds Keras's elements in another order (a channels-first
+        Flatten and the element-wise layers after it): compare them by what follows."""
+        return set(self._flat_sources) - set(spec.name for spec in self.inputs)
 
     def context(self, node: Node) -> NodeContext:
         return NodeContext(node, self.torch_names[node.name],
@@ -330,10 +339,31 @@ class Graph:
         return found
 
 
-# Attribute names a torch module already has; a layer of that name gets a leading underscore.
-_RESERVED = {"training", "forward", "state_dict", "parameters", "buffers", "modules", "children",
-             "eval", "train", "to", "cuda", "cpu", "type", "float", "double", "half", "apply",
-             "graph", "code", "meta", "dump_patches", "call_super_init"}
+# Names a torch module (a torch.fx.GraphModule) already has as attributes, and names generated
+# code uses (`self`, `torch`, `F`, `nn`): a layer or input of such a name gets `_layer` appended.
+# tests/test_graph.py checks that every public attribute of torch.fx.GraphModule is listed.
+RESERVED_NAMES = frozenset("""
+    T_destination add_module add_submodule apply bfloat16 buffers call_super_init children code compile cpu
+    cuda delete_all_unused_submodules delete_submodule double dump_patches eval extra_repr float forward
+    get_buffer get_extra_state get_parameter get_submodule graph half ipu load_state_dict meta modules mtia
+    named_buffers named_children named_modules named_parameters parameters print_readable recompile
+    register_backward_hook register_buffer register_forward_hook register_forward_pre_hook
+    register_full_backward_hook register_full_backward_pre_hook register_load_state_dict_post_hook
+    register_load_state_dict_pre_hook register_module register_parameter register_state_dict_post_hook
+    register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_memory state_dict to
+    to_empty to_folder train training type xpu zero_grad self torch F nn
+    """.split())
+
+
+def python_name(name: str) -> str:
+    """A Keras name as a Python identifier that shadows nothing: `conv-1` -> `conv_1`,
+    `1st` -> `layer_1st`, `_x` -> `layer_x`, `class` -> `class_layer`, `compile` -> `compile_layer`."""
+    safe = re.sub(r"\W", "_", name)
+    if not safe or safe[0].isdigit() or safe[0] == "_":
+        safe = "layer_" + safe.lstrip("_")
+    if keyword.iskeyword(safe) or safe in RESERVED_NAMES:
+        safe += "_layer"
+    return safe
 
 
 def _check_name(name: str, seen: set[str]) -> None:

@@ -233,7 +233,8 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
     h5 = source.h5
     try:
         if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-            parsed = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path), keras2=True)
+            parsed = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path),
+                                           keras2=_keras2_version(h5.attrs.get("keras_version")))
             return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
         if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
             parsed = _description_from(architecture_from, path)
@@ -264,18 +265,27 @@ def _description_from(architecture_from, weights_path: Path, keras2: bool = Fals
         raise ExchangeFileError(f"{weights_path}: a weights-only file; give the architecture "
                                 "(--arch a .keras, a Keras 2 .h5 or a config .json)")
     config_path = Path(architecture_from)
-    is_keras2 = keras2 or (config_path.suffix == ".h5") or _looks_keras2(config_path)
-    return describe_model_config(read_keras_config(config_path), str(config_path), keras2=is_keras2)
+    return describe_model_config(read_keras_config(config_path), str(config_path),
+                                 keras2=keras2 or written_by_keras2(config_path))
 
 
-def _looks_keras2(path: Path) -> bool:
-    """A `to_json()` file of Keras 2 carries `keras_version` 2.x."""
-    if path.suffix != ".json" or not path.is_file():
-        return False
+def written_by_keras2(path: Path) -> bool:
+    """Whether Keras 2 wrote this model file (some meanings differ, e.g. `hard_sigmoid`): a `.h5`
+    or a `to_json()` file says so in `keras_version` (a Keras 2 `.h5` without it is old Keras 2);
+    `.keras` files are Keras 3's."""
     try:
-        return str(json.loads(path.read_bytes()).get("keras_version", "")).startswith("2.")
-    except (ValueError, AttributeError, RecursionError):
+        if path.suffix == ".h5":
+            with h5py.File(path, "r") as h5:
+                return _keras2_version(h5.attrs.get("keras_version"))
+        if path.suffix == ".json":
+            return _keras2_version(json.loads(path.read_bytes()).get("keras_version", "2"))
+    except (OSError, ValueError, AttributeError, RecursionError):
         return False
+    return False
+
+
+def _keras2_version(version) -> bool:
+    return version is None or not _text(version).startswith("3")
 
 
 def _open_zip(path: Path) -> zipfile.ZipFile:

@@ -30,17 +30,20 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
 
     All problems (unclaimed, missing or mis-shaped variables) are reported in one error.
     """
+    from exchange.kinds import kind_of
+
     class_names = class_names or {}
     problems, tensors = [], {}
     for node in graph.nodes:
         expected = graph.keras_variables(node)
+        aliases = kind_of(node.kind).variable_aliases
         found = stored.get(node.name, [])
         label = f"layer {node.name!r} ({class_names.get(node.name, node.kind)})"
-        if len(found) != len(expected) or any(not _same_variable(name, want)
+        if len(found) != len(expected) or any(not _same_variable(name, want, aliases)
                                               for (name, _), (want, _) in zip(found, expected)):
             found_names = [name if name is not None else f"vars/{index}" for index, (name, _) in enumerate(found)]
             unclaimed = [name for name in found_names[len(expected):]] + [
-                name for (name, _), (want, _) in zip(found, expected) if not _same_variable(name, want)]
+                name for (name, _), (want, _) in zip(found, expected) if not _same_variable(name, want, aliases)]
             problems.append(f"{label} stores variables {found_names}, expected {[want for want, _ in expected]}"
                             + (f"; no port claims {unclaimed}" if unclaimed else ""))
             continue
@@ -63,10 +66,11 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
     return tensors
 
 
-def _same_variable(stored_name: str | None, expected: str) -> bool:
+def _same_variable(stored_name: str | None, expected: str, aliases: dict) -> bool:
     """Keras 3 numbers unnamed variables `variable`, `variable_1`, … across a model; Keras 3
-    files store no names (None)."""
-    return stored_name is None or re.fullmatch(rf"{re.escape(expected)}(_\d+)?", stored_name) is not None
+    files store no names (None); some variables have another name in Keras 2 (`aliases`)."""
+    return stored_name is None or any(re.fullmatch(rf"{re.escape(name)}(_\d+)?", stored_name)
+                                      for name in (expected,) + tuple(aliases.get(expected, ())))
 
 
 def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:

@@ -82,7 +82,7 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
     builder = TorchGraphBuilder()
     values: dict[str, fx.Node] = {}
     for spec in graph.inputs:
-        value = builder.graph.placeholder(re.sub(r"\W", "_", spec.name))
+        value = builder.graph.placeholder(graph.input_arguments[spec.name])
         if keras_layout and len(spec.shape) >= 2:
             value = builder.call(torch.permute, value, to_torch_order(len(spec.shape)))
         values[spec.name] = value

@@ -132,3 +132,16 @@ def test_seed_initialisation_is_old_keras_normal():
     np.testing.assert_array_equal(tensors["dense_1.weight"], second_kernel.T)
     assert not tensors["dense_2.bias"].any()
     assert abs(float(tensors["dense_0.weight"].std()) - 0.05) < 0.001
+
+
+def test_reserved_names_cover_every_torch_module_attribute():
+    """A layer named like a torch.fx.GraphModule attribute (`compile`, `zero_grad`) would clobber
+    it; the list is static so keys do not depend on the installed torch: this checks it is whole."""
+    import torch.fx
+
+    from exchange.graph import RESERVED_NAMES, python_name
+
+    public = {name for name in dir(torch.fx.GraphModule) if not name.startswith("_")}
+    assert public <= RESERVED_NAMES, sorted(public - RESERVED_NAMES)
+    assert [python_name(name) for name in ("conv-1", "1st", "_x", "class", "compile", "self", "ok")] == [
+        "conv_1", "layer_1st", "layer_x", "class_layer", "compile_layer", "self_layer", "ok"]

@@ -128,7 +128,24 @@ CASES = {
                                                    L.Permute((2, 1)), L.Dense(5)]),
     "permute_image": lambda: single(IMAGE, L.Permute((3, 1, 2)), L.Conv2D(2, 1)),
     "repeat_vector": lambda: single((5,), L.Dense(4), L.RepeatVector(3), L.Conv1D(2, 2)),
+    # a per-element Rescaling ties the flat order: the Flatten must give Keras's order
+    "flatten_rescaling_per_element_dense": lambda: single((2, 3, 2), L.Flatten(),
+                                                          L.Rescaling([float(v) for v in range(1, 13)]), L.Dense(2)),
+    "names_that_are_not_python": lambda: names_that_are_not_python(),
 }
+
+
+def names_that_are_not_python():
+    """Input and layer names that are keywords, torch.nn.Module attributes or invalid identifiers."""
+    inputs = keras.Input((6, 5, 3), name="1st")
+    x = L.Conv2D(4, 3, padding="same", name="self")(inputs)
+    x = L.Conv2D(4, 1, name="F")(x)
+    x = L.ReLU(name="class")(x)
+    x = L.Flatten(name="torch")(x)
+    x = L.Dense(3, name="compile")(x)
+    return keras.Model(inputs, L.Dense(2, name="zero_grad")(x))
+
+
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -250,3 +267,60 @@ def test_weights_keep_their_dtype_through_every_direction(dtype, tolerance, tmp_
     cli.convert(tmp_path / "typed.safetensors", tmp_path / "rebuilt.keras")
     cli.convert(tmp_path / "rebuilt.keras", tmp_path / "again.safetensors")
     assert (tmp_path / "again.safetensors").read_bytes() == (tmp_path / "typed.safetensors").read_bytes()
+
+
+def test_keras2_depthwise_kernel_name_is_claimed():
+    """Keras 2 calls DepthwiseConv2D's kernel `depthwise_kernel` (Keras 3: `kernel`)."""
+    from exchange import layout
+
+    keras.utils.set_random_seed(3)
+    model = randomize(single(IMAGE, L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")), seed=1)
+    graph = keras_adapter.architecture_of(model)
+    kernel, bias = (np.asarray(v.numpy()) for v in model.get_layer("dw").weights)
+    from_keras2 = layout.keras_to_file(graph, {"dw": [("depthwise_kernel", kernel), ("bias", bias)]})
+    for key, tensor in keras_adapter.get_tensors(model).items():
+        np.testing.assert_array_equal(from_keras2[key], tensor)
+
+
+def test_keras3_h5_keeps_keras3_meanings(tmp_path):
+    """A Keras 3 full-model `.h5` (legacy format) is read as Keras 3: hard_sigmoid is relu6(x+3)/6."""
+    from exchange import cli
+
+    keras.utils.set_random_seed(3)
+    model = randomize(single((6,), L.Dense(4), L.Dense(3, activation="hard_sigmoid")), seed=1)
+    model.save(tmp_path / "legacy.h5")
+    cli.convert(tmp_path / "legacy.h5", tmp_path / "legacy.safetensors")
+    torch_model = torch_adapter.model_from_file(tmp_path / "legacy.safetensors")
+    inputs = [np.random.default_rng(0).normal(0, 3, (16, 6)).astype(np.float32)]
+    assert max_difference(keras_adapter.predict(model, inputs), torch_adapter.predict(torch_model, inputs)) <= 1e-6
+
+
+def test_generated_code_of_every_helper_module(tmp_path):
+    """TF-style average pooling, separable convolution, Normalization, per-channel Rescaling,
+    ReLU options and odd names: the generated file runs and matches Keras."""
+    import importlib.util
+
+    import torch
+
+    from exchange import cli
+
+    keras.utils.set_random_seed(5)
+    norm = L.Normalization(name="norm")
+    norm.adapt(np.random.default_rng(1).normal(1.0, 2.0, (32,) + IMAGE).astype(np.float32))
+    inputs = keras.Input(IMAGE, name="1st")
+    x = L.Rescaling([0.5, 1.0, 2.0, 3.0, 4.0], offset=0.1, name="scale")(norm(inputs))
+    x = L.AveragePooling2D(3, strides=2, padding="same", name="pool")(x)
+    x = L.SeparableConv2D(4, 3, padding="same", name="self")(x)
+    x = L.ReLU(max_value=2.5, negative_slope=0.1, threshold=0.5, name="class")(x)
+    model = randomize(keras.Model(inputs, L.GlobalAveragePooling2D(name="gap")(x), name="helpers"), seed=2)
+    model.save(tmp_path / "helpers.keras")
+    cli.convert(tmp_path / "helpers.keras", tmp_path / "helpers.py")
+    spec = importlib.util.spec_from_file_location("generated_helpers", tmp_path / "helpers.py")
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    module = generated.Helpers()
+    module.load_state_dict(generated.load(str(tmp_path / "helpers.safetensors")), strict=True)
+    (image,) = batch(model)
+    with torch.no_grad():
+        outputs = module.eval()(torch.from_numpy(image).permute(0, 3, 1, 2)).numpy()
+    assert max_difference([outputs], keras_adapter.predict(model, [image])) <= LAYER_TOLERANCE

@@ -216,6 +216,12 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     result = cli.verify(keras_path, tampered, graph, None, cli.DEFAULT_TOLERANCE)
     assert result["max_abs_diff"] > cli.DEFAULT_TOLERANCE
     assert result["first_divergence"].startswith("layer 'conv2' (conv2d): max abs diff")
+    # after the Flatten (whose torch output is in (C, H, W) order), the Dense is named, not the Flatten
+    tensors = load_file(str(good))
+    tensors["fc1.bias"] = tensors["fc1.bias"] + np.float32(0.1)
+    save_file(tensors, str(tampered), metadata=fileformat.read_metadata(good))
+    result = cli.verify(keras_path, tampered, graph, None, cli.DEFAULT_TOLERANCE)
+    assert result["first_divergence"].startswith("layer 'fc1' (dense): max abs diff")
 
 
 def nested_multi_io():

@@ -44,6 +44,7 @@ class LayerKind:
     keras_classes: tuple[str, ...] = ()
     Config: type = NoConfig
     keeps_element_order = False       # element-wise: a permuted flat order passes through
+    variable_aliases: dict = {}       # Keras variable name -> other names formats give it
     reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights
     may_flatten_channels_first = False
     takes_list = False                # Keras calls the layer on a list of tensors (merges)
@@ -70,6 +71,11 @@ class LayerKind:
             elif field.default is dataclasses.MISSING:
                 raise ExchangeError(f"layer {node_name!r} ({self.kind}): option {name!r} is missing")
         return self.Config(**converted)
+
+    def keeps_order(self, config) -> bool:
+        """Whether this node passes a permuted flat order through (element-wise with no per-
+        element constants); `keeps_element_order` unless a config says otherwise."""
+        return self.keeps_element_order
 
     # -- shapes and weights -----------------------------------------------------------------
 

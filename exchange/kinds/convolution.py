@@ -270,6 +270,7 @@ class DepthwiseConv2D(_Convolution):
 
     kind, keras_classes, Config = "depthwise_conv2d", ("DepthwiseConv2D",), ConvConfig
     spatial = 2
+    variable_aliases = {"kernel": ("depthwise_kernel",)}   # Keras 2's name for it
 
     def from_keras(self, options):
         config = self.read_common(options, options.take("depth_multiplier", 1))

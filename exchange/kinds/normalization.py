@@ -178,6 +178,10 @@ class Rescaling(LayerKind):
     kind, keras_classes, Config = "rescaling", ("Rescaling",), RescalingConfig
     keeps_element_order = True
 
+    def keeps_order(self, config) -> bool:
+        # one value per channel is tied to the element order: a permuted Flatten cannot pass
+        return not isinstance(config.scale, tuple) and not isinstance(config.offset, tuple)
+
     def from_keras(self, options):
         values = {}
         for key, default in (("scale", 1.0), ("offset", 0.0)):
