@@ -147,14 +147,15 @@ def check_written(path: Path, graph: Graph) -> None:
 
 
 def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float,
-           arch_path: Path | None = None) -> dict:
+           arch_path: Path | None = None, code_weights: Path | None = None) -> dict:
     """Run the two frameworks on the same inputs, each on the weights of its own file.
 
     Keras runs on the Keras file (IN or OUT) opened by Keras itself when it can, else on the
     tensors. PyTorch runs on the `.pt` or `.safetensors` side. A framework that is not installed is
     replaced by a numpy forward pass over the same file's tensors, and the result says so. When
     the outputs differ beyond `tolerance`, the layers are compared one by one and the first one
-    that diverges is named.
+    that diverges is named. `code_weights`: the weights file of a `.py` output, when it is not
+    beside it yet (a temporary).
     """
     keras_path = next((p for p in (in_path, out_path) if p.suffix in KERAS_KINDS), None)
     torch_path = next((p for p in (out_path, in_path) if p.suffix in (".pt", ".safetensors")), None)
@@ -162,7 +163,8 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
     read_tensors = lambda path: _file_tensors(path, graph, arch_path if path == in_path else None)  # noqa: E731
     keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
     if out_path.suffix == ".py":
-        torch_name, torch_outputs, torch_model = _generated_code_outputs(out_path, graph, inputs)
+        torch_name, torch_outputs, torch_model = _generated_code_outputs(
+            out_path, code_weights or code_weights_path(out_path), graph, inputs)
     else:
         torch_name, torch_outputs, torch_model = _torch_outputs(torch_path or out_path, graph, inputs, read_tensors)
     max_abs_diff = max(float(np.max(np.abs(k - t))) if k.size else 0.0 for k, t in zip(keras_outputs, torch_outputs))
@@ -224,7 +226,7 @@ def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     return f"PyTorch on {path}", torch_adapter.predict(model, inputs), model
 
 
-def _generated_code_outputs(code_path: Path, graph: Graph, inputs: list):
+def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, inputs: list):
     """Import the generated module from its file, load its weights file, run it."""
     import importlib.util
 
@@ -237,7 +239,7 @@ def _generated_code_outputs(code_path: Path, graph: Graph, inputs: list):
         generated = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(generated)
         model = getattr(generated, class_name(graph.name))()
-        model.load_state_dict(generated.load(str(code_weights_path(code_path))), strict=True)
+        model.load_state_dict(generated.load(str(weights_path)), strict=True)
         model.exchange_graph = graph
         return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
     except Exception as err:   # anything the generated code raises is a bug of the generator
@@ -284,10 +286,17 @@ def _token_ids(graph: Graph, input_name: str) -> int:
     return min(vocabularies, default=2)
 
 
+class VerificationFailed(ExchangeError):
+    """`--verify` found outputs that differ beyond the tolerance (exit 1, nothing replaced)."""
+
+
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None) -> Graph:
+            arch_path: Path | None = None, check=None) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
-    output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`)."""
+    output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
+
+    `check(graph, written, code_weights)`, when given, runs on the temporary files before they
+    replace anything; raising leaves every existing output as it was."""
     file_kind(out_path, OUTPUT_KINDS)
     weights_path = code_weights_path(out_path) if out_path.suffix == ".py" else out_path
     for path in (out_path, weights_path):
@@ -304,6 +313,10 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
                 codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")
                 with fileformat.atomic_output(out_path) as code_temporary:
                     codegen.write_module(graph, code_temporary, weights_path.name, in_path.name)
+                    if check is not None:
+                        check(graph, code_temporary, temporary)
+            elif check is not None:
+                check(graph, temporary, None)
     return graph
 
 
@@ -341,20 +354,28 @@ def main(argv: list[str] | None = None) -> int:
     if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
         print(f"error: --tolerance must be a finite non-negative number, got {args.tolerance}", file=sys.stderr)
         return 2
+    def check(graph: Graph, written: Path, code_weights: Path | None) -> None:
+        """--verify on the temporary output, before it replaces anything."""
+        result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights)
+        compared = result["compared"].replace(str(written), str(args.output))
+        if code_weights is not None:
+            compared = compared.replace(str(code_weights), str(code_weights_path(args.output)))
+        print(f"verify: {compared}, on {result['inputs']}: max abs diff "
+              f"{result['max_abs_diff']:.3e} (outputs up to {result['output_scale']:.3g}), "
+              f"argmax agreement {result['argmax_agreement']:.2%}")
+        if not result["max_abs_diff"] <= args.tolerance:
+            raise VerificationFailed(f"outputs differ by more than {args.tolerance:g}"
+                                     + (f"; first divergent {result['first_divergence']}"
+                                        if "first_divergence" in result else "")
+                                     + f"; {args.output} was not written")
+
     try:
-        graph = convert(args.input, args.output, activations, args.arch)
+        graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None)
         print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, "
               f"{graph.parameter_count():,} parameters")
-        if args.verify:
-            result = verify(args.input, args.output, graph, args.data, args.tolerance, args.arch)
-            print(f"verify: {result['compared']}, on {result['inputs']}: max abs diff "
-                  f"{result['max_abs_diff']:.3e} (outputs up to {result['output_scale']:.3g}), "
-                  f"argmax agreement {result['argmax_agreement']:.2%}")
-            if not result["max_abs_diff"] <= args.tolerance:
-                print(f"error: outputs differ by more than {args.tolerance:g}"
-                      + (f"; first divergent {result['first_divergence']}" if "first_divergence" in result else ""),
-                      file=sys.stderr)
-                return 1
+    except VerificationFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except ExchangeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

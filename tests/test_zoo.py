@@ -260,3 +260,19 @@ def test_nested_models_with_several_inputs_and_outputs(tmp_path):
     convert(common, rebuilt)
     check("nested_multi_io", reference, keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
           False, ".safetensors -> .keras (inlined)")
+
+
+@pytest.mark.parametrize("output_name", ["cnn.safetensors", "cnn.pt", "cnn.py"])
+def test_failed_verify_replaces_nothing(tmp_path, capsys, output_name):
+    """`--verify` runs on the temporary output: above the tolerance (0 here) the existing output
+    stays byte-identical and no temporary is left."""
+    keras.utils.set_random_seed(4)
+    keras_path = tmp_path / "source.keras"
+    randomize(mnist_cnn(), seed=2).save(keras_path)
+    out = tmp_path / output_name
+    out.write_bytes(b"previous")
+    assert cli.main([str(keras_path), str(out), "--verify", "--tolerance", "0"]) == 1
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("error: outputs differ by more than 0") and "not written" in error[0]
+    assert out.read_bytes() == b"previous"
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["source.keras", output_name])
