@@ -234,7 +234,9 @@ def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, i
 
     from exchange.torch_adapter import class_name
 
+    writes_bytecode = sys.dont_write_bytecode
     try:
+        sys.dont_write_bytecode = True   # no __pycache__ left beside the user's output
         spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
         generated = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(generated)
@@ -245,6 +247,8 @@ def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, i
     except Exception as err:   # anything the generated code raises is a bug of the generator
         raise ExchangeError(f"{code_path}: the generated code does not run ({type(err).__name__}: "
                             f"{first_line(err)}); please report it") from None
+    finally:
+        sys.dont_write_bytecode = writes_bytecode
 
 
 def _is_full_keras2_model(path: Path) -> bool:

@@ -70,23 +70,12 @@ class BatchNormalization(LayerKind):
 
     def keras_variables(self, context):
         channels = (context.input_shape[-1],)
-        names = (["gamma"] if context.config.scale else []) + (["beta"] if context.config.center else [])
-        return [(name, channels) for name in names + ["moving_mean", "moving_variance"]]
+        return _affine_variables(context.config, channels) + [("moving_mean", channels), ("moving_variance", channels)]
 
     def ports(self, context):
-        config, channels = context.config, (context.input_shape[-1],)
-        ports: list = []
-        if config.scale:
-            ports.append(Port("gamma", "weight"))
-        elif config.center:
-            ports.append(TorchOnly("weight", channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
-        if config.center:
-            ports.append(Port("beta", "bias"))
-        elif config.scale:
-            ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
-        ports += [Port("moving_mean", "running_mean"), Port("moving_variance", "running_var"),
-                  TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
-        return ports
+        return _affine_ports(context.config, (context.input_shape[-1],)) + [
+            Port("moving_mean", "running_mean"), Port("moving_variance", "running_var"),
+            TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
@@ -222,16 +211,24 @@ class LayerNormConfig:
     scale: bool = True
 
 
-def _affine_ports(config, channels: tuple, weight: str = "weight", bias: str = "bias") -> list:
-    """gamma/beta as torch weight/bias; with one of them off, torch's affine form holds the
-    missing one as a constant that Keras cannot change (see BatchNormalization)."""
+def _affine_variables(config, channels: tuple) -> list:
+    """Keras's gamma and beta, as `scale` and `center` switch them on, in that order."""
+    return [(name, channels) for name, on in (("gamma", config.scale), ("beta", config.center)) if on]
+
+
+def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
+    """gamma/beta as torch weight/bias. torch's affine norms hold both or neither (LayerNorm can
+    drop the bias alone: `bias_optional`): with one of them off in Keras, torch holds it as a
+    constant (weight 1, bias 0) that Keras cannot change, so torch -> Keras refuses another value."""
     ports: list = []
     if config.scale:
-        ports.append(Port("gamma", weight))
+        ports.append(Port("gamma", "weight"))
+    elif config.center:
+        ports.append(TorchOnly("weight", channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
     if config.center:
-        if not config.scale:
-            ports.append(TorchOnly(weight, channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
-        ports.append(Port("beta", bias))
+        ports.append(Port("beta", "bias"))
+    elif config.scale and not bias_optional:
+        ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
     return ports
 
 
@@ -253,12 +250,10 @@ class LayerNormalization(LayerKind):
         return input_shapes[0]
 
     def keras_variables(self, context):
-        channels = (context.input_shape[-1],)
-        return [(name, channels) for name, on in (("gamma", context.config.scale), ("beta", context.config.center))
-                if on]
+        return _affine_variables(context.config, (context.input_shape[-1],))
 
     def ports(self, context):
-        return _affine_ports(context.config, (context.input_shape[-1],))
+        return _affine_ports(context.config, (context.input_shape[-1],), bias_optional=True)
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
@@ -303,16 +298,10 @@ class GroupNormalization(LayerKind):
         return input_shapes[0]
 
     def keras_variables(self, context):
-        channels = (context.input_shape[-1],)
-        return [(name, channels) for name, on in (("gamma", context.config.scale), ("beta", context.config.center))
-                if on]
+        return _affine_variables(context.config, (context.input_shape[-1],))
 
     def ports(self, context):
-        config, channels = context.config, (context.input_shape[-1],)
-        ports = _affine_ports(config, channels)
-        if config.scale and not config.center:
-            ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
-        return ports
+        return _affine_ports(context.config, (context.input_shape[-1],))
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
