@@ -252,6 +252,7 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
+V1_LAYER_KIND = "dense"
 V1_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
 
 
@@ -259,8 +260,11 @@ def upgrade_v1_architecture(text: str) -> Graph:
     """A version-1 architecture (`{"input_dim": 784, "layers": [{"kind": "dense", …}]}`) as a graph."""
     try:
         description = json.loads(text)
-        layers = [(layer["units"], layer.get("activation", "linear"), layer.get("use_bias", True))
-                  for layer in description["layers"] if layer.get("kind") == "dense" or _bad_v1_kind(layer)]
+        layers = []
+        for layer in description["layers"]:
+            if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
+                raise ExchangeError(f"unsupported layer kind {layer.get('kind')!r} in a version-1 architecture")
+            layers.append((layer["units"], layer.get("activation", "linear"), layer.get("use_bias", True)))
         input_dim = description["input_dim"]
     except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
         raise ExchangeError(f"malformed version-1 architecture ({type(err).__name__})") from None
@@ -270,10 +274,6 @@ def upgrade_v1_architecture(text: str) -> Graph:
         if not isinstance(use_bias, bool) or not isinstance(activation, str):
             raise ExchangeError(f"malformed version-1 layer ({units!r}, {activation!r}, {use_bias!r})")
     return dense_chain("model", input_dim, layers)
-
-
-def _bad_v1_kind(layer) -> bool:
-    raise ExchangeError(f"unsupported layer kind {layer.get('kind')!r} in a version-1 architecture")
 
 
 def upgrade_v1_keys(tensors: dict) -> dict:
