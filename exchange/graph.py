@@ -28,7 +28,7 @@ from math import prod
 from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.ports import Port, TorchOnly
+from exchange.ports import TorchOnly
 
 Shape = tuple  # of int (or None for a size known only at run time), batch axis left out
 
@@ -257,10 +257,11 @@ class Graph:
             keras_shapes = dict(self.keras_variables(node))
             prefix = self.torch_names[node.name]
             for port in self.ports(node):
-                if isinstance(port, Port):
-                    specs[f"{prefix}.{port.torch}"] = (port.torch_shape(keras_shapes[port.keras]), node.dtype)
-                elif isinstance(port, TorchOnly):
+                if isinstance(port, TorchOnly):
                     specs[f"{prefix}.{port.torch}"] = (tuple(port.shape), port.dtype or node.dtype)
+                elif hasattr(port, "torch_shapes"):
+                    for suffix, shape in port.torch_shapes(keras_shapes).items():
+                        specs[f"{prefix}.{suffix}"] = (shape, node.dtype)
         return specs
 
     def tensor_shapes(self) -> dict[str, Shape]:

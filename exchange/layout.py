@@ -16,7 +16,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError, TensorMismatchError
 from exchange.graph import Graph
-from exchange.ports import KerasOnly, Port, TorchOnly
+from exchange.ports import KerasOnly, TorchOnly
 from exchange.tensors import materialize
 
 # One stored Keras variable: its name where the format records one (None for Keras 3's vars/N),
@@ -56,10 +56,10 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
             continue
         prefix = graph.torch_names[node.name]
         for port in graph.ports(node):
-            if isinstance(port, Port):
-                tensors[f"{prefix}.{port.torch}"] = port.to_torch(variables[port.keras])
-            elif isinstance(port, TorchOnly):
+            if isinstance(port, TorchOnly):
                 tensors[f"{prefix}.{port.torch}"] = np.full(port.shape, port.fill, dtype=port.dtype or node.dtype)
+            elif not isinstance(port, KerasOnly):
+                tensors.update({f"{prefix}.{suffix}": tensor for suffix, tensor in port.to_torch(variables).items()})
     if problems:
         raise TensorMismatchError([], [], problems, where=f"{where}: config and weights do not match"
                                   if where else "config and weights do not match")
@@ -79,16 +79,19 @@ def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
     per_node = {}
     for node in graph.nodes:
         prefix = graph.torch_names[node.name]
+        keras_shapes = dict(graph.keras_variables(node))
         variables = {}
         for port in graph.ports(node):
-            if isinstance(port, Port):
-                variables[port.keras] = materialize(port.to_keras(tensors[f"{prefix}.{port.torch}"]))
-            elif isinstance(port, KerasOnly):
+            if isinstance(port, KerasOnly):
                 variables[port.keras] = None
             elif isinstance(port, TorchOnly) and port.must_equal_fill:
                 value = materialize(tensors[f"{prefix}.{port.torch}"])
                 if not np.all(value == port.fill):
                     raise ExchangeError(f"{prefix}.{port.torch} must be {port.fill} everywhere to go back "
                                         f"to Keras ({port.why}); it holds other values")
+            elif not isinstance(port, TorchOnly):
+                torch_arrays = {suffix: tensors[f"{prefix}.{suffix}"] for suffix in port.torch_shapes(keras_shapes)}
+                variables.update({name: materialize(array)
+                                  for name, array in port.to_keras(torch_arrays, keras_shapes).items()})
         per_node[node.name] = [variables[name] for name, _ in graph.keras_variables(node)]
     return per_node

@@ -8,8 +8,21 @@ Needs tf-keras (Keras 2) beside TensorFlow, selected with TF_USE_LEGACY_KERAS=1:
 
 For each model it writes the file(s) and, in expected_outputs.npz, what Keras 2 itself computes on
 a fixed batch (`np.random.default_rng(0).random((rows, *model.input_shape[1:]), dtype=np.float32)`,
-64 rows for the dense models, 16 for the CNN), so the tests compare against real Keras 2 without having
-it installed.
+64 rows for the dense models, 16 for the CNN and the GRU model), so the tests compare against real
+Keras 2 without having it installed.
+
+Recurrent fixtures: lstm.h5 (Embedding with mask_zero -> LSTM -> LSTM with hard_sigmoid and
+go_backwards -> Dense) and gru.h5 (GRU with reset_after=False and hard_sigmoid -> GRU with
+reset_after=True -> Dense), full models only, every weight overwritten with seeded non-default values
+(biases, the LSTM forget-gate part included, are non-trivial). Keras 2's hard_sigmoid is
+clip(0.2 * x + 0.5, 0, 1), unlike Keras 3's. The LSTM model takes int32 token ids; its batch is
+stored in expected_outputs.npz as `lstm_ids` (16 x 9):
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, 20, (16, 9), dtype=np.int32)
+    ids[r, 9 - r % 5:] = 0 for each row r    # the last r % 5 positions are padding (mask_zero)
+
+and its outputs as `lstm_outputs`; the GRU model's outputs on the 16-row fixed batch as `gru_outputs`.
 """
 
 from __future__ import annotations
@@ -30,6 +43,11 @@ FIXED_BATCH_SEED = 0
 FIXED_BATCH_ROWS = 64
 CNN_BATCH_ROWS = 16
 CNN_WEIGHT_SEED = 7
+LSTM_WEIGHT_SEED = 11
+GRU_WEIGHT_SEED = 13
+RNN_BATCH_ROWS = 16
+VOCAB_SIZE = 20
+SEQ_LEN = 9
 
 
 def fixed_batch(model: keras.Model, rows: int = FIXED_BATCH_ROWS) -> np.ndarray:
@@ -97,6 +115,49 @@ def cnn() -> keras.Model:
     return model
 
 
+def overwrite_weights(model: keras.Model, seed: int) -> keras.Model:
+    """Replace every weight with seeded values: embeddings normal(0, 1), the rest (kernels,
+    recurrent kernels, biases: all gate parts, the LSTM forget gate included) normal(0, 0.3)."""
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        new = []
+        for var, w in zip(layer.weights, layer.get_weights()):
+            short = var.name.split("/")[-1].split(":")[0]
+            scale = 1.0 if short == "embeddings" else 0.3
+            new.append(rng.normal(0.0, scale, w.shape).astype(w.dtype))
+        if new:
+            layer.set_weights(new)
+    return model
+
+
+def lstm() -> keras.Model:
+    """Token ids -> masked Embedding -> LSTM (sequences) -> backwards LSTM with hard_sigmoid -> Dense."""
+    inputs = keras.Input(shape=(SEQ_LEN,), dtype="int32", name="tokens")
+    x = keras.layers.Embedding(input_dim=VOCAB_SIZE, output_dim=6, mask_zero=True, name="embed")(inputs)
+    x = keras.layers.LSTM(7, return_sequences=True, name="lstm_a")(x)
+    x = keras.layers.LSTM(5, recurrent_activation="hard_sigmoid", go_backwards=True, name="lstm_b")(x)
+    outputs = keras.layers.Dense(3, activation="softmax", name="out")(x)
+    return overwrite_weights(keras.Model(inputs, outputs, name="lstm_model"), LSTM_WEIGHT_SEED)
+
+
+def gru() -> keras.Model:
+    """A float series -> GRU (reset_after=False, hard_sigmoid, sequences) -> GRU (reset_after=True) -> Dense."""
+    inputs = keras.Input(shape=(11, 4), name="series")
+    x = keras.layers.GRU(6, reset_after=False, return_sequences=True, recurrent_activation="hard_sigmoid",
+                         name="gru_a")(inputs)
+    x = keras.layers.GRU(5, reset_after=True, name="gru_b")(x)
+    outputs = keras.layers.Dense(3, name="out")(x)
+    return overwrite_weights(keras.Model(inputs, outputs, name="gru_model"), GRU_WEIGHT_SEED)
+
+
+def token_batch(rows: int = RNN_BATCH_ROWS) -> np.ndarray:
+    """Seeded int32 ids in [1, VOCAB_SIZE); row r ends with r % 5 padding zeros."""
+    ids = np.random.default_rng(FIXED_BATCH_SEED).integers(1, VOCAB_SIZE, (rows, SEQ_LEN), dtype=np.int32)
+    for r in range(rows):
+        ids[r, SEQ_LEN - r % 5:] = 0
+    return ids
+
+
 def main() -> None:
     default_dir = Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir
@@ -114,6 +175,14 @@ def main() -> None:
     cnn_model = cnn()  # built last so the seeded initial weights of the models above do not change
     cnn_model.save(out_dir / "cnn.h5")                         # full model: config + weights
     expected["cnn_outputs"] = cnn_model.predict(fixed_batch(cnn_model, CNN_BATCH_ROWS), verbose=0)
+    # the recurrent models come after all the above, each with its own weight seed
+    lstm_model = lstm()
+    lstm_model.save(out_dir / "lstm.h5")
+    expected["lstm_ids"] = token_batch()
+    expected["lstm_outputs"] = lstm_model.predict(expected["lstm_ids"], verbose=0)
+    gru_model = gru()
+    gru_model.save(out_dir / "gru.h5")
+    expected["gru_outputs"] = gru_model.predict(fixed_batch(gru_model, RNN_BATCH_ROWS), verbose=0)
     np.savez(out_dir / "expected_outputs.npz", **expected)
     (out_dir / "VERSIONS.txt").write_text(f"tf_keras {keras.__version__}\n")
     for path in sorted(out_dir.iterdir()):

@@ -7,7 +7,7 @@ from exchange import layout
 from exchange.errors import ExchangeError, TensorMismatchError, UnsupportedLayerError
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import KERAS_CLASSES, KINDS, LayerKind, register
-from exchange.ports import Permute, Port, Reshape
+from exchange.ports import Blocks, Packed, Permute, Port, Reshape, Stacked, Summed
 from exchange.tensors import LazyTensor
 from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
 
@@ -87,12 +87,41 @@ def test_unclaimed_keras_variable_is_an_error_naming_it():
 def test_ports_map_shapes_exactly_both_ways():
     port = Port("kernel", "weight", (Permute((2, 3, 0, 1)), Reshape((5, 2, 3, 4), (10, 1, 3, 4))))
     keras_kernel = np.random.default_rng(0).random((3, 4, 5, 2)).astype(np.float32)
-    torch_weight = port.to_torch(keras_kernel)
+    torch_weight = port.to_torch({"kernel": keras_kernel})["weight"]
     assert torch_weight.shape == port.torch_shape(keras_kernel.shape) == (10, 1, 3, 4)
     np.testing.assert_array_equal(torch_weight[2 * 2 + 1, 0], keras_kernel[:, :, 2, 1])
-    np.testing.assert_array_equal(port.to_keras(torch_weight), keras_kernel)
+    np.testing.assert_array_equal(port.to_keras({"weight": torch_weight}, {})["kernel"], keras_kernel)
     with pytest.raises(ExchangeError, match="changes the size"):
         Reshape((2, 3), (7,))
+
+
+def test_multi_tensor_ports_split_pack_and_sum():
+    """GRU's (2, 3H) bias with its gate blocks reordered, MultiHeadAttention's packed kernels and
+    an LSTM's summed biases: each maps shapes and arrays both ways (the sum canonically)."""
+    rng = np.random.default_rng(1)
+    bias = rng.random((2, 6)).astype(np.float32)          # two rows, 3 gate blocks of 2
+    stacked = Stacked("bias", ("bias_ih", "bias_hh"), (Blocks(0, (1, 0, 2)),))
+    torch_biases = stacked.to_torch({"bias": bias})
+    assert stacked.torch_shapes({"bias": (2, 6)}) == {"bias_ih": (6,), "bias_hh": (6,)}
+    np.testing.assert_array_equal(torch_biases["bias_hh"], np.concatenate([bias[1, 2:4], bias[1, :2], bias[1, 4:]]))
+    np.testing.assert_array_equal(stacked.to_keras(torch_biases, {"bias": (2, 6)})["bias"], bias)
+
+    kernels = {name: rng.random((4, 2, 3)).astype(np.float32) for name in ("q", "k", "v")}
+    to_rows = (Reshape((4, 2, 3), (4, 6)), Permute((1, 0)))
+    packed = Packed(("q", "k", "v"), "in_proj_weight", (to_rows,) * 3)
+    shapes = {name: (4, 2, 3) for name in kernels}
+    weight = packed.to_torch(kernels)["in_proj_weight"]
+    assert weight.shape == packed.torch_shapes(shapes)["in_proj_weight"] == (18, 4)
+    np.testing.assert_array_equal(weight[6:12], kernels["k"].reshape(4, 6).T)
+    for name, array in packed.to_keras({"in_proj_weight": weight}, shapes).items():
+        np.testing.assert_array_equal(array, kernels[name])
+
+    summed = Summed("bias", ("bias_ih", "bias_hh"))
+    halves = {"bias_ih": np.full(4, 0.25, np.float32), "bias_hh": np.full(4, 0.5, np.float32)}
+    np.testing.assert_array_equal(summed.to_keras(halves, {"bias": (4,)})["bias"], np.full(4, 0.75, np.float32))
+    canonical = summed.to_torch({"bias": np.full(4, 0.75, np.float32)})
+    np.testing.assert_array_equal(canonical["bias_hh"], np.zeros(4, np.float32))
+    assert summed.lossy and not stacked.lossy
 
 
 def test_lazy_tensor_never_broadcasts():
