@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import operator
 import os
 import re
 import textwrap
@@ -29,7 +30,7 @@ from exchange.torch_adapter import build_module, class_name
 NN_NAMES = {module_type: f"nn.{module_type.__name__}" for module_type in (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.ZeroPad2d, nn.LayerNorm, nn.GroupNorm,
-    nn.Embedding)}
+    nn.Embedding, nn.MultiheadAttention)}
 HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
            if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
 SKIPPED_ARGUMENTS = ("device",)
@@ -130,6 +131,8 @@ def _argument(module: nn.Module, name: str):
     value = getattr(module, name, _ABSENT)
     if name == "bias" and (value is None or isinstance(value, torch.Tensor)):
         return value is not None
+    if name == "bias" and value is _ABSENT:   # nn.MultiheadAttention: in_proj_bias, out_proj.bias
+        return any(key.endswith("bias") for key, _ in module.named_parameters())
     if isinstance(value, torch.Tensor):
         return _ABSENT
     return value
@@ -179,6 +182,8 @@ def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], l
             keras_name = keras_names.get(node.target)
             comment = f"  # Keras layer {keras_name!r}" if keras_name and keras_name != node.target else ""
             lines.append(f"{node.name} = self.{node.target}({arguments}){comment}")
+        elif node.op == "call_function" and node.target is operator.getitem:
+            lines.append(f"{node.name} = {_format(node.args[0])}[{_format(node.args[1])}]")
         elif node.op == "call_function":
             lines.append(f"{node.name} = {_function_name(node.target)}({arguments})")
         elif node.op == "call_method":

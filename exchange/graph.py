@@ -68,6 +68,9 @@ class NodeContext:
     flat_source: Shape | None = None
     # For a Flatten node: whether its torch form keeps the channels-first order.
     channels_first_flatten: bool = False
+    # Per input, the Keras mask it carries: the name of the Embedding (mask_zero=True) whose
+    # `ids != 0` it is, or None (see `Graph.masks`).
+    input_masks: tuple = ()
 
     @property
     def config(self):
@@ -161,10 +164,25 @@ class Graph:
         from exchange.kinds import kind_of
 
         shapes: dict[str, Shape] = {spec.name: tuple(spec.shape) for spec in self.inputs}
+        every_output: dict[str, list] = {}   # all output shapes of layers with several outputs
         for node in self.nodes:
             input_shapes = tuple(shapes[name] for name in node.inputs)
+            kind = kind_of(node.kind)
             try:
-                shape = tuple(kind_of(node.kind).output_shape(node.config, input_shapes))
+                if kind.selects_output:
+                    outputs = every_output.get(node.inputs[0], [])
+                    if not 0 <= node.config.index < len(outputs):
+                        raise ExchangeError(f"reads output {node.config.index} of {node.inputs[0]!r}, which has "
+                                            f"{len(outputs) or 'not several'}")
+                    shape = tuple(outputs[node.config.index])
+                else:
+                    several = [name for name in node.inputs if name in every_output]
+                    if several:
+                        raise ExchangeError(f"reads {several[0]!r}, a layer with several outputs, directly")
+                    all_shapes = kind.output_shapes(node.config, input_shapes)
+                    if kind.output_count(node.config) > 1:
+                        every_output[node.name] = [tuple(item) for item in all_shapes]
+                    shape = tuple(all_shapes[0])
             except UnsupportedLayerError:
                 raise
             except ExchangeError as err:
@@ -172,6 +190,20 @@ class Graph:
             _check_shape(shape, f"layer {node.name!r} output")
             shapes[node.name] = shape
         return shapes
+
+    @cached_property
+    def masks(self) -> dict[str, str | None]:
+        """The Keras mask each input and node output carries: the name of the layer that made it
+        (an Embedding with `mask_zero=True`) or None. Keras passes masks along implicitly; the
+        layers that use them (recurrent layers, GlobalAveragePooling1D, attention) read them here.
+        """
+        from exchange.kinds import kind_of
+
+        masks: dict[str, str | None] = {spec.name: None for spec in self.inputs}
+        for node in self.nodes:
+            masks[node.name] = kind_of(node.kind).output_mask(node.name, node.config,
+                                                              tuple(masks[name] for name in node.inputs))
+        return masks
 
     @cached_property
     def channels_first_flattens(self) -> dict[str, Shape]:
@@ -234,7 +266,8 @@ class Graph:
         return NodeContext(node, self.torch_names[node.name],
                            tuple(self.shapes[name] for name in node.inputs), self.shapes[node.name],
                            self._flat_sources.get(node.inputs[0]),
-                           node.name in self.channels_first_flattens)
+                           node.name in self.channels_first_flattens,
+                           tuple(self.masks[name] for name in node.inputs))
 
     # -- tensors ----------------------------------------------------------------------------
 

@@ -21,13 +21,18 @@ from dataclasses import dataclass
 
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
-from exchange.kinds import KerasOptions, kind_for_keras_class
+from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of
 
 INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
 SEQUENTIAL_CLASSES = ("Sequential",)
 OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operation, not a layer
 OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
+# A Keras 3 functional config records an Embedding's mask as the operation `ids != 0` passed to
+# the layers that take masks as `mask=`; the graph derives masks itself (`Graph.masks`), so these
+# are checked against it, not kept as nodes.
+MASK_KEYWORD = "mask"
+MASK_OPERATION = "NotEqual"
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
 
 
@@ -37,6 +42,7 @@ class KerasLocation:
     keras2_group: str                  # the top-level layer's group name, e.g. "model_1"
     layer_name: str
     container_path: tuple[str, ...]    # names of the nested models holding the layer
+    keras3_subgroups: tuple[str, ...] = ("",)   # where below keras3_group its vars are (LSTM: "cell")
 
 
 @dataclass(frozen=True)
@@ -72,6 +78,7 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
         graph = Graph(_text(model_config["config"].get("name", "model")) if isinstance(
             model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(parser.nodes), tuple(outputs))
         graph.shapes  # noqa: B018  (shape inference now, so a bad model fails here, naming the layer)
+        _check_explicit_masks(graph, parser.explicit_masks)
     except UnsupportedLayerError as err:
         raise UnsupportedLayerError(f"{source}: {err}") from None
     except ExchangeError as err:
@@ -87,6 +94,8 @@ class _Parser:
         self.locations: dict[str, KerasLocation] = {}
         self.class_names: dict[str, str] = {}
         self.problems: list[str] = []
+        self.mask_operations: dict[str, tuple[str, object]] = {}   # `x != c` edges: name -> (x, c)
+        self.explicit_masks: dict[str, tuple[str, object]] = {}    # layer -> the (x, c) given as mask=
 
     def model(self, model_config: dict, container_path: tuple[str, ...], keras3_prefix: str,
               keras2_group: str | None, incoming: list[str] | None) -> list[str]:
@@ -151,26 +160,54 @@ class _Parser:
                     edges[(name, 0)] = incoming[input_names.index(name)]
                 continue
             inbound = layer.get("inbound_nodes", [])
+            if _is_operation(layer) and class_name == MASK_OPERATION and len(inbound) == 1 and \
+                    self.mask_operation(name, inbound[0], edges):
+                continue
             if len(inbound) != 1:
                 self.problems.append(f"layer {name!r} ({class_name}) is called {len(inbound)} times; "
                                      "shared layers are not supported")
                 continue
             try:
-                sources = [edges[(ref_name, tensor_index)] for ref_name, tensor_index in _inbound_refs(inbound[0])]
+                kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
+                tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
+                sources = [edges[(ref_name, tensor_index)]
+                           for ref_name, tensor_index in _inbound_refs(inbound[0], tensor_kwargs)]
                 call_args = _call_args(inbound[0])
+                call_kwargs = _call_kwargs(inbound[0], tensor_kwargs)
+                mask = _mask_ref(inbound[0])
+                if mask is not None:
+                    if edges.get(mask) not in self.mask_operations:
+                        raise UnsupportedLayerError(f"layer {name!r} ({class_name}) is given an explicit mask "
+                                                    f"from {mask[0]!r}; only Embedding masks are supported")
+                    self.explicit_masks[name] = self.mask_operations[edges[mask]]
             except KeyError as err:
                 if self.problems:
                     continue  # a layer before it failed; that problem is already reported
                 raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
-            outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args)
+            outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
+                                 call_kwargs)
             for index, edge in enumerate(outputs):
                 edges[(name, index)] = edge
+        if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
+            order = {input_name: index for index, input_name in enumerate(input_names)}
+            self.inputs.sort(key=lambda spec: order.get(spec.name, len(order)))
         try:
             return [edges[(name, tensor_index)] for name, _, tensor_index in _entries(config["output_layers"])]
         except KeyError:
             if self.problems:
                 return []
             raise
+
+    def mask_operation(self, name: str, inbound, edges: dict) -> bool:
+        """Record `x != constant` as a mask candidate (not a node); False if it is something else."""
+        arguments = _call_args(inbound)
+        refs = _inbound_refs(inbound)
+        if len(refs) != 1 or len(arguments) != 2 or arguments[0] is not None or arguments[1] is None:
+            return False
+        edge = f"{name}:mask"
+        self.mask_operations[edge] = (edges[refs[0]], arguments[1])
+        edges[(name, 0)] = edge
+        return True
 
     def add_input(self, name: str, config: dict) -> str:
         shape = _batch_shape(config)
@@ -181,7 +218,7 @@ class _Parser:
         return name
 
     def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str,
-              call_args: list | None = None) -> list[str]:
+              call_args: list | None = None, call_kwargs: dict | None = None) -> list[str]:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
@@ -195,7 +232,8 @@ class _Parser:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
-                                   call_args=call_args if call_args is not None else [None] * len(sources))
+                                   call_args=call_args if call_args is not None else [None] * len(sources),
+                                   call_kwargs=call_kwargs)
             node_config = kind.from_keras(options)
             options.finish()
             dtype = _dtype(config.get("dtype"), name)
@@ -204,9 +242,20 @@ class _Parser:
             self.problems.append(message if name in message else f"layer {name!r} ({class_name}): {message}")
             return [name]
         self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
-        self.locations[name] = KerasLocation(group, keras2_group, name, container_path)
+        self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
+                                             tuple(kind.keras3_subgroups(node_config)))
         self.class_names[name] = class_name
-        return [name]
+        count = kind.output_count(node_config)
+        if count == 1:
+            return [name]
+        # A layer with several outputs (return_state=True) is read through one `output` node each.
+        output_kind = kind_of("output")
+        names = [f"{name}:output{index}" for index in range(count)]
+        for index, output_name in enumerate(names):
+            self.nodes.append(Node(output_name, output_kind.kind, (name,), output_kind.Config(index), dtype))
+            self.locations[output_name] = KerasLocation("", keras2_group, output_name, container_path)
+            self.class_names[output_name] = f"output {index} of {name}"
+        return names
 
 
 def _layer_name(layer: dict) -> str:
@@ -269,14 +318,68 @@ def _entries(spec) -> list:
     return spec
 
 
-def _inbound_refs(node) -> list[tuple[str, int]]:
-    """(layer name, output index) of each tensor a call reads, in order."""
+def _check_explicit_masks(graph: Graph, explicit_masks: dict) -> None:
+    """Each `mask=` a Keras 3 config records must be the mask the graph derives for that input:
+    `ids != 0` of the ids an Embedding with mask_zero=True reads."""
+    for name, (source, constant) in explicit_masks.items():
+        node = graph.node(name)
+        derived = graph.masks[node.inputs[0]]
+        if derived is None or graph.node(derived).inputs[0] != source or constant != 0:
+            raise UnsupportedLayerError(f"layer {name!r} is given a mask ({source!r} != {constant!r}) that is "
+                                        "not the mask of an Embedding with mask_zero=True; not supported")
+
+
+def _mask_ref(node) -> tuple[str, int] | None:
+    """(layer name, output index) of the tensor a Keras 3 call passes as `mask=`, if any."""
+    if not isinstance(node, dict):
+        return None
+    histories = _histories((node.get("kwargs") or {}).get(MASK_KEYWORD))
+    if len(histories) > 1:
+        raise UnsupportedLayerError(f"a list of masks is not supported ({len(histories)} given)")
+    return (_text(histories[0][0]), int(histories[0][2])) if histories else None
+
+
+def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, int]]:
+    """(layer name, output index) of each tensor a call reads, in order: the positional arguments,
+    then the keyword arguments its layer kind takes as tensors (`LayerKind.tensor_kwargs`, e.g.
+    MultiHeadAttention's `key`, `attention_mask`); `mask` is not one (see `_mask_ref`)."""
     if isinstance(node, dict):   # Keras 3: {"args": [...], "kwargs": {...}}
+        refs = [(_text(history[0]), int(history[2])) for history in _histories(node.get("args", []))]
         for key, value in (node.get("kwargs") or {}).items():
-            if _histories(value):
-                raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
-        return [(_text(history[0]), int(history[2])) for history in _histories(node.get("args", []))]
-    return [(_text(entry[0]), int(entry[2])) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+            if key != MASK_KEYWORD and _histories(value):
+                if key not in tensor_kwargs:
+                    raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
+                refs += [(_text(history[0]), int(history[2])) for history in _histories(value)]
+        return refs
+    refs = [(_text(entry[0]), int(entry[2])) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+    for key, value in _keras2_kwargs(node).items():
+        if key in tensor_kwargs and _is_keras2_ref(value):
+            refs.append((_text(value[0]), int(value[2])))
+    return refs
+
+
+def _call_kwargs(node, tensor_kwargs: tuple[str, ...] = ()) -> dict:
+    """A call's keyword arguments but `mask`: the value of each constant, TENSOR for each tensor
+    (a node input after the positional ones, in this order; see `_inbound_refs`)."""
+    if isinstance(node, dict):
+        return {key: TENSOR if _histories(value) else value for key, value in (node.get("kwargs") or {}).items()
+                if key != MASK_KEYWORD}
+    # Keras 2 records every argument but the first as a keyword, a tensor as [layer, node, tensor].
+    return {key: TENSOR if key in tensor_kwargs and _is_keras2_ref(value) else value
+            for key, value in _keras2_kwargs(node).items() if key != MASK_KEYWORD}
+
+
+def _keras2_kwargs(node) -> dict:
+    """The keyword arguments a Keras 2 inbound node records with its first tensor."""
+    if isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3 \
+            and isinstance(node[0][3], dict):
+        return node[0][3]
+    return {}
+
+
+def _is_keras2_ref(value) -> bool:
+    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
+            and all(isinstance(item, int) and not isinstance(item, bool) for item in value[1:]))
 
 
 def _is_operation(layer: dict) -> bool:

@@ -135,27 +135,32 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
 
 
 def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
-    """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored)."""
+    """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored);
+    a layer made of sub-layers keeps them below its group (an LSTM in `<group>/cell/vars`)."""
     if not location.keras3_group:
         return []   # an operation (`x + 3.0`): not a layer, nothing stored
-    group = source.h5.get(f"{location.keras3_group}/vars")
-    if not isinstance(group, h5py.Group):
-        return []
-    stored_name = group.attrs.get("name")
-    if stored_name is not None and _text(stored_name) != location.layer_name:
-        raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
-                                f"{_text(stored_name)!r}, expected {location.layer_name!r}; "
-                                "config and weights do not match")
-    count = len(group)
-    if sorted(group) != [str(index) for index in range(count)]:
-        raise ExchangeFileError(f"{source.label}: unexpected entries in {location.keras3_group}/vars: {sorted(group)}")
-    return [(None, source.lazy(f"{location.keras3_group}/vars/{index}")) for index in range(count)]
+    found = []
+    for subgroup in location.keras3_subgroups:
+        path = "/".join(part for part in (location.keras3_group, subgroup, "vars") if part)
+        group = source.h5.get(path)
+        if not isinstance(group, h5py.Group):
+            continue
+        stored_name = group.attrs.get("name")
+        if not subgroup and stored_name is not None and _text(stored_name) != location.layer_name:
+            raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
+                                    f"{_text(stored_name)!r}, expected {location.layer_name!r}; "
+                                    "config and weights do not match")
+        count = len(group)
+        if sorted(group) != sorted(str(index) for index in range(count)):
+            raise ExchangeFileError(f"{source.label}: unexpected entries in {path}: {sorted(group)[:10]}")
+        found += [(None, source.lazy(f"{path}/{index}")) for index in range(count)]
+    return found
 
 
 def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -> list:
     """Keras 2: the top-level layer's group lists its datasets in `weight_names`
-    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`): those whose path ends in
-    `<layer name>/<variable>:N` belong to the layer."""
+    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`):
+    those with the layer's name as a folder of their path belong to the layer."""
     group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
     group = source.h5.get(group_path)
     if not isinstance(group, h5py.Group):
@@ -163,7 +168,7 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -
     found = []
     for weight_name in (_text(name) for name in group.attrs.get("weight_names", [])):
         parts = weight_name.split("/")
-        if len(parts) >= 2 and parts[-2] == location.layer_name:
+        if location.layer_name in parts[:-1]:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
 

@@ -61,6 +61,7 @@ class TorchGraphBuilder:
     def __init__(self) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
+        self.masks: dict[str, fx.Node] = {}   # Keras masks by the layer that made them: bool (N, T)
 
     def dtype(self, context) -> torch.dtype:
         return TORCH_DTYPES[context.node.dtype]
@@ -68,6 +69,12 @@ class TorchGraphBuilder:
     def module(self, context, module: nn.Module, *args) -> fx.Node:
         self.root.add_module(context.torch_name, module)
         return self.graph.call_module(context.torch_name, args)
+
+    def submodule(self, path: str, module: nn.Module, *args) -> fx.Node:
+        """Register `module` at a dotted path below an existing one (`bi.forward_layer`) and call it."""
+        parent, _, name = path.rpartition(".")
+        (self.root.get_submodule(parent) if parent else self.root).add_module(name, module)
+        return self.graph.call_module(path, args)
 
     def call(self, function, *args, **kwargs) -> fx.Node:
         return self.graph.call_function(function, args, kwargs)
@@ -98,7 +105,8 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
     builder.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(builder.root, builder.graph, class_name=class_name(graph.name))
     module.exchange_graph = graph
-    module.exchange_values = {name: value.name for name, value in values.items()}
+    # fx names of single-output values (a layer with several outputs is read through `output` nodes)
+    module.exchange_values = {name: value.name for name, value in values.items() if isinstance(value, fx.Node)}
     return module
 
 

@@ -127,3 +127,137 @@ class ChannelScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.gamma.view((-1,) + (1,) * (self.rank - 1))
+
+
+class KerasRecurrent(nn.Module):
+    """Keras's LSTM, GRU or SimpleRNN run step by step, for what `nn.LSTM`, `nn.GRU` and `nn.RNN`
+    cannot express: other activations (Keras 2's hard_sigmoid is clip(0.2x + 0.5, 0, 1)), a GRU
+    with `reset_after=False` (the reset gate applied to the state before the recurrent matmul;
+    one bias) and masked steps, which Keras skips: the state carries over, and so does the output
+    (or it is zero with `zero_output_for_mask`).
+
+    Parameters are torch's names and layouts (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`,
+    `bias_hh_l0`; gates i, f, g, o / r, z, n), so weights move between it and `nn.LSTM` unchanged.
+    Like `nn.LSTM` with `batch_first=True` it takes (N, T, F) and returns (outputs (N, T, H),
+    last state (1, N, H), for an LSTM the pair (h, c)).
+    """
+
+    GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+    def __init__(self, mode, input_size, hidden_size, bias=True, activation="tanh", recurrent_activation="sigmoid",
+                 reset_after=True, zero_output_for_mask=False, device=None, dtype=None):
+        super().__init__()
+        self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
+        self.activation, self.recurrent_activation = activation, recurrent_activation
+        self.reset_after, self.zero_output_for_mask = reset_after, zero_output_for_mask
+        rows = self.GATES[mode] * hidden_size
+        self.weight_ih_l0 = nn.Parameter(torch.empty(rows, input_size, device=device, dtype=dtype))
+        self.weight_hh_l0 = nn.Parameter(torch.empty(rows, hidden_size, device=device, dtype=dtype))
+        self.bias_ih_l0 = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
+        recurrent_bias = bias and (mode != "gru" or reset_after)
+        self.bias_hh_l0 = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if recurrent_bias else None
+        bound = hidden_size ** -0.5   # torch's own initialisation of recurrent layers
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    @staticmethod
+    def activate(name, x):
+        if name == "hard_sigmoid_keras2":
+            return torch.clamp(x * 0.2 + 0.5, 0.0, 1.0)
+        functions = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda v: v,
+                     "hard_sigmoid": F.hardsigmoid, "relu6": F.relu6, "elu": F.elu, "selu": F.selu,
+                     "softplus": F.softplus, "softsign": F.softsign, "silu": F.silu, "gelu": F.gelu,
+                     "hard_silu": F.hardswish, "mish": F.mish, "exponential": torch.exp}
+        return functions[name](x)
+
+    def cell(self, projected, h, c):
+        """One step: `projected` is the input's share (x @ W_ih.T + b_ih); returns (h, c)."""
+        act, gate = self.activation, self.recurrent_activation
+        if self.mode == "lstm":
+            i, f, g, o = (projected + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)).chunk(4, 1)
+            c = self.activate(gate, f) * c + self.activate(gate, i) * self.activate(act, g)
+            return self.activate(gate, o) * self.activate(act, c), c
+        if self.mode == "rnn":
+            return self.activate(act, projected + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)), c
+        x_r, x_z, x_n = projected.chunk(3, 1)
+        if self.reset_after:
+            h_r, h_z, h_n = F.linear(h, self.weight_hh_l0, self.bias_hh_l0).chunk(3, 1)
+            r, z = self.activate(gate, x_r + h_r), self.activate(gate, x_z + h_z)
+            n = self.activate(act, x_n + r * h_n)
+        else:
+            w_r, w_z, w_n = self.weight_hh_l0.chunk(3, 0)
+            r, z = self.activate(gate, x_r + F.linear(h, w_r)), self.activate(gate, x_z + F.linear(h, w_z))
+            n = self.activate(act, x_n + F.linear(r * h, w_n))
+        return z * h + (1 - z) * n, c
+
+    def forward(self, x, mask=None):
+        projected = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)
+        h = c = output = x.new_zeros(x.shape[0], self.hidden_size)
+        outputs = []
+        for step in range(x.shape[1]):
+            new_h, new_c = self.cell(projected[:, step], h, c)
+            if mask is None:
+                h, c, output = new_h, new_c, new_h
+            else:
+                keep = mask[:, step, None]
+                skipped = torch.zeros_like(new_h) if self.zero_output_for_mask else output
+                h, c = torch.where(keep, new_h, h), torch.where(keep, new_c, c)
+                output = torch.where(keep, new_h, skipped)
+            outputs.append(output)
+        state = (h[None], c[None]) if self.mode == "lstm" else h[None]
+        return torch.stack(outputs, 1), state
+
+    def extra_repr(self) -> str:
+        return (f"{self.mode}, {self.input_size}, {self.hidden_size}, bias={self.bias}, "
+                f"activation={self.activation!r}, recurrent_activation={self.recurrent_activation!r}")
+
+
+class KerasMultiHeadAttention(nn.Module):
+    """Keras's MultiHeadAttention where `nn.MultiheadAttention` cannot hold it: heads narrower or
+    wider than query_features / num_heads, value heads of another width than the key's, or an
+    output other than the query's width (Keras's `output_shape`).
+
+    Keras's convention: the query and key are projected to (num_heads, key_dim) per step, the value
+    to (num_heads, value_dim); each head attends with softmax(q·kᵀ / sqrt(key_dim)) (scaled by
+    key_dim, the head width, not by query_features / num_heads); the heads' outputs, concatenated
+    head-major, are projected to `output_shape`. The `nn.Linear` weights are Keras's
+    (features, num_heads, dim) kernels flattened head-major and transposed.
+
+    Inputs (N, T, features) and (N, S, features), batch first; output (N, T, *output_shape).
+    `attn_mask`, optional, is an additive float mask broadcasting to (N, T, S) (Keras puts a large
+    negative number, not -inf, where it does not attend).
+    """
+
+    def __init__(self, query_features, key_features, value_features, num_heads, key_dim, value_dim,
+                 output_shape, bias=True, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
+        self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
+        self.output_shape, self.bias, self.dropout = tuple(output_shape), bias, dropout
+        self.scale = key_dim ** -0.5
+        self.query = nn.Linear(query_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
+        self.key = nn.Linear(key_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
+        self.value = nn.Linear(value_features, num_heads * value_dim, bias=bias, device=device, dtype=dtype)
+        output_features = 1
+        for size in self.output_shape:
+            output_features *= size
+        self.output = nn.Linear(num_heads * value_dim, output_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, target, source = query.shape[0], query.shape[1], key.shape[1]
+        # (N, T, heads·dim) -> (N, heads, T, dim): the heads are the outer part of the features.
+        q = self.query(query).view(batch, target, self.num_heads, self.key_dim).transpose(1, 2)
+        k = self.key(key).view(batch, source, self.num_heads, self.key_dim).transpose(1, 2)
+        v = self.value(value).view(batch, source, self.num_heads, self.value_dim).transpose(1, 2)
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        heads = heads.transpose(1, 2).reshape(batch, target, self.num_heads * self.value_dim)
+        return self.output(heads).view(batch, target, *self.output_shape)
+
+    def extra_repr(self) -> str:
+        return (f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
+                f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
+                f"bias={self.bias}")

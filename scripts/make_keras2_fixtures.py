@@ -12,8 +12,8 @@ a fixed batch (`np.random.default_rng(0).random((rows, *model.input_shape[1:]), 
 Keras 2 without having it installed.
 
 Recurrent fixtures: lstm.h5 (Embedding with mask_zero -> LSTM -> LSTM with hard_sigmoid and
-go_backwards -> Dense) and gru.h5 (GRU with reset_after=False and hard_sigmoid -> GRU with
-reset_after=True -> Dense), full models only, every weight overwritten with seeded non-default values
+go_backwards -> Dense) and gru.h5 (GRU with reset_after=False -> GRU with
+reset_after=True -> Dense; no hard_sigmoid, so it can also be written as a Keras 3 file), full models only, every weight overwritten with seeded non-default values
 (biases, the LSTM forget-gate part included, are non-trivial). Keras 2's hard_sigmoid is
 clip(0.2 * x + 0.5, 0, 1), unlike Keras 3's. The LSTM model takes int32 token ids; its batch is
 stored in expected_outputs.npz as `lstm_ids` (16 x 9):
@@ -141,10 +141,9 @@ def lstm() -> keras.Model:
 
 
 def gru() -> keras.Model:
-    """A float series -> GRU (reset_after=False, hard_sigmoid, sequences) -> GRU (reset_after=True) -> Dense."""
+    """A float series -> GRU (reset_after=False, sequences) -> GRU (reset_after=True) -> Dense."""
     inputs = keras.Input(shape=(11, 4), name="series")
-    x = keras.layers.GRU(6, reset_after=False, return_sequences=True, recurrent_activation="hard_sigmoid",
-                         name="gru_a")(inputs)
+    x = keras.layers.GRU(6, reset_after=False, return_sequences=True, name="gru_a")(inputs)
     x = keras.layers.GRU(5, reset_after=True, name="gru_b")(x)
     outputs = keras.layers.Dense(3, name="out")(x)
     return overwrite_weights(keras.Model(inputs, outputs, name="gru_model"), GRU_WEIGHT_SEED)

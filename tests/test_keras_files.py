@@ -156,14 +156,14 @@ def test_keras2_batchnorm_and_branching_files_convert():
 
 @pytest.fixture(scope="module")
 def unsupported_keras_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("unsupported") / "recurrent.keras"
-    keras.Sequential([keras.Input((5, 3)), keras.layers.SimpleRNN(4, name="rnn"),
+    path = tmp_path_factory.mktemp("unsupported") / "masking.keras"
+    keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(name="masking"), keras.layers.SimpleRNN(4, name="rnn"),
                       keras.layers.Dense(2, name="out")]).save(path)
     return path
 
 
 @pytest.mark.parametrize("source, extra, message", [
-    (None, [], r"unsupported layer 'rnn' \(SimpleRNN\)"),
+    (None, [], r"unsupported layer 'masking' \(Masking\)"),
     ("seed_mlp_weights.h5", [], "a weights-only file; give the architecture"),
     ("seed_mlp_weights.h5", ["--arch", FIXTURES / "functional_chain_config.json"],
      "config and weights do not match"),

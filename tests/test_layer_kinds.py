@@ -216,7 +216,7 @@ def test_batch_norm_constant_that_keras_cannot_hold_is_refused():
     (lambda: L.Dense(3, activation="log_sigmoid"), "unsupported option activation='log_sigmoid'"),
     (lambda: L.BatchNormalization(axis=1), "axis 1 is not the channel axis"),
     (lambda: L.Conv2DTranspose(2, 3, strides=2, output_padding=1), "unsupported option output_padding=\\[1, 1\\]"),
-    (lambda: L.SimpleRNN(3), "unsupported layer 'bad' \\(SimpleRNN\\)"),
+    (lambda: L.SimpleRNN(3, activation="log_sigmoid"), "'bad' \\(SimpleRNN\\): unsupported option activation"),
 ])
 def test_unsupported_options_are_named(make_layer, message):
     from exchange.errors import UnsupportedLayerError
@@ -232,8 +232,10 @@ def test_unsupported_options_are_named(make_layer, message):
 def test_all_problems_of_a_model_in_one_error():
     from exchange.errors import UnsupportedLayerError
 
-    model = keras.Sequential([keras.Input((7, 6)), L.SimpleRNN(3, return_sequences=True, name="first"),
-                              L.Dense(2, activation="log_sigmoid", name="second"), L.GRU(2, name="third")])
+    model = keras.Sequential([keras.Input((7, 6)), L.SimpleRNN(3, return_sequences=True, activation="log_sigmoid",
+                                                               name="first"),
+                              L.Dense(2, activation="log_sigmoid", name="second"),
+                              L.GRU(2, recurrent_activation="log_sigmoid", name="third")])
     with pytest.raises(UnsupportedLayerError) as caught:
         keras_adapter.architecture_of(model)
     message = str(caught.value)

@@ -24,6 +24,8 @@ from typing import Any
 from exchange.errors import ExchangeError, UnsupportedLayerError
 
 KINDS: dict[str, "LayerKind"] = {}
+# The value of a keyword argument of a call that is a tensor, in `KerasOptions.call_kwargs`.
+TENSOR = "<tensor>"
 KERAS_CLASSES: dict[str, "LayerKind"] = {}
 
 # Keras config keys that say nothing about what the layer computes at inference.
@@ -48,6 +50,37 @@ class LayerKind:
     reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights
     may_flatten_channels_first = False
     takes_list = False                # Keras calls the layer on a list of tensors (merges)
+    passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
+    selects_output = False            # an `output` node: picks output `config.index` of its input
+
+    def output_count(self, config) -> int:
+        """How many tensors the layer returns (an LSTM with return_state: 3)."""
+        return 1
+
+    def output_shapes(self, config, input_shapes: tuple) -> list[tuple]:
+        """The shape of each output, for layers with several; by default `output_shape`'s."""
+        return [self.output_shape(config, input_shapes)]
+    tensor_kwargs: tuple[str, ...] = ()   # keywords of the call that may be tensors: extra node inputs
+
+    def keras3_subgroups(self, config) -> tuple[str, ...]:
+        """Where a Keras 3 file keeps this layer's variables, below the layer's group: "" for
+        `<group>/vars`, "cell" for an LSTM's `<group>/cell/vars`; their `vars` are read in order."""
+        return ("",)
+
+    def output_mask(self, node_name: str, config, input_masks: tuple) -> str | None:
+        """The mask on this node's output (named after the layer that made it), from its inputs'
+        masks, as Keras's `compute_mask` does: a layer without `supports_masking` drops it; one
+        with it passes input 0's on; a merge keeps a mask that every input carries."""
+        if not self.passes_mask:
+            return None
+        if not self.takes_list:
+            return input_masks[0]
+        if any(mask is None for mask in input_masks):
+            return None
+        if len(set(input_masks)) > 1:
+            raise UnsupportedLayerError(f"layer {node_name!r} ({self.kind}) merges tensors masked by different "
+                                        f"layers ({', '.join(sorted(set(input_masks)))}); not supported")
+        return input_masks[0]
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -190,10 +223,13 @@ class KerasOptions:
     """
 
     def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False,
-                 call_args: list | None = None):
+                 call_args: list | None = None, call_kwargs: dict | None = None):
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
         self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
         self.call_args = call_args or []   # positional arguments of the call: None for a tensor
+        # keyword arguments of the call (but `mask`): a constant's value, or TENSOR for a tensor, which
+        # is a node input after the positional ones, in this dict's order (`LayerKind.tensor_kwargs`)
+        self.call_kwargs = call_kwargs or {}
         self.taken: set[str] = set()
 
     def where(self) -> str:
@@ -236,5 +272,5 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 
 # The families. Importing them fills the registry.
-from exchange.kinds import (activations, arithmetic, convolution, dense, merging, normalization,  # noqa: E402,F401
-                            pooling, reshaping)
+from exchange.kinds import (activations, arithmetic, attention, convolution, dense, merging,  # noqa: E402,F401
+                            normalization, pooling, recurrent, reshaping)

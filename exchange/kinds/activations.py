@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from exchange.errors import UnsupportedLayerError
 from exchange.kinds import LayerKind, coerce, register
 
 
@@ -120,6 +121,7 @@ class ActivationConfig:
 @register
 class ActivationLayer(LayerKind):
     kind, keras_classes, Config = "activation", ("Activation",), ActivationConfig
+    passes_mask = True
     keeps_element_order = True
 
     def from_keras(self, options):
@@ -149,6 +151,7 @@ class ReLU(LayerKind):
     The plain and the relu6 forms are `F.relu` / `F.relu6`; others a `KerasReLU` module."""
 
     kind, keras_classes, Config = "relu", ("ReLU",), ReLUConfig
+    passes_mask = True
     keeps_element_order = True
 
     def from_keras(self, options):
@@ -180,6 +183,7 @@ class LeakyReLU(LayerKind):
     (torch's is 0.01), so it is always written out."""
 
     kind, keras_classes, Config = "leaky_relu", ("LeakyReLU",), LeakyReLUConfig
+    passes_mask = True
     keeps_element_order = True
 
     def from_keras(self, options):
@@ -201,6 +205,7 @@ class ELUConfig:
 @register
 class ELU(LayerKind):
     kind, keras_classes, Config = "elu", ("ELU",), ELUConfig
+    passes_mask = True
     keeps_element_order = True
 
     def from_keras(self, options):
@@ -223,6 +228,12 @@ class Softmax(LayerKind):
     """The Keras axis is remapped to torch's channels-first layout."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
+
+    def output_mask(self, node_name, config, input_masks):
+        if input_masks[0] is not None:   # Keras adds a large negative number at masked steps
+            raise UnsupportedLayerError(f"layer {node_name!r} (Softmax) on a masked input (mask from "
+                                        f"{input_masks[0]!r}) is not supported")
+        return None
 
     def from_keras(self, options):
         axis = options.take("axis", -1)

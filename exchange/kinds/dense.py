@@ -38,6 +38,7 @@ class DenseConfig:
 class Dense(LayerKind):
     kind, keras_classes, Config = "dense", ("Dense",), DenseConfig
     reads_permuted_flat = True
+    passes_mask = True
 
     def from_keras(self, options):
         options.expect("lora_rank", None)

@@ -37,6 +37,7 @@ def broadcast_shapes(input_shapes) -> tuple:
 
 class _ElementwiseMerge(LayerKind):
     takes_list = True
+    passes_mask = True
     torch_function = ""      # name of a two-argument torch function, folded over the inputs
     numpy_function = None
 
@@ -106,6 +107,7 @@ class ConcatenateConfig:
 class Concatenate(LayerKind):
     kind, keras_classes, Config = "concatenate", ("Concatenate",), ConcatenateConfig
     takes_list = True
+    passes_mask = True
 
     def from_keras(self, options):
         axis = options.take("axis", -1)

@@ -53,6 +53,7 @@ class BatchNormConfig:
 @register
 class BatchNormalization(LayerKind):
     kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
+    passes_mask = True
 
     def from_keras(self, options):
         for key, allowed in (("synchronized", False), ("renorm", False), ("renorm_clipping", None),
@@ -104,6 +105,7 @@ class NormalizationConfig:
 @register
 class Normalization(LayerKind):
     kind, keras_classes, Config = "normalization", ("Normalization",), NormalizationConfig
+    passes_mask = True
 
     def from_keras(self, options):
         constants = {}
@@ -165,6 +167,7 @@ class Rescaling(LayerKind):
     module holding them as constants in the channels-first layout."""
 
     kind, keras_classes, Config = "rescaling", ("Rescaling",), RescalingConfig
+    passes_mask = True
     keeps_element_order = True
 
     def keeps_order(self, config) -> bool:
@@ -239,6 +242,7 @@ class LayerNormalization(LayerKind):
     (1e-3) is written out (torch's is 1e-5); `scale=False` alone is `bias=False` in torch."""
 
     kind, keras_classes, Config = "layer_norm", ("LayerNormalization",), LayerNormConfig
+    passes_mask = True
 
     def from_keras(self, options):
         options.expect("rms_scaling", False)   # deprecated in Keras: it scales by the variance
@@ -284,6 +288,7 @@ class GroupNormalization(LayerKind):
     """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups))."""
 
     kind, keras_classes, Config = "group_norm", ("GroupNormalization",), GroupNormConfig
+    passes_mask = True
 
     def from_keras(self, options):
         return GroupNormConfig(int(options.take("groups", 32)), _one_axis(options),
@@ -326,6 +331,7 @@ class UnitNormalization(LayerKind):
     """x / max(‖x‖₂, 1e-6) along the axis: Keras's rsqrt(max(Σx², 1e-12)) is `F.normalize`'s form."""
 
     kind, keras_classes, Config = "unit_norm", ("UnitNormalization",), UnitNormConfig
+    passes_mask = True
 
     def from_keras(self, options):
         return UnitNormConfig(_one_axis(options))

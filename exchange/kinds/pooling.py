@@ -139,7 +139,17 @@ class GlobalAveragePooling2D(_GlobalPooling):
 
 @register
 class GlobalAveragePooling1D(_GlobalPooling):
+    """On a masked sequence Keras averages the unmasked steps only (and drops the mask)."""
+
     kind, keras_classes, spatial = "global_avg_pool1d", ("GlobalAveragePooling1D", "GlobalAvgPool1D"), 1
+
+    def torch_forward(self, builder, context, inputs):
+        if context.input_masks[0] is None:
+            return super().torch_forward(builder, context, inputs)
+        torch, keepdims = builder.torch, context.config.keepdims
+        keep = builder.call(torch.unsqueeze, builder.masks[context.input_masks[0]], 1)   # (N, 1, T)
+        total = builder.call(torch.sum, builder.call(torch.where, keep, inputs[0], 0.0), dim=2, keepdim=keepdims)
+        return builder.call(torch.div, total, builder.call(torch.sum, keep, dim=2, keepdim=keepdims))
 
 
 @register

@@ -183,6 +183,7 @@ class _Dropout(LayerKind):
 
     Config = DropoutConfig
     keeps_element_order = True
+    passes_mask = True
 
     def from_keras(self, options):
         options.take("noise_shape", None)
@@ -215,6 +216,7 @@ class StochasticDepth(_Dropout):
     """keras.applications' ConvNeXt: drops whole residual branches in training only."""
 
     kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
+    passes_mask = False   # ConvNeXt's own layer, without `supports_masking`
 
     def from_keras(self, options):
         return DropoutConfig(float(options.take("drop_path_rate", 0.0)))
@@ -301,25 +303,30 @@ class RepeatVector(LayerKind):
 class EmbeddingConfig:
     input_dim: int
     output_dim: int
+    mask_zero: bool = False
 
 
 @register
 class Embedding(LayerKind):
     """Token ids -> vectors: Keras's `embeddings` (vocabulary, dim) is `nn.Embedding`'s weight as it
     is. Keras casts float ids to int; the torch side calls `.long()`. The result is held
-    channels-first, (N, dim, T), like a Conv1D's. `mask_zero=True` is refused for now: Keras's
-    recurrent and pooling layers would skip the masked steps."""
+    channels-first, (N, dim, T), like a Conv1D's. With `mask_zero=True` it makes the mask
+    `ids != 0`, which Keras passes along to the layers that use it (see `Graph.masks`): recurrent
+    layers skip masked steps, GlobalAveragePooling1D leaves them out of the mean."""
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
+    def output_mask(self, node_name, config, input_masks):
+        return node_name if config.mask_zero else None
+
     def from_keras(self, options):
-        options.expect("mask_zero", False)
+        mask_zero = bool(options.take("mask_zero", False))
         options.expect("lora_rank", None)
         options.expect("lora_alpha", None)
         options.expect("sparse", False)
         options.expect("quantization_config", None)
         options.take("input_length", None)   # Keras 2: the sequence length, known from the input shape
-        return EmbeddingConfig(int(options.take("input_dim")), int(options.take("output_dim")))
+        return EmbeddingConfig(int(options.take("input_dim")), int(options.take("output_dim")), mask_zero)
 
     def output_shape(self, config, input_shapes):
         return tuple(input_shapes[0]) + (config.output_dim,)
@@ -333,10 +340,13 @@ class Embedding(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.nn.Embedding(config.input_dim, config.output_dim, device="meta", dtype=builder.dtype(context))
-        value = builder.module(context, module, builder.method(inputs[0], "long"))
+        ids = builder.method(inputs[0], "long")
+        if config.mask_zero:
+            builder.masks[context.node.name] = builder.call(builder.torch.ne, ids, 0)
+        value = builder.module(context, module, ids)
         return builder.call(builder.torch.movedim, value, -1, 1) if len(context.input_shape) >= 1 else value
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Embedding(config.input_dim, config.output_dim, name=context.node.name,
-                                      dtype=context.node.dtype)
+        return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
+                                      name=context.node.name, dtype=context.node.dtype)

@@ -1,0 +1,452 @@
+"""Recurrent layers: LSTM, GRU, SimpleRNN, and the Bidirectional wrapper.
+
+Conventions that differ:
+- Keras keeps kernel (in, G·H) and recurrent_kernel (H, G·H); torch keeps weight_ih_l0 (G·H, in)
+  and weight_hh_l0 (G·H, H): transposed.
+- Gate order: an LSTM's is i, f, c, o in Keras and i, f, g, o in torch (the same); a GRU's is
+  z, r, h in Keras and r, z, n in torch: its blocks are reordered (`GRU_GATE_ORDER`).
+- Biases: Keras's LSTM and SimpleRNN have one bias, torch two (bias_ih_l0 + bias_hh_l0, summed).
+  Keras -> torch writes Keras's bias into bias_ih_l0 and zeros into bias_hh_l0; torch -> Keras
+  sums them (`Summed`, declared lossy). A GRU with reset_after=True (Keras 3's default) keeps both
+  as its (2, 3H) bias (`Stacked`); with reset_after=False (old Keras 2's default) it has one bias
+  and no torch equivalent: a `KerasRecurrent` module with bias_ih_l0 only.
+- Data: torch holds sequences channels-first (N, F, T); the recurrent modules take (N, T, F), so
+  the feature axis moves last before and back after.
+- `nn.LSTM`, `nn.GRU` and `nn.RNN` are used where they compute exactly what Keras does (the
+  default activations, no mask); anything else (another activation, a GRU with reset_after=False,
+  a masked input) gets `KerasRecurrent`, which Keras's masking semantics are written into. The
+  weights are named the same either way.
+- `go_backwards` reverses the time axis of the input (and mask); with return_sequences the
+  outputs stay in that reversed order, as Keras returns them. Bidirectional flips the backward
+  layer's sequence back before merging.
+- return_state=True: the layer has several outputs (sequence or last output, then h, and c for an
+  LSTM); the graph reads them through `output` nodes.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass, replace
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import KerasOptions, LayerKind, kind_for_keras_class, register
+from exchange.kinds.activations import check_activation, keras_activation, read_activation
+from exchange.ports import Blocks, Permute, Port, Stacked, Summed
+
+GRU_GATE_ORDER = (1, 0, 2)           # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
+TORCH_DEFAULTS = {"lstm": ("tanh", "sigmoid"), "gru": ("tanh", "sigmoid")}
+TORCH_RNN_ACTIVATIONS = ("tanh", "relu")   # nn.RNN's nonlinearity
+# Activations KerasRecurrent computes (torch_modules.KerasRecurrent.activate).
+RECURRENT_ACTIVATIONS = ("tanh", "sigmoid", "relu", "linear", "hard_sigmoid", "hard_sigmoid_keras2", "relu6",
+                         "elu", "selu", "softplus", "softsign", "silu", "gelu", "hard_silu", "mish", "exponential")
+MERGE_MODES = ("concat", "sum", "mul", "ave", None)
+
+
+@dataclass(frozen=True)
+class RecurrentConfig:
+    units: int
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"   # LSTM and GRU only
+    use_bias: bool = True
+    return_sequences: bool = False
+    return_state: bool = False
+    go_backwards: bool = False
+    zero_output_for_mask: bool = False
+    reset_after: bool = True                # GRU only
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.units, int) or isinstance(self.units, bool) or self.units < 1:
+            raise ExchangeError(f"recurrent units must be a positive integer, got {self.units!r}")
+        for name in (self.activation, self.recurrent_activation):
+            check_activation(name, "recurrent layer")
+            if name not in RECURRENT_ACTIVATIONS:
+                raise UnsupportedLayerError(f"recurrent layer: activation {name!r} is not supported")
+
+
+class _Recurrent(LayerKind):
+    """LSTM, GRU and SimpleRNN: one kind each, differing in `mode` (gates, biases, torch module)."""
+
+    Config = RecurrentConfig
+    mode = ""            # KerasRecurrent's mode: "lstm", "gru" or "rnn"
+    gates = 1
+    state_count = 1      # states after the output with return_state (LSTM: h and c)
+    passes_mask = True
+
+    def from_keras(self, options):
+        options.expect("stateful", False)
+        options.expect("time_major", False)
+        for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation", "use_cudnn",
+                    "unroll"):
+            options.take(key, None)   # training-only or speed options
+        config = RecurrentConfig(
+            units=int(options.take("units")),
+            activation=read_activation(options, "activation"),
+            recurrent_activation=(read_activation(options, "recurrent_activation") if self.gates > 1 else "sigmoid"),
+            use_bias=bool(options.take("use_bias", True)),
+            return_sequences=bool(options.take("return_sequences", False)),
+            return_state=bool(options.take("return_state", False)),
+            go_backwards=bool(options.take("go_backwards", False)),
+            zero_output_for_mask=bool(options.take("zero_output_for_mask", False)),
+            reset_after=bool(options.take("reset_after", not options.keras2)) if self.mode == "gru" else True)
+        for key in ("activation", "recurrent_activation"):
+            if getattr(config, key) not in RECURRENT_ACTIVATIONS:
+                raise options.unsupported(key, getattr(config, key), "not supported in a recurrent layer")
+        return config
+
+    def keras3_subgroups(self, config):
+        return ("cell",)
+
+    # -- shapes and weights -----------------------------------------------------------------
+
+    def output_count(self, config) -> int:
+        return 1 + self.state_count if config.return_state else 1
+
+    def output_shapes(self, config, input_shapes) -> list[tuple]:
+        shape = input_shapes[0]
+        if len(shape) != 2:
+            raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
+        output = (shape[0], config.units) if config.return_sequences else (config.units,)
+        return [output] + [(config.units,)] * (self.state_count if config.return_state else 0)
+
+    def output_shape(self, config, input_shapes):
+        return self.output_shapes(config, input_shapes)[0]
+
+    def output_mask(self, node_name, config, input_masks):
+        return input_masks[0] if config.return_sequences else None
+
+    def output_masks(self, node_name, config, input_masks) -> list:
+        return [self.output_mask(node_name, config, input_masks)] + [None] * (self.output_count(config) - 1)
+
+    def bias_shape(self, config) -> tuple:
+        return (self.gates * config.units,)
+
+    def keras_variables(self, context):
+        config, width = context.config, self.gates * context.config.units
+        variables = [("kernel", (context.input_shape[-1], width)), ("recurrent_kernel", (config.units, width))]
+        if config.use_bias:
+            variables.append(("bias", self.bias_shape(config)))
+        return variables
+
+    def gate_steps(self) -> tuple:
+        return ()
+
+    def ports(self, context):
+        steps = (Permute((1, 0)),) + self.gate_steps()
+        ports = [Port("kernel", "weight_ih_l0", steps), Port("recurrent_kernel", "weight_hh_l0", steps)]
+        if context.config.use_bias:
+            ports.append(self.bias_port(context.config))
+        return ports
+
+    def bias_port(self, config):
+        return Summed("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps())
+
+    # -- torch ----------------------------------------------------------------------------
+
+    def standard_module(self, builder, config, input_size, dtype):
+        """The `nn.LSTM`/`nn.GRU`/`nn.RNN` computing exactly this layer, or None."""
+        raise NotImplementedError
+
+    def torch_module(self, builder, context, input_size: int, masked: bool, zero_output_for_mask: bool):
+        config, dtype = context.config, builder.dtype(context)
+        module = None if masked else self.standard_module(builder, config, input_size, dtype)
+        return module or builder.helpers.KerasRecurrent(
+            self.mode, input_size, config.units, bias=config.use_bias, activation=config.activation,
+            recurrent_activation=config.recurrent_activation, reset_after=config.reset_after,
+            zero_output_for_mask=zero_output_for_mask, device="meta", dtype=dtype)
+
+    def torch_forward(self, builder, context, inputs):
+        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
+        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] else None
+        results = run_recurrent(builder, context, self, context.config, sequence, mask, context.torch_name,
+                                context.config.zero_output_for_mask)
+        output = results[0]
+        if context.config.return_sequences:
+            output = builder.call(builder.torch.movedim, output, -1, 1)
+        return (output,) + tuple(results[1:]) if context.config.return_state else output
+
+    # -- Keras ----------------------------------------------------------------------------
+
+    def keras_layer(self, keras, context):
+        return getattr(keras.layers, self.keras_classes[0])(**self.keras_arguments(context.config, context.node.name),
+                                                            dtype=context.node.dtype)
+
+    def keras_arguments(self, config, name: str) -> dict:
+        arguments = dict(units=config.units, activation=keras_activation(config.activation, name),
+                         use_bias=config.use_bias, return_sequences=config.return_sequences,
+                         return_state=config.return_state, go_backwards=config.go_backwards,
+                         zero_output_for_mask=config.zero_output_for_mask, name=name)
+        if self.gates > 1:
+            arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, name)
+        if self.mode == "gru":
+            arguments["reset_after"] = config.reset_after
+        return arguments
+
+
+def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, sequence, mask, module_name: str,
+                  zero_output_for_mask: bool) -> list:
+    """Add one recurrent module (under `module_name`) reading `sequence` (N, T, F); returns
+    [outputs (N, T, H) or last output (N, H), then the states (N, H)], in Keras's order."""
+    if config.go_backwards:
+        sequence = builder.call(builder.torch.flip, sequence, (1,))
+        if mask is not None:
+            mask = builder.call(builder.torch.flip, mask, (1,))
+    input_size = context.input_shape[-1]
+    module = kind.torch_module(builder, context, input_size, mask is not None, zero_output_for_mask)
+    result = builder.submodule(module_name, module, sequence, *([] if mask is None else [mask]))
+    outputs = builder.call(operator.getitem, result, 0)
+    last = builder.call(operator.getitem, outputs, (slice(None), -1))
+    values = [outputs if config.return_sequences else last]
+    if config.return_state:
+        # The last state is the last output (masked steps carry both over); an LSTM adds c.
+        values.append(last)
+        if kind.state_count == 2:
+            state = builder.call(operator.getitem, result, 1)
+            values.append(builder.call(operator.getitem, builder.call(operator.getitem, state, 1), 0))
+    return values
+
+
+@register
+class LSTM(_Recurrent):
+    kind, keras_classes, mode, gates, state_count = "lstm", ("LSTM",), "lstm", 4, 2
+
+    def standard_module(self, builder, config, input_size, dtype):
+        if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS["lstm"]:
+            return None
+        return builder.nn.LSTM(input_size, config.units, bias=config.use_bias, batch_first=True,
+                               device="meta", dtype=dtype)
+
+
+@register
+class GRU(_Recurrent):
+    kind, keras_classes, mode, gates = "gru", ("GRU",), "gru", 3
+
+    def gate_steps(self):
+        return (Blocks(0, GRU_GATE_ORDER),)
+
+    def bias_shape(self, config):
+        return (2, 3 * config.units) if config.reset_after else (3 * config.units,)
+
+    def bias_port(self, config):
+        if config.reset_after:
+            return Stacked("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps())
+        return Port("bias", "bias_ih_l0", self.gate_steps())
+
+    def standard_module(self, builder, config, input_size, dtype):
+        if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS["gru"] or not config.reset_after:
+            return None
+        return builder.nn.GRU(input_size, config.units, bias=config.use_bias, batch_first=True,
+                              device="meta", dtype=dtype)
+
+
+@register
+class SimpleRNN(_Recurrent):
+    kind, keras_classes, mode, gates = "simple_rnn", ("SimpleRNN",), "rnn", 1
+
+    def standard_module(self, builder, config, input_size, dtype):
+        if config.activation not in TORCH_RNN_ACTIVATIONS:
+            return None
+        return builder.nn.RNN(input_size, config.units, nonlinearity=config.activation, bias=config.use_bias,
+                              batch_first=True, device="meta", dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bidirectional
+
+
+@dataclass(frozen=True)
+class BidirectionalConfig:
+    layer: str                      # the wrapped kind: "lstm", "gru" or "simple_rnn"
+    forward: RecurrentConfig
+    backward: RecurrentConfig       # go_backwards=True, as Keras makes it
+    merge_mode: str | None = "concat"
+
+
+@register
+class Bidirectional(LayerKind):
+    """A forward and a backward recurrent layer over the same input. The backward one reads the
+    sequence reversed; with return_sequences its outputs are flipped back before the merge
+    (concat on the feature axis, sum, mul, ave, or None: two outputs). Keras forces
+    zero_output_for_mask on both when they return sequences. Torch modules `<name>.forward_layer`
+    and `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
+
+    kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
+    variable_aliases = {f"{side}_{name}": (name,) for side in ("forward", "backward")
+                        for name in ("kernel", "recurrent_kernel", "bias")}
+    passes_mask = True
+    SIDES = ("forward_layer", "backward_layer")
+
+    def from_keras(self, options):
+        merge_mode = options.take("merge_mode", "concat")
+        if merge_mode not in MERGE_MODES:
+            raise options.unsupported("merge_mode", merge_mode)
+        wrapped = options.take("layer")
+        backward = options.take("backward_layer", None)
+        forward_kind, forward = _wrapped_recurrent(wrapped, options)
+        if backward is None:
+            backward_config = replace(forward, go_backwards=not forward.go_backwards)
+        else:
+            backward_kind, backward_config = _wrapped_recurrent(backward, options)
+            if backward_kind is not forward_kind:
+                raise options.unsupported("backward_layer", backward.get("class_name"),
+                                          "a backward layer of another class than the forward one")
+        if forward.return_state or forward.go_backwards or not backward_config.go_backwards:
+            raise options.unsupported("layer", wrapped.get("class_name"),
+                                      "return_state, or a forward layer with go_backwards=True")
+        if forward.return_sequences != backward_config.return_sequences:
+            raise options.unsupported("backward_layer", "return_sequences", "differs from the forward layer's")
+        # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
+        forward = replace(forward, zero_output_for_mask=forward.return_sequences)
+        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences)
+        return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode)
+
+    def config_from_dict(self, values, node_name):
+        if isinstance(values, dict):
+            values = dict(values)
+            for side in ("forward", "backward"):
+                if isinstance(values.get(side), dict):
+                    values[side] = _Recurrent.config_from_dict(_recurrent_kind(values.get("layer"), node_name),
+                                                               values[side], node_name)
+        return super().config_from_dict(values, node_name)
+
+    def wrapped(self, config) -> _Recurrent:
+        return _recurrent_kind(config.layer, "bidirectional")
+
+    def keras3_subgroups(self, config):
+        return tuple(f"{side}/cell" for side in self.SIDES)
+
+    def output_count(self, config):
+        return 2 if config.merge_mode is None else 1
+
+    def output_shapes(self, config, input_shapes):
+        kind = self.wrapped(config)
+        forward = kind.output_shapes(config.forward, input_shapes)[0]
+        backward = kind.output_shapes(config.backward, input_shapes)[0]
+        if config.merge_mode is None:
+            return [forward, backward]
+        if config.merge_mode == "concat":
+            return [forward[:-1] + (forward[-1] + backward[-1],)]
+        if forward != backward:
+            raise ExchangeError(f"merge_mode {config.merge_mode!r} needs equal outputs, found {forward} and {backward}")
+        return [forward]
+
+    def output_shape(self, config, input_shapes):
+        return self.output_shapes(config, input_shapes)[0]
+
+    def output_mask(self, node_name, config, input_masks):
+        return input_masks[0] if config.forward.return_sequences else None
+
+    def output_masks(self, node_name, config, input_masks):
+        return [self.output_mask(node_name, config, input_masks)] * self.output_count(config)
+
+    def _side_contexts(self, context):
+        return [replace(context, node=replace(context.node, config=side_config))
+                for side_config in (context.config.forward, context.config.backward)]
+
+    def keras_variables(self, context):
+        kind = self.wrapped(context.config)
+        return [(f"{side}_{name}", shape) for side, side_context in zip(("forward", "backward"),
+                                                                          self._side_contexts(context))
+                for name, shape in kind.keras_variables(side_context)]
+
+    def ports(self, context):
+        kind = self.wrapped(context.config)
+        found = []
+        for side, attribute, side_context in zip(("forward", "backward"), self.SIDES, self._side_contexts(context)):
+            for port in kind.ports(side_context):
+                torch_names = (port.torch,) if isinstance(port.torch, str) else port.torch
+                renamed = tuple(f"{attribute}.{name}" for name in torch_names)
+                found.append(replace(port, keras=f"{side}_{port.keras}",
+                                     torch=renamed[0] if isinstance(port.torch, str) else renamed))
+        return found
+
+    def torch_forward(self, builder, context, inputs):
+        config, kind = context.config, self.wrapped(context.config)
+        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
+        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] else None
+        builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
+        results = []
+        for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
+            side = side_context.config
+            value = run_recurrent(builder, side_context, kind, side, sequence, mask,
+                                  f"{context.torch_name}.{attribute}", side.zero_output_for_mask)[0]
+            if side.go_backwards and side.return_sequences:
+                value = builder.call(builder.torch.flip, value, (1,))
+            results.append(value)
+        forward, backward = results
+        if config.merge_mode == "concat":
+            merged = [builder.call(builder.torch.cat, [forward, backward], -1)]
+        elif config.merge_mode == "sum":
+            merged = [builder.call(builder.torch.add, forward, backward)]
+        elif config.merge_mode == "mul":
+            merged = [builder.call(builder.torch.mul, forward, backward)]
+        elif config.merge_mode == "ave":
+            merged = [builder.call(builder.torch.div, builder.call(builder.torch.add, forward, backward), 2)]
+        else:
+            merged = [forward, backward]
+        if config.forward.return_sequences:
+            merged = [builder.call(builder.torch.movedim, value, -1, 1) for value in merged]
+        return merged[0] if len(merged) == 1 else tuple(merged)
+
+    def keras_layer(self, keras, context):
+        config, kind = context.config, self.wrapped(context.config)
+        layer_class = getattr(keras.layers, kind.keras_classes[0])
+        name = context.node.name
+        forward = layer_class(**kind.keras_arguments(config.forward, f"forward_{name}"), dtype=context.node.dtype)
+        backward = layer_class(**kind.keras_arguments(config.backward, f"backward_{name}"), dtype=context.node.dtype)
+        return keras.layers.Bidirectional(forward, merge_mode=config.merge_mode, backward_layer=backward,
+                                          name=name, dtype=context.node.dtype)
+
+
+def _recurrent_kind(name, node_name: str) -> _Recurrent:
+    from exchange.kinds import kind_of
+
+    kind = kind_of(name) if isinstance(name, str) else None
+    if not isinstance(kind, _Recurrent):
+        raise ExchangeError(f"layer {node_name!r}: {name!r} is not a recurrent layer kind")
+    return kind
+
+
+def _wrapped_recurrent(layer_config, options: KerasOptions) -> tuple[_Recurrent, RecurrentConfig]:
+    """The kind and config of a layer inside a wrapper, read with the wrapper's name in errors."""
+    if not isinstance(layer_config, dict) or not isinstance(layer_config.get("config"), dict):
+        raise options.unsupported("layer", layer_config, "expected a layer config")
+    class_name = layer_config.get("class_name")
+    kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
+    if not isinstance(kind, _Recurrent):
+        raise options.unsupported("layer", class_name, "LSTM, GRU or SimpleRNN")
+    inner = KerasOptions(class_name, f"{options.layer_name}/{layer_config['config'].get('name')}",
+                         layer_config["config"], keras2=options.keras2)
+    config = kind.from_keras(inner)
+    inner.finish()
+    return kind, config
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers with several outputs are read through `output` nodes
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    index: int
+
+
+@register
+class Output(LayerKind):
+    """Output `index` of a layer with several (an LSTM with return_state=True, a Bidirectional
+    with merge_mode=None). Not a Keras layer: Keras's call returns a list, this picks from it."""
+
+    kind, keras_classes, Config = "output", (), OutputConfig
+    selects_output = True
+
+    def output_mask(self, node_name, config, input_masks):
+        return input_masks[0] if config.index == 0 else None
+
+    def torch_forward(self, builder, context, inputs):
+        return inputs[0][context.config.index]
+
+    def keras_layer(self, keras, context):
+        return None
+
+    def keras_call(self, keras_layer, arguments, context):
+        return arguments[0][context.config.index]
+
