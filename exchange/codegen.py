@@ -30,7 +30,10 @@ from exchange.torch_adapter import build_module, class_name
 NN_NAMES = {module_type: f"nn.{module_type.__name__}" for module_type in (
     nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
     nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.ZeroPad2d, nn.LayerNorm, nn.GroupNorm,
-    nn.Embedding, nn.MultiheadAttention)}
+    nn.Embedding, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.ModuleDict)}
+# torch's recurrent modules take `*args, **kwargs`: their arguments and defaults, written out here.
+RECURRENT_ARGUMENTS = {"input_size": None, "hidden_size": None, "num_layers": 1, "nonlinearity": "tanh",
+                       "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False, "proj_size": 0}
 HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
            if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
 SKIPPED_ARGUMENTS = ("device",)
@@ -42,6 +45,7 @@ POSITIONAL_ARGUMENTS = 2   # nn.Conv2d(3, 64, kernel_size=7): sizes positional, 
 def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     """The source of a standalone module for `graph`; its state_dict is the weights file's."""
     module = build_module(graph)
+    module.graph.eliminate_dead_code()   # values only the layer-by-layer check reads
     name = class_name(graph.name)
     used_helpers = []
     init_lines = []
@@ -99,9 +103,17 @@ def _constructor(module: nn.Module) -> str:
     """`nn.Conv2d(3, 64, kernel_size=(7, 7), stride=(2, 2), bias=False)`: the arguments that
     differ from the defaults, read from the module's attributes of the same names."""
     module_type = type(module)
+    if module_type in (nn.Module, nn.ModuleDict):   # a container (torch.fx makes plain Modules of them)
+        children = ", ".join(f"{key!r}: {_constructor(value)}" for key, value in module.named_children())
+        return f"nn.ModuleDict({{{children}}})"
     type_name = NN_NAMES.get(module_type) or HELPERS.get(module_type)
     if type_name is None:
         raise TypeError(f"no source form for {module_type.__name__}")
+    if isinstance(module, nn.RNNBase):
+        arguments = [_format(module.input_size), _format(module.hidden_size)]
+        arguments += [f"{name}={_format(getattr(module, name))}" for name, default in RECURRENT_ARGUMENTS.items()
+                      if default is not None and hasattr(module, name) and getattr(module, name) != default]
+        return f"{type_name}({', '.join(arguments)})"
     signature = inspect.signature(module_type.__init__)
     positional, keywords = [], []
     for parameter_name, parameter in list(signature.parameters.items())[1:]:
@@ -161,6 +173,16 @@ def _format(value) -> str:
     return repr(value)
 
 
+def _index(value) -> str:
+    """A subscript as written by hand: `[:, -1]`, `[0]`."""
+    if isinstance(value, tuple):
+        return ", ".join(_index(item) for item in value)
+    if isinstance(value, slice):
+        return ":".join("" if part is None else _format(part) for part in (value.start, value.stop)) + (
+            "" if value.step is None else f":{_format(value.step)}")
+    return _format(value)
+
+
 def _function_name(function) -> str:
     module_name = getattr(function, "__module__", None) or ""
     if module_name == "torch.nn.functional":
@@ -183,7 +205,7 @@ def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], l
             comment = f"  # Keras layer {keras_name!r}" if keras_name and keras_name != node.target else ""
             lines.append(f"{node.name} = self.{node.target}({arguments}){comment}")
         elif node.op == "call_function" and node.target is operator.getitem:
-            lines.append(f"{node.name} = {_format(node.args[0])}[{_format(node.args[1])}]")
+            lines.append(f"{node.name} = {_format(node.args[0])}[{_index(node.args[1])}]")
         elif node.op == "call_function":
             lines.append(f"{node.name} = {_function_name(node.target)}({arguments})")
         elif node.op == "call_method":

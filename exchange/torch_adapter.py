@@ -77,10 +77,38 @@ class TorchGraphBuilder:
         return self.graph.call_module(path, args)
 
     def call(self, function, *args, **kwargs) -> fx.Node:
+        if function in (torch.movedim, torch.permute) and not kwargs and _undoes(function, args):
+            return args[0].args[0]   # moving the channels last right after moving them first: skip both
         return self.graph.call_function(function, args, kwargs)
 
     def method(self, value: fx.Node, name: str, *args) -> fx.Node:
         return self.graph.call_method(name, (value,) + args)
+
+
+def _axes(function, arguments: tuple, rank: int | None) -> tuple[int, ...] | None:
+    """The permutation a `torch.permute` or `torch.movedim` call applies (output dim i is input
+    dim axes[i]); None when it cannot be told (a movedim of unknown rank)."""
+    if function is torch.permute:
+        return tuple(arguments[0])
+    if rank is None or len(arguments) != 2 or not all(isinstance(axis, int) for axis in arguments):
+        return None
+    dims = list(range(rank))
+    dims.insert(arguments[1] % rank, dims.pop(arguments[0] % rank))
+    return tuple(dims)
+
+
+def _undoes(function, args: tuple) -> bool:
+    """Whether this permute/movedim of `args[0]` exactly undoes the permute/movedim that made it."""
+    inner = args[0]
+    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.kwargs or \
+            inner.target not in (torch.movedim, torch.permute):
+        return False
+    if function is torch.movedim and inner.target is torch.movedim:
+        return tuple(args[1:]) == (inner.args[2], inner.args[1])
+    rank = len(args[1]) if function is torch.permute else len(inner.args[1])
+    first, second = _axes(inner.target, inner.args[1:], rank), _axes(function, args[1:], rank)
+    return first is not None and second is not None and len(first) == len(second) == rank and \
+        all(first[second[axis]] == axis for axis in range(rank))
 
 
 def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:

@@ -171,6 +171,8 @@ def config_to_dict(config) -> dict:
 
 
 def _jsonable(value):
+    if dataclasses.is_dataclass(value):
+        return config_to_dict(value)
     if isinstance(value, tuple):
         return [_jsonable(item) for item in value]
     return value
@@ -200,6 +202,9 @@ def coerce(value, hint, what: str):
             return float(value)
     elif hint is str:
         if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(hint):
+        if isinstance(value, hint):   # a nested config, already read by its kind
             return value
     elif origin is tuple:
         if isinstance(value, (list, tuple)):
@@ -273,4 +278,4 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 # The families. Importing them fills the registry.
 from exchange.kinds import (activations, arithmetic, attention, convolution, dense, merging,  # noqa: E402,F401
-                            normalization, pooling, recurrent, reshaping)
+                            normalization, pooling, recurrent, reshaping, wrappers)

@@ -194,6 +194,8 @@ def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, s
     module = kind.torch_module(builder, context, input_size, mask is not None, zero_output_for_mask)
     result = builder.submodule(module_name, module, sequence, *([] if mask is None else [mask]))
     outputs = builder.call(operator.getitem, result, 0)
+    if config.return_sequences and not config.return_state:
+        return [outputs]
     last = builder.call(operator.getitem, outputs, (slice(None), -1))
     values = [outputs if config.return_sequences else last]
     if config.return_state:

@@ -1,0 +1,109 @@
+"""TimeDistributed: one layer applied to every time step of a sequence.
+
+Keras applies the wrapped layer to (N·T, …) and reshapes back; so does the torch side, where the
+wrapped kind builds its module under the wrapper's name (keys `td.weight`, `td.bias`). The time
+steps are merged into the batch in Keras's layout, so every convention of the wrapped kind (a
+Dense's transposed kernel, a Conv2D's channels-first images) applies unchanged. Keras 3 keeps the
+wrapped layer's variables in `<group>/layer/vars`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from exchange.errors import ExchangeError
+from exchange.kinds import KerasOptions, LayerKind, kind_for_keras_class, kind_of, register
+from exchange.kinds.layout import to_keras_order, to_torch_order
+
+
+@dataclass(frozen=True)
+class TimeDistributedConfig:
+    layer: str          # the wrapped layer's kind
+    config: Any         # and its config
+    layer_name: str     # the wrapped Keras layer's own name
+
+
+@register
+class TimeDistributed(LayerKind):
+    kind, keras_classes, Config = "time_distributed", ("TimeDistributed",), TimeDistributedConfig
+    passes_mask = True
+
+    def from_keras(self, options):
+        wrapped = options.take("layer")
+        if not isinstance(wrapped, dict) or not isinstance(wrapped.get("config"), dict):
+            raise options.unsupported("layer", wrapped, "expected a layer config")
+        class_name = wrapped.get("class_name")
+        kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
+        if kind is None or kind.takes_list or type(kind).output_count is not LayerKind.output_count:
+            raise options.unsupported("layer", class_name, "a layer with one input and one output")
+        if kind.kind == self.kind:
+            raise options.unsupported("layer", class_name, "nested TimeDistributed")
+        name = str(wrapped["config"].get("name", "layer"))
+        inner = KerasOptions(class_name, f"{options.layer_name}/{name}", wrapped["config"], keras2=options.keras2)
+        config = kind.from_keras(inner)
+        inner.finish()
+        return TimeDistributedConfig(kind.kind, config, name)
+
+    def config_from_dict(self, values, node_name):
+        if not isinstance(values, dict) or not isinstance(values.get("layer"), str):
+            raise ExchangeError(f"layer {node_name!r}: config must name the wrapped layer kind")
+        inner_kind = kind_of(values["layer"])
+        if inner_kind.kind == self.kind:
+            raise ExchangeError(f"layer {node_name!r}: nested TimeDistributed")
+        inner = inner_kind.config_from_dict(values.get("config", {}), node_name)
+        name = values.get("layer_name")
+        if not isinstance(name, str):
+            raise ExchangeError(f"layer {node_name!r}: layer_name must be a string")
+        return TimeDistributedConfig(inner_kind.kind, inner, name)
+
+    def inner(self, context):
+        """The wrapped kind and its context: one time step, the batch axis holding N·T."""
+        config = context.config
+        kind = kind_of(config.layer)
+        inner_input = tuple(context.input_shape[1:])
+        node = replace(context.node, kind=kind.kind, config=config.config)
+        inner_context = replace(context, node=node, input_shapes=(inner_input,),
+                                output_shape=tuple(kind.output_shape(config.config, (inner_input,))),
+                                flat_source=None, channels_first_flatten=False, input_masks=(None,))
+        return kind, inner_context
+
+    def keras3_subgroups(self, config):
+        return tuple("/".join(part for part in ("layer", sub) if part)
+                     for sub in kind_of(config.layer).keras3_subgroups(config.config))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) < 2:
+            raise ExchangeError(f"expects (batch, time, …) input, found (batch, {shape})")
+        return (shape[0],) + tuple(kind_of(config.layer).output_shape(config.config, (tuple(shape[1:]),)))
+
+    def keras_variables(self, context):
+        kind, inner_context = self.inner(context)
+        return kind.keras_variables(inner_context)
+
+    def ports(self, context):
+        kind, inner_context = self.inner(context)
+        return kind.ports(inner_context)
+
+    def torch_forward(self, builder, context, inputs):
+        torch = builder.torch
+        kind, inner_context = self.inner(context)
+        rank, inner_rank = len(context.input_shape), len(inner_context.input_shape)
+        steps = builder.call(torch.permute, inputs[0], to_keras_order(rank))        # (N, T, …) as Keras has it
+        batch = builder.method(steps, "size", 0)
+        merged = builder.call(torch.flatten, steps, 0, 1)                          # (N·T, …)
+        if inner_rank >= 2:
+            merged = builder.call(torch.permute, merged, to_torch_order(inner_rank))
+        value = kind.torch_forward(builder, inner_context, [merged])
+        out_rank = len(inner_context.output_shape)
+        if out_rank >= 2:
+            value = builder.call(torch.permute, value, to_keras_order(out_rank))
+        value = builder.call(torch.unflatten, value, 0, (batch, -1))               # (N, T, …)
+        return builder.call(torch.permute, value, to_torch_order(out_rank + 1))
+
+    def keras_layer(self, keras, context):
+        kind, inner_context = self.inner(context)
+        inner_node = replace(inner_context.node, name=context.config.layer_name)
+        layer = kind.keras_layer(keras, replace(inner_context, node=inner_node))
+        return keras.layers.TimeDistributed(layer, name=context.node.name, dtype=context.node.dtype)
