@@ -51,8 +51,9 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     init_lines = []
     for attribute, submodule in module.named_children():
         init_lines.append(f"self.{attribute} = {_constructor(submodule)}")
-        if type(submodule) in HELPERS and type(submodule) not in used_helpers:
-            used_helpers.append(type(submodule))
+        for part in submodule.modules():   # helpers inside containers (Bidirectional) too
+            if type(part) in HELPERS and type(part) not in used_helpers:
+                used_helpers.append(type(part))
     keras_names = {graph.torch_names[node.name]: node.name for node in graph.nodes}
     parameters, body = _forward(module.graph, keras_names)
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]

@@ -1,4 +1,4 @@
-"""The CNN zoo: real Keras models saved as real files, converted in every direction by the CLI's
+"""The zoo (CNNs and sequence models): real Keras models saved as real files, converted in every direction by the CLI's
 own functions, and compared on outputs (Keras on TensorFlow is the reference).
 
 For each model: `.keras` -> `.safetensors` -> torch matches Keras; `.safetensors` -> `.keras`
@@ -81,8 +81,51 @@ def mobilenet_v3_small():
     return keras.applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3))
 
 
+VOCABULARY = 13     # token ids in tests are drawn below kerasmodels.TOKEN_IDS (7), 0 included: padding
+
+
+def text_cnn():
+    inputs = keras.Input((17,), dtype="int32", name="tokens")
+    x = L.Embedding(VOCABULARY, 8, name="embed")(inputs)
+    x = L.Conv1D(6, 3, padding="same", activation="relu", name="conv")(x)
+    x = L.GlobalMaxPooling1D(name="pool")(x)
+    return keras.Model(inputs, L.Dense(3, activation="softmax", name="classify")(x), name="text_cnn")
+
+
+def embedding_lstm():
+    inputs = keras.Input((15,), dtype="int32", name="tokens")
+    x = L.Embedding(VOCABULARY, 6, mask_zero=True, name="embed")(inputs)
+    x = L.LSTM(9, name="lstm")(x)
+    return keras.Model(inputs, L.Dense(4, activation="softmax", name="classify")(x), name="embedding_lstm")
+
+
+def embedding_gru():
+    inputs = keras.Input((15,), dtype="int32", name="tokens")
+    x = L.Embedding(VOCABULARY, 6, mask_zero=True, name="embed")(inputs)
+    x = L.GRU(7, return_sequences=True, name="gru_1")(x)
+    x = L.GRU(5, go_backwards=True, name="gru_2")(x)
+    return keras.Model(inputs, L.Dense(2, name="score")(x), name="embedding_gru")
+
+
+def embedding_bilstm():
+    inputs = keras.Input((13,), dtype="int32", name="tokens")
+    x = L.Embedding(VOCABULARY, 5, mask_zero=True, name="embed")(inputs)
+    x = L.Bidirectional(L.LSTM(6, return_sequences=True), name="bilstm")(x)
+    x = L.GlobalAveragePooling1D(name="mean")(x)     # masked: the mean of the unpadded steps
+    return keras.Model(inputs, L.Dense(3, activation="softmax", name="classify")(x), name="embedding_bilstm")
+
+
+def simple_rnn():
+    inputs = keras.Input((19, 3), name="series")
+    x = L.SimpleRNN(8, return_sequences=True, name="rnn_1")(inputs)
+    x = L.SimpleRNN(4, activation="relu", name="rnn_2")(x)
+    return keras.Model(inputs, L.Dense(1, name="forecast")(x), name="simple_rnn")
+
+
 SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
-         "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder}
+         "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder,
+         "text_cnn": text_cnn, "embedding_lstm": embedding_lstm, "embedding_gru": embedding_gru,
+         "embedding_bilstm": embedding_bilstm, "simple_rnn": simple_rnn}
 APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
 
 
