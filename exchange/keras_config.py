@@ -78,6 +78,7 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
         graph = Graph(_text(model_config["config"].get("name", "model")) if isinstance(
             model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(parser.nodes), tuple(outputs))
         graph.shapes  # noqa: B018  (shape inference now, so a bad model fails here, naming the layer)
+        graph.masks  # noqa: B018  (and masks: a layer that cannot take one fails here)
         _check_explicit_masks(graph, parser.explicit_masks)
     except UnsupportedLayerError as err:
         raise UnsupportedLayerError(f"{source}: {err}") from None

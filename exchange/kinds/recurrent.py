@@ -171,12 +171,13 @@ class _Recurrent(LayerKind):
                                                             dtype=context.node.dtype)
 
     def keras_arguments(self, config, name: str) -> dict:
-        arguments = dict(units=config.units, activation=keras_activation(config.activation, name),
+        where = f"layer {name!r}"
+        arguments = dict(units=config.units, activation=keras_activation(config.activation, where),
                          use_bias=config.use_bias, return_sequences=config.return_sequences,
                          return_state=config.return_state, go_backwards=config.go_backwards,
                          zero_output_for_mask=config.zero_output_for_mask, name=name)
         if self.gates > 1:
-            arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, name)
+            arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, where)
         if self.mode == "gru":
             arguments["reset_after"] = config.reset_after
         return arguments
