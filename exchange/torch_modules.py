@@ -138,8 +138,9 @@ class KerasRecurrent(nn.Module):
 
     Parameters are torch's names and layouts (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`,
     `bias_hh_l0`; gates i, f, g, o / r, z, n), so weights move between it and `nn.LSTM` unchanged.
-    Like `nn.LSTM` with `batch_first=True` it takes (N, T, F) and returns (outputs (N, T, H),
-    last state (1, N, H), for an LSTM the pair (h, c)).
+    Like `nn.LSTM` with `batch_first=True` it takes (N, T, F), a mask (N, T) or None and an
+    initial state, (h,) or for an LSTM (h, c), each (1, N, H); it returns (outputs (N, T, H), last
+    state): (1, N, H), for an LSTM the pair (h, c).
     """
 
     GATES = {"lstm": 4, "gru": 3, "rnn": 1}
@@ -190,9 +191,11 @@ class KerasRecurrent(nn.Module):
             n = self.activate(act, x_n + F.linear(r * h, w_n))
         return z * h + (1 - z) * n, c
 
-    def forward(self, x, mask=None):
+    def forward(self, x, mask=None, state=None):
         projected = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)
-        h = c = output = x.new_zeros(x.shape[0], self.hidden_size)
+        h = c = output = x.new_zeros(x.shape[0], self.hidden_size)   # a masked first step outputs 0
+        if state is not None:
+            h, c = state[0][0], (state[1][0] if self.mode == "lstm" else c)
         outputs = []
         for step in range(x.shape[1]):
             new_h, new_c = self.cell(projected[:, step], h, c)

@@ -20,7 +20,8 @@ Conventions that differ:
   outputs stay in that reversed order, as Keras returns them. Bidirectional flips the backward
   layer's sequence back before merging.
 - return_state=True: the layer has several outputs (sequence or last output, then h, and c for an
-  LSTM); the graph reads them through `output` nodes.
+  LSTM); the graph reads them through `output` nodes. A call with `initial_state=[h, c]` (an
+  encoder's states into a decoder) reads them as inputs after the sequence.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ class _Recurrent(LayerKind):
     gates = 1
     state_count = 1      # states after the output with return_state (LSTM: h and c)
     passes_mask = True
+    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
 
     def from_keras(self, options):
         options.expect("stateful", False)
@@ -105,6 +107,10 @@ class _Recurrent(LayerKind):
         shape = input_shapes[0]
         if len(shape) != 2:
             raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
+        states = [tuple(state) for state in input_shapes[1:]]
+        if states and states != [(config.units,)] * self.state_count:
+            raise ExchangeError(f"initial_state must be {self.state_count} tensor(s) of shape (batch, "
+                                f"{config.units}), found {states}")
         output = (shape[0], config.units) if config.return_sequences else (config.units,)
         return [output] + [(config.units,)] * (self.state_count if config.return_state else 0)
 
@@ -158,7 +164,7 @@ class _Recurrent(LayerKind):
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
         mask = builder.masks[context.input_masks[0]] if context.input_masks[0] else None
         results = run_recurrent(builder, context, self, context.config, sequence, mask, context.torch_name,
-                                context.config.zero_output_for_mask)
+                                context.config.zero_output_for_mask, initial_state=inputs[1:])
         output = results[0]
         if context.config.return_sequences:
             output = builder.call(builder.torch.movedim, output, -1, 1)
@@ -169,6 +175,11 @@ class _Recurrent(LayerKind):
     def keras_layer(self, keras, context):
         return getattr(keras.layers, self.keras_classes[0])(**self.keras_arguments(context.config, context.node.name),
                                                             dtype=context.node.dtype)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if len(arguments) > 1:
+            return keras_layer(arguments[0], initial_state=list(arguments[1:]))
+        return keras_layer(arguments[0])
 
     def keras_arguments(self, config, name: str) -> dict:
         where = f"layer {name!r}"
@@ -184,16 +195,24 @@ class _Recurrent(LayerKind):
 
 
 def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, sequence, mask, module_name: str,
-                  zero_output_for_mask: bool) -> list:
-    """Add one recurrent module (under `module_name`) reading `sequence` (N, T, F); returns
-    [outputs (N, T, H) or last output (N, H), then the states (N, H)], in Keras's order."""
+                  zero_output_for_mask: bool, initial_state=()) -> list:
+    """Add one recurrent module (under `module_name`) reading `sequence` (N, T, F) from the
+    initial states (N, H) given, or zeros; returns [outputs (N, T, H) or last output (N, H), then
+    the states (N, H)], in Keras's order."""
     if config.go_backwards:
         sequence = builder.call(builder.torch.flip, sequence, (1,))
         if mask is not None:
             mask = builder.call(builder.torch.flip, mask, (1,))
     input_size = context.input_shape[-1]
     module = kind.torch_module(builder, context, input_size, mask is not None, zero_output_for_mask)
-    result = builder.submodule(module_name, module, sequence, *([] if mask is None else [mask]))
+    arguments = [sequence] if mask is None else [sequence, mask]
+    if initial_state:   # torch's states are (layers, N, H): one layer
+        states = tuple(builder.call(builder.torch.unsqueeze, state, 0) for state in initial_state)
+        if mask is None and not isinstance(module, builder.helpers.KerasRecurrent):
+            arguments.append(states if kind.state_count == 2 else states[0])
+        else:
+            arguments += [None] * (2 - len(arguments)) + [states]
+    result = builder.submodule(module_name, module, *arguments)
     outputs = builder.call(operator.getitem, result, 0)
     if config.return_sequences and not config.return_state:
         return [outputs]
