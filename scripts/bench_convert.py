@@ -12,6 +12,10 @@ keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in 
     model_from_file exchange.torch_adapter.model_from_file(model.safetensors), timed inside the
                     process after torch is imported (ResNet50)
 
+The sequence zoo of the tests (tests/test_zoo.py: text CNN, masked Embedding -> LSTM / GRU /
+Bidirectional LSTM, SimpleRNN, transformer block) is timed the same way: convert.py and
+model_from_file (`--skip-sequences` leaves it out).
+
     python scripts/bench_convert.py [--repeats 3] [--work-dir DIR] [--json FILE] [--skip-large]
 
 Needs Keras (to write the input files and for the by-hand route). Figures go in the README.
@@ -142,25 +146,66 @@ def write_models(work_dir: Path, skip_large: bool) -> None:
         keras.backend.clear_session()
 
 
+def write_sequence_models(work_dir: Path) -> list[str]:
+    """The tests' sequence zoo as `.keras` files (runs in the `--write-models` process)."""
+    import keras
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from kerasmodels import randomize
+    from test_zoo import SEQUENCE_MODELS, SMALL
+
+    for name in SEQUENCE_MODELS:
+        keras.utils.set_random_seed(21)
+        randomize(SMALL[name](), seed=5).save(work_dir / f"sequence_{name}.keras")
+    return list(SEQUENCE_MODELS)
+
+
+def bench_sequences(work_dir: Path, repeats: int) -> dict:
+    """The models `write_sequence_models` wrote (this process never imports Keras: see run_measured)."""
+    results = {}
+    print("\nsequence zoo")
+    print("| model | convert.py .keras -> .safetensors, whole process (s) | peak RSS (MiB) | "
+          "model_from_file, the call (s) |")
+    print("|---|---|---|---|")
+    for keras_path in sorted(work_dir.glob("sequence_*.keras")):
+        name, ours = keras_path.stem[len("sequence_"):], keras_path.with_suffix(".safetensors")
+        convert = repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path), str(ours)], repeats, ours)
+        load = repeat([sys.executable, "-c", MODEL_FROM_FILE, str(ours), str(ROOT)], repeats)
+        results[name] = {"convert.py": convert, "model_from_file": load}
+        print(f"| {name} | {convert['seconds']:.3f} | {convert['peak_rss_mb']:,.0f} | {load['load_seconds']:.4f} |",
+              flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--work-dir", type=Path, help="default: a temporary folder")
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--skip-large", action="store_true")
+    parser.add_argument("--skip-sequences", action="store_true")
+    parser.add_argument("--only-sequences", action="store_true")
     parser.add_argument("--write-models", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.write_models:
-        write_models(args.write_models, args.skip_large)
+        if not args.only_sequences:
+            write_models(args.write_models, args.skip_large)
+        if not args.skip_sequences:
+            write_sequence_models(args.write_models)
         return 0
 
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = args.work_dir or Path(temporary)
         work_dir.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, __file__, "--write-models", str(work_dir)]
-                       + (["--skip-large"] if args.skip_large else []), check=True)
+                       + (["--skip-large"] if args.skip_large else [])
+                       + (["--skip-sequences"] if args.skip_sequences else [])
+                       + (["--only-sequences"] if args.only_sequences else []), check=True)
         results = {}
-        for name in ("seed", "resnet50") if args.skip_large else ("seed", "large", "resnet50"):
+        names = ("seed", "resnet50") if args.skip_large else ("seed", "large", "resnet50")
+        if args.only_sequences:
+            names = ()
+        for name in names:
             keras_path = work_dir / f"{name}.keras"
             ours = work_dir / f"{name}.safetensors"
             size_mb = keras_path.stat().st_size / 2**20
@@ -180,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[name]["by hand"] = repeat([sys.executable, "-c", BY_HAND, str(keras_path), str(by_hand)],
                                                   args.repeats, by_hand)
             print_table(name, results[name])
+        if not args.skip_sequences:
+            results["sequences"] = bench_sequences(work_dir, args.repeats)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

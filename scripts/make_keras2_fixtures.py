@@ -12,11 +12,11 @@ a fixed batch (`np.random.default_rng(0).random((rows, *model.input_shape[1:]), 
 Keras 2 without having it installed.
 
 Recurrent fixtures: lstm.h5 (Embedding with mask_zero -> LSTM -> LSTM with hard_sigmoid and
-go_backwards -> Dense) and gru.h5 (GRU with reset_after=False -> GRU with
-reset_after=True -> Dense; no hard_sigmoid, so it can also be written as a Keras 3 file), full models only, every weight overwritten with seeded non-default values
-(biases, the LSTM forget-gate part included, are non-trivial). Keras 2's hard_sigmoid is
-clip(0.2 * x + 0.5, 0, 1), unlike Keras 3's. The LSTM model takes int32 token ids; its batch is
-stored in expected_outputs.npz as `lstm_ids` (16 x 9):
+go_backwards -> Dense) and gru.h5 (GRU with reset_after=False -> GRU with reset_after=True ->
+Dense; no hard_sigmoid, so it can also be written as a Keras 3 file), full models only, every
+weight overwritten with seeded non-default values (biases, the LSTM forget-gate part included,
+are non-trivial). Keras 2's hard_sigmoid is clip(0.2 * x + 0.5, 0, 1), unlike Keras 3's. The
+LSTM model takes int32 token ids; its batch is stored in expected_outputs.npz as `lstm_ids` (16 x 9):
 
     rng = np.random.default_rng(0)
     ids = rng.integers(1, 20, (16, 9), dtype=np.int32)

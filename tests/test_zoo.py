@@ -122,6 +122,7 @@ def simple_rnn():
     return keras.Model(inputs, L.Dense(1, name="forecast")(x), name="simple_rnn")
 
 
+SEQUENCE_MODELS = ("text_cnn", "embedding_lstm", "embedding_gru", "embedding_bilstm", "simple_rnn")
 SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
          "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder,
          "text_cnn": text_cnn, "embedding_lstm": embedding_lstm, "embedding_gru": embedding_gru,
