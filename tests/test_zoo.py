@@ -201,13 +201,16 @@ def test_keras2_cnn_written_by_tf_keras(tmp_path):
 
 
 def test_reading_zoo_files_imports_no_framework(tmp_path):
-    """A CNN `.keras` and the Keras 2 `.h5` CNN convert with tensorflow, keras and torch blocked."""
+    """A CNN and a Bidirectional LSTM `.keras`, the Keras 2 `.h5` CNN and LSTM convert with
+    tensorflow, keras and torch blocked."""
     from test_keras_files import convert_without_frameworks
 
     keras.utils.set_random_seed(3)
     path = tmp_path / "cnn.keras"
     randomize(mnist_cnn(), seed=1).save(path)
-    for source in (path, KERAS2_FIXTURES / "cnn.h5"):
+    sequence_path = tmp_path / "bilstm.keras"
+    randomize(embedding_bilstm(), seed=1).save(sequence_path)
+    for source in (path, KERAS2_FIXTURES / "cnn.h5", sequence_path, KERAS2_FIXTURES / "lstm.h5"):
         result = convert_without_frameworks(source, tmp_path / f"{source.stem}_blocked.safetensors")
         assert result.returncode == 0, result.stderr
         assert "frameworks imported: none" in result.stdout

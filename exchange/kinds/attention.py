@@ -1,0 +1,326 @@
+"""MultiHeadAttention: Keras's multi-head dot-product attention over the sequence axis.
+
+Keras projects the query to (heads, key_dim), the key to (heads, key_dim) and the value to
+(heads, value_dim) per step, attends per head with softmax(q·kᵀ / sqrt(key_dim)), and projects the
+concatenated heads to `output_shape` (default: the query's width). Conventions that differ:
+- Kernels. Keras keeps each projection as a (features, heads, dim) kernel and a (heads, dim) bias,
+  the output one as (heads, value_dim, *output_shape). Torch keeps (heads·dim, features) weights
+  with the heads outermost: a Keras kernel flattens to (features, heads·dim) head-major, then is
+  transposed; the output kernel flattens to (heads·value_dim, out) and is transposed.
+- `nn.MultiheadAttention` can hold this exactly when heads·key_dim is the query's width,
+  value_dim = key_dim and the output width is the query's: its head width is then key_dim, so its
+  1/sqrt(head_dim) scaling is Keras's 1/sqrt(key_dim). Query, key and value of one width pack
+  into `in_proj_weight` (3E, E); otherwise `q_proj_weight`, `k_proj_weight`, `v_proj_weight`.
+  The three biases always pack into `in_proj_bias`. Anything else is `KerasMultiHeadAttention`
+  (`exchange.torch_modules`), keys `query.weight`, …, `output.weight`.
+- Masks. Keras joins the query's and value's (and key's) Keras masks, `use_causal_mask` and an
+  explicit `attention_mask` with AND, and puts a large negative number (not -inf) at the masked
+  logits, so a fully masked query row attends uniformly instead of giving NaN. The torch side
+  builds the same mask and adds it as a float mask with Keras's number.
+- Layout. The torch side holds sequences channels-first (N, F, T): each input is moved to
+  (N, T, F) for batch-first attention and the output moved back; an `attention_mask` input
+  (Keras (N, T, S)) is held as (N, S, T) and moved likewise.
+
+Inference only: `dropout` is kept (it acts in training) and needs nothing at inference.
+Precision: TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even in a float64 model;
+the torch side does not, so float64 models agree to about 1e-8 rather than 1e-15.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from math import prod
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import TENSOR, LayerKind, register
+from exchange.ports import Packed, Permute, Port, Reshape
+
+# What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
+CALL_INPUTS = ("query", "value", "key", "attention_mask")
+POSITIONAL_INPUTS = ("query", "value", "key")
+# Keras 3's `attention_axes` for (N, T, F) inputs, as the config holds it or a user may write it;
+# any other value attends over other axes (images), which is not supported.
+SEQUENCE_AXES = (None, 1, -2, [1], [-2])
+# The number Keras puts at masked logits (TensorFlow's dot_product_attention: 0.7 × the dtype's
+# largest value, so that adding a logit cannot overflow to -inf).
+LARGE_NEGATIVE = {"float16": -45850.0}     # 0.7 × 65500
+DEFAULT_LARGE_NEGATIVE = -2.372671e38      # 0.7 × 3.38953e38
+# The four projections in Keras's variable order (kernel, then bias, of each). Keras 3 files keep
+# them in `<layer>/query_dense/vars`, …, `output_dense/vars`; Keras 2 names them `mha/query/kernel:0`,
+# …, `mha/attention_output/bias:0`, so `kernel` and `bias` are aliases of each variable name.
+PROJECTIONS = ("query", "key", "value", "output")
+
+
+@dataclass(frozen=True)
+class MultiHeadAttentionConfig:
+    num_heads: int
+    key_dim: int
+    value_dim: int
+    output_shape: tuple[int, ...] | None = None   # None: the query's width, as in Keras
+    use_bias: bool = True
+    dropout: float = 0.0
+    use_causal_mask: bool = False
+    call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+
+    def __post_init__(self) -> None:
+        sizes = (self.num_heads, self.key_dim, self.value_dim) + tuple(self.output_shape or ())
+        if any(not isinstance(size, int) or isinstance(size, bool) or size < 1 for size in sizes):
+            raise ExchangeError(f"MultiHeadAttention sizes must be positive integers, got num_heads="
+                                f"{self.num_heads!r}, key_dim={self.key_dim!r}, value_dim={self.value_dim!r}, "
+                                f"output_shape={self.output_shape!r}")
+        if self.output_shape is not None and not self.output_shape:
+            raise ExchangeError("MultiHeadAttention output_shape must be None or non-empty")
+        roles = self.call_inputs
+        if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
+                or "query" not in roles or "value" not in roles):
+            raise ExchangeError(f"MultiHeadAttention call_inputs must name query, value and optionally key "
+                                f"and attention_mask once each, got {list(roles)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def _output_shape(config, query_width: int) -> tuple[int, ...]:
+    return tuple(config.output_shape) if config.output_shape is not None else (query_width,)
+
+
+def _widths(context) -> dict[str, int]:
+    """Feature width of the query, key and value inputs (the key defaults to the value)."""
+    shapes = dict(zip(context.config.call_inputs, context.input_shapes))
+    return {"query": shapes["query"][-1], "value": shapes["value"][-1],
+            "key": shapes.get("key", shapes["value"])[-1]}
+
+
+def fits_torch_multihead(config, query_width: int) -> bool:
+    """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
+    return (config.num_heads * config.key_dim == query_width and config.value_dim == config.key_dim
+            and _output_shape(config, query_width) == (query_width,))
+
+
+def _kernel_steps(features: int, heads: int, dim: int) -> tuple:
+    """Keras (features, heads, dim) -> torch (heads·dim, features), heads outermost."""
+    return (Reshape((features, heads, dim), (features, heads * dim)), Permute((1, 0)))
+
+
+def _bias_steps(heads: int, dim: int) -> tuple:
+    return (Reshape((heads, dim), (heads * dim,)),)
+
+
+@register
+class MultiHeadAttention(LayerKind):
+    kind, keras_classes, Config = "multi_head_attention", ("MultiHeadAttention",), MultiHeadAttentionConfig
+    tensor_kwargs = ("query", "value", "key", "attention_mask")
+    variable_aliases = {f"{projection}_{variable}": (variable,)
+                        for projection in PROJECTIONS for variable in ("kernel", "bias")}
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def from_keras(self, options):
+        options.expect("use_gate", False)
+        options.expect("sliding_window", None)
+        axes = options.take("attention_axes", None)
+        if axes not in SEQUENCE_AXES:
+            raise options.unsupported("attention_axes", axes, "attention over the sequence axis (1) only")
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        for build_shape in ("query_shape", "key_shape", "value_shape"):
+            options.take(build_shape, None)   # Keras 2 records the build shapes; the graph has them
+        num_heads, key_dim = options.take("num_heads"), options.take("key_dim")
+        value_dim = options.take("value_dim", None) or key_dim
+        output_shape = options.take("output_shape", None)
+        if isinstance(output_shape, int) and not isinstance(output_shape, bool):
+            output_shape = (output_shape,)
+        elif output_shape is not None:
+            output_shape = tuple(output_shape) or None
+        call_inputs, use_causal_mask = _read_call(options)
+        return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
+                                        bool(options.take("use_bias", True)), float(options.take("dropout", 0.0)),
+                                        use_causal_mask, call_inputs)
+
+    def keras3_subgroups(self, config):
+        return tuple(f"{projection}_dense" for projection in PROJECTIONS)
+
+    def output_mask(self, node_name, config, input_masks):
+        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    # -- shapes and weights -----------------------------------------------------------------
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes) != len(config.call_inputs):
+            raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        for role in ("query", "value", "key"):
+            if role in shapes and len(shapes[role]) != 2:
+                raise UnsupportedLayerError(
+                    f"MultiHeadAttention: {role} of shape {list(shapes[role])}; only sequences (steps, "
+                    "features) are supported (attention over several axes is not)")
+        source = shapes["value"][0]
+        if "key" in shapes and None not in (source, shapes["key"][0]) and shapes["key"][0] != source:
+            raise ExchangeError(f"key steps {shapes['key'][0]} differ from value steps {source}")
+        if "attention_mask" in shapes:
+            mask = shapes["attention_mask"]
+            if len(mask) != 2 or any(size not in (None, 1, want) for size, want in zip(mask, (shapes["query"][0],
+                                                                                             source))):
+                raise ExchangeError(f"attention_mask of shape {list(mask)} does not broadcast to "
+                                    f"(query steps, value steps) = ({shapes['query'][0]}, {source})")
+        return (shapes["query"][0],) + _output_shape(config, shapes["query"][-1])
+
+    def keras_variables(self, context):
+        config, widths = context.config, _widths(context)
+        heads, out = config.num_heads, _output_shape(config, widths["query"])
+        shapes = {"query": ((widths["query"], heads, config.key_dim), (heads, config.key_dim)),
+                  "key": ((widths["key"], heads, config.key_dim), (heads, config.key_dim)),
+                  "value": ((widths["value"], heads, config.value_dim), (heads, config.value_dim)),
+                  "output": ((heads, config.value_dim) + out, out)}
+        variables = []
+        for projection in PROJECTIONS:
+            kernel, bias = shapes[projection]
+            variables.append((f"{projection}_kernel", kernel))
+            if config.use_bias:
+                variables.append((f"{projection}_bias", bias))
+        return variables
+
+    def ports(self, context):
+        config, widths = context.config, _widths(context)
+        heads, out = config.num_heads, _output_shape(config, widths["query"])
+        dims = {"query": config.key_dim, "key": config.key_dim, "value": config.value_dim}
+        kernel_steps = {role: _kernel_steps(widths[role], heads, dims[role]) for role in dims}
+        output_kernel = (Reshape((heads, config.value_dim) + out, (heads * config.value_dim, prod(out))),
+                         Permute((1, 0)))
+        if not fits_torch_multihead(config, widths["query"]):
+            ports = [Port(f"{role}_kernel", f"{role}.weight", kernel_steps[role]) for role in dims]
+            ports.append(Port("output_kernel", "output.weight", output_kernel))
+            if config.use_bias:
+                ports += [Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads, dims[role])) for role in dims]
+                ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),)))
+            return ports
+        if len({widths["query"], widths["key"], widths["value"]}) == 1:
+            ports = [Packed(("query_kernel", "key_kernel", "value_kernel"), "in_proj_weight",
+                            tuple(kernel_steps[role] for role in dims))]
+        else:
+            ports = [Port(f"{role}_kernel", f"{role[0]}_proj_weight", kernel_steps[role]) for role in dims]
+        ports.append(Port("output_kernel", "out_proj.weight", output_kernel))
+        if config.use_bias:
+            ports.append(Packed(("query_bias", "key_bias", "value_bias"), "in_proj_bias",
+                                tuple(_bias_steps(heads, dims[role]) for role in dims)))
+            ports.append(Port("output_bias", "out_proj.bias"))
+        return ports
+
+    # -- building -------------------------------------------------------------------------
+
+    def torch_forward(self, builder, context, inputs):
+        config, widths = context.config, _widths(context)
+        values = dict(zip(config.call_inputs, inputs))
+        batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
+
+        def steps_last(value):
+            if value not in batch_first:
+                batch_first[value] = builder.call(builder.torch.movedim, value, 1, -1)
+            return batch_first[value]
+
+        query, value = steps_last(values["query"]), steps_last(values["value"])
+        key = steps_last(values["key"]) if "key" in values else value
+        bias, per_example = _attention_bias(builder, context, query, value, inputs)
+        dtype = builder.dtype(context)
+        if fits_torch_multihead(config, widths["query"]):
+            attention = builder.nn.MultiheadAttention(
+                widths["query"], config.num_heads, dropout=config.dropout, bias=config.use_bias,
+                kdim=widths["key"], vdim=widths["value"], batch_first=True, device="meta", dtype=dtype)
+            keywords = {"need_weights": False}
+            if bias is not None:
+                if per_example:   # nn.MultiheadAttention takes (T, S) or (N·heads, T, S)
+                    bias = builder.method(bias, "expand", builder.method(query, "size", 0),
+                                          *_steps(builder, context, query, value))
+                    bias = builder.method(bias, "repeat_interleave", config.num_heads, 0)
+                keywords["attn_mask"] = bias
+            builder.root.add_module(context.torch_name, attention)
+            output = builder.graph.call_module(context.torch_name, (query, key, value), keywords)
+            output = builder.call(operator.getitem, output, 0)   # (output, None) without the weights
+        else:
+            attention = builder.helpers.KerasMultiHeadAttention(
+                widths["query"], widths["key"], widths["value"], config.num_heads, config.key_dim,
+                config.value_dim, _output_shape(config, widths["query"]), bias=config.use_bias,
+                dropout=config.dropout, device="meta", dtype=dtype)
+            output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
+        return builder.call(builder.torch.movedim, output, -1, 1)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.MultiHeadAttention(
+            config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
+            use_bias=config.use_bias, output_shape=config.output_shape, name=context.node.name,
+            dtype=context.node.dtype)
+
+    def keras_call(self, keras_layer, arguments, context):
+        config = context.config
+        values = dict(zip(config.call_inputs, arguments))
+        keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
+        if config.use_causal_mask:
+            keywords["use_causal_mask"] = True
+        return keras_layer(values["query"], values["value"], **keywords)
+
+
+def _read_call(options) -> tuple[tuple[str, ...], bool]:
+    """What each node input is (positional tensors, then tensor keywords) and `use_causal_mask`."""
+    call_inputs = []
+    for index, argument in enumerate(options.call_args):
+        if argument is not None or index >= len(POSITIONAL_INPUTS):
+            raise options.unsupported(f"positional argument {index}", argument)
+        call_inputs.append(POSITIONAL_INPUTS[index])
+    use_causal_mask = False
+    for key, value in options.call_kwargs.items():
+        if value is TENSOR and key in CALL_INPUTS and key not in call_inputs:
+            call_inputs.append(key)
+        elif key == "use_causal_mask" and isinstance(value, bool):
+            use_causal_mask = value
+        elif key == "return_attention_scores" and value is False or key == "training":
+            continue   # training only switches dropout on
+        elif key in ("key", "attention_mask") and value is None:
+            continue
+        else:
+            why = "only the attention output is converted" if key == "return_attention_scores" else ""
+            raise options.unsupported(f"call argument {key}", value if value is not TENSOR else "a tensor", why)
+    if "query" not in call_inputs or "value" not in call_inputs:
+        raise options.unsupported("call arguments", list(call_inputs), "query and value must be tensors")
+    return tuple(call_inputs), use_causal_mask
+
+
+def _steps(builder, context, query, value) -> tuple:
+    """(query steps, value steps): the sizes where the graph knows them, else read off the tensors."""
+    shapes = dict(zip(context.config.call_inputs, context.input_shapes))
+    target, source = shapes["query"][0], shapes["value"][0]
+    return (builder.method(query, "size", 1) if target is None else target,
+            builder.method(value, "size", 1) if source is None else source)
+
+
+def _attention_bias(builder, context, query, value, inputs):
+    """The additive float mask Keras's attention applies (0 where it attends, Keras's large
+    negative number elsewhere), or None; and whether it differs per example ((N, T, S)
+    broadcastable) rather than per step only ((T, S)). `inputs` are the node's torch inputs."""
+    config = context.config
+    masks = dict(zip(config.call_inputs, context.input_masks or (None,) * len(config.call_inputs)))
+    keep, per_example = None, False
+
+    def both(first, second):
+        return second if first is None else builder.call(builder.torch.logical_and, first, second)
+
+    if masks.get("query") is not None:   # (N, T) -> (N, T, 1)
+        keep = builder.method(builder.masks[masks["query"]], "unsqueeze", -1)
+        per_example = True
+    for role in ("value", "key"):        # (N, S) -> (N, 1, S)
+        if masks.get(role) is not None:
+            keep = both(keep, builder.method(builder.masks[masks[role]], "unsqueeze", -2))
+            per_example = True
+    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
+        ones = builder.graph.call_method("new_ones", (query, _steps(builder, context, query, value)),
+                                         {"dtype": builder.torch.bool})
+        keep = both(keep, builder.method(ones, "tril"))
+    if "attention_mask" in config.call_inputs:   # torch holds Keras's (N, T, S) as (N, S, T)
+        explicit = inputs[config.call_inputs.index("attention_mask")]
+        explicit = builder.call(builder.torch.movedim, explicit, 1, -1)
+        keep = both(keep, builder.method(explicit, "bool"))   # Keras casts it: non-zero attends
+        per_example = True
+    if keep is None:
+        return None, False
+    large_negative = LARGE_NEGATIVE.get(context.node.dtype, DEFAULT_LARGE_NEGATIVE)
+    bias = builder.call(builder.torch.zeros_like, keep, dtype=builder.dtype(context))
+    return builder.method(bias, "masked_fill", builder.method(keep, "logical_not"), large_negative), per_example
