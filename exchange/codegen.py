@@ -19,6 +19,7 @@ import re
 import textwrap
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from exchange import torch_modules
@@ -186,8 +187,8 @@ def _index(value) -> str:
 
 def _function_name(function) -> str:
     module_name = getattr(function, "__module__", None) or ""
-    if module_name == "torch.nn.functional":
-        return f"F.{function.__name__}"
+    if module_name == "torch.nn.functional" or function is getattr(F, function.__name__, None):
+        return f"F.{function.__name__}"   # F.gelu is a builtin of torch._C._nn
     if function is getattr(torch, function.__name__, None):
         return f"torch.{function.__name__}"
     raise TypeError(f"no source form for function {function!r}")

@@ -28,11 +28,12 @@ SEQUENTIAL_CLASSES = ("Sequential",)
 OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operation, not a layer
 OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
-# A Keras 3 functional config records an Embedding's mask as the operation `ids != 0` passed to
-# the layers that take masks as `mask=`; the graph derives masks itself (`Graph.masks`), so these
-# are checked against it, not kept as nodes.
+# A Keras 3 functional config records the masks it passes along as operations (an Embedding's
+# `ids != 0`, a merge's `logical_or` of its inputs' masks, …) given to layers as `mask=`. The
+# graph derives masks itself (`Graph.masks`), so operations that only compute masks are not
+# nodes: each `mask=` is checked to come from the derived mask's token ids.
 MASK_KEYWORD = "mask"
-MASK_OPERATION = "NotEqual"
+MASK_SOURCE_OPERATION = "NotEqual"   # `ids != constant`: the constant must be 0 (Embedding's mask_zero)
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
 
 
@@ -95,8 +96,9 @@ class _Parser:
         self.locations: dict[str, KerasLocation] = {}
         self.class_names: dict[str, str] = {}
         self.problems: list[str] = []
-        self.mask_operations: dict[str, tuple[str, object]] = {}   # `x != c` edges: name -> (x, c)
-        self.explicit_masks: dict[str, tuple[str, object]] = {}    # layer -> the (x, c) given as mask=
+        # Mask-only operation edges -> (the graph edges they read, whether any compares with c != 0)
+        self.mask_operations: dict[str, tuple[frozenset, bool]] = {}
+        self.explicit_masks: dict[str, tuple[frozenset, bool]] = {}   # layer -> what its mask= reads
 
     def model(self, model_config: dict, container_path: tuple[str, ...], keras3_prefix: str,
               keras2_group: str | None, incoming: list[str] | None) -> list[str]:
@@ -150,6 +152,7 @@ class _Parser:
         groups = self._groups(layers, keras3_prefix)
         input_names = [entry[0] for entry in _entries(config.get("input_layers", []))]
         edges: dict[tuple[str, int], str] = {}
+        mask_only = _mask_only_operations(layers)
         if incoming is not None and len(incoming) != len(input_names):
             raise ExchangeError(f"nested model takes {len(input_names)} inputs, given {len(incoming)}")
         for layer, group in zip(layers, groups):
@@ -161,8 +164,8 @@ class _Parser:
                     edges[(name, 0)] = incoming[input_names.index(name)]
                 continue
             inbound = layer.get("inbound_nodes", [])
-            if _is_operation(layer) and class_name == MASK_OPERATION and len(inbound) == 1 and \
-                    self.mask_operation(name, inbound[0], edges):
+            if name in mask_only and len(inbound) == 1:
+                self.mask_operation(name, class_name, inbound[0], edges)
                 continue
             if len(inbound) != 1:
                 self.problems.append(f"layer {name!r} ({class_name}) is called {len(inbound)} times; "
@@ -177,7 +180,7 @@ class _Parser:
                 call_kwargs = _call_kwargs(inbound[0], tensor_kwargs)
                 mask = _mask_ref(inbound[0])
                 if mask is not None:
-                    if edges.get(mask) not in self.mask_operations:
+                    if edges[mask] not in self.mask_operations:
                         raise UnsupportedLayerError(f"layer {name!r} ({class_name}) is given an explicit mask "
                                                     f"from {mask[0]!r}; only Embedding masks are supported")
                     self.explicit_masks[name] = self.mask_operations[edges[mask]]
@@ -199,16 +202,23 @@ class _Parser:
                 return []
             raise
 
-    def mask_operation(self, name: str, inbound, edges: dict) -> bool:
-        """Record `x != constant` as a mask candidate (not a node); False if it is something else."""
-        arguments = _call_args(inbound)
-        refs = _inbound_refs(inbound)
-        if len(refs) != 1 or len(arguments) != 2 or arguments[0] is not None or arguments[1] is None:
-            return False
+    def mask_operation(self, name: str, class_name: str, inbound, edges: dict) -> None:
+        """Record an operation that only computes masks (not a node): the graph edges it reads,
+        through other mask operations, and whether it compares ids with anything but 0."""
+        reads, other_constant = set(), False
+        for ref in _inbound_refs(inbound, tuple((inbound.get("kwargs") or {}) if isinstance(inbound, dict) else ())):
+            edge = edges[ref]
+            if edge in self.mask_operations:
+                reads |= self.mask_operations[edge][0]
+                other_constant |= self.mask_operations[edge][1]
+            else:
+                reads.add(edge)
+        if class_name == MASK_SOURCE_OPERATION:
+            constants = [value for value in _call_args(inbound) if value is not None]
+            other_constant |= constants != [0]
         edge = f"{name}:mask"
-        self.mask_operations[edge] = (edges[refs[0]], arguments[1])
+        self.mask_operations[edge] = (frozenset(reads), other_constant)
         edges[(name, 0)] = edge
-        return True
 
     def add_input(self, name: str, config: dict) -> str:
         shape = _batch_shape(config)
@@ -319,15 +329,37 @@ def _entries(spec) -> list:
     return spec
 
 
+def _mask_only_operations(layers: list) -> set[str]:
+    """Names of the operation layers whose results are only used as `mask=` (or by other such
+    operations): Keras's recorded mask computations. Consumers follow producers in a config."""
+    uses: dict[str, list[tuple[str, bool]]] = {}   # producer -> [(consumer, used as mask=)]
+    for layer in layers:
+        for node in layer.get("inbound_nodes") or []:
+            if not isinstance(node, dict):
+                continue
+            for key, value in list(enumerate(node.get("args", []))) + list((node.get("kwargs") or {}).items()):
+                for history in _histories(value):
+                    uses.setdefault(_text(history[0]), []).append((_layer_name(layer), key == MASK_KEYWORD))
+    mask_only: set[str] = set()
+    for layer in reversed(layers):
+        name = _layer_name(layer)
+        if _is_operation(layer) and uses.get(name) and all(
+                as_mask or consumer in mask_only for consumer, as_mask in uses[name]):
+            mask_only.add(name)
+    return mask_only
+
+
 def _check_explicit_masks(graph: Graph, explicit_masks: dict) -> None:
-    """Each `mask=` a Keras 3 config records must be the mask the graph derives for that input:
-    `ids != 0` of the ids an Embedding with mask_zero=True reads."""
-    for name, (source, constant) in explicit_masks.items():
-        node = graph.node(name)
-        derived = graph.masks[node.inputs[0]]
-        if derived is None or graph.node(derived).inputs[0] != source or constant != 0:
-            raise UnsupportedLayerError(f"layer {name!r} is given a mask ({source!r} != {constant!r}) that is "
-                                        "not the mask of an Embedding with mask_zero=True; not supported")
+    """Each `mask=` a Keras 3 config records must be what the graph derives for that input: made
+    from the ids an Embedding with mask_zero=True reads, `ids != 0`, and no other input."""
+    inputs = {spec.name for spec in graph.inputs}
+    for name, (reads, other_constant) in explicit_masks.items():
+        derived = graph.masks[graph.node(name).inputs[0]]
+        ids = graph.node(derived).inputs[0] if derived is not None else None
+        if derived is None or other_constant or ids not in reads or (reads & inputs) - {ids}:
+            shown = ", ".join(sorted(reads))
+            raise UnsupportedLayerError(f"layer {name!r} is given a mask (computed from {shown}) that is not "
+                                        "the mask of an Embedding with mask_zero=True; not supported")
 
 
 def _mask_ref(node) -> tuple[str, int] | None:

@@ -122,11 +122,26 @@ def simple_rnn():
     return keras.Model(inputs, L.Dense(1, name="forecast")(x), name="simple_rnn")
 
 
-SEQUENCE_MODELS = ("text_cnn", "embedding_lstm", "embedding_gru", "embedding_bilstm", "simple_rnn")
+def transformer_block():
+    """Masked token embeddings -> self-attention (4 heads x key_dim 8 = width 32: nn.MultiheadAttention)
+    -> Add & LayerNorm -> Dense feed-forward on (steps, features) -> Add & LayerNorm -> masked mean."""
+    inputs = keras.Input((11,), dtype="int32", name="tokens")
+    x = L.Embedding(VOCABULARY, 32, mask_zero=True, name="embed")(inputs)
+    attended = L.MultiHeadAttention(4, 8, name="attention")(x, x)
+    x = L.LayerNormalization(epsilon=1e-6, name="norm_1")(L.Add(name="residual_1")([x, attended]))
+    hidden = L.Dense(48, activation="gelu", name="ffn_1")(x)
+    x = L.Add(name="residual_2")([x, L.Dense(32, name="ffn_2")(hidden)])
+    x = L.LayerNormalization(epsilon=1e-6, name="norm_2")(x)
+    x = L.GlobalAveragePooling1D(name="mean")(x)
+    return keras.Model(inputs, L.Dense(3, activation="softmax", name="classify")(x), name="transformer_block")
+
+
+SEQUENCE_MODELS = ("text_cnn", "embedding_lstm", "embedding_gru", "embedding_bilstm", "simple_rnn",
+                   "transformer_block")
 SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
          "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder,
          "text_cnn": text_cnn, "embedding_lstm": embedding_lstm, "embedding_gru": embedding_gru,
-         "embedding_bilstm": embedding_bilstm, "simple_rnn": simple_rnn}
+         "embedding_bilstm": embedding_bilstm, "simple_rnn": simple_rnn, "transformer_block": transformer_block}
 APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
 
 
