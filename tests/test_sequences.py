@@ -365,3 +365,19 @@ def test_generated_code_of_sequence_models(case, tmp_path):
     outputs = [output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
                for name, output in zip(graph.outputs, outputs)]
     assert max_difference(keras_adapter.predict(model, inputs), outputs) <= LAYER_TOLERANCE
+
+
+def test_keras_layout_module_takes_the_int32_ids_keras_takes(tmp_path):
+    """`model_from_file(..., keras_layout=True)` is a drop-in for the Keras model on token ids."""
+    import torch
+
+    keras.utils.set_random_seed(2)
+    model = randomize(CASES["bidirectional_masked"](), seed=1)
+    path = tmp_path / "model.safetensors"
+    keras_adapter.save_file(model, path)
+    module = torch_adapter.model_from_file(path, keras_layout=True)
+    (ids,) = padded_batch(model)
+    assert ids.dtype == np.int32
+    with torch.no_grad():
+        outputs = module(torch.from_numpy(ids)).numpy()
+    assert max_difference([outputs], keras_adapter.predict(model, [ids])) <= LAYER_TOLERANCE
