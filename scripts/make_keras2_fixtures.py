@@ -45,6 +45,7 @@ CNN_BATCH_ROWS = 16
 CNN_WEIGHT_SEED = 7
 LSTM_WEIGHT_SEED = 11
 GRU_WEIGHT_SEED = 13
+WRAPPERS_WEIGHT_SEED = 17
 RNN_BATCH_ROWS = 16
 VOCAB_SIZE = 20
 SEQ_LEN = 9
@@ -157,6 +158,19 @@ def token_batch(rows: int = RNN_BATCH_ROWS) -> np.ndarray:
     return ids
 
 
+def wrappers() -> keras.Model:
+    """A float series -> TimeDistributed(Dense) -> Bidirectional(GRU, concat) -> self-attention
+    (MultiHeadAttention, 2 heads x key_dim 4, width 8) -> GlobalAveragePooling1D -> Dense: Keras 2's
+    weight names for wrapped and attention layers (`bi/forward_gru/gru_cell/kernel:0`, `mha/query/kernel:0`)."""
+    inputs = keras.Input(shape=(7, 5), name="series")
+    x = keras.layers.TimeDistributed(keras.layers.Dense(6, activation="tanh"), name="td")(inputs)
+    x = keras.layers.Bidirectional(keras.layers.GRU(4, return_sequences=True), name="bi")(x)
+    x = keras.layers.MultiHeadAttention(2, 4, name="mha")(x, x)
+    x = keras.layers.GlobalAveragePooling1D(name="mean")(x)
+    outputs = keras.layers.Dense(3, name="out")(x)
+    return overwrite_weights(keras.Model(inputs, outputs, name="wrappers_model"), WRAPPERS_WEIGHT_SEED)
+
+
 def main() -> None:
     default_dir = Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir
@@ -182,6 +196,9 @@ def main() -> None:
     gru_model = gru()
     gru_model.save(out_dir / "gru.h5")
     expected["gru_outputs"] = gru_model.predict(fixed_batch(gru_model, RNN_BATCH_ROWS), verbose=0)
+    wrappers_model = wrappers()
+    wrappers_model.save(out_dir / "wrappers.h5")
+    expected["wrappers_outputs"] = wrappers_model.predict(fixed_batch(wrappers_model, RNN_BATCH_ROWS), verbose=0)
     np.savez(out_dir / "expected_outputs.npz", **expected)
     (out_dir / "VERSIONS.txt").write_text(f"tf_keras {keras.__version__}\n")
     for path in sorted(out_dir.iterdir()):

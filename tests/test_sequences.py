@@ -237,11 +237,13 @@ def test_reset_after_false_as_nn_gru_is_wrong():
 
 
 def keras2_inputs(name):
+    """The batch scripts/make_keras2_fixtures.py fed Keras 2, and what Keras 2 computed."""
     stored = np.load(KERAS2_FIXTURES / "expected_outputs.npz")
     if name == "lstm":
         return [stored["lstm_ids"]], stored["lstm_outputs"]
-    expected = stored["gru_outputs"]
-    return [np.random.default_rng(0).random((len(expected), 11, 4), dtype=np.float32)], expected
+    expected = stored[f"{name}_outputs"]
+    shape = {"gru": (11, 4), "wrappers": (7, 5)}[name]
+    return [np.random.default_rng(0).random((len(expected),) + shape, dtype=np.float32)], expected
 
 
 @pytest.mark.parametrize("name", ["lstm", "gru"])
@@ -270,15 +272,21 @@ def test_keras2_recurrent_files_match_keras2(name, tmp_path):
         assert kinds["gru_a"].reset_after is False and kinds["gru_b"].reset_after is True
 
 
-def test_keras2_gru_to_keras3_and_back(tmp_path):
-    inputs, expected = keras2_inputs("gru")
-    common = tmp_path / "gru.safetensors"
-    cli.convert(KERAS2_FIXTURES / "gru.h5", common)
-    rebuilt = tmp_path / "gru.keras"
+@pytest.mark.parametrize("name", ["gru", "wrappers"])
+def test_keras2_files_to_keras3_and_back(name, tmp_path):
+    """The Keras 2 GRUs, and TimeDistributed(Dense) -> Bidirectional(GRU) -> MultiHeadAttention
+    (Keras 2's weight names for wrapped and attention layers), to Keras 3 and back."""
+    inputs, expected = keras2_inputs(name)
+    common = tmp_path / f"{name}.safetensors"
+    cli.convert(KERAS2_FIXTURES / f"{name}.h5", common)
+    difference = max_difference([expected], torch_adapter.predict(torch_adapter.model_from_file(common), inputs))
+    print(f"keras2 {name}: .h5 -> .safetensors -> torch vs Keras 2: {difference:.2e}")
+    assert difference <= LAYER_TOLERANCE
+    rebuilt = tmp_path / f"{name}.keras"
     cli.convert(common, rebuilt)
     reopened = keras.saving.load_model(rebuilt, safe_mode=True)
     difference = max_difference([expected], keras_adapter.predict(reopened, inputs))
-    print(f"keras2 gru: .safetensors -> Keras 3 .keras vs Keras 2: {difference:.2e}")
+    print(f"keras2 {name}: .safetensors -> Keras 3 .keras vs Keras 2: {difference:.2e}")
     assert difference <= LAYER_TOLERANCE
     again = tmp_path / "again.safetensors"
     cli.convert(rebuilt, again)

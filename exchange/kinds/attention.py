@@ -118,6 +118,7 @@ class MultiHeadAttention(LayerKind):
     def from_keras(self, options):
         options.expect("use_gate", False)
         options.expect("sliding_window", None)
+        options.expect("softmax_robust_masking", False)   # tf-keras: another masked softmax
         axes = options.take("attention_axes", None)
         if axes not in SEQUENCE_AXES:
             raise options.unsupported("attention_axes", axes, "attention over the sequence axis (1) only")
