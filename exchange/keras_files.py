@@ -16,18 +16,18 @@ shape is checked before any data is read, and a large model is read one tensor a
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from exchange import layout
-from exchange.errors import ExchangeFileError
+from exchange import layout, untrusted
+from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
 from exchange.tensors import LazyTensor
@@ -83,11 +83,13 @@ class _Hdf5Source:
     def __init__(self, path: Path, start: int = 0, size: int | None = None, member: str = ""):
         self.path, self.start = path, start
         self.label = f"{path}:{member}" if member else str(path)
+        untrusted.regular_file(path)
         self.descriptor = os.open(path, os.O_RDONLY)
         size = os.fstat(self.descriptor).st_size - start if size is None else size
+        self.size = size
         try:
             self.h5 = h5py.File(_FileWindow(self.descriptor, start, size), "r")
-        except OSError:
+        except (OSError, RuntimeError, ValueError):
             os.close(self.descriptor)
             raise ExchangeFileError(f"{self.label}: not an HDF5 file") from None
 
@@ -100,19 +102,33 @@ class _Hdf5Source:
         self.descriptor = None
 
     def lazy(self, dataset_path: str) -> LazyTensor:
-        dataset = self.h5.get(dataset_path)
+        dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label)
         if not isinstance(dataset, h5py.Dataset):
             raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; "
                                     "config and weights do not match")
+        untrusted.check_hdf5_dataset(dataset, self.label, self.size)
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()
-        plain = dataset.chunks is None and dataset.compression is None and offset is not None
-        if not plain or 0 in shape:  # chunked, filtered or empty: let h5py read it now
-            array = dataset[()]
-            return LazyTensor(shape, dtype, lambda: array)
+        if dataset.chunks is not None or 0 in shape:  # chunked, filtered or empty: h5py reads it when used
+            return LazyTensor(shape, dtype, lambda: self._read(dataset))
         path, absolute = self.path, self.start + offset
         return LazyTensor(shape, dtype, lambda: np.memmap(path, dtype=dtype, mode="r",
                                                           offset=absolute, shape=shape))
+
+
+    def _read(self, dataset: h5py.Dataset) -> np.ndarray:
+        with hdf5_errors(self.label):
+            return dataset[()]
+
+
+@contextmanager
+def hdf5_errors(label: str):
+    """What h5py raises for a damaged file (OSError, RuntimeError, KeyError, ValueError, TypeError
+    for a type numpy lacks) as one ExchangeFileError naming the file."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+        raise ExchangeFileError(f"{label}: damaged or unsupported HDF5 content ({first_line(err)})") from None
 
 
 def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int, int]:
@@ -127,7 +143,10 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
         raise ExchangeFileError(f"{path}: damaged zip entry for {name}")
     name_length = int.from_bytes(local_header[26:28], "little")
     extra_length = int.from_bytes(local_header[28:30], "little")
-    return info.header_offset + 30 + name_length + extra_length, info.file_size
+    start = info.header_offset + 30 + name_length + extra_length
+    if start + info.file_size > path.stat().st_size:
+        raise ExchangeFileError(f"{path}: {name} declares {info.file_size:,} bytes the file does not hold")
+    return start, info.file_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,13 +157,15 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored)."""
     if not location.keras3_group:
         return []   # an operation (`x + 3.0`): not a layer, nothing stored
-    group = source.h5.get(f"{location.keras3_group}/vars")
+    group = untrusted.hdf5_get(source.h5, f"{location.keras3_group}/vars", source.label)
     if not isinstance(group, h5py.Group):
         return []
     stored_name = group.attrs.get("name")
-    if stored_name is not None and _text(stored_name) != location.layer_name:
+    if stored_name is not None:
+        stored_name = untrusted.check_path_text(stored_name, source.label, f"{location.keras3_group} name")
+    if stored_name is not None and stored_name != location.layer_name:
         raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
-                                f"{_text(stored_name)!r}, expected {location.layer_name!r}; "
+                                f"{stored_name!r}, expected {location.layer_name!r}; "
                                 "config and weights do not match")
     count = len(group)
     if sorted(group) != [str(index) for index in range(count)]:
@@ -157,15 +178,23 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -
     (`conv_a/kernel:0`; for a nested model `inner/kernel:0`): those whose path ends in
     `<layer name>/<variable>:N` belong to the layer."""
     group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
-    group = source.h5.get(group_path)
+    group = untrusted.hdf5_get(source.h5, group_path, source.label)
     if not isinstance(group, h5py.Group):
         return []
     found = []
-    for weight_name in (_text(name) for name in group.attrs.get("weight_names", [])):
+    for weight_name in _weight_names(group, source.label):
         parts = weight_name.split("/")
         if len(parts) >= 2 and parts[-2] == location.layer_name:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
+
+
+def _weight_names(group: h5py.Group, label: str) -> list[str]:
+    """Keras 2's `weight_names` attribute: a 1-D array of names."""
+    names = group.attrs.get("weight_names", [])
+    if not isinstance(names, (np.ndarray, list)) or np.ndim(names) != 1:
+        raise ExchangeFileError(f"{label}: weight_names of {group.name} is not a list of names")
+    return [untrusted.check_path_text(name, label, f"weight_names of {group.name}") for name in names]
 
 
 def _text(value) -> str:
@@ -197,56 +226,72 @@ class KerasWeights:
 def read_keras_config(path: str | os.PathLike) -> dict:
     """The model config of a `.keras`, a Keras 2 full-model `.h5`, or a JSON file."""
     path = Path(path)
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    size = untrusted.regular_file(path)
     if path.suffix == ".keras":
         with _open_zip(path) as archive:
-            return _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
+            return _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
     if path.suffix == ".h5":
+        source = _Hdf5Source(path)
         try:
-            h5 = h5py.File(path, "r")
-        except OSError:
-            raise ExchangeFileError(f"{path}: not an HDF5 file") from None
-        with h5:
-            if "model_config" not in h5.attrs:
-                raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
-            return _json(h5.attrs["model_config"], str(path))
+            with hdf5_errors(str(path)):
+                if "model_config" not in source.h5.attrs:
+                    raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
+                return _json(_model_config_text(source.h5, str(path)), str(path))
+        finally:
+            source.close()
+    if size > untrusted.MAX_JSON_BYTES:
+        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
+                                "a model config may have")
     return _json(path.read_bytes(), str(path))
+
+
+def _config_member(archive: zipfile.ZipFile, path: Path) -> bytes:
+    return untrusted.read_zip_member(archive, KERAS_CONFIG_MEMBER, str(path), untrusted.MAX_JSON_BYTES)
+
+
+def _model_config_text(h5: h5py.File, label: str) -> str:
+    return untrusted.check_path_text(h5.attrs["model_config"], label, "the model_config attribute")
 
 
 def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None) -> KerasWeights:
     """Open any supported Keras file. `architecture_from` (a .keras, a Keras 2 full .h5, or a
     config JSON) is required for weights-only files and ignored otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    untrusted.regular_file(path)
     if path.suffix == ".keras":
         with _open_zip(path) as archive:
-            config = _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
+            config = _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
             start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
         parsed = describe_model_config(config, str(path))
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
-        return _finish(parsed, source, lambda location: _keras3_variables(source, location))
+        with hdf5_errors(source.label):
+            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
     if path.suffix != ".h5":
         raise ExchangeFileError(f"{path}: not a Keras file (.keras, .weights.h5 or .h5)")
     source = _Hdf5Source(path)
     h5 = source.h5
     try:
-        if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-            parsed = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path),
-                                           keras2=_keras2_version(h5.attrs.get("keras_version")))
-            return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
-        if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
-            parsed = _description_from(architecture_from, path)
-            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
-        if "layer_names" in h5.attrs:                                     # Keras 2 weights only
-            parsed = _description_from(architecture_from, path, keras2=True)
-            return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
-        raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
-                                "layers or layer_names)")
+        with hdf5_errors(str(path)):
+            return _open_h5(path, source, h5, architecture_from)
     except BaseException:
         source.close()
         raise
+
+
+def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from) -> "KerasWeights":
+    """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
+    if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
+        parsed = describe_model_config(_json(_model_config_text(h5, str(path)), str(path)), str(path),
+                                       keras2=_keras2_version(h5.attrs.get("keras_version")))
+        return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
+    if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
+        parsed = _description_from(architecture_from, path)
+        return _finish(parsed, source, lambda location: _keras3_variables(source, location))
+    if "layer_names" in h5.attrs:                                     # Keras 2 weights only
+        parsed = _description_from(architecture_from, path, keras2=True)
+        return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
+    raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
+                            "layers or layer_names)")
 
 
 def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeights:
@@ -275,11 +320,13 @@ def written_by_keras2(path: Path) -> bool:
     `.keras` files are Keras 3's."""
     try:
         if path.suffix == ".h5":
+            untrusted.regular_file(path)
             with h5py.File(path, "r") as h5:
                 return _keras2_version(h5.attrs.get("keras_version"))
         if path.suffix == ".json":
-            return _keras2_version(json.loads(path.read_bytes()).get("keras_version", "2"))
-    except (OSError, ValueError, AttributeError, RecursionError):
+            untrusted.regular_file(path)
+            return _keras2_version(_json(path.read_bytes(), str(path)).get("keras_version", "2"))
+    except (ExchangeFileError, OSError, RuntimeError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
         return False
     return False
 
@@ -291,20 +338,22 @@ def _keras2_version(version) -> bool:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)") from None
     missing = {KERAS_CONFIG_MEMBER, KERAS_WEIGHTS_MEMBER} - set(archive.namelist())
     if missing:
         archive.close()
         raise ExchangeFileError(f"{path}: not a Keras 3 file (missing {', '.join(sorted(missing))})")
+    try:
+        untrusted.check_zip_members(archive, str(path), path.stat().st_size)
+    except ExchangeFileError:
+        archive.close()
+        raise
     return archive
 
 
 def _json(raw, label: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExchangeFileError(f"{label}: model config is not valid JSON ({err})") from None
+    value = untrusted.load_json(raw, label, "model config")
     if not isinstance(value, dict) or "class_name" not in value:
         raise ExchangeFileError(f"{label}: not a Keras model config")
     return value
