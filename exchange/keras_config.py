@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
 from exchange.kinds import KerasOptions, kind_for_keras_class
@@ -29,6 +30,9 @@ OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operati
 OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
+# Options Keras writes as JSON booleans; the kinds read them with bool(), which takes "no" as True.
+FLAG_OPTIONS = ("use_bias", "center", "scale", "keepdims", "invert", "return_sequences", "return_state",
+                "go_backwards", "stateful", "unroll", "reset_after", "time_major")
 
 
 @dataclass(frozen=True)
@@ -185,6 +189,7 @@ class _Parser:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
+        untrusted.check_layer_count(len(self.nodes) + 1)
         operation = _is_operation(layer)
         kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else class_name)
         if kind is None:
@@ -194,6 +199,7 @@ class _Parser:
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
+            _check_flags(config)
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources))
             node_config = kind.from_keras(options)
@@ -207,6 +213,13 @@ class _Parser:
         self.locations[name] = KerasLocation(group, keras2_group, name, container_path)
         self.class_names[name] = class_name
         return [name]
+
+
+def _check_flags(config: dict) -> None:
+    """Refuse a flag option that is not a JSON boolean (`"use_bias": "no"`) before a kind reads it."""
+    for key in FLAG_OPTIONS:
+        if key in config and not isinstance(config[key], bool):
+            raise ExchangeError(f"option {key!r} must be true or false, found {config[key]!r:.40}")
 
 
 def _layer_name(layer: dict) -> str:

@@ -113,9 +113,10 @@ def _json_constant(text: str):
     raise ValueError(f"{text} is not a number this tool accepts")
 
 
-def check_layer_count(count: int, label: str) -> None:
+def check_layer_count(count: int, label: str = "") -> None:
     if count > MAX_LAYERS:
-        raise ExchangeFileError(f"{label}: {count:,} layers, more than the {MAX_LAYERS:,} this tool reads")
+        raise ExchangeFileError(f"{label + ': ' if label else ''}more than the {MAX_LAYERS:,} layers "
+                                "this tool reads")
 
 
 def check_zip_members(archive: zipfile.ZipFile, label: str, file_size: int) -> None:
