@@ -313,7 +313,11 @@ def check_safetensors_header(path: Path) -> None:
         if header_length is None or header_length > min(size - 8, untrusted.MAX_JSON_BYTES):
             raise ExchangeFileError(f"{path}: not a readable safetensors file (the header length "
                                     f"{header_length} does not fit the file's {size:,} bytes)")
-        header = untrusted.load_json(stream.read(header_length), str(path), "safetensors header")
+        try:
+            header = untrusted.load_json(stream.read(header_length), str(path), "the header")
+        except ExchangeFileError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            raise ExchangeFileError(f"{path}: not a readable safetensors file ({reason})") from None
     if not isinstance(header, dict):
         raise ExchangeFileError(f"{path}: not a readable safetensors file (the header is not an object)")
     metadata = header.pop("__metadata__", {})

@@ -221,3 +221,15 @@ def check_hdf5_dataset(dataset: h5py.Dataset, label: str, window_size: int) -> i
         raise ExchangeFileError(f"{label}: dataset {name} declares {nbytes:,} bytes from {stored:,} "
                                 "stored: a sparse or bomb dataset")
     return nbytes
+
+
+def check_torch_archive(path: Path) -> None:
+    """A `.pt` must be the zip archive torch.save writes (since torch 1.6) whose members fit the
+    file: torch's reader allocates each member's declared size before reading it."""
+    size = regular_file(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            check_zip_members(archive, str(path), size)
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        raise ExchangeFileError(f"{path}: not a readable PyTorch weights file (not the zip archive torch.save "
+                                "writes; files of torch before 1.6 are not read)") from None
