@@ -266,7 +266,8 @@ def _is_full_keras2_model(path: Path) -> bool:
 
 def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.ndarray], str]:
     """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
-    fixed random batch in [0, 1) for each input (fewer rows for large inputs)."""
+    fixed random batch in [0, 1) for each input (fewer rows for large inputs). A folder given with
+    `--data` must hold readable MNIST."""
     shapes = [spec.shape for spec in graph.inputs]
     if shapes == [(784,)]:
         from exchange.mnist import DataError, load_folder, local_data_folder
@@ -276,8 +277,9 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
             try:
                 x_test = load_folder(folder).x_test
                 return [x_test], f"{len(x_test):,} MNIST test images"
-            except DataError:
-                pass
+            except DataError as err:
+                if data_dir is not None:   # asked for by --data: a broken folder is an error, not a fallback
+                    raise ExchangeFileError(f"--data: {err}") from None
     if any(size is None for shape in shapes for size in shape):
         raise ExchangeError(f"--verify needs fixed input shapes; the model takes {shapes}")
     largest = max(int(np.prod(shape)) for shape in shapes)
