@@ -38,8 +38,8 @@ KERAS_KINDS = (".keras", ".h5")
 VERIFY_BATCH = 1000           # rows of the fixed random batch for a flat input when MNIST is not used
 VERIFY_ELEMENTS = 4_000_000   # fewer rows for larger inputs: rows * input size stays under this
 DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
-# TensorFlow's C++ start-up logging (oneDNN, CUDA probes, absl) above this level is silenced:
-# 3 keeps only fatal messages, so a one-line error stays one line.
+# TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
+# start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
 TF_LOG_LEVEL = "3"
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
 
@@ -315,6 +315,37 @@ def _raise_interrupted(signal_number: int, frame) -> None:
 
 
 @contextmanager
+def native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while the command runs, and give Python's sys.stderr a
+    copy of the real one: TensorFlow and absl write start-up lines (oneDNN, CPU features, "All log
+    messages before absl::InitializeLog()") from C++ straight to descriptor 2, whatever
+    TF_CPP_MIN_LOG_LEVEL says, and would bury a one-line error. Only when sys.stderr is that
+    descriptor (not under a test's capture)."""
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if not real:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = open(saved, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
+                      errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = python_stderr
+
+
+@contextmanager
 def interruptible():
     """SIGTERM and SIGINT raise `Interrupted` while the block runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
@@ -419,6 +450,11 @@ def main(argv: list[str] | None = None) -> int:
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
 
+    with native_stderr_silenced():
+        return _run(args, activations, check)
+
+
+def _run(args, activations, check) -> int:
     try:
         with interruptible():
             graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None)
