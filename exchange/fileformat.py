@@ -310,9 +310,12 @@ def check_safetensors_header(path: Path) -> None:
     with open(path, "rb") as stream:
         prefix = stream.read(8)
         header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
-        if header_length is None or header_length > min(size - 8, untrusted.MAX_JSON_BYTES):
+        if header_length is None or header_length > size - 8:
             raise ExchangeFileError(f"{path}: not a readable safetensors file (the header length "
                                     f"{header_length} does not fit the file's {size:,} bytes)")
+        if header_length > untrusted.MAX_JSON_BYTES:
+            raise ExchangeFileError(f"{path}: a safetensors header of {header_length:,} bytes, more than "
+                                    f"the {untrusted.MAX_JSON_BYTES:,} this tool reads")
         try:
             header = untrusted.load_json(stream.read(header_length), str(path), "the header")
         except ExchangeFileError as err:

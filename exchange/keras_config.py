@@ -64,8 +64,8 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
         if not isinstance(model_config, dict):
             raise ExchangeFileError(f"{source}: not a Keras model config")
         outputs = parser.model(model_config, (), "layers", None, None)
-    except UnsupportedLayerError:
-        raise
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(f"{source}: {err}") from None
     except ExchangeError as err:
         raise ExchangeFileError(f"{source}: {err}") from None
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:

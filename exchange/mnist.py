@@ -101,8 +101,11 @@ class _ClampedReader(io.RawIOBase):
 
 def _latin1_encode(text, encoding="utf-8", errors="strict"):
     """`_codecs.encode` as array pickles use it, refusing any codec but latin-1."""
-    if not isinstance(encoding, str) or codecs.lookup(encoding).name not in PICKLE_CODECS \
-            or not isinstance(text, str):
+    try:
+        known = isinstance(encoding, str) and codecs.lookup(encoding).name in PICKLE_CODECS
+    except LookupError:
+        known = False
+    if not known or not isinstance(text, str):
         raise DataError(f"refusing the codec {encoding!r:.40}: array pickles use latin-1")
     return codecs.encode(text, encoding, errors)
 

@@ -163,6 +163,10 @@ def check_path_text(value, label: str, what: str) -> str:
         except UnicodeDecodeError:
             raise ExchangeFileError(f"{label}: {what} is not UTF-8 text") from None
     if isinstance(value, str):
+        try:
+            value.encode("utf-8")   # h5py decodes invalid UTF-8 to lone surrogates
+        except UnicodeEncodeError:
+            raise ExchangeFileError(f"{label}: {what} is not UTF-8 text") from None
         return value
     raise ExchangeFileError(f"{label}: {what} is {type(value).__name__}, expected text")
 
