@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -79,28 +80,29 @@ def check_tensors(architecture: Graph, tensors: dict[str, np.ndarray], where: st
 
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
+    """Yield a temporary path for `path`; move it onto `path` only if the block succeeds.
 
-    A failed write leaves no partial file and never clobbers an existing one. The temporary
-    name keeps the final suffix because some writers (Keras) insist on it. The data and then the
-    folder are flushed to disk around the rename, so a crash leaves the old file or the new one.
+    A failed or interrupted write leaves no partial file and never clobbers an existing one. The
+    temporary lives in a private folder beside `path` (`.NAME.XXXX.tmp/NAME`, so writers that
+    insist on the suffix, like Keras, get it), and whatever a writer creates next to it (Keras
+    writes a large model's weights to a temporary file first) lives there too: one entry to
+    remove, and even a SIGKILL leaves only that folder. The data and then the folder holding
+    `path` are flushed to disk around the rename, so a crash leaves the old file or the new one.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise ExchangeFileError(f"{path}: output folder {path.parent} does not exist")
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=f".tmp{path.suffix}")
-    os.close(descriptor)
-    temporary_path = Path(temporary)
+    private = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    temporary_path = private / path.name
     try:
         yield temporary_path
-        # mkstemp creates the file readable by its owner only; give it the usual umask mode.
+        # The folder is readable by its owner only; give the file the usual umask mode.
         os.chmod(temporary_path, 0o666 & ~_current_umask())
         flush_to_disk(temporary_path)
         os.replace(temporary_path, path)
         flush_to_disk(path.parent)
     finally:
-        temporary_path.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
 
 
 def flush_to_disk(path: Path) -> None:

@@ -31,8 +31,10 @@ OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Mul
 FUNCTIONAL_CLASSES = ("Functional", "Model")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
 # Options Keras writes as JSON booleans; the kinds read them with bool(), which takes "no" as True.
-FLAG_OPTIONS = ("use_bias", "center", "scale", "keepdims", "invert", "return_sequences", "return_state",
+# (`scale` is a flag of the normalization layers only: Rescaling's is a number.)
+FLAG_OPTIONS = ("use_bias", "center", "keepdims", "invert", "return_sequences", "return_state",
                 "go_backwards", "stateful", "unroll", "reset_after", "time_major")
+NORMALIZATION_FLAGS = ("scale",)
 
 
 @dataclass(frozen=True)
@@ -199,7 +201,7 @@ class _Parser:
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
-            _check_flags(config)
+            _check_flags(config, FLAG_OPTIONS + (NORMALIZATION_FLAGS if class_name.endswith("Normalization") else ()))
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources))
             node_config = kind.from_keras(options)
@@ -215,9 +217,9 @@ class _Parser:
         return [name]
 
 
-def _check_flags(config: dict) -> None:
+def _check_flags(config: dict, flags: tuple[str, ...]) -> None:
     """Refuse a flag option that is not a JSON boolean (`"use_bias": "no"`) before a kind reads it."""
-    for key in FLAG_OPTIONS:
+    for key in flags:
         if key in config and not isinstance(config[key], bool):
             raise ExchangeError(f"option {key!r} must be true or false, found {config[key]!r:.40}")
 

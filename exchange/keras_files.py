@@ -18,6 +18,8 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
+import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,6 +36,7 @@ from exchange.tensors import LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
+HDF5_PROBE_SECONDS = 60   # reading a real model's metadata takes milliseconds; a damaged file can loop
 
 
 def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
@@ -88,10 +91,17 @@ class _Hdf5Source:
         size = os.fstat(self.descriptor).st_size - start if size is None else size
         self.size = size
         try:
+            _survives_hdf5(self.descriptor, start, size, self.label)
             self.h5 = h5py.File(_FileWindow(self.descriptor, start, size), "r")
         except (OSError, RuntimeError, ValueError):
             os.close(self.descriptor)
             raise ExchangeFileError(f"{self.label}: not an HDF5 file") from None
+        except BaseException:
+            os.close(self.descriptor)
+            raise
+
+    def attribute(self, node, name: str, default=None):
+        return untrusted.hdf5_attribute(node, name, self.label, self.size, default)
 
     def close(self) -> None:
         """Idempotent. The h5py file closes before the descriptor: it may read while closing."""
@@ -119,6 +129,56 @@ class _Hdf5Source:
     def _read(self, dataset: h5py.Dataset) -> np.ndarray:
         with hdf5_errors(self.label):
             return dataset[()]
+
+
+def _survives_hdf5(descriptor: int, start: int, size: int, label: str) -> None:
+    """Walk the file's metadata in a forked child first: the HDF5 library can crash (SIGSEGV) or
+    loop on a damaged file, which no exception handler catches. A child that dies or runs past
+    HDF5_PROBE_SECONDS means the file is refused; the parent then reads only what survived."""
+    if not hasattr(os, "fork"):
+        return
+    child = os.fork()
+    if child == 0:   # the child: touch every attribute and dataset header, then leave at once
+        status = 0
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+            with h5py.File(_FileWindow(descriptor, start, size), "r") as h5:
+                _touch_metadata(h5, size)
+        except BaseException:   # noqa: B036 (the parent reports Python errors itself; only crashes matter)
+            status = 1
+        os._exit(status)
+    deadline = time.monotonic() + HDF5_PROBE_SECONDS
+    while True:
+        finished, status = os.waitpid(child, os.WNOHANG)
+        if finished:
+            break
+        if time.monotonic() > deadline:
+            os.kill(child, signal.SIGKILL)
+            os.waitpid(child, 0)
+            raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
+                                    f"its metadata in {HDF5_PROBE_SECONDS} s)")
+        time.sleep(0.002)
+    if os.WIFSIGNALED(status):
+        raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library crashed reading it: "
+                                f"{signal.Signals(os.WTERMSIG(status)).name})")
+
+
+def _touch_metadata(h5: h5py.File, size: int) -> None:
+    """Read what the readers read: every attribute (of a size the file can hold), and each
+    dataset's type, shape, layout, filters and storage."""
+    def touch(node) -> None:
+        for name in list(node.attrs):
+            try:
+                untrusted.hdf5_attribute(node, name, "", size)
+            except Exception:
+                pass
+        if isinstance(node, h5py.Dataset):
+            plist = node.id.get_create_plist()
+            _ = (node.shape, node.dtype, node.chunks, node.external, node.is_virtual, node.id.get_offset(),
+                 node.id.get_storage_size(), [plist.get_filter(i) for i in range(plist.get_nfilters())])
+
+    touch(h5)
+    h5.visititems(lambda name, node: touch(node))
 
 
 @contextmanager
@@ -160,7 +220,7 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     group = untrusted.hdf5_get(source.h5, f"{location.keras3_group}/vars", source.label)
     if not isinstance(group, h5py.Group):
         return []
-    stored_name = group.attrs.get("name")
+    stored_name = source.attribute(group, "name")
     if stored_name is not None:
         stored_name = untrusted.check_path_text(stored_name, source.label, f"{location.keras3_group} name")
     if stored_name is not None and stored_name != location.layer_name:
@@ -182,19 +242,19 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -
     if not isinstance(group, h5py.Group):
         return []
     found = []
-    for weight_name in _weight_names(group, source.label):
+    for weight_name in _weight_names(source, group):
         parts = weight_name.split("/")
         if len(parts) >= 2 and parts[-2] == location.layer_name:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
 
 
-def _weight_names(group: h5py.Group, label: str) -> list[str]:
+def _weight_names(source: "_Hdf5Source", group: h5py.Group) -> list[str]:
     """Keras 2's `weight_names` attribute: a 1-D array of names."""
-    names = group.attrs.get("weight_names", [])
+    names = source.attribute(group, "weight_names", [])
     if not isinstance(names, (np.ndarray, list)) or np.ndim(names) != 1:
-        raise ExchangeFileError(f"{label}: weight_names of {group.name} is not a list of names")
-    return [untrusted.check_path_text(name, label, f"weight_names of {group.name}") for name in names]
+        raise ExchangeFileError(f"{source.label}: weight_names of {group.name} is not a list of names")
+    return [untrusted.check_path_text(name, source.label, f"weight_names of {group.name}") for name in names]
 
 
 def _text(value) -> str:
@@ -236,7 +296,7 @@ def read_keras_config(path: str | os.PathLike) -> dict:
             with hdf5_errors(str(path)):
                 if "model_config" not in source.h5.attrs:
                     raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
-                return _json(_model_config_text(source.h5, str(path)), str(path))
+                return _json(_model_config_text(source), str(path))
         finally:
             source.close()
     if size > untrusted.MAX_JSON_BYTES:
@@ -249,8 +309,9 @@ def _config_member(archive: zipfile.ZipFile, path: Path) -> bytes:
     return untrusted.read_zip_member(archive, KERAS_CONFIG_MEMBER, str(path), untrusted.MAX_JSON_BYTES)
 
 
-def _model_config_text(h5: h5py.File, label: str) -> str:
-    return untrusted.check_path_text(h5.attrs["model_config"], label, "the model_config attribute")
+def _model_config_text(source: "_Hdf5Source") -> str:
+    return untrusted.check_path_text(source.attribute(source.h5, "model_config"), source.label,
+                                     "the model_config attribute")
 
 
 def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None) -> KerasWeights:
@@ -281,8 +342,8 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
 def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from) -> "KerasWeights":
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
     if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-        parsed = describe_model_config(_json(_model_config_text(h5, str(path)), str(path)), str(path),
-                                       keras2=_keras2_version(h5.attrs.get("keras_version")))
+        parsed = describe_model_config(_json(_model_config_text(source), str(path)), str(path),
+                                       keras2=_keras2_version(source.attribute(h5, "keras_version")))
         return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
     if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
         parsed = _description_from(architecture_from, path)

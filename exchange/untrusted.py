@@ -237,3 +237,14 @@ def check_torch_archive(path: Path) -> None:
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise ExchangeFileError(f"{path}: not a readable PyTorch weights file (not the zip archive torch.save "
                                 "writes; files of torch before 1.6 are not read)") from None
+
+
+def hdf5_attribute(node, name: str, label: str, window_size: int, default=None):
+    """An attribute's value, after checking that its declared size fits the file: h5py allocates
+    the declared shape before reading it."""
+    if name not in node.attrs:
+        return default
+    attribute = node.attrs.get_id(name)
+    if declared_nbytes(attribute.shape or (), attribute.dtype) > window_size:
+        raise ExchangeFileError(f"{label}: attribute {name} of {node.name} declares more bytes than the file holds")
+    return node.attrs[name]

@@ -824,6 +824,7 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
     generator = random.Random(seed)
     convert, prepare = _entry("convert"), _entry("prepare")
     results = {}
+    progress = work.parent / f"{work.name}.progress"   # names the case a native crash happened in
     for index in range(count):
         source = generator.choice(sorted(FUZZ_TARGETS))
         name, extra = FUZZ_TARGETS[source]
@@ -843,6 +844,7 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
             data, kind = mutate(original, generator, _header_end(source, original))
             (case_dir / name).write_bytes(data)
             (case_dir / "out.safetensors").write_bytes(EXISTING)
+            progress.write_text(f"{index} {source} {kind}")
             result = run_one(convert, [str(case_dir / name), str(case_dir / "out.safetensors"), *extra], case_dir)
             label = f"{source} {kind}"
         result["label"] = label
