@@ -23,6 +23,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -346,6 +347,15 @@ def native_stderr_silenced():
 
 
 @contextmanager
+def one_line_errors():
+    """What the entry points run under, so that an error is one line: TensorFlow's native
+    logging off the terminal, and Python warnings (torch's, Keras's) ignored."""
+    with native_stderr_silenced(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextmanager
 def interruptible():
     """SIGTERM and SIGINT raise `Interrupted` while the block runs (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
@@ -450,7 +460,7 @@ def main(argv: list[str] | None = None) -> int:
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
 
-    with native_stderr_silenced():
+    with one_line_errors():
         return _run(args, activations, check)
 
 

@@ -37,6 +37,8 @@ from exchange.tensors import LazyTensor
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
 HDF5_PROBE_SECONDS = 60   # reading a real model's metadata takes milliseconds; a damaged file can loop
+HDF5_PROBE_MEMORY = 256 << 20   # address space the probe may add: a real model's metadata needs a few MiB,
+                                # a damaged global heap can make libhdf5 allocate gigabytes
 
 
 def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
@@ -73,7 +75,9 @@ class _FileWindow(io.RawIOBase):
         return self.position
 
     def readinto(self, buffer) -> int:
-        wanted = max(0, min(len(buffer), self.size - self.position))
+        if self.position >= self.size:   # a damaged file may seek anywhere, even past what pread takes
+            return 0
+        wanted = min(len(buffer), self.size - self.position)
         data = os.pread(self.descriptor, wanted, self.start + self.position)
         buffer[:len(data)] = data
         self.position += len(data)
@@ -132,45 +136,78 @@ class _Hdf5Source:
 
 
 def _survives_hdf5(descriptor: int, start: int, size: int, label: str) -> None:
-    """Walk the file's metadata in a forked child first: the HDF5 library can crash (SIGSEGV) or
-    loop on a damaged file, which no exception handler catches. A child that dies or runs past
-    HDF5_PROBE_SECONDS means the file is refused; the parent then reads only what survived."""
+    """Walk the file's metadata in a forked child first: the HDF5 library can crash (SIGSEGV),
+    loop, or allocate gigabytes on a damaged file, which no exception handler catches or bounds.
+    The child's address space is capped at HDF5_PROBE_MEMORY more than the parent's; a child that
+    fails, dies or runs past HDF5_PROBE_SECONDS means the file is refused, so the parent only reads
+    what the child read safely."""
     if not hasattr(os, "fork"):
         return
+    reader, writer = os.pipe()
     child = os.fork()
     if child == 0:   # the child: touch every attribute and dataset header, then leave at once
-        status = 0
+        os.close(reader)
+        _probe_child(descriptor, start, size, writer)
+    os.close(writer)
+    try:
+        _wait_for_probe(child, label)
+        with os.fdopen(reader, "rb", closefd=False) as stream:
+            failure = stream.read(500).decode("utf-8", "replace")
+    finally:
+        os.close(reader)
+    if failure:
+        raise ExchangeFileError(f"{label}: damaged or unsupported HDF5 content ({failure})")
+
+
+def _probe_child(descriptor: int, start: int, size: int, writer: int) -> None:
+    """Never returns: exit 0 when the metadata reads cleanly, else 1 with the reason on `writer`."""
+    status = 0
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        address_space = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        import resource
+
+        limit = address_space + HDF5_PROBE_MEMORY
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        with h5py.File(_FileWindow(descriptor, start, size), "r") as h5:
+            _touch_metadata(h5, size)
+    except BaseException as err:   # noqa: B036 (reported to the parent, which refuses the file)
+        status = 1
         try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
-            with h5py.File(_FileWindow(descriptor, start, size), "r") as h5:
-                _touch_metadata(h5, size)
-        except BaseException:   # noqa: B036 (the parent reports Python errors itself; only crashes matter)
-            status = 1
-        os._exit(status)
+            os.write(writer, (first_line(err) or type(err).__name__).encode("utf-8", "replace")[:500])
+        except BaseException:   # noqa: B036
+            pass
+    os._exit(status)
+
+
+def _wait_for_probe(child: int, label: str) -> None:
     deadline = time.monotonic() + HDF5_PROBE_SECONDS
-    while True:
-        finished, status = os.waitpid(child, os.WNOHANG)
-        if finished:
-            break
-        if time.monotonic() > deadline:
-            os.kill(child, signal.SIGKILL)
-            os.waitpid(child, 0)
-            raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
-                                    f"its metadata in {HDF5_PROBE_SECONDS} s)")
-        time.sleep(0.002)
+    try:
+        while True:
+            finished, status = os.waitpid(child, os.WNOHANG)
+            if finished:
+                break
+            if time.monotonic() > deadline:
+                raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
+                                        f"its metadata in {HDF5_PROBE_SECONDS} s)")
+            time.sleep(0.002)
+    except BaseException:   # noqa: B036 (a timeout, or an interrupt while waiting: the child goes too)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
     if os.WIFSIGNALED(status):
         raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library crashed reading it: "
                                 f"{signal.Signals(os.WTERMSIG(status)).name})")
 
 
 def _touch_metadata(h5: h5py.File, size: int) -> None:
-    """Read what the readers read: every attribute (of a size the file can hold), and each
-    dataset's type, shape, layout, filters and storage."""
+    """Read what the readers read: every attribute, and each dataset's type, shape, layout,
+    filters and storage. A size check that fails is the parent's to report, not the probe's."""
     def touch(node) -> None:
         for name in list(node.attrs):
             try:
                 untrusted.hdf5_attribute(node, name, "", size)
-            except Exception:
+            except ExchangeFileError:
                 pass
         if isinstance(node, h5py.Dataset):
             plist = node.id.get_create_plist()
@@ -187,7 +224,7 @@ def hdf5_errors(label: str):
     for a type numpy lacks) as one ExchangeFileError naming the file."""
     try:
         yield
-    except (OSError, RuntimeError, KeyError, ValueError, TypeError) as err:
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError) as err:
         raise ExchangeFileError(f"{label}: damaged or unsupported HDF5 content ({first_line(err)})") from None
 
 
@@ -399,7 +436,7 @@ def _keras2_version(version) -> bool:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)") from None
     missing = {KERAS_CONFIG_MEMBER, KERAS_WEIGHTS_MEMBER} - set(archive.namelist())
     if missing:

@@ -297,7 +297,8 @@ def load_npz(path: Path) -> Mnist:
         with np.load(path, allow_pickle=False) as npz:
             x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
             x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError, EOFError, zlib.error, DataError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError, EOFError, zlib.error, DataError,
+            NotImplementedError) as err:
         raise DataError(f"{path}: not a readable Keras mnist.npz ({err})") from None
     return Mnist(x_train, y_train, x_test, y_test)
 

@@ -141,7 +141,7 @@ def read_zip_member(archive: zipfile.ZipFile, name: str, label: str, limit: int)
     try:
         with archive.open(info) as stream:
             data = stream.read(limit + 1)
-    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError) as err:
+    except (zipfile.BadZipFile, zlib.error, OSError, EOFError, ValueError, NotImplementedError) as err:
         raise ExchangeFileError(f"{label}: {name} is damaged ({first_line(err)})") from None
     if len(data) > limit:
         raise ExchangeFileError(f"{label}: {name} holds more than {limit:,} bytes")
@@ -234,7 +234,7 @@ def check_torch_archive(path: Path) -> None:
     try:
         with zipfile.ZipFile(path) as archive:
             check_zip_members(archive, str(path), size)
-    except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         raise ExchangeFileError(f"{path}: not a readable PyTorch weights file (not the zip archive torch.save "
                                 "writes; files of torch before 1.6 are not read)") from None
 

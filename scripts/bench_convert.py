@@ -6,6 +6,7 @@ keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in 
 `--repeats` times (median time, largest peak RSS):
 
     convert.py      python scripts/convert.py model.keras model.safetensors (reads the file directly)
+    no fsync        the same with the output's fsync (data, then folder) skipped: the cost of durability
     by hand         keras.saving.load_model, get_weights(), transpose, safetensors save_file (MLPs)
     plain write     safetensors.numpy.save_file of the same tensors already in memory (the write
                     alone is timed, inside the process; the floor for any converter)
@@ -57,6 +58,14 @@ print(f"write_seconds={time.perf_counter() - started:.4f}")
 """
 
 
+NO_FSYNC = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from exchange import fileformat
+fileformat.flush_to_disk = lambda path: None   # what this route leaves out
+from exchange.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
 MODEL_FROM_FILE = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -168,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                 "file_mb": size_mb,
                 "convert.py": repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path),
                                       str(ours)], args.repeats, ours),
+                "no fsync": repeat([sys.executable, "-c", NO_FSYNC, str(ROOT), str(keras_path), str(ours)],
+                                   args.repeats, ours),
                 "plain write": repeat([sys.executable, "-c", PLAIN_WRITE, str(ours),
                                        str(work_dir / f"{name}.plain.safetensors")], args.repeats,
                                       work_dir / f"{name}.plain.safetensors"),
@@ -191,6 +202,9 @@ def print_table(name: str, figures: dict) -> None:
     print("| route | wall time, whole process (s) | peak RSS (MiB) |")
     print("|---|---|---|")
     print(f"| convert.py | {ours['seconds']:.3f} | {ours['peak_rss_mb']:,.0f} |")
+    no_fsync = figures["no fsync"]
+    print(f"| convert.py without the fsync of data and folder | {no_fsync['seconds']:.3f} | "
+          f"{no_fsync['peak_rss_mb']:,.0f} |")
     if "by hand" in figures:
         by_hand = figures["by hand"]
         print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
@@ -201,6 +215,7 @@ def print_table(name: str, figures: dict) -> None:
         load = figures["model_from_file"]
         print(f"| torch_adapter.model_from_file (whole process, torch import included) | {load['seconds']:.3f} "
               f"(the call alone {load['load_seconds']:.3f}) | {load['peak_rss_mb']:,.0f} |")
+    print(f"fsync costs {ours['seconds'] - no_fsync['seconds']:+.3f} s")
     print(f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
           f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}"
           + (f"; {figures['by hand']['seconds'] / ours['seconds']:.1f}x faster than by hand"

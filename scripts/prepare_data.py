@@ -12,7 +12,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, native_stderr_silenced  # noqa: E402
+from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, one_line_errors  # noqa: E402
 from exchange.errors import ExchangeError  # noqa: E402
 from exchange.mnist import DataError, load_folder, write_pickles  # noqa: E402
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)
     try:
-        with native_stderr_silenced(), interruptible():
+        with one_line_errors(), interruptible():
             if args.source.suffix == ".npz":
                 from exchange.mnist import load_npz
 

@@ -14,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"   # TensorFlow's start-up logging would bury a one-line error
 
-from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, native_stderr_silenced  # noqa: E402
+from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, one_line_errors  # noqa: E402
 from exchange.errors import ExchangeError  # noqa: E402
 from exchange.mnist import DataError, load_mnist  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe  # noqa: E402
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
 
     frameworks = train_job.FRAMEWORKS if args.framework == "both" else (args.framework,)
     try:
-        with native_stderr_silenced(), interruptible():
+        with one_line_errors(), interruptible():
             data = load_mnist(args.data)
             train_job.run(data, args.out_dir, SEED_ARCHITECTURE, Recipe(epochs=args.epochs),
                           frameworks=frameworks, lockstep=not args.no_lockstep)

@@ -345,6 +345,26 @@ def _corrupted_h5(case_dir, base):
     return convert_args(case_dir, path)
 
 
+def _h5_crashing_libhdf5(case_dir, base):
+    """One byte of the seed .h5's model_config attribute message changed (found by the fuzzer):
+    reading the attribute makes libhdf5 crash with SIGSEGV."""
+    data = bytearray((base / "seed_mlp.h5").read_bytes())
+    data[1009] = 238
+    path = case_dir / "model.h5"
+    path.write_bytes(bytes(data))
+    return convert_args(case_dir, path)
+
+
+def _h5_attribute_heap_bomb(case_dir, base):
+    """One byte of the model_config attribute's global-heap reference changed (found by the
+    fuzzer): libhdf5 allocates about 2 GiB for the attribute before finding it damaged."""
+    data = bytearray((base / "seed_mlp.h5").read_bytes())
+    data[1043] = 128
+    path = case_dir / "model.h5"
+    path.write_bytes(bytes(data))
+    return convert_args(case_dir, path)
+
+
 def _truncated_h5(case_dir, base):
     path = case_dir / "model.h5"
     path.write_bytes((base / "seed_mlp.h5").read_bytes()[:6000])
@@ -632,6 +652,9 @@ CASES: dict[str, Case] = {
     "h5 weight_names not a list": Case(_weight_names_wrong_type, "not a list of names", "model.h5"),
     "h5 corrupted": Case(_corrupted_h5, "HDF5", "model.h5"),
     "h5 truncated": Case(_truncated_h5, "HDF5", "model.h5"),
+    "h5 attribute making libhdf5 allocate 2 GiB": Case(_h5_attribute_heap_bomb, "memory allocation failed",
+                                                        "model.h5"),
+    "h5 that crashes libhdf5": Case(_h5_crashing_libhdf5, r"HDF5 library crashed reading it: SIGSEGV", "model.h5"),
     "h5 dataset of strings": Case(_string_dataset, "not numbers", "model.h5"),
     "safetensors float8": Case(_safetensors_float8, "has dtype F8_E4M3", "model.safetensors", output="out.pt"),
     "safetensors offsets beyond the file": Case(_safetensors_offsets_beyond, "do not fit", "model.safetensors",
