@@ -26,11 +26,11 @@ import numpy as np
 from exchange.errors import ExchangeFileError, first_line
 
 # JSON (Keras configs, architectures, safetensors headers).
-MAX_JSON_BYTES = 16 << 20      # the largest keras.applications config (EfficientNetV2L) is about 1.5 MB
+MAX_JSON_BYTES = 16 << 20      # the largest keras.applications config (NASNetLarge) is 1.0 MB
 MAX_JSON_DEPTH = 256           # Keras nests ~4 levels per nested model and models 32 deep; Python recurses at 1000
-MAX_JSON_OBJECTS = 200_000     # ~20 objects per layer: 10,000 layers, ten times keras.applications' largest
+MAX_JSON_OBJECTS = 200_000     # NASNetLarge has 13,083 (1,041 layers): fifteen times that
 MAX_INT_DIGITS = 20            # int64 has 19 digits: no size, index or count a model holds is longer
-MAX_LAYERS = 20_000            # twenty times the largest keras.applications model (about 1,000 layers)
+MAX_LAYERS = 20_000            # twenty times the largest keras.applications models (NASNetLarge: 1,041)
 
 # Compressed data (zip members, gzip, HDF5 filters).
 MAX_COMPRESSION_RATIO = 32     # weights deflate about 1.1x and configs 5-15x; beyond 32x only padding or a bomb
