@@ -94,6 +94,7 @@ class _Hdf5Source:
         self.descriptor = os.open(path, os.O_RDONLY)
         size = os.fstat(self.descriptor).st_size - start if size is None else size
         self.size = size
+        self.groups: dict = {}   # groups whose path was checked for links
         try:
             _survives_hdf5(self.descriptor, start, size, self.label)
             self.h5 = h5py.File(_FileWindow(self.descriptor, start, size), "r")
@@ -116,7 +117,7 @@ class _Hdf5Source:
         self.descriptor = None
 
     def lazy(self, dataset_path: str) -> LazyTensor:
-        dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label)
+        dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label, self.groups)
         if not isinstance(dataset, h5py.Dataset):
             raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; "
                                     "config and weights do not match")
@@ -254,7 +255,7 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored)."""
     if not location.keras3_group:
         return []   # an operation (`x + 3.0`): not a layer, nothing stored
-    group = untrusted.hdf5_get(source.h5, f"{location.keras3_group}/vars", source.label)
+    group = untrusted.hdf5_get(source.h5, f"{location.keras3_group}/vars", source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
     stored_name = source.attribute(group, "name")
@@ -275,7 +276,7 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -
     (`conv_a/kernel:0`; for a nested model `inner/kernel:0`): those whose path ends in
     `<layer name>/<variable>:N` belong to the layer."""
     group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
-    group = untrusted.hdf5_get(source.h5, group_path, source.label)
+    group = untrusted.hdf5_get(source.h5, group_path, source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
     found = []

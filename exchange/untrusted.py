@@ -175,11 +175,17 @@ def file_label(path: Path, member: str = "") -> str:
     return f"{path}:{member}" if member else str(path)
 
 
-def hdf5_get(h5: h5py.Group, path: str, label: str):
+def hdf5_get(h5: h5py.Group, path: str, label: str, checked: dict | None = None):
     """`h5.get(path)`, following hard links only: a soft or external link could lead out of the
-    file (h5py opens the file an external link names), and Keras writes neither."""
-    node = h5
+    file (h5py opens the file an external link names), and Keras writes neither. `checked` keeps
+    the groups already resolved (a model's 300 datasets share a few dozen groups)."""
+    checked = {} if checked is None else checked
+    node, walked = h5, ""
     for part in (part for part in path.split("/") if part):
+        walked = f"{walked}/{part}"
+        if walked in checked:
+            node = checked[walked]
+            continue
         if not isinstance(node, h5py.Group):
             return None
         link = node.get(part, getlink=True)
@@ -190,6 +196,8 @@ def hdf5_get(h5: h5py.Group, path: str, label: str):
             raise ExchangeFileError(f"{label}: {path} is a {type(link).__name__} "
                                     f"to {target + ':' if target else ''}{link.path}; links are refused")
         node = node.get(part)
+        if isinstance(node, h5py.Group):
+            checked[walked] = node
     return node
 
 

@@ -25,9 +25,9 @@ import hostile
 from conftest import ROOT, random_file_tensors
 
 # Peak RSS a case may add to the child process, which has already imported numpy, h5py, torch
-# and the exchange (about 330 MiB). The worst case measures about 90 MiB (a 3.5 MB architecture
-# of 25,000 layers parsed before its layer count is refused); the naive readers took from 177 MiB
-# (a 20 MB header) to several GiB.
+# and the exchange (about 240 MiB). The worst case measures about 91 MiB (a 3.5 MB architecture
+# of 25,000 layers parsed before its layer count is refused), every other under 1 MiB; the naive
+# readers took from 177 MiB (a 20 MB header) to several GiB.
 MEMORY_BOUND_MIB = 128
 FUZZ_SEED = 20260611
 FUZZ_DEFAULT_CASES = 300      # about 10 s in the default run
