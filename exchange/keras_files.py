@@ -170,7 +170,11 @@ def _probe_child(descriptor: int, start: int, size: int, writer: int) -> None:
 
         limit = address_space + HDF5_PROBE_MEMORY
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
-        with h5py.File(_FileWindow(descriptor, start, size), "r") as h5:
+        try:
+            h5 = h5py.File(_FileWindow(descriptor, start, size), "r")
+        except (OSError, RuntimeError, ValueError):
+            os._exit(0)   # not HDF5 at all: the parent's own open says so
+        with h5:
             _touch_metadata(h5, size)
     except BaseException as err:   # noqa: B036 (reported to the parent, which refuses the file)
         status = 1
