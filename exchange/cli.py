@@ -303,6 +303,15 @@ class VerificationFailed(ExchangeError):
     """`--verify` found outputs that differ beyond the tolerance (exit 1, nothing replaced)."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit 2, like every other bad input
+    (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 class Interrupted(BaseException):
     """SIGTERM or SIGINT arrived: unwinds like KeyboardInterrupt, so every temporary is removed."""
 
@@ -425,7 +434,7 @@ def _framework_module(module: str, purpose: str, extra: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
                                      epilog="input kinds: .keras, .h5, .safetensors, .pt; "
                                             "output kinds: .keras, .safetensors, .pt, .py (PyTorch source "
                                             "code, with its weights in a .safetensors beside it)")

@@ -6,19 +6,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, one_line_errors  # noqa: E402
+from exchange.cli import (INTERRUPT_EXIT_CODES, Interrupted, OneLineArgumentParser, interruptible,  # noqa: E402
+                          one_line_errors)
 from exchange.errors import ExchangeError  # noqa: E402
 from exchange.mnist import DataError, load_folder, write_pickles  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("source", type=Path, help="folder of IDX files (.gz or not), or a mnist.npz")
     parser.add_argument("out_dir", type=Path)
     args = parser.parse_args(argv)

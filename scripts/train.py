@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -14,14 +13,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"   # TensorFlow's start-up logging would bury a one-line error
 
-from exchange.cli import INTERRUPT_EXIT_CODES, Interrupted, interruptible, one_line_errors  # noqa: E402
+from exchange.cli import (INTERRUPT_EXIT_CODES, Interrupted, OneLineArgumentParser, interruptible,  # noqa: E402
+                          one_line_errors)
 from exchange.errors import ExchangeError  # noqa: E402
 from exchange.mnist import DataError, load_mnist  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="folder of the seed's pickles, IDX files or mnist.npz "
                         "(default: $MNIST_DIR, then ./data/, then Keras's download)")
     parser.add_argument("--epochs", type=int, default=Recipe.epochs, help="default: %(default)s")

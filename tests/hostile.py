@@ -605,6 +605,13 @@ def _npz_absurd_shape(path):
             archive.writestr(f"{name}.npy", header.getvalue() + bytes(64))
 
 
+def _deep_metadata_architecture(case_dir, base):
+    metadata = {**seed_metadata(), "architecture": "[" * 100_000 + "]" * 100_000}
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes({}, metadata, b""))
+    return convert_args(case_dir, path, output="out.pt")
+
+
 def _verify_with_bad_labels(case_dir, base):
     folder = mnist_copy(case_dir, base)
     (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(MNIST_ROWS, 200, np.uint8)))
@@ -682,6 +689,13 @@ CASES: dict[str, Case] = {
     "--verify MNIST labels out of range": Case(_verify_with_bad_labels, "labels must be integers", "mnist"),
     "--tolerance nan": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "nan"),
                             "--tolerance must be a finite non-negative number", "tolerance"),
+    "--tolerance abc": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--tolerance", "abc"),
+                            "invalid float value: 'abc'", "tolerance"),
+    "train --epochs 0": Case(lambda d, b: train_args(d, b / "mnist")[:2] + ["--epochs", "0", "--out-dir",
+                                                                           str(d / "run")],
+                             "--epochs must be at least 1", "epochs", entry="train", output="run"),
+    "safetensors deeply nested architecture": Case(_deep_metadata_architecture, "architecture nests 100000 levels",
+                                                   "model.safetensors", output="out.pt"),
     "--tolerance -1": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "-1"),
                            "--tolerance must be a finite non-negative number", "tolerance"),
     # Invalid input accepted.
