@@ -300,11 +300,12 @@ def _string_dataset(case_dir, base):
 
 
 def _set_attribute(name, value, where="/", **create):
+    """An edit that replaces attribute `name` of the object at `where`."""
     def edit(h5):
-        del_target = h5[where]
-        if name in del_target.attrs:
-            del del_target.attrs[name]
-        del_target.attrs.create(name, value, **create)
+        target = h5[where]
+        if name in target.attrs:
+            del target.attrs[name]
+        target.attrs.create(name, value, **create)
     return edit
 
 
@@ -325,16 +326,6 @@ def _model_config_wrong_type(case_dir, base):
 def _weight_names_wrong_type(case_dir, base):
     return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
         "weight_names", 5, where="model_weights/dense_1")))
-
-
-def _edited_model_config(text_edit):
-    def build(case_dir, base):
-        def edit(h5):
-            text = h5.attrs["model_config"]
-            text = text.decode() if isinstance(text, bytes) else text
-            h5.attrs["model_config"] = text_edit(text)
-        return convert_args(case_dir, keras2_with(case_dir, base, edit))
-    return build
 
 
 def _corrupted_h5(case_dir, base):
