@@ -27,7 +27,7 @@ from exchange.errors import ExchangeFileError, first_line
 
 # JSON (Keras configs, architectures, safetensors headers).
 MAX_JSON_BYTES = 16 << 20      # the largest keras.applications config (NASNetLarge) is 1.0 MB
-MAX_JSON_DEPTH = 256           # Keras nests ~4 levels per nested model and models 32 deep; Python recurses at 1000
+MAX_JSON_DEPTH = 256           # ResNet50's config nests 11 levels, a nested model a few more; Python recurses at 1000
 MAX_JSON_OBJECTS = 200_000     # NASNetLarge has 13,083 (1,041 layers): fifteen times that
 MAX_INT_DIGITS = 20            # int64 has 19 digits: no size, index or count a model holds is longer
 MAX_LAYERS = 20_000            # twenty times the largest keras.applications models (NASNetLarge: 1,041)
