@@ -11,22 +11,25 @@ input kind can be written as any output kind. Weights-only files carry no archit
 with `--arch` (a .keras, a Keras 2 .h5, a Keras config or exchange architecture .json, or an
 exchange .safetensors), or for a `.pt`, `--activations tanh,tanh,softmax` (sizes from the tensors).
 
-Exit codes: 0 done, 1 `--verify` found outputs that differ beyond `--tolerance`, 2 bad input.
+Exit codes: 0 done, 1 `--verify` found outputs that differ beyond `--tolerance`, 2 bad input,
+130 interrupted (Ctrl-C), 143 terminated (SIGTERM). A failed or interrupted run writes nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
+import signal
 import sys
-from contextlib import ExitStack
+import threading
+import warnings
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_files, reference
+from exchange import fileformat, keras_files, reference, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 
@@ -36,6 +39,10 @@ KERAS_KINDS = (".keras", ".h5")
 VERIFY_BATCH = 1000           # rows of the fixed random batch for a flat input when MNIST is not used
 VERIFY_ELEMENTS = 4_000_000   # fewer rows for larger inputs: rows * input size stays under this
 DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
+# TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
+# start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
+TF_LOG_LEVEL = "3"
+INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
 
 
 def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
@@ -51,8 +58,7 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
     graph) gives the architecture of a weights-only input."""
     kind = file_kind(path, INPUT_KINDS)
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    untrusted.regular_file(path)
     if kind == ".safetensors":
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
@@ -60,6 +66,7 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
         keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None))
         return keras_weights.architecture, keras_weights.tensors, "keras"
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
+    untrusted.check_torch_archive(path)
     tensors = fileformat.upgrade_v1_keys(torch_adapter.load_state_dict_file(path))
     if isinstance(arch, Graph):
         graph = arch
@@ -94,18 +101,17 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
 def load_architecture(path: Path) -> Graph:
     """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
     exchange architecture (version 2 or 1) or a Keras model config."""
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    size = untrusted.regular_file(path)
     if path.suffix == ".safetensors":
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if path.suffix in KERAS_KINDS:
         return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path),
                                                  keras2=keras_files.written_by_keras2(path)).graph
-    try:
-        text = path.read_text()
-        description = json.loads(text)
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, ValueError) as err:
-        raise ExchangeFileError(f"{path}: not a JSON architecture ({type(err).__name__})") from None
+    if size > untrusted.MAX_JSON_BYTES:
+        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
+                                "an architecture may have")
+    text = path.read_bytes()
+    description = untrusted.load_json(text, str(path), "architecture")
     if isinstance(description, dict) and "class_name" in description:
         return keras_files.describe_model_config(description, str(path),
                                                  keras2=keras_files.written_by_keras2(path)).graph
@@ -113,7 +119,8 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
         if "input_dim" in description:
-            return fileformat.upgrade_v1_architecture(text)
+            return fileformat.upgrade_v1_architecture(text.decode("utf-8", "replace"))
+        untrusted.check_layer_count(len(description.get("nodes") or ()))
         return Graph.from_dict(description)
     except ExchangeError as err:
         raise ExchangeFileError(f"{path}: {err}") from None
@@ -254,13 +261,14 @@ def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, i
 def _is_full_keras2_model(path: Path) -> bool:
     import h5py
 
-    with h5py.File(path, "r") as h5:
+    with keras_files.hdf5_errors(str(path)), h5py.File(path, "r") as h5:
         return "model_config" in h5.attrs
 
 
 def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.ndarray], str]:
     """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
-    fixed random batch in [0, 1) for each input (fewer rows for large inputs)."""
+    fixed random batch in [0, 1) for each input (fewer rows for large inputs). A folder given with
+    `--data` must hold readable MNIST."""
     shapes = [spec.shape for spec in graph.inputs]
     if shapes == [(784,)]:
         from exchange.mnist import DataError, load_folder, local_data_folder
@@ -270,8 +278,9 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
             try:
                 x_test = load_folder(folder).x_test
                 return [x_test], f"{len(x_test):,} MNIST test images"
-            except DataError:
-                pass
+            except DataError as err:
+                if data_dir is not None:   # asked for by --data: a broken folder is an error, not a fallback
+                    raise ExchangeFileError(f"--data: {err}") from None
     if any(size is None for shape in shapes for size in shape):
         raise ExchangeError(f"--verify needs fixed input shapes; the model takes {shapes}")
     largest = max(int(np.prod(shape)) for shape in shapes)
@@ -294,6 +303,81 @@ class VerificationFailed(ExchangeError):
     """`--verify` found outputs that differ beyond the tolerance (exit 1, nothing replaced)."""
 
 
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr and exit 2, like every other bad input
+    (argparse prints the whole usage first)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+class Interrupted(BaseException):
+    """SIGTERM or SIGINT arrived: unwinds like KeyboardInterrupt, so every temporary is removed."""
+
+    def __init__(self, signal_number: int):
+        super().__init__(signal.Signals(signal_number).name)
+        self.signal_number = signal_number
+
+
+def _raise_interrupted(signal_number: int, frame) -> None:
+    raise Interrupted(signal_number)
+
+
+@contextmanager
+def native_stderr_silenced():
+    """Point file descriptor 2 at /dev/null while the command runs, and give Python's sys.stderr a
+    copy of the real one: TensorFlow and absl write start-up lines (oneDNN, CPU features, "All log
+    messages before absl::InitializeLog()") from C++ straight to descriptor 2, whatever
+    TF_CPP_MIN_LOG_LEVEL says, and would bury a one-line error. Only when sys.stderr is that
+    descriptor (not under a test's capture)."""
+    try:
+        real = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        real = False
+    if not real:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    python_stderr = sys.stderr
+    sys.stderr = open(saved, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
+                      errors="backslashreplace")
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    os.close(devnull)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = python_stderr
+
+
+@contextmanager
+def one_line_errors():
+    """What the entry points run under, so that an error is one line: TensorFlow's native
+    logging off the terminal, and Python warnings (torch's, Keras's) ignored."""
+    with native_stderr_silenced(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@contextmanager
+def interruptible():
+    """SIGTERM and SIGINT raise `Interrupted` while the block runs (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {number: signal.signal(number, _raise_interrupted) for number in INTERRUPT_EXIT_CODES}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             arch_path: Path | None = None, check=None) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
@@ -311,7 +395,8 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_output(weights_path) as temporary:
-            write_weights(temporary, graph, tensors, source)
+            with _writing(weights_path):
+                write_weights(temporary, graph, tensors, source)
             check_written(temporary, graph)
             if out_path.suffix == ".py":
                 codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")
@@ -322,6 +407,17 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             elif check is not None:
                 check(graph, temporary, None)
     return graph
+
+
+@contextmanager
+def _writing(path: Path):
+    """A writer's failure (a full disk: OSError from numpy or Keras, RuntimeError from torch.save)
+    as one error naming the output, not its temporary."""
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
+        raise ExchangeFileError(f"{path}: could not write ({reason})") from None
 
 
 def code_weights_path(code_path: Path) -> Path:
@@ -338,7 +434,7 @@ def _framework_module(module: str, purpose: str, extra: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
                                      epilog="input kinds: .keras, .h5, .safetensors, .pt; "
                                             "output kinds: .keras, .safetensors, .pt, .py (PyTorch source "
                                             "code, with its weights in a .safetensors beside it)")
@@ -353,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="--verify fails above this max abs difference (default: %(default)g)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
     if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
         print(f"error: --tolerance must be a finite non-negative number, got {args.tolerance}", file=sys.stderr)
@@ -373,10 +469,21 @@ def main(argv: list[str] | None = None) -> int:
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
 
+    with one_line_errors():
+        return _run(args, activations, check)
+
+
+def _run(args, activations, check) -> int:
     try:
-        graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None)
+        with interruptible():
+            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None)
         print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, "
               f"{graph.parameter_count():,} parameters")
+    except (Interrupted, KeyboardInterrupt) as err:
+        number = err.signal_number if isinstance(err, Interrupted) else signal.SIGINT
+        print(f"error: interrupted by {signal.Signals(number).name}; {args.output} was not written",
+              file=sys.stderr)
+        return INTERRUPT_EXIT_CODES[number]
     except VerificationFailed as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

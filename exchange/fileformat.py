@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import struct
 import tempfile
 from contextlib import contextmanager
@@ -32,6 +33,7 @@ from typing import Iterator
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
+from exchange import untrusted
 from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
                              TensorMismatchError, first_line)
 from exchange.graph import Graph, dense_chain
@@ -78,25 +80,38 @@ def check_tensors(architecture: Graph, tensors: dict[str, np.ndarray], where: st
 
 @contextmanager
 def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; move it onto `path` only if the block succeeds.
+    """Yield a temporary path for `path`; move it onto `path` only if the block succeeds.
 
-    A failed write leaves no partial file and never clobbers an existing one. The temporary
-    name keeps the final suffix because some writers (Keras) insist on it.
+    A failed or interrupted write leaves no partial file and never clobbers an existing one. The
+    temporary lives in a private folder beside `path` (`.NAME.XXXX.tmp/NAME`, so writers that
+    insist on the suffix, like Keras, get it), and whatever a writer creates next to it (Keras
+    writes a large model's weights to a temporary file first) lives there too: one entry to
+    remove, and even a SIGKILL leaves only that folder. The data and then the folder holding
+    `path` are flushed to disk around the rename, so a crash leaves the old file or the new one.
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise ExchangeFileError(f"{path}: output folder {path.parent} does not exist")
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                             suffix=f".tmp{path.suffix}")
-    os.close(descriptor)
-    temporary_path = Path(temporary)
+    private = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    temporary_path = private / path.name
     try:
         yield temporary_path
-        # mkstemp creates the file readable by its owner only; give it the usual umask mode.
+        # The folder is readable by its owner only; give the file the usual umask mode.
         os.chmod(temporary_path, 0o666 & ~_current_umask())
+        flush_to_disk(temporary_path)
         os.replace(temporary_path, path)
+        flush_to_disk(path.parent)
     finally:
-        temporary_path.unlink(missing_ok=True)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def flush_to_disk(path: Path) -> None:
+    """fsync a file's data, or a folder's entries (so that a rename in it survives a crash)."""
+    descriptor = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0))
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
 
 
 def _current_umask() -> int:
@@ -180,7 +195,7 @@ def check_header(path: str | os.PathLike, architecture: Graph) -> None:
     """Check a written file from its header alone (no tensor data is read): its architecture,
     and every tensor's key, dtype and shape."""
     path = Path(path)
-    _check_readable(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = dict(reader.metadata() or {})
@@ -199,7 +214,7 @@ def check_header(path: str | os.PathLike, architecture: Graph) -> None:
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     """The file's metadata, reading only its header."""
     path = Path(path)
-    _check_readable(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="numpy") as reader:
             return dict(reader.metadata() or {})
@@ -210,7 +225,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
 def load(path: str | os.PathLike) -> ExchangeFile:
     """Read and validate a common file: its metadata, architecture and every tensor's shape."""
     path = Path(path)
-    _check_readable(path)
+    check_safetensors_header(path)
     try:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = dict(reader.metadata() or {})
@@ -244,10 +259,14 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
     if version not in READABLE_VERSIONS:
         raise ExchangeFileError(f"{path}: exchange_version {version!r} is not supported "
                                 f"(this tool reads versions {', '.join(READABLE_VERSIONS)})")
+    description = untrusted.load_json(metadata["architecture"], str(path), "architecture")
     try:
         if version == "1":
             return upgrade_v1_architecture(metadata["architecture"])
-        return Graph.from_json(metadata["architecture"])
+        if not isinstance(description, dict):
+            raise ExchangeError("architecture JSON must be an object")
+        untrusted.check_layer_count(len(description.get("nodes") or ()))
+        return Graph.from_dict(description)
     except ExchangeError as err:
         raise ExchangeFileError(f"{path}: {err}") from None
 
@@ -285,8 +304,45 @@ def upgrade_v1_keys(tensors: dict) -> dict:
     return renamed
 
 
-def _check_readable(path: Path) -> None:
-    if not path.exists():
-        raise ExchangeFileError(f"{path}: no such file")
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: not a regular file")
+def check_safetensors_header(path: Path) -> None:
+    """Check the header against the file before the safetensors library reads it: its length,
+    its JSON (within the caps), and every tensor's dtype, shape and byte range, so no declared
+    size is ever allocated that the file does not hold."""
+    size = untrusted.regular_file(path)
+    with open(path, "rb") as stream:
+        prefix = stream.read(8)
+        header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
+        if header_length is None or header_length > size - 8:
+            raise ExchangeFileError(f"{path}: not a readable safetensors file (the header length "
+                                    f"{header_length} does not fit the file's {size:,} bytes)")
+        if header_length > untrusted.MAX_JSON_BYTES:
+            raise ExchangeFileError(f"{path}: a safetensors header of {header_length:,} bytes, more than "
+                                    f"the {untrusted.MAX_JSON_BYTES:,} this tool reads")
+        try:
+            header = untrusted.load_json(stream.read(header_length), str(path), "the header")
+        except ExchangeFileError as err:
+            reason = str(err).removeprefix(f"{path}: ")
+            raise ExchangeFileError(f"{path}: not a readable safetensors file ({reason})") from None
+    if not isinstance(header, dict):
+        raise ExchangeFileError(f"{path}: not a readable safetensors file (the header is not an object)")
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(value, str) for value in metadata.values()):
+        raise ExchangeFileError(f"{path}: not a readable safetensors file (metadata must map text to text)")
+    data_size = size - 8 - header_length
+    for key, entry in header.items():
+        _check_header_entry(path, key, entry, data_size)
+
+
+def _check_header_entry(path: Path, key: str, entry, data_size: int) -> None:
+    if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
+        found = entry.get("dtype") if isinstance(entry, dict) else entry
+        raise ExchangeFileError(f"{path}: tensor {key} has dtype {str(found)[:40]}; the exchange file "
+                                f"stores {', '.join(SAFETENSORS_DTYPES)}")
+    shape, offsets = entry.get("shape"), entry.get("data_offsets")
+    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
+            and isinstance(offsets, list) and len(offsets) == 2
+            and all(type(offset) is int for offset in offsets)
+            and 0 <= offsets[0] <= offsets[1] <= data_size
+            and offsets[1] - offsets[0] == untrusted.declared_nbytes(shape, SAFETENSORS_DTYPES[entry["dtype"]])):
+        raise ExchangeFileError(f"{path}: not a readable safetensors file (tensor {key}: shape {str(shape)[:60]} "
+                                f"and byte range {str(offsets)[:60]} do not fit its {data_size:,} bytes of data)")

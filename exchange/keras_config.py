@@ -19,6 +19,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
 from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of
@@ -35,6 +36,12 @@ FUNCTIONAL_CLASSES = ("Functional", "Model")
 MASK_KEYWORD = "mask"
 MASK_SOURCE_OPERATION = "NotEqual"   # `ids != constant`: the constant must be 0 (Embedding's mask_zero)
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
+# Options Keras writes as JSON booleans; the kinds read them with bool(), which takes "no" as True.
+# (`scale` is a flag of the normalization layers only: Rescaling's is a number.)
+FLAG_OPTIONS = ("use_bias", "center", "keepdims", "invert", "return_sequences", "return_state",
+                "go_backwards", "stateful", "unroll", "reset_after", "time_major", "mask_zero",
+                "zero_output_for_mask")
+NORMALIZATION_FLAGS = ("scale",)
 
 
 @dataclass(frozen=True)
@@ -67,8 +74,8 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
         if not isinstance(model_config, dict):
             raise ExchangeFileError(f"{source}: not a Keras model config")
         outputs = parser.model(model_config, (), "layers", None, None)
-    except UnsupportedLayerError:
-        raise
+    except UnsupportedLayerError as err:
+        raise UnsupportedLayerError(f"{source}: {err}") from None
     except ExchangeError as err:
         raise ExchangeFileError(f"{source}: {err}") from None
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
@@ -233,6 +240,7 @@ class _Parser:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
+        untrusted.check_layer_count(len(self.nodes) + 1)
         operation = _is_operation(layer)
         kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else class_name)
         if kind is None:
@@ -242,6 +250,7 @@ class _Parser:
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
+            _check_flags(config, FLAG_OPTIONS + (NORMALIZATION_FLAGS if class_name.endswith("Normalization") else ()))
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
                                    call_kwargs=call_kwargs)
@@ -267,6 +276,13 @@ class _Parser:
             self.locations[output_name] = KerasLocation("", keras2_group, output_name, container_path)
             self.class_names[output_name] = f"output {index} of {name}"
         return names
+
+
+def _check_flags(config: dict, flags: tuple[str, ...]) -> None:
+    """Refuse a flag option that is not a JSON boolean (`"use_bias": "no"`) before a kind reads it."""
+    for key in flags:
+        if key in config and not isinstance(config[key], bool):
+            raise ExchangeError(f"option {key!r} must be true or false, found {config[key]!r:.40}")
 
 
 def _layer_name(layer: dict) -> str:

@@ -16,24 +16,29 @@ shape is checked before any data is read, and a large model is read one tensor a
 from __future__ import annotations
 
 import io
-import json
 import os
 import re
+import signal
+import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from exchange import layout
-from exchange.errors import ExchangeFileError
+from exchange import layout, untrusted
+from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
 from exchange.tensors import LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
+HDF5_PROBE_SECONDS = 60   # reading a real model's metadata takes milliseconds; a damaged file can loop
+HDF5_PROBE_MEMORY = 256 << 20   # address space the probe may add: a real model's metadata needs a few MiB,
+                                # a damaged global heap can make libhdf5 allocate gigabytes
 
 
 def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
@@ -70,7 +75,9 @@ class _FileWindow(io.RawIOBase):
         return self.position
 
     def readinto(self, buffer) -> int:
-        wanted = max(0, min(len(buffer), self.size - self.position))
+        if self.position >= self.size:   # a damaged file may seek anywhere, even past what pread takes
+            return 0
+        wanted = min(len(buffer), self.size - self.position)
         data = os.pread(self.descriptor, wanted, self.start + self.position)
         buffer[:len(data)] = data
         self.position += len(data)
@@ -83,13 +90,23 @@ class _Hdf5Source:
     def __init__(self, path: Path, start: int = 0, size: int | None = None, member: str = ""):
         self.path, self.start = path, start
         self.label = f"{path}:{member}" if member else str(path)
+        untrusted.regular_file(path)
         self.descriptor = os.open(path, os.O_RDONLY)
         size = os.fstat(self.descriptor).st_size - start if size is None else size
+        self.size = size
+        self.groups: dict = {}   # groups whose path was checked for links
         try:
+            _survives_hdf5(self.descriptor, start, size, self.label)
             self.h5 = h5py.File(_FileWindow(self.descriptor, start, size), "r")
-        except OSError:
+        except (OSError, RuntimeError, ValueError):
             os.close(self.descriptor)
             raise ExchangeFileError(f"{self.label}: not an HDF5 file") from None
+        except BaseException:
+            os.close(self.descriptor)
+            raise
+
+    def attribute(self, node, name: str, default=None):
+        return untrusted.hdf5_attribute(node, name, self.label, self.size, default)
 
     def close(self) -> None:
         """Idempotent. The h5py file closes before the descriptor: it may read while closing."""
@@ -100,19 +117,120 @@ class _Hdf5Source:
         self.descriptor = None
 
     def lazy(self, dataset_path: str) -> LazyTensor:
-        dataset = self.h5.get(dataset_path)
+        dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label, self.groups)
         if not isinstance(dataset, h5py.Dataset):
             raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; "
                                     "config and weights do not match")
+        untrusted.check_hdf5_dataset(dataset, self.label, self.size)
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()
-        plain = dataset.chunks is None and dataset.compression is None and offset is not None
-        if not plain or 0 in shape:  # chunked, filtered or empty: let h5py read it now
-            array = dataset[()]
-            return LazyTensor(shape, dtype, lambda: array)
+        if dataset.chunks is not None or 0 in shape:  # chunked, filtered or empty: h5py reads it when used
+            return LazyTensor(shape, dtype, lambda: self._read(dataset))
         path, absolute = self.path, self.start + offset
         return LazyTensor(shape, dtype, lambda: np.memmap(path, dtype=dtype, mode="r",
                                                           offset=absolute, shape=shape))
+
+
+    def _read(self, dataset: h5py.Dataset) -> np.ndarray:
+        with hdf5_errors(self.label):
+            return dataset[()]
+
+
+def _survives_hdf5(descriptor: int, start: int, size: int, label: str) -> None:
+    """Walk the file's metadata in a forked child first: the HDF5 library can crash (SIGSEGV),
+    loop, or allocate gigabytes on a damaged file, which no exception handler catches or bounds.
+    The child's address space is capped at HDF5_PROBE_MEMORY more than the parent's; a child that
+    fails, dies or runs past HDF5_PROBE_SECONDS means the file is refused, so the parent only reads
+    what the child read safely."""
+    if not hasattr(os, "fork"):
+        return
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:   # the child: touch every attribute and dataset header, then leave at once
+        os.close(reader)
+        _probe_child(descriptor, start, size, writer)
+    os.close(writer)
+    try:
+        _wait_for_probe(child, label)
+        with os.fdopen(reader, "rb", closefd=False) as stream:
+            failure = stream.read(500).decode("utf-8", "replace")
+    finally:
+        os.close(reader)
+    if failure:
+        raise ExchangeFileError(f"{label}: damaged or unsupported HDF5 content ({failure})")
+
+
+def _probe_child(descriptor: int, start: int, size: int, writer: int) -> None:
+    """Never returns: exit 0 when the metadata reads cleanly, else 1 with the reason on `writer`."""
+    status = 0
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
+        address_space = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+        import resource
+
+        limit = address_space + HDF5_PROBE_MEMORY
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        try:
+            h5 = h5py.File(_FileWindow(descriptor, start, size), "r")
+        except (OSError, RuntimeError, ValueError):
+            os._exit(0)   # not HDF5 at all: the parent's own open says so
+        with h5:
+            _touch_metadata(h5, size)
+    except BaseException as err:   # noqa: B036 (reported to the parent, which refuses the file)
+        status = 1
+        try:
+            os.write(writer, (first_line(err) or type(err).__name__).encode("utf-8", "replace")[:500])
+        except BaseException:   # noqa: B036
+            pass
+    os._exit(status)
+
+
+def _wait_for_probe(child: int, label: str) -> None:
+    deadline = time.monotonic() + HDF5_PROBE_SECONDS
+    try:
+        while True:
+            finished, status = os.waitpid(child, os.WNOHANG)
+            if finished:
+                break
+            if time.monotonic() > deadline:
+                raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
+                                        f"its metadata in {HDF5_PROBE_SECONDS} s)")
+            time.sleep(0.002)
+    except BaseException:   # noqa: B036 (a timeout, or an interrupt while waiting: the child goes too)
+        os.kill(child, signal.SIGKILL)
+        os.waitpid(child, 0)
+        raise
+    if os.WIFSIGNALED(status):
+        raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library crashed reading it: "
+                                f"{signal.Signals(os.WTERMSIG(status)).name})")
+
+
+def _touch_metadata(h5: h5py.File, size: int) -> None:
+    """Read what the readers read: every attribute, and each dataset's type, shape, layout,
+    filters and storage. A size check that fails is the parent's to report, not the probe's."""
+    def touch(node) -> None:
+        for name in list(node.attrs):
+            try:
+                untrusted.hdf5_attribute(node, name, "", size)
+            except ExchangeFileError:
+                pass
+        if isinstance(node, h5py.Dataset):
+            plist = node.id.get_create_plist()
+            _ = (node.shape, node.dtype, node.chunks, node.external, node.is_virtual, node.id.get_offset(),
+                 node.id.get_storage_size(), [plist.get_filter(i) for i in range(plist.get_nfilters())])
+
+    touch(h5)
+    h5.visititems(lambda name, node: touch(node))
+
+
+@contextmanager
+def hdf5_errors(label: str):
+    """What h5py raises for a damaged file (OSError, RuntimeError, KeyError, ValueError, TypeError
+    for a type numpy lacks) as one ExchangeFileError naming the file."""
+    try:
+        yield
+    except (OSError, RuntimeError, KeyError, ValueError, TypeError, OverflowError) as err:
+        raise ExchangeFileError(f"{label}: damaged or unsupported HDF5 content ({first_line(err)})") from None
 
 
 def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int, int]:
@@ -127,7 +245,10 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
         raise ExchangeFileError(f"{path}: damaged zip entry for {name}")
     name_length = int.from_bytes(local_header[26:28], "little")
     extra_length = int.from_bytes(local_header[28:30], "little")
-    return info.header_offset + 30 + name_length + extra_length, info.file_size
+    start = info.header_offset + 30 + name_length + extra_length
+    if start + info.file_size > path.stat().st_size:
+        raise ExchangeFileError(f"{path}: {name} declares {info.file_size:,} bytes the file does not hold")
+    return start, info.file_size
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,13 +263,15 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     found = []
     for subgroup in location.keras3_subgroups:
         path = "/".join(part for part in (location.keras3_group, subgroup, "vars") if part)
-        group = source.h5.get(path)
+        group = untrusted.hdf5_get(source.h5, path, source.label, source.groups)
         if not isinstance(group, h5py.Group):
             continue
-        stored_name = group.attrs.get("name")
-        if not subgroup and stored_name is not None and _text(stored_name) != location.layer_name:
+        stored_name = source.attribute(group, "name")
+        if stored_name is not None:
+            stored_name = untrusted.check_path_text(stored_name, source.label, f"{path} name")
+        if not subgroup and stored_name is not None and stored_name != location.layer_name:
             raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
-                                    f"{_text(stored_name)!r}, expected {location.layer_name!r}; "
+                                    f"{stored_name!r}, expected {location.layer_name!r}; "
                                     "config and weights do not match")
         count = len(group)
         if sorted(group) != sorted(str(index) for index in range(count)):
@@ -162,15 +285,23 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -
     (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`):
     those with the layer's name as a folder of their path belong to the layer."""
     group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
-    group = source.h5.get(group_path)
+    group = untrusted.hdf5_get(source.h5, group_path, source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
     found = []
-    for weight_name in (_text(name) for name in group.attrs.get("weight_names", [])):
+    for weight_name in _weight_names(source, group):
         parts = weight_name.split("/")
         if location.layer_name in parts[:-1]:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
+
+
+def _weight_names(source: "_Hdf5Source", group: h5py.Group) -> list[str]:
+    """Keras 2's `weight_names` attribute: a 1-D array of names."""
+    names = source.attribute(group, "weight_names", [])
+    if not isinstance(names, (np.ndarray, list)) or np.ndim(names) != 1:
+        raise ExchangeFileError(f"{source.label}: weight_names of {group.name} is not a list of names")
+    return [untrusted.check_path_text(name, source.label, f"weight_names of {group.name}") for name in names]
 
 
 def _text(value) -> str:
@@ -202,56 +333,73 @@ class KerasWeights:
 def read_keras_config(path: str | os.PathLike) -> dict:
     """The model config of a `.keras`, a Keras 2 full-model `.h5`, or a JSON file."""
     path = Path(path)
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    size = untrusted.regular_file(path)
     if path.suffix == ".keras":
         with _open_zip(path) as archive:
-            return _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
+            return _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
     if path.suffix == ".h5":
+        source = _Hdf5Source(path)
         try:
-            h5 = h5py.File(path, "r")
-        except OSError:
-            raise ExchangeFileError(f"{path}: not an HDF5 file") from None
-        with h5:
-            if "model_config" not in h5.attrs:
-                raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
-            return _json(h5.attrs["model_config"], str(path))
+            with hdf5_errors(str(path)):
+                if "model_config" not in source.h5.attrs:
+                    raise ExchangeFileError(f"{path}: no model_config attribute (a weights-only file)")
+                return _json(_model_config_text(source), str(path))
+        finally:
+            source.close()
+    if size > untrusted.MAX_JSON_BYTES:
+        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
+                                "a model config may have")
     return _json(path.read_bytes(), str(path))
+
+
+def _config_member(archive: zipfile.ZipFile, path: Path) -> bytes:
+    return untrusted.read_zip_member(archive, KERAS_CONFIG_MEMBER, str(path), untrusted.MAX_JSON_BYTES)
+
+
+def _model_config_text(source: "_Hdf5Source") -> str:
+    return untrusted.check_path_text(source.attribute(source.h5, "model_config"), source.label,
+                                     "the model_config attribute")
 
 
 def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None) -> KerasWeights:
     """Open any supported Keras file. `architecture_from` (a .keras, a Keras 2 full .h5, or a
     config JSON) is required for weights-only files and ignored otherwise."""
     path = Path(path)
-    if not path.is_file():
-        raise ExchangeFileError(f"{path}: no such file")
+    untrusted.regular_file(path)
     if path.suffix == ".keras":
         with _open_zip(path) as archive:
-            config = _json(archive.read(KERAS_CONFIG_MEMBER), f"{path}:{KERAS_CONFIG_MEMBER}")
+            config = _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
             start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
         parsed = describe_model_config(config, str(path))
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
-        return _finish(parsed, source, lambda location: _keras3_variables(source, location))
+        with hdf5_errors(source.label):
+            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
     if path.suffix != ".h5":
         raise ExchangeFileError(f"{path}: not a Keras file (.keras, .weights.h5 or .h5)")
     source = _Hdf5Source(path)
     h5 = source.h5
     try:
-        if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-            parsed = describe_model_config(_json(h5.attrs["model_config"], str(path)), str(path),
-                                           keras2=_keras2_version(h5.attrs.get("keras_version")))
-            return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
-        if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
-            parsed = _description_from(architecture_from, path)
-            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
-        if "layer_names" in h5.attrs:                                     # Keras 2 weights only
-            parsed = _description_from(architecture_from, path, keras2=True)
-            return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
-        raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
-                                "layers or layer_names)")
+        with hdf5_errors(str(path)):
+            return _open_h5(path, source, h5, architecture_from)
     except BaseException:
         source.close()
         raise
+
+
+def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from) -> "KerasWeights":
+    """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
+    if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
+        parsed = describe_model_config(_json(_model_config_text(source), str(path)), str(path),
+                                       keras2=_keras2_version(source.attribute(h5, "keras_version")))
+        return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
+    if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
+        parsed = _description_from(architecture_from, path)
+        return _finish(parsed, source, lambda location: _keras3_variables(source, location))
+    if "layer_names" in h5.attrs:                                     # Keras 2 weights only
+        parsed = _description_from(architecture_from, path, keras2=True)
+        return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
+    raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
+                            "layers or layer_names)")
 
 
 def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeights:
@@ -280,11 +428,13 @@ def written_by_keras2(path: Path) -> bool:
     `.keras` files are Keras 3's."""
     try:
         if path.suffix == ".h5":
+            untrusted.regular_file(path)
             with h5py.File(path, "r") as h5:
                 return _keras2_version(h5.attrs.get("keras_version"))
         if path.suffix == ".json":
-            return _keras2_version(json.loads(path.read_bytes()).get("keras_version", "2"))
-    except (OSError, ValueError, AttributeError, RecursionError):
+            untrusted.regular_file(path)
+            return _keras2_version(_json(path.read_bytes(), str(path)).get("keras_version", "2"))
+    except (ExchangeFileError, OSError, RuntimeError, ValueError, TypeError, AttributeError, UnicodeDecodeError):
         return False
     return False
 
@@ -296,20 +446,22 @@ def _keras2_version(version) -> bool:
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
         archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError):
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
         raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)") from None
     missing = {KERAS_CONFIG_MEMBER, KERAS_WEIGHTS_MEMBER} - set(archive.namelist())
     if missing:
         archive.close()
         raise ExchangeFileError(f"{path}: not a Keras 3 file (missing {', '.join(sorted(missing))})")
+    try:
+        untrusted.check_zip_members(archive, str(path), path.stat().st_size)
+    except ExchangeFileError:
+        archive.close()
+        raise
     return archive
 
 
 def _json(raw, label: str) -> dict:
-    try:
-        value = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ExchangeFileError(f"{label}: model config is not valid JSON ({err})") from None
+    value = untrusted.load_json(raw, label, "model config")
     if not isinstance(value, dict) or "class_name" not in value:
         raise ExchangeFileError(f"{label}: not a Keras model config")
     return value

@@ -13,16 +13,23 @@ download (machines with internet only).
 
 from __future__ import annotations
 
+import codecs
 import gzip
+import io
+import math
 import os
 import pickle
+import pickletools
 import zipfile
+import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from exchange import untrusted
+from exchange.errors import ExchangeFileError
 from exchange.fileformat import atomic_output
 
 PICKLE_NAMES = {"x_train": "mnist_X_train.pkl", "x_test": "mnist_X_test.pkl",
@@ -43,8 +50,77 @@ ALLOWED_PICKLE_GLOBALS = {
 }
 
 
+# Protocol-2 pickles of array bytes encode them as latin-1 text; no other codec is needed.
+PICKLE_CODECS = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
+MEMO_OPCODES = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
+IDX_UINT8 = 0x08
+MAX_IDX_DIMS = 3               # images are (N, 28, 28), labels (N,)
+
+
 class DataError(Exception):
     """MNIST could not be found or read; the message says what to do."""
+
+
+def _regular_file(path: Path) -> int:
+    """`untrusted.regular_file` with this module's error."""
+    try:
+        return untrusted.regular_file(path)
+    except ExchangeFileError as err:
+        raise DataError(str(err)) from None
+
+
+class _ClampedReader(io.RawIOBase):
+    """A file whose reads never ask for more than it holds: a pickle that declares a 4 GB string
+    in 9 bytes makes the unpickler call read(4 GB), which would allocate that much first."""
+
+    def __init__(self, stream, size: int):
+        self.stream, self.left, self.size = stream, size, size
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self.size - self.left
+
+    def readinto(self, buffer) -> int:
+        view = memoryview(buffer)[:self.left]
+        count = self.stream.readinto(view)
+        self.left -= count
+        return count
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(self.left if size is None or size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        data = self.stream.readline(self.left if size is None or size < 0 else min(size, self.left))
+        self.left -= len(data)
+        return data
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    """`_codecs.encode` as array pickles use it, refusing any codec but latin-1."""
+    try:
+        known = isinstance(encoding, str) and codecs.lookup(encoding).name in PICKLE_CODECS
+    except LookupError:
+        known = False
+    if not known or not isinstance(text, str):
+        raise DataError(f"refusing the codec {encoding!r:.40}: array pickles use latin-1")
+    return codecs.encode(text, encoding, errors)
+
+
+def _check_pickle_opcodes(path: Path, size: int) -> None:
+    """Walk the opcodes before unpickling: memo indexes must stay below MAX_PICKLE_MEMO."""
+    with open(path, "rb") as stream:
+        try:
+            for opcode, argument, _ in pickletools.genops(_ClampedReader(stream, size)):
+                if opcode.name in MEMO_OPCODES and isinstance(argument, int) and argument >= untrusted.MAX_PICKLE_MEMO:
+                    raise DataError(f"{path}: memo index {argument:,} (an array pickle needs a few dozen)")
+        except DataError:
+            raise
+        except (ValueError, EOFError, UnicodeDecodeError) as err:
+            raise DataError(f"{path}: not a readable pickle of a numpy array ({err})") from None
 
 
 @dataclass(frozen=True)
@@ -61,6 +137,8 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_PICKLE_GLOBALS:
             raise DataError(f"refusing {module}.{name}: only numpy arrays are accepted")
+        if (module, name) == ("_codecs", "encode"):
+            return _latin1_encode
         if module.startswith("numpy.core."):
             module = "numpy._core." + module.removeprefix("numpy.core.")
         return super().find_class(module, name)
@@ -69,13 +147,18 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
 def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     """One numpy array from a pickle, refusing anything else with a one-line error."""
     path = Path(path)
+    size = _regular_file(path)
+    if size > untrusted.MAX_PICKLE_BYTES:
+        raise DataError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_PICKLE_BYTES:,} a pickle may have")
+    _check_pickle_opcodes(path, size)
     try:
         with open(path, "rb") as stream:
             # latin1 reads pickles written by Python 2, as old seed notebooks may have.
-            array = NumpyOnlyUnpickler(stream, encoding="latin1").load()
+            array = NumpyOnlyUnpickler(_ClampedReader(stream, size), encoding="latin1").load()
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as err:
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
+            IndexError, OverflowError) as err:
         raise DataError(f"{path}: not a readable pickle of a numpy array ({err})") from None
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         raise DataError(f"{path}: holds {type(array).__name__}, expected a numeric numpy array")
@@ -83,26 +166,50 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """An IDX file (optionally gzipped) as a uint8 array of its stated shape."""
+    """An IDX file (optionally gzipped) as a uint8 array of its stated shape.
+
+    The header is read first and its size checked against the file (for gzip: within
+    MAX_COMPRESSION_RATIO of it), then exactly that many values are read, so neither a gzip bomb
+    nor a header declaring terabytes allocates more than the file can hold."""
     path = Path(path)
+    size = _regular_file(path)
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as stream:
-            raw = stream.read()
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+            shape = _idx_shape(path, stream)
+            count = math.prod(shape)
+            limit = (untrusted.MAX_COMPRESSION_RATIO * size + untrusted.COMPRESSION_SLACK
+                     if path.suffix == ".gz" else size - 4 - 4 * len(shape))
+            if count > limit:
+                raise DataError(f"{path}: header says {shape} ({count:,} values), more than the file can hold")
+            data = np.empty(count, dtype=np.uint8)
+            filled = stream.readinto(memoryview(data)) if count else 0
+            extra = stream.read(1)
+    except (OSError, EOFError, zlib.error) as err:  # gzip.BadGzipFile is an OSError
         raise DataError(f"{path}: unreadable ({err})") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: not an IDX file of uint8 data")
-    ndim = raw[3]
-    shape = tuple(int.from_bytes(raw[4 + 4 * axis: 8 + 4 * axis], "big") for axis in range(ndim))
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(shape)):
-        raise DataError(f"{path}: header says {shape} but holds {data.size} values")
+    if filled != count or extra:
+        raise DataError(f"{path}: header says {shape} but holds {'more' if extra else filled} values")
     return data.reshape(shape)
+
+
+def _idx_shape(path: Path, stream) -> tuple[int, ...]:
+    magic = stream.read(4)
+    if len(magic) < 4 or magic[:3] != bytes([0, 0, IDX_UINT8]):
+        raise DataError(f"{path}: not an IDX file of uint8 data")
+    if not 1 <= magic[3] <= MAX_IDX_DIMS:
+        raise DataError(f"{path}: {magic[3]} dimensions; MNIST's IDX files have 1 (labels) or 3 (images)")
+    header = stream.read(4 * magic[3])
+    if len(header) < 4 * magic[3]:
+        raise DataError(f"{path}: truncated IDX header")
+    return tuple(int.from_bytes(header[4 * axis: 4 * axis + 4], "big") for axis in range(magic[3]))
 
 
 def to_seed_format(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """uint8 images (N, 28, 28) and integer labels (N,) -> the seed's X and one-hot y."""
+    if images.ndim != 3 or images.shape[1:] != (28, 28) or labels.ndim != 1 or len(labels) != len(images):
+        raise DataError(f"images {images.shape} and labels {labels.shape}: expected (N, 28, 28) and (N,)")
+    if labels.dtype.kind not in "iu" or (labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES):
+        raise DataError(f"labels must be integers 0 to {NUM_CLASSES - 1}")
     x = (images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / np.float32(255.0))
     y = np.eye(NUM_CLASSES, dtype=np.float32)[labels.astype(np.int64)]
     return x, y
@@ -118,8 +225,11 @@ def load_folder(folder: str | os.PathLike) -> Mnist:
         mnist = Mnist(**arrays)
     elif all(_idx_path(folder, name) for name in IDX_NAMES.values()):
         raw = {key: read_idx(_idx_path(folder, name)) for key, name in IDX_NAMES.items()}
-        x_train, y_train = to_seed_format(raw["x_train"], raw["y_train"])
-        x_test, y_test = to_seed_format(raw["x_test"], raw["y_test"])
+        try:
+            x_train, y_train = to_seed_format(raw["x_train"], raw["y_train"])
+            x_test, y_test = to_seed_format(raw["x_test"], raw["y_test"])
+        except DataError as err:
+            raise DataError(f"{folder}: {err}") from None
         mnist = Mnist(x_train, y_train, x_test, y_test)
     elif (folder / NPZ_NAME).exists():
         mnist = load_npz(folder / NPZ_NAME)
@@ -181,15 +291,34 @@ def _idx_path(folder: Path, name: str) -> Path | None:
 
 def load_npz(path: Path) -> Mnist:
     """MNIST from a Keras `mnist.npz` (x_train, y_train, x_test, y_test as uint8 and labels)."""
-    if not Path(path).is_file():
-        raise DataError(f"{path}: no such file")
+    size = _regular_file(Path(path))
     try:
+        _check_npz(path, size)
         with np.load(path, allow_pickle=False) as npz:
             x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
             x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError, EOFError, zlib.error, DataError,
+            NotImplementedError) as err:
         raise DataError(f"{path}: not a readable Keras mnist.npz ({err})") from None
     return Mnist(x_train, y_train, x_test, y_test)
+
+
+def _check_npz(path: Path, size: int) -> None:
+    """Every array's declared shape must fit its zip member, and the members the file:
+    numpy allocates the declared shape before reading."""
+    with zipfile.ZipFile(path) as archive:
+        try:
+            untrusted.check_zip_members(archive, str(path), size)
+        except ExchangeFileError as err:
+            raise DataError(str(err).removeprefix(f"{path}: ")) from None
+        for info in archive.infolist():
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                               else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read_header(stream)
+            if dtype.hasobject or untrusted.declared_nbytes(shape, dtype) > info.file_size:
+                raise DataError(f"{info.filename} declares {dtype} {shape}, more than its {info.file_size:,} bytes")
 
 
 def _check_seed_format(mnist: Mnist, source: Path) -> None:

@@ -265,7 +265,8 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     if unreadable:
         raise ExchangeFileError(f"{path}: tensors the exchange file cannot hold (it stores dense "
                                 f"{', '.join(fileformat.DTYPE_CODES)}): {', '.join(unreadable)}")
-    return {key: value.detach().cpu().numpy() for key, value in state.items()}
+    # A tensor saved as a lazy negation or conjugate view (`x.conj().imag`) carries a bit numpy lacks.
+    return {key: value.detach().cpu().resolve_conj().resolve_neg().numpy() for key, value in state.items()}
 
 
 def save_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:

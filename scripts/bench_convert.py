@@ -6,6 +6,8 @@ keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in 
 `--repeats` times (median time, largest peak RSS):
 
     convert.py      python scripts/convert.py model.keras model.safetensors (reads the file directly)
+    no fsync        the same with the output's fsync (data, then folder) skipped, and the fsync
+                    alone timed inside a convert.py run: the cost of durability
     by hand         keras.saving.load_model, get_weights(), transpose, safetensors save_file (MLPs)
     plain write     safetensors.numpy.save_file of the same tensors already in memory (the write
                     alone is timed, inside the process; the floor for any converter)
@@ -61,6 +63,29 @@ print(f"write_seconds={time.perf_counter() - started:.4f}")
 """
 
 
+NO_FSYNC = """
+import sys
+sys.path.insert(0, sys.argv[1])
+from exchange import fileformat
+fileformat.flush_to_disk = lambda path: None   # what this route leaves out
+from exchange.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+FSYNC_TIMED = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from exchange import fileformat
+flush_to_disk, spent = fileformat.flush_to_disk, []
+def timed_flush_to_disk(path):
+    started = time.perf_counter()
+    flush_to_disk(path)
+    spent.append(time.perf_counter() - started)
+fileformat.flush_to_disk = timed_flush_to_disk
+from exchange.cli import main
+status = main(sys.argv[2:])
+print(f"fsync_seconds={sum(spent):.4f}")
+sys.exit(status)
+"""
 MODEL_FROM_FILE = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -101,7 +126,7 @@ def run_measured(command: list[str], output: Path | None = None) -> dict:
         raise RuntimeError(f"{command[:3]} failed ({process.returncode}): {stderr[-2000:]}")
     result = {"seconds": seconds, "peak_rss_mb": usage.ru_maxrss / 1024}
     for line in stdout.splitlines():
-        for key in ("write_seconds", "load_seconds"):
+        for key in ("write_seconds", "load_seconds", "fsync_seconds"):
             if line.startswith(f"{key}="):
                 result[key] = float(line.split("=", 1)[1])
     return result
@@ -113,7 +138,7 @@ def repeat(command: list[str], repeats: int, output: Path | None = None) -> dict
     runs = [run_measured(command, output) for _ in range(repeats)]
     summary = {"seconds": statistics.median(r["seconds"] for r in runs),
                "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
-    for key in ("write_seconds", "load_seconds"):
+    for key in ("write_seconds", "load_seconds", "fsync_seconds"):
         if key in runs[0]:
             summary[key] = statistics.median(r[key] for r in runs)
     return summary
@@ -213,6 +238,10 @@ def main(argv: list[str] | None = None) -> int:
                 "file_mb": size_mb,
                 "convert.py": repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path),
                                       str(ours)], args.repeats, ours),
+                "no fsync": repeat([sys.executable, "-c", NO_FSYNC, str(ROOT), str(keras_path), str(ours)],
+                                   args.repeats, ours),
+                "fsync timed": repeat([sys.executable, "-c", FSYNC_TIMED, str(ROOT), str(keras_path), str(ours)],
+                                      args.repeats, ours),
                 "plain write": repeat([sys.executable, "-c", PLAIN_WRITE, str(ours),
                                        str(work_dir / f"{name}.plain.safetensors")], args.repeats,
                                       work_dir / f"{name}.plain.safetensors"),
@@ -238,6 +267,9 @@ def print_table(name: str, figures: dict) -> None:
     print("| route | wall time, whole process (s) | peak RSS (MiB) |")
     print("|---|---|---|")
     print(f"| convert.py | {ours['seconds']:.3f} | {ours['peak_rss_mb']:,.0f} |")
+    no_fsync = figures["no fsync"]
+    print(f"| convert.py without the fsync of data and folder | {no_fsync['seconds']:.3f} | "
+          f"{no_fsync['peak_rss_mb']:,.0f} |")
     if "by hand" in figures:
         by_hand = figures["by hand"]
         print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
@@ -248,6 +280,8 @@ def print_table(name: str, figures: dict) -> None:
         load = figures["model_from_file"]
         print(f"| torch_adapter.model_from_file (whole process, torch import included) | {load['seconds']:.3f} "
               f"(the call alone {load['load_seconds']:.3f}) | {load['peak_rss_mb']:,.0f} |")
+    print(f"fsync of data and folder: {figures['fsync timed']['fsync_seconds']:.3f} s inside convert.py "
+          f"(median); whole process with and without it {ours['seconds']:.3f} / {no_fsync['seconds']:.3f} s")
     print(f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
           f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}"
           + (f"; {figures['by hand']['seconds'] / ours['seconds']:.1f}x faster than by hand"

@@ -6,21 +6,22 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"   # TensorFlow's start-up logging would bury a one-line error
 
+from exchange.cli import (INTERRUPT_EXIT_CODES, Interrupted, OneLineArgumentParser, interruptible,  # noqa: E402
+                          one_line_errors)
 from exchange.errors import ExchangeError  # noqa: E402
 from exchange.mnist import DataError, load_mnist  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = OneLineArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, help="folder of the seed's pickles, IDX files or mnist.npz "
                         "(default: $MNIST_DIR, then ./data/, then Keras's download)")
     parser.add_argument("--epochs", type=int, default=Recipe.epochs, help="default: %(default)s")
@@ -36,11 +37,19 @@ def main(argv: list[str] | None = None) -> int:
 
     frameworks = train_job.FRAMEWORKS if args.framework == "both" else (args.framework,)
     try:
-        data = load_mnist(args.data)
-        train_job.run(data, args.out_dir, SEED_ARCHITECTURE, Recipe(epochs=args.epochs),
-                      frameworks=frameworks, lockstep=not args.no_lockstep)
+        with one_line_errors(), interruptible():
+            data = load_mnist(args.data)
+            train_job.run(data, args.out_dir, SEED_ARCHITECTURE, Recipe(epochs=args.epochs),
+                          frameworks=frameworks, lockstep=not args.no_lockstep)
+    except Interrupted as err:
+        print(f"error: interrupted by {err}; files already written in {args.out_dir} are complete",
+              file=sys.stderr)
+        return INTERRUPT_EXIT_CODES[err.signal_number]
     except (DataError, ExchangeError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a disk problem: full, read-only
+        print(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
         return 2
     print(f"wrote {args.out_dir}/keras.safetensors, torch.safetensors and report.json"
           if args.framework == "both" else f"wrote into {args.out_dir}")

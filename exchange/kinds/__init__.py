@@ -249,6 +249,13 @@ class KerasOptions:
             raise UnsupportedLayerError(f"{self.where()}: option {key!r} is missing")
         return default
 
+    def flag(self, key: str, default: bool) -> bool:
+        """A true/false option: anything but a JSON boolean is refused (`"no"` is not false)."""
+        value = self.take(key, default)
+        if not isinstance(value, bool):
+            raise self.unsupported(key, value, "must be true or false")
+        return value
+
     def expect(self, key: str, *allowed: Any) -> None:
         """The option, when present, must be one of `allowed` (what this exchange supports)."""
         value = self.take(key, allowed[0])

@@ -84,12 +84,12 @@ class _Recurrent(LayerKind):
             units=int(options.take("units")),
             activation=read_activation(options, "activation"),
             recurrent_activation=(read_activation(options, "recurrent_activation") if self.gates > 1 else "sigmoid"),
-            use_bias=bool(options.take("use_bias", True)),
-            return_sequences=bool(options.take("return_sequences", False)),
-            return_state=bool(options.take("return_state", False)),
-            go_backwards=bool(options.take("go_backwards", False)),
-            zero_output_for_mask=bool(options.take("zero_output_for_mask", False)),
-            reset_after=bool(options.take("reset_after", not options.keras2)) if self.mode == "gru" else True)
+            use_bias=options.flag("use_bias", True),
+            return_sequences=options.flag("return_sequences", False),
+            return_state=options.flag("return_state", False),
+            go_backwards=options.flag("go_backwards", False),
+            zero_output_for_mask=options.flag("zero_output_for_mask", False),
+            reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True)
         for key in ("activation", "recurrent_activation"):
             if getattr(config, key) not in RECURRENT_ACTIVATIONS:
                 raise options.unsupported(key, getattr(config, key), "not supported in a recurrent layer")

@@ -320,7 +320,7 @@ class Embedding(LayerKind):
         return node_name if config.mask_zero else None
 
     def from_keras(self, options):
-        mask_zero = bool(options.take("mask_zero", False))
+        mask_zero = options.flag("mask_zero", False)
         options.expect("lora_rank", None)
         options.expect("lora_alpha", None)
         options.expect("sparse", False)

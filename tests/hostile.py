@@ -1,0 +1,904 @@
+"""Hostile and broken inputs, built at test time, and the child process that runs them.
+
+Every case is a small function that writes one crafted input (from the valid base files in
+`base/`) and returns the command's arguments; `run_cases` runs each through the real entry point
+(`exchange.cli.main`, `scripts/prepare_data.py`, `scripts/train.py`) in this process and records
+its exit code, stderr, the files left behind and its peak memory. The tests run it in a child
+process (`python tests/hostile.py ...`) so that the memory of each case can be measured (peak RSS
+reset with /proc/self/clear_refs before each) and bounded (RLIMIT_AS) and a hang killed by an
+alarm, without risking the test runner. The same child runs the seeded mutation fuzzer.
+
+    python tests/hostile.py cases BASE WORK RESULTS.json [NAME ...]
+    python tests/hostile.py fuzz BASE WORK RESULTS.json SEED COUNT
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import importlib.util
+import io
+import json
+import os
+import random
+import resource
+import shutil
+import signal
+import struct
+import sys
+import traceback
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import h5py
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+EXISTING = b"an existing output that a failed run must leave byte-identical\n"
+SECRET = b"SECRET!!"            # the outside file's bytes: none may reach an output
+CASE_TIMEOUT = 30               # seconds: a case that runs longer is a hang (a FIFO read blocks forever)
+ADDRESS_SPACE_HEADROOM = 3 << 30  # RLIMIT_AS above the child's size after imports: a bomb fails, not the machine
+BOMB_BYTES = 256 << 20          # what the compression bombs expand to; the naive readers held all of it
+KERNEL = "model_weights/dense_1/dense_1/kernel:0"   # in the Keras 2 seed .h5
+KERAS3_KERNEL = "layers/dense/vars/0"               # in the .keras seed's model.weights.h5
+SEED_ACTIVATIONS = "tanh,tanh,softmax"
+MNIST_ROWS = 64
+
+
+@dataclass(frozen=True)
+class Case:
+    """`build(case_dir, base)` writes the input and returns the arguments; `message` must appear
+    in the one stderr line, and so must `names` (the file at fault)."""
+
+    build: Callable[[Path, Path], list[str]]
+    message: str
+    names: str
+    entry: str = "convert"     # convert, prepare (scripts/prepare_data.py) or train (scripts/train.py)
+    output: str = "out.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------
+# Base files (written once by the test session; Keras writes the .keras)
+
+
+def write_base_files(base: Path, keras_path: Path) -> None:
+    """The valid files every case and the fuzzer start from."""
+    import torch
+
+    from exchange import fileformat
+    from frameworks.recipe import SEED_ARCHITECTURE
+
+    base.mkdir(parents=True, exist_ok=True)
+    shutil.copy(keras_path, base / "seed.keras")
+    fixtures = ROOT / "tests/fixtures/keras2"
+    for name in ("seed_mlp.h5", "seed_mlp_weights.h5", "seed_mlp_config.json"):
+        shutil.copy(fixtures / name, base / name)
+    generator = np.random.default_rng(3)
+    tensors = {key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
+               for key, shape in SEED_ARCHITECTURE.tensor_shapes().items()}
+    fileformat.save(base / "seed.safetensors", SEED_ARCHITECTURE, tensors, "torch")
+    torch.save({key: torch.from_numpy(value) for key, value in tensors.items()}, base / "seed.pt")
+    write_idx_folder(base / "mnist", generator)
+
+
+def write_idx_folder(folder: Path, generator, gz: bool = False) -> None:
+    """A small MNIST in IDX files: MNIST_ROWS training and test images with their labels."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix in ("train", "t10k"):
+        images = generator.integers(0, 256, (MNIST_ROWS, 28, 28), dtype=np.uint8)
+        labels = generator.integers(0, 10, MNIST_ROWS, dtype=np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images, gz)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, gz)
+
+
+def idx_bytes(array: np.ndarray, shape=None) -> bytes:
+    shape = array.shape if shape is None else shape
+    return bytes([0, 0, 8, len(shape)]) + b"".join(int(n).to_bytes(4, "big") for n in shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, gz: bool = False) -> None:
+    data = idx_bytes(array)
+    if gz:
+        Path(f"{path}.gz").write_bytes(gzip.compress(data))
+    else:
+        path.write_bytes(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers that build inputs
+
+
+def outside_file(case_dir: Path) -> Path:
+    """A file outside the case's folder that a hostile input points at."""
+    secret = case_dir.parent / "outside" / "secret.bin"
+    secret.parent.mkdir(exist_ok=True)
+    secret.write_bytes(SECRET * (784 * 50 * 4 // len(SECRET)))
+    return secret
+
+
+def keras2_with(case_dir: Path, base: Path, edit) -> Path:
+    """The Keras 2 seed `.h5`, edited in place by `edit(h5)`."""
+    path = case_dir / "model.h5"
+    shutil.copy(base / "seed_mlp.h5", path)
+    with h5py.File(path, "r+") as h5:
+        edit(h5)
+    return path
+
+
+def replace_dataset(h5, path: str, **create) -> None:
+    group, name = h5[path.rsplit("/", 1)[0]], path.rsplit("/", 1)[1]
+    del group[name]
+    group.create_dataset(name, **create)
+
+
+def keras3_with(case_dir: Path, base: Path, edit_weights=None, config: bytes | None = None,
+                config_compressed: bool = False) -> Path:
+    """The `.keras` seed rebuilt: its weights member edited by `edit_weights(h5)`, or its
+    config.json replaced."""
+    with zipfile.ZipFile(base / "seed.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    if edit_weights is not None:
+        weights = case_dir / "weights.tmp.h5"
+        weights.write_bytes(members["model.weights.h5"])
+        with h5py.File(weights, "r+") as h5:
+            edit_weights(h5)
+        members["model.weights.h5"] = weights.read_bytes()
+        weights.unlink()
+    path = case_dir / "model.keras"
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            if name == "config.json" and config is not None:
+                data = config
+            compressed = name == "config.json" and config_compressed
+            archive.writestr(name, data, zipfile.ZIP_DEFLATED if compressed else zipfile.ZIP_STORED)
+    return path
+
+
+def deflated_member(archive: zipfile.ZipFile, name: str, prefix: bytes, padding: int, suffix: bytes = b"",
+                    fill: bytes = b"\0") -> None:
+    """A deflated member of `prefix`, `padding` bytes of `fill`, `suffix`, written in chunks."""
+    info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_DEFLATED
+    with archive.open(info, "w") as stream:
+        stream.write(prefix)
+        chunk = fill * (1 << 20)
+        for _ in range(padding >> 20):
+            stream.write(chunk)
+        stream.write(suffix)
+
+
+def gzip_bomb(path: Path, prefix: bytes, zeros: int) -> None:
+    with gzip.open(path, "wb", compresslevel=1) as stream:
+        stream.write(prefix)
+        chunk = bytes(1 << 20)
+        for _ in range(zeros >> 20):
+            stream.write(chunk)
+
+
+def safetensors_bytes(entries: dict, metadata: dict, data: bytes) -> bytes:
+    header = json.dumps({"__metadata__": metadata, **entries}).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data
+
+
+def seed_metadata() -> dict:
+    from frameworks.recipe import SEED_ARCHITECTURE
+
+    return {"format": "pt", "exchange_version": "2", "architecture": SEED_ARCHITECTURE.to_json(),
+            "source_framework": "torch"}
+
+
+def seed_config(base: Path) -> dict:
+    return json.loads((base / "seed_mlp_config.json").read_text())
+
+
+def mnist_copy(case_dir: Path, base: Path) -> Path:
+    folder = case_dir / "mnist"
+    shutil.copytree(base / "mnist", folder)
+    return folder
+
+
+def pickle_folder(case_dir: Path, base: Path, x_train: bytes) -> Path:
+    """The seed's four pickles, the training images replaced by `x_train`'s bytes."""
+    import pickle
+
+    folder = case_dir / "data"
+    folder.mkdir()
+    for name in ("mnist_X_test.pkl", "mnist_y_train.pkl", "mnist_y_test.pkl"):
+        (folder / name).write_bytes(pickle.dumps(np.zeros((2, 784 if "X" in name else 10), np.float32)))
+    (folder / "mnist_X_train.pkl").write_bytes(x_train)
+    return folder
+
+
+def train_args(case_dir: Path, data: Path) -> list[str]:
+    return ["--data", str(data), "--epochs", "1", "--framework", "torch", "--out-dir", str(case_dir / "run")]
+
+
+def convert_args(case_dir: Path, source: Path, *extra: str, output: str = "out.safetensors") -> list[str]:
+    return [str(source), str(case_dir / output), *extra]
+
+
+# ---------------------------------------------------------------------------------------------
+# The cases
+
+
+def _external_storage_h5(case_dir, base):
+    secret = outside_file(case_dir)
+    path = keras2_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]))
+    return convert_args(case_dir, path)
+
+
+def _external_storage_keras(case_dir, base):
+    secret = outside_file(case_dir)
+    path = keras3_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERAS3_KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]))
+    return convert_args(case_dir, path)
+
+
+def _outside_h5(case_dir: Path) -> Path:
+    """An HDF5 file outside the case folder holding a (784, 50) dataset `/data` of the secret."""
+    other = case_dir.parent / "outside" / "other.h5"
+    other.parent.mkdir(exist_ok=True)
+    with h5py.File(other, "w") as h5:
+        h5["data"] = np.frombuffer(outside_file(case_dir).read_bytes(), "<f4").reshape(784, 50)
+    return other
+
+
+def _virtual_dataset(case_dir, base):
+    other = _outside_h5(case_dir)
+
+    def edit(h5):
+        layout = h5py.VirtualLayout(shape=(784, 50), dtype="<f4")
+        layout[:] = h5py.VirtualSource(str(other), "data", shape=(784, 50))
+        group = h5[KERNEL.rsplit("/", 1)[0]]
+        del group["kernel:0"]
+        group.create_virtual_dataset("kernel:0", layout, fillvalue=0)
+    return convert_args(case_dir, keras2_with(case_dir, base, edit))
+
+
+def _external_link(case_dir, base):
+    other = _outside_h5(case_dir)
+
+    def edit(h5):
+        group = h5[KERNEL.rsplit("/", 1)[0]]
+        del group["kernel:0"]
+        group["kernel:0"] = h5py.ExternalLink(str(other), "/data")
+    return convert_args(case_dir, keras2_with(case_dir, base, edit))
+
+
+def _soft_link(case_dir, base):
+    def edit(h5):
+        group = h5[KERNEL.rsplit("/", 1)[0]]
+        h5["elsewhere"] = group["kernel:0"][()]
+        del group["kernel:0"]
+        group["kernel:0"] = h5py.SoftLink("/elsewhere")
+    return convert_args(case_dir, keras2_with(case_dir, base, edit))
+
+
+def _unknown_filter(case_dir, base):
+    data = np.zeros((784, 50), "<f4")
+    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERNEL, data=data, compression="lzf")))
+
+
+def _sparse_chunked(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERNEL, shape=(40000, 40000), dtype="<f4", chunks=(1000, 1000))))
+
+
+def _unallocated_terabytes(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERNEL, shape=(1_000_000, 1_000_000), dtype="<f4")))
+
+
+def _string_dataset(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
+        h5, KERNEL, data=np.array([b"weights"] * 784 * 50).reshape(784, 50))))
+
+
+def _set_attribute(name, value, where="/", **create):
+    """An edit that replaces attribute `name` of the object at `where`."""
+    def edit(h5):
+        target = h5[where]
+        if name in target.attrs:
+            del target.attrs[name]
+        target.attrs.create(name, value, **create)
+    return edit
+
+
+def _deep_model_config(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
+        "model_config", "[" * 100_000 + "]" * 100_000)))
+
+
+def _non_utf8_attribute(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
+        "model_config", b'{"class_name": "\xff\xfe"}', dtype=h5py.string_dtype("utf-8"))))
+
+
+def _model_config_wrong_type(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute("model_config", np.arange(3))))
+
+
+def _weight_names_wrong_type(case_dir, base):
+    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
+        "weight_names", 5, where="model_weights/dense_1")))
+
+
+def _corrupted_h5(case_dir, base):
+    data = bytearray((base / "seed_mlp.h5").read_bytes())
+    data[800:4000] = bytes(range(256)) * 12 + bytes(3200 - 256 * 12)   # object headers and B-trees
+    path = case_dir / "model.h5"
+    path.write_bytes(bytes(data))
+    return convert_args(case_dir, path)
+
+
+def _h5_crashing_libhdf5(case_dir, base):
+    """One byte of the seed .h5's model_config attribute message changed (found by the fuzzer):
+    reading the attribute makes libhdf5 crash with SIGSEGV."""
+    data = bytearray((base / "seed_mlp.h5").read_bytes())
+    data[1009] = 238
+    path = case_dir / "model.h5"
+    path.write_bytes(bytes(data))
+    return convert_args(case_dir, path)
+
+
+def _h5_attribute_heap_bomb(case_dir, base):
+    """One byte of the model_config attribute's global-heap reference changed (found by the
+    fuzzer): libhdf5 allocates about 2 GiB for the attribute before finding it damaged."""
+    data = bytearray((base / "seed_mlp.h5").read_bytes())
+    data[1043] = 128
+    path = case_dir / "model.h5"
+    path.write_bytes(bytes(data))
+    return convert_args(case_dir, path)
+
+
+def _truncated_h5(case_dir, base):
+    path = case_dir / "model.h5"
+    path.write_bytes((base / "seed_mlp.h5").read_bytes()[:6000])
+    return convert_args(case_dir, path)
+
+
+def _use_bias_no(case_dir, base):
+    config = seed_config(base)
+    config["config"]["layers"][1]["config"]["use_bias"] = "no"   # the first Dense
+    arch = case_dir / "config.json"
+    arch.write_text(json.dumps(config))
+    weights = case_dir / "weights.h5"
+    shutil.copy(base / "seed_mlp_weights.h5", weights)
+    return convert_args(case_dir, weights, "--arch", str(arch))
+
+
+def _deep_arch_json(case_dir, base):
+    arch = case_dir / "arch.json"
+    arch.write_text("{\"a\": " + "[" * 100_000 + "]" * 100_000 + "}")
+    return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
+
+
+def _sparse_arch_json(case_dir, base):
+    arch = case_dir / "arch.json"
+    with open(arch, "wb") as stream:
+        stream.truncate(1_500_000_000)   # a sparse file: 1.5 GB declared, nothing on disk
+    return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
+
+
+def _keras_config_zip_bomb(case_dir, base):
+    path = case_dir / "model.keras"
+    with zipfile.ZipFile(base / "seed.keras") as source, zipfile.ZipFile(path, "w") as archive:
+        for name in source.namelist():
+            if name == "config.json":
+                deflated_member(archive, name, source.read(name)[:-1], BOMB_BYTES, b"}", fill=b" ")
+            else:
+                archive.writestr(name, source.read(name))
+    return convert_args(case_dir, path)
+
+
+def _deep_keras_config(case_dir, base):
+    return convert_args(case_dir, keras3_with(case_dir, base, config=b"[" * 100_000 + b"]" * 100_000))
+
+
+def _units_config(units: str):
+    """The `.keras` seed with the first Dense's units written as `units`."""
+    def build(case_dir, base):
+        with zipfile.ZipFile(base / "seed.keras") as archive:
+            config = archive.read("config.json").decode().replace('"units": 50', f'"units": {units}', 1)
+        return convert_args(case_dir, keras3_with(case_dir, base, config=config.encode()))
+    return build
+
+
+def _lambda_layer(case_dir, base):
+    with zipfile.ZipFile(base / "seed.keras") as archive:
+        config = json.loads(archive.read("config.json"))
+    layer = config["config"]["layers"][2]   # dense_1 becomes a Lambda carrying marshalled code
+    layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
+    layer["config"] = {"name": "evil", "function": {"class_name": "__lambda__", "config": {
+        "code": "4wEAAAAAAAAAAAAAAAEAAAADAAAA", "defaults": None, "closure": None}}}
+    return convert_args(case_dir, keras3_with(case_dir, base, config=json.dumps(config).encode()))
+
+
+def _folder_as_input(case_dir, base):
+    (case_dir / "model.keras").mkdir()
+    return convert_args(case_dir, case_dir / "model.keras")
+
+
+def _fifo_as_input(case_dir, base):
+    os.mkfifo(case_dir / "model.safetensors")
+    return convert_args(case_dir, case_dir / "model.safetensors", output="out.pt")
+
+
+def _safetensors_float8(case_dir, base):
+    entries = {"dense_0.weight": {"dtype": "F8_E4M3", "shape": [50, 784], "data_offsets": [0, 39200]}}
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes(entries, seed_metadata(), bytes(39200)))
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _safetensors_offsets_beyond(case_dir, base):
+    entries = {"dense_0.weight": {"dtype": "F32", "shape": [250000, 1000000], "data_offsets": [0, 10**12]}}
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes(entries, seed_metadata(), bytes(64)))
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _safetensors_header_beyond(case_dir, base):
+    path = case_dir / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", 10**15) + b"{}")
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _architecture_of_layers(count: int) -> str:
+    node = '{"name":"d%d","kind":"dense","inputs":["%s"],"dtype":"float32","config":{"units":1,' \
+           '"activation":"linear","use_bias":false}}'
+    nodes = ",".join(node % (index, "x" if index == 0 else f"d{index - 1}") for index in range(count))
+    return ('{"name":"m","inputs":[{"name":"x","shape":[1],"dtype":"float32"}],"nodes":[' + nodes
+            + '],"outputs":["d%d"]}' % (count - 1))
+
+
+def _huge_header(case_dir, base):
+    metadata = {**seed_metadata(), "architecture": _architecture_of_layers(170_000)}   # about 20 MB
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes({}, metadata, b""))
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _too_many_layers(case_dir, base):
+    metadata = {**seed_metadata(), "architecture": _architecture_of_layers(25_000)}
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes({}, metadata, b""))
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _pt_zip_bomb(case_dir, base):
+    path = case_dir / "model.pt"
+    with zipfile.ZipFile(base / "seed.pt") as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            if info.filename.endswith("/data/0"):
+                deflated_member(archive, info.filename, source.read(info), BOMB_BYTES)
+            else:
+                archive.writestr(info.filename, source.read(info))
+    return convert_args(case_dir, path, "--activations", SEED_ACTIVATIONS)
+
+
+def _pt_legacy(case_dir, base):
+    import torch
+
+    path = case_dir / "model.pt"
+    torch.save(torch.load(base / "seed.pt", weights_only=True), path, _use_new_zipfile_serialization=False)
+    return convert_args(case_dir, path, "--activations", SEED_ACTIVATIONS)
+
+
+def _pt_with_code(case_dir, base):
+    marker = case_dir.parent / "outside" / "pwned"
+    marker.parent.mkdir(exist_ok=True)
+    payload = (b"\x80\x02cposix\nsystem\nq\x00X" + struct.pack("<I", len(f"touch {marker}"))
+               + f"touch {marker}".encode() + b"\x85R.")
+    path = case_dir / "model.pt"
+    with zipfile.ZipFile(base / "seed.pt") as source, zipfile.ZipFile(path, "w") as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, payload if info.filename.endswith("data.pkl") else source.read(info))
+    return convert_args(case_dir, path, "--activations", SEED_ACTIVATIONS)
+
+
+def _pt_meta(case_dir, base):
+    import torch
+
+    path = case_dir / "model.pt"
+    state = torch.load(base / "seed.pt", weights_only=True)
+    state["dense_0.weight"] = torch.empty(50, 784, device="meta")
+    torch.save(state, path)
+    return convert_args(case_dir, path, "--activations", SEED_ACTIVATIONS)
+
+
+def _pt_bzip2_member(case_dir, base):
+    path = case_dir / "model.pt"
+    with zipfile.ZipFile(base / "seed.pt") as source, zipfile.ZipFile(path, "w", zipfile.ZIP_BZIP2) as archive:
+        for info in source.infolist():
+            archive.writestr(info.filename, source.read(info))
+    return convert_args(case_dir, path, "--activations", SEED_ACTIVATIONS)
+
+
+def _pickle_memo_bomb(case_dir, base):
+    # 9 bytes: PROTO 2, NONE, LONG_BINPUT 2**28, STOP; the C unpickler sizes its memo to the index.
+    return train_args(case_dir, pickle_folder(case_dir, base, b"\x80\x02Nr" + struct.pack("<I", 1 << 28) + b"."))
+
+
+def _pickle_huge_bytes(case_dir, base):
+    # BINBYTES8 declaring 4 GB in a 19-byte file: read(4 GB) would allocate it before failing.
+    return train_args(case_dir, pickle_folder(case_dir, base, b"\x80\x04\x8e" + struct.pack("<Q", 4 << 30) + b"."))
+
+
+def _pickle_unknown_codec(case_dir, base):
+    payload = b"\x80\x02c_codecs\nencode\nq\x00X\x03\x00\x00\x00abcX\x05\x00\x00\x00bogus\x86R."
+    return train_args(case_dir, pickle_folder(case_dir, base, payload))
+
+
+def _pickle_with_code(case_dir, base):
+    marker = case_dir.parent / "outside" / "pwned"
+    marker.parent.mkdir(exist_ok=True)
+    command = f"touch {marker}".encode()
+    payload = b"\x80\x02cposix\nsystem\nX" + struct.pack("<I", len(command)) + command + b"\x85R."
+    return train_args(case_dir, pickle_folder(case_dir, base, payload))
+
+
+def _pickle_fifo(case_dir, base):
+    folder = pickle_folder(case_dir, base, b"")
+    (folder / "mnist_X_train.pkl").unlink()
+    os.mkfifo(folder / "mnist_X_train.pkl")
+    return train_args(case_dir, folder)
+
+
+def _idx_case(edit):
+    """The small IDX folder with one file replaced by `edit(folder)`; run through prepare_data."""
+    def build(case_dir, base):
+        folder = mnist_copy(case_dir, base)
+        edit(folder)
+        (case_dir / "out").mkdir()
+        return [str(folder), str(case_dir / "out")]
+    return build
+
+
+def _idx_gzip_bomb(folder):
+    target = folder / "train-images-idx3-ubyte"
+    target.unlink()
+    gzip_bomb(Path(f"{target}.gz"), bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (MNIST_ROWS, 28, 28)),
+              BOMB_BYTES)
+
+
+def _idx_dev_zero(folder):
+    (folder / "train-images-idx3-ubyte").unlink()
+    (folder / "train-images-idx3-ubyte").symlink_to("/dev/zero")
+
+
+def _idx_write(name: str, data: bytes):
+    def edit(folder):
+        (folder / name).write_bytes(data)
+    return edit
+
+
+def _npz_case(make):
+    def build(case_dir, base):
+        path = case_dir / "mnist.npz"
+        make(path)
+        (case_dir / "out").mkdir()
+        return [str(path), str(case_dir / "out")]
+    return build
+
+
+def _npz_absurd_shape(path):
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
+                                                  "shape": (10_000_000, 28, 28)})
+    with zipfile.ZipFile(path, "w") as archive:
+        for name in ("x_train", "y_train", "x_test", "y_test"):
+            archive.writestr(f"{name}.npy", header.getvalue() + bytes(64))
+
+
+def _deep_metadata_architecture(case_dir, base):
+    metadata = {**seed_metadata(), "architecture": "[" * 100_000 + "]" * 100_000}
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes({}, metadata, b""))
+    return convert_args(case_dir, path, output="out.pt")
+
+
+def _verify_with_bad_labels(case_dir, base):
+    folder = mnist_copy(case_dir, base)
+    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(MNIST_ROWS, 200, np.uint8)))
+    return convert_args(case_dir, base / "seed.keras", "--verify", "--data", str(folder))
+
+
+CASES: dict[str, Case] = {
+    # Data read from outside the input.
+    "h5 external storage": Case(_external_storage_h5, "keeps its data in another file", "model.h5"),
+    ".keras external storage": Case(_external_storage_keras, "keeps its data in another file", "model.keras"),
+    "h5 virtual dataset": Case(_virtual_dataset, "virtual dataset", "model.h5"),
+    "h5 external link": Case(_external_link, "ExternalLink", "model.h5"),
+    "h5 soft link": Case(_soft_link, "SoftLink", "model.h5"),
+    "h5 lzf filter": Case(_unknown_filter, r"filter\(s\) \[32000\]", "model.h5"),
+    # Memory bombs.
+    ".keras config.json zip bomb": Case(_keras_config_zip_bomb, "zip bomb", "model.keras"),
+    "h5 chunked 40000x40000, no chunks": Case(_sparse_chunked, "sparse or bomb dataset", "model.h5"),
+    "h5 contiguous terabytes, unallocated": Case(_unallocated_terabytes, "does not hold", "model.h5"),
+    "--arch sparse 1.5 GB": Case(_sparse_arch_json, "more than the", "arch.json"),
+    "safetensors 20 MB header, 170,000 layers": Case(_huge_header, "more than the", "model.safetensors",
+                                                     output="out.pt"),
+    "safetensors 25,000 layers": Case(_too_many_layers, "more than the 20,000 layers", "model.safetensors",
+                                      output="out.pt"),
+    ".pt storage zip bomb": Case(_pt_zip_bomb, "zip bomb", "model.pt"),
+    "pickle LONG_BINPUT 2**28": Case(_pickle_memo_bomb, "memo index 268,435,456", "mnist_X_train.pkl",
+                                     entry="train", output="run"),
+    "pickle BINBYTES8 4 GB": Case(_pickle_huge_bytes, "not a readable pickle", "mnist_X_train.pkl",
+                                  entry="train", output="run"),
+    "IDX gzip bomb": Case(_idx_case(_idx_gzip_bomb), "holds more values", "train-images-idx3-ubyte.gz",
+                          entry="prepare", output="out"),
+    "IDX /dev/zero": Case(_idx_case(_idx_dev_zero), r"not a regular file \(a character device\)",
+                          "train-images-idx3-ubyte", entry="prepare", output="out"),
+    # A hang.
+    "pickle FIFO": Case(_pickle_fifo, r"not a regular file \(a FIFO\)", "mnist_X_train.pkl",
+                        entry="train", output="run"),
+    "FIFO as input": Case(_fifo_as_input, r"not a regular file \(a FIFO\)", "model.safetensors", output="out.pt"),
+    # Tracebacks.
+    ".keras deeply nested config": Case(_deep_keras_config, "nests 100000 levels", "model.keras"),
+    "h5 deeply nested model_config": Case(_deep_model_config, "nests 100000 levels", "model.h5"),
+    "--arch deeply nested": Case(_deep_arch_json, "nests 100001 levels", "arch.json"),
+    ".keras 5000-digit integer": Case(_units_config("1" + "0" * 5000), "integer of 5001 digits", "model.keras"),
+    ".keras 1e999": Case(_units_config("1e999"), "out of range", "model.keras"),
+    "h5 non-UTF-8 model_config": Case(_non_utf8_attribute, "damaged or unsupported HDF5|not UTF-8", "model.h5"),
+    "h5 model_config not text": Case(_model_config_wrong_type, "expected text", "model.h5"),
+    "h5 weight_names not a list": Case(_weight_names_wrong_type, "not a list of names", "model.h5"),
+    "h5 corrupted": Case(_corrupted_h5, "HDF5", "model.h5"),
+    "h5 truncated": Case(_truncated_h5, "HDF5", "model.h5"),
+    "h5 attribute making libhdf5 allocate 2 GiB": Case(_h5_attribute_heap_bomb, "memory allocation failed",
+                                                        "model.h5"),
+    "h5 that crashes libhdf5": Case(_h5_crashing_libhdf5, r"HDF5 library crashed reading it: SIGSEGV", "model.h5"),
+    "h5 dataset of strings": Case(_string_dataset, "not numbers", "model.h5"),
+    "safetensors float8": Case(_safetensors_float8, "has dtype F8_E4M3", "model.safetensors", output="out.pt"),
+    "safetensors offsets beyond the file": Case(_safetensors_offsets_beyond, "do not fit", "model.safetensors",
+                                                output="out.pt"),
+    "safetensors header length beyond the file": Case(_safetensors_header_beyond, "header length",
+                                                      "model.safetensors", output="out.pt"),
+    ".pt meta tensor": Case(_pt_meta, "cannot hold", "model.pt"),
+    ".pt legacy format": Case(_pt_legacy, "not the zip archive", "model.pt"),
+    ".pt bzip2 member": Case(_pt_bzip2_member, "unsupported compression", "model.pt"),
+    "IDX labels out of range": Case(_idx_case(_idx_write("train-labels-idx1-ubyte", idx_bytes(
+        np.full(MNIST_ROWS, 11, np.uint8)))), "labels must be integers 0 to 9", "mnist", entry="prepare",
+        output="out"),
+    "IDX 255 dimensions": Case(_idx_case(_idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 255]) + bytes(2000))),
+                               "255 dimensions", "train-images-idx3-ubyte", entry="prepare", output="out"),
+    "IDX 2-D images": Case(_idx_case(_idx_write("train-images-idx3-ubyte", idx_bytes(
+        np.zeros((MNIST_ROWS, 28), np.uint8)))), r"expected \(N, 28, 28\)", "mnist", entry="prepare", output="out"),
+    "IDX wrapping dimension product": Case(_idx_case(_idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 3])
+                                                                + b"\x80\x00\x00\x00" * 2 + b"\x00\x00\x00\x04")),
+                                           "more than the file can hold", "train-images-idx3-ubyte",
+                                           entry="prepare", output="out"),
+    "npz absurd shape": Case(_npz_case(_npz_absurd_shape), "declares uint8", "mnist.npz", entry="prepare",
+                             output="out"),
+    "pickle unknown codec": Case(_pickle_unknown_codec, "refusing the codec 'bogus'", "mnist_X_train.pkl",
+                                 entry="train", output="run"),
+    "--verify MNIST labels out of range": Case(_verify_with_bad_labels, "labels must be integers", "mnist"),
+    "--tolerance nan": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "nan"),
+                            "--tolerance must be a finite non-negative number", "tolerance"),
+    "--tolerance abc": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--tolerance", "abc"),
+                            "invalid float value: 'abc'", "tolerance"),
+    "train --epochs 0": Case(lambda d, b: train_args(d, b / "mnist")[:2] + ["--epochs", "0", "--out-dir",
+                                                                           str(d / "run")],
+                             "--epochs must be at least 1", "epochs", entry="train", output="run"),
+    "safetensors deeply nested architecture": Case(_deep_metadata_architecture, "architecture nests 100000 levels",
+                                                   "model.safetensors", output="out.pt"),
+    "--tolerance -1": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "-1"),
+                           "--tolerance must be a finite non-negative number", "tolerance"),
+    # Invalid input accepted.
+    "use_bias \"no\"": Case(_use_bias_no, "'use_bias' must be true or false", "config.json"),
+    # No input runs code.
+    ".keras Lambda layer": Case(_lambda_layer, r"unsupported layer 'dense_1' \(Lambda\)", "model.keras"),
+    ".pt carrying os.system": Case(_pt_with_code, "not a readable PyTorch weights file", "model.pt"),
+    "pickle carrying os.system": Case(_pickle_with_code, "refusing posix.system", "mnist_X_train.pkl",
+                                      entry="train", output="run"),
+    "folder as input": Case(_folder_as_input, r"not a regular file \(a folder\)", "model.keras"),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Running cases in this process, measured
+
+
+def _entry(name: str):
+    if name == "convert":
+        from exchange.cli import main
+        return main
+    path = ROOT / "scripts" / ("prepare_data.py" if name == "prepare" else "train.py")
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
+
+
+def _memory_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def _reset_peak() -> None:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); where that is not allowed, the peak is the
+    process's so far, which only makes the bound stricter."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _listing(folder: Path) -> dict[str, bytes | None]:
+    """Every path under `folder` with the bytes of the small files (None for large or special)."""
+    found = {}
+    for path in sorted(folder.rglob("*")):
+        small = path.is_file() and not path.is_symlink() and path.stat().st_size <= 1 << 20
+        found[str(path.relative_to(folder))] = path.read_bytes() if small else None
+    return found
+
+
+def _timeout(signal_number, frame):
+    raise TimeoutError(f"ran longer than {CASE_TIMEOUT} s")
+
+
+def run_one(entry, args: list[str], case_dir: Path) -> dict:
+    """Run one command in this process: exit code, stderr, files left behind, peak memory."""
+    before = _listing(case_dir)
+    stderr, stdout = io.StringIO(), io.StringIO()
+    rss = _memory_kib("VmRSS")
+    _reset_peak()
+    result = {"traceback": None}
+    signal.alarm(CASE_TIMEOUT)
+    try:
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
+            result["rc"] = entry(args)
+    except SystemExit as err:   # argparse errors
+        result["rc"] = err.code
+    except BaseException:        # noqa: B036 (everything is a finding: the test reports it)
+        result["traceback"] = traceback.format_exc()
+        result["rc"] = None
+    finally:
+        signal.alarm(0)
+    result["peak_mib"] = max(0, _memory_kib("VmHWM") - rss) / 1024
+    after = _listing(case_dir)
+    result["stderr"] = stderr.getvalue()
+    result["added"] = sorted(set(after) - set(before))
+    result["changed"] = sorted(name for name in before if name in after and before[name] != after[name]
+                               or name not in after)
+    return result
+
+
+def _prepare_process() -> None:
+    """Import everything the entries use before measuring, then bound the address space."""
+    import torch  # noqa: F401
+
+    import exchange.cli  # noqa: F401
+    from exchange import mnist, torch_adapter  # noqa: F401
+    from frameworks import train_job  # noqa: F401
+
+    signal.signal(signal.SIGALRM, _timeout)
+    limit = _memory_kib("VmSize") * 1024 + ADDRESS_SPACE_HEADROOM
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+
+
+def run_cases(base: Path, work: Path, names: list[str]) -> dict:
+    entries = {}
+    results = {}
+    for name in names:
+        case = CASES[name]
+        case_dir = work / "".join(c if c.isalnum() else "_" for c in name)
+        case_dir.mkdir(parents=True)
+        args = case.build(case_dir, base)
+        output = case_dir / case.output
+        if case.entry == "convert":
+            output.write_bytes(EXISTING)
+        else:
+            output.mkdir(exist_ok=True)
+            (output / "existing").write_bytes(EXISTING)
+        entry = entries.setdefault(case.entry, _entry(case.entry))
+        results[name] = run_one(entry, args, case_dir)
+        results[name]["outside"] = sorted(p.name for p in (work / "outside").glob("*")) \
+            if (work / "outside").is_dir() else []
+        results[name]["secret_leaked"] = any(SECRET in path.read_bytes() for path in case_dir.rglob("*")
+                                             if path.is_file() and not path.is_symlink() and path.name != "secret.bin"
+                                             and path.stat().st_size <= 64 << 20 and path.suffix not in (".h5",))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The mutation fuzzer
+
+FUZZ_TARGETS = {   # base file -> (input name, extra arguments)
+    "seed.keras": ("model.keras", []),
+    "seed_mlp.h5": ("model.h5", []),
+    "seed.safetensors": ("model.safetensors", []),
+    "seed.pt": ("model.pt", ["--activations", SEED_ACTIVATIONS]),
+    "mnist": ("mnist", []),
+}
+
+
+def mutate(data: bytes, generator: random.Random, header_end: int) -> tuple[bytes, str]:
+    """One seeded mutation: bit flips, a truncation, inserted bytes, or edits within the header
+    (the first `header_end` bytes, where sizes and offsets live)."""
+    data = bytearray(data)
+    kind = generator.choice(("flip", "flip", "truncate", "insert", "header", "header", "tail"))
+    if kind == "flip":
+        for _ in range(generator.randint(1, 8)):
+            position = generator.randrange(len(data))
+            data[position] ^= 1 << generator.randrange(8)
+    elif kind == "truncate":
+        del data[generator.randrange(len(data)):]
+    elif kind == "insert":
+        position = generator.randrange(len(data) + 1)
+        data[position:position] = bytes(generator.randrange(256) for _ in range(generator.randint(1, 16)))
+    elif kind == "header":
+        for _ in range(generator.randint(1, 4)):
+            position = generator.randrange(min(header_end, len(data)))
+            data[position] = generator.choice((0, 0xFF, 0x7F, 0x80, generator.randrange(256)))
+    else:   # the zip central directory and HDF5 end-of-file structures sit at the end
+        for _ in range(generator.randint(1, 4)):
+            position = len(data) - 1 - generator.randrange(min(1024, len(data)))
+            data[position] = generator.randrange(256)
+    return bytes(data), kind
+
+
+def _header_end(name: str, data: bytes) -> int:
+    if name.endswith(".safetensors"):
+        return 8 + struct.unpack("<Q", data[:8])[0]
+    if name == "mnist":
+        return 16
+    return 4096   # HDF5 superblock and root object headers; zip local headers
+
+
+def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
+    generator = random.Random(seed)
+    convert, prepare = _entry("convert"), _entry("prepare")
+    results = {}
+    progress = work.parent / f"{work.name}.progress"   # names the case a native crash happened in
+    for index in range(count):
+        source = generator.choice(sorted(FUZZ_TARGETS))
+        name, extra = FUZZ_TARGETS[source]
+        case_dir = work / f"{index:05d}"
+        case_dir.mkdir(parents=True)
+        if source == "mnist":
+            folder = mnist_copy(case_dir, base)
+            target = folder / generator.choice(sorted(p.name for p in folder.iterdir()))
+            data, kind = mutate(target.read_bytes(), generator, 16)
+            target.write_bytes(data)
+            (case_dir / "out").mkdir()
+            (case_dir / "out" / "existing").write_bytes(EXISTING)
+            result = run_one(prepare, [str(folder), str(case_dir / "out")], case_dir)
+            label = f"{source}/{target.name} {kind}"
+        else:
+            original = (base / source).read_bytes()
+            data, kind = mutate(original, generator, _header_end(source, original))
+            (case_dir / name).write_bytes(data)
+            (case_dir / "out.safetensors").write_bytes(EXISTING)
+            progress.write_text(f"{index} {source} {kind}")
+            result = run_one(convert, [str(case_dir / name), str(case_dir / "out.safetensors"), *extra], case_dir)
+            label = f"{source} {kind}"
+        result["label"] = label
+        if result["rc"] == 0 and result["traceback"] is None:
+            result["stderr"] = ""   # a mutation in the data region converts; that is fine
+        results[f"{index:05d}"] = result
+        shutil.rmtree(case_dir)
+    return results
+
+
+def main(argv: list[str]) -> int:
+    mode, base, work, output = argv[0], Path(argv[1]), Path(argv[2]), Path(argv[3])
+    sys.path.insert(0, str(ROOT))
+    _prepare_process()
+    if mode == "cases":
+        results = run_cases(base, work, argv[4:] or list(CASES))
+    else:
+        results = run_fuzz(base, work, int(argv[4]), int(argv[5]))
+    output.write_text(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
