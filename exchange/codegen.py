@@ -115,6 +115,9 @@ def _constructor(module: nn.Module) -> str:
         arguments = [_format(module.input_size), _format(module.hidden_size)]
         arguments += [f"{name}={_format(getattr(module, name))}" for name, default in RECURRENT_ARGUMENTS.items()
                       if default is not None and hasattr(module, name) and getattr(module, name) != default]
+        dtype = _argument(module, "dtype")
+        if dtype is not _ABSENT:
+            arguments.append(f"dtype={_format(dtype)}")
         return f"{type_name}({', '.join(arguments)})"
     signature = inspect.signature(module_type.__init__)
     positional, keywords = [], []

@@ -193,16 +193,25 @@ class Graph:
 
     @cached_property
     def masks(self) -> dict[str, str | None]:
-        """The Keras mask each input and node output carries: the name of the layer that made it
-        (an Embedding with `mask_zero=True`) or None. Keras passes masks along implicitly; the
-        layers that use them (recurrent layers, GlobalAveragePooling1D, attention) read them here.
+        """The Keras mask each input and node output carries: the name of the token ids whose
+        `ids != 0` it is (made by an Embedding with `mask_zero=True`), or None. Keras passes masks
+        along implicitly; the layers that use them (recurrent layers, GlobalAveragePooling1D,
+        attention) read them here.
         """
         from exchange.kinds import kind_of
 
         masks: dict[str, str | None] = {spec.name: None for spec in self.inputs}
+        every_mask: dict[str, list] = {}   # the masks of each output of layers with several
         for node in self.nodes:
-            masks[node.name] = kind_of(node.kind).output_mask(node.name, node.config,
-                                                              tuple(masks[name] for name in node.inputs))
+            kind = kind_of(node.kind)
+            input_masks = tuple(masks[name] for name in node.inputs)
+            if kind.selects_output:
+                masks[node.name] = every_mask[node.inputs[0]][node.config.index]
+            elif kind.output_count(node.config) > 1:
+                every_mask[node.name] = kind.output_masks(node, input_masks)
+                masks[node.name] = every_mask[node.name][0]
+            else:
+                masks[node.name] = kind.output_mask(node, input_masks)
         return masks
 
     @cached_property

@@ -35,6 +35,10 @@ FUNCTIONAL_CLASSES = ("Functional", "Model")
 # nodes: each `mask=` is checked to come from the derived mask's token ids.
 MASK_KEYWORD = "mask"
 MASK_SOURCE_OPERATION = "NotEqual"   # `ids != constant`: the constant must be 0 (Embedding's mask_zero)
+# The operations Keras's own compute_mask methods record (merges: logical_or; Concatenate:
+# expand_dims, zeros_like, ones_like, concatenate, any); a mask made with any other is the model's own.
+MASK_OPERATIONS = ("NotEqual", "LogicalOr", "LogicalAnd", "ExpandDims", "ZerosLike", "OnesLike", "Concatenate",
+                   "Any", "All")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
 # Options Keras writes as JSON booleans; the kinds read them with bool(), which takes "no" as True.
 # (`scale` is a flag of the normalization layers only: Rescaling's is a number.)
@@ -186,17 +190,22 @@ class _Parser:
                 call_args = _call_args(inbound[0])
                 call_kwargs = _call_kwargs(inbound[0], tensor_kwargs)
                 mask = _mask_ref(inbound[0])
-                if mask is not None:
+                if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
+                    # (a nested model passes its input's mask on to its layers, as the graph does)
                     if edges[mask] not in self.mask_operations:
                         raise UnsupportedLayerError(f"layer {name!r} ({class_name}) is given an explicit mask "
                                                     f"from {mask[0]!r}; only Embedding masks are supported")
                     self.explicit_masks[name] = self.mask_operations[edges[mask]]
+            except UnsupportedLayerError as err:   # a call this exchange cannot read: name the layer
+                message = str(err)
+                self.problems.append(message if repr(name) in message else f"layer {name!r} ({class_name}): {message}")
+                continue
             except KeyError as err:
                 if self.problems:
                     continue  # a layer before it failed; that problem is already reported
                 raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
             outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
-                                 call_kwargs)
+                                 call_kwargs, mask_given=mask is not None)
             for index, edge in enumerate(outputs):
                 edges[(name, index)] = edge
         if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
@@ -223,6 +232,7 @@ class _Parser:
         if class_name == MASK_SOURCE_OPERATION:
             constants = [value for value in _call_args(inbound) if value is not None]
             other_constant |= constants != [0]
+        other_constant |= class_name not in MASK_OPERATIONS   # e.g. `ids > 3`: the model's own mask
         edge = f"{name}:mask"
         self.mask_operations[edge] = (frozenset(reads), other_constant)
         edges[(name, 0)] = edge
@@ -236,7 +246,7 @@ class _Parser:
         return name
 
     def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str,
-              call_args: list | None = None, call_kwargs: dict | None = None) -> list[str]:
+              call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False) -> list[str]:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
@@ -253,7 +263,7 @@ class _Parser:
             _check_flags(config, FLAG_OPTIONS + (NORMALIZATION_FLAGS if class_name.endswith("Normalization") else ()))
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
-                                   call_kwargs=call_kwargs)
+                                   call_kwargs=call_kwargs, mask_given=mask_given)
             node_config = kind.from_keras(options)
             options.finish()
             dtype = _dtype(config.get("dtype"), name)
@@ -370,9 +380,8 @@ def _check_explicit_masks(graph: Graph, explicit_masks: dict) -> None:
     from the ids an Embedding with mask_zero=True reads, `ids != 0`, and no other input."""
     inputs = {spec.name for spec in graph.inputs}
     for name, (reads, other_constant) in explicit_masks.items():
-        derived = graph.masks[graph.node(name).inputs[0]]
-        ids = graph.node(derived).inputs[0] if derived is not None else None
-        if derived is None or other_constant or ids not in reads or (reads & inputs) - {ids}:
+        ids = graph.masks[graph.node(name).inputs[0]]   # the derived mask: these ids != 0
+        if ids is None or other_constant or ids not in reads or (reads & inputs) - {ids}:
             shown = ", ".join(sorted(reads))
             raise UnsupportedLayerError(f"layer {name!r} is given a mask (computed from {shown}) that is not "
                                         "the mask of an Embedding with mask_zero=True; not supported")
@@ -432,6 +441,12 @@ def _is_keras2_ref(value) -> bool:
 
 
 def _is_operation(layer: dict) -> bool:
+    """A Keras 3 operation, not a layer. Keras 3's legacy `.h5` configs leave out the module:
+    there an operation is a class no layer kind reads that an operation kind or a mask does."""
+    if "module" not in layer and isinstance(layer.get("class_name"), str):
+        class_name = layer["class_name"]
+        return kind_for_keras_class(class_name) is None and (
+            kind_for_keras_class(OPS_PREFIX + class_name) is not None or class_name in MASK_OPERATIONS)
     return str(layer.get("module") or "").startswith(OPS_MODULE)
 
 

@@ -175,7 +175,7 @@ def test_embedding_masks(heads, key_dim, pool, cross):
         torch_outputs = torch_adapter.predict(torch_model, inputs)
         assert all(np.isfinite(output).all() for output in torch_outputs)
         assert max_difference(keras_adapter.predict(reference, inputs), torch_outputs) <= TOLERANCE
-    assert graph.masks["mha"] == (None if cross else "embed")
+    assert graph.masks["mha"] == (None if cross else "ids")   # the mask is `ids != 0`
 
 
 @pytest.mark.parametrize("key_dim", [8, 6])

@@ -59,6 +59,43 @@ def encoder_decoder(cell=L.LSTM, masked=False):
     return keras.Model([source, target], L.Dense(5, name="project")(decoded))
 
 
+def masked_state_with_zero_output():
+    """The h state is the carried state, not the last output (zero where the last step is masked)."""
+    ids = keras.Input((9,), dtype="int32", name="ids")
+    x = L.Embedding(10, 4, mask_zero=True, name="embed")(ids)
+    outputs = L.LSTM(3, return_state=True, zero_output_for_mask=True, name="lstm")(x)
+    return keras.Model(ids, outputs)
+
+
+def initial_state_and_mask(explicit: bool):
+    """Keras 3 passes the Embedding's mask to a layer called with initial_state only as `mask=`."""
+    ids = keras.Input((9,), dtype="int32", name="ids")
+    start = keras.Input((3,), name="start")
+    x = L.Embedding(10, 4, mask_zero=True, name="embed")(ids)
+    mask = {"mask": keras.ops.not_equal(ids, 0)} if explicit else {}
+    outputs = L.GRU(3, return_sequences=True, return_state=True, name="gru")(x, initial_state=[start], **mask)
+    return keras.Model([ids, start], outputs)
+
+
+def mask_into_nested_model():
+    inner = keras.Sequential([keras.Input((9, 4)), L.LSTM(3, name="inner_lstm")], name="inner")
+    ids = keras.Input((9,), dtype="int32", name="ids")
+    return keras.Model(ids, inner(L.Embedding(10, 4, mask_zero=True, name="embed")(ids)))
+
+
+def two_embeddings_of_the_same_ids():
+    ids = keras.Input((9,), dtype="int32", name="ids")
+    both = L.Add()([L.Embedding(10, 4, mask_zero=True)(ids), L.Embedding(10, 4, mask_zero=True)(ids)])
+    return keras.Model(ids, L.LSTM(3)(both))
+
+
+def bidirectional_backward_output_masked():
+    ids = keras.Input((9,), dtype="int32", name="ids")
+    x = L.Embedding(10, 4, mask_zero=True, name="embed")(ids)
+    _, backward = L.Bidirectional(L.LSTM(3, return_sequences=True), merge_mode=None, name="bi")(x)
+    return keras.Model(ids, L.LSTM(2, name="after")(backward))
+
+
 def bidirectional_two_outputs():
     inputs = keras.Input(SERIES, name="series")
     forward, backward = L.Bidirectional(L.GRU(3, return_sequences=True), merge_mode=None, name="bi")(inputs)
@@ -101,6 +138,15 @@ CASES = {
     "masked_gru_state": gru_state_into_dense,
     "sequence_merges": lambda: keras.Model(*_sequence_merges()),
     "encoder_decoder_lstm": encoder_decoder,
+    "masked_state_zero_output": masked_state_with_zero_output,
+    "initial_state_implicit_mask_unused": lambda: initial_state_and_mask(explicit=False),
+    "initial_state_explicit_mask": lambda: initial_state_and_mask(explicit=True),
+    "mask_into_nested_model": mask_into_nested_model,
+    "two_embeddings_same_ids": two_embeddings_of_the_same_ids,
+    "bidirectional_backward_output_masked": bidirectional_backward_output_masked,
+    "float64_lstm_gru": lambda: keras.Sequential([keras.Input(SERIES, dtype="float64"),
+                                                  L.LSTM(4, return_sequences=True, dtype="float64"),
+                                                  L.GRU(3, dtype="float64")]),
     "encoder_decoder_gru_masked": lambda: encoder_decoder(L.GRU, masked=True),
     "encoder_decoder_rnn": lambda: encoder_decoder(L.SimpleRNN),
 }
@@ -115,8 +161,10 @@ def _sequence_merges():
 
 
 def padded_batch(model, rows=7, seed=0):
-    """Random inputs; token ids get trailing padding (0) of every length and zeros inside."""
-    arrays = batch(model, rows=rows, seed=seed)
+    """Random inputs in each input's dtype (float32 values: Keras's predict rounds float64 inputs
+    to float32); token ids get trailing padding (0) of every length and zeros inside."""
+    arrays = [array.astype(str(tensor.dtype))
+              for array, tensor in zip(batch(model, rows=rows, seed=seed), model.inputs)]
     for array in arrays:
         if array.dtype.kind == "i":
             for row in range(rows):
@@ -267,7 +315,7 @@ def test_keras2_recurrent_files_match_keras2(name, tmp_path):
     kinds = {node.name: node.config for node in graph.nodes}
     if name == "lstm":
         assert kinds["lstm_b"].recurrent_activation == "hard_sigmoid_keras2" and kinds["lstm_b"].go_backwards
-        assert graph.masks["lstm_a"] == "embed"
+        assert graph.masks["lstm_a"] == "tokens"   # the mask is `tokens != 0`
     else:
         assert kinds["gru_a"].reset_after is False and kinds["gru_b"].reset_after is True
 
@@ -323,13 +371,27 @@ def test_unsupported_sequence_layers_are_named(make_model, message):
         keras_adapter.architecture_of(make_model())
 
 
-def test_explicit_mask_other_than_the_embedding_is_refused():
+@pytest.mark.parametrize("make_mask", [
+    lambda ids: keras.ops.not_equal(ids, 5),
+    lambda ids: keras.ops.greater(ids, 3),
+    lambda ids: keras.ops.logical_and(keras.ops.not_equal(ids, 0), keras.ops.less(ids, 5)),
+])
+def test_explicit_mask_other_than_the_embedding_is_refused(make_mask):
     """Keras 3 records the masks it passes as `mask=`; one that is not the Embedding's `ids != 0`
     would make the graph's derived mask wrong, so it is refused."""
     ids = keras.Input((9,), dtype="int32", name="ids")
     x = L.Embedding(10, 4, mask_zero=True, name="embed")(ids)
-    model = keras.Model(ids, L.LSTM(3, name="lstm")(x, mask=keras.ops.not_equal(ids, 5)))
+    model = keras.Model(ids, L.LSTM(3, name="lstm")(x, mask=make_mask(ids)))
     with pytest.raises(UnsupportedLayerError, match="'lstm' is given a mask \\(computed from ids\\) that is not"):
+        keras_adapter.architecture_of(model)
+
+
+def test_bidirectional_with_initial_state_is_refused_naming_the_layer():
+    series_input, start = keras.Input(SERIES), keras.Input((3,))
+    model = keras.Model([series_input, start], L.Bidirectional(L.GRU(3), name="bi")(
+        series_input, initial_state=[start, start]))
+    with pytest.raises(UnsupportedLayerError, match="layer 'bi' \\(Bidirectional\\): tensor passed as keyword "
+                                                    "argument 'initial_state' is not supported"):
         keras_adapter.architecture_of(model)
 
 
@@ -343,7 +405,7 @@ def test_output_node_of_a_single_output_layer_is_refused():
 
 
 @pytest.mark.parametrize("case", ["encoder_decoder_gru_masked", "encoder_decoder_lstm", "bidirectional_none",
-                                  "time_distributed_conv", "lstm_return_state"])
+                                  "time_distributed_conv", "lstm_return_state", "float64_lstm_gru"])
 def test_generated_code_of_sequence_models(case, tmp_path):
     """The generated source (states, masks, containers, several inputs and outputs) computes what
     Keras computes; tests/test_codegen.py runs the sequence zoo's files in a clean process."""
@@ -389,3 +451,16 @@ def test_keras_layout_module_takes_the_int32_ids_keras_takes(tmp_path):
     with torch.no_grad():
         outputs = module(torch.from_numpy(ids)).numpy()
     assert max_difference([outputs], keras_adapter.predict(model, [ids])) <= LAYER_TOLERANCE
+
+
+def test_keras3_legacy_h5_of_a_masked_model(tmp_path):
+    """Keras 3's legacy `.h5` records operations (the mask's `ids != 0`) without their module."""
+    keras.utils.set_random_seed(4)
+    model = randomize(CASES["masked_lstm"](), seed=2)
+    path = tmp_path / "masked.h5"
+    model.save(path)
+    common = tmp_path / "masked.safetensors"
+    cli.convert(path, common)
+    inputs = padded_batch(model)
+    assert max_difference(keras_adapter.predict(model, inputs),
+                          torch_adapter.predict(torch_adapter.model_from_file(common), inputs)) <= LAYER_TOLERANCE

@@ -67,10 +67,10 @@ class LayerKind:
         `<group>/vars`, "cell" for an LSTM's `<group>/cell/vars`; their `vars` are read in order."""
         return ("",)
 
-    def output_mask(self, node_name: str, config, input_masks: tuple) -> str | None:
-        """The mask on this node's output (named after the layer that made it), from its inputs'
-        masks, as Keras's `compute_mask` does: a layer without `supports_masking` drops it; one
-        with it passes input 0's on; a merge keeps a mask that every input carries."""
+    def output_mask(self, node, input_masks: tuple) -> str | None:
+        """The mask on this node's output, from its inputs' masks, as Keras's `compute_mask` does:
+        a layer without `supports_masking` drops it; one with it passes input 0's on; a merge keeps
+        a mask that every input carries. A mask is named by the token ids whose `!= 0` it is."""
         if not self.passes_mask:
             return None
         if not self.takes_list:
@@ -78,9 +78,13 @@ class LayerKind:
         if any(mask is None for mask in input_masks):
             return None
         if len(set(input_masks)) > 1:
-            raise UnsupportedLayerError(f"layer {node_name!r} ({self.kind}) merges tensors masked by different "
-                                        f"layers ({', '.join(sorted(set(input_masks)))}); not supported")
+            raise UnsupportedLayerError(f"layer {node.name!r} ({self.kind}) merges tensors masked by different "
+                                        f"token ids ({', '.join(sorted(set(input_masks)))}); not supported")
         return input_masks[0]
+
+    def output_masks(self, node, input_masks: tuple) -> list:
+        """The mask of each output, for layers with several; by default `output_mask`'s for all."""
+        return [self.output_mask(node, input_masks)] * self.output_count(node.config)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -228,13 +232,14 @@ class KerasOptions:
     """
 
     def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False,
-                 call_args: list | None = None, call_kwargs: dict | None = None):
+                 call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False):
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
         self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
         self.call_args = call_args or []   # positional arguments of the call: None for a tensor
         # keyword arguments of the call (but `mask`): a constant's value, or TENSOR for a tensor, which
         # is a node input after the positional ones, in this dict's order (`LayerKind.tensor_kwargs`)
         self.call_kwargs = call_kwargs or {}
+        self.mask_given = mask_given   # the call passes `mask=` explicitly (Keras 3 records it)
         self.taken: set[str] = set()
 
     def where(self) -> str:

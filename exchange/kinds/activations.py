@@ -229,9 +229,9 @@ class Softmax(LayerKind):
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
 
-    def output_mask(self, node_name, config, input_masks):
+    def output_mask(self, node, input_masks):
         if input_masks[0] is not None:   # Keras adds a large negative number at masked steps
-            raise UnsupportedLayerError(f"layer {node_name!r} (Softmax) on a masked input (mask from "
+            raise UnsupportedLayerError(f"layer {node.name!r} (Softmax) on a masked input (mask from "
                                         f"{input_masks[0]!r}) is not supported")
         return None
 

@@ -140,8 +140,8 @@ class MultiHeadAttention(LayerKind):
     def keras3_subgroups(self, config):
         return tuple(f"{projection}_dense" for projection in PROJECTIONS)
 
-    def output_mask(self, node_name, config, input_masks):
-        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+    def output_mask(self, node, input_masks):
+        return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
 
     # -- shapes and weights -----------------------------------------------------------------
 

@@ -30,7 +30,7 @@ import operator
 from dataclasses import dataclass, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import KerasOptions, LayerKind, kind_for_keras_class, register
+from exchange.kinds import TENSOR, KerasOptions, LayerKind, kind_for_keras_class, register
 from exchange.kinds.activations import check_activation, keras_activation, read_activation
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
@@ -54,6 +54,9 @@ class RecurrentConfig:
     go_backwards: bool = False
     zero_output_for_mask: bool = False
     reset_after: bool = True                # GRU only
+    # Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
+    # input only when the call has that one tensor (no initial_state) or passes `mask=`.
+    uses_mask: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.units, int) or isinstance(self.units, bool) or self.units < 1:
@@ -77,6 +80,8 @@ class _Recurrent(LayerKind):
     def from_keras(self, options):
         options.expect("stateful", False)
         options.expect("time_major", False)
+        tensors = sum(argument is None for argument in options.call_args) + sum(
+            value is TENSOR for value in options.call_kwargs.values())
         for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation", "use_cudnn",
                     "unroll"):
             options.take(key, None)   # training-only or speed options
@@ -89,7 +94,8 @@ class _Recurrent(LayerKind):
             return_state=options.flag("return_state", False),
             go_backwards=options.flag("go_backwards", False),
             zero_output_for_mask=options.flag("zero_output_for_mask", False),
-            reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True)
+            reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True,
+            uses_mask=options.keras2 or options.mask_given or tensors <= 1)
         for key in ("activation", "recurrent_activation"):
             if getattr(config, key) not in RECURRENT_ACTIVATIONS:
                 raise options.unsupported(key, getattr(config, key), "not supported in a recurrent layer")
@@ -117,11 +123,11 @@ class _Recurrent(LayerKind):
     def output_shape(self, config, input_shapes):
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node_name, config, input_masks):
-        return input_masks[0] if config.return_sequences else None
+    def output_mask(self, node, input_masks):
+        return input_masks[0] if node.config.return_sequences and node.config.uses_mask else None
 
-    def output_masks(self, node_name, config, input_masks) -> list:
-        return [self.output_mask(node_name, config, input_masks)] + [None] * (self.output_count(config) - 1)
+    def output_masks(self, node, input_masks) -> list:
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
     def bias_shape(self, config) -> tuple:
         return (self.gates * config.units,)
@@ -162,7 +168,7 @@ class _Recurrent(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
-        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] else None
+        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] and context.config.uses_mask else None
         results = run_recurrent(builder, context, self, context.config, sequence, mask, context.torch_name,
                                 context.config.zero_output_for_mask, initial_state=inputs[1:])
         output = results[0]
@@ -177,9 +183,12 @@ class _Recurrent(LayerKind):
                                                             dtype=context.node.dtype)
 
     def keras_call(self, keras_layer, arguments, context):
-        if len(arguments) > 1:
-            return keras_layer(arguments[0], initial_state=list(arguments[1:]))
-        return keras_layer(arguments[0])
+        if len(arguments) == 1:
+            return keras_layer(arguments[0])
+        # With initial states Keras 3 passes the input's mask only when given as `mask=`.
+        mask = context.input_masks[0] is not None and context.config.uses_mask
+        return keras_layer(arguments[0], initial_state=list(arguments[1:]),
+                           **({"mask": _keras_mask(arguments[0])} if mask else {}))
 
     def keras_arguments(self, config, name: str) -> dict:
         where = f"layer {name!r}"
@@ -192,6 +201,13 @@ class _Recurrent(LayerKind):
         if self.mode == "gru":
             arguments["reset_after"] = config.reset_after
         return arguments
+
+
+def _keras_mask(tensor):
+    """The mask Keras attached to a symbolic tensor (an Embedding's with mask_zero=True)."""
+    from keras.src.backend import get_keras_mask
+
+    return get_keras_mask(tensor)
 
 
 def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, sequence, mask, module_name: str,
@@ -219,11 +235,12 @@ def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, s
     last = builder.call(operator.getitem, outputs, (slice(None), -1))
     values = [outputs if config.return_sequences else last]
     if config.return_state:
-        # The last state is the last output (masked steps carry both over); an LSTM adds c.
-        values.append(last)
-        if kind.state_count == 2:
-            state = builder.call(operator.getitem, result, 1)
-            values.append(builder.call(operator.getitem, builder.call(operator.getitem, state, 1), 0))
+        # The module's last state (1, N, H): not the last output, which a masked last step with
+        # zero_output_for_mask makes zero, nor with an initial state carried over a masked row.
+        state = builder.call(operator.getitem, result, 1)
+        states = [builder.call(operator.getitem, state, index) for index in range(kind.state_count)] \
+            if kind.state_count == 2 else [state]
+        values += [builder.call(operator.getitem, value, 0) for value in states]
     return values
 
 
@@ -354,11 +371,8 @@ class Bidirectional(LayerKind):
     def output_shape(self, config, input_shapes):
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node_name, config, input_masks):
-        return input_masks[0] if config.forward.return_sequences else None
-
-    def output_masks(self, node_name, config, input_masks):
-        return [self.output_mask(node_name, config, input_masks)] * self.output_count(config)
+    def output_mask(self, node, input_masks):
+        return input_masks[0] if node.config.forward.return_sequences else None
 
     def _side_contexts(self, context):
         return [replace(context, node=replace(context.node, config=side_config))
@@ -458,10 +472,7 @@ class Output(LayerKind):
     with merge_mode=None). Not a Keras layer: Keras's call returns a list, this picks from it."""
 
     kind, keras_classes, Config = "output", (), OutputConfig
-    selects_output = True
-
-    def output_mask(self, node_name, config, input_masks):
-        return input_masks[0] if config.index == 0 else None
+    selects_output = True    # its shape and mask are those of output `index` of its input (Graph)
 
     def torch_forward(self, builder, context, inputs):
         return inputs[0][context.config.index]

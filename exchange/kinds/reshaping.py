@@ -316,8 +316,8 @@ class Embedding(LayerKind):
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
-    def output_mask(self, node_name, config, input_masks):
-        return node_name if config.mask_zero else None
+    def output_mask(self, node, input_masks):
+        return node.inputs[0] if node.config.mask_zero else None   # `ids != 0`, named by the ids
 
     def from_keras(self, options):
         mask_zero = options.flag("mask_zero", False)
@@ -344,8 +344,8 @@ class Embedding(LayerKind):
         weight = builder.torch.empty(config.input_dim, config.output_dim, device="meta", dtype=builder.dtype(context))
         module = builder.nn.Embedding(config.input_dim, config.output_dim, _weight=builder.nn.Parameter(weight))
         ids = builder.method(inputs[0], "long")
-        if config.mask_zero:
-            builder.masks[context.node.name] = builder.call(builder.torch.ne, ids, 0)
+        if config.mask_zero and context.node.inputs[0] not in builder.masks:   # one per ids tensor
+            builder.masks[context.node.inputs[0]] = builder.call(builder.torch.ne, ids, 0)
         value = builder.module(context, module, ids)
         return builder.call(builder.torch.movedim, value, -1, 1) if len(context.input_shape) >= 1 else value
 
