@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_files, reference, untrusted
+from exchange import fileformat, keras_files, layout, reference, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 
@@ -379,12 +379,13 @@ def interruptible():
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None, check=None) -> Graph:
+            arch_path: Path | None = None, check=None, notes: list | None = None) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
     `check(graph, written, code_weights)`, when given, runs on the temporary files before they
-    replace anything; raising leaves every existing output as it was."""
+    replace anything; raising leaves every existing output as it was. `notes`, when given,
+    receives what the user should know about a successful conversion (tensors folded together)."""
     file_kind(out_path, OUTPUT_KINDS)
     weights_path = code_weights_path(out_path) if out_path.suffix == ".py" else out_path
     for path in (out_path, weights_path):
@@ -392,6 +393,10 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
+        folded = layout.folded_tensors(graph, tensors) if out_path.suffix == ".keras" else []
+        if folded and notes is not None:
+            notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
+                         "has two (same outputs; converting back gives zeros there)")
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_output(weights_path) as temporary:
@@ -476,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args, activations, check) -> int:
     try:
         with interruptible():
-            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None)
+            notes: list[str] = []
+            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes)
+        for note in notes:
+            print(f"note: {note}")
         print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, "
               f"{graph.parameter_count():,} parameters")
     except (Interrupted, KeyboardInterrupt) as err:

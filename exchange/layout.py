@@ -95,3 +95,17 @@ def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
                                   for name, array in port.to_keras(torch_arrays, keras_shapes).items()})
         per_node[node.name] = [variables[name] for name, _ in graph.keras_variables(node)]
     return per_node
+
+
+def folded_tensors(graph: Graph, tensors: dict) -> list[str]:
+    """Torch tensors that a torch -> Keras conversion folds into another (a `Summed` port: an
+    LSTM's nonzero `bias_hh_l0` added to `bias_ih_l0` as Keras's one bias). The outputs stay the
+    same; going back to torch gives the canonical split (the sum, then zeros)."""
+    found = []
+    for node in graph.nodes:
+        prefix = graph.torch_names[node.name]
+        for port in graph.ports(node):
+            if getattr(port, "lossy", False):
+                found += [f"{prefix}.{key}" for key in port.torch[1:]
+                          if np.any(materialize(tensors[f"{prefix}.{key}"]))]
+    return found

@@ -464,3 +464,21 @@ def test_keras3_legacy_h5_of_a_masked_model(tmp_path):
     inputs = padded_batch(model)
     assert max_difference(keras_adapter.predict(model, inputs),
                           torch_adapter.predict(torch_adapter.model_from_file(common), inputs)) <= LAYER_TOLERANCE
+
+
+def test_torch_biases_summed_going_to_keras_are_named(tmp_path, capsys):
+    """A trained torch LSTM has two biases; its `.keras` holds their sum (same outputs) and the
+    CLI says which torch tensors were folded."""
+    keras.utils.set_random_seed(3)
+    graph = keras_adapter.architecture_of(CASES["lstm_stacked"]())
+    state = random_torch_state(graph, seed=2)
+    torch_path = tmp_path / "trained.safetensors"
+    torch_adapter.save_file(torch_adapter.model_from_tensors(graph, state), torch_path)
+    assert cli.main([str(torch_path), str(tmp_path / "trained.keras")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    folded = [f"{graph.torch_names[node.name]}.bias_hh_l0" for node in graph.nodes]
+    assert lines[0] == f"note: {', '.join(folded)} added into the bias before them: Keras has one bias where " \
+                       "torch has two (same outputs; converting back gives zeros there)"
+    inputs = padded_batch(keras.saving.load_model(tmp_path / "trained.keras"))
+    assert max_difference(keras_adapter.predict(keras.saving.load_model(tmp_path / "trained.keras"), inputs),
+                          torch_adapter.predict(torch_adapter.model_from_file(torch_path), inputs)) <= LAYER_TOLERANCE
