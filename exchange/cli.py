@@ -287,7 +287,8 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
     rows = max(8, min(VERIFY_BATCH, VERIFY_ELEMENTS // max(largest, 1)))
     generator = np.random.default_rng(0)
     batch = [generator.integers(0, _token_ids(graph, spec.name), (rows,) + tuple(spec.shape)).astype(spec.dtype)
-             if spec.dtype.startswith("int") else generator.random((rows,) + tuple(spec.shape), dtype=np.float32)
+             if spec.dtype.startswith("int")
+             else generator.random((rows,) + tuple(spec.shape), dtype=np.float32).astype(spec.dtype)
              for spec in graph.inputs]
     return batch, f"a fixed random batch of {rows:,} inputs"
 

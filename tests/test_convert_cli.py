@@ -166,3 +166,14 @@ def test_malformed_inputs_are_one_line_errors(tmp_path, capsys):
     assert cli.main([str(bfloat16), str(tmp_path / "b.safetensors"), "--activations", "tanh"]) == 2
     assert "layers.0.weight (torch.bfloat16)" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bf16.pt", "broken.json"]
+
+
+def test_verify_feeds_a_float16_model_float16_inputs(tmp_path, capsys):
+    """--verify draws its batch in each input's dtype (float32 inputs crashed a float16 torch module)."""
+    import keras
+
+    keras.utils.set_random_seed(1)
+    path = tmp_path / "half.keras"
+    keras.Sequential([keras.Input((5,), dtype="float16"), keras.layers.Dense(3, dtype="float16")]).save(path)
+    assert cli.main([str(path), str(tmp_path / "half.safetensors"), "--verify", "--tolerance", "1e-2"]) == 0
+    assert "argmax agreement" in capsys.readouterr().out
