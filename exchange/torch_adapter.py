@@ -67,8 +67,7 @@ class TorchGraphBuilder:
         return TORCH_DTYPES[context.node.dtype]
 
     def module(self, context, module: nn.Module, *args) -> fx.Node:
-        self.root.add_module(context.torch_name, module)
-        return self.graph.call_module(context.torch_name, args)
+        return self.submodule(context.torch_name, module, *args)
 
     def submodule(self, path: str, module: nn.Module, *args) -> fx.Node:
         """Register `module` at a dotted path below an existing one (`bi.forward_layer`) and call it."""

@@ -336,24 +336,25 @@ def _corrupted_h5(case_dir, base):
     return convert_args(case_dir, path)
 
 
-def _h5_crashing_libhdf5(case_dir, base):
-    """One byte of the seed .h5's model_config attribute message changed (found by the fuzzer):
-    reading the attribute makes libhdf5 crash with SIGSEGV."""
+def _seed_h5_with_byte(case_dir, base, offset: int, value: int):
+    """The seed .h5 with one byte changed (cases the fuzzer found)."""
     data = bytearray((base / "seed_mlp.h5").read_bytes())
-    data[1009] = 238
+    data[offset] = value
     path = case_dir / "model.h5"
     path.write_bytes(bytes(data))
     return convert_args(case_dir, path)
+
+
+def _h5_crashing_libhdf5(case_dir, base):
+    """One byte of the model_config attribute message changed: reading the attribute makes
+    libhdf5 crash with SIGSEGV."""
+    return _seed_h5_with_byte(case_dir, base, 1009, 238)
 
 
 def _h5_attribute_heap_bomb(case_dir, base):
-    """One byte of the model_config attribute's global-heap reference changed (found by the
-    fuzzer): libhdf5 allocates about 2 GiB for the attribute before finding it damaged."""
-    data = bytearray((base / "seed_mlp.h5").read_bytes())
-    data[1043] = 128
-    path = case_dir / "model.h5"
-    path.write_bytes(bytes(data))
-    return convert_args(case_dir, path)
+    """One byte of the model_config attribute's global-heap reference changed: libhdf5 allocates
+    about 2 GiB for the attribute before finding it damaged."""
+    return _seed_h5_with_byte(case_dir, base, 1043, 128)
 
 
 def _truncated_h5(case_dir, base):

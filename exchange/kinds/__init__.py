@@ -254,6 +254,26 @@ class KerasOptions:
             raise UnsupportedLayerError(f"{self.where()}: option {key!r} is missing")
         return default
 
+    def wrapped_layer(self, key: str, accepts, what: str, required: bool = True):
+        """(kind, config, Keras name) of the layer a wrapper holds in option `key`
+        (TimeDistributed's and Bidirectional's `layer`), read with the wrapper's name in errors;
+        `accepts(kind)` says which kinds the wrapper takes, `what` names them. None when the
+        option is absent and not `required`."""
+        layer_config = self.take(key) if required else self.take(key, None)
+        if layer_config is None and not required:
+            return None
+        if not isinstance(layer_config, dict) or not isinstance(layer_config.get("config"), dict):
+            raise self.unsupported(key, layer_config, "expected a layer config")
+        class_name = layer_config.get("class_name")
+        kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
+        if kind is None or not accepts(kind):
+            raise self.unsupported(key, class_name, what)
+        name = str(layer_config["config"].get("name", key))
+        inner = KerasOptions(class_name, f"{self.layer_name}/{name}", layer_config["config"], keras2=self.keras2)
+        config = kind.from_keras(inner)
+        inner.finish()
+        return kind, config, name
+
     def flag(self, key: str, default: bool) -> bool:
         """A true/false option: anything but a JSON boolean is refused (`"no"` is not false)."""
         value = self.take(key, default)

@@ -30,12 +30,12 @@ import operator
 from dataclasses import dataclass, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import TENSOR, KerasOptions, LayerKind, kind_for_keras_class, register
+from exchange.kinds import TENSOR, LayerKind, register
 from exchange.kinds.activations import check_activation, keras_activation, read_activation
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
 GRU_GATE_ORDER = (1, 0, 2)           # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
-TORCH_DEFAULTS = {"lstm": ("tanh", "sigmoid"), "gru": ("tanh", "sigmoid")}
+TORCH_DEFAULTS = ("tanh", "sigmoid")     # nn.LSTM's and nn.GRU's activation and gate activation
 TORCH_RNN_ACTIVATIONS = ("tanh", "relu")   # nn.RNN's nonlinearity
 # Activations KerasRecurrent computes (torch_modules.KerasRecurrent.activate).
 RECURRENT_ACTIVATIONS = ("tanh", "sigmoid", "relu", "linear", "hard_sigmoid", "hard_sigmoid_keras2", "relu6",
@@ -67,6 +67,14 @@ class RecurrentConfig:
                 raise UnsupportedLayerError(f"recurrent layer: activation {name!r} is not supported")
 
 
+def _recurrent_activation(options, key: str) -> str:
+    """An activation option of a recurrent layer: one `KerasRecurrent` can compute."""
+    name = read_activation(options, key)
+    if name not in RECURRENT_ACTIVATIONS:
+        raise options.unsupported(key, name, "not supported in a recurrent layer")
+    return name
+
+
 class _Recurrent(LayerKind):
     """LSTM, GRU and SimpleRNN: one kind each, differing in `mode` (gates, biases, torch module)."""
 
@@ -87,8 +95,9 @@ class _Recurrent(LayerKind):
             options.take(key, None)   # training-only or speed options
         config = RecurrentConfig(
             units=int(options.take("units")),
-            activation=read_activation(options, "activation"),
-            recurrent_activation=(read_activation(options, "recurrent_activation") if self.gates > 1 else "sigmoid"),
+            activation=_recurrent_activation(options, "activation"),
+            recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if self.gates > 1
+                                  else "sigmoid"),
             use_bias=options.flag("use_bias", True),
             return_sequences=options.flag("return_sequences", False),
             return_state=options.flag("return_state", False),
@@ -96,9 +105,6 @@ class _Recurrent(LayerKind):
             zero_output_for_mask=options.flag("zero_output_for_mask", False),
             reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True,
             uses_mask=options.keras2 or options.mask_given or tensors <= 1)
-        for key in ("activation", "recurrent_activation"):
-            if getattr(config, key) not in RECURRENT_ACTIVATIONS:
-                raise options.unsupported(key, getattr(config, key), "not supported in a recurrent layer")
         return config
 
     def keras3_subgroups(self, config):
@@ -154,23 +160,27 @@ class _Recurrent(LayerKind):
 
     # -- torch ----------------------------------------------------------------------------
 
+    torch_class = ""     # nn.LSTM / nn.GRU: what computes this layer with the default activations
+
     def standard_module(self, builder, config, input_size, dtype):
         """The `nn.LSTM`/`nn.GRU`/`nn.RNN` computing exactly this layer, or None."""
-        raise NotImplementedError
+        if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS or not config.reset_after:
+            return None
+        return getattr(builder.nn, self.torch_class)(input_size, config.units, bias=config.use_bias, batch_first=True,
+                                                     device="meta", dtype=dtype)
 
-    def torch_module(self, builder, context, input_size: int, masked: bool, zero_output_for_mask: bool):
-        config, dtype = context.config, builder.dtype(context)
+    def torch_module(self, builder, context, masked: bool):
+        config, dtype, input_size = context.config, builder.dtype(context), context.input_shape[-1]
         module = None if masked else self.standard_module(builder, config, input_size, dtype)
         return module or builder.helpers.KerasRecurrent(
             self.mode, input_size, config.units, bias=config.use_bias, activation=config.activation,
             recurrent_activation=config.recurrent_activation, reset_after=config.reset_after,
-            zero_output_for_mask=zero_output_for_mask, device="meta", dtype=dtype)
+            zero_output_for_mask=config.zero_output_for_mask, device="meta", dtype=dtype)
 
     def torch_forward(self, builder, context, inputs):
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
         mask = builder.masks[context.input_masks[0]] if context.input_masks[0] and context.config.uses_mask else None
-        results = run_recurrent(builder, context, self, context.config, sequence, mask, context.torch_name,
-                                context.config.zero_output_for_mask, initial_state=inputs[1:])
+        results = run_recurrent(builder, context, self, sequence, mask, context.torch_name, initial_state=inputs[1:])
         output = results[0]
         if context.config.return_sequences:
             output = builder.call(builder.torch.movedim, output, -1, 1)
@@ -210,17 +220,16 @@ def _keras_mask(tensor):
     return get_keras_mask(tensor)
 
 
-def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, sequence, mask, module_name: str,
-                  zero_output_for_mask: bool, initial_state=()) -> list:
-    """Add one recurrent module (under `module_name`) reading `sequence` (N, T, F) from the
-    initial states (N, H) given, or zeros; returns [outputs (N, T, H) or last output (N, H), then
-    the states (N, H)], in Keras's order."""
+def run_recurrent(builder, context, kind: _Recurrent, sequence, mask, module_name: str, initial_state=()) -> list:
+    """Add one recurrent module (of `context.config`, under `module_name`) reading `sequence`
+    (N, T, F) from the initial states (N, H) given, or zeros; returns [outputs (N, T, H) or last
+    output (N, H), then the states (N, H)], in Keras's order."""
+    config = context.config
     if config.go_backwards:
         sequence = builder.call(builder.torch.flip, sequence, (1,))
         if mask is not None:
             mask = builder.call(builder.torch.flip, mask, (1,))
-    input_size = context.input_shape[-1]
-    module = kind.torch_module(builder, context, input_size, mask is not None, zero_output_for_mask)
+    module = kind.torch_module(builder, context, mask is not None)
     arguments = [sequence] if mask is None else [sequence, mask]
     if initial_state:   # torch's states are (layers, N, H): one layer
         states = tuple(builder.call(builder.torch.unsqueeze, state, 0) for state in initial_state)
@@ -247,17 +256,13 @@ def run_recurrent(builder, context, kind: _Recurrent, config: RecurrentConfig, s
 @register
 class LSTM(_Recurrent):
     kind, keras_classes, mode, gates, state_count = "lstm", ("LSTM",), "lstm", 4, 2
-
-    def standard_module(self, builder, config, input_size, dtype):
-        if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS["lstm"]:
-            return None
-        return builder.nn.LSTM(input_size, config.units, bias=config.use_bias, batch_first=True,
-                               device="meta", dtype=dtype)
+    torch_class = "LSTM"
 
 
 @register
 class GRU(_Recurrent):
     kind, keras_classes, mode, gates = "gru", ("GRU",), "gru", 3
+    torch_class = "GRU"      # with reset_after=True only: nn.GRU applies the reset gate after its matmul
 
     def gate_steps(self):
         return (Blocks(0, GRU_GATE_ORDER),)
@@ -269,12 +274,6 @@ class GRU(_Recurrent):
         if config.reset_after:
             return Stacked("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps())
         return Port("bias", "bias_ih_l0", self.gate_steps())
-
-    def standard_module(self, builder, config, input_size, dtype):
-        if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS["gru"] or not config.reset_after:
-            return None
-        return builder.nn.GRU(input_size, config.units, bias=config.use_bias, batch_first=True,
-                              device="meta", dtype=dtype)
 
 
 @register
@@ -318,18 +317,12 @@ class Bidirectional(LayerKind):
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
-        wrapped = options.take("layer")
-        backward = options.take("backward_layer", None)
-        forward_kind, forward = _wrapped_recurrent(wrapped, options)
-        if backward is None:
-            backward_config = replace(forward, go_backwards=not forward.go_backwards)
-        else:
-            backward_kind, backward_config = _wrapped_recurrent(backward, options)
-            if backward_kind is not forward_kind:
-                raise options.unsupported("backward_layer", backward.get("class_name"),
-                                          "a backward layer of another class than the forward one")
+        forward_kind, forward, _ = options.wrapped_layer("layer", _is_recurrent, "LSTM, GRU or SimpleRNN")
+        backward = options.wrapped_layer("backward_layer", lambda kind: kind is forward_kind,
+                                         f"a {forward_kind.keras_classes[0]}, as the forward layer", required=False)
+        backward_config = replace(forward, go_backwards=not forward.go_backwards) if backward is None else backward[1]
         if forward.return_state or forward.go_backwards or not backward_config.go_backwards:
-            raise options.unsupported("layer", wrapped.get("class_name"),
+            raise options.unsupported("layer", forward_kind.keras_classes[0],
                                       "return_state, or a forward layer with go_backwards=True")
         if forward.return_sequences != backward_config.return_sequences:
             raise options.unsupported("backward_layer", "return_sequences", "differs from the forward layer's")
@@ -343,8 +336,8 @@ class Bidirectional(LayerKind):
             values = dict(values)
             for side in ("forward", "backward"):
                 if isinstance(values.get(side), dict):
-                    values[side] = _Recurrent.config_from_dict(_recurrent_kind(values.get("layer"), node_name),
-                                                               values[side], node_name)
+                    values[side] = _recurrent_kind(values.get("layer"), node_name).config_from_dict(
+                        values[side], node_name)
         return super().config_from_dict(values, node_name)
 
     def wrapped(self, config) -> _Recurrent:
@@ -403,8 +396,7 @@ class Bidirectional(LayerKind):
         results = []
         for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
             side = side_context.config
-            value = run_recurrent(builder, side_context, kind, side, sequence, mask,
-                                  f"{context.torch_name}.{attribute}", side.zero_output_for_mask)[0]
+            value = run_recurrent(builder, side_context, kind, sequence, mask, f"{context.torch_name}.{attribute}")[0]
             if side.go_backwards and side.return_sequences:
                 value = builder.call(builder.torch.flip, value, (1,))
             results.append(value)
@@ -442,19 +434,8 @@ def _recurrent_kind(name, node_name: str) -> _Recurrent:
     return kind
 
 
-def _wrapped_recurrent(layer_config, options: KerasOptions) -> tuple[_Recurrent, RecurrentConfig]:
-    """The kind and config of a layer inside a wrapper, read with the wrapper's name in errors."""
-    if not isinstance(layer_config, dict) or not isinstance(layer_config.get("config"), dict):
-        raise options.unsupported("layer", layer_config, "expected a layer config")
-    class_name = layer_config.get("class_name")
-    kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
-    if not isinstance(kind, _Recurrent):
-        raise options.unsupported("layer", class_name, "LSTM, GRU or SimpleRNN")
-    inner = KerasOptions(class_name, f"{options.layer_name}/{layer_config['config'].get('name')}",
-                         layer_config["config"], keras2=options.keras2)
-    config = kind.from_keras(inner)
-    inner.finish()
-    return kind, config
+def _is_recurrent(kind: LayerKind) -> bool:
+    return isinstance(kind, _Recurrent)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from exchange.errors import ExchangeError
-from exchange.kinds import KerasOptions, LayerKind, kind_for_keras_class, kind_of, register
+from exchange.kinds import LayerKind, kind_of, register
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
 
@@ -30,19 +30,10 @@ class TimeDistributed(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        wrapped = options.take("layer")
-        if not isinstance(wrapped, dict) or not isinstance(wrapped.get("config"), dict):
-            raise options.unsupported("layer", wrapped, "expected a layer config")
-        class_name = wrapped.get("class_name")
-        kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
-        if kind is None or kind.takes_list or type(kind).output_count is not LayerKind.output_count:
-            raise options.unsupported("layer", class_name, "a layer with one input and one output")
-        if kind.kind == self.kind:
-            raise options.unsupported("layer", class_name, "nested TimeDistributed")
-        name = str(wrapped["config"].get("name", "layer"))
-        inner = KerasOptions(class_name, f"{options.layer_name}/{name}", wrapped["config"], keras2=options.keras2)
-        config = kind.from_keras(inner)
-        inner.finish()
+        kind, config, name = options.wrapped_layer(
+            "layer", lambda kind: not kind.takes_list and kind.kind != self.kind
+            and type(kind).output_count is LayerKind.output_count,
+            "a layer with one input and one output, not TimeDistributed")
         return TimeDistributedConfig(kind.kind, config, name)
 
     def config_from_dict(self, values, node_name):
