@@ -394,6 +394,11 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
+        if out_path.suffix == ".keras":
+            try:
+                graph.check_keras_names()
+            except ExchangeError as err:
+                raise ExchangeFileError(f"{in_path}: {err}") from None
         folded = layout.folded_tensors(graph, tensors) if out_path.suffix == ".keras" else []
         if folded and notes is not None:
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "

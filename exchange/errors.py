@@ -3,6 +3,14 @@
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """`text` with every character that is not printable (line breaks, NUL, escape sequences,
+    bidi overrides, lone surrogates) written as its Python escape: file data in a message can
+    neither break it into lines nor change how a terminal shows it."""
+    return "".join(char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   for char in text)
+
+
 def first_line(err: BaseException) -> str:
     """The first line of an exception's message (its type name when empty), for one-line errors."""
     text = str(err).strip() or type(err).__name__
@@ -10,7 +18,11 @@ def first_line(err: BaseException) -> str:
 
 
 class ExchangeError(Exception):
-    """Base class: anything the exchange refuses to read, write or convert."""
+    """Base class: anything the exchange refuses to read, write or convert. Its message is made
+    `printable`, so whatever a file put in it, it is one line."""
+
+    def __init__(self, message: str = "", *args) -> None:
+        super().__init__(printable(str(message)), *args)
 
 
 class ExchangeFileError(ExchangeError):

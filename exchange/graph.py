@@ -37,6 +37,14 @@ INPUT_DTYPES = DTYPES + ("int32", "int64")
 # Caps on what an architecture may declare: a real model is far below them.
 MAX_NODES = 100_000          # keras.applications' largest CNN has under 1,000 layers
 MAX_RANK = 8                 # Keras layers work on tensors of rank <= 5
+MAX_NAME_LENGTH = 1000       # Keras's generated names are under 100 characters
+# The names Keras on TensorFlow can build: each layer enters a TensorFlow name scope, and the model
+# a root scope (measured with Keras 3.15: a space, quote, colon, '/', '\\' or non-ASCII letter fails
+# when the model first runs). A graph may hold other names (they are data); only Keras refuses them.
+KERAS_LAYER_NAME = re.compile(r"[A-Za-z0-9_.>-]+")
+KERAS_MODEL_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
+MAX_NODE_INPUTS = 1_000      # tensors one node reads (an Add of many branches); each is an argument of its call
+MAX_EDGES = 200_000          # all nodes' inputs together: ten per node at the node cap's fifth
 
 
 @dataclass(frozen=True)
@@ -99,6 +107,7 @@ class Graph:
     def _check(self) -> None:
         from exchange.kinds import kind_of
 
+        check_name(self.name, "model name")
         if not self.nodes:
             raise ExchangeError("a graph needs at least one node")
         if len(self.nodes) > MAX_NODES:
@@ -109,8 +118,15 @@ class Graph:
             if spec.dtype not in INPUT_DTYPES:
                 raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype!r} is not one of {INPUT_DTYPES}")
             _check_shape(spec.shape, f"input {spec.name!r}")
+        edges = 0
         for node in self.nodes:
             _check_name(node.name, seen)
+            edges += len(node.inputs)
+            if len(node.inputs) > MAX_NODE_INPUTS or edges > MAX_EDGES:
+                raise ExchangeError(f"layer {node.name!r} reads {len(node.inputs):,} tensors"
+                                    + (f", more than the {MAX_NODE_INPUTS:,} one layer may read"
+                                       if len(node.inputs) > MAX_NODE_INPUTS else
+                                       f"; together the layers read more than the {MAX_EDGES:,} allowed"))
             kind_of(node.kind)  # raises for an unknown kind
             if node.dtype not in DTYPES:
                 raise ExchangeError(f"layer {node.name!r}: dtype {node.dtype!r} is not one of {DTYPES}")
@@ -121,6 +137,8 @@ class Graph:
         unknown = [name for name in self.outputs if name not in seen]
         if unknown or not self.outputs:
             raise ExchangeError(f"graph outputs {unknown or '(none)'} are not layers or inputs")
+        # The whole graph is checked now, before anything is built: every shape, mask and tensor.
+        self.shapes, self.masks, self.tensor_specs   # noqa: B018
 
     def node(self, name: str) -> Node:
         return self._nodes_by_name[name]
@@ -321,6 +339,16 @@ class Graph:
     def parameter_count(self) -> int:
         return sum(self.node_parameter_counts().values())
 
+    def check_keras_names(self) -> None:
+        """Refuse, in one line, a graph whose names Keras on TensorFlow cannot use (see KERAS_LAYER_NAME)."""
+        if not KERAS_MODEL_NAME.fullmatch(self.name):
+            raise UnsupportedLayerError(f"model name {self.name!r} cannot be a Keras model's name on TensorFlow "
+                                        "(A-Z a-z 0-9 . first, then also _ - >); it converts to PyTorch, not to Keras")
+        for node in self.nodes:
+            if not KERAS_LAYER_NAME.fullmatch(node.name):
+                raise UnsupportedLayerError(f"layer name {node.name!r} cannot be a Keras layer's name on TensorFlow "
+                                            "(only A-Z a-z 0-9 . _ - >); it converts to PyTorch, not to Keras")
+
     # -- JSON -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -399,9 +427,12 @@ RESERVED_NAMES = frozenset("""
 
 
 def python_name(name: str) -> str:
-    """A Keras name as a Python identifier that shadows nothing: `conv-1` -> `conv_1`,
-    `1st` -> `layer_1st`, `_x` -> `layer_x`, `class` -> `class_layer`, `compile` -> `compile_layer`."""
-    safe = re.sub(r"\W", "_", name)
+    """A layer or input name as an ASCII Python identifier that shadows nothing: `conv-1` ->
+    `conv_1`, `1st` -> `layer_1st`, `_x` -> `layer_x`, `class` -> `class_layer`, `compile` ->
+    `compile_layer`. ASCII only, because Python reads identifiers through NFKC: `ﬁx` (U+FB01)
+    would be the attribute `fix`, another layer's. Every other character becomes `_`; two names
+    that meet are refused (`Graph.torch_names`), never merged."""
+    safe = re.sub(r"[^A-Za-z0-9_]", "_", name)
     if not safe or safe[0].isdigit() or safe[0] == "_":
         safe = "layer_" + safe.lstrip("_")
     if keyword.iskeyword(safe) or safe in RESERVED_NAMES:
@@ -409,9 +440,21 @@ def python_name(name: str) -> str:
     return safe
 
 
+def check_name(name, what: str = "layer or input name") -> str:
+    """The rule for every name a graph holds (model, inputs, layers, outputs): text of 1 to
+    MAX_NAME_LENGTH printable characters. Names are data: the torch side uses `python_name` of
+    them, generated code and messages escape them, and Keras gets them as they are."""
+    if not isinstance(name, str):
+        raise ExchangeError(f"{what} must be text, found {type(name).__name__}")
+    if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
+        shown = name[:40] + ("..." if len(name) > 40 else "")
+        raise ExchangeError(f"invalid {what} {shown!r}: a name is 1 to {MAX_NAME_LENGTH:,} printable "
+                            "characters (no line breaks, control or format characters)")
+    return name
+
+
 def _check_name(name: str, seen: set[str]) -> None:
-    if not name or len(name) > 1000:
-        raise ExchangeError(f"invalid layer or input name {name[:40]!r}")
+    check_name(name)
     if name in seen:
         raise ExchangeError(f"name {name!r} is used twice")
     seen.add(name)

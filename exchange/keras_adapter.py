@@ -92,6 +92,7 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
 
 def build_model(graph: Graph) -> keras.Model:
     """A functional Keras model computing the graph, every layer option explicit (random weights)."""
+    graph.check_keras_names()
     values = {spec.name: keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in graph.inputs}
     inputs = [values[spec.name] for spec in graph.inputs]
     for node in graph.nodes:

@@ -138,10 +138,14 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
 
 
 def class_name(model_name: str) -> str:
-    """A Python class name from a Keras model name: `mnist_cnn` -> `MnistCnn`, `resnet50` -> `Resnet50`."""
-    words = [word for word in re.split(r"[\W_]+", model_name) if word]
+    """A Python class name from a Keras model name: `mnist_cnn` -> `MnistCnn`, `resnet50` -> `Resnet50`.
+    ASCII only, like every identifier the exchange makes (see `graph.python_name`)."""
+    words = [word for word in re.split(r"[^A-Za-z0-9]+", model_name) if word]
     name = "".join(word[0].upper() + word[1:] for word in words) or "Model"
-    return f"Model{name}" if name[0].isdigit() else name
+    if name[0].isdigit():
+        return f"Model{name}"
+    # Generated code defines it beside `torch`, `F`, `nn`, `load` and the helper classes.
+    return f"{name}Model" if hasattr(torch_modules, name) or name == "load" else name
 
 
 def architecture_of(model: nn.Module) -> Graph:

@@ -55,7 +55,9 @@ class KerasAvgPool(nn.Module):
 class KerasNormalization(nn.Module):
     """Keras's Normalization layer: (x − mean) / max(sqrt(variance), epsilon) per channel
     (or the inverse with `invert`). An adapted layer's mean and variance are buffers in the
-    state_dict; values given in the Keras config are constants (non-persistent buffers)."""
+    state_dict; values given in the Keras config are constants (non-persistent buffers) of the
+    length given, one value or one per channel, broadcast rather than expanded (one value for a
+    declared billion channels stays one value)."""
 
     def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None):
         super().__init__()
@@ -65,9 +67,8 @@ class KerasNormalization(nn.Module):
             self.register_buffer("mean", torch.empty(channels, dtype=dtype))
             self.register_buffer("variance", torch.empty(channels, dtype=dtype))
         else:
-            self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).expand(channels).clone(),
-                                 persistent=False)
-            self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).expand(channels).clone(),
+            self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).reshape(-1), persistent=False)
+            self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).reshape(-1),
                                  persistent=False)
         self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
         self.invert, self.epsilon = invert, epsilon

@@ -57,6 +57,7 @@ class Case:
     names: str
     entry: str = "convert"     # convert, prepare (scripts/prepare_data.py) or train (scripts/train.py)
     output: str = "out.safetensors"
+    converts: bool = False     # a valid (if odd) input: it must convert, within the same memory bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -610,7 +611,78 @@ def _verify_with_bad_labels(case_dir, base):
     return convert_args(case_dir, base / "seed.keras", "--verify", "--data", str(folder))
 
 
+# Round 3: names and graph costs
+
+def graph_file(case_dir: Path, description: dict, tensors: dict | None = None) -> Path:
+    """A format-2 `.safetensors` holding `description` as its architecture (and `tensors`, float32)."""
+    entries, data, offset = {}, b"", 0
+    for key, array in sorted((tensors or {}).items()):
+        raw = np.ascontiguousarray(array, "<f4").tobytes()
+        entries[key] = {"dtype": "F32", "shape": list(array.shape), "data_offsets": [offset, offset + len(raw)]}
+        data, offset = data + raw, offset + len(raw)
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes(entries, {**seed_metadata(), "architecture": json.dumps(description)}, data))
+    return path
+
+
+def small_graph(layer: str = "d", input_name: str = "x", model: str = "m", width: int = 3) -> dict:
+    """One Dense (`width` -> 2, no bias) named `layer`, reading input `input_name`."""
+    return {"name": model, "inputs": [{"name": input_name, "shape": [width], "dtype": "float32"}],
+            "nodes": [{"name": layer, "kind": "dense", "inputs": [input_name], "dtype": "float32",
+                       "config": {"units": 2, "activation": "linear", "use_bias": False}}],
+            "outputs": [layer]}
+
+
+def _named(output: str = "out.py", **names):
+    """A small graph whose layer, input or model name is hostile, converted to `output`."""
+    def build(case_dir, base):
+        description = small_graph(**names)
+        layer = names.get("layer", "d")
+        from exchange.graph import python_name
+
+        tensors = {f"{python_name(layer)}.weight": np.ones((2, 3), np.float32)} if layer.isprintable() else {}
+        return convert_args(case_dir, graph_file(case_dir, description, tensors), output=output)
+    return build
+
+
+def _wide_add(case_dir, base):
+    """One Add node listing the input 400,000 times (2.4 MB): 3.1 GB and a minute to build before."""
+    description = small_graph()
+    description["nodes"] = [{"name": "sum", "kind": "add", "inputs": ["x"] * 400_000, "dtype": "float32",
+                             "config": {}}]
+    description["outputs"] = ["sum"]
+    return convert_args(case_dir, graph_file(case_dir, description), output="out.py")
+
+
+def _normalization_constant(case_dir, base):
+    """A Normalization with a one-value mean on a 250,000,000-wide input: expanded per channel it
+    took 2 GB from a file of a few hundred bytes (in the module and in the generated code)."""
+    description = {"name": "m", "inputs": [{"name": "x", "shape": [250_000_000], "dtype": "float32"}],
+                   "nodes": [{"name": "norm", "kind": "normalization", "inputs": ["x"], "dtype": "float32",
+                              "config": {"axis": -1, "invert": False, "mean": [0.5], "variance": [2.0]}}],
+                   "outputs": ["norm"]}
+    return convert_args(case_dir, graph_file(case_dir, description), output="out.py")
+
+
 CASES: dict[str, Case] = {
+    # Round 3: names and graph costs (names that are valid but odd: tests/test_hostile_names.py).
+    "layer name with a line break": Case(_named(layer="d\nimport os"), r"invalid layer or input name 'd\\nimport os'",
+                                         "model.safetensors"),
+    "layer name with NUL": Case(_named(layer="d\0"), "invalid layer or input name", "model.safetensors"),
+    "input name with a lone surrogate": Case(_named(input_name="x\udcff"), r"invalid layer or input name 'x\\udcff'",
+                                             "model.safetensors"),
+    "model name with a right-to-left override": Case(_named(model="m\u202eyp.exe"), "invalid model name",
+                                                     "model.safetensors"),
+    "layer name Keras cannot use, to .keras": Case(_named(layer="my layer", output="out.keras"),
+                                                   "layer name 'my layer' cannot be a Keras layer's name",
+                                                   "model.safetensors", output="out.keras"),
+    "model name Keras cannot use, to .keras": Case(_named(model="-m", output="out.keras"),
+                                                   "model name '-m' cannot be a Keras model's name",
+                                                   "model.safetensors", output="out.keras"),
+    "Add of 400,000 inputs": Case(_wide_add, "reads 400,000 tensors, more than the 1,000", "model.safetensors",
+                                  output="out.py"),
+    "Normalization constant on 250,000,000 channels": Case(_normalization_constant, "", "", output="out.py",
+                                                           converts=True),
     # Data read from outside the input.
     "h5 external storage": Case(_external_storage_h5, "keeps its data in another file", "model.h5"),
     ".keras external storage": Case(_external_storage_keras, "keeps its data in another file", "model.keras"),
