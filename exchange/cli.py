@@ -119,7 +119,7 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
         if "input_dim" in description:
-            return fileformat.upgrade_v1_architecture(text.decode("utf-8", "replace"))
+            return fileformat.upgrade_v1_architecture(description)
         untrusted.check_layer_count(len(description.get("nodes") or ()))
         return Graph.from_dict(description)
     except ExchangeError as err:

@@ -262,7 +262,7 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
     description = untrusted.load_json(metadata["architecture"], str(path), "architecture")
     try:
         if version == "1":
-            return upgrade_v1_architecture(metadata["architecture"])
+            return upgrade_v1_architecture(description)
         if not isinstance(description, dict):
             raise ExchangeError("architecture JSON must be an object")
         untrusted.check_layer_count(len(description.get("nodes") or ()))
@@ -273,26 +273,52 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
 
 V1_LAYER_KIND = "dense"
 V1_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
+# The fields version 1 wrote, and no others: a file carrying more was not written by this tool.
+V1_FIELDS = ("input_dim", "layers")
+V1_LAYER_FIELDS = ("kind", "units", "activation", "use_bias")
 
 
-def upgrade_v1_architecture(text: str) -> Graph:
-    """A version-1 architecture (`{"input_dim": 784, "layers": [{"kind": "dense", …}]}`) as a graph."""
-    try:
-        description = json.loads(text)
-        layers = []
-        for layer in description["layers"]:
-            if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
-                raise ExchangeError(f"unsupported layer kind {layer.get('kind')!r} in a version-1 architecture")
-            layers.append((layer["units"], layer.get("activation", "linear"), layer.get("use_bias", True)))
-        input_dim = description["input_dim"]
-    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
-        raise ExchangeError(f"malformed version-1 architecture ({type(err).__name__})") from None
-    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1 or not layers:
-        raise ExchangeError("malformed version-1 architecture (input_dim or layers)")
-    for units, activation, use_bias in layers:
-        if not isinstance(use_bias, bool) or not isinstance(activation, str):
-            raise ExchangeError(f"malformed version-1 layer ({units!r}, {activation!r}, {use_bias!r})")
-    return dense_chain("model", input_dim, layers)
+def upgrade_v1_architecture(description: object) -> Graph:
+    """A version-1 architecture (parsed JSON: `{"input_dim": 784, "layers": [{"kind": "dense", …}]}`)
+    as a graph. Unknown fields and values of the wrong type are refused, naming them."""
+    if not isinstance(description, dict):
+        raise ExchangeError("malformed version-1 architecture (expected a JSON object)")
+    _check_v1_fields(description, V1_FIELDS, "version-1 architecture")
+    input_dim, layers = description.get("input_dim"), description.get("layers")
+    _check_v1_width(input_dim, "version-1 architecture: input_dim")
+    if not isinstance(layers, list) or not layers:
+        raise ExchangeError("malformed version-1 architecture (layers must be a non-empty list)")
+    untrusted.check_layer_count(len(layers))
+    chain = []
+    for index, layer in enumerate(layers):
+        where = f"version-1 layer {index}"
+        if not isinstance(layer, dict):
+            raise ExchangeError(f"{where}: expected a JSON object, found {type(layer).__name__}")
+        _check_v1_fields(layer, V1_LAYER_FIELDS, where)
+        if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
+            raise ExchangeError(f"{where}: unsupported layer kind {layer.get('kind')!r:.60}")
+        units, activation, use_bias = layer.get("units"), layer.get("activation", "linear"), layer.get("use_bias", True)
+        _check_v1_width(units, f"{where}: units")
+        if not isinstance(activation, str):
+            raise ExchangeError(f"{where}: activation must be a string, found {type(activation).__name__}")
+        if not isinstance(use_bias, bool):
+            raise ExchangeError(f"{where}: use_bias must be true or false, found {use_bias!r:.60}")
+        chain.append((units, activation, use_bias))
+    return dense_chain("model", input_dim, chain)
+
+
+def _check_v1_fields(description: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(description) - set(known))
+    if unknown:
+        names = ", ".join(f"{name!r:.60}" for name in unknown[:5])
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        raise ExchangeError(f"{where}: unknown field(s) {names}{more} (version 1 has {', '.join(known)})")
+
+
+def _check_v1_width(value, what: str) -> None:
+    if type(value) is not int or not 1 <= value <= untrusted.MAX_DENSE_WIDTH:
+        raise ExchangeError(f"{what} must be an integer from 1 to {untrusted.MAX_DENSE_WIDTH:,}, "
+                            f"found {value!r:.60}")
 
 
 def upgrade_v1_keys(tensors: dict) -> dict:

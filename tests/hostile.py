@@ -783,6 +783,52 @@ CASES.update({
 })
 
 
+def _v1_architecture(**edits) -> dict:
+    """The seed MLP as version 1 wrote it, with top-level `edits`; `layer0` edits the first layer."""
+    layers = [{"kind": "dense", "units": units, "activation": activation, "use_bias": True}
+              for units, activation in ((50, "tanh"), (50, "tanh"), (10, "softmax"))]
+    layers[0].update(edits.pop("layer0", {}))
+    return {"input_dim": 784, "layers": layers, **edits}
+
+
+def _v1_safetensors(**edits):
+    def build(case_dir, base):
+        metadata = {"format": "pt", "exchange_version": "1", "source_framework": "torch",
+                    "architecture": json.dumps(_v1_architecture(**edits))}
+        path = case_dir / "model.safetensors"
+        path.write_bytes(safetensors_bytes({}, metadata, b""))
+        return convert_args(case_dir, path, output="out.pt")
+    return build
+
+
+def _v1_arch_json(**edits):
+    def build(case_dir, base):
+        arch = case_dir / "arch.json"
+        arch.write_text(json.dumps(_v1_architecture(**edits)))
+        return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
+    return build
+
+
+CASES.update({
+    # Version-1 architectures carrying what version 1 never wrote, accepted silently before.
+    "v1 safetensors with a field 'code'": Case(_v1_safetensors(code="__import__('os')"),
+                                               r"version-1 architecture: unknown field\(s\) 'code'",
+                                               "model.safetensors", output="out.pt"),
+    "v1 --arch JSON with a field 'code'": Case(_v1_arch_json(code="__import__('os')"),
+                                               r"version-1 architecture: unknown field\(s\) 'code'", "arch.json"),
+    "v1 --arch JSON layer with a field 'exec\\n'": Case(_v1_arch_json(layer0={"exec\n": "rm -rf /"}),
+                                                      r"version-1 layer 0: unknown field\(s\) 'exec\\n'",
+                                                      "arch.json"),
+    "v1 safetensors units \"50\"": Case(_v1_safetensors(layer0={"units": "50"}),
+                                        "version-1 layer 0: units must be an integer from 1 to",
+                                        "model.safetensors", output="out.pt"),
+    "v1 --arch JSON units 10**19": Case(_v1_arch_json(layer0={"units": 10**19}),
+                                       "version-1 layer 0: units must be an integer from 1 to", "arch.json"),
+    "v1 --arch JSON activation [\"tanh\"]": Case(_v1_arch_json(layer0={"activation": ["tanh"]}),
+                                                 "version-1 layer 0: activation must be a string", "arch.json"),
+})
+
+
 # ---------------------------------------------------------------------------------------------
 # Running cases in this process, measured
 
