@@ -119,25 +119,29 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
         if "input_dim" in description:
-            return fileformat.upgrade_v1_architecture(text.decode("utf-8", "replace"))
+            return fileformat.upgrade_v1_architecture(description)
         untrusted.check_layer_count(len(description.get("nodes") or ()))
         return Graph.from_dict(description)
     except ExchangeError as err:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def write_weights(path: Path, graph: Graph, tensors: dict, source_framework: str) -> None:
-    """Write any output kind; tensors are checked against the architecture first."""
-    kind = file_kind(path, OUTPUT_KINDS)
+def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str) -> None:
+    """Write any output kind into `output`; tensors are checked against the architecture first.
+    The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path."""
+    kind = file_kind(output.target, OUTPUT_KINDS)
     fileformat.check_tensors(graph, tensors)
     if kind == ".safetensors":
-        fileformat.write(path, graph, tensors, source_framework)
+        with output.open() as stream:
+            fileformat.write(stream, graph, tensors, source_framework)
     elif kind == ".keras":
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
-        keras_adapter.model_from_tensors(graph, tensors).save(path)
+        keras_adapter.model_from_tensors(graph, tensors).save(output.path)
     else:
         torch_adapter = _framework_module("exchange.torch_adapter", "writing a .pt file", "torch")
-        torch_adapter.write_state_dict_file(fileformat.materialize(tensors), path)
+        state = fileformat.materialize(tensors)
+        with output.open() as stream:
+            torch_adapter.write_state_dict_file(state, stream)
 
 
 def check_written(path: Path, graph: Graph) -> None:
@@ -405,9 +409,10 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
                          "has two (same outputs; converting back gives zeros there)")
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
-        with fileformat.atomic_output(weights_path) as temporary:
+        with fileformat.atomic_file(weights_path) as output:
             with _writing(weights_path):
-                write_weights(temporary, graph, tensors, source)
+                write_weights(output, graph, tensors, source)
+            temporary = output.path
             check_written(temporary, graph)
             if out_path.suffix == ".py":
                 codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")

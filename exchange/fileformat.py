@@ -19,16 +19,18 @@ This module needs numpy and safetensors only: no framework is imported.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
+import stat
 import struct
 import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import BinaryIO, Iterator
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -78,31 +80,177 @@ def check_tensors(architecture: Graph, tensors: dict[str, np.ndarray], where: st
         raise TensorMismatchError(missing, unexpected, mismatched, where)
 
 
-@contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path for `path`; move it onto `path` only if the block succeeds.
+# Atomic outputs. A SIGKILL (or a power cut) cannot be caught, so what it may leave is designed:
+# bytes the exchange writes itself go to a file without a name until complete; a writer that
+# needs a path gets a private folder that records its owner, removed by the next run if stale.
+OWNER_RECORD = ".owner"        # in a private folder: "PID START_TIME BOOT_ID" of the process using it
+# O_TMPFILE unknown to the filesystem (EOPNOTSUPP: tmpfs before Linux 3.11, NFS, FUSE, …) or the
+# kernel (before 3.11 it reads as O_DIRECTORY: EISDIR), or refused with these flags (EINVAL).
+NO_TMPFILE_ERRORS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 
-    A failed or interrupted write leaves no partial file and never clobbers an existing one. The
-    temporary lives in a private folder beside `path` (`.NAME.XXXX.tmp/NAME`, so writers that
-    insist on the suffix, like Keras, get it), and whatever a writer creates next to it (Keras
-    writes a large model's weights to a temporary file first) lives there too: one entry to
-    remove, and even a SIGKILL leaves only that folder. The data and then the folder holding
-    `path` are flushed to disk around the rename, so a crash leaves the old file or the new one.
+
+class PendingOutput:
+    """The temporary of one `atomic_file`, written one of two ways.
+
+    `open()`: where the exchange writes the bytes itself. On Linux they go to an anonymous file in
+    the target's folder (O_TMPFILE) that gets a name only once complete, so a SIGKILL mid-write
+    leaves no entry at all, and its blocks are freed.
+    `path`: `.NAME.XXXXXXXX.tmp/NAME` in a private folder beside the target, for writers that insist
+    on a path (Keras needs a `.keras` name); what they write next to it lands in the folder too.
+    The folder records its owner, so the next `atomic_file` for the target removes it if a SIGKILL
+    left it behind. Readers (the read-back check, --verify) use `path` once the file is written.
+    """
+
+    def __init__(self, target: Path):
+        self.target = target
+        self.folder: Path | None = None
+
+    @property
+    def path(self) -> Path:
+        """The temporary's name in the private folder, which is made (and its owner recorded) on first use."""
+        if self.folder is None:
+            self.folder = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.",
+                                                suffix=".tmp"))
+            (self.folder / OWNER_RECORD).write_text(_process_identity(os.getpid()) or "unknown")
+        return self.folder / self.target.name
+
+    @contextmanager
+    def open(self) -> Iterator[BinaryIO]:
+        """A file to write the output into (readable too: the safetensors writer maps it)."""
+        descriptor = _anonymous_file(self.target.parent) if self.folder is None else None
+        anonymous = descriptor is not None
+        if not anonymous:   # no O_TMPFILE here: a named file in the private folder
+            descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            with open(descriptor, "r+b", closefd=False) as stream:
+                yield stream
+            if anonymous:   # complete: only now does it get a name, in the private folder
+                _link_anonymous(descriptor, self.path)
+        finally:
+            os.close(descriptor)
+
+    def commit(self) -> None:
+        """Move the written file onto the target; the data, then the folder's entry, reach the disk."""
+        temporary = self.path
+        # The private folder is readable by its owner only; give the file the usual umask mode.
+        os.chmod(temporary, 0o666 & ~_current_umask())
+        flush_to_disk(temporary)
+        os.replace(temporary, self.target)
+        flush_to_disk(self.target.parent)
+
+    def discard(self) -> None:
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[PendingOutput]:
+    """Yield the `PendingOutput` for `path`; it replaces `path` only if the block succeeds.
+
+    A failed or interrupted write leaves no partial file and never clobbers an existing one; the
+    data and then the folder holding `path` are flushed to disk around the rename, so a crash
+    leaves the old file or the new one. Stale temporaries of `path` are removed first.
+
+    Example:
+        >>> with atomic_file("model.pt") as pending, pending.open() as stream:
+        ...     torch.save(state_dict, stream)
     """
     path = Path(path)
     if not path.parent.is_dir():
         raise ExchangeFileError(f"{path}: output folder {path.parent} does not exist")
-    private = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    temporary_path = private / path.name
+    remove_stale_temporaries(path)
+    pending = PendingOutput(path)
     try:
-        yield temporary_path
-        # The folder is readable by its owner only; give the file the usual umask mode.
-        os.chmod(temporary_path, 0o666 & ~_current_umask())
-        flush_to_disk(temporary_path)
-        os.replace(temporary_path, path)
-        flush_to_disk(path.parent)
+        yield pending
+        pending.commit()
     finally:
-        shutil.rmtree(private, ignore_errors=True)
+        pending.discard()
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+    """`atomic_file` for a writer that insists on a path: yields `PendingOutput.path`."""
+    with atomic_file(path) as pending:
+        yield pending.path
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Remove the private folders beside `path` that SIGKILLed runs left: only folders named
+    exactly `.NAME.XXXXXXXX.tmp` (as `tempfile.mkdtemp` names them), owned by this user, whose
+    recorded owner process is gone. A folder whose owner cannot be told is kept."""
+    pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
+    removed = []
+    try:
+        with os.scandir(path.parent) as listing:
+            entries = [entry for entry in listing if pattern.fullmatch(entry.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            status = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if stat.S_ISDIR(status.st_mode) and status.st_uid == os.getuid() and _owner_is_gone(Path(entry.path)):
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+    return removed
+
+
+def _owner_is_gone(folder: Path) -> bool:
+    """Whether the process a private folder records has ended: no such pid, a pid reused by a
+    later process (another start time), or a pid from before a reboot (another boot id)."""
+    try:
+        with open(folder / OWNER_RECORD, "rb") as record:
+            fields = record.read(200).decode("ascii", "replace").split()
+    except OSError:
+        return False
+    if len(fields) != 3 or not fields[0].isdecimal() or _boot_id() is None:
+        return False
+    return _process_identity(int(fields[0])) != " ".join(fields)
+
+
+def _process_identity(pid: int) -> str | None:
+    """"PID START_TIME BOOT_ID" of a running process, or None when there is none (or no /proc).
+    The start time (field 22 of /proc/PID/stat, after the command name in parentheses) tells a
+    process from a later one given the same pid."""
+    boot = _boot_id()
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return f"{pid} {fields[19]} {boot}" if boot is not None and len(fields) > 19 else None
+
+
+def _boot_id() -> str | None:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def _anonymous_file(folder: Path) -> int | None:
+    """A descriptor of a new file without a name in `folder` (O_TMPFILE), or None where the system
+    or the filesystem has none (it is then written under a name)."""
+    flag = getattr(os, "O_TMPFILE", None)
+    if flag is None or not os.path.isdir("/proc/self/fd"):   # the name is given through /proc
+        return None
+    try:
+        return os.open(folder, flag | os.O_RDWR, 0o600)
+    except OSError as err:
+        if err.errno in NO_TMPFILE_ERRORS:
+            return None
+        raise
+
+
+def _link_anonymous(descriptor: int, path: Path) -> None:
+    """Give an O_TMPFILE file the name `path`: linkat(2) of /proc/self/fd/N with AT_SYMLINK_FOLLOW
+    (needs no privilege, unlike AT_EMPTY_PATH). `dst_dir_fd` makes CPython call linkat: without a
+    folder descriptor it calls link(2), which links /proc's symlink itself and fails with EXDEV."""
+    folder = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.link(f"/proc/self/fd/{descriptor}", path.name, dst_dir_fd=folder, follow_symlinks=True)
+    finally:
+        os.close(folder)
 
 
 def flush_to_disk(path: Path) -> None:
@@ -132,23 +280,28 @@ def save(path: str | os.PathLike, architecture: Graph,
         >>> save("tiny.safetensors", graph, {"dense_0.weight": np.ones((1, 2), np.float32),
         ...      "dense_0.bias": np.zeros(1, np.float32)}, source_framework="torch")
     """
-    with atomic_output(path) as temporary:
-        write(temporary, architecture, tensors, source_framework)
+    with atomic_file(path) as pending, pending.open() as stream:
+        write(stream, architecture, tensors, source_framework)
 
 
-def write(path: str | os.PathLike, architecture: Graph, tensors: dict[str, np.ndarray | LazyTensor],
-          source_framework: str) -> None:
-    """`save` without the atomic rename, for a caller that owns the temporary file."""
+def write(destination: str | os.PathLike | BinaryIO, architecture: Graph,
+          tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
+    """`save` without the atomic rename, for a caller that owns the temporary: a path, or a file
+    open for reading and writing (`PendingOutput.open()`)."""
     if source_framework not in SOURCE_FRAMEWORKS:
         raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, "
                             f"got {source_framework!r}")
     check_tensors(architecture, tensors)
     metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
                 "architecture": architecture.to_json(), "source_framework": source_framework}
-    _write_safetensors(Path(path), tensors, metadata)
+    if isinstance(destination, (str, os.PathLike)):
+        with open(destination, "w+b") as stream:
+            _write_safetensors(stream, tensors, metadata)
+    else:
+        _write_safetensors(destination, tensors, metadata)
 
 
-def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
+def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTensor],
                        metadata: dict[str, str]) -> None:
     """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
     header padded with spaces to 8 bytes, then each tensor's bytes in header order.
@@ -168,16 +321,16 @@ def _write_safetensors(path: Path, tensors: dict[str, np.ndarray | LazyTensor],
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
     data_start = 8 + len(header_bytes)
-    with open(path, "wb") as stream:
-        stream.write(struct.pack("<Q", len(header_bytes)))
-        stream.write(header_bytes)
-        stream.truncate(data_start + offset)
+    stream.write(struct.pack("<Q", len(header_bytes)))
+    stream.write(header_bytes)
+    stream.truncate(data_start + offset)
+    stream.flush()
     for key in keys:
         begin, end = header[key]["data_offsets"]
         if end == begin:
             continue
-        out = np.memmap(path, dtype=SAFETENSORS_DTYPES[header[key]["dtype"]], mode="r+", offset=data_start + begin,
-                        shape=tuple(header[key]["shape"]))
+        out = np.memmap(stream, dtype=SAFETENSORS_DTYPES[header[key]["dtype"]], mode="r+",
+                        offset=data_start + begin, shape=tuple(header[key]["shape"]))
         tensor = tensors[key]
         if isinstance(tensor, LazyTensor):
             tensor.copy_into(out)
@@ -262,7 +415,7 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
     description = untrusted.load_json(metadata["architecture"], str(path), "architecture")
     try:
         if version == "1":
-            return upgrade_v1_architecture(metadata["architecture"])
+            return upgrade_v1_architecture(description)
         if not isinstance(description, dict):
             raise ExchangeError("architecture JSON must be an object")
         untrusted.check_layer_count(len(description.get("nodes") or ()))
@@ -273,26 +426,52 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
 
 V1_LAYER_KIND = "dense"
 V1_KEY = re.compile(r"^layers\.(\d+)\.(weight|bias)$")
+# The fields version 1 wrote, and no others: a file carrying more was not written by this tool.
+V1_FIELDS = ("input_dim", "layers")
+V1_LAYER_FIELDS = ("kind", "units", "activation", "use_bias")
 
 
-def upgrade_v1_architecture(text: str) -> Graph:
-    """A version-1 architecture (`{"input_dim": 784, "layers": [{"kind": "dense", …}]}`) as a graph."""
-    try:
-        description = json.loads(text)
-        layers = []
-        for layer in description["layers"]:
-            if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
-                raise ExchangeError(f"unsupported layer kind {layer.get('kind')!r} in a version-1 architecture")
-            layers.append((layer["units"], layer.get("activation", "linear"), layer.get("use_bias", True)))
-        input_dim = description["input_dim"]
-    except (json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError) as err:
-        raise ExchangeError(f"malformed version-1 architecture ({type(err).__name__})") from None
-    if not isinstance(input_dim, int) or isinstance(input_dim, bool) or input_dim < 1 or not layers:
-        raise ExchangeError("malformed version-1 architecture (input_dim or layers)")
-    for units, activation, use_bias in layers:
-        if not isinstance(use_bias, bool) or not isinstance(activation, str):
-            raise ExchangeError(f"malformed version-1 layer ({units!r}, {activation!r}, {use_bias!r})")
-    return dense_chain("model", input_dim, layers)
+def upgrade_v1_architecture(description: object) -> Graph:
+    """A version-1 architecture (parsed JSON: `{"input_dim": 784, "layers": [{"kind": "dense", …}]}`)
+    as a graph. Unknown fields and values of the wrong type are refused, naming them."""
+    if not isinstance(description, dict):
+        raise ExchangeError("malformed version-1 architecture (expected a JSON object)")
+    _check_v1_fields(description, V1_FIELDS, "version-1 architecture")
+    input_dim, layers = description.get("input_dim"), description.get("layers")
+    _check_v1_width(input_dim, "version-1 architecture: input_dim")
+    if not isinstance(layers, list) or not layers:
+        raise ExchangeError("malformed version-1 architecture (layers must be a non-empty list)")
+    untrusted.check_layer_count(len(layers))
+    chain = []
+    for index, layer in enumerate(layers):
+        where = f"version-1 layer {index}"
+        if not isinstance(layer, dict):
+            raise ExchangeError(f"{where}: expected a JSON object, found {type(layer).__name__}")
+        _check_v1_fields(layer, V1_LAYER_FIELDS, where)
+        if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
+            raise ExchangeError(f"{where}: unsupported layer kind {layer.get('kind')!r:.60}")
+        units, activation, use_bias = layer.get("units"), layer.get("activation", "linear"), layer.get("use_bias", True)
+        _check_v1_width(units, f"{where}: units")
+        if not isinstance(activation, str):
+            raise ExchangeError(f"{where}: activation must be a string, found {type(activation).__name__}")
+        if not isinstance(use_bias, bool):
+            raise ExchangeError(f"{where}: use_bias must be true or false, found {use_bias!r:.60}")
+        chain.append((units, activation, use_bias))
+    return dense_chain("model", input_dim, chain)
+
+
+def _check_v1_fields(description: dict, known: tuple[str, ...], where: str) -> None:
+    unknown = sorted(set(description) - set(known))
+    if unknown:
+        names = ", ".join(f"{name!r:.60}" for name in unknown[:5])
+        more = f" and {len(unknown) - 5:,} more" if len(unknown) > 5 else ""
+        raise ExchangeError(f"{where}: unknown field(s) {names}{more} (version 1 has {', '.join(known)})")
+
+
+def _check_v1_width(value, what: str) -> None:
+    if type(value) is not int or not 1 <= value <= untrusted.MAX_DENSE_WIDTH:
+        raise ExchangeError(f"{what} must be an integer from 1 to {untrusted.MAX_DENSE_WIDTH:,}, "
+                            f"found {value!r:.60}")
 
 
 def upgrade_v1_keys(tensors: dict) -> dict:

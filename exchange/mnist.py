@@ -5,7 +5,8 @@ the seed's training (`frameworks/`) reads it from here.
 
 A folder may hold the seed's pickles, the canonical IDX files (`train-images-idx3-ubyte[.gz]`, …)
 or Keras's `mnist.npz`. Pickles are read with a restricted unpickler that builds numpy arrays and
-nothing else, so a pickle carrying code is refused before any of it runs.
+nothing else, so a pickle carrying code is refused before any of it runs; every shape and dtype it
+would allocate is checked against the file's size first.
 
 Where data comes from, first match wins: `--data DIR`, `$MNIST_DIR`, `./data/`, Keras's standard
 download (machines with internet only).
@@ -20,6 +21,7 @@ import math
 import os
 import pickle
 import pickletools
+import reprlib
 import zipfile
 import zlib
 from contextlib import ExitStack
@@ -29,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from exchange import untrusted
-from exchange.errors import ExchangeFileError
+from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.fileformat import atomic_output
 
 PICKLE_NAMES = {"x_train": "mnist_X_train.pkl", "x_test": "mnist_X_test.pkl",
@@ -52,12 +54,19 @@ ALLOWED_PICKLE_GLOBALS = {
 
 # Protocol-2 pickles of array bytes encode them as latin-1 text; no other codec is needed.
 PICKLE_CODECS = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
+# What a pickled array may hold: numbers (bool, int, uint, float, complex) without fields or
+# sub-arrays. An object array's `__setstate__` allocates its shape before it looks at its list.
+PICKLE_DTYPE_KINDS = "biufc"
+MAX_PICKLE_DIMS = 32           # numpy 1's limit; the seed's arrays have 2
+# The state numpy pickles for a dtype of plain numbers (after the byte order): no sub-array, no
+# fields, no item size or alignment of its own, no flags. Any other would rewrite the dtype.
+PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)
 MEMO_OPCODES = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
 IDX_UINT8 = 0x08
 MAX_IDX_DIMS = 3               # images are (N, 28, 28), labels (N,)
 
 
-class DataError(Exception):
+class DataError(ExchangeError):
     """MNIST could not be found or read; the message says what to do."""
 
 
@@ -131,17 +140,138 @@ class Mnist:
     y_test: np.ndarray
 
 
+class _PickledArray(np.ndarray):
+    """An array the unpickler builds. The pickle fills it with BUILD, which calls `__setstate__`:
+    numpy's allocates the declared shape (an object array's before it reads its list), so the state
+    is checked first: a dtype of numbers and exactly the shape's bytes, already in the pickle."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5):
+            raise DataError("an array's pickled state is not (version, shape, dtype, fortran, bytes)")
+        version = state[0] if len(state) == 5 else 1
+        shape, dtype, fortran, raw = state[-4:]
+        shape, dtype = _checked_shape(shape), _checked_dtype(dtype)
+        nbytes = untrusted.declared_nbytes(shape, dtype)
+        if not isinstance(raw, (bytes, str)) or len(raw) != nbytes:
+            held = f"{len(raw):,} bytes" if isinstance(raw, (bytes, str)) else type(raw).__name__
+            raise DataError(f"an array's pickled state declares {dtype} {shape} ({nbytes:,} bytes) but holds {held}")
+        super().__setstate__((version, shape, dtype, bool(fortran), raw))
+
+
+class _PickledDtype:
+    """A dtype the pickle names, standing in for numpy's until an array uses it: numpy's
+    `dtype.__setstate__` (the BUILD after it) could set any item size, fields or sub-array, so only
+    the state numpy writes for plain numbers (a byte order) is taken."""
+
+    __slots__ = ("dtype",)
+
+    def __init__(self, dtype: np.dtype):
+        self.dtype = dtype
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
+                and state[1] in ("<", ">", "|", "=") and state[2:] == PLAIN_DTYPE_STATE):
+            raise DataError(f"refusing the pickled state {reprlib.repr(state)} of dtype {self.dtype}: "
+                            "only a byte order is accepted")
+        self.dtype = self.dtype.newbyteorder(state[1])
+
+
+class _Allowed:
+    """A global the pickle may name, standing in for numpy's: the call is checked, BUILD on it
+    (which would set its attributes) is refused, and NEWOBJ fails (it needs a class)."""
+
+    __slots__ = ("name", "call")
+
+    def __init__(self, name: str, call):
+        self.name, self.call = name, call
+
+    def __call__(self, *args):
+        return self.call(*args)
+
+    def __setstate__(self, state):
+        raise DataError(f"refusing to modify {self.name}")
+
+
+def _checked_shape(shape) -> tuple[int, ...]:
+    shape = (shape,) if type(shape) is int else shape
+    if not (isinstance(shape, (tuple, list)) and len(shape) <= MAX_PICKLE_DIMS
+            and all(type(size) is int and size >= 0 for size in shape)):
+        raise DataError(f"refusing the array shape {reprlib.repr(shape)}: expected up to {MAX_PICKLE_DIMS} sizes")
+    return tuple(shape)
+
+
+def _checked_dtype(value) -> np.dtype:
+    """A dtype of numbers from what a pickle passes as one (a `_PickledDtype` or a type code)."""
+    if isinstance(value, _PickledDtype):
+        return value.dtype
+    if isinstance(value, bytes):
+        value = value.decode("latin1")
+    if not isinstance(value, str):
+        raise DataError(f"refusing {type(value).__name__} as a dtype: expected a numeric numpy array")
+    try:
+        dtype = np.dtype(value)
+    except (TypeError, ValueError) as err:
+        raise DataError(f"refusing the dtype {value!r:.40} ({first_line(err)[:60]})") from None
+    if dtype.kind not in PICKLE_DTYPE_KINDS or dtype.fields is not None or dtype.subdtype is not None:
+        raise DataError(f"refusing the dtype {value!r:.40} ({dtype.kind!r}): expected a numeric numpy array")
+    return dtype
+
+
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    """Unpickles numpy arrays and refuses every other global, so no code from the file runs."""
+    """Unpickles numpy arrays and refuses every other global, so no code from the file runs.
+
+    The globals it allows are replaced by checked stand-ins: whatever shape and dtype a call (or a
+    BUILD) would allocate must fit in `limit` bytes, the file's size (a pickle holds its arrays'
+    bytes), and must be numbers."""
+
+    def __init__(self, stream, limit: int, **options):
+        super().__init__(stream, **options)
+        self.limit = limit
 
     def find_class(self, module: str, name: str):
         if (module, name) not in ALLOWED_PICKLE_GLOBALS:
             raise DataError(f"refusing {module}.{name}: only numpy arrays are accepted")
         if (module, name) == ("_codecs", "encode"):
-            return _latin1_encode
+            return _Allowed("_codecs.encode", _latin1_encode)
+        if (module, name) == ("numpy", "dtype"):
+            return _Allowed("numpy.dtype", _pickled_dtype)
+        if (module, name) == ("numpy", "ndarray"):
+            return _Allowed("numpy.ndarray", self._new_array)
         if module.startswith("numpy.core."):
             module = "numpy._core." + module.removeprefix("numpy.core.")
-        return super().find_class(module, name)
+        numpy_function = super().find_class(module, name)
+        checked = self._reconstruct if name == "_reconstruct" else self._frombuffer
+        return _Allowed(f"{module}.{name}", lambda *args: checked(numpy_function, *args))
+
+    def _fits(self, shape, dtype) -> tuple[tuple[int, ...], np.dtype]:
+        shape, dtype = _checked_shape(shape), _checked_dtype(dtype)
+        nbytes = untrusted.declared_nbytes(shape, dtype)
+        if nbytes > self.limit:
+            raise DataError(f"declares a {dtype} array of shape {shape} ({nbytes:,} bytes), "
+                            f"more than the file's {self.limit:,}")
+        return shape, dtype
+
+    def _new_array(self, shape, dtype="f8", buffer=None, offset=0, strides=None, order="C"):
+        """`numpy.ndarray(...)` called by the pickle."""
+        shape, dtype = self._fits(shape, dtype)
+        return _PickledArray(shape, dtype, buffer, offset, strides, order)
+
+    def _reconstruct(self, numpy_reconstruct, subtype, shape, dtype):
+        """numpy's `_reconstruct(ndarray, shape, dtype)`: an empty array that BUILD then fills."""
+        if not (isinstance(subtype, _Allowed) and subtype.name == "numpy.ndarray"):
+            raise DataError(f"refusing to reconstruct a {type(subtype).__name__}: only numpy arrays are accepted")
+        shape, dtype = self._fits(shape, dtype)
+        return numpy_reconstruct(_PickledArray, shape, dtype)
+
+    def _frombuffer(self, numpy_frombuffer, buffer, dtype, shape, order):
+        """numpy's `_frombuffer(bytes, dtype, shape, order)` (protocol 5): a view of the bytes."""
+        shape, dtype = self._fits(shape, dtype)
+        return numpy_frombuffer(buffer, dtype, shape, order).view(_PickledArray)
+
+
+def _pickled_dtype(code, align=False, copy=False) -> _PickledDtype:
+    """`numpy.dtype(code, align, copy)` as pickles call it, for numbers only."""
+    return _PickledDtype(_checked_dtype(code))
 
 
 def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
@@ -154,12 +284,14 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
     try:
         with open(path, "rb") as stream:
             # latin1 reads pickles written by Python 2, as old seed notebooks may have.
-            array = NumpyOnlyUnpickler(_ClampedReader(stream, size), encoding="latin1").load()
+            array = NumpyOnlyUnpickler(_ClampedReader(stream, size), size, encoding="latin1").load()
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
             IndexError, OverflowError) as err:
         raise DataError(f"{path}: not a readable pickle of a numpy array ({err})") from None
+    if isinstance(array, _PickledArray):
+        array = array.view(np.ndarray)
     if not isinstance(array, np.ndarray) or array.dtype.hasobject:
         raise DataError(f"{path}: holds {type(array).__name__}, expected a numeric numpy array")
     return array

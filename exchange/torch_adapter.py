@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import re
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -274,10 +275,11 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def save_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
     """Write a plain `.pt` state_dict atomically."""
-    with fileformat.atomic_output(path) as temporary:
-        write_state_dict_file(file_tensors, temporary)
+    with fileformat.atomic_file(path) as pending, pending.open() as stream:
+        write_state_dict_file(file_tensors, stream)
 
 
-def write_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-    """`save_state_dict_file` without the atomic rename, for a caller that owns the temporary."""
-    torch.save(to_torch_state(file_tensors), path)
+def write_state_dict_file(file_tensors: dict[str, np.ndarray], destination: str | os.PathLike | BinaryIO) -> None:
+    """`save_state_dict_file` without the atomic rename, for a caller that owns the temporary (a
+    path or a file: `PendingOutput.open()`)."""
+    torch.save(to_torch_state(file_tensors), destination)

@@ -31,6 +31,8 @@ MAX_JSON_DEPTH = 256           # ResNet50's config nests 11 levels, a nested mod
 MAX_JSON_OBJECTS = 200_000     # NASNetLarge has 13,083 (1,041 layers): fifteen times that
 MAX_INT_DIGITS = 20            # int64 has 19 digits: no size, index or count a model holds is longer
 MAX_LAYERS = 20_000            # twenty times the largest keras.applications models (NASNetLarge: 1,041)
+MAX_DENSE_WIDTH = 1 << 20      # units or inputs of a version-1 Dense: the seed's are 784, 50 and 10, VGG16's
+                               # widest 25,088 in, 4,096 out; 2**20 by 2**20 would declare 4 TiB of weights
 
 # Compressed data (zip members, gzip, HDF5 filters).
 MAX_COMPRESSION_RATIO = 32     # weights deflate about 1.1x and configs 5-15x; beyond 32x only padding or a bomb

@@ -773,6 +773,134 @@ CASES: dict[str, Case] = {
 }
 
 
+# Round 3: older failures
+
+
+def _pickle_global(module: str, name: str) -> bytes:
+    return b"c" + module.encode() + b"\n" + name.encode() + b"\n"
+
+
+def _pickle_tuple(*items: bytes) -> bytes:
+    return b"(" + b"".join(items) + b"t"
+
+
+def _pickle_int(value: int) -> bytes:
+    return b"\x8a\x08" + struct.pack("<q", value)     # LONG1 of 8 bytes
+
+
+def _pickle_text(text: str) -> bytes:
+    return b"X" + struct.pack("<I", len(text)) + text.encode()
+
+
+PICKLE_TERA_SHAPE = _pickle_tuple(_pickle_int(10**6), _pickle_int(10**6))
+
+
+def _pickle_dtype(code: str) -> bytes:
+    """`numpy.dtype(code, False, True)`, as numpy pickles a dtype (its state left out)."""
+    return _pickle_global("numpy", "dtype") + _pickle_tuple(_pickle_text(code), b"\x89", b"\x88") + b"R"
+
+
+def _pickle_empty_array() -> bytes:
+    """`_reconstruct(ndarray, (0,), b"b")`: the empty array numpy's pickles then fill with BUILD."""
+    return (_pickle_global("numpy.core.multiarray", "_reconstruct")
+            + _pickle_tuple(_pickle_global("numpy", "ndarray"), _pickle_tuple(_pickle_int(0)), b"C\x01b") + b"R")
+
+
+def _pickle_case(payload: bytes):
+    """The seed's pickles with the training images replaced by a protocol-2 `payload`, run
+    through train.py."""
+    def build(case_dir, base):
+        return train_args(case_dir, pickle_folder(case_dir, base, b"\x80\x02" + payload + b"."))
+    return build
+
+
+CASES.update({
+    # Pickles whose allowed numpy callables would allocate terabytes from a few dozen bytes.
+    "pickle numpy.ndarray((10**6, 10**6))": Case(_pickle_case(
+        _pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE, _pickle_text("f4")) + b"R"),
+        r"declares a float32 array of shape \(1000000, 1000000\).*more than the file's", "mnist_X_train.pkl",
+        entry="train", output="run"),
+    "pickle NEWOBJ numpy.ndarray((10**6, 10**6))": Case(_pickle_case(
+        _pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE) + b"\x81"),
+        "not a readable pickle", "mnist_X_train.pkl", entry="train", output="run"),
+    "pickle _reconstruct((10**6, 10**6))": Case(_pickle_case(
+        _pickle_global("numpy.core.multiarray", "_reconstruct")
+        + _pickle_tuple(_pickle_global("numpy", "ndarray"), PICKLE_TERA_SHAPE, b"C\x01b") + b"R"),
+        r"declares a int8 array of shape \(1000000, 1000000\)", "mnist_X_train.pkl", entry="train",
+        output="run"),
+    "pickle _frombuffer((10**6, 10**6))": Case(_pickle_case(
+        _pickle_global("numpy._core.numeric", "_frombuffer")
+        + _pickle_tuple(b"C\x04abcd", _pickle_dtype("f4"), PICKLE_TERA_SHAPE, _pickle_text("C")) + b"R"),
+        "more than the file's", "mnist_X_train.pkl", entry="train", output="run"),
+    "pickle __setstate__ (10**6, 10**6), 3 bytes": Case(_pickle_case(
+        _pickle_empty_array() + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("f4"), b"\x89",
+                                              b"C\x03abc") + b"b"),
+        r"declares float32 \(1000000, 1000000\) .* but holds 3 bytes", "mnist_X_train.pkl", entry="train",
+        output="run"),
+    "pickle object array __setstate__ (10**6, 10**6)": Case(_pickle_case(
+        _pickle_empty_array() + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("O"), b"\x89",
+                                              b"]") + b"b"),
+        "refusing the dtype 'O'", "mnist_X_train.pkl", entry="train", output="run"),
+    "pickle sub-array dtype of 4 GB": Case(_pickle_case(
+        _pickle_global("numpy", "ndarray") + _pickle_tuple(_pickle_tuple(_pickle_int(10)),
+                                                           _pickle_text("(10000,10000)f4")) + b"R"),
+        r"refusing the dtype '\(10000,10000\)f4'", "mnist_X_train.pkl", entry="train", output="run"),
+    "pickle dtype __setstate__ item size": Case(_pickle_case(
+        _pickle_global("numpy", "ndarray") + _pickle_tuple(_pickle_tuple(_pickle_int(1000)), _pickle_dtype("V8")
+                                                           + _pickle_tuple(_pickle_int(3), _pickle_text("|"), b"N",
+                                                                           b"N", b"N", _pickle_int(1 << 30),
+                                                                           _pickle_int(1), _pickle_int(0)) + b"b")
+        + b"R"),
+        "refusing the dtype 'V8'", "mnist_X_train.pkl", entry="train", output="run"),
+})
+
+
+def _v1_architecture(**edits) -> dict:
+    """The seed MLP as version 1 wrote it, with top-level `edits`; `layer0` edits the first layer."""
+    layers = [{"kind": "dense", "units": units, "activation": activation, "use_bias": True}
+              for units, activation in ((50, "tanh"), (50, "tanh"), (10, "softmax"))]
+    layers[0].update(edits.pop("layer0", {}))
+    return {"input_dim": 784, "layers": layers, **edits}
+
+
+def _v1_safetensors(**edits):
+    def build(case_dir, base):
+        metadata = {"format": "pt", "exchange_version": "1", "source_framework": "torch",
+                    "architecture": json.dumps(_v1_architecture(**edits))}
+        path = case_dir / "model.safetensors"
+        path.write_bytes(safetensors_bytes({}, metadata, b""))
+        return convert_args(case_dir, path, output="out.pt")
+    return build
+
+
+def _v1_arch_json(**edits):
+    def build(case_dir, base):
+        arch = case_dir / "arch.json"
+        arch.write_text(json.dumps(_v1_architecture(**edits)))
+        return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
+    return build
+
+
+CASES.update({
+    # Version-1 architectures carrying what version 1 never wrote, accepted silently before.
+    "v1 safetensors with a field 'code'": Case(_v1_safetensors(code="__import__('os')"),
+                                               r"version-1 architecture: unknown field\(s\) 'code'",
+                                               "model.safetensors", output="out.pt"),
+    "v1 --arch JSON with a field 'code'": Case(_v1_arch_json(code="__import__('os')"),
+                                               r"version-1 architecture: unknown field\(s\) 'code'", "arch.json"),
+    "v1 --arch JSON layer with a field 'exec\\n'": Case(_v1_arch_json(layer0={"exec\n": "rm -rf /"}),
+                                                      r"version-1 layer 0: unknown field\(s\) 'exec\\n'",
+                                                      "arch.json"),
+    "v1 safetensors units \"50\"": Case(_v1_safetensors(layer0={"units": "50"}),
+                                        "version-1 layer 0: units must be an integer from 1 to",
+                                        "model.safetensors", output="out.pt"),
+    "v1 --arch JSON units 10**19": Case(_v1_arch_json(layer0={"units": 10**19}),
+                                       "version-1 layer 0: units must be an integer from 1 to", "arch.json"),
+    "v1 --arch JSON activation [\"tanh\"]": Case(_v1_arch_json(layer0={"activation": ["tanh"]}),
+                                                 "version-1 layer 0: activation must be a string", "arch.json"),
+})
+
+
 # ---------------------------------------------------------------------------------------------
 # Running cases in this process, measured
 

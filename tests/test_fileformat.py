@@ -166,3 +166,75 @@ def test_written_file_has_the_usual_permissions(tmp_path):
     finally:
         os.umask(previous)
     assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
+@pytest.mark.parametrize("anonymous", [True, False], ids=["O_TMPFILE", "no O_TMPFILE"])
+def test_write_without_o_tmpfile_falls_back_to_the_private_folder(tmp_path, monkeypatch, anonymous):
+    """Where the filesystem refuses O_TMPFILE (tmpfs on old kernels, NFS: EOPNOTSUPP), the bytes
+    are written under a name in the private folder; the result is the same."""
+    import errno
+    import os
+
+    real_open, seen = os.open, []
+
+    def open_without_tmpfile(path, flags, *args, **kwargs):
+        if flags & os.O_TMPFILE == os.O_TMPFILE:
+            seen.append(path)
+            if not anonymous:
+                raise OSError(errno.EOPNOTSUPP, "Operation not supported")
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr(fileformat.os, "open", open_without_tmpfile)
+    path = tmp_path / "model.safetensors"
+    fileformat.save(path, TINY, tiny_tensors(), "torch")
+    assert seen == [tmp_path]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.safetensors"]
+    np.testing.assert_array_equal(fileformat.load(path).tensors["dense_0.weight"], tiny_tensors()["dense_0.weight"])
+
+
+def test_stale_temporaries_of_dead_owners_are_removed(tmp_path):
+    """A private folder is removed by the next write of its target when its recorded owner has
+    ended (the pid gone, reused by a later process, or from before a reboot); a live owner's, one
+    whose owner is unknown, and anything not named exactly like a temporary of the target stay."""
+    import os
+    import subprocess
+
+    ended = subprocess.Popen(["sleep", "60"])
+    ended_identity = fileformat._process_identity(ended.pid)
+    ended.kill()
+    ended.wait()
+    pid, start_time, boot_id = fileformat._process_identity(os.getpid()).split()
+    records = {
+        ".model.safetensors.ended000.tmp": ended_identity,
+        ".model.safetensors.reused00.tmp": f"{pid} {int(start_time) + 1} {boot_id}",
+        ".model.safetensors.rebooted.tmp": f"{pid} {start_time} 00000000-0000-0000-0000-000000000000",
+        ".model.safetensors.live0000.tmp": f"{pid} {start_time} {boot_id}",
+        ".model.safetensors.unknown0.tmp": "unknown",
+        ".model.safetensors.norecord.tmp": None,
+        ".model.safetensors.short.tmp": ended_identity,
+        ".model.safetensors.ended000.tmp.x": ended_identity,
+        "model.safetensors.ended000.tmp": ended_identity,
+        ".model.safetensorsXended000.tmp": ended_identity,
+        ".other.safetensors.ended000.tmp": ended_identity,
+    }
+    for name, record in records.items():
+        (tmp_path / name).mkdir()
+        if record is not None:
+            (tmp_path / name / fileformat.OWNER_RECORD).write_text(record)
+    (tmp_path / ".model.safetensors.afile000.tmp").write_text(ended_identity)
+    (tmp_path / ".model.safetensors.alink000.tmp").symlink_to(tmp_path / ".model.safetensors.ended000.tmp.x")
+    fileformat.save(tmp_path / "model.safetensors", TINY, tiny_tensors(), "torch")
+    removed = {".model.safetensors.ended000.tmp", ".model.safetensors.reused00.tmp", ".model.safetensors.rebooted.tmp"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        (set(records) - removed) | {".model.safetensors.afile000.tmp", ".model.safetensors.alink000.tmp",
+                                    "model.safetensors"})
+
+
+def test_private_folder_records_its_owner(tmp_path):
+    import os
+
+    with fileformat.atomic_output(tmp_path / "report.json") as temporary:
+        temporary.write_text("{}")
+        record = (temporary.parent / fileformat.OWNER_RECORD).read_text()
+    assert record == fileformat._process_identity(os.getpid()) and record.startswith(f"{os.getpid()} ")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json"]

@@ -13,10 +13,12 @@ import json
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,36 +128,151 @@ def test_mutation_fuzzer_thousands(base_files, tmp_path):
 # What needs a process of its own
 
 SLOW_WRITE = """
-import sys, time
-from exchange import tensors
-copy_into = tensors.LazyTensor.copy_into
-def slow_copy_into(self, out):
-    copy_into(self, out)
+import os, sys, time
+from pathlib import Path
+
+def pause():
+    Path(os.environ["SLOW_WRITE_MARKER"]).touch()
     time.sleep(30)   # the test signals the process while it waits here, mid-write
-tensors.LazyTensor.copy_into = slow_copy_into
+
+where = os.environ.get("SLOW_WRITE_AT", "copy_into")
+if where == "copy_into":     # after the first tensor is copied into the output
+    from exchange import tensors
+    copy_into = tensors.LazyTensor.copy_into
+    def slow_copy_into(self, out):
+        copy_into(self, out)
+        pause()
+    tensors.LazyTensor.copy_into = slow_copy_into
+elif where == "torch.save":  # after torch.save wrote the .pt's bytes, before they are complete
+    import torch
+    torch_save = torch.save
+    def slow_torch_save(*args, **kwargs):
+        torch_save(*args, **kwargs)
+        pause()
+    torch.save = slow_torch_save
+elif where == "keras.save":  # after Keras wrote the .keras file into its temporary
+    import keras
+    keras_save = keras.Model.save
+    def slow_keras_save(*args, **kwargs):
+        keras_save(*args, **kwargs)
+        pause()
+    keras.Model.save = slow_keras_save
 from exchange.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
 
+def slow_convert(source, out, marker, where: str = "copy_into") -> subprocess.Popen:
+    """`convert SOURCE OUT` that pauses mid-write at `where`; returns once `marker` says it is there."""
+    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(source), str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                               env={**os.environ, "PYTHONPATH": str(ROOT), "SLOW_WRITE_MARKER": str(marker),
+                                    "SLOW_WRITE_AT": where})
+    deadline = time.monotonic() + 120
+    while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if not marker.exists():
+        process.kill()
+        assert False, f"the write never paused: {process.communicate()[1][-2000:]}"
+    return process
+
+
 @pytest.mark.parametrize("signal_number, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_mid_write_removes_the_temporary(base_files, tmp_path, signal_number, exit_code):
-    out = tmp_path / "out.safetensors"
+    folder = tmp_path / "output"
+    folder.mkdir()
+    out = folder / "out.safetensors"
     out.write_bytes(hostile.EXISTING)
-    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(base_files / "seed.keras"), str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    deadline = time.monotonic() + 60
-    while not list(tmp_path.glob(".out.safetensors.*")) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".out.safetensors.*")), "the temporary output never appeared"
+    process = slow_convert(base_files / "seed.keras", out, tmp_path / "writing")
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == exit_code
     assert stderr.strip().splitlines() == [
         f"error: interrupted by {signal.Signals(signal_number).name}; {out} was not written"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == ["out.safetensors"]
     assert out.read_bytes() == hostile.EXISTING
+
+
+def has_o_tmpfile(folder) -> bool:
+    try:
+        os.close(os.open(folder, os.O_TMPFILE | os.O_RDWR, 0o600))
+        return True
+    except (AttributeError, OSError):
+        return False
+
+
+def anonymous_files_in(pid: int, folder) -> list[str]:
+    """The files without a name that process `pid` holds open in `folder` (O_TMPFILE ones)."""
+    links = []
+    for descriptor in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{descriptor}"))
+        except OSError:
+            pass
+    return [link for link in links if link.startswith(f"{folder}/#") and link.endswith(" (deleted)")]
+
+
+@pytest.mark.parametrize("output_name, where", [("out.safetensors", "copy_into"), ("out.pt", "torch.save")])
+def test_sigkill_mid_write_leaves_nothing(base_files, tmp_path, output_name, where):
+    """The bytes go to a file without a name (O_TMPFILE) until complete: SIGKILL leaves no entry."""
+    if not has_o_tmpfile(tmp_path):
+        pytest.skip("no O_TMPFILE on this filesystem: a SIGKILL leaves a private folder for the next run")
+    folder = tmp_path / "output"
+    folder.mkdir()
+    out = folder / output_name
+    out.write_bytes(hostile.EXISTING)
+    process = slow_convert(base_files / "seed.keras", out, tmp_path / "writing", where)
+    assert anonymous_files_in(process.pid, folder), "the output is not being written to an anonymous file"
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in folder.iterdir()) == [output_name]
+    assert out.read_bytes() == hostile.EXISTING
+
+
+HOLD_TEMPORARY = """
+import sys, time
+from exchange.fileformat import atomic_output
+with atomic_output(sys.argv[1]) as temporary:
+    print(temporary, flush=True)
+    time.sleep(300)
+"""
+
+
+def test_next_run_removes_a_sigkilled_keras_temporary(base_files, tmp_path):
+    """Keras needs a path, so its temporary is a private folder; a SIGKILL leaves it, and the next
+    run for the same output removes it, but never a live process's, nor a folder of another name."""
+    out = tmp_path / "out.keras"
+    out.write_bytes(hostile.EXISTING)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    live = subprocess.Popen([sys.executable, "-c", HOLD_TEMPORARY, str(out)], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=env)
+    try:
+        live_temporary = Path(live.stdout.readline().strip()).parent
+        assert live_temporary.is_dir()
+        killed = slow_convert(base_files / "seed.safetensors", out, tmp_path.parent / f"{tmp_path.name}.writing",
+                              "keras.save")
+        killed.kill()
+        killed.communicate(timeout=60)
+        stale = [path for path in tmp_path.glob(".out.keras.*.tmp") if path != live_temporary]
+        assert len(stale) == 1 and (stale[0] / "out.keras").is_file(), "the SIGKILLed run left its temporary"
+        # Folders whose names only resemble a temporary of out.keras, with the dead owner's record.
+        decoys = [tmp_path / name for name in (".out.keras.tmp", ".out.keras.abc.tmp", ".out.keras.abcdefgh.tmp.x",
+                                                "out.keras.abcdefgh.tmp", ".other.keras.abcdefgh.tmp")]
+        for decoy in decoys:
+            decoy.mkdir()
+            shutil.copy(stale[0] / ".owner", decoy / ".owner")
+        result = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.safetensors"),
+                                 str(out)], capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        assert not stale[0].exists(), "the next run did not remove the stale temporary"
+        assert live_temporary.is_dir(), "a live process's temporary was removed"
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [live_temporary.name, "out.keras"] + [decoy.name for decoy in decoys])
+        assert out.read_bytes() != hostile.EXISTING
+    finally:
+        live.kill()
+        live.communicate(timeout=60)
 
 
 def _full_disk():
