@@ -198,10 +198,7 @@ class Conv2D(_Convolution):
     spatial, one_group = 2, False
 
     def from_keras(self, options):
-        config = self.read_common(options, options.take("filters"))
-        if config.groups < 1:
-            raise options.unsupported("groups", config.groups)
-        return config
+        return self.read_common(options, options.take("filters"))   # ConvConfig checks the groups
 
     def keras_variables(self, context):
         config, in_channels = context.config, context.input_shape[-1]
