@@ -378,8 +378,10 @@ class Graph:
                 nodes.append(Node(_str(item["name"]), kind.kind, tuple(_str(name) for name in _list(item["inputs"])),
                                   kind.config_from_dict(item.get("config", {}), _str(item["name"])),
                                   _str(item.get("dtype", "float32"))))
-            return cls(_str(description.get("name", "model")), inputs, tuple(nodes),
-                       tuple(_str(name) for name in _list(description["outputs"])))
+            graph = cls(_str(description.get("name", "model")), inputs, tuple(nodes),
+                        tuple(_str(name) for name in _list(description["outputs"])))
+            graph.shapes   # shape inference checks each config against its inputs: refuse the file here
+            return graph
         except (KeyError, TypeError, AttributeError) as err:
             raise ExchangeError(f"malformed architecture: {type(err).__name__}: {err}") from None
 

@@ -598,6 +598,40 @@ def _npz_absurd_shape(path):
             archive.writestr(f"{name}.npy", header.getvalue() + bytes(64))
 
 
+# Round 3: format-2 configs
+
+
+def _format2_layer(kind: str, config: dict, shape: list):
+    """For an output name, a case writing a format-2 `.safetensors` whose architecture is one layer
+    `kind` with `config` on an input of `shape` (no tensors: the architecture is refused before they
+    are read) and converting it to that output."""
+    def for_output(output: str):
+        def build(case_dir, base):
+            architecture = {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": "float32"}],
+                            "nodes": [{"name": "n", "kind": kind, "inputs": ["x"], "dtype": "float32",
+                                       "config": config}], "outputs": ["n"]}
+            path = case_dir / "model.safetensors"
+            path.write_bytes(safetensors_bytes({}, {**seed_metadata(), "architecture": json.dumps(architecture)},
+                                               b""))
+            return convert_args(case_dir, path, output=output)
+        return build
+    return for_output
+
+
+def _format2_bidirectional(backward_go_backwards: bool = True, merge_mode: str = "concat"):
+    side = {"units": 3, "activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
+            "return_sequences": True, "return_state": False, "go_backwards": False, "zero_output_for_mask": True,
+            "reset_after": True, "uses_mask": True}
+    return _format2_layer("bidirectional", {"layer": "lstm", "forward": side, "merge_mode": merge_mode,
+                                            "backward": {**side, "go_backwards": backward_go_backwards}}, [5, 4])
+
+
+def _format2_pair(name: str, for_output, message: str) -> dict[str, Case]:
+    """The case as code generation (`out.py`) and as `.keras`: both refused naming the file."""
+    return {f"format-2 {name} -> {output}": Case(for_output(output), message, "model.safetensors", output=output)
+            for output in ("out.py", "out.keras")}
+
+
 def _deep_metadata_architecture(case_dir, base):
     metadata = {**seed_metadata(), "architecture": "[" * 100_000 + "]" * 100_000}
     path = case_dir / "model.safetensors"
@@ -762,6 +796,31 @@ CASES: dict[str, Case] = {
                                                    "model.safetensors", output="out.pt"),
     "--tolerance -1": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "-1"),
                            "--tolerance must be a finite non-negative number", "tolerance"),
+    # Round 3: format-2 configs
+    **_format2_pair("Permute dims out of range", _format2_layer("permute", {"dims": [1, 3]}, [4, 5]),
+                    r"Permute dims \[1, 3\] are not a permutation"),
+    **_format2_pair("Permute dims duplicated", _format2_layer("permute", {"dims": [1, 1]}, [4, 5]),
+                    r"Permute dims \[1, 1\] are not a permutation"),
+    **_format2_pair("Dense on a rank-0 input", _format2_layer("dense", {"units": 3}, []), "needs a known feature axis"),
+    **_format2_pair("Softmax axis 10**18", _format2_layer("softmax", {"axis": 10**18}, [4]),
+                    "Softmax axis must be an integer from -9 to 9"),
+    **_format2_pair("Softmax axis out of range", _format2_layer("softmax", {"axis": 5}, [4]),
+                    "axis 5 is not a feature axis"),
+    **_format2_pair("Bidirectional merge_mode 'bogus'", _format2_bidirectional(merge_mode="bogus"),
+                    "merge_mode 'bogus' is not one of"),
+    **_format2_pair("Bidirectional backward not go_backwards", _format2_bidirectional(backward_go_backwards=False),
+                    "backward one with go_backwards=True"),
+    **_format2_pair("TimeDistributed unknown key", _format2_layer("time_distributed", {
+        "layer": "dense", "config": {"units": 3}, "layer_name": "d", "bogus": 1}, [5, 4]),
+        r"unknown option\(s\) 'bogus'"),
+    **_format2_pair("pool size 10**9, same padding", _format2_layer("max_pool2d", {
+        "pool_size": [10**9, 10**9], "strides": [1, 1], "padding": "same"}, [8, 8, 3]),
+        "pooling kernel size must be an integer from 1 to 8,192"),
+    **_format2_pair("ZeroPadding2D 10**9", _format2_layer("zero_padding2d", {"amounts": [[10**9, 0], [0, 0]]},
+                                                          [8, 8, 3]),
+                    "padding or cropping amounts must be an integer from 0 to 8,192"),
+    **_format2_pair("newline in a config key", _format2_layer("dense", {"units": 3, "bad\nkey": 1}, [4]),
+                    r"unknown option\(s\) 'bad\\nkey'"),
     # Invalid input accepted.
     "use_bias \"no\"": Case(_use_bias_no, "'use_bias' must be true or false", "config.json"),
     # No input runs code.

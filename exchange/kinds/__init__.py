@@ -33,6 +33,28 @@ IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
 IGNORED_OPTIONS = {"name", "trainable", "dtype", "batch_input_shape", "batch_shape", "input_shape",
                    "activity_regularizer", "input_dim", "autocast", "build_config"}
 
+# Caps on the sizes a layer config may declare, whichever source it comes from (a Keras config or
+# a format-2 graph). Every real model is far below them (all of keras.applications passes); past
+# them the frameworks crash natively or allocate without bound.
+# A window (kernel or pool, dilated: (k - 1) * dilation + 1) along one axis, and a stride or dilation:
+# real windows span at most a few hundred cells (AlexNet's 11, DeepLab's rate-24 3x3 = 49, WaveNet's
+# kernel 2 at dilation 512 = 513); TensorFlow segfaults building a `same` pooling of 10**9.
+MAX_WINDOW = 1 << 13
+# Explicit padding or cropping on one side: keras.applications pads at most 3 cells (ResNet's
+# ZeroPadding2D); torch's F.pad and Keras allocate the padded tensor, so 10**9 cannot run.
+MAX_PADDING = MAX_WINDOW
+# Units, filters, embedding width, key/value dims, depth multipliers, groups: the widest real layers
+# are vocabulary projections (Gemma's 262,144 outputs).
+MAX_FEATURES = 1 << 20
+# An Embedding's vocabulary: real ones are at most a few million (hashed features, 256k word pieces).
+MAX_VOCABULARY = 1 << 24
+# Attention heads: real models have at most 128.
+MAX_HEADS = 1 << 12
+# RepeatVector's count: a decoder's sequence length, at most a few thousand steps in real models.
+MAX_REPEATS = 1 << 20
+# An axis, batch included, either sign: no tensor of the graph has more than graph.MAX_RANK axes.
+MAX_AXIS = 9
+
 
 @dataclasses.dataclass(frozen=True)
 class NoConfig:
@@ -97,9 +119,7 @@ class LayerKind:
         if not isinstance(values, dict):
             raise ExchangeError(f"layer {node_name!r}: config must be an object")
         fields = {field.name: field for field in dataclasses.fields(self.Config)}
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ExchangeError(f"layer {node_name!r} ({self.kind}): unknown option(s) {', '.join(unknown)}")
+        check_known_keys(values, fields, f"layer {node_name!r} ({self.kind})")
         hints = typing.get_type_hints(self.Config)
         converted = {}
         for name, field in fields.items():
@@ -107,7 +127,15 @@ class LayerKind:
                 converted[name] = coerce(values[name], hints[name], f"layer {node_name!r} option {name!r}")
             elif field.default is dataclasses.MISSING:
                 raise ExchangeError(f"layer {node_name!r} ({self.kind}): option {name!r} is missing")
-        return self.Config(**converted)
+        return self.build_config(node_name, **converted)
+
+    def build_config(self, node_name: str, **values) -> Any:
+        """`Config(**values)`, its checks (`__post_init__`) naming the layer when they refuse it."""
+        try:
+            return self.Config(**values)
+        except ExchangeError as err:
+            where = f"layer {node_name!r}"
+            raise type(err)(str(err) if str(err).startswith(where) else f"{where} ({self.kind}): {err}") from None
 
     def keeps_order(self, config) -> bool:
         """Whether this node passes a permuted flat order through (element-wise with no per-
@@ -219,6 +247,47 @@ def coerce(value, hint, what: str):
     raise ExchangeError(f"{what}: {_short(value)} is not a {getattr(hint, '__name__', hint)}")
 
 
+def check_known_keys(values: dict, known, where: str) -> None:
+    """Refuse keys of a config object that are not among `known`, each echoed with `repr` (a key
+    holding a newline stays on the message's one line)."""
+    unknown = sorted(key for key in values if key not in known)
+    if unknown:
+        raise ExchangeError(f"{where}: unknown option(s) {', '.join(map(_short, unknown))}")
+
+
+def check_int(value, what: str, maximum: int, minimum: int = 1) -> int:
+    """`value` as an int in [minimum, maximum], or an error naming `what` and both bounds."""
+    if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
+        raise ExchangeError(f"{what} must be an integer from {minimum} to {maximum:,}, got {_short(value)}")
+    return value
+
+
+def check_ints(values, what: str, maximum: int, minimum: int = 1, count: tuple[int, ...] = ()) -> tuple:
+    """A tuple of ints each in [minimum, maximum]; `count`, when given, the lengths allowed."""
+    if not isinstance(values, tuple) or count and len(values) not in count:
+        raise ExchangeError(f"{what} must be {' or '.join(map(str, count)) or 'some'} integers, got {_short(values)}")
+    for value in values:
+        check_int(value, what, maximum, minimum)
+    return values
+
+
+def check_choice(value, allowed: tuple, what: str):
+    """`value` is one of `allowed` (an enum-like option: a padding, a merge mode)."""
+    if value not in allowed or isinstance(value, bool):
+        raise ExchangeError(f"{what} {_short(value)} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def check_axis(axis, rank: int) -> int:
+    """A Keras axis (batch included, may be negative) of an input of `rank` axes after the batch:
+    one of its feature axes, as a positive axis in 1..rank."""
+    check_int(axis, "axis", MAX_AXIS, -MAX_AXIS)
+    positive = axis + rank + 1 if axis < 0 else axis
+    if not 1 <= positive <= rank:
+        raise ExchangeError(f"axis {axis} is not a feature axis of a rank-{rank + 1} input (batch included)")
+    return positive
+
+
 def _short(value) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
@@ -295,7 +364,7 @@ class KerasOptions:
         unknown = sorted(key for key in self.config if key not in self.taken and key not in IGNORED_OPTIONS
                          and not key.endswith(IGNORED_SUFFIXES))
         if unknown:
-            raise UnsupportedLayerError(f"{self.where()}: unknown option(s) {', '.join(unknown)}")
+            raise UnsupportedLayerError(f"{self.where()}: unknown option(s) {', '.join(map(_short, unknown))}")
 
 
 def ints(value, count: int, what: str) -> tuple[int, ...]:

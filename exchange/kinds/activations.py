@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from exchange.errors import UnsupportedLayerError
-from exchange.kinds import LayerKind, coerce, register
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, coerce, register
 
 
 def _np_softmax(x):
@@ -144,6 +144,13 @@ class ReLUConfig:
     negative_slope: float = 0.0
     threshold: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Keras's ReLU refuses a negative max_value, negative_slope or threshold
+        for name in ("max_value", "negative_slope", "threshold"):
+            value = getattr(self, name)
+            if value is not None and not value >= 0:
+                raise ExchangeError(f"ReLU {name} must be a non-negative number, got {value!r}")
+
 
 @register
 class ReLU(LayerKind):
@@ -175,6 +182,10 @@ class ReLU(LayerKind):
 @dataclass(frozen=True)
 class LeakyReLUConfig:
     negative_slope: float = 0.3
+
+    def __post_init__(self) -> None:
+        if not self.negative_slope >= 0:   # Keras's LeakyReLU refuses a negative slope
+            raise ExchangeError(f"LeakyReLU negative_slope must be a non-negative number, got {self.negative_slope!r}")
 
 
 @register
@@ -222,6 +233,9 @@ class ELU(LayerKind):
 class SoftmaxConfig:
     axis: int = -1      # Keras axis, batch included; negative counts from the end
 
+    def __post_init__(self) -> None:
+        check_int(self.axis, "Softmax axis", MAX_AXIS, -MAX_AXIS)
+
 
 @register
 class Softmax(LayerKind):
@@ -242,6 +256,10 @@ class Softmax(LayerKind):
         if not isinstance(axis, int):
             raise options.unsupported("axis", axis, "one axis")
         return SoftmaxConfig(axis)
+
+    def output_shape(self, config, input_shapes):
+        check_axis(config.axis, len(input_shapes[0]))
+        return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
         from exchange.kinds.layout import torch_axis

@@ -20,6 +20,10 @@ from exchange.kinds.merging import broadcast_shapes
 class OperandsConfig:
     operands: tuple[float | None, ...]   # None: the next tensor input, in order; else a number
 
+    def __post_init__(self) -> None:
+        if len(self.operands) != 2 or None not in self.operands:
+            raise ExchangeError(f"operands must be two, at least one a tensor (None), got {list(self.operands)}")
+
 
 class _Arithmetic(LayerKind):
     Config = OperandsConfig
@@ -38,7 +42,7 @@ class _Arithmetic(LayerKind):
         return OperandsConfig(tuple(operands))
 
     def output_shape(self, config, input_shapes):
-        if len(config.operands) != 2 or config.operands.count(None) != len(input_shapes):
+        if config.operands.count(None) != len(input_shapes):
             raise ExchangeError(f"operands {config.operands} do not match {len(input_shapes)} inputs")
         return input_shapes[0] if len(input_shapes) == 1 else broadcast_shapes(input_shapes)
 

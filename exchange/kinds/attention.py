@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import TENSOR, LayerKind, register
+from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, TENSOR, LayerKind, check_int, register
 from exchange.ports import Packed, Permute, Port, Reshape
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
@@ -64,13 +64,13 @@ class MultiHeadAttentionConfig:
     call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
 
     def __post_init__(self) -> None:
-        sizes = (self.num_heads, self.key_dim, self.value_dim) + tuple(self.output_shape or ())
-        if any(not isinstance(size, int) or isinstance(size, bool) or size < 1 for size in sizes):
-            raise ExchangeError(f"MultiHeadAttention sizes must be positive integers, got num_heads="
-                                f"{self.num_heads!r}, key_dim={self.key_dim!r}, value_dim={self.value_dim!r}, "
-                                f"output_shape={self.output_shape!r}")
-        if self.output_shape is not None and not self.output_shape:
-            raise ExchangeError("MultiHeadAttention output_shape must be None or non-empty")
+        check_int(self.num_heads, "MultiHeadAttention num_heads", MAX_HEADS)
+        check_int(self.key_dim, "MultiHeadAttention key_dim", MAX_FEATURES)
+        check_int(self.value_dim, "MultiHeadAttention value_dim", MAX_FEATURES)
+        if self.output_shape is not None and not 0 < len(self.output_shape) < MAX_AXIS - 1:
+            raise ExchangeError("MultiHeadAttention output_shape must be None or 1 to 7 sizes")
+        for size in self.output_shape or ():
+            check_int(size, "MultiHeadAttention output_shape", MAX_FEATURES)
         roles = self.call_inputs
         if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
                 or "query" not in roles or "value" not in roles):

@@ -19,11 +19,56 @@ from dataclasses import dataclass
 from math import ceil
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import LayerKind, ints, register
+from exchange.kinds import MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, ints, register
 from exchange.kinds.activations import check_activation, keras_activation, read_activation, torch_activation
 from exchange.ports import Permute, Port, Reshape
 
 PADDINGS = ("valid", "same", "causal")
+# The most cells a `same` or `causal` padding may add to one input (all spatial axes, one channel
+# and example): torch's F.pad and TensorFlow materialise the padded tensor. A 3x3 window adds about
+# 33,000 cells to a 8192x8192 image, a 7x7 one 3,300 to ResNet's 224x224; the cap stops a window far
+# larger than its input (a pooling of 8192 cells on an 8x8 image would add 67 million per channel).
+MAX_ADDED_CELLS = 1 << 22
+
+
+def check_window(kernel_size: tuple, strides: tuple, dilation_rate: tuple, padding: str, spatial: tuple,
+                 what: str, paddings: tuple = PADDINGS) -> None:
+    """The sizes of a sliding window (a convolution's or a pooling's), whichever source they come
+    from: 1 or 2 spatial axes, each size positive and under the caps, a known padding, and (as
+    Keras and TensorFlow require) not strides > 1 together with dilation > 1."""
+    check_ints(kernel_size, f"{what} kernel size", MAX_WINDOW, count=spatial)
+    check_ints(strides, f"{what} strides", MAX_WINDOW, count=(len(kernel_size),))
+    check_ints(dilation_rate, f"{what} dilation_rate", MAX_WINDOW, count=(len(kernel_size),))
+    for kernel, dilation in zip(kernel_size, dilation_rate):
+        check_int((kernel - 1) * dilation + 1, f"{what} dilated kernel size", MAX_WINDOW)
+    check_choice(padding, paddings if len(kernel_size) == 1 else ("valid", "same"), f"{what} padding")
+    if max(strides) > 1 and max(dilation_rate) > 1:
+        raise ExchangeError(f"{what}: strides {list(strides)} > 1 together with dilation_rate "
+                            f"{list(dilation_rate)} > 1 is not supported (Keras refuses it)")
+
+
+def window_output_sizes(input_shape: tuple, kernel_size: tuple, strides: tuple, dilation_rate: tuple,
+                        padding: str) -> tuple:
+    """The spatial output sizes of a sliding window over `input_shape` (Keras layout, channels
+    last): a `valid` window must fit the input; a `same` or `causal` padding must add at most
+    `MAX_ADDED_CELLS`."""
+    spatial = input_shape[:-1]
+    if len(spatial) != len(kernel_size):
+        raise ExchangeError(f"expects rank-{len(kernel_size) + 2} input, found shape (batch, {input_shape})")
+    unpadded = padded = 1
+    for size, kernel, stride, dilation in zip(spatial, kernel_size, strides, dilation_rate):
+        if size is None and stride > 1 and padding == "same":
+            before, after = (kernel - 1) * dilation, 0   # at most the dilated window less one
+        else:
+            before, after = tf_padding(size, kernel, stride, dilation, padding, "window")
+        unpadded *= 1 if size is None else size
+        padded *= (1 if size is None else size) + before + after
+    if padded - unpadded > MAX_ADDED_CELLS:
+        raise ExchangeError(f"{padding!r} padding of a {list(kernel_size)} window (dilation {list(dilation_rate)}) "
+                            f"adds {padded - unpadded:,} cells to input {list(spatial)}, more than the "
+                            f"{MAX_ADDED_CELLS:,} allowed")
+    return tuple(conv_output_size(size, k, s, d, padding)
+                 for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate))
 
 
 def conv_output_size(size, kernel: int, stride: int, dilation: int, padding: str):
@@ -76,12 +121,11 @@ class ConvConfig:
     use_bias: bool = True
 
     def __post_init__(self) -> None:
-        spatial = len(self.kernel_size)
-        if (spatial not in (1, 2) or len(self.strides) != spatial or len(self.dilation_rate) != spatial
-                or min(self.kernel_size + self.strides + self.dilation_rate + (self.filters, self.groups)) < 1):
-            raise ExchangeError(f"invalid convolution sizes {self}")
-        if self.padding not in PADDINGS or (self.padding == "causal" and spatial != 1):
-            raise ExchangeError(f"unsupported padding {self.padding!r}")
+        check_window(self.kernel_size, self.strides, self.dilation_rate, self.padding, (1, 2), "convolution")
+        check_int(self.filters, "convolution filters", MAX_FEATURES)
+        check_int(self.groups, "convolution groups", MAX_FEATURES)
+        if self.filters % self.groups:   # Keras refuses filters that do not split into the groups
+            raise ExchangeError(f"convolution filters {self.filters} do not split into {self.groups} groups")
         check_activation(self.activation, "convolution")
 
 
@@ -89,6 +133,7 @@ class _Convolution(LayerKind):
     """Shared by the convolution kinds: options, padding, output shape, the torch padding step."""
 
     spatial = 2
+    one_group = True     # all but Conv1D/Conv2D: groups must be 1
 
     def read_common(self, options, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
         where = options.where()
@@ -108,12 +153,21 @@ class _Convolution(LayerKind):
             activation=read_activation(options),
             use_bias=bool(options.take("use_bias", True)))
 
+    def check_config(self, config) -> None:
+        """What this kind of convolution takes of the shared `ConvConfig` (checked in shape inference)."""
+        if len(config.kernel_size) != self.spatial:
+            raise ExchangeError(f"kernel size {list(config.kernel_size)} has not {self.spatial} spatial axes")
+        if self.one_group and config.groups != 1:
+            raise ExchangeError(f"groups must be 1, got {config.groups}")
+
     def output_shape(self, config, input_shapes):
+        self.check_config(config)
         shape = input_shapes[0]
-        if len(shape) != self.spatial + 1:
-            raise ExchangeError(f"expects rank-{self.spatial + 2} input, found shape (batch, {shape})")
-        sizes = tuple(conv_output_size(size, k, s, d, config.padding)
-                      for size, k, s, d in zip(shape[:-1], config.kernel_size, config.strides, config.dilation_rate))
+        sizes = window_output_sizes(shape, config.kernel_size, config.strides, config.dilation_rate, config.padding)
+        if shape[-1] is None:
+            raise ExchangeError(f"needs a known channel axis, found input shape (batch, {shape})")
+        if shape[-1] % config.groups:
+            raise ExchangeError(f"{shape[-1]} input channels do not split into {config.groups} groups")
         return sizes + (self.out_channels(config, shape[-1]),)
 
     def out_channels(self, config, in_channels: int) -> int:
@@ -141,13 +195,10 @@ class _Convolution(LayerKind):
 @register
 class Conv2D(_Convolution):
     kind, keras_classes, Config = "conv2d", ("Conv2D", "Convolution2D"), ConvConfig
-    spatial = 2
+    spatial, one_group = 2, False
 
     def from_keras(self, options):
-        config = self.read_common(options, options.take("filters"))
-        if config.groups < 1:
-            raise options.unsupported("groups", config.groups)
-        return config
+        return self.read_common(options, options.take("filters"))   # ConvConfig checks the groups
 
     def keras_variables(self, context):
         config, in_channels = context.config, context.input_shape[-1]
@@ -212,6 +263,7 @@ class Conv2DTranspose(_Convolution):
         return target, full
 
     def output_shape(self, config, input_shapes):
+        self.check_config(config)
         shape = input_shapes[0]
         if len(shape) != 3:
             raise ExchangeError(f"expects rank-4 input, found shape (batch, {shape})")
@@ -318,6 +370,10 @@ def depthwise_steps(kernel_size: tuple[int, int], in_channels: int, multiplier: 
 @dataclass(frozen=True)
 class SeparableConfig(ConvConfig):
     depth_multiplier: int = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_int(self.depth_multiplier, "SeparableConv2D depth_multiplier", MAX_FEATURES)
 
 
 @register

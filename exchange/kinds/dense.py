@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exchange.kinds import LayerKind, register
+from exchange.errors import ExchangeError
+from exchange.kinds import MAX_FEATURES, LayerKind, check_int, register
 from exchange.kinds.activations import (check_activation, keras_activation, numpy_activation, read_activation,
                                         torch_activation)
 from exchange.kinds.layout import to_torch_order
@@ -27,10 +28,7 @@ class DenseConfig:
     use_bias: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.units, int) or isinstance(self.units, bool) or self.units < 1:
-            from exchange.errors import ExchangeError
-
-            raise ExchangeError(f"Dense units must be a positive integer, got {self.units!r}")
+        check_int(self.units, "Dense units", MAX_FEATURES)
         check_activation(self.activation, "Dense")
 
 
@@ -47,6 +45,8 @@ class Dense(LayerKind):
         return DenseConfig(int(options.take("units")), read_activation(options), bool(options.take("use_bias", True)))
 
     def output_shape(self, config, input_shapes):
+        if not input_shapes[0] or input_shapes[0][-1] is None:
+            raise ExchangeError(f"needs a known feature axis, found input shape (batch, {input_shapes[0]})")
         return tuple(input_shapes[0][:-1]) + (config.units,)
 
     def keras_variables(self, context):

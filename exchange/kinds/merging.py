@@ -17,8 +17,8 @@ from functools import reduce
 import numpy as np
 
 from exchange.errors import ExchangeError
-from exchange.kinds import LayerKind, register
-from exchange.kinds.layout import keras_axis, torch_axis
+from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, register
+from exchange.kinds.layout import torch_axis
 
 
 def broadcast_shapes(input_shapes) -> tuple:
@@ -102,6 +102,9 @@ class Average(_ElementwiseMerge):
 class ConcatenateConfig:
     axis: int = -1      # Keras axis, batch included
 
+    def __post_init__(self) -> None:
+        check_int(self.axis, "Concatenate axis", MAX_AXIS, -MAX_AXIS)
+
 
 @register
 class Concatenate(LayerKind):
@@ -117,7 +120,7 @@ class Concatenate(LayerKind):
 
     def output_shape(self, config, input_shapes):
         rank = len(input_shapes[0])
-        axis = keras_axis(config.axis, rank, "Concatenate") - 1
+        axis = check_axis(config.axis, rank) - 1
         if len(input_shapes) < 2 or any(len(shape) != rank or shape[:axis] + shape[axis + 1:]
                                         != input_shapes[0][:axis] + input_shapes[0][axis + 1:]
                                         for shape in input_shapes):

@@ -18,9 +18,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exchange.errors import UnsupportedLayerError
-from exchange.kinds import LayerKind, register
-from exchange.kinds.layout import keras_axis
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import MAX_AXIS, MAX_FEATURES, LayerKind, check_axis, check_int, register
 from exchange.ports import KerasOnly, Port, TorchOnly
 
 KERAS_EPSILON = 1e-7   # keras.config.epsilon(), Normalization's floor on the standard deviation
@@ -36,7 +35,7 @@ def _one_axis(options, default=-1) -> int:
 
 
 def _check_channel_axis(axis: int, shape: tuple, where: str) -> None:
-    if keras_axis(axis, len(shape), where) != len(shape):
+    if check_axis(axis, len(shape)) != len(shape):
         raise UnsupportedLayerError(f"{where}: axis {axis} is not the channel axis; only "
                                     "the last axis is supported")
 
@@ -48,6 +47,9 @@ class BatchNormConfig:
     epsilon: float = 1e-3
     center: bool = True
     scale: bool = True
+
+    def __post_init__(self) -> None:
+        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
 
 
 @register
@@ -67,6 +69,8 @@ class BatchNormalization(LayerKind):
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "BatchNormalization")
+        if len(input_shapes[0]) > 4:   # torch has BatchNorm1d/2d/3d only
+            raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
         return input_shapes[0]
 
     def keras_variables(self, context):
@@ -100,6 +104,11 @@ class NormalizationConfig:
     invert: bool = False
     mean: tuple[float, ...] | None = None       # given in the Keras config: constants, not weights
     variance: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        if (self.mean is None) != (self.variance is None):
+            raise ExchangeError("Normalization mean and variance must be given together")
 
 
 @register
@@ -213,6 +222,9 @@ class LayerNormConfig:
     center: bool = True
     scale: bool = True
 
+    def __post_init__(self) -> None:
+        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+
 
 def _affine_variables(config, channels: tuple) -> list:
     """Keras's gamma and beta, as `scale` and `center` switch them on, in that order."""
@@ -282,6 +294,10 @@ class GroupNormConfig:
     center: bool = True
     scale: bool = True
 
+    def __post_init__(self) -> None:
+        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        check_int(self.groups, "GroupNormalization groups", MAX_FEATURES)
+
 
 @register
 class GroupNormalization(LayerKind):
@@ -325,6 +341,9 @@ class GroupNormalization(LayerKind):
 class UnitNormConfig:
     axis: int = -1
 
+    def __post_init__(self) -> None:
+        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+
 
 @register
 class UnitNormalization(LayerKind):
@@ -335,6 +354,10 @@ class UnitNormalization(LayerKind):
 
     def from_keras(self, options):
         return UnitNormConfig(_one_axis(options))
+
+    def output_shape(self, config, input_shapes):
+        check_axis(config.axis, len(input_shapes[0]))
+        return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
         from exchange.kinds.layout import torch_axis

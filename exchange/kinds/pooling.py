@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from exchange.errors import ExchangeError
 from exchange.kinds import LayerKind, ints, register
-from exchange.kinds.convolution import conv_output_size, tf_padding, torch_pad_argument
+from exchange.kinds.convolution import check_window, tf_padding, torch_pad_argument, window_output_sizes
 
 
 @dataclass(frozen=True)
@@ -24,9 +24,8 @@ class PoolConfig:
     padding: str = "valid"
 
     def __post_init__(self) -> None:
-        if (len(self.pool_size) not in (1, 2) or len(self.strides) != len(self.pool_size)
-                or min(self.pool_size + self.strides) < 1 or self.padding not in ("valid", "same")):
-            raise ExchangeError(f"invalid pooling options {self}")
+        check_window(self.pool_size, self.strides, (1,) * len(self.pool_size), self.padding, (1, 2), "pooling",
+                     paddings=("valid", "same"))
 
 
 class _Pooling(LayerKind):
@@ -47,8 +46,10 @@ class _Pooling(LayerKind):
         shape = input_shapes[0]
         if len(shape) != self.spatial + 1:
             raise ExchangeError(f"expects rank-{self.spatial + 2} input, found shape (batch, {shape})")
-        return tuple(conv_output_size(size, k, s, 1, config.padding)
-                     for size, k, s in zip(shape[:-1], config.pool_size, config.strides)) + (shape[-1],)
+        if len(config.pool_size) != self.spatial:
+            raise ExchangeError(f"pool size {list(config.pool_size)} has not {self.spatial} spatial axes")
+        return window_output_sizes(shape, config.pool_size, config.strides, (1,) * self.spatial,
+                                   config.padding) + (shape[-1],)
 
     def torch_forward(self, builder, context, inputs):
         config, nn = context.config, builder.nn
@@ -113,7 +114,7 @@ class _GlobalPooling(LayerKind):
 
     def from_keras(self, options):
         options.expect("data_format", "channels_last", None)
-        return GlobalPoolConfig(bool(options.take("keepdims", False)))
+        return GlobalPoolConfig(options.flag("keepdims", False))
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]

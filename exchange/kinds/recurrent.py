@@ -30,7 +30,7 @@ import operator
 from dataclasses import dataclass, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import TENSOR, LayerKind, register
+from exchange.kinds import MAX_FEATURES, TENSOR, LayerKind, check_choice, check_int, register
 from exchange.kinds.activations import check_activation, keras_activation, read_activation
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
@@ -59,8 +59,7 @@ class RecurrentConfig:
     uses_mask: bool = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.units, int) or isinstance(self.units, bool) or self.units < 1:
-            raise ExchangeError(f"recurrent units must be a positive integer, got {self.units!r}")
+        check_int(self.units, "recurrent units", MAX_FEATURES)
         for name in (self.activation, self.recurrent_activation):
             check_activation(name, "recurrent layer")
             if name not in RECURRENT_ACTIVATIONS:
@@ -298,6 +297,24 @@ class BidirectionalConfig:
     backward: RecurrentConfig       # go_backwards=True, as Keras makes it
     merge_mode: str | None = "concat"
 
+    def __post_init__(self) -> None:
+        """What Keras's Bidirectional requires of its two layers (`_verify_layer_config`, and
+        `__init__` setting zero_output_for_mask), and what the torch form supports."""
+        _recurrent_kind(self.layer, "bidirectional")
+        check_choice(self.merge_mode, MERGE_MODES, "Bidirectional merge_mode")
+        forward, backward = self.forward, self.backward
+        if forward.go_backwards or not backward.go_backwards:
+            raise ExchangeError(f"Bidirectional needs a forward layer with go_backwards=False and a backward one "
+                                f"with go_backwards=True, got {forward.go_backwards} and {backward.go_backwards}")
+        if forward.return_state or backward.return_state:
+            raise ExchangeError("Bidirectional with return_state is not supported")
+        if forward.return_sequences != backward.return_sequences:
+            raise ExchangeError("Bidirectional forward and backward layers differ in return_sequences")
+        for side in (forward, backward):
+            if side.zero_output_for_mask != forward.return_sequences or not side.uses_mask:
+                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences and "
+                                    "uses_mask = true, as Keras sets them")
+
 
 @register
 class Bidirectional(LayerKind):
@@ -426,11 +443,11 @@ class Bidirectional(LayerKind):
 
 
 def _recurrent_kind(name, node_name: str) -> _Recurrent:
-    from exchange.kinds import kind_of
+    from exchange.kinds import _short, kind_of
 
     kind = kind_of(name) if isinstance(name, str) else None
     if not isinstance(kind, _Recurrent):
-        raise ExchangeError(f"layer {node_name!r}: {name!r} is not a recurrent layer kind")
+        raise ExchangeError(f"layer {node_name!r}: {_short(name)} is not a recurrent layer kind")
     return kind
 
 

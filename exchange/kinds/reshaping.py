@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import LayerKind, register
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, LayerKind, check_int,
+                            check_ints, register)
 from exchange.ports import Port
 
 
@@ -56,6 +57,13 @@ class Flatten(LayerKind):
 class ReshapeConfig:
     target_shape: tuple[int, ...]
 
+    def __post_init__(self) -> None:
+        target = self.target_shape
+        if len(target) >= MAX_AXIS or target.count(-1) > 1 or any(
+                not isinstance(size, int) or isinstance(size, bool) or size < -1 or size == 0 for size in target):
+            raise ExchangeError(f"invalid Reshape target shape {list(target)}: up to {MAX_AXIS - 1} sizes, "
+                                "each positive or one -1")
+
 
 @register
 class Reshape(LayerKind):
@@ -73,8 +81,6 @@ class Reshape(LayerKind):
         if None in shape:
             raise ExchangeError("Reshape needs a fixed input size")
         size = prod(shape)
-        if target.count(-1) > 1 or any(s < -1 or s == 0 for s in target):
-            raise ExchangeError(f"invalid target shape {config.target_shape}")
         if -1 in target:
             known = prod(s for s in target if s != -1)
             if size % known:
@@ -114,6 +120,10 @@ def _pairs(options, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
 @dataclass(frozen=True)
 class Padding2DConfig:
     amounts: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right))
+
+    def __post_init__(self) -> None:
+        for pair in self.amounts:
+            check_ints(pair, "padding or cropping amounts", MAX_PADDING, minimum=0, count=(2,))
 
 
 @register
@@ -176,6 +186,10 @@ def _image(shape: tuple) -> tuple:
 @dataclass(frozen=True)
 class DropoutConfig:
     rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.rate <= 1.0:   # Keras's Dropout refuses a rate outside [0, 1]
+            raise ExchangeError(f"dropout rate must be from 0 to 1, got {self.rate!r}")
 
 
 class _Dropout(LayerKind):
@@ -240,6 +254,11 @@ class SpatialDropout2D(_Dropout):
 class PermuteConfig:
     dims: tuple[int, ...]   # Keras's: 1-based axes after the batch axis, in Keras layout
 
+    def __post_init__(self) -> None:
+        # as Keras's Permute: a permutation of 1..n, n the input's rank without the batch axis
+        if len(self.dims) >= MAX_AXIS or sorted(self.dims) != list(range(1, len(self.dims) + 1)):
+            raise ExchangeError(f"Permute dims {list(self.dims)} are not a permutation of 1..{len(self.dims)}")
+
 
 @register
 class Permute(LayerKind):
@@ -250,7 +269,7 @@ class Permute(LayerKind):
 
     def from_keras(self, options):
         dims = options.take("dims")
-        if not isinstance(dims, list) or sorted(dims) != list(range(1, len(dims) + 1)):
+        if not isinstance(dims, list) or not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in dims):
             raise options.unsupported("dims", dims)
         return PermuteConfig(tuple(dims))
 
@@ -277,6 +296,9 @@ class Permute(LayerKind):
 class RepeatVectorConfig:
     n: int
 
+    def __post_init__(self) -> None:
+        check_int(self.n, "RepeatVector n", MAX_REPEATS)
+
 
 @register
 class RepeatVector(LayerKind):
@@ -288,7 +310,7 @@ class RepeatVector(LayerKind):
         return RepeatVectorConfig(int(options.take("n")))
 
     def output_shape(self, config, input_shapes):
-        if len(input_shapes[0]) != 1 or config.n < 1:
+        if len(input_shapes[0]) != 1:
             raise ExchangeError(f"repeats a (batch, features) input, found (batch, {input_shapes[0]})")
         return (config.n, input_shapes[0][0])
 
@@ -304,6 +326,10 @@ class EmbeddingConfig:
     input_dim: int
     output_dim: int
     mask_zero: bool = False
+
+    def __post_init__(self) -> None:
+        check_int(self.input_dim, "Embedding input_dim (the vocabulary)", MAX_VOCABULARY)
+        check_int(self.output_dim, "Embedding output_dim", MAX_FEATURES)
 
 
 @register

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from exchange.errors import ExchangeError
-from exchange.kinds import LayerKind, kind_of, register
+from exchange.kinds import LayerKind, _short, check_known_keys, kind_of, register
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
 
@@ -23,6 +23,26 @@ class TimeDistributedConfig:
     config: Any         # and its config
     layer_name: str     # the wrapped Keras layer's own name
 
+    def __post_init__(self) -> None:
+        kind = kind_of(self.layer)   # raises for an unknown kind
+        if not wraps(kind):
+            raise ExchangeError(f"TimeDistributed cannot wrap a {kind.kind!r} layer: {WRAPS}")
+        if not isinstance(self.config, kind.Config):
+            raise ExchangeError(f"TimeDistributed: the wrapped config is not a {kind.kind!r} config")
+        if (not isinstance(self.layer_name, str) or not 0 < len(self.layer_name) <= 1000 or "/" in self.layer_name
+                or not self.layer_name.isprintable()):
+            raise ExchangeError(f"TimeDistributed layer_name {_short(self.layer_name)} is not a Keras layer name "
+                                "(1 to 1000 printable characters, no '/')")
+
+
+WRAPS = "a layer with one input and one output, not TimeDistributed"
+
+
+def wraps(kind: LayerKind) -> bool:
+    """Whether TimeDistributed takes a layer of this kind (as Keras applies it to each step)."""
+    return (not kind.takes_list and not kind.selects_output and kind.kind != TimeDistributed.kind
+            and type(kind).output_count is LayerKind.output_count)
+
 
 @register
 class TimeDistributed(LayerKind):
@@ -30,23 +50,18 @@ class TimeDistributed(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        kind, config, name = options.wrapped_layer(
-            "layer", lambda kind: not kind.takes_list and kind.kind != self.kind
-            and type(kind).output_count is LayerKind.output_count,
-            "a layer with one input and one output, not TimeDistributed")
+        kind, config, name = options.wrapped_layer("layer", wraps, WRAPS)
         return TimeDistributedConfig(kind.kind, config, name)
 
     def config_from_dict(self, values, node_name):
         if not isinstance(values, dict) or not isinstance(values.get("layer"), str):
             raise ExchangeError(f"layer {node_name!r}: config must name the wrapped layer kind")
+        check_known_keys(values, ("layer", "config", "layer_name"), f"layer {node_name!r} ({self.kind})")
         inner_kind = kind_of(values["layer"])
-        if inner_kind.kind == self.kind:
-            raise ExchangeError(f"layer {node_name!r}: nested TimeDistributed")
+        if not wraps(inner_kind):
+            raise ExchangeError(f"layer {node_name!r} ({self.kind}): cannot wrap a {inner_kind.kind!r} layer: {WRAPS}")
         inner = inner_kind.config_from_dict(values.get("config", {}), node_name)
-        name = values.get("layer_name")
-        if not isinstance(name, str):
-            raise ExchangeError(f"layer {node_name!r}: layer_name must be a string")
-        return TimeDistributedConfig(inner_kind.kind, inner, name)
+        return self.build_config(node_name, layer=inner_kind.kind, config=inner, layer_name=values.get("layer_name"))
 
     def inner(self, context):
         """The wrapped kind and its context: one time step, the batch axis holding N·T."""
