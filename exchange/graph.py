@@ -64,6 +64,17 @@ class Node:
 
 
 @dataclass(frozen=True)
+class Cost:
+    """What one sample costs to run through a graph, from its shapes alone (a size known only at
+    run time counts as 1): what `--verify` sizes its batch by, and refuses beyond its budget."""
+
+    parameters: int
+    largest_activation: int   # elements of the largest input or layer output
+    activations: int          # elements of all inputs and layer outputs together
+    operations: int           # multiply-adds, about: each weight once per output position, each value once
+
+
+@dataclass(frozen=True)
 class NodeContext:
     """What a layer kind needs to know about one node beyond its config."""
 
@@ -339,6 +350,22 @@ class Graph:
     def parameter_count(self) -> int:
         return sum(self.node_parameter_counts().values())
 
+    @cached_property
+    def cost(self) -> Cost:
+        """Per sample: a Dense applies its weights once (per step on a sequence), a convolution
+        once per output position, a recurrent layer once per step of its input."""
+        def elements(shape: Shape) -> int:
+            return prod(1 if size is None else size for size in shape)
+
+        sizes = {name: elements(shape) for name, shape in self.shapes.items()}
+        weights = self.node_parameter_counts()
+        operations = 0
+        for node in self.nodes:
+            positions = max(elements(self.shapes[name][:-1]) for name in (node.name,) + node.inputs)
+            operations += (weights.get(self.torch_names[node.name], 0) * positions + sizes[node.name]
+                           + sum(sizes[name] for name in node.inputs))
+        return Cost(sum(weights.values()), max(sizes.values()), sum(sizes.values()), operations)
+
     def check_keras_names(self) -> None:
         """Refuse, in one line, a graph whose names Keras on TensorFlow cannot use (see KERAS_LAYER_NAME)."""
         if not KERAS_MODEL_NAME.fullmatch(self.name):
@@ -370,18 +397,19 @@ class Graph:
         from exchange.kinds import kind_of
 
         try:
+            _known_fields(description, GRAPH_FIELDS, "the architecture")
             inputs = tuple(InputSpec(_str(item["name"]), _shape(item["shape"]), _str(item.get("dtype", "float32")))
-                           for item in _list(description["inputs"]))
+                           for item in _list(description["inputs"]) if _known_fields(item, INPUT_FIELDS, "an input"))
             nodes = []
             for item in _list(description["nodes"]):
+                _known_fields(item, NODE_FIELDS, "a layer")
                 kind = kind_of(_str(item["kind"]))
                 nodes.append(Node(_str(item["name"]), kind.kind, tuple(_str(name) for name in _list(item["inputs"])),
                                   kind.config_from_dict(item.get("config", {}), _str(item["name"])),
                                   _str(item.get("dtype", "float32"))))
-            graph = cls(_str(description.get("name", "model")), inputs, tuple(nodes),
-                        tuple(_str(name) for name in _list(description["outputs"])))
-            graph.shapes   # shape inference checks each config against its inputs: refuse the file here
-            return graph
+            # Construction checks the whole graph (shapes check each config against its inputs).
+            return cls(_str(description.get("name", "model")), inputs, tuple(nodes),
+                       tuple(_str(name) for name in _list(description["outputs"])))
         except (KeyError, TypeError, AttributeError) as err:
             raise ExchangeError(f"malformed architecture: {type(err).__name__}: {err}") from None
 
@@ -466,6 +494,22 @@ def _check_shape(shape: Shape, what: str) -> None:
     if len(shape) > MAX_RANK or any(size is not None and (not isinstance(size, int) or isinstance(size, bool)
                                                           or size < 0) for size in shape):
         raise ExchangeError(f"{what}: invalid shape {list(shape)}")
+
+
+# The fields of a format-2 architecture (`to_dict`); any other is refused, not ignored.
+GRAPH_FIELDS = ("name", "inputs", "nodes", "outputs")
+INPUT_FIELDS = ("name", "shape", "dtype")
+NODE_FIELDS = ("name", "kind", "inputs", "dtype", "config")
+
+
+def _known_fields(item, fields: tuple[str, ...], what: str) -> bool:
+    if not isinstance(item, dict):
+        raise TypeError(f"expected an object for {what}, found {type(item).__name__}")
+    unknown = sorted(set(item) - set(fields))
+    if unknown:
+        raise ExchangeError(f"{what} has unknown field(s) {', '.join(repr(key[:40]) for key in unknown)} "
+                            f"(a format-2 architecture has {', '.join(fields)})")
+    return True
 
 
 def _str(value) -> str:

@@ -82,6 +82,39 @@ def write_base_files(base: Path, keras_path: Path) -> None:
     fileformat.save(base / "seed.safetensors", SEED_ARCHITECTURE, tensors, "torch")
     torch.save({key: torch.from_numpy(value) for key, value in tensors.items()}, base / "seed.pt")
     write_idx_folder(base / "mnist", generator)
+    (base / "architectures.json").write_text(json.dumps(fuzz_architectures()))
+
+
+def fuzz_architectures() -> list[dict]:
+    """Format-2 architectures of small real Keras models, for the fuzzer to mutate: a CNN, a
+    masked sequence model and an attention block (most layer families, with nested configs)."""
+    import keras
+
+    from exchange import keras_adapter
+
+    layers = keras.layers
+    image = keras.Input((9, 8, 3), name="image")
+    x = layers.ZeroPadding2D(((1, 0), (0, 1)), name="pad")(image)
+    x = layers.Conv2D(4, 3, strides=2, padding="same", name="conv")(x)
+    x = layers.BatchNormalization(name="bn")(x)
+    x = layers.ReLU(name="relu")(x)
+    x = layers.DepthwiseConv2D(3, padding="same", name="depthwise")(x)
+    x = layers.AveragePooling2D(2, padding="same", name="avg")(x)
+    x = layers.Flatten(name="flatten")(layers.MaxPooling2D(1, name="max")(x))
+    cnn = keras.Model(image, layers.Dense(5, activation="softmax", name="dense")(layers.Dropout(0.5)(x)), name="cnn")
+    tokens = keras.Input((7,), dtype="int32", name="tokens")
+    x = layers.Embedding(11, 6, mask_zero=True, name="embedding")(tokens)
+    x = layers.LSTM(5, return_sequences=True, name="lstm")(x)
+    x = layers.Bidirectional(layers.GRU(3, return_sequences=True), merge_mode="concat", name="bi")(x)
+    x = layers.TimeDistributed(layers.Dense(4), name="td")(x)
+    sequence = keras.Model(tokens, layers.GlobalAveragePooling1D(name="gap")(x), name="sequence")
+    steps = keras.Input((5, 8), name="steps")
+    attended = layers.MultiHeadAttention(2, 4, name="mha")(steps, steps)
+    x = layers.LayerNormalization(name="ln")(layers.Add(name="add")([steps, attended]))
+    x = layers.Concatenate(axis=-1, name="concat")([x, layers.Permute((1, 2), name="permute")(steps)])
+    x = layers.Reshape((8, 10), name="reshape")(x)
+    block = keras.Model(steps, layers.Softmax(axis=1, name="softmax")(x), name="block")
+    return [keras_adapter.architecture_of(model).to_dict() for model in (cnn, sequence, block)]
 
 
 def write_idx_folder(folder: Path, generator, gz: bool = False) -> None:
@@ -670,7 +703,8 @@ def small_graph(layer: str = "d", input_name: str = "x", model: str = "m", width
 def _named(output: str = "out.py", **names):
     """A small graph whose layer, input or model name is hostile, converted to `output`."""
     def build(case_dir, base):
-        description = small_graph(**names)
+        marker = repr(str(case_dir.parent / "outside" / "pwned"))
+        description = small_graph(**{key: value.replace("MARKER", marker) for key, value in names.items()})
         layer = names.get("layer", "d")
         from exchange.graph import python_name
 
@@ -698,6 +732,35 @@ def _normalization_constant(case_dir, base):
     return convert_args(case_dir, graph_file(case_dir, description), output="out.py")
 
 
+def _keras2_model_named(model_name: str, layer: str | None = None, output: str = "out.py"):
+    """The Keras 2 seed `.h5` with its model (and maybe its first Dense) renamed in model_config."""
+    def build(case_dir, base):
+        def edit(h5):
+            config = json.loads(h5.attrs["model_config"])
+            config["config"]["name"] = model_name.replace("MARKER", repr(str(case_dir.parent / "outside" / "pwned")))
+            if layer is not None:
+                config["config"]["layers"][1]["config"]["name"] = layer
+            h5.attrs["model_config"] = json.dumps(config)
+        return convert_args(case_dir, keras2_with(case_dir, base, edit), output=output)
+    return build
+
+
+def _arch_json_named(model_name: str):
+    """The seed `.pt` with an exchange architecture JSON (`--arch`) whose model name is hostile."""
+    def build(case_dir, base):
+        from frameworks.recipe import SEED_ARCHITECTURE
+
+        description = SEED_ARCHITECTURE.to_dict()
+        description["name"] = model_name.replace("MARKER", repr(str(case_dir.parent / "outside" / "pwned")))
+        arch = case_dir / "arch.json"
+        arch.write_text(json.dumps(description))
+        return convert_args(case_dir, base / "seed.pt", "--arch", str(arch), output="out.py")
+    return build
+
+
+CODE_IN_A_NAME = 'm"""; import pathlib; pathlib.Path(MARKER).touch(); """'
+
+
 CASES: dict[str, Case] = {
     # Round 3: names and graph costs (names that are valid but odd: tests/test_hostile_names.py).
     "layer name with a line break": Case(_named(layer="d\nimport os"), r"invalid layer or input name 'd\\nimport os'",
@@ -717,6 +780,14 @@ CASES: dict[str, Case] = {
                                   output="out.py"),
     "Normalization constant on 250,000,000 channels": Case(_normalization_constant, "", "", output="out.py",
                                                            converts=True),
+    "h5 layer name with a line break": Case(_keras2_model_named("sequential", layer="dense_1\nx"),
+                                            r"invalid layer or input name 'dense_1\\nx'", "model.h5", output="out.py"),
+    "h5 model name closing the docstring, to .py": Case(_keras2_model_named(CODE_IN_A_NAME), "", "", output="out.py",
+                                                         converts=True),
+    "--arch model name closing the docstring, to .py": Case(_arch_json_named(CODE_IN_A_NAME), "", "",
+                                                             output="out.py", converts=True),
+    "safetensors model name closing the docstring, to .py": Case(_named(model=CODE_IN_A_NAME), "", "",
+                                                                 output="out.py", converts=True),
     # Data read from outside the input.
     "h5 external storage": Case(_external_storage_h5, "keeps its data in another file", "model.h5"),
     ".keras external storage": Case(_external_storage_keras, "keeps its data in another file", "model.keras"),
@@ -1060,6 +1131,8 @@ def run_cases(base: Path, work: Path, names: list[str]) -> dict:
             (output / "existing").write_bytes(EXISTING)
         entry = entries.setdefault(case.entry, _entry(case.entry))
         results[name] = run_one(entry, args, case_dir)
+        if case.converts and output.suffix == ".py" and results[name]["rc"] == 0:
+            results[name]["import_error"] = import_generated(output)   # where injected code would run
         results[name]["outside"] = sorted(p.name for p in (work / "outside").glob("*")) \
             if (work / "outside").is_dir() else []
         results[name]["secret_leaked"] = any(SECRET in path.read_bytes() for path in case_dir.rglob("*")
@@ -1072,6 +1145,7 @@ def run_cases(base: Path, work: Path, names: list[str]) -> dict:
 # The mutation fuzzer
 
 FUZZ_TARGETS = {   # base file -> (input name, extra arguments)
+    "architectures.json": ("model.safetensors", []),   # format-2 graphs, mutated as JSON
     "seed.keras": ("model.keras", []),
     "seed_mlp.h5": ("model.h5", []),
     "seed.safetensors": ("model.safetensors", []),
@@ -1113,6 +1187,116 @@ def _header_end(name: str, data: bytes) -> int:
     return 4096   # HDF5 superblock and root object headers; zip local headers
 
 
+# Names that break generated code, fx code or messages if any of them is written unescaped;
+# MARKER is replaced by the path of a file that injected code would create.
+HOSTILE_NAMES = ('m"""; import pathlib; pathlib.Path(MARKER).touch(); """', "m'; import pathlib; '",
+                 "\ufb01x", "\uff46orward", "a\u00bd", "forward", "self", "class", "__init__", "load", "nn",
+                 "F", "torch", "a\nb", "a\0b", "a\udcffb", "a\u202eb", "", "x" * 1001, "a b", "a/b", "a\\N{",
+                 "0", "_", "dense", "conv", "lstm")
+HOSTILE_INTS = (0, -1, 1, 2, 3, 10**9, 2**62, -(2**62))
+HOSTILE_VALUES = (None, True, "same", "", [], {}, 1e308, 0.5, [1, 2], "\n")
+
+
+def _config_slots(value, path=()):
+    """Every (path, value) inside a node's config, nested lists and objects included."""
+    yield path, value
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        yield from _config_slots(item, path + (key,))
+
+
+def _set_at(root, path, value):
+    for key in path[:-1]:
+        root = root[key]
+    root[path[-1]] = value
+
+
+def mutate_architecture(description: dict, generator: random.Random, marker: Path) -> tuple[dict, str]:
+    """One seeded structural mutation of a format-2 architecture: a hostile name (renamed
+    consistently or not), a config value, a kind, a node's inputs, an input's shape or dtype."""
+    import copy
+
+    from exchange.kinds import KINDS
+
+    graph = copy.deepcopy(description)
+    nodes = graph["nodes"]
+    node = generator.choice(nodes)
+    kind = generator.choice(("name", "name", "config", "config", "config", "kind", "inputs", "shape", "dtype"))
+    if kind == "name":
+        new = generator.choice(HOSTILE_NAMES).replace("MARKER", repr(str(marker)))
+        target = generator.choice(("model", "input", "node", "node"))
+        if target == "model":
+            graph["name"] = new
+        else:
+            old = graph["inputs"][0]["name"] if target == "input" else node["name"]
+            for item in graph["inputs"] + nodes:
+                item["name"] = new if item["name"] == old else item["name"]
+            if generator.random() < 0.8:   # the references too, mostly: a consistent graph
+                for item in nodes:
+                    item["inputs"] = [new if name == old else name for name in item["inputs"]]
+                graph["outputs"] = [new if name == old else name for name in graph["outputs"]]
+    elif kind == "config":
+        slots = [(path, value) for path, value in _config_slots(node["config"]) if path]
+        if slots:
+            path, value = generator.choice(slots)
+            is_int = isinstance(value, int) and not isinstance(value, bool)
+            _set_at(node["config"], path, generator.choice(HOSTILE_INTS if is_int and generator.random() < 0.8
+                                                           else HOSTILE_VALUES + HOSTILE_INTS))
+    elif kind == "kind":
+        node["kind"] = generator.choice(sorted(KINDS))
+    elif kind == "inputs":
+        earlier = [item["name"] for item in graph["inputs"]] + [item["name"] for item in nodes]
+        node["inputs"] = generator.choice((node["inputs"] * generator.choice((2, 3, 1000, 1001)), [node["name"]],
+                                           [earlier[-1]], [], node["inputs"][:1] + ["missing"]))
+    elif kind == "shape":
+        spec = generator.choice(graph["inputs"])
+        if spec["shape"]:
+            spec["shape"][generator.randrange(len(spec["shape"]))] = generator.choice((0, None, 1, 10**9, -1, 2**62))
+    else:
+        item = generator.choice(nodes + graph["inputs"])
+        item["dtype"] = generator.choice(("float16", "bfloat16", "float64", "int32", "int64", "bool", "float8"))
+    return graph, f"{kind} of {node['kind']} {node['name'][:20]!r}"
+
+
+def _architecture_case(case_dir: Path, base: Path, generator: random.Random) -> tuple[list[str], str]:
+    """A `.safetensors` with a mutated architecture and the original's tensors (random), to `.py`,
+    `.safetensors` or `.pt`."""
+    from exchange import fileformat
+    from exchange.graph import Graph
+
+    description = generator.choice(json.loads((base / "architectures.json").read_text()))
+    tensor_generator = np.random.default_rng(generator.randrange(1 << 30))
+    tensors = {key: tensor_generator.standard_normal(shape).astype(dtype)
+               for key, (shape, dtype) in Graph.from_dict(description).tensor_specs.items()}
+    mutated, label = mutate_architecture(description, generator, case_dir.parent / "outside" / "pwned")
+    path = case_dir / "model.safetensors"
+    metadata = {"format": "pt", "exchange_version": "2", "architecture": json.dumps(mutated),
+                "source_framework": "torch"}
+    with open(path, "w+b") as stream:   # the mutated architecture, unchecked: what an attacker writes
+        fileformat._write_safetensors(stream, tensors, metadata)
+    output = case_dir / generator.choice(("out.py", "out.py", "out.safetensors", "out.pt"))
+    output.write_bytes(EXISTING)
+    return [str(path), str(output)], f"{description['name']} {label} -> {output.suffix}"
+
+
+def import_generated(code: Path) -> str | None:
+    """Import generated code, build its class and load its weights; None when that works, else
+    the error (a bug of the generator)."""
+    from exchange import fileformat
+    from exchange.torch_adapter import class_name
+
+    try:
+        architecture = fileformat.load(code.with_suffix(".safetensors")).architecture
+        spec = importlib.util.spec_from_file_location(f"generated_{code.parent.name}", code)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        model = getattr(module, class_name(architecture.name))()
+        model.load_state_dict(module.load(str(code.with_suffix(".safetensors"))), strict=True)
+    except Exception as err:   # noqa: BLE001 (every failure is a finding)
+        return f"{type(err).__name__}: {err}"[:300]
+    return None
+
+
 def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
     generator = random.Random(seed)
     convert, prepare = _entry("convert"), _entry("prepare")
@@ -1123,7 +1307,15 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
         name, extra = FUZZ_TARGETS[source]
         case_dir = work / f"{index:05d}"
         case_dir.mkdir(parents=True)
-        if source == "mnist":
+        if source == "architectures.json":
+            args, label = _architecture_case(case_dir, base, generator)
+            progress.write_text(f"{index} {label}")
+            result = run_one(convert, args, case_dir)
+            output = Path(args[1])
+            if result["rc"] == 0 and output.suffix == ".py":
+                result["import_error"] = import_generated(output)
+            result["code_ran"] = (work / "outside" / "pwned").exists()
+        elif source == "mnist":
             folder = mnist_copy(case_dir, base)
             target = folder / generator.choice(sorted(p.name for p in folder.iterdir()))
             data, kind = mutate(target.read_bytes(), generator, 16)
@@ -1140,9 +1332,9 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
             progress.write_text(f"{index} {source} {kind}")
             result = run_one(convert, [str(case_dir / name), str(case_dir / "out.safetensors"), *extra], case_dir)
             label = f"{source} {kind}"
-        result["label"] = label
         if result["rc"] == 0 and result["traceback"] is None:
             result["stderr"] = ""   # a mutation in the data region converts; that is fine
+        result["label"] = label
         results[f"{index:05d}"] = result
         shutil.rmtree(case_dir)
     return results

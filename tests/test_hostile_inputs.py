@@ -91,6 +91,7 @@ def test_odd_but_valid_input_converts_within_the_bound(corpus, name):
     result = corpus[name]
     assert result["traceback"] is None, result["traceback"]
     assert result["rc"] == 0 and result["stderr"] == "", result["stderr"]
+    assert result.get("import_error") is None, result["import_error"]
     assert result["peak_mib"] < MEMORY_BOUND_MIB, f"peak {result['peak_mib']:.0f} MiB"
     assert "pwned" not in result["outside"], "code from the input ran"
 
@@ -109,6 +110,10 @@ def check_fuzz(results: dict) -> None:
                             f"changed {result['changed']}")
         elif result["peak_mib"] >= MEMORY_BOUND_MIB:
             failures.append(f"{label}: peak {result['peak_mib']:.0f} MiB")
+        elif result.get("import_error"):
+            failures.append(f"{label}: the generated code does not load: {result['import_error']}")
+        elif result.get("code_ran"):
+            failures.append(f"{label}: code from the file ran")
     assert not failures, f"{len(failures)} of {len(results)} fuzz cases failed:\n" + "\n".join(failures[:20])
 
 
