@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 
 def printable(text: str) -> str:
     """`text` with every character that is not printable (line breaks, NUL, escape sequences,
@@ -56,3 +58,18 @@ class TensorMismatchError(ExchangeError):
         if mismatched:
             parts.append("wrong shape or dtype: " + "; ".join(mismatched))
         super().__init__((f"{where}: " if where else "") + "; ".join(parts))
+
+
+@contextmanager
+def framework_errors(node, framework: str):
+    """A framework's own exception while building one layer (a bug, or a config the checks let
+    through) as one `UnsupportedLayerError` naming the layer, not a bare ValueError or RuntimeError
+    from deep inside Keras or torch."""
+    try:
+        yield
+    except ExchangeError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, RuntimeError, AttributeError, MemoryError,
+            OverflowError, NotImplementedError, RecursionError) as err:
+        raise UnsupportedLayerError(f"layer {node.name!r} ({node.kind}): {framework} cannot build it "
+                                    f"({type(err).__name__}: {first_line(err)[:300]})") from err

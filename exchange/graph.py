@@ -127,7 +127,7 @@ class Graph:
         for spec in self.inputs:
             _check_name(spec.name, seen)
             if spec.dtype not in INPUT_DTYPES:
-                raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype!r} is not one of {INPUT_DTYPES}")
+                raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype[:40]!r} is not one of {INPUT_DTYPES}")
             _check_shape(spec.shape, f"input {spec.name!r}")
         edges = 0
         for node in self.nodes:
@@ -140,7 +140,7 @@ class Graph:
                                        f"; together the layers read more than the {MAX_EDGES:,} allowed"))
             kind_of(node.kind)  # raises for an unknown kind
             if node.dtype not in DTYPES:
-                raise ExchangeError(f"layer {node.name!r}: dtype {node.dtype!r} is not one of {DTYPES}")
+                raise ExchangeError(f"layer {node.name!r}: dtype {node.dtype[:40]!r} is not one of {DTYPES}")
             missing = [name for name in node.inputs if name not in seen or name == node.name]
             if missing or not node.inputs:
                 raise ExchangeError(f"layer {node.name!r} reads {missing or 'nothing'}, which is not "
@@ -371,8 +371,10 @@ class Graph:
         if not KERAS_MODEL_NAME.fullmatch(self.name):
             raise UnsupportedLayerError(f"model name {self.name!r} cannot be a Keras model's name on TensorFlow "
                                         "(A-Z a-z 0-9 . first, then also _ - >); it converts to PyTorch, not to Keras")
-        for node in self.nodes:
-            if not KERAS_LAYER_NAME.fullmatch(node.name):
+        from exchange.kinds import kind_of
+
+        for node in self.nodes:   # an output-selecting node (`lstm:output1`) is no Keras layer
+            if not kind_of(node.kind).selects_output and not KERAS_LAYER_NAME.fullmatch(node.name):
                 raise UnsupportedLayerError(f"layer name {node.name!r} cannot be a Keras layer's name on TensorFlow "
                                             "(only A-Z a-z 0-9 . _ - >); it converts to PyTorch, not to Keras")
 

@@ -21,7 +21,7 @@ import keras
 import numpy as np
 
 from exchange import fileformat, layout
-from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line
+from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
 from exchange.kinds import kind_of
@@ -98,8 +98,9 @@ def build_model(graph: Graph) -> keras.Model:
     for node in graph.nodes:
         kind = kind_of(node.kind)
         context = graph.context(node)
-        values[node.name] = kind.keras_call(kind.keras_layer(keras, context), [values[name] for name in node.inputs],
-                                            context)
+        with framework_errors(node, "Keras"):
+            values[node.name] = kind.keras_call(kind.keras_layer(keras, context),
+                                                [values[name] for name in node.inputs], context)
     outputs = [values[name] for name in graph.outputs]
     return keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs,
                        outputs=outputs[0] if len(outputs) == 1 else outputs, name=graph.name)

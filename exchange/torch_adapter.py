@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from exchange import fileformat, torch_modules
-from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError, first_line
+from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.kinds import kind_of
 from exchange.kinds.layout import to_keras_order, to_torch_order
@@ -122,8 +122,9 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
             value = builder.call(torch.permute, value, to_torch_order(len(spec.shape)))
         values[spec.name] = value
     for node in graph.nodes:
-        values[node.name] = kind_of(node.kind).torch_forward(builder, graph.context(node),
-                                                             [values[name] for name in node.inputs])
+        with framework_errors(node, "PyTorch"):
+            values[node.name] = kind_of(node.kind).torch_forward(builder, graph.context(node),
+                                                                 [values[name] for name in node.inputs])
     outputs = []
     for name in graph.outputs:
         value, rank = values[name], len(graph.shapes[name])

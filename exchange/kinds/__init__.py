@@ -190,7 +190,7 @@ def register(cls: type) -> type:
 
 def kind_of(name: str) -> LayerKind:
     if name not in KINDS:
-        raise UnsupportedLayerError(f"unsupported layer kind {name!r} (known: {', '.join(sorted(KINDS))})")
+        raise UnsupportedLayerError(f"unsupported layer kind {_short(name)} (known: {', '.join(sorted(KINDS))})")
     return KINDS[name]
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, coerce, register
+from exchange.kinds import MAX_AXIS, LayerKind, _short, check_axis, check_int, coerce, register
 
 
 def _np_softmax(x):
@@ -82,9 +82,7 @@ def read_activation(options, key: str = "activation") -> str:
 def check_activation(name: str, what: str) -> str:
     coerce(name, str, what)
     if name not in ACTIVATIONS:
-        from exchange.errors import UnsupportedLayerError
-
-        raise UnsupportedLayerError(f"{what}: unsupported activation {name!r}")
+        raise UnsupportedLayerError(f"{what}: unsupported activation {_short(name)}")
     return name
 
 
