@@ -185,17 +185,22 @@ class _Parser:
             try:
                 kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
                 tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
+                call = inbound[0]
+                mask = _mask_ref(call)
+                if mask is None and kind is not None:   # `layer(x, mask)`, as Keras's own tests call it
+                    call, mask = _positional_mask(call, kind.mask_position)
                 sources = [edges[(ref_name, tensor_index)]
-                           for ref_name, tensor_index in _inbound_refs(inbound[0], tensor_kwargs)]
-                call_args = _call_args(inbound[0])
-                call_kwargs = _call_kwargs(inbound[0], tensor_kwargs)
-                mask = _mask_ref(inbound[0])
+                           for ref_name, tensor_index in _inbound_refs(call, tensor_kwargs)]
+                call_args = _call_args(call)
+                call_kwargs = _call_kwargs(call, tensor_kwargs)
+                mask_input = False
                 if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
                     # (a nested model passes its input's mask on to its layers, as the graph does)
-                    if edges[mask] not in self.mask_operations:
-                        raise UnsupportedLayerError(f"layer {name!r} ({class_name}) is given an explicit mask "
-                                                    f"from {mask[0]!r}; only Embedding masks are supported")
-                    self.explicit_masks[name] = self.mask_operations[edges[mask]]
+                    if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's mask
+                        self.explicit_masks[name] = self.mask_operations[edges[mask]]
+                    else:   # a tensor of the model: the node's last input, read by kinds that take one
+                        mask_input = True
+                        sources.append(edges[mask])
             except UnsupportedLayerError as err:   # a call this exchange cannot read: name the layer
                 message = str(err)
                 self.problems.append(message if repr(name) in message else f"layer {name!r} ({class_name}): {message}")
@@ -205,7 +210,7 @@ class _Parser:
                     continue  # a layer before it failed; that problem is already reported
                 raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
             outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
-                                 call_kwargs, mask_given=mask is not None)
+                                 call_kwargs, mask_given=mask is not None, mask_input=mask_input)
             for index, edge in enumerate(outputs):
                 edges[(name, index)] = edge
         if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
@@ -246,7 +251,8 @@ class _Parser:
         return name
 
     def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str,
-              call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False) -> list[str]:
+              call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False,
+              mask_input: bool = False) -> list[str]:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
@@ -263,7 +269,7 @@ class _Parser:
             _check_flags(config, FLAG_OPTIONS + (NORMALIZATION_FLAGS if class_name.endswith("Normalization") else ()))
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
-                                   call_kwargs=call_kwargs, mask_given=mask_given)
+                                   call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
             node_config = kind.from_keras(options)
             options.finish()
             dtype = _dtype(config.get("dtype"), name)
@@ -395,6 +401,23 @@ def _mask_ref(node) -> tuple[str, int] | None:
     if len(histories) > 1:
         raise UnsupportedLayerError(f"a list of masks is not supported ({len(histories)} given)")
     return (_text(histories[0][0]), int(histories[0][2])) if histories else None
+
+
+def _positional_mask(node, position: int | None):
+    """A Keras 3 call with a tensor at the `mask` position of its layer's call (`LayerKind.mask_position`):
+    the call without it (and without the `None`s before it: LSTM's `(x, None, mask)`) and the mask's
+    (layer name, output index). Keras 3 records positional arguments as given."""
+    if position is None or not isinstance(node, dict):
+        return node, None
+    arguments = list(node.get("args", []))
+    if len(arguments) <= position or not isinstance(arguments[position], dict) or \
+            len(_histories(arguments[position])) != 1:
+        return node, None
+    history = _histories(arguments[position])[0]
+    rest = arguments[:position]
+    while len(rest) > 1 and rest[-1] is None:
+        rest.pop()
+    return dict(node, args=rest + arguments[position + 1:]), (_text(history[0]), int(history[2]))
 
 
 def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, int]]:

@@ -26,6 +26,9 @@ from exchange.errors import ExchangeError, UnsupportedLayerError
 KINDS: dict[str, "LayerKind"] = {}
 # The value of a keyword argument of a call that is a tensor, in `KerasOptions.call_kwargs`.
 TENSOR = "<tensor>"
+# The metadata of a config field written to an exchange file only when it differs from its
+# default (`mask_input`): files of models without it stay as they were.
+OMIT_DEFAULT = {"omit_default": True}
 KERAS_CLASSES: dict[str, "LayerKind"] = {}
 
 # Keras config keys that say nothing about what the layer computes at inference.
@@ -74,6 +77,9 @@ class LayerKind:
     takes_list = False                # Keras calls the layer on a list of tensors (merges)
     passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
     selects_output = False            # an `output` node: picks output `config.index` of its input
+    # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
+    # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
+    mask_position: int | None = None
 
     def output_count(self, config) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
@@ -199,7 +205,40 @@ def kind_for_keras_class(class_name: str) -> LayerKind | None:
 
 
 def config_to_dict(config) -> dict:
-    return {field.name: _jsonable(getattr(config, field.name)) for field in dataclasses.fields(config)}
+    return {field.name: _jsonable(getattr(config, field.name)) for field in dataclasses.fields(config)
+            if not (field.metadata.get("omit_default") and getattr(config, field.name) == field.default)}
+
+
+def mask_name(context) -> str | None:
+    """The mask a node reads: its last input when the call gave one (`config.mask_input`), else
+    the mask its input carries (`Graph.masks`). Either way the mask is `that tensor != 0`."""
+    if getattr(context.config, "mask_input", False):
+        return context.node.inputs[-1]
+    return context.input_masks[0]
+
+
+def torch_mask(builder, context, inputs):
+    """The bool (N, T) torch mask a node reads (see `mask_name`), or None. A mask given as a
+    tensor (bool, int or float) keeps the steps where it is not 0, as Keras's casts to bool do."""
+    name = mask_name(context)
+    if name is not None and name not in builder.masks:
+        builder.masks[name] = builder.call(builder.torch.ne, inputs[-1], 0)
+    return None if name is None else builder.masks[name]
+
+
+def check_step_mask(config, input_shapes: tuple) -> tuple:
+    """The input shapes without a mask input, after checking that it is (T,) for a (T, F) input."""
+    if not getattr(config, "mask_input", False):
+        return input_shapes
+    if len(input_shapes) < 2 or len(input_shapes[-1]) != 1 or not _sizes_agree(input_shapes[-1][0],
+                                                                                 input_shapes[0][0]):
+        raise ExchangeError(f"mask of shape (batch, {input_shapes[-1]}) does not match input of shape "
+                            f"(batch, {input_shapes[0]}): expected (batch, {input_shapes[0][:1]})")
+    return input_shapes[:-1]
+
+
+def _sizes_agree(first, second) -> bool:
+    return first is None or second is None or first == second
 
 
 def _jsonable(value):
@@ -301,7 +340,8 @@ class KerasOptions:
     """
 
     def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False,
-                 call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False):
+                 call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False,
+                 mask_input: bool = False):
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
         self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
         self.call_args = call_args or []   # positional arguments of the call: None for a tensor
@@ -309,6 +349,10 @@ class KerasOptions:
         # is a node input after the positional ones, in this dict's order (`LayerKind.tensor_kwargs`)
         self.call_kwargs = call_kwargs or {}
         self.mask_given = mask_given   # the call passes `mask=` explicitly (Keras 3 records it)
+        # ... and that mask is a tensor of the model (an input, a layer's output), not the
+        # Embedding's `ids != 0`: the node's last input. A kind reading it calls `take_mask_input`.
+        self.mask_input = mask_input
+        self.mask_taken = False
         self.taken: set[str] = set()
 
     def where(self) -> str:
@@ -360,7 +404,15 @@ class KerasOptions:
         return UnsupportedLayerError(f"{self.where()}: unsupported option {key}={_short(value)}"
                                      + (f" ({why})" if why else ""))
 
+    def take_mask_input(self) -> bool:
+        """Whether the call gives a mask tensor (the node's last input); the kind reads it."""
+        self.mask_taken = True
+        return self.mask_input
+
     def finish(self) -> None:
+        if self.mask_input and not self.mask_taken:
+            raise UnsupportedLayerError(f"{self.where()}: argument 'mask' given as a tensor is not supported "
+                                        "for this layer")
         unknown = sorted(key for key in self.config if key not in self.taken and key not in IGNORED_OPTIONS
                          and not key.endswith(IGNORED_SUFFIXES))
         if unknown:

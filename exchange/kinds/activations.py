@@ -11,12 +11,12 @@ Conventions that differ:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, LayerKind, _short, check_axis, check_int, coerce, register
+from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_axis, check_int, coerce, register
 
 
 def _np_softmax(x):
@@ -227,9 +227,19 @@ class ELU(LayerKind):
         return keras.layers.ELU(alpha=context.config.alpha, name=context.node.name, dtype=context.node.dtype)
 
 
+# What Keras 3's Softmax puts at masked positions before the softmax (`_large_negative_number`).
+SOFTMAX_LARGE_NEGATIVE = {"float16": -3e4}
+DEFAULT_SOFTMAX_LARGE_NEGATIVE = -1e9
+
+
+def _batch_shape(shape) -> str:
+    return "(" + ", ".join(["batch"] + ["None" if size is None else str(size) for size in shape]) + ")"
+
+
 @dataclass(frozen=True)
 class SoftmaxConfig:
     axis: int = -1      # Keras axis, batch included; negative counts from the end
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # Softmax()(x, mask)
 
     def __post_init__(self) -> None:
         check_int(self.axis, "Softmax axis", MAX_AXIS, -MAX_AXIS)
@@ -240,8 +250,11 @@ class Softmax(LayerKind):
     """The Keras axis is remapped to torch's channels-first layout."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
+    mask_position = 1   # call(inputs, mask=None)
 
     def output_mask(self, node, input_masks):
+        if node.config.mask_input:   # Keras passes the mask it was given on (supports_masking)
+            return node.inputs[-1]
         if input_masks[0] is not None:   # Keras adds a large negative number at masked steps
             raise UnsupportedLayerError(f"layer {node.name!r} (Softmax) on a masked input (mask from "
                                         f"{input_masks[0]!r}) is not supported")
@@ -253,17 +266,40 @@ class Softmax(LayerKind):
             axis = axis[0]
         if not isinstance(axis, int):
             raise options.unsupported("axis", axis, "one axis")
-        return SoftmaxConfig(axis)
+        return SoftmaxConfig(axis, options.take_mask_input())
 
     def output_shape(self, config, input_shapes):
         check_axis(config.axis, len(input_shapes[0]))
+        if config.mask_input:
+            # Keras broadcasts the mask; here it must have the input's rank (sizes equal or 1),
+            # so that the torch layout moves the mask's axes as it moves the input's.
+            shape, mask = input_shapes[0], input_shapes[-1]
+            if len(input_shapes) != 2 or len(mask) != len(shape) or any(
+                    m not in (1, None) and s is not None and m != s for m, s in zip(mask, shape)):
+                raise ExchangeError(f"argument 'mask' of shape {_batch_shape(mask)} for an input of shape "
+                                    f"{_batch_shape(shape)} is not supported: only a mask of the input's rank "
+                                    "(sizes equal or 1)")
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
         from exchange.kinds.layout import torch_axis
 
         dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
-        return builder.call(builder.torch.softmax, inputs[0], dim=dim)
+        if not context.config.mask_input:
+            return builder.call(builder.torch.softmax, inputs[0], dim=dim)
+        # Keras keeps the positions where a bool mask is True, another where it is > 0.5 (an int
+        # mask cast 0.5 to 0: > 0), puts SOFTMAX_LARGE_NEGATIVE elsewhere, and zeroes them after.
+        torch = builder.torch
+        keep = builder.call(torch.gt, inputs[-1], 0.5)
+        negative = SOFTMAX_LARGE_NEGATIVE.get(context.node.dtype, DEFAULT_SOFTMAX_LARGE_NEGATIVE)
+        value = builder.call(torch.where, keep, inputs[0], negative)
+        value = builder.call(torch.softmax, value, dim=dim)
+        return builder.call(torch.where, keep, value, 0.0)
 
     def keras_layer(self, keras, context):
         return keras.layers.Softmax(axis=context.config.axis, name=context.node.name, dtype=context.node.dtype)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            return keras_layer(arguments[0], mask=arguments[-1])
+        return keras_layer(arguments[0])

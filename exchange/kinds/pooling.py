@@ -10,10 +10,10 @@ Conventions that differ:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError
-from exchange.kinds import LayerKind, ints, register
+from exchange.kinds import OMIT_DEFAULT, LayerKind, check_step_mask, ints, mask_name, register, torch_mask
 from exchange.kinds.convolution import check_window, tf_padding, torch_pad_argument, window_output_sizes
 
 
@@ -105,6 +105,7 @@ class AveragePooling1D(_Pooling):
 @dataclass(frozen=True)
 class GlobalPoolConfig:
     keepdims: bool = False
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # GlobalAveragePooling1D(x, mask)
 
 
 class _GlobalPooling(LayerKind):
@@ -120,6 +121,9 @@ class _GlobalPooling(LayerKind):
         shape = input_shapes[0]
         if len(shape) != self.spatial + 1:
             raise ExchangeError(f"expects rank-{self.spatial + 2} input, found shape (batch, {shape})")
+        if config.mask_input and self.mask_position is None:
+            raise ExchangeError("takes no mask input")
+        check_step_mask(config, input_shapes)
         return ((1,) * self.spatial if config.keepdims else ()) + (shape[-1],)
 
     def torch_forward(self, builder, context, inputs):
@@ -143,14 +147,23 @@ class GlobalAveragePooling1D(_GlobalPooling):
     """On a masked sequence Keras averages the unmasked steps only (and drops the mask)."""
 
     kind, keras_classes, spatial = "global_avg_pool1d", ("GlobalAveragePooling1D", "GlobalAvgPool1D"), 1
+    mask_position = 1   # call(inputs, mask=None); a mask tensor is kept where != 0 (Keras casts it to bool)
+
+    def from_keras(self, options):
+        return replace(super().from_keras(options), mask_input=options.take_mask_input())
 
     def torch_forward(self, builder, context, inputs):
-        if context.input_masks[0] is None:
+        if mask_name(context) is None:
             return super().torch_forward(builder, context, inputs)
         torch, keepdims = builder.torch, context.config.keepdims
-        keep = builder.call(torch.unsqueeze, builder.masks[context.input_masks[0]], 1)   # (N, 1, T)
+        keep = builder.call(torch.unsqueeze, torch_mask(builder, context, inputs), 1)   # (N, 1, T)
         total = builder.call(torch.sum, builder.call(torch.where, keep, inputs[0], 0.0), dim=2, keepdim=keepdims)
         return builder.call(torch.div, total, builder.call(torch.sum, keep, dim=2, keepdim=keepdims))
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            return keras_layer(arguments[0], mask=arguments[-1])
+        return keras_layer(arguments[0])
 
 
 @register

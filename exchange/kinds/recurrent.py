@@ -27,10 +27,11 @@ Conventions that differ:
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, TENSOR, LayerKind, check_choice, check_int, register
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, LayerKind, check_choice, check_int, check_step_mask,
+                            register, torch_mask)
 from exchange.kinds.activations import check_activation, keras_activation, read_activation
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
@@ -57,6 +58,8 @@ class RecurrentConfig:
     # Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
     # input only when the call has that one tensor (no initial_state) or passes `mask=`.
     uses_mask: bool = True
+    # The call gives a mask tensor (`lstm(x, None, mask)`, `mask=m`): the node's last input.
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         check_int(self.units, "recurrent units", MAX_FEATURES)
@@ -83,6 +86,7 @@ class _Recurrent(LayerKind):
     state_count = 1      # states after the output with return_state (LSTM: h and c)
     passes_mask = True
     tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
+    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
 
     def from_keras(self, options):
         options.expect("stateful", False)
@@ -103,7 +107,8 @@ class _Recurrent(LayerKind):
             go_backwards=options.flag("go_backwards", False),
             zero_output_for_mask=options.flag("zero_output_for_mask", False),
             reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True,
-            uses_mask=options.keras2 or options.mask_given or tensors <= 1)
+            uses_mask=options.keras2 or options.mask_given or tensors <= 1,
+            mask_input=options.take_mask_input())
         return config
 
     def keras3_subgroups(self, config):
@@ -118,6 +123,7 @@ class _Recurrent(LayerKind):
         shape = input_shapes[0]
         if len(shape) != 2:
             raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
+        input_shapes = check_step_mask(config, input_shapes)
         states = [tuple(state) for state in input_shapes[1:]]
         if states and states != [(config.units,)] * self.state_count:
             raise ExchangeError(f"initial_state must be {self.state_count} tensor(s) of shape (batch, "
@@ -129,7 +135,8 @@ class _Recurrent(LayerKind):
         return self.output_shapes(config, input_shapes)[0]
 
     def output_mask(self, node, input_masks):
-        return input_masks[0] if node.config.return_sequences and node.config.uses_mask else None
+        mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
+        return mask if node.config.return_sequences and node.config.uses_mask else None
 
     def output_masks(self, node, input_masks) -> list:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
@@ -178,8 +185,9 @@ class _Recurrent(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
-        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] and context.config.uses_mask else None
-        results = run_recurrent(builder, context, self, sequence, mask, context.torch_name, initial_state=inputs[1:])
+        mask = torch_mask(builder, context, inputs) if context.config.uses_mask else None
+        states = inputs[1:-1] if context.config.mask_input else inputs[1:]
+        results = run_recurrent(builder, context, self, sequence, mask, context.torch_name, initial_state=states)
         output = results[0]
         if context.config.return_sequences:
             output = builder.call(builder.torch.movedim, output, -1, 1)
@@ -192,6 +200,9 @@ class _Recurrent(LayerKind):
                                                             dtype=context.node.dtype)
 
     def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            states = list(arguments[1:-1])
+            return keras_layer(arguments[0], **({"initial_state": states} if states else {}), mask=arguments[-1])
         if len(arguments) == 1:
             return keras_layer(arguments[0])
         # With initial states Keras 3 passes the input's mask only when given as `mask=`.
@@ -296,6 +307,7 @@ class BidirectionalConfig:
     forward: RecurrentConfig
     backward: RecurrentConfig       # go_backwards=True, as Keras makes it
     merge_mode: str | None = "concat"
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # the call gives a mask tensor
 
     def __post_init__(self) -> None:
         """What Keras's Bidirectional requires of its two layers (`_verify_layer_config`, and
@@ -329,8 +341,13 @@ class Bidirectional(LayerKind):
                         for name in ("kernel", "recurrent_kernel", "bias")}
     passes_mask = True
     SIDES = ("forward_layer", "backward_layer")
+    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=None)
 
     def from_keras(self, options):
+        tensors = sum(argument is None for argument in options.call_args) + sum(
+            value is TENSOR for value in options.call_kwargs.values())
+        if tensors > 1:   # Keras splits the states between the two layers; not supported here
+            raise UnsupportedLayerError(f"{options.where()}: argument 'initial_state' is not supported")
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
@@ -346,7 +363,7 @@ class Bidirectional(LayerKind):
         # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
         forward = replace(forward, zero_output_for_mask=forward.return_sequences)
         backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences)
-        return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode)
+        return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode, options.take_mask_input())
 
     def config_from_dict(self, values, node_name):
         if isinstance(values, dict):
@@ -368,6 +385,9 @@ class Bidirectional(LayerKind):
 
     def output_shapes(self, config, input_shapes):
         kind = self.wrapped(config)
+        if len(input_shapes) != 1 + config.mask_input:
+            raise ExchangeError("initial_state is not supported")
+        input_shapes = check_step_mask(config, input_shapes)
         forward = kind.output_shapes(config.forward, input_shapes)[0]
         backward = kind.output_shapes(config.backward, input_shapes)[0]
         if config.merge_mode is None:
@@ -382,7 +402,8 @@ class Bidirectional(LayerKind):
         return self.output_shapes(config, input_shapes)[0]
 
     def output_mask(self, node, input_masks):
-        return input_masks[0] if node.config.forward.return_sequences else None
+        mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
+        return mask if node.config.forward.return_sequences else None
 
     def _side_contexts(self, context):
         return [replace(context, node=replace(context.node, config=side_config))
@@ -408,7 +429,7 @@ class Bidirectional(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, kind = context.config, self.wrapped(context.config)
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
-        mask = builder.masks[context.input_masks[0]] if context.input_masks[0] else None
+        mask = torch_mask(builder, context, inputs)
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
         results = []
         for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
@@ -440,6 +461,11 @@ class Bidirectional(LayerKind):
         backward = layer_class(**kind.keras_arguments(config.backward, f"backward_{name}"), dtype=context.node.dtype)
         return keras.layers.Bidirectional(forward, merge_mode=config.merge_mode, backward_layer=backward,
                                           name=name, dtype=context.node.dtype)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            return keras_layer(arguments[0], mask=arguments[-1])
+        return keras_layer(arguments[0])
 
 
 def _recurrent_kind(name, node_name: str) -> _Recurrent:

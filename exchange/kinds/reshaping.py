@@ -38,6 +38,8 @@ class Flatten(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         value = inputs[0]
+        if not context.input_shape:   # Keras flattens (N,) to (N, 1)
+            return builder.method(value, "unsqueeze", 1)
         if len(context.input_shape) < 2:
             return value
         if not context.channels_first_flatten:
@@ -50,7 +52,7 @@ class Flatten(LayerKind):
     def numpy_forward(self, context, tensors, inputs):
         if len(context.input_shape) > 1:
             raise UnsupportedLayerError(f"no numpy forward for a Flatten of an image ({context.node.name!r})")
-        return inputs[0]
+        return inputs[0].reshape(len(inputs[0]), -1)   # (N,) -> (N, 1), as Keras
 
 
 @dataclass(frozen=True)
