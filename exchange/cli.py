@@ -29,15 +29,14 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_files, layout, reference, untrusted
+from exchange import fileformat, keras_config, keras_files, layout, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
+from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
 OUTPUT_KINDS = (".keras", ".safetensors", ".pt", ".py")
 KERAS_KINDS = (".keras", ".h5")
-VERIFY_BATCH = 1000           # rows of the fixed random batch for a flat input when MNIST is not used
-VERIFY_ELEMENTS = 4_000_000   # fewer rows for larger inputs: rows * input size stays under this
 DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
 # TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
 # start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
@@ -136,7 +135,9 @@ def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict,
             fileformat.write(stream, graph, tensors, source_framework)
     elif kind == ".keras":
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
-        keras_adapter.model_from_tensors(graph, tensors).save(output.path)
+        model = keras_adapter.model_from_tensors(graph, tensors)
+        with keras_adapter.recursion_room():
+            model.save(output.path)
     else:
         torch_adapter = _framework_module("exchange.torch_adapter", "writing a .pt file", "torch")
         state = fileformat.materialize(tensors)
@@ -155,153 +156,6 @@ def check_written(path: Path, graph: Graph) -> None:
         if written_graph.differences(graph):
             raise ExchangeError(f"{path}: read-back architecture differs: "
                                 + "; ".join(written_graph.differences(graph)))
-
-
-def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float,
-           arch_path: Path | None = None, code_weights: Path | None = None) -> dict:
-    """Run the two frameworks on the same inputs, each on the weights of its own file.
-
-    Keras runs on the Keras file (IN or OUT) opened by Keras itself when it can, else on the
-    tensors. PyTorch runs on the `.pt` or `.safetensors` side. A framework that is not installed is
-    replaced by a numpy forward pass over the same file's tensors, and the result says so. When
-    the outputs differ beyond `tolerance`, the layers are compared one by one and the first one
-    that diverges is named. `code_weights`: the weights file of a `.py` output, when it is not
-    beside it yet (a temporary).
-    """
-    keras_path = next((p for p in (in_path, out_path) if p.suffix in KERAS_KINDS), None)
-    torch_path = next((p for p in (out_path, in_path) if p.suffix in (".pt", ".safetensors")), None)
-    inputs, inputs_name = verification_inputs(graph, data_dir)
-    read_tensors = lambda path: _file_tensors(path, graph, arch_path if path == in_path else None)  # noqa: E731
-    keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
-    if out_path.suffix == ".py":
-        torch_name, torch_outputs, torch_model = _generated_code_outputs(
-            out_path, code_weights or code_weights_path(out_path), graph, inputs)
-    else:
-        torch_name, torch_outputs, torch_model = _torch_outputs(torch_path or out_path, graph, inputs, read_tensors)
-    max_abs_diff = max(float(np.max(np.abs(k - t))) if k.size else 0.0 for k, t in zip(keras_outputs, torch_outputs))
-    first, second = keras_outputs[0], torch_outputs[0]
-    result = {"compared": f"{keras_name} vs {torch_name}", "inputs": inputs_name, "max_abs_diff": max_abs_diff,
-              "output_scale": max(float(np.max(np.abs(k))) if k.size else 0.0 for k in keras_outputs),
-              "argmax_agreement": float((first.reshape(len(first), -1).argmax(-1)
-                                         == second.reshape(len(second), -1).argmax(-1)).mean())}
-    if not max_abs_diff <= tolerance and keras_model is not None and torch_model is not None:
-        result["first_divergence"] = first_divergent_layer(graph, keras_model, torch_model, inputs, tolerance)
-    return result
-
-
-def first_divergent_layer(graph: Graph, keras_model, torch_model, inputs: list, tolerance: float) -> str:
-    """The first layer (in graph order) whose Keras and torch outputs differ beyond `tolerance`."""
-    from exchange import keras_adapter, torch_adapter
-
-    keras_values = keras_adapter.intermediate_outputs(keras_model, graph, inputs)
-    torch_values = torch_adapter.intermediate_outputs(torch_model, inputs)
-    reordered = graph.torch_order_differs   # torch holds these flattened in (C, H, W) order
-    for node in graph.nodes:
-        if node.name in keras_values and node.name in torch_values and node.name not in reordered:
-            difference = float(np.max(np.abs(keras_values[node.name] - torch_values[node.name])))
-            if not difference <= tolerance:
-                return f"layer {node.name!r} ({node.kind}): max abs diff {difference:.3e}"
-    return "no single layer exceeds the tolerance"
-
-
-def _file_tensors(path: Path, graph: Graph, arch_path: Path | None) -> dict[str, np.ndarray]:
-    with ExitStack() as stack:
-        _, tensors, _ = open_weights(path, stack, arch_path or graph)
-        return fileformat.materialize(tensors)
-
-
-def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
-    try:
-        from exchange import keras_adapter
-    except ImportError:
-        return (f"numpy reference on {path} (Keras not installed)",
-                reference.forward(graph, read_tensors(path), inputs), None)
-    note = ""
-    if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
-        try:
-            model = keras_adapter.load_keras_file(path)
-            return f"Keras on {path}", keras_adapter.predict(model, inputs), model
-        except ExchangeFileError as err:   # e.g. a Keras 2 file Keras 3 cannot deserialize
-            note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
-    model = keras_adapter.model_from_tensors(graph, read_tensors(path))
-    return f"Keras on the tensors of {path}{note}", keras_adapter.predict(model, inputs), model
-
-
-def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
-    tensors = read_tensors(path)
-    try:
-        from exchange import torch_adapter
-    except ImportError:
-        return f"numpy reference on {path} (PyTorch not installed)", reference.forward(graph, tensors, inputs), None
-    model = torch_adapter.model_from_tensors(graph, tensors)
-    return f"PyTorch on {path}", torch_adapter.predict(model, inputs), model
-
-
-def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, inputs: list):
-    """Import the generated module from its file, load its weights file, run it."""
-    import importlib.util
-
-    from exchange import torch_adapter
-
-    from exchange.torch_adapter import class_name
-
-    writes_bytecode = sys.dont_write_bytecode
-    try:
-        sys.dont_write_bytecode = True   # no __pycache__ left beside the user's output
-        spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
-        generated = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(generated)
-        model = getattr(generated, class_name(graph.name))()
-        model.load_state_dict(generated.load(str(weights_path)), strict=True)
-        model.exchange_graph = graph
-        return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
-    except Exception as err:   # anything the generated code raises is a bug of the generator
-        raise ExchangeError(f"{code_path}: the generated code does not run ({type(err).__name__}: "
-                            f"{first_line(err)}); please report it") from None
-    finally:
-        sys.dont_write_bytecode = writes_bytecode
-
-
-def _is_full_keras2_model(path: Path) -> bool:
-    import h5py
-
-    with keras_files.hdf5_errors(str(path)), h5py.File(path, "r") as h5:
-        return "model_config" in h5.attrs
-
-
-def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.ndarray], str]:
-    """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
-    fixed random batch in [0, 1) for each input (fewer rows for large inputs). A folder given with
-    `--data` must hold readable MNIST."""
-    shapes = [spec.shape for spec in graph.inputs]
-    if shapes == [(784,)]:
-        from exchange.mnist import DataError, load_folder, local_data_folder
-
-        folder = local_data_folder(data_dir)
-        if folder is not None:
-            try:
-                x_test = load_folder(folder).x_test
-                return [x_test], f"{len(x_test):,} MNIST test images"
-            except DataError as err:
-                if data_dir is not None:   # asked for by --data: a broken folder is an error, not a fallback
-                    raise ExchangeFileError(f"--data: {err}") from None
-    if any(size is None for shape in shapes for size in shape):
-        raise ExchangeError(f"--verify needs fixed input shapes; the model takes {shapes}")
-    largest = max(int(np.prod(shape)) for shape in shapes)
-    rows = max(8, min(VERIFY_BATCH, VERIFY_ELEMENTS // max(largest, 1)))
-    generator = np.random.default_rng(0)
-    batch = [generator.integers(0, _token_ids(graph, spec.name), (rows,) + tuple(spec.shape)).astype(spec.dtype)
-             if spec.dtype.startswith("int")
-             else generator.random((rows,) + tuple(spec.shape), dtype=np.float32).astype(spec.dtype)
-             for spec in graph.inputs]
-    return batch, f"a fixed random batch of {rows:,} inputs"
-
-
-def _token_ids(graph: Graph, input_name: str) -> int:
-    """How many token ids an integer input may take: the smallest vocabulary reading it."""
-    vocabularies = [node.config.input_dim for node in graph.consumers.get(input_name, [])
-                    if isinstance(getattr(node.config, "input_dim", None), int)]
-    return min(vocabularies, default=2)
 
 
 class VerificationFailed(ExchangeError):
@@ -398,11 +252,13 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
-        if out_path.suffix == ".keras":
-            try:
+        try:   # before anything is built
+            check_integer_inputs(graph)   # Keras's layers differ on integers
+            if out_path.suffix == ".keras":
                 graph.check_keras_names()
-            except ExchangeError as err:
-                raise ExchangeFileError(f"{in_path}: {err}") from None
+                keras_config.check_depth(graph)
+        except ExchangeError as err:
+            raise ExchangeFileError(f"{in_path}: {err}") from None
         folded = layout.folded_tensors(graph, tensors) if out_path.suffix == ".keras" else []
         if folded and notes is not None:
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
@@ -464,18 +320,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="--verify fails above this max abs difference (default: %(default)g)")
+    parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
+                        help="--verify stops the frameworks after this long (default: %(default)g)")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
     if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
         print(f"error: --tolerance must be a finite non-negative number, got {args.tolerance}", file=sys.stderr)
         return 2
+    if not (np.isfinite(args.verify_timeout) and args.verify_timeout > 0):
+        print(f"error: --verify-timeout must be a finite positive number, got {args.verify_timeout}", file=sys.stderr)
+        return 2
     def check(graph: Graph, written: Path, code_weights: Path | None) -> None:
         """--verify on the temporary output, before it replaces anything."""
-        result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights)
-        compared = result["compared"].replace(str(written), str(args.output))
-        if code_weights is not None:
-            compared = compared.replace(str(code_weights), str(code_weights_path(args.output)))
+        def shown(text: str) -> str:   # the user's output names, not the temporaries'
+            text = text.replace(str(written), str(args.output))
+            return text if code_weights is None else text.replace(str(code_weights), str(code_weights_path(args.output)))
+
+        try:
+            result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights,
+                            args.verify_timeout)
+        except ExchangeError as err:
+            err.args = (shown(str(err)),)
+            raise
+        compared = shown(result["compared"])
         print(f"verify: {compared}, on {result['inputs']}: max abs diff "
               f"{result['max_abs_diff']:.3e} (outputs up to {result['output_scale']:.3g}), "
               f"argmax agreement {result['argmax_agreement']:.2%}")

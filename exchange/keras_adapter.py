@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import zipfile
+from contextlib import contextmanager
 
 import keras
 import numpy as np
@@ -23,8 +25,22 @@ import numpy as np
 from exchange import fileformat, layout
 from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line, framework_errors
 from exchange.graph import Graph
-from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
+from exchange.keras_config import MAX_KERAS_DEPTH, KerasLocation, ParsedModel, check_depth, parse_model_config
 from exchange.kinds import kind_of
+
+# Room for Keras's recursive graph walk (see `keras_config.MAX_KERAS_DEPTH`) whatever the caller's stack.
+KERAS_RECURSION_LIMIT = 3 * MAX_KERAS_DEPTH + 1_000
+
+
+@contextmanager
+def recursion_room():
+    """Python's recursion limit at least KERAS_RECURSION_LIMIT while Keras builds or loads a model."""
+    previous = sys.getrecursionlimit()
+    sys.setrecursionlimit(max(previous, KERAS_RECURSION_LIMIT))
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(previous)
 
 
 def parse_model(model: keras.Model) -> ParsedModel:
@@ -53,11 +69,21 @@ def architecture_of(model: keras.Model) -> Graph:
     return parse_model(model).graph
 
 
+def _layers_by_name(container) -> dict:
+    """`{name: layer}` of a model's layers, cached on the model: `get_layer` walks the list each
+    time, which is quadratic over a model's layers."""
+    cached = getattr(container, "_exchange_layers_by_name", None)
+    if cached is None or len(cached) != len(container.layers):
+        cached = {layer.name: layer for layer in container.layers}
+        object.__setattr__(container, "_exchange_layers_by_name", cached)
+    return cached
+
+
 def _layer_at(model: keras.Model, location: KerasLocation):
     container = model
     for name in location.container_path:
-        container = container.get_layer(name)
-    return container.get_layer(location.layer_name)
+        container = _layers_by_name(container)[name]
+    return _layers_by_name(container)[location.layer_name]
 
 
 def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
@@ -93,6 +119,12 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
 def build_model(graph: Graph) -> keras.Model:
     """A functional Keras model computing the graph, every layer option explicit (random weights)."""
     graph.check_keras_names()
+    check_depth(graph)
+    with recursion_room():
+        return _build_model(graph)
+
+
+def _build_model(graph: Graph) -> keras.Model:
     values = {spec.name: keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in graph.inputs}
     inputs = [values[spec.name] for spec in graph.inputs]
     for node in graph.nodes:
@@ -129,37 +161,50 @@ def model_from_file(path: str | os.PathLike) -> keras.Model:
 
 
 def predict(model: keras.Model, arrays: list[np.ndarray], batch_size: int = 256) -> list[np.ndarray]:
-    outputs = model.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=batch_size, verbose=0)
+    with recursion_room():
+        outputs = model.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=batch_size, verbose=0)
     return [np.asarray(output) for output in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
 
 
-def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every node's output (Keras layout) by layer name, for layer-by-layer checks."""
-    parsed = parse_model(model)
+def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarray],
+                         names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The outputs (Keras layout) of the named nodes (default: every node) by layer name, for
+    layer-by-layer checks; a node without an output of its own (an operation, a layer inside a
+    nested model) is left out."""
+    parsed = getattr(model, "_exchange_parsed", None)
+    if parsed is None:
+        parsed = parse_model(model)
+        object.__setattr__(model, "_exchange_parsed", parsed)
+    layers = _layers_by_name(model)
     outputs_by_name = {}
-    for node in graph.nodes:   # top-level layers only: a nested model's layers have no outer output
-        location = parsed.locations.get(node.name)
-        if location is not None and not location.container_path:
-            try:
-                outputs_by_name[node.name] = model.get_layer(node.name).output
-            except ValueError:
-                continue   # an operation, not a layer
-    names = list(outputs_by_name)
-    probe = keras.Model(model.inputs, [outputs_by_name[name] for name in names])
-    outputs = probe.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=256, verbose=0)
+    for name in (names if names is not None else [node.name for node in graph.nodes]):
+        location = parsed.locations.get(name)
+        if location is not None and not location.container_path and name in layers:
+            output = layers[name].output   # top-level layers only: a nested model's have no outer output
+            if not isinstance(output, (list, tuple)):
+                outputs_by_name[name] = output
+    if not outputs_by_name:
+        return {}
+    wanted = list(outputs_by_name)
+    with recursion_room():
+        probe = keras.Model(model.inputs, [outputs_by_name[name] for name in wanted])
+        outputs = probe.predict(arrays[0] if len(arrays) == 1 else arrays, batch_size=256, verbose=0)
     outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-    return {name: np.asarray(output) for name, output in zip(names, outputs)}
+    return {name: np.asarray(output) for name, output in zip(wanted, outputs)}
 
 
-def load_keras_file(path: str | os.PathLike) -> keras.Model:
+def load_keras_file(path: str | os.PathLike, graph: Graph | None = None) -> keras.Model:
     """Open a `.keras` (or legacy Keras 2 `.h5`) file with Keras, in safe mode (no arbitrary
-    code from the file)."""
+    code from the file). `graph`, the file's architecture when known, is checked first."""
+    if graph is not None:
+        check_depth(graph)
     if not os.path.isfile(path):
         raise ExchangeFileError(f"{path}: no such file")
     if not os.fspath(path).endswith(".h5") and not zipfile.is_zipfile(path):
         raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)")
     try:
-        return keras.saving.load_model(os.fspath(path), compile=False, safe_mode=True)
+        with recursion_room():
+            return keras.saving.load_model(os.fspath(path), compile=False, safe_mode=True)
     except (ValueError, OSError, KeyError, TypeError) as err:
         message = first_line(err)
         raise ExchangeFileError(f"{path}: Keras could not load it ({message})") from None
@@ -167,6 +212,6 @@ def load_keras_file(path: str | os.PathLike) -> keras.Model:
 
 def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:
     """Write a `.keras` file atomically."""
-    with fileformat.atomic_output(path) as temporary:
+    with fileformat.atomic_output(path) as temporary, recursion_room():
         model.save(temporary)
 

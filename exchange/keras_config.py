@@ -494,3 +494,26 @@ def _histories(value) -> list:
     if isinstance(value, list):
         return [history for item in value for history in _histories(item)]
     return []
+
+
+# Keras walks a functional model's graph recursively, one Python call per layer of depth
+# (keras.src.ops.function._build_map_helper): under Python's default recursion limit of 1,000 it
+# fails past about 990 layers, so no model Keras writes is deeper. Deeper graphs are refused
+# before anything is built (`keras_adapter` runs Keras with room for this depth).
+MAX_KERAS_DEPTH = 1_000
+
+
+def graph_depth(graph: Graph) -> int:
+    """The most layers on one path from an input to an output (computed without recursing)."""
+    depths = {spec.name: 0 for spec in graph.inputs}
+    for node in graph.nodes:
+        depths[node.name] = 1 + max(depths[name] for name in node.inputs)
+    return max(depths.values())
+
+
+def check_depth(graph: Graph, label: str = "") -> None:
+    """Refuse, before Keras builds anything, a graph deeper than Keras can build."""
+    depth = graph_depth(graph)
+    if depth > MAX_KERAS_DEPTH:
+        raise ExchangeError(f"{label + ': ' if label else ''}model {graph.name!r} is {depth:,} layers deep; "
+                            f"Keras builds models at most {MAX_KERAS_DEPTH:,} deep")

@@ -15,6 +15,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from typing import BinaryIO
@@ -31,7 +32,7 @@ from exchange.kinds import kind_of
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                "float64": torch.float64, "int32": torch.int32, "int64": torch.int64}
+                "float64": torch.float64, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
 # dtypes that convert to numpy; bfloat16 and the float8 types do not.
 NUMPY_READABLE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
                          torch.int32, torch.int64, torch.uint8, torch.bool)
@@ -121,10 +122,20 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
         if keras_layout and len(spec.shape) >= 2:
             value = builder.call(torch.permute, value, to_torch_order(len(spec.shape)))
         values[spec.name] = value
+    dtypes = {spec.name: TORCH_DTYPES[spec.dtype] for spec in graph.inputs}
     for node in graph.nodes:
+        kind = kind_of(node.kind)
+        arguments = [values[name] for name in node.inputs]
+        if kind.selects_output:
+            dtypes[node.name] = dtypes[node.inputs[0]]
+        elif getattr(kind, "keras_operation", ""):   # a keras.ops call: no autocast, types promote as in torch
+            floating = [dtypes[name] for name in node.inputs if dtypes[name].is_floating_point]
+            dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
+        else:
+            arguments = _autocast(builder, node, arguments, [dtypes[name] for name in node.inputs])
+            dtypes[node.name] = TORCH_DTYPES[node.dtype]
         with framework_errors(node, "PyTorch"):
-            values[node.name] = kind_of(node.kind).torch_forward(builder, graph.context(node),
-                                                                 [values[name] for name in node.inputs])
+            values[node.name] = kind.torch_forward(builder, graph.context(node), arguments)
     outputs = []
     for name in graph.outputs:
         value, rank = values[name], len(graph.shapes[name])
@@ -137,6 +148,14 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
     # fx names of single-output values (a layer with several outputs is read through `output` nodes)
     module.exchange_values = {name: value.name for name, value in values.items() if isinstance(value, fx.Node)}
     return module
+
+
+def _autocast(builder: TorchGraphBuilder, node, arguments: list, dtypes: list) -> list:
+    """What a Keras layer does to its inputs: floating-point ones of another dtype are cast to
+    the layer's dtype (its compute dtype; integers, token ids and masks, are left alone)."""
+    target = TORCH_DTYPES[node.dtype]
+    return [builder.method(value, "to", target) if dtype.is_floating_point and dtype != target else value
+            for value, dtype in zip(arguments, dtypes)]
 
 
 def class_name(model_name: str) -> str:
@@ -181,7 +200,16 @@ def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: b
                   if (tuple(file_tensors[key].shape), np.dtype(file_tensors[key].dtype).name) != expected[key]]
     if missing or unexpected or mismatched:
         raise TensorMismatchError(missing, unexpected, mismatched)
-    model.load_state_dict(to_torch_state(file_tensors), strict=True, assign=assign)
+    # Each top-level module loads its own keys: `load_state_dict` on the root filters every key
+    # for every child (20,000 layers took 100 s). The keys were checked above, so this is strict.
+    children = dict(model.named_children())
+    per_child: dict[str, dict] = {}
+    for key, value in to_torch_state(file_tensors).items():
+        head, _, rest = key.partition(".")
+        per_child.setdefault(head if rest and head in children else "", {})[rest if rest and head in children
+                                                                             else key] = value
+    for head, state in per_child.items():
+        (children[head] if head else model).load_state_dict(state, strict=bool(head), assign=assign)
 
 
 def save_file(model: nn.Module, path: str | os.PathLike) -> None:
@@ -229,26 +257,35 @@ def predict(model: nn.Module, keras_arrays: list[np.ndarray]) -> list[np.ndarray
     model.eval()
     outputs = model(*torch_inputs(graph, keras_arrays))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return [output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
+    return [_numpy(output.permute(to_keras_order(len(graph.shapes[name]))))
             for name, output in zip(graph.outputs, outputs)]
 
 
 @torch.no_grad()
-def intermediate_outputs(model: fx.GraphModule, keras_arrays: list[np.ndarray]) -> dict[str, np.ndarray]:
-    """Every node's output, in Keras layout, by Keras layer name (for layer-by-layer checks)."""
+def intermediate_outputs(model: fx.GraphModule, keras_arrays: list[np.ndarray],
+                         names: list[str] | None = None) -> dict[str, np.ndarray]:
+    """The outputs of the named nodes (default: every node), in Keras layout, by Keras layer name
+    (for layer-by-layer checks). Only those are kept; fx frees every other value after its last use."""
     graph = architecture_of(model)
+    input_names = {spec.name for spec in graph.inputs}
+    wanted = {model.exchange_values[name]: name for name in (names if names is not None else model.exchange_values)
+              if name in model.exchange_values and name not in input_names}
     recorded: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
-            recorded[node.name] = result
+            if node.name in wanted and isinstance(result, torch.Tensor):
+                recorded[wanted[node.name]] = result
             return result
 
     Recorder(model.eval()).run(*torch_inputs(graph, keras_arrays))
-    return {name: recorded[fx_name].permute(to_keras_order(len(graph.shapes[name]))).numpy()
-            for name, fx_name in model.exchange_values.items()
-            if fx_name in recorded and name not in {spec.name for spec in graph.inputs}}
+    return {name: _numpy(value.permute(to_keras_order(len(graph.shapes[name])))) for name, value in recorded.items()}
+
+
+def _numpy(tensor: torch.Tensor) -> np.ndarray:
+    """numpy has no bfloat16: such values come back as float32 (exactly)."""
+    return (tensor.float() if tensor.dtype == torch.bfloat16 else tensor).numpy()
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:

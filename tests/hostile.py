@@ -761,6 +761,84 @@ def _arch_json_named(model_name: str):
 CODE_IN_A_NAME = 'm"""; import pathlib; pathlib.Path(MARKER).touch(); """'
 
 
+# Round 3: --verify (the frameworks run in a child process; these graphs crash, loop in or
+# exhaust TensorFlow, or are refused before it runs)
+VERIFY_CHILD_SECONDS = "12"   # --verify-timeout for the cases that make a framework loop: within CASE_TIMEOUT
+
+
+def _exchange_file(case_dir: Path, graph: dict, tensors: dict | None = None) -> Path:
+    """A format-2 `.safetensors` holding `graph` (a dict) and float32 `tensors`."""
+    entries, data = {}, b""
+    for key, array in (tensors or {}).items():
+        raw = np.ascontiguousarray(array, np.float32).tobytes()
+        entries[key] = {"dtype": "F32", "shape": list(np.shape(array)), "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    path = case_dir / "model.safetensors"
+    path.write_bytes(safetensors_bytes(entries, {**seed_metadata(), "architecture": json.dumps(graph)}, data))
+    return path
+
+
+def _graph(shape: list, nodes: list, dtype: str = "float32") -> dict:
+    return {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": dtype}], "nodes": nodes,
+            "outputs": [nodes[-1]["name"]]}
+
+
+def _verify_huge_pool(case_dir, base):
+    """MaxPooling1D of pool size 10**9 ("same"): TensorFlow crashes (SIGSEGV) or loops."""
+    pool = {"name": "pool", "kind": "max_pool1d", "inputs": ["x"], "dtype": "float32",
+            "config": {"pool_size": [10**9], "strides": [10**9], "padding": "same"}}
+    return convert_args(case_dir, _exchange_file(case_dir, _graph([10, 3], [pool])), "--verify",
+                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+
+
+def _verify_wide_add(case_dir, base):
+    """An Add reading the input 10**5 times: TensorFlow builds for minutes, then crashes (SIGSEGV)."""
+    add = {"name": "add", "kind": "add", "inputs": ["x"] * 10**5, "dtype": "float32", "config": {}}
+    return convert_args(case_dir, _exchange_file(case_dir, _graph([3], [add])), "--verify",
+                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+
+
+def _verify_long_lstm(case_dir, base):
+    """A masked LSTM over 2*10**6 declared steps: TensorFlow aborts (SIGABRT) under a memory cap,
+    or runs for minutes."""
+    lstm = {"units": 3, "activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
+            "return_sequences": False, "return_state": False, "go_backwards": False, "zero_output_for_mask": False,
+            "reset_after": True, "uses_mask": True}
+    nodes = [{"name": "emb", "kind": "embedding", "inputs": ["x"], "dtype": "float32",
+              "config": {"input_dim": 10, "output_dim": 4, "mask_zero": True}},
+             {"name": "lstm", "kind": "lstm", "inputs": ["emb"], "dtype": "float32", "config": lstm}]
+    tensors = {"emb.weight": np.ones((10, 4)), "lstm.weight_ih_l0": np.ones((12, 4)),
+               "lstm.weight_hh_l0": np.ones((12, 3)), "lstm.bias_ih_l0": np.ones(12), "lstm.bias_hh_l0": np.zeros(12)}
+    return convert_args(case_dir, _exchange_file(case_dir, _graph([2 * 10**6], nodes, "int32"), tensors), "--verify",
+                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+
+
+def _verify_huge_activation(case_dir, base):
+    """One sample of 25,000,000 values: --verify sized its batch at 8 rows whatever the input."""
+    relu = {"name": "relu", "kind": "activation", "inputs": ["x"], "dtype": "float32", "config": {"activation": "relu"}}
+    return convert_args(case_dir, _exchange_file(case_dir, _graph([5000, 5000], [relu])), "--verify", output="out.pt")
+
+
+def _deep_chain(output: str, *extra: str):
+    """20,000 Dense layers in a chain (the layer cap): Keras recursed past Python's limit."""
+    def build(case_dir, base):
+        metadata = {**seed_metadata(), "architecture": _architecture_of_layers(20_000)}
+        entries = {f"d{index}.weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * index, 4 * index + 4]}
+                   for index in range(20_000)}
+        path = case_dir / "model.safetensors"
+        path.write_bytes(safetensors_bytes(entries, metadata, np.ones(20_000, np.float32).tobytes()))
+        return convert_args(case_dir, path, *extra, output=output)
+    return build
+
+
+def _verify_integer_dense(case_dir, base):
+    """An int64 input into a Dense: torch raised a dtype mismatch with a traceback."""
+    dense = {"name": "d", "kind": "dense", "inputs": ["x"], "dtype": "float32",
+             "config": {"units": 2, "activation": "linear", "use_bias": False}}
+    return convert_args(case_dir, _exchange_file(case_dir, _graph([3], [dense], "int64"), {"d.weight": np.ones((2, 3))}),
+                        "--verify", output="out.pt")
+
+
 CASES: dict[str, Case] = {
     # Round 3: names and graph costs (names that are valid but odd: tests/test_hostile_names.py).
     "layer name with a line break": Case(_named(layer="d\nimport os"), r"invalid layer or input name 'd\\nimport os'",
@@ -894,6 +972,24 @@ CASES: dict[str, Case] = {
                     r"unknown option\(s\) 'bad\\nkey'"),
     # Invalid input accepted.
     "use_bias \"no\"": Case(_use_bias_no, "'use_bias' must be true or false", "config.json"),
+    # Round 3: --verify
+    "--verify MaxPooling1D of pool size 10**9": Case(_verify_huge_pool, "--verify stopped", "model.safetensors",
+                                                     output="out.pt"),
+    "--verify Add of 100,000 inputs": Case(_verify_wide_add, "--verify stopped", "model.safetensors",
+                                            output="out.pt"),
+    "--verify masked LSTM of 2,000,000 steps": Case(_verify_long_lstm, "--verify stopped", "model.safetensors",
+                                                    output="out.pt"),
+    "--verify 25,000,000 values per sample": Case(_verify_huge_activation, "more than the 16,000,000 --verify holds",
+                                                  "model.safetensors", output="out.pt"),
+    "--verify 20,000-layer chain": Case(_deep_chain("out.pt", "--verify"), "20,000 layers deep", "model.safetensors",
+                                        output="out.pt"),
+    ".keras of a 20,000-layer chain": Case(_deep_chain("out.keras"), "20,000 layers deep", "model.safetensors",
+                                           output="out.keras"),
+    "--verify int64 input into Dense": Case(_verify_integer_dense, "reads the integer input 'x'", "model.safetensors",
+                                            output="out.pt"),
+    "--verify-timeout nan": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--verify-timeout",
+                                                           "nan"),
+                                 "--verify-timeout must be a finite positive number", "verify-timeout"),
     # No input runs code.
     ".keras Lambda layer": Case(_lambda_layer, r"unsupported layer 'dense_1' \(Lambda\)", "model.keras"),
     ".pt carrying os.system": Case(_pt_with_code, "not a readable PyTorch weights file", "model.pt"),
@@ -1094,6 +1190,9 @@ def run_one(entry, args: list[str], case_dir: Path) -> dict:
     finally:
         signal.alarm(0)
     result["peak_mib"] = max(0, _memory_kib("VmHWM") - rss) / 1024
+    # The largest child process so far (the --verify child, HDF5 probes): a running maximum, so
+    # bounding it bounds every case's children.
+    result["children_peak_mib"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     after = _listing(case_dir)
     result["stderr"] = stderr.getvalue()
     result["added"] = sorted(set(after) - set(before))

@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -177,3 +178,108 @@ def test_verify_feeds_a_float16_model_float16_inputs(tmp_path, capsys):
     keras.Sequential([keras.Input((5,), dtype="float16"), keras.layers.Dense(3, dtype="float16")]).save(path)
     assert cli.main([str(path), str(tmp_path / "half.safetensors"), "--verify", "--tolerance", "1e-2"]) == 0
     assert "argmax agreement" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify runs the frameworks in a child process
+
+def _exchange_file(path, graph: dict, tensors: dict | None = None):
+    from exchange.graph import Graph
+
+    fileformat.save(path, Graph.from_dict(graph), tensors or {}, "torch")
+    return path
+
+
+def _chain(kind_config: list[tuple[str, str, dict]], shape: list, input_dtype: str = "float32") -> dict:
+    nodes, previous = [], "x"
+    for index, (kind, dtype, config) in enumerate(kind_config):
+        nodes.append({"name": f"n{index}", "kind": kind, "inputs": [previous], "dtype": dtype, "config": config})
+        previous = nodes[-1]["name"]
+    return {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": input_dtype}], "nodes": nodes,
+            "outputs": [previous]}
+
+
+@pytest.mark.parametrize("fault, signal_number, exit_code", [("abort", None, 2), ("hang", "SIGTERM", 143)])
+def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file, tmp_path, fault, signal_number,
+                                                                        exit_code):
+    """A native crash of the verify child (simulated: it aborts) is one line and exit 2; a SIGTERM
+    to the parent while the child runs (simulated: it hangs) stops both, exit 143. Nothing is left."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out.safetensors"
+    process = subprocess.Popen([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_file[0]), str(out),
+                                "--verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "EXCHANGE_VERIFY_TEST_FAULT": fault})
+    try:
+        if signal_number is not None:
+            deadline = time.monotonic() + 60
+            while not list(tmp_path.glob(".out.safetensors.*/.verify.*")) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)   # the child has started
+            children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
+            process.send_signal(getattr(signal, signal_number))
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == exit_code, stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1, stderr
+    if fault == "abort":
+        assert lines[0] == (f"error: {keras_file[0]}: --verify stopped: Keras or PyTorch crashed running this model "
+                            "(SIGABRT; it may use 4.0 GiB more than the frameworks themselves)")
+    else:
+        assert lines[0] == f"error: interrupted by SIGTERM; {out} was not written"
+        assert children and not any(Path(f"/proc/{child}").exists() for child in children), "the child still runs"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_verify_child_address_space_is_capped(tmp_path):
+    """The cap the child sets on itself: an allocation beyond it fails (MemoryError), not the machine."""
+    code = ("from exchange.verification import _cap_address_space\n_cap_address_space(256 << 20)\n"
+            "try:\n    bytearray(1 << 30)\nexcept MemoryError:\n    print('refused')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert result.stdout.strip() == "refused", result.stderr
+
+
+def test_verify_casts_float_inputs_to_the_layer_dtype_as_keras_does(tmp_path, capsys):
+    """Keras casts a float32 input to a float16 layer's dtype; the torch module and the generated
+    code cast it there too (torch raised a dtype mismatch)."""
+    graph = _chain([("dense", "float16", {"units": 2, "activation": "linear", "use_bias": False}),
+                    ("activation", "float32", {"activation": "tanh"})], [3])
+    source = _exchange_file(tmp_path / "half.safetensors", graph,
+                            {"n0.weight": np.linspace(-1, 1, 6, dtype=np.float16).reshape(2, 3)})
+    for output in ("half.pt", "code.py"):
+        assert cli.main([str(source), str(tmp_path / output), "--verify"]) == 0, capsys.readouterr().err
+        assert "argmax agreement 100.00%" in capsys.readouterr().out
+    assert ".to(torch.float16)" in (tmp_path / "code.py").read_text()
+
+
+def test_divergent_layer_is_found_in_bounded_memory(tmp_path):
+    """400 activations on a 1000-wide input, outputs differing (tolerance 0): the layers are
+    compared on the rows that differ most, in chunks; all of them at once took gigabytes."""
+    source = _exchange_file(tmp_path / "chain.safetensors", _chain([("activation", "float32", {"activation": "tanh"})]
+                                                                   * 400, [1000]))
+    out = tmp_path / "chain.pt"
+    assert cli.main([str(source), str(out)]) == 0
+    graph = fileformat.load(source).architecture
+    result = cli.verify(source, out, graph, None, 0.0)
+    assert result["first_divergence"].startswith("layer 'n0' (activation): max abs diff")
+    # Measured 1,100 MiB, of which about 730 are the frameworks' imports; all layers at once took 4.7 GB.
+    assert result["child_peak_mib"] < 1536, result
+
+
+def test_verify_batch_is_sized_by_the_largest_activation():
+    from exchange.verification import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
+
+    from exchange.graph import Graph
+
+    wide = Graph.from_dict(_chain([("dense", "float32", {"units": 4_000_000, "activation": "linear",
+                                                         "use_bias": False})], [2]))
+    inputs, name = verification_inputs(wide, None)
+    assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 2) and name == "a fixed random batch of 4 inputs"
+    with pytest.raises(cli.ExchangeError, match="'n0' makes 20,000,000 values per sample, more than the 16,000,000"):
+        verification_inputs(Graph.from_dict(_chain([("dense", "float32", {"units": 20_000_000, "activation": "linear",
+                                                                         "use_bias": False})], [2])), None)

@@ -31,6 +31,11 @@ from conftest import ROOT, random_file_tensors
 # of 25,000 layers parsed before its layer count is refused), every other under 1 MiB; the naive
 # readers took from 177 MiB (a 20 MB header) to several GiB.
 MEMORY_BOUND_MIB = 128
+# Peak RSS of the largest child a case ran (the --verify child, which imports TensorFlow and torch:
+# about 730 MiB): its address-space cap (verification.CHILD_ADDRESS_SPACE beyond its 1.6 GiB after
+# imports) keeps it below this. The worst case measured, the masked LSTM of 2,000,000 steps, holds
+# 1.5 GiB when its 12 s run out.
+CHILD_MEMORY_BOUND_MIB = 6144
 FUZZ_SEED = 20260611
 FUZZ_DEFAULT_CASES = 300      # about 10 s in the default run
 FUZZ_SLOW_CASES = 5000        # `pytest -m slow`: about 80 s
@@ -82,6 +87,7 @@ def test_hostile_input_is_refused_cleanly(corpus, name):
     assert result["added"] == [], "nothing may be written beside the output"
     assert result["changed"] == [], "an existing output (and the input) must stay byte-identical"
     assert result["peak_mib"] < MEMORY_BOUND_MIB, f"peak {result['peak_mib']:.0f} MiB"
+    assert result["children_peak_mib"] < CHILD_MEMORY_BOUND_MIB, f"child peak {result['children_peak_mib']:.0f} MiB"
     assert not result["secret_leaked"], "bytes of the outside file reached the case's folder"
     assert "pwned" not in result["outside"], "code from the input ran"
 
