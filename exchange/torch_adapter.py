@@ -268,15 +268,17 @@ def intermediate_outputs(model: fx.GraphModule, keras_arrays: list[np.ndarray],
     (for layer-by-layer checks). Only those are kept; fx frees every other value after its last use."""
     graph = architecture_of(model)
     input_names = {spec.name for spec in graph.inputs}
-    wanted = {model.exchange_values[name]: name for name in (names if names is not None else model.exchange_values)
-              if name in model.exchange_values and name not in input_names}
+    wanted: dict[str, list[str]] = {}   # fx value -> the layers it is the output of (Dropout passes its input)
+    for name in (names if names is not None else model.exchange_values):
+        if name in model.exchange_values and name not in input_names:
+            wanted.setdefault(model.exchange_values[name], []).append(name)
     recorded: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):
         def run_node(self, node):
             result = super().run_node(node)
             if node.name in wanted and isinstance(result, torch.Tensor):
-                recorded[wanted[node.name]] = result
+                recorded.update(dict.fromkeys(wanted[node.name], result))
             return result
 
     Recorder(model.eval()).run(*torch_inputs(graph, keras_arrays))

@@ -83,6 +83,13 @@ def check_integer_inputs(graph: Graph) -> None:
                                 f"({integer_inputs[name]}); only Embedding layers and attention masks take integers")
 
 
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):   # an import hook that blocks it says so by raising
+        return False
+
+
 def largest_activation(graph: Graph) -> tuple[int, str]:
     """The most values one sample makes anywhere in the model, and where (an input or a layer)."""
     return max(((math.prod(size or 0 for size in shape), name) for name, shape in graph.shapes.items()),
@@ -160,7 +167,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
     """
     try:
         check_integer_inputs(graph)
-        if importlib.util.find_spec("keras") is not None:
+        if _installed("keras"):
             keras_config.check_depth(graph)
         inputs, inputs_name = verification_inputs(graph, data_dir)
     except ExchangeFileError:

@@ -276,10 +276,11 @@ def test_verify_batch_is_sized_by_the_largest_activation():
 
     from exchange.graph import Graph
 
-    wide = Graph.from_dict(_chain([("dense", "float32", {"units": 4_000_000, "activation": "linear",
-                                                         "use_bias": False})], [2]))
+    # A Dense of 1,000,000 units (the feature cap) on 4 steps: 4,000,000 values per sample.
+    wide = Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
+                                                         "use_bias": False})], [4, 2]))
     inputs, name = verification_inputs(wide, None)
-    assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 2) and name == "a fixed random batch of 4 inputs"
+    assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 4, 2) and name == "a fixed random batch of 4 inputs"
     with pytest.raises(cli.ExchangeError, match="'n0' makes 20,000,000 values per sample, more than the 16,000,000"):
-        verification_inputs(Graph.from_dict(_chain([("dense", "float32", {"units": 20_000_000, "activation": "linear",
-                                                                         "use_bias": False})], [2])), None)
+        verification_inputs(Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
+                                                                         "use_bias": False})], [20, 2])), None)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -44,9 +45,21 @@ NO_FRAMEWORK_RUNNER = textwrap.dedent("""
 """) % str(ROOT / "scripts/convert.py")
 
 
+# The same blocker in every process the run starts (`--verify` runs the frameworks in a child):
+# a `sitecustomize` on PYTHONPATH, which Python imports at start-up.
+CHILD_BLOCKER = NO_FRAMEWORK_RUNNER.split("sys.argv =")[0]
+
+
 def convert_without_frameworks(*args):
-    return subprocess.run([sys.executable, "-c", NO_FRAMEWORK_RUNNER, *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        Path(folder, "sitecustomize.py").write_text(CHILD_BLOCKER)
+        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [folder] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry])}
+        return subprocess.run([sys.executable, "-c", NO_FRAMEWORK_RUNNER, *map(str, args)],
+                              capture_output=True, text=True, timeout=300, env=environment)
 
 
 def fixed_batch(input_shape, rows=64):
