@@ -38,6 +38,7 @@ import numpy as np
 from exchange import keras_config
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph
+from exchange.kinds import kind_of
 
 VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not used
 MNIST_ROWS = 10_000           # the MNIST test set
@@ -71,16 +72,10 @@ def check_integer_inputs(graph: Graph) -> None:
     dtype, Conv1D and Softmax raise), so the exchange refuses them rather than guess."""
     integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype.startswith("int")}
     for node in graph.nodes:
-        call_inputs = getattr(node.config, "call_inputs", None)
         for position, name in enumerate(node.inputs):
-            if name not in integer_inputs or node.kind == "embedding":
-                continue
-            if call_inputs is not None and position < len(call_inputs) and call_inputs[position] == "attention_mask":
-                continue
-            if getattr(node.config, "mask_input", False) and position == len(node.inputs) - 1:
-                continue   # a mask given as a tensor: `!= 0` keeps a step
-            raise ExchangeError(f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
-                                f"({integer_inputs[name]}); only Embedding layers and attention masks take integers")
+            if name in integer_inputs and not kind_of(node.kind).reads_integers(node, position):
+                raise ExchangeError(f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
+                                    f"({integer_inputs[name]}); only Embedding layers and attention or step masks take integers")
 
 
 def _installed(module: str) -> bool:

@@ -766,18 +766,6 @@ CODE_IN_A_NAME = 'm"""; import pathlib; pathlib.Path(MARKER).touch(); """'
 VERIFY_CHILD_SECONDS = "12"   # --verify-timeout for the cases that make a framework loop: within CASE_TIMEOUT
 
 
-def _exchange_file(case_dir: Path, graph: dict, tensors: dict | None = None) -> Path:
-    """A format-2 `.safetensors` holding `graph` (a dict) and float32 `tensors`."""
-    entries, data = {}, b""
-    for key, array in (tensors or {}).items():
-        raw = np.ascontiguousarray(array, np.float32).tobytes()
-        entries[key] = {"dtype": "F32", "shape": list(np.shape(array)), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    path = case_dir / "model.safetensors"
-    path.write_bytes(safetensors_bytes(entries, {**seed_metadata(), "architecture": json.dumps(graph)}, data))
-    return path
-
-
 def _graph(shape: list, nodes: list, dtype: str = "float32") -> dict:
     return {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": dtype}], "nodes": nodes,
             "outputs": [nodes[-1]["name"]]}
@@ -787,14 +775,14 @@ def _verify_huge_pool(case_dir, base):
     """MaxPooling1D of pool size 10**9 ("same"): TensorFlow crashes (SIGSEGV) or loops."""
     pool = {"name": "pool", "kind": "max_pool1d", "inputs": ["x"], "dtype": "float32",
             "config": {"pool_size": [10**9], "strides": [10**9], "padding": "same"}}
-    return convert_args(case_dir, _exchange_file(case_dir, _graph([10, 3], [pool])), "--verify",
+    return convert_args(case_dir, graph_file(case_dir, _graph([10, 3], [pool])), "--verify",
                         "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
 
 
 def _verify_wide_add(case_dir, base):
     """An Add reading the input 10**5 times: TensorFlow builds for minutes, then crashes (SIGSEGV)."""
     add = {"name": "add", "kind": "add", "inputs": ["x"] * 10**5, "dtype": "float32", "config": {}}
-    return convert_args(case_dir, _exchange_file(case_dir, _graph([3], [add])), "--verify",
+    return convert_args(case_dir, graph_file(case_dir, _graph([3], [add])), "--verify",
                         "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
 
 
@@ -809,14 +797,14 @@ def _verify_long_lstm(case_dir, base):
              {"name": "lstm", "kind": "lstm", "inputs": ["emb"], "dtype": "float32", "config": lstm}]
     tensors = {"emb.weight": np.ones((10, 4)), "lstm.weight_ih_l0": np.ones((12, 4)),
                "lstm.weight_hh_l0": np.ones((12, 3)), "lstm.bias_ih_l0": np.ones(12), "lstm.bias_hh_l0": np.zeros(12)}
-    return convert_args(case_dir, _exchange_file(case_dir, _graph([2 * 10**6], nodes, "int32"), tensors), "--verify",
+    return convert_args(case_dir, graph_file(case_dir, _graph([2 * 10**6], nodes, "int32"), tensors), "--verify",
                         "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
 
 
 def _verify_huge_activation(case_dir, base):
     """One sample of 25,000,000 values: --verify sized its batch at 8 rows whatever the input."""
     relu = {"name": "relu", "kind": "activation", "inputs": ["x"], "dtype": "float32", "config": {"activation": "relu"}}
-    return convert_args(case_dir, _exchange_file(case_dir, _graph([5000, 5000], [relu])), "--verify", output="out.pt")
+    return convert_args(case_dir, graph_file(case_dir, _graph([5000, 5000], [relu])), "--verify", output="out.pt")
 
 
 def _deep_chain(output: str, *extra: str):
@@ -835,7 +823,7 @@ def _verify_integer_dense(case_dir, base):
     """An int64 input into a Dense: torch raised a dtype mismatch with a traceback."""
     dense = {"name": "d", "kind": "dense", "inputs": ["x"], "dtype": "float32",
              "config": {"units": 2, "activation": "linear", "use_bias": False}}
-    return convert_args(case_dir, _exchange_file(case_dir, _graph([3], [dense], "int64"), {"d.weight": np.ones((2, 3))}),
+    return convert_args(case_dir, graph_file(case_dir, _graph([3], [dense], "int64"), {"d.weight": np.ones((2, 3))}),
                         "--verify", output="out.pt")
 
 

@@ -81,6 +81,13 @@ class LayerKind:
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
 
+    def reads_integers(self, node, position: int) -> bool:
+        """Whether the node's input `position` may be an integer tensor. Keras's layers treat
+        integer inputs each their own way, so only these are accepted: a mask given as a tensor
+        (`config.mask_input`, the last input, kept where `!= 0`); token ids and attention masks
+        where their kinds say so."""
+        return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
+
     def output_count(self, config) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1

@@ -115,6 +115,10 @@ class MultiHeadAttention(LayerKind):
 
     # -- reading ----------------------------------------------------------------------------
 
+    def reads_integers(self, node, position):
+        roles = node.config.call_inputs
+        return position < len(roles) and roles[position] == "attention_mask"
+
     def from_keras(self, options):
         options.expect("use_gate", False)
         options.expect("sliding_window", None)

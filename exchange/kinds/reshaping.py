@@ -344,6 +344,9 @@ class Embedding(LayerKind):
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
+    def reads_integers(self, node, position):
+        return True   # token ids
+
     def output_mask(self, node, input_masks):
         return node.inputs[0] if node.config.mask_zero else None   # `ids != 0`, named by the ids
 
