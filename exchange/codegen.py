@@ -23,20 +23,19 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from exchange import torch_modules
+from exchange.errors import ExchangeError
 from exchange.graph import Graph
 from exchange.kinds.layout import torch_shape
 from exchange.torch_adapter import build_module, class_name
 
-# torch's module types by the name generated code uses for them.
-NN_NAMES = {module_type: f"nn.{module_type.__name__}" for module_type in (
-    nn.Linear, nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
-    nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d, nn.ZeroPad2d, nn.LayerNorm, nn.GroupNorm,
-    nn.Embedding, nn.MultiheadAttention, nn.LSTM, nn.GRU, nn.RNN, nn.ModuleDict)}
 # torch's recurrent modules take `*args, **kwargs`: their arguments and defaults, written out here.
 RECURRENT_ARGUMENTS = {"input_size": None, "hidden_size": None, "num_layers": 1, "nonlinearity": "tanh",
                        "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False, "proj_size": 0}
 HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
            if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
+# Plain functions of torch_modules (`keras2_hard_sigmoid`): copied into generated code that names them.
+HELPER_FUNCTIONS = {function: name for name, function in inspect.getmembers(torch_modules, inspect.isfunction)
+                    if function.__module__ == torch_modules.__name__}
 SKIPPED_ARGUMENTS = ("device",)
 # Size arguments torch takes as one int for all axes: (7, 7) is written 7.
 SIZE_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "output_padding")
@@ -58,6 +57,9 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     keras_names = {graph.torch_names[node.name]: node.name for node in graph.nodes}
     parameters, body = _forward(module.graph, keras_names)
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]
+    named = "\n".join(init_lines + body + helper_sources)
+    helper_sources = [inspect.getsource(function) for function, function_name in HELPER_FUNCTIONS.items()
+                      if re.search(rf"\b{function_name}\b", named)] + helper_sources
     layout = ("; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs)
               else "")
     model_class = (f"class {name}(nn.Module):\n"
@@ -117,9 +119,11 @@ def _constructor(module: nn.Module) -> str:
     if module_type in (nn.Module, nn.ModuleDict):   # a container (torch.fx makes plain Modules of them)
         children = ", ".join(f"{quoted(key)}: {_constructor(value)}" for key, value in module.named_children())
         return f"nn.ModuleDict({{{children}}})"
-    type_name = NN_NAMES.get(module_type) or HELPERS.get(module_type)
+    standard = getattr(nn, module_type.__name__, None) is module_type   # torch.nn's own: nn.Conv2d
+    type_name = f"nn.{module_type.__name__}" if standard else HELPERS.get(module_type)
     if type_name is None:
-        raise TypeError(f"no source form for {module_type.__name__}")
+        raise ExchangeError(f"no source form for torch module {module_type.__name__} (neither in torch.nn "
+                            "nor in exchange.torch_modules)")
     if isinstance(module, nn.RNNBase):
         arguments = [_format(module.input_size), _format(module.hidden_size)]
         arguments += [f"{name}={_format(getattr(module, name))}" for name, default in RECURRENT_ARGUMENTS.items()
@@ -136,7 +140,7 @@ def _constructor(module: nn.Module) -> str:
         value = _argument(module, parameter_name)
         if value is _ABSENT or (parameter.default is not parameter.empty and _same(value, parameter.default)):
             continue
-        if (module_type in NN_NAMES and parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
+        if (standard and parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
                 and all(isinstance(item, int) and item == value[0] for item in value)):
             value = value[0]
         if parameter.default is parameter.empty and not keywords and len(positional) < POSITIONAL_ARGUMENTS:
@@ -190,7 +194,9 @@ def _format(value) -> str:
         return repr(value)
     if isinstance(value, slice):
         return f"slice({_format(value.start)}, {_format(value.stop)}, {_format(value.step)})"
-    raise TypeError(f"no source form for a {type(value).__name__}")
+    if callable(value) and not isinstance(value, (type, nn.Module)):   # an activation given to a helper
+        return _function_name(value)
+    raise ExchangeError(f"no source form for a {type(value).__name__}")
 
 
 def _index(value) -> str:
@@ -204,12 +210,14 @@ def _index(value) -> str:
 
 
 def _function_name(function) -> str:
+    if function in HELPER_FUNCTIONS:
+        return HELPER_FUNCTIONS[function]
     module_name = getattr(function, "__module__", None) or ""
     if module_name == "torch.nn.functional" or function is getattr(F, function.__name__, None):
         return f"F.{function.__name__}"   # F.gelu is a builtin of torch._C._nn
     if function is getattr(torch, function.__name__, None):
         return f"torch.{function.__name__}"
-    raise TypeError(f"no source form for function {function!r}")
+    raise ExchangeError(f"no source form for function {getattr(function, '__name__', type(function).__name__)}")
 
 
 def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], list[str]]:

@@ -99,6 +99,11 @@ class NodeContext:
     def input_shape(self) -> Shape:
         return self.input_shapes[0]
 
+    @property
+    def keras_identity(self) -> dict[str, str]:
+        """The Keras layer's name and dtype, as every `keras_layer` passes them."""
+        return {"name": self.node.name, "dtype": self.node.dtype}
+
 
 @dataclass(frozen=True)
 class Graph:

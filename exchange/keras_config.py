@@ -40,12 +40,6 @@ MASK_SOURCE_OPERATION = "NotEqual"   # `ids != constant`: the constant must be 0
 MASK_OPERATIONS = ("NotEqual", "LogicalOr", "LogicalAnd", "ExpandDims", "ZerosLike", "OnesLike", "Concatenate",
                    "Any", "All")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
-# Options Keras writes as JSON booleans; the kinds read them with bool(), which takes "no" as True.
-# (`scale` is a flag of the normalization layers only: Rescaling's is a number.)
-FLAG_OPTIONS = ("use_bias", "center", "keepdims", "invert", "return_sequences", "return_state",
-                "go_backwards", "stateful", "unroll", "reset_after", "time_major", "mask_zero",
-                "zero_output_for_mask")
-NORMALIZATION_FLAGS = ("scale",)
 
 
 @dataclass(frozen=True)
@@ -266,7 +260,6 @@ class _Parser:
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
-            _check_flags(config, FLAG_OPTIONS + (NORMALIZATION_FLAGS if class_name.endswith("Normalization") else ()))
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
                                    call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
@@ -292,13 +285,6 @@ class _Parser:
             self.locations[output_name] = KerasLocation("", keras2_group, output_name, container_path)
             self.class_names[output_name] = f"output {index} of {name}"
         return names
-
-
-def _check_flags(config: dict, flags: tuple[str, ...]) -> None:
-    """Refuse a flag option that is not a JSON boolean (`"use_bias": "no"`) before a kind reads it."""
-    for key in flags:
-        if key in config and not isinstance(config[key], bool):
-            raise ExchangeError(f"option {key!r} must be true or false, found {config[key]!r:.40}")
 
 
 def _layer_name(layer: dict) -> str:

@@ -32,6 +32,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from math import prod
 
@@ -127,11 +128,16 @@ class Port:
     keras: str
     torch: str
     steps: tuple[Step, ...] = ()
+    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = False
 
     @property
     def keras_names(self) -> tuple[str, ...]:
         return (self.keras,)
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple]:
+        return {self.keras: tuple(self.shape)}
 
     def torch_shape(self, keras_shape: tuple[int, ...]) -> tuple[int, ...]:
         return _shape_through(self.steps, keras_shape)
@@ -155,11 +161,16 @@ class Stacked:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
+    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = False
 
     @property
     def keras_names(self) -> tuple[str, ...]:
         return (self.keras,)
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple]:
+        return {self.keras: tuple(self.shape)}
 
     def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
         shape = tuple(keras_shapes[self.keras])
@@ -186,11 +197,16 @@ class Packed:
     torch: str
     steps: tuple[tuple[Step, ...], ...]
     axis: int = 0
+    shapes: tuple[tuple, ...] = dataclasses.field(default=(), kw_only=True)   # each Keras variable's
     lossy = False
 
     @property
     def keras_names(self) -> tuple[str, ...]:
         return self.keras
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple]:
+        return {name: tuple(shape) for name, shape in zip(self.keras, self.shapes)}
 
     def _pieces(self, keras_shapes: dict) -> list[tuple[int, ...]]:
         return [_shape_through(steps, tuple(keras_shapes[name])) for name, steps in zip(self.keras, self.steps)]
@@ -224,11 +240,16 @@ class Summed:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
+    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = True
 
     @property
     def keras_names(self) -> tuple[str, ...]:
         return (self.keras,)
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple]:
+        return {self.keras: tuple(self.shape)}
 
     def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
         return {key: _shape_through(self.steps, tuple(keras_shapes[self.keras])) for key in self.torch}
@@ -263,6 +284,11 @@ class KerasOnly:
 
     keras: str
     why: str = ""
+    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+
+    @property
+    def keras_shapes(self) -> dict[str, tuple]:
+        return {self.keras: tuple(self.shape)}
 
 
 AnyPort = WeightPort | TorchOnly | KerasOnly

@@ -128,7 +128,7 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
         arguments = [values[name] for name in node.inputs]
         if kind.selects_output:
             dtypes[node.name] = dtypes[node.inputs[0]]
-        elif getattr(kind, "keras_operation", ""):   # a keras.ops call: no autocast, types promote as in torch
+        elif not kind.autocasts:   # a keras.ops call: types promote as in torch
             floating = [dtypes[name] for name in node.inputs if dtypes[name].is_floating_point]
             dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
         else:

@@ -13,6 +13,16 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def identity(x: torch.Tensor) -> torch.Tensor:
+    """Keras's `linear` activation."""
+    return x
+
+
+def keras2_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
+    """Keras 2's hard_sigmoid, clip(0.2x + 0.5, 0, 1); Keras 3's, relu6(x + 3) / 6, is F.hardsigmoid."""
+    return torch.clamp(x * 0.2 + 0.5, 0.0, 1.0)
+
+
 class SeparableConv2d(nn.Module):
     """Keras SeparableConv2D: a depthwise convolution (no bias) then a 1x1 pointwise one.
 
@@ -137,8 +147,8 @@ class KerasRecurrent(nn.Module):
     one bias) and masked steps, which Keras skips: the state carries over, and so does the output
     (or it is zero with `zero_output_for_mask`).
 
-    Parameters are torch's names and layouts (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`,
-    `bias_hh_l0`; gates i, f, g, o / r, z, n), so weights move between it and `nn.LSTM` unchanged.
+    The activations are functions (`torch.tanh`, `keras2_hard_sigmoid`). Parameters are torch's names and layouts (`weight_ih_l0`,
+    `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`; gates i, f, g, o / r, z, n), so weights move between it and `nn.LSTM` unchanged.
     Like `nn.LSTM` with `batch_first=True` it takes (N, T, F), a mask (N, T) or None and an
     initial state, (h,) or for an LSTM (h, c), each (1, N, H); it returns (outputs (N, T, H), last
     state): (1, N, H), for an LSTM the pair (h, c).
@@ -146,8 +156,8 @@ class KerasRecurrent(nn.Module):
 
     GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
-    def __init__(self, mode, input_size, hidden_size, bias=True, activation="tanh", recurrent_activation="sigmoid",
-                 reset_after=True, zero_output_for_mask=False, device=None, dtype=None):
+    def __init__(self, mode, input_size, hidden_size, bias=True, activation=torch.tanh,
+                 recurrent_activation=torch.sigmoid, reset_after=True, zero_output_for_mask=False, device=None, dtype=None):
         super().__init__()
         self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
         self.activation, self.recurrent_activation = activation, recurrent_activation
@@ -162,34 +172,24 @@ class KerasRecurrent(nn.Module):
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -bound, bound)
 
-    @staticmethod
-    def activate(name, x):
-        if name == "hard_sigmoid_keras2":
-            return torch.clamp(x * 0.2 + 0.5, 0.0, 1.0)
-        functions = {"tanh": torch.tanh, "sigmoid": torch.sigmoid, "relu": torch.relu, "linear": lambda v: v,
-                     "hard_sigmoid": F.hardsigmoid, "relu6": F.relu6, "elu": F.elu, "selu": F.selu,
-                     "softplus": F.softplus, "softsign": F.softsign, "silu": F.silu, "gelu": F.gelu,
-                     "hard_silu": F.hardswish, "mish": F.mish, "exponential": torch.exp}
-        return functions[name](x)
-
     def cell(self, projected, h, c):
         """One step: `projected` is the input's share (x @ W_ih.T + b_ih); returns (h, c)."""
         act, gate = self.activation, self.recurrent_activation
         if self.mode == "lstm":
             i, f, g, o = (projected + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)).chunk(4, 1)
-            c = self.activate(gate, f) * c + self.activate(gate, i) * self.activate(act, g)
-            return self.activate(gate, o) * self.activate(act, c), c
+            c = gate(f) * c + gate(i) * act(g)
+            return gate(o) * act(c), c
         if self.mode == "rnn":
-            return self.activate(act, projected + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)), c
+            return act(projected + F.linear(h, self.weight_hh_l0, self.bias_hh_l0)), c
         x_r, x_z, x_n = projected.chunk(3, 1)
         if self.reset_after:
             h_r, h_z, h_n = F.linear(h, self.weight_hh_l0, self.bias_hh_l0).chunk(3, 1)
-            r, z = self.activate(gate, x_r + h_r), self.activate(gate, x_z + h_z)
-            n = self.activate(act, x_n + r * h_n)
+            r, z = gate(x_r + h_r), gate(x_z + h_z)
+            n = act(x_n + r * h_n)
         else:
             w_r, w_z, w_n = self.weight_hh_l0.chunk(3, 0)
-            r, z = self.activate(gate, x_r + F.linear(h, w_r)), self.activate(gate, x_z + F.linear(h, w_z))
-            n = self.activate(act, x_n + F.linear(r * h, w_n))
+            r, z = gate(x_r + F.linear(h, w_r)), gate(x_z + F.linear(h, w_z))
+            n = act(x_n + F.linear(r * h, w_n))
         return z * h + (1 - z) * n, c
 
     def forward(self, x, mask=None, state=None):
@@ -213,7 +213,7 @@ class KerasRecurrent(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"{self.mode}, {self.input_size}, {self.hidden_size}, bias={self.bias}, "
-                f"activation={self.activation!r}, recurrent_activation={self.recurrent_activation!r}")
+                f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}")
 
 
 class KerasMultiHeadAttention(nn.Module):
@@ -265,3 +265,12 @@ class KerasMultiHeadAttention(nn.Module):
         return (f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
                 f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
                 f"bias={self.bias}")
+
+
+class NAMESPACES:
+    """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
+    outside a torch graph builder (the seed MLP's trainer)."""
+
+    torch, F = torch, F
+    helpers = __import__(__name__, fromlist=["identity"])
+

@@ -11,19 +11,20 @@ import numpy as np
 import torch
 from torch import nn
 
+from exchange import torch_modules
 from exchange.graph import Graph
+from exchange.kinds.activations import torch_function
 from exchange.kinds.dense import DenseConfig
 from frameworks.recipe import Recipe
 
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): the clip of probabilities in its cross-entropy
 
-ACTIVATION_FUNCTIONS = {
-    "linear": lambda x: x,
-    "relu": torch.relu,
-    "tanh": torch.tanh,
-    "sigmoid": torch.sigmoid,
-    "softmax": lambda x: torch.softmax(x, dim=-1),
-}
+
+
+def activation_function(name: str):
+    """Activation `name` on (batch, features) tensors, from the exchange's one table."""
+    function, keywords = torch_function(name, torch_modules.NAMESPACES)
+    return lambda x: function(x, **keywords)
 
 
 class TorchMLP(nn.Module):
@@ -51,11 +52,11 @@ class TorchMLP(nn.Module):
         """The last layer's input to its activation (the logits, for a softmax output)."""
         hidden = inputs
         for linear, activation in zip(self.linears[:-1], self.activations[:-1]):
-            hidden = ACTIVATION_FUNCTIONS[activation](linear(hidden))
+            hidden = activation_function(activation)(linear(hidden))
         return self.linears[-1](hidden)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        return ACTIVATION_FUNCTIONS[self.activations[-1]](self.pre_activation(inputs))
+        return activation_function(self.activations[-1])(self.pre_activation(inputs))
 
 
 def build_torch_model(architecture: Graph) -> TorchMLP:

@@ -19,7 +19,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+if TYPE_CHECKING:   # the graph imports this registry; only the type checker needs these names
+    from exchange.graph import Node, NodeContext
+    from exchange.ports import AnyPort
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 
@@ -64,45 +69,83 @@ class NoConfig:
     """The config of a kind that has no options."""
 
 
+class TorchValue(Protocol):
+    """A value of the torch graph being built (a `torch.fx.Node`): kinds pass it on, never look inside."""
+
+
+class TorchBuilder(Protocol):
+    """What a kind's `torch_forward` writes with (`exchange.torch_adapter.TorchGraphBuilder`). Each
+    call adds one statement to the module's `forward`, and so one line of generated code."""
+
+    nn: ModuleType        # torch.nn: the standard modules
+    F: ModuleType         # torch.nn.functional
+    torch: ModuleType
+    helpers: ModuleType   # exchange.torch_modules: small modules for what torch.nn has not
+    masks: dict[str, TorchValue]   # Keras masks already computed, by name (see `torch_mask`)
+
+    def dtype(self, context: NodeContext) -> Any:
+        """The torch dtype of the node's weights."""
+
+    def module(self, context: NodeContext, module: Any, *args: Any) -> TorchValue:
+        """Register `module` under the node's torch name (its state_dict prefix) and call it."""
+
+    def submodule(self, path: str, module: Any, *args: Any) -> TorchValue:
+        """Register `module` at a dotted path below a registered one and call it."""
+
+    def call(self, function: Callable, *args: Any, **kwargs: Any) -> TorchValue:
+        """Call a torch function (`torch.*` or `F.*`)."""
+
+    def method(self, value: TorchValue, name: str, *args: Any) -> TorchValue:
+        """Call a tensor method (`value.narrow(...)`)."""
+
+
 class LayerKind:
-    """Base class of a layer kind. Subclasses set the class attributes and override what applies."""
+    """Base class of a layer kind: subclasses set the class attributes and override the hooks
+    that apply (see docs/adding-a-layer-kind.md).
+
+    Every kind sets `kind` (its name in exchange files), `keras_classes` (the Keras class names it
+    reads) and `Config` (a frozen dataclass, every value explicit), and writes `from_keras`,
+    `ports` (if it has weights), `torch_forward` and `keras_layer`. The other attributes describe
+    how the graph treats the layer; their defaults fit most layers.
+    """
 
     kind: str = ""
     keras_classes: tuple[str, ...] = ()
     Config: type = NoConfig
     keeps_element_order = False       # element-wise: a permuted flat order passes through
-    variable_aliases: dict = {}       # Keras variable name -> other names formats give it
-    reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights
-    may_flatten_channels_first = False
+    variable_aliases: dict[str, tuple[str, ...]] = {}   # Keras variable name -> other names formats give it
+    reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights (Dense)
+    may_flatten_channels_first = False   # its torch form may flatten channels-first (Flatten)
     takes_list = False                # Keras calls the layer on a list of tensors (merges)
     passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
     selects_output = False            # an `output` node: picks output `config.index` of its input
+    autocasts = True                  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
     # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
+    tensor_kwargs: tuple[str, ...] = ()   # keywords of the call that may be tensors: extra node inputs
 
-    def reads_integers(self, node, position: int) -> bool:
+    def reads_integers(self, node: Node, position: int) -> bool:
         """Whether the node's input `position` may be an integer tensor. Keras's layers treat
         integer inputs each their own way, so only these are accepted: a mask given as a tensor
         (`config.mask_input`, the last input, kept where `!= 0`); token ids and attention masks
         where their kinds say so."""
         return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
 
-    def output_count(self, config) -> int:
+    def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1
 
-    def output_shapes(self, config, input_shapes: tuple) -> list[tuple]:
+    def output_shapes(self, config: Any, input_shapes: tuple) -> list[tuple]:
         """The shape of each output, for layers with several; by default `output_shape`'s."""
         return [self.output_shape(config, input_shapes)]
-    tensor_kwargs: tuple[str, ...] = ()   # keywords of the call that may be tensors: extra node inputs
 
-    def keras3_subgroups(self, config) -> tuple[str, ...]:
+    def keras3_subgroups(self, config: Any) -> tuple[str, ...]:
         """Where a Keras 3 file keeps this layer's variables, below the layer's group: "" for
         `<group>/vars`, "cell" for an LSTM's `<group>/cell/vars`; their `vars` are read in order."""
         return ("",)
 
-    def output_mask(self, node, input_masks: tuple) -> str | None:
+    def output_mask(self, node: Node, input_masks: tuple) -> str | None:
         """The mask on this node's output, from its inputs' masks, as Keras's `compute_mask` does:
         a layer without `supports_masking` drops it; one with it passes input 0's on; a merge keeps
         a mask that every input carries. A mask is named by the token ids whose `!= 0` it is."""
@@ -117,13 +160,13 @@ class LayerKind:
                                         f"token ids ({', '.join(sorted(set(input_masks)))}); not supported")
         return input_masks[0]
 
-    def output_masks(self, node, input_masks: tuple) -> list:
+    def output_masks(self, node: Node, input_masks: tuple) -> list:
         """The mask of each output, for layers with several; by default `output_mask`'s for all."""
         return [self.output_mask(node, input_masks)] * self.output_count(node.config)
 
     # -- reading ----------------------------------------------------------------------------
 
-    def from_keras(self, options: "KerasOptions") -> Any:
+    def from_keras(self, options: KerasOptions) -> Any:
         """The typed config from a Keras layer config; `options.take` every key that matters."""
         return self.Config()
 
@@ -150,40 +193,48 @@ class LayerKind:
             where = f"layer {node_name!r}"
             raise type(err)(str(err) if str(err).startswith(where) else f"{where} ({self.kind}): {err}") from None
 
-    def keeps_order(self, config) -> bool:
+    def keeps_order(self, config: Any) -> bool:
         """Whether this node passes a permuted flat order through (element-wise with no per-
         element constants); `keeps_element_order` unless a config says otherwise."""
         return self.keeps_element_order
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def output_shape(self, config, input_shapes: tuple) -> tuple:
+    def output_shape(self, config: Any, input_shapes: tuple) -> tuple:
         """Output shape (Keras layout, no batch axis). Default: the input's (element-wise)."""
         return input_shapes[0]
 
-    def keras_variables(self, context) -> list[tuple[str, tuple]]:
-        """(name, Keras shape) of each Keras variable, in the layer's variable order."""
+    def ports(self, context: NodeContext) -> list[AnyPort]:
+        """The layer's weights, declared once: each port joins Keras variables (named, with their
+        Keras shapes) to torch tensors (`exchange.ports`). Ports are listed in the Keras layer's
+        variable order (the order `layer.weights` and the files keep)."""
         return []
 
-    def ports(self, context) -> list:
-        """The ports between the Keras variables and the torch tensors (`exchange.ports`)."""
-        return []
+    def keras_variables(self, context: NodeContext) -> list[tuple[str, tuple]]:
+        """(name, Keras shape) of each Keras variable, in the layer's variable order: read off
+        `ports`. A kind whose ports join variables out of that order (MultiHeadAttention packs
+        the three kernels, then the three biases) reorders them here."""
+        from exchange.ports import TorchOnly
+
+        return [(name, shape) for port in self.ports(context) if not isinstance(port, TorchOnly)
+                for name, shape in port.keras_shapes.items()]
 
     # -- building -------------------------------------------------------------------------
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> Any:
         """Add this node's computation to the torch graph `builder`; return its output value."""
         raise NotImplementedError
 
-    def keras_layer(self, keras, context):
-        """The Keras layer for this node, every option explicit."""
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
+        """The Keras layer for this node, every option explicit (`**context.keras_identity`
+        gives its name and dtype)."""
         raise NotImplementedError
 
-    def keras_call(self, keras_layer, arguments: list, context):
+    def keras_call(self, keras_layer: Any, arguments: list, context: NodeContext) -> Any:
         """Call the Keras layer on its input tensors (a list for merges)."""
         return keras_layer(arguments if self.takes_list else arguments[0])
 
-    def numpy_forward(self, context, tensors: dict, inputs: list):
+    def numpy_forward(self, context: NodeContext, tensors: dict, inputs: list) -> Any:
         """Optional: this node in numpy on the file's tensors (keys without the node prefix)."""
         raise UnsupportedLayerError(f"no numpy forward for layer kind {self.kind!r}; install torch "
                                     "or keras to run this model")
@@ -394,12 +445,39 @@ class KerasOptions:
         inner.finish()
         return kind, config, name
 
+    # One reader per type of option: a kind never converts a raw value itself (`bool("no")` is True).
+
     def flag(self, key: str, default: bool) -> bool:
         """A true/false option: anything but a JSON boolean is refused (`"no"` is not false)."""
         value = self.take(key, default)
         if not isinstance(value, bool):
             raise self.unsupported(key, value, "must be true or false")
         return value
+
+    def integer(self, key: str, default: Any = dataclasses.MISSING, *, keras2: str | None = None) -> int:
+        """A whole-number option (`units`, `groups`); `3.0` is refused, as is `true`."""
+        value = self.take(key, default, keras2=keras2)
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise self.unsupported(key, value, "must be an integer")
+        return value
+
+    def number(self, key: str, default: Any = dataclasses.MISSING, *, keras2: str | None = None) -> float:
+        """A finite real option (`epsilon`, `momentum`, a rate), as a float."""
+        value = self.take(key, default, keras2=keras2)
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise self.unsupported(key, value, "must be a finite number")
+        return float(value)
+
+    def sizes(self, key: str, count: int, default: Any = dataclasses.MISSING, *, keras2: str | None = None
+              ) -> tuple[int, ...]:
+        """A per-axis size option (`kernel_size`: `3` or `[3, 5]`) as `count` ints."""
+        return ints(self.take(key, default, keras2=keras2), count, f"{self.where()} option {key!r}")
+
+    def activation(self, key: str = "activation") -> str:
+        """An activation option, as the exchange's name for it (`exchange.kinds.activations`)."""
+        from exchange.kinds.activations import read_activation
+
+        return read_activation(self, key)
 
     def expect(self, key: str, *allowed: Any) -> None:
         """The option, when present, must be one of `allowed` (what this exchange supports)."""

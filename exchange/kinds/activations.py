@@ -26,38 +26,42 @@ def _np_softmax(x):
 
 @dataclass(frozen=True)
 class Activation:
-    """One activation: its torch form (a function of builder and value), its Keras 3 name (None
-    where Keras 3 has none) and, where written, a numpy form (on Keras-layout arrays)."""
+    """One activation, the one table every part of the exchange reads (the layer kinds, the
+    recurrent helper module and the seed MLP): its torch form as (namespace, function name,
+    keyword arguments) on channels-first tensors, resolved against `torch`, `F` (functional) or
+    `helpers` (`exchange.torch_modules`) so that this module imports no torch; its Keras 3 name
+    (None where Keras 3 has none); and, where written, a numpy form (on Keras-layout arrays)."""
 
-    torch: object
+    torch: tuple[str, str, dict]
     keras: str | None
     numpy: object = None
 
 
-# Keyed by the exchange's name for the activation (Keras 3's, except hard_sigmoid_keras2).
+# Keyed by the exchange's name for the activation (Keras 3's, except hard_sigmoid_keras2 and gelu_tanh).
 ACTIVATIONS: dict[str, Activation] = {
-    "linear": Activation(lambda b, x: x, "linear", lambda x: x),
-    "relu": Activation(lambda b, x: b.call(b.F.relu, x), "relu", lambda x: np.maximum(x, 0)),
-    "relu6": Activation(lambda b, x: b.call(b.F.relu6, x), "relu6", lambda x: np.clip(x, 0, 6)),
-    "tanh": Activation(lambda b, x: b.call(b.torch.tanh, x), "tanh", np.tanh),
-    "sigmoid": Activation(lambda b, x: b.call(b.torch.sigmoid, x), "sigmoid", lambda x: 1 / (1 + np.exp(-x))),
-    "hard_sigmoid": Activation(lambda b, x: b.call(b.F.hardsigmoid, x), "hard_sigmoid",
-                               lambda x: np.clip(x + 3, 0, 6) / 6),
-    "hard_sigmoid_keras2": Activation(lambda b, x: b.call(b.torch.clamp, b.call(b.torch.add, b.call(
-        b.torch.mul, x, 0.2), 0.5), 0.0, 1.0), None, lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
-    "softmax": Activation(lambda b, x: b.call(b.torch.softmax, x, dim=1), "softmax", _np_softmax),
-    "log_softmax": Activation(lambda b, x: b.call(b.torch.log_softmax, x, dim=1), "log_softmax"),
-    "silu": Activation(lambda b, x: b.call(b.F.silu, x), "silu", lambda x: x / (1 + np.exp(-x))),
-    "hard_silu": Activation(lambda b, x: b.call(b.F.hardswish, x), "hard_silu"),
-    "gelu": Activation(lambda b, x: b.call(b.F.gelu, x), "gelu"),
-    "gelu_tanh": Activation(lambda b, x: b.call(b.F.gelu, x, approximate="tanh"), None),
-    "elu": Activation(lambda b, x: b.call(b.F.elu, x), "elu"),
-    "selu": Activation(lambda b, x: b.call(b.F.selu, x), "selu"),
-    "softplus": Activation(lambda b, x: b.call(b.F.softplus, x), "softplus", lambda x: np.logaddexp(0, x)),
-    "softsign": Activation(lambda b, x: b.call(b.F.softsign, x), "softsign", lambda x: x / (1 + np.abs(x))),
-    "mish": Activation(lambda b, x: b.call(b.F.mish, x), "mish"),
-    "exponential": Activation(lambda b, x: b.call(b.torch.exp, x), "exponential", np.exp),
+    "linear": Activation(("helpers", "identity", {}), "linear", lambda x: x),
+    "relu": Activation(("F", "relu", {}), "relu", lambda x: np.maximum(x, 0)),
+    "relu6": Activation(("F", "relu6", {}), "relu6", lambda x: np.clip(x, 0, 6)),
+    "tanh": Activation(("torch", "tanh", {}), "tanh", np.tanh),
+    "sigmoid": Activation(("torch", "sigmoid", {}), "sigmoid", lambda x: 1 / (1 + np.exp(-x))),
+    "hard_sigmoid": Activation(("F", "hardsigmoid", {}), "hard_sigmoid", lambda x: np.clip(x + 3, 0, 6) / 6),
+    "hard_sigmoid_keras2": Activation(("helpers", "keras2_hard_sigmoid", {}), None,
+                                      lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
+    "softmax": Activation(("torch", "softmax", {"dim": 1}), "softmax", _np_softmax),
+    "log_softmax": Activation(("torch", "log_softmax", {"dim": 1}), "log_softmax"),
+    "silu": Activation(("F", "silu", {}), "silu", lambda x: x / (1 + np.exp(-x))),
+    "hard_silu": Activation(("F", "hardswish", {}), "hard_silu"),
+    "gelu": Activation(("F", "gelu", {}), "gelu"),
+    "gelu_tanh": Activation(("F", "gelu", {"approximate": "tanh"}), None),
+    "elu": Activation(("F", "elu", {}), "elu"),
+    "selu": Activation(("F", "selu", {}), "selu"),
+    "softplus": Activation(("F", "softplus", {}), "softplus", lambda x: np.logaddexp(0, x)),
+    "softsign": Activation(("F", "softsign", {}), "softsign", lambda x: x / (1 + np.abs(x))),
+    "mish": Activation(("F", "mish", {}), "mish"),
+    "exponential": Activation(("torch", "exp", {}), "exponential", np.exp),
 }
+# Activations that act on each element alone (no axis): what a recurrent cell's gates may use.
+ELEMENTWISE_ACTIVATIONS = tuple(name for name, activation in ACTIVATIONS.items() if not activation.torch[2])
 KERAS_SPELLINGS = {"swish": "silu", "hard_swish": "hard_silu"}
 
 
@@ -86,8 +90,19 @@ def check_activation(name: str, what: str) -> str:
     return name
 
 
+def torch_function(name: str, namespaces) -> tuple:
+    """(function, keyword arguments) of activation `name`, looked up on `namespaces` (an object
+    with `torch`, `F` and `helpers`: a torch builder, or `exchange.torch_modules.NAMESPACES`)."""
+    namespace, function_name, keywords = ACTIVATIONS[name].torch
+    return getattr(getattr(namespaces, namespace), function_name), keywords
+
+
 def torch_activation(builder, name: str, value):
-    return ACTIVATIONS[name].torch(builder, value)
+    """Apply activation `name` in the torch graph: one statement (none for `linear`)."""
+    if name == "linear":
+        return value
+    function, keywords = torch_function(name, builder)
+    return builder.call(function, value, **keywords)
 
 
 def keras_activation(name: str, what: str) -> str:
@@ -123,14 +138,14 @@ class ActivationLayer(LayerKind):
     keeps_element_order = True
 
     def from_keras(self, options):
-        return ActivationConfig(read_activation(options))
+        return ActivationConfig(options.activation())
 
     def torch_forward(self, builder, context, inputs):
         return torch_activation(builder, context.config.activation, inputs[0])
 
     def keras_layer(self, keras, context):
         return keras.layers.Activation(keras_activation(context.config.activation, context.node.name),
-                                       name=context.node.name, dtype=context.node.dtype)
+                                       **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return numpy_activation(context.config.activation, context.node.name)(inputs[0])
@@ -162,7 +177,7 @@ class ReLU(LayerKind):
     def from_keras(self, options):
         max_value = options.take("max_value", None)
         return ReLUConfig(None if max_value is None else float(max_value),
-                          float(options.take("negative_slope", 0.0)), float(options.take("threshold", 0.0)))
+                          options.number("negative_slope", 0.0), options.number("threshold", 0.0))
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
@@ -174,7 +189,7 @@ class ReLU(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.ReLU(max_value=config.max_value, negative_slope=config.negative_slope,
-                                 threshold=config.threshold, name=context.node.name, dtype=context.node.dtype)
+                                 threshold=config.threshold, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -196,14 +211,14 @@ class LeakyReLU(LayerKind):
     keeps_element_order = True
 
     def from_keras(self, options):
-        return LeakyReLUConfig(float(options.take("negative_slope", 0.3, keras2="alpha")))
+        return LeakyReLUConfig(options.number("negative_slope", 0.3, keras2="alpha"))
 
     def torch_forward(self, builder, context, inputs):
         return builder.call(builder.F.leaky_relu, inputs[0], negative_slope=context.config.negative_slope)
 
     def keras_layer(self, keras, context):
         return keras.layers.LeakyReLU(negative_slope=context.config.negative_slope,
-                                      name=context.node.name, dtype=context.node.dtype)
+                                      **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -218,13 +233,13 @@ class ELU(LayerKind):
     keeps_element_order = True
 
     def from_keras(self, options):
-        return ELUConfig(float(options.take("alpha", 1.0)))
+        return ELUConfig(options.number("alpha", 1.0))
 
     def torch_forward(self, builder, context, inputs):
         return builder.call(builder.F.elu, inputs[0], alpha=context.config.alpha)
 
     def keras_layer(self, keras, context):
-        return keras.layers.ELU(alpha=context.config.alpha, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.ELU(alpha=context.config.alpha, **context.keras_identity)
 
 
 # What Keras 3's Softmax puts at masked positions before the softmax (`_large_negative_number`).
@@ -297,7 +312,7 @@ class Softmax(LayerKind):
         return builder.call(torch.where, keep, value, 0.0)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Softmax(axis=context.config.axis, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Softmax(axis=context.config.axis, **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         if context.config.mask_input:

@@ -29,6 +29,7 @@ class _Arithmetic(LayerKind):
     Config = OperandsConfig
     torch_function = ""          # name of the torch function
     keras_operation = ""         # class name in keras.src.ops.numpy
+    autocasts = False
     python_operator = None
 
     def from_keras(self, options):

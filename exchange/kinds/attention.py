@@ -138,7 +138,7 @@ class MultiHeadAttention(LayerKind):
             output_shape = tuple(output_shape) or None
         call_inputs, use_causal_mask = _read_call(options)
         return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
-                                        bool(options.take("use_bias", True)), float(options.take("dropout", 0.0)),
+                                        options.flag("use_bias", True), options.number("dropout", 0.0),
                                         use_causal_mask, call_inputs)
 
     def keras3_subgroups(self, config):
@@ -169,46 +169,45 @@ class MultiHeadAttention(LayerKind):
                                     f"(query steps, value steps) = ({shapes['query'][0]}, {source})")
         return (shapes["query"][0],) + _output_shape(config, shapes["query"][-1])
 
-    def keras_variables(self, context):
-        config, widths = context.config, _widths(context)
-        heads, out = config.num_heads, _output_shape(config, widths["query"])
-        shapes = {"query": ((widths["query"], heads, config.key_dim), (heads, config.key_dim)),
-                  "key": ((widths["key"], heads, config.key_dim), (heads, config.key_dim)),
-                  "value": ((widths["value"], heads, config.value_dim), (heads, config.value_dim)),
-                  "output": ((heads, config.value_dim) + out, out)}
-        variables = []
-        for projection in PROJECTIONS:
-            kernel, bias = shapes[projection]
-            variables.append((f"{projection}_kernel", kernel))
-            if config.use_bias:
-                variables.append((f"{projection}_bias", bias))
-        return variables
-
     def ports(self, context):
         config, widths = context.config, _widths(context)
         heads, out = config.num_heads, _output_shape(config, widths["query"])
         dims = {"query": config.key_dim, "key": config.key_dim, "value": config.value_dim}
+        kernel_shapes = {role: (widths[role], heads, dims[role]) for role in dims}
+        bias_shapes = {role: (heads, dims[role]) for role in dims}
         kernel_steps = {role: _kernel_steps(widths[role], heads, dims[role]) for role in dims}
         output_kernel = (Reshape((heads, config.value_dim) + out, (heads * config.value_dim, prod(out))),
                          Permute((1, 0)))
+        output_kernel_shape = (heads, config.value_dim) + out
         if not fits_torch_multihead(config, widths["query"]):
-            ports = [Port(f"{role}_kernel", f"{role}.weight", kernel_steps[role]) for role in dims]
-            ports.append(Port("output_kernel", "output.weight", output_kernel))
+            ports = [Port(f"{role}_kernel", f"{role}.weight", kernel_steps[role], shape=kernel_shapes[role])
+                     for role in dims]
+            ports.append(Port("output_kernel", "output.weight", output_kernel, shape=output_kernel_shape))
             if config.use_bias:
-                ports += [Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads, dims[role])) for role in dims]
-                ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),)))
+                ports += [Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads, dims[role]), shape=bias_shapes[role])
+                          for role in dims]
+                ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),), shape=out))
             return ports
         if len({widths["query"], widths["key"], widths["value"]}) == 1:
             ports = [Packed(("query_kernel", "key_kernel", "value_kernel"), "in_proj_weight",
-                            tuple(kernel_steps[role] for role in dims))]
+                            tuple(kernel_steps[role] for role in dims), shapes=tuple(kernel_shapes.values()))]
         else:
-            ports = [Port(f"{role}_kernel", f"{role[0]}_proj_weight", kernel_steps[role]) for role in dims]
-        ports.append(Port("output_kernel", "out_proj.weight", output_kernel))
+            ports = [Port(f"{role}_kernel", f"{role[0]}_proj_weight", kernel_steps[role], shape=kernel_shapes[role])
+                     for role in dims]
+        ports.append(Port("output_kernel", "out_proj.weight", output_kernel, shape=output_kernel_shape))
         if config.use_bias:
             ports.append(Packed(("query_bias", "key_bias", "value_bias"), "in_proj_bias",
-                                tuple(_bias_steps(heads, dims[role]) for role in dims)))
-            ports.append(Port("output_bias", "out_proj.bias"))
+                                tuple(_bias_steps(heads, dims[role]) for role in dims),
+                                shapes=tuple(bias_shapes.values())))
+            ports.append(Port("output_bias", "out_proj.bias", shape=out))
         return ports
+
+    def keras_variables(self, context):
+        """Keras keeps each projection's kernel then its bias (query, key, value, output); the
+        ports pack the three kernels, then the three biases."""
+        shapes = dict(super().keras_variables(context))
+        return [(name, shapes[name]) for projection in PROJECTIONS for name in
+                (f"{projection}_kernel", f"{projection}_bias") if name in shapes]
 
     # -- building -------------------------------------------------------------------------
 
@@ -252,8 +251,8 @@ class MultiHeadAttention(LayerKind):
         config = context.config
         return keras.layers.MultiHeadAttention(
             config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
-            use_bias=config.use_bias, output_shape=config.output_shape, name=context.node.name,
-            dtype=context.node.dtype)
+            use_bias=config.use_bias, output_shape=config.output_shape,
+            **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from math import ceil
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, ints, register
-from exchange.kinds.activations import check_activation, keras_activation, read_activation, torch_activation
+from exchange.kinds import MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, register
+from exchange.kinds.activations import check_activation, keras_activation, torch_activation
 from exchange.ports import Permute, Port, Reshape
 
 PADDINGS = ("valid", "same", "causal")
@@ -109,6 +109,11 @@ def kernel_permutation(spatial: int) -> tuple[int, ...]:
     return (spatial + 1, spatial) + tuple(range(spatial))
 
 
+def bias_ports(config, size: int, torch_key: str = "bias") -> list[Port]:
+    """The bias of a layer with `use_bias`: (size,) in both frameworks."""
+    return [Port("bias", torch_key, shape=(size,))] if config.use_bias else []
+
+
 @dataclass(frozen=True)
 class ConvConfig:
     filters: int
@@ -136,7 +141,6 @@ class _Convolution(LayerKind):
     one_group = True     # all but Conv1D/Conv2D: groups must be 1
 
     def read_common(self, options, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
-        where = options.where()
         options.expect("data_format", "channels_last", None)
         options.expect("lora_rank", None)
         options.expect("lora_alpha", None)
@@ -145,13 +149,13 @@ class _Convolution(LayerKind):
             raise options.unsupported("padding", padding)
         return ConvConfig(
             filters=0 if filters is None else int(filters),
-            kernel_size=ints(options.take(kernel_key), self.spatial, where),
-            strides=ints(options.take("strides", 1), self.spatial, where),
+            kernel_size=options.sizes(kernel_key, self.spatial),
+            strides=options.sizes("strides", self.spatial, 1),
             padding=padding,
-            dilation_rate=ints(options.take("dilation_rate", 1), self.spatial, where),
-            groups=int(options.take("groups", 1)),
-            activation=read_activation(options),
-            use_bias=bool(options.take("use_bias", True)))
+            dilation_rate=options.sizes("dilation_rate", self.spatial, 1),
+            groups=options.integer("groups", 1),
+            activation=options.activation(),
+            use_bias=options.flag("use_bias", True))
 
     def check_config(self, config) -> None:
         """What this kind of convolution takes of the shared `ConvConfig` (checked in shape inference)."""
@@ -200,21 +204,14 @@ class Conv2D(_Convolution):
     def from_keras(self, options):
         return self.read_common(options, options.take("filters"))   # ConvConfig checks the groups
 
-    def keras_variables(self, context):
+    def ports(self, context):
         config, in_channels = context.config, context.input_shape[-1]
         if in_channels % config.groups or config.filters % config.groups:
             raise ExchangeError(f"layer {context.node.name!r}: {in_channels} input channels and "
                                 f"{config.filters} filters do not split into {config.groups} groups")
-        variables = [("kernel", config.kernel_size + (in_channels // config.groups, config.filters))]
-        if config.use_bias:
-            variables.append(("bias", (config.filters,)))
-        return variables
-
-    def ports(self, context):
-        ports = [Port("kernel", "weight", (Permute(kernel_permutation(self.spatial)),))]
-        if context.config.use_bias:
-            ports.append(Port("bias", "bias"))
-        return ports
+        kernel_shape = config.kernel_size + (in_channels // config.groups, config.filters)
+        return [Port("kernel", "weight", (Permute(kernel_permutation(self.spatial)),), shape=kernel_shape),
+                *bias_ports(config, config.filters)]
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
@@ -228,7 +225,7 @@ class Conv2D(_Convolution):
     def keras_layer(self, keras, context):
         config = context.config
         layer_class = keras.layers.Conv1D if self.spatial == 1 else keras.layers.Conv2D
-        return layer_class(config.filters, groups=config.groups, name=context.node.name, dtype=context.node.dtype,
+        return layer_class(config.filters, groups=config.groups, **context.keras_identity,
                            **self.keras_options(config))
 
 
@@ -271,18 +268,11 @@ class Conv2DTranspose(_Convolution):
                       for axis, size in enumerate(shape[:-1]))
         return sizes + (config.filters,)
 
-    def keras_variables(self, context):
-        config = context.config
-        variables = [("kernel", config.kernel_size + (config.filters, context.input_shape[-1]))]
-        if config.use_bias:
-            variables.append(("bias", (config.filters,)))
-        return variables
-
     def ports(self, context):
-        ports = [Port("kernel", "weight", (Permute(kernel_permutation(2)),))]
-        if context.config.use_bias:
-            ports.append(Port("bias", "bias"))
-        return ports
+        config = context.config
+        kernel_shape = config.kernel_size + (config.filters, context.input_shape[-1])
+        return [Port("kernel", "weight", (Permute(kernel_permutation(2)),), shape=kernel_shape),
+                *bias_ports(config, config.filters)]
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
@@ -312,7 +302,7 @@ class Conv2DTranspose(_Convolution):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Conv2DTranspose(config.filters, name=context.node.name, dtype=context.node.dtype,
+        return keras.layers.Conv2DTranspose(config.filters, **context.keras_identity,
                                             **self.keras_options(config))
 
 
@@ -333,19 +323,11 @@ class DepthwiseConv2D(_Convolution):
     def out_channels(self, config, in_channels):
         return in_channels * config.filters
 
-    def keras_variables(self, context):
-        config, in_channels = context.config, context.input_shape[-1]
-        variables = [("kernel", config.kernel_size + (in_channels, config.filters))]
-        if config.use_bias:
-            variables.append(("bias", (in_channels * config.filters,)))
-        return variables
-
     def ports(self, context):
-        config = context.config
-        ports = [Port("kernel", "weight", depthwise_steps(config.kernel_size, context.input_shape[-1], config.filters))]
-        if context.config.use_bias:
-            ports.append(Port("bias", "bias"))
-        return ports
+        config, in_channels = context.config, context.input_shape[-1]
+        return [Port("kernel", "weight", depthwise_steps(config.kernel_size, in_channels, config.filters),
+                     shape=config.kernel_size + (in_channels, config.filters)),
+                *bias_ports(config, in_channels * config.filters)]
 
     def torch_forward(self, builder, context, inputs):
         config, in_channels = context.config, context.input_shape[-1]
@@ -357,8 +339,8 @@ class DepthwiseConv2D(_Convolution):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.DepthwiseConv2D(depth_multiplier=config.filters, name=context.node.name,
-                                            dtype=context.node.dtype, **self.keras_options(config))
+        return keras.layers.DepthwiseConv2D(depth_multiplier=config.filters,
+                                            **context.keras_identity, **self.keras_options(config))
 
 
 def depthwise_steps(kernel_size: tuple[int, int], in_channels: int, multiplier: int) -> tuple:
@@ -385,25 +367,17 @@ class SeparableConv2D(_Convolution):
         common = self.read_common(options, options.take("filters"))
         if common.groups != 1:
             raise options.unsupported("groups", common.groups)
-        return SeparableConfig(**{**common.__dict__, "depth_multiplier": int(options.take("depth_multiplier", 1))})
-
-    def keras_variables(self, context):
-        config, in_channels = context.config, context.input_shape[-1]
-        middle = in_channels * config.depth_multiplier
-        variables = [("depthwise_kernel", config.kernel_size + (in_channels, config.depth_multiplier)),
-                     ("pointwise_kernel", (1, 1, middle, config.filters))]
-        if config.use_bias:
-            variables.append(("bias", (config.filters,)))
-        return variables
+        return SeparableConfig(**{**common.__dict__, "depth_multiplier": options.integer("depth_multiplier", 1)})
 
     def ports(self, context):
-        config = context.config
-        ports = [Port("depthwise_kernel", "depthwise.weight",
-                      depthwise_steps(config.kernel_size, context.input_shape[-1], config.depth_multiplier)),
-                 Port("pointwise_kernel", "pointwise.weight", (Permute(kernel_permutation(2)),))]
-        if config.use_bias:
-            ports.append(Port("bias", "pointwise.bias"))
-        return ports
+        config, in_channels = context.config, context.input_shape[-1]
+        middle = in_channels * config.depth_multiplier
+        return [Port("depthwise_kernel", "depthwise.weight",
+                     depthwise_steps(config.kernel_size, in_channels, config.depth_multiplier),
+                     shape=config.kernel_size + (in_channels, config.depth_multiplier)),
+                Port("pointwise_kernel", "pointwise.weight", (Permute(kernel_permutation(2)),),
+                     shape=(1, 1, middle, config.filters)),
+                *bias_ports(config, config.filters, torch_key="pointwise.bias")]
 
     def torch_forward(self, builder, context, inputs):
         config, in_channels = context.config, context.input_shape[-1]
@@ -417,5 +391,5 @@ class SeparableConv2D(_Convolution):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.SeparableConv2D(config.filters, depth_multiplier=config.depth_multiplier,
-                                            name=context.node.name, dtype=context.node.dtype,
+                                            **context.keras_identity,
                                             **self.keras_options(config))

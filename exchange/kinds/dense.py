@@ -15,8 +15,7 @@ from dataclasses import dataclass
 
 from exchange.errors import ExchangeError
 from exchange.kinds import MAX_FEATURES, LayerKind, check_int, register
-from exchange.kinds.activations import (check_activation, keras_activation, numpy_activation, read_activation,
-                                        torch_activation)
+from exchange.kinds.activations import check_activation, keras_activation, numpy_activation, torch_activation
 from exchange.kinds.layout import to_torch_order
 from exchange.ports import Permute, Port, Reshape
 
@@ -42,19 +41,12 @@ class Dense(LayerKind):
         options.expect("lora_rank", None)
         options.expect("lora_alpha", None)
         options.expect("quantization_config", None)
-        return DenseConfig(int(options.take("units")), read_activation(options), bool(options.take("use_bias", True)))
+        return DenseConfig(options.integer("units"), options.activation(), options.flag("use_bias", True))
 
     def output_shape(self, config, input_shapes):
         if not input_shapes[0] or input_shapes[0][-1] is None:
             raise ExchangeError(f"needs a known feature axis, found input shape (batch, {input_shapes[0]})")
         return tuple(input_shapes[0][:-1]) + (config.units,)
-
-    def keras_variables(self, context):
-        in_features = context.input_shape[-1]
-        variables = [("kernel", (in_features, context.config.units))]
-        if context.config.use_bias:
-            variables.append(("bias", (context.config.units,)))
-        return variables
 
     def ports(self, context):
         steps: tuple = (Permute((1, 0)),)
@@ -64,9 +56,9 @@ class Dense(LayerKind):
             reordered = tuple(unflat[axis] for axis in to_torch_order(len(source)))
             steps += (Reshape((units, context.input_shape[-1]), unflat), Permute(to_torch_order(len(source))),
                       Reshape(reordered, (units, context.input_shape[-1])))
-        ports = [Port("kernel", "weight", steps)]
+        ports = [Port("kernel", "weight", steps, shape=(context.input_shape[-1], context.config.units))]
         if context.config.use_bias:
-            ports.append(Port("bias", "bias"))
+            ports.append(Port("bias", "bias", shape=(context.config.units,)))
         return ports
 
     def torch_forward(self, builder, context, inputs):
@@ -85,7 +77,7 @@ class Dense(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.Dense(config.units, activation=keras_activation(config.activation, context.node.name),
-                                  use_bias=config.use_bias, name=context.node.name, dtype=context.node.dtype)
+                                  use_bias=config.use_bias, **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         hidden = inputs[0] @ tensors["weight"].T

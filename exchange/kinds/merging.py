@@ -51,7 +51,7 @@ class _ElementwiseMerge(LayerKind):
         return reduce(lambda left, right: builder.call(function, left, right), inputs)
 
     def keras_layer(self, keras, context):
-        return getattr(keras.layers, self.keras_classes[0])(name=context.node.name, dtype=context.node.dtype)
+        return getattr(keras.layers, self.keras_classes[0])(**context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return reduce(self.numpy_function, inputs)
@@ -133,7 +133,7 @@ class Concatenate(LayerKind):
         return builder.call(builder.torch.cat, list(inputs), dim=dim)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Concatenate(axis=context.config.axis, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Concatenate(axis=context.config.axis, **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return np.concatenate(inputs, axis=context.config.axis)
@@ -169,4 +169,4 @@ class CustomScaleLayer(LayerKind):
     def keras_layer(self, keras, context):
         from keras.src.applications.inception_resnet_v2 import CustomScaleLayer as KerasCustomScaleLayer
 
-        return KerasCustomScaleLayer(context.config.scale, name=context.node.name, dtype=context.node.dtype)
+        return KerasCustomScaleLayer(context.config.scale, **context.keras_identity)

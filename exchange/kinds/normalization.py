@@ -63,9 +63,9 @@ class BatchNormalization(LayerKind):
             options.expect(key, allowed)
         options.take("renorm_momentum", None)   # unused without renorm
         options.take("fused", None)             # Keras 2: an implementation choice
-        return BatchNormConfig(_one_axis(options), float(options.take("momentum", 0.99)),
-                               float(options.take("epsilon", 1e-3)), bool(options.take("center", True)),
-                               bool(options.take("scale", True)))
+        return BatchNormConfig(_one_axis(options), options.number("momentum", 0.99),
+                               options.number("epsilon", 1e-3), options.flag("center", True),
+                               options.flag("scale", True))
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "BatchNormalization")
@@ -73,13 +73,10 @@ class BatchNormalization(LayerKind):
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
         return input_shapes[0]
 
-    def keras_variables(self, context):
-        channels = (context.input_shape[-1],)
-        return _affine_variables(context.config, channels) + [("moving_mean", channels), ("moving_variance", channels)]
-
     def ports(self, context):
-        return _affine_ports(context.config, (context.input_shape[-1],)) + [
-            Port("moving_mean", "running_mean"), Port("moving_variance", "running_var"),
+        channels = (context.input_shape[-1],)
+        return _affine_ports(context.config, channels) + [
+            Port("moving_mean", "running_mean", shape=channels), Port("moving_variance", "running_var", shape=channels),
             TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
 
     def torch_forward(self, builder, context, inputs):
@@ -95,7 +92,7 @@ class BatchNormalization(LayerKind):
         config = context.config
         return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
                                                center=config.center, scale=config.scale,
-                                               name=context.node.name, dtype=context.node.dtype)
+                                               **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -128,7 +125,7 @@ class Normalization(LayerKind):
             constants[key] = None if value is None else tuple(float(v) for v in value)
         if (constants["mean"] is None) != (constants["variance"] is None):
             raise options.unsupported("mean", constants["mean"], "mean and variance are given together")
-        return NormalizationConfig(_one_axis(options), bool(options.take("invert", False)), **constants)
+        return NormalizationConfig(_one_axis(options), options.flag("invert", False), **constants)
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "Normalization")
@@ -138,17 +135,12 @@ class Normalization(LayerKind):
                 raise UnsupportedLayerError(f"Normalization: {len(values)} values for {channels} channels")
         return input_shapes[0]
 
-    def keras_variables(self, context):
-        if context.config.mean is not None:
-            return []
-        channels = (context.input_shape[-1],)
-        return [("mean", channels), ("variance", channels), ("count", ())]
-
     def ports(self, context):
         if context.config.mean is not None:
             return []
-        return [Port("mean", "mean"), Port("variance", "variance"),
-                KerasOnly("count", why="the number of samples seen by adapt()")]
+        channels = (context.input_shape[-1],)
+        return [Port("mean", "mean", shape=channels), Port("variance", "variance", shape=channels),
+                KerasOnly("count", why="the number of samples seen by adapt()", shape=())]
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
@@ -160,8 +152,8 @@ class Normalization(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         constants = {} if config.mean is None else {"mean": list(config.mean), "variance": list(config.variance)}
-        return keras.layers.Normalization(axis=config.axis, invert=config.invert, name=context.node.name,
-                                          dtype=context.node.dtype, **constants)
+        return keras.layers.Normalization(axis=config.axis, invert=config.invert,
+                                          **context.keras_identity, **constants)
 
 
 @dataclass(frozen=True)
@@ -212,7 +204,7 @@ class Rescaling(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         scale, offset = (list(v) if isinstance(v, tuple) else v for v in (config.scale, config.offset))
-        return keras.layers.Rescaling(scale, offset, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Rescaling(scale, offset, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -226,22 +218,17 @@ class LayerNormConfig:
         check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
 
 
-def _affine_variables(config, channels: tuple) -> list:
-    """Keras's gamma and beta, as `scale` and `center` switch them on, in that order."""
-    return [(name, channels) for name, on in (("gamma", config.scale), ("beta", config.center)) if on]
-
-
 def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
     """gamma/beta as torch weight/bias. torch's affine norms hold both or neither (LayerNorm can
     drop the bias alone: `bias_optional`): with one of them off in Keras, torch holds it as a
     constant (weight 1, bias 0) that Keras cannot change, so torch -> Keras refuses another value."""
     ports: list = []
     if config.scale:
-        ports.append(Port("gamma", "weight"))
+        ports.append(Port("gamma", "weight", shape=channels))
     elif config.center:
         ports.append(TorchOnly("weight", channels, 1.0, must_equal_fill=True, why="Keras scale=False"))
     if config.center:
-        ports.append(Port("beta", "bias"))
+        ports.append(Port("beta", "bias", shape=channels))
     elif config.scale and not bias_optional:
         ports.append(TorchOnly("bias", channels, 0.0, must_equal_fill=True, why="Keras center=False"))
     return ports
@@ -258,15 +245,12 @@ class LayerNormalization(LayerKind):
 
     def from_keras(self, options):
         options.expect("rms_scaling", False)   # deprecated in Keras: it scales by the variance
-        return LayerNormConfig(_one_axis(options), float(options.take("epsilon", 1e-3)),
-                               bool(options.take("center", True)), bool(options.take("scale", True)))
+        return LayerNormConfig(_one_axis(options), options.number("epsilon", 1e-3),
+                               options.flag("center", True), options.flag("scale", True))
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "LayerNormalization")
         return input_shapes[0]
-
-    def keras_variables(self, context):
-        return _affine_variables(context.config, (context.input_shape[-1],))
 
     def ports(self, context):
         return _affine_ports(context.config, (context.input_shape[-1],), bias_optional=True)
@@ -283,7 +267,7 @@ class LayerNormalization(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.LayerNormalization(axis=config.axis, epsilon=config.epsilon, center=config.center,
-                                               scale=config.scale, name=context.node.name, dtype=context.node.dtype)
+                                               scale=config.scale, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -307,9 +291,9 @@ class GroupNormalization(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        return GroupNormConfig(int(options.take("groups", 32)), _one_axis(options),
-                               float(options.take("epsilon", 1e-3)), bool(options.take("center", True)),
-                               bool(options.take("scale", True)))
+        return GroupNormConfig(options.integer("groups", 32), _one_axis(options),
+                               options.number("epsilon", 1e-3), options.flag("center", True),
+                               options.flag("scale", True))
 
     def output_shape(self, config, input_shapes):
         _check_channel_axis(config.axis, input_shapes[0], "GroupNormalization")
@@ -317,9 +301,6 @@ class GroupNormalization(LayerKind):
             raise UnsupportedLayerError(f"GroupNormalization: {input_shapes[0][-1]} channels do not split "
                                         f"into {config.groups} groups")
         return input_shapes[0]
-
-    def keras_variables(self, context):
-        return _affine_variables(context.config, (context.input_shape[-1],))
 
     def ports(self, context):
         return _affine_ports(context.config, (context.input_shape[-1],))
@@ -334,7 +315,7 @@ class GroupNormalization(LayerKind):
         config = context.config
         return keras.layers.GroupNormalization(groups=config.groups, axis=config.axis, epsilon=config.epsilon,
                                                center=config.center, scale=config.scale,
-                                               name=context.node.name, dtype=context.node.dtype)
+                                               **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -366,8 +347,8 @@ class UnitNormalization(LayerKind):
         return builder.call(builder.F.normalize, inputs[0], p=2.0, dim=dim, eps=1e-6)
 
     def keras_layer(self, keras, context):
-        return keras.layers.UnitNormalization(axis=context.config.axis, name=context.node.name,
-                                              dtype=context.node.dtype)
+        return keras.layers.UnitNormalization(axis=context.config.axis,
+                                              **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -384,13 +365,10 @@ class LayerScale(LayerKind):
 
     def from_keras(self, options):
         options.take("projection_dim")   # the channel count, known from the input shape
-        return LayerScaleConfig(float(options.take("init_values", 1e-6)))
+        return LayerScaleConfig(options.number("init_values", 1e-6))
 
-    def keras_variables(self, context):
-        return [("variable", (context.input_shape[-1],))]   # ConvNeXt adds its gamma without a name
-
-    def ports(self, context):
-        return [Port("variable", "gamma")]
+    def ports(self, context):   # ConvNeXt adds its gamma without a name: Keras calls it `variable`
+        return [Port("variable", "gamma", shape=(context.input_shape[-1],))]
 
     def torch_forward(self, builder, context, inputs):
         module = builder.helpers.ChannelScale(context.input_shape[-1], len(context.input_shape),
@@ -400,5 +378,5 @@ class LayerScale(LayerKind):
     def keras_layer(self, keras, context):
         from keras.src.applications.convnext import LayerScale as KerasLayerScale
 
-        return KerasLayerScale(context.config.init_values, context.input_shape[-1], name=context.node.name,
-                               dtype=context.node.dtype)
+        return KerasLayerScale(context.config.init_values, context.input_shape[-1],
+                               **context.keras_identity)

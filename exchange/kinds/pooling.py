@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError
-from exchange.kinds import OMIT_DEFAULT, LayerKind, check_step_mask, ints, mask_name, register, torch_mask
+from exchange.kinds import OMIT_DEFAULT, LayerKind, check_step_mask, mask_name, register, torch_mask
 from exchange.kinds.convolution import check_window, tf_padding, torch_pad_argument, window_output_sizes
 
 
@@ -33,14 +33,14 @@ class _Pooling(LayerKind):
     average = False
 
     def from_keras(self, options):
-        where = options.where()
         options.expect("data_format", "channels_last", None)
-        pool_size = ints(options.take("pool_size", 2, keras2="pool_length"), self.spatial, where)
-        strides = options.take("strides", None, keras2="stride")
+        pool_size = options.sizes("pool_size", self.spatial, 2, keras2="pool_length")
+        strides = options.sizes("strides", self.spatial, None, keras2="stride") if options.take(
+            "strides", None, keras2="stride") is not None else pool_size
         padding = options.take("padding", "valid")
         if padding not in ("valid", "same"):
             raise options.unsupported("padding", padding)
-        return PoolConfig(pool_size, pool_size if strides is None else ints(strides, self.spatial, where), padding)
+        return PoolConfig(pool_size, strides, padding)
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
@@ -76,7 +76,7 @@ class _Pooling(LayerKind):
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
         return layer_class(pool_size=config.pool_size, strides=config.strides, padding=config.padding,
-                           data_format="channels_last", name=context.node.name, dtype=context.node.dtype)
+                           data_format="channels_last", **context.keras_identity)
 
 
 @register
@@ -134,7 +134,7 @@ class _GlobalPooling(LayerKind):
     def keras_layer(self, keras, context):
         return getattr(keras.layers, self.keras_classes[0])(
             keepdims=context.config.keepdims, data_format="channels_last",
-            name=context.node.name, dtype=context.node.dtype)
+            **context.keras_identity)
 
 
 @register

@@ -32,15 +32,12 @@ from dataclasses import dataclass, field, replace
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, LayerKind, check_choice, check_int, check_step_mask,
                             register, torch_mask)
-from exchange.kinds.activations import check_activation, keras_activation, read_activation
+from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
 GRU_GATE_ORDER = (1, 0, 2)           # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
 TORCH_DEFAULTS = ("tanh", "sigmoid")     # nn.LSTM's and nn.GRU's activation and gate activation
 TORCH_RNN_ACTIVATIONS = ("tanh", "relu")   # nn.RNN's nonlinearity
-# Activations KerasRecurrent computes (torch_modules.KerasRecurrent.activate).
-RECURRENT_ACTIVATIONS = ("tanh", "sigmoid", "relu", "linear", "hard_sigmoid", "hard_sigmoid_keras2", "relu6",
-                         "elu", "selu", "softplus", "softsign", "silu", "gelu", "hard_silu", "mish", "exponential")
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 
 
@@ -65,14 +62,14 @@ class RecurrentConfig:
         check_int(self.units, "recurrent units", MAX_FEATURES)
         for name in (self.activation, self.recurrent_activation):
             check_activation(name, "recurrent layer")
-            if name not in RECURRENT_ACTIVATIONS:
+            if name not in ELEMENTWISE_ACTIVATIONS:
                 raise UnsupportedLayerError(f"recurrent layer: activation {name!r} is not supported")
 
 
 def _recurrent_activation(options, key: str) -> str:
     """An activation option of a recurrent layer: one `KerasRecurrent` can compute."""
-    name = read_activation(options, key)
-    if name not in RECURRENT_ACTIVATIONS:
+    name = options.activation(key)
+    if name not in ELEMENTWISE_ACTIVATIONS:
         raise options.unsupported(key, name, "not supported in a recurrent layer")
     return name
 
@@ -97,7 +94,7 @@ class _Recurrent(LayerKind):
                     "unroll"):
             options.take(key, None)   # training-only or speed options
         config = RecurrentConfig(
-            units=int(options.take("units")),
+            units=options.integer("units"),
             activation=_recurrent_activation(options, "activation"),
             recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if self.gates > 1
                                   else "sigmoid"),
@@ -144,25 +141,20 @@ class _Recurrent(LayerKind):
     def bias_shape(self, config) -> tuple:
         return (self.gates * config.units,)
 
-    def keras_variables(self, context):
-        config, width = context.config, self.gates * context.config.units
-        variables = [("kernel", (context.input_shape[-1], width)), ("recurrent_kernel", (config.units, width))]
-        if config.use_bias:
-            variables.append(("bias", self.bias_shape(config)))
-        return variables
-
     def gate_steps(self) -> tuple:
         return ()
 
     def ports(self, context):
+        config, width = context.config, self.gates * context.config.units
         steps = (Permute((1, 0)),) + self.gate_steps()
-        ports = [Port("kernel", "weight_ih_l0", steps), Port("recurrent_kernel", "weight_hh_l0", steps)]
-        if context.config.use_bias:
-            ports.append(self.bias_port(context.config))
+        ports = [Port("kernel", "weight_ih_l0", steps, shape=(context.input_shape[-1], width)),
+                 Port("recurrent_kernel", "weight_hh_l0", steps, shape=(config.units, width))]
+        if config.use_bias:
+            ports.append(self.bias_port(config))
         return ports
 
     def bias_port(self, config):
-        return Summed("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps())
+        return Summed("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps(), shape=self.bias_shape(config))
 
     # -- torch ----------------------------------------------------------------------------
 
@@ -179,8 +171,9 @@ class _Recurrent(LayerKind):
         config, dtype, input_size = context.config, builder.dtype(context), context.input_shape[-1]
         module = None if masked else self.standard_module(builder, config, input_size, dtype)
         return module or builder.helpers.KerasRecurrent(
-            self.mode, input_size, config.units, bias=config.use_bias, activation=config.activation,
-            recurrent_activation=config.recurrent_activation, reset_after=config.reset_after,
+            self.mode, input_size, config.units, bias=config.use_bias,
+            activation=torch_function(config.activation, builder)[0],
+            recurrent_activation=torch_function(config.recurrent_activation, builder)[0], reset_after=config.reset_after,
             zero_output_for_mask=config.zero_output_for_mask, device="meta", dtype=dtype)
 
     def torch_forward(self, builder, context, inputs):
@@ -282,8 +275,8 @@ class GRU(_Recurrent):
 
     def bias_port(self, config):
         if config.reset_after:
-            return Stacked("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps())
-        return Port("bias", "bias_ih_l0", self.gate_steps())
+            return Stacked("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps(), shape=self.bias_shape(config))
+        return Port("bias", "bias_ih_l0", self.gate_steps(), shape=self.bias_shape(config))
 
 
 @register
@@ -408,12 +401,6 @@ class Bidirectional(LayerKind):
     def _side_contexts(self, context):
         return [replace(context, node=replace(context.node, config=side_config))
                 for side_config in (context.config.forward, context.config.backward)]
-
-    def keras_variables(self, context):
-        kind = self.wrapped(context.config)
-        return [(f"{side}_{name}", shape) for side, side_context in zip(("forward", "backward"),
-                                                                          self._side_contexts(context))
-                for name, shape in kind.keras_variables(side_context)]
 
     def ports(self, context):
         kind = self.wrapped(context.config)

@@ -47,7 +47,7 @@ class Flatten(LayerKind):
         return builder.call(builder.torch.flatten, value, 1)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Flatten(name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Flatten(**context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         if len(context.input_shape) > 1:
@@ -102,7 +102,7 @@ class Reshape(LayerKind):
         return value
 
     def keras_layer(self, keras, context):
-        return keras.layers.Reshape(context.config.target_shape, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Reshape(context.config.target_shape, **context.keras_identity)
 
 
 def _pairs(options, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -148,7 +148,7 @@ class ZeroPadding2D(LayerKind):
 
     def keras_layer(self, keras, context):
         return keras.layers.ZeroPadding2D(context.config.amounts, data_format="channels_last",
-                                          name=context.node.name, dtype=context.node.dtype)
+                                          **context.keras_identity)
 
 
 @register
@@ -176,7 +176,7 @@ class Cropping2D(LayerKind):
 
     def keras_layer(self, keras, context):
         return keras.layers.Cropping2D(context.config.amounts, data_format="channels_last",
-                                       name=context.node.name, dtype=context.node.dtype)
+                                       **context.keras_identity)
 
 
 def _image(shape: tuple) -> tuple:
@@ -204,14 +204,14 @@ class _Dropout(LayerKind):
     def from_keras(self, options):
         options.take("noise_shape", None)
         options.take("seed", None)
-        return DropoutConfig(float(options.take("rate", 0.0)))
+        return DropoutConfig(options.number("rate", 0.0))
 
     def torch_forward(self, builder, context, inputs):
         return inputs[0]
 
     def keras_layer(self, keras, context):
-        return getattr(keras.layers, self.keras_classes[0])(context.config.rate, name=context.node.name,
-                                                            dtype=context.node.dtype)
+        return getattr(keras.layers, self.keras_classes[0])(context.config.rate,
+                                                            **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return inputs[0]
@@ -235,12 +235,12 @@ class StochasticDepth(_Dropout):
     passes_mask = False   # ConvNeXt's own layer, without `supports_masking`
 
     def from_keras(self, options):
-        return DropoutConfig(float(options.take("drop_path_rate", 0.0)))
+        return DropoutConfig(options.number("drop_path_rate", 0.0))
 
     def keras_layer(self, keras, context):
         from keras.src.applications.convnext import StochasticDepth as KerasStochasticDepth
 
-        return KerasStochasticDepth(context.config.rate, name=context.node.name, dtype=context.node.dtype)
+        return KerasStochasticDepth(context.config.rate, **context.keras_identity)
 
 
 @register
@@ -291,7 +291,7 @@ class Permute(LayerKind):
         return builder.method(inputs[0], "permute", *combined)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Permute(context.config.dims, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.Permute(context.config.dims, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -309,7 +309,7 @@ class RepeatVector(LayerKind):
     kind, keras_classes, Config = "repeat_vector", ("RepeatVector",), RepeatVectorConfig
 
     def from_keras(self, options):
-        return RepeatVectorConfig(int(options.take("n")))
+        return RepeatVectorConfig(options.integer("n"))
 
     def output_shape(self, config, input_shapes):
         if len(input_shapes[0]) != 1:
@@ -320,7 +320,7 @@ class RepeatVector(LayerKind):
         return builder.method(builder.method(inputs[0], "unsqueeze", 2), "repeat", 1, 1, context.config.n)
 
     def keras_layer(self, keras, context):
-        return keras.layers.RepeatVector(context.config.n, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.RepeatVector(context.config.n, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -357,16 +357,13 @@ class Embedding(LayerKind):
         options.expect("sparse", False)
         options.expect("quantization_config", None)
         options.take("input_length", None)   # Keras 2: the sequence length, known from the input shape
-        return EmbeddingConfig(int(options.take("input_dim")), int(options.take("output_dim")), mask_zero)
+        return EmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"), mask_zero)
 
     def output_shape(self, config, input_shapes):
         return tuple(input_shapes[0]) + (config.output_dim,)
 
-    def keras_variables(self, context):
-        return [("embeddings", (context.config.input_dim, context.config.output_dim))]
-
     def ports(self, context):
-        return [Port("embeddings", "weight")]
+        return [Port("embeddings", "weight", shape=(context.config.input_dim, context.config.output_dim))]
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
@@ -383,4 +380,4 @@ class Embedding(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
-                                      name=context.node.name, dtype=context.node.dtype)
+                                      **context.keras_identity)

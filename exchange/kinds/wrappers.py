@@ -84,7 +84,7 @@ class TimeDistributed(LayerKind):
             raise ExchangeError(f"expects (batch, time, …) input, found (batch, {shape})")
         return (shape[0],) + tuple(kind_of(config.layer).output_shape(config.config, (tuple(shape[1:]),)))
 
-    def keras_variables(self, context):
+    def keras_variables(self, context):   # the wrapped kind's order (MultiHeadAttention reorders)
         kind, inner_context = self.inner(context)
         return kind.keras_variables(inner_context)
 
@@ -112,4 +112,4 @@ class TimeDistributed(LayerKind):
         kind, inner_context = self.inner(context)
         inner_node = replace(inner_context.node, name=context.config.layer_name)
         layer = kind.keras_layer(keras, replace(inner_context, node=inner_node))
-        return keras.layers.TimeDistributed(layer, name=context.node.name, dtype=context.node.dtype)
+        return keras.layers.TimeDistributed(layer, **context.keras_identity)
