@@ -33,7 +33,9 @@ from exchange.ports import TorchOnly
 Shape = tuple  # of int (or None for a size known only at run time), batch axis left out
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
-INPUT_DTYPES = DTYPES + ("int32", "int64", "bool")   # bool: a mask given as an input
+# Every input dtype Keras takes that torch has: floats, integers (token ids, lookups, masks), bool masks.
+INTEGER_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
+INPUT_DTYPES = DTYPES + INTEGER_DTYPES + ("bool",)
 # Caps on what an architecture may declare: a real model is far below them.
 MAX_NODES = 100_000          # keras.applications' largest CNN has under 1,000 layers
 MAX_RANK = 8                 # Keras layers work on tensors of rank <= 5

@@ -328,7 +328,7 @@ def _dtype(value, name: str) -> str:
 
 
 def _input_dtype(value, name: str) -> str:
-    """An input's dtype: a float type, or int32/int64 token ids."""
+    """An input's dtype (`graph.INPUT_DTYPES`): a float type, an integer type or bool."""
     if isinstance(value, dict):
         value = (value.get("config") or {}).get("name")
     if value is None:

@@ -32,7 +32,8 @@ from exchange.kinds import kind_of
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
 TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                "float64": torch.float64, "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+                "float64": torch.float64, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
+                "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
 # dtypes that convert to numpy; bfloat16 and the float8 types do not.
 NUMPY_READABLE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
                          torch.int32, torch.int64, torch.uint8, torch.bool)
@@ -245,9 +246,17 @@ def model_from_file(path: str | os.PathLike, keras_layout: bool = False) -> fx.G
 
 
 def torch_inputs(graph: Graph, keras_arrays: list[np.ndarray]) -> list[torch.Tensor]:
-    """Keras-layout numpy inputs as channels-first torch tensors."""
-    return [torch.from_numpy(np.ascontiguousarray(array)).permute(to_torch_order(len(spec.shape)))
+    """Keras-layout numpy inputs as channels-first torch tensors (a bfloat16 array, numpy's
+    `ml_dtypes.bfloat16`, goes through float32, which holds every bfloat16 value exactly)."""
+    return [_torch_tensor(np.ascontiguousarray(array), spec.dtype).permute(to_torch_order(len(spec.shape)))
             for spec, array in zip(graph.inputs, keras_arrays)]
+
+
+def _torch_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
+    """The array as a tensor of the input's declared dtype (Keras converts inputs to it too)."""
+    if array.dtype.name == "bfloat16":
+        array = array.astype(np.float32)
+    return torch.from_numpy(array).to(TORCH_DTYPES[dtype])
 
 
 @torch.no_grad()

@@ -37,7 +37,7 @@ import numpy as np
 
 from exchange import keras_config
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
-from exchange.graph import Graph
+from exchange.graph import INTEGER_DTYPES, Graph
 from exchange.kinds import kind_of
 
 VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not used
@@ -70,12 +70,13 @@ def check_integer_inputs(graph: Graph) -> None:
     MultiHeadAttention as its `attention_mask`). Keras's layers treat other integer inputs each
     its own way (Dense and LSTM cast them, MaxPooling1D computes in int64 under a float32 symbolic
     dtype, Conv1D and Softmax raise), so the exchange refuses them rather than guess."""
-    integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype.startswith("int")}
+    integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype in INTEGER_DTYPES + ("bool",)}
     for node in graph.nodes:
         for position, name in enumerate(node.inputs):
             if name in integer_inputs and not kind_of(node.kind).reads_integers(node, position):
                 raise ExchangeError(f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
-                                    f"({integer_inputs[name]}); only Embedding layers and attention or step masks take integers")
+                                    f"({integer_inputs[name]}); only Embedding layers and attention or step masks take integers "
+                                    "or bools")
 
 
 def _installed(module: str) -> bool:
@@ -120,7 +121,7 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
     # a float mask takes 0, 0.3 and 1 (Keras keeps `!= 0` steps, Softmax `> 0.5` positions).
     masks = {node.inputs[-1] for node in graph.nodes if getattr(node.config, "mask_input", False)}
     batch = [generator.integers(0, _token_ids(graph, spec.name), (rows,) + tuple(spec.shape)).astype(spec.dtype)
-             if spec.dtype.startswith("int")
+             if spec.dtype in INTEGER_DTYPES
              else generator.random((rows,) + tuple(spec.shape)) < 0.7 if spec.dtype == "bool"
              else generator.choice(np.array([0.0, 0.3, 1.0], spec.dtype), (rows,) + tuple(spec.shape))
              if spec.name in masks

@@ -959,7 +959,7 @@ CASES: dict[str, Case] = {
     **_format2_pair("newline in a config key", _format2_layer("dense", {"units": 3, "bad\nkey": 1}, [4]),
                     r"unknown option\(s\) 'bad\\nkey'"),
     # Invalid input accepted.
-    "use_bias \"no\"": Case(_use_bias_no, "'use_bias' must be true or false", "config.json"),
+    "use_bias \"no\"": Case(_use_bias_no, r"use_bias='no' \(must be true or false\)", "config.json"),
     # Round 3: --verify
     # Refused before any framework runs now (the size and fan-in caps); they segfaulted TensorFlow.
     "--verify MaxPooling1D of pool size 10**9": Case(_verify_huge_pool, "pooling kernel size must be an integer from 1 to 8,192",

@@ -177,3 +177,21 @@ def test_code_from_a_torch_state_dict_with_its_architecture(tmp_path, capsys):
 
     written = load_file(str(tmp_path / "port.safetensors"))
     assert sorted(written) == sorted(state) and all(torch.equal(written[key], state[key]) for key in state)
+
+
+def test_any_torch_nn_module_is_named_and_others_are_refused_in_one_line(monkeypatch):
+    """Generated code names every `torch.nn` module without a list to keep; a module that is
+    neither torch.nn's nor exchange.torch_modules' is an ExchangeError, not a traceback."""
+    from torch import nn
+
+    from exchange.errors import ExchangeError
+
+    assert codegen._constructor(nn.Upsample(scale_factor=2.0)) == "nn.Upsample(scale_factor=2.0)"
+    assert codegen._constructor(nn.PReLU(3)) == "nn.PReLU(num_parameters=3)"
+
+    class Private(nn.Module):
+        pass
+
+    with pytest.raises(ExchangeError, match=r"no source form for torch module Private") as err:
+        codegen._constructor(Private())
+    assert "\n" not in str(err.value)
