@@ -1,0 +1,212 @@
+"""keras.layers.RNN around cells and stacks of cells, Bidirectional with return_state or a
+go_backwards layer, and ConvLSTM, both ways with real Keras (TensorFlow backend) and real PyTorch,
+and through a saved `.keras` file into generated code.
+
+Sizes are non-square (input width != units, odd and even sequence lengths), every variable seeded.
+"""
+
+import importlib.util
+
+import keras
+import numpy as np
+import pytest
+
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import UnsupportedLayerError
+from exchange.graph import Graph
+from exchange.kinds.layout import to_keras_order, to_torch_order
+from kerasmodels import keras_vs_torch, max_difference, random_torch_state, randomize
+from test_sequences import lossy_keys, padded_batch
+
+L = keras.layers
+LAYER_TOLERANCE = 1e-5
+SERIES = (11, 4)       # odd length
+EVEN_SERIES = (8, 5)   # even length
+
+
+def series(*layers, shape=SERIES):
+    return keras.Sequential([keras.Input(shape)] + list(layers))
+
+
+def tokens(*layers, length=9):
+    return keras.Sequential([keras.Input((length,), dtype="int32"), L.Embedding(10, 4, mask_zero=True)]
+                            + list(layers))
+
+
+def stacked_states(go_backwards=False, unroll=False):
+    """A stack of three different cells returning its sequence and every cell's states."""
+    inputs = keras.Input(SERIES, name="series")
+    cells = [L.LSTMCell(3), L.GRUCell(5, reset_after=False), L.SimpleRNNCell(2, activation="relu")]
+    outputs = L.RNN(cells, return_sequences=True, return_state=True, go_backwards=go_backwards, unroll=unroll,
+                    name="stack")(inputs)
+    return keras.Model(inputs, keras.tree.flatten(outputs))
+
+
+def stacked_initial_state(masked=False):
+    """An encoder's states (one GRU cell, one LSTM cell) start a stacked decoder."""
+    source = keras.Input((9,), dtype="int32", name="source")
+    target = keras.Input((7, 3), name="target")
+    encoded = L.Embedding(10, 4, mask_zero=masked, name="embed")(source)
+    _, gru_h, (lstm_h, lstm_c) = L.RNN([L.GRUCell(6), L.LSTMCell(5)], return_state=True, name="encoder")(encoded)
+    decoded = L.RNN([L.GRUCell(6), L.LSTMCell(5)], return_sequences=True, name="decoder")(
+        target, initial_state=[gru_h, [lstm_h, lstm_c]])
+    return keras.Model([source, target], L.Dense(2, name="project")(decoded))
+
+
+def single_cell_initial_state():
+    inputs = keras.Input(SERIES, name="series")
+    start = keras.Input((3,), name="start")
+    return keras.Model([inputs, start], L.RNN(L.SimpleRNNCell(3), go_backwards=True, name="rnn")(
+        inputs, initial_state=start))
+
+
+RNN_CASES = {
+    "rnn_lstm_cell": lambda: series(L.RNN(L.LSTMCell(5), return_sequences=True), L.RNN(L.LSTMCell(3))),
+    "rnn_gru_cell_reset_before": lambda: series(L.RNN(L.GRUCell(6, reset_after=False), go_backwards=True)),
+    "rnn_gru_cell_activations": lambda: series(L.RNN(L.GRUCell(4, activation="relu",
+                                                               recurrent_activation="hard_sigmoid",
+                                                               use_bias=False), return_sequences=True),
+                                               shape=EVEN_SERIES),
+    "rnn_simple_cell": lambda: series(L.RNN(L.SimpleRNNCell(6, activation="sigmoid"), return_sequences=True,
+                                            unroll=True), shape=EVEN_SERIES),
+    "rnn_lstm_cell_state": lambda: _model_of(L.RNN(L.LSTMCell(3, activation="relu"), return_state=True)),
+    "rnn_one_cell_list": lambda: _model_of(L.RNN([L.GRUCell(3)], return_state=True, go_backwards=True)),
+    "rnn_stacked_states": stacked_states,
+    "rnn_stacked_backwards_unrolled": lambda: stacked_states(go_backwards=True, unroll=True),
+    "rnn_stacked_same_cells": lambda: series(L.RNN([L.LSTMCell(6), L.LSTMCell(6), L.LSTMCell(4)])),
+    "rnn_masked_stack": lambda: tokens(L.RNN([L.LSTMCell(5), L.SimpleRNNCell(3)], return_sequences=True,
+                                             zero_output_for_mask=True), L.RNN([L.GRUCell(4), L.GRUCell(2)])),
+    "rnn_masked_stack_backwards_state": lambda: _model_of(
+        L.RNN([L.GRUCell(4), L.LSTMCell(3)], go_backwards=True, return_state=True), masked=True),
+    "rnn_stacked_initial_state": stacked_initial_state,
+    "rnn_stacked_initial_state_masked": lambda: stacked_initial_state(masked=True),
+    "rnn_single_cell_initial_state": single_cell_initial_state,
+}
+
+
+def _model_of(layer, masked=False):
+    if masked:
+        inputs = keras.Input((9,), dtype="int32", name="ids")
+        x = L.Embedding(10, 4, mask_zero=True, name="embed")(inputs)
+    else:
+        inputs = x = keras.Input(SERIES, name="series")
+    return keras.Model(inputs, keras.tree.flatten(layer(x)))
+
+
+def check_both_directions(keras_model) -> tuple[float, float]:
+    """Keras -> torch and torch -> Keras (weights back bit for bit); the two max differences."""
+    graph = keras_adapter.architecture_of(keras_model)
+    assert Graph.from_json(graph.to_json()) == graph
+    inputs = padded_batch(keras_model)
+    to_torch = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
+    assert to_torch <= LAYER_TOLERANCE
+
+    torch_state = random_torch_state(graph, seed=4)
+    torch_outputs = torch_adapter.predict(torch_adapter.model_from_tensors(graph, torch_state), inputs)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    to_keras = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
+    assert to_keras <= LAYER_TOLERANCE
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    lossy = lossy_keys(graph)
+    for key, tensor in torch_state.items():
+        if key not in lossy:
+            np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    return to_torch, to_keras
+
+
+def check_generated_code(keras_model, tmp_path, name="model"):
+    """Saved as `.keras`, converted to Python: the generated module matches Keras."""
+    keras_path = tmp_path / f"{name}.keras"
+    keras_model.save(keras_path)
+    graph = cli.convert(keras_path, tmp_path / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"generated_{name}", tmp_path / f"{name}.py")
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    from exchange.torch_adapter import class_name
+
+    import torch
+
+    module = getattr(generated, class_name(graph.name))()
+    module.load_state_dict(generated.load(str(tmp_path / f"{name}.safetensors")), strict=True)
+    inputs = padded_batch(keras_model)
+    with torch.no_grad():
+        outputs = module.eval()(*[torch.from_numpy(array).permute(to_torch_order(array.ndim - 1))
+                                  for array in inputs])
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    outputs = [output.permute(to_keras_order(output.ndim - 1)).numpy() for output in outputs]
+    difference = max_difference(outputs, keras_adapter.predict(keras_model, inputs))
+    assert difference <= LAYER_TOLERANCE
+    return difference
+
+
+@pytest.mark.parametrize("case", sorted(RNN_CASES))
+def test_rnn_both_directions(case):
+    keras.utils.set_random_seed(11)
+    print(case, check_both_directions(randomize(RNN_CASES[case](), seed=3)))
+
+
+@pytest.mark.parametrize("case", ["rnn_stacked_states", "rnn_masked_stack", "rnn_stacked_initial_state_masked"])
+def test_rnn_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(12)
+    print(case, check_generated_code(randomize(RNN_CASES[case](), seed=5), tmp_path))
+
+
+def test_rnn_stacked_torch_modules_and_keras_groups(tmp_path):
+    """A stack is one torch module per cell (`stack.cell0`, …); a .keras file keeps each cell in
+    `cell/cells/<class>_<count>` and is read from there."""
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input(SERIES)
+    outputs = L.RNN([L.LSTMCell(3), L.LSTMCell(4), L.GRUCell(2)], name="stack")(inputs)
+    model = randomize(keras.Model(inputs, outputs), seed=1)
+    graph = keras_adapter.architecture_of(model)
+    modules = sorted({key.rsplit(".", 1)[0] for key in graph.tensor_specs})
+    assert modules == ["stack.cell0", "stack.cell1", "stack.cell2"]
+    from exchange.kinds import kind_of
+
+    assert kind_of("rnn").keras3_subgroups(graph.node("stack").config) == (
+        "cell/cells/lstm_cell", "cell/cells/lstm_cell_1", "cell/cells/gru_cell")
+    model.save(tmp_path / "stack.keras")
+    cli.convert(tmp_path / "stack.keras", tmp_path / "stack.safetensors")
+    from exchange import fileformat
+
+    stored = fileformat.load(tmp_path / "stack.safetensors").tensors
+    expected = keras_adapter.get_tensors(model)
+    assert sorted(stored) == sorted(expected)
+    for key, tensor in expected.items():
+        np.testing.assert_array_equal(np.asarray(stored[key]), tensor, err_msg=key)
+
+
+def test_nested_model_outputs_are_read_flat():
+    """`keras.Model(x, rnn(x))` with a stack returning states nests them per cell."""
+    inputs = keras.Input(SERIES)
+    model = keras.Model(inputs, L.RNN([L.LSTMCell(3), L.GRUCell(2)], return_state=True, name="stack")(inputs))
+    graph = keras_adapter.architecture_of(model)
+    assert [graph.shapes[name] for name in graph.outputs] == [(2,), (3,), (3,), (2,)]
+
+
+@pytest.mark.parametrize("make_layer, message", [
+    (lambda: L.RNN(L.LSTMCell(3), stateful=True),
+     r"'bad' \(RNN\): unsupported option stateful=True \(its states carry over between batches"),
+    (lambda: L.LSTM(3, stateful=True), r"'bad' \(LSTM\): unsupported option stateful=True"),
+    (lambda: L.RNN(L.LSTMCell(3, activation="log_sigmoid")),
+     r"'bad/lstm_cell\w*' \(LSTMCell\): unsupported option activation='log_sigmoid'"),
+])
+def test_rnn_refusals_are_named(make_layer, message):
+    layer = make_layer()
+    layer.name = "bad"
+    model = keras.Sequential([keras.Input((7, 6), batch_size=2), layer])
+    with pytest.raises(UnsupportedLayerError, match=message):
+        keras_adapter.architecture_of(model)
+
+
+def test_rnn_of_another_cell_is_refused():
+    from exchange.keras_config import parse_model_config
+
+    model = keras.Sequential([keras.Input((7, 6)), L.RNN([L.LSTMCell(3), L.GRUCell(2)], name="bad")])
+    config = {"class_name": "Sequential", "config": model.get_config()}
+    config["config"]["layers"][1]["config"]["cell"]["config"]["cells"][1]["class_name"] = "PeepholeLSTMCell"
+    with pytest.raises(UnsupportedLayerError, match=r"'bad' \(RNN\): unsupported option cell='PeepholeLSTMCell' "
+                                                    r"\(an LSTMCell, GRUCell, SimpleRNNCell or a StackedRNNCells"):
+        parse_model_config(config, "model")
