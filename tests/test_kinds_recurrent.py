@@ -210,3 +210,88 @@ def test_rnn_of_another_cell_is_refused():
     with pytest.raises(UnsupportedLayerError, match=r"'bad' \(RNN\): unsupported option cell='PeepholeLSTMCell' "
                                                     r"\(an LSTMCell, GRUCell, SimpleRNNCell or a StackedRNNCells"):
         parse_model_config(config, "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bidirectional with return_state, and around a layer with go_backwards=True
+
+
+def bidirectional_states(layer, merge_mode="concat", masked=False, after=None):
+    """The Bidirectional's outputs: merged output(s), then the forward states, then the backward ones."""
+    if masked:
+        inputs = keras.Input((9,), dtype="int32", name="ids")
+        x = L.Embedding(10, 4, mask_zero=True, name="embed")(inputs)
+    else:
+        inputs = x = keras.Input(SERIES, name="series")
+    outputs = L.Bidirectional(layer, merge_mode=merge_mode, name="bi")(x)
+    if after is not None:   # the merged sequence keeps the mask; the states carry none
+        outputs = [after(outputs[0])] + list(outputs[1:])
+    return keras.Model(inputs, outputs)
+
+
+def bidirectional_reversed(return_sequences=True, merge_mode="concat", masked=False):
+    """The forward layer goes backwards; the backward one (go_backwards=False) is flipped into its order."""
+    forward = L.LSTM(4, go_backwards=True, return_sequences=return_sequences, name="fwd")
+    backward = L.LSTM(4, return_sequences=return_sequences, activation="relu", name="bwd")
+    layer = L.Bidirectional(forward, backward_layer=backward, merge_mode=merge_mode, name="bi")
+    if masked:
+        return tokens(layer, *([L.GRU(3)] if return_sequences else []))
+    return series(layer)
+
+
+BIDIRECTIONAL_CASES = {
+    "bidirectional_lstm_states": lambda: bidirectional_states(L.LSTM(4, return_sequences=True, return_state=True)),
+    "bidirectional_gru_states_none_masked": lambda: bidirectional_states(
+        L.GRU(3, return_sequences=True, return_state=True, reset_after=False), merge_mode=None, masked=True),
+    "bidirectional_rnn_last_states_sum": lambda: bidirectional_states(
+        L.SimpleRNN(5, return_state=True), merge_mode="sum"),
+    "bidirectional_lstm_states_masked_into_lstm": lambda: bidirectional_states(
+        L.LSTM(3, return_sequences=True, return_state=True), masked=True, after=L.LSTM(2, name="after")),
+    "bidirectional_forward_backwards": bidirectional_reversed,
+    "bidirectional_forward_backwards_last_mul": lambda: bidirectional_reversed(False, "mul"),
+    "bidirectional_forward_backwards_masked": lambda: bidirectional_reversed(masked=True),
+    "bidirectional_forward_backwards_none": lambda: bidirectional_reversed(merge_mode=None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BIDIRECTIONAL_CASES))
+def test_bidirectional_both_directions(case):
+    keras.utils.set_random_seed(11)
+    print(case, check_both_directions(randomize(BIDIRECTIONAL_CASES[case](), seed=3)))
+
+
+@pytest.mark.parametrize("case", ["bidirectional_gru_states_none_masked", "bidirectional_forward_backwards"])
+def test_bidirectional_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(12)
+    print(case, check_generated_code(randomize(BIDIRECTIONAL_CASES[case](), seed=5), tmp_path))
+
+
+def test_bidirectional_states_have_no_mask():
+    """Keras puts the input's mask on the merged sequence, none on the states."""
+    graph = keras_adapter.architecture_of(BIDIRECTIONAL_CASES["bidirectional_gru_states_none_masked"]())
+    assert [graph.masks[name] for name in graph.outputs] == ["ids", "ids", None, None]
+
+
+def _bidirectional_config(go_backwards: bool):
+    """A Bidirectional's config without backward_layer (as Keras 2 wrote them) around a forward
+    layer of that go_backwards."""
+    model = series(L.Bidirectional(L.LSTM(3, return_sequences=True), name="bi"))
+    config = {"class_name": "Sequential", "config": model.get_config()}
+    layer_config = config["config"]["layers"][1]["config"]
+    del layer_config["backward_layer"]
+    layer_config["layer"]["config"]["go_backwards"] = go_backwards
+    return config
+
+
+def test_bidirectional_without_backward_layer_keras2_negates_go_backwards():
+    """Keras 2 made the backward layer with the forward's go_backwards negated; Keras 3 with True."""
+    from exchange.keras_config import parse_model_config
+
+    graph = parse_model_config(_bidirectional_config(True), "model", keras2=True).graph
+    config = graph.node("bi").config
+    assert (config.forward.go_backwards, config.backward.go_backwards) == (True, False)
+    graph = parse_model_config(_bidirectional_config(False), "model").graph
+    assert graph.node("bi").config.backward.go_backwards
+    with pytest.raises(UnsupportedLayerError, match=r"'bi' \(Bidirectional\): unsupported option "
+                                                    r"layer='go_backwards=True' \(the backward layer's must differ"):
+        parse_model_config(_bidirectional_config(True), "model")

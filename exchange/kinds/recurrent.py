@@ -603,7 +603,7 @@ def _sequence_mask(node, input_masks):
 class BidirectionalConfig:
     layer: str                      # the wrapped kind: "lstm", "gru" or "simple_rnn"
     forward: RecurrentConfig
-    backward: RecurrentConfig       # go_backwards=True, as Keras makes it
+    backward: RecurrentConfig       # the other go_backwards (Keras 3 makes it True, Keras 2 the forward's negation)
     merge_mode: str | None = "concat"
     mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # the call gives a mask tensor
 
@@ -613,13 +613,12 @@ class BidirectionalConfig:
         _recurrent_kind(self.layer, "bidirectional")
         check_choice(self.merge_mode, MERGE_MODES, "Bidirectional merge_mode")
         forward, backward = self.forward, self.backward
-        if forward.go_backwards or not backward.go_backwards:
-            raise ExchangeError(f"Bidirectional needs a forward layer with go_backwards=False and a backward one "
-                                f"with go_backwards=True, got {forward.go_backwards} and {backward.go_backwards}")
-        if forward.return_state or backward.return_state:
-            raise ExchangeError("Bidirectional with return_state is not supported")
-        if forward.return_sequences != backward.return_sequences:
-            raise ExchangeError("Bidirectional forward and backward layers differ in return_sequences")
+        if forward.go_backwards == backward.go_backwards:
+            raise ExchangeError(f"Bidirectional needs forward and backward layers of different go_backwards, got "
+                                f"{forward.go_backwards} for both")
+        for option in ("return_sequences", "return_state"):
+            if getattr(forward, option) != getattr(backward, option):
+                raise ExchangeError(f"Bidirectional forward and backward layers differ in {option}")
         for side in (forward, backward):
             if side.zero_output_for_mask != forward.return_sequences or not side.uses_mask:
                 raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences and "
@@ -628,11 +627,14 @@ class BidirectionalConfig:
 
 @register
 class Bidirectional(LayerKind):
-    """A forward and a backward recurrent layer over the same input. The backward one reads the
-    sequence reversed; with return_sequences its outputs are flipped back before the merge
-    (concat on the feature axis, sum, mul, ave, or None: two outputs). Keras forces
-    zero_output_for_mask on both when they return sequences. Torch modules `<name>.forward_layer`
-    and `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
+    """A forward and a backward recurrent layer over the same input, of opposite go_backwards.
+    With return_sequences the backward layer's outputs are flipped in time before the merge
+    (concat on the feature axis, sum, mul, ave, or None: two outputs), whichever its go_backwards:
+    a forward layer with go_backwards=True keeps its reversed order and the backward one (False)
+    is flipped into it, as Keras does. Keras forces zero_output_for_mask on both when they return
+    sequences. With return_state the merged output(s) are followed by the forward layer's states,
+    then the backward layer's (h, and c for an LSTM). Torch modules `<name>.forward_layer` and
+    `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
 
     kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
     variable_aliases = {f"{side}_{name}": (name,) for side in ("forward", "backward")
@@ -652,12 +654,15 @@ class Bidirectional(LayerKind):
         forward_kind, forward, _ = options.wrapped_layer("layer", _is_recurrent, "LSTM, GRU or SimpleRNN")
         backward = options.wrapped_layer("backward_layer", lambda kind: kind is forward_kind,
                                          f"a {forward_kind.keras_classes[0]}, as the forward layer", required=False)
-        backward_config = replace(forward, go_backwards=not forward.go_backwards) if backward is None else backward[1]
-        if forward.return_state or forward.go_backwards or not backward_config.go_backwards:
-            raise options.unsupported("layer", forward_kind.keras_classes[0],
-                                      "return_state, or a forward layer with go_backwards=True")
-        if forward.return_sequences != backward_config.return_sequences:
-            raise options.unsupported("backward_layer", "return_sequences", "differs from the forward layer's")
+        # Without a backward_layer Keras 3 copies the layer with go_backwards=True; Keras 2 negated it.
+        backward_config = replace(forward, go_backwards=not forward.go_backwards if options.keras2 else True) \
+            if backward is None else backward[1]
+        if forward.go_backwards == backward_config.go_backwards:
+            raise options.unsupported("layer", f"go_backwards={forward.go_backwards}",
+                                      "the backward layer's must differ, as Keras requires")
+        for option in ("return_sequences", "return_state"):
+            if getattr(forward, option) != getattr(backward_config, option):
+                raise options.unsupported("backward_layer", option, "differs from the forward layer's")
         # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
         forward = replace(forward, zero_output_for_mask=forward.return_sequences)
         backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences)
@@ -678,23 +683,30 @@ class Bidirectional(LayerKind):
     def keras3_subgroups(self, config):
         return tuple(f"{side}/cell" for side in self.SIDES)
 
-    def output_count(self, config):
+    def merged_count(self, config) -> int:
+        """The outputs before the states: 2 with merge_mode None, else 1."""
         return 2 if config.merge_mode is None else 1
+
+    def output_count(self, config):
+        states = 2 * self.wrapped(config).state_count if config.forward.return_state else 0
+        return self.merged_count(config) + states
 
     def output_shapes(self, config, input_shapes):
         kind = self.wrapped(config)
         if len(input_shapes) != 1 + config.mask_input:
             raise ExchangeError("initial_state is not supported")
         input_shapes = check_step_mask(config, input_shapes)
-        forward = kind.output_shapes(config.forward, input_shapes)[0]
-        backward = kind.output_shapes(config.backward, input_shapes)[0]
+        forward, *forward_states = kind.output_shapes(config.forward, input_shapes)
+        backward, *backward_states = kind.output_shapes(config.backward, input_shapes)
         if config.merge_mode is None:
-            return [forward, backward]
-        if config.merge_mode == "concat":
-            return [forward[:-1] + (forward[-1] + backward[-1],)]
-        if forward != backward:
+            merged = [forward, backward]
+        elif config.merge_mode == "concat":
+            merged = [forward[:-1] + (forward[-1] + backward[-1],)]
+        elif forward != backward:
             raise ExchangeError(f"merge_mode {config.merge_mode!r} needs equal outputs, found {forward} and {backward}")
-        return [forward]
+        else:
+            merged = [forward]
+        return merged + forward_states + backward_states
 
     def output_shape(self, config, input_shapes):
         return self.output_shapes(config, input_shapes)[0]
@@ -702,6 +714,11 @@ class Bidirectional(LayerKind):
     def output_mask(self, node, input_masks):
         mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
         return mask if node.config.forward.return_sequences else None
+
+    def output_masks(self, node, input_masks):
+        """The input's mask on the merged output(s) when they are sequences; none on the states."""
+        merged = self.merged_count(node.config)
+        return [self.output_mask(node, input_masks)] * merged + [None] * (self.output_count(node.config) - merged)
 
     def _side_contexts(self, context):
         return [replace(context, node=replace(context.node, config=side_config))
@@ -718,13 +735,14 @@ class Bidirectional(LayerKind):
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
         mask = torch_mask(builder, context, inputs)
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
-        results = []
+        results, states = [], []
         for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
-            side = side_context.config
-            value = run_recurrent(builder, side_context, kind, sequence, mask, f"{context.torch_name}.{attribute}")[0]
-            if side.go_backwards and side.return_sequences:
-                value = builder.call(builder.torch.flip, value, (1,))
+            value, *side_states = run_recurrent(builder, side_context, kind, sequence, mask,
+                                                f"{context.torch_name}.{attribute}")
+            if attribute == "backward_layer" and side_context.config.return_sequences:
+                value = builder.call(builder.torch.flip, value, (1,))   # Keras flips it whatever its go_backwards
             results.append(value)
+            states += side_states
         forward, backward = results
         if config.merge_mode == "concat":
             merged = [builder.call(builder.torch.cat, [forward, backward], -1)]
@@ -738,7 +756,8 @@ class Bidirectional(LayerKind):
             merged = [forward, backward]
         if config.forward.return_sequences:
             merged = [builder.call(builder.torch.movedim, value, -1, 1) for value in merged]
-        return merged[0] if len(merged) == 1 else tuple(merged)
+        outputs = merged + states
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def keras_layer(self, keras, context):
         config, kind = context.config, self.wrapped(context.config)
@@ -751,8 +770,14 @@ class Bidirectional(LayerKind):
 
     def keras_call(self, keras_layer, arguments, context):
         if context.config.mask_input:
-            return keras_layer(arguments[0], mask=arguments[-1])
-        return keras_layer(arguments[0])
+            result = keras_layer(arguments[0], mask=arguments[-1])
+        else:
+            result = keras_layer(arguments[0])
+        if context.config.forward.return_state:
+            from keras import tree
+
+            return tree.flatten(result)
+        return result
 
 
 def _recurrent_kind(name, node_name: str) -> _Recurrent:
