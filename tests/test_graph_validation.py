@@ -116,7 +116,7 @@ REFUSED = {
     "Bidirectional merge_mode 'bogus'": (bidirectional(merge_mode="bogus"), "merge_mode 'bogus' is not one of"),
     "Bidirectional backward not go_backwards": (bidirectional(backward=FORWARD),
                                                 "different go_backwards, got False for both"),
-    "Bidirectional forward go_backwards": (bidirectional(forward=BACKWARD), "different go_backwards, got True for both"),
+    "Bidirectional both go_backwards": (bidirectional(forward=BACKWARD), "different go_backwards, got True for both"),
     "Bidirectional return_sequences differ": (bidirectional(backward=replace(BACKWARD, return_sequences=False)),
                                               "differ in return_sequences"),
     "Bidirectional return_state differs": (bidirectional(forward=replace(FORWARD, return_state=True)),
