@@ -295,3 +295,75 @@ def test_bidirectional_without_backward_layer_keras2_negates_go_backwards():
     with pytest.raises(UnsupportedLayerError, match=r"'bi' \(Bidirectional\): unsupported option "
                                                     r"layer='go_backwards=True' \(the backward layer's must differ"):
         parse_model_config(_bidirectional_config(True), "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# ConvLSTM1D, ConvLSTM2D, ConvLSTM3D
+
+
+FRAMES = (5, 9, 8, 3)       # odd time, odd height, even width, channels unlike any filter count
+
+
+def frames(*layers, shape=FRAMES):
+    return keras.Sequential([keras.Input(shape)] + list(layers))
+
+
+def conv_lstm_states():
+    """return_state into a second ConvLSTM2D as its initial state."""
+    inputs = keras.Input(FRAMES, name="frames")
+    sequence, h, c = L.ConvLSTM2D(4, (3, 2), padding="same", return_sequences=True, return_state=True,
+                                  name="encoder")(inputs)
+    decoded = L.ConvLSTM2D(4, (2, 3), padding="same", go_backwards=True, name="decoder")(sequence,
+                                                                                        initial_state=[h, c])
+    return keras.Model(inputs, [decoded, h, c])
+
+
+CONV_LSTM_CASES = {
+    "conv_lstm2d_same": lambda: frames(L.ConvLSTM2D(4, (3, 2), padding="same", return_sequences=True)),
+    "conv_lstm2d_valid_strides": lambda: frames(L.ConvLSTM2D(5, (3, 3), strides=(2, 1), activation="relu",
+                                                             recurrent_activation="hard_sigmoid")),
+    "conv_lstm2d_same_stride2_even_kernel": lambda: frames(L.ConvLSTM2D(3, (2, 4), strides=2, padding="same",
+                                                                        use_bias=False, return_sequences=True,
+                                                                        go_backwards=True)),
+    "conv_lstm2d_dilated": lambda: frames(L.ConvLSTM2D(2, 3, dilation_rate=(2, 1), padding="same")),
+    "conv_lstm2d_states": conv_lstm_states,
+    "conv_lstm1d": lambda: frames(L.ConvLSTM1D(4, 3, padding="same", return_sequences=True),
+                                  L.ConvLSTM1D(3, 2, strides=2), shape=(6, 11, 3)),
+    "conv_lstm3d": lambda: frames(L.ConvLSTM3D(3, (2, 3, 2), padding="same", return_sequences=True),
+                                  shape=(4, 5, 6, 3, 2)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CONV_LSTM_CASES))
+def test_conv_lstm_both_directions(case):
+    keras.utils.set_random_seed(11)
+    print(case, check_both_directions(randomize(CONV_LSTM_CASES[case](), seed=3)))
+
+
+@pytest.mark.parametrize("case", ["conv_lstm2d_states", "conv_lstm2d_same_stride2_even_kernel", "conv_lstm1d"])
+def test_conv_lstm_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(12)
+    print(case, check_generated_code(randomize(CONV_LSTM_CASES[case](), seed=5), tmp_path))
+
+
+@pytest.mark.parametrize("make_layer, message", [
+    (lambda: L.ConvLSTM2D(2, 3, stateful=True), r"'bad' \(ConvLSTM2D\): unsupported option stateful=True"),
+    (lambda: L.ConvLSTM2D(2, 3, data_format="channels_first"),
+     r"'bad' \(ConvLSTM2D\): unsupported option data_format='channels_first'"),
+    (lambda: L.ConvLSTM2D(2, 3, activation="log_sigmoid"), r"'bad' \(ConvLSTM2D\): unsupported option activation"),
+])
+def test_conv_lstm_refusals_are_named(make_layer, message):
+    layer = make_layer()
+    layer.name = "bad"
+    model = keras.Sequential([keras.Input((5, 9, 8, 3), batch_size=2), layer])
+    with pytest.raises(UnsupportedLayerError, match=message):
+        keras_adapter.architecture_of(model)
+
+
+def test_conv_lstm_masked_input_is_refused():
+    ids = keras.Input((6,), dtype="int32")
+    x = L.Embedding(10, 12, mask_zero=True)(ids)
+    x = L.TimeDistributed(L.Reshape((2, 2, 3)))(x)
+    model = keras.Model(ids, L.ConvLSTM2D(2, 1, name="bad")(x))
+    with pytest.raises(UnsupportedLayerError, match=r"'bad' \(ConvLSTM2D\): a masked input is not supported"):
+        keras_adapter.architecture_of(model)
