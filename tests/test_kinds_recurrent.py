@@ -367,3 +367,29 @@ def test_conv_lstm_masked_input_is_refused():
     model = keras.Model(ids, L.ConvLSTM2D(2, 1, name="bad")(x))
     with pytest.raises(UnsupportedLayerError, match=r"'bad' \(ConvLSTM2D\): a masked input is not supported"):
         keras_adapter.architecture_of(model)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda config: config["cells"][0].update(cell="dense"),
+     r"layer 'stack' \(rnn_cell\): RNN cell 'dense' is not one of 'lstm', 'gru', 'simple_rnn'"),
+    (lambda config: config["cells"][0].update(cell="simple_rnn"),
+     r"layer 'stack' \(rnn_cell\): a SimpleRNNCell has no recurrent_activation"),
+    (lambda config: config.update(stacked=False), r"an RNN of several cells holds them in a StackedRNNCells"),
+    (lambda config: config.update(cells=[config["cells"][0]] * 65), r"an RNN has 1 to 64 cells, found 65"),
+    (lambda config: config.update(cells=[]), r"an RNN has 1 to 64 cells, found 0"),
+    (lambda config: config["cells"][1].update(units=0), r"recurrent units must be an integer from 1"),
+])
+def test_rnn_config_from_an_exchange_file_is_checked(change, message):
+    from exchange.errors import ExchangeError
+
+    inputs = keras.Input(SERIES)
+    model = keras.Model(inputs, L.RNN([L.LSTMCell(3, recurrent_activation="relu"), L.GRUCell(2)],
+                                      name="stack")(inputs))
+    document = keras_adapter.architecture_of(model).to_json()
+    import json
+
+    values = json.loads(document)
+    node = next(node for node in values["nodes"] if node["name"] == "stack")
+    change(node["config"])
+    with pytest.raises(ExchangeError, match=message):
+        Graph.from_json(json.dumps(values))

@@ -359,6 +359,7 @@ class CellConfig:
     reset_after: bool = True                # GRUCell only
 
     def __post_init__(self) -> None:
+        check_choice(self.cell, tuple(CELL_CLASSES), "RNN cell")
         kind = _recurrent_kind(self.cell, "RNN cell")
         if kind.gates == 1 and self.recurrent_activation != "sigmoid":
             raise ExchangeError("a SimpleRNNCell has no recurrent_activation")
@@ -444,6 +445,9 @@ class RNN(LayerKind):
 
     def config_from_dict(self, values, node_name):
         if isinstance(values, dict) and isinstance(values.get("cells"), list):
+            if not 1 <= len(values["cells"]) <= MAX_CELLS:
+                raise ExchangeError(f"layer {node_name!r} ({self.kind}): an RNN has 1 to {MAX_CELLS} cells, "
+                                    f"found {len(values['cells']):,}")
             values = dict(values, cells=[_CELL_READER.config_from_dict(cell, node_name) for cell in values["cells"]])
         return super().config_from_dict(values, node_name)
 
