@@ -239,7 +239,24 @@ def bidirectional_reversed(return_sequences=True, merge_mode="concat", masked=Fa
     return series(layer)
 
 
+def bidirectional_encoder_decoder(cell=L.LSTM, masked=False, explicit_mask=False):
+    """The encoder's four (or two) states start the decoder: Keras gives the first half to its
+    forward layer. With initial states Keras 3 passes the Embedding's mask only as `mask=`."""
+    source = keras.Input((9,), dtype="int32", name="source")
+    encoded = L.Embedding(10, 4, mask_zero=masked, name="embed")(source)
+    _, *states = L.Bidirectional(cell(5, return_state=True), name="encoder")(encoded)
+    mask = {"mask": keras.ops.not_equal(source, 0)} if explicit_mask else {}
+    decoded = L.Bidirectional(cell(5, return_sequences=True, go_backwards=True),
+                              backward_layer=cell(5, return_sequences=True), merge_mode="sum", name="decoder")(
+        encoded, initial_state=states, **mask)
+    return keras.Model(source, L.Dense(3, name="project")(decoded))
+
+
 BIDIRECTIONAL_CASES = {
+    "bidirectional_initial_state_lstm": bidirectional_encoder_decoder,
+    "bidirectional_initial_state_gru_masked_implicit": lambda: bidirectional_encoder_decoder(L.GRU, masked=True),
+    "bidirectional_initial_state_lstm_masked_explicit": lambda: bidirectional_encoder_decoder(
+        masked=True, explicit_mask=True),
     "bidirectional_lstm_states": lambda: bidirectional_states(L.LSTM(4, return_sequences=True, return_state=True)),
     "bidirectional_gru_states_none_masked": lambda: bidirectional_states(
         L.GRU(3, return_sequences=True, return_state=True, reset_after=False), merge_mode=None, masked=True),
@@ -260,7 +277,8 @@ def test_bidirectional_both_directions(case):
     print(case, check_both_directions(randomize(BIDIRECTIONAL_CASES[case](), seed=3)))
 
 
-@pytest.mark.parametrize("case", ["bidirectional_gru_states_none_masked", "bidirectional_forward_backwards"])
+@pytest.mark.parametrize("case", ["bidirectional_gru_states_none_masked", "bidirectional_forward_backwards",
+                                  "bidirectional_initial_state_lstm_masked_explicit"])
 def test_bidirectional_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     print(case, check_generated_code(randomize(BIDIRECTIONAL_CASES[case](), seed=5), tmp_path))

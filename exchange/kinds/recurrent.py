@@ -624,9 +624,12 @@ class BidirectionalConfig:
             if getattr(forward, option) != getattr(backward, option):
                 raise ExchangeError(f"Bidirectional forward and backward layers differ in {option}")
         for side in (forward, backward):
-            if side.zero_output_for_mask != forward.return_sequences or not side.uses_mask:
-                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences and "
-                                    "uses_mask = true, as Keras sets them")
+            if side.zero_output_for_mask != forward.return_sequences:
+                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences, as "
+                                    "Keras sets them")
+        if forward.uses_mask != backward.uses_mask:
+            raise ExchangeError("Bidirectional forward and backward layers differ in uses_mask (both read the mask "
+                                "the Bidirectional is given)")
 
 
 @register
@@ -637,7 +640,8 @@ class Bidirectional(LayerKind):
     a forward layer with go_backwards=True keeps its reversed order and the backward one (False)
     is flipped into it, as Keras does. Keras forces zero_output_for_mask on both when they return
     sequences. With return_state the merged output(s) are followed by the forward layer's states,
-    then the backward layer's (h, and c for an LSTM). Torch modules `<name>.forward_layer` and
+    then the backward layer's (h, and c for an LSTM); an initial_state lists them in the same order
+    (Keras gives its first half to the forward layer). Torch modules `<name>.forward_layer` and
     `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
 
     kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
@@ -645,13 +649,10 @@ class Bidirectional(LayerKind):
                         for name in ("kernel", "recurrent_kernel", "bias")}
     passes_mask = True
     SIDES = ("forward_layer", "backward_layer")
+    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
     mask_position = 2   # call(sequences, initial_state=None, mask=None, training=None)
 
     def from_keras(self, options):
-        tensors = sum(argument is None for argument in options.call_args) + sum(
-            value is TENSOR for value in options.call_kwargs.values())
-        if tensors > 1:   # Keras splits the states between the two layers; not supported here
-            raise UnsupportedLayerError(f"{options.where()}: argument 'initial_state' is not supported")
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
@@ -668,8 +669,9 @@ class Bidirectional(LayerKind):
             if getattr(forward, option) != getattr(backward_config, option):
                 raise options.unsupported("backward_layer", option, "differs from the forward layer's")
         # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
-        forward = replace(forward, zero_output_for_mask=forward.return_sequences)
-        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences)
+        forward = replace(forward, zero_output_for_mask=forward.return_sequences, uses_mask=uses_mask(options))
+        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences,
+                                  uses_mask=uses_mask(options))
         return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode, options.take_mask_input())
 
     def config_from_dict(self, values, node_name):
@@ -697,11 +699,10 @@ class Bidirectional(LayerKind):
 
     def output_shapes(self, config, input_shapes):
         kind = self.wrapped(config)
-        if len(input_shapes) != 1 + config.mask_input:
-            raise ExchangeError("initial_state is not supported")
-        input_shapes = check_step_mask(config, input_shapes)
-        forward, *forward_states = kind.output_shapes(config.forward, input_shapes)
-        backward, *backward_states = kind.output_shapes(config.backward, input_shapes)
+        sequence, *states = check_step_mask(config, input_shapes)
+        half = len(states) // 2   # Keras's split of the initial states
+        forward, *forward_states = kind.output_shapes(config.forward, [sequence] + states[:half])
+        backward, *backward_states = kind.output_shapes(config.backward, [sequence] + states[half:])
         if config.merge_mode is None:
             merged = [forward, backward]
         elif config.merge_mode == "concat":
@@ -717,7 +718,7 @@ class Bidirectional(LayerKind):
 
     def output_mask(self, node, input_masks):
         mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
-        return mask if node.config.forward.return_sequences else None
+        return mask if node.config.forward.return_sequences and node.config.forward.uses_mask else None
 
     def output_masks(self, node, input_masks):
         """The input's mask on the merged output(s) when they are sequences; none on the states."""
@@ -737,12 +738,14 @@ class Bidirectional(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, kind = context.config, self.wrapped(context.config)
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
-        mask = torch_mask(builder, context, inputs)
+        mask = torch_mask(builder, context, inputs) if config.forward.uses_mask else None
+        initial = list(inputs[1:-1] if config.mask_input else inputs[1:])
+        halves = (initial[:len(initial) // 2], initial[len(initial) // 2:])
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
         results, states = [], []
-        for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
+        for attribute, side_context, initial_state in zip(self.SIDES, self._side_contexts(context), halves):
             value, *side_states = run_recurrent(builder, side_context, kind, sequence, mask,
-                                                f"{context.torch_name}.{attribute}")
+                                                f"{context.torch_name}.{attribute}", initial_state=initial_state)
             if attribute == "backward_layer" and side_context.config.return_sequences:
                 value = builder.call(builder.torch.flip, value, (1,))   # Keras flips it whatever its go_backwards
             results.append(value)
@@ -773,11 +776,15 @@ class Bidirectional(LayerKind):
                                           name=name, dtype=context.node.dtype)
 
     def keras_call(self, keras_layer, arguments, context):
-        if context.config.mask_input:
-            result = keras_layer(arguments[0], mask=arguments[-1])
-        else:
-            result = keras_layer(arguments[0])
-        if context.config.forward.return_state:
+        config = context.config
+        states = list(arguments[1:-1] if config.mask_input else arguments[1:])
+        options = {"initial_state": states} if states else {}
+        if config.mask_input:
+            options["mask"] = arguments[-1]
+        elif states and context.input_masks[0] is not None and config.forward.uses_mask:
+            options["mask"] = _keras_mask(arguments[0])   # with initial states Keras 3 passes it only as `mask=`
+        result = keras_layer(arguments[0], **options)
+        if config.forward.return_state:
             from keras import tree
 
             return tree.flatten(result)
