@@ -339,12 +339,13 @@ def _input_dtype(value, name: str) -> str:
 
 
 def _entries(spec) -> list:
-    """Keras's input_layers/output_layers: ["name", 0, 0] or [["name", 0, 0], …]."""
+    """Keras's input_layers/output_layers: ["name", 0, 0] or [["name", 0, 0], …], nested where the
+    model's outputs are (`keras.Model(x, [y, [h, c]])`, a stacked RNN's states): read flat."""
     if not spec:
         return []
     if isinstance(spec[0], str):
         return [spec]
-    return spec
+    return [entry for item in spec for entry in _entries(item)]
 
 
 def _mask_only_operations(layers: list) -> set[str]:

@@ -267,6 +267,60 @@ class KerasMultiHeadAttention(nn.Module):
                 f"bias={self.bias}")
 
 
+class KerasConvLSTM(nn.Module):
+    """Keras's ConvLSTM1D/2D/3D run step by step. Each step's gates i, f, c, o (Keras's order,
+    as an LSTM's) are a convolution of the input frame (`stride`, `dilation`, TensorFlow's padding
+    `pad` applied first, in `F.pad`'s order; the bias added) plus a convolution of the last output
+    h (stride 1, TensorFlow's `same` padding: an even kernel's extra cell at the end; no bias):
+    c = f * c + i * activation(c~), h = o * activation(c), the gates through `recurrent_activation`.
+
+    Parameters `weight_ih` (4·filters, in_channels, k…), `weight_hh` (4·filters, filters, k…) and
+    `bias` (4·filters,). Takes (N, C, T, *spatial) (channels first, then time) and an initial state
+    (h, c), each (N, filters, *out_spatial), or None (zeros); returns (outputs (N, filters, T,
+    *out_spatial), (h, c)).
+    """
+
+    def __init__(self, in_channels, filters, kernel_size, stride, dilation, pad, bias=True, activation=torch.tanh,
+                 recurrent_activation=torch.sigmoid, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.filters, self.kernel_size = in_channels, filters, tuple(kernel_size)
+        self.stride, self.dilation, self.pad = tuple(stride), tuple(dilation), tuple(pad)
+        self.activation, self.recurrent_activation = activation, recurrent_activation
+        self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        same = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in self.kernel_size]
+        self.recurrent_pad = tuple(amount for pair in reversed(same) for amount in pair)
+        self.weight_ih = nn.Parameter(torch.empty(4 * filters, in_channels, *self.kernel_size, device=device,
+                                                  dtype=dtype))
+        self.weight_hh = nn.Parameter(torch.empty(4 * filters, filters, *self.kernel_size, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(4 * filters, device=device, dtype=dtype)) if bias else None
+        bound = (in_channels * len(self.kernel_size)) ** -0.5
+        for parameter in self.parameters():
+            nn.init.uniform_(parameter, -bound, bound)
+
+    def forward(self, x, state=None):
+        batch, steps = x.shape[0], x.shape[2]
+        frames = F.pad(x.transpose(1, 2).flatten(0, 1), self.pad)   # every step's input at once: (N·T, C, …)
+        projected = self.conv(frames, self.weight_ih, self.bias, self.stride, 0, self.dilation)
+        projected = projected.unflatten(0, (batch, steps))          # (N, T, 4·filters, …)
+        if state is None:
+            h = c = projected.new_zeros(projected[:, 0, :self.filters].shape)
+        else:
+            h, c = state
+        act, gate = self.activation, self.recurrent_activation
+        outputs = []
+        for step in range(steps):
+            i, f, g, o = (projected[:, step] + self.conv(F.pad(h, self.recurrent_pad), self.weight_hh)).chunk(4, 1)
+            c = gate(f) * c + gate(i) * act(g)
+            h = gate(o) * act(c)
+            outputs.append(h)
+        return torch.stack(outputs, 2), (h, c)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.filters}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"dilation={self.dilation}, pad={self.pad}, bias={self.bias is not None}, "
+                f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}")
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

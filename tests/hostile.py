@@ -946,7 +946,7 @@ CASES: dict[str, Case] = {
     **_format2_pair("Bidirectional merge_mode 'bogus'", _format2_bidirectional(merge_mode="bogus"),
                     "merge_mode 'bogus' is not one of"),
     **_format2_pair("Bidirectional backward not go_backwards", _format2_bidirectional(backward_go_backwards=False),
-                    "backward one with go_backwards=True"),
+                    "different go_backwards, got False for both"),
     **_format2_pair("TimeDistributed unknown key", _format2_layer("time_distributed", {
         "layer": "dense", "config": {"units": 3}, "layer_name": "d", "bogus": 1}, [5, 4]),
         r"unknown option\(s\) 'bogus'"),

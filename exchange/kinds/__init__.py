@@ -515,5 +515,5 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 
 # The families. Importing them fills the registry.
-from exchange.kinds import (activations, arithmetic, attention, convolution, dense, merging,  # noqa: E402,F401
-                            normalization, pooling, recurrent, reshaping, wrappers)
+from exchange.kinds import (activations, arithmetic, attention, conv_lstm, convolution, dense,  # noqa: E402,F401
+                            merging, normalization, pooling, recurrent, reshaping, wrappers)

@@ -1,4 +1,4 @@
-"""Recurrent layers: LSTM, GRU, SimpleRNN, and the Bidirectional wrapper.
+"""Recurrent layers: LSTM, GRU, SimpleRNN, RNN around their cells, and the Bidirectional wrapper.
 
 Conventions that differ:
 - Keras keeps kernel (in, G·H) and recurrent_kernel (H, G·H); torch keeps weight_ih_l0 (G·H, in)
@@ -22,6 +22,13 @@ Conventions that differ:
 - return_state=True: the layer has several outputs (sequence or last output, then h, and c for an
   LSTM); the graph reads them through `output` nodes. A call with `initial_state=[h, c]` (an
   encoder's states into a decoder) reads them as inputs after the sequence.
+- `keras.layers.RNN(cell)` is the layer of that cell (RNN(LSTMCell) computes what LSTM does), its
+  variables in the Keras 3 group `cell/vars` as an LSTM's. A StackedRNNCells (`RNN([cells])`)
+  runs its cells in turn at each step and skips a masked step for all of them; torch runs one
+  module per cell over the whole sequence (`<name>.cell0`, …), which computes the same. Keras 3
+  keeps each cell's variables in `cell/cells/lstm_cell`, `cell/cells/lstm_cell_1`, … (named by
+  class and counted), nests a stack's initial states and returned states per cell ([h1, [h2, c2]]);
+  the graph holds them flat, in that order.
 """
 
 from __future__ import annotations
@@ -30,8 +37,8 @@ import operator
 from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, LayerKind, check_choice, check_int, check_step_mask,
-                            register, torch_mask)
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, KerasOptions, LayerKind, check_choice, check_int,
+                            check_step_mask, register, torch_mask)
 from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
@@ -74,6 +81,45 @@ def _recurrent_activation(options, key: str) -> str:
     return name
 
 
+def refuse_stateful(options) -> None:
+    """A stateful layer carries its last states into the next batch: state no file holds."""
+    if options.flag("stateful", False):
+        raise options.unsupported("stateful", True, "its states carry over between batches; only stateful=False "
+                                                    "is supported")
+
+
+def uses_mask(options) -> bool:
+    """Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
+    input only when the call has that one tensor (no initial_state) or passes `mask=`."""
+    tensors = sum(argument is None for argument in options.call_args) + sum(
+        value is TENSOR for value in options.call_kwargs.values())
+    return options.keras2 or options.mask_given or tensors <= 1
+
+
+def cell_options(options, kind) -> dict:
+    """What computes one step of an LSTM, GRU or SimpleRNN (layer or cell): units, activations,
+    bias; dropout and the initialisers (unit_forget_bias) only act in training."""
+    for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation"):
+        options.take(key, None)
+    return dict(units=options.integer("units"),
+                activation=_recurrent_activation(options, "activation"),
+                recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if kind.gates > 1
+                                      else "sigmoid"),
+                use_bias=options.flag("use_bias", True),
+                reset_after=options.flag("reset_after", not options.keras2) if kind.mode == "gru" else True)
+
+
+def cell_arguments(kind, config, where: str) -> dict:
+    """The Keras arguments of a layer's or cell's step options (`cell_options`)."""
+    arguments = dict(units=config.units, activation=keras_activation(config.activation, where),
+                     use_bias=config.use_bias)
+    if kind.gates > 1:
+        arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, where)
+    if kind.mode == "gru":
+        arguments["reset_after"] = config.reset_after
+    return arguments
+
+
 class _Recurrent(LayerKind):
     """LSTM, GRU and SimpleRNN: one kind each, differing in `mode` (gates, biases, torch module)."""
 
@@ -86,27 +132,18 @@ class _Recurrent(LayerKind):
     mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
 
     def from_keras(self, options):
-        options.expect("stateful", False)
+        refuse_stateful(options)
         options.expect("time_major", False)
-        tensors = sum(argument is None for argument in options.call_args) + sum(
-            value is TENSOR for value in options.call_kwargs.values())
-        for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation", "use_cudnn",
-                    "unroll"):
-            options.take(key, None)   # training-only or speed options
-        config = RecurrentConfig(
-            units=options.integer("units"),
-            activation=_recurrent_activation(options, "activation"),
-            recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if self.gates > 1
-                                  else "sigmoid"),
-            use_bias=options.flag("use_bias", True),
+        for key in ("use_cudnn", "unroll"):
+            options.take(key, None)   # speed options: the same outputs either way
+        return RecurrentConfig(
+            **cell_options(options, self),
             return_sequences=options.flag("return_sequences", False),
             return_state=options.flag("return_state", False),
             go_backwards=options.flag("go_backwards", False),
             zero_output_for_mask=options.flag("zero_output_for_mask", False),
-            reset_after=options.flag("reset_after", not options.keras2) if self.mode == "gru" else True,
-            uses_mask=options.keras2 or options.mask_given or tensors <= 1,
+            uses_mask=uses_mask(options),
             mask_input=options.take_mask_input())
-        return config
 
     def keras3_subgroups(self, config):
         return ("cell",)
@@ -132,8 +169,7 @@ class _Recurrent(LayerKind):
         return self.output_shapes(config, input_shapes)[0]
 
     def output_mask(self, node, input_masks):
-        mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
-        return mask if node.config.return_sequences and node.config.uses_mask else None
+        return _sequence_mask(node, input_masks)
 
     def output_masks(self, node, input_masks) -> list:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
@@ -193,27 +229,35 @@ class _Recurrent(LayerKind):
                                                             dtype=context.node.dtype)
 
     def keras_call(self, keras_layer, arguments, context):
-        if context.config.mask_input:
-            states = list(arguments[1:-1])
-            return keras_layer(arguments[0], **({"initial_state": states} if states else {}), mask=arguments[-1])
-        if len(arguments) == 1:
-            return keras_layer(arguments[0])
-        # With initial states Keras 3 passes the input's mask only when given as `mask=`.
-        mask = context.input_masks[0] is not None and context.config.uses_mask
-        return keras_layer(arguments[0], initial_state=list(arguments[1:]),
-                           **({"mask": _keras_mask(arguments[0])} if mask else {}))
+        return keras_recurrent_call(keras_layer, arguments, context, list)
 
     def keras_arguments(self, config, name: str) -> dict:
-        where = f"layer {name!r}"
-        arguments = dict(units=config.units, activation=keras_activation(config.activation, where),
-                         use_bias=config.use_bias, return_sequences=config.return_sequences,
-                         return_state=config.return_state, go_backwards=config.go_backwards,
-                         zero_output_for_mask=config.zero_output_for_mask, name=name)
-        if self.gates > 1:
-            arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, where)
-        if self.mode == "gru":
-            arguments["reset_after"] = config.reset_after
-        return arguments
+        return dict(cell_arguments(self, config, f"layer {name!r}"), return_sequences=config.return_sequences,
+                    return_state=config.return_state, go_backwards=config.go_backwards,
+                    zero_output_for_mask=config.zero_output_for_mask, name=name)
+
+
+def keras_recurrent_call(keras_layer, arguments, context, initial_state):
+    """Call a recurrent Keras layer on its sequence, its initial states (`initial_state` shapes
+    the flat list of them as the layer takes it) and its mask; with return_state, the outputs
+    as one flat list (Keras nests a StackedRNNCells' states per cell), as the graph numbers them."""
+    config = context.config
+    if config.mask_input:
+        states = list(arguments[1:-1])
+        result = keras_layer(arguments[0], **({"initial_state": initial_state(states)} if states else {}),
+                             mask=arguments[-1])
+    elif len(arguments) == 1:
+        result = keras_layer(arguments[0])
+    else:
+        # With initial states Keras 3 passes the input's mask only when given as `mask=`.
+        mask = context.input_masks[0] is not None and config.uses_mask
+        result = keras_layer(arguments[0], initial_state=initial_state(list(arguments[1:])),
+                             **({"mask": _keras_mask(arguments[0])} if mask else {}))
+    if config.return_state:
+        from keras import tree
+
+        return tree.flatten(result)
+    return result
 
 
 def _keras_mask(tensor):
@@ -291,6 +335,271 @@ class SimpleRNN(_Recurrent):
 
 
 # ---------------------------------------------------------------------------------------------
+# RNN: a cell, or a StackedRNNCells of several, run over the sequence
+
+# The Keras cells that compute one step of a recurrent kind: (class, Keras 3's group name for it).
+CELL_CLASSES = {"lstm": ("LSTMCell", "lstm_cell"), "gru": ("GRUCell", "gru_cell"),
+                "simple_rnn": ("SimpleRNNCell", "simple_rnn_cell")}
+CELL_KINDS = {class_name: kind for kind, (class_name, _) in CELL_CLASSES.items()}
+STACKED_CELLS = "StackedRNNCells"
+# Cells in one StackedRNNCells: real stacks have a handful; each is a module and a Python loop.
+MAX_CELLS = 64
+CELL_VARIABLES = ("kernel", "recurrent_kernel", "bias")
+
+
+@dataclass(frozen=True)
+class CellConfig:
+    """One LSTMCell, GRUCell or SimpleRNNCell: the step of the recurrent kind `cell`."""
+
+    cell: str                               # "lstm", "gru" or "simple_rnn"
+    units: int
+    activation: str = "tanh"
+    recurrent_activation: str = "sigmoid"   # LSTMCell and GRUCell only
+    use_bias: bool = True
+    reset_after: bool = True                # GRUCell only
+
+    def __post_init__(self) -> None:
+        check_choice(self.cell, tuple(CELL_CLASSES), "RNN cell")
+        kind = _recurrent_kind(self.cell, "RNN cell")
+        if kind.gates == 1 and self.recurrent_activation != "sigmoid":
+            raise ExchangeError("a SimpleRNNCell has no recurrent_activation")
+        if kind.mode != "gru" and not self.reset_after:
+            raise ExchangeError("reset_after=false is a GRUCell option")
+        self.layer_config()   # checks units and activations
+
+    def layer_config(self, **layer_options) -> RecurrentConfig:
+        """The config of the layer of kind `cell` running this cell (with the RNN's options)."""
+        return RecurrentConfig(units=self.units, activation=self.activation,
+                               recurrent_activation=self.recurrent_activation, use_bias=self.use_bias,
+                               reset_after=self.reset_after, **layer_options)
+
+
+@dataclass(frozen=True)
+class RNNConfig:
+    cells: tuple[CellConfig, ...]
+    stacked: bool = False           # the cell is a StackedRNNCells (Keras's `RNN([cells])`, even of one)
+    return_sequences: bool = False
+    return_state: bool = False
+    go_backwards: bool = False
+    zero_output_for_mask: bool = False
+    unroll: bool = False            # Keras builds the loop unrolled: the same outputs
+    uses_mask: bool = True          # as RecurrentConfig's
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.cells, tuple) or not 1 <= len(self.cells) <= MAX_CELLS or not all(
+                isinstance(cell, CellConfig) for cell in self.cells):
+            raise ExchangeError(f"an RNN has 1 to {MAX_CELLS} cells")
+        if len(self.cells) > 1 and not self.stacked:
+            raise ExchangeError("an RNN of several cells holds them in a StackedRNNCells (stacked=true)")
+
+
+@register
+class RNN(LayerKind):
+    """`keras.layers.RNN` around an LSTMCell, GRUCell or SimpleRNNCell: the LSTM, GRU or SimpleRNN
+    layer of that cell (the same torch module and weights, under the node's name). Around a
+    StackedRNNCells: each step runs the cells in turn, cell i reading cell i-1's output; Keras skips
+    a masked step for the whole stack at once, which is what the same cells as stacked layers,
+    each returning sequences and skipping the masked steps, compute. So torch runs one recurrent
+    module per cell over the whole sequence, `<name>.cell0`, `<name>.cell1`, …; go_backwards reverses the
+    input once, before the first cell. return_state gives each cell's states in order (h, then c
+    for an LSTMCell), as Keras's flattened outputs number them."""
+
+    kind, keras_classes, Config = "rnn", ("RNN",), RNNConfig
+    passes_mask = True
+    tensor_kwargs = ("initial_state",)
+    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
+    # A stacked cell's variables are named `kernel`, … in Keras; its ports `cell1_kernel`, ….
+    variable_aliases = {f"cell{index}_{name}": (name,) for index in range(MAX_CELLS) for name in CELL_VARIABLES}
+
+    def from_keras(self, options):
+        refuse_stateful(options)
+        options.expect("time_major", False)
+        cell = options.take("cell")
+        stacked = isinstance(cell, dict) and cell.get("class_name") == STACKED_CELLS
+        if stacked:
+            stack = _nested_options(options, "cell", cell)
+            cell_list = stack.take("cells")
+            stack.finish()
+            if not isinstance(cell_list, list) or not 1 <= len(cell_list) <= MAX_CELLS:
+                raise options.unsupported("cell", STACKED_CELLS, f"must hold 1 to {MAX_CELLS} cells")
+        else:
+            cell_list = [cell]
+        cells = []
+        for cell_config in cell_list:
+            class_name = cell_config.get("class_name") if isinstance(cell_config, dict) else None
+            if class_name not in CELL_KINDS:
+                raise options.unsupported("cell", class_name if isinstance(class_name, str) else cell_config,
+                                          "an LSTMCell, GRUCell, SimpleRNNCell or a StackedRNNCells of them")
+            kind = _recurrent_kind(CELL_KINDS[class_name], options.layer_name)
+            inner = _nested_options(options, "cell", cell_config)
+            cells.append(CellConfig(kind.kind, **cell_options(inner, kind)))
+            inner.finish()
+        return RNNConfig(tuple(cells), stacked=stacked,
+                         return_sequences=options.flag("return_sequences", False),
+                         return_state=options.flag("return_state", False),
+                         go_backwards=options.flag("go_backwards", False),
+                         zero_output_for_mask=options.flag("zero_output_for_mask", False),
+                         unroll=options.flag("unroll", False), uses_mask=uses_mask(options),
+                         mask_input=options.take_mask_input())
+
+    def config_from_dict(self, values, node_name):
+        if isinstance(values, dict) and isinstance(values.get("cells"), list):
+            if not 1 <= len(values["cells"]) <= MAX_CELLS:
+                raise ExchangeError(f"layer {node_name!r} ({self.kind}): an RNN has 1 to {MAX_CELLS} cells, "
+                                    f"found {len(values['cells']):,}")
+            values = dict(values, cells=[_CELL_READER.config_from_dict(cell, node_name) for cell in values["cells"]])
+        return super().config_from_dict(values, node_name)
+
+    def keras3_subgroups(self, config):
+        if not config.stacked:
+            return ("cell",)
+        groups, counts = [], {}
+        for cell in config.cells:   # Keras 3 names a list's layers by class, counted: lstm_cell, lstm_cell_1
+            snake = CELL_CLASSES[cell.cell][1]
+            counts[snake] = counts.get(snake, -1) + 1
+            groups.append(f"cell/cells/{snake}" + (f"_{counts[snake]}" if counts[snake] else ""))
+        return tuple(groups)
+
+    # -- shapes and weights -----------------------------------------------------------------
+
+    def state_counts(self, config) -> list[int]:
+        return [_recurrent_kind(cell.cell, "RNN cell").state_count for cell in config.cells]
+
+    def output_count(self, config) -> int:
+        return 1 + sum(self.state_counts(config)) if config.return_state else 1
+
+    def output_shapes(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) != 2:
+            raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
+        input_shapes = check_step_mask(config, input_shapes)
+        state_shapes = [(cell.units,) for cell, count in zip(config.cells, self.state_counts(config))
+                        for _ in range(count)]
+        states = [tuple(state) for state in input_shapes[1:]]
+        if states and states != state_shapes:
+            raise ExchangeError(f"initial_state must be tensors of shapes {[(None,) + s for s in state_shapes]}, "
+                                f"found {[(None,) + s for s in states]}")
+        units = config.cells[-1].units
+        output = (shape[0], units) if config.return_sequences else (units,)
+        return [output] + (state_shapes if config.return_state else [])
+
+    def output_shape(self, config, input_shapes):
+        return self.output_shapes(config, input_shapes)[0]
+
+    def output_mask(self, node, input_masks):
+        return _sequence_mask(node, input_masks)
+
+    def output_masks(self, node, input_masks):
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
+
+    def cell_contexts(self, context) -> list:
+        """(kind, context) of the layer each cell is: every cell but the last returns its
+        sequence (for the next cell); the last has the RNN's options."""
+        config = context.config
+        size, last, found = context.input_shape[-1], len(config.cells) - 1, []
+        for index, cell in enumerate(config.cells):
+            layer = cell.layer_config(return_sequences=config.return_sequences or index < last,
+                                      return_state=config.return_state,
+                                      zero_output_for_mask=config.zero_output_for_mask and index == last,
+                                      uses_mask=config.uses_mask)
+            found.append((_recurrent_kind(cell.cell, context.node.name),
+                          replace(context, node=replace(context.node, config=layer),
+                                  input_shapes=((context.input_shape[0], size),))))
+            size = cell.units
+        return found
+
+    def ports(self, context):
+        if not context.config.stacked:
+            kind, cell_context = self.cell_contexts(context)[0]
+            return kind.ports(cell_context)
+        return [_renamed(port, f"cell{index}_", f"cell{index}.") for index, (kind, cell_context)
+                in enumerate(self.cell_contexts(context)) for port in kind.ports(cell_context)]
+
+    # -- torch ----------------------------------------------------------------------------
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
+        mask = torch_mask(builder, context, inputs) if config.uses_mask else None
+        states = list(inputs[1:-1] if config.mask_input else inputs[1:])
+        if config.go_backwards:   # once, for the whole stack (each cell then runs forward)
+            sequence = builder.call(builder.torch.flip, sequence, (1,))
+            if mask is not None:
+                mask = builder.call(builder.torch.flip, mask, (1,))
+        if config.stacked:
+            builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
+        output, final_states = sequence, []
+        for index, (kind, cell_context) in enumerate(self.cell_contexts(context)):
+            name = f"{context.torch_name}.cell{index}" if config.stacked else context.torch_name
+            results = run_recurrent(builder, cell_context, kind, output, mask, name,
+                                    initial_state=states[:kind.state_count])
+            states = states[kind.state_count:]
+            output, final_states = results[0], final_states + results[1:]
+        if config.return_sequences:
+            output = builder.call(builder.torch.movedim, output, -1, 1)
+        return (output,) + tuple(final_states) if config.return_state else output
+
+    # -- Keras ----------------------------------------------------------------------------
+
+    def keras_layer(self, keras, context):
+        config, where = context.config, f"layer {context.node.name!r}"
+        cells = [getattr(keras.layers, CELL_CLASSES[cell.cell][0])(
+            **cell_arguments(_recurrent_kind(cell.cell, where), cell, where), dtype=context.node.dtype)
+            for cell in config.cells]
+        return keras.layers.RNN(cells if config.stacked else cells[0], return_sequences=config.return_sequences,
+                                return_state=config.return_state, go_backwards=config.go_backwards, stateful=False,
+                                unroll=config.unroll, zero_output_for_mask=config.zero_output_for_mask,
+                                **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        counts = self.state_counts(context.config)
+
+        def per_cell(states):   # a StackedRNNCells takes a list of states per cell
+            if not context.config.stacked:
+                return states
+            starts = [sum(counts[:index]) for index in range(len(counts))]
+            return [states[start:start + count] for start, count in zip(starts, counts)]
+
+        return keras_recurrent_call(keras_layer, arguments, context, per_cell)
+
+
+class _CellReader(LayerKind):
+    """Reads a CellConfig from an exchange file's JSON, as kinds read theirs (not a layer kind)."""
+
+    kind, Config = "rnn_cell", CellConfig
+
+
+_CELL_READER = _CellReader()
+
+
+def _nested_options(options, key: str, nested) -> KerasOptions:
+    """The options of a layer config nested in option `key` (an RNN's cell), named in errors."""
+    if not isinstance(nested, dict) or not isinstance(nested.get("config"), dict):
+        raise options.unsupported(key, nested, "expected a layer config")
+    name = str(nested["config"].get("name", key))
+    return KerasOptions(str(nested.get("class_name")), f"{options.layer_name}/{name}", nested["config"],
+                        keras2=options.keras2)
+
+
+def _renamed(port, keras_prefix: str, torch_prefix: str):
+    """A port of a layer inside another (a Bidirectional's side, a stacked cell) under the outer
+    layer's names: the Keras variable prefixed (aliased to its own name), the torch keys below
+    the inner module."""
+    torch_names = (port.torch,) if isinstance(port.torch, str) else port.torch
+    renamed = tuple(f"{torch_prefix}{name}" for name in torch_names)
+    return replace(port, keras=f"{keras_prefix}{port.keras}",
+                   torch=renamed[0] if isinstance(port.torch, str) else renamed)
+
+
+def _sequence_mask(node, input_masks):
+    """A recurrent layer's output mask: its input's (or the mask given) when it returns sequences
+    and skips masked steps."""
+    mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
+    return mask if node.config.return_sequences and node.config.uses_mask else None
+
+
+# ---------------------------------------------------------------------------------------------
 # Bidirectional
 
 
@@ -298,7 +607,7 @@ class SimpleRNN(_Recurrent):
 class BidirectionalConfig:
     layer: str                      # the wrapped kind: "lstm", "gru" or "simple_rnn"
     forward: RecurrentConfig
-    backward: RecurrentConfig       # go_backwards=True, as Keras makes it
+    backward: RecurrentConfig       # the other go_backwards (Keras 3 makes it True, Keras 2 the forward's negation)
     merge_mode: str | None = "concat"
     mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # the call gives a mask tensor
 
@@ -308,54 +617,61 @@ class BidirectionalConfig:
         _recurrent_kind(self.layer, "bidirectional")
         check_choice(self.merge_mode, MERGE_MODES, "Bidirectional merge_mode")
         forward, backward = self.forward, self.backward
-        if forward.go_backwards or not backward.go_backwards:
-            raise ExchangeError(f"Bidirectional needs a forward layer with go_backwards=False and a backward one "
-                                f"with go_backwards=True, got {forward.go_backwards} and {backward.go_backwards}")
-        if forward.return_state or backward.return_state:
-            raise ExchangeError("Bidirectional with return_state is not supported")
-        if forward.return_sequences != backward.return_sequences:
-            raise ExchangeError("Bidirectional forward and backward layers differ in return_sequences")
+        if forward.go_backwards == backward.go_backwards:
+            raise ExchangeError(f"Bidirectional needs forward and backward layers of different go_backwards, got "
+                                f"{forward.go_backwards} for both")
+        for option in ("return_sequences", "return_state"):
+            if getattr(forward, option) != getattr(backward, option):
+                raise ExchangeError(f"Bidirectional forward and backward layers differ in {option}")
         for side in (forward, backward):
-            if side.zero_output_for_mask != forward.return_sequences or not side.uses_mask:
-                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences and "
-                                    "uses_mask = true, as Keras sets them")
+            if side.zero_output_for_mask != forward.return_sequences:
+                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences, as "
+                                    "Keras sets them")
+        if forward.uses_mask != backward.uses_mask:
+            raise ExchangeError("Bidirectional forward and backward layers differ in uses_mask (both read the mask "
+                                "the Bidirectional is given)")
 
 
 @register
 class Bidirectional(LayerKind):
-    """A forward and a backward recurrent layer over the same input. The backward one reads the
-    sequence reversed; with return_sequences its outputs are flipped back before the merge
-    (concat on the feature axis, sum, mul, ave, or None: two outputs). Keras forces
-    zero_output_for_mask on both when they return sequences. Torch modules `<name>.forward_layer`
-    and `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
+    """A forward and a backward recurrent layer over the same input, of opposite go_backwards.
+    With return_sequences the backward layer's outputs are flipped in time before the merge
+    (concat on the feature axis, sum, mul, ave, or None: two outputs), whichever its go_backwards:
+    a forward layer with go_backwards=True keeps its reversed order and the backward one (False)
+    is flipped into it, as Keras does. Keras forces zero_output_for_mask on both when they return
+    sequences. With return_state the merged output(s) are followed by the forward layer's states,
+    then the backward layer's (h, and c for an LSTM); an initial_state lists them in the same order
+    (Keras gives its first half to the forward layer). Torch modules `<name>.forward_layer` and
+    `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
 
     kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
     variable_aliases = {f"{side}_{name}": (name,) for side in ("forward", "backward")
                         for name in ("kernel", "recurrent_kernel", "bias")}
     passes_mask = True
     SIDES = ("forward_layer", "backward_layer")
+    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
     mask_position = 2   # call(sequences, initial_state=None, mask=None, training=None)
 
     def from_keras(self, options):
-        tensors = sum(argument is None for argument in options.call_args) + sum(
-            value is TENSOR for value in options.call_kwargs.values())
-        if tensors > 1:   # Keras splits the states between the two layers; not supported here
-            raise UnsupportedLayerError(f"{options.where()}: argument 'initial_state' is not supported")
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
         forward_kind, forward, _ = options.wrapped_layer("layer", _is_recurrent, "LSTM, GRU or SimpleRNN")
         backward = options.wrapped_layer("backward_layer", lambda kind: kind is forward_kind,
                                          f"a {forward_kind.keras_classes[0]}, as the forward layer", required=False)
-        backward_config = replace(forward, go_backwards=not forward.go_backwards) if backward is None else backward[1]
-        if forward.return_state or forward.go_backwards or not backward_config.go_backwards:
-            raise options.unsupported("layer", forward_kind.keras_classes[0],
-                                      "return_state, or a forward layer with go_backwards=True")
-        if forward.return_sequences != backward_config.return_sequences:
-            raise options.unsupported("backward_layer", "return_sequences", "differs from the forward layer's")
+        # Without a backward_layer Keras 3 copies the layer with go_backwards=True; Keras 2 negated it.
+        backward_config = replace(forward, go_backwards=not forward.go_backwards if options.keras2 else True) \
+            if backward is None else backward[1]
+        if forward.go_backwards == backward_config.go_backwards:
+            raise options.unsupported("layer", f"go_backwards={forward.go_backwards}",
+                                      "the backward layer's must differ, as Keras requires")
+        for option in ("return_sequences", "return_state"):
+            if getattr(forward, option) != getattr(backward_config, option):
+                raise options.unsupported("backward_layer", option, "differs from the forward layer's")
         # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
-        forward = replace(forward, zero_output_for_mask=forward.return_sequences)
-        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences)
+        forward = replace(forward, zero_output_for_mask=forward.return_sequences, uses_mask=uses_mask(options))
+        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences,
+                                  uses_mask=uses_mask(options))
         return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode, options.take_mask_input())
 
     def config_from_dict(self, values, node_name):
@@ -373,30 +689,41 @@ class Bidirectional(LayerKind):
     def keras3_subgroups(self, config):
         return tuple(f"{side}/cell" for side in self.SIDES)
 
-    def output_count(self, config):
+    def merged_count(self, config) -> int:
+        """The outputs before the states: 2 with merge_mode None, else 1."""
         return 2 if config.merge_mode is None else 1
+
+    def output_count(self, config):
+        states = 2 * self.wrapped(config).state_count if config.forward.return_state else 0
+        return self.merged_count(config) + states
 
     def output_shapes(self, config, input_shapes):
         kind = self.wrapped(config)
-        if len(input_shapes) != 1 + config.mask_input:
-            raise ExchangeError("initial_state is not supported")
-        input_shapes = check_step_mask(config, input_shapes)
-        forward = kind.output_shapes(config.forward, input_shapes)[0]
-        backward = kind.output_shapes(config.backward, input_shapes)[0]
+        sequence, *states = check_step_mask(config, input_shapes)
+        half = len(states) // 2   # Keras's split of the initial states
+        forward, *forward_states = kind.output_shapes(config.forward, [sequence] + states[:half])
+        backward, *backward_states = kind.output_shapes(config.backward, [sequence] + states[half:])
         if config.merge_mode is None:
-            return [forward, backward]
-        if config.merge_mode == "concat":
-            return [forward[:-1] + (forward[-1] + backward[-1],)]
-        if forward != backward:
+            merged = [forward, backward]
+        elif config.merge_mode == "concat":
+            merged = [forward[:-1] + (forward[-1] + backward[-1],)]
+        elif forward != backward:
             raise ExchangeError(f"merge_mode {config.merge_mode!r} needs equal outputs, found {forward} and {backward}")
-        return [forward]
+        else:
+            merged = [forward]
+        return merged + forward_states + backward_states
 
     def output_shape(self, config, input_shapes):
         return self.output_shapes(config, input_shapes)[0]
 
     def output_mask(self, node, input_masks):
         mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
-        return mask if node.config.forward.return_sequences else None
+        return mask if node.config.forward.return_sequences and node.config.forward.uses_mask else None
+
+    def output_masks(self, node, input_masks):
+        """The input's mask on the merged output(s) when they are sequences; none on the states."""
+        merged = self.merged_count(node.config)
+        return [self.output_mask(node, input_masks)] * merged + [None] * (self.output_count(node.config) - merged)
 
     def _side_contexts(self, context):
         return [replace(context, node=replace(context.node, config=side_config))
@@ -404,27 +731,25 @@ class Bidirectional(LayerKind):
 
     def ports(self, context):
         kind = self.wrapped(context.config)
-        found = []
-        for side, attribute, side_context in zip(("forward", "backward"), self.SIDES, self._side_contexts(context)):
-            for port in kind.ports(side_context):
-                torch_names = (port.torch,) if isinstance(port.torch, str) else port.torch
-                renamed = tuple(f"{attribute}.{name}" for name in torch_names)
-                found.append(replace(port, keras=f"{side}_{port.keras}",
-                                     torch=renamed[0] if isinstance(port.torch, str) else renamed))
-        return found
+        return [_renamed(port, f"{side}_", f"{attribute}.") for side, attribute, side_context
+                in zip(("forward", "backward"), self.SIDES, self._side_contexts(context))
+                for port in kind.ports(side_context)]
 
     def torch_forward(self, builder, context, inputs):
         config, kind = context.config, self.wrapped(context.config)
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
-        mask = torch_mask(builder, context, inputs)
+        mask = torch_mask(builder, context, inputs) if config.forward.uses_mask else None
+        initial = list(inputs[1:-1] if config.mask_input else inputs[1:])
+        halves = (initial[:len(initial) // 2], initial[len(initial) // 2:])
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
-        results = []
-        for attribute, side_context in zip(self.SIDES, self._side_contexts(context)):
-            side = side_context.config
-            value = run_recurrent(builder, side_context, kind, sequence, mask, f"{context.torch_name}.{attribute}")[0]
-            if side.go_backwards and side.return_sequences:
-                value = builder.call(builder.torch.flip, value, (1,))
+        results, states = [], []
+        for attribute, side_context, initial_state in zip(self.SIDES, self._side_contexts(context), halves):
+            value, *side_states = run_recurrent(builder, side_context, kind, sequence, mask,
+                                                f"{context.torch_name}.{attribute}", initial_state=initial_state)
+            if attribute == "backward_layer" and side_context.config.return_sequences:
+                value = builder.call(builder.torch.flip, value, (1,))   # Keras flips it whatever its go_backwards
             results.append(value)
+            states += side_states
         forward, backward = results
         if config.merge_mode == "concat":
             merged = [builder.call(builder.torch.cat, [forward, backward], -1)]
@@ -438,7 +763,8 @@ class Bidirectional(LayerKind):
             merged = [forward, backward]
         if config.forward.return_sequences:
             merged = [builder.call(builder.torch.movedim, value, -1, 1) for value in merged]
-        return merged[0] if len(merged) == 1 else tuple(merged)
+        outputs = merged + states
+        return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
     def keras_layer(self, keras, context):
         config, kind = context.config, self.wrapped(context.config)
@@ -450,9 +776,19 @@ class Bidirectional(LayerKind):
                                           name=name, dtype=context.node.dtype)
 
     def keras_call(self, keras_layer, arguments, context):
-        if context.config.mask_input:
-            return keras_layer(arguments[0], mask=arguments[-1])
-        return keras_layer(arguments[0])
+        config = context.config
+        states = list(arguments[1:-1] if config.mask_input else arguments[1:])
+        options = {"initial_state": states} if states else {}
+        if config.mask_input:
+            options["mask"] = arguments[-1]
+        elif states and context.input_masks[0] is not None and config.forward.uses_mask:
+            options["mask"] = _keras_mask(arguments[0])   # with initial states Keras 3 passes it only as `mask=`
+        result = keras_layer(arguments[0], **options)
+        if config.forward.return_state:
+            from keras import tree
+
+            return tree.flatten(result)
+        return result
 
 
 def _recurrent_kind(name, node_name: str) -> _Recurrent:
