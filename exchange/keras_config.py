@@ -263,9 +263,9 @@ class _Parser:
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
                                    call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
+            dtype = _dtype(config.get("dtype"), name, class_name)   # first: a quantized layer's options differ
             node_config = kind.from_keras(options)
             options.finish()
-            dtype = _dtype(config.get("dtype"), name)
         except (ExchangeError, KeyError, TypeError, ValueError) as err:
             message = str(err) if isinstance(err, ExchangeError) else f"{type(err).__name__}: {err}"
             self.problems.append(message if name in message else f"layer {name!r} ({class_name}): {message}")
@@ -314,12 +314,25 @@ def _build_shape(model_config: dict):
     return build.get("input_shape") if isinstance(build, dict) else None
 
 
-def _dtype(value, name: str) -> str:
+# Keras's quantization modes (`keras.dtype_policies.QUANTIZATION_MODES`): a policy named
+# "<mode>_from_<dtype>", or a dict whose config has a `mode`, holds quantized variables.
+QUANTIZATION_MODES = ("int8", "float8", "int4", "gptq", "awq")
+
+
+def _dtype(value, name: str, class_name: str = "") -> str:
     """The dtype of a layer's variables from its dtype or dtype policy."""
     if value is None:
         return "float32"
     if isinstance(value, dict):
-        value = (value.get("config") or {}).get("name")
+        policy = value.get("config") if isinstance(value.get("config"), dict) else {}
+        if "mode" in policy or "Quantized" in str(value.get("class_name")):
+            mode = policy.get("mode", value.get("class_name"))
+            raise UnsupportedLayerError(f"layer {name!r} ({class_name}): quantized dtype policy "
+                                        f"{str(mode)[:60]!r} is not supported (its weights are not floats)")
+        value = policy.get("name")
+    if isinstance(value, str) and value.startswith(QUANTIZATION_MODES):
+        raise UnsupportedLayerError(f"layer {name!r} ({class_name}): quantized dtype policy "
+                                    f"{value[:60]!r} is not supported (its weights are not floats)")
     if isinstance(value, str) and value.startswith("mixed_"):
         return "float32"   # mixed precision keeps float32 variables
     if value not in DTYPES:

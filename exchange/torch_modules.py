@@ -23,8 +23,9 @@ def keras2_hard_sigmoid(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(x * 0.2 + 0.5, 0.0, 1.0)
 
 
-class SeparableConv2d(nn.Module):
-    """Keras SeparableConv2D: a depthwise convolution (no bias) then a 1x1 pointwise one.
+class SeparableConv(nn.Module):
+    """Keras SeparableConv1D/2D: a depthwise convolution (no bias) then a 1x1 pointwise one, over
+    as many spatial axes as `kernel_size` has.
 
     Keys `depthwise.weight`, `pointwise.weight`, `pointwise.bias`.
     """
@@ -36,9 +37,10 @@ class SeparableConv2d(nn.Module):
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.depth_multiplier, self.bias = depth_multiplier, bias
         middle = in_channels * depth_multiplier
-        self.depthwise = nn.Conv2d(in_channels, middle, kernel_size, stride=stride, padding=padding,
-                                   dilation=dilation, groups=in_channels, bias=False, device=device, dtype=dtype)
-        self.pointwise = nn.Conv2d(middle, out_channels, 1, bias=bias, device=device, dtype=dtype)
+        conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(kernel_size) - 1] if isinstance(kernel_size, tuple) else nn.Conv2d
+        self.depthwise = conv(in_channels, middle, kernel_size, stride=stride, padding=padding,
+                              dilation=dilation, groups=in_channels, bias=False, device=device, dtype=dtype)
+        self.pointwise = conv(middle, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pointwise(self.depthwise(x))
@@ -51,7 +53,7 @@ class KerasAvgPool(nn.Module):
     def __init__(self, kernel_size, stride, pad):
         super().__init__()
         self.kernel_size, self.stride, self.pad = tuple(kernel_size), tuple(stride), tuple(pad)
-        self.pool = F.avg_pool1d if len(self.kernel_size) == 1 else F.avg_pool2d
+        self.pool = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[len(self.kernel_size) - 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sums = self.pool(F.pad(x, self.pad), self.kernel_size, self.stride)
