@@ -267,6 +267,23 @@ class KerasMultiHeadAttention(nn.Module):
                 f"bias={self.bias}")
 
 
+class KerasPReLU(nn.Module):
+    """Keras's PReLU with an alpha that varies along a spatial axis (`nn.PReLU` holds one value
+    or one per channel): relu(x) - weight * relu(-x), `weight` of shape `alpha_shape`
+    (channels-first, without the batch; 1 along the shared axes)."""
+
+    def __init__(self, alpha_shape, device=None, dtype=None):
+        super().__init__()
+        self.alpha_shape = tuple(alpha_shape)
+        self.weight = nn.Parameter(torch.empty(self.alpha_shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) - self.weight * torch.relu(-x)
+
+    def extra_repr(self) -> str:
+        return f"alpha_shape={self.alpha_shape}"
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""
