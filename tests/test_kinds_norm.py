@@ -47,6 +47,15 @@ CASES = {
     "prelu_image_per_row": lambda: single((9, 12, 5), L.PReLU(shared_axes=[2, 3])),
     "prelu_sequence_shared_steps": lambda: single((11, 4), L.PReLU(shared_axes=1), L.Conv1D(3, 2)),
     "prelu_volume_per_depth": lambda: single((3, 4, 5, 2), L.PReLU(shared_axes=[2, 4])),
+    # Dot: features (output (batch, 1)), sequences on the channels and on the steps, an image
+    # against a sequence, mixed ranks both ways, normalised
+    "dot_features": lambda: pair((7,), (7,), L.Dot(axes=-1)),
+    "dot_sequences_channels": lambda: pair((5, 4), (6, 4), L.Dot(axes=-1)),
+    "dot_sequences_steps": lambda: pair((5, 4), (5, 3), L.Dot(axes=1)),
+    "dot_cross_axes_normalized": lambda: pair((5, 4), (4, 3), L.Dot(axes=[2, 1], normalize=True)),
+    "dot_image_sequence": lambda: pair((3, 4, 5), (6, 4), L.Dot(axes=[-2, 2])),
+    "dot_features_sequence": lambda: pair((4,), (3, 4), L.Dot(axes=[1, 2])),
+    "dot_sequence_features": lambda: pair((3, 4), (3,), L.Dot(axes=[1, -1], normalize=True)),
 }
 
 
@@ -109,7 +118,7 @@ def run_generated_code(keras_model, tmp_path):
     return max_difference([y.numpy() for y in outputs], expected), (tmp_path / "model.py").read_text()
 
 
-@pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row"])
+@pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
