@@ -67,20 +67,26 @@ class KerasNormalization(nn.Module):
     (or the inverse with `invert`). An adapted layer's mean and variance are buffers in the
     state_dict; values given in the Keras config are constants (non-persistent buffers) of the
     length given, one value or one per channel, broadcast rather than expanded (one value for a
-    declared billion channels stays one value)."""
+    declared billion channels stays one value). A layer keeping other axes than the channels
+    (Keras's `axis` a list, or None) holds its buffers in `shape`, their channels-first broadcast
+    shape without the batch."""
 
-    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None):
+    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None,
+                 shape=None):
         super().__init__()
         self.channels, self.rank, self.constant_mean, self.constant_variance = channels, rank, constant_mean, \
             constant_variance
+        self.shape = None if shape is None else tuple(shape)
         if constant_mean is None:
-            self.register_buffer("mean", torch.empty(channels, dtype=dtype))
-            self.register_buffer("variance", torch.empty(channels, dtype=dtype))
+            buffer_shape = (channels,) if shape is None else self.shape
+            self.register_buffer("mean", torch.empty(buffer_shape, dtype=dtype))
+            self.register_buffer("variance", torch.empty(buffer_shape, dtype=dtype))
         else:
             self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).reshape(-1), persistent=False)
             self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).reshape(-1),
                                  persistent=False)
-        self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
+        # the channels-first broadcast
+        self.view = (-1,) + (1,) * (rank - 1) if shape is None else self.shape
         self.invert, self.epsilon = invert, epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -282,6 +288,25 @@ class KerasPReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"alpha_shape={self.alpha_shape}"
+
+
+class KerasRMSScaledLayerNorm(nn.Module):
+    """Keras's LayerNormalization with `rms_scaling=True`: x · rsqrt(var(x) + eps) · weight over
+    the trailing dims `normalized_shape` (the variance about the mean, x itself not centred; no
+    bias). `nn.RMSNorm` divides by the root mean square instead, which differs unless the mean is 0."""
+
+    def __init__(self, normalized_shape, eps, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(normalized_shape), eps
+        self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        variance = torch.var(x, dim=dims, correction=0, keepdim=True)
+        return x * torch.rsqrt(variance + self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
 
 
 class NAMESPACES:

@@ -20,6 +20,7 @@ import torch
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
+from exchange.graph import Graph
 from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
 
 L = keras.layers
@@ -36,6 +37,13 @@ def single(shape, *layers):
 def pair(first_shape, second_shape, layer):
     first, second = keras.Input(first_shape, name="first"), keras.Input(second_shape, name="second")
     return keras.Model([first, second], layer([first, second]))
+
+
+def adapted(shape, **options):
+    """An adapted Normalization (its statistics seeded again by `seeded`), then a layer that mixes."""
+    layer = L.Normalization(**options)
+    layer.adapt(np.random.default_rng(5).normal(2.0, 3.0, (64,) + shape).astype(np.float32))
+    return single(shape, layer, L.Dense(3))
 
 
 CASES = {
@@ -56,6 +64,32 @@ CASES = {
     "dot_image_sequence": lambda: pair((3, 4, 5), (6, 4), L.Dot(axes=[-2, 2])),
     "dot_features_sequence": lambda: pair((4,), (3, 4), L.Dot(axes=[1, 2])),
     "dot_sequence_features": lambda: pair((3, 4), (3,), L.Dot(axes=[1, -1], normalize=True)),
+    # RMSNormalization, LayerNormalization(rms_scaling=True), several axes
+    "rms_norm_features": lambda: single((13,), L.Dense(6), L.RMSNormalization()),
+    "rms_norm_image": lambda: single((9, 12, 5), L.RMSNormalization(epsilon=1e-4)),
+    "rms_norm_sequence_two_axes": lambda: single((11, 4), L.RMSNormalization(axis=[-1, -2])),
+    "rms_norm_image_width_channels": lambda: single((9, 12, 5), L.RMSNormalization(axis=[-2, 3])),
+    "layer_norm_rms_scaling_image": lambda: single((9, 12, 5), L.LayerNormalization(rms_scaling=True, epsilon=1e-4)),
+    "layer_norm_rms_scaling_features": lambda: single((13,), L.Dense(6), L.LayerNormalization(rms_scaling=True)),
+    "layer_norm_rms_scaling_two_axes": lambda: single((11, 4), L.LayerNormalization(axis=[1, 2], rms_scaling=True)),
+    "layer_norm_all_axes": lambda: single((5, 6, 3), L.LayerNormalization(axis=[1, 2, 3])),
+    "layer_norm_two_axes_no_center": lambda: single((11, 4), L.LayerNormalization(axis=[-1, -2], center=False)),
+    "layer_norm_spatial_no_scale": lambda: single((9, 12, 5), L.LayerNormalization(axis=[1, 2], scale=False)),
+    "layer_norm_height": lambda: single((9, 12, 5), L.LayerNormalization(axis=1, epsilon=1e-5)),
+    "unit_norm_two_axes": lambda: single((9, 12, 5), L.UnitNormalization(axis=[1, 2])),
+    "unit_norm_mixed_signs": lambda: single((5, 6, 3), L.UnitNormalization(axis=[-1, 1])),
+    "normalization_two_axes": lambda: adapted((4, 3, 5), axis=[1, 2]),
+    "normalization_height": lambda: adapted((9, 12, 5), axis=1),
+    "normalization_none": lambda: adapted((2, 3), axis=None),
+    "normalization_none_features": lambda: adapted((6,), axis=None, invert=True),
+    "normalization_none_constants": lambda: single((2, 3), L.Normalization(axis=None, mean=3.0, variance=2.0)),
+    # BatchNormalization on another axis than the channels, and with batch renormalisation
+    "batch_norm_axis1_sequence": lambda: single((6, 7), L.BatchNormalization(axis=1)),
+    "batch_norm_channels_first_image": lambda: single((3, 9, 12), L.BatchNormalization(axis=1, epsilon=1e-4)),
+    "batch_norm_width": lambda: single((9, 12, 5), L.BatchNormalization(axis=-2, center=False)),
+    "batch_norm_renorm": lambda: single((9, 12, 5), L.BatchNormalization(
+        renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}, renorm_momentum=0.8)),
+    "batch_norm_renorm_features": lambda: single((10,), L.BatchNormalization(renorm=True, scale=False)),
 }
 
 
@@ -70,6 +104,7 @@ def seeded(model, seed=3):
 
 def check_both_directions(keras_model):
     graph = keras_adapter.architecture_of(keras_model)
+    assert Graph.from_json(graph.to_json()) == graph   # every config value survives the exchange file
     inputs = batch(keras_model)
     keras_tensors = keras_adapter.get_tensors(keras_model)
     forward = keras_vs_torch(keras_model, graph, keras_tensors, inputs)
@@ -118,7 +153,9 @@ def run_generated_code(keras_model, tmp_path):
     return max_difference([y.numpy() for y in outputs], expected), (tmp_path / "model.py").read_text()
 
 
-@pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence"])
+@pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
+                                  "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
+                                  "normalization_two_axes", "batch_norm_channels_first_image"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -132,3 +169,22 @@ def refusal(model_factory) -> str:
     message = str(error.value)
     assert "\n" not in message
     return message
+
+
+def test_axes_sorting_to_another_order_are_refused():
+    message = refusal(lambda: single((5, 6, 3), L.LayerNormalization(axis=[1, -1])))
+    # Keras's build sorts the list as written, and its config keeps the sorted list
+    assert "LayerNormalization: axis [-1, 1] sorts to another order" in message
+
+
+def test_normalization_values_per_position_are_refused():
+    message = refusal(lambda: single((4, 3), L.Normalization(axis=[1, 2], mean=[[1.0, 2.0, 3.0]] * 4,
+                                                              variance=[[1.0, 2.0, 3.0]] * 4)))
+    assert "unsupported option mean" in message or "only one value" in message
+
+
+def test_rms_normalization_off_the_last_axes_is_refused():
+    """Keras multiplies the scale along the last axes whatever it normalised: (9, 5) over
+    axis 1 of a (9, 5, 5) input scales the channels by the height's values."""
+    message = refusal(lambda: single((5, 7, 5), L.RMSNormalization(axis=1)))
+    assert "Keras multiplies its scale along the last 1 axes" in message
