@@ -309,6 +309,58 @@ class KerasRMSScaledLayerNorm(nn.Module):
         return f"{self.normalized_shape}, eps={self.eps}"
 
 
+class KerasAttention(nn.Module):
+    """Keras's Attention (`score_mode` "dot" or "concat") and AdditiveAttention ("additive"), on
+    batch-first (N, T, F) inputs; returns (output (N, Tq, Fv), attention weights (N, Tq, Tv)).
+
+    Scores: dot q·kᵀ (× `scale`); concat `concat_score_weight` · Σ tanh(`scale` · (q + k));
+    additive Σ `scale` · tanh(q + k), `scale` of shape (features,). Keras subtracts 1e9 (65504 in
+    float16) from the scores of masked value steps and, with `causal`, of future steps, and
+    zeroes the output at masked query steps. Masks are bool (N, T), True where a step is kept.
+    """
+
+    def __init__(self, score_mode, use_scale, features, causal=False, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        self.score_mode, self.use_scale, self.features = score_mode, use_scale, features
+        self.causal, self.dropout = causal, dropout
+        if use_scale:
+            shape = (features,) if score_mode == "additive" else ()
+            self.scale = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        if score_mode == "concat":
+            self.concat_score_weight = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor, key: torch.Tensor,
+                value_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None):
+        if self.score_mode == "dot":
+            scores = torch.matmul(query, key.transpose(-2, -1))
+            if self.use_scale:
+                scores = scores * self.scale
+        else:
+            sums = query.unsqueeze(-2) + key.unsqueeze(-3)      # (N, Tq, Tv, F)
+            if self.score_mode == "concat":
+                sums = self.scale * sums if self.use_scale else sums
+                scores = self.concat_score_weight * torch.tanh(sums).sum(-1)
+            else:
+                scores = (self.scale * torch.tanh(sums) if self.use_scale else torch.tanh(sums)).sum(-1)
+        keep = None if value_mask is None else value_mask.unsqueeze(-2)
+        if self.causal:
+            lower = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            keep = lower if keep is None else keep & lower
+        if keep is not None:
+            large = 65504.0 if scores.dtype == torch.float16 else 1.0e9
+            scores = torch.where(keep, scores, scores - large)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        output = torch.matmul(weights, value)
+        if query_mask is not None:
+            output = torch.where(query_mask.unsqueeze(-1), output, 0.0)
+        return output, weights
+
+    def extra_repr(self) -> str:
+        return (f"{self.score_mode!r}, use_scale={self.use_scale}, features={self.features}, causal={self.causal}")
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

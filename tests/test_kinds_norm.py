@@ -27,7 +27,7 @@ L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
 TOLERANCE = 1e-5
 # Variables that `randomize` leaves at their initial value, seeded here.
-SEEDED_HERE = ("alpha", "scale")
+SEEDED_HERE = ("alpha", "scale", "concat_score_weight")
 
 
 def single(shape, *layers):
@@ -37,6 +37,25 @@ def single(shape, *layers):
 def pair(first_shape, second_shape, layer):
     first, second = keras.Input(first_shape, name="first"), keras.Input(second_shape, name="second")
     return keras.Model([first, second], layer([first, second]))
+
+
+def attention(layer, query=(7, 4), value=(6, 5), key_width=None, masked=False, **call):
+    """Query (Tq, F) attends to value (Tv, Fv), optionally a key (Tv, key_width); `masked`: the
+    query and value come from Embeddings with mask_zero (token ids in [0, 7): some are 0)."""
+    if masked:
+        tokens = [keras.Input((steps,), dtype="int32", name=name) for steps, name in
+                  ((query[0], "query_ids"), (value[0], "value_ids"))]
+        query_tensor = L.Embedding(9, query[1], mask_zero=True, name="query")(tokens[0])
+        value_tensor = L.Embedding(9, value[1], mask_zero=True, name="value")(tokens[1])
+        inputs = tokens
+    else:
+        inputs = [keras.Input(query, name="query"), keras.Input(value, name="value")]
+        query_tensor, value_tensor = inputs
+    arguments = [query_tensor, value_tensor]
+    if key_width:
+        inputs.append(keras.Input(value[:-1] + (key_width,), name="key"))
+        arguments.append(inputs[-1])
+    return keras.Model(inputs, layer(arguments, **call))
 
 
 def adapted(shape, **options):
@@ -90,6 +109,24 @@ CASES = {
     "batch_norm_renorm": lambda: single((9, 12, 5), L.BatchNormalization(
         renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}, renorm_momentum=0.8)),
     "batch_norm_renorm_features": lambda: single((10,), L.BatchNormalization(renorm=True, scale=False)),
+    # Attention, AdditiveAttention
+    "attention_dot": lambda: attention(L.Attention(), query=(7, 5)),
+    "attention_dot_scale_key_causal": lambda: attention(L.Attention(use_scale=True, dropout=0.3), query=(7, 3),
+                                                        key_width=3, use_causal_mask=True),
+    "attention_concat_scale": lambda: attention(L.Attention(score_mode="concat", use_scale=True), query=(7, 5)),
+    "attention_concat_key_scores": lambda: attention(L.Attention(score_mode="concat"), query=(6, 3), key_width=3,
+                                                     return_attention_scores=True),
+    "attention_masked": lambda: attention(L.Attention(use_scale=True), query=(7, 5), masked=True),
+    "attention_masked_causal": lambda: attention(L.Attention(), query=(6, 5), masked=True, use_causal_mask=True),
+    "additive_attention": lambda: attention(L.AdditiveAttention(), query=(7, 5)),
+    "additive_attention_no_scale_key": lambda: attention(L.AdditiveAttention(use_scale=False), key_width=4),
+    "additive_attention_scores": lambda: attention(L.AdditiveAttention(), query=(6, 5),
+                                                          return_attention_scores=True),
+    "attention_images_scores": lambda: attention(L.Attention(use_scale=True), query=(3, 6, 4), value=(3, 5, 2),
+                                                 key_width=4, return_attention_scores=True),
+    "additive_attention_images_causal": lambda: attention(L.AdditiveAttention(), query=(2, 5, 4), value=(2, 5, 3),
+                                                          key_width=4, use_causal_mask=True),
+    "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
 
 
@@ -155,7 +192,8 @@ def run_generated_code(keras_model, tmp_path):
 
 @pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
-                                  "normalization_two_axes", "batch_norm_channels_first_image"])
+                                  "normalization_two_axes", "batch_norm_channels_first_image",
+                                  "attention_images_scores", "attention_masked_causal"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -188,3 +226,12 @@ def test_rms_normalization_off_the_last_axes_is_refused():
     axis 1 of a (9, 5, 5) input scales the channels by the height's values."""
     message = refusal(lambda: single((5, 7, 5), L.RMSNormalization(axis=1)))
     assert "Keras multiplies its scale along the last 1 axes" in message
+
+
+def test_attention_masks_given_as_tensors_are_refused():
+    query, value = keras.Input((7, 4), name="query"), keras.Input((6, 4), name="value")
+    query_mask, value_mask = (keras.Input((steps,), dtype="bool", name=name) for steps, name in
+                              ((7, "query_mask"), (6, "value_mask")))
+    message = refusal(lambda: keras.Model([query, value, query_mask, value_mask], L.Attention(name="att")(
+        [query, value], mask=[query_mask, value_mask])))
+    assert "'att' (Attention)" in message

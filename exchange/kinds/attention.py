@@ -1,4 +1,5 @@
-"""MultiHeadAttention: Keras's multi-head dot-product attention over the sequence axis.
+"""MultiHeadAttention: Keras's multi-head dot-product attention over the sequence axis; Attention
+and AdditiveAttention (at the end of this module: `KerasAttention`).
 
 Keras projects the query to (heads, key_dim), the key to (heads, key_dim) and the value to
 (heads, value_dim) per step, attends per head with softmax(q·kᵀ / sqrt(key_dim)), and projects the
@@ -24,6 +25,19 @@ concatenated heads to `output_shape` (default: the query's width). Conventions t
 Inference only: `dropout` is kept (it acts in training) and needs nothing at inference.
 Precision: TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even in a float64 model;
 the torch side does not, so float64 models agree to about 1e-8 rather than 1e-15.
+
+Attention and AdditiveAttention. Keras's Attention scores q·kᵀ (× scale with use_scale), or with
+score_mode="concat" w · Σ tanh(scale · (q + k)); AdditiveAttention Σ scale · tanh(q + k), scale a
+(features,) vector; then softmax over the value steps and the weighted sum of the values.
+Conventions that differ:
+- Layout. The torch side holds the inputs channels-first (N, F, …, T); each is moved to Keras's
+  (N, …, T, F) for `KerasAttention`, the output moved back, and the attention scores (Keras
+  (N, …, Tq, Tv)) are held channels-first as (N, Tv, …, Tq).
+- Masks. Keras subtracts 1e9 (float16: 65504) from the scores of masked value steps and, with
+  `use_causal_mask`, of future steps (a subtraction, not a replacement), and zeroes the output
+  at masked query steps; `KerasAttention` does the same. The key's mask is not read (Keras reads
+  the query's and the value's). Masks given as tensors (`mask=[…]`) are refused.
+`dropout` acts in training only.
 """
 
 from __future__ import annotations
@@ -34,6 +48,7 @@ from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, TENSOR, LayerKind, check_int, register
+from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
@@ -328,3 +343,163 @@ def _attention_bias(builder, context, query, value, inputs):
     large_negative = LARGE_NEGATIVE.get(context.node.dtype, DEFAULT_LARGE_NEGATIVE)
     bias = builder.call(builder.torch.zeros_like, keep, dtype=builder.dtype(context))
     return builder.method(bias, "masked_fill", builder.method(keep, "logical_not"), large_negative), per_example
+
+
+# -- Attention and AdditiveAttention (see the module docstring) --------------------------------
+
+SCORE_MODES = ("dot", "concat", "additive")
+ATTENTION_CALL_FLAGS = ("use_causal_mask", "return_attention_scores")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    score_mode: str = "dot"     # "additive" for AdditiveAttention
+    use_scale: bool = False
+    dropout: float = 0.0
+    use_causal_mask: bool = False
+    return_attention_scores: bool = False
+
+    def __post_init__(self) -> None:
+        from exchange.kinds import check_choice
+
+        check_choice(self.score_mode, SCORE_MODES, "Attention score_mode")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExchangeError(f"Attention dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def _read_attention_call(options) -> dict:
+    """`use_causal_mask` and `return_attention_scores` from the call; `training` only switches dropout."""
+    flags = {}
+    for key, value in options.call_kwargs.items():
+        if key in ATTENTION_CALL_FLAGS and isinstance(value, bool):
+            flags[key] = value
+        elif key != "training":
+            raise options.unsupported(f"call argument {key}", value if value is not TENSOR else "a tensor")
+    if any(argument is not None for argument in options.call_args):
+        raise options.unsupported("call arguments", options.call_args, "a list [query, value] or [query, value, key]")
+    return flags
+
+
+@register
+class Attention(LayerKind):
+    kind, keras_classes, Config = "attention", ("Attention",), AttentionConfig
+    takes_list = True
+
+    def from_keras(self, options):
+        score_mode = options.take("score_mode", "dot")
+        if score_mode not in ("dot", "concat"):
+            raise options.unsupported("score_mode", score_mode, "dot or concat")
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        return AttentionConfig(score_mode, options.flag("use_scale", False), options.number("dropout", 0.0),
+                               **_read_attention_call(options))
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        if not 2 <= len(input_shapes) <= 3:
+            raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
+        rank = len(input_shapes[0])
+        if rank < 2 or any(len(shape) != rank for shape in input_shapes) or any(
+                len({size for size in sizes if size is not None}) > 1 for sizes in zip(*(s[:-2] for s in input_shapes))):
+            raise UnsupportedLayerError(f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
+                                        "only inputs of one rank, (…, steps, features) with the same leading axes, "
+                                        "are supported")
+        query, value = input_shapes[:2]
+        key = input_shapes[2] if len(input_shapes) == 3 else value
+        if None not in (key[0], value[0]) and key[0] != value[0]:
+            raise ExchangeError(f"key steps {key[0]} differ from value steps {value[0]}")
+        if None not in (query[-1], key[-1]) and query[-1] != key[-1]:
+            raise ExchangeError(f"query features {query[-1]} differ from key features {key[-1]}")
+        if config.score_mode == "additive" and config.use_scale and query[-1] is None:
+            raise ExchangeError("AdditiveAttention with use_scale needs a known query width")
+        output = query[:-1] + (value[-1],)
+        return [output, query[:-1] + (key[-2],)] if config.return_attention_scores else [output]
+
+    def output_shape(self, config, input_shapes):
+        return self.output_shapes(config, input_shapes)[0]
+
+    def output_mask(self, node, input_masks):
+        return input_masks[0]   # Keras's compute_mask: the query's
+
+    def output_masks(self, node, input_masks):
+        if node.config.return_attention_scores and any(mask is not None for mask in input_masks):
+            raise UnsupportedLayerError(f"layer {node.name!r} ({type(self).__name__}): return_attention_scores "
+                                        "on masked inputs is not supported")
+        return [input_masks[0]] * self.output_count(node.config)
+
+    def _check_masks(self, context):
+        if len(context.input_shape) != 2 and any(mask is not None for mask in context.input_masks or ()):
+            raise UnsupportedLayerError(f"layer {context.node.name!r} ({type(self).__name__}): masked inputs of "
+                                        f"rank {len(context.input_shape) + 1} are not supported (only sequences)")
+
+    def ports(self, context):
+        config = context.config
+        ports = []
+        if config.use_scale:
+            shape = (context.input_shape[-1],) if config.score_mode == "additive" else ()
+            ports.append(Port("scale", "scale", shape=shape))
+        if config.score_mode == "concat":
+            ports.append(Port("concat_score_weight", "concat_score_weight", shape=()))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config, torch, rank = context.config, builder.torch, len(context.input_shape)
+        self._check_masks(context)
+        masks = list(context.input_masks or (None,) * len(inputs)) + [None, None]
+
+        def keras_layout(value):   # (N, F, …, T) -> (N, …, T, F)
+            if rank == 2:
+                return builder.call(torch.movedim, value, 1, -1)
+            return builder.call(torch.permute, value, to_keras_order(rank))
+
+        def torch_layout(value):
+            if rank == 2:
+                return builder.call(torch.movedim, value, -1, 1)
+            return builder.call(torch.permute, value, to_torch_order(rank))
+
+        steps_last = {}   # one move per distinct input: self-attention reads one tensor
+        for value in inputs:
+            if value not in steps_last:
+                steps_last[value] = keras_layout(value)
+        query, value = steps_last[inputs[0]], steps_last[inputs[1]]
+        key = steps_last[inputs[2]] if len(inputs) == 3 else value
+        value_mask, query_mask = (None if masks[index] is None else builder.masks[masks[index]] for index in (1, 0))
+        module = builder.helpers.KerasAttention(
+            config.score_mode, config.use_scale, context.input_shape[-1], causal=config.use_causal_mask,
+            dropout=config.dropout, device="meta", dtype=builder.dtype(context))
+        result = builder.module(context, module, query, value, key, value_mask, query_mask)
+        output = torch_layout(builder.call(operator.getitem, result, 0))
+        if not config.return_attention_scores:
+            return output
+        return output, torch_layout(builder.call(operator.getitem, result, 1))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Attention(use_scale=config.use_scale, score_mode=config.score_mode,
+                                      dropout=config.dropout, **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        config = context.config
+        flags = {key: True for key in ATTENTION_CALL_FLAGS if getattr(config, key)}
+        return keras_layer(list(arguments), **flags)
+
+
+@register
+class AdditiveAttention(Attention):
+    kind, keras_classes = "additive_attention", ("AdditiveAttention",)
+
+    def from_keras(self, options):
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        return AttentionConfig("additive", options.flag("use_scale", True), options.number("dropout", 0.0),
+                               **_read_attention_call(options))
+
+    def output_shapes(self, config, input_shapes):
+        if config.score_mode != "additive":
+            raise ExchangeError(f"AdditiveAttention score_mode must be 'additive', got {config.score_mode!r}")
+        return super().output_shapes(config, input_shapes)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.AdditiveAttention(use_scale=config.use_scale, dropout=config.dropout,
+                                              **context.keras_identity)
