@@ -361,6 +361,47 @@ class KerasAttention(nn.Module):
         return (f"{self.score_mode!r}, use_scale={self.use_scale}, features={self.features}, causal={self.causal}")
 
 
+class KerasGroupedQueryAttention(nn.Module):
+    """Keras's GroupedQueryAttention: the query projected to `num_query_heads` heads, the key and
+    value to `num_key_value_heads`, each key/value head serving `num_query_heads /
+    num_key_value_heads` consecutive query heads (`repeat_interleave`); softmax(q·kᵀ /
+    sqrt(head_dim)); the heads, concatenated head-major, projected back to `query_features`.
+
+    Inputs (N, T, features) and (N, S, features), batch first; output (N, T, query_features).
+    `attn_mask`, optional, is an additive float mask broadcasting to (N, T, S).
+    """
+
+    def __init__(self, query_features, key_features, value_features, num_query_heads, num_key_value_heads,
+                 head_dim, bias=True, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
+        self.num_query_heads, self.num_key_value_heads, self.head_dim = num_query_heads, num_key_value_heads, head_dim
+        self.bias, self.dropout = bias, dropout
+        self.query = nn.Linear(query_features, num_query_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.key = nn.Linear(key_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.value = nn.Linear(value_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.output = nn.Linear(num_query_heads * head_dim, query_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, target, source = query.shape[0], query.shape[1], key.shape[1]
+        repeats = self.num_query_heads // self.num_key_value_heads
+        q = self.query(query).view(batch, target, self.num_query_heads, self.head_dim).transpose(1, 2)
+        k = self.key(key).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.value(value).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
+        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.output(heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim))
+
+    def extra_repr(self) -> str:
+        return (f"{self.query_features}, {self.key_features}, {self.value_features}, "
+                f"num_query_heads={self.num_query_heads}, num_key_value_heads={self.num_key_value_heads}, "
+                f"head_dim={self.head_dim}, bias={self.bias}")
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

@@ -58,6 +58,29 @@ def attention(layer, query=(7, 4), value=(6, 5), key_width=None, masked=False, *
     return keras.Model(inputs, layer(arguments, **call))
 
 
+def grouped(query=(7, 12), value=(5, 12), key_width=None, mask=False, tokens=False, call=None, **options):
+    """GroupedQueryAttention: query (T, F) attends to value (S, F); optionally a key, an int
+    attention_mask (T, S) input, or query and value from Embeddings with mask_zero (`tokens`)."""
+    layer = L.GroupQueryAttention(name="gqa", **options)
+    if tokens:
+        ids = [keras.Input((steps,), dtype="int32", name=name) for steps, name in
+               ((query[0], "query_ids"), (value[0], "value_ids"))]
+        inputs = list(ids)
+        query_tensor, value_tensor = (L.Embedding(9, width, mask_zero=True, name=name)(tensor) for tensor, width, name
+                                      in ((ids[0], query[1], "query"), (ids[1], value[1], "value")))
+    else:
+        inputs = [keras.Input(query, name="query"), keras.Input(value, name="value")]
+        query_tensor, value_tensor = inputs
+    call = dict(call or {})
+    if key_width:
+        call["key"] = keras.Input((value[0], key_width), name="key")
+        inputs.append(call["key"])
+    if mask:   # ids in [0, 7) from `batch`: about one in seven positions is 0, masked
+        call["attention_mask"] = keras.Input((query[0], value[0]), dtype="int32", name="mask")
+        inputs.append(call["attention_mask"])
+    return keras.Model(inputs, layer(query_tensor, value_tensor, **call))
+
+
 def adapted(shape, **options):
     """An adapted Normalization (its statistics seeded again by `seeded`), then a layer that mixes."""
     layer = L.Normalization(**options)
@@ -126,6 +149,14 @@ CASES = {
                                                  key_width=4, return_attention_scores=True),
     "additive_attention_images_causal": lambda: attention(L.AdditiveAttention(), query=(2, 5, 4), value=(2, 5, 3),
                                                           key_width=4, use_causal_mask=True),
+    "gqa_cross": lambda: grouped(head_dim=3, num_query_heads=4, num_key_value_heads=2),
+    "gqa_key_causal_no_bias": lambda: grouped(query=(6, 8), value=(6, 8), key_width=5, head_dim=5, num_query_heads=6,
+                                              num_key_value_heads=3, use_bias=False, call={"use_causal_mask": True}),
+    "gqa_attention_mask_one_kv_head": lambda: grouped(mask=True, head_dim=4, num_query_heads=3,
+                                                      num_key_value_heads=1),
+    "gqa_embedding_masks": lambda: grouped(tokens=True, query=(7, 6), value=(5, 6), head_dim=2,
+                                           num_query_heads=4, num_key_value_heads=4),
+    "gqa_dropout": lambda: grouped(head_dim=3, num_query_heads=2, num_key_value_heads=1, dropout=0.2),
     "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
 
@@ -193,7 +224,7 @@ def run_generated_code(keras_model, tmp_path):
 @pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
                                   "normalization_two_axes", "batch_norm_channels_first_image",
-                                  "attention_images_scores", "attention_masked_causal"])
+                                  "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -235,3 +266,9 @@ def test_attention_masks_given_as_tensors_are_refused():
     message = refusal(lambda: keras.Model([query, value, query_mask, value_mask], L.Attention(name="att")(
         [query, value], mask=[query_mask, value_mask])))
     assert "'att' (Attention)" in message
+
+
+def test_grouped_query_attention_dropout_with_masks_is_refused():
+    message = refusal(lambda: grouped(head_dim=3, num_query_heads=2, num_key_value_heads=1, dropout=0.2,
+                                      call={"use_causal_mask": True}))
+    assert "'gqa' (GroupedQueryAttention): dropout > 0 with a mask is not supported" in message

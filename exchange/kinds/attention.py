@@ -38,6 +38,14 @@ Conventions that differ:
   at masked query steps; `KerasAttention` does the same. The key's mask is not read (Keras reads
   the query's and the value's). Masks given as tensors (`mask=[…]`) are refused.
 `dropout` acts in training only.
+
+GroupedQueryAttention (Keras also calls it GroupQueryAttention): as MultiHeadAttention, but the key
+and value are projected to fewer heads (`num_key_value_heads`), each serving `num_query_heads /
+num_key_value_heads` consecutive query heads (Keras's `ops.repeat` on the heads axis is torch's
+`repeat_interleave`); scaled by 1/sqrt(head_dim); output projected back to the query's width.
+Its kernels move as MultiHeadAttention's, into `KerasGroupedQueryAttention`'s `nn.Linear`s. Masks
+are joined and applied as MultiHeadAttention's. With `dropout` > 0 Keras takes another path that
+zeroes fully masked rows; masks are then refused.
 """
 
 from __future__ import annotations
@@ -503,3 +511,139 @@ class AdditiveAttention(Attention):
         config = context.config
         return keras.layers.AdditiveAttention(use_scale=config.use_scale, dropout=config.dropout,
                                               **context.keras_identity)
+
+
+# -- GroupedQueryAttention (see the module docstring) ----------------------------------------------
+
+# Keras 3 files keep the projections in `<layer>/_query_dense/vars`, …, `_output_dense/vars`.
+GROUPED_PROJECTIONS = (("query", "_query_dense"), ("key", "_key_dense"), ("value", "_value_dense"),
+                       ("output", "_output_dense"))
+
+
+@dataclass(frozen=True)
+class GroupedQueryAttentionConfig:
+    head_dim: int
+    num_query_heads: int
+    num_key_value_heads: int
+    use_bias: bool = True
+    dropout: float = 0.0
+    use_causal_mask: bool = False
+    call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+
+    def __post_init__(self) -> None:
+        check_int(self.head_dim, "GroupedQueryAttention head_dim", MAX_FEATURES)
+        check_int(self.num_query_heads, "GroupedQueryAttention num_query_heads", MAX_HEADS)
+        check_int(self.num_key_value_heads, "GroupedQueryAttention num_key_value_heads", MAX_HEADS)
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ExchangeError(f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
+                                f"of num_key_value_heads {self.num_key_value_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExchangeError(f"GroupedQueryAttention dropout must be in [0, 1), got {self.dropout!r}")
+        roles = self.call_inputs
+        if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
+                or "query" not in roles or "value" not in roles):
+            raise ExchangeError(f"GroupedQueryAttention call_inputs must name query, value and optionally key "
+                                f"and attention_mask once each, got {list(roles)}")
+
+
+@register
+class GroupedQueryAttention(LayerKind):
+    kind, Config = "grouped_query_attention", GroupedQueryAttentionConfig
+    keras_classes = ("GroupedQueryAttention", "GroupQueryAttention")
+    tensor_kwargs = ("query", "value", "key", "attention_mask")
+    variable_aliases = {f"{projection}_{variable}": (variable,)
+                        for projection, _ in GROUPED_PROJECTIONS for variable in ("kernel", "bias")}
+
+    def reads_integers(self, node, position):
+        roles = node.config.call_inputs
+        return position < len(roles) and roles[position] == "attention_mask"
+
+    def from_keras(self, options):
+        options.expect("use_gate", False)
+        options.expect("sliding_window", None)
+        options.take("flash_attention", None)   # an implementation choice: the same attention
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        call_inputs, use_causal_mask = _read_call(options)
+        return GroupedQueryAttentionConfig(options.integer("head_dim"), options.integer("num_query_heads"),
+                                           options.integer("num_key_value_heads"), options.flag("use_bias", True),
+                                           options.number("dropout", 0.0), use_causal_mask, call_inputs)
+
+    def keras3_subgroups(self, config):
+        return tuple(group for _, group in GROUPED_PROJECTIONS)
+
+    def output_mask(self, node, input_masks):
+        config = node.config
+        if config.dropout > 0 and (config.use_causal_mask or "attention_mask" in config.call_inputs
+                                   or any(mask is not None for mask in input_masks)):
+            raise UnsupportedLayerError(f"layer {node.name!r} (GroupedQueryAttention): dropout > 0 with a mask is "
+                                        "not supported (Keras then zeroes fully masked rows)")
+        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes) != len(config.call_inputs):
+            raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        for role in ("query", "value", "key"):
+            if role in shapes and len(shapes[role]) != 2:
+                raise ExchangeError(f"GroupedQueryAttention: {role} of shape {list(shapes[role])}; expected "
+                                    "(steps, features)")
+        query, value = shapes["query"], shapes["value"]
+        if None not in (query[-1], value[-1]) and query[-1] != value[-1]:
+            raise ExchangeError(f"query features {query[-1]} differ from value features {value[-1]}")
+        if "key" in shapes and None not in (shapes["key"][0], value[0]) and shapes["key"][0] != value[0]:
+            raise ExchangeError(f"key steps {shapes['key'][0]} differ from value steps {value[0]}")
+        if "attention_mask" in shapes:
+            mask = shapes["attention_mask"]
+            if len(mask) != 2 or any(size not in (None, 1, want) for size, want in zip(mask, (query[0], value[0]))):
+                raise ExchangeError(f"attention_mask of shape {list(mask)} does not broadcast to "
+                                    f"(query steps, value steps) = ({query[0]}, {value[0]})")
+        return query
+
+    def ports(self, context):
+        config, widths = context.config, _widths(context)
+        dim = config.head_dim
+        heads = {"query": config.num_query_heads, "key": config.num_key_value_heads,
+                 "value": config.num_key_value_heads}
+        ports = []
+        for role in ("query", "key", "value"):
+            ports.append(Port(f"{role}_kernel", f"{role}.weight", _kernel_steps(widths[role], heads[role], dim),
+                              shape=(widths[role], heads[role], dim)))
+            if config.use_bias:
+                ports.append(Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads[role], dim),
+                                  shape=(heads[role], dim)))
+        output_shape = (config.num_query_heads, dim, widths["query"])
+        ports.append(Port("output_kernel", "output.weight",
+                          (Reshape(output_shape, (config.num_query_heads * dim, widths["query"])), Permute((1, 0))),
+                          shape=output_shape))
+        if config.use_bias:
+            ports.append(Port("output_bias", "output.bias", shape=(widths["query"],)))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config, widths = context.config, _widths(context)
+        values = dict(zip(config.call_inputs, inputs))
+        batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
+
+        def steps_last(value):
+            if value not in batch_first:
+                batch_first[value] = builder.call(builder.torch.movedim, value, 1, -1)
+            return batch_first[value]
+
+        query, value = steps_last(values["query"]), steps_last(values["value"])
+        key = steps_last(values["key"]) if "key" in values else value
+        bias, _ = _attention_bias(builder, context, query, value, inputs)
+        attention = builder.helpers.KerasGroupedQueryAttention(
+            widths["query"], widths["key"], widths["value"], config.num_query_heads, config.num_key_value_heads,
+            config.head_dim, bias=config.use_bias, dropout=config.dropout, device="meta",
+            dtype=builder.dtype(context))
+        output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
+        return builder.call(builder.torch.movedim, output, -1, 1)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.GroupQueryAttention(   # Keras exports it under this name only
+            config.head_dim, config.num_query_heads, config.num_key_value_heads, dropout=config.dropout,
+            use_bias=config.use_bias, **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)
