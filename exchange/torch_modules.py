@@ -365,25 +365,33 @@ class KerasGroupedQueryAttention(nn.Module):
     """Keras's GroupedQueryAttention: the query projected to `num_query_heads` heads, the key and
     value to `num_key_value_heads`, each key/value head serving `num_query_heads /
     num_key_value_heads` consecutive query heads (`repeat_interleave`); softmax(q·kᵀ /
-    sqrt(head_dim)); the heads, concatenated head-major, projected back to `query_features`.
+    sqrt(head_dim)); with `gate`, the heads multiplied by sigmoid(gate(query)); the heads,
+    concatenated head-major, projected back to `query_features`.
 
-    Inputs (N, T, features) and (N, S, features), batch first; output (N, T, query_features).
-    `attn_mask`, optional, is an additive float mask broadcasting to (N, T, S).
+    Inputs (N, T, features) and (N, S, features), batch first; `attn_mask`, optional, an additive
+    float mask broadcasting to (N, T, S): 0 where a query step attends, Keras's large negative
+    number elsewhere. Returns (output (N, T, query_features), scores (N, heads, T, S) or None).
+    Keras's two ways: `explicit_scores` (its path with dropout or returned scores) puts −1e9
+    (float16: −3e4) at masked scores and zeroes them after the softmax; otherwise the additive
+    mask goes into `scaled_dot_product_attention`, and no scores are returned.
     """
 
     def __init__(self, query_features, key_features, value_features, num_query_heads, num_key_value_heads,
-                 head_dim, bias=True, dropout=0.0, device=None, dtype=None):
+                 head_dim, bias=True, dropout=0.0, gate=False, explicit_scores=False, device=None, dtype=None):
         super().__init__()
         self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
         self.num_query_heads, self.num_key_value_heads, self.head_dim = num_query_heads, num_key_value_heads, head_dim
-        self.bias, self.dropout = bias, dropout
-        self.query = nn.Linear(query_features, num_query_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.bias, self.dropout, self.gate, self.explicit_scores = bias, dropout, gate, explicit_scores
+        heads = num_query_heads * head_dim
+        self.query = nn.Linear(query_features, heads, bias=bias, device=device, dtype=dtype)
         self.key = nn.Linear(key_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        if gate:
+            self.gate_projection = nn.Linear(query_features, heads, bias=bias, device=device, dtype=dtype)
         self.value = nn.Linear(value_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
-        self.output = nn.Linear(num_query_heads * head_dim, query_features, bias=bias, device=device, dtype=dtype)
+        self.output = nn.Linear(heads, query_features, bias=bias, device=device, dtype=dtype)
 
     def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None):
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         repeats = self.num_query_heads // self.num_key_value_heads
         q = self.query(query).view(batch, target, self.num_query_heads, self.head_dim).transpose(1, 2)
@@ -392,14 +400,30 @@ class KerasGroupedQueryAttention(nn.Module):
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
-                                               dropout_p=self.dropout if self.training else 0.0)
-        return self.output(heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim))
+        dropout = self.dropout if self.training else 0.0
+        scores = None
+        if self.explicit_scores:
+            scores = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))
+            if attn_mask is not None:
+                keep = attn_mask == 0
+                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
+            scores = torch.softmax(scores, dim=-1)
+            if attn_mask is not None:
+                scores = torch.where(keep, scores, 0.0)
+            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
+                                                   dropout_p=dropout)
+        heads = heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim)
+        if self.gate:
+            heads = heads * torch.sigmoid(self.gate_projection(query))
+        return self.output(heads), scores
 
     def extra_repr(self) -> str:
         return (f"{self.query_features}, {self.key_features}, {self.value_features}, "
                 f"num_query_heads={self.num_query_heads}, num_key_value_heads={self.num_key_value_heads}, "
-                f"head_dim={self.head_dim}, bias={self.bias}")
+                f"head_dim={self.head_dim}, bias={self.bias}, gate={self.gate}, "
+                f"explicit_scores={self.explicit_scores}")
 
 
 class NAMESPACES:

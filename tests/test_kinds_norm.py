@@ -157,6 +157,16 @@ CASES = {
     "gqa_embedding_masks": lambda: grouped(tokens=True, query=(7, 6), value=(5, 6), head_dim=2,
                                            num_query_heads=4, num_key_value_heads=4),
     "gqa_dropout": lambda: grouped(head_dim=3, num_query_heads=2, num_key_value_heads=1, dropout=0.2),
+    "gqa_gate_sliding_window_causal": lambda: grouped(query=(7, 8), value=(7, 8), head_dim=3, num_query_heads=4,
+                                                      num_key_value_heads=2, use_gate=True, sliding_window=3,
+                                                      call={"use_causal_mask": True}),
+    "gqa_gate_no_bias_key": lambda: grouped(key_width=5, head_dim=2, num_query_heads=2, num_key_value_heads=1,
+                                            use_gate=True, use_bias=False),
+    "gqa_scores_masked": lambda: grouped(mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2,
+                                         call={"return_attention_scores": True}),
+    "gqa_dropout_embedding_masks_causal": lambda: grouped(tokens=True, query=(6, 6), value=(6, 6), head_dim=2,
+                                                          num_query_heads=2, num_key_value_heads=1, dropout=0.3,
+                                                          call={"use_causal_mask": True}),
     "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
 
@@ -224,7 +234,8 @@ def run_generated_code(keras_model, tmp_path):
 @pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
                                   "normalization_two_axes", "batch_norm_channels_first_image",
-                                  "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head"])
+                                  "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head",
+                                  "gqa_gate_sliding_window_causal", "gqa_scores_masked"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -268,7 +279,19 @@ def test_attention_masks_given_as_tensors_are_refused():
     assert "'att' (Attention)" in message
 
 
-def test_grouped_query_attention_dropout_with_masks_is_refused():
-    message = refusal(lambda: grouped(head_dim=3, num_query_heads=2, num_key_value_heads=1, dropout=0.2,
-                                      call={"use_causal_mask": True}))
-    assert "'gqa' (GroupedQueryAttention): dropout > 0 with a mask is not supported" in message
+@pytest.mark.parametrize("call, dropout", [({}, 0.0), ({"return_attention_scores": True}, 0.0), ({}, 0.2)])
+def test_grouped_query_attention_fully_masked_rows(call, dropout):
+    """Keras's two ways of masking differ on a query step that attends to nothing: its
+    dot_product_attention averages the values, its explicit path (dropout, returned scores) gives 0."""
+    keras.utils.set_random_seed(5)
+    model = seeded(grouped(mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2, dropout=dropout,
+                           call=call))
+    inputs = batch(model)
+    inputs[-1][:, 2, :] = 0   # query step 2 attends to nothing
+    inputs[-1][:, :, 1] = 0
+    graph = keras_adapter.architecture_of(model)
+    torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
+    expected = keras_adapter.predict(model, inputs)
+    assert max_difference(torch_adapter.predict(torch_model, inputs), expected) <= TOLERANCE
+    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3   # differs across the batch: values averaged
+    assert averaged == (not call and not dropout)

@@ -43,19 +43,23 @@ GroupedQueryAttention (Keras also calls it GroupQueryAttention): as MultiHeadAtt
 and value are projected to fewer heads (`num_key_value_heads`), each serving `num_query_heads /
 num_key_value_heads` consecutive query heads (Keras's `ops.repeat` on the heads axis is torch's
 `repeat_interleave`); scaled by 1/sqrt(head_dim); output projected back to the query's width.
-Its kernels move as MultiHeadAttention's, into `KerasGroupedQueryAttention`'s `nn.Linear`s. Masks
-are joined and applied as MultiHeadAttention's. With `dropout` > 0 Keras takes another path that
-zeroes fully masked rows; masks are then refused.
+Its kernels move as MultiHeadAttention's, into `KerasGroupedQueryAttention`'s `nn.Linear`s (with
+`use_gate`, a sigmoid gate projected from the query multiplies the heads). Masks are joined as
+MultiHeadAttention's (a `sliding_window` keeps |i − j| < window). Keras computes the attention two
+ways: with `dropout` > 0 or `return_attention_scores` it scales the query, puts −1e9 at masked
+scores and zeroes them after the softmax (a fully masked row gives 0); otherwise its
+dot_product_attention puts the large negative number (a fully masked row averages). The module
+takes the same path (`explicit_scores`). The scores (N, heads, T, S) are held as (N, S, heads, T).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, TENSOR, LayerKind, check_int, register
+from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, OMIT_DEFAULT, TENSOR, LayerKind, check_int, register
 from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
@@ -159,7 +163,7 @@ class MultiHeadAttention(LayerKind):
             output_shape = (output_shape,)
         elif output_shape is not None:
             output_shape = tuple(output_shape) or None
-        call_inputs, use_causal_mask = _read_call(options)
+        call_inputs, use_causal_mask, _ = _read_call(options)
         return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
                                         options.flag("use_bias", True), options.number("dropout", 0.0),
                                         use_causal_mask, call_inputs)
@@ -286,9 +290,10 @@ class MultiHeadAttention(LayerKind):
         return keras_layer(values["query"], values["value"], **keywords)
 
 
-def _read_call(options) -> tuple[tuple[str, ...], bool]:
-    """What each node input is (positional tensors, then tensor keywords) and `use_causal_mask`."""
-    call_inputs = []
+def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bool]:
+    """What each node input is (positional tensors, then tensor keywords), `use_causal_mask` and
+    `return_attention_scores` (refused unless the kind returns them: `scores`)."""
+    call_inputs, return_scores = [], False
     for index, argument in enumerate(options.call_args):
         if argument is not None or index >= len(POSITIONAL_INPUTS):
             raise options.unsupported(f"positional argument {index}", argument)
@@ -299,7 +304,9 @@ def _read_call(options) -> tuple[tuple[str, ...], bool]:
             call_inputs.append(key)
         elif key == "use_causal_mask" and isinstance(value, bool):
             use_causal_mask = value
-        elif key == "return_attention_scores" and value is False or key == "training":
+        elif key == "return_attention_scores" and isinstance(value, bool) and (scores or not value):
+            return_scores = value
+        elif key == "training":
             continue   # training only switches dropout on
         elif key in ("key", "attention_mask") and value is None:
             continue
@@ -308,7 +315,7 @@ def _read_call(options) -> tuple[tuple[str, ...], bool]:
             raise options.unsupported(f"call argument {key}", value if value is not TENSOR else "a tensor", why)
     if "query" not in call_inputs or "value" not in call_inputs:
         raise options.unsupported("call arguments", list(call_inputs), "query and value must be tensors")
-    return tuple(call_inputs), use_causal_mask
+    return tuple(call_inputs), use_causal_mask, return_scores
 
 
 def _steps(builder, context, query, value) -> tuple:
@@ -337,10 +344,16 @@ def _attention_bias(builder, context, query, value, inputs):
         if masks.get(role) is not None:
             keep = both(keep, builder.method(builder.masks[masks[role]], "unsqueeze", -2))
             per_example = True
-    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
+    window = getattr(config, "sliding_window", None)
+    if config.use_causal_mask or window is not None:
         ones = builder.graph.call_method("new_ones", (query, _steps(builder, context, query, value)),
                                          {"dtype": builder.torch.bool})
+    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
         keep = both(keep, builder.method(ones, "tril"))
+    if window is not None:               # (T, S): |i - j| < window, a band about the diagonal
+        band = builder.call(builder.torch.logical_and, builder.method(ones, "tril", window - 1),
+                            builder.method(ones, "triu", 1 - window))
+        keep = both(keep, band)
     if "attention_mask" in config.call_inputs:   # torch holds Keras's (N, T, S) as (N, S, T)
         explicit = inputs[config.call_inputs.index("attention_mask")]
         explicit = builder.call(builder.torch.movedim, explicit, 1, -1)
@@ -516,8 +529,9 @@ class AdditiveAttention(Attention):
 # -- GroupedQueryAttention (see the module docstring) ----------------------------------------------
 
 # Keras 3 files keep the projections in `<layer>/_query_dense/vars`, …, `_output_dense/vars`.
-GROUPED_PROJECTIONS = (("query", "_query_dense"), ("key", "_key_dense"), ("value", "_value_dense"),
-                       ("output", "_output_dense"))
+# Keras builds (and orders the variables of) the gate between the key and the value.
+GROUPED_PROJECTIONS = (("query", "_query_dense"), ("key", "_key_dense"), ("gate", "_gate_dense"),
+                       ("value", "_value_dense"), ("output", "_output_dense"))
 
 
 @dataclass(frozen=True)
@@ -529,8 +543,13 @@ class GroupedQueryAttentionConfig:
     dropout: float = 0.0
     use_causal_mask: bool = False
     call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "GroupedQueryAttention sliding_window", MAX_FEATURES)
         check_int(self.head_dim, "GroupedQueryAttention head_dim", MAX_FEATURES)
         check_int(self.num_query_heads, "GroupedQueryAttention num_query_heads", MAX_HEADS)
         check_int(self.num_key_value_heads, "GroupedQueryAttention num_key_value_heads", MAX_HEADS)
@@ -559,25 +578,35 @@ class GroupedQueryAttention(LayerKind):
         return position < len(roles) and roles[position] == "attention_mask"
 
     def from_keras(self, options):
-        options.expect("use_gate", False)
-        options.expect("sliding_window", None)
         options.take("flash_attention", None)   # an implementation choice: the same attention
         options.take("seed", None)   # seeds dropout, which acts in training only
-        call_inputs, use_causal_mask = _read_call(options)
+        window = options.take("sliding_window", None)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            raise options.unsupported("sliding_window", window, "None or a positive integer")
+        call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
         return GroupedQueryAttentionConfig(options.integer("head_dim"), options.integer("num_query_heads"),
                                            options.integer("num_key_value_heads"), options.flag("use_bias", True),
-                                           options.number("dropout", 0.0), use_causal_mask, call_inputs)
+                                           options.number("dropout", 0.0), use_causal_mask, call_inputs,
+                                           options.flag("use_gate", False), window, return_scores)
 
     def keras3_subgroups(self, config):
-        return tuple(group for _, group in GROUPED_PROJECTIONS)
+        return tuple(group for role, group in GROUPED_PROJECTIONS if role != "gate" or config.use_gate)
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        query = self.output_shape(config, input_shapes)
+        if not config.return_attention_scores:
+            return [query]
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        return [query, (config.num_query_heads, query[0], shapes["value"][0])]
 
     def output_mask(self, node, input_masks):
-        config = node.config
-        if config.dropout > 0 and (config.use_causal_mask or "attention_mask" in config.call_inputs
-                                   or any(mask is not None for mask in input_masks)):
-            raise UnsupportedLayerError(f"layer {node.name!r} (GroupedQueryAttention): dropout > 0 with a mask is "
-                                        "not supported (Keras then zeroes fully masked rows)")
-        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+        return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    def output_masks(self, node, input_masks):
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
     def output_shape(self, config, input_shapes):
         if len(input_shapes) != len(config.call_inputs):
@@ -604,12 +633,15 @@ class GroupedQueryAttention(LayerKind):
         dim = config.head_dim
         heads = {"query": config.num_query_heads, "key": config.num_key_value_heads,
                  "value": config.num_key_value_heads}
+        heads["gate"] = config.num_query_heads
+        widths = dict(widths, gate=widths["query"])
         ports = []
-        for role in ("query", "key", "value"):
-            ports.append(Port(f"{role}_kernel", f"{role}.weight", _kernel_steps(widths[role], heads[role], dim),
+        for role in ("query", "key", "gate", "value") if config.use_gate else ("query", "key", "value"):
+            module = "gate_projection" if role == "gate" else role   # the helper's `gate` is its flag
+            ports.append(Port(f"{role}_kernel", f"{module}.weight", _kernel_steps(widths[role], heads[role], dim),
                               shape=(widths[role], heads[role], dim)))
             if config.use_bias:
-                ports.append(Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads[role], dim),
+                ports.append(Port(f"{role}_bias", f"{module}.bias", _bias_steps(heads[role], dim),
                                   shape=(heads[role], dim)))
         output_shape = (config.num_query_heads, dim, widths["query"])
         ports.append(Port("output_kernel", "output.weight",
@@ -634,16 +666,29 @@ class GroupedQueryAttention(LayerKind):
         bias, _ = _attention_bias(builder, context, query, value, inputs)
         attention = builder.helpers.KerasGroupedQueryAttention(
             widths["query"], widths["key"], widths["value"], config.num_query_heads, config.num_key_value_heads,
-            config.head_dim, bias=config.use_bias, dropout=config.dropout, device="meta",
+            config.head_dim, bias=config.use_bias, dropout=config.dropout, gate=config.use_gate,
+            explicit_scores=config.return_attention_scores or config.dropout > 0, device="meta",
             dtype=builder.dtype(context))
-        output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
-        return builder.call(builder.torch.movedim, output, -1, 1)
+        result = builder.module(context, attention, query, key, value, bias)
+        output = builder.call(builder.torch.movedim, builder.call(operator.getitem, result, 0), -1, 1)
+        if not config.return_attention_scores:
+            return output
+        # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
+        return output, builder.call(builder.torch.permute, builder.call(operator.getitem, result, 1),
+                                    to_torch_order(3))
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.GroupQueryAttention(   # Keras exports it under this name only
             config.head_dim, config.num_query_heads, config.num_key_value_heads, dropout=config.dropout,
-            use_bias=config.use_bias, **context.keras_identity)
+            use_bias=config.use_bias, use_gate=config.use_gate, sliding_window=config.sliding_window,
+            **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
-        return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)
+        config = context.config
+        values = dict(zip(config.call_inputs, arguments))
+        keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
+        for flag in ("use_causal_mask", "return_attention_scores"):
+            if getattr(config, flag):
+                keywords[flag] = True
+        return keras_layer(values["query"], values["value"], **keywords)
