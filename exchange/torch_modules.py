@@ -236,17 +236,27 @@ class KerasMultiHeadAttention(nn.Module):
     Inputs (N, T, features) and (N, S, features), batch first; output (N, T, *output_shape).
     `attn_mask`, optional, is an additive float mask broadcasting to (N, T, S) (Keras puts a large
     negative number, not -inf, where it does not attend).
+
+    With `gate`, the heads are multiplied by sigmoid(gate(query)) (value heads) before the output
+    projection. `explicit_scores` is Keras's own path (with dropout, or returned scores): it puts
+    −1e9 (float16: −3e4) at masked scores and zeroes them after the softmax, so a fully masked row
+    gives 0 rather than an average. `return_scores`: returns (output, scores (N, heads, T, S)).
     """
 
     def __init__(self, query_features, key_features, value_features, num_heads, key_dim, value_dim,
-                 output_shape, bias=True, dropout=0.0, device=None, dtype=None):
+                 output_shape, bias=True, dropout=0.0, gate=False, explicit_scores=False, return_scores=False,
+                 device=None, dtype=None):
         super().__init__()
         self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.output_shape, self.bias, self.dropout = tuple(output_shape), bias, dropout
+        self.gate, self.explicit_scores, self.return_scores = gate, explicit_scores, return_scores
         self.scale = key_dim ** -0.5
         self.query = nn.Linear(query_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
         self.key = nn.Linear(key_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
+        if gate:
+            self.gate_projection = nn.Linear(query_features, num_heads * value_dim, bias=bias, device=device,
+                                             dtype=dtype)
         self.value = nn.Linear(value_features, num_heads * value_dim, bias=bias, device=device, dtype=dtype)
         output_features = 1
         for size in self.output_shape:
@@ -262,15 +272,29 @@ class KerasMultiHeadAttention(nn.Module):
         v = self.value(value).view(batch, source, self.num_heads, self.value_dim).transpose(1, 2)
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        scores = None
+        if self.explicit_scores:
+            scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
+            if attn_mask is not None:
+                keep = attn_mask == 0
+                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
+            scores = torch.softmax(scores, dim=-1)
+            if attn_mask is not None:
+                scores = torch.where(keep, scores, 0.0)
+            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, dropout_p=dropout)
         heads = heads.transpose(1, 2).reshape(batch, target, self.num_heads * self.value_dim)
-        return self.output(heads).view(batch, target, *self.output_shape)
+        if self.gate:
+            heads = heads * torch.sigmoid(self.gate_projection(query))
+        output = self.output(heads).view(batch, target, *self.output_shape)
+        return (output, scores) if self.return_scores else output
 
     def extra_repr(self) -> str:
         return (f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
                 f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
-                f"bias={self.bias}")
+                f"bias={self.bias}, gate={self.gate}, explicit_scores={self.explicit_scores}")
 
 
 class KerasPReLU(nn.Module):

@@ -81,6 +81,20 @@ def grouped(query=(7, 12), value=(5, 12), key_width=None, mask=False, tokens=Fal
     return keras.Model(inputs, layer(query_tensor, value_tensor, **call))
 
 
+def multi_head(query=(7, 12), value=(5, 10), key_width=None, mask=False, call=None, **options):
+    """MultiHeadAttention: query (T, F) attends to value (S, Fv); optionally a key and an int
+    attention_mask (T, S) input."""
+    inputs = [keras.Input(query, name="query"), keras.Input(value, name="value")]
+    call = dict(call or {})
+    if key_width:
+        call["key"] = keras.Input((value[0], key_width), name="key")
+        inputs.append(call["key"])
+    if mask:
+        call["attention_mask"] = keras.Input((query[0], value[0]), dtype="int32", name="mask")
+        inputs.append(call["attention_mask"])
+    return keras.Model(inputs, L.MultiHeadAttention(name="mha", **options)(inputs[0], inputs[1], **call))
+
+
 def adapted(shape, **options):
     """An adapted Normalization (its statistics seeded again by `seeded`), then a layer that mixes."""
     layer = L.Normalization(**options)
@@ -167,6 +181,17 @@ CASES = {
     "gqa_dropout_embedding_masks_causal": lambda: grouped(tokens=True, query=(6, 6), value=(6, 6), head_dim=2,
                                                           num_query_heads=2, num_key_value_heads=1, dropout=0.3,
                                                           call={"use_causal_mask": True}),
+    "mha_gate_self": lambda: multi_head(query=(7, 16), value=(7, 16), num_heads=2, key_dim=8, use_gate=True),
+    "mha_gate_cross_key_no_bias": lambda: multi_head(key_width=6, num_heads=3, key_dim=4, value_dim=2,
+                                                     use_gate=True, use_bias=False),
+    "mha_sliding_window_causal": lambda: multi_head(query=(7, 16), value=(7, 16), num_heads=2, key_dim=8,
+                                                    sliding_window=2, call={"use_causal_mask": True}),
+    "mha_scores_masked": lambda: multi_head(mask=True, num_heads=3, key_dim=4, call={"return_attention_scores": True}),
+    "mha_scores_packable": lambda: multi_head(query=(7, 16), value=(5, 16), num_heads=2, key_dim=8,
+                                              call={"return_attention_scores": True}),
+    "mha_gate_scores_dropout_window": lambda: multi_head(query=(6, 12), value=(6, 12), num_heads=2, key_dim=3,
+                                                         use_gate=True, dropout=0.2, sliding_window=3,
+                                                         call={"return_attention_scores": True}),
     "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
 
@@ -235,7 +260,8 @@ def run_generated_code(keras_model, tmp_path):
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
                                   "normalization_two_axes", "batch_norm_channels_first_image",
                                   "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head",
-                                  "gqa_gate_sliding_window_causal", "gqa_scores_masked"])
+                                  "gqa_gate_sliding_window_causal", "gqa_scores_masked",
+                                  "mha_gate_scores_dropout_window"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -289,6 +315,22 @@ def test_grouped_query_attention_fully_masked_rows(call, dropout):
     inputs = batch(model)
     inputs[-1][:, 2, :] = 0   # query step 2 attends to nothing
     inputs[-1][:, :, 1] = 0
+    graph = keras_adapter.architecture_of(model)
+    torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
+    expected = keras_adapter.predict(model, inputs)
+    assert max_difference(torch_adapter.predict(torch_model, inputs), expected) <= TOLERANCE
+    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3   # differs across the batch: values averaged
+    assert averaged == (not call and not dropout)
+
+
+@pytest.mark.parametrize("call, dropout", [({}, 0.0), ({"return_attention_scores": True}, 0.0), ({}, 0.2)])
+def test_multi_head_attention_fully_masked_rows(call, dropout):
+    """As GroupedQueryAttention's: a query step that attends to nothing averages the values on
+    Keras's dot_product_attention path and gives 0 on its explicit path."""
+    keras.utils.set_random_seed(5)
+    model = seeded(multi_head(mask=True, num_heads=2, key_dim=4, dropout=dropout, call=call))
+    inputs = batch(model)
+    inputs[-1][:, 2, :] = 0   # query step 2 attends to nothing
     graph = keras_adapter.architecture_of(model)
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
     expected = keras_adapter.predict(model, inputs)

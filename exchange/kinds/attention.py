@@ -22,6 +22,15 @@ concatenated heads to `output_shape` (default: the query's width). Conventions t
   (N, T, F) for batch-first attention and the output moved back; an `attention_mask` input
   (Keras (N, T, S)) is held as (N, S, T) and moved likewise.
 
+- Two ways. Keras computes attention with its dot_product_attention (the large negative number
+  above) unless `dropout` > 0 or `return_attention_scores`: then it scales the query, puts −1e9
+  at masked scores and zeroes them after the softmax, so a fully masked query row gives 0 rather
+  than an average. Such layers are `KerasMultiHeadAttention` with `explicit_scores`; the scores
+  (Keras (N, heads, T, S)) are a second output, held channels-first as (N, S, heads, T).
+- `use_gate`: a sigmoid gate projected from the query (to the value heads, Keras's `_gate_dense`)
+  multiplies the heads before the output projection (`KerasMultiHeadAttention`'s
+  `gate_projection`). `sliding_window` keeps |i − j| < window, AND-ed with the other masks.
+
 Inference only: `dropout` is kept (it acts in training) and needs nothing at inference.
 Precision: TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even in a float64 model;
 the torch side does not, so float64 models agree to about 1e-8 rather than 1e-15.
@@ -77,6 +86,8 @@ DEFAULT_LARGE_NEGATIVE = -2.372671e38      # 0.7 × 3.38953e38
 # them in `<layer>/query_dense/vars`, …, `output_dense/vars`; Keras 2 names them `mha/query/kernel:0`,
 # …, `mha/attention_output/bias:0`, so `kernel` and `bias` are aliases of each variable name.
 PROJECTIONS = ("query", "key", "value", "output")
+# With `use_gate` Keras builds a fourth projection between the key and the value, in `_gate_dense`.
+GATED_PROJECTIONS = ("query", "key", "gate", "value", "output")
 
 
 @dataclass(frozen=True)
@@ -89,8 +100,13 @@ class MultiHeadAttentionConfig:
     dropout: float = 0.0
     use_causal_mask: bool = False
     call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "MultiHeadAttention sliding_window", MAX_FEATURES)
         check_int(self.num_heads, "MultiHeadAttention num_heads", MAX_HEADS)
         check_int(self.key_dim, "MultiHeadAttention key_dim", MAX_FEATURES)
         check_int(self.value_dim, "MultiHeadAttention value_dim", MAX_FEATURES)
@@ -107,6 +123,10 @@ class MultiHeadAttentionConfig:
             raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def _projections(config) -> tuple[str, ...]:
+    return GATED_PROJECTIONS if config.use_gate else PROJECTIONS
+
+
 def _output_shape(config, query_width: int) -> tuple[int, ...]:
     return tuple(config.output_shape) if config.output_shape is not None else (query_width,)
 
@@ -118,10 +138,17 @@ def _widths(context) -> dict[str, int]:
             "key": shapes.get("key", shapes["value"])[-1]}
 
 
+def explicit_scores(config) -> bool:
+    """Whether Keras computes the scores itself (dropout, or returned scores): −1e9 at masked
+    scores, zeroed after the softmax; otherwise its dot_product_attention (see the docstring)."""
+    return config.dropout > 0 or config.return_attention_scores
+
+
 def fits_torch_multihead(config, query_width: int) -> bool:
     """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
     return (config.num_heads * config.key_dim == query_width and config.value_dim == config.key_dim
-            and _output_shape(config, query_width) == (query_width,))
+            and _output_shape(config, query_width) == (query_width,) and not config.use_gate
+            and not explicit_scores(config))
 
 
 def _kernel_steps(features: int, heads: int, dim: int) -> tuple:
@@ -138,7 +165,7 @@ class MultiHeadAttention(LayerKind):
     kind, keras_classes, Config = "multi_head_attention", ("MultiHeadAttention",), MultiHeadAttentionConfig
     tensor_kwargs = ("query", "value", "key", "attention_mask")
     variable_aliases = {f"{projection}_{variable}": (variable,)
-                        for projection in PROJECTIONS for variable in ("kernel", "bias")}
+                        for projection in GATED_PROJECTIONS for variable in ("kernel", "bias")}
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -147,9 +174,11 @@ class MultiHeadAttention(LayerKind):
         return position < len(roles) and roles[position] == "attention_mask"
 
     def from_keras(self, options):
-        options.expect("use_gate", False)
-        options.expect("sliding_window", None)
         options.expect("softmax_robust_masking", False)   # tf-keras: another masked softmax
+        options.take("flash_attention", None)   # an implementation choice: the same attention
+        window = options.take("sliding_window", None)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            raise options.unsupported("sliding_window", window, "None or a positive integer")
         axes = options.take("attention_axes", None)
         if axes not in SEQUENCE_AXES:
             raise options.unsupported("attention_axes", axes, "attention over the sequence axis (1) only")
@@ -163,16 +192,31 @@ class MultiHeadAttention(LayerKind):
             output_shape = (output_shape,)
         elif output_shape is not None:
             output_shape = tuple(output_shape) or None
-        call_inputs, use_causal_mask, _ = _read_call(options)
+        call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
         return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
                                         options.flag("use_bias", True), options.number("dropout", 0.0),
-                                        use_causal_mask, call_inputs)
+                                        use_causal_mask, call_inputs, options.flag("use_gate", False), window,
+                                        return_scores)
 
     def keras3_subgroups(self, config):
-        return tuple(f"{projection}_dense" for projection in PROJECTIONS)
+        return tuple("_gate_dense" if projection == "gate" else f"{projection}_dense"
+                     for projection in _projections(config))
 
     def output_mask(self, node, input_masks):
         return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        output = self.output_shape(config, input_shapes)
+        if not config.return_attention_scores:
+            return [output]
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        return [output, (config.num_heads, shapes["query"][0], shapes["value"][0])]
+
+    def output_masks(self, node, input_masks):
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
     # -- shapes and weights -----------------------------------------------------------------
 
@@ -207,12 +251,18 @@ class MultiHeadAttention(LayerKind):
                          Permute((1, 0)))
         output_kernel_shape = (heads, config.value_dim) + out
         if not fits_torch_multihead(config, widths["query"]):
-            ports = [Port(f"{role}_kernel", f"{role}.weight", kernel_steps[role], shape=kernel_shapes[role])
+            if config.use_gate:   # projected from the query to the value heads
+                dims["gate"] = config.value_dim
+                kernel_shapes["gate"], bias_shapes["gate"] = (widths["query"], heads, config.value_dim), \
+                    (heads, config.value_dim)
+                kernel_steps["gate"] = _kernel_steps(widths["query"], heads, config.value_dim)
+            module = {role: "gate_projection" if role == "gate" else role for role in dims}   # `gate` is its flag
+            ports = [Port(f"{role}_kernel", f"{module[role]}.weight", kernel_steps[role], shape=kernel_shapes[role])
                      for role in dims]
             ports.append(Port("output_kernel", "output.weight", output_kernel, shape=output_kernel_shape))
             if config.use_bias:
-                ports += [Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads, dims[role]), shape=bias_shapes[role])
-                          for role in dims]
+                ports += [Port(f"{role}_bias", f"{module[role]}.bias", _bias_steps(heads, dims[role]),
+                               shape=bias_shapes[role]) for role in dims]
                 ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),), shape=out))
             return ports
         if len({widths["query"], widths["key"], widths["value"]}) == 1:
@@ -233,7 +283,7 @@ class MultiHeadAttention(LayerKind):
         """Keras keeps each projection's kernel then its bias (query, key, value, output); the
         ports pack the three kernels, then the three biases."""
         shapes = dict(super().keras_variables(context))
-        return [(name, shapes[name]) for projection in PROJECTIONS for name in
+        return [(name, shapes[name]) for projection in _projections(context.config) for name in
                 (f"{projection}_kernel", f"{projection}_bias") if name in shapes]
 
     # -- building -------------------------------------------------------------------------
@@ -270,23 +320,28 @@ class MultiHeadAttention(LayerKind):
             attention = builder.helpers.KerasMultiHeadAttention(
                 widths["query"], widths["key"], widths["value"], config.num_heads, config.key_dim,
                 config.value_dim, _output_shape(config, widths["query"]), bias=config.use_bias,
-                dropout=config.dropout, device="meta", dtype=dtype)
+                dropout=config.dropout, gate=config.use_gate, explicit_scores=explicit_scores(config),
+                return_scores=config.return_attention_scores, device="meta", dtype=dtype)
             output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
+        if config.return_attention_scores:   # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
+            scores = builder.call(builder.torch.permute, builder.call(operator.getitem, output, 1), to_torch_order(3))
+            return builder.call(builder.torch.movedim, builder.call(operator.getitem, output, 0), -1, 1), scores
         return builder.call(builder.torch.movedim, output, -1, 1)
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.MultiHeadAttention(
             config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
-            use_bias=config.use_bias, output_shape=config.output_shape,
-            **context.keras_identity)
+            use_bias=config.use_bias, output_shape=config.output_shape, use_gate=config.use_gate,
+            sliding_window=config.sliding_window, **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
         values = dict(zip(config.call_inputs, arguments))
         keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
-        if config.use_causal_mask:
-            keywords["use_causal_mask"] = True
+        for flag in ("use_causal_mask", "return_attention_scores"):
+            if getattr(config, flag):
+                keywords[flag] = True
         return keras_layer(values["query"], values["value"], **keywords)
 
 
@@ -667,7 +722,7 @@ class GroupedQueryAttention(LayerKind):
         attention = builder.helpers.KerasGroupedQueryAttention(
             widths["query"], widths["key"], widths["value"], config.num_query_heads, config.num_key_value_heads,
             config.head_dim, bias=config.use_bias, dropout=config.dropout, gate=config.use_gate,
-            explicit_scores=config.return_attention_scores or config.dropout > 0, device="meta",
+            explicit_scores=explicit_scores(config), device="meta",
             dtype=builder.dtype(context))
         result = builder.module(context, attention, query, key, value, bias)
         output = builder.call(builder.torch.movedim, builder.call(operator.getitem, result, 0), -1, 1)
@@ -685,10 +740,4 @@ class GroupedQueryAttention(LayerKind):
             **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
-        config = context.config
-        values = dict(zip(config.call_inputs, arguments))
-        keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
-        for flag in ("use_causal_mask", "return_attention_scores"):
-            if getattr(config, flag):
-                keywords[flag] = True
-        return keras_layer(values["query"], values["value"], **keywords)
+        return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)
