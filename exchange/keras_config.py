@@ -58,6 +58,11 @@ class ParsedModel:
     class_names: dict[str, str]        # node name -> Keras class name, for messages
 
 
+# Keras classes exported (and so serialized) under another name than their Python class, which
+# names their Keras 3 group: `keras.layers.GroupQueryAttention` is class GroupedQueryAttention.
+KERAS3_GROUP_CLASSES = {"GroupQueryAttention": "GroupedQueryAttention"}
+
+
 def to_snake_case(name: str) -> str:
     """Keras's own `naming.to_snake_case`: `Conv2DTranspose` -> `conv2d_transpose`."""
     name = re.sub(r"\W+", "", name)
@@ -125,7 +130,8 @@ class _Parser:
             if _is_operation(layer):
                 groups.append("")   # operations are not layers: no weights, not counted
                 continue
-            snake = to_snake_case(_text(layer["class_name"]))
+            class_name = _text(layer["class_name"])
+            snake = to_snake_case(KERAS3_GROUP_CLASSES.get(class_name, class_name))
             counts[snake] = counts.get(snake, -1) + 1
             groups.append(f"{keras3_prefix}/{snake}" + (f"_{counts[snake]}" if counts[snake] else ""))
         return groups

@@ -69,20 +69,26 @@ class KerasNormalization(nn.Module):
     (or the inverse with `invert`). An adapted layer's mean and variance are buffers in the
     state_dict; values given in the Keras config are constants (non-persistent buffers) of the
     length given, one value or one per channel, broadcast rather than expanded (one value for a
-    declared billion channels stays one value)."""
+    declared billion channels stays one value). A layer keeping other axes than the channels
+    (Keras's `axis` a list, or None) holds its buffers in `shape`, their channels-first broadcast
+    shape without the batch."""
 
-    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None):
+    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None,
+                 shape=None):
         super().__init__()
         self.channels, self.rank, self.constant_mean, self.constant_variance = channels, rank, constant_mean, \
             constant_variance
+        self.shape = None if shape is None else tuple(shape)
         if constant_mean is None:
-            self.register_buffer("mean", torch.empty(channels, dtype=dtype))
-            self.register_buffer("variance", torch.empty(channels, dtype=dtype))
+            buffer_shape = (channels,) if shape is None else self.shape
+            self.register_buffer("mean", torch.empty(buffer_shape, dtype=dtype))
+            self.register_buffer("variance", torch.empty(buffer_shape, dtype=dtype))
         else:
             self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).reshape(-1), persistent=False)
             self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).reshape(-1),
                                  persistent=False)
-        self.view = (-1,) + (1,) * (rank - 1)   # channels-first broadcast
+        # the channels-first broadcast
+        self.view = (-1,) + (1,) * (rank - 1) if shape is None else self.shape
         self.invert, self.epsilon = invert, epsilon
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -232,17 +238,27 @@ class KerasMultiHeadAttention(nn.Module):
     Inputs (N, T, features) and (N, S, features), batch first; output (N, T, *output_shape).
     `attn_mask`, optional, is an additive float mask broadcasting to (N, T, S) (Keras puts a large
     negative number, not -inf, where it does not attend).
+
+    With `gate`, the heads are multiplied by sigmoid(gate(query)) (value heads) before the output
+    projection. `explicit_scores` is Keras's own path (with dropout, or returned scores): it puts
+    −1e9 (float16: −3e4) at masked scores and zeroes them after the softmax, so a fully masked row
+    gives 0 rather than an average. `return_scores`: returns (output, scores (N, heads, T, S)).
     """
 
     def __init__(self, query_features, key_features, value_features, num_heads, key_dim, value_dim,
-                 output_shape, bias=True, dropout=0.0, device=None, dtype=None):
+                 output_shape, bias=True, dropout=0.0, gate=False, explicit_scores=False, return_scores=False,
+                 device=None, dtype=None):
         super().__init__()
         self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.output_shape, self.bias, self.dropout = tuple(output_shape), bias, dropout
+        self.gate, self.explicit_scores, self.return_scores = gate, explicit_scores, return_scores
         self.scale = key_dim ** -0.5
         self.query = nn.Linear(query_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
         self.key = nn.Linear(key_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
+        if gate:
+            self.gate_projection = nn.Linear(query_features, num_heads * value_dim, bias=bias, device=device,
+                                             dtype=dtype)
         self.value = nn.Linear(value_features, num_heads * value_dim, bias=bias, device=device, dtype=dtype)
         output_features = 1
         for size in self.output_shape:
@@ -258,15 +274,182 @@ class KerasMultiHeadAttention(nn.Module):
         v = self.value(value).view(batch, source, self.num_heads, self.value_dim).transpose(1, 2)
         if attn_mask is not None:
             attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
-        heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale,
-                                               dropout_p=self.dropout if self.training else 0.0)
+        dropout = self.dropout if self.training else 0.0
+        scores = None
+        if self.explicit_scores:
+            scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
+            if attn_mask is not None:
+                keep = attn_mask == 0
+                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
+            scores = torch.softmax(scores, dim=-1)
+            if attn_mask is not None:
+                scores = torch.where(keep, scores, 0.0)
+            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, dropout_p=dropout)
         heads = heads.transpose(1, 2).reshape(batch, target, self.num_heads * self.value_dim)
-        return self.output(heads).view(batch, target, *self.output_shape)
+        if self.gate:
+            heads = heads * torch.sigmoid(self.gate_projection(query))
+        output = self.output(heads).view(batch, target, *self.output_shape)
+        return (output, scores) if self.return_scores else output
 
     def extra_repr(self) -> str:
         return (f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
                 f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
-                f"bias={self.bias}")
+                f"bias={self.bias}, gate={self.gate}, explicit_scores={self.explicit_scores}")
+
+
+class KerasPReLU(nn.Module):
+    """Keras's PReLU with an alpha that varies along a spatial axis (`nn.PReLU` holds one value
+    or one per channel): relu(x) - weight * relu(-x), `weight` of shape `alpha_shape`
+    (channels-first, without the batch; 1 along the shared axes)."""
+
+    def __init__(self, alpha_shape, device=None, dtype=None):
+        super().__init__()
+        self.alpha_shape = tuple(alpha_shape)
+        self.weight = nn.Parameter(torch.empty(self.alpha_shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(x) - self.weight * torch.relu(-x)
+
+    def extra_repr(self) -> str:
+        return f"alpha_shape={self.alpha_shape}"
+
+
+class KerasRMSScaledLayerNorm(nn.Module):
+    """Keras's LayerNormalization with `rms_scaling=True`: x · rsqrt(var(x) + eps) · weight over
+    the trailing dims `normalized_shape` (the variance about the mean, x itself not centred; no
+    bias). `nn.RMSNorm` divides by the root mean square instead, which differs unless the mean is 0."""
+
+    def __init__(self, normalized_shape, eps, device=None, dtype=None):
+        super().__init__()
+        self.normalized_shape, self.eps = tuple(normalized_shape), eps
+        self.weight = nn.Parameter(torch.empty(self.normalized_shape, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dims = tuple(range(-len(self.normalized_shape), 0))
+        variance = torch.var(x, dim=dims, correction=0, keepdim=True)
+        return x * torch.rsqrt(variance + self.eps) * self.weight
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
+
+
+class KerasAttention(nn.Module):
+    """Keras's Attention (`score_mode` "dot" or "concat") and AdditiveAttention ("additive"), on
+    batch-first (N, T, F) inputs; returns (output (N, Tq, Fv), attention weights (N, Tq, Tv)).
+
+    Scores: dot q·kᵀ (× `scale`); concat `concat_score_weight` · Σ tanh(`scale` · (q + k));
+    additive Σ `scale` · tanh(q + k), `scale` of shape (features,). Keras subtracts 1e9 (65504 in
+    float16) from the scores of masked value steps and, with `causal`, of future steps, and
+    zeroes the output at masked query steps. Masks are bool (N, T), True where a step is kept.
+    """
+
+    def __init__(self, score_mode, use_scale, features, causal=False, dropout=0.0, device=None, dtype=None):
+        super().__init__()
+        self.score_mode, self.use_scale, self.features = score_mode, use_scale, features
+        self.causal, self.dropout = causal, dropout
+        if use_scale:
+            shape = (features,) if score_mode == "additive" else ()
+            self.scale = nn.Parameter(torch.ones(shape, device=device, dtype=dtype))
+        if score_mode == "concat":
+            self.concat_score_weight = nn.Parameter(torch.ones((), device=device, dtype=dtype))
+
+    def forward(self, query: torch.Tensor, value: torch.Tensor, key: torch.Tensor,
+                value_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None):
+        if self.score_mode == "dot":
+            scores = torch.matmul(query, key.transpose(-2, -1))
+            if self.use_scale:
+                scores = scores * self.scale
+        else:
+            sums = query.unsqueeze(-2) + key.unsqueeze(-3)      # (N, Tq, Tv, F)
+            if self.score_mode == "concat":
+                sums = self.scale * sums if self.use_scale else sums
+                scores = self.concat_score_weight * torch.tanh(sums).sum(-1)
+            else:
+                scores = (self.scale * torch.tanh(sums) if self.use_scale else torch.tanh(sums)).sum(-1)
+        keep = None if value_mask is None else value_mask.unsqueeze(-2)
+        if self.causal:
+            lower = torch.ones(scores.shape[-2:], dtype=torch.bool, device=scores.device).tril()
+            keep = lower if keep is None else keep & lower
+        if keep is not None:
+            large = 65504.0 if scores.dtype == torch.float16 else 1.0e9
+            scores = torch.where(keep, scores, scores - large)
+        weights = torch.softmax(scores, dim=-1)
+        if self.training and self.dropout > 0:
+            weights = F.dropout(weights, self.dropout)
+        output = torch.matmul(weights, value)
+        if query_mask is not None:
+            output = torch.where(query_mask.unsqueeze(-1), output, 0.0)
+        return output, weights
+
+    def extra_repr(self) -> str:
+        return (f"{self.score_mode!r}, use_scale={self.use_scale}, features={self.features}, causal={self.causal}")
+
+
+class KerasGroupedQueryAttention(nn.Module):
+    """Keras's GroupedQueryAttention: the query projected to `num_query_heads` heads, the key and
+    value to `num_key_value_heads`, each key/value head serving `num_query_heads /
+    num_key_value_heads` consecutive query heads (`repeat_interleave`); softmax(q·kᵀ /
+    sqrt(head_dim)); with `gate`, the heads multiplied by sigmoid(gate(query)); the heads,
+    concatenated head-major, projected back to `query_features`.
+
+    Inputs (N, T, features) and (N, S, features), batch first; `attn_mask`, optional, an additive
+    float mask broadcasting to (N, T, S): 0 where a query step attends, Keras's large negative
+    number elsewhere. Returns (output (N, T, query_features), scores (N, heads, T, S) or None).
+    Keras's two ways: `explicit_scores` (its path with dropout or returned scores) puts −1e9
+    (float16: −3e4) at masked scores and zeroes them after the softmax; otherwise the additive
+    mask goes into `scaled_dot_product_attention`, and no scores are returned.
+    """
+
+    def __init__(self, query_features, key_features, value_features, num_query_heads, num_key_value_heads,
+                 head_dim, bias=True, dropout=0.0, gate=False, explicit_scores=False, device=None, dtype=None):
+        super().__init__()
+        self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
+        self.num_query_heads, self.num_key_value_heads, self.head_dim = num_query_heads, num_key_value_heads, head_dim
+        self.bias, self.dropout, self.gate, self.explicit_scores = bias, dropout, gate, explicit_scores
+        heads = num_query_heads * head_dim
+        self.query = nn.Linear(query_features, heads, bias=bias, device=device, dtype=dtype)
+        self.key = nn.Linear(key_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        if gate:
+            self.gate_projection = nn.Linear(query_features, heads, bias=bias, device=device, dtype=dtype)
+        self.value = nn.Linear(value_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
+        self.output = nn.Linear(heads, query_features, bias=bias, device=device, dtype=dtype)
+
+    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                attn_mask: torch.Tensor | None = None):
+        batch, target, source = query.shape[0], query.shape[1], key.shape[1]
+        repeats = self.num_query_heads // self.num_key_value_heads
+        q = self.query(query).view(batch, target, self.num_query_heads, self.head_dim).transpose(1, 2)
+        k = self.key(key).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        v = self.value(value).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
+        k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
+        if attn_mask is not None:
+            attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
+        dropout = self.dropout if self.training else 0.0
+        scores = None
+        if self.explicit_scores:
+            scores = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))
+            if attn_mask is not None:
+                keep = attn_mask == 0
+                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
+            scores = torch.softmax(scores, dim=-1)
+            if attn_mask is not None:
+                scores = torch.where(keep, scores, 0.0)
+            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
+        else:
+            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
+                                                   dropout_p=dropout)
+        heads = heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim)
+        if self.gate:
+            heads = heads * torch.sigmoid(self.gate_projection(query))
+        return self.output(heads), scores
+
+    def extra_repr(self) -> str:
+        return (f"{self.query_features}, {self.key_features}, {self.value_features}, "
+                f"num_query_heads={self.num_query_heads}, num_key_value_heads={self.num_key_value_heads}, "
+                f"head_dim={self.head_dim}, bias={self.bias}, gate={self.gate}, "
+                f"explicit_scores={self.explicit_scores}")
 
 
 class KerasConvLSTM(nn.Module):

@@ -245,12 +245,8 @@ def test_keras2_config_and_weight_names():
 
 
 @pytest.mark.parametrize("make_model, message", [
-    (lambda: self_attention((7, 16), 2, 8, use_gate=True), "unsupported option use_gate=True"),
-    (lambda: self_attention((7, 16), 2, 8, sliding_window=3), "unsupported option sliding_window=3"),
     (lambda: self_attention((5, 6, 8), 2, 4), "unsupported option attention_axes=\\[1, 2\\]"),   # Keras's default
     (lambda: self_attention((5, 6, 8), 2, 4, attention_axes=1), "only sequences \\(steps, features\\) are supported"),
-    (lambda: self_attention((7, 16), 2, 8, call={"return_attention_scores": True}),
-     "unsupported option call argument return_attention_scores=True \\(only the attention output"),
 ])
 def test_unsupported_options_are_named(make_model, message):
     with pytest.raises(UnsupportedLayerError, match=message) as caught:

@@ -7,6 +7,10 @@ Conventions that differ:
 - `hard_sigmoid` is relu6(x + 3) / 6 in Keras 3 (= `F.hardsigmoid`) but clip(0.2x + 0.5, 0, 1)
   in Keras 2. A Keras 2 file's `hard_sigmoid` is read as `hard_sigmoid_keras2`.
 - Keras 2 spells silu `swish`; Keras 3's `gelu` activation is the exact (erf) form.
+- PReLU: Keras's alpha has the input's shape without the batch (1 on `shared_axes`), channels
+  last; torch's is channels-first. An alpha of one value per channel (every other axis shared),
+  or of one value, is `nn.PReLU`'s `weight` of shape (C,) or (1,); an alpha with extent along
+  another axis is `KerasPReLU`'s `weight` in the channels-first layout.
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_axis, check_int, coerce, register
+from exchange.kinds.layout import torch_shape
+from exchange.ports import Permute, Port, Reshape
 
 
 def _np_softmax(x):
@@ -318,3 +324,75 @@ class Softmax(LayerKind):
         if context.config.mask_input:
             return keras_layer(arguments[0], mask=arguments[-1])
         return keras_layer(arguments[0])
+
+
+@dataclass(frozen=True)
+class PReLUConfig:
+    shared_axes: tuple[int, ...] = ()   # Keras axes (batch is 0) along which one alpha is shared
+
+    def __post_init__(self) -> None:
+        for axis in self.shared_axes:
+            check_int(axis, "PReLU shared_axes", MAX_AXIS - 1)
+        if len(set(self.shared_axes)) != len(self.shared_axes):
+            raise ExchangeError(f"PReLU shared_axes {list(self.shared_axes)} repeat an axis")
+
+
+def _alpha_shape(config, input_shape) -> tuple:
+    """Keras's alpha: the input's shape without the batch, 1 along each shared axis."""
+    for axis in config.shared_axes:
+        if axis > len(input_shape):
+            raise ExchangeError(f"PReLU shared axis {axis} is not an axis of an input of shape "
+                                f"{_batch_shape(input_shape)}")
+    shape = tuple(1 if axis + 1 in config.shared_axes else size for axis, size in enumerate(input_shape))
+    if None in shape:
+        raise UnsupportedLayerError(f"PReLU needs a known size along every axis it does not share, "
+                                    f"found input shape {_batch_shape(input_shape)}")
+    return shape
+
+
+@register
+class PReLU(LayerKind):
+    """max(x, 0) - alpha * max(-x, 0), alpha a weight (see the module docstring for its layout)."""
+
+    kind, keras_classes, Config = "prelu", ("PReLU",), PReLUConfig
+    passes_mask = True
+
+    def from_keras(self, options):
+        shared = options.take("shared_axes", None)
+        if isinstance(shared, int) and not isinstance(shared, bool):
+            shared = [shared]
+        if shared is None:
+            shared = []
+        if not isinstance(shared, list) or not all(
+                isinstance(axis, int) and not isinstance(axis, bool) and axis >= 1 for axis in shared):
+            raise options.unsupported("shared_axes", shared, "positive axes (batch is 0)")
+        return PReLUConfig(tuple(shared))
+
+    def output_shape(self, config, input_shapes):
+        _alpha_shape(config, input_shapes[0])
+        return input_shapes[0]
+
+    def _per_channel(self, alpha: tuple) -> bool:
+        """Whether `nn.PReLU` holds this alpha: one value, or one per channel (the last axis)."""
+        return all(size == 1 for size in alpha[:-1])
+
+    def ports(self, context):
+        alpha = _alpha_shape(context.config, context.input_shape)
+        steps: tuple = ()
+        if len(alpha) >= 2:
+            steps = (Permute((len(alpha) - 1,) + tuple(range(len(alpha) - 1))),)
+            if self._per_channel(alpha):
+                steps += (Reshape(torch_shape(alpha), alpha[-1:]),)
+        return [Port("alpha", "weight", steps, shape=alpha)]
+
+    def torch_forward(self, builder, context, inputs):
+        alpha = _alpha_shape(context.config, context.input_shape)
+        if self._per_channel(alpha):
+            module = builder.nn.PReLU(alpha[-1], device="meta", dtype=builder.dtype(context))
+        else:
+            module = builder.helpers.KerasPReLU(torch_shape(alpha), device="meta", dtype=builder.dtype(context))
+        return builder.module(context, module, inputs[0])
+
+    def keras_layer(self, keras, context):
+        shared = list(context.config.shared_axes) or None
+        return keras.layers.PReLU(shared_axes=shared, **context.keras_identity)

@@ -1,4 +1,5 @@
-"""MultiHeadAttention: Keras's multi-head dot-product attention over the sequence axis.
+"""MultiHeadAttention: Keras's multi-head dot-product attention over the sequence axis; Attention
+and AdditiveAttention (at the end of this module: `KerasAttention`).
 
 Keras projects the query to (heads, key_dim), the key to (heads, key_dim) and the value to
 (heads, value_dim) per step, attends per head with softmax(q·kᵀ / sqrt(key_dim)), and projects the
@@ -21,19 +22,54 @@ concatenated heads to `output_shape` (default: the query's width). Conventions t
   (N, T, F) for batch-first attention and the output moved back; an `attention_mask` input
   (Keras (N, T, S)) is held as (N, S, T) and moved likewise.
 
+- Two ways. Keras computes attention with its dot_product_attention (the large negative number
+  above) unless `dropout` > 0 or `return_attention_scores`: then it scales the query, puts −1e9
+  at masked scores and zeroes them after the softmax, so a fully masked query row gives 0 rather
+  than an average. Such layers are `KerasMultiHeadAttention` with `explicit_scores`; the scores
+  (Keras (N, heads, T, S)) are a second output, held channels-first as (N, S, heads, T).
+- `use_gate`: a sigmoid gate projected from the query (to the value heads, Keras's `_gate_dense`)
+  multiplies the heads before the output projection (`KerasMultiHeadAttention`'s
+  `gate_projection`). `sliding_window` keeps |i − j| < window, AND-ed with the other masks.
+
 Inference only: `dropout` is kept (it acts in training) and needs nothing at inference.
 Precision: TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even in a float64 model;
 the torch side does not, so float64 models agree to about 1e-8 rather than 1e-15.
+
+Attention and AdditiveAttention. Keras's Attention scores q·kᵀ (× scale with use_scale), or with
+score_mode="concat" w · Σ tanh(scale · (q + k)); AdditiveAttention Σ scale · tanh(q + k), scale a
+(features,) vector; then softmax over the value steps and the weighted sum of the values.
+Conventions that differ:
+- Layout. The torch side holds the inputs channels-first (N, F, …, T); each is moved to Keras's
+  (N, …, T, F) for `KerasAttention`, the output moved back, and the attention scores (Keras
+  (N, …, Tq, Tv)) are held channels-first as (N, Tv, …, Tq).
+- Masks. Keras subtracts 1e9 (float16: 65504) from the scores of masked value steps and, with
+  `use_causal_mask`, of future steps (a subtraction, not a replacement), and zeroes the output
+  at masked query steps; `KerasAttention` does the same. The key's mask is not read (Keras reads
+  the query's and the value's). Masks given as tensors (`mask=[…]`) are refused.
+`dropout` acts in training only.
+
+GroupedQueryAttention (Keras also calls it GroupQueryAttention): as MultiHeadAttention, but the key
+and value are projected to fewer heads (`num_key_value_heads`), each serving `num_query_heads /
+num_key_value_heads` consecutive query heads (Keras's `ops.repeat` on the heads axis is torch's
+`repeat_interleave`); scaled by 1/sqrt(head_dim); output projected back to the query's width.
+Its kernels move as MultiHeadAttention's, into `KerasGroupedQueryAttention`'s `nn.Linear`s (with
+`use_gate`, a sigmoid gate projected from the query multiplies the heads). Masks are joined as
+MultiHeadAttention's (a `sliding_window` keeps |i − j| < window). Keras computes the attention two
+ways: with `dropout` > 0 or `return_attention_scores` it scales the query, puts −1e9 at masked
+scores and zeroes them after the softmax (a fully masked row gives 0); otherwise its
+dot_product_attention puts the large negative number (a fully masked row averages). The module
+takes the same path (`explicit_scores`). The scores (N, heads, T, S) are held as (N, S, heads, T).
 """
 
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, TENSOR, LayerKind, check_int, register
+from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, OMIT_DEFAULT, TENSOR, LayerKind, check_int, register
+from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
@@ -50,6 +86,8 @@ DEFAULT_LARGE_NEGATIVE = -2.372671e38      # 0.7 × 3.38953e38
 # them in `<layer>/query_dense/vars`, …, `output_dense/vars`; Keras 2 names them `mha/query/kernel:0`,
 # …, `mha/attention_output/bias:0`, so `kernel` and `bias` are aliases of each variable name.
 PROJECTIONS = ("query", "key", "value", "output")
+# With `use_gate` Keras builds a fourth projection between the key and the value, in `_gate_dense`.
+GATED_PROJECTIONS = ("query", "key", "gate", "value", "output")
 
 
 @dataclass(frozen=True)
@@ -62,8 +100,13 @@ class MultiHeadAttentionConfig:
     dropout: float = 0.0
     use_causal_mask: bool = False
     call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "MultiHeadAttention sliding_window", MAX_FEATURES)
         check_int(self.num_heads, "MultiHeadAttention num_heads", MAX_HEADS)
         check_int(self.key_dim, "MultiHeadAttention key_dim", MAX_FEATURES)
         check_int(self.value_dim, "MultiHeadAttention value_dim", MAX_FEATURES)
@@ -80,6 +123,10 @@ class MultiHeadAttentionConfig:
             raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
 
 
+def _projections(config) -> tuple[str, ...]:
+    return GATED_PROJECTIONS if config.use_gate else PROJECTIONS
+
+
 def _output_shape(config, query_width: int) -> tuple[int, ...]:
     return tuple(config.output_shape) if config.output_shape is not None else (query_width,)
 
@@ -91,10 +138,17 @@ def _widths(context) -> dict[str, int]:
             "key": shapes.get("key", shapes["value"])[-1]}
 
 
+def explicit_scores(config) -> bool:
+    """Whether Keras computes the scores itself (dropout, or returned scores): −1e9 at masked
+    scores, zeroed after the softmax; otherwise its dot_product_attention (see the docstring)."""
+    return config.dropout > 0 or config.return_attention_scores
+
+
 def fits_torch_multihead(config, query_width: int) -> bool:
     """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
     return (config.num_heads * config.key_dim == query_width and config.value_dim == config.key_dim
-            and _output_shape(config, query_width) == (query_width,))
+            and _output_shape(config, query_width) == (query_width,) and not config.use_gate
+            and not explicit_scores(config))
 
 
 def _kernel_steps(features: int, heads: int, dim: int) -> tuple:
@@ -111,7 +165,7 @@ class MultiHeadAttention(LayerKind):
     kind, keras_classes, Config = "multi_head_attention", ("MultiHeadAttention",), MultiHeadAttentionConfig
     tensor_kwargs = ("query", "value", "key", "attention_mask")
     variable_aliases = {f"{projection}_{variable}": (variable,)
-                        for projection in PROJECTIONS for variable in ("kernel", "bias")}
+                        for projection in GATED_PROJECTIONS for variable in ("kernel", "bias")}
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -120,9 +174,11 @@ class MultiHeadAttention(LayerKind):
         return position < len(roles) and roles[position] == "attention_mask"
 
     def from_keras(self, options):
-        options.expect("use_gate", False)
-        options.expect("sliding_window", None)
         options.expect("softmax_robust_masking", False)   # tf-keras: another masked softmax
+        options.take("flash_attention", None)   # an implementation choice: the same attention
+        window = options.take("sliding_window", None)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            raise options.unsupported("sliding_window", window, "None or a positive integer")
         axes = options.take("attention_axes", None)
         if axes not in SEQUENCE_AXES:
             raise options.unsupported("attention_axes", axes, "attention over the sequence axis (1) only")
@@ -136,16 +192,31 @@ class MultiHeadAttention(LayerKind):
             output_shape = (output_shape,)
         elif output_shape is not None:
             output_shape = tuple(output_shape) or None
-        call_inputs, use_causal_mask = _read_call(options)
+        call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
         return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
                                         options.flag("use_bias", True), options.number("dropout", 0.0),
-                                        use_causal_mask, call_inputs)
+                                        use_causal_mask, call_inputs, options.flag("use_gate", False), window,
+                                        return_scores)
 
     def keras3_subgroups(self, config):
-        return tuple(f"{projection}_dense" for projection in PROJECTIONS)
+        return tuple("_gate_dense" if projection == "gate" else f"{projection}_dense"
+                     for projection in _projections(config))
 
     def output_mask(self, node, input_masks):
         return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        output = self.output_shape(config, input_shapes)
+        if not config.return_attention_scores:
+            return [output]
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        return [output, (config.num_heads, shapes["query"][0], shapes["value"][0])]
+
+    def output_masks(self, node, input_masks):
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
     # -- shapes and weights -----------------------------------------------------------------
 
@@ -180,12 +251,18 @@ class MultiHeadAttention(LayerKind):
                          Permute((1, 0)))
         output_kernel_shape = (heads, config.value_dim) + out
         if not fits_torch_multihead(config, widths["query"]):
-            ports = [Port(f"{role}_kernel", f"{role}.weight", kernel_steps[role], shape=kernel_shapes[role])
+            if config.use_gate:   # projected from the query to the value heads
+                dims["gate"] = config.value_dim
+                kernel_shapes["gate"], bias_shapes["gate"] = (widths["query"], heads, config.value_dim), \
+                    (heads, config.value_dim)
+                kernel_steps["gate"] = _kernel_steps(widths["query"], heads, config.value_dim)
+            module = {role: "gate_projection" if role == "gate" else role for role in dims}   # `gate` is its flag
+            ports = [Port(f"{role}_kernel", f"{module[role]}.weight", kernel_steps[role], shape=kernel_shapes[role])
                      for role in dims]
             ports.append(Port("output_kernel", "output.weight", output_kernel, shape=output_kernel_shape))
             if config.use_bias:
-                ports += [Port(f"{role}_bias", f"{role}.bias", _bias_steps(heads, dims[role]), shape=bias_shapes[role])
-                          for role in dims]
+                ports += [Port(f"{role}_bias", f"{module[role]}.bias", _bias_steps(heads, dims[role]),
+                               shape=bias_shapes[role]) for role in dims]
                 ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),), shape=out))
             return ports
         if len({widths["query"], widths["key"], widths["value"]}) == 1:
@@ -206,7 +283,7 @@ class MultiHeadAttention(LayerKind):
         """Keras keeps each projection's kernel then its bias (query, key, value, output); the
         ports pack the three kernels, then the three biases."""
         shapes = dict(super().keras_variables(context))
-        return [(name, shapes[name]) for projection in PROJECTIONS for name in
+        return [(name, shapes[name]) for projection in _projections(context.config) for name in
                 (f"{projection}_kernel", f"{projection}_bias") if name in shapes]
 
     # -- building -------------------------------------------------------------------------
@@ -243,29 +320,35 @@ class MultiHeadAttention(LayerKind):
             attention = builder.helpers.KerasMultiHeadAttention(
                 widths["query"], widths["key"], widths["value"], config.num_heads, config.key_dim,
                 config.value_dim, _output_shape(config, widths["query"]), bias=config.use_bias,
-                dropout=config.dropout, device="meta", dtype=dtype)
+                dropout=config.dropout, gate=config.use_gate, explicit_scores=explicit_scores(config),
+                return_scores=config.return_attention_scores, device="meta", dtype=dtype)
             output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
+        if config.return_attention_scores:   # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
+            scores = builder.call(builder.torch.permute, builder.call(operator.getitem, output, 1), to_torch_order(3))
+            return builder.call(builder.torch.movedim, builder.call(operator.getitem, output, 0), -1, 1), scores
         return builder.call(builder.torch.movedim, output, -1, 1)
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.MultiHeadAttention(
             config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
-            use_bias=config.use_bias, output_shape=config.output_shape,
-            **context.keras_identity)
+            use_bias=config.use_bias, output_shape=config.output_shape, use_gate=config.use_gate,
+            sliding_window=config.sliding_window, **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
         values = dict(zip(config.call_inputs, arguments))
         keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
-        if config.use_causal_mask:
-            keywords["use_causal_mask"] = True
+        for flag in ("use_causal_mask", "return_attention_scores"):
+            if getattr(config, flag):
+                keywords[flag] = True
         return keras_layer(values["query"], values["value"], **keywords)
 
 
-def _read_call(options) -> tuple[tuple[str, ...], bool]:
-    """What each node input is (positional tensors, then tensor keywords) and `use_causal_mask`."""
-    call_inputs = []
+def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bool]:
+    """What each node input is (positional tensors, then tensor keywords), `use_causal_mask` and
+    `return_attention_scores` (refused unless the kind returns them: `scores`)."""
+    call_inputs, return_scores = [], False
     for index, argument in enumerate(options.call_args):
         if argument is not None or index >= len(POSITIONAL_INPUTS):
             raise options.unsupported(f"positional argument {index}", argument)
@@ -276,7 +359,9 @@ def _read_call(options) -> tuple[tuple[str, ...], bool]:
             call_inputs.append(key)
         elif key == "use_causal_mask" and isinstance(value, bool):
             use_causal_mask = value
-        elif key == "return_attention_scores" and value is False or key == "training":
+        elif key == "return_attention_scores" and isinstance(value, bool) and (scores or not value):
+            return_scores = value
+        elif key == "training":
             continue   # training only switches dropout on
         elif key in ("key", "attention_mask") and value is None:
             continue
@@ -285,7 +370,7 @@ def _read_call(options) -> tuple[tuple[str, ...], bool]:
             raise options.unsupported(f"call argument {key}", value if value is not TENSOR else "a tensor", why)
     if "query" not in call_inputs or "value" not in call_inputs:
         raise options.unsupported("call arguments", list(call_inputs), "query and value must be tensors")
-    return tuple(call_inputs), use_causal_mask
+    return tuple(call_inputs), use_causal_mask, return_scores
 
 
 def _steps(builder, context, query, value) -> tuple:
@@ -314,10 +399,16 @@ def _attention_bias(builder, context, query, value, inputs):
         if masks.get(role) is not None:
             keep = both(keep, builder.method(builder.masks[masks[role]], "unsqueeze", -2))
             per_example = True
-    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
+    window = getattr(config, "sliding_window", None)
+    if config.use_causal_mask or window is not None:
         ones = builder.graph.call_method("new_ones", (query, _steps(builder, context, query, value)),
                                          {"dtype": builder.torch.bool})
+    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
         keep = both(keep, builder.method(ones, "tril"))
+    if window is not None:               # (T, S): |i - j| < window, a band about the diagonal
+        band = builder.call(builder.torch.logical_and, builder.method(ones, "tril", window - 1),
+                            builder.method(ones, "triu", 1 - window))
+        keep = both(keep, band)
     if "attention_mask" in config.call_inputs:   # torch holds Keras's (N, T, S) as (N, S, T)
         explicit = inputs[config.call_inputs.index("attention_mask")]
         explicit = builder.call(builder.torch.movedim, explicit, 1, -1)
@@ -328,3 +419,325 @@ def _attention_bias(builder, context, query, value, inputs):
     large_negative = LARGE_NEGATIVE.get(context.node.dtype, DEFAULT_LARGE_NEGATIVE)
     bias = builder.call(builder.torch.zeros_like, keep, dtype=builder.dtype(context))
     return builder.method(bias, "masked_fill", builder.method(keep, "logical_not"), large_negative), per_example
+
+
+# -- Attention and AdditiveAttention (see the module docstring) --------------------------------
+
+SCORE_MODES = ("dot", "concat", "additive")
+ATTENTION_CALL_FLAGS = ("use_causal_mask", "return_attention_scores")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    score_mode: str = "dot"     # "additive" for AdditiveAttention
+    use_scale: bool = False
+    dropout: float = 0.0
+    use_causal_mask: bool = False
+    return_attention_scores: bool = False
+
+    def __post_init__(self) -> None:
+        from exchange.kinds import check_choice
+
+        check_choice(self.score_mode, SCORE_MODES, "Attention score_mode")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExchangeError(f"Attention dropout must be in [0, 1), got {self.dropout!r}")
+
+
+def _read_attention_call(options) -> dict:
+    """`use_causal_mask` and `return_attention_scores` from the call; `training` only switches dropout."""
+    flags = {}
+    for key, value in options.call_kwargs.items():
+        if key in ATTENTION_CALL_FLAGS and isinstance(value, bool):
+            flags[key] = value
+        elif key != "training":
+            raise options.unsupported(f"call argument {key}", value if value is not TENSOR else "a tensor")
+    if any(argument is not None for argument in options.call_args):
+        raise options.unsupported("call arguments", options.call_args, "a list [query, value] or [query, value, key]")
+    return flags
+
+
+@register
+class Attention(LayerKind):
+    kind, keras_classes, Config = "attention", ("Attention",), AttentionConfig
+    takes_list = True
+
+    def from_keras(self, options):
+        score_mode = options.take("score_mode", "dot")
+        if score_mode not in ("dot", "concat"):
+            raise options.unsupported("score_mode", score_mode, "dot or concat")
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        return AttentionConfig(score_mode, options.flag("use_scale", False), options.number("dropout", 0.0),
+                               **_read_attention_call(options))
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        if not 2 <= len(input_shapes) <= 3:
+            raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
+        rank = len(input_shapes[0])
+        if rank < 2 or any(len(shape) != rank for shape in input_shapes) or any(
+                len({size for size in sizes if size is not None}) > 1 for sizes in zip(*(s[:-2] for s in input_shapes))):
+            raise UnsupportedLayerError(f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
+                                        "only inputs of one rank, (…, steps, features) with the same leading axes, "
+                                        "are supported")
+        query, value = input_shapes[:2]
+        key = input_shapes[2] if len(input_shapes) == 3 else value
+        if None not in (key[0], value[0]) and key[0] != value[0]:
+            raise ExchangeError(f"key steps {key[0]} differ from value steps {value[0]}")
+        if None not in (query[-1], key[-1]) and query[-1] != key[-1]:
+            raise ExchangeError(f"query features {query[-1]} differ from key features {key[-1]}")
+        if config.score_mode == "additive" and config.use_scale and query[-1] is None:
+            raise ExchangeError("AdditiveAttention with use_scale needs a known query width")
+        output = query[:-1] + (value[-1],)
+        return [output, query[:-1] + (key[-2],)] if config.return_attention_scores else [output]
+
+    def output_shape(self, config, input_shapes):
+        return self.output_shapes(config, input_shapes)[0]
+
+    def output_mask(self, node, input_masks):
+        return input_masks[0]   # Keras's compute_mask: the query's
+
+    def output_masks(self, node, input_masks):
+        if node.config.return_attention_scores and any(mask is not None for mask in input_masks):
+            raise UnsupportedLayerError(f"layer {node.name!r} ({type(self).__name__}): return_attention_scores "
+                                        "on masked inputs is not supported")
+        return [input_masks[0]] * self.output_count(node.config)
+
+    def _check_masks(self, context):
+        if len(context.input_shape) != 2 and any(mask is not None for mask in context.input_masks or ()):
+            raise UnsupportedLayerError(f"layer {context.node.name!r} ({type(self).__name__}): masked inputs of "
+                                        f"rank {len(context.input_shape) + 1} are not supported (only sequences)")
+
+    def ports(self, context):
+        config = context.config
+        ports = []
+        if config.use_scale:
+            shape = (context.input_shape[-1],) if config.score_mode == "additive" else ()
+            ports.append(Port("scale", "scale", shape=shape))
+        if config.score_mode == "concat":
+            ports.append(Port("concat_score_weight", "concat_score_weight", shape=()))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config, torch, rank = context.config, builder.torch, len(context.input_shape)
+        self._check_masks(context)
+        masks = list(context.input_masks or (None,) * len(inputs)) + [None, None]
+
+        def keras_layout(value):   # (N, F, …, T) -> (N, …, T, F)
+            if rank == 2:
+                return builder.call(torch.movedim, value, 1, -1)
+            return builder.call(torch.permute, value, to_keras_order(rank))
+
+        def torch_layout(value):
+            if rank == 2:
+                return builder.call(torch.movedim, value, -1, 1)
+            return builder.call(torch.permute, value, to_torch_order(rank))
+
+        steps_last = {}   # one move per distinct input: self-attention reads one tensor
+        for value in inputs:
+            if value not in steps_last:
+                steps_last[value] = keras_layout(value)
+        query, value = steps_last[inputs[0]], steps_last[inputs[1]]
+        key = steps_last[inputs[2]] if len(inputs) == 3 else value
+        value_mask, query_mask = (None if masks[index] is None else builder.masks[masks[index]] for index in (1, 0))
+        module = builder.helpers.KerasAttention(
+            config.score_mode, config.use_scale, context.input_shape[-1], causal=config.use_causal_mask,
+            dropout=config.dropout, device="meta", dtype=builder.dtype(context))
+        result = builder.module(context, module, query, value, key, value_mask, query_mask)
+        output = torch_layout(builder.call(operator.getitem, result, 0))
+        if not config.return_attention_scores:
+            return output
+        return output, torch_layout(builder.call(operator.getitem, result, 1))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Attention(use_scale=config.use_scale, score_mode=config.score_mode,
+                                      dropout=config.dropout, **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        config = context.config
+        flags = {key: True for key in ATTENTION_CALL_FLAGS if getattr(config, key)}
+        return keras_layer(list(arguments), **flags)
+
+
+@register
+class AdditiveAttention(Attention):
+    kind, keras_classes = "additive_attention", ("AdditiveAttention",)
+
+    def from_keras(self, options):
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        return AttentionConfig("additive", options.flag("use_scale", True), options.number("dropout", 0.0),
+                               **_read_attention_call(options))
+
+    def output_shapes(self, config, input_shapes):
+        if config.score_mode != "additive":
+            raise ExchangeError(f"AdditiveAttention score_mode must be 'additive', got {config.score_mode!r}")
+        return super().output_shapes(config, input_shapes)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.AdditiveAttention(use_scale=config.use_scale, dropout=config.dropout,
+                                              **context.keras_identity)
+
+
+# -- GroupedQueryAttention (see the module docstring) ----------------------------------------------
+
+# Keras 3 files keep the projections in `<layer>/_query_dense/vars`, …, `_output_dense/vars`.
+# Keras builds (and orders the variables of) the gate between the key and the value.
+GROUPED_PROJECTIONS = (("query", "_query_dense"), ("key", "_key_dense"), ("gate", "_gate_dense"),
+                       ("value", "_value_dense"), ("output", "_output_dense"))
+
+
+@dataclass(frozen=True)
+class GroupedQueryAttentionConfig:
+    head_dim: int
+    num_query_heads: int
+    num_key_value_heads: int
+    use_bias: bool = True
+    dropout: float = 0.0
+    use_causal_mask: bool = False
+    call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
+    sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        if self.sliding_window is not None:
+            check_int(self.sliding_window, "GroupedQueryAttention sliding_window", MAX_FEATURES)
+        check_int(self.head_dim, "GroupedQueryAttention head_dim", MAX_FEATURES)
+        check_int(self.num_query_heads, "GroupedQueryAttention num_query_heads", MAX_HEADS)
+        check_int(self.num_key_value_heads, "GroupedQueryAttention num_key_value_heads", MAX_HEADS)
+        if self.num_query_heads % self.num_key_value_heads:
+            raise ExchangeError(f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
+                                f"of num_key_value_heads {self.num_key_value_heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ExchangeError(f"GroupedQueryAttention dropout must be in [0, 1), got {self.dropout!r}")
+        roles = self.call_inputs
+        if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
+                or "query" not in roles or "value" not in roles):
+            raise ExchangeError(f"GroupedQueryAttention call_inputs must name query, value and optionally key "
+                                f"and attention_mask once each, got {list(roles)}")
+
+
+@register
+class GroupedQueryAttention(LayerKind):
+    kind, Config = "grouped_query_attention", GroupedQueryAttentionConfig
+    keras_classes = ("GroupedQueryAttention", "GroupQueryAttention")
+    tensor_kwargs = ("query", "value", "key", "attention_mask")
+    variable_aliases = {f"{projection}_{variable}": (variable,)
+                        for projection, _ in GROUPED_PROJECTIONS for variable in ("kernel", "bias")}
+
+    def reads_integers(self, node, position):
+        roles = node.config.call_inputs
+        return position < len(roles) and roles[position] == "attention_mask"
+
+    def from_keras(self, options):
+        options.take("flash_attention", None)   # an implementation choice: the same attention
+        options.take("seed", None)   # seeds dropout, which acts in training only
+        window = options.take("sliding_window", None)
+        if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
+            raise options.unsupported("sliding_window", window, "None or a positive integer")
+        call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
+        return GroupedQueryAttentionConfig(options.integer("head_dim"), options.integer("num_query_heads"),
+                                           options.integer("num_key_value_heads"), options.flag("use_bias", True),
+                                           options.number("dropout", 0.0), use_causal_mask, call_inputs,
+                                           options.flag("use_gate", False), window, return_scores)
+
+    def keras3_subgroups(self, config):
+        return tuple(group for role, group in GROUPED_PROJECTIONS if role != "gate" or config.use_gate)
+
+    def output_count(self, config):
+        return 2 if config.return_attention_scores else 1
+
+    def output_shapes(self, config, input_shapes):
+        query = self.output_shape(config, input_shapes)
+        if not config.return_attention_scores:
+            return [query]
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        return [query, (config.num_query_heads, query[0], shapes["value"][0])]
+
+    def output_mask(self, node, input_masks):
+        return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+
+    def output_masks(self, node, input_masks):
+        return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes) != len(config.call_inputs):
+            raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
+        shapes = dict(zip(config.call_inputs, input_shapes))
+        for role in ("query", "value", "key"):
+            if role in shapes and len(shapes[role]) != 2:
+                raise ExchangeError(f"GroupedQueryAttention: {role} of shape {list(shapes[role])}; expected "
+                                    "(steps, features)")
+        query, value = shapes["query"], shapes["value"]
+        if None not in (query[-1], value[-1]) and query[-1] != value[-1]:
+            raise ExchangeError(f"query features {query[-1]} differ from value features {value[-1]}")
+        if "key" in shapes and None not in (shapes["key"][0], value[0]) and shapes["key"][0] != value[0]:
+            raise ExchangeError(f"key steps {shapes['key'][0]} differ from value steps {value[0]}")
+        if "attention_mask" in shapes:
+            mask = shapes["attention_mask"]
+            if len(mask) != 2 or any(size not in (None, 1, want) for size, want in zip(mask, (query[0], value[0]))):
+                raise ExchangeError(f"attention_mask of shape {list(mask)} does not broadcast to "
+                                    f"(query steps, value steps) = ({query[0]}, {value[0]})")
+        return query
+
+    def ports(self, context):
+        config, widths = context.config, _widths(context)
+        dim = config.head_dim
+        heads = {"query": config.num_query_heads, "key": config.num_key_value_heads,
+                 "value": config.num_key_value_heads}
+        heads["gate"] = config.num_query_heads
+        widths = dict(widths, gate=widths["query"])
+        ports = []
+        for role in ("query", "key", "gate", "value") if config.use_gate else ("query", "key", "value"):
+            module = "gate_projection" if role == "gate" else role   # the helper's `gate` is its flag
+            ports.append(Port(f"{role}_kernel", f"{module}.weight", _kernel_steps(widths[role], heads[role], dim),
+                              shape=(widths[role], heads[role], dim)))
+            if config.use_bias:
+                ports.append(Port(f"{role}_bias", f"{module}.bias", _bias_steps(heads[role], dim),
+                                  shape=(heads[role], dim)))
+        output_shape = (config.num_query_heads, dim, widths["query"])
+        ports.append(Port("output_kernel", "output.weight",
+                          (Reshape(output_shape, (config.num_query_heads * dim, widths["query"])), Permute((1, 0))),
+                          shape=output_shape))
+        if config.use_bias:
+            ports.append(Port("output_bias", "output.bias", shape=(widths["query"],)))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config, widths = context.config, _widths(context)
+        values = dict(zip(config.call_inputs, inputs))
+        batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
+
+        def steps_last(value):
+            if value not in batch_first:
+                batch_first[value] = builder.call(builder.torch.movedim, value, 1, -1)
+            return batch_first[value]
+
+        query, value = steps_last(values["query"]), steps_last(values["value"])
+        key = steps_last(values["key"]) if "key" in values else value
+        bias, _ = _attention_bias(builder, context, query, value, inputs)
+        attention = builder.helpers.KerasGroupedQueryAttention(
+            widths["query"], widths["key"], widths["value"], config.num_query_heads, config.num_key_value_heads,
+            config.head_dim, bias=config.use_bias, dropout=config.dropout, gate=config.use_gate,
+            explicit_scores=explicit_scores(config), device="meta",
+            dtype=builder.dtype(context))
+        result = builder.module(context, attention, query, key, value, bias)
+        output = builder.call(builder.torch.movedim, builder.call(operator.getitem, result, 0), -1, 1)
+        if not config.return_attention_scores:
+            return output
+        # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
+        return output, builder.call(builder.torch.permute, builder.call(operator.getitem, result, 1),
+                                    to_torch_order(3))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.GroupQueryAttention(   # Keras exports it under this name only
+            config.head_dim, config.num_query_heads, config.num_key_value_heads, dropout=config.dropout,
+            use_bias=config.use_bias, use_gate=config.use_gate, sliding_window=config.sliding_window,
+            **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)

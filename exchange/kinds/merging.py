@@ -1,4 +1,4 @@
-"""Merges: Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate.
+"""Merges: Add, Subtract, Multiply, Average, Maximum, Minimum, Concatenate, Dot.
 
 Conventions that differ:
 - Concatenate's axis is a Keras axis (channels last); it is remapped to the torch dim that holds
@@ -6,6 +6,11 @@ Conventions that differ:
 - Element-wise merges broadcast inputs of one rank whose sizes are equal or 1 (a squeeze-and-
   excitation block multiplies (H, W, C) by (1, 1, C)); the channels-first forms (C, H, W) and
   (C, 1, 1) broadcast the same way in torch.
+- Dot's axes are Keras axes of each input (a negative one counts from that input's end); its
+  output is the first input's other axes then the second's, in Keras order. The torch side is
+  one `torch.einsum` whose subscripts name each Keras axis where the channels-first layout holds
+  it, and which writes the output channels-first. Two rank-1 inputs give (batch, 1), as in Keras.
+  `normalize` divides each input by its L2 norm along its axis, at least Keras's epsilon (1e-7).
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError
 from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, register
-from exchange.kinds.layout import torch_axis
+from exchange.kinds.layout import to_torch_order, torch_axis
 
 
 def broadcast_shapes(input_shapes) -> tuple:
@@ -137,6 +142,78 @@ class Concatenate(LayerKind):
 
     def numpy_forward(self, context, tensors, inputs):
         return np.concatenate(inputs, axis=context.config.axis)
+
+
+# keras.config.epsilon(): the least norm Dot's `normalize` divides by.
+KERAS_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class DotConfig:
+    axes: tuple[int, int]     # a Keras axis (batch included, may be negative) of each input
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        for axis in self.axes:
+            check_int(axis, "Dot axes", MAX_AXIS, -MAX_AXIS)
+
+
+def _dot_axes(config, input_shapes) -> tuple[int, int]:
+    """Each input's contracted axis as a positive Keras axis (1..rank), as Keras resolves it."""
+    if len(input_shapes) != 2:
+        raise ExchangeError(f"Dot needs exactly two inputs, found {len(input_shapes)}")
+    return tuple(check_axis(axis, len(shape)) for axis, shape in zip(config.axes, input_shapes))
+
+
+@register
+class Dot(LayerKind):
+    kind, keras_classes, Config = "dot", ("Dot",), DotConfig
+    takes_list = True   # Keras's compute_mask returns None: no mask passes
+
+    def from_keras(self, options):
+        axes = options.take("axes")
+        if isinstance(axes, int) and not isinstance(axes, bool):
+            axes = [axes, axes]
+        if not isinstance(axes, list) or len(axes) != 2 or not all(
+                isinstance(axis, int) and not isinstance(axis, bool) for axis in axes):
+            raise options.unsupported("axes", axes, "one axis of each input")
+        return DotConfig(tuple(axes), options.flag("normalize", False))
+
+    def output_shape(self, config, input_shapes):
+        first, second = input_shapes
+        first_axis, second_axis = _dot_axes(config, input_shapes)
+        sizes = (first[first_axis - 1], second[second_axis - 1])
+        if None not in sizes and sizes[0] != sizes[1]:
+            raise ExchangeError(f"Dot axes {list(config.axes)}: sizes {sizes[0]} and {sizes[1]} differ "
+                                f"(input shapes {list(first)} and {list(second)})")
+        shape = first[:first_axis - 1] + first[first_axis:] + second[:second_axis - 1] + second[second_axis:]
+        return shape or (1,)
+
+    def torch_forward(self, builder, context, inputs):
+        config, shapes = context.config, context.input_shapes
+        axes = _dot_axes(config, shapes)
+        letters = iter("bcdefghijklmnopqrstuvwxyz")
+        contracted = next(letters)
+        # Each input's Keras axes (batch is "a") by their letters; the contracted axis shares one.
+        labels = [["a"] + [contracted if axis == axes[index] else next(letters) for axis in range(1, len(shape) + 1)]
+                  for index, shape in enumerate(shapes)]
+        output = [label for index, keras in enumerate(labels) for axis, label in enumerate(keras)
+                  if axis != axes[index] and (axis or not index)]
+        if config.normalize:
+            inputs = [builder.call(builder.F.normalize, value, p=2.0, dim=torch_axis(axes[index], len(shapes[index]),
+                                                                                     context.node.name),
+                                   eps=KERAS_EPSILON) for index, value in enumerate(inputs)]
+
+        def torch_order(keras_labels):   # the letters in the order the torch layout holds the axes
+            return "".join(keras_labels[axis] for axis in to_torch_order(len(keras_labels) - 1))
+
+        equation = f"{torch_order(labels[0])},{torch_order(labels[1])}->{torch_order(output)}"
+        value = builder.call(builder.torch.einsum, equation, inputs[0], inputs[1])
+        return builder.method(value, "unsqueeze", 1) if len(output) == 1 else value
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Dot(axes=list(context.config.axes), normalize=context.config.normalize,
+                                **context.keras_identity)
 
 
 @dataclass(frozen=True)

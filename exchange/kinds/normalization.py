@@ -1,6 +1,14 @@
-"""Normalisation: BatchNormalization, Normalization (a preprocessing layer), Rescaling.
+"""Normalisation: BatchNormalization, Normalization (a preprocessing layer), Rescaling,
+LayerNormalization, RMSNormalization, GroupNormalization, UnitNormalization, LayerScale.
 
 Conventions that differ:
+- Axes. Keras names the normalised axes in its channels-last layout. torch's BatchNorm
+  normalises per dim 1, so a BatchNormalization on another axis moves that axis to dim 1 and
+  back. `nn.LayerNorm` and `nn.RMSNorm` normalise the trailing dims, so the torch side moves the
+  normalised axes last, in Keras's order, and back: their weights then have Keras's shape (the
+  sizes of the axes in increasing order, as Keras builds them). Keras sorts a list of axes as
+  written, so a list mixing signs whose sorted order is not the axes' order (LayerNormalization
+  axis=[1, -1]) reshapes its weights across axes; it is refused.
 - BatchNormalization: Keras gamma, beta, moving_mean, moving_variance are torch's weight, bias,
   running_mean, running_var. torch also keeps `num_batches_tracked` (int64, no Keras source;
   written as 0, dropped going back). Keras's `momentum` weighs the old value (0.99), torch's the
@@ -12,17 +20,93 @@ Conventions that differ:
   max(sqrt(variance), 1e-7). Its `count` only matters to `adapt` and is not exported. A layer given
   `mean=` and `variance=` in its config (keras.applications' ConvNeXt) keeps them in the config,
   and the torch module holds them as non-persistent buffers (not weights, not in the file).
+  Keeping other axes than the channels (`axis` a list, or None: one mean for everything), the
+  mean and variance (Keras: the sizes of the kept axes) are held in torch's channels-first
+  broadcast shape (1 along the other axes). Values given in the config are then only accepted
+  as a single value.
+- BatchNormalization with `renorm=True` computes at inference exactly what plain BatchNorm does
+  (the moving mean and variance); its `moving_stddev`, `renorm_mean` and `renorm_stddev` only
+  serve training and are not exported (a Keras model rebuilt from torch keeps their initial
+  values: training it further in Keras re-derives the moving variance from `moving_stddev`).
+- LayerNormalization `rms_scaling=True` is Keras's own formula, x · rsqrt(var(x) + ε) · gamma
+  (the variance about the mean, but x itself not centred; no beta): `KerasRMSScaledLayerNorm`.
+- RMSNormalization is `nn.RMSNorm`: both x · rsqrt(mean(x²) + ε) · scale, ε inside the root;
+  Keras's default ε is 1e-6 (torch's, None, is the dtype's machine epsilon), written out. Keras
+  multiplies the scale by broadcasting, along the last axes, so only the last axes are read.
+- UnitNormalization: x · min(rsqrt(Σx²), 1e12) in Keras = x / max(‖x‖₂, 1e-12): `F.normalize`
+  with eps 1e-12 on one axis; over several axes the same formula written out.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, MAX_FEATURES, LayerKind, check_axis, check_int, register
-from exchange.ports import KerasOnly, Port, TorchOnly
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_axis, check_int, check_ints,
+                            register)
+from exchange.kinds.layout import to_keras_order, torch_axis, torch_shape
+from exchange.ports import KerasOnly, Permute, Port, Reshape, TorchOnly
 
 KERAS_EPSILON = 1e-7   # keras.config.epsilon(), Normalization's floor on the standard deviation
+UNIT_NORM_EPSILON = 1e-12   # UnitNormalization's floor on the norm
+
+
+def _axes(options, default=-1):
+    """An `axis` option: one axis as an int, several (or none: Normalization's None) as a tuple."""
+    axis = options.take("axis", default)
+    if axis is None:
+        axis = []
+    if isinstance(axis, (list, tuple)) and len(axis) == 1:
+        axis = axis[0]
+    if isinstance(axis, (list, tuple)) and all(isinstance(a, int) and not isinstance(a, bool) for a in axis):
+        return tuple(axis)
+    if not isinstance(axis, int) or isinstance(axis, bool):
+        raise options.unsupported("axis", axis, "an axis or a list of axes")
+    return axis
+
+
+def _check_axes(axis, what: str, allow_none: bool = False):
+    if isinstance(axis, tuple):
+        check_ints(axis, what, MAX_AXIS, -MAX_AXIS)
+        if not axis and not allow_none:
+            raise ExchangeError(f"{what} must name at least one axis")
+    else:
+        check_int(axis, what, MAX_AXIS, -MAX_AXIS)
+
+
+def norm_axes(axis, shape: tuple, where: str, sorted_as_written: bool = True) -> tuple[int, ...]:
+    """The Keras axes (positive, 1..rank, increasing) a layer normalises or keeps, each of known
+    size. `sorted_as_written`: Keras sorts the list as given (LayerNormalization, RMSNormalization),
+    which must be the axes' order (see the module docstring)."""
+    written = axis if isinstance(axis, tuple) else (axis,)
+    positive = tuple(check_axis(value, len(shape)) for value in written)
+    if len(set(positive)) != len(positive):
+        raise UnsupportedLayerError(f"{where}: axis {list(written)} names an axis twice")
+    if sorted_as_written and [positive[written.index(value)] for value in sorted(written)] != sorted(positive):
+        raise UnsupportedLayerError(f"{where}: axis {list(written)} sorts to another order than the axes' "
+                                    "(Keras then reshapes its weights across axes); write them all positive "
+                                    "or all negative")
+    if any(shape[value - 1] is None for value in positive):
+        raise UnsupportedLayerError(f"{where}: axis {list(written)} has an axis of unknown size in input "
+                                    f"shape {list(shape)}")
+    return tuple(sorted(positive))
+
+
+def _axes_last(builder, value, axes: tuple, rank: int):
+    """Move the Keras axes `axes` of a channels-first tensor last, in Keras order; return the
+    moved value and a function that moves them back."""
+    if axes == (rank,) and rank >= 2:   # the channels
+        moved = builder.call(builder.torch.movedim, value, 1, -1)
+        return moved, lambda result: builder.call(builder.torch.movedim, result, -1, 1)
+    dims = [to_keras_order(rank)[axis] for axis in axes]
+    order = tuple(dim for dim in range(rank + 1) if dim not in dims) + tuple(dims)
+    if order == tuple(range(rank + 1)):
+        return value, lambda result: result
+    back = tuple(int(dim) for dim in np.argsort(order))
+    return builder.call(builder.torch.permute, value, order), \
+        lambda result: builder.call(builder.torch.permute, result, back)
 
 
 def _one_axis(options, default=-1) -> int:
@@ -47,9 +131,31 @@ class BatchNormConfig:
     epsilon: float = 1e-3
     center: bool = True
     scale: bool = True
+    # Batch renormalisation: training only (see the module docstring); kept for the Keras layer.
+    renorm: bool = field(default=False, metadata=OMIT_DEFAULT)
+    renorm_momentum: float = field(default=0.99, metadata=OMIT_DEFAULT)
+    renorm_clipping: tuple[float | None, float | None, float | None] | None = field(
+        default=None, metadata=OMIT_DEFAULT)   # (rmax, rmin, dmax)
 
     def __post_init__(self) -> None:
         check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        if self.renorm_clipping is not None and not self.renorm:
+            raise ExchangeError("BatchNormalization renorm_clipping is given without renorm")
+
+
+RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+
+
+def _renorm_clipping(options):
+    """`renorm_clipping` as (rmax, rmin, dmax), each a number or None; None when absent."""
+    value = options.take("renorm_clipping", None)
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - set(RENORM_CLIPPING_KEYS) or not all(
+            item is None or isinstance(item, (int, float)) and not isinstance(item, bool)
+            for item in value.values()):
+        raise options.unsupported("renorm_clipping", value, "a dict of rmax, rmin and dmax")
+    return tuple(None if value.get(key) is None else float(value[key]) for key in RENORM_CLIPPING_KEYS)
 
 
 @register
@@ -58,52 +164,72 @@ class BatchNormalization(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        for key, allowed in (("synchronized", False), ("renorm", False), ("renorm_clipping", None),
-                             ("virtual_batch_size", None), ("adjustment", None)):
+        for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
             options.expect(key, allowed)
-        options.take("renorm_momentum", None)   # unused without renorm
         options.take("fused", None)             # Keras 2: an implementation choice
+        renorm = options.flag("renorm", False)
+        renorm_momentum = options.number("renorm_momentum", 0.99)
+        clipping = _renorm_clipping(options)
+        if not renorm:   # unused without renorm
+            renorm_momentum, clipping = 0.99, None
         return BatchNormConfig(_one_axis(options), options.number("momentum", 0.99),
                                options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True))
+                               options.flag("scale", True), renorm, renorm_momentum, clipping)
 
     def output_shape(self, config, input_shapes):
-        _check_channel_axis(config.axis, input_shapes[0], "BatchNormalization")
+        norm_axes(config.axis, input_shapes[0], "BatchNormalization")
         if len(input_shapes[0]) > 4:   # torch has BatchNorm1d/2d/3d only
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
         return input_shapes[0]
 
+    def _channels(self, context) -> int:
+        return context.input_shape[check_axis(context.config.axis, len(context.input_shape)) - 1]
+
     def ports(self, context):
-        channels = (context.input_shape[-1],)
-        return _affine_ports(context.config, channels) + [
-            Port("moving_mean", "running_mean", shape=channels), Port("moving_variance", "running_var", shape=channels),
-            TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
+        channels = (self._channels(context),)
+        ports = _affine_ports(context.config, channels) + [
+            Port("moving_mean", "running_mean", shape=channels), Port("moving_variance", "running_var", shape=channels)]
+        if context.config.renorm:
+            ports += [KerasOnly(name, why="batch renormalisation's training statistics", shape=channels)
+                      for name in ("moving_stddev", "renorm_mean", "renorm_stddev")]
+        # torch's counter comes last in its state_dict; Keras has no variable for it
+        return ports + [TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
         module_class = {1: builder.nn.BatchNorm1d, 2: builder.nn.BatchNorm1d, 3: builder.nn.BatchNorm2d,
                         4: builder.nn.BatchNorm3d}[rank]
         # round(): 1 - 0.99 is 0.010000000000000009 in floats; torch's momentum is the written 0.01
-        norm = module_class(context.input_shape[-1], eps=config.epsilon, momentum=round(1.0 - config.momentum, 12),
+        norm = module_class(self._channels(context), eps=config.epsilon, momentum=round(1.0 - config.momentum, 12),
                             affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
-        return builder.module(context, norm, inputs[0])
+        dim = torch_axis(config.axis, rank, context.node.name)
+        if dim == 1:
+            return builder.module(context, norm, inputs[0])
+        value = builder.module(context, norm, builder.call(builder.torch.movedim, inputs[0], dim, 1))
+        return builder.call(builder.torch.movedim, value, 1, dim)
 
     def keras_layer(self, keras, context):
         config = context.config
+        renorm = {}
+        if config.renorm:
+            clipping = config.renorm_clipping
+            renorm = {"renorm": True, "renorm_momentum": config.renorm_momentum,
+                      "renorm_clipping": None if clipping is None else
+                      {key: value for key, value in zip(RENORM_CLIPPING_KEYS, clipping) if value is not None}}
         return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
-                                               center=config.center, scale=config.scale,
+                                               center=config.center, scale=config.scale, **renorm,
                                                **context.keras_identity)
 
 
 @dataclass(frozen=True)
 class NormalizationConfig:
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1     # the axes kept (one mean per position); () for Keras's None
     invert: bool = False
     mean: tuple[float, ...] | None = None       # given in the Keras config: constants, not weights
     variance: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
-        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        _check_axes(self.axis, "Normalization axis", allow_none=True)
         if (self.mean is None) != (self.variance is None):
             raise ExchangeError("Normalization mean and variance must be given together")
 
@@ -125,34 +251,66 @@ class Normalization(LayerKind):
             constants[key] = None if value is None else tuple(float(v) for v in value)
         if (constants["mean"] is None) != (constants["variance"] is None):
             raise options.unsupported("mean", constants["mean"], "mean and variance are given together")
-        return NormalizationConfig(_one_axis(options), options.flag("invert", False), **constants)
+        return NormalizationConfig(_axes(options), options.flag("invert", False), **constants)
+
+    def _kept(self, config, shape) -> tuple[int, ...]:
+        return norm_axes(config.axis, shape, "Normalization", sorted_as_written=False) if config.axis != () else ()
+
+    def _per_channel(self, config, shape) -> bool:
+        """Whether one value per channel (or one value) holds the statistics: the torch module's
+        (C,) form."""
+        return self._kept(config, shape) == (len(shape),) or config.mean is not None and len(config.mean) == 1
 
     def output_shape(self, config, input_shapes):
-        _check_channel_axis(config.axis, input_shapes[0], "Normalization")
-        channels = input_shapes[0][-1]
+        shape = input_shapes[0]
+        self._kept(config, shape)
+        channels = shape[-1]
         for values in (config.mean, config.variance):
-            if values is not None and len(values) not in (1, channels):
+            if values is None:
+                continue
+            if not self._per_channel(config, shape):
+                raise UnsupportedLayerError(f"Normalization: {len(values)} values given for axis {config.axis}; "
+                                            "only one value, or one per channel of the last axis, is supported")
+            if len(values) not in (1, channels):
                 raise UnsupportedLayerError(f"Normalization: {len(values)} values for {channels} channels")
         return input_shapes[0]
 
+    def _broadcast(self, config, shape) -> tuple[tuple, tuple]:
+        """(Keras shape of the statistics, their Keras broadcast shape: 1 along the other axes)."""
+        kept = self._kept(config, shape)
+        keras = tuple(shape[axis - 1] for axis in kept)
+        return keras, tuple(size if axis + 1 in kept else 1 for axis, size in enumerate(shape))
+
     def ports(self, context):
-        if context.config.mean is not None:
+        config, shape = context.config, context.input_shape
+        if config.mean is not None:
             return []
-        channels = (context.input_shape[-1],)
-        return [Port("mean", "mean", shape=channels), Port("variance", "variance", shape=channels),
+        if self._per_channel(config, shape):
+            keras, steps = (shape[-1],), ()
+        else:   # Keras's statistics -> their broadcast shape, Keras layout -> channels-first
+            keras, broadcast = self._broadcast(config, shape)
+            steps = (Reshape(keras, broadcast),)
+            if len(shape) >= 2:
+                steps += (Permute((len(shape) - 1,) + tuple(range(len(shape) - 1))),)
+        return [Port("mean", "mean", steps, shape=keras), Port("variance", "variance", steps, shape=keras),
                 KerasOnly("count", why="the number of samples seen by adapt()", shape=())]
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
-        module = builder.helpers.KerasNormalization(context.input_shape[-1], len(context.input_shape),
-                                                    config.invert, KERAS_EPSILON, dtype=builder.dtype(context),
-                                                    constant_mean=config.mean, constant_variance=config.variance)
+        config, shape = context.config, context.input_shape
+        broadcast = None if self._per_channel(config, shape) else torch_shape(self._broadcast(config, shape)[1])
+        module = builder.helpers.KerasNormalization(shape[-1], len(shape), config.invert, KERAS_EPSILON,
+                                                    dtype=builder.dtype(context), constant_mean=config.mean,
+                                                    constant_variance=config.variance, shape=broadcast)
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
         config = context.config
-        constants = {} if config.mean is None else {"mean": list(config.mean), "variance": list(config.variance)}
-        return keras.layers.Normalization(axis=config.axis, invert=config.invert,
+        constants = {}
+        if config.mean is not None:   # one value as a number: Keras refuses a list longer than its axes
+            constants = {key: values[0] if len(values) == 1 else list(values)
+                         for key, values in (("mean", config.mean), ("variance", config.variance))}
+        axis = list(config.axis) if isinstance(config.axis, tuple) else config.axis
+        return keras.layers.Normalization(axis=axis if axis != [] else None, invert=config.invert,
                                           **context.keras_identity, **constants)
 
 
@@ -209,13 +367,14 @@ class Rescaling(LayerKind):
 
 @dataclass(frozen=True)
 class LayerNormConfig:
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
     epsilon: float = 1e-3
     center: bool = True
     scale: bool = True
+    rms_scaling: bool = field(default=False, metadata=OMIT_DEFAULT)   # Keras's formula: see the docstring
 
     def __post_init__(self) -> None:
-        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        _check_axes(self.axis, "LayerNormalization axis")
 
 
 def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
@@ -234,40 +393,100 @@ def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
     return ports
 
 
+def _keras_axis(axis):
+    """An axis config value as Keras takes it: an int, or a list."""
+    return list(axis) if isinstance(axis, tuple) else axis
+
+
+def _normalised_shape(context, where: str) -> tuple[int, ...]:
+    """The sizes of the axes a LayerNormalization or RMSNormalization normalises: its weights'."""
+    axes = norm_axes(context.config.axis, context.input_shape, where)
+    return tuple(context.input_shape[axis - 1] for axis in axes)
+
+
 @register
 class LayerNormalization(LayerKind):
-    """Over the channels (Keras's last axis): torch's `nn.LayerNorm` normalises trailing dims, so on
-    channels-first tensors the torch side moves the channels last and back. Keras's epsilon
-    (1e-3) is written out (torch's is 1e-5); `scale=False` alone is `bias=False` in torch."""
+    """`nn.LayerNorm` over the normalised axes moved last (see the module docstring). Keras's
+    epsilon (1e-3) is written out (torch's is 1e-5); `scale=False` alone is `bias=False` in torch."""
 
     kind, keras_classes, Config = "layer_norm", ("LayerNormalization",), LayerNormConfig
     passes_mask = True
 
     def from_keras(self, options):
-        options.expect("rms_scaling", False)   # deprecated in Keras: it scales by the variance
-        return LayerNormConfig(_one_axis(options), options.number("epsilon", 1e-3),
-                               options.flag("center", True), options.flag("scale", True))
+        return LayerNormConfig(_axes(options), options.number("epsilon", 1e-3), options.flag("center", True),
+                               options.flag("scale", True), options.flag("rms_scaling", False))
 
     def output_shape(self, config, input_shapes):
-        _check_channel_axis(config.axis, input_shapes[0], "LayerNormalization")
+        norm_axes(config.axis, input_shapes[0], "LayerNormalization")
         return input_shapes[0]
 
     def ports(self, context):
-        return _affine_ports(context.config, (context.input_shape[-1],), bias_optional=True)
+        shape = _normalised_shape(context, "LayerNormalization")
+        if context.config.rms_scaling:   # Keras keeps gamma, never beta
+            return [Port("gamma", "weight", shape=shape)]
+        return _affine_ports(context.config, shape, bias_optional=True)
 
     def torch_forward(self, builder, context, inputs):
-        config, rank = context.config, len(context.input_shape)
-        norm = builder.nn.LayerNorm(context.input_shape[-1], eps=config.epsilon,
-                                    elementwise_affine=config.center or config.scale, bias=config.center,
-                                    device="meta", dtype=builder.dtype(context))
-        value = inputs[0] if rank < 2 else builder.call(builder.torch.movedim, inputs[0], 1, -1)
-        value = builder.module(context, norm, value)
-        return value if rank < 2 else builder.call(builder.torch.movedim, value, -1, 1)
+        config, shape = context.config, _normalised_shape(context, "LayerNormalization")
+        if config.rms_scaling:
+            norm = builder.helpers.KerasRMSScaledLayerNorm(shape, config.epsilon, device="meta",
+                                                           dtype=builder.dtype(context))
+        else:
+            norm = builder.nn.LayerNorm(shape, eps=config.epsilon, elementwise_affine=config.center or config.scale,
+                                        bias=config.center, device="meta", dtype=builder.dtype(context))
+        axes = norm_axes(config.axis, context.input_shape, "LayerNormalization")
+        value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
+        return back(builder.module(context, norm, value))
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.LayerNormalization(axis=config.axis, epsilon=config.epsilon, center=config.center,
-                                               scale=config.scale, **context.keras_identity)
+        return keras.layers.LayerNormalization(axis=_keras_axis(config.axis), epsilon=config.epsilon,
+                                               center=config.center, scale=config.scale,
+                                               rms_scaling=config.rms_scaling, **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class RMSNormConfig:
+    axis: int | tuple[int, ...] = -1
+    epsilon: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_axes(self.axis, "RMSNormalization axis")
+
+
+@register
+class RMSNormalization(LayerKind):
+    """`nn.RMSNorm` over the normalised axes moved last (see the module docstring)."""
+
+    kind, keras_classes, Config = "rms_norm", ("RMSNormalization",), RMSNormConfig
+
+    def from_keras(self, options):
+        return RMSNormConfig(_axes(options), options.number("epsilon", 1e-6))
+
+    def output_shape(self, config, input_shapes):
+        axes, rank = norm_axes(config.axis, input_shapes[0], "RMSNormalization"), len(input_shapes[0])
+        if axes != tuple(range(rank - len(axes) + 1, rank + 1)):
+            raise UnsupportedLayerError(f"RMSNormalization axis {_keras_axis(config.axis)} of an input of shape "
+                                        f"{list(input_shapes[0])}: Keras multiplies its scale along the last "
+                                        f"{len(axes)} axes (broadcasting), not the normalised ones; only the last "
+                                        "axes are supported")
+        return input_shapes[0]
+
+    def ports(self, context):
+        return [Port("scale", "weight", shape=_normalised_shape(context, "RMSNormalization"))]
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        norm = builder.nn.RMSNorm(_normalised_shape(context, "RMSNormalization"), eps=config.epsilon,
+                                  device="meta", dtype=builder.dtype(context))
+        axes = norm_axes(config.axis, context.input_shape, "RMSNormalization")
+        value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
+        return back(builder.module(context, norm, value))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.RMSNormalization(axis=_keras_axis(config.axis), epsilon=config.epsilon,
+                                             **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -320,35 +539,39 @@ class GroupNormalization(LayerKind):
 
 @dataclass(frozen=True)
 class UnitNormConfig:
-    axis: int = -1
+    axis: int | tuple[int, ...] = -1
 
     def __post_init__(self) -> None:
-        check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
+        _check_axes(self.axis, "UnitNormalization axis")
 
 
 @register
 class UnitNormalization(LayerKind):
-    """x / max(‖x‖₂, 1e-6) along the axis: Keras's rsqrt(max(Σx², 1e-12)) is `F.normalize`'s form."""
+    """x / max(‖x‖₂, 1e-12) over the axes (see the module docstring)."""
 
     kind, keras_classes, Config = "unit_norm", ("UnitNormalization",), UnitNormConfig
     passes_mask = True
 
     def from_keras(self, options):
-        return UnitNormConfig(_one_axis(options))
+        return UnitNormConfig(_axes(options))
 
     def output_shape(self, config, input_shapes):
-        check_axis(config.axis, len(input_shapes[0]))
+        norm_axes(config.axis, input_shapes[0], "UnitNormalization", sorted_as_written=False)
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
-        from exchange.kinds.layout import torch_axis
-
-        dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
-        return builder.call(builder.F.normalize, inputs[0], p=2.0, dim=dim, eps=1e-6)
+        rank, torch = len(context.input_shape), builder.torch
+        axes = norm_axes(context.config.axis, context.input_shape, "UnitNormalization", sorted_as_written=False)
+        dims = [torch_axis(axis, rank, context.node.name) for axis in axes]
+        if len(dims) == 1:
+            return builder.call(builder.F.normalize, inputs[0], p=2.0, dim=dims[0], eps=UNIT_NORM_EPSILON)
+        # Keras's x * min(rsqrt(sum(x²)), 1 / epsilon), written out
+        squares = builder.call(torch.sum, builder.call(torch.square, inputs[0]), dim=dims, keepdim=True)
+        scale = builder.call(torch.clamp, builder.call(torch.rsqrt, squares), max=1.0 / UNIT_NORM_EPSILON)
+        return builder.call(torch.mul, inputs[0], scale)
 
     def keras_layer(self, keras, context):
-        return keras.layers.UnitNormalization(axis=context.config.axis,
-                                              **context.keras_identity)
+        return keras.layers.UnitNormalization(axis=_keras_axis(context.config.axis), **context.keras_identity)
 
 
 @dataclass(frozen=True)
