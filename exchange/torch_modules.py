@@ -267,6 +267,68 @@ class KerasMultiHeadAttention(nn.Module):
                 f"bias={self.bias}")
 
 
+class LoRALinear(nn.Module):
+    """Keras's Dense with a LoRA adapter: y = x @ (weight + scale * lora_b @ lora_a).T + bias, the
+    merged weight made in `forward` as Keras does (the adapter stays trainable on its own).
+    `weight` (out, in) as `nn.Linear`'s; `lora_a` (rank, in) and `lora_b` (out, rank) as PEFT's."""
+
+    def __init__(self, in_features, out_features, rank, scale=1.0, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.scale = in_features, out_features, rank, scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight + self.scale * (self.lora_b @ self.lora_a), self.bias)
+
+
+class LoRAEmbedding(nn.Module):
+    """Keras's Embedding with a LoRA adapter: rows of weight + scale * lora_a @ lora_b, merged in
+    `forward` as Keras does. All three in Keras's layout: `weight` (vocabulary, dim) as
+    `nn.Embedding`'s, `lora_a` (vocabulary, rank), `lora_b` (rank, dim)."""
+
+    def __init__(self, num_embeddings, embedding_dim, rank, scale=1.0, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.scale = num_embeddings, embedding_dim, rank, scale
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.lora_a = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(rank, embedding_dim, device=device, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight + self.scale * (self.lora_a @ self.lora_b))
+
+
+class KerasEinsumDense(nn.Module):
+    """Keras's EinsumDense on channels-last input: einsum(equation, x, kernel) + bias, the kernel
+    and bias in Keras's own shapes (the bias broadcasts over the output's last axes). With a LoRA
+    adapter (`lora_rank`) the kernel is kernel + lora_scale * lora_a @ lora_b, lora_a shaped
+    kernel_shape[:-1] + (rank,), lora_b (rank, kernel_shape[-1]), as Keras merges it."""
+
+    def __init__(self, equation, kernel_shape, bias_shape=None, lora_rank=None, lora_scale=1.0, device=None,
+                 dtype=None):
+        super().__init__()
+        self.equation, self.kernel_shape, self.bias_shape = equation, tuple(kernel_shape), bias_shape
+        self.lora_rank, self.lora_scale = lora_rank, lora_scale
+        self.kernel = nn.Parameter(torch.empty(self.kernel_shape, device=device, dtype=dtype))
+        self.bias = None if bias_shape is None else nn.Parameter(torch.empty(tuple(bias_shape), device=device,
+                                                                             dtype=dtype))
+        if lora_rank is not None:
+            self.lora_a = nn.Parameter(torch.empty(self.kernel_shape[:-1] + (lora_rank,), device=device, dtype=dtype))
+            self.lora_b = nn.Parameter(torch.empty(lora_rank, self.kernel_shape[-1], device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if self.lora_rank is not None:
+            kernel = kernel + self.lora_scale * torch.matmul(self.lora_a, self.lora_b)
+        y = torch.einsum(self.equation, x, kernel)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

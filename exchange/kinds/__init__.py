@@ -132,6 +132,12 @@ class LayerKind:
         where their kinds say so."""
         return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
 
+    def merged_when_saved(self, config: Any) -> tuple[str, ...]:
+        """Keras variables a Keras 3 file leaves out: Keras merges them into another when saving
+        (a LoRA adapter into the kernel) and zeroes them on load, so such a file is read with
+        zeros for them."""
+        return ()
+
     def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1
