@@ -18,7 +18,7 @@ import pytest
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
 from test_codegen import RUNNER, check_generated_file
 
 L = keras.layers
@@ -35,6 +35,14 @@ def seed_all(model, seed):
     for variable in model.weights:
         variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
     return model
+
+
+IMAGE = (9, 12, 3)   # odd height, even width
+
+
+def image(*layers):
+    """An image through a 1x1 convolution (weights to carry) and then `layers`."""
+    return single(IMAGE, L.Conv2D(4, 1), *layers)
 
 
 def lora_embedding():
@@ -61,6 +69,21 @@ CASES = {
     "dense_lora_sequence_no_bias": lambda: single((6, 4), L.Dense(3, use_bias=False, lora_rank=3)),
     "dense_lora_after_flatten": lambda: single((3, 4, 2), L.Conv2D(3, 2), L.Flatten(), L.Dense(4, lora_rank=2)),
     "embedding_lora": lora_embedding,
+    "resizing_bilinear_down": lambda: image(L.Resizing(5, 7)),
+    "resizing_bilinear_up_antialias": lambda: image(L.Resizing(13, 20, antialias=True)),
+    "resizing_bilinear_down_antialias": lambda: image(L.Resizing(4, 5, antialias=True)),
+    "resizing_nearest": lambda: image(L.Resizing(6, 17, interpolation="nearest")),
+    "resizing_bicubic_antialias": lambda: image(L.Resizing(5, 16, interpolation="bicubic", antialias=True)),
+    "resizing_area_whole_factors": lambda: image(L.Resizing(3, 24, interpolation="area")),
+    "resizing_crop_to_aspect_ratio": lambda: image(L.Resizing(4, 4, crop_to_aspect_ratio=True)),
+    "resizing_crop_to_aspect_ratio_tall": lambda: image(L.Resizing(8, 3, crop_to_aspect_ratio=True,
+                                                                   interpolation="nearest")),
+    "resizing_pad_to_aspect_ratio": lambda: image(L.Resizing(7, 4, pad_to_aspect_ratio=True, fill_value=0.5)),
+    "resizing_pad_to_aspect_ratio_wide": lambda: image(L.Resizing(3, 9, pad_to_aspect_ratio=True, fill_value=-1.0)),
+    "center_crop": lambda: image(L.CenterCrop(4, 7)),
+    "center_crop_odd_margins": lambda: image(L.CenterCrop(6, 9)),
+    "center_crop_larger_than_input": lambda: image(L.CenterCrop(11, 15)),
+    "center_crop_one_side_larger": lambda: image(L.CenterCrop(12, 5)),
 }
 
 
@@ -149,6 +172,14 @@ def config_with(layer, shape, **changes):
     (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"equation": "ab,bc->a1"}, "is not of the form"),
     (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"quantization_config": {"mode": "int8"}},
      "unsupported option quantization_config"),
+    (lambda: L.Resizing(4, 5, interpolation="bicubic"), IMAGE, {},
+     r"'bad' \(Resizing\): .*'bicubic' without antialias is not supported \(TensorFlow's cubic uses a = -0.5"),
+    (lambda: L.Resizing(4, 5, interpolation="lanczos3"), IMAGE, {}, "torch has no Lanczos resampling"),
+    (lambda: L.Resizing(4, 5, interpolation="area"), IMAGE, {},
+     r"'area' from 9x12 to 4x5 is not supported \(only whole factors"),
+    (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
+    (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_first"}, "unsupported option data_format"),
+    (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_first"}, "unsupported option data_format"),
 ])
 def test_refusals_are_one_line(layer, shape, changes, message):
     from exchange.keras_config import parse_model_config

@@ -1,0 +1,201 @@
+"""Preprocessing layers that compute a fixed function of their input: Resizing and CenterCrop.
+
+Conventions that differ:
+- Keras resizes with TensorFlow's `tf.image.resize` (half-pixel centres); the torch side with
+  `F.interpolate` on channels-first images, which matches it mode by mode as follows (each
+  measured against TensorFlow 2.21, within float32 rounding):
+  - `bilinear`: `F.interpolate(mode="bilinear", align_corners=False)`, with or without antialias.
+  - `nearest`: `mode="nearest-exact"` (torch's `nearest` rounds source positions differently).
+  - `bicubic` with antialias: `mode="bicubic", antialias=True` (both Keys' cubic with a = -0.5,
+    weights renormalised at the borders). Without antialias TensorFlow's bicubic uses a = -0.5 from
+    a 1024-entry table and torch's a = -0.75: refused.
+  - `area`: `mode="area"` (adaptive average pooling) where each axis changes by a whole factor
+    (TensorFlow ignores antialias there); other ratios weigh partial cells differently: refused.
+  - `lanczos3`, `lanczos5`: torch has no Lanczos resampling: refused.
+- `crop_to_aspect_ratio` / `pad_to_aspect_ratio`: Keras crops (or pads with `fill_value`) to the
+  target's aspect ratio before resizing; the sizes are fixed by the input shape, so the torch side
+  narrows (or `F.pad`s) by the same amounts, computed here as Keras does (float32 for Resizing,
+  Python floats for CenterCrop's `smart_resize`).
+- CenterCrop crops the centre where the input is at least the target size on both axes; otherwise
+  Keras crops to the target's aspect ratio and resizes bilinearly (`smart_resize`), and so does
+  the torch side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, register
+
+INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
+# TensorFlow's method -> torch's F.interpolate mode, for the modes that match (see the docstring).
+TORCH_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact", "bicubic": "bicubic", "area": "area"}
+# Image sides: the largest real preprocessing resizes to a few thousand pixels.
+MAX_SIDE = MAX_FEATURES
+
+
+def _image(shape: tuple, what: str) -> tuple:
+    if len(shape) != 3 or shape[0] is None or shape[1] is None:
+        raise ExchangeError(f"{what} needs a (height, width, channels) image of fixed size, found (batch, {shape})")
+    return shape
+
+
+def _whole_factor(before: int, after: int) -> bool:
+    return before % after == 0 or after % before == 0
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Rows [top, top + height) and columns [left, left + width) of the input."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def aspect_crop(height: int, width: int, target_height: int, target_width: int, float32: bool) -> Crop:
+    """Keras's crop to the target's aspect ratio (`crop_to_aspect_ratio`, `smart_resize`): each
+    side at most the input's and at least 1, centred, rounded toward zero; in float32 where Keras
+    computes in TensorFlow float32 (Resizing), else in Python floats (smart_resize)."""
+    real = np.float32 if float32 else float
+    crop_height = max(min(height, int(real(width * target_height) / real(target_width))), 1)
+    crop_width = max(min(width, int(real(height * target_width) / real(target_height))), 1)
+    return Crop(int(real(height - crop_height) / real(2)), int(real(width - crop_width) / real(2)),
+                crop_height, crop_width)
+
+
+def aspect_padding(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
+    """Keras's `pad_to_aspect_ratio` (TensorFlow backend): (rows, columns) of `fill_value` added on
+    each side, float32 arithmetic rounded toward zero, the same amount before and after."""
+    pad_height = max(height, int(np.float32(width * target_height) / np.float32(target_width)))
+    pad_width = max(width, int(np.float32(height * target_width) / np.float32(target_height)))
+    return int(np.float32(pad_height - height) / np.float32(2)), int(np.float32(pad_width - width) / np.float32(2))
+
+
+def torch_resize(builder, value, crop: Crop | None, padding: tuple[int, int], fill_value: float,
+                 size: tuple[int, int], interpolation: str, antialias: bool):
+    """Crop (narrow) or pad, then resize, on a channels-first image."""
+    if crop is not None:
+        value = builder.method(value, "narrow", 2, crop.top, crop.height)
+        value = builder.method(value, "narrow", 3, crop.left, crop.width)
+    rows, columns = padding
+    if rows or columns:
+        value = builder.call(builder.F.pad, value, (columns, columns, rows, rows), value=fill_value)
+    mode = TORCH_MODES[interpolation]
+    keywords = {"size": size, "mode": mode}
+    if mode in ("bilinear", "bicubic"):
+        keywords.update(align_corners=False, antialias=antialias)
+    return builder.call(builder.F.interpolate, value, **keywords)
+
+
+@dataclass(frozen=True)
+class ResizingConfig:
+    height: int
+    width: int
+    interpolation: str = "bilinear"
+    crop_to_aspect_ratio: bool = False
+    pad_to_aspect_ratio: bool = False
+    fill_value: float = 0.0
+    antialias: bool = False
+
+    def __post_init__(self) -> None:
+        check_int(self.height, "Resizing height", MAX_SIDE)
+        check_int(self.width, "Resizing width", MAX_SIDE)
+        check_choice(self.interpolation, INTERPOLATIONS, "Resizing interpolation")
+        if self.crop_to_aspect_ratio and self.pad_to_aspect_ratio:
+            raise ExchangeError("Resizing takes crop_to_aspect_ratio or pad_to_aspect_ratio, not both")
+        if self.interpolation.startswith("lanczos"):
+            raise ExchangeError(f"Resizing interpolation {self.interpolation!r} is not supported (torch has no "
+                                "Lanczos resampling)")
+        if self.interpolation == "bicubic" and not self.antialias:
+            raise ExchangeError("Resizing interpolation 'bicubic' without antialias is not supported (TensorFlow's "
+                                "cubic uses a = -0.5, torch's a = -0.75)")
+
+
+@register
+class Resizing(LayerKind):
+    kind, keras_classes, Config = "resizing", ("Resizing",), ResizingConfig
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        options.expect("fill_mode", "constant")
+        interpolation = options.take("interpolation", "bilinear")
+        if interpolation not in INTERPOLATIONS:
+            raise options.unsupported("interpolation", interpolation)
+        return ResizingConfig(options.integer("height"), options.integer("width"), interpolation,
+                              options.flag("crop_to_aspect_ratio", False), options.flag("pad_to_aspect_ratio", False),
+                              options.number("fill_value", 0.0), options.flag("antialias", False))
+
+    def _plan(self, config, input_shape) -> tuple[Crop | None, tuple[int, int]]:
+        height, width, _ = _image(input_shape, "Resizing")
+        crop, padding = None, (0, 0)
+        if config.crop_to_aspect_ratio:
+            crop = aspect_crop(height, width, config.height, config.width, float32=True)
+            height, width = crop.height, crop.width
+        elif config.pad_to_aspect_ratio:
+            padding = aspect_padding(height, width, config.height, config.width)
+            height, width = height + 2 * padding[0], width + 2 * padding[1]
+        if config.interpolation == "area" and not (_whole_factor(height, config.height)
+                                                   and _whole_factor(width, config.width)):
+            raise UnsupportedLayerError(f"Resizing interpolation 'area' from {height}x{width} to {config.height}x"
+                                f"{config.width} is not supported (only whole factors per axis match torch's)")
+        return crop, padding
+
+    def output_shape(self, config, input_shapes):
+        self._plan(config, input_shapes[0])
+        return (config.height, config.width, input_shapes[0][2])
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        crop, padding = self._plan(config, context.input_shape)
+        return torch_resize(builder, inputs[0], crop, padding, config.fill_value, (config.height, config.width),
+                            config.interpolation, config.antialias)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Resizing(config.height, config.width, interpolation=config.interpolation,
+                                     crop_to_aspect_ratio=config.crop_to_aspect_ratio,
+                                     pad_to_aspect_ratio=config.pad_to_aspect_ratio, fill_mode="constant",
+                                     fill_value=config.fill_value, antialias=config.antialias,
+                                     data_format="channels_last", **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class CenterCropConfig:
+    height: int
+    width: int
+
+    def __post_init__(self) -> None:
+        check_int(self.height, "CenterCrop height", MAX_SIDE)
+        check_int(self.width, "CenterCrop width", MAX_SIDE)
+
+
+@register
+class CenterCrop(LayerKind):
+    kind, keras_classes, Config = "center_crop", ("CenterCrop",), CenterCropConfig
+
+    def from_keras(self, options):
+        options.expect("data_format", "channels_last", None)
+        return CenterCropConfig(options.integer("height"), options.integer("width"))
+
+    def output_shape(self, config, input_shapes):
+        _image(input_shapes[0], "CenterCrop")
+        return (config.height, config.width, input_shapes[0][2])
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        height, width, _ = context.input_shape
+        if height >= config.height and width >= config.width:
+            value = builder.method(inputs[0], "narrow", 2, (height - config.height) // 2, config.height)
+            return builder.method(value, "narrow", 3, (width - config.width) // 2, config.width)
+        crop = aspect_crop(height, width, config.height, config.width, float32=False)
+        return torch_resize(builder, inputs[0], crop, (0, 0), 0.0, (config.height, config.width), "bilinear", False)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.CenterCrop(config.height, config.width, data_format="channels_last",
+                                       **context.keras_identity)
