@@ -80,6 +80,11 @@ CASES = {
                                                                    interpolation="nearest")),
     "resizing_pad_to_aspect_ratio": lambda: image(L.Resizing(7, 4, pad_to_aspect_ratio=True, fill_value=0.5)),
     "resizing_pad_to_aspect_ratio_wide": lambda: image(L.Resizing(3, 9, pad_to_aspect_ratio=True, fill_value=-1.0)),
+    "resizing_channels_first": lambda: image(L.Resizing(5, 7, data_format="channels_first")),
+    "resizing_channels_first_crop": lambda: image(L.Resizing(2, 9, data_format="channels_first",
+                                                             crop_to_aspect_ratio=True)),
+    "center_crop_channels_first": lambda: image(L.CenterCrop(3, 2, data_format="channels_first")),
+    "center_crop_channels_first_larger": lambda: image(L.CenterCrop(6, 8, data_format="channels_first")),
     "center_crop": lambda: image(L.CenterCrop(4, 7)),
     "center_crop_odd_margins": lambda: image(L.CenterCrop(6, 9)),
     "center_crop_larger_than_input": lambda: image(L.CenterCrop(11, 15)),
@@ -178,8 +183,8 @@ def config_with(layer, shape, **changes):
     (lambda: L.Resizing(4, 5, interpolation="area"), IMAGE, {},
      r"'area' from 9x12 to 4x5 is not supported \(only whole factors"),
     (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
-    (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_first"}, "unsupported option data_format"),
-    (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_first"}, "unsupported option data_format"),
+    (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
+    (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
 ])
 def test_refusals_are_one_line(layer, shape, changes, message):
     from exchange.keras_config import parse_model_config

@@ -16,6 +16,9 @@ Conventions that differ:
   target's aspect ratio before resizing; the sizes are fixed by the input shape, so the torch side
   narrows (or `F.pad`s) by the same amounts, computed here as Keras does (float32 for Resizing,
   Python floats for CenterCrop's `smart_resize`).
+- `data_format="channels_first"`: the Keras image is (channels, height, width), which the torch
+  side holds as (width, channels, height) like any rank-4 tensor; it permutes it to Keras's
+  (channels, height, width), already torch's image layout, resizes, and permutes back.
 - CenterCrop crops the centre where the input is at least the target size on both axes; otherwise
   Keras crops to the target's aspect ratio and resizes bilinearly (`smart_resize`), and so does
   the torch side.
@@ -23,12 +26,13 @@ Conventions that differ:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, register
+from exchange.kinds import MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, register
+from exchange.kinds.layout import to_keras_order, to_torch_order
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
 # TensorFlow's method -> torch's F.interpolate mode, for the modes that match (see the docstring).
@@ -37,10 +41,37 @@ TORCH_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact", "bicubic": "b
 MAX_SIDE = MAX_FEATURES
 
 
-def _image(shape: tuple, what: str) -> tuple:
-    if len(shape) != 3 or shape[0] is None or shape[1] is None:
-        raise ExchangeError(f"{what} needs a (height, width, channels) image of fixed size, found (batch, {shape})")
-    return shape
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def _image(shape: tuple, what: str, data_format: str) -> tuple:
+    """(height, width, channels) of a Keras image in `data_format`."""
+    sides = shape[:2] if data_format == "channels_last" else shape[1:]
+    if len(shape) != 3 or None in sides:
+        raise UnsupportedLayerError(f"{what} needs a {data_format} image of fixed height and width, found "
+                                    f"(batch, {shape})")
+    return (*sides, shape[2] if data_format == "channels_last" else shape[0])
+
+
+def _image_shape(height: int, width: int, channels, data_format: str) -> tuple:
+    return (height, width, channels) if data_format == "channels_last" else (channels, height, width)
+
+
+def _read_data_format(options) -> str:
+    value = options.take("data_format", None)
+    if value is None:
+        return "channels_last"
+    if value not in DATA_FORMATS:
+        raise options.unsupported("data_format", value)
+    return value
+
+
+def torch_image(builder, value, data_format: str, back: bool = False):
+    """A channels_first Keras image as torch's (N, C, H, W) (or back): the permutation between
+    the exchange's torch layout and Keras's."""
+    if data_format == "channels_last":
+        return value
+    return builder.call(builder.torch.permute, value, to_torch_order(3) if back else to_keras_order(3))
 
 
 def _whole_factor(before: int, after: int) -> bool:
@@ -101,8 +132,10 @@ class ResizingConfig:
     pad_to_aspect_ratio: bool = False
     fill_value: float = 0.0
     antialias: bool = False
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        check_choice(self.data_format, DATA_FORMATS, "Resizing data_format")
         check_int(self.height, "Resizing height", MAX_SIDE)
         check_int(self.width, "Resizing width", MAX_SIDE)
         check_choice(self.interpolation, INTERPOLATIONS, "Resizing interpolation")
@@ -121,17 +154,17 @@ class Resizing(LayerKind):
     kind, keras_classes, Config = "resizing", ("Resizing",), ResizingConfig
 
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
         options.expect("fill_mode", "constant")
         interpolation = options.take("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
             raise options.unsupported("interpolation", interpolation)
         return ResizingConfig(options.integer("height"), options.integer("width"), interpolation,
                               options.flag("crop_to_aspect_ratio", False), options.flag("pad_to_aspect_ratio", False),
-                              options.number("fill_value", 0.0), options.flag("antialias", False))
+                              options.number("fill_value", 0.0), options.flag("antialias", False),
+                              _read_data_format(options))
 
     def _plan(self, config, input_shape) -> tuple[Crop | None, tuple[int, int]]:
-        height, width, _ = _image(input_shape, "Resizing")
+        height, width, _ = _image(input_shape, "Resizing", config.data_format)
         crop, padding = None, (0, 0)
         if config.crop_to_aspect_ratio:
             crop = aspect_crop(height, width, config.height, config.width, float32=True)
@@ -147,13 +180,16 @@ class Resizing(LayerKind):
 
     def output_shape(self, config, input_shapes):
         self._plan(config, input_shapes[0])
-        return (config.height, config.width, input_shapes[0][2])
+        channels = _image(input_shapes[0], "Resizing", config.data_format)[2]
+        return _image_shape(config.height, config.width, channels, config.data_format)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         crop, padding = self._plan(config, context.input_shape)
-        return torch_resize(builder, inputs[0], crop, padding, config.fill_value, (config.height, config.width),
-                            config.interpolation, config.antialias)
+        value = torch_image(builder, inputs[0], config.data_format)
+        value = torch_resize(builder, value, crop, padding, config.fill_value, (config.height, config.width),
+                             config.interpolation, config.antialias)
+        return torch_image(builder, value, config.data_format, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
@@ -161,15 +197,17 @@ class Resizing(LayerKind):
                                      crop_to_aspect_ratio=config.crop_to_aspect_ratio,
                                      pad_to_aspect_ratio=config.pad_to_aspect_ratio, fill_mode="constant",
                                      fill_value=config.fill_value, antialias=config.antialias,
-                                     data_format="channels_last", **context.keras_identity)
+                                     data_format=config.data_format, **context.keras_identity)
 
 
 @dataclass(frozen=True)
 class CenterCropConfig:
     height: int
     width: int
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        check_choice(self.data_format, DATA_FORMATS, "CenterCrop data_format")
         check_int(self.height, "CenterCrop height", MAX_SIDE)
         check_int(self.width, "CenterCrop width", MAX_SIDE)
 
@@ -179,23 +217,25 @@ class CenterCrop(LayerKind):
     kind, keras_classes, Config = "center_crop", ("CenterCrop",), CenterCropConfig
 
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return CenterCropConfig(options.integer("height"), options.integer("width"))
+        return CenterCropConfig(options.integer("height"), options.integer("width"), _read_data_format(options))
 
     def output_shape(self, config, input_shapes):
-        _image(input_shapes[0], "CenterCrop")
-        return (config.height, config.width, input_shapes[0][2])
+        channels = _image(input_shapes[0], "CenterCrop", config.data_format)[2]
+        return _image_shape(config.height, config.width, channels, config.data_format)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        height, width, _ = context.input_shape
+        height, width, _ = _image(context.input_shape, "CenterCrop", config.data_format)
+        value = torch_image(builder, inputs[0], config.data_format)
         if height >= config.height and width >= config.width:
-            value = builder.method(inputs[0], "narrow", 2, (height - config.height) // 2, config.height)
-            return builder.method(value, "narrow", 3, (width - config.width) // 2, config.width)
-        crop = aspect_crop(height, width, config.height, config.width, float32=False)
-        return torch_resize(builder, inputs[0], crop, (0, 0), 0.0, (config.height, config.width), "bilinear", False)
+            value = builder.method(value, "narrow", 2, (height - config.height) // 2, config.height)
+            value = builder.method(value, "narrow", 3, (width - config.width) // 2, config.width)
+        else:
+            crop = aspect_crop(height, width, config.height, config.width, float32=False)
+            value = torch_resize(builder, value, crop, (0, 0), 0.0, (config.height, config.width), "bilinear", False)
+        return torch_image(builder, value, config.data_format, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.CenterCrop(config.height, config.width, data_format="channels_last",
+        return keras.layers.CenterCrop(config.height, config.width, data_format=config.data_format,
                                        **context.keras_identity)
