@@ -200,3 +200,38 @@ def test_lora_on_a_float16_layer_is_refused():
     model = single((5,), L.Dense(3, lora_rank=2, dtype="float16", name="bad"))
     with pytest.raises(UnsupportedLayerError, match="'bad': LoRA on a float16 layer is not supported"):
         keras_adapter.get_tensors(model)
+
+
+def test_string_layers_are_refused_with_their_reason():
+    from exchange.keras_config import parse_model_config
+
+    text = keras.Input((1,), dtype="string", name="text")
+    ids = L.StringLookup(vocabulary=["a", "b"], name="lookup")(text)
+    model = keras.Model(text, L.Embedding(4, 2, name="emb")(ids))
+    config = json.loads(json.dumps({"class_name": "Functional", "config": model.get_config()}))
+    with pytest.raises(UnsupportedLayerError) as caught:
+        parse_model_config(config, "strings")
+    message = str(caught.value)
+    assert "input 'text': unsupported dtype 'string' (torch has no string tensors)" in message
+    assert "unsupported layer 'lookup' (StringLookup): it maps strings to ids and torch has no string tensors" \
+        in message and "\n" not in message
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: L.Hashing(num_bins=4, name="bad"), "FarmHash Fingerprint64"),
+    (lambda: L.TextVectorization(name="bad"), "splits and looks up strings"),
+])
+def test_hashing_and_text_layers_are_refused(layer, reason):
+    from exchange.keras_config import parse_model_config
+
+    inputs = keras.Input((3,), dtype="int64" if "Hashing" in type(layer()).__name__ else "string")
+    made = layer()
+    config = {"class_name": "Functional", "config": {
+        "name": "m", "layers": [{"class_name": "InputLayer", "name": "x", "config": {
+            "batch_shape": [None, 3], "dtype": inputs.dtype, "name": "x"}, "inbound_nodes": []},
+            {"class_name": type(made).__name__, "name": "bad", "config": {"name": "bad"},
+             "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
+                 "shape": [None, 3], "dtype": inputs.dtype, "keras_history": ["x", 0, 0]}}], "kwargs": {}}]}],
+        "input_layers": [["x", 0, 0]], "output_layers": [["bad", 0, 0]]}}
+    with pytest.raises(UnsupportedLayerError, match=f"unsupported layer 'bad' \\({type(made).__name__}\\): .*{reason}"):
+        parse_model_config(config, "hand-written")

@@ -35,6 +35,8 @@ TENSOR = "<tensor>"
 # default (`mask_input`): files of models without it stay as they were.
 OMIT_DEFAULT = {"omit_default": True}
 KERAS_CLASSES: dict[str, "LayerKind"] = {}
+# Keras classes refused for a reason worth saying (`refuse_keras_class`), by class name.
+REFUSED_CLASSES: dict[str, str] = {}
 
 # Keras config keys that say nothing about what the layer computes at inference.
 IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
@@ -256,6 +258,17 @@ def register(cls: type) -> type:
     KINDS[kind.kind] = kind
     KERAS_CLASSES.update({class_name: kind for class_name in kind.keras_classes})
     return cls
+
+
+def refuse_keras_class(class_name: str, why: str) -> None:
+    """Say why a Keras class has no kind (`torch has no string tensors`): its refusal names it."""
+    if class_name in KERAS_CLASSES or class_name in REFUSED_CLASSES:
+        raise ExchangeError(f"Keras class {class_name} registered twice")
+    REFUSED_CLASSES[class_name] = why
+
+
+def refusal_for_keras_class(class_name: str) -> str | None:
+    return REFUSED_CLASSES.get(class_name)
 
 
 def kind_of(name: str) -> LayerKind:

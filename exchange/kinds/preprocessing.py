@@ -1,4 +1,6 @@
-"""Preprocessing layers that compute a fixed function of their input: Resizing and CenterCrop.
+"""Preprocessing layers that compute a fixed function of their input: Resizing and CenterCrop; and
+the layers that cannot be, refused with their reason (StringLookup, TextVectorization, Hashing,
+HashedCrossing: strings or string hashes).
 
 Conventions that differ:
 - Keras resizes with TensorFlow's `tf.image.resize` (half-pixel centres); the torch side with
@@ -31,8 +33,20 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, register
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, refuse_keras_class,
+                            register)
 from exchange.kinds.layout import to_keras_order, to_torch_order
+
+STRING_REASON = "torch has no string tensors"
+# Keras classes that work on strings, or hash through them: refused, each with its reason.
+for _class_name, _why in (
+        ("StringLookup", f"it maps strings to ids and {STRING_REASON}"),
+        ("TextVectorization", f"it splits and looks up strings and {STRING_REASON}"),
+        ("Hashing", "Keras hashes the string form of each value (FarmHash Fingerprint64, SipHash with a salt); "
+                    f"{STRING_REASON} and no such hash"),
+        ("HashedCrossing", "Keras hashes the string form of each feature cross (FarmHash Fingerprint64); "
+                           f"{STRING_REASON} and no such hash")):
+    refuse_keras_class(_class_name, _why)
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
 # TensorFlow's method -> torch's F.interpolate mode, for the modes that match (see the docstring).
