@@ -329,6 +329,69 @@ class KerasEinsumDense(nn.Module):
         return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
 
 
+def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """Keras's `encode_categorical_inputs` on ids (N, ..., T): `one_hot` (N, ..., T, num_tokens),
+    the T axis dropped where it is 1; `multi_hot` and `count` (N, ..., num_tokens). Ids outside
+    [0, num_tokens) count nowhere, as in TensorFlow's one_hot and bincount."""
+    hot = (ids.unsqueeze(-1) == torch.arange(num_tokens, device=ids.device)).to(dtype)
+    if output_mode == "one_hot":
+        return hot.squeeze(-2) if ids.shape[-1] == 1 else hot
+    return hot.amax(-2) if output_mode == "multi_hot" else hot.sum(-2)
+
+
+class KerasCategoryEncoding(nn.Module):
+    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors (`keras_encode`)."""
+
+    def __init__(self, num_tokens, output_mode, output_dtype=torch.float32):
+        super().__init__()
+        self.num_tokens, self.output_mode, self.output_dtype = num_tokens, output_mode, output_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype)
+
+
+class KerasDiscretization(nn.Module):
+    """Keras's Discretization: the bucket of each value, i where boundaries[i - 1] <= x <
+    boundaries[i] (int32, as Keras's `digitize`), or those buckets encoded (`keras_encode`)."""
+
+    def __init__(self, bin_boundaries, output_mode="int", output_dtype=torch.float32):
+        super().__init__()
+        self.bin_boundaries, self.output_mode, self.output_dtype = bin_boundaries, output_mode, output_dtype
+        self.register_buffer("boundaries", torch.tensor(bin_boundaries, dtype=torch.float32).reshape(-1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = torch.bucketize(x.float(), self.boundaries, out_int32=True, right=True)
+        if self.output_mode == "int":
+            return buckets
+        return keras_encode(buckets, len(self.bin_boundaries) + 1, self.output_mode, self.output_dtype)
+
+
+class KerasIntegerLookup(nn.Module):
+    """Keras's IntegerLookup (output_mode "int"): a value's index is its position in the
+    vocabulary after the special indices, the mask token (if any) first, then the out-of-vocabulary
+    indices; a value not in the vocabulary gets the OOV index `value mod num_oov_indices` (floormod)."""
+
+    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1):
+        super().__init__()
+        self.vocabulary, self.mask_token, self.num_oov_indices = vocabulary, mask_token, num_oov_indices
+        values = torch.tensor(vocabulary, dtype=torch.int64).reshape(-1)
+        sorted_values, order = torch.sort(values)
+        self.oov_start = 0 if mask_token is None else 1
+        self.register_buffer("sorted_values", sorted_values, persistent=False)
+        self.register_buffer("indices", order + self.oov_start + num_oov_indices, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.long()
+        position = torch.searchsorted(self.sorted_values, x).clamp(max=len(self.vocabulary) - 1)
+        found = self.sorted_values[position] == x
+        oov = torch.remainder(x, self.num_oov_indices) + self.oov_start
+        ids = torch.where(found, self.indices[position], oov)
+        if self.mask_token is not None:
+            ids = torch.where(x == self.mask_token, torch.zeros_like(ids), ids)
+        return ids
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

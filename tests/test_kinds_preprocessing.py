@@ -45,6 +45,11 @@ def image(*layers):
     return single(IMAGE, L.Conv2D(4, 1), *layers)
 
 
+def ids(*layers, steps=6):
+    """Integer ids (batch, steps) in [0, 7) through `layers`."""
+    return single((steps,), *layers, dtype="int64")
+
+
 def lora_embedding():
     inputs = keras.Input((7,), dtype="int32")
     x = L.Embedding(11, 6, lora_rank=3, name="emb")(inputs)
@@ -85,6 +90,20 @@ CASES = {
                                                              crop_to_aspect_ratio=True)),
     "center_crop_channels_first": lambda: image(L.CenterCrop(3, 2, data_format="channels_first")),
     "center_crop_channels_first_larger": lambda: image(L.CenterCrop(6, 8, data_format="channels_first")),
+    "category_encoding_one_hot": lambda: ids(L.CategoryEncoding(5, output_mode="one_hot"), L.Dense(3)),
+    "category_encoding_one_hot_single": lambda: ids(L.CategoryEncoding(9, output_mode="one_hot"), steps=1),
+    "category_encoding_multi_hot": lambda: ids(L.CategoryEncoding(6), L.Dense(2)),
+    "category_encoding_count": lambda: ids(L.CategoryEncoding(8, output_mode="count"), L.Dense(2)),
+    "discretization_int": lambda: single((5,), L.Discretization(bin_boundaries=[-0.5, 0.0, 0.3, 1.2])),
+    "discretization_into_embedding": lambda: single((5,), L.Discretization(bin_boundaries=[-1.0, 0.25, 0.5]),
+                                                    L.Embedding(4, 3)),
+    "discretization_one_hot": lambda: single((4,), L.Discretization(bin_boundaries=[0.0, 0.7], output_mode="one_hot"),
+                                             L.Conv1D(2, 2)),
+    "discretization_count": lambda: single((6,), L.Discretization(bin_boundaries=[-0.3, 0.1, 0.9],
+                                                                  output_mode="count")),
+    "integer_lookup": lambda: ids(L.IntegerLookup(vocabulary=[4, 1, 6, 2])),
+    "integer_lookup_mask_and_oov_buckets": lambda: ids(L.IntegerLookup(vocabulary=[5, 3, 2], mask_token=0,
+                                                                       num_oov_indices=3), L.Embedding(7, 3)),
     "center_crop": lambda: image(L.CenterCrop(4, 7)),
     "center_crop_odd_margins": lambda: image(L.CenterCrop(6, 9)),
     "center_crop_larger_than_input": lambda: image(L.CenterCrop(11, 15)),
@@ -183,6 +202,18 @@ def config_with(layer, shape, **changes):
     (lambda: L.Resizing(4, 5, interpolation="area"), IMAGE, {},
      r"'area' from 9x12 to 4x5 is not supported \(only whole factors"),
     (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"invert": True}, "unsupported option invert=True"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"output_mode": "one_hot"},
+     "unsupported option output_mode='one_hot'"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"vocabulary": None},
+     "unsupported option vocabulary=None \\(a list of integers in the config is needed"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 0},
+     "unsupported option num_oov_indices=0 \\(Keras raises on an unknown value"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 2, "oov_method": "farmhash"},
+     "unsupported option oov_method='farmhash'"),
+    (lambda: L.Discretization(bin_boundaries=[0.0]), (3,), {"bin_boundaries": None},
+     "unsupported option bin_boundaries=None \\(not adapted"),
+    (lambda: L.CategoryEncoding(4), (3, 2), {}, "takes ids of shape \\(batch, steps\\)"),
     (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
     (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
 ])
@@ -235,3 +266,13 @@ def test_hashing_and_text_layers_are_refused(layer, reason):
         "input_layers": [["x", 0, 0]], "output_layers": [["bad", 0, 0]]}}
     with pytest.raises(UnsupportedLayerError, match=f"unsupported layer 'bad' \\({type(made).__name__}\\): .*{reason}"):
         parse_model_config(config, "hand-written")
+
+
+def test_integer_outputs_are_read_only_by_layers_that_take_integers():
+    from exchange.errors import ExchangeError
+    from exchange.verification import check_integer_inputs
+
+    model = single((5,), L.Discretization(bin_boundaries=[0.0, 1.0], name="buckets"), L.Dense(2, name="dense"))
+    graph = keras_adapter.architecture_of(model)
+    with pytest.raises(ExchangeError, match="layer 'dense' \\(dense\\) reads the integer input 'buckets' \\(int32\\)"):
+        check_integer_inputs(graph)

@@ -134,6 +134,11 @@ class LayerKind:
         where their kinds say so."""
         return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
 
+    def integer_output(self, config: Any) -> str | None:
+        """The integer dtype of the layer's output where it is not the node's float dtype (a
+        lookup's ids: "int64"); None otherwise. Only kinds that `reads_integers` may read it."""
+        return None
+
     def merged_when_saved(self, config: Any) -> tuple[str, ...]:
         """Keras variables a Keras 3 file leaves out: Keras merges them into another when saving
         (a LoRA adapter into the kernel) and zeroes them on load, so such a file is read with

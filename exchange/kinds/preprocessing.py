@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, refuse_keras_class,
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, coerce, refuse_keras_class,
                             register)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
@@ -253,3 +253,209 @@ class CenterCrop(LayerKind):
         config = context.config
         return keras.layers.CenterCrop(config.height, config.width, data_format=config.data_format,
                                        **context.keras_identity)
+
+
+# -- integer lookups and encodings ------------------------------------------------------------
+
+ENCODINGS = ("one_hot", "multi_hot", "count")
+# A vocabulary or a list of bin boundaries: real ones hold at most a few million values.
+MAX_VALUES = 1 << 22
+INTEGER_DTYPES = ("int32", "int64")
+
+
+def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) -> tuple:
+    """Keras's encoded output shape for ids (batch, T): one_hot (T, depth), or (depth,) where T is 1
+    or for multi_hot and count. Only (batch, T) ids: the torch side holds longer shapes channels-first."""
+    if len(input_shape) != 1:
+        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} takes ids of shape (batch, steps); "
+                                    f"found (batch, {input_shape})")
+    if output_mode == "one_hot" and input_shape[0] != 1:
+        return (input_shape[0], depth)
+    return (depth,)
+
+
+def _channels_first(builder, value, output_shape: tuple):
+    """An encoded (batch, T, depth) output in torch's layout, (batch, depth, T)."""
+    return builder.call(builder.torch.movedim, value, -1, 1) if len(output_shape) == 2 else value
+
+
+@dataclass(frozen=True)
+class CategoryEncodingConfig:
+    num_tokens: int
+    output_mode: str = "multi_hot"
+
+    def __post_init__(self) -> None:
+        check_int(self.num_tokens, "CategoryEncoding num_tokens", MAX_VALUES)
+        check_choice(self.output_mode, ENCODINGS, "CategoryEncoding output_mode")
+
+
+@register
+class CategoryEncoding(LayerKind):
+    """Integer ids -> one-hot, multi-hot or count vectors (`KerasCategoryEncoding`), in the layer's
+    float dtype. Ids outside [0, num_tokens) count nowhere in either framework (TensorFlow raises on
+    a negative id in multi_hot and count mode; torch gives zeros there)."""
+
+    kind, keras_classes, Config = "category_encoding", ("CategoryEncoding",), CategoryEncodingConfig
+
+    def reads_integers(self, node, position):
+        return position == 0
+
+    def from_keras(self, options):
+        options.expect("sparse", False)
+        mode = options.take("output_mode", "multi_hot")
+        mode = "multi_hot" if mode == "binary" else mode
+        if mode not in ENCODINGS:
+            raise options.unsupported("output_mode", mode)
+        return CategoryEncodingConfig(options.integer("num_tokens"), mode)
+
+    def output_shape(self, config, input_shapes):
+        return _encoded_shape(input_shapes[0], config.num_tokens, config.output_mode, "CategoryEncoding")
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasCategoryEncoding(config.num_tokens, config.output_mode,
+                                                       output_dtype=builder.dtype(context))
+        return _channels_first(builder, builder.module(context, module, inputs[0]), context.output_shape)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.CategoryEncoding(config.num_tokens, output_mode=config.output_mode,
+                                             **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class DiscretizationConfig:
+    bin_boundaries: tuple[float, ...]
+    output_mode: str = "int"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bin_boundaries, tuple) or not 1 <= len(self.bin_boundaries) < MAX_VALUES:
+            raise ExchangeError(f"Discretization needs 1 to {MAX_VALUES:,} bin boundaries")
+        for value in self.bin_boundaries:
+            coerce(value, float, "Discretization bin boundary")
+        if list(self.bin_boundaries) != sorted(self.bin_boundaries):
+            raise ExchangeError("Discretization bin boundaries must be sorted")
+        check_choice(self.output_mode, ("int",) + ENCODINGS, "Discretization output_mode")
+
+
+@register
+class Discretization(LayerKind):
+    """Values -> the index of their bin (int32, `torch.bucketize(right=True)`, Keras's `digitize`),
+    or those indices encoded as CategoryEncoding does. Keras compares float32 values with float32
+    boundaries; so does the torch side."""
+
+    kind, keras_classes, Config = "discretization", ("Discretization",), DiscretizationConfig
+
+    def keeps_order(self, config) -> bool:
+        return config.output_mode == "int"   # element-wise then
+
+    def integer_output(self, config):
+        return "int32" if config.output_mode == "int" else None
+
+    def from_keras(self, options):
+        options.expect("sparse", False)
+        options.take("num_bins", None)   # how adapt() chose the boundaries
+        options.take("epsilon", None)
+        boundaries = options.take("bin_boundaries", None)
+        if boundaries is None:
+            raise options.unsupported("bin_boundaries", boundaries, "not adapted: no boundaries to compute with")
+        if not isinstance(boundaries, list) or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in boundaries):
+            raise options.unsupported("bin_boundaries", boundaries, "must be a list of numbers")
+        mode = options.take("output_mode", "int")
+        if mode not in ("int",) + ENCODINGS:
+            raise options.unsupported("output_mode", mode)
+        return DiscretizationConfig(tuple(float(np.float32(value)) for value in boundaries), mode)
+
+    def output_shape(self, config, input_shapes):
+        if config.output_mode == "int":
+            return input_shapes[0]
+        return _encoded_shape(input_shapes[0], len(config.bin_boundaries) + 1, config.output_mode, "Discretization")
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasDiscretization(list(config.bin_boundaries), config.output_mode,
+                                                     output_dtype=builder.dtype(context))
+        value = builder.module(context, module, inputs[0])
+        return value if config.output_mode == "int" else _channels_first(builder, value, context.output_shape)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Discretization(bin_boundaries=list(config.bin_boundaries), output_mode=config.output_mode,
+                                           **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class IntegerLookupConfig:
+    vocabulary: tuple[int, ...]
+    mask_token: int | None = None
+    num_oov_indices: int = 1
+    vocabulary_dtype: str = "int64"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vocabulary, tuple) or not 1 <= len(self.vocabulary) <= MAX_VALUES:
+            raise ExchangeError(f"IntegerLookup needs a vocabulary of 1 to {MAX_VALUES:,} values")
+        for value in self.vocabulary + ((self.mask_token,) if self.mask_token is not None else ()):
+            check_int(value, "IntegerLookup vocabulary value or mask_token", (1 << 63) - 1, -(1 << 63))
+        if len(set(self.vocabulary)) != len(self.vocabulary) or self.mask_token in self.vocabulary:
+            raise ExchangeError("IntegerLookup vocabulary values must be distinct and differ from mask_token")
+        check_int(self.num_oov_indices, "IntegerLookup num_oov_indices", MAX_VALUES)
+        check_choice(self.vocabulary_dtype, INTEGER_DTYPES, "IntegerLookup vocabulary_dtype")
+
+
+@register
+class IntegerLookup(LayerKind):
+    """Integer values -> int64 indices into [mask] + [OOV indices] + vocabulary
+    (`KerasIntegerLookup`). Only output_mode "int" with a vocabulary in the config."""
+
+    kind, keras_classes, Config = "integer_lookup", ("IntegerLookup",), IntegerLookupConfig
+    keeps_element_order = True
+
+    def reads_integers(self, node, position):
+        return position == 0
+
+    def integer_output(self, config):
+        return "int64"
+
+    def from_keras(self, options):
+        options.expect("invert", False)
+        options.expect("output_mode", "int")
+        options.expect("sparse", False)
+        options.expect("idf_weights", None)
+        options.take("max_tokens", None)          # caps adapt()'s vocabulary; the vocabulary is given
+        options.take("pad_to_max_tokens", False)  # pads encoded outputs only
+        options.take("vocabulary_size", None)     # derived from the vocabulary
+        options.take("oov_token", None)           # what an inverted lookup returns
+        vocabulary = options.take("vocabulary", None)
+        if not isinstance(vocabulary, list) or not vocabulary or not all(
+                isinstance(value, int) and not isinstance(value, bool) for value in vocabulary):
+            raise options.unsupported("vocabulary", vocabulary, "a list of integers in the config is needed (an "
+                                      "adapted or file vocabulary is not in the config)")
+        mask_token = options.take("mask_token", None)
+        if mask_token is not None and (not isinstance(mask_token, int) or isinstance(mask_token, bool)):
+            raise options.unsupported("mask_token", mask_token, "must be an integer")
+        num_oov_indices = options.integer("num_oov_indices", 1)
+        if num_oov_indices < 1:
+            raise options.unsupported("num_oov_indices", num_oov_indices, "Keras raises on an unknown value then, "
+                                      "which a torch module cannot")
+        if num_oov_indices > 1:
+            options.expect("oov_method", "floormod")
+            options.take("salt", None)   # hashes for oov_method="farmhash" only
+        else:
+            options.take("oov_method", None)
+            options.take("salt", None)
+        dtype = options.take("vocabulary_dtype", "int64")
+        if dtype not in INTEGER_DTYPES:
+            raise options.unsupported("vocabulary_dtype", dtype)
+        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype)
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasIntegerLookup(list(config.vocabulary), config.mask_token, config.num_oov_indices)
+        return builder.module(context, module, inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.IntegerLookup(vocabulary=list(config.vocabulary), mask_token=config.mask_token,
+                                          num_oov_indices=config.num_oov_indices, output_mode="int",
+                                          vocabulary_dtype=config.vocabulary_dtype, **context.keras_identity)
