@@ -392,6 +392,29 @@ class KerasIntegerLookup(nn.Module):
         return ids
 
 
+class KerasReversibleEmbedding(nn.Module):
+    """Keras's ReversibleEmbedding: token ids -> rows of `weight` (vocabulary, dim), as
+    `nn.Embedding`; with `reverse`, vectors -> logits F.linear(x, weight) (or `reverse_weight`, same
+    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`."""
+
+    def __init__(self, num_embeddings, embedding_dim, tie_weights=True, reverse=False, logit_soft_cap=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.tie_weights = num_embeddings, embedding_dim, tie_weights
+        self.reverse, self.logit_soft_cap = reverse, logit_soft_cap
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        if not tie_weights:
+            self.reverse_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reverse:
+            return F.embedding(x, self.weight)
+        logits = F.linear(x, self.weight if self.tie_weights else self.reverse_weight)
+        if self.logit_soft_cap is not None:
+            logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
+        return logits
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

@@ -50,6 +50,12 @@ def ids(*layers, steps=6):
     return single((steps,), *layers, dtype="int64")
 
 
+def reverse_call(layer, shape=(6, 5)):
+    """`layer(x, reverse=True)`: vectors to logits over the vocabulary."""
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, layer(L.Dense(5)(inputs), reverse=True))
+
+
 def lora_embedding():
     inputs = keras.Input((7,), dtype="int32")
     x = L.Embedding(11, 6, lora_rank=3, name="emb")(inputs)
@@ -74,6 +80,14 @@ CASES = {
     "dense_lora_sequence_no_bias": lambda: single((6, 4), L.Dense(3, use_bias=False, lora_rank=3)),
     "dense_lora_after_flatten": lambda: single((3, 4, 2), L.Conv2D(3, 2), L.Flatten(), L.Dense(4, lora_rank=2)),
     "embedding_lora": lora_embedding,
+    "reversible_embedding_forward_masked": lambda: keras.Sequential([
+        keras.Input((7,), dtype="int32"), L.ReversibleEmbedding(11, 5, mask_zero=True, tie_weights=False),
+        L.GlobalAveragePooling1D()]),
+    "reversible_embedding_reverse_tied": lambda: reverse_call(L.ReversibleEmbedding(11, 5)),
+    "reversible_embedding_reverse_untied_soft_cap": lambda: reverse_call(L.ReversibleEmbedding(
+        11, 5, tie_weights=False, logit_soft_cap=0.4)),
+    "reversible_embedding_reverse_flat": lambda: reverse_call(L.ReversibleEmbedding(9, 5, logit_soft_cap=2),
+                                                               shape=(5,)),
     "resizing_bilinear_down": lambda: image(L.Resizing(5, 7)),
     "resizing_bilinear_up_antialias": lambda: image(L.Resizing(13, 20, antialias=True)),
     "resizing_bilinear_down_antialias": lambda: image(L.Resizing(4, 5, antialias=True)),

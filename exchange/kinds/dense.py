@@ -30,7 +30,7 @@ import re
 from dataclasses import dataclass, field
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, _short, check_int, coerce,
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_VOCABULARY, OMIT_DEFAULT, LayerKind, _short, check_int, coerce,
                             register)
 from exchange.kinds.activations import check_activation, keras_activation, numpy_activation, torch_activation
 from exchange.kinds.layout import to_torch_order
@@ -384,3 +384,102 @@ class EinsumDense(LayerKind):
                                         activation=keras_activation(config.activation, context.node.name),
                                         bias_axes=config.bias_axes, **lora_keras_args(config),
                                         **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class ReversibleEmbeddingConfig:
+    input_dim: int
+    output_dim: int
+    mask_zero: bool = False
+    tie_weights: bool = True
+    reverse: bool = False                 # called with reverse=True: x @ embeddings.T, logits
+    logit_soft_cap: float | None = None   # reverse only: tanh(logits / cap) * cap
+
+    def __post_init__(self) -> None:
+        check_int(self.input_dim, "ReversibleEmbedding input_dim (the vocabulary)", MAX_VOCABULARY)
+        check_int(self.output_dim, "ReversibleEmbedding output_dim", MAX_FEATURES)
+        if self.logit_soft_cap is not None:
+            coerce(self.logit_soft_cap, float, "ReversibleEmbedding logit_soft_cap")
+            if not self.logit_soft_cap > 0:
+                raise ExchangeError(f"ReversibleEmbedding logit_soft_cap must be above 0, got {self.logit_soft_cap!r}")
+
+
+@register
+class ReversibleEmbedding(LayerKind):
+    """Keras's ReversibleEmbedding. Called plainly it is an Embedding (token ids -> vectors, the
+    mask `ids != 0` with mask_zero); called with `reverse=True` it maps vectors to logits over the
+    vocabulary, x @ embeddings.T (tie_weights) or x @ reverse_embeddings, then the optional soft cap
+    tanh(logits / cap) * cap. The torch side holds the reverse kernel as `nn.Linear` does, (vocabulary,
+    dim): the embeddings themselves when tied, Keras's (dim, vocabulary) `reverse_embeddings`
+    transposed (`reverse_weight`) when not. Reverse mode works on the channels, so it moves them
+    last and back as Dense does."""
+
+    kind, keras_classes, Config = "reversible_embedding", ("ReversibleEmbedding",), ReversibleEmbeddingConfig
+
+    def reads_integers(self, node, position):
+        return not node.config.reverse   # token ids
+
+    def output_mask(self, node, input_masks):
+        config = node.config
+        return node.inputs[0] if config.mask_zero and not config.reverse else None
+
+    def from_keras(self, options):
+        options.expect("lora_rank", None)
+        options.expect("lora_alpha", None)
+        options.expect("quantization_config", None)
+        options.expect("sparse", False)
+        reverse = options.call_kwargs.get("reverse", False)
+        if not isinstance(reverse, bool):
+            raise options.unsupported("reverse", reverse, "the call's reverse must be true or false")
+        reverse_dtype = options.take("reverse_dtype", None)
+        if reverse_dtype not in (None, "float32") and reverse:
+            raise options.unsupported("reverse_dtype", reverse_dtype, "only float32 logits are supported")
+        cap = options.take("logit_soft_cap", None)
+        if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool)):
+            raise options.unsupported("logit_soft_cap", cap, "must be a number")
+        return ReversibleEmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"),
+                                         options.flag("mask_zero", False), options.flag("tie_weights", True),
+                                         reverse, None if cap is None else float(cap))
+
+    def output_shape(self, config, input_shapes):
+        shape = tuple(input_shapes[0])
+        if not config.reverse:
+            return shape + (config.output_dim,)
+        if not shape or shape[-1] != config.output_dim:
+            raise ExchangeError(f"reverse call needs {config.output_dim} features last, found (batch, {shape})")
+        return shape[:-1] + (config.input_dim,)
+
+    def ports(self, context):
+        config = context.config
+        ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
+        if not config.tie_weights:
+            ports.append(Port("reverse_embeddings", "reverse_weight", (Permute((1, 0)),),
+                              shape=(config.output_dim, config.input_dim)))
+        return ports
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasReversibleEmbedding(
+            config.input_dim, config.output_dim, tie_weights=config.tie_weights, reverse=config.reverse,
+            logit_soft_cap=config.logit_soft_cap, device="meta", dtype=builder.dtype(context))
+        value = inputs[0]
+        if not config.reverse:
+            ids = builder.method(value, "long")
+            if config.mask_zero and context.node.inputs[0] not in builder.masks:
+                builder.masks[context.node.inputs[0]] = builder.call(builder.torch.ne, ids, 0)
+            value = builder.module(context, module, ids)
+            return builder.call(builder.torch.movedim, value, -1, 1) if context.input_shape else value
+        moved = len(context.input_shape) > 1
+        if moved:
+            value = builder.call(builder.torch.movedim, value, 1, -1)
+        value = builder.module(context, module, value)
+        return builder.call(builder.torch.movedim, value, -1, 1) if moved else value
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.ReversibleEmbedding(config.input_dim, config.output_dim, tie_weights=config.tie_weights,
+                                                mask_zero=config.mask_zero, logit_soft_cap=config.logit_soft_cap,
+                                                **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        return keras_layer(arguments[0], reverse=True) if context.config.reverse else keras_layer(arguments[0])

@@ -329,8 +329,8 @@ class DiscretizationConfig:
     output_mode: str = "int"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.bin_boundaries, tuple) or not 1 <= len(self.bin_boundaries) < MAX_VALUES:
-            raise ExchangeError(f"Discretization needs 1 to {MAX_VALUES:,} bin boundaries")
+        if not isinstance(self.bin_boundaries, tuple) or len(self.bin_boundaries) > MAX_VALUES:
+            raise ExchangeError(f"Discretization takes at most {MAX_VALUES:,} bin boundaries")
         for value in self.bin_boundaries:
             coerce(value, float, "Discretization bin boundary")
         if list(self.bin_boundaries) != sorted(self.bin_boundaries):
