@@ -22,7 +22,8 @@ from dataclasses import dataclass
 from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
-from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of
+from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
+from exchange.kinds.preprocessing import STRING_REASON
 
 INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
 SEQUENTIAL_CLASSES = ("Sequential",)
@@ -246,6 +247,9 @@ class _Parser:
         shape = _batch_shape(config)
         if shape is None:
             raise ExchangeError(f"input {name!r} has no shape")
+        if _policy_name(config.get("dtype")) == "string":   # reported with the layers that read it
+            self.problems.append(f"input {name!r}: unsupported dtype 'string' ({STRING_REASON})")
+            return name
         dtype = _input_dtype(config.get("dtype"), name)
         self.inputs.append(InputSpec(name, tuple(shape[1:]), dtype))
         return name
@@ -261,7 +265,8 @@ class _Parser:
         kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else class_name)
         if kind is None:
             what = f"operation {layer.get('module')}.{class_name}" if operation else class_name
-            self.problems.append(f"unsupported layer {name!r} ({what})")
+            reason = None if operation else refusal_for_keras_class(class_name)
+            self.problems.append(f"unsupported layer {name!r} ({what})" + (f": {reason}" if reason else ""))
             return [name]
         try:
             if not isinstance(config, dict):
@@ -344,6 +349,11 @@ def _dtype(value, name: str, class_name: str = "") -> str:
     if value not in DTYPES:
         raise UnsupportedLayerError(f"layer {name!r}: unsupported dtype {value!r}")
     return value
+
+
+def _policy_name(value):
+    """The dtype named by a dtype or a dtype policy's config."""
+    return (value.get("config") or {}).get("name") if isinstance(value, dict) else value
 
 
 def _input_dtype(value, name: str) -> str:

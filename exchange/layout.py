@@ -37,7 +37,7 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
     for node in graph.nodes:
         expected = graph.keras_variables(node)
         aliases = kind_of(node.kind).variable_aliases
-        found = stored.get(node.name, [])
+        found = _unmerged(node, expected, stored.get(node.name, []), kind_of(node.kind).merged_when_saved(node.config))
         label = f"layer {node.name!r} ({class_names.get(node.name, node.kind)})"
         if len(found) != len(expected) or any(not _same_variable(name, want, aliases)
                                               for (name, _), (want, _) in zip(found, expected)):
@@ -64,6 +64,15 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
         raise TensorMismatchError([], [], problems, where=f"{where}: config and weights do not match"
                                   if where else "config and weights do not match")
     return tensors
+
+
+def _unmerged(node, expected: list, found: list, merged: tuple) -> list:
+    """A Keras 3 file's variables (no names stored) of a layer that merged some into another when
+    saved (LoRA): zeros in their places, as Keras loads them; other lists as they are."""
+    if not merged or len(found) != len(expected) - len(merged) or any(name is not None for name, _ in found):
+        return found
+    rest = iter(found)
+    return [(name, np.zeros(shape, dtype=node.dtype)) if name in merged else next(rest) for name, shape in expected]
 
 
 def _same_variable(stored_name: str | None, expected: str, aliases: dict) -> bool:

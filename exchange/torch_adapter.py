@@ -134,7 +134,7 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
             dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
         else:
             arguments = _autocast(builder, node, arguments, [dtypes[name] for name in node.inputs])
-            dtypes[node.name] = TORCH_DTYPES[node.dtype]
+            dtypes[node.name] = TORCH_DTYPES[kind.integer_output(node.config) or node.dtype]
         with framework_errors(node, "PyTorch"):
             values[node.name] = kind.torch_forward(builder, graph.context(node), arguments)
     outputs = []

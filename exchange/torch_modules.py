@@ -506,6 +506,154 @@ class KerasConvLSTM(nn.Module):
                 f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}")
 
 
+class LoRALinear(nn.Module):
+    """Keras's Dense with a LoRA adapter: y = x @ (weight + scale * lora_b @ lora_a).T + bias, the
+    merged weight made in `forward` as Keras does (the adapter stays trainable on its own).
+    `weight` (out, in) as `nn.Linear`'s; `lora_a` (rank, in) and `lora_b` (out, rank) as PEFT's."""
+
+    def __init__(self, in_features, out_features, rank, scale=1.0, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank, self.scale = in_features, out_features, rank, scale
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
+        self.lora_a = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight + self.scale * (self.lora_b @ self.lora_a), self.bias)
+
+
+class LoRAEmbedding(nn.Module):
+    """Keras's Embedding with a LoRA adapter: rows of weight + scale * lora_a @ lora_b, merged in
+    `forward` as Keras does. All three in Keras's layout: `weight` (vocabulary, dim) as
+    `nn.Embedding`'s, `lora_a` (vocabulary, rank), `lora_b` (rank, dim)."""
+
+    def __init__(self, num_embeddings, embedding_dim, rank, scale=1.0, device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.scale = num_embeddings, embedding_dim, rank, scale
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        self.lora_a = nn.Parameter(torch.empty(num_embeddings, rank, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(rank, embedding_dim, device=device, dtype=dtype))
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.weight + self.scale * (self.lora_a @ self.lora_b))
+
+
+class KerasEinsumDense(nn.Module):
+    """Keras's EinsumDense on channels-last input: einsum(equation, x, kernel) + bias, the kernel
+    and bias in Keras's own shapes (the bias broadcasts over the output's last axes). With a LoRA
+    adapter (`lora_rank`) the kernel is kernel + lora_scale * lora_a @ lora_b, lora_a shaped
+    kernel_shape[:-1] + (rank,), lora_b (rank, kernel_shape[-1]), as Keras merges it."""
+
+    def __init__(self, equation, kernel_shape, bias_shape=None, lora_rank=None, lora_scale=1.0, device=None,
+                 dtype=None):
+        super().__init__()
+        self.equation, self.kernel_shape, self.bias_shape = equation, tuple(kernel_shape), bias_shape
+        self.lora_rank, self.lora_scale = lora_rank, lora_scale
+        self.kernel = nn.Parameter(torch.empty(self.kernel_shape, device=device, dtype=dtype))
+        self.bias = None if bias_shape is None else nn.Parameter(torch.empty(tuple(bias_shape), device=device,
+                                                                             dtype=dtype))
+        if lora_rank is not None:
+            self.lora_a = nn.Parameter(torch.empty(self.kernel_shape[:-1] + (lora_rank,), device=device, dtype=dtype))
+            self.lora_b = nn.Parameter(torch.empty(lora_rank, self.kernel_shape[-1], device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kernel = self.kernel
+        if self.lora_rank is not None:
+            kernel = kernel + self.lora_scale * torch.matmul(self.lora_a, self.lora_b)
+        y = torch.einsum(self.equation, x, kernel)
+        return y if self.bias is None else y + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
+
+
+def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype) -> torch.Tensor:
+    """Keras's `encode_categorical_inputs` on ids (N, ..., T): `one_hot` (N, ..., T, num_tokens),
+    the T axis dropped where it is 1; `multi_hot` and `count` (N, ..., num_tokens). Ids outside
+    [0, num_tokens) count nowhere, as in TensorFlow's one_hot and bincount."""
+    hot = (ids.unsqueeze(-1) == torch.arange(num_tokens, device=ids.device)).to(dtype)
+    if output_mode == "one_hot":
+        return hot.squeeze(-2) if ids.shape[-1] == 1 else hot
+    return hot.amax(-2) if output_mode == "multi_hot" else hot.sum(-2)
+
+
+class KerasCategoryEncoding(nn.Module):
+    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors (`keras_encode`)."""
+
+    def __init__(self, num_tokens, output_mode, output_dtype=torch.float32):
+        super().__init__()
+        self.num_tokens, self.output_mode, self.output_dtype = num_tokens, output_mode, output_dtype
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype)
+
+
+class KerasDiscretization(nn.Module):
+    """Keras's Discretization: the bucket of each value, i where boundaries[i - 1] <= x <
+    boundaries[i] (int32, as Keras's `digitize`), or those buckets encoded (`keras_encode`)."""
+
+    def __init__(self, bin_boundaries, output_mode="int", output_dtype=torch.float32):
+        super().__init__()
+        self.bin_boundaries, self.output_mode, self.output_dtype = bin_boundaries, output_mode, output_dtype
+        self.register_buffer("boundaries", torch.tensor(bin_boundaries, dtype=torch.float32).reshape(-1),
+                             persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        buckets = torch.bucketize(x.float(), self.boundaries, out_int32=True, right=True)
+        if self.output_mode == "int":
+            return buckets
+        return keras_encode(buckets, len(self.bin_boundaries) + 1, self.output_mode, self.output_dtype)
+
+
+class KerasIntegerLookup(nn.Module):
+    """Keras's IntegerLookup (output_mode "int"): a value's index is its position in the
+    vocabulary after the special indices, the mask token (if any) first, then the out-of-vocabulary
+    indices; a value not in the vocabulary gets the OOV index `value mod num_oov_indices` (floormod)."""
+
+    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1):
+        super().__init__()
+        self.vocabulary, self.mask_token, self.num_oov_indices = vocabulary, mask_token, num_oov_indices
+        values = torch.tensor(vocabulary, dtype=torch.int64).reshape(-1)
+        sorted_values, order = torch.sort(values)
+        self.oov_start = 0 if mask_token is None else 1
+        self.register_buffer("sorted_values", sorted_values, persistent=False)
+        self.register_buffer("indices", order + self.oov_start + num_oov_indices, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.long()
+        position = torch.searchsorted(self.sorted_values, x).clamp(max=len(self.vocabulary) - 1)
+        found = self.sorted_values[position] == x
+        oov = torch.remainder(x, self.num_oov_indices) + self.oov_start
+        ids = torch.where(found, self.indices[position], oov)
+        if self.mask_token is not None:
+            ids = torch.where(x == self.mask_token, torch.zeros_like(ids), ids)
+        return ids
+
+
+class KerasReversibleEmbedding(nn.Module):
+    """Keras's ReversibleEmbedding: token ids -> rows of `weight` (vocabulary, dim), as
+    `nn.Embedding`; with `reverse`, vectors -> logits F.linear(x, weight) (or `reverse_weight`, same
+    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`."""
+
+    def __init__(self, num_embeddings, embedding_dim, tie_weights=True, reverse=False, logit_soft_cap=None,
+                 device=None, dtype=None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.tie_weights = num_embeddings, embedding_dim, tie_weights
+        self.reverse, self.logit_soft_cap = reverse, logit_soft_cap
+        self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+        if not tie_weights:
+            self.reverse_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.reverse:
+            return F.embedding(x, self.weight)
+        logits = F.linear(x, self.weight if self.tie_weights else self.reverse_weight)
+        if self.logit_soft_cap is not None:
+            logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
+        return logits
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

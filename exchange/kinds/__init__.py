@@ -35,6 +35,8 @@ TENSOR = "<tensor>"
 # default (`mask_input`): files of models without it stay as they were.
 OMIT_DEFAULT = {"omit_default": True}
 KERAS_CLASSES: dict[str, "LayerKind"] = {}
+# Keras classes refused for a reason worth saying (`refuse_keras_class`), by class name.
+REFUSED_CLASSES: dict[str, str] = {}
 
 # Keras config keys that say nothing about what the layer computes at inference.
 IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
@@ -131,6 +133,17 @@ class LayerKind:
         (`config.mask_input`, the last input, kept where `!= 0`); token ids and attention masks
         where their kinds say so."""
         return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
+
+    def integer_output(self, config: Any) -> str | None:
+        """The integer dtype of the layer's output where it is not the node's float dtype (a
+        lookup's ids: "int64"); None otherwise. Only kinds that `reads_integers` may read it."""
+        return None
+
+    def merged_when_saved(self, config: Any) -> tuple[str, ...]:
+        """Keras variables a Keras 3 file leaves out: Keras merges them into another when saving
+        (a LoRA adapter into the kernel) and zeroes them on load, so such a file is read with
+        zeros for them."""
+        return ()
 
     def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
@@ -250,6 +263,17 @@ def register(cls: type) -> type:
     KINDS[kind.kind] = kind
     KERAS_CLASSES.update({class_name: kind for class_name in kind.keras_classes})
     return cls
+
+
+def refuse_keras_class(class_name: str, why: str) -> None:
+    """Say why a Keras class has no kind (`torch has no string tensors`): its refusal names it."""
+    if class_name in KERAS_CLASSES or class_name in REFUSED_CLASSES:
+        raise ExchangeError(f"Keras class {class_name} registered twice")
+    REFUSED_CLASSES[class_name] = why
+
+
+def refusal_for_keras_class(class_name: str) -> str | None:
+    return REFUSED_CLASSES.get(class_name)
 
 
 def kind_of(name: str) -> LayerKind:
@@ -516,4 +540,4 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 # The families. Importing them fills the registry.
 from exchange.kinds import (activations, arithmetic, attention, conv_lstm, convolution, dense,  # noqa: E402,F401
-                            merging, normalization, pooling, recurrent, reshaping, wrappers)
+                            merging, normalization, pooling, preprocessing, recurrent, reshaping, wrappers)

@@ -10,16 +10,18 @@ Conventions that differ:
   before and back to the front after.
 - Padding and cropping amounts are (top, bottom), (left, right) in Keras, (left, right, top, bottom)
   for `F.pad` / `nn.ZeroPad2d`.
+- An Embedding with a LoRA adapter is `LoRAEmbedding` (see `exchange.kinds.dense` for LoRA's
+  conventions; its tables keep Keras's layout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, LayerKind, check_int,
-                            check_ints, register)
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, OMIT_DEFAULT, LayerKind,
+                            check_int, check_ints, register)
 from exchange.ports import Port
 
 
@@ -328,10 +330,18 @@ class EmbeddingConfig:
     input_dim: int
     output_dim: int
     mask_zero: bool = False
+    lora_rank: int | None = field(default=None, metadata=OMIT_DEFAULT)   # see exchange.kinds.dense
+    lora_alpha: float | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        from exchange.kinds.dense import check_lora
+
         check_int(self.input_dim, "Embedding input_dim (the vocabulary)", MAX_VOCABULARY)
         check_int(self.output_dim, "Embedding output_dim", MAX_FEATURES)
+        check_lora(self.lora_rank, self.lora_alpha, "Embedding")
+        if self.lora_rank is not None and self.lora_alpha != self.lora_rank:
+            raise ExchangeError(f"Embedding lora_alpha must equal lora_rank (Keras 3.15's Embedding scales by 1), "
+                                f"got {self.lora_alpha!r} for rank {self.lora_rank}")
 
 
 @register
@@ -351,26 +361,43 @@ class Embedding(LayerKind):
         return node.inputs[0] if node.config.mask_zero else None   # `ids != 0`, named by the ids
 
     def from_keras(self, options):
+        from exchange.kinds.dense import read_lora
+
         mask_zero = options.flag("mask_zero", False)
-        options.expect("lora_rank", None)
-        options.expect("lora_alpha", None)
+        rank, alpha = read_lora(options, honours_alpha=False)
         options.expect("sparse", False)
         options.expect("quantization_config", None)
         options.take("input_length", None)   # Keras 2: the sequence length, known from the input shape
-        return EmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"), mask_zero)
+        return EmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"), mask_zero, rank, alpha)
+
+    def merged_when_saved(self, config):
+        return () if config.lora_rank is None else ("lora_embeddings_a", "lora_embeddings_b")
 
     def output_shape(self, config, input_shapes):
         return tuple(input_shapes[0]) + (config.output_dim,)
 
     def ports(self, context):
-        return [Port("embeddings", "weight", shape=(context.config.input_dim, context.config.output_dim))]
+        from exchange.kinds.dense import check_lora_dtype
+
+        config = context.config
+        ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
+        if config.lora_rank is not None:
+            check_lora_dtype(context)
+            ports += [Port("lora_embeddings_a", "lora_a", shape=(config.input_dim, config.lora_rank)),
+                      Port("lora_embeddings_b", "lora_b", shape=(config.lora_rank, config.output_dim))]
+        return ports
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         # Given its (meta) weight, nn.Embedding skips its random init: normal_ on `meta` imports
         # torch._dynamo, measured at 1.9 s of a 2 s model_from_file.
         weight = builder.torch.empty(config.input_dim, config.output_dim, device="meta", dtype=builder.dtype(context))
-        module = builder.nn.Embedding(config.input_dim, config.output_dim, _weight=builder.nn.Parameter(weight))
+        if config.lora_rank is None:
+            module = builder.nn.Embedding(config.input_dim, config.output_dim, _weight=builder.nn.Parameter(weight))
+        else:
+            module = builder.helpers.LoRAEmbedding(config.input_dim, config.output_dim, config.lora_rank,
+                                                   config.lora_alpha / config.lora_rank, device="meta",
+                                                   dtype=builder.dtype(context))
         ids = builder.method(inputs[0], "long")
         if config.mask_zero and context.node.inputs[0] not in builder.masks:   # one per ids tensor
             builder.masks[context.node.inputs[0]] = builder.call(builder.torch.ne, ids, 0)
@@ -379,5 +406,7 @@ class Embedding(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
+        from exchange.kinds.dense import lora_keras_args
+
         return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
-                                      **context.keras_identity)
+                                      **lora_keras_args(config), **context.keras_identity)

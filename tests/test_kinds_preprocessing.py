@@ -1,0 +1,292 @@
+"""EinsumDense, LoRA adapters (Dense, EinsumDense, Embedding) and the preprocessing layers, in both
+directions with real Keras (TensorFlow backend) and real PyTorch, and through generated code.
+
+Each case is a small Keras model on non-square sizes with seeded non-trivial weights:
+- Keras -> torch: the live model's tensors into the torch module; outputs compared.
+- torch -> Keras: a random state_dict into both the torch module and the Keras model built from
+  the graph; outputs compared, and the Keras weights read back equal the state bit for bit.
+- saved as `.keras` and converted to Python source: the generated module computes what Keras does.
+"""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import UnsupportedLayerError
+from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
+from test_codegen import RUNNER, check_generated_file
+
+L = keras.layers
+TOLERANCE = 1e-5
+
+
+def single(shape, *layers, dtype="float32"):
+    return keras.Sequential([keras.Input(shape, dtype=dtype)] + list(layers))
+
+
+def seed_all(model, seed):
+    """Every variable random (LoRA's B starts at zero in Keras, which would hide its layout)."""
+    generator = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
+    return model
+
+
+IMAGE = (9, 12, 3)   # odd height, even width
+
+
+def image(*layers):
+    """An image through a 1x1 convolution (weights to carry) and then `layers`."""
+    return single(IMAGE, L.Conv2D(4, 1), *layers)
+
+
+def ids(*layers, steps=6):
+    """Integer ids (batch, steps) in [0, 7) through `layers`."""
+    return single((steps,), *layers, dtype="int64")
+
+
+def reverse_call(layer, shape=(6, 5)):
+    """`layer(x, reverse=True)`: vectors to logits over the vocabulary."""
+    inputs = keras.Input(shape)
+    return keras.Model(inputs, layer(L.Dense(5)(inputs), reverse=True))
+
+
+def lora_embedding():
+    inputs = keras.Input((7,), dtype="int32")
+    x = L.Embedding(11, 6, lora_rank=3, name="emb")(inputs)
+    return keras.Model(inputs, L.Dense(4, lora_rank=2, name="head")(x))
+
+
+CASES = {
+    "einsum_plain": lambda: single((6,), L.EinsumDense("ab,bcd->acd", (3, 5), bias_axes="d", activation="relu")),
+    "einsum_sequence_bias_be": lambda: single((7, 3), L.EinsumDense("abc,cde->abde", (7, 2, 4), bias_axes="be")),
+    "einsum_heads": lambda: single((5, 2, 3), L.EinsumDense("BFNH,NHD->BFD", (5, 4), bias_axes="D",
+                                                            activation="softmax")),
+    "einsum_left_ellipsis": lambda: single((5, 4, 3), L.EinsumDense("...c,cde->...de", (2, 6), bias_axes="d")),
+    "einsum_left_ellipsis_rank2": lambda: single((9,), L.EinsumDense("...b,bc->...c", 4, bias_axes="c")),
+    "einsum_right_ellipsis": lambda: single((3, 5, 4), L.EinsumDense("bc...,cde->bde...", (2, 6), bias_axes="de")),
+    "einsum_none_size": lambda: single((5, 8), L.EinsumDense("abc,cd->abd", (None, 4), bias_axes="d",
+                                                             activation="tanh")),
+    "einsum_contract_two": lambda: single((4, 6), L.EinsumDense("bnh,nhd->bd", 5, bias_axes="d")),
+    "einsum_lora": lambda: single((6,), L.EinsumDense("ab,bcd->acd", (3, 5), bias_axes="d", lora_rank=2,
+                                                      lora_alpha=5)),
+    "einsum_lora_sequence": lambda: single((7, 3), L.EinsumDense("abc,cde->abde", (7, 2, 4), lora_rank=3)),
+    "dense_lora": lambda: single((9,), L.Dense(5, activation="relu", lora_rank=2)),
+    "dense_lora_sequence_no_bias": lambda: single((6, 4), L.Dense(3, use_bias=False, lora_rank=3)),
+    "dense_lora_after_flatten": lambda: single((3, 4, 2), L.Conv2D(3, 2), L.Flatten(), L.Dense(4, lora_rank=2)),
+    "embedding_lora": lora_embedding,
+    "reversible_embedding_forward_masked": lambda: keras.Sequential([
+        keras.Input((7,), dtype="int32"), L.ReversibleEmbedding(11, 5, mask_zero=True, tie_weights=False),
+        L.GlobalAveragePooling1D()]),
+    "reversible_embedding_reverse_tied": lambda: reverse_call(L.ReversibleEmbedding(11, 5)),
+    "reversible_embedding_reverse_untied_soft_cap": lambda: reverse_call(L.ReversibleEmbedding(
+        11, 5, tie_weights=False, logit_soft_cap=0.4)),
+    "reversible_embedding_reverse_flat": lambda: reverse_call(L.ReversibleEmbedding(9, 5, logit_soft_cap=2),
+                                                               shape=(5,)),
+    "resizing_bilinear_down": lambda: image(L.Resizing(5, 7)),
+    "resizing_bilinear_up_antialias": lambda: image(L.Resizing(13, 20, antialias=True)),
+    "resizing_bilinear_down_antialias": lambda: image(L.Resizing(4, 5, antialias=True)),
+    "resizing_nearest": lambda: image(L.Resizing(6, 17, interpolation="nearest")),
+    "resizing_bicubic_antialias": lambda: image(L.Resizing(5, 16, interpolation="bicubic", antialias=True)),
+    "resizing_area_whole_factors": lambda: image(L.Resizing(3, 24, interpolation="area")),
+    "resizing_crop_to_aspect_ratio": lambda: image(L.Resizing(4, 4, crop_to_aspect_ratio=True)),
+    "resizing_crop_to_aspect_ratio_tall": lambda: image(L.Resizing(8, 3, crop_to_aspect_ratio=True,
+                                                                   interpolation="nearest")),
+    "resizing_pad_to_aspect_ratio": lambda: image(L.Resizing(7, 4, pad_to_aspect_ratio=True, fill_value=0.5)),
+    "resizing_pad_to_aspect_ratio_wide": lambda: image(L.Resizing(3, 9, pad_to_aspect_ratio=True, fill_value=-1.0)),
+    "resizing_channels_first": lambda: image(L.Resizing(5, 7, data_format="channels_first")),
+    "resizing_channels_first_crop": lambda: image(L.Resizing(2, 9, data_format="channels_first",
+                                                             crop_to_aspect_ratio=True)),
+    "center_crop_channels_first": lambda: image(L.CenterCrop(3, 2, data_format="channels_first")),
+    "center_crop_channels_first_larger": lambda: image(L.CenterCrop(6, 8, data_format="channels_first")),
+    "category_encoding_one_hot": lambda: ids(L.CategoryEncoding(5, output_mode="one_hot"), L.Dense(3)),
+    "category_encoding_one_hot_single": lambda: ids(L.CategoryEncoding(9, output_mode="one_hot"), steps=1),
+    "category_encoding_multi_hot": lambda: ids(L.CategoryEncoding(6), L.Dense(2)),
+    "category_encoding_count": lambda: ids(L.CategoryEncoding(8, output_mode="count"), L.Dense(2)),
+    "discretization_int": lambda: single((5,), L.Discretization(bin_boundaries=[-0.5, 0.0, 0.3, 1.2])),
+    "discretization_into_embedding": lambda: single((5,), L.Discretization(bin_boundaries=[-1.0, 0.25, 0.5]),
+                                                    L.Embedding(4, 3)),
+    "discretization_one_hot": lambda: single((4,), L.Discretization(bin_boundaries=[0.0, 0.7], output_mode="one_hot"),
+                                             L.Conv1D(2, 2)),
+    "discretization_count": lambda: single((6,), L.Discretization(bin_boundaries=[-0.3, 0.1, 0.9],
+                                                                  output_mode="count")),
+    "integer_lookup": lambda: ids(L.IntegerLookup(vocabulary=[4, 1, 6, 2])),
+    "integer_lookup_mask_and_oov_buckets": lambda: ids(L.IntegerLookup(vocabulary=[5, 3, 2], mask_token=0,
+                                                                       num_oov_indices=3), L.Embedding(7, 3)),
+    "center_crop": lambda: image(L.CenterCrop(4, 7)),
+    "center_crop_odd_margins": lambda: image(L.CenterCrop(6, 9)),
+    "center_crop_larger_than_input": lambda: image(L.CenterCrop(11, 15)),
+    "center_crop_one_side_larger": lambda: image(L.CenterCrop(12, 5)),
+}
+
+
+def check_both_directions(keras_model):
+    graph = keras_adapter.architecture_of(keras_model)
+    inputs = batch(keras_model)
+    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
+    assert difference <= TOLERANCE, difference
+    torch_state = random_torch_state(graph, seed=4)
+    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    torch_outputs = torch_adapter.predict(torch_model, inputs)
+    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) <= TOLERANCE
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    for key, tensor in torch_state.items():
+        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    return graph, inputs
+
+
+def check_generated_code(keras_model, inputs, tmp_path):
+    """The model saved as .keras, converted to Python: the generated module computes Keras's outputs."""
+    (expected,) = keras_adapter.predict(keras_model, inputs)
+    keras_path = tmp_path / "model.keras"
+    keras_model.save(keras_path)
+    code_path = tmp_path / "model.py"
+    graph = cli.convert(keras_path, code_path)
+    check_generated_file(code_path)
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, inputs=inputs[0], expected=expected)
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name),
+                             str(data_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["eager"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
+    assert outcome["exported"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
+    return graph
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kind_both_directions_and_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(11)
+    keras_model = seed_all(CASES[case](), seed=3)
+    graph, inputs = check_both_directions(keras_model)
+    check_generated_code(keras_model, inputs, tmp_path)
+
+
+def test_lora_keras_file_holds_the_merged_kernel(tmp_path):
+    """Keras saves a LoRA layer's kernel merged and zeroes the adapter on load: the file converts
+    to torch as kernel = merged, lora_a = lora_b = 0, computing what Keras computes from it."""
+    keras.utils.set_random_seed(2)
+    model = seed_all(single((6,), L.EinsumDense("ab,bc->ac", 4, bias_axes="c", lora_rank=2, lora_alpha=3,
+                                                name="proj")), seed=1)
+    (inputs,) = batch(model)
+    model.save(tmp_path / "lora.keras")
+    cli.convert(tmp_path / "lora.keras", tmp_path / "lora.pt")
+    import torch
+
+    state = torch.load(tmp_path / "lora.pt")
+    assert not state["proj.lora_a"].any() and not state["proj.lora_b"].any()
+    graph = keras_adapter.architecture_of(model)
+    torch_model = torch_adapter.model_from_tensors(graph, {key: value.numpy() for key, value in state.items()})
+    assert max_difference(torch_adapter.predict(torch_model, [inputs]), keras_adapter.predict(model, [inputs])) \
+        <= TOLERANCE
+
+
+def config_with(layer, shape, **changes):
+    """A Sequential model's config around `layer` with some of its options changed, as a file
+    written by hand (or by another Keras version) may hold them."""
+    model = single(shape, layer)
+    config = json.loads(json.dumps({"class_name": "Sequential", "config": model.get_config()}))
+    config["config"]["layers"][-1]["config"].update(changes)
+    return config
+
+
+@pytest.mark.parametrize("layer, shape, changes, message", [
+    (lambda: L.Dense(3, lora_rank=2), (5,), {"lora_alpha": 4},
+     r"'bad' \(Dense\): unsupported option lora_alpha=4 \(Keras 3.15's Dense ignores it"),
+    (lambda: L.Embedding(9, 3, lora_rank=2), (5,), {"lora_alpha": 1.5},
+     r"'bad' \(Embedding\): unsupported option lora_alpha=1.5"),
+    (lambda: L.Dense(3), (5,), {"lora_rank": 0}, "unsupported option lora_rank=0"),
+    (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"bias_axes": "q"}, "bias_axes 'q' must be distinct letters"),
+    (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"equation": "ab,ac->bc"}, "the first letter is the batch axis"),
+    (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"equation": "ab,bc->ac; import os"}, "is not of the form"),
+    (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"equation": "ab,bc->a1"}, "is not of the form"),
+    (lambda: L.EinsumDense("ab,bc->ac", 3), (5,), {"quantization_config": {"mode": "int8"}},
+     "unsupported option quantization_config"),
+    (lambda: L.Resizing(4, 5, interpolation="bicubic"), IMAGE, {},
+     r"'bad' \(Resizing\): .*'bicubic' without antialias is not supported \(TensorFlow's cubic uses a = -0.5"),
+    (lambda: L.Resizing(4, 5, interpolation="lanczos3"), IMAGE, {}, "torch has no Lanczos resampling"),
+    (lambda: L.Resizing(4, 5, interpolation="area"), IMAGE, {},
+     r"'area' from 9x12 to 4x5 is not supported \(only whole factors"),
+    (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"invert": True}, "unsupported option invert=True"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"output_mode": "one_hot"},
+     "unsupported option output_mode='one_hot'"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"vocabulary": None},
+     "unsupported option vocabulary=None \\(a list of integers in the config is needed"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 0},
+     "unsupported option num_oov_indices=0 \\(Keras raises on an unknown value"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 2, "oov_method": "farmhash"},
+     "unsupported option oov_method='farmhash'"),
+    (lambda: L.Discretization(bin_boundaries=[0.0]), (3,), {"bin_boundaries": None},
+     "unsupported option bin_boundaries=None \\(not adapted"),
+    (lambda: L.CategoryEncoding(4), (3, 2), {}, "takes ids of shape \\(batch, steps\\)"),
+    (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
+    (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
+])
+def test_refusals_are_one_line(layer, shape, changes, message):
+    from exchange.keras_config import parse_model_config
+
+    made = layer()
+    made.name = "bad"
+    with pytest.raises(UnsupportedLayerError, match=message) as caught:
+        parse_model_config(config_with(made, shape, **changes), "hand-written")
+    assert "\n" not in str(caught.value)
+
+
+def test_lora_on_a_float16_layer_is_refused():
+    model = single((5,), L.Dense(3, lora_rank=2, dtype="float16", name="bad"))
+    with pytest.raises(UnsupportedLayerError, match="'bad': LoRA on a float16 layer is not supported"):
+        keras_adapter.get_tensors(model)
+
+
+def test_string_layers_are_refused_with_their_reason():
+    from exchange.keras_config import parse_model_config
+
+    text = keras.Input((1,), dtype="string", name="text")
+    ids = L.StringLookup(vocabulary=["a", "b"], name="lookup")(text)
+    model = keras.Model(text, L.Embedding(4, 2, name="emb")(ids))
+    config = json.loads(json.dumps({"class_name": "Functional", "config": model.get_config()}))
+    with pytest.raises(UnsupportedLayerError) as caught:
+        parse_model_config(config, "strings")
+    message = str(caught.value)
+    assert "input 'text': unsupported dtype 'string' (torch has no string tensors)" in message
+    assert "unsupported layer 'lookup' (StringLookup): it maps strings to ids and torch has no string tensors" \
+        in message and "\n" not in message
+
+
+@pytest.mark.parametrize("layer, reason", [
+    (lambda: L.Hashing(num_bins=4, name="bad"), "FarmHash Fingerprint64"),
+    (lambda: L.TextVectorization(name="bad"), "splits and looks up strings"),
+])
+def test_hashing_and_text_layers_are_refused(layer, reason):
+    from exchange.keras_config import parse_model_config
+
+    inputs = keras.Input((3,), dtype="int64" if "Hashing" in type(layer()).__name__ else "string")
+    made = layer()
+    config = {"class_name": "Functional", "config": {
+        "name": "m", "layers": [{"class_name": "InputLayer", "name": "x", "config": {
+            "batch_shape": [None, 3], "dtype": inputs.dtype, "name": "x"}, "inbound_nodes": []},
+            {"class_name": type(made).__name__, "name": "bad", "config": {"name": "bad"},
+             "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
+                 "shape": [None, 3], "dtype": inputs.dtype, "keras_history": ["x", 0, 0]}}], "kwargs": {}}]}],
+        "input_layers": [["x", 0, 0]], "output_layers": [["bad", 0, 0]]}}
+    with pytest.raises(UnsupportedLayerError, match=f"unsupported layer 'bad' \\({type(made).__name__}\\): .*{reason}"):
+        parse_model_config(config, "hand-written")
+
+
+def test_integer_outputs_are_read_only_by_layers_that_take_integers():
+    from exchange.errors import ExchangeError
+    from exchange.verification import check_integer_inputs
+
+    model = single((5,), L.Discretization(bin_boundaries=[0.0, 1.0], name="buckets"), L.Dense(2, name="dense"))
+    graph = keras_adapter.architecture_of(model)
+    with pytest.raises(ExchangeError, match="layer 'dense' \\(dense\\) reads the integer input 'buckets' \\(int32\\)"):
+        check_integer_inputs(graph)
