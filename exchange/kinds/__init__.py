@@ -516,4 +516,4 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 # The families. Importing them fills the registry.
 from exchange.kinds import (activations, arithmetic, attention, convolution, dense, merging,  # noqa: E402,F401
-                            normalization, pooling, recurrent, reshaping, wrappers)
+                            normalization, pooling, recurrent, reshaping, training_only, wrappers)

@@ -1,0 +1,213 @@
+"""Layers that reshape (UpSampling, ZeroPadding, Cropping 1D/3D), layers that are the identity at
+inference (noise, dropout, image augmentations), and Masking: each in both directions with real
+Keras (TensorFlow backend) and real PyTorch, through the files, and through generated code.
+"""
+
+import importlib.util
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.graph import Graph
+from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+
+L = keras.layers
+TOLERANCE = 1e-5
+IMAGE = (9, 12, 3)    # odd height, even width; 3 channels, as the colour augmentations expect
+SEQUENCE = (11, 4)
+VOLUME = (5, 4, 7, 3)
+
+
+def single(shape, *layers):
+    return keras.Sequential([keras.Input(shape)] + list(layers))
+
+
+def image_then_conv(*layers):
+    """The layers between two convolutions: their output feeds weights, the graph is not trivial."""
+    return single(IMAGE, L.Conv2D(3, (3, 2), padding="same", name="before"), *layers, L.Conv2D(2, 1, name="after"))
+
+
+# Identity at inference: one model per Keras class, with non-default options.
+TRAINING_ONLY = {
+    "identity": lambda: single((13,), L.Dense(5), L.Identity(), L.Dense(3)),
+    "gaussian_noise": lambda: single(SEQUENCE, L.GaussianNoise(0.3, seed=7), L.Conv1D(2, 2)),
+    "gaussian_dropout": lambda: single((13,), L.GaussianDropout(0.4, seed=3), L.Dense(3)),
+    "alpha_dropout": lambda: single(SEQUENCE, L.AlphaDropout(0.5, noise_shape=(None, 1, 4), seed=2), L.Dense(3)),
+    "activity_regularization": lambda: single((13,), L.Dense(4), L.ActivityRegularization(l1=0.1, l2=0.02)),
+    "spatial_dropout3d": lambda: single(VOLUME, L.SpatialDropout3D(0.3, seed=4), L.Dense(2)),
+    "spatial_dropout3d_channels_first": lambda: single(VOLUME, L.SpatialDropout3D(0.3, data_format="channels_first"),
+                                                       L.Dense(2)),
+    "random_flip": lambda: image_then_conv(L.RandomFlip("horizontal", seed=5)),
+    "random_rotation": lambda: image_then_conv(L.RandomRotation((-0.2, 0.4), fill_mode="constant",
+                                                                interpolation="nearest", fill_value=0.5, seed=1)),
+    "random_zoom": lambda: image_then_conv(L.RandomZoom(0.2, width_factor=(-0.3, 0.1), fill_mode="wrap")),
+    "random_translation": lambda: image_then_conv(L.RandomTranslation((-0.5, 0.4), 0.2, fill_mode="nearest")),
+    "random_shear": lambda: image_then_conv(L.RandomShear(x_factor=(0.5, 1), y_factor=(0.1, 0.3), seed=9)),
+    "random_perspective": lambda: image_then_conv(L.RandomPerspective(factor=0.5, scale=0.7, fill_value=1.0)),
+    "random_elastic_transform": lambda: image_then_conv(L.RandomElasticTransform(factor=1.0, scale=0.5,
+                                                                                 value_range=(0, 1))),
+    "random_contrast": lambda: image_then_conv(L.RandomContrast(0.75, value_range=(0, 1), seed=1)),
+    "random_brightness": lambda: image_then_conv(L.RandomBrightness([-0.5, 0.25], value_range=[20, 200])),
+    "random_grayscale": lambda: image_then_conv(L.RandomGrayscale(factor=0.25)),
+    "random_hue": lambda: image_then_conv(L.RandomHue(0.2, value_range=(0, 1.0))),
+    "random_saturation": lambda: image_then_conv(L.RandomSaturation([0.5, 0.5], value_range=(0, 1))),
+    "random_sharpness": lambda: image_then_conv(L.RandomSharpness(0.75, value_range=(0, 1), seed=1)),
+    "random_color_degeneration": lambda: image_then_conv(L.RandomColorDegeneration(0.2, value_range=(0, 1))),
+    "random_color_jitter": lambda: image_then_conv(L.RandomColorJitter(value_range=(0, 1), brightness_factor=0.1,
+                                                                       contrast_factor=(0.1, 0.2), hue_factor=0.1)),
+    "random_posterization": lambda: image_then_conv(L.RandomPosterization((1, 4), value_range=(0, 1))),
+    "random_invert": lambda: image_then_conv(L.RandomInvert(0.75, value_range=(20, 200))),
+    "random_erasing": lambda: image_then_conv(L.RandomErasing(factor=0.5, scale=0.5, fill_value=0)),
+    "random_gaussian_blur": lambda: image_then_conv(L.RandomGaussianBlur(kernel_size=(3, 5), sigma=(0.5, 1.5))),
+    "solarization": lambda: image_then_conv(L.Solarization(addition_factor=0.75, threshold_factor=(0, 1),
+                                                           value_range=(20, 200), seed=1)),
+    "aug_mix": lambda: image_then_conv(L.AugMix(value_range=(0, 1), num_chains=2, chain_depth=(1, 2), factor=1,
+                                                all_ops=False, interpolation="nearest", seed=43)),
+    "rand_augment": lambda: image_then_conv(L.RandAugment(value_range=(0, 1), num_ops=3, factor=0.7)),
+    "cut_mix": lambda: image_then_conv(L.CutMix(factor=0.5, seed=1)),
+    "mix_up": lambda: image_then_conv(L.MixUp(alpha=0.4)),
+    "max_num_bounding_boxes": lambda: image_then_conv(L.MaxNumBoundingBoxes(max_number=40)),
+    "augmentation_pipeline_channels_first": lambda: image_then_conv(
+        L.RandomFlip(data_format="channels_first"), L.RandomContrast(0.3, data_format="channels_first")),
+}
+
+CASES = TRAINING_ONLY
+
+
+def both_directions(keras_model):
+    """Keras -> torch on the live model's tensors; a random torch state into the torch module and
+    into the Keras model rebuilt from the graph; the weights read back bit for bit. Returns the
+    largest difference seen and the rebuilt Keras model."""
+    graph = keras_adapter.architecture_of(keras_model)
+    inputs = batch(keras_model)
+    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
+
+    torch_state = random_torch_state(graph, seed=4)
+    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    torch_outputs = torch_adapter.predict(torch_model, inputs)
+    difference = max(difference, max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs))
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    for key, tensor in torch_state.items():
+        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    return difference, rebuilt
+
+
+def layer_configs(model) -> dict:
+    """Every layer's Keras config, as a file stores it (JSON: tuples are lists)."""
+    return {layer.name: json.loads(json.dumps(layer.get_config())) for layer in model.layers
+            if not isinstance(layer, keras.layers.InputLayer)}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    keras_model = randomize(CASES[case](), seed=3)
+    difference, rebuilt = both_directions(keras_model)
+    assert difference <= TOLERANCE
+    if case in TRAINING_ONLY:   # the rebuilt model holds the same layers, every option kept
+        assert layer_configs(rebuilt) == layer_configs(keras_model)
+
+
+@pytest.mark.parametrize("case", sorted(TRAINING_ONLY))
+def test_training_only_layer_is_identity_at_inference(case):
+    """The torch module computes what `model.predict` does: the layer passes its input on."""
+    keras.utils.set_random_seed(11)
+    keras_model = CASES[case]()
+    layer = next(layer for layer in keras_model.layers if layer.name not in ("before", "after")
+                 and type(layer).__name__ not in ("Dense", "Conv1D"))
+    probe = keras.Model(keras_model.inputs, layer.output)
+    inputs = batch(keras_model)
+    expected = keras.Model(keras_model.inputs, layer.input).predict(inputs[0], verbose=0)
+    np.testing.assert_array_equal(probe.predict(inputs[0], verbose=0), expected)
+
+
+def test_training_only_configs_go_through_the_files(tmp_path):
+    """.keras -> exchange file -> .keras keeps every option; the graph's JSON reads back the same."""
+    keras.utils.set_random_seed(2)
+    inputs = keras.Input(IMAGE, name="image")
+    x = L.RandomFlip("vertical", seed=3, name="flip")(inputs)
+    x = L.RandomRotation(0.1, fill_mode="constant", fill_value=0.25, name="rotate")(x)
+    x = L.AugMix(value_range=(0, 1), num_chains=2, chain_depth=(1, 2), factor=1, name="augmix")(x)
+    x = L.Conv2D(4, 3, name="conv")(x)
+    x = L.GaussianNoise(0.2, seed=5, name="noise")(x)
+    x = L.SpatialDropout2D(0.1, name="spatial")(x)
+    model = randomize(keras.Model(inputs, L.ActivityRegularization(l1=0.5, name="regular")(x)), seed=1)
+    model.save(tmp_path / "model.keras")
+    graph = cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
+    assert Graph.from_json(graph.to_json()) == graph
+    cli.convert(tmp_path / "model.safetensors", tmp_path / "back.keras")
+    back = keras.saving.load_model(tmp_path / "back.keras")
+    assert layer_configs(back) == layer_configs(model)
+    (image,) = batch(model)
+    assert max_difference(keras_adapter.predict(back, [image]), keras_adapter.predict(model, [image])) == 0.0
+
+
+def run_generated_code(model, tmp_path, name="generated"):
+    """Save `model` as .keras, convert it to PyTorch source, run that source on a batch (channels
+    first), and return its largest difference from Keras."""
+    import torch
+
+    from exchange.kinds.layout import to_keras_order, to_torch_order
+    from exchange.torch_adapter import class_name
+
+    model.save(tmp_path / f"{name}.keras")
+    graph = cli.convert(tmp_path / f"{name}.keras", tmp_path / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(f"generated_{name}", tmp_path / f"{name}.py")
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    module = getattr(generated, class_name(graph.name))()
+    module.load_state_dict(generated.load(str(tmp_path / f"{name}.safetensors")), strict=True)
+    inputs = batch(model)
+    torch_inputs = [torch.from_numpy(array).permute(*to_torch_order(array.ndim - 1)) for array in inputs]
+    with torch.no_grad():
+        outputs = module.eval()(*torch_inputs)
+    outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+    outputs = [output.permute(*to_keras_order(output.ndim - 1)).numpy() for output in outputs]
+    return max_difference(outputs, keras_adapter.predict(model, inputs))
+
+
+def test_generated_code_of_training_only_layers(tmp_path):
+    keras.utils.set_random_seed(5)
+    inputs = keras.Input(IMAGE, name="image")
+    x = L.RandomZoom(0.2, name="zoom")(L.RandomContrast(0.3, name="contrast")(inputs))
+    x = L.Conv2D(4, 3, name="conv")(L.MixUp(name="mixup")(x))
+    x = L.Reshape((7 * 10, 4), name="steps")(L.GaussianDropout(0.3, name="noise")(x))
+    x = L.AlphaDropout(0.2, name="alpha")(L.Identity(name="same")(x))
+    model = randomize(keras.Model(inputs, L.Dense(3, name="out")(x), name="noops"), seed=2)
+    assert run_generated_code(model, tmp_path) <= TOLERANCE
+
+
+@pytest.mark.parametrize("make_layer, message", [
+    (lambda: L.RandomFlip(bounding_box_format="xyxy"), "unsupported option bounding_box_format='xyxy'"),
+])
+def test_refusals_are_named(make_layer, message):
+    layer = make_layer()
+    layer.name = "bad"
+    model = keras.Sequential([keras.Input(IMAGE), layer])
+    with pytest.raises(UnsupportedLayerError, match=f"layer 'bad' \\({type(layer).__name__}\\): {message}"):
+        keras_adapter.architecture_of(model)
+
+
+def test_training_only_config_from_a_file_is_checked():
+    """An exchange file's config is data: a string outside Keras's choices, a number where a
+    range goes, a seed that is not an integer are refused, naming the layer and the option."""
+    keras.utils.set_random_seed(1)
+    graph = keras_adapter.architecture_of(image_then_conv(L.RandomRotation(0.2, name="rotate")))
+    document = json.loads(graph.to_json())
+    node = next(node for node in document["nodes"] if node["name"] == "rotate")
+    for key, value, expected in [("interpolation", "__import__('os')", "is not one of"),
+                                 ("factor", "0.2", "is not a"), ("seed", 1.5, "is not a"),
+                                 ("factor", [0.1, 0.2, 0.3], "is not a")]:
+        original = node["config"][key]
+        node["config"][key] = value
+        with pytest.raises(ExchangeError, match=f"layer 'rotate'.*{key}.*{expected}"):
+            Graph.from_json(json.dumps(document))
+        node["config"][key] = original
+    assert Graph.from_json(json.dumps(document)) == graph
