@@ -263,7 +263,8 @@ _augmentation("RandomPosterization", "random_posterization", factor=factor(), va
 _augmentation("RandomInvert", "random_invert", factor=factor(1.0), value_range=value_range(), seed=seed(),
               data_format=DATA_FORMAT)
 _augmentation("RandomErasing", "random_erasing", factor=factor(1.0), scale=factor((0.02, 0.33)),
-              fill_value=Option(Number | None, None, "a number or null"), value_range=value_range(), seed=seed(), data_format=DATA_FORMAT)
+              fill_value=Option(Number | None, None, "a number or null"), value_range=value_range(), seed=seed(),
+              data_format=DATA_FORMAT)
 _augmentation("RandomGaussianBlur", "random_gaussian_blur", factor=factor(1.0),
               kernel_size=Option(int | tuple[int, int], 3, "1 or 2 window sizes", _check_kernel), sigma=factor(1.0),
               value_range=value_range(), seed=seed(), data_format=DATA_FORMAT)
@@ -271,7 +272,8 @@ _augmentation("Solarization", "solarization", addition_factor=factor(0.0), thres
               value_range=value_range(), seed=seed(), data_format=DATA_FORMAT)
 _augmentation("AugMix", "aug_mix", value_range=value_range(), num_chains=count(3, MAX_AUGMENTATION_STEPS),
               chain_depth=count_range(3, MAX_AUGMENTATION_STEPS), factor=factor(0.3), alpha=number(1.0),
-              all_ops=Option(bool, True, "true or false"), interpolation=INTERPOLATION, seed=seed(), data_format=DATA_FORMAT)
+              all_ops=Option(bool, True, "true or false"), interpolation=INTERPOLATION, seed=seed(),
+              data_format=DATA_FORMAT)
 _augmentation("RandAugment", "rand_augment", value_range=value_range(), num_ops=count(2, MAX_AUGMENTATION_STEPS),
               factor=factor(0.5), interpolation=INTERPOLATION, seed=seed(), data_format=DATA_FORMAT)
 _augmentation("CutMix", "cut_mix", factor=factor(1.0), seed=seed(), data_format=DATA_FORMAT)
