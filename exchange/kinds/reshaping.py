@@ -1,6 +1,6 @@
 """Layers that move or pass data: Flatten, Reshape, Permute, RepeatVector, ZeroPadding, Cropping and
-UpSampling (1D/2D/3D), Dropout and SpatialDropout (no-ops at inference), and Embedding (token ids
-to vectors).
+UpSampling (1D/2D/3D), Dropout and SpatialDropout (no-ops at inference), Embedding (token ids
+to vectors) and Masking (the two layers that make masks).
 
 Conventions that differ:
 - Flatten: Keras flattens an image in (H, W, C) order; `torch.flatten` on a channels-first tensor
@@ -540,3 +540,44 @@ class Embedding(LayerKind):
         config = context.config
         return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
                                       **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    mask_value: float = 0.0
+
+
+@register
+class Masking(LayerKind):
+    """Masks the steps of a (batch, steps, features) sequence whose features all equal
+    `mask_value`: Keras's mask is `any(x != mask_value, axis=-1)`, its output `where(mask, x, 0)`.
+    The layers after it that take masks (recurrent layers, GlobalAveragePooling1D, attention)
+    read that mask, named `<name>:mask`, as they read an Embedding's; the torch side computes it
+    here, over torch's dim 1 (the features), into `builder.masks`."""
+
+    kind, keras_classes, Config = "masking", ("Masking",), MaskingConfig
+
+    def from_keras(self, options):
+        return MaskingConfig(options.number("mask_value", 0.0))
+
+    def output_mask(self, node, input_masks):
+        return f"{node.name}:mask"   # Keras's compute_mask ignores any mask the input carries
+
+    def mask_source(self, node):
+        return node.inputs[0], node.config.mask_value
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes[0]) != 2:
+            raise ExchangeError(f"Masking is supported on (batch, steps, features) sequences, found shape "
+                                f"(batch, {input_shapes[0]})")
+        return input_shapes[0]
+
+    def torch_forward(self, builder, context, inputs):
+        torch = builder.torch
+        differs = builder.call(torch.ne, inputs[0], context.config.mask_value)
+        keep = builder.call(torch.any, differs, dim=1, keepdim=True)   # (N, 1, T)
+        builder.masks[self.output_mask(context.node, ())] = builder.call(torch.squeeze, keep, 1)
+        return builder.call(torch.where, keep, inputs[0], 0.0)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Masking(mask_value=context.config.mask_value, **context.keras_identity)
