@@ -291,7 +291,15 @@ def masking_model():
     return keras.Model(inputs, L.Concatenate(name="joined")([pooled, last, both, direct]), name="masked")
 
 
+def masking_attention():
+    inputs = keras.Input(SEQUENCE, name="steps")
+    masked = L.Masking(0.5, name="masking")(inputs)
+    attended = L.MultiHeadAttention(2, 3, name="attention")(masked, masked)
+    return keras.Model(inputs, L.GlobalAveragePooling1D(name="pool")(attended))
+
+
 MASKING = {
+    "masking_attention": (masking_attention, 0.5),
     "masking_lstm": (lambda: single(SEQUENCE, L.Masking(0.5), L.LSTM(3)), 0.5),
     "masking_lstm_sequences": (lambda: single(SEQUENCE, L.Masking(), L.LSTM(3, return_sequences=True)), 0.0),
     "masking_global_average": (lambda: single(SEQUENCE, L.Masking(-1.0), L.GlobalAveragePooling1D()), -1.0),
