@@ -15,13 +15,16 @@ Conventions that differ:
 - ZeroPadding, Cropping and UpSampling with `data_format="channels_first"`: Keras's spatial axes
   are then its axes 2.. (its last one is torch's dim 1, where the torch side keeps Keras's last
   axis); the torch side pads, crops or repeats those dims where they are.
+- Dropout, SpatialDropout and StochasticDepth are the identity at inference in both frameworks:
+  the torch module holds nothing for them (its dropout would act in `train()` mode). Their seed,
+  noise_shape and data_format only matter to training and are kept for the Keras side.
 - UpSampling repeats cells (Keras's `ops.repeat`): `torch.repeat_interleave`, exact; torch's
   `nn.Upsample(mode="nearest")` computes source indices in float32 and is not used.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
@@ -347,10 +350,23 @@ class UpSampling3D(_UpSampling):
 @dataclass(frozen=True)
 class DropoutConfig:
     rate: float = 0.0
+    # Only training reads these; kept so that the rebuilt Keras layer is the same (written when set).
+    noise_shape: tuple[int | None, ...] | None = field(default=None, metadata=OMIT_DEFAULT)   # Dropout's
+    seed: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)   # SpatialDropout2D's
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:   # Keras's Dropout refuses a rate outside [0, 1]
             raise ExchangeError(f"dropout rate must be from 0 to 1, got {self.rate!r}")
+        if self.noise_shape is not None:
+            if len(self.noise_shape) > MAX_AXIS:
+                raise ExchangeError(f"noise_shape has more than {MAX_AXIS} sizes")
+            for size in self.noise_shape:
+                if size is not None:
+                    check_int(size, "noise_shape size", MAX_FEATURES)
+        if self.seed is not None:
+            check_int(self.seed, "seed", (1 << 62) - 1, minimum=-(1 << 62))
+        check_choice(self.data_format, DATA_FORMATS, "data_format")
 
 
 class _Dropout(LayerKind):
@@ -361,16 +377,21 @@ class _Dropout(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        options.take("noise_shape", None)
-        options.take("seed", None)
-        return DropoutConfig(options.number("rate", 0.0))
+        noise_shape = options.take("noise_shape", None)
+        if noise_shape is not None and (not isinstance(noise_shape, (list, tuple)) or not all(
+                size is None or isinstance(size, int) and not isinstance(size, bool) for size in noise_shape)):
+            raise options.unsupported("noise_shape", noise_shape, "sizes or null")
+        seed = options.take("seed", None)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise options.unsupported("seed", seed, "must be an integer or null")
+        return DropoutConfig(options.number("rate", 0.0), None if noise_shape is None else tuple(noise_shape), seed)
 
     def torch_forward(self, builder, context, inputs):
         return inputs[0]
 
     def keras_layer(self, keras, context):
-        return getattr(keras.layers, self.keras_classes[0])(context.config.rate,
-                                                            **context.keras_identity)
+        config = context.config
+        return getattr(keras.layers, self.keras_classes[0])(config.rate, seed=config.seed, **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return inputs[0]
@@ -379,6 +400,11 @@ class _Dropout(LayerKind):
 @register
 class Dropout(_Dropout):
     kind, keras_classes = "dropout", ("Dropout",)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Dropout(config.rate, noise_shape=config.noise_shape, seed=config.seed,
+                                    **context.keras_identity)
 
 
 @register
@@ -407,8 +433,12 @@ class SpatialDropout2D(_Dropout):
     kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
 
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return super().from_keras(options)
+        return replace(super().from_keras(options), data_format=_data_format(options))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.SpatialDropout2D(config.rate, data_format=config.data_format, seed=config.seed,
+                                             **context.keras_identity)
 
 
 @dataclass(frozen=True)
