@@ -89,8 +89,8 @@ class NodeContext:
     flat_source: Shape | None = None
     # For a Flatten node: whether its torch form keeps the channels-first order.
     channels_first_flatten: bool = False
-    # Per input, the Keras mask it carries: the name of the Embedding (mask_zero=True) whose
-    # `ids != 0` it is, or None (see `Graph.masks`).
+    # Per input, the Keras mask it carries: the token ids whose `ids != 0` it is (an Embedding's
+    # with mask_zero=True), the `<name>:mask` of the Masking that made it, or None (see `Graph.masks`).
     input_masks: tuple = ()
 
     @property
@@ -230,7 +230,8 @@ class Graph:
     @cached_property
     def masks(self) -> dict[str, str | None]:
         """The Keras mask each input and node output carries: the name of the token ids whose
-        `ids != 0` it is (made by an Embedding with `mask_zero=True`), or None. Keras passes masks
+        `ids != 0` it is (made by an Embedding with `mask_zero=True`), `<name>:mask` for the one a
+        Masking layer makes (`mask_sources`), or None. Keras passes masks
         along implicitly; the layers that use them (recurrent layers, GlobalAveragePooling1D,
         attention) read them here.
         """
@@ -249,6 +250,20 @@ class Graph:
             else:
                 masks[node.name] = kind.output_mask(node, input_masks)
         return masks
+
+    @cached_property
+    def mask_sources(self) -> dict[str, tuple[str, float]]:
+        """What the masks made by layers from their input compare, as Keras records them: mask ->
+        (tensor, value), the mask being `any(tensor != value)` over the features (a Masking's, see
+        `LayerKind.mask_source`). A mask not here is token ids or a mask tensor, `!= 0`."""
+        from exchange.kinds import kind_of
+
+        sources = {}
+        for node in self.nodes:
+            source = kind_of(node.kind).mask_source(node)
+            if source is not None:
+                sources[self.masks[node.name]] = source
+        return sources
 
     @cached_property
     def channels_first_flattens(self) -> dict[str, Shape]:

@@ -31,16 +31,28 @@ OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operati
 OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
 # A Keras 3 functional config records the masks it passes along as operations (an Embedding's
-# `ids != 0`, a merge's `logical_or` of its inputs' masks, …) given to layers as `mask=`. The
-# graph derives masks itself (`Graph.masks`), so operations that only compute masks are not
-# nodes: each `mask=` is checked to come from the derived mask's token ids.
+# `ids != 0`, a Masking's `any(x != mask_value, axis=-1)`, a merge's `logical_or` of its inputs'
+# masks, …) given to layers as `mask=`. The graph derives masks itself (`Graph.masks`), so
+# operations that only compute masks are not nodes: each `mask=` is checked to compare what the
+# derived mask compares (`Graph.mask_sources`).
 MASK_KEYWORD = "mask"
-MASK_SOURCE_OPERATION = "NotEqual"   # `ids != constant`: the constant must be 0 (Embedding's mask_zero)
+MASK_SOURCE_OPERATION = "NotEqual"   # `tensor != constant`: 0 for an Embedding's, mask_value for a Masking's
 # The operations Keras's own compute_mask methods record (merges: logical_or; Concatenate:
 # expand_dims, zeros_like, ones_like, concatenate, any); a mask made with any other is the model's own.
 MASK_OPERATIONS = ("NotEqual", "LogicalOr", "LogicalAnd", "ExpandDims", "ZerosLike", "OnesLike", "Concatenate",
                    "Any", "All")
 MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
+
+
+@dataclass(frozen=True)
+class MaskRecord:
+    """What Keras's record of a mask computes: the graph edges it reads (through other mask
+    operations), the constants its `NotEqual`s compare them with, and whether it uses any
+    operation but those Keras's own compute_mask methods record (`ids > 3`: the model's own)."""
+
+    reads: frozenset
+    constants: frozenset
+    foreign: bool
 
 
 @dataclass(frozen=True)
@@ -107,9 +119,8 @@ class _Parser:
         self.locations: dict[str, KerasLocation] = {}
         self.class_names: dict[str, str] = {}
         self.problems: list[str] = []
-        # Mask-only operation edges -> (the graph edges they read, whether any compares with c != 0)
-        self.mask_operations: dict[str, tuple[frozenset, bool]] = {}
-        self.explicit_masks: dict[str, tuple[frozenset, bool]] = {}   # layer -> what its mask= reads
+        self.mask_operations: dict[str, MaskRecord] = {}   # mask-only operation edges -> what they compute
+        self.explicit_masks: dict[str, MaskRecord] = {}    # layer -> what its mask= computes
 
     def model(self, model_config: dict, container_path: tuple[str, ...], keras3_prefix: str,
               keras2_group: str | None, incoming: list[str] | None) -> list[str]:
@@ -197,7 +208,7 @@ class _Parser:
                 mask_input = False
                 if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
                     # (a nested model passes its input's mask on to its layers, as the graph does)
-                    if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's mask
+                    if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's or Masking's mask
                         self.explicit_masks[name] = self.mask_operations[edges[mask]]
                     else:   # a tensor of the model: the node's last input, read by kinds that take one
                         mask_input = True
@@ -225,22 +236,24 @@ class _Parser:
             raise
 
     def mask_operation(self, name: str, class_name: str, inbound, edges: dict) -> None:
-        """Record an operation that only computes masks (not a node): the graph edges it reads,
-        through other mask operations, and whether it compares ids with anything but 0."""
-        reads, other_constant = set(), False
+        """Record an operation that only computes masks (not a node) as a `MaskRecord`."""
+        reads, constants, foreign = set(), set(), False
         for ref in _inbound_refs(inbound, tuple((inbound.get("kwargs") or {}) if isinstance(inbound, dict) else ())):
             edge = edges[ref]
             if edge in self.mask_operations:
-                reads |= self.mask_operations[edge][0]
-                other_constant |= self.mask_operations[edge][1]
+                record = self.mask_operations[edge]
+                reads |= record.reads
+                constants |= record.constants
+                foreign |= record.foreign
             else:
                 reads.add(edge)
         if class_name == MASK_SOURCE_OPERATION:
-            constants = [value for value in _call_args(inbound) if value is not None]
-            other_constant |= constants != [0]
-        other_constant |= class_name not in MASK_OPERATIONS   # e.g. `ids > 3`: the model's own mask
+            compared = [value for value in _call_args(inbound) if value is not None]
+            foreign |= len(compared) != 1 or not _is_number(compared[0])   # `a != b` of two tensors
+            constants.update(value for value in compared if _is_number(value))
+        foreign |= class_name not in MASK_OPERATIONS   # e.g. `ids > 3`: the model's own mask
         edge = f"{name}:mask"
-        self.mask_operations[edge] = (frozenset(reads), other_constant)
+        self.mask_operations[edge] = MaskRecord(frozenset(reads), frozenset(constants), foreign)
         edges[(name, 0)] = edge
 
     def add_input(self, name: str, config: dict) -> str:
@@ -397,16 +410,24 @@ def _mask_only_operations(layers: list) -> set[str]:
     return mask_only
 
 
-def _check_explicit_masks(graph: Graph, explicit_masks: dict) -> None:
-    """Each `mask=` a Keras 3 config records must be what the graph derives for that input: made
-    from the ids an Embedding with mask_zero=True reads, `ids != 0`, and no other input."""
+def _check_explicit_masks(graph: Graph, explicit_masks: dict[str, MaskRecord]) -> None:
+    """Each `mask=` a Keras 3 config records must be what the graph derives for that input: it
+    compares the tensor the derived mask compares (an Embedding's ids, a Masking's input), with
+    the same value (0, the mask_value), and reads no other input."""
     inputs = {spec.name for spec in graph.inputs}
-    for name, (reads, other_constant) in explicit_masks.items():
-        ids = graph.masks[graph.node(name).inputs[0]]   # the derived mask: these ids != 0
-        if ids is None or other_constant or ids not in reads or (reads & inputs) - {ids}:
-            shown = ", ".join(sorted(reads))
+    for name, record in explicit_masks.items():
+        mask = graph.masks[graph.node(name).inputs[0]]
+        source, value = graph.mask_sources.get(mask, (mask, 0)) if mask is not None else (None, None)
+        if mask is None or record.foreign or record.constants != {value} or source not in record.reads or \
+                (record.reads & inputs) - {source}:
+            shown = ", ".join(sorted(record.reads))
             raise UnsupportedLayerError(f"layer {name!r} is given a mask (computed from {shown}) that is not "
-                                        "the mask of an Embedding with mask_zero=True; not supported")
+                                        "the mask of an Embedding with mask_zero=True or of a Masking layer; "
+                                        "not supported")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _mask_ref(node) -> tuple[str, int] | None:

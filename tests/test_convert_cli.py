@@ -101,14 +101,14 @@ def _write_unsupported_keras(path):
     import keras
 
     keras.Sequential([keras.Input((5, 8)), keras.layers.Dense(4, name="d"),
-                      keras.layers.Masking(name="norm")]).save(path)
+                      keras.layers.Lambda(lambda x: x * 2.0, name="norm")]).save(path)
 
 
 @pytest.mark.parametrize("make_input, input_name, extra, message", [
     (lambda p: p.write_text("{}"), "model.json", [], "unsupported file kind '.json'"),
     (lambda p: p.write_bytes(b"\x00" * 40), "trunc.safetensors", [], "not a readable safetensors file"),
     (lambda p: p.write_text("not a zip"), "fake.keras", [], "not a .keras file"),
-    (_write_unsupported_keras, "norm.keras", [], r"unsupported layer 'norm' \(Masking\)"),
+    (_write_unsupported_keras, "norm.keras", [], r"unsupported layer 'norm' \(Lambda\)"),
     (_write_pt_with_wrong_shape, "wrong.pt", ["--activations", "tanh,tanh,softmax"],
      r"dense_1.weight: expected float32 \(50, 50\), found float32 \(50, 49\)"),
     (lambda p: p.write_bytes(b"garbage"), "garbage.pt", ["--activations", "tanh"],

@@ -169,14 +169,14 @@ def test_keras2_batchnorm_and_branching_files_convert():
 
 @pytest.fixture(scope="module")
 def unsupported_keras_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("unsupported") / "masking.keras"
-    keras.Sequential([keras.Input((5, 3)), keras.layers.Masking(name="masking"), keras.layers.SimpleRNN(4, name="rnn"),
-                      keras.layers.Dense(2, name="out")]).save(path)
+    path = tmp_path_factory.mktemp("unsupported") / "custom.keras"
+    keras.Sequential([keras.Input((5, 3)), keras.layers.Lambda(lambda x: x * 2.0, name="custom"),
+                      keras.layers.SimpleRNN(4, name="rnn"), keras.layers.Dense(2, name="out")]).save(path)
     return path
 
 
 @pytest.mark.parametrize("source, extra, message", [
-    (None, [], r"unsupported layer 'masking' \(Masking\)"),
+    (None, [], r"unsupported layer 'custom' \(Lambda\)"),
     ("seed_mlp_weights.h5", [], "a weights-only file; give the architecture"),
     ("seed_mlp_weights.h5", ["--arch", FIXTURES / "functional_chain_config.json"],
      "config and weights do not match"),

@@ -161,7 +161,8 @@ class LayerKind:
     def output_mask(self, node: Node, input_masks: tuple) -> str | None:
         """The mask on this node's output, from its inputs' masks, as Keras's `compute_mask` does:
         a layer without `supports_masking` drops it; one with it passes input 0's on; a merge keeps
-        a mask that every input carries. A mask is named by the token ids whose `!= 0` it is."""
+        a mask that every input carries. A mask is named by the token ids whose `!= 0` it is, or
+        by the layer that made it from its input (`mask_source`)."""
         if not self.passes_mask:
             return None
         if not self.takes_list:
@@ -169,9 +170,15 @@ class LayerKind:
         if any(mask is None for mask in input_masks):
             return None
         if len(set(input_masks)) > 1:
-            raise UnsupportedLayerError(f"layer {node.name!r} ({self.kind}) merges tensors masked by different "
-                                        f"token ids ({', '.join(sorted(set(input_masks)))}); not supported")
+            raise UnsupportedLayerError(f"layer {node.name!r} ({self.kind}) merges tensors with different masks "
+                                        f"({', '.join(sorted(set(input_masks)))}); not supported")
         return input_masks[0]
+
+    def mask_source(self, node: Node) -> tuple[str, float] | None:
+        """For a layer that makes a mask from its input (Masking): (that input, the value), the
+        mask being `any(input != value)` over the features, as Keras's config records it. The
+        layer names the mask `<name>:mask` in `output_mask` and puts it in `builder.masks`."""
+        return None
 
     def output_masks(self, node: Node, input_masks: tuple) -> list:
         """The mask of each output, for layers with several; by default `output_mask`'s for all."""
@@ -292,8 +299,8 @@ def config_to_dict(config) -> dict:
 
 
 def mask_name(context) -> str | None:
-    """The mask a node reads: its last input when the call gave one (`config.mask_input`), else
-    the mask its input carries (`Graph.masks`). Either way the mask is `that tensor != 0`."""
+    """The mask a node reads: its last input when the call gave one (`config.mask_input`, the
+    mask is `that tensor != 0`), else the mask its input carries (`Graph.masks`)."""
     if getattr(context.config, "mask_input", False):
         return context.node.inputs[-1]
     return context.input_masks[0]
@@ -540,4 +547,5 @@ def ints(value, count: int, what: str) -> tuple[int, ...]:
 
 # The families. Importing them fills the registry.
 from exchange.kinds import (activations, arithmetic, attention, conv_lstm, convolution, dense,  # noqa: E402,F401
-                            merging, normalization, pooling, preprocessing, recurrent, reshaping, wrappers)
+                            merging, normalization, pooling, preprocessing, recurrent, reshaping, training_only,
+                            wrappers)

@@ -1,5 +1,6 @@
-"""Layers that move or pass data: Flatten, Reshape, Permute, RepeatVector, ZeroPadding2D,
-Cropping2D, Dropout and SpatialDropout (no-ops at inference), and Embedding (token ids to vectors).
+"""Layers that move or pass data: Flatten, Reshape, Permute, RepeatVector, ZeroPadding, Cropping and
+UpSampling (1D/2D/3D), Dropout and SpatialDropout (no-ops at inference), Embedding (token ids
+to vectors) and Masking (the two layers that make masks).
 
 Conventions that differ:
 - Flatten: Keras flattens an image in (H, W, C) order; `torch.flatten` on a channels-first tensor
@@ -8,20 +9,29 @@ Conventions that differ:
   `Graph.channels_first_flattens`); elsewhere the torch side moves the channels last first.
 - Reshape works on Keras's channels-last element order, so the torch side moves the channels last
   before and back to the front after.
-- Padding and cropping amounts are (top, bottom), (left, right) in Keras, (left, right, top, bottom)
-  for `F.pad` / `nn.ZeroPad2d`.
+- Padding and cropping amounts are (before, after) per axis in Keras's axis order ((top, bottom),
+  (left, right)); `F.pad` / `nn.ZeroPad2d` take them from the last axis backwards (left, right,
+  top, bottom).
+- ZeroPadding, Cropping and UpSampling with `data_format="channels_first"`: Keras's spatial axes
+  are then its axes 2.. (its last one is torch's dim 1, where the torch side keeps Keras's last
+  axis); the torch side pads, crops or repeats those dims where they are.
+- Dropout, SpatialDropout and StochasticDepth are the identity at inference in both frameworks:
+  the torch module holds nothing for them (its dropout would act in `train()` mode). Their seed,
+  noise_shape and data_format only matter to training and are kept for the Keras side.
+- UpSampling repeats cells (Keras's `ops.repeat`): `torch.repeat_interleave`, exact; torch's
+  `nn.Upsample(mode="nearest")` computes source indices in float32 and is not used.
 - An Embedding with a LoRA adapter is `LoRAEmbedding` (see `exchange.kinds.dense` for LoRA's
   conventions; its tables keep Keras's layout).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, OMIT_DEFAULT, LayerKind,
-                            check_int, check_ints, register)
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, MAX_WINDOW, OMIT_DEFAULT,
+                            LayerKind, check_choice, check_int, check_ints, register)
 from exchange.ports import Port
 
 
@@ -107,93 +117,258 @@ class Reshape(LayerKind):
         return keras.layers.Reshape(context.config.target_shape, **context.keras_identity)
 
 
-def _pairs(options, key: str) -> tuple[tuple[int, int], tuple[int, int]]:
-    """Keras's 2-D padding/cropping spellings: 1, (1, 2) or ((1, 0), (2, 1))."""
-    value = options.take(key, 1)
+DATA_FORMATS = ("channels_last", "channels_first")
+
+
+def _amounts(options, key: str, spatial: int, default=1) -> tuple[tuple[int, int], ...]:
+    """Keras's padding/cropping spellings, as (before, after) per spatial axis. 1-D: `1` or
+    `(1, 2)` (before, after); 2-D and 3-D: `1`, `(1, 2)` (one per axis) or `((1, 0), (2, 1))`."""
+    value = options.take(key, default)
     if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
+        value = [value] * spatial
+    if spatial == 1 and isinstance(value, (list, tuple)) and len(value) == 2:
+        value = [value]
     try:
         pairs = tuple((item, item) if isinstance(item, int) else tuple(item) for item in value)
-        if len(pairs) == 2 and all(len(p) == 2 and all(isinstance(a, int) and a >= 0 for a in p) for p in pairs):
+        if len(pairs) == spatial and all(len(pair) == 2 and all(
+                isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0 for amount in pair)
+                for pair in pairs):
             return pairs
     except TypeError:
         pass
     raise options.unsupported(key, value)
 
 
+def _data_format(options) -> str:
+    value = options.take("data_format", None)
+    if value is None:   # Keras's default: keras.config.image_data_format(), channels_last
+        return "channels_last"
+    if value not in DATA_FORMATS:
+        raise options.unsupported("data_format", value)
+    return value
+
+
+def _spatial_indices(shape: tuple, spatial: int, data_format: str) -> range:
+    """The positions in a Keras shape (no batch axis) of its `spatial` axes."""
+    if len(shape) != spatial + 1:
+        raise ExchangeError(f"expects rank-{spatial + 2} input, found shape (batch, {shape})")
+    return range(1, spatial + 1) if data_format == "channels_first" else range(spatial)
+
+
+def _torch_dims(shape: tuple, indices: range) -> list[int]:
+    """The torch dims holding the Keras axes at `indices` (positions without the batch axis)."""
+    from exchange.kinds.layout import to_keras_order
+
+    return [to_keras_order(len(shape))[index + 1] for index in indices]
+
+
 @dataclass(frozen=True)
-class Padding2DConfig:
-    amounts: tuple[tuple[int, int], tuple[int, int]]   # ((top, bottom), (left, right))
+class PaddingConfig:
+    amounts: tuple[tuple[int, int], ...]   # (before, after) per spatial axis, in Keras's axis order
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        if not 1 <= len(self.amounts) <= 3:
+            raise ExchangeError(f"padding or cropping amounts for 1 to 3 axes, got {len(self.amounts)}")
         for pair in self.amounts:
             check_ints(pair, "padding or cropping amounts", MAX_PADDING, minimum=0, count=(2,))
+        check_choice(self.data_format, DATA_FORMATS, "data_format")
+
+
+class _Padding(LayerKind):
+    """ZeroPadding1D/2D/3D: channels-last, the spatial axes are torch's trailing dims and
+    `nn.ZeroPad{1,2,3}d` pads them; channels-first Keras's last axis is torch's dim 1 and `F.pad`
+    pads every spatial dim where it is."""
+
+    Config, spatial = PaddingConfig, 2
+    has_data_format = True
+    default_amount = 1   # Keras's default padding or cropping on each side
+
+    def from_keras(self, options):
+        data_format = _data_format(options) if self.has_data_format else "channels_last"
+        return PaddingConfig(_amounts(options, "padding", self.spatial, self.default_amount), data_format)
+
+    def output_shape(self, config, input_shapes):
+        shape = list(input_shapes[0])
+        indices = _spatial_indices(shape, self.spatial, config.data_format)
+        if len(config.amounts) != self.spatial:
+            raise ExchangeError(f"padding {config.amounts} has not {self.spatial} spatial axes")
+        for index, (before, after) in zip(indices, config.amounts):
+            shape[index] = None if shape[index] is None else shape[index] + before + after
+        return tuple(shape)
+
+    def torch_forward(self, builder, context, inputs):
+        config, shape = context.config, context.input_shape
+        by_dim = dict(zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)),
+                          config.amounts))
+        # F.pad's argument: (before, after) for the last dim, then the one before it, ...
+        pads = tuple(amount for dim in range(len(shape), min(by_dim) - 1, -1) for amount in by_dim.get(dim, (0, 0)))
+        if len(pads) == 2 * self.spatial:   # the spatial axes are the trailing dims
+            pad_class = (builder.nn.ZeroPad1d, builder.nn.ZeroPad2d, builder.nn.ZeroPad3d)[self.spatial - 1]
+            return builder.module(context, pad_class(pads), inputs[0])
+        return builder.call(builder.F.pad, inputs[0], pads)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        amounts = config.amounts[0] if self.spatial == 1 else config.amounts
+        data_format = {"data_format": config.data_format} if self.has_data_format else {}
+        return getattr(keras.layers, self.keras_classes[0])(amounts, **data_format, **context.keras_identity)
 
 
 @register
-class ZeroPadding2D(LayerKind):
-    kind, keras_classes, Config = "zero_padding2d", ("ZeroPadding2D",), Padding2DConfig
-
-    def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return Padding2DConfig(_pairs(options, "padding"))
-
-    def output_shape(self, config, input_shapes):
-        (top, bottom), (left, right) = config.amounts
-        height, width, channels = _image(input_shapes[0])
-        return (None if height is None else height + top + bottom,
-                None if width is None else width + left + right, channels)
-
-    def torch_forward(self, builder, context, inputs):
-        (top, bottom), (left, right) = context.config.amounts
-        return builder.module(context, builder.nn.ZeroPad2d((left, right, top, bottom)), inputs[0])
-
-    def keras_layer(self, keras, context):
-        return keras.layers.ZeroPadding2D(context.config.amounts, data_format="channels_last",
-                                          **context.keras_identity)
+class ZeroPadding1D(_Padding):
+    kind, keras_classes, spatial = "zero_padding1d", ("ZeroPadding1D",), 1
 
 
 @register
-class Cropping2D(LayerKind):
-    kind, keras_classes, Config = "cropping2d", ("Cropping2D",), Padding2DConfig
+class ZeroPadding2D(_Padding):
+    kind, keras_classes = "zero_padding2d", ("ZeroPadding2D",)
+
+
+@register
+class ZeroPadding3D(_Padding):
+    kind, keras_classes, spatial = "zero_padding3d", ("ZeroPadding3D",), 3
+
+
+class _Cropping(_Padding):
+    """Cropping1D/2D/3D: `narrow` on each spatial torch dim (the sizes must be known)."""
 
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return Padding2DConfig(_pairs(options, "cropping"))
+        data_format = _data_format(options) if self.has_data_format else "channels_last"
+        return PaddingConfig(_amounts(options, "cropping", self.spatial, self.default_amount), data_format)
 
     def output_shape(self, config, input_shapes):
-        (top, bottom), (left, right) = config.amounts
-        height, width, channels = _image(input_shapes[0])
-        if height is None or width is None:
-            raise ExchangeError("Cropping2D needs a fixed input size")
-        if height <= top + bottom or width <= left + right:
-            raise ExchangeError(f"cropping {config.amounts} leaves nothing of {height}x{width}")
-        return (height - top - bottom, width - left - right, channels)
+        shape = list(input_shapes[0])
+        indices = _spatial_indices(shape, self.spatial, config.data_format)
+        if len(config.amounts) != self.spatial:
+            raise ExchangeError(f"cropping {config.amounts} has not {self.spatial} spatial axes")
+        for index, (before, after) in zip(indices, config.amounts):
+            if shape[index] is None:
+                raise ExchangeError(f"{self.keras_classes[0]} needs a fixed input size")
+            if shape[index] <= before + after:
+                raise ExchangeError(f"cropping {config.amounts} leaves nothing of {input_shapes[0]}")
+            shape[index] -= before + after
+        return tuple(shape)
 
     def torch_forward(self, builder, context, inputs):
-        (top, _), (left, _) = context.config.amounts
-        height, width, _ = context.output_shape
-        value = builder.method(inputs[0], "narrow", 2, top, height)
-        return builder.method(value, "narrow", 3, left, width)
+        config, shape = context.config, context.input_shape
+        indices = _spatial_indices(shape, self.spatial, config.data_format)
+        value = inputs[0]
+        for dim, index, (before, _) in zip(_torch_dims(shape, indices), indices, config.amounts):
+            value = builder.method(value, "narrow", dim, before, context.output_shape[index])
+        return value
+
+
+@register
+class Cropping1D(_Cropping):
+    kind, keras_classes, spatial = "cropping1d", ("Cropping1D",), 1
+    has_data_format = False   # Keras's Cropping1D crops axis 1 of (batch, steps, features)
+
+
+@register
+class Cropping2D(_Cropping):
+    kind, keras_classes = "cropping2d", ("Cropping2D",)
+    default_amount = 0
+
+
+@register
+class Cropping3D(_Cropping):
+    kind, keras_classes, spatial = "cropping3d", ("Cropping3D",), 3
+
+
+@dataclass(frozen=True)
+class UpSamplingConfig:
+    size: tuple[int, ...]   # the repeat count per spatial axis, in Keras's axis order
+    data_format: str = "channels_last"
+
+    def __post_init__(self) -> None:
+        check_ints(self.size, "UpSampling size", MAX_WINDOW, count=(1, 2, 3))
+        check_choice(self.data_format, DATA_FORMATS, "data_format")
+
+
+class _UpSampling(LayerKind):
+    """Keras repeats each cell `size` times along each spatial axis (`ops.repeat`, also for
+    UpSampling2D's `nearest`): `torch.repeat_interleave` on the torch dim of each axis."""
+
+    Config, spatial = UpSamplingConfig, 2
+    has_data_format = True
+
+    def from_keras(self, options):
+        data_format = _data_format(options) if self.has_data_format else "channels_last"
+        return UpSamplingConfig(options.sizes("size", self.spatial, 2), data_format)
+
+    def output_shape(self, config, input_shapes):
+        shape = list(input_shapes[0])
+        if len(config.size) != self.spatial:
+            raise ExchangeError(f"size {list(config.size)} has not {self.spatial} spatial axes")
+        for index, factor in zip(_spatial_indices(shape, self.spatial, config.data_format), config.size):
+            shape[index] = None if shape[index] is None else shape[index] * factor
+        return tuple(shape)
+
+    def torch_forward(self, builder, context, inputs):
+        config, shape = context.config, context.input_shape
+        value = inputs[0]
+        for dim, factor in zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)),
+                               config.size):
+            if factor > 1:
+                value = builder.call(builder.torch.repeat_interleave, value, factor, dim=dim)
+        return value
 
     def keras_layer(self, keras, context):
-        return keras.layers.Cropping2D(context.config.amounts, data_format="channels_last",
-                                       **context.keras_identity)
+        config = context.config
+        size = config.size[0] if self.spatial == 1 else config.size
+        data_format = {"data_format": config.data_format} if self.has_data_format else {}
+        return getattr(keras.layers, self.keras_classes[0])(size, **data_format, **context.keras_identity)
 
 
-def _image(shape: tuple) -> tuple:
-    if len(shape) != 3:
-        raise ExchangeError(f"expects rank-4 input, found shape (batch, {shape})")
-    return shape
+@register
+class UpSampling1D(_UpSampling):
+    kind, keras_classes, spatial = "upsampling1d", ("UpSampling1D",), 1
+    has_data_format = False   # Keras's UpSampling1D repeats axis 1 of (batch, steps, features)
+
+
+@register
+class UpSampling2D(_UpSampling):
+    kind, keras_classes = "upsampling2d", ("UpSampling2D",)
+
+    def from_keras(self, options):
+        interpolation = options.take("interpolation", "nearest")
+        if interpolation != "nearest":
+            raise options.unsupported("interpolation", interpolation, "only 'nearest' repeats cells; the others "
+                                      "resize as keras.layers.Resizing does")
+        return super().from_keras(options)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.UpSampling2D(config.size, data_format=config.data_format, interpolation="nearest",
+                                         **context.keras_identity)
+
+
+@register
+class UpSampling3D(_UpSampling):
+    kind, keras_classes, spatial = "upsampling3d", ("UpSampling3D",), 3
 
 
 @dataclass(frozen=True)
 class DropoutConfig:
     rate: float = 0.0
+    # Only training reads these; kept so that the rebuilt Keras layer is the same (written when set).
+    noise_shape: tuple[int | None, ...] | None = field(default=None, metadata=OMIT_DEFAULT)   # Dropout's
+    seed: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)   # SpatialDropout2D's
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:   # Keras's Dropout refuses a rate outside [0, 1]
             raise ExchangeError(f"dropout rate must be from 0 to 1, got {self.rate!r}")
+        if self.noise_shape is not None:
+            if len(self.noise_shape) > MAX_AXIS:
+                raise ExchangeError(f"noise_shape has more than {MAX_AXIS} sizes")
+            for size in self.noise_shape:
+                if size is not None:
+                    check_int(size, "noise_shape size", MAX_FEATURES)
+        if self.seed is not None:
+            check_int(self.seed, "seed", (1 << 62) - 1, minimum=-(1 << 62))
+        check_choice(self.data_format, DATA_FORMATS, "data_format")
 
 
 class _Dropout(LayerKind):
@@ -204,16 +379,21 @@ class _Dropout(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        options.take("noise_shape", None)
-        options.take("seed", None)
-        return DropoutConfig(options.number("rate", 0.0))
+        noise_shape = options.take("noise_shape", None)
+        if noise_shape is not None and (not isinstance(noise_shape, (list, tuple)) or not all(
+                size is None or isinstance(size, int) and not isinstance(size, bool) for size in noise_shape)):
+            raise options.unsupported("noise_shape", noise_shape, "sizes or null")
+        seed = options.take("seed", None)
+        if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+            raise options.unsupported("seed", seed, "must be an integer or null")
+        return DropoutConfig(options.number("rate", 0.0), None if noise_shape is None else tuple(noise_shape), seed)
 
     def torch_forward(self, builder, context, inputs):
         return inputs[0]
 
     def keras_layer(self, keras, context):
-        return getattr(keras.layers, self.keras_classes[0])(context.config.rate,
-                                                            **context.keras_identity)
+        config = context.config
+        return getattr(keras.layers, self.keras_classes[0])(config.rate, seed=config.seed, **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         return inputs[0]
@@ -222,6 +402,11 @@ class _Dropout(LayerKind):
 @register
 class Dropout(_Dropout):
     kind, keras_classes = "dropout", ("Dropout",)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.Dropout(config.rate, noise_shape=config.noise_shape, seed=config.seed,
+                                    **context.keras_identity)
 
 
 @register
@@ -250,8 +435,12 @@ class SpatialDropout2D(_Dropout):
     kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
 
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return super().from_keras(options)
+        return replace(super().from_keras(options), data_format=_data_format(options))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.SpatialDropout2D(config.rate, data_format=config.data_format, seed=config.seed,
+                                             **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -410,3 +599,45 @@ class Embedding(LayerKind):
 
         return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
                                       **lora_keras_args(config), **context.keras_identity)
+
+
+
+@dataclass(frozen=True)
+class MaskingConfig:
+    mask_value: float = 0.0
+
+
+@register
+class Masking(LayerKind):
+    """Masks the steps of a (batch, steps, features) sequence whose features all equal
+    `mask_value`: Keras's mask is `any(x != mask_value, axis=-1)`, its output `where(mask, x, 0)`.
+    The layers after it that take masks (recurrent layers, GlobalAveragePooling1D, attention)
+    read that mask, named `<name>:mask`, as they read an Embedding's; the torch side computes it
+    here, over torch's dim 1 (the features), into `builder.masks`."""
+
+    kind, keras_classes, Config = "masking", ("Masking",), MaskingConfig
+
+    def from_keras(self, options):
+        return MaskingConfig(options.number("mask_value", 0.0))
+
+    def output_mask(self, node, input_masks):
+        return f"{node.name}:mask"   # Keras's compute_mask ignores any mask the input carries
+
+    def mask_source(self, node):
+        return node.inputs[0], node.config.mask_value
+
+    def output_shape(self, config, input_shapes):
+        if len(input_shapes[0]) != 2:
+            raise ExchangeError(f"Masking is supported on (batch, steps, features) sequences, found shape "
+                                f"(batch, {input_shapes[0]})")
+        return input_shapes[0]
+
+    def torch_forward(self, builder, context, inputs):
+        torch = builder.torch
+        differs = builder.call(torch.ne, inputs[0], context.config.mask_value)
+        keep = builder.call(torch.any, differs, dim=1, keepdim=True)   # (N, 1, T)
+        builder.masks[self.output_mask(context.node, ())] = builder.call(torch.squeeze, keep, 1)
+        return builder.call(torch.where, keep, inputs[0], 0.0)
+
+    def keras_layer(self, keras, context):
+        return keras.layers.Masking(mask_value=context.config.mask_value, **context.keras_identity)
