@@ -36,7 +36,7 @@ def _node(kind="dense", config=None, inputs=("x",), name="d"):
 
 
 @pytest.mark.parametrize("description, message", [
-    (_node(kind="conv3d"), "unsupported layer kind 'conv3d'"),
+    (_node(kind="conv4d"), "unsupported layer kind 'conv4d'"),
     (_node(config={"units": 3, "activation": "swishy"}), "unsupported activation 'swishy'"),
     (_node(config={"units": 3, "use_bias": "no"}), "option 'use_bias': 'no' is not a bool"),
     (_node(config={"units": 3, "lora_rank": 4}), "unknown option"),
@@ -147,8 +147,8 @@ def test_flatten_of_an_image_into_dense_permutes_the_weight_rows():
 
 
 def test_unknown_layer_kind_is_named():
-    with pytest.raises(UnsupportedLayerError, match="unsupported layer kind 'conv3d'"):
-        Graph.from_dict(_node(kind="conv3d"))
+    with pytest.raises(UnsupportedLayerError, match="unsupported layer kind 'conv4d'"):
+        Graph.from_dict(_node(kind="conv4d"))
 
 
 def test_seed_initialisation_is_old_keras_normal():
