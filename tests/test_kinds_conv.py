@@ -17,7 +17,7 @@ import pytest
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import batch, max_difference, random_torch_state, randomize
 
 L = keras.layers
 LAYER_TOLERANCE = 1e-5
@@ -131,6 +131,19 @@ CASES = {
     "cf_global_avg_pool1d_keepdims": lambda: single(CF_SEQUENCE, L.GlobalAveragePooling1D(
         keepdims=True, data_format="channels_first")),
     "cf_adaptive_avg2d": lambda: single(CF_IMAGE, L.AdaptiveAveragePooling2D((4, 5), data_format="channels_first")),
+    "cf_depthwise1d": lambda: single(CF_SEQUENCE, L.DepthwiseConv1D(3, depth_multiplier=3, strides=2, padding="same",
+                                                                    data_format="channels_first")),
+    "cf_separable1d": lambda: single(CF_SEQUENCE, L.SeparableConv1D(5, 4, depth_multiplier=2, padding="same",
+                                                                    data_format="channels_first")),
+    "cf_conv1d_transpose": lambda: single(CF_SEQUENCE, L.Conv1DTranspose(3, 3, strides=2, output_padding=1,
+                                                                         data_format="channels_first")),
+    "cf_max_pool3d": lambda: single(CF_VOLUME, L.MaxPooling3D((2, 3, 2), strides=(1, 2, 2), padding="same",
+                                                              data_format="channels_first")),
+    "cf_max_pool1d_valid": lambda: single(CF_SEQUENCE, L.MaxPooling1D(3, strides=2, data_format="channels_first")),
+    "cf_adaptive_max1d": lambda: single(CF_SEQUENCE, L.AdaptiveMaxPooling1D(4, data_format="channels_first")),
+    "cf_adaptive_avg3d": lambda: single(CF_VOLUME, L.AdaptiveAveragePooling3D((3, 4, 2),
+                                                                              data_format="channels_first")),
+    "cf_global_max_pool1d": lambda: single(CF_SEQUENCE, L.GlobalMaxPooling1D(data_format="channels_first")),
     "cf_global_avg_pool1d_masked": channels_first_masked_average,
     "cf_chain": channels_first_chain,
     "cf_time_distributed_conv": lambda: single((3, 5, 9, 8), L.TimeDistributed(L.Conv2D(
