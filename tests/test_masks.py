@@ -12,8 +12,8 @@ import keras
 import numpy as np
 import pytest
 
-from exchange import cli, torch_adapter
-from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import ExchangeError
 from kerasmodels import max_difference, randomize
 
 L = keras.layers
@@ -132,10 +132,14 @@ def test_masks_that_cannot_be_read_are_refused_naming_the_layer(make_model, mess
         cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
 
 
-def test_bidirectional_initial_state_is_refused_naming_the_argument(tmp_path):
+def test_bidirectional_initial_state_given_positionally(tmp_path):
+    """`bi(x, [h, h, h, h])`: one tensor as all four states, read from a saved file."""
     x, h = keras.Input((STEPS, FEATURES), name="x"), keras.Input((3,), name="h")
     model = keras.Model([x, h], L.Bidirectional(L.LSTM(3), name="bi")(x, [h, h, h, h]))
     model.save(tmp_path / "model.keras")
-    with pytest.raises(UnsupportedLayerError, match="layer 'bi' \\(Bidirectional\\): argument 'initial_state' is "
-                                                    "not supported"):
-        cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
+    cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
+    torch_model = torch_adapter.model_from_file(tmp_path / "model.safetensors")
+    generator = np.random.default_rng(0)
+    inputs = [generator.normal(size=(4, STEPS, FEATURES)).astype(np.float32),
+              generator.normal(size=(4, 3)).astype(np.float32)]
+    assert max_difference(keras_adapter.predict(model, inputs), torch_adapter.predict(torch_model, inputs)) <= 1e-5

@@ -386,13 +386,14 @@ def test_explicit_mask_other_than_the_embedding_is_refused(make_mask):
         keras_adapter.architecture_of(model)
 
 
-def test_bidirectional_with_initial_state_is_refused_naming_the_layer():
-    series_input, start = keras.Input(SERIES), keras.Input((3,))
-    model = keras.Model([series_input, start], L.Bidirectional(L.GRU(3), name="bi")(
-        series_input, initial_state=[start, start]))
-    with pytest.raises(UnsupportedLayerError, match="layer 'bi' \\(Bidirectional\\): tensor passed as keyword "
-                                                    "argument 'initial_state' is not supported"):
-        keras_adapter.architecture_of(model)
+def test_bidirectional_with_initial_state_keyword():
+    """initial_state=[h_forward, h_backward]: Keras gives each layer its half."""
+    keras.utils.set_random_seed(2)
+    series_input, start, other = keras.Input(SERIES), keras.Input((3,)), keras.Input((3,))
+    model = randomize(keras.Model([series_input, start, other], L.Bidirectional(L.GRU(3), name="bi")(
+        series_input, initial_state=[start, other])), seed=1)
+    graph = keras_adapter.architecture_of(model)
+    assert keras_vs_torch(model, graph, keras_adapter.get_tensors(model), padded_batch(model)) <= LAYER_TOLERANCE
 
 
 def test_output_node_of_a_single_output_layer_is_refused():

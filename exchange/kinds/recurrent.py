@@ -18,7 +18,9 @@ Conventions that differ:
   weights are named the same either way.
 - `go_backwards` reverses the time axis of the input (and mask); with return_sequences the
   outputs stay in that reversed order, as Keras returns them. Bidirectional flips the backward
-  layer's sequence back before merging.
+  layer's output sequence before merging, whatever its go_backwards: Keras 3 makes the backward
+  layer go_backwards=True (Keras 2 negated the forward's); around a forward layer with
+  go_backwards=True (given a backward_layer with False) both sequences end up reversed.
 - return_state=True: the layer has several outputs (sequence or last output, then h, and c for an
   LSTM); the graph reads them through `output` nodes. A call with `initial_state=[h, c]` (an
   encoder's states into a decoder) reads them as inputs after the sequence.
