@@ -145,6 +145,7 @@ def test_kind_both_directions(case):
     keras.utils.set_random_seed(11)
     keras_model = randomize(CASES[case](), seed=3)
     difference, rebuilt = both_directions(keras_model)
+    print(f"{case}: {difference:.2e}")
     assert difference <= TOLERANCE
     if case in TRAINING_ONLY:   # the rebuilt model holds the same layers, every option kept
         assert layer_configs(rebuilt) == layer_configs(keras_model)
