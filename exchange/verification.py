@@ -129,6 +129,11 @@ def verification_inputs(graph: Graph, data_dir: Path | None) -> tuple[list[np.nd
              if spec.name in masks
              else generator.random((rows,) + tuple(spec.shape), dtype=np.float32).astype(spec.dtype)
              for spec in graph.inputs]
+    # A Masking reading an input masks the steps equal to its mask_value: about 30% of them are.
+    for tensor, value in graph.mask_sources.values():
+        for array, spec in zip(batch, graph.inputs):
+            if spec.name == tensor and len(spec.shape) == 2:
+                array[generator.random((rows, spec.shape[0])) < 0.3] = value
     return batch, f"a fixed random batch of {rows:,} inputs"
 
 

@@ -145,6 +145,7 @@ def test_kind_both_directions(case):
     keras.utils.set_random_seed(11)
     keras_model = randomize(CASES[case](), seed=3)
     difference, rebuilt = both_directions(keras_model)
+    print(f"{case}: {difference:.2e}")
     assert difference <= TOLERANCE
     if case in TRAINING_ONLY:   # the rebuilt model holds the same layers, every option kept
         assert layer_configs(rebuilt) == layer_configs(keras_model)
@@ -373,3 +374,33 @@ def test_masking_of_an_image_is_refused():
     with pytest.raises(ExchangeError, match="layer 'masking' \\(masking\\): Masking is supported on \\(batch, "
                                             "steps, features\\) sequences"):
         keras_adapter.architecture_of(single(IMAGE, L.Masking(name="masking")))
+
+
+@pytest.mark.parametrize("layer, key, value, expected", [
+    (L.ZeroPadding3D(1, name="edited"), "data_format", "channels_middle", "is not one of"),
+    (L.ZeroPadding3D(1, name="edited"), "amounts", [[1, 1], [1, 1]], "has not 3 spatial axes"),
+    (L.Cropping1D((1, 2), name="edited"), "amounts", [[1, -1]], "from 0 to"),
+    (L.UpSampling3D((1, 2, 3), name="edited"), "size", [1, 0, 3], "from 1 to"),
+    (L.UpSampling1D(2, name="edited"), "size", [10 ** 9], "from 1 to"),
+    (L.Dropout(0.5, name="edited"), "seed", "7", "is not a"),
+    (L.Masking(name="edited"), "mask_value", "0", "is not a"),
+])
+def test_reshaping_config_from_a_file_is_checked(layer, key, value, expected):
+    """An exchange file's config for these kinds is checked field by field, naming the layer."""
+    shape = {"ZeroPadding3D": VOLUME, "UpSampling3D": VOLUME}.get(type(layer).__name__, SEQUENCE)
+    graph = keras_adapter.architecture_of(single(shape, layer))
+    document = json.loads(graph.to_json())
+    (node,) = [node for node in document["nodes"] if node["name"] == "edited"]
+    node["config"][key] = value
+    with pytest.raises(ExchangeError, match=f"layer 'edited'.*{expected}"):
+        Graph.from_json(json.dumps(document))
+
+
+def test_verification_inputs_mask_some_steps_of_a_masking():
+    """--verify's random batch gives a Masking on an input whole steps equal to its mask_value."""
+    from exchange.verification import verification_inputs
+
+    graph = keras_adapter.architecture_of(single(SEQUENCE, L.Masking(0.25), L.LSTM(2)))
+    (sequences,), _ = verification_inputs(graph, None)
+    masked = np.all(sequences == 0.25, axis=-1)
+    assert 0.1 < masked.mean() < 0.5 and np.all(np.any(sequences != 0.25, axis=-1) == ~masked)
