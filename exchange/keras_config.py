@@ -197,7 +197,7 @@ class _Parser:
             try:
                 kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
                 tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
-                call = inbound[0]
+                call = _first_argument_by_position(inbound[0])
                 mask = _mask_ref(call)
                 if mask is None and kind is not None:   # `layer(x, mask)`, as Keras's own tests call it
                     call, mask = _positional_mask(call, kind.mask_position)
@@ -438,6 +438,16 @@ def _mask_ref(node) -> tuple[str, int] | None:
     if len(histories) > 1:
         raise UnsupportedLayerError(f"a list of masks is not supported ({len(histories)} given)")
     return (_text(histories[0][0]), int(histories[0][2])) if histories else None
+
+
+def _first_argument_by_position(node):
+    """A Keras 3 call that passes its first tensor by keyword, `layer(inputs=x)` (Keras's own
+    layer tests call layers so), as the same call with it positional: `inputs` is the name of
+    the first parameter of every built-in layer's `call` that takes one tensor or a list."""
+    if not isinstance(node, dict) or node.get("args") or "inputs" not in (node.get("kwargs") or {}):
+        return node
+    keywords = dict(node["kwargs"])
+    return dict(node, args=[keywords.pop("inputs")], kwargs=keywords)
 
 
 def _positional_mask(node, position: int | None):

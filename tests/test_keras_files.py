@@ -227,3 +227,18 @@ def test_hdf5_without_weights_through_the_cli(tmp_path_factory):
     assert result.stderr.strip().splitlines() == [
         f"error: {source}: HDF5 file without Keras weights (no model_weights, layers or layer_names)"]
     assert list(out_dir.iterdir()) == []
+
+
+def test_first_tensor_given_by_keyword_is_read_as_positional(tmp_path):
+    """`layer(inputs=x)` (how Keras's own layer tests call layers) is the same call as `layer(x)`."""
+    inputs = keras.Input((4, 6, 3), name="image")
+    upsampled = keras.layers.UpSampling2D(2, name="up")(inputs=inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="head")(inputs=upsampled))
+    path = tmp_path / "keyword.keras"
+    model.save(path)
+    weights = keras_files.open_keras_file(path)
+    assert [node.inputs for node in weights.architecture.nodes] == [("image",), ("up",)]
+    values = np.random.default_rng(0).random((2, 4, 6, 3)).astype(np.float32)
+    torch_model = torch_adapter.model_from_tensors(weights.architecture, weights.tensors)
+    expected = model.predict(values, verbose=0)
+    assert np.max(np.abs(torch_adapter.predict(torch_model, [values])[0] - expected)) <= 1e-5
