@@ -12,6 +12,8 @@ scale at 1: such defaults hide layout bugs).
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -250,6 +252,8 @@ def run_generated_code(keras_model, tmp_path):
     keras_path = tmp_path / "model.keras"
     keras_model.save(keras_path)
     graph = cli.convert(keras_path, tmp_path / "model.py")
+    lint = subprocess.run([sys.executable, "-m", "pyflakes", str(tmp_path / "model.py")], capture_output=True, text=True)
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
     spec = importlib.util.spec_from_file_location("generated_norm", tmp_path / "model.py")
     generated = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generated)
@@ -270,7 +274,8 @@ def run_generated_code(keras_model, tmp_path):
 @pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
                                   "normalization_two_axes", "batch_norm_channels_first_image",
-                                  "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head",
+                                  "attention_images_scores", "attention_masked_causal",
+                                  "gqa_attention_mask_one_kv_head",
                                   "gqa_gate_sliding_window_causal", "gqa_scores_masked",
                                   "mha_gate_scores_dropout_window", "mha_volume_axes_reversed_gate",
                                   "mha_image_width_scores"])

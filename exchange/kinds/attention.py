@@ -581,8 +581,9 @@ class Attention(LayerKind):
         if not 2 <= len(input_shapes) <= 3:
             raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
         rank = len(input_shapes[0])
+        leading = zip(*(shape[:-2] for shape in input_shapes))   # the batch-like axes, one per input
         if rank < 2 or any(len(shape) != rank for shape in input_shapes) or any(
-                len({size for size in sizes if size is not None}) > 1 for sizes in zip(*(s[:-2] for s in input_shapes))):
+                len({size for size in sizes if size is not None}) > 1 for sizes in leading):
             raise UnsupportedLayerError(f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
                                         "only inputs of one rank, (…, steps, features) with the same leading axes, "
                                         "are supported")
