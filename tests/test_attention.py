@@ -219,7 +219,8 @@ def test_keras2_config_and_weight_names():
     layer = keras_model.get_layer("mha")
     config = {key: value for key, value in layer.get_config().items()
               if key not in ("use_gate", "sliding_window", "seed")}
-    config.update(attention_axes=None, query_shape=[None, 7, 10], value_shape=[None, 5, 6], key_shape=[None, 5, 4])
+    # tf-keras, as Keras 3, saves the attention axes its build resolved: [1] for sequences
+    config.update(attention_axes=[1], query_shape=[None, 7, 10], value_shape=[None, 5, 6], key_shape=[None, 5, 4])
 
     def keras2_input(name, shape, dtype="float32"):
         return {"class_name": "InputLayer", "name": name, "inbound_nodes": [],
@@ -245,8 +246,8 @@ def test_keras2_config_and_weight_names():
 
 
 @pytest.mark.parametrize("make_model, message", [
-    (lambda: self_attention((5, 6, 8), 2, 4), "unsupported option attention_axes=\\[1, 2\\]"),   # Keras's default
-    (lambda: self_attention((5, 6, 8), 2, 4, attention_axes=1), "only sequences \\(steps, features\\) are supported"),
+    (lambda: self_attention((5, 6, 8), 2, 4, call={"use_causal_mask": True}),
+     "masks \\(use_causal_mask, sliding_window, attention_mask\\) with attention over axes \\[1, 2\\]"),
 ])
 def test_unsupported_options_are_named(make_model, message):
     with pytest.raises(UnsupportedLayerError, match=message) as caught:

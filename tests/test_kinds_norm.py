@@ -12,6 +12,8 @@ scale at 1: such defaults hide layout bugs).
 """
 
 import importlib.util
+import subprocess
+import sys
 
 import keras
 import numpy as np
@@ -87,7 +89,7 @@ def multi_head(query=(7, 12), value=(5, 10), key_width=None, mask=False, call=No
     inputs = [keras.Input(query, name="query"), keras.Input(value, name="value")]
     call = dict(call or {})
     if key_width:
-        call["key"] = keras.Input((value[0], key_width), name="key")
+        call["key"] = keras.Input(value[:-1] + (key_width,), name="key")
         inputs.append(call["key"])
     if mask:
         call["attention_mask"] = keras.Input((query[0], value[0]), dtype="int32", name="mask")
@@ -192,6 +194,17 @@ CASES = {
     "mha_gate_scores_dropout_window": lambda: multi_head(query=(6, 12), value=(6, 12), num_heads=2, key_dim=3,
                                                          use_gate=True, dropout=0.2, sliding_window=3,
                                                          call={"return_attention_scores": True}),
+    # MultiHeadAttention over other axes: the default (all but batch and features), one inner axis,
+    # axes in another order, with gate, output_shape and scores
+    "mha_image_default_axes": lambda: multi_head(query=(3, 4, 8), value=(2, 5, 6), num_heads=2, key_dim=3),
+    "mha_image_width_scores": lambda: multi_head(query=(3, 4, 8), value=(3, 5, 8), num_heads=2, key_dim=4,
+                                                 attention_axes=2, call={"return_attention_scores": True}),
+    "mha_volume_axes_reversed_gate": lambda: multi_head(query=(2, 3, 4, 6), value=(2, 3, 5, 6), key_width=4,
+                                                        num_heads=2, key_dim=2, use_gate=True, output_shape=(3, 2),
+                                                        attention_axes=[3, -3]),
+    "mha_volume_two_axes_scores": lambda: multi_head(query=(5, 3, 4, 8), value=(5, 3, 2, 8), num_heads=2, key_dim=2,
+                                                     attention_axes=[2, 3], call={"return_attention_scores": True}),
+    "mha_sequence_axes_written": lambda: multi_head(num_heads=2, key_dim=3, attention_axes=-2),
     "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
 
@@ -239,6 +252,8 @@ def run_generated_code(keras_model, tmp_path):
     keras_path = tmp_path / "model.keras"
     keras_model.save(keras_path)
     graph = cli.convert(keras_path, tmp_path / "model.py")
+    lint = subprocess.run([sys.executable, "-m", "pyflakes", str(tmp_path / "model.py")], capture_output=True, text=True)
+    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
     spec = importlib.util.spec_from_file_location("generated_norm", tmp_path / "model.py")
     generated = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(generated)
@@ -259,9 +274,11 @@ def run_generated_code(keras_model, tmp_path):
 @pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
                                   "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
                                   "normalization_two_axes", "batch_norm_channels_first_image",
-                                  "attention_images_scores", "attention_masked_causal", "gqa_attention_mask_one_kv_head",
+                                  "attention_images_scores", "attention_masked_causal",
+                                  "gqa_attention_mask_one_kv_head",
                                   "gqa_gate_sliding_window_causal", "gqa_scores_masked",
-                                  "mha_gate_scores_dropout_window"])
+                                  "mha_gate_scores_dropout_window", "mha_volume_axes_reversed_gate",
+                                  "mha_image_width_scores"])
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)

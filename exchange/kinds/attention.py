@@ -27,6 +27,11 @@ concatenated heads to `output_shape` (default: the query's width). Conventions t
   at masked scores and zeroes them after the softmax, so a fully masked query row gives 0 rather
   than an average. Such layers are `KerasMultiHeadAttention` with `explicit_scores`; the scores
   (Keras (N, heads, T, S)) are a second output, held channels-first as (N, S, heads, T).
+- `attention_axes` other than the sequence (inputs (N, …, F) of any rank; Keras's None is every
+  axis between the batch and the features): the torch side folds the other axes into the batch
+  and the attended ones, in Keras's order, into one sequence ((N·others, steps, F)), attends as
+  above, and unfolds; the scores are Keras's (N, others, heads, query axes, value axes), held
+  channels-first. Keras then always takes its explicit path. Masks are refused there.
 - `use_gate`: a sigmoid gate projected from the query (to the value heads, Keras's `_gate_dense`)
   multiplies the heads before the output projection (`KerasMultiHeadAttention`'s
   `gate_projection`). `sliding_window` keeps |i − j| < window, AND-ed with the other masks.
@@ -68,16 +73,14 @@ from dataclasses import dataclass, field
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, MAX_FEATURES, MAX_HEADS, OMIT_DEFAULT, TENSOR, LayerKind, check_int, register
+from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_HEADS, OMIT_DEFAULT, TENSOR, LayerKind, check_int, check_ints,
+                            register)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
 CALL_INPUTS = ("query", "value", "key", "attention_mask")
 POSITIONAL_INPUTS = ("query", "value", "key")
-# Keras 3's `attention_axes` for (N, T, F) inputs, as the config holds it or a user may write it;
-# any other value attends over other axes (images), which is not supported.
-SEQUENCE_AXES = (None, 1, -2, [1], [-2])
 # The number Keras puts at masked logits (TensorFlow's dot_product_attention: 0.7 × the dtype's
 # largest value, so that adding a logit cannot overflow to -inf).
 LARGE_NEGATIVE = {"float16": -45850.0}     # 0.7 × 65500
@@ -103,10 +106,14 @@ class MultiHeadAttentionConfig:
     use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
     sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
     return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
+    # Keras axes (batch is 0) attended over, in Keras's order; None: all but the batch and features
+    attention_axes: tuple[int, ...] | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         if self.sliding_window is not None:
             check_int(self.sliding_window, "MultiHeadAttention sliding_window", MAX_FEATURES)
+        if self.attention_axes is not None:
+            check_ints(self.attention_axes, "MultiHeadAttention attention_axes", MAX_AXIS, -MAX_AXIS)
         check_int(self.num_heads, "MultiHeadAttention num_heads", MAX_HEADS)
         check_int(self.key_dim, "MultiHeadAttention key_dim", MAX_FEATURES)
         check_int(self.value_dim, "MultiHeadAttention value_dim", MAX_FEATURES)
@@ -138,17 +145,30 @@ def _widths(context) -> dict[str, int]:
             "key": shapes.get("key", shapes["value"])[-1]}
 
 
-def explicit_scores(config) -> bool:
-    """Whether Keras computes the scores itself (dropout, or returned scores): −1e9 at masked
-    scores, zeroed after the softmax; otherwise its dot_product_attention (see the docstring)."""
-    return config.dropout > 0 or config.return_attention_scores
+def explicit_scores(config, rank: int = 2) -> bool:
+    """Whether Keras computes the scores itself (dropout, returned scores, or inputs other than
+    sequences): −1e9 at masked scores, zeroed after the softmax; otherwise its
+    dot_product_attention (see the docstring). `rank`: the query's, without the batch."""
+    return config.dropout > 0 or config.return_attention_scores or rank != 2
 
 
-def fits_torch_multihead(config, query_width: int) -> bool:
+def fits_torch_multihead(config, query_width: int, rank: int = 2) -> bool:
     """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
     return (config.num_heads * config.key_dim == query_width and config.value_dim == config.key_dim
             and _output_shape(config, query_width) == (query_width,) and not config.use_gate
-            and not explicit_scores(config))
+            and not explicit_scores(config, rank))
+
+
+def attended_axes(config, rank: int) -> tuple[int, ...]:
+    """The Keras axes (positive, in Keras's order) attended over, for inputs of `rank` axes
+    after the batch (the last the features): Keras's None is all of 1..rank-1."""
+    if config.attention_axes is None:
+        return tuple(range(1, rank))
+    axes = tuple(axis + rank + 1 if axis < 0 else axis for axis in config.attention_axes)
+    if len(set(axes)) != len(axes) or not all(1 <= axis < rank for axis in axes):
+        raise UnsupportedLayerError(f"MultiHeadAttention attention_axes {list(config.attention_axes)}: not distinct "
+                                    f"axes between the batch and the features of a rank-{rank + 1} input")
+    return axes
 
 
 def _kernel_steps(features: int, heads: int, dim: int) -> tuple:
@@ -180,8 +200,11 @@ class MultiHeadAttention(LayerKind):
         if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
             raise options.unsupported("sliding_window", window, "None or a positive integer")
         axes = options.take("attention_axes", None)
-        if axes not in SEQUENCE_AXES:
-            raise options.unsupported("attention_axes", axes, "attention over the sequence axis (1) only")
+        if isinstance(axes, int) and not isinstance(axes, bool):
+            axes = [axes]
+        if axes is not None and not (isinstance(axes, list) and axes and all(
+                isinstance(axis, int) and not isinstance(axis, bool) for axis in axes)):
+            raise options.unsupported("attention_axes", axes, "an axis or a list of axes")
         options.take("seed", None)   # seeds dropout, which acts in training only
         for build_shape in ("query_shape", "key_shape", "value_shape"):
             options.take(build_shape, None)   # Keras 2 records the build shapes; the graph has them
@@ -196,14 +219,18 @@ class MultiHeadAttention(LayerKind):
         return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
                                         options.flag("use_bias", True), options.number("dropout", 0.0),
                                         use_causal_mask, call_inputs, options.flag("use_gate", False), window,
-                                        return_scores)
+                                        return_scores, None if axes is None else tuple(axes))
 
     def keras3_subgroups(self, config):
         return tuple("_gate_dense" if projection == "gate" else f"{projection}_dense"
                      for projection in _projections(config))
 
     def output_mask(self, node, input_masks):
-        return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+        config = node.config
+        if config.attention_axes not in (None, (1,), (-2,)) and any(mask is not None for mask in input_masks):
+            raise UnsupportedLayerError(f"layer {node.name!r} (MultiHeadAttention): masked inputs with "
+                                        f"attention_axes {list(config.attention_axes)} are not supported")
+        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
 
     def output_count(self, config):
         return 2 if config.return_attention_scores else 1
@@ -213,7 +240,12 @@ class MultiHeadAttention(LayerKind):
         if not config.return_attention_scores:
             return [output]
         shapes = dict(zip(config.call_inputs, input_shapes))
-        return [output, (config.num_heads, shapes["query"][0], shapes["value"][0])]
+        attended = attended_axes(config, len(shapes["query"]))
+        others = [axis for axis in range(1, len(shapes["query"])) if axis not in attended]
+        # Keras's scores: (other axes, heads, query's attended axes, value's attended axes)
+        return [output, tuple(shapes["query"][axis - 1] for axis in others) + (config.num_heads,)
+                + tuple(shapes["query"][axis - 1] for axis in attended)
+                + tuple(shapes["value"][axis - 1] for axis in attended)]
 
     def output_masks(self, node, input_masks):
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
@@ -224,11 +256,15 @@ class MultiHeadAttention(LayerKind):
         if len(input_shapes) != len(config.call_inputs):
             raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
         shapes = dict(zip(config.call_inputs, input_shapes))
-        for role in ("query", "value", "key"):
-            if role in shapes and len(shapes[role]) != 2:
-                raise UnsupportedLayerError(
-                    f"MultiHeadAttention: {role} of shape {list(shapes[role])}; only sequences (steps, "
-                    "features) are supported (attention over several axes is not)")
+        rank = len(shapes["query"])
+        if rank < 2 or any(len(shapes[role]) != rank for role in ("value", "key") if role in shapes):
+            raise ExchangeError(f"MultiHeadAttention: query, value and key of shapes "
+                                f"{[list(shapes[role]) for role in ('query', 'value', 'key') if role in shapes]}; "
+                                "expected one rank, at least (steps, features)")
+        attended = attended_axes(config, rank)
+        if rank > 2 or attended != (1,):
+            _check_attention_axes(config, shapes, attended)
+            return shapes["query"][:-1] + _output_shape(config, shapes["query"][-1])
         source = shapes["value"][0]
         if "key" in shapes and None not in (source, shapes["key"][0]) and shapes["key"][0] != source:
             raise ExchangeError(f"key steps {shapes['key'][0]} differ from value steps {source}")
@@ -250,7 +286,7 @@ class MultiHeadAttention(LayerKind):
         output_kernel = (Reshape((heads, config.value_dim) + out, (heads * config.value_dim, prod(out))),
                          Permute((1, 0)))
         output_kernel_shape = (heads, config.value_dim) + out
-        if not fits_torch_multihead(config, widths["query"]):
+        if not fits_torch_multihead(config, widths["query"], len(context.input_shape)):
             if config.use_gate:   # projected from the query to the value heads
                 dims["gate"] = config.value_dim
                 kernel_shapes["gate"], bias_shapes["gate"] = (widths["query"], heads, config.value_dim), \
@@ -289,20 +325,22 @@ class MultiHeadAttention(LayerKind):
     # -- building -------------------------------------------------------------------------
 
     def torch_forward(self, builder, context, inputs):
-        config, widths = context.config, _widths(context)
+        config, widths, rank = context.config, _widths(context), len(context.input_shape)
         values = dict(zip(config.call_inputs, inputs))
+        folding = _Folding(context) if rank > 2 or attended_axes(config, rank) != (1,) else None
         batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
 
         def steps_last(value):
             if value not in batch_first:
-                batch_first[value] = builder.call(builder.torch.movedim, value, 1, -1)
+                batch_first[value] = (builder.call(builder.torch.movedim, value, 1, -1) if folding is None
+                                      else folding.fold(builder, value, inputs.index(value)))
             return batch_first[value]
 
         query, value = steps_last(values["query"]), steps_last(values["value"])
         key = steps_last(values["key"]) if "key" in values else value
         bias, per_example = _attention_bias(builder, context, query, value, inputs)
         dtype = builder.dtype(context)
-        if fits_torch_multihead(config, widths["query"]):
+        if fits_torch_multihead(config, widths["query"], rank):
             attention = builder.nn.MultiheadAttention(
                 widths["query"], config.num_heads, dropout=config.dropout, bias=config.use_bias,
                 kdim=widths["key"], vdim=widths["value"], batch_first=True, device="meta", dtype=dtype)
@@ -320,9 +358,11 @@ class MultiHeadAttention(LayerKind):
             attention = builder.helpers.KerasMultiHeadAttention(
                 widths["query"], widths["key"], widths["value"], config.num_heads, config.key_dim,
                 config.value_dim, _output_shape(config, widths["query"]), bias=config.use_bias,
-                dropout=config.dropout, gate=config.use_gate, explicit_scores=explicit_scores(config),
+                dropout=config.dropout, gate=config.use_gate, explicit_scores=explicit_scores(config, rank),
                 return_scores=config.return_attention_scores, device="meta", dtype=dtype)
             output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
+        if folding is not None:
+            return folding.unfold(builder, output)
         if config.return_attention_scores:   # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
             scores = builder.call(builder.torch.permute, builder.call(operator.getitem, output, 1), to_torch_order(3))
             return builder.call(builder.torch.movedim, builder.call(operator.getitem, output, 0), -1, 1), scores
@@ -333,7 +373,9 @@ class MultiHeadAttention(LayerKind):
         return keras.layers.MultiHeadAttention(
             config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
             use_bias=config.use_bias, output_shape=config.output_shape, use_gate=config.use_gate,
-            sliding_window=config.sliding_window, **context.keras_identity)
+            sliding_window=config.sliding_window,
+            attention_axes=None if config.attention_axes is None else list(config.attention_axes),
+            **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
@@ -343,6 +385,69 @@ class MultiHeadAttention(LayerKind):
             if getattr(config, flag):
                 keywords[flag] = True
         return keras_layer(values["query"], values["value"], **keywords)
+
+
+def _check_attention_axes(config, shapes: dict, attended: tuple) -> None:
+    """Attention over other axes than one sequence axis (see the module docstring): sizes known
+    but the batch's, the value's and key's other axes the query's, and no masks."""
+    if config.use_causal_mask or config.sliding_window is not None or "attention_mask" in config.call_inputs:
+        raise UnsupportedLayerError("MultiHeadAttention: masks (use_causal_mask, sliding_window, attention_mask) "
+                                    f"with attention over axes {list(attended)} of inputs of rank "
+                                    f"{len(shapes['query']) + 1} are not supported")
+    query = shapes["query"]
+    for role in ("query", "value", "key"):
+        if role in shapes and None in shapes[role]:
+            raise UnsupportedLayerError(f"MultiHeadAttention: {role} of shape {list(shapes[role])}: attention over "
+                                        f"axes {list(attended)} needs every size known")
+        if role in shapes and any(shapes[role][axis - 1] != query[axis - 1] for axis in range(1, len(query))
+                                  if axis not in attended):
+            raise ExchangeError(f"MultiHeadAttention: {role} of shape {list(shapes[role])} differs from the query "
+                                f"{list(query)} off the attended axes {list(attended)}")
+    if "key" in shapes and any(shapes["key"][axis - 1] != shapes["value"][axis - 1] for axis in attended):
+        raise ExchangeError(f"key shape {list(shapes['key'])} differs from value shape {list(shapes['value'])}")
+
+
+class _Folding:
+    """Attention over the Keras axes `attended` of inputs (N, …, F): the other axes fold into the
+    batch and the attended ones, in Keras's order, into one sequence ((N·others, steps, F)),
+    and back; the scores unfold to Keras's (N, others, heads, query axes, value axes)."""
+
+    def __init__(self, context):
+        config = context.config
+        self.config, self.shapes = config, dict(zip(config.call_inputs, context.input_shapes))
+        self.rank = len(self.shapes["query"])
+        self.attended = attended_axes(config, self.rank)
+        self.others = tuple(axis for axis in range(1, self.rank) if axis not in self.attended)
+        self.order = (0,) + self.others + self.attended + (self.rank,)   # Keras axes, folded order
+        self.roles = config.call_inputs
+        if any(mask is not None for mask in context.input_masks or ()):
+            raise UnsupportedLayerError(f"layer {context.node.name!r} (MultiHeadAttention): masked inputs with "
+                                        f"attention over axes {list(self.attended)} are not supported")
+
+    def fold(self, builder, value, index: int):
+        shape = self.shapes[self.roles[index]]
+        dims = tuple(to_keras_order(self.rank)[axis] for axis in self.order)   # torch dims, folded order
+        value = builder.call(builder.torch.permute, value, dims)
+        return builder.method(value, "reshape", -1, prod(shape[axis - 1] for axis in self.attended), shape[-1])
+
+    def unfold(self, builder, result):
+        torch, query, value = builder.torch, self.shapes["query"], self.shapes["value"]
+        others = tuple(query[axis - 1] for axis in self.others)
+        scores = None
+        if self.config.return_attention_scores:
+            result, scores = (builder.call(operator.getitem, result, index) for index in (0, 1))
+            scores = builder.method(scores, "reshape", -1, *others, self.config.num_heads,
+                                    *(query[axis - 1] for axis in self.attended),
+                                    *(value[axis - 1] for axis in self.attended))
+            scores = builder.call(torch.permute, scores, to_torch_order(len(others) + 1 + 2 * len(self.attended)))
+        out = _output_shape(self.config, query[-1])
+        result = builder.method(result, "reshape", -1, *others, *(query[axis - 1] for axis in self.attended), *out)
+        # result holds Keras output axis order[p] at p < rank, the output dims after: to torch's layout
+        out_rank = self.rank - 1 + len(out)
+        position = {axis: index for index, axis in enumerate(self.order[:-1])}
+        dims = tuple(position.get(axis, axis) for axis in to_torch_order(out_rank))
+        result = builder.call(torch.permute, result, dims)
+        return result if scores is None else (result, scores)
 
 
 def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bool]:
@@ -476,8 +581,9 @@ class Attention(LayerKind):
         if not 2 <= len(input_shapes) <= 3:
             raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
         rank = len(input_shapes[0])
+        leading = zip(*(shape[:-2] for shape in input_shapes))   # the batch-like axes, one per input
         if rank < 2 or any(len(shape) != rank for shape in input_shapes) or any(
-                len({size for size in sizes if size is not None}) > 1 for sizes in zip(*(s[:-2] for s in input_shapes))):
+                len({size for size in sizes if size is not None}) > 1 for sizes in leading):
             raise UnsupportedLayerError(f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
                                         "only inputs of one rank, (…, steps, features) with the same leading axes, "
                                         "are supported")

@@ -193,7 +193,8 @@ class BatchNormalization(LayerKind):
             ports += [KerasOnly(name, why="batch renormalisation's training statistics", shape=channels)
                       for name in ("moving_stddev", "renorm_mean", "renorm_stddev")]
         # torch's counter comes last in its state_dict; Keras has no variable for it
-        return ports + [TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")]
+        return ports + [TorchOnly("num_batches_tracked", (), 0, dtype="int64",
+                                  why="torch's counter of training batches")]
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
