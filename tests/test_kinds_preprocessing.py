@@ -134,7 +134,9 @@ def check_both_directions(keras_model):
     torch_model = torch_adapter.model_from_tensors(graph, torch_state)
     rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
     torch_outputs = torch_adapter.predict(torch_model, inputs)
-    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) <= TOLERANCE
+    back_difference = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
+    print(f"Keras -> torch {difference:.2e}, torch -> Keras {back_difference:.2e}")
+    assert back_difference <= TOLERANCE
     assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
     back = keras_adapter.get_tensors(rebuilt)
     assert sorted(back) == sorted(torch_state)
