@@ -39,7 +39,7 @@ def _node(kind="dense", config=None, inputs=("x",), name="d"):
     (_node(kind="conv3d"), "unsupported layer kind 'conv3d'"),
     (_node(config={"units": 3, "activation": "swishy"}), "unsupported activation 'swishy'"),
     (_node(config={"units": 3, "use_bias": "no"}), "option 'use_bias': 'no' is not a bool"),
-    (_node(config={"units": 3, "lora_rank": 4}), "unknown option"),
+    (_node(config={"units": 3, "quantization": 4}), "unknown option"),
     (_node(config={}), "option 'units' is missing"),
     (_node(inputs=("y",)), "reads \\['y'\\]"),
     ({"inputs": []}, "malformed architecture"),

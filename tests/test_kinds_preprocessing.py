@@ -220,7 +220,7 @@ def config_with(layer, shape, **changes):
      r"'bad' \(Resizing\): .*'bicubic' without antialias is not supported \(TensorFlow's cubic uses a = -0.5"),
     (lambda: L.Resizing(4, 5, interpolation="lanczos3"), IMAGE, {}, "torch has no Lanczos resampling"),
     (lambda: L.Resizing(4, 5, interpolation="area"), IMAGE, {},
-     r"'area' from 9x12 to 4x5 is not supported \(only whole factors"),
+     r"layer 'bad' \(resizing\): Resizing interpolation 'area' from 9x12 to 4x5 is not supported \(only whole"),
     (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
     (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"invert": "yes"}, "unsupported option invert='yes'"),
     (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"output_mode": "one_hot"},
@@ -233,7 +233,9 @@ def config_with(layer, shape, **changes):
      "unsupported option oov_method='farmhash'"),
     (lambda: L.Discretization(bin_boundaries=[0.0]), (3,), {"bin_boundaries": None},
      "unsupported option bin_boundaries=None \\(not adapted"),
-    (lambda: L.CategoryEncoding(4), (3, 2), {}, "takes ids of shape \\(batch, steps\\)"),
+    (lambda: L.CategoryEncoding(4), (3, 2), {},
+     r"layer 'bad' \(category_encoding\): CategoryEncoding output_mode 'multi_hot' takes ids of shape "
+     r"\(batch, steps\)"),
     (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
     (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
 ])
