@@ -219,8 +219,10 @@ class Graph:
                     if kind.output_count(node.config) > 1:
                         every_output[node.name] = [tuple(item) for item in all_shapes]
                     shape = tuple(all_shapes[0])
-            except UnsupportedLayerError:
-                raise
+            except UnsupportedLayerError as err:   # named, as every refusal names its layer
+                message = str(err)
+                raise UnsupportedLayerError(message if repr(node.name) in message
+                                            else f"layer {node.name!r} ({node.kind}): {message}") from None
             except ExchangeError as err:
                 raise ExchangeError(f"layer {node.name!r} ({node.kind}): {err}") from None
             _check_shape(shape, f"layer {node.name!r} output")

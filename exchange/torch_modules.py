@@ -609,19 +609,27 @@ class KerasDiscretization(nn.Module):
 class KerasIntegerLookup(nn.Module):
     """Keras's IntegerLookup (output_mode "int"): a value's index is its position in the
     vocabulary after the special indices, the mask token (if any) first, then the out-of-vocabulary
-    indices; a value not in the vocabulary gets the OOV index `value mod num_oov_indices` (floormod)."""
+    indices; a value not in the vocabulary gets the OOV index `value mod num_oov_indices` (floormod).
+    With `invert`, indices -> values: the mask index gives mask_token, OOV and unknown indices
+    oov_token."""
 
-    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1):
+    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1, invert=False, oov_token=-1):
         super().__init__()
         self.vocabulary, self.mask_token, self.num_oov_indices = vocabulary, mask_token, num_oov_indices
+        self.invert, self.oov_token = invert, oov_token
         values = torch.tensor(vocabulary, dtype=torch.int64).reshape(-1)
         sorted_values, order = torch.sort(values)
         self.oov_start = 0 if mask_token is None else 1
         self.register_buffer("sorted_values", sorted_values, persistent=False)
         self.register_buffer("indices", order + self.oov_start + num_oov_indices, persistent=False)
+        special = ([] if mask_token is None else [mask_token]) + [oov_token] * num_oov_indices
+        self.register_buffer("table", torch.cat([torch.tensor(special, dtype=torch.int64), values]), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.long()
+        if self.invert:
+            known = (x >= 0) & (x < len(self.table))
+            return torch.where(known, self.table[x.clamp(0, len(self.table) - 1)], torch.full_like(x, self.oov_token))
         position = torch.searchsorted(self.sorted_values, x).clamp(max=len(self.vocabulary) - 1)
         found = self.sorted_values[position] == x
         oov = torch.remainder(x, self.num_oov_indices) + self.oov_start

@@ -48,6 +48,8 @@ def check_lora(rank, alpha, what: str) -> None:
             raise ExchangeError(f"{what}: lora_alpha {_short(alpha)} without lora_rank")
         return
     check_int(rank, f"{what} lora_rank", MAX_LORA_RANK)
+    if alpha is None:
+        raise ExchangeError(f"{what}: lora_rank {rank} needs its lora_alpha")
     coerce(alpha, float, f"{what} lora_alpha")
     if not alpha > 0 or alpha > MAX_FEATURES:
         raise ExchangeError(f"{what}: lora_alpha must be above 0 and at most {MAX_FEATURES:,}, got {alpha!r}")
@@ -176,7 +178,8 @@ class Dense(LayerKind):
     def numpy_forward(self, context, tensors, inputs):
         weight = tensors["weight"]
         if context.config.lora_rank is not None:
-            weight = weight + (context.config.lora_alpha / context.config.lora_rank) * (tensors["lora_b"] @ tensors["lora_a"])
+            scale = context.config.lora_alpha / context.config.lora_rank
+            weight = weight + scale * (tensors["lora_b"] @ tensors["lora_a"])
         hidden = inputs[0] @ weight.T
         if context.config.use_bias:
             hidden = hidden + tensors["bias"]

@@ -391,6 +391,8 @@ class IntegerLookupConfig:
     mask_token: int | None = None
     num_oov_indices: int = 1
     vocabulary_dtype: str = "int64"
+    invert: bool = field(default=False, metadata=OMIT_DEFAULT)   # indices -> values
+    oov_token: int = field(default=-1, metadata=OMIT_DEFAULT)    # what an inverted unknown index gives
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocabulary, tuple) or not 1 <= len(self.vocabulary) <= MAX_VALUES:
@@ -399,14 +401,16 @@ class IntegerLookupConfig:
             check_int(value, "IntegerLookup vocabulary value or mask_token", (1 << 63) - 1, -(1 << 63))
         if len(set(self.vocabulary)) != len(self.vocabulary) or self.mask_token in self.vocabulary:
             raise ExchangeError("IntegerLookup vocabulary values must be distinct and differ from mask_token")
-        check_int(self.num_oov_indices, "IntegerLookup num_oov_indices", MAX_VALUES)
+        check_int(self.num_oov_indices, "IntegerLookup num_oov_indices", MAX_VALUES, minimum=0 if self.invert else 1)
+        check_int(self.oov_token, "IntegerLookup oov_token", (1 << 63) - 1, -(1 << 63))
         check_choice(self.vocabulary_dtype, INTEGER_DTYPES, "IntegerLookup vocabulary_dtype")
 
 
 @register
 class IntegerLookup(LayerKind):
     """Integer values -> int64 indices into [mask] + [OOV indices] + vocabulary
-    (`KerasIntegerLookup`). Only output_mode "int" with a vocabulary in the config."""
+    (`KerasIntegerLookup`), or with `invert` indices -> values. Only output_mode "int" with a
+    vocabulary in the config."""
 
     kind, keras_classes, Config = "integer_lookup", ("IntegerLookup",), IntegerLookupConfig
     keeps_element_order = True
@@ -418,14 +422,12 @@ class IntegerLookup(LayerKind):
         return "int64"
 
     def from_keras(self, options):
-        options.expect("invert", False)
         options.expect("output_mode", "int")
         options.expect("sparse", False)
         options.expect("idf_weights", None)
         options.take("max_tokens", None)          # caps adapt()'s vocabulary; the vocabulary is given
         options.take("pad_to_max_tokens", False)  # pads encoded outputs only
         options.take("vocabulary_size", None)     # derived from the vocabulary
-        options.take("oov_token", None)           # what an inverted lookup returns
         vocabulary = options.take("vocabulary", None)
         if not isinstance(vocabulary, list) or not vocabulary or not all(
                 isinstance(value, int) and not isinstance(value, bool) for value in vocabulary):
@@ -434,11 +436,13 @@ class IntegerLookup(LayerKind):
         mask_token = options.take("mask_token", None)
         if mask_token is not None and (not isinstance(mask_token, int) or isinstance(mask_token, bool)):
             raise options.unsupported("mask_token", mask_token, "must be an integer")
+        invert = options.flag("invert", False)
+        oov_token = options.integer("oov_token", -1)
         num_oov_indices = options.integer("num_oov_indices", 1)
-        if num_oov_indices < 1:
+        if num_oov_indices < (0 if invert else 1):
             raise options.unsupported("num_oov_indices", num_oov_indices, "Keras raises on an unknown value then, "
                                       "which a torch module cannot")
-        if num_oov_indices > 1:
+        if num_oov_indices > 1 and not invert:
             options.expect("oov_method", "floormod")
             options.take("salt", None)   # hashes for oov_method="farmhash" only
         else:
@@ -447,15 +451,17 @@ class IntegerLookup(LayerKind):
         dtype = options.take("vocabulary_dtype", "int64")
         if dtype not in INTEGER_DTYPES:
             raise options.unsupported("vocabulary_dtype", dtype)
-        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype)
+        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype, invert, oov_token)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        module = builder.helpers.KerasIntegerLookup(list(config.vocabulary), config.mask_token, config.num_oov_indices)
+        module = builder.helpers.KerasIntegerLookup(list(config.vocabulary), config.mask_token, config.num_oov_indices,
+                                                    invert=config.invert, oov_token=config.oov_token)
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.IntegerLookup(vocabulary=list(config.vocabulary), mask_token=config.mask_token,
                                           num_oov_indices=config.num_oov_indices, output_mode="int",
+                                          invert=config.invert, oov_token=config.oov_token,
                                           vocabulary_dtype=config.vocabulary_dtype, **context.keras_identity)
