@@ -111,7 +111,7 @@ class _ConvLSTM(LayerKind):
                                 f"{list(config.kernel_size)}")
         if None in shape[1:]:
             raise ExchangeError(f"needs known spatial sizes and channels (as Keras does), found (batch, {shape})")
-        frame = window_output_sizes(shape[1:], config.kernel_size, config.strides, config.dilation_rate,
+        frame = window_output_sizes(shape[1:-1], config.kernel_size, config.strides, config.dilation_rate,
                                     config.padding) + (config.filters,)
         states = [tuple(state) for state in input_shapes[1:]]
         if states and states != [frame, frame]:
