@@ -22,7 +22,7 @@ import layer_suite
 from conftest import ROOT
 
 CASES = layer_suite.load_cases()
-PER_GROUP = 3                 # default run: this many cases of each group, ~40 in all
+PER_GROUP = 2                 # default run: this many cases of each group, ~25 in all
 SMALL_INPUT = 4096            # ... each with at most this many input values per sample (fast)
 
 

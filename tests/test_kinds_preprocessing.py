@@ -168,12 +168,24 @@ def check_generated_code(keras_model, inputs, tmp_path):
     return graph
 
 
+# Generated code runs in a fresh process and through torch.export, about 4 s a case on 2 cores:
+# the default run checks every CODE_EVERY-th case, `-m slow` every case (and the slow coverage
+# suite, tests/test_keras_layer_suite.py, runs generated code for every harvested case).
+CODE_EVERY = 6
+
+
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_kind_both_directions_and_generated_code(case, tmp_path):
+def test_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    check_both_directions(seed_all(CASES[case](), seed=3))
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if index % CODE_EVERY == 0 else pytest.mark.slow)
+                                  for index, case in enumerate(sorted(CASES))])
+def test_kind_generated_code(case, tmp_path):
     keras.utils.set_random_seed(11)
     keras_model = seed_all(CASES[case](), seed=3)
-    graph, inputs = check_both_directions(keras_model)
-    check_generated_code(keras_model, inputs, tmp_path)
+    check_generated_code(keras_model, batch(keras_model), tmp_path)
 
 
 def test_lora_keras_file_holds_the_merged_kernel(tmp_path):
