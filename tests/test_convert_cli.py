@@ -267,8 +267,10 @@ def test_divergent_layer_is_found_in_bounded_memory(tmp_path):
     graph = fileformat.load(source).architecture
     result = cli.verify(source, out, graph, None, 0.0)
     assert result["first_divergence"].startswith("layer 'n0' (activation): max abs diff")
-    # Measured 1,100 MiB, of which about 730 are the frameworks' imports; all layers at once took 4.7 GB.
-    assert result["child_peak_mib"] < 1536, result
+    # Measured 850 MiB run alone and 1,571 MiB once inside the full default run (same inputs; the
+    # child's peak varies with what TensorFlow allocates), of which about 730 are the frameworks'
+    # imports; all layers at once took 4.7 GB, which this bound still tells apart.
+    assert result["child_peak_mib"] < 2048, result
 
 
 def test_verify_batch_is_sized_by_the_largest_activation():
