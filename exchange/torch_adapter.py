@@ -133,7 +133,7 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
             floating = [dtypes[name] for name in node.inputs if dtypes[name].is_floating_point]
             dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
         else:
-            arguments = _autocast(builder, node, arguments, [dtypes[name] for name in node.inputs])
+            arguments = _autocast(builder, node, kind, arguments, [dtypes[name] for name in node.inputs])
             dtypes[node.name] = TORCH_DTYPES[kind.integer_output(node.config) or node.dtype]
         with framework_errors(node, "PyTorch"):
             values[node.name] = kind.torch_forward(builder, graph.context(node), arguments)
@@ -151,12 +151,19 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
     return module
 
 
-def _autocast(builder: TorchGraphBuilder, node, arguments: list, dtypes: list) -> list:
+def _autocast(builder: TorchGraphBuilder, node, kind, arguments: list, dtypes: list) -> list:
     """What a Keras layer does to its inputs: floating-point ones of another dtype are cast to
-    the layer's dtype (its compute dtype; integers, token ids and masks, are left alone)."""
+    the layer's dtype (its compute dtype); integers and bools too where the kind `casts_integers`,
+    except a mask given as a tensor. Other integers (token ids, masks) are left alone."""
     target = TORCH_DTYPES[node.dtype]
-    return [builder.method(value, "to", target) if dtype.is_floating_point and dtype != target else value
-            for value, dtype in zip(arguments, dtypes)]
+
+    def cast(position: int, dtype: torch.dtype) -> bool:
+        if dtype.is_floating_point:
+            return dtype != target
+        return kind.casts_integers and not kind.is_mask_input(node, position)
+
+    return [builder.method(value, "to", target) if cast(position, dtype) else value
+            for position, (value, dtype) in enumerate(zip(arguments, dtypes))]
 
 
 def class_name(model_name: str) -> str:

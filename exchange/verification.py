@@ -66,10 +66,11 @@ REQUEST, RESULT = "request.json", "result.json"
 
 
 def check_integer_inputs(graph: Graph) -> None:
-    """Integer inputs are token ids (read by an Embedding) or attention masks (read by a
-    MultiHeadAttention as its `attention_mask`). Keras's layers treat other integer inputs each
-    its own way (Dense and LSTM cast them, MaxPooling1D computes in int64 under a float32 symbolic
-    dtype, Conv1D and Softmax raise), so the exchange refuses them rather than guess."""
+    """Integer inputs are token ids (read by an Embedding), attention masks (read by a
+    MultiHeadAttention as its `attention_mask`), or values that a layer computes in its float dtype
+    (Dense, LSTM, Rescaling: the kinds that `casts_integers`). Keras's other layers treat integer
+    inputs each its own way (MaxPooling1D computes in int64 under a float32 symbolic dtype, Conv1D
+    and Softmax raise), so the exchange refuses them rather than guess."""
     integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype in INTEGER_DTYPES + ("bool",)}
     integer_inputs.update({node.name: kind_of(node.kind).integer_output(node.config) for node in graph.nodes
                            if kind_of(node.kind).integer_output(node.config)})   # a lookup's ids
@@ -77,8 +78,9 @@ def check_integer_inputs(graph: Graph) -> None:
         for position, name in enumerate(node.inputs):
             if name in integer_inputs and not kind_of(node.kind).reads_integers(node, position):
                 raise ExchangeError(f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
-                                    f"({integer_inputs[name]}); only Embedding layers, lookups and encodings, "
-                                    "and attention or step masks take integers or bools")
+                                    f"({integer_inputs[name]}); only Embedding layers, lookups and encodings, attention "
+                                    "or step masks, and layers that Keras computes in float (Dense, recurrent, "
+                                    "normalization, Rescaling, image augmentations) take integers or bools")
 
 
 def _installed(module: str) -> bool:

@@ -306,7 +306,7 @@ def test_integer_outputs_are_read_only_by_layers_that_take_integers():
     from exchange.errors import ExchangeError
     from exchange.verification import check_integer_inputs
 
-    model = single((5,), L.Discretization(bin_boundaries=[0.0, 1.0], name="buckets"), L.Dense(2, name="dense"))
+    model = single((5,), L.Discretization(bin_boundaries=[0.0, 1.0], name="buckets"), L.Activation("relu", name="relu"))
     graph = keras_adapter.architecture_of(model)
-    with pytest.raises(ExchangeError, match="layer 'dense' \\(dense\\) reads the integer input 'buckets' \\(int32\\)"):
+    with pytest.raises(ExchangeError, match="layer 'relu' \\(activation\\) reads the integer input 'buckets' \\(int32\\)"):
         check_integer_inputs(graph)

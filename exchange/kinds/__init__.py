@@ -122,6 +122,12 @@ class LayerKind:
     passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
     selects_output = False            # an `output` node: picks output `config.index` of its input
     autocasts = True                  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
+    # Keras computes integer and bool inputs in the layer's float dtype (Dense, LSTM, Rescaling,
+    # the image augmentations: measured, `model.predict` gives float32); the torch side casts them.
+    # Layers that only move values about (UpSampling, Cropping, Dropout) keep Keras's integers at
+    # run time under a float32 symbolic dtype, and LayerNormalization takes its moments in
+    # integers (an int8 row comes out one-hot): they read none.
+    casts_integers = False
     # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
@@ -131,7 +137,11 @@ class LayerKind:
         """Whether the node's input `position` may be an integer tensor. Keras's layers treat
         integer inputs each their own way, so only these are accepted: a mask given as a tensor
         (`config.mask_input`, the last input, kept where `!= 0`); token ids and attention masks
-        where their kinds say so."""
+        where their kinds say so; any input of a kind that `casts_integers`."""
+        return self.casts_integers or self.is_mask_input(node, position)
+
+    def is_mask_input(self, node: Node, position: int) -> bool:
+        """Whether input `position` is a mask given as a tensor (`config.mask_input`: the last)."""
         return bool(getattr(node.config, "mask_input", False)) and position == len(node.inputs) - 1
 
     def integer_output(self, config: Any) -> str | None:

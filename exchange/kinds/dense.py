@@ -111,6 +111,7 @@ class DenseConfig:
 @register
 class Dense(LayerKind):
     kind, keras_classes, Config = "dense", ("Dense",), DenseConfig
+    casts_integers = True
     reads_permuted_flat = True
     passes_mask = True
 
@@ -329,6 +330,7 @@ class EinsumDense(LayerKind):
     """Keras's EinsumDense: `einsum(equation, x, kernel) + bias`, then the activation."""
 
     kind, keras_classes, Config = "einsum_dense", ("EinsumDense",), EinsumDenseConfig
+    casts_integers = True
 
     def from_keras(self, options):
         options.expect("quantization_config", None)

@@ -161,6 +161,7 @@ def _renorm_clipping(options):
 @register
 class BatchNormalization(LayerKind):
     kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
+    casts_integers = True
     passes_mask = True
 
     def from_keras(self, options):
@@ -238,6 +239,7 @@ class NormalizationConfig:
 @register
 class Normalization(LayerKind):
     kind, keras_classes, Config = "normalization", ("Normalization",), NormalizationConfig
+    casts_integers = True
     passes_mask = True
 
     def from_keras(self, options):
@@ -327,6 +329,7 @@ class Rescaling(LayerKind):
     module holding them as constants in the channels-first layout."""
 
     kind, keras_classes, Config = "rescaling", ("Rescaling",), RescalingConfig
+    casts_integers = True
     passes_mask = True
     keeps_element_order = True
 

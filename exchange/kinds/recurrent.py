@@ -131,6 +131,7 @@ class _Recurrent(LayerKind):
     state_count = 1      # states after the output with return_state (LSTM: h and c)
     passes_mask = True
     tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
+    casts_integers = True
     mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
 
     def from_keras(self, options):
@@ -408,6 +409,7 @@ class RNN(LayerKind):
     for an LSTMCell), as Keras's flattened outputs number them."""
 
     kind, keras_classes, Config = "rnn", ("RNN",), RNNConfig
+    casts_integers = True
     passes_mask = True
     tensor_kwargs = ("initial_state",)
     mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
@@ -647,6 +649,7 @@ class Bidirectional(LayerKind):
     `<name>.backward_layer`, Keras 3 groups `forward_layer/cell` and `backward_layer/cell`."""
 
     kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
+    casts_integers = True
     variable_aliases = {f"{side}_{name}": (name,) for side in ("forward", "backward")
                         for name in ("kernel", "recurrent_kernel", "bias")}
     passes_mask = True

@@ -210,6 +210,7 @@ class _Augmentation(_TrainingOnly):
     (rank 3) and drops any mask (no `supports_masking`)."""
 
     passes_mask = False
+    casts_integers = True   # an image of uint8 or int32 pixels comes out float32
     ranks = (2, 3)
 
     def from_keras(self, options):
