@@ -68,7 +68,8 @@ for _method in METHODS[1:]:
 # The default run: one case of each interpolation and each special path; `-m slow` runs them all.
 DEFAULT = {"resizing_lanczos3_4x5", "resizing_bicubic_13x20", "resizing_area_6x17", "resizing_lanczos5_aa_6x17",
            "resizing_bilinear_aa_4x5", "resizing_lanczos3_pad", "resizing_lanczos5_channels_first_crop",
-           "center_crop_smaller_channels_first", "upsampling2d_bicubic_channels_first", "upsampling2d_area_channels_last"}
+           "center_crop_smaller_channels_first", "upsampling2d_bicubic_channels_first",
+           "upsampling2d_area_channels_last"}
 CODE_DEFAULT = {"resizing_lanczos5_channels_first_crop"}
 
 
@@ -182,7 +183,8 @@ def test_float32_quotient_is_tensorflows():
     generator = np.random.default_rng(2)
     pairs = [(a, b) for a in list(range(40)) + [16777217, 16777219, 2 ** 25 + 3, 123456789]
              for b in (1, 2, 3, 7, 10, 16777217)]
-    pairs += [(int(a), int(b)) for a, b in zip(generator.integers(0, 2 ** 31, 3000), generator.integers(1, 2 ** 20, 3000))]
+    pairs += [(int(a), int(b)) for a, b in zip(generator.integers(0, 2 ** 31, 3000),
+                                               generator.integers(1, 2 ** 20, 3000))]
     for a, b in pairs:
         assert KerasResize.float32_quotient(a, b) == int(np.float32(a) / np.float32(b)), (a, b)
 
@@ -206,7 +208,8 @@ def test_refusals_are_one_line(layer, shape, changes, message):
 
 @pytest.mark.parametrize("layer, shape, message", [
     (lambda: L.Resizing(4, 5), (9, 12), r"layer 'bad' \(resizing\): Resizing takes a channels_last image, found "
-     r"\(batch, \(9, 12\)\) \(Keras resizes a rank-3 channels_last input across its batch axis\)$"),
+     r"\(batch, \(9, 12\)\) \(Keras takes a rank-3 channels_last input for one image whose height is the "
+     r"batch axis\)$"),
     (lambda: L.CenterCrop(4, 5), (9, 12), r"CenterCrop takes a channels_last image, found \(batch, \(9, 12\)\)"),
     (lambda: L.UpSampling2D(interpolation="lanczos3", dtype="float16"), IMAGE,
      r"UpSampling2D interpolation 'lanczos3' on dtype float16 is not supported \(TensorFlow resizes to float32 and "

@@ -63,9 +63,9 @@ def _image_shape(input_shape: tuple, height: int, width: int, what: str, data_fo
     if len(input_shape) == 2 and data_format == "channels_first":
         return (height, width)
     if len(input_shape) != 3:
+        why = " (Keras takes a rank-3 channels_last input for one image whose height is the batch axis)"
         raise UnsupportedLayerError(f"{what} takes a {data_format} image, found (batch, {input_shape})"
-                                    + (" (Keras resizes a rank-3 channels_last input across its batch axis)"
-                                       if len(input_shape) == 2 else ""))
+                                    + (why if len(input_shape) == 2 else ""))
     if data_format == "channels_last":
         return (height, width, input_shape[2])
     return (input_shape[0], height, width)
