@@ -12,8 +12,6 @@ non-square, odd and even sizes:
 `KerasResize` is also checked against `tf.image.resize` directly over many sizes and ratios.
 """
 
-import os
-
 import keras
 import numpy as np
 import pytest
