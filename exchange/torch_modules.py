@@ -662,6 +662,184 @@ class KerasReversibleEmbedding(nn.Module):
         return logits
 
 
+class KerasResize(nn.Module):
+    """Keras's image resizing on TensorFlow (`tf.image.resize`, v2) over the last two dims
+    (height, width) of any tensor, sizes read at call time so any input height and width works:
+    Keras's Resizing (`size`, with crop_to_aspect_ratio / pad_to_aspect_ratio), UpSampling2D with
+    an interpolation (`scale_factor`: the output is the input's size times it), CenterCrop
+    (`center_crop`: the centre when the input is at least `size`, else Keras's `smart_resize`).
+
+    Each axis is resampled as TensorFlow's kernel for the method does (`taps`): output cell i reads
+    input cells `indices[i]` with float32 `weights[i]` computed as TensorFlow computes them:
+    - nearest (ResizeNearestNeighbor, half-pixel centres): cell min(floor((i + 0.5) * in / out), in - 1).
+    - bilinear (ResizeBilinear): position (i + 0.5) * in / out - 0.5, the two cells around it clamped.
+    - bicubic (ResizeBicubic): Keys' cubic, a = -0.5, read from a 1024-entry table at
+      rint(fraction * 1024); taps outside the image get weight 0, the four renormalised.
+    - area (ResizeArea): the input cells under the output cell's footprint, by overlap, / in/out.
+    - lanczos3, lanczos5, and bilinear / bicubic with antialias (ScaleAndTranslate with the
+      lanczos, triangle or Keys cubic kernel): the kernel widened by in/out when shrinking with
+      antialias, over a span of cells around (i + 0.5) * in / out, weights normalised by their sum.
+    Everything but nearest computes in float32 and casts back (TensorFlow returns float32 and
+    Keras casts it to the layer's dtype).
+    """
+
+    SPANS = {"lanczos3": 3, "lanczos5": 5, "bilinear": 1, "bicubic": 2}   # ScaleAndTranslate's kernel radii
+    PI = 3.14159265359   # TensorFlow's kPI (rounded to float32 where used)
+
+    def __init__(self, size=None, scale_factor=None, interpolation="bilinear", antialias=False,
+                 crop_to_aspect_ratio=False, pad_to_aspect_ratio=False, fill_value=0.0, center_crop=False):
+        super().__init__()
+        self.size, self.scale_factor, self.interpolation, self.antialias = size, scale_factor, interpolation, antialias
+        self.crop_to_aspect_ratio, self.pad_to_aspect_ratio = crop_to_aspect_ratio, pad_to_aspect_ratio
+        self.fill_value, self.center_crop = fill_value, center_crop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2], x.shape[-1]
+        if self.scale_factor is not None:
+            return self.resample(x, (height * self.scale_factor[0], width * self.scale_factor[1]))
+        target_height, target_width = self.size
+        if self.center_crop and height >= target_height and width >= target_width:
+            top, left = (height - target_height) // 2, (width - target_width) // 2
+            return x[..., top:top + target_height, left:left + target_width]
+        if self.crop_to_aspect_ratio or self.center_crop:
+            # Resizing computes in float32; CenterCrop's smart_resize in Python floats
+            divide = self.float32_quotient if self.crop_to_aspect_ratio else (lambda a, b: int(float(a) / b))
+            crop_height = max(min(height, divide(width * target_height, target_width)), 1)
+            crop_width = max(min(width, divide(height * target_width, target_height)), 1)
+            top, left = divide(height - crop_height, 2), divide(width - crop_width, 2)
+            x = x[..., top:top + crop_height, left:left + crop_width]
+        elif self.pad_to_aspect_ratio:
+            pad_height = max(height, self.float32_quotient(width * target_height, target_width))
+            pad_width = max(width, self.float32_quotient(height * target_width, target_height))
+            rows, columns = self.float32_quotient(pad_height - height, 2), self.float32_quotient(pad_width - width, 2)
+            x = F.pad(x, (columns, columns, rows, rows), value=self.fill_value)
+        return self.resample(x, self.size)
+
+    def resample(self, x: torch.Tensor, size) -> torch.Tensor:
+        """x resized to `size` (height, width): the rows first, then the columns."""
+        dtype = x.dtype
+        if self.interpolation != "nearest":
+            x = x.float()
+        for dim, out_size in ((x.dim() - 2, size[0]), (x.dim() - 1, size[1])):
+            indices, weights = self.taps(x.shape[dim], out_size, x.device)
+            gathered = x.index_select(dim, indices.reshape(-1))   # (..., out_size * taps, ...)
+            if self.interpolation == "nearest":   # one tap of weight 1: the cells as they are
+                x = gathered
+                continue
+            trailing = x.dim() - 1 - dim
+            gathered = gathered.reshape(x.shape[:dim] + indices.shape + x.shape[dim + 1:])
+            x = (gathered * weights.reshape(weights.shape + (1,) * trailing)).sum(dim + 1)
+        return x.to(dtype)
+
+    def taps(self, in_size: int, out_size: int, device=None):
+        """(indices, weights), each (out_size, taps): input cells and float32 weights per output cell."""
+        f32 = dict(dtype=torch.float32, device=device)
+        scale = torch.tensor(in_size, **f32) / torch.tensor(out_size, **f32)   # TensorFlow's CalculateResizeScale
+        cells = torch.arange(out_size, **f32)
+        method = self.interpolation
+        if method == "nearest":
+            index = torch.floor((cells + 0.5) * scale).long().clamp(0, in_size - 1)
+            return index[:, None], torch.ones(out_size, 1, **f32)
+        if method in ("bilinear", "bicubic") and not self.antialias:
+            position = (cells + 0.5) * scale - 0.5
+            start = torch.floor(position)
+            fraction = position - start
+            start = start.long()
+            if method == "bilinear":
+                indices = torch.stack([start.clamp(min=0), torch.ceil(position).long().clamp(max=in_size - 1)], 1)
+                return indices, torch.stack([1 - fraction, fraction], 1)
+            offset = torch.round(fraction * 1024).long()   # lrintf: to nearest, ties to even
+            table = self.cubic_table(device)
+            weights = torch.stack([table[offset, 1], table[offset, 0], table[1024 - offset, 0],
+                                   table[1024 - offset, 1]], 1)
+            sources = start[:, None] + torch.arange(-1, 3, device=device)
+            weights = torch.where((sources >= 0) & (sources < in_size), weights, torch.zeros_like(weights))
+            total = ((weights[:, 0] + weights[:, 1]) + weights[:, 2]) + weights[:, 3]
+            weights = weights * torch.where(total.abs() >= 1000 * torch.finfo(torch.float32).tiny, 1 / total,
+                                            torch.ones_like(total))[:, None]
+            return sources.clamp(0, in_size - 1), weights
+        if method == "area":
+            begin, end = cells * scale, (cells + 1) * scale
+            count = in_size // out_size + 3   # at least ceil(end) - floor(begin) cells under each output
+            sources = torch.floor(begin).long()[:, None] + torch.arange(count, device=device)
+            source = sources.float()
+            begin, end = begin[:, None], end[:, None]
+            overlap = torch.where(source < begin, torch.where(source + 1 > end, scale, source + 1 - begin),
+                                  torch.where(source + 1 > end, end - source, torch.ones_like(source)))
+            weights = torch.where(sources < torch.ceil(end).long(), overlap, torch.zeros_like(overlap))
+            return sources.clamp(0, in_size - 1), weights * (1 / scale)
+        # ScaleAndTranslate (ComputeSpansCore): lanczos3/5, or triangle / Keys cubic with antialias
+        radius = self.SPANS[method]
+        inverse_scale = (torch.tensor(out_size, **f32) / torch.tensor(in_size, **f32)).double().reciprocal().float()
+        kernel_scale = torch.clamp(inverse_scale, min=1.0) if self.antialias else torch.ones((), **f32)
+        widened = -(-radius * in_size // out_size) if self.antialias else radius   # ceil(radius * kernel_scale)
+        count = min(2 * max(radius, widened) + 3, in_size)   # a tap more each side for float32 rounding
+        sample = (cells + 0.5) * inverse_scale
+        start = torch.ceil(sample - radius * kernel_scale - 0.5).long().clamp(0, in_size - 1)
+        end = torch.floor(sample + radius * kernel_scale - 0.5).long().clamp(0, in_size - 1) + 1
+        sources = start[:, None] + torch.arange(count, device=device)
+        distance = torch.abs((sources.float() + 0.5 - sample[:, None]) * (1.0 / kernel_scale))
+        weights = self.kernel(distance)
+        weights = torch.where(sources < end[:, None], weights, torch.zeros_like(weights))
+        total = weights.sum(1, keepdim=True)
+        weights = torch.where(total.abs() >= 1000 * torch.finfo(torch.float32).tiny, weights * (1 / total),
+                              torch.zeros_like(weights))
+        return sources.clamp(max=in_size - 1), weights
+
+    def kernel(self, x: torch.Tensor) -> torch.Tensor:
+        """TensorFlow's sampling kernel of this interpolation at distances x >= 0 (float32)."""
+        zero = torch.zeros_like(x)
+        if self.interpolation == "bilinear":   # triangle
+            return torch.where(x < 1, 1 - x, zero)
+        if self.interpolation == "bicubic":   # Keys cubic, a = -0.5
+            return torch.where(x >= 2, zero, torch.where(x >= 1, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0,
+                                                         ((1.5 * x - 2.5) * x) * x + 1.0))
+        radius = float(self.SPANS[self.interpolation])
+        pi = torch.full((), self.PI, dtype=torch.float32, device=x.device)
+        value = radius * torch.sin(pi * x) * torch.sin(pi * x / radius) / (pi * pi * x * x)
+        return torch.where(x > radius, zero, torch.where(x <= 1e-3, torch.ones_like(x), value))
+
+    @staticmethod
+    def cubic_table(device=None) -> torch.Tensor:
+        """ResizeBicubic's table (1025, 2): Keys' cubic (a = -0.5) at x = i / 1024 and at x + 1,
+        computed in float64 and stored as float32."""
+        a = -0.5
+        x = torch.arange(1025, dtype=torch.float64, device=device) / 1024
+        near = ((a + 2) * x - (a + 3)) * x * x + 1
+        far = ((a * (x + 1) - 5 * a) * (x + 1) + 8 * a) * (x + 1) - 4 * a
+        return torch.stack([near, far], 1).float()
+
+    @staticmethod
+    def float32_quotient(numerator: int, denominator: int) -> int:
+        """int(float32(numerator) / float32(denominator)) for non-negative ints, as TensorFlow
+        computes Keras's aspect-ratio crops and pads: each rounded to float32's 24 significant
+        bits (to nearest, ties to even), in integer arithmetic."""
+
+        def rounded(top: int, bottom: int) -> tuple[int, int]:
+            """top / bottom rounded to 24 significant bits, as (mantissa, shift): mantissa / 2**shift."""
+            if top == 0:
+                return 0, 0
+            shift = 24 - (top.bit_length() - bottom.bit_length())
+            while True:
+                scaled_top, scaled_bottom = (top << shift, bottom) if shift >= 0 else (top, bottom << -shift)
+                mantissa, remainder = divmod(scaled_top, scaled_bottom)
+                if mantissa >= 1 << 24:
+                    shift -= 1
+                elif mantissa < 1 << 23:
+                    shift += 1
+                else:
+                    break
+            if 2 * remainder > scaled_bottom or 2 * remainder == scaled_bottom and mantissa % 2:
+                mantissa += 1
+            return mantissa, shift
+
+        def as_int(mantissa: int, shift: int) -> int:   # exact for shift <= 0; rounded toward zero otherwise
+            return mantissa >> shift if shift >= 0 else mantissa << -shift
+
+        top, bottom = (as_int(*rounded(value, 1)) for value in (numerator, denominator))
+        return as_int(*rounded(top, bottom)) if bottom else 0
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

@@ -239,7 +239,6 @@ def test_generated_code_of_reshaping_layers(tmp_path):
 
 
 @pytest.mark.parametrize("make_layer, message", [
-    (lambda: L.UpSampling2D(interpolation="bilinear"), "unsupported option interpolation='bilinear' \\(only 'nearest'"),
     (lambda: L.RandomFlip(bounding_box_format="xyxy"), "unsupported option bounding_box_format='xyxy'"),
 ])
 def test_refusals_are_named(make_layer, message):

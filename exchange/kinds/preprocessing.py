@@ -3,27 +3,27 @@ the layers that cannot be, refused with their reason (StringLookup, TextVectoriz
 HashedCrossing: strings or string hashes).
 
 Conventions that differ:
-- Keras resizes with TensorFlow's `tf.image.resize` (half-pixel centres); the torch side with
-  `F.interpolate` on channels-first images, which matches it mode by mode as follows (each
-  measured against TensorFlow 2.21, within float32 rounding):
-  - `bilinear`: `F.interpolate(mode="bilinear", align_corners=False)`, with or without antialias.
-  - `nearest`: `mode="nearest-exact"` (torch's `nearest` rounds source positions differently).
-  - `bicubic` with antialias: `mode="bicubic", antialias=True` (both Keys' cubic with a = -0.5,
-    weights renormalised at the borders). Without antialias TensorFlow's bicubic uses a = -0.5 from
-    a 1024-entry table and torch's a = -0.75: refused.
-  - `area`: `mode="area"` (adaptive average pooling) where each axis changes by a whole factor
-    (TensorFlow ignores antialias there); other ratios weigh partial cells differently: refused.
-  - `lanczos3`, `lanczos5`: torch has no Lanczos resampling: refused.
+- Keras resizes with TensorFlow's `tf.image.resize` (v2: half-pixel centres, a kernel per method,
+  float32 weights; see `KerasResize` for each method's). torch's `F.interpolate` differs from it in
+  several methods (bicubic's a = -0.75, no Lanczos, area only by whole factors), so the torch side
+  is `KerasResize`, which computes TensorFlow's taps and weights for each axis from the sizes at
+  call time and applies them rows then columns: every interpolation, with or without antialias,
+  any ratio, and images of unknown height and width (`Input((None, None, 3))`).
 - `crop_to_aspect_ratio` / `pad_to_aspect_ratio`: Keras crops (or pads with `fill_value`) to the
-  target's aspect ratio before resizing; the sizes are fixed by the input shape, so the torch side
-  narrows (or `F.pad`s) by the same amounts, computed here as Keras does (float32 for Resizing,
-  Python floats for CenterCrop's `smart_resize`).
+  target's aspect ratio before resizing, the amounts computed in float32 and rounded toward zero;
+  `KerasResize` computes them the same way (`float32_quotient`), at call time.
 - `data_format="channels_first"`: the Keras image is (channels, height, width), which the torch
   side holds as (width, channels, height) like any rank-4 tensor; it permutes it to Keras's
-  (channels, height, width), already torch's image layout, resizes, and permutes back.
+  (channels, height, width), already torch's image layout, resizes, and permutes back. A rank-3
+  Keras input (batch, a, b) is one unbatched image to Keras: channels_first, (channels = batch,
+  height = a, width = b), resized per sample the same way; channels_last it would be (height =
+  batch, ...), which resizes across the batch: refused.
 - CenterCrop crops the centre where the input is at least the target size on both axes; otherwise
-  Keras crops to the target's aspect ratio and resizes bilinearly (`smart_resize`), and so does
-  the torch side.
+  Keras crops to the target's aspect ratio (in Python floats, `smart_resize`) and resizes
+  bilinearly, and so does the torch side (`KerasResize(center_crop=True)`, deciding at call time
+  where the sizes are unknown). Keras traced with unknown sizes always crops, even an image
+  smaller than the target (a shape Keras did not declare); the torch side follows Keras's eager
+  (known-size) behaviour.
 """
 
 from __future__ import annotations
@@ -49,8 +49,6 @@ for _class_name, _why in (
     refuse_keras_class(_class_name, _why)
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
-# TensorFlow's method -> torch's F.interpolate mode, for the modes that match (see the docstring).
-TORCH_MODES = {"bilinear": "bilinear", "nearest": "nearest-exact", "bicubic": "bicubic", "area": "area"}
 # Image sides: the largest real preprocessing resizes to a few thousand pixels.
 MAX_SIDE = MAX_FEATURES
 
@@ -58,17 +56,19 @@ MAX_SIDE = MAX_FEATURES
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
-def _image(shape: tuple, what: str, data_format: str) -> tuple:
-    """(height, width, channels) of a Keras image in `data_format`."""
-    sides = shape[:2] if data_format == "channels_last" else shape[1:]
-    if len(shape) != 3 or None in sides:
-        raise UnsupportedLayerError(f"{what} needs a {data_format} image of fixed height and width, found "
-                                    f"(batch, {shape})")
-    return (*sides, shape[2] if data_format == "channels_last" else shape[0])
-
-
-def _image_shape(height: int, width: int, channels, data_format: str) -> tuple:
-    return (height, width, channels) if data_format == "channels_last" else (channels, height, width)
+def _image_shape(input_shape: tuple, height: int, width: int, what: str, data_format: str) -> tuple:
+    """The Keras shape (no batch axis) of the input image resized to height x width: a
+    (height, width, channels) or (channels, height, width) image, or a channels_first
+    (batch, height, width) one (Keras's unbatched (channels, height, width))."""
+    if len(input_shape) == 2 and data_format == "channels_first":
+        return (height, width)
+    if len(input_shape) != 3:
+        why = " (Keras takes a rank-3 channels_last input for one image whose height is the batch axis)"
+        raise UnsupportedLayerError(f"{what} takes a {data_format} image, found (batch, {input_shape})"
+                                    + (why if len(input_shape) == 2 else ""))
+    if data_format == "channels_last":
+        return (height, width, input_shape[2])
+    return (input_shape[0], height, width)
 
 
 def _read_data_format(options) -> str:
@@ -80,61 +80,12 @@ def _read_data_format(options) -> str:
     return value
 
 
-def torch_image(builder, value, data_format: str, back: bool = False):
-    """A channels_first Keras image as torch's (N, C, H, W) (or back): the permutation between
-    the exchange's torch layout and Keras's."""
+def torch_image(builder, value, data_format: str, rank: int, back: bool = False):
+    """A channels_first Keras image of `rank` axes after the batch, as torch's (N, C, H, W) or
+    (N, H, W) (or back): the permutation between the exchange's torch layout and Keras's."""
     if data_format == "channels_last":
         return value
-    return builder.call(builder.torch.permute, value, to_torch_order(3) if back else to_keras_order(3))
-
-
-def _whole_factor(before: int, after: int) -> bool:
-    return before % after == 0 or after % before == 0
-
-
-@dataclass(frozen=True)
-class Crop:
-    """Rows [top, top + height) and columns [left, left + width) of the input."""
-
-    top: int
-    left: int
-    height: int
-    width: int
-
-
-def aspect_crop(height: int, width: int, target_height: int, target_width: int, float32: bool) -> Crop:
-    """Keras's crop to the target's aspect ratio (`crop_to_aspect_ratio`, `smart_resize`): each
-    side at most the input's and at least 1, centred, rounded toward zero; in float32 where Keras
-    computes in TensorFlow float32 (Resizing), else in Python floats (smart_resize)."""
-    real = np.float32 if float32 else float
-    crop_height = max(min(height, int(real(width * target_height) / real(target_width))), 1)
-    crop_width = max(min(width, int(real(height * target_width) / real(target_height))), 1)
-    return Crop(int(real(height - crop_height) / real(2)), int(real(width - crop_width) / real(2)),
-                crop_height, crop_width)
-
-
-def aspect_padding(height: int, width: int, target_height: int, target_width: int) -> tuple[int, int]:
-    """Keras's `pad_to_aspect_ratio` (TensorFlow backend): (rows, columns) of `fill_value` added on
-    each side, float32 arithmetic rounded toward zero, the same amount before and after."""
-    pad_height = max(height, int(np.float32(width * target_height) / np.float32(target_width)))
-    pad_width = max(width, int(np.float32(height * target_width) / np.float32(target_height)))
-    return int(np.float32(pad_height - height) / np.float32(2)), int(np.float32(pad_width - width) / np.float32(2))
-
-
-def torch_resize(builder, value, crop: Crop | None, padding: tuple[int, int], fill_value: float,
-                 size: tuple[int, int], interpolation: str, antialias: bool):
-    """Crop (narrow) or pad, then resize, on a channels-first image."""
-    if crop is not None:
-        value = builder.method(value, "narrow", 2, crop.top, crop.height)
-        value = builder.method(value, "narrow", 3, crop.left, crop.width)
-    rows, columns = padding
-    if rows or columns:
-        value = builder.call(builder.F.pad, value, (columns, columns, rows, rows), value=fill_value)
-    mode = TORCH_MODES[interpolation]
-    keywords = {"size": size, "mode": mode}
-    if mode in ("bilinear", "bicubic"):
-        keywords.update(align_corners=False, antialias=antialias)
-    return builder.call(builder.F.interpolate, value, **keywords)
+    return builder.call(builder.torch.permute, value, to_torch_order(rank) if back else to_keras_order(rank))
 
 
 @dataclass(frozen=True)
@@ -155,12 +106,6 @@ class ResizingConfig:
         check_choice(self.interpolation, INTERPOLATIONS, "Resizing interpolation")
         if self.crop_to_aspect_ratio and self.pad_to_aspect_ratio:
             raise ExchangeError("Resizing takes crop_to_aspect_ratio or pad_to_aspect_ratio, not both")
-        if self.interpolation.startswith("lanczos"):
-            raise ExchangeError(f"Resizing interpolation {self.interpolation!r} is not supported (torch has no "
-                                "Lanczos resampling)")
-        if self.interpolation == "bicubic" and not self.antialias:
-            raise ExchangeError("Resizing interpolation 'bicubic' without antialias is not supported (TensorFlow's "
-                                "cubic uses a = -0.5, torch's a = -0.75)")
 
 
 @register
@@ -177,33 +122,17 @@ class Resizing(LayerKind):
                               options.number("fill_value", 0.0), options.flag("antialias", False),
                               _read_data_format(options))
 
-    def _plan(self, config, input_shape) -> tuple[Crop | None, tuple[int, int]]:
-        height, width, _ = _image(input_shape, "Resizing", config.data_format)
-        crop, padding = None, (0, 0)
-        if config.crop_to_aspect_ratio:
-            crop = aspect_crop(height, width, config.height, config.width, float32=True)
-            height, width = crop.height, crop.width
-        elif config.pad_to_aspect_ratio:
-            padding = aspect_padding(height, width, config.height, config.width)
-            height, width = height + 2 * padding[0], width + 2 * padding[1]
-        if config.interpolation == "area" and not (_whole_factor(height, config.height)
-                                                   and _whole_factor(width, config.width)):
-            raise UnsupportedLayerError(f"Resizing interpolation 'area' from {height}x{width} to {config.height}x"
-                                f"{config.width} is not supported (only whole factors per axis match torch's)")
-        return crop, padding
-
     def output_shape(self, config, input_shapes):
-        self._plan(config, input_shapes[0])
-        channels = _image(input_shapes[0], "Resizing", config.data_format)[2]
-        return _image_shape(config.height, config.width, channels, config.data_format)
+        return _image_shape(input_shapes[0], config.height, config.width, "Resizing", config.data_format)
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
-        crop, padding = self._plan(config, context.input_shape)
-        value = torch_image(builder, inputs[0], config.data_format)
-        value = torch_resize(builder, value, crop, padding, config.fill_value, (config.height, config.width),
-                             config.interpolation, config.antialias)
-        return torch_image(builder, value, config.data_format, back=True)
+        config, rank = context.config, len(context.input_shape)
+        module = builder.helpers.KerasResize(
+            (config.height, config.width), interpolation=config.interpolation, antialias=config.antialias,
+            crop_to_aspect_ratio=config.crop_to_aspect_ratio, pad_to_aspect_ratio=config.pad_to_aspect_ratio,
+            fill_value=config.fill_value)
+        value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, rank))
+        return torch_image(builder, value, config.data_format, rank, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
@@ -234,20 +163,20 @@ class CenterCrop(LayerKind):
         return CenterCropConfig(options.integer("height"), options.integer("width"), _read_data_format(options))
 
     def output_shape(self, config, input_shapes):
-        channels = _image(input_shapes[0], "CenterCrop", config.data_format)[2]
-        return _image_shape(config.height, config.width, channels, config.data_format)
+        return _image_shape(input_shapes[0], config.height, config.width, "CenterCrop", config.data_format)
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
-        height, width, _ = _image(context.input_shape, "CenterCrop", config.data_format)
-        value = torch_image(builder, inputs[0], config.data_format)
-        if height >= config.height and width >= config.width:
-            value = builder.method(value, "narrow", 2, (height - config.height) // 2, config.height)
-            value = builder.method(value, "narrow", 3, (width - config.width) // 2, config.width)
-        else:
-            crop = aspect_crop(height, width, config.height, config.width, float32=False)
-            value = torch_resize(builder, value, crop, (0, 0), 0.0, (config.height, config.width), "bilinear", False)
-        return torch_image(builder, value, config.data_format, back=True)
+        config, rank = context.config, len(context.input_shape)
+        value = torch_image(builder, inputs[0], config.data_format, rank)
+        height, width = context.input_shape[-2:] if config.data_format == "channels_first" or rank == 2 \
+            else context.input_shape[:2]
+        if height is not None and width is not None and height >= config.height and width >= config.width:
+            value = builder.method(value, "narrow", rank - 1, (height - config.height) // 2, config.height)
+            value = builder.method(value, "narrow", rank, (width - config.width) // 2, config.width)
+        else:   # smaller, or unknown until called: KerasResize decides
+            module = builder.helpers.KerasResize((config.height, config.width), center_crop=True)
+            value = builder.module(context, module, value)
+        return torch_image(builder, value, config.data_format, rank, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config

@@ -20,6 +20,11 @@ Conventions that differ:
   noise_shape and data_format only matter to training and are kept for the Keras side.
 - UpSampling repeats cells (Keras's `ops.repeat`): `torch.repeat_interleave`, exact; torch's
   `nn.Upsample(mode="nearest")` computes source indices in float32 and is not used.
+  UpSampling2D with another interpolation resizes to size x input size with TensorFlow's
+  `tf.image.resize` (no antialias), as keras.layers.Resizing does: the torch side is the same
+  `KerasResize` (see `exchange.kinds.preprocessing`), with `scale_factor`, on any input size.
+  TensorFlow returns that resize in float32 and UpSampling2D does not cast it back: refused on
+  other dtypes.
 - An Embedding with a LoRA adapter is `LoRAEmbedding` (see `exchange.kinds.dense` for LoRA's
   conventions; its tables keep Keras's layout).
 """
@@ -276,14 +281,22 @@ class Cropping3D(_Cropping):
     kind, keras_classes, spatial = "cropping3d", ("Cropping3D",), 3
 
 
+# UpSampling2D's interpolations: Keras's `ops.image.resize` methods (see exchange.kinds.preprocessing).
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "lanczos3", "lanczos5")
+
+
 @dataclass(frozen=True)
 class UpSamplingConfig:
     size: tuple[int, ...]   # the repeat count per spatial axis, in Keras's axis order
     data_format: str = "channels_last"
+    interpolation: str = field(default="nearest", metadata=OMIT_DEFAULT)   # UpSampling2D's
 
     def __post_init__(self) -> None:
         check_ints(self.size, "UpSampling size", MAX_WINDOW, count=(1, 2, 3))
         check_choice(self.data_format, DATA_FORMATS, "data_format")
+        check_choice(self.interpolation, INTERPOLATIONS, "UpSampling interpolation")
+        if self.interpolation != "nearest" and len(self.size) != 2:
+            raise ExchangeError(f"UpSampling interpolation {self.interpolation!r} is UpSampling2D's only")
 
 
 class _UpSampling(LayerKind):
@@ -333,15 +346,28 @@ class UpSampling2D(_UpSampling):
 
     def from_keras(self, options):
         interpolation = options.take("interpolation", "nearest")
-        if interpolation != "nearest":
-            raise options.unsupported("interpolation", interpolation, "only 'nearest' repeats cells; the others "
-                                      "resize as keras.layers.Resizing does")
-        return super().from_keras(options)
+        if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
+            raise options.unsupported("interpolation", interpolation)
+        return replace(super().from_keras(options), interpolation=interpolation.lower())
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        if config.interpolation == "nearest":
+            return super().torch_forward(builder, context, inputs)
+        if context.node.dtype != "float32":
+            raise UnsupportedLayerError(f"UpSampling2D interpolation {config.interpolation!r} on dtype "
+                                        f"{context.node.dtype} is not supported (TensorFlow resizes to float32 and "
+                                        "UpSampling2D does not cast back)")
+        from exchange.kinds.preprocessing import torch_image
+
+        module = builder.helpers.KerasResize(scale_factor=config.size, interpolation=config.interpolation)
+        value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, 3))
+        return torch_image(builder, value, config.data_format, 3, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.UpSampling2D(config.size, data_format=config.data_format, interpolation="nearest",
-                                         **context.keras_identity)
+        return keras.layers.UpSampling2D(config.size, data_format=config.data_format,
+                                         interpolation=config.interpolation, **context.keras_identity)
 
 
 @register
