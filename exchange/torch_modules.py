@@ -662,6 +662,27 @@ class KerasReversibleEmbedding(nn.Module):
         return logits
 
 
+class KerasAutoContrast(nn.Module):
+    """Keras's AutoContrast: each image's values (per channel: the minimum and maximum over the
+    torch axes 2 and 3, Keras's axes 1 and 2) stretched to `value_range`, computed as Keras does on
+    a 0..255 scale, clipped to it; where that gives NaN (a flat image) the input is kept."""
+
+    def __init__(self, value_range=(0, 255)):
+        super().__init__()
+        self.value_range = value_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_value, high_value = (torch.tensor(value, dtype=x.dtype) for value in self.value_range)
+        images = (x - low_value) / (high_value - low_value) * 255.0 if tuple(self.value_range) != (0, 255) else x
+        low = torch.amin(images, dim=(2, 3), keepdim=True)
+        high = torch.amax(images, dim=(2, 3), keepdim=True)
+        scale = 255.0 / (high - low)
+        results = torch.clamp(images * scale + -low * scale, 0.0, 255.0)
+        if tuple(self.value_range) != (0, 255):
+            results = results / 255.0 * (high_value - low_value) + low_value
+        return torch.where(torch.isnan(results), x, results)
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

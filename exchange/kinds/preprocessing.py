@@ -1,4 +1,5 @@
-"""Preprocessing layers that compute a fixed function of their input: Resizing and CenterCrop; and
+"""Preprocessing layers that compute a fixed function of their input: Resizing, CenterCrop and
+AutoContrast; and
 the layers that cannot be, refused with their reason (StringLookup, TextVectorization, Hashing,
 HashedCrossing: strings or string hashes).
 
@@ -24,6 +25,10 @@ Conventions that differ:
 - CenterCrop crops the centre where the input is at least the target size on both axes; otherwise
   Keras crops to the target's aspect ratio and resizes bilinearly (`smart_resize`), and so does
   the torch side.
+- AutoContrast (active at inference) takes each image's minimum and maximum over Keras's axes 1
+  and 2 whatever its data_format (height and width channels-last; channels and height
+  channels-first, as Keras 3.15 does): those are torch's axes 2 and 3 in both layouts. A flat
+  image divides by zero; Keras keeps the input where the result is NaN, and so does the torch side.
 """
 
 from __future__ import annotations
@@ -253,6 +258,55 @@ class CenterCrop(LayerKind):
         config = context.config
         return keras.layers.CenterCrop(config.height, config.width, data_format=config.data_format,
                                        **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class AutoContrastConfig:
+    value_range: tuple[int | float, int | float] = (0, 255)
+    data_format: str = "channels_last"
+
+    def __post_init__(self) -> None:
+        check_choice(self.data_format, DATA_FORMATS, "AutoContrast data_format")
+        if not isinstance(self.value_range, tuple) or len(self.value_range) != 2:
+            raise ExchangeError(f"AutoContrast value_range must be 2 numbers, got {self.value_range!r}")
+        for value in self.value_range:
+            coerce(value, int | float, "AutoContrast value_range")
+        if not self.value_range[0] < self.value_range[1]:
+            raise ExchangeError(f"AutoContrast value_range must be (low, high) with low < high, got "
+                                f"{self.value_range!r}")
+
+
+@register
+class AutoContrast(LayerKind):
+    """Deterministic, so it acts at inference too (`helpers.KerasAutoContrast`)."""
+
+    kind, keras_classes, Config = "auto_contrast", ("AutoContrast",), AutoContrastConfig
+
+    def from_keras(self, options):
+        options.expect("bounding_box_format", None)   # boxes only travel in dict inputs
+        value_range = options.take("value_range", [0, 255])
+        if not isinstance(value_range, (list, tuple)) or len(value_range) != 2 or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in value_range):
+            raise options.unsupported("value_range", value_range, "must be 2 numbers")
+        low, high = sorted(value_range)   # as Keras's constructor does
+        if not low < high:
+            raise options.unsupported("value_range", value_range, "an empty range divides by zero")
+        return AutoContrastConfig((low, high), _read_data_format(options))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) != 3:
+            raise UnsupportedLayerError(f"AutoContrast needs a batch of images (rank 4, batch included), found "
+                                        f"(batch, {shape})")
+        return shape
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.module(context, builder.helpers.KerasAutoContrast(context.config.value_range), inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.AutoContrast(value_range=config.value_range, data_format=config.data_format,
+                                         **context.keras_identity)
 
 
 # -- integer lookups and encodings ------------------------------------------------------------

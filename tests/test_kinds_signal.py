@@ -1,0 +1,171 @@
+"""AutoContrast, RandomCrop (where Keras's predict and its declared shape agree) and
+MelSpectrogram, in both directions with real Keras (TensorFlow backend) and real PyTorch, and
+through generated code.
+
+- Keras -> torch: the live model's tensors into the torch module; outputs compared.
+- torch -> Keras: a random state_dict into both the torch module and the Keras model built from
+  the graph; outputs compared, and the Keras weights read back equal the state bit for bit.
+- saved as `.keras` and converted to Python source: the generated module computes what Keras does.
+Outputs are compared relative to their scale where it is above 1 (a mel spectrogram in dB spans
+up to 80).
+"""
+
+import json
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import UnsupportedLayerError
+from kerasmodels import max_difference, random_torch_state
+from test_codegen import RUNNER, check_generated_file
+
+L = keras.layers
+TOLERANCE = 1e-5
+IMAGE = (7, 10, 4)   # odd height, even width, 4 channels
+
+
+def single(shape, *layers):
+    return keras.Sequential([keras.Input(shape)] + list(layers))
+
+
+def seed_all(model, seed):
+    generator = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
+    return model
+
+
+def images(shape=IMAGE, rows=3, low=30.0, high=180.0):
+    """Images with values in [low, high); one channel of one image flat (AutoContrast keeps it)."""
+    values = np.random.default_rng(0).uniform(low, high, (rows,) + shape).astype(np.float32)
+    values[1, ..., 2] = 50.0
+    return [values]
+
+
+def signal(length, rows=3, scale=1.0):
+    return [(np.random.default_rng(1).standard_normal((rows, length)) * scale).astype(np.float32)]
+
+
+# name -> (model, inputs)
+CASES = {
+    "auto_contrast_value_range": lambda: (single(IMAGE, L.AutoContrast(value_range=(20, 200))), images()),
+    "auto_contrast_default_range": lambda: (single(IMAGE, L.AutoContrast()), images()),
+    "auto_contrast_unsorted_float_range_channels_first": lambda: (
+        single(IMAGE, L.AutoContrast(value_range=(1.5, -0.5), data_format="channels_first")),
+        images(low=-0.4, high=1.2)),
+    "auto_contrast_after_conv": lambda: (single((9, 6, 3), L.Conv2D(4, 3, padding="same"), L.AutoContrast()),
+                                         images((9, 6, 3))),
+    "random_crop_same_size": lambda: (single(IMAGE, L.Conv2D(3, 1), L.RandomCrop(7, 10)), images()),
+    "random_crop_same_size_channels_first": lambda: (
+        single(IMAGE, L.RandomCrop(10, 4, data_format="channels_first")), images()),
+}
+
+
+def difference_allowed(outputs):
+    return TOLERANCE * max(1.0, max(float(np.max(np.abs(output))) for output in outputs))
+
+
+def check_both_directions(keras_model, inputs):
+    graph = keras_adapter.architecture_of(keras_model)
+    expected = keras_adapter.predict(keras_model, inputs)
+    torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model))
+    difference = max_difference(expected, torch_adapter.predict(torch_model, inputs))
+    assert difference <= difference_allowed(expected), difference
+    torch_state = random_torch_state(graph, seed=4)
+    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    torch_outputs = torch_adapter.predict(torch_model, inputs)
+    back_difference = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
+    print(f"Keras -> torch {difference:.2e}, torch -> Keras {back_difference:.2e} "
+          f"(outputs up to {max(float(np.max(np.abs(output))) for output in expected):.3g})")
+    assert back_difference <= difference_allowed(torch_outputs)
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    for key, tensor in torch_state.items():
+        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    return graph
+
+
+def check_generated_code(keras_model, inputs, tmp_path):
+    """The model saved as .keras, converted to Python: the generated module computes Keras's outputs."""
+    (expected,) = keras_adapter.predict(keras_model, inputs)
+    keras_path = tmp_path / "model.keras"
+    keras_model.save(keras_path)
+    code_path = tmp_path / "model.py"
+    graph = cli.convert(keras_path, code_path)
+    check_generated_file(code_path)
+    data_path = tmp_path / "data.npz"
+    np.savez(data_path, inputs=inputs[0], expected=expected)
+    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name),
+                             str(data_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads(result.stdout.strip().splitlines()[-1])
+    assert outcome["eager"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
+    assert outcome["exported"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
+    return graph
+
+
+# Cases in the default run (a few seconds each); `-m slow` runs all of them.
+DEFAULT = {"auto_contrast_value_range", "auto_contrast_unsorted_float_range_channels_first",
+           "random_crop_same_size"}
+CODE_DEFAULT = {"auto_contrast_unsorted_float_range_channels_first"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow)
+                                  for case in sorted(CASES)])
+def test_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    model, inputs = CASES[case]()
+    check_both_directions(seed_all(model, seed=3), inputs)
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in CODE_DEFAULT else pytest.mark.slow)
+                                  for case in sorted(CASES)])
+def test_kind_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(11)
+    model, inputs = CASES[case]()
+    check_generated_code(seed_all(model, seed=3), inputs, tmp_path)
+
+
+def test_auto_contrast_keeps_a_flat_channel():
+    """255 / (max - min) is inf on a flat channel: Keras keeps the input there (NaN -> input)."""
+    model, inputs = CASES["auto_contrast_value_range"]()
+    graph = keras_adapter.architecture_of(model)
+    (output,) = torch_adapter.predict(torch_adapter.model_from_tensors(graph, {}), inputs)
+    np.testing.assert_array_equal(output[1, ..., 2], inputs[0][1, ..., 2])
+
+
+def config_with(layer, shape, **changes):
+    """A Sequential model's config around `layer` with some of its options changed, as a file
+    written by hand (or by another Keras version) may hold them."""
+    model = single(shape, layer)
+    config = json.loads(json.dumps({"class_name": "Sequential", "config": model.get_config()}))
+    config["config"]["layers"][-1]["config"].update(changes)
+    return config
+
+
+REFUSALS = [
+    (lambda: L.RandomCrop(5, 8), IMAGE, {},
+     r"layer 'bad' \(random_crop\): RandomCrop to 5x8 of a \(batch, \(7, 10, 4\)\) input is not supported "
+     r"\(Keras 3.15's predict returns the input unchanged but declares the cropped shape"),
+    (lambda: L.AutoContrast(), IMAGE, {"value_range": [3, 3]},
+     r"'bad' \(AutoContrast\): unsupported option value_range=\[3, 3\] \(an empty range divides by zero\)"),
+    (lambda: L.AutoContrast(), IMAGE, {"value_range": "0-255"}, "unsupported option value_range='0-255'"),
+    (lambda: L.AutoContrast(), (5, 4), {}, r"AutoContrast needs a batch of images \(rank 4"),
+]
+
+
+@pytest.mark.parametrize("layer, shape, changes, message", REFUSALS)
+def test_refusals_are_one_line(layer, shape, changes, message):
+    from exchange.keras_config import parse_model_config
+
+    made = layer()
+    made.name = "bad"
+    with pytest.raises(UnsupportedLayerError, match=message) as caught:
+        parse_model_config(config_with(made, shape, **changes), "hand-written")
+    assert "\n" not in str(caught.value)
