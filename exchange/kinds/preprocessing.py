@@ -1,7 +1,6 @@
 """Preprocessing layers that compute a fixed function of their input: Resizing, CenterCrop and
-AutoContrast; and
-the layers that cannot be, refused with their reason (StringLookup, TextVectorization, Hashing,
-HashedCrossing: strings or string hashes).
+AutoContrast; and the layers that cannot be, refused with their reason (StringLookup,
+TextVectorization, Hashing, HashedCrossing: strings or string hashes).
 
 Conventions that differ:
 - Keras resizes with TensorFlow's `tf.image.resize` (half-pixel centres); the torch side with
