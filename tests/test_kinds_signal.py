@@ -59,6 +59,24 @@ CASES = {
         images(low=-0.4, high=1.2)),
     "auto_contrast_after_conv": lambda: (single((9, 6, 3), L.Conv2D(4, 3, padding="same"), L.AutoContrast()),
                                          images((9, 6, 3))),
+    "mel_spectrogram": lambda: (single((4001,), L.MelSpectrogram(
+        fft_length=512, sequence_stride=64, num_mel_bins=40, sampling_rate=16000)), signal(4001)),
+    "mel_spectrogram_many_bins_for_the_fft": lambda: (single((2000,), L.MelSpectrogram(
+        fft_length=512, sequence_stride=64, num_mel_bins=128, sampling_rate=32000)), signal(2000)),
+    "mel_spectrogram_hamming_odd_fft_short_window": lambda: (single((1001,), L.MelSpectrogram(
+        fft_length=255, sequence_stride=37, sequence_length=200, window="hamming", num_mel_bins=21,
+        sampling_rate=11025, min_freq=50.0, max_freq=4000.0, top_db=40.0, mag_exp=1.0, ref_power=3.0,
+        min_power=1e-6)), signal(1001, scale=5.0)),
+    "mel_spectrogram_no_window_no_db": lambda: (single((301,), L.MelSpectrogram(
+        fft_length=64, sequence_stride=16, sequence_length=33, window=None, num_mel_bins=12, sampling_rate=800,
+        power_to_db=False, mag_exp=1.5)), signal(301)),
+    "mel_spectrogram_top_db_across_the_batch": lambda: (single((777,), L.MelSpectrogram(
+        fft_length=128, sequence_stride=50, num_mel_bins=16, sampling_rate=8000, top_db=6.0)),
+        [signal(777)[0] * np.float32([[1.0], [0.05], [0.3]])]),
+    "mel_spectrogram_between_dense_layers": lambda: (keras.Sequential([
+        keras.Input((40,)), L.Dense(299), L.MelSpectrogram(fft_length=32, sequence_stride=9, num_mel_bins=10,
+                                                             sampling_rate=4000, min_freq=0.0),
+        L.Dense(5)]), signal(40)),
     "random_crop_same_size": lambda: (single(IMAGE, L.Conv2D(3, 1), L.RandomCrop(7, 10)), images()),
     "random_crop_same_size_channels_first": lambda: (
         single(IMAGE, L.RandomCrop(10, 4, data_format="channels_first")), images()),
@@ -112,8 +130,10 @@ def check_generated_code(keras_model, inputs, tmp_path):
 
 # Cases in the default run (a few seconds each); `-m slow` runs all of them.
 DEFAULT = {"auto_contrast_value_range", "auto_contrast_unsorted_float_range_channels_first",
-           "random_crop_same_size"}
-CODE_DEFAULT = {"auto_contrast_unsorted_float_range_channels_first"}
+           "random_crop_same_size", "mel_spectrogram_many_bins_for_the_fft",
+           "mel_spectrogram_hamming_odd_fft_short_window", "mel_spectrogram_top_db_across_the_batch",
+           "mel_spectrogram_between_dense_layers"}
+CODE_DEFAULT = {"auto_contrast_unsorted_float_range_channels_first", "mel_spectrogram_between_dense_layers"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow)
@@ -157,6 +177,21 @@ REFUSALS = [
      r"'bad' \(AutoContrast\): unsupported option value_range=\[3, 3\] \(an empty range divides by zero\)"),
     (lambda: L.AutoContrast(), IMAGE, {"value_range": "0-255"}, "unsupported option value_range='0-255'"),
     (lambda: L.AutoContrast(), (5, 4), {}, r"AutoContrast needs a batch of images \(rank 4"),
+    (lambda: L.MelSpectrogram(fft_length=64, sequence_stride=64), (127,), {},
+     r"layer 'bad' \(mel_spectrogram\): MelSpectrogram of 127 samples is not supported \(Keras declares 3 frames "
+     r"but computes 2\)"),
+    (lambda: L.MelSpectrogram(fft_length=64), (32,), {},
+     r"MelSpectrogram of 32 samples is not supported \(reflect padding by fft_length // 2 = 32 needs more"),
+    (lambda: L.MelSpectrogram(fft_length=64), (3, 100), {},
+     r"MelSpectrogram needs signals of a fixed length, shape \(batch, samples\); found \(batch, \(3, 100\)\)"),
+    (lambda: L.MelSpectrogram(fft_length=64), (100,), {"window": "blackman"},
+     r"'bad' \(MelSpectrogram\): unsupported option window='blackman' \(Keras's stft takes 'hann', 'hamming'"),
+    (lambda: L.MelSpectrogram(fft_length=64), (100,), {"min_power": 0.0},
+     r"'bad' \(MelSpectrogram\): MelSpectrogram min_power must be positive \(log10 of 0 is -inf\)"),
+    (lambda: L.MelSpectrogram(fft_length=64), (100,), {"top_db": None},
+     r"'bad' \(MelSpectrogram\): unsupported option top_db=None \(must be a number\)"),
+    (lambda: L.MelSpectrogram(fft_length=64), (100,), {"sequence_length": 65},
+     r"MelSpectrogram sequence_length must be an integer from 1 to 64, got 65"),
 ]
 
 
@@ -169,3 +204,14 @@ def test_refusals_are_one_line(layer, shape, changes, message):
     with pytest.raises(UnsupportedLayerError, match=message) as caught:
         parse_model_config(config_with(made, shape, **changes), "hand-written")
     assert "\n" not in str(caught.value)
+
+
+def test_mel_spectrogram_top_db_clamps_against_the_whole_batch():
+    """Keras's top_db floor is the maximum over every row less top_db: the quiet rows sit on it."""
+    model, inputs = CASES["mel_spectrogram_top_db_across_the_batch"]()
+    (expected,) = keras_adapter.predict(model, inputs)
+    graph = keras_adapter.architecture_of(model)
+    (output,) = torch_adapter.predict(torch_adapter.model_from_tensors(graph, {}), inputs)
+    floor = float(expected.max()) - 6.0
+    assert np.isclose(float(expected[1].min()), floor, atol=1e-5) and float(expected[1].max()) < floor + 1
+    assert max_difference([output], [expected]) <= difference_allowed([expected])

@@ -19,8 +19,8 @@ Conventions that differ:
   agree, and only there is it converted (the identity); elsewhere it is refused.
 
 Not here, because Keras computes something at inference: AutoContrast, CenterCrop, Resizing,
-ContrastLimitedAdaptiveHistogramEqualization. Equalization is the identity at inference but cannot be called in a functional model (its
-symbolic output is its input: Keras reports a cycle).
+ContrastLimitedAdaptiveHistogramEqualization. Equalization is the identity at inference but cannot
+be called in a functional model (its symbolic output is its input: Keras reports a cycle).
 """
 
 from __future__ import annotations

@@ -1,0 +1,139 @@
+"""Spectrograms of signals: MelSpectrogram (`helpers.KerasMelSpectrogram`).
+
+STFTSpectrogram has no kind yet: its kernels come from scipy's windows (`initializers.STFT`) and
+Keras cannot build it where scipy is missing (as here), so nothing could be checked against it.
+
+Conventions that differ:
+- Keras's MelSpectrogram returns (batch, mel bins, frames); the torch side holds a rank-3 tensor
+  channels-first, Keras's last axis (frames) first: (batch, frames, mel bins), which is the order
+  the spectrogram is computed in before Keras's final swap, so the torch side does no swap.
+- Keras's stft (TensorFlow backend) reflect-pads by fft_length // 2 on each side, frames every
+  sequence_stride samples, and windows each frame with TensorFlow's `hann_window`/`hamming_window`
+  (periodic=True, which TensorFlow applies to even lengths only) of sequence_length samples
+  centred in fft_length by zeros; the torch side pads, `unfold`s, multiplies and `torch.fft.rfft`s
+  the same way (not `torch.stft`, whose window and framing conventions are its own).
+- The mel filterbank is Keras's `linear_to_mel_weight_matrix` (HTK mel scale, float32,
+  TensorFlow's linspace), computed the same way in torch when the module is built.
+- `power_to_db` clamps to (the maximum over the whole batch, every row) - top_db, as Keras does:
+  a row's output depends on the other rows of its batch (Keras's `predict` cuts batches of 32).
+- Keras declares (input_length + stride + 1) // stride frames but computes 1 + (input_length + 2 *
+  (fft_length // 2) - fft_length) // stride; where the two differ the model is refused.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from exchange.errors import ExchangeError, UnsupportedLayerError
+from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, coerce, register
+
+WINDOWS = ("hann", "hamming")
+# An FFT length, and a window: real audio front ends use at most a few thousand samples.
+MAX_FFT = 1 << 16
+# Mel bins: 40 to 512 in real models.
+MAX_MEL_BINS = 1 << 14
+
+
+@dataclass(frozen=True)
+class MelSpectrogramConfig:
+    fft_length: int
+    sequence_stride: int
+    sequence_length: int
+    window: str | None
+    sampling_rate: int | float
+    num_mel_bins: int
+    min_freq: int | float
+    max_freq: int | float
+    power_to_db: bool
+    top_db: int | float | None
+    mag_exp: int | float
+    min_power: int | float
+    ref_power: int | float
+
+    def __post_init__(self) -> None:
+        check_int(self.fft_length, "MelSpectrogram fft_length", MAX_FFT)
+        check_int(self.sequence_length, "MelSpectrogram sequence_length", self.fft_length)
+        check_int(self.sequence_stride, "MelSpectrogram sequence_stride", MAX_FEATURES)
+        check_int(self.num_mel_bins, "MelSpectrogram num_mel_bins", MAX_MEL_BINS)
+        if self.window is not None:
+            check_choice(self.window, WINDOWS, "MelSpectrogram window")
+        for key in ("sampling_rate", "min_freq", "max_freq", "mag_exp", "min_power", "ref_power"):
+            coerce(getattr(self, key), int | float, f"MelSpectrogram {key}")
+        coerce(self.top_db, int | float if self.power_to_db else int | float | None, "MelSpectrogram top_db")
+        coerce(self.power_to_db, bool, "MelSpectrogram power_to_db")
+        if not self.sampling_rate > 0:
+            raise ExchangeError(f"MelSpectrogram sampling_rate must be positive, got {self.sampling_rate!r}")
+        if not self.min_power > 0:
+            raise ExchangeError(f"MelSpectrogram min_power must be positive (log10 of 0 is -inf), got "
+                                f"{self.min_power!r}")
+
+
+@register
+class MelSpectrogram(LayerKind):
+    kind, keras_classes, Config = "mel_spectrogram", ("MelSpectrogram",), MelSpectrogramConfig
+
+    def from_keras(self, options):
+        fft_length = options.integer("fft_length", 2048)
+        sequence_length = options.take("sequence_length", None)
+        sequence_length = None if sequence_length is None else options.integer("sequence_length")
+        window = options.take("window", "hann")
+        if window is not None and window not in WINDOWS:
+            raise options.unsupported("window", window, "Keras's stft takes 'hann', 'hamming' or none")
+        sampling_rate = self._number(options, "sampling_rate", 16000)
+        max_freq = options.take("max_freq", None)
+        if max_freq is not None:
+            max_freq = self._number(options, "max_freq", None)
+        power_to_db = options.flag("power_to_db", True)
+        top_db = options.take("top_db", 80.0)
+        if top_db is not None or power_to_db:   # Keras subtracts it from the maximum
+            top_db = self._number(options, "top_db", 80.0)
+        try:
+            return MelSpectrogramConfig(
+                fft_length, options.integer("sequence_stride", 512), sequence_length or fft_length, window,
+                sampling_rate, options.integer("num_mel_bins", 128), self._number(options, "min_freq", 20.0),
+                max_freq or int(sampling_rate / 2), power_to_db, top_db, self._number(options, "mag_exp", 2.0),
+                self._number(options, "min_power", 1e-10), self._number(options, "ref_power", 1.0))
+        except ExchangeError as err:
+            raise UnsupportedLayerError(f"{options.where()}: {err}") from None
+
+    @staticmethod
+    def _number(options, key, default):
+        """A number option as Keras wrote it (16000 stays an int)."""
+        value = options.take(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise options.unsupported(key, value, "must be a number")
+        return options.number(key, default) if isinstance(value, float) else value
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) != 1 or shape[0] is None:
+            raise UnsupportedLayerError(f"MelSpectrogram needs signals of a fixed length, shape (batch, samples); "
+                                        f"found (batch, {shape})")
+        length = shape[0]
+        if length <= config.fft_length // 2:
+            raise UnsupportedLayerError(f"MelSpectrogram of {length} samples is not supported (reflect padding by "
+                                        f"fft_length // 2 = {config.fft_length // 2} needs more samples)")
+        frames = 1 + (length + 2 * (config.fft_length // 2) - config.fft_length) // config.sequence_stride
+        declared = (length + config.sequence_stride + 1) // config.sequence_stride
+        if frames != declared:
+            raise UnsupportedLayerError(f"MelSpectrogram of {length} samples is not supported (Keras declares "
+                                        f"{declared} frames but computes {frames})")
+        return (config.num_mel_bins, frames)
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasMelSpectrogram(
+            config.fft_length, config.sequence_stride, config.sequence_length, window=config.window,
+            sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins, min_freq=config.min_freq,
+            max_freq=config.max_freq, power_to_db=config.power_to_db, top_db=config.top_db, mag_exp=config.mag_exp,
+            min_power=config.min_power, ref_power=config.ref_power)
+        return builder.module(context, module, inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.MelSpectrogram(
+            fft_length=config.fft_length, sequence_stride=config.sequence_stride,
+            sequence_length=config.sequence_length, window=config.window, sampling_rate=config.sampling_rate,
+            num_mel_bins=config.num_mel_bins, min_freq=config.min_freq, max_freq=config.max_freq,
+            power_to_db=config.power_to_db, top_db=config.top_db, mag_exp=config.mag_exp,
+            min_power=config.min_power, ref_power=config.ref_power, **context.keras_identity)
