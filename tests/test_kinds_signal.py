@@ -77,6 +77,15 @@ CASES = {
         keras.Input((40,)), L.Dense(299), L.MelSpectrogram(fft_length=32, sequence_stride=9, num_mel_bins=10,
                                                              sampling_rate=4000, min_freq=0.0),
         L.Dense(5)]), signal(40)),
+    "pipeline_auto_contrast_random_brightness": lambda: (single(IMAGE, L.Pipeline(
+        [L.AutoContrast(), L.RandomBrightness(0.1)])), images()),
+    "pipeline_auto_contrast_center_crop_channels_first": lambda: (single((9, 12, 3), L.Pipeline(
+        [L.AutoContrast(value_range=(20, 200), data_format="channels_first"),
+         L.CenterCrop(8, 7, data_format="channels_first")])), images((9, 12, 3))),
+    "pipeline_between_convolutions": lambda: (keras.Sequential([
+        keras.Input((11, 8, 3)), L.Conv2D(4, 3), L.Pipeline([L.Rescaling(0.5, offset=0.25), L.CenterCrop(5, 4),
+                                                              L.RandomFlip()]),
+        L.Conv2D(2, 1)]), images((11, 8, 3))),
     "random_crop_same_size": lambda: (single(IMAGE, L.Conv2D(3, 1), L.RandomCrop(7, 10)), images()),
     "random_crop_same_size_channels_first": lambda: (
         single(IMAGE, L.RandomCrop(10, 4, data_format="channels_first")), images()),
@@ -132,8 +141,9 @@ def check_generated_code(keras_model, inputs, tmp_path):
 DEFAULT = {"auto_contrast_value_range", "auto_contrast_unsorted_float_range_channels_first",
            "random_crop_same_size", "mel_spectrogram_many_bins_for_the_fft",
            "mel_spectrogram_hamming_odd_fft_short_window", "mel_spectrogram_top_db_across_the_batch",
-           "mel_spectrogram_between_dense_layers"}
-CODE_DEFAULT = {"auto_contrast_unsorted_float_range_channels_first", "mel_spectrogram_between_dense_layers"}
+           "mel_spectrogram_between_dense_layers", "pipeline_between_convolutions"}
+CODE_DEFAULT = {"auto_contrast_unsorted_float_range_channels_first", "mel_spectrogram_between_dense_layers",
+                "pipeline_between_convolutions"}
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow)
@@ -190,6 +200,13 @@ REFUSALS = [
      r"'bad' \(MelSpectrogram\): MelSpectrogram min_power must be positive \(log10 of 0 is -inf\)"),
     (lambda: L.MelSpectrogram(fft_length=64), (100,), {"top_db": None},
      r"'bad' \(MelSpectrogram\): unsupported option top_db=None \(must be a number\)"),
+    (lambda: L.Pipeline([L.AutoContrast()]), IMAGE, {"layers": [{"class_name": "Concatenate", "config": {}}]},
+     r"'bad' \(Pipeline\): unsupported option layers='Concatenate' \(a layer without weights, with one input"),
+    (lambda: L.Pipeline([L.AutoContrast(dtype="float16", name="half")]), IMAGE, {},
+     r"'bad' \(Pipeline\): unsupported option layers='half with dtype float16' \(only float32 layers\)"),
+    (lambda: L.Pipeline([L.AutoContrast(name="contrast")]), IMAGE, {"layers": [{"class_name": "AutoContrast",
+                                                                                 "config": {"value_range": 3}}]},
+     r"layer 'bad/layer_0' \(AutoContrast\): unsupported option value_range=3 \(must be 2 numbers\)"),
     (lambda: L.MelSpectrogram(fft_length=64), (100,), {"sequence_length": 65},
      r"MelSpectrogram sequence_length must be an integer from 1 to 64, got 65"),
 ]
@@ -215,3 +232,18 @@ def test_mel_spectrogram_top_db_clamps_against_the_whole_batch():
     floor = float(expected.max()) - 6.0
     assert np.isclose(float(expected[1].min()), floor, atol=1e-5) and float(expected[1].max()) < floor + 1
     assert max_difference([output], [expected]) <= difference_allowed([expected])
+
+
+def test_pipeline_of_layers_with_weights_is_refused():
+    model = single((6, 5, 3), L.Pipeline([L.Conv2D(2, 1, name="inner")], name="bad"))
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'bad' \(Pipeline\): layer 'inner' \(conv2d\) has "
+                                                    r"weights, which a Pipeline keeps under paths of its own"):
+        keras_adapter.get_tensors(model)
+
+
+def test_pipeline_round_trips_to_the_same_keras_config():
+    """The Keras model rebuilt from the exchange graph holds the same Pipeline (same layers, names
+    and options)."""
+    model, _ = CASES["pipeline_auto_contrast_center_crop_channels_first"]()
+    rebuilt = keras_adapter.model_from_tensors(keras_adapter.architecture_of(model), {})
+    assert rebuilt.layers[-1].get_config() == model.layers[-1].get_config()

@@ -282,7 +282,10 @@ _augmentation("RandAugment", "rand_augment", value_range=value_range(), num_ops=
 
 class _RandomCrop(_Augmentation):
     """keras.layers.RandomCrop: the identity at inference, converted only where its declared
-    (height, width) output is its input's shape."""
+    (height, width) output is its input's shape. Only batches of images: Keras takes a rank-3
+    input for one image, whose declared shape then replaces the batch axis."""
+
+    ranks = (3,)
 
     def output_shape(self, config, input_shapes):
         shape = super().output_shape(config, input_shapes)
