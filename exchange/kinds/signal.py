@@ -13,7 +13,11 @@ Conventions that differ:
   centred in fft_length by zeros; the torch side pads, `unfold`s, multiplies and `torch.fft.rfft`s
   the same way (not `torch.stft`, whose window and framing conventions are its own).
 - The mel filterbank is Keras's `linear_to_mel_weight_matrix` (HTK mel scale, float32,
-  TensorFlow's linspace), computed the same way in torch when the module is built.
+  TensorFlow's linspace), computed the same way in torch when the module is built. TensorFlow's
+  float32 `log` (Eigen's polynomial) differs from torch's by an ulp in about 5% of values, which
+  the filterbank's differences of nearby mel frequencies magnify to 1e-5 of a weight: the torch
+  side computes log as Eigen does (`tensorflow_log`, bit for bit; the dB scale uses it too). The
+  filterbanks then agree to an ulp or two in a few entries.
 - `power_to_db` clamps to (the maximum over the whole batch, every row) - top_db, as Keras does:
   a row's output depends on the other rows of its batch (Keras's `predict` cuts batches of 32).
 - Keras declares (input_length + stride + 1) // stride frames but computes 1 + (input_length + 2 *
