@@ -683,6 +683,27 @@ class KerasAutoContrast(nn.Module):
         return torch.where(torch.isnan(results), x, results)
 
 
+def tensorflow_log(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's float32 `log` on CPU (Eigen's `plog_impl_float`, bit for bit): log(m) of the
+    mantissa m in [sqrt(1/2), sqrt(2)) by a rational polynomial, plus e * ln 2. torch's `log`
+    differs from it by an ulp in about 5% of values, which the mel filterbank's differences of
+    nearby mel frequencies magnify to 1e-5. Other dtypes: torch's `log`."""
+    if x.dtype != torch.float32:
+        return torch.log(x)
+    mantissa, exponent = torch.frexp(x)
+    below = mantissa < 0.70710677
+    exponent = exponent.to(torch.float32) - below.to(torch.float32)
+    shifted = (mantissa - 1.0) + torch.where(below, mantissa, torch.zeros_like(mantissa))
+    numerator = (0.18256296 * shifted + 1.0000000190281063) * shifted + 1.0000000190281136
+    numerator = numerator * shifted
+    denominator = ((0.049616247954120038 * shifted + 0.5992324959082352) * shifted + 1.4999999999999927) * \
+        shifted + 1.0
+    result = exponent * 0.6931472 + numerator / denominator
+    result = torch.where(x == float("inf"), x, result)
+    result = torch.where(x < 1.1754944e-38, torch.full_like(x, -float("inf")), result)   # denormals: zero
+    return torch.where(torch.isnan(x) | (x < 0), torch.full_like(x, float("nan")), result)
+
+
 class KerasMelSpectrogram(nn.Module):
     """Keras's MelSpectrogram (TensorFlow backend) on (N, T) signals, giving (N, frames, mel):
     reflect-padded by fft_length // 2 on both sides, frames of fft_length every sequence_stride
@@ -717,27 +738,6 @@ class KerasMelSpectrogram(nn.Module):
         return torch.cat([start.reshape(1), inner, stop.reshape(1)])
 
     @staticmethod
-    def tensorflow_log(x: torch.Tensor) -> torch.Tensor:
-        """TensorFlow's float32 `log` on CPU (Eigen's `plog_impl_float`, bit for bit): log(m) of the
-        mantissa m in [sqrt(1/2), sqrt(2)) by a rational polynomial, plus e * ln 2. torch's `log`
-        differs from it by an ulp in about 5% of values, which the mel filterbank's differences of
-        nearby mel frequencies magnify to 1e-5. Other dtypes: torch's `log`."""
-        if x.dtype != torch.float32:
-            return torch.log(x)
-        mantissa, exponent = torch.frexp(x)
-        below = mantissa < 0.70710677
-        exponent = exponent.to(torch.float32) - below.to(torch.float32)
-        shifted = (mantissa - 1.0) + torch.where(below, mantissa, torch.zeros_like(mantissa))
-        numerator = (0.18256296 * shifted + 1.0000000190281063) * shifted + 1.0000000190281136
-        numerator = numerator * shifted
-        denominator = ((0.049616247954120038 * shifted + 0.5992324959082352) * shifted + 1.4999999999999927) * \
-            shifted + 1.0
-        result = exponent * 0.6931472 + numerator / denominator
-        result = torch.where(x == float("inf"), x, result)
-        result = torch.where(x < 1.1754944e-38, torch.full_like(x, -float("inf")), result)   # denormals: zero
-        return torch.where(torch.isnan(x) | (x < 0), torch.full_like(x, float("nan")), result)
-
-    @staticmethod
     def keras_window(window, length: int, dtype: torch.dtype) -> torch.Tensor:
         """TensorFlow's `hann_window`/`hamming_window(periodic=True)` as Keras's stft asks for them:
         a - b * cos(2 pi n / N), N = length for an even length and length - 1 for an odd one
@@ -755,7 +755,7 @@ class KerasMelSpectrogram(nn.Module):
         """Keras's `MelSpectrogram.linear_to_mel_weight_matrix` (HTK mel scale, triangles peaking at 1,
         the DC bin zero), in float32 as Keras computes it: (num_spectrogram_bins, num_mel_bins)."""
         def hertz_to_mel(hertz):
-            return 1127.0 * KerasMelSpectrogram.tensorflow_log(1.0 + hertz / 700.0)
+            return 1127.0 * tensorflow_log(1.0 + hertz / 700.0)
 
         float32 = torch.float32
         nyquist = torch.tensor(sampling_rate, dtype=float32) / 2.0
@@ -772,7 +772,7 @@ class KerasMelSpectrogram(nn.Module):
 
     def log10(self, x: torch.Tensor) -> torch.Tensor:
         """Keras's log10 (TensorFlow backend): log(x) / log(10)."""
-        return self.tensorflow_log(x) / self.tensorflow_log(torch.tensor(10.0, dtype=x.dtype))
+        return tensorflow_log(x) / tensorflow_log(torch.tensor(10.0, dtype=x.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         output_dtype = x.dtype
@@ -789,6 +789,63 @@ class KerasMelSpectrogram(nn.Module):
             mel = mel - (10.0 * self.log10(reference)).to(x.dtype)
             mel = torch.maximum(mel, torch.amax(mel) - self.top_db)
         return mel.to(output_dtype)
+
+
+class KerasSTFTSpectrogram(nn.Module):
+    """Keras's STFTSpectrogram on Keras-layout signals ((N, T, C) channels_last, (N, C, T)
+    channels_first): each channel convolved (stride frame_step, TensorFlow's `same` or `valid`
+    padding) with the real and imaginary DFT kernels, torch Conv1d weights (F, 1, frame_length),
+    then the `mode` (real, imag, angle, stft, psd, magnitude, log) and Keras's output layout;
+    `epsilon` is Keras's backend epsilon, the floor of the power and the magnitude."""
+
+    def __init__(self, mode, frame_length, frame_step, frequencies, padding="valid", expand_dims=False,
+                 data_format="channels_last", epsilon=1e-7, device=None, dtype=None):
+        super().__init__()
+        self.mode, self.frame_length, self.frame_step, self.frequencies = mode, frame_length, frame_step, frequencies
+        self.padding, self.expand_dims, self.data_format, self.epsilon = padding, expand_dims, data_format, epsilon
+        shape = (frequencies, 1, frame_length)
+        if mode != "imag":
+            self.real_weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        if mode != "real":
+            self.imag_weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+    def convolve(self, signals: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N, C, T) -> (N, C, F, frames)."""
+        channels, length = signals.shape[1], signals.shape[2]
+        flat = signals.reshape(-1, 1, length)
+        if self.padding == "same":   # TensorFlow's: the odd cell after
+            frames = -(-length // self.frame_step)
+            total = max((frames - 1) * self.frame_step + self.frame_length - length, 0)
+            flat = F.pad(flat, (total // 2, total - total // 2))
+        output = F.conv1d(flat, weight.to(signals.dtype), stride=self.frame_step)
+        return output.reshape(-1, channels, output.shape[1], output.shape[2])
+
+    def adjust(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, C, F, frames) in Keras's output layout."""
+        if self.expand_dims:
+            return outputs.permute(0, 3, 2, 1) if self.data_format == "channels_last" else outputs.transpose(2, 3)
+        merged = outputs.reshape(outputs.shape[0], -1, outputs.shape[3])
+        return merged.transpose(1, 2) if self.data_format == "channels_last" else merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        signals = x.transpose(1, 2) if self.data_format == "channels_last" else x
+        real = self.convolve(signals, self.real_weight) if self.mode != "imag" else None
+        imag = self.convolve(signals, self.imag_weight) if self.mode != "real" else None
+        if self.mode == "real":
+            return self.adjust(real)
+        if self.mode == "imag":
+            return self.adjust(imag)
+        if self.mode == "angle":
+            return self.adjust(torch.atan2(imag, real))
+        if self.mode == "stft":
+            return self.adjust(torch.cat([real, imag], dim=2))
+        power = torch.square(real) + torch.square(imag)
+        if self.mode == "psd":
+            return self.adjust(power + F.pad(power[:, :, 1:-1, :], (0, 0, 1, 1)))
+        magnitude = self.adjust(torch.sqrt(torch.clamp(power, min=self.epsilon)))
+        if self.mode == "magnitude":
+            return magnitude
+        return tensorflow_log(torch.clamp(magnitude, min=self.epsilon))
 
 
 class NAMESPACES:

@@ -50,6 +50,10 @@ def signal(length, rows=3, scale=1.0):
     return [(np.random.default_rng(1).standard_normal((rows, length)) * scale).astype(np.float32)]
 
 
+def _signals(shape, rows=3):
+    return (np.random.default_rng(2).standard_normal((rows,) + shape)).astype(np.float32)
+
+
 # name -> (model, inputs)
 CASES = {
     "auto_contrast_value_range": lambda: (single(IMAGE, L.AutoContrast(value_range=(20, 200))), images()),
@@ -77,6 +81,26 @@ CASES = {
         keras.Input((40,)), L.Dense(299), L.MelSpectrogram(fft_length=32, sequence_stride=9, num_mel_bins=10,
                                                              sampling_rate=4000, min_freq=0.0),
         L.Dense(5)]), signal(40)),
+    # window=None: Keras draws the kernels from scipy windows otherwise, and scipy is not installed
+    # here; the kernels are weights, seeded at random like every weight of these tests.
+    "stft_log_channels_last": lambda: (single((101, 3), L.STFTSpectrogram(
+        mode="log", frame_length=16, frame_step=5, fft_length=32, window=None)), [_signals((101, 3))]),
+    "stft_magnitude_same_expand_dims": lambda: (single((99, 2), L.STFTSpectrogram(
+        mode="magnitude", frame_length=15, frame_step=4, window=None, padding="same", expand_dims=True)),
+        [_signals((99, 2))]),
+    "stft_psd_channels_first": lambda: (single((3, 120), L.STFTSpectrogram(
+        mode="psd", frame_length=20, frame_step=7, fft_length=64, window=None, data_format="channels_first")),
+        [_signals((3, 120))]),
+    "stft_real_channels_first_expand_dims_same": lambda: (single((2, 77), L.STFTSpectrogram(
+        mode="real", frame_length=12, frame_step=12, window=None, padding="same", expand_dims=True,
+        data_format="channels_first")), [_signals((2, 77))]),
+    "stft_imag": lambda: (single((64, 1), L.STFTSpectrogram(mode="imag", frame_length=9, window=None)),
+                          [_signals((64, 1))]),
+    "stft_angle_same": lambda: (single((50, 3), L.STFTSpectrogram(mode="angle", frame_length=8, frame_step=3,
+                                                                    window=None, padding="same")),
+                                [_signals((50, 3))]),
+    "stft_stft_into_dense": lambda: (keras.Sequential([keras.Input((81, 2)), L.STFTSpectrogram(
+        mode="stft", frame_length=10, frame_step=6, fft_length=16, window=None), L.Dense(3)]), [_signals((81, 2))]),
     "pipeline_auto_contrast_random_brightness": lambda: (single(IMAGE, L.Pipeline(
         [L.AutoContrast(), L.RandomBrightness(0.1)])), images()),
     "pipeline_auto_contrast_center_crop_channels_first": lambda: (single((9, 12, 3), L.Pipeline(
@@ -140,7 +164,7 @@ def check_generated_code(keras_model, inputs, tmp_path):
 # Cases in the default run (about a second each; generated code, run in a fresh process through
 # torch.export, takes several): `-m slow` runs all of them.
 DEFAULT = {"auto_contrast_value_range", "random_crop_same_size", "mel_spectrogram_hamming_odd_fft_short_window",
-           "pipeline_between_convolutions"}
+           "pipeline_between_convolutions", "stft_log_channels_last", "stft_real_channels_first_expand_dims_same"}
 CODE_DEFAULT = {"mel_spectrogram_between_dense_layers"}
 
 
@@ -205,6 +229,12 @@ REFUSALS = [
     (lambda: L.Pipeline([L.AutoContrast(name="contrast")]), IMAGE, {"layers": [{"class_name": "AutoContrast",
                                                                                  "config": {"value_range": 3}}]},
      r"layer 'bad/layer_0' \(AutoContrast\): unsupported option value_range=3 \(must be 2 numbers\)"),
+    (lambda: L.STFTSpectrogram(frame_length=16, window=None), (100, 2), {"window": [0.5] * 16},
+     r"'bad' \(STFTSpectrogram\): unsupported option window=\[0.5, .* \(window values in the config: only a"),
+    (lambda: L.STFTSpectrogram(frame_length=16, window=None), (100, 2), {"mode": "phase"},
+     r"'bad' \(STFTSpectrogram\): unsupported option mode='phase'"),
+    (lambda: L.STFTSpectrogram(frame_length=16, window=None), (100, 2), {"frame_step": 17},
+     r"'bad' \(STFTSpectrogram\): STFTSpectrogram frame_step must be an integer from 1 to 16, got 17"),
     (lambda: L.MelSpectrogram(fft_length=64), (100,), {"sequence_length": 65},
      r"MelSpectrogram sequence_length must be an integer from 1 to 64, got 65"),
 ]
@@ -245,3 +275,23 @@ def test_pipeline_round_trips_to_the_same_keras_config():
     model, _ = CASES["pipeline_auto_contrast_center_crop_channels_first"]()
     rebuilt = keras_adapter.model_from_tensors(keras_adapter.architecture_of(model), {})
     assert rebuilt.layers[-1].get_config() == model.layers[-1].get_config()
+
+
+def test_stft_spectrogram_with_a_scipy_window_converts_from_its_config():
+    """The window only chose the kernels' first values: a file's config naming one converts (Keras
+    itself needs scipy to build such a layer, which this environment lacks)."""
+    from exchange.keras_config import parse_model_config
+
+    layer = L.STFTSpectrogram(frame_length=16, frame_step=4, window=None, name="spectrogram")
+    graph = parse_model_config(config_with(layer, (90, 2), window="hann", periodic=True), "hand-written").graph
+    assert graph.shapes["spectrogram"] == (19, 18) and graph.tensor_specs["spectrogram.real_weight"][0] == (9, 1, 16)
+
+
+def test_stft_spectrogram_shorter_than_a_frame_is_refused():
+    from exchange.keras_config import parse_model_config
+
+    config = config_with(L.STFTSpectrogram(frame_length=16, window=None, name="bad"), (100, 2))
+    config["config"]["layers"][0]["config"]["batch_shape"] = [None, 10, 2]
+    with pytest.raises(UnsupportedLayerError, match=r"layer 'bad' \(stft_spectrogram\): STFTSpectrogram of 10 "
+                                                    r"samples is shorter than its frame_length 16"):
+        parse_model_config(config, "hand-written")

@@ -1,7 +1,5 @@
-"""Spectrograms of signals: MelSpectrogram (`helpers.KerasMelSpectrogram`).
-
-STFTSpectrogram has no kind yet: its kernels come from scipy's windows (`initializers.STFT`) and
-Keras cannot build it where scipy is missing (as here), so nothing could be checked against it.
+"""Spectrograms of signals: MelSpectrogram (`helpers.KerasMelSpectrogram`) and STFTSpectrogram
+(`helpers.KerasSTFTSpectrogram`).
 
 Conventions that differ:
 - Keras's MelSpectrogram returns (batch, mel bins, frames); the torch side holds a rank-3 tensor
@@ -20,16 +18,27 @@ Conventions that differ:
   filterbanks then agree to an ulp or two in a few entries.
 - `power_to_db` clamps to (the maximum over the whole batch, every row) - top_db, as Keras does:
   a row's output depends on the other rows of its batch (Keras's `predict` cuts batches of 32).
-- Keras declares (input_length + stride + 1) // stride frames but computes 1 + (input_length + 2 *
+- STFTSpectrogram's DFT kernels are weights (Keras draws them from a scipy window; a file holds
+  their values): Keras's (frame_length, 1, F) kernels are torch Conv1d weights (F, 1,
+  frame_length), applied to each channel on its own. The torch module takes and gives Keras's
+  layout (permuted to and from the exchange's), so its `mode`, `expand_dims` and `data_format`
+  reshapes are Keras's own. `same` padding is TensorFlow's (the odd cell after); torch's
+  `padding="same"` refuses strides, so the signal is padded first.
+- STFTSpectrogram floors the power and the magnitude at Keras's `backend.epsilon()`, a
+  process-wide setting no file records: its default, 1e-7, is assumed.
+- MelSpectrogram: Keras declares (input_length + stride + 1) // stride frames but computes 1 + (input_length + 2 *
   (fft_length // 2) - fft_length) // stride; where the two differ the model is refused.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, coerce, register
+from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.ports import Permute, Port
 
 WINDOWS = ("hann", "hamming")
 # An FFT length, and a window: real audio front ends use at most a few thousand samples.
@@ -141,3 +150,136 @@ class MelSpectrogram(LayerKind):
             num_mel_bins=config.num_mel_bins, min_freq=config.min_freq, max_freq=config.max_freq,
             power_to_db=config.power_to_db, top_db=config.top_db, mag_exp=config.mag_exp,
             min_power=config.min_power, ref_power=config.ref_power, **context.keras_identity)
+
+
+STFT_MODES = ("log", "magnitude", "psd", "real", "imag", "angle", "stft")
+PADDINGS = ("valid", "same")
+SCALINGS = ("density", "spectrum")
+DATA_FORMATS = ("channels_last", "channels_first")
+# Keras's `backend.epsilon()`, the floor of STFTSpectrogram's power and magnitude: a process-wide
+# setting (`keras.config.set_epsilon`) that no file records; its default.
+KERAS_EPSILON = 1e-7
+
+
+@dataclass(frozen=True)
+class STFTSpectrogramConfig:
+    mode: str
+    frame_length: int
+    frame_step: int | None
+    fft_length: int | None
+    window: str | None        # the kernels' initializer only: the file's kernels are what count
+    periodic: bool
+    scaling: str | None
+    padding: str
+    expand_dims: bool
+    data_format: str
+
+    def __post_init__(self) -> None:
+        check_choice(self.mode, STFT_MODES, "STFTSpectrogram mode")
+        check_int(self.frame_length, "STFTSpectrogram frame_length", MAX_FFT)
+        if self.frame_step is not None:
+            check_int(self.frame_step, "STFTSpectrogram frame_step", self.frame_length)
+        if self.fft_length is not None:
+            check_int(self.fft_length, "STFTSpectrogram fft_length", MAX_FFT, self.frame_length)
+        if self.window is not None and (not isinstance(self.window, str) or not 0 < len(self.window) <= 100
+                                        or not self.window.isprintable()):
+            raise ExchangeError("STFTSpectrogram window must be a scipy window name or null")
+        coerce(self.periodic, bool, "STFTSpectrogram periodic")
+        if self.scaling is not None:
+            check_choice(self.scaling, SCALINGS, "STFTSpectrogram scaling")
+        check_choice(self.padding, PADDINGS, "STFTSpectrogram padding")
+        coerce(self.expand_dims, bool, "STFTSpectrogram expand_dims")
+        check_choice(self.data_format, DATA_FORMATS, "STFTSpectrogram data_format")
+
+    @property
+    def step(self) -> int:
+        return self.frame_step or self.frame_length // 2
+
+    @property
+    def frequencies(self) -> int:
+        """The kernels' output channels: fft_length // 2 + 1 (fft_length: the next power of 2)."""
+        fft_length = self.fft_length or 2 ** int(math.ceil(math.log2(self.frame_length)))
+        return fft_length // 2 + 1
+
+
+@register
+class STFTSpectrogram(LayerKind):
+    """The spectrogram as Keras computes it: a strided 1-D convolution of each channel with two
+    kernels (`helpers.KerasSTFTSpectrogram`); the kernels are weights (Keras initialises them
+    from a scipy window, which the file's values already hold)."""
+
+    kind, keras_classes, Config = "stft_spectrogram", ("STFTSpectrogram",), STFTSpectrogramConfig
+
+    def from_keras(self, options):
+        window = options.take("window", "hann")
+        if window is not None and not isinstance(window, str):
+            raise options.unsupported("window", window, "window values in the config: only a window name")
+        scaling = options.take("scaling", "density")
+        if scaling is not None and scaling not in SCALINGS:
+            raise options.unsupported("scaling", scaling)
+        values = {}
+        for key, allowed, default in (("mode", STFT_MODES, "log"), ("padding", PADDINGS, "valid"),
+                                      ("data_format", DATA_FORMATS, None)):
+            value = options.take(key, default)
+            value = "channels_last" if key == "data_format" and value is None else value
+            if value not in allowed:
+                raise options.unsupported(key, value)
+            values[key] = value
+        frame_step, fft_length = options.take("frame_step", None), options.take("fft_length", None)
+        try:
+            return STFTSpectrogramConfig(
+                values["mode"], options.integer("frame_length", 256),
+                None if frame_step is None else options.integer("frame_step"),
+                None if fft_length is None else options.integer("fft_length"), window,
+                options.flag("periodic", False), scaling, values["padding"], options.flag("expand_dims", False),
+                values["data_format"])
+        except ExchangeError as err:
+            raise UnsupportedLayerError(f"{options.where()}: {err}") from None
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) != 2:
+            raise UnsupportedLayerError(f"STFTSpectrogram needs signals of shape (batch, samples, channels) or "
+                                        f"(batch, channels, samples), found (batch, {shape})")
+        length, channels = shape if config.data_format == "channels_last" else shape[::-1]
+        if channels is None:
+            raise UnsupportedLayerError("STFTSpectrogram needs a known number of channels")
+        if length is None:
+            frames = None
+        elif config.padding == "same":
+            frames = -(-length // config.step)
+        else:
+            if length < config.frame_length:
+                raise UnsupportedLayerError(f"STFTSpectrogram of {length} samples is shorter than its frame_length "
+                                            f"{config.frame_length}")
+            frames = (length - config.frame_length) // config.step + 1
+        frequencies = config.frequencies * (2 if config.mode == "stft" else 1)
+        if config.expand_dims:
+            return (frames, frequencies, channels) if config.data_format == "channels_last" else \
+                (channels, frames, frequencies)
+        return (frames, frequencies * channels) if config.data_format == "channels_last" else \
+            (frequencies * channels, frames)
+
+    def ports(self, context):
+        config = context.config
+        shape = (config.frame_length, 1, config.frequencies)
+        return [Port(f"{part}_kernel", f"{part}_weight", (Permute((2, 1, 0)),), shape=shape)
+                for part in ("real", "imag") if config.mode != ("imag" if part == "real" else "real")]
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        module = builder.helpers.KerasSTFTSpectrogram(
+            config.mode, config.frame_length, config.step, config.frequencies, padding=config.padding,
+            expand_dims=config.expand_dims, data_format=config.data_format, epsilon=KERAS_EPSILON, device="meta",
+            dtype=builder.dtype(context))
+        signals = builder.call(builder.torch.permute, inputs[0], to_keras_order(2))   # as Keras holds them
+        value = builder.module(context, module, signals)
+        return builder.call(builder.torch.permute, value, to_torch_order(len(context.output_shape)))
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.STFTSpectrogram(
+            mode=config.mode, frame_length=config.frame_length, frame_step=config.frame_step,
+            fft_length=config.fft_length, window=config.window, periodic=config.periodic, scaling=config.scaling,
+            padding=config.padding, expand_dims=config.expand_dims, data_format=config.data_format,
+            **context.keras_identity)
