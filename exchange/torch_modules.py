@@ -840,6 +840,192 @@ class KerasResize(nn.Module):
         return as_int(*rounded(top, bottom)) if bottom else 0
 
 
+class KerasAutoContrast(nn.Module):
+    """Keras's AutoContrast: each image's values (per channel: the minimum and maximum over the
+    torch axes 2 and 3, Keras's axes 1 and 2) stretched to `value_range`, computed as Keras does on
+    a 0..255 scale, clipped to it; where that gives NaN (a flat image) the input is kept."""
+
+    def __init__(self, value_range=(0, 255)):
+        super().__init__()
+        self.value_range = value_range
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        low_value, high_value = (torch.tensor(value, dtype=x.dtype) for value in self.value_range)
+        images = (x - low_value) / (high_value - low_value) * 255.0 if tuple(self.value_range) != (0, 255) else x
+        low = torch.amin(images, dim=(2, 3), keepdim=True)
+        high = torch.amax(images, dim=(2, 3), keepdim=True)
+        scale = 255.0 / (high - low)
+        results = torch.clamp(images * scale + -low * scale, 0.0, 255.0)
+        if tuple(self.value_range) != (0, 255):
+            results = results / 255.0 * (high_value - low_value) + low_value
+        return torch.where(torch.isnan(results), x, results)
+
+
+def tensorflow_log(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's float32 `log` on CPU (Eigen's `plog_impl_float`, bit for bit): log(m) of the
+    mantissa m in [sqrt(1/2), sqrt(2)) by a rational polynomial, plus e * ln 2. torch's `log`
+    differs from it by an ulp in about 5% of values, which the mel filterbank's differences of
+    nearby mel frequencies magnify to 1e-5. Other dtypes: torch's `log`."""
+    if x.dtype != torch.float32:
+        return torch.log(x)
+    mantissa, exponent = torch.frexp(x)
+    below = mantissa < 0.70710677
+    exponent = exponent.to(torch.float32) - below.to(torch.float32)
+    shifted = (mantissa - 1.0) + torch.where(below, mantissa, torch.zeros_like(mantissa))
+    numerator = (0.18256296 * shifted + 1.0000000190281063) * shifted + 1.0000000190281136
+    numerator = numerator * shifted
+    denominator = ((0.049616247954120038 * shifted + 0.5992324959082352) * shifted + 1.4999999999999927) * \
+        shifted + 1.0
+    result = exponent * 0.6931472 + numerator / denominator
+    result = torch.where(x == float("inf"), x, result)
+    result = torch.where(x < 1.1754944e-38, torch.full_like(x, -float("inf")), result)   # denormals: zero
+    return torch.where(torch.isnan(x) | (x < 0), torch.full_like(x, float("nan")), result)
+
+
+class KerasMelSpectrogram(nn.Module):
+    """Keras's MelSpectrogram (TensorFlow backend) on (N, T) signals, giving (N, frames, mel):
+    reflect-padded by fft_length // 2 on both sides, frames of fft_length every sequence_stride
+    samples times the window (sequence_length long, centred in fft_length by zeros; with no window
+    all fft_length samples count), |rfft| **
+    mag_exp, times the mel matrix; in dB (`power_to_db`): 10 log10(max(p, min_power)) less 10
+    log10(max(|ref_power|, min_power)), raised to (the maximum over the whole batch) - top_db.
+    Computed in float32 (float64 inputs in float64), as Keras does."""
+
+    def __init__(self, fft_length, sequence_stride, sequence_length, window="hann", sampling_rate=16000,
+                 num_mel_bins=128, min_freq=20.0, max_freq=8000, power_to_db=True, top_db=80.0, mag_exp=2.0,
+                 min_power=1e-10, ref_power=1.0):
+        super().__init__()
+        self.fft_length, self.sequence_stride, self.sequence_length = fft_length, sequence_stride, sequence_length
+        self.window, self.sampling_rate, self.num_mel_bins = window, sampling_rate, num_mel_bins
+        self.min_freq, self.max_freq, self.power_to_db, self.top_db = min_freq, max_freq, power_to_db, top_db
+        self.mag_exp, self.min_power, self.ref_power = mag_exp, min_power, ref_power
+        left = (fft_length - sequence_length) // 2   # no window: none at all, over all fft_length samples
+        window_values = (torch.ones(fft_length) if window is None else F.pad(
+            self.keras_window(window, sequence_length, torch.float32), (left, fft_length - sequence_length - left)))
+        self.register_buffer("window_values", window_values, persistent=False)
+        mel_matrix = self.keras_mel_matrix(num_mel_bins, fft_length // 2 + 1, sampling_rate, min_freq, max_freq)
+        self.register_buffer("mel_matrix", mel_matrix, persistent=False)
+
+    @staticmethod
+    def tensorflow_linspace(start: torch.Tensor, stop: torch.Tensor, num: int) -> torch.Tensor:
+        """TensorFlow's `linspace` (float32): start, start + i * (stop - start) / (num - 1), stop."""
+        if num == 1:
+            return start.reshape(1)
+        step = (stop - start) / torch.tensor(num - 1, dtype=start.dtype)
+        inner = start + torch.arange(1, num - 1, dtype=start.dtype) * step
+        return torch.cat([start.reshape(1), inner, stop.reshape(1)])
+
+    @staticmethod
+    def keras_window(window, length: int, dtype: torch.dtype) -> torch.Tensor:
+        """TensorFlow's `hann_window`/`hamming_window(periodic=True)` as Keras's stft asks for them:
+        a - b * cos(2 pi n / N), N = length for an even length and length - 1 for an odd one
+        (TensorFlow's `periodic` applies to even lengths only)."""
+        if length == 1:
+            return torch.ones(length, dtype=dtype)
+        a, b = (0.5, 0.5) if window == "hann" else (0.54, 0.46)
+        n = torch.tensor(length if length % 2 == 0 else length - 1, dtype=dtype)
+        angle = torch.tensor(2 * 3.141592653589793, dtype=dtype) * torch.arange(length, dtype=dtype) / n
+        return a - b * torch.cos(angle)
+
+    @staticmethod
+    def keras_mel_matrix(num_mel_bins: int, num_spectrogram_bins: int, sampling_rate, lower_edge_hertz,
+                         upper_edge_hertz) -> torch.Tensor:
+        """Keras's `MelSpectrogram.linear_to_mel_weight_matrix` (HTK mel scale, triangles peaking at 1,
+        the DC bin zero), in float32 as Keras computes it: (num_spectrogram_bins, num_mel_bins)."""
+        def hertz_to_mel(hertz):
+            return 1127.0 * tensorflow_log(1.0 + hertz / 700.0)
+
+        float32 = torch.float32
+        nyquist = torch.tensor(sampling_rate, dtype=float32) / 2.0
+        linspace = KerasMelSpectrogram.tensorflow_linspace
+        frequencies = linspace(torch.tensor(0.0), nyquist, num_spectrogram_bins)[1:]
+        bins_mel = hertz_to_mel(frequencies).unsqueeze(1)
+        edges = linspace(hertz_to_mel(torch.tensor(lower_edge_hertz, dtype=float32)),
+                         hertz_to_mel(torch.tensor(upper_edge_hertz, dtype=float32)), num_mel_bins + 2)
+        lower, center, upper = edges[:-2].unsqueeze(0), edges[1:-1].unsqueeze(0), edges[2:].unsqueeze(0)
+        lower_slopes = (bins_mel - lower) / (center - lower)
+        upper_slopes = (upper - bins_mel) / (upper - center)
+        weights = torch.maximum(torch.tensor(0.0), torch.minimum(lower_slopes, upper_slopes))
+        return F.pad(weights, (0, 0, 1, 0))
+
+    def log10(self, x: torch.Tensor) -> torch.Tensor:
+        """Keras's log10 (TensorFlow backend): log(x) / log(10)."""
+        return tensorflow_log(x) / tensorflow_log(torch.tensor(10.0, dtype=x.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        output_dtype = x.dtype
+        x = x if x.dtype in (torch.float32, torch.float64) else x.float()
+        half = self.fft_length // 2
+        padded = F.pad(x.unsqueeze(1), (half, half), mode="reflect").squeeze(1)
+        frames = padded.unfold(-1, self.fft_length, self.sequence_stride) * self.window_values.to(x.dtype)
+        spectrum = torch.fft.rfft(frames, n=self.fft_length)
+        power = torch.pow(torch.sqrt(spectrum.real ** 2 + spectrum.imag ** 2), self.mag_exp)
+        mel = torch.matmul(power, self.mel_matrix.to(x.dtype))
+        if self.power_to_db:
+            mel = 10.0 * self.log10(torch.clamp(mel, min=self.min_power))
+            reference = torch.clamp(torch.tensor(abs(self.ref_power), dtype=torch.float32), min=self.min_power)
+            mel = mel - (10.0 * self.log10(reference)).to(x.dtype)
+            mel = torch.maximum(mel, torch.amax(mel) - self.top_db)
+        return mel.to(output_dtype)
+
+
+class KerasSTFTSpectrogram(nn.Module):
+    """Keras's STFTSpectrogram on Keras-layout signals ((N, T, C) channels_last, (N, C, T)
+    channels_first): each channel convolved (stride frame_step, TensorFlow's `same` or `valid`
+    padding) with the real and imaginary DFT kernels, torch Conv1d weights (F, 1, frame_length),
+    then the `mode` (real, imag, angle, stft, psd, magnitude, log) and Keras's output layout;
+    `epsilon` is Keras's backend epsilon, the floor of the power and the magnitude."""
+
+    def __init__(self, mode, frame_length, frame_step, frequencies, padding="valid", expand_dims=False,
+                 data_format="channels_last", epsilon=1e-7, device=None, dtype=None):
+        super().__init__()
+        self.mode, self.frame_length, self.frame_step, self.frequencies = mode, frame_length, frame_step, frequencies
+        self.padding, self.expand_dims, self.data_format, self.epsilon = padding, expand_dims, data_format, epsilon
+        shape = (frequencies, 1, frame_length)
+        if mode != "imag":
+            self.real_weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+        if mode != "real":
+            self.imag_weight = nn.Parameter(torch.empty(shape, device=device, dtype=dtype))
+
+    def convolve(self, signals: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """(N, C, T) -> (N, C, F, frames)."""
+        channels, length = signals.shape[1], signals.shape[2]
+        flat = signals.reshape(-1, 1, length)
+        if self.padding == "same":   # TensorFlow's: the odd cell after
+            frames = -(-length // self.frame_step)
+            total = max((frames - 1) * self.frame_step + self.frame_length - length, 0)
+            flat = F.pad(flat, (total // 2, total - total // 2))
+        output = F.conv1d(flat, weight.to(signals.dtype), stride=self.frame_step)
+        return output.reshape(-1, channels, output.shape[1], output.shape[2])
+
+    def adjust(self, outputs: torch.Tensor) -> torch.Tensor:
+        """(N, C, F, frames) in Keras's output layout."""
+        if self.expand_dims:
+            return outputs.permute(0, 3, 2, 1) if self.data_format == "channels_last" else outputs.transpose(2, 3)
+        merged = outputs.reshape(outputs.shape[0], -1, outputs.shape[3])
+        return merged.transpose(1, 2) if self.data_format == "channels_last" else merged
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        signals = x.transpose(1, 2) if self.data_format == "channels_last" else x
+        real = self.convolve(signals, self.real_weight) if self.mode != "imag" else None
+        imag = self.convolve(signals, self.imag_weight) if self.mode != "real" else None
+        if self.mode == "real":
+            return self.adjust(real)
+        if self.mode == "imag":
+            return self.adjust(imag)
+        if self.mode == "angle":
+            return self.adjust(torch.atan2(imag, real))
+        if self.mode == "stft":
+            return self.adjust(torch.cat([real, imag], dim=2))
+        power = torch.square(real) + torch.square(imag)
+        if self.mode == "psd":
+            return self.adjust(power + F.pad(power[:, :, 1:-1, :], (0, 0, 1, 1)))
+        magnitude = self.adjust(torch.sqrt(torch.clamp(power, min=self.epsilon)))
+        if self.mode == "magnitude":
+            return magnitude
+        return tensorflow_log(torch.clamp(magnitude, min=self.epsilon))
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

@@ -1,6 +1,6 @@
-"""Preprocessing layers that compute a fixed function of their input: Resizing and CenterCrop; and
-the layers that cannot be, refused with their reason (StringLookup, TextVectorization, Hashing,
-HashedCrossing: strings or string hashes).
+"""Preprocessing layers that compute a fixed function of their input: Resizing, CenterCrop and
+AutoContrast; and the layers that cannot be, refused with their reason (StringLookup,
+TextVectorization, Hashing, HashedCrossing: strings or string hashes).
 
 Conventions that differ:
 - Keras resizes with TensorFlow's `tf.image.resize` (v2: half-pixel centres, a kernel per method,
@@ -24,16 +24,21 @@ Conventions that differ:
   where the sizes are unknown). Keras traced with unknown sizes always crops, even an image
   smaller than the target (a shape Keras did not declare); the torch side follows Keras's eager
   (known-size) behaviour.
+- AutoContrast (active at inference) takes each image's minimum and maximum over Keras's axes 1
+  and 2 whatever its data_format (height and width channels-last; channels and height
+  channels-first, as Keras 3.15 does): those are torch's axes 2 and 3 in both layouts. A flat
+  image divides by zero; Keras keeps the input where the result is NaN, and so does the torch side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_choice, check_int, coerce, refuse_keras_class,
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, KerasOptions, LayerKind, _short, check_choice, check_int,
+                            check_known_keys, coerce, kind_for_keras_class, kind_of, refuse_keras_class,
                             register)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
@@ -182,6 +187,55 @@ class CenterCrop(LayerKind):
         config = context.config
         return keras.layers.CenterCrop(config.height, config.width, data_format=config.data_format,
                                        **context.keras_identity)
+
+
+@dataclass(frozen=True)
+class AutoContrastConfig:
+    value_range: tuple[int | float, int | float] = (0, 255)
+    data_format: str = "channels_last"
+
+    def __post_init__(self) -> None:
+        check_choice(self.data_format, DATA_FORMATS, "AutoContrast data_format")
+        if not isinstance(self.value_range, tuple) or len(self.value_range) != 2:
+            raise ExchangeError(f"AutoContrast value_range must be 2 numbers, got {self.value_range!r}")
+        for value in self.value_range:
+            coerce(value, int | float, "AutoContrast value_range")
+        if not self.value_range[0] < self.value_range[1]:
+            raise ExchangeError(f"AutoContrast value_range must be (low, high) with low < high, got "
+                                f"{self.value_range!r}")
+
+
+@register
+class AutoContrast(LayerKind):
+    """Deterministic, so it acts at inference too (`helpers.KerasAutoContrast`)."""
+
+    kind, keras_classes, Config = "auto_contrast", ("AutoContrast",), AutoContrastConfig
+
+    def from_keras(self, options):
+        options.expect("bounding_box_format", None)   # boxes only travel in dict inputs
+        value_range = options.take("value_range", [0, 255])
+        if not isinstance(value_range, (list, tuple)) or len(value_range) != 2 or not all(
+                isinstance(value, (int, float)) and not isinstance(value, bool) for value in value_range):
+            raise options.unsupported("value_range", value_range, "must be 2 numbers")
+        low, high = sorted(value_range)   # as Keras's constructor does
+        if not low < high:
+            raise options.unsupported("value_range", value_range, "an empty range divides by zero")
+        return AutoContrastConfig((low, high), _read_data_format(options))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(shape) != 3:
+            raise UnsupportedLayerError(f"AutoContrast needs a batch of images (rank 4, batch included), found "
+                                        f"(batch, {shape})")
+        return shape
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.module(context, builder.helpers.KerasAutoContrast(context.config.value_range), inputs[0])
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        return keras.layers.AutoContrast(value_range=config.value_range, data_format=config.data_format,
+                                         **context.keras_identity)
 
 
 # -- integer lookups and encodings ------------------------------------------------------------
@@ -394,3 +448,143 @@ class IntegerLookup(LayerKind):
                                           num_oov_indices=config.num_oov_indices, output_mode="int",
                                           invert=config.invert, oov_token=config.oov_token,
                                           vocabulary_dtype=config.vocabulary_dtype, **context.keras_identity)
+
+
+# -- Pipeline ---------------------------------------------------------------------------------
+
+PIPELINE_TAKES = "a layer without weights, with one input and one output"
+# Layers in one Pipeline: real ones chain a handful of augmentations.
+MAX_PIPELINE_LAYERS = 1 << 8
+
+
+@dataclass(frozen=True)
+class PipelineStep:
+    """One layer of a Pipeline: its kind, its config and its own Keras name."""
+
+    layer: str
+    config: object
+    layer_name: str
+
+    def __post_init__(self) -> None:
+        kind = kind_of(self.layer)   # raises for an unknown kind
+        if not _pipeline_takes(kind):
+            raise ExchangeError(f"Pipeline cannot hold a {kind.kind!r} layer: {PIPELINE_TAKES}")
+        if not isinstance(self.config, kind.Config):
+            raise ExchangeError(f"Pipeline: the config of layer {_short(self.layer_name)} is not a {kind.kind!r} "
+                                "config")
+        if (not isinstance(self.layer_name, str) or not 0 < len(self.layer_name) <= 1000 or "/" in self.layer_name
+                or not self.layer_name.isprintable()):
+            raise ExchangeError(f"Pipeline layer_name {_short(self.layer_name)} is not a Keras layer name "
+                                "(1 to 1000 printable characters, no '/')")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    layers: tuple[PipelineStep, ...]
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.layers, tuple) or not 1 <= len(self.layers) <= MAX_PIPELINE_LAYERS or not all(
+                isinstance(step, PipelineStep) for step in self.layers):
+            raise ExchangeError(f"Pipeline holds 1 to {MAX_PIPELINE_LAYERS} layers")
+
+
+def _pipeline_takes(kind: LayerKind) -> bool:
+    """Whether a Pipeline may hold a layer of this kind: one float tensor in, one out."""
+    return (not kind.takes_list and not kind.selects_output and kind.kind != Pipeline.kind
+            and type(kind).output_count is LayerKind.output_count
+            and type(kind).reads_integers is LayerKind.reads_integers and not kind.tensor_kwargs)
+
+
+@register
+class Pipeline(LayerKind):
+    """keras.layers.Pipeline: its layers applied in order, each converted by its own kind (only
+    layers without weights: Keras keeps a Pipeline's variables under paths of its own). Each
+    layer's torch modules go below the Pipeline's name (`pipeline.step0`)."""
+
+    kind, keras_classes, Config = "pipeline", ("Pipeline",), PipelineConfig
+
+    def from_keras(self, options):
+        layers = options.take("layers")
+        if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_PIPELINE_LAYERS:
+            raise options.unsupported("layers", layers, f"expected a list of 1 to {MAX_PIPELINE_LAYERS} layers")
+        steps = []
+        for index, layer_config in enumerate(layers):
+            if not isinstance(layer_config, dict) or not isinstance(layer_config.get("config"), dict):
+                raise options.unsupported("layers", layer_config, "expected a layer config")
+            class_name = layer_config.get("class_name")
+            kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
+            if kind is None or not _pipeline_takes(kind):
+                raise options.unsupported("layers", class_name, PIPELINE_TAKES)
+            name = layer_config["config"].get("name", f"layer_{index}")
+            dtype = layer_config["config"].get("dtype")
+            policy = (dtype.get("config") or {}).get("name") if isinstance(dtype, dict) else dtype
+            if policy not in (None, "float32"):   # the Pipeline itself has no dtype: float32
+                raise options.unsupported("layers", f"{name} with dtype {policy}", "only float32 layers")
+            inner = KerasOptions(class_name, f"{options.layer_name}/{name}", layer_config["config"],
+                                 keras2=options.keras2)
+            config = kind.from_keras(inner)
+            inner.finish()
+            steps.append(PipelineStep(kind.kind, config, str(name)))
+        return PipelineConfig(tuple(steps))
+
+    def config_from_dict(self, values, node_name):
+        where = f"layer {node_name!r} ({self.kind})"
+        if not isinstance(values, dict):
+            raise ExchangeError(f"layer {node_name!r}: config must be an object")
+        check_known_keys(values, ("layers",), where)
+        layers = values.get("layers")
+        if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_PIPELINE_LAYERS:
+            raise ExchangeError(f"{where}: layers must be a list of 1 to {MAX_PIPELINE_LAYERS} layers")
+        steps = []
+        for step in layers:
+            if not isinstance(step, dict) or not isinstance(step.get("layer"), str):
+                raise ExchangeError(f"{where}: each layer must name its kind")
+            check_known_keys(step, ("layer", "config", "layer_name"), where)
+            kind = kind_of(step["layer"])
+            if not _pipeline_takes(kind):
+                raise ExchangeError(f"{where}: cannot hold a {kind.kind!r} layer: {PIPELINE_TAKES}")
+            config = kind.config_from_dict(step.get("config", {}), node_name)
+            try:
+                steps.append(PipelineStep(kind.kind, config, step.get("layer_name")))
+            except ExchangeError as err:
+                raise ExchangeError(f"{where}: {err}") from None
+        return self.build_config(node_name, layers=tuple(steps))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        for step in config.layers:
+            shape = tuple(kind_of(step.layer).output_shape(step.config, (shape,)))
+        return shape
+
+    def steps(self, context):
+        """Each layer's kind and context: its input the previous one's output, its torch modules
+        below the Pipeline's name."""
+        shape, steps = context.input_shape, []
+        for index, step in enumerate(context.config.layers):
+            kind = kind_of(step.layer)
+            output_shape = tuple(kind.output_shape(step.config, (shape,)))
+            node = replace(context.node, kind=kind.kind, config=step.config, name=step.layer_name)
+            steps.append((kind, replace(context, node=node, torch_name=f"{context.torch_name}.step{index}",
+                                        input_shapes=(shape,), output_shape=output_shape, flat_source=None,
+                                        channels_first_flatten=False, input_masks=(None,))))
+            shape = output_shape
+        return steps
+
+    def ports(self, context):
+        for kind, step_context in self.steps(context):
+            if kind.ports(step_context):
+                raise UnsupportedLayerError(f"layer {context.node.name!r} (Pipeline): layer "
+                                            f"{_short(step_context.node.name)} ({kind.kind}) has weights, which a "
+                                            "Pipeline keeps under paths of its own: not supported")
+        return []
+
+    def torch_forward(self, builder, context, inputs):
+        builder.root.add_module(context.torch_name, builder.nn.ModuleDict())   # dropped by fx if left empty
+        value = inputs[0]
+        for kind, step_context in self.steps(context):
+            value = kind.torch_forward(builder, step_context, [value])
+        return value
+
+    def keras_layer(self, keras, context):
+        layers = [kind.keras_layer(keras, step_context) for kind, step_context in self.steps(context)]
+        return keras.layers.Pipeline(layers, name=context.node.name)

@@ -14,11 +14,13 @@ Conventions that differ:
 - Keras's image augmentations apply themselves when a model is called without `training=`
   (`model(x)`): the exchange's reference is `model.predict`, which does not.
 
+- RandomCrop: at inference Keras 3.15 returns its input unchanged (TensorFlow backend, checked)
+  but declares a (height, width) output; only where the input already is (height, width) do both
+  agree, and only there is it converted (the identity); elsewhere it is refused.
+
 Not here, because Keras computes something at inference: AutoContrast, CenterCrop, Resizing,
-ContrastLimitedAdaptiveHistogramEqualization, and RandomCrop (Keras 3.15 returns the input
-unchanged at inference but declares a (height, width) output, so a graph cannot hold both).
-Equalization is the identity at inference but cannot be called in a functional model (its
-symbolic output is its input: Keras reports a cycle).
+ContrastLimitedAdaptiveHistogramEqualization. Equalization is the identity at inference but cannot
+be called in a functional model (its symbolic output is its input: Keras reports a cycle).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from exchange.errors import ExchangeError
+from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, coerce,
                             register)
 
@@ -277,6 +279,29 @@ _augmentation("AugMix", "aug_mix", value_range=value_range(), num_chains=count(3
               data_format=DATA_FORMAT)
 _augmentation("RandAugment", "rand_augment", value_range=value_range(), num_ops=count(2, MAX_AUGMENTATION_STEPS),
               factor=factor(0.5), interpolation=INTERPOLATION, seed=seed(), data_format=DATA_FORMAT)
+
+
+class _RandomCrop(_Augmentation):
+    """keras.layers.RandomCrop: the identity at inference, converted only where its declared
+    (height, width) output is its input's shape. Only batches of images: Keras takes a rank-3
+    input for one image, whose declared shape then replaces the batch axis."""
+
+    ranks = (3,)
+
+    def output_shape(self, config, input_shapes):
+        shape = super().output_shape(config, input_shapes)
+        sides = shape[-3:-1] if config.data_format == "channels_last" else shape[-2:]
+        if tuple(sides) != (config.height, config.width):
+            raise UnsupportedLayerError(
+                f"RandomCrop to {config.height}x{config.width} of a (batch, {shape}) input is not supported (Keras "
+                "3.15's predict returns the input unchanged but declares the cropped shape: no graph holds both)")
+        return shape
+
+
+register(type("RandomCrop", (_RandomCrop,), {
+    "kind": "random_crop", "keras_classes": ("RandomCrop",), "__doc__": _RandomCrop.__doc__,
+    "Config": options_config("RandomCropConfig", height=count(dataclasses.MISSING, MAX_FEATURES),
+                             width=count(dataclasses.MISSING, MAX_FEATURES), seed=seed(), data_format=DATA_FORMAT)}))
 _augmentation("CutMix", "cut_mix", factor=factor(1.0), seed=seed(), data_format=DATA_FORMAT)
 _augmentation("MixUp", "mix_up", alpha=number(0.2), seed=seed(), data_format=DATA_FORMAT)
 _augmentation("MaxNumBoundingBoxes", "max_num_bounding_boxes", max_number=count(dataclasses.MISSING, MAX_BOXES),
