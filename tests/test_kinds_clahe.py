@@ -44,6 +44,8 @@ CASES = {
                                            clip_limit=3.3, tile_grid_size=(3, 2)), (0.25, 0.9), True),
     "channels_first_then_dense": (lambda: clahe_model((2, 9, 8), L.Dense(3), data_format="channels_first",
                                                       value_range=(0, 1), tile_grid_size=(2, 3)), (0, 1), False),
+    "float16_layer": (lambda: clahe_model((9, 13, 3), dtype="float16", value_range=(-1, 1), clip_limit=2.2,
+                                          tile_grid_size=(2, 3)), (-1, 1), True),
     "then_conv": (lambda: clahe_model((12, 9, 3), L.Conv2D(4, 1), value_range=(-7.5, 100.0), clip_limit=2.0,
                                       tile_grid_size=(5, 4)), (-7.5, 100.0), False),
 }
@@ -180,6 +182,9 @@ def config_with(shape, **changes):
     ((6, 8, 3), {"factor": 0.5}, r"unknown option\(s\) 'factor'"),
     ((4097, 4097, 1), {"tile_grid_size": [1, 1]}, r"tiles of 16,785,409 pixels are not supported \(Keras counts "
                                                   r"them in float32, exact up to 16,777,216\)"),
+    ((6, 8, 3), {"dtype": {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"},
+                           "registered_name": None}},
+     r"unsupported option dtype='mixed_float16' \(Keras takes the histogram bins of the image cast to the half"),
     ((None, None, 3), {}, r"layer 'bad' \(clahe\): ContrastLimitedAdaptiveHistogramEqualization needs a channels_last "
                           r"image of fixed height and width, found \(batch, \(None, None, 3\)\)"),
 ])

@@ -20,7 +20,8 @@ Conventions that differ:
   as (width, channels, height) like any rank-4 tensor; it is permuted to (channels, height, width)
   and back (`preprocessing.torch_image`).
 - Integer images (Keras keeps their dtype and truncates the result) are refused by the exchange's
-  check of integer inputs, as for every layer that does not read ids.
+  check of integer inputs, as for every layer that does not read ids; so are mixed-precision
+  policies (the exchange holds them as float32, where Keras bins the half-precision image).
 """
 
 from __future__ import annotations
@@ -51,6 +52,14 @@ def _float32_finite(value: float) -> bool:
         return bool(np.isfinite(np.float32(value)))
 
 
+def _float32_width_usable(value_range: tuple[float, float]) -> bool:
+    """Whether high - low in float32, which Keras divides by, is finite and nonzero."""
+    low, high = (np.float32(value) for value in value_range)
+    with np.errstate(over="ignore"):
+        width = high - low
+    return bool(width != 0 and np.isfinite(width))
+
+
 @dataclass(frozen=True)
 class CLAHEConfig:
     value_range: tuple[float, float] = (0.0, 255.0)
@@ -66,10 +75,7 @@ class CLAHEConfig:
                 isinstance(value, float) and _float32_finite(value) for value in self.value_range):
             raise ExchangeError(f"ContrastLimitedAdaptiveHistogramEqualization value_range must be two finite "
                                 f"float32 numbers, got {self.value_range!r}")
-        low, high = (np.float32(value) for value in self.value_range)
-        with np.errstate(over="ignore"):
-            span = high - low
-        if span == 0 or not np.isfinite(span):
+        if not _float32_width_usable(self.value_range):
             raise ExchangeError(f"ContrastLimitedAdaptiveHistogramEqualization value_range {self.value_range!r} "
                                 "must span a finite, nonzero float32 width (Keras divides by it)")
         if not isinstance(self.clip_limit, float) or not abs(self.clip_limit) <= MAX_CLIP_LIMIT:
@@ -95,11 +101,13 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
     kind, keras_classes, Config = "clahe", ("ContrastLimitedAdaptiveHistogramEqualization",), CLAHEConfig
 
     def from_keras(self, options):
+        policy = options.take("dtype", None)
+        policy_name = (policy.get("config") or {}).get("name") if isinstance(policy, dict) else policy
+        if isinstance(policy_name, str) and policy_name.startswith("mixed_"):
+            raise options.unsupported("dtype", policy_name, "Keras takes the histogram bins of the image cast to "
+                                      "the half-precision compute dtype; the exchange computes in float32 there")
         value_range = _read_value_range(options)
-        low, high = (np.float32(value) for value in value_range)
-        with np.errstate(over="ignore"):
-            span = high - low
-        if span == 0 or not np.isfinite(span):
+        if not _float32_width_usable(value_range):
             raise options.unsupported("value_range", list(value_range), "Keras divides by its float32 width, "
                                       "which is zero or infinite")
         clip_limit = options.number("clip_limit", 4.0)
@@ -113,13 +121,13 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
         """(height, width) of the input, after checking that TensorFlow can pad it to whole tiles
         (its symmetric padding mirrors at most the whole image) and count their pixels exactly."""
         height, width, _ = _image(input_shape, "ContrastLimitedAdaptiveHistogramEqualization", config.data_format)
-        for side, size, grid in (("height", height, config.tile_grid_size[0]),
-                                  ("width", width, config.tile_grid_size[1])):
+        for side, size, grid, cells in (("height", height, config.tile_grid_size[0], "rows"),
+                                         ("width", width, config.tile_grid_size[1], "columns")):
             padding = -(-size // grid) * grid - size
             if padding > size:
                 raise UnsupportedLayerError(
                     f"ContrastLimitedAdaptiveHistogramEqualization tile_grid_size {config.tile_grid_size} on an "
-                    f"image {side} of {size}: Keras pads {padding} mirrored rows, more than the image has "
+                    f"image {side} of {size}: Keras pads {padding} mirrored {cells}, more than the image has "
                     "(TensorFlow raises)")
         tile_pixels = -(-height // config.tile_grid_size[0]) * -(-width // config.tile_grid_size[1])
         if tile_pixels > MAX_TILE_PIXELS:
