@@ -1026,6 +1026,121 @@ class KerasSTFTSpectrogram(nn.Module):
         return tensorflow_log(torch.clamp(magnitude, min=self.epsilon))
 
 
+def tensorflow_cpu_sum(values: torch.Tensor) -> torch.Tensor:
+    """The sum over a last axis of 256 float32 values (keepdim), added in the order TensorFlow's
+    CPU kernel adds them (Eigen's vectorised reduction): 8-lane packets into 4 accumulators in turn
+    (packet j into accumulator j % 4), the accumulators added in order, then the 8 lanes halved
+    (0-3 + 4-7, ...). Each float32 rounding happens where TensorFlow's does."""
+    packets = values.unflatten(-1, (8, 4, 8))   # (..., round, accumulator, lane)
+    accumulators = packets[..., 0, :, :]
+    for round_index in range(1, 8):
+        accumulators = accumulators + packets[..., round_index, :, :]
+    lanes = accumulators[..., 0, :]
+    for accumulator in range(1, 4):
+        lanes = lanes + accumulators[..., accumulator, :]
+    while lanes.shape[-1] > 1:
+        half = lanes.shape[-1] // 2
+        lanes = lanes[..., :half] + lanes[..., half:]
+    return lanes
+
+
+class KerasCLAHE(nn.Module):
+    """Keras's ContrastLimitedAdaptiveHistogramEqualization on (N, C, height, width) images, with
+    TensorFlow's float32 roundings:
+    - values in `value_range` are scaled to [0, 255] (unless it is (0, 255)) as TensorFlow's graph
+      computes `(x - low) / (high - low) * 255`: times the float32 constant 255 * (1 / (high - low));
+    - the image is padded symmetrically (mirrored, edge included) at the bottom and right to whole
+      tiles of ceil(height / grid) x ceil(width / grid) pixels;
+    - per tile and channel, a histogram of 256 bins: bin trunc(clip(x, 0, 255)); values at or
+      above 2**31 (and NaN) in bin 0, where TensorFlow's int32 cast overflows;
+    - bins clipped at clip_limit * tile pixels / 256 (when clip_limit > 0), the excess (summed in
+      TensorFlow's order, `tensorflow_cpu_sum`) spread evenly over the 256 bins;
+    - the cumulative histogram, summed one bin after another in float32 as TensorFlow's cumsum,
+      mapped to [0, 255]: (cdf - cdf_min) * 255 / (tile pixels - cdf_min), 1 for a zero divisor;
+    - each pixel's value trunc(clip(x, 0, 255)) looked up in the four nearest tiles' mappings
+      (tile centres, edges repeated) and interpolated bilinearly;
+    - scaled back to `value_range` (r * ((high - low) * (1 / 255)) + low), cast to x's dtype.
+    Sizes are fixed at construction, so every index and weight is a constant buffer."""
+
+    def __init__(self, height, width, value_range=(0.0, 255.0), clip_limit=4.0, tile_grid_size=(8, 8)):
+        super().__init__()
+        self.height, self.width, self.value_range = height, width, tuple(value_range)
+        self.clip_limit, self.tile_grid_size = clip_limit, tuple(tile_grid_size)
+        grid_height, grid_width = self.tile_grid_size
+        self.tile_height, self.tile_width = -(-height // grid_height), -(-width // grid_width)
+        self.tile_pixels = self.tile_height * self.tile_width
+        low, high = (torch.tensor(value, dtype=torch.float32) for value in self.value_range)
+        self.rescales = tuple(self.value_range) != (0.0, 255.0)
+        # Python floats holding float32 values: multiplying or adding them rounds as float32 does.
+        self.low = low.item()
+        self.to_bins = ((1 / (high - low)) * 255).item()
+        self.from_bins = ((1 / torch.tensor(255.0)) * (high - low)).item()
+        self.limit = torch.tensor(clip_limit * self.tile_pixels / 256.0, dtype=torch.float32).item()
+        rows = self._corners(height, self.tile_height, grid_height)
+        columns = self._corners(width, self.tile_width, grid_width)
+        for name, (first, second, weight) in (("row", rows), ("column", columns)):
+            self.register_buffer(f"{name}_first", first, persistent=False)
+            self.register_buffer(f"{name}_second", second, persistent=False)
+            self.register_buffer(f"{name}_weight", weight, persistent=False)
+            self.register_buffer(f"{name}_weight_first", 1 - weight, persistent=False)
+
+    @staticmethod
+    def _corners(size, tile, grid):
+        """For each pixel along an axis: its two nearest tile centres (tile indices, the edges
+        repeated) and the second's float32 weight, as Keras computes them."""
+        position = (torch.arange(size, dtype=torch.float32) - torch.tensor(tile / 2.0)) / torch.tensor(
+            float(tile)) + 1
+        first = torch.floor(position)
+        weight = position - first
+        second = (first + 1).clamp(0, grid + 1) - 1
+        return (first.clamp(0, grid + 1) - 1).clamp(0, grid - 1).long(), second.clamp(0, grid - 1).long(), weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        grid_height, grid_width = self.tile_grid_size
+        values = (x.float() - self.low) * self.to_bins if self.rescales else x
+        padded = values
+        pad_height, pad_width = grid_height * self.tile_height - self.height, grid_width * self.tile_width - self.width
+        if pad_height:
+            padded = torch.cat([padded, padded[:, :, self.height - pad_height:].flip(2)], 2)
+        if pad_width:
+            padded = torch.cat([padded, padded[:, :, :, self.width - pad_width:].flip(3)], 3)
+        bins = torch.where(padded < 2 ** 31, padded.clamp(0, 255), torch.zeros_like(padded)).long()
+        batch, channels = x.shape[0], x.shape[1]
+        tiles = bins.reshape(batch, channels, grid_height, self.tile_height, grid_width, self.tile_width)
+        tiles = tiles.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, grid_height, grid_width, self.tile_pixels)
+        histogram = torch.zeros(batch, channels, grid_height, grid_width, 256, dtype=torch.float32, device=x.device)
+        histogram = histogram.scatter_add(-1, tiles, torch.ones_like(tiles, dtype=torch.float32))
+        if self.clip_limit > 0:
+            clipped = histogram.clamp(0, self.limit)
+            histogram = clipped + tensorflow_cpu_sum(histogram - clipped) / 256.0
+        running = list(histogram.unbind(-1))
+        for bin_index in range(1, 256):
+            running[bin_index] = running[bin_index - 1] + running[bin_index]
+        cdf = torch.stack(running, -1)
+        lowest = cdf.amin(-1, keepdim=True)
+        divisor = self.tile_pixels - lowest
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+        mapping = ((cdf - lowest) * 255.0 / divisor).clamp(0, 255).reshape(batch, channels, -1)
+        pixels = values.clamp(0, 255).long()
+
+        def lookup(rows, columns):
+            index = (rows[:, None] * grid_width + columns[None, :]) * 256 + pixels
+            return torch.gather(mapping, 2, index.reshape(batch, channels, -1)).reshape(pixels.shape)
+
+        top = lookup(self.row_first, self.column_first) * self.column_weight_first + lookup(
+            self.row_first, self.column_second) * self.column_weight
+        bottom = lookup(self.row_second, self.column_first) * self.column_weight_first + lookup(
+            self.row_second, self.column_second) * self.column_weight
+        result = top * self.row_weight_first[:, None] + bottom * self.row_weight[:, None]
+        if self.rescales:
+            result = result * self.from_bins + self.low
+        return result.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"{self.height}, {self.width}, value_range={self.value_range}, clip_limit={self.clip_limit}, "
+                f"tile_grid_size={self.tile_grid_size}")
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""
