@@ -364,8 +364,9 @@ def _run(args, activations, check) -> int:
             graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes)
         for note in notes:
             print(f"note: {note}")
-        print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, "
-              f"{graph.parameter_count():,} parameters")
+        torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()
+        print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, {torch_count:,} parameters"
+              + (f" ({keras_count:,} in Keras)" if keras_count != torch_count else ""))
     except (Interrupted, KeyboardInterrupt) as err:
         number = err.signal_number if isinstance(err, Interrupted) else signal.SIGINT
         print(f"error: interrupted by {signal.Signals(number).name}; {args.output} was not written",

@@ -54,7 +54,7 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
         for part in submodule.modules():   # helpers inside containers (Bidirectional) too
             if type(part) in HELPERS and type(part) not in used_helpers:
                 used_helpers.append(type(part))
-    keras_names = {graph.torch_names[node.name]: node.name for node in graph.nodes}
+    keras_names = {graph.torch_names[node.name]: node.name for node in graph.layers}
     parameters, body = _forward(module.graph, keras_names)
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]
     named = "\n".join(init_lines + body + helper_sources)

@@ -63,6 +63,15 @@ class Node:
     inputs: tuple[str, ...]
     config: Any        # the kind's frozen Config dataclass
     dtype: str = "float32"   # the dtype of the node's weights
+    # A shared layer's later call: the node whose layer this one calls again (its weights, torch
+    # module and Keras layer are that node's); None for a node that is its own layer.
+    shares: str | None = None
+
+
+def shared_call_name(layer: str, call: int) -> str:
+    """The node of a shared layer's call after its first: `conv:call1`, `conv:call2`, … (Keras
+    layer names hold no colon; the torch side calls the layer's own module, `self.conv`)."""
+    return f"{layer}:call{call}"
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,8 @@ class Graph:
                 raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype[:40]!r} is not one of {INPUT_DTYPES}")
             _check_shape(spec.shape, f"input {spec.name!r}")
         edges = 0
+        calls: dict[str, int] = {}   # shared layer -> its calls so far after the first
+        own_layers: set[str] = set()   # the earlier nodes that are layers of their own
         for node in self.nodes:
             _check_name(node.name, seen)
             edges += len(node.inputs)
@@ -152,14 +163,41 @@ class Graph:
             if missing or not node.inputs:
                 raise ExchangeError(f"layer {node.name!r} reads {missing or 'nothing'}, which is not "
                                     "an input or an earlier layer")
+            if node.shares is not None:
+                self._check_shared_call(node, calls, own_layers)
+            else:
+                own_layers.add(node.name)
         unknown = [name for name in self.outputs if name not in seen]
         if unknown or not self.outputs:
             raise ExchangeError(f"graph outputs {unknown or '(none)'} are not layers or inputs")
         # The whole graph is checked now, before anything is built: every shape, mask and tensor.
         self.shapes, self.masks, self.tensor_specs   # noqa: B018
 
+    def _check_shared_call(self, node: Node, calls: dict[str, int], own_layers: set[str]) -> None:
+        """A later call of a shared layer: of an earlier node that is its own layer, with the same
+        kind, config and dtype, named `shared_call_name(layer, n)` for its n-th call after the first."""
+        from exchange.kinds import kind_of
+
+        owner = self._nodes_by_name[node.shares] if node.shares in own_layers else None
+        if owner is None or kind_of(node.kind).selects_output:
+            raise ExchangeError(f"layer {node.name!r} shares {str(node.shares)[:80]!r}, which is not an earlier "
+                                "layer of its own")
+        if (owner.kind, owner.config, owner.dtype) != (node.kind, node.config, node.dtype):
+            raise ExchangeError(f"layer {node.name!r} shares layer {owner.name!r} but differs from it in kind, "
+                                "config or dtype")
+        calls[owner.name] = calls.get(owner.name, 0) + 1
+        if node.name != shared_call_name(owner.name, calls[owner.name]):
+            raise ExchangeError(f"layer {node.name!r}: call {calls[owner.name] + 1} of shared layer {owner.name!r} "
+                                f"must be named {shared_call_name(owner.name, calls[owner.name])!r}")
+
     def node(self, name: str) -> Node:
         return self._nodes_by_name[name]
+
+    @cached_property
+    def layers(self) -> tuple[Node, ...]:
+        """The nodes that are layers of their own (every node but a shared layer's later calls):
+        one each per set of weights, torch module and Keras layer."""
+        return tuple(node for node in self.nodes if node.shares is None)
 
     @cached_property
     def _nodes_by_name(self) -> dict[str, Node]:
@@ -184,6 +222,9 @@ class Graph:
         names: dict[str, str] = {}
         taken: dict[str, str] = {}
         for node in self.nodes:
+            if node.shares is not None:   # a shared layer's later call: the layer's own module
+                names[node.name] = names[node.shares]
+                continue
             safe = python_name(node.name)
             if safe in taken:
                 raise ExchangeError(f"layers {taken[safe]!r} and {node.name!r} both become torch "
@@ -349,6 +390,9 @@ class Graph:
         """Every tensor of the file (= the torch module's state_dict): key -> (shape, dtype)."""
         specs: dict[str, tuple[Shape, str]] = {}
         for node in self.nodes:
+            if node.shares is not None:
+                self._check_same_weights(node)
+        for node in self.layers:
             keras_shapes = dict(self.keras_variables(node))
             prefix = self.torch_names[node.name]
             for port in self.ports(node):
@@ -358,6 +402,22 @@ class Graph:
                     for suffix, shape in port.torch_shapes(keras_shapes).items():
                         specs[f"{prefix}.{suffix}"] = (shape, node.dtype)
         return specs
+
+    def _check_same_weights(self, node: Node) -> None:
+        """A shared layer's calls must use the same weights the same way: the same variable shapes
+        (a Dense on inputs of other widths would need others), and no call may read a channels-first
+        Flatten whose order the other calls' weights would have to absorb too."""
+        owner = self.node(node.shares)
+        mine, theirs = self.context(node), self.context(owner)
+        if self.keras_variables(node) != self.keras_variables(owner):
+            raise UnsupportedLayerError(f"layer {node.name!r}: shared layer {owner.name!r} is called on inputs "
+                                        f"{list(mine.input_shapes)} and {list(theirs.input_shapes)}, which need "
+                                        "its weights in different shapes; not supported")
+        if mine.flat_source != theirs.flat_source:
+            flattened = [name for name, context in ((node.name, mine), (owner.name, theirs)) if context.flat_source]
+            raise UnsupportedLayerError(f"layer {node.name!r}: shared layer {owner.name!r} reads a Flatten of an "
+                                        f"image at call {flattened[0]!r} only, whose channels-first order its "
+                                        "weights would take at that call alone; not supported")
 
     def tensor_shapes(self) -> dict[str, Shape]:
         return {key: shape for key, (shape, _) in self.tensor_specs.items()}
@@ -372,7 +432,13 @@ class Graph:
         return counts
 
     def parameter_count(self) -> int:
+        """Values in the torch module's floating-point tensors (a shared layer's once)."""
         return sum(self.node_parameter_counts().values())
+
+    def keras_parameter_count(self) -> int:
+        """Values in the Keras model's variables, as `model.count_params()` counts them: fewer than
+        torch's where torch holds a tensor Keras has not (an LSTM's zero `bias_hh`)."""
+        return sum(prod(shape) for node in self.layers for _, shape in self.keras_variables(node))
 
     @cached_property
     def cost(self) -> Cost:
@@ -397,7 +463,7 @@ class Graph:
                                         "(A-Z a-z 0-9 . first, then also _ - >); it converts to PyTorch, not to Keras")
         from exchange.kinds import kind_of
 
-        for node in self.nodes:   # an output-selecting node (`lstm:output1`) is no Keras layer
+        for node in self.layers:   # an output-selecting node (`lstm:output1`) is no Keras layer
             if not kind_of(node.kind).selects_output and not KERAS_LAYER_NAME.fullmatch(node.name):
                 raise UnsupportedLayerError(f"layer name {node.name!r} cannot be a Keras layer's name on TensorFlow "
                                             "(only A-Z a-z 0-9 . _ - >); it converts to PyTorch, not to Keras")
@@ -412,6 +478,7 @@ class Graph:
                            for spec in self.inputs],
                 "nodes": [{"name": node.name, "kind": node.kind, "inputs": list(node.inputs),
                            "dtype": node.dtype, "config": config_to_dict(node.config)}
+                          | ({"shares": node.shares} if node.shares is not None else {})
                           for node in self.nodes],
                 "outputs": list(self.outputs)}
 
@@ -430,9 +497,10 @@ class Graph:
             for item in _list(description["nodes"]):
                 _known_fields(item, NODE_FIELDS, "a layer")
                 kind = kind_of(_str(item["kind"]))
+                shares = item.get("shares")
                 nodes.append(Node(_str(item["name"]), kind.kind, tuple(_str(name) for name in _list(item["inputs"])),
                                   kind.config_from_dict(item.get("config", {}), _str(item["name"])),
-                                  _str(item.get("dtype", "float32"))))
+                                  _str(item.get("dtype", "float32")), None if shares is None else _str(shares)))
             # Construction checks the whole graph (shapes check each config against its inputs).
             return cls(_str(description.get("name", "model")), inputs, tuple(nodes),
                        tuple(_str(name) for name in _list(description["outputs"])))
@@ -525,7 +593,7 @@ def _check_shape(shape: Shape, what: str) -> None:
 # The fields of a format-2 architecture (`to_dict`); any other is refused, not ignored.
 GRAPH_FIELDS = ("name", "inputs", "nodes", "outputs")
 INPUT_FIELDS = ("name", "shape", "dtype")
-NODE_FIELDS = ("name", "kind", "inputs", "dtype", "config")
+NODE_FIELDS = ("name", "kind", "inputs", "dtype", "config", "shares")
 
 
 def _known_fields(item, fields: tuple[str, ...], what: str) -> bool:

@@ -90,7 +90,7 @@ def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
     """The model's weights as file tensors (torch layout)."""
     parsed = parse_model(model)
     stored = {}
-    for node in parsed.graph.nodes:
+    for node in parsed.graph.layers:
         if parsed.graph.keras_variables(node):   # operations (`x + 3.0`) are not layers and hold none
             keras_layer = _layer_at(model, parsed.locations[node.name])
             stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
@@ -104,7 +104,7 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
         fileformat.check_same_architecture(graph, parsed.graph, f"Keras model {model.name!r}")
     fileformat.check_tensors(parsed.graph, file_tensors)
     per_node = layout.file_to_keras(parsed.graph, file_tensors)
-    for node in parsed.graph.nodes:
+    for node in parsed.graph.layers:
         if not per_node[node.name]:
             continue
         keras_layer = _layer_at(model, parsed.locations[node.name])
@@ -127,11 +127,14 @@ def build_model(graph: Graph) -> keras.Model:
 def _build_model(graph: Graph) -> keras.Model:
     values = {spec.name: keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in graph.inputs}
     inputs = [values[spec.name] for spec in graph.inputs]
+    layers = {}   # a shared layer is one Keras layer, called at each of its nodes
     for node in graph.nodes:
         kind = kind_of(node.kind)
         context = graph.context(node)
         with framework_errors(node, "Keras"):
-            values[node.name] = kind.keras_call(kind.keras_layer(keras, context),
+            if node.shares is None:
+                layers[node.name] = kind.keras_layer(keras, context)
+            values[node.name] = kind.keras_call(layers[node.shares or node.name],
                                                 [values[name] for name in node.inputs], context)
     outputs = [values[name] for name in graph.outputs]
     return keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs,
@@ -179,7 +182,8 @@ def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarr
     outputs_by_name = {}
     for name in (names if names is not None else [node.name for node in graph.nodes]):
         location = parsed.locations.get(name)
-        if location is not None and not location.container_path and name in layers:
+        if location is not None and not location.container_path and name in layers \
+                and len(layers[name]._inbound_nodes) == 1:   # a shared layer has no one output
             output = layers[name].output   # top-level layers only: a nested model's have no outer output
             if not isinstance(output, (list, tuple)):
                 outputs_by_name[name] = output

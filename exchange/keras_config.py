@@ -16,12 +16,13 @@ naming the layer, its class and the option, and all the model's problems are rep
 
 from __future__ import annotations
 
+import heapq
 import re
 from dataclasses import dataclass
 
 from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
-from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node
+from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node, shared_call_name
 from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
 from exchange.kinds.preprocessing import STRING_REASON
 
@@ -64,6 +65,17 @@ class KerasLocation:
     keras3_subgroups: tuple[str, ...] = ("",)   # where below keras3_group its vars are (LSTM: "cell")
 
 
+@dataclass
+class _Calls:
+    """A layer of a functional model, its calls (`inbound_nodes`) and how many are made so far."""
+
+    layer: dict
+    group: str
+    inbound: list
+    first_node: int   # the node index of its first call in the config's tensor histories
+    made: int = 0
+
+
 @dataclass(frozen=True)
 class ParsedModel:
     graph: Graph
@@ -97,10 +109,11 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
         raise ExchangeFileError(f"{source}: malformed Keras model config ({type(err).__name__}: {err})") from None
     if parser.problems:
-        raise UnsupportedLayerError(f"{source}: " + "; ".join(parser.problems))
+        raise UnsupportedLayerError(f"{source}: " + "; ".join(dict.fromkeys(parser.problems)))   # a shared layer's once
     try:
+        nodes = parser.nodes if not any(node.shares for node in parser.nodes) else _canonical_order(parser.nodes)
         graph = Graph(_text(model_config["config"].get("name", "model")) if isinstance(
-            model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(parser.nodes), tuple(outputs))
+            model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(nodes), tuple(outputs))
         graph.shapes  # noqa: B018  (shape inference now, so a bad model fails here, naming the layer)
         graph.masks  # noqa: B018  (and masks: a layer that cannot take one fails here)
         _check_explicit_masks(graph, parser.explicit_masks)
@@ -111,6 +124,33 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
     return ParsedModel(graph, parser.locations, parser.class_names)
 
 
+def _canonical_order(nodes: list[Node]) -> list[Node]:
+    """The nodes of a model with shared layers in an order that depends on the graph alone: each
+    step takes, of the nodes whose inputs are made, the first by name. Keras lists a layer once
+    whatever its calls and a nested model's layers inside it, so the order of a model with a
+    shared nested model differs from that of the same model rebuilt flat; this one does not, and
+    file -> Keras -> file stays bit-identical."""
+    made = {name for node in nodes for name in node.inputs} - {node.name for node in nodes}   # the inputs
+    by_name = {node.name: node for node in nodes}
+    readers: dict[str, list[str]] = {}
+    for node in nodes:
+        for name in dict.fromkeys(node.inputs):
+            if name not in made:
+                readers.setdefault(name, []).append(node.name)
+    waiting = {node.name: len({name for name in node.inputs if name not in made}) for node in nodes}   # each once
+    ready = [name for name, count in waiting.items() if count == 0]
+    heapq.heapify(ready)
+    ordered = []
+    while ready:
+        name = heapq.heappop(ready)
+        ordered.append(by_name[name])
+        for reader in readers.get(name, []):
+            waiting[reader] -= 1
+            if waiting[reader] == 0:
+                heapq.heappush(ready, reader)
+    return ordered if len(ordered) == len(nodes) else nodes   # (a cycle is reported by the graph's checks)
+
+
 class _Parser:
     def __init__(self, source: str, keras2: bool):
         self.source, self.keras2 = source, keras2
@@ -118,6 +158,9 @@ class _Parser:
         self.nodes: list[Node] = []
         self.locations: dict[str, KerasLocation] = {}
         self.class_names: dict[str, str] = {}
+        # A layer already made into a node, by where it is (its nested models and its name) -> that
+        # node and the calls made of it since: a later call is a node sharing it.
+        self.made: dict[tuple[str, ...], list] = {}
         self.problems: list[str] = []
         self.mask_operations: dict[str, MaskRecord] = {}   # mask-only operation edges -> what they compute
         self.explicit_masks: dict[str, MaskRecord] = {}    # layer -> what its mask= computes
@@ -174,66 +217,102 @@ class _Parser:
         layers = config["layers"]
         groups = self._groups(layers, keras3_prefix)
         input_names = [entry[0] for entry in _entries(config.get("input_layers", []))]
-        edges: dict[tuple[str, int], str] = {}
+        edges: dict[tuple[str, int, int], str] = {}   # (layer, call, output index) -> the graph's edge
         mask_only = _mask_only_operations(layers)
         if incoming is not None and len(incoming) != len(input_names):
             raise ExchangeError(f"nested model takes {len(input_names)} inputs, given {len(incoming)}")
+        waiting: list[_Calls] = []
         for layer, group in zip(layers, groups):
             class_name, name = _text(layer["class_name"]), _layer_name(layer)
             if class_name in INPUT_CLASSES:
                 if incoming is None:
-                    edges[(name, 0)] = self.add_input(name, layer.get("config", {}))
+                    edges[(name, 0, 0)] = self.add_input(name, layer.get("config", {}))
                 else:
-                    edges[(name, 0)] = incoming[input_names.index(name)]
+                    edges[(name, 0, 0)] = incoming[input_names.index(name)]
                 continue
             inbound = layer.get("inbound_nodes", [])
-            if name in mask_only and len(inbound) == 1:
-                self.mask_operation(name, class_name, inbound[0], edges)
+            if not isinstance(inbound, list) or not inbound:
+                self.problems.append(f"layer {name!r} ({class_name}) is never called")
                 continue
-            if len(inbound) != 1:
-                self.problems.append(f"layer {name!r} ({class_name}) is called {len(inbound)} times; "
-                                     "shared layers are not supported")
-                continue
-            try:
-                kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
-                tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
-                call = _first_argument_by_position(inbound[0])
-                mask = _mask_ref(call)
-                if mask is None and kind is not None:   # `layer(x, mask)`, as Keras's own tests call it
-                    call, mask = _positional_mask(call, kind.mask_position)
-                sources = [edges[(ref_name, tensor_index)]
-                           for ref_name, tensor_index in _inbound_refs(call, tensor_kwargs)]
-                call_args = _call_args(call)
-                call_kwargs = _call_kwargs(call, tensor_kwargs)
-                mask_input = False
-                if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
-                    # (a nested model passes its input's mask on to its layers, as the graph does)
-                    if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's or Masking's mask
-                        self.explicit_masks[name] = self.mask_operations[edges[mask]]
-                    else:   # a tensor of the model: the node's last input, read by kinds that take one
-                        mask_input = True
-                        sources.append(edges[mask])
-            except UnsupportedLayerError as err:   # a call this exchange cannot read: name the layer
-                message = str(err)
-                self.problems.append(message if repr(name) in message else f"layer {name!r} ({class_name}): {message}")
-                continue
-            except KeyError as err:
+            waiting.append(_Calls(layer, group, inbound, self._first_node(layer)))
+        # Keras's own order (functional_from_config): pass over the layers again and again, each
+        # making its calls in turn while what they read is there. A shared layer's later call may
+        # read a layer listed after it.
+        while waiting:
+            progress = False
+            for calls in waiting:
+                while calls.made < len(calls.inbound) and _reads_known(calls.inbound[calls.made], edges):
+                    self.call(calls, edges, container_path, keras2_group, mask_only)
+                    calls.made += 1
+                    progress = True
+            waiting = [calls for calls in waiting if calls.made < len(calls.inbound)]
+            if waiting and not progress:
                 if self.problems:
-                    continue  # a layer before it failed; that problem is already reported
-                raise ExchangeError(f"layer {name!r} reads {err.args[0]}, which is not defined before it") from None
-            outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
-                                 call_kwargs, mask_given=mask is not None, mask_input=mask_input)
-            for index, edge in enumerate(outputs):
-                edges[(name, index)] = edge
+                    break   # a layer before failed; that problem is already reported
+                calls = waiting[0]
+                unknown = next(ref for ref in _histories(calls.inbound[calls.made]) if _edge_key(ref) not in edges)
+                raise ExchangeError(f"layer {_layer_name(calls.layer)!r} reads {_text(unknown[0])!r} (call "
+                                    f"{unknown[1]}, output {unknown[2]}), which no layer of the model makes")
         if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
             order = {input_name: index for index, input_name in enumerate(input_names)}
             self.inputs.sort(key=lambda spec: order.get(spec.name, len(order)))
         try:
-            return [edges[(name, tensor_index)] for name, _, tensor_index in _entries(config["output_layers"])]
+            return [edges[(name, node_index, tensor_index)]
+                    for name, node_index, tensor_index in _entries(config["output_layers"])]
         except KeyError:
             if self.problems:
                 return []
             raise
+
+    def call(self, calls: "_Calls", edges: dict, container_path, keras2_group, mask_only: set[str]) -> None:
+        """One call of a layer in a functional model: its node(s), and its outputs in `edges`."""
+        layer, group, call_index = calls.layer, calls.group, calls.made
+        class_name, name = _text(layer["class_name"]), _layer_name(layer)
+        inbound = calls.inbound[call_index]
+        if name in mask_only and len(calls.inbound) == 1:
+            self.mask_operation(name, class_name, inbound, edges)
+            return
+        try:
+            kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
+            tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
+            call = _first_argument_by_position(inbound)
+            mask = _mask_ref(call)
+            if mask is None and kind is not None:   # `layer(x, mask)`, as Keras's own tests call it
+                call, mask = _positional_mask(call, kind.mask_position)
+            sources = [edges[ref] for ref in _inbound_refs(call, tensor_kwargs)]
+            call_args = _call_args(call)
+            call_kwargs = _call_kwargs(call, tensor_kwargs)
+            mask_input = False
+            if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
+                # (a nested model passes its input's mask on to its layers, as the graph does)
+                if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's or Masking's mask
+                    self.explicit_masks[name] = self.mask_operations[edges[mask]]
+                else:   # a tensor of the model: the node's last input, read by kinds that take one
+                    mask_input = True
+                    sources.append(edges[mask])
+        except UnsupportedLayerError as err:   # a call this exchange cannot read: name the layer
+            message = str(err)
+            self.problems.append(message if repr(name) in message else f"layer {name!r} ({class_name}): {message}")
+            return
+        outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
+                             call_kwargs, mask_given=mask is not None, mask_input=mask_input)
+        for index, edge in enumerate(outputs):
+            edges[(name, calls.first_node + call_index, index)] = edge
+
+    def _first_node(self, layer: dict) -> int:
+        """Keras 3 numbers a layer's calls in a model 0, 1, …. Keras 2 numbers a nested model's from
+        1 where the model was built on inputs of its own (a functional model; a Sequential with an
+        input shape): node 0 is that build, left out of the config (tf-keras's `_should_skip_first_node`)."""
+        if not self.keras2:
+            return 0
+        class_name, config = layer.get("class_name"), layer.get("config")
+        if class_name in FUNCTIONAL_CLASSES:
+            return 1
+        if class_name in SEQUENTIAL_CLASSES and isinstance(config, dict) and isinstance(config.get("layers"), list) \
+                and config["layers"] and isinstance(config["layers"][0], dict):
+            first = config["layers"][0]
+            return int(first.get("class_name") in INPUT_CLASSES or _batch_shape(first.get("config") or {}) is not None)
+        return 0
 
     def mask_operation(self, name: str, class_name: str, inbound, edges: dict) -> None:
         """Record an operation that only computes masks (not a node) as a `MaskRecord`."""
@@ -254,7 +333,7 @@ class _Parser:
         foreign |= class_name not in MASK_OPERATIONS   # e.g. `ids > 3`: the model's own mask
         edge = f"{name}:mask"
         self.mask_operations[edge] = MaskRecord(frozenset(reads), frozenset(constants), foreign)
-        edges[(name, 0)] = edge
+        edges[(name, 0, 0)] = edge
 
     def add_input(self, name: str, config: dict) -> str:
         shape = _batch_shape(config)
@@ -294,9 +373,17 @@ class _Parser:
             message = str(err) if isinstance(err, ExchangeError) else f"{type(err).__name__}: {err}"
             self.problems.append(message if name in message else f"layer {name!r} ({class_name}): {message}")
             return [name]
-        self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
-        self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
-                                             tuple(kind.keras3_subgroups(node_config)))
+        where = container_path + (name,)
+        if where in self.made:   # a shared layer (or a layer of a nested model) called again
+            shared = self.made[where]
+            shared[1] += 1
+            name = shared_call_name(shared[0], shared[1])
+            self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype, shares=shared[0]))
+        else:
+            self.made[where] = [name, 0]
+            self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
+            self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
+                                                 tuple(kind.keras3_subgroups(node_config)))
         self.class_names[name] = class_name
         count = kind.output_count(node_config)
         if count == 1:
@@ -430,14 +517,33 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _mask_ref(node) -> tuple[str, int] | None:
-    """(layer name, output index) of the tensor a Keras 3 call passes as `mask=`, if any."""
+def _edge_key(history) -> tuple[str, int, int]:
+    """(layer name, call, output index) from a Keras tensor's history, [layer, node, tensor]: a
+    layer's node index counts its calls in this model, as its `inbound_nodes` lists them."""
+    return _text(history[0]), int(history[1]), int(history[2])
+
+
+def _call_refs(inbound) -> list:
+    """The histories of every tensor a call reads, positional or keyword, masks included."""
+    if isinstance(inbound, dict):   # Keras 3
+        return _histories(inbound)
+    refs = [entry for entry in inbound if isinstance(entry, list)]   # Keras 2: [[name, node, tensor, kwargs], …]
+    return refs + [value for value in _keras2_kwargs(inbound).values() if _is_keras2_ref(value)]
+
+
+def _reads_known(inbound, edges: dict) -> bool:
+    """Whether every tensor the call reads is made already."""
+    return all(_edge_key(ref) in edges for ref in _call_refs(inbound))
+
+
+def _mask_ref(node) -> tuple[str, int, int] | None:
+    """(layer name, call, output index) of the tensor a Keras 3 call passes as `mask=`, if any."""
     if not isinstance(node, dict):
         return None
     histories = _histories((node.get("kwargs") or {}).get(MASK_KEYWORD))
     if len(histories) > 1:
         raise UnsupportedLayerError(f"a list of masks is not supported ({len(histories)} given)")
-    return (_text(histories[0][0]), int(histories[0][2])) if histories else None
+    return _edge_key(histories[0]) if histories else None
 
 
 def _first_argument_by_position(node):
@@ -453,7 +559,7 @@ def _first_argument_by_position(node):
 def _positional_mask(node, position: int | None):
     """A Keras 3 call with a tensor at the `mask` position of its layer's call (`LayerKind.mask_position`):
     the call without it (and without the `None`s before it: LSTM's `(x, None, mask)`) and the mask's
-    (layer name, output index). Keras 3 records positional arguments as given."""
+    (layer name, call, output index). Keras 3 records positional arguments as given."""
     if position is None or not isinstance(node, dict):
         return node, None
     arguments = list(node.get("args", []))
@@ -464,25 +570,25 @@ def _positional_mask(node, position: int | None):
     rest = arguments[:position]
     while len(rest) > 1 and rest[-1] is None:
         rest.pop()
-    return dict(node, args=rest + arguments[position + 1:]), (_text(history[0]), int(history[2]))
+    return dict(node, args=rest + arguments[position + 1:]), _edge_key(history)
 
 
-def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, int]]:
-    """(layer name, output index) of each tensor a call reads, in order: the positional arguments,
+def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
+    """(layer name, call, output index) of each tensor a call reads, in order: the positional arguments,
     then the keyword arguments its layer kind takes as tensors (`LayerKind.tensor_kwargs`, e.g.
     MultiHeadAttention's `key`, `attention_mask`); `mask` is not one (see `_mask_ref`)."""
     if isinstance(node, dict):   # Keras 3: {"args": [...], "kwargs": {...}}
-        refs = [(_text(history[0]), int(history[2])) for history in _histories(node.get("args", []))]
+        refs = [_edge_key(history) for history in _histories(node.get("args", []))]
         for key, value in (node.get("kwargs") or {}).items():
             if key != MASK_KEYWORD and _histories(value):
                 if key not in tensor_kwargs:
                     raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
-                refs += [(_text(history[0]), int(history[2])) for history in _histories(value)]
+                refs += [_edge_key(history) for history in _histories(value)]
         return refs
-    refs = [(_text(entry[0]), int(entry[2])) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+    refs = [_edge_key(entry) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
     for key, value in _keras2_kwargs(node).items():
         if key in tensor_kwargs and _is_keras2_ref(value):
-            refs.append((_text(value[0]), int(value[2])))
+            refs.append(_edge_key(value))
     return refs
 
 

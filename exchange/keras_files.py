@@ -405,7 +405,7 @@ def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from
 def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeights:
     """Locate every node's variables and map them to file tensors (shapes checked, data unread)."""
     try:
-        stored = {node.name: variables_of(parsed.locations[node.name]) for node in parsed.graph.nodes}
+        stored = {node.name: variables_of(parsed.locations[node.name]) for node in parsed.graph.layers}
         tensors = layout.keras_to_file(parsed.graph, stored, source.label, parsed.class_names)
     except BaseException:
         source.close()

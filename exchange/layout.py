@@ -34,7 +34,7 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
 
     class_names = class_names or {}
     problems, tensors = [], {}
-    for node in graph.nodes:
+    for node in graph.layers:   # a shared layer's weights once
         expected = graph.keras_variables(node)
         aliases = kind_of(node.kind).variable_aliases
         found = _unmerged(node, expected, stored.get(node.name, []), kind_of(node.kind).merged_when_saved(node.config))
@@ -86,7 +86,7 @@ def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
     """File tensors -> per-node Keras variable arrays in the layer's variable order; None for a
     Keras-only variable (left as the Keras layer has it). The inverse of `keras_to_file`."""
     per_node = {}
-    for node in graph.nodes:
+    for node in graph.layers:   # a shared layer's weights once
         prefix = graph.torch_names[node.name]
         keras_shapes = dict(graph.keras_variables(node))
         variables = {}
@@ -111,7 +111,7 @@ def folded_tensors(graph: Graph, tensors: dict) -> list[str]:
     LSTM's nonzero `bias_hh_l0` added to `bias_ih_l0` as Keras's one bias). The outputs stay the
     same; going back to torch gives the canonical split (the sum, then zeros)."""
     found = []
-    for node in graph.nodes:
+    for node in graph.layers:   # a shared layer's weights once
         prefix = graph.torch_names[node.name]
         for port in graph.ports(node):
             if getattr(port, "lossy", False):

@@ -136,7 +136,10 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
             arguments = _autocast(builder, node, kind, arguments, [dtypes[name] for name in node.inputs])
             dtypes[node.name] = TORCH_DTYPES[kind.integer_output(node.config) or node.dtype]
         with framework_errors(node, "PyTorch"):
-            values[node.name] = kind.torch_forward(builder, graph.context(node), arguments)
+            if node.shares is None:
+                values[node.name] = kind.torch_forward(builder, graph.context(node), arguments)
+            else:
+                values[node.name] = _call_shared_layer(builder, graph, node, arguments)
     outputs = []
     for name in graph.outputs:
         value, rank = values[name], len(graph.shapes[name])
@@ -149,6 +152,42 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
     # fx names of single-output values (a layer with several outputs is read through `output` nodes)
     module.exchange_values = {name: value.name for name, value in values.items() if isinstance(value, fx.Node)}
     return module
+
+
+def _call_shared_layer(builder: TorchGraphBuilder, graph: Graph, node, arguments: list) -> fx.Node:
+    """A shared layer's later call: the kind's `torch_forward` again, its calls going to the
+    modules the layer's first call registered (same path: the same parameters, so fine-tuning
+    keeps them tied). The modules it builds on the way are compared with those and dropped; a
+    layer whose torch modules depend on the input (a padding computed from its size) and differ
+    between calls is refused."""
+    context = graph.context(node)
+    modules, builder.root = builder.root, nn.Module()
+    try:
+        value = kind_of(node.kind).torch_forward(builder, context, arguments)
+    finally:
+        rebuilt, builder.root = builder.root, modules
+    for name, module in rebuilt.named_children():
+        if not hasattr(modules, name) or not _same_module(getattr(modules, name), module):
+            raise ExchangeError(f"layer {node.name!r}: shared layer {node.shares!r} needs another torch module "
+                                f"for these inputs {list(context.input_shapes)}; not supported")
+    return value
+
+
+def _same_module(first: nn.Module, second: nn.Module) -> bool:
+    """The same type, settings (public attributes: a module's constructor arguments, as generated
+    code reads them), parameter and buffer shapes, and submodules."""
+    def settings(module: nn.Module) -> dict:
+        return {key: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+                for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
+
+    def tensors(module: nn.Module) -> dict:
+        return {key: (tuple(value.shape), value.dtype) for key, value in
+                list(module._parameters.items()) + list(module._buffers.items()) if value is not None}
+
+    first_children, second_children = dict(first.named_children()), dict(second.named_children())
+    return (type(first) is type(second) and settings(first) == settings(second) and tensors(first) == tensors(second)
+            and first_children.keys() == second_children.keys()
+            and all(_same_module(first_children[key], second_children[key]) for key in first_children))
 
 
 def _autocast(builder: TorchGraphBuilder, node, kind, arguments: list, dtypes: list) -> list:

@@ -23,6 +23,9 @@ LSTM model takes int32 token ids; its batch is stored in expected_outputs.npz as
     ids[r, 9 - r % 5:] = 0 for each row r    # the last r % 5 positions are padding (mask_zero)
 
 and its outputs as `lstm_outputs`; the GRU model's outputs on the 16-row fixed batch as `gru_outputs`.
+
+Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
+two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ CNN_WEIGHT_SEED = 7
 LSTM_WEIGHT_SEED = 11
 GRU_WEIGHT_SEED = 13
 WRAPPERS_WEIGHT_SEED = 17
+SHARED_WEIGHT_SEED = 19
 RNN_BATCH_ROWS = 16
 VOCAB_SIZE = 20
 SEQ_LEN = 9
@@ -171,6 +175,21 @@ def wrappers() -> keras.Model:
     return overwrite_weights(keras.Model(inputs, outputs, name="wrappers_model"), WRAPPERS_WEIGHT_SEED)
 
 
+def shared() -> keras.Model:
+    """Two float series (9 and 7 steps) -> one Conv1D called on both (as MTSplice's `conv_exon`)
+    -> GlobalMaxPooling1D each -> one nested Sequential encoder called on both -> Subtract ->
+    Dense: Keras 2's config of shared layers (several `inbound_nodes`, tensors named by node index)."""
+    exon, intron = keras.Input(shape=(9, 4), name="exon"), keras.Input(shape=(7, 4), name="intron")
+    conv = keras.layers.Conv1D(6, 3, padding="same", activation="relu", name="conv_exon")
+    encoder = keras.Sequential([keras.layers.Dense(5, activation="tanh", input_shape=(6,), name="enc_hidden"),
+                                keras.layers.Dense(3, name="enc_out")], name="encoder")
+    pooled = [keras.layers.GlobalMaxPooling1D(name=f"pool_{side}")(conv(x)) for side, x in (("exon", exon),
+                                                                                            ("intron", intron))]
+    difference = keras.layers.Subtract(name="difference")([encoder(pooled[0]), encoder(pooled[1])])
+    outputs = keras.layers.Dense(2, activation="softmax", name="out")(difference)
+    return overwrite_weights(keras.Model([exon, intron], outputs, name="siamese"), SHARED_WEIGHT_SEED)
+
+
 def main() -> None:
     default_dir = Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
     out_dir = Path(sys.argv[1]) if len(sys.argv) > 1 else default_dir
@@ -199,6 +218,14 @@ def main() -> None:
     wrappers_model = wrappers()
     wrappers_model.save(out_dir / "wrappers.h5")
     expected["wrappers_outputs"] = wrappers_model.predict(fixed_batch(wrappers_model, RNN_BATCH_ROWS), verbose=0)
+    shared_model = shared()
+    shared_model.save(out_dir / "shared.h5")
+    expected["shared_inputs_exon"] = np.random.default_rng(FIXED_BATCH_SEED).random((RNN_BATCH_ROWS, 9, 4),
+                                                                                    dtype=np.float32)
+    expected["shared_inputs_intron"] = np.random.default_rng(FIXED_BATCH_SEED + 1).random((RNN_BATCH_ROWS, 7, 4),
+                                                                                          dtype=np.float32)
+    expected["shared_outputs"] = shared_model.predict([expected["shared_inputs_exon"],
+                                                       expected["shared_inputs_intron"]], verbose=0)
     np.savez(out_dir / "expected_outputs.npz", **expected)
     (out_dir / "VERSIONS.txt").write_text(f"tf_keras {keras.__version__}\n")
     for path in sorted(out_dir.iterdir()):
