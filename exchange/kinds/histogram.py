@@ -33,7 +33,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_ints, refuse_keras_class, register
-from exchange.kinds.preprocessing import DATA_FORMATS, _image, _read_data_format, torch_image
+from exchange.kinds.preprocessing import DATA_FORMATS, _read_data_format, torch_image
 
 refuse_keras_class("Equalization", "Keras 3.15 cannot call it in a functional model (its symbolic output is its "
                                    "input tensor: a cycle), so no Keras model holds one to check a conversion against")
@@ -58,6 +58,15 @@ def _float32_width_usable(value_range: tuple[float, float]) -> bool:
     with np.errstate(over="ignore"):
         width = high - low
     return bool(width != 0 and np.isfinite(width))
+
+
+def _image(shape: tuple, what: str, data_format: str) -> tuple:
+    """(height, width, channels) of a Keras image in `data_format`, of fixed height and width."""
+    sides = shape[:2] if data_format == "channels_last" else shape[1:]
+    if len(shape) != 3 or None in sides:
+        raise UnsupportedLayerError(f"{what} needs a {data_format} image of fixed height and width, found "
+                                    f"(batch, {shape})")
+    return (*sides, shape[2] if data_format == "channels_last" else shape[0])
 
 
 @dataclass(frozen=True)
