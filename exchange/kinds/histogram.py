@@ -154,8 +154,8 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
         height, width = self._image(config, context.input_shape)
         module = builder.helpers.KerasCLAHE(height, width, value_range=config.value_range,
                                             clip_limit=config.clip_limit, tile_grid_size=config.tile_grid_size)
-        value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format))
-        return torch_image(builder, value, config.data_format, back=True)
+        value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, 3))
+        return torch_image(builder, value, config.data_format, 3, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
