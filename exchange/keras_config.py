@@ -287,7 +287,9 @@ class _Parser:
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
                                    call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
-            dtype = _dtype(config.get("dtype"), name, class_name)   # first: a quantized layer's options differ
+            integer_dtype = kind.takes_integer_dtype and _policy_name(config.get("dtype")) in ("int32", "int64")
+            # first: a quantized layer's options differ
+            dtype = "float32" if integer_dtype else _dtype(config.get("dtype"), name, class_name)
             node_config = kind.from_keras(options)
             options.finish()
         except (ExchangeError, KeyError, TypeError, ValueError) as err:

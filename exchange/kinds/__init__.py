@@ -122,6 +122,10 @@ class LayerKind:
     passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
     selects_output = False            # an `output` node: picks output `config.index` of its input
     autocasts = True                  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
+    keeps_input_dtypes = False        # a Keras layer that takes its inputs as given (Hashing): no cast
+    # Its Keras dtype may name an integer type (Hashing's "int64": its output's), which the kind
+    # reads itself (`integer_output`); the node's dtype is then float32.
+    takes_integer_dtype = False
     # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
