@@ -94,7 +94,7 @@ def crossing(layer, shape=(), count=2, dtype="int64"):
 CASES = {
     "hashing_int": (lambda: single((6,), L.Hashing(7), "int64"), "wide"),
     "hashing_int32_output": (lambda: single((5, 3), L.Hashing(1000, dtype="int32"), "int64"), "wide"),
-    "hashing_one_bin": (lambda: single((6,), L.Hashing(1, mask_value=0), "int64"), "small"),
+    "hashing_two_bins_mask": (lambda: single((6,), L.Hashing(2, mask_value=0), "int64"), "small"),
     "hashing_mask_salt": (lambda: single((6,), L.Hashing(9, mask_value=3, salt=[5, 11]), "int32"), "small"),
     "hashing_single_salt": (lambda: single((4, 2), L.Hashing(50, salt=133), "int64"), "wide"),
     "hashing_floats_mask": (lambda: single((5, 3), L.Hashing(13, mask_value=0), "float32"), "float"),
@@ -107,7 +107,7 @@ CASES = {
                           "small"),
     "hashing_count_salt": (lambda: single((7,), L.Hashing(4, output_mode="count", salt=3), "int64"), "wide"),
     "crossing_int": (lambda: crossing(L.HashedCrossing(5)), "wide"),
-    "crossing_three_int32": (lambda: crossing(L.HashedCrossing(1 << 40, dtype="int32"), (1,), 3, "int32"), "small"),
+    "crossing_int32": (lambda: crossing(L.HashedCrossing(1 << 40, dtype="int32"), (1,), 2, "int32"), "small"),
     "crossing_one_hot": (lambda: crossing(L.HashedCrossing(4, output_mode="one_hot"), (1,)), "wide"),
     "crossing_one_hot_float64": (lambda: crossing(L.HashedCrossing(3, output_mode="one_hot", dtype="float64")),
                                  "small"),
@@ -162,7 +162,7 @@ def check_both_directions(model, inputs):
     torch_outputs = torch_adapter.predict(torch_adapter.model_from_tensors(graph, state), inputs)
     rebuilt = keras_adapter.model_from_tensors(graph, state)
     assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) == 0
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 0, "outputs must vary"
+    assert max(float(np.ptp(output.astype(np.float64))) for output in torch_outputs) > 0, "outputs must vary"
     assert json.dumps(rebuilt.get_config()) and keras_adapter.get_tensors(rebuilt) == {}
     return graph
 
@@ -176,7 +176,9 @@ def test_kind_both_directions(case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "lookup_siphash_mask" else pytest.mark.slow)
-                                  for case in sorted(CASES) if not case.startswith("crossing")])
+                                  # crossings take several inputs; a tf_idf layer's .keras file holds its idf
+                                  # weights as a variable the reader does not take yet (refused when read)
+                                  for case in sorted(CASES) if not case.startswith(("crossing", "lookup_tf_idf"))])
 def test_kind_generated_code(case, tmp_path):
     build, style = CASES[case]
     model = build()
@@ -222,3 +224,19 @@ def test_string_hashing_stays_refused_with_its_reason():
         parse(model)
     assert "input 'text': unsupported dtype 'string' (torch has no string tensors)" in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["crossing_int", "crossing_one_hot_float64"])
+def test_crossing_generated_code(case, tmp_path):
+    """Two inputs: the generated module run as the layer suite runs it."""
+    from exchange import cli
+    from layer_suite import run_generated_code
+
+    build, style = CASES[case]
+    model = build()
+    inputs = inputs_for(model, style)
+    model.save(tmp_path / "model.keras")
+    graph = cli.convert(tmp_path / "model.keras", tmp_path / "model.py")
+    assert max_difference(keras_adapter.predict(model, inputs),
+                          run_generated_code(tmp_path / "model.py", graph, inputs)) == 0

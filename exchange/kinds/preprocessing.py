@@ -731,7 +731,7 @@ class HashedCrossingConfig:
 
 @register
 class HashedCrossing(LayerKind):
-    """Two or more integer features, each (batch,) or (batch, 1), -> the bin of their cross
+    """Two integer features, each (batch,) or (batch, 1), -> the bin of their cross
     (`KerasHashedCrossing`: TensorFlow's FingerprintCat64 of the int64 values), or one-hot."""
 
     kind, keras_classes, Config = "hashed_crossing", ("HashedCrossing",), HashedCrossingConfig
@@ -753,8 +753,9 @@ class HashedCrossing(LayerKind):
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
-        if len(input_shapes) < 2 or shape not in ((), (1,)) or any(other != shape for other in input_shapes):
-            raise ExchangeError(f"HashedCrossing takes two or more features of one shape, (batch,) or (batch, 1); "
+        if len(input_shapes) != 2 or shape not in ((), (1,)) or any(other != shape for other in input_shapes):
+            raise ExchangeError(f"HashedCrossing takes two features of one shape, (batch,) or (batch, 1) (Keras's "
+                                "output shape takes two); "
                                 f"found {[('batch',) + tuple(other) for other in input_shapes]}")
         return shape if config.output_mode == "int" else (config.num_bins,)
 
