@@ -62,6 +62,7 @@ class KerasLocation:
     layer_name: str
     container_path: tuple[str, ...]    # names of the nested models holding the layer
     keras3_subgroups: tuple[str, ...] = ("",)   # where below keras3_group its vars are (LSTM: "cell")
+    keras3_extras: tuple[tuple[str, tuple], ...] = ()   # named entries beside the vars (`keras3_saved_extras`)
 
 
 @dataclass(frozen=True)
@@ -298,7 +299,8 @@ class _Parser:
             return [name]
         self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
         self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
-                                             tuple(kind.keras3_subgroups(node_config)))
+                                             tuple(kind.keras3_subgroups(node_config)),
+                                             tuple(kind.keras3_saved_extras(node_config)))
         self.class_names[name] = class_name
         count = kind.output_count(node_config)
         if count == 1:

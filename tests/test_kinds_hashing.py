@@ -176,9 +176,7 @@ def test_kind_both_directions(case):
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "lookup_siphash_mask" else pytest.mark.slow)
-                                  # crossings take several inputs; a tf_idf layer's .keras file holds its idf
-                                  # weights as a variable the reader does not take yet (refused when read)
-                                  for case in sorted(CASES) if not case.startswith(("crossing", "lookup_tf_idf"))])
+                                  for case in sorted(CASES) if not case.startswith("crossing")])   # one input
 def test_kind_generated_code(case, tmp_path):
     build, style = CASES[case]
     model = build()
@@ -240,3 +238,29 @@ def test_crossing_generated_code(case, tmp_path):
     graph = cli.convert(tmp_path / "model.keras", tmp_path / "model.py")
     assert max_difference(keras_adapter.predict(model, inputs),
                           run_generated_code(tmp_path / "model.py", graph, inputs)) == 0
+
+
+def test_tf_idf_weights_in_a_file_must_be_the_configs(tmp_path):
+    """Keras saves a tf_idf lookup's padded idf weights beside its config, and loads them: a file
+    whose stored weights differ from the config's is refused; as saved, it converts."""
+    import zipfile
+
+    import h5py
+
+    from exchange import cli
+    from exchange.errors import ExchangeFileError
+
+    model = CASES["lookup_tf_idf_padded"][0]()
+    model.save(tmp_path / "model.keras")
+    cli.convert(tmp_path / "model.keras", tmp_path / "model.pt")
+    with zipfile.ZipFile(tmp_path / "model.keras") as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    (tmp_path / "model.weights.h5").write_bytes(members["model.weights.h5"])
+    with h5py.File(tmp_path / "model.weights.h5", "r+") as h5:
+        h5["layers/integer_lookup/vars/idf_weights"][0] += 1.0
+    members["model.weights.h5"] = (tmp_path / "model.weights.h5").read_bytes()
+    with zipfile.ZipFile(tmp_path / "edited.keras", "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    with pytest.raises(ExchangeFileError, match="vars/idf_weights differs from the values the layer's config gives"):
+        cli.convert(tmp_path / "edited.keras", tmp_path / "edited.pt")

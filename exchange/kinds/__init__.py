@@ -149,6 +149,12 @@ class LayerKind:
         zeros for them."""
         return ()
 
+    def keras3_saved_extras(self, config: Any) -> tuple[tuple[str, tuple], ...]:
+        """Entries a Keras 3 file keeps beside the layer's variables, which the config also makes
+        (IntegerLookup's tf_idf `idf_weights`, written by its `save_own_variables`): (name, the
+        values the config gives). The reader checks them against these (float32) and skips them."""
+        return ()
+
     def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1

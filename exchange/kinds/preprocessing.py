@@ -551,6 +551,9 @@ class IntegerLookup(LayerKind):
                                         "declared output shape)")
         return (config.depth,)
 
+    def keras3_saved_extras(self, config):
+        return () if config.idf_weights is None else (("idf_weights", tuple(config.padded_idf_weights())),)
+
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.helpers.KerasIntegerLookup(
