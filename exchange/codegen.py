@@ -58,8 +58,16 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     parameters, body = _forward(module.graph, keras_names)
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]
     named = "\n".join(init_lines + body + helper_sources)
-    helper_sources = [inspect.getsource(function) for function, function_name in HELPER_FUNCTIONS.items()
-                      if re.search(rf"\b{function_name}\b", named)] + helper_sources
+    used_functions: list = []   # named in the code, or by a function already copied (hash_integers' helpers)
+    while True:
+        added = [function for function, function_name in HELPER_FUNCTIONS.items()
+                 if function not in used_functions and re.search(rf"\b{function_name}\b", named)]
+        if not added:
+            break
+        used_functions += added
+        named += "\n".join(inspect.getsource(function) for function in added)
+    helper_sources = [inspect.getsource(function) for function in HELPER_FUNCTIONS
+                      if function in used_functions] + helper_sources
     layout = ("; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs)
               else "")
     model_class = (f"class {name}(nn.Module):\n"

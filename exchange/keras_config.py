@@ -63,6 +63,7 @@ class KerasLocation:
     layer_name: str
     container_path: tuple[str, ...]    # names of the nested models holding the layer
     keras3_subgroups: tuple[str, ...] = ("",)   # where below keras3_group its vars are (LSTM: "cell")
+    keras3_extras: tuple[tuple[str, tuple], ...] = ()   # named entries beside the vars (`keras3_saved_extras`)
 
 
 @dataclass
@@ -366,7 +367,9 @@ class _Parser:
             options = KerasOptions(class_name, name, config, keras2=self.keras2,
                                    call_args=call_args if call_args is not None else [None] * len(sources),
                                    call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
-            dtype = _dtype(config.get("dtype"), name, class_name)   # first: a quantized layer's options differ
+            integer_dtype = kind.takes_integer_dtype and _policy_name(config.get("dtype")) in ("int32", "int64")
+            # first: a quantized layer's options differ
+            dtype = "float32" if integer_dtype else _dtype(config.get("dtype"), name, class_name)
             node_config = kind.from_keras(options)
             options.finish()
         except (ExchangeError, KeyError, TypeError, ValueError) as err:
@@ -383,7 +386,8 @@ class _Parser:
             self.made[where] = [name, 0]
             self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
             self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
-                                                 tuple(kind.keras3_subgroups(node_config)))
+                                                 tuple(kind.keras3_subgroups(node_config)),
+                                                 tuple(kind.keras3_saved_extras(node_config)))
         self.class_names[name] = class_name
         count = kind.output_count(node_config)
         if count == 1:

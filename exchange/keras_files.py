@@ -273,8 +273,15 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
             raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
                                     f"{stored_name!r}, expected {location.layer_name!r}; "
                                     "config and weights do not match")
-        count = len(group)
-        if sorted(group) != sorted(str(index) for index in range(count)):
+        extras = dict(location.keras3_extras) if not subgroup else {}
+        for name in set(extras) & set(group):
+            stored = source.lazy(f"{path}/{name}").load()
+            if stored.shape != (len(extras[name]),) or not np.array_equal(stored, np.float32(extras[name])):
+                raise ExchangeFileError(f"{source.label}: {path}/{name} differs from the values the layer's config "
+                                        "gives; config and weights do not match")
+        entries = [name for name in group if name not in extras]
+        count = len(entries)
+        if sorted(entries) != sorted(str(index) for index in range(count)):
             raise ExchangeFileError(f"{source.label}: unexpected entries in {path}: {sorted(group)[:10]}")
         found += [(None, source.lazy(f"{path}/{index}")) for index in range(count)]
     return found

@@ -133,7 +133,8 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
             floating = [dtypes[name] for name in node.inputs if dtypes[name].is_floating_point]
             dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
         else:
-            arguments = _autocast(builder, node, kind, arguments, [dtypes[name] for name in node.inputs])
+            if not kind.keeps_input_dtypes:
+                arguments = _autocast(builder, node, kind, arguments, [dtypes[name] for name in node.inputs])
             dtypes[node.name] = TORCH_DTYPES[kind.integer_output(node.config) or node.dtype]
         with framework_errors(node, "PyTorch"):
             if node.shares is None:

@@ -607,23 +607,30 @@ class KerasDiscretization(nn.Module):
 
 
 class KerasIntegerLookup(nn.Module):
-    """Keras's IntegerLookup (output_mode "int"): a value's index is its position in the
-    vocabulary after the special indices, the mask token (if any) first, then the out-of-vocabulary
-    indices; a value not in the vocabulary gets the OOV index `value mod num_oov_indices` (floormod).
-    With `invert`, indices -> values: the mask index gives mask_token, OOV and unknown indices
-    oov_token."""
+    """Keras's IntegerLookup: a value's index is its position in the vocabulary after the special
+    indices, the mask token first (output_mode "int" only), then the out-of-vocabulary indices; a
+    value not in the vocabulary gets OOV index `value mod num_oov_indices` (floormod), or with
+    `oov_method="farmhash"` (and several OOV indices) its decimal form hashed (`hash_integers`,
+    SipHash with a `salt`). Other output modes encode the indices over the last axis into `depth`
+    int64 columns (`keras_encode`; the mask token counts nowhere); "tf_idf" counts them as floats
+    times `idf_weights` (one per column). With `invert`, indices -> values: the mask index gives
+    mask_token, OOV and unknown indices oov_token."""
 
-    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1, invert=False, oov_token=-1):
+    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1, invert=False, oov_token=-1,
+                 output_mode="int", oov_method="floormod", salt=None, depth=None, idf_weights=None):
         super().__init__()
         self.vocabulary, self.mask_token, self.num_oov_indices = vocabulary, mask_token, num_oov_indices
-        self.invert, self.oov_token = invert, oov_token
+        self.invert, self.oov_token, self.output_mode, self.oov_method = invert, oov_token, output_mode, oov_method
+        self.salt, self.depth, self.idf_weights = None if salt is None else tuple(salt), depth, idf_weights
         values = torch.tensor(vocabulary, dtype=torch.int64).reshape(-1)
         sorted_values, order = torch.sort(values)
-        self.oov_start = 0 if mask_token is None else 1
+        self.oov_start = 1 if mask_token is not None and output_mode == "int" else 0
         self.register_buffer("sorted_values", sorted_values, persistent=False)
         self.register_buffer("indices", order + self.oov_start + num_oov_indices, persistent=False)
-        special = ([] if mask_token is None else [mask_token]) + [oov_token] * num_oov_indices
+        special = [mask_token] * self.oov_start + [oov_token] * num_oov_indices
         self.register_buffer("table", torch.cat([torch.tensor(special, dtype=torch.int64), values]), persistent=False)
+        if idf_weights is not None:
+            self.register_buffer("idf", torch.tensor(idf_weights, dtype=torch.float32).reshape(-1), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.long()
@@ -632,11 +639,18 @@ class KerasIntegerLookup(nn.Module):
             return torch.where(known, self.table[x.clamp(0, len(self.table) - 1)], torch.full_like(x, self.oov_token))
         position = torch.searchsorted(self.sorted_values, x).clamp(max=len(self.vocabulary) - 1)
         found = self.sorted_values[position] == x
-        oov = torch.remainder(x, self.num_oov_indices) + self.oov_start
-        ids = torch.where(found, self.indices[position], oov)
-        if self.mask_token is not None:
-            ids = torch.where(x == self.mask_token, torch.zeros_like(ids), ids)
-        return ids
+        if self.num_oov_indices > 1 and self.oov_method == "farmhash":
+            oov = hash_integers(x, self.num_oov_indices, self.salt)
+        else:
+            oov = torch.remainder(x, self.num_oov_indices)
+        ids = torch.where(found, self.indices[position], oov + self.oov_start)
+        if self.mask_token is not None:   # index 0, or (encoded) an index past every column
+            ids = torch.where(x == self.mask_token, 0 if self.output_mode == "int" else (1 << 63) - 1, ids)
+        if self.output_mode == "int":
+            return ids
+        if self.output_mode == "tf_idf":
+            return keras_encode(ids, self.depth, "count", torch.float32) * self.idf
+        return keras_encode(ids, self.depth, self.output_mode, torch.int64)
 
 
 class KerasReversibleEmbedding(nn.Module):
@@ -1139,6 +1153,214 @@ class KerasCLAHE(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.height}, {self.width}, value_range={self.value_range}, clip_limit={self.clip_limit}, "
                 f"tile_grid_size={self.tile_grid_size}")
+
+
+# -- FarmHash and SipHash over the decimal form of int64 values (Keras's Hashing) ---------------
+# torch has no uint64 arithmetic: these hold unsigned 64-bit words in int64 tensors, where `+`,
+# `*` and `^` give the same bits (two's complement wraps around); only right shifts, rotations and
+# the modulo need the helpers below. (Constants live inside the functions: generated code copies
+# functions, not module constants.)
+
+
+def signed64(value: int) -> int:
+    """An unsigned 64-bit constant as the int64 with the same bits."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def shift_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """x >> bits as an unsigned shift (zeros come in at the top)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def rotate_right(x: torch.Tensor, bits: int) -> torch.Tensor:
+    return shift_right(x, bits) | (x << (64 - bits))
+
+
+def unsigned_remainder(x: torch.Tensor, divisor: int) -> torch.Tensor:
+    """x mod divisor, x read as unsigned (divisor below 2**62): a negative x stands for x + 2**64."""
+    remainder = torch.remainder(x, divisor)
+    carry = (1 << 64) % divisor   # what 2**64 adds, mod divisor
+    wrapped = torch.where(remainder >= divisor - carry, remainder - (divisor - carry), remainder + carry)
+    return torch.where(x < 0, wrapped, remainder)
+
+
+def decimal_bytes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ASCII bytes of each int64's decimal form (TensorFlow's `as_string`), as int64 values
+    (..., 28), zero past each string's end; and each string's length (at most 20:
+    "-9223372036854775808")."""
+    width = 20
+    negative = x < 0
+    digits, rest, count = [], x, torch.ones_like(x)
+    for _ in range(width - 1):   # least significant first; no negation, so int64 min fits
+        digits.append(torch.fmod(rest, 10).abs())
+        rest = torch.div(rest, 10, rounding_mode="trunc")
+        count = count + (rest != 0).long()
+    digits = torch.stack(digits, -1)
+    length = count + negative.long()
+    position = torch.arange(width + 8, device=x.device)
+    place = (length.unsqueeze(-1) - 1 - position).clamp(0, width - 2)   # digit shown at each position
+    characters = torch.gather(digits, -1, place) + ord("0")
+    characters = torch.where((position == 0) & negative.unsqueeze(-1), ord("-"), characters)
+    return torch.where(position < length.unsqueeze(-1), characters, 0), length
+
+
+def fetch(text: torch.Tensor, offset: torch.Tensor, size: int = 8) -> torch.Tensor:
+    """The little-endian word of `size` bytes at `offset` (per element) of `text`."""
+    word = torch.zeros_like(offset)
+    for index in range(size):
+        at = (offset + index).clamp(0, text.shape[-1] - 1)   # a branch not taken may read outside
+        byte = torch.gather(text, -1, at.unsqueeze(-1)).squeeze(-1)
+        word = word | (byte << (8 * index))
+    return word
+
+
+def farm_hash_len16(u: torch.Tensor, v: torch.Tensor, mul: torch.Tensor) -> torch.Tensor:
+    a = (u ^ v) * mul
+    a = a ^ shift_right(a, 47)
+    b = (v ^ a) * mul
+    b = b ^ shift_right(b, 47)
+    return b * mul
+
+
+def fingerprint64(text: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+    """FarmHash's Fingerprint64 (farmhashna::Hash64, TensorFlow's `Fingerprint64`) of strings of 1
+    to 32 bytes (`decimal_bytes`): its 1-3, 4-7, 8-16 and 17-32 byte branches, each computed for
+    every element, the one for its length kept."""
+    k0, k1, k2 = signed64(0xC3A5C85C97CB3127), signed64(0xB492B66FBE98F273), signed64(0x9AE16A3B2F90404F)
+    zero = torch.zeros_like(length)
+    mul = k2 + length * 2
+    # 1 to 3 bytes
+    y = fetch(text, zero, 1) + (fetch(text, length >> 1, 1) << 8)
+    z = length + (fetch(text, length - 1, 1) << 2)
+    short = y * k2 ^ z * k0
+    short = (short ^ shift_right(short, 47)) * k2
+    # 4 to 7 bytes
+    medium = farm_hash_len16(length + (fetch(text, zero, 4) << 3), fetch(text, length - 4, 4), mul)
+    # 8 to 16 bytes
+    a = fetch(text, zero) + k2
+    b = fetch(text, length - 8)
+    long = farm_hash_len16(rotate_right(b, 37) * mul + a, (rotate_right(a, 25) + b) * mul, mul)
+    # 17 to 32 bytes
+    a = fetch(text, zero) * k1
+    b = fetch(text, zero + 8)
+    c = fetch(text, length - 8) * mul
+    d = fetch(text, length - 16) * k2
+    longer = farm_hash_len16(rotate_right(a + b, 43) + rotate_right(c, 30) + d,
+                             a + rotate_right(b + k2, 18) + c, mul)
+    return torch.where(length < 4, short, torch.where(length < 8, medium, torch.where(length <= 16, long, longer)))
+
+
+def sip_round(v0, v1, v2, v3):
+    v0 = v0 + v1
+    v1 = rotate_right(v1, 64 - 13) ^ v0
+    v0 = rotate_right(v0, 32)
+    v2 = v2 + v3
+    v3 = rotate_right(v3, 64 - 16) ^ v2
+    v0 = v0 + v3
+    v3 = rotate_right(v3, 64 - 21) ^ v0
+    v2 = v2 + v1
+    v1 = rotate_right(v1, 64 - 17) ^ v2
+    v2 = rotate_right(v2, 32)
+    return v0, v1, v2, v3
+
+
+def sip_hash(text: torch.Tensor, length: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
+    """SipHash-2-4 keyed by two 64-bit words (TensorFlow's `StrongKeyedHash`, highwayhash's
+    SipHash) of strings of at most 23 bytes: the 8-byte blocks each element has, then the last
+    one, its remaining bytes and its length in the top byte."""
+    k0, k1 = signed64(key[0] % (1 << 64)), signed64(key[1] % (1 << 64))
+    v0 = torch.full_like(length, k0 ^ signed64(0x736F6D6570736575))
+    v1 = torch.full_like(length, k1 ^ signed64(0x646F72616E646F6D))
+    v2 = torch.full_like(length, k0 ^ signed64(0x6C7967656E657261))
+    v3 = torch.full_like(length, k1 ^ signed64(0x7465646279746573))
+    blocks = length >> 3
+    for block in range(3):   # strings of at most 23 bytes: 0, 1 or 2 full blocks, then the last
+        word = fetch(text, torch.full_like(length, 8 * block))
+        last = blocks == block
+        word = torch.where(last, word | (length << 56), word)
+        mixed = v0, v1, v2, v3 ^ word
+        mixed = sip_round(*sip_round(*mixed))
+        mixed = (mixed[0] ^ word,) + mixed[1:]
+        keep = block <= blocks   # the blocks of each string, its last included
+        v0, v1, v2, v3 = (torch.where(keep, new, old) for new, old in zip(mixed, (v0, v1, v2, v3)))
+    v2 = v2 ^ 0xFF
+    for _ in range(4):
+        v0, v1, v2, v3 = sip_round(v0, v1, v2, v3)
+    return v0 ^ v1 ^ v2 ^ v3
+
+
+def hash_integers(x: torch.Tensor, num_bins: int, salt: tuple[int, int] | None = None) -> torch.Tensor:
+    """TensorFlow's `to_hash_bucket_fast(as_string(x), num_bins)` (FarmHash Fingerprint64), or with
+    a salt `to_hash_bucket_strong` (SipHash-2-4): each int64's decimal form hashed, the unsigned
+    hash mod num_bins."""
+    text, length = decimal_bytes(x)
+    hashed = fingerprint64(text, length) if salt is None else sip_hash(text, length, salt)
+    return unsigned_remainder(hashed, num_bins)
+
+
+def tensorflow_int64(x: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's cast to int64 (x86): floats rounded toward zero; NaN, infinities and floats
+    outside int64 give int64's minimum. Integers are widened."""
+    if not x.is_floating_point():
+        return x.long()
+    inside = torch.isfinite(x) & (x.double().abs() < 2.0 ** 63)
+    return torch.where(inside, torch.where(inside, x, 0).long(), -(1 << 63))
+
+
+class KerasHashing(nn.Module):
+    """Keras's Hashing on integers or floats (floats cast to int64 first, `tensorflow_int64`): each
+    value's decimal form hashed into `num_bins` bins (`hash_integers`: FarmHash Fingerprint64, or
+    SipHash-2-4 keyed by `salt`). With a `mask_value` (and more than one bin) the value equal to it
+    (compared before the cast) gets bin 0 and the others are hashed into num_bins - 1 bins from 1.
+    Bins are returned as `output_dtype` or encoded (`keras_encode`) over the last axis."""
+
+    def __init__(self, num_bins, mask_value=None, salt=None, output_mode="int", output_dtype=torch.int64):
+        super().__init__()
+        self.num_bins, self.mask_value, self.salt = num_bins, mask_value, None if salt is None else tuple(salt)
+        self.output_mode, self.output_dtype = output_mode, output_dtype
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        masked = self.mask_value is not None and self.num_bins > 1
+        bins = hash_integers(tensorflow_int64(x), self.num_bins - masked, self.salt)
+        if masked:   # floats compare in their own type, integers as int64 (TensorFlow's `equal`)
+            mask = x == self.mask_value if x.is_floating_point() else x.long() == self.mask_value
+            bins = torch.where(mask, 0, bins + 1)
+        if self.output_mode == "int":
+            return bins.to(self.output_dtype)
+        return keras_encode(bins, self.num_bins, self.output_mode, self.output_dtype)
+
+
+def fingerprint_cat64(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """TensorFlow's `FingerprintCat64`: two 64-bit fingerprints combined into one."""
+    def shift_mix(value):
+        return value ^ shift_right(value, 47)
+
+    mul = signed64(0xC6A4A7935BD1E995)
+    result = first ^ mul
+    result = result ^ shift_mix(second * mul) * mul
+    result = shift_mix(result * mul) * mul
+    return shift_mix(result)
+
+
+class KerasHashedCrossing(nn.Module):
+    """Keras's HashedCrossing on integer features, each (N,) or (N, 1) (TensorFlow's
+    `sparse.cross_hashed`): the int64 values themselves (not their decimal forms) folded with
+    `fingerprint_cat64` from TensorFlow's default key 0xDECAFCAFFE, in input order, the unsigned result mod num_bins; as
+    `output_dtype`, or one-hot (N, num_bins)."""
+
+    def __init__(self, num_bins, output_mode="int", output_dtype=torch.int64):
+        super().__init__()
+        self.num_bins, self.output_mode, self.output_dtype = num_bins, output_mode, output_dtype
+
+    def forward(self, *features: torch.Tensor) -> torch.Tensor:
+        crossed = torch.full_like(features[0], 0xDECAFCAFFE, dtype=torch.int64)
+        for feature in features:
+            crossed = fingerprint_cat64(crossed, feature.long())
+        bins = unsigned_remainder(crossed, self.num_bins)
+        if self.output_mode == "int":
+            return bins.to(self.output_dtype)
+        bins = bins.reshape(bins.shape[0])
+        return (bins.unsqueeze(-1) == torch.arange(self.num_bins, device=bins.device)).to(self.output_dtype)
 
 
 class NAMESPACES:

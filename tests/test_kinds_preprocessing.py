@@ -230,14 +230,12 @@ def config_with(layer, shape, **changes):
      "unsupported option quantization_config"),
     (lambda: L.Resizing(4, 5), IMAGE, {"fill_mode": "reflect"}, "unsupported option fill_mode='reflect'"),
     (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"invert": "yes"}, "unsupported option invert='yes'"),
-    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"output_mode": "one_hot"},
-     "unsupported option output_mode='one_hot'"),
+    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"output_mode": "one_hot", "invert": True},
+     "unsupported option output_mode='one_hot' \\(Keras inverts to values"),
     (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"vocabulary": None},
      "unsupported option vocabulary=None \\(a list of integers in the config is needed"),
     (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 0},
      "unsupported option num_oov_indices=0 \\(Keras raises on an unknown value"),
-    (lambda: L.IntegerLookup(vocabulary=[1, 2]), (3,), {"num_oov_indices": 2, "oov_method": "farmhash"},
-     "unsupported option oov_method='farmhash'"),
     (lambda: L.Discretization(bin_boundaries=[0.0]), (3,), {"bin_boundaries": None},
      "unsupported option bin_boundaries=None \\(not adapted"),
     (lambda: L.CategoryEncoding(4), (3, 2), {},
@@ -278,7 +276,6 @@ def test_string_layers_are_refused_with_their_reason():
 
 
 @pytest.mark.parametrize("layer, reason", [
-    (lambda: L.Hashing(num_bins=4, name="bad"), "FarmHash Fingerprint64"),
     (lambda: L.TextVectorization(name="bad"), "splits and looks up strings"),
 ])
 def test_hashing_and_text_layers_are_refused(layer, reason):

@@ -128,6 +128,10 @@ class LayerKind:
     # run time under a float32 symbolic dtype, and LayerNormalization takes its moments in
     # integers (an int8 row comes out one-hot): they read none.
     casts_integers = False
+    keeps_input_dtypes = False        # a Keras layer that takes its inputs as given (Hashing): no cast
+    # Its Keras dtype may name an integer type (Hashing's "int64": its output's), which the kind
+    # reads itself (`integer_output`); the node's dtype is then float32.
+    takes_integer_dtype = False
     # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
@@ -153,6 +157,12 @@ class LayerKind:
         """Keras variables a Keras 3 file leaves out: Keras merges them into another when saving
         (a LoRA adapter into the kernel) and zeroes them on load, so such a file is read with
         zeros for them."""
+        return ()
+
+    def keras3_saved_extras(self, config: Any) -> tuple[tuple[str, tuple], ...]:
+        """Entries a Keras 3 file keeps beside the layer's variables, which the config also makes
+        (IntegerLookup's tf_idf `idf_weights`, written by its `save_own_variables`): (name, the
+        values the config gives). The reader checks them against these (float32) and skips them."""
         return ()
 
     def output_count(self, config: Any) -> int:

@@ -1,6 +1,7 @@
 """Preprocessing layers that compute a fixed function of their input: Resizing, CenterCrop and
-AutoContrast; and the layers that cannot be, refused with their reason (StringLookup,
-TextVectorization, Hashing, HashedCrossing: strings or string hashes).
+AutoContrast, the integer lookups, encodings and hashes (IntegerLookup, CategoryEncoding,
+Discretization, Hashing, HashedCrossing), Pipeline; and the layers that cannot be, refused with
+their reason (StringLookup, TextVectorization, and Hashing of strings: torch has no string tensors).
 
 Conventions that differ:
 - Keras resizes with TensorFlow's `tf.image.resize` (v2: half-pixel centres, a kernel per method,
@@ -28,6 +29,26 @@ Conventions that differ:
   and 2 whatever its data_format (height and width channels-last; channels and height
   channels-first, as Keras 3.15 does): those are torch's axes 2 and 3 in both layouts. A flat
   image divides by zero; Keras keeps the input where the result is NaN, and so does the torch side.
+- Hashing hashes the decimal string of each integer (`tf.as_string`; floats are cast to int64
+  first: toward zero, NaN, infinities and out-of-range values to int64's minimum, as TensorFlow's
+  cast does on x86): FarmHash Fingerprint64, or with a `salt` SipHash-2-4 keyed by the two salt
+  words, the unsigned 64-bit hash mod num_bins. torch has neither strings nor uint64, so the torch
+  side (`torch_modules.hash_integers`) builds the digits with integer division and computes both
+  hashes on int64 words (wrapping `+` and `*`, unsigned shifts and modulo written out), bit for
+  bit TensorFlow's (checked on thousands of values, 0, int64's extremes, every digit count).
+  `mask_value` is compared before the cast (floats in their own type) and gets bin 0, the other
+  values num_bins - 1 bins from 1. Keras does not cast a Hashing layer's float inputs to its dtype.
+- HashedCrossing (TensorFlow's `sparse.cross_hashed`) hashes the int64 values themselves, not
+  their strings: FingerprintCat64 folded over the features from the key 0xDECAFCAFFE.
+- IntegerLookup with several OOV indices and `oov_method="farmhash"` hashes an unknown value's
+  decimal string as Hashing does. Its encoded outputs (one_hot, multi_hot, count) are int64, as
+  Keras's are; the mask token takes no column there (it counts nowhere) and tf_idf multiplies the
+  float32 counts by the idf weights, the special indices weighted by their mean (float64, then
+  float32) unless the vocabulary lists them. A vocabulary that starts with the special tokens
+  (mask, OOV) is read without them, as Keras reads it.
+- Encoded outputs (one_hot, multi_hot, count, tf_idf) of longer inputs than (batch, steps) are
+  refused where Keras's own output disagrees with its output shape (it reduces axis 1, or keeps
+  the axes one_hot's shape drops); IntegerLookup's one_hot takes any shape (one column per value).
 """
 
 from __future__ import annotations
@@ -46,11 +67,7 @@ STRING_REASON = "torch has no string tensors"
 # Keras classes that work on strings, or hash through them: refused, each with its reason.
 for _class_name, _why in (
         ("StringLookup", f"it maps strings to ids and {STRING_REASON}"),
-        ("TextVectorization", f"it splits and looks up strings and {STRING_REASON}"),
-        ("Hashing", "Keras hashes the string form of each value (FarmHash Fingerprint64, SipHash with a salt); "
-                    f"{STRING_REASON} and no such hash"),
-        ("HashedCrossing", "Keras hashes the string form of each feature cross (FarmHash Fingerprint64); "
-                           f"{STRING_REASON} and no such hash")):
+        ("TextVectorization", f"it splits and looks up strings and {STRING_REASON}")):
     refuse_keras_class(_class_name, _why)
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
@@ -368,6 +385,9 @@ class Discretization(LayerKind):
                                            **context.keras_identity)
 
 
+LOOKUP_MODES = ("int",) + ENCODINGS + ("tf_idf",)
+
+
 @dataclass(frozen=True)
 class IntegerLookupConfig:
     vocabulary: tuple[int, ...]
@@ -376,6 +396,11 @@ class IntegerLookupConfig:
     vocabulary_dtype: str = "int64"
     invert: bool = field(default=False, metadata=OMIT_DEFAULT)   # indices -> values
     oov_token: int = field(default=-1, metadata=OMIT_DEFAULT)    # what an inverted unknown index gives
+    output_mode: str = field(default="int", metadata=OMIT_DEFAULT)
+    oov_method: str = field(default="floormod", metadata=OMIT_DEFAULT)   # how several OOV indices are chosen
+    salt: tuple[int, int] | None = field(default=None, metadata=OMIT_DEFAULT)   # farmhash: SipHash's key
+    max_tokens: int | None = field(default=None, metadata=OMIT_DEFAULT)   # the encoded width, padded
+    idf_weights: tuple[float, ...] | None = field(default=None, metadata=OMIT_DEFAULT)   # tf_idf: one per value
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocabulary, tuple) or not 1 <= len(self.vocabulary) <= MAX_VALUES:
@@ -387,29 +412,63 @@ class IntegerLookupConfig:
         check_int(self.num_oov_indices, "IntegerLookup num_oov_indices", MAX_VALUES, minimum=0 if self.invert else 1)
         check_int(self.oov_token, "IntegerLookup oov_token", (1 << 63) - 1, -(1 << 63))
         check_choice(self.vocabulary_dtype, INTEGER_DTYPES, "IntegerLookup vocabulary_dtype")
+        check_choice(self.output_mode, ("int",) if self.invert else LOOKUP_MODES, "IntegerLookup output_mode")
+        check_choice(self.oov_method, ("floormod", "farmhash"), "IntegerLookup oov_method")
+        _check_salt(self.salt, "IntegerLookup")
+        if self.max_tokens is not None:
+            check_int(self.max_tokens, "IntegerLookup max_tokens", MAX_VALUES, minimum=self.token_start
+                      + len(self.vocabulary))
+        if (self.idf_weights is not None) != (self.output_mode == "tf_idf"):
+            raise ExchangeError("IntegerLookup takes idf_weights with output_mode 'tf_idf' only, and needs them there")
+        if self.idf_weights is not None:
+            if not isinstance(self.idf_weights, tuple) or len(self.idf_weights) != len(self.vocabulary):
+                raise ExchangeError("IntegerLookup needs one idf weight per vocabulary value")
+            for weight in self.idf_weights:
+                coerce(weight, float, "IntegerLookup idf weight")
+
+    @property
+    def oov_start(self) -> int:
+        """Keras's first OOV index: after the mask's, which only output_mode "int" has."""
+        return 1 if self.mask_token is not None and self.output_mode == "int" else 0
+
+    @property
+    def token_start(self) -> int:
+        return self.oov_start + self.num_oov_indices
+
+    @property
+    def depth(self) -> int:
+        """The encoded width: max_tokens where the output is padded to it, else every index."""
+        return self.max_tokens if self.max_tokens is not None else self.token_start + len(self.vocabulary)
+
+    def padded_idf_weights(self) -> list[float]:
+        """Keras's idf weight per column: the special indices weighted by the mean (in float64),
+        the columns past the vocabulary (padding) by 0."""
+        front = [float(np.average(self.idf_weights))] * self.token_start
+        return front + list(self.idf_weights) + [0.0] * (self.depth - self.token_start - len(self.vocabulary))
 
 
 @register
 class IntegerLookup(LayerKind):
     """Integer values -> int64 indices into [mask] + [OOV indices] + vocabulary
-    (`KerasIntegerLookup`), or with `invert` indices -> values. Only output_mode "int" with a
-    vocabulary in the config."""
+    (`KerasIntegerLookup`), or with `invert` indices -> values; or those indices encoded (one_hot,
+    multi_hot, count: int64; tf_idf: float32). The vocabulary must be in the config."""
 
     kind, keras_classes, Config = "integer_lookup", ("IntegerLookup",), IntegerLookupConfig
-    keeps_element_order = True
+
+    def keeps_order(self, config) -> bool:
+        return config.output_mode == "int"   # element-wise then
 
     def reads_integers(self, node, position):
         return position == 0
 
     def integer_output(self, config):
-        return "int64"
+        return None if config.output_mode == "tf_idf" else "int64"
 
     def from_keras(self, options):
-        options.expect("output_mode", "int")
         options.expect("sparse", False)
-        options.expect("idf_weights", None)
-        options.take("max_tokens", None)          # caps adapt()'s vocabulary; the vocabulary is given
-        options.take("pad_to_max_tokens", False)  # pads encoded outputs only
+        mode = options.take("output_mode", "int")
+        if mode not in LOOKUP_MODES:
+            raise options.unsupported("output_mode", mode)
         options.take("vocabulary_size", None)     # derived from the vocabulary
         vocabulary = options.take("vocabulary", None)
         if not isinstance(vocabulary, list) or not vocabulary or not all(
@@ -420,34 +479,283 @@ class IntegerLookup(LayerKind):
         if mask_token is not None and (not isinstance(mask_token, int) or isinstance(mask_token, bool)):
             raise options.unsupported("mask_token", mask_token, "must be an integer")
         invert = options.flag("invert", False)
+        if invert and mode != "int":
+            raise options.unsupported("output_mode", mode, "Keras inverts to values, output_mode 'int' only")
         oov_token = options.integer("oov_token", -1)
         num_oov_indices = options.integer("num_oov_indices", 1)
         if num_oov_indices < (0 if invert else 1):
             raise options.unsupported("num_oov_indices", num_oov_indices, "Keras raises on an unknown value then, "
                                       "which a torch module cannot")
+        oov_method, salt = "floormod", None
         if num_oov_indices > 1 and not invert:
-            options.expect("oov_method", "floormod")
-            options.take("salt", None)   # hashes for oov_method="farmhash" only
+            oov_method = options.take("oov_method", "floormod")
+            if oov_method not in ("floormod", "farmhash"):
+                raise options.unsupported("oov_method", oov_method)
+            salt = _read_salt(options) if oov_method == "farmhash" else options.take("salt", None)
+            if oov_method == "floormod" and salt is not None:
+                raise options.unsupported("salt", salt, "Keras takes a salt with oov_method 'farmhash' only")
         else:
-            options.take("oov_method", None)
+            options.take("oov_method", None)   # no OOV hashing with at most one OOV index
             options.take("salt", None)
         dtype = options.take("vocabulary_dtype", "int64")
         if dtype not in INTEGER_DTYPES:
             raise options.unsupported("vocabulary_dtype", dtype)
-        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype, invert, oov_token)
+        max_tokens = options.take("max_tokens", None)   # caps adapt()'s vocabulary; pads encoded outputs
+        padded = options.flag("pad_to_max_tokens", False) and mode != "int"
+        if padded and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
+            raise options.unsupported("max_tokens", max_tokens, "pad_to_max_tokens needs an integer max_tokens")
+        idf_weights = options.take("idf_weights", None)
+        if mode == "tf_idf" and (not isinstance(idf_weights, list) or not all(
+                isinstance(weight, (int, float)) and not isinstance(weight, bool) for weight in idf_weights)):
+            raise options.unsupported("idf_weights", idf_weights, "output_mode 'tf_idf' needs a list of numbers")
+        if mode != "tf_idf" and idf_weights is not None:
+            raise options.unsupported("idf_weights", idf_weights, "only with output_mode 'tf_idf'")
+        # Keras reads a vocabulary that starts with the special tokens without them.
+        token_start = (1 if mask_token is not None and mode == "int" else 0) + num_oov_indices
+        special = [mask_token] * (token_start - num_oov_indices) + [oov_token] * num_oov_indices
+        if token_start and vocabulary[:token_start] == special:
+            if mode == "tf_idf":
+                raise options.unsupported("vocabulary", vocabulary[:token_start], "a tf_idf vocabulary that lists "
+                                          "its special tokens (their idf weights would be lost) is not supported")
+            vocabulary = vocabulary[token_start:]
+        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype, invert, oov_token, mode,
+                                   oov_method, salt, max_tokens if padded else None,
+                                   None if idf_weights is None else tuple(float(weight) for weight in idf_weights))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if config.output_mode == "int":
+            return shape
+        if config.output_mode == "one_hot" and len(shape) >= 1:
+            return (shape[:-1] if shape[-1] == 1 else shape) + (config.depth,)
+        if len(shape) != 1:
+            raise UnsupportedLayerError(f"IntegerLookup output_mode {config.output_mode!r} takes values of shape "
+                                        f"(batch, steps); found (batch, {shape}) (Keras's output for it is not its "
+                                        "declared output shape)")
+        return (config.depth,)
+
+    def keras3_saved_extras(self, config):
+        return () if config.idf_weights is None else (("idf_weights", tuple(config.padded_idf_weights())),)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        module = builder.helpers.KerasIntegerLookup(list(config.vocabulary), config.mask_token, config.num_oov_indices,
-                                                    invert=config.invert, oov_token=config.oov_token)
-        return builder.module(context, module, inputs[0])
+        module = builder.helpers.KerasIntegerLookup(
+            list(config.vocabulary), config.mask_token, config.num_oov_indices, invert=config.invert,
+            oov_token=config.oov_token, output_mode=config.output_mode, oov_method=config.oov_method,
+            salt=config.salt, depth=None if config.output_mode == "int" else config.depth,
+            idf_weights=config.padded_idf_weights() if config.idf_weights is not None else None)
+        if config.output_mode == "int":
+            return builder.module(context, module, inputs[0])
+        return _encode_in_keras_order(builder, context, module, inputs)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.IntegerLookup(vocabulary=list(config.vocabulary), mask_token=config.mask_token,
-                                          num_oov_indices=config.num_oov_indices, output_mode="int",
-                                          invert=config.invert, oov_token=config.oov_token,
-                                          vocabulary_dtype=config.vocabulary_dtype, **context.keras_identity)
+        return keras.layers.IntegerLookup(
+            vocabulary=list(config.vocabulary), mask_token=config.mask_token, num_oov_indices=config.num_oov_indices,
+            output_mode=config.output_mode, invert=config.invert, oov_token=config.oov_token,
+            vocabulary_dtype=config.vocabulary_dtype, oov_method=config.oov_method,
+            salt=None if config.salt is None else list(config.salt), max_tokens=config.max_tokens,
+            pad_to_max_tokens=config.max_tokens is not None,
+            idf_weights=None if config.idf_weights is None else list(config.idf_weights), **context.keras_identity)
+
+
+# -- hashing --------------------------------------------------------------------------------
+
+# A hash's bin count: the unsigned modulo (`torch_modules.unsigned_remainder`) needs it below 2**62,
+# and so does an exchange file's JSON. An encoded output has one column per bin: MAX_VALUES.
+MAX_BINS = (1 << 62) - 1
+# A salt word or a mask value: as far as an exchange file's JSON holds integers.
+MAX_INTEGER = (1 << 62) - 1
+
+
+def _integer_dtype(options, mode: str) -> str | None:
+    """The output's integer dtype: the layer's dtype policy where it names int32 or int64 (Keras's
+    int output_mode needs one), else None (the node's float dtype)."""
+    value = options.take("dtype", None)
+    name = (value.get("config") or {}).get("name") if isinstance(value, dict) else value
+    if name in INTEGER_DTYPES:
+        return name
+    if mode == "int":
+        raise options.unsupported("dtype", name, "output_mode 'int' needs an integer dtype, int32 or int64")
+    return None
+
+
+def _read_salt(options) -> tuple[int, int] | None:
+    """Keras's salt: None, one integer (both key words) or two."""
+    salt = options.take("salt", None)
+    if isinstance(salt, int) and not isinstance(salt, bool):
+        salt = [salt, salt]
+    if salt is None:
+        return None
+    if not isinstance(salt, list) or len(salt) != 2 or not all(
+            isinstance(word, int) and not isinstance(word, bool) and abs(word) <= MAX_INTEGER for word in salt):
+        raise options.unsupported("salt", salt, f"must be one or two integers of magnitude at most {MAX_INTEGER:,}")
+    return tuple(salt)
+
+
+def _check_salt(salt, what: str) -> None:
+    if salt is not None:
+        if not isinstance(salt, tuple) or len(salt) != 2:
+            raise ExchangeError(f"{what} salt must be two integers")
+        for word in salt:
+            check_int(word, f"{what} salt", MAX_INTEGER, -MAX_INTEGER)
+
+
+def _check_bins(num_bins: int, output_mode: str, what: str) -> None:
+    check_int(num_bins, f"{what} num_bins", MAX_BINS if output_mode == "int" else MAX_VALUES)
+
+
+def _encode_in_keras_order(builder, context, module, inputs: list):
+    """Call an encoding `module` on Keras-ordered values: the inputs permuted from the torch
+    layout, the encoded output permuted back (one_hot of (batch, d1, ..., dk) adds an axis)."""
+    rank, output_rank = len(context.input_shape), len(context.output_shape)
+    if rank >= 2:
+        inputs = [builder.call(builder.torch.permute, value, to_keras_order(rank)) for value in inputs]
+    value = builder.module(context, module, *inputs)
+    if output_rank >= 2:
+        value = builder.call(builder.torch.permute, value, to_torch_order(output_rank))
+    return value
+
+
+@dataclass(frozen=True)
+class HashingConfig:
+    num_bins: int
+    mask_value: int | None = None
+    salt: tuple[int, int] | None = None   # SipHash's key words; None: FarmHash
+    output_mode: str = "int"
+    integer_dtype: str | None = "int64"   # the output's integer dtype; None: the node's float dtype
+
+    def __post_init__(self) -> None:
+        check_choice(self.output_mode, ("int",) + ENCODINGS, "Hashing output_mode")
+        _check_bins(self.num_bins, self.output_mode, "Hashing")
+        if self.mask_value is not None:
+            check_int(self.mask_value, "Hashing mask_value", MAX_INTEGER, -MAX_INTEGER)
+        _check_salt(self.salt, "Hashing")
+        if self.integer_dtype is not None or self.output_mode == "int":
+            check_choice(self.integer_dtype, INTEGER_DTYPES, "Hashing integer dtype")
+
+
+def _hashed_encoding_shape(input_shape: tuple, depth: int, output_mode: str, what: str) -> tuple:
+    """Hashing's encoded shape: ids (batch, steps), or for one_hot also (batch, steps, 1) (the 1
+    squeezed); Keras's output for other shapes is not the shape it declares."""
+    if output_mode == "one_hot" and len(input_shape) == 2 and input_shape[1] == 1:
+        return (input_shape[0], depth)
+    if len(input_shape) != 1:
+        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} takes values of shape (batch, steps)"
+                                    f"{' or (batch, steps, 1)' if output_mode == 'one_hot' else ''}; found (batch, "
+                                    f"{input_shape}) (Keras's output for it is not its declared output shape)")
+    return _encoded_shape(input_shape, depth, output_mode, what)
+
+
+@register
+class Hashing(LayerKind):
+    """Integers or floats -> hash bins (`KerasHashing`, see the module docstring), as integers or
+    encoded as CategoryEncoding does. Strings, which Keras also hashes, are refused with the
+    input (torch has no string tensors)."""
+
+    kind, keras_classes, Config = "hashing", ("Hashing",), HashingConfig
+    keeps_input_dtypes = True   # Keras hashes the inputs as given (`_convert_input_args = False`)
+    takes_integer_dtype = True
+
+    def reads_integers(self, node, position):
+        return position == 0
+
+    def integer_output(self, config):
+        return config.integer_dtype
+
+    def keeps_order(self, config) -> bool:
+        return config.output_mode == "int"   # element-wise then
+
+    def from_keras(self, options):
+        options.expect("sparse", False)
+        mode = options.take("output_mode", "int")
+        if mode not in ("int",) + ENCODINGS:
+            raise options.unsupported("output_mode", mode)
+        mask_value = options.take("mask_value", None)
+        if mask_value is not None and (not isinstance(mask_value, int) or isinstance(mask_value, bool)
+                                       or abs(mask_value) > MAX_INTEGER):
+            raise options.unsupported("mask_value", mask_value, "only integer mask values are supported (a string "
+                                      f"one masks strings, and {STRING_REASON})")
+        return HashingConfig(options.integer("num_bins"), mask_value, _read_salt(options), mode,
+                             _integer_dtype(options, mode))
+
+    def output_shape(self, config, input_shapes):
+        if config.output_mode == "int":
+            return input_shapes[0]
+        return _hashed_encoding_shape(input_shapes[0], config.num_bins, config.output_mode, "Hashing")
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        output_dtype = builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch,
+                                                                                           config.integer_dtype)
+        module = builder.helpers.KerasHashing(config.num_bins, config.mask_value, config.salt, config.output_mode,
+                                              output_dtype=output_dtype)
+        if config.output_mode == "int":
+            return builder.module(context, module, inputs[0])
+        return _encode_in_keras_order(builder, context, module, inputs)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        identity = {**context.keras_identity, "dtype": config.integer_dtype or context.node.dtype}
+        return keras.layers.Hashing(config.num_bins, mask_value=config.mask_value,
+                                    salt=None if config.salt is None else list(config.salt),
+                                    output_mode=config.output_mode, sparse=False, **identity)
+
+
+@dataclass(frozen=True)
+class HashedCrossingConfig:
+    num_bins: int
+    output_mode: str = "int"
+    integer_dtype: str | None = "int64"   # the output's integer dtype; None: the node's float dtype
+
+    def __post_init__(self) -> None:
+        check_choice(self.output_mode, ("int", "one_hot"), "HashedCrossing output_mode")
+        _check_bins(self.num_bins, self.output_mode, "HashedCrossing")
+        if self.integer_dtype is not None or self.output_mode == "int":
+            check_choice(self.integer_dtype, INTEGER_DTYPES, "HashedCrossing integer dtype")
+
+
+@register
+class HashedCrossing(LayerKind):
+    """Two integer features, each (batch,) or (batch, 1), -> the bin of their cross
+    (`KerasHashedCrossing`: TensorFlow's FingerprintCat64 of the int64 values), or one-hot."""
+
+    kind, keras_classes, Config = "hashed_crossing", ("HashedCrossing",), HashedCrossingConfig
+    takes_list = True
+    takes_integer_dtype = True
+
+    def reads_integers(self, node, position):
+        return True
+
+    def integer_output(self, config):
+        return config.integer_dtype
+
+    def from_keras(self, options):
+        options.expect("sparse", False)
+        mode = options.take("output_mode", "int")
+        if mode not in ("int", "one_hot"):
+            raise options.unsupported("output_mode", mode)
+        return HashedCrossingConfig(options.integer("num_bins"), mode, _integer_dtype(options, mode))
+
+    def output_shape(self, config, input_shapes):
+        shape = input_shapes[0]
+        if len(input_shapes) != 2 or shape not in ((), (1,)) or any(other != shape for other in input_shapes):
+            raise ExchangeError(f"HashedCrossing takes two features of one shape, (batch,) or (batch, 1) (Keras's "
+                                "output shape takes two); "
+                                f"found {[('batch',) + tuple(other) for other in input_shapes]}")
+        return shape if config.output_mode == "int" else (config.num_bins,)
+
+    def torch_forward(self, builder, context, inputs):
+        config = context.config
+        output_dtype = builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch,
+                                                                                           config.integer_dtype)
+        module = builder.helpers.KerasHashedCrossing(config.num_bins, config.output_mode, output_dtype=output_dtype)
+        return builder.module(context, module, *inputs)
+
+    def keras_layer(self, keras, context):
+        config = context.config
+        identity = {**context.keras_identity, "dtype": config.integer_dtype or context.node.dtype}
+        return keras.layers.HashedCrossing(config.num_bins, output_mode=config.output_mode, sparse=False, **identity)
 
 
 # -- Pipeline ---------------------------------------------------------------------------------
