@@ -32,6 +32,7 @@ import numpy as np
 from exchange import fileformat, keras_config, keras_files, layout, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
+from exchange.kinds import load_kinds_file
 from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
@@ -322,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--verify fails above this max abs difference (default: %(default)g)")
     parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
                         help="--verify stops the frameworks after this long (default: %(default)g)")
+    parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
+                        help="a Python file of yours that registers layer kinds for your own Keras layer "
+                             "classes (repeatable; see docs/adding-a-layer-kind.md)")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
@@ -354,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                                      + f"; {args.output} was not written")
 
     with one_line_errors():
+        for kinds_file in args.kinds:
+            load_kinds_file(kinds_file)
         return _run(args, activations, check)
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node, shared_call_name
-from exchange.kinds import TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
+from exchange.kinds import KINDS_DOC, TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
 from exchange.kinds.preprocessing import STRING_REASON
 
 INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
@@ -274,7 +274,7 @@ class _Parser:
             self.mask_operation(name, class_name, inbound, edges)
             return
         try:
-            kind = None if _is_operation(layer) else kind_for_keras_class(class_name)
+            kind = None if _is_operation(layer) else kind_for_keras_class(_class_key(layer))
             tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
             call = _first_argument_by_position(inbound)
             mask = _mask_ref(call)
@@ -355,10 +355,12 @@ class _Parser:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
         untrusted.check_layer_count(len(self.nodes) + 1)
         operation = _is_operation(layer)
-        kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else class_name)
+        kind = kind_for_keras_class(OPS_PREFIX + class_name if operation else _class_key(layer))
         if kind is None:
-            what = f"operation {layer.get('module')}.{class_name}" if operation else class_name
+            what = f"operation {layer.get('module')}.{class_name}" if operation else _class_key(layer)
             reason = None if operation else refusal_for_keras_class(class_name)
+            if reason is None and not operation and not _is_builtin(layer):
+                reason = f"a class of your own: register a layer kind for it with --kinds FILE (see {KINDS_DOC})"
             self.problems.append(f"unsupported layer {name!r} ({what})" + (f": {reason}" if reason else ""))
             return [name]
         try:
@@ -400,6 +402,13 @@ class _Parser:
             self.locations[output_name] = KerasLocation("", keras2_group, output_name, container_path)
             self.class_names[output_name] = f"output {index} of {name}"
         return names
+
+
+def _class_key(layer: dict) -> str:
+    """The name a layer's class is registered under: a built-in's class name, a registered class's
+    `package>Name` (Keras 3 records it as `registered_name`; Keras 2 writes it as the class name)."""
+    registered = layer.get("registered_name")
+    return _text(registered) if isinstance(registered, str) and ">" in registered else _text(layer["class_name"])
 
 
 def _layer_name(layer: dict) -> str:
@@ -618,6 +627,15 @@ def _keras2_kwargs(node) -> dict:
 def _is_keras2_ref(value) -> bool:
     return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
             and all(isinstance(item, int) and not isinstance(item, bool) for item in value[1:]))
+
+
+def _is_builtin(layer: dict) -> bool:
+    """Whether the layer is Keras's own: Keras 3 records its module (`keras.layers`); a Keras 2
+    config records none, and a registered class of the user's is `package>Name`."""
+    module = layer.get("module")
+    if isinstance(module, str) or "registered_name" in layer:
+        return isinstance(module, str) and (module == "keras" or module.startswith("keras."))
+    return ">" not in str(layer.get("class_name"))
 
 
 def _is_operation(layer: dict) -> bool:

@@ -38,7 +38,7 @@ import numpy as np
 from exchange import keras_config
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph
-from exchange.kinds import kind_of
+from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
 
 VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not used
 MNIST_ROWS = 10_000           # the MNIST test set
@@ -188,6 +188,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         request = {"in": str(in_path), "out": str(out_path), "arch": None if arch_path is None else str(arch_path),
                    "code_weights": None if code_weights is None else str(code_weights),
                    "graph": graph.to_json(), "tolerance": tolerance, "inputs": names, "inputs_name": inputs_name,
+                   "kinds": list(KIND_FILES),
                    "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph)}
         (folder / REQUEST).write_text(json.dumps(request))
         status, peak_kib = _run_child(folder, in_path, seconds)
@@ -267,6 +268,8 @@ def child_main(folder: Path) -> None:
     imported = _status_kib("VmSize")
     _cap_address_space(request["address_space"])
     try:
+        for kinds_file in request["kinds"]:   # the user's own kinds, as the parent loaded them
+            load_kinds_file(kinds_file)
         answer = {"result": _run(folder, request)}
     except ExchangeError as err:   # named after the input, unless it names a file itself
         message = str(err)

@@ -17,8 +17,13 @@ error naming it.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import importlib.util
 import math
+import os
+import sys
 import typing
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
@@ -305,12 +310,65 @@ def refusal_for_keras_class(class_name: str) -> str | None:
 
 def kind_of(name: str) -> LayerKind:
     if name not in KINDS:
-        raise UnsupportedLayerError(f"unsupported layer kind {_short(name)} (known: {', '.join(sorted(KINDS))})")
+        load_installed_kinds()
+    if name not in KINDS:
+        raise UnsupportedLayerError(f"unsupported layer kind {_short(name)} (known: {', '.join(sorted(KINDS))}; "
+                                    f"a kind of your own is registered with --kinds FILE, see {KINDS_DOC})")
     return KINDS[name]
 
 
 def kind_for_keras_class(class_name: str) -> LayerKind | None:
+    """The kind of a Keras class: a built-in's class name, or a registered class's
+    `package>Name` (Keras 3 records it as `registered_name`, Keras 2 as the class name)."""
+    if class_name not in KERAS_CLASSES:
+        load_installed_kinds()
     return KERAS_CLASSES.get(class_name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Kinds of the user's own: from a Python file named on the command line, or installed packages
+
+KINDS_DOC = "docs/adding-a-layer-kind.md"
+ENTRY_POINT_GROUP = "keras_torch_exchange.kinds"   # a package's modules that register kinds when imported
+KIND_FILES: list[str] = []   # files `load_kinds_file` ran, in order (the --verify child runs them too)
+_installed_kinds_loaded = False
+
+
+def load_kinds_file(path: str | os.PathLike) -> None:
+    """Run a Python file of the user's that registers kinds (`@register`) for their own Keras
+    layer classes (`convert.py --kinds my_layers.py`). Its code is the user's, named by the user:
+    a model file never names code to run. Each file runs once."""
+    path = Path(path).resolve()
+    if str(path) in KIND_FILES:
+        return
+    if not path.is_file() or path.suffix != ".py":
+        raise ExchangeError(f"{path}: --kinds takes a Python file (.py) that registers layer kinds")
+    spec = importlib.util.spec_from_file_location(f"exchange_user_kinds_{len(KIND_FILES)}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module   # dataclasses and pickling look classes up by module
+    try:
+        spec.loader.exec_module(module)
+    except ExchangeError:
+        raise
+    except Exception as err:
+        raise ExchangeError(f"{path}: loading its layer kinds failed ({type(err).__name__}: {err})") from err
+    KIND_FILES.append(str(path))
+
+
+def load_installed_kinds() -> None:
+    """Import, once, the modules installed packages declare in the entry point group
+    `keras_torch_exchange.kinds`; each registers its kinds when imported. Called on the first
+    kind or Keras class not found, so a converter without plugins imports nothing more."""
+    global _installed_kinds_loaded
+    if _installed_kinds_loaded:
+        return
+    _installed_kinds_loaded = True
+    for entry_point in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry_point.load()
+        except Exception as err:
+            raise ExchangeError(f"installed layer kinds {entry_point.value!r} (entry point {entry_point.name!r}) "
+                                f"failed to load ({type(err).__name__}: {err})") from err
 
 
 def config_to_dict(config) -> dict:
