@@ -568,25 +568,31 @@ class KerasEinsumDense(nn.Module):
         return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
 
 
-def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype) -> torch.Tensor:
-    """Keras's `encode_categorical_inputs` on ids (N, ..., T): `one_hot` (N, ..., T, num_tokens),
-    the T axis dropped where it is 1; `multi_hot` and `count` (N, ..., num_tokens). Ids outside
-    [0, num_tokens) count nowhere, as in TensorFlow's one_hot and bincount."""
+def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype,
+                 count_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Keras's `encode_categorical_inputs` on ids (N, d1, ..., dk) in Keras's order: `one_hot`
+    (N, d1, ..., dk, num_tokens), the last axis dropped where the ids have one of size 1;
+    `multi_hot` and `count` encode along axis 1 and drop it: (N, d2, ..., dk, num_tokens), `count`
+    summing `count_weights` (the ids' shape) where given. Ids outside [0, num_tokens) count
+    nowhere, as in TensorFlow's one_hot and bincount."""
     hot = (ids.unsqueeze(-1) == torch.arange(num_tokens, device=ids.device)).to(dtype)
     if output_mode == "one_hot":
-        return hot.squeeze(-2) if ids.shape[-1] == 1 else hot
-    return hot.amax(-2) if output_mode == "multi_hot" else hot.sum(-2)
+        return hot.squeeze(-2) if ids.dim() > 1 and ids.shape[-1] == 1 else hot
+    if count_weights is not None:
+        hot = hot * count_weights.unsqueeze(-1)
+    return hot.amax(1) if output_mode == "multi_hot" else hot.sum(1)
 
 
 class KerasCategoryEncoding(nn.Module):
-    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors (`keras_encode`)."""
+    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors, counts
+    optionally weighted (`keras_encode`)."""
 
     def __init__(self, num_tokens, output_mode, output_dtype=torch.float32):
         super().__init__()
         self.num_tokens, self.output_mode, self.output_dtype = num_tokens, output_mode, output_dtype
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype)
+    def forward(self, ids: torch.Tensor, count_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype, count_weights)
 
 
 class KerasDiscretization(nn.Module):

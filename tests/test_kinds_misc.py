@@ -1,0 +1,150 @@
+"""The single-option refusals of issue 14 turned into exact conversions: CategoryEncoding and
+Discretization on ids of any rank and with count weights, in both directions with real Keras
+(TensorFlow backend) and real PyTorch, and through generated code.
+
+Each case is a small Keras model on non-square sizes with seeded non-trivial weights:
+- Keras -> torch: the live model's tensors into the torch module; outputs compared.
+- torch -> Keras: a random state_dict into both the torch module and the Keras model built from
+  the graph; outputs compared, and the Keras weights read back equal the state bit for bit.
+- saved as `.keras` and converted to Python source: the generated module computes what Keras does.
+"""
+
+import importlib.util
+
+import keras
+import numpy as np
+import pytest
+import torch
+
+from exchange import cli, keras_adapter, torch_adapter
+from exchange.errors import UnsupportedLayerError
+from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
+from test_codegen import check_generated_file
+
+L = keras.layers
+TOLERANCE = 1e-5
+
+
+def single(shape, *layers, dtype="float32"):
+    return keras.Sequential([keras.Input(shape, dtype=dtype)] + list(layers))
+
+
+def seed_all(model, seed):
+    generator = np.random.default_rng(seed)
+    for variable in model.weights:
+        variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
+    return model
+
+
+def weighted_count(shape=(5,)):
+    """CategoryEncoding(count) called with `count_weights=` a float tensor of the ids' shape."""
+    ids, weights = keras.Input(shape, dtype="int32"), keras.Input(shape)
+    return keras.Model([ids, weights], L.Dense(3)(L.CategoryEncoding(7, output_mode="count")(ids, count_weights=weights)))
+
+
+def bins(output_mode, *after):
+    return [L.Discretization(bin_boundaries=[-0.5, 0.0, 0.4, 1.1], output_mode=output_mode)] + list(after)
+
+
+CASES = {
+    "category_encoding_one_hot_of_a_batch_of_ids": lambda: single((), L.CategoryEncoding(6, output_mode="one_hot"),
+                                                                   L.Dense(3), dtype="int32"),
+    "category_encoding_one_hot_rank3": lambda: single((3, 4), L.CategoryEncoding(5, output_mode="one_hot"),
+                                                      L.Dense(2), dtype="int32"),
+    "category_encoding_multi_hot_rank3": lambda: single((4, 4), L.CategoryEncoding(6), L.Dense(2), dtype="int32"),
+    "category_encoding_count_rank3": lambda: single((3, 3), L.CategoryEncoding(6, output_mode="count"),
+                                                    dtype="int32"),
+    "category_encoding_count_weights": weighted_count,
+    "category_encoding_count_weights_rank3": lambda: weighted_count((3, 3)),
+    "discretization_one_hot_rank3": lambda: single((3, 4), *bins("one_hot", L.Conv2D(2, 2))),
+    "discretization_one_hot_last_axis_1": lambda: single((5, 1), *bins("one_hot", L.Conv1D(2, 2))),
+    "discretization_multi_hot_rank3": lambda: single((3, 4), *bins("multi_hot", L.Dense(2))),
+    "discretization_count_rank4": lambda: single((3, 4, 5), *bins("count")),
+    "discretization_one_hot_of_a_batch_of_values": lambda: single((), *bins("one_hot", L.Dense(2))),
+}
+
+
+def check_both_directions(keras_model):
+    graph = keras_adapter.architecture_of(keras_model)
+    inputs = batch(keras_model, rows=5)
+    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
+    assert difference <= TOLERANCE, difference
+    torch_state = random_torch_state(graph, seed=4)
+    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
+    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
+    torch_outputs = torch_adapter.predict(torch_model, inputs)
+    back_difference = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
+    print(f"Keras -> torch {difference:.2e}, torch -> Keras {back_difference:.2e}")
+    assert back_difference <= TOLERANCE
+    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
+    back = keras_adapter.get_tensors(rebuilt)
+    assert sorted(back) == sorted(torch_state)
+    for key, tensor in torch_state.items():
+        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    return graph, inputs
+
+
+def check_generated_code(keras_model, tmp_path):
+    """The model saved as .keras, converted to Python: the generated module (which imports only
+    torch), loaded with its weights file, computes Keras's outputs."""
+    inputs = batch(keras_model, rows=5)
+    expected = keras_adapter.predict(keras_model, inputs)
+    keras_model.save(tmp_path / "model.keras")
+    code_path = tmp_path / "model.py"
+    graph = cli.convert(tmp_path / "model.keras", code_path)
+    check_generated_file(code_path)
+    spec = importlib.util.spec_from_file_location(f"generated_{tmp_path.name}", code_path)
+    generated = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(generated)
+    module = getattr(generated, torch_adapter.class_name(graph.name))()
+    module.load_state_dict(generated.load(str(tmp_path / "model.safetensors")), strict=True)
+    with torch.no_grad():
+        outputs = module.eval()(*torch_adapter.torch_inputs(graph, inputs))
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    from exchange.kinds.layout import to_keras_order
+
+    got = [output.permute(to_keras_order(len(graph.shapes[name]))).numpy() for name, output in
+           zip(graph.outputs, outputs)]
+    scale = max(1.0, max(float(np.max(np.abs(array))) for array in expected))
+    assert max_difference(expected, got) <= TOLERANCE * scale
+
+
+# The generated-code check of every case but these runs with `-m slow`.
+DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    check_both_directions(seed_all(CASES[case](), seed=3))
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT_CODE else pytest.mark.slow)
+                                  for case in sorted(CASES)])
+def test_kind_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(11)
+    check_generated_code(seed_all(CASES[case](), seed=3), tmp_path)
+
+
+def refused(model_function, message):
+    """Converting the model raises one UnsupportedLayerError line matching `message`."""
+    with pytest.raises(UnsupportedLayerError, match=message) as caught:
+        keras_adapter.architecture_of(model_function())
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("mode", ["multi_hot", "count"])
+def test_encodings_of_a_batch_of_ids_are_refused(mode):
+    """Keras counts ids of shape (batch,) over the whole batch: an output without a batch axis."""
+    refused(lambda: single((), L.CategoryEncoding(6, output_mode=mode, name="bad"), dtype="int32"),
+            rf"layer 'bad' \(category_encoding\): CategoryEncoding output_mode '{mode}' on ids of shape "
+            r"\(batch,\) counts over the whole batch \(Keras's output \(6,\) has no batch axis\); not supported")
+    refused(lambda: single((), L.Discretization([0.0, 1.0], output_mode=mode, name="bad")),
+            rf"Discretization output_mode '{mode}' on ids of shape \(batch,\) counts over the whole batch")
+
+
+def test_category_encoding_whose_declared_shape_differs_is_refused():
+    """Keras declares (batch, 3, depth) for multi_hot on (batch, 3, 4) ids and computes (batch, 4, depth)."""
+    refused(lambda: single((3, 4), L.CategoryEncoding(6, name="bad"), dtype="int32"),
+            r"layer 'bad' \(category_encoding\): CategoryEncoding output_mode 'multi_hot' on ids of shape "
+            r"\(batch, \(3, 4\)\): Keras declares \(batch, \(3, 6\)\) but computes \(batch, \(4, 6\)\)")
