@@ -668,6 +668,20 @@ class KerasReversibleEmbedding(nn.Module):
         return logits
 
 
+class KerasSpectralNormalization(nn.Module):
+    """Keras's SpectralNormalization at inference: the wrapped `layer` with its stored weights as
+    they are (Keras normalises the kernel only in training, writing the result into it);
+    `vector_u` (1, units) is the power iteration's state, kept so the weights go back whole."""
+
+    def __init__(self, layer=None, units=1, device=None, dtype=None):
+        super().__init__()
+        self.units = units
+        self.register_module("layer", layer)
+        self.register_buffer("vector_u", torch.empty(1, units, device=device, dtype=dtype))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(*inputs)
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

@@ -10,6 +10,7 @@ Each case is a small Keras model on non-square sizes with seeded non-trivial wei
 """
 
 import importlib.util
+import json
 
 import keras
 import numpy as np
@@ -109,23 +110,6 @@ def check_generated_code(keras_model, tmp_path):
     assert max_difference(expected, got) <= TOLERANCE * scale
 
 
-# The generated-code check of every case but these runs with `-m slow`.
-DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3")
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_kind_both_directions(case):
-    keras.utils.set_random_seed(11)
-    check_both_directions(seed_all(CASES[case](), seed=3))
-
-
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT_CODE else pytest.mark.slow)
-                                  for case in sorted(CASES)])
-def test_kind_generated_code(case, tmp_path):
-    keras.utils.set_random_seed(11)
-    check_generated_code(seed_all(CASES[case](), seed=3), tmp_path)
-
-
 def refused(model_function, message):
     """Converting the model raises one UnsupportedLayerError line matching `message`."""
     with pytest.raises(UnsupportedLayerError, match=message) as caught:
@@ -148,3 +132,87 @@ def test_category_encoding_whose_declared_shape_differs_is_refused():
     refused(lambda: single((3, 4), L.CategoryEncoding(6, name="bad"), dtype="int32"),
             r"layer 'bad' \(category_encoding\): CategoryEncoding output_mode 'multi_hot' on ids of shape "
             r"\(batch, \(3, 4\)\): Keras declares \(batch, \(3, 6\)\) but computes \(batch, \(4, 6\)\)")
+
+
+# -- SpectralNormalization ------------------------------------------------------------------
+
+SN = L.SpectralNormalization
+SPECTRAL_CASES = {
+    "spectral_dense_sequence": lambda: single((3, 4), SN(L.Dense(2, activation="tanh"), name="sn")),
+    "spectral_dense_rank4_iterations": lambda: single((3, 4, 5), SN(L.Dense(3), power_iterations=3)),
+    "spectral_conv2d_then_dense": lambda: single((7, 6, 3), SN(L.Conv2D(4, (3, 2), padding="same")), L.Flatten(),
+                                                 SN(L.Dense(3, use_bias=False))),
+    "spectral_einsum_dense": lambda: single((5,), SN(L.EinsumDense("ab,bc->ac", 4, bias_axes="c"))),
+    "spectral_conv1d_transpose": lambda: single((7, 3), SN(L.Conv1DTranspose(4, 3, strides=2))),
+    "spectral_depthwise_conv2d": lambda: single((7, 8, 3), SN(L.DepthwiseConv2D(3, depth_multiplier=2))),
+}
+CASES.update(SPECTRAL_CASES)
+
+
+def test_spectral_normalization_file_holds_the_kernel_twice(tmp_path):
+    """A Keras 3 file stores the kernel in the wrapper's vars and in its layer's: the exchange
+    file from it equals the live model's tensors bit for bit (kernel, vector_u, bias), and the
+    torch module keeps vector_u as a buffer."""
+    from exchange import fileformat
+
+    keras.utils.set_random_seed(5)
+    model = seed_all(single((4, 5), SN(L.Dense(3), name="sn")), seed=2)
+    model.save(tmp_path / "sn.keras")
+    cli.convert(tmp_path / "sn.keras", tmp_path / "sn.safetensors")
+    stored = fileformat.materialize(fileformat.load(tmp_path / "sn.safetensors").tensors)
+    live = keras_adapter.get_tensors(model)
+    assert sorted(stored) == ["sn.layer.bias", "sn.layer.weight", "sn.vector_u"] == sorted(live)
+    for key, value in live.items():
+        np.testing.assert_array_equal(stored[key], value, err_msg=key)
+    np.testing.assert_array_equal(stored["sn.vector_u"], model.get_layer("sn").vector_u.numpy())
+    torch_model = torch_adapter.model_from_tensors(keras_adapter.architecture_of(model), stored)
+    assert "sn.vector_u" in dict(torch_model.named_buffers())
+
+
+def spectral_call(training):
+    inputs = keras.Input((4,))
+    return keras.Model(inputs, SN(L.Dense(2), name="bad")(inputs, training=training))
+
+
+@pytest.mark.parametrize("model_function, message", [
+    (lambda: single((), SN(L.Embedding(9, 3), name="bad")),
+     r"layer 'bad' \(SpectralNormalization\): unsupported option layer='Embedding' \(only a Dense, EinsumDense or "
+     r"convolution layer is supported inside it\)"),
+    (lambda: single((4,), SN(L.Dense(2, dtype="float64"), name="bad")),
+     r"layer 'bad' \(SpectralNormalization\): the wrapped layer's dtype 'float64' differs from the wrapper's "
+     r"'float32'; not supported"),
+    (lambda: spectral_call(True), r"layer 'bad' \(SpectralNormalization\): a call with training=True normalises"),
+])
+def test_spectral_normalization_refusals(model_function, message):
+    refused(model_function, message)
+
+
+def test_spectral_normalization_of_a_lora_layer_is_refused():
+    config = {"class_name": "Sequential", "config": single((4,), SN(L.Dense(2), name="bad")).get_config()}
+    config["config"]["layers"][-1]["config"]["layer"]["config"]["lora_rank"] = 2
+    config["config"]["layers"][-1]["config"]["layer"]["config"]["lora_alpha"] = 2
+    from exchange.keras_config import parse_model_config
+
+    with pytest.raises(UnsupportedLayerError, match=r"'bad' \(SpectralNormalization\).*SpectralNormalization of a "
+                       "layer with a LoRA adapter is not supported") as caught:
+        parse_model_config(json.loads(json.dumps(config)), "hand-written")
+    assert "\n" not in str(caught.value)
+
+
+# -- every case of CASES, both directions and generated code ---------------------------------
+
+# The generated-code check of every case but these runs with `-m slow`.
+DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3", "spectral_conv2d_then_dense")
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_kind_both_directions(case):
+    keras.utils.set_random_seed(11)
+    check_both_directions(seed_all(CASES[case](), seed=3))
+
+
+@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT_CODE else pytest.mark.slow)
+                                  for case in sorted(CASES)])
+def test_kind_generated_code(case, tmp_path):
+    keras.utils.set_random_seed(11)
+    check_generated_code(seed_all(CASES[case](), seed=3), tmp_path)

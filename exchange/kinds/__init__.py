@@ -145,6 +145,12 @@ class LayerKind:
         zeros for them."""
         return ()
 
+    def keras3_file_variables(self, config: Any, stored: list) -> list:
+        """The variables a Keras 3 file stores for this layer (read from `keras3_subgroups` in
+        order, unnamed) in the layer's variable order; by default as they are. A wrapper that
+        tracks its layer's kernel as its own (SpectralNormalization) stores it twice."""
+        return stored
+
     def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1
