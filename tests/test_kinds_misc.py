@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from exchange import cli, keras_adapter, torch_adapter
-from exchange.errors import UnsupportedLayerError
+from exchange.errors import ExchangeError, UnsupportedLayerError
 from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
 from test_codegen import check_generated_file
 
@@ -110,9 +110,9 @@ def check_generated_code(keras_model, tmp_path):
     assert max_difference(expected, got) <= TOLERANCE * scale
 
 
-def refused(model_function, message):
-    """Converting the model raises one UnsupportedLayerError line matching `message`."""
-    with pytest.raises(UnsupportedLayerError, match=message) as caught:
+def refused(model_function, message, error=UnsupportedLayerError):
+    """Converting the model raises one `error` line matching `message`."""
+    with pytest.raises(error, match=message) as caught:
         keras_adapter.architecture_of(model_function())
     assert "\n" not in str(caught.value)
 
@@ -199,10 +199,44 @@ def test_spectral_normalization_of_a_lora_layer_is_refused():
     assert "\n" not in str(caught.value)
 
 
+
+# -- Softmax: several axes, masks broadcast from the right -------------------------------------
+
+def masked_softmax(shape, mask_shape, axis=-1, dtype="int32"):
+    """Softmax(axis)(Dense(x), mask=m): an int mask keeps the positions where it is > 0. A mask of
+    lower rank lines up with the input's last axes, its batch axis with an input axis (so the
+    test batch, 5 rows, is that axis's size)."""
+    values, mask = keras.Input(shape), keras.Input(mask_shape, dtype=dtype)
+    return keras.Model([values, mask], L.Softmax(axis=axis)(L.Dense(shape[-1])(values), mask=mask))
+
+
+CASES.update({
+    "softmax_two_spatial_axes": lambda: single((3, 4, 5), L.Conv2D(4, 1), L.Softmax(axis=[1, 2])),
+    "softmax_channels_and_height": lambda: single((3, 4, 5), L.Conv2D(6, 1), L.Softmax(axis=(-1, 1))),
+    "softmax_mask_of_a_batch": lambda: masked_softmax((5,), ()),
+    "softmax_mask_of_lower_rank": lambda: masked_softmax((5, 4), (4,)),
+    "softmax_mask_of_lower_rank_two_axes": lambda: masked_softmax((5, 3, 4), (3, 4), axis=(1, 3)),
+    "softmax_mask_two_axes": lambda: masked_softmax((3, 4), (3, 4), axis=[1, 2], dtype="bool"),
+})
+
+
+@pytest.mark.parametrize("model_function, message, error", [
+    (lambda: single((5,), L.Softmax(axis=[1, 0], name="bad")),
+     r"layer 'bad' \(softmax\): axis \(1, 0\) is not a feature axis: a softmax over the batch axis makes each "
+     r"row's output depend on the rows batched with it; not supported", UnsupportedLayerError),
+    (lambda: single((5, 4), L.Softmax(axis=[1, -2], name="bad")), r"Softmax axis \(1, -2\) names an axis twice",
+     ExchangeError),
+    (lambda: masked_softmax((5, 3), (4,)), r"argument 'mask' of shape \(batch, 4\) for an input of shape "
+     r"\(batch, 5, 3\) is not supported: it does not broadcast to it", ExchangeError),
+])
+def test_softmax_refusals(model_function, message, error):
+    refused(model_function, message, error)
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.
-DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3", "spectral_conv2d_then_dense")
+DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3", "spectral_conv2d_then_dense",
+                "softmax_mask_of_lower_rank_two_axes")
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
