@@ -232,6 +232,20 @@ CASES.update({
 def test_softmax_refusals(model_function, message, error):
     refused(model_function, message, error)
 
+
+# -- Flatten with data_format="channels_first" ----------------------------------------------
+
+CASES.update({
+    "flatten_channels_first_rank4_then_dense": lambda: single((3, 4, 5), L.Conv2D(2, 1), L.Flatten(
+        data_format="channels_first"), L.Dense(3)),
+    "flatten_channels_first_rank4_output": lambda: single((3, 4, 5), L.Conv2D(2, 1),
+                                                          L.Flatten(data_format="channels_first")),
+    "flatten_channels_first_rank3": lambda: single((4, 5), L.Dense(3), L.Flatten(data_format="channels_first")),
+    "flatten_channels_first_rank5": lambda: single((2, 3, 4, 5), L.Dense(3), L.Flatten(data_format="channels_first"),
+                                                   L.Dense(2)),
+    "flatten_channels_first_of_a_batch": lambda: single((), L.Flatten(data_format="channels_first"), L.Dense(2)),
+})
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.

@@ -145,6 +145,11 @@ class LayerKind:
         zeros for them."""
         return ()
 
+    def may_keep_channels_first(self, config: Any) -> bool:
+        """Whether this node's torch form may flatten in channels-first order for a Dense to
+        absorb (`may_flatten_channels_first`, unless its config says otherwise)."""
+        return self.may_flatten_channels_first
+
     def keras3_file_variables(self, config: Any, stored: list) -> list:
         """The variables a Keras 3 file stores for this layer (read from `keras3_subgroups` in
         order, unnamed) in the layer's variable order; by default as they are. A wrapper that
