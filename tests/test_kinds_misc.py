@@ -246,6 +246,20 @@ CASES.update({
     "flatten_channels_first_of_a_batch": lambda: single((), L.Flatten(data_format="channels_first"), L.Dense(2)),
 })
 
+
+# -- GroupNormalization on another axis than the channels -----------------------------------
+
+GN = L.GroupNormalization
+CASES.update({
+    "group_norm_axis1_of_an_image": lambda: single((4, 5, 3), L.Conv2D(2, 1), GN(groups=2, axis=1)),
+    "group_norm_axis_minus2_of_an_image": lambda: single((3, 6, 5), L.Conv2D(4, 1), GN(groups=3, axis=-2,
+                                                                                        epsilon=0.01)),
+    "group_norm_axis1_of_a_sequence_no_scale": lambda: single((6, 5), L.Dense(3), GN(groups=2, axis=1,
+                                                                                    scale=False)),
+    "group_norm_axis1_of_vectors_no_affine": lambda: single((8,), L.Dense(8), GN(groups=4, axis=1, center=False,
+                                                                                scale=False), L.Dense(2)),
+})
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.

@@ -33,6 +33,8 @@ Conventions that differ:
 - RMSNormalization is `nn.RMSNorm`: both x · rsqrt(mean(x²) + ε) · scale, ε inside the root;
   Keras's default ε is 1e-6 (torch's, None, is the dtype's machine epsilon), written out. Keras
   multiplies the scale by broadcasting, along the last axes, so only the last axes are read.
+- GroupNormalization groups its `axis` (any feature axis, not only the channels) into contiguous
+  groups, as `nn.GroupNorm` groups dim 1: the torch side moves that axis to dim 1 and back.
 - UnitNormalization: x · min(rsqrt(Σx²), 1e12) in Keras = x / max(‖x‖₂, 1e-12): `F.normalize`
   with eps 1e-12 on one axis; over several axes the same formula written out.
 """
@@ -505,7 +507,8 @@ class GroupNormConfig:
 
 @register
 class GroupNormalization(LayerKind):
-    """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups))."""
+    """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups)),
+    along its `axis`; `nn.GroupNorm` takes them at dim 1, where the torch side moves that axis."""
 
     kind, keras_classes, Config = "group_norm", ("GroupNormalization",), GroupNormConfig
     passes_mask = True
@@ -515,21 +518,29 @@ class GroupNormalization(LayerKind):
                                options.number("epsilon", 1e-3), options.flag("center", True),
                                options.flag("scale", True))
 
+    def channels(self, config, shape: tuple) -> int:
+        """The size of the grouped axis."""
+        return shape[check_axis(config.axis, len(shape)) - 1]
+
     def output_shape(self, config, input_shapes):
-        _check_channel_axis(config.axis, input_shapes[0], "GroupNormalization")
-        if config.groups < 1 or input_shapes[0][-1] % config.groups:
-            raise UnsupportedLayerError(f"GroupNormalization: {input_shapes[0][-1]} channels do not split "
+        channels = self.channels(config, input_shapes[0])
+        if channels is None or config.groups < 1 or channels % config.groups:
+            raise UnsupportedLayerError(f"GroupNormalization: {channels} channels do not split "
                                         f"into {config.groups} groups")
         return input_shapes[0]
 
     def ports(self, context):
-        return _affine_ports(context.config, (context.input_shape[-1],))
+        return _affine_ports(context.config, (self.channels(context.config, context.input_shape),))
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
-        norm = builder.nn.GroupNorm(config.groups, context.input_shape[-1], eps=config.epsilon,
+        config, rank = context.config, len(context.input_shape)
+        norm = builder.nn.GroupNorm(config.groups, self.channels(config, context.input_shape), eps=config.epsilon,
                                     affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
-        return builder.module(context, norm, inputs[0])
+        dim = torch_axis(config.axis, rank, context.node.name)
+        if dim == 1:
+            return builder.module(context, norm, inputs[0])
+        value = builder.module(context, norm, builder.call(builder.torch.movedim, inputs[0], dim, 1))
+        return builder.call(builder.torch.movedim, value, 1, dim)
 
     def keras_layer(self, keras, context):
         config = context.config
