@@ -682,6 +682,29 @@ class KerasSpectralNormalization(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.layer(*inputs)
 
+class LoRAConv(nn.Module):
+    """Keras's Conv1D/2D/3D with a LoRA adapter: the convolution with weight + scale * delta,
+    delta = lora_b @ lora_a over the rank, merged in `forward` as Keras does. `weight` as
+    `nn.Conv2d`'s (out, in/groups, k...); `lora_a` (rank, in/groups, k...), `lora_b` (out, rank)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, scale=1.0, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
+        self.rank, self.scale, self.stride, self.padding = rank, scale, stride, padding
+        self.dilation, self.groups = dilation, groups
+        shape = (in_channels // groups,) + self.kernel_size
+        self.weight = nn.Parameter(torch.empty((out_channels,) + shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.lora_a = nn.Parameter(torch.empty((rank,) + shape, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_channels, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_b @ self.lora_a.flatten(1)).reshape(self.weight.shape)
+        convolution = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        return convolution(x, self.weight + self.scale * delta, self.bias, self.stride, self.padding, self.dilation,
+                           self.groups)
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

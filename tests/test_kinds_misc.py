@@ -260,6 +260,35 @@ CASES.update({
                                                                                 scale=False), L.Dense(2)),
 })
 
+
+# -- LoRA on convolutions -------------------------------------------------------------------
+
+CASES.update({
+    "conv2d_lora": lambda: single((7, 6, 4), L.Conv2D(5, 3, activation="sigmoid", lora_rank=2)),
+    "conv2d_lora_alpha_groups_same": lambda: single((7, 6, 4), L.Conv2D(6, (3, 2), padding="same", groups=2,
+                                                                        lora_rank=3, lora_alpha=5)),
+    "conv1d_lora_strided_no_bias": lambda: single((9, 3), L.Conv1D(4, 3, strides=2, use_bias=False, lora_rank=2,
+                                                                   lora_alpha=1.5)),
+    "conv3d_lora": lambda: single((4, 5, 3, 2), L.Conv3D(3, 2, lora_rank=1)),
+})
+
+
+def test_conv_lora_keras_file_holds_the_merged_kernel(tmp_path):
+    """Keras saves a LoRA convolution's kernel merged and zeroes the adapter on load: the file
+    converts to torch as weight = merged, lora_a = lora_b = 0, computing what Keras computes."""
+    from exchange import fileformat
+
+    keras.utils.set_random_seed(2)
+    model = seed_all(single((7, 6, 4), L.Conv2D(5, 3, lora_rank=2, lora_alpha=3, name="conv")), seed=1)
+    inputs = batch(model, rows=3)
+    model.save(tmp_path / "lora.keras")
+    cli.convert(tmp_path / "lora.keras", tmp_path / "lora.safetensors")
+    state = fileformat.materialize(fileformat.load(tmp_path / "lora.safetensors").tensors)
+    assert not state["conv.lora_a"].any() and not state["conv.lora_b"].any()
+    torch_model = torch_adapter.model_from_tensors(keras_adapter.architecture_of(model), state)
+    assert max_difference(torch_adapter.predict(torch_model, inputs), keras_adapter.predict(model, inputs)) \
+        <= TOLERANCE
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.
