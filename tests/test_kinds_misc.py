@@ -31,9 +31,13 @@ def single(shape, *layers, dtype="float32"):
 
 
 def seed_all(model, seed):
+    """Every variable random; variances positive."""
     generator = np.random.default_rng(seed)
     for variable in model.weights:
-        variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
+        value = generator.standard_normal(tuple(variable.shape)) * 0.3
+        if "variance" in variable.name:
+            value = np.abs(value) + 0.5
+        variable.assign(value.astype(variable.dtype))
     return model
 
 
@@ -288,6 +292,22 @@ def test_conv_lora_keras_file_holds_the_merged_kernel(tmp_path):
     torch_model = torch_adapter.model_from_tensors(keras_adapter.architecture_of(model), state)
     assert max_difference(torch_adapter.predict(torch_model, inputs), keras_adapter.predict(model, inputs)) \
         <= TOLERANCE
+
+
+# -- BatchNormalization given a mask --------------------------------------------------------
+
+def masked_batch_norm(shape, mask_shape, dtype="float32", **options):
+    """BatchNormalization(x, mask=m) at inference (the mask weighs training's moments only), then
+    a Softmax reading the mask it passes on."""
+    values, mask = keras.Input(shape), keras.Input(mask_shape, dtype=dtype)
+    normalised = L.BatchNormalization(**options)(L.Dense(shape[-1])(values), mask=mask)
+    return keras.Model([values, mask], normalised)
+
+
+CASES.update({
+    "batch_norm_mask": lambda: masked_batch_norm((2, 3, 4), (2, 3), momentum=0.0),
+    "batch_norm_mask_axis1_bool": lambda: masked_batch_norm((5, 4), (5,), dtype="bool", axis=1, center=False),
+})
 
 # -- every case of CASES, both directions and generated code ---------------------------------
 

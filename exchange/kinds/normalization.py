@@ -24,6 +24,9 @@ Conventions that differ:
   mean and variance (Keras: the sizes of the kept axes) are held in torch's channels-first
   broadcast shape (1 along the other axes). Values given in the config are then only accepted
   as a single value.
+- BatchNormalization given a mask (`mask=` a tensor) weighs its batch moments by it in training
+  only; at inference it normalises every position with the moving statistics, and so does the
+  torch side, which reads nothing of the mask (it is passed on to the layers after).
 - BatchNormalization with `renorm=True` computes at inference exactly what plain BatchNorm does
   (the moving mean and variance); its `moving_stddev`, `renorm_mean` and `renorm_stddev` only
   serve training and are not exported (a Keras model rebuilt from torch keeps their initial
@@ -138,6 +141,9 @@ class BatchNormConfig:
     renorm_momentum: float = field(default=0.99, metadata=OMIT_DEFAULT)
     renorm_clipping: tuple[float | None, float | None, float | None] | None = field(
         default=None, metadata=OMIT_DEFAULT)   # (rmax, rmin, dmax)
+    # BatchNormalization()(x, mask=m): the mask only weighs training's batch moments; at inference
+    # it is passed on, as Keras's supports_masking does (the node's last input).
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
@@ -164,6 +170,7 @@ def _renorm_clipping(options):
 class BatchNormalization(LayerKind):
     kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
     passes_mask = True
+    mask_position = 2   # call(inputs, training=None, mask=None)
 
     def from_keras(self, options):
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
@@ -176,9 +183,18 @@ class BatchNormalization(LayerKind):
             renorm_momentum, clipping = 0.99, None
         return BatchNormConfig(_one_axis(options), options.number("momentum", 0.99),
                                options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True), renorm, renorm_momentum, clipping)
+                               options.flag("scale", True), renorm, renorm_momentum, clipping,
+                               options.take_mask_input())
+
+    def output_mask(self, node, input_masks):
+        if node.config.mask_input:   # Keras passes the mask it was given on (supports_masking)
+            return node.inputs[-1]
+        return super().output_mask(node, input_masks)
 
     def output_shape(self, config, input_shapes):
+        if config.mask_input and (len(input_shapes) != 2 or len(input_shapes[1]) != len(input_shapes[0]) - 1):
+            raise ExchangeError(f"argument 'mask' of shape (batch, {input_shapes[-1]}) for an input of shape "
+                                f"(batch, {input_shapes[0]}): Keras takes a mask of one axis less")
         norm_axes(config.axis, input_shapes[0], "BatchNormalization")
         if len(input_shapes[0]) > 4:   # torch has BatchNorm1d/2d/3d only
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
@@ -222,6 +238,11 @@ class BatchNormalization(LayerKind):
         return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
                                                center=config.center, scale=config.scale, **renorm,
                                                **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            return keras_layer(arguments[0], mask=arguments[-1])
+        return keras_layer(arguments[0])
 
 
 @dataclass(frozen=True)
