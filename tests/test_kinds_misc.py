@@ -309,6 +309,33 @@ CASES.update({
     "batch_norm_mask_axis1_bool": lambda: masked_batch_norm((5, 4), (5,), dtype="bool", axis=1, center=False),
 })
 
+
+# -- MultiHeadAttention: causal and sliding-window masks with attention_axes ----------------
+
+def attention_over_axis1(shape, scores=False, **options):
+    """Self-attention over axis 1 of (batch, steps, others, features) with a causal mask."""
+    inputs = keras.Input(shape)
+    layer = L.MultiHeadAttention(num_heads=2, key_dim=3, attention_axes=1, name="mha", **options)
+    result = layer(inputs, inputs, use_causal_mask=True, return_attention_scores=scores)
+    return keras.Model(inputs, list(result) if scores else result)
+
+
+CASES.update({
+    "attention_axis1_causal": lambda: attention_over_axis1((5, 3, 4)),
+    "attention_axis1_causal_scores": lambda: attention_over_axis1((5, 3, 4), scores=True),
+    "attention_axis1_causal_window": lambda: attention_over_axis1((6, 3, 4), sliding_window=2),
+})
+
+
+def test_causal_mask_over_other_attention_axes_is_refused():
+    def model():
+        inputs = keras.Input((4, 5, 6))
+        layer = L.MultiHeadAttention(num_heads=2, key_dim=3, attention_axes=2, name="bad")
+        return keras.Model(inputs, layer(inputs, inputs, use_causal_mask=True))
+
+    refused(model, r"layer 'bad' \(multi_head_attention\): MultiHeadAttention: use_causal_mask or sliding_window "
+                   r"with attention over axes \[2\]: Keras builds these masks from axis 1's sizes")
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.
