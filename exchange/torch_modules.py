@@ -648,13 +648,14 @@ class KerasIntegerLookup(nn.Module):
 class KerasReversibleEmbedding(nn.Module):
     """Keras's ReversibleEmbedding: token ids -> rows of `weight` (vocabulary, dim), as
     `nn.Embedding`; with `reverse`, vectors -> logits F.linear(x, weight) (or `reverse_weight`, same
-    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`."""
+    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`;
+    with a `reverse_dtype` the logits computed in that dtype and returned in the input's."""
 
     def __init__(self, num_embeddings, embedding_dim, tie_weights=True, reverse=False, logit_soft_cap=None,
-                 device=None, dtype=None):
+                 reverse_dtype=None, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tie_weights = num_embeddings, embedding_dim, tie_weights
-        self.reverse, self.logit_soft_cap = reverse, logit_soft_cap
+        self.reverse, self.logit_soft_cap, self.reverse_dtype = reverse, logit_soft_cap, reverse_dtype
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         if not tie_weights:
             self.reverse_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
@@ -662,11 +663,14 @@ class KerasReversibleEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reverse:
             return F.embedding(x, self.weight)
-        logits = F.linear(x, self.weight if self.tie_weights else self.reverse_weight)
+        weight = self.weight if self.tie_weights else self.reverse_weight
+        if self.reverse_dtype is None:
+            logits = F.linear(x, weight)
+        else:
+            logits = F.linear(x.to(self.reverse_dtype), weight.to(self.reverse_dtype))
         if self.logit_soft_cap is not None:
             logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
-        return logits
-
+        return logits.to(x.dtype)
 
 class KerasSpectralNormalization(nn.Module):
     """Keras's SpectralNormalization at inference: the wrapped `layer` with its stored weights as

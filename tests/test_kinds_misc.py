@@ -336,6 +336,31 @@ def test_causal_mask_over_other_attention_axes_is_refused():
     refused(model, r"layer 'bad' \(multi_head_attention\): MultiHeadAttention: use_causal_mask or sliding_window "
                    r"with attention over axes \[2\]: Keras builds these masks from axis 1's sizes")
 
+
+# -- ReversibleEmbedding: logits in half precision ------------------------------------------
+
+def reverse_logits(**options):
+    """`ReversibleEmbedding(x, reverse=True)`: vectors to logits over a vocabulary of 23."""
+    inputs = keras.Input((6, 5))
+    return keras.Model(inputs, L.ReversibleEmbedding(23, 5, **options)(L.Dense(5)(inputs), reverse=True))
+
+
+CASES.update({
+    "reversible_embedding_float16_logits": lambda: reverse_logits(reverse_dtype="float16"),
+    "reversible_embedding_bfloat16_logits": lambda: reverse_logits(reverse_dtype="bfloat16", tie_weights=False),
+})
+
+
+def test_reverse_dtype_with_a_soft_cap_is_refused():
+    refused(lambda: reverse_logits(reverse_dtype="float16", logit_soft_cap=0.7, name="bad"),
+            r"layer 'bad' \(ReversibleEmbedding\): unsupported option reverse_dtype='float16' \(with a "
+            r"logit_soft_cap: TensorFlow's half-precision tanh rounds some logits one unit apart from torch's\)")
+
+
+def test_reverse_dtype_of_a_half_precision_layer_is_refused():
+    refused(lambda: reverse_logits(reverse_dtype="bfloat16", dtype="float16", name="bad"),
+            r"layer 'bad': reverse_dtype 'bfloat16' of a float16 layer is not supported \(only of a float32 layer\)")
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
 # The generated-code check of every case but these runs with `-m slow`.
