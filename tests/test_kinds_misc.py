@@ -1,6 +1,9 @@
-"""The single-option refusals of issue 14 turned into exact conversions: CategoryEncoding and
-Discretization on ids of any rank and with count weights, in both directions with real Keras
-(TensorFlow backend) and real PyTorch, and through generated code.
+"""The single-option refusals of issue 14 turned into exact conversions, in both directions with
+real Keras (TensorFlow backend) and real PyTorch, and through generated code: CategoryEncoding and
+Discretization on ids of any rank and with count weights, SpectralNormalization, Softmax over
+several axes and with masks of lower rank, Flatten channels_first, GroupNormalization on any axis,
+LoRA convolutions, BatchNormalization given a mask, MultiHeadAttention's causal masks with
+attention_axes, ReversibleEmbedding's half-precision logits; and the refusals that remain.
 
 Each case is a small Keras model on non-square sizes with seeded non-trivial weights:
 - Keras -> torch: the live model's tensors into the torch module; outputs compared.
@@ -361,21 +364,31 @@ def test_reverse_dtype_of_a_half_precision_layer_is_refused():
     refused(lambda: reverse_logits(reverse_dtype="bfloat16", dtype="float16", name="bad"),
             r"layer 'bad': reverse_dtype 'bfloat16' of a float16 layer is not supported \(only of a float32 layer\)")
 
+
 # -- every case of CASES, both directions and generated code ---------------------------------
 
-# The generated-code check of every case but these runs with `-m slow`.
+# The default run checks one case per conversion in both directions and four through generated
+# code (about 10 s on 2 cores); `-m slow` checks every case both ways.
+DEFAULT_BOTH = ("category_encoding_count_weights_rank3", "category_encoding_one_hot_of_a_batch_of_ids",
+                "discretization_multi_hot_rank3", "spectral_conv2d_then_dense", "softmax_two_spatial_axes",
+                "softmax_mask_of_lower_rank_two_axes", "flatten_channels_first_rank4_then_dense",
+                "group_norm_axis1_of_an_image", "conv2d_lora_alpha_groups_same", "batch_norm_mask",
+                "attention_axis1_causal_scores", "reversible_embedding_float16_logits")
 DEFAULT_CODE = ("category_encoding_count_weights_rank3", "discretization_one_hot_rank3", "spectral_conv2d_then_dense",
                 "softmax_mask_of_lower_rank_two_axes")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+def _cases(default: tuple) -> list:
+    return [pytest.param(case, marks=() if case in default else pytest.mark.slow) for case in sorted(CASES)]
+
+
+@pytest.mark.parametrize("case", _cases(DEFAULT_BOTH))
 def test_kind_both_directions(case):
     keras.utils.set_random_seed(11)
     check_both_directions(seed_all(CASES[case](), seed=3))
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT_CODE else pytest.mark.slow)
-                                  for case in sorted(CASES)])
+@pytest.mark.parametrize("case", _cases(DEFAULT_CODE))
 def test_kind_generated_code(case, tmp_path):
     keras.utils.set_random_seed(11)
     check_generated_code(seed_all(CASES[case](), seed=3), tmp_path)
