@@ -176,11 +176,6 @@ def test_spectral_normalization_file_holds_the_kernel_twice(tmp_path):
     assert "sn.vector_u" in dict(torch_model.named_buffers())
 
 
-def spectral_call(training):
-    inputs = keras.Input((4,))
-    return keras.Model(inputs, SN(L.Dense(2), name="bad")(inputs, training=training))
-
-
 @pytest.mark.parametrize("model_function, message", [
     (lambda: single((), SN(L.Embedding(9, 3), name="bad")),
      r"layer 'bad' \(SpectralNormalization\): unsupported option layer='Embedding' \(only a Dense, EinsumDense or "
@@ -188,7 +183,6 @@ def spectral_call(training):
     (lambda: single((4,), SN(L.Dense(2, dtype="float64"), name="bad")),
      r"layer 'bad' \(SpectralNormalization\): the wrapped layer's dtype 'float64' differs from the wrapper's "
      r"'float32'; not supported"),
-    (lambda: spectral_call(True), r"layer 'bad' \(SpectralNormalization\): a call with training=True normalises"),
 ])
 def test_spectral_normalization_refusals(model_function, message):
     refused(model_function, message)

@@ -28,8 +28,8 @@ from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_REPEATS, LayerKind, _short, check_int, check_known_keys, kind_of, register
-from exchange.ports import Port, TorchOnly
 from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.ports import Port, TorchOnly
 
 
 @dataclass(frozen=True)
@@ -179,16 +179,12 @@ class SpectralNormalization(LayerKind):
         if options.keras2:
             raise UnsupportedLayerError(f"{options.where()}: Keras 2's SpectralNormalization is not supported "
                                         "(only Keras 3 files are read for it)")
-        training = options.call_kwargs.get("training", False)
-        if training not in (False, None):
-            raise UnsupportedLayerError(f"{options.where()}: a call with training={_short(training)} normalises "
-                                        "the kernel at every call; not supported")
-        inner_dtype = (options.config.get("layer") or {}).get("config", {}).get("dtype")
+        kind, config, name = options.wrapped_layer("layer", spectral_wraps, SPECTRAL_WRAPS)
+        inner_dtype = options.config["layer"]["config"].get("dtype")   # a dict: wrapped_layer checked it
         if _policy(inner_dtype) != _policy(options.config.get("dtype")):
             raise UnsupportedLayerError(f"{options.where()}: the wrapped layer's dtype {_short(_policy(inner_dtype))} "
                                         f"differs from the wrapper's {_short(_policy(options.config.get('dtype')))}; "
                                         "not supported")
-        kind, config, name = options.wrapped_layer("layer", spectral_wraps, SPECTRAL_WRAPS)
         iterations = options.integer("power_iterations", 1)
         if iterations < 1:
             raise options.unsupported("power_iterations", iterations, "must be at least 1")
