@@ -186,6 +186,8 @@ def _same(value, default) -> bool:
 def _format(value) -> str:
     if isinstance(value, fx.Node):
         return value.name
+    if isinstance(value, nn.Module):   # a helper holding a module (KerasSpectralNormalization's layer)
+        return _constructor(value)
     if isinstance(value, float):
         if not math.isfinite(value):
             return f'float("{value}")'

@@ -326,7 +326,7 @@ class Graph:
         for node in self.nodes:
             kind = kind_of(node.kind)
             shape = self.shapes[node.inputs[0]]
-            if not kind.may_flatten_channels_first or len(shape) < 2 or None in shape:
+            if not kind.may_keep_channels_first(node.config) or len(shape) < 2 or None in shape:
                 continue
             frontier, ok = [node.name], True
             while frontier and ok:

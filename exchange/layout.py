@@ -38,6 +38,8 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
         expected = graph.keras_variables(node)
         aliases = kind_of(node.kind).variable_aliases
         found = _unmerged(node, expected, stored.get(node.name, []), kind_of(node.kind).merged_when_saved(node.config))
+        if found and all(name is None for name, _ in found):   # a Keras 3 file's
+            found = kind_of(node.kind).keras3_file_variables(node.config, found)
         label = f"layer {node.name!r} ({class_names.get(node.name, node.kind)})"
         if len(found) != len(expected) or any(not _same_variable(name, want, aliases)
                                               for (name, _), (want, _) in zip(found, expected)):

@@ -568,25 +568,31 @@ class KerasEinsumDense(nn.Module):
         return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
 
 
-def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype) -> torch.Tensor:
-    """Keras's `encode_categorical_inputs` on ids (N, ..., T): `one_hot` (N, ..., T, num_tokens),
-    the T axis dropped where it is 1; `multi_hot` and `count` (N, ..., num_tokens). Ids outside
-    [0, num_tokens) count nowhere, as in TensorFlow's one_hot and bincount."""
+def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype,
+                 count_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Keras's `encode_categorical_inputs` on ids (N, d1, ..., dk) in Keras's order: `one_hot`
+    (N, d1, ..., dk, num_tokens), the last axis dropped where the ids have one of size 1;
+    `multi_hot` and `count` encode along axis 1 and drop it: (N, d2, ..., dk, num_tokens), `count`
+    summing `count_weights` (the ids' shape) where given. Ids outside [0, num_tokens) count
+    nowhere, as in TensorFlow's one_hot and bincount."""
     hot = (ids.unsqueeze(-1) == torch.arange(num_tokens, device=ids.device)).to(dtype)
     if output_mode == "one_hot":
-        return hot.squeeze(-2) if ids.shape[-1] == 1 else hot
-    return hot.amax(-2) if output_mode == "multi_hot" else hot.sum(-2)
+        return hot.squeeze(-2) if ids.dim() > 1 and ids.shape[-1] == 1 else hot
+    if count_weights is not None:
+        hot = hot * count_weights.unsqueeze(-1)
+    return hot.amax(1) if output_mode == "multi_hot" else hot.sum(1)
 
 
 class KerasCategoryEncoding(nn.Module):
-    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors (`keras_encode`)."""
+    """Keras's CategoryEncoding: integer ids as one-hot, multi-hot or count vectors, counts
+    optionally weighted (`keras_encode`)."""
 
     def __init__(self, num_tokens, output_mode, output_dtype=torch.float32):
         super().__init__()
         self.num_tokens, self.output_mode, self.output_dtype = num_tokens, output_mode, output_dtype
 
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype)
+    def forward(self, ids: torch.Tensor, count_weights: torch.Tensor | None = None) -> torch.Tensor:
+        return keras_encode(ids, self.num_tokens, self.output_mode, self.output_dtype, count_weights)
 
 
 class KerasDiscretization(nn.Module):
@@ -656,13 +662,14 @@ class KerasIntegerLookup(nn.Module):
 class KerasReversibleEmbedding(nn.Module):
     """Keras's ReversibleEmbedding: token ids -> rows of `weight` (vocabulary, dim), as
     `nn.Embedding`; with `reverse`, vectors -> logits F.linear(x, weight) (or `reverse_weight`, same
-    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`."""
+    shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`;
+    with a `reverse_dtype` the logits computed in that dtype and returned in the input's."""
 
     def __init__(self, num_embeddings, embedding_dim, tie_weights=True, reverse=False, logit_soft_cap=None,
-                 device=None, dtype=None):
+                 reverse_dtype=None, device=None, dtype=None):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tie_weights = num_embeddings, embedding_dim, tie_weights
-        self.reverse, self.logit_soft_cap = reverse, logit_soft_cap
+        self.reverse, self.logit_soft_cap, self.reverse_dtype = reverse, logit_soft_cap, reverse_dtype
         self.weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
         if not tie_weights:
             self.reverse_weight = nn.Parameter(torch.empty(num_embeddings, embedding_dim, device=device, dtype=dtype))
@@ -670,11 +677,51 @@ class KerasReversibleEmbedding(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.reverse:
             return F.embedding(x, self.weight)
-        logits = F.linear(x, self.weight if self.tie_weights else self.reverse_weight)
+        weight = self.weight if self.tie_weights else self.reverse_weight
+        if self.reverse_dtype is None:
+            logits = F.linear(x, weight)
+        else:
+            logits = F.linear(x.to(self.reverse_dtype), weight.to(self.reverse_dtype))
         if self.logit_soft_cap is not None:
             logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
-        return logits
+        return logits.to(x.dtype)
 
+class KerasSpectralNormalization(nn.Module):
+    """Keras's SpectralNormalization at inference: the wrapped `layer` with its stored weights as
+    they are (Keras normalises the kernel only in training, writing the result into it);
+    `vector_u` (1, units) is the power iteration's state, kept so the weights go back whole."""
+
+    def __init__(self, layer=None, units=1, device=None, dtype=None):
+        super().__init__()
+        self.units = units
+        self.register_module("layer", layer)
+        self.register_buffer("vector_u", torch.empty(1, units, device=device, dtype=dtype))
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.layer(*inputs)
+
+class LoRAConv(nn.Module):
+    """Keras's Conv1D/2D/3D with a LoRA adapter: the convolution with weight + scale * delta,
+    delta = lora_b @ lora_a over the rank, merged in `forward` as Keras does. `weight` as
+    `nn.Conv2d`'s (out, in/groups, k...); `lora_a` (rank, in/groups, k...), `lora_b` (out, rank)."""
+
+    def __init__(self, in_channels, out_channels, kernel_size, rank, scale=1.0, stride=1, padding=0, dilation=1,
+                 groups=1, bias=True, device=None, dtype=None):
+        super().__init__()
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
+        self.rank, self.scale, self.stride, self.padding = rank, scale, stride, padding
+        self.dilation, self.groups = dilation, groups
+        shape = (in_channels // groups,) + self.kernel_size
+        self.weight = nn.Parameter(torch.empty((out_channels,) + shape, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(out_channels, device=device, dtype=dtype)) if bias else None
+        self.lora_a = nn.Parameter(torch.empty((rank,) + shape, device=device, dtype=dtype))
+        self.lora_b = nn.Parameter(torch.empty(out_channels, rank, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = (self.lora_b @ self.lora_a.flatten(1)).reshape(self.weight.shape)
+        convolution = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
+        return convolution(x, self.weight + self.scale * delta, self.bias, self.stride, self.padding, self.dilation,
+                           self.groups)
 
 class KerasResize(nn.Module):
     """Keras's image resizing on TensorFlow (`tf.image.resize`, v2) over the last two dims

@@ -239,8 +239,8 @@ def config_with(layer, shape, **changes):
     (lambda: L.Discretization(bin_boundaries=[0.0]), (3,), {"bin_boundaries": None},
      "unsupported option bin_boundaries=None \\(not adapted"),
     (lambda: L.CategoryEncoding(4), (3, 2), {},
-     r"layer 'bad' \(category_encoding\): CategoryEncoding output_mode 'multi_hot' takes ids of shape "
-     r"\(batch, steps\)"),
+     r"layer 'bad' \(category_encoding\): CategoryEncoding output_mode 'multi_hot' on ids of shape "
+     r"\(batch, \(3, 2\)\): Keras declares"),
     (lambda: L.Resizing(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
     (lambda: L.CenterCrop(4, 5), IMAGE, {"data_format": "channels_middle"}, "unsupported option data_format"),
 ])

@@ -213,7 +213,7 @@ def test_batch_norm_constant_that_keras_cannot_hold_is_refused():
 
 @pytest.mark.parametrize("make_layer, message", [
     (lambda: L.Dense(3, activation="log_sigmoid"), "unsupported option activation='log_sigmoid'"),
-    (lambda: L.GroupNormalization(groups=7, axis=1), "axis 1 is not the channel axis"),
+    (lambda: L.Softmax(axis=0), "'bad' \\(softmax\\): axis 0 is not a feature axis: a softmax over the batch axis"),
     (lambda: L.SimpleRNN(3, activation="log_sigmoid"), "'bad' \\(SimpleRNN\\): unsupported option activation"),
 ])
 def test_unsupported_options_are_named(make_layer, message):

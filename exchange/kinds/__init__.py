@@ -170,6 +170,17 @@ class LayerKind:
         values the config gives). The reader checks them against these (float32) and skips them."""
         return ()
 
+    def may_keep_channels_first(self, config: Any) -> bool:
+        """Whether this node's torch form may flatten in channels-first order for a Dense to
+        absorb (`may_flatten_channels_first`, unless its config says otherwise)."""
+        return self.may_flatten_channels_first
+
+    def keras3_file_variables(self, config: Any, stored: list) -> list:
+        """The variables a Keras 3 file stores for this layer (read from `keras3_subgroups` in
+        order, unnamed) in the layer's variable order; by default as they are. A wrapper that
+        tracks its layer's kernel as its own (SpectralNormalization) stores it twice."""
+        return stored
+
     def output_count(self, config: Any) -> int:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1

@@ -4,6 +4,8 @@ layers that only apply one (Activation, ReLU, LeakyReLU, Softmax, ELU).
 Conventions that differ:
 - Keras applies `softmax` over the last axis, the channels of an image; torch holds images
   channels-first, so the torch side uses `dim=1` (which is also the last axis of a flat input).
+  The Softmax layer's axes (one or several; never the batch axis) are remapped the same way;
+  a mask of lower rank than its input broadcasts from the right in Keras's order (see Softmax).
 - `hard_sigmoid` is relu6(x + 3) / 6 in Keras 3 (= `F.hardsigmoid`) but clip(0.2x + 0.5, 0, 1)
   in Keras 2. A Keras 2 file's `hard_sigmoid` is read as `hard_sigmoid_keras2`.
 - Keras 2 spells silu `swish`; Keras 3's `gelu` activation is the exact (erf) form.
@@ -259,16 +261,40 @@ def _batch_shape(shape) -> str:
 
 @dataclass(frozen=True)
 class SoftmaxConfig:
-    axis: int = -1      # Keras axis, batch included; negative counts from the end
+    # Keras axis, batch included; negative counts from the end. Several axes (a tuple of two or
+    # more) normalise over all of them together.
+    axis: int | tuple[int, ...] = -1
     mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # Softmax()(x, mask)
 
     def __post_init__(self) -> None:
-        check_int(self.axis, "Softmax axis", MAX_AXIS, -MAX_AXIS)
+        axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
+        if isinstance(self.axis, tuple) and not 2 <= len(self.axis) <= MAX_AXIS + 1:
+            raise ExchangeError(f"Softmax axis {_short(self.axis)}: one axis, or a tuple of 2 to {MAX_AXIS + 1}")
+        for axis in axes:
+            check_int(axis, "Softmax axis", MAX_AXIS, -MAX_AXIS)
+
+
+def softmax_axes(axis, rank: int) -> tuple[int, ...]:
+    """The Keras axes (batch included) a Softmax normalises over, as positive feature axes in
+    1..rank. The batch axis is refused: each row's output would depend on the rows batched with it,
+    which Keras's `predict` and a torch call batch differently."""
+    values = axis if isinstance(axis, tuple) else (axis,)
+    if any(isinstance(value, int) and value in (0, -rank - 1) for value in values):
+        raise UnsupportedLayerError(f"axis {_short(axis)} is not a feature axis: a softmax over the batch axis "
+                                    "makes each row's output depend on the rows batched with it; not supported")
+    axes = tuple(check_axis(value, rank) for value in values)
+    if len(set(axes)) != len(axes):
+        raise ExchangeError(f"Softmax axis {_short(axis)} names an axis twice")
+    return axes
 
 
 @register
 class Softmax(LayerKind):
-    """The Keras axis is remapped to torch's channels-first layout."""
+    """The Keras axes are remapped to torch's channels-first layout. Several axes: Keras computes
+    exp(x - logsumexp(x, axes)), and so does the torch side. A mask given as a tensor broadcasts
+    against the input from the right, as numpy's rules (Keras's): one of the input's rank is held
+    in torch's layout like the input; a shorter one (a (batch,) mask for a (batch, N) input lines
+    its batch axis up with N) is applied with the input in Keras's order."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
     mask_position = 1   # call(inputs, mask=None)
@@ -285,45 +311,66 @@ class Softmax(LayerKind):
         axis = options.take("axis", -1)
         if isinstance(axis, list) and len(axis) == 1:
             axis = axis[0]
-        if not isinstance(axis, int):
-            raise options.unsupported("axis", axis, "one axis")
+        if isinstance(axis, list) and len(axis) > 1 and all(isinstance(value, int) and not isinstance(value, bool)
+                                                             for value in axis):
+            axis = tuple(axis)
+        if not isinstance(axis, (int, tuple)) or isinstance(axis, bool):
+            raise options.unsupported("axis", axis, "an axis or a list of axes")
         return SoftmaxConfig(axis, options.take_mask_input())
 
     def output_shape(self, config, input_shapes):
-        check_axis(config.axis, len(input_shapes[0]))
+        softmax_axes(config.axis, len(input_shapes[0]))
         if config.mask_input:
-            # Keras broadcasts the mask; here it must have the input's rank (sizes equal or 1),
-            # so that the torch layout moves the mask's axes as it moves the input's.
-            shape, mask = input_shapes[0], input_shapes[-1]
-            if len(input_shapes) != 2 or len(mask) != len(shape) or any(
-                    m not in (1, None) and s is not None and m != s for m, s in zip(mask, shape)):
-                raise ExchangeError(f"argument 'mask' of shape {_batch_shape(mask)} for an input of shape "
-                                    f"{_batch_shape(shape)} is not supported: only a mask of the input's rank "
-                                    "(sizes equal or 1)")
+            # Keras broadcasts the mask from the right (numpy's rules), batch axes included.
+            shape, mask = (None,) + tuple(input_shapes[0]), (None,) + tuple(input_shapes[-1])
+            if len(input_shapes) != 2 or len(mask) > len(shape) or any(
+                    m not in (1, None) and s is not None and m != s for m, s in zip(mask[::-1], shape[::-1])):
+                raise ExchangeError(f"argument 'mask' of shape {_batch_shape(input_shapes[-1])} for an input of shape "
+                                    f"{_batch_shape(input_shapes[0])} is not supported: it does not broadcast to it "
+                                    "(numpy's rules, as Keras's)")
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
-        from exchange.kinds.layout import torch_axis
+        from exchange.kinds.layout import to_keras_order, to_torch_order
 
-        dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
+        torch, rank = builder.torch, len(context.input_shape)
+        axes = softmax_axes(context.config.axis, rank)
         if not context.config.mask_input:
-            return builder.call(builder.torch.softmax, inputs[0], dim=dim)
+            return _softmax(builder, inputs[0], tuple(to_keras_order(rank)[axis] for axis in axes))
+        mask_rank = len(context.input_shapes[-1])
+        value, mask = inputs[0], inputs[-1]
+        keras_order = mask_rank != rank and rank >= 2   # a shorter mask lines up with Keras's axes
+        if keras_order:
+            value = builder.call(torch.permute, value, to_keras_order(rank))
+            if mask_rank >= 2:
+                mask = builder.call(torch.permute, mask, to_keras_order(mask_rank))
+        dims = axes if keras_order else tuple(to_keras_order(rank)[axis] for axis in axes)
         # Keras keeps the positions where a bool mask is True, another where it is > 0.5 (an int
         # mask cast 0.5 to 0: > 0), puts SOFTMAX_LARGE_NEGATIVE elsewhere, and zeroes them after.
-        torch = builder.torch
-        keep = builder.call(torch.gt, inputs[-1], 0.5)
+        keep = builder.call(torch.gt, mask, 0.5)
         negative = SOFTMAX_LARGE_NEGATIVE.get(context.node.dtype, DEFAULT_SOFTMAX_LARGE_NEGATIVE)
-        value = builder.call(torch.where, keep, inputs[0], negative)
-        value = builder.call(torch.softmax, value, dim=dim)
-        return builder.call(torch.where, keep, value, 0.0)
+        value = builder.call(torch.where, keep, value, negative)
+        value = _softmax(builder, value, dims)
+        value = builder.call(torch.where, keep, value, 0.0)
+        return builder.call(torch.permute, value, to_torch_order(rank)) if keras_order else value
 
     def keras_layer(self, keras, context):
-        return keras.layers.Softmax(axis=context.config.axis, **context.keras_identity)
+        axis = context.config.axis
+        return keras.layers.Softmax(axis=list(axis) if isinstance(axis, tuple) else axis, **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         if context.config.mask_input:
             return keras_layer(arguments[0], mask=arguments[-1])
         return keras_layer(arguments[0])
+
+
+def _softmax(builder, value, dims: tuple[int, ...]):
+    """Softmax over torch dims: `torch.softmax` for one, exp(x - logsumexp(x, dims)) for several."""
+    torch = builder.torch
+    if len(dims) == 1:
+        return builder.call(torch.softmax, value, dim=dims[0])
+    total = builder.call(torch.logsumexp, value, dims, keepdim=True)
+    return builder.call(torch.exp, builder.call(torch.sub, value, total))
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,10 @@ concatenated heads to `output_shape` (default: the query's width). Conventions t
   axis between the batch and the features): the torch side folds the other axes into the batch
   and the attended ones, in Keras's order, into one sequence ((N·others, steps, F)), attends as
   above, and unfolds; the scores are Keras's (N, others, heads, query axes, value axes), held
-  channels-first. Keras then always takes its explicit path. Masks are refused there.
+  channels-first. Keras then always takes its explicit path. `use_causal_mask` and
+  `sliding_window` masks, which Keras builds from the sizes of axis 1, apply over the folded
+  sequence when axis 1 alone is attended (the folded steps are then axis 1's); with other attended
+  axes they, input masks and `attention_mask` are refused.
 - `use_gate`: a sigmoid gate projected from the query (to the value heads, Keras's `_gate_dense`)
   multiplies the heads before the output projection (`KerasMultiHeadAttention`'s
   `gate_projection`). `sliding_window` keeps |i − j| < window, AND-ed with the other masks.
@@ -389,11 +392,15 @@ class MultiHeadAttention(LayerKind):
 
 def _check_attention_axes(config, shapes: dict, attended: tuple) -> None:
     """Attention over other axes than one sequence axis (see the module docstring): sizes known
-    but the batch's, the value's and key's other axes the query's, and no masks."""
-    if config.use_causal_mask or config.sliding_window is not None or "attention_mask" in config.call_inputs:
-        raise UnsupportedLayerError("MultiHeadAttention: masks (use_causal_mask, sliding_window, attention_mask) "
-                                    f"with attention over axes {list(attended)} of inputs of rank "
-                                    f"{len(shapes['query']) + 1} are not supported")
+    but the batch's, the value's and key's other axes the query's; a causal or sliding-window mask
+    only over axis 1 (Keras builds them from axis 1's sizes); no attention_mask."""
+    if "attention_mask" in config.call_inputs:
+        raise UnsupportedLayerError(f"MultiHeadAttention: an attention_mask with attention over axes {list(attended)} "
+                                    f"of inputs of rank {len(shapes['query']) + 1} is not supported")
+    if (config.use_causal_mask or config.sliding_window is not None) and attended != (1,):
+        raise UnsupportedLayerError(f"MultiHeadAttention: use_causal_mask or sliding_window with attention over axes "
+                                    f"{list(attended)}: Keras builds these masks from axis 1's sizes whatever the "
+                                    "attended axes; only attention over axis 1 is supported with them")
     query = shapes["query"]
     for role in ("query", "value", "key"):
         if role in shapes and None in shapes[role]:

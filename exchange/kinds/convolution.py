@@ -23,6 +23,11 @@ Conventions that differ:
   tensor with the last Keras axis second, (N, dk, C, d1, …). The torch form permutes it to
   (N, C, d1, …, dk), torch's own layout, computes, and permutes back; between two such layers the
   two permutes cancel (`TorchGraphBuilder.call`).
+- LoRA on Conv1D/2D/3D (`lora_rank`, see `exchange.kinds.dense` for LoRA's conventions): Keras
+  adds (lora_alpha / lora_rank) * lora_kernel_a @ lora_kernel_b, a (k…, in/groups, rank) by
+  (rank, filters) matmul, to the kernel. The torch side is `LoRAConv`: `lora_a` (rank, in/groups,
+  k…), Keras's lora_kernel_a permuted as a kernel, and `lora_b` (filters, rank), lora_kernel_b
+  transposed, merged in `forward` the same way. Conv layers keep lora_alpha (unlike Dense).
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (MAX_FEATURES, MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_int, check_ints,
                             register)
 from exchange.kinds.activations import check_activation, keras_activation, torch_activation
+from exchange.kinds.dense import check_lora, check_lora_dtype, lora_keras_args, read_lora
 from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Permute, Port, Reshape
 
@@ -181,8 +187,11 @@ class ConvConfig:
     # A transposed convolution's extra output cells per axis (None: Keras's default length).
     output_padding: tuple[int, ...] | None = field(default=None, metadata=OMIT_DEFAULT)
     data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
+    lora_rank: int | None = field(default=None, metadata=OMIT_DEFAULT)
+    lora_alpha: float | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        check_lora(self.lora_rank, self.lora_alpha, "convolution")
         check_window(self.kernel_size, self.strides, self.dilation_rate, self.padding, SPATIAL_AXES, "convolution")
         check_int(self.filters, "convolution filters", MAX_FEATURES)
         check_int(self.groups, "convolution groups", MAX_FEATURES)
@@ -205,10 +214,15 @@ class _Convolution(LayerKind):
     one_group = True     # all but Conv1D/2D/3D: groups must be 1
     transposed = False   # only transposed convolutions take output_padding
     causal = False       # only Conv1D takes `causal` padding (Keras refuses it elsewhere)
+    takes_lora = False   # only Conv1D/2D/3D take a LoRA adapter
 
     def read_common(self, options, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
-        options.expect("lora_rank", None)
-        options.expect("lora_alpha", None)
+        if self.takes_lora:
+            lora_rank, lora_alpha = read_lora(options, honours_alpha=True)
+        else:
+            options.expect("lora_rank", None)
+            options.expect("lora_alpha", None)
+            lora_rank = lora_alpha = None
         padding = options.take("padding", "valid")
         if padding not in PADDINGS or (padding == "causal" and not self.causal):
             raise options.unsupported("padding", padding)
@@ -221,7 +235,8 @@ class _Convolution(LayerKind):
             groups=options.integer("groups", 1),
             activation=options.activation(),
             use_bias=options.flag("use_bias", True),
-            data_format=read_data_format(options))
+            data_format=read_data_format(options),
+            lora_rank=lora_rank, lora_alpha=lora_alpha)
 
     def check_config(self, config) -> None:
         """What this kind of convolution takes of the shared `ConvConfig` (checked in shape inference)."""
@@ -233,6 +248,8 @@ class _Convolution(LayerKind):
             raise ExchangeError("only a transposed convolution takes output_padding")
         if config.padding == "causal" and not self.causal:
             raise ExchangeError("only Conv1D takes causal padding")
+        if config.lora_rank is not None and not self.takes_lora:
+            raise ExchangeError("only Conv1D/2D/3D take a LoRA adapter")
 
     def channels(self, config, shape) -> tuple[tuple, int]:
         """(spatial sizes, channels) of the input, the channel count known."""
@@ -290,7 +307,7 @@ class _Convolution(LayerKind):
 @register
 class Conv2D(_Convolution):
     kind, keras_classes, Config = "conv2d", ("Conv2D", "Convolution2D"), ConvConfig
-    spatial, one_group = 2, False
+    spatial, one_group, takes_lora = 2, False, True
 
     def from_keras(self, options):
         return self.read_common(options, options.take("filters"))   # ConvConfig checks the groups
@@ -301,11 +318,25 @@ class Conv2D(_Convolution):
             raise ExchangeError(f"layer {context.node.name!r}: {in_channels} input channels and "
                                 f"{config.filters} filters do not split into {config.groups} groups")
         kernel_shape = config.kernel_size + (in_channels // config.groups, config.filters)
-        return [Port("kernel", "weight", (Permute(kernel_permutation(self.spatial)),), shape=kernel_shape),
-                *bias_ports(config, config.filters)]
+        kernel_steps = (Permute(kernel_permutation(self.spatial)),)
+        ports = [Port("kernel", "weight", kernel_steps, shape=kernel_shape), *bias_ports(config, config.filters)]
+        if config.lora_rank is not None:
+            check_lora_dtype(context)
+            ports += [Port("lora_kernel_a", "lora_a", kernel_steps, shape=kernel_shape[:-1] + (config.lora_rank,)),
+                      Port("lora_kernel_b", "lora_b", (Permute((1, 0)),), shape=(config.lora_rank, config.filters))]
+        return ports
+
+    def merged_when_saved(self, config):
+        return () if config.lora_rank is None else ("lora_kernel_a", "lora_kernel_b")
 
     def torch_module(self, builder, context, padding):
         config = context.config
+        if config.lora_rank is not None:
+            return builder.helpers.LoRAConv(
+                self.in_channels(context), config.filters, config.kernel_size, config.lora_rank,
+                scale=config.lora_alpha / config.lora_rank, stride=config.strides, padding=padding,
+                dilation=config.dilation_rate, groups=config.groups, bias=config.use_bias, device="meta",
+                dtype=builder.dtype(context))
         return self.conv_module(builder)(
             self.in_channels(context), config.filters, kernel_size=config.kernel_size, stride=config.strides,
             padding=padding, dilation=config.dilation_rate, groups=config.groups, bias=config.use_bias,
@@ -315,7 +346,7 @@ class Conv2D(_Convolution):
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
         return layer_class(config.filters, groups=config.groups, **context.keras_identity,
-                           **self.keras_options(config))
+                           **self.keras_options(config), **lora_keras_args(config))
 
 
 @register

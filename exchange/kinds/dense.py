@@ -391,6 +391,16 @@ class EinsumDense(LayerKind):
                                         **context.keras_identity)
 
 
+# The reverse dtypes read besides the layer's own: logits of a float32 layer computed in half precision.
+REVERSE_DTYPES = (None, "float16", "bfloat16")
+
+
+def check_reverse_dtype(context) -> None:
+    if context.config.reverse_dtype is not None and context.node.dtype != "float32":
+        raise UnsupportedLayerError(f"layer {context.node.name!r}: reverse_dtype {context.config.reverse_dtype!r} of a "
+                                    f"{context.node.dtype} layer is not supported (only of a float32 layer)")
+
+
 @dataclass(frozen=True)
 class ReversibleEmbeddingConfig:
     input_dim: int
@@ -399,8 +409,15 @@ class ReversibleEmbeddingConfig:
     tie_weights: bool = True
     reverse: bool = False                 # called with reverse=True: x @ embeddings.T, logits
     logit_soft_cap: float | None = None   # reverse only: tanh(logits / cap) * cap
+    # reverse only: the half-precision dtype the logits are computed in (None: the layer's)
+    reverse_dtype: str | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
+        if self.reverse_dtype not in REVERSE_DTYPES or self.reverse_dtype is not None and (
+                self.logit_soft_cap is not None or not self.reverse):
+            raise ExchangeError(f"ReversibleEmbedding reverse_dtype {_short(self.reverse_dtype)} is not one of "
+                                f"{', '.join(map(repr, REVERSE_DTYPES))}, or is given without a reverse call or "
+                                "with a logit_soft_cap")
         check_int(self.input_dim, "ReversibleEmbedding input_dim (the vocabulary)", MAX_VOCABULARY)
         check_int(self.output_dim, "ReversibleEmbedding output_dim", MAX_FEATURES)
         if self.logit_soft_cap is not None:
@@ -417,7 +434,11 @@ class ReversibleEmbedding(LayerKind):
     tanh(logits / cap) * cap. The torch side holds the reverse kernel as `nn.Linear` does, (vocabulary,
     dim): the embeddings themselves when tied, Keras's (dim, vocabulary) `reverse_embeddings`
     transposed (`reverse_weight`) when not. Reverse mode works on the channels, so it moves them
-    last and back as Dense does."""
+    last and back as Dense does. With `reverse_dtype` float16 or bfloat16 (of a float32 layer, no
+    soft cap: TensorFlow's half-precision tanh rounds differently) Keras casts the vectors and the
+    kernel to it and computes the logits there;
+    so does the torch side, which then returns them as float32, the dtype Keras declares for the
+    layer's output (its tensor holds the half-precision dtype: the same values)."""
 
     kind, keras_classes, Config = "reversible_embedding", ("ReversibleEmbedding",), ReversibleEmbeddingConfig
 
@@ -437,14 +458,20 @@ class ReversibleEmbedding(LayerKind):
         if not isinstance(reverse, bool):
             raise options.unsupported("reverse", reverse, "the call's reverse must be true or false")
         reverse_dtype = options.take("reverse_dtype", None)
-        if reverse_dtype not in (None, "float32") and reverse:
-            raise options.unsupported("reverse_dtype", reverse_dtype, "only float32 logits are supported")
+        if not reverse or reverse_dtype == "float32":   # no reverse call, or the default
+            reverse_dtype = None
+        if reverse_dtype not in REVERSE_DTYPES:
+            raise options.unsupported("reverse_dtype", reverse_dtype, "only float32, float16 or bfloat16 logits "
+                                      "are supported")
         cap = options.take("logit_soft_cap", None)
+        if reverse_dtype is not None and cap is not None:
+            raise options.unsupported("reverse_dtype", reverse_dtype, "with a logit_soft_cap: TensorFlow's "
+                                      "half-precision tanh rounds some logits one unit apart from torch's")
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool)):
             raise options.unsupported("logit_soft_cap", cap, "must be a number")
         return ReversibleEmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"),
                                          options.flag("mask_zero", False), options.flag("tie_weights", True),
-                                         reverse, None if cap is None else float(cap))
+                                         reverse, None if cap is None else float(cap), reverse_dtype)
 
     def output_shape(self, config, input_shapes):
         shape = tuple(input_shapes[0])
@@ -456,6 +483,7 @@ class ReversibleEmbedding(LayerKind):
 
     def ports(self, context):
         config = context.config
+        check_reverse_dtype(context)
         ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
         if not config.tie_weights:
             ports.append(Port("reverse_embeddings", "reverse_weight", (Permute((1, 0)),),
@@ -466,7 +494,9 @@ class ReversibleEmbedding(LayerKind):
         config = context.config
         module = builder.helpers.KerasReversibleEmbedding(
             config.input_dim, config.output_dim, tie_weights=config.tie_weights, reverse=config.reverse,
-            logit_soft_cap=config.logit_soft_cap, device="meta", dtype=builder.dtype(context))
+            logit_soft_cap=config.logit_soft_cap, reverse_dtype=None if config.reverse_dtype is None
+            else getattr(builder.torch, config.reverse_dtype),
+            device="meta", dtype=builder.dtype(context))
         value = inputs[0]
         if not config.reverse:
             ids = builder.method(value, "long")
@@ -484,7 +514,7 @@ class ReversibleEmbedding(LayerKind):
         config = context.config
         return keras.layers.ReversibleEmbedding(config.input_dim, config.output_dim, tie_weights=config.tie_weights,
                                                 mask_zero=config.mask_zero, logit_soft_cap=config.logit_soft_cap,
-                                                **context.keras_identity)
+                                                reverse_dtype=config.reverse_dtype, **context.keras_identity)
 
     def keras_call(self, keras_layer, arguments, context):
         return keras_layer(arguments[0], reverse=True) if context.config.reverse else keras_layer(arguments[0])

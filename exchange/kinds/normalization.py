@@ -24,6 +24,9 @@ Conventions that differ:
   mean and variance (Keras: the sizes of the kept axes) are held in torch's channels-first
   broadcast shape (1 along the other axes). Values given in the config are then only accepted
   as a single value.
+- BatchNormalization given a mask (`mask=` a tensor) weighs its batch moments by it in training
+  only; at inference it normalises every position with the moving statistics, and so does the
+  torch side, which reads nothing of the mask (it is passed on to the layers after).
 - BatchNormalization with `renorm=True` computes at inference exactly what plain BatchNorm does
   (the moving mean and variance); its `moving_stddev`, `renorm_mean` and `renorm_stddev` only
   serve training and are not exported (a Keras model rebuilt from torch keeps their initial
@@ -33,6 +36,8 @@ Conventions that differ:
 - RMSNormalization is `nn.RMSNorm`: both x · rsqrt(mean(x²) + ε) · scale, ε inside the root;
   Keras's default ε is 1e-6 (torch's, None, is the dtype's machine epsilon), written out. Keras
   multiplies the scale by broadcasting, along the last axes, so only the last axes are read.
+- GroupNormalization groups its `axis` (any feature axis, not only the channels) into contiguous
+  groups, as `nn.GroupNorm` groups dim 1: the torch side moves that axis to dim 1 and back.
 - UnitNormalization: x · min(rsqrt(Σx²), 1e12) in Keras = x / max(‖x‖₂, 1e-12): `F.normalize`
   with eps 1e-12 on one axis; over several axes the same formula written out.
 """
@@ -136,6 +141,9 @@ class BatchNormConfig:
     renorm_momentum: float = field(default=0.99, metadata=OMIT_DEFAULT)
     renorm_clipping: tuple[float | None, float | None, float | None] | None = field(
         default=None, metadata=OMIT_DEFAULT)   # (rmax, rmin, dmax)
+    # BatchNormalization()(x, mask=m): the mask only weighs training's batch moments; at inference
+    # it is passed on, as Keras's supports_masking does (the node's last input).
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         check_int(self.axis, "axis", MAX_AXIS, -MAX_AXIS)
@@ -163,6 +171,7 @@ class BatchNormalization(LayerKind):
     kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
     casts_integers = True
     passes_mask = True
+    mask_position = 2   # call(inputs, training=None, mask=None)
 
     def from_keras(self, options):
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
@@ -175,9 +184,18 @@ class BatchNormalization(LayerKind):
             renorm_momentum, clipping = 0.99, None
         return BatchNormConfig(_one_axis(options), options.number("momentum", 0.99),
                                options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True), renorm, renorm_momentum, clipping)
+                               options.flag("scale", True), renorm, renorm_momentum, clipping,
+                               options.take_mask_input())
+
+    def output_mask(self, node, input_masks):
+        if node.config.mask_input:   # Keras passes the mask it was given on (supports_masking)
+            return node.inputs[-1]
+        return super().output_mask(node, input_masks)
 
     def output_shape(self, config, input_shapes):
+        if config.mask_input and (len(input_shapes) != 2 or len(input_shapes[1]) != len(input_shapes[0]) - 1):
+            raise ExchangeError(f"argument 'mask' of shape (batch, {input_shapes[-1]}) for an input of shape "
+                                f"(batch, {input_shapes[0]}): Keras takes a mask of one axis less")
         norm_axes(config.axis, input_shapes[0], "BatchNormalization")
         if len(input_shapes[0]) > 4:   # torch has BatchNorm1d/2d/3d only
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
@@ -221,6 +239,11 @@ class BatchNormalization(LayerKind):
         return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
                                                center=config.center, scale=config.scale, **renorm,
                                                **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.mask_input:
+            return keras_layer(arguments[0], mask=arguments[-1])
+        return keras_layer(arguments[0])
 
 
 @dataclass(frozen=True)
@@ -508,7 +531,8 @@ class GroupNormConfig:
 
 @register
 class GroupNormalization(LayerKind):
-    """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups))."""
+    """Keras groups contiguous channels as `nn.GroupNorm` does (channel c in group c // (C/groups)),
+    along its `axis`; `nn.GroupNorm` takes them at dim 1, where the torch side moves that axis."""
 
     kind, keras_classes, Config = "group_norm", ("GroupNormalization",), GroupNormConfig
     passes_mask = True
@@ -518,21 +542,29 @@ class GroupNormalization(LayerKind):
                                options.number("epsilon", 1e-3), options.flag("center", True),
                                options.flag("scale", True))
 
+    def channels(self, config, shape: tuple) -> int:
+        """The size of the grouped axis."""
+        return shape[check_axis(config.axis, len(shape)) - 1]
+
     def output_shape(self, config, input_shapes):
-        _check_channel_axis(config.axis, input_shapes[0], "GroupNormalization")
-        if config.groups < 1 or input_shapes[0][-1] % config.groups:
-            raise UnsupportedLayerError(f"GroupNormalization: {input_shapes[0][-1]} channels do not split "
+        channels = self.channels(config, input_shapes[0])
+        if channels is None or config.groups < 1 or channels % config.groups:
+            raise UnsupportedLayerError(f"GroupNormalization: {channels} channels do not split "
                                         f"into {config.groups} groups")
         return input_shapes[0]
 
     def ports(self, context):
-        return _affine_ports(context.config, (context.input_shape[-1],))
+        return _affine_ports(context.config, (self.channels(context.config, context.input_shape),))
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
-        norm = builder.nn.GroupNorm(config.groups, context.input_shape[-1], eps=config.epsilon,
+        config, rank = context.config, len(context.input_shape)
+        norm = builder.nn.GroupNorm(config.groups, self.channels(config, context.input_shape), eps=config.epsilon,
                                     affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
-        return builder.module(context, norm, inputs[0])
+        dim = torch_axis(config.axis, rank, context.node.name)
+        if dim == 1:
+            return builder.module(context, norm, inputs[0])
+        value = builder.module(context, norm, builder.call(builder.torch.movedim, inputs[0], dim, 1))
+        return builder.call(builder.torch.movedim, value, 1, dim)
 
     def keras_layer(self, keras, context):
         config = context.config

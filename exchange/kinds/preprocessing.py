@@ -19,6 +19,11 @@ Conventions that differ:
   Keras input (batch, a, b) is one unbatched image to Keras: channels_first, (channels = batch,
   height = a, width = b), resized per sample the same way; channels_last it would be (height =
   batch, ...), which resizes across the batch: refused.
+- CategoryEncoding and Discretization encode ids of any rank in Keras's order (batch, d1, ..., dk):
+  the torch side moves its channels-first ids back to that order, encodes, and moves the depth
+  axis first. `one_hot` appends the depth axis (replacing a last axis of size 1); `multi_hot` and
+  `count` reduce axis 1, the first after the batch, as TensorFlow's `multi_hot` does (not the
+  last axis).
 - CenterCrop crops the centre where the input is at least the target size on both axes; otherwise
   Keras crops to the target's aspect ratio (in Python floats, `smart_resize`) and resizes
   bilinearly, and so does the torch side (`KerasResize(center_crop=True)`, deciding at call time
@@ -58,8 +63,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, KerasOptions, LayerKind, _short, check_choice, check_int,
-                            check_known_keys, coerce, kind_for_keras_class, kind_of, refuse_keras_class,
+from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, KerasOptions, LayerKind, _short, check_choice,
+                            check_int, check_known_keys, coerce, kind_for_keras_class, kind_of, refuse_keras_class,
                             register)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
@@ -264,38 +269,54 @@ INTEGER_DTYPES = ("int32", "int64")
 
 
 def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) -> tuple:
-    """Keras's encoded output shape for ids (batch, T): one_hot (T, depth), or (depth,) where T is 1
-    or for multi_hot and count. Only (batch, T) ids: the torch side holds longer shapes channels-first."""
-    if len(input_shape) != 1:
-        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} takes ids of shape (batch, steps); "
-                                    f"found (batch, {input_shape})")
-    if output_mode == "one_hot" and input_shape[0] != 1:
-        return (input_shape[0], depth)
-    return (depth,)
+    """Keras's encoded output shape for ids (batch, d1, ..., dk): `one_hot` appends a depth axis
+    (replacing a last axis of size 1 where the ids have one after the batch); `multi_hot` and
+    `count` encode along axis 1 and drop it, (batch, d2, ..., dk, depth). Ids of shape (batch,)
+    would be counted over the whole batch, an output without a batch axis: refused."""
+    if output_mode == "one_hot":
+        return (input_shape[:-1] if input_shape and input_shape[-1] == 1 else input_shape) + (depth,)
+    if not input_shape:
+        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} on ids of shape (batch,) counts over the "
+                                    f"whole batch (Keras's output ({depth},) has no batch axis); not supported")
+    return tuple(input_shape[1:]) + (depth,)
+
+
+def _keras_order(builder, value, input_shape: tuple):
+    """Ids (or weights) from torch's channels-first layout back to Keras's (batch, d1, ..., dk)."""
+    return builder.call(builder.torch.movedim, value, 1, -1) if len(input_shape) >= 2 else value
 
 
 def _channels_first(builder, value, output_shape: tuple):
-    """An encoded (batch, T, depth) output in torch's layout, (batch, depth, T)."""
-    return builder.call(builder.torch.movedim, value, -1, 1) if len(output_shape) == 2 else value
+    """An encoded (batch, ..., depth) output in torch's layout, (batch, depth, ...)."""
+    return builder.call(builder.torch.movedim, value, -1, 1) if len(output_shape) >= 2 else value
 
 
 @dataclass(frozen=True)
 class CategoryEncodingConfig:
     num_tokens: int
     output_mode: str = "multi_hot"
+    count_weights: bool = field(default=False, metadata=OMIT_DEFAULT)   # weights given: a second input
 
     def __post_init__(self) -> None:
         check_int(self.num_tokens, "CategoryEncoding num_tokens", MAX_VALUES)
         check_choice(self.output_mode, ENCODINGS, "CategoryEncoding output_mode")
+        if not isinstance(self.count_weights, bool) or self.count_weights and self.output_mode != "count":
+            raise ExchangeError(f"CategoryEncoding count_weights={self.count_weights!r} needs output_mode 'count' "
+                                "(Keras raises otherwise)")
 
 
 @register
 class CategoryEncoding(LayerKind):
     """Integer ids -> one-hot, multi-hot or count vectors (`KerasCategoryEncoding`), in the layer's
-    float dtype. Ids outside [0, num_tokens) count nowhere in either framework (TensorFlow raises on
-    a negative id in multi_hot and count mode; torch gives zeros there)."""
+    float dtype; `count` with `count_weights` (a tensor of the ids' shape, cast to that dtype, the
+    node's second input) sums the weights instead of ones. Ids outside [0, num_tokens) count
+    nowhere in either framework (TensorFlow raises on a negative id in multi_hot and count mode;
+    torch gives zeros there). Keras's declared shape for multi_hot and count on ids
+    (batch, d1, ..., dk), k >= 2, is (batch, d1, ..., dk-1, depth) while it computes
+    (batch, d2, ..., dk, depth): such ids are refused unless the two agree."""
 
     kind, keras_classes, Config = "category_encoding", ("CategoryEncoding",), CategoryEncodingConfig
+    tensor_kwargs = ("count_weights",)
 
     def reads_integers(self, node, position):
         return position == 0
@@ -306,21 +327,45 @@ class CategoryEncoding(LayerKind):
         mode = "multi_hot" if mode == "binary" else mode
         if mode not in ENCODINGS:
             raise options.unsupported("output_mode", mode)
-        return CategoryEncodingConfig(options.integer("num_tokens"), mode)
+        tensors = sum(argument is None for argument in options.call_args) + sum(
+            value is TENSOR for value in options.call_kwargs.values())
+        unknown = sorted(key for key in options.call_kwargs if key != "count_weights")
+        if unknown or tensors > 2 or options.call_kwargs.get("count_weights", TENSOR) is not TENSOR:
+            raise UnsupportedLayerError(f"{options.where()}: only a count_weights tensor may be passed with the ids")
+        weighted = tensors == 2
+        if weighted and mode != "count":
+            raise options.unsupported("output_mode", mode, "count_weights need output_mode 'count'")
+        return CategoryEncodingConfig(options.integer("num_tokens"), mode, weighted)
 
     def output_shape(self, config, input_shapes):
-        return _encoded_shape(input_shapes[0], config.num_tokens, config.output_mode, "CategoryEncoding")
+        ids = input_shapes[0]
+        if config.count_weights and (len(input_shapes) != 2 or input_shapes[1] != ids):
+            raise ExchangeError(f"CategoryEncoding count_weights of shape (batch, {input_shapes[1:]}) do not match "
+                                f"ids of shape (batch, {ids})")
+        shape = _encoded_shape(ids, config.num_tokens, config.output_mode, "CategoryEncoding")
+        declared = tuple(ids[:-1]) + (config.num_tokens,)
+        if config.output_mode != "one_hot" and len(ids) >= 2 and (shape != declared or None in ids):
+            raise UnsupportedLayerError(f"CategoryEncoding output_mode {config.output_mode!r} on ids of shape "
+                                        f"(batch, {ids}): Keras declares (batch, {declared}) but computes "
+                                        f"(batch, {shape}); not supported")
+        return shape
 
     def torch_forward(self, builder, context, inputs):
-        config = context.config
+        config, ids_shape = context.config, context.input_shapes[0]
         module = builder.helpers.KerasCategoryEncoding(config.num_tokens, config.output_mode,
                                                        output_dtype=builder.dtype(context))
-        return _channels_first(builder, builder.module(context, module, inputs[0]), context.output_shape)
+        arguments = [_keras_order(builder, value, ids_shape) for value in inputs]
+        return _channels_first(builder, builder.module(context, module, *arguments), context.output_shape)
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.CategoryEncoding(config.num_tokens, output_mode=config.output_mode,
                                              **context.keras_identity)
+
+    def keras_call(self, keras_layer, arguments, context):
+        if context.config.count_weights:
+            return keras_layer(arguments[0], count_weights=arguments[1])
+        return keras_layer(arguments[0])
 
 
 @dataclass(frozen=True)
@@ -376,8 +421,10 @@ class Discretization(LayerKind):
         config = context.config
         module = builder.helpers.KerasDiscretization(list(config.bin_boundaries), config.output_mode,
                                                      output_dtype=builder.dtype(context))
-        value = builder.module(context, module, inputs[0])
-        return value if config.output_mode == "int" else _channels_first(builder, value, context.output_shape)
+        if config.output_mode == "int":   # element-wise: in any layout
+            return builder.module(context, module, inputs[0])
+        value = builder.module(context, module, _keras_order(builder, inputs[0], context.input_shapes[0]))
+        return _channels_first(builder, value, context.output_shape)
 
     def keras_layer(self, keras, context):
         config = context.config

@@ -7,6 +7,8 @@ Conventions that differ:
   gives (C, H, W) order. When everything after the Flatten is a Dense (through activations and
   dropout), torch flattens its own way and the Dense permutes its weight rows instead (see
   `Graph.channels_first_flattens`); elsewhere the torch side moves the channels last first.
+  With `data_format="channels_first"` Keras flattens (N, a1, ..., ak) in (a2, ..., ak, a1) order:
+  the torch side, holding (N, ak, a1, ..., ak-1), permutes to that order (nothing to do for k = 2).
 - Reshape works on Keras's channels-last element order, so the torch side moves the channels last
   before and back to the front after.
 - Padding and cropping amounts are (before, after) per axis in Keras's axis order ((top, bottom),
@@ -40,14 +42,27 @@ from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MA
 from exchange.ports import Port
 
 
+@dataclass(frozen=True)
+class FlattenConfig:
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
+
+    def __post_init__(self) -> None:
+        check_choice(self.data_format, ("channels_last", "channels_first"), "Flatten data_format")
+
+
 @register
 class Flatten(LayerKind):
-    kind, keras_classes = "flatten", ("Flatten",)
+    kind, keras_classes, Config = "flatten", ("Flatten",), FlattenConfig
     may_flatten_channels_first = True
 
+    def may_keep_channels_first(self, config) -> bool:
+        return config.data_format == "channels_last"
+
     def from_keras(self, options):
-        options.expect("data_format", "channels_last", None)
-        return self.Config()
+        data_format = options.take("data_format", None)
+        if data_format not in ("channels_last", "channels_first", None):
+            raise options.unsupported("data_format", data_format)
+        return FlattenConfig(data_format or "channels_last")
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
@@ -59,12 +74,18 @@ class Flatten(LayerKind):
             return builder.method(value, "unsqueeze", 1)
         if len(context.input_shape) < 2:
             return value
-        if not context.channels_first_flatten:
+        if context.config.data_format == "channels_first":
+            # Keras's (N, a1, ..., ak) flattens in (a2, ..., ak, a1) order; torch holds (N, ak, a1, ..., ak-1)
+            rank = len(context.input_shape)
+            order = (0,) + tuple(range(3, rank + 1)) + (1, 2)
+            if order != tuple(range(rank + 1)):
+                value = builder.call(builder.torch.permute, value, order)
+        elif not context.channels_first_flatten:
             value = builder.call(builder.torch.movedim, value, 1, -1)
         return builder.call(builder.torch.flatten, value, 1)
 
     def keras_layer(self, keras, context):
-        return keras.layers.Flatten(**context.keras_identity)
+        return keras.layers.Flatten(data_format=context.config.data_format, **context.keras_identity)
 
     def numpy_forward(self, context, tensors, inputs):
         if len(context.input_shape) > 1:
