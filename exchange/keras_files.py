@@ -282,16 +282,20 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
 
 def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -> list:
     """Keras 2: the top-level layer's group lists its datasets in `weight_names`
-    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`):
-    those with the layer's name as a folder of their path belong to the layer."""
+    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`).
+    A top-level layer's group holds its own alone, whatever their folder: Keras on TensorFlow 1
+    (and tf-keras in graph mode) named them by a name scope made unique, `conv2d_1_1/kernel:0` for
+    layer `conv2d_1`, and Keras loads them by their order. In a nested model's group, those with
+    the layer's name as a folder of their path belong to the layer."""
     group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
     group = untrusted.hdf5_get(source.h5, group_path, source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
+    own_group = not location.container_path and location.layer_name == location.keras2_group
     found = []
     for weight_name in _weight_names(source, group):
         parts = weight_name.split("/")
-        if location.layer_name in parts[:-1]:
+        if own_group or location.layer_name in parts[:-1]:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
 

@@ -242,3 +242,19 @@ def test_first_tensor_given_by_keyword_is_read_as_positional(tmp_path):
     torch_model = torch_adapter.model_from_tensors(weights.architecture, weights.tensors)
     expected = model.predict(values, verbose=0)
     assert np.max(np.abs(torch_adapter.predict(torch_model, [values])[0] - expected)) <= 1e-5
+
+
+def test_keras2_weights_under_tf1_era_name_scopes(tmp_path):
+    """tf-keras in graph mode (Keras on TensorFlow 1), a model built twice in one graph: its
+    weights sit under scopes made unique, `model_weights/conv2d_1/conv2d_1_1/kernel:0`. Keras loads
+    them by order; so does the reader (it found none before: "stores variables []")."""
+    expected = np.load(FIXTURES / "tf1_names_expected.npz")
+    with keras_files.open_keras_file(FIXTURES / "tf1_names.h5") as stored:
+        assert list(stored.tensors) == ["conv2d_1.weight", "conv2d_1.bias", "batch_normalization_1.weight",
+                                        "batch_normalization_1.bias", "batch_normalization_1.running_mean",
+                                        "batch_normalization_1.running_var",
+                                        "batch_normalization_1.num_batches_tracked", "dense_1.weight",
+                                        "dense_1.bias"]
+        model = torch_adapter.model_from_tensors(stored.architecture, stored.tensors)
+    (found,) = torch_adapter.predict(model, [expected["inputs"]])
+    assert np.max(np.abs(found - expected["outputs"])) <= 1e-6   # float32 rounding of a small CNN
