@@ -53,7 +53,7 @@ def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
 
 
 def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
-                 activations: list[str] | None = None) -> tuple[Graph, dict, str]:
+                 activations: list[str] | None = None, by_name: bool = False) -> tuple[Graph, dict, str]:
     """(graph, file-layout tensors, source framework) from any input kind. Keras files give lazy
     tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
     graph) gives the architecture of a weights-only input."""
@@ -63,7 +63,8 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
     if kind in KERAS_KINDS:
-        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None))
+        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
+                                                                        by_name))
         return keras_weights.architecture, keras_weights.tensors, "keras"
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
     untrusted.check_torch_archive(path)
@@ -239,7 +240,7 @@ def interruptible():
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None, check=None, notes: list | None = None) -> Graph:
+            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
@@ -252,7 +253,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         if in_path.resolve() == path.resolve():
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
-        graph, tensors, source = open_weights(in_path, stack, arch_path, activations)
+        graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name)
         try:   # before anything is built
             check_integer_inputs(graph)   # Keras's layers differ on integers
             if out_path.suffix == ".keras":
@@ -316,6 +317,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "
                         "Keras 2 .h5, a Keras config or exchange architecture .json, or a .safetensors")
     parser.add_argument("--activations", help="for a .pt input: comma-separated, one per layer")
+    parser.add_argument("--by-name", action="store_true",
+                        help="match a Keras 2 weights-only .h5 to --arch's layers by name (default: by "
+                             "order, as Keras 2's load_weights)")
     parser.add_argument("--verify", action="store_true",
                         help="run Keras and PyTorch (or numpy where one is missing) on the same inputs")
     parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
@@ -343,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights,
-                            args.verify_timeout)
+                            args.verify_timeout, args.by_name)
         except ExchangeError as err:
             err.args = (shown(str(err)),)
             raise
@@ -367,7 +371,8 @@ def _run(args, activations, check) -> int:
     try:
         with interruptible():
             notes: list[str] = []
-            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes)
+            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
+                            args.by_name)
         for note in notes:
             print(f"note: {note}")
         torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()

@@ -287,18 +287,24 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     return found
 
 
-def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation) -> list:
+def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation, groups: dict | None = None) -> list:
     """Keras 2: the top-level layer's group lists its datasets in `weight_names`
-    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`):
-    those with the layer's name as a folder of their path belong to the layer."""
-    group_path = f"{root}/{location.keras2_group}" if root else location.keras2_group
+    (`conv_a/kernel:0`; for a nested model `inner/kernel:0`; an LSTM's `lstm/lstm_cell/kernel:0`).
+    A top-level layer's group holds its own alone, whatever their folder: Keras on TensorFlow 1
+    (and tf-keras in graph mode) named them by a name scope made unique, `conv2d_1_1/kernel:0` for
+    layer `conv2d_1`, and Keras loads them by their order. In a nested model's group, those with
+    the layer's name as a folder of their path belong to the layer. `groups` maps the model's
+    top-level layers to the file's groups where they are matched by order."""
+    stored_group = (groups or {}).get(location.keras2_group, location.keras2_group)
+    group_path = f"{root}/{stored_group}" if root else stored_group
     group = untrusted.hdf5_get(source.h5, group_path, source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
+    own_group = not location.container_path and location.layer_name == location.keras2_group
     found = []
     for weight_name in _weight_names(source, group):
         parts = weight_name.split("/")
-        if location.layer_name in parts[:-1]:
+        if own_group or location.layer_name in parts[:-1]:
             found.append((re.sub(r":\d+$", "", parts[-1]), source.lazy(f"{group_path}/{weight_name}")))
     return found
 
@@ -368,9 +374,12 @@ def _model_config_text(source: "_Hdf5Source") -> str:
                                      "the model_config attribute")
 
 
-def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None) -> KerasWeights:
+def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None,
+                    by_name: bool = False) -> KerasWeights:
     """Open any supported Keras file. `architecture_from` (a .keras, a Keras 2 full .h5, or a
-    config JSON) is required for weights-only files and ignored otherwise."""
+    config JSON) is required for weights-only files and ignored otherwise. A Keras 2 weights-only
+    file is matched to the architecture's layers by order, as Keras 2's `load_weights` does, or
+    by layer name with `by_name` (`load_weights(by_name=True)`)."""
     path = Path(path)
     untrusted.regular_file(path)
     if path.suffix == ".keras":
@@ -387,13 +396,13 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
     h5 = source.h5
     try:
         with hdf5_errors(str(path)):
-            return _open_h5(path, source, h5, architecture_from)
+            return _open_h5(path, source, h5, architecture_from, by_name)
     except BaseException:
         source.close()
         raise
 
 
-def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from) -> "KerasWeights":
+def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from, by_name: bool) -> "KerasWeights":
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
     if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
         parsed = describe_model_config(_json(_model_config_text(source), str(path)), str(path),
@@ -404,9 +413,35 @@ def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from
         return _finish(parsed, source, lambda location: _keras3_variables(source, location))
     if "layer_names" in h5.attrs:                                     # Keras 2 weights only
         parsed = _description_from(architecture_from, path, keras2=True)
-        return _finish(parsed, source, lambda location: _keras2_variables(source, "", location))
+        groups = {} if by_name else _keras2_groups_by_order(source, parsed)
+        return _finish(parsed, source, lambda location: _keras2_variables(source, "", location, groups))
     raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
                             "layers or layer_names)")
+
+
+def _keras2_groups_by_order(source: _Hdf5Source, parsed: ParsedModel) -> dict[str, str]:
+    """Keras 2's `load_weights` (without by_name): the file's layers that hold weights, in its
+    `layer_names` order, go to the model's top-level layers that hold weights, in the model's
+    order; a count that differs is an error, as in Keras. Architecture group -> file group."""
+    holding: list[str] = []   # the model's top-level layers (a nested model is one) with weights
+    for node in parsed.graph.nodes:   # in the config's order
+        group = parsed.locations[node.name].keras2_group if node.name in parsed.locations else None
+        if group is not None and group not in holding and parsed.graph.keras_variables(node):
+            holding.append(group)
+    names = source.attribute(source.h5, "layer_names", [])
+    if not hasattr(names, "__len__") or len(names) > untrusted.MAX_LAYERS:
+        raise ExchangeFileError(f"{source.label}: layer_names is not a list of at most {untrusted.MAX_LAYERS:,} names")
+    stored = []
+    for name in names:
+        name = untrusted.check_path_text(name, source.label, "layer_names")
+        group = untrusted.hdf5_get(source.h5, name, source.label, source.groups)
+        if isinstance(group, h5py.Group) and len(_weight_names(source, group)):
+            stored.append(name)
+    if len(stored) != len(holding):
+        raise ExchangeFileError(f"{source.label}: holds weights for {len(stored)} layers, the architecture has "
+                                f"{len(holding)} layers with weights (Keras 2 loads them by order; with --by-name "
+                                "by layer name)")
+    return dict(zip(holding, stored))
 
 
 def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeights:

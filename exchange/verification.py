@@ -157,7 +157,7 @@ def weight_bytes(graph: Graph) -> int:
 
 def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float,
            arch_path: Path | None = None, code_weights: Path | None = None,
-           seconds: float = VERIFY_SECONDS) -> dict:
+           seconds: float = VERIFY_SECONDS, by_name: bool = False) -> dict:
     """Run the two frameworks on the same inputs, each on the weights of its own file, in a child
     process; the comparison's result (`compared`, `inputs`, `max_abs_diff`, `output_scale`,
     `argmax_agreement`, and `first_divergence` when the outputs differ beyond `tolerance`).
@@ -188,7 +188,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         request = {"in": str(in_path), "out": str(out_path), "arch": None if arch_path is None else str(arch_path),
                    "code_weights": None if code_weights is None else str(code_weights),
                    "graph": graph.to_json(), "tolerance": tolerance, "inputs": names, "inputs_name": inputs_name,
-                   "kinds": list(KIND_FILES),
+                   "kinds": list(KIND_FILES), "by_name": by_name,
                    "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph)}
         (folder / REQUEST).write_text(json.dumps(request))
         status, peak_kib = _run_child(folder, in_path, seconds)
@@ -338,7 +338,8 @@ def _run(folder: Path, request: dict) -> dict:
 
     def read_tensors(path: Path) -> dict[str, np.ndarray]:
         with ExitStack() as stack:
-            _, tensors, _ = cli.open_weights(path, stack, (arch_path if path == in_path else None) or graph)
+            _, tensors, _ = cli.open_weights(path, stack, (arch_path if path == in_path else None) or graph,
+                                             by_name=request["by_name"])
             from exchange import fileformat
 
             return fileformat.materialize(tensors)

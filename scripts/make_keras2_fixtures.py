@@ -24,6 +24,11 @@ LSTM model takes int32 token ids; its batch is stored in expected_outputs.npz as
 
 and its outputs as `lstm_outputs`; the GRU model's outputs on the 16-row fixed batch as `gru_outputs`.
 
+TF1-era weight names: `--tf1-names [OUT_DIR]` (a separate run: it switches TensorFlow to graph
+mode) writes tf1_names.h5, a CNN built twice in one graph as Keras on TensorFlow 1 did when a
+model was loaded twice, so its weights sit under name scopes made unique
+(`model_weights/conv2d_1/conv2d_1_1/kernel:0`), with tf1_names_expected.npz (`inputs`, `outputs`).
+
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
 """
@@ -50,6 +55,7 @@ LSTM_WEIGHT_SEED = 11
 GRU_WEIGHT_SEED = 13
 WRAPPERS_WEIGHT_SEED = 17
 SHARED_WEIGHT_SEED = 19
+TF1_WEIGHT_SEED = 23
 RNN_BATCH_ROWS = 16
 VOCAB_SIZE = 20
 SEQ_LEN = 9
@@ -232,5 +238,35 @@ def main() -> None:
         print(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
+def tf1_names_cnn() -> keras.Model:
+    """Conv2D -> BatchNormalization -> Flatten -> Dense, with the layer names Keras 1/2 generated."""
+    return keras.Sequential([keras.layers.Conv2D(3, 3, strides=2, input_shape=(7, 6, 2), name="conv2d_1"),
+                             keras.layers.BatchNormalization(name="batch_normalization_1"),
+                             keras.layers.Flatten(name="flatten_1"),
+                             keras.layers.Dense(4, activation="softmax", name="dense_1")])
+
+
+def main_tf1_names(out_dir: Path) -> None:
+    import tensorflow as tf
+
+    tf.compat.v1.disable_eager_execution()   # graph mode: name scopes are made unique per graph
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tf1_names_cnn()                            # the first build takes the plain scopes
+    model = overwrite_weights(tf1_names_cnn(), TF1_WEIGHT_SEED)
+    normalization = model.get_layer("batch_normalization_1")   # a variance must be positive
+    gamma, beta, mean, variance = normalization.get_weights()
+    normalization.set_weights([gamma, beta, mean, np.abs(variance) + 0.5])
+    if not model.weights[0].name.startswith("conv2d_1_1/"):
+        sys.exit(f"error: expected TF1-era names, found {model.weights[0].name}")
+    model.save(out_dir / "tf1_names.h5")
+    inputs = np.random.default_rng(FIXED_BATCH_SEED).random((CNN_BATCH_ROWS, 7, 6, 2), dtype=np.float32)
+    np.savez(out_dir / "tf1_names_expected.npz", inputs=inputs, outputs=model.predict(inputs, verbose=0))
+    print(f"wrote {out_dir / 'tf1_names.h5'} and {out_dir / 'tf1_names_expected.npz'}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["--tf1-names"]:
+        main_tf1_names(Path(sys.argv[2]) if len(sys.argv) > 2 else
+                       Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+    else:
+        main()

@@ -7,6 +7,7 @@ regenerate them with:
 expected_outputs.npz holds what Keras 2 computed on np.random.default_rng(0).random((64, input_dim)).
 """
 
+import json
 import re
 import subprocess
 import sys
@@ -181,7 +182,12 @@ def unsupported_keras_file(tmp_path_factory):
     ("seed_mlp_weights.h5", ["--arch", FIXTURES / "functional_chain_config.json"],
      "config and weights do not match"),
     ("functional_chain_weights.h5", ["--arch", FIXTURES / "seed_mlp.h5"],
+     r"layer 'dense_1' \(Dense\) variable 'kernel': expected shape \(784, 50\), found \(20, 16\)"),
+    ("functional_chain_weights.h5", ["--arch", FIXTURES / "seed_mlp.h5", "--by-name"],
      r"layer 'dense_1' \(Dense\) stores variables \[\], expected \['kernel', 'bias'\]"),
+    ("functional_chain_weights.h5", ["--arch", FIXTURES / "cnn.h5"],
+     r"holds weights for 3 layers, the architecture has \d+ layers with weights \(Keras 2 loads them by order; "
+     r"with --by-name by layer name\)"),
     ("expected_outputs.npz", [], r"unsupported file kind '.npz'"),
 ])
 def test_bad_keras_inputs_one_line_exit_2_nothing_written(tmp_path, unsupported_keras_file, source, extra, message):
@@ -242,3 +248,40 @@ def test_first_tensor_given_by_keyword_is_read_as_positional(tmp_path):
     torch_model = torch_adapter.model_from_tensors(weights.architecture, weights.tensors)
     expected = model.predict(values, verbose=0)
     assert np.max(np.abs(torch_adapter.predict(torch_model, [values])[0] - expected)) <= 1e-5
+
+
+def test_keras2_weights_under_tf1_era_name_scopes(tmp_path):
+    """tf-keras in graph mode (Keras on TensorFlow 1), a model built twice in one graph: its
+    weights sit under scopes made unique, `model_weights/conv2d_1/conv2d_1_1/kernel:0`. Keras loads
+    them by order; so does the reader (it found none before: "stores variables []")."""
+    expected = np.load(FIXTURES / "tf1_names_expected.npz")
+    with keras_files.open_keras_file(FIXTURES / "tf1_names.h5") as stored:
+        assert list(stored.tensors) == ["conv2d_1.weight", "conv2d_1.bias", "batch_normalization_1.weight",
+                                        "batch_normalization_1.bias", "batch_normalization_1.running_mean",
+                                        "batch_normalization_1.running_var",
+                                        "batch_normalization_1.num_batches_tracked", "dense_1.weight",
+                                        "dense_1.bias"]
+        model = torch_adapter.model_from_tensors(stored.architecture, stored.tensors)
+    (found,) = torch_adapter.predict(model, [expected["inputs"]])
+    assert np.max(np.abs(found - expected["outputs"])) <= 1e-6   # float32 rounding of a small CNN
+
+
+def test_keras2_weights_only_file_matched_by_order(tmp_path):
+    """Keras 2's `load_weights` matches a weights-only file's layers to the model's by order: the
+    seed MLP's weights (dense_1, dense_2, dense_3) into the same architecture with other layer
+    names convert and compute tf-keras's outputs; `--by-name` refuses them."""
+    config = json.loads((FIXTURES / "seed_mlp_config.json").read_text())
+    for layer in config["config"]["layers"]:
+        if layer["config"]["name"].startswith("dense_"):
+            layer["config"]["name"] = "renamed_" + layer["config"]["name"]
+    (tmp_path / "renamed.json").write_text(json.dumps(config))
+    with keras_files.open_keras_file(FIXTURES / "seed_mlp_weights.h5", tmp_path / "renamed.json") as stored:
+        model = torch_adapter.model_from_tensors(stored.architecture, stored.tensors)
+        assert [node.name for node in stored.architecture.nodes if node.kind == "dense"] == \
+            ["renamed_dense_1", "renamed_dense_2", "renamed_dense_3"]
+    expected = np.load(FIXTURES / "expected_outputs.npz")["seed_mlp_outputs"]
+    inputs = np.random.default_rng(0).random((len(expected), 784), dtype=np.float32)
+    (found,) = torch_adapter.predict(model, [inputs])
+    assert np.max(np.abs(found - expected)) <= 1e-6
+    with pytest.raises(ExchangeError, match=r"layer 'renamed_dense_1' \(Dense\) stores variables \[\]"):
+        keras_files.open_keras_file(FIXTURES / "seed_mlp_weights.h5", tmp_path / "renamed.json", by_name=True)
