@@ -257,8 +257,13 @@ class _Parser:
         if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
             order = {input_name: index for index, input_name in enumerate(input_names)}
             self.inputs.sort(key=lambda spec: order.get(spec.name, len(order)))
+        # Keras 3 writes `output_layers` with a nested functional model's own node numbers, whose
+        # node 0 is the model's build on its own inputs (its calls are 1, 2, …), where the tensors
+        # its layers read count the calls from 0.
+        own_build = set() if self.keras2 else {_layer_name(layer) for layer in layers
+                                                if layer.get("class_name") in FUNCTIONAL_CLASSES}
         try:
-            return [edges[(name, node_index, tensor_index)]
+            return [edges[(name, node_index - (name in own_build), tensor_index)]
                     for name, node_index, tensor_index in _entries(config["output_layers"])]
         except KeyError:
             if self.problems:

@@ -176,3 +176,26 @@ def test_an_exchange_file_states_sharing_and_is_checked():
             description["outputs"] = [changes["name"]]
         with pytest.raises(ExchangeError, match=message):
             Graph.from_dict(description)
+
+
+def test_outputs_of_a_shared_nested_model_and_sequential(tmp_path):
+    """Keras 3 numbers a nested functional model's calls from 1 in `output_layers` (its node 0
+    is its own build) and from 0 where layers read them; a Sequential's and a layer's from 0."""
+    def functional(name):
+        inputs = keras.Input((4,))
+        return keras.Model(inputs, L.Dense(3, name=f"{name}_dense")(inputs), name=name)
+
+    first, second = keras.Input((4,), name="first"), keras.Input((4,), name="second")
+    encoder = functional("encoder")
+    stack = keras.Sequential([keras.Input((4,)), L.Dense(3, name="stack_dense")], name="stack")
+    dense = L.Dense(4, name="dense")
+    encoded = [encoder(first), encoder(second)]
+    outputs = encoded + [stack(first), stack(second), dense(first), dense(second), L.Add(name="add")(encoded)]
+    keras.utils.set_random_seed(2)
+    model = randomize(keras.Model([first, second], outputs), seed=4)
+    model.save(tmp_path / "model.keras")
+    values = inputs_for(model)
+    reference = keras_adapter.predict(model, values)
+    result = layer_suite.CaseResult("outputs", "shared", "Model", "pass")
+    layer_suite.conversions(tmp_path / "model.keras", values, reference, result)
+    assert len(result.diffs) == 4 and max(result.diffs.values()) <= layer_suite.tolerance(reference), result.diffs
