@@ -19,7 +19,7 @@ from conftest import ROOT
 from exchange import cli, codegen
 from frameworks.recipe import SEED_ARCHITECTURE
 from kerasmodels import batch, randomize
-from test_zoo import APPLICATIONS, APPLICATION_RELATIVE_TOLERANCE, KERAS2_FIXTURES, SMALL, SMALL_TOLERANCE
+from test_zoo import APPLICATIONS, APPLICATION_RELATIVE_TOLERANCE, KERAS2_FIXTURES, SMALL, SMALL_TOLERANCE, ZOO
 
 GOLDEN = ROOT / "tests/fixtures/golden/seed_mlp.py"
 
@@ -86,7 +86,7 @@ def check_generated_file(code_path):
     assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
 
 
-@pytest.mark.parametrize("name", sorted(SMALL) + sorted(APPLICATIONS))
+@pytest.mark.parametrize("name", ZOO)
 def test_generated_code_of_each_zoo_model(name, tmp_path):
     application = name in APPLICATIONS
     keras.utils.set_random_seed(21)

@@ -171,7 +171,7 @@ def check_generated_code(keras_model, inputs, tmp_path):
 # Generated code runs in a fresh process and through torch.export, about 4 s a case on 2 cores:
 # the default run checks every CODE_EVERY-th case, `-m slow` every case (and the slow coverage
 # suite, tests/test_keras_layer_suite.py, runs generated code for every harvested case).
-CODE_EVERY = 6
+CODE_EVERY = 12
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -94,12 +94,13 @@ def test_weights_are_stored_once_and_counted_once():
 
 
 def test_generated_code_calls_one_module_at_each_site(tmp_path, capsys):
-    """`convert model.keras model.py --verify`: verified, the parameters counted once (and Keras's
-    count beside torch's), one module per shared layer, called at each site."""
+    """`convert model.keras model.py`: the parameters counted once (and Keras's count beside
+    torch's), one module per shared layer, called at each site (`--verify` of a `.py` output and
+    a fresh process: tests/test_custom_kinds.py)."""
     keras.utils.set_random_seed(7)
     model = randomize(shared_sequence_layers(), seed=11)
     model.save(tmp_path / "model.keras")
-    assert cli.main([str(tmp_path / "model.keras"), str(tmp_path / "model.py"), "--verify"]) == 0
+    assert cli.main([str(tmp_path / "model.keras"), str(tmp_path / "model.py")]) == 0
     assert f"{model.count_params() + 12:,} parameters ({model.count_params():,} in Keras)" in capsys.readouterr().out
     code = (tmp_path / "model.py").read_text()
     assert code.count("self.conv_exon = nn.Conv1d(") == 1 and code.count("self.lstm = nn.LSTM(") == 1

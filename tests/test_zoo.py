@@ -143,6 +143,10 @@ SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
          "text_cnn": text_cnn, "embedding_lstm": embedding_lstm, "embedding_gru": embedding_gru,
          "embedding_bilstm": embedding_bilstm, "simple_rnn": simple_rnn, "transformer_block": transformer_block}
 APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
+# The zoo as test parameters: MobileNetV2's layers (depthwise convolutions, relu6, residual adds)
+# are all in MobileNetV3Small and ResNet50 too, so the default run leaves it to `-m slow`.
+ZOO = sorted(SMALL) + [pytest.param(name, marks=pytest.mark.slow) if name == "mobilenet_v2" else name
+                       for name in sorted(APPLICATIONS)]
 
 
 
@@ -163,7 +167,7 @@ def convert(source: Path, target: Path, arch: Path | None = None) -> None:
     cli.convert(source, target, arch_path=arch)
 
 
-@pytest.mark.parametrize("name", sorted(SMALL) + sorted(APPLICATIONS))
+@pytest.mark.parametrize("name", ZOO)
 def test_zoo_model_in_every_direction(name, tmp_path):
     application = name in APPLICATIONS
     keras.utils.set_random_seed(21)
