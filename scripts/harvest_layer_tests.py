@@ -311,7 +311,7 @@ class Evaluator:
             import numpy   # the shape and kind of a literal, nothing more
             array = numpy.asarray(argument)
             dtype = self.keywords(node, env).get("dtype", array.dtype.name)
-            return Array(array.shape, normalized_dtype("str" if array.dtype.kind == "U" else dtype))
+            return Array(array.shape, normalized_dtype("str" if numpy.issubdtype(array.dtype, numpy.str_) else dtype))
         if name in INPUT_MAKERS or name in KERAS_TENSORS:
             keywords = self.keywords(node, env)
             shape = keywords.get("shape", self.value(node.args[0], env) if node.args else None)
@@ -424,8 +424,8 @@ class Harvest:
                             (self.evaluator.value(d, env) for d in method.args.defaults)))
         if decorator is None:
             return [(None, defaults)]
-        kind = ast.unparse(decorator.func).split(".")[1]
-        if kind == "product":
+        parameterization = ast.unparse(decorator.func).split(".")[1]   # absl's parameters / named_parameters / product
+        if parameterization == "product":
             raw = named_product([self.evaluator.value(a, env) for a in decorator.args],
                                 self.evaluator.keywords(decorator, env))
             if isinstance(raw, Unresolved):
@@ -440,7 +440,7 @@ class Harvest:
         result = []
         for index, case in enumerate(raw):
             name = str(index)
-            if kind == "named_parameters":
+            if parameterization == "named_parameters":
                 if isinstance(case, dict):
                     name, case = str(case.get("testcase_name")), {k: v for k, v in case.items() if k != "testcase_name"}
                 elif isinstance(case, (tuple, list)) and case:

@@ -281,14 +281,16 @@ def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) 
     return tuple(input_shape[1:]) + (depth,)
 
 
-def _keras_order(builder, value, input_shape: tuple):
-    """Ids (or weights) from torch's channels-first layout back to Keras's (batch, d1, ..., dk)."""
-    return builder.call(builder.torch.movedim, value, 1, -1) if len(input_shape) >= 2 else value
-
-
-def _channels_first(builder, value, output_shape: tuple):
-    """An encoded (batch, ..., depth) output in torch's layout, (batch, depth, ...)."""
-    return builder.call(builder.torch.movedim, value, -1, 1) if len(output_shape) >= 2 else value
+def _encode_in_keras_order(builder, context, module, inputs: list):
+    """Call an encoding `module` on Keras-ordered values: the inputs permuted from the torch
+    layout, the encoded output permuted back (one_hot of (batch, d1, ..., dk) adds an axis)."""
+    rank, output_rank = len(context.input_shape), len(context.output_shape)
+    if rank >= 2:
+        inputs = [builder.call(builder.torch.permute, value, to_keras_order(rank)) for value in inputs]
+    value = builder.module(context, module, *inputs)
+    if output_rank >= 2:
+        value = builder.call(builder.torch.permute, value, to_torch_order(output_rank))
+    return value
 
 
 @dataclass(frozen=True)
@@ -351,11 +353,10 @@ class CategoryEncoding(LayerKind):
         return shape
 
     def torch_forward(self, builder, context, inputs):
-        config, ids_shape = context.config, context.input_shapes[0]
+        config = context.config
         module = builder.helpers.KerasCategoryEncoding(config.num_tokens, config.output_mode,
                                                        output_dtype=builder.dtype(context))
-        arguments = [_keras_order(builder, value, ids_shape) for value in inputs]
-        return _channels_first(builder, builder.module(context, module, *arguments), context.output_shape)
+        return _encode_in_keras_order(builder, context, module, inputs)
 
     def keras_layer(self, keras, context):
         config = context.config
@@ -423,8 +424,7 @@ class Discretization(LayerKind):
                                                      output_dtype=builder.dtype(context))
         if config.output_mode == "int":   # element-wise: in any layout
             return builder.module(context, module, inputs[0])
-        value = builder.module(context, module, _keras_order(builder, inputs[0], context.input_shapes[0]))
-        return _channels_first(builder, value, context.output_shape)
+        return _encode_in_keras_order(builder, context, module, inputs)
 
     def keras_layer(self, keras, context):
         config = context.config
@@ -650,18 +650,6 @@ def _check_salt(salt, what: str) -> None:
 
 def _check_bins(num_bins: int, output_mode: str, what: str) -> None:
     check_int(num_bins, f"{what} num_bins", MAX_BINS if output_mode == "int" else MAX_VALUES)
-
-
-def _encode_in_keras_order(builder, context, module, inputs: list):
-    """Call an encoding `module` on Keras-ordered values: the inputs permuted from the torch
-    layout, the encoded output permuted back (one_hot of (batch, d1, ..., dk) adds an axis)."""
-    rank, output_rank = len(context.input_shape), len(context.output_shape)
-    if rank >= 2:
-        inputs = [builder.call(builder.torch.permute, value, to_keras_order(rank)) for value in inputs]
-    value = builder.module(context, module, *inputs)
-    if output_rank >= 2:
-        value = builder.call(builder.torch.permute, value, to_torch_order(output_rank))
-    return value
 
 
 @dataclass(frozen=True)
