@@ -1,9 +1,10 @@
-"""`convert IN OUT`: move a model's weights between Keras and PyTorch files, by file extension.
+"""`convert IN OUT`: move a model's weights between Keras and PyTorch files. The input's kind is
+decided by its content (`exchange.filekinds`), the output's by its extension:
 
     .keras         Keras 3 model file            read directly (no Keras); written with Keras
-    .h5            Keras 3 .weights.h5, Keras 2 full-model or weights-only .h5; read directly
+    .h5 / .hdf5    Keras 3 .weights.h5, Keras 2 full-model or weights-only .h5; read directly
     .safetensors   the common exchange file      numpy + safetensors only
-    .pt            a plain PyTorch state_dict    torch, read with torch.load(weights_only=True)
+    .pt / .pth     a plain PyTorch state_dict    torch, read with torch.load(weights_only=True)
     .py            PyTorch source code           written only: a module class + OUT.safetensors beside it
 
 Every conversion goes through the neutral form (architecture + tensors in file layout), so any
@@ -29,15 +30,12 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_config, keras_files, layout, untrusted
+from exchange import fileformat, filekinds, keras_config, keras_files, layout, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
 from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
 
-INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
-OUTPUT_KINDS = (".keras", ".safetensors", ".pt", ".py")
-KERAS_KINDS = (".keras", ".h5")
 DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
 # TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
 # start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
@@ -45,27 +43,21 @@ TF_LOG_LEVEL = "3"
 INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
 
 
-def file_kind(path: Path, kinds: tuple[str, ...]) -> str:
-    if path.suffix not in kinds:
-        raise ExchangeFileError(f"{path}: unsupported file kind {path.suffix or '(no extension)'!r}; "
-                                f"expected one of {', '.join(kinds)}")
-    return path.suffix
-
-
 def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
                  activations: list[str] | None = None, by_name: bool = False) -> tuple[Graph, dict, str]:
     """(graph, file-layout tensors, source framework) from any input kind. Keras files give lazy
     tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
     graph) gives the architecture of a weights-only input."""
-    kind = file_kind(path, INPUT_KINDS)
-    untrusted.regular_file(path)
-    if kind == ".safetensors":
+    kind = filekinds.weights_kind(path)
+    if kind is filekinds.SAFETENSORS:
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
-    if kind in KERAS_KINDS:
+    if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
-                                                                        by_name))
+                                                                        by_name, kind))
         return keras_weights.architecture, keras_weights.tensors, "keras"
+    if kind is filekinds.SAVED_MODEL:
+        raise ExchangeFileError(f"{path}: a TensorFlow SavedModel folder; reading these is not supported yet")
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
     untrusted.check_torch_archive(path)
     tensors = fileformat.upgrade_v1_keys(torch_adapter.load_state_dict_file(path))
@@ -102,12 +94,15 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
 def load_architecture(path: Path) -> Graph:
     """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
     exchange architecture (version 2 or 1) or a Keras model config."""
-    size = untrusted.regular_file(path)
-    if path.suffix == ".safetensors":
+    kind = filekinds.input_kind(path)
+    if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
-    if path.suffix in KERAS_KINDS:
-        return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path),
-                                                 keras2=keras_files.written_by_keras2(path)).graph
+    if kind in (filekinds.KERAS, filekinds.HDF5):
+        return keras_files.describe_model_config(keras_files.read_keras_config(path, kind), str(path),
+                                                 keras2=keras_files.written_by_keras2(path, kind)).graph
+    if kind is not filekinds.JSON:
+        raise ExchangeFileError(f"{path}: {kind.description}, which holds no architecture")
+    size = untrusted.regular_file(path)
     if size > untrusted.MAX_JSON_BYTES:
         raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
                                 "an architecture may have")
@@ -130,12 +125,12 @@ def load_architecture(path: Path) -> Graph:
 def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str) -> None:
     """Write any output kind into `output`; tensors are checked against the architecture first.
     The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path."""
-    kind = file_kind(output.target, OUTPUT_KINDS)
+    kind = filekinds.output_kind(output.target)
     fileformat.check_tensors(graph, tensors)
-    if kind == ".safetensors":
+    if kind is filekinds.SAFETENSORS:
         with output.open() as stream:
             fileformat.write(stream, graph, tensors, source_framework)
-    elif kind == ".keras":
+    elif kind is filekinds.KERAS:
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
         model = keras_adapter.model_from_tensors(graph, tensors)
         with keras_adapter.recursion_room():
@@ -150,7 +145,7 @@ def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict,
 def check_written(path: Path, graph: Graph) -> None:
     """Read the output's header back: it must parse and hold exactly the expected tensors.
     (`--verify` compares the values too.)"""
-    if path.suffix == ".safetensors":
+    if filekinds.output_kind(path) is filekinds.SAFETENSORS:
         fileformat.check_header(path, graph)
     else:
         with ExitStack() as stack:
@@ -247,8 +242,8 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
     `check(graph, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
     receives what the user should know about a successful conversion (tensors folded together)."""
-    file_kind(out_path, OUTPUT_KINDS)
-    weights_path = code_weights_path(out_path) if out_path.suffix == ".py" else out_path
+    out_kind = filekinds.output_kind(out_path)
+    weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
         if in_path.resolve() == path.resolve():
             raise ExchangeFileError(f"{path}: output would overwrite the input")
@@ -256,12 +251,12 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name)
         try:   # before anything is built
             check_integer_inputs(graph)   # Keras's layers differ on integers
-            if out_path.suffix == ".keras":
+            if out_kind is filekinds.KERAS:
                 graph.check_keras_names()
                 keras_config.check_depth(graph)
         except ExchangeError as err:
             raise ExchangeFileError(f"{in_path}: {err}") from None
-        folded = layout.folded_tensors(graph, tensors) if out_path.suffix == ".keras" else []
+        folded = layout.folded_tensors(graph, tensors) if out_kind is filekinds.KERAS else []
         if folded and notes is not None:
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
                          "has two (same outputs; converting back gives zeros there)")
@@ -272,7 +267,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
                 write_weights(output, graph, tensors, source)
             temporary = output.path
             check_written(temporary, graph)
-            if out_path.suffix == ".py":
+            if out_kind is filekinds.CODE:
                 codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")
                 with fileformat.atomic_output(out_path) as code_temporary:
                     codegen.write_module(graph, code_temporary, weights_path.name, in_path.name)
@@ -309,9 +304,10 @@ def _framework_module(module: str, purpose: str, extra: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
-                                     epilog="input kinds: .keras, .h5, .safetensors, .pt; "
-                                            "output kinds: .keras, .safetensors, .pt, .py (PyTorch source "
-                                            "code, with its weights in a .safetensors beside it)")
+                                     epilog="input kinds, told apart by content: .keras, .h5/.hdf5, "
+                                            ".safetensors, .pt/.pth; output kinds, by extension: .keras, "
+                                            ".safetensors, .pt/.pth, .py (PyTorch source code, with its "
+                                            "weights in a .safetensors beside it)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "

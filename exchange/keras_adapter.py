@@ -16,13 +16,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-import zipfile
+import tempfile
 from contextlib import contextmanager
+from pathlib import Path
 
 import keras
 import numpy as np
 
-from exchange import fileformat, layout
+from exchange import fileformat, filekinds, layout
 from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.keras_config import MAX_KERAS_DEPTH, KerasLocation, ParsedModel, check_depth, parse_model_config
@@ -202,16 +203,28 @@ def load_keras_file(path: str | os.PathLike, graph: Graph | None = None) -> kera
     code from the file). `graph`, the file's architecture when known, is checked first."""
     if graph is not None:
         check_depth(graph)
-    if not os.path.isfile(path):
-        raise ExchangeFileError(f"{path}: no such file")
-    if not os.fspath(path).endswith(".h5") and not zipfile.is_zipfile(path):
-        raise ExchangeFileError(f"{path}: not a .keras file (a .keras file is a zip archive)")
+    kind = filekinds.input_kind(Path(path))
+    if kind not in (filekinds.KERAS, filekinds.HDF5):
+        raise ExchangeFileError(f"{path}: not a Keras file but {kind.description}")
     try:
-        with recursion_room():
-            return keras.saving.load_model(os.fspath(path), compile=False, safe_mode=True)
+        with recursion_room(), _named_for_keras(Path(path), kind) as keras_path:
+            return keras.saving.load_model(os.fspath(keras_path), compile=False, safe_mode=True)
     except (ValueError, OSError, KeyError, TypeError) as err:
         message = first_line(err)
         raise ExchangeFileError(f"{path}: Keras could not load it ({message})") from None
+
+
+@contextmanager
+def _named_for_keras(path: Path, kind: filekinds.FileKind):
+    """`path`, or a link to it with the extension Keras's loader goes by (it picks its reader by
+    name, the converter by content: a Keras 2 `model.hdf5`, a `.keras` saved as `model.bin`)."""
+    if path.suffix in kind.suffixes:
+        yield path
+        return
+    with tempfile.TemporaryDirectory(prefix="keras-load.") as folder:
+        link = Path(folder) / f"model{kind.suffixes[0]}"
+        link.symlink_to(path.resolve())
+        yield link
 
 
 def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from exchange import layout, untrusted
+from exchange import filekinds, layout, untrusted
 from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
@@ -343,14 +343,16 @@ class KerasWeights:
         self.close()
 
 
-def read_keras_config(path: str | os.PathLike) -> dict:
-    """The model config of a `.keras`, a Keras 2 full-model `.h5`, or a JSON file."""
+def read_keras_config(path: str | os.PathLike, kind: filekinds.FileKind | None = None) -> dict:
+    """The model config of a `.keras`, a Keras 2 full-model `.h5`, or a JSON file (`kind`, when
+    the caller has it, saves deciding it again)."""
     path = Path(path)
+    kind = kind or filekinds.input_kind(path)
     size = untrusted.regular_file(path)
-    if path.suffix == ".keras":
+    if kind is filekinds.KERAS:
         with _open_zip(path) as archive:
             return _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
-    if path.suffix == ".h5":
+    if kind is filekinds.HDF5:
         source = _Hdf5Source(path)
         try:
             with hdf5_errors(str(path)):
@@ -359,6 +361,8 @@ def read_keras_config(path: str | os.PathLike) -> dict:
                 return _json(_model_config_text(source), str(path))
         finally:
             source.close()
+    if kind is not filekinds.JSON:
+        raise ExchangeFileError(f"{path}: {kind.description}, not a Keras model or model config")
     if size > untrusted.MAX_JSON_BYTES:
         raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
                                 "a model config may have")
@@ -375,14 +379,14 @@ def _model_config_text(source: "_Hdf5Source") -> str:
 
 
 def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None,
-                    by_name: bool = False) -> KerasWeights:
+                    by_name: bool = False, kind: filekinds.FileKind | None = None) -> KerasWeights:
     """Open any supported Keras file. `architecture_from` (a .keras, a Keras 2 full .h5, or a
     config JSON) is required for weights-only files and ignored otherwise. A Keras 2 weights-only
     file is matched to the architecture's layers by order, as Keras 2's `load_weights` does, or
     by layer name with `by_name` (`load_weights(by_name=True)`)."""
     path = Path(path)
-    untrusted.regular_file(path)
-    if path.suffix == ".keras":
+    kind = kind or filekinds.input_kind(path)
+    if kind is filekinds.KERAS:
         with _open_zip(path) as archive:
             config = _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
             start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
@@ -390,8 +394,8 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
         with hdf5_errors(source.label):
             return _finish(parsed, source, lambda location: _keras3_variables(source, location))
-    if path.suffix != ".h5":
-        raise ExchangeFileError(f"{path}: not a Keras file (.keras, .weights.h5 or .h5)")
+    if kind is not filekinds.HDF5:
+        raise ExchangeFileError(f"{path}: not a Keras file but {kind.description}")
     source = _Hdf5Source(path)
     h5 = source.h5
     try:
@@ -464,16 +468,16 @@ def _description_from(architecture_from, weights_path: Path, keras2: bool = Fals
                                  keras2=keras2 or written_by_keras2(config_path))
 
 
-def written_by_keras2(path: Path) -> bool:
+def written_by_keras2(path: Path, kind: filekinds.FileKind | None = None) -> bool:
     """Whether Keras 2 wrote this model file (some meanings differ, e.g. `hard_sigmoid`): a `.h5`
     or a `to_json()` file says so in `keras_version` (a Keras 2 `.h5` without it is old Keras 2);
     `.keras` files are Keras 3's."""
     try:
-        if path.suffix == ".h5":
-            untrusted.regular_file(path)
+        kind = kind or filekinds.input_kind(path)
+        if kind is filekinds.HDF5:
             with h5py.File(path, "r") as h5:
                 return _keras2_version(h5.attrs.get("keras_version"))
-        if path.suffix == ".json":
+        if kind is filekinds.JSON:
             untrusted.regular_file(path)
             return _keras2_version(_json(path.read_bytes(), str(path)).get("keras_version", "2"))
     except (ExchangeFileError, OSError, RuntimeError, ValueError, TypeError, AttributeError, UnicodeDecodeError):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import keras_config
+from exchange import filekinds, keras_config
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
@@ -344,12 +344,13 @@ def _run(folder: Path, request: dict) -> dict:
 
             return fileformat.materialize(tensors)
 
-    keras_path = next((p for p in (in_path, out_path) if p.suffix in cli.KERAS_KINDS), None)
-    torch_path = next((p for p in (out_path, in_path) if p.suffix in (".pt", ".safetensors")), None)
+    kinds = {in_path: filekinds.input_kind(in_path), out_path: filekinds.output_kind(out_path)}
+    keras_path = next((p for p in (in_path, out_path) if kinds[p] in (filekinds.KERAS, filekinds.HDF5)), None)
+    torch_path = next((p for p in (out_path, in_path) if kinds[p] in (filekinds.TORCH, filekinds.SAFETENSORS)), None)
     with _framework("Keras", str(in_path)):
         keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
     with _framework("PyTorch", str(in_path)):
-        if out_path.suffix == ".py":
+        if kinds[out_path] is filekinds.CODE:
             code_weights = Path(request["code_weights"]) if request["code_weights"] else cli.code_weights_path(out_path)
             torch_name, torch_outputs, torch_model = _generated_code_outputs(out_path, code_weights, graph, inputs)
         else:
@@ -419,7 +420,8 @@ def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
         return (f"numpy reference on {path} (Keras not installed)",
                 reference.forward(graph, read_tensors(path), inputs), None)
     note = ""
-    if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
+    kind = filekinds.input_kind(path)
+    if kind is filekinds.KERAS or (kind is filekinds.HDF5 and _is_full_keras2_model(path)):
         try:
             model = keras_adapter.load_keras_file(path, graph)
             return f"Keras on {path}", keras_adapter.predict(model, inputs), model

@@ -1,0 +1,97 @@
+"""An input's kind comes from its content, an output's from its extension (exchange.filekinds).
+
+Keras 2 projects saved `.hdf5` and extension-less files; a `.h5` may be a renamed `.keras`. Each is
+converted here under names its content does not match, and must give the same tensors as the
+correctly named file.
+"""
+
+import shutil
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from exchange import cli, fileformat, filekinds
+from exchange.errors import ExchangeFileError
+
+FIXTURES = ROOT / "tests/fixtures/keras2"
+
+
+def converted_tensors(source, tmp_path, name="out.safetensors"):
+    out = tmp_path / name
+    cli.convert(source, out)
+    return fileformat.load(out).tensors
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The CNN fixture as the exchange, a .keras and a .pt, written by the converter."""
+    folder = tmp_path_factory.mktemp("kinds")
+    for name in ("cnn.safetensors", "cnn.keras", "cnn.pt"):
+        cli.convert(FIXTURES / "cnn.h5", folder / name)
+    return folder
+
+
+@pytest.mark.parametrize("original, renamed, kind", [
+    ("cnn.h5", "cnn.hdf5", filekinds.HDF5),
+    ("cnn.h5", "cnn", filekinds.HDF5),
+    ("cnn.keras", "cnn.h5", filekinds.KERAS),
+    ("cnn.keras", "cnn.bin", filekinds.KERAS),
+    ("cnn.pt", "cnn.weights", filekinds.TORCH),
+    ("cnn.safetensors", "cnn.pt", filekinds.SAFETENSORS),
+])
+def test_a_renamed_file_is_read_by_its_content(tmp_path, written, original, renamed, kind):
+    source = (FIXTURES if original == "cnn.h5" else written) / original
+    copy = tmp_path / renamed
+    shutil.copyfile(source, copy)
+    assert filekinds.input_kind(copy) is kind
+    arch = written / "cnn.safetensors" if kind is filekinds.TORCH else None
+    expected = fileformat.load(written / "cnn.safetensors").tensors
+    out = tmp_path / "out.safetensors"
+    cli.convert(copy, out, arch_path=arch)
+    tensors = fileformat.load(out).tensors
+    assert tensors.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(tensors[key], value, err_msg=key)
+
+
+def test_a_renamed_keras2_file_verifies_with_keras_itself(tmp_path, capsys):
+    """--verify opens the input with Keras, whose loader goes by extension: an `.hdf5` is given
+    to it under a name it accepts, and the comparison is with Keras on the file itself."""
+    copy = tmp_path / "seed.hdf5"
+    shutil.copyfile(FIXTURES / "seed_mlp.h5", copy)
+    assert cli.main([str(copy), str(tmp_path / "seed.safetensors"), "--verify"]) == 0
+    report = capsys.readouterr().out
+    assert f"Keras on {copy}" in report and "Keras on the tensors" not in report
+
+
+@pytest.mark.parametrize("name, message", [
+    ("out.h5", r"out.h5: unsupported output kind '.h5'; expected one of .keras, .safetensors, .pt, .pth, .py$"),
+    ("out", r"out: unsupported output kind '\(no extension\)'"),
+])
+def test_an_output_kind_is_named_by_its_extension(tmp_path, name, message):
+    with pytest.raises(ExchangeFileError, match=message):
+        cli.convert(FIXTURES / "seed_mlp.h5", tmp_path / name)
+    assert not (tmp_path / name).exists()
+
+
+def test_content_of_no_known_kind_is_refused_naming_both(tmp_path):
+    unknown = tmp_path / "notes.txt"
+    unknown.write_text("these are not weights")
+    with pytest.raises(ExchangeFileError, match=r"notes.txt: not a file this tool reads \(neither its content "
+                                                 r"nor its extension '.txt' is one of .keras, .h5, .hdf5, "):
+        cli.convert(unknown, tmp_path / "out.safetensors")
+
+
+def test_a_damaged_file_gets_its_extensions_reader_and_its_error(tmp_path):
+    damaged = tmp_path / "damaged.keras"
+    damaged.write_bytes(b"PK\x03\x04" + b"\x00" * 60)   # a zip signature, then nothing a zip holds
+    with pytest.raises(ExchangeFileError, match=r"damaged.keras: not a .keras file \(a .keras file is a zip"):
+        cli.convert(damaged, tmp_path / "out.safetensors")
+
+
+def test_a_folder_is_read_only_as_a_saved_model(tmp_path):
+    folder = tmp_path / "plain_folder"
+    folder.mkdir()
+    with pytest.raises(ExchangeFileError, match=r"plain_folder: not a regular file \(a folder\)"):
+        cli.convert(folder, tmp_path / "out.safetensors")
