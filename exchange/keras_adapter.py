@@ -226,9 +226,3 @@ def _named_for_keras(path: Path, kind: filekinds.FileKind):
         link.symlink_to(path.resolve())
         yield link
 
-
-def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:
-    """Write a `.keras` file atomically."""
-    with fileformat.atomic_output(path) as temporary, recursion_room():
-        model.save(temporary)
-

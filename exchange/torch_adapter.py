@@ -369,13 +369,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
     return {key: value.detach().cpu().resolve_conj().resolve_neg().numpy() for key, value in state.items()}
 
 
-def save_state_dict_file(file_tensors: dict[str, np.ndarray], path: str | os.PathLike) -> None:
-    """Write a plain `.pt` state_dict atomically."""
-    with fileformat.atomic_file(path) as pending, pending.open() as stream:
-        write_state_dict_file(file_tensors, stream)
-
-
 def write_state_dict_file(file_tensors: dict[str, np.ndarray], destination: str | os.PathLike | BinaryIO) -> None:
-    """`save_state_dict_file` without the atomic rename, for a caller that owns the temporary (a
-    path or a file: `PendingOutput.open()`)."""
+    """Write a plain `.pt` state_dict into `destination`, which the caller owns (a path or a file:
+    `PendingOutput.open()`, which makes the write atomic)."""
     torch.save(to_torch_state(file_tensors), destination)

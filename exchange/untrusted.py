@@ -173,10 +173,6 @@ def check_path_text(value, label: str, what: str) -> str:
     raise ExchangeFileError(f"{label}: {what} is {type(value).__name__}, expected text")
 
 
-def file_label(path: Path, member: str = "") -> str:
-    return f"{path}:{member}" if member else str(path)
-
-
 def hdf5_get(h5: h5py.Group, path: str, label: str, checked: dict | None = None):
     """`h5.get(path)`, following hard links only: a soft or external link could lead out of the
     file (h5py opens the file an external link names), and Keras writes neither. `checked` keeps
