@@ -225,4 +225,3 @@ def _named_for_keras(path: Path, kind: filekinds.FileKind):
         link = Path(folder) / f"model{kind.suffixes[0]}"
         link.symlink_to(path.resolve())
         yield link
-
