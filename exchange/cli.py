@@ -18,13 +18,9 @@ Exit codes: 0 done, 1 `--verify` found outputs that differ beyond `--tolerance`,
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
-import signal
 import sys
-import threading
-import warnings
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
@@ -34,13 +30,13 @@ from exchange import fileformat, filekinds, keras_config, keras_files, layout, u
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
+from exchange.runner import OneLineArgumentParser, run_command
 from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
 
 DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
 # TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
 # start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
 TF_LOG_LEVEL = "3"
-INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
 
 
 def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
@@ -158,80 +154,7 @@ def check_written(path: Path, graph: Graph) -> None:
 class VerificationFailed(ExchangeError):
     """`--verify` found outputs that differ beyond the tolerance (exit 1, nothing replaced)."""
 
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr and exit 2, like every other bad input
-    (argparse prints the whole usage first)."""
-
-    def error(self, message: str):
-        print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
-        sys.exit(2)
-
-
-class Interrupted(BaseException):
-    """SIGTERM or SIGINT arrived: unwinds like KeyboardInterrupt, so every temporary is removed."""
-
-    def __init__(self, signal_number: int):
-        super().__init__(signal.Signals(signal_number).name)
-        self.signal_number = signal_number
-
-
-def _raise_interrupted(signal_number: int, frame) -> None:
-    raise Interrupted(signal_number)
-
-
-@contextmanager
-def native_stderr_silenced():
-    """Point file descriptor 2 at /dev/null while the command runs, and give Python's sys.stderr a
-    copy of the real one: TensorFlow and absl write start-up lines (oneDNN, CPU features, "All log
-    messages before absl::InitializeLog()") from C++ straight to descriptor 2, whatever
-    TF_CPP_MIN_LOG_LEVEL says, and would bury a one-line error. Only when sys.stderr is that
-    descriptor (not under a test's capture)."""
-    try:
-        real = sys.stderr.fileno() == 2
-    except (AttributeError, OSError, ValueError):
-        real = False
-    if not real:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    python_stderr = sys.stderr
-    sys.stderr = open(saved, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
-                      errors="backslashreplace")
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, 2)
-    os.close(devnull)
-    try:
-        yield
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(saved)
-        sys.stderr = python_stderr
-
-
-@contextmanager
-def one_line_errors():
-    """What the entry points run under, so that an error is one line: TensorFlow's native
-    logging off the terminal, and Python warnings (torch's, Keras's) ignored."""
-    with native_stderr_silenced(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
-
-
-@contextmanager
-def interruptible():
-    """SIGTERM and SIGINT raise `Interrupted` while the block runs (main thread only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {number: signal.signal(number, _raise_interrupted) for number in INTERRUPT_EXIT_CODES}
-    try:
-        yield
-    finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+    exit_code = 1
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
@@ -357,36 +280,16 @@ def main(argv: list[str] | None = None) -> int:
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
 
-    with one_line_errors():
+    def command() -> None:
         for kinds_file in args.kinds:
             load_kinds_file(kinds_file)
-        return _run(args, activations, check)
-
-
-def _run(args, activations, check) -> int:
-    try:
-        with interruptible():
-            notes: list[str] = []
-            graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
-                            args.by_name)
+        notes: list[str] = []
+        graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
+                        args.by_name)
         for note in notes:
             print(f"note: {note}")
         torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()
         print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, {torch_count:,} parameters"
               + (f" ({keras_count:,} in Keras)" if keras_count != torch_count else ""))
-    except (Interrupted, KeyboardInterrupt) as err:
-        number = err.signal_number if isinstance(err, Interrupted) else signal.SIGINT
-        print(f"error: interrupted by {signal.Signals(number).name}; {args.output} was not written",
-              file=sys.stderr)
-        return INTERRUPT_EXIT_CODES[number]
-    except VerificationFailed as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except ExchangeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a disk problem: full, read-only, vanished
-        where = f"{err.filename}: " if err.filename else ""
-        print(f"error: {where}{err.strerror or err}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_command(command, f"{args.output} was not written")

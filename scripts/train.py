@@ -13,10 +13,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"   # TensorFlow's start-up logging would bury a one-line error
 
-from exchange.cli import (INTERRUPT_EXIT_CODES, Interrupted, OneLineArgumentParser, interruptible,  # noqa: E402
-                          one_line_errors)
-from exchange.errors import ExchangeError  # noqa: E402
-from exchange.mnist import DataError, load_mnist  # noqa: E402
+from exchange.mnist import load_mnist  # noqa: E402
+from exchange.runner import OneLineArgumentParser, run_command  # noqa: E402
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe  # noqa: E402
 
 
@@ -36,24 +34,15 @@ def main(argv: list[str] | None = None) -> int:
     from frameworks import train_job
 
     frameworks = train_job.FRAMEWORKS if args.framework == "both" else (args.framework,)
-    try:
-        with one_line_errors(), interruptible():
-            data = load_mnist(args.data)
-            train_job.run(data, args.out_dir, SEED_ARCHITECTURE, Recipe(epochs=args.epochs),
-                          frameworks=frameworks, lockstep=not args.no_lockstep)
-    except Interrupted as err:
-        print(f"error: interrupted by {err}; files already written in {args.out_dir} are complete",
-              file=sys.stderr)
-        return INTERRUPT_EXIT_CODES[err.signal_number]
-    except (DataError, ExchangeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # a disk problem: full, read-only
-        print(f"error: {err.filename + ': ' if err.filename else ''}{err.strerror or err}", file=sys.stderr)
-        return 2
-    print(f"wrote {args.out_dir}/keras.safetensors, torch.safetensors and report.json"
-          if args.framework == "both" else f"wrote into {args.out_dir}")
-    return 0
+
+    def command() -> None:
+        data = load_mnist(args.data)
+        train_job.run(data, args.out_dir, SEED_ARCHITECTURE, Recipe(epochs=args.epochs),
+                      frameworks=frameworks, lockstep=not args.no_lockstep)
+        print(f"wrote {args.out_dir}/keras.safetensors, torch.safetensors and report.json"
+              if args.framework == "both" else f"wrote into {args.out_dir}")
+
+    return run_command(command, f"files already written in {args.out_dir} are complete")
 
 
 if __name__ == "__main__":
