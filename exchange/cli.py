@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_config, keras_files, layout, untrusted
+from exchange import fileformat, keras_config, keras_files, layout, savedmodel, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
@@ -57,6 +57,9 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     """(graph, file-layout tensors, source framework) from any input kind. Keras files give lazy
     tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
     graph) gives the architecture of a weights-only input."""
+    if savedmodel.is_saved_model_folder(path):   # a Keras 2 SavedModel folder (`model.save("dir")`)
+        keras_weights = stack.enter_context(savedmodel.open_saved_model(path))
+        return keras_weights.architecture, keras_weights.tensors, "keras"
     kind = file_kind(path, INPUT_KINDS)
     untrusted.regular_file(path)
     if kind == ".safetensors":
@@ -102,6 +105,8 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
 def load_architecture(path: Path) -> Graph:
     """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
     exchange architecture (version 2 or 1) or a Keras model config."""
+    if savedmodel.is_saved_model_folder(path):   # a Keras 2 SavedModel folder: its keras_metadata.pb
+        return keras_files.describe_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     size = untrusted.regular_file(path)
     if path.suffix == ".safetensors":
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
@@ -309,7 +314,7 @@ def _framework_module(module: str, purpose: str, extra: str):
 
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
-                                     epilog="input kinds: .keras, .h5, .safetensors, .pt; "
+                                     epilog="input kinds: .keras, .h5, .safetensors, .pt, a Keras 2 SavedModel folder; "
                                             "output kinds: .keras, .safetensors, .pt, .py (PyTorch source "
                                             "code, with its weights in a .safetensors beside it)")
     parser.add_argument("input", type=Path)
