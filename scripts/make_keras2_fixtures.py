@@ -31,6 +31,17 @@ model was loaded twice, so its weights sit under name scopes made unique
 
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
+
+SavedModel folders: `--saved-model [OUT_DIR]` (a separate run; default tests/fixtures/keras2/saved_model/)
+writes three folders with `model.save(folder)` (tf-keras's default SavedModel format): `cnn/`
+(Conv2D -> BatchNormalization with seeded moving statistics -> MaxPooling2D -> Dense), `rnn/`
+(LSTM -> GRU -> Bidirectional(LSTM): variables kept by nested cells and wrapped layers) and
+`nested/` (a functional model calling a nested Sequential and a nested functional model), every
+weight seeded; the inputs and outputs of each in saved_model_expected.npz (`<name>_inputs`,
+`<name>_outputs`); and the same models as Keras 2 `.h5` files (`<name>.h5`), whose tensors the
+SavedModel reader must reproduce. saved_model.pb (the traced graphs, 75 KB to over 1 MB each) is
+deleted from the written folders: the exchange never reads it (only keras_metadata.pb and
+variables/), and the fixtures stay small.
 """
 
 from __future__ import annotations
@@ -323,6 +334,7 @@ def main_saved_model(out_dir: Path) -> None:
         if folder.exists():
             shutil.rmtree(folder)
         model.save(str(folder))   # no suffix: tf-keras writes a SavedModel folder
+        model.save(out_dir / f"{name}.h5")   # the same model as a Keras 2 .h5: the tests compare the tensors
         (folder / "saved_model.pb").unlink()   # the traced graphs: never read by the exchange
         for empty in (folder / "assets",):
             if empty.is_dir() and not any(empty.iterdir()):
