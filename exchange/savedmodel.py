@@ -149,7 +149,7 @@ def _signed64(value: int) -> int:
 
 CRC_POLYNOMIAL = 0x82F63B78   # reflected
 CRC_MASK_DELTA = 0xA282EAD8   # crc32c::Mask: rotate right by 15 bits, add this
-LANE_BYTES = 256
+LANE_BYTES = 512
 PYTHON_CRC_BELOW = 16 << 10
 CRC_CHUNK_BYTES = 16 << 20    # numpy works on this much at a time: bounded memory for any tensor
 
@@ -617,8 +617,14 @@ class ObjectGraph:
                 self.nodes.append(value)
         if not self.nodes:
             raise ExchangeFileError(f"{label}: an empty object graph")
+        self.decoded: dict[int, list[tuple[int, str]]] = {}   # the root's children are asked for once a layer
 
     def children(self, node: int) -> list[tuple[int, str]]:
+        if node not in self.decoded:
+            self.decoded[node] = self._children(node)
+        return self.decoded[node]
+
+    def _children(self, node: int) -> list[tuple[int, str]]:
         found = []
         for number, wire_type, value in _fields(self.nodes[node], self.label, "object graph"):
             if number == 1:

@@ -173,6 +173,12 @@ def _flip_index_block_byte(folder):
     index.write_bytes(bytes(data))
 
 
+def _flip_last(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+
+
 def _compressed_block(folder):
     """The first block marked as Snappy-compressed, with a matching checksum."""
     index = folder / savedmodel.INDEX_NAME
@@ -204,7 +210,35 @@ def _fifo(name: str):
     return edit
 
 
+def _object_graph(graph: bytes):
+    """The checkpoint's object graph replaced by `graph`, every checksum right: only its content is wrong."""
+    def edit(folder):
+        import dataclasses
+
+        index, data_path = folder / savedmodel.INDEX_NAME, folder / savedmodel.DATA_NAME
+        pairs = hostile.checkpoint_index_entries(index)
+        key = savedmodel.OBJECT_GRAPH_KEY.encode()
+        length = len(graph).to_bytes(4, "little")
+        length_checksum = savedmodel.masked(savedmodel.crc32c(length)).to_bytes(4, "little")
+        tensor = hostile.proto_varint(len(graph)) + length_checksum + graph
+        offset = data_path.stat().st_size
+        with open(data_path, "ab") as stream:
+            stream.write(tensor)
+        entry = savedmodel._bundle_entry(savedmodel.OBJECT_GRAPH_KEY, memoryview(pairs[key]), "")
+        pairs[key] = hostile.bundle_entry_bytes(dataclasses.replace(
+            entry, offset=offset, size=len(tensor),
+            crc32c=savedmodel.masked(savedmodel.crc32c(length + length_checksum + graph))))
+        index.write_bytes(hostile.checkpoint_index_bytes(pairs))
+    return edit
+
+
 BROKEN = {
+    "object graph of garbage": (_with(_object_graph(b"\x0a\x05\x0a\x03\x08\xff\x01")), "damaged object graph",
+                                savedmodel.DATA_NAME),
+    "object graph without the layers": (_with(_object_graph(b"\x0a\x00")), "no object 'root.layer_with_weights-0'",
+                                        savedmodel.DATA_NAME),
+    "object graph entry with a bad checksum": (_with(lambda folder: (_object_graph(b"\x0a\x00")(folder), _flip_last(
+        folder / savedmodel.DATA_NAME))), "checksum mismatch", savedmodel.DATA_NAME),
     "two shards": (_header(hostile.proto_field(1, 2)), "a checkpoint in 2 shards", savedmodel.INDEX_NAME),
     "big-endian": (_header(hostile.proto_field(1, 1) + hostile.proto_field(2, 1)), "big-endian", savedmodel.INDEX_NAME),
     "string kernel": (_entry_edit(dtype=7), "TensorFlow type 7", savedmodel.INDEX_NAME),
