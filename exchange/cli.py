@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, filekinds, keras_config, keras_files, layout, untrusted
+from exchange import fileformat, filekinds, keras_config, keras_files, layout, savedmodel, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
@@ -52,8 +52,9 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
         keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
                                                                         by_name, kind))
         return keras_weights.architecture, keras_weights.tensors, "keras"
-    if kind is filekinds.SAVED_MODEL:
-        raise ExchangeFileError(f"{path}: a TensorFlow SavedModel folder; reading these is not supported yet")
+    if kind is filekinds.SAVED_MODEL:   # a Keras 2 SavedModel folder (`model.save("dir")`)
+        keras_weights = stack.enter_context(savedmodel.open_saved_model(path))
+        return keras_weights.architecture, keras_weights.tensors, "keras"
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
     untrusted.check_torch_archive(path)
     tensors = fileformat.upgrade_v1_keys(torch_adapter.load_state_dict_file(path))
@@ -91,6 +92,8 @@ def load_architecture(path: Path) -> Graph:
     """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
     exchange architecture (version 2 or 1) or a Keras model config."""
     kind = filekinds.input_kind(path)
+    if kind is filekinds.SAVED_MODEL:   # a Keras 2 SavedModel folder: its keras_metadata.pb
+        return keras_files.describe_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if kind in (filekinds.KERAS, filekinds.HDF5):
@@ -228,9 +231,9 @@ def _framework_module(module: str, purpose: str, extra: str):
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
                                      epilog="input kinds, told apart by content: .keras, .h5/.hdf5, "
-                                            ".safetensors, .pt/.pth; output kinds, by extension: .keras, "
-                                            ".safetensors, .pt/.pth, .py (PyTorch source code, with its "
-                                            "weights in a .safetensors beside it)")
+                                            ".safetensors, .pt/.pth, a Keras 2 SavedModel folder; output "
+                                            "kinds, by extension: .keras, .safetensors, .pt/.pth, .py (PyTorch "
+                                            "source code, with its weights in a .safetensors beside it)")
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
     parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "

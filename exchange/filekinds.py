@@ -22,7 +22,6 @@ ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")   # a local file header; an empt
 # torch.save before torch 1.6 wrote a pickle that starts with this magic number (refused when read).
 LEGACY_TORCH_SIGNATURE = b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P\x19"
 KERAS_ZIP_MEMBERS = {"config.json", "model.weights.h5"}
-SAVED_MODEL_MARKERS = ("saved_model.pb", "keras_metadata.pb")
 TORCH_ZIP_RECORD = "data.pkl"                   # torch.save's zip: `<name>/data.pkl` and the tensors
 
 
@@ -65,9 +64,8 @@ def output_kind(path: Path) -> FileKind:
 
 def input_kind(path: Path) -> FileKind:
     """The kind of file `path` holds, from its content; the suffix where the content is not
-    recognised. A folder holding saved_model.pb or keras_metadata.pb is a SavedModel; other
-    folders and special files are refused unopened."""
-    if os.path.isdir(path) and any(os.path.lexists(os.path.join(path, name)) for name in SAVED_MODEL_MARKERS):
+    recognised. A folder can only be a SavedModel; special files are refused unopened."""
+    if os.path.isdir(path):   # its reader says whether Keras wrote it
         return SAVED_MODEL
     size = untrusted.regular_file(path)
     kind = _kind_by_content(path, size)

@@ -31,6 +31,17 @@ model was loaded twice, so its weights sit under name scopes made unique
 
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
+
+SavedModel folders: `--saved-model [OUT_DIR]` (a separate run; default tests/fixtures/keras2/saved_model/)
+writes three folders with `model.save(folder)` (tf-keras's default SavedModel format): `cnn/`
+(Conv2D -> BatchNormalization with seeded moving statistics -> MaxPooling2D -> Dense), `rnn/`
+(LSTM -> GRU -> Bidirectional(LSTM): variables kept by nested cells and wrapped layers) and
+`nested/` (a functional model calling a nested Sequential and a nested functional model), every
+weight seeded; the inputs and outputs of each in saved_model_expected.npz (`<name>_inputs`,
+`<name>_outputs`); and the same models as Keras 2 `.h5` files (`<name>.h5`), whose tensors the
+SavedModel reader must reproduce. saved_model.pb (the traced graphs, 75 KB to over 1 MB each) is
+deleted from the written folders: the exchange never reads it (only keras_metadata.pb and
+variables/), and the fixtures stay small.
 """
 
 from __future__ import annotations
@@ -56,6 +67,7 @@ GRU_WEIGHT_SEED = 13
 WRAPPERS_WEIGHT_SEED = 17
 SHARED_WEIGHT_SEED = 19
 TF1_WEIGHT_SEED = 23
+SAVED_MODEL_WEIGHT_SEED = 29
 RNN_BATCH_ROWS = 16
 VOCAB_SIZE = 20
 SEQ_LEN = 9
@@ -264,9 +276,84 @@ def main_tf1_names(out_dir: Path) -> None:
     print(f"wrote {out_dir / 'tf1_names.h5'} and {out_dir / 'tf1_names_expected.npz'}")
 
 
+def seeded_normal_weights(model: keras.Model, seed: int) -> keras.Model:
+    """Every weight of every layer, nested ones included, from a seeded normal(0, 0.3); scales and
+    variances uniform in [0.5, 1.5] so that a BatchNormalization divides by a positive variance."""
+    rng = np.random.default_rng(seed)
+    for variable in model.weights:
+        short = variable.name.split("/")[-1].split(":")[0]
+        shape = tuple(variable.shape)
+        if short in ("moving_variance", "gamma"):
+            variable.assign(rng.uniform(0.5, 1.5, shape).astype(variable.dtype.as_numpy_dtype))
+        else:
+            variable.assign(rng.normal(0.0, 0.3, shape).astype(variable.dtype.as_numpy_dtype))
+    return model
+
+
+def saved_model_cnn() -> keras.Model:
+    inputs = keras.Input(shape=(13, 10, 3), name="image")
+    x = keras.layers.Conv2D(6, (3, 2), activation="relu", name="conv")(inputs)
+    x = keras.layers.BatchNormalization(epsilon=1e-3, name="bn")(x)
+    x = keras.layers.MaxPooling2D(2, name="pool")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = keras.layers.Dense(4, activation="softmax", name="fc")(x)
+    return keras.Model(inputs, outputs, name="saved_cnn")
+
+
+def saved_model_rnn() -> keras.Model:
+    inputs = keras.Input(shape=(7, 5), name="series")
+    x = keras.layers.LSTM(6, return_sequences=True, name="lstm")(inputs)
+    x = keras.layers.GRU(4, return_sequences=True, name="gru")(x)
+    x = keras.layers.Bidirectional(keras.layers.LSTM(3), name="bi")(x)
+    outputs = keras.layers.Dense(2, name="out")(x)
+    return keras.Model(inputs, outputs, name="saved_rnn")
+
+
+def saved_model_nested() -> keras.Model:
+    encoder = keras.Sequential([keras.layers.Dense(7, activation="tanh", input_shape=(9,), name="enc_a"),
+                                keras.layers.Dense(5, name="enc_b")], name="encoder")
+    head_in = keras.Input(shape=(5,), name="head_in")
+    head = keras.Model(head_in, keras.layers.Dense(3, name="head_dense")(
+        keras.layers.BatchNormalization(name="head_bn")(head_in)), name="head")
+    inputs = keras.Input(shape=(9,), name="features")
+    x = keras.layers.Dense(9, activation="relu", name="pre")(inputs)
+    outputs = head(encoder(x))
+    return keras.Model(inputs, outputs, name="saved_nested")
+
+
+def main_saved_model(out_dir: Path) -> None:
+    import shutil
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(FIXED_BATCH_SEED)
+    expected = {}
+    for index, (name, build) in enumerate((("cnn", saved_model_cnn), ("rnn", saved_model_rnn),
+                                           ("nested", saved_model_nested))):
+        model = seeded_normal_weights(build(), SAVED_MODEL_WEIGHT_SEED + index)
+        folder = out_dir / name
+        if folder.exists():
+            shutil.rmtree(folder)
+        model.save(str(folder))   # no suffix: tf-keras writes a SavedModel folder
+        model.save(out_dir / f"{name}.h5")   # the same model as a Keras 2 .h5: the tests compare the tensors
+        (folder / "saved_model.pb").unlink()   # the traced graphs: never read by the exchange
+        for empty in (folder / "assets",):
+            if empty.is_dir() and not any(empty.iterdir()):
+                empty.rmdir()
+        inputs = fixed_batch(model, RNN_BATCH_ROWS)
+        expected[f"{name}_inputs"] = inputs
+        expected[f"{name}_outputs"] = model.predict(inputs, verbose=0)
+    np.savez(out_dir / "saved_model_expected.npz", **expected)
+    for path in sorted(out_dir.rglob("*")):
+        if path.is_file():
+            print(f"wrote {path} ({path.stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--tf1-names"]:
         main_tf1_names(Path(sys.argv[2]) if len(sys.argv) > 2 else
                        Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+    elif sys.argv[1:2] == ["--saved-model"]:
+        main_saved_model(Path(sys.argv[2]) if len(sys.argv) > 2 else
+                         Path(__file__).resolve().parent.parent / "tests/fixtures/keras2/saved_model")
     else:
         main()

@@ -1118,6 +1118,170 @@ CASES.update({
 
 
 # ---------------------------------------------------------------------------------------------
+# Keras 2 SavedModel folders (exchange/savedmodel.py): copies of a tf-keras fixture with one part
+# broken. The checkpoint index is re-encoded with every checksum right, so an entry can lie.
+
+SAVED_MODEL = ROOT / "tests/fixtures/keras2/saved_model/cnn"
+SAVED_MODEL_KERNEL = "layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"   # the Conv2D's kernel
+
+
+def proto_varint(value: int) -> bytes:
+    value &= (1 << 64) - 1
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+def proto_field(number: int, value) -> bytes:
+    """A varint field (an int) or a length-delimited one (bytes)."""
+    if isinstance(value, int):
+        return proto_varint(number << 3) + proto_varint(value)
+    return proto_varint(number << 3 | 2) + proto_varint(len(value)) + value
+
+
+def bundle_entry_bytes(entry) -> bytes:
+    """A `savedmodel.BundleEntry` as TensorFlow encodes it."""
+    shape = b"".join(proto_field(2, proto_field(1, size)) for size in entry.shape)
+    return (proto_field(1, entry.dtype) + proto_field(2, shape) + proto_field(3, entry.shard_id)
+            + proto_field(4, entry.offset) + proto_field(5, entry.size)
+            + proto_varint(6 << 3 | 5) + entry.crc32c.to_bytes(4, "little")
+            + (proto_field(7, b"") if entry.sliced else b""))
+
+
+def checkpoint_index_entries(path: Path) -> dict[bytes, bytes]:
+    """The raw (key, value) pairs of a checkpoint index."""
+    from exchange import savedmodel
+
+    data = memoryview(path.read_bytes())
+    footer = data[len(data) - savedmodel.FOOTER_BYTES:]
+    _, position = savedmodel._block_handle(footer, 0, "")
+    index_handle, _ = savedmodel._block_handle(footer, position, "")
+    pairs = {}
+    for _, handle_bytes in savedmodel._block_entries(data, index_handle, ""):
+        handle, _ = savedmodel._block_handle(memoryview(handle_bytes), 0, "")
+        pairs.update(savedmodel._block_entries(data, handle, ""))
+    return pairs
+
+
+def checkpoint_index_bytes(pairs: dict[bytes, bytes]) -> bytes:
+    """A table as TensorFlow writes one: a data block, an empty metaindex block, an index block, the footer."""
+    from exchange import savedmodel
+
+    def block(items) -> bytes:
+        body = b"".join(proto_varint(0) + proto_varint(len(key)) + proto_varint(len(value)) + key + value
+                        for key, value in items)
+        return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
+
+    def trailed(body: bytes) -> bytes:
+        return body + b"\0" + savedmodel.masked(savedmodel.crc32c(body + b"\0")).to_bytes(4, "little")
+
+    keys = sorted(pairs)
+    data = block([(key, pairs[key]) for key in keys])
+    out = trailed(data)
+    meta, meta_offset = block([]), len(out)
+    out += trailed(meta)
+    index = block([(keys[-1], proto_varint(0) + proto_varint(len(data)))])
+    index_offset = len(out)
+    out += trailed(index)
+    handles = proto_varint(meta_offset) + proto_varint(len(meta)) + proto_varint(index_offset) + proto_varint(len(index))
+    return out + handles.ljust(40, b"\0") + savedmodel.TABLE_MAGIC.to_bytes(8, "little")
+
+
+def saved_model_copy(case_dir: Path, **entry_edits) -> Path:
+    """The fixture's folder; `entry_edits` (dtype, shape, offset, size, …) replace fields of the
+    kernel's entry in a re-encoded index."""
+    import dataclasses
+
+    from exchange import savedmodel
+
+    folder = case_dir / "model"
+    shutil.copytree(SAVED_MODEL, folder)
+    if entry_edits:
+        index = folder / savedmodel.INDEX_NAME
+        pairs = checkpoint_index_entries(index)
+        key = SAVED_MODEL_KERNEL.encode()
+        entry = dataclasses.replace(savedmodel._bundle_entry(SAVED_MODEL_KERNEL, memoryview(pairs[key]), ""),
+                                    **entry_edits)
+        pairs[key] = bundle_entry_bytes(entry)
+        index.write_bytes(checkpoint_index_bytes(pairs))
+    return folder
+
+
+def _saved_model_case(edit=None, **entry_edits):
+    def build(case_dir, base):
+        folder = saved_model_copy(case_dir, **entry_edits)
+        if edit is not None:
+            edit(folder, case_dir)
+        return convert_args(case_dir, folder)
+    return build
+
+
+def _truncate(name: str, size: int):
+    def edit(folder, case_dir):
+        with open(folder / name, "r+b") as stream:
+            stream.truncate(size)
+    return edit
+
+
+def _link_outside(name: str):
+    def edit(folder, case_dir):
+        (folder / name).unlink()
+        (folder / name).symlink_to(outside_file(case_dir))
+    return edit
+
+
+def _link_variables_outside(folder, case_dir):
+    outside_file(case_dir)
+    shutil.move(folder / "variables", case_dir.parent / "outside" / "variables")
+    (folder / "variables").symlink_to(case_dir.parent / "outside" / "variables")
+
+
+def _flip_kernel_byte(folder, case_dir):
+    from exchange import savedmodel
+
+    pairs = checkpoint_index_entries(folder / savedmodel.INDEX_NAME)
+    entry = savedmodel._bundle_entry(SAVED_MODEL_KERNEL, memoryview(pairs[SAVED_MODEL_KERNEL.encode()]), "")
+    data = bytearray((folder / savedmodel.DATA_NAME).read_bytes())
+    data[entry.offset + 5] ^= 0x40
+    (folder / savedmodel.DATA_NAME).write_bytes(bytes(data))
+
+
+def _garbage(name: str, data: bytes):
+    def edit(folder, case_dir):
+        (folder / name).write_bytes(data)
+    return edit
+
+
+def _remove_metadata(folder, case_dir):
+    (folder / "keras_metadata.pb").unlink()
+
+
+CASES.update({
+    "SavedModel entry past its data file": Case(_saved_model_case(offset=1 << 40), "declares bytes", "model"),
+    "SavedModel entry size lies": Case(_saved_model_case(size=8), "but declares 8", "model"),
+    "SavedModel keras_metadata.pb over the cap": Case(_saved_model_case(_truncate("keras_metadata.pb", (64 << 20) + 1)),
+                                                      "more than the", "keras_metadata.pb"),
+    "SavedModel data file linked outside": Case(_saved_model_case(_link_outside(
+        "variables/variables.data-00000-of-00001")), "outside the folder", "variables.data-00000-of-00001"),
+    "SavedModel variables folder linked outside": Case(_saved_model_case(_link_variables_outside),
+                                                       "outside the folder", "variables.index"),
+    "SavedModel tensor checksum mismatch": Case(_saved_model_case(_flip_kernel_byte), "checksum mismatch",
+                                                "variables.data-00000-of-00001"),
+    "SavedModel truncated index": Case(_saved_model_case(_truncate("variables/variables.index", 300)),
+                                       "not a checkpoint index", "variables.index"),
+    "SavedModel truncated data file": Case(_saved_model_case(_truncate("variables/variables.data-00000-of-00001",
+                                                                       1000)), "declares bytes", "variables.index"),
+    "SavedModel garbage keras_metadata.pb": Case(_saved_model_case(_garbage("keras_metadata.pb", b"\x0a\xff\xff\x7f")),
+                                                 "damaged metadata", "keras_metadata.pb"),
+    "SavedModel without keras_metadata.pb": Case(_saved_model_case(_remove_metadata),
+                                                 "not a Keras SavedModel folder", "model"),
+})
+
+
+# ---------------------------------------------------------------------------------------------
 # Running cases in this process, measured
 
 
