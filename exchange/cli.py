@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, keras_config, keras_files, layout, untrusted
+from exchange import fileformat, keras_config, keras_files, layout, subclassed, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
@@ -62,6 +62,8 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     if kind == ".safetensors":
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
+    if kind in KERAS_KINDS and subclassed.model_class(path, arch):   # traced from the user's code
+        return (*subclassed.open_subclassed(path, arch), "keras")
     if kind in KERAS_KINDS:
         keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
                                                                         by_name))
@@ -105,6 +107,8 @@ def load_architecture(path: Path) -> Graph:
     size = untrusted.regular_file(path)
     if path.suffix == ".safetensors":
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
+    if path.suffix in KERAS_KINDS + (".json",) and subclassed.model_class(path, path):
+        return subclassed.architecture(path)
     if path.suffix in KERAS_KINDS:
         return keras_files.describe_model_config(keras_files.read_keras_config(path), str(path),
                                                  keras2=keras_files.written_by_keras2(path)).graph
@@ -330,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
                         help="a Python file of yours that registers layer kinds for your own Keras layer "
                              "classes (repeatable; see docs/adding-a-layer-kind.md)")
+    parser.add_argument("--custom-objects", type=Path, action="append", default=[], metavar="FILE",
+                        help="the Python file defining a subclassed model's classes: Keras opens the model "
+                             "with it and its call is traced (repeatable; see the README)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                        help="a subclassed model's input shape without the batch axis (e.g. 28,28,1 or "
+                             "12:int32), one per input, when its build config has none")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
@@ -361,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
 
+    subclassed.use_custom_objects(args.custom_objects, args.input_shape)
     with one_line_errors():
         for kinds_file in args.kinds:
             load_kinds_file(kinds_file)
