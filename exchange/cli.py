@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, filekinds, keras_config, keras_files, layout, savedmodel, untrusted
+from exchange import fileformat, filekinds, keras_config, keras_files, layout, savedmodel, subclassed, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
@@ -48,6 +48,8 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     if kind is filekinds.SAFETENSORS:
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
+    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):   # traced from the user's code
+        return (*subclassed.open_subclassed(path, arch), "keras")
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
                                                                         by_name, kind))
@@ -96,6 +98,8 @@ def load_architecture(path: Path) -> Graph:
         return keras_files.describe_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
+    if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path):
+        return subclassed.architecture(path)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         return keras_files.describe_model_config(keras_files.read_keras_config(path, kind), str(path),
                                                  keras2=keras_files.written_by_keras2(path, kind)).graph
@@ -252,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
                         help="a Python file of yours that registers layer kinds for your own Keras layer "
                              "classes (repeatable; see docs/adding-a-layer-kind.md)")
+    parser.add_argument("--custom-objects", type=Path, action="append", default=[], metavar="FILE",
+                        help="the Python file defining a subclassed model's classes: Keras opens the model "
+                             "with it and its call is traced (repeatable; see the README)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
+                        help="a subclassed model's input shape without the batch axis (e.g. 28,28,1 or "
+                             "12:int32), one per input, when its build config has none")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
@@ -282,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
                                      + (f"; first divergent {result['first_divergence']}"
                                         if "first_divergence" in result else "")
                                      + f"; {args.output} was not written")
+
+    subclassed.use_custom_objects(args.custom_objects, args.input_shape)
 
     def command() -> None:
         for kinds_file in args.kinds:

@@ -207,7 +207,7 @@ def load_keras_file(path: str | os.PathLike, graph: Graph | None = None) -> kera
     if kind not in (filekinds.KERAS, filekinds.HDF5):
         raise ExchangeFileError(f"{path}: not a Keras file but {kind.description}")
     try:
-        with recursion_room(), _named_for_keras(Path(path), kind) as keras_path:
+        with recursion_room(), named_for_keras(Path(path), kind) as keras_path:
             return keras.saving.load_model(os.fspath(keras_path), compile=False, safe_mode=True)
     except (ValueError, OSError, KeyError, TypeError) as err:
         message = first_line(err)
@@ -215,7 +215,7 @@ def load_keras_file(path: str | os.PathLike, graph: Graph | None = None) -> kera
 
 
 @contextmanager
-def _named_for_keras(path: Path, kind: filekinds.FileKind):
+def named_for_keras(path: Path, kind: filekinds.FileKind):
     """`path`, or a link to it with the extension Keras's loader goes by (it picks its reader by
     name, the converter by content: a Keras 2 `model.hdf5`, a `.keras` saved as `model.bin`)."""
     if path.suffix in kind.suffixes:

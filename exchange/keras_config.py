@@ -176,8 +176,9 @@ class _Parser:
             return self.sequential(model_config, config, container_path, keras3_prefix, keras2_group, incoming)
         if class_name in FUNCTIONAL_CLASSES:
             return self.functional(config, container_path, keras3_prefix, keras2_group, incoming)
-        raise UnsupportedLayerError(f"unsupported model class {class_name!r} (Sequential and functional "
-                                    "models are supported; a subclassed model has no config to read)")
+        raise UnsupportedLayerError(f"unsupported model class {class_name!r}: a subclassed model's config has no "
+                                    "layers; pass the Python file that defines it with --custom-objects FILE "
+                                    "(Sequential and functional models are read from their config)")
 
     def _groups(self, layers: list[dict], keras3_prefix: str) -> list[str]:
         counts: dict[str, int] = {}

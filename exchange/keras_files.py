@@ -406,6 +406,19 @@ def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLik
         raise
 
 
+def check_readable(path: str | os.PathLike, kind: filekinds.FileKind | None = None) -> None:
+    """The direct reader's guards (zip members, HDF5 metadata walked in a capped child first) on a
+    Keras file that Keras itself will then read: a subclassed model's (`exchange.subclassed`)."""
+    path = Path(path)
+    kind = kind or filekinds.input_kind(path)
+    if kind is filekinds.KERAS:
+        with _open_zip(path) as archive:
+            start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
+        _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER).close()
+    else:
+        _Hdf5Source(path).close()
+
+
 def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from, by_name: bool) -> "KerasWeights":
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
     if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
@@ -419,6 +432,9 @@ def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from
         parsed = _description_from(architecture_from, path, keras2=True)
         groups = {} if by_name else _keras2_groups_by_order(source, parsed)
         return _finish(parsed, source, lambda location: _keras2_variables(source, "", location, groups))
+    if architecture_from is None:   # a subclassed model's Keras 3 weights are grouped by attribute
+        raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names; "
+                                "a subclassed model's .weights.h5 needs --arch and --custom-objects FILE)")
     raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
                             "layers or layer_names)")
 
@@ -462,7 +478,8 @@ def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeig
 def _description_from(architecture_from, weights_path: Path, keras2: bool = False) -> ParsedModel:
     if architecture_from is None:
         raise ExchangeFileError(f"{weights_path}: a weights-only file; give the architecture "
-                                "(--arch a .keras, a Keras 2 .h5 or a config .json)")
+                                "(--arch a .keras, a Keras 2 .h5 or a config .json; a subclassed model's "
+                                ".weights.h5 needs --arch and --custom-objects FILE)")
     config_path = Path(architecture_from)
     return describe_model_config(read_keras_config(config_path), str(config_path),
                                  keras2=keras2 or written_by_keras2(config_path))

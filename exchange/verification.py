@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import filekinds, keras_config
+from exchange import filekinds, keras_config, subclassed
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
@@ -188,7 +188,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         request = {"in": str(in_path), "out": str(out_path), "arch": None if arch_path is None else str(arch_path),
                    "code_weights": None if code_weights is None else str(code_weights),
                    "graph": graph.to_json(), "tolerance": tolerance, "inputs": names, "inputs_name": inputs_name,
-                   "kinds": list(KIND_FILES), "by_name": by_name,
+                   "kinds": list(KIND_FILES), "by_name": by_name, "subclassed": subclassed.state(),
                    "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph)}
         (folder / REQUEST).write_text(json.dumps(request))
         status, peak_kib = _run_child(folder, in_path, seconds)
@@ -270,6 +270,7 @@ def child_main(folder: Path) -> None:
     try:
         for kinds_file in request["kinds"]:   # the user's own kinds, as the parent loaded them
             load_kinds_file(kinds_file)
+        subclassed.use_custom_objects(**request["subclassed"])   # a subclassed model is traced again
         answer = {"result": _run(folder, request)}
     except ExchangeError as err:   # named after the input, unless it names a file itself
         message = str(err)
@@ -348,7 +349,8 @@ def _run(folder: Path, request: dict) -> dict:
     keras_path = next((p for p in (in_path, out_path) if kinds[p] in (filekinds.KERAS, filekinds.HDF5)), None)
     torch_path = next((p for p in (out_path, in_path) if kinds[p] in (filekinds.TORCH, filekinds.SAFETENSORS)), None)
     with _framework("Keras", str(in_path)):
-        keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors)
+        keras_name, keras_outputs, keras_model = _keras_outputs(keras_path or in_path, graph, inputs, read_tensors,
+                                                                arch_path if keras_path == in_path else None)
     with _framework("PyTorch", str(in_path)):
         if kinds[out_path] is filekinds.CODE:
             code_weights = Path(request["code_weights"]) if request["code_weights"] else cli.code_weights_path(out_path)
@@ -411,7 +413,7 @@ def first_divergent_layer(graph: Graph, keras_model, torch_model, inputs: list, 
     return "no single layer exceeds the tolerance"
 
 
-def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
+def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors, arch_path: Path | None = None):
     from exchange import reference
 
     try:
@@ -419,6 +421,10 @@ def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     except ImportError:
         return (f"numpy reference on {path} (Keras not installed)",
                 reference.forward(graph, read_tensors(path), inputs), None)
+    class_name = subclassed.model_class(path, arch_path)
+    if class_name:   # the user's own model runs; its traced form serves the layer-by-layer comparison
+        model, traced = subclassed.open_both(path, arch_path)
+        return f"Keras on {path} (your {class_name})", keras_adapter.predict(model, inputs), traced
     note = ""
     kind = filekinds.input_kind(path)
     if kind is filekinds.KERAS or (kind is filekinds.HDF5 and _is_full_keras2_model(path)):

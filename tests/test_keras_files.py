@@ -231,7 +231,8 @@ def test_hdf5_without_weights_through_the_cli(tmp_path_factory):
     result = convert_without_frameworks(source, out_dir / "out.safetensors")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {source}: HDF5 file without Keras weights (no model_weights, layers or layer_names)"]
+        f"error: {source}: HDF5 file without Keras weights (no model_weights, layers or layer_names; a subclassed "
+        "model's .weights.h5 needs --arch and --custom-objects FILE)"]
     assert list(out_dir.iterdir()) == []
 
 

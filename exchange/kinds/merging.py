@@ -2,7 +2,8 @@
 
 Conventions that differ:
 - Concatenate's axis is a Keras axis (channels last); it is remapped to the torch dim that holds
-  the same axis in the channels-first layout (axis −1 of an image is dim 1).
+  the same axis in the channels-first layout (axis −1 of an image is dim 1). `keras.ops.concatenate`
+  (an operation in the config) is the same node, without mask or autocast; its axis defaults to 0.
 - Element-wise merges broadcast inputs of one rank whose sizes are equal or 1 (a squeeze-and-
   excitation block multiplies (H, W, C) by (1, 1, C)); the channels-first forms (C, H, W) and
   (C, 1, 1) broadcast the same way in torch.
@@ -142,6 +143,29 @@ class Concatenate(LayerKind):
 
     def numpy_forward(self, context, tensors, inputs):
         return np.concatenate(inputs, axis=context.config.axis)
+
+
+@register
+class ConcatenateOperation(Concatenate):
+    """`keras.ops.concatenate([a, b], axis)` in a functional model (or a traced subclassed model's
+    `call`): the Concatenate layer's computation, recorded as an operation. Operations take their
+    inputs as given (no autocast) and carry no mask; the operation's axis defaults to 0 (the batch
+    axis, refused), where the layer's is -1."""
+
+    kind, keras_classes = "op_concatenate", ("ops.Concatenate",)
+    passes_mask = False
+    autocasts = False
+
+    def from_keras(self, options):
+        axis = options.take("axis", 0)
+        if not isinstance(axis, int) or isinstance(axis, bool):
+            raise options.unsupported("axis", axis)
+        return ConcatenateConfig(axis)
+
+    def keras_layer(self, keras, context):
+        from keras.src.ops import numpy as keras_numpy_ops   # the operation class Keras records
+
+        return keras_numpy_ops.Concatenate(axis=context.config.axis, name=context.node.name)
 
 
 # keras.config.epsilon(): the least norm Dot's `normalize` divides by.
