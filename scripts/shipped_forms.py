@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 
 KERAS2 = ROOT / "tests/fixtures/keras2"
 CUSTOM_KINDS = ROOT / "docs/examples/custom_kinds.py"
+SUBCLASSED_MODELS = ROOT / "tests/fixtures/subclassed_models.py"   # also registers a kind (--kinds)
 
 
 @dataclass
@@ -104,9 +105,45 @@ FORMS = [
          keras2_fixture("cnn.h5", "cnn_outputs", copy_as="model.hdf5")),
     Form("Keras 2 CNN saved with no extension (cnn.h5 renamed)",
          keras2_fixture("cnn.h5", "cnn_outputs", copy_as="model")),
+    *(Form(f"Keras 2 SavedModel folder: {what} (saved_model/{name})",
+           keras2_fixture(f"saved_model/{name}", f"{name}_outputs", (f"{name}_inputs",),
+                          npz="saved_model/saved_model_expected.npz"))
+      for name, what in [("cnn", "Conv2D, BatchNormalization, Dense"), ("rnn", "LSTM, GRU, Bidirectional LSTM"),
+                         ("nested", "a nested Sequential")]),
+    Form("Keras 3 subclassed model `.keras` (SmallCNN: Conv2D, BatchNormalization, pooling, Dense; "
+         "`--custom-objects`)", lambda folder: subclassed_model(folder, "SmallCNN", (9, 8, 3), weights_only=False)),
+    Form("Keras 3 subclassed model `.weights.h5` with `--arch` (SmallCNN)",
+         lambda folder: subclassed_model(folder, "SmallCNN", (9, 8, 3), weights_only=True)),
+    Form("Keras 3 subclassed model using `keras.ops` in `call` (TwoBranches)",
+         lambda folder: subclassed_model(folder, "TwoBranches", (6,), weights_only=False)),
     Form("Keras 3 `.keras` with two custom layer classes (`--kinds docs/examples/custom_kinds.py`)",
          custom_layers_model, kinds=[CUSTOM_KINDS]),
 ]
+
+
+def subclassed_model(folder: Path, class_name: str, input_shape: tuple, weights_only: bool):
+    """A subclassed model of tests/fixtures/subclassed_models.py, its weights seeded, saved as
+    `.keras` (and `.weights.h5`), converted with `--custom-objects` (and `--arch` the `.keras`)."""
+    import keras
+
+    from exchange import subclassed
+    from exchange.kinds import load_kinds_file
+
+    load_kinds_file(SUBCLASSED_MODELS)
+    subclassed.use_custom_objects([SUBCLASSED_MODELS])
+    module = next(module for module in list(sys.modules.values())
+                  if getattr(module, "__file__", None) == str(SUBCLASSED_MODELS))
+    keras.utils.set_random_seed(7)
+    model = getattr(module, class_name)()
+    inputs = np.random.default_rng(0).standard_normal((16, *input_shape)).astype(np.float32)
+    model(inputs[:2])
+    for variable in model.weights:   # BatchNorm's moving statistics too; variances positive
+        values = np.random.default_rng(len(variable.path)).normal(0, 0.5, variable.shape)
+        variable.assign(np.abs(values) + 0.5 if "variance" in variable.path else values)
+    model.save(folder / "model.keras")
+    model.save_weights(folder / "model.weights.h5")
+    source, arch = (folder / "model.weights.h5", folder / "model.keras") if weights_only else (folder / "model.keras", None)
+    return source, arch, [inputs], [np.asarray(model.predict(inputs, verbose=0))]
 
 
 def generated_outputs(code: Path, graph, inputs: list) -> list[np.ndarray]:
