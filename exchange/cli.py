@@ -129,11 +129,12 @@ def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict,
     """Write any output kind into `output`; tensors are checked against the architecture first.
     The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path."""
     kind = filekinds.output_kind(output.target)
-    fileformat.check_tensors(graph, tensors)
-    if kind is filekinds.SAFETENSORS:
+    if kind is filekinds.SAFETENSORS:   # the writer checks the tensors itself
         with output.open() as stream:
             fileformat.write(stream, graph, tensors, source_framework)
-    elif kind is filekinds.KERAS:
+        return
+    fileformat.check_tensors(graph, tensors)
+    if kind is filekinds.KERAS:
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
         model = keras_adapter.model_from_tensors(graph, tensors)
         with keras_adapter.recursion_room():

@@ -238,9 +238,8 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
     info = archive.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise ExchangeFileError(f"{path}: {name} is compressed; Keras stores it uncompressed")
-    with open(path, "rb") as stream:
-        stream.seek(info.header_offset)
-        local_header = stream.read(30)
+    archive.fp.seek(info.header_offset)   # the archive's own open file: no second open
+    local_header = archive.fp.read(30)
     if local_header[:4] != b"PK\x03\x04":
         raise ExchangeFileError(f"{path}: damaged zip entry for {name}")
     name_length = int.from_bytes(local_header[26:28], "little")

@@ -6,6 +6,7 @@ correctly named file.
 """
 
 import shutil
+import sys
 
 import numpy as np
 import pytest
@@ -95,3 +96,25 @@ def test_a_folder_is_read_only_as_a_saved_model(tmp_path):
     folder.mkdir()
     with pytest.raises(ExchangeFileError, match=r"plain_folder: not a regular file \(a folder\)"):
         cli.convert(folder, tmp_path / "out.safetensors")
+
+
+def test_one_conversion_opens_its_input_twice_and_checks_its_tensors_once(tmp_path, monkeypatch):
+    """Issue 16: the input is opened once to tell its kind and once by its reader; beyond that,
+    only the tensors' data is mapped as each is written. The tensors are checked once."""
+    source = tmp_path / "cnn.h5"
+    shutil.copyfile(FIXTURES / "cnn.h5", source)
+    opens, checks = [], []
+    original_check = fileformat.check_tensors
+    monkeypatch.setattr(fileformat, "check_tensors", lambda *args, **kw: checks.append(1) or original_check(*args, **kw))
+
+    def record(event, args):
+        if event == "open" and args and str(args[0]) == str(source):
+            opens.append(any(frame.name == "__new__" and frame.filename.endswith("memmap.py")
+                             for frame in __import__("traceback").extract_stack()))
+
+    sys.addaudithook(record)   # audit hooks cannot be removed: this one only records this file
+    graph = cli.convert(source, tmp_path / "out.safetensors")
+    metadata_opens = opens.count(False)
+    assert metadata_opens == 2, opens
+    assert opens.count(True) <= len(graph.tensor_specs) + 1   # each tensor's data, one read early by a port
+    assert len(checks) == 1
