@@ -270,7 +270,7 @@ def _current_umask() -> int:
 
 
 def save(path: str | os.PathLike[str], architecture: Graph,
-         tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
+         tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
     Tensors may be arrays or `LazyTensor`s; lazy ones are read one at a time, so a large model
@@ -286,7 +286,7 @@ def save(path: str | os.PathLike[str], architecture: Graph,
 
 
 def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
-          tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
+          tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
     """`save` without the atomic rename, for a caller that owns the temporary: a path, or a file
     open for reading and writing (`PendingOutput.open()`)."""
     if source_framework not in SOURCE_FRAMEWORKS:
@@ -302,7 +302,7 @@ def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
         _write_safetensors(destination, tensors, metadata)
 
 
-def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTensor],
+def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor],
                        metadata: dict[str, str]) -> None:
     """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
     header padded with spaces to 8 bytes, then each tensor's bytes in header order.
@@ -340,7 +340,7 @@ def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTen
         del out  # unmapped: the pages stay in the page cache, not in this process
 
 
-def materialize(tensors: dict[str, np.ndarray | LazyTensor]) -> dict[str, np.ndarray]:
+def materialize(tensors: Mapping[str, AnyTensor]) -> dict[str, np.ndarray]:
     """Every tensor as an array (lazy ones are read now)."""
     return {key: materialize_tensor(tensor) for key, tensor in tensors.items()}
 

@@ -77,19 +77,31 @@ class NoConfig:
     """The config of a kind that has no options."""
 
 
-class TorchValue(Protocol):
-    """A value of the torch graph being built (a `torch.fx.Node`): kinds pass it on, never look inside."""
+# A value of the torch graph being built (a `torch.fx.Node`): kinds pass it on, never look inside.
+# Any, because its type is torch's, which this framework-neutral module does not import.
+TorchValue = Any
 
 
 class TorchBuilder(Protocol):
     """What a kind's `torch_forward` writes with (`exchange.torch_adapter.TorchGraphBuilder`). Each
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
-    nn: ModuleType        # torch.nn: the standard modules
-    F: ModuleType         # torch.nn.functional
-    torch: ModuleType
-    helpers: ModuleType   # exchange.torch_modules: small modules for what torch.nn has not
     masks: dict[str, TorchValue]   # Keras masks already computed, by name (see `torch_mask`)
+
+    @property
+    def nn(self) -> ModuleType:
+        """torch.nn: the standard modules."""
+
+    @property
+    def F(self) -> ModuleType:
+        """torch.nn.functional."""
+
+    @property
+    def torch(self) -> ModuleType: ...
+
+    @property
+    def helpers(self) -> ModuleType:
+        """exchange.torch_modules: small modules for what torch.nn has not."""
 
     def dtype(self, context: NodeContext) -> Any:
         """The torch dtype of the node's weights."""
