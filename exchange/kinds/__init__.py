@@ -474,12 +474,11 @@ def coerce(value: Any, hint: Any, what: str) -> Any:
     elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):   # a nested config, already read by its kind
             return value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(coerce(item, args[0], what) for item in value)
-            if len(value) == len(args):
-                return tuple(coerce(item, arg, what) for item, arg in zip(value, args))
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(item, args[0], what) for item in value)
+        if len(value) == len(args):
+            return tuple(coerce(item, arg, what) for item, arg in zip(value, args))
     raise ExchangeError(f"{what}: {_short(value)} is not a {getattr(hint, '__name__', hint)}")
 
 
