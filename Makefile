@@ -1,4 +1,4 @@
-# Two entry points: `make demo` runs the main job, `make test` runs the tests.
+# Two entry points: `make demo` runs the main job, `make test` runs the tests; `make lint` checks the house rules.
 # Both create .venv when it is missing (torch 2.13.0 CPU first, then the project with its extras).
 PYTHON ?= python3
 VENV := .venv
@@ -7,7 +7,7 @@ MNIST_DIR ?= ../shared/data/mnist
 export MNIST_DIR
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow venv
+.PHONY: demo test test-slow lint venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,3 +26,9 @@ test: venv
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow
+
+# House rules (docs/house-rules.md): lint, formatting and types, with the versions pinned in the test extra.
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy

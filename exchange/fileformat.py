@@ -30,7 +30,8 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from collections.abc import Iterator, Mapping
+from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
@@ -39,14 +40,14 @@ from exchange import untrusted
 from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
                              TensorMismatchError, first_line)
 from exchange.graph import Graph, dense_chain
-from exchange.tensors import LazyTensor
+from exchange.tensors import AnyTensor, LazyTensor
 from exchange.tensors import materialize as materialize_tensor
 
 FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
 SOURCE_FRAMEWORKS = ("keras", "torch")
 # safetensors dtype code <-> numpy dtype, for the dtypes the exchange file holds.
-SAFETENSORS_DTYPES = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
+SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
                       "I64": np.dtype("<i8")}
 DTYPE_CODES = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
@@ -61,7 +62,7 @@ class ExchangeFile:
     metadata: dict[str, str]
 
 
-def check_tensors(architecture: Graph, tensors: dict[str, np.ndarray], where: str = "") -> None:
+def check_tensors(architecture: Graph, tensors: Mapping[str, AnyTensor], where: str = "") -> None:
     """Raise one `TensorMismatchError` listing every missing, unexpected and mis-shaped tensor.
 
     `where` (a file name, say) starts the message when given.
@@ -119,7 +120,7 @@ class PendingOutput:
         """A file to write the output into (readable too: the safetensors writer maps it)."""
         descriptor = _anonymous_file(self.target.parent) if self.folder is None else None
         anonymous = descriptor is not None
-        if not anonymous:   # no O_TMPFILE here: a named file in the private folder
+        if descriptor is None:   # no O_TMPFILE here: a named file in the private folder
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with open(descriptor, "r+b", closefd=False) as stream:
@@ -144,7 +145,7 @@ class PendingOutput:
 
 
 @contextmanager
-def atomic_file(path: str | os.PathLike) -> Iterator[PendingOutput]:
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[PendingOutput]:
     """Yield the `PendingOutput` for `path`; it replaces `path` only if the block succeeds.
 
     A failed or interrupted write leaves no partial file and never clobbers an existing one; the
@@ -168,7 +169,7 @@ def atomic_file(path: str | os.PathLike) -> Iterator[PendingOutput]:
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """`atomic_file` for a writer that insists on a path: yields `PendingOutput.path`."""
     with atomic_file(path) as pending:
         yield pending.path
@@ -179,7 +180,7 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
     exactly `.NAME.XXXXXXXX.tmp` (as `tempfile.mkdtemp` names them), owned by this user, whose
     recorded owner process is gone. A folder whose owner cannot be told is kept."""
     pattern = re.compile(re.escape(f".{path.name}.") + r"[a-z0-9_]{8}\.tmp")
-    removed = []
+    removed: list[Path] = []
     try:
         with os.scandir(path.parent) as listing:
             entries = [entry for entry in listing if pattern.fullmatch(entry.name)]
@@ -268,8 +269,8 @@ def _current_umask() -> int:
     return mask
 
 
-def save(path: str | os.PathLike, architecture: Graph,
-         tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
+def save(path: str | os.PathLike[str], architecture: Graph,
+         tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
     Tensors may be arrays or `LazyTensor`s; lazy ones are read one at a time, so a large model
@@ -284,8 +285,8 @@ def save(path: str | os.PathLike, architecture: Graph,
         write(stream, architecture, tensors, source_framework)
 
 
-def write(destination: str | os.PathLike | BinaryIO, architecture: Graph,
-          tensors: dict[str, np.ndarray | LazyTensor], source_framework: str) -> None:
+def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
+          tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
     """`save` without the atomic rename, for a caller that owns the temporary: a path, or a file
     open for reading and writing (`PendingOutput.open()`)."""
     if source_framework not in SOURCE_FRAMEWORKS:
@@ -301,7 +302,7 @@ def write(destination: str | os.PathLike | BinaryIO, architecture: Graph,
         _write_safetensors(destination, tensors, metadata)
 
 
-def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTensor],
+def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor],
                        metadata: dict[str, str]) -> None:
     """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
     header padded with spaces to 8 bytes, then each tensor's bytes in header order.
@@ -310,7 +311,7 @@ def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTen
     one at a time, so memory holds at most one tensor of the input and one of the output.
     """
     keys = sorted(tensors)
-    header: dict = {"__metadata__": metadata}
+    header: dict[str, Any] = {"__metadata__": metadata}
     offset = 0
     for key in keys:
         dtype = np.dtype(tensors[key].dtype)
@@ -339,12 +340,12 @@ def _write_safetensors(stream: BinaryIO, tensors: dict[str, np.ndarray | LazyTen
         del out  # unmapped: the pages stay in the page cache, not in this process
 
 
-def materialize(tensors: dict[str, np.ndarray | LazyTensor]) -> dict[str, np.ndarray]:
+def materialize(tensors: Mapping[str, AnyTensor]) -> dict[str, np.ndarray]:
     """Every tensor as an array (lazy ones are read now)."""
     return {key: materialize_tensor(tensor) for key, tensor in tensors.items()}
 
 
-def check_header(path: str | os.PathLike, architecture: Graph) -> None:
+def check_header(path: str | os.PathLike[str], architecture: Graph) -> None:
     """Check a written file from its header alone (no tensor data is read): its architecture,
     and every tensor's key, dtype and shape."""
     path = Path(path)
@@ -364,7 +365,7 @@ def check_header(path: str | os.PathLike, architecture: Graph) -> None:
         raise ExchangeFileError(f"{path}: tensors in the file differ from the architecture's")
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     """The file's metadata, reading only its header."""
     path = Path(path)
     check_safetensors_header(path)
@@ -375,7 +376,7 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
 
 
-def load(path: str | os.PathLike) -> ExchangeFile:
+def load(path: str | os.PathLike[str]) -> ExchangeFile:
     """Read and validate a common file: its metadata, architecture and every tensor's shape."""
     path = Path(path)
     check_safetensors_header(path)
@@ -396,7 +397,7 @@ def load(path: str | os.PathLike) -> ExchangeFile:
     return ExchangeFile(architecture, tensors, source_framework, metadata)
 
 
-def check_same_architecture(in_file: Graph, in_model: Graph, path) -> None:
+def check_same_architecture(in_file: Graph, in_model: Graph, path: str | os.PathLike[str]) -> None:
     """Refuse to load a file into a model of another architecture, saying how they differ."""
     differences = in_file.differences(in_model)
     if differences:
@@ -438,11 +439,11 @@ def upgrade_v1_architecture(description: object) -> Graph:
         raise ExchangeError("malformed version-1 architecture (expected a JSON object)")
     _check_v1_fields(description, V1_FIELDS, "version-1 architecture")
     input_dim, layers = description.get("input_dim"), description.get("layers")
-    _check_v1_width(input_dim, "version-1 architecture: input_dim")
+    input_width = _check_v1_width(input_dim, "version-1 architecture: input_dim")
     if not isinstance(layers, list) or not layers:
         raise ExchangeError("malformed version-1 architecture (layers must be a non-empty list)")
     untrusted.check_layer_count(len(layers))
-    chain = []
+    chain: list[tuple[int, str, bool]] = []
     for index, layer in enumerate(layers):
         where = f"version-1 layer {index}"
         if not isinstance(layer, dict):
@@ -451,16 +452,16 @@ def upgrade_v1_architecture(description: object) -> Graph:
         if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
             raise ExchangeError(f"{where}: unsupported layer kind {layer.get('kind')!r:.60}")
         units, activation, use_bias = layer.get("units"), layer.get("activation", "linear"), layer.get("use_bias", True)
-        _check_v1_width(units, f"{where}: units")
+        width = _check_v1_width(units, f"{where}: units")
         if not isinstance(activation, str):
             raise ExchangeError(f"{where}: activation must be a string, found {type(activation).__name__}")
         if not isinstance(use_bias, bool):
             raise ExchangeError(f"{where}: use_bias must be true or false, found {use_bias!r:.60}")
-        chain.append((units, activation, use_bias))
-    return dense_chain("model", input_dim, chain)
+        chain.append((width, activation, use_bias))
+    return dense_chain("model", input_width, chain)
 
 
-def _check_v1_fields(description: dict, known: tuple[str, ...], where: str) -> None:
+def _check_v1_fields(description: dict[Any, Any], known: tuple[str, ...], where: str) -> None:
     unknown = sorted(set(description) - set(known))
     if unknown:
         names = ", ".join(f"{name!r:.60}" for name in unknown[:5])
@@ -468,15 +469,19 @@ def _check_v1_fields(description: dict, known: tuple[str, ...], where: str) -> N
         raise ExchangeError(f"{where}: unknown field(s) {names}{more} (version 1 has {', '.join(known)})")
 
 
-def _check_v1_width(value, what: str) -> None:
+def _check_v1_width(value: object, what: str) -> int:
     if type(value) is not int or not 1 <= value <= untrusted.MAX_DENSE_WIDTH:
         raise ExchangeError(f"{what} must be an integer from 1 to {untrusted.MAX_DENSE_WIDTH:,}, "
                             f"found {value!r:.60}")
+    return value
 
 
-def upgrade_v1_keys(tensors: dict) -> dict:
+Tensor = TypeVar("Tensor")
+
+
+def upgrade_v1_keys(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """`layers.{i}.weight` -> `dense_{i}.weight`: the keys of the upgraded graph."""
-    renamed = {}
+    renamed: dict[str, Tensor] = {}
     for key, tensor in tensors.items():
         match = V1_KEY.match(key)
         renamed[f"dense_{match.group(1)}.{match.group(2)}" if match else key] = tensor
@@ -512,7 +517,7 @@ def check_safetensors_header(path: Path) -> None:
         _check_header_entry(path, key, entry, data_size)
 
 
-def _check_header_entry(path: Path, key: str, entry, data_size: int) -> None:
+def _check_header_entry(path: Path, key: str, entry: object, data_size: int) -> None:
     if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
         found = entry.get("dtype") if isinstance(entry, dict) else entry
         raise ExchangeFileError(f"{path}: tensor {key} has dtype {str(found)[:40]}; the exchange file "

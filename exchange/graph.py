@@ -25,12 +25,13 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
+from collections.abc import Sequence
 from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.ports import TorchOnly
+from exchange.ports import AnyPort, TorchOnly
 
-Shape = tuple  # of int (or None for a size known only at run time), batch axis left out
+Shape = tuple[int | None, ...]  # None: a size known only at run time; batch axis left out
 
 DTYPES = ("float16", "bfloat16", "float32", "float64")
 # Every input dtype Keras takes that torch has: floats, integers (token ids, lookups, masks), bool masks.
@@ -100,10 +101,10 @@ class NodeContext:
     channels_first_flatten: bool = False
     # Per input, the Keras mask it carries: the token ids whose `ids != 0` it is (an Embedding's
     # with mask_zero=True), the `<name>:mask` of the Masking that made it, or None (see `Graph.masks`).
-    input_masks: tuple = ()
+    input_masks: tuple[str | None, ...] = ()
 
     @property
-    def config(self):
+    def config(self) -> Any:
         return self.node.config
 
     @property
@@ -241,7 +242,7 @@ class Graph:
         from exchange.kinds import kind_of
 
         shapes: dict[str, Shape] = {spec.name: tuple(spec.shape) for spec in self.inputs}
-        every_output: dict[str, list] = {}   # all output shapes of layers with several outputs
+        every_output: dict[str, list[Shape]] = {}   # all output shapes of layers with several outputs
         for node in self.nodes:
             input_shapes = tuple(shapes[name] for name in node.inputs)
             kind = kind_of(node.kind)
@@ -281,7 +282,7 @@ class Graph:
         from exchange.kinds import kind_of
 
         masks: dict[str, str | None] = {spec.name: None for spec in self.inputs}
-        every_mask: dict[str, list] = {}   # the masks of each output of layers with several
+        every_mask: dict[str, list[str | None]] = {}   # the masks of each output of layers with several
         for node in self.nodes:
             kind = kind_of(node.kind)
             input_masks = tuple(masks[name] for name in node.inputs)
@@ -301,11 +302,12 @@ class Graph:
         `LayerKind.mask_source`). A mask not here is token ids or a mask tensor, `!= 0`."""
         from exchange.kinds import kind_of
 
-        sources = {}
+        sources: dict[str, tuple[str, float]] = {}
         for node in self.nodes:
             source = kind_of(node.kind).mask_source(node)
-            if source is not None:
-                sources[self.masks[node.name]] = source
+            mask = self.masks[node.name]
+            if source is not None and mask is not None:   # a kind with a mask source names its mask
+                sources[mask] = source
         return sources
 
     @cached_property
@@ -321,7 +323,7 @@ class Graph:
         """
         from exchange.kinds import kind_of
 
-        found = {}
+        found: dict[str, Shape] = {}
         outputs = set(self.outputs)
         for node in self.nodes:
             kind = kind_of(node.kind)
@@ -374,24 +376,24 @@ class Graph:
 
     # -- tensors ----------------------------------------------------------------------------
 
-    def ports(self, node: Node) -> list:
+    def ports(self, node: Node) -> list[AnyPort]:
         from exchange.kinds import kind_of
 
         return kind_of(node.kind).ports(self.context(node))
 
-    def keras_variables(self, node: Node) -> list[tuple[str, Shape]]:
+    def keras_variables(self, node: Node) -> list[tuple[str, tuple[int, ...]]]:
         """The node's Keras variables, in the layer's variable order, with their Keras shapes."""
         from exchange.kinds import kind_of
 
         return kind_of(node.kind).keras_variables(self.context(node))
 
     @cached_property
-    def tensor_specs(self) -> dict[str, tuple[Shape, str]]:
+    def tensor_specs(self) -> dict[str, tuple[tuple[int, ...], str]]:
         """Every tensor of the file (= the torch module's state_dict): key -> (shape, dtype)."""
-        specs: dict[str, tuple[Shape, str]] = {}
+        specs: dict[str, tuple[tuple[int, ...], str]] = {}
         for node in self.nodes:
             if node.shares is not None:
-                self._check_same_weights(node)
+                self._check_same_weights(node, self.node(node.shares))
         for node in self.layers:
             keras_shapes = dict(self.keras_variables(node))
             prefix = self.torch_names[node.name]
@@ -403,11 +405,10 @@ class Graph:
                         specs[f"{prefix}.{suffix}"] = (shape, node.dtype)
         return specs
 
-    def _check_same_weights(self, node: Node) -> None:
+    def _check_same_weights(self, node: Node, owner: Node) -> None:
         """A shared layer's calls must use the same weights the same way: the same variable shapes
         (a Dense on inputs of other widths would need others), and no call may read a channels-first
         Flatten whose order the other calls' weights would have to absorb too."""
-        owner = self.node(node.shares)
         mine, theirs = self.context(node), self.context(owner)
         if self.keras_variables(node) != self.keras_variables(owner):
             raise UnsupportedLayerError(f"layer {node.name!r}: shared layer {owner.name!r} is called on inputs "
@@ -419,7 +420,7 @@ class Graph:
                                         f"image at call {flattened[0]!r} only, whose channels-first order its "
                                         "weights would take at that call alone; not supported")
 
-    def tensor_shapes(self) -> dict[str, Shape]:
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: shape for key, (shape, _) in self.tensor_specs.items()}
 
     def node_parameter_counts(self) -> dict[str, int]:
@@ -470,7 +471,7 @@ class Graph:
 
     # -- JSON -----------------------------------------------------------------------------
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         from exchange.kinds import config_to_dict
 
         return {"name": self.name,
@@ -486,7 +487,7 @@ class Graph:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, description: dict) -> "Graph":
+    def from_dict(cls, description: dict[str, Any]) -> "Graph":
         from exchange.kinds import kind_of
 
         try:
@@ -564,7 +565,7 @@ def python_name(name: str) -> str:
     return safe
 
 
-def check_name(name, what: str = "layer or input name") -> str:
+def check_name(name: object, what: str = "layer or input name") -> str:
     """The rule for every name a graph holds (model, inputs, layers, outputs): text of 1 to
     MAX_NAME_LENGTH printable characters. Names are data: the torch side uses `python_name` of
     them, generated code and messages escape them, and Keras gets them as they are."""
@@ -596,7 +597,7 @@ INPUT_FIELDS = ("name", "shape", "dtype")
 NODE_FIELDS = ("name", "kind", "inputs", "dtype", "config", "shares")
 
 
-def _known_fields(item, fields: tuple[str, ...], what: str) -> bool:
+def _known_fields(item: object, fields: tuple[str, ...], what: str) -> bool:
     if not isinstance(item, dict):
         raise TypeError(f"expected an object for {what}, found {type(item).__name__}")
     unknown = sorted(set(item) - set(fields))
@@ -606,25 +607,25 @@ def _known_fields(item, fields: tuple[str, ...], what: str) -> bool:
     return True
 
 
-def _str(value) -> str:
+def _str(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, found {type(value).__name__}")
     return value
 
 
-def _list(value) -> list:
+def _list(value: object) -> list[Any]:
     if not isinstance(value, list):
         raise TypeError(f"expected a list, found {type(value).__name__}")
     return value
 
 
-def _shape(value) -> Shape:
+def _shape(value: object) -> Shape:
     shape = tuple(_list(value))
     _check_shape(shape, "input")
     return shape
 
 
-def dense_chain(name: str, input_dim: int, layers: list[tuple[int, str]] | list[tuple[int, str, bool]],
+def dense_chain(name: str, input_dim: int, layers: Sequence[tuple[int, str] | tuple[int, str, bool]],
                 input_name: str = "input", layer_prefix: str = "dense_") -> Graph:
     """Shorthand for a stack of Dense layers: `dense_chain("mlp", 784, [(50, "tanh"), (10, "softmax")])`.
 
@@ -635,7 +636,8 @@ def dense_chain(name: str, input_dim: int, layers: list[tuple[int, str]] | list[
 
     nodes, previous = [], input_name
     for index, layer in enumerate(layers):
-        units, activation, use_bias = (tuple(layer) + (True,))[:3]
+        units, activation = layer[0], layer[1]
+        use_bias = layer[2] if len(layer) > 2 else True
         nodes.append(Node(f"{layer_prefix}{index}", "dense", (previous,),
                           DenseConfig(units=units, activation=activation, use_bias=use_bias)))
         previous = nodes[-1].name

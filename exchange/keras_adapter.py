@@ -19,6 +19,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 import keras
 import numpy as np
@@ -95,7 +96,8 @@ def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
         if parsed.graph.keras_variables(node):   # operations (`x + 3.0`) are not layers and hold none
             keras_layer = _layer_at(model, parsed.locations[node.name])
             stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
-    return layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
+    tensors = layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
+    return cast(dict[str, np.ndarray], tensors)   # arrays in memory in, arrays out: nothing is lazy
 
 
 def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: Graph | None = None) -> None:

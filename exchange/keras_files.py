@@ -32,7 +32,7 @@ from exchange import filekinds, layout, untrusted
 from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
-from exchange.tensors import LazyTensor
+from exchange.tensors import AnyTensor, LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
@@ -329,7 +329,7 @@ class KerasWeights:
     """Graph and lazy file-layout tensors of a Keras file; close() when done reading."""
 
     architecture: Graph
-    tensors: dict[str, LazyTensor]
+    tensors: dict[str, AnyTensor]   # lazy where a port only permutes axes; read where it splits, packs, reshapes
     source: _Hdf5Source
 
     def close(self) -> None:

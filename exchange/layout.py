@@ -11,21 +11,22 @@ Conversions are pure: they never modify the arrays they are given.
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
 from exchange.errors import ExchangeError, TensorMismatchError
-from exchange.graph import Graph
-from exchange.ports import KerasOnly, TorchOnly
-from exchange.tensors import materialize
+from exchange.graph import Graph, Node
+from exchange.ports import KerasOnly, Packed, Port, Stacked, Summed, TorchOnly
+from exchange.tensors import AnyTensor, materialize
 
 # One stored Keras variable: its name where the format records one (None for Keras 3's vars/N),
 # and its array (or LazyTensor).
-StoredVariable = tuple  # (str | None, array)
+StoredVariable = tuple[str | None, AnyTensor]
 
 
-def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: str = "",
-                  class_names: dict[str, str] | None = None) -> dict:
+def keras_to_file(graph: Graph, stored: Mapping[str, Sequence[StoredVariable]], where: str = "",
+                  class_names: dict[str, str] | None = None) -> dict[str, AnyTensor]:
     """Per-node stored Keras variables -> the file's tensors (lazy ones stay lazy where they can).
 
     All problems (unclaimed, missing or mis-shaped variables) are reported in one error.
@@ -33,7 +34,8 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
     from exchange.kinds import kind_of
 
     class_names = class_names or {}
-    problems, tensors = [], {}
+    problems: list[str] = []
+    tensors: dict[str, AnyTensor] = {}
     for node in graph.layers:   # a shared layer's weights once
         expected = graph.keras_variables(node)
         aliases = kind_of(node.kind).variable_aliases
@@ -49,7 +51,7 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
             problems.append(f"{label} stores variables {found_names}, expected {[want for want, _ in expected]}"
                             + (f"; no port claims {unclaimed}" if unclaimed else ""))
             continue
-        variables = {}
+        variables: dict[str, AnyTensor] = {}
         for (want, shape), (_, array) in zip(expected, found):
             if tuple(array.shape) != tuple(shape):
                 problems.append(f"{label} variable {want!r}: expected shape {tuple(shape)}, found {tuple(array.shape)}")
@@ -68,11 +70,12 @@ def keras_to_file(graph: Graph, stored: dict[str, list[StoredVariable]], where: 
     return tensors
 
 
-def _unmerged(node, expected: list, found: list, merged: tuple) -> list:
+def _unmerged(node: Node, expected: list[tuple[str, tuple[int, ...]]], found: Sequence[StoredVariable],
+              merged: tuple[str, ...]) -> list[StoredVariable]:
     """A Keras 3 file's variables (no names stored) of a layer that merged some into another when
     saved (LoRA): zeros in their places, as Keras loads them; other lists as they are."""
     if not merged or len(found) != len(expected) - len(merged) or any(name is not None for name, _ in found):
-        return found
+        return list(found)
     rest = iter(found)
     return [(name, np.zeros(shape, dtype=node.dtype)) if name in merged else next(rest) for name, shape in expected]
 
@@ -84,14 +87,14 @@ def _same_variable(stored_name: str | None, expected: str, aliases: dict) -> boo
                                       for name in (expected,) + tuple(aliases.get(expected, ())))
 
 
-def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
+def file_to_keras(graph: Graph, tensors: Mapping[str, AnyTensor]) -> dict[str, list[np.ndarray | None]]:
     """File tensors -> per-node Keras variable arrays in the layer's variable order; None for a
     Keras-only variable (left as the Keras layer has it). The inverse of `keras_to_file`."""
     per_node = {}
     for node in graph.layers:   # a shared layer's weights once
         prefix = graph.torch_names[node.name]
         keras_shapes = dict(graph.keras_variables(node))
-        variables = {}
+        variables: dict[str, np.ndarray | None] = {}
         for port in graph.ports(node):
             if isinstance(port, KerasOnly):
                 variables[port.keras] = None
@@ -108,7 +111,7 @@ def file_to_keras(graph: Graph, tensors: dict) -> dict[str, list]:
     return per_node
 
 
-def folded_tensors(graph: Graph, tensors: dict) -> list[str]:
+def folded_tensors(graph: Graph, tensors: Mapping[str, AnyTensor]) -> list[str]:
     """Torch tensors that a torch -> Keras conversion folds into another (a `Summed` port: an
     LSTM's nonzero `bias_hh_l0` added to `bias_ih_l0` as Keras's one bias). The outputs stay the
     same; going back to torch gives the canonical split (the sum, then zeros)."""
@@ -116,7 +119,7 @@ def folded_tensors(graph: Graph, tensors: dict) -> list[str]:
     for node in graph.layers:   # a shared layer's weights once
         prefix = graph.torch_names[node.name]
         for port in graph.ports(node):
-            if getattr(port, "lossy", False):
+            if isinstance(port, (Port, Stacked, Packed, Summed)) and port.lossy:
                 found += [f"{prefix}.{key}" for key in port.torch[1:]
                           if np.any(materialize(tensors[f"{prefix}.{key}"]))]
     return found

@@ -35,11 +35,12 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from math import prod
+from typing import cast
 
 import numpy as np
 
 from exchange.errors import ExchangeError
-from exchange.tensors import LazyTensor, materialize, transpose_contiguous
+from exchange.tensors import AnyTensor, LazyTensor, materialize, transpose_contiguous
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ class Port:
     keras: str
     torch: str
     steps: tuple[Step, ...] = ()
-    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = False
 
     @property
@@ -136,20 +137,21 @@ class Port:
         return (self.keras,)
 
     @property
-    def keras_shapes(self) -> dict[str, tuple]:
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.keras: tuple(self.shape)}
 
     def torch_shape(self, keras_shape: tuple[int, ...]) -> tuple[int, ...]:
         return _shape_through(self.steps, keras_shape)
 
-    def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
+    def torch_shapes(self, keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         return {self.torch: self.torch_shape(keras_shapes[self.keras])}
 
-    def to_torch(self, keras_arrays: dict) -> dict:
+    def to_torch(self, keras_arrays: dict[str, AnyTensor]) -> dict[str, AnyTensor]:
         """Keras layout -> torch layout. A `LazyTensor` stays lazy when the steps are permutations."""
         return {self.torch: _run(self.steps, keras_arrays[self.keras])}
 
-    def to_keras(self, torch_arrays: dict, keras_shapes: dict) -> dict:
+    def to_keras(self, torch_arrays: dict[str, AnyTensor],
+                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
         return {self.keras: _run(_inverse(self.steps), torch_arrays[self.torch])}
 
 
@@ -161,7 +163,7 @@ class Stacked:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
-    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = False
 
     @property
@@ -169,20 +171,21 @@ class Stacked:
         return (self.keras,)
 
     @property
-    def keras_shapes(self) -> dict[str, tuple]:
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.keras: tuple(self.shape)}
 
-    def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
+    def torch_shapes(self, keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         shape = tuple(keras_shapes[self.keras])
         if not shape or shape[0] != len(self.torch):
             raise ExchangeError(f"{self.keras}: expected {len(self.torch)} stacked tensors, found shape {shape}")
         return {key: _shape_through(self.steps, shape[1:]) for key in self.torch}
 
-    def to_torch(self, keras_arrays: dict) -> dict:
+    def to_torch(self, keras_arrays: dict[str, AnyTensor]) -> dict[str, AnyTensor]:
         array = materialize(keras_arrays[self.keras])
         return {key: _run(self.steps, np.ascontiguousarray(array[index])) for index, key in enumerate(self.torch)}
 
-    def to_keras(self, torch_arrays: dict, keras_shapes: dict) -> dict:
+    def to_keras(self, torch_arrays: dict[str, AnyTensor],
+                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
         return {self.keras: np.stack([materialize(_run(_inverse(self.steps), torch_arrays[key]))
                                       for key in self.torch])}
 
@@ -197,7 +200,7 @@ class Packed:
     torch: str
     steps: tuple[tuple[Step, ...], ...]
     axis: int = 0
-    shapes: tuple[tuple, ...] = dataclasses.field(default=(), kw_only=True)   # each Keras variable's
+    shapes: tuple[tuple[int, ...], ...] = dataclasses.field(default=(), kw_only=True)   # each Keras variable's
     lossy = False
 
     @property
@@ -205,13 +208,13 @@ class Packed:
         return self.keras
 
     @property
-    def keras_shapes(self) -> dict[str, tuple]:
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         return {name: tuple(shape) for name, shape in zip(self.keras, self.shapes)}
 
-    def _pieces(self, keras_shapes: dict) -> list[tuple[int, ...]]:
+    def _pieces(self, keras_shapes: dict[str, tuple[int, ...]]) -> list[tuple[int, ...]]:
         return [_shape_through(steps, tuple(keras_shapes[name])) for name, steps in zip(self.keras, self.steps)]
 
-    def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
+    def torch_shapes(self, keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         pieces = self._pieces(keras_shapes)
         rest = {piece[:self.axis] + piece[self.axis + 1:] for piece in pieces}
         if len(rest) != 1:
@@ -220,11 +223,12 @@ class Packed:
         shape[self.axis] = sum(piece[self.axis] for piece in pieces)
         return {self.torch: tuple(shape)}
 
-    def to_torch(self, keras_arrays: dict) -> dict:
+    def to_torch(self, keras_arrays: dict[str, AnyTensor]) -> dict[str, AnyTensor]:
         return {self.torch: np.concatenate([materialize(_run(steps, keras_arrays[name]))
                                             for name, steps in zip(self.keras, self.steps)], axis=self.axis)}
 
-    def to_keras(self, torch_arrays: dict, keras_shapes: dict) -> dict:
+    def to_keras(self, torch_arrays: dict[str, AnyTensor],
+                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
         sizes = [piece[self.axis] for piece in self._pieces(keras_shapes)]
         parts = np.split(materialize(torch_arrays[self.torch]), np.cumsum(sizes)[:-1], axis=self.axis)
         return {name: _run(_inverse(steps), np.ascontiguousarray(part))
@@ -240,7 +244,7 @@ class Summed:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
-    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
     lossy = True
 
     @property
@@ -248,18 +252,19 @@ class Summed:
         return (self.keras,)
 
     @property
-    def keras_shapes(self) -> dict[str, tuple]:
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.keras: tuple(self.shape)}
 
-    def torch_shapes(self, keras_shapes: dict) -> dict[str, tuple[int, ...]]:
+    def torch_shapes(self, keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         return {key: _shape_through(self.steps, tuple(keras_shapes[self.keras])) for key in self.torch}
 
-    def to_torch(self, keras_arrays: dict) -> dict:
+    def to_torch(self, keras_arrays: dict[str, AnyTensor]) -> dict[str, AnyTensor]:
         first = materialize(_run(self.steps, keras_arrays[self.keras]))
         return {key: first if index == 0 else np.zeros_like(first) for index, key in enumerate(self.torch)}
 
-    def to_keras(self, torch_arrays: dict, keras_shapes: dict) -> dict:
-        total = sum(materialize(torch_arrays[key]) for key in self.torch)
+    def to_keras(self, torch_arrays: dict[str, AnyTensor],
+                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
+        total = cast(np.ndarray, sum(materialize(torch_arrays[key]) for key in self.torch))
         return {self.keras: _run(_inverse(self.steps), total)}
 
 
@@ -284,22 +289,23 @@ class KerasOnly:
 
     keras: str
     why: str = ""
-    shape: tuple = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
 
     @property
-    def keras_shapes(self) -> dict[str, tuple]:
+    def keras_shapes(self) -> dict[str, tuple[int, ...]]:
         return {self.keras: tuple(self.shape)}
 
 
 AnyPort = WeightPort | TorchOnly | KerasOnly
 
 
-def _run(steps: tuple[Step, ...], tensor):
+def _run(steps: tuple[Step, ...], tensor: AnyTensor) -> AnyTensor:
     if not steps:
         return tensor
-    if isinstance(tensor, LazyTensor) and all(isinstance(step, Permute) for step in steps):
-        for step in steps:
-            tensor = tensor.permuted(step.axes)
+    permutations = [step for step in steps if isinstance(step, Permute)]
+    if isinstance(tensor, LazyTensor) and len(permutations) == len(steps):
+        for permutation in permutations:
+            tensor = tensor.permuted(permutation.axes)
         return tensor
     array = materialize(tensor)
     for step in steps:

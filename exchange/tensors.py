@@ -59,7 +59,11 @@ class LazyTensor:
             transpose_into(stored, self.axes, out)
 
 
-def materialize(tensor) -> np.ndarray:
+# What a tensor table holds: an array in memory, or a `LazyTensor` read when it is needed.
+AnyTensor = np.ndarray | LazyTensor
+
+
+def materialize(tensor: AnyTensor) -> np.ndarray:
     return tensor.load() if isinstance(tensor, LazyTensor) else tensor
 
 

@@ -24,11 +24,12 @@ import os
 import sys
 import typing
 from pathlib import Path
+from collections.abc import Callable, Container
 from types import ModuleType
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
 if TYPE_CHECKING:   # the graph imports this registry; only the type checker needs these names
-    from exchange.graph import Node, NodeContext
+    from exchange.graph import Node, NodeContext, Shape
     from exchange.ports import AnyPort
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
@@ -76,19 +77,31 @@ class NoConfig:
     """The config of a kind that has no options."""
 
 
-class TorchValue(Protocol):
-    """A value of the torch graph being built (a `torch.fx.Node`): kinds pass it on, never look inside."""
+# A value of the torch graph being built (a `torch.fx.Node`): kinds pass it on, never look inside.
+# Any, because its type is torch's, which this framework-neutral module does not import.
+TorchValue = Any
 
 
 class TorchBuilder(Protocol):
     """What a kind's `torch_forward` writes with (`exchange.torch_adapter.TorchGraphBuilder`). Each
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
-    nn: ModuleType        # torch.nn: the standard modules
-    F: ModuleType         # torch.nn.functional
-    torch: ModuleType
-    helpers: ModuleType   # exchange.torch_modules: small modules for what torch.nn has not
     masks: dict[str, TorchValue]   # Keras masks already computed, by name (see `torch_mask`)
+
+    @property
+    def nn(self) -> ModuleType:
+        """torch.nn: the standard modules."""
+
+    @property
+    def F(self) -> ModuleType:
+        """torch.nn.functional."""
+
+    @property
+    def torch(self) -> ModuleType: ...
+
+    @property
+    def helpers(self) -> ModuleType:
+        """exchange.torch_modules: small modules for what torch.nn has not."""
 
     def dtype(self, context: NodeContext) -> Any:
         """The torch dtype of the node's weights."""
@@ -99,7 +112,7 @@ class TorchBuilder(Protocol):
     def submodule(self, path: str, module: Any, *args: Any) -> TorchValue:
         """Register `module` at a dotted path below a registered one and call it."""
 
-    def call(self, function: Callable, *args: Any, **kwargs: Any) -> TorchValue:
+    def call(self, function: Callable[..., Any], *args: Any, **kwargs: Any) -> TorchValue:
         """Call a torch function (`torch.*` or `F.*`)."""
 
     def method(self, value: TorchValue, name: str, *args: Any) -> TorchValue:
@@ -164,7 +177,7 @@ class LayerKind:
         zeros for them."""
         return ()
 
-    def keras3_saved_extras(self, config: Any) -> tuple[tuple[str, tuple], ...]:
+    def keras3_saved_extras(self, config: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         """Entries a Keras 3 file keeps beside the layer's variables, which the config also makes
         (IntegerLookup's tf_idf `idf_weights`, written by its `save_own_variables`): (name, the
         values the config gives). The reader checks them against these (float32) and skips them."""
@@ -175,7 +188,7 @@ class LayerKind:
         absorb (`may_flatten_channels_first`, unless its config says otherwise)."""
         return self.may_flatten_channels_first
 
-    def keras3_file_variables(self, config: Any, stored: list) -> list:
+    def keras3_file_variables(self, config: Any, stored: list[Any]) -> list[Any]:
         """The variables a Keras 3 file stores for this layer (read from `keras3_subgroups` in
         order, unnamed) in the layer's variable order; by default as they are. A wrapper that
         tracks its layer's kernel as its own (SpectralNormalization) stores it twice."""
@@ -185,7 +198,7 @@ class LayerKind:
         """How many tensors the layer returns (an LSTM with return_state: 3)."""
         return 1
 
-    def output_shapes(self, config: Any, input_shapes: tuple) -> list[tuple]:
+    def output_shapes(self, config: Any, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         """The shape of each output, for layers with several; by default `output_shape`'s."""
         return [self.output_shape(config, input_shapes)]
 
@@ -194,7 +207,7 @@ class LayerKind:
         `<group>/vars`, "cell" for an LSTM's `<group>/cell/vars`; their `vars` are read in order."""
         return ("",)
 
-    def output_mask(self, node: Node, input_masks: tuple) -> str | None:
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         """The mask on this node's output, from its inputs' masks, as Keras's `compute_mask` does:
         a layer without `supports_masking` drops it; one with it passes input 0's on; a merge keeps
         a mask that every input carries. A mask is named by the token ids whose `!= 0` it is, or
@@ -203,12 +216,13 @@ class LayerKind:
             return None
         if not self.takes_list:
             return input_masks[0]
-        if any(mask is None for mask in input_masks):
+        present = [mask for mask in input_masks if mask is not None]
+        if len(present) < len(input_masks):
             return None
-        if len(set(input_masks)) > 1:
+        if len(set(present)) > 1:
             raise UnsupportedLayerError(f"layer {node.name!r} ({self.kind}) merges tensors with different masks "
-                                        f"({', '.join(sorted(set(input_masks)))}); not supported")
-        return input_masks[0]
+                                        f"({', '.join(sorted(set(present)))}); not supported")
+        return present[0]
 
     def mask_source(self, node: Node) -> tuple[str, float] | None:
         """For a layer that makes a mask from its input (Masking): (that input, the value), the
@@ -216,7 +230,7 @@ class LayerKind:
         layer names the mask `<name>:mask` in `output_mask` and puts it in `builder.masks`."""
         return None
 
-    def output_masks(self, node: Node, input_masks: tuple) -> list:
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         """The mask of each output, for layers with several; by default `output_mask`'s for all."""
         return [self.output_mask(node, input_masks)] * self.output_count(node.config)
 
@@ -233,7 +247,7 @@ class LayerKind:
         fields = {field.name: field for field in dataclasses.fields(self.Config)}
         check_known_keys(values, fields, f"layer {node_name!r} ({self.kind})")
         hints = typing.get_type_hints(self.Config)
-        converted = {}
+        converted: dict[str, Any] = {}
         for name, field in fields.items():
             if name in values:
                 converted[name] = coerce(values[name], hints[name], f"layer {node_name!r} option {name!r}")
@@ -241,7 +255,7 @@ class LayerKind:
                 raise ExchangeError(f"layer {node_name!r} ({self.kind}): option {name!r} is missing")
         return self.build_config(node_name, **converted)
 
-    def build_config(self, node_name: str, **values) -> Any:
+    def build_config(self, node_name: str, **values: Any) -> Any:
         """`Config(**values)`, its checks (`__post_init__`) naming the layer when they refuse it."""
         try:
             return self.Config(**values)
@@ -256,7 +270,7 @@ class LayerKind:
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def output_shape(self, config: Any, input_shapes: tuple) -> tuple:
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         """Output shape (Keras layout, no batch axis). Default: the input's (element-wise)."""
         return input_shapes[0]
 
@@ -266,7 +280,7 @@ class LayerKind:
         variable order (the order `layer.weights` and the files keep)."""
         return []
 
-    def keras_variables(self, context: NodeContext) -> list[tuple[str, tuple]]:
+    def keras_variables(self, context: NodeContext) -> list[tuple[str, tuple[int, ...]]]:
         """(name, Keras shape) of each Keras variable, in the layer's variable order: read off
         `ports`. A kind whose ports join variables out of that order (MultiHeadAttention packs
         the three kernels, then the three biases) reorders them here."""
@@ -286,17 +300,20 @@ class LayerKind:
         gives its name and dtype)."""
         raise NotImplementedError
 
-    def keras_call(self, keras_layer: Any, arguments: list, context: NodeContext) -> Any:
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         """Call the Keras layer on its input tensors (a list for merges)."""
         return keras_layer(arguments if self.takes_list else arguments[0])
 
-    def numpy_forward(self, context: NodeContext, tensors: dict, inputs: list) -> Any:
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         """Optional: this node in numpy on the file's tensors (keys without the node prefix)."""
         raise UnsupportedLayerError(f"no numpy forward for layer kind {self.kind!r}; install torch "
                                     "or keras to run this model")
 
 
-def register(cls: type) -> type:
+KindClass = TypeVar("KindClass", bound=LayerKind)
+
+
+def register(cls: type[KindClass]) -> type[KindClass]:
     kind = cls()
     if not kind.kind or kind.kind in KINDS:
         raise ExchangeError(f"layer kind {kind.kind!r} is empty or registered twice")
@@ -345,7 +362,7 @@ KIND_FILES: list[str] = []   # files `load_kinds_file` ran, in order (the --veri
 _installed_kinds_loaded = False
 
 
-def load_kinds_file(path: str | os.PathLike) -> None:
+def load_kinds_file(path: str | os.PathLike[str]) -> None:
     """Run a Python file of the user's that registers kinds (`@register`) for their own Keras
     layer classes (`convert.py --kinds my_layers.py`). Its code is the user's, named by the user:
     a model file never names code to run. Each file runs once."""
@@ -355,6 +372,8 @@ def load_kinds_file(path: str | os.PathLike) -> None:
     if not path.is_file() or path.suffix != ".py":
         raise ExchangeError(f"{path}: --kinds takes a Python file (.py) that registers layer kinds")
     spec = importlib.util.spec_from_file_location(f"exchange_user_kinds_{len(KIND_FILES)}", path)
+    if spec is None or spec.loader is None:   # not met for a .py file: Python gives it a source loader
+        raise ExchangeError(f"{path}: --kinds takes a Python file (.py) that registers layer kinds")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module   # dataclasses and pickling look classes up by module
     try:
@@ -382,12 +401,12 @@ def load_installed_kinds() -> None:
                                 f"failed to load ({type(err).__name__}: {err})") from err
 
 
-def config_to_dict(config) -> dict:
+def config_to_dict(config: Any) -> dict[str, Any]:
     return {field.name: _jsonable(getattr(config, field.name)) for field in dataclasses.fields(config)
             if not (field.metadata.get("omit_default") and getattr(config, field.name) == field.default)}
 
 
-def mask_name(context) -> str | None:
+def mask_name(context: NodeContext) -> str | None:
     """The mask a node reads: its last input when the call gave one (`config.mask_input`, the
     mask is `that tensor != 0`), else the mask its input carries (`Graph.masks`)."""
     if getattr(context.config, "mask_input", False):
@@ -395,7 +414,7 @@ def mask_name(context) -> str | None:
     return context.input_masks[0]
 
 
-def torch_mask(builder, context, inputs):
+def torch_mask(builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue | None:
     """The bool (N, T) torch mask a node reads (see `mask_name`), or None. A mask given as a
     tensor (bool, int or float) keeps the steps where it is not 0, as Keras's casts to bool do."""
     name = mask_name(context)
@@ -404,7 +423,7 @@ def torch_mask(builder, context, inputs):
     return None if name is None else builder.masks[name]
 
 
-def check_step_mask(config, input_shapes: tuple) -> tuple:
+def check_step_mask(config: Any, input_shapes: tuple[Shape, ...]) -> tuple[Shape, ...]:
     """The input shapes without a mask input, after checking that it is (T,) for a (T, F) input."""
     if not getattr(config, "mask_input", False):
         return input_shapes
@@ -415,11 +434,11 @@ def check_step_mask(config, input_shapes: tuple) -> tuple:
     return input_shapes[:-1]
 
 
-def _sizes_agree(first, second) -> bool:
+def _sizes_agree(first: int | None, second: int | None) -> bool:
     return first is None or second is None or first == second
 
 
-def _jsonable(value):
+def _jsonable(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return config_to_dict(value)
     if isinstance(value, tuple):
@@ -427,7 +446,7 @@ def _jsonable(value):
     return value
 
 
-def coerce(value, hint, what: str):
+def coerce(value: Any, hint: Any, what: str) -> Any:
     """`value` from JSON as type `hint` (int, float, bool, str, None, tuples of them, unions)."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -452,19 +471,18 @@ def coerce(value, hint, what: str):
     elif hint is str:
         if isinstance(value, str):
             return value
-    elif dataclasses.is_dataclass(hint):
+    elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
         if isinstance(value, hint):   # a nested config, already read by its kind
             return value
-    elif origin is tuple:
-        if isinstance(value, (list, tuple)):
-            if len(args) == 2 and args[1] is Ellipsis:
-                return tuple(coerce(item, args[0], what) for item in value)
-            if len(value) == len(args):
-                return tuple(coerce(item, arg, what) for item, arg in zip(value, args))
+    elif origin is tuple and isinstance(value, (list, tuple)):
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(item, args[0], what) for item in value)
+        if len(value) == len(args):
+            return tuple(coerce(item, arg, what) for item, arg in zip(value, args))
     raise ExchangeError(f"{what}: {_short(value)} is not a {getattr(hint, '__name__', hint)}")
 
 
-def check_known_keys(values: dict, known, where: str) -> None:
+def check_known_keys(values: dict[Any, Any], known: Container[Any], where: str) -> None:
     """Refuse keys of a config object that are not among `known`, each echoed with `repr` (a key
     holding a newline stays on the message's one line)."""
     unknown = sorted(key for key in values if key not in known)
@@ -472,14 +490,15 @@ def check_known_keys(values: dict, known, where: str) -> None:
         raise ExchangeError(f"{where}: unknown option(s) {', '.join(map(_short, unknown))}")
 
 
-def check_int(value, what: str, maximum: int, minimum: int = 1) -> int:
+def check_int(value: object, what: str, maximum: int, minimum: int = 1) -> int:
     """`value` as an int in [minimum, maximum], or an error naming `what` and both bounds."""
     if not isinstance(value, int) or isinstance(value, bool) or not minimum <= value <= maximum:
         raise ExchangeError(f"{what} must be an integer from {minimum} to {maximum:,}, got {_short(value)}")
     return value
 
 
-def check_ints(values, what: str, maximum: int, minimum: int = 1, count: tuple[int, ...] = ()) -> tuple:
+def check_ints(values: object, what: str, maximum: int, minimum: int = 1,
+               count: tuple[int, ...] = ()) -> tuple[int, ...]:
     """A tuple of ints each in [minimum, maximum]; `count`, when given, the lengths allowed."""
     if not isinstance(values, tuple) or count and len(values) not in count:
         raise ExchangeError(f"{what} must be {' or '.join(map(str, count)) or 'some'} integers, got {_short(values)}")
@@ -488,24 +507,24 @@ def check_ints(values, what: str, maximum: int, minimum: int = 1, count: tuple[i
     return values
 
 
-def check_choice(value, allowed: tuple, what: str):
+def check_choice(value: Any, allowed: tuple[Any, ...], what: str) -> Any:
     """`value` is one of `allowed` (an enum-like option: a padding, a merge mode)."""
     if value not in allowed or isinstance(value, bool):
         raise ExchangeError(f"{what} {_short(value)} is not one of {', '.join(map(repr, allowed))}")
     return value
 
 
-def check_axis(axis, rank: int) -> int:
+def check_axis(axis: object, rank: int) -> int:
     """A Keras axis (batch included, may be negative) of an input of `rank` axes after the batch:
     one of its feature axes, as a positive axis in 1..rank."""
-    check_int(axis, "axis", MAX_AXIS, -MAX_AXIS)
+    axis = check_int(axis, "axis", MAX_AXIS, -MAX_AXIS)
     positive = axis + rank + 1 if axis < 0 else axis
     if not 1 <= positive <= rank:
         raise ExchangeError(f"axis {axis} is not a feature axis of a rank-{rank + 1} input (batch included)")
     return positive
 
 
-def _short(value) -> str:
+def _short(value: object) -> str:
     text = repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
 
@@ -517,9 +536,9 @@ class KerasOptions:
     that was neither taken nor is known not to matter at inference.
     """
 
-    def __init__(self, class_name: str, layer_name: str, config: dict, keras2: bool = False,
-                 call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False,
-                 mask_input: bool = False):
+    def __init__(self, class_name: str, layer_name: str, config: dict[str, Any], keras2: bool = False,
+                 call_args: list[Any] | None = None, call_kwargs: dict[str, Any] | None = None,
+                 mask_given: bool = False, mask_input: bool = False) -> None:
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
         self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
         self.call_args = call_args or []   # positional arguments of the call: None for a tensor
@@ -545,7 +564,15 @@ class KerasOptions:
             raise UnsupportedLayerError(f"{self.where()}: option {key!r} is missing")
         return default
 
-    def wrapped_layer(self, key: str, accepts, what: str, required: bool = True):
+    @overload
+    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
+                      required: Literal[True] = True) -> tuple[LayerKind, Any, str]: ...
+    @overload
+    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
+                      required: bool) -> tuple[LayerKind, Any, str] | None: ...
+
+    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
+                      required: bool = True) -> tuple[LayerKind, Any, str] | None:
         """(kind, config, Keras name) of the layer a wrapper holds in option `key`
         (TimeDistributed's and Bidirectional's `layer`), read with the wrapper's name in errors;
         `accepts(kind)` says which kinds the wrapper takes, `what` names them. None when the
@@ -557,7 +584,7 @@ class KerasOptions:
             raise self.unsupported(key, layer_config, "expected a layer config")
         class_name = layer_config.get("class_name")
         kind = kind_for_keras_class(class_name) if isinstance(class_name, str) else None
-        if kind is None or not accepts(kind):
+        if not isinstance(class_name, str) or kind is None or not accepts(kind):
             raise self.unsupported(key, class_name, what)
         name = str(layer_config["config"].get("name", key))
         inner = KerasOptions(class_name, f"{self.layer_name}/{name}", layer_config["config"], keras2=self.keras2)
@@ -624,7 +651,7 @@ class KerasOptions:
             raise UnsupportedLayerError(f"{self.where()}: unknown option(s) {', '.join(map(_short, unknown))}")
 
 
-def ints(value, count: int, what: str) -> tuple[int, ...]:
+def ints(value: object, count: int, what: str) -> tuple[int, ...]:
     """A Keras size option (`3` or `[3, 5]`) as `count` ints."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * count

@@ -6,6 +6,8 @@ Shapes in the graph are Keras's without the batch axis; `rank` below is that len
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 from exchange.errors import UnsupportedLayerError
 
 
@@ -23,7 +25,10 @@ def to_keras_order(rank: int) -> tuple[int, ...]:
     return (0,) + tuple(range(2, rank + 1)) + (1,)
 
 
-def torch_shape(keras_shape: tuple) -> tuple:
+Size = TypeVar("Size")   # int, or int | None for a size known only at run time
+
+
+def torch_shape(keras_shape: tuple[Size, ...]) -> tuple[Size, ...]:
     """A Keras shape (no batch axis) in torch's layout."""
     if len(keras_shape) < 2:
         return tuple(keras_shape)
