@@ -23,6 +23,7 @@ import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Protocol
 from pathlib import Path
 
 import h5py
@@ -324,13 +325,17 @@ def _text(value) -> str:
 # Public readers
 
 
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
 @dataclass
 class KerasWeights:
     """Graph and lazy file-layout tensors of a Keras file; close() when done reading."""
 
     architecture: Graph
     tensors: dict[str, AnyTensor]   # lazy where a port only permutes axes; read where it splits, packs, reshapes
-    source: _Hdf5Source
+    source: Closable   # what holds the file open: an HDF5 source, a SavedModel's data file
 
     def close(self) -> None:
         self.source.close()

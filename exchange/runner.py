@@ -19,7 +19,7 @@ from contextlib import contextmanager
 
 from exchange.errors import ExchangeError
 
-INTERRUPT_EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
+INTERRUPT_EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
 BAD_INPUT_EXIT_CODE = 2
 
 

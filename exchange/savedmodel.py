@@ -93,6 +93,7 @@ def _fields(data: memoryview, label: str, what: str):
         number, wire_type = key >> 3, key & 7
         if number == 0:
             raise ExchangeFileError(f"{label}: damaged {what} (field number 0)")
+        value: int | memoryview
         if wire_type == 0:
             value, position = _varint(data, position, label, what)
         elif wire_type == 1 or wire_type == 5:
@@ -302,7 +303,7 @@ class KerasObject:
 def read_metadata(folder: Path) -> list[KerasObject]:
     label = str(folder / METADATA_NAME)
     data = memoryview(_read_member(folder, METADATA_NAME, MAX_METADATA_BYTES))
-    objects = []
+    objects: list[KerasObject] = []
     for number, wire_type, value in _fields(data, label, "metadata"):
         if number != 1:
             continue
@@ -507,7 +508,7 @@ def _bundle_entry(key: str, value: memoryview, label: str) -> BundleEntry:
 
 def _shape(value: memoryview, label: str, what: str) -> tuple[int, ...]:
     """TensorShapeProto { repeated Dim dim = 2 (Dim { int64 size = 1; string name = 2 }); bool unknown_rank = 3 }"""
-    dims = []
+    dims: list[int] = []
     for number, wire_type, field in _fields(value, label, what):
         if number == 2:
             _expect(wire_type, 2, number, label, what)
@@ -658,7 +659,7 @@ class ObjectGraph:
                     if field in (1, 2, 3):
                         _expect(field_type, 2, field, self.label, "object graph")
                         parts[field - 1] = _text(field_value, self.label, "an attribute")
-                found.append(tuple(parts))
+                found.append((parts[0], parts[1], parts[2]))
         return found
 
 

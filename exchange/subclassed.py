@@ -42,6 +42,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from exchange import filekinds
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError, first_line
@@ -107,6 +108,8 @@ def _load_file(path: str) -> ModuleType:
     if not Path(path).is_file() or not path.endswith(".py"):
         raise ExchangeError(f"{path}: --custom-objects takes a Python file (.py) that defines the model's classes")
     spec = importlib.util.spec_from_file_location(f"exchange_user_models_{len(_MODULES)}", path)
+    if spec is None or spec.loader is None:
+        raise ExchangeError(f"{path}: Python cannot load it as a module")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module   # Keras's serialization looks classes up by module
     try:
@@ -145,11 +148,12 @@ def _where(err: BaseException) -> str:
     return f" at {Path(filename).name}:{line_number}" + (f" (`{source}`)" if source else "")
 
 
-def _user_frame(err: BaseException):
+def _user_frame(error: BaseException):
     """(file, line, the frame's `self`) of the deepest frame in one of the user's files."""
     user_files = set(CUSTOM_OBJECT_FILES)
     found = None
     seen = set()
+    err: BaseException | None = error
     while err is not None and id(err) not in seen:
         seen.add(id(err))
         traceback = err.__traceback__
@@ -381,7 +385,7 @@ def _name_layers(model) -> tuple[set, set]:
     ids of the layers named."""
     import keras
 
-    found: list[tuple[str, object]] = []   # (attribute path, layer), each layer once, in attribute order
+    found: list[tuple[str, Any]] = []   # (attribute path, layer), each layer once, in attribute order
     seen = {id(model)}
 
     def walk(owner, prefix: str) -> None:
@@ -470,7 +474,8 @@ def _operations(outputs: list) -> list:
     """The layers and operations that make the outputs, each once, inputs before their readers."""
     import keras
 
-    ordered, done, visiting = [], set(), set()
+    ordered: list = []
+    done, visiting = set(), set()
     stack = [(tensor, False) for tensor in reversed(outputs)]
     while stack:   # an iterative depth-first walk: deep models exceed Python's recursion
         tensor, expanded = stack.pop()
