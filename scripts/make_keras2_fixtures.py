@@ -29,6 +29,12 @@ mode) writes tf1_names.h5, a CNN built twice in one graph as Keras on TensorFlow
 model was loaded twice, so its weights sit under name scopes made unique
 (`model_weights/conv2d_1/conv2d_1_1/kernel:0`), with tf1_names_expected.npz (`inputs`, `outputs`).
 
+TensorFlow ops (`TFOpLambda`, `SlicingOpLambda` layers): `--tfop [OUT_DIR]` (a separate run) writes
+tfop_unet.h5 (a small U-Net with tf.concat, tf.reshape, tf.expand_dims/squeeze, tf.transpose,
+tf.math and tf.nn functions and operator arithmetic), tfop_reduce.h5 (reductions and slicing,
+four outputs) and tfop_unsupported.h5 (a tf.math.cumsum), with tfop_expected.npz: each model's
+inputs (`<model>_inputs`, seeded uniform in [0, 1)) and outputs (`<model>_outputs_<i>`).
+
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
 """
@@ -264,8 +270,82 @@ def main_tf1_names(out_dir: Path) -> None:
     print(f"wrote {out_dir / 'tf1_names.h5'} and {out_dir / 'tf1_names_expected.npz'}")
 
 
+TFOP_WEIGHT_SEED = 29
+
+
+def tfop_unet() -> keras.Model:
+    """A small U-Net whose glue is TensorFlow ops on Keras tensors, as keras-unet-collection's."""
+    import tensorflow as tf
+
+    image = keras.Input(shape=(12, 10, 3), name="image")
+    skip = keras.layers.Conv2D(4, 3, padding="same", name="conv_in")(image)
+    skip = tf.nn.relu(skip)
+    skip = tf.math.multiply(skip, 0.5) + 0.1
+    down = keras.layers.MaxPooling2D(2, name="pool")(skip)
+    down = keras.layers.Conv2D(6, 3, padding="same", name="conv_down")(down)
+    down = tf.math.sigmoid(down) * tf.math.tanh(down)
+    up = keras.layers.UpSampling2D(2, name="up")(down)
+    merged = tf.concat([up, skip], axis=-1)
+    merged = keras.layers.Conv2D(5, 1, name="conv_merge")(merged)
+    merged = tf.maximum(merged, -0.2) - tf.minimum(merged, 0.3) / 3
+    merged = 2.0 - tf.pow(merged, 2) + tf.math.sqrt(tf.abs(merged) + 1.0)
+    merged = tf.math.log(tf.square(merged) + 1.0) + tf.math.exp(-merged)
+    pixels = tf.reshape(merged, [-1, 120, 5])                      # (batch, 120, 5)
+    pixels = tf.transpose(pixels, perm=[0, 2, 1])                   # (batch, 5, 120)
+    pixels = tf.squeeze(tf.expand_dims(pixels, 2), axis=[2])
+    pixels = keras.layers.Dense(7, name="dense")(pixels)            # (batch, 5, 7)
+    scores = tf.nn.softmax(pixels, axis=1)
+    return overwrite_weights(keras.Model(image, [scores, merged], name="tfop_unet"), TFOP_WEIGHT_SEED)
+
+
+def tfop_reduce() -> keras.Model:
+    """Reductions and slicing of a (batch, 7, 5, 4) tensor."""
+    import tensorflow as tf
+
+    volume = keras.Input(shape=(7, 5, 4), name="volume")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(volume)
+    mean = tf.math.reduce_mean(x, axis=[1, 2], keepdims=True)
+    centred = x - mean
+    pooled = tf.reduce_sum(centred, -1) + tf.reduce_max(x, axis=-1, keepdims=True)[..., 0] \
+        - tf.math.reduce_min(x, axis=2)[:, :, 1:2] * tf.math.reduce_prod(x[..., 1:3] + 1.0, axis=-1)
+    sliced = centred[:, 1:6:2, :, 0]
+    last = x[:, -1]
+    added = tf.expand_dims(x[:, tf.newaxis, 2, ..., 3], -1)
+    flat = keras.layers.Flatten(name="flatten")(pooled)
+    out = keras.layers.Dense(3, name="dense")(flat)
+    return overwrite_weights(keras.Model(volume, [out, sliced, last, added], name="tfop_reduce"),
+                             TFOP_WEIGHT_SEED + 1)
+
+
+def tfop_unsupported() -> keras.Model:
+    import tensorflow as tf
+
+    series = keras.Input(shape=(6, 3), name="series")
+    hidden = keras.layers.Dense(4, name="dense")(series)
+    return keras.Model(series, tf.math.cumsum(hidden, axis=1) * 2.0, name="tfop_unsupported")
+
+
+def main_tfop(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(FIXED_BATCH_SEED)
+    expected = {}
+    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce())):
+        model.save(out_dir / f"{name}.h5")
+        inputs = fixed_batch(model, CNN_BATCH_ROWS)
+        expected[f"{name}_inputs"] = inputs
+        for index, output in enumerate(model.predict(inputs, verbose=0)):
+            expected[f"{name}_outputs_{index}"] = output
+    tfop_unsupported().save(out_dir / "tfop_unsupported.h5")
+    np.savez(out_dir / "tfop_expected.npz", **expected)
+    for name in ("tfop_unet.h5", "tfop_reduce.h5", "tfop_unsupported.h5", "tfop_expected.npz"):
+        print(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--tf1-names"]:
+    if sys.argv[1:2] == ["--tfop"]:
+        main_tfop(Path(sys.argv[2]) if len(sys.argv) > 2 else
+                  Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+    elif sys.argv[1:2] == ["--tf1-names"]:
         main_tf1_names(Path(sys.argv[2]) if len(sys.argv) > 2 else
                        Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
     else:

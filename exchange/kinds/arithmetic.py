@@ -3,13 +3,20 @@
 Keras 3 records `keras.ops` calls on symbolic tensors as operations (module `keras.src.ops.numpy`),
 not layers: keras.applications' MobileNetV3 writes its hard-sigmoid this way. They have no
 weights. An operand is either a tensor input or a number kept in the config; tensors broadcast
-as in the merges (equal ranks, sizes equal or 1). Keras 2 has no such nodes.
+as in the merges (equal ranks, sizes equal or 1). A Keras 2 (tf.keras) model's TensorFlow
+arithmetic (`tf.math.multiply(x, 2)`, `x + y`) is read as these operations (`exchange.tf_ops`).
+
+Conventions that differ:
+- maximum and minimum of a tensor and a number: torch's `maximum`/`minimum` take two tensors, so
+  the torch side clamps (`torch.clamp(x, min=c)` is `maximum(x, c)`), the same values.
 """
 
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+
+import numpy as np
 
 from exchange.errors import ExchangeError
 from exchange.kinds import LayerKind, register
@@ -88,3 +95,33 @@ class MultiplyOperation(_Arithmetic):
 class DivideOperation(_Arithmetic):
     kind, keras_classes = "op_divide", ("ops.TrueDivide", "ops.Divide")
     torch_function, keras_operation, python_operator = "div", "TrueDivide", operator.truediv
+
+
+class _Extremum(_Arithmetic):
+    """maximum/minimum: of two tensors `torch.maximum`; of a tensor and a number a clamp."""
+
+    clamp_bound = ""   # "min" for maximum (the result is at least the number), "max" for minimum
+
+    def torch_forward(self, builder, context, inputs):
+        numbers = [value for value in context.config.operands if value is not None]
+        if not numbers:
+            return super().torch_forward(builder, context, inputs)
+        return builder.call(builder.torch.clamp, inputs[0], **{self.clamp_bound: numbers[0]})
+
+
+@register
+class MaximumOperation(_Extremum):
+    kind, keras_classes = "op_maximum", ("ops.Maximum",)
+    torch_function, keras_operation, python_operator, clamp_bound = "maximum", "Maximum", np.maximum, "min"
+
+
+@register
+class MinimumOperation(_Extremum):
+    kind, keras_classes = "op_minimum", ("ops.Minimum",)
+    torch_function, keras_operation, python_operator, clamp_bound = "minimum", "Minimum", np.minimum, "max"
+
+
+@register
+class PowerOperation(_Arithmetic):
+    kind, keras_classes = "op_power", ("ops.Power",)
+    torch_function, keras_operation, python_operator = "pow", "Power", operator.pow
