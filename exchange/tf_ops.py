@@ -164,9 +164,12 @@ def _squeeze(call: _Call):
 
 def _concat(call: _Call):
     tensors = call.first
-    if not isinstance(tensors, list) or not all(_is_tensor(item) for item in tensors):
-        raise call.refuse("is supported on a list of tensors only")
-    return _layer("Concatenate", [tensors], axis=call.take("axis"))
+    if not isinstance(tensors, list) or len(tensors) < 2 or not all(_is_tensor(item) for item in tensors):
+        raise call.refuse("is supported on a list of two or more tensors only")
+    axis = call.take("axis")
+    if axis == 0:
+        raise call.refuse("along the batch axis (axis 0) is not supported")
+    return _layer("Concatenate", [tensors], axis=axis)
 
 
 def _reduction(class_name: str):
@@ -174,6 +177,30 @@ def _reduction(class_name: str):
         return _operation("numpy", class_name, [call.tensor()], axis=call.take("axis"),
                           keepdims=call.take("keepdims", False))
     return translate
+
+
+def _add_n(call: _Call):
+    tensors = call.first
+    if not isinstance(tensors, list) or len(tensors) < 2 or not all(_is_tensor(item) for item in tensors):
+        raise call.refuse("is supported on a list of two or more tensors only")
+    return _layer("Add", [tensors])
+
+
+def _clip(call: _Call):
+    bounds = [call.take("clip_value_min"), call.take("clip_value_max")]
+    if not all(isinstance(bound, (int, float)) and not isinstance(bound, bool) for bound in bounds):
+        raise call.refuse(f"with bounds {_short(bounds)} is not supported (numbers only)")
+    return _operation("numpy", "Clip", [call.tensor()], x_min=bounds[0], x_max=bounds[1])
+
+
+def _resize(call: _Call):
+    """tf.image.resize is what Keras 3's Resizing computes on TensorFlow."""
+    size = call.integers("size")
+    call.expect("preserve_aspect_ratio", False)
+    if not size or len(size) != 2:
+        raise call.refuse(f"with size {_short(size)} is not supported (two integers)")
+    return _layer("Resizing", [call.tensor()], height=size[0], width=size[1],
+                  interpolation=call.take("method", "bilinear"), antialias=call.take("antialias", False))
 
 
 def _softmax(call: _Call):
@@ -222,6 +249,10 @@ OPS = {
     "math.softplus": _elementwise("nn", "Softplus"),
     "nn.softsign": _elementwise("nn", "SoftSign"),
     "math.softsign": _elementwise("nn", "SoftSign"),
+    "nn.silu": _elementwise("nn", "Silu"),
+    "math.add_n": _add_n,
+    "clip_by_value": _clip,
+    "image.resize": _resize,
     "nn.softmax": _softmax,
     "reshape": _reshape,
     "compat.v1.transpose": _transpose,

@@ -29,11 +29,12 @@ mode) writes tf1_names.h5, a CNN built twice in one graph as Keras on TensorFlow
 model was loaded twice, so its weights sit under name scopes made unique
 (`model_weights/conv2d_1/conv2d_1_1/kernel:0`), with tf1_names_expected.npz (`inputs`, `outputs`).
 
-TensorFlow ops (`TFOpLambda`, `SlicingOpLambda` layers): `--tfop [OUT_DIR]` (a separate run) writes
-tfop_unet.h5 (a small U-Net with tf.concat, tf.reshape, tf.expand_dims/squeeze, tf.transpose,
-tf.math and tf.nn functions and operator arithmetic), tfop_reduce.h5 (reductions and slicing,
-four outputs) and tfop_unsupported.h5 (a tf.math.cumsum), with tfop_expected.npz: each model's
-inputs (`<model>_inputs`, seeded uniform in [0, 1)) and outputs (`<model>_outputs_<i>`).
+TensorFlow ops (`TFOpLambda`, `SlicingOpLambda` layers): `--tfop [OUT_DIR]` (a separate run)
+writes tfop_unet.h5 (a small U-Net glued with tf.concat, tf.reshape, tf.expand_dims/squeeze,
+tf.transpose, tf.image.resize, tf.clip_by_value, tf.math.add_n, tf.math and tf.nn functions and
+operator arithmetic), tfop_reduce.h5 (reductions and slicing, four outputs) and
+tfop_unsupported.h5 (a tf.math.cumsum), with tfop_expected.npz: each model's inputs
+(`<model>_inputs`, seeded uniform in [0, 1)) and outputs (`<model>_outputs_<i>`).
 
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
@@ -295,7 +296,9 @@ def tfop_unet() -> keras.Model:
     pixels = tf.squeeze(tf.expand_dims(pixels, 2), axis=[2])
     pixels = keras.layers.Dense(7, name="dense")(pixels)            # (batch, 5, 7)
     scores = tf.nn.softmax(pixels, axis=1)
-    return overwrite_weights(keras.Model(image, [scores, merged], name="tfop_unet"), TFOP_WEIGHT_SEED)
+    small = tf.image.resize(tf.nn.silu(merged), [5, 7])
+    small = tf.math.add_n([tf.clip_by_value(small, -0.5, 1.5), small, tf.math.rsqrt(small * small + 1.0)])
+    return overwrite_weights(keras.Model(image, [scores, merged, small], name="tfop_unet"), TFOP_WEIGHT_SEED)
 
 
 def tfop_reduce() -> keras.Model:

@@ -19,6 +19,7 @@ Conventions that differ:
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 
@@ -89,6 +90,20 @@ class _Operation(LayerKind):
     autocasts = False
     keras_module, keras_operation = "numpy", ""
 
+    @staticmethod
+    def check_call(options, count: int = 1) -> None:
+        """The call gives the tensor first and `count` arguments in all (a key after it: GetItem)."""
+        if len(options.call_args) != count or options.call_args[0] is not None:
+            raise options.unsupported("arguments", options.call_args, "a tensor" + (" and a key" if count == 2 else ""))
+
+    @staticmethod
+    def input_shape(input_shapes: tuple) -> tuple:
+        """The one input's shape: every other value of the call is a constant of the config."""
+        if len(input_shapes) != 1:
+            raise UnsupportedLayerError(f"takes one tensor input, found {len(input_shapes)} (a tensor where a "
+                                        "constant is expected is not supported)")
+        return input_shapes[0]
+
     def keras_options(self, config) -> dict:
         """The Keras operation's constructor arguments (its config's values)."""
         return {}
@@ -108,9 +123,11 @@ class _Elementwise(_Operation):
     torch_namespace, torch_function = "torch", ""
 
     def from_keras(self, options):
-        if len(options.call_args) != 1:
-            raise options.unsupported("arguments", options.call_args, "one tensor")
+        self.check_call(options)
         return NoConfig()
+
+    def output_shape(self, config, input_shapes):
+        return self.input_shape(input_shapes)
 
     def torch_forward(self, builder, context, inputs):
         namespace = builder.F if self.torch_namespace == "F" else builder.torch
@@ -145,9 +162,44 @@ ELEMENTWISE = (
     ("op_relu6", "nn", "Relu6", "F", "relu6"),
     ("op_softplus", "nn", "Softplus", "F", "softplus"),
     ("op_softsign", "nn", "SoftSign", "F", "softsign"),
+    ("op_silu", "nn", "Silu", "F", "silu"),
 )
 for _row in ELEMENTWISE:
     _elementwise(*_row)
+
+
+@dataclass(frozen=True)
+class ClipConfig:
+    x_min: float
+    x_max: float
+
+    def __post_init__(self) -> None:
+        for value in (self.x_min, self.x_max):
+            if not isinstance(value, float) or not math.isfinite(value):
+                raise ExchangeError(f"clip bounds must be finite numbers, got {_short(value)}")
+
+
+@register
+class ClipOperation(_Operation):
+    """`ops.clip(x, x_min, x_max)`: `torch.clamp`, min then max as both apply them (x_min > x_max
+    gives x_max everywhere in both)."""
+
+    kind, keras_classes, Config = "op_clip", ("ops.Clip",), ClipConfig
+    keeps_element_order = True
+    keras_operation = "Clip"
+
+    def from_keras(self, options):
+        self.check_call(options)
+        return ClipConfig(options.number("x_min"), options.number("x_max"))
+
+    def keras_options(self, config):
+        return {"x_min": config.x_min, "x_max": config.x_max}
+
+    def output_shape(self, config, input_shapes):
+        return self.input_shape(input_shapes)
+
+    def torch_forward(self, builder, context, inputs):
+        return builder.call(builder.torch.clamp, inputs[0], min=context.config.x_min, max=context.config.x_max)
 
 
 # -- axes ---------------------------------------------------------------------------------------
@@ -167,6 +219,7 @@ class ExpandDimsOperation(_Operation):
     keras_operation = "ExpandDims"
 
     def from_keras(self, options):
+        self.check_call(options)
         axis = options.take("axis")
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise options.unsupported("axis", axis, "one axis")
@@ -176,7 +229,7 @@ class ExpandDimsOperation(_Operation):
         return {"axis": config.axis}
 
     def output_shape(self, config, input_shapes):
-        shape = input_shapes[0]
+        shape = self.input_shape(input_shapes)
         position = _feature_axes((config.axis,), len(shape) + 1, "expand_dims")[0]
         return shape[:position - 1] + (1,) + shape[position - 1:]
 
@@ -203,13 +256,14 @@ class SqueezeOperation(_Operation):
     keras_operation = "Squeeze"
 
     def from_keras(self, options):
+        self.check_call(options)
         return SqueezeConfig(_read_axes(options, "axis", "squeeze"))
 
     def keras_options(self, config):
         return {"axis": config.axis[0] if len(config.axis) == 1 else config.axis}
 
     def output_shape(self, config, input_shapes):
-        shape = input_shapes[0]
+        shape = self.input_shape(input_shapes)
         axes = _feature_axes(config.axis, len(shape), "squeeze")
         if any(shape[axis - 1] != 1 for axis in axes):
             raise ExchangeError(f"squeeze: axes {list(config.axis)} of shape (batch, {_short(shape)[1:-1]}) "
@@ -243,8 +297,7 @@ class _Reduction(_Operation):
     empty_options: tuple[str, ...] = ()   # options that must be None (Max's `initial`, Prod's `dtype`)
 
     def from_keras(self, options):
-        if len(options.call_args) != 1:
-            raise options.unsupported("arguments", options.call_args, "one tensor")
+        self.check_call(options)
         for key in self.empty_options:
             value = options.take(key, None)
             if value is not None:
@@ -257,7 +310,7 @@ class _Reduction(_Operation):
         return {"axis": axis, "keepdims": config.keepdims, **{key: None for key in self.empty_options}}
 
     def output_shape(self, config, input_shapes):
-        shape = input_shapes[0]
+        shape = self.input_shape(input_shapes)
         axes = _feature_axes(config.axis, len(shape), self.keras_operation.lower())
         if config.keepdims:
             return tuple(1 if axis in axes else size for axis, size in enumerate(shape, 1))
@@ -395,14 +448,13 @@ class GetItemOperation(_Operation):
     keras_operation = "GetItem"
 
     def from_keras(self, options):
-        if len(options.call_args) != 2 or options.call_args[0] is not None:
-            raise options.unsupported("arguments", options.call_args, "a tensor and a key")
+        self.check_call(options, 2)
         key = options.call_args[1]
         items = key if isinstance(key, list) else [key]
         return GetItemConfig(tuple(_key_item(options, item) for item in items))
 
     def output_shape(self, config, input_shapes):
-        return _sliced_shape(config, input_shapes[0])
+        return _sliced_shape(config, self.input_shape(input_shapes))
 
     def torch_forward(self, builder, context, inputs):
         rank = len(context.input_shape)
