@@ -32,9 +32,10 @@ model was loaded twice, so its weights sit under name scopes made unique
 TensorFlow ops (`TFOpLambda`, `SlicingOpLambda` layers): `--tfop [OUT_DIR]` (a separate run)
 writes tfop_unet.h5 (a small U-Net glued with tf.concat, tf.reshape, tf.expand_dims/squeeze,
 tf.transpose, tf.image.resize, tf.clip_by_value, tf.math.add_n, tf.math and tf.nn functions and
-operator arithmetic), tfop_reduce.h5 (reductions and slicing, four outputs) and
-tfop_unsupported.h5 (a tf.math.cumsum), with tfop_expected.npz: each model's inputs
-(`<model>_inputs`, seeded uniform in [0, 1)) and outputs (`<model>_outputs_<i>`).
+operator arithmetic), tfop_reduce.h5 (reductions and slicing, four outputs), tfop_every_op.h5
+(each op the exchange reads, one output each) and tfop_unsupported.h5 (a tf.math.cumsum), with
+tfop_expected.npz: each model's inputs (`<model>_inputs_<i>`, 8 rows seeded uniform in [0, 1),
+input i from `default_rng(i)`) and outputs (`<model>_outputs_<i>`).
 
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
@@ -320,6 +321,26 @@ def tfop_reduce() -> keras.Model:
                              TFOP_WEIGHT_SEED + 1)
 
 
+def tfop_every_op() -> keras.Model:
+    """Each TensorFlow op the exchange reads at least once, on two images (batch, 4, 6, 3) and a
+    vector (batch, 5), one output per op: 39 outputs."""
+    import tensorflow as tf
+
+    x, y, v = keras.Input((4, 6, 3), name="x"), keras.Input((4, 6, 3), name="y"), keras.Input((5,), name="v")
+    outputs = [
+        tf.math.add(x, y), tf.math.divide(x, y + 2.0), tf.math.reciprocal(x + 1.5), tf.math.floor(x * 3),
+        tf.math.ceil(x * 3), tf.math.sin(x), tf.math.cos(x), tf.nn.relu6(x * 10 - 2), tf.math.softplus(x),
+        tf.nn.softsign(x), tf.nn.relu(x - 0.5), tf.math.rsqrt(x + 0.1), tf.minimum(x, y), tf.maximum(y, x),
+        tf.math.reduce_prod(x, axis=[1, 3]), tf.squeeze(x[:, :1, :, :1], axis=[1, 3]), tf.concat([x, y, x], 1),
+        tf.math.pow(2.0, x), 3.0 / (x + 1.0), x[:, ::2, 1:-1], x[:, 2], tf.expand_dims(v, 1),
+        tf.reduce_mean(v, axis=-1), tf.nn.softmax(x), tf.nn.softmax(v), tf.transpose(x, [0, 3, 1, 2]),
+        tf.reshape(v, [-1, 5, 1]), tf.nn.sigmoid(v) - v, tf.math.negative(x), tf.math.abs(x - 0.5),
+        tf.math.reduce_max(x, axis=(1, 2)), tf.clip_by_value(x, 0.2, 0.7), tf.image.resize(x, (9, 5), method="nearest"),
+        tf.math.add_n([x, y]), tf.nn.silu(x), x * y, tf.square(v), tf.exp(v), tf.math.log(v + 1.0),
+    ]
+    return keras.Model([x, y, v], outputs, name="tfop_every_op")
+
+
 def tfop_unsupported() -> keras.Model:
     import tensorflow as tf
 
@@ -332,15 +353,18 @@ def main_tfop(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(FIXED_BATCH_SEED)
     expected = {}
-    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce())):
+    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce()),
+                        ("tfop_every_op", tfop_every_op())):
         model.save(out_dir / f"{name}.h5")
-        inputs = fixed_batch(model, CNN_BATCH_ROWS)
-        expected[f"{name}_inputs"] = inputs
+        inputs = [np.random.default_rng(FIXED_BATCH_SEED + index).random((8, *tensor.shape[1:]), dtype=np.float32)
+                  for index, tensor in enumerate(model.inputs)]
+        for index, values in enumerate(inputs):
+            expected[f"{name}_inputs_{index}"] = values
         for index, output in enumerate(model.predict(inputs, verbose=0)):
             expected[f"{name}_outputs_{index}"] = output
     tfop_unsupported().save(out_dir / "tfop_unsupported.h5")
     np.savez(out_dir / "tfop_expected.npz", **expected)
-    for name in ("tfop_unet.h5", "tfop_reduce.h5", "tfop_unsupported.h5", "tfop_expected.npz"):
+    for name in ("tfop_unet.h5", "tfop_reduce.h5", "tfop_every_op.h5", "tfop_unsupported.h5", "tfop_expected.npz"):
         print(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size:,} bytes)")
 
 

@@ -161,7 +161,7 @@ ELEMENTWISE = (
     ("op_relu", "nn", "Relu", "F", "relu"),
     ("op_relu6", "nn", "Relu6", "F", "relu6"),
     ("op_softplus", "nn", "Softplus", "F", "softplus"),
-    ("op_softsign", "nn", "SoftSign", "F", "softsign"),
+    ("op_softsign", "nn", "Softsign", "F", "softsign"),
     ("op_silu", "nn", "Silu", "F", "silu"),
 )
 for _row in ELEMENTWISE:
