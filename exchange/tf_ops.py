@@ -70,7 +70,8 @@ class _Call:
     def tensor(self):
         """The first argument, which must be one tensor."""
         if not _is_tensor(self.first):
-            raise self.refuse(f"on {_short(self.first)} is not supported (a tensor expected)")
+            what = "a list" if isinstance(self.first, list) else _short(self.first)
+            raise self.refuse(f"on {what} is not supported (one tensor expected)")
         return self.first
 
     def finish(self) -> None:

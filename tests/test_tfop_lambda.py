@@ -105,6 +105,9 @@ def _model_config(function: str, node, class_name: str = "TFOpLambda") -> dict:
     ("reshape", ["x", 0, 0, {"shape": ["x", 0, 0]}], r"with a tensor as argument 'shape' is not supported"),
     ("math.reduce_max", ["x", 0, 0, {"axis": 1, "keep_dims": True}], r"argument\(s\) 'keep_dims' are not supported"),
     ("nn.softmax", ["x", 0, 0, {"axis": 0}], r"axis 0 is not a feature axis"),
+    ("math.exp", [["x", 0, 0, {}], ["x", 0, 0, {}]], r"'math.exp' on a list is not supported \(one tensor expected\)"),
+    ("math.exp", ["_CONSTANT_VALUE", -1, 2.0, {}], r"'math.exp' on 2.0 is not supported"),
+    ("math.add", ["x", 0, 0, {"y": True}], r"'math.add' on True is not supported \(numbers and tensors only\)"),
 ])
 def test_ops_touching_the_batch_axis_or_unsupported_arguments_are_refused(function, node, message):
     with pytest.raises(UnsupportedLayerError, match=message) as err:
