@@ -17,8 +17,8 @@ refused naming it.
 Conventions that differ:
 - A TensorFlow op may touch the batch axis (`tf.reshape(x, [2, -1])`, `tf.transpose` with a
   permutation that moves axis 0, `tf.concat(..., axis=0)`); Keras 3's layers keep it: refused.
-- Number constants are float32 in both (TensorFlow converts `2` to the tensor's type); arrays
-  as constants are refused.
+- Constants, numbers and arrays, are float32 in both (TensorFlow converts `2` and `[1, 2]` to the
+  tensor's type); an array constant is broadcast as `exchange.kinds.arithmetic` says.
 """
 
 from __future__ import annotations
@@ -117,11 +117,11 @@ def _layer(class_name: str, args: list, **config) -> tuple:
 def _binary(class_name: str):
     def translate(call: _Call):
         operands = [call.first, call.take("y", constant=False)]
-        for operand in operands:
-            if isinstance(operand, list):
-                raise call.refuse("with an array constant is not supported (numbers and tensors only)")
-            if not _is_tensor(operand) and (isinstance(operand, bool) or not isinstance(operand, (int, float))):
-                raise call.refuse(f"on {_short(operand)} is not supported (numbers and tensors only)")
+        for index, operand in enumerate(operands):
+            if isinstance(operand, list) and not _has_tensor(operand):   # TensorFlow makes it a tensor of x's type
+                operands[index] = {"class_name": "__numpy__", "config": {"value": operand, "dtype": "float32"}}
+            elif not _is_tensor(operand) and (isinstance(operand, bool) or not isinstance(operand, (int, float))):
+                raise call.refuse(f"on {_short(operand)} is not supported (tensors, numbers and arrays of numbers)")
         if not any(_is_tensor(operand) for operand in operands):
             raise call.refuse("on two constants is not supported")
         return _operation("numpy", class_name, operands)

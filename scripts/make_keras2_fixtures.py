@@ -323,7 +323,7 @@ def tfop_reduce() -> keras.Model:
 
 def tfop_every_op() -> keras.Model:
     """Each TensorFlow op the exchange reads at least once, on two images (batch, 4, 6, 3) and a
-    vector (batch, 5), one output per op: 39 outputs."""
+    vector (batch, 5), one output per op (and array constants): 42 outputs."""
     import tensorflow as tf
 
     x, y, v = keras.Input((4, 6, 3), name="x"), keras.Input((4, 6, 3), name="y"), keras.Input((5,), name="v")
@@ -337,6 +337,8 @@ def tfop_every_op() -> keras.Model:
         tf.reshape(v, [-1, 5, 1]), tf.nn.sigmoid(v) - v, tf.math.negative(x), tf.math.abs(x - 0.5),
         tf.math.reduce_max(x, axis=(1, 2)), tf.clip_by_value(x, 0.2, 0.7), tf.image.resize(x, (9, 5), method="nearest"),
         tf.math.add_n([x, y]), tf.nn.silu(x), x * y, tf.square(v), tf.exp(v), tf.math.log(v + 1.0),
+        x * np.array([1.0, -2.0, 0.5], "float32"), tf.math.subtract(np.arange(6, dtype="float32").reshape(6, 1), x),
+        tf.maximum(v, [0.1, 0.2, 0.3, 0.4, 0.5]),
     ]
     return keras.Model([x, y, v], outputs, name="tfop_every_op")
 

@@ -54,7 +54,8 @@ def test_every_op_of_the_table_is_in_the_fixtures():
     for name in ("tfop_unet", "tfop_reduce", "tfop_every_op"):
         with h5py.File(KERAS2 / f"{name}.h5", "r") as h5:
             config = json.loads(h5.attrs["model_config"])
-        recorded |= {layer["config"]["function"] for layer in config["config"]["layers"] if "function" in layer["config"]}
+        recorded |= {layer["config"]["function"] for layer in config["config"]["layers"]
+                     if "function" in layer["config"]}
     assert set(tf_ops.OPS) - recorded == {"math.divide"}   # tf.math.divide is recorded as math.truediv
 
 
@@ -101,13 +102,15 @@ def _model_config(function: str, node, class_name: str = "TFOpLambda") -> dict:
                                            r"the batch axis\)")),
     ("math.reduce_sum", ["x", 0, 0, {"axis": [0, 1]}], r"sum over the batch axis \(axis 0\)"),
     ("compat.v1.squeeze", ["x", 0, 0, {"axis": None}], r"squeeze over every axis includes the batch axis"),
-    ("math.multiply", ["x", 0, 0, {"y": [1.0, 2.0, 3.0]}], r"with an array constant is not supported"),
+    ("math.multiply", ["x", 0, 0, {"y": [[[[1.0]]]]}], r"an array constant of shape \[1, 1, 1, 1\] has more axes "
+                                                      r"than the tensor's"),
+    ("math.multiply", ["x", 0, 0, {"y": [[1.0], [2.0, 3.0]]}], r"unsupported option argument=.* \(a rectangular"),
     ("reshape", ["x", 0, 0, {"shape": ["x", 0, 0]}], r"with a tensor as argument 'shape' is not supported"),
     ("math.reduce_max", ["x", 0, 0, {"axis": 1, "keep_dims": True}], r"argument\(s\) 'keep_dims' are not supported"),
     ("nn.softmax", ["x", 0, 0, {"axis": 0}], r"axis 0 is not a feature axis"),
     ("math.exp", [["x", 0, 0, {}], ["x", 0, 0, {}]], r"'math.exp' on a list is not supported \(one tensor expected\)"),
     ("math.exp", ["_CONSTANT_VALUE", -1, 2.0, {}], r"'math.exp' on 2.0 is not supported"),
-    ("math.add", ["x", 0, 0, {"y": True}], r"'math.add' on True is not supported \(numbers and tensors only\)"),
+    ("math.add", ["x", 0, 0, {"y": True}], r"'math.add' on True is not supported \(tensors, numbers and arrays"),
 ])
 def test_ops_touching_the_batch_axis_or_unsupported_arguments_are_refused(function, node, message):
     with pytest.raises(UnsupportedLayerError, match=message) as err:
@@ -188,3 +191,16 @@ def test_an_exchange_file_operation_reading_two_tensors_is_refused(kind, config)
                    "outputs": ["op"]}
     with pytest.raises(ExchangeError, match=r"takes one tensor input, found 2"):
         Graph.from_dict(description).shapes  # noqa: B018
+
+
+@pytest.mark.parametrize("config, message", [
+    ({"operands": [None, "array"], "array": [1.0], "array_shape": [2]}, r"must hold as many finite numbers"),
+    ({"operands": [None, "array"]}, r"an 'array' operand and array_shape go together"),
+    ({"operands": [None, "code"]}, r"operand 'code' is not a tensor"),
+])
+def test_an_exchange_file_array_constant_is_checked(config, message):
+    description = {"name": "m", "inputs": [{"name": "x", "shape": [3, 2], "dtype": "float32"}],
+                   "nodes": [{"name": "op", "kind": "op_multiply", "inputs": ["x"], "dtype": "float32",
+                              "config": config}], "outputs": ["op"]}
+    with pytest.raises(ExchangeError, match=message):
+        Graph.from_dict(description)
