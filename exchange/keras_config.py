@@ -20,7 +20,7 @@ import heapq
 import re
 from dataclasses import dataclass
 
-from exchange import untrusted
+from exchange import tf_ops, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node, shared_call_name
 from exchange.kinds import KINDS_DOC, TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
@@ -216,7 +216,8 @@ class _Parser:
         return current
 
     def functional(self, config, container_path, keras3_prefix, keras2_group, incoming):
-        layers = config["layers"]
+        layers = [self.tf_operation(layer) if isinstance(layer, dict) and layer.get("class_name") in
+                  tf_ops.LAYER_CLASSES else layer for layer in config["layers"]]
         groups = self._groups(layers, keras3_prefix)
         input_names = [entry[0] for entry in _entries(config.get("input_layers", []))]
         edges: dict[tuple[str, int, int], str] = {}   # (layer, call, output index) -> the graph's edge
@@ -271,10 +272,22 @@ class _Parser:
                 return []
             raise
 
+    def tf_operation(self, layer: dict) -> dict:
+        """A Keras 2 TensorFlow op layer (TFOpLambda) as the Keras 3 layer or operation computing
+        the same (`exchange.tf_ops`); an op not supported is reported and stands in as no node."""
+        try:
+            return tf_ops.keras3_layer(layer)
+        except UnsupportedLayerError as err:
+            self.problems.append(str(err))
+            return tf_ops.refused(layer)
+
     def call(self, calls: "_Calls", edges: dict, container_path, keras2_group, mask_only: set[str]) -> None:
         """One call of a layer in a functional model: its node(s), and its outputs in `edges`."""
         layer, group, call_index = calls.layer, calls.group, calls.made
         class_name, name = _text(layer["class_name"]), _layer_name(layer)
+        if class_name == tf_ops.REFUSED:   # (its refusal is reported)
+            edges[(name, calls.first_node + call_index, 0)] = name
+            return
         inbound = calls.inbound[call_index]
         if name in mask_only and len(calls.inbound) == 1:
             self.mask_operation(name, class_name, inbound, edges)

@@ -29,6 +29,14 @@ mode) writes tf1_names.h5, a CNN built twice in one graph as Keras on TensorFlow
 model was loaded twice, so its weights sit under name scopes made unique
 (`model_weights/conv2d_1/conv2d_1_1/kernel:0`), with tf1_names_expected.npz (`inputs`, `outputs`).
 
+TensorFlow ops (`TFOpLambda`, `SlicingOpLambda` layers): `--tfop [OUT_DIR]` (a separate run)
+writes tfop_unet.h5 (a small U-Net glued with tf.concat, tf.reshape, tf.expand_dims/squeeze,
+tf.transpose, tf.image.resize, tf.clip_by_value, tf.math.add_n, tf.math and tf.nn functions and
+operator arithmetic), tfop_reduce.h5 (reductions and slicing, four outputs), tfop_every_op.h5
+(each op the exchange reads, one output each) and tfop_unsupported.h5 (a tf.math.cumsum), with
+tfop_expected.npz: each model's inputs (`<model>_inputs_<i>`, 8 rows seeded uniform in [0, 1),
+input i from `default_rng(i)`) and outputs (`<model>_outputs_<i>`).
+
 Shared layers: shared.h5 (one Conv1D and one nested Sequential, each called on two inputs), its
 two inputs stored as `shared_inputs_exon` and `shared_inputs_intron`, its outputs as `shared_outputs`.
 
@@ -348,8 +356,109 @@ def main_saved_model(out_dir: Path) -> None:
             print(f"wrote {path} ({path.stat().st_size:,} bytes)")
 
 
+TFOP_WEIGHT_SEED = 29
+
+
+def tfop_unet() -> keras.Model:
+    """A small U-Net whose glue is TensorFlow ops on Keras tensors, as keras-unet-collection's."""
+    import tensorflow as tf
+
+    image = keras.Input(shape=(12, 10, 3), name="image")
+    skip = keras.layers.Conv2D(4, 3, padding="same", name="conv_in")(image)
+    skip = tf.nn.relu(skip)
+    skip = tf.math.multiply(skip, 0.5) + 0.1
+    down = keras.layers.MaxPooling2D(2, name="pool")(skip)
+    down = keras.layers.Conv2D(6, 3, padding="same", name="conv_down")(down)
+    down = tf.math.sigmoid(down) * tf.math.tanh(down)
+    up = keras.layers.UpSampling2D(2, name="up")(down)
+    merged = tf.concat([up, skip], axis=-1)
+    merged = keras.layers.Conv2D(5, 1, name="conv_merge")(merged)
+    merged = tf.maximum(merged, -0.2) - tf.minimum(merged, 0.3) / 3
+    merged = 2.0 - tf.pow(merged, 2) + tf.math.sqrt(tf.abs(merged) + 1.0)
+    merged = tf.math.log(tf.square(merged) + 1.0) + tf.math.exp(-merged)
+    pixels = tf.reshape(merged, [-1, 120, 5])                      # (batch, 120, 5)
+    pixels = tf.transpose(pixels, perm=[0, 2, 1])                   # (batch, 5, 120)
+    pixels = tf.squeeze(tf.expand_dims(pixels, 2), axis=[2])
+    pixels = keras.layers.Dense(7, name="dense")(pixels)            # (batch, 5, 7)
+    scores = tf.nn.softmax(pixels, axis=1)
+    small = tf.image.resize(tf.nn.silu(merged), [5, 7])
+    small = tf.math.add_n([tf.clip_by_value(small, -0.5, 1.5), small, tf.math.rsqrt(small * small + 1.0)])
+    return overwrite_weights(keras.Model(image, [scores, merged, small], name="tfop_unet"), TFOP_WEIGHT_SEED)
+
+
+def tfop_reduce() -> keras.Model:
+    """Reductions and slicing of a (batch, 7, 5, 4) tensor."""
+    import tensorflow as tf
+
+    volume = keras.Input(shape=(7, 5, 4), name="volume")
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(volume)
+    mean = tf.math.reduce_mean(x, axis=[1, 2], keepdims=True)
+    centred = x - mean
+    pooled = tf.reduce_sum(centred, -1) + tf.reduce_max(x, axis=-1, keepdims=True)[..., 0] \
+        - tf.math.reduce_min(x, axis=2)[:, :, 1:2] * tf.math.reduce_prod(x[..., 1:3] + 1.0, axis=-1)
+    sliced = centred[:, 1:6:2, :, 0]
+    last = x[:, -1]
+    added = tf.expand_dims(x[:, tf.newaxis, 2, ..., 3], -1)
+    flat = keras.layers.Flatten(name="flatten")(pooled)
+    out = keras.layers.Dense(3, name="dense")(flat)
+    return overwrite_weights(keras.Model(volume, [out, sliced, last, added], name="tfop_reduce"),
+                             TFOP_WEIGHT_SEED + 1)
+
+
+def tfop_every_op() -> keras.Model:
+    """Each TensorFlow op the exchange reads at least once, on two images (batch, 4, 6, 3) and a
+    vector (batch, 5), one output per op (and array constants): 42 outputs."""
+    import tensorflow as tf
+
+    x, y, v = keras.Input((4, 6, 3), name="x"), keras.Input((4, 6, 3), name="y"), keras.Input((5,), name="v")
+    outputs = [
+        tf.math.add(x, y), tf.math.divide(x, y + 2.0), tf.math.reciprocal(x + 1.5), tf.math.floor(x * 3),
+        tf.math.ceil(x * 3), tf.math.sin(x), tf.math.cos(x), tf.nn.relu6(x * 10 - 2), tf.math.softplus(x),
+        tf.nn.softsign(x), tf.nn.relu(x - 0.5), tf.math.rsqrt(x + 0.1), tf.minimum(x, y), tf.maximum(y, x),
+        tf.math.reduce_prod(x, axis=[1, 3]), tf.squeeze(x[:, :1, :, :1], axis=[1, 3]), tf.concat([x, y, x], 1),
+        tf.math.pow(2.0, x), 3.0 / (x + 1.0), x[:, ::2, 1:-1], x[:, 2], tf.expand_dims(v, 1),
+        tf.reduce_mean(v, axis=-1), tf.nn.softmax(x), tf.nn.softmax(v), tf.transpose(x, [0, 3, 1, 2]),
+        tf.reshape(v, [-1, 5, 1]), tf.nn.sigmoid(v) - v, tf.math.negative(x), tf.math.abs(x - 0.5),
+        tf.math.reduce_max(x, axis=(1, 2)), tf.clip_by_value(x, 0.2, 0.7), tf.image.resize(x, (9, 5), method="nearest"),
+        tf.math.add_n([x, y]), tf.nn.silu(x), x * y, tf.square(v), tf.exp(v), tf.math.log(v + 1.0),
+        x * np.array([1.0, -2.0, 0.5], "float32"), tf.math.subtract(np.arange(6, dtype="float32").reshape(6, 1), x),
+        tf.maximum(v, [0.1, 0.2, 0.3, 0.4, 0.5]),
+    ]
+    return keras.Model([x, y, v], outputs, name="tfop_every_op")
+
+
+def tfop_unsupported() -> keras.Model:
+    import tensorflow as tf
+
+    series = keras.Input(shape=(6, 3), name="series")
+    hidden = keras.layers.Dense(4, name="dense")(series)
+    return keras.Model(series, tf.math.cumsum(hidden, axis=1) * 2.0, name="tfop_unsupported")
+
+
+def main_tfop(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(FIXED_BATCH_SEED)
+    expected = {}
+    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce()),
+                        ("tfop_every_op", tfop_every_op())):
+        model.save(out_dir / f"{name}.h5")
+        inputs = [np.random.default_rng(FIXED_BATCH_SEED + index).random((8, *tensor.shape[1:]), dtype=np.float32)
+                  for index, tensor in enumerate(model.inputs)]
+        for index, values in enumerate(inputs):
+            expected[f"{name}_inputs_{index}"] = values
+        for index, output in enumerate(model.predict(inputs, verbose=0)):
+            expected[f"{name}_outputs_{index}"] = output
+    tfop_unsupported().save(out_dir / "tfop_unsupported.h5")
+    np.savez(out_dir / "tfop_expected.npz", **expected)
+    for name in ("tfop_unet.h5", "tfop_reduce.h5", "tfop_every_op.h5", "tfop_unsupported.h5", "tfop_expected.npz"):
+        print(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--tf1-names"]:
+    if sys.argv[1:2] == ["--tfop"]:
+        main_tfop(Path(sys.argv[2]) if len(sys.argv) > 2 else
+                  Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+    elif sys.argv[1:2] == ["--tf1-names"]:
         main_tf1_names(Path(sys.argv[2]) if len(sys.argv) > 2 else
                        Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
     elif sys.argv[1:2] == ["--saved-model"]:

@@ -663,5 +663,5 @@ def ints(value: object, count: int, what: str) -> tuple[int, ...]:
 
 # The families. Importing them fills the registry.
 from exchange.kinds import (activations, arithmetic, attention, conv_lstm, convolution, dense,  # noqa: E402,F401
-                            histogram, merging, normalization, pooling, preprocessing, recurrent, reshaping, signal,
-                            training_only, wrappers)
+                            histogram, merging, normalization, operations, pooling, preprocessing, recurrent,
+                            reshaping, signal, training_only, wrappers)
