@@ -68,6 +68,20 @@ def keras2_fixture(file: str, output_key: str, input_keys: tuple = (), rows: int
     return make
 
 
+def tfop_fixture(name: str):
+    """A tf-keras model with TensorFlow ops; its inputs and outputs are `NAME_inputs_I`,
+    `NAME_outputs_I` in tfop_expected.npz."""
+    def make(folder: Path):
+        stored = np.load(KERAS2 / "tfop_expected.npz")
+
+        def numbered(what: str) -> list:
+            keys = sorted((key for key in stored if key.startswith(f"{name}_{what}_")),
+                          key=lambda key: int(key.rsplit("_", 1)[1]))
+            return [stored[key] for key in keys]
+        return KERAS2 / f"{name}.h5", None, numbered("inputs"), numbered("outputs")
+    return make
+
+
 def custom_layers_model(folder: Path):
     """Zero-padded sequences -> Dense -> the two custom layers of docs/examples/custom_kinds.py
     (a masked average, an attention-weighted average) -> Dense, saved as a `.keras`."""
@@ -110,8 +124,13 @@ FORMS = [
                           npz="saved_model/saved_model_expected.npz"))
       for name, what in [("cnn", "Conv2D, BatchNormalization, Dense"), ("rnn", "LSTM, GRU, Bidirectional LSTM"),
                          ("nested", "a nested Sequential")]),
-    Form("Keras 3 subclassed model `.keras` (SmallCNN: Conv2D, BatchNormalization, pooling, Dense; "
-         "`--custom-objects`)", lambda folder: subclassed_model(folder, "SmallCNN", (9, 8, 3), weights_only=False)),
+    *(Form(f"Keras 2 `.h5`, TensorFlow ops (`TFOpLambda`): {what} ({name}.h5)",
+           tfop_fixture(name))
+      for name, what in [("tfop_unet", "a U-Net glued with tf.concat, tf.reshape, …"),
+                         ("tfop_reduce", "reductions and slicing (`SlicingOpLambda`)"),
+                         ("tfop_every_op", "every op the converter reads")]),
+    Form("Keras 3 subclassed model `.keras`, `--custom-objects` (SmallCNN: Conv2D, BatchNormalization, "
+         "pooling, Dense)", lambda folder: subclassed_model(folder, "SmallCNN", (9, 8, 3), weights_only=False)),
     Form("Keras 3 subclassed model `.weights.h5` with `--arch` (SmallCNN)",
          lambda folder: subclassed_model(folder, "SmallCNN", (9, 8, 3), weights_only=True)),
     Form("Keras 3 subclassed model using `keras.ops` in `call` (TwoBranches)",
