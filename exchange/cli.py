@@ -33,7 +33,7 @@ from exchange import fileformat, keras_config, keras_files, layout, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
-from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
+from exchange.verify import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
 
 INPUT_KINDS = (".keras", ".h5", ".safetensors", ".pt")
 OUTPUT_KINDS = (".keras", ".safetensors", ".pt", ".py")

@@ -238,7 +238,7 @@ def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file,
 
 def test_verify_child_address_space_is_capped(tmp_path):
     """The cap the child sets on itself: an allocation beyond it fails (MemoryError), not the machine."""
-    code = ("from exchange.verification import _cap_address_space\n_cap_address_space(256 << 20)\n"
+    code = ("from exchange.verify import _cap_address_space\n_cap_address_space(256 << 20)\n"
             "try:\n    bytearray(1 << 30)\nexcept MemoryError:\n    print('refused')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.stdout.strip() == "refused", result.stderr
@@ -274,7 +274,7 @@ def test_divergent_layer_is_found_in_bounded_memory(tmp_path):
 
 
 def test_verify_batch_is_sized_by_the_largest_activation():
-    from exchange.verification import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
+    from exchange.verify import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
 
     from exchange.graph import Graph
 

@@ -32,7 +32,7 @@ from conftest import ROOT, random_file_tensors
 # readers took from 177 MiB (a 20 MB header) to several GiB.
 MEMORY_BOUND_MIB = 128
 # Peak RSS of the largest child a case ran (the --verify child, which imports TensorFlow and torch:
-# about 730 MiB): its address-space cap (verification.CHILD_ADDRESS_SPACE beyond its 1.6 GiB after
+# about 730 MiB): its address-space cap (verify.CHILD_ADDRESS_SPACE beyond its 1.6 GiB after
 # imports) keeps it below this. The worst case measured, the masked LSTM of 2,000,000 steps, holds
 # 1.5 GiB when its 12 s run out.
 CHILD_MEMORY_BOUND_MIB = 6144

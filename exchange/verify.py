@@ -1,6 +1,6 @@
 """`convert IN OUT --verify`: run Keras and PyTorch on the same inputs, each on its own file.
 
-The frameworks run in a child process (`python -m exchange.verification FOLDER`), a fresh
+The frameworks run in a child process (`python -m exchange.verify FOLDER`), a fresh
 interpreter that reads the request from FOLDER (`request.json`, the inputs as `.npy` files) and
 writes `result.json` there. TensorFlow and torch can crash (SIGSEGV, SIGABRT), exhaust memory or
 loop on a hostile graph, and no exception handler catches or bounds that; the child runs under
@@ -209,13 +209,13 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
 
 
 def _run_child(folder: Path, in_path: Path, seconds: float) -> tuple[int, int]:
-    """Spawn `python -m exchange.verification FOLDER` and wait for it: (wait status, peak RSS in
+    """Spawn `python -m exchange.verify FOLDER` and wait for it: (wait status, peak RSS in
     KiB). Past `seconds`, or when this process is interrupted (SIGTERM, SIGINT), it is killed."""
     package_root = str(Path(__file__).resolve().parent.parent)
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
         [package_root] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry])}
     # A session of its own: a terminal's Ctrl-C reaches this process only, which stops the child.
-    child = subprocess.Popen([sys.executable, "-m", "exchange.verification", str(folder)], env=environment,
+    child = subprocess.Popen([sys.executable, "-m", "exchange.verify", str(folder)], env=environment,
                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)
     deadline = time.monotonic() + seconds
@@ -474,6 +474,6 @@ def _is_full_keras2_model(path: Path) -> bool:
 
 
 if __name__ == "__main__":   # run as `python -m`: use the package's copy of this module, as cli does
-    from exchange.verification import child_main as package_child_main
+    from exchange.verify import child_main as package_child_main
 
     package_child_main(Path(sys.argv[1]))
