@@ -269,7 +269,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
-            with _writing(weights_path):
+            with _writing(weights_path, in_path):
                 write_weights(output, graph, tensors, source)
             temporary = output.path
             check_written(temporary, graph)
@@ -285,11 +285,16 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
 
 
 @contextmanager
-def _writing(path: Path):
+def _writing(path: Path, source: Path):
     """A writer's failure (a full disk: OSError from numpy or Keras, RuntimeError from torch.save)
-    as one error naming the output, not its temporary."""
+    as one error naming the output, not its temporary; a writer's refusal of a layer (Keras 3 has
+    no Keras 2 hard_sigmoid) named after the input."""
     try:
         yield
+    except ExchangeError as err:
+        if str(source) not in str(err):
+            err.args = (f"{source}: {err}",) + err.args[1:]
+        raise
     except (OSError, RuntimeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
         raise ExchangeFileError(f"{path}: could not write ({reason})") from None

@@ -478,7 +478,8 @@ def weight_bytes(graph: Graph) -> int:
 def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float = FLOAT32_ATOL,
            arch_path: Path | None = None, code_weights: Path | None = None,
            seconds: float = VERIFY_SECONDS, by_name: bool = False, rtol: float = FLOAT32_RTOL,
-           input_shapes: dict[str, tuple[int, ...]] | None = None, every_layer: bool = False) -> VerifyResult:
+           input_shapes: dict[str, tuple[int, ...]] | None = None, every_layer: bool = False,
+           in_process: bool = False) -> VerifyResult:
     """Run the two frameworks on the same inputs, each on the weights of its own file, in a child
     process, in float32 (within `tolerance + rtol * output scale`) and, where both sides can be
     built in float64, in float64 (FLOAT64_ATOL, FLOAT64_RTOL), which gives the verdict.
@@ -490,6 +491,8 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
     forward pass over the same file's tensors, and the result says so. When the verdict fails
     (or for `every_layer`, --report), the layers are compared one by one in the verdict's dtype.
     A crash, an out-of-memory or a hang of the child is an ExchangeError naming `in_path`.
+    `in_process` (tests only) runs the frameworks in this process instead, without the child's
+    bounds, so that tests share one import of TensorFlow.
     """
     try:
         check_integer_inputs(graph)
@@ -513,6 +516,8 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
                    "kinds": list(KIND_FILES), "by_name": by_name,
                    "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph)}
         (folder / REQUEST).write_text(json.dumps(request))
+        if in_process:
+            return VerifyResult.from_dict(_run(folder, json.loads((folder / REQUEST).read_text())))
         status, peak_kib = _run_child(folder, in_path, seconds)
         answer = _read_result(folder / RESULT)
     finally:

@@ -6,6 +6,7 @@ For each model: `.keras` -> `.safetensors` -> torch matches Keras; `.safetensors
 is bit-identical. Run with `-s` to see each model's measured differences.
 """
 
+import json
 from pathlib import Path
 
 import keras
@@ -269,10 +270,13 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     keras.utils.set_random_seed(4)
     keras_path = tmp_path / "cnn.keras"
     randomize(mnist_cnn(), seed=2).save(keras_path)
-    good = tmp_path / "cnn.safetensors"
-    assert cli.main([str(keras_path), str(good), "--verify"]) == 0
+    good, report = tmp_path / "cnn.safetensors", tmp_path / "report.json"
+    assert cli.main([str(keras_path), str(good), "--verify", "--report", str(report)]) == 0
     printed = capsys.readouterr().out
     assert f"verify: Keras on {keras_path} vs PyTorch on {good}, on a fixed random batch of" in printed
+    assert ", float64 max abs diff " in printed and "verdict from float64: match" in printed
+    written = json.loads(report.read_text())   # --report: both comparisons, the user's output name
+    assert written["passed"] and written["verdict"] == "float64" and written["float32"]["torch"] == f"PyTorch on {good}"
 
     tensors = load_file(str(good))
     tensors["conv2.bias"] = tensors["conv2.bias"] + np.float32(0.1)

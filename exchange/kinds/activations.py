@@ -90,6 +90,9 @@ def read_activation(options, key: str = "activation") -> str:
     name = KERAS_SPELLINGS.get(value, value)
     if name == "hard_sigmoid" and options.keras2:
         name = "hard_sigmoid_keras2"
+    formula = name.removeprefix(FORMULA_PACKAGE + ">")
+    if formula != name and formula in _formula_functions:   # a live model of `keras_formulas()`
+        return formula
     if name not in ACTIVATIONS or ACTIVATIONS[name].keras is None and not options.keras2:
         readable = sorted(name for name, activation in ACTIVATIONS.items() if activation.keras)
         raise options.unsupported(key, value, f"supported: {', '.join(readable)}")
@@ -125,6 +128,9 @@ KERAS_FORMULAS: dict[str, tuple[str, object]] = {
     "gelu_tanh": ("gelu(x, approximate=True)", lambda ops: lambda x: ops.gelu(x, approximate=True)),
 }
 _formulas_used: contextvars.ContextVar[set | None] = contextvars.ContextVar("keras_formulas", default=None)
+_formula_functions: dict[str, object] = {}
+# How Keras names such a function in a config (registered, so that the model's config reads back).
+FORMULA_PACKAGE = "exchange"
 
 
 @contextmanager
@@ -140,16 +146,25 @@ def keras_formulas():
         _formulas_used.reset(token)
 
 
+def _formula_function(name: str):
+    """KERAS_FORMULAS[name] as a Keras function, registered once as `exchange>NAME`."""
+    if name not in _formula_functions:
+        import keras
+
+        function = KERAS_FORMULAS[name][1](keras.ops)
+        function.__name__ = name
+        _formula_functions[name] = keras.saving.register_keras_serializable(FORMULA_PACKAGE, name)(function)
+    return _formula_functions[name]
+
+
 def keras_activation(name: str, what: str):
     """The Keras 3 name of activation `name` (a keras.ops function inside `keras_formulas()`)."""
     keras_name = ACTIVATIONS[name].keras
     if keras_name is None:
         used = _formulas_used.get()
         if used is not None and name in KERAS_FORMULAS:
-            import keras
-
             used.add(name)
-            return KERAS_FORMULAS[name][1](keras.ops)
+            return _formula_function(name)
         from exchange.errors import UnsupportedLayerError
 
         raise UnsupportedLayerError(f"{what}: activation {name!r} has no Keras 3 equivalent")
