@@ -31,9 +31,10 @@ from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
 from exchange.runner import OneLineArgumentParser, run_command
-from exchange.verification import VERIFY_SECONDS, check_integer_inputs, verification_inputs, verify  # noqa: F401
+from exchange.verify import (FLOAT32_ATOL, FLOAT32_RTOL, VERIFY_SECONDS, check_integer_inputs,  # noqa: F401
+                             describe, failure, parse_input_shape, verification_inputs, verify, write_report)
 
-DEFAULT_TOLERANCE = 1e-5      # float32 rounding between TensorFlow and PyTorch is ~1e-7 per layer
+DEFAULT_TOLERANCE = FLOAT32_ATOL   # --verify's float32 atol; see exchange/verify.py for both comparisons
 # TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
 # start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
 TF_LOG_LEVEL = "3"
@@ -194,7 +195,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
-            with _writing(weights_path):
+            with _writing(weights_path, in_path):
                 write_weights(output, graph, tensors, source)
             temporary = output.path
             check_written(temporary, graph)
@@ -210,11 +211,16 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
 
 
 @contextmanager
-def _writing(path: Path):
+def _writing(path: Path, source: Path):
     """A writer's failure (a full disk: OSError from numpy or Keras, RuntimeError from torch.save)
-    as one error naming the output, not its temporary."""
+    as one error naming the output, not its temporary; a writer's refusal of a layer (Keras 3 has
+    no Keras 2 hard_sigmoid) named after the input."""
     try:
         yield
+    except ExchangeError as err:
+        if str(source) not in str(err):
+            err.args = (f"{source}: {err}",) + err.args[1:]
+        raise
     except (OSError, RuntimeError) as err:
         reason = err.strerror if isinstance(err, OSError) and err.strerror else first_line(err)
         raise ExchangeFileError(f"{path}: could not write ({reason})") from None
@@ -251,7 +257,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="run Keras and PyTorch (or numpy where one is missing) on the same inputs")
     parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="--verify fails above this max abs difference (default: %(default)g)")
+                        help="--verify's float32 comparison allows this absolute difference plus --rtol "
+                             "times the output scale (default: %(default)g); the float64 one has its own")
+    parser.add_argument("--rtol", type=float, default=FLOAT32_RTOL,
+                        help="--verify's float32 tolerance relative to the output scale (default: %(default)g)")
+    parser.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1,D2,...",
+                        help="an input's shape without the batch axis (repeatable): NAME=D1,D2,... gives "
+                             "--verify the length of an input's unknown axes; D1,D2,...[:DTYPE] (e.g. 28,28,1 "
+                             "or 12:int32), one per input in order, a subclassed model's inputs when its build "
+                             "config has none")
+    parser.add_argument("--report", type=Path, metavar="FILE.json",
+                        help="--verify writes its result there as JSON (both comparisons, per-layer maxima)")
     parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
                         help="--verify stops the frameworks after this long (default: %(default)g)")
     parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
@@ -260,14 +276,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--custom-objects", type=Path, action="append", default=[], metavar="FILE",
                         help="the Python file defining a subclassed model's classes: Keras opens the model "
                              "with it and its call is traced (repeatable; see the README)")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="SHAPE",
-                        help="a subclassed model's input shape without the batch axis (e.g. 28,28,1 or "
-                             "12:int32), one per input, when its build config has none")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
-    if not (np.isfinite(args.tolerance) and args.tolerance >= 0):
-        print(f"error: --tolerance must be a finite non-negative number, got {args.tolerance}", file=sys.stderr)
+    for option, value in (("--tolerance", args.tolerance), ("--rtol", args.rtol)):
+        if not (np.isfinite(value) and value >= 0):
+            print(f"error: {option} must be a finite non-negative number, got {value}", file=sys.stderr)
+            return 2
+    try:
+        input_shapes = dict(parse_input_shape(text) for text in args.input_shape if "=" in text)
+    except ExchangeError as err:
+        print(f"error: {err}", file=sys.stderr)
         return 2
     if not (np.isfinite(args.verify_timeout) and args.verify_timeout > 0):
         print(f"error: --verify-timeout must be a finite positive number, got {args.verify_timeout}", file=sys.stderr)
@@ -280,21 +299,19 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights,
-                            args.verify_timeout, args.by_name)
+                            args.verify_timeout, args.by_name, args.rtol, input_shapes, args.report is not None)
         except ExchangeError as err:
             err.args = (shown(str(err)),)
             raise
-        compared = shown(result["compared"])
-        print(f"verify: {compared}, on {result['inputs']}: max abs diff "
-              f"{result['max_abs_diff']:.3e} (outputs up to {result['output_scale']:.3g}), "
-              f"argmax agreement {result['argmax_agreement']:.2%}")
-        if not result["max_abs_diff"] <= args.tolerance:
-            raise VerificationFailed(f"outputs differ by more than {args.tolerance:g}"
-                                     + (f"; first divergent {result['first_divergence']}"
-                                        if "first_divergence" in result else "")
-                                     + f"; {args.output} was not written")
+        print(f"verify: {shown(describe(result))}")
+        for note in result.notes:
+            print(f"verify note: {shown(note)}")
+        if args.report is not None:
+            write_report(args.report, result, shown)
+        if not result.passed:
+            raise VerificationFailed(f"{args.input}: {failure(result)}; {args.output} was not written")
 
-    subclassed.use_custom_objects(args.custom_objects, args.input_shape)
+    subclassed.use_custom_objects(args.custom_objects, [text for text in args.input_shape if "=" not in text])
 
     def command() -> None:
         for kinds_file in args.kinds:

@@ -238,7 +238,7 @@ def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file,
 
 def test_verify_child_address_space_is_capped(tmp_path):
     """The cap the child sets on itself: an allocation beyond it fails (MemoryError), not the machine."""
-    code = ("from exchange.verification import _cap_address_space\n_cap_address_space(256 << 20)\n"
+    code = ("from exchange.verify import _cap_address_space\n_cap_address_space(256 << 20)\n"
             "try:\n    bytearray(1 << 30)\nexcept MemoryError:\n    print('refused')\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.stdout.strip() == "refused", result.stderr
@@ -257,32 +257,36 @@ def test_verify_casts_float_inputs_to_the_layer_dtype_as_keras_does(tmp_path, ca
     assert ".to(torch.float16)" in (tmp_path / "code.py").read_text()
 
 
-def test_divergent_layer_is_found_in_bounded_memory(tmp_path):
-    """400 activations on a 1000-wide input, outputs differing (tolerance 0): the layers are
-    compared on the rows that differ most, in chunks; all of them at once took gigabytes."""
+def test_divergent_layer_is_found_in_bounded_memory(tmp_path, monkeypatch):
+    """400 activations on a 1000-wide input, outputs differing (tolerances below 0: every layer
+    fails): the layers are compared on the rows that differ most, in chunks; all of them at once
+    took gigabytes."""
+    monkeypatch.setattr("exchange.verify.FLOAT64_ATOL", -1.0)
     source = _exchange_file(tmp_path / "chain.safetensors", _chain([("activation", "float32", {"activation": "tanh"})]
                                                                    * 400, [1000]))
     out = tmp_path / "chain.pt"
     assert cli.main([str(source), str(out)]) == 0
     graph = fileformat.load(source).architecture
     result = cli.verify(source, out, graph, None, 0.0)
-    assert result["first_divergence"].startswith("layer 'n0' (activation): max abs diff")
+    assert result.verdict.dtype == "float64" and (result.first_divergence.layer, result.first_divergence.kind) == (
+        "n0", "activation")
     # Measured 850 MiB run alone and 1,571 MiB once inside the full default run (same inputs; the
     # child's peak varies with what TensorFlow allocates), of which about 730 are the frameworks'
     # imports; all layers at once took 4.7 GB, which this bound still tells apart.
-    assert result["child_peak_mib"] < 2048, result
+    assert result.child_peak_mib < 2048, result
 
 
 def test_verify_batch_is_sized_by_the_largest_activation():
-    from exchange.verification import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
+    from exchange.verify import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
 
     from exchange.graph import Graph
 
     # A Dense of 1,000,000 units (the feature cap) on 4 steps: 4,000,000 values per sample.
     wide = Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
                                                          "use_bias": False})], [4, 2]))
-    inputs, name = verification_inputs(wide, None)
-    assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 4, 2) and name == "a fixed random batch of 4 inputs"
+    inputs, drawn = verification_inputs(wide, None)
+    assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 4, 2)
+    assert drawn.description == "a fixed random batch of 4 inputs"
     with pytest.raises(cli.ExchangeError, match="'n0' makes 20,000,000 values per sample, more than the 16,000,000"):
         verification_inputs(Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
                                                                          "use_bias": False})], [20, 2])), None)

@@ -56,14 +56,15 @@ def test_a_renamed_file_is_read_by_its_content(tmp_path, written, original, rena
         np.testing.assert_array_equal(tensors[key], value, err_msg=key)
 
 
-def test_a_renamed_keras2_file_verifies_with_keras_itself(tmp_path, capsys):
-    """--verify opens the input with Keras, whose loader goes by extension: an `.hdf5` is given
-    to it under a name it accepts, and the comparison is with Keras on the file itself."""
-    copy = tmp_path / "seed.hdf5"
-    shutil.copyfile(FIXTURES / "seed_mlp.h5", copy)
-    assert cli.main([str(copy), str(tmp_path / "seed.safetensors"), "--verify"]) == 0
+def test_a_renamed_keras_file_verifies_with_keras_itself(tmp_path, written, capsys):
+    """--verify opens a Keras 3 input with Keras, whose loader goes by extension: a `.keras`
+    saved as `model.bin` is given to it under a name it accepts, and the comparison is with Keras
+    on the file itself."""
+    copy = tmp_path / "model.bin"
+    shutil.copyfile(written / "cnn.keras", copy)
+    assert cli.main([str(copy), str(tmp_path / "model.safetensors"), "--verify"]) == 0
     report = capsys.readouterr().out
-    assert f"Keras on {copy}" in report and "Keras on the tensors" not in report
+    assert f"verify: Keras on {copy} vs" in report, report
 
 
 @pytest.mark.parametrize("name, message", [

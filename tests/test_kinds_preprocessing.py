@@ -296,7 +296,7 @@ def test_hashing_and_text_layers_are_refused(layer, reason):
 
 def test_integer_outputs_are_read_only_by_layers_that_take_integers():
     from exchange.errors import ExchangeError
-    from exchange.verification import check_integer_inputs
+    from exchange.verify import check_integer_inputs
 
     model = single((5,), L.Discretization(bin_boundaries=[0.0, 1.0], name="buckets"), L.Activation("relu", name="relu"))
     graph = keras_adapter.architecture_of(model)

@@ -397,7 +397,7 @@ def test_reshaping_config_from_a_file_is_checked(layer, key, value, expected):
 
 def test_verification_inputs_mask_some_steps_of_a_masking():
     """--verify's random batch gives a Masking on an input whole steps equal to its mask_value."""
-    from exchange.verification import verification_inputs
+    from exchange.verify import verification_inputs
 
     graph = keras_adapter.architecture_of(single(SEQUENCE, L.Masking(0.25), L.LSTM(2)))
     (sequences,), _ = verification_inputs(graph, None)

@@ -6,6 +6,7 @@ For each model: `.keras` -> `.safetensors` -> torch matches Keras; `.safetensors
 is bit-identical. Run with `-s` to see each model's measured differences.
 """
 
+import json
 from pathlib import Path
 
 import keras
@@ -269,10 +270,13 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     keras.utils.set_random_seed(4)
     keras_path = tmp_path / "cnn.keras"
     randomize(mnist_cnn(), seed=2).save(keras_path)
-    good = tmp_path / "cnn.safetensors"
-    assert cli.main([str(keras_path), str(good), "--verify"]) == 0
+    good, report = tmp_path / "cnn.safetensors", tmp_path / "report.json"
+    assert cli.main([str(keras_path), str(good), "--verify", "--report", str(report)]) == 0
     printed = capsys.readouterr().out
     assert f"verify: Keras on {keras_path} vs PyTorch on {good}, on a fixed random batch of" in printed
+    assert ", float64 max abs diff " in printed and "verdict from float64: match" in printed
+    written = json.loads(report.read_text())   # --report: both comparisons, the user's output name
+    assert written["passed"] and written["verdict"] == "float64" and written["float32"]["torch"] == f"PyTorch on {good}"
 
     tensors = load_file(str(good))
     tensors["conv2.bias"] = tensors["conv2.bias"] + np.float32(0.1)
@@ -280,14 +284,14 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     save_file(tensors, str(tampered), metadata=fileformat.read_metadata(good))
     graph = fileformat.load(good).architecture
     result = cli.verify(keras_path, tampered, graph, None, cli.DEFAULT_TOLERANCE)
-    assert result["max_abs_diff"] > cli.DEFAULT_TOLERANCE
-    assert result["first_divergence"].startswith("layer 'conv2' (conv2d): max abs diff")
+    assert not result.passed and not result.float32.passed and result.verdict.dtype == "float64"
+    assert (result.first_divergence.layer, result.first_divergence.kind) == ("conv2", "conv2d")
     # after the Flatten (whose torch output is in (C, H, W) order), the Dense is named, not the Flatten
     tensors = load_file(str(good))
     tensors["fc1.bias"] = tensors["fc1.bias"] + np.float32(0.1)
     save_file(tensors, str(tampered), metadata=fileformat.read_metadata(good))
     result = cli.verify(keras_path, tampered, graph, None, cli.DEFAULT_TOLERANCE)
-    assert result["first_divergence"].startswith("layer 'fc1' (dense): max abs diff")
+    assert result.first_divergence.layer == "fc1"
 
 
 def nested_multi_io():
@@ -329,9 +333,10 @@ def test_nested_models_with_several_inputs_and_outputs(tmp_path):
 
 
 @pytest.mark.parametrize("output_name", ["cnn.safetensors", "cnn.pt", "cnn.py"])
-def test_failed_verify_replaces_nothing(tmp_path, capsys, output_name):
-    """`--verify` runs on the temporary output: above the tolerance (0 here) the existing output
-    stays byte-identical and no temporary is left."""
+def test_failed_verify_replaces_nothing(tmp_path, capsys, output_name, monkeypatch):
+    """`--verify` runs on the temporary output: above the tolerance (below 0 here) the existing
+    output stays byte-identical and no temporary is left."""
+    monkeypatch.setattr("exchange.verify.FLOAT64_ATOL", -1.0)
     keras.utils.set_random_seed(4)
     keras_path = tmp_path / "source.keras"
     randomize(mnist_cnn(), seed=2).save(keras_path)
@@ -339,6 +344,7 @@ def test_failed_verify_replaces_nothing(tmp_path, capsys, output_name):
     out.write_bytes(b"previous")
     assert cli.main([str(keras_path), str(out), "--verify", "--tolerance", "0"]) == 1
     error = capsys.readouterr().err.strip().splitlines()
-    assert len(error) == 1 and error[0].startswith("error: outputs differ by more than 0") and "not written" in error[0]
+    assert len(error) == 1 and error[0].startswith(f"error: {keras_path}: outputs differ beyond the float64 tolerance")
+    assert "not written" in error[0]
     assert out.read_bytes() == b"previous"
     assert sorted(path.name for path in tmp_path.iterdir()) == sorted(["source.keras", output_name])

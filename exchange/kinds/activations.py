@@ -9,6 +9,9 @@ Conventions that differ:
 - `hard_sigmoid` is relu6(x + 3) / 6 in Keras 3 (= `F.hardsigmoid`) but clip(0.2x + 0.5, 0, 1)
   in Keras 2. A Keras 2 file's `hard_sigmoid` is read as `hard_sigmoid_keras2`.
 - Keras 2 spells silu `swish`; Keras 3's `gelu` activation is the exact (erf) form.
+- `--verify` of a Keras 2 file without tf-keras rebuilds it in Keras 3, which has no name for
+  Keras 2's hard_sigmoid: inside `keras_formulas()` the rebuild gets it as a keras.ops function
+  (`KERAS_FORMULAS`); such a model is only run, never saved (a function has no config).
 - PReLU: Keras's alpha has the input's shape without the batch (1 on `shared_axes`), channels
   last; torch's is channels-first. An alpha of one value per channel (every other axis shared),
   or of one value, is `nn.PReLU`'s `weight` of shape (C,) or (1,); an alpha with extent along
@@ -17,7 +20,11 @@ Conventions that differ:
 
 from __future__ import annotations
 
+import contextvars
+from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -85,6 +92,9 @@ def read_activation(options, key: str = "activation") -> str:
     name = KERAS_SPELLINGS.get(value, value)
     if name == "hard_sigmoid" and options.keras2:
         name = "hard_sigmoid_keras2"
+    formula = name.removeprefix(FORMULA_PACKAGE + ">")
+    if formula != name and formula in _formula_functions:   # a live model of `keras_formulas()`
+        return formula
     if name not in ACTIVATIONS or ACTIVATIONS[name].keras is None and not options.keras2:
         readable = sorted(name for name, activation in ACTIVATIONS.items() if activation.keras)
         raise options.unsupported(key, value, f"supported: {', '.join(readable)}")
@@ -113,9 +123,50 @@ def torch_activation(builder, name: str, value):
     return builder.call(function, value, **keywords)
 
 
-def keras_activation(name: str, what: str) -> str:
+# The activations Keras 3 has no name for, as keras.ops functions (and the formula, said in
+# --verify's output): what `--verify` rebuilds a Keras 2 model with when tf-keras is missing.
+KERAS_FORMULAS: dict[str, tuple[str, Callable[[Any], Callable[[Any], Any]]]] = {
+    "hard_sigmoid_keras2": ("clip(0.2x + 0.5, 0, 1)", lambda ops: lambda x: ops.clip(0.2 * x + 0.5, 0.0, 1.0)),
+    "gelu_tanh": ("gelu(x, approximate=True)", lambda ops: lambda x: ops.gelu(x, approximate=True)),
+}
+_formulas_used: contextvars.ContextVar[set | None] = contextvars.ContextVar("keras_formulas", default=None)
+_formula_functions: dict[str, object] = {}
+# How Keras names such a function in a config (registered, so that the model's config reads back).
+FORMULA_PACKAGE = "exchange"
+
+
+@contextmanager
+def keras_formulas():
+    """While the block runs, `keras_activation` gives the activations Keras 3 has no name for as
+    keras.ops functions (KERAS_FORMULAS) instead of refusing them; yields the set of those used.
+    For a model that is run, never saved (`--verify`)."""
+    used: set[str] = set()
+    token = _formulas_used.set(used)
+    try:
+        yield used
+    finally:
+        _formulas_used.reset(token)
+
+
+def _formula_function(name: str):
+    """KERAS_FORMULAS[name] as a Keras function, registered once as `exchange>NAME`."""
+    if name not in _formula_functions:
+        import keras
+
+        function = KERAS_FORMULAS[name][1](keras.ops)
+        function.__name__ = name
+        _formula_functions[name] = keras.saving.register_keras_serializable(FORMULA_PACKAGE, name)(function)
+    return _formula_functions[name]
+
+
+def keras_activation(name: str, what: str):
+    """The Keras 3 name of activation `name` (a keras.ops function inside `keras_formulas()`)."""
     keras_name = ACTIVATIONS[name].keras
     if keras_name is None:
+        used = _formulas_used.get()
+        if used is not None and name in KERAS_FORMULAS:
+            used.add(name)
+            return _formula_function(name)
         from exchange.errors import UnsupportedLayerError
 
         raise UnsupportedLayerError(f"{what}: activation {name!r} has no Keras 3 equivalent")
