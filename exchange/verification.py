@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import keras_config
+from exchange import chunking, keras_config
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
@@ -175,6 +175,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         if _installed("keras"):
             keras_config.check_depth(graph)
         inputs, inputs_name = verification_inputs(graph, data_dir)
+        chunking.chunk_rows(graph, inputs)   # refuses a model of which one row needs more than a chunk
     except ExchangeFileError:
         raise
     except ExchangeError as err:
@@ -205,7 +206,8 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
                                 f"{os.WEXITSTATUS(status)} without a result")
     if "error" in answer:
         raise ExchangeError(answer["error"])
-    return {**answer["result"], "child_peak_mib": peak_kib / 1024}
+    return {**answer["result"], "child_peak_mib": answer.get("peak_rss_mib", peak_kib / 1024),
+            "child_imports_mib": answer.get("imports_rss_mib", 0.0)}
 
 
 def _run_child(folder: Path, in_path: Path, seconds: float) -> tuple[int, int]:
@@ -265,7 +267,7 @@ def child_main(folder: Path) -> None:
             __import__(module)
         except ImportError:
             pass   # replaced by the numpy reference
-    imported = _status_kib("VmSize")
+    imported, imported_rss = _status_kib("VmSize"), _status_kib("VmRSS")
     _cap_address_space(request["address_space"])
     try:
         for kinds_file in request["kinds"]:   # the user's own kinds, as the parent loaded them
@@ -282,6 +284,8 @@ def child_main(folder: Path) -> None:
         answer = {"error": f"{request['in']}: --verify could not run the model ({type(err).__name__}: "
                            f"{first_line(err)})"}
     answer["address_space_added_mib"] = (_status_kib("VmPeak") - imported) / 1024   # for measurements
+    # Its own peak RSS: wait4's ru_maxrss starts at the parent's, which Linux carries across exec.
+    answer["peak_rss_mib"], answer["imports_rss_mib"] = _status_kib("VmHWM") / 1024, imported_rss / 1024
     (folder / RESULT).write_text(json.dumps(answer))
     os._exit(0)   # not TensorFlow's slow teardown
 
@@ -363,16 +367,17 @@ def _run(folder: Path, request: dict) -> dict:
               "argmax_agreement": float((first.reshape(len(first), -1).argmax(-1)
                                          == second.reshape(len(second), -1).argmax(-1)).mean())}
     if not max_abs_diff <= tolerance and keras_model is not None and torch_model is not None:
+        rows = _worst_rows(differences, min(DIVERGENCE_ROWS, chunking.chunk_rows(graph, inputs)))
         with _framework("the layer-by-layer comparison", str(in_path)):
             result["first_divergence"] = first_divergent_layer(graph, keras_model, torch_model, inputs,
-                                                               tolerance, _worst_rows(differences))
+                                                               tolerance, rows)
     return result
 
 
-def _worst_rows(differences: list[np.ndarray]) -> np.ndarray:
-    """The DIVERGENCE_ROWS rows whose outputs differ most, in order."""
+def _worst_rows(differences: list[np.ndarray], count: int = DIVERGENCE_ROWS) -> np.ndarray:
+    """The `count` rows whose outputs differ most, in order."""
     per_row = np.max([d.reshape(len(d), -1).max(-1) if d.size else np.zeros(len(d)) for d in differences], axis=0)
-    return np.sort(np.argsort(-per_row, kind="stable")[:DIVERGENCE_ROWS])
+    return np.sort(np.argsort(-per_row, kind="stable")[:count])
 
 
 def first_divergent_layer(graph: Graph, keras_model, torch_model, inputs: list, tolerance: float,
@@ -422,11 +427,12 @@ def _keras_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     if path.suffix == ".keras" or (path.suffix == ".h5" and _is_full_keras2_model(path)):
         try:
             model = keras_adapter.load_keras_file(path, graph)
-            return f"Keras on {path}", keras_adapter.predict(model, inputs), model
+            return f"Keras on {path}", chunking.predict_in_chunks(keras_adapter.predict, model, graph, inputs), model
         except ExchangeFileError as err:   # e.g. a Keras 2 file Keras 3 cannot deserialize
             note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
     model = keras_adapter.model_from_tensors(graph, read_tensors(path))
-    return f"Keras on the tensors of {path}{note}", keras_adapter.predict(model, inputs), model
+    return (f"Keras on the tensors of {path}{note}",
+            chunking.predict_in_chunks(keras_adapter.predict, model, graph, inputs), model)
 
 
 def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
@@ -438,7 +444,7 @@ def _torch_outputs(path: Path, graph: Graph, inputs: list, read_tensors):
     except ImportError:
         return f"numpy reference on {path} (PyTorch not installed)", reference.forward(graph, tensors, inputs), None
     model = torch_adapter.model_from_tensors(graph, tensors)
-    return f"PyTorch on {path}", torch_adapter.predict(model, inputs), model
+    return f"PyTorch on {path}", chunking.predict_in_chunks(torch_adapter.predict, model, graph, inputs), model
 
 
 def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, inputs: list):
@@ -456,7 +462,8 @@ def _generated_code_outputs(code_path: Path, weights_path: Path, graph: Graph, i
         model = getattr(generated, class_name(graph.name))()
         model.load_state_dict(generated.load(str(weights_path)), strict=True)
         model.exchange_graph = graph
-        return f"the generated PyTorch code {code_path}", torch_adapter.predict(model, inputs), None
+        return (f"the generated PyTorch code {code_path}",
+                chunking.predict_in_chunks(torch_adapter.predict, model, graph, inputs), None)
     except MemoryError:
         raise
     except Exception as err:   # anything the generated code raises is a bug of the generator
