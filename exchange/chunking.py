@@ -9,13 +9,16 @@ of a convolution's input). `predict_in_chunks` runs a framework on consecutive c
 concatenates the outputs.
 
 The bound `--verify` keeps: its child's peak RSS stays under the RSS it has after importing
-TensorFlow and torch (about 750 MiB), plus `verification.WEIGHT_COPIES` copies of the weights, plus
-VERIFY_MEMORY (1 GiB), on any model it accepts: one chunk's activations (CHUNK_BYTES), the batch's
+TensorFlow and torch (about 715 MiB), plus `verification.WEIGHT_COPIES` copies of the weights, plus
+VERIFY_MEMORY (1 GiB): one chunk's activations (CHUNK_BYTES), the batch's
 inputs and outputs (at most `verification.VERIFY_ACTIVATION_ELEMENTS` values each) and their
 comparison, the layer-by-layer search (on at most a chunk of rows) and what the frameworks
 allocate to build the models. A model of which one row alone needs more than CHUNK_BYTES is
-refused. Measured (`scripts/bench_convert.py --memory`): 12 parallel 256x256 convolutions, 15
-rows, 995 MiB with the imports' 749 (2,309 MiB before the chunks; 3,091 MiB for the generated
+refused. Not counted: what a layer holds inside itself beyond its output (an attention's scores,
+steps x steps per head; a recurrent layer's gates for every step), which the graph does not state
+and the factor of 2 in 8 bytes a value covers only where it is no larger than the layer's output.
+Measured (`scripts/bench_convert.py --memory`): 12 parallel 256x256 convolutions, 15
+rows, 986 MiB with the imports' 712 (1,985 MiB before the chunks; 3,082 MiB for the generated
 code, which kept every tensor).
 """
 

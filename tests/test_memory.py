@@ -87,12 +87,23 @@ def write_model(folder: Path, model: keras.Model, seed: int = 0) -> tuple[Path, 
 
 def measure_forward(graph_path: Path, weights_path: Path, code_path: Path | None, rows: int) -> dict:
     """Run FORWARD_CHILD on the fx module (`code_path` None) or the generated code."""
+    return measure_forwards([(graph_path, weights_path, code_path)], rows)[0]
+
+
+def measure_forwards(models: list[tuple[Path, Path, Path | None]], rows: int) -> list[dict]:
+    """FORWARD_CHILD for each (graph, weights, code or None), the children side by side: each
+    measures its own peak, so running together costs the wall time of one."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **STEADY_MALLOC}
-    result = subprocess.run([sys.executable, "-c", FORWARD_CHILD, str(graph_path), str(weights_path),
-                             "-" if code_path is None else str(code_path), str(rows)],
-                            capture_output=True, text=True, timeout=300, env=environment)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    children = [subprocess.Popen([sys.executable, "-c", FORWARD_CHILD, str(graph_path), str(weights_path),
+                                  "-" if code_path is None else str(code_path), str(rows)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
+                for graph_path, weights_path, code_path in models]
+    results = []
+    for child in children:
+        stdout, stderr = child.communicate(timeout=300)
+        assert child.returncode == 0, stderr[-3000:]
+        results.append(json.loads(stdout.strip().splitlines()[-1]))
+    return results
 
 
 def test_generated_forward_frees_intermediates_as_the_fx_module_does(tmp_path):
@@ -101,8 +112,7 @@ def test_generated_forward_frees_intermediates_as_the_fx_module_does(tmp_path):
     kept until `forward` returned)."""
     keras.utils.set_random_seed(0)
     paths = write_model(tmp_path, conv_chain(size=128))
-    fx = measure_forward(*paths[:2], None, rows=4)
-    generated = measure_forward(*paths, rows=4)
+    fx, generated = measure_forwards([(*paths[:2], None), paths], rows=4)
     print(f"added peak RSS: fx module {fx['added_mib']:.1f} MiB, generated code {generated['added_mib']:.1f} MiB")
     assert generated["checksum"] == fx["checksum"]
     assert generated["added_mib"] <= GENERATED_PEAK_RATIO * fx["added_mib"]
