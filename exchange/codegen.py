@@ -12,6 +12,7 @@ deterministic: the same graph gives the same bytes.
 from __future__ import annotations
 
 import inspect
+import itertools
 import math
 import operator
 import os
@@ -184,8 +185,8 @@ def _same(value, default) -> bool:
 
 
 def _format(value) -> str:
-    if isinstance(value, fx.Node):
-        return value.name
+    if isinstance(value, _Variable):
+        return str(value)
     if isinstance(value, nn.Module):   # a helper holding a module (KerasSpectralNormalization's layer)
         return _constructor(value)
     if isinstance(value, float):
@@ -230,27 +231,74 @@ def _function_name(function) -> str:
     raise ExchangeError(f"no source form for function {getattr(function, '__name__', type(function).__name__)}")
 
 
+class _Variable(str):
+    """A local variable of the generated `forward`, written as its name (not as a quoted string)."""
+
+
 def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], list[str]]:
-    """Parameters and body lines of `forward`, one statement per fx node."""
-    parameters, lines = [], []
-    for node in graph.nodes:
-        arguments = ", ".join([_format(argument) for argument in node.args]
-                              + [f"{key}={_format(value)}" for key, value in node.kwargs.items()])
+    """Parameters and body lines of `forward`, one statement per fx node.
+
+    Intermediate values live in a few reused variables, `x`, `x1`, `x2`, ..., as a person writes
+    them: a statement's result takes the variable of an input whose last use it is (`x =
+    F.relu(x)`), else the first variable free; an input that dies there without passing on its
+    variable is `del`eted after it (where branches join). So each tensor is freed after its last
+    use, as the fx module frees it (its `name = None`), and the peak memory is the fx module's."""
+    nodes = list(graph.nodes)
+    last_user = {}
+    for node in nodes:
+        for value in node.all_input_nodes:
+            last_user[value] = node
+    parameters = [node.name for node in nodes if node.op == "placeholder"]
+    names = (name for name in itertools.chain(["x"], (f"x{index}" for index in itertools.count(1)))
+             if name not in parameters)
+    variables: dict[fx.Node, str] = {}   # the variable holding each value
+    allocated: list[str] = []            # every variable so far, in order of first use
+    live: set[str] = set()               # the variables holding a value that is still used
+    lines = []
+    for node in nodes:
         if node.op == "placeholder":
-            parameters.append(node.name)
-        elif node.op == "call_module":
-            keras_name = keras_names.get(node.target)
-            comment = f"  # Keras layer {quoted(keras_name)}" if keras_name and keras_name != node.target else ""
-            lines.append(f"{node.name} = self.{node.target}({arguments}){comment}")
-        elif node.op == "call_function" and node.target is operator.getitem:
-            lines.append(f"{node.name} = {_format(node.args[0])}[{_index(node.args[1])}]")
-        elif node.op == "call_function":
-            lines.append(f"{node.name} = {_function_name(node.target)}({arguments})")
-        elif node.op == "call_method":
-            first, *rest = node.args
-            rest_text = ", ".join([_format(argument) for argument in rest]
-                                  + [f"{key}={_format(value)}" for key, value in node.kwargs.items()])
-            lines.append(f"{node.name} = {_format(first)}.{node.target}({rest_text})")
-        elif node.op == "output":
-            lines.append(f"return {_format(node.args[0])}")
+            variables[node] = node.name
+            continue
+        if node.op == "get_attr" and not node.users:   # a holder fx keeps (spectral normalization's)
+            continue
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda value: _Variable(variables[value]))
+        dying = sorted({variables[value] for value in node.all_input_nodes
+                        if last_user[value] is node and value.op != "placeholder"}, key=allocated.index)
+        live.difference_update(dying)
+        if node.op == "output":
+            lines.append(f"return {_format(args[0])}")
+            continue
+        if not node.users:   # kept for its effect only (eliminate_dead_code left it)
+            target = None
+        else:
+            target = dying[0] if dying else next((name for name in allocated if name not in live), None)
+            if target is None:
+                target = next(names)
+                allocated.append(target)
+            live.add(target)
+            variables[node] = target
+        statement = _statement(node, args, kwargs, keras_names)
+        lines.append(statement if target is None else f"{target} = {statement}")
+        if [name for name in dying if name != target]:
+            lines.append(f"del {', '.join(name for name in dying if name != target)}")
     return parameters, lines
+
+
+def _statement(node: fx.Node, args: tuple, kwargs: dict, keras_names: dict[str, str]) -> str:
+    """The right-hand side of one fx node's statement (its Keras layer's name as a comment)."""
+    arguments = ", ".join([_format(argument) for argument in args]
+                          + [f"{key}={_format(value)}" for key, value in kwargs.items()])
+    if node.op == "call_module":
+        keras_name = keras_names.get(node.target)
+        comment = f"  # Keras layer {quoted(keras_name)}" if keras_name and keras_name != node.target else ""
+        return f"self.{node.target}({arguments}){comment}"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return f"{_format(args[0])}[{_index(args[1])}]"
+    if node.op == "call_function":
+        return f"{_function_name(node.target)}({arguments})"
+    if node.op == "call_method":
+        first, *rest = args
+        rest_text = ", ".join([_format(argument) for argument in rest]
+                              + [f"{key}={_format(value)}" for key, value in kwargs.items()])
+        return f"{_format(first)}.{node.target}({rest_text})"
+    raise ExchangeError(f"no source form for the fx operation {node.op}")

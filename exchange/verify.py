@@ -59,7 +59,7 @@ from typing import Callable
 
 import numpy as np
 
-from exchange import filekinds, keras_config, subclassed
+from exchange import chunking, filekinds, keras_config, subclassed
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph, InputSpec
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
@@ -153,7 +153,8 @@ class VerifyResult:
     float64_missing: str | None = None   # ... and why
     layers: list[LayerDifference] = field(default_factory=list)   # per-layer maxima, when compared
     notes: list[str] = field(default_factory=list)   # what the user should know about the reference
-    child_peak_mib: float = 0.0
+    child_peak_mib: float = 0.0      # the --verify child's peak RSS ...
+    child_imports_mib: float = 0.0   # ... and its RSS once TensorFlow and torch are imported
 
     @property
     def verdict(self) -> Comparison:
@@ -499,6 +500,8 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         if _installed("keras"):
             keras_config.check_depth(graph)
         inputs, drawn = verification_inputs(graph, data_dir, input_shapes)
+        sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
+        chunking.chunk_rows(sized, inputs)   # refuses, before the child starts, a row larger than a chunk
     except ExchangeFileError:
         raise
     except ExchangeError as err:
@@ -533,7 +536,9 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
     if "error" in answer:
         raise ExchangeError(answer["error"])
     result = VerifyResult.from_dict(answer["result"])
-    result.child_peak_mib = peak_kib / 1024
+    # The child's own peak (wait4's ru_maxrss starts at the parent's, which Linux carries across exec).
+    result.child_peak_mib = answer.get("peak_rss_mib", peak_kib / 1024)
+    result.child_imports_mib = answer.get("imports_rss_mib", 0.0)
     return result
 
 
@@ -594,7 +599,7 @@ def child_main(folder: Path) -> None:
             __import__(module)
         except ImportError:
             pass   # replaced by the numpy reference
-    imported = _status_kib("VmSize")
+    imported, imported_rss = _status_kib("VmSize"), _status_kib("VmRSS")
     _cap_address_space(request["address_space"])
     try:
         for kinds_file in request["kinds"]:   # the user's own kinds, as the parent loaded them
@@ -612,6 +617,7 @@ def child_main(folder: Path) -> None:
         answer = {"error": f"{request['in']}: --verify could not run the model ({type(err).__name__}: "
                            f"{first_line(err)})"}
     answer["address_space_added_mib"] = (_status_kib("VmPeak") - imported) / 1024   # for measurements
+    answer["peak_rss_mib"], answer["imports_rss_mib"] = _status_kib("VmHWM") / 1024, imported_rss / 1024
     (folder / RESULT).write_text(json.dumps(answer))
     os._exit(0)   # not TensorFlow's slow teardown
 
@@ -692,14 +698,14 @@ def _run(folder: Path, request: dict) -> dict:
     with _framework("Keras", str(in_path)):
         keras_side = _keras_side(keras_path or in_path, arch_path if keras_path == in_path else None, graph,
                                  read_tensors, request["by_name"], notes)
-        keras_outputs = keras_side.run(inputs)
+        keras_outputs = _in_chunks(keras_side, sized, inputs)
     with _framework("PyTorch", str(in_path)):
         if kinds[out_path] is filekinds.CODE:
             code_weights = Path(request["code_weights"]) if request["code_weights"] else cli.code_weights_path(out_path)
             torch_side = _generated_code_side(out_path, code_weights, graph)
         else:
             torch_side = _torch_side(torch_path or out_path, graph, read_tensors)
-        torch_outputs = torch_side.run(inputs)
+        torch_outputs = _in_chunks(torch_side, sized, inputs)
     float32 = _compare("float32", keras_side, torch_side, keras_outputs, torch_outputs, *request["float32"])
     verdict_sides, verdict_inputs = (keras_side, torch_side), inputs
     differences = _differences(keras_outputs, torch_outputs)
@@ -708,9 +714,9 @@ def _run(folder: Path, request: dict) -> dict:
         inputs64 = [array.astype(np.float64) if array.dtype.name in FLOAT_DTYPES else array for array in inputs]
         try:
             keras64 = keras_side.float64()
-            keras64_outputs = keras64.run(inputs64)
+            keras64_outputs = _in_chunks(keras64, sized, inputs64)
             torch64 = torch_side.float64()
-            torch64_outputs = torch64.run(inputs64)
+            torch64_outputs = _in_chunks(torch64, sized, inputs64)
         except MemoryError:
             raise
         except Exception as err:   # noqa: BLE001 (a layer without a float64 kernel: float32 decides)
@@ -724,10 +730,16 @@ def _run(folder: Path, request: dict) -> dict:
     if (not verdict.passed or request["every_layer"]) and all(side.layers for side in verdict_sides):
         with _framework("the layer-by-layer comparison", str(in_path)):
             layers = layer_differences(sized, *verdict_sides, verdict_inputs, verdict.atol, verdict.rtol,
-                                       _worst_rows(differences), request["every_layer"])
+                                       _worst_rows(differences, min(DIVERGENCE_ROWS, chunking.chunk_rows(sized, inputs))),
+                                       request["every_layer"])
     drawn = request["drawn"]
     return VerifyResult(drawn["description"], [InputUsed(**item) for item in drawn["inputs"]], float32, float64,
                         missing, layers, notes).to_dict()
+
+
+def _in_chunks(side: Side, graph: Graph, inputs: list) -> list[np.ndarray]:
+    """The side run on chunks of rows (`exchange.chunking`): bounded memory on any model."""
+    return chunking.predict_in_chunks(lambda run, arrays: run(arrays), side.run, graph, inputs)
 
 
 def _differences(keras_outputs: list, torch_outputs: list) -> list[np.ndarray]:
@@ -745,10 +757,10 @@ def _compare(dtype: str, keras_side: Side, torch_side: Side, keras_outputs: list
                       if first.size else 1.0)
 
 
-def _worst_rows(differences: list[np.ndarray]) -> np.ndarray:
-    """The DIVERGENCE_ROWS rows whose outputs differ most, in order."""
+def _worst_rows(differences: list[np.ndarray], count: int = DIVERGENCE_ROWS) -> np.ndarray:
+    """The `count` rows whose outputs differ most, in order."""
     per_row = np.max([d.reshape(len(d), -1).max(-1) if d.size else np.zeros(len(d)) for d in differences], axis=0)
-    return np.sort(np.argsort(-per_row, kind="stable")[:DIVERGENCE_ROWS])
+    return np.sort(np.argsort(-per_row, kind="stable")[:count])
 
 
 def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: list, atol: float, rtol: float,

@@ -20,6 +20,14 @@ model_from_file (`--skip-sequences` leaves it out).
 
     python scripts/bench_convert.py [--repeats 3] [--work-dir DIR] [--json FILE] [--skip-large]
 
+`--memory` measures peak memory instead, each in a fresh process: `--verify` (its child's own peak
+RSS, and the part above its imports) to `.safetensors` and to generated `.py` code, on the seed MLP
+and two models with large activations (`conv_chain`: 256x256x3 -> 6 x Conv2D(32) -> pooling;
+`branches`: 12 parallel Conv2D(16) of a 256x256x8 input, added), and one forward pass of the
+generated module against the fx module on the same batch (conv_chain, 8 rows: 64 MiB a tensor).
+
+    python scripts/bench_convert.py --memory [--repeats 1]
+
 Needs Keras (to write the input files and for the by-hand route). Figures go in the README.
 """
 
@@ -86,6 +94,19 @@ status = main(sys.argv[2:])
 print(f"fsync_seconds={sum(spent):.4f}")
 sys.exit(status)
 """
+VERIFY_MEASURED = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from exchange import cli
+source, out = Path(sys.argv[2]), Path(sys.argv[3])
+graph = cli.convert(source, out)
+started = time.perf_counter()
+result = cli.verify(source, out, graph, None, float(sys.argv[4]))
+print("verify=" + json.dumps({"seconds": time.perf_counter() - started, "inputs": result.inputs,
+                              "max_abs_diff": result.verdict.max_abs_diff, "child_peak_mib": result.child_peak_mib,
+                              "child_imports_mib": result.child_imports_mib}))
+"""
 MODEL_FROM_FILE = """
 import sys, time
 sys.path.insert(0, sys.argv[2])
@@ -129,6 +150,8 @@ def run_measured(command: list[str], output: Path | None = None) -> dict:
         for key in ("write_seconds", "load_seconds", "fsync_seconds"):
             if line.startswith(f"{key}="):
                 result[key] = float(line.split("=", 1)[1])
+        if line.startswith("verify="):
+            result["verify"] = json.loads(line.split("=", 1)[1])
     return result
 
 
@@ -202,6 +225,59 @@ def bench_sequences(work_dir: Path, repeats: int) -> dict:
     return results
 
 
+MEMORY_MODELS = ("seed", "conv_chain", "branches")
+
+
+def write_memory_models(work_dir: Path) -> None:
+    """The `--memory` models (runs in the `--write-models` process)."""
+    import keras
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_memory import branches, conv_chain
+
+    from frameworks.keras_mlp import build_keras_model
+    from frameworks.recipe import SEED_ARCHITECTURE
+
+    keras.utils.set_random_seed(0)
+    build_keras_model(SEED_ARCHITECTURE).save(work_dir / "seed.keras")
+    conv_chain(size=256, channels=32, layers=6).save(work_dir / "conv_chain.keras")
+    branches(size=256, channels=16, count=12).save(work_dir / "branches.keras")
+
+
+def bench_memory(work_dir: Path, repeats: int) -> dict:
+    """`--verify`'s peak and time per model and output kind; the generated forward against fx's."""
+    results: dict = {}
+    print("| model | output | rows verified | --verify (s) | child peak RSS (MiB) | of which imports (MiB) |")
+    print("|---|---|---|---|---|---|")
+    for name in MEMORY_MODELS:
+        keras_path = work_dir / f"{name}.keras"
+        for suffix in (".safetensors", ".py"):
+            out = work_dir / f"{name}.measured{suffix}"
+            runs = [run_measured([sys.executable, "-c", VERIFY_MEASURED, str(ROOT), str(keras_path), str(out), "1e-4"])
+                    for _ in range(repeats)]
+            verify = [run["verify"] for run in runs]
+            figures = {"seconds": statistics.median(v["seconds"] for v in verify),
+                       "child_peak_mib": max(v["child_peak_mib"] for v in verify),
+                       "child_imports_mib": max(v["child_imports_mib"] for v in verify),
+                       "inputs": verify[0]["inputs"], "max_abs_diff": verify[0]["max_abs_diff"]}
+            results[f"{name}{suffix}"] = figures
+            print(f"| {name} | {suffix} | {figures['inputs']} | {figures['seconds']:.1f} | "
+                  f"{figures['child_peak_mib']:,.0f} | {figures['child_imports_mib']:,.0f} |", flush=True)
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_memory import measure_forward   # imports Keras: after the runs above (see run_measured)
+
+    folder = work_dir / "forward"
+    folder.mkdir(exist_ok=True)
+    subprocess.run([sys.executable, __file__, "--write-models", str(folder), "--forward-model"], check=True)
+    paths = (folder / "graph.json", folder / "state.npz", folder / "generated.py")
+    fx = max((measure_forward(*paths[:2], None, rows=8) for _ in range(repeats)), key=lambda r: r["added_mib"])
+    generated = max((measure_forward(*paths, rows=8) for _ in range(repeats)), key=lambda r: r["added_mib"])
+    results["forward"] = {"fx": fx, "generated": generated}
+    print(f"\none forward pass, conv_chain at 256x256, 8 rows (64 MiB a tensor): peak RSS added by the fx module "
+          f"{fx['added_mib']:,.0f} MiB, by the generated module {generated['added_mib']:,.0f} MiB", flush=True)
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -210,8 +286,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-large", action="store_true")
     parser.add_argument("--skip-sequences", action="store_true")
     parser.add_argument("--only-sequences", action="store_true")
+    parser.add_argument("--memory", action="store_true", help="peak memory of --verify and of generated code")
     parser.add_argument("--write-models", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--forward-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.write_models and args.forward_model:
+        import keras
+
+        sys.path.insert(0, str(ROOT / "tests"))
+        from test_memory import conv_chain, write_model
+
+        keras.utils.set_random_seed(0)
+        write_model(args.write_models, conv_chain(size=256, channels=32, layers=6))
+        return 0
+    if args.write_models and args.memory:
+        write_memory_models(args.write_models)
+        return 0
     if args.write_models:
         if not args.only_sequences:
             write_models(args.write_models, args.skip_large)
@@ -222,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as temporary:
         work_dir = args.work_dir or Path(temporary)
         work_dir.mkdir(parents=True, exist_ok=True)
+        if args.memory:
+            subprocess.run([sys.executable, __file__, "--write-models", str(work_dir), "--memory"], check=True)
+            results = bench_memory(work_dir, args.repeats)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+            return 0
         subprocess.run([sys.executable, __file__, "--write-models", str(work_dir)]
                        + (["--skip-large"] if args.skip_large else [])
                        + (["--skip-sequences"] if args.skip_sequences else [])
