@@ -21,6 +21,12 @@ Conventions that differ:
   too, but its Adam's `weight_decay` is an L2 term in the gradient.
 - Schedules: Keras evaluates the schedule at the step count before the update (0 on the first),
   in float32; torch's schedulers are stepped by hand. These classes are called with the count.
+- BatchNormalization in training: Keras moves `moving_variance` towards the biased batch variance
+  (divided by n), torch's `running_var` towards the unbiased one (n - 1): `KerasBatchNorm`.
+- Regularizers: Keras adds `l1 * sum|w| + l2 * sum(w^2)` of each regularized variable to the loss;
+  torch has no such term unless written (`regularization_penalty`).
+- Losses: Keras's cross-entropy clips probabilities to [1e-7, 1 - 1e-7] (unless from logits),
+  smooths labels before, and averages over the batch (`sum_over_batch_size`).
 """
 
 from __future__ import annotations
@@ -297,6 +303,76 @@ class Adamax(KerasOptimizer):
         momentum.add_((gradient - momentum) * (1 - group["beta_1"]))
         norm.copy_(torch.maximum(group["beta_2"] * norm, torch.abs(gradient)))
         parameter.sub_(learning_rate * momentum / ((1 - beta_1_power) * (norm + group["epsilon"])))
+
+
+class KerasBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
+    """A torch BatchNorm (same state_dict) that trains as Keras's does: normalise by the batch's
+    mean and biased variance, then `moving = moving * momentum + batch * (1 - momentum)` with
+    Keras's momentum (`1 - self.momentum`) and the biased variance. In eval mode it is torch's."""
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected an input of rank 2 or more, found {input.dim()}")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return super().forward(input)
+        axes = [0] + list(range(2, input.dim()))
+        shape = [1, -1] + [1] * (input.dim() - 2)
+        mean = input.mean(dim=axes)
+        variance = ((input - mean.detach().reshape(shape)) ** 2).mean(dim=axes)
+        with torch.no_grad():
+            keep = 1.0 - self.momentum
+            self.running_mean.copy_(self.running_mean * keep + mean * (1.0 - keep))
+            self.running_var.copy_(self.running_var * keep + variance * (1.0 - keep))
+            self.num_batches_tracked.add_(1)
+        inverse = torch.rsqrt(variance + self.eps)
+        if self.weight is not None:
+            inverse = inverse * self.weight
+        shift = -mean * inverse if self.bias is None else self.bias - mean * inverse
+        return input * inverse.reshape(shape) + shift.reshape(shape)
+
+
+def use_keras_batch_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every BatchNorm of `model` a `KerasBatchNorm` in place: the same module objects, with
+    the same tensors and paths, only their class (and so their training step) changes."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            module.__class__ = KerasBatchNorm
+    return model
+
+
+def regularization_penalty(model: torch.nn.Module, regularizers: dict) -> torch.Tensor:
+    """Keras's regularization losses: `{state_dict key: {"l1": a, "l2": b}}` summed over the keys."""
+    tensors = dict(model.named_parameters())
+    total = torch.zeros((), dtype=FLOAT)
+    for key, factors in regularizers.items():
+        value = tensors[key]
+        if factors.get("l1"):
+            total = total + _f32(factors["l1"]) * torch.sum(torch.abs(value))
+        if factors.get("l2"):
+            total = total + _f32(factors["l2"]) * torch.sum(torch.square(value))
+    return total
+
+
+KERAS_EPSILON = 1e-7   # keras.config.epsilon()
+
+
+def categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
+                             label_smoothing: float = 0.0, axis: int = -1) -> torch.Tensor:
+    """Keras's per-sample categorical cross-entropy (`sum_over_batch_size`: take the mean)."""
+    if label_smoothing:
+        classes = y_true.shape[axis]
+        y_true = y_true * (1.0 - label_smoothing) + label_smoothing / classes
+    if from_logits:
+        return -(y_true * torch.log_softmax(y_pred, dim=axis)).sum(dim=axis)
+    y_pred = y_pred / y_pred.sum(dim=axis, keepdim=True)
+    y_pred = y_pred.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+    return -(y_true * torch.log(y_pred)).sum(dim=axis)
+
+
+def mean_squared_error(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    return torch.mean(torch.square(y_pred - y_true), dim=-1)
 
 
 OPTIMIZERS = {optimizer.__name__: optimizer for optimizer in (Adam, AdamW, SGD, RMSprop, Adagrad, Adamax)}
