@@ -142,3 +142,15 @@ def test_torch_sgd_momentum_under_a_schedule_drifts():
     naive = _naive_run(start, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), _gradients(0),
                        schedule=optimizers.make_schedule(schedule))
     assert np.max(np.abs(naive - keras_value)) > 1e-3
+
+
+def test_module_imports_only_torch():
+    """Its source can be copied into generated code, which imports torch alone."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(optimizers))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "torch"}

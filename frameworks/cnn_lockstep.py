@@ -1,0 +1,158 @@
+"""Continuing a Keras run in PyTorch, in lockstep: a small CNN trained in Keras, saved mid-run as
+`.keras`, converted with its training state, then trained on in both frameworks on the same batches.
+
+The CNN has the conventions that differ between the frameworks' training: Conv2D with an L2
+kernel regularizer, BatchNormalization (trained: its moving statistics move), Dense logits, Adam
+with Keras's epsilon under an ExponentialDecay schedule, Keras's cross-entropy from logits. It has
+no Dropout: its randomness cannot be shared between frameworks.
+
+`run(variant=...)` replaces one ported convention by torch's own ("torch_adam", "torch_batch_norm",
+"no_regularizer") to show that each is needed. `python -m frameworks.cnn_lockstep` prints the figures.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from exchange import fileformat, keras_adapter, keras_files, optimizers, torch_adapter, training_state
+
+INPUT_SHAPE = (7, 6, 3)   # Keras layout (height, width, channels)
+CLASSES = 5
+BATCH = 8
+LEARNING_RATE = {"initial_learning_rate": 0.01, "decay_steps": 20, "decay_rate": 0.5, "staircase": False}
+BETAS = (0.9, 0.999)
+EPSILON = 1e-3            # Keras's epsilon, added to sqrt(v): torch adds its own after the bias correction
+L2 = 0.01
+VARIANTS = ("ported", "torch_adam", "torch_batch_norm", "no_regularizer")
+
+
+def batches(count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [(rng.normal(size=(BATCH, *INPUT_SHAPE)).astype(np.float32),
+             np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, BATCH)]) for _ in range(count)]
+
+
+def keras_cnn(seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPE)
+    x = keras.layers.Conv2D(4, 3, strides=2, activation="relu", kernel_regularizer=keras.regularizers.L2(L2),
+                            name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="norm")(x)
+    x = keras.layers.Flatten(name="flatten")(x)
+    outputs = keras.layers.Dense(CLASSES, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="cnn")
+    schedule = keras.optimizers.schedules.ExponentialDecay(**LEARNING_RATE)
+    model.compile(optimizer=keras.optimizers.Adam(schedule, beta_1=BETAS[0], beta_2=BETAS[1], epsilon=EPSILON),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def keras_state(model, folder: Path):
+    """(graph, tensors, training state) of a live Keras model, through a saved `.keras` file."""
+    path = folder / "state.keras"
+    keras_adapter.save_keras_file(model, path)
+    with keras_files.open_keras_file(path) as weights:
+        graph, tensors = weights.architecture, fileformat.materialize(weights.tensors)
+    return graph, tensors, training_state.read_keras_training(path, graph, training_state.parameter_keys_of(graph))
+
+
+def _naive_adam(module, state):
+    """torch's own Adam given Keras's hyperparameters and state (exp_avg = m, exp_avg_sq = v)."""
+    parameters = dict(module.named_parameters())
+    adam = torch.optim.Adam([parameters[key] for key in state.slots], lr=0.01, betas=BETAS, eps=EPSILON)
+    for key, slots in state.slots.items():
+        adam.state[parameters[key]] = {"step": torch.tensor(float(state.iteration)),
+                                       "exp_avg": torch.from_numpy(slots["momentum"].copy()),
+                                       "exp_avg_sq": torch.from_numpy(slots["velocity"].copy())}
+    schedule = optimizers.make_schedule(state.optimizer.options["learning_rate"])
+    return adam, schedule
+
+
+def run(keras_steps: int = 5, torch_steps: int = 200, variant: str = "ported", seed: int = 0,
+        every: int = 0) -> dict:
+    """Train `keras_steps` in Keras, convert, then `torch_steps` more in both. Returns the largest
+    weight difference at the end (and every `every` steps when given) and, for the ported
+    variant, the largest optimizer slot difference at the end."""
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)   # a model this small gains nothing from threads that wait on TensorFlow's
+    try:
+        return _run(keras_steps, torch_steps, variant, seed, every)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int) -> dict:
+    model = keras_cnn(seed)
+    for x, y in batches(keras_steps, seed):
+        model.train_on_batch(x, y)
+    with tempfile.TemporaryDirectory() as folder:
+        graph, tensors, state = keras_state(model, Path(folder))
+        module = torch_adapter.model_from_tensors(graph, tensors)
+        if variant != "torch_batch_norm":
+            optimizers.use_keras_batch_norm(module)
+        if variant == "torch_adam":
+            optimizer, schedule = _naive_adam(module, state)
+        else:
+            optimizer, schedule = training_state.torch_optimizer(module, state), None
+        regularizers = {} if variant == "no_regularizer" else state.regularizers
+        module.train()
+        weight_differences = []
+        chunk = every or torch_steps
+        all_batches = batches(torch_steps, seed + 1)
+        for first in range(0, torch_steps, chunk):
+            # Keras: one `fit` over the chunk's batches in order (as fast as Keras trains);
+            # torch: the same batches one by one.
+            chunk_batches = all_batches[first:first + chunk]
+            model.fit(np.concatenate([x for x, _ in chunk_batches]), np.concatenate([y for _, y in chunk_batches]),
+                      batch_size=BATCH, shuffle=False, epochs=1, verbose=0)
+            for step, (x, y) in enumerate(chunk_batches, start=first):
+                if schedule is not None:
+                    optimizer.param_groups[0]["lr"] = float(schedule(state.iteration + step))
+                optimizer.zero_grad(set_to_none=True)
+                logits = module(torch.from_numpy(x).permute(0, 3, 1, 2))
+                loss = optimizers.categorical_crossentropy(logits, torch.from_numpy(y), from_logits=True).mean()
+                loss = loss + optimizers.regularization_penalty(module, regularizers)
+                loss.backward()
+                optimizer.step()
+            weight_differences.append((first + len(chunk_batches),
+                                       _max_difference(keras_adapter.get_tensors(model), _state(module))))
+        result = {"variant": variant, "keras_steps": keras_steps, "torch_steps": torch_steps,
+                  "weight_differences": weight_differences, "weight_difference": weight_differences[-1][1]}
+        if variant == "ported":
+            _, _, keras_after = keras_state(model, Path(folder))
+            torch_after = training_state.state_of_torch_optimizer(module, optimizer, state)
+            result["iterations"] = (keras_after.iteration, torch_after.iteration)
+            result["max_slot_difference"] = max(
+                float(np.max(np.abs(value - torch_after.slots[key][slot])))
+                for key, slots in keras_after.slots.items() for slot, value in slots.items())
+    return result
+
+
+def _state(module) -> dict[str, np.ndarray]:
+    return {key: value.detach().numpy() for key, value in module.state_dict().items()}
+
+
+def _max_difference(keras_tensors: dict, torch_tensors: dict) -> float:
+    """Over every weight and statistic (not torch's `num_batches_tracked`, which Keras lacks)."""
+    return max(float(np.max(np.abs(value - torch_tensors[key]))) for key, value in keras_tensors.items()
+               if not key.endswith("num_batches_tracked"))
+
+
+def main() -> None:
+    for variant in VARIANTS:
+        result = run(variant=variant)
+        slots = f", max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
+        print(f"{variant}: after {result['torch_steps']} steps, max weight difference "
+              f"{result['weight_difference']:.2e}{slots}")
+
+
+if __name__ == "__main__":
+    main()
