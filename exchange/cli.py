@@ -127,17 +127,24 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str) -> None:
+def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str,
+                  training=None) -> None:
     """Write any output kind into `output`; tensors are checked against the architecture first.
-    The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path."""
+    The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path.
+    `training` (`exchange.training_state.TrainingState`) goes into a .safetensors or .keras."""
     kind = file_kind(output.target, OUTPUT_KINDS)
     fileformat.check_tensors(graph, tensors)
     if kind == ".safetensors":
         with output.open() as stream:
-            fileformat.write(stream, graph, tensors, source_framework)
+            fileformat.write(stream, graph, tensors, source_framework, training and training.file_parts())
     elif kind == ".keras":
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
-        model = keras_adapter.model_from_tensors(graph, tensors)
+        if training is not None:
+            from exchange import training_state
+
+            model = training_state.keras_model_with_training(graph, fileformat.materialize(tensors), training)
+        else:
+            model = keras_adapter.model_from_tensors(graph, tensors)
         with keras_adapter.recursion_room():
             model.save(output.path)
     else:
@@ -265,11 +272,13 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         if folded and notes is not None:
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
                          "has two (same outputs; converting back gives zeros there)")
+        from exchange import training_state
+        training = training_state.for_conversion(in_path, weights_path.suffix, graph, notes)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
             with _writing(weights_path):
-                write_weights(output, graph, tensors, source)
+                write_weights(output, graph, tensors, source, training)
             temporary = output.path
             check_written(temporary, graph)
             if out_path.suffix == ".py":

@@ -568,3 +568,28 @@ def _apply_regularizers(keras, model, graph: Graph, regularizers: dict) -> None:
         setattr(layer, f"{name}_regularizer", regularizer)
         variable = next(variable for variable in layer.weights if variable.path.split("/")[-1] == name)
         variable.regularizer = regularizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions (`exchange.cli.convert`)
+
+
+def for_conversion(in_path: Path, out_suffix: str, graph: Graph, notes: list | None) -> TrainingState | None:
+    """The training state a conversion carries: a compiled `.keras`'s into an exchange file, an
+    exchange file's into a `.keras`. A state that cannot be carried exactly is left out with a
+    note saying why; the weights convert as without it."""
+    carried = (in_path.suffix, out_suffix) in ((".keras", ".safetensors"), (".safetensors", ".keras"))
+    if not carried:
+        return None
+    try:
+        parameter_keys = parameter_keys_of(graph)
+        if in_path.suffix == ".keras":
+            return read_keras_training(in_path, graph, parameter_keys)
+        return read_exchange_training(fileformat.load(in_path), parameter_keys)
+    except ImportError:
+        reason = "carrying it needs torch, which is not installed"
+    except (UnsupportedLayerError, ExchangeFileError) as err:
+        reason = str(err)
+    if notes is not None:
+        notes.append(f"optimizer state left out: {reason}")
+    return None

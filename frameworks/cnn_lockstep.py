@@ -148,10 +148,10 @@ def _max_difference(keras_tensors: dict, torch_tensors: dict) -> float:
 
 def main() -> None:
     for variant in VARIANTS:
-        result = run(variant=variant)
-        slots = f", max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
-        print(f"{variant}: after {result['torch_steps']} steps, max weight difference "
-              f"{result['weight_difference']:.2e}{slots}")
+        result = run(variant=variant, every=50)
+        slots = f"; max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
+        steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
+        print(f"{variant}: max weight difference after steps {steps}{slots}")
 
 
 if __name__ == "__main__":

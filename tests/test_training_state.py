@@ -167,3 +167,34 @@ def test_an_uncompiled_file_has_no_state(tmp_path):
     inputs = keras.Input((3,))
     keras.Model(inputs, keras.layers.Dense(2)(inputs)).save(tmp_path / "m.keras")
     assert _read(tmp_path / "m.keras") is None
+
+
+def test_convert_carries_the_state_both_ways(trained, tmp_path):
+    """`convert model.keras model.safetensors` keeps the optimizer state; converting that back to
+    `.keras` gives a file Keras resumes from as from the original."""
+    from exchange import cli
+
+    model, path, _, _, state = trained
+    exchange_path, keras_path = tmp_path / "cnn.safetensors", tmp_path / "back.keras"
+    notes = []
+    cli.convert(path, exchange_path, notes=notes)
+    cli.convert(exchange_path, keras_path, notes=notes)
+    assert notes == []
+    assert "optimizer/conv.weight/velocity" in fileformat.load(exchange_path).training_tensors
+    original = keras.saving.load_model(path, compile=True, safe_mode=True)
+    back = keras.saving.load_model(keras_path, compile=True, safe_mode=True)
+    assert int(back.optimizer.iterations.numpy()) == state.iteration
+    assert back.get_layer("conv").kernel_regularizer.get_config()["l2"] == pytest.approx(0.01)
+    for original_variable, variable in zip(original.optimizer.variables, back.optimizer.variables):
+        np.testing.assert_array_equal(variable.numpy(), original_variable.numpy())
+
+
+def test_convert_leaves_out_a_state_it_cannot_carry_with_a_note(tmp_path):
+    from exchange import cli
+
+    path = _saved(tmp_path, _cnn(keras.optimizers.Adam(clipvalue=0.5)))
+    notes = []
+    cli.convert(path, tmp_path / "m.safetensors", notes=notes)
+    assert notes == [f"optimizer state left out: {path}: optimizer Adam clipvalue=0.5: gradient clipping is not "
+                     "reproduced in torch"]
+    assert fileformat.load(tmp_path / "m.safetensors").training_tensors == {}
