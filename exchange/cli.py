@@ -247,13 +247,16 @@ def interruptible():
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False) -> Graph:
+            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False,
+            weights_only: bool = False) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
     `check(graph, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
-    receives what the user should know about a successful conversion (tensors folded together)."""
+    receives what the user should know about a successful conversion (tensors folded together).
+    A compiled `.keras`'s training state goes into an exchange file and back (`training_state`)
+    unless `weights_only`."""
     file_kind(out_path, OUTPUT_KINDS)
     weights_path = code_weights_path(out_path) if out_path.suffix == ".py" else out_path
     for path in (out_path, weights_path):
@@ -273,7 +276,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
                          "has two (same outputs; converting back gives zeros there)")
         from exchange import training_state
-        training = training_state.for_conversion(in_path, weights_path.suffix, graph, notes)
+        training = None if weights_only else training_state.for_conversion(in_path, weights_path.suffix, graph, notes)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
@@ -336,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="--verify fails above this max abs difference (default: %(default)g)")
     parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
                         help="--verify stops the frameworks after this long (default: %(default)g)")
+    parser.add_argument("--weights-only", action="store_true",
+                        help="leave a compiled .keras's optimizer state out of the .safetensors (which is "
+                             "then exactly the module's state_dict)")
     parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
                         help="a Python file of yours that registers layer kinds for your own Keras layer "
                              "classes (repeatable; see docs/adding-a-layer-kind.md)")
@@ -381,7 +387,7 @@ def _run(args, activations, check) -> int:
         with interruptible():
             notes: list[str] = []
             graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
-                            args.by_name)
+                            args.by_name, args.weights_only)
         for note in notes:
             print(f"note: {note}")
         torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()

@@ -187,6 +187,8 @@ def test_convert_carries_the_state_both_ways(trained, tmp_path):
     assert back.get_layer("conv").kernel_regularizer.get_config()["l2"] == pytest.approx(0.01)
     for original_variable, variable in zip(original.optimizer.variables, back.optimizer.variables):
         np.testing.assert_array_equal(variable.numpy(), original_variable.numpy())
+    cli.convert(path, tmp_path / "weights.safetensors", weights_only=True)   # exactly the state_dict
+    assert fileformat.load(tmp_path / "weights.safetensors").training_tensors == {}
 
 
 def test_convert_leaves_out_a_state_it_cannot_carry_with_a_note(tmp_path):
