@@ -23,10 +23,13 @@ Conventions that differ:
 - Regularizers are options of Keras layers that compute nothing at inference (the architecture
   leaves them out); training needs them, so they are read here from the layer configs.
 
+- One Keras variable, two torch parameters (an LSTM's bias is `bias_ih` + `bias_hh`): the first
+  trains as Keras's variable, with its slots; the second keeps its value (zeros from Keras) and is
+  left out of the optimizer, so the sum moves as Keras's bias does.
+
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
 rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
-layers whose one Keras variable is two torch parameters (an LSTM's bias: its slots have no torch
-counterpart), frozen layers, activity regularizers, and files whose slots do not match the model's
+frozen layers, activity regularizers, and files whose slots do not match the model's
 trainable variables in number or shape.
 """
 
@@ -252,15 +255,20 @@ def trainable_variables(graph: Graph, parameter_keys: set[str]) -> list[tuple]:
             keys = [f"{prefix}.{suffix}" for suffix in port.torch_shapes(keras_shapes)]
             if not any(key in parameter_keys for key in keys):
                 continue
-            if isinstance(port, Summed):
-                raise UnsupportedLayerError(f"layer {node.name!r} ({node.kind}): torch holds its Keras variable "
-                                            f"{port.keras!r} as {len(port.torch)} parameters, so its optimizer slots "
-                                            "have no exact torch counterpart")
             for name in port.keras_names:
                 claimed[name] = port
         found += [(node, name, tuple(shape), claimed[name]) for name, shape in graph.keras_variables(node)
                   if name in claimed]
     return found
+
+
+def trained_keys(graph: Graph, node, port) -> list[str]:
+    """The torch parameters a port's Keras variables train: all of them, except that of a `Summed`
+    port (an LSTM's `bias_ih` + `bias_hh`) only the first trains, as Keras's one variable; the
+    others keep their values (zeros from Keras) and have no slots."""
+    suffixes = list(port.torch_shapes(dict(graph.keras_variables(node))))
+    prefix = graph.torch_names[node.name]
+    return [f"{prefix}.{suffix}" for suffix in (suffixes[:1] if isinstance(port, Summed) else suffixes)]
 
 
 def slots_to_torch(graph: Graph, variables: list[tuple], slot_names: tuple[str, ...],
@@ -274,8 +282,8 @@ def slots_to_torch(graph: Graph, variables: list[tuple], slot_names: tuple[str, 
         prefix = graph.torch_names[node.name]
         for slot in slot_names:
             arrays = port.to_torch({name: per_name[name][slot] for name in per_name})
-            for suffix, array in arrays.items():
-                result.setdefault(f"{prefix}.{suffix}", {})[slot] = np.ascontiguousarray(array)
+            for key in trained_keys(graph, node, port):
+                result.setdefault(key, {})[slot] = np.ascontiguousarray(arrays[key[len(prefix) + 1:]])
     return result
 
 
@@ -287,8 +295,10 @@ def slots_to_keras(graph: Graph, variables: list[tuple], slot_names: tuple[str, 
         prefix = graph.torch_names[node.name]
         keras_shapes = dict(graph.keras_variables(node))
         slots = {}
+        trained = trained_keys(graph, node, port)
         for slot in slot_names:
-            arrays = {suffix: torch_slots[f"{prefix}.{suffix}"][slot] for suffix in port.torch_shapes(keras_shapes)}
+            arrays = {suffix: torch_slots[f"{prefix}.{suffix}"][slot] if f"{prefix}.{suffix}" in trained
+                      else np.zeros(shape, dtype=np.float32) for suffix, shape in port.torch_shapes(keras_shapes).items()}
             slots[slot] = np.asarray(port.to_keras(arrays, keras_shapes)[name])
         out.append(slots)
     return out
@@ -443,9 +453,8 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
     loss = check_loss(extra.get("loss"), "exchange file")
     regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
     graph = exchange_file.architecture
-    trained = sorted({f"{graph.torch_names[node.name]}.{suffix}"
-                      for node, _, _, port in trainable_variables(graph, parameter_keys)
-                      for suffix in port.torch_shapes(dict(graph.keras_variables(node)))})
+    trained = sorted({key for node, _, _, port in trainable_variables(graph, parameter_keys)
+                      for key in trained_keys(graph, node, port)})
     specs = graph.tensor_specs
     slots: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in exchange_file.training_tensors.items():
@@ -487,7 +496,7 @@ def parameter_keys_of(graph: Graph) -> set[str]:
 
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
-    trains, with the state's slots and step count loaded."""
+    trains (`trained_keys`), with the state's slots and step count loaded."""
     import torch
 
     from exchange import optimizers
@@ -496,9 +505,7 @@ def torch_optimizer(model, state: TrainingState):
     parameters = dict(model.named_parameters())
     keys = []
     for node, _, _, port in trainable_variables(graph, set(parameters)):
-        for suffix in port.torch_shapes(dict(graph.keras_variables(node))):
-            if f"{graph.torch_names[node.name]}.{suffix}" not in keys:
-                keys.append(f"{graph.torch_names[node.name]}.{suffix}")
+        keys += [key for key in trained_keys(graph, node, port) if key not in keys]
     optimizer = optimizers.make_optimizer([parameters[key] for key in keys], state.optimizer.class_name,
                                           state.optimizer.options)
     for key, slots in state.slots.items():

@@ -1,35 +1,47 @@
-"""Continuing a Keras run in PyTorch: the CNN of `frameworks.cnn_lockstep` (Conv2D with an L2
-regularizer, BatchNormalization, Dense; Adam under an ExponentialDecay schedule) trained 5 steps
-in Keras, saved, converted with its optimizer state, then 200 more steps in both frameworks."""
+"""Continuing a Keras run in PyTorch: the models of `frameworks.resume_lockstep` (a CNN: Conv2D with
+an L2 regularizer, BatchNormalization, Dense, Adam under ExponentialDecay; an LSTM under centered
+RMSprop with momentum and PiecewiseConstantDecay) trained 5 steps in Keras, saved, converted with
+their optimizer state, then 200 more steps in both frameworks."""
 
 import numpy as np
 import pytest
 import torch
 
 from exchange import optimizers
-from frameworks import cnn_lockstep
+from frameworks import resume_lockstep
 
 keras = pytest.importorskip("keras")
 
-# Measured after 200 steps: weights 1.2e-7 apart, optimizer slots 3.0e-8 (float32 rounding).
+# Measured after 200 steps: CNN weights 1.2e-7 apart, optimizer slots 3.0e-8; LSTM 3.9e-7 and
+# 9.5e-9 (float32 rounding).
 LOCKSTEP_TOLERANCE = 1e-5
 # Each of torch's own conventions in place of Keras's moves some weight by more than this.
 NAIVE_DRIFT = 1e-3
 
 
 def test_cnn_continues_in_torch_in_lockstep():
-    result = cnn_lockstep.run(keras_steps=5, torch_steps=200)
+    result = resume_lockstep.run(keras_steps=5, torch_steps=200)
     assert result["iterations"] == (205, 205)
     assert result["weight_difference"] < LOCKSTEP_TOLERANCE
     assert result["max_slot_difference"] < LOCKSTEP_TOLERANCE
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant", ["torch_adam", "torch_batch_norm", "no_regularizer"])
-def test_torch_conventions_drift_from_keras(variant):
-    """torch's Adam (given Keras's epsilon and state), torch's BatchNorm (unbiased running
-    variance), or the loss without Keras's regularization penalty: the runs drift apart."""
-    result = cnn_lockstep.run(keras_steps=5, torch_steps=200, variant=variant)
+def test_lstm_continues_in_torch_in_lockstep():
+    result = resume_lockstep.run(keras_steps=5, torch_steps=200, model_kind="lstm")
+    assert result["iterations"] == (205, 205)
+    assert result["weight_difference"] < LOCKSTEP_TOLERANCE
+    assert result["max_slot_difference"] < LOCKSTEP_TOLERANCE
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_kind, variant", [("cnn", "torch_adam"), ("cnn", "torch_batch_norm"),
+                                                 ("cnn", "no_regularizer"), ("lstm", "torch_rmsprop")])
+def test_torch_conventions_drift_from_keras(model_kind, variant):
+    """torch's Adam or RMSprop (given Keras's hyperparameters and state), torch's BatchNorm
+    (unbiased running variance), or the loss without Keras's regularization penalty: the runs
+    drift apart."""
+    result = resume_lockstep.run(keras_steps=5, torch_steps=200, variant=variant, model_kind=model_kind)
     assert result["weight_difference"] > NAIVE_DRIFT
 
 

@@ -153,14 +153,21 @@ def test_a_frozen_layer_is_refused(tmp_path):
         _read(path)
 
 
-def test_an_lstm_bias_is_refused(tmp_path):
+def test_an_lstm_trains_its_first_bias_only(tmp_path):
+    """Keras's one LSTM bias is torch's bias_ih + bias_hh: bias_ih carries the slots and trains,
+    bias_hh (zeros) stays out of the optimizer, so the sum moves as Keras's bias."""
     inputs = keras.Input((5, 3))
     model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.LSTM(4, name="lstm")(inputs)))
     model.compile(optimizer="rmsprop", loss="mse")
-    _saved(tmp_path, model)
-    with pytest.raises(ExchangeError, match="layer 'lstm' .lstm.: torch holds its Keras variable 'bias' as 2 "
-                                            "parameters"):
-        _read(tmp_path / "m.keras")
+    state = _read(_saved(tmp_path, model))
+    assert sorted(key for key in state.slots if key.startswith("lstm")) == [
+        "lstm.bias_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0"]
+    with keras_files.open_keras_file(tmp_path / "m.keras") as weights:
+        graph, tensors = weights.architecture, fileformat.materialize(weights.tensors)
+    module = torch_adapter.model_from_tensors(graph, tensors)
+    optimizer = training_state.torch_optimizer(module, state)
+    trained = {id(parameter) for group in optimizer.param_groups for parameter in group["params"]}
+    assert id(dict(module.named_parameters())["lstm.bias_hh_l0"]) not in trained
 
 
 def test_an_uncompiled_file_has_no_state(tmp_path):

@@ -1,13 +1,17 @@
-"""Continuing a Keras run in PyTorch, in lockstep: a small CNN trained in Keras, saved mid-run as
+"""Continuing a Keras run in PyTorch, in lockstep: a model trained in Keras, saved mid-run as
 `.keras`, converted with its training state, then trained on in both frameworks on the same batches.
 
-The CNN has the conventions that differ between the frameworks' training: Conv2D with an L2
-kernel regularizer, BatchNormalization (trained: its moving statistics move), Dense logits, Adam
-with Keras's epsilon under an ExponentialDecay schedule, Keras's cross-entropy from logits. It has
-no Dropout: its randomness cannot be shared between frameworks.
+Two models carry the conventions that differ between the frameworks' training:
+- "cnn": Conv2D with an L2 kernel regularizer, BatchNormalization (trained: its moving statistics
+  move), Dense logits; Adam with Keras's epsilon under an ExponentialDecay schedule; Keras's
+  cross-entropy from logits.
+- "lstm": an LSTM (Keras's one bias is torch's two) and Dense logits over float sequences;
+  centered RMSprop with momentum under a PiecewiseConstantDecay schedule.
+Neither has Dropout: its randomness cannot be shared between frameworks.
 
 `run(variant=...)` replaces one ported convention by torch's own ("torch_adam", "torch_batch_norm",
-"no_regularizer") to show that each is needed. `python -m frameworks.cnn_lockstep` prints the figures.
+"no_regularizer" for the CNN) to show that each is needed. `python -m frameworks.resume_lockstep`
+prints the figures.
 """
 
 from __future__ import annotations
@@ -20,19 +24,21 @@ import torch
 
 from exchange import fileformat, keras_adapter, keras_files, optimizers, torch_adapter, training_state
 
-INPUT_SHAPE = (7, 6, 3)   # Keras layout (height, width, channels)
+INPUT_SHAPES = {"cnn": (7, 6, 3), "lstm": (9, 4)}   # Keras layout: (height, width, channels), (steps, features)
 CLASSES = 5
 BATCH = 8
 LEARNING_RATE = {"initial_learning_rate": 0.01, "decay_steps": 20, "decay_rate": 0.5, "staircase": False}
 BETAS = (0.9, 0.999)
 EPSILON = 1e-3            # Keras's epsilon, added to sqrt(v): torch adds its own after the bias correction
 L2 = 0.01
-VARIANTS = ("ported", "torch_adam", "torch_batch_norm", "no_regularizer")
+VARIANTS = ("ported", "torch_adam", "torch_batch_norm", "no_regularizer", "torch_rmsprop")
+RMSPROP = {"learning_rate": {"boundaries": [20, 100], "values": [0.01, 0.005, 0.002]}, "rho": 0.9,
+           "momentum": 0.5, "epsilon": 1e-7, "centered": True}
 
 
-def batches(count: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+def batches(count: int, seed: int, model_kind: str = "cnn") -> list[tuple[np.ndarray, np.ndarray]]:
     rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(BATCH, *INPUT_SHAPE)).astype(np.float32),
+    return [(rng.normal(size=(BATCH, *INPUT_SHAPES[model_kind])).astype(np.float32),
              np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, BATCH)]) for _ in range(count)]
 
 
@@ -40,7 +46,7 @@ def keras_cnn(seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(INPUT_SHAPE)
+    inputs = keras.Input(INPUT_SHAPES["cnn"])
     x = keras.layers.Conv2D(4, 3, strides=2, activation="relu", kernel_regularizer=keras.regularizers.L2(L2),
                             name="conv")(inputs)
     x = keras.layers.BatchNormalization(name="norm")(x)
@@ -51,6 +57,24 @@ def keras_cnn(seed: int = 0):
     model.compile(optimizer=keras.optimizers.Adam(schedule, beta_1=BETAS[0], beta_2=BETAS[1], epsilon=EPSILON),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     return model
+
+
+def keras_lstm(seed: int = 0):
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    inputs = keras.Input(INPUT_SHAPES["lstm"])
+    x = keras.layers.LSTM(6, name="lstm")(inputs)
+    outputs = keras.layers.Dense(CLASSES, name="logits")(x)
+    model = keras.Model(inputs, outputs, name="rnn")
+    options = dict(RMSPROP)
+    options["learning_rate"] = keras.optimizers.schedules.PiecewiseConstantDecay(**options["learning_rate"])
+    model.compile(optimizer=keras.optimizers.RMSprop(**options),
+                  loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    return model
+
+
+MODELS = {"cnn": keras_cnn, "lstm": keras_lstm}
 
 
 def keras_state(model, folder: Path):
@@ -74,8 +98,25 @@ def _naive_adam(module, state):
     return adam, schedule
 
 
+def _naive_rmsprop(module, state):
+    """torch's own RMSprop given Keras's hyperparameters and state (square_avg = velocity,
+    grad_avg = average_gradient, momentum_buffer = Keras's buffer without the learning rate)."""
+    parameters = dict(module.named_parameters())
+    options = state.optimizer.options
+    schedule = optimizers.make_schedule(options["learning_rate"])
+    rate = float(schedule(state.iteration))
+    rmsprop = torch.optim.RMSprop([parameters[key] for key in state.slots], lr=rate, alpha=options["rho"],
+                                  eps=options["epsilon"], momentum=options["momentum"], centered=options["centered"])
+    for key, slots in state.slots.items():
+        rmsprop.state[parameters[key]] = {"step": torch.tensor(float(state.iteration)),
+                                          "square_avg": torch.from_numpy(slots["velocity"].copy()),
+                                          "grad_avg": torch.from_numpy(slots["average_gradient"].copy()),
+                                          "momentum_buffer": torch.from_numpy(slots["momentum"] / rate)}
+    return rmsprop, schedule
+
+
 def run(keras_steps: int = 5, torch_steps: int = 200, variant: str = "ported", seed: int = 0,
-        every: int = 0) -> dict:
+        every: int = 0, model_kind: str = "cnn") -> dict:
     """Train `keras_steps` in Keras, convert, then `torch_steps` more in both. Returns the largest
     weight difference at the end (and every `every` steps when given) and, for the ported
     variant, the largest optimizer slot difference at the end."""
@@ -84,14 +125,14 @@ def run(keras_steps: int = 5, torch_steps: int = 200, variant: str = "ported", s
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a model this small gains nothing from threads that wait on TensorFlow's
     try:
-        return _run(keras_steps, torch_steps, variant, seed, every)
+        return _run(keras_steps, torch_steps, variant, seed, every, model_kind)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int) -> dict:
-    model = keras_cnn(seed)
-    for x, y in batches(keras_steps, seed):
+def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int, model_kind: str) -> dict:
+    model = MODELS[model_kind](seed)
+    for x, y in batches(keras_steps, seed, model_kind):
         model.train_on_batch(x, y)
     with tempfile.TemporaryDirectory() as folder:
         graph, tensors, state = keras_state(model, Path(folder))
@@ -100,13 +141,15 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
             optimizers.use_keras_batch_norm(module)
         if variant == "torch_adam":
             optimizer, schedule = _naive_adam(module, state)
+        elif variant == "torch_rmsprop":
+            optimizer, schedule = _naive_rmsprop(module, state)
         else:
             optimizer, schedule = training_state.torch_optimizer(module, state), None
         regularizers = {} if variant == "no_regularizer" else state.regularizers
         module.train()
         weight_differences = []
         chunk = every or torch_steps
-        all_batches = batches(torch_steps, seed + 1)
+        all_batches = batches(torch_steps, seed + 1, model_kind)
         for first in range(0, torch_steps, chunk):
             # Keras: one `fit` over the chunk's batches in order (as fast as Keras trains);
             # torch: the same batches one by one.
@@ -117,14 +160,15 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
                 if schedule is not None:
                     optimizer.param_groups[0]["lr"] = float(schedule(state.iteration + step))
                 optimizer.zero_grad(set_to_none=True)
-                logits = module(torch.from_numpy(x).permute(0, 3, 1, 2))
+                (inputs,) = torch_adapter.torch_inputs(graph, [x])   # channels-first
+                logits = module(inputs)
                 loss = optimizers.categorical_crossentropy(logits, torch.from_numpy(y), from_logits=True).mean()
                 loss = loss + optimizers.regularization_penalty(module, regularizers)
                 loss.backward()
                 optimizer.step()
             weight_differences.append((first + len(chunk_batches),
                                        _max_difference(keras_adapter.get_tensors(model), _state(module))))
-        result = {"variant": variant, "keras_steps": keras_steps, "torch_steps": torch_steps,
+        result = {"model": model_kind, "variant": variant, "keras_steps": keras_steps, "torch_steps": torch_steps,
                   "weight_differences": weight_differences, "weight_difference": weight_differences[-1][1]}
         if variant == "ported":
             _, _, keras_after = keras_state(model, Path(folder))
@@ -147,11 +191,11 @@ def _max_difference(keras_tensors: dict, torch_tensors: dict) -> float:
 
 
 def main() -> None:
-    for variant in VARIANTS:
-        result = run(variant=variant, every=50)
+    for model_kind, variant in [("cnn", variant) for variant in VARIANTS] + [("lstm", "ported"), ("lstm", "torch_rmsprop")]:
+        result = run(variant=variant, every=50, model_kind=model_kind)
         slots = f"; max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
         steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
-        print(f"{variant}: max weight difference after steps {steps}{slots}")
+        print(f"{model_kind} {variant}: max weight difference after steps {steps}{slots}")
 
 
 if __name__ == "__main__":
