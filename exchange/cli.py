@@ -276,7 +276,7 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
                          "has two (same outputs; converting back gives zeros there)")
         from exchange import training_state
-        training = None if weights_only else training_state.for_conversion(in_path, weights_path.suffix, graph, notes)
+        training = None if weights_only else training_state.for_conversion(in_path, out_path.suffix, graph, notes)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:

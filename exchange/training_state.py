@@ -583,7 +583,8 @@ def _apply_regularizers(keras, model, graph: Graph, regularizers: dict) -> None:
 
 def for_conversion(in_path: Path, out_suffix: str, graph: Graph, notes: list | None) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s into an exchange file, an
-    exchange file's into a `.keras`. A state that cannot be carried exactly is left out with a
+    exchange file's into a `.keras` (not into generated code's weights, which its `load()` reads
+    whole into `load_state_dict`). A state that cannot be carried exactly is left out with a
     note saying why; the weights convert as without it."""
     carried = (in_path.suffix, out_suffix) in ((".keras", ".safetensors"), (".safetensors", ".keras"))
     if not carried:

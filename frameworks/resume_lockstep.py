@@ -117,21 +117,26 @@ def _naive_rmsprop(module, state):
 
 
 def run(keras_steps: int = 5, torch_steps: int = 200, variant: str = "ported", seed: int = 0,
-        every: int = 0, model_kind: str = "cnn") -> dict:
+        every: int = 0, model_kind: str = "cnn", back_to_keras_at: int | None = None) -> dict:
     """Train `keras_steps` in Keras, convert, then `torch_steps` more in both. Returns the largest
     weight difference at the end (and every `every` steps when given) and, for the ported
-    variant, the largest optimizer slot difference at the end."""
+    variant, the largest optimizer slot difference at the end.
+
+    `back_to_keras_at` (a multiple of `every`): at that step the Keras side is replaced by a Keras
+    model resumed from the torch run's state (weights and optimizer, written as `.keras` and
+    loaded by Keras), so the steps after it check the torch -> Keras direction."""
     if variant not in VARIANTS.get(model_kind, ()):
         raise ValueError(f"model {model_kind!r} runs the variants {VARIANTS.get(model_kind)}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)   # a model this small gains nothing from threads that wait on TensorFlow's
     try:
-        return _run(keras_steps, torch_steps, variant, seed, every, model_kind)
+        return _run(keras_steps, torch_steps, variant, seed, every, model_kind, back_to_keras_at)
     finally:
         torch.set_num_threads(threads)
 
 
-def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int, model_kind: str) -> dict:
+def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int, model_kind: str,
+         back_to_keras_at: int | None) -> dict:
     model = MODELS[model_kind](seed)
     for x, y in batches(keras_steps, seed, model_kind):
         model.train_on_batch(x, y)
@@ -155,6 +160,8 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
             # Keras: one `fit` over the chunk's batches in order (as fast as Keras trains);
             # torch: the same batches one by one.
             chunk_batches = all_batches[first:first + chunk]
+            if first == back_to_keras_at:
+                model = _keras_from_torch(graph, module, optimizer, state, Path(folder))
             model.fit(np.concatenate([x for x, _ in chunk_batches]), np.concatenate([y for _, y in chunk_batches]),
                       batch_size=BATCH, shuffle=False, epochs=1, verbose=0)
             for step, (x, y) in enumerate(chunk_batches, start=first):
@@ -181,6 +188,17 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
     return result
 
 
+def _keras_from_torch(graph, module, optimizer, state, folder: Path):
+    """The torch run's weights and optimizer state in a `.keras` file, loaded by Keras."""
+    import keras
+
+    torch_state = training_state.state_of_torch_optimizer(module, optimizer, state)
+    resumed = training_state.keras_model_with_training(graph, torch_adapter.get_tensors(module), torch_state)
+    path = folder / "from_torch.keras"
+    keras_adapter.save_keras_file(resumed, path)
+    return keras.saving.load_model(path, compile=True, safe_mode=True)
+
+
 def _state(module) -> dict[str, np.ndarray]:
     return {key: value.detach().numpy() for key, value in module.state_dict().items()}
 
@@ -198,6 +216,11 @@ def main() -> None:
         slots = f"; max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
         steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
         print(f"{model_kind} {variant}: max weight difference after steps {steps}{slots}")
+    for model_kind in VARIANTS:
+        result = run(every=50, model_kind=model_kind, back_to_keras_at=100)
+        steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
+        print(f"{model_kind} back to Keras at step 100: max weight difference after steps {steps}; "
+              f"max slot difference {result['max_slot_difference']:.2e}")
 
 
 if __name__ == "__main__":

@@ -19,18 +19,22 @@ LOCKSTEP_TOLERANCE = 1e-5
 NAIVE_DRIFT = 1e-3
 
 
-def test_cnn_continues_in_torch_in_lockstep():
-    result = resume_lockstep.run(keras_steps=5, torch_steps=200)
+def test_cnn_continues_in_torch_and_back_in_keras_in_lockstep():
+    """200 steps on: the first 100 Keras -> torch, then Keras resumed from torch's state."""
+    result = resume_lockstep.run(keras_steps=5, torch_steps=200, every=50, back_to_keras_at=100)
     assert result["iterations"] == (205, 205)
-    assert result["weight_difference"] < LOCKSTEP_TOLERANCE
+    assert max(difference for _, difference in result["weight_differences"]) < LOCKSTEP_TOLERANCE
     assert result["max_slot_difference"] < LOCKSTEP_TOLERANCE
 
 
 @pytest.mark.slow
-def test_lstm_continues_in_torch_in_lockstep():
-    result = resume_lockstep.run(keras_steps=5, torch_steps=200, model_kind="lstm")
+@pytest.mark.parametrize("model_kind, back_to_keras_at", [("cnn", None), ("lstm", None), ("lstm", 100)],
+                         ids=["cnn-keras-to-torch", "lstm-keras-to-torch", "lstm-and-back-at-100"])
+def test_runs_continue_in_lockstep_for_200_steps(model_kind, back_to_keras_at):
+    result = resume_lockstep.run(keras_steps=5, torch_steps=200, every=50, model_kind=model_kind,
+                                 back_to_keras_at=back_to_keras_at)
     assert result["iterations"] == (205, 205)
-    assert result["weight_difference"] < LOCKSTEP_TOLERANCE
+    assert max(difference for _, difference in result["weight_differences"]) < LOCKSTEP_TOLERANCE
     assert result["max_slot_difference"] < LOCKSTEP_TOLERANCE
 
 
