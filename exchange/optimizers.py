@@ -371,8 +371,66 @@ def categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_lo
     return -(y_true * torch.log(y_pred)).sum(dim=axis)
 
 
+def sparse_categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
+                                    axis: int = -1) -> torch.Tensor:
+    """Keras's per-sample cross-entropy against integer labels: probabilities are clipped, and their
+    logarithms taken as logits (so the clipped probabilities are renormalised)."""
+    if not from_logits:
+        y_pred = torch.log(y_pred.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON))
+    log_probabilities = torch.log_softmax(y_pred, dim=axis)
+    labels = y_true.long().unsqueeze(axis)
+    return -torch.gather(log_probabilities, axis, labels).squeeze(axis)
+
+
+def binary_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
+                        label_smoothing: float = 0.0, axis: int = -1) -> torch.Tensor:
+    """Keras's per-sample binary cross-entropy, averaged over `axis`."""
+    if label_smoothing:
+        y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
+    if from_logits:
+        losses = torch.nn.functional.binary_cross_entropy_with_logits(y_pred, y_true, reduction="none")
+    else:
+        y_pred = y_pred.clamp(KERAS_EPSILON, 1.0 - KERAS_EPSILON)
+        losses = -(y_true * torch.log(y_pred) + (1 - y_true) * torch.log(1 - y_pred))
+    return losses.mean(dim=axis)
+
+
 def mean_squared_error(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
     return torch.mean(torch.square(y_pred - y_true), dim=-1)
+
+
+def mean_absolute_error(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Tensor:
+    return torch.mean(torch.abs(y_pred - y_true), dim=-1)
+
+
+LOSSES = {"categorical_crossentropy": categorical_crossentropy,
+          "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+          "binary_crossentropy": binary_crossentropy, "mean_squared_error": mean_squared_error,
+          "mean_absolute_error": mean_absolute_error}
+LOSS_NAMES = {"CategoricalCrossentropy": "categorical_crossentropy",
+              "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+              "BinaryCrossentropy": "binary_crossentropy", "MeanSquaredError": "mean_squared_error",
+              "mse": "mean_squared_error", "MeanAbsoluteError": "mean_absolute_error", "mae": "mean_absolute_error"}
+
+
+def make_loss(description):
+    """Keras's compiled loss (a name, or `{"class_name", "config"}`) as `loss(y_pred, y_true)`: the
+    per-sample losses averaged over the batch (`sum_over_batch_size`, Keras's default). A softmax
+    or sigmoid output's loss is computed by Keras from its logits: give those with `from_logits`."""
+    if isinstance(description, str):
+        name, options = description, {}
+    else:
+        name, options = description["class_name"], dict(description["config"])
+    name = LOSS_NAMES.get(name, name)
+    if name not in LOSSES:
+        raise ValueError(f"loss {name!r} has no Keras-exact torch version here (supported: {', '.join(LOSSES)})")
+    options.pop("name", None)
+    options.pop("dtype", None)
+    reduction = options.pop("reduction", "sum_over_batch_size")
+    if reduction != "sum_over_batch_size" or options.pop("ignore_class", None) is not None:
+        raise ValueError(f"loss {name!r}: only reduction='sum_over_batch_size' without ignore_class is reproduced")
+    function = LOSSES[name]
+    return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
 
 
 OPTIMIZERS = {optimizer.__name__: optimizer for optimizer in (Adam, AdamW, SGD, RMSprop, Adagrad, Adamax)}

@@ -152,6 +152,7 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
         else:
             optimizer, schedule = training_state.torch_optimizer(module, state), None
         regularizers = {} if variant == "no_regularizer" else state.regularizers
+        loss_fn = optimizers.make_loss(state.loss)   # the compile config's, with Keras's semantics
         module.train()
         weight_differences = []
         chunk = every or torch_steps
@@ -170,8 +171,7 @@ def _run(keras_steps: int, torch_steps: int, variant: str, seed: int, every: int
                 optimizer.zero_grad(set_to_none=True)
                 (inputs,) = torch_adapter.torch_inputs(graph, [x])   # channels-first
                 logits = module(inputs)
-                loss = optimizers.categorical_crossentropy(logits, torch.from_numpy(y), from_logits=True).mean()
-                loss = loss + optimizers.regularization_penalty(module, regularizers)
+                loss = loss_fn(logits, torch.from_numpy(y)) + optimizers.regularization_penalty(module, regularizers)
                 loss.backward()
                 optimizer.step()
             weight_differences.append((first + len(chunk_batches),

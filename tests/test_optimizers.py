@@ -154,3 +154,41 @@ def test_module_imports_only_torch():
                 for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "math", "torch"}
+
+
+@pytest.mark.parametrize("description, kind", [
+    ("categorical_crossentropy", "probabilities"),
+    ({"class_name": "CategoricalCrossentropy", "config": {"from_logits": True, "label_smoothing": 0.1,
+                                                          "reduction": "sum_over_batch_size", "axis": -1}}, "logits"),
+    ({"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}, "sparse-logits"),
+    ("sparse_categorical_crossentropy", "sparse-probabilities"),
+    ({"class_name": "BinaryCrossentropy", "config": {"label_smoothing": 0.2}}, "binary"),
+    ({"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}, "binary-logits"),
+    ("mse", "values"), ("mae", "values"),
+])
+def test_loss_is_keras_loss(description, kind):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
+    if kind in ("probabilities", "sparse-probabilities"):
+        y_pred = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        y_pred[0, 0] = 0.0   # a clipped probability
+    elif kind == "binary":
+        y_pred = 1 / (1 + np.exp(-logits))
+    else:
+        y_pred = logits
+    if kind.startswith("sparse"):
+        y_true = rng.integers(0, 4, size=6).astype(np.float32)
+    elif kind.startswith("binary"):
+        y_true = rng.integers(0, 2, size=(6, 4)).astype(np.float32)
+    else:
+        y_true = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=6)]
+    keras_loss = float(np.mean(keras.losses.get(description)(y_true, keras.ops.convert_to_tensor(y_pred))))
+    torch_loss = float(optimizers.make_loss(description)(torch.from_numpy(y_pred), torch.from_numpy(y_true)))
+    assert torch_loss == pytest.approx(keras_loss, rel=1e-6)
+
+
+def test_unreproduced_loss_is_refused():
+    with pytest.raises(ValueError, match="loss 'huber' has no Keras-exact torch version here"):
+        optimizers.make_loss("huber")
+    with pytest.raises(ValueError, match="only reduction='sum_over_batch_size'"):
+        optimizers.make_loss({"class_name": "MeanSquaredError", "config": {"reduction": "sum"}})
