@@ -212,3 +212,49 @@ def test_convert_leaves_out_a_state_it_cannot_carry_with_a_note(tmp_path):
     assert notes == [f"optimizer state left out: {path}: optimizer Adam clipvalue=0.5: gradient clipping is not "
                      "reproduced in torch"]
     assert fileformat.load(tmp_path / "m.safetensors").training_tensors == {}
+
+
+def _exchange_with(tmp_path, optimizer_json, slot_tensors, training_json=None):
+    """A small exchange file with a hand-written (possibly hostile) training part."""
+    from exchange.graph import dense_chain
+
+    graph = dense_chain("tiny", 3, [(2, "linear")])
+    tensors = {"dense_0.weight": np.ones((2, 3), np.float32), "dense_0.bias": np.zeros(2, np.float32)}
+    metadata = {"optimizer": json.dumps(optimizer_json),
+                "training": json.dumps(training_json or {"loss": "mse", "regularizers": {}})}
+    path = tmp_path / "tiny.safetensors"
+    fileformat.save(path, graph, tensors, "torch", training=(metadata, slot_tensors))
+    loaded = fileformat.load(path)
+    return training_state.read_exchange_training(loaded, training_state.parameter_keys_of(graph))
+
+
+SGD = {"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": False}, "iteration": 4}
+SLOTS = {"optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32),
+         "optimizer/dense_0.bias/momentum": np.ones(2, np.float32)}
+
+
+def test_exchange_file_state_is_read_back(tmp_path):
+    state = _exchange_with(tmp_path, SGD, SLOTS)
+    assert state.iteration == 4 and state.optimizer.options["momentum"] == 0.9
+    assert sorted(state.slots) == ["dense_0.bias", "dense_0.weight"]
+
+
+@pytest.mark.parametrize("optimizer_json, slots, training_json, message", [
+    ({**SGD, "config": {**SGD["config"], "momentum": "lots"}}, SLOTS, None,
+     "optimizer SGD momentum must be a number, found lots"),
+    ({**SGD, "config": {**SGD["config"], "exec": 1}}, SLOTS, None, "optimizer SGD option 'exec' is not supported"),
+    ({**SGD, "iteration": -1}, SLOTS, None, "optimizer iteration must be a step count"),
+    (SGD, {**SLOTS, "optimizer/dense_0.weight/momentum": np.ones((3, 2), np.float32)}, None,
+     r"optimizer tensor optimizer/dense_0.weight/momentum has shape \(3, 2\), its parameter \(2, 3\)"),
+    (SGD, {**SLOTS, "optimizer/dense_0.weight/velocity": np.ones((2, 3), np.float32)}, None,
+     "unexpected optimizer tensor 'optimizer/dense_0.weight/velocity'"),
+    (SGD, {"optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32)}, None, "optimizer slots are missing"),
+    (SGD, SLOTS, {"loss": "mse", "regularizers": {"dense_0.weight": {"l3": 1.0}}},
+     "unexpected regularizer for 'dense_0.weight'"),
+], ids=["bad-number", "unknown-option", "negative-iteration", "slot-shape", "unknown-slot", "missing-slot",
+        "bad-regularizer"])
+def test_hostile_exchange_training_state_is_refused_in_one_line(tmp_path, optimizer_json, slots, training_json,
+                                                                 message):
+    with pytest.raises(ExchangeError, match=message) as error:
+        _exchange_with(tmp_path, optimizer_json, slots, training_json)
+    assert "\n" not in str(error.value)
