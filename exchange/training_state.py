@@ -583,21 +583,39 @@ def _apply_regularizers(keras, model, graph: Graph, regularizers: dict) -> None:
 
 def for_conversion(in_path: Path, out_suffix: str, graph: Graph, notes: list | None) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s into an exchange file, an
-    exchange file's into a `.keras` (not into generated code's weights, which its `load()` reads
-    whole into `load_state_dict`). A state that cannot be carried exactly is left out with a
-    note saying why; the weights convert as without it."""
-    carried = (in_path.suffix, out_suffix) in ((".keras", ".safetensors"), (".safetensors", ".keras"))
-    if not carried:
+    exchange file's into an exchange file or a `.keras` (not into a `.pt` or generated code's
+    weights, which are read whole into `load_state_dict`). A state that is not carried, or cannot
+    be carried exactly, is left out with a note saying why; the weights convert as without it."""
+    if not _holds_training(in_path):
         return None
-    try:
-        parameter_keys = parameter_keys_of(graph)
-        if in_path.suffix == ".keras":
-            return read_keras_training(in_path, graph, parameter_keys)
-        return read_exchange_training(fileformat.load(in_path), parameter_keys)
-    except ImportError:
-        reason = "carrying it needs torch, which is not installed"
-    except (UnsupportedLayerError, ExchangeFileError) as err:
-        reason = str(err)
+    if (in_path.suffix, out_suffix) not in ((".keras", ".safetensors"), (".safetensors", ".safetensors"),
+                                            (".safetensors", ".keras")):
+        reason = f"a {out_suffix} output does not carry it (convert to .safetensors)"
+    else:
+        try:
+            parameter_keys = parameter_keys_of(graph)
+            if in_path.suffix == ".keras":
+                return read_keras_training(in_path, graph, parameter_keys)
+            return read_exchange_training(fileformat.load(in_path), parameter_keys)
+        except ImportError:
+            reason = "carrying it needs torch, which is not installed"
+        except (UnsupportedLayerError, ExchangeFileError) as err:
+            reason = str(err)
     if notes is not None:
         notes.append(f"optimizer state left out: {reason}")
     return None
+
+
+def _holds_training(path: Path) -> bool:
+    """Whether a compiled `.keras` or an exchange file with training state (read cheaply: the
+    config, or the header's metadata)."""
+    try:
+        if path.suffix == ".keras":
+            with keras_files._open_zip(path) as archive:
+                config = keras_files._json(keras_files._config_member(archive, path), f"{path}:config.json")
+            return bool(config.get("compile_config"))
+        if path.suffix == ".safetensors":
+            return OPTIMIZER_METADATA in fileformat.read_metadata(path)
+    except ExchangeFileError:
+        return False
+    return False

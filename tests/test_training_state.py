@@ -258,3 +258,12 @@ def test_hostile_exchange_training_state_is_refused_in_one_line(tmp_path, optimi
     with pytest.raises(ExchangeError, match=message) as error:
         _exchange_with(tmp_path, optimizer_json, slots, training_json)
     assert "\n" not in str(error.value)
+
+
+def test_outputs_without_training_state_say_so(trained, tmp_path):
+    from exchange import cli
+
+    _, path, _, _, _ = trained
+    notes = []
+    cli.convert(path, tmp_path / "m.pt", notes=notes)
+    assert notes == ["optimizer state left out: a .pt output does not carry it (convert to .safetensors)"]
