@@ -209,18 +209,30 @@ def _max_difference(keras_tensors: dict, torch_tensors: dict) -> float:
                if not key.endswith("num_batches_tracked"))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Figures of a Keras run continued in PyTorch.")
+    parser.add_argument("--plot", type=Path, help="also draw the weight difference along each run (PNG)")
+    args = parser.parse_args(argv)
+    results = []
     for model_kind, variant in [(model_kind, variant) for model_kind, variants in VARIANTS.items()
                                 for variant in variants]:
-        result = run(variant=variant, every=50, model_kind=model_kind)
+        result = run(variant=variant, every=10 if args.plot else 50, model_kind=model_kind)
+        results.append(result)
         slots = f"; max slot difference {result['max_slot_difference']:.2e}" if "max_slot_difference" in result else ""
-        steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
+        steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"]
+                          if step % 50 == 0)
         print(f"{model_kind} {variant}: max weight difference after steps {steps}{slots}")
     for model_kind in VARIANTS:
         result = run(every=50, model_kind=model_kind, back_to_keras_at=100)
         steps = ", ".join(f"{step}: {difference:.2e}" for step, difference in result["weight_differences"])
         print(f"{model_kind} back to Keras at step 100: max weight difference after steps {steps}; "
               f"max slot difference {result['max_slot_difference']:.2e}")
+    if args.plot:
+        from frameworks import plots
+
+        print(f"wrote {plots.plot_resumed_runs(results, args.plot)}")
 
 
 if __name__ == "__main__":

@@ -80,3 +80,13 @@ def test_regularization_penalty_is_keras_regularization_loss():
     penalty = optimizers.regularization_penalty(module, {"dense.weight": {"l1": 0.01, "l2": 0.02},
                                                          "dense.bias": {"l2": 0.5}})
     assert float(penalty.detach()) == pytest.approx(keras_penalty, rel=1e-6)
+
+
+def test_resumed_runs_plot(tmp_path):
+    from frameworks import plots
+
+    results = [{"model": "cnn", "variant": "ported", "weight_differences": [(10, 1e-7), (20, 1.2e-7)]},
+               {"model": "cnn", "variant": "torch_adam", "weight_differences": [(10, 1e-3), (20, 7e-3)]},
+               {"model": "lstm", "variant": "ported", "weight_differences": [(10, 2e-7), (20, 3e-7)]}]
+    path = plots.plot_resumed_runs(results, tmp_path / "resumed.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
