@@ -403,9 +403,12 @@ def read_regularizers(config: dict, graph: Graph, where: str) -> dict[str, dict[
         for key, value in layer_config.items():
             if not key.endswith("_regularizer") or value is None:
                 continue
-            if key == "activity_regularizer" or name not in nodes:
-                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} {key} is not supported for training "
-                                            "(it penalizes outputs, not a variable)")
+            if key == "activity_regularizer":
+                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} activity_regularizer is not supported "
+                                            "for training (it penalizes outputs, not a variable)")
+            if name not in nodes:
+                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} {str(key)[:60]} is not supported for "
+                                            "training (the layer has no variables of its own in the architecture)")
             found.update(_regularizer(graph, nodes[name], key, value, where))
     return found
 

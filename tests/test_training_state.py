@@ -267,3 +267,11 @@ def test_outputs_without_training_state_say_so(trained, tmp_path):
     notes = []
     cli.convert(path, tmp_path / "m.pt", notes=notes)
     assert notes == ["optimizer state left out: a .pt output does not carry it (convert to .safetensors)"]
+
+
+def test_an_activity_regularizer_is_refused(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, activity_regularizer="l2", name="d")(inputs))
+    model.compile(optimizer="sgd", loss="mse")
+    with pytest.raises(ExchangeError, match="layer 'd' activity_regularizer is not supported for training"):
+        _read(_saved(tmp_path, model))
