@@ -41,11 +41,12 @@ TF_LOG_LEVEL = "3"
 
 
 def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
-                 activations: list[str] | None = None, by_name: bool = False) -> tuple[Graph, dict, str]:
-    """(graph, file-layout tensors, source framework) from any input kind. Keras files give lazy
-    tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
-    graph) gives the architecture of a weights-only input."""
-    kind = filekinds.weights_kind(path)
+                 activations: list[str] | None = None, by_name: bool = False,
+                 kind: filekinds.FileKind | None = None) -> tuple[Graph, dict, str]:
+    """(graph, file-layout tensors, source framework) from any input kind (`kind`, when the
+    caller has decided it). Keras files give lazy tensors, read when written; `stack` keeps their
+    file open until then. `arch` (a path or a graph) gives the architecture of a weights-only input."""
+    kind = kind or filekinds.weights_kind(path)
     if kind is filekinds.SAFETENSORS:
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
@@ -126,18 +127,25 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str) -> None:
+def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str,
+                  training=None) -> None:
     """Write any output kind into `output`; tensors are checked against the architecture first.
-    The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path."""
+    The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path.
+    `training` (`exchange.training_state.TrainingState`) goes into a .safetensors or .keras."""
     kind = filekinds.output_kind(output.target)
     if kind is filekinds.SAFETENSORS:   # the writer checks the tensors itself
         with output.open() as stream:
-            fileformat.write(stream, graph, tensors, source_framework)
+            fileformat.write(stream, graph, tensors, source_framework, training and training.file_parts())
         return
     fileformat.check_tensors(graph, tensors)
     if kind is filekinds.KERAS:
         keras_adapter = _framework_module("exchange.keras_adapter", "writing a .keras file", "keras")
-        model = keras_adapter.model_from_tensors(graph, tensors)
+        if training is not None:
+            from exchange import training_state
+
+            model = training_state.keras_model_with_training(graph, fileformat.materialize(tensors), training)
+        else:
+            model = keras_adapter.model_from_tensors(graph, tensors)
         with keras_adapter.recursion_room():
             model.save(output.path)
     else:
@@ -167,20 +175,24 @@ class VerificationFailed(ExchangeError):
 
 
 def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False) -> Graph:
+            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False,
+            optimizer_state: bool = False) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
     `check(graph, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
-    receives what the user should know about a successful conversion (tensors folded together)."""
+    receives what the user should know about a successful conversion (tensors folded together).
+    With `optimizer_state`, a compiled `.keras`'s training state goes into an exchange file (an
+    exchange file's into an exchange file or a `.keras`, always): `exchange.training_state`."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
         if in_path.resolve() == path.resolve():
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
-        graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name)
+        in_kind = filekinds.weights_kind(in_path)
+        graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name, in_kind)
         try:   # before anything is built
             check_integer_inputs(graph)   # Keras's layers differ on integers
             if out_kind is filekinds.KERAS:
@@ -192,11 +204,13 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
         if folded and notes is not None:
             notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
                          "has two (same outputs; converting back gives zeros there)")
+        from exchange import training_state
+        training = training_state.for_conversion(in_path, in_kind, out_kind, graph, notes, optimizer_state)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
             with _writing(weights_path, in_path):
-                write_weights(output, graph, tensors, source)
+                write_weights(output, graph, tensors, source, training)
             temporary = output.path
             check_written(temporary, graph)
             if out_kind is filekinds.CODE:
@@ -270,6 +284,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="--verify writes its result there as JSON (both comparisons, per-layer maxima)")
     parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
                         help="--verify stops the frameworks after this long (default: %(default)g)")
+    parser.add_argument("--optimizer-state", action="store_true",
+                        help="carry a compiled .keras's optimizer state (slots, step, config) into the "
+                             ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
+                             "torch_adapter.model_from_file, not a plain load_state_dict (see "
+                             "docs/continuing-training.md)")
     parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
                         help="a Python file of yours that registers layer kinds for your own Keras layer "
                              "classes (repeatable; see docs/adding-a-layer-kind.md)")
@@ -318,7 +337,7 @@ def main(argv: list[str] | None = None) -> int:
             load_kinds_file(kinds_file)
         notes: list[str] = []
         graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
-                        args.by_name)
+                        args.by_name, args.optimizer_state)
         for note in notes:
             print(f"note: {note}")
         torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()

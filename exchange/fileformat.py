@@ -11,6 +11,16 @@ Metadata (all strings, as safetensors requires):
     architecture      JSON            `Graph.to_json()`: rebuild the model from the file
     source_framework  "keras"|"torch" who produced the weights
 
+A file converted from a Keras file with training state also holds (`exchange.training_state`):
+
+    optimizer         JSON            the Keras optimizer's class, checked config and iteration count
+    training          JSON            the loss (Keras's compile config) and regularization factors
+    optimizer/KEY/SLOT tensors        each optimizer slot of parameter KEY (`optimizer/dense.weight/momentum`)
+
+The slot keys contain `/`, which no torch state_dict key does: `load` and the model loaders set
+them apart (`ExchangeFile.training_tensors`), so the model's tensors load as before;
+`safetensors.torch.load_file` returns them too, so a plain `load_state_dict` needs them left out.
+
 Version 1 files (a Dense stack, keys `layers.{i}.weight`) are upgraded on read: the same graph
 with layers `dense_0`, `dense_1`, … and keys renamed to match.
 
@@ -19,6 +29,7 @@ This module needs numpy and safetensors only: no framework is imported.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import os
@@ -60,6 +71,16 @@ class ExchangeFile:
     tensors: dict[str, np.ndarray]
     source_framework: str
     metadata: dict[str, str]
+    training_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # optimizer/KEY/SLOT
+
+
+TRAINING_PREFIX = "optimizer/"   # keys of optimizer slots; never a torch state_dict key (no `/` there)
+
+
+def split_training(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model tensors, optimizer slot tensors) of a file's tensors."""
+    training = {key: value for key, value in tensors.items() if key.startswith(TRAINING_PREFIX)}
+    return {key: value for key, value in tensors.items() if key not in training}, training
 
 
 def check_tensors(architecture: Graph, tensors: Mapping[str, AnyTensor], where: str = "") -> None:
@@ -270,7 +291,8 @@ def _current_umask() -> int:
 
 
 def save(path: str | os.PathLike[str], architecture: Graph,
-         tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
+         tensors: Mapping[str, AnyTensor], source_framework: str,
+         training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
     Tensors may be arrays or `LazyTensor`s; lazy ones are read one at a time, so a large model
@@ -282,19 +304,28 @@ def save(path: str | os.PathLike[str], architecture: Graph,
         ...      "dense_0.bias": np.zeros(1, np.float32)}, source_framework="torch")
     """
     with atomic_file(path) as pending, pending.open() as stream:
-        write(stream, architecture, tensors, source_framework)
+        write(stream, architecture, tensors, source_framework, training)
 
 
 def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
-          tensors: Mapping[str, AnyTensor], source_framework: str) -> None:
+          tensors: Mapping[str, AnyTensor], source_framework: str,
+          training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None) -> None:
     """`save` without the atomic rename, for a caller that owns the temporary: a path, or a file
-    open for reading and writing (`PendingOutput.open()`)."""
+    open for reading and writing (`PendingOutput.open()`). `training`: (metadata, slot tensors)
+    from `exchange.training_state`, written beside the model's."""
     if source_framework not in SOURCE_FRAMEWORKS:
         raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, "
                             f"got {source_framework!r}")
     check_tensors(architecture, tensors)
     metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
                 "architecture": architecture.to_json(), "source_framework": source_framework}
+    if training is not None:
+        extra_metadata, slot_tensors = training
+        if set(extra_metadata) & set(metadata) or any(not key.startswith(TRAINING_PREFIX) for key in slot_tensors):
+            raise ExchangeError("training state must add metadata of its own and keys under "
+                                f"{TRAINING_PREFIX!r}")
+        metadata.update(extra_metadata)
+        tensors = {**tensors, **slot_tensors}
     if isinstance(destination, (str, os.PathLike)):
         with open(destination, "w+b") as stream:
             _write_safetensors(stream, tensors, metadata)
@@ -361,7 +392,7 @@ def check_header(path: str | os.PathLike[str], architecture: Graph) -> None:
     if differences:
         raise ExchangeFileError(f"{path}: architecture in the file differs: {'; '.join(differences)}")
     expected = {key: (tuple(shape), DTYPE_CODES[dtype]) for key, (shape, dtype) in architecture.tensor_specs.items()}
-    if shapes != expected:
+    if split_training(shapes)[0] != expected:
         raise ExchangeFileError(f"{path}: tensors in the file differ from the architecture's")
 
 
@@ -393,8 +424,9 @@ def load(path: str | os.PathLike[str]) -> ExchangeFile:
     if metadata.get("exchange_version") == "1":
         tensors = upgrade_v1_keys(tensors)
     source_framework = metadata.get("source_framework", "unknown")
+    tensors, training_tensors = split_training(tensors)
     check_tensors(architecture, tensors, where=str(path))
-    return ExchangeFile(architecture, tensors, source_framework, metadata)
+    return ExchangeFile(architecture, tensors, source_framework, metadata, training_tensors)
 
 
 def check_same_architecture(in_file: Graph, in_model: Graph, path: str | os.PathLike[str]) -> None:

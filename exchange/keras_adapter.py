@@ -227,3 +227,9 @@ def named_for_keras(path: Path, kind: filekinds.FileKind):
         link = Path(folder) / f"model{kind.suffixes[0]}"
         link.symlink_to(path.resolve())
         yield link
+
+
+def save_keras_file(model: keras.Model, path: str | os.PathLike) -> None:
+    """Write a `.keras` file atomically."""
+    with fileformat.atomic_output(path) as temporary, recursion_room():
+        model.save(temporary)

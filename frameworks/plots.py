@@ -107,6 +107,26 @@ def plot_report(report_path: str | Path, out_dir: str | Path | None = None) -> l
     return [path for path in written if path is not None]
 
 
+def plot_resumed_runs(results: list[dict], path: Path) -> Path:
+    """Max |W_keras - W_torch| along a resumed run (`frameworks.resume_lockstep`), one panel per
+    model: the ported run against each of torch's own conventions, log scale."""
+    models = list(dict.fromkeys(result["model"] for result in results))
+    figure, panels = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for axes, model in zip(panels[0], models):
+        for result in (result for result in results if result["model"] == model):
+            steps, differences = zip(*result["weight_differences"])
+            ported = result["variant"] == "ported"
+            axes.plot(steps, [max(difference, 1e-12) for difference in differences],
+                      color="black" if ported else None, linewidth=2 if ported else 1, label=result["variant"])
+        axes.set_yscale("log")
+        axes.set_xlabel("steps after the conversion")
+        axes.set_ylabel("max |W_keras - W_torch|")
+        axes.grid(alpha=0.3, which="both")
+        axes.legend(fontsize=8)
+        axes.set_title(f"{model.upper()} resumed in PyTorch")
+    return _save(figure, path)
+
+
 def _save(figure, path: Path) -> Path:
     figure.tight_layout()
     with fileformat.atomic_output(path) as temporary:

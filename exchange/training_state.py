@@ -1,0 +1,629 @@
+"""Training state through the exchange: a Keras run's optimizer, loss and regularizers, to continue it.
+
+A `.keras` file that was compiled and trained holds, beside the weights, its compile config
+(`config.json`: optimizer, loss) and the optimizer's variables (`model.weights.h5`,
+`optimizer/vars/0, 1, …`): the iteration count, the learning rate (a variable unless it is a
+schedule), then the slots, each of its variable's shape, in the order of the model's trainable
+variables. Keras 3.15 stores them as `add_optimizer_variables` made them: one call's slot names
+interleaved per variable (Adam: momentum, velocity of the first variable, then of the second, …),
+successive calls one after the other (RMSprop: every velocity, then every momentum).
+
+A slot goes through its variable's port, so it is in the torch layout of its parameter (a Dense
+kernel's moments transposed like the kernel); the exchange file keeps it under
+`optimizer/<parameter key>/<slot name>`, the optimizer's checked config and iteration in the
+`optimizer` metadata, the loss and the regularization factors in `training`. `exchange.optimizers`
+continues the run in torch with Keras's update rules; `keras_model_with_training` writes a torch
+run's state back into a compiled Keras model that resumes from it.
+
+Conventions that differ:
+- Which variables train: Keras's trainable variables are the torch module's parameters whose port
+  leads to a Keras variable (BatchNorm's moving statistics are buffers in torch, non-trainable in
+  Keras); a torch-only parameter (the zero bias of a BatchNorm with `center=False`) has no slots
+  and is not trained, as in Keras.
+- Regularizers are options of Keras layers that compute nothing at inference (the architecture
+  leaves them out); training needs them, so they are read here from the layer configs.
+
+- One Keras variable, two torch parameters (an LSTM's bias is `bias_ih` + `bias_hh`): the first
+  trains as Keras's variable, with its slots; the second keeps its value (zeros from Keras) and is
+  left out of the optimizer, so the sum moves as Keras's bias does.
+
+Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
+rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
+frozen layers, activity regularizers, and files whose slots do not match the model's
+trainable variables in number or shape.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from exchange import fileformat, filekinds, keras_files, untrusted
+from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
+from exchange.graph import Graph
+from exchange.ports import KerasOnly, Packed, Summed, TorchOnly
+
+OPTIMIZER_METADATA = "optimizer"
+TRAINING_METADATA = "training"
+SLOT_KEY = re.compile(r"optimizer/([A-Za-z0-9_.]+)/([a-z_]+)")
+MAX_ITERATIONS = 1 << 53   # an int64 step count past float64's integers is not a real run
+MAX_SCHEDULE_BOUNDARIES = 1 << 12
+
+# Options every Keras optimizer has, with the only values reproduced here (None: any number or None).
+COMMON_OPTIONS = {"name": "text", "learning_rate": "rate", "weight_decay": "number or none",
+                  "clipnorm": None, "global_clipnorm": None, "clipvalue": None, "use_ema": False,
+                  "ema_momentum": "number", "ema_overwrite_frequency": None, "loss_scale_factor": None,
+                  "gradient_accumulation_steps": None}
+WHY_NOT = {"clipnorm": "gradient clipping", "global_clipnorm": "gradient clipping", "clipvalue": "gradient clipping",
+           "use_ema": "an exponential moving average of the weights", "ema_overwrite_frequency": "EMA",
+           "loss_scale_factor": "loss scaling", "gradient_accumulation_steps": "gradient accumulation",
+           "amsgrad": "AMSGrad"}
+# Per class: its own options, and its slot groups in the order Keras 3.15 creates them.
+CLASS_OPTIONS = {
+    "Adam": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
+    "AdamW": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
+    "SGD": {"momentum": "number", "nesterov": "flag"},
+    "RMSprop": {"rho": "number", "momentum": "number", "epsilon": "number", "centered": "flag"},
+    "Adagrad": {"initial_accumulator_value": "number", "epsilon": "number"},
+    "Adamax": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
+}
+SCHEDULE_OPTIONS = {
+    "ExponentialDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "decay_rate": "number",
+                         "staircase": "flag"},
+    "InverseTimeDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "decay_rate": "number",
+                         "staircase": "flag"},
+    "PiecewiseConstantDecay": {"boundaries": "list", "values": "list"},
+    "PolynomialDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "end_learning_rate": "number",
+                        "power": "number", "cycle": "flag"},
+    "CosineDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "alpha": "number",
+                    "warmup_target": "number or none", "warmup_steps": "count"},
+}
+REGULARIZERS = {"L1": ("l1",), "L2": ("l2",), "L1L2": ("l1", "l2")}
+
+
+def slot_groups(class_name: str, options: dict) -> list[tuple[str, ...]]:
+    """The optimizer's slot names as Keras 3.15's `build` creates them (see the module docstring)."""
+    if class_name in ("Adam", "AdamW"):
+        return [("momentum", "velocity")]
+    if class_name == "SGD":
+        return [("momentum",)] if options["momentum"] != 0 else []
+    if class_name == "RMSprop":
+        return [("velocity",)] + ([("momentum",)] if options["momentum"] > 0 else []) + \
+            ([("average_gradient",)] if options["centered"] else [])
+    if class_name == "Adagrad":
+        return [("accumulator",)]
+    return [("momentum", "norm")]   # Adamax
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """A Keras optimizer reproduced by `exchange.optimizers`: its class and the options its torch
+    counterpart takes (`learning_rate` a number or a schedule's `{"class_name", "config"}`)."""
+
+    class_name: str
+    options: dict
+
+    @property
+    def slot_names(self) -> tuple[str, ...]:
+        return tuple(name for group in slot_groups(self.class_name, self.options) for name in group)
+
+    @property
+    def learning_rate_is_variable(self) -> bool:
+        return not isinstance(self.options["learning_rate"], dict)
+
+    def to_json(self) -> dict:
+        return {"class_name": self.class_name, "config": self.options}
+
+
+@dataclass(frozen=True)
+class TrainingState:
+    """What a run needs to continue: the optimizer, its step count and slots (torch layout, by
+    parameter key then slot name), the loss as Keras's compile config names it, and the
+    regularization factors by parameter key (`{"l1": a, "l2": b}`)."""
+
+    optimizer: OptimizerSpec
+    iteration: int
+    slots: dict[str, dict[str, np.ndarray]]
+    loss: object = None
+    regularizers: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    def file_parts(self) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+        """(metadata, tensors) for `fileformat.save(..., training=...)`."""
+        metadata = {OPTIMIZER_METADATA: json.dumps({**self.optimizer.to_json(), "iteration": self.iteration}),
+                    TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers})}
+        tensors = {f"optimizer/{key}/{slot}": value for key, slots in self.slots.items()
+                   for slot, value in slots.items()}
+        return metadata, tensors
+
+
+# ---------------------------------------------------------------------------------------------
+# Checking configs from files
+
+
+def check_optimizer(description, where: str) -> OptimizerSpec:
+    """A Keras optimizer config (`{"class_name": "Adam", "config": {...}}`) from a file, checked
+    option by option; anything not reproduced exactly is refused in one line."""
+    if not isinstance(description, dict) or not isinstance(description.get("config"), dict):
+        raise ExchangeFileError(f"{where}: the optimizer config is not an object with a config")
+    class_name = description.get("class_name")
+    if class_name not in CLASS_OPTIONS:
+        raise UnsupportedLayerError(f"{where}: optimizer {str(class_name)[:60]!r} is not supported for training "
+                                    f"state (supported: {', '.join(CLASS_OPTIONS)})")
+    known = {**COMMON_OPTIONS, **CLASS_OPTIONS[class_name]}
+    config = description["config"]
+    options = {}
+    for key, value in config.items():
+        if key not in known:
+            raise UnsupportedLayerError(f"{where}: optimizer {class_name} option {str(key)[:60]!r} is not supported")
+        rule = known[key]
+        if rule is None or rule is False:
+            if value not in (None, False):
+                raise UnsupportedLayerError(f"{where}: optimizer {class_name} {key}={str(value)[:40]}: "
+                                            f"{WHY_NOT[key]} is not reproduced in torch")
+            continue
+        if key in ("name", "ema_momentum"):
+            continue
+        options[key] = _schedule_or_number(value, f"{where}: optimizer {class_name} learning_rate") \
+            if rule == "rate" else _value(value, rule, f"{where}: optimizer {class_name} {key}")
+    missing = sorted(key for key, rule in known.items() if rule not in (None, False) and key not in config
+                     and key not in ("name", "ema_momentum", "weight_decay"))
+    if missing:
+        raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {', '.join(missing)}")
+    if class_name == "AdamW" and options.get("weight_decay") is None:
+        raise ExchangeFileError(f"{where}: optimizer AdamW config lacks weight_decay")
+    options.setdefault("weight_decay", None)
+    return OptimizerSpec(class_name, options)
+
+
+def _schedule_or_number(value, where: str):
+    if not isinstance(value, dict):
+        return _value(value, "number", where)
+    class_name = value.get("class_name")
+    config = value.get("config")
+    if class_name not in SCHEDULE_OPTIONS or not isinstance(config, dict):
+        raise UnsupportedLayerError(f"{where}: schedule {str(class_name)[:60]!r} is not supported "
+                                    f"(supported: {', '.join(SCHEDULE_OPTIONS)})")
+    known = SCHEDULE_OPTIONS[class_name]
+    options = {}
+    for key, item in config.items():
+        if key == "name":
+            continue
+        if key not in known:
+            raise UnsupportedLayerError(f"{where}: {class_name} option {str(key)[:60]!r} is not supported")
+        options[key] = _value(item, known[key], f"{where}: {class_name} {key}")
+    missing = sorted(set(known) - set(options))
+    if missing:
+        raise ExchangeFileError(f"{where}: {class_name} config lacks {', '.join(missing)}")
+    if class_name == "PiecewiseConstantDecay" and len(options["values"]) != len(options["boundaries"]) + 1:
+        raise ExchangeFileError(f"{where}: PiecewiseConstantDecay needs one value more than boundaries")
+    return {"class_name": class_name, "config": options}
+
+
+def _value(value, rule: str, where: str):
+    if rule == "flag":
+        if not isinstance(value, bool):
+            raise ExchangeFileError(f"{where} must be true or false, found {str(value)[:40]}")
+        return value
+    if rule == "number or none" and value is None:
+        return None
+    if rule == "list":
+        if not isinstance(value, list) or not 1 <= len(value) <= MAX_SCHEDULE_BOUNDARIES:
+            raise ExchangeFileError(f"{where} must be a list of 1 to {MAX_SCHEDULE_BOUNDARIES} numbers")
+        return [_value(item, "number", where) for item in value]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ExchangeFileError(f"{where} must be a number, found {str(value)[:40]}")
+    if rule in ("steps", "count"):
+        if value != int(value) or not (1 if rule == "steps" else 0) <= value <= MAX_ITERATIONS:
+            raise ExchangeFileError(f"{where} must be a whole number of steps, found {str(value)[:40]}")
+        return int(value)
+    return float(value)
+
+
+def check_loss(loss, where: str):
+    """The compile config's loss, kept as Keras names it (a name, or a serialized loss object)."""
+    if loss is None or isinstance(loss, str) and len(loss) <= 200:
+        return loss
+    if isinstance(loss, dict) and isinstance(loss.get("class_name"), str) and len(json.dumps(loss)) <= 4096:
+        return loss
+    raise UnsupportedLayerError(f"{where}: the compile config's loss is not a single named loss "
+                                "(several outputs' losses are not supported)")
+
+
+# ---------------------------------------------------------------------------------------------
+# Which torch parameters Keras trains, in Keras's order
+
+
+def trainable_variables(graph: Graph, parameter_keys: set[str]) -> list[tuple]:
+    """(node, Keras variable name, Keras shape, port) of each variable Keras trains, in the order
+    of `model.trainable_variables` (layers in the model's order, each in its variable order):
+    the Keras variables whose ports lead to torch parameters (`parameter_keys`)."""
+    found = []
+    for node in graph.layers:
+        prefix = graph.torch_names[node.name]
+        keras_shapes = dict(graph.keras_variables(node))
+        claimed = {}
+        for port in graph.ports(node):
+            if isinstance(port, (TorchOnly, KerasOnly)):
+                continue
+            keys = [f"{prefix}.{suffix}" for suffix in port.torch_shapes(keras_shapes)]
+            if not any(key in parameter_keys for key in keys):
+                continue
+            for name in port.keras_names:
+                claimed[name] = port
+        found += [(node, name, tuple(shape), claimed[name]) for name, shape in graph.keras_variables(node)
+                  if name in claimed]
+    return found
+
+
+def trained_keys(graph: Graph, node, port) -> list[str]:
+    """The torch parameters a port's Keras variables train: all of them, except that of a `Summed`
+    port (an LSTM's `bias_ih` + `bias_hh`) only the first trains, as Keras's one variable; the
+    others keep their values (zeros from Keras) and have no slots."""
+    suffixes = list(port.torch_shapes(dict(graph.keras_variables(node))))
+    prefix = graph.torch_names[node.name]
+    return [f"{prefix}.{suffix}" for suffix in (suffixes[:1] if isinstance(port, Summed) else suffixes)]
+
+
+def slots_to_torch(graph: Graph, variables: list[tuple], slot_names: tuple[str, ...],
+                   keras_slots: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+    """Keras-layout slots (one dict slot -> array per trainable variable) -> torch layout by key."""
+    by_port: dict[int, tuple] = {}
+    for (node, name, _, port), slots in zip(variables, keras_slots):
+        by_port.setdefault(id(port), (node, port, {}))[2][name] = slots
+    result: dict[str, dict[str, np.ndarray]] = {}
+    for node, port, per_name in by_port.values():
+        prefix = graph.torch_names[node.name]
+        for slot in slot_names:
+            arrays = port.to_torch({name: per_name[name][slot] for name in per_name})
+            for key in trained_keys(graph, node, port):
+                result.setdefault(key, {})[slot] = np.ascontiguousarray(arrays[key[len(prefix) + 1:]])
+    return result
+
+
+def slots_to_keras(graph: Graph, variables: list[tuple], slot_names: tuple[str, ...],
+                   torch_slots: dict[str, dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The inverse of `slots_to_torch`: one dict slot -> Keras-layout array per trainable variable."""
+    out = []
+    for node, name, _, port in variables:
+        prefix = graph.torch_names[node.name]
+        keras_shapes = dict(graph.keras_variables(node))
+        slots = {}
+        trained = trained_keys(graph, node, port)
+        for slot in slot_names:
+            arrays = {suffix: torch_slots[f"{prefix}.{suffix}"][slot] if f"{prefix}.{suffix}" in trained
+                      else np.zeros(shape, dtype=np.float32) for suffix, shape in port.torch_shapes(keras_shapes).items()}
+            slots[slot] = np.asarray(port.to_keras(arrays, keras_shapes)[name])
+        out.append(slots)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras files
+
+
+def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]) -> TrainingState | None:
+    """The training state of a compiled `.keras` file (None when it was saved uncompiled)."""
+    path = Path(path)
+    with keras_files._open_zip(path) as archive:
+        config = keras_files._json(keras_files._config_member(archive, path), f"{path}:config.json")
+        start, size = keras_files._stored_member(path, archive, keras_files.KERAS_WEIGHTS_MEMBER)
+    compile_config = config.get("compile_config")
+    if not compile_config:
+        return None
+    if not isinstance(compile_config, dict):
+        raise ExchangeFileError(f"{path}: compile_config is not an object")
+    where = f"{path}"
+    spec = check_optimizer(compile_config.get("optimizer"), where)
+    loss = check_loss(compile_config.get("loss"), where)
+    regularizers = read_regularizers(config, graph, where)
+    variables = trainable_variables(graph, parameter_keys)
+    source = keras_files._Hdf5Source(path, start, size, member=keras_files.KERAS_WEIGHTS_MEMBER)
+    try:
+        with keras_files.hdf5_errors(source.label):
+            stored = _optimizer_variables(source)
+            if not stored:   # compiled, never trained: a fresh optimizer
+                return TrainingState(spec, 0, {}, loss, regularizers)
+            iteration, spec, keras_slots = _unpack(stored, spec, variables, source.label)
+    finally:
+        source.close()
+    return TrainingState(spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots),
+                         loss, regularizers)
+
+
+def _optimizer_variables(source) -> list:
+    group = untrusted.hdf5_get(source.h5, "optimizer/vars", source.label, source.groups)
+    if not isinstance(group, h5py.Group):
+        return []
+    count = len(group)
+    if sorted(group) != sorted(str(index) for index in range(count)):
+        raise ExchangeFileError(f"{source.label}: unexpected entries in optimizer/vars")
+    return [source.lazy(f"optimizer/vars/{index}") for index in range(count)]
+
+
+def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: str):
+    """(iteration, spec with the stored learning rate, per-variable slots) from `optimizer/vars`,
+    every count and shape checked before any slot is read."""
+    groups = slot_groups(spec.class_name, spec.options)
+    head = 2 if spec.learning_rate_is_variable else 1
+    expected = head + sum(len(group) for group in groups) * len(variables)
+    if len(stored) != expected:
+        raise ExchangeFileError(f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
+                                f"{len(variables)} trainable variables need {expected} (frozen layers or another "
+                                "model's optimizer are not supported)")
+    if stored[0].shape != () or not np.issubdtype(stored[0].dtype, np.integer):
+        raise ExchangeFileError(f"{label}: optimizer/vars/0 is not the iteration count")
+    iteration = int(stored[0].load())
+    if not 0 <= iteration <= MAX_ITERATIONS:
+        raise ExchangeFileError(f"{label}: iteration count {iteration} is out of range")
+    options = dict(spec.options)
+    if spec.learning_rate_is_variable:
+        if stored[1].shape != () or not np.issubdtype(stored[1].dtype, np.floating):
+            raise ExchangeFileError(f"{label}: optimizer/vars/1 is not the learning rate")
+        options["learning_rate"] = _value(float(stored[1].load()), "number", f"{label}: learning rate")
+    keras_slots = [{} for _ in variables]
+    index = head
+    for group in groups:
+        for position, (node, name, shape, _) in enumerate(variables):
+            for slot in group:
+                tensor = stored[index]
+                if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
+                    raise ExchangeFileError(f"{label}: optimizer/vars/{index} ({slot} of {node.name}/{name}) has shape "
+                                            f"{tuple(tensor.shape)}, the variable {shape}")
+                keras_slots[position][slot] = tensor.load()
+                index += 1
+    return iteration, OptimizerSpec(spec.class_name, options), keras_slots
+
+
+def read_regularizers(config: dict, graph: Graph, where: str) -> dict[str, dict[str, float]]:
+    """`{parameter key: {"l1": a, "l2": b}}` from the top-level layers' `*_regularizer` options.
+    A regularizer on a variable that is not one whole torch parameter, or inside a nested model,
+    or an activity regularizer, is refused."""
+    layers = (config.get("config") or {}).get("layers") if isinstance(config.get("config"), dict) else None
+    if not isinstance(layers, list):
+        return {}
+    nodes = {node.name: node for node in graph.layers}
+    found = {}
+    for layer in layers:
+        layer_config = layer.get("config") if isinstance(layer, dict) else None
+        if not isinstance(layer_config, dict):
+            continue
+        name = layer_config.get("name")
+        if isinstance(layer_config.get("layers"), list):
+            if '_regularizer": {' in json.dumps(layer_config):
+                raise UnsupportedLayerError(f"{where}: regularizers inside nested model {str(name)[:60]!r} "
+                                            "are not supported for training")
+            continue
+        for key, value in layer_config.items():
+            if not key.endswith("_regularizer") or value is None:
+                continue
+            if key == "activity_regularizer":
+                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} activity_regularizer is not supported "
+                                            "for training (it penalizes outputs, not a variable)")
+            if name not in nodes:
+                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} {str(key)[:60]} is not supported for "
+                                            "training (the layer has no variables of its own in the architecture)")
+            found.update(_regularizer(graph, nodes[name], key, value, where))
+    return found
+
+
+def _regularizer(graph: Graph, node, option: str, value, where: str) -> dict:
+    label = f"{where}: layer {node.name!r} {option}"
+    if not isinstance(value, dict) or value.get("class_name") not in REGULARIZERS \
+            or not isinstance(value.get("config"), dict):
+        raise UnsupportedLayerError(f"{label}: only L1, L2 and L1L2 regularizers are supported")
+    factors = {key: _value(value["config"].get(key, 0.0), "number", f"{label} {key}")
+               for key in REGULARIZERS[value["class_name"]]}
+    variable = option.removesuffix("_regularizer")
+    keras_shapes = dict(graph.keras_variables(node))
+    candidates = [variable, f"{variable}_kernel"] if variable in ("depthwise", "pointwise", "recurrent") else [variable]
+    for port in graph.ports(node):
+        names = getattr(port, "keras_names", ())
+        if any(candidate in names for candidate in candidates):
+            if isinstance(port, (Packed, Summed)) or len(names) != 1 or len(port.torch_shapes(keras_shapes)) != 1:
+                raise UnsupportedLayerError(f"{label}: its variable is not one whole torch parameter")
+            (suffix,) = port.torch_shapes(keras_shapes)
+            return {f"{graph.torch_names[node.name]}.{suffix}": factors}
+    raise UnsupportedLayerError(f"{label}: no variable {variable!r} to regularize")
+
+
+# ---------------------------------------------------------------------------------------------
+# Exchange files
+
+
+def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_keys: set[str]) -> TrainingState | None:
+    """The training state of a loaded exchange file (None when it holds none), checked: the
+    config as from a Keras file, and one slot of each name for each trained parameter, of its shape."""
+    metadata = exchange_file.metadata
+    if OPTIMIZER_METADATA not in metadata:
+        if exchange_file.training_tensors:
+            raise ExchangeFileError("the exchange file holds optimizer slots but no optimizer metadata")
+        return None
+    description = untrusted.load_json(metadata[OPTIMIZER_METADATA], "exchange file", "optimizer metadata")
+    spec = check_optimizer(description, "exchange file")
+    iteration = description.get("iteration")
+    if type(iteration) is not int or not 0 <= iteration <= MAX_ITERATIONS:
+        raise ExchangeFileError(f"exchange file: optimizer iteration must be a step count, found {str(iteration)[:40]}")
+    extra = untrusted.load_json(metadata.get(TRAINING_METADATA, "{}"), "exchange file", "training metadata")
+    if not isinstance(extra, dict):
+        raise ExchangeFileError("exchange file: training metadata is not an object")
+    loss = check_loss(extra.get("loss"), "exchange file")
+    regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
+    graph = exchange_file.architecture
+    trained = sorted({key for node, _, _, port in trainable_variables(graph, parameter_keys)
+                      for key in trained_keys(graph, node, port)})
+    specs = graph.tensor_specs
+    slots: dict[str, dict[str, np.ndarray]] = {}
+    for key, tensor in exchange_file.training_tensors.items():
+        match = SLOT_KEY.fullmatch(key)
+        if not match or match.group(1) not in trained or match.group(2) not in spec.slot_names:
+            raise ExchangeFileError(f"exchange file: unexpected optimizer tensor {key[:120]!r}")
+        if tuple(tensor.shape) != tuple(specs[match.group(1)][0]):
+            raise ExchangeFileError(f"exchange file: optimizer tensor {key} has shape {tuple(tensor.shape)}, "
+                                    f"its parameter {tuple(specs[match.group(1)][0])}")
+        slots.setdefault(match.group(1), {})[match.group(2)] = tensor
+    if slots and (sorted(slots) != trained or any(len(found) != len(spec.slot_names) for found in slots.values())):
+        raise ExchangeFileError(f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs "
+                                f"{', '.join(spec.slot_names)})")
+    return TrainingState(spec, iteration, slots, loss, regularizers)
+
+
+def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
+    if not isinstance(regularizers, dict):
+        raise ExchangeFileError("exchange file: regularizers must be an object")
+    checked = {}
+    for key, factors in regularizers.items():
+        if key not in parameter_keys or not isinstance(factors, dict) or not set(factors) <= {"l1", "l2"}:
+            raise ExchangeFileError(f"exchange file: unexpected regularizer for {str(key)[:80]!r}")
+        checked[key] = {name: _value(value, "number", f"exchange file: regularizer {key} {name}")
+                        for name, value in factors.items()}
+    return checked
+
+
+# ---------------------------------------------------------------------------------------------
+# Torch (imported when used)
+
+
+def parameter_keys_of(graph: Graph) -> set[str]:
+    """The state_dict keys that are parameters (not buffers) of the graph's torch module."""
+    from exchange import torch_adapter
+
+    return {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
+
+
+def torch_optimizer(model, state: TrainingState):
+    """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
+    trains (`trained_keys`), with the state's slots and step count loaded."""
+    import torch
+
+    from exchange import optimizers
+
+    graph = model.exchange_graph
+    parameters = dict(model.named_parameters())
+    keys = []
+    for node, _, _, port in trainable_variables(graph, set(parameters)):
+        keys += [key for key in trained_keys(graph, node, port) if key not in keys]
+    optimizer = optimizers.make_optimizer([parameters[key] for key in keys], state.optimizer.class_name,
+                                          state.optimizer.options)
+    for key, slots in state.slots.items():
+        parameter = parameters[key]
+        optimizer.state[parameter] = {slot: torch.tensor(np.asarray(value), dtype=parameter.dtype,
+                                                         device=parameter.device) for slot, value in slots.items()}
+    optimizer.iterations = state.iteration
+    return optimizer
+
+
+def state_of_torch_optimizer(model, optimizer, previous: TrainingState) -> TrainingState:
+    """The training state of a torch run (its slots and step count) in `previous`'s terms."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    slots = {names[id(parameter)]: {slot: value.detach().cpu().numpy().copy() for slot, value in state.items()}
+             for parameter, state in optimizer.state.items() if state}
+    return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers)
+
+
+# ---------------------------------------------------------------------------------------------
+# Keras (imported when used)
+
+
+def keras_model_with_training(graph: Graph, file_tensors: dict, state: TrainingState):
+    """A compiled Keras model with the tensors and the optimizer state loaded: `model.save` writes
+    a `.keras` that Keras resumes from, and `fit` continues the run."""
+    import keras
+
+    from exchange import keras_adapter
+
+    model = keras_adapter.model_from_tensors(graph, file_tensors)
+    _apply_regularizers(keras, model, graph, state.regularizers)
+    options = dict(state.optimizer.options)
+    if isinstance(options["learning_rate"], dict):
+        options["learning_rate"] = keras.optimizers.schedules.deserialize(options["learning_rate"])
+    optimizer = getattr(keras.optimizers, state.optimizer.class_name)(**options)
+    model.compile(optimizer=optimizer, loss=state.loss)
+    optimizer.build(model.trainable_variables)
+    variables = trainable_variables(graph, parameter_keys_of(graph))
+    if len(variables) != len(model.trainable_variables) or any(
+            tuple(variable.shape) != shape for variable, (_, _, shape, _) in zip(model.trainable_variables, variables)):
+        raise ExchangeError("the Keras model's trainable variables differ from the architecture's")
+    optimizer.iterations.assign(state.iteration)
+    if state.slots:
+        keras_slots = slots_to_keras(graph, variables, state.optimizer.slot_names, state.slots)
+        index = 2 if state.optimizer.learning_rate_is_variable else 1
+        for group in slot_groups(state.optimizer.class_name, state.optimizer.options):
+            for slots in keras_slots:
+                for slot in group:
+                    optimizer.variables[index].assign(slots[slot])
+                    index += 1
+    return model
+
+
+def _apply_regularizers(keras, model, graph: Graph, regularizers: dict) -> None:
+    """Set the regularizers (by torch key) back on the Keras layers that own the variables."""
+    if not regularizers:
+        return
+    by_key = {}
+    for node, name, _, port in trainable_variables(graph, set(regularizers) | parameter_keys_of(graph)):
+        for suffix in port.torch_shapes(dict(graph.keras_variables(node))):
+            by_key[f"{graph.torch_names[node.name]}.{suffix}"] = (node, name)
+    layers = {layer.name: layer for layer in model.layers}
+    for key, factors in regularizers.items():
+        node, name = by_key[key]
+        layer = layers[node.name]
+        regularizer = keras.regularizers.L1L2(l1=factors.get("l1", 0.0), l2=factors.get("l2", 0.0))
+        setattr(layer, f"{name}_regularizer", regularizer)
+        variable = next(variable for variable in layer.weights if variable.path.split("/")[-1] == name)
+        variable.regularizer = regularizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversions (`exchange.cli.convert`)
+
+
+def for_conversion(in_path: Path, in_kind: filekinds.FileKind, out_kind: filekinds.FileKind, graph: Graph,
+                   notes: list | None, carry_keras_state: bool = False) -> TrainingState | None:
+    """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
+    asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
+    into an exchange file or a `.keras` (never into a `.pt` or generated code's weights, which
+    are read whole into `load_state_dict`). A state that is not carried, or cannot be carried
+    exactly, is left out with a note saying why; the weights convert as without it."""
+    if not _holds_training(in_path, in_kind):
+        return None
+    carried = {(filekinds.KERAS, filekinds.SAFETENSORS), (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
+               (filekinds.SAFETENSORS, filekinds.KERAS)}
+    if (in_kind, out_kind) not in carried:
+        reason = f"a {out_kind.suffixes[0]} output does not carry it (convert to .safetensors)"
+    elif in_kind is filekinds.KERAS and not carry_keras_state:
+        reason = ("pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
+                  "beside the state_dict's)")
+    else:
+        try:
+            parameter_keys = parameter_keys_of(graph)
+            if in_kind is filekinds.KERAS:
+                return read_keras_training(in_path, graph, parameter_keys)
+            return read_exchange_training(fileformat.load(in_path), parameter_keys)
+        except ImportError:
+            reason = "carrying it needs torch, which is not installed"
+        except (UnsupportedLayerError, ExchangeFileError) as err:
+            reason = str(err)
+    if notes is not None:
+        notes.append(f"optimizer state left out: {reason}")
+    return None
+
+
+def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
+    """Whether a compiled `.keras` or an exchange file with training state (read cheaply: the
+    config, or the header's metadata)."""
+    try:
+        if kind is filekinds.KERAS:
+            with keras_files._open_zip(path) as archive:
+                config = keras_files._json(keras_files._config_member(archive, path), f"{path}:config.json")
+            return bool(config.get("compile_config"))
+        if kind is filekinds.SAFETENSORS:
+            return OPTIMIZER_METADATA in fileformat.read_metadata(path)
+    except ExchangeFileError:
+        return False
+    return False

@@ -1,0 +1,194 @@
+"""Keras's optimizers and schedules in PyTorch (`exchange.optimizers`): the same steps as Keras."""
+
+import numpy as np
+import pytest
+import torch
+
+from exchange import optimizers
+
+keras = pytest.importorskip("keras")
+
+STEPS = 12
+# float32 rounding between TensorFlow and PyTorch after a dozen steps, measured at ~1e-8.
+STEP_TOLERANCE = 1e-6
+
+SCHEDULES = {
+    "ExponentialDecay": {"initial_learning_rate": 0.05, "decay_steps": 3, "decay_rate": 0.7, "staircase": False},
+    "ExponentialDecay-staircase": {"initial_learning_rate": 0.05, "decay_steps": 3, "decay_rate": 0.7,
+                                   "staircase": True},
+    "InverseTimeDecay": {"initial_learning_rate": 0.05, "decay_steps": 2, "decay_rate": 0.5, "staircase": False},
+    "PiecewiseConstantDecay": {"boundaries": [2, 5], "values": [0.05, 0.02, 0.01]},
+    "PolynomialDecay": {"initial_learning_rate": 0.05, "decay_steps": 7, "end_learning_rate": 0.001,
+                        "power": 1.5, "cycle": False},
+    "PolynomialDecay-cycle": {"initial_learning_rate": 0.05, "decay_steps": 5, "end_learning_rate": 0.001,
+                              "power": 2.0, "cycle": True},
+    "CosineDecay": {"initial_learning_rate": 0.05, "decay_steps": 8, "alpha": 0.1, "warmup_target": None,
+                    "warmup_steps": 0},
+    "CosineDecay-warmup": {"initial_learning_rate": 0.0, "decay_steps": 6, "alpha": 0.0, "warmup_target": 0.05,
+                           "warmup_steps": 4},
+}
+
+OPTIMIZERS = {
+    "Adam": {"learning_rate": 0.01, "beta_1": 0.8, "beta_2": 0.95, "epsilon": 1e-3},
+    "AdamW": {"learning_rate": 0.01, "weight_decay": 0.1, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "SGD": {"learning_rate": 0.05, "momentum": 0.0, "nesterov": False},
+    "SGD-momentum": {"learning_rate": 0.05, "momentum": 0.9, "nesterov": False},
+    "SGD-nesterov": {"learning_rate": 0.05, "momentum": 0.7, "nesterov": True, "weight_decay": 0.01},
+    "RMSprop": {"learning_rate": 0.01, "rho": 0.8, "momentum": 0.0, "epsilon": 1e-3, "centered": False},
+    "RMSprop-centered-momentum": {"learning_rate": 0.01, "rho": 0.9, "momentum": 0.5, "epsilon": 1e-7,
+                                  "centered": True},
+    "Adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 0.3, "epsilon": 1e-7},
+    "Adamax": {"learning_rate": 0.02, "beta_1": 0.8, "beta_2": 0.9, "epsilon": 1e-7},
+}
+
+
+def _gradients(seed):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(3, 5)).astype(np.float32) for _ in range(STEPS)]
+
+
+def _run_both(class_name, config, seed=0):
+    """STEPS updates of one (3, 5) variable with the same gradients in Keras and in torch."""
+    start = np.random.default_rng(seed + 100).normal(size=(3, 5)).astype(np.float32)
+    keras_variable = keras.Variable(start)
+    keras_config = {key: value for key, value in config.items()}
+    if isinstance(keras_config["learning_rate"], dict):
+        keras_config["learning_rate"] = keras.optimizers.schedules.deserialize(keras_config["learning_rate"])
+    keras_optimizer = getattr(keras.optimizers, class_name)(**keras_config)
+    parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    torch_optimizer = optimizers.make_optimizer([parameter], class_name, config)
+    for gradient in _gradients(seed):
+        keras_optimizer.apply_gradients([(keras.ops.convert_to_tensor(gradient), keras_variable)])
+        parameter.grad = torch.from_numpy(gradient.copy())
+        torch_optimizer.step()
+    return keras_variable.numpy(), parameter.detach().numpy(), keras_optimizer, torch_optimizer, parameter
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_takes_keras_steps(name):
+    class_name = name.split("-")[0]
+    keras_value, torch_value, keras_optimizer, torch_optimizer, parameter = _run_both(class_name, OPTIMIZERS[name])
+    np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
+    # The slots too, named and ordered as Keras's optimizer variables.
+    slots = torch_optimizer.slots()
+    keras_slots = [variable.numpy() for variable in keras_optimizer.variables[2:]]
+    assert len(keras_slots) == len(slots)
+    for slot, keras_slot in zip(slots, keras_slots):
+        np.testing.assert_allclose(torch_optimizer.state[parameter][slot].numpy(), keras_slot, rtol=0,
+                                   atol=STEP_TOLERANCE)
+    assert torch_optimizer.iterations == int(keras_optimizer.iterations.numpy()) == STEPS
+
+
+@pytest.mark.parametrize("name", sorted(SCHEDULES))
+def test_schedule_gives_keras_rates(name):
+    class_name = name.split("-")[0]
+    description = {"class_name": class_name, "config": SCHEDULES[name]}
+    keras_schedule = keras.optimizers.schedules.deserialize(description)
+    torch_schedule = optimizers.make_schedule(description)
+    for step in range(14):
+        assert float(torch_schedule(step)) == pytest.approx(float(keras_schedule(step)), rel=1e-6, abs=1e-9), step
+
+
+def test_sgd_momentum_under_a_schedule():
+    config = {"learning_rate": {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]},
+              "momentum": 0.9, "nesterov": False}
+    keras_value, torch_value, *_ = _run_both("SGD", config)
+    np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
+
+
+def test_adam_under_a_schedule():
+    config = {"learning_rate": {"class_name": "CosineDecay", "config": SCHEDULES["CosineDecay-warmup"]},
+              "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
+    keras_value, torch_value, *_ = _run_both("Adam", config)
+    np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
+
+
+def _naive_run(start, make, steps_gradients, schedule=None):
+    parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    optimizer = make([parameter])
+    for step, gradient in enumerate(steps_gradients):
+        if schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = float(schedule(step))
+        parameter.grad = torch.from_numpy(gradient.copy())
+        optimizer.step()
+    return parameter.detach().numpy()
+
+
+def test_torch_adam_with_keras_epsilon_drifts():
+    """torch's Adam given Keras's epsilon adds it after the bias correction: with a large epsilon
+    (or small gradients) the steps differ by far more than rounding."""
+    config = {"learning_rate": 0.05, "beta_1": 0.8, "beta_2": 0.95, "epsilon": 0.1}
+    keras_value, _, *_ = _run_both("Adam", config)
+    start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
+    naive = _naive_run(start, lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.95), eps=0.1),
+                       _gradients(0))
+    assert np.max(np.abs(naive - keras_value)) > 1e-3
+
+
+def test_torch_rmsprop_drifts():
+    config = OPTIMIZERS["RMSprop"]
+    keras_value, _, *_ = _run_both("RMSprop", config)
+    start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
+    naive = _naive_run(start, lambda params: torch.optim.RMSprop(params, lr=0.01, alpha=0.8, eps=1e-3),
+                       _gradients(0))
+    assert np.max(np.abs(naive - keras_value)) > 1e-3
+
+
+def test_torch_sgd_momentum_under_a_schedule_drifts():
+    schedule = {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]}
+    keras_value, _, *_ = _run_both("SGD", {"learning_rate": schedule, "momentum": 0.9, "nesterov": False})
+    start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
+    naive = _naive_run(start, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), _gradients(0),
+                       schedule=optimizers.make_schedule(schedule))
+    assert np.max(np.abs(naive - keras_value)) > 1e-3
+
+
+def test_module_imports_only_torch():
+    """Its source can be copied into generated code, which imports torch alone."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(optimizers))
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert imported <= {"__future__", "math", "torch"}
+
+
+@pytest.mark.parametrize("description, kind", [
+    ("categorical_crossentropy", "probabilities"),
+    ({"class_name": "CategoricalCrossentropy", "config": {"from_logits": True, "label_smoothing": 0.1,
+                                                          "reduction": "sum_over_batch_size", "axis": -1}}, "logits"),
+    ({"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}, "sparse-logits"),
+    ("sparse_categorical_crossentropy", "sparse-probabilities"),
+    ({"class_name": "BinaryCrossentropy", "config": {"label_smoothing": 0.2}}, "binary"),
+    ({"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}, "binary-logits"),
+    ("mse", "values"), ("mae", "values"),
+])
+def test_loss_is_keras_loss(description, kind):
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
+    if kind in ("probabilities", "sparse-probabilities"):
+        y_pred = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
+        y_pred[0, 0] = 0.0   # a clipped probability
+    elif kind == "binary":
+        y_pred = 1 / (1 + np.exp(-logits))
+    else:
+        y_pred = logits
+    if kind.startswith("sparse"):
+        y_true = rng.integers(0, 4, size=6).astype(np.float32)
+    elif kind.startswith("binary"):
+        y_true = rng.integers(0, 2, size=(6, 4)).astype(np.float32)
+    else:
+        y_true = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=6)]
+    keras_loss = float(np.mean(keras.losses.get(description)(y_true, keras.ops.convert_to_tensor(y_pred))))
+    torch_loss = float(optimizers.make_loss(description)(torch.from_numpy(y_pred), torch.from_numpy(y_true)))
+    assert torch_loss == pytest.approx(keras_loss, rel=1e-6)
+
+
+def test_unreproduced_loss_is_refused():
+    with pytest.raises(ValueError, match="loss 'huber' has no Keras-exact torch version here"):
+        optimizers.make_loss("huber")
+    with pytest.raises(ValueError, match="only reduction='sum_over_batch_size'"):
+        optimizers.make_loss({"class_name": "MeanSquaredError", "config": {"reduction": "sum"}})
