@@ -1,4 +1,5 @@
-# Two entry points: `make demo` runs the main job, `make test` runs the tests; `make lint` checks the house rules.
+# Two entry points: `make demo` runs the main job, then converts its trained Keras weights to PyTorch
+# code with --verify; `make test` runs the tests; `make lint` checks the house rules.
 # Both create .venv when it is missing (torch 2.13.0 CPU first, then the project with its extras).
 PYTHON ?= python3
 VENV := .venv
@@ -20,6 +21,7 @@ venv: $(VENV)/.installed
 
 demo: venv
 	$(PY) scripts/train.py --out-dir runs/demo
+	$(PY) scripts/convert.py runs/demo/keras.safetensors runs/demo/seed_mlp.py --verify
 
 test: venv
 	$(PY) -m pytest -q
