@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
                              "classes (repeatable; see docs/adding-a-layer-kind.md)")
     parser.add_argument("--custom-objects", type=Path, action="append", default=[], metavar="FILE",
                         help="the Python file defining a subclassed model's classes: Keras opens the model "
-                             "with it and its call is traced (repeatable; see the README)")
+                             "with it and its call is traced (repeatable; see docs/converting.md)")
     args = parser.parse_args(argv)
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None

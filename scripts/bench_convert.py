@@ -28,7 +28,7 @@ generated module against the fx module on the same batch (conv_chain, 8 rows: 64
 
     python scripts/bench_convert.py --memory [--repeats 1]
 
-Needs Keras (to write the input files and for the by-hand route). Figures go in the README.
+Needs Keras (to write the input files and for the by-hand route). Figures go in docs/measured.md.
 """
 
 from __future__ import annotations
