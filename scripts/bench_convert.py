@@ -14,7 +14,7 @@ keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in 
     model_from_file exchange.torch_adapter.model_from_file(model.safetensors), timed inside the
                     process after torch is imported (ResNet50)
 
-The sequence zoo of the tests (tests/test_zoo.py: text CNN, masked Embedding -> LSTM / GRU /
+The sequence zoo of the tests (tests/zoo_models.py: text CNN, masked Embedding -> LSTM / GRU /
 Bidirectional LSTM, SimpleRNN, transformer block) is timed the same way: convert.py and
 model_from_file (`--skip-sequences` leaves it out).
 
@@ -177,7 +177,7 @@ def write_sequence_models(work_dir: Path) -> list[str]:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from kerasmodels import randomize
-    from test_zoo import SEQUENCE_MODELS, SMALL
+    from zoo_models import SEQUENCE_MODELS, SMALL
 
     for name in SEQUENCE_MODELS:
         keras.utils.set_random_seed(21)
