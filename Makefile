@@ -8,7 +8,7 @@ MNIST_DIR ?= ../shared/data/mnist
 export MNIST_DIR
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: demo test test-slow lint venv
+.PHONY: demo test test-core test-slow lint venv
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ demo: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The seconds-long tier: tests that import neither Keras nor TensorFlow (graph, exchange file, validation,
+# the numpy reference). `pytest --lf` reruns what failed last.
+CORE_TESTS := tests/test_graph.py tests/test_fileformat.py tests/test_graph_validation.py tests/test_reference.py
+test-core: venv
+	$(PY) -m pytest -q $(CORE_TESTS)
 
 test-slow: venv
 	$(PY) -m pytest -q -m slow

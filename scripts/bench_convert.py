@@ -14,7 +14,7 @@ keras.applications ResNet50 (64x64 input, 25.6M parameters), each route runs in 
     model_from_file exchange.torch_adapter.model_from_file(model.safetensors), timed inside the
                     process after torch is imported (ResNet50)
 
-The sequence zoo of the tests (tests/test_zoo.py: text CNN, masked Embedding -> LSTM / GRU /
+The sequence zoo of the tests (tests/zoo_models.py: text CNN, masked Embedding -> LSTM / GRU /
 Bidirectional LSTM, SimpleRNN, transformer block) is timed the same way: convert.py and
 model_from_file (`--skip-sequences` leaves it out).
 
@@ -200,7 +200,7 @@ def write_sequence_models(work_dir: Path) -> list[str]:
 
     sys.path.insert(0, str(ROOT / "tests"))
     from kerasmodels import randomize
-    from test_zoo import SEQUENCE_MODELS, SMALL
+    from zoo_models import SEQUENCE_MODELS, SMALL
 
     for name in SEQUENCE_MODELS:
         keras.utils.set_random_seed(21)
@@ -233,7 +233,7 @@ def write_memory_models(work_dir: Path) -> None:
     import keras
 
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_memory import branches, conv_chain
+    from memory_models import branches, conv_chain
 
     from frameworks.keras_mlp import build_keras_model
     from frameworks.recipe import SEED_ARCHITECTURE
@@ -264,7 +264,7 @@ def bench_memory(work_dir: Path, repeats: int) -> dict:
             print(f"| {name} | {suffix} | {figures['inputs']} | {figures['seconds']:.1f} | "
                   f"{figures['child_peak_mib']:,.0f} | {figures['child_imports_mib']:,.0f} |", flush=True)
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_memory import measure_forward   # imports Keras: after the runs above (see run_measured)
+    from memory_models import measure_forward   # imports Keras: after the runs above (see run_measured)
 
     folder = work_dir / "forward"
     folder.mkdir(exist_ok=True)
@@ -294,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
         import keras
 
         sys.path.insert(0, str(ROOT / "tests"))
-        from test_memory import conv_chain, write_model
+        from memory_models import conv_chain, write_model
 
         keras.utils.set_random_seed(0)
         write_model(args.write_models, conv_chain(size=256, channels=32, layers=6))

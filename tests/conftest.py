@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from support import ROOT  # tests/ is on sys.path: pytest puts a conftest's folder there
+
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,11 +41,3 @@ def mnist():
 def architecture(request) -> Graph:
     return ARCHITECTURES[request.param]
 
-
-def random_file_tensors(architecture: Graph, seed: int = 1):
-    """Random weights in file layout, big enough that activations leave their linear range."""
-    import numpy as np
-
-    generator = np.random.default_rng(seed)
-    return {key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
-            for key, shape in architecture.tensor_shapes().items()}

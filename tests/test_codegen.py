@@ -6,84 +6,18 @@ weights with its own `load()` helper and must compute what Keras computed, then 
 `torch.export.export` and compute the same again.
 """
 
-import json
-import subprocess
-import sys
-import textwrap
-
 import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
 from exchange import cli, codegen
 from frameworks.recipe import SEED_ARCHITECTURE
+from generated_code import check_generated_file, run_generated
 from kerasmodels import batch, randomize
-from test_zoo import APPLICATIONS, APPLICATION_RELATIVE_TOLERANCE, KERAS2_FIXTURES, SMALL, SMALL_TOLERANCE, ZOO
+from support import ROOT
+from zoo_models import APPLICATION_RELATIVE_TOLERANCE, APPLICATIONS, KERAS2_FIXTURES, SMALL, SMALL_TOLERANCE, ZOO
 
 GOLDEN = ROOT / "tests/fixtures/golden/seed_mlp.py"
-
-# Runs in the child: imports the generated file alone, compares, exports.
-RUNNER = textwrap.dedent("""
-    import importlib.machinery, importlib.util, json, os, sys
-    BLOCKED = ("tensorflow", "keras", "tf_keras", "exchange", "frameworks")
-
-    class Blocker:
-        # Found (torch._dynamo only asks whether modules exist) but never loadable.
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                return importlib.machinery.ModuleSpec(name, self)
-
-        def create_module(self, spec):
-            raise ImportError(f"{spec.name} is blocked in this test")
-
-        def exec_module(self, module):
-            raise ImportError(f"{module.__name__} is blocked in this test")
-
-    sys.meta_path.insert(0, Blocker())
-    PROJECT = {ROOT, os.path.join(ROOT, "tests"), os.path.join(ROOT, "scripts")}
-    sys.path[:] = [entry for entry in sys.path if os.path.realpath(entry or ".") not in PROJECT]
-    import numpy as np, torch
-
-    code_path, class_name, data_path = sys.argv[1:4]
-    spec = importlib.util.spec_from_file_location("generated", code_path)
-    generated = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(generated)
-    model = getattr(generated, class_name)()
-    model.load_state_dict(generated.load(code_path[:-3] + ".safetensors"), strict=True)
-    model.eval()
-    data = np.load(data_path)
-    inputs = torch.from_numpy(data["inputs"])
-    inputs = inputs.permute(0, inputs.ndim - 1, *range(1, inputs.ndim - 1)) if inputs.ndim > 2 else inputs
-    expected = torch.from_numpy(data["expected"])
-    def keras_layout(output):
-        return output.permute(0, *range(2, output.ndim), 1) if output.ndim > 2 else output
-    with torch.no_grad():
-        eager = keras_layout(model(inputs))
-        exported = torch.export.export(model, (inputs,))
-        from_export = keras_layout(exported.module()(inputs))
-    print(json.dumps({"eager": float((eager - expected).abs().max()),
-                      "exported": float((from_export - expected).abs().max()),
-                      "scale": float(expected.abs().max()),
-                      "argmax_equal": bool((eager.argmax(-1) == expected.argmax(-1)).all()),
-                      "loaded": sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)}))
-""").replace("ROOT", repr(str(ROOT)))
-
-
-def run_generated(code_path, class_name, inputs, expected, tmp_path) -> dict:
-    data_path = tmp_path / "data.npz"
-    np.savez(data_path, inputs=inputs, expected=expected)
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), class_name, str(data_path)],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
-
-
-def check_generated_file(code_path):
-    """Compiles, and pyflakes (the linter CI installs) finds nothing to say."""
-    subprocess.run([sys.executable, "-m", "py_compile", str(code_path)], check=True)
-    lint = subprocess.run([sys.executable, "-m", "pyflakes", str(code_path)], capture_output=True, text=True)
-    assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, random_file_tensors
+from support import ROOT, random_file_tensors
 from exchange import cli, fileformat, keras_adapter
 from frameworks import keras_mlp, torch_mlp
 from frameworks.recipe import SEED_ARCHITECTURE

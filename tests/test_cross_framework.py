@@ -5,7 +5,7 @@ import pytest
 import torch
 from safetensors.torch import load_file as safetensors_torch_load_file
 
-from conftest import random_file_tensors
+from support import random_file_tensors
 from exchange import fileformat, keras_adapter, torch_adapter
 from exchange.errors import ArchitectureMismatchError, TensorMismatchError, UnsupportedLayerError
 from frameworks import keras_mlp, torch_mlp

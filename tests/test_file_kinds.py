@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from exchange import cli, fileformat, filekinds
 from exchange.errors import ExchangeFileError
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import hostile
-from conftest import ROOT, random_file_tensors
+from support import ROOT, random_file_tensors
 
 # Peak RSS a case may add to the child process, which has already imported numpy, h5py, torch
 # and the exchange (about 240 MiB). The worst case measures about 91 MiB (a 3.5 MB architecture

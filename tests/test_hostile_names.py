@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from exchange import fileformat, reference
 from exchange.graph import Graph
 

@@ -19,7 +19,7 @@ from collections import Counter, defaultdict
 import pytest
 
 import layer_suite
-from conftest import ROOT
+from support import ROOT
 
 CASES = layer_suite.load_cases()
 PER_GROUP = 2                 # default run: this many cases of each group, ~25 in all

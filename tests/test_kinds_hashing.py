@@ -12,11 +12,11 @@ import pytest
 import tensorflow as tf
 import torch
 
-from exchange import keras_adapter, torch_adapter
+from exchange import keras_adapter
 from exchange import torch_modules as helpers
 from exchange.errors import UnsupportedLayerError
-from kerasmodels import keras_vs_torch, max_difference, random_torch_state
-from test_kinds_preprocessing import check_generated_code
+from generated_code import check_generated_code
+from kerasmodels import check_both_directions, max_difference
 
 L = keras.layers
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -154,17 +154,13 @@ def inputs_for(model, style: str, rows: int = 9, seed: int = 5) -> list[np.ndarr
     return arrays
 
 
-def check_both_directions(model, inputs):
-    graph = keras_adapter.architecture_of(model)
-    assert keras_vs_torch(model, graph, keras_adapter.get_tensors(model), inputs) == 0
-    state = random_torch_state(graph, seed=4)
-    assert state == {}   # these layers hold no weights: the torch -> Keras model computes the same
-    torch_outputs = torch_adapter.predict(torch_adapter.model_from_tensors(graph, state), inputs)
-    rebuilt = keras_adapter.model_from_tensors(graph, state)
-    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) == 0
-    assert max(float(np.ptp(output.astype(np.float64))) for output in torch_outputs) > 0, "outputs must vary"
-    assert json.dumps(rebuilt.get_config()) and keras_adapter.get_tensors(rebuilt) == {}
-    return graph
+def check_hashing_both_directions(model, inputs):
+    """Exact in both directions; these layers hold no weights, so the torch -> Keras model computes
+    the same as the one given."""
+    checked = check_both_directions(model, inputs, tolerance=0, must_vary=0)
+    assert checked.torch_state == {}
+    assert json.dumps(checked.rebuilt.get_config()) and keras_adapter.get_tensors(checked.rebuilt) == {}
+    return checked.graph
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow)
@@ -172,7 +168,7 @@ def check_both_directions(model, inputs):
 def test_kind_both_directions(case):
     build, style = CASES[case]
     model = build()
-    check_both_directions(model, inputs_for(model, style))
+    check_hashing_both_directions(model, inputs_for(model, style))
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "lookup_siphash_mask" else pytest.mark.slow)

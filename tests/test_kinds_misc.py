@@ -22,8 +22,8 @@ import torch
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
-from test_codegen import check_generated_file
+from generated_code import check_generated_file
+from kerasmodels import batch, check_both_directions, max_difference
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -70,26 +70,6 @@ CASES = {
     "discretization_count_rank4": lambda: single((3, 4, 5), *bins("count")),
     "discretization_one_hot_of_a_batch_of_values": lambda: single((), *bins("one_hot", L.Dense(2))),
 }
-
-
-def check_both_directions(keras_model):
-    graph = keras_adapter.architecture_of(keras_model)
-    inputs = batch(keras_model, rows=5)
-    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
-    assert difference <= TOLERANCE, difference
-    torch_state = random_torch_state(graph, seed=4)
-    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    torch_outputs = torch_adapter.predict(torch_model, inputs)
-    back_difference = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
-    print(f"Keras -> torch {difference:.2e}, torch -> Keras {back_difference:.2e}")
-    assert back_difference <= TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    for key, tensor in torch_state.items():
-        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    return graph, inputs
 
 
 def check_generated_code(keras_model, tmp_path):
@@ -379,7 +359,8 @@ def _cases(default: tuple) -> list:
 @pytest.mark.parametrize("case", _cases(DEFAULT_BOTH))
 def test_kind_both_directions(case):
     keras.utils.set_random_seed(11)
-    check_both_directions(seed_all(CASES[case](), seed=3))
+    keras_model = seed_all(CASES[case](), seed=3)
+    check_both_directions(keras_model, batch(keras_model, rows=5), tolerance=TOLERANCE)
 
 
 @pytest.mark.parametrize("case", _cases(DEFAULT_CODE))

@@ -23,7 +23,7 @@ import torch
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
 from exchange.graph import Graph
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
@@ -218,32 +218,17 @@ def seeded(model, seed=3):
     return model
 
 
-def check_both_directions(keras_model):
+def check_norm_both_directions(keras_model):
     graph = keras_adapter.architecture_of(keras_model)
     assert Graph.from_json(graph.to_json()) == graph   # every config value survives the exchange file
-    inputs = batch(keras_model)
-    keras_tensors = keras_adapter.get_tensors(keras_model)
-    forward = keras_vs_torch(keras_model, graph, keras_tensors, inputs)
-    assert forward <= TOLERANCE
-
-    torch_state = random_torch_state(graph, seed=4)
-    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    torch_outputs = torch_adapter.predict(torch_model, inputs)
-    backward = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
-    assert backward <= TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    for key, tensor in torch_state.items():
-        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    return forward, backward
+    checked = check_both_directions(keras_model, graph=graph, tolerance=TOLERANCE)
+    return checked.to_torch, checked.to_keras
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_both_directions(case):
     keras.utils.set_random_seed(11)
-    forward, backward = check_both_directions(seeded(CASES[case]()))
+    forward, backward = check_norm_both_directions(seeded(CASES[case]()))
     print(f"{case}: Keras -> torch {forward:.2e}, torch -> Keras {backward:.2e}")
 
 

@@ -9,17 +9,14 @@ Each case is a small Keras model on non-square sizes with seeded non-trivial wei
 """
 
 import json
-import subprocess
-import sys
 
 import keras
-import numpy as np
 import pytest
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state
-from test_codegen import RUNNER, check_generated_file
+from generated_code import check_generated_code
+from kerasmodels import batch, check_both_directions, config_with, max_difference, seed_all
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -27,14 +24,6 @@ TOLERANCE = 1e-5
 
 def single(shape, *layers, dtype="float32"):
     return keras.Sequential([keras.Input(shape, dtype=dtype)] + list(layers))
-
-
-def seed_all(model, seed):
-    """Every variable random (LoRA's B starts at zero in Keras, which would hide its layout)."""
-    generator = np.random.default_rng(seed)
-    for variable in model.weights:
-        variable.assign((generator.standard_normal(tuple(variable.shape)) * 0.3).astype(variable.dtype))
-    return model
 
 
 IMAGE = (9, 12, 3)   # odd height, even width
@@ -129,45 +118,6 @@ CASES = {
 }
 
 
-def check_both_directions(keras_model):
-    graph = keras_adapter.architecture_of(keras_model)
-    inputs = batch(keras_model)
-    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
-    assert difference <= TOLERANCE, difference
-    torch_state = random_torch_state(graph, seed=4)
-    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    torch_outputs = torch_adapter.predict(torch_model, inputs)
-    back_difference = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
-    print(f"Keras -> torch {difference:.2e}, torch -> Keras {back_difference:.2e}")
-    assert back_difference <= TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    for key, tensor in torch_state.items():
-        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    return graph, inputs
-
-
-def check_generated_code(keras_model, inputs, tmp_path):
-    """The model saved as .keras, converted to Python: the generated module computes Keras's outputs."""
-    (expected,) = keras_adapter.predict(keras_model, inputs)
-    keras_path = tmp_path / "model.keras"
-    keras_model.save(keras_path)
-    code_path = tmp_path / "model.py"
-    graph = cli.convert(keras_path, code_path)
-    check_generated_file(code_path)
-    data_path = tmp_path / "data.npz"
-    np.savez(data_path, inputs=inputs[0], expected=expected)
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name),
-                             str(data_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcome["eager"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
-    assert outcome["exported"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
-    return graph
-
-
 # Generated code runs in a fresh process and through torch.export, about 4 s a case on 2 cores:
 # the default run checks every CODE_EVERY-th case, `-m slow` every case (and the slow coverage
 # suite, tests/test_keras_layer_suite.py, runs generated code for every harvested case).
@@ -177,7 +127,7 @@ CODE_EVERY = 12
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_kind_both_directions(case):
     keras.utils.set_random_seed(11)
-    check_both_directions(seed_all(CASES[case](), seed=3))
+    check_both_directions(seed_all(CASES[case](), seed=3), tolerance=TOLERANCE)
 
 
 @pytest.mark.parametrize("case", [pytest.param(case, marks=() if index % CODE_EVERY == 0 else pytest.mark.slow)
@@ -205,15 +155,6 @@ def test_lora_keras_file_holds_the_merged_kernel(tmp_path):
     torch_model = torch_adapter.model_from_tensors(graph, {key: value.numpy() for key, value in state.items()})
     assert max_difference(torch_adapter.predict(torch_model, [inputs]), keras_adapter.predict(model, [inputs])) \
         <= TOLERANCE
-
-
-def config_with(layer, shape, **changes):
-    """A Sequential model's config around `layer` with some of its options changed, as a file
-    written by hand (or by another Keras version) may hold them."""
-    model = single(shape, layer)
-    config = json.loads(json.dumps({"class_name": "Sequential", "config": model.get_config()}))
-    config["config"]["layers"][-1]["config"].update(changes)
-    return config
 
 
 @pytest.mark.parametrize("layer, shape, changes, message", [

@@ -11,12 +11,11 @@ import keras
 import numpy as np
 import pytest
 
-from exchange import cli, keras_adapter, torch_adapter
+from exchange import cli, keras_adapter
 from exchange.errors import UnsupportedLayerError
 from exchange.graph import Graph
 from exchange.kinds.layout import to_keras_order, to_torch_order
-from kerasmodels import keras_vs_torch, max_difference, random_torch_state, randomize
-from test_sequences import lossy_keys, padded_batch
+from kerasmodels import (check_both_directions, max_difference, padded_batch, randomize, same_tensors_but_summed)
 
 L = keras.layers
 LAYER_TOLERANCE = 1e-5
@@ -93,27 +92,13 @@ def _model_of(layer, masked=False):
     return keras.Model(inputs, keras.tree.flatten(layer(x)))
 
 
-def check_both_directions(keras_model) -> tuple[float, float]:
+def check_recurrent_both_directions(keras_model) -> tuple[float, float]:
     """Keras -> torch and torch -> Keras (weights back bit for bit); the two max differences."""
     graph = keras_adapter.architecture_of(keras_model)
     assert Graph.from_json(graph.to_json()) == graph
-    inputs = padded_batch(keras_model)
-    to_torch = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
-    assert to_torch <= LAYER_TOLERANCE
-
-    torch_state = random_torch_state(graph, seed=4)
-    torch_outputs = torch_adapter.predict(torch_adapter.model_from_tensors(graph, torch_state), inputs)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    to_keras = max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs)
-    assert to_keras <= LAYER_TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    lossy = lossy_keys(graph)
-    for key, tensor in torch_state.items():
-        if key not in lossy:
-            np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    return to_torch, to_keras
+    checked = check_both_directions(keras_model, padded_batch(keras_model), graph=graph, tolerance=LAYER_TOLERANCE,
+                                    same_weights=same_tensors_but_summed)
+    return checked.to_torch, checked.to_keras
 
 
 def check_generated_code(keras_model, tmp_path, name="model"):
@@ -144,7 +129,7 @@ def check_generated_code(keras_model, tmp_path, name="model"):
 @pytest.mark.parametrize("case", sorted(RNN_CASES))
 def test_rnn_both_directions(case):
     keras.utils.set_random_seed(11)
-    print(case, check_both_directions(randomize(RNN_CASES[case](), seed=3)))
+    print(case, check_recurrent_both_directions(randomize(RNN_CASES[case](), seed=3)))
 
 
 @pytest.mark.parametrize("case", ["rnn_stacked_states", "rnn_masked_stack", "rnn_stacked_initial_state_masked"])
@@ -274,7 +259,7 @@ BIDIRECTIONAL_CASES = {
 @pytest.mark.parametrize("case", sorted(BIDIRECTIONAL_CASES))
 def test_bidirectional_both_directions(case):
     keras.utils.set_random_seed(11)
-    print(case, check_both_directions(randomize(BIDIRECTIONAL_CASES[case](), seed=3)))
+    print(case, check_recurrent_both_directions(randomize(BIDIRECTIONAL_CASES[case](), seed=3)))
 
 
 @pytest.mark.parametrize("case", ["bidirectional_gru_states_none_masked", "bidirectional_forward_backwards",
@@ -355,7 +340,7 @@ CONV_LSTM_CASES = {
 @pytest.mark.parametrize("case", sorted(CONV_LSTM_CASES))
 def test_conv_lstm_both_directions(case):
     keras.utils.set_random_seed(11)
-    print(case, check_both_directions(randomize(CONV_LSTM_CASES[case](), seed=3)))
+    print(case, check_recurrent_both_directions(randomize(CONV_LSTM_CASES[case](), seed=3)))
 
 
 @pytest.mark.parametrize("case", ["conv_lstm2d_states", "conv_lstm2d_same_stride2_even_kernel", "conv_lstm1d"])

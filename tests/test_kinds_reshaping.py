@@ -13,7 +13,7 @@ import pytest
 from exchange import cli, keras_adapter, layout, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -107,23 +107,9 @@ RESHAPING = {
 CASES = TRAINING_ONLY | RESHAPING
 
 
-def both_directions(keras_model, inputs=None):
-    """Keras -> torch on the live model's tensors; a random torch state into the torch module and
-    into the Keras model rebuilt from the graph; the weights read back bit for bit. Returns the
-    largest difference seen and the rebuilt Keras model."""
-    graph = keras_adapter.architecture_of(keras_model)
-    inputs = batch(keras_model) if inputs is None else inputs
-    difference = keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs)
-
-    torch_state = random_torch_state(graph, seed=4)
-    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    torch_outputs = torch_adapter.predict(torch_model, inputs)
-    difference = max(difference, max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs))
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    folded = layout.folded_tensors(graph, torch_state)   # a recurrent layer's bias_hh: Keras has one bias
+def folded_biases_add_up(graph, torch_state, back):
+    """The weights read back bit for bit, but a recurrent layer's bias_hh: Keras has one bias, the sum."""
+    folded = layout.folded_tensors(graph, torch_state)
     for key, tensor in torch_state.items():
         if key in folded:
             summed = key.replace("bias_hh", "bias_ih")
@@ -131,7 +117,13 @@ def both_directions(keras_model, inputs=None):
             assert not back[key].any()
         elif key.replace("bias_ih", "bias_hh") not in folded:
             np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    return difference, rebuilt
+
+
+def both_directions(keras_model, inputs=None):
+    """`check_both_directions` with the caller bounding the difference. Returns the largest
+    difference seen and the rebuilt Keras model."""
+    checked = check_both_directions(keras_model, inputs, tolerance=None, same_weights=folded_biases_add_up)
+    return max(checked.to_torch, checked.to_keras), checked.rebuilt
 
 
 def layer_configs(model) -> dict:

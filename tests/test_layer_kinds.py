@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from exchange import keras_adapter, torch_adapter
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import batch, check_both_directions, max_difference, random_torch_state, randomize
 
 L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
@@ -151,23 +151,7 @@ def names_that_are_not_python():
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_layer_kind_both_directions(case):
     keras.utils.set_random_seed(11)
-    keras_model = randomize(CASES[case](), seed=3)
-    graph = keras_adapter.architecture_of(keras_model)
-    inputs = batch(keras_model)
-
-    keras_tensors = keras_adapter.get_tensors(keras_model)
-    assert keras_vs_torch(keras_model, graph, keras_tensors, inputs) <= LAYER_TOLERANCE
-
-    torch_state = random_torch_state(graph, seed=4)
-    torch_model = torch_adapter.model_from_tensors(graph, torch_state)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    torch_outputs = torch_adapter.predict(torch_model, inputs)
-    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) <= LAYER_TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    for key, tensor in torch_state.items():
-        np.testing.assert_array_equal(back[key], tensor, err_msg=key)
+    check_both_directions(randomize(CASES[case](), seed=3), tolerance=LAYER_TOLERANCE)
 
 
 def test_keras_layout_wrapper_is_a_drop_in_for_the_keras_model():

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from frameworks import train_job
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe, epoch_orders
 

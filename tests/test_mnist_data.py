@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from exchange import mnist as mnist_module
 from exchange.mnist import DataError, load_folder, load_mnist, load_pickled_array, write_pickles
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from conftest import random_file_tensors
+from support import random_file_tensors
 from exchange import reference, torch_adapter
 from frameworks import torch_mlp
 

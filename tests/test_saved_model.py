@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import hostile
-from conftest import ROOT
+from support import ROOT
 from exchange import cli, keras_files, savedmodel, torch_adapter
 from exchange.tensors import materialize
 
@@ -108,7 +108,7 @@ def test_convert_command_reads_a_folder(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", MODELS)
 def test_generated_code_of_each_folder(name, tmp_path, expected):
-    from test_codegen import check_generated_file, run_generated
+    from generated_code import check_generated_file, run_generated
 
     from exchange.torch_adapter import class_name
 

@@ -10,13 +10,13 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from exchange import cli, keras_adapter, keras_files, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
-from exchange.ports import Summed
 from exchange.tensors import materialize
-from kerasmodels import batch, keras_vs_torch, max_difference, random_torch_state, randomize
+from kerasmodels import (check_both_directions, keras_vs_torch, lossy_keys, max_difference, padded_batch,
+                         random_torch_state, randomize, same_tensors_but_summed)
 
 L = keras.layers
 LAYER_TOLERANCE = 1e-5          # float32 rounding between TensorFlow and PyTorch, as for every kind
@@ -160,21 +160,13 @@ def _sequence_merges():
     return inputs, L.Permute((2, 1))(L.RepeatVector(3)(L.GRU(2)(merged)))
 
 
-def padded_batch(model, rows=7, seed=0):
-    """Random inputs in each input's dtype (float32 values: Keras's predict rounds float64 inputs
-    to float32); token ids get trailing padding (0) of every length and zeros inside."""
-    arrays = [array.astype(str(tensor.dtype))
-              for array, tensor in zip(batch(model, rows=rows, seed=seed), model.inputs)]
-    for array in arrays:
-        if array.dtype.kind == "i":
-            for row in range(rows):
-                array[row, array.shape[1] - row % (array.shape[1] - 1):] = 0
-    return arrays
-
-
-def lossy_keys(graph: Graph) -> set:
-    return {f"{graph.torch_names[node.name]}.{key}" for node in graph.nodes for port in graph.ports(node)
-            if isinstance(port, Summed) for key in port.torch}
+def summed_biases_add_up(graph, torch_state, back):
+    """The weights read back bit for bit but those of `Summed` ports, whose sum survives."""
+    same_tensors_but_summed(graph, torch_state, back)
+    for key in (key for key in lossy_keys(graph) if key.endswith("bias_ih_l0")):   # LSTM/SimpleRNN
+        twin = key.replace("bias_ih_l0", "bias_hh_l0")
+        np.testing.assert_allclose(back[key], torch_state[key] + torch_state[twin], rtol=0, atol=1e-6)
+        assert not back[twin].any()
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -183,25 +175,8 @@ def test_sequence_kind_both_directions(case):
     keras_model = randomize(CASES[case](), seed=3)
     graph = keras_adapter.architecture_of(keras_model)
     assert Graph.from_json(graph.to_json()) == graph
-    inputs = padded_batch(keras_model)
-
-    assert keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs) <= LAYER_TOLERANCE
-
-    torch_state = random_torch_state(graph, seed=4)
-    torch_outputs = torch_adapter.predict(torch_adapter.model_from_tensors(graph, torch_state), inputs)
-    rebuilt = keras_adapter.model_from_tensors(graph, torch_state)
-    assert max_difference(keras_adapter.predict(rebuilt, inputs), torch_outputs) <= LAYER_TOLERANCE
-    assert max(float(np.ptp(output)) for output in torch_outputs) > 1e-3, "outputs must vary"
-    back = keras_adapter.get_tensors(rebuilt)
-    assert sorted(back) == sorted(torch_state)
-    lossy = lossy_keys(graph)
-    for key, tensor in torch_state.items():
-        if key not in lossy:
-            np.testing.assert_array_equal(back[key], tensor, err_msg=key)
-    for key in (key for key in lossy if key.endswith("bias_ih_l0")):   # LSTM/SimpleRNN: the sum survives
-        twin = key.replace("bias_ih_l0", "bias_hh_l0")
-        np.testing.assert_allclose(back[key], torch_state[key] + torch_state[twin], rtol=0, atol=1e-6)
-        assert not back[twin].any()
+    check_both_directions(keras_model, padded_batch(keras_model), graph=graph, tolerance=LAYER_TOLERANCE,
+                          same_weights=summed_biases_add_up)
 
 
 def test_standard_torch_modules_where_they_compute_the_same():

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, random_file_tensors
+from support import ROOT, random_file_tensors
 from exchange import fileformat, keras_adapter, torch_adapter
 from frameworks import keras_mlp, torch_mlp, train_job
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe

@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from support import ROOT
 from exchange import cli, fileformat, keras_adapter, verify
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
