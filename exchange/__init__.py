@@ -7,11 +7,29 @@ safetensors and h5py. Each framework has one thin adapter with the same verbs (`
 `exchange` never imports a framework.
 """
 
-from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
-                             TensorMismatchError, UnsupportedLayerError)
+from exchange.errors import (
+    ArchitectureMismatchError,
+    ExchangeError,
+    ExchangeFileError,
+    TensorMismatchError,
+    UnsupportedLayerError,
+)
 from exchange.fileformat import FORMAT_VERSION, ExchangeFile, load, read_metadata, save
 from exchange.graph import Graph, InputSpec, Node, dense_chain
 
-__all__ = ["Graph", "InputSpec", "Node", "dense_chain", "ArchitectureMismatchError",
-           "ExchangeError", "ExchangeFileError", "TensorMismatchError", "UnsupportedLayerError",
-           "FORMAT_VERSION", "ExchangeFile", "load", "read_metadata", "save"]
+__all__ = [
+    "FORMAT_VERSION",
+    "ArchitectureMismatchError",
+    "ExchangeError",
+    "ExchangeFile",
+    "ExchangeFileError",
+    "Graph",
+    "InputSpec",
+    "Node",
+    "TensorMismatchError",
+    "UnsupportedLayerError",
+    "dense_chain",
+    "load",
+    "read_metadata",
+    "save",
+]

@@ -32,8 +32,8 @@ import numpy as np
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
 
-VERIFY_MEMORY = 1 << 30      # the stated bound: the child's peak RSS beyond imports and weights
-CHUNK_BYTES = 256 << 20      # one chunk's live activations, 8 bytes a value
+VERIFY_MEMORY = 1 << 30  # the stated bound: the child's peak RSS beyond imports and weights
+CHUNK_BYTES = 256 << 20  # one chunk's live activations, 8 bytes a value
 BYTES_PER_VALUE = 8
 
 
@@ -55,11 +55,13 @@ def live_values_per_row(graph: Graph, unknown: int = 1) -> tuple[int, str]:
     held: dict[str, int] = {}
     for index, node in enumerate(graph.nodes):
         kind = kind_of(node.kind)
-        if kind.selects_output:   # one output of a layer that made several: no new memory
+        if kind.selects_output:  # one output of a layer that made several: no new memory
             size = 0
         elif kind.output_count(node.config) > 1:
-            size = sum(values(shape) for shape in kind.output_shapes(
-                node.config, tuple(graph.shapes[name] for name in node.inputs)))
+            size = sum(
+                values(shape)
+                for shape in kind.output_shapes(node.config, tuple(graph.shapes[name] for name in node.inputs))
+            )
         else:
             size = values(graph.shapes[node.name])
         held[node.name] = size
@@ -75,14 +77,23 @@ def live_values_per_row(graph: Graph, unknown: int = 1) -> tuple[int, str]:
 def chunk_rows(graph: Graph, arrays: Sequence[np.ndarray] = ()) -> int:
     """How many rows one forward pass may take at once: CHUNK_BYTES over a row's live values.
     ExchangeError when one row alone needs more."""
-    unknown = max([size for array, spec in zip(arrays, graph.inputs)
-                   for size, declared in zip(array.shape[1:], spec.shape) if declared is None], default=1)
+    unknown = max(
+        [
+            size
+            for array, spec in zip(arrays, graph.inputs)
+            for size, declared in zip(array.shape[1:], spec.shape)
+            if declared is None
+        ],
+        default=1,
+    )
     values, where = live_values_per_row(graph, unknown)
     per_row = BYTES_PER_VALUE * max(values, 1)
     if per_row > CHUNK_BYTES:
-        raise ExchangeError(f"--verify refused: one sample holds {values:,} values at once (at {where!r}), "
-                            f"{per_row / (1 << 20):,.1f} MiB at {BYTES_PER_VALUE} bytes a value, more than the "
-                            f"{CHUNK_BYTES >> 20} MiB --verify gives one chunk of rows")
+        raise ExchangeError(
+            f"--verify refused: one sample holds {values:,} values at once (at {where!r}), "
+            f"{per_row / (1 << 20):,.1f} MiB at {BYTES_PER_VALUE} bytes a value, more than the "
+            f"{CHUNK_BYTES >> 20} MiB --verify gives one chunk of rows"
+        )
     return CHUNK_BYTES // per_row
 
 
@@ -93,5 +104,5 @@ def predict_in_chunks(predict: Callable, model, graph: Graph, arrays: list[np.nd
     count = len(arrays[0]) if arrays else 0
     if count <= rows:
         return predict(model, arrays)
-    parts = [predict(model, [array[start:start + rows] for array in arrays]) for start in range(0, count, rows)]
+    parts = [predict(model, [array[start : start + rows] for array in arrays]) for start in range(0, count, rows)]
     return [np.concatenate(outputs) for outputs in zip(*parts)]

@@ -31,18 +31,32 @@ from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
 from exchange.runner import OneLineArgumentParser, run_command
-from exchange.verify import (FLOAT32_ATOL, FLOAT32_RTOL, VERIFY_SECONDS, check_integer_inputs,  # noqa: F401
-                             describe, failure, parse_input_shape, verification_inputs, verify, write_report)
+from exchange.verify import (
+    FLOAT32_ATOL,
+    FLOAT32_RTOL,
+    VERIFY_SECONDS,
+    check_integer_inputs,
+    describe,
+    failure,
+    parse_input_shape,
+    verify,
+    write_report,
+)
 
-DEFAULT_TOLERANCE = FLOAT32_ATOL   # --verify's float32 atol; see exchange/verify.py for both comparisons
+DEFAULT_TOLERANCE = FLOAT32_ATOL  # --verify's float32 atol; see exchange/verify.py for both comparisons
 # TensorFlow's C++ logging above this level is silenced: 3 keeps only fatal messages. (Its
 # start-up lines ignore it; `native_stderr_silenced` keeps those off the terminal.)
 TF_LOG_LEVEL = "3"
 
 
-def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
-                 activations: list[str] | None = None, by_name: bool = False,
-                 kind: filekinds.FileKind | None = None) -> tuple[Graph, dict, str]:
+def open_weights(
+    path: Path,
+    stack: ExitStack,
+    arch: Path | Graph | None = None,
+    activations: list[str] | None = None,
+    by_name: bool = False,
+    kind: filekinds.FileKind | None = None,
+) -> tuple[Graph, dict, str]:
     """(graph, file-layout tensors, source framework) from any input kind (`kind`, when the
     caller has decided it). Keras files give lazy tensors, read when written; `stack` keeps their
     file open until then. `arch` (a path or a graph) gives the architecture of a weights-only input."""
@@ -50,13 +64,14 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     if kind is filekinds.SAFETENSORS:
         exchange_file = fileformat.load(path)
         return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
-    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):   # traced from the user's code
+    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):  # traced from the user's code
         return (*subclassed.open_subclassed(path, arch), "keras")
     if kind in (filekinds.KERAS, filekinds.HDF5):
-        keras_weights = stack.enter_context(keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None,
-                                                                        by_name, kind))
+        keras_weights = stack.enter_context(
+            keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None, by_name, kind)
+        )
         return keras_weights.architecture, keras_weights.tensors, "keras"
-    if kind is filekinds.SAVED_MODEL:   # a Keras 2 SavedModel folder (`model.save("dir")`)
+    if kind is filekinds.SAVED_MODEL:  # a Keras 2 SavedModel folder (`model.save("dir")`)
         keras_weights = stack.enter_context(savedmodel.open_saved_model(path))
         return keras_weights.architecture, keras_weights.tensors, "keras"
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
@@ -72,20 +87,25 @@ def open_weights(path: Path, stack: ExitStack, arch: Path | Graph | None = None,
     return graph, tensors, "torch"
 
 
-def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray],
-                                 activations: list[str] | None) -> Graph:
+def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray], activations: list[str] | None) -> Graph:
     """A Dense stack from `dense_{i}.weight` (or version-1 `layers.{i}.weight`) shapes;
     activations must be given, never guessed."""
     if not activations:
-        raise ExchangeFileError(f"{path}: a .pt state_dict carries no architecture; pass "
-                                "--activations (e.g. tanh,tanh,softmax) or --arch FILE")
+        raise ExchangeFileError(
+            f"{path}: a .pt state_dict carries no architecture; pass "
+            "--activations (e.g. tanh,tanh,softmax) or --arch FILE"
+        )
     weights = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
     if any(weight is None or weight.ndim != 2 for weight in weights):
-        raise ExchangeFileError(f"{path}: expected 2-D tensors layers.0.weight … "
-                                f"layers.{len(activations) - 1}.weight (or dense_0.weight …) for "
-                                f"{len(activations)} activations")
-    layers = [(int(weight.shape[0]), activation, f"dense_{index}.bias" in tensors)
-              for index, (weight, activation) in enumerate(zip(weights, activations))]
+        raise ExchangeFileError(
+            f"{path}: expected 2-D tensors layers.0.weight … "
+            f"layers.{len(activations) - 1}.weight (or dense_0.weight …) for "
+            f"{len(activations)} activations"
+        )
+    layers = [
+        (int(weight.shape[0]), activation, f"dense_{index}.bias" in tensors)
+        for index, (weight, activation) in enumerate(zip(weights, activations))
+    ]
     try:
         return dense_chain("model", int(weights[0].shape[1]), layers)
     except ExchangeError as err:
@@ -96,26 +116,29 @@ def load_architecture(path: Path) -> Graph:
     """A graph from an exchange .safetensors, a .keras, a Keras 2 .h5, or a JSON file holding an
     exchange architecture (version 2 or 1) or a Keras model config."""
     kind = filekinds.input_kind(path)
-    if kind is filekinds.SAVED_MODEL:   # a Keras 2 SavedModel folder: its keras_metadata.pb
+    if kind is filekinds.SAVED_MODEL:  # a Keras 2 SavedModel folder: its keras_metadata.pb
         return keras_files.describe_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path):
         return subclassed.architecture(path)
     if kind in (filekinds.KERAS, filekinds.HDF5):
-        return keras_files.describe_model_config(keras_files.read_keras_config(path, kind), str(path),
-                                                 keras2=keras_files.written_by_keras2(path, kind)).graph
+        return keras_files.describe_model_config(
+            keras_files.read_keras_config(path, kind), str(path), keras2=keras_files.written_by_keras2(path, kind)
+        ).graph
     if kind is not filekinds.JSON:
         raise ExchangeFileError(f"{path}: {kind.description}, which holds no architecture")
     size = untrusted.regular_file(path)
     if size > untrusted.MAX_JSON_BYTES:
-        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
-                                "an architecture may have")
+        raise ExchangeFileError(
+            f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} an architecture may have"
+        )
     text = path.read_bytes()
     description = untrusted.load_json(text, str(path), "architecture")
     if isinstance(description, dict) and "class_name" in description:
-        return keras_files.describe_model_config(description, str(path),
-                                                 keras2=keras_files.written_by_keras2(path)).graph
+        return keras_files.describe_model_config(
+            description, str(path), keras2=keras_files.written_by_keras2(path)
+        ).graph
     if not isinstance(description, dict):
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
@@ -127,13 +150,14 @@ def load_architecture(path: Path) -> Graph:
         raise ExchangeFileError(f"{path}: {err}") from None
 
 
-def write_weights(output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str,
-                  training=None) -> None:
+def write_weights(
+    output: fileformat.PendingOutput, graph: Graph, tensors: dict, source_framework: str, training=None
+) -> None:
     """Write any output kind into `output`; tensors are checked against the architecture first.
     The exchange writes .safetensors and .pt bytes itself (`output.open()`); Keras needs a path.
     `training` (`exchange.training_state.TrainingState`) goes into a .safetensors or .keras."""
     kind = filekinds.output_kind(output.target)
-    if kind is filekinds.SAFETENSORS:   # the writer checks the tensors itself
+    if kind is filekinds.SAFETENSORS:  # the writer checks the tensors itself
         with output.open() as stream:
             fileformat.write(stream, graph, tensors, source_framework, training and training.file_parts())
         return
@@ -164,8 +188,9 @@ def check_written(path: Path, graph: Graph) -> None:
         with ExitStack() as stack:
             written_graph, _, _ = open_weights(path, stack, arch=graph)
         if written_graph.differences(graph):
-            raise ExchangeError(f"{path}: read-back architecture differs: "
-                                + "; ".join(written_graph.differences(graph)))
+            raise ExchangeError(
+                f"{path}: read-back architecture differs: " + "; ".join(written_graph.differences(graph))
+            )
 
 
 class VerificationFailed(ExchangeError):
@@ -174,9 +199,16 @@ class VerificationFailed(ExchangeError):
     exit_code = 1
 
 
-def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
-            arch_path: Path | None = None, check=None, notes: list | None = None, by_name: bool = False,
-            optimizer_state: bool = False) -> Graph:
+def convert(
+    in_path: Path,
+    out_path: Path,
+    activations: list[str] | None = None,
+    arch_path: Path | None = None,
+    check=None,
+    notes: list | None = None,
+    by_name: bool = False,
+    optimizer_state: bool = False,
+) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
@@ -193,8 +225,8 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
     with ExitStack() as stack:
         in_kind = filekinds.weights_kind(in_path)
         graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name, in_kind)
-        try:   # before anything is built
-            check_integer_inputs(graph)   # Keras's layers differ on integers
+        try:  # before anything is built
+            check_integer_inputs(graph)  # Keras's layers differ on integers
             if out_kind is filekinds.KERAS:
                 graph.check_keras_names()
                 keras_config.check_depth(graph)
@@ -202,9 +234,12 @@ def convert(in_path: Path, out_path: Path, activations: list[str] | None = None,
             raise ExchangeFileError(f"{in_path}: {err}") from None
         folded = layout.folded_tensors(graph, tensors) if out_kind is filekinds.KERAS else []
         if folded and notes is not None:
-            notes.append(f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
-                         "has two (same outputs; converting back gives zeros there)")
+            notes.append(
+                f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "
+                "has two (same outputs; converting back gives zeros there)"
+            )
         from exchange import training_state
+
         training = training_state.for_conversion(in_path, in_kind, out_kind, graph, notes, optimizer_state)
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
@@ -249,54 +284,103 @@ def _framework_module(module: str, purpose: str, extra: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ExchangeError(f"{purpose} needs {extra}, which is not installed ({err}); "
-                            f"pip install 'keras-torch-exchange[{extra}]'") from None
+        raise ExchangeError(
+            f"{purpose} needs {extra}, which is not installed ({err}); pip install 'keras-torch-exchange[{extra}]'"
+        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineArgumentParser(prog="keras-torch-convert", description=__doc__.split("\n\n")[0],
-                                     epilog="input kinds, told apart by content: .keras, .h5/.hdf5, "
-                                            ".safetensors, .pt/.pth, a Keras 2 SavedModel folder; output "
-                                            "kinds, by extension: .keras, .safetensors, .pt/.pth, .py (PyTorch "
-                                            "source code, with its weights in a .safetensors beside it)")
+    parser = OneLineArgumentParser(
+        prog="keras-torch-convert",
+        description=__doc__.split("\n\n")[0],
+        epilog="input kinds, told apart by content: .keras, .h5/.hdf5, "
+        ".safetensors, .pt/.pth, a Keras 2 SavedModel folder; output "
+        "kinds, by extension: .keras, .safetensors, .pt/.pth, .py (PyTorch "
+        "source code, with its weights in a .safetensors beside it)",
+    )
     parser.add_argument("input", type=Path)
     parser.add_argument("output", type=Path)
-    parser.add_argument("--arch", type=Path, help="architecture for a weights-only input: a .keras, a "
-                        "Keras 2 .h5, a Keras config or exchange architecture .json, or a .safetensors")
+    parser.add_argument(
+        "--arch",
+        type=Path,
+        help="architecture for a weights-only input: a .keras, a "
+        "Keras 2 .h5, a Keras config or exchange architecture .json, or a .safetensors",
+    )
     parser.add_argument("--activations", help="for a .pt input: comma-separated, one per layer")
-    parser.add_argument("--by-name", action="store_true",
-                        help="match a Keras 2 weights-only .h5 to --arch's layers by name (default: by "
-                             "order, as Keras 2's load_weights)")
-    parser.add_argument("--verify", action="store_true",
-                        help="run Keras and PyTorch (or numpy where one is missing) on the same inputs")
+    parser.add_argument(
+        "--by-name",
+        action="store_true",
+        help="match a Keras 2 weights-only .h5 to --arch's layers by name (default: by "
+        "order, as Keras 2's load_weights)",
+    )
+    parser.add_argument(
+        "--verify", action="store_true", help="run Keras and PyTorch (or numpy where one is missing) on the same inputs"
+    )
     parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="--verify's float32 comparison allows this absolute difference plus --rtol "
-                             "times the output scale (default: %(default)g); the float64 one has its own")
-    parser.add_argument("--rtol", type=float, default=FLOAT32_RTOL,
-                        help="--verify's float32 tolerance relative to the output scale (default: %(default)g)")
-    parser.add_argument("--input-shape", action="append", default=[], metavar="[NAME=]D1,D2,...",
-                        help="an input's shape without the batch axis (repeatable): NAME=D1,D2,... gives "
-                             "--verify the length of an input's unknown axes; D1,D2,...[:DTYPE] (e.g. 28,28,1 "
-                             "or 12:int32), one per input in order, a subclassed model's inputs when its build "
-                             "config has none")
-    parser.add_argument("--report", type=Path, metavar="FILE.json",
-                        help="--verify writes its result there as JSON (both comparisons, per-layer maxima)")
-    parser.add_argument("--verify-timeout", type=float, default=VERIFY_SECONDS, metavar="SECONDS",
-                        help="--verify stops the frameworks after this long (default: %(default)g)")
-    parser.add_argument("--optimizer-state", action="store_true",
-                        help="carry a compiled .keras's optimizer state (slots, step, config) into the "
-                             ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
-                             "torch_adapter.model_from_file, not a plain load_state_dict (see "
-                             "docs/continuing-training.md)")
-    parser.add_argument("--kinds", type=Path, action="append", default=[], metavar="FILE",
-                        help="a Python file of yours that registers layer kinds for your own Keras layer "
-                             "classes (repeatable; see docs/adding-a-layer-kind.md)")
-    parser.add_argument("--custom-objects", type=Path, action="append", default=[], metavar="FILE",
-                        help="the Python file defining a subclassed model's classes: Keras opens the model "
-                             "with it and its call is traced (repeatable; see docs/converting.md)")
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=DEFAULT_TOLERANCE,
+        help="--verify's float32 comparison allows this absolute difference plus --rtol "
+        "times the output scale (default: %(default)g); the float64 one has its own",
+    )
+    parser.add_argument(
+        "--rtol",
+        type=float,
+        default=FLOAT32_RTOL,
+        help="--verify's float32 tolerance relative to the output scale (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="[NAME=]D1,D2,...",
+        help="an input's shape without the batch axis (repeatable): NAME=D1,D2,... gives "
+        "--verify the length of an input's unknown axes; D1,D2,...[:DTYPE] (e.g. 28,28,1 "
+        "or 12:int32), one per input in order, a subclassed model's inputs when its build "
+        "config has none",
+    )
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="FILE.json",
+        help="--verify writes its result there as JSON (both comparisons, per-layer maxima)",
+    )
+    parser.add_argument(
+        "--verify-timeout",
+        type=float,
+        default=VERIFY_SECONDS,
+        metavar="SECONDS",
+        help="--verify stops the frameworks after this long (default: %(default)g)",
+    )
+    parser.add_argument(
+        "--optimizer-state",
+        action="store_true",
+        help="carry a compiled .keras's optimizer state (slots, step, config) into the "
+        ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
+        "torch_adapter.model_from_file, not a plain load_state_dict (see "
+        "docs/continuing-training.md)",
+    )
+    parser.add_argument(
+        "--kinds",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a Python file of yours that registers layer kinds for your own Keras layer "
+        "classes (repeatable; see docs/adding-a-layer-kind.md)",
+    )
+    parser.add_argument(
+        "--custom-objects",
+        type=Path,
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the Python file defining a subclassed model's classes: Keras opens the model "
+        "with it and its call is traced (repeatable; see docs/converting.md)",
+    )
     args = parser.parse_args(argv)
-    os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL   # before anything imports TensorFlow
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = TF_LOG_LEVEL  # before anything imports TensorFlow
     activations = args.activations.split(",") if args.activations else None
     for option, value in (("--tolerance", args.tolerance), ("--rtol", args.rtol)):
         if not (np.isfinite(value) and value >= 0):
@@ -310,15 +394,31 @@ def main(argv: list[str] | None = None) -> int:
     if not (np.isfinite(args.verify_timeout) and args.verify_timeout > 0):
         print(f"error: --verify-timeout must be a finite positive number, got {args.verify_timeout}", file=sys.stderr)
         return 2
+
     def check(graph: Graph, written: Path, code_weights: Path | None) -> None:
         """--verify on the temporary output, before it replaces anything."""
-        def shown(text: str) -> str:   # the user's output names, not the temporaries'
+
+        def shown(text: str) -> str:  # the user's output names, not the temporaries'
             text = text.replace(str(written), str(args.output))
-            return text if code_weights is None else text.replace(str(code_weights), str(code_weights_path(args.output)))
+            return (
+                text if code_weights is None else text.replace(str(code_weights), str(code_weights_path(args.output)))
+            )
 
         try:
-            result = verify(args.input, written, graph, args.data, args.tolerance, args.arch, code_weights,
-                            args.verify_timeout, args.by_name, args.rtol, input_shapes, args.report is not None)
+            result = verify(
+                args.input,
+                written,
+                graph,
+                args.data,
+                args.tolerance,
+                args.arch,
+                code_weights,
+                args.verify_timeout,
+                args.by_name,
+                args.rtol,
+                input_shapes,
+                args.report is not None,
+            )
         except ExchangeError as err:
             err.args = (shown(str(err)),)
             raise
@@ -336,12 +436,22 @@ def main(argv: list[str] | None = None) -> int:
         for kinds_file in args.kinds:
             load_kinds_file(kinds_file)
         notes: list[str] = []
-        graph = convert(args.input, args.output, activations, args.arch, check if args.verify else None, notes,
-                        args.by_name, args.optimizer_state)
+        graph = convert(
+            args.input,
+            args.output,
+            activations,
+            args.arch,
+            check if args.verify else None,
+            notes,
+            args.by_name,
+            args.optimizer_state,
+        )
         for note in notes:
             print(f"note: {note}")
         torch_count, keras_count = graph.parameter_count(), graph.keras_parameter_count()
-        print(f"wrote {args.output}: {len(graph.tensor_specs)} tensors, {torch_count:,} parameters"
-              + (f" ({keras_count:,} in Keras)" if keras_count != torch_count else ""))
+        print(
+            f"wrote {args.output}: {len(graph.tensor_specs)} tensors, {torch_count:,} parameters"
+            + (f" ({keras_count:,} in Keras)" if keras_count != torch_count else "")
+        )
 
     return run_command(command, f"{args.output} was not written")

@@ -30,63 +30,88 @@ from exchange.kinds.layout import torch_shape
 from exchange.torch_adapter import build_module, class_name
 
 # torch's recurrent modules take `*args, **kwargs`: their arguments and defaults, written out here.
-RECURRENT_ARGUMENTS = {"input_size": None, "hidden_size": None, "num_layers": 1, "nonlinearity": "tanh",
-                       "bias": True, "batch_first": False, "dropout": 0.0, "bidirectional": False, "proj_size": 0}
-HELPERS = {module_type: module_type.__name__ for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
-           if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__}
+RECURRENT_ARGUMENTS = {
+    "input_size": None,
+    "hidden_size": None,
+    "num_layers": 1,
+    "nonlinearity": "tanh",
+    "bias": True,
+    "batch_first": False,
+    "dropout": 0.0,
+    "bidirectional": False,
+    "proj_size": 0,
+}
+HELPERS = {
+    module_type: module_type.__name__
+    for _, module_type in inspect.getmembers(torch_modules, inspect.isclass)
+    if issubclass(module_type, nn.Module) and module_type.__module__ == torch_modules.__name__
+}
 # Plain functions of torch_modules (`keras2_hard_sigmoid`): copied into generated code that names them.
-HELPER_FUNCTIONS = {function: name for name, function in inspect.getmembers(torch_modules, inspect.isfunction)
-                    if function.__module__ == torch_modules.__name__}
+HELPER_FUNCTIONS = {
+    function: name
+    for name, function in inspect.getmembers(torch_modules, inspect.isfunction)
+    if function.__module__ == torch_modules.__name__
+}
 SKIPPED_ARGUMENTS = ("device",)
 # Size arguments torch takes as one int for all axes: (7, 7) is written 7.
 SIZE_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "output_padding")
-POSITIONAL_ARGUMENTS = 2   # nn.Conv2d(3, 64, kernel_size=7): sizes positional, the rest by keyword
+POSITIONAL_ARGUMENTS = 2  # nn.Conv2d(3, 64, kernel_size=7): sizes positional, the rest by keyword
 
 
 def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     """The source of a standalone module for `graph`; its state_dict is the weights file's."""
     module = build_module(graph)
-    module.graph.eliminate_dead_code()   # values only the layer-by-layer check reads
+    module.graph.eliminate_dead_code()  # values only the layer-by-layer check reads
     name = class_name(graph.name)
     used_helpers = []
     init_lines = []
     for attribute, submodule in module.named_children():
         init_lines.append(f"self.{attribute} = {_constructor(submodule)}")
-        for part in submodule.modules():   # helpers inside containers (Bidirectional) too
+        for part in submodule.modules():  # helpers inside containers (Bidirectional) too
             if type(part) in HELPERS and type(part) not in used_helpers:
                 used_helpers.append(type(part))
     keras_names = {graph.torch_names[node.name]: node.name for node in graph.layers}
     parameters, body = _forward(module.graph, keras_names)
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]
     named = "\n".join(init_lines + body + helper_sources)
-    used_functions: list = []   # named in the code, or by a function already copied (hash_integers' helpers)
+    used_functions: list = []  # named in the code, or by a function already copied (hash_integers' helpers)
     while True:
-        added = [function for function, function_name in HELPER_FUNCTIONS.items()
-                 if function not in used_functions and re.search(rf"\b{function_name}\b", named)]
+        added = [
+            function
+            for function, function_name in HELPER_FUNCTIONS.items()
+            if function not in used_functions and re.search(rf"\b{function_name}\b", named)
+        ]
         if not added:
             break
         used_functions += added
         named += "\n".join(inspect.getsource(function) for function in added)
-    helper_sources = [inspect.getsource(function) for function in HELPER_FUNCTIONS
-                      if function in used_functions] + helper_sources
-    layout = ("; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs)
-              else "")
-    model_class = (f"class {name}(nn.Module):\n"
-                   f'    """The Keras model {quoted(graph.name)} in PyTorch{layout}."""\n\n'
-                   "    def __init__(self):\n        super().__init__()\n"
-                   + "".join(f"        {line}\n" for line in init_lines)
-                   + f"\n    def forward(self, {', '.join(parameters)}):\n"
-                   + "".join(f"        {line}\n" for line in body))
+    helper_sources = [
+        inspect.getsource(function) for function in HELPER_FUNCTIONS if function in used_functions
+    ] + helper_sources
+    layout = "; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs) else ""
+    model_class = (
+        f"class {name}(nn.Module):\n"
+        f'    """The Keras model {quoted(graph.name)} in PyTorch{layout}."""\n\n'
+        "    def __init__(self):\n        super().__init__()\n"
+        + "".join(f"        {line}\n" for line in init_lines)
+        + f"\n    def forward(self, {', '.join(parameters)}):\n"
+        + "".join(f"        {line}\n" for line in body)
+    )
     code = "".join(helper_sources) + model_class
-    imports = (["import torch"] if re.search(r"\btorch\.", code) else []) + (
-        ["import torch.nn.functional as F"] if re.search(r"\bF\.", code) else []) + ["from torch import nn"]
+    imports = (
+        (["import torch"] if re.search(r"\btorch\.", code) else [])
+        + (["import torch.nn.functional as F"] if re.search(r"\bF\.", code) else [])
+        + ["from torch import nn"]
+    )
     parts = [_docstring(graph, name, weights_name, source_name), "\n".join(imports) + "\n"]
     parts += helper_sources
     parts.append(model_class)
-    parts.append(f"def load(path={quoted(weights_name)}):\n"
-                 '    """The weights file as a state_dict: `model.load_state_dict(load(), strict=True)`."""\n'
-                 "    from safetensors.torch import load_file\n\n"
-                 "    return load_file(path)\n")
+    parts.append(
+        f"def load(path={quoted(weights_name)}):\n"
+        '    """The weights file as a state_dict: `model.load_state_dict(load(), strict=True)`."""\n'
+        "    from safetensors.torch import load_file\n\n"
+        "    return load_file(path)\n"
+    )
     docstring, *code = (part.rstrip("\n") for part in parts)
     return docstring + "\n\n" + "\n\n\n".join(code) + "\n"
 
@@ -107,36 +132,47 @@ def quoted(text: str) -> str:
 
 
 def _docstring(graph: Graph, name: str, weights_name: str, source_name: str) -> str:
-    inputs = ", ".join(f"{quoted(spec.name)} (N, {', '.join(str(s) for s in torch_shape(spec.shape))}) {spec.dtype}"
-                       for spec in graph.inputs)
-    outputs = ", ".join(f"{quoted(output)} (N, {', '.join(str(s) for s in torch_shape(graph.shapes[output]))})"
-                        for output in graph.outputs)
-    return (f'"""{name}: the Keras model {quoted(graph.name)} from {quoted(source_name)}, ported to PyTorch.\n\n'
-            f"Inputs, channels-first: {inputs}.\nOutputs: {outputs}.\n\n"
-            "Load the weights:\n\n"
-            f"    model = {name}()\n"
-            f"    model.load_state_dict(load({quoted(weights_name)}), strict=True)\n"
-            "    model.eval()\n\n"
-            "Generated by keras-torch-exchange (scripts/convert.py); edit it as your own code.\n"
-            '"""\n')
+    inputs = ", ".join(
+        f"{quoted(spec.name)} (N, {', '.join(str(s) for s in torch_shape(spec.shape))}) {spec.dtype}"
+        for spec in graph.inputs
+    )
+    outputs = ", ".join(
+        f"{quoted(output)} (N, {', '.join(str(s) for s in torch_shape(graph.shapes[output]))})"
+        for output in graph.outputs
+    )
+    return (
+        f'"""{name}: the Keras model {quoted(graph.name)} from {quoted(source_name)}, ported to PyTorch.\n\n'
+        f"Inputs, channels-first: {inputs}.\nOutputs: {outputs}.\n\n"
+        "Load the weights:\n\n"
+        f"    model = {name}()\n"
+        f"    model.load_state_dict(load({quoted(weights_name)}), strict=True)\n"
+        "    model.eval()\n\n"
+        "Generated by keras-torch-exchange (scripts/convert.py); edit it as your own code.\n"
+        '"""\n'
+    )
 
 
 def _constructor(module: nn.Module) -> str:
     """`nn.Conv2d(3, 64, kernel_size=(7, 7), stride=(2, 2), bias=False)`: the arguments that
     differ from the defaults, read from the module's attributes of the same names."""
     module_type = type(module)
-    if module_type in (nn.Module, nn.ModuleDict):   # a container (torch.fx makes plain Modules of them)
+    if module_type in (nn.Module, nn.ModuleDict):  # a container (torch.fx makes plain Modules of them)
         children = ", ".join(f"{quoted(key)}: {_constructor(value)}" for key, value in module.named_children())
         return f"nn.ModuleDict({{{children}}})"
-    standard = getattr(nn, module_type.__name__, None) is module_type   # torch.nn's own: nn.Conv2d
+    standard = getattr(nn, module_type.__name__, None) is module_type  # torch.nn's own: nn.Conv2d
     type_name = f"nn.{module_type.__name__}" if standard else HELPERS.get(module_type)
     if type_name is None:
-        raise ExchangeError(f"no source form for torch module {module_type.__name__} (neither in torch.nn "
-                            "nor in exchange.torch_modules)")
+        raise ExchangeError(
+            f"no source form for torch module {module_type.__name__} (neither in torch.nn "
+            "nor in exchange.torch_modules)"
+        )
     if isinstance(module, nn.RNNBase):
         arguments = [_format(module.input_size), _format(module.hidden_size)]
-        arguments += [f"{name}={_format(getattr(module, name))}" for name, default in RECURRENT_ARGUMENTS.items()
-                      if default is not None and hasattr(module, name) and getattr(module, name) != default]
+        arguments += [
+            f"{name}={_format(getattr(module, name))}"
+            for name, default in RECURRENT_ARGUMENTS.items()
+            if default is not None and hasattr(module, name) and getattr(module, name) != default
+        ]
         dtype = _argument(module, "dtype")
         if dtype is not _ABSENT:
             arguments.append(f"dtype={_format(dtype)}")
@@ -149,8 +185,13 @@ def _constructor(module: nn.Module) -> str:
         value = _argument(module, parameter_name)
         if value is _ABSENT or (parameter.default is not parameter.empty and _same(value, parameter.default)):
             continue
-        if (standard and parameter_name in SIZE_ARGUMENTS and isinstance(value, tuple) and value
-                and all(isinstance(item, int) and item == value[0] for item in value)):
+        if (
+            standard
+            and parameter_name in SIZE_ARGUMENTS
+            and isinstance(value, tuple)
+            and value
+            and all(isinstance(item, int) and item == value[0] for item in value)
+        ):
             value = value[0]
         if parameter.default is parameter.empty and not keywords and len(positional) < POSITIONAL_ARGUMENTS:
             positional.append(_format(value))
@@ -170,7 +211,7 @@ def _argument(module: nn.Module, name: str):
     value = getattr(module, name, _ABSENT)
     if name == "bias" and (value is None or isinstance(value, torch.Tensor)):
         return value is not None
-    if name == "bias" and value is _ABSENT:   # nn.MultiheadAttention: in_proj_bias, out_proj.bias
+    if name == "bias" and value is _ABSENT:  # nn.MultiheadAttention: in_proj_bias, out_proj.bias
         return any(key.endswith("bias") for key, _ in module.named_parameters())
     if isinstance(value, torch.Tensor):
         return _ABSENT
@@ -180,14 +221,15 @@ def _argument(module: nn.Module, name: str):
 def _same(value, default) -> bool:
     if isinstance(value, tuple) and not isinstance(default, tuple):
         return all(item == default for item in value)
-    return value == default and type(value) is type(default) or (
-        isinstance(value, float) and isinstance(default, (int, float)) and value == default)
+    return (value == default and type(value) is type(default)) or (
+        isinstance(value, float) and isinstance(default, (int, float)) and value == default
+    )
 
 
 def _format(value) -> str:
     if isinstance(value, _Variable):
         return str(value)
-    if isinstance(value, nn.Module):   # a helper holding a module (KerasSpectralNormalization's layer)
+    if isinstance(value, nn.Module):  # a helper holding a module (KerasSpectralNormalization's layer)
         return _constructor(value)
     if isinstance(value, float):
         if not math.isfinite(value):
@@ -205,7 +247,7 @@ def _format(value) -> str:
         return repr(value)
     if isinstance(value, slice):
         return f"slice({_format(value.start)}, {_format(value.stop)}, {_format(value.step)})"
-    if callable(value) and not isinstance(value, (type, nn.Module)):   # an activation given to a helper
+    if callable(value) and not isinstance(value, (type, nn.Module)):  # an activation given to a helper
         return _function_name(value)
     raise ExchangeError(f"no source form for a {type(value).__name__}")
 
@@ -216,7 +258,8 @@ def _index(value) -> str:
         return ", ".join(_index(item) for item in value)
     if isinstance(value, slice):
         return ":".join("" if part is None else _format(part) for part in (value.start, value.stop)) + (
-            "" if value.step is None else f":{_format(value.step)}")
+            "" if value.step is None else f":{_format(value.step)}"
+        )
     return _format(value)
 
 
@@ -225,7 +268,7 @@ def _function_name(function) -> str:
         return HELPER_FUNCTIONS[function]
     module_name = getattr(function, "__module__", None) or ""
     if module_name == "torch.nn.functional" or function is getattr(F, function.__name__, None):
-        return f"F.{function.__name__}"   # F.gelu is a builtin of torch._C._nn
+        return f"F.{function.__name__}"  # F.gelu is a builtin of torch._C._nn
     if function is getattr(torch, function.__name__, None):
         return f"torch.{function.__name__}"
     raise ExchangeError(f"no source form for function {getattr(function, '__name__', type(function).__name__)}")
@@ -249,26 +292,33 @@ def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], l
         for value in node.all_input_nodes:
             last_user[value] = node
     parameters = [node.name for node in nodes if node.op == "placeholder"]
-    names = (name for name in itertools.chain(["x"], (f"x{index}" for index in itertools.count(1)))
-             if name not in parameters)
-    variables: dict[fx.Node, str] = {}   # the variable holding each value
-    allocated: list[str] = []            # every variable so far, in order of first use
-    live: set[str] = set()               # the variables holding a value that is still used
+    names = (
+        name for name in itertools.chain(["x"], (f"x{index}" for index in itertools.count(1))) if name not in parameters
+    )
+    variables: dict[fx.Node, str] = {}  # the variable holding each value
+    allocated: list[str] = []  # every variable so far, in order of first use
+    live: set[str] = set()  # the variables holding a value that is still used
     lines = []
     for node in nodes:
         if node.op == "placeholder":
             variables[node] = node.name
             continue
-        if node.op == "get_attr" and not node.users:   # a holder fx keeps (spectral normalization's)
+        if node.op == "get_attr" and not node.users:  # a holder fx keeps (spectral normalization's)
             continue
         args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda value: _Variable(variables[value]))
-        dying = sorted({variables[value] for value in node.all_input_nodes
-                        if last_user[value] is node and value.op != "placeholder"}, key=allocated.index)
+        dying = sorted(
+            {
+                variables[value]
+                for value in node.all_input_nodes
+                if last_user[value] is node and value.op != "placeholder"
+            },
+            key=allocated.index,
+        )
         live.difference_update(dying)
         if node.op == "output":
             lines.append(f"return {_format(args[0])}")
             continue
-        if not node.users:   # kept for its effect only (eliminate_dead_code left it)
+        if not node.users:  # kept for its effect only (eliminate_dead_code left it)
             target = None
         else:
             target = dying[0] if dying else next((name for name in allocated if name not in live), None)
@@ -286,8 +336,9 @@ def _forward(graph: fx.Graph, keras_names: dict[str, str]) -> tuple[list[str], l
 
 def _statement(node: fx.Node, args: tuple, kwargs: dict, keras_names: dict[str, str]) -> str:
     """The right-hand side of one fx node's statement (its Keras layer's name as a comment)."""
-    arguments = ", ".join([_format(argument) for argument in args]
-                          + [f"{key}={_format(value)}" for key, value in kwargs.items()])
+    arguments = ", ".join(
+        [_format(argument) for argument in args] + [f"{key}={_format(value)}" for key, value in kwargs.items()]
+    )
     if node.op == "call_module":
         keras_name = keras_names.get(node.target)
         comment = f"  # Keras layer {quoted(keras_name)}" if keras_name and keras_name != node.target else ""
@@ -298,7 +349,8 @@ def _statement(node: fx.Node, args: tuple, kwargs: dict, keras_names: dict[str, 
         return f"{_function_name(node.target)}({arguments})"
     if node.op == "call_method":
         first, *rest = args
-        rest_text = ", ".join([_format(argument) for argument in rest]
-                              + [f"{key}={_format(value)}" for key, value in kwargs.items()])
+        rest_text = ", ".join(
+            [_format(argument) for argument in rest] + [f"{key}={_format(value)}" for key, value in kwargs.items()]
+        )
         return f"{_format(first)}.{node.target}({rest_text})"
     raise ExchangeError(f"no source form for the fx operation {node.op}")

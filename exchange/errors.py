@@ -9,8 +9,10 @@ def printable(text: str) -> str:
     """`text` with every character that is not printable (line breaks, NUL, escape sequences,
     bidi overrides, lone surrogates) written as its Python escape: file data in a message can
     neither break it into lines nor change how a terminal shows it."""
-    return "".join(char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode("ascii")
-                   for char in text)
+    return "".join(
+        char if char.isprintable() else char.encode("unicode_escape", "backslashreplace").decode("ascii")
+        for char in text
+    )
 
 
 def first_line(err: BaseException) -> str:
@@ -45,8 +47,7 @@ class TensorMismatchError(ExchangeError):
     The message lists every problem, sorted by key, so one run shows all of them.
     """
 
-    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str],
-                 where: str = ""):
+    def __init__(self, missing: list[str], unexpected: list[str], mismatched: list[str], where: str = ""):
         self.missing = missing
         self.unexpected = unexpected
         self.mismatched = mismatched
@@ -69,7 +70,19 @@ def framework_errors(node, framework: str):
         yield
     except ExchangeError:
         raise
-    except (ValueError, TypeError, IndexError, KeyError, RuntimeError, AttributeError, MemoryError,
-            OverflowError, NotImplementedError, RecursionError) as err:
-        raise UnsupportedLayerError(f"layer {node.name!r} ({node.kind}): {framework} cannot build it "
-                                    f"({type(err).__name__}: {first_line(err)[:300]})") from err
+    except (
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        RuntimeError,
+        AttributeError,
+        MemoryError,
+        OverflowError,
+        NotImplementedError,
+        RecursionError,
+    ) as err:
+        raise UnsupportedLayerError(
+            f"layer {node.name!r} ({node.kind}): {framework} cannot build it "
+            f"({type(err).__name__}: {first_line(err)[:300]})"
+        ) from err

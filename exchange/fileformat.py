@@ -38,18 +38,17 @@ import shutil
 import stat
 import struct
 import tempfile
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Mapping
 from typing import Any, BinaryIO, TypeVar
 
 import numpy as np
 from safetensors import SafetensorError, safe_open
 
 from exchange import untrusted
-from exchange.errors import (ArchitectureMismatchError, ExchangeError, ExchangeFileError,
-                             TensorMismatchError, first_line)
+from exchange.errors import ArchitectureMismatchError, ExchangeError, ExchangeFileError, TensorMismatchError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.tensors import AnyTensor, LazyTensor
 from exchange.tensors import materialize as materialize_tensor
@@ -58,8 +57,12 @@ FORMAT_VERSION = "2"
 READABLE_VERSIONS = ("1", "2")
 SOURCE_FRAMEWORKS = ("keras", "torch")
 # safetensors dtype code <-> numpy dtype, for the dtypes the exchange file holds.
-SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {"F16": np.dtype("<f2"), "F32": np.dtype("<f4"), "F64": np.dtype("<f8"),
-                      "I64": np.dtype("<i8")}
+SAFETENSORS_DTYPES: dict[str, np.dtype[Any]] = {
+    "F16": np.dtype("<f2"),
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "I64": np.dtype("<i8"),
+}
 DTYPE_CODES = {dtype.name: code for code, dtype in SAFETENSORS_DTYPES.items()}
 
 
@@ -71,10 +74,10 @@ class ExchangeFile:
     tensors: dict[str, np.ndarray]
     source_framework: str
     metadata: dict[str, str]
-    training_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)   # optimizer/KEY/SLOT
+    training_tensors: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # optimizer/KEY/SLOT
 
 
-TRAINING_PREFIX = "optimizer/"   # keys of optimizer slots; never a torch state_dict key (no `/` there)
+TRAINING_PREFIX = "optimizer/"  # keys of optimizer slots; never a torch state_dict key (no `/` there)
 
 
 def split_training(tensors: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -96,8 +99,9 @@ def check_tensors(architecture: Graph, tensors: Mapping[str, AnyTensor], where: 
         actual_shape, actual_dtype = tuple(tensors[key].shape), np.dtype(tensors[key].dtype).name
         expected_shape, expected_dtype = expected[key]
         if actual_shape != tuple(expected_shape) or actual_dtype != expected_dtype:
-            mismatched.append(f"{key}: expected {expected_dtype} {tuple(expected_shape)}, "
-                              f"found {actual_dtype} {actual_shape}")
+            mismatched.append(
+                f"{key}: expected {expected_dtype} {tuple(expected_shape)}, found {actual_dtype} {actual_shape}"
+            )
     if missing or unexpected or mismatched:
         raise TensorMismatchError(missing, unexpected, mismatched, where)
 
@@ -105,7 +109,7 @@ def check_tensors(architecture: Graph, tensors: Mapping[str, AnyTensor], where: 
 # Atomic outputs. A SIGKILL (or a power cut) cannot be caught, so what it may leave is designed:
 # bytes the exchange writes itself go to a file without a name until complete; a writer that
 # needs a path gets a private folder that records its owner, removed by the next run if stale.
-OWNER_RECORD = ".owner"        # in a private folder: "PID START_TIME BOOT_ID" of the process using it
+OWNER_RECORD = ".owner"  # in a private folder: "PID START_TIME BOOT_ID" of the process using it
 # O_TMPFILE unknown to the filesystem (EOPNOTSUPP: tmpfs before Linux 3.11, NFS, FUSE, …) or the
 # kernel (before 3.11 it reads as O_DIRECTORY: EISDIR), or refused with these flags (EINVAL).
 NO_TMPFILE_ERRORS = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
@@ -131,8 +135,7 @@ class PendingOutput:
     def path(self) -> Path:
         """The temporary's name in the private folder, which is made (and its owner recorded) on first use."""
         if self.folder is None:
-            self.folder = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.",
-                                                suffix=".tmp"))
+            self.folder = Path(tempfile.mkdtemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp"))
             (self.folder / OWNER_RECORD).write_text(_process_identity(os.getpid()) or "unknown")
         return self.folder / self.target.name
 
@@ -141,12 +144,12 @@ class PendingOutput:
         """A file to write the output into (readable too: the safetensors writer maps it)."""
         descriptor = _anonymous_file(self.target.parent) if self.folder is None else None
         anonymous = descriptor is not None
-        if descriptor is None:   # no O_TMPFILE here: a named file in the private folder
+        if descriptor is None:  # no O_TMPFILE here: a named file in the private folder
             descriptor = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             with open(descriptor, "r+b", closefd=False) as stream:
                 yield stream
-            if anonymous:   # complete: only now does it get a name, in the private folder
+            if anonymous:  # complete: only now does it get a name, in the private folder
                 _link_anonymous(descriptor, self.path)
         finally:
             os.close(descriptor)
@@ -232,7 +235,7 @@ def _owner_is_gone(folder: Path) -> bool:
 
 
 def _process_identity(pid: int) -> str | None:
-    """"PID START_TIME BOOT_ID" of a running process, or None when there is none (or no /proc).
+    """ "PID START_TIME BOOT_ID" of a running process, or None when there is none (or no /proc).
     The start time (field 22 of /proc/PID/stat, after the command name in parentheses) tells a
     process from a later one given the same pid."""
     boot = _boot_id()
@@ -254,7 +257,7 @@ def _anonymous_file(folder: Path) -> int | None:
     """A descriptor of a new file without a name in `folder` (O_TMPFILE), or None where the system
     or the filesystem has none (it is then written under a name)."""
     flag = getattr(os, "O_TMPFILE", None)
-    if flag is None or not os.path.isdir("/proc/self/fd"):   # the name is given through /proc
+    if flag is None or not os.path.isdir("/proc/self/fd"):  # the name is given through /proc
         return None
     try:
         return os.open(folder, flag | os.O_RDWR, 0o600)
@@ -290,9 +293,13 @@ def _current_umask() -> int:
     return mask
 
 
-def save(path: str | os.PathLike[str], architecture: Graph,
-         tensors: Mapping[str, AnyTensor], source_framework: str,
-         training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None) -> None:
+def save(
+    path: str | os.PathLike[str],
+    architecture: Graph,
+    tensors: Mapping[str, AnyTensor],
+    source_framework: str,
+    training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None,
+) -> None:
     """Validate `tensors` against `architecture`, then write the common file atomically.
 
     Tensors may be arrays or `LazyTensor`s; lazy ones are read one at a time, so a large model
@@ -307,23 +314,29 @@ def save(path: str | os.PathLike[str], architecture: Graph,
         write(stream, architecture, tensors, source_framework, training)
 
 
-def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
-          tensors: Mapping[str, AnyTensor], source_framework: str,
-          training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None) -> None:
+def write(
+    destination: str | os.PathLike[str] | BinaryIO,
+    architecture: Graph,
+    tensors: Mapping[str, AnyTensor],
+    source_framework: str,
+    training: tuple[dict[str, str], Mapping[str, AnyTensor]] | None = None,
+) -> None:
     """`save` without the atomic rename, for a caller that owns the temporary: a path, or a file
     open for reading and writing (`PendingOutput.open()`). `training`: (metadata, slot tensors)
     from `exchange.training_state`, written beside the model's."""
     if source_framework not in SOURCE_FRAMEWORKS:
-        raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, "
-                            f"got {source_framework!r}")
+        raise ExchangeError(f"source_framework must be one of {SOURCE_FRAMEWORKS}, got {source_framework!r}")
     check_tensors(architecture, tensors)
-    metadata = {"format": "pt", "exchange_version": FORMAT_VERSION,
-                "architecture": architecture.to_json(), "source_framework": source_framework}
+    metadata = {
+        "format": "pt",
+        "exchange_version": FORMAT_VERSION,
+        "architecture": architecture.to_json(),
+        "source_framework": source_framework,
+    }
     if training is not None:
         extra_metadata, slot_tensors = training
         if set(extra_metadata) & set(metadata) or any(not key.startswith(TRAINING_PREFIX) for key in slot_tensors):
-            raise ExchangeError("training state must add metadata of its own and keys under "
-                                f"{TRAINING_PREFIX!r}")
+            raise ExchangeError(f"training state must add metadata of its own and keys under {TRAINING_PREFIX!r}")
         metadata.update(extra_metadata)
         tensors = {**tensors, **slot_tensors}
     if isinstance(destination, (str, os.PathLike)):
@@ -333,8 +346,7 @@ def write(destination: str | os.PathLike[str] | BinaryIO, architecture: Graph,
         _write_safetensors(destination, tensors, metadata)
 
 
-def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor],
-                       metadata: dict[str, str]) -> None:
+def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor], metadata: dict[str, str]) -> None:
     """The safetensors layout, written directly: an 8-byte little-endian header length, the JSON
     header padded with spaces to 8 bytes, then each tensor's bytes in header order.
 
@@ -347,8 +359,11 @@ def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor],
     for key in keys:
         dtype = np.dtype(tensors[key].dtype)
         nbytes = int(np.prod(tensors[key].shape, dtype=np.int64)) * dtype.itemsize
-        header[key] = {"dtype": DTYPE_CODES[dtype.name], "shape": list(tensors[key].shape),
-                       "data_offsets": [offset, offset + nbytes]}
+        header[key] = {
+            "dtype": DTYPE_CODES[dtype.name],
+            "shape": list(tensors[key].shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     header_bytes = json.dumps(header, separators=(",", ":")).encode()
     header_bytes += b" " * (-len(header_bytes) % 8)
@@ -361,8 +376,13 @@ def _write_safetensors(stream: BinaryIO, tensors: Mapping[str, AnyTensor],
         begin, end = header[key]["data_offsets"]
         if end == begin:
             continue
-        out = np.memmap(stream, dtype=SAFETENSORS_DTYPES[header[key]["dtype"]], mode="r+",
-                        offset=data_start + begin, shape=tuple(header[key]["shape"]))
+        out = np.memmap(
+            stream,
+            dtype=SAFETENSORS_DTYPES[header[key]["dtype"]],
+            mode="r+",
+            offset=data_start + begin,
+            shape=tuple(header[key]["shape"]),
+        )
         tensor = tensors[key]
         if isinstance(tensor, LazyTensor):
             tensor.copy_into(out)
@@ -384,8 +404,10 @@ def check_header(path: str | os.PathLike[str], architecture: Graph) -> None:
     try:
         with safe_open(str(path), framework="numpy") as reader:
             metadata = dict(reader.metadata() or {})
-            shapes = {key: (tuple(reader.get_slice(key).get_shape()), reader.get_slice(key).get_dtype())
-                      for key in reader.keys()}
+            shapes = {
+                key: (tuple(reader.get_slice(key).get_shape()), reader.get_slice(key).get_dtype())
+                for key in reader.keys()
+            }
     except (SafetensorError, OSError) as err:
         raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     differences = architecture_from_metadata(path, metadata).differences(architecture)
@@ -416,8 +438,10 @@ def load(path: str | os.PathLike[str]) -> ExchangeFile:
             metadata = dict(reader.metadata() or {})
             tensors = {key: reader.get_tensor(key) for key in reader.keys()}
     except TypeError as err:  # a dtype numpy lacks, such as bfloat16
-        raise ExchangeFileError(f"{path}: holds a tensor numpy cannot read ({first_line(err)}); "
-                                f"the exchange file stores {', '.join(DTYPE_CODES)}") from None
+        raise ExchangeFileError(
+            f"{path}: holds a tensor numpy cannot read ({first_line(err)}); "
+            f"the exchange file stores {', '.join(DTYPE_CODES)}"
+        ) from None
     except (SafetensorError, OSError) as err:
         raise ExchangeFileError(f"{path}: not a readable safetensors file ({first_line(err)})") from None
     architecture = architecture_from_metadata(path, metadata)
@@ -433,18 +457,20 @@ def check_same_architecture(in_file: Graph, in_model: Graph, path: str | os.Path
     """Refuse to load a file into a model of another architecture, saying how they differ."""
     differences = in_file.differences(in_model)
     if differences:
-        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: "
-                                        + "; ".join(differences))
+        raise ArchitectureMismatchError(f"{path}: architecture differs from the model's: " + "; ".join(differences))
 
 
 def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
     version = metadata.get("exchange_version")
     if "architecture" not in metadata or version is None:
-        raise ExchangeFileError(f"{path}: no exchange metadata (architecture, exchange_version); "
-                                "it was not written by this tool")
+        raise ExchangeFileError(
+            f"{path}: no exchange metadata (architecture, exchange_version); it was not written by this tool"
+        )
     if version not in READABLE_VERSIONS:
-        raise ExchangeFileError(f"{path}: exchange_version {version!r} is not supported "
-                                f"(this tool reads versions {', '.join(READABLE_VERSIONS)})")
+        raise ExchangeFileError(
+            f"{path}: exchange_version {version!r} is not supported "
+            f"(this tool reads versions {', '.join(READABLE_VERSIONS)})"
+        )
     description = untrusted.load_json(metadata["architecture"], str(path), "architecture")
     try:
         if version == "1":
@@ -481,7 +507,7 @@ def upgrade_v1_architecture(description: object) -> Graph:
         if not isinstance(layer, dict):
             raise ExchangeError(f"{where}: expected a JSON object, found {type(layer).__name__}")
         _check_v1_fields(layer, V1_LAYER_FIELDS, where)
-        if layer.get("kind") != V1_LAYER_KIND:   # version 1 knew Dense stacks only
+        if layer.get("kind") != V1_LAYER_KIND:  # version 1 knew Dense stacks only
             raise ExchangeError(f"{where}: unsupported layer kind {layer.get('kind')!r:.60}")
         units, activation, use_bias = layer.get("units"), layer.get("activation", "linear"), layer.get("use_bias", True)
         width = _check_v1_width(units, f"{where}: units")
@@ -503,8 +529,7 @@ def _check_v1_fields(description: dict[Any, Any], known: tuple[str, ...], where:
 
 def _check_v1_width(value: object, what: str) -> int:
     if type(value) is not int or not 1 <= value <= untrusted.MAX_DENSE_WIDTH:
-        raise ExchangeError(f"{what} must be an integer from 1 to {untrusted.MAX_DENSE_WIDTH:,}, "
-                            f"found {value!r:.60}")
+        raise ExchangeError(f"{what} must be an integer from 1 to {untrusted.MAX_DENSE_WIDTH:,}, found {value!r:.60}")
     return value
 
 
@@ -529,11 +554,15 @@ def check_safetensors_header(path: Path) -> None:
         prefix = stream.read(8)
         header_length = struct.unpack("<Q", prefix)[0] if len(prefix) == 8 else None
         if header_length is None or header_length > size - 8:
-            raise ExchangeFileError(f"{path}: not a readable safetensors file (the header length "
-                                    f"{header_length} does not fit the file's {size:,} bytes)")
+            raise ExchangeFileError(
+                f"{path}: not a readable safetensors file (the header length "
+                f"{header_length} does not fit the file's {size:,} bytes)"
+            )
         if header_length > untrusted.MAX_JSON_BYTES:
-            raise ExchangeFileError(f"{path}: a safetensors header of {header_length:,} bytes, more than "
-                                    f"the {untrusted.MAX_JSON_BYTES:,} this tool reads")
+            raise ExchangeFileError(
+                f"{path}: a safetensors header of {header_length:,} bytes, more than "
+                f"the {untrusted.MAX_JSON_BYTES:,} this tool reads"
+            )
         try:
             header = untrusted.load_json(stream.read(header_length), str(path), "the header")
         except ExchangeFileError as err:
@@ -552,13 +581,21 @@ def check_safetensors_header(path: Path) -> None:
 def _check_header_entry(path: Path, key: str, entry: object, data_size: int) -> None:
     if not isinstance(entry, dict) or entry.get("dtype") not in SAFETENSORS_DTYPES:
         found = entry.get("dtype") if isinstance(entry, dict) else entry
-        raise ExchangeFileError(f"{path}: tensor {key} has dtype {str(found)[:40]}; the exchange file "
-                                f"stores {', '.join(SAFETENSORS_DTYPES)}")
+        raise ExchangeFileError(
+            f"{path}: tensor {key} has dtype {str(found)[:40]}; the exchange file "
+            f"stores {', '.join(SAFETENSORS_DTYPES)}"
+        )
     shape, offsets = entry.get("shape"), entry.get("data_offsets")
-    if not (isinstance(shape, list) and all(type(size) is int and size >= 0 for size in shape)
-            and isinstance(offsets, list) and len(offsets) == 2
-            and all(type(offset) is int for offset in offsets)
-            and 0 <= offsets[0] <= offsets[1] <= data_size
-            and offsets[1] - offsets[0] == untrusted.declared_nbytes(shape, SAFETENSORS_DTYPES[entry["dtype"]])):
-        raise ExchangeFileError(f"{path}: not a readable safetensors file (tensor {key}: shape {str(shape)[:60]} "
-                                f"and byte range {str(offsets)[:60]} do not fit its {data_size:,} bytes of data)")
+    if not (
+        isinstance(shape, list)
+        and all(type(size) is int and size >= 0 for size in shape)
+        and isinstance(offsets, list)
+        and len(offsets) == 2
+        and all(type(offset) is int for offset in offsets)
+        and 0 <= offsets[0] <= offsets[1] <= data_size
+        and offsets[1] - offsets[0] == untrusted.declared_nbytes(shape, SAFETENSORS_DTYPES[entry["dtype"]])
+    ):
+        raise ExchangeFileError(
+            f"{path}: not a readable safetensors file (tensor {key}: shape {str(shape)[:60]} "
+            f"and byte range {str(offsets)[:60]} do not fit its {data_size:,} bytes of data)"
+        )

@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import keyword
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from math import prod
-from collections.abc import Sequence
 from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
@@ -38,16 +38,16 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 INTEGER_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
 INPUT_DTYPES = DTYPES + INTEGER_DTYPES + ("bool",)
 # Caps on what an architecture may declare: a real model is far below them.
-MAX_NODES = 100_000          # keras.applications' largest CNN has under 1,000 layers
-MAX_RANK = 8                 # Keras layers work on tensors of rank <= 5
-MAX_NAME_LENGTH = 1000       # Keras's generated names are under 100 characters
+MAX_NODES = 100_000  # keras.applications' largest CNN has under 1,000 layers
+MAX_RANK = 8  # Keras layers work on tensors of rank <= 5
+MAX_NAME_LENGTH = 1000  # Keras's generated names are under 100 characters
 # The names Keras on TensorFlow can build: each layer enters a TensorFlow name scope, and the model
 # a root scope (measured with Keras 3.15: a space, quote, colon, '/', '\\' or non-ASCII letter fails
 # when the model first runs). A graph may hold other names (they are data); only Keras refuses them.
 KERAS_LAYER_NAME = re.compile(r"[A-Za-z0-9_.>-]+")
 KERAS_MODEL_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.>-]*")
-MAX_NODE_INPUTS = 1_000      # tensors one node reads (an Add of many branches); each is an argument of its call
-MAX_EDGES = 200_000          # all nodes' inputs together: ten per node at the node cap's fifth
+MAX_NODE_INPUTS = 1_000  # tensors one node reads (an Add of many branches); each is an argument of its call
+MAX_EDGES = 200_000  # all nodes' inputs together: ten per node at the node cap's fifth
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,11 @@ class InputSpec:
 
 @dataclass(frozen=True)
 class Node:
-    name: str          # the Keras layer name
-    kind: str          # an exchange kind registered in exchange.kinds
+    name: str  # the Keras layer name
+    kind: str  # an exchange kind registered in exchange.kinds
     inputs: tuple[str, ...]
-    config: Any        # the kind's frozen Config dataclass
-    dtype: str = "float32"   # the dtype of the node's weights
+    config: Any  # the kind's frozen Config dataclass
+    dtype: str = "float32"  # the dtype of the node's weights
     # A shared layer's later call: the node whose layer this one calls again (its weights, torch
     # module and Keras layer are that node's); None for a node that is its own layer.
     shares: str | None = None
@@ -81,9 +81,9 @@ class Cost:
     run time counts as 1): what `--verify` sizes its batch by, and refuses beyond its budget."""
 
     parameters: int
-    largest_activation: int   # elements of the largest input or layer output
-    activations: int          # elements of all inputs and layer outputs together
-    operations: int           # multiply-adds, about: each weight once per output position, each value once
+    largest_activation: int  # elements of the largest input or layer output
+    activations: int  # elements of all inputs and layer outputs together
+    operations: int  # multiply-adds, about: each weight once per output position, each value once
 
 
 @dataclass(frozen=True)
@@ -91,7 +91,7 @@ class NodeContext:
     """What a layer kind needs to know about one node beyond its config."""
 
     node: Node
-    torch_name: str                  # the node's name as a torch attribute (the key prefix)
+    torch_name: str  # the node's name as a torch attribute (the key prefix)
     input_shapes: tuple[Shape, ...]
     output_shape: Shape
     # When the torch side holds input 0 as a channels-first Flatten of this Keras shape, a Dense
@@ -147,23 +147,28 @@ class Graph:
                 raise ExchangeError(f"input {spec.name!r}: dtype {spec.dtype[:40]!r} is not one of {INPUT_DTYPES}")
             _check_shape(spec.shape, f"input {spec.name!r}")
         edges = 0
-        calls: dict[str, int] = {}   # shared layer -> its calls so far after the first
-        own_layers: set[str] = set()   # the earlier nodes that are layers of their own
+        calls: dict[str, int] = {}  # shared layer -> its calls so far after the first
+        own_layers: set[str] = set()  # the earlier nodes that are layers of their own
         for node in self.nodes:
             _check_name(node.name, seen)
             edges += len(node.inputs)
             if len(node.inputs) > MAX_NODE_INPUTS or edges > MAX_EDGES:
-                raise ExchangeError(f"layer {node.name!r} reads {len(node.inputs):,} tensors"
-                                    + (f", more than the {MAX_NODE_INPUTS:,} one layer may read"
-                                       if len(node.inputs) > MAX_NODE_INPUTS else
-                                       f"; together the layers read more than the {MAX_EDGES:,} allowed"))
+                raise ExchangeError(
+                    f"layer {node.name!r} reads {len(node.inputs):,} tensors"
+                    + (
+                        f", more than the {MAX_NODE_INPUTS:,} one layer may read"
+                        if len(node.inputs) > MAX_NODE_INPUTS
+                        else f"; together the layers read more than the {MAX_EDGES:,} allowed"
+                    )
+                )
             kind_of(node.kind)  # raises for an unknown kind
             if node.dtype not in DTYPES:
                 raise ExchangeError(f"layer {node.name!r}: dtype {node.dtype[:40]!r} is not one of {DTYPES}")
             missing = [name for name in node.inputs if name not in seen or name == node.name]
             if missing or not node.inputs:
-                raise ExchangeError(f"layer {node.name!r} reads {missing or 'nothing'}, which is not "
-                                    "an input or an earlier layer")
+                raise ExchangeError(
+                    f"layer {node.name!r} reads {missing or 'nothing'}, which is not an input or an earlier layer"
+                )
             if node.shares is not None:
                 self._check_shared_call(node, calls, own_layers)
             else:
@@ -172,7 +177,7 @@ class Graph:
         if unknown or not self.outputs:
             raise ExchangeError(f"graph outputs {unknown or '(none)'} are not layers or inputs")
         # The whole graph is checked now, before anything is built: every shape, mask and tensor.
-        self.shapes, self.masks, self.tensor_specs   # noqa: B018
+        self.shapes, self.masks, self.tensor_specs  # noqa: B018
 
     def _check_shared_call(self, node: Node, calls: dict[str, int], own_layers: set[str]) -> None:
         """A later call of a shared layer: of an earlier node that is its own layer, with the same
@@ -181,15 +186,19 @@ class Graph:
 
         owner = self._nodes_by_name[node.shares] if node.shares in own_layers else None
         if owner is None or kind_of(node.kind).selects_output:
-            raise ExchangeError(f"layer {node.name!r} shares {str(node.shares)[:80]!r}, which is not an earlier "
-                                "layer of its own")
+            raise ExchangeError(
+                f"layer {node.name!r} shares {str(node.shares)[:80]!r}, which is not an earlier layer of its own"
+            )
         if (owner.kind, owner.config, owner.dtype) != (node.kind, node.config, node.dtype):
-            raise ExchangeError(f"layer {node.name!r} shares layer {owner.name!r} but differs from it in kind, "
-                                "config or dtype")
+            raise ExchangeError(
+                f"layer {node.name!r} shares layer {owner.name!r} but differs from it in kind, config or dtype"
+            )
         calls[owner.name] = calls.get(owner.name, 0) + 1
         if node.name != shared_call_name(owner.name, calls[owner.name]):
-            raise ExchangeError(f"layer {node.name!r}: call {calls[owner.name] + 1} of shared layer {owner.name!r} "
-                                f"must be named {shared_call_name(owner.name, calls[owner.name])!r}")
+            raise ExchangeError(
+                f"layer {node.name!r}: call {calls[owner.name] + 1} of shared layer {owner.name!r} "
+                f"must be named {shared_call_name(owner.name, calls[owner.name])!r}"
+            )
 
     def node(self, name: str) -> Node:
         return self._nodes_by_name[name]
@@ -223,13 +232,14 @@ class Graph:
         names: dict[str, str] = {}
         taken: dict[str, str] = {}
         for node in self.nodes:
-            if node.shares is not None:   # a shared layer's later call: the layer's own module
+            if node.shares is not None:  # a shared layer's later call: the layer's own module
                 names[node.name] = names[node.shares]
                 continue
             safe = python_name(node.name)
             if safe in taken:
-                raise ExchangeError(f"layers {taken[safe]!r} and {node.name!r} both become torch "
-                                    f"name {safe!r}; rename one")
+                raise ExchangeError(
+                    f"layers {taken[safe]!r} and {node.name!r} both become torch name {safe!r}; rename one"
+                )
             taken[safe] = node.name
             names[node.name] = safe
         return names
@@ -242,7 +252,7 @@ class Graph:
         from exchange.kinds import kind_of
 
         shapes: dict[str, Shape] = {spec.name: tuple(spec.shape) for spec in self.inputs}
-        every_output: dict[str, list[Shape]] = {}   # all output shapes of layers with several outputs
+        every_output: dict[str, list[Shape]] = {}  # all output shapes of layers with several outputs
         for node in self.nodes:
             input_shapes = tuple(shapes[name] for name in node.inputs)
             kind = kind_of(node.kind)
@@ -250,8 +260,10 @@ class Graph:
                 if kind.selects_output:
                     outputs = every_output.get(node.inputs[0], [])
                     if not 0 <= node.config.index < len(outputs):
-                        raise ExchangeError(f"reads output {node.config.index} of {node.inputs[0]!r}, which has "
-                                            f"{len(outputs) or 'not several'}")
+                        raise ExchangeError(
+                            f"reads output {node.config.index} of {node.inputs[0]!r}, which has "
+                            f"{len(outputs) or 'not several'}"
+                        )
                     shape = tuple(outputs[node.config.index])
                 else:
                     several = [name for name in node.inputs if name in every_output]
@@ -261,10 +273,11 @@ class Graph:
                     if kind.output_count(node.config) > 1:
                         every_output[node.name] = [tuple(item) for item in all_shapes]
                     shape = tuple(all_shapes[0])
-            except UnsupportedLayerError as err:   # named, as every refusal names its layer
+            except UnsupportedLayerError as err:  # named, as every refusal names its layer
                 message = str(err)
-                raise UnsupportedLayerError(message if repr(node.name) in message
-                                            else f"layer {node.name!r} ({node.kind}): {message}") from None
+                raise UnsupportedLayerError(
+                    message if repr(node.name) in message else f"layer {node.name!r} ({node.kind}): {message}"
+                ) from None
             except ExchangeError as err:
                 raise ExchangeError(f"layer {node.name!r} ({node.kind}): {err}") from None
             _check_shape(shape, f"layer {node.name!r} output")
@@ -282,7 +295,7 @@ class Graph:
         from exchange.kinds import kind_of
 
         masks: dict[str, str | None] = {spec.name: None for spec in self.inputs}
-        every_mask: dict[str, list[str | None]] = {}   # the masks of each output of layers with several
+        every_mask: dict[str, list[str | None]] = {}  # the masks of each output of layers with several
         for node in self.nodes:
             kind = kind_of(node.kind)
             input_masks = tuple(masks[name] for name in node.inputs)
@@ -306,7 +319,7 @@ class Graph:
         for node in self.nodes:
             source = kind_of(node.kind).mask_source(node)
             mask = self.masks[node.name]
-            if source is not None and mask is not None:   # a kind with a mask source names its mask
+            if source is not None and mask is not None:  # a kind with a mask source names its mask
                 sources[mask] = source
         return sources
 
@@ -368,11 +381,15 @@ class Graph:
         return set(self._flat_sources) - set(spec.name for spec in self.inputs)
 
     def context(self, node: Node) -> NodeContext:
-        return NodeContext(node, self.torch_names[node.name],
-                           tuple(self.shapes[name] for name in node.inputs), self.shapes[node.name],
-                           self._flat_sources.get(node.inputs[0]),
-                           node.name in self.channels_first_flattens,
-                           tuple(self.masks[name] for name in node.inputs))
+        return NodeContext(
+            node,
+            self.torch_names[node.name],
+            tuple(self.shapes[name] for name in node.inputs),
+            self.shapes[node.name],
+            self._flat_sources.get(node.inputs[0]),
+            node.name in self.channels_first_flattens,
+            tuple(self.masks[name] for name in node.inputs),
+        )
 
     # -- tensors ----------------------------------------------------------------------------
 
@@ -411,14 +428,18 @@ class Graph:
         Flatten whose order the other calls' weights would have to absorb too."""
         mine, theirs = self.context(node), self.context(owner)
         if self.keras_variables(node) != self.keras_variables(owner):
-            raise UnsupportedLayerError(f"layer {node.name!r}: shared layer {owner.name!r} is called on inputs "
-                                        f"{list(mine.input_shapes)} and {list(theirs.input_shapes)}, which need "
-                                        "its weights in different shapes; not supported")
+            raise UnsupportedLayerError(
+                f"layer {node.name!r}: shared layer {owner.name!r} is called on inputs "
+                f"{list(mine.input_shapes)} and {list(theirs.input_shapes)}, which need "
+                "its weights in different shapes; not supported"
+            )
         if mine.flat_source != theirs.flat_source:
             flattened = [name for name, context in ((node.name, mine), (owner.name, theirs)) if context.flat_source]
-            raise UnsupportedLayerError(f"layer {node.name!r}: shared layer {owner.name!r} reads a Flatten of an "
-                                        f"image at call {flattened[0]!r} only, whose channels-first order its "
-                                        "weights would take at that call alone; not supported")
+            raise UnsupportedLayerError(
+                f"layer {node.name!r}: shared layer {owner.name!r} reads a Flatten of an "
+                f"image at call {flattened[0]!r} only, whose channels-first order its "
+                "weights would take at that call alone; not supported"
+            )
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         return {key: shape for key, (shape, _) in self.tensor_specs.items()}
@@ -445,6 +466,7 @@ class Graph:
     def cost(self) -> Cost:
         """Per sample: a Dense applies its weights once (per step on a sequence), a convolution
         once per output position, a recurrent layer once per step of its input."""
+
         def elements(shape: Shape) -> int:
             return prod(1 if size is None else size for size in shape)
 
@@ -453,63 +475,92 @@ class Graph:
         operations = 0
         for node in self.nodes:
             positions = max(elements(self.shapes[name][:-1]) for name in (node.name,) + node.inputs)
-            operations += (weights.get(self.torch_names[node.name], 0) * positions + sizes[node.name]
-                           + sum(sizes[name] for name in node.inputs))
+            operations += (
+                weights.get(self.torch_names[node.name], 0) * positions
+                + sizes[node.name]
+                + sum(sizes[name] for name in node.inputs)
+            )
         return Cost(sum(weights.values()), max(sizes.values()), sum(sizes.values()), operations)
 
     def check_keras_names(self) -> None:
         """Refuse, in one line, a graph whose names Keras on TensorFlow cannot use (see KERAS_LAYER_NAME)."""
         if not KERAS_MODEL_NAME.fullmatch(self.name):
-            raise UnsupportedLayerError(f"model name {self.name!r} cannot be a Keras model's name on TensorFlow "
-                                        "(A-Z a-z 0-9 . first, then also _ - >); it converts to PyTorch, not to Keras")
+            raise UnsupportedLayerError(
+                f"model name {self.name!r} cannot be a Keras model's name on TensorFlow "
+                "(A-Z a-z 0-9 . first, then also _ - >); it converts to PyTorch, not to Keras"
+            )
         from exchange.kinds import kind_of
 
-        for node in self.layers:   # an output-selecting node (`lstm:output1`) is no Keras layer
+        for node in self.layers:  # an output-selecting node (`lstm:output1`) is no Keras layer
             if not kind_of(node.kind).selects_output and not KERAS_LAYER_NAME.fullmatch(node.name):
-                raise UnsupportedLayerError(f"layer name {node.name!r} cannot be a Keras layer's name on TensorFlow "
-                                            "(only A-Z a-z 0-9 . _ - >); it converts to PyTorch, not to Keras")
+                raise UnsupportedLayerError(
+                    f"layer name {node.name!r} cannot be a Keras layer's name on TensorFlow "
+                    "(only A-Z a-z 0-9 . _ - >); it converts to PyTorch, not to Keras"
+                )
 
     # -- JSON -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         from exchange.kinds import config_to_dict
 
-        return {"name": self.name,
-                "inputs": [{"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype}
-                           for spec in self.inputs],
-                "nodes": [{"name": node.name, "kind": node.kind, "inputs": list(node.inputs),
-                           "dtype": node.dtype, "config": config_to_dict(node.config)}
-                          | ({"shares": node.shares} if node.shares is not None else {})
-                          for node in self.nodes],
-                "outputs": list(self.outputs)}
+        return {
+            "name": self.name,
+            "inputs": [{"name": spec.name, "shape": list(spec.shape), "dtype": spec.dtype} for spec in self.inputs],
+            "nodes": [
+                {
+                    "name": node.name,
+                    "kind": node.kind,
+                    "inputs": list(node.inputs),
+                    "dtype": node.dtype,
+                    "config": config_to_dict(node.config),
+                }
+                | ({"shares": node.shares} if node.shares is not None else {})
+                for node in self.nodes
+            ],
+            "outputs": list(self.outputs),
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_dict(cls, description: dict[str, Any]) -> "Graph":
+    def from_dict(cls, description: dict[str, Any]) -> Graph:
         from exchange.kinds import kind_of
 
         try:
             _known_fields(description, GRAPH_FIELDS, "the architecture")
-            inputs = tuple(InputSpec(_str(item["name"]), _shape(item["shape"]), _str(item.get("dtype", "float32")))
-                           for item in _list(description["inputs"]) if _known_fields(item, INPUT_FIELDS, "an input"))
+            inputs = tuple(
+                InputSpec(_str(item["name"]), _shape(item["shape"]), _str(item.get("dtype", "float32")))
+                for item in _list(description["inputs"])
+                if _known_fields(item, INPUT_FIELDS, "an input")
+            )
             nodes = []
             for item in _list(description["nodes"]):
                 _known_fields(item, NODE_FIELDS, "a layer")
                 kind = kind_of(_str(item["kind"]))
                 shares = item.get("shares")
-                nodes.append(Node(_str(item["name"]), kind.kind, tuple(_str(name) for name in _list(item["inputs"])),
-                                  kind.config_from_dict(item.get("config", {}), _str(item["name"])),
-                                  _str(item.get("dtype", "float32")), None if shares is None else _str(shares)))
+                nodes.append(
+                    Node(
+                        _str(item["name"]),
+                        kind.kind,
+                        tuple(_str(name) for name in _list(item["inputs"])),
+                        kind.config_from_dict(item.get("config", {}), _str(item["name"])),
+                        _str(item.get("dtype", "float32")),
+                        None if shares is None else _str(shares),
+                    )
+                )
             # Construction checks the whole graph (shapes check each config against its inputs).
-            return cls(_str(description.get("name", "model")), inputs, tuple(nodes),
-                       tuple(_str(name) for name in _list(description["outputs"])))
+            return cls(
+                _str(description.get("name", "model")),
+                inputs,
+                tuple(nodes),
+                tuple(_str(name) for name in _list(description["outputs"])),
+            )
         except (KeyError, TypeError, AttributeError) as err:
             raise ExchangeError(f"malformed architecture: {type(err).__name__}: {err}") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "Graph":
+    def from_json(cls, text: str) -> Graph:
         try:
             description = json.loads(text)
         except (json.JSONDecodeError, RecursionError, ValueError) as err:
@@ -518,12 +569,13 @@ class Graph:
             raise ExchangeError("architecture JSON must be an object")
         return cls.from_dict(description)
 
-    def differences(self, other: "Graph") -> list[str]:
+    def differences(self, other: Graph) -> list[str]:
         """Human-readable differences between two graphs (empty when equal)."""
         found = []
         if self.inputs != other.inputs:
-            found.append(f"inputs {[(i.name, i.shape) for i in self.inputs]} != "
-                         f"{[(i.name, i.shape) for i in other.inputs]}")
+            found.append(
+                f"inputs {[(i.name, i.shape) for i in self.inputs]} != {[(i.name, i.shape) for i in other.inputs]}"
+            )
         mine, theirs = {n.name: n for n in self.nodes}, {n.name: n for n in other.nodes}
         for name in sorted(set(mine) | set(theirs)):
             if name not in theirs or name not in mine:
@@ -538,7 +590,8 @@ class Graph:
 # Names a torch module (a torch.fx.GraphModule) already has as attributes, and names generated
 # code uses (`self`, `torch`, `F`, `nn`): a layer or input of such a name gets `_layer` appended.
 # tests/test_graph.py checks that every public attribute of torch.fx.GraphModule is listed.
-RESERVED_NAMES = frozenset("""
+RESERVED_NAMES = frozenset(
+    """
     T_destination add_module add_submodule apply bfloat16 buffers call_super_init children code compile cpu
     cuda delete_all_unused_submodules delete_submodule double dump_patches eval extra_repr float forward
     get_buffer get_extra_state get_parameter get_submodule graph half ipu load_state_dict meta modules mtia
@@ -548,7 +601,8 @@ RESERVED_NAMES = frozenset("""
     register_load_state_dict_pre_hook register_module register_parameter register_state_dict_post_hook
     register_state_dict_pre_hook requires_grad_ set_extra_state set_submodule share_memory state_dict to
     to_empty to_folder train training type xpu zero_grad self torch F nn
-    """.split())
+    """.split()
+)
 
 
 def python_name(name: str) -> str:
@@ -573,8 +627,10 @@ def check_name(name: object, what: str = "layer or input name") -> str:
         raise ExchangeError(f"{what} must be text, found {type(name).__name__}")
     if not name or len(name) > MAX_NAME_LENGTH or not name.isprintable():
         shown = name[:40] + ("..." if len(name) > 40 else "")
-        raise ExchangeError(f"invalid {what} {shown!r}: a name is 1 to {MAX_NAME_LENGTH:,} printable "
-                            "characters (no line breaks, control or format characters)")
+        raise ExchangeError(
+            f"invalid {what} {shown!r}: a name is 1 to {MAX_NAME_LENGTH:,} printable "
+            "characters (no line breaks, control or format characters)"
+        )
     return name
 
 
@@ -586,8 +642,9 @@ def _check_name(name: str, seen: set[str]) -> None:
 
 
 def _check_shape(shape: Shape, what: str) -> None:
-    if len(shape) > MAX_RANK or any(size is not None and (not isinstance(size, int) or isinstance(size, bool)
-                                                          or size < 0) for size in shape):
+    if len(shape) > MAX_RANK or any(
+        size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 0) for size in shape
+    ):
         raise ExchangeError(f"{what}: invalid shape {list(shape)}")
 
 
@@ -602,8 +659,10 @@ def _known_fields(item: object, fields: tuple[str, ...], what: str) -> bool:
         raise TypeError(f"expected an object for {what}, found {type(item).__name__}")
     unknown = sorted(set(item) - set(fields))
     if unknown:
-        raise ExchangeError(f"{what} has unknown field(s) {', '.join(repr(key[:40]) for key in unknown)} "
-                            f"(a format-2 architecture has {', '.join(fields)})")
+        raise ExchangeError(
+            f"{what} has unknown field(s) {', '.join(repr(key[:40]) for key in unknown)} "
+            f"(a format-2 architecture has {', '.join(fields)})"
+        )
     return True
 
 
@@ -625,8 +684,13 @@ def _shape(value: object) -> Shape:
     return shape
 
 
-def dense_chain(name: str, input_dim: int, layers: Sequence[tuple[int, str] | tuple[int, str, bool]],
-                input_name: str = "input", layer_prefix: str = "dense_") -> Graph:
+def dense_chain(
+    name: str,
+    input_dim: int,
+    layers: Sequence[tuple[int, str] | tuple[int, str, bool]],
+    input_name: str = "input",
+    layer_prefix: str = "dense_",
+) -> Graph:
     """Shorthand for a stack of Dense layers: `dense_chain("mlp", 784, [(50, "tanh"), (10, "softmax")])`.
 
     Layers are named `dense_0`, `dense_1`, … (the names the seed's Keras model uses); a third
@@ -638,7 +702,13 @@ def dense_chain(name: str, input_dim: int, layers: Sequence[tuple[int, str] | tu
     for index, layer in enumerate(layers):
         units, activation = layer[0], layer[1]
         use_bias = layer[2] if len(layer) > 2 else True
-        nodes.append(Node(f"{layer_prefix}{index}", "dense", (previous,),
-                          DenseConfig(units=units, activation=activation, use_bias=use_bias)))
+        nodes.append(
+            Node(
+                f"{layer_prefix}{index}",
+                "dense",
+                (previous,),
+                DenseConfig(units=units, activation=activation, use_bias=use_bias),
+            )
+        )
         previous = nodes[-1].name
     return Graph(name, (InputSpec(input_name, (input_dim,)),), tuple(nodes), (previous,))

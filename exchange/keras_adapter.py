@@ -49,12 +49,15 @@ def parse_model(model: keras.Model) -> ParsedModel:
     """The graph of a live Sequential or functional model, and where each layer lives in it."""
     if isinstance(model, keras.Sequential):
         class_name = "Sequential"
-    elif isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False) or \
-            type(model).__name__ == "Functional":
+    elif (isinstance(model, keras.Model) and getattr(model, "_is_graph_network", False)) or type(
+        model
+    ).__name__ == "Functional":
         class_name = "Functional"
     else:
-        raise UnsupportedLayerError(f"model {model.name!r} is a subclassed {type(model).__name__}; only "
-                                    "Sequential and functional models have a config to convert")
+        raise UnsupportedLayerError(
+            f"model {model.name!r} is a subclassed {type(model).__name__}; only "
+            "Sequential and functional models have a config to convert"
+        )
     # Through JSON, as a saved config.json is: tuples become lists, so both read the same.
     config = json.loads(json.dumps({"class_name": class_name, "config": model.get_config()}, default=_plain))
     return parse_model_config(config, f"Keras model {model.name!r}")
@@ -93,11 +96,11 @@ def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
     parsed = parse_model(model)
     stored = {}
     for node in parsed.graph.layers:
-        if parsed.graph.keras_variables(node):   # operations (`x + 3.0`) are not layers and hold none
+        if parsed.graph.keras_variables(node):  # operations (`x + 3.0`) are not layers and hold none
             keras_layer = _layer_at(model, parsed.locations[node.name])
             stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
     tensors = layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
-    return cast(dict[str, np.ndarray], tensors)   # arrays in memory in, arrays out: nothing is lazy
+    return cast(dict[str, np.ndarray], tensors)  # arrays in memory in, arrays out: nothing is lazy
 
 
 def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: Graph | None = None) -> None:
@@ -116,7 +119,7 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
                 variable.assign(value)
         finalize = getattr(keras_layer, "finalize_state", None)
         if callable(finalize):
-            finalize()   # layers that derive state from their variables (Normalization)
+            finalize()  # layers that derive state from their variables (Normalization)
 
 
 def build_model(graph: Graph) -> keras.Model:
@@ -130,18 +133,22 @@ def build_model(graph: Graph) -> keras.Model:
 def _build_model(graph: Graph) -> keras.Model:
     values = {spec.name: keras.Input(shape=spec.shape, dtype=spec.dtype, name=spec.name) for spec in graph.inputs}
     inputs = [values[spec.name] for spec in graph.inputs]
-    layers = {}   # a shared layer is one Keras layer, called at each of its nodes
+    layers = {}  # a shared layer is one Keras layer, called at each of its nodes
     for node in graph.nodes:
         kind = kind_of(node.kind)
         context = graph.context(node)
         with framework_errors(node, "Keras"):
             if node.shares is None:
                 layers[node.name] = kind.keras_layer(keras, context)
-            values[node.name] = kind.keras_call(layers[node.shares or node.name],
-                                                [values[name] for name in node.inputs], context)
+            values[node.name] = kind.keras_call(
+                layers[node.shares or node.name], [values[name] for name in node.inputs], context
+            )
     outputs = [values[name] for name in graph.outputs]
-    return keras.Model(inputs=inputs[0] if len(inputs) == 1 else inputs,
-                       outputs=outputs[0] if len(outputs) == 1 else outputs, name=graph.name)
+    return keras.Model(
+        inputs=inputs[0] if len(inputs) == 1 else inputs,
+        outputs=outputs[0] if len(outputs) == 1 else outputs,
+        name=graph.name,
+    )
 
 
 def model_from_tensors(graph: Graph, file_tensors: dict) -> keras.Model:
@@ -172,8 +179,9 @@ def predict(model: keras.Model, arrays: list[np.ndarray], batch_size: int = 256)
     return [np.asarray(output) for output in (outputs if isinstance(outputs, (list, tuple)) else [outputs])]
 
 
-def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarray],
-                         names: list[str] | None = None) -> dict[str, np.ndarray]:
+def intermediate_outputs(
+    model: keras.Model, graph: Graph, arrays: list[np.ndarray], names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """The outputs (Keras layout) of the named nodes (default: every node) by layer name, for
     layer-by-layer checks; a node without an output of its own (an operation, a layer inside a
     nested model) is left out."""
@@ -183,11 +191,15 @@ def intermediate_outputs(model: keras.Model, graph: Graph, arrays: list[np.ndarr
         object.__setattr__(model, "_exchange_parsed", parsed)
     layers = _layers_by_name(model)
     outputs_by_name = {}
-    for name in (names if names is not None else [node.name for node in graph.nodes]):
+    for name in names if names is not None else [node.name for node in graph.nodes]:
         location = parsed.locations.get(name)
-        if location is not None and not location.container_path and name in layers \
-                and len(layers[name]._inbound_nodes) == 1:   # a shared layer has no one output
-            output = layers[name].output   # top-level layers only: a nested model's have no outer output
+        if (
+            location is not None
+            and not location.container_path
+            and name in layers
+            and len(layers[name]._inbound_nodes) == 1
+        ):  # a shared layer has no one output
+            output = layers[name].output  # top-level layers only: a nested model's have no outer output
             if not isinstance(output, (list, tuple)):
                 outputs_by_name[name] = output
     if not outputs_by_name:

@@ -26,10 +26,10 @@ from exchange.graph import DTYPES, INPUT_DTYPES, Graph, InputSpec, Node, shared_
 from exchange.kinds import KINDS_DOC, TENSOR, KerasOptions, kind_for_keras_class, kind_of, refusal_for_keras_class
 from exchange.kinds.preprocessing import STRING_REASON
 
-INPUT_CLASSES = ("InputLayer",)          # a model's inputs, not layers of the graph
+INPUT_CLASSES = ("InputLayer",)  # a model's inputs, not layers of the graph
 SEQUENTIAL_CLASSES = ("Sequential",)
-OPS_MODULE = "keras.src.ops."   # `x + 3.0` on a Keras tensor records an operation, not a layer
-OPS_PREFIX = "ops."             # ... registered by kinds as "ops.Add", "ops.Multiply", …
+OPS_MODULE = "keras.src.ops."  # `x + 3.0` on a Keras tensor records an operation, not a layer
+OPS_PREFIX = "ops."  # ... registered by kinds as "ops.Add", "ops.Multiply", …
 FUNCTIONAL_CLASSES = ("Functional", "Model")
 # A Keras 3 functional config records the masks it passes along as operations (an Embedding's
 # `ids != 0`, a Masking's `any(x != mask_value, axis=-1)`, a merge's `logical_or` of its inputs'
@@ -37,12 +37,21 @@ FUNCTIONAL_CLASSES = ("Functional", "Model")
 # operations that only compute masks are not nodes: each `mask=` is checked to compare what the
 # derived mask compares (`Graph.mask_sources`).
 MASK_KEYWORD = "mask"
-MASK_SOURCE_OPERATION = "NotEqual"   # `tensor != constant`: 0 for an Embedding's, mask_value for a Masking's
+MASK_SOURCE_OPERATION = "NotEqual"  # `tensor != constant`: 0 for an Embedding's, mask_value for a Masking's
 # The operations Keras's own compute_mask methods record (merges: logical_or; Concatenate:
 # expand_dims, zeros_like, ones_like, concatenate, any); a mask made with any other is the model's own.
-MASK_OPERATIONS = ("NotEqual", "LogicalOr", "LogicalAnd", "ExpandDims", "ZerosLike", "OnesLike", "Concatenate",
-                   "Any", "All")
-MAX_NESTING = 32     # nested models deeper than this are refused (a real model nests a few levels)
+MASK_OPERATIONS = (
+    "NotEqual",
+    "LogicalOr",
+    "LogicalAnd",
+    "ExpandDims",
+    "ZerosLike",
+    "OnesLike",
+    "Concatenate",
+    "Any",
+    "All",
+)
+MAX_NESTING = 32  # nested models deeper than this are refused (a real model nests a few levels)
 
 
 @dataclass(frozen=True)
@@ -58,12 +67,12 @@ class MaskRecord:
 
 @dataclass(frozen=True)
 class KerasLocation:
-    keras3_group: str                  # e.g. "layers/functional/layers/dense_1"
-    keras2_group: str                  # the top-level layer's group name, e.g. "model_1"
+    keras3_group: str  # e.g. "layers/functional/layers/dense_1"
+    keras2_group: str  # the top-level layer's group name, e.g. "model_1"
     layer_name: str
-    container_path: tuple[str, ...]    # names of the nested models holding the layer
-    keras3_subgroups: tuple[str, ...] = ("",)   # where below keras3_group its vars are (LSTM: "cell")
-    keras3_extras: tuple[tuple[str, tuple], ...] = ()   # named entries beside the vars (`keras3_saved_extras`)
+    container_path: tuple[str, ...]  # names of the nested models holding the layer
+    keras3_subgroups: tuple[str, ...] = ("",)  # where below keras3_group its vars are (LSTM: "cell")
+    keras3_extras: tuple[tuple[str, tuple], ...] = ()  # named entries beside the vars (`keras3_saved_extras`)
 
 
 @dataclass
@@ -73,7 +82,7 @@ class _Calls:
     layer: dict
     group: str
     inbound: list
-    first_node: int   # the node index of its first call in the config's tensor histories
+    first_node: int  # the node index of its first call in the config's tensor histories
     made: int = 0
 
 
@@ -81,7 +90,7 @@ class _Calls:
 class ParsedModel:
     graph: Graph
     locations: dict[str, KerasLocation]
-    class_names: dict[str, str]        # node name -> Keras class name, for messages
+    class_names: dict[str, str]  # node name -> Keras class name, for messages
 
 
 # Keras classes exported (and so serialized) under another name than their Python class, which
@@ -110,11 +119,17 @@ def parse_model_config(model_config: dict, source: str, keras2: bool = False) ->
     except (KeyError, TypeError, AttributeError, ValueError, IndexError) as err:
         raise ExchangeFileError(f"{source}: malformed Keras model config ({type(err).__name__}: {err})") from None
     if parser.problems:
-        raise UnsupportedLayerError(f"{source}: " + "; ".join(dict.fromkeys(parser.problems)))   # a shared layer's once
+        raise UnsupportedLayerError(f"{source}: " + "; ".join(dict.fromkeys(parser.problems)))  # a shared layer's once
     try:
         nodes = parser.nodes if not any(node.shares for node in parser.nodes) else _canonical_order(parser.nodes)
-        graph = Graph(_text(model_config["config"].get("name", "model")) if isinstance(
-            model_config.get("config"), dict) else "model", tuple(parser.inputs), tuple(nodes), tuple(outputs))
+        graph = Graph(
+            _text(model_config["config"].get("name", "model"))
+            if isinstance(model_config.get("config"), dict)
+            else "model",
+            tuple(parser.inputs),
+            tuple(nodes),
+            tuple(outputs),
+        )
         graph.shapes  # noqa: B018  (shape inference now, so a bad model fails here, naming the layer)
         graph.masks  # noqa: B018  (and masks: a layer that cannot take one fails here)
         _check_explicit_masks(graph, parser.explicit_masks)
@@ -131,14 +146,14 @@ def _canonical_order(nodes: list[Node]) -> list[Node]:
     whatever its calls and a nested model's layers inside it, so the order of a model with a
     shared nested model differs from that of the same model rebuilt flat; this one does not, and
     file -> Keras -> file stays bit-identical."""
-    made = {name for node in nodes for name in node.inputs} - {node.name for node in nodes}   # the inputs
+    made = {name for node in nodes for name in node.inputs} - {node.name for node in nodes}  # the inputs
     by_name = {node.name: node for node in nodes}
     readers: dict[str, list[str]] = {}
     for node in nodes:
         for name in dict.fromkeys(node.inputs):
             if name not in made:
                 readers.setdefault(name, []).append(node.name)
-    waiting = {node.name: len({name for name in node.inputs if name not in made}) for node in nodes}   # each once
+    waiting = {node.name: len({name for name in node.inputs if name not in made}) for node in nodes}  # each once
     ready = [name for name, count in waiting.items() if count == 0]
     heapq.heapify(ready)
     ordered = []
@@ -149,7 +164,7 @@ def _canonical_order(nodes: list[Node]) -> list[Node]:
             waiting[reader] -= 1
             if waiting[reader] == 0:
                 heapq.heappush(ready, reader)
-    return ordered if len(ordered) == len(nodes) else nodes   # (a cycle is reported by the graph's checks)
+    return ordered if len(ordered) == len(nodes) else nodes  # (a cycle is reported by the graph's checks)
 
 
 class _Parser:
@@ -163,11 +178,17 @@ class _Parser:
         # node and the calls made of it since: a later call is a node sharing it.
         self.made: dict[tuple[str, ...], list] = {}
         self.problems: list[str] = []
-        self.mask_operations: dict[str, MaskRecord] = {}   # mask-only operation edges -> what they compute
-        self.explicit_masks: dict[str, MaskRecord] = {}    # layer -> what its mask= computes
+        self.mask_operations: dict[str, MaskRecord] = {}  # mask-only operation edges -> what they compute
+        self.explicit_masks: dict[str, MaskRecord] = {}  # layer -> what its mask= computes
 
-    def model(self, model_config: dict, container_path: tuple[str, ...], keras3_prefix: str,
-              keras2_group: str | None, incoming: list[str] | None) -> list[str]:
+    def model(
+        self,
+        model_config: dict,
+        container_path: tuple[str, ...],
+        keras3_prefix: str,
+        keras2_group: str | None,
+        incoming: list[str] | None,
+    ) -> list[str]:
         """Parse one (possibly nested) model; returns its output edge names."""
         if len(container_path) > MAX_NESTING:
             raise ExchangeError(f"models nested more than {MAX_NESTING} deep")
@@ -176,16 +197,18 @@ class _Parser:
             return self.sequential(model_config, config, container_path, keras3_prefix, keras2_group, incoming)
         if class_name in FUNCTIONAL_CLASSES:
             return self.functional(config, container_path, keras3_prefix, keras2_group, incoming)
-        raise UnsupportedLayerError(f"unsupported model class {class_name!r}: a subclassed model's config has no "
-                                    "layers; pass the Python file that defines it with --custom-objects FILE "
-                                    "(Sequential and functional models are read from their config)")
+        raise UnsupportedLayerError(
+            f"unsupported model class {class_name!r}: a subclassed model's config has no "
+            "layers; pass the Python file that defines it with --custom-objects FILE "
+            "(Sequential and functional models are read from their config)"
+        )
 
     def _groups(self, layers: list[dict], keras3_prefix: str) -> list[str]:
         counts: dict[str, int] = {}
         groups = []
         for layer in layers:
             if _is_operation(layer):
-                groups.append("")   # operations are not layers: no weights, not counted
+                groups.append("")  # operations are not layers: no weights, not counted
                 continue
             class_name = _text(layer["class_name"])
             snake = to_snake_case(KERAS3_GROUP_CLASSES.get(class_name, class_name))
@@ -206,21 +229,24 @@ class _Parser:
                 if current is None:
                     current = [self.add_input(name, layer_config)]
                 continue
-            if current is None:   # Keras 2: the first layer declares the input shape
+            if current is None:  # Keras 2: the first layer declares the input shape
                 shape = _batch_shape(layer_config) or _build_shape(model_config)
                 if shape is None:
                     raise ExchangeError(f"Sequential model without an input shape (layer {name!r})")
-                current = [self.add_input(f"{name}_input", {"batch_shape": shape,
-                                                            "dtype": layer_config.get("dtype")})]
+                current = [self.add_input(f"{name}_input", {"batch_shape": shape, "dtype": layer_config.get("dtype")})]
             current = self.layer(layer, current, container_path, group, keras2_group or name)
         return current
 
     def functional(self, config, container_path, keras3_prefix, keras2_group, incoming):
-        layers = [self.tf_operation(layer) if isinstance(layer, dict) and layer.get("class_name") in
-                  tf_ops.LAYER_CLASSES else layer for layer in config["layers"]]
+        layers = [
+            self.tf_operation(layer)
+            if isinstance(layer, dict) and layer.get("class_name") in tf_ops.LAYER_CLASSES
+            else layer
+            for layer in config["layers"]
+        ]
         groups = self._groups(layers, keras3_prefix)
         input_names = [entry[0] for entry in _entries(config.get("input_layers", []))]
-        edges: dict[tuple[str, int, int], str] = {}   # (layer, call, output index) -> the graph's edge
+        edges: dict[tuple[str, int, int], str] = {}  # (layer, call, output index) -> the graph's edge
         mask_only = _mask_only_operations(layers)
         if incoming is not None and len(incoming) != len(input_names):
             raise ExchangeError(f"nested model takes {len(input_names)} inputs, given {len(incoming)}")
@@ -251,22 +277,29 @@ class _Parser:
             waiting = [calls for calls in waiting if calls.made < len(calls.inbound)]
             if waiting and not progress:
                 if self.problems:
-                    break   # a layer before failed; that problem is already reported
+                    break  # a layer before failed; that problem is already reported
                 calls = waiting[0]
                 unknown = next(ref for ref in _histories(calls.inbound[calls.made]) if _edge_key(ref) not in edges)
-                raise ExchangeError(f"layer {_layer_name(calls.layer)!r} reads {_text(unknown[0])!r} (call "
-                                    f"{unknown[1]}, output {unknown[2]}), which no layer of the model makes")
-        if incoming is None:   # the model's inputs in its order (`input_layers`), not the layers' order
+                raise ExchangeError(
+                    f"layer {_layer_name(calls.layer)!r} reads {_text(unknown[0])!r} (call "
+                    f"{unknown[1]}, output {unknown[2]}), which no layer of the model makes"
+                )
+        if incoming is None:  # the model's inputs in its order (`input_layers`), not the layers' order
             order = {input_name: index for index, input_name in enumerate(input_names)}
             self.inputs.sort(key=lambda spec: order.get(spec.name, len(order)))
         # Keras 3 writes `output_layers` with a nested functional model's own node numbers, whose
         # node 0 is the model's build on its own inputs (its calls are 1, 2, …), where the tensors
         # its layers read count the calls from 0.
-        own_build = set() if self.keras2 else {_layer_name(layer) for layer in layers
-                                                if layer.get("class_name") in FUNCTIONAL_CLASSES}
+        own_build = (
+            set()
+            if self.keras2
+            else {_layer_name(layer) for layer in layers if layer.get("class_name") in FUNCTIONAL_CLASSES}
+        )
         try:
-            return [edges[(name, node_index - (name in own_build), tensor_index)]
-                    for name, node_index, tensor_index in _entries(config["output_layers"])]
+            return [
+                edges[(name, node_index - (name in own_build), tensor_index)]
+                for name, node_index, tensor_index in _entries(config["output_layers"])
+            ]
         except KeyError:
             if self.problems:
                 return []
@@ -281,11 +314,11 @@ class _Parser:
             self.problems.append(str(err))
             return tf_ops.refused(layer)
 
-    def call(self, calls: "_Calls", edges: dict, container_path, keras2_group, mask_only: set[str]) -> None:
+    def call(self, calls: _Calls, edges: dict, container_path, keras2_group, mask_only: set[str]) -> None:
         """One call of a layer in a functional model: its node(s), and its outputs in `edges`."""
         layer, group, call_index = calls.layer, calls.group, calls.made
         class_name, name = _text(layer["class_name"]), _layer_name(layer)
-        if class_name == tf_ops.REFUSED:   # (its refusal is reported)
+        if class_name == tf_ops.REFUSED:  # (its refusal is reported)
             edges[(name, calls.first_node + call_index, 0)] = name
             return
         inbound = calls.inbound[call_index]
@@ -297,7 +330,7 @@ class _Parser:
             tensor_kwargs = kind.tensor_kwargs if kind is not None else ()
             call = _first_argument_by_position(inbound)
             mask = _mask_ref(call)
-            if mask is None and kind is not None:   # `layer(x, mask)`, as Keras's own tests call it
+            if mask is None and kind is not None:  # `layer(x, mask)`, as Keras's own tests call it
                 call, mask = _positional_mask(call, kind.mask_position)
             sources = [edges[ref] for ref in _inbound_refs(call, tensor_kwargs)]
             call_args = _call_args(call)
@@ -305,17 +338,26 @@ class _Parser:
             mask_input = False
             if mask is not None and class_name not in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
                 # (a nested model passes its input's mask on to its layers, as the graph does)
-                if edges[mask] in self.mask_operations:   # Keras's record of an Embedding's or Masking's mask
+                if edges[mask] in self.mask_operations:  # Keras's record of an Embedding's or Masking's mask
                     self.explicit_masks[name] = self.mask_operations[edges[mask]]
-                else:   # a tensor of the model: the node's last input, read by kinds that take one
+                else:  # a tensor of the model: the node's last input, read by kinds that take one
                     mask_input = True
                     sources.append(edges[mask])
-        except UnsupportedLayerError as err:   # a call this exchange cannot read: name the layer
+        except UnsupportedLayerError as err:  # a call this exchange cannot read: name the layer
             message = str(err)
             self.problems.append(message if repr(name) in message else f"layer {name!r} ({class_name}): {message}")
             return
-        outputs = self.layer(layer, sources, container_path, group, keras2_group or name, call_args,
-                             call_kwargs, mask_given=mask is not None, mask_input=mask_input)
+        outputs = self.layer(
+            layer,
+            sources,
+            container_path,
+            group,
+            keras2_group or name,
+            call_args,
+            call_kwargs,
+            mask_given=mask is not None,
+            mask_input=mask_input,
+        )
         for index, edge in enumerate(outputs):
             edges[(name, calls.first_node + call_index, index)] = edge
 
@@ -328,8 +370,13 @@ class _Parser:
         class_name, config = layer.get("class_name"), layer.get("config")
         if class_name in FUNCTIONAL_CLASSES:
             return 1
-        if class_name in SEQUENTIAL_CLASSES and isinstance(config, dict) and isinstance(config.get("layers"), list) \
-                and config["layers"] and isinstance(config["layers"][0], dict):
+        if (
+            class_name in SEQUENTIAL_CLASSES
+            and isinstance(config, dict)
+            and isinstance(config.get("layers"), list)
+            and config["layers"]
+            and isinstance(config["layers"][0], dict)
+        ):
             first = config["layers"][0]
             return int(first.get("class_name") in INPUT_CLASSES or _batch_shape(first.get("config") or {}) is not None)
         return 0
@@ -348,9 +395,9 @@ class _Parser:
                 reads.add(edge)
         if class_name == MASK_SOURCE_OPERATION:
             compared = [value for value in _call_args(inbound) if value is not None]
-            foreign |= len(compared) != 1 or not _is_number(compared[0])   # `a != b` of two tensors
+            foreign |= len(compared) != 1 or not _is_number(compared[0])  # `a != b` of two tensors
             constants.update(value for value in compared if _is_number(value))
-        foreign |= class_name not in MASK_OPERATIONS   # e.g. `ids > 3`: the model's own mask
+        foreign |= class_name not in MASK_OPERATIONS  # e.g. `ids > 3`: the model's own mask
         edge = f"{name}:mask"
         self.mask_operations[edge] = MaskRecord(frozenset(reads), frozenset(constants), foreign)
         edges[(name, 0, 0)] = edge
@@ -359,16 +406,25 @@ class _Parser:
         shape = _batch_shape(config)
         if shape is None:
             raise ExchangeError(f"input {name!r} has no shape")
-        if _policy_name(config.get("dtype")) == "string":   # reported with the layers that read it
+        if _policy_name(config.get("dtype")) == "string":  # reported with the layers that read it
             self.problems.append(f"input {name!r}: unsupported dtype 'string' ({STRING_REASON})")
             return name
         dtype = _input_dtype(config.get("dtype"), name)
         self.inputs.append(InputSpec(name, tuple(shape[1:]), dtype))
         return name
 
-    def layer(self, layer: dict, sources: list[str], container_path, group: str, keras2_group: str,
-              call_args: list | None = None, call_kwargs: dict | None = None, mask_given: bool = False,
-              mask_input: bool = False) -> list[str]:
+    def layer(
+        self,
+        layer: dict,
+        sources: list[str],
+        container_path,
+        group: str,
+        keras2_group: str,
+        call_args: list | None = None,
+        call_kwargs: dict | None = None,
+        mask_given: bool = False,
+        mask_input: bool = False,
+    ) -> list[str]:
         class_name, name, config = _text(layer["class_name"]), _layer_name(layer), layer.get("config", {})
         if class_name in SEQUENTIAL_CLASSES + FUNCTIONAL_CLASSES:
             return self.model(layer, container_path + (name,), f"{group}/layers", keras2_group, sources)
@@ -385,9 +441,16 @@ class _Parser:
         try:
             if not isinstance(config, dict):
                 raise ExchangeError("config is not an object")
-            options = KerasOptions(class_name, name, config, keras2=self.keras2,
-                                   call_args=call_args if call_args is not None else [None] * len(sources),
-                                   call_kwargs=call_kwargs, mask_given=mask_given, mask_input=mask_input)
+            options = KerasOptions(
+                class_name,
+                name,
+                config,
+                keras2=self.keras2,
+                call_args=call_args if call_args is not None else [None] * len(sources),
+                call_kwargs=call_kwargs,
+                mask_given=mask_given,
+                mask_input=mask_input,
+            )
             integer_dtype = kind.takes_integer_dtype and _policy_name(config.get("dtype")) in ("int32", "int64")
             # first: a quantized layer's options differ
             dtype = "float32" if integer_dtype else _dtype(config.get("dtype"), name, class_name)
@@ -398,7 +461,7 @@ class _Parser:
             self.problems.append(message if name in message else f"layer {name!r} ({class_name}): {message}")
             return [name]
         where = container_path + (name,)
-        if where in self.made:   # a shared layer (or a layer of a nested model) called again
+        if where in self.made:  # a shared layer (or a layer of a nested model) called again
             shared = self.made[where]
             shared[1] += 1
             name = shared_call_name(shared[0], shared[1])
@@ -406,9 +469,14 @@ class _Parser:
         else:
             self.made[where] = [name, 0]
             self.nodes.append(Node(name, kind.kind, tuple(sources), node_config, dtype))
-            self.locations[name] = KerasLocation(group, keras2_group, name, container_path,
-                                                 tuple(kind.keras3_subgroups(node_config)),
-                                                 tuple(kind.keras3_saved_extras(node_config)))
+            self.locations[name] = KerasLocation(
+                group,
+                keras2_group,
+                name,
+                container_path,
+                tuple(kind.keras3_subgroups(node_config)),
+                tuple(kind.keras3_saved_extras(node_config)),
+            )
         self.class_names[name] = class_name
         count = kind.output_count(node_config)
         if count == 1:
@@ -446,8 +514,9 @@ def _batch_shape(config: dict):
     shape = config.get("batch_shape") or config.get("batch_input_shape")
     if shape is None:
         return None
-    if not isinstance(shape, (list, tuple)) or not all(s is None or (isinstance(s, int) and not isinstance(s, bool)
-                                                            and s >= 0) for s in shape):
+    if not isinstance(shape, (list, tuple)) or not all(
+        s is None or (isinstance(s, int) and not isinstance(s, bool) and s >= 0) for s in shape
+    ):
         raise ExchangeError(f"invalid input shape {shape!r}")
     return shape
 
@@ -470,14 +539,18 @@ def _dtype(value, name: str, class_name: str = "") -> str:
         policy = value.get("config") if isinstance(value.get("config"), dict) else {}
         if "mode" in policy or "Quantized" in str(value.get("class_name")):
             mode = policy.get("mode", value.get("class_name"))
-            raise UnsupportedLayerError(f"layer {name!r} ({class_name}): quantized dtype policy "
-                                        f"{str(mode)[:60]!r} is not supported (its weights are not floats)")
+            raise UnsupportedLayerError(
+                f"layer {name!r} ({class_name}): quantized dtype policy "
+                f"{str(mode)[:60]!r} is not supported (its weights are not floats)"
+            )
         value = policy.get("name")
     if isinstance(value, str) and value.startswith(QUANTIZATION_MODES):
-        raise UnsupportedLayerError(f"layer {name!r} ({class_name}): quantized dtype policy "
-                                    f"{value[:60]!r} is not supported (its weights are not floats)")
+        raise UnsupportedLayerError(
+            f"layer {name!r} ({class_name}): quantized dtype policy "
+            f"{value[:60]!r} is not supported (its weights are not floats)"
+        )
     if isinstance(value, str) and value.startswith("mixed_"):
-        return "float32"   # mixed precision keeps float32 variables
+        return "float32"  # mixed precision keeps float32 variables
     if value not in DTYPES:
         raise UnsupportedLayerError(f"layer {name!r}: unsupported dtype {value!r}")
     return value
@@ -512,7 +585,7 @@ def _entries(spec) -> list:
 def _mask_only_operations(layers: list) -> set[str]:
     """Names of the operation layers whose results are only used as `mask=` (or by other such
     operations): Keras's recorded mask computations. Consumers follow producers in a config."""
-    uses: dict[str, list[tuple[str, bool]]] = {}   # producer -> [(consumer, used as mask=)]
+    uses: dict[str, list[tuple[str, bool]]] = {}  # producer -> [(consumer, used as mask=)]
     for layer in layers:
         for node in layer.get("inbound_nodes") or []:
             if not isinstance(node, dict):
@@ -523,8 +596,11 @@ def _mask_only_operations(layers: list) -> set[str]:
     mask_only: set[str] = set()
     for layer in reversed(layers):
         name = _layer_name(layer)
-        if _is_operation(layer) and uses.get(name) and all(
-                as_mask or consumer in mask_only for consumer, as_mask in uses[name]):
+        if (
+            _is_operation(layer)
+            and uses.get(name)
+            and all(as_mask or consumer in mask_only for consumer, as_mask in uses[name])
+        ):
             mask_only.add(name)
     return mask_only
 
@@ -537,12 +613,19 @@ def _check_explicit_masks(graph: Graph, explicit_masks: dict[str, MaskRecord]) -
     for name, record in explicit_masks.items():
         mask = graph.masks[graph.node(name).inputs[0]]
         source, value = graph.mask_sources.get(mask, (mask, 0)) if mask is not None else (None, None)
-        if mask is None or record.foreign or record.constants != {value} or source not in record.reads or \
-                (record.reads & inputs) - {source}:
+        if (
+            mask is None
+            or record.foreign
+            or record.constants != {value}
+            or source not in record.reads
+            or (record.reads & inputs) - {source}
+        ):
             shown = ", ".join(sorted(record.reads))
-            raise UnsupportedLayerError(f"layer {name!r} is given a mask (computed from {shown}) that is not "
-                                        "the mask of an Embedding with mask_zero=True or of a Masking layer; "
-                                        "not supported")
+            raise UnsupportedLayerError(
+                f"layer {name!r} is given a mask (computed from {shown}) that is not "
+                "the mask of an Embedding with mask_zero=True or of a Masking layer; "
+                "not supported"
+            )
 
 
 def _is_number(value) -> bool:
@@ -557,9 +640,9 @@ def _edge_key(history) -> tuple[str, int, int]:
 
 def _call_refs(inbound) -> list:
     """The histories of every tensor a call reads, positional or keyword, masks included."""
-    if isinstance(inbound, dict):   # Keras 3
+    if isinstance(inbound, dict):  # Keras 3
         return _histories(inbound)
-    refs = [entry for entry in inbound if isinstance(entry, list)]   # Keras 2: [[name, node, tensor, kwargs], …]
+    refs = [entry for entry in inbound if isinstance(entry, list)]  # Keras 2: [[name, node, tensor, kwargs], …]
     return refs + [value for value in _keras2_kwargs(inbound).values() if _is_keras2_ref(value)]
 
 
@@ -595,21 +678,24 @@ def _positional_mask(node, position: int | None):
     if position is None or not isinstance(node, dict):
         return node, None
     arguments = list(node.get("args", []))
-    if len(arguments) <= position or not isinstance(arguments[position], dict) or \
-            len(_histories(arguments[position])) != 1:
+    if (
+        len(arguments) <= position
+        or not isinstance(arguments[position], dict)
+        or len(_histories(arguments[position])) != 1
+    ):
         return node, None
     history = _histories(arguments[position])[0]
     rest = arguments[:position]
     while len(rest) > 1 and rest[-1] is None:
         rest.pop()
-    return dict(node, args=rest + arguments[position + 1:]), _edge_key(history)
+    return dict(node, args=rest + arguments[position + 1 :]), _edge_key(history)
 
 
 def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, int, int]]:
     """(layer name, call, output index) of each tensor a call reads, in order: the positional arguments,
     then the keyword arguments its layer kind takes as tensors (`LayerKind.tensor_kwargs`, e.g.
     MultiHeadAttention's `key`, `attention_mask`); `mask` is not one (see `_mask_ref`)."""
-    if isinstance(node, dict):   # Keras 3: {"args": [...], "kwargs": {...}}
+    if isinstance(node, dict):  # Keras 3: {"args": [...], "kwargs": {...}}
         refs = [_edge_key(history) for history in _histories(node.get("args", []))]
         for key, value in (node.get("kwargs") or {}).items():
             if key != MASK_KEYWORD and _histories(value):
@@ -617,7 +703,7 @@ def _inbound_refs(node, tensor_kwargs: tuple[str, ...] = ()) -> list[tuple[str, 
                     raise UnsupportedLayerError(f"tensor passed as keyword argument {key!r} is not supported")
                 refs += [_edge_key(history) for history in _histories(value)]
         return refs
-    refs = [_edge_key(entry) for entry in node]   # Keras 2: [[name, node, tensor, kwargs], …]
+    refs = [_edge_key(entry) for entry in node]  # Keras 2: [[name, node, tensor, kwargs], …]
     for key, value in _keras2_kwargs(node).items():
         if key in tensor_kwargs and _is_keras2_ref(value):
             refs.append(_edge_key(value))
@@ -628,24 +714,39 @@ def _call_kwargs(node, tensor_kwargs: tuple[str, ...] = ()) -> dict:
     """A call's keyword arguments but `mask`: the value of each constant, TENSOR for each tensor
     (a node input after the positional ones, in this order; see `_inbound_refs`)."""
     if isinstance(node, dict):
-        return {key: TENSOR if _histories(value) else value for key, value in (node.get("kwargs") or {}).items()
-                if key != MASK_KEYWORD}
+        return {
+            key: TENSOR if _histories(value) else value
+            for key, value in (node.get("kwargs") or {}).items()
+            if key != MASK_KEYWORD
+        }
     # Keras 2 records every argument but the first as a keyword, a tensor as [layer, node, tensor].
-    return {key: TENSOR if key in tensor_kwargs and _is_keras2_ref(value) else value
-            for key, value in _keras2_kwargs(node).items() if key != MASK_KEYWORD}
+    return {
+        key: TENSOR if key in tensor_kwargs and _is_keras2_ref(value) else value
+        for key, value in _keras2_kwargs(node).items()
+        if key != MASK_KEYWORD
+    }
 
 
 def _keras2_kwargs(node) -> dict:
     """The keyword arguments a Keras 2 inbound node records with its first tensor."""
-    if isinstance(node, list) and node and isinstance(node[0], list) and len(node[0]) > 3 \
-            and isinstance(node[0][3], dict):
+    if (
+        isinstance(node, list)
+        and node
+        and isinstance(node[0], list)
+        and len(node[0]) > 3
+        and isinstance(node[0][3], dict)
+    ):
         return node[0][3]
     return {}
 
 
 def _is_keras2_ref(value) -> bool:
-    return (isinstance(value, list) and len(value) == 3 and isinstance(value[0], str)
-            and all(isinstance(item, int) and not isinstance(item, bool) for item in value[1:]))
+    return (
+        isinstance(value, list)
+        and len(value) == 3
+        and isinstance(value[0], str)
+        and all(isinstance(item, int) and not isinstance(item, bool) for item in value[1:])
+    )
 
 
 def _is_builtin(layer: dict) -> bool:
@@ -663,18 +764,19 @@ def _is_operation(layer: dict) -> bool:
     if "module" not in layer and isinstance(layer.get("class_name"), str):
         class_name = layer["class_name"]
         return kind_for_keras_class(class_name) is None and (
-            kind_for_keras_class(OPS_PREFIX + class_name) is not None or class_name in MASK_OPERATIONS)
+            kind_for_keras_class(OPS_PREFIX + class_name) is not None or class_name in MASK_OPERATIONS
+        )
     return str(layer.get("module") or "").startswith(OPS_MODULE)
 
 
 def _call_args(node) -> list:
     """A call's positional arguments: None for each tensor, the value of each constant."""
     if not isinstance(node, dict):
-        return [None] * len(node)     # Keras 2: tensors only
+        return [None] * len(node)  # Keras 2: tensors only
     arguments = []
     for value in node.get("args", []):
         if isinstance(value, list) and _histories(value) and all(_histories(item) for item in value):
-            arguments += [None] * len(value)   # a list of tensors, as merges take
+            arguments += [None] * len(value)  # a list of tensors, as merges take
         else:
             arguments.append(None if _histories(value) else value)
     return arguments
@@ -709,5 +811,7 @@ def check_depth(graph: Graph, label: str = "") -> None:
     """Refuse, before Keras builds anything, a graph deeper than Keras can build."""
     depth = graph_depth(graph)
     if depth > MAX_KERAS_DEPTH:
-        raise ExchangeError(f"{label + ': ' if label else ''}model {graph.name!r} is {depth:,} layers deep; "
-                            f"Keras builds models at most {MAX_KERAS_DEPTH:,} deep")
+        raise ExchangeError(
+            f"{label + ': ' if label else ''}model {graph.name!r} is {depth:,} layers deep; "
+            f"Keras builds models at most {MAX_KERAS_DEPTH:,} deep"
+        )

@@ -23,8 +23,8 @@ import time
 import zipfile
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Protocol
 from pathlib import Path
+from typing import Protocol
 
 import h5py
 import numpy as np
@@ -37,9 +37,9 @@ from exchange.tensors import AnyTensor, LazyTensor
 
 KERAS_WEIGHTS_MEMBER = "model.weights.h5"
 KERAS_CONFIG_MEMBER = "config.json"
-HDF5_PROBE_SECONDS = 60   # reading a real model's metadata takes milliseconds; a damaged file can loop
-HDF5_PROBE_MEMORY = 256 << 20   # address space the probe may add: a real model's metadata needs a few MiB,
-                                # a damaged global heap can make libhdf5 allocate gigabytes
+HDF5_PROBE_SECONDS = 60  # reading a real model's metadata takes milliseconds; a damaged file can loop
+HDF5_PROBE_MEMORY = 256 << 20  # address space the probe may add: a real model's metadata needs a few MiB,
+# a damaged global heap can make libhdf5 allocate gigabytes
 
 
 def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
@@ -76,11 +76,11 @@ class _FileWindow(io.RawIOBase):
         return self.position
 
     def readinto(self, buffer) -> int:
-        if self.position >= self.size:   # a damaged file may seek anywhere, even past what pread takes
+        if self.position >= self.size:  # a damaged file may seek anywhere, even past what pread takes
             return 0
         wanted = min(len(buffer), self.size - self.position)
         data = os.pread(self.descriptor, wanted, self.start + self.position)
-        buffer[:len(data)] = data
+        buffer[: len(data)] = data
         self.position += len(data)
         return len(data)
 
@@ -95,7 +95,7 @@ class _Hdf5Source:
         self.descriptor = os.open(path, os.O_RDONLY)
         size = os.fstat(self.descriptor).st_size - start if size is None else size
         self.size = size
-        self.groups: dict = {}   # groups whose path was checked for links
+        self.groups: dict = {}  # groups whose path was checked for links
         try:
             _survives_hdf5(self.descriptor, start, size, self.label)
             self.h5 = h5py.File(_FileWindow(self.descriptor, start, size), "r")
@@ -120,17 +120,14 @@ class _Hdf5Source:
     def lazy(self, dataset_path: str) -> LazyTensor:
         dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label, self.groups)
         if not isinstance(dataset, h5py.Dataset):
-            raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; "
-                                    "config and weights do not match")
+            raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; config and weights do not match")
         untrusted.check_hdf5_dataset(dataset, self.label, self.size)
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()
         if dataset.chunks is not None or 0 in shape:  # chunked, filtered or empty: h5py reads it when used
             return LazyTensor(shape, dtype, lambda: self._read(dataset))
         path, absolute = self.path, self.start + offset
-        return LazyTensor(shape, dtype, lambda: np.memmap(path, dtype=dtype, mode="r",
-                                                          offset=absolute, shape=shape))
-
+        return LazyTensor(shape, dtype, lambda: np.memmap(path, dtype=dtype, mode="r", offset=absolute, shape=shape))
 
     def _read(self, dataset: h5py.Dataset) -> np.ndarray:
         with hdf5_errors(self.label):
@@ -147,7 +144,7 @@ def _survives_hdf5(descriptor: int, start: int, size: int, label: str) -> None:
         return
     reader, writer = os.pipe()
     child = os.fork()
-    if child == 0:   # the child: touch every attribute and dataset header, then leave at once
+    if child == 0:  # the child: touch every attribute and dataset header, then leave at once
         os.close(reader)
         _probe_child(descriptor, start, size, writer)
     os.close(writer)
@@ -174,14 +171,14 @@ def _probe_child(descriptor: int, start: int, size: int, writer: int) -> None:
         try:
             h5 = h5py.File(_FileWindow(descriptor, start, size), "r")
         except (OSError, RuntimeError, ValueError):
-            os._exit(0)   # not HDF5 at all: the parent's own open says so
+            os._exit(0)  # not HDF5 at all: the parent's own open says so
         with h5:
             _touch_metadata(h5, size)
-    except BaseException as err:   # noqa: B036 (reported to the parent, which refuses the file)
+    except BaseException as err:  # noqa: B036, BLE001 (reported to the parent, which refuses the file)
         status = 1
         try:
             os.write(writer, (first_line(err) or type(err).__name__).encode("utf-8", "replace")[:500])
-        except BaseException:   # noqa: B036
+        except BaseException:  # noqa: B036, BLE001
             pass
     os._exit(status)
 
@@ -194,21 +191,26 @@ def _wait_for_probe(child: int, label: str) -> None:
             if finished:
                 break
             if time.monotonic() > deadline:
-                raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
-                                        f"its metadata in {HDF5_PROBE_SECONDS} s)")
+                raise ExchangeFileError(
+                    f"{label}: damaged HDF5 file (the HDF5 library did not finish reading "
+                    f"its metadata in {HDF5_PROBE_SECONDS} s)"
+                )
             time.sleep(0.002)
-    except BaseException:   # noqa: B036 (a timeout, or an interrupt while waiting: the child goes too)
+    except BaseException:  # noqa: B036 (a timeout, or an interrupt while waiting: the child goes too)
         os.kill(child, signal.SIGKILL)
         os.waitpid(child, 0)
         raise
     if os.WIFSIGNALED(status):
-        raise ExchangeFileError(f"{label}: damaged HDF5 file (the HDF5 library crashed reading it: "
-                                f"{signal.Signals(os.WTERMSIG(status)).name})")
+        raise ExchangeFileError(
+            f"{label}: damaged HDF5 file (the HDF5 library crashed reading it: "
+            f"{signal.Signals(os.WTERMSIG(status)).name})"
+        )
 
 
 def _touch_metadata(h5: h5py.File, size: int) -> None:
     """Read what the readers read: every attribute, and each dataset's type, shape, layout,
     filters and storage. A size check that fails is the parent's to report, not the probe's."""
+
     def touch(node) -> None:
         for name in list(node.attrs):
             try:
@@ -217,8 +219,16 @@ def _touch_metadata(h5: h5py.File, size: int) -> None:
                 pass
         if isinstance(node, h5py.Dataset):
             plist = node.id.get_create_plist()
-            _ = (node.shape, node.dtype, node.chunks, node.external, node.is_virtual, node.id.get_offset(),
-                 node.id.get_storage_size(), [plist.get_filter(i) for i in range(plist.get_nfilters())])
+            _ = (
+                node.shape,
+                node.dtype,
+                node.chunks,
+                node.external,
+                node.is_virtual,
+                node.id.get_offset(),
+                node.id.get_storage_size(),
+                [plist.get_filter(i) for i in range(plist.get_nfilters())],
+            )
 
     touch(h5)
     h5.visititems(lambda name, node: touch(node))
@@ -239,7 +249,7 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
     info = archive.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise ExchangeFileError(f"{path}: {name} is compressed; Keras stores it uncompressed")
-    archive.fp.seek(info.header_offset)   # the archive's own open file: no second open
+    archive.fp.seek(info.header_offset)  # the archive's own open file: no second open
     local_header = archive.fp.read(30)
     if local_header[:4] != b"PK\x03\x04":
         raise ExchangeFileError(f"{path}: damaged zip entry for {name}")
@@ -259,7 +269,7 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
     """Keras 3: `<group>/vars/0`, `vars/1`, … in the layer's variable order (no names stored);
     a layer made of sub-layers keeps them below its group (an LSTM in `<group>/cell/vars`)."""
     if not location.keras3_group:
-        return []   # an operation (`x + 3.0`): not a layer, nothing stored
+        return []  # an operation (`x + 3.0`): not a layer, nothing stored
     found = []
     for subgroup in location.keras3_subgroups:
         path = "/".join(part for part in (location.keras3_group, subgroup, "vars") if part)
@@ -270,15 +280,19 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
         if stored_name is not None:
             stored_name = untrusted.check_path_text(stored_name, source.label, f"{path} name")
         if not subgroup and stored_name is not None and stored_name != location.layer_name:
-            raise ExchangeFileError(f"{source.label}: group {location.keras3_group} holds layer "
-                                    f"{stored_name!r}, expected {location.layer_name!r}; "
-                                    "config and weights do not match")
+            raise ExchangeFileError(
+                f"{source.label}: group {location.keras3_group} holds layer "
+                f"{stored_name!r}, expected {location.layer_name!r}; "
+                "config and weights do not match"
+            )
         extras = dict(location.keras3_extras) if not subgroup else {}
         for name in set(extras) & set(group):
             stored = source.lazy(f"{path}/{name}").load()
             if stored.shape != (len(extras[name]),) or not np.array_equal(stored, np.float32(extras[name])):
-                raise ExchangeFileError(f"{source.label}: {path}/{name} differs from the values the layer's config "
-                                        "gives; config and weights do not match")
+                raise ExchangeFileError(
+                    f"{source.label}: {path}/{name} differs from the values the layer's config "
+                    "gives; config and weights do not match"
+                )
         entries = [name for name in group if name not in extras]
         count = len(entries)
         if sorted(entries) != sorted(str(index) for index in range(count)):
@@ -309,7 +323,7 @@ def _keras2_variables(source: _Hdf5Source, root: str, location: KerasLocation, g
     return found
 
 
-def _weight_names(source: "_Hdf5Source", group: h5py.Group) -> list[str]:
+def _weight_names(source: _Hdf5Source, group: h5py.Group) -> list[str]:
     """Keras 2's `weight_names` attribute: a 1-D array of names."""
     names = source.attribute(group, "weight_names", [])
     if not isinstance(names, (np.ndarray, list)) or np.ndim(names) != 1:
@@ -334,13 +348,13 @@ class KerasWeights:
     """Graph and lazy file-layout tensors of a Keras file; close() when done reading."""
 
     architecture: Graph
-    tensors: dict[str, AnyTensor]   # lazy where a port only permutes axes; read where it splits, packs, reshapes
-    source: Closable   # what holds the file open: an HDF5 source, a SavedModel's data file
+    tensors: dict[str, AnyTensor]  # lazy where a port only permutes axes; read where it splits, packs, reshapes
+    source: Closable  # what holds the file open: an HDF5 source, a SavedModel's data file
 
     def close(self) -> None:
         self.source.close()
 
-    def __enter__(self) -> "KerasWeights":
+    def __enter__(self) -> KerasWeights:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -368,8 +382,9 @@ def read_keras_config(path: str | os.PathLike, kind: filekinds.FileKind | None =
     if kind is not filekinds.JSON:
         raise ExchangeFileError(f"{path}: {kind.description}, not a Keras model or model config")
     if size > untrusted.MAX_JSON_BYTES:
-        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} "
-                                "a model config may have")
+        raise ExchangeFileError(
+            f"{path}: {size:,} bytes, more than the {untrusted.MAX_JSON_BYTES:,} a model config may have"
+        )
     return _json(path.read_bytes(), str(path))
 
 
@@ -377,13 +392,18 @@ def _config_member(archive: zipfile.ZipFile, path: Path) -> bytes:
     return untrusted.read_zip_member(archive, KERAS_CONFIG_MEMBER, str(path), untrusted.MAX_JSON_BYTES)
 
 
-def _model_config_text(source: "_Hdf5Source") -> str:
-    return untrusted.check_path_text(source.attribute(source.h5, "model_config"), source.label,
-                                     "the model_config attribute")
+def _model_config_text(source: _Hdf5Source) -> str:
+    return untrusted.check_path_text(
+        source.attribute(source.h5, "model_config"), source.label, "the model_config attribute"
+    )
 
 
-def open_keras_file(path: str | os.PathLike, architecture_from: str | os.PathLike | None = None,
-                    by_name: bool = False, kind: filekinds.FileKind | None = None) -> KerasWeights:
+def open_keras_file(
+    path: str | os.PathLike,
+    architecture_from: str | os.PathLike | None = None,
+    by_name: bool = False,
+    kind: filekinds.FileKind | None = None,
+) -> KerasWeights:
     """Open any supported Keras file. `architecture_from` (a .keras, a Keras 2 full .h5, or a
     config JSON) is required for weights-only files and ignored otherwise. A Keras 2 weights-only
     file is matched to the architecture's layers by order, as Keras 2's `load_weights` does, or
@@ -423,32 +443,36 @@ def check_readable(path: str | os.PathLike, kind: filekinds.FileKind | None = No
         _Hdf5Source(path).close()
 
 
-def _open_h5(path: Path, source: "_Hdf5Source", h5: h5py.File, architecture_from, by_name: bool) -> "KerasWeights":
+def _open_h5(path: Path, source: _Hdf5Source, h5: h5py.File, architecture_from, by_name: bool) -> KerasWeights:
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
-    if "model_config" in h5.attrs and "model_weights" in h5:       # Keras 2 full model
-        parsed = describe_model_config(_json(_model_config_text(source), str(path)), str(path),
-                                       keras2=_keras2_version(source.attribute(h5, "keras_version")))
+    if "model_config" in h5.attrs and "model_weights" in h5:  # Keras 2 full model
+        parsed = describe_model_config(
+            _json(_model_config_text(source), str(path)),
+            str(path),
+            keras2=_keras2_version(source.attribute(h5, "keras_version")),
+        )
         return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
-    if "layers" in h5 and "layer_names" not in h5.attrs:              # Keras 3 weights only
+    if "layers" in h5 and "layer_names" not in h5.attrs:  # Keras 3 weights only
         parsed = _description_from(architecture_from, path)
         return _finish(parsed, source, lambda location: _keras3_variables(source, location))
-    if "layer_names" in h5.attrs:                                     # Keras 2 weights only
+    if "layer_names" in h5.attrs:  # Keras 2 weights only
         parsed = _description_from(architecture_from, path, keras2=True)
         groups = {} if by_name else _keras2_groups_by_order(source, parsed)
         return _finish(parsed, source, lambda location: _keras2_variables(source, "", location, groups))
-    if architecture_from is None:   # a subclassed model's Keras 3 weights are grouped by attribute
-        raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names; "
-                                "a subclassed model's .weights.h5 needs --arch and --custom-objects FILE)")
-    raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, "
-                            "layers or layer_names)")
+    if architecture_from is None:  # a subclassed model's Keras 3 weights are grouped by attribute
+        raise ExchangeFileError(
+            f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names; "
+            "a subclassed model's .weights.h5 needs --arch and --custom-objects FILE)"
+        )
+    raise ExchangeFileError(f"{path}: HDF5 file without Keras weights (no model_weights, layers or layer_names)")
 
 
 def _keras2_groups_by_order(source: _Hdf5Source, parsed: ParsedModel) -> dict[str, str]:
     """Keras 2's `load_weights` (without by_name): the file's layers that hold weights, in its
     `layer_names` order, go to the model's top-level layers that hold weights, in the model's
     order; a count that differs is an error, as in Keras. Architecture group -> file group."""
-    holding: list[str] = []   # the model's top-level layers (a nested model is one) with weights
-    for node in parsed.graph.nodes:   # in the config's order
+    holding: list[str] = []  # the model's top-level layers (a nested model is one) with weights
+    for node in parsed.graph.nodes:  # in the config's order
         group = parsed.locations[node.name].keras2_group if node.name in parsed.locations else None
         if group is not None and group not in holding and parsed.graph.keras_variables(node):
             holding.append(group)
@@ -462,9 +486,11 @@ def _keras2_groups_by_order(source: _Hdf5Source, parsed: ParsedModel) -> dict[st
         if isinstance(group, h5py.Group) and len(_weight_names(source, group)):
             stored.append(name)
     if len(stored) != len(holding):
-        raise ExchangeFileError(f"{source.label}: holds weights for {len(stored)} layers, the architecture has "
-                                f"{len(holding)} layers with weights (Keras 2 loads them by order; with --by-name "
-                                "by layer name)")
+        raise ExchangeFileError(
+            f"{source.label}: holds weights for {len(stored)} layers, the architecture has "
+            f"{len(holding)} layers with weights (Keras 2 loads them by order; with --by-name "
+            "by layer name)"
+        )
     return dict(zip(holding, stored))
 
 
@@ -481,12 +507,15 @@ def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeig
 
 def _description_from(architecture_from, weights_path: Path, keras2: bool = False) -> ParsedModel:
     if architecture_from is None:
-        raise ExchangeFileError(f"{weights_path}: a weights-only file; give the architecture "
-                                "(--arch a .keras, a Keras 2 .h5 or a config .json; a subclassed model's "
-                                ".weights.h5 needs --arch and --custom-objects FILE)")
+        raise ExchangeFileError(
+            f"{weights_path}: a weights-only file; give the architecture "
+            "(--arch a .keras, a Keras 2 .h5 or a config .json; a subclassed model's "
+            ".weights.h5 needs --arch and --custom-objects FILE)"
+        )
     config_path = Path(architecture_from)
-    return describe_model_config(read_keras_config(config_path), str(config_path),
-                                 keras2=keras2 or written_by_keras2(config_path))
+    return describe_model_config(
+        read_keras_config(config_path), str(config_path), keras2=keras2 or written_by_keras2(config_path)
+    )
 
 
 def written_by_keras2(path: Path, kind: filekinds.FileKind | None = None) -> bool:

@@ -34,10 +34,18 @@ from exchange import untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.fileformat import atomic_output
 
-PICKLE_NAMES = {"x_train": "mnist_X_train.pkl", "x_test": "mnist_X_test.pkl",
-                "y_train": "mnist_y_train.pkl", "y_test": "mnist_y_test.pkl"}
-IDX_NAMES = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
-             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+PICKLE_NAMES = {
+    "x_train": "mnist_X_train.pkl",
+    "x_test": "mnist_X_test.pkl",
+    "y_train": "mnist_y_train.pkl",
+    "y_test": "mnist_y_test.pkl",
+}
+IDX_NAMES = {
+    "x_train": "train-images-idx3-ubyte",
+    "y_train": "train-labels-idx1-ubyte",
+    "x_test": "t10k-images-idx3-ubyte",
+    "y_test": "t10k-labels-idx1-ubyte",
+}
 NPZ_NAME = "mnist.npz"
 NUM_CLASSES = 10
 IMAGE_PIXELS = 28 * 28
@@ -45,9 +53,12 @@ IMAGE_PIXELS = 28 * 28
 # The only globals a pickled numpy array needs. numpy 1 names the modules `numpy.core.*`,
 # numpy 2 `numpy._core.*`; `_codecs.encode` appears in protocol-2 pickles of array bytes.
 ALLOWED_PICKLE_GLOBALS = {
-    ("numpy", "ndarray"), ("numpy", "dtype"),
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.numeric", "_frombuffer"),
+    ("numpy._core.numeric", "_frombuffer"),
     ("_codecs", "encode"),
 }
 
@@ -57,13 +68,13 @@ PICKLE_CODECS = ("latin1", "latin-1", "iso-8859-1", "iso8859-1")
 # What a pickled array may hold: numbers (bool, int, uint, float, complex) without fields or
 # sub-arrays. An object array's `__setstate__` allocates its shape before it looks at its list.
 PICKLE_DTYPE_KINDS = "biufc"
-MAX_PICKLE_DIMS = 32           # numpy 1's limit; the seed's arrays have 2
+MAX_PICKLE_DIMS = 32  # numpy 1's limit; the seed's arrays have 2
 # The state numpy pickles for a dtype of plain numbers (after the byte order): no sub-array, no
 # fields, no item size or alignment of its own, no flags. Any other would rewrite the dtype.
 PLAIN_DTYPE_STATE = (None, None, None, -1, -1, 0)
 MEMO_OPCODES = ("PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET")
 IDX_UINT8 = 0x08
-MAX_IDX_DIMS = 3               # images are (N, 28, 28), labels (N,)
+MAX_IDX_DIMS = 3  # images are (N, 28, 28), labels (N,)
 
 
 class DataError(ExchangeError):
@@ -92,7 +103,7 @@ class _ClampedReader(io.RawIOBase):
         return self.size - self.left
 
     def readinto(self, buffer) -> int:
-        view = memoryview(buffer)[:self.left]
+        view = memoryview(buffer)[: self.left]
         count = self.stream.readinto(view)
         self.left -= count
         return count
@@ -169,10 +180,16 @@ class _PickledDtype:
         self.dtype = dtype
 
     def __setstate__(self, state):
-        if not (isinstance(state, tuple) and len(state) == 8 and state[0] == 3
-                and state[1] in ("<", ">", "|", "=") and state[2:] == PLAIN_DTYPE_STATE):
-            raise DataError(f"refusing the pickled state {reprlib.repr(state)} of dtype {self.dtype}: "
-                            "only a byte order is accepted")
+        if not (
+            isinstance(state, tuple)
+            and len(state) == 8
+            and state[0] == 3
+            and state[1] in ("<", ">", "|", "=")
+            and state[2:] == PLAIN_DTYPE_STATE
+        ):
+            raise DataError(
+                f"refusing the pickled state {reprlib.repr(state)} of dtype {self.dtype}: only a byte order is accepted"
+            )
         self.dtype = self.dtype.newbyteorder(state[1])
 
 
@@ -180,7 +197,7 @@ class _Allowed:
     """A global the pickle may name, standing in for numpy's: the call is checked, BUILD on it
     (which would set its attributes) is refused, and NEWOBJ fails (it needs a class)."""
 
-    __slots__ = ("name", "call")
+    __slots__ = ("call", "name")
 
     def __init__(self, name: str, call):
         self.name, self.call = name, call
@@ -194,8 +211,11 @@ class _Allowed:
 
 def _checked_shape(shape) -> tuple[int, ...]:
     shape = (shape,) if type(shape) is int else shape
-    if not (isinstance(shape, (tuple, list)) and len(shape) <= MAX_PICKLE_DIMS
-            and all(type(size) is int and size >= 0 for size in shape)):
+    if not (
+        isinstance(shape, (tuple, list))
+        and len(shape) <= MAX_PICKLE_DIMS
+        and all(type(size) is int and size >= 0 for size in shape)
+    ):
         raise DataError(f"refusing the array shape {reprlib.repr(shape)}: expected up to {MAX_PICKLE_DIMS} sizes")
     return tuple(shape)
 
@@ -247,8 +267,9 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         shape, dtype = _checked_shape(shape), _checked_dtype(dtype)
         nbytes = untrusted.declared_nbytes(shape, dtype)
         if nbytes > self.limit:
-            raise DataError(f"declares a {dtype} array of shape {shape} ({nbytes:,} bytes), "
-                            f"more than the file's {self.limit:,}")
+            raise DataError(
+                f"declares a {dtype} array of shape {shape} ({nbytes:,} bytes), more than the file's {self.limit:,}"
+            )
         return shape, dtype
 
     def _new_array(self, shape, dtype="f8", buffer=None, offset=0, strides=None, order="C"):
@@ -287,8 +308,16 @@ def load_pickled_array(path: str | os.PathLike) -> np.ndarray:
             array = NumpyOnlyUnpickler(_ClampedReader(stream, size), size, encoding="latin1").load()
     except DataError as err:
         raise DataError(f"{path}: {err}") from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, LookupError,
-            IndexError, OverflowError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        AttributeError,
+        LookupError,
+        IndexError,
+        OverflowError,
+    ) as err:
         raise DataError(f"{path}: not a readable pickle of a numpy array ({err})") from None
     if isinstance(array, _PickledArray):
         array = array.view(np.ndarray)
@@ -310,8 +339,11 @@ def read_idx(path: str | os.PathLike) -> np.ndarray:
         with opener(path, "rb") as stream:
             shape = _idx_shape(path, stream)
             count = math.prod(shape)
-            limit = (untrusted.MAX_COMPRESSION_RATIO * size + untrusted.COMPRESSION_SLACK
-                     if path.suffix == ".gz" else size - 4 - 4 * len(shape))
+            limit = (
+                untrusted.MAX_COMPRESSION_RATIO * size + untrusted.COMPRESSION_SLACK
+                if path.suffix == ".gz"
+                else size - 4 - 4 * len(shape)
+            )
             if count > limit:
                 raise DataError(f"{path}: header says {shape} ({count:,} values), more than the file can hold")
             data = np.empty(count, dtype=np.uint8)
@@ -333,7 +365,7 @@ def _idx_shape(path: Path, stream) -> tuple[int, ...]:
     header = stream.read(4 * magic[3])
     if len(header) < 4 * magic[3]:
         raise DataError(f"{path}: truncated IDX header")
-    return tuple(int.from_bytes(header[4 * axis: 4 * axis + 4], "big") for axis in range(magic[3]))
+    return tuple(int.from_bytes(header[4 * axis : 4 * axis + 4], "big") for axis in range(magic[3]))
 
 
 def to_seed_format(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +374,7 @@ def to_seed_format(images: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, 
         raise DataError(f"images {images.shape} and labels {labels.shape}: expected (N, 28, 28) and (N,)")
     if labels.dtype.kind not in "iu" or (labels.size and not 0 <= labels.min() <= labels.max() < NUM_CLASSES):
         raise DataError(f"labels must be integers 0 to {NUM_CLASSES - 1}")
-    x = (images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / np.float32(255.0))
+    x = images.reshape(len(images), IMAGE_PIXELS).astype(np.float32) / np.float32(255.0)
     y = np.eye(NUM_CLASSES, dtype=np.float32)[labels.astype(np.int64)]
     return x, y
 
@@ -366,8 +398,10 @@ def load_folder(folder: str | os.PathLike) -> Mnist:
     elif (folder / NPZ_NAME).exists():
         mnist = load_npz(folder / NPZ_NAME)
     else:
-        raise DataError(f"{folder}: holds neither the seed's pickles ({', '.join(PICKLE_NAMES.values())}),"
-                        f" nor the IDX files ({', '.join(IDX_NAMES.values())}[.gz]), nor {NPZ_NAME}")
+        raise DataError(
+            f"{folder}: holds neither the seed's pickles ({', '.join(PICKLE_NAMES.values())}),"
+            f" nor the IDX files ({', '.join(IDX_NAMES.values())}[.gz]), nor {NPZ_NAME}"
+        )
     _check_seed_format(mnist, folder)
     return mnist
 
@@ -390,10 +424,12 @@ def load_mnist(data_dir: str | os.PathLike | None = None) -> Mnist:
         from keras.datasets import mnist as keras_mnist
 
         (train_images, train_labels), (test_images, test_labels) = keras_mnist.load_data()
-    except Exception as err:  # no keras, no internet, a broken cache: all mean "supply it"
-        raise DataError("MNIST not found: pass --data DIR or set MNIST_DIR to a folder holding the "
-                        "IDX files or the seed's pickles (see scripts/prepare_data.py); Keras's "
-                        f"download failed too ({type(err).__name__})") from None
+    except Exception as err:  # noqa: BLE001 (no keras, no internet, a broken cache: all mean "supply it")
+        raise DataError(
+            "MNIST not found: pass --data DIR or set MNIST_DIR to a folder holding the "
+            "IDX files or the seed's pickles (see scripts/prepare_data.py); Keras's "
+            f"download failed too ({type(err).__name__})"
+        ) from None
     x_train, y_train = to_seed_format(train_images, train_labels)
     x_test, y_test = to_seed_format(test_images, test_labels)
     return Mnist(x_train, y_train, x_test, y_test)
@@ -429,8 +465,17 @@ def load_npz(path: Path) -> Mnist:
         with np.load(path, allow_pickle=False) as npz:
             x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
             x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
-    except (OSError, ValueError, KeyError, zipfile.BadZipFile, IndexError, EOFError, zlib.error, DataError,
-            NotImplementedError) as err:
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        IndexError,
+        EOFError,
+        zlib.error,
+        DataError,
+        NotImplementedError,
+    ) as err:
         raise DataError(f"{path}: not a readable Keras mnist.npz ({err})") from None
     return Mnist(x_train, y_train, x_test, y_test)
 
@@ -446,8 +491,9 @@ def _check_npz(path: Path, size: int) -> None:
         for info in archive.infolist():
             with archive.open(info) as stream:
                 version = np.lib.format.read_magic(stream)
-                read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                               else np.lib.format.read_array_header_2_0)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
                 shape, _, dtype = read_header(stream)
             if dtype.hasobject or untrusted.declared_nbytes(shape, dtype) > info.file_size:
                 raise DataError(f"{info.filename} declares {dtype} {shape}, more than its {info.file_size:,} bytes")
@@ -458,7 +504,6 @@ def _check_seed_format(mnist: Mnist, source: Path) -> None:
         array = getattr(mnist, key)
         width = IMAGE_PIXELS if key.startswith("x") else NUM_CLASSES
         if array.ndim != 2 or array.shape[1] != width or array.dtype != np.float32:
-            raise DataError(f"{source}: {key} is {array.dtype} {array.shape}, "
-                            f"expected float32 (N, {width})")
+            raise DataError(f"{source}: {key} is {array.dtype} {array.shape}, expected float32 (N, {width})")
     if len(mnist.x_train) != len(mnist.y_train) or len(mnist.x_test) != len(mnist.y_test):
         raise DataError(f"{source}: images and labels differ in count")

@@ -84,8 +84,14 @@ class PiecewiseConstantDecay:
 class PolynomialDecay:
     """From `initial_learning_rate` to `end_learning_rate` along `(1 - step / decay_steps) ** power`."""
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, end_learning_rate: float = 1e-4,
-                 power: float = 1.0, cycle: bool = False):
+    def __init__(
+        self,
+        initial_learning_rate: float,
+        decay_steps: int,
+        end_learning_rate: float = 1e-4,
+        power: float = 1.0,
+        cycle: bool = False,
+    ):
         self.initial_learning_rate, self.decay_steps = initial_learning_rate, decay_steps
         self.end_learning_rate, self.power, self.cycle = end_learning_rate, power, cycle
 
@@ -105,8 +111,14 @@ class CosineDecay:
     """Half a cosine from the rate down to `alpha` times it over `decay_steps`, after a linear
     warmup from `initial_learning_rate` to `warmup_target` over `warmup_steps` when one is given."""
 
-    def __init__(self, initial_learning_rate: float, decay_steps: int, alpha: float = 0.0,
-                 warmup_target: float | None = None, warmup_steps: int = 0):
+    def __init__(
+        self,
+        initial_learning_rate: float,
+        decay_steps: int,
+        alpha: float = 0.0,
+        warmup_target: float | None = None,
+        warmup_steps: int = 0,
+    ):
         self.initial_learning_rate, self.decay_steps, self.alpha = initial_learning_rate, decay_steps, alpha
         self.warmup_target, self.warmup_steps = warmup_target, warmup_steps
 
@@ -126,8 +138,10 @@ class CosineDecay:
         return self._decay(position - warmup_steps, target)
 
 
-SCHEDULES = {schedule.__name__: schedule for schedule in (ExponentialDecay, InverseTimeDecay, PiecewiseConstantDecay,
-                                                          PolynomialDecay, CosineDecay)}
+SCHEDULES = {
+    schedule.__name__: schedule
+    for schedule in (ExponentialDecay, InverseTimeDecay, PiecewiseConstantDecay, PolynomialDecay, CosineDecay)
+}
 
 
 class KerasOptimizer(torch.optim.Optimizer):
@@ -241,15 +255,20 @@ class SGD(KerasOptimizer):
 class RMSprop(KerasOptimizer):
     """Keras's RMSprop: epsilon inside the root; the momentum buffer holds `lr * g / sqrt(…)`."""
 
-    def __init__(self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False,
-                 weight_decay=None):
-        super().__init__(params, learning_rate, weight_decay, rho=rho, momentum=momentum, epsilon=epsilon,
-                         centered=centered)
+    def __init__(
+        self, params, learning_rate=0.001, rho=0.9, momentum=0.0, epsilon=1e-7, centered=False, weight_decay=None
+    ):
+        super().__init__(
+            params, learning_rate, weight_decay, rho=rho, momentum=momentum, epsilon=epsilon, centered=centered
+        )
 
     def slots(self) -> tuple[str, ...]:
         group = self.param_groups[0]
-        return ("velocity",) + (("momentum",) if group["momentum"] > 0 else ()) + \
-            (("average_gradient",) if group["centered"] else ())
+        return (
+            ("velocity",)
+            + (("momentum",) if group["momentum"] > 0 else ())
+            + (("average_gradient",) if group["centered"] else ())
+        )
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         rho, velocity = group["rho"], state["velocity"]
@@ -274,10 +293,10 @@ class Adagrad(KerasOptimizer):
 
     SLOTS = ("accumulator",)
 
-    def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7,
-                 weight_decay=None):
-        super().__init__(params, learning_rate, weight_decay, initial_accumulator_value=initial_accumulator_value,
-                         epsilon=epsilon)
+    def __init__(self, params, learning_rate=0.001, initial_accumulator_value=0.1, epsilon=1e-7, weight_decay=None):
+        super().__init__(
+            params, learning_rate, weight_decay, initial_accumulator_value=initial_accumulator_value, epsilon=epsilon
+        )
 
     def initial_slot(self, name: str, parameter: torch.Tensor) -> torch.Tensor:
         return torch.full_like(parameter, self.param_groups[0]["initial_accumulator_value"])
@@ -321,8 +340,12 @@ class KerasBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
         shape = [1, -1] + [1] * (input.dim() - 2)
         mean = input.mean(dim=axes)
         variance = ((input - mean.detach().reshape(shape)) ** 2).mean(dim=axes)
-        if self.momentum is None or self.running_mean is None or self.running_var is None \
-                or self.num_batches_tracked is None:
+        if (
+            self.momentum is None
+            or self.running_mean is None
+            or self.running_var is None
+            or self.num_batches_tracked is None
+        ):
             raise ValueError("Keras's BatchNormalization keeps moving statistics with a momentum")
         with torch.no_grad():
             keep = 1.0 - self.momentum
@@ -358,11 +381,12 @@ def regularization_penalty(model: torch.nn.Module, regularizers: dict) -> torch.
     return total
 
 
-KERAS_EPSILON = 1e-7   # keras.config.epsilon()
+KERAS_EPSILON = 1e-7  # keras.config.epsilon()
 
 
-def categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
-                             label_smoothing: float = 0.0, axis: int = -1) -> torch.Tensor:
+def categorical_crossentropy(
+    y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
+) -> torch.Tensor:
     """Keras's per-sample categorical cross-entropy (`sum_over_batch_size`: take the mean)."""
     if label_smoothing:
         classes = y_true.shape[axis]
@@ -374,8 +398,9 @@ def categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_lo
     return -(y_true * torch.log(y_pred)).sum(dim=axis)
 
 
-def sparse_categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
-                                    axis: int = -1) -> torch.Tensor:
+def sparse_categorical_crossentropy(
+    y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False, axis: int = -1
+) -> torch.Tensor:
     """Keras's per-sample cross-entropy against integer labels: probabilities are clipped, and their
     logarithms taken as logits (so the clipped probabilities are renormalised)."""
     if not from_logits:
@@ -385,8 +410,9 @@ def sparse_categorical_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, 
     return -torch.gather(log_probabilities, axis, labels).squeeze(axis)
 
 
-def binary_crossentropy(y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False,
-                        label_smoothing: float = 0.0, axis: int = -1) -> torch.Tensor:
+def binary_crossentropy(
+    y_pred: torch.Tensor, y_true: torch.Tensor, from_logits: bool = False, label_smoothing: float = 0.0, axis: int = -1
+) -> torch.Tensor:
     """Keras's per-sample binary cross-entropy, averaged over `axis`."""
     if label_smoothing:
         y_true = y_true * (1.0 - label_smoothing) + 0.5 * label_smoothing
@@ -406,14 +432,22 @@ def mean_absolute_error(y_pred: torch.Tensor, y_true: torch.Tensor) -> torch.Ten
     return torch.mean(torch.abs(y_pred - y_true), dim=-1)
 
 
-LOSSES = {"categorical_crossentropy": categorical_crossentropy,
-          "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
-          "binary_crossentropy": binary_crossentropy, "mean_squared_error": mean_squared_error,
-          "mean_absolute_error": mean_absolute_error}
-LOSS_NAMES = {"CategoricalCrossentropy": "categorical_crossentropy",
-              "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
-              "BinaryCrossentropy": "binary_crossentropy", "MeanSquaredError": "mean_squared_error",
-              "mse": "mean_squared_error", "MeanAbsoluteError": "mean_absolute_error", "mae": "mean_absolute_error"}
+LOSSES = {
+    "categorical_crossentropy": categorical_crossentropy,
+    "sparse_categorical_crossentropy": sparse_categorical_crossentropy,
+    "binary_crossentropy": binary_crossentropy,
+    "mean_squared_error": mean_squared_error,
+    "mean_absolute_error": mean_absolute_error,
+}
+LOSS_NAMES = {
+    "CategoricalCrossentropy": "categorical_crossentropy",
+    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "BinaryCrossentropy": "binary_crossentropy",
+    "MeanSquaredError": "mean_squared_error",
+    "mse": "mean_squared_error",
+    "MeanAbsoluteError": "mean_absolute_error",
+    "mae": "mean_absolute_error",
+}
 
 
 def make_loss(description):

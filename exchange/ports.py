@@ -55,7 +55,7 @@ class Permute:
     def apply(self, array: np.ndarray) -> np.ndarray:
         return transpose_contiguous(array, self.axes)
 
-    def inverse(self) -> "Permute":
+    def inverse(self) -> Permute:
         return Permute(tuple(int(axis) for axis in np.argsort(self.axes)))
 
 
@@ -78,7 +78,7 @@ class Reshape:
     def apply(self, array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array).reshape(self.shape(array.shape))
 
-    def inverse(self) -> "Reshape":
+    def inverse(self) -> Reshape:
         return Reshape(self.target, self.source)
 
 
@@ -100,7 +100,7 @@ class Blocks:
         blocks = np.split(np.asarray(array), len(self.order), axis=self.axis)
         return np.ascontiguousarray(np.concatenate([blocks[index] for index in self.order], axis=self.axis))
 
-    def inverse(self) -> "Blocks":
+    def inverse(self) -> Blocks:
         return Blocks(self.axis, tuple(int(index) for index in np.argsort(self.order)))
 
 
@@ -129,7 +129,7 @@ class Port:
     keras: str
     torch: str
     steps: tuple[Step, ...] = ()
-    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
     lossy = False
 
     @property
@@ -150,8 +150,9 @@ class Port:
         """Keras layout -> torch layout. A `LazyTensor` stays lazy when the steps are permutations."""
         return {self.torch: _run(self.steps, keras_arrays[self.keras])}
 
-    def to_keras(self, torch_arrays: dict[str, AnyTensor],
-                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
+    def to_keras(
+        self, torch_arrays: dict[str, AnyTensor], keras_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, AnyTensor]:
         return {self.keras: _run(_inverse(self.steps), torch_arrays[self.torch])}
 
 
@@ -163,7 +164,7 @@ class Stacked:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
-    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
     lossy = False
 
     @property
@@ -184,10 +185,12 @@ class Stacked:
         array = materialize(keras_arrays[self.keras])
         return {key: _run(self.steps, np.ascontiguousarray(array[index])) for index, key in enumerate(self.torch)}
 
-    def to_keras(self, torch_arrays: dict[str, AnyTensor],
-                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
-        return {self.keras: np.stack([materialize(_run(_inverse(self.steps), torch_arrays[key]))
-                                      for key in self.torch])}
+    def to_keras(
+        self, torch_arrays: dict[str, AnyTensor], keras_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, AnyTensor]:
+        return {
+            self.keras: np.stack([materialize(_run(_inverse(self.steps), torch_arrays[key])) for key in self.torch])
+        }
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,7 @@ class Packed:
     torch: str
     steps: tuple[tuple[Step, ...], ...]
     axis: int = 0
-    shapes: tuple[tuple[int, ...], ...] = dataclasses.field(default=(), kw_only=True)   # each Keras variable's
+    shapes: tuple[tuple[int, ...], ...] = dataclasses.field(default=(), kw_only=True)  # each Keras variable's
     lossy = False
 
     @property
@@ -216,7 +219,7 @@ class Packed:
 
     def torch_shapes(self, keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
         pieces = self._pieces(keras_shapes)
-        rest = {piece[:self.axis] + piece[self.axis + 1:] for piece in pieces}
+        rest = {piece[: self.axis] + piece[self.axis + 1 :] for piece in pieces}
         if len(rest) != 1:
             raise ExchangeError(f"{', '.join(self.keras)}: shapes {pieces} do not concatenate on axis {self.axis}")
         shape = list(pieces[0])
@@ -224,15 +227,22 @@ class Packed:
         return {self.torch: tuple(shape)}
 
     def to_torch(self, keras_arrays: dict[str, AnyTensor]) -> dict[str, AnyTensor]:
-        return {self.torch: np.concatenate([materialize(_run(steps, keras_arrays[name]))
-                                            for name, steps in zip(self.keras, self.steps)], axis=self.axis)}
+        return {
+            self.torch: np.concatenate(
+                [materialize(_run(steps, keras_arrays[name])) for name, steps in zip(self.keras, self.steps)],
+                axis=self.axis,
+            )
+        }
 
-    def to_keras(self, torch_arrays: dict[str, AnyTensor],
-                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
+    def to_keras(
+        self, torch_arrays: dict[str, AnyTensor], keras_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, AnyTensor]:
         sizes = [piece[self.axis] for piece in self._pieces(keras_shapes)]
         parts = np.split(materialize(torch_arrays[self.torch]), np.cumsum(sizes)[:-1], axis=self.axis)
-        return {name: _run(_inverse(steps), np.ascontiguousarray(part))
-                for name, steps, part in zip(self.keras, self.steps, parts)}
+        return {
+            name: _run(_inverse(steps), np.ascontiguousarray(part))
+            for name, steps, part in zip(self.keras, self.steps, parts)
+        }
 
 
 @dataclass(frozen=True)
@@ -244,7 +254,7 @@ class Summed:
     keras: str
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
-    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
     lossy = True
 
     @property
@@ -262,8 +272,9 @@ class Summed:
         first = materialize(_run(self.steps, keras_arrays[self.keras]))
         return {key: first if index == 0 else np.zeros_like(first) for index, key in enumerate(self.torch)}
 
-    def to_keras(self, torch_arrays: dict[str, AnyTensor],
-                 keras_shapes: dict[str, tuple[int, ...]]) -> dict[str, AnyTensor]:
+    def to_keras(
+        self, torch_arrays: dict[str, AnyTensor], keras_shapes: dict[str, tuple[int, ...]]
+    ) -> dict[str, AnyTensor]:
         total = cast(np.ndarray, sum(materialize(torch_arrays[key]) for key in self.torch))
         return {self.keras: _run(_inverse(self.steps), total)}
 
@@ -278,8 +289,8 @@ class TorchOnly:
     torch: str
     shape: tuple[int, ...]
     fill: float
-    dtype: str | None = None          # None: the node's dtype
-    must_equal_fill: bool = False     # torch -> Keras refuses any other value (Keras cannot hold it)
+    dtype: str | None = None  # None: the node's dtype
+    must_equal_fill: bool = False  # torch -> Keras refuses any other value (Keras cannot hold it)
     why: str = ""
 
 
@@ -289,7 +300,7 @@ class KerasOnly:
 
     keras: str
     why: str = ""
-    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)   # the Keras variable's shape
+    shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
 
     @property
     def keras_shapes(self) -> dict[str, tuple[int, ...]]:

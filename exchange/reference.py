@@ -18,7 +18,7 @@ def forward(graph: Graph, file_tensors: dict[str, np.ndarray], inputs: list[np.n
     values = {spec.name: np.asarray(array, dtype=np.float32) for spec, array in zip(graph.inputs, inputs)}
     for node in graph.nodes:
         prefix = graph.torch_names[node.name] + "."
-        tensors = {key[len(prefix):]: value for key, value in file_tensors.items() if key.startswith(prefix)}
+        tensors = {key[len(prefix) :]: value for key, value in file_tensors.items() if key.startswith(prefix)}
         output = kind_of(node.kind).numpy_forward(graph.context(node), tensors, [values[name] for name in node.inputs])
         values[node.name] = np.asarray(output, dtype=np.float32)
     return [values[name] for name in graph.outputs]

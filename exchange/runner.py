@@ -19,7 +19,10 @@ from contextlib import contextmanager
 
 from exchange.errors import ExchangeError
 
-INTERRUPT_EXIT_CODES: dict[int, int] = {signal.SIGINT: 130, signal.SIGTERM: 143}   # 128 + the signal, as shells report it
+INTERRUPT_EXIT_CODES: dict[int, int] = {
+    signal.SIGINT: 130,
+    signal.SIGTERM: 143,
+}  # 128 + the signal, as shells report it
 BAD_INPUT_EXIT_CODE = 2
 
 
@@ -81,8 +84,9 @@ def native_stderr_silenced():
     sys.stderr.flush()
     saved = os.dup(2)
     python_stderr = sys.stderr
-    sys.stderr = open(saved, "w", buffering=1, closefd=False, encoding=python_stderr.encoding,
-                      errors="backslashreplace")
+    sys.stderr = open(  # noqa: SIM115 (the real stderr for the whole command; closed in `finally`)
+        saved, "w", buffering=1, closefd=False, encoding=python_stderr.encoding, errors="backslashreplace"
+    )
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 2)
     os.close(devnull)

@@ -48,19 +48,19 @@ DATA_NAME = "variables/variables.data-00000-of-00001"
 OBJECT_GRAPH_KEY = "_CHECKPOINTABLE_OBJECT_GRAPH"
 ROOT_PATH = "root"
 
-MAX_METADATA_BYTES = 64 << 20   # each layer's JSON repeats its config: NASNetLarge's 1 MB config gives a few MB
-MAX_INDEX_BYTES = 64 << 20      # about 100 bytes an entry: 200,000 tensors take 20 MB
-MAX_OBJECT_GRAPH_BYTES = 64 << 20   # about 60 objects a layer, 20 bytes each: 20,000 layers take 24 MB
+MAX_METADATA_BYTES = 64 << 20  # each layer's JSON repeats its config: NASNetLarge's 1 MB config gives a few MB
+MAX_INDEX_BYTES = 64 << 20  # about 100 bytes an entry: 200,000 tensors take 20 MB
+MAX_OBJECT_GRAPH_BYTES = 64 << 20  # about 60 objects a layer, 20 bytes each: 20,000 layers take 24 MB
 MAX_METADATA_OBJECTS = 200_000  # Keras objects (layers, cells, nested models): ten per layer of MAX_LAYERS
-MAX_BUNDLE_ENTRIES = 400_000    # tensors in the checkpoint: twice untrusted's 200,000 a model reads
-MAX_GRAPH_OBJECTS = 2_000_000   # trackable objects: 100 per layer of MAX_LAYERS
-MAX_PATH_PARTS = 64             # a layer's path from the model: MAX_NESTING nested models, a wrapper, a cell
-MAX_LAYER_VARIABLES = 1_000     # as untrusted's per-layer cap
-MAX_RANK = 32                   # TensorFlow's own limit on a tensor's rank (TensorShape: 254); Keras uses <= 6
+MAX_BUNDLE_ENTRIES = 400_000  # tensors in the checkpoint: twice untrusted's 200,000 a model reads
+MAX_GRAPH_OBJECTS = 2_000_000  # trackable objects: 100 per layer of MAX_LAYERS
+MAX_PATH_PARTS = 64  # a layer's path from the model: MAX_NESTING nested models, a wrapper, a cell
+MAX_LAYER_VARIABLES = 1_000  # as untrusted's per-layer cap
+MAX_RANK = 32  # TensorFlow's own limit on a tensor's rank (TensorShape: 254); Keras uses <= 6
 
-TABLE_MAGIC = 0xDB4775248B80FB57   # LevelDB's (and TensorFlow's io/table) footer magic number
-FOOTER_BYTES = 48                  # two block handles padded to 40 bytes, then the magic number
-BLOCK_TRAILER_BYTES = 5            # compression type (0: none) and the block's masked CRC-32C
+TABLE_MAGIC = 0xDB4775248B80FB57  # LevelDB's (and TensorFlow's io/table) footer magic number
+FOOTER_BYTES = 48  # two block handles padded to 40 bytes, then the magic number
+BLOCK_TRAILER_BYTES = 5  # compression type (0: none) and the block's masked CRC-32C
 
 # TensorFlow's DataType codes of the numbers a Keras variable holds, as numpy little-endian types.
 DTYPES = {1: "<f4", 2: "<f8", 19: "<f2", 3: "<i4", 9: "<i8", 4: "u1", 6: "i1", 5: "<i2", 17: "<u2"}
@@ -77,7 +77,7 @@ class BundleEntry:
     shard_id: int
     offset: int
     size: int
-    crc32c: int   # masked, as stored
+    crc32c: int  # masked, as stored
     sliced: bool
 
 
@@ -100,16 +100,17 @@ def _fields(data: memoryview, label: str, what: str):
             width = 8 if wire_type == 1 else 4
             if position + width > end:
                 raise ExchangeFileError(f"{label}: damaged {what} (a field runs past its end)")
-            value = int.from_bytes(data[position:position + width], "little")
+            value = int.from_bytes(data[position : position + width], "little")
             position += width
         elif wire_type == 2:
             length, position = _varint(data, position, label, what)
             if length > end - position:
-                raise ExchangeFileError(f"{label}: damaged {what} (a field declares {length:,} bytes, "
-                                        f"{end - position:,} remain)")
-            value = data[position:position + length]
+                raise ExchangeFileError(
+                    f"{label}: damaged {what} (a field declares {length:,} bytes, {end - position:,} remain)"
+                )
+            value = data[position : position + length]
             position += length
-        else:   # groups (3, 4) are not in these messages; 6 and 7 do not exist
+        else:  # groups (3, 4) are not in these messages; 6 and 7 do not exist
             raise ExchangeFileError(f"{label}: damaged {what} (wire type {wire_type})")
         yield number, wire_type, value
 
@@ -148,11 +149,11 @@ def _signed64(value: int) -> int:
 # for short data; for long data numpy runs many lanes of LANE_BYTES side by side and the lanes'
 # registers are joined by shifting each over the bytes after it (CRC is linear), about 100 MB/s.
 
-CRC_POLYNOMIAL = 0x82F63B78   # reflected
-CRC_MASK_DELTA = 0xA282EAD8   # crc32c::Mask: rotate right by 15 bits, add this
+CRC_POLYNOMIAL = 0x82F63B78  # reflected
+CRC_MASK_DELTA = 0xA282EAD8  # crc32c::Mask: rotate right by 15 bits, add this
 LANE_BYTES = 512
 PYTHON_CRC_BELOW = 16 << 10
-CRC_CHUNK_BYTES = 16 << 20    # numpy works on this much at a time: bounded memory for any tensor
+CRC_CHUNK_BYTES = 16 << 20  # numpy works on this much at a time: bounded memory for any tensor
 
 
 def _crc_table() -> list[int]:
@@ -187,7 +188,7 @@ def _apply(columns: tuple[int, ...], vector: int) -> int:
     return result
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _zeros_operator(power: int) -> tuple[int, ...]:
     """The register's change over 2**power zero bytes, as a matrix."""
     if power == 0:
@@ -207,7 +208,7 @@ def _shift(register: int, count: int) -> int:
     return register
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _lane_shift_tables() -> tuple[list[int], ...]:
     return tuple([_shift(byte << (8 * index), LANE_BYTES) for byte in range(256)] for index in range(4))
 
@@ -217,24 +218,31 @@ def _raw_register(data: np.ndarray) -> int:
     lanes = data.size // LANE_BYTES
     if data.size < PYTHON_CRC_BELOW:
         return _crc_register(0, data.tobytes())
-    columns = np.ascontiguousarray(data[:lanes * LANE_BYTES].reshape(lanes, LANE_BYTES).T)
+    columns = np.ascontiguousarray(data[: lanes * LANE_BYTES].reshape(lanes, LANE_BYTES).T)
     registers = np.zeros(lanes, dtype=np.uint32)
     for column in columns:
         registers = _CRC_TABLE_NUMPY[(registers ^ column) & 0xFF] ^ (registers >> 8)
     first, second, third, fourth = _lane_shift_tables()
     total = 0
     for register in registers.tolist():
-        total = (first[total & 0xFF] ^ second[(total >> 8) & 0xFF] ^ third[(total >> 16) & 0xFF]
-                 ^ fourth[total >> 24] ^ register)
-    return _crc_register(total, data[lanes * LANE_BYTES:].tobytes())
+        total = (
+            first[total & 0xFF]
+            ^ second[(total >> 8) & 0xFF]
+            ^ third[(total >> 16) & 0xFF]
+            ^ fourth[total >> 24]
+            ^ register
+        )
+    return _crc_register(total, data[lanes * LANE_BYTES :].tobytes())
 
 
 def crc32c(data) -> int:
     """CRC-32C of bytes or of an array's bytes."""
-    octets = np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    octets = (
+        np.frombuffer(data, dtype=np.uint8) if not isinstance(data, np.ndarray) else data.reshape(-1).view(np.uint8)
+    )
     total = 0
     for start in range(0, octets.size, CRC_CHUNK_BYTES):
-        chunk = octets[start:start + CRC_CHUNK_BYTES]
+        chunk = octets[start : start + CRC_CHUNK_BYTES]
         total = _shift(total, chunk.size) ^ _raw_register(chunk)
     return _shift(0xFFFFFFFF, octets.size) ^ total ^ 0xFFFFFFFF
 
@@ -255,8 +263,9 @@ def _member(folder: Path, name: str, limit: int | None = None) -> Path:
     try:
         os.lstat(path)
     except FileNotFoundError:
-        raise ExchangeFileError(f"{label}: no such file (a Keras SavedModel folder holds {METADATA_NAME}, "
-                                f"{INDEX_NAME} and {DATA_NAME})") from None
+        raise ExchangeFileError(
+            f"{label}: no such file (a Keras SavedModel folder holds {METADATA_NAME}, {INDEX_NAME} and {DATA_NAME})"
+        ) from None
     except OSError as err:
         raise ExchangeFileError(f"{label}: cannot read ({err.strerror or err})") from None
     resolved, inside = path.resolve(), folder.resolve()
@@ -295,9 +304,9 @@ def is_saved_model_folder(path: Path) -> bool:
 
 @dataclass(frozen=True)
 class KerasObject:
-    path: str          # "root.layer_with_weights-0.cell"
-    identifier: str    # "_tf_keras_layer", "_tf_keras_network", …
-    metadata: bytes    # JSON
+    path: str  # "root.layer_with_weights-0.cell"
+    identifier: str  # "_tf_keras_layer", "_tf_keras_network", …
+    metadata: bytes  # JSON
 
 
 def read_metadata(folder: Path) -> list[KerasObject]:
@@ -334,9 +343,11 @@ def _root_config(objects: list[KerasObject], label: str) -> dict:
         raise ExchangeFileError(f"{label}: the model's metadata is not a JSON object")
     config = _plain(description.get("model_config"))
     if not isinstance(config, dict) or "class_name" not in config:
-        raise ExchangeFileError(f"{label}: no model config in the model's metadata (a subclassed model "
-                                f"{description.get('class_name')!r} saves none; only Sequential and "
-                                "functional models are read)")
+        raise ExchangeFileError(
+            f"{label}: no model config in the model's metadata (a subclassed model "
+            f"{description.get('class_name')!r} saves none; only Sequential and "
+            "functional models are read)"
+        )
     return config
 
 
@@ -344,8 +355,11 @@ def _plain(value):
     """The JSON as `model.to_json()` writes it: tf.keras's SavedModel metadata writes tuples and
     shapes as {"class_name": "__tuple__" or "TensorShape", "items": [...]} (its json_utils)."""
     if isinstance(value, dict):
-        if value.get("class_name") in ("__tuple__", "TensorShape") and isinstance(value.get("items"), list) \
-                and len(value) == 2:
+        if (
+            value.get("class_name") in ("__tuple__", "TensorShape")
+            and isinstance(value.get("items"), list)
+            and len(value) == 2
+        ):
             return [_plain(item) for item in value["items"]]
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):
@@ -366,7 +380,7 @@ def _layer_paths(objects: list[KerasObject], label: str) -> dict[tuple[str, ...]
         if len(parts) > MAX_PATH_PARTS:
             raise ExchangeFileError(f"{label}: object path {path[:200]!r} is more than {MAX_PATH_PARTS} deep")
         parent = names.get(".".join(parts[:-1]))
-        if parent is None:   # below an object that is not a layer: not one of the model's
+        if parent is None:  # below an object that is not a layer: not one of the model's
             names[path] = None
             continue
         description = untrusted.load_json(by_path[path].metadata, label, f"metadata of {path[:200]}")
@@ -392,10 +406,10 @@ def read_index(folder: Path) -> dict[str, BundleEntry]:
     data = memoryview(_read_member(folder, INDEX_NAME, MAX_INDEX_BYTES))
     if len(data) < FOOTER_BYTES:
         raise ExchangeFileError(f"{label}: {len(data)} bytes, too short for a checkpoint index")
-    footer = data[len(data) - FOOTER_BYTES:]
+    footer = data[len(data) - FOOTER_BYTES :]
     if int.from_bytes(footer[40:], "little") != TABLE_MAGIC:
         raise ExchangeFileError(f"{label}: not a checkpoint index (no table magic number at its end)")
-    _, position = _block_handle(footer, 0, label)   # the metaindex block: empty in TensorFlow's tables
+    _, position = _block_handle(footer, 0, label)  # the metaindex block: empty in TensorFlow's tables
     index_handle, _ = _block_handle(footer, position, label)
     entries: dict[str, BundleEntry] = {}
     header_seen = False
@@ -429,19 +443,22 @@ def _block_entries(data: memoryview, handle: tuple[int, int], label: str):
     """(key, value) of one block, after checking it lies in the file and its CRC."""
     offset, size = handle
     if offset + size + BLOCK_TRAILER_BYTES > len(data) - FOOTER_BYTES:
-        raise ExchangeFileError(f"{label}: damaged checkpoint index (a block at {offset:,} of {size:,} bytes "
-                                "lies outside the file)")
-    block = data[offset:offset + size]
+        raise ExchangeFileError(
+            f"{label}: damaged checkpoint index (a block at {offset:,} of {size:,} bytes lies outside the file)"
+        )
+    block = data[offset : offset + size]
     kind = data[offset + size]
-    stored_crc = int.from_bytes(data[offset + size + 1:offset + size + 5], "little")
-    if masked(crc32c(bytes(data[offset:offset + size + 1]))) != stored_crc:
+    stored_crc = int.from_bytes(data[offset + size + 1 : offset + size + 5], "little")
+    if masked(crc32c(bytes(data[offset : offset + size + 1]))) != stored_crc:
         raise ExchangeFileError(f"{label}: damaged checkpoint index (checksum of the block at {offset:,})")
     if kind != 0:
-        raise ExchangeFileError(f"{label}: a compressed checkpoint index (block type {kind}); TensorFlow "
-                                "writes them uncompressed and only those are read")
+        raise ExchangeFileError(
+            f"{label}: a compressed checkpoint index (block type {kind}); TensorFlow "
+            "writes them uncompressed and only those are read"
+        )
     if size < 4:
         raise ExchangeFileError(f"{label}: damaged checkpoint index (a block of {size} bytes)")
-    restarts = int.from_bytes(block[size - 4:], "little")
+    restarts = int.from_bytes(block[size - 4 :], "little")
     if restarts < 1 or 4 * (restarts + 1) > size:
         raise ExchangeFileError(f"{label}: damaged checkpoint index ({restarts:,} restart points)")
     end = size - 4 * (restarts + 1)
@@ -452,15 +469,15 @@ def _block_entries(data: memoryview, handle: tuple[int, int], label: str):
         value_length, position = _varint(block, position, label, "checkpoint index")
         if shared > len(key) or unshared + value_length > end - position:
             raise ExchangeFileError(f"{label}: damaged checkpoint index (an entry runs past its block)")
-        key = key[:shared] + bytes(block[position:position + unshared])
+        key = key[:shared] + bytes(block[position : position + unshared])
         position += unshared
-        yield key, bytes(block[position:position + value_length])
+        yield key, bytes(block[position : position + value_length])
         position += value_length
 
 
 def _check_header(value: memoryview, label: str) -> None:
     """BundleHeaderProto { int32 num_shards = 1; Endianness endianness = 2; VersionDef version = 3 }"""
-    shards, endianness = 1, 0   # protobuf's defaults (proto3 leaves 0 out; TensorFlow writes 1 shard)
+    shards, endianness = 1, 0  # protobuf's defaults (proto3 leaves 0 out; TensorFlow writes 1 shard)
     for number, wire_type, field in _fields(value, label, "checkpoint header"):
         if number == 1:
             _expect(wire_type, 0, number, label, "checkpoint header")
@@ -469,8 +486,10 @@ def _check_header(value: memoryview, label: str) -> None:
             _expect(wire_type, 0, number, label, "checkpoint header")
             endianness = field
     if shards != 1:
-        raise ExchangeFileError(f"{label}: a checkpoint in {shards:,} shards; only single-shard checkpoints "
-                                "(what model.save writes) are read")
+        raise ExchangeFileError(
+            f"{label}: a checkpoint in {shards:,} shards; only single-shard checkpoints "
+            "(what model.save writes) are read"
+        )
     if endianness != 0:
         raise ExchangeFileError(f"{label}: a big-endian checkpoint; only little-endian ones are read")
 
@@ -539,7 +558,7 @@ class _DataFile:
         self.label = str(folder / DATA_NAME)
         path = _member(folder, DATA_NAME)
         try:
-            self.stream = open(path, "rb")
+            self.stream = open(path, "rb")  # noqa: SIM115 (held while the tensors are read; close() closes it)
         except OSError as err:
             raise ExchangeFileError(f"{self.label}: cannot read ({err.strerror or err})") from None
         self.size = os.fstat(self.stream.fileno()).st_size
@@ -555,8 +574,10 @@ class _DataFile:
         if entry.shard_id != 0:
             raise ExchangeFileError(f"{what} is in shard {entry.shard_id}; the checkpoint has one")
         if entry.offset + entry.size > self.size:
-            raise ExchangeFileError(f"{what} declares bytes {entry.offset:,} to {entry.offset + entry.size:,} "
-                                    f"of {self.label}, which holds {self.size:,}")
+            raise ExchangeFileError(
+                f"{what} declares bytes {entry.offset:,} to {entry.offset + entry.size:,} "
+                f"of {self.label}, which holds {self.size:,}"
+            )
 
     def bytes_of(self, entry: BundleEntry) -> bytes:
         """A small entry's bytes (the object graph), CRC checked."""
@@ -574,8 +595,9 @@ class _DataFile:
             raise ExchangeFileError(f"{self.label}: cannot read {entry.key[:200]!r} ({err})") from None
         if entry.key not in self.checked:
             if masked(crc32c(np.asarray(stored))) != entry.crc32c:
-                raise ExchangeFileError(f"{self.label}: checksum mismatch in the bytes of {entry.key[:200]!r} "
-                                        "(a damaged file)")
+                raise ExchangeFileError(
+                    f"{self.label}: checksum mismatch in the bytes of {entry.key[:200]!r} (a damaged file)"
+                )
             self.checked.add(entry.key)
         return stored
 
@@ -589,10 +611,10 @@ def _string_scalar(data: bytes, entry: BundleEntry, label: str) -> bytes:
     if length > 0xFFFFFFFF or position + 4 + length != len(data):
         raise ExchangeFileError(f"{what}: its length {length:,} does not match its {len(data):,} bytes")
     length_bytes = length.to_bytes(4, "little")
-    length_checksum = data[position:position + 4]
+    length_checksum = data[position : position + 4]
     if masked(crc32c(length_bytes)) != int.from_bytes(length_checksum, "little"):
         raise ExchangeFileError(f"{what}: checksum mismatch of its length (a damaged file)")
-    value = data[position + 4:]
+    value = data[position + 4 :]
     if masked(crc32c(length_bytes + length_checksum + value)) != entry.crc32c:
         raise ExchangeFileError(f"{what}: checksum mismatch (a damaged file)")
     return value
@@ -618,7 +640,7 @@ class ObjectGraph:
                 self.nodes.append(value)
         if not self.nodes:
             raise ExchangeFileError(f"{label}: an empty object graph")
-        self.decoded: dict[int, list[tuple[int, str]]] = {}   # the root's children are asked for once a layer
+        self.decoded: dict[int, list[tuple[int, str]]] = {}  # the root's children are asked for once a layer
 
     def children(self, node: int) -> list[tuple[int, str]]:
         if node not in self.decoded:
@@ -669,8 +691,9 @@ def _layer_variables(graph: ObjectGraph, path: list[str], where: str) -> list[tu
     for part in path:
         child = graph.child(node, part)
         if child is None:
-            raise ExchangeFileError(f"{graph.label}: no object {'.'.join([ROOT_PATH] + path)[:200]!r} "
-                                    f"in the object graph ({where})")
+            raise ExchangeFileError(
+                f"{graph.label}: no object {'.'.join([ROOT_PATH] + path)[:200]!r} in the object graph ({where})"
+            )
         node = child
     listing = graph.child(node, "variables")
     if listing is None:
@@ -684,7 +707,9 @@ def _layer_variables(graph: ObjectGraph, path: list[str], where: str) -> list[tu
     for variable, _ in sorted(items, key=lambda item: int(item[1])):
         values = [(full_name, key) for name, full_name, key in graph.attributes(variable) if name == "VARIABLE_VALUE"]
         if len(values) != 1:
-            raise ExchangeFileError(f"{graph.label}: a variable of {where} has {len(values)} saved values, expected one")
+            raise ExchangeFileError(
+                f"{graph.label}: a variable of {where} has {len(values)} saved values, expected one"
+            )
         full_name, key = values[0]
         found.append((full_name.rsplit("/", 1)[-1], key))
     return found
@@ -712,9 +737,11 @@ def open_saved_model(folder: str | os.PathLike) -> keras_files.KerasWeights:
         raise ExchangeFileError(f"{folder}: not a folder")
     metadata_path = folder / METADATA_NAME
     if not os.path.lexists(metadata_path):
-        raise ExchangeFileError(f"{folder}: not a regular file (a folder), and not a Keras SavedModel folder: no "
-                                f"{METADATA_NAME} (a TensorFlow SavedModel not written by Keras has no Keras config "
-                                "to read)")
+        raise ExchangeFileError(
+            f"{folder}: not a regular file (a folder), and not a Keras SavedModel folder: no "
+            f"{METADATA_NAME} (a TensorFlow SavedModel not written by Keras has no Keras config "
+            "to read)"
+        )
     label = str(metadata_path)
     objects = read_metadata(folder)
     parsed = keras_files.describe_model_config(_root_config(objects, label), label, keras2=True)
@@ -729,15 +756,17 @@ def open_saved_model(folder: str | os.PathLike) -> keras_files.KerasWeights:
         if graph_entry is None or graph_entry.dtype != DT_STRING or graph_entry.shape != ():
             raise ExchangeFileError(f"{index_label}: no object graph ({OBJECT_GRAPH_KEY}) in the checkpoint")
         if graph_entry.size > MAX_OBJECT_GRAPH_BYTES:
-            raise ExchangeFileError(f"{index_label}: an object graph of {graph_entry.size:,} bytes, more than "
-                                    f"the {MAX_OBJECT_GRAPH_BYTES:,} this tool reads")
+            raise ExchangeFileError(
+                f"{index_label}: an object graph of {graph_entry.size:,} bytes, more than "
+                f"the {MAX_OBJECT_GRAPH_BYTES:,} this tool reads"
+            )
         object_graph = ObjectGraph(_string_scalar(data.bytes_of(graph_entry), graph_entry, data.label), data.label)
 
         def variables_of(location: KerasLocation) -> list:
             where = f"layer {location.layer_name!r}"
             path = paths.get(location.container_path + (location.layer_name,))
             if path is None:
-                return []   # no saved object: no variables (checked against the layer's kind)
+                return []  # no saved object: no variables (checked against the layer's kind)
             found = []
             for name, key in _layer_variables(object_graph, path, where):
                 found.append((name, _lazy(data, entries, key, index_label, where)))
@@ -756,13 +785,17 @@ def _lazy(data: _DataFile, entries: dict[str, BundleEntry], key: str, index_labe
     if entry is None:
         raise ExchangeFileError(f"{index_label}: no tensor {key[:200]!r} ({where})")
     if entry.dtype not in DTYPES:
-        raise ExchangeFileError(f"{index_label}: tensor {key[:200]!r} ({where}) has TensorFlow type {entry.dtype}; "
-                                "only float16/32/64 and integers are read")
+        raise ExchangeFileError(
+            f"{index_label}: tensor {key[:200]!r} ({where}) has TensorFlow type {entry.dtype}; "
+            "only float16/32/64 and integers are read"
+        )
     dtype = np.dtype(DTYPES[entry.dtype])
     declared = untrusted.declared_nbytes(entry.shape, dtype)
     if declared != entry.size:
-        raise ExchangeFileError(f"{index_label}: tensor {key[:200]!r} ({where}) is {entry.shape} {dtype.name}, "
-                                f"{declared:,} bytes, but declares {entry.size:,}")
+        raise ExchangeFileError(
+            f"{index_label}: tensor {key[:200]!r} ({where}) is {entry.shape} {dtype.name}, "
+            f"{declared:,} bytes, but declares {entry.size:,}"
+        )
     return LazyTensor(entry.shape, dtype, lambda: data.array(entry, dtype))
 
 
@@ -770,9 +803,10 @@ def read_config(folder: str | os.PathLike) -> dict:
     """The model config in a Keras SavedModel folder's keras_metadata.pb."""
     folder = Path(folder)
     if not os.path.lexists(folder / METADATA_NAME):
-        raise ExchangeFileError(f"{folder}: not a regular file (a folder), and not a Keras SavedModel folder: no "
-                                f"{METADATA_NAME}")
+        raise ExchangeFileError(
+            f"{folder}: not a regular file (a folder), and not a Keras SavedModel folder: no {METADATA_NAME}"
+        )
     return _root_config(read_metadata(folder), str(folder / METADATA_NAME))
 
 
-__all__ = ["open_saved_model", "read_config", "is_saved_model_folder", "crc32c", "masked"]
+__all__ = ["crc32c", "is_saved_model_folder", "masked", "open_saved_model", "read_config"]

@@ -48,11 +48,11 @@ from exchange import filekinds
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError, first_line
 from exchange.graph import INPUT_DTYPES, Graph
 
-CUSTOM_OBJECT_FILES: list[str] = []   # the user's files defining the model's classes (--custom-objects)
-INPUT_SHAPES: list[str] = []          # --input-shape values, one per input of `call`, in order
+CUSTOM_OBJECT_FILES: list[str] = []  # the user's files defining the model's classes (--custom-objects)
+INPUT_SHAPES: list[str] = []  # --input-shape values, one per input of `call`, in order
 _MODULES: dict[str, ModuleType] = {}  # each file runs once per process
-NOT_SUBCLASSED = ("Functional", "Model", "Sequential")   # read from their config, no code needed
-MAX_INPUTS = 64                       # inputs of a traced `call` (real models take a few)
+NOT_SUBCLASSED = ("Functional", "Model", "Sequential")  # read from their config, no code needed
+MAX_INPUTS = 64  # inputs of a traced `call` (real models take a few)
 MAX_INPUT_RANK = 8
 
 
@@ -86,7 +86,7 @@ def model_class(path: Path, arch) -> str | None:
     try:
         config = keras_files.read_keras_config(config_path)
     except ExchangeFileError:
-        return None   # not a Keras model config (an exchange architecture): the usual readers say
+        return None  # not a Keras model config (an exchange architecture): the usual readers say
     class_name = config.get("class_name")
     if not isinstance(class_name, str) or class_name in NOT_SUBCLASSED:
         return None
@@ -111,13 +111,14 @@ def _load_file(path: str) -> ModuleType:
     if spec is None or spec.loader is None:
         raise ExchangeError(f"{path}: Python cannot load it as a module")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # Keras's serialization looks classes up by module
+    sys.modules[spec.name] = module  # Keras's serialization looks classes up by module
     try:
         spec.loader.exec_module(module)
-    except Exception as err:   # noqa: BLE001 (the user's file may raise anything)
+    except Exception as err:  # noqa: BLE001 (the user's file may raise anything)
         del sys.modules[spec.name]
-        raise ExchangeError(f"{path}: running it failed{_where(err)} ({type(err).__name__}: "
-                            f"{first_line(err)})") from None
+        raise ExchangeError(
+            f"{path}: running it failed{_where(err)} ({type(err).__name__}: {first_line(err)})"
+        ) from None
     _MODULES[path] = module
     return module
 
@@ -182,8 +183,10 @@ def load_model(path: Path, arch=None):
 
     kind = filekinds.input_kind(path)
     if kind not in (filekinds.KERAS, filekinds.HDF5):
-        raise ExchangeFileError(f"{path}: Keras reads a subclassed model's weights from a .keras file or a "
-                                ".weights.h5 (model.save_weights), not from {kind.description}")
+        raise ExchangeFileError(
+            f"{path}: Keras reads a subclassed model's weights from a .keras file or a "
+            ".weights.h5 (model.save_weights), not from {kind.description}"
+        )
     keras_files.check_readable(path, kind)
     objects = custom_objects()
     if kind is filekinds.KERAS:
@@ -208,14 +211,17 @@ def model_from_arch(arch, objects: dict | None = None):
     from exchange import keras_files
 
     if not isinstance(arch, Path):
-        raise ExchangeFileError("a subclassed model's weights-only file needs --arch (its .keras, or a JSON file of "
-                                "keras.saving.serialize_keras_object(model)) and --custom-objects")
+        raise ExchangeFileError(
+            "a subclassed model's weights-only file needs --arch (its .keras, or a JSON file of "
+            "keras.saving.serialize_keras_object(model)) and --custom-objects"
+        )
     config = keras_files.read_keras_config(arch)
     if not isinstance(config.get("build_config"), dict) and not INPUT_SHAPES:
         raise ExchangeFileError(f"{arch}: no build_config (the model's input shape); pass --input-shape")
     with _keras_errors(arch, "Keras could not make the model"):
-        model = keras.saving.deserialize_keras_object(config, custom_objects=objects or custom_objects(),
-                                                      safe_mode=True)
+        model = keras.saving.deserialize_keras_object(
+            config, custom_objects=objects or custom_objects(), safe_mode=True
+        )
         if not isinstance(model, keras.Model):
             raise ExchangeFileError(f"{arch}: {config.get('class_name')!r} is not a keras.Model")
         if not model.built:
@@ -241,7 +247,7 @@ def _keras_errors(path, what: str):
             yield
         except ExchangeError:
             raise
-        except Exception as err:   # noqa: BLE001 (Keras and the user's code raise many types)
+        except Exception as err:  # noqa: BLE001 (Keras and the user's code raise many types)
             raise ExchangeFileError(f"{path}: {what}{_where(err)} ({type(err).__name__}: {first_line(err)})") from None
     for warning in caught:
         text = str(warning.message)
@@ -256,8 +262,11 @@ def _keras_errors(path, what: str):
 def _input_specs(model) -> list[tuple[str, tuple, str]]:
     """(name, shape without the batch axis, dtype) of each input of `call`: `--input-shape` when
     given, else the model's build config (its `input_shape`: one shape, or a list of them)."""
-    parameters = [name for name, parameter in inspect.signature(model.call).parameters.items()
-                  if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)]
+    parameters = [
+        name
+        for name, parameter in inspect.signature(model.call).parameters.items()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    ]
     first = parameters[0] if parameters else "inputs"
     if INPUT_SHAPES:
         shapes = [_parse_shape(text) for text in INPUT_SHAPES]
@@ -265,24 +274,30 @@ def _input_specs(model) -> list[tuple[str, tuple, str]]:
         return [(name, shape, dtype) for name, (shape, dtype) in zip(names, shapes)]
     build = model.get_build_config() or {}
     if "shapes_dict" in build:
-        raise ExchangeError(f"model {type(model).__name__!r} takes several arguments "
-                            f"({', '.join(map(str, build['shapes_dict']))}); only a tensor or a list of tensors "
-                            "is traced")
+        raise ExchangeError(
+            f"model {type(model).__name__!r} takes several arguments "
+            f"({', '.join(map(str, build['shapes_dict']))}); only a tensor or a list of tensors "
+            "is traced"
+        )
     shape = build.get("input_shape")
     if _is_shape(shape):
         return [(first, _without_batch(shape), "float32")]
     if isinstance(shape, (list, tuple)) and 0 < len(shape) <= MAX_INPUTS and all(_is_shape(item) for item in shape):
         return [(f"{first}_{index}", _without_batch(item), "float32") for index, item in enumerate(shape)]
     if shape is None:
-        raise ExchangeError(f"model {type(model).__name__!r} has no build config (its input shape); "
-                            "pass --input-shape")
-    raise ExchangeError(f"model {type(model).__name__!r}: input shapes {shape!r} are not a shape or a list of "
-                        "shapes; pass --input-shape")
+        raise ExchangeError(f"model {type(model).__name__!r} has no build config (its input shape); pass --input-shape")
+    raise ExchangeError(
+        f"model {type(model).__name__!r}: input shapes {shape!r} are not a shape or a list of "
+        "shapes; pass --input-shape"
+    )
 
 
 def _is_shape(value) -> bool:
-    return isinstance(value, (list, tuple)) and 1 <= len(value) <= MAX_INPUT_RANK + 1 and all(
-        item is None or (isinstance(item, int) and not isinstance(item, bool) and item > 0) for item in value)
+    return (
+        isinstance(value, (list, tuple))
+        and 1 <= len(value) <= MAX_INPUT_RANK + 1
+        and all(item is None or (isinstance(item, int) and not isinstance(item, bool) and item > 0) for item in value)
+    )
 
 
 def _without_batch(shape) -> tuple:
@@ -297,10 +312,16 @@ def _parse_shape(text: str) -> tuple[tuple, str]:
         shape = tuple(None if item.strip() in ("None", "?") else int(item) for item in shape_text.split(","))
     except ValueError:
         shape = ()
-    if not shape or len(shape) > MAX_INPUT_RANK or any(item is not None and not 0 < item <= 1 << 24 for item in shape) \
-            or dtype not in INPUT_DTYPES:
-        raise ExchangeError(f"--input-shape {text!r}: expected sizes without the batch axis, e.g. 28,28,1 or "
-                            f"12:int32 (dtypes: {', '.join(INPUT_DTYPES)})")
+    if (
+        not shape
+        or len(shape) > MAX_INPUT_RANK
+        or any(item is not None and not 0 < item <= 1 << 24 for item in shape)
+        or dtype not in INPUT_DTYPES
+    ):
+        raise ExchangeError(
+            f"--input-shape {text!r}: expected sizes without the batch axis, e.g. 28,28,1 or "
+            f"12:int32 (dtypes: {', '.join(INPUT_DTYPES)})"
+        )
     return shape, dtype
 
 
@@ -320,16 +341,20 @@ def trace(model, source: str):
             outputs = model.call(arguments, **_training(model))
         except ExchangeError:
             raise
-        except Exception as err:   # noqa: BLE001 (whatever `call` does with a symbolic tensor)
-            raise UnsupportedLayerError(f"{source}: cannot trace {type(model).__name__}.call{_stopped_at(err, model)}: "
-                                        f"{type(err).__name__}: {first_line(err)}") from None
+        except Exception as err:  # noqa: BLE001 (whatever `call` does with a symbolic tensor)
+            raise UnsupportedLayerError(
+                f"{source}: cannot trace {type(model).__name__}.call{_stopped_at(err, model)}: "
+                f"{type(err).__name__}: {first_line(err)}"
+            ) from None
     flat = list(outputs) if isinstance(outputs, (list, tuple)) else [outputs]
     if not flat or not all(isinstance(output, keras.KerasTensor) for output in flat):
-        raise UnsupportedLayerError(f"{source}: {type(model).__name__}.call returns "
-                                    f"{type(outputs).__name__}; a tensor or a list of tensors is traced")
+        raise UnsupportedLayerError(
+            f"{source}: {type(model).__name__}.call returns "
+            f"{type(outputs).__name__}; a tensor or a list of tensors is traced"
+        )
     operations = _operations(flat)
     _check_variables(model, operations, source)
-    for operation in operations:   # operations (new on each trace) and layers no attribute holds: in graph order
+    for operation in operations:  # operations (new on each trace) and layers no attribute holds: in graph order
         if not isinstance(operation, keras.layers.Layer) or id(operation) not in named:
             automatic = not isinstance(operation, keras.layers.Layer) or _is_automatic(operation.name, operation)
             operation.name = _unique(_snake(type(operation).__name__) if automatic else operation.name, taken)
@@ -337,8 +362,10 @@ def trace(model, source: str):
     try:
         return keras.Model(inputs[0] if len(inputs) == 1 else inputs, flat[0] if len(flat) == 1 else flat, name=name)
     except (ValueError, TypeError) as err:
-        raise UnsupportedLayerError(f"{source}: Keras cannot make a functional model of what {type(model).__name__}"
-                                    f".call computes ({first_line(err)})") from None
+        raise UnsupportedLayerError(
+            f"{source}: Keras cannot make a functional model of what {type(model).__name__}"
+            f".call computes ({first_line(err)})"
+        ) from None
 
 
 def _training(model) -> dict:
@@ -385,7 +412,7 @@ def _name_layers(model) -> tuple[set, set]:
     ids of the layers named."""
     import keras
 
-    found: list[tuple[str, Any]] = []   # (attribute path, layer), each layer once, in attribute order
+    found: list[tuple[str, Any]] = []  # (attribute path, layer), each layer once, in attribute order
     seen = {id(model)}
 
     def walk(owner, prefix: str) -> None:
@@ -403,7 +430,7 @@ def _name_layers(model) -> tuple[set, set]:
                     found.append((prefix + path, item))
                     if _is_own_code(item) or isinstance(item, (keras.Sequential, keras.Model)):
                         walk(item, prefix + path + "_")
-                    if isinstance(item, keras.Model) and not _is_own_code(item):   # a nested Sequential, functional
+                    if isinstance(item, keras.Model) and not _is_own_code(item):  # a nested Sequential, functional
                         for index, inner in enumerate(item.layers):
                             if id(inner) not in seen and not isinstance(inner, keras.layers.InputLayer):
                                 seen.add(id(inner))
@@ -411,7 +438,7 @@ def _name_layers(model) -> tuple[set, set]:
 
     walk(model, "")
     taken, kept = set(), set()
-    for _, layer in found:   # the names the user gave, each once
+    for _, layer in found:  # the names the user gave, each once
         if not _is_automatic(layer.name, layer) and layer.name not in taken:
             taken.add(layer.name)
             kept.add(id(layer))
@@ -434,8 +461,11 @@ def _traced_classes(model) -> set:
 
     classes = set()
     for layer in model._flatten_layers(include_self=False):
-        if _is_own_code(layer) and kind_for_keras_class(keras.saving.get_registered_name(type(layer))) is None \
-                and kind_for_keras_class(type(layer).__name__) is None:
+        if (
+            _is_own_code(layer)
+            and kind_for_keras_class(keras.saving.get_registered_name(type(layer))) is None
+            and kind_for_keras_class(type(layer).__name__) is None
+        ):
             classes.add(type(layer))
     return classes
 
@@ -477,7 +507,7 @@ def _operations(outputs: list) -> list:
     ordered: list = []
     done, visiting = set(), set()
     stack = [(tensor, False) for tensor in reversed(outputs)]
-    while stack:   # an iterative depth-first walk: deep models exceed Python's recursion
+    while stack:  # an iterative depth-first walk: deep models exceed Python's recursion
         tensor, expanded = stack.pop()
         operation, node_index, _ = tensor._keras_history
         if isinstance(operation, keras.layers.InputLayer):
@@ -513,8 +543,10 @@ def _check_variables(model, operations: list, source: str) -> None:
         if isinstance(operation, keras.layers.Layer):
             fresh = [variable for variable in operation.weights if id(variable) not in owners]
             if fresh:
-                raise UnsupportedLayerError(f"{source}: layer {operation.name!r} ({type(operation).__name__}) is made "
-                                            "inside call: its weights are not the model's (make it in __init__)")
+                raise UnsupportedLayerError(
+                    f"{source}: layer {operation.name!r} ({type(operation).__name__}) is made "
+                    "inside call: its weights are not the model's (make it in __init__)"
+                )
             continue
         for node in operation._inbound_nodes:
             for value in keras.tree.flatten((node.arguments.args, node.arguments.kwargs)):
@@ -523,7 +555,8 @@ def _check_variables(model, operations: list, source: str) -> None:
                     who = f"layer {owner.name!r} ({type(owner).__name__})" if owner is not None else "the model"
                     raise UnsupportedLayerError(
                         f"{source}: {who} computes with its own variable {value.name!r} in call; register a "
-                        "layer kind for its class (--kinds FILE, see docs/adding-a-layer-kind.md)")
+                        "layer kind for its class (--kinds FILE, see docs/adding-a-layer-kind.md)"
+                    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -555,8 +588,7 @@ def _graph_of(functional, path: Path) -> Graph:
     from exchange.keras_config import parse_model_config
 
     with recursion_room():
-        config = json.loads(json.dumps({"class_name": "Functional", "config": functional.get_config()},
-                                       default=_plain))
+        config = json.loads(json.dumps({"class_name": "Functional", "config": functional.get_config()}, default=_plain))
     return parse_model_config(config, f"{path} (traced)").graph
 
 

@@ -8,9 +8,9 @@ the input into a memory map of the output, without a whole copy of the model in 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -35,7 +35,7 @@ class LazyTensor:
     source: Callable[[], np.ndarray]
     axes: tuple[int, ...] | None = None
 
-    def permuted(self, axes: tuple[int, ...]) -> "LazyTensor":
+    def permuted(self, axes: tuple[int, ...]) -> LazyTensor:
         combined = axes if self.axes is None else tuple(self.axes[axis] for axis in axes)
         return LazyTensor(tuple(self.shape[axis] for axis in axes), self.dtype, self.source, combined)
 
@@ -48,11 +48,12 @@ class LazyTensor:
     def copy_into(self, out: np.ndarray) -> None:
         """Copy into `out`, which must have exactly this tensor's shape: nothing is broadcast."""
         stored = self.source()
-        stored_shape = self.shape if self.axes is None else tuple(
-            self.shape[axis] for axis in np.argsort(self.axes))
+        stored_shape = self.shape if self.axes is None else tuple(self.shape[axis] for axis in np.argsort(self.axes))
         if tuple(stored.shape) != stored_shape or tuple(out.shape) != self.shape:
-            raise ExchangeFileError(f"stored tensor is {tuple(stored.shape)}, declared {stored_shape}; "
-                             f"output {tuple(out.shape)}, declared {self.shape}")
+            raise ExchangeFileError(
+                f"stored tensor is {tuple(stored.shape)}, declared {stored_shape}; "
+                f"output {tuple(out.shape)}, declared {self.shape}"
+            )
         if self.axes is None:
             np.copyto(out, stored)
         else:
@@ -91,7 +92,9 @@ def _transpose_columns(array: np.ndarray, out: np.ndarray, first: int, last: int
     for column in range(first, last, TRANSPOSE_BLOCK):
         column_end = min(column + TRANSPOSE_BLOCK, last)
         for row in range(0, rows, TRANSPOSE_BLOCK):
-            out[column:column_end, row:row + TRANSPOSE_BLOCK] = array[row:row + TRANSPOSE_BLOCK, column:column_end].T
+            out[column:column_end, row : row + TRANSPOSE_BLOCK] = array[
+                row : row + TRANSPOSE_BLOCK, column:column_end
+            ].T
 
 
 def _pool() -> ThreadPoolExecutor:

@@ -26,13 +26,13 @@ from __future__ import annotations
 from exchange.errors import ExchangeError, UnsupportedLayerError
 
 LAYER_CLASSES = ("TFOpLambda", "SlicingOpLambda")
-CONSTANT_VALUE = "_CONSTANT_VALUE"   # tf_keras's marker of a constant first argument
+CONSTANT_VALUE = "_CONSTANT_VALUE"  # tf_keras's marker of a constant first argument
 REFUSED = "<refused TensorFlow op>"  # the class of a refused op's stand-in (see `refused`)
 OPS_MODULE = "keras.src.ops."
 CONFIG_KEYS = {"name", "trainable", "dtype", "function"}
 MAX_NODE_INDEX = 1 << 20
 
-_NUMBER = "number"   # an argument that is a tensor or a number (the binary ops)
+_NUMBER = "number"  # an argument that is a tensor or a number (the binary ops)
 
 
 class _Call:
@@ -41,7 +41,7 @@ class _Call:
 
     def __init__(self, layer_name: str, function: str, first, kwargs: dict):
         self.layer_name, self.function, self.first, self.kwargs = layer_name, function, first, kwargs
-        self.taken = {"name"}   # the op's name argument names a TensorFlow op: nothing computed
+        self.taken = {"name"}  # the op's name argument names a TensorFlow op: nothing computed
 
     def refuse(self, why: str) -> UnsupportedLayerError:
         return UnsupportedLayerError(f"layer {self.layer_name!r} (TFOpLambda): TensorFlow op {self.function!r} {why}")
@@ -118,27 +118,31 @@ def _binary(class_name: str):
     def translate(call: _Call):
         operands = [call.first, call.take("y", constant=False)]
         for index, operand in enumerate(operands):
-            if isinstance(operand, list) and not _has_tensor(operand):   # TensorFlow makes it a tensor of x's type
+            if isinstance(operand, list) and not _has_tensor(operand):  # TensorFlow makes it a tensor of x's type
                 operands[index] = {"class_name": "__numpy__", "config": {"value": operand, "dtype": "float32"}}
             elif not _is_tensor(operand) and (isinstance(operand, bool) or not isinstance(operand, (int, float))):
                 raise call.refuse(f"on {_short(operand)} is not supported (tensors, numbers and arrays of numbers)")
         if not any(_is_tensor(operand) for operand in operands):
             raise call.refuse("on two constants is not supported")
         return _operation("numpy", class_name, operands)
+
     return translate
 
 
 def _elementwise(module: str, class_name: str):
     def translate(call: _Call):
         return _operation(module, class_name, [call.tensor()])
+
     return translate
 
 
 def _reshape(call: _Call):
     shape = call.integers("shape")
     if not shape or shape[0] != -1 or len(shape) < 2:
-        raise call.refuse(f"with shape {_short(shape)} is not supported: the shape must keep the batch "
-                          "axis first as -1 (e.g. [-1, 24, 3])")
+        raise call.refuse(
+            f"with shape {_short(shape)} is not supported: the shape must keep the batch "
+            "axis first as -1 (e.g. [-1, 24, 3])"
+        )
     return _layer("Reshape", [call.tensor()], target_shape=shape[1:])
 
 
@@ -146,8 +150,9 @@ def _transpose(call: _Call):
     perm = call.integers("perm")
     call.expect("conjugate", False)
     if not perm or perm[0] != 0:
-        raise call.refuse(f"with perm {_short(perm)} is not supported: the permutation must keep the batch "
-                          "axis first (perm[0] == 0)")
+        raise call.refuse(
+            f"with perm {_short(perm)} is not supported: the permutation must keep the batch axis first (perm[0] == 0)"
+        )
     return _layer("Permute", [call.tensor()], dims=perm[1:])
 
 
@@ -175,8 +180,10 @@ def _concat(call: _Call):
 
 def _reduction(class_name: str):
     def translate(call: _Call):
-        return _operation("numpy", class_name, [call.tensor()], axis=call.take("axis"),
-                          keepdims=call.take("keepdims", False))
+        return _operation(
+            "numpy", class_name, [call.tensor()], axis=call.take("axis"), keepdims=call.take("keepdims", False)
+        )
+
     return translate
 
 
@@ -200,8 +207,14 @@ def _resize(call: _Call):
     call.expect("preserve_aspect_ratio", False)
     if not size or len(size) != 2:
         raise call.refuse(f"with size {_short(size)} is not supported (two integers)")
-    return _layer("Resizing", [call.tensor()], height=size[0], width=size[1],
-                  interpolation=call.take("method", "bilinear"), antialias=call.take("antialias", False))
+    return _layer(
+        "Resizing",
+        [call.tensor()],
+        height=size[0],
+        width=size[1],
+        interpolation=call.take("method", "bilinear"),
+        antialias=call.take("antialias", False),
+    )
 
 
 def _softmax(call: _Call):
@@ -279,8 +292,12 @@ def _is_entry(value) -> bool:
 def _reference(entry: list, where: str) -> dict:
     """A tensor entry [layer, node, tensor(, kwargs)] as Keras 3's `__keras_tensor__` form."""
     name, node_index, tensor_index = entry[:3]
-    if not (_is_int(node_index) and _is_int(tensor_index) and 0 <= node_index < MAX_NODE_INDEX
-            and 0 <= tensor_index < MAX_NODE_INDEX):
+    if not (
+        _is_int(node_index)
+        and _is_int(tensor_index)
+        and 0 <= node_index < MAX_NODE_INDEX
+        and 0 <= tensor_index < MAX_NODE_INDEX
+    ):
         raise ExchangeError(f"{where}: malformed tensor reference {_short(entry[:3])}")
     return {"class_name": "__keras_tensor__", "config": {"keras_history": [name, node_index, tensor_index]}}
 
@@ -293,8 +310,9 @@ def _first_argument(data, where: str):
         nonlocal kwargs
         if len(entry) == 4:
             if not isinstance(entry[3], dict):
-                raise ExchangeError(f"{where}: malformed call: keyword arguments are a "
-                                    f"{type(entry[3]).__name__}, not an object")
+                raise ExchangeError(
+                    f"{where}: malformed call: keyword arguments are a {type(entry[3]).__name__}, not an object"
+                )
             kwargs = entry[3]
         if entry[0] == CONSTANT_VALUE:
             if entry[1] != -1:
@@ -354,8 +372,13 @@ def keras3_layer(layer: dict) -> dict:
         raise call.refuse(f"with dtype {_short(config.get('dtype'))} is not supported (float32)")
     module, class_name, options, args = translate(call)
     call.finish()
-    return {"module": module, "class_name": class_name, "name": name, "config": {"name": name, **options},
-            "inbound_nodes": [{"args": args, "kwargs": {}}]}
+    return {
+        "module": module,
+        "class_name": class_name,
+        "name": name,
+        "config": {"name": name, **options},
+        "inbound_nodes": [{"args": args, "kwargs": {}}],
+    }
 
 
 def refused(layer: dict) -> dict:
@@ -378,5 +401,10 @@ def refused(layer: dict) -> dict:
                 collect(item)
 
     collect(layer.get("inbound_nodes"))
-    return {"module": OPS_MODULE + "tf", "class_name": REFUSED, "name": name, "config": {"name": name},
-            "inbound_nodes": [{"args": refs, "kwargs": {}}]}
+    return {
+        "module": OPS_MODULE + "tf",
+        "class_name": REFUSED,
+        "name": name,
+        "config": {"name": name},
+        "inbound_nodes": [{"args": refs, "kwargs": {}}],
+    }

@@ -31,12 +31,30 @@ from exchange.graph import Graph
 from exchange.kinds import kind_of
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
-TORCH_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-                "float64": torch.float64, "uint8": torch.uint8, "int8": torch.int8, "int16": torch.int16,
-                "int32": torch.int32, "int64": torch.int64, "bool": torch.bool}
+TORCH_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "uint8": torch.uint8,
+    "int8": torch.int8,
+    "int16": torch.int16,
+    "int32": torch.int32,
+    "int64": torch.int64,
+    "bool": torch.bool,
+}
 # dtypes that convert to numpy; bfloat16 and the float8 types do not.
-NUMPY_READABLE_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int8, torch.int16,
-                         torch.int32, torch.int64, torch.uint8, torch.bool)
+NUMPY_READABLE_DTYPES = (
+    torch.float16,
+    torch.float32,
+    torch.float64,
+    torch.int8,
+    torch.int16,
+    torch.int32,
+    torch.int64,
+    torch.uint8,
+    torch.bool,
+)
 
 
 def _start_thread_pool() -> None:
@@ -64,7 +82,7 @@ class TorchGraphBuilder:
     def __init__(self) -> None:
         self.root = nn.Module()
         self.graph = fx.Graph()
-        self.masks: dict[str, fx.Node] = {}   # Keras masks by the layer that made them: bool (N, T)
+        self.masks: dict[str, fx.Node] = {}  # Keras masks by the layer that made them: bool (N, T)
 
     def dtype(self, context) -> torch.dtype:
         return TORCH_DTYPES[context.node.dtype]
@@ -80,7 +98,7 @@ class TorchGraphBuilder:
 
     def call(self, function, *args, **kwargs) -> fx.Node:
         if function in (torch.movedim, torch.permute) and not kwargs and _undoes(function, args):
-            return args[0].args[0]   # moving the channels last right after moving them first: skip both
+            return args[0].args[0]  # moving the channels last right after moving them first: skip both
         return self.graph.call_function(function, args, kwargs)
 
     def method(self, value: fx.Node, name: str, *args) -> fx.Node:
@@ -102,15 +120,23 @@ def _axes(function, arguments: tuple, rank: int | None) -> tuple[int, ...] | Non
 def _undoes(function, args: tuple) -> bool:
     """Whether this permute/movedim of `args[0]` exactly undoes the permute/movedim that made it."""
     inner = args[0]
-    if not isinstance(inner, fx.Node) or inner.op != "call_function" or inner.kwargs or \
-            inner.target not in (torch.movedim, torch.permute):
+    if (
+        not isinstance(inner, fx.Node)
+        or inner.op != "call_function"
+        or inner.kwargs
+        or inner.target not in (torch.movedim, torch.permute)
+    ):
         return False
     if function is torch.movedim and inner.target is torch.movedim:
         return tuple(args[1:]) == (inner.args[2], inner.args[1])
     rank = len(args[1]) if function is torch.permute else len(inner.args[1])
     first, second = _axes(inner.target, inner.args[1:], rank), _axes(function, args[1:], rank)
-    return first is not None and second is not None and len(first) == len(second) == rank and \
-        all(first[second[axis]] == axis for axis in range(rank))
+    return (
+        first is not None
+        and second is not None
+        and len(first) == len(second) == rank
+        and all(first[second[axis]] == axis for axis in range(rank))
+    )
 
 
 def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
@@ -129,7 +155,7 @@ def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
         arguments = [values[name] for name in node.inputs]
         if kind.selects_output:
             dtypes[node.name] = dtypes[node.inputs[0]]
-        elif not kind.autocasts:   # a keras.ops call: types promote as in torch
+        elif not kind.autocasts:  # a keras.ops call: types promote as in torch
             floating = [dtypes[name] for name in node.inputs if dtypes[name].is_floating_point]
             dtypes[node.name] = functools.reduce(torch.promote_types, floating) if floating else dtypes[node.inputs[0]]
         else:
@@ -169,26 +195,39 @@ def _call_shared_layer(builder: TorchGraphBuilder, graph: Graph, node, arguments
         rebuilt, builder.root = builder.root, modules
     for name, module in rebuilt.named_children():
         if not hasattr(modules, name) or not _same_module(getattr(modules, name), module):
-            raise ExchangeError(f"layer {node.name!r}: shared layer {node.shares!r} needs another torch module "
-                                f"for these inputs {list(context.input_shapes)}; not supported")
+            raise ExchangeError(
+                f"layer {node.name!r}: shared layer {node.shares!r} needs another torch module "
+                f"for these inputs {list(context.input_shapes)}; not supported"
+            )
     return value
 
 
 def _same_module(first: nn.Module, second: nn.Module) -> bool:
     """The same type, settings (public attributes: a module's constructor arguments, as generated
     code reads them), parameter and buffer shapes, and submodules."""
+
     def settings(module: nn.Module) -> dict:
-        return {key: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else repr(value)
-                for key, value in vars(module).items() if not key.startswith("_") and key != "training"}
+        return {
+            key: (tuple(value.shape), value.dtype) if isinstance(value, torch.Tensor) else repr(value)
+            for key, value in vars(module).items()
+            if not key.startswith("_") and key != "training"
+        }
 
     def tensors(module: nn.Module) -> dict:
-        return {key: (tuple(value.shape), value.dtype) for key, value in
-                list(module._parameters.items()) + list(module._buffers.items()) if value is not None}
+        return {
+            key: (tuple(value.shape), value.dtype)
+            for key, value in list(module._parameters.items()) + list(module._buffers.items())
+            if value is not None
+        }
 
     first_children, second_children = dict(first.named_children()), dict(second.named_children())
-    return (type(first) is type(second) and settings(first) == settings(second) and tensors(first) == tensors(second)
-            and first_children.keys() == second_children.keys()
-            and all(_same_module(first_children[key], second_children[key]) for key in first_children))
+    return (
+        type(first) is type(second)
+        and settings(first) == settings(second)
+        and tensors(first) == tensors(second)
+        and first_children.keys() == second_children.keys()
+        and all(_same_module(first_children[key], second_children[key]) for key in first_children)
+    )
 
 
 def _autocast(builder: TorchGraphBuilder, node, kind, arguments: list, dtypes: list) -> list:
@@ -202,8 +241,10 @@ def _autocast(builder: TorchGraphBuilder, node, kind, arguments: list, dtypes: l
             return dtype != target
         return kind.casts_integers and not kind.is_mask_input(node, position)
 
-    return [builder.method(value, "to", target) if cast(position, dtype) else value
-            for position, (value, dtype) in enumerate(zip(arguments, dtypes))]
+    return [
+        builder.method(value, "to", target) if cast(position, dtype) else value
+        for position, (value, dtype) in enumerate(zip(arguments, dtypes))
+    ]
 
 
 def class_name(model_name: str) -> str:
@@ -220,8 +261,10 @@ def class_name(model_name: str) -> str:
 def architecture_of(model: nn.Module) -> Graph:
     graph = getattr(model, "exchange_graph", None)
     if not isinstance(graph, Graph):
-        raise ExchangeError(f"{type(model).__name__} has no exchange architecture; build it with "
-                            "exchange.torch_adapter.model_from_file or build_module")
+        raise ExchangeError(
+            f"{type(model).__name__} has no exchange architecture; build it with "
+            "exchange.torch_adapter.model_from_file or build_module"
+        )
     return graph
 
 
@@ -231,21 +274,26 @@ def get_tensors(model: nn.Module) -> dict[str, np.ndarray]:
 
 def to_torch_state(file_tensors: dict) -> dict[str, torch.Tensor]:
     """Tensors sharing the arrays' memory where they are writable (no copy), else copies."""
-    return {key: torch.from_numpy(value if isinstance(value, np.ndarray) and value.flags.writeable
-                                  else np.array(value)) for key, value in file_tensors.items()}
+    return {
+        key: torch.from_numpy(value if isinstance(value, np.ndarray) and value.flags.writeable else np.array(value))
+        for key, value in file_tensors.items()
+    }
 
 
 def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: bool = False) -> None:
     """Load file tensors with `strict=True` after checking every key, shape and dtype against
     the module's own state_dict (all problems in one error)."""
-    expected = {key: (tuple(value.shape), str(value.dtype).replace("torch.", ""))
-                for key, value in model.state_dict().items()}
+    expected = {
+        key: (tuple(value.shape), str(value.dtype).replace("torch.", "")) for key, value in model.state_dict().items()
+    }
     missing = sorted(set(expected) - set(file_tensors))
     unexpected = sorted(set(file_tensors) - set(expected))
-    mismatched = [f"{key}: expected {expected[key][1]} {expected[key][0]}, found "
-                  f"{np.dtype(file_tensors[key].dtype).name} {tuple(file_tensors[key].shape)}"
-                  for key in sorted(set(expected) & set(file_tensors))
-                  if (tuple(file_tensors[key].shape), np.dtype(file_tensors[key].dtype).name) != expected[key]]
+    mismatched = [
+        f"{key}: expected {expected[key][1]} {expected[key][0]}, found "
+        f"{np.dtype(file_tensors[key].dtype).name} {tuple(file_tensors[key].shape)}"
+        for key in sorted(set(expected) & set(file_tensors))
+        if (tuple(file_tensors[key].shape), np.dtype(file_tensors[key].dtype).name) != expected[key]
+    ]
     if missing or unexpected or mismatched:
         raise TensorMismatchError(missing, unexpected, mismatched)
     # Each top-level module loads its own keys: `load_state_dict` on the root filters every key
@@ -254,8 +302,9 @@ def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: b
     per_child: dict[str, dict] = {}
     for key, value in to_torch_state(file_tensors).items():
         head, _, rest = key.partition(".")
-        per_child.setdefault(head if rest and head in children else "", {})[rest if rest and head in children
-                                                                             else key] = value
+        per_child.setdefault(head if rest and head in children else "", {})[
+            rest if rest and head in children else key
+        ] = value
     for head, state in per_child.items():
         (children[head] if head else model).load_state_dict(state, strict=bool(head), assign=assign)
 
@@ -295,8 +344,10 @@ def model_from_file(path: str | os.PathLike, keras_layout: bool = False) -> fx.G
 def torch_inputs(graph: Graph, keras_arrays: list[np.ndarray]) -> list[torch.Tensor]:
     """Keras-layout numpy inputs as channels-first torch tensors (a bfloat16 array, numpy's
     `ml_dtypes.bfloat16`, goes through float32, which holds every bfloat16 value exactly)."""
-    return [_torch_tensor(np.ascontiguousarray(array), spec.dtype).permute(to_torch_order(len(spec.shape)))
-            for spec, array in zip(graph.inputs, keras_arrays)]
+    return [
+        _torch_tensor(np.ascontiguousarray(array), spec.dtype).permute(to_torch_order(len(spec.shape)))
+        for spec, array in zip(graph.inputs, keras_arrays)
+    ]
 
 
 def _torch_tensor(array: np.ndarray, dtype: str) -> torch.Tensor:
@@ -313,19 +364,21 @@ def predict(model: nn.Module, keras_arrays: list[np.ndarray]) -> list[np.ndarray
     model.eval()
     outputs = model(*torch_inputs(graph, keras_arrays))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return [_numpy(output.permute(to_keras_order(len(graph.shapes[name]))))
-            for name, output in zip(graph.outputs, outputs)]
+    return [
+        _numpy(output.permute(to_keras_order(len(graph.shapes[name])))) for name, output in zip(graph.outputs, outputs)
+    ]
 
 
 @torch.no_grad()
-def intermediate_outputs(model: fx.GraphModule, keras_arrays: list[np.ndarray],
-                         names: list[str] | None = None) -> dict[str, np.ndarray]:
+def intermediate_outputs(
+    model: fx.GraphModule, keras_arrays: list[np.ndarray], names: list[str] | None = None
+) -> dict[str, np.ndarray]:
     """The outputs of the named nodes (default: every node), in Keras layout, by Keras layer name
     (for layer-by-layer checks). Only those are kept; fx frees every other value after its last use."""
     graph = architecture_of(model)
     input_names = {spec.name for spec in graph.inputs}
-    wanted: dict[str, list[str]] = {}   # fx value -> the layers it is the output of (Dropout passes its input)
-    for name in (names if names is not None else model.exchange_values):
+    wanted: dict[str, list[str]] = {}  # fx value -> the layers it is the output of (Dropout passes its input)
+    for name in names if names is not None else model.exchange_values:
         if name in model.exchange_values and name not in input_names:
             wanted.setdefault(model.exchange_values[name], []).append(name)
     recorded: dict[str, torch.Tensor] = {}
@@ -352,19 +405,25 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, np.ndarray]:
         state = torch.load(os.fspath(path), map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise ExchangeFileError(f"{path}: no such file") from None
-    except Exception as err:  # torch raises many types for a bad file: pickle, zip, runtime
+    except Exception as err:  # noqa: BLE001 (torch raises many types for a bad file: pickle, zip, runtime)
         message = first_line(err)
         raise ExchangeFileError(f"{path}: not a readable PyTorch weights file ({message})") from None
-    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, torch.Tensor)
-                                              for key, value in state.items()):
-        raise ExchangeFileError(f"{path}: expected a state_dict (a dict of named tensors), "
-                                f"found {type(state).__name__}")
-    unreadable = sorted(f"{key} ({value.dtype})" for key, value in state.items()
-                        if value.dtype not in NUMPY_READABLE_DTYPES or value.layout != torch.strided
-                        or value.device.type != "cpu")
+    if not isinstance(state, dict) or not all(
+        isinstance(key, str) and isinstance(value, torch.Tensor) for key, value in state.items()
+    ):
+        raise ExchangeFileError(
+            f"{path}: expected a state_dict (a dict of named tensors), found {type(state).__name__}"
+        )
+    unreadable = sorted(
+        f"{key} ({value.dtype})"
+        for key, value in state.items()
+        if value.dtype not in NUMPY_READABLE_DTYPES or value.layout != torch.strided or value.device.type != "cpu"
+    )
     if unreadable:
-        raise ExchangeFileError(f"{path}: tensors the exchange file cannot hold (it stores dense "
-                                f"{', '.join(fileformat.DTYPE_CODES)}): {', '.join(unreadable)}")
+        raise ExchangeFileError(
+            f"{path}: tensors the exchange file cannot hold (it stores dense "
+            f"{', '.join(fileformat.DTYPE_CODES)}): {', '.join(unreadable)}"
+        )
     # A tensor saved as a lazy negation or conjugate view (`x.conj().imag`) carries a bit numpy lacks.
     return {key: value.detach().cpu().resolve_conj().resolve_neg().numpy() for key, value in state.items()}
 

@@ -30,16 +30,37 @@ class SeparableConv(nn.Module):
     Keys `depthwise.weight`, `pointwise.weight`, `pointwise.bias`.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0, dilation=1,
-                 depth_multiplier=1, bias=True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        depth_multiplier=1,
+        bias=True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
         self.stride, self.padding, self.dilation = stride, padding, dilation
         self.depth_multiplier, self.bias = depth_multiplier, bias
         middle = in_channels * depth_multiplier
         conv = (nn.Conv1d, nn.Conv2d, nn.Conv3d)[len(kernel_size) - 1] if isinstance(kernel_size, tuple) else nn.Conv2d
-        self.depthwise = conv(in_channels, middle, kernel_size, stride=stride, padding=padding,
-                              dilation=dilation, groups=in_channels, bias=False, device=device, dtype=dtype)
+        self.depthwise = conv(
+            in_channels,
+            middle,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=in_channels,
+            bias=False,
+            device=device,
+            dtype=dtype,
+        )
         self.pointwise = conv(middle, out_channels, 1, bias=bias, device=device, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,11 +94,16 @@ class KerasNormalization(nn.Module):
     (Keras's `axis` a list, or None) holds its buffers in `shape`, their channels-first broadcast
     shape without the batch."""
 
-    def __init__(self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None,
-                 shape=None):
+    def __init__(
+        self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None, shape=None
+    ):
         super().__init__()
-        self.channels, self.rank, self.constant_mean, self.constant_variance = channels, rank, constant_mean, \
-            constant_variance
+        self.channels, self.rank, self.constant_mean, self.constant_variance = (
+            channels,
+            rank,
+            constant_mean,
+            constant_variance,
+        )
         self.shape = None if shape is None else tuple(shape)
         if constant_mean is None:
             buffer_shape = (channels,) if shape is None else self.shape
@@ -85,8 +111,7 @@ class KerasNormalization(nn.Module):
             self.register_buffer("variance", torch.empty(buffer_shape, dtype=dtype))
         else:
             self.register_buffer("mean", torch.tensor(constant_mean, dtype=dtype).reshape(-1), persistent=False)
-            self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).reshape(-1),
-                                 persistent=False)
+            self.register_buffer("variance", torch.tensor(constant_variance, dtype=dtype).reshape(-1), persistent=False)
         # the channels-first broadcast
         self.view = (-1,) + (1,) * (rank - 1) if shape is None else self.shape
         self.invert, self.epsilon = invert, epsilon
@@ -155,8 +180,9 @@ class KerasRecurrent(nn.Module):
     one bias) and masked steps, which Keras skips: the state carries over, and so does the output
     (or it is zero with `zero_output_for_mask`).
 
-    The activations are functions (`torch.tanh`, `keras2_hard_sigmoid`). Parameters are torch's names and layouts (`weight_ih_l0`,
-    `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`; gates i, f, g, o / r, z, n), so weights move between it and `nn.LSTM` unchanged.
+    The activations are functions (`torch.tanh`, `keras2_hard_sigmoid`). Parameters are torch's
+    names and layouts (`weight_ih_l0`, `weight_hh_l0`, `bias_ih_l0`, `bias_hh_l0`; gates i, f, g, o /
+    r, z, n), so weights move between it and `nn.LSTM` unchanged.
     Like `nn.LSTM` with `batch_first=True` it takes (N, T, F), a mask (N, T) or None and an
     initial state, (h,) or for an LSTM (h, c), each (1, N, H); it returns (outputs (N, T, H), last
     state): (1, N, H), for an LSTM the pair (h, c).
@@ -164,8 +190,19 @@ class KerasRecurrent(nn.Module):
 
     GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 
-    def __init__(self, mode, input_size, hidden_size, bias=True, activation=torch.tanh,
-                 recurrent_activation=torch.sigmoid, reset_after=True, zero_output_for_mask=False, device=None, dtype=None):
+    def __init__(
+        self,
+        mode,
+        input_size,
+        hidden_size,
+        bias=True,
+        activation=torch.tanh,
+        recurrent_activation=torch.sigmoid,
+        reset_after=True,
+        zero_output_for_mask=False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.mode, self.input_size, self.hidden_size, self.bias = mode, input_size, hidden_size, bias
         self.activation, self.recurrent_activation = activation, recurrent_activation
@@ -176,7 +213,7 @@ class KerasRecurrent(nn.Module):
         self.bias_ih_l0 = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if bias else None
         recurrent_bias = bias and (mode != "gru" or reset_after)
         self.bias_hh_l0 = nn.Parameter(torch.empty(rows, device=device, dtype=dtype)) if recurrent_bias else None
-        bound = hidden_size ** -0.5   # torch's own initialisation of recurrent layers
+        bound = hidden_size**-0.5  # torch's own initialisation of recurrent layers
         for parameter in self.parameters():
             nn.init.uniform_(parameter, -bound, bound)
 
@@ -202,7 +239,7 @@ class KerasRecurrent(nn.Module):
 
     def forward(self, x, mask=None, state=None):
         projected = F.linear(x, self.weight_ih_l0, self.bias_ih_l0)
-        h = c = output = x.new_zeros(x.shape[0], self.hidden_size)   # a masked first step outputs 0
+        h = c = output = x.new_zeros(x.shape[0], self.hidden_size)  # a masked first step outputs 0
         if state is not None:
             h, c = state[0][0], (state[1][0] if self.mode == "lstm" else c)
         outputs = []
@@ -220,8 +257,10 @@ class KerasRecurrent(nn.Module):
         return torch.stack(outputs, 1), state
 
     def extra_repr(self) -> str:
-        return (f"{self.mode}, {self.input_size}, {self.hidden_size}, bias={self.bias}, "
-                f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}")
+        return (
+            f"{self.mode}, {self.input_size}, {self.hidden_size}, bias={self.bias}, "
+            f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}"
+        )
 
 
 class KerasMultiHeadAttention(nn.Module):
@@ -245,35 +284,51 @@ class KerasMultiHeadAttention(nn.Module):
     gives 0 rather than an average. `return_scores`: returns (output, scores (N, heads, T, S)).
     """
 
-    def __init__(self, query_features, key_features, value_features, num_heads, key_dim, value_dim,
-                 output_shape, bias=True, dropout=0.0, gate=False, explicit_scores=False, return_scores=False,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        query_features,
+        key_features,
+        value_features,
+        num_heads,
+        key_dim,
+        value_dim,
+        output_shape,
+        bias=True,
+        dropout=0.0,
+        gate=False,
+        explicit_scores=False,
+        return_scores=False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
         self.num_heads, self.key_dim, self.value_dim = num_heads, key_dim, value_dim
         self.output_shape, self.bias, self.dropout = tuple(output_shape), bias, dropout
         self.gate, self.explicit_scores, self.return_scores = gate, explicit_scores, return_scores
-        self.scale = key_dim ** -0.5
+        self.scale = key_dim**-0.5
         self.query = nn.Linear(query_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
         self.key = nn.Linear(key_features, num_heads * key_dim, bias=bias, device=device, dtype=dtype)
         if gate:
-            self.gate_projection = nn.Linear(query_features, num_heads * value_dim, bias=bias, device=device,
-                                             dtype=dtype)
+            self.gate_projection = nn.Linear(
+                query_features, num_heads * value_dim, bias=bias, device=device, dtype=dtype
+            )
         self.value = nn.Linear(value_features, num_heads * value_dim, bias=bias, device=device, dtype=dtype)
         output_features = 1
         for size in self.output_shape:
             output_features *= size
         self.output = nn.Linear(num_heads * value_dim, output_features, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         # (N, T, heads·dim) -> (N, heads, T, dim): the heads are the outer part of the features.
         q = self.query(query).view(batch, target, self.num_heads, self.key_dim).transpose(1, 2)
         k = self.key(key).view(batch, source, self.num_heads, self.key_dim).transpose(1, 2)
         v = self.value(value).view(batch, source, self.num_heads, self.value_dim).transpose(1, 2)
         if attn_mask is not None:
-            attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
+            attn_mask = attn_mask.unsqueeze(-3)  # the same mask for every head
         dropout = self.dropout if self.training else 0.0
         scores = None
         if self.explicit_scores:
@@ -294,9 +349,11 @@ class KerasMultiHeadAttention(nn.Module):
         return (output, scores) if self.return_scores else output
 
     def extra_repr(self) -> str:
-        return (f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
-                f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
-                f"bias={self.bias}, gate={self.gate}, explicit_scores={self.explicit_scores}")
+        return (
+            f"{self.query_features}, {self.key_features}, {self.value_features}, num_heads={self.num_heads}, "
+            f"key_dim={self.key_dim}, value_dim={self.value_dim}, output_shape={self.output_shape}, "
+            f"bias={self.bias}, gate={self.gate}, explicit_scores={self.explicit_scores}"
+        )
 
 
 class KerasPReLU(nn.Module):
@@ -355,14 +412,20 @@ class KerasAttention(nn.Module):
         if score_mode == "concat":
             self.concat_score_weight = nn.Parameter(torch.ones((), device=device, dtype=dtype))
 
-    def forward(self, query: torch.Tensor, value: torch.Tensor, key: torch.Tensor,
-                value_mask: torch.Tensor | None = None, query_mask: torch.Tensor | None = None):
+    def forward(
+        self,
+        query: torch.Tensor,
+        value: torch.Tensor,
+        key: torch.Tensor,
+        value_mask: torch.Tensor | None = None,
+        query_mask: torch.Tensor | None = None,
+    ):
         if self.score_mode == "dot":
             scores = torch.matmul(query, key.transpose(-2, -1))
             if self.use_scale:
                 scores = scores * self.scale
         else:
-            sums = query.unsqueeze(-2) + key.unsqueeze(-3)      # (N, Tq, Tv, F)
+            sums = query.unsqueeze(-2) + key.unsqueeze(-3)  # (N, Tq, Tv, F)
             if self.score_mode == "concat":
                 sums = self.scale * sums if self.use_scale else sums
                 scores = self.concat_score_weight * torch.tanh(sums).sum(-1)
@@ -384,7 +447,7 @@ class KerasAttention(nn.Module):
         return output, weights
 
     def extra_repr(self) -> str:
-        return (f"{self.score_mode!r}, use_scale={self.use_scale}, features={self.features}, causal={self.causal}")
+        return f"{self.score_mode!r}, use_scale={self.use_scale}, features={self.features}, causal={self.causal}"
 
 
 class KerasGroupedQueryAttention(nn.Module):
@@ -402,8 +465,21 @@ class KerasGroupedQueryAttention(nn.Module):
     mask goes into `scaled_dot_product_attention`, and no scores are returned.
     """
 
-    def __init__(self, query_features, key_features, value_features, num_query_heads, num_key_value_heads,
-                 head_dim, bias=True, dropout=0.0, gate=False, explicit_scores=False, device=None, dtype=None):
+    def __init__(
+        self,
+        query_features,
+        key_features,
+        value_features,
+        num_query_heads,
+        num_key_value_heads,
+        head_dim,
+        bias=True,
+        dropout=0.0,
+        gate=False,
+        explicit_scores=False,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.query_features, self.key_features, self.value_features = query_features, key_features, value_features
         self.num_query_heads, self.num_key_value_heads, self.head_dim = num_query_heads, num_key_value_heads, head_dim
@@ -416,8 +492,9 @@ class KerasGroupedQueryAttention(nn.Module):
         self.value = nn.Linear(value_features, num_key_value_heads * head_dim, bias=bias, device=device, dtype=dtype)
         self.output = nn.Linear(heads, query_features, bias=bias, device=device, dtype=dtype)
 
-    def forward(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                attn_mask: torch.Tensor | None = None):
+    def forward(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ):
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         repeats = self.num_query_heads // self.num_key_value_heads
         q = self.query(query).view(batch, target, self.num_query_heads, self.head_dim).transpose(1, 2)
@@ -425,11 +502,11 @@ class KerasGroupedQueryAttention(nn.Module):
         v = self.value(value).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
         if attn_mask is not None:
-            attn_mask = attn_mask.unsqueeze(-3)   # the same mask for every head
+            attn_mask = attn_mask.unsqueeze(-3)  # the same mask for every head
         dropout = self.dropout if self.training else 0.0
         scores = None
         if self.explicit_scores:
-            scores = torch.matmul(q * self.head_dim ** -0.5, k.transpose(-2, -1))
+            scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
             if attn_mask is not None:
                 keep = attn_mask == 0
                 scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
@@ -438,18 +515,21 @@ class KerasGroupedQueryAttention(nn.Module):
                 scores = torch.where(keep, scores, 0.0)
             heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
         else:
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.head_dim ** -0.5,
-                                                   dropout_p=dropout)
+            heads = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5, dropout_p=dropout
+            )
         heads = heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim)
         if self.gate:
             heads = heads * torch.sigmoid(self.gate_projection(query))
         return self.output(heads), scores
 
     def extra_repr(self) -> str:
-        return (f"{self.query_features}, {self.key_features}, {self.value_features}, "
-                f"num_query_heads={self.num_query_heads}, num_key_value_heads={self.num_key_value_heads}, "
-                f"head_dim={self.head_dim}, bias={self.bias}, gate={self.gate}, "
-                f"explicit_scores={self.explicit_scores}")
+        return (
+            f"{self.query_features}, {self.key_features}, {self.value_features}, "
+            f"num_query_heads={self.num_query_heads}, num_key_value_heads={self.num_key_value_heads}, "
+            f"head_dim={self.head_dim}, bias={self.bias}, gate={self.gate}, "
+            f"explicit_scores={self.explicit_scores}"
+        )
 
 
 class KerasConvLSTM(nn.Module):
@@ -465,8 +545,20 @@ class KerasConvLSTM(nn.Module):
     *out_spatial), (h, c)).
     """
 
-    def __init__(self, in_channels, filters, kernel_size, stride, dilation, pad, bias=True, activation=torch.tanh,
-                 recurrent_activation=torch.sigmoid, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        filters,
+        kernel_size,
+        stride,
+        dilation,
+        pad,
+        bias=True,
+        activation=torch.tanh,
+        recurrent_activation=torch.sigmoid,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_channels, self.filters, self.kernel_size = in_channels, filters, tuple(kernel_size)
         self.stride, self.dilation, self.pad = tuple(stride), tuple(dilation), tuple(pad)
@@ -474,8 +566,9 @@ class KerasConvLSTM(nn.Module):
         self.conv = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
         same = [((k - 1) // 2, k - 1 - (k - 1) // 2) for k in self.kernel_size]
         self.recurrent_pad = tuple(amount for pair in reversed(same) for amount in pair)
-        self.weight_ih = nn.Parameter(torch.empty(4 * filters, in_channels, *self.kernel_size, device=device,
-                                                  dtype=dtype))
+        self.weight_ih = nn.Parameter(
+            torch.empty(4 * filters, in_channels, *self.kernel_size, device=device, dtype=dtype)
+        )
         self.weight_hh = nn.Parameter(torch.empty(4 * filters, filters, *self.kernel_size, device=device, dtype=dtype))
         self.bias = nn.Parameter(torch.empty(4 * filters, device=device, dtype=dtype)) if bias else None
         bound = (in_channels * len(self.kernel_size)) ** -0.5
@@ -484,11 +577,11 @@ class KerasConvLSTM(nn.Module):
 
     def forward(self, x, state=None):
         batch, steps = x.shape[0], x.shape[2]
-        frames = F.pad(x.transpose(1, 2).flatten(0, 1), self.pad)   # every step's input at once: (N·T, C, …)
+        frames = F.pad(x.transpose(1, 2).flatten(0, 1), self.pad)  # every step's input at once: (N·T, C, …)
         projected = self.conv(frames, self.weight_ih, self.bias, self.stride, 0, self.dilation)
-        projected = projected.unflatten(0, (batch, steps))          # (N, T, 4·filters, …)
+        projected = projected.unflatten(0, (batch, steps))  # (N, T, 4·filters, …)
         if state is None:
-            h = c = projected.new_zeros(projected[:, 0, :self.filters].shape)
+            h = c = projected.new_zeros(projected[:, 0, : self.filters].shape)
         else:
             h, c = state
         act, gate = self.activation, self.recurrent_activation
@@ -501,9 +594,11 @@ class KerasConvLSTM(nn.Module):
         return torch.stack(outputs, 2), (h, c)
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.filters}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"dilation={self.dilation}, pad={self.pad}, bias={self.bias is not None}, "
-                f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}")
+        return (
+            f"{self.in_channels}, {self.filters}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"dilation={self.dilation}, pad={self.pad}, bias={self.bias is not None}, "
+            f"activation={self.activation.__name__}, recurrent_activation={self.recurrent_activation.__name__}"
+        )
 
 
 class LoRALinear(nn.Module):
@@ -545,14 +640,16 @@ class KerasEinsumDense(nn.Module):
     adapter (`lora_rank`) the kernel is kernel + lora_scale * lora_a @ lora_b, lora_a shaped
     kernel_shape[:-1] + (rank,), lora_b (rank, kernel_shape[-1]), as Keras merges it."""
 
-    def __init__(self, equation, kernel_shape, bias_shape=None, lora_rank=None, lora_scale=1.0, device=None,
-                 dtype=None):
+    def __init__(
+        self, equation, kernel_shape, bias_shape=None, lora_rank=None, lora_scale=1.0, device=None, dtype=None
+    ):
         super().__init__()
         self.equation, self.kernel_shape, self.bias_shape = equation, tuple(kernel_shape), bias_shape
         self.lora_rank, self.lora_scale = lora_rank, lora_scale
         self.kernel = nn.Parameter(torch.empty(self.kernel_shape, device=device, dtype=dtype))
-        self.bias = None if bias_shape is None else nn.Parameter(torch.empty(tuple(bias_shape), device=device,
-                                                                             dtype=dtype))
+        self.bias = (
+            None if bias_shape is None else nn.Parameter(torch.empty(tuple(bias_shape), device=device, dtype=dtype))
+        )
         if lora_rank is not None:
             self.lora_a = nn.Parameter(torch.empty(self.kernel_shape[:-1] + (lora_rank,), device=device, dtype=dtype))
             self.lora_b = nn.Parameter(torch.empty(lora_rank, self.kernel_shape[-1], device=device, dtype=dtype))
@@ -568,8 +665,9 @@ class KerasEinsumDense(nn.Module):
         return f"{self.equation!r}, kernel_shape={self.kernel_shape}, bias_shape={self.bias_shape}"
 
 
-def keras_encode(ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype,
-                 count_weights: torch.Tensor | None = None) -> torch.Tensor:
+def keras_encode(
+    ids: torch.Tensor, num_tokens: int, output_mode: str, dtype: torch.dtype, count_weights: torch.Tensor | None = None
+) -> torch.Tensor:
     """Keras's `encode_categorical_inputs` on ids (N, d1, ..., dk) in Keras's order: `one_hot`
     (N, d1, ..., dk, num_tokens), the last axis dropped where the ids have one of size 1;
     `multi_hot` and `count` encode along axis 1 and drop it: (N, d2, ..., dk, num_tokens), `count`
@@ -602,8 +700,9 @@ class KerasDiscretization(nn.Module):
     def __init__(self, bin_boundaries, output_mode="int", output_dtype=torch.float32):
         super().__init__()
         self.bin_boundaries, self.output_mode, self.output_dtype = bin_boundaries, output_mode, output_dtype
-        self.register_buffer("boundaries", torch.tensor(bin_boundaries, dtype=torch.float32).reshape(-1),
-                             persistent=False)
+        self.register_buffer(
+            "boundaries", torch.tensor(bin_boundaries, dtype=torch.float32).reshape(-1), persistent=False
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         buckets = torch.bucketize(x.float(), self.boundaries, out_int32=True, right=True)
@@ -622,8 +721,19 @@ class KerasIntegerLookup(nn.Module):
     times `idf_weights` (one per column). With `invert`, indices -> values: the mask index gives
     mask_token, OOV and unknown indices oov_token."""
 
-    def __init__(self, vocabulary, mask_token=None, num_oov_indices=1, invert=False, oov_token=-1,
-                 output_mode="int", oov_method="floormod", salt=None, depth=None, idf_weights=None):
+    def __init__(
+        self,
+        vocabulary,
+        mask_token=None,
+        num_oov_indices=1,
+        invert=False,
+        oov_token=-1,
+        output_mode="int",
+        oov_method="floormod",
+        salt=None,
+        depth=None,
+        idf_weights=None,
+    ):
         super().__init__()
         self.vocabulary, self.mask_token, self.num_oov_indices = vocabulary, mask_token, num_oov_indices
         self.invert, self.oov_token, self.output_mode, self.oov_method = invert, oov_token, output_mode, oov_method
@@ -650,7 +760,7 @@ class KerasIntegerLookup(nn.Module):
         else:
             oov = torch.remainder(x, self.num_oov_indices)
         ids = torch.where(found, self.indices[position], oov + self.oov_start)
-        if self.mask_token is not None:   # index 0, or (encoded) an index past every column
+        if self.mask_token is not None:  # index 0, or (encoded) an index past every column
             ids = torch.where(x == self.mask_token, 0 if self.output_mode == "int" else (1 << 63) - 1, ids)
         if self.output_mode == "int":
             return ids
@@ -665,8 +775,17 @@ class KerasReversibleEmbedding(nn.Module):
     shape, when the weights are not tied), then tanh(logits / cap) * cap with a `logit_soft_cap`;
     with a `reverse_dtype` the logits computed in that dtype and returned in the input's."""
 
-    def __init__(self, num_embeddings, embedding_dim, tie_weights=True, reverse=False, logit_soft_cap=None,
-                 reverse_dtype=None, device=None, dtype=None):
+    def __init__(
+        self,
+        num_embeddings,
+        embedding_dim,
+        tie_weights=True,
+        reverse=False,
+        logit_soft_cap=None,
+        reverse_dtype=None,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.tie_weights = num_embeddings, embedding_dim, tie_weights
         self.reverse, self.logit_soft_cap, self.reverse_dtype = reverse, logit_soft_cap, reverse_dtype
@@ -686,6 +805,7 @@ class KerasReversibleEmbedding(nn.Module):
             logits = torch.tanh(logits / self.logit_soft_cap) * self.logit_soft_cap
         return logits.to(x.dtype)
 
+
 class KerasSpectralNormalization(nn.Module):
     """Keras's SpectralNormalization at inference: the wrapped `layer` with its stored weights as
     they are (Keras normalises the kernel only in training, writing the result into it);
@@ -700,13 +820,27 @@ class KerasSpectralNormalization(nn.Module):
     def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         return self.layer(*inputs)
 
+
 class LoRAConv(nn.Module):
     """Keras's Conv1D/2D/3D with a LoRA adapter: the convolution with weight + scale * delta,
     delta = lora_b @ lora_a over the rank, merged in `forward` as Keras does. `weight` as
     `nn.Conv2d`'s (out, in/groups, k...); `lora_a` (rank, in/groups, k...), `lora_b` (out, rank)."""
 
-    def __init__(self, in_channels, out_channels, kernel_size, rank, scale=1.0, stride=1, padding=0, dilation=1,
-                 groups=1, bias=True, device=None, dtype=None):
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        rank,
+        scale=1.0,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=True,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, tuple(kernel_size)
         self.rank, self.scale, self.stride, self.padding = rank, scale, stride, padding
@@ -720,8 +854,10 @@ class LoRAConv(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         delta = (self.lora_b @ self.lora_a.flatten(1)).reshape(self.weight.shape)
         convolution = (F.conv1d, F.conv2d, F.conv3d)[len(self.kernel_size) - 1]
-        return convolution(x, self.weight + self.scale * delta, self.bias, self.stride, self.padding, self.dilation,
-                           self.groups)
+        return convolution(
+            x, self.weight + self.scale * delta, self.bias, self.stride, self.padding, self.dilation, self.groups
+        )
+
 
 class KerasResize(nn.Module):
     """Keras's image resizing on TensorFlow (`tf.image.resize`, v2) over the last two dims
@@ -744,11 +880,20 @@ class KerasResize(nn.Module):
     Keras casts it to the layer's dtype).
     """
 
-    SPANS = {"lanczos3": 3, "lanczos5": 5, "bilinear": 1, "bicubic": 2}   # ScaleAndTranslate's kernel radii
-    PI = 3.14159265359   # TensorFlow's kPI (rounded to float32 where used)
+    SPANS = {"lanczos3": 3, "lanczos5": 5, "bilinear": 1, "bicubic": 2}  # ScaleAndTranslate's kernel radii
+    PI = 3.14159265359  # TensorFlow's kPI (rounded to float32 where used)
 
-    def __init__(self, size=None, scale_factor=None, interpolation="bilinear", antialias=False,
-                 crop_to_aspect_ratio=False, pad_to_aspect_ratio=False, fill_value=0.0, center_crop=False):
+    def __init__(
+        self,
+        size=None,
+        scale_factor=None,
+        interpolation="bilinear",
+        antialias=False,
+        crop_to_aspect_ratio=False,
+        pad_to_aspect_ratio=False,
+        fill_value=0.0,
+        center_crop=False,
+    ):
         super().__init__()
         self.size, self.scale_factor, self.interpolation, self.antialias = size, scale_factor, interpolation, antialias
         self.crop_to_aspect_ratio, self.pad_to_aspect_ratio = crop_to_aspect_ratio, pad_to_aspect_ratio
@@ -761,14 +906,14 @@ class KerasResize(nn.Module):
         target_height, target_width = self.size
         if self.center_crop and height >= target_height and width >= target_width:
             top, left = (height - target_height) // 2, (width - target_width) // 2
-            return x[..., top:top + target_height, left:left + target_width]
+            return x[..., top : top + target_height, left : left + target_width]
         if self.crop_to_aspect_ratio or self.center_crop:
             # Resizing computes in float32; CenterCrop's smart_resize in Python floats
             divide = self.float32_quotient if self.crop_to_aspect_ratio else (lambda a, b: int(float(a) / b))
             crop_height = max(min(height, divide(width * target_height, target_width)), 1)
             crop_width = max(min(width, divide(height * target_width, target_height)), 1)
             top, left = divide(height - crop_height, 2), divide(width - crop_width, 2)
-            x = x[..., top:top + crop_height, left:left + crop_width]
+            x = x[..., top : top + crop_height, left : left + crop_width]
         elif self.pad_to_aspect_ratio:
             pad_height = max(height, self.float32_quotient(width * target_height, target_width))
             pad_width = max(width, self.float32_quotient(height * target_width, target_height))
@@ -783,19 +928,19 @@ class KerasResize(nn.Module):
             x = x.float()
         for dim, out_size in ((x.dim() - 2, size[0]), (x.dim() - 1, size[1])):
             indices, weights = self.taps(x.shape[dim], out_size, x.device)
-            gathered = x.index_select(dim, indices.reshape(-1))   # (..., out_size * taps, ...)
-            if self.interpolation == "nearest":   # one tap of weight 1: the cells as they are
+            gathered = x.index_select(dim, indices.reshape(-1))  # (..., out_size * taps, ...)
+            if self.interpolation == "nearest":  # one tap of weight 1: the cells as they are
                 x = gathered
                 continue
             trailing = x.dim() - 1 - dim
-            gathered = gathered.reshape(x.shape[:dim] + indices.shape + x.shape[dim + 1:])
+            gathered = gathered.reshape(x.shape[:dim] + indices.shape + x.shape[dim + 1 :])
             x = (gathered * weights.reshape(weights.shape + (1,) * trailing)).sum(dim + 1)
         return x.to(dtype)
 
     def taps(self, in_size: int, out_size: int, device=None):
         """(indices, weights), each (out_size, taps): input cells and float32 weights per output cell."""
         f32 = dict(dtype=torch.float32, device=device)
-        scale = torch.tensor(in_size, **f32) / torch.tensor(out_size, **f32)   # TensorFlow's CalculateResizeScale
+        scale = torch.tensor(in_size, **f32) / torch.tensor(out_size, **f32)  # TensorFlow's CalculateResizeScale
         cells = torch.arange(out_size, **f32)
         method = self.interpolation
         if method == "nearest":
@@ -809,32 +954,40 @@ class KerasResize(nn.Module):
             if method == "bilinear":
                 indices = torch.stack([start.clamp(min=0), torch.ceil(position).long().clamp(max=in_size - 1)], 1)
                 return indices, torch.stack([1 - fraction, fraction], 1)
-            offset = torch.round(fraction * 1024).long()   # lrintf: to nearest, ties to even
+            offset = torch.round(fraction * 1024).long()  # lrintf: to nearest, ties to even
             table = self.cubic_table(device)
-            weights = torch.stack([table[offset, 1], table[offset, 0], table[1024 - offset, 0],
-                                   table[1024 - offset, 1]], 1)
+            weights = torch.stack(
+                [table[offset, 1], table[offset, 0], table[1024 - offset, 0], table[1024 - offset, 1]], 1
+            )
             sources = start[:, None] + torch.arange(-1, 3, device=device)
             weights = torch.where((sources >= 0) & (sources < in_size), weights, torch.zeros_like(weights))
             total = ((weights[:, 0] + weights[:, 1]) + weights[:, 2]) + weights[:, 3]
-            weights = weights * torch.where(total.abs() >= 1000 * torch.finfo(torch.float32).tiny, 1 / total,
-                                            torch.ones_like(total))[:, None]
+            weights = (
+                weights
+                * torch.where(total.abs() >= 1000 * torch.finfo(torch.float32).tiny, 1 / total, torch.ones_like(total))[
+                    :, None
+                ]
+            )
             return sources.clamp(0, in_size - 1), weights
         if method == "area":
             begin, end = cells * scale, (cells + 1) * scale
-            count = in_size // out_size + 3   # at least ceil(end) - floor(begin) cells under each output
+            count = in_size // out_size + 3  # at least ceil(end) - floor(begin) cells under each output
             sources = torch.floor(begin).long()[:, None] + torch.arange(count, device=device)
             source = sources.float()
             begin, end = begin[:, None], end[:, None]
-            overlap = torch.where(source < begin, torch.where(source + 1 > end, scale, source + 1 - begin),
-                                  torch.where(source + 1 > end, end - source, torch.ones_like(source)))
+            overlap = torch.where(
+                source < begin,
+                torch.where(source + 1 > end, scale, source + 1 - begin),
+                torch.where(source + 1 > end, end - source, torch.ones_like(source)),
+            )
             weights = torch.where(sources < torch.ceil(end).long(), overlap, torch.zeros_like(overlap))
             return sources.clamp(0, in_size - 1), weights * (1 / scale)
         # ScaleAndTranslate (ComputeSpansCore): lanczos3/5, or triangle / Keys cubic with antialias
         radius = self.SPANS[method]
         inverse_scale = (torch.tensor(out_size, **f32) / torch.tensor(in_size, **f32)).double().reciprocal().float()
         kernel_scale = torch.clamp(inverse_scale, min=1.0) if self.antialias else torch.ones((), **f32)
-        widened = -(-radius * in_size // out_size) if self.antialias else radius   # ceil(radius * kernel_scale)
-        count = min(2 * max(radius, widened) + 3, in_size)   # a tap more each side for float32 rounding
+        widened = -(-radius * in_size // out_size) if self.antialias else radius  # ceil(radius * kernel_scale)
+        count = min(2 * max(radius, widened) + 3, in_size)  # a tap more each side for float32 rounding
         sample = (cells + 0.5) * inverse_scale
         start = torch.ceil(sample - radius * kernel_scale - 0.5).long().clamp(0, in_size - 1)
         end = torch.floor(sample + radius * kernel_scale - 0.5).long().clamp(0, in_size - 1) + 1
@@ -843,18 +996,22 @@ class KerasResize(nn.Module):
         weights = self.kernel(distance)
         weights = torch.where(sources < end[:, None], weights, torch.zeros_like(weights))
         total = weights.sum(1, keepdim=True)
-        weights = torch.where(total.abs() >= 1000 * torch.finfo(torch.float32).tiny, weights * (1 / total),
-                              torch.zeros_like(weights))
+        weights = torch.where(
+            total.abs() >= 1000 * torch.finfo(torch.float32).tiny, weights * (1 / total), torch.zeros_like(weights)
+        )
         return sources.clamp(max=in_size - 1), weights
 
     def kernel(self, x: torch.Tensor) -> torch.Tensor:
         """TensorFlow's sampling kernel of this interpolation at distances x >= 0 (float32)."""
         zero = torch.zeros_like(x)
-        if self.interpolation == "bilinear":   # triangle
+        if self.interpolation == "bilinear":  # triangle
             return torch.where(x < 1, 1 - x, zero)
-        if self.interpolation == "bicubic":   # Keys cubic, a = -0.5
-            return torch.where(x >= 2, zero, torch.where(x >= 1, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0,
-                                                         ((1.5 * x - 2.5) * x) * x + 1.0))
+        if self.interpolation == "bicubic":  # Keys cubic, a = -0.5
+            return torch.where(
+                x >= 2,
+                zero,
+                torch.where(x >= 1, ((-0.5 * x + 2.5) * x - 4.0) * x + 2.0, ((1.5 * x - 2.5) * x) * x + 1.0),
+            )
         radius = float(self.SPANS[self.interpolation])
         pi = torch.full((), self.PI, dtype=torch.float32, device=x.device)
         value = radius * torch.sin(pi * x) * torch.sin(pi * x / radius) / (pi * pi * x * x)
@@ -890,11 +1047,11 @@ class KerasResize(nn.Module):
                     shift += 1
                 else:
                     break
-            if 2 * remainder > scaled_bottom or 2 * remainder == scaled_bottom and mantissa % 2:
+            if 2 * remainder > scaled_bottom or (2 * remainder == scaled_bottom and mantissa % 2):
                 mantissa += 1
             return mantissa, shift
 
-        def as_int(mantissa: int, shift: int) -> int:   # exact for shift <= 0; rounded toward zero otherwise
+        def as_int(mantissa: int, shift: int) -> int:  # exact for shift <= 0; rounded toward zero otherwise
             return mantissa >> shift if shift >= 0 else mantissa << -shift
 
         top, bottom = (as_int(*rounded(value, 1)) for value in (numerator, denominator))
@@ -935,11 +1092,10 @@ def tensorflow_log(x: torch.Tensor) -> torch.Tensor:
     shifted = (mantissa - 1.0) + torch.where(below, mantissa, torch.zeros_like(mantissa))
     numerator = (0.18256296 * shifted + 1.0000000190281063) * shifted + 1.0000000190281136
     numerator = numerator * shifted
-    denominator = ((0.049616247954120038 * shifted + 0.5992324959082352) * shifted + 1.4999999999999927) * \
-        shifted + 1.0
+    denominator = ((0.049616247954120038 * shifted + 0.5992324959082352) * shifted + 1.4999999999999927) * shifted + 1.0
     result = exponent * 0.6931472 + numerator / denominator
     result = torch.where(x == float("inf"), x, result)
-    result = torch.where(x < 1.1754944e-38, torch.full_like(x, -float("inf")), result)   # denormals: zero
+    result = torch.where(x < 1.1754944e-38, torch.full_like(x, -float("inf")), result)  # denormals: zero
     return torch.where(torch.isnan(x) | (x < 0), torch.full_like(x, float("nan")), result)
 
 
@@ -952,17 +1108,35 @@ class KerasMelSpectrogram(nn.Module):
     log10(max(|ref_power|, min_power)), raised to (the maximum over the whole batch) - top_db.
     Computed in float32 (float64 inputs in float64), as Keras does."""
 
-    def __init__(self, fft_length, sequence_stride, sequence_length, window="hann", sampling_rate=16000,
-                 num_mel_bins=128, min_freq=20.0, max_freq=8000, power_to_db=True, top_db=80.0, mag_exp=2.0,
-                 min_power=1e-10, ref_power=1.0):
+    def __init__(
+        self,
+        fft_length,
+        sequence_stride,
+        sequence_length,
+        window="hann",
+        sampling_rate=16000,
+        num_mel_bins=128,
+        min_freq=20.0,
+        max_freq=8000,
+        power_to_db=True,
+        top_db=80.0,
+        mag_exp=2.0,
+        min_power=1e-10,
+        ref_power=1.0,
+    ):
         super().__init__()
         self.fft_length, self.sequence_stride, self.sequence_length = fft_length, sequence_stride, sequence_length
         self.window, self.sampling_rate, self.num_mel_bins = window, sampling_rate, num_mel_bins
         self.min_freq, self.max_freq, self.power_to_db, self.top_db = min_freq, max_freq, power_to_db, top_db
         self.mag_exp, self.min_power, self.ref_power = mag_exp, min_power, ref_power
-        left = (fft_length - sequence_length) // 2   # no window: none at all, over all fft_length samples
-        window_values = (torch.ones(fft_length) if window is None else F.pad(
-            self.keras_window(window, sequence_length, torch.float32), (left, fft_length - sequence_length - left)))
+        left = (fft_length - sequence_length) // 2  # no window: none at all, over all fft_length samples
+        window_values = (
+            torch.ones(fft_length)
+            if window is None
+            else F.pad(
+                self.keras_window(window, sequence_length, torch.float32), (left, fft_length - sequence_length - left)
+            )
+        )
         self.register_buffer("window_values", window_values, persistent=False)
         mel_matrix = self.keras_mel_matrix(num_mel_bins, fft_length // 2 + 1, sampling_rate, min_freq, max_freq)
         self.register_buffer("mel_matrix", mel_matrix, persistent=False)
@@ -989,10 +1163,12 @@ class KerasMelSpectrogram(nn.Module):
         return a - b * torch.cos(angle)
 
     @staticmethod
-    def keras_mel_matrix(num_mel_bins: int, num_spectrogram_bins: int, sampling_rate, lower_edge_hertz,
-                         upper_edge_hertz) -> torch.Tensor:
+    def keras_mel_matrix(
+        num_mel_bins: int, num_spectrogram_bins: int, sampling_rate, lower_edge_hertz, upper_edge_hertz
+    ) -> torch.Tensor:
         """Keras's `MelSpectrogram.linear_to_mel_weight_matrix` (HTK mel scale, triangles peaking at 1,
         the DC bin zero), in float32 as Keras computes it: (num_spectrogram_bins, num_mel_bins)."""
+
         def hertz_to_mel(hertz):
             return 1127.0 * tensorflow_log(1.0 + hertz / 700.0)
 
@@ -1001,8 +1177,11 @@ class KerasMelSpectrogram(nn.Module):
         linspace = KerasMelSpectrogram.tensorflow_linspace
         frequencies = linspace(torch.tensor(0.0), nyquist, num_spectrogram_bins)[1:]
         bins_mel = hertz_to_mel(frequencies).unsqueeze(1)
-        edges = linspace(hertz_to_mel(torch.tensor(lower_edge_hertz, dtype=float32)),
-                         hertz_to_mel(torch.tensor(upper_edge_hertz, dtype=float32)), num_mel_bins + 2)
+        edges = linspace(
+            hertz_to_mel(torch.tensor(lower_edge_hertz, dtype=float32)),
+            hertz_to_mel(torch.tensor(upper_edge_hertz, dtype=float32)),
+            num_mel_bins + 2,
+        )
         lower, center, upper = edges[:-2].unsqueeze(0), edges[1:-1].unsqueeze(0), edges[2:].unsqueeze(0)
         lower_slopes = (bins_mel - lower) / (center - lower)
         upper_slopes = (upper - bins_mel) / (upper - center)
@@ -1020,7 +1199,7 @@ class KerasMelSpectrogram(nn.Module):
         padded = F.pad(x.unsqueeze(1), (half, half), mode="reflect").squeeze(1)
         frames = padded.unfold(-1, self.fft_length, self.sequence_stride) * self.window_values.to(x.dtype)
         spectrum = torch.fft.rfft(frames, n=self.fft_length)
-        power = torch.pow(torch.sqrt(spectrum.real ** 2 + spectrum.imag ** 2), self.mag_exp)
+        power = torch.pow(torch.sqrt(spectrum.real**2 + spectrum.imag**2), self.mag_exp)
         mel = torch.matmul(power, self.mel_matrix.to(x.dtype))
         if self.power_to_db:
             mel = 10.0 * self.log10(torch.clamp(mel, min=self.min_power))
@@ -1037,8 +1216,19 @@ class KerasSTFTSpectrogram(nn.Module):
     then the `mode` (real, imag, angle, stft, psd, magnitude, log) and Keras's output layout;
     `epsilon` is Keras's backend epsilon, the floor of the power and the magnitude."""
 
-    def __init__(self, mode, frame_length, frame_step, frequencies, padding="valid", expand_dims=False,
-                 data_format="channels_last", epsilon=1e-7, device=None, dtype=None):
+    def __init__(
+        self,
+        mode,
+        frame_length,
+        frame_step,
+        frequencies,
+        padding="valid",
+        expand_dims=False,
+        data_format="channels_last",
+        epsilon=1e-7,
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         self.mode, self.frame_length, self.frame_step, self.frequencies = mode, frame_length, frame_step, frequencies
         self.padding, self.expand_dims, self.data_format, self.epsilon = padding, expand_dims, data_format, epsilon
@@ -1052,7 +1242,7 @@ class KerasSTFTSpectrogram(nn.Module):
         """(N, C, T) -> (N, C, F, frames)."""
         channels, length = signals.shape[1], signals.shape[2]
         flat = signals.reshape(-1, 1, length)
-        if self.padding == "same":   # TensorFlow's: the odd cell after
+        if self.padding == "same":  # TensorFlow's: the odd cell after
             frames = -(-length // self.frame_step)
             total = max((frames - 1) * self.frame_step + self.frame_length - length, 0)
             flat = F.pad(flat, (total // 2, total - total // 2))
@@ -1092,7 +1282,7 @@ def tensorflow_cpu_sum(values: torch.Tensor) -> torch.Tensor:
     CPU kernel adds them (Eigen's vectorised reduction): 8-lane packets into 4 accumulators in turn
     (packet j into accumulator j % 4), the accumulators added in order, then the 8 lanes halved
     (0-3 + 4-7, ...). Each float32 rounding happens where TensorFlow's does."""
-    packets = values.unflatten(-1, (8, 4, 8))   # (..., round, accumulator, lane)
+    packets = values.unflatten(-1, (8, 4, 8))  # (..., round, accumulator, lane)
     accumulators = packets[..., 0, :, :]
     for round_index in range(1, 8):
         accumulators = accumulators + packets[..., round_index, :, :]
@@ -1149,8 +1339,7 @@ class KerasCLAHE(nn.Module):
     def _corners(size, tile, grid):
         """For each pixel along an axis: its two nearest tile centres (tile indices, the edges
         repeated) and the second's float32 weight, as Keras computes them."""
-        position = (torch.arange(size, dtype=torch.float32) - torch.tensor(tile / 2.0)) / torch.tensor(
-            float(tile)) + 1
+        position = (torch.arange(size, dtype=torch.float32) - torch.tensor(tile / 2.0)) / torch.tensor(float(tile)) + 1
         first = torch.floor(position)
         weight = position - first
         second = (first + 1).clamp(0, grid + 1) - 1
@@ -1162,10 +1351,10 @@ class KerasCLAHE(nn.Module):
         padded = values
         pad_height, pad_width = grid_height * self.tile_height - self.height, grid_width * self.tile_width - self.width
         if pad_height:
-            padded = torch.cat([padded, padded[:, :, self.height - pad_height:].flip(2)], 2)
+            padded = torch.cat([padded, padded[:, :, self.height - pad_height :].flip(2)], 2)
         if pad_width:
-            padded = torch.cat([padded, padded[:, :, :, self.width - pad_width:].flip(3)], 3)
-        bins = torch.where(padded < 2 ** 31, padded.clamp(0, 255), torch.zeros_like(padded)).long()
+            padded = torch.cat([padded, padded[:, :, :, self.width - pad_width :].flip(3)], 3)
+        bins = torch.where(padded < 2**31, padded.clamp(0, 255), torch.zeros_like(padded)).long()
         batch, channels = x.shape[0], x.shape[1]
         tiles = bins.reshape(batch, channels, grid_height, self.tile_height, grid_width, self.tile_width)
         tiles = tiles.permute(0, 1, 2, 4, 3, 5).reshape(batch, channels, grid_height, grid_width, self.tile_pixels)
@@ -1188,18 +1377,24 @@ class KerasCLAHE(nn.Module):
             index = (rows[:, None] * grid_width + columns[None, :]) * 256 + pixels
             return torch.gather(mapping, 2, index.reshape(batch, channels, -1)).reshape(pixels.shape)
 
-        top = lookup(self.row_first, self.column_first) * self.column_weight_first + lookup(
-            self.row_first, self.column_second) * self.column_weight
-        bottom = lookup(self.row_second, self.column_first) * self.column_weight_first + lookup(
-            self.row_second, self.column_second) * self.column_weight
+        top = (
+            lookup(self.row_first, self.column_first) * self.column_weight_first
+            + lookup(self.row_first, self.column_second) * self.column_weight
+        )
+        bottom = (
+            lookup(self.row_second, self.column_first) * self.column_weight_first
+            + lookup(self.row_second, self.column_second) * self.column_weight
+        )
         result = top * self.row_weight_first[:, None] + bottom * self.row_weight[:, None]
         if self.rescales:
             result = result * self.from_bins + self.low
         return result.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return (f"{self.height}, {self.width}, value_range={self.value_range}, clip_limit={self.clip_limit}, "
-                f"tile_grid_size={self.tile_grid_size}")
+        return (
+            f"{self.height}, {self.width}, value_range={self.value_range}, clip_limit={self.clip_limit}, "
+            f"tile_grid_size={self.tile_grid_size}"
+        )
 
 
 # -- FarmHash and SipHash over the decimal form of int64 values (Keras's Hashing) ---------------
@@ -1226,7 +1421,7 @@ def rotate_right(x: torch.Tensor, bits: int) -> torch.Tensor:
 def unsigned_remainder(x: torch.Tensor, divisor: int) -> torch.Tensor:
     """x mod divisor, x read as unsigned (divisor below 2**62): a negative x stands for x + 2**64."""
     remainder = torch.remainder(x, divisor)
-    carry = (1 << 64) % divisor   # what 2**64 adds, mod divisor
+    carry = (1 << 64) % divisor  # what 2**64 adds, mod divisor
     wrapped = torch.where(remainder >= divisor - carry, remainder - (divisor - carry), remainder + carry)
     return torch.where(x < 0, wrapped, remainder)
 
@@ -1238,14 +1433,14 @@ def decimal_bytes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     width = 20
     negative = x < 0
     digits, rest, count = [], x, torch.ones_like(x)
-    for _ in range(width - 1):   # least significant first; no negation, so int64 min fits
+    for _ in range(width - 1):  # least significant first; no negation, so int64 min fits
         digits.append(torch.fmod(rest, 10).abs())
         rest = torch.div(rest, 10, rounding_mode="trunc")
         count = count + (rest != 0).long()
     digits = torch.stack(digits, -1)
     length = count + negative.long()
     position = torch.arange(width + 8, device=x.device)
-    place = (length.unsqueeze(-1) - 1 - position).clamp(0, width - 2)   # digit shown at each position
+    place = (length.unsqueeze(-1) - 1 - position).clamp(0, width - 2)  # digit shown at each position
     characters = torch.gather(digits, -1, place) + ord("0")
     characters = torch.where((position == 0) & negative.unsqueeze(-1), ord("-"), characters)
     return torch.where(position < length.unsqueeze(-1), characters, 0), length
@@ -1255,7 +1450,7 @@ def fetch(text: torch.Tensor, offset: torch.Tensor, size: int = 8) -> torch.Tens
     """The little-endian word of `size` bytes at `offset` (per element) of `text`."""
     word = torch.zeros_like(offset)
     for index in range(size):
-        at = (offset + index).clamp(0, text.shape[-1] - 1)   # a branch not taken may read outside
+        at = (offset + index).clamp(0, text.shape[-1] - 1)  # a branch not taken may read outside
         byte = torch.gather(text, -1, at.unsqueeze(-1)).squeeze(-1)
         word = word | (byte << (8 * index))
     return word
@@ -1292,8 +1487,7 @@ def fingerprint64(text: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
     b = fetch(text, zero + 8)
     c = fetch(text, length - 8) * mul
     d = fetch(text, length - 16) * k2
-    longer = farm_hash_len16(rotate_right(a + b, 43) + rotate_right(c, 30) + d,
-                             a + rotate_right(b + k2, 18) + c, mul)
+    longer = farm_hash_len16(rotate_right(a + b, 43) + rotate_right(c, 30) + d, a + rotate_right(b + k2, 18) + c, mul)
     return torch.where(length < 4, short, torch.where(length < 8, medium, torch.where(length <= 16, long, longer)))
 
 
@@ -1321,14 +1515,14 @@ def sip_hash(text: torch.Tensor, length: torch.Tensor, key: tuple[int, int]) -> 
     v2 = torch.full_like(length, k0 ^ signed64(0x6C7967656E657261))
     v3 = torch.full_like(length, k1 ^ signed64(0x7465646279746573))
     blocks = length >> 3
-    for block in range(3):   # strings of at most 23 bytes: 0, 1 or 2 full blocks, then the last
+    for block in range(3):  # strings of at most 23 bytes: 0, 1 or 2 full blocks, then the last
         word = fetch(text, torch.full_like(length, 8 * block))
         last = blocks == block
         word = torch.where(last, word | (length << 56), word)
         mixed = v0, v1, v2, v3 ^ word
         mixed = sip_round(*sip_round(*mixed))
         mixed = (mixed[0] ^ word,) + mixed[1:]
-        keep = block <= blocks   # the blocks of each string, its last included
+        keep = block <= blocks  # the blocks of each string, its last included
         v0, v1, v2, v3 = (torch.where(keep, new, old) for new, old in zip(mixed, (v0, v1, v2, v3)))
     v2 = v2 ^ 0xFF
     for _ in range(4):
@@ -1350,7 +1544,7 @@ def tensorflow_int64(x: torch.Tensor) -> torch.Tensor:
     outside int64 give int64's minimum. Integers are widened."""
     if not x.is_floating_point():
         return x.long()
-    inside = torch.isfinite(x) & (x.double().abs() < 2.0 ** 63)
+    inside = torch.isfinite(x) & (x.double().abs() < 2.0**63)
     return torch.where(inside, torch.where(inside, x, 0).long(), -(1 << 63))
 
 
@@ -1369,7 +1563,7 @@ class KerasHashing(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         masked = self.mask_value is not None and self.num_bins > 1
         bins = hash_integers(tensorflow_int64(x), self.num_bins - masked, self.salt)
-        if masked:   # floats compare in their own type, integers as int64 (TensorFlow's `equal`)
+        if masked:  # floats compare in their own type, integers as int64 (TensorFlow's `equal`)
             mask = x == self.mask_value if x.is_floating_point() else x.long() == self.mask_value
             bins = torch.where(mask, 0, bins + 1)
         if self.output_mode == "int":
@@ -1379,6 +1573,7 @@ class KerasHashing(nn.Module):
 
 def fingerprint_cat64(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
     """TensorFlow's `FingerprintCat64`: two 64-bit fingerprints combined into one."""
+
     def shift_mix(value):
         return value ^ shift_right(value, 47)
 
@@ -1416,4 +1611,3 @@ class NAMESPACES:
 
     torch, F = torch, F
     helpers = __import__(__name__, fromlist=["identity"])
-

@@ -52,18 +52,33 @@ from exchange.ports import KerasOnly, Packed, Summed, TorchOnly
 OPTIMIZER_METADATA = "optimizer"
 TRAINING_METADATA = "training"
 SLOT_KEY = re.compile(r"optimizer/([A-Za-z0-9_.]+)/([a-z_]+)")
-MAX_ITERATIONS = 1 << 53   # an int64 step count past float64's integers is not a real run
+MAX_ITERATIONS = 1 << 53  # an int64 step count past float64's integers is not a real run
 MAX_SCHEDULE_BOUNDARIES = 1 << 12
 
 # Options every Keras optimizer has, with the only values reproduced here (None: any number or None).
-COMMON_OPTIONS = {"name": "text", "learning_rate": "rate", "weight_decay": "number or none",
-                  "clipnorm": None, "global_clipnorm": None, "clipvalue": None, "use_ema": False,
-                  "ema_momentum": "number", "ema_overwrite_frequency": None, "loss_scale_factor": None,
-                  "gradient_accumulation_steps": None}
-WHY_NOT = {"clipnorm": "gradient clipping", "global_clipnorm": "gradient clipping", "clipvalue": "gradient clipping",
-           "use_ema": "an exponential moving average of the weights", "ema_overwrite_frequency": "EMA",
-           "loss_scale_factor": "loss scaling", "gradient_accumulation_steps": "gradient accumulation",
-           "amsgrad": "AMSGrad"}
+COMMON_OPTIONS = {
+    "name": "text",
+    "learning_rate": "rate",
+    "weight_decay": "number or none",
+    "clipnorm": None,
+    "global_clipnorm": None,
+    "clipvalue": None,
+    "use_ema": False,
+    "ema_momentum": "number",
+    "ema_overwrite_frequency": None,
+    "loss_scale_factor": None,
+    "gradient_accumulation_steps": None,
+}
+WHY_NOT = {
+    "clipnorm": "gradient clipping",
+    "global_clipnorm": "gradient clipping",
+    "clipvalue": "gradient clipping",
+    "use_ema": "an exponential moving average of the weights",
+    "ema_overwrite_frequency": "EMA",
+    "loss_scale_factor": "loss scaling",
+    "gradient_accumulation_steps": "gradient accumulation",
+    "amsgrad": "AMSGrad",
+}
 # Per class: its own options, and its slot groups in the order Keras 3.15 creates them.
 CLASS_OPTIONS = {
     "Adam": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
@@ -74,15 +89,33 @@ CLASS_OPTIONS = {
     "Adamax": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
 }
 SCHEDULE_OPTIONS = {
-    "ExponentialDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "decay_rate": "number",
-                         "staircase": "flag"},
-    "InverseTimeDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "decay_rate": "number",
-                         "staircase": "flag"},
+    "ExponentialDecay": {
+        "initial_learning_rate": "number",
+        "decay_steps": "steps",
+        "decay_rate": "number",
+        "staircase": "flag",
+    },
+    "InverseTimeDecay": {
+        "initial_learning_rate": "number",
+        "decay_steps": "steps",
+        "decay_rate": "number",
+        "staircase": "flag",
+    },
     "PiecewiseConstantDecay": {"boundaries": "list", "values": "list"},
-    "PolynomialDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "end_learning_rate": "number",
-                        "power": "number", "cycle": "flag"},
-    "CosineDecay": {"initial_learning_rate": "number", "decay_steps": "steps", "alpha": "number",
-                    "warmup_target": "number or none", "warmup_steps": "count"},
+    "PolynomialDecay": {
+        "initial_learning_rate": "number",
+        "decay_steps": "steps",
+        "end_learning_rate": "number",
+        "power": "number",
+        "cycle": "flag",
+    },
+    "CosineDecay": {
+        "initial_learning_rate": "number",
+        "decay_steps": "steps",
+        "alpha": "number",
+        "warmup_target": "number or none",
+        "warmup_steps": "count",
+    },
 }
 REGULARIZERS = {"L1": ("l1",), "L2": ("l2",), "L1L2": ("l1", "l2")}
 
@@ -94,11 +127,14 @@ def slot_groups(class_name: str, options: dict) -> list[tuple[str, ...]]:
     if class_name == "SGD":
         return [("momentum",)] if options["momentum"] != 0 else []
     if class_name == "RMSprop":
-        return [("velocity",)] + ([("momentum",)] if options["momentum"] > 0 else []) + \
-            ([("average_gradient",)] if options["centered"] else [])
+        return (
+            [("velocity",)]
+            + ([("momentum",)] if options["momentum"] > 0 else [])
+            + ([("average_gradient",)] if options["centered"] else [])
+        )
     if class_name == "Adagrad":
         return [("accumulator",)]
-    return [("momentum", "norm")]   # Adamax
+    return [("momentum", "norm")]  # Adamax
 
 
 @dataclass(frozen=True)
@@ -135,10 +171,13 @@ class TrainingState:
 
     def file_parts(self) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         """(metadata, tensors) for `fileformat.save(..., training=...)`."""
-        metadata = {OPTIMIZER_METADATA: json.dumps({**self.optimizer.to_json(), "iteration": self.iteration}),
-                    TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers})}
-        tensors = {f"optimizer/{key}/{slot}": value for key, slots in self.slots.items()
-                   for slot, value in slots.items()}
+        metadata = {
+            OPTIMIZER_METADATA: json.dumps({**self.optimizer.to_json(), "iteration": self.iteration}),
+            TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers}),
+        }
+        tensors = {
+            f"optimizer/{key}/{slot}": value for key, slots in self.slots.items() for slot, value in slots.items()
+        }
         return metadata, tensors
 
 
@@ -153,8 +192,10 @@ def check_optimizer(description, where: str) -> OptimizerSpec:
         raise ExchangeFileError(f"{where}: the optimizer config is not an object with a config")
     class_name = description.get("class_name")
     if class_name not in CLASS_OPTIONS:
-        raise UnsupportedLayerError(f"{where}: optimizer {str(class_name)[:60]!r} is not supported for training "
-                                    f"state (supported: {', '.join(CLASS_OPTIONS)})")
+        raise UnsupportedLayerError(
+            f"{where}: optimizer {str(class_name)[:60]!r} is not supported for training "
+            f"state (supported: {', '.join(CLASS_OPTIONS)})"
+        )
     known = {**COMMON_OPTIONS, **CLASS_OPTIONS[class_name]}
     config = description["config"]
     options = {}
@@ -164,15 +205,23 @@ def check_optimizer(description, where: str) -> OptimizerSpec:
         rule = known[key]
         if rule is None or rule is False:
             if value not in (None, False):
-                raise UnsupportedLayerError(f"{where}: optimizer {class_name} {key}={str(value)[:40]}: "
-                                            f"{WHY_NOT[key]} is not reproduced in torch")
+                raise UnsupportedLayerError(
+                    f"{where}: optimizer {class_name} {key}={str(value)[:40]}: "
+                    f"{WHY_NOT[key]} is not reproduced in torch"
+                )
             continue
         if key in ("name", "ema_momentum"):
             continue
-        options[key] = _schedule_or_number(value, f"{where}: optimizer {class_name} learning_rate") \
-            if rule == "rate" else _value(value, rule, f"{where}: optimizer {class_name} {key}")
-    missing = sorted(key for key, rule in known.items() if rule not in (None, False) and key not in config
-                     and key not in ("name", "ema_momentum", "weight_decay"))
+        options[key] = (
+            _schedule_or_number(value, f"{where}: optimizer {class_name} learning_rate")
+            if rule == "rate"
+            else _value(value, rule, f"{where}: optimizer {class_name} {key}")
+        )
+    missing = sorted(
+        key
+        for key, rule in known.items()
+        if rule not in (None, False) and key not in config and key not in ("name", "ema_momentum", "weight_decay")
+    )
     if missing:
         raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {', '.join(missing)}")
     if class_name == "AdamW" and options.get("weight_decay") is None:
@@ -187,8 +236,9 @@ def _schedule_or_number(value, where: str):
     class_name = value.get("class_name")
     config = value.get("config")
     if class_name not in SCHEDULE_OPTIONS or not isinstance(config, dict):
-        raise UnsupportedLayerError(f"{where}: schedule {str(class_name)[:60]!r} is not supported "
-                                    f"(supported: {', '.join(SCHEDULE_OPTIONS)})")
+        raise UnsupportedLayerError(
+            f"{where}: schedule {str(class_name)[:60]!r} is not supported (supported: {', '.join(SCHEDULE_OPTIONS)})"
+        )
     known = SCHEDULE_OPTIONS[class_name]
     options = {}
     for key, item in config.items():
@@ -227,12 +277,13 @@ def _value(value, rule: str, where: str):
 
 def check_loss(loss, where: str):
     """The compile config's loss, kept as Keras names it (a name, or a serialized loss object)."""
-    if loss is None or isinstance(loss, str) and len(loss) <= 200:
+    if loss is None or (isinstance(loss, str) and len(loss) <= 200):
         return loss
     if isinstance(loss, dict) and isinstance(loss.get("class_name"), str) and len(json.dumps(loss)) <= 4096:
         return loss
-    raise UnsupportedLayerError(f"{where}: the compile config's loss is not a single named loss "
-                                "(several outputs' losses are not supported)")
+    raise UnsupportedLayerError(
+        f"{where}: the compile config's loss is not a single named loss (several outputs' losses are not supported)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +307,9 @@ def trainable_variables(graph: Graph, parameter_keys: set[str]) -> list[tuple]:
                 continue
             for name in port.keras_names:
                 claimed[name] = port
-        found += [(node, name, tuple(shape), claimed[name]) for name, shape in graph.keras_variables(node)
-                  if name in claimed]
+        found += [
+            (node, name, tuple(shape), claimed[name]) for name, shape in graph.keras_variables(node) if name in claimed
+        ]
     return found
 
 
@@ -270,8 +322,9 @@ def trained_keys(graph: Graph, node, port) -> list[str]:
     return [f"{prefix}.{suffix}" for suffix in (suffixes[:1] if isinstance(port, Summed) else suffixes)]
 
 
-def slots_to_torch(graph: Graph, variables: list[tuple], slot_names: tuple[str, ...],
-                   keras_slots: list[dict[str, np.ndarray]]) -> dict[str, dict[str, np.ndarray]]:
+def slots_to_torch(
+    graph: Graph, variables: list[tuple], slot_names: tuple[str, ...], keras_slots: list[dict[str, np.ndarray]]
+) -> dict[str, dict[str, np.ndarray]]:
     """Keras-layout slots (one dict slot -> array per trainable variable) -> torch layout by key."""
     by_port: dict[int, tuple] = {}
     for (node, name, _, port), slots in zip(variables, keras_slots):
@@ -282,12 +335,13 @@ def slots_to_torch(graph: Graph, variables: list[tuple], slot_names: tuple[str, 
         for slot in slot_names:
             arrays = port.to_torch({name: per_name[name][slot] for name in per_name})
             for key in trained_keys(graph, node, port):
-                result.setdefault(key, {})[slot] = np.ascontiguousarray(arrays[key[len(prefix) + 1:]])
+                result.setdefault(key, {})[slot] = np.ascontiguousarray(arrays[key[len(prefix) + 1 :]])
     return result
 
 
-def slots_to_keras(graph: Graph, variables: list[tuple], slot_names: tuple[str, ...],
-                   torch_slots: dict[str, dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+def slots_to_keras(
+    graph: Graph, variables: list[tuple], slot_names: tuple[str, ...], torch_slots: dict[str, dict[str, np.ndarray]]
+) -> list[dict[str, np.ndarray]]:
     """The inverse of `slots_to_torch`: one dict slot -> Keras-layout array per trainable variable."""
     out = []
     for node, name, _, port in variables:
@@ -296,8 +350,12 @@ def slots_to_keras(graph: Graph, variables: list[tuple], slot_names: tuple[str, 
         slots = {}
         trained = trained_keys(graph, node, port)
         for slot in slot_names:
-            arrays = {suffix: torch_slots[f"{prefix}.{suffix}"][slot] if f"{prefix}.{suffix}" in trained
-                      else np.zeros(shape, dtype=np.float32) for suffix, shape in port.torch_shapes(keras_shapes).items()}
+            arrays = {
+                suffix: torch_slots[f"{prefix}.{suffix}"][slot]
+                if f"{prefix}.{suffix}" in trained
+                else np.zeros(shape, dtype=np.float32)
+                for suffix, shape in port.torch_shapes(keras_shapes).items()
+            }
             slots[slot] = np.asarray(port.to_keras(arrays, keras_shapes)[name])
         out.append(slots)
     return out
@@ -327,13 +385,14 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     try:
         with keras_files.hdf5_errors(source.label):
             stored = _optimizer_variables(source)
-            if not stored:   # compiled, never trained: a fresh optimizer
+            if not stored:  # compiled, never trained: a fresh optimizer
                 return TrainingState(spec, 0, {}, loss, regularizers)
             iteration, spec, keras_slots = _unpack(stored, spec, variables, source.label)
     finally:
         source.close()
-    return TrainingState(spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots),
-                         loss, regularizers)
+    return TrainingState(
+        spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers
+    )
 
 
 def _optimizer_variables(source) -> list:
@@ -353,9 +412,11 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
     head = 2 if spec.learning_rate_is_variable else 1
     expected = head + sum(len(group) for group in groups) * len(variables)
     if len(stored) != expected:
-        raise ExchangeFileError(f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
-                                f"{len(variables)} trainable variables need {expected} (frozen layers or another "
-                                "model's optimizer are not supported)")
+        raise ExchangeFileError(
+            f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
+            f"{len(variables)} trainable variables need {expected} (frozen layers or another "
+            "model's optimizer are not supported)"
+        )
     if stored[0].shape != () or not np.issubdtype(stored[0].dtype, np.integer):
         raise ExchangeFileError(f"{label}: optimizer/vars/0 is not the iteration count")
     iteration = int(stored[0].load())
@@ -373,8 +434,10 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
             for slot in group:
                 tensor = stored[index]
                 if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
-                    raise ExchangeFileError(f"{label}: optimizer/vars/{index} ({slot} of {node.name}/{name}) has shape "
-                                            f"{tuple(tensor.shape)}, the variable {shape}")
+                    raise ExchangeFileError(
+                        f"{label}: optimizer/vars/{index} ({slot} of {node.name}/{name}) has shape "
+                        f"{tuple(tensor.shape)}, the variable {shape}"
+                    )
                 keras_slots[position][slot] = tensor.load()
                 index += 1
     return iteration, OptimizerSpec(spec.class_name, options), keras_slots
@@ -396,29 +459,39 @@ def read_regularizers(config: dict, graph: Graph, where: str) -> dict[str, dict[
         name = layer_config.get("name")
         if isinstance(layer_config.get("layers"), list):
             if '_regularizer": {' in json.dumps(layer_config):
-                raise UnsupportedLayerError(f"{where}: regularizers inside nested model {str(name)[:60]!r} "
-                                            "are not supported for training")
+                raise UnsupportedLayerError(
+                    f"{where}: regularizers inside nested model {str(name)[:60]!r} are not supported for training"
+                )
             continue
         for key, value in layer_config.items():
             if not key.endswith("_regularizer") or value is None:
                 continue
             if key == "activity_regularizer":
-                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} activity_regularizer is not supported "
-                                            "for training (it penalizes outputs, not a variable)")
+                raise UnsupportedLayerError(
+                    f"{where}: layer {str(name)[:60]!r} activity_regularizer is not supported "
+                    "for training (it penalizes outputs, not a variable)"
+                )
             if name not in nodes:
-                raise UnsupportedLayerError(f"{where}: layer {str(name)[:60]!r} {str(key)[:60]} is not supported for "
-                                            "training (the layer has no variables of its own in the architecture)")
+                raise UnsupportedLayerError(
+                    f"{where}: layer {str(name)[:60]!r} {str(key)[:60]} is not supported for "
+                    "training (the layer has no variables of its own in the architecture)"
+                )
             found.update(_regularizer(graph, nodes[name], key, value, where))
     return found
 
 
 def _regularizer(graph: Graph, node, option: str, value, where: str) -> dict:
     label = f"{where}: layer {node.name!r} {option}"
-    if not isinstance(value, dict) or value.get("class_name") not in REGULARIZERS \
-            or not isinstance(value.get("config"), dict):
+    if (
+        not isinstance(value, dict)
+        or value.get("class_name") not in REGULARIZERS
+        or not isinstance(value.get("config"), dict)
+    ):
         raise UnsupportedLayerError(f"{label}: only L1, L2 and L1L2 regularizers are supported")
-    factors = {key: _value(value["config"].get(key, 0.0), "number", f"{label} {key}")
-               for key in REGULARIZERS[value["class_name"]]}
+    factors = {
+        key: _value(value["config"].get(key, 0.0), "number", f"{label} {key}")
+        for key in REGULARIZERS[value["class_name"]]
+    }
     variable = option.removesuffix("_regularizer")
     keras_shapes = dict(graph.keras_variables(node))
     candidates = [variable, f"{variable}_kernel"] if variable in ("depthwise", "pointwise", "recurrent") else [variable]
@@ -455,8 +528,13 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
     loss = check_loss(extra.get("loss"), "exchange file")
     regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
     graph = exchange_file.architecture
-    trained = sorted({key for node, _, _, port in trainable_variables(graph, parameter_keys)
-                      for key in trained_keys(graph, node, port)})
+    trained = sorted(
+        {
+            key
+            for node, _, _, port in trainable_variables(graph, parameter_keys)
+            for key in trained_keys(graph, node, port)
+        }
+    )
     specs = graph.tensor_specs
     slots: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in exchange_file.training_tensors.items():
@@ -464,12 +542,15 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         if not match or match.group(1) not in trained or match.group(2) not in spec.slot_names:
             raise ExchangeFileError(f"exchange file: unexpected optimizer tensor {key[:120]!r}")
         if tuple(tensor.shape) != tuple(specs[match.group(1)][0]):
-            raise ExchangeFileError(f"exchange file: optimizer tensor {key} has shape {tuple(tensor.shape)}, "
-                                    f"its parameter {tuple(specs[match.group(1)][0])}")
+            raise ExchangeFileError(
+                f"exchange file: optimizer tensor {key} has shape {tuple(tensor.shape)}, "
+                f"its parameter {tuple(specs[match.group(1)][0])}"
+            )
         slots.setdefault(match.group(1), {})[match.group(2)] = tensor
     if slots and (sorted(slots) != trained or any(len(found) != len(spec.slot_names) for found in slots.values())):
-        raise ExchangeFileError(f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs "
-                                f"{', '.join(spec.slot_names)})")
+        raise ExchangeFileError(
+            f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs {', '.join(spec.slot_names)})"
+        )
     return TrainingState(spec, iteration, slots, loss, regularizers)
 
 
@@ -480,8 +561,9 @@ def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
     for key, factors in regularizers.items():
         if key not in parameter_keys or not isinstance(factors, dict) or not set(factors) <= {"l1", "l2"}:
             raise ExchangeFileError(f"exchange file: unexpected regularizer for {str(key)[:80]!r}")
-        checked[key] = {name: _value(value, "number", f"exchange file: regularizer {key} {name}")
-                        for name, value in factors.items()}
+        checked[key] = {
+            name: _value(value, "number", f"exchange file: regularizer {key} {name}") for name, value in factors.items()
+        }
     return checked
 
 
@@ -508,12 +590,15 @@ def torch_optimizer(model, state: TrainingState):
     keys = []
     for node, _, _, port in trainable_variables(graph, set(parameters)):
         keys += [key for key in trained_keys(graph, node, port) if key not in keys]
-    optimizer = optimizers.make_optimizer([parameters[key] for key in keys], state.optimizer.class_name,
-                                          state.optimizer.options)
+    optimizer = optimizers.make_optimizer(
+        [parameters[key] for key in keys], state.optimizer.class_name, state.optimizer.options
+    )
     for key, slots in state.slots.items():
         parameter = parameters[key]
-        optimizer.state[parameter] = {slot: torch.tensor(np.asarray(value), dtype=parameter.dtype,
-                                                         device=parameter.device) for slot, value in slots.items()}
+        optimizer.state[parameter] = {
+            slot: torch.tensor(np.asarray(value), dtype=parameter.dtype, device=parameter.device)
+            for slot, value in slots.items()
+        }
     optimizer.iterations = state.iteration
     return optimizer
 
@@ -521,8 +606,11 @@ def torch_optimizer(model, state: TrainingState):
 def state_of_torch_optimizer(model, optimizer, previous: TrainingState) -> TrainingState:
     """The training state of a torch run (its slots and step count) in `previous`'s terms."""
     names = {id(parameter): name for name, parameter in model.named_parameters()}
-    slots = {names[id(parameter)]: {slot: value.detach().cpu().numpy().copy() for slot, value in state.items()}
-             for parameter, state in optimizer.state.items() if state}
+    slots = {
+        names[id(parameter)]: {slot: value.detach().cpu().numpy().copy() for slot, value in state.items()}
+        for parameter, state in optimizer.state.items()
+        if state
+    }
     return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers)
 
 
@@ -547,7 +635,8 @@ def keras_model_with_training(graph: Graph, file_tensors: dict, state: TrainingS
     optimizer.build(model.trainable_variables)
     variables = trainable_variables(graph, parameter_keys_of(graph))
     if len(variables) != len(model.trainable_variables) or any(
-            tuple(variable.shape) != shape for variable, (_, _, shape, _) in zip(model.trainable_variables, variables)):
+        tuple(variable.shape) != shape for variable, (_, _, shape, _) in zip(model.trainable_variables, variables)
+    ):
         raise ExchangeError("the Keras model's trainable variables differ from the architecture's")
     optimizer.iterations.assign(state.iteration)
     if state.slots:
@@ -583,8 +672,14 @@ def _apply_regularizers(keras, model, graph: Graph, regularizers: dict) -> None:
 # Conversions (`exchange.cli.convert`)
 
 
-def for_conversion(in_path: Path, in_kind: filekinds.FileKind, out_kind: filekinds.FileKind, graph: Graph,
-                   notes: list | None, carry_keras_state: bool = False) -> TrainingState | None:
+def for_conversion(
+    in_path: Path,
+    in_kind: filekinds.FileKind,
+    out_kind: filekinds.FileKind,
+    graph: Graph,
+    notes: list | None,
+    carry_keras_state: bool = False,
+) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
     asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
     into an exchange file or a `.keras` (never into a `.pt` or generated code's weights, which
@@ -592,13 +687,18 @@ def for_conversion(in_path: Path, in_kind: filekinds.FileKind, out_kind: filekin
     exactly, is left out with a note saying why; the weights convert as without it."""
     if not _holds_training(in_path, in_kind):
         return None
-    carried = {(filekinds.KERAS, filekinds.SAFETENSORS), (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
-               (filekinds.SAFETENSORS, filekinds.KERAS)}
+    carried = {
+        (filekinds.KERAS, filekinds.SAFETENSORS),
+        (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
+        (filekinds.SAFETENSORS, filekinds.KERAS),
+    }
     if (in_kind, out_kind) not in carried:
         reason = f"a {out_kind.suffixes[0]} output does not carry it (convert to .safetensors)"
     elif in_kind is filekinds.KERAS and not carry_keras_state:
-        reason = ("pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
-                  "beside the state_dict's)")
+        reason = (
+            "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
+            "beside the state_dict's)"
+        )
     else:
         try:
             parameter_keys = parameter_keys_of(graph)

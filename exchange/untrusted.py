@@ -26,29 +26,34 @@ import numpy as np
 from exchange.errors import ExchangeFileError, first_line
 
 # JSON (Keras configs, architectures, safetensors headers).
-MAX_JSON_BYTES = 16 << 20      # the largest keras.applications config (NASNetLarge) is 1.0 MB
-MAX_JSON_DEPTH = 256           # ResNet50's config nests 11 levels, a nested model a few more; Python recurses at 1000
-MAX_JSON_OBJECTS = 200_000     # NASNetLarge has 13,083 (1,041 layers): fifteen times that
-MAX_INT_DIGITS = 20            # int64 has 19 digits: no size, index or count a model holds is longer
-MAX_LAYERS = 20_000            # twenty times the largest keras.applications models (NASNetLarge: 1,041)
-MAX_DENSE_WIDTH = 1 << 20      # units or inputs of a version-1 Dense: the seed's are 784, 50 and 10, VGG16's
-                               # widest 25,088 in, 4,096 out; 2**20 by 2**20 would declare 4 TiB of weights
+MAX_JSON_BYTES = 16 << 20  # the largest keras.applications config (NASNetLarge) is 1.0 MB
+MAX_JSON_DEPTH = 256  # ResNet50's config nests 11 levels, a nested model a few more; Python recurses at 1000
+MAX_JSON_OBJECTS = 200_000  # NASNetLarge has 13,083 (1,041 layers): fifteen times that
+MAX_INT_DIGITS = 20  # int64 has 19 digits: no size, index or count a model holds is longer
+MAX_LAYERS = 20_000  # twenty times the largest keras.applications models (NASNetLarge: 1,041)
+MAX_DENSE_WIDTH = 1 << 20  # units or inputs of a version-1 Dense: the seed's are 784, 50 and 10, VGG16's
+# widest 25,088 in, 4,096 out; 2**20 by 2**20 would declare 4 TiB of weights
 
 # Compressed data (zip members, gzip, HDF5 filters).
-MAX_COMPRESSION_RATIO = 32     # weights deflate about 1.1x and configs 5-15x; beyond 32x only padding or a bomb
-COMPRESSION_SLACK = 16 << 20   # small members (a zero bias compresses 1000x) may exceed the ratio by this much
+MAX_COMPRESSION_RATIO = 32  # weights deflate about 1.1x and configs 5-15x; beyond 32x only padding or a bomb
+COMPRESSION_SLACK = 16 << 20  # small members (a zero bias compresses 1000x) may exceed the ratio by this much
 
 # Pickles (the seed's MNIST data).
-MAX_PICKLE_BYTES = 1 << 30     # the seed's largest pickle (x_train, float32 60000x784) is 188 MB
-MAX_PICKLE_MEMO = 1 << 16      # an array pickle stores a few dozen memo entries; the C unpickler
-                               # sizes its memo by the largest index, so 2**28 would take 4 GB
+MAX_PICKLE_BYTES = 1 << 30  # the seed's largest pickle (x_train, float32 60000x784) is 188 MB
+MAX_PICKLE_MEMO = 1 << 16  # an array pickle stores a few dozen memo entries; the C unpickler
+# sizes its memo by the largest index, so 2**28 would take 4 GB
 
 # HDF5 filters Keras and h5py's built-in compression write; plugins (and their code) are refused.
 ALLOWED_HDF5_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32"}
 
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
-_FILE_TYPES = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-               (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a FIFO"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
 
 
 def regular_file(path: str | os.PathLike) -> int:
@@ -73,8 +78,9 @@ def load_json(raw: bytes | str, label: str, what: str = "JSON") -> object:
     count, integer length; NaN, Infinity and 1e999 are refused (no config needs them)."""
     data = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(data) > MAX_JSON_BYTES:
-        raise ExchangeFileError(f"{label}: {what} is {len(data):,} bytes, more than the "
-                                f"{MAX_JSON_BYTES:,} this tool reads")
+        raise ExchangeFileError(
+            f"{label}: {what} is {len(data):,} bytes, more than the {MAX_JSON_BYTES:,} this tool reads"
+        )
     depth, objects = _json_structure(data)
     if depth > MAX_JSON_DEPTH:
         raise ExchangeFileError(f"{label}: {what} nests {depth} levels deep, more than {MAX_JSON_DEPTH}")
@@ -82,7 +88,7 @@ def load_json(raw: bytes | str, label: str, what: str = "JSON") -> object:
         raise ExchangeFileError(f"{label}: {what} holds {objects:,} objects, more than {MAX_JSON_OBJECTS:,}")
     try:
         return json.loads(data, parse_int=_json_int, parse_float=_json_float, parse_constant=_json_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError) as err:   # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:  # JSONDecodeError is a ValueError
         raise ExchangeFileError(f"{label}: {what} is not valid JSON ({first_line(err)})") from None
 
 
@@ -117,8 +123,7 @@ def _json_constant(text: str):
 
 def check_layer_count(count: int, label: str = "") -> None:
     if count > MAX_LAYERS:
-        raise ExchangeFileError(f"{label + ': ' if label else ''}more than the {MAX_LAYERS:,} layers "
-                                "this tool reads")
+        raise ExchangeFileError(f"{label + ': ' if label else ''}more than the {MAX_LAYERS:,} layers this tool reads")
 
 
 def check_zip_members(archive: zipfile.ZipFile, label: str, file_size: int) -> None:
@@ -127,12 +132,15 @@ def check_zip_members(archive: zipfile.ZipFile, label: str, file_size: int) -> N
     torch's reader both stop at the declared size, so this bounds what reading can produce."""
     declared = sum(info.file_size for info in archive.infolist())
     if declared > MAX_COMPRESSION_RATIO * file_size + COMPRESSION_SLACK:
-        raise ExchangeFileError(f"{label}: its zip members declare {declared:,} bytes from {file_size:,} on disk "
-                                f"(more than {MAX_COMPRESSION_RATIO}x): a zip bomb or a damaged archive")
+        raise ExchangeFileError(
+            f"{label}: its zip members declare {declared:,} bytes from {file_size:,} on disk "
+            f"(more than {MAX_COMPRESSION_RATIO}x): a zip bomb or a damaged archive"
+        )
     for info in archive.infolist():
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
-            raise ExchangeFileError(f"{label}: member {info.filename} uses an unsupported compression "
-                                    f"(method {info.compress_type})")
+            raise ExchangeFileError(
+                f"{label}: member {info.filename} uses an unsupported compression (method {info.compress_type})"
+            )
 
 
 def read_zip_member(archive: zipfile.ZipFile, name: str, label: str, limit: int) -> bytes:
@@ -166,7 +174,7 @@ def check_path_text(value, label: str, what: str) -> str:
             raise ExchangeFileError(f"{label}: {what} is not UTF-8 text") from None
     if isinstance(value, str):
         try:
-            value.encode("utf-8")   # h5py decodes invalid UTF-8 to lone surrogates
+            value.encode("utf-8")  # h5py decodes invalid UTF-8 to lone surrogates
         except UnicodeEncodeError:
             raise ExchangeFileError(f"{label}: {what} is not UTF-8 text") from None
         return value
@@ -191,8 +199,10 @@ def hdf5_get(h5: h5py.Group, path: str, label: str, checked: dict | None = None)
             return None
         if isinstance(link, (h5py.SoftLink, h5py.ExternalLink)):
             target = getattr(link, "filename", "") or ""
-            raise ExchangeFileError(f"{label}: {path} is a {type(link).__name__} "
-                                    f"to {target + ':' if target else ''}{link.path}; links are refused")
+            raise ExchangeFileError(
+                f"{label}: {path} is a {type(link).__name__} "
+                f"to {target + ':' if target else ''}{link.path}; links are refused"
+            )
         node = node.get(part)
         if isinstance(node, h5py.Group):
             checked[walked] = node
@@ -216,8 +226,10 @@ def check_hdf5_dataset(dataset: h5py.Dataset, label: str, window_size: int) -> i
     filters = [plist.get_filter(index)[0] for index in range(plist.get_nfilters())]
     refused = [code for code in filters if code not in ALLOWED_HDF5_FILTERS]
     if refused:
-        raise ExchangeFileError(f"{label}: dataset {name} uses HDF5 filter(s) {refused}; only "
-                                f"{', '.join(ALLOWED_HDF5_FILTERS.values())} are read")
+        raise ExchangeFileError(
+            f"{label}: dataset {name} uses HDF5 filter(s) {refused}; only "
+            f"{', '.join(ALLOWED_HDF5_FILTERS.values())} are read"
+        )
     nbytes = declared_nbytes(dataset.shape, dtype)
     if nbytes == 0:
         return 0
@@ -226,10 +238,10 @@ def check_hdf5_dataset(dataset: h5py.Dataset, label: str, window_size: int) -> i
         offset = dataset.id.get_offset()
         if offset is None or offset + nbytes > window_size:
             raise ExchangeFileError(f"{label}: dataset {name} declares {nbytes:,} bytes the file does not hold")
-    elif stored > window_size or nbytes > (MAX_COMPRESSION_RATIO * stored + COMPRESSION_SLACK
-                                           if filters else stored):
-        raise ExchangeFileError(f"{label}: dataset {name} declares {nbytes:,} bytes from {stored:,} "
-                                "stored: a sparse or bomb dataset")
+    elif stored > window_size or nbytes > (MAX_COMPRESSION_RATIO * stored + COMPRESSION_SLACK if filters else stored):
+        raise ExchangeFileError(
+            f"{label}: dataset {name} declares {nbytes:,} bytes from {stored:,} stored: a sparse or bomb dataset"
+        )
     return nbytes
 
 
@@ -241,8 +253,10 @@ def check_torch_archive(path: Path) -> None:
         with zipfile.ZipFile(path) as archive:
             check_zip_members(archive, str(path), size)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, NotImplementedError):
-        raise ExchangeFileError(f"{path}: not a readable PyTorch weights file (not the zip archive torch.save "
-                                "writes; files of torch before 1.6 are not read)") from None
+        raise ExchangeFileError(
+            f"{path}: not a readable PyTorch weights file (not the zip archive torch.save "
+            "writes; files of torch before 1.6 are not read)"
+        ) from None
 
 
 def hdf5_attribute(node, name: str, label: str, window_size: int, default=None):

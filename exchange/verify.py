@@ -52,10 +52,10 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -64,8 +64,8 @@ from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph, InputSpec
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
 
-VERIFY_BATCH = 1000           # rows of the fixed random batch when MNIST is not used
-MNIST_ROWS = 10_000           # the MNIST test set
+VERIFY_BATCH = 1000  # rows of the fixed random batch when MNIST is not used
+MNIST_ROWS = 10_000  # the MNIST test set
 # Tolerances, `atol + rtol * output scale` (the largest |value| of the Keras outputs); see above.
 FLOAT32_ATOL, FLOAT32_RTOL = 1e-5, 1e-4
 FLOAT64_ATOL, FLOAT64_RTOL = 1e-9, 1e-6
@@ -83,12 +83,12 @@ VERIFY_SECONDS = 600
 # Address space the child may map beyond what it holds after importing TensorFlow and torch
 # (1.6 GiB): thread stacks, the frameworks' workspaces and a few activations of the size above.
 CHILD_ADDRESS_SPACE = 4 << 30
-WEIGHT_COPIES = 4             # the file's memory map, a read copy, Keras's variables, torch's tensors
+WEIGHT_COPIES = 4  # the file's memory map, a read copy, Keras's variables, torch's tensors
 # Layer-by-layer comparison (after the outputs differ, or for --report): on the rows whose
 # outputs differ most, in chunks of layers holding at most this many values per framework.
 DIVERGENCE_ROWS = 16
 DIVERGENCE_ELEMENTS = 16_000_000
-SIMULATE_FAULT = "EXCHANGE_VERIFY_TEST_FAULT"   # tests only: "abort" (a native crash) or "hang" in the child
+SIMULATE_FAULT = "EXCHANGE_VERIFY_TEST_FAULT"  # tests only: "abort" (a native crash) or "hang" in the child
 REQUEST, RESULT = "request.json", "result.json"
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -101,14 +101,14 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 class Comparison:
     """One comparison of the outputs: what ran on each side, in which dtype, and how far apart."""
 
-    dtype: str                 # "float32" (the models as converted) or "float64" (both rebuilt)
-    keras: str                 # what ran on each side ("Keras on model.keras")
+    dtype: str  # "float32" (the models as converted) or "float64" (both rebuilt)
+    keras: str  # what ran on each side ("Keras on model.keras")
     torch: str
     max_abs_diff: float
-    output_scale: float        # the largest |value| of the Keras outputs
+    output_scale: float  # the largest |value| of the Keras outputs
     atol: float
     rtol: float
-    argmax_agreement: float    # of the first output, over the rows
+    argmax_agreement: float  # of the first output, over the rows
 
     @property
     def tolerance(self) -> float:
@@ -146,15 +146,15 @@ class InputUsed:
 
 @dataclass
 class VerifyResult:
-    inputs: str                          # the batch in words ("a fixed random batch of 1,000 inputs")
+    inputs: str  # the batch in words ("a fixed random batch of 1,000 inputs")
     inputs_used: list[InputUsed]
     float32: Comparison
-    float64: Comparison | None           # None where a side cannot be built in float64 ...
-    float64_missing: str | None = None   # ... and why
-    layers: list[LayerDifference] = field(default_factory=list)   # per-layer maxima, when compared
-    notes: list[str] = field(default_factory=list)   # what the user should know about the reference
-    child_peak_mib: float = 0.0      # the --verify child's peak RSS ...
-    child_imports_mib: float = 0.0   # ... and its RSS once TensorFlow and torch are imported
+    float64: Comparison | None  # None where a side cannot be built in float64 ...
+    float64_missing: str | None = None  # ... and why
+    layers: list[LayerDifference] = field(default_factory=list)  # per-layer maxima, when compared
+    notes: list[str] = field(default_factory=list)  # what the user should know about the reference
+    child_peak_mib: float = 0.0  # the --verify child's peak RSS ...
+    child_imports_mib: float = 0.0  # ... and its RSS once TensorFlow and torch are imported
 
     @property
     def verdict(self) -> Comparison:
@@ -175,26 +175,45 @@ class VerifyResult:
 
     def to_dict(self) -> dict:
         """The machine-readable form (`--report`)."""
-        return {"passed": self.passed, "verdict": self.verdict.dtype, "compared": self.compared,
-                "inputs": self.inputs, "inputs_used": [dataclasses.asdict(item) for item in self.inputs_used],
-                "float32": _comparison_dict(self.float32),
-                "float64": None if self.float64 is None else _comparison_dict(self.float64),
-                "float64_missing": self.float64_missing,
-                "layers": [dataclasses.asdict(layer) | {"passed": layer.passed} for layer in self.layers],
-                "first_divergence": None if self.first_divergence is None else self.first_divergence.layer,
-                "notes": self.notes, "child_peak_mib": self.child_peak_mib}
+        return {
+            "passed": self.passed,
+            "verdict": self.verdict.dtype,
+            "compared": self.compared,
+            "inputs": self.inputs,
+            "inputs_used": [dataclasses.asdict(item) for item in self.inputs_used],
+            "float32": _comparison_dict(self.float32),
+            "float64": None if self.float64 is None else _comparison_dict(self.float64),
+            "float64_missing": self.float64_missing,
+            "layers": [dataclasses.asdict(layer) | {"passed": layer.passed} for layer in self.layers],
+            "first_divergence": None if self.first_divergence is None else self.first_divergence.layer,
+            "notes": self.notes,
+            "child_peak_mib": self.child_peak_mib,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict) -> "VerifyResult":
+    def from_dict(cls, data: dict) -> VerifyResult:
         """From the child's `to_dict` (a file this process's own child wrote)."""
-        def comparison(item):
-            return None if item is None else Comparison(**{key: item[key] for key in
-                                                           (f.name for f in dataclasses.fields(Comparison))})
 
-        return cls(data["inputs"], [InputUsed(**item) for item in data["inputs_used"]], comparison(data["float32"]),
-                   comparison(data["float64"]), data["float64_missing"],
-                   [LayerDifference(**{key: item[key] for key in (f.name for f in dataclasses.fields(LayerDifference))})
-                    for item in data["layers"]], list(data["notes"]), data["child_peak_mib"])
+        def comparison(item):
+            return (
+                None
+                if item is None
+                else Comparison(**{key: item[key] for key in (f.name for f in dataclasses.fields(Comparison))})
+            )
+
+        return cls(
+            data["inputs"],
+            [InputUsed(**item) for item in data["inputs_used"]],
+            comparison(data["float32"]),
+            comparison(data["float64"]),
+            data["float64_missing"],
+            [
+                LayerDifference(**{key: item[key] for key in (f.name for f in dataclasses.fields(LayerDifference))})
+                for item in data["layers"]
+            ],
+            list(data["notes"]),
+            data["child_peak_mib"],
+        )
 
 
 def _comparison_dict(comparison: Comparison) -> dict:
@@ -203,28 +222,37 @@ def _comparison_dict(comparison: Comparison) -> dict:
 
 def describe(result: VerifyResult) -> str:
     """The one line `--verify` prints: both comparisons, and which one gave the verdict."""
+
     def part(comparison: Comparison | None, missing: str | None) -> str:
         if comparison is None:
             return f"float64 not run ({missing})"
-        return (f"{comparison.dtype} max abs diff {comparison.max_abs_diff:.3e} "
-                f"(tolerance {comparison.tolerance:.1e})")
+        return f"{comparison.dtype} max abs diff {comparison.max_abs_diff:.3e} (tolerance {comparison.tolerance:.1e})"
 
     verdict = result.verdict
-    return (f"{result.compared}, on {result.inputs}: {part(result.float32, None)}, "
-            f"{part(result.float64, result.float64_missing)}; outputs up to {result.float32.output_scale:.3g}, "
-            f"argmax agreement {result.float32.argmax_agreement:.2%}; "
-            f"verdict from {verdict.dtype}: {'match' if verdict.passed else 'MISMATCH'}")
+    return (
+        f"{result.compared}, on {result.inputs}: {part(result.float32, None)}, "
+        f"{part(result.float64, result.float64_missing)}; outputs up to {result.float32.output_scale:.3g}, "
+        f"argmax agreement {result.float32.argmax_agreement:.2%}; "
+        f"verdict from {verdict.dtype}: {'match' if verdict.passed else 'MISMATCH'}"
+    )
 
 
 def failure(result: VerifyResult) -> str:
     """Why the verdict failed, naming the first divergent layer when one was found."""
     verdict = result.verdict
     layer = result.first_divergence
-    return (f"outputs differ beyond the {verdict.dtype} tolerance ({verdict.max_abs_diff:.3e} > "
-            f"{verdict.tolerance:.1e})" + (f"; first divergent layer {layer.layer!r} ({layer.kind}): {verdict.dtype} "
-                                           f"max abs diff {layer.max_abs_diff:.3e} (tolerance {layer.tolerance:.1e})"
-                                           if layer is not None else
-                                           "; no single layer exceeds its tolerance" if result.layers else ""))
+    return (
+        f"outputs differ beyond the {verdict.dtype} tolerance ({verdict.max_abs_diff:.3e} > "
+        f"{verdict.tolerance:.1e})"
+        + (
+            f"; first divergent layer {layer.layer!r} ({layer.kind}): {verdict.dtype} "
+            f"max abs diff {layer.max_abs_diff:.3e} (tolerance {layer.tolerance:.1e})"
+            if layer is not None
+            else "; no single layer exceeds its tolerance"
+            if result.layers
+            else ""
+        )
+    )
 
 
 def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
@@ -235,8 +263,10 @@ def parse_input_shape(text: str) -> tuple[str, tuple[int, ...]]:
     except ValueError:
         shape = ()
     if not separator or not name or not shape or any(size < 1 or size > (1 << 31) for size in shape):
-        raise ExchangeError(f"--input-shape {text!r}: expected NAME=D1,D2,... (the input's name and its "
-                            "positive sizes without the batch axis)")
+        raise ExchangeError(
+            f"--input-shape {text!r}: expected NAME=D1,D2,... (the input's name and its "
+            "positive sizes without the batch axis)"
+        )
     return name, shape
 
 
@@ -263,28 +293,37 @@ def check_integer_inputs(graph: Graph) -> None:
     inputs each its own way (MaxPooling1D computes in int64 under a float32 symbolic dtype, Conv1D
     and Softmax raise), so the exchange refuses them rather than guess."""
     integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype in INTEGER_DTYPES + ("bool",)}
-    integer_inputs.update({node.name: kind_of(node.kind).integer_output(node.config) for node in graph.nodes
-                           if kind_of(node.kind).integer_output(node.config)})   # a lookup's ids
+    integer_inputs.update(
+        {
+            node.name: kind_of(node.kind).integer_output(node.config)
+            for node in graph.nodes
+            if kind_of(node.kind).integer_output(node.config)
+        }
+    )  # a lookup's ids
     for node in graph.nodes:
         for position, name in enumerate(node.inputs):
             if name in integer_inputs and not kind_of(node.kind).reads_integers(node, position):
-                raise ExchangeError(f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
-                                    f"({integer_inputs[name]}); only Embedding layers, lookups and encodings, attention "
-                                    "or step masks, and layers that Keras computes in float (Dense, recurrent, "
-                                    "normalization, Rescaling, image augmentations) take integers or bools")
+                raise ExchangeError(
+                    f"layer {node.name!r} ({node.kind}) reads the integer input {name!r} "
+                    f"({integer_inputs[name]}); only Embedding layers, lookups and encodings, attention "
+                    "or step masks, and layers that Keras computes in float (Dense, recurrent, "
+                    "normalization, Rescaling, image augmentations) take integers or bools"
+                )
 
 
 def _installed(module: str) -> bool:
     try:
         return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):   # an import hook that blocks it says so by raising
+    except (ImportError, ValueError):  # an import hook that blocks it says so by raising
         return False
 
 
 def largest_activation(graph: Graph) -> tuple[int, str]:
     """The most values one sample makes anywhere in the model, and where (an input or a layer)."""
-    return max(((math.prod(size or 0 for size in shape), name) for name, shape in graph.shapes.items()),
-               key=lambda item: item[0])
+    return max(
+        ((math.prod(size or 0 for size in shape), name) for name, shape in graph.shapes.items()),
+        key=lambda item: item[0],
+    )
 
 
 def sized_graph(graph: Graph, input_shapes: dict[str, tuple[int, ...]] | None = None) -> Graph:
@@ -294,20 +333,33 @@ def sized_graph(graph: Graph, input_shapes: dict[str, tuple[int, ...]] | None = 
     input_shapes = dict(input_shapes or {})
     unknown = sorted(set(input_shapes) - {spec.name for spec in graph.inputs})
     if unknown:
-        raise ExchangeError(f"--input-shape names {', '.join(map(repr, unknown))}, not an input of the model "
-                            f"(inputs: {', '.join(repr(spec.name) for spec in graph.inputs)})")
+        raise ExchangeError(
+            f"--input-shape names {', '.join(map(repr, unknown))}, not an input of the model "
+            f"(inputs: {', '.join(repr(spec.name) for spec in graph.inputs)})"
+        )
     for spec in graph.inputs:
         given = input_shapes.get(spec.name)
-        if given is not None and (len(given) != len(spec.shape) or any(
-                known is not None and known != size for known, size in zip(spec.shape, given))):
-            raise ExchangeError(f"--input-shape {spec.name}={','.join(map(str, given))} does not fit the input's "
-                                f"shape {_shape_text(spec.shape)}")
+        if given is not None and (
+            len(given) != len(spec.shape)
+            or any(known is not None and known != size for known, size in zip(spec.shape, given))
+        ):
+            raise ExchangeError(
+                f"--input-shape {spec.name}={','.join(map(str, given))} does not fit the input's "
+                f"shape {_shape_text(spec.shape)}"
+            )
     if all(size is not None for spec in graph.inputs for size in spec.shape):
         return graph
     length, problem = FREE_AXIS_LENGTH, ""
     while length <= FREE_AXIS_LONGEST:
-        specs = tuple(dataclasses.replace(spec, shape=tuple(input_shapes.get(spec.name) or tuple(
-            length if size is None else size for size in spec.shape))) for spec in graph.inputs)
+        specs = tuple(
+            dataclasses.replace(
+                spec,
+                shape=tuple(
+                    input_shapes.get(spec.name) or tuple(length if size is None else size for size in spec.shape)
+                ),
+            )
+            for spec in graph.inputs
+        )
         try:
             candidate = dataclasses.replace(graph, inputs=specs)
             empty = [name for name, shape in candidate.shapes.items() if any(size == 0 for size in shape)]
@@ -319,8 +371,10 @@ def sized_graph(graph: Graph, input_shapes: dict[str, tuple[int, ...]] | None = 
         if all(spec.name in input_shapes for spec in graph.inputs):
             break
         length *= 2
-    raise ExchangeError(f"--verify found no length for the model's axes of unknown length up to "
-                        f"{FREE_AXIS_LONGEST} ({problem}); choose one with --input-shape NAME=D1,D2,...")
+    raise ExchangeError(
+        f"--verify found no length for the model's axes of unknown length up to "
+        f"{FREE_AXIS_LONGEST} ({problem}); choose one with --input-shape NAME=D1,D2,..."
+    )
 
 
 def _shape_text(shape) -> str:
@@ -335,9 +389,9 @@ class VerificationInputs:
     inputs: list[InputUsed]
 
 
-def verification_inputs(graph: Graph, data_dir: Path | None,
-                        input_shapes: dict[str, tuple[int, ...]] | None = None
-                        ) -> tuple[list[np.ndarray], VerificationInputs]:
+def verification_inputs(
+    graph: Graph, data_dir: Path | None, input_shapes: dict[str, tuple[int, ...]] | None = None
+) -> tuple[list[np.ndarray], VerificationInputs]:
     """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
     fixed random batch for each input, each in its own dtype; as many rows as
     VERIFY_ACTIVATION_ELEMENTS allows for the model's largest activation (axes of unknown length
@@ -353,8 +407,10 @@ def verification_inputs(graph: Graph, data_dir: Path | None,
     largest, where = largest_activation(sized)
     fitting = VERIFY_ACTIVATION_ELEMENTS // max(largest, 1)
     if fitting < 1:
-        raise ExchangeError(f"--verify refused: {where!r} makes {largest:,} values per sample, more than the "
-                            f"{VERIFY_ACTIVATION_ELEMENTS:,} --verify holds at once")
+        raise ExchangeError(
+            f"--verify refused: {where!r} makes {largest:,} values per sample, more than the "
+            f"{VERIFY_ACTIVATION_ELEMENTS:,} --verify holds at once"
+        )
     if shapes == [(784,)] and sized.inputs[0].dtype in FLOAT_DTYPES:
         from exchange.mnist import DataError, load_folder, local_data_folder
 
@@ -363,10 +419,12 @@ def verification_inputs(graph: Graph, data_dir: Path | None,
             try:
                 x_test = load_folder(folder).x_test[:fitting]
                 spec = sized.inputs[0]
-                return [x_test], VerificationInputs(f"{len(x_test):,} MNIST test images", [InputUsed(
-                    spec.name, list(x_test.shape), str(x_test.dtype), "MNIST test images")])
+                return [x_test], VerificationInputs(
+                    f"{len(x_test):,} MNIST test images",
+                    [InputUsed(spec.name, list(x_test.shape), str(x_test.dtype), "MNIST test images")],
+                )
             except DataError as err:
-                if data_dir is not None:   # asked for by --data: a broken folder is an error, not a fallback
+                if data_dir is not None:  # asked for by --data: a broken folder is an error, not a fallback
                     raise ExchangeFileError(f"--data: {err}") from None
     rows = min(VERIFY_BATCH, fitting)
     generator = np.random.default_rng(0)
@@ -419,9 +477,15 @@ def _cover(generator: np.random.Generator, vocabulary: int, shape: tuple, dtype:
     flat = generator.integers(0, vocabulary, math.prod(shape))
     room = min(flat.size, vocabulary)
     if room:
-        chosen = np.arange(vocabulary) if room == vocabulary else np.concatenate(
-            [[0, vocabulary - 1], generator.choice(np.arange(1, vocabulary - 1), room - 2, replace=False)]
-            if room >= 2 else [[vocabulary - 1]])
+        chosen = (
+            np.arange(vocabulary)
+            if room == vocabulary
+            else np.concatenate(
+                [[0, vocabulary - 1], generator.choice(np.arange(1, vocabulary - 1), room - 2, replace=False)]
+                if room >= 2
+                else [[vocabulary - 1]]
+            )
+        )
         flat[generator.permutation(flat.size)[:room]] = chosen[:room]
     return flat.reshape(shape).astype(dtype)
 
@@ -439,8 +503,14 @@ def _vocabulary(graph: Graph, input_name: str) -> int | None:
         following = []
         for name in frontier:
             for node in graph.consumers.get(name, []):
-                size = next((getattr(node.config, key) for key in ("input_dim", "num_tokens")
-                             if isinstance(getattr(node.config, key, None), int)), None)
+                size = next(
+                    (
+                        getattr(node.config, key)
+                        for key in ("input_dim", "num_tokens")
+                        if isinstance(getattr(node.config, key, None), int)
+                    ),
+                    None,
+                )
                 if size is not None:
                     vocabularies.append(size)
                 elif node.name not in seen and _passes_ids(graph, node):
@@ -462,25 +532,38 @@ def _mask_inputs(graph: Graph) -> set[str]:
         roles = getattr(node.config, "call_inputs", ()) or ()
         for position, name in enumerate(node.inputs):
             if kind_of(node.kind).is_mask_input(node, position) or (
-                    position < len(roles) and roles[position] == "attention_mask"):
+                position < len(roles) and roles[position] == "attention_mask"
+            ):
                 masks.add(name)
     return masks
 
 
 def weight_bytes(graph: Graph) -> int:
-    return sum(math.prod(shape) * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
-               for shape, dtype in graph.tensor_specs.values())
+    return sum(
+        math.prod(shape) * np.dtype(dtype if dtype != "bfloat16" else "float16").itemsize
+        for shape, dtype in graph.tensor_specs.values()
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # The parent: write the request, run the child, read its result
 
 
-def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, tolerance: float = FLOAT32_ATOL,
-           arch_path: Path | None = None, code_weights: Path | None = None,
-           seconds: float = VERIFY_SECONDS, by_name: bool = False, rtol: float = FLOAT32_RTOL,
-           input_shapes: dict[str, tuple[int, ...]] | None = None, every_layer: bool = False,
-           in_process: bool = False) -> VerifyResult:
+def verify(
+    in_path: Path,
+    out_path: Path,
+    graph: Graph,
+    data_dir: Path | None,
+    tolerance: float = FLOAT32_ATOL,
+    arch_path: Path | None = None,
+    code_weights: Path | None = None,
+    seconds: float = VERIFY_SECONDS,
+    by_name: bool = False,
+    rtol: float = FLOAT32_RTOL,
+    input_shapes: dict[str, tuple[int, ...]] | None = None,
+    every_layer: bool = False,
+    in_process: bool = False,
+) -> VerifyResult:
     """Run the two frameworks on the same inputs, each on the weights of its own file, in a child
     process, in float32 (within `tolerance + rtol * output scale`) and, where both sides can be
     built in float64, in float64 (FLOAT64_ATOL, FLOAT64_RTOL), which gives the verdict.
@@ -501,7 +584,7 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
             keras_config.check_depth(graph)
         inputs, drawn = verification_inputs(graph, data_dir, input_shapes)
         sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
-        chunking.chunk_rows(sized, inputs)   # refuses, before the child starts, a row larger than a chunk
+        chunking.chunk_rows(sized, inputs)  # refuses, before the child starts, a row larger than a chunk
     except ExchangeFileError:
         raise
     except ExchangeError as err:
@@ -512,12 +595,22 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         for index, array in enumerate(inputs):
             names.append(f"input_{index}.npy")
             np.save(folder / names[-1], array, allow_pickle=False)
-        request = {"in": str(in_path), "out": str(out_path), "arch": None if arch_path is None else str(arch_path),
-                   "code_weights": None if code_weights is None else str(code_weights),
-                   "graph": graph.to_json(), "inputs": names, "drawn": dataclasses.asdict(drawn),
-                   "float32": [tolerance, rtol], "float64": [FLOAT64_ATOL, FLOAT64_RTOL], "every_layer": every_layer,
-                   "kinds": list(KIND_FILES), "by_name": by_name, "subclassed": subclassed.state(),
-                   "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph)}
+        request = {
+            "in": str(in_path),
+            "out": str(out_path),
+            "arch": None if arch_path is None else str(arch_path),
+            "code_weights": None if code_weights is None else str(code_weights),
+            "graph": graph.to_json(),
+            "inputs": names,
+            "drawn": dataclasses.asdict(drawn),
+            "float32": [tolerance, rtol],
+            "float64": [FLOAT64_ATOL, FLOAT64_RTOL],
+            "every_layer": every_layer,
+            "kinds": list(KIND_FILES),
+            "by_name": by_name,
+            "subclassed": subclassed.state(),
+            "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph),
+        }
         (folder / REQUEST).write_text(json.dumps(request))
         if in_process:
             return VerifyResult.from_dict(_run(folder, json.loads((folder / REQUEST).read_text())))
@@ -527,12 +620,15 @@ def verify(in_path: Path, out_path: Path, graph: Graph, data_dir: Path | None, t
         shutil.rmtree(folder, ignore_errors=True)
     if os.WIFSIGNALED(status):
         name = signal.Signals(os.WTERMSIG(status)).name
-        raise ExchangeFileError(f"{in_path}: --verify stopped: Keras or PyTorch crashed running this model "
-                                f"({name}; it may use {request['address_space'] / (1 << 30):.1f} GiB more than "
-                                "the frameworks themselves)")
+        raise ExchangeFileError(
+            f"{in_path}: --verify stopped: Keras or PyTorch crashed running this model "
+            f"({name}; it may use {request['address_space'] / (1 << 30):.1f} GiB more than "
+            "the frameworks themselves)"
+        )
     if answer is None or os.WEXITSTATUS(status) != 0:
-        raise ExchangeFileError(f"{in_path}: --verify stopped: its process exited with status "
-                                f"{os.WEXITSTATUS(status)} without a result")
+        raise ExchangeFileError(
+            f"{in_path}: --verify stopped: its process exited with status {os.WEXITSTATUS(status)} without a result"
+        )
     if "error" in answer:
         raise ExchangeError(answer["error"])
     result = VerifyResult.from_dict(answer["result"])
@@ -546,26 +642,37 @@ def _run_child(folder: Path, in_path: Path, seconds: float) -> tuple[int, int]:
     """Spawn `python -m exchange.verify FOLDER` and wait for it: (wait status, peak RSS in
     KiB). Past `seconds`, or when this process is interrupted (SIGTERM, SIGINT), it is killed."""
     package_root = str(Path(__file__).resolve().parent.parent)
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
-        [package_root] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry])}
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [package_root] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+        ),
+    }
     # A session of its own: a terminal's Ctrl-C reaches this process only, which stops the child.
-    child = subprocess.Popen([sys.executable, "-m", "exchange.verify", str(folder)], env=environment,
-                             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             start_new_session=True)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "exchange.verify", str(folder)],
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + seconds
     pause = 0.001
     try:
         while True:
             finished, status, usage = os.wait4(child.pid, os.WNOHANG)
             if finished:
-                child.returncode = status   # reaped here; Popen must not wait for it again
+                child.returncode = status  # reaped here; Popen must not wait for it again
                 return status, usage.ru_maxrss
             if time.monotonic() > deadline:
-                raise ExchangeFileError(f"{in_path}: --verify stopped: Keras and PyTorch did not finish in "
-                                        f"{seconds:g} s (see --verify-timeout)")
+                raise ExchangeFileError(
+                    f"{in_path}: --verify stopped: Keras and PyTorch did not finish in "
+                    f"{seconds:g} s (see --verify-timeout)"
+                )
             time.sleep(pause)
             pause = min(pause * 2, 0.05)
-    except BaseException:   # noqa: B036 (a timeout or an interrupt: the child goes too)
+    except BaseException:  # noqa: B036 (a timeout or an interrupt: the child goes too)
         os.kill(child.pid, signal.SIGKILL)
         os.wait4(child.pid, 0)
         child.returncode = -signal.SIGKILL
@@ -598,28 +705,32 @@ def child_main(folder: Path) -> None:
         try:
             __import__(module)
         except ImportError:
-            pass   # replaced by the numpy reference
+            pass  # replaced by the numpy reference
     imported, imported_rss = _status_kib("VmSize"), _status_kib("VmRSS")
     _cap_address_space(request["address_space"])
     try:
-        for kinds_file in request["kinds"]:   # the user's own kinds, as the parent loaded them
+        for kinds_file in request["kinds"]:  # the user's own kinds, as the parent loaded them
             load_kinds_file(kinds_file)
-        subclassed.use_custom_objects(**request["subclassed"])   # a subclassed model is traced again
+        subclassed.use_custom_objects(**request["subclassed"])  # a subclassed model is traced again
         answer = {"result": _run(folder, request)}
-    except ExchangeError as err:   # named after the input, unless it names a file itself
+    except ExchangeError as err:  # named after the input, unless it names a file itself
         message = str(err)
-        answer = {"error": message if request["in"] in message or request["out"] in message
-                  else f"{request['in']}: {message}"}
+        answer = {
+            "error": message if request["in"] in message or request["out"] in message else f"{request['in']}: {message}"
+        }
     except MemoryError:
-        answer = {"error": f"{request['in']}: --verify stopped: running this model needs more memory than the "
-                           f"{request['address_space'] / (1 << 30):.1f} GiB --verify allows"}
-    except Exception as err:   # noqa: BLE001 (every framework error is one line in the parent)
-        answer = {"error": f"{request['in']}: --verify could not run the model ({type(err).__name__}: "
-                           f"{first_line(err)})"}
-    answer["address_space_added_mib"] = (_status_kib("VmPeak") - imported) / 1024   # for measurements
+        answer = {
+            "error": f"{request['in']}: --verify stopped: running this model needs more memory than the "
+            f"{request['address_space'] / (1 << 30):.1f} GiB --verify allows"
+        }
+    except Exception as err:  # noqa: BLE001 (every framework error is one line in the parent)
+        answer = {
+            "error": f"{request['in']}: --verify could not run the model ({type(err).__name__}: {first_line(err)})"
+        }
+    answer["address_space_added_mib"] = (_status_kib("VmPeak") - imported) / 1024  # for measurements
     answer["peak_rss_mib"], answer["imports_rss_mib"] = _status_kib("VmHWM") / 1024, imported_rss / 1024
     (folder / RESULT).write_text(json.dumps(answer))
-    os._exit(0)   # not TensorFlow's slow teardown
+    os._exit(0)  # not TensorFlow's slow teardown
 
 
 def _die_with_parent() -> None:
@@ -628,7 +739,7 @@ def _die_with_parent() -> None:
     try:
         import ctypes
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
 
@@ -659,7 +770,7 @@ def _framework(what: str, in_path: str):
         yield
     except (ExchangeError, MemoryError):
         raise
-    except Exception as err:   # noqa: BLE001 (TensorFlow and torch raise many types)
+    except Exception as err:  # noqa: BLE001 (TensorFlow and torch raise many types)
         raise ExchangeError(f"{in_path}: --verify: {what} failed ({type(err).__name__}: {first_line(err)})") from None
 
 
@@ -672,7 +783,7 @@ class Side:
     name: str
     run: Callable[[list], list]
     layers: Callable[[list, list], dict] | None = None
-    float64: Callable[[], "Side"] | None = None
+    float64: Callable[[], Side] | None = None
     float64_missing: str | None = None
 
 
@@ -687,8 +798,9 @@ def _run(folder: Path, request: dict) -> dict:
 
     def read_tensors(path: Path) -> dict[str, np.ndarray]:
         with ExitStack() as stack:
-            _, tensors, _ = cli.open_weights(path, stack, (arch_path if path == in_path else None) or graph,
-                                             by_name=request["by_name"])
+            _, tensors, _ = cli.open_weights(
+                path, stack, (arch_path if path == in_path else None) or graph, by_name=request["by_name"]
+            )
             return fileformat.materialize(tensors)
 
     kinds = {in_path: filekinds.input_kind(in_path), out_path: filekinds.output_kind(out_path)}
@@ -696,8 +808,14 @@ def _run(folder: Path, request: dict) -> dict:
     torch_path = next((p for p in (out_path, in_path) if kinds[p] in (filekinds.TORCH, filekinds.SAFETENSORS)), None)
     notes: list[str] = []
     with _framework("Keras", str(in_path)):
-        keras_side = _keras_side(keras_path or in_path, arch_path if keras_path == in_path else None, graph,
-                                 read_tensors, request["by_name"], notes)
+        keras_side = _keras_side(
+            keras_path or in_path,
+            arch_path if keras_path == in_path else None,
+            graph,
+            read_tensors,
+            request["by_name"],
+            notes,
+        )
         keras_outputs = _in_chunks(keras_side, sized, inputs)
     with _framework("PyTorch", str(in_path)):
         if kinds[out_path] is filekinds.CODE:
@@ -719,7 +837,7 @@ def _run(folder: Path, request: dict) -> dict:
             torch64_outputs = _in_chunks(torch64, sized, inputs64)
         except MemoryError:
             raise
-        except Exception as err:   # noqa: BLE001 (a layer without a float64 kernel: float32 decides)
+        except Exception as err:  # noqa: BLE001 (a layer without a float64 kernel: float32 decides)
             missing = f"{type(err).__name__}: {first_line(err)}"
         else:
             float64 = _compare("float64", keras64, torch64, keras64_outputs, torch64_outputs, *request["float64"])
@@ -729,12 +847,19 @@ def _run(folder: Path, request: dict) -> dict:
     layers = []
     if (not verdict.passed or request["every_layer"]) and all(side.layers for side in verdict_sides):
         with _framework("the layer-by-layer comparison", str(in_path)):
-            layers = layer_differences(sized, *verdict_sides, verdict_inputs, verdict.atol, verdict.rtol,
-                                       _worst_rows(differences, min(DIVERGENCE_ROWS, chunking.chunk_rows(sized, inputs))),
-                                       request["every_layer"])
+            layers = layer_differences(
+                sized,
+                *verdict_sides,
+                verdict_inputs,
+                verdict.atol,
+                verdict.rtol,
+                _worst_rows(differences, min(DIVERGENCE_ROWS, chunking.chunk_rows(sized, inputs))),
+                request["every_layer"],
+            )
     drawn = request["drawn"]
-    return VerifyResult(drawn["description"], [InputUsed(**item) for item in drawn["inputs"]], float32, float64,
-                        missing, layers, notes).to_dict()
+    return VerifyResult(
+        drawn["description"], [InputUsed(**item) for item in drawn["inputs"]], float32, float64, missing, layers, notes
+    ).to_dict()
 
 
 def _in_chunks(side: Side, graph: Graph, inputs: list) -> list[np.ndarray]:
@@ -746,15 +871,23 @@ def _differences(keras_outputs: list, torch_outputs: list) -> list[np.ndarray]:
     return [np.abs(k.astype(np.float64) - t.astype(np.float64)) for k, t in zip(keras_outputs, torch_outputs)]
 
 
-def _compare(dtype: str, keras_side: Side, torch_side: Side, keras_outputs: list, torch_outputs: list,
-             atol: float, rtol: float) -> Comparison:
+def _compare(
+    dtype: str, keras_side: Side, torch_side: Side, keras_outputs: list, torch_outputs: list, atol: float, rtol: float
+) -> Comparison:
     differences = _differences(keras_outputs, torch_outputs)
     first, second = keras_outputs[0], torch_outputs[0]
-    return Comparison(dtype, keras_side.name, torch_side.name,
-                      max(float(np.max(d)) if d.size else 0.0 for d in differences),
-                      max(float(np.max(np.abs(k))) if k.size else 0.0 for k in keras_outputs), atol, rtol,
-                      float((first.reshape(len(first), -1).argmax(-1) == second.reshape(len(second), -1).argmax(-1)).mean())
-                      if first.size else 1.0)
+    return Comparison(
+        dtype,
+        keras_side.name,
+        torch_side.name,
+        max(float(np.max(d)) if d.size else 0.0 for d in differences),
+        max(float(np.max(np.abs(k))) if k.size else 0.0 for k in keras_outputs),
+        atol,
+        rtol,
+        float((first.reshape(len(first), -1).argmax(-1) == second.reshape(len(second), -1).argmax(-1)).mean())
+        if first.size
+        else 1.0,
+    )
 
 
 def _worst_rows(differences: list[np.ndarray], count: int = DIVERGENCE_ROWS) -> np.ndarray:
@@ -763,8 +896,16 @@ def _worst_rows(differences: list[np.ndarray], count: int = DIVERGENCE_ROWS) -> 
     return np.sort(np.argsort(-per_row, kind="stable")[:count])
 
 
-def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: list, atol: float, rtol: float,
-                      rows: np.ndarray | None = None, every_layer: bool = False) -> list[LayerDifference]:
+def layer_differences(
+    graph: Graph,
+    keras_side: Side,
+    torch_side: Side,
+    inputs: list,
+    atol: float,
+    rtol: float,
+    rows: np.ndarray | None = None,
+    every_layer: bool = False,
+) -> list[LayerDifference]:
     """Each layer's Keras and torch outputs compared, in graph order, up to the first beyond
     `atol + rtol * its own scale` (every layer with `every_layer`). `graph` gives every axis a
     length (`sized_graph`).
@@ -774,7 +915,7 @@ def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: 
     layers."""
     subset = inputs if rows is None else [array[rows] for array in inputs]
     count = len(subset[0])
-    reordered = graph.torch_order_differs   # torch holds these flattened in (C, H, W) order
+    reordered = graph.torch_order_differs  # torch holds these flattened in (C, H, W) order
     comparable = [node for node in graph.nodes if node.name not in reordered]
     compared: list[LayerDifference] = []
     chunk, held = [], 0
@@ -782,8 +923,10 @@ def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: 
         chunk.append(node)
         held += count * math.prod(size or 0 for size in graph.shapes[node.name])
         following = comparable[index + 1] if index + 1 < len(comparable) else None
-        if following is not None and held + count * math.prod(
-                size or 0 for size in graph.shapes[following.name]) <= DIVERGENCE_ELEMENTS:
+        if (
+            following is not None
+            and held + count * math.prod(size or 0 for size in graph.shapes[following.name]) <= DIVERGENCE_ELEMENTS
+        ):
             continue
         names = [item.name for item in chunk]
         keras_values = keras_side.layers(subset, names)
@@ -791,8 +934,9 @@ def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: 
         for item in chunk:
             if item.name in keras_values and item.name in torch_values:
                 keras_value = keras_values[item.name].astype(np.float64)
-                difference = float(np.max(np.abs(keras_value - torch_values[item.name].astype(np.float64)),
-                                          initial=0.0))
+                difference = float(
+                    np.max(np.abs(keras_value - torch_values[item.name].astype(np.float64)), initial=0.0)
+                )
                 scale = float(np.max(np.abs(keras_value), initial=0.0))
                 compared.append(LayerDifference(item.name, item.kind, difference, scale, atol + rtol * scale))
                 if not compared[-1].passed and not every_layer:
@@ -809,10 +953,14 @@ def layer_differences(graph: Graph, keras_side: Side, torch_side: Side, inputs: 
 def float64_graph(graph: Graph) -> Graph:
     """The graph with every floating-point input and layer in float64 (integers stay)."""
     return dataclasses.replace(
-        graph, inputs=tuple(dataclasses.replace(spec, dtype="float64") if spec.dtype in FLOAT_DTYPES else spec
-                            for spec in graph.inputs),
-        nodes=tuple(dataclasses.replace(node, dtype="float64") if node.dtype in FLOAT_DTYPES else node
-                    for node in graph.nodes))
+        graph,
+        inputs=tuple(
+            dataclasses.replace(spec, dtype="float64") if spec.dtype in FLOAT_DTYPES else spec for spec in graph.inputs
+        ),
+        nodes=tuple(
+            dataclasses.replace(node, dtype="float64") if node.dtype in FLOAT_DTYPES else node for node in graph.nodes
+        ),
+    )
 
 
 def _float64_tensors(graph64: Graph, tensors: dict) -> dict[str, np.ndarray]:
@@ -830,8 +978,12 @@ def _float64_config(config):
     for key, value in config.items():
         if key == "dtype" and isinstance(value, str) and (value in FLOAT_DTYPES or value.startswith("mixed_")):
             rewritten[key] = "float64"
-        elif key == "dtype" and isinstance(value, dict) and isinstance(value.get("config"), dict) \
-                and value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy", "Policy"):
+        elif (
+            key == "dtype"
+            and isinstance(value, dict)
+            and isinstance(value.get("config"), dict)
+            and value.get("class_name") in ("DTypePolicy", "FloatDTypePolicy", "Policy")
+        ):
             rewritten[key] = {**value, "config": {**value["config"], "name": "float64"}}
         else:
             rewritten[key] = _float64_config(value)
@@ -845,12 +997,16 @@ def _float64_weights(weights: list) -> list:
 def _numpy_side(what: str, path: Path, graph: Graph, tensors: dict) -> Side:
     from exchange import reference
 
-    return Side(f"numpy reference on {path} ({what} not installed)", lambda inputs: reference.forward(graph, tensors, inputs),
-                float64_missing=f"{what} is not installed")
+    return Side(
+        f"numpy reference on {path} ({what} not installed)",
+        lambda inputs: reference.forward(graph, tensors, inputs),
+        float64_missing=f"{what} is not installed",
+    )
 
 
-def _keras_side(path: Path, arch_path: Path | None, graph: Graph, read_tensors, by_name: bool,
-                notes: list[str]) -> Side:
+def _keras_side(
+    path: Path, arch_path: Path | None, graph: Graph, read_tensors, by_name: bool, notes: list[str]
+) -> Side:
     """Keras on `path`: Keras 3 opens a Keras 3 file itself; a Keras 2 file is opened by tf-keras
     when installed, else rebuilt by the exchange (never read by Keras 3, whose hard_sigmoid differs);
     other files are the exchange's rebuild on their tensors."""
@@ -859,31 +1015,43 @@ def _keras_side(path: Path, arch_path: Path | None, graph: Graph, read_tensors, 
     except ImportError:
         return _numpy_side("Keras", path, graph, read_tensors(path))
     class_name = subclassed.model_class(path, arch_path)
-    if class_name:   # the user's own model runs; its traced form serves the layer-by-layer comparison
+    if class_name:  # the user's own model runs; its traced form serves the layer-by-layer comparison
         model, traced = subclassed.open_both(path, arch_path)
-        return Side(f"Keras on {path} (your {class_name})", lambda inputs: keras_adapter.predict(model, inputs),
-                    _keras3_layers(traced, graph), lambda: _keras3_float64(path, traced, graph))
+        return Side(
+            f"Keras on {path} (your {class_name})",
+            lambda inputs: keras_adapter.predict(model, inputs),
+            _keras3_layers(traced, graph),
+            lambda: _keras3_float64(path, traced, graph),
+        )
     keras2_config = _keras2_config_source(path, arch_path)
     if keras2_config is not None:
         if _installed("tf_keras"):
             try:
                 return _tf_keras_side(path, keras2_config, by_name)
             except (ImportError, ValueError, OSError, KeyError, TypeError, AttributeError) as err:
-                notes.append(f"tf-keras could not open {path} ({type(err).__name__}: {first_line(err)}); "
-                             "compared with the exchange's Keras 3 rebuild instead")
+                notes.append(
+                    f"tf-keras could not open {path} ({type(err).__name__}: {first_line(err)}); "
+                    "compared with the exchange's Keras 3 rebuild instead"
+                )
         else:
-            notes.append(f"{path} is a Keras 2 file and tf-keras is not installed: compared with the exchange's "
-                         "Keras 3 rebuild of it, not with Keras 3's own reading (pip install tf-keras to compare "
-                         "with Keras 2 itself)")
+            notes.append(
+                f"{path} is a Keras 2 file and tf-keras is not installed: compared with the exchange's "
+                "Keras 3 rebuild of it, not with Keras 3's own reading (pip install tf-keras to compare "
+                "with Keras 2 itself)"
+            )
         return _rebuild_side(f"the exchange's Keras 3 rebuild of {path}", graph, read_tensors(path), notes)
     note = ""
     kind = filekinds.input_kind(path)
     if kind is filekinds.KERAS or (kind is filekinds.HDF5 and _is_full_keras_model(path)):
         try:
             model = keras_adapter.load_keras_file(path, graph)
-            return Side(f"Keras on {path}", lambda inputs: keras_adapter.predict(model, inputs),
-                        _keras3_layers(model, graph), lambda: _keras3_float64(path, model, graph))
-        except ExchangeFileError as err:   # e.g. a file Keras 3 cannot deserialize
+            return Side(
+                f"Keras on {path}",
+                lambda inputs: keras_adapter.predict(model, inputs),
+                _keras3_layers(model, graph),
+                lambda: _keras3_float64(path, model, graph),
+            )
+        except ExchangeFileError as err:  # e.g. a file Keras 3 cannot deserialize
             note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
     return _rebuild_side(f"Keras on the tensors of {path}{note}", graph, read_tensors(path), notes)
 
@@ -897,8 +1065,11 @@ def _keras2_config_source(path: Path, arch_path: Path | None) -> Path | None:
         return None
     if _is_full_keras_model(path):
         return path if keras_files.written_by_keras2(path) else None
-    if arch_path is not None and filekinds.input_kind(arch_path) in (filekinds.HDF5, filekinds.JSON) \
-            and keras_files.written_by_keras2(arch_path):
+    if (
+        arch_path is not None
+        and filekinds.input_kind(arch_path) in (filekinds.HDF5, filekinds.JSON)
+        and keras_files.written_by_keras2(arch_path)
+    ):
         return arch_path
     return None
 
@@ -912,15 +1083,21 @@ def _rebuild_side(name: str, graph: Graph, tensors: dict, notes: list[str]) -> S
     with keras_formulas() as used:
         model = keras_adapter.model_from_tensors(graph, tensors)
     if used:
-        notes.append("Keras 3 has no " + ", ".join(f"{name!r}" for name in sorted(used)) + ": the rebuild computes "
-                     + ", ".join(f"{name} as {KERAS_FORMULAS[name][0]}" for name in sorted(used)) + " in keras.ops")
+        notes.append(
+            "Keras 3 has no "
+            + ", ".join(f"{name!r}" for name in sorted(used))
+            + ": the rebuild computes "
+            + ", ".join(f"{name} as {KERAS_FORMULAS[name][0]}" for name in sorted(used))
+            + " in keras.ops"
+        )
 
     def float64() -> Side:
         graph64 = float64_graph(graph)
         with keras_formulas():
             twin = keras_adapter.model_from_tensors(graph64, _float64_tensors(graph64, tensors))
-        return Side(f"{name}, in float64", lambda inputs: keras_adapter.predict(twin, inputs),
-                    _keras3_layers(twin, graph64))
+        return Side(
+            f"{name}, in float64", lambda inputs: keras_adapter.predict(twin, inputs), _keras3_layers(twin, graph64)
+        )
 
     return Side(name, lambda inputs: keras_adapter.predict(model, inputs), _keras3_layers(model, graph), float64)
 
@@ -939,11 +1116,15 @@ def _keras3_float64(path: Path, model, graph: Graph) -> Side:
     from exchange import keras_adapter
 
     with keras_adapter.recursion_room():
-        twin = keras.saving.deserialize_keras_object(_float64_config(keras.saving.serialize_keras_object(model)),
-                                                     safe_mode=True)
+        twin = keras.saving.deserialize_keras_object(
+            _float64_config(keras.saving.serialize_keras_object(model)), safe_mode=True
+        )
     twin.set_weights(_float64_weights(model.get_weights()))
-    return Side(f"Keras on {path}, rebuilt from its config in float64", lambda inputs: keras_adapter.predict(twin, inputs),
-                _keras3_layers(twin, float64_graph(graph)))
+    return Side(
+        f"Keras on {path}, rebuilt from its config in float64",
+        lambda inputs: keras_adapter.predict(twin, inputs),
+        _keras3_layers(twin, float64_graph(graph)),
+    )
 
 
 def _tf_keras_side(path: Path, config_path: Path, by_name: bool) -> Side:
@@ -962,11 +1143,18 @@ def _tf_keras_side(path: Path, config_path: Path, by_name: bool) -> Side:
     def float64() -> Side:
         twin = tf_keras.models.model_from_json(json.dumps(_float64_config(json.loads(model.to_json()))))
         twin.set_weights(_float64_weights(model.get_weights()))
-        return Side(f"tf-keras on {path}, in float64", lambda inputs: keras_adapter.predict(twin, inputs),
-                    lambda inputs, names: _tf_keras_layers(twin, inputs, names))
+        return Side(
+            f"tf-keras on {path}, in float64",
+            lambda inputs: keras_adapter.predict(twin, inputs),
+            lambda inputs, names: _tf_keras_layers(twin, inputs, names),
+        )
 
-    return Side(f"tf-keras (Keras 2) on {path}", lambda inputs: keras_adapter.predict(model, inputs),
-                lambda inputs, names: _tf_keras_layers(model, inputs, names), float64)
+    return Side(
+        f"tf-keras (Keras 2) on {path}",
+        lambda inputs: keras_adapter.predict(model, inputs),
+        lambda inputs, names: _tf_keras_layers(model, inputs, names),
+        float64,
+    )
 
 
 def _tf_keras_layers(model, inputs: list, names: list[str]) -> dict[str, np.ndarray]:
@@ -1000,11 +1188,18 @@ def _torch_side(path: Path, graph: Graph, read_tensors) -> Side:
     def float64() -> Side:
         graph64 = float64_graph(graph)
         twin = torch_adapter.model_from_tensors(graph64, _float64_tensors(graph64, tensors))
-        return Side(f"PyTorch on {path}, built in float64", lambda inputs: torch_adapter.predict(twin, inputs),
-                    lambda inputs, names: torch_adapter.intermediate_outputs(twin, inputs, names))
+        return Side(
+            f"PyTorch on {path}, built in float64",
+            lambda inputs: torch_adapter.predict(twin, inputs),
+            lambda inputs, names: torch_adapter.intermediate_outputs(twin, inputs, names),
+        )
 
-    return Side(f"PyTorch on {path}", lambda inputs: torch_adapter.predict(model, inputs),
-                lambda inputs, names: torch_adapter.intermediate_outputs(model, inputs, names), float64)
+    return Side(
+        f"PyTorch on {path}",
+        lambda inputs: torch_adapter.predict(model, inputs),
+        lambda inputs, names: torch_adapter.intermediate_outputs(model, inputs, names),
+        float64,
+    )
 
 
 def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> Side:
@@ -1013,7 +1208,7 @@ def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> S
     from exchange import torch_adapter
     from exchange.torch_adapter import class_name
 
-    sys.dont_write_bytecode = True   # no __pycache__ left beside the user's output
+    sys.dont_write_bytecode = True  # no __pycache__ left beside the user's output
     try:
         spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
         generated = importlib.util.module_from_spec(spec)
@@ -1023,18 +1218,21 @@ def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> S
         model.exchange_graph = graph
     except MemoryError:
         raise
-    except Exception as err:   # anything the generated code raises is a bug of the generator
-        raise ExchangeError(f"{code_path}: the generated code does not run ({type(err).__name__}: "
-                            f"{first_line(err)}); please report it") from None
+    except Exception as err:  # noqa: BLE001 (anything the generated code raises is a bug of the generator)
+        raise ExchangeError(
+            f"{code_path}: the generated code does not run ({type(err).__name__}: {first_line(err)}); please report it"
+        ) from None
 
     def run(inputs: list) -> list:
         try:
             return torch_adapter.predict(model, inputs)
         except MemoryError:
             raise
-        except Exception as err:   # noqa: BLE001
-            raise ExchangeError(f"{code_path}: the generated code does not run ({type(err).__name__}: "
-                                f"{first_line(err)}); please report it") from None
+        except Exception as err:  # noqa: BLE001
+            raise ExchangeError(
+                f"{code_path}: the generated code does not run ({type(err).__name__}: "
+                f"{first_line(err)}); please report it"
+            ) from None
 
     def float64() -> Side:
         model.double()
@@ -1042,8 +1240,13 @@ def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> S
         return Side(f"the generated PyTorch code {code_path}, .double()", run)
 
     casts = _float_casts(graph)
-    return Side(f"the generated PyTorch code {code_path}", run, None, None if casts else float64,
-                f"the generated code casts to {casts}" if casts else None)
+    return Side(
+        f"the generated PyTorch code {code_path}",
+        run,
+        None,
+        None if casts else float64,
+        f"the generated code casts to {casts}" if casts else None,
+    )
 
 
 def _float_casts(graph: Graph) -> str:
@@ -1054,9 +1257,13 @@ def _float_casts(graph: Graph) -> str:
     from exchange import torch_adapter
 
     module = torch_adapter.build_module(graph)
-    dtypes = {str(argument).replace("torch.", "") for node in module.graph.nodes
-              if node.op == "call_method" and node.target == "to"
-              for argument in node.args[1:] if isinstance(argument, torch.dtype) and argument.is_floating_point}
+    dtypes = {
+        str(argument).replace("torch.", "")
+        for node in module.graph.nodes
+        if node.op == "call_method" and node.target == "to"
+        for argument in node.args[1:]
+        if isinstance(argument, torch.dtype) and argument.is_floating_point
+    }
     return ", ".join(sorted(dtypes))
 
 
@@ -1069,7 +1276,7 @@ def _is_full_keras_model(path: Path) -> bool:
         return "model_config" in h5.attrs
 
 
-if __name__ == "__main__":   # run as `python -m`: use the package's copy of this module, as cli does
+if __name__ == "__main__":  # run as `python -m`: use the package's copy of this module, as cli does
     from exchange.verify import child_main as package_child_main
 
     package_child_main(Path(sys.argv[1]))

@@ -23,23 +23,36 @@ def compile_with_recipe(model: keras.Model, recipe: Recipe, jit_compile: bool = 
     exactly old Keras's lr / (1 + decay * t), with t the optimizer's update count. XLA is off so
     that the computation is the plain TensorFlow kernels (and comparable run to run).
     """
-    schedule = keras.optimizers.schedules.InverseTimeDecay(
-        recipe.learning_rate, decay_steps=1, decay_rate=recipe.decay)
+    schedule = keras.optimizers.schedules.InverseTimeDecay(recipe.learning_rate, decay_steps=1, decay_rate=recipe.decay)
     optimizer = keras.optimizers.SGD(learning_rate=schedule, momentum=recipe.momentum, nesterov=False)
-    model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=jit_compile)
+    model.compile(optimizer=optimizer, loss="categorical_crossentropy", metrics=["accuracy"], jit_compile=jit_compile)
 
 
-def train_keras_epoch(model: keras.Model, x_train, y_train, x_val, y_val, batch_size: int,
-                      order: np.ndarray | None = None, seed: int | None = None) -> dict[str, float]:
+def train_keras_epoch(
+    model: keras.Model,
+    x_train,
+    y_train,
+    x_val,
+    y_val,
+    batch_size: int,
+    order: np.ndarray | None = None,
+    seed: int | None = None,
+) -> dict[str, float]:
     """One epoch of `fit`. With `order`, batches follow that permutation (Keras's own shuffling
     off); without it Keras shuffles, as `fit(shuffle=True)` does."""
     if order is not None:
         x_train, y_train = x_train[order], y_train[order]
     elif seed is not None:
         keras.utils.set_random_seed(seed)
-    history = model.fit(x_train, y_train, batch_size=batch_size, epochs=1, shuffle=order is None,
-                        validation_data=(x_val, y_val), verbose=0)
+    history = model.fit(
+        x_train,
+        y_train,
+        batch_size=batch_size,
+        epochs=1,
+        shuffle=order is None,
+        validation_data=(x_val, y_val),
+        verbose=0,
+    )
     return {name: float(values[-1]) for name, values in history.history.items()}
 
 

@@ -12,13 +12,12 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from exchange import fileformat  # noqa: E402
+from exchange import fileformat
 
-STYLES = {"keras": {"color": "tab:red", "linestyle": "-"},
-          "torch": {"color": "tab:blue", "linestyle": "--"}}
+STYLES = {"keras": {"color": "tab:red", "linestyle": "-"}, "torch": {"color": "tab:blue", "linestyle": "--"}}
 TILE_SIDE = 28  # the first layer's inputs are 28x28 images
 
 
@@ -29,9 +28,14 @@ def plot_curves(report: dict, path: Path) -> Path:
         epochs = np.arange(1, len(summary["history"]) + 1)
         for metric, axes in (("loss", loss_axes), ("accuracy", accuracy_axes)):
             for prefix, marker in (("", None), ("val_", "o")):
-                axes.plot(epochs, [h[prefix + metric] for h in summary["history"]], marker=marker,
-                          markersize=3, label=f"{name} {'validation' if prefix else 'training'}",
-                          **STYLES[name])
+                axes.plot(
+                    epochs,
+                    [h[prefix + metric] for h in summary["history"]],
+                    marker=marker,
+                    markersize=3,
+                    label=f"{name} {'validation' if prefix else 'training'}",
+                    **STYLES[name],
+                )
     for axes, metric in ((loss_axes, "loss"), (accuracy_axes, "accuracy")):
         axes.set_xlabel("epoch")
         axes.set_ylabel(metric)
@@ -48,10 +52,20 @@ def plot_weight_difference(report: dict, path: Path) -> Path | None:
     figure, axes = plt.subplots(figsize=(6, 4))
     epochs = [entry["epoch"] for entry in report["epochs"]]
     for key in report["epochs"][0]["max_weight_diff"]:
-        axes.plot(epochs, [max(entry["max_weight_diff"][key], 1e-12) for entry in report["epochs"]],
-                  linewidth=1, alpha=0.6, label=key)
-    axes.plot(epochs, [max(entry["max_weight_diff_all"], 1e-12) for entry in report["epochs"]],
-              color="black", linewidth=2, label="all tensors")
+        axes.plot(
+            epochs,
+            [max(entry["max_weight_diff"][key], 1e-12) for entry in report["epochs"]],
+            linewidth=1,
+            alpha=0.6,
+            label=key,
+        )
+    axes.plot(
+        epochs,
+        [max(entry["max_weight_diff_all"], 1e-12) for entry in report["epochs"]],
+        color="black",
+        linewidth=2,
+        label="all tensors",
+    )
     axes.set_yscale("log")
     axes.set_xlabel("epoch")
     axes.set_ylabel("max |W_keras - W_torch|")
@@ -63,8 +77,7 @@ def plot_weight_difference(report: dict, path: Path) -> Path | None:
 
 def plot_first_layer(weight_files: dict[str, Path], path: Path) -> Path | None:
     """The first layer's weight vectors as 28x28 tiles, one panel per framework."""
-    weights = {name: first_weight(fileformat.load(file))
-               for name, file in weight_files.items() if Path(file).is_file()}
+    weights = {name: first_weight(fileformat.load(file)) for name, file in weight_files.items() if Path(file).is_file()}
     weights = {name: w for name, w in weights.items() if w.shape[1] == TILE_SIDE * TILE_SIDE}
     if not weights:
         return None
@@ -90,8 +103,9 @@ def tile_rows(weight: np.ndarray, columns: int = 10) -> np.ndarray:
     canvas = np.full((rows * step - 1, columns * step - 1), np.nan, dtype=np.float32)
     for index, vector in enumerate(weight):
         row, column = divmod(index, columns)
-        canvas[row * step:row * step + TILE_SIDE, column * step:column * step + TILE_SIDE] = \
-            vector.reshape(TILE_SIDE, TILE_SIDE)
+        canvas[row * step : row * step + TILE_SIDE, column * step : column * step + TILE_SIDE] = vector.reshape(
+            TILE_SIDE, TILE_SIDE
+        )
     return canvas
 
 
@@ -101,9 +115,11 @@ def plot_report(report_path: str | Path, out_dir: str | Path | None = None) -> l
     report = json.loads(report_path.read_text())
     out_dir = Path(out_dir) if out_dir else report_path.parent
     weight_files = {name: report_path.parent / f"{name}.safetensors" for name in report["frameworks"]}
-    written = [plot_curves(report, out_dir / "curves.png"),
-               plot_weight_difference(report, out_dir / "weight_difference.png"),
-               plot_first_layer(weight_files, out_dir / "first_layer.png")]
+    written = [
+        plot_curves(report, out_dir / "curves.png"),
+        plot_weight_difference(report, out_dir / "weight_difference.png"),
+        plot_first_layer(weight_files, out_dir / "first_layer.png"),
+    ]
     return [path for path in written if path is not None]
 
 
@@ -116,8 +132,13 @@ def plot_resumed_runs(results: list[dict], path: Path) -> Path:
         for result in (result for result in results if result["model"] == model):
             steps, differences = zip(*result["weight_differences"])
             ported = result["variant"] == "ported"
-            axes.plot(steps, [max(difference, 1e-12) for difference in differences],
-                      color="black" if ported else None, linewidth=2 if ported else 1, label=result["variant"])
+            axes.plot(
+                steps,
+                [max(difference, 1e-12) for difference in differences],
+                color="black" if ported else None,
+                linewidth=2 if ported else 1,
+                label=result["variant"],
+            )
         axes.set_yscale("log")
         axes.set_xlabel("steps after the conversion")
         axes.set_ylabel("max |W_keras - W_torch|")

@@ -17,6 +17,7 @@ from exchange.graph import Graph, dense_chain
 # Layers dense_0, dense_1, dense_2 fed by an input named "input".
 SEED_ARCHITECTURE = dense_chain("mlp", 784, [(50, "tanh"), (50, "tanh"), (10, "softmax")])
 
+
 # The seed's per-layer names in its printed report.
 def layer_role(index: int, count: int) -> str:
     if index == 0:
@@ -33,13 +34,13 @@ class Recipe:
 
     learning_rate: float = 0.001
     momentum: float = 0.9
-    decay: float = 1e-7          # old Keras: lr_t = lr / (1 + decay * t), t = updates so far
+    decay: float = 1e-7  # old Keras: lr_t = lr / (1 + decay * t), t = updates so far
     epochs: int = 50
     batch_size: int = 300
     validation_split: float = 0.1
-    init_seed: int = 0           # np.random.seed(0) before drawing the initial weights
-    init_stddev: float = 0.05    # old Keras init='normal': N(0, 0.05)
-    shuffle_seed: int = 0        # seeds the per-epoch batch order
+    init_seed: int = 0  # np.random.seed(0) before drawing the initial weights
+    init_stddev: float = 0.05  # old Keras init='normal': N(0, 0.05)
+    shuffle_seed: int = 0  # seeds the per-epoch batch order
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -20,7 +20,6 @@ from frameworks.recipe import Recipe
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(): the clip of probabilities in its cross-entropy
 
 
-
 def activation_function(name: str):
     """Activation `name` on (batch, features) tensors, from the exchange's one table."""
     function, keywords = torch_function(name, torch_modules.NAMESPACES)
@@ -32,15 +31,21 @@ class TorchMLP(nn.Module):
 
     def __init__(self, architecture: Graph, device: str | torch.device | None = None):
         super().__init__()
-        if not all(isinstance(node.config, DenseConfig) and len(architecture.input_shape_of(node)) == 1
-                   for node in architecture.nodes) or len(architecture.outputs) != 1:
+        if (
+            not all(
+                isinstance(node.config, DenseConfig) and len(architecture.input_shape_of(node)) == 1
+                for node in architecture.nodes
+            )
+            or len(architecture.outputs) != 1
+        ):
             raise ValueError("TorchMLP trains a chain of Dense layers on flat inputs")
         self.exchange_graph = architecture
         self.activations = [node.config.activation for node in architecture.nodes]
         self.linears = []
         for node in architecture.nodes:
-            linear = nn.Linear(architecture.input_shape_of(node)[-1], node.config.units,
-                               bias=node.config.use_bias, device=device)
+            linear = nn.Linear(
+                architecture.input_shape_of(node)[-1], node.config.units, bias=node.config.use_bias, device=device
+            )
             self.add_module(architecture.torch_names[node.name], linear)
             self.linears.append(linear)
 
@@ -96,8 +101,7 @@ class KerasSGD(torch.optim.Optimizer):
         self.updates_so_far += 1
 
 
-def keras_categorical_crossentropy(model: TorchMLP, inputs: torch.Tensor,
-                                   targets: torch.Tensor) -> torch.Tensor:
+def keras_categorical_crossentropy(model: TorchMLP, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean categorical cross-entropy as Keras 3 (TensorFlow backend) computes it for this model.
 
     When the output layer is a softmax, Keras notices and computes the loss from the logits
@@ -113,15 +117,22 @@ def keras_categorical_crossentropy(model: TorchMLP, inputs: torch.Tensor,
     return -(targets * torch.log(probabilities)).sum(dim=-1).mean()
 
 
-def train_torch_epoch(model: TorchMLP, optimizer: KerasSGD, x_train: torch.Tensor,
-                      y_train: torch.Tensor, x_val: torch.Tensor, y_val: torch.Tensor,
-                      batch_size: int, order: torch.Tensor) -> dict[str, float]:
+def train_torch_epoch(
+    model: TorchMLP,
+    optimizer: KerasSGD,
+    x_train: torch.Tensor,
+    y_train: torch.Tensor,
+    x_val: torch.Tensor,
+    y_val: torch.Tensor,
+    batch_size: int,
+    order: torch.Tensor,
+) -> dict[str, float]:
     """One epoch in `order`; reports what Keras's `fit` reports: the running means of the batch
     losses and of per-sample accuracy during the epoch, then loss and accuracy on the hold-out."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     for start in range(0, len(order), batch_size):
-        batch = order[start:start + batch_size]
+        batch = order[start : start + batch_size]
         inputs, targets = x_train[batch], y_train[batch]
         optimizer.zero_grad(set_to_none=True)
         loss = keras_categorical_crossentropy(model, inputs, targets)
@@ -135,8 +146,7 @@ def train_torch_epoch(model: TorchMLP, optimizer: KerasSGD, x_train: torch.Tenso
     with torch.no_grad():
         val_loss = float(keras_categorical_crossentropy(model, x_val, y_val))
         val_accuracy = float((model(x_val).argmax(-1) == y_val.argmax(-1)).float().mean())
-    return {"loss": loss_sum / seen, "accuracy": correct / seen,
-            "val_loss": val_loss, "val_accuracy": val_accuracy}
+    return {"loss": loss_sum / seen, "accuracy": correct / seen, "val_loss": val_loss, "val_accuracy": val_accuracy}
 
 
 @torch.no_grad()

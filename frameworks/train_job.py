@@ -11,8 +11,8 @@ from __future__ import annotations
 import importlib
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -65,8 +65,9 @@ class KerasRun(FrameworkRun):
         return [tuple(w.shape for w in layer.get_weights()) for layer in self.model.layers if layer.weights]
 
     def train_epoch(self, split, order: np.ndarray | None, epoch: int) -> dict[str, float]:
-        return self.framework.train_keras_epoch(self.model, *split, self.recipe.batch_size, order=order,
-                                                seed=self.recipe.shuffle_seed + epoch)
+        return self.framework.train_keras_epoch(
+            self.model, *split, self.recipe.batch_size, order=order, seed=self.recipe.shuffle_seed + epoch
+        )
 
 
 class TorchRun(FrameworkRun):
@@ -89,8 +90,10 @@ class TorchRun(FrameworkRun):
     def layer_shapes(self) -> list[tuple[tuple[int, ...], ...]]:
         """Per layer, (weight shape turned to Keras's (in, out), bias shape), so the report
         counts inputs first as the seed notebook did."""
-        return [tuple(tuple(p.shape[::-1]) if p.ndim == 2 else tuple(p.shape)
-                      for p in layer.parameters()) for layer in self.model.linears]
+        return [
+            tuple(tuple(p.shape[::-1]) if p.ndim == 2 else tuple(p.shape) for p in layer.parameters())
+            for layer in self.model.linears
+        ]
 
     def train_epoch(self, split, order: np.ndarray | None, epoch: int) -> dict[str, float]:
         if self._tensors is None:
@@ -100,8 +103,10 @@ class TorchRun(FrameworkRun):
             batch_order = self.torch.randperm(len(x_train), generator=self.shuffle_generator)
         else:
             batch_order = self.torch.from_numpy(order)
-        return self.framework.train_torch_epoch(self.model, self.optimizer, *self._tensors,
-                                                self.recipe.batch_size, batch_order)
+        return self.framework.train_torch_epoch(
+            self.model, self.optimizer, *self._tensors, self.recipe.batch_size, batch_order
+        )
+
 
 RUNNERS = {"keras": KerasRun, "torch": TorchRun}
 
@@ -132,13 +137,14 @@ def compare_runs(runs: dict, x_test: np.ndarray) -> dict:
     """Max |W_keras - W_torch| per tensor (file layout) and the test-set output agreement."""
     keras_tensors = runs["keras"].adapter.get_tensors(runs["keras"].model)
     torch_tensors = runs["torch"].adapter.get_tensors(runs["torch"].model)
-    weight_diffs = {key: float(np.max(np.abs(keras_tensors[key] - torch_tensors[key])))
-                    for key in keras_tensors}
+    weight_diffs = {key: float(np.max(np.abs(keras_tensors[key] - torch_tensors[key]))) for key in keras_tensors}
     keras_probs, torch_probs = runs["keras"].predict(x_test), runs["torch"].predict(x_test)
-    return {"max_weight_diff": weight_diffs,
-            "max_weight_diff_all": max(weight_diffs.values()),
-            "max_output_diff": float(np.max(np.abs(keras_probs - torch_probs))),
-            "argmax_agreement": float((keras_probs.argmax(-1) == torch_probs.argmax(-1)).mean())}
+    return {
+        "max_weight_diff": weight_diffs,
+        "max_weight_diff_all": max(weight_diffs.values()),
+        "max_output_diff": float(np.max(np.abs(keras_probs - torch_probs))),
+        "argmax_agreement": float((keras_probs.argmax(-1) == torch_probs.argmax(-1)).mean()),
+    }
 
 
 def cross_load(runs: dict, out_dir: Path, x_test: np.ndarray) -> dict:
@@ -151,13 +157,21 @@ def cross_load(runs: dict, out_dir: Path, x_test: np.ndarray) -> dict:
         target_probs = RUNNERS[target].predict_model(loaded, x_test)
         results[f"{source}_to_{target}"] = {
             "max_abs_diff": float(np.max(np.abs(source_probs - target_probs))),
-            "argmax_agreement": float((source_probs.argmax(-1) == target_probs.argmax(-1)).mean())}
+            "argmax_agreement": float((source_probs.argmax(-1) == target_probs.argmax(-1)).mean()),
+        }
     return results
 
 
-def run(data: Mnist, out_dir: str | Path, architecture: Graph, recipe: Recipe = Recipe(),
-        frameworks: tuple[str, ...] = FRAMEWORKS, lockstep: bool = True, plots: bool = True,
-        log: Callable[[str], None] = print) -> dict:
+def run(
+    data: Mnist,
+    out_dir: str | Path,
+    architecture: Graph,
+    recipe: Recipe = Recipe(),
+    frameworks: tuple[str, ...] = FRAMEWORKS,
+    lockstep: bool = True,
+    plots: bool = True,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Train, save `keras.safetensors` / `torch.safetensors` / `report.json`, cross-load, plot;
     returns the report."""
     out_dir = Path(out_dir)
@@ -165,12 +179,16 @@ def run(data: Mnist, out_dir: str | Path, architecture: Graph, recipe: Recipe = 
     lockstep = lockstep and len(frameworks) == 2
     split = validation_split(data.x_train, data.y_train, recipe.validation_split)
     initial_file = out_dir / "initial.safetensors"
-    fileformat.save(initial_file, architecture, seed_initial_tensors(architecture, recipe),
-                    source_framework="keras")
+    fileformat.save(initial_file, architecture, seed_initial_tensors(architecture, recipe), source_framework="keras")
     runs = {name: RUNNERS[name](architecture, recipe, initial_file) for name in frameworks}
 
-    report: dict = {"architecture": architecture.to_dict(), "recipe": recipe.to_dict(),
-                    "lockstep": lockstep, "frameworks": {}, "epochs": []}
+    report: dict = {
+        "architecture": architecture.to_dict(),
+        "recipe": recipe.to_dict(),
+        "lockstep": lockstep,
+        "frameworks": {},
+        "epochs": [],
+    }
     for name, runner in runs.items():
         lines, total = parameter_report(name, runner.layer_shapes())
         for line in lines:
@@ -185,28 +203,33 @@ def run(data: Mnist, out_dir: str | Path, architecture: Graph, recipe: Recipe = 
             seconds = time.perf_counter() - started
             report["frameworks"][name]["history"].append(stats)
             report["frameworks"][name]["epoch_seconds"].append(seconds)
-            log(f"{name:5s} epoch {epoch + 1}/{recipe.epochs}: loss {stats['loss']:.4f} "
+            log(
+                f"{name:5s} epoch {epoch + 1}/{recipe.epochs}: loss {stats['loss']:.4f} "
                 f"acc {stats['accuracy']:.4f} val_loss {stats['val_loss']:.4f} "
-                f"val_acc {stats['val_accuracy']:.4f} ({seconds:.2f} s)")
+                f"val_acc {stats['val_accuracy']:.4f} ({seconds:.2f} s)"
+            )
         if len(runs) == 2:
             comparison = compare_runs(runs, data.x_test)
             report["epochs"].append({"epoch": epoch + 1, **comparison})
-            log(f"      epoch {epoch + 1}: max |W_keras - W_torch| {comparison['max_weight_diff_all']:.3e}"
+            log(
+                f"      epoch {epoch + 1}: max |W_keras - W_torch| {comparison['max_weight_diff_all']:.3e}"
                 f", max |p_keras - p_torch| {comparison['max_output_diff']:.3e}, "
-                f"argmax agreement {comparison['argmax_agreement']:.4%}")
+                f"argmax agreement {comparison['argmax_agreement']:.4%}"
+            )
 
     for name, runner in runs.items():
         summary = report["frameworks"][name]
         summary["test_accuracy"] = accuracy(runner.predict(data.x_test), data.y_test)
         summary["seconds_per_epoch"] = float(np.mean(summary["epoch_seconds"]))
         runner.adapter.save_file(runner.model, out_dir / f"{name}.safetensors")
-        log(f"{name} test accuracy: {summary['test_accuracy']:.4f} "
-            f"({summary['seconds_per_epoch']:.2f} s per epoch)")
+        log(f"{name} test accuracy: {summary['test_accuracy']:.4f} ({summary['seconds_per_epoch']:.2f} s per epoch)")
 
     report["cross_load"] = cross_load(runs, out_dir, data.x_test)
     for direction, result in report["cross_load"].items():
-        log(f"{direction.replace('_', ' ')}: max abs output difference on the test set "
-            f"{result['max_abs_diff']:.3e}, argmax agreement {result['argmax_agreement']:.4%}")
+        log(
+            f"{direction.replace('_', ' ')}: max abs output difference on the test set "
+            f"{result['max_abs_diff']:.3e}, argmax agreement {result['argmax_agreement']:.4%}"
+        )
     write_report(report, out_dir / "report.json")
     if plots:
         try:

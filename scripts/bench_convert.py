@@ -159,8 +159,11 @@ def repeat(command: list[str], repeats: int, output: Path | None = None) -> dict
     """A first unmeasured run warms the page cache and the bytecode cache; then `repeats` runs."""
     run_measured(command, output)
     runs = [run_measured(command, output) for _ in range(repeats)]
-    summary = {"seconds": statistics.median(r["seconds"] for r in runs),
-               "peak_rss_mb": max(r["peak_rss_mb"] for r in runs), "runs": runs}
+    summary = {
+        "seconds": statistics.median(r["seconds"] for r in runs),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in runs),
+        "runs": runs,
+    }
     for key in ("write_seconds", "load_seconds", "fsync_seconds"):
         if key in runs[0]:
             summary[key] = statistics.median(r[key] for r in runs)
@@ -176,20 +179,23 @@ def write_models(work_dir: Path, skip_large: bool) -> None:
     from frameworks.keras_mlp import build_keras_model
     from frameworks.recipe import SEED_ARCHITECTURE
 
-    models = {"seed": lambda: build_keras_model(SEED_ARCHITECTURE),
-              "resnet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3))}
+    models = {
+        "seed": lambda: build_keras_model(SEED_ARCHITECTURE),
+        "resnet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(64, 64, 3)),
+    }
     if not skip_large:
-        models["large"] = lambda: build_keras_model(dense_chain(
-            "large", LARGE_WIDTH, [(LARGE_WIDTH, "relu")] * LARGE_HIDDEN_LAYERS + [(10, "softmax")]))
+        models["large"] = lambda: build_keras_model(
+            dense_chain("large", LARGE_WIDTH, [(LARGE_WIDTH, "relu")] * LARGE_HIDDEN_LAYERS + [(10, "softmax")])
+        )
     for name, build in models.items():
         model = build()
         generator = np.random.default_rng(0)
-        model.set_weights([generator.standard_normal(w.shape).astype(w.dtype) * np.float32(0.01)
-                           for w in model.get_weights()])
+        model.set_weights(
+            [generator.standard_normal(w.shape).astype(w.dtype) * np.float32(0.01) for w in model.get_weights()]
+        )
         path = work_dir / f"{name}.keras"
         model.save(path)
-        print(f"{name}: {model.count_params():,} parameters, "
-              f"{path.stat().st_size / 2**20:,.1f} MiB file", flush=True)
+        print(f"{name}: {model.count_params():,} parameters, {path.stat().st_size / 2**20:,.1f} MiB file", flush=True)
         del model
         keras.backend.clear_session()
 
@@ -212,16 +218,20 @@ def bench_sequences(work_dir: Path, repeats: int) -> dict:
     """The models `write_sequence_models` wrote (this process never imports Keras: see run_measured)."""
     results = {}
     print("\nsequence zoo")
-    print("| model | convert.py .keras -> .safetensors, whole process (s) | peak RSS (MiB) | "
-          "model_from_file, the call (s) |")
+    print(
+        "| model | convert.py .keras -> .safetensors, whole process (s) | peak RSS (MiB) | "
+        "model_from_file, the call (s) |"
+    )
     print("|---|---|---|---|")
     for keras_path in sorted(work_dir.glob("sequence_*.keras")):
-        name, ours = keras_path.stem[len("sequence_"):], keras_path.with_suffix(".safetensors")
+        name, ours = keras_path.stem[len("sequence_") :], keras_path.with_suffix(".safetensors")
         convert = repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path), str(ours)], repeats, ours)
         load = repeat([sys.executable, "-c", MODEL_FROM_FILE, str(ours), str(ROOT)], repeats)
         results[name] = {"convert.py": convert, "model_from_file": load}
-        print(f"| {name} | {convert['seconds']:.3f} | {convert['peak_rss_mb']:,.0f} | {load['load_seconds']:.4f} |",
-              flush=True)
+        print(
+            f"| {name} | {convert['seconds']:.3f} | {convert['peak_rss_mb']:,.0f} | {load['load_seconds']:.4f} |",
+            flush=True,
+        )
     return results
 
 
@@ -253,18 +263,26 @@ def bench_memory(work_dir: Path, repeats: int) -> dict:
         keras_path = work_dir / f"{name}.keras"
         for suffix in (".safetensors", ".py"):
             out = work_dir / f"{name}.measured{suffix}"
-            runs = [run_measured([sys.executable, "-c", VERIFY_MEASURED, str(ROOT), str(keras_path), str(out), "1e-4"])
-                    for _ in range(repeats)]
+            runs = [
+                run_measured([sys.executable, "-c", VERIFY_MEASURED, str(ROOT), str(keras_path), str(out), "1e-4"])
+                for _ in range(repeats)
+            ]
             verify = [run["verify"] for run in runs]
-            figures = {"seconds": statistics.median(v["seconds"] for v in verify),
-                       "child_peak_mib": max(v["child_peak_mib"] for v in verify),
-                       "child_imports_mib": max(v["child_imports_mib"] for v in verify),
-                       "inputs": verify[0]["inputs"], "max_abs_diff": verify[0]["max_abs_diff"]}
+            figures = {
+                "seconds": statistics.median(v["seconds"] for v in verify),
+                "child_peak_mib": max(v["child_peak_mib"] for v in verify),
+                "child_imports_mib": max(v["child_imports_mib"] for v in verify),
+                "inputs": verify[0]["inputs"],
+                "max_abs_diff": verify[0]["max_abs_diff"],
+            }
             results[f"{name}{suffix}"] = figures
-            print(f"| {name} | {suffix} | {figures['inputs']} | {figures['seconds']:.1f} | "
-                  f"{figures['child_peak_mib']:,.0f} | {figures['child_imports_mib']:,.0f} |", flush=True)
+            print(
+                f"| {name} | {suffix} | {figures['inputs']} | {figures['seconds']:.1f} | "
+                f"{figures['child_peak_mib']:,.0f} | {figures['child_imports_mib']:,.0f} |",
+                flush=True,
+            )
     sys.path.insert(0, str(ROOT / "tests"))
-    from memory_models import measure_forward   # imports Keras: after the runs above (see run_measured)
+    from memory_models import measure_forward  # imports Keras: after the runs above (see run_measured)
 
     folder = work_dir / "forward"
     folder.mkdir(exist_ok=True)
@@ -273,8 +291,11 @@ def bench_memory(work_dir: Path, repeats: int) -> dict:
     fx = max((measure_forward(*paths[:2], None, rows=8) for _ in range(repeats)), key=lambda r: r["added_mib"])
     generated = max((measure_forward(*paths, rows=8) for _ in range(repeats)), key=lambda r: r["added_mib"])
     results["forward"] = {"fx": fx, "generated": generated}
-    print(f"\none forward pass, conv_chain at 256x256, 8 rows (64 MiB a tensor): peak RSS added by the fx module "
-          f"{fx['added_mib']:,.0f} MiB, by the generated module {generated['added_mib']:,.0f} MiB", flush=True)
+    print(
+        f"\none forward pass, conv_chain at 256x256, 8 rows (64 MiB a tensor): peak RSS added by the fx module "
+        f"{fx['added_mib']:,.0f} MiB, by the generated module {generated['added_mib']:,.0f} MiB",
+        flush=True,
+    )
     return results
 
 
@@ -318,10 +339,13 @@ def main(argv: list[str] | None = None) -> int:
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
             return 0
-        subprocess.run([sys.executable, __file__, "--write-models", str(work_dir)]
-                       + (["--skip-large"] if args.skip_large else [])
-                       + (["--skip-sequences"] if args.skip_sequences else [])
-                       + (["--only-sequences"] if args.only_sequences else []), check=True)
+        subprocess.run(
+            [sys.executable, __file__, "--write-models", str(work_dir)]
+            + (["--skip-large"] if args.skip_large else [])
+            + (["--skip-sequences"] if args.skip_sequences else [])
+            + (["--only-sequences"] if args.only_sequences else []),
+            check=True,
+        )
         results = {}
         names = ("seed", "resnet50") if args.skip_large else ("seed", "large", "resnet50")
         if args.only_sequences:
@@ -332,23 +356,30 @@ def main(argv: list[str] | None = None) -> int:
             size_mb = keras_path.stat().st_size / 2**20
             results[name] = {
                 "file_mb": size_mb,
-                "convert.py": repeat([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path),
-                                      str(ours)], args.repeats, ours),
-                "no fsync": repeat([sys.executable, "-c", NO_FSYNC, str(ROOT), str(keras_path), str(ours)],
-                                   args.repeats, ours),
-                "fsync timed": repeat([sys.executable, "-c", FSYNC_TIMED, str(ROOT), str(keras_path), str(ours)],
-                                      args.repeats, ours),
-                "plain write": repeat([sys.executable, "-c", PLAIN_WRITE, str(ours),
-                                       str(work_dir / f"{name}.plain.safetensors")], args.repeats,
-                                      work_dir / f"{name}.plain.safetensors"),
+                "convert.py": repeat(
+                    [sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path), str(ours)], args.repeats, ours
+                ),
+                "no fsync": repeat(
+                    [sys.executable, "-c", NO_FSYNC, str(ROOT), str(keras_path), str(ours)], args.repeats, ours
+                ),
+                "fsync timed": repeat(
+                    [sys.executable, "-c", FSYNC_TIMED, str(ROOT), str(keras_path), str(ours)], args.repeats, ours
+                ),
+                "plain write": repeat(
+                    [sys.executable, "-c", PLAIN_WRITE, str(ours), str(work_dir / f"{name}.plain.safetensors")],
+                    args.repeats,
+                    work_dir / f"{name}.plain.safetensors",
+                ),
             }
             if name == "resnet50":
-                results[name]["model_from_file"] = repeat([sys.executable, "-c", MODEL_FROM_FILE, str(ours),
-                                                           str(ROOT)], args.repeats)
+                results[name]["model_from_file"] = repeat(
+                    [sys.executable, "-c", MODEL_FROM_FILE, str(ours), str(ROOT)], args.repeats
+                )
             else:
                 by_hand = work_dir / f"{name}.byhand.safetensors"
-                results[name]["by hand"] = repeat([sys.executable, "-c", BY_HAND, str(keras_path), str(by_hand)],
-                                                  args.repeats, by_hand)
+                results[name]["by hand"] = repeat(
+                    [sys.executable, "-c", BY_HAND, str(keras_path), str(by_hand)], args.repeats, by_hand
+                )
             print_table(name, results[name])
         if not args.skip_sequences:
             results["sequences"] = bench_sequences(work_dir, args.repeats)
@@ -364,24 +395,40 @@ def print_table(name: str, figures: dict) -> None:
     print("|---|---|---|")
     print(f"| convert.py | {ours['seconds']:.3f} | {ours['peak_rss_mb']:,.0f} |")
     no_fsync = figures["no fsync"]
-    print(f"| convert.py without the fsync of data and folder | {no_fsync['seconds']:.3f} | "
-          f"{no_fsync['peak_rss_mb']:,.0f} |")
+    print(
+        f"| convert.py without the fsync of data and folder | {no_fsync['seconds']:.3f} | "
+        f"{no_fsync['peak_rss_mb']:,.0f} |"
+    )
     if "by hand" in figures:
         by_hand = figures["by hand"]
-        print(f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
-              f"{by_hand['peak_rss_mb']:,.0f} |")
-    print(f"| plain safetensors write of the same tensors | {plain['seconds']:.3f} "
-          f"(write alone {plain['write_seconds']:.3f}) | {plain['peak_rss_mb']:,.0f} |")
+        print(
+            f"| by hand (Keras load, get_weights, transpose, save) | {by_hand['seconds']:.3f} | "
+            f"{by_hand['peak_rss_mb']:,.0f} |"
+        )
+    print(
+        f"| plain safetensors write of the same tensors | {plain['seconds']:.3f} "
+        f"(write alone {plain['write_seconds']:.3f}) | {plain['peak_rss_mb']:,.0f} |"
+    )
     if "model_from_file" in figures:
         load = figures["model_from_file"]
-        print(f"| torch_adapter.model_from_file (whole process, torch import included) | {load['seconds']:.3f} "
-              f"(the call alone {load['load_seconds']:.3f}) | {load['peak_rss_mb']:,.0f} |")
-    print(f"fsync of data and folder: {figures['fsync timed']['fsync_seconds']:.3f} s inside convert.py "
-          f"(median); whole process with and without it {ours['seconds']:.3f} / {no_fsync['seconds']:.3f} s")
-    print(f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
-          f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}"
-          + (f"; {figures['by hand']['seconds'] / ours['seconds']:.1f}x faster than by hand"
-             if "by hand" in figures else ""), flush=True)
+        print(
+            f"| torch_adapter.model_from_file (whole process, torch import included) | {load['seconds']:.3f} "
+            f"(the call alone {load['load_seconds']:.3f}) | {load['peak_rss_mb']:,.0f} |"
+        )
+    print(
+        f"fsync of data and folder: {figures['fsync timed']['fsync_seconds']:.3f} s inside convert.py "
+        f"(median); whole process with and without it {ours['seconds']:.3f} / {no_fsync['seconds']:.3f} s"
+    )
+    print(
+        f"speed relative to the plain write alone: {plain['write_seconds'] / ours['seconds']:.2f}; "
+        f"peak RSS / file size: {ours['peak_rss_mb'] / figures['file_mb']:.2f}"
+        + (
+            f"; {figures['by hand']['seconds'] / ours['seconds']:.1f}x faster than by hand"
+            if "by hand" in figures
+            else ""
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

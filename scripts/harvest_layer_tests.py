@@ -47,19 +47,35 @@ KERAS_TENSORS = ("KerasTensor", "backend.KerasTensor", "keras_tensor.KerasTensor
 # Array constructors: how each one is given its shape. "size": `size=` or the n-th positional
 # argument; "shape": `shape=` or the first; "dims": every positional argument is one dimension.
 ARRAY_MAKERS = {
-    "np.random.normal": ("size", 2, "float32"), "np.random.uniform": ("size", 2, "float32"),
-    "np.random.randint": ("size", 2, "int32"), "np.random.random": ("size", 0, "float32"),
-    "np.random.random_sample": ("size", 0, "float32"), "np.random.standard_normal": ("size", 0, "float32"),
-    "np.random.rand": ("dims", 0, "float32"), "np.random.randn": ("dims", 0, "float32"),
-    "np.ones": ("shape", 0, "float32"), "np.zeros": ("shape", 0, "float32"), "np.empty": ("shape", 0, "float32"),
-    "np.full": ("shape", 0, "float32"), "ops.ones": ("shape", 0, "float32"), "ops.zeros": ("shape", 0, "float32"),
-    "random.uniform": ("shape", 0, "float32"), "random.normal": ("shape", 0, "float32"),
+    "np.random.normal": ("size", 2, "float32"),
+    "np.random.uniform": ("size", 2, "float32"),
+    "np.random.randint": ("size", 2, "int32"),
+    "np.random.random": ("size", 0, "float32"),
+    "np.random.random_sample": ("size", 0, "float32"),
+    "np.random.standard_normal": ("size", 0, "float32"),
+    "np.random.rand": ("dims", 0, "float32"),
+    "np.random.randn": ("dims", 0, "float32"),
+    "np.ones": ("shape", 0, "float32"),
+    "np.zeros": ("shape", 0, "float32"),
+    "np.empty": ("shape", 0, "float32"),
+    "np.full": ("shape", 0, "float32"),
+    "ops.ones": ("shape", 0, "float32"),
+    "ops.zeros": ("shape", 0, "float32"),
+    "random.uniform": ("shape", 0, "float32"),
+    "random.normal": ("shape", 0, "float32"),
 }
 # Methods of a numpy generator (`np.random.RandomState(0).randn(...)`, `rng.uniform(...)`) and
 # keras's own random functions (`keras.random.uniform`, `ops.random.normal`), read as the above.
-GENERATOR_METHODS = {"randn": "np.random.randn", "rand": "np.random.rand", "random": "np.random.random",
-                     "uniform": "np.random.uniform", "normal": "np.random.normal", "integers": "np.random.randint",
-                     "randint": "np.random.randint", "standard_normal": "np.random.standard_normal"}
+GENERATOR_METHODS = {
+    "randn": "np.random.randn",
+    "rand": "np.random.rand",
+    "random": "np.random.random",
+    "uniform": "np.random.uniform",
+    "normal": "np.random.normal",
+    "integers": "np.random.randint",
+    "randint": "np.random.randint",
+    "standard_normal": "np.random.standard_normal",
+}
 KERAS_RANDOM = {"uniform": "random.uniform", "normal": "random.normal"}
 # Calls that give back their (first) argument's array: conversions and casts.
 PASS_THROUGH = ("convert_to_tensor", "np.asarray", "ops.cast", "backend.Variable", "tf.constant", "jnp.array")
@@ -69,6 +85,7 @@ ASSERT_RAISES = ("assertRaises", "assertRaisesRegex", "raises")
 @dataclass(frozen=True)
 class Unresolved:
     """A value the harvest does not read (not a literal); `reason` says why."""
+
     reason: str
 
 
@@ -80,6 +97,7 @@ class LayerClass:
 @dataclass(frozen=True)
 class LayerCall:
     """`layers.X(...)`: a constructed layer."""
+
     name: str
     init_kwargs: dict
 
@@ -87,6 +105,7 @@ class LayerCall:
 @dataclass(frozen=True)
 class Array:
     """An input of a known shape (batch axis included) and dtype."""
+
     shape: tuple
     dtype: str
 
@@ -127,7 +146,7 @@ def layer_init_signatures(layers_dir: Path) -> dict[str, list[str]]:
         if node is None or name in seen:
             return None
         init = next((item for item in node.body if isinstance(item, ast.FunctionDef) and item.name == "__init__"), None)
-        if init is None:   # inherited
+        if init is None:  # inherited
             bases = [base.id for base in node.bases if isinstance(base, ast.Name)]
             return positional(bases[0], seen + (name,)) if bases else None
         return None if init.args.vararg else [arg.arg for arg in init.args.args[1:]]
@@ -142,11 +161,11 @@ class Evaluator:
 
     def __init__(self, signatures: dict):
         self.signatures = signatures
-        self.layer_modules = set(LAYER_MODULES)   # and the file's `from keras.src.layers.x import y`
+        self.layer_modules = set(LAYER_MODULES)  # and the file's `from keras.src.layers.x import y`
 
     def value(self, node: ast.AST, env: dict):
         try:
-            return ast.literal_eval(node)   # literal nodes only: anything else raises
+            return ast.literal_eval(node)  # literal nodes only: anything else raises
         except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             pass
         if isinstance(node, ast.Name):
@@ -179,8 +198,9 @@ class Evaluator:
         if isinstance(node, ast.IfExp):
             test = self.value(node.test, env)
             return self.value(node.body if test else node.orelse, env) if plain(test) else Unresolved("ifexp")
-        if isinstance(node, (ast.Compare, ast.BoolOp)) or (isinstance(node, ast.UnaryOp)
-                                                          and isinstance(node.op, ast.Not)):
+        if isinstance(node, (ast.Compare, ast.BoolOp)) or (
+            isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not)
+        ):
             return self.condition(node, env)
         if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
             operand = self.value(node.operand, env)
@@ -189,25 +209,42 @@ class Evaluator:
             left, right = self.value(node.left, env), self.value(node.right, env)
             arrays = [side for side in (left, right) if isinstance(side, Array)]
             if arrays and all(isinstance(side, Array) or _number(side) for side in (left, right)):
-                return arrays[0]   # elementwise with a number or an array of the same shape
-            if unresolved_in((left, right)) is None and not isinstance(left, (Array, LayerCall, LayerClass)) \
-                    and not isinstance(right, (Array, LayerCall, LayerClass)):
+                return arrays[0]  # elementwise with a number or an array of the same shape
+            if (
+                unresolved_in((left, right)) is None
+                and not isinstance(left, (Array, LayerCall, LayerClass))
+                and not isinstance(right, (Array, LayerCall, LayerClass))
+            ):
                 try:
-                    return {ast.Add: lambda: left + right, ast.Sub: lambda: left - right,
-                            ast.Mult: lambda: left * right}[type(node.op)]()
+                    return {
+                        ast.Add: lambda: left + right,
+                        ast.Sub: lambda: left - right,
+                        ast.Mult: lambda: left * right,
+                    }[type(node.op)]()
                 except TypeError:
                     pass
             return Unresolved("arithmetic")
         if isinstance(node, ast.Subscript):
             base = self.value(node.value, env)
             if isinstance(base, Array) and isinstance(node.slice, ast.Slice) and isinstance(base.shape[0], int):
-                rows = slice(*(None if part is None else self.value(part, env)
-                               for part in (node.slice.lower, node.slice.upper, node.slice.step)))
-                if unresolved_in([rows.start, rows.stop, rows.step]) is None:   # x[:2]: fewer rows
+                rows = slice(
+                    *(
+                        None if part is None else self.value(part, env)
+                        for part in (node.slice.lower, node.slice.upper, node.slice.step)
+                    )
+                )
+                if unresolved_in([rows.start, rows.stop, rows.step]) is None:  # x[:2]: fewer rows
                     return Array((len(range(*rows.indices(base.shape[0]))),) + base.shape[1:], base.dtype)
-            index = self.value(node.slice, env) if not isinstance(node.slice, ast.Slice) else slice(
-                *(None if part is None else self.value(part, env) for part in (node.slice.lower, node.slice.upper,
-                                                                                node.slice.step)))
+            index = (
+                self.value(node.slice, env)
+                if not isinstance(node.slice, ast.Slice)
+                else slice(
+                    *(
+                        None if part is None else self.value(part, env)
+                        for part in (node.slice.lower, node.slice.upper, node.slice.step)
+                    )
+                )
+            )
             if isinstance(base, (tuple, list, dict, str)) and unresolved_in([base]) is None:
                 try:
                     return base[index]
@@ -222,7 +259,7 @@ class Evaluator:
             if isinstance(base, Array) and node.attr == "shape":
                 return base.shape
             if owner in ("np", "numpy", "tf", "jnp", "torch") and _dtype_name(node.attr):
-                return node.attr   # np.float32 as a dtype
+                return node.attr  # np.float32 as a dtype
             return Unresolved(f"attribute {ast.unparse(node)}")
         if isinstance(node, ast.Call):
             return self.call(node, env)
@@ -238,11 +275,18 @@ class Evaluator:
             if not all(plain(value) for value in values):
                 return Unresolved("condition")
             return all(values) if isinstance(node.op, ast.And) else any(values)
-        operators = {ast.Eq: lambda a, b: a == b, ast.NotEq: lambda a, b: a != b, ast.In: lambda a, b: a in b,
-                     ast.NotIn: lambda a, b: a not in b, ast.Is: lambda a, b: a is b,
-                     ast.IsNot: lambda a, b: a is not b,
-                     ast.Lt: lambda a, b: a < b, ast.LtE: lambda a, b: a <= b, ast.Gt: lambda a, b: a > b,
-                     ast.GtE: lambda a, b: a >= b}
+        operators = {
+            ast.Eq: lambda a, b: a == b,
+            ast.NotEq: lambda a, b: a != b,
+            ast.In: lambda a, b: a in b,
+            ast.NotIn: lambda a, b: a not in b,
+            ast.Is: lambda a, b: a is b,
+            ast.IsNot: lambda a, b: a is not b,
+            ast.Lt: lambda a, b: a < b,
+            ast.LtE: lambda a, b: a <= b,
+            ast.Gt: lambda a, b: a > b,
+            ast.GtE: lambda a, b: a >= b,
+        }
         left = self.value(node.left, env)
         for operator, comparator in zip(node.ops, node.comparators):
             right = self.value(comparator, env)
@@ -295,8 +339,10 @@ class Evaluator:
             if how == "dims":
                 shape = tuple(self.value(argument, env) for argument in node.args)
             else:
-                shape = keywords.get(how if how == "size" else "shape",
-                                     self.value(node.args[position], env) if len(node.args) > position else None)
+                shape = keywords.get(
+                    how if how == "size" else "shape",
+                    self.value(node.args[position], env) if len(node.args) > position else None,
+                )
             shape = (shape,) if isinstance(shape, int) else shape
             if not isinstance(shape, (tuple, list)) or unresolved_in(shape) is not None:
                 return Unresolved(f"shape of {name}")
@@ -308,7 +354,8 @@ class Evaluator:
                 return Array((argument,), dtype) if isinstance(argument, int) else Unresolved("np.arange")
             if unresolved_in([argument]) is not None or not isinstance(argument, (list, tuple)):
                 return Unresolved(f"call {name}")
-            import numpy   # the shape and kind of a literal, nothing more
+            import numpy  # the shape and kind of a literal, nothing more
+
             array = numpy.asarray(argument)
             dtype = self.keywords(node, env).get("dtype", array.dtype.name)
             return Array(array.shape, normalized_dtype("str" if numpy.issubdtype(array.dtype, numpy.str_) else dtype))
@@ -326,8 +373,11 @@ class Evaluator:
             kwargs = self.keywords(node, env)
             if node.args:
                 names = self.signatures.get(function.name)
-                if names is None or len(node.args) > len(names) or any(
-                        isinstance(argument, ast.Starred) for argument in node.args):
+                if (
+                    names is None
+                    or len(node.args) > len(names)
+                    or any(isinstance(argument, ast.Starred) for argument in node.args)
+                ):
                     return Unresolved(f"positional arguments of {function.name}")
                 kwargs = {**dict(zip(names, (self.value(argument, env) for argument in node.args))), **kwargs}
             return LayerCall(function.name, kwargs)
@@ -356,7 +406,8 @@ def named_product(args: list, kwargs: dict):
     if unresolved_in([args, kwargs]) is not None:
         return Unresolved("named_product of non-literals")
     choices = [list(group) for group in args] + [
-        [{"testcase_name": f"{key}_{value}", key: value} for value in values] for key, values in kwargs.items()]
+        [{"testcase_name": f"{key}_{value}", key: value} for value in values] for key, values in kwargs.items()
+    ]
     cases = []
     for combination in itertools.product(*choices):
         case = {}
@@ -381,7 +432,7 @@ class Harvest:
         self.evaluator.layer_modules = set(LAYER_MODULES)
         for statement in tree.body:
             if isinstance(statement, ast.ImportFrom) and (statement.module or "").startswith("keras.src.layers"):
-                for alias in statement.names:   # a layer class, or a module of them (`relu.ReLU`)
+                for alias in statement.names:  # a layer class, or a module of them (`relu.ReLU`)
                     if alias.name in self.evaluator.signatures:
                         env[alias.asname or alias.name] = LayerClass(alias.name)
                     else:
@@ -393,8 +444,12 @@ class Harvest:
                         env[target.id] = value
         relative = path.relative_to(self.layers_dir).as_posix()
         test_classes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
-        methods = Counter(method.name for test_class in test_classes for method in test_class.body
-                          if isinstance(method, ast.FunctionDef))
+        methods = Counter(
+            method.name
+            for test_class in test_classes
+            for method in test_class.body
+            if isinstance(method, ast.FunctionDef)
+        )
         for test_class in test_classes:
             for method in test_class.body:
                 if isinstance(method, ast.FunctionDef) and method.name.startswith("test"):
@@ -417,23 +472,36 @@ class Harvest:
 
     def parameter_cases(self, method: ast.FunctionDef, env: dict):
         """[(case id or None, {parameter: value})] for each case of the method's decorator."""
-        decorator = next((d for d in method.decorator_list if isinstance(d, ast.Call) and ast.unparse(d.func) in (
-            "parameterized.parameters", "parameterized.named_parameters", "parameterized.product")), None)
+        decorator = next(
+            (
+                d
+                for d in method.decorator_list
+                if isinstance(d, ast.Call)
+                and ast.unparse(d.func)
+                in ("parameterized.parameters", "parameterized.named_parameters", "parameterized.product")
+            ),
+            None,
+        )
         parameters = [arg.arg for arg in method.args.args[1:]]
-        defaults = dict(zip(parameters[len(parameters) - len(method.args.defaults):],
-                            (self.evaluator.value(d, env) for d in method.args.defaults)))
+        defaults = dict(
+            zip(
+                parameters[len(parameters) - len(method.args.defaults) :],
+                (self.evaluator.value(d, env) for d in method.args.defaults),
+            )
+        )
         if decorator is None:
             return [(None, defaults)]
-        parameterization = ast.unparse(decorator.func).split(".")[1]   # absl's parameters / named_parameters / product
+        parameterization = ast.unparse(decorator.func).split(".")[1]  # absl's parameters / named_parameters / product
         if parameterization == "product":
-            raw = named_product([self.evaluator.value(a, env) for a in decorator.args],
-                                self.evaluator.keywords(decorator, env))
+            raw = named_product(
+                [self.evaluator.value(a, env) for a in decorator.args], self.evaluator.keywords(decorator, env)
+            )
             if isinstance(raw, Unresolved):
                 return raw
             raw = [{key: value for key, value in case.items() if key != "testcase_name"} for case in raw]
         else:
             raw = [self.evaluator.value(argument, env) for argument in decorator.args]
-            if len(raw) == 1 and isinstance(raw[0], list):   # absl: one list argument holds the cases
+            if len(raw) == 1 and isinstance(raw[0], list):  # absl: one list argument holds the cases
                 raw = raw[0]
             if isinstance(raw, Unresolved) or any(isinstance(case, Unresolved) for case in raw):
                 return Unresolved("parameters")
@@ -464,10 +532,16 @@ class Harvest:
                 env[statement.name] = Unresolved("local definition")
                 continue
             if isinstance(statement, ast.With):
-                if any(ast.unparse(item.context_expr.func if isinstance(item.context_expr, ast.Call)
-                                   else item.context_expr).split(".")[-1] in ASSERT_RAISES for item in statement.items):
+                if any(
+                    ast.unparse(
+                        item.context_expr.func if isinstance(item.context_expr, ast.Call) else item.context_expr
+                    ).split(".")[-1]
+                    in ASSERT_RAISES
+                    for item in statement.items
+                ):
                     self.skipped["inside assertRaises"] += sum(
-                        isinstance(node, ast.Call) for node in ast.walk(statement) if self.is_layer_use(node, env))
+                        isinstance(node, ast.Call) for node in ast.walk(statement) if self.is_layer_use(node, env)
+                    )
                     continue
                 for item in statement.items:
                     for name in _names(item.optional_vars):
@@ -486,10 +560,10 @@ class Harvest:
                 continue
             if isinstance(statement, ast.If):
                 test = self.evaluator.value(statement.test, env)
-                if plain(test):   # `if data_format == "channels_first":` with a known data_format
+                if plain(test):  # `if data_format == "channels_first":` with a known data_format
                     self.statements(statement.body if test else statement.orelse, env, emitted)
                     continue
-                branches = [dict(env), dict(env)]   # unknown: both, and what they set differently is unknown
+                branches = [dict(env), dict(env)]  # unknown: both, and what they set differently is unknown
                 self.statements(statement.body, branches[0], emitted)
                 self.statements(statement.orelse, branches[1], emitted)
                 for name in set(branches[0]) | set(branches[1]):
@@ -497,9 +571,12 @@ class Harvest:
                     env[name] = first if first == second else Unresolved("set by a condition")
                 continue
             if isinstance(statement, (ast.Try, ast.While)):
-                for block in (statement.body, getattr(statement, "orelse", []),
-                              *[handler.body for handler in getattr(statement, "handlers", [])],
-                              getattr(statement, "finalbody", [])):
+                for block in (
+                    statement.body,
+                    getattr(statement, "orelse", []),
+                    *[handler.body for handler in getattr(statement, "handlers", [])],
+                    getattr(statement, "finalbody", []),
+                ):
                     self.statements(block, env, emitted)
                 continue
             for node in ast.walk(statement):
@@ -507,13 +584,16 @@ class Harvest:
                     self.use(node, env, emitted)
             if isinstance(statement, (ast.Assign, ast.AnnAssign)) and statement.value is not None:
                 value = self.evaluator.value(statement.value, env)
-                for target in (statement.targets if isinstance(statement, ast.Assign) else [statement.target]):
+                for target in statement.targets if isinstance(statement, ast.Assign) else [statement.target]:
                     if isinstance(target, ast.Name):
                         env[target.id] = value
-                    elif isinstance(target, (ast.Tuple, ast.List)) and all(
-                            isinstance(t, ast.Name) for t in target.elts) and isinstance(
-                            value, (tuple, list)) and len(value) == len(target.elts):
-                        env.update(zip(_names(target), value))   # a, b = 1, 2
+                    elif (
+                        isinstance(target, (ast.Tuple, ast.List))
+                        and all(isinstance(t, ast.Name) for t in target.elts)
+                        and isinstance(value, (tuple, list))
+                        and len(value) == len(target.elts)
+                    ):
+                        env.update(zip(_names(target), value))  # a, b = 1, 2
                     else:
                         env.update((name, Unresolved("unpacking")) for name in _names(target))
             elif isinstance(statement, ast.AugAssign):
@@ -521,8 +601,10 @@ class Harvest:
                     env[name] = Unresolved("augmented assignment")
 
     def is_layer_use(self, node: ast.AST, env: dict) -> bool:
-        return isinstance(node, ast.Call) and (ast.unparse(node.func).endswith("run_layer_test") or isinstance(
-            self.evaluator.value(node.func, env), LayerCall))
+        return isinstance(node, ast.Call) and (
+            ast.unparse(node.func).endswith("run_layer_test")
+            or isinstance(self.evaluator.value(node.func, env), LayerCall)
+        )
 
     def use(self, node: ast.Call, env: dict, emitted: list) -> None:
         """A `run_layer_test` call, or a constructed layer called on inputs: one case, or a skip."""
@@ -548,8 +630,10 @@ class Harvest:
         call_kwargs = {}
         for keyword in node.keywords:
             item = value(keyword.value, env)
-            if keyword.arg is not None and (isinstance(item, Array) or (
-                    isinstance(item, (list, tuple)) and item and all(isinstance(x, Array) for x in item))):
+            if keyword.arg is not None and (
+                isinstance(item, Array)
+                or (isinstance(item, (list, tuple)) and item and all(isinstance(x, Array) for x in item))
+            ):
                 arrays.append((keyword.arg, item))
             elif keyword.arg is None:
                 return self.skip("call **kwargs")
@@ -567,18 +651,26 @@ class Harvest:
         if isinstance(inputs, Unresolved) or not inputs[1] or not all(isinstance(a, Array) for _, a in inputs[1]):
             return self.skip("input not literal")
         style, arrays = inputs
-        problem = unresolved_in([layer]) or unresolved_in([call_kwargs]) or unresolved_in(
-            [array.shape for _, array in arrays]) or unresolved_in([array.dtype for _, array in arrays])
+        problem = (
+            unresolved_in([layer])
+            or unresolved_in([call_kwargs])
+            or unresolved_in([array.shape for _, array in arrays])
+            or unresolved_in([array.dtype for _, array in arrays])
+        )
         if problem is not None:
             return self.skip(f"not literal: {problem.reason.split(' ')[0]}")
         if not all(len(array.shape) >= 1 for _, array in arrays):
             return self.skip("input without a batch axis")
         try:
-            case = {"class_name": layer.name, "init_kwargs": jsonable(layer.init_kwargs),
-                    "input_shapes": [list(array.shape) for _, array in arrays],
-                    "input_dtypes": [array.dtype for _, array in arrays],
-                    "input_style": style, "input_names": [name for name, _ in arrays],
-                    "call_kwargs": jsonable(call_kwargs)}
+            case = {
+                "class_name": layer.name,
+                "init_kwargs": jsonable(layer.init_kwargs),
+                "input_shapes": [list(array.shape) for _, array in arrays],
+                "input_dtypes": [array.dtype for _, array in arrays],
+                "input_style": style,
+                "input_names": [name for name, _ in arrays],
+                "call_kwargs": jsonable(call_kwargs),
+            }
         except TypeError:
             return self.skip("value JSON cannot hold")
         emitted.append((case, node.lineno))
@@ -593,8 +685,10 @@ def shape_inputs(shape, dtype):
         return Unresolved("input_shape")
     if isinstance(shape, dict):
         dtypes = dtype if isinstance(dtype, dict) else {key: dtype or "float32" for key in shape}
-        return "args", [(key.removesuffix("_shape"), Array(tuple(value), normalized_dtype(dtypes.get(key))))
-                        for key, value in shape.items()]
+        return "args", [
+            (key.removesuffix("_shape"), Array(tuple(value), normalized_dtype(dtypes.get(key))))
+            for key, value in shape.items()
+        ]
     if isinstance(shape, (tuple, list)) and shape and all(isinstance(item, (tuple, list)) for item in shape):
         dtypes = dtype if isinstance(dtype, (tuple, list)) else [dtype or "float32"] * len(shape)
         return "list", [(None, Array(tuple(item), normalized_dtype(dt))) for item, dt in zip(shape, dtypes)]
@@ -634,13 +728,22 @@ def _names(target) -> list[str]:
 
 
 def dedup_key(case: dict) -> str:
-    return json.dumps([case["class_name"], case["init_kwargs"], [shape[1:] for shape in case["input_shapes"]],
-                       case["input_dtypes"], case["input_style"], case["input_names"], case["call_kwargs"]],
-                      sort_keys=True)
+    return json.dumps(
+        [
+            case["class_name"],
+            case["init_kwargs"],
+            [shape[1:] for shape in case["input_shapes"]],
+            case["input_dtypes"],
+            case["input_style"],
+            case["input_names"],
+            case["call_kwargs"],
+        ],
+        sort_keys=True,
+    )
 
 
 def keras_layers_dir() -> Path:
-    spec = importlib.util.find_spec("keras")   # finds the package without importing it
+    spec = importlib.util.find_spec("keras")  # finds the package without importing it
     return Path(next(iter(spec.submodule_search_locations))) / "src/layers"
 
 
@@ -656,13 +759,22 @@ def harvest(layers_dir: Path | None = None) -> dict:
         if key not in seen:
             seen.add(key)
             parts = case["source"].split("/")
-            cases.append({"id": case["id"], "class_name": case["class_name"],
-                          "group": parts[0] if len(parts) > 1 else "base", **{
-                              k: v for k, v in case.items() if k not in ("id", "class_name")}})
-    return {"keras_version": importlib.metadata.version("keras"), "files": len(files),
-            "harvested_calls": len(state.cases), "duplicates_removed": len(state.cases) - len(cases),
-            "skipped": dict(sorted(state.skipped.items(), key=lambda item: (-item[1], item[0]))),
-            "cases": cases}
+            cases.append(
+                {
+                    "id": case["id"],
+                    "class_name": case["class_name"],
+                    "group": parts[0] if len(parts) > 1 else "base",
+                    **{k: v for k, v in case.items() if k not in ("id", "class_name")},
+                }
+            )
+    return {
+        "keras_version": importlib.metadata.version("keras"),
+        "files": len(files),
+        "harvested_calls": len(state.cases),
+        "duplicates_removed": len(state.cases) - len(cases),
+        "skipped": dict(sorted(state.skipped.items(), key=lambda item: (-item[1], item[0]))),
+        "cases": cases,
+    }
 
 
 def write(data: dict, path: Path) -> None:
@@ -677,8 +789,10 @@ def main(argv=None) -> int:
     data = harvest()
     write(data, args.out)
     groups = Counter(case["group"] for case in data["cases"])
-    print(f"Keras {data['keras_version']}: {data['files']} test files, {data['harvested_calls']} configurations, "
-          f"{len(data['cases'])} cases after removing {data['duplicates_removed']} duplicates -> {args.out}")
+    print(
+        f"Keras {data['keras_version']}: {data['files']} test files, {data['harvested_calls']} configurations, "
+        f"{len(data['cases'])} cases after removing {data['duplicates_removed']} duplicates -> {args.out}"
+    )
     for group, count in sorted(groups.items()):
         print(f"  {group:16s} {count:4d}")
     print(f"skipped {sum(data['skipped'].values())}:")

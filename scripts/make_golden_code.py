@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Regenerate the golden generated source of the seed MLP (tests/test_codegen.py pins it):
 
-    python scripts/make_golden_code.py
+python scripts/make_golden_code.py
 """
 
 import sys

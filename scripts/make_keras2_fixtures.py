@@ -63,8 +63,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
     sys.exit("error: run with TF_USE_LEGACY_KERAS=1 (and tf-keras installed) so that Keras 2 writes the files")
 
-import numpy as np  # noqa: E402
-import tf_keras as keras  # noqa: E402
+import numpy as np
+import tf_keras as keras
 
 FIXED_BATCH_SEED = 0
 FIXED_BATCH_ROWS = 64
@@ -87,12 +87,14 @@ def fixed_batch(model: keras.Model, rows: int = FIXED_BATCH_ROWS) -> np.ndarray:
 
 def seed_mlp() -> keras.Model:
     """The seed's MLP as the notebook wrote it in Keras 2, with a Dropout passing through."""
-    return keras.Sequential([
-        keras.layers.Dense(50, activation="tanh", input_shape=(784,), name="dense_1"),
-        keras.layers.Dropout(0.2, name="dropout_1"),
-        keras.layers.Dense(50, activation="tanh", name="dense_2"),
-        keras.layers.Dense(10, activation="softmax", name="dense_3"),
-    ])
+    return keras.Sequential(
+        [
+            keras.layers.Dense(50, activation="tanh", input_shape=(784,), name="dense_1"),
+            keras.layers.Dropout(0.2, name="dropout_1"),
+            keras.layers.Dense(50, activation="tanh", name="dense_2"),
+            keras.layers.Dense(10, activation="softmax", name="dense_3"),
+        ]
+    )
 
 
 def functional_chain() -> keras.Model:
@@ -107,9 +109,13 @@ def functional_chain() -> keras.Model:
 
 
 def unsupported() -> keras.Model:
-    return keras.Sequential([keras.layers.Dense(8, input_shape=(20,), name="dense"),
-                             keras.layers.BatchNormalization(name="batch_norm"),
-                             keras.layers.Dense(4, name="out")])
+    return keras.Sequential(
+        [
+            keras.layers.Dense(8, input_shape=(20,), name="dense"),
+            keras.layers.BatchNormalization(name="batch_norm"),
+            keras.layers.Dense(4, name="out"),
+        ]
+    )
 
 
 def branching() -> keras.Model:
@@ -184,7 +190,7 @@ def token_batch(rows: int = RNN_BATCH_ROWS) -> np.ndarray:
     """Seeded int32 ids in [1, VOCAB_SIZE); row r ends with r % 5 padding zeros."""
     ids = np.random.default_rng(FIXED_BATCH_SEED).integers(1, VOCAB_SIZE, (rows, SEQ_LEN), dtype=np.int32)
     for r in range(rows):
-        ids[r, SEQ_LEN - r % 5:] = 0
+        ids[r, SEQ_LEN - r % 5 :] = 0
     return ids
 
 
@@ -207,10 +213,17 @@ def shared() -> keras.Model:
     Dense: Keras 2's config of shared layers (several `inbound_nodes`, tensors named by node index)."""
     exon, intron = keras.Input(shape=(9, 4), name="exon"), keras.Input(shape=(7, 4), name="intron")
     conv = keras.layers.Conv1D(6, 3, padding="same", activation="relu", name="conv_exon")
-    encoder = keras.Sequential([keras.layers.Dense(5, activation="tanh", input_shape=(6,), name="enc_hidden"),
-                                keras.layers.Dense(3, name="enc_out")], name="encoder")
-    pooled = [keras.layers.GlobalMaxPooling1D(name=f"pool_{side}")(conv(x)) for side, x in (("exon", exon),
-                                                                                            ("intron", intron))]
+    encoder = keras.Sequential(
+        [
+            keras.layers.Dense(5, activation="tanh", input_shape=(6,), name="enc_hidden"),
+            keras.layers.Dense(3, name="enc_out"),
+        ],
+        name="encoder",
+    )
+    pooled = [
+        keras.layers.GlobalMaxPooling1D(name=f"pool_{side}")(conv(x))
+        for side, x in (("exon", exon), ("intron", intron))
+    ]
     difference = keras.layers.Subtract(name="difference")([encoder(pooled[0]), encoder(pooled[1])])
     outputs = keras.layers.Dense(2, activation="softmax", name="out")(difference)
     return overwrite_weights(keras.Model([exon, intron], outputs, name="siamese"), SHARED_WEIGHT_SEED)
@@ -224,14 +237,14 @@ def main() -> None:
     keras.utils.set_random_seed(FIXED_BATCH_SEED)
     expected = {}
     for name, model in (("seed_mlp", seed_mlp()), ("functional_chain", functional_chain())):
-        model.save(out_dir / f"{name}.h5")                    # full model: config + weights
-        model.save_weights(out_dir / f"{name}_weights.h5")     # weights only
+        model.save(out_dir / f"{name}.h5")  # full model: config + weights
+        model.save_weights(out_dir / f"{name}_weights.h5")  # weights only
         (out_dir / f"{name}_config.json").write_text(json.dumps(json.loads(model.to_json()), indent=1))
         expected[f"{name}_outputs"] = model.predict(fixed_batch(model), verbose=0)
     unsupported().save(out_dir / "unsupported_batchnorm.h5")
     branching().save(out_dir / "branching.h5")
     cnn_model = cnn()  # built last so the seeded initial weights of the models above do not change
-    cnn_model.save(out_dir / "cnn.h5")                         # full model: config + weights
+    cnn_model.save(out_dir / "cnn.h5")  # full model: config + weights
     expected["cnn_outputs"] = cnn_model.predict(fixed_batch(cnn_model, CNN_BATCH_ROWS), verbose=0)
     # the recurrent models come after all the above, each with its own weight seed
     lstm_model = lstm()
@@ -246,12 +259,15 @@ def main() -> None:
     expected["wrappers_outputs"] = wrappers_model.predict(fixed_batch(wrappers_model, RNN_BATCH_ROWS), verbose=0)
     shared_model = shared()
     shared_model.save(out_dir / "shared.h5")
-    expected["shared_inputs_exon"] = np.random.default_rng(FIXED_BATCH_SEED).random((RNN_BATCH_ROWS, 9, 4),
-                                                                                    dtype=np.float32)
-    expected["shared_inputs_intron"] = np.random.default_rng(FIXED_BATCH_SEED + 1).random((RNN_BATCH_ROWS, 7, 4),
-                                                                                          dtype=np.float32)
-    expected["shared_outputs"] = shared_model.predict([expected["shared_inputs_exon"],
-                                                       expected["shared_inputs_intron"]], verbose=0)
+    expected["shared_inputs_exon"] = np.random.default_rng(FIXED_BATCH_SEED).random(
+        (RNN_BATCH_ROWS, 9, 4), dtype=np.float32
+    )
+    expected["shared_inputs_intron"] = np.random.default_rng(FIXED_BATCH_SEED + 1).random(
+        (RNN_BATCH_ROWS, 7, 4), dtype=np.float32
+    )
+    expected["shared_outputs"] = shared_model.predict(
+        [expected["shared_inputs_exon"], expected["shared_inputs_intron"]], verbose=0
+    )
     np.savez(out_dir / "expected_outputs.npz", **expected)
     (out_dir / "VERSIONS.txt").write_text(f"tf_keras {keras.__version__}\n")
     for path in sorted(out_dir.iterdir()):
@@ -260,20 +276,24 @@ def main() -> None:
 
 def tf1_names_cnn() -> keras.Model:
     """Conv2D -> BatchNormalization -> Flatten -> Dense, with the layer names Keras 1/2 generated."""
-    return keras.Sequential([keras.layers.Conv2D(3, 3, strides=2, input_shape=(7, 6, 2), name="conv2d_1"),
-                             keras.layers.BatchNormalization(name="batch_normalization_1"),
-                             keras.layers.Flatten(name="flatten_1"),
-                             keras.layers.Dense(4, activation="softmax", name="dense_1")])
+    return keras.Sequential(
+        [
+            keras.layers.Conv2D(3, 3, strides=2, input_shape=(7, 6, 2), name="conv2d_1"),
+            keras.layers.BatchNormalization(name="batch_normalization_1"),
+            keras.layers.Flatten(name="flatten_1"),
+            keras.layers.Dense(4, activation="softmax", name="dense_1"),
+        ]
+    )
 
 
 def main_tf1_names(out_dir: Path) -> None:
     import tensorflow as tf
 
-    tf.compat.v1.disable_eager_execution()   # graph mode: name scopes are made unique per graph
+    tf.compat.v1.disable_eager_execution()  # graph mode: name scopes are made unique per graph
     out_dir.mkdir(parents=True, exist_ok=True)
-    tf1_names_cnn()                            # the first build takes the plain scopes
+    tf1_names_cnn()  # the first build takes the plain scopes
     model = overwrite_weights(tf1_names_cnn(), TF1_WEIGHT_SEED)
-    normalization = model.get_layer("batch_normalization_1")   # a variance must be positive
+    normalization = model.get_layer("batch_normalization_1")  # a variance must be positive
     gamma, beta, mean, variance = normalization.get_weights()
     normalization.set_weights([gamma, beta, mean, np.abs(variance) + 0.5])
     if not model.weights[0].name.startswith("conv2d_1_1/"):
@@ -318,11 +338,16 @@ def saved_model_rnn() -> keras.Model:
 
 
 def saved_model_nested() -> keras.Model:
-    encoder = keras.Sequential([keras.layers.Dense(7, activation="tanh", input_shape=(9,), name="enc_a"),
-                                keras.layers.Dense(5, name="enc_b")], name="encoder")
+    encoder = keras.Sequential(
+        [keras.layers.Dense(7, activation="tanh", input_shape=(9,), name="enc_a"), keras.layers.Dense(5, name="enc_b")],
+        name="encoder",
+    )
     head_in = keras.Input(shape=(5,), name="head_in")
-    head = keras.Model(head_in, keras.layers.Dense(3, name="head_dense")(
-        keras.layers.BatchNormalization(name="head_bn")(head_in)), name="head")
+    head = keras.Model(
+        head_in,
+        keras.layers.Dense(3, name="head_dense")(keras.layers.BatchNormalization(name="head_bn")(head_in)),
+        name="head",
+    )
     inputs = keras.Input(shape=(9,), name="features")
     x = keras.layers.Dense(9, activation="relu", name="pre")(inputs)
     outputs = head(encoder(x))
@@ -335,15 +360,16 @@ def main_saved_model(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(FIXED_BATCH_SEED)
     expected = {}
-    for index, (name, build) in enumerate((("cnn", saved_model_cnn), ("rnn", saved_model_rnn),
-                                           ("nested", saved_model_nested))):
+    for index, (name, build) in enumerate(
+        (("cnn", saved_model_cnn), ("rnn", saved_model_rnn), ("nested", saved_model_nested))
+    ):
         model = seeded_normal_weights(build(), SAVED_MODEL_WEIGHT_SEED + index)
         folder = out_dir / name
         if folder.exists():
             shutil.rmtree(folder)
-        model.save(str(folder))   # no suffix: tf-keras writes a SavedModel folder
-        model.save(out_dir / f"{name}.h5")   # the same model as a Keras 2 .h5: the tests compare the tensors
-        (folder / "saved_model.pb").unlink()   # the traced graphs: never read by the exchange
+        model.save(str(folder))  # no suffix: tf-keras writes a SavedModel folder
+        model.save(out_dir / f"{name}.h5")  # the same model as a Keras 2 .h5: the tests compare the tensors
+        (folder / "saved_model.pb").unlink()  # the traced graphs: never read by the exchange
         for empty in (folder / "assets",):
             if empty.is_dir() and not any(empty.iterdir()):
                 empty.rmdir()
@@ -376,10 +402,10 @@ def tfop_unet() -> keras.Model:
     merged = tf.maximum(merged, -0.2) - tf.minimum(merged, 0.3) / 3
     merged = 2.0 - tf.pow(merged, 2) + tf.math.sqrt(tf.abs(merged) + 1.0)
     merged = tf.math.log(tf.square(merged) + 1.0) + tf.math.exp(-merged)
-    pixels = tf.reshape(merged, [-1, 120, 5])                      # (batch, 120, 5)
-    pixels = tf.transpose(pixels, perm=[0, 2, 1])                   # (batch, 5, 120)
+    pixels = tf.reshape(merged, [-1, 120, 5])  # (batch, 120, 5)
+    pixels = tf.transpose(pixels, perm=[0, 2, 1])  # (batch, 5, 120)
     pixels = tf.squeeze(tf.expand_dims(pixels, 2), axis=[2])
-    pixels = keras.layers.Dense(7, name="dense")(pixels)            # (batch, 5, 7)
+    pixels = keras.layers.Dense(7, name="dense")(pixels)  # (batch, 5, 7)
     scores = tf.nn.softmax(pixels, axis=1)
     small = tf.image.resize(tf.nn.silu(merged), [5, 7])
     small = tf.math.add_n([tf.clip_by_value(small, -0.5, 1.5), small, tf.math.rsqrt(small * small + 1.0)])
@@ -394,15 +420,17 @@ def tfop_reduce() -> keras.Model:
     x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(volume)
     mean = tf.math.reduce_mean(x, axis=[1, 2], keepdims=True)
     centred = x - mean
-    pooled = tf.reduce_sum(centred, -1) + tf.reduce_max(x, axis=-1, keepdims=True)[..., 0] \
+    pooled = (
+        tf.reduce_sum(centred, -1)
+        + tf.reduce_max(x, axis=-1, keepdims=True)[..., 0]
         - tf.math.reduce_min(x, axis=2)[:, :, 1:2] * tf.math.reduce_prod(x[..., 1:3] + 1.0, axis=-1)
+    )
     sliced = centred[:, 1:6:2, :, 0]
     last = x[:, -1]
     added = tf.expand_dims(x[:, tf.newaxis, 2, ..., 3], -1)
     flat = keras.layers.Flatten(name="flatten")(pooled)
     out = keras.layers.Dense(3, name="dense")(flat)
-    return overwrite_weights(keras.Model(volume, [out, sliced, last, added], name="tfop_reduce"),
-                             TFOP_WEIGHT_SEED + 1)
+    return overwrite_weights(keras.Model(volume, [out, sliced, last, added], name="tfop_reduce"), TFOP_WEIGHT_SEED + 1)
 
 
 def tfop_every_op() -> keras.Model:
@@ -412,16 +440,47 @@ def tfop_every_op() -> keras.Model:
 
     x, y, v = keras.Input((4, 6, 3), name="x"), keras.Input((4, 6, 3), name="y"), keras.Input((5,), name="v")
     outputs = [
-        tf.math.add(x, y), tf.math.divide(x, y + 2.0), tf.math.reciprocal(x + 1.5), tf.math.floor(x * 3),
-        tf.math.ceil(x * 3), tf.math.sin(x), tf.math.cos(x), tf.nn.relu6(x * 10 - 2), tf.math.softplus(x),
-        tf.nn.softsign(x), tf.nn.relu(x - 0.5), tf.math.rsqrt(x + 0.1), tf.minimum(x, y), tf.maximum(y, x),
-        tf.math.reduce_prod(x, axis=[1, 3]), tf.squeeze(x[:, :1, :, :1], axis=[1, 3]), tf.concat([x, y, x], 1),
-        tf.math.pow(2.0, x), 3.0 / (x + 1.0), x[:, ::2, 1:-1], x[:, 2], tf.expand_dims(v, 1),
-        tf.reduce_mean(v, axis=-1), tf.nn.softmax(x), tf.nn.softmax(v), tf.transpose(x, [0, 3, 1, 2]),
-        tf.reshape(v, [-1, 5, 1]), tf.nn.sigmoid(v) - v, tf.math.negative(x), tf.math.abs(x - 0.5),
-        tf.math.reduce_max(x, axis=(1, 2)), tf.clip_by_value(x, 0.2, 0.7), tf.image.resize(x, (9, 5), method="nearest"),
-        tf.math.add_n([x, y]), tf.nn.silu(x), x * y, tf.square(v), tf.exp(v), tf.math.log(v + 1.0),
-        x * np.array([1.0, -2.0, 0.5], "float32"), tf.math.subtract(np.arange(6, dtype="float32").reshape(6, 1), x),
+        tf.math.add(x, y),
+        tf.math.divide(x, y + 2.0),
+        tf.math.reciprocal(x + 1.5),
+        tf.math.floor(x * 3),
+        tf.math.ceil(x * 3),
+        tf.math.sin(x),
+        tf.math.cos(x),
+        tf.nn.relu6(x * 10 - 2),
+        tf.math.softplus(x),
+        tf.nn.softsign(x),
+        tf.nn.relu(x - 0.5),
+        tf.math.rsqrt(x + 0.1),
+        tf.minimum(x, y),
+        tf.maximum(y, x),
+        tf.math.reduce_prod(x, axis=[1, 3]),
+        tf.squeeze(x[:, :1, :, :1], axis=[1, 3]),
+        tf.concat([x, y, x], 1),
+        tf.math.pow(2.0, x),
+        3.0 / (x + 1.0),
+        x[:, ::2, 1:-1],
+        x[:, 2],
+        tf.expand_dims(v, 1),
+        tf.reduce_mean(v, axis=-1),
+        tf.nn.softmax(x),
+        tf.nn.softmax(v),
+        tf.transpose(x, [0, 3, 1, 2]),
+        tf.reshape(v, [-1, 5, 1]),
+        tf.nn.sigmoid(v) - v,
+        tf.math.negative(x),
+        tf.math.abs(x - 0.5),
+        tf.math.reduce_max(x, axis=(1, 2)),
+        tf.clip_by_value(x, 0.2, 0.7),
+        tf.image.resize(x, (9, 5), method="nearest"),
+        tf.math.add_n([x, y]),
+        tf.nn.silu(x),
+        x * y,
+        tf.square(v),
+        tf.exp(v),
+        tf.math.log(v + 1.0),
+        x * np.array([1.0, -2.0, 0.5], "float32"),
+        tf.math.subtract(np.arange(6, dtype="float32").reshape(6, 1), x),
         tf.maximum(v, [0.1, 0.2, 0.3, 0.4, 0.5]),
     ]
     return keras.Model([x, y, v], outputs, name="tfop_every_op")
@@ -439,11 +498,12 @@ def main_tfop(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     keras.utils.set_random_seed(FIXED_BATCH_SEED)
     expected = {}
-    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce()),
-                        ("tfop_every_op", tfop_every_op())):
+    for name, model in (("tfop_unet", tfop_unet()), ("tfop_reduce", tfop_reduce()), ("tfop_every_op", tfop_every_op())):
         model.save(out_dir / f"{name}.h5")
-        inputs = [np.random.default_rng(FIXED_BATCH_SEED + index).random((8, *tensor.shape[1:]), dtype=np.float32)
-                  for index, tensor in enumerate(model.inputs)]
+        inputs = [
+            np.random.default_rng(FIXED_BATCH_SEED + index).random((8, *tensor.shape[1:]), dtype=np.float32)
+            for index, tensor in enumerate(model.inputs)
+        ]
         for index, values in enumerate(inputs):
             expected[f"{name}_inputs_{index}"] = values
         for index, output in enumerate(model.predict(inputs, verbose=0)):
@@ -456,13 +516,18 @@ def main_tfop(out_dir: Path) -> None:
 
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--tfop"]:
-        main_tfop(Path(sys.argv[2]) if len(sys.argv) > 2 else
-                  Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+        main_tfop(
+            Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
+        )
     elif sys.argv[1:2] == ["--tf1-names"]:
-        main_tf1_names(Path(sys.argv[2]) if len(sys.argv) > 2 else
-                       Path(__file__).resolve().parent.parent / "tests/fixtures/keras2")
+        main_tf1_names(
+            Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
+        )
     elif sys.argv[1:2] == ["--saved-model"]:
-        main_saved_model(Path(sys.argv[2]) if len(sys.argv) > 2 else
-                         Path(__file__).resolve().parent.parent / "tests/fixtures/keras2/saved_model")
+        main_saved_model(
+            Path(sys.argv[2])
+            if len(sys.argv) > 2
+            else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2/saved_model"
+        )
     else:
         main()

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Redraw a run's plots (curves, weight drift, first-layer tiles) from its report.json.
 
-    python scripts/plot.py runs/latest/report.json [--out-dir DIR]
+python scripts/plot.py runs/latest/report.json [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exchange.errors import ExchangeError  # noqa: E402
+from exchange.errors import ExchangeError
 
 
 def main(argv: list[str] | None = None) -> int:

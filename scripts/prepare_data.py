@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Write the seed's four MNIST pickles (mnist_X_train.pkl, …) from IDX files or a Keras mnist.npz.
 
-    python scripts/prepare_data.py SOURCE_DIR_OR_NPZ OUT_DIR
+python scripts/prepare_data.py SOURCE_DIR_OR_NPZ OUT_DIR
 """
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exchange.mnist import load_folder, write_pickles  # noqa: E402
-from exchange.runner import OneLineArgumentParser, run_command  # noqa: E402
+from exchange.mnist import load_folder, write_pickles
+from exchange.runner import OneLineArgumentParser, run_command
 
 
 def main(argv: list[str] | None = None) -> int:

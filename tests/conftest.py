@@ -7,19 +7,17 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import ROOT  # tests/ is on sys.path: pytest puts a conftest's folder there
 
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from exchange.graph import Graph, dense_chain  # noqa: E402
-from frameworks.recipe import SEED_ARCHITECTURE  # noqa: E402
+from exchange.graph import Graph, dense_chain
+from frameworks.recipe import SEED_ARCHITECTURE
 
 # Architectures every exchange test runs over: the seed's, and a Dense stack with other sizes,
 # other activations and a layer without bias (its own key set).
-OTHER_ARCHITECTURE = dense_chain("other", 784, [(64, "relu"), (32, "sigmoid", False), (32, "linear"),
-                                                (10, "softmax")])
+OTHER_ARCHITECTURE = dense_chain("other", 784, [(64, "relu"), (32, "sigmoid", False), (32, "linear"), (10, "softmax")])
 ARCHITECTURES = {"seed": SEED_ARCHITECTURE, "other": OTHER_ARCHITECTURE}
 
 
@@ -40,4 +38,3 @@ def mnist():
 @pytest.fixture(params=sorted(ARCHITECTURES), ids=sorted(ARCHITECTURES))
 def architecture(request) -> Graph:
     return ARCHITECTURES[request.param]
-

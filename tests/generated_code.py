@@ -8,9 +8,9 @@ import sys
 import textwrap
 
 import numpy as np
+from support import ROOT
 
 from exchange import cli, keras_adapter, torch_adapter
-from support import ROOT
 
 # Runs in the child: imports the generated file alone, compares, exports.
 RUNNER = textwrap.dedent("""
@@ -62,8 +62,13 @@ RUNNER = textwrap.dedent("""
 def run_generated(code_path, class_name, inputs, expected, tmp_path) -> dict:
     data_path = tmp_path / "data.npz"
     np.savez(data_path, inputs=inputs, expected=expected)
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), class_name, str(data_path)],
-                            capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(code_path), class_name, str(data_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -85,8 +90,13 @@ def check_generated_code(keras_model, inputs, tmp_path, tolerance: float = 1e-5)
     check_generated_file(code_path)
     data_path = tmp_path / "data.npz"
     np.savez(data_path, inputs=inputs[0], expected=expected)
-    result = subprocess.run([sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name),
-                             str(data_path)], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name), str(data_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     outcome = json.loads(result.stdout.strip().splitlines()[-1])
     assert outcome["eager"] <= tolerance * max(1.0, outcome["scale"]), outcome

@@ -28,21 +28,21 @@ import struct
 import sys
 import traceback
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import h5py
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 EXISTING = b"an existing output that a failed run must leave byte-identical\n"
-SECRET = b"SECRET!!"            # the outside file's bytes: none may reach an output
-CASE_TIMEOUT = 30               # seconds: a case that runs longer is a hang (a FIFO read blocks forever)
+SECRET = b"SECRET!!"  # the outside file's bytes: none may reach an output
+CASE_TIMEOUT = 30  # seconds: a case that runs longer is a hang (a FIFO read blocks forever)
 ADDRESS_SPACE_HEADROOM = 3 << 30  # RLIMIT_AS above the child's size after imports: a bomb fails, not the machine
-BOMB_BYTES = 256 << 20          # what the compression bombs expand to; the naive readers held all of it
-KERNEL = "model_weights/dense_1/dense_1/kernel:0"   # in the Keras 2 seed .h5
-KERAS3_KERNEL = "layers/dense/vars/0"               # in the .keras seed's model.weights.h5
+BOMB_BYTES = 256 << 20  # what the compression bombs expand to; the naive readers held all of it
+KERNEL = "model_weights/dense_1/dense_1/kernel:0"  # in the Keras 2 seed .h5
+KERAS3_KERNEL = "layers/dense/vars/0"  # in the .keras seed's model.weights.h5
 SEED_ACTIVATIONS = "tanh,tanh,softmax"
 MNIST_ROWS = 64
 
@@ -55,9 +55,9 @@ class Case:
     build: Callable[[Path, Path], list[str]]
     message: str
     names: str
-    entry: str = "convert"     # convert, prepare (scripts/prepare_data.py) or train (scripts/train.py)
+    entry: str = "convert"  # convert, prepare (scripts/prepare_data.py) or train (scripts/train.py)
     output: str = "out.safetensors"
-    converts: bool = False     # a valid (if odd) input: it must convert, within the same memory bound
+    converts: bool = False  # a valid (if odd) input: it must convert, within the same memory bound
 
 
 # ---------------------------------------------------------------------------------------------
@@ -77,8 +77,10 @@ def write_base_files(base: Path, keras_path: Path) -> None:
     for name in ("seed_mlp.h5", "seed_mlp_weights.h5", "seed_mlp_config.json"):
         shutil.copy(fixtures / name, base / name)
     generator = np.random.default_rng(3)
-    tensors = {key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
-               for key, shape in SEED_ARCHITECTURE.tensor_shapes().items()}
+    tensors = {
+        key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
+        for key, shape in SEED_ARCHITECTURE.tensor_shapes().items()
+    }
     fileformat.save(base / "seed.safetensors", SEED_ARCHITECTURE, tensors, "torch")
     torch.save({key: torch.from_numpy(value) for key, value in tensors.items()}, base / "seed.pt")
     write_idx_folder(base / "mnist", generator)
@@ -167,8 +169,9 @@ def replace_dataset(h5, path: str, **create) -> None:
     group.create_dataset(name, **create)
 
 
-def keras3_with(case_dir: Path, base: Path, edit_weights=None, config: bytes | None = None,
-                config_compressed: bool = False) -> Path:
+def keras3_with(
+    case_dir: Path, base: Path, edit_weights=None, config: bytes | None = None, config_compressed: bool = False
+) -> Path:
     """The `.keras` seed rebuilt: its weights member edited by `edit_weights(h5)`, or its
     config.json replaced."""
     with zipfile.ZipFile(base / "seed.keras") as archive:
@@ -190,8 +193,9 @@ def keras3_with(case_dir: Path, base: Path, edit_weights=None, config: bytes | N
     return path
 
 
-def deflated_member(archive: zipfile.ZipFile, name: str, prefix: bytes, padding: int, suffix: bytes = b"",
-                    fill: bytes = b"\0") -> None:
+def deflated_member(
+    archive: zipfile.ZipFile, name: str, prefix: bytes, padding: int, suffix: bytes = b"", fill: bytes = b"\0"
+) -> None:
     """A deflated member of `prefix`, `padding` bytes of `fill`, `suffix`, written in chunks."""
     info = zipfile.ZipInfo(name, date_time=(2024, 1, 1, 0, 0, 0))
     info.compress_type = zipfile.ZIP_DEFLATED
@@ -220,8 +224,12 @@ def safetensors_bytes(entries: dict, metadata: dict, data: bytes) -> bytes:
 def seed_metadata() -> dict:
     from frameworks.recipe import SEED_ARCHITECTURE
 
-    return {"format": "pt", "exchange_version": "2", "architecture": SEED_ARCHITECTURE.to_json(),
-            "source_framework": "torch"}
+    return {
+        "format": "pt",
+        "exchange_version": "2",
+        "architecture": SEED_ARCHITECTURE.to_json(),
+        "source_framework": "torch",
+    }
 
 
 def seed_config(base: Path) -> dict:
@@ -260,15 +268,23 @@ def convert_args(case_dir: Path, source: Path, *extra: str, output: str = "out.s
 
 def _external_storage_h5(case_dir, base):
     secret = outside_file(case_dir)
-    path = keras2_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]))
+    path = keras2_with(
+        case_dir,
+        base,
+        lambda h5: replace_dataset(h5, KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]),
+    )
     return convert_args(case_dir, path)
 
 
 def _external_storage_keras(case_dir, base):
     secret = outside_file(case_dir)
-    path = keras3_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERAS3_KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]))
+    path = keras3_with(
+        case_dir,
+        base,
+        lambda h5: replace_dataset(
+            h5, KERAS3_KERNEL, shape=(784, 50), dtype="<f4", external=[(str(secret), 0, 784 * 50 * 4)]
+        ),
+    )
     return convert_args(case_dir, path)
 
 
@@ -290,6 +306,7 @@ def _virtual_dataset(case_dir, base):
         group = h5[KERNEL.rsplit("/", 1)[0]]
         del group["kernel:0"]
         group.create_virtual_dataset("kernel:0", layout, fillvalue=0)
+
     return convert_args(case_dir, keras2_with(case_dir, base, edit))
 
 
@@ -300,6 +317,7 @@ def _external_link(case_dir, base):
         group = h5[KERNEL.rsplit("/", 1)[0]]
         del group["kernel:0"]
         group["kernel:0"] = h5py.ExternalLink(str(other), "/data")
+
     return convert_args(case_dir, keras2_with(case_dir, base, edit))
 
 
@@ -309,48 +327,73 @@ def _soft_link(case_dir, base):
         h5["elsewhere"] = group["kernel:0"][()]
         del group["kernel:0"]
         group["kernel:0"] = h5py.SoftLink("/elsewhere")
+
     return convert_args(case_dir, keras2_with(case_dir, base, edit))
 
 
 def _unknown_filter(case_dir, base):
     data = np.zeros((784, 50), "<f4")
-    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERNEL, data=data, compression="lzf")))
+    return convert_args(
+        case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(h5, KERNEL, data=data, compression="lzf"))
+    )
 
 
 def _sparse_chunked(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERNEL, shape=(40000, 40000), dtype="<f4", chunks=(1000, 1000))))
+    return convert_args(
+        case_dir,
+        keras2_with(
+            case_dir,
+            base,
+            lambda h5: replace_dataset(h5, KERNEL, shape=(40000, 40000), dtype="<f4", chunks=(1000, 1000)),
+        ),
+    )
 
 
 def _unallocated_terabytes(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERNEL, shape=(1_000_000, 1_000_000), dtype="<f4")))
+    return convert_args(
+        case_dir,
+        keras2_with(case_dir, base, lambda h5: replace_dataset(h5, KERNEL, shape=(1_000_000, 1_000_000), dtype="<f4")),
+    )
 
 
 def _string_dataset(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, lambda h5: replace_dataset(
-        h5, KERNEL, data=np.array([b"weights"] * 784 * 50).reshape(784, 50))))
+    return convert_args(
+        case_dir,
+        keras2_with(
+            case_dir,
+            base,
+            lambda h5: replace_dataset(h5, KERNEL, data=np.array([b"weights"] * 784 * 50).reshape(784, 50)),
+        ),
+    )
 
 
 def _set_attribute(name, value, where="/", **create):
     """An edit that replaces attribute `name` of the object at `where`."""
+
     def edit(h5):
         target = h5[where]
         if name in target.attrs:
             del target.attrs[name]
         target.attrs.create(name, value, **create)
+
     return edit
 
 
 def _deep_model_config(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
-        "model_config", "[" * 100_000 + "]" * 100_000)))
+    return convert_args(
+        case_dir, keras2_with(case_dir, base, _set_attribute("model_config", "[" * 100_000 + "]" * 100_000))
+    )
 
 
 def _non_utf8_attribute(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
-        "model_config", b'{"class_name": "\xff\xfe"}', dtype=h5py.string_dtype("utf-8"))))
+    return convert_args(
+        case_dir,
+        keras2_with(
+            case_dir,
+            base,
+            _set_attribute("model_config", b'{"class_name": "\xff\xfe"}', dtype=h5py.string_dtype("utf-8")),
+        ),
+    )
 
 
 def _model_config_wrong_type(case_dir, base):
@@ -358,13 +401,14 @@ def _model_config_wrong_type(case_dir, base):
 
 
 def _weight_names_wrong_type(case_dir, base):
-    return convert_args(case_dir, keras2_with(case_dir, base, _set_attribute(
-        "weight_names", 5, where="model_weights/dense_1")))
+    return convert_args(
+        case_dir, keras2_with(case_dir, base, _set_attribute("weight_names", 5, where="model_weights/dense_1"))
+    )
 
 
 def _corrupted_h5(case_dir, base):
     data = bytearray((base / "seed_mlp.h5").read_bytes())
-    data[800:4000] = bytes(range(256)) * 12 + bytes(3200 - 256 * 12)   # object headers and B-trees
+    data[800:4000] = bytes(range(256)) * 12 + bytes(3200 - 256 * 12)  # object headers and B-trees
     path = case_dir / "model.h5"
     path.write_bytes(bytes(data))
     return convert_args(case_dir, path)
@@ -399,7 +443,7 @@ def _truncated_h5(case_dir, base):
 
 def _use_bias_no(case_dir, base):
     config = seed_config(base)
-    config["config"]["layers"][1]["config"]["use_bias"] = "no"   # the first Dense
+    config["config"]["layers"][1]["config"]["use_bias"] = "no"  # the first Dense
     arch = case_dir / "config.json"
     arch.write_text(json.dumps(config))
     weights = case_dir / "weights.h5"
@@ -409,14 +453,14 @@ def _use_bias_no(case_dir, base):
 
 def _deep_arch_json(case_dir, base):
     arch = case_dir / "arch.json"
-    arch.write_text("{\"a\": " + "[" * 100_000 + "]" * 100_000 + "}")
+    arch.write_text('{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
     return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
 
 
 def _sparse_arch_json(case_dir, base):
     arch = case_dir / "arch.json"
     with open(arch, "wb") as stream:
-        stream.truncate(1_500_000_000)   # a sparse file: 1.5 GB declared, nothing on disk
+        stream.truncate(1_500_000_000)  # a sparse file: 1.5 GB declared, nothing on disk
     return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
 
 
@@ -437,20 +481,27 @@ def _deep_keras_config(case_dir, base):
 
 def _units_config(units: str):
     """The `.keras` seed with the first Dense's units written as `units`."""
+
     def build(case_dir, base):
         with zipfile.ZipFile(base / "seed.keras") as archive:
             config = archive.read("config.json").decode().replace('"units": 50', f'"units": {units}', 1)
         return convert_args(case_dir, keras3_with(case_dir, base, config=config.encode()))
+
     return build
 
 
 def _lambda_layer(case_dir, base):
     with zipfile.ZipFile(base / "seed.keras") as archive:
         config = json.loads(archive.read("config.json"))
-    layer = config["config"]["layers"][2]   # dense_1 becomes a Lambda carrying marshalled code
+    layer = config["config"]["layers"][2]  # dense_1 becomes a Lambda carrying marshalled code
     layer.update(class_name="Lambda", module="keras.layers", registered_name=None)
-    layer["config"] = {"name": "evil", "function": {"class_name": "__lambda__", "config": {
-        "code": "4wEAAAAAAAAAAAAAAAEAAAADAAAA", "defaults": None, "closure": None}}}
+    layer["config"] = {
+        "name": "evil",
+        "function": {
+            "class_name": "__lambda__",
+            "config": {"code": "4wEAAAAAAAAAAAAAAAEAAAADAAAA", "defaults": None, "closure": None},
+        },
+    }
     return convert_args(case_dir, keras3_with(case_dir, base, config=json.dumps(config).encode()))
 
 
@@ -485,15 +536,20 @@ def _safetensors_header_beyond(case_dir, base):
 
 
 def _architecture_of_layers(count: int) -> str:
-    node = '{"name":"d%d","kind":"dense","inputs":["%s"],"dtype":"float32","config":{"units":1,' \
-           '"activation":"linear","use_bias":false}}'
+    node = (
+        '{"name":"d%d","kind":"dense","inputs":["%s"],"dtype":"float32","config":{"units":1,'
+        '"activation":"linear","use_bias":false}}'
+    )
     nodes = ",".join(node % (index, "x" if index == 0 else f"d{index - 1}") for index in range(count))
-    return ('{"name":"m","inputs":[{"name":"x","shape":[1],"dtype":"float32"}],"nodes":[' + nodes
-            + '],"outputs":["d%d"]}' % (count - 1))
+    return (
+        '{"name":"m","inputs":[{"name":"x","shape":[1],"dtype":"float32"}],"nodes":['
+        + nodes
+        + f'],"outputs":["d{count - 1}"]}}'
+    )
 
 
 def _huge_header(case_dir, base):
-    metadata = {**seed_metadata(), "architecture": _architecture_of_layers(170_000)}   # about 20 MB
+    metadata = {**seed_metadata(), "architecture": _architecture_of_layers(170_000)}  # about 20 MB
     path = case_dir / "model.safetensors"
     path.write_bytes(safetensors_bytes({}, metadata, b""))
     return convert_args(case_dir, path, output="out.pt")
@@ -528,8 +584,12 @@ def _pt_legacy(case_dir, base):
 def _pt_with_code(case_dir, base):
     marker = case_dir.parent / "outside" / "pwned"
     marker.parent.mkdir(exist_ok=True)
-    payload = (b"\x80\x02cposix\nsystem\nq\x00X" + struct.pack("<I", len(f"touch {marker}"))
-               + f"touch {marker}".encode() + b"\x85R.")
+    payload = (
+        b"\x80\x02cposix\nsystem\nq\x00X"
+        + struct.pack("<I", len(f"touch {marker}"))
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )
     path = case_dir / "model.pt"
     with zipfile.ZipFile(base / "seed.pt") as source, zipfile.ZipFile(path, "w") as archive:
         for info in source.infolist():
@@ -587,19 +647,24 @@ def _pickle_fifo(case_dir, base):
 
 def _idx_case(edit):
     """The small IDX folder with one file replaced by `edit(folder)`; run through prepare_data."""
+
     def build(case_dir, base):
         folder = mnist_copy(case_dir, base)
         edit(folder)
         (case_dir / "out").mkdir()
         return [str(folder), str(case_dir / "out")]
+
     return build
 
 
 def _idx_gzip_bomb(folder):
     target = folder / "train-images-idx3-ubyte"
     target.unlink()
-    gzip_bomb(Path(f"{target}.gz"), bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (MNIST_ROWS, 28, 28)),
-              BOMB_BYTES)
+    gzip_bomb(
+        Path(f"{target}.gz"),
+        bytes([0, 0, 8, 3]) + b"".join(n.to_bytes(4, "big") for n in (MNIST_ROWS, 28, 28)),
+        BOMB_BYTES,
+    )
 
 
 def _idx_dev_zero(folder):
@@ -610,6 +675,7 @@ def _idx_dev_zero(folder):
 def _idx_write(name: str, data: bytes):
     def edit(folder):
         (folder / name).write_bytes(data)
+
     return edit
 
 
@@ -619,13 +685,15 @@ def _npz_case(make):
         make(path)
         (case_dir / "out").mkdir()
         return [str(path), str(case_dir / "out")]
+
     return build
 
 
 def _npz_absurd_shape(path):
     header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "|u1", "fortran_order": False,
-                                                  "shape": (10_000_000, 28, 28)})
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": "|u1", "fortran_order": False, "shape": (10_000_000, 28, 28)}
+    )
     with zipfile.ZipFile(path, "w") as archive:
         for name in ("x_train", "y_train", "x_test", "y_test"):
             archive.writestr(f"{name}.npy", header.getvalue() + bytes(64))
@@ -638,31 +706,55 @@ def _format2_layer(kind: str, config: dict, shape: list):
     """For an output name, a case writing a format-2 `.safetensors` whose architecture is one layer
     `kind` with `config` on an input of `shape` (no tensors: the architecture is refused before they
     are read) and converting it to that output."""
+
     def for_output(output: str):
         def build(case_dir, base):
-            architecture = {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": "float32"}],
-                            "nodes": [{"name": "n", "kind": kind, "inputs": ["x"], "dtype": "float32",
-                                       "config": config}], "outputs": ["n"]}
+            architecture = {
+                "name": "m",
+                "inputs": [{"name": "x", "shape": shape, "dtype": "float32"}],
+                "nodes": [{"name": "n", "kind": kind, "inputs": ["x"], "dtype": "float32", "config": config}],
+                "outputs": ["n"],
+            }
             path = case_dir / "model.safetensors"
-            path.write_bytes(safetensors_bytes({}, {**seed_metadata(), "architecture": json.dumps(architecture)},
-                                               b""))
+            path.write_bytes(safetensors_bytes({}, {**seed_metadata(), "architecture": json.dumps(architecture)}, b""))
             return convert_args(case_dir, path, output=output)
+
         return build
+
     return for_output
 
 
 def _format2_bidirectional(backward_go_backwards: bool = True, merge_mode: str = "concat"):
-    side = {"units": 3, "activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
-            "return_sequences": True, "return_state": False, "go_backwards": False, "zero_output_for_mask": True,
-            "reset_after": True, "uses_mask": True}
-    return _format2_layer("bidirectional", {"layer": "lstm", "forward": side, "merge_mode": merge_mode,
-                                            "backward": {**side, "go_backwards": backward_go_backwards}}, [5, 4])
+    side = {
+        "units": 3,
+        "activation": "tanh",
+        "recurrent_activation": "sigmoid",
+        "use_bias": True,
+        "return_sequences": True,
+        "return_state": False,
+        "go_backwards": False,
+        "zero_output_for_mask": True,
+        "reset_after": True,
+        "uses_mask": True,
+    }
+    return _format2_layer(
+        "bidirectional",
+        {
+            "layer": "lstm",
+            "forward": side,
+            "merge_mode": merge_mode,
+            "backward": {**side, "go_backwards": backward_go_backwards},
+        },
+        [5, 4],
+    )
 
 
 def _format2_pair(name: str, for_output, message: str) -> dict[str, Case]:
     """The case as code generation (`out.py`) and as `.keras`: both refused naming the file."""
-    return {f"format-2 {name} -> {output}": Case(for_output(output), message, "model.safetensors", output=output)
-            for output in ("out.py", "out.keras")}
+    return {
+        f"format-2 {name} -> {output}": Case(for_output(output), message, "model.safetensors", output=output)
+        for output in ("out.py", "out.keras")
+    }
 
 
 def _deep_metadata_architecture(case_dir, base):
@@ -680,6 +772,7 @@ def _verify_with_bad_labels(case_dir, base):
 
 # Round 3: names and graph costs
 
+
 def graph_file(case_dir: Path, description: dict, tensors: dict | None = None) -> Path:
     """A format-2 `.safetensors` holding `description` as its architecture (and `tensors`, float32)."""
     entries, data, offset = {}, b"", 0
@@ -694,14 +787,25 @@ def graph_file(case_dir: Path, description: dict, tensors: dict | None = None) -
 
 def small_graph(layer: str = "d", input_name: str = "x", model: str = "m", width: int = 3) -> dict:
     """One Dense (`width` -> 2, no bias) named `layer`, reading input `input_name`."""
-    return {"name": model, "inputs": [{"name": input_name, "shape": [width], "dtype": "float32"}],
-            "nodes": [{"name": layer, "kind": "dense", "inputs": [input_name], "dtype": "float32",
-                       "config": {"units": 2, "activation": "linear", "use_bias": False}}],
-            "outputs": [layer]}
+    return {
+        "name": model,
+        "inputs": [{"name": input_name, "shape": [width], "dtype": "float32"}],
+        "nodes": [
+            {
+                "name": layer,
+                "kind": "dense",
+                "inputs": [input_name],
+                "dtype": "float32",
+                "config": {"units": 2, "activation": "linear", "use_bias": False},
+            }
+        ],
+        "outputs": [layer],
+    }
 
 
 def _named(output: str = "out.py", **names):
     """A small graph whose layer, input or model name is hostile, converted to `output`."""
+
     def build(case_dir, base):
         marker = repr(str(case_dir.parent / "outside" / "pwned"))
         description = small_graph(**{key: value.replace("MARKER", marker) for key, value in names.items()})
@@ -710,14 +814,14 @@ def _named(output: str = "out.py", **names):
 
         tensors = {f"{python_name(layer)}.weight": np.ones((2, 3), np.float32)} if layer.isprintable() else {}
         return convert_args(case_dir, graph_file(case_dir, description, tensors), output=output)
+
     return build
 
 
 def _wide_add(case_dir, base):
     """One Add node listing the input 400,000 times (2.4 MB): 3.1 GB and a minute to build before."""
     description = small_graph()
-    description["nodes"] = [{"name": "sum", "kind": "add", "inputs": ["x"] * 400_000, "dtype": "float32",
-                             "config": {}}]
+    description["nodes"] = [{"name": "sum", "kind": "add", "inputs": ["x"] * 400_000, "dtype": "float32", "config": {}}]
     description["outputs"] = ["sum"]
     return convert_args(case_dir, graph_file(case_dir, description), output="out.py")
 
@@ -725,15 +829,26 @@ def _wide_add(case_dir, base):
 def _normalization_constant(case_dir, base):
     """A Normalization with a one-value mean on a 250,000,000-wide input: expanded per channel it
     took 2 GB from a file of a few hundred bytes (in the module and in the generated code)."""
-    description = {"name": "m", "inputs": [{"name": "x", "shape": [250_000_000], "dtype": "float32"}],
-                   "nodes": [{"name": "norm", "kind": "normalization", "inputs": ["x"], "dtype": "float32",
-                              "config": {"axis": -1, "invert": False, "mean": [0.5], "variance": [2.0]}}],
-                   "outputs": ["norm"]}
+    description = {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": [250_000_000], "dtype": "float32"}],
+        "nodes": [
+            {
+                "name": "norm",
+                "kind": "normalization",
+                "inputs": ["x"],
+                "dtype": "float32",
+                "config": {"axis": -1, "invert": False, "mean": [0.5], "variance": [2.0]},
+            }
+        ],
+        "outputs": ["norm"],
+    }
     return convert_args(case_dir, graph_file(case_dir, description), output="out.py")
 
 
 def _keras2_model_named(model_name: str, layer: str | None = None, output: str = "out.py"):
     """The Keras 2 seed `.h5` with its model (and maybe its first Dense) renamed in model_config."""
+
     def build(case_dir, base):
         def edit(h5):
             config = json.loads(h5.attrs["model_config"])
@@ -741,12 +856,15 @@ def _keras2_model_named(model_name: str, layer: str | None = None, output: str =
             if layer is not None:
                 config["config"]["layers"][1]["config"]["name"] = layer
             h5.attrs["model_config"] = json.dumps(config)
+
         return convert_args(case_dir, keras2_with(case_dir, base, edit), output=output)
+
     return build
 
 
 def _arch_json_named(model_name: str):
     """The seed `.pt` with an exchange architecture JSON (`--arch`) whose model name is hostile."""
+
     def build(case_dir, base):
         from frameworks.recipe import SEED_ARCHITECTURE
 
@@ -755,6 +873,7 @@ def _arch_json_named(model_name: str):
         arch = case_dir / "arch.json"
         arch.write_text(json.dumps(description))
         return convert_args(case_dir, base / "seed.pt", "--arch", str(arch), output="out.py")
+
     return build
 
 
@@ -763,42 +882,90 @@ CODE_IN_A_NAME = 'm"""; import pathlib; pathlib.Path(MARKER).touch(); """'
 
 # Round 3: --verify (the frameworks run in a child process; these graphs crash, loop in or
 # exhaust TensorFlow, or are refused before it runs)
-VERIFY_CHILD_SECONDS = "12"   # --verify-timeout for the cases that make a framework loop: within CASE_TIMEOUT
+VERIFY_CHILD_SECONDS = "12"  # --verify-timeout for the cases that make a framework loop: within CASE_TIMEOUT
 
 
 def _graph(shape: list, nodes: list, dtype: str = "float32") -> dict:
-    return {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": dtype}], "nodes": nodes,
-            "outputs": [nodes[-1]["name"]]}
+    return {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": shape, "dtype": dtype}],
+        "nodes": nodes,
+        "outputs": [nodes[-1]["name"]],
+    }
 
 
 def _verify_huge_pool(case_dir, base):
     """MaxPooling1D of pool size 10**9 ("same"): TensorFlow crashes (SIGSEGV) or loops."""
-    pool = {"name": "pool", "kind": "max_pool1d", "inputs": ["x"], "dtype": "float32",
-            "config": {"pool_size": [10**9], "strides": [10**9], "padding": "same"}}
-    return convert_args(case_dir, graph_file(case_dir, _graph([10, 3], [pool])), "--verify",
-                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+    pool = {
+        "name": "pool",
+        "kind": "max_pool1d",
+        "inputs": ["x"],
+        "dtype": "float32",
+        "config": {"pool_size": [10**9], "strides": [10**9], "padding": "same"},
+    }
+    return convert_args(
+        case_dir,
+        graph_file(case_dir, _graph([10, 3], [pool])),
+        "--verify",
+        "--verify-timeout",
+        VERIFY_CHILD_SECONDS,
+        output="out.pt",
+    )
 
 
 def _verify_wide_add(case_dir, base):
     """An Add reading the input 10**5 times: TensorFlow builds for minutes, then crashes (SIGSEGV)."""
     add = {"name": "add", "kind": "add", "inputs": ["x"] * 10**5, "dtype": "float32", "config": {}}
-    return convert_args(case_dir, graph_file(case_dir, _graph([3], [add])), "--verify",
-                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+    return convert_args(
+        case_dir,
+        graph_file(case_dir, _graph([3], [add])),
+        "--verify",
+        "--verify-timeout",
+        VERIFY_CHILD_SECONDS,
+        output="out.pt",
+    )
 
 
 def _verify_long_lstm(case_dir, base):
     """A masked LSTM over 2*10**6 declared steps: TensorFlow aborts (SIGABRT) under a memory cap,
     or runs for minutes."""
-    lstm = {"units": 3, "activation": "tanh", "recurrent_activation": "sigmoid", "use_bias": True,
-            "return_sequences": False, "return_state": False, "go_backwards": False, "zero_output_for_mask": False,
-            "reset_after": True, "uses_mask": True}
-    nodes = [{"name": "emb", "kind": "embedding", "inputs": ["x"], "dtype": "float32",
-              "config": {"input_dim": 10, "output_dim": 4, "mask_zero": True}},
-             {"name": "lstm", "kind": "lstm", "inputs": ["emb"], "dtype": "float32", "config": lstm}]
-    tensors = {"emb.weight": np.ones((10, 4)), "lstm.weight_ih_l0": np.ones((12, 4)),
-               "lstm.weight_hh_l0": np.ones((12, 3)), "lstm.bias_ih_l0": np.ones(12), "lstm.bias_hh_l0": np.zeros(12)}
-    return convert_args(case_dir, graph_file(case_dir, _graph([2 * 10**6], nodes, "int32"), tensors), "--verify",
-                        "--verify-timeout", VERIFY_CHILD_SECONDS, output="out.pt")
+    lstm = {
+        "units": 3,
+        "activation": "tanh",
+        "recurrent_activation": "sigmoid",
+        "use_bias": True,
+        "return_sequences": False,
+        "return_state": False,
+        "go_backwards": False,
+        "zero_output_for_mask": False,
+        "reset_after": True,
+        "uses_mask": True,
+    }
+    nodes = [
+        {
+            "name": "emb",
+            "kind": "embedding",
+            "inputs": ["x"],
+            "dtype": "float32",
+            "config": {"input_dim": 10, "output_dim": 4, "mask_zero": True},
+        },
+        {"name": "lstm", "kind": "lstm", "inputs": ["emb"], "dtype": "float32", "config": lstm},
+    ]
+    tensors = {
+        "emb.weight": np.ones((10, 4)),
+        "lstm.weight_ih_l0": np.ones((12, 4)),
+        "lstm.weight_hh_l0": np.ones((12, 3)),
+        "lstm.bias_ih_l0": np.ones(12),
+        "lstm.bias_hh_l0": np.zeros(12),
+    }
+    return convert_args(
+        case_dir,
+        graph_file(case_dir, _graph([2 * 10**6], nodes, "int32"), tensors),
+        "--verify",
+        "--verify-timeout",
+        VERIFY_CHILD_SECONDS,
+        output="out.pt",
+    )
 
 
 def _verify_huge_activation(case_dir, base):
@@ -809,13 +976,17 @@ def _verify_huge_activation(case_dir, base):
 
 def _deep_chain(output: str, *extra: str):
     """20,000 Dense layers in a chain (the layer cap): Keras recursed past Python's limit."""
+
     def build(case_dir, base):
         metadata = {**seed_metadata(), "architecture": _architecture_of_layers(20_000)}
-        entries = {f"d{index}.weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * index, 4 * index + 4]}
-                   for index in range(20_000)}
+        entries = {
+            f"d{index}.weight": {"dtype": "F32", "shape": [1, 1], "data_offsets": [4 * index, 4 * index + 4]}
+            for index in range(20_000)
+        }
         path = case_dir / "model.safetensors"
         path.write_bytes(safetensors_bytes(entries, metadata, np.ones(20_000, np.float32).tobytes()))
         return convert_args(case_dir, path, *extra, output=output)
+
     return build
 
 
@@ -828,31 +999,49 @@ def _verify_integer_activation(case_dir, base):
 
 CASES: dict[str, Case] = {
     # Round 3: names and graph costs (names that are valid but odd: tests/test_hostile_names.py).
-    "layer name with a line break": Case(_named(layer="d\nimport os"), r"invalid layer or input name 'd\\nimport os'",
-                                         "model.safetensors"),
+    "layer name with a line break": Case(
+        _named(layer="d\nimport os"), r"invalid layer or input name 'd\\nimport os'", "model.safetensors"
+    ),
     "layer name with NUL": Case(_named(layer="d\0"), "invalid layer or input name", "model.safetensors"),
-    "input name with a lone surrogate": Case(_named(input_name="x\udcff"), r"invalid layer or input name 'x\\udcff'",
-                                             "model.safetensors"),
-    "model name with a right-to-left override": Case(_named(model="m\u202eyp.exe"), "invalid model name",
-                                                     "model.safetensors"),
-    "layer name Keras cannot use, to .keras": Case(_named(layer="my layer", output="out.keras"),
-                                                   "layer name 'my layer' cannot be a Keras layer's name",
-                                                   "model.safetensors", output="out.keras"),
-    "model name Keras cannot use, to .keras": Case(_named(model="-m", output="out.keras"),
-                                                   "model name '-m' cannot be a Keras model's name",
-                                                   "model.safetensors", output="out.keras"),
-    "Add of 400,000 inputs": Case(_wide_add, "reads 400,000 tensors, more than the 1,000", "model.safetensors",
-                                  output="out.py"),
-    "Normalization constant on 250,000,000 channels": Case(_normalization_constant, "", "", output="out.py",
-                                                           converts=True),
-    "h5 layer name with a line break": Case(_keras2_model_named("sequential", layer="dense_1\nx"),
-                                            r"invalid layer or input name 'dense_1\\nx'", "model.h5", output="out.py"),
-    "h5 model name closing the docstring, to .py": Case(_keras2_model_named(CODE_IN_A_NAME), "", "", output="out.py",
-                                                         converts=True),
-    "--arch model name closing the docstring, to .py": Case(_arch_json_named(CODE_IN_A_NAME), "", "",
-                                                             output="out.py", converts=True),
-    "safetensors model name closing the docstring, to .py": Case(_named(model=CODE_IN_A_NAME), "", "",
-                                                                 output="out.py", converts=True),
+    "input name with a lone surrogate": Case(
+        _named(input_name="x\udcff"), r"invalid layer or input name 'x\\udcff'", "model.safetensors"
+    ),
+    "model name with a right-to-left override": Case(
+        _named(model="m\u202eyp.exe"), "invalid model name", "model.safetensors"
+    ),
+    "layer name Keras cannot use, to .keras": Case(
+        _named(layer="my layer", output="out.keras"),
+        "layer name 'my layer' cannot be a Keras layer's name",
+        "model.safetensors",
+        output="out.keras",
+    ),
+    "model name Keras cannot use, to .keras": Case(
+        _named(model="-m", output="out.keras"),
+        "model name '-m' cannot be a Keras model's name",
+        "model.safetensors",
+        output="out.keras",
+    ),
+    "Add of 400,000 inputs": Case(
+        _wide_add, "reads 400,000 tensors, more than the 1,000", "model.safetensors", output="out.py"
+    ),
+    "Normalization constant on 250,000,000 channels": Case(
+        _normalization_constant, "", "", output="out.py", converts=True
+    ),
+    "h5 layer name with a line break": Case(
+        _keras2_model_named("sequential", layer="dense_1\nx"),
+        r"invalid layer or input name 'dense_1\\nx'",
+        "model.h5",
+        output="out.py",
+    ),
+    "h5 model name closing the docstring, to .py": Case(
+        _keras2_model_named(CODE_IN_A_NAME), "", "", output="out.py", converts=True
+    ),
+    "--arch model name closing the docstring, to .py": Case(
+        _arch_json_named(CODE_IN_A_NAME), "", "", output="out.py", converts=True
+    ),
+    "safetensors model name closing the docstring, to .py": Case(
+        _named(model=CODE_IN_A_NAME), "", "", output="out.py", converts=True
+    ),
     # Data read from outside the input.
     "h5 external storage": Case(_external_storage_h5, "keeps its data in another file", "model.h5"),
     ".keras external storage": Case(_external_storage_keras, "keeps its data in another file", "model.keras"),
@@ -865,22 +1054,33 @@ CASES: dict[str, Case] = {
     "h5 chunked 40000x40000, no chunks": Case(_sparse_chunked, "sparse or bomb dataset", "model.h5"),
     "h5 contiguous terabytes, unallocated": Case(_unallocated_terabytes, "does not hold", "model.h5"),
     "--arch sparse 1.5 GB": Case(_sparse_arch_json, "more than the", "arch.json"),
-    "safetensors 20 MB header, 170,000 layers": Case(_huge_header, "more than the", "model.safetensors",
-                                                     output="out.pt"),
-    "safetensors 25,000 layers": Case(_too_many_layers, "more than the 20,000 layers", "model.safetensors",
-                                      output="out.pt"),
+    "safetensors 20 MB header, 170,000 layers": Case(
+        _huge_header, "more than the", "model.safetensors", output="out.pt"
+    ),
+    "safetensors 25,000 layers": Case(
+        _too_many_layers, "more than the 20,000 layers", "model.safetensors", output="out.pt"
+    ),
     ".pt storage zip bomb": Case(_pt_zip_bomb, "zip bomb", "model.pt"),
-    "pickle LONG_BINPUT 2**28": Case(_pickle_memo_bomb, "memo index 268,435,456", "mnist_X_train.pkl",
-                                     entry="train", output="run"),
-    "pickle BINBYTES8 4 GB": Case(_pickle_huge_bytes, "not a readable pickle", "mnist_X_train.pkl",
-                                  entry="train", output="run"),
-    "IDX gzip bomb": Case(_idx_case(_idx_gzip_bomb), "holds more values", "train-images-idx3-ubyte.gz",
-                          entry="prepare", output="out"),
-    "IDX /dev/zero": Case(_idx_case(_idx_dev_zero), r"not a regular file \(a character device\)",
-                          "train-images-idx3-ubyte", entry="prepare", output="out"),
+    "pickle LONG_BINPUT 2**28": Case(
+        _pickle_memo_bomb, "memo index 268,435,456", "mnist_X_train.pkl", entry="train", output="run"
+    ),
+    "pickle BINBYTES8 4 GB": Case(
+        _pickle_huge_bytes, "not a readable pickle", "mnist_X_train.pkl", entry="train", output="run"
+    ),
+    "IDX gzip bomb": Case(
+        _idx_case(_idx_gzip_bomb), "holds more values", "train-images-idx3-ubyte.gz", entry="prepare", output="out"
+    ),
+    "IDX /dev/zero": Case(
+        _idx_case(_idx_dev_zero),
+        r"not a regular file \(a character device\)",
+        "train-images-idx3-ubyte",
+        entry="prepare",
+        output="out",
+    ),
     # A hang.
-    "pickle FIFO": Case(_pickle_fifo, r"not a regular file \(a FIFO\)", "mnist_X_train.pkl",
-                        entry="train", output="run"),
+    "pickle FIFO": Case(
+        _pickle_fifo, r"not a regular file \(a FIFO\)", "mnist_X_train.pkl", entry="train", output="run"
+    ),
     "FIFO as input": Case(_fifo_as_input, r"not a regular file \(a FIFO\)", "model.safetensors", output="out.pt"),
     # Tracebacks.
     ".keras deeply nested config": Case(_deep_keras_config, "nests 100000 levels", "model.keras"),
@@ -893,98 +1093,172 @@ CASES: dict[str, Case] = {
     "h5 weight_names not a list": Case(_weight_names_wrong_type, "not a list of names", "model.h5"),
     "h5 corrupted": Case(_corrupted_h5, "HDF5", "model.h5"),
     "h5 truncated": Case(_truncated_h5, "HDF5", "model.h5"),
-    "h5 attribute making libhdf5 allocate 2 GiB": Case(_h5_attribute_heap_bomb, "memory allocation failed",
-                                                        "model.h5"),
+    "h5 attribute making libhdf5 allocate 2 GiB": Case(_h5_attribute_heap_bomb, "memory allocation failed", "model.h5"),
     "h5 that crashes libhdf5": Case(_h5_crashing_libhdf5, r"HDF5 library crashed reading it: SIGSEGV", "model.h5"),
     "h5 dataset of strings": Case(_string_dataset, "not numbers", "model.h5"),
     "safetensors float8": Case(_safetensors_float8, "has dtype F8_E4M3", "model.safetensors", output="out.pt"),
-    "safetensors offsets beyond the file": Case(_safetensors_offsets_beyond, "do not fit", "model.safetensors",
-                                                output="out.pt"),
-    "safetensors header length beyond the file": Case(_safetensors_header_beyond, "header length",
-                                                      "model.safetensors", output="out.pt"),
+    "safetensors offsets beyond the file": Case(
+        _safetensors_offsets_beyond, "do not fit", "model.safetensors", output="out.pt"
+    ),
+    "safetensors header length beyond the file": Case(
+        _safetensors_header_beyond, "header length", "model.safetensors", output="out.pt"
+    ),
     ".pt meta tensor": Case(_pt_meta, "cannot hold", "model.pt"),
     ".pt legacy format": Case(_pt_legacy, "not the zip archive", "model.pt"),
     ".pt bzip2 member": Case(_pt_bzip2_member, "unsupported compression", "model.pt"),
-    "IDX labels out of range": Case(_idx_case(_idx_write("train-labels-idx1-ubyte", idx_bytes(
-        np.full(MNIST_ROWS, 11, np.uint8)))), "labels must be integers 0 to 9", "mnist", entry="prepare",
-        output="out"),
-    "IDX 255 dimensions": Case(_idx_case(_idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 255]) + bytes(2000))),
-                               "255 dimensions", "train-images-idx3-ubyte", entry="prepare", output="out"),
-    "IDX 2-D images": Case(_idx_case(_idx_write("train-images-idx3-ubyte", idx_bytes(
-        np.zeros((MNIST_ROWS, 28), np.uint8)))), r"expected \(N, 28, 28\)", "mnist", entry="prepare", output="out"),
-    "IDX wrapping dimension product": Case(_idx_case(_idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 3])
-                                                                + b"\x80\x00\x00\x00" * 2 + b"\x00\x00\x00\x04")),
-                                           "more than the file can hold", "train-images-idx3-ubyte",
-                                           entry="prepare", output="out"),
-    "npz absurd shape": Case(_npz_case(_npz_absurd_shape), "declares uint8", "mnist.npz", entry="prepare",
-                             output="out"),
-    "pickle unknown codec": Case(_pickle_unknown_codec, "refusing the codec 'bogus'", "mnist_X_train.pkl",
-                                 entry="train", output="run"),
+    "IDX labels out of range": Case(
+        _idx_case(_idx_write("train-labels-idx1-ubyte", idx_bytes(np.full(MNIST_ROWS, 11, np.uint8)))),
+        "labels must be integers 0 to 9",
+        "mnist",
+        entry="prepare",
+        output="out",
+    ),
+    "IDX 255 dimensions": Case(
+        _idx_case(_idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 255]) + bytes(2000))),
+        "255 dimensions",
+        "train-images-idx3-ubyte",
+        entry="prepare",
+        output="out",
+    ),
+    "IDX 2-D images": Case(
+        _idx_case(_idx_write("train-images-idx3-ubyte", idx_bytes(np.zeros((MNIST_ROWS, 28), np.uint8)))),
+        r"expected \(N, 28, 28\)",
+        "mnist",
+        entry="prepare",
+        output="out",
+    ),
+    "IDX wrapping dimension product": Case(
+        _idx_case(
+            _idx_write("train-images-idx3-ubyte", bytes([0, 0, 8, 3]) + b"\x80\x00\x00\x00" * 2 + b"\x00\x00\x00\x04")
+        ),
+        "more than the file can hold",
+        "train-images-idx3-ubyte",
+        entry="prepare",
+        output="out",
+    ),
+    "npz absurd shape": Case(
+        _npz_case(_npz_absurd_shape), "declares uint8", "mnist.npz", entry="prepare", output="out"
+    ),
+    "pickle unknown codec": Case(
+        _pickle_unknown_codec, "refusing the codec 'bogus'", "mnist_X_train.pkl", entry="train", output="run"
+    ),
     "--verify MNIST labels out of range": Case(_verify_with_bad_labels, "labels must be integers", "mnist"),
-    "--tolerance nan": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "nan"),
-                            "--tolerance must be a finite non-negative number", "tolerance"),
-    "--tolerance abc": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--tolerance", "abc"),
-                            "invalid float value: 'abc'", "tolerance"),
-    "train --epochs 0": Case(lambda d, b: train_args(d, b / "mnist")[:2] + ["--epochs", "0", "--out-dir",
-                                                                           str(d / "run")],
-                             "--epochs must be at least 1", "epochs", entry="train", output="run"),
-    "safetensors deeply nested architecture": Case(_deep_metadata_architecture, "architecture nests 100000 levels",
-                                                   "model.safetensors", output="out.pt"),
-    "--tolerance -1": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "-1"),
-                           "--tolerance must be a finite non-negative number", "tolerance"),
+    "--tolerance nan": Case(
+        lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "nan"),
+        "--tolerance must be a finite non-negative number",
+        "tolerance",
+    ),
+    "--tolerance abc": Case(
+        lambda d, b: convert_args(d, b / "seed.safetensors", "--tolerance", "abc"),
+        "invalid float value: 'abc'",
+        "tolerance",
+    ),
+    "train --epochs 0": Case(
+        lambda d, b: train_args(d, b / "mnist")[:2] + ["--epochs", "0", "--out-dir", str(d / "run")],
+        "--epochs must be at least 1",
+        "epochs",
+        entry="train",
+        output="run",
+    ),
+    "safetensors deeply nested architecture": Case(
+        _deep_metadata_architecture, "architecture nests 100000 levels", "model.safetensors", output="out.pt"
+    ),
+    "--tolerance -1": Case(
+        lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "-1"),
+        "--tolerance must be a finite non-negative number",
+        "tolerance",
+    ),
     # Round 3: format-2 configs
-    **_format2_pair("Permute dims out of range", _format2_layer("permute", {"dims": [1, 3]}, [4, 5]),
-                    r"Permute dims \[1, 3\] are not a permutation"),
-    **_format2_pair("Permute dims duplicated", _format2_layer("permute", {"dims": [1, 1]}, [4, 5]),
-                    r"Permute dims \[1, 1\] are not a permutation"),
+    **_format2_pair(
+        "Permute dims out of range",
+        _format2_layer("permute", {"dims": [1, 3]}, [4, 5]),
+        r"Permute dims \[1, 3\] are not a permutation",
+    ),
+    **_format2_pair(
+        "Permute dims duplicated",
+        _format2_layer("permute", {"dims": [1, 1]}, [4, 5]),
+        r"Permute dims \[1, 1\] are not a permutation",
+    ),
     **_format2_pair("Dense on a rank-0 input", _format2_layer("dense", {"units": 3}, []), "needs a known feature axis"),
-    **_format2_pair("Softmax axis 10**18", _format2_layer("softmax", {"axis": 10**18}, [4]),
-                    "Softmax axis must be an integer from -9 to 9"),
-    **_format2_pair("Softmax axis out of range", _format2_layer("softmax", {"axis": 5}, [4]),
-                    "axis 5 is not a feature axis"),
-    **_format2_pair("Bidirectional merge_mode 'bogus'", _format2_bidirectional(merge_mode="bogus"),
-                    "merge_mode 'bogus' is not one of"),
-    **_format2_pair("Bidirectional backward not go_backwards", _format2_bidirectional(backward_go_backwards=False),
-                    "different go_backwards, got False for both"),
-    **_format2_pair("TimeDistributed unknown key", _format2_layer("time_distributed", {
-        "layer": "dense", "config": {"units": 3}, "layer_name": "d", "bogus": 1}, [5, 4]),
-        r"unknown option\(s\) 'bogus'"),
-    **_format2_pair("pool size 10**9, same padding", _format2_layer("max_pool2d", {
-        "pool_size": [10**9, 10**9], "strides": [1, 1], "padding": "same"}, [8, 8, 3]),
-        "pooling kernel size must be an integer from 1 to 8,192"),
-    **_format2_pair("ZeroPadding2D 10**9", _format2_layer("zero_padding2d", {"amounts": [[10**9, 0], [0, 0]]},
-                                                          [8, 8, 3]),
-                    "padding or cropping amounts must be an integer from 0 to 8,192"),
-    **_format2_pair("newline in a config key", _format2_layer("dense", {"units": 3, "bad\nkey": 1}, [4]),
-                    r"unknown option\(s\) 'bad\\nkey'"),
+    **_format2_pair(
+        "Softmax axis 10**18",
+        _format2_layer("softmax", {"axis": 10**18}, [4]),
+        "Softmax axis must be an integer from -9 to 9",
+    ),
+    **_format2_pair(
+        "Softmax axis out of range", _format2_layer("softmax", {"axis": 5}, [4]), "axis 5 is not a feature axis"
+    ),
+    **_format2_pair(
+        "Bidirectional merge_mode 'bogus'",
+        _format2_bidirectional(merge_mode="bogus"),
+        "merge_mode 'bogus' is not one of",
+    ),
+    **_format2_pair(
+        "Bidirectional backward not go_backwards",
+        _format2_bidirectional(backward_go_backwards=False),
+        "different go_backwards, got False for both",
+    ),
+    **_format2_pair(
+        "TimeDistributed unknown key",
+        _format2_layer(
+            "time_distributed", {"layer": "dense", "config": {"units": 3}, "layer_name": "d", "bogus": 1}, [5, 4]
+        ),
+        r"unknown option\(s\) 'bogus'",
+    ),
+    **_format2_pair(
+        "pool size 10**9, same padding",
+        _format2_layer("max_pool2d", {"pool_size": [10**9, 10**9], "strides": [1, 1], "padding": "same"}, [8, 8, 3]),
+        "pooling kernel size must be an integer from 1 to 8,192",
+    ),
+    **_format2_pair(
+        "ZeroPadding2D 10**9",
+        _format2_layer("zero_padding2d", {"amounts": [[10**9, 0], [0, 0]]}, [8, 8, 3]),
+        "padding or cropping amounts must be an integer from 0 to 8,192",
+    ),
+    **_format2_pair(
+        "newline in a config key",
+        _format2_layer("dense", {"units": 3, "bad\nkey": 1}, [4]),
+        r"unknown option\(s\) 'bad\\nkey'",
+    ),
     # Invalid input accepted.
-    "use_bias \"no\"": Case(_use_bias_no, r"use_bias='no' \(must be true or false\)", "config.json"),
+    'use_bias "no"': Case(_use_bias_no, r"use_bias='no' \(must be true or false\)", "config.json"),
     # Round 3: --verify
     # Refused before any framework runs now (the size and fan-in caps); they segfaulted TensorFlow.
-    "--verify MaxPooling1D of pool size 10**9": Case(_verify_huge_pool, "pooling kernel size must be an integer from 1 to 8,192",
-                                                     "model.safetensors",
-                                                     output="out.pt"),
-    "--verify Add of 100,000 inputs": Case(_verify_wide_add, "reads 100,000 tensors, more than the 1,000",
-                                           "model.safetensors",
-                                            output="out.pt"),
-    "--verify masked LSTM of 2,000,000 steps": Case(_verify_long_lstm, "--verify stopped", "model.safetensors",
-                                                    output="out.pt"),
-    "--verify 25,000,000 values per sample": Case(_verify_huge_activation, "more than the 16,000,000 --verify holds",
-                                                  "model.safetensors", output="out.pt"),
-    "--verify 20,000-layer chain": Case(_deep_chain("out.pt", "--verify"), "20,000 layers deep", "model.safetensors",
-                                        output="out.pt"),
-    ".keras of a 20,000-layer chain": Case(_deep_chain("out.keras"), "20,000 layers deep", "model.safetensors",
-                                           output="out.keras"),
-    "--verify int64 input into Activation": Case(_verify_integer_activation, "reads the integer input 'x'",
-                                                 "model.safetensors", output="out.pt"),
-    "--verify-timeout nan": Case(lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--verify-timeout",
-                                                           "nan"),
-                                 "--verify-timeout must be a finite positive number", "verify-timeout"),
+    "--verify MaxPooling1D of pool size 10**9": Case(
+        _verify_huge_pool,
+        "pooling kernel size must be an integer from 1 to 8,192",
+        "model.safetensors",
+        output="out.pt",
+    ),
+    "--verify Add of 100,000 inputs": Case(
+        _verify_wide_add, "reads 100,000 tensors, more than the 1,000", "model.safetensors", output="out.pt"
+    ),
+    "--verify masked LSTM of 2,000,000 steps": Case(
+        _verify_long_lstm, "--verify stopped", "model.safetensors", output="out.pt"
+    ),
+    "--verify 25,000,000 values per sample": Case(
+        _verify_huge_activation, "more than the 16,000,000 --verify holds", "model.safetensors", output="out.pt"
+    ),
+    "--verify 20,000-layer chain": Case(
+        _deep_chain("out.pt", "--verify"), "20,000 layers deep", "model.safetensors", output="out.pt"
+    ),
+    ".keras of a 20,000-layer chain": Case(
+        _deep_chain("out.keras"), "20,000 layers deep", "model.safetensors", output="out.keras"
+    ),
+    "--verify int64 input into Activation": Case(
+        _verify_integer_activation, "reads the integer input 'x'", "model.safetensors", output="out.pt"
+    ),
+    "--verify-timeout nan": Case(
+        lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--verify-timeout", "nan"),
+        "--verify-timeout must be a finite positive number",
+        "verify-timeout",
+    ),
     # No input runs code.
     ".keras Lambda layer": Case(_lambda_layer, r"unsupported layer 'dense_1' \(Lambda\)", "model.keras"),
     ".pt carrying os.system": Case(_pt_with_code, "not a readable PyTorch weights file", "model.pt"),
-    "pickle carrying os.system": Case(_pickle_with_code, "refusing posix.system", "mnist_X_train.pkl",
-                                      entry="train", output="run"),
+    "pickle carrying os.system": Case(
+        _pickle_with_code, "refusing posix.system", "mnist_X_train.pkl", entry="train", output="run"
+    ),
     "folder as input": Case(_folder_as_input, r"not a regular file \(a folder\)", "model.keras"),
 }
 
@@ -1001,7 +1275,7 @@ def _pickle_tuple(*items: bytes) -> bytes:
 
 
 def _pickle_int(value: int) -> bytes:
-    return b"\x8a\x08" + struct.pack("<q", value)     # LONG1 of 8 bytes
+    return b"\x8a\x08" + struct.pack("<q", value)  # LONG1 of 8 bytes
 
 
 def _pickle_text(text: str) -> bytes:
@@ -1018,74 +1292,148 @@ def _pickle_dtype(code: str) -> bytes:
 
 def _pickle_empty_array() -> bytes:
     """`_reconstruct(ndarray, (0,), b"b")`: the empty array numpy's pickles then fill with BUILD."""
-    return (_pickle_global("numpy.core.multiarray", "_reconstruct")
-            + _pickle_tuple(_pickle_global("numpy", "ndarray"), _pickle_tuple(_pickle_int(0)), b"C\x01b") + b"R")
+    return (
+        _pickle_global("numpy.core.multiarray", "_reconstruct")
+        + _pickle_tuple(_pickle_global("numpy", "ndarray"), _pickle_tuple(_pickle_int(0)), b"C\x01b")
+        + b"R"
+    )
 
 
 def _pickle_case(payload: bytes):
     """The seed's pickles with the training images replaced by a protocol-2 `payload`, run
     through train.py."""
+
     def build(case_dir, base):
         return train_args(case_dir, pickle_folder(case_dir, base, b"\x80\x02" + payload + b"."))
+
     return build
 
 
-CASES.update({
-    # Pickles whose allowed numpy callables would allocate terabytes from a few dozen bytes.
-    "pickle numpy.ndarray((10**6, 10**6))": Case(_pickle_case(
-        _pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE, _pickle_text("f4")) + b"R"),
-        r"declares a float32 array of shape \(1000000, 1000000\).*more than the file's", "mnist_X_train.pkl",
-        entry="train", output="run"),
-    "pickle NEWOBJ numpy.ndarray((10**6, 10**6))": Case(_pickle_case(
-        _pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE) + b"\x81"),
-        "not a readable pickle", "mnist_X_train.pkl", entry="train", output="run"),
-    "pickle _reconstruct((10**6, 10**6))": Case(_pickle_case(
-        _pickle_global("numpy.core.multiarray", "_reconstruct")
-        + _pickle_tuple(_pickle_global("numpy", "ndarray"), PICKLE_TERA_SHAPE, b"C\x01b") + b"R"),
-        r"declares a int8 array of shape \(1000000, 1000000\)", "mnist_X_train.pkl", entry="train",
-        output="run"),
-    "pickle _frombuffer((10**6, 10**6))": Case(_pickle_case(
-        _pickle_global("numpy._core.numeric", "_frombuffer")
-        + _pickle_tuple(b"C\x04abcd", _pickle_dtype("f4"), PICKLE_TERA_SHAPE, _pickle_text("C")) + b"R"),
-        "more than the file's", "mnist_X_train.pkl", entry="train", output="run"),
-    "pickle __setstate__ (10**6, 10**6), 3 bytes": Case(_pickle_case(
-        _pickle_empty_array() + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("f4"), b"\x89",
-                                              b"C\x03abc") + b"b"),
-        r"declares float32 \(1000000, 1000000\) .* but holds 3 bytes", "mnist_X_train.pkl", entry="train",
-        output="run"),
-    "pickle object array __setstate__ (10**6, 10**6)": Case(_pickle_case(
-        _pickle_empty_array() + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("O"), b"\x89",
-                                              b"]") + b"b"),
-        "refusing the dtype 'O'", "mnist_X_train.pkl", entry="train", output="run"),
-    "pickle sub-array dtype of 4 GB": Case(_pickle_case(
-        _pickle_global("numpy", "ndarray") + _pickle_tuple(_pickle_tuple(_pickle_int(10)),
-                                                           _pickle_text("(10000,10000)f4")) + b"R"),
-        r"refusing the dtype '\(10000,10000\)f4'", "mnist_X_train.pkl", entry="train", output="run"),
-    "pickle dtype __setstate__ item size": Case(_pickle_case(
-        _pickle_global("numpy", "ndarray") + _pickle_tuple(_pickle_tuple(_pickle_int(1000)), _pickle_dtype("V8")
-                                                           + _pickle_tuple(_pickle_int(3), _pickle_text("|"), b"N",
-                                                                           b"N", b"N", _pickle_int(1 << 30),
-                                                                           _pickle_int(1), _pickle_int(0)) + b"b")
-        + b"R"),
-        "refusing the dtype 'V8'", "mnist_X_train.pkl", entry="train", output="run"),
-})
+CASES.update(
+    {
+        # Pickles whose allowed numpy callables would allocate terabytes from a few dozen bytes.
+        "pickle numpy.ndarray((10**6, 10**6))": Case(
+            _pickle_case(
+                _pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE, _pickle_text("f4")) + b"R"
+            ),
+            r"declares a float32 array of shape \(1000000, 1000000\).*more than the file's",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle NEWOBJ numpy.ndarray((10**6, 10**6))": Case(
+            _pickle_case(_pickle_global("numpy", "ndarray") + _pickle_tuple(PICKLE_TERA_SHAPE) + b"\x81"),
+            "not a readable pickle",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle _reconstruct((10**6, 10**6))": Case(
+            _pickle_case(
+                _pickle_global("numpy.core.multiarray", "_reconstruct")
+                + _pickle_tuple(_pickle_global("numpy", "ndarray"), PICKLE_TERA_SHAPE, b"C\x01b")
+                + b"R"
+            ),
+            r"declares a int8 array of shape \(1000000, 1000000\)",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle _frombuffer((10**6, 10**6))": Case(
+            _pickle_case(
+                _pickle_global("numpy._core.numeric", "_frombuffer")
+                + _pickle_tuple(b"C\x04abcd", _pickle_dtype("f4"), PICKLE_TERA_SHAPE, _pickle_text("C"))
+                + b"R"
+            ),
+            "more than the file's",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle __setstate__ (10**6, 10**6), 3 bytes": Case(
+            _pickle_case(
+                _pickle_empty_array()
+                + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("f4"), b"\x89", b"C\x03abc")
+                + b"b"
+            ),
+            r"declares float32 \(1000000, 1000000\) .* but holds 3 bytes",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle object array __setstate__ (10**6, 10**6)": Case(
+            _pickle_case(
+                _pickle_empty_array()
+                + _pickle_tuple(_pickle_int(1), PICKLE_TERA_SHAPE, _pickle_dtype("O"), b"\x89", b"]")
+                + b"b"
+            ),
+            "refusing the dtype 'O'",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle sub-array dtype of 4 GB": Case(
+            _pickle_case(
+                _pickle_global("numpy", "ndarray")
+                + _pickle_tuple(_pickle_tuple(_pickle_int(10)), _pickle_text("(10000,10000)f4"))
+                + b"R"
+            ),
+            r"refusing the dtype '\(10000,10000\)f4'",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+        "pickle dtype __setstate__ item size": Case(
+            _pickle_case(
+                _pickle_global("numpy", "ndarray")
+                + _pickle_tuple(
+                    _pickle_tuple(_pickle_int(1000)),
+                    _pickle_dtype("V8")
+                    + _pickle_tuple(
+                        _pickle_int(3),
+                        _pickle_text("|"),
+                        b"N",
+                        b"N",
+                        b"N",
+                        _pickle_int(1 << 30),
+                        _pickle_int(1),
+                        _pickle_int(0),
+                    )
+                    + b"b",
+                )
+                + b"R"
+            ),
+            "refusing the dtype 'V8'",
+            "mnist_X_train.pkl",
+            entry="train",
+            output="run",
+        ),
+    }
+)
 
 
 def _v1_architecture(**edits) -> dict:
     """The seed MLP as version 1 wrote it, with top-level `edits`; `layer0` edits the first layer."""
-    layers = [{"kind": "dense", "units": units, "activation": activation, "use_bias": True}
-              for units, activation in ((50, "tanh"), (50, "tanh"), (10, "softmax"))]
+    layers = [
+        {"kind": "dense", "units": units, "activation": activation, "use_bias": True}
+        for units, activation in ((50, "tanh"), (50, "tanh"), (10, "softmax"))
+    ]
     layers[0].update(edits.pop("layer0", {}))
     return {"input_dim": 784, "layers": layers, **edits}
 
 
 def _v1_safetensors(**edits):
     def build(case_dir, base):
-        metadata = {"format": "pt", "exchange_version": "1", "source_framework": "torch",
-                    "architecture": json.dumps(_v1_architecture(**edits))}
+        metadata = {
+            "format": "pt",
+            "exchange_version": "1",
+            "source_framework": "torch",
+            "architecture": json.dumps(_v1_architecture(**edits)),
+        }
         path = case_dir / "model.safetensors"
         path.write_bytes(safetensors_bytes({}, metadata, b""))
         return convert_args(case_dir, path, output="out.pt")
+
     return build
 
 
@@ -1094,27 +1442,45 @@ def _v1_arch_json(**edits):
         arch = case_dir / "arch.json"
         arch.write_text(json.dumps(_v1_architecture(**edits)))
         return convert_args(case_dir, base / "seed.pt", "--arch", str(arch))
+
     return build
 
 
-CASES.update({
-    # Version-1 architectures carrying what version 1 never wrote, accepted silently before.
-    "v1 safetensors with a field 'code'": Case(_v1_safetensors(code="__import__('os')"),
-                                               r"version-1 architecture: unknown field\(s\) 'code'",
-                                               "model.safetensors", output="out.pt"),
-    "v1 --arch JSON with a field 'code'": Case(_v1_arch_json(code="__import__('os')"),
-                                               r"version-1 architecture: unknown field\(s\) 'code'", "arch.json"),
-    "v1 --arch JSON layer with a field 'exec\\n'": Case(_v1_arch_json(layer0={"exec\n": "rm -rf /"}),
-                                                      r"version-1 layer 0: unknown field\(s\) 'exec\\n'",
-                                                      "arch.json"),
-    "v1 safetensors units \"50\"": Case(_v1_safetensors(layer0={"units": "50"}),
-                                        "version-1 layer 0: units must be an integer from 1 to",
-                                        "model.safetensors", output="out.pt"),
-    "v1 --arch JSON units 10**19": Case(_v1_arch_json(layer0={"units": 10**19}),
-                                       "version-1 layer 0: units must be an integer from 1 to", "arch.json"),
-    "v1 --arch JSON activation [\"tanh\"]": Case(_v1_arch_json(layer0={"activation": ["tanh"]}),
-                                                 "version-1 layer 0: activation must be a string", "arch.json"),
-})
+CASES.update(
+    {
+        # Version-1 architectures carrying what version 1 never wrote, accepted silently before.
+        "v1 safetensors with a field 'code'": Case(
+            _v1_safetensors(code="__import__('os')"),
+            r"version-1 architecture: unknown field\(s\) 'code'",
+            "model.safetensors",
+            output="out.pt",
+        ),
+        "v1 --arch JSON with a field 'code'": Case(
+            _v1_arch_json(code="__import__('os')"), r"version-1 architecture: unknown field\(s\) 'code'", "arch.json"
+        ),
+        "v1 --arch JSON layer with a field 'exec\\n'": Case(
+            _v1_arch_json(layer0={"exec\n": "rm -rf /"}),
+            r"version-1 layer 0: unknown field\(s\) 'exec\\n'",
+            "arch.json",
+        ),
+        'v1 safetensors units "50"': Case(
+            _v1_safetensors(layer0={"units": "50"}),
+            "version-1 layer 0: units must be an integer from 1 to",
+            "model.safetensors",
+            output="out.pt",
+        ),
+        "v1 --arch JSON units 10**19": Case(
+            _v1_arch_json(layer0={"units": 10**19}),
+            "version-1 layer 0: units must be an integer from 1 to",
+            "arch.json",
+        ),
+        'v1 --arch JSON activation ["tanh"]': Case(
+            _v1_arch_json(layer0={"activation": ["tanh"]}),
+            "version-1 layer 0: activation must be a string",
+            "arch.json",
+        ),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1122,7 +1488,7 @@ CASES.update({
 # broken. The checkpoint index is re-encoded with every checksum right, so an entry can lie.
 
 SAVED_MODEL = ROOT / "tests/fixtures/keras2/saved_model/cnn"
-SAVED_MODEL_KERNEL = "layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"   # the Conv2D's kernel
+SAVED_MODEL_KERNEL = "layer_with_weights-0/kernel/.ATTRIBUTES/VARIABLE_VALUE"  # the Conv2D's kernel
 
 
 def proto_varint(value: int) -> bytes:
@@ -1145,10 +1511,16 @@ def proto_field(number: int, value) -> bytes:
 def bundle_entry_bytes(entry) -> bytes:
     """A `savedmodel.BundleEntry` as TensorFlow encodes it."""
     shape = b"".join(proto_field(2, proto_field(1, size)) for size in entry.shape)
-    return (proto_field(1, entry.dtype) + proto_field(2, shape) + proto_field(3, entry.shard_id)
-            + proto_field(4, entry.offset) + proto_field(5, entry.size)
-            + proto_varint(6 << 3 | 5) + entry.crc32c.to_bytes(4, "little")
-            + (proto_field(7, b"") if entry.sliced else b""))
+    return (
+        proto_field(1, entry.dtype)
+        + proto_field(2, shape)
+        + proto_field(3, entry.shard_id)
+        + proto_field(4, entry.offset)
+        + proto_field(5, entry.size)
+        + proto_varint(6 << 3 | 5)
+        + entry.crc32c.to_bytes(4, "little")
+        + (proto_field(7, b"") if entry.sliced else b"")
+    )
 
 
 def checkpoint_index_entries(path: Path) -> dict[bytes, bytes]:
@@ -1156,7 +1528,7 @@ def checkpoint_index_entries(path: Path) -> dict[bytes, bytes]:
     from exchange import savedmodel
 
     data = memoryview(path.read_bytes())
-    footer = data[len(data) - savedmodel.FOOTER_BYTES:]
+    footer = data[len(data) - savedmodel.FOOTER_BYTES :]
     _, position = savedmodel._block_handle(footer, 0, "")
     index_handle, _ = savedmodel._block_handle(footer, position, "")
     pairs = {}
@@ -1171,8 +1543,9 @@ def checkpoint_index_bytes(pairs: dict[bytes, bytes]) -> bytes:
     from exchange import savedmodel
 
     def block(items) -> bytes:
-        body = b"".join(proto_varint(0) + proto_varint(len(key)) + proto_varint(len(value)) + key + value
-                        for key, value in items)
+        body = b"".join(
+            proto_varint(0) + proto_varint(len(key)) + proto_varint(len(value)) + key + value for key, value in items
+        )
         return body + (0).to_bytes(4, "little") + (1).to_bytes(4, "little")
 
     def trailed(body: bytes) -> bytes:
@@ -1186,7 +1559,9 @@ def checkpoint_index_bytes(pairs: dict[bytes, bytes]) -> bytes:
     index = block([(keys[-1], proto_varint(0) + proto_varint(len(data)))])
     index_offset = len(out)
     out += trailed(index)
-    handles = proto_varint(meta_offset) + proto_varint(len(meta)) + proto_varint(index_offset) + proto_varint(len(index))
+    handles = (
+        proto_varint(meta_offset) + proto_varint(len(meta)) + proto_varint(index_offset) + proto_varint(len(index))
+    )
     return out + handles.ljust(40, b"\0") + savedmodel.TABLE_MAGIC.to_bytes(8, "little")
 
 
@@ -1203,8 +1578,9 @@ def saved_model_copy(case_dir: Path, **entry_edits) -> Path:
         index = folder / savedmodel.INDEX_NAME
         pairs = checkpoint_index_entries(index)
         key = SAVED_MODEL_KERNEL.encode()
-        entry = dataclasses.replace(savedmodel._bundle_entry(SAVED_MODEL_KERNEL, memoryview(pairs[key]), ""),
-                                    **entry_edits)
+        entry = dataclasses.replace(
+            savedmodel._bundle_entry(SAVED_MODEL_KERNEL, memoryview(pairs[key]), ""), **entry_edits
+        )
         pairs[key] = bundle_entry_bytes(entry)
         index.write_bytes(checkpoint_index_bytes(pairs))
     return folder
@@ -1216,6 +1592,7 @@ def _saved_model_case(edit=None, **entry_edits):
         if edit is not None:
             edit(folder, case_dir)
         return convert_args(case_dir, folder)
+
     return build
 
 
@@ -1223,6 +1600,7 @@ def _truncate(name: str, size: int):
     def edit(folder, case_dir):
         with open(folder / name, "r+b") as stream:
             stream.truncate(size)
+
     return edit
 
 
@@ -1230,6 +1608,7 @@ def _link_outside(name: str):
     def edit(folder, case_dir):
         (folder / name).unlink()
         (folder / name).symlink_to(outside_file(case_dir))
+
     return edit
 
 
@@ -1252,6 +1631,7 @@ def _flip_kernel_byte(folder, case_dir):
 def _garbage(name: str, data: bytes):
     def edit(folder, case_dir):
         (folder / name).write_bytes(data)
+
     return edit
 
 
@@ -1259,26 +1639,42 @@ def _remove_metadata(folder, case_dir):
     (folder / "keras_metadata.pb").unlink()
 
 
-CASES.update({
-    "SavedModel entry past its data file": Case(_saved_model_case(offset=1 << 40), "declares bytes", "model"),
-    "SavedModel entry size lies": Case(_saved_model_case(size=8), "but declares 8", "model"),
-    "SavedModel keras_metadata.pb over the cap": Case(_saved_model_case(_truncate("keras_metadata.pb", (64 << 20) + 1)),
-                                                      "more than the", "keras_metadata.pb"),
-    "SavedModel data file linked outside": Case(_saved_model_case(_link_outside(
-        "variables/variables.data-00000-of-00001")), "outside the folder", "variables.data-00000-of-00001"),
-    "SavedModel variables folder linked outside": Case(_saved_model_case(_link_variables_outside),
-                                                       "outside the folder", "variables.index"),
-    "SavedModel tensor checksum mismatch": Case(_saved_model_case(_flip_kernel_byte), "checksum mismatch",
-                                                "variables.data-00000-of-00001"),
-    "SavedModel truncated index": Case(_saved_model_case(_truncate("variables/variables.index", 300)),
-                                       "not a checkpoint index", "variables.index"),
-    "SavedModel truncated data file": Case(_saved_model_case(_truncate("variables/variables.data-00000-of-00001",
-                                                                       1000)), "declares bytes", "variables.index"),
-    "SavedModel garbage keras_metadata.pb": Case(_saved_model_case(_garbage("keras_metadata.pb", b"\x0a\xff\xff\x7f")),
-                                                 "damaged metadata", "keras_metadata.pb"),
-    "SavedModel without keras_metadata.pb": Case(_saved_model_case(_remove_metadata),
-                                                 "not a Keras SavedModel folder", "model"),
-})
+CASES.update(
+    {
+        "SavedModel entry past its data file": Case(_saved_model_case(offset=1 << 40), "declares bytes", "model"),
+        "SavedModel entry size lies": Case(_saved_model_case(size=8), "but declares 8", "model"),
+        "SavedModel keras_metadata.pb over the cap": Case(
+            _saved_model_case(_truncate("keras_metadata.pb", (64 << 20) + 1)), "more than the", "keras_metadata.pb"
+        ),
+        "SavedModel data file linked outside": Case(
+            _saved_model_case(_link_outside("variables/variables.data-00000-of-00001")),
+            "outside the folder",
+            "variables.data-00000-of-00001",
+        ),
+        "SavedModel variables folder linked outside": Case(
+            _saved_model_case(_link_variables_outside), "outside the folder", "variables.index"
+        ),
+        "SavedModel tensor checksum mismatch": Case(
+            _saved_model_case(_flip_kernel_byte), "checksum mismatch", "variables.data-00000-of-00001"
+        ),
+        "SavedModel truncated index": Case(
+            _saved_model_case(_truncate("variables/variables.index", 300)), "not a checkpoint index", "variables.index"
+        ),
+        "SavedModel truncated data file": Case(
+            _saved_model_case(_truncate("variables/variables.data-00000-of-00001", 1000)),
+            "declares bytes",
+            "variables.index",
+        ),
+        "SavedModel garbage keras_metadata.pb": Case(
+            _saved_model_case(_garbage("keras_metadata.pb", b"\x0a\xff\xff\x7f")),
+            "damaged metadata",
+            "keras_metadata.pb",
+        ),
+        "SavedModel without keras_metadata.pb": Case(
+            _saved_model_case(_remove_metadata), "not a Keras SavedModel folder", "model"
+        ),
+    }
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1288,6 +1684,7 @@ CASES.update({
 def _entry(name: str):
     if name == "convert":
         from exchange.cli import main
+
         return main
     path = ROOT / "scripts" / ("prepare_data.py" if name == "prepare" else "train.py")
     spec = importlib.util.spec_from_file_location(f"script_{name}", path)
@@ -1336,9 +1733,9 @@ def run_one(entry, args: list[str], case_dir: Path) -> dict:
     try:
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(stdout):
             result["rc"] = entry(args)
-    except SystemExit as err:   # argparse errors
+    except SystemExit as err:  # argparse errors
         result["rc"] = err.code
-    except BaseException:        # noqa: B036 (everything is a finding: the test reports it)
+    except BaseException:  # noqa: B036, BLE001 (everything is a finding: the test reports it)
         result["traceback"] = traceback.format_exc()
         result["rc"] = None
     finally:
@@ -1350,8 +1747,9 @@ def run_one(entry, args: list[str], case_dir: Path) -> dict:
     after = _listing(case_dir)
     result["stderr"] = stderr.getvalue()
     result["added"] = sorted(set(after) - set(before))
-    result["changed"] = sorted(name for name in before if name in after and before[name] != after[name]
-                               or name not in after)
+    result["changed"] = sorted(
+        name for name in before if (name in after and before[name] != after[name]) or name not in after
+    )
     return result
 
 
@@ -1385,20 +1783,27 @@ def run_cases(base: Path, work: Path, names: list[str]) -> dict:
         entry = entries.setdefault(case.entry, _entry(case.entry))
         results[name] = run_one(entry, args, case_dir)
         if case.converts and output.suffix == ".py" and results[name]["rc"] == 0:
-            results[name]["import_error"] = import_generated(output)   # where injected code would run
-        results[name]["outside"] = sorted(p.name for p in (work / "outside").glob("*")) \
-            if (work / "outside").is_dir() else []
-        results[name]["secret_leaked"] = any(SECRET in path.read_bytes() for path in case_dir.rglob("*")
-                                             if path.is_file() and not path.is_symlink() and path.name != "secret.bin"
-                                             and path.stat().st_size <= 64 << 20 and path.suffix not in (".h5",))
+            results[name]["import_error"] = import_generated(output)  # where injected code would run
+        results[name]["outside"] = (
+            sorted(p.name for p in (work / "outside").glob("*")) if (work / "outside").is_dir() else []
+        )
+        results[name]["secret_leaked"] = any(
+            SECRET in path.read_bytes()
+            for path in case_dir.rglob("*")
+            if path.is_file()
+            and not path.is_symlink()
+            and path.name != "secret.bin"
+            and path.stat().st_size <= 64 << 20
+            and path.suffix not in (".h5",)
+        )
     return results
 
 
 # ---------------------------------------------------------------------------------------------
 # The mutation fuzzer
 
-FUZZ_TARGETS = {   # base file -> (input name, extra arguments)
-    "architectures.json": ("model.safetensors", []),   # format-2 graphs, mutated as JSON
+FUZZ_TARGETS = {  # base file -> (input name, extra arguments)
+    "architectures.json": ("model.safetensors", []),  # format-2 graphs, mutated as JSON
     "seed.keras": ("model.keras", []),
     "seed_mlp.h5": ("model.h5", []),
     "seed.safetensors": ("model.safetensors", []),
@@ -1417,7 +1822,7 @@ def mutate(data: bytes, generator: random.Random, header_end: int) -> tuple[byte
             position = generator.randrange(len(data))
             data[position] ^= 1 << generator.randrange(8)
     elif kind == "truncate":
-        del data[generator.randrange(len(data)):]
+        del data[generator.randrange(len(data)) :]
     elif kind == "insert":
         position = generator.randrange(len(data) + 1)
         data[position:position] = bytes(generator.randrange(256) for _ in range(generator.randint(1, 16)))
@@ -1425,7 +1830,7 @@ def mutate(data: bytes, generator: random.Random, header_end: int) -> tuple[byte
         for _ in range(generator.randint(1, 4)):
             position = generator.randrange(min(header_end, len(data)))
             data[position] = generator.choice((0, 0xFF, 0x7F, 0x80, generator.randrange(256)))
-    else:   # the zip central directory and HDF5 end-of-file structures sit at the end
+    else:  # the zip central directory and HDF5 end-of-file structures sit at the end
         for _ in range(generator.randint(1, 4)):
             position = len(data) - 1 - generator.randrange(min(1024, len(data)))
             data[position] = generator.randrange(256)
@@ -1437,15 +1842,40 @@ def _header_end(name: str, data: bytes) -> int:
         return 8 + struct.unpack("<Q", data[:8])[0]
     if name == "mnist":
         return 16
-    return 4096   # HDF5 superblock and root object headers; zip local headers
+    return 4096  # HDF5 superblock and root object headers; zip local headers
 
 
 # Names that break generated code, fx code or messages if any of them is written unescaped;
 # MARKER is replaced by the path of a file that injected code would create.
-HOSTILE_NAMES = ('m"""; import pathlib; pathlib.Path(MARKER).touch(); """', "m'; import pathlib; '",
-                 "\ufb01x", "\uff46orward", "a\u00bd", "forward", "self", "class", "__init__", "load", "nn",
-                 "F", "torch", "a\nb", "a\0b", "a\udcffb", "a\u202eb", "", "x" * 1001, "a b", "a/b", "a\\N{",
-                 "0", "_", "dense", "conv", "lstm")
+HOSTILE_NAMES = (
+    'm"""; import pathlib; pathlib.Path(MARKER).touch(); """',
+    "m'; import pathlib; '",
+    "\ufb01x",
+    "\uff46orward",
+    "a\u00bd",
+    "forward",
+    "self",
+    "class",
+    "__init__",
+    "load",
+    "nn",
+    "F",
+    "torch",
+    "a\nb",
+    "a\0b",
+    "a\udcffb",
+    "a\u202eb",
+    "",
+    "x" * 1001,
+    "a b",
+    "a/b",
+    "a\\N{",
+    "0",
+    "_",
+    "dense",
+    "conv",
+    "lstm",
+)
 HOSTILE_INTS = (0, -1, 1, 2, 3, 10**9, 2**62, -(2**62))
 HOSTILE_VALUES = (None, True, "same", "", [], {}, 1e308, 0.5, [1, 2], "\n")
 
@@ -1484,7 +1914,7 @@ def mutate_architecture(description: dict, generator: random.Random, marker: Pat
             old = graph["inputs"][0]["name"] if target == "input" else node["name"]
             for item in graph["inputs"] + nodes:
                 item["name"] = new if item["name"] == old else item["name"]
-            if generator.random() < 0.8:   # the references too, mostly: a consistent graph
+            if generator.random() < 0.8:  # the references too, mostly: a consistent graph
                 for item in nodes:
                     item["inputs"] = [new if name == old else name for name in item["inputs"]]
                 graph["outputs"] = [new if name == old else name for name in graph["outputs"]]
@@ -1493,14 +1923,26 @@ def mutate_architecture(description: dict, generator: random.Random, marker: Pat
         if slots:
             path, value = generator.choice(slots)
             is_int = isinstance(value, int) and not isinstance(value, bool)
-            _set_at(node["config"], path, generator.choice(HOSTILE_INTS if is_int and generator.random() < 0.8
-                                                           else HOSTILE_VALUES + HOSTILE_INTS))
+            _set_at(
+                node["config"],
+                path,
+                generator.choice(
+                    HOSTILE_INTS if is_int and generator.random() < 0.8 else HOSTILE_VALUES + HOSTILE_INTS
+                ),
+            )
     elif kind == "kind":
         node["kind"] = generator.choice(sorted(KINDS))
     elif kind == "inputs":
         earlier = [item["name"] for item in graph["inputs"]] + [item["name"] for item in nodes]
-        node["inputs"] = generator.choice((node["inputs"] * generator.choice((2, 3, 1000, 1001)), [node["name"]],
-                                           [earlier[-1]], [], node["inputs"][:1] + ["missing"]))
+        node["inputs"] = generator.choice(
+            (
+                node["inputs"] * generator.choice((2, 3, 1000, 1001)),
+                [node["name"]],
+                [earlier[-1]],
+                [],
+                node["inputs"][:1] + ["missing"],
+            )
+        )
     elif kind == "shape":
         spec = generator.choice(graph["inputs"])
         if spec["shape"]:
@@ -1519,13 +1961,19 @@ def _architecture_case(case_dir: Path, base: Path, generator: random.Random) -> 
 
     description = generator.choice(json.loads((base / "architectures.json").read_text()))
     tensor_generator = np.random.default_rng(generator.randrange(1 << 30))
-    tensors = {key: tensor_generator.standard_normal(shape).astype(dtype)
-               for key, (shape, dtype) in Graph.from_dict(description).tensor_specs.items()}
+    tensors = {
+        key: tensor_generator.standard_normal(shape).astype(dtype)
+        for key, (shape, dtype) in Graph.from_dict(description).tensor_specs.items()
+    }
     mutated, label = mutate_architecture(description, generator, case_dir.parent / "outside" / "pwned")
     path = case_dir / "model.safetensors"
-    metadata = {"format": "pt", "exchange_version": "2", "architecture": json.dumps(mutated),
-                "source_framework": "torch"}
-    with open(path, "w+b") as stream:   # the mutated architecture, unchecked: what an attacker writes
+    metadata = {
+        "format": "pt",
+        "exchange_version": "2",
+        "architecture": json.dumps(mutated),
+        "source_framework": "torch",
+    }
+    with open(path, "w+b") as stream:  # the mutated architecture, unchecked: what an attacker writes
         fileformat._write_safetensors(stream, tensors, metadata)
     output = case_dir / generator.choice(("out.py", "out.py", "out.safetensors", "out.pt"))
     output.write_bytes(EXISTING)
@@ -1545,7 +1993,7 @@ def import_generated(code: Path) -> str | None:
         spec.loader.exec_module(module)
         model = getattr(module, class_name(architecture.name))()
         model.load_state_dict(module.load(str(code.with_suffix(".safetensors"))), strict=True)
-    except Exception as err:   # noqa: BLE001 (every failure is a finding)
+    except Exception as err:  # noqa: BLE001 (every failure is a finding)
         return f"{type(err).__name__}: {err}"[:300]
     return None
 
@@ -1554,7 +2002,7 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
     generator = random.Random(seed)
     convert, prepare = _entry("convert"), _entry("prepare")
     results = {}
-    progress = work.parent / f"{work.name}.progress"   # names the case a native crash happened in
+    progress = work.parent / f"{work.name}.progress"  # names the case a native crash happened in
     for index in range(count):
         source = generator.choice(sorted(FUZZ_TARGETS))
         name, extra = FUZZ_TARGETS[source]
@@ -1586,7 +2034,7 @@ def run_fuzz(base: Path, work: Path, seed: int, count: int) -> dict:
             result = run_one(convert, [str(case_dir / name), str(case_dir / "out.safetensors"), *extra], case_dir)
             label = f"{source} {kind}"
         if result["rc"] == 0 and result["traceback"] is None:
-            result["stderr"] = ""   # a mutation in the data region converts; that is fine
+            result["stderr"] = ""  # a mutation in the data region converts; that is fine
         result["label"] = label
         results[f"{index:05d}"] = result
         shutil.rmtree(case_dir)

@@ -19,7 +19,7 @@ from exchange import keras_adapter, torch_adapter
 from exchange.graph import Graph
 from exchange.ports import Summed, TorchOnly
 
-TOKEN_IDS = 7   # integer inputs (token ids) are drawn in [0, 7): every test vocabulary is larger
+TOKEN_IDS = 7  # integer inputs (token ids) are drawn in [0, 7): every test vocabulary is larger
 
 # Variables drawn in [0.5, 1.5): scales and variances must stay positive.
 POSITIVE_VARIABLES = ("gamma", "moving_variance", "variance")
@@ -29,8 +29,9 @@ UNNAMED_VARIABLE = "variable"
 OFFSET_VARIABLES = ("beta", "moving_mean", "bias", "mean")
 
 
-def randomize(model: keras.Model, seed: int, offset_scale: float = 0.2,
-              positive_range: tuple[float, float] = (0.5, 1.5)) -> keras.Model:
+def randomize(
+    model: keras.Model, seed: int, offset_scale: float = 0.2, positive_range: tuple[float, float] = (0.5, 1.5)
+) -> keras.Model:
     """Seeded non-trivial biases and statistics; kernels keep Keras's (seeded) initialisation.
     Very deep models take a lower `positive_range`, or their activations grow without bound."""
     generator = np.random.default_rng(seed)
@@ -42,7 +43,7 @@ def randomize(model: keras.Model, seed: int, offset_scale: float = 0.2,
             variable.assign(generator.normal(0.0, offset_scale, shape).astype(variable.dtype))
     for layer in _all_layers(model):
         if callable(getattr(layer, "finalize_state", None)):
-            layer.finalize_state()   # Normalization recomputes what it uses from its variables
+            layer.finalize_state()  # Normalization recomputes what it uses from its variables
     return model
 
 
@@ -57,8 +58,12 @@ def random_torch_state(graph: Graph, seed: int) -> dict[str, np.ndarray]:
     """A state_dict as a torch user would have it after training: every tensor random, except
     those Keras cannot hold (a BatchNorm bias with center=False stays 0)."""
     generator = np.random.default_rng(seed)
-    constants = {f"{graph.torch_names[node.name]}.{port.torch}": port
-                 for node in graph.nodes for port in graph.ports(node) if isinstance(port, TorchOnly)}
+    constants = {
+        f"{graph.torch_names[node.name]}.{port.torch}": port
+        for node in graph.nodes
+        for port in graph.ports(node)
+        if isinstance(port, TorchOnly)
+    }
     state = {}
     for key, (shape, dtype) in graph.tensor_specs.items():
         if key in constants:
@@ -72,11 +77,18 @@ def random_torch_state(graph: Graph, seed: int) -> dict[str, np.ndarray]:
 
 def batch(graph_or_model, rows: int = 6, seed: int = 0) -> list[np.ndarray]:
     """A fixed random batch for each input (Keras layout)."""
-    specs = ([(spec.shape, spec.dtype) for spec in graph_or_model.inputs] if isinstance(graph_or_model, Graph)
-             else [(tuple(tensor.shape[1:]), str(tensor.dtype)) for tensor in graph_or_model.inputs])
+    specs = (
+        [(spec.shape, spec.dtype) for spec in graph_or_model.inputs]
+        if isinstance(graph_or_model, Graph)
+        else [(tuple(tensor.shape[1:]), str(tensor.dtype)) for tensor in graph_or_model.inputs]
+    )
     generator = np.random.default_rng(seed)
-    return [generator.integers(0, TOKEN_IDS, (rows,) + tuple(shape)).astype(dtype) if "int" in dtype
-            else generator.standard_normal((rows,) + tuple(shape)).astype(np.float32) for shape, dtype in specs]
+    return [
+        generator.integers(0, TOKEN_IDS, (rows,) + tuple(shape)).astype(dtype)
+        if "int" in dtype
+        else generator.standard_normal((rows,) + tuple(shape)).astype(np.float32)
+        for shape, dtype in specs
+    ]
 
 
 def max_difference(first: list[np.ndarray], second: list[np.ndarray]) -> float:
@@ -112,19 +124,25 @@ def config_with(layer, shape, **changes) -> dict:
 def padded_batch(model, rows=7, seed=0):
     """Random inputs in each input's dtype (float32 values: Keras's predict rounds float64 inputs
     to float32); token ids get trailing padding (0) of every length and zeros inside."""
-    arrays = [array.astype(str(tensor.dtype))
-              for array, tensor in zip(batch(model, rows=rows, seed=seed), model.inputs)]
+    arrays = [
+        array.astype(str(tensor.dtype)) for array, tensor in zip(batch(model, rows=rows, seed=seed), model.inputs)
+    ]
     for array in arrays:
         if array.dtype.kind == "i":
             for row in range(rows):
-                array[row, array.shape[1] - row % (array.shape[1] - 1):] = 0
+                array[row, array.shape[1] - row % (array.shape[1] - 1) :] = 0
     return arrays
 
 
 def lossy_keys(graph: Graph) -> set:
     """State keys of `Summed` ports (a recurrent layer's two biases, one bias in Keras)."""
-    return {f"{graph.torch_names[node.name]}.{key}" for node in graph.nodes for port in graph.ports(node)
-            if isinstance(port, Summed) for key in port.torch}
+    return {
+        f"{graph.torch_names[node.name]}.{key}"
+        for node in graph.nodes
+        for port in graph.ports(node)
+        if isinstance(port, Summed)
+        for key in port.torch
+    }
 
 
 def same_tensors(graph: Graph, torch_state: dict, back: dict) -> None:
@@ -144,12 +162,13 @@ def same_tensors_but_summed(graph: Graph, torch_state: dict, back: dict) -> None
 @dataclass
 class BothDirections:
     """What `check_both_directions` measured, for the checks a test adds."""
+
     graph: Graph
     inputs: list
-    to_torch: float           # Keras's outputs vs the torch module's from the Keras weights
-    to_keras: float           # the torch module's outputs (random state) vs the Keras model rebuilt from them
-    keras_outputs: list       # of the Keras model given
-    torch_outputs: list       # of the torch module built from its weights
+    to_torch: float  # Keras's outputs vs the torch module's from the Keras weights
+    to_keras: float  # the torch module's outputs (random state) vs the Keras model rebuilt from them
+    keras_outputs: list  # of the Keras model given
+    torch_outputs: list  # of the torch module built from its weights
     torch_state: dict
     rebuilt: keras.Model
 
@@ -158,10 +177,17 @@ def _scale(outputs) -> float:
     return max(1.0, max(float(np.max(np.abs(output))) for output in outputs))
 
 
-def check_both_directions(keras_model: keras.Model, inputs: list | None = None, *, tolerance: float | None = 1e-5,
-                          relative_to: str | None = None, graph: Graph | None = None, must_vary: float | None = 1e-3,
-                          seed: int = 4,
-                          same_weights: Callable[[Graph, dict, dict], None] = same_tensors) -> BothDirections:
+def check_both_directions(
+    keras_model: keras.Model,
+    inputs: list | None = None,
+    *,
+    tolerance: float | None = 1e-5,
+    relative_to: str | None = None,
+    graph: Graph | None = None,
+    must_vary: float | None = 1e-3,
+    seed: int = 4,
+    same_weights: Callable[[Graph, dict, dict], None] = same_tensors,
+) -> BothDirections:
     """Keras -> torch: the live model's tensors into the torch module, outputs compared. torch ->
     Keras: a random state_dict (`random_torch_state(graph, seed)`) into the torch module and into the
     Keras model rebuilt from the graph, outputs compared, and the Keras weights read back equal the
@@ -189,8 +215,9 @@ def check_both_directions(keras_model: keras.Model, inputs: list | None = None, 
     print(f"Keras -> torch {to_torch:.2e}, torch -> Keras {to_keras:.2e}")
     assert tolerance is None or to_keras <= tolerance, ("torch -> Keras", to_keras)
     if must_vary is not None:
-        assert max(float(np.ptp(np.asarray(output, dtype=np.float64))) for output in torch_outputs) > must_vary, \
+        assert max(float(np.ptp(np.asarray(output, dtype=np.float64))) for output in torch_outputs) > must_vary, (
             "outputs must vary"
+        )
     back = keras_adapter.get_tensors(rebuilt)
     assert sorted(back) == sorted(torch_state)
     same_weights(graph, torch_state, back)

@@ -38,26 +38,26 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-for entry in (ROOT / "tests", ROOT):   # this checkout's packages first, whatever else is installed
+for entry in (ROOT / "tests", ROOT):  # this checkout's packages first, whatever else is installed
     if str(entry) in sys.path:
         sys.path.remove(str(entry))
     sys.path.insert(0, str(entry))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 CASES_PATH = ROOT / "tests/fixtures/keras_layer_cases.json"
-BATCH = 3              # rows of every input: the harvested batch axis is dropped
-UNKNOWN_SIZE = 4       # a `None` axis of a harvested input shape takes this size in the data
-TOKEN_IDS = 7          # integer inputs are drawn in [0, 7), or below a smaller vocabulary of the layer
+BATCH = 3  # rows of every input: the harvested batch axis is dropped
+UNKNOWN_SIZE = 4  # a `None` axis of a harvested input shape takes this size in the data
+TOKEN_IDS = 7  # integer inputs are drawn in [0, 7), or below a smaller vocabulary of the layer
 # Pass when max|a - b| <= RELATIVE_TOLERANCE * max(1, max|Keras output|): float32 rounding between
 # TensorFlow and PyTorch is ~1e-7 per operation; one layer stays well inside 1e-5 of its scale.
 RELATIVE_TOLERANCE = 1e-5
 # A layer computing in half precision (dtype="float16", "mixed_bfloat16") rounds each operation
 # to ~1e-3 (float16) or ~8e-3 (bfloat16) of its value: a few of those units, by output dtype.
 HALF_PRECISION_TOLERANCE = {"float16": 4e-3, "bfloat16": 3e-2}
-CASE_SECONDS = 60      # the time box of one case
-WORKER_CASES = 100     # a worker process is replaced after this many cases (Keras keeps state)
-POSITIVE_VARIABLES = ("gamma", "scale", "moving_variance", "variance")   # drawn in [0.5, 1.5)
-WEIGHT_SCALE = 0.3     # every other float variable: normal(0, 0.3)
+CASE_SECONDS = 60  # the time box of one case
+WORKER_CASES = 100  # a worker process is replaced after this many cases (Keras keeps state)
+POSITIVE_VARIABLES = ("gamma", "scale", "moving_variance", "variance")  # drawn in [0.5, 1.5)
+WEIGHT_SCALE = 0.3  # every other float variable: normal(0, 0.3)
 OUTCOMES = ("pass", "refused", "wrong", "crash", "timeout", "keras_cannot")
 RESULT_PREFIX = "@@result "
 
@@ -67,12 +67,12 @@ class CaseResult:
     id: str
     group: str
     class_name: str
-    outcome: str                 # one of OUTCOMES
-    detail: str = ""             # the refusal, the exception, or what differs
-    stage: str = ""              # where it stopped: keras, to_safetensors, torch, to_keras, again, code
+    outcome: str  # one of OUTCOMES
+    detail: str = ""  # the refusal, the exception, or what differs
+    stage: str = ""  # where it stopped: keras, to_safetensors, torch, to_keras, again, code
     layer_name: str = ""
-    diffs: dict = field(default_factory=dict)   # direction -> max abs difference
-    scale: float = 0.0           # max |Keras output|
+    diffs: dict = field(default_factory=dict)  # direction -> max abs difference
+    scale: float = 0.0  # max |Keras output|
     seconds: float = 0.0
 
 
@@ -132,8 +132,9 @@ def make_value(value):
 def layer_class(name: str):
     import keras
 
-    found = getattr(keras.layers, name, None) or next(   # exported under another name: GroupQueryAttention
-        (item for item in vars(keras.layers).values() if getattr(item, "__name__", None) == name), None)
+    found = getattr(keras.layers, name, None) or next(  # exported under another name: GroupQueryAttention
+        (item for item in vars(keras.layers).values() if getattr(item, "__name__", None) == name), None
+    )
     if found is None:
         raise KerasCannot(f"keras.layers has no {name}")
     return found
@@ -143,8 +144,10 @@ def build_model(case: dict):
     """The functional model `keras.Input`s -> one layer -> its outputs (flattened)."""
     import keras
 
-    tensors = [keras.Input(tuple(shape[1:]), dtype=dtype, name=f"input_{index}")
-               for index, (shape, dtype) in enumerate(zip(case["input_shapes"], case["input_dtypes"]))]
+    tensors = [
+        keras.Input(tuple(shape[1:]), dtype=dtype, name=f"input_{index}")
+        for index, (shape, dtype) in enumerate(zip(case["input_shapes"], case["input_dtypes"]))
+    ]
     layer = layer_class(case["class_name"])(**make_value(case["init_kwargs"]))
     positional = [tensor for name, tensor in zip(case["input_names"], tensors) if name is None]
     named = {name: tensor for name, tensor in zip(case["input_names"], tensors) if name is not None}
@@ -175,8 +178,11 @@ def randomize(model, generator: np.random.Generator) -> None:
 
 def vocabulary(case: dict) -> int:
     """Integer inputs stay below every vocabulary size the layer names."""
-    sizes = [value for key, value in case["init_kwargs"].items()
-             if key in ("input_dim", "num_tokens", "max_tokens", "num_bins") and isinstance(value, int) and value > 0]
+    sizes = [
+        value
+        for key, value in case["init_kwargs"].items()
+        if key in ("input_dim", "num_tokens", "max_tokens", "num_bins") and isinstance(value, int) and value > 0
+    ]
     return min([TOKEN_IDS] + sizes)
 
 
@@ -186,7 +192,7 @@ def make_inputs(case: dict, generator: np.random.Generator) -> list[np.ndarray]:
         size = (BATCH,) + tuple(UNKNOWN_SIZE if axis is None else axis for axis in shape[1:])
         if dtype == "bool":
             arrays.append(generator.random(size) < 0.7)
-        elif dtype == "string":   # Keras's predict takes strings as a tf.Tensor, not a numpy array
+        elif dtype == "string":  # Keras's predict takes strings as a tf.Tensor, not a numpy array
             import tensorflow as tf
 
             arrays.append(tf.constant(generator.choice(np.array(["a", "b", "c", "dog", "cat"]), size)))
@@ -227,8 +233,10 @@ def scale_of(outputs: list) -> float:
 
 def tolerance(reference: list) -> float:
     """The largest difference that passes: relative to max(1, max |Keras output|)."""
-    relative = max([HALF_PRECISION_TOLERANCE.get(np.asarray(output).dtype.name, RELATIVE_TOLERANCE)
-                    for output in reference] + [RELATIVE_TOLERANCE])
+    relative = max(
+        [HALF_PRECISION_TOLERANCE.get(np.asarray(output).dtype.name, RELATIVE_TOLERANCE) for output in reference]
+        + [RELATIVE_TOLERANCE]
+    )
     return relative * max(1.0, scale_of(reference))
 
 
@@ -253,7 +261,7 @@ def keras_stage(case: dict, work_dir: Path, seed: int):
         reloaded_outputs = keras_adapter.predict(reloaded, inputs)
     except (KerasCannot, CaseTimeout):
         raise
-    except Exception as err:   # noqa: BLE001 -- whatever Keras raises, Keras cannot
+    except Exception as err:
         raise KerasCannot(f"{type(err).__name__}: {one_line(err)}") from err
     if max_difference(reference, reloaded_outputs) > tolerance(reference):
         raise KerasCannot("Keras's reloaded model computes different outputs")
@@ -280,8 +288,9 @@ def run_generated_code(code_path: Path, graph, inputs: list[np.ndarray]) -> list
     with torch.no_grad():
         outputs = model(*torch_adapter.torch_inputs(graph, inputs))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return [output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
-            for name, output in zip(graph.outputs, outputs)]
+    return [
+        output.permute(to_keras_order(len(graph.shapes[name]))).numpy() for name, output in zip(graph.outputs, outputs)
+    ]
 
 
 def conversions(keras_path: Path, inputs: list, reference: list, result: CaseResult) -> None:
@@ -296,7 +305,8 @@ def conversions(keras_path: Path, inputs: list, reference: list, result: CaseRes
     cli.convert(keras_path, common)
     result.stage = "torch"
     result.diffs[".keras -> .safetensors -> torch"] = max_difference(
-        reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs))
+        reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs)
+    )
     result.stage = "to_keras"
     rebuilt = work_dir / "rebuilt.keras"
     cli.convert(common, rebuilt)
@@ -340,19 +350,28 @@ def run_case(case: dict, work_dir, timeout: float | None = CASE_SECONDS) -> Case
         result.outcome, result.detail = "refused", str(err)
     except CaseTimeout as err:
         result.outcome, result.detail = "timeout", f"conversion ran {err}"
-    except Exception as err:   # noqa: BLE001 -- anything else from our code is a crash
+    except Exception as err:  # noqa: BLE001 -- anything else from our code is a crash
         frames = traceback.extract_tb(err.__traceback__)
-        where = next((f"{Path(frame.filename).name}:{frame.lineno}" for frame in reversed(frames)
-                      if "/exchange/" in frame.filename), "")
+        where = next(
+            (
+                f"{Path(frame.filename).name}:{frame.lineno}"
+                for frame in reversed(frames)
+                if "/exchange/" in frame.filename
+            ),
+            "",
+        )
         result.outcome = "crash"
         result.detail = f"{type(err).__name__}: {one_line(err)}" + (f" [at {where}]" if where else "")
     over = {direction: diff for direction, diff in result.diffs.items() if not diff <= limit}
-    if over:   # a direction that ran computed something else: wrong, whatever happened after it
+    if over:  # a direction that ran computed something else: wrong, whatever happened after it
         later = f"; then {result.outcome} at {result.stage}: {result.detail}" if result.outcome != "pass" else ""
         result.outcome = "wrong"
-        result.detail = "; ".join(f"{direction}: max abs diff {diff:.3g}" for direction, diff in over.items()) + \
-            f" (tolerance {limit:.3g})" + later
-    result.detail = result.detail.replace(f"{work_dir}{os.sep}", "")   # `model.keras: …`, not the temporary path
+        result.detail = (
+            "; ".join(f"{direction}: max abs diff {diff:.3g}" for direction, diff in over.items())
+            + f" (tolerance {limit:.3g})"
+            + later
+        )
+    result.detail = result.detail.replace(f"{work_dir}{os.sep}", "")  # `model.keras: …`, not the temporary path
     result.seconds = round(time.monotonic() - started, 2)
     return result
 
@@ -380,7 +399,7 @@ def _worker(work_root: str) -> None:
 
     warnings.simplefilter("ignore")
     out = sys.stdout
-    sys.stdout = sys.stderr   # anything else printed stays out of the result stream
+    sys.stdout = sys.stderr  # anything else printed stays out of the result stream
     for number, line in enumerate(sys.stdin):
         case = json.loads(line)
         result = run_case_cleanly(case, Path(work_root) / f"case_{os.getpid()}_{number}")
@@ -390,8 +409,14 @@ def _worker(work_root: str) -> None:
 
 class Worker:
     def __init__(self, work_root: Path, log):
-        self.process = subprocess.Popen([sys.executable, __file__, "--worker", str(work_root)], stdin=subprocess.PIPE,
-                                        stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
+        self.process = subprocess.Popen(
+            [sys.executable, __file__, "--worker", str(work_root)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log,
+            text=True,
+            cwd=ROOT,
+        )
         self.done = 0
 
     def run(self, case: dict, timeout: float) -> CaseResult:
@@ -404,16 +429,22 @@ class Worker:
                 left = deadline - time.monotonic()
                 if left <= 0 or not selector.select(left):
                     self.close()
-                    return CaseResult(case["id"], case["group"], case["class_name"], "timeout",
-                                      f"no answer in {timeout:g} s (worker killed)")
+                    return CaseResult(
+                        case["id"],
+                        case["group"],
+                        case["class_name"],
+                        "timeout",
+                        f"no answer in {timeout:g} s (worker killed)",
+                    )
                 line = self.process.stdout.readline()
-                if not line:   # the worker died: a native crash
+                if not line:  # the worker died: a native crash
                     code = self.process.wait()
-                    return CaseResult(case["id"], case["group"], case["class_name"], "crash",
-                                      f"worker process died (exit {code})")
+                    return CaseResult(
+                        case["id"], case["group"], case["class_name"], "crash", f"worker process died (exit {code})"
+                    )
                 if line.startswith(RESULT_PREFIX):
                     self.done += 1
-                    return CaseResult(**json.loads(line[len(RESULT_PREFIX):]))
+                    return CaseResult(**json.loads(line[len(RESULT_PREFIX) :]))
 
     def alive(self) -> bool:
         return self.process.poll() is None

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import keras
 import numpy as np
-
-from exchange import codegen, keras_adapter
 from kerasmodels import random_torch_state
 from support import ROOT
+
+from exchange import codegen, keras_adapter
 
 # glibc serves blocks of 1 MiB and more by mmap and unmaps them when freed, so the RSS follows the
 # live tensors. (By default its threshold rises with each large block freed, up to 32 MiB: below
@@ -88,10 +88,24 @@ def measure_forwards(models: list[tuple[Path, Path, Path | None]], rows: int) ->
     """FORWARD_CHILD for each (graph, weights, code or None), the children side by side: each
     measures its own peak, so running together costs the wall time of one."""
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **STEADY_MALLOC}
-    children = [subprocess.Popen([sys.executable, "-c", FORWARD_CHILD, str(graph_path), str(weights_path),
-                                  "-" if code_path is None else str(code_path), str(rows)],
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment)
-                for graph_path, weights_path, code_path in models]
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                FORWARD_CHILD,
+                str(graph_path),
+                str(weights_path),
+                "-" if code_path is None else str(code_path),
+                str(rows),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        for graph_path, weights_path, code_path in models
+    ]
     results = []
     for child in children:
         stdout, stderr = child.communicate(timeout=300)
@@ -103,6 +117,7 @@ def measure_forwards(models: list[tuple[Path, Path, Path | None]], rows: int) ->
 def branches(size: int = 8, channels: int = 2, count: int = 3) -> keras.Model:
     """`count` convolutions of the same input, added: all their outputs are alive at the Add."""
     inputs = keras.Input((size, size, 8), name="image")
-    x = keras.layers.Add(name="add")([keras.layers.Conv2D(channels, 3, padding="same", name=f"branch_{index}")(inputs)
-                                      for index in range(count)])
+    x = keras.layers.Add(name="add")(
+        [keras.layers.Conv2D(channels, 3, padding="same", name=f"branch_{index}")(inputs) for index in range(count)]
+    )
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(x), name="branches")

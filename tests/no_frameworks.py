@@ -39,7 +39,16 @@ def convert_without_frameworks(*args):
 
     with tempfile.TemporaryDirectory() as folder:
         Path(folder, "sitecustomize.py").write_text(CHILD_BLOCKER)
-        environment = {**os.environ, "PYTHONPATH": os.pathsep.join(
-            [folder] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry])}
-        return subprocess.run([sys.executable, "-c", NO_FRAMEWORK_RUNNER, *map(str, args)],
-                              capture_output=True, text=True, timeout=300, env=environment)
+        environment = {
+            **os.environ,
+            "PYTHONPATH": os.pathsep.join(
+                [folder] + [entry for entry in os.environ.get("PYTHONPATH", "").split(os.pathsep) if entry]
+            ),
+        }
+        return subprocess.run(
+            [sys.executable, "-c", NO_FRAMEWORK_RUNNER, *map(str, args)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env=environment,
+        )

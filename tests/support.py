@@ -16,5 +16,7 @@ def random_file_tensors(architecture: Graph, seed: int = 1):
     import numpy as np
 
     generator = np.random.default_rng(seed)
-    return {key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
-            for key, shape in architecture.tensor_shapes().items()}
+    return {
+        key: (generator.standard_normal(shape) * 0.2).astype(np.float32)
+        for key, shape in architecture.tensor_shapes().items()
+    }

@@ -14,12 +14,12 @@ import keras
 import numpy as np
 import pytest
 import torch
+from kerasmodels import batch, check_both_directions, keras_vs_torch, max_difference, random_torch_state, randomize
 
 from exchange import codegen, keras_adapter, keras_files, layout, torch_adapter, torch_modules
 from exchange.errors import UnsupportedLayerError
 from exchange.keras_config import parse_model_config
 from exchange.tensors import materialize
-from kerasmodels import batch, check_both_directions, keras_vs_torch, max_difference, random_torch_state, randomize
 
 L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
@@ -30,8 +30,7 @@ BROKEN = 1e-2
 
 def self_attention(shape, *args, call=None, **options):
     sequence = keras.Input(shape, name="sequence")
-    return keras.Model(sequence, L.MultiHeadAttention(*args, name="mha", **options)(sequence, sequence,
-                                                                                   **(call or {})))
+    return keras.Model(sequence, L.MultiHeadAttention(*args, name="mha", **options)(sequence, sequence, **(call or {})))
 
 
 def cross_attention(query_shape, value_shape, *args, key_width=None, mask=False, call=None, **options):
@@ -41,7 +40,7 @@ def cross_attention(query_shape, value_shape, *args, key_width=None, mask=False,
     if key_width:
         call["key"] = keras.Input((value_shape[0], key_width), name="key")
         inputs.append(call["key"])
-    if mask:   # ids in [0, 7) from `batch`: about one in seven positions is 0, masked
+    if mask:  # ids in [0, 7) from `batch`: about one in seven positions is 0, masked
         call["attention_mask"] = keras.Input((query_shape[0], value_shape[0]), dtype="int32", name="mask")
         inputs.append(call["attention_mask"])
     return keras.Model(inputs, L.MultiHeadAttention(*args, name="mha", **options)(query, value, **call))
@@ -54,7 +53,8 @@ def transformer_block(width, heads, key_dim, steps=7):
     x = L.LayerNormalization(epsilon=1e-6, name="norm_1")(L.Add(name="residual_1")([inputs, attended]))
     hidden = L.Dense(2 * width + 3, activation="relu", name="feed_forward_1")(x)
     x = L.LayerNormalization(epsilon=1e-6, name="norm_2")(
-        L.Add(name="residual_2")([x, L.Dense(width, name="feed_forward_2")(hidden)]))
+        L.Add(name="residual_2")([x, L.Dense(width, name="feed_forward_2")(hidden)])
+    )
     return keras.Model(inputs, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="pool")(x)), name="encoder")
 
 
@@ -63,22 +63,31 @@ MHA, KERAS_MHA = torch.nn.MultiheadAttention, torch_modules.KerasMultiHeadAttent
 CASES = {
     # heads·key_dim = width, value_dim = key_dim: nn.MultiheadAttention, packed in_proj_weight
     "self_packable": (lambda: self_attention((7, 32), 4, 8), MHA),
-    "self_packable_causal_no_bias": (lambda: self_attention((7, 16), 2, 8, use_bias=False,
-                                                            call={"use_causal_mask": True}), MHA),
+    "self_packable_causal_no_bias": (
+        lambda: self_attention((7, 16), 2, 8, use_bias=False, call={"use_causal_mask": True}),
+        MHA,
+    ),
     # query, key and value widths all differ: q_proj_weight, k_proj_weight, v_proj_weight
     "cross_kdim_vdim": (lambda: cross_attention((7, 12), (5, 10), 3, 4, key_width=6), MHA),
-    "cross_packable_mask_and_causal": (lambda: cross_attention((7, 12), (5, 12), 3, 4, mask=True,
-                                                               call={"use_causal_mask": True}), MHA),
+    "cross_packable_mask_and_causal": (
+        lambda: cross_attention((7, 12), (5, 12), 3, 4, mask=True, call={"use_causal_mask": True}),
+        MHA,
+    ),
     # 4·8 = 32 != 16: heads wider than width / heads; nn.MultiheadAttention would scale by 1/sqrt(4)
     "self_heads_wider_than_width": (lambda: self_attention((7, 16), 4, 8), KERAS_MHA),
-    "self_heads_narrower_causal": (lambda: self_attention((7, 12), 2, 3, call={"use_causal_mask": True}),
-                                   KERAS_MHA),
-    "cross_value_dim_output_width": (lambda: cross_attention((7, 10), (9, 6), 3, 5, value_dim=4,
-                                                             output_shape=7), KERAS_MHA),
-    "cross_key_output_2d_mask_dropout": (lambda: cross_attention((7, 10), (5, 6), 2, 3, key_width=4, mask=True,
-                                                                 output_shape=(4, 5), dropout=0.1), KERAS_MHA),
-    "cross_no_bias_output_width": (lambda: cross_attention((7, 8), (5, 8), 2, 4, use_bias=False,
-                                                           output_shape=5), KERAS_MHA),
+    "self_heads_narrower_causal": (lambda: self_attention((7, 12), 2, 3, call={"use_causal_mask": True}), KERAS_MHA),
+    "cross_value_dim_output_width": (
+        lambda: cross_attention((7, 10), (9, 6), 3, 5, value_dim=4, output_shape=7),
+        KERAS_MHA,
+    ),
+    "cross_key_output_2d_mask_dropout": (
+        lambda: cross_attention((7, 10), (5, 6), 2, 3, key_width=4, mask=True, output_shape=(4, 5), dropout=0.1),
+        KERAS_MHA,
+    ),
+    "cross_no_bias_output_width": (
+        lambda: cross_attention((7, 8), (5, 8), 2, 4, use_bias=False, output_shape=5),
+        KERAS_MHA,
+    ),
     "transformer_block_packable": (lambda: transformer_block(32, 4, 8), MHA),
     "transformer_block_heads_wider": (lambda: transformer_block(16, 4, 8), KERAS_MHA),
 }
@@ -107,8 +116,8 @@ def test_fully_masked_rows_attend_uniformly_as_in_keras():
     keras_model = randomize(CASES["cross_packable_mask_and_causal"][0](), seed=1)
     graph = keras_adapter.architecture_of(keras_model)
     query, value, mask = batch(keras_model)
-    mask[:, 0, 0] = 0          # causal: row 0 may only see step 0, now masked too
-    mask[1] = 0                # example 1: nothing at all
+    mask[:, 0, 0] = 0  # causal: row 0 may only see step 0, now masked too
+    mask[1] = 0  # example 1: nothing at all
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model))
     torch_outputs = torch_adapter.predict(torch_model, [query, value, mask])
     assert np.isfinite(torch_outputs[0]).all()
@@ -137,14 +146,15 @@ def padded_ids(rows=6, steps=9, seed=0):
     of row 2, the last row all padding and the first none."""
     ids = np.random.default_rng(seed).integers(1, 11, (rows, steps)).astype(np.int32)
     for row in range(1, rows):
-        ids[row, max(steps - 2 * row, 0):] = 0
+        ids[row, max(steps - 2 * row, 0) :] = 0
     ids[2, 0] = 0
     ids[rows - 1] = 0
     return ids
 
 
-@pytest.mark.parametrize("heads, key_dim, pool, cross", [(4, 4, False, False), (4, 4, True, False),
-                                                         (3, 5, False, False), (2, 8, True, True)])
+@pytest.mark.parametrize(
+    "heads, key_dim, pool, cross", [(4, 4, False, False), (4, 4, True, False), (3, 5, False, False), (2, 8, True, True)]
+)
 def test_embedding_masks(heads, key_dim, pool, cross):
     """The query's and value's Keras masks join into the attention mask; the output carries the
     query's mask on (the pooled mean leaves those steps out)."""
@@ -152,18 +162,19 @@ def test_embedding_masks(heads, key_dim, pool, cross):
     keras_model = randomize(embedding_attention(heads, key_dim, pool=pool, cross=cross), seed=2)
     graph = keras_adapter.architecture_of(keras_model)
     ids = padded_ids()
-    if pool:   # Keras's masked mean of a row with no step left is 0 / 0 (NaN): leave that row out
+    if pool:  # Keras's masked mean of a row with no step left is 0 / 0 (NaN): leave that row out
         ids = ids[:-1]
-    inputs = ([np.random.default_rng(1).standard_normal((len(ids), 7, 16)).astype(np.float32)] if cross else []) + [
-        ids]
+    inputs = ([np.random.default_rng(1).standard_normal((len(ids), 7, 16)).astype(np.float32)] if cross else []) + [ids]
     torch_state = random_torch_state(graph, seed=5)
-    for reference, tensors in ((keras_model, keras_adapter.get_tensors(keras_model)),
-                               (keras_adapter.model_from_tensors(graph, torch_state), torch_state)):
+    for reference, tensors in (
+        (keras_model, keras_adapter.get_tensors(keras_model)),
+        (keras_adapter.model_from_tensors(graph, torch_state), torch_state),
+    ):
         torch_model = torch_adapter.model_from_tensors(graph, tensors)
         torch_outputs = torch_adapter.predict(torch_model, inputs)
         assert all(np.isfinite(output).all() for output in torch_outputs)
         assert max_difference(keras_adapter.predict(reference, inputs), torch_outputs) <= TOLERANCE
-    assert graph.masks["mha"] == (None if cross else "ids")   # the mask is `ids != 0`
+    assert graph.masks["mha"] == (None if cross else "ids")  # the mask is `ids != 0`
 
 
 @pytest.mark.parametrize("key_dim", [8, 6])
@@ -175,8 +186,10 @@ def test_sequences_of_unknown_length(key_dim):
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model))
     for steps in (7, 4):
         inputs = [np.random.default_rng(steps).standard_normal((5, steps, 32)).astype(np.float32)]
-        assert max_difference(keras_adapter.predict(keras_model, inputs),
-                              torch_adapter.predict(torch_model, inputs)) <= TOLERANCE
+        assert (
+            max_difference(keras_adapter.predict(keras_model, inputs), torch_adapter.predict(torch_model, inputs))
+            <= TOLERANCE
+        )
 
 
 @pytest.mark.parametrize("case", ["cross_kdim_vdim", "cross_key_output_2d_mask_dropout", "transformer_block_packable"])
@@ -202,41 +215,82 @@ def test_keras2_config_and_weight_names():
     [layer, node, tensor], and names the variables `mha/query/kernel:0`, …: the same graph and
     tensors as Keras 3's (written by hand after tf-keras's format, as tf-keras is not installed)."""
     keras.utils.set_random_seed(9)
-    keras_model = randomize(cross_attention((7, 10), (5, 6), 2, 3, key_width=4, mask=True, output_shape=5,
-                                            call={"use_causal_mask": True}), seed=1)
+    keras_model = randomize(
+        cross_attention((7, 10), (5, 6), 2, 3, key_width=4, mask=True, output_shape=5, call={"use_causal_mask": True}),
+        seed=1,
+    )
     layer = keras_model.get_layer("mha")
-    config = {key: value for key, value in layer.get_config().items()
-              if key not in ("use_gate", "sliding_window", "seed")}
+    config = {
+        key: value for key, value in layer.get_config().items() if key not in ("use_gate", "sliding_window", "seed")
+    }
     # tf-keras, as Keras 3, saves the attention axes its build resolved: [1] for sequences
     config.update(attention_axes=[1], query_shape=[None, 7, 10], value_shape=[None, 5, 6], key_shape=[None, 5, 4])
 
     def keras2_input(name, shape, dtype="float32"):
-        return {"class_name": "InputLayer", "name": name, "inbound_nodes": [],
-                "config": {"batch_input_shape": [None, *shape], "dtype": dtype, "name": name}}
+        return {
+            "class_name": "InputLayer",
+            "name": name,
+            "inbound_nodes": [],
+            "config": {"batch_input_shape": [None, *shape], "dtype": dtype, "name": name},
+        }
 
-    model_config = {"class_name": "Functional", "config": {
-        "name": "keras2", "layers": [
-            keras2_input("query", (7, 10)), keras2_input("value", (5, 6)), keras2_input("key", (5, 4)),
-            keras2_input("mask", (7, 5), "int32"),
-            {"class_name": "MultiHeadAttention", "name": "mha", "config": config, "inbound_nodes": [[[
-                "query", 0, 0, {"value": ["value", 0, 0], "key": ["key", 0, 0], "attention_mask": ["mask", 0, 0],
-                                "use_causal_mask": True}]]]}],
-        "input_layers": [["query", 0, 0], ["value", 0, 0], ["key", 0, 0], ["mask", 0, 0]],
-        "output_layers": [["mha", 0, 0]]}}
+    model_config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "keras2",
+            "layers": [
+                keras2_input("query", (7, 10)),
+                keras2_input("value", (5, 6)),
+                keras2_input("key", (5, 4)),
+                keras2_input("mask", (7, 5), "int32"),
+                {
+                    "class_name": "MultiHeadAttention",
+                    "name": "mha",
+                    "config": config,
+                    "inbound_nodes": [
+                        [
+                            [
+                                "query",
+                                0,
+                                0,
+                                {
+                                    "value": ["value", 0, 0],
+                                    "key": ["key", 0, 0],
+                                    "attention_mask": ["mask", 0, 0],
+                                    "use_causal_mask": True,
+                                },
+                            ]
+                        ]
+                    ],
+                },
+            ],
+            "input_layers": [["query", 0, 0], ["value", 0, 0], ["key", 0, 0], ["mask", 0, 0]],
+            "output_layers": [["mha", 0, 0]],
+        },
+    }
     graph = parse_model_config(model_config, "keras2 config", keras2=True).graph
     assert graph.differences(keras_adapter.architecture_of(keras_model)) == []
     names = ("query", "key", "value", "attention_output")
-    stored = [(weight_name.split("/")[-1], np.asarray(variable.numpy())) for weight_name, variable in zip(
-        [f"mha/{name}/{part}" for name in names for part in ("kernel", "bias")], layer.weights)]
+    stored = [
+        (weight_name.split("/")[-1], np.asarray(variable.numpy()))
+        for weight_name, variable in zip(
+            [f"mha/{name}/{part}" for name in names for part in ("kernel", "bias")], layer.weights
+        )
+    ]
     tensors = layout.keras_to_file(graph, {"mha": stored})
     for key, tensor in keras_adapter.get_tensors(keras_model).items():
         np.testing.assert_array_equal(tensors[key], tensor, err_msg=key)
 
 
-@pytest.mark.parametrize("make_model, message", [
-    (lambda: self_attention((5, 6, 8), 2, 4, call={"use_causal_mask": True}),
-     "use_causal_mask or sliding_window with attention over axes \\[1, 2\\]: Keras builds these masks from axis 1"),
-])
+@pytest.mark.parametrize(
+    "make_model, message",
+    [
+        (
+            lambda: self_attention((5, 6, 8), 2, 4, call={"use_causal_mask": True}),
+            "use_causal_mask or sliding_window with attention over axes \\[1, 2\\]: Keras builds these masks from axis 1",
+        ),
+    ],
+)
 def test_unsupported_options_are_named(make_model, message):
     with pytest.raises(UnsupportedLayerError, match=message) as caught:
         keras_adapter.architecture_of(make_model())
@@ -247,8 +301,9 @@ def _naive_in_proj(keras_model, graph, tensors):
     """Kernels (D, heads, key_dim) flattened key_dim-major instead of head-major."""
     layer, tensors = keras_model.get_layer("mha"), dict(tensors)
     kernels = [np.asarray(variable.numpy()) for variable in layer.weights[0:6:2]]
-    tensors["mha.in_proj_weight"] = np.concatenate([kernel.transpose(0, 2, 1).reshape(kernel.shape[0], -1).T
-                                                    for kernel in kernels])
+    tensors["mha.in_proj_weight"] = np.concatenate(
+        [kernel.transpose(0, 2, 1).reshape(kernel.shape[0], -1).T for kernel in kernels]
+    )
     return tensors
 
 
@@ -268,11 +323,14 @@ def _packed_in_wrong_order(keras_model, graph, tensors):
     return tensors
 
 
-@pytest.mark.parametrize("case, break_it", [
-    ("self_packable", _naive_in_proj),
-    ("self_packable", _untransposed_out_proj),
-    ("self_packable", _packed_in_wrong_order),
-])
+@pytest.mark.parametrize(
+    "case, break_it",
+    [
+        ("self_packable", _naive_in_proj),
+        ("self_packable", _untransposed_out_proj),
+        ("self_packable", _packed_in_wrong_order),
+    ],
+)
 def test_each_convention_matters(case, break_it):
     """Each rule, broken alone, moves the outputs far beyond the tolerance: the tests above would
     catch a converter that got it wrong."""
@@ -308,8 +366,9 @@ def two_attentions():
     tokens = L.Embedding(11, 16, mask_zero=True, name="embed")(ids)
     x = L.MultiHeadAttention(4, 4, name="self_attention")(tokens, tokens, use_causal_mask=True)
     x = L.MultiHeadAttention(3, 5, value_dim=2, name="cross_attention")(x, context, attention_mask=mask)
-    return keras.Model([ids, context, mask], L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="pool")(x)),
-                       name="two_attentions")
+    return keras.Model(
+        [ids, context, mask], L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="pool")(x)), name="two_attentions"
+    )
 
 
 def test_generated_code(tmp_path):
@@ -320,8 +379,9 @@ def test_generated_code(tmp_path):
     code = codegen.generate(graph, "two_attentions.safetensors", "two_attentions.keras")
     assert "nn.MultiheadAttention(16, 4, kdim=16, vdim=16, batch_first=True)" in code
     assert "class KerasMultiHeadAttention(nn.Module)" in code
-    assert ("KerasMultiHeadAttention(16, 12, value_features=12, num_heads=3, key_dim=5, value_dim=2, "
-            "output_shape=(16,))") in code
+    assert (
+        "KerasMultiHeadAttention(16, 12, value_features=12, num_heads=3, key_dim=5, value_dim=2, output_shape=(16,))"
+    ) in code
     # nn.MultiheadAttention returns (output, weights): its output is the first item
     assert re.search(r"\n +(\w+) = self\.self_attention\(.*\n(?: +del .*\n)? +\w+ = \1\[0\]\n", code)
     (tmp_path / "generated_attention.py").write_text(code)
@@ -330,13 +390,14 @@ def test_generated_code(tmp_path):
     spec.loader.exec_module(generated)
     module = generated.TwoAttentions()
     module.load_state_dict({key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}, strict=True)
-    ids = padded_ids()[:-1]   # a row of padding only would pool to 0 / 0 in Keras too
+    ids = padded_ids()[:-1]  # a row of padding only would pool to 0 / 0 in Keras too
     generator = np.random.default_rng(3)
     context = generator.standard_normal((len(ids), 5, 12)).astype(np.float32)
     mask = generator.integers(0, 4, (len(ids), 9, 5)).astype(np.int32)
     with torch.no_grad():
-        outputs = module.eval()(torch.from_numpy(ids), torch.from_numpy(context).permute(0, 2, 1),
-                                torch.from_numpy(mask).permute(0, 2, 1)).numpy()
+        outputs = module.eval()(
+            torch.from_numpy(ids), torch.from_numpy(context).permute(0, 2, 1), torch.from_numpy(mask).permute(0, 2, 1)
+        ).numpy()
     assert max_difference([outputs], keras_adapter.predict(keras_model, [ids, context, mask])) <= TOLERANCE
 
 
@@ -344,24 +405,29 @@ def test_key_and_value_masks_join():
     """A key with its own Embedding mask: Keras ANDs the value's and the key's masks."""
     keras.utils.set_random_seed(8)
     query = keras.Input((7, 12), name="query")
-    value_ids, key_ids = keras.Input((9,), dtype="int32", name="value_ids"), keras.Input((9,), dtype="int32",
-                                                                                        name="key_ids")
+    value_ids, key_ids = (
+        keras.Input((9,), dtype="int32", name="value_ids"),
+        keras.Input((9,), dtype="int32", name="key_ids"),
+    )
     value = L.Embedding(11, 10, mask_zero=True, name="value_embed")(value_ids)
     key = L.Embedding(11, 6, mask_zero=True, name="key_embed")(key_ids)
     attended = L.MultiHeadAttention(3, 4, name="mha")(query, value, key=key)
     keras_model = randomize(keras.Model([query, value_ids, key_ids], attended), seed=2)
     graph = keras_adapter.architecture_of(keras_model)
-    value_ids, key_ids = padded_ids(), np.flip(padded_ids(seed=1), axis=1).copy()   # padding at the start
+    value_ids, key_ids = padded_ids(), np.flip(padded_ids(seed=1), axis=1).copy()  # padding at the start
     inputs = [np.random.default_rng(2).standard_normal((6, 7, 12)).astype(np.float32), value_ids, key_ids]
     assert keras_vs_torch(keras_model, graph, keras_adapter.get_tensors(keras_model), inputs) <= TOLERANCE
 
 
-@pytest.mark.parametrize("dtype, tolerance", [
-    # TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even for float64 (measured:
-    # Keras is 2e-8 from a float64 reference, torch 1e-15), so float64 agrees to about 1e-8.
-    ("float64", 1e-7),
-    ("float16", 2e-2),
-])
+@pytest.mark.parametrize(
+    "dtype, tolerance",
+    [
+        # TensorFlow's Keras rounds the 1/sqrt(key_dim) scale to float32 even for float64 (measured:
+        # Keras is 2e-8 from a float64 reference, torch 1e-15), so float64 agrees to about 1e-8.
+        ("float64", 1e-7),
+        ("float16", 2e-2),
+    ],
+)
 @pytest.mark.parametrize("key_dim", [8, 5])
 def test_weights_keep_their_dtype(dtype, tolerance, key_dim):
     keras.utils.set_random_seed(6)
@@ -376,20 +442,27 @@ def test_weights_keep_their_dtype(dtype, tolerance, key_dim):
 def test_generated_code_alone_and_exported(tmp_path):
     """Both torch forms in one encoder, written as code by the CLI: the file runs in a process
     where keras and this project cannot be imported, and through `torch.export`."""
+    from generated_code import run_generated
+
     from exchange import cli
     from exchange.torch_adapter import class_name
-    from generated_code import run_generated
 
     keras.utils.set_random_seed(13)
     tokens = keras.Input((7, 32), name="tokens")
     x = L.Add(name="residual")([tokens, L.MultiHeadAttention(4, 8, name="packable")(tokens, tokens)])
     x = L.MultiHeadAttention(3, 6, value_dim=5, name="heads_narrower")(x, x, use_causal_mask=True)
-    model = randomize(keras.Model(tokens, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="pool")(x)),
-                                  name="two_forms"), seed=4)
+    model = randomize(
+        keras.Model(tokens, L.Dense(3, name="head")(L.GlobalAveragePooling1D(name="pool")(x)), name="two_forms"), seed=4
+    )
     model.save(tmp_path / "two_forms.keras")
     graph = cli.convert(tmp_path / "two_forms.keras", tmp_path / "two_forms.py")
     (inputs,) = batch(model, rows=8)
-    result = run_generated(tmp_path / "two_forms.py", class_name(graph.name), inputs,
-                           np.asarray(model.predict(inputs, verbose=0)), tmp_path)
+    result = run_generated(
+        tmp_path / "two_forms.py",
+        class_name(graph.name),
+        inputs,
+        np.asarray(model.predict(inputs, verbose=0)),
+        tmp_path,
+    )
     assert result["loaded"] == []
     assert result["eager"] <= TOLERANCE and result["exported"] <= TOLERANCE

@@ -9,13 +9,13 @@ weights with its own `load()` helper and must compute what Keras computed, then 
 import keras
 import numpy as np
 import pytest
-
-from exchange import cli, codegen
-from frameworks.recipe import SEED_ARCHITECTURE
 from generated_code import check_generated_file, run_generated
 from kerasmodels import batch, randomize
 from support import ROOT
 from zoo_models import APPLICATION_RELATIVE_TOLERANCE, APPLICATIONS, KERAS2_FIXTURES, SMALL, SMALL_TOLERANCE, ZOO
+
+from exchange import cli, codegen
+from frameworks.recipe import SEED_ARCHITECTURE
 
 GOLDEN = ROOT / "tests/fixtures/golden/seed_mlp.py"
 
@@ -38,8 +38,10 @@ def test_generated_code_of_each_zoo_model(name, tmp_path):
     from exchange.torch_adapter import class_name
 
     result = run_generated(code_path, class_name(graph.name), inputs, expected, tmp_path)
-    print(f"{name}: generated code vs Keras {result['eager']:.2e}, after torch.export {result['exported']:.2e} "
-          f"(outputs up to {result['scale']:.3g})")
+    print(
+        f"{name}: generated code vs Keras {result['eager']:.2e}, after torch.export {result['exported']:.2e} "
+        f"(outputs up to {result['scale']:.3g})"
+    )
     assert result["loaded"] == []
     tolerance = APPLICATION_RELATIVE_TOLERANCE * result["scale"] if application else SMALL_TOLERANCE
     assert result["eager"] <= tolerance and result["exported"] <= tolerance
@@ -73,8 +75,9 @@ def test_generated_module_matches_the_converted_module(tmp_path):
     spec.loader.exec_module(generated)
     ours = generated.DepthwiseSeparable().state_dict()
     theirs = torch_adapter.model_from_file(tmp_path / "sep.safetensors").state_dict()
-    assert {key: (tuple(v.shape), v.dtype) for key, v in ours.items()} == \
-        {key: (tuple(v.shape), v.dtype) for key, v in theirs.items()}
+    assert {key: (tuple(v.shape), v.dtype) for key, v in ours.items()} == {
+        key: (tuple(v.shape), v.dtype) for key, v in theirs.items()
+    }
 
 
 def test_seed_mlp_source_is_pinned():
@@ -90,7 +93,8 @@ def test_generation_is_deterministic(tmp_path):
     cli.convert(keras_path, tmp_path / "second.py")
     first = (tmp_path / "first.py").read_text()
     assert first.replace("first.safetensors", "X") == (tmp_path / "second.py").read_text().replace(
-        "second.safetensors", "X")
+        "second.safetensors", "X"
+    )
     assert (tmp_path / "first.safetensors").read_bytes() == (tmp_path / "second.safetensors").read_bytes()
 
 
@@ -103,8 +107,12 @@ def test_code_from_a_torch_state_dict_with_its_architecture(tmp_path, capsys):
     randomize(SMALL["autoencoder"](), seed=2).save(keras_path)
     cli.convert(keras_path, tmp_path / "ae.safetensors")
     cli.convert(keras_path, tmp_path / "ae.pt")
-    assert cli.main([str(tmp_path / "ae.pt"), str(tmp_path / "port.py"), "--arch", str(tmp_path / "ae.safetensors"),
-                     "--verify"]) == 0
+    assert (
+        cli.main(
+            [str(tmp_path / "ae.pt"), str(tmp_path / "port.py"), "--arch", str(tmp_path / "ae.safetensors"), "--verify"]
+        )
+        == 0
+    )
     assert "vs the generated PyTorch code" in capsys.readouterr().out
     state = torch.load(tmp_path / "ae.pt", weights_only=True)
     from safetensors.torch import load_file

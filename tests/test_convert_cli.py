@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from support import ROOT, random_file_tensors
+
 from exchange import cli, fileformat, keras_adapter
 from frameworks import keras_mlp, torch_mlp
 from frameworks.recipe import SEED_ARCHITECTURE
@@ -17,8 +17,9 @@ OUTPUT_TOLERANCE = 1e-6  # as in test_cross_framework: float32 rounding between 
 
 
 def run_convert(*args):
-    return subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert.py"), *map(str, args)], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +45,9 @@ def test_keras_to_safetensors_to_keras_and_pt(keras_file, mnist, tmp_path):
     import keras
 
     reopened = keras.saving.load_model(rebuilt, safe_mode=True)
-    np.testing.assert_array_equal(keras_mlp.predict(reopened, mnist.x_test),
-                                  keras_mlp.predict(keras_model, mnist.x_test))
+    np.testing.assert_array_equal(
+        keras_mlp.predict(reopened, mnist.x_test), keras_mlp.predict(keras_model, mnist.x_test)
+    )
 
     state_path = tmp_path / "seed.pt"
     assert run_convert(common, state_path).returncode == 0
@@ -100,20 +102,32 @@ def _write_pt_with_wrong_shape(path):
 def _write_unsupported_keras(path):
     import keras
 
-    keras.Sequential([keras.Input((5, 8)), keras.layers.Dense(4, name="d"),
-                      keras.layers.Lambda(lambda x: x * 2.0, name="norm")]).save(path)
+    keras.Sequential(
+        [keras.Input((5, 8)), keras.layers.Dense(4, name="d"), keras.layers.Lambda(lambda x: x * 2.0, name="norm")]
+    ).save(path)
 
 
-@pytest.mark.parametrize("make_input, input_name, extra, message", [
-    (lambda p: p.write_text("{}"), "model.json", [], r"architecture \(JSON\), which holds no weights"),
-    (lambda p: p.write_bytes(b"\x00" * 40), "trunc.safetensors", [], "not a readable safetensors file"),
-    (lambda p: p.write_text("not a zip"), "fake.keras", [], "not a .keras file"),
-    (_write_unsupported_keras, "norm.keras", [], r"unsupported layer 'norm' \(Lambda\)"),
-    (_write_pt_with_wrong_shape, "wrong.pt", ["--activations", "tanh,tanh,softmax"],
-     r"dense_1.weight: expected float32 \(50, 50\), found float32 \(50, 49\)"),
-    (lambda p: p.write_bytes(b"garbage"), "garbage.pt", ["--activations", "tanh"],
-     "not a readable PyTorch weights file"),
-])
+@pytest.mark.parametrize(
+    "make_input, input_name, extra, message",
+    [
+        (lambda p: p.write_text("{}"), "model.json", [], r"architecture \(JSON\), which holds no weights"),
+        (lambda p: p.write_bytes(b"\x00" * 40), "trunc.safetensors", [], "not a readable safetensors file"),
+        (lambda p: p.write_text("not a zip"), "fake.keras", [], "not a .keras file"),
+        (_write_unsupported_keras, "norm.keras", [], r"unsupported layer 'norm' \(Lambda\)"),
+        (
+            _write_pt_with_wrong_shape,
+            "wrong.pt",
+            ["--activations", "tanh,tanh,softmax"],
+            r"dense_1.weight: expected float32 \(50, 50\), found float32 \(50, 49\)",
+        ),
+        (
+            lambda p: p.write_bytes(b"garbage"),
+            "garbage.pt",
+            ["--activations", "tanh"],
+            "not a readable PyTorch weights file",
+        ),
+    ],
+)
 @pytest.mark.parametrize("output_name", ["out.safetensors", "out.keras", "out.pt"])
 def test_bad_inputs(tmp_path, capsys, make_input, input_name, extra, message, output_name):
     source = tmp_path / input_name
@@ -183,6 +197,7 @@ def test_verify_feeds_a_float16_model_float16_inputs(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------
 # --verify runs the frameworks in a child process
 
+
 def _exchange_file(path, graph: dict, tensors: dict | None = None):
     from exchange.graph import Graph
 
@@ -195,13 +210,18 @@ def _chain(kind_config: list[tuple[str, str, dict]], shape: list, input_dtype: s
     for index, (kind, dtype, config) in enumerate(kind_config):
         nodes.append({"name": f"n{index}", "kind": kind, "inputs": [previous], "dtype": dtype, "config": config})
         previous = nodes[-1]["name"]
-    return {"name": "m", "inputs": [{"name": "x", "shape": shape, "dtype": input_dtype}], "nodes": nodes,
-            "outputs": [previous]}
+    return {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": shape, "dtype": input_dtype}],
+        "nodes": nodes,
+        "outputs": [previous],
+    }
 
 
 @pytest.mark.parametrize("fault, signal_number, exit_code", [("abort", None, 2), ("hang", "SIGTERM", 143)])
-def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file, tmp_path, fault, signal_number,
-                                                                        exit_code):
+def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(
+    keras_file, tmp_path, fault, signal_number, exit_code
+):
     """A native crash of the verify child (simulated: it aborts) is one line and exit 2; a SIGTERM
     to the parent while the child runs (simulated: it hangs) stops both, exit 143. Nothing is left."""
     import os
@@ -209,15 +229,19 @@ def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file,
     import time
 
     out = tmp_path / "out.safetensors"
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts/convert.py"), str(keras_file[0]), str(out),
-                                "--verify"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "EXCHANGE_VERIFY_TEST_FAULT": fault})
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts/convert.py"), str(keras_file[0]), str(out), "--verify"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "EXCHANGE_VERIFY_TEST_FAULT": fault},
+    )
     try:
         if signal_number is not None:
             deadline = time.monotonic() + 60
             while not list(tmp_path.glob(".out.safetensors.*/.verify.*")) and time.monotonic() < deadline:
                 time.sleep(0.05)
-            time.sleep(0.5)   # the child has started
+            time.sleep(0.5)  # the child has started
             children = Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split()
             process.send_signal(getattr(signal, signal_number))
         _, stderr = process.communicate(timeout=120)
@@ -228,8 +252,10 @@ def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file,
     lines = stderr.strip().splitlines()
     assert len(lines) == 1, stderr
     if fault == "abort":
-        assert lines[0] == (f"error: {keras_file[0]}: --verify stopped: Keras or PyTorch crashed running this model "
-                            "(SIGABRT; it may use 4.0 GiB more than the frameworks themselves)")
+        assert lines[0] == (
+            f"error: {keras_file[0]}: --verify stopped: Keras or PyTorch crashed running this model "
+            "(SIGABRT; it may use 4.0 GiB more than the frameworks themselves)"
+        )
     else:
         assert lines[0] == f"error: interrupted by SIGTERM; {out} was not written"
         assert children and not any(Path(f"/proc/{child}").exists() for child in children), "the child still runs"
@@ -238,8 +264,10 @@ def test_verify_child_crash_or_signal_is_one_line_and_leaves_nothing(keras_file,
 
 def test_verify_child_address_space_is_capped(tmp_path):
     """The cap the child sets on itself: an allocation beyond it fails (MemoryError), not the machine."""
-    code = ("from exchange.verify import _cap_address_space\n_cap_address_space(256 << 20)\n"
-            "try:\n    bytearray(1 << 30)\nexcept MemoryError:\n    print('refused')\n")
+    code = (
+        "from exchange.verify import _cap_address_space\n_cap_address_space(256 << 20)\n"
+        "try:\n    bytearray(1 << 30)\nexcept MemoryError:\n    print('refused')\n"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
     assert result.stdout.strip() == "refused", result.stderr
 
@@ -247,10 +275,16 @@ def test_verify_child_address_space_is_capped(tmp_path):
 def test_verify_casts_float_inputs_to_the_layer_dtype_as_keras_does(tmp_path, capsys):
     """Keras casts a float32 input to a float16 layer's dtype; the torch module and the generated
     code cast it there too (torch raised a dtype mismatch)."""
-    graph = _chain([("dense", "float16", {"units": 2, "activation": "linear", "use_bias": False}),
-                    ("activation", "float32", {"activation": "tanh"})], [3])
-    source = _exchange_file(tmp_path / "half.safetensors", graph,
-                            {"n0.weight": np.linspace(-1, 1, 6, dtype=np.float16).reshape(2, 3)})
+    graph = _chain(
+        [
+            ("dense", "float16", {"units": 2, "activation": "linear", "use_bias": False}),
+            ("activation", "float32", {"activation": "tanh"}),
+        ],
+        [3],
+    )
+    source = _exchange_file(
+        tmp_path / "half.safetensors", graph, {"n0.weight": np.linspace(-1, 1, 6, dtype=np.float16).reshape(2, 3)}
+    )
     for output in ("half.pt", "code.py"):
         assert cli.main([str(source), str(tmp_path / output), "--verify"]) == 0, capsys.readouterr().err
         assert "argmax agreement 100.00%" in capsys.readouterr().out
@@ -262,14 +296,17 @@ def test_divergent_layer_is_found_in_bounded_memory(tmp_path, monkeypatch):
     fails): the layers are compared on the rows that differ most, in chunks; all of them at once
     took gigabytes."""
     monkeypatch.setattr("exchange.verify.FLOAT64_ATOL", -1.0)
-    source = _exchange_file(tmp_path / "chain.safetensors", _chain([("activation", "float32", {"activation": "tanh"})]
-                                                                   * 400, [1000]))
+    source = _exchange_file(
+        tmp_path / "chain.safetensors", _chain([("activation", "float32", {"activation": "tanh"})] * 400, [1000])
+    )
     out = tmp_path / "chain.pt"
     assert cli.main([str(source), str(out)]) == 0
     graph = fileformat.load(source).architecture
     result = cli.verify(source, out, graph, None, 0.0)
     assert result.verdict.dtype == "float64" and (result.first_divergence.layer, result.first_divergence.kind) == (
-        "n0", "activation")
+        "n0",
+        "activation",
+    )
     # Measured 850 MiB run alone and 1,571 MiB once inside the full default run (same inputs; the
     # child's peak varies with what TensorFlow allocates), of which about 730 are the frameworks'
     # imports; all layers at once took 4.7 GB, which this bound still tells apart.
@@ -277,16 +314,20 @@ def test_divergent_layer_is_found_in_bounded_memory(tmp_path, monkeypatch):
 
 
 def test_verify_batch_is_sized_by_the_largest_activation():
+    from exchange.graph import Graph
     from exchange.verify import VERIFY_ACTIVATION_ELEMENTS, verification_inputs
 
-    from exchange.graph import Graph
-
     # A Dense of 1,000,000 units (the feature cap) on 4 steps: 4,000,000 values per sample.
-    wide = Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
-                                                         "use_bias": False})], [4, 2]))
+    wide = Graph.from_dict(
+        _chain([("dense", "float32", {"units": 1_000_000, "activation": "linear", "use_bias": False})], [4, 2])
+    )
     inputs, drawn = verification_inputs(wide, None)
     assert inputs[0].shape == (VERIFY_ACTIVATION_ELEMENTS // 4_000_000, 4, 2)
     assert drawn.description == "a fixed random batch of 4 inputs"
     with pytest.raises(cli.ExchangeError, match="'n0' makes 20,000,000 values per sample, more than the 16,000,000"):
-        verification_inputs(Graph.from_dict(_chain([("dense", "float32", {"units": 1_000_000, "activation": "linear",
-                                                                         "use_bias": False})], [20, 2])), None)
+        verification_inputs(
+            Graph.from_dict(
+                _chain([("dense", "float32", {"units": 1_000_000, "activation": "linear", "use_bias": False})], [20, 2])
+            ),
+            None,
+        )

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file as safetensors_torch_load_file
-
 from support import random_file_tensors
+
 from exchange import fileformat, keras_adapter, torch_adapter
 from exchange.errors import ArchitectureMismatchError, TensorMismatchError, UnsupportedLayerError
-from frameworks import keras_mlp, torch_mlp
 from exchange.graph import dense_chain
+from frameworks import keras_mlp, torch_mlp
 from frameworks.recipe import SEED_ARCHITECTURE
 
 # TensorFlow and PyTorch sum float32 products in different orders; on probabilities in [0, 1]
@@ -30,10 +30,16 @@ def test_parameter_counts_in_each_framework():
     torch_model = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
     assert keras_model.count_params() == 42_310
     assert sum(p.numel() for p in torch_model.parameters()) == 42_310
-    assert [sum(w.size for w in layer.get_weights()) for layer in keras_model.layers if layer.weights] == \
-        [784 * 50 + 50, 50 * 50 + 50, 50 * 10 + 10]
-    assert [sum(p.numel() for p in layer.parameters()) for layer in torch_model.linears] == \
-        [784 * 50 + 50, 50 * 50 + 50, 50 * 10 + 10]
+    assert [sum(w.size for w in layer.get_weights()) for layer in keras_model.layers if layer.weights] == [
+        784 * 50 + 50,
+        50 * 50 + 50,
+        50 * 10 + 10,
+    ]
+    assert [sum(p.numel() for p in layer.parameters()) for layer in torch_model.linears] == [
+        784 * 50 + 50,
+        50 * 50 + 50,
+        50 * 10 + 10,
+    ]
     assert sum(p.numel() for p in torch_adapter.build_module(SEED_ARCHITECTURE).parameters()) == 42_310
     assert keras_adapter.architecture_of(keras_model) == SEED_ARCHITECTURE
 
@@ -71,8 +77,9 @@ def test_keras_to_file_to_keras_is_bit_identical(architecture, mnist, tmp_path):
     keras_adapter.load_file(restored, path)
     for original, loaded in zip(keras_model.weights, restored.weights):
         np.testing.assert_array_equal(original.numpy(), loaded.numpy())
-    np.testing.assert_array_equal(keras_mlp.predict(keras_model, mnist.x_test),
-                                  keras_mlp.predict(restored, mnist.x_test))
+    np.testing.assert_array_equal(
+        keras_mlp.predict(keras_model, mnist.x_test), keras_mlp.predict(restored, mnist.x_test)
+    )
 
 
 def test_plain_safetensors_load_state_dict_strict(architecture, tmp_path):
@@ -84,8 +91,10 @@ def test_plain_safetensors_load_state_dict_strict(architecture, tmp_path):
     torch_model = torch_mlp.TorchMLP(architecture)
     torch_model.load_state_dict(state_dict, strict=True)
     inputs = np.random.default_rng(0).random((64, 784), dtype=np.float32)
-    assert np.max(np.abs(keras_mlp.predict(keras_model, inputs)
-                         - torch_mlp.predict(torch_model, inputs))) <= OUTPUT_TOLERANCE
+    assert (
+        np.max(np.abs(keras_mlp.predict(keras_model, inputs) - torch_mlp.predict(torch_model, inputs)))
+        <= OUTPUT_TOLERANCE
+    )
 
 
 def test_wrong_transposition_is_caught_by_outputs(mnist, tmp_path):
@@ -98,8 +107,7 @@ def test_wrong_transposition_is_caught_by_outputs(mnist, tmp_path):
     state_dict["dense_1.weight"] = state_dict["dense_1.weight"].t().contiguous()
     wrong = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
     wrong.load_state_dict(state_dict, strict=True)  # shapes alone do not notice
-    difference = np.max(np.abs(keras_mlp.predict(keras_model, mnist.x_test)
-                               - torch_mlp.predict(wrong, mnist.x_test)))
+    difference = np.max(np.abs(keras_mlp.predict(keras_model, mnist.x_test) - torch_mlp.predict(wrong, mnist.x_test)))
     assert difference > WRONG_LAYOUT_MIN_DIFF
 
 
@@ -108,8 +116,9 @@ def test_wrong_shape_into_keras_names_the_tensor():
     tensors["dense_2.weight"] = np.zeros((50, 10), np.float32)
     model = keras_mlp.build_keras_model(SEED_ARCHITECTURE)
     before = [w.numpy().copy() for w in model.weights]
-    with pytest.raises(TensorMismatchError,
-                       match=r"dense_2.weight: expected float32 \(10, 50\), found float32 \(50, 10\)"):
+    with pytest.raises(
+        TensorMismatchError, match=r"dense_2.weight: expected float32 \(10, 50\), found float32 \(50, 10\)"
+    ):
         keras_adapter.set_tensors(model, tensors)
     for old, variable in zip(before, model.weights):
         np.testing.assert_array_equal(old, variable.numpy())  # nothing was half-assigned
@@ -126,13 +135,20 @@ def test_architecture_mismatch_on_load(tmp_path):
 def test_unsupported_keras_layer_is_named():
     import keras
 
-    model = keras.Sequential([keras.Input((7, 784)), keras.layers.Dense(50, activation="tanh"),
-                              keras.layers.Lambda(lambda x: x * 2.0, name="rnn"), keras.layers.Dense(10)])
+    model = keras.Sequential(
+        [
+            keras.Input((7, 784)),
+            keras.layers.Dense(50, activation="tanh"),
+            keras.layers.Lambda(lambda x: x * 2.0, name="rnn"),
+            keras.layers.Dense(10),
+        ]
+    )
     with pytest.raises(UnsupportedLayerError, match=r"unsupported layer 'rnn' \(Lambda\)"):
         keras_adapter.architecture_of(model)
     odd = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, activation="log_sigmoid", name="g")])
-    with pytest.raises(UnsupportedLayerError,
-                       match=r"layer 'g' \(Dense\): unsupported option activation='log_sigmoid'"):
+    with pytest.raises(
+        UnsupportedLayerError, match=r"layer 'g' \(Dense\): unsupported option activation='log_sigmoid'"
+    ):
         keras_adapter.architecture_of(odd)
 
 
@@ -142,8 +158,15 @@ def test_live_model_and_its_saved_file_give_the_same_graph_and_tensors(tmp_path)
 
     from exchange import keras_files
 
-    model = keras.Sequential([keras.Input((12,)), keras.layers.Dense(6, name="a"), keras.layers.Dropout(0.3),
-                              keras.layers.Dense(2, activation="softmax", name="b")], name="drop")
+    model = keras.Sequential(
+        [
+            keras.Input((12,)),
+            keras.layers.Dense(6, name="a"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(2, activation="softmax", name="b"),
+        ],
+        name="drop",
+    )
     model.save(tmp_path / "drop.keras")
     with keras_files.open_keras_file(tmp_path / "drop.keras") as from_file:
         assert from_file.architecture == keras_adapter.architecture_of(model)

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from exchange import fileformat
-from exchange.graph import dense_chain
 from exchange.errors import ExchangeFileError, TensorMismatchError
+from exchange.graph import dense_chain
 from exchange.tensors import LazyTensor
 from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
 
@@ -16,14 +16,16 @@ TINY = dense_chain("tiny", 3, [(2, "tanh")])
 
 
 def tiny_tensors():
-    return {"dense_0.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
-            "dense_0.bias": np.array([0.5, -0.5], dtype=np.float32)}
+    return {
+        "dense_0.weight": np.arange(6, dtype=np.float32).reshape(2, 3),
+        "dense_0.bias": np.array([0.5, -0.5], dtype=np.float32),
+    }
 
 
 def read_header(path):
     raw = path.read_bytes()
     (length,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + length])
+    return json.loads(raw[8 : 8 + length])
 
 
 def test_golden_header(tmp_path):
@@ -32,10 +34,13 @@ def test_golden_header(tmp_path):
     fileformat.save(path, TINY, tiny_tensors(), source_framework="torch")
     assert read_header(path) == {
         "__metadata__": {
-            "format": "pt", "exchange_version": "2", "source_framework": "torch",
+            "format": "pt",
+            "exchange_version": "2",
+            "source_framework": "torch",
             "architecture": '{"name":"tiny","inputs":[{"name":"input","shape":[3],"dtype":"float32"}],'
-                            '"nodes":[{"name":"dense_0","kind":"dense","inputs":["input"],"dtype":"float32",'
-                            '"config":{"units":2,"activation":"tanh","use_bias":true}}],"outputs":["dense_0"]}'},
+            '"nodes":[{"name":"dense_0","kind":"dense","inputs":["input"],"dtype":"float32",'
+            '"config":{"units":2,"activation":"tanh","use_bias":true}}],"outputs":["dense_0"]}',
+        },
         "dense_0.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]},
         "dense_0.weight": {"dtype": "F32", "shape": [2, 3], "data_offsets": [8, 32]},
     }
@@ -49,10 +54,16 @@ def test_version_1_file_still_loads(tmp_path):
     from safetensors.numpy import save_file
 
     path = tmp_path / "v1.safetensors"
-    save_file({"layers.0.weight": tiny_tensors()["dense_0.weight"], "layers.0.bias": tiny_tensors()["dense_0.bias"]},
-              str(path), metadata={"format": "pt", "exchange_version": "1", "source_framework": "keras",
-                                   "architecture": '{"input_dim":3,"layers":[{"kind":"dense","units":2,'
-                                                   '"activation":"tanh","use_bias":true}]}'})
+    save_file(
+        {"layers.0.weight": tiny_tensors()["dense_0.weight"], "layers.0.bias": tiny_tensors()["dense_0.bias"]},
+        str(path),
+        metadata={
+            "format": "pt",
+            "exchange_version": "1",
+            "source_framework": "keras",
+            "architecture": '{"input_dim":3,"layers":[{"kind":"dense","units":2,"activation":"tanh","use_bias":true}]}',
+        },
+    )
     loaded = fileformat.load(path)
     assert loaded.architecture == dense_chain("model", 3, [(2, "tanh")])
     assert sorted(loaded.tensors) == ["dense_0.bias", "dense_0.weight"]
@@ -63,31 +74,48 @@ def test_each_tensor_keeps_its_dtype(tmp_path):
     """float16 and float64 weights and an int64 counter are written and read back as they are."""
     from exchange.graph import Graph
 
-    graph = Graph.from_dict({"name": "m", "inputs": [{"name": "x", "shape": [4, 5, 3]}], "outputs": ["bn"],
-                             "nodes": [{"name": "conv", "kind": "conv2d", "inputs": ["x"], "dtype": "float16",
-                                        "config": {"filters": 2, "kernel_size": [1, 1], "strides": [1, 1],
-                                                   "dilation_rate": [1, 1]}},
-                                       {"name": "bn", "kind": "batch_norm", "inputs": ["conv"], "dtype": "float64",
-                                        "config": {}}]})
+    graph = Graph.from_dict(
+        {
+            "name": "m",
+            "inputs": [{"name": "x", "shape": [4, 5, 3]}],
+            "outputs": ["bn"],
+            "nodes": [
+                {
+                    "name": "conv",
+                    "kind": "conv2d",
+                    "inputs": ["x"],
+                    "dtype": "float16",
+                    "config": {"filters": 2, "kernel_size": [1, 1], "strides": [1, 1], "dilation_rate": [1, 1]},
+                },
+                {"name": "bn", "kind": "batch_norm", "inputs": ["conv"], "dtype": "float64", "config": {}},
+            ],
+        }
+    )
     tensors = {key: np.full(shape, 0.5, dtype=dtype) for key, (shape, dtype) in graph.tensor_specs.items()}
     assert tensors["bn.num_batches_tracked"].dtype == np.int64
     path = tmp_path / "mixed.safetensors"
     fileformat.save(path, graph, tensors, "torch")
     header = read_header(path)
     assert {key: entry["dtype"] for key, entry in header.items() if key != "__metadata__"} == {
-        "conv.weight": "F16", "conv.bias": "F16", "bn.weight": "F64", "bn.bias": "F64",
-        "bn.running_mean": "F64", "bn.running_var": "F64", "bn.num_batches_tracked": "I64"}
+        "conv.weight": "F16",
+        "conv.bias": "F16",
+        "bn.weight": "F64",
+        "bn.bias": "F64",
+        "bn.running_mean": "F64",
+        "bn.running_var": "F64",
+        "bn.num_batches_tracked": "I64",
+    }
     loaded = fileformat.load(path)
     assert {key: value.dtype.name for key, value in loaded.tensors.items()} == {
-        key: dtype for key, (_, dtype) in graph.tensor_specs.items()}
+        key: dtype for key, (_, dtype) in graph.tensor_specs.items()
+    }
 
 
 def test_seed_file_holds_42310_parameters(tmp_path):
     path = tmp_path / "seed.safetensors"
     fileformat.save(path, SEED_ARCHITECTURE, seed_initial_tensors(SEED_ARCHITECTURE), "keras")
     header = read_header(path)
-    assert sum(int(np.prod(entry["shape"])) for key, entry in header.items()
-               if key != "__metadata__") == 42_310
+    assert sum(int(np.prod(entry["shape"])) for key, entry in header.items() if key != "__metadata__") == 42_310
 
 
 def test_mismatch_error_names_every_tensor_with_expected_and_actual(tmp_path):
@@ -101,7 +129,8 @@ def test_mismatch_error_names_every_tensor_with_expected_and_actual(tmp_path):
     assert str(caught.value) == (
         "missing tensors: dense_0.bias; unexpected tensors: dense_3.weight; wrong shape or dtype: "
         "dense_1.weight: expected float32 (50, 50), found float32 (50, 51); "
-        "dense_2.weight: expected float32 (10, 50), found float64 (10, 50)")
+        "dense_2.weight: expected float32 (10, 50), found float64 (10, 50)"
+    )
     assert not list(tmp_path.iterdir()), "nothing may be written on a failed save"
 
 
@@ -112,10 +141,14 @@ def test_transposed_tensor_in_file_is_named(tmp_path):
     tensors = seed_initial_tensors(SEED_ARCHITECTURE)
     tensors["dense_0.weight"] = np.ascontiguousarray(tensors["dense_0.weight"].T)
     path = tmp_path / "transposed.safetensors"
-    save_file(tensors, str(path), metadata={"format": "pt", "exchange_version": "2",
-                                            "architecture": SEED_ARCHITECTURE.to_json()})
-    with pytest.raises(TensorMismatchError,
-                       match=r"dense_0.weight: expected float32 \(50, 784\), found float32 \(784, 50\)"):
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": "pt", "exchange_version": "2", "architecture": SEED_ARCHITECTURE.to_json()},
+    )
+    with pytest.raises(
+        TensorMismatchError, match=r"dense_0.weight: expected float32 \(50, 784\), found float32 \(784, 50\)"
+    ):
         fileformat.load(path)
 
 
@@ -226,8 +259,9 @@ def test_stale_temporaries_of_dead_owners_are_removed(tmp_path):
     fileformat.save(tmp_path / "model.safetensors", TINY, tiny_tensors(), "torch")
     removed = {".model.safetensors.ended000.tmp", ".model.safetensors.reused00.tmp", ".model.safetensors.rebooted.tmp"}
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        (set(records) - removed) | {".model.safetensors.afile000.tmp", ".model.safetensors.alink000.tmp",
-                                    "model.safetensors"})
+        (set(records) - removed)
+        | {".model.safetensors.afile000.tmp", ".model.safetensors.alink000.tmp", "model.safetensors"}
+    )
 
 
 def test_private_folder_records_its_owner(tmp_path):

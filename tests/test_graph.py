@@ -14,12 +14,19 @@ from frameworks.recipe import SEED_ARCHITECTURE, seed_initial_tensors
 
 def test_seed_parameter_counts():
     assert SEED_ARCHITECTURE.node_parameter_counts() == {
-        "dense_0": 784 * 50 + 50, "dense_1": 50 * 50 + 50, "dense_2": 50 * 10 + 10}
+        "dense_0": 784 * 50 + 50,
+        "dense_1": 50 * 50 + 50,
+        "dense_2": 50 * 10 + 10,
+    }
     assert SEED_ARCHITECTURE.parameter_count() == 42_310
     assert SEED_ARCHITECTURE.tensor_shapes() == {
-        "dense_0.weight": (50, 784), "dense_0.bias": (50,),
-        "dense_1.weight": (50, 50), "dense_1.bias": (50,),
-        "dense_2.weight": (10, 50), "dense_2.bias": (10,)}
+        "dense_0.weight": (50, 784),
+        "dense_0.bias": (50,),
+        "dense_1.weight": (50, 50),
+        "dense_1.bias": (50,),
+        "dense_2.weight": (10, 50),
+        "dense_2.bias": (10,),
+    }
 
 
 def test_json_round_trip_and_no_bias_layer():
@@ -30,20 +37,28 @@ def test_json_round_trip_and_no_bias_layer():
 
 
 def _node(kind="dense", config=None, inputs=("x",), name="d"):
-    return {"name": "m", "inputs": [{"name": "x", "shape": [4]}], "outputs": [name],
-            "nodes": [{"name": name, "kind": kind, "inputs": list(inputs),
-                       "config": {"units": 3} if config is None else config}]}
+    return {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": [4]}],
+        "outputs": [name],
+        "nodes": [
+            {"name": name, "kind": kind, "inputs": list(inputs), "config": {"units": 3} if config is None else config}
+        ],
+    }
 
 
-@pytest.mark.parametrize("description, message", [
-    (_node(kind="conv4d"), "unsupported layer kind 'conv4d'"),
-    (_node(config={"units": 3, "activation": "swishy"}), "unsupported activation 'swishy'"),
-    (_node(config={"units": 3, "use_bias": "no"}), "option 'use_bias': 'no' is not a bool"),
-    (_node(config={"units": 3, "lora_dropout": 0.1}), "unknown option"),
-    (_node(config={}), "option 'units' is missing"),
-    (_node(inputs=("y",)), "reads \\['y'\\]"),
-    ({"inputs": []}, "malformed architecture"),
-])
+@pytest.mark.parametrize(
+    "description, message",
+    [
+        (_node(kind="conv4d"), "unsupported layer kind 'conv4d'"),
+        (_node(config={"units": 3, "activation": "swishy"}), "unsupported activation 'swishy'"),
+        (_node(config={"units": 3, "use_bias": "no"}), "option 'use_bias': 'no' is not a bool"),
+        (_node(config={"units": 3, "lora_dropout": 0.1}), "unknown option"),
+        (_node(config={}), "option 'units' is missing"),
+        (_node(inputs=("y",)), "reads \\['y'\\]"),
+        ({"inputs": []}, "malformed architecture"),
+    ],
+)
 def test_bad_architecture_descriptions(description, message):
     with pytest.raises(ExchangeError, match=message):
         Graph.from_dict(description)
@@ -58,9 +73,11 @@ def test_bad_json_is_one_error():
 
 def test_registry_refuses_a_second_registration():
     with pytest.raises(ExchangeError, match="registered twice"):
+
         @register
         class AnotherDense(LayerKind):
             kind, keras_classes = "dense_again", ("Dense",)
+
     assert "dense_again" not in KINDS and KERAS_CLASSES["Dense"].kind == "dense"
 
 
@@ -78,8 +95,11 @@ def test_dense_port_transposes_and_inverts():
 def test_unclaimed_keras_variable_is_an_error_naming_it():
     """A Dense with LoRA variables must not export its base kernel alone."""
     graph = dense_chain("m", 3, [(4, "linear")])
-    stored = [("kernel", np.zeros((3, 4), np.float32)), ("bias", np.zeros(4, np.float32)),
-              ("lora_kernel_a", np.zeros((3, 2), np.float32))]
+    stored = [
+        ("kernel", np.zeros((3, 4), np.float32)),
+        ("bias", np.zeros(4, np.float32)),
+        ("lora_kernel_a", np.zeros((3, 2), np.float32)),
+    ]
     with pytest.raises(TensorMismatchError, match="no port claims \\['lora_kernel_a'\\]"):
         layout.keras_to_file(graph, {"dense_0": stored}, class_names={"dense_0": "Dense"})
 
@@ -99,7 +119,7 @@ def test_multi_tensor_ports_split_pack_and_sum():
     """GRU's (2, 3H) bias with its gate blocks reordered, MultiHeadAttention's packed kernels and
     an LSTM's summed biases: each maps shapes and arrays both ways (the sum canonically)."""
     rng = np.random.default_rng(1)
-    bias = rng.random((2, 6)).astype(np.float32)          # two rows, 3 gate blocks of 2
+    bias = rng.random((2, 6)).astype(np.float32)  # two rows, 3 gate blocks of 2
     stacked = Stacked("bias", ("bias_ih", "bias_hh"), (Blocks(0, (1, 0, 2)),))
     torch_biases = stacked.to_torch({"bias": bias})
     assert stacked.torch_shapes({"bias": (2, 6)}) == {"bias_ih": (6,), "bias_hh": (6,)}
@@ -133,14 +153,21 @@ def test_lazy_tensor_never_broadcasts():
 
 def test_flatten_of_an_image_into_dense_permutes_the_weight_rows():
     """Keras flattens (H, W, C); torch flattens (C, H, W): the Dense weight absorbs the order."""
-    graph = Graph.from_dict({
-        "name": "m", "inputs": [{"name": "x", "shape": [2, 3, 4]}], "outputs": ["d"],
-        "nodes": [{"name": "f", "kind": "flatten", "inputs": ["x"], "config": {}},
-                  {"name": "d", "kind": "dense", "inputs": ["f"], "config": {"units": 5}}]})
+    graph = Graph.from_dict(
+        {
+            "name": "m",
+            "inputs": [{"name": "x", "shape": [2, 3, 4]}],
+            "outputs": ["d"],
+            "nodes": [
+                {"name": "f", "kind": "flatten", "inputs": ["x"], "config": {}},
+                {"name": "d", "kind": "dense", "inputs": ["f"], "config": {"units": 5}},
+            ],
+        }
+    )
     assert graph.channels_first_flattens == {"f": (2, 3, 4)}
     kernel = np.random.default_rng(1).random((24, 5)).astype(np.float32)
     weight = layout.keras_to_file(graph, {"d": [("kernel", kernel), ("bias", np.zeros(5, np.float32))]})["d.weight"]
-    image = np.random.default_rng(2).random((2, 3, 4)).astype(np.float32)   # (H, W, C)
+    image = np.random.default_rng(2).random((2, 3, 4)).astype(np.float32)  # (H, W, C)
     np.testing.assert_allclose(weight @ image.transpose(2, 0, 1).reshape(-1), image.reshape(-1) @ kernel, rtol=1e-6)
     output_graph = Graph.from_dict({**graph.to_dict(), "outputs": ["f"], "nodes": graph.to_dict()["nodes"][:1]})
     assert output_graph.channels_first_flattens == {}, "a Flatten that is an output keeps Keras's order"
@@ -173,4 +200,11 @@ def test_reserved_names_cover_every_torch_module_attribute():
     public = {name for name in dir(torch.fx.GraphModule) if not name.startswith("_")}
     assert public <= RESERVED_NAMES, sorted(public - RESERVED_NAMES)
     assert [python_name(name) for name in ("conv-1", "1st", "_x", "class", "compile", "self", "ok")] == [
-        "conv_1", "layer_1st", "layer_x", "class_layer", "compile_layer", "self_layer", "ok"]
+        "conv_1",
+        "layer_1st",
+        "layer_x",
+        "class_layer",
+        "compile_layer",
+        "self_layer",
+        "ok",
+    ]

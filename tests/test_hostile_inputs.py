@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
+import hostile
 import numpy as np
 import pytest
-
-import hostile
 from support import ROOT, random_file_tensors
 
 # Peak RSS a case may add to the child process, which has already imported numpy, h5py, torch
@@ -37,8 +36,8 @@ MEMORY_BOUND_MIB = 128
 # 1.5 GiB when its 12 s run out.
 CHILD_MEMORY_BOUND_MIB = 6144
 FUZZ_SEED = 20260611
-FUZZ_DEFAULT_CASES = 300      # about 10 s in the default run
-FUZZ_SLOW_CASES = 5000        # `pytest -m slow`: about 80 s
+FUZZ_DEFAULT_CASES = 300  # about 10 s in the default run
+FUZZ_SLOW_CASES = 5000  # `pytest -m slow`: about 80 s
 CHILD_TIMEOUT = 600
 
 
@@ -59,9 +58,13 @@ def base_files(tmp_path_factory):
 
 def run_child(mode: str, base, work, *extra) -> dict:
     results = work.parent / f"{work.name}.json"
-    completed = subprocess.run([sys.executable, str(ROOT / "tests/hostile.py"), mode, str(base), str(work),
-                                str(results), *map(str, extra)], capture_output=True, text=True,
-                               timeout=CHILD_TIMEOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    completed = subprocess.run(
+        [sys.executable, str(ROOT / "tests/hostile.py"), mode, str(base), str(work), str(results), *map(str, extra)],
+        capture_output=True,
+        text=True,
+        timeout=CHILD_TIMEOUT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     assert completed.returncode == 0, completed.stderr[-3000:]
     return json.loads(results.read_text())
 
@@ -110,10 +113,12 @@ def check_fuzz(results: dict) -> None:
             failures.append(f"{label}: {result['traceback'].strip().splitlines()[-1]}")
         elif result["rc"] not in (0, 2):
             failures.append(f"{label}: exit {result['rc']}")
-        elif result["rc"] == 2 and (len(result["stderr"].strip().splitlines()) != 1
-                                    or result["added"] or result["changed"]):
-            failures.append(f"{label}: {result['stderr'][:300]!r}, added {result['added']}, "
-                            f"changed {result['changed']}")
+        elif result["rc"] == 2 and (
+            len(result["stderr"].strip().splitlines()) != 1 or result["added"] or result["changed"]
+        ):
+            failures.append(
+                f"{label}: {result['stderr'][:300]!r}, added {result['added']}, changed {result['changed']}"
+            )
         elif result["peak_mib"] >= MEMORY_BOUND_MIB:
             failures.append(f"{label}: peak {result['peak_mib']:.0f} MiB")
         elif result.get("import_error"):
@@ -175,16 +180,20 @@ sys.exit(main(sys.argv[1:]))
 
 def slow_convert(source, out, marker, where: str = "copy_into") -> subprocess.Popen:
     """`convert SOURCE OUT` that pauses mid-write at `where`; returns once `marker` says it is there."""
-    process = subprocess.Popen([sys.executable, "-c", SLOW_WRITE, str(source), str(out)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                               env={**os.environ, "PYTHONPATH": str(ROOT), "SLOW_WRITE_MARKER": str(marker),
-                                    "SLOW_WRITE_AT": where})
+    process = subprocess.Popen(
+        [sys.executable, "-c", SLOW_WRITE, str(source), str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "SLOW_WRITE_MARKER": str(marker), "SLOW_WRITE_AT": where},
+    )
     deadline = time.monotonic() + 120
     while not marker.exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     if not marker.exists():
         process.kill()
-        assert False, f"the write never paused: {process.communicate()[1][-2000:]}"
+        raise AssertionError(f"the write never paused: {process.communicate()[1][-2000:]}")
     return process
 
 
@@ -199,7 +208,8 @@ def test_signal_mid_write_removes_the_temporary(base_files, tmp_path, signal_num
     _, stderr = process.communicate(timeout=60)
     assert process.returncode == exit_code
     assert stderr.strip().splitlines() == [
-        f"error: interrupted by {signal.Signals(signal_number).name}; {out} was not written"]
+        f"error: interrupted by {signal.Signals(signal_number).name}; {out} was not written"
+    ]
     assert sorted(p.name for p in folder.iterdir()) == ["out.safetensors"]
     assert out.read_bytes() == hostile.EXISTING
 
@@ -256,30 +266,45 @@ def test_next_run_removes_a_sigkilled_keras_temporary(base_files, tmp_path):
     out = tmp_path / "out.keras"
     out.write_bytes(hostile.EXISTING)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    live = subprocess.Popen([sys.executable, "-c", HOLD_TEMPORARY, str(out)], stdout=subprocess.PIPE, text=True,
-                            cwd=ROOT, env=env)
+    live = subprocess.Popen(
+        [sys.executable, "-c", HOLD_TEMPORARY, str(out)], stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
     try:
         live_temporary = Path(live.stdout.readline().strip()).parent
         assert live_temporary.is_dir()
-        killed = slow_convert(base_files / "seed.safetensors", out, tmp_path.parent / f"{tmp_path.name}.writing",
-                              "keras.save")
+        killed = slow_convert(
+            base_files / "seed.safetensors", out, tmp_path.parent / f"{tmp_path.name}.writing", "keras.save"
+        )
         killed.kill()
         killed.communicate(timeout=60)
         stale = [path for path in tmp_path.glob(".out.keras.*.tmp") if path != live_temporary]
         assert len(stale) == 1 and (stale[0] / "out.keras").is_file(), "the SIGKILLed run left its temporary"
         # Folders whose names only resemble a temporary of out.keras, with the dead owner's record.
-        decoys = [tmp_path / name for name in (".out.keras.tmp", ".out.keras.abc.tmp", ".out.keras.abcdefgh.tmp.x",
-                                                "out.keras.abcdefgh.tmp", ".other.keras.abcdefgh.tmp")]
+        decoys = [
+            tmp_path / name
+            for name in (
+                ".out.keras.tmp",
+                ".out.keras.abc.tmp",
+                ".out.keras.abcdefgh.tmp.x",
+                "out.keras.abcdefgh.tmp",
+                ".other.keras.abcdefgh.tmp",
+            )
+        ]
         for decoy in decoys:
             decoy.mkdir()
             shutil.copy(stale[0] / ".owner", decoy / ".owner")
-        result = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.safetensors"),
-                                 str(out)], capture_output=True, text=True, timeout=300)
+        result = subprocess.run(
+            [sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.safetensors"), str(out)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert result.returncode == 0, result.stderr
         assert not stale[0].exists(), "the next run did not remove the stale temporary"
         assert live_temporary.is_dir(), "a live process's temporary was removed"
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-            [live_temporary.name, "out.keras"] + [decoy.name for decoy in decoys])
+            [live_temporary.name, "out.keras"] + [decoy.name for decoy in decoys]
+        )
         assert out.read_bytes() != hostile.EXISTING
     finally:
         live.kill()
@@ -296,8 +321,13 @@ def _full_disk():
 def test_full_disk_is_one_line_and_keeps_the_output(base_files, tmp_path, output_name):
     out = tmp_path / output_name
     out.write_bytes(hostile.EXISTING)
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.keras"),
-                             str(out)], capture_output=True, text=True, timeout=120, preexec_fn=_full_disk)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.keras"), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        preexec_fn=_full_disk,
+    )
     assert result.returncode == 2
     assert re.fullmatch(rf"error: {re.escape(str(out))}: could not write \(.+\)", result.stderr.strip()), result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [output_name]
@@ -308,13 +338,18 @@ def test_keras_path_error_is_one_line_without_tensorflow_logging(base_files, tmp
     """TensorFlow writes start-up lines from C++ whatever TF_CPP_MIN_LOG_LEVEL says; none may show.
     (The .keras is written with Keras in this process; then --verify fails, its child aborting.)"""
     out = tmp_path / "out.keras"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.safetensors"),
-                             str(out), "--verify"], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "EXCHANGE_VERIFY_TEST_FAULT": "abort"})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert.py"), str(base_files / "seed.safetensors"), str(out), "--verify"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "0", "EXCHANGE_VERIFY_TEST_FAULT": "abort"},
+    )
     assert result.returncode == 2, result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stderr.startswith(f"error: {base_files / 'seed.safetensors'}: --verify stopped: Keras or PyTorch "
-                                    "crashed")
+    assert result.stderr.startswith(
+        f"error: {base_files / 'seed.safetensors'}: --verify stopped: Keras or PyTorch crashed"
+    )
     assert not out.exists()
 
 
@@ -333,5 +368,6 @@ def test_negated_tensor_views_convert(tmp_path):
     from exchange import cli
 
     assert cli.main([str(path), str(tmp_path / "out.safetensors"), "--activations", "tanh,tanh,softmax"]) == 0
-    np.testing.assert_array_equal(fileformat.load(tmp_path / "out.safetensors").tensors["dense_0.weight"],
-                                  tensors["dense_0.weight"].numpy())
+    np.testing.assert_array_equal(
+        fileformat.load(tmp_path / "out.safetensors").tensors["dense_0.weight"], tensors["dense_0.weight"].numpy()
+    )

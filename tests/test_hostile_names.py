@@ -18,12 +18,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from support import ROOT
+
 from exchange import fileformat, reference
 from exchange.graph import Graph
 
-OUTPUT_TOLERANCE = 1e-6   # float32 rounding between numpy and torch on three small Dense layers
+OUTPUT_TOLERANCE = 1e-6  # float32 rounding between numpy and torch on three small Dense layers
 
 # Each would have broken out of a docstring, a string literal or a comment, or become another name.
 # MARKER is the relative path `pwned`: the conversion and the import run in the test's folder.
@@ -41,13 +41,24 @@ PAYLOADS = {
 
 def _seed_graph(model="mlp", input_name="x", layer="dense_1") -> Graph:
     description = {
-        "name": model, "inputs": [{"name": input_name, "shape": [6], "dtype": "float32"}],
-        "nodes": [{"name": name, "kind": "dense", "inputs": [source], "dtype": "float32",
-                   "config": {"units": units, "activation": activation, "use_bias": True}}
-                  for name, source, units, activation in (("dense_0", input_name, 5, "tanh"),
-                                                          (layer, "dense_0", 4, "tanh"),
-                                                          ("dense_2", layer, 3, "softmax"))],
-        "outputs": ["dense_2"]}
+        "name": model,
+        "inputs": [{"name": input_name, "shape": [6], "dtype": "float32"}],
+        "nodes": [
+            {
+                "name": name,
+                "kind": "dense",
+                "inputs": [source],
+                "dtype": "float32",
+                "config": {"units": units, "activation": activation, "use_bias": True},
+            }
+            for name, source, units, activation in (
+                ("dense_0", input_name, 5, "tanh"),
+                (layer, "dense_0", 4, "tanh"),
+                ("dense_2", layer, 3, "softmax"),
+            )
+        ],
+        "outputs": ["dense_2"],
+    }
     return Graph.from_dict(description)
 
 
@@ -78,14 +89,32 @@ def _convert_and_run(graph: Graph, tensors: dict, folder: Path, source_name: str
     source = folder / source_name
     fileformat.save(source, graph, tensors, "torch")
     output = folder / output_name
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/convert.py"), str(source), str(output)],
-                            capture_output=True, text=True, timeout=300, cwd=folder)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/convert.py"), str(source), str(output)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+    )
     assert result.returncode == 0, result.stderr
     inputs = np.random.default_rng(1).standard_normal((7, 6)).astype(np.float32)
     np.save(folder / "inputs.npy", inputs)
-    run = subprocess.run([sys.executable, "-c", RUN_GENERATED, str(output), str(output.with_suffix(".safetensors")),
-                          str(folder / "inputs.npy"), str(folder / "outputs.npy"), class_name(graph.name)],
-                         capture_output=True, text=True, timeout=300, cwd=folder)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            RUN_GENERATED,
+            str(output),
+            str(output.with_suffix(".safetensors")),
+            str(folder / "inputs.npy"),
+            str(folder / "outputs.npy"),
+            class_name(graph.name),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=folder,
+    )
     assert run.returncode == 0, run.stderr
     expected = reference.forward(graph, tensors, [inputs])[0]
     actual = np.load(folder / "outputs.npy")
@@ -109,7 +138,7 @@ def test_ligature_layer_is_its_own_layer(tmp_path):
     description["nodes"][1]["name"], description["nodes"][2]["name"] = "\ufb01x", "fix"
     description["nodes"][2]["inputs"] = ["\ufb01x"]
     for node in description["nodes"]:
-        node["config"]["units"] = 4   # square: the naive reading loads without complaint
+        node["config"]["units"] = 4  # square: the naive reading loads without complaint
     description["outputs"] = ["fix"]
     graph = Graph.from_dict(description)
     assert graph.torch_names == {"dense_0": "dense_0", "\ufb01x": "layer_x", "fix": "fix"}

@@ -12,11 +12,11 @@ import layer_suite
 import ml_dtypes
 import numpy as np
 import pytest
+from kerasmodels import randomize
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import ExchangeError
 from exchange.graph import INPUT_DTYPES, INTEGER_DTYPES
-from kerasmodels import randomize
 
 L = keras.layers
 # float32 rounding of a small Dense; float16 / bfloat16 inputs are exact in float32.
@@ -34,8 +34,18 @@ def compare(model, inputs):
 
 
 def test_every_input_dtype_is_covered():
-    assert set(INPUT_DTYPES) == {"float16", "bfloat16", "float32", "float64", "uint8", "int8", "int16", "int32",
-                                 "int64", "bool"}
+    assert set(INPUT_DTYPES) == {
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+        "uint8",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "bool",
+    }
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
@@ -67,7 +77,7 @@ def test_mask_input_of_bool_and_small_integers(dtype):
     model = keras.Model([sequence, mask], L.GlobalAveragePooling1D(name="mean")(sequence, mask=mask))
     generator = np.random.default_rng(2)
     mask_values = (generator.random((4, 6)) < 0.6).astype(dtype)
-    mask_values[:, 0] = 1   # every row keeps a step
+    mask_values[:, 0] = 1  # every row keeps a step
     assert compare(model, [generator.standard_normal((4, 6, 3)).astype(np.float32), mask_values]) <= TOLERANCE
 
 
@@ -77,29 +87,43 @@ def test_integer_and_bool_inputs_into_layers_that_compute_in_float(tmp_path):
     EinsumDense: Keras computes each in float32 (`predict` gives float32), and so does every
     conversion: .safetensors -> torch, -> .keras, and the generated code."""
     keras.utils.set_random_seed(6)
-    specs = {"pixels": ((5, 4, 3), "uint8"), "steps": ((3, 2), "int32"), "flags": ((6,), "bool"),
-             "counts": ((5,), "int64"), "levels": ((5,), "int8"), "codes": ((3, 4), "int16")}
+    specs = {
+        "pixels": ((5, 4, 3), "uint8"),
+        "steps": ((3, 2), "int32"),
+        "flags": ((6,), "bool"),
+        "counts": ((5,), "int64"),
+        "levels": ((5,), "int8"),
+        "codes": ((3, 4), "int16"),
+    }
     inputs = {name: keras.Input(shape, dtype=dtype, name=name) for name, (shape, dtype) in specs.items()}
     image = L.Rescaling(1 / 255, offset=-0.5, name="scale")(L.RandomContrast(0.3, name="contrast")(inputs["pixels"]))
-    outputs = [L.Conv2D(2, 3, name="conv")(image),
-               L.Bidirectional(L.LSTM(3), name="bidirectional")(inputs["steps"]),
-               L.Dense(4, name="dense")(inputs["flags"]),
-               L.Normalization(mean=2.0, variance=3.0, name="normalization")(inputs["counts"]),
-               L.BatchNormalization(name="batch_norm")(inputs["levels"]),
-               L.EinsumDense("abc,cd->abd", (3, 2), bias_axes="d", name="einsum")(inputs["codes"])]
+    outputs = [
+        L.Conv2D(2, 3, name="conv")(image),
+        L.Bidirectional(L.LSTM(3), name="bidirectional")(inputs["steps"]),
+        L.Dense(4, name="dense")(inputs["flags"]),
+        L.Normalization(mean=2.0, variance=3.0, name="normalization")(inputs["counts"]),
+        L.BatchNormalization(name="batch_norm")(inputs["levels"]),
+        L.EinsumDense("abc,cd->abd", (3, 2), bias_axes="d", name="einsum")(inputs["codes"]),
+    ]
     model = randomize(keras.Model(list(inputs.values()), outputs), seed=2)
     keras_path = tmp_path / "ints.keras"
     model.save(keras_path)
     generator = np.random.default_rng(3)
-    values = [generator.integers(0, 2 if dtype == "bool" else 120, (4,) + shape).astype(dtype)
-              for shape, dtype in specs.values()]
+    values = [
+        generator.integers(0, 2 if dtype == "bool" else 120, (4,) + shape).astype(dtype)
+        for shape, dtype in specs.values()
+    ]
     reference = [np.asarray(output) for output in model.predict(values, verbose=0)]
     assert all(output.dtype == np.float32 for output in reference)
     result = layer_suite.CaseResult("ints", "dtypes", "Model", "pass")
     layer_suite.conversions(keras_path, values, reference, result)
-    assert set(result.diffs) == {".keras -> .safetensors -> torch", ".safetensors -> .keras",
-                                 "file -> Keras -> file bit-identical", ".keras -> model.py"}
-    assert max(result.diffs.values()) <= layer_suite.tolerance(reference), result.diffs   # 1e-5, relative above 1
+    assert set(result.diffs) == {
+        ".keras -> .safetensors -> torch",
+        ".safetensors -> .keras",
+        "file -> Keras -> file bit-identical",
+        ".keras -> model.py",
+    }
+    assert max(result.diffs.values()) <= layer_suite.tolerance(reference), result.diffs  # 1e-5, relative above 1
 
 
 def test_integer_input_into_a_layer_that_keeps_integers_is_refused_in_one_line(tmp_path):
@@ -108,7 +132,10 @@ def test_integer_input_into_a_layer_that_keeps_integers_is_refused_in_one_line(t
     inputs = keras.Input((4, 2), dtype="int16", name="counts")
     path = tmp_path / "ints.keras"
     keras.Model(inputs, L.UpSampling1D(2, name="upsample")(inputs)).save(path)
-    with pytest.raises(ExchangeError, match=r"layer 'upsample' \(upsampling1d\) reads the integer input 'counts' "
-                                            r"\(int16\)") as err:
+    with pytest.raises(
+        ExchangeError,
+        match=r"layer 'upsample' \(upsampling1d\) reads the integer input 'counts' "
+        r"\(int16\)",
+    ) as err:
         cli.convert(path, tmp_path / "ints.safetensors")
     assert "\n" not in str(err.value)

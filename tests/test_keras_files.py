@@ -13,12 +13,12 @@ import re
 import keras
 import numpy as np
 import pytest
+from no_frameworks import convert_without_frameworks
+from support import ROOT
 
 from exchange import fileformat, keras_files, torch_adapter
 from exchange.errors import ExchangeError
 from frameworks import keras_mlp, torch_mlp
-from no_frameworks import convert_without_frameworks
-from support import ROOT
 
 FIXTURES = ROOT / "tests/fixtures/keras2"
 OUTPUT_TOLERANCE = 1e-6  # float32 rounding between TensorFlow and PyTorch, as elsewhere
@@ -32,10 +32,17 @@ def fixed_batch(input_shape, rows=64):
 
 def keras3_model_with_pass_through_layers():
     """A Keras 3 Sequential with Dropout, Activation and a flat Flatten between Dense layers."""
-    model = keras.Sequential([
-        keras.Input((784,)), keras.layers.Flatten(), keras.layers.Dense(50, activation="tanh", name="a"),
-        keras.layers.Dropout(0.3), keras.layers.Dense(50, name="b"), keras.layers.Activation("relu"),
-        keras.layers.Dense(10, activation="softmax", name="c")])
+    model = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Flatten(),
+            keras.layers.Dense(50, activation="tanh", name="a"),
+            keras.layers.Dropout(0.3),
+            keras.layers.Dense(50, name="b"),
+            keras.layers.Activation("relu"),
+            keras.layers.Dense(10, activation="softmax", name="c"),
+        ]
+    )
     generator = np.random.default_rng(7)
     model.set_weights([generator.normal(0, 0.2, w.shape).astype(np.float32) for w in model.get_weights()])
     return model
@@ -84,8 +91,10 @@ def test_keras3_pass_through_layers_become_nodes(keras3_files):
 
 def test_keras3_weights_h5_with_architecture_alongside(keras3_files, tmp_path):
     folder, model = keras3_files
-    with keras_files.open_keras_file(folder / "model.weights.h5", folder / "model.keras") as from_h5, \
-            keras_files.open_keras_file(folder / "model.keras") as from_keras:
+    with (
+        keras_files.open_keras_file(folder / "model.weights.h5", folder / "model.keras") as from_h5,
+        keras_files.open_keras_file(folder / "model.keras") as from_keras,
+    ):
         for key in from_keras.tensors:
             np.testing.assert_array_equal(from_h5.tensors[key].load(), from_keras.tensors[key].load())
     config_json = tmp_path / "config.json"
@@ -107,9 +116,16 @@ def test_keras3_functional_chain(tmp_path):
     assert np.max(np.abs(keras_mlp.predict(model, batch) - torch_mlp.predict(torch_model, batch))) <= OUTPUT_TOLERANCE
 
 
-@pytest.mark.parametrize("name, arch", [("seed_mlp", None), ("seed_mlp_weights", "seed_mlp_config.json"),
-                                        ("functional_chain", None),
-                                        ("functional_chain_weights", "functional_chain.h5"), ("cnn", None)])
+@pytest.mark.parametrize(
+    "name, arch",
+    [
+        ("seed_mlp", None),
+        ("seed_mlp_weights", "seed_mlp_config.json"),
+        ("functional_chain", None),
+        ("functional_chain_weights", "functional_chain.h5"),
+        ("cnn", None),
+    ],
+)
 def test_keras2_files_match_keras2_outputs(name, arch):
     with keras_files.open_keras_file(FIXTURES / f"{name}.h5", FIXTURES / arch if arch else None) as weights:
         graph = weights.architecture
@@ -132,25 +148,46 @@ def test_keras2_batchnorm_and_branching_files_convert():
 @pytest.fixture(scope="module")
 def unsupported_keras_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("unsupported") / "custom.keras"
-    keras.Sequential([keras.Input((5, 3)), keras.layers.Lambda(lambda x: x * 2.0, name="custom"),
-                      keras.layers.SimpleRNN(4, name="rnn"), keras.layers.Dense(2, name="out")]).save(path)
+    keras.Sequential(
+        [
+            keras.Input((5, 3)),
+            keras.layers.Lambda(lambda x: x * 2.0, name="custom"),
+            keras.layers.SimpleRNN(4, name="rnn"),
+            keras.layers.Dense(2, name="out"),
+        ]
+    ).save(path)
     return path
 
 
-@pytest.mark.parametrize("source, extra, message", [
-    (None, [], r"unsupported layer 'custom' \(Lambda\)"),
-    ("seed_mlp_weights.h5", [], "a weights-only file; give the architecture"),
-    ("seed_mlp_weights.h5", ["--arch", FIXTURES / "functional_chain_config.json"],
-     "config and weights do not match"),
-    ("functional_chain_weights.h5", ["--arch", FIXTURES / "seed_mlp.h5"],
-     r"layer 'dense_1' \(Dense\) variable 'kernel': expected shape \(784, 50\), found \(20, 16\)"),
-    ("functional_chain_weights.h5", ["--arch", FIXTURES / "seed_mlp.h5", "--by-name"],
-     r"layer 'dense_1' \(Dense\) stores variables \[\], expected \['kernel', 'bias'\]"),
-    ("functional_chain_weights.h5", ["--arch", FIXTURES / "cnn.h5"],
-     r"holds weights for 3 layers, the architecture has \d+ layers with weights \(Keras 2 loads them by order; "
-     r"with --by-name by layer name\)"),
-    ("expected_outputs.npz", [], r"not a file this tool reads \(neither its content nor its extension '.npz'"),
-])
+@pytest.mark.parametrize(
+    "source, extra, message",
+    [
+        (None, [], r"unsupported layer 'custom' \(Lambda\)"),
+        ("seed_mlp_weights.h5", [], "a weights-only file; give the architecture"),
+        (
+            "seed_mlp_weights.h5",
+            ["--arch", FIXTURES / "functional_chain_config.json"],
+            "config and weights do not match",
+        ),
+        (
+            "functional_chain_weights.h5",
+            ["--arch", FIXTURES / "seed_mlp.h5"],
+            r"layer 'dense_1' \(Dense\) variable 'kernel': expected shape \(784, 50\), found \(20, 16\)",
+        ),
+        (
+            "functional_chain_weights.h5",
+            ["--arch", FIXTURES / "seed_mlp.h5", "--by-name"],
+            r"layer 'dense_1' \(Dense\) stores variables \[\], expected \['kernel', 'bias'\]",
+        ),
+        (
+            "functional_chain_weights.h5",
+            ["--arch", FIXTURES / "cnn.h5"],
+            r"holds weights for 3 layers, the architecture has \d+ layers with weights \(Keras 2 loads them by order; "
+            r"with --by-name by layer name\)",
+        ),
+        ("expected_outputs.npz", [], r"not a file this tool reads \(neither its content nor its extension '.npz'"),
+    ],
+)
 def test_bad_keras_inputs_one_line_exit_2_nothing_written(tmp_path, unsupported_keras_file, source, extra, message):
     out = tmp_path / "out.safetensors"
     result = convert_without_frameworks(FIXTURES / source if source else unsupported_keras_file, out, *extra)
@@ -174,11 +211,20 @@ def test_hdf5_without_weights_and_mismatched_shapes(tmp_path, keras3_files):
         keras_files.open_keras_file(not_hdf5)
     # Same layer count and names, other sizes: the shape check names the tensor before any read.
     folder, _ = keras3_files
-    other = keras.Sequential([keras.Input((784,)), keras.layers.Dense(64, activation="tanh", name="a"),
-                              keras.layers.Dense(50, name="b"), keras.layers.Dense(10, name="c")])
+    other = keras.Sequential(
+        [
+            keras.Input((784,)),
+            keras.layers.Dense(64, activation="tanh", name="a"),
+            keras.layers.Dense(50, name="b"),
+            keras.layers.Dense(10, name="c"),
+        ]
+    )
     (tmp_path / "other.json").write_text(other.to_json())
-    with pytest.raises(ExchangeError, match=r"config and weights do not match: .*layer 'a' \(Dense\) variable "
-                                            r"'kernel': expected shape \(784, 64\), found \(784, 50\)"):
+    with pytest.raises(
+        ExchangeError,
+        match=r"config and weights do not match: .*layer 'a' \(Dense\) variable "
+        r"'kernel': expected shape \(784, 64\), found \(784, 50\)",
+    ):
         keras_files.open_keras_file(folder / "model.weights.h5", tmp_path / "other.json")
 
 
@@ -193,7 +239,8 @@ def test_hdf5_without_weights_through_the_cli(tmp_path_factory):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         f"error: {source}: HDF5 file without Keras weights (no model_weights, layers or layer_names; a subclassed "
-        "model's .weights.h5 needs --arch and --custom-objects FILE)"]
+        "model's .weights.h5 needs --arch and --custom-objects FILE)"
+    ]
     assert list(out_dir.iterdir()) == []
 
 
@@ -218,14 +265,20 @@ def test_keras2_weights_under_tf1_era_name_scopes(tmp_path):
     them by order; so does the reader (it found none before: "stores variables []")."""
     expected = np.load(FIXTURES / "tf1_names_expected.npz")
     with keras_files.open_keras_file(FIXTURES / "tf1_names.h5") as stored:
-        assert list(stored.tensors) == ["conv2d_1.weight", "conv2d_1.bias", "batch_normalization_1.weight",
-                                        "batch_normalization_1.bias", "batch_normalization_1.running_mean",
-                                        "batch_normalization_1.running_var",
-                                        "batch_normalization_1.num_batches_tracked", "dense_1.weight",
-                                        "dense_1.bias"]
+        assert list(stored.tensors) == [
+            "conv2d_1.weight",
+            "conv2d_1.bias",
+            "batch_normalization_1.weight",
+            "batch_normalization_1.bias",
+            "batch_normalization_1.running_mean",
+            "batch_normalization_1.running_var",
+            "batch_normalization_1.num_batches_tracked",
+            "dense_1.weight",
+            "dense_1.bias",
+        ]
         model = torch_adapter.model_from_tensors(stored.architecture, stored.tensors)
     (found,) = torch_adapter.predict(model, [expected["inputs"]])
-    assert np.max(np.abs(found - expected["outputs"])) <= 1e-6   # float32 rounding of a small CNN
+    assert np.max(np.abs(found - expected["outputs"])) <= 1e-6  # float32 rounding of a small CNN
 
 
 def test_keras2_weights_only_file_matched_by_order(tmp_path):
@@ -239,8 +292,11 @@ def test_keras2_weights_only_file_matched_by_order(tmp_path):
     (tmp_path / "renamed.json").write_text(json.dumps(config))
     with keras_files.open_keras_file(FIXTURES / "seed_mlp_weights.h5", tmp_path / "renamed.json") as stored:
         model = torch_adapter.model_from_tensors(stored.architecture, stored.tensors)
-        assert [node.name for node in stored.architecture.nodes if node.kind == "dense"] == \
-            ["renamed_dense_1", "renamed_dense_2", "renamed_dense_3"]
+        assert [node.name for node in stored.architecture.nodes if node.kind == "dense"] == [
+            "renamed_dense_1",
+            "renamed_dense_2",
+            "renamed_dense_3",
+        ]
     expected = np.load(FIXTURES / "expected_outputs.npz")["seed_mlp_outputs"]
     inputs = np.random.default_rng(0).random((len(expected), 784), dtype=np.float32)
     (found,) = torch_adapter.predict(model, [inputs])

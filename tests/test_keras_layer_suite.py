@@ -16,33 +16,40 @@ import sys
 import zlib
 from collections import Counter, defaultdict
 
-import pytest
-
 import layer_suite
+import pytest
 from support import ROOT
 
 CASES = layer_suite.load_cases()
-PER_GROUP = 2                 # default run: this many cases of each group, ~25 in all
-SMALL_INPUT = 4096            # ... each with at most this many input values per sample (fast)
+PER_GROUP = 2  # default run: this many cases of each group, ~25 in all
+SMALL_INPUT = 4096  # ... each with at most this many input values per sample (fast)
 
 
 def input_size(case: dict) -> int:
-    return sum(math.prod(layer_suite.UNKNOWN_SIZE if axis is None else axis for axis in shape[1:])
-               for shape in case["input_shapes"])
+    return sum(
+        math.prod(layer_suite.UNKNOWN_SIZE if axis is None else axis for axis in shape[1:])
+        for shape in case["input_shapes"]
+    )
 
 
 def default_subset() -> list[dict]:
     """PER_GROUP cases of every group with small inputs, of different layer classes where the
     group has them, in a fixed pseudo-random order (by a hash of the id, so the choice does not
     change when cases are added to other tests)."""
-    ordered = [case for case in sorted(CASES, key=lambda case: zlib.crc32(case["id"].encode()))
-               if input_size(case) <= SMALL_INPUT]
+    ordered = [
+        case
+        for case in sorted(CASES, key=lambda case: zlib.crc32(case["id"].encode()))
+        if input_size(case) <= SMALL_INPUT
+    ]
     by_group = defaultdict(list)
     for distinct in (True, False):
         for case in ordered:
             chosen = by_group[case["group"]]
-            if len(chosen) < PER_GROUP and case not in chosen and not (
-                    distinct and case["class_name"] in {other["class_name"] for other in chosen}):
+            if (
+                len(chosen) < PER_GROUP
+                and case not in chosen
+                and not (distinct and case["class_name"] in {other["class_name"] for other in chosen})
+            ):
                 chosen.append(case)
     return [case for group in sorted(by_group) for case in by_group[group]]
 
@@ -57,8 +64,9 @@ def problem(result: layer_suite.CaseResult) -> str | None:
         if not message.strip() or len(message.splitlines()) != 1:
             return f"{result.id}: refusal is not one line: {message!r}"
         if result.layer_name not in message and result.class_name not in message:
-            return (f"{result.id}: refusal does not name the layer {result.layer_name!r} ({result.class_name}): "
-                    f"{message}")
+            return (
+                f"{result.id}: refusal does not name the layer {result.layer_name!r} ({result.class_name}): {message}"
+            )
     return None
 
 
@@ -70,9 +78,11 @@ def coverage_lines(results: list) -> list[str]:
     lines = []
     for group, counts in sorted(by_group.items()):
         saveable = sum(counts.values()) - counts["keras_cannot"]
-        lines.append(f"{group}: {counts['pass']}/{saveable} pass "
-                     f"({100 * counts['pass'] / max(saveable, 1):.1f}%), {counts['refused']} refused, "
-                     f"{counts['keras_cannot']} Keras cannot save")
+        lines.append(
+            f"{group}: {counts['pass']}/{saveable} pass "
+            f"({100 * counts['pass'] / max(saveable, 1):.1f}%), {counts['refused']} refused, "
+            f"{counts['keras_cannot']} Keras cannot save"
+        )
     return lines
 
 
@@ -102,18 +112,25 @@ def test_harvested_cases_are_what_the_harvest_writes_now(tmp_path, monkeypatch):
     change, regenerate it with `python scripts/harvest_layer_tests.py`."""
     spec = importlib.util.spec_from_file_location("harvest_layer_tests", ROOT / "scripts/harvest_layer_tests.py")
     harvest = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, harvest)   # its dataclasses look their module up
+    monkeypatch.setitem(sys.modules, spec.name, harvest)  # its dataclasses look their module up
     spec.loader.exec_module(harvest)
     fresh = tmp_path / "cases.json"
     harvest.write(harvest.harvest(), fresh)
-    assert fresh.read_text() == layer_suite.CASES_PATH.read_text(), \
+    assert fresh.read_text() == layer_suite.CASES_PATH.read_text(), (
         "tests/fixtures/keras_layer_cases.json is stale: run python scripts/harvest_layer_tests.py"
+    )
 
 
 # The harness itself: it must see a wrong output, a crash and a bad refusal.
 
-DENSE = next(case for case in CASES if case["class_name"] == "Dense" and case["input_style"] == "args"
-             and len(case["input_shapes"]) == 1 and not case["call_kwargs"])
+DENSE = next(
+    case
+    for case in CASES
+    if case["class_name"] == "Dense"
+    and case["input_style"] == "args"
+    and len(case["input_shapes"]) == 1
+    and not case["call_kwargs"]
+)
 
 
 def test_the_suite_sees_a_wrong_output(tmp_path, monkeypatch):

@@ -12,11 +12,11 @@ import json
 import keras
 import numpy as np
 import pytest
+from generated_code import check_generated_file, run_generated
+from kerasmodels import check_both_directions
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
-from generated_code import check_generated_file, run_generated
-from kerasmodels import check_both_directions
 
 L = keras.layers
 TOLERANCE = 1e-5
@@ -30,26 +30,56 @@ def clahe_model(shape, *after, **options):
 # name: (model, value_range, whether its output is CLAHE's own: compared bit for bit)
 CASES = {
     "tiles_divide": (lambda: clahe_model((16, 24, 3), tile_grid_size=(4, 6)), (0, 255), True),
-    "tiles_padded_fractional_clip": (lambda: clahe_model((9, 14, 3), tile_grid_size=(2, 3), clip_limit=2.7),
-                                     (0, 255), True),
-    "unit_range": (lambda: clahe_model((13, 10, 4), value_range=(0, 1), clip_limit=1.3, tile_grid_size=(3, 4)),
-                   (0, 1), True),
-    "signed_range_no_clip": (lambda: clahe_model((11, 17, 2), value_range=(-1.0, 1.0), clip_limit=0.0,
-                                                 tile_grid_size=(3, 5)), (-1.0, 1.0), True),
-    "reversed_range_one_tile": (lambda: clahe_model((7, 12, 2), value_range=(255, 0), clip_limit=40.0,
-                                                    tile_grid_size=(1, 1)), (255, 0), True),
+    "tiles_padded_fractional_clip": (
+        lambda: clahe_model((9, 14, 3), tile_grid_size=(2, 3), clip_limit=2.7),
+        (0, 255),
+        True,
+    ),
+    "unit_range": (
+        lambda: clahe_model((13, 10, 4), value_range=(0, 1), clip_limit=1.3, tile_grid_size=(3, 4)),
+        (0, 1),
+        True,
+    ),
+    "signed_range_no_clip": (
+        lambda: clahe_model((11, 17, 2), value_range=(-1.0, 1.0), clip_limit=0.0, tile_grid_size=(3, 5)),
+        (-1.0, 1.0),
+        True,
+    ),
+    "reversed_range_one_tile": (
+        lambda: clahe_model((7, 12, 2), value_range=(255, 0), clip_limit=40.0, tile_grid_size=(1, 1)),
+        (255, 0),
+        True,
+    ),
     "default_options_grayscale": (lambda: clahe_model((20, 12, 1)), (0, 255), True),
     "zero_image_no_clip": (lambda: clahe_model((10, 6, 3), clip_limit=-1.0, tile_grid_size=(2, 2)), (0, 255), True),
-    "channels_first": (lambda: clahe_model((3, 11, 7), data_format="channels_first", value_range=(0.25, 0.9),
-                                           clip_limit=3.3, tile_grid_size=(3, 2)), (0.25, 0.9), True),
-    "channels_first_then_dense": (lambda: clahe_model((2, 9, 8), L.Dense(3), data_format="channels_first",
-                                                      value_range=(0, 1), tile_grid_size=(2, 3)), (0, 1), False),
-    "float16_layer": (lambda: clahe_model((9, 13, 3), dtype="float16", value_range=(-1, 1), clip_limit=2.2,
-                                          tile_grid_size=(2, 3)), (-1, 1), True),
-    "then_conv": (lambda: clahe_model((12, 9, 3), L.Conv2D(4, 1), value_range=(-7.5, 100.0), clip_limit=2.0,
-                                      tile_grid_size=(5, 4)), (-7.5, 100.0), False),
+    "channels_first": (
+        lambda: clahe_model(
+            (3, 11, 7), data_format="channels_first", value_range=(0.25, 0.9), clip_limit=3.3, tile_grid_size=(3, 2)
+        ),
+        (0.25, 0.9),
+        True,
+    ),
+    "channels_first_then_dense": (
+        lambda: clahe_model(
+            (2, 9, 8), L.Dense(3), data_format="channels_first", value_range=(0, 1), tile_grid_size=(2, 3)
+        ),
+        (0, 1),
+        False,
+    ),
+    "float16_layer": (
+        lambda: clahe_model((9, 13, 3), dtype="float16", value_range=(-1, 1), clip_limit=2.2, tile_grid_size=(2, 3)),
+        (-1, 1),
+        True,
+    ),
+    "then_conv": (
+        lambda: clahe_model(
+            (12, 9, 3), L.Conv2D(4, 1), value_range=(-7.5, 100.0), clip_limit=2.0, tile_grid_size=(5, 4)
+        ),
+        (-7.5, 100.0),
+        False,
+    ),
 }
-DEFAULT_CASES = ("channels_first_then_dense",)   # and generated code for "channels_first"
+DEFAULT_CASES = ("channels_first_then_dense",)  # and generated code for "channels_first"
 
 
 def images(shape, value_range, rows=5, seed=0):
@@ -87,14 +117,16 @@ def check_clahe_both_directions(name):
         assert float(np.ptp(checked.keras_outputs[0])) > 0.1 * abs(np.subtract(*CASES[name][1])), "outputs must vary"
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name in DEFAULT_CASES else pytest.mark.slow)
-                                  for name in sorted(CASES)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name in DEFAULT_CASES else pytest.mark.slow) for name in sorted(CASES)]
+)
 def test_clahe_both_directions(name):
     check_clahe_both_directions(name)
 
 
-@pytest.mark.parametrize("name", [pytest.param(name, marks=() if name == "channels_first" else pytest.mark.slow)
-                                  for name in sorted(CASES)])
+@pytest.mark.parametrize(
+    "name", [pytest.param(name, marks=() if name == "channels_first" else pytest.mark.slow) for name in sorted(CASES)]
+)
 def test_clahe_generated_code(name, tmp_path):
     """The model saved as .keras and converted to Python computes Keras's outputs, eagerly and
     through torch.export: bit for bit where the output is CLAHE's."""
@@ -115,8 +147,9 @@ def test_clahe_module_grids_are_float32_as_keras_computes_them():
 
     module = KerasCLAHE(13, 20, tile_grid_size=(3, 6))
     for size, tile, grid, prefix in ((13, 5, 3, "row"), (20, 4, 6, "column")):
-        position = (np.arange(grid * tile, dtype=np.float32) - np.float32(tile / 2.0)) / np.float32(tile) \
-            + np.float32(1)
+        position = (np.arange(grid * tile, dtype=np.float32) - np.float32(tile / 2.0)) / np.float32(tile) + np.float32(
+            1
+        )
         first = np.floor(position)
         np.testing.assert_array_equal(getattr(module, f"{prefix}_weight").numpy(), (position - first)[:size])
         expected_first = np.clip(np.clip(first, 0, grid + 1) - 1, 0, grid - 1)[:size]
@@ -149,27 +182,55 @@ def config_with(shape, **changes):
     return config
 
 
-@pytest.mark.parametrize("shape, changes, message", [
-    ((6, 8, 3), {"value_range": [2, 2]}, r"'bad' \(ContrastLimitedAdaptiveHistogramEqualization\): unsupported option "
-                                         r"value_range=\[2.0, 2.0\] \(Keras divides by its float32 width"),
-    ((6, 8, 3), {"value_range": [0, 1e39]}, r"unsupported option value_range=\[0, 1e\+39\] \(must be two finite"),
-    ((6, 8, 3), {"value_range": "0-255"}, r"unsupported option value_range='0-255'"),
-    ((6, 8, 3), {"clip_limit": "4"}, r"unsupported option clip_limit='4' \(must be a finite number\)"),
-    ((6, 8, 3), {"clip_limit": 1e40}, r"unsupported option clip_limit=1e\+40 \(at most 1e\+30"),
-    ((6, 8, 3), {"tile_grid_size": [0, 2]}, r"tile_grid_size must be an integer from 1"),
-    ((6, 8, 3), {"tile_grid_size": [2, 2, 2]}, r"'tile_grid_size': expected 2 integers"),
-    ((6, 8, 3), {"data_format": "channels_middle"}, "unsupported option data_format='channels_middle'"),
-    ((3, 8, 3), {"tile_grid_size": [8, 2]}, r"tile_grid_size \(8, 2\) on an image height of 3: Keras pads 5 "
-                                            r"mirrored rows, more than the image has"),
-    ((6, 8, 3), {"factor": 0.5}, r"unknown option\(s\) 'factor'"),
-    ((4097, 4097, 1), {"tile_grid_size": [1, 1]}, r"tiles of 16,785,409 pixels are not supported \(Keras counts "
-                                                  r"them in float32, exact up to 16,777,216\)"),
-    ((6, 8, 3), {"dtype": {"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"},
-                           "registered_name": None}},
-     r"unsupported option dtype='mixed_float16' \(Keras takes the histogram bins of the image cast to the half"),
-    ((None, None, 3), {}, r"layer 'bad' \(clahe\): ContrastLimitedAdaptiveHistogramEqualization needs a channels_last "
-                          r"image of fixed height and width, found \(batch, \(None, None, 3\)\)"),
-])
+@pytest.mark.parametrize(
+    "shape, changes, message",
+    [
+        (
+            (6, 8, 3),
+            {"value_range": [2, 2]},
+            r"'bad' \(ContrastLimitedAdaptiveHistogramEqualization\): unsupported option "
+            r"value_range=\[2.0, 2.0\] \(Keras divides by its float32 width",
+        ),
+        ((6, 8, 3), {"value_range": [0, 1e39]}, r"unsupported option value_range=\[0, 1e\+39\] \(must be two finite"),
+        ((6, 8, 3), {"value_range": "0-255"}, r"unsupported option value_range='0-255'"),
+        ((6, 8, 3), {"clip_limit": "4"}, r"unsupported option clip_limit='4' \(must be a finite number\)"),
+        ((6, 8, 3), {"clip_limit": 1e40}, r"unsupported option clip_limit=1e\+40 \(at most 1e\+30"),
+        ((6, 8, 3), {"tile_grid_size": [0, 2]}, r"tile_grid_size must be an integer from 1"),
+        ((6, 8, 3), {"tile_grid_size": [2, 2, 2]}, r"'tile_grid_size': expected 2 integers"),
+        ((6, 8, 3), {"data_format": "channels_middle"}, "unsupported option data_format='channels_middle'"),
+        (
+            (3, 8, 3),
+            {"tile_grid_size": [8, 2]},
+            r"tile_grid_size \(8, 2\) on an image height of 3: Keras pads 5 "
+            r"mirrored rows, more than the image has",
+        ),
+        ((6, 8, 3), {"factor": 0.5}, r"unknown option\(s\) 'factor'"),
+        (
+            (4097, 4097, 1),
+            {"tile_grid_size": [1, 1]},
+            r"tiles of 16,785,409 pixels are not supported \(Keras counts "
+            r"them in float32, exact up to 16,777,216\)",
+        ),
+        (
+            (6, 8, 3),
+            {
+                "dtype": {
+                    "module": "keras",
+                    "class_name": "DTypePolicy",
+                    "config": {"name": "mixed_float16"},
+                    "registered_name": None,
+                }
+            },
+            r"unsupported option dtype='mixed_float16' \(Keras takes the histogram bins of the image cast to the half",
+        ),
+        (
+            (None, None, 3),
+            {},
+            r"layer 'bad' \(clahe\): ContrastLimitedAdaptiveHistogramEqualization needs a channels_last "
+            r"image of fixed height and width, found \(batch, \(None, None, 3\)\)",
+        ),
+    ],
+)
 def test_clahe_refusals_are_one_line(shape, changes, message):
     from exchange.keras_config import parse_model_config
 
@@ -181,15 +242,46 @@ def test_clahe_refusals_are_one_line(shape, changes, message):
 def test_equalization_is_refused_with_its_reason():
     from exchange.keras_config import parse_model_config
 
-    config = {"class_name": "Functional", "config": {
-        "name": "m", "layers": [{"class_name": "InputLayer", "name": "x", "config": {
-            "batch_shape": [None, 4, 5, 3], "dtype": "float32", "name": "x"}, "inbound_nodes": []},
-            {"class_name": "Equalization", "name": "bad", "config": {"name": "bad", "value_range": [0, 255]},
-             "inbound_nodes": [{"args": [{"class_name": "__keras_tensor__", "config": {
-                 "shape": [None, 4, 5, 3], "dtype": "float32", "keras_history": ["x", 0, 0]}}], "kwargs": {}}]}],
-        "input_layers": [["x", 0, 0]], "output_layers": [["bad", 0, 0]]}}
-    message = (r"unsupported layer 'bad' \(Equalization\): Keras 3.15 cannot call it in a functional model \(its "
-               r"symbolic output is its input")
+    config = {
+        "class_name": "Functional",
+        "config": {
+            "name": "m",
+            "layers": [
+                {
+                    "class_name": "InputLayer",
+                    "name": "x",
+                    "config": {"batch_shape": [None, 4, 5, 3], "dtype": "float32", "name": "x"},
+                    "inbound_nodes": [],
+                },
+                {
+                    "class_name": "Equalization",
+                    "name": "bad",
+                    "config": {"name": "bad", "value_range": [0, 255]},
+                    "inbound_nodes": [
+                        {
+                            "args": [
+                                {
+                                    "class_name": "__keras_tensor__",
+                                    "config": {
+                                        "shape": [None, 4, 5, 3],
+                                        "dtype": "float32",
+                                        "keras_history": ["x", 0, 0],
+                                    },
+                                }
+                            ],
+                            "kwargs": {},
+                        }
+                    ],
+                },
+            ],
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [["bad", 0, 0]],
+        },
+    }
+    message = (
+        r"unsupported layer 'bad' \(Equalization\): Keras 3.15 cannot call it in a functional model \(its "
+        r"symbolic output is its input"
+    )
     with pytest.raises(UnsupportedLayerError, match=message) as caught:
         parse_model_config(config, "hand-written")
     assert "\n" not in str(caught.value)

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import torch
+from generated_code import check_generated_code
+from kerasmodels import check_both_directions, max_difference
 
 from exchange import keras_adapter
 from exchange import torch_modules as helpers
 from exchange.errors import UnsupportedLayerError
-from generated_code import check_generated_code
-from kerasmodels import check_both_directions, max_difference
 
 L = keras.layers
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
@@ -27,7 +27,7 @@ def wide_integers(count: int, seed: int = 0) -> np.ndarray:
     generator = np.random.default_rng(seed)
     values = [0, 1, -1, 9, 10, -10, INT64_MIN, INT64_MIN + 1, INT64_MAX, INT64_MAX - 1, 1 << 31, -(1 << 31)]
     for digits in range(1, 20):
-        low, high = 10 ** (digits - 1), min(10 ** digits - 1, INT64_MAX)
+        low, high = 10 ** (digits - 1), min(10**digits - 1, INT64_MAX)
         values += [low, high, -low, -high]
         values += list(generator.integers(low, high, 8)) + list(-generator.integers(low, high, 8))
     values += list(generator.integers(INT64_MIN, INT64_MAX, max(count - len(values), 0), dtype=np.int64))
@@ -42,15 +42,17 @@ def test_hashes_are_tensorflows_bit_for_bit(salt):
     values = wide_integers(3000)
     strings = tf.strings.as_string(values)
     text, length = helpers.decimal_bytes(torch.from_numpy(values))
-    assert ["".join(map(chr, row[:size])) for row, size in zip(text.tolist(), length.tolist())] == \
-        [item.decode() for item in strings.numpy()]
+    assert ["".join(map(chr, row[:size])) for row, size in zip(text.tolist(), length.tolist())] == [
+        item.decode() for item in strings.numpy()
+    ]
     for bins in BINS:
         if salt is None:
             expected = tf.strings.to_hash_bucket_fast(strings, bins).numpy()
         else:
             expected = tf.strings.to_hash_bucket_strong(strings, bins, key=list(salt)).numpy()
-        np.testing.assert_array_equal(helpers.hash_integers(torch.from_numpy(values), bins, salt).numpy(), expected,
-                                      err_msg=f"num_bins={bins}")
+        np.testing.assert_array_equal(
+            helpers.hash_integers(torch.from_numpy(values), bins, salt).numpy(), expected, err_msg=f"num_bins={bins}"
+        )
 
 
 @pytest.mark.slow
@@ -77,8 +79,10 @@ def test_feature_crosses_are_tensorflows():
 def test_float_casts_are_tensorflows():
     values = np.array([np.nan, np.inf, -np.inf, 1e19, -1e19, 9.3e18, 2.5, -2.5, -0.7, 3e38, 12345.9], np.float32)
     for dtype in (np.float32, np.float64):
-        np.testing.assert_array_equal(helpers.tensorflow_int64(torch.from_numpy(values.astype(dtype))).numpy(),
-                                      tf.cast(values.astype(dtype), tf.int64).numpy())
+        np.testing.assert_array_equal(
+            helpers.tensorflow_int64(torch.from_numpy(values.astype(dtype))).numpy(),
+            tf.cast(values.astype(dtype), tf.int64).numpy(),
+        )
 
 
 def single(shape, layer, dtype):
@@ -99,42 +103,98 @@ CASES = {
     "hashing_single_salt": (lambda: single((4, 2), L.Hashing(50, salt=133), "int64"), "wide"),
     "hashing_floats_mask": (lambda: single((5, 3), L.Hashing(13, mask_value=0), "float32"), "float"),
     "hashing_one_hot": (lambda: single((4,), L.Hashing(5, output_mode="one_hot"), "int64"), "wide"),
-    "hashing_one_hot_steps_of_one": (lambda: single((4, 1), L.Hashing(5, output_mode="one_hot"), "float32"),
-                                     "float"),
-    "hashing_one_hot_single": (lambda: single((1,), L.Hashing(6, output_mode="one_hot", mask_value=2), "int32"),
-                               "small"),
-    "hashing_multi_hot": (lambda: single((6,), L.Hashing(5, output_mode="multi_hot", dtype="float64"), "int32"),
-                          "small"),
+    "hashing_one_hot_steps_of_one": (lambda: single((4, 1), L.Hashing(5, output_mode="one_hot"), "float32"), "float"),
+    "hashing_one_hot_single": (
+        lambda: single((1,), L.Hashing(6, output_mode="one_hot", mask_value=2), "int32"),
+        "small",
+    ),
+    "hashing_multi_hot": (
+        lambda: single((6,), L.Hashing(5, output_mode="multi_hot", dtype="float64"), "int32"),
+        "small",
+    ),
     "hashing_count_salt": (lambda: single((7,), L.Hashing(4, output_mode="count", salt=3), "int64"), "wide"),
     "crossing_int": (lambda: crossing(L.HashedCrossing(5)), "wide"),
     "crossing_int32": (lambda: crossing(L.HashedCrossing(1 << 40, dtype="int32"), (1,), 2, "int32"), "small"),
     "crossing_one_hot": (lambda: crossing(L.HashedCrossing(4, output_mode="one_hot"), (1,)), "wide"),
-    "crossing_one_hot_float64": (lambda: crossing(L.HashedCrossing(3, output_mode="one_hot", dtype="float64")),
-                                 "small"),
-    "lookup_one_hot": (lambda: single((4,), L.IntegerLookup(vocabulary=[1, 2, 3], output_mode="one_hot"), "int64"),
-                       "small"),
-    "lookup_one_hot_rank3": (lambda: single((2, 3), L.IntegerLookup(vocabulary=[4, 1, 2], output_mode="one_hot"),
-                                            "int32"), "small"),
-    "lookup_multi_hot_mask": (lambda: single((6,), L.IntegerLookup(vocabulary=[1, 2, 3], mask_token=0,
-                                                                   output_mode="multi_hot"), "int32"), "small"),
-    "lookup_count_padded_farmhash": (lambda: single((6,), L.IntegerLookup(
-        vocabulary=[1, 2, 3], num_oov_indices=2, oov_method="farmhash", output_mode="count", max_tokens=9,
-        pad_to_max_tokens=True), "int32"), "small"),
-    "lookup_tf_idf": (lambda: single((6,), L.IntegerLookup(vocabulary=[1, 2, 3], idf_weights=[0.3, 1.7, 2.1],
-                                                           output_mode="tf_idf"), "int32"), "small"),
-    "lookup_tf_idf_padded": (lambda: single((6,), L.IntegerLookup(
-        vocabulary=[5, 2, 3], idf_weights=[0.3, 1.7, 2.1], output_mode="tf_idf", max_tokens=8, pad_to_max_tokens=True,
-        num_oov_indices=2), "int32"), "small"),
-    "lookup_farmhash": (lambda: single((6,), L.IntegerLookup(vocabulary=[12, 36, 1138, 42], num_oov_indices=5,
-                                                             oov_method="farmhash"), "int64"), "wide"),
-    "lookup_siphash_mask": (lambda: single((6,), L.IntegerLookup(vocabulary=[12, 36, 1138, 42], mask_token=0,
-                                                                 num_oov_indices=3, oov_method="farmhash",
-                                                                 salt=[137, 42]), "int64"), "wide"),
+    "crossing_one_hot_float64": (
+        lambda: crossing(L.HashedCrossing(3, output_mode="one_hot", dtype="float64")),
+        "small",
+    ),
+    "lookup_one_hot": (
+        lambda: single((4,), L.IntegerLookup(vocabulary=[1, 2, 3], output_mode="one_hot"), "int64"),
+        "small",
+    ),
+    "lookup_one_hot_rank3": (
+        lambda: single((2, 3), L.IntegerLookup(vocabulary=[4, 1, 2], output_mode="one_hot"), "int32"),
+        "small",
+    ),
+    "lookup_multi_hot_mask": (
+        lambda: single((6,), L.IntegerLookup(vocabulary=[1, 2, 3], mask_token=0, output_mode="multi_hot"), "int32"),
+        "small",
+    ),
+    "lookup_count_padded_farmhash": (
+        lambda: single(
+            (6,),
+            L.IntegerLookup(
+                vocabulary=[1, 2, 3],
+                num_oov_indices=2,
+                oov_method="farmhash",
+                output_mode="count",
+                max_tokens=9,
+                pad_to_max_tokens=True,
+            ),
+            "int32",
+        ),
+        "small",
+    ),
+    "lookup_tf_idf": (
+        lambda: single(
+            (6,), L.IntegerLookup(vocabulary=[1, 2, 3], idf_weights=[0.3, 1.7, 2.1], output_mode="tf_idf"), "int32"
+        ),
+        "small",
+    ),
+    "lookup_tf_idf_padded": (
+        lambda: single(
+            (6,),
+            L.IntegerLookup(
+                vocabulary=[5, 2, 3],
+                idf_weights=[0.3, 1.7, 2.1],
+                output_mode="tf_idf",
+                max_tokens=8,
+                pad_to_max_tokens=True,
+                num_oov_indices=2,
+            ),
+            "int32",
+        ),
+        "small",
+    ),
+    "lookup_farmhash": (
+        lambda: single(
+            (6,), L.IntegerLookup(vocabulary=[12, 36, 1138, 42], num_oov_indices=5, oov_method="farmhash"), "int64"
+        ),
+        "wide",
+    ),
+    "lookup_siphash_mask": (
+        lambda: single(
+            (6,),
+            L.IntegerLookup(
+                vocabulary=[12, 36, 1138, 42], mask_token=0, num_oov_indices=3, oov_method="farmhash", salt=[137, 42]
+            ),
+            "int64",
+        ),
+        "wide",
+    ),
     "lookup_special_tokens_listed": (lambda: single((6,), L.IntegerLookup(vocabulary=[-1, 4, 5]), "int64"), "small"),
 }
 # The default run: one case of each layer and mode family; `-m slow` runs all.
-DEFAULT = ("hashing_mask_salt", "hashing_floats_mask", "hashing_one_hot", "crossing_one_hot", "lookup_tf_idf_padded",
-           "lookup_siphash_mask")
+DEFAULT = (
+    "hashing_mask_salt",
+    "hashing_floats_mask",
+    "hashing_one_hot",
+    "crossing_one_hot",
+    "lookup_tf_idf_padded",
+    "lookup_siphash_mask",
+)
 
 
 def inputs_for(model, style: str, rows: int = 9, seed: int = 5) -> list[np.ndarray]:
@@ -148,7 +208,7 @@ def inputs_for(model, style: str, rows: int = 9, seed: int = 5) -> list[np.ndarr
             values = generator.integers(-3, 9, shape)
         else:
             values = np.round(generator.uniform(-1e6, 1e6, shape), 1)
-            values.flat[::4] = 0.0   # the mask value
+            values.flat[::4] = 0.0  # the mask value
             values.flat[1::5] = np.trunc(values.flat[1::5])
         arrays.append(values.astype(spec.dtype))
     return arrays
@@ -163,16 +223,23 @@ def check_hashing_both_directions(model, inputs):
     return checked.graph
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow)
-                                  for case in sorted(CASES)])
+@pytest.mark.parametrize(
+    "case", [pytest.param(case, marks=() if case in DEFAULT else pytest.mark.slow) for case in sorted(CASES)]
+)
 def test_kind_both_directions(case):
     build, style = CASES[case]
     model = build()
     check_hashing_both_directions(model, inputs_for(model, style))
 
 
-@pytest.mark.parametrize("case", [pytest.param(case, marks=() if case == "lookup_siphash_mask" else pytest.mark.slow)
-                                  for case in sorted(CASES) if not case.startswith("crossing")])   # one input
+@pytest.mark.parametrize(
+    "case",
+    [
+        pytest.param(case, marks=() if case == "lookup_siphash_mask" else pytest.mark.slow)
+        for case in sorted(CASES)
+        if not case.startswith("crossing")
+    ],
+)  # one input
 def test_kind_generated_code(case, tmp_path):
     build, style = CASES[case]
     model = build()
@@ -188,22 +255,40 @@ def parse(model, changes=None):
     return parse_model_config(config, "hand-written")
 
 
-@pytest.mark.parametrize("build, message", [
-    (lambda: single((3,), L.Hashing(4, name="bad"), "string"),
-     r"input '.*': unsupported dtype 'string' \(torch has no string tensors\)"),
-    (lambda: (single((3,), L.Hashing(4, name="bad"), "int64"), {"mask_value": ""}),
-     r"'bad' \(Hashing\): unsupported option mask_value='' \(only integer mask values"),
-    (lambda: (single((3,), L.Hashing(4, name="bad"), "int64"), {"dtype": "float32"}),
-     r"'bad' \(Hashing\): unsupported option dtype='float32' \(output_mode 'int' needs an integer dtype"),
-    (lambda: single((3, 2), L.Hashing(4, output_mode="multi_hot", name="bad"), "int64"),
-     r"layer 'bad' \(hashing\): Hashing output_mode 'multi_hot' takes values of shape \(batch, steps\); found "
-     r"\(batch, \(3, 2\)\) \(Keras's output"),
-    (lambda: single((3, 2), L.IntegerLookup(vocabulary=[1], output_mode="count", name="bad"), "int64"),
-     r"IntegerLookup output_mode 'count' takes values of shape \(batch, steps\)"),
-    (lambda: single((3,), L.IntegerLookup(vocabulary=[-1, 4], idf_weights=[1.0, 2.0], output_mode="tf_idf",
-                                          name="bad"), "int64"),
-     r"'bad' \(IntegerLookup\): unsupported option vocabulary=\[-1\] \(a tf_idf vocabulary that lists its special"),
-])
+@pytest.mark.parametrize(
+    "build, message",
+    [
+        (
+            lambda: single((3,), L.Hashing(4, name="bad"), "string"),
+            r"input '.*': unsupported dtype 'string' \(torch has no string tensors\)",
+        ),
+        (
+            lambda: (single((3,), L.Hashing(4, name="bad"), "int64"), {"mask_value": ""}),
+            r"'bad' \(Hashing\): unsupported option mask_value='' \(only integer mask values",
+        ),
+        (
+            lambda: (single((3,), L.Hashing(4, name="bad"), "int64"), {"dtype": "float32"}),
+            r"'bad' \(Hashing\): unsupported option dtype='float32' \(output_mode 'int' needs an integer dtype",
+        ),
+        (
+            lambda: single((3, 2), L.Hashing(4, output_mode="multi_hot", name="bad"), "int64"),
+            r"layer 'bad' \(hashing\): Hashing output_mode 'multi_hot' takes values of shape \(batch, steps\); found "
+            r"\(batch, \(3, 2\)\) \(Keras's output",
+        ),
+        (
+            lambda: single((3, 2), L.IntegerLookup(vocabulary=[1], output_mode="count", name="bad"), "int64"),
+            r"IntegerLookup output_mode 'count' takes values of shape \(batch, steps\)",
+        ),
+        (
+            lambda: single(
+                (3,),
+                L.IntegerLookup(vocabulary=[-1, 4], idf_weights=[1.0, 2.0], output_mode="tf_idf", name="bad"),
+                "int64",
+            ),
+            r"'bad' \(IntegerLookup\): unsupported option vocabulary=\[-1\] \(a tf_idf vocabulary that lists its special",
+        ),
+    ],
+)
 def test_refusals_are_one_line(build, message):
     built = build()
     with pytest.raises(UnsupportedLayerError, match=message) as caught:
@@ -224,16 +309,19 @@ def test_string_hashing_stays_refused_with_its_reason():
 @pytest.mark.parametrize("case", ["crossing_int", "crossing_one_hot_float64"])
 def test_crossing_generated_code(case, tmp_path):
     """Two inputs: the generated module run as the layer suite runs it."""
-    from exchange import cli
     from layer_suite import run_generated_code
+
+    from exchange import cli
 
     build, style = CASES[case]
     model = build()
     inputs = inputs_for(model, style)
     model.save(tmp_path / "model.keras")
     graph = cli.convert(tmp_path / "model.keras", tmp_path / "model.py")
-    assert max_difference(keras_adapter.predict(model, inputs),
-                          run_generated_code(tmp_path / "model.py", graph, inputs)) == 0
+    assert (
+        max_difference(keras_adapter.predict(model, inputs), run_generated_code(tmp_path / "model.py", graph, inputs))
+        == 0
+    )
 
 
 def test_tf_idf_weights_in_a_file_must_be_the_configs(tmp_path):

@@ -19,11 +19,11 @@ import keras
 import numpy as np
 import pytest
 import torch
+from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
 from exchange.graph import Graph
-from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
@@ -45,8 +45,10 @@ def attention(layer, query=(7, 4), value=(6, 5), key_width=None, masked=False, *
     """Query (Tq, F) attends to value (Tv, Fv), optionally a key (Tv, key_width); `masked`: the
     query and value come from Embeddings with mask_zero (token ids in [0, 7): some are 0)."""
     if masked:
-        tokens = [keras.Input((steps,), dtype="int32", name=name) for steps, name in
-                  ((query[0], "query_ids"), (value[0], "value_ids"))]
+        tokens = [
+            keras.Input((steps,), dtype="int32", name=name)
+            for steps, name in ((query[0], "query_ids"), (value[0], "value_ids"))
+        ]
         query_tensor = L.Embedding(9, query[1], mask_zero=True, name="query")(tokens[0])
         value_tensor = L.Embedding(9, value[1], mask_zero=True, name="value")(tokens[1])
         inputs = tokens
@@ -65,11 +67,15 @@ def grouped(query=(7, 12), value=(5, 12), key_width=None, mask=False, tokens=Fal
     attention_mask (T, S) input, or query and value from Embeddings with mask_zero (`tokens`)."""
     layer = L.GroupQueryAttention(name="gqa", **options)
     if tokens:
-        ids = [keras.Input((steps,), dtype="int32", name=name) for steps, name in
-               ((query[0], "query_ids"), (value[0], "value_ids"))]
+        ids = [
+            keras.Input((steps,), dtype="int32", name=name)
+            for steps, name in ((query[0], "query_ids"), (value[0], "value_ids"))
+        ]
         inputs = list(ids)
-        query_tensor, value_tensor = (L.Embedding(9, width, mask_zero=True, name=name)(tensor) for tensor, width, name
-                                      in ((ids[0], query[1], "query"), (ids[1], value[1], "value")))
+        query_tensor, value_tensor = (
+            L.Embedding(9, width, mask_zero=True, name=name)(tensor)
+            for tensor, width, name in ((ids[0], query[1], "query"), (ids[1], value[1], "value"))
+        )
     else:
         inputs = [keras.Input(query, name="query"), keras.Input(value, name="value")]
         query_tensor, value_tensor = inputs
@@ -77,7 +83,7 @@ def grouped(query=(7, 12), value=(5, 12), key_width=None, mask=False, tokens=Fal
     if key_width:
         call["key"] = keras.Input((value[0], key_width), name="key")
         inputs.append(call["key"])
-    if mask:   # ids in [0, 7) from `batch`: about one in seven positions is 0, masked
+    if mask:  # ids in [0, 7) from `batch`: about one in seven positions is 0, masked
         call["attention_mask"] = keras.Input((query[0], value[0]), dtype="int32", name="mask")
         inputs.append(call["attention_mask"])
     return keras.Model(inputs, layer(query_tensor, value_tensor, **call))
@@ -145,65 +151,123 @@ CASES = {
     "batch_norm_axis1_sequence": lambda: single((6, 7), L.BatchNormalization(axis=1)),
     "batch_norm_channels_first_image": lambda: single((3, 9, 12), L.BatchNormalization(axis=1, epsilon=1e-4)),
     "batch_norm_width": lambda: single((9, 12, 5), L.BatchNormalization(axis=-2, center=False)),
-    "batch_norm_renorm": lambda: single((9, 12, 5), L.BatchNormalization(
-        renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}, renorm_momentum=0.8)),
+    "batch_norm_renorm": lambda: single(
+        (9, 12, 5),
+        L.BatchNormalization(renorm=True, renorm_clipping={"rmax": 3.0, "rmin": 0.3, "dmax": 5.0}, renorm_momentum=0.8),
+    ),
     "batch_norm_renorm_features": lambda: single((10,), L.BatchNormalization(renorm=True, scale=False)),
     # Attention, AdditiveAttention
     "attention_dot": lambda: attention(L.Attention(), query=(7, 5)),
-    "attention_dot_scale_key_causal": lambda: attention(L.Attention(use_scale=True, dropout=0.3), query=(7, 3),
-                                                        key_width=3, use_causal_mask=True),
+    "attention_dot_scale_key_causal": lambda: attention(
+        L.Attention(use_scale=True, dropout=0.3), query=(7, 3), key_width=3, use_causal_mask=True
+    ),
     "attention_concat_scale": lambda: attention(L.Attention(score_mode="concat", use_scale=True), query=(7, 5)),
-    "attention_concat_key_scores": lambda: attention(L.Attention(score_mode="concat"), query=(6, 3), key_width=3,
-                                                     return_attention_scores=True),
+    "attention_concat_key_scores": lambda: attention(
+        L.Attention(score_mode="concat"), query=(6, 3), key_width=3, return_attention_scores=True
+    ),
     "attention_masked": lambda: attention(L.Attention(use_scale=True), query=(7, 5), masked=True),
     "attention_masked_causal": lambda: attention(L.Attention(), query=(6, 5), masked=True, use_causal_mask=True),
     "additive_attention": lambda: attention(L.AdditiveAttention(), query=(7, 5)),
     "additive_attention_no_scale_key": lambda: attention(L.AdditiveAttention(use_scale=False), key_width=4),
-    "additive_attention_scores": lambda: attention(L.AdditiveAttention(), query=(6, 5),
-                                                          return_attention_scores=True),
-    "attention_images_scores": lambda: attention(L.Attention(use_scale=True), query=(3, 6, 4), value=(3, 5, 2),
-                                                 key_width=4, return_attention_scores=True),
-    "additive_attention_images_causal": lambda: attention(L.AdditiveAttention(), query=(2, 5, 4), value=(2, 5, 3),
-                                                          key_width=4, use_causal_mask=True),
+    "additive_attention_scores": lambda: attention(L.AdditiveAttention(), query=(6, 5), return_attention_scores=True),
+    "attention_images_scores": lambda: attention(
+        L.Attention(use_scale=True), query=(3, 6, 4), value=(3, 5, 2), key_width=4, return_attention_scores=True
+    ),
+    "additive_attention_images_causal": lambda: attention(
+        L.AdditiveAttention(), query=(2, 5, 4), value=(2, 5, 3), key_width=4, use_causal_mask=True
+    ),
     "gqa_cross": lambda: grouped(head_dim=3, num_query_heads=4, num_key_value_heads=2),
-    "gqa_key_causal_no_bias": lambda: grouped(query=(6, 8), value=(6, 8), key_width=5, head_dim=5, num_query_heads=6,
-                                              num_key_value_heads=3, use_bias=False, call={"use_causal_mask": True}),
-    "gqa_attention_mask_one_kv_head": lambda: grouped(mask=True, head_dim=4, num_query_heads=3,
-                                                      num_key_value_heads=1),
-    "gqa_embedding_masks": lambda: grouped(tokens=True, query=(7, 6), value=(5, 6), head_dim=2,
-                                           num_query_heads=4, num_key_value_heads=4),
+    "gqa_key_causal_no_bias": lambda: grouped(
+        query=(6, 8),
+        value=(6, 8),
+        key_width=5,
+        head_dim=5,
+        num_query_heads=6,
+        num_key_value_heads=3,
+        use_bias=False,
+        call={"use_causal_mask": True},
+    ),
+    "gqa_attention_mask_one_kv_head": lambda: grouped(mask=True, head_dim=4, num_query_heads=3, num_key_value_heads=1),
+    "gqa_embedding_masks": lambda: grouped(
+        tokens=True, query=(7, 6), value=(5, 6), head_dim=2, num_query_heads=4, num_key_value_heads=4
+    ),
     "gqa_dropout": lambda: grouped(head_dim=3, num_query_heads=2, num_key_value_heads=1, dropout=0.2),
-    "gqa_gate_sliding_window_causal": lambda: grouped(query=(7, 8), value=(7, 8), head_dim=3, num_query_heads=4,
-                                                      num_key_value_heads=2, use_gate=True, sliding_window=3,
-                                                      call={"use_causal_mask": True}),
-    "gqa_gate_no_bias_key": lambda: grouped(key_width=5, head_dim=2, num_query_heads=2, num_key_value_heads=1,
-                                            use_gate=True, use_bias=False),
-    "gqa_scores_masked": lambda: grouped(mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2,
-                                         call={"return_attention_scores": True}),
-    "gqa_dropout_embedding_masks_causal": lambda: grouped(tokens=True, query=(6, 6), value=(6, 6), head_dim=2,
-                                                          num_query_heads=2, num_key_value_heads=1, dropout=0.3,
-                                                          call={"use_causal_mask": True}),
+    "gqa_gate_sliding_window_causal": lambda: grouped(
+        query=(7, 8),
+        value=(7, 8),
+        head_dim=3,
+        num_query_heads=4,
+        num_key_value_heads=2,
+        use_gate=True,
+        sliding_window=3,
+        call={"use_causal_mask": True},
+    ),
+    "gqa_gate_no_bias_key": lambda: grouped(
+        key_width=5, head_dim=2, num_query_heads=2, num_key_value_heads=1, use_gate=True, use_bias=False
+    ),
+    "gqa_scores_masked": lambda: grouped(
+        mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2, call={"return_attention_scores": True}
+    ),
+    "gqa_dropout_embedding_masks_causal": lambda: grouped(
+        tokens=True,
+        query=(6, 6),
+        value=(6, 6),
+        head_dim=2,
+        num_query_heads=2,
+        num_key_value_heads=1,
+        dropout=0.3,
+        call={"use_causal_mask": True},
+    ),
     "mha_gate_self": lambda: multi_head(query=(7, 16), value=(7, 16), num_heads=2, key_dim=8, use_gate=True),
-    "mha_gate_cross_key_no_bias": lambda: multi_head(key_width=6, num_heads=3, key_dim=4, value_dim=2,
-                                                     use_gate=True, use_bias=False),
-    "mha_sliding_window_causal": lambda: multi_head(query=(7, 16), value=(7, 16), num_heads=2, key_dim=8,
-                                                    sliding_window=2, call={"use_causal_mask": True}),
+    "mha_gate_cross_key_no_bias": lambda: multi_head(
+        key_width=6, num_heads=3, key_dim=4, value_dim=2, use_gate=True, use_bias=False
+    ),
+    "mha_sliding_window_causal": lambda: multi_head(
+        query=(7, 16), value=(7, 16), num_heads=2, key_dim=8, sliding_window=2, call={"use_causal_mask": True}
+    ),
     "mha_scores_masked": lambda: multi_head(mask=True, num_heads=3, key_dim=4, call={"return_attention_scores": True}),
-    "mha_scores_packable": lambda: multi_head(query=(7, 16), value=(5, 16), num_heads=2, key_dim=8,
-                                              call={"return_attention_scores": True}),
-    "mha_gate_scores_dropout_window": lambda: multi_head(query=(6, 12), value=(6, 12), num_heads=2, key_dim=3,
-                                                         use_gate=True, dropout=0.2, sliding_window=3,
-                                                         call={"return_attention_scores": True}),
+    "mha_scores_packable": lambda: multi_head(
+        query=(7, 16), value=(5, 16), num_heads=2, key_dim=8, call={"return_attention_scores": True}
+    ),
+    "mha_gate_scores_dropout_window": lambda: multi_head(
+        query=(6, 12),
+        value=(6, 12),
+        num_heads=2,
+        key_dim=3,
+        use_gate=True,
+        dropout=0.2,
+        sliding_window=3,
+        call={"return_attention_scores": True},
+    ),
     # MultiHeadAttention over other axes: the default (all but batch and features), one inner axis,
     # axes in another order, with gate, output_shape and scores
     "mha_image_default_axes": lambda: multi_head(query=(3, 4, 8), value=(2, 5, 6), num_heads=2, key_dim=3),
-    "mha_image_width_scores": lambda: multi_head(query=(3, 4, 8), value=(3, 5, 8), num_heads=2, key_dim=4,
-                                                 attention_axes=2, call={"return_attention_scores": True}),
-    "mha_volume_axes_reversed_gate": lambda: multi_head(query=(2, 3, 4, 6), value=(2, 3, 5, 6), key_width=4,
-                                                        num_heads=2, key_dim=2, use_gate=True, output_shape=(3, 2),
-                                                        attention_axes=[3, -3]),
-    "mha_volume_two_axes_scores": lambda: multi_head(query=(5, 3, 4, 8), value=(5, 3, 2, 8), num_heads=2, key_dim=2,
-                                                     attention_axes=[2, 3], call={"return_attention_scores": True}),
+    "mha_image_width_scores": lambda: multi_head(
+        query=(3, 4, 8),
+        value=(3, 5, 8),
+        num_heads=2,
+        key_dim=4,
+        attention_axes=2,
+        call={"return_attention_scores": True},
+    ),
+    "mha_volume_axes_reversed_gate": lambda: multi_head(
+        query=(2, 3, 4, 6),
+        value=(2, 3, 5, 6),
+        key_width=4,
+        num_heads=2,
+        key_dim=2,
+        use_gate=True,
+        output_shape=(3, 2),
+        attention_axes=[3, -3],
+    ),
+    "mha_volume_two_axes_scores": lambda: multi_head(
+        query=(5, 3, 4, 8),
+        value=(5, 3, 2, 8),
+        num_heads=2,
+        key_dim=2,
+        attention_axes=[2, 3],
+        call={"return_attention_scores": True},
+    ),
     "mha_sequence_axes_written": lambda: multi_head(num_heads=2, key_dim=3, attention_axes=-2),
     "additive_attention_masked": lambda: attention(L.AdditiveAttention(dropout=0.1), query=(7, 5), masked=True),
 }
@@ -220,7 +284,7 @@ def seeded(model, seed=3):
 
 def check_norm_both_directions(keras_model):
     graph = keras_adapter.architecture_of(keras_model)
-    assert Graph.from_json(graph.to_json()) == graph   # every config value survives the exchange file
+    assert Graph.from_json(graph.to_json()) == graph  # every config value survives the exchange file
     checked = check_both_directions(keras_model, graph=graph, tolerance=TOLERANCE)
     return checked.to_torch, checked.to_keras
 
@@ -237,7 +301,9 @@ def run_generated_code(keras_model, tmp_path):
     keras_path = tmp_path / "model.keras"
     keras_model.save(keras_path)
     graph = cli.convert(keras_path, tmp_path / "model.py")
-    lint = subprocess.run([sys.executable, "-m", "pyflakes", str(tmp_path / "model.py")], capture_output=True, text=True)
+    lint = subprocess.run(
+        [sys.executable, "-m", "pyflakes", str(tmp_path / "model.py")], capture_output=True, text=True
+    )
     assert lint.returncode == 0 and not lint.stdout.strip(), lint.stdout
     spec = importlib.util.spec_from_file_location("generated_norm", tmp_path / "model.py")
     generated = importlib.util.module_from_spec(spec)
@@ -247,8 +313,10 @@ def run_generated_code(keras_model, tmp_path):
     module.eval()
     inputs = batch(keras_model)
     expected = keras_adapter.predict(keras_model, inputs)
-    torch_inputs = [torch.from_numpy(x).permute(0, x.ndim - 1, *range(1, x.ndim - 1)) if x.ndim > 2
-                    else torch.from_numpy(x) for x in inputs]
+    torch_inputs = [
+        torch.from_numpy(x).permute(0, x.ndim - 1, *range(1, x.ndim - 1)) if x.ndim > 2 else torch.from_numpy(x)
+        for x in inputs
+    ]
     with torch.no_grad():
         outputs = module(*torch_inputs)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
@@ -256,14 +324,27 @@ def run_generated_code(keras_model, tmp_path):
     return max_difference([y.numpy() for y in outputs], expected), (tmp_path / "model.py").read_text()
 
 
-@pytest.mark.parametrize("case", ["prelu_image_per_channel", "prelu_image_per_row", "dot_image_sequence",
-                                  "rms_norm_image_width_channels", "layer_norm_rms_scaling_image", "unit_norm_two_axes",
-                                  "normalization_two_axes", "batch_norm_channels_first_image",
-                                  "attention_images_scores", "attention_masked_causal",
-                                  "gqa_attention_mask_one_kv_head",
-                                  "gqa_gate_sliding_window_causal", "gqa_scores_masked",
-                                  "mha_gate_scores_dropout_window", "mha_volume_axes_reversed_gate",
-                                  "mha_image_width_scores"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "prelu_image_per_channel",
+        "prelu_image_per_row",
+        "dot_image_sequence",
+        "rms_norm_image_width_channels",
+        "layer_norm_rms_scaling_image",
+        "unit_norm_two_axes",
+        "normalization_two_axes",
+        "batch_norm_channels_first_image",
+        "attention_images_scores",
+        "attention_masked_causal",
+        "gqa_attention_mask_one_kv_head",
+        "gqa_gate_sliding_window_causal",
+        "gqa_scores_masked",
+        "mha_gate_scores_dropout_window",
+        "mha_volume_axes_reversed_gate",
+        "mha_image_width_scores",
+    ],
+)
 def test_generated_code(case, tmp_path):
     keras.utils.set_random_seed(12)
     difference, source = run_generated_code(seeded(CASES[case]()), tmp_path)
@@ -286,8 +367,9 @@ def test_axes_sorting_to_another_order_are_refused():
 
 
 def test_normalization_values_per_position_are_refused():
-    message = refusal(lambda: single((4, 3), L.Normalization(axis=[1, 2], mean=[[1.0, 2.0, 3.0]] * 4,
-                                                              variance=[[1.0, 2.0, 3.0]] * 4)))
+    message = refusal(
+        lambda: single((4, 3), L.Normalization(axis=[1, 2], mean=[[1.0, 2.0, 3.0]] * 4, variance=[[1.0, 2.0, 3.0]] * 4))
+    )
     assert "unsupported option mean" in message or "only one value" in message
 
 
@@ -300,10 +382,15 @@ def test_rms_normalization_off_the_last_axes_is_refused():
 
 def test_attention_masks_given_as_tensors_are_refused():
     query, value = keras.Input((7, 4), name="query"), keras.Input((6, 4), name="value")
-    query_mask, value_mask = (keras.Input((steps,), dtype="bool", name=name) for steps, name in
-                              ((7, "query_mask"), (6, "value_mask")))
-    message = refusal(lambda: keras.Model([query, value, query_mask, value_mask], L.Attention(name="att")(
-        [query, value], mask=[query_mask, value_mask])))
+    query_mask, value_mask = (
+        keras.Input((steps,), dtype="bool", name=name) for steps, name in ((7, "query_mask"), (6, "value_mask"))
+    )
+    message = refusal(
+        lambda: keras.Model(
+            [query, value, query_mask, value_mask],
+            L.Attention(name="att")([query, value], mask=[query_mask, value_mask]),
+        )
+    )
     assert "'att' (Attention)" in message
 
 
@@ -312,16 +399,15 @@ def test_grouped_query_attention_fully_masked_rows(call, dropout):
     """Keras's two ways of masking differ on a query step that attends to nothing: its
     dot_product_attention averages the values, its explicit path (dropout, returned scores) gives 0."""
     keras.utils.set_random_seed(5)
-    model = seeded(grouped(mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2, dropout=dropout,
-                           call=call))
+    model = seeded(grouped(mask=True, head_dim=3, num_query_heads=4, num_key_value_heads=2, dropout=dropout, call=call))
     inputs = batch(model)
-    inputs[-1][:, 2, :] = 0   # query step 2 attends to nothing
+    inputs[-1][:, 2, :] = 0  # query step 2 attends to nothing
     inputs[-1][:, :, 1] = 0
     graph = keras_adapter.architecture_of(model)
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
     expected = keras_adapter.predict(model, inputs)
     assert max_difference(torch_adapter.predict(torch_model, inputs), expected) <= TOLERANCE
-    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3   # differs across the batch: values averaged
+    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3  # differs across the batch: values averaged
     assert averaged == (not call and not dropout)
 
 
@@ -332,10 +418,10 @@ def test_multi_head_attention_fully_masked_rows(call, dropout):
     keras.utils.set_random_seed(5)
     model = seeded(multi_head(mask=True, num_heads=2, key_dim=4, dropout=dropout, call=call))
     inputs = batch(model)
-    inputs[-1][:, 2, :] = 0   # query step 2 attends to nothing
+    inputs[-1][:, 2, :] = 0  # query step 2 attends to nothing
     graph = keras_adapter.architecture_of(model)
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
     expected = keras_adapter.predict(model, inputs)
     assert max_difference(torch_adapter.predict(torch_model, inputs), expected) <= TOLERANCE
-    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3   # differs across the batch: values averaged
+    averaged = np.ptp(expected[0][:, 2, :], axis=0).max() > 1e-3  # differs across the batch: values averaged
     assert averaged == (not call and not dropout)

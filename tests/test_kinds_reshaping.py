@@ -9,15 +9,15 @@ import json
 import keras
 import numpy as np
 import pytest
+from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 from exchange import cli, keras_adapter, layout, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
-from kerasmodels import batch, check_both_directions, max_difference, randomize
 
 L = keras.layers
 TOLERANCE = 1e-5
-IMAGE = (9, 12, 3)    # odd height, even width; 3 channels, as the colour augmentations expect
+IMAGE = (9, 12, 3)  # odd height, even width; 3 channels, as the colour augmentations expect
 SEQUENCE = (11, 4)
 VOLUME = (5, 4, 7, 3)
 
@@ -40,20 +40,24 @@ TRAINING_ONLY = {
     "activity_regularization": lambda: single((13,), L.Dense(4), L.ActivityRegularization(l1=0.1, l2=0.02)),
     "dropout_noise_shape_seed": lambda: single(SEQUENCE, L.Dropout(0.3, noise_shape=(None, 1, 4), seed=5), L.Dense(2)),
     "spatial_dropout1d_seed": lambda: single(SEQUENCE, L.SpatialDropout1D(0.2, seed=8), L.Conv1D(2, 3)),
-    "spatial_dropout2d_channels_first": lambda: single(IMAGE, L.SpatialDropout2D(0.4, data_format="channels_first",
-                                                                                  seed=1), L.Conv2D(2, 1)),
+    "spatial_dropout2d_channels_first": lambda: single(
+        IMAGE, L.SpatialDropout2D(0.4, data_format="channels_first", seed=1), L.Conv2D(2, 1)
+    ),
     "spatial_dropout3d": lambda: single(VOLUME, L.SpatialDropout3D(0.3, seed=4), L.Dense(2)),
-    "spatial_dropout3d_channels_first": lambda: single(VOLUME, L.SpatialDropout3D(0.3, data_format="channels_first"),
-                                                       L.Dense(2)),
+    "spatial_dropout3d_channels_first": lambda: single(
+        VOLUME, L.SpatialDropout3D(0.3, data_format="channels_first"), L.Dense(2)
+    ),
     "random_flip": lambda: image_then_conv(L.RandomFlip("horizontal", seed=5)),
-    "random_rotation": lambda: image_then_conv(L.RandomRotation((-0.2, 0.4), fill_mode="constant",
-                                                                interpolation="nearest", fill_value=0.5, seed=1)),
+    "random_rotation": lambda: image_then_conv(
+        L.RandomRotation((-0.2, 0.4), fill_mode="constant", interpolation="nearest", fill_value=0.5, seed=1)
+    ),
     "random_zoom": lambda: image_then_conv(L.RandomZoom(0.2, width_factor=(-0.3, 0.1), fill_mode="wrap")),
     "random_translation": lambda: image_then_conv(L.RandomTranslation((-0.5, 0.4), 0.2, fill_mode="nearest")),
     "random_shear": lambda: image_then_conv(L.RandomShear(x_factor=(0.5, 1), y_factor=(0.1, 0.3), seed=9)),
     "random_perspective": lambda: image_then_conv(L.RandomPerspective(factor=0.5, scale=0.7, fill_value=1.0)),
-    "random_elastic_transform": lambda: image_then_conv(L.RandomElasticTransform(factor=1.0, scale=0.5,
-                                                                                 value_range=(0, 1))),
+    "random_elastic_transform": lambda: image_then_conv(
+        L.RandomElasticTransform(factor=1.0, scale=0.5, value_range=(0, 1))
+    ),
     "random_contrast": lambda: image_then_conv(L.RandomContrast(0.75, value_range=(0, 1), seed=1)),
     "random_brightness": lambda: image_then_conv(L.RandomBrightness([-0.5, 0.25], value_range=[20, 200])),
     "random_grayscale": lambda: image_then_conv(L.RandomGrayscale(factor=0.25)),
@@ -61,47 +65,66 @@ TRAINING_ONLY = {
     "random_saturation": lambda: image_then_conv(L.RandomSaturation([0.5, 0.5], value_range=(0, 1))),
     "random_sharpness": lambda: image_then_conv(L.RandomSharpness(0.75, value_range=(0, 1), seed=1)),
     "random_color_degeneration": lambda: image_then_conv(L.RandomColorDegeneration(0.2, value_range=(0, 1))),
-    "random_color_jitter": lambda: image_then_conv(L.RandomColorJitter(value_range=(0, 1), brightness_factor=0.1,
-                                                                       contrast_factor=(0.1, 0.2), hue_factor=0.1)),
+    "random_color_jitter": lambda: image_then_conv(
+        L.RandomColorJitter(value_range=(0, 1), brightness_factor=0.1, contrast_factor=(0.1, 0.2), hue_factor=0.1)
+    ),
     "random_posterization": lambda: image_then_conv(L.RandomPosterization((1, 4), value_range=(0, 1))),
     "random_invert": lambda: image_then_conv(L.RandomInvert(0.75, value_range=(20, 200))),
     "random_erasing": lambda: image_then_conv(L.RandomErasing(factor=0.5, scale=0.5, fill_value=0)),
     "random_gaussian_blur": lambda: image_then_conv(L.RandomGaussianBlur(kernel_size=(3, 5), sigma=(0.5, 1.5))),
-    "solarization": lambda: image_then_conv(L.Solarization(addition_factor=0.75, threshold_factor=(0, 1),
-                                                           value_range=(20, 200), seed=1)),
-    "aug_mix": lambda: image_then_conv(L.AugMix(value_range=(0, 1), num_chains=2, chain_depth=(1, 2), factor=1,
-                                                all_ops=False, interpolation="nearest", seed=43)),
+    "solarization": lambda: image_then_conv(
+        L.Solarization(addition_factor=0.75, threshold_factor=(0, 1), value_range=(20, 200), seed=1)
+    ),
+    "aug_mix": lambda: image_then_conv(
+        L.AugMix(
+            value_range=(0, 1),
+            num_chains=2,
+            chain_depth=(1, 2),
+            factor=1,
+            all_ops=False,
+            interpolation="nearest",
+            seed=43,
+        )
+    ),
     "rand_augment": lambda: image_then_conv(L.RandAugment(value_range=(0, 1), num_ops=3, factor=0.7)),
     "cut_mix": lambda: image_then_conv(L.CutMix(factor=0.5, seed=1)),
     "mix_up": lambda: image_then_conv(L.MixUp(alpha=0.4)),
     "max_num_bounding_boxes": lambda: image_then_conv(L.MaxNumBoundingBoxes(max_number=40)),
     "augmentation_pipeline_channels_first": lambda: image_then_conv(
-        L.RandomFlip(data_format="channels_first"), L.RandomContrast(0.3, data_format="channels_first")),
+        L.RandomFlip(data_format="channels_first"), L.RandomContrast(0.3, data_format="channels_first")
+    ),
 }
 
 RESHAPING = {
     "upsampling1d": lambda: single(SEQUENCE, L.UpSampling1D(3), L.Conv1D(2, 2)),
     "upsampling2d": lambda: single(IMAGE, L.UpSampling2D((2, 3)), L.Conv2D(2, (3, 2))),
-    "upsampling2d_channels_first": lambda: single(IMAGE, L.UpSampling2D((3, 2), data_format="channels_first"),
-                                                  L.Conv2D(2, 1)),
+    "upsampling2d_channels_first": lambda: single(
+        IMAGE, L.UpSampling2D((3, 2), data_format="channels_first"), L.Conv2D(2, 1)
+    ),
     "upsampling3d": lambda: single(VOLUME, L.UpSampling3D((2, 1, 3)), L.Dense(2)),
-    "upsampling3d_channels_first": lambda: single(VOLUME, L.UpSampling3D((1, 3, 2), data_format="channels_first"),
-                                                  L.Dense(2)),
+    "upsampling3d_channels_first": lambda: single(
+        VOLUME, L.UpSampling3D((1, 3, 2), data_format="channels_first"), L.Dense(2)
+    ),
     "zero_padding1d": lambda: single(SEQUENCE, L.ZeroPadding1D((1, 2)), L.Conv1D(2, 2)),
-    "zero_padding1d_channels_first": lambda: single(SEQUENCE, L.ZeroPadding1D(3, data_format="channels_first"),
-                                                    L.Dense(2)),
+    "zero_padding1d_channels_first": lambda: single(
+        SEQUENCE, L.ZeroPadding1D(3, data_format="channels_first"), L.Dense(2)
+    ),
     # (a Conv2D right after this padding fails in TensorFlow, for Keras's own model too)
-    "zero_padding2d_channels_first": lambda: single(IMAGE, L.ZeroPadding2D(((1, 2), (0, 3)),
-                                                                           data_format="channels_first"), L.Dense(2)),
+    "zero_padding2d_channels_first": lambda: single(
+        IMAGE, L.ZeroPadding2D(((1, 2), (0, 3)), data_format="channels_first"), L.Dense(2)
+    ),
     "zero_padding3d": lambda: single(VOLUME, L.ZeroPadding3D(((1, 2), (0, 1), (2, 0))), L.Dense(2)),
-    "zero_padding3d_channels_first": lambda: single(VOLUME, L.ZeroPadding3D((2, 1, 0), data_format="channels_first"),
-                                                    L.Dense(2)),
+    "zero_padding3d_channels_first": lambda: single(
+        VOLUME, L.ZeroPadding3D((2, 1, 0), data_format="channels_first"), L.Dense(2)
+    ),
     "cropping1d": lambda: single(SEQUENCE, L.Cropping1D((2, 3)), L.Conv1D(2, 2)),
-    "cropping2d_channels_first": lambda: single((5, 8, 7), L.Cropping2D(((1, 2), (2, 1)), data_format="channels_first"),
-                                                L.Conv2D(2, 1)),
+    "cropping2d_channels_first": lambda: single(
+        (5, 8, 7), L.Cropping2D(((1, 2), (2, 1)), data_format="channels_first"), L.Conv2D(2, 1)
+    ),
     "cropping3d": lambda: single(VOLUME, L.Cropping3D(((1, 2), (0, 1), (2, 3))), L.Dense(2)),
-    "cropping3d_channels_first": lambda: single(VOLUME, L.Cropping3D(((0, 2), (1, 1), (1, 0)),
-                                                                     data_format="channels_first"), L.Dense(2)),
+    "cropping3d_channels_first": lambda: single(
+        VOLUME, L.Cropping3D(((0, 2), (1, 1), (1, 0)), data_format="channels_first"), L.Dense(2)
+    ),
 }
 
 CASES = TRAINING_ONLY | RESHAPING
@@ -128,8 +151,11 @@ def both_directions(keras_model, inputs=None):
 
 def layer_configs(model) -> dict:
     """Every layer's Keras config, as a file stores it (JSON: tuples are lists)."""
-    return {layer.name: json.loads(json.dumps(layer.get_config())) for layer in model.layers
-            if not isinstance(layer, keras.layers.InputLayer)}
+    return {
+        layer.name: json.loads(json.dumps(layer.get_config()))
+        for layer in model.layers
+        if not isinstance(layer, keras.layers.InputLayer)
+    }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -139,7 +165,7 @@ def test_kind_both_directions(case):
     difference, rebuilt = both_directions(keras_model)
     print(f"{case}: {difference:.2e}")
     assert difference <= TOLERANCE
-    if case in TRAINING_ONLY:   # the rebuilt model holds the same layers, every option kept
+    if case in TRAINING_ONLY:  # the rebuilt model holds the same layers, every option kept
         assert layer_configs(rebuilt) == layer_configs(keras_model)
 
 
@@ -148,8 +174,11 @@ def test_training_only_layer_is_identity_at_inference(case):
     """The torch module computes what `model.predict` does: the layer passes its input on."""
     keras.utils.set_random_seed(11)
     keras_model = CASES[case]()
-    layer = next(layer for layer in keras_model.layers if layer.name not in ("before", "after")
-                 and type(layer).__name__ not in ("Dense", "Conv1D"))
+    layer = next(
+        layer
+        for layer in keras_model.layers
+        if layer.name not in ("before", "after") and type(layer).__name__ not in ("Dense", "Conv1D")
+    )
     probe = keras.Model(keras_model.inputs, layer.output)
     inputs = batch(keras_model)
     expected = keras.Model(keras_model.inputs, layer.input).predict(inputs[0], verbose=0)
@@ -230,9 +259,12 @@ def test_generated_code_of_reshaping_layers(tmp_path):
     assert run_generated_code(model, tmp_path) <= TOLERANCE
 
 
-@pytest.mark.parametrize("make_layer, message", [
-    (lambda: L.RandomFlip(bounding_box_format="xyxy"), "unsupported option bounding_box_format='xyxy'"),
-])
+@pytest.mark.parametrize(
+    "make_layer, message",
+    [
+        (lambda: L.RandomFlip(bounding_box_format="xyxy"), "unsupported option bounding_box_format='xyxy'"),
+    ],
+)
 def test_refusals_are_named(make_layer, message):
     layer = make_layer()
     layer.name = "bad"
@@ -248,9 +280,12 @@ def test_training_only_config_from_a_file_is_checked():
     graph = keras_adapter.architecture_of(image_then_conv(L.RandomRotation(0.2, name="rotate")))
     document = json.loads(graph.to_json())
     node = next(node for node in document["nodes"] if node["name"] == "rotate")
-    for key, value, expected in [("interpolation", "__import__('os')", "is not one of"),
-                                 ("factor", "0.2", "is not a"), ("seed", 1.5, "is not a"),
-                                 ("factor", [0.1, 0.2, 0.3], "is not a")]:
+    for key, value, expected in [
+        ("interpolation", "__import__('os')", "is not one of"),
+        ("factor", "0.2", "is not a"),
+        ("seed", 1.5, "is not a"),
+        ("factor", [0.1, 0.2, 0.3], "is not a"),
+    ]:
         original = node["config"][key]
         node["config"][key] = value
         with pytest.raises(ExchangeError, match=f"layer 'rotate'.*{key}.*{expected}"):
@@ -356,26 +391,33 @@ def test_mask_recorded_with_another_value_is_refused():
     parse_model_config(config, "model")
     (not_equal,) = [layer for layer in config["config"]["layers"] if layer["class_name"] == "NotEqual"]
     not_equal["inbound_nodes"][0]["args"][1] = 0.25
-    with pytest.raises(UnsupportedLayerError, match="layer 'lstm' is given a mask .* not the mask of an Embedding "
-                                                    "with mask_zero=True or of a Masking layer"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match="layer 'lstm' is given a mask .* not the mask of an Embedding with mask_zero=True or of a Masking layer",
+    ):
         parse_model_config(config, "model")
 
 
 def test_masking_of_an_image_is_refused():
-    with pytest.raises(ExchangeError, match="layer 'masking' \\(masking\\): Masking is supported on \\(batch, "
-                                            "steps, features\\) sequences"):
+    with pytest.raises(
+        ExchangeError,
+        match="layer 'masking' \\(masking\\): Masking is supported on \\(batch, steps, features\\) sequences",
+    ):
         keras_adapter.architecture_of(single(IMAGE, L.Masking(name="masking")))
 
 
-@pytest.mark.parametrize("layer, key, value, expected", [
-    (L.ZeroPadding3D(1, name="edited"), "data_format", "channels_middle", "is not one of"),
-    (L.ZeroPadding3D(1, name="edited"), "amounts", [[1, 1], [1, 1]], "has not 3 spatial axes"),
-    (L.Cropping1D((1, 2), name="edited"), "amounts", [[1, -1]], "from 0 to"),
-    (L.UpSampling3D((1, 2, 3), name="edited"), "size", [1, 0, 3], "from 1 to"),
-    (L.UpSampling1D(2, name="edited"), "size", [10 ** 9], "from 1 to"),
-    (L.Dropout(0.5, name="edited"), "seed", "7", "is not a"),
-    (L.Masking(name="edited"), "mask_value", "0", "is not a"),
-])
+@pytest.mark.parametrize(
+    "layer, key, value, expected",
+    [
+        (L.ZeroPadding3D(1, name="edited"), "data_format", "channels_middle", "is not one of"),
+        (L.ZeroPadding3D(1, name="edited"), "amounts", [[1, 1], [1, 1]], "has not 3 spatial axes"),
+        (L.Cropping1D((1, 2), name="edited"), "amounts", [[1, -1]], "from 0 to"),
+        (L.UpSampling3D((1, 2, 3), name="edited"), "size", [1, 0, 3], "from 1 to"),
+        (L.UpSampling1D(2, name="edited"), "size", [10**9], "from 1 to"),
+        (L.Dropout(0.5, name="edited"), "seed", "7", "is not a"),
+        (L.Masking(name="edited"), "mask_value", "0", "is not a"),
+    ],
+)
 def test_reshaping_config_from_a_file_is_checked(layer, key, value, expected):
     """An exchange file's config for these kinds is checked field by field, naming the layer."""
     shape = {"ZeroPadding3D": VOLUME, "UpSampling3D": VOLUME}.get(type(layer).__name__, SEQUENCE)

@@ -11,15 +11,15 @@ and even spatial sizes with stride 2), with seeded non-trivial weights and stati
 import keras
 import numpy as np
 import pytest
+from kerasmodels import batch, check_both_directions, max_difference, random_torch_state, randomize
 
 from exchange import keras_adapter, torch_adapter
-from kerasmodels import batch, check_both_directions, max_difference, random_torch_state, randomize
 
 L = keras.layers
 # float32 rounding between TensorFlow and PyTorch on these small layers stays near 1e-6.
 LAYER_TOLERANCE = 1e-5
 
-IMAGE = (9, 12, 5)      # odd height, even width, channels unlike any filter count
+IMAGE = (9, 12, 5)  # odd height, even width, channels unlike any filter count
 EVEN_IMAGE = (10, 8, 3)
 SEQUENCE = (11, 4)
 
@@ -62,8 +62,9 @@ CASES = {
     "conv1d_same_stride2": lambda: single(SEQUENCE, L.Conv1D(5, 3, strides=2, padding="same")),
     "conv1d_causal_dilated": lambda: single(SEQUENCE, L.Conv1D(3, 2, padding="causal", dilation_rate=2)),
     "conv2d_transpose_same": lambda: single((5, 6, 4), L.Conv2DTranspose(3, 3, strides=2, padding="same")),
-    "conv2d_transpose_same_even_kernel": lambda: single((5, 6, 4), L.Conv2DTranspose(3, (4, 2), strides=2,
-                                                                                     padding="same")),
+    "conv2d_transpose_same_even_kernel": lambda: single(
+        (5, 6, 4), L.Conv2DTranspose(3, (4, 2), strides=2, padding="same")
+    ),
     "conv2d_transpose_valid": lambda: single((5, 6, 4), L.Conv2DTranspose(2, (3, 2), strides=(2, 1))),
     "conv2d_transpose_kernel_below_stride": lambda: single((5, 6, 4), L.Conv2DTranspose(2, 2, strides=3)),
     "depthwise": lambda: single(IMAGE, L.DepthwiseConv2D((3, 2), depth_multiplier=2, strides=2, padding="same")),
@@ -79,27 +80,57 @@ CASES = {
     "avg_pool_same_even": lambda: single(EVEN_IMAGE, L.AveragePooling2D(2, strides=1, padding="same")),
     "avg_pool_same_symmetric": lambda: single(IMAGE, L.AveragePooling2D(3, strides=1, padding="same")),
     "avg_pool_valid": lambda: single(IMAGE, L.AveragePooling2D((3, 2), strides=(2, 1))),
-    "pool1d": lambda: single(SEQUENCE, L.MaxPooling1D(3, strides=2, padding="same"),
-                             L.AveragePooling1D(2, padding="same")),
-    "global_pools": lambda: single(IMAGE, L.Conv2D(4, 3), L.GlobalAveragePooling2D(keepdims=True),
-                                   L.Conv2D(3, 1), L.GlobalMaxPooling2D()),
-    "global_pools_1d": lambda: single(SEQUENCE, L.GlobalAveragePooling1D(keepdims=True), L.Conv1D(2, 1),
-                                      L.GlobalMaxPooling1D()),
-    "zero_padding_and_cropping": lambda: single(IMAGE, L.ZeroPadding2D(((1, 2), (0, 3))),
-                                                L.Conv2D(3, 2), L.Cropping2D(((1, 0), (2, 1)))),
-    "flatten_into_dense": lambda: single(IMAGE, L.Conv2D(3, 2), L.Flatten(), L.Dropout(0.5),
-                                         L.Activation("relu"), L.Dense(7)),
+    "pool1d": lambda: single(
+        SEQUENCE, L.MaxPooling1D(3, strides=2, padding="same"), L.AveragePooling1D(2, padding="same")
+    ),
+    "global_pools": lambda: single(
+        IMAGE, L.Conv2D(4, 3), L.GlobalAveragePooling2D(keepdims=True), L.Conv2D(3, 1), L.GlobalMaxPooling2D()
+    ),
+    "global_pools_1d": lambda: single(
+        SEQUENCE, L.GlobalAveragePooling1D(keepdims=True), L.Conv1D(2, 1), L.GlobalMaxPooling1D()
+    ),
+    "zero_padding_and_cropping": lambda: single(
+        IMAGE, L.ZeroPadding2D(((1, 2), (0, 3))), L.Conv2D(3, 2), L.Cropping2D(((1, 0), (2, 1)))
+    ),
+    "flatten_into_dense": lambda: single(
+        IMAGE, L.Conv2D(3, 2), L.Flatten(), L.Dropout(0.5), L.Activation("relu"), L.Dense(7)
+    ),
     "flatten_as_output": lambda: single(IMAGE, L.Conv2D(3, 2), L.Flatten()),
     "reshape": lambda: single(IMAGE, L.Reshape((12, 45)), L.Conv1D(3, 2), L.Reshape((-1,)), L.Dense(2)),
     "dropouts": lambda: single(IMAGE, L.SpatialDropout2D(0.3), L.Dropout(0.2), L.Conv2D(2, 1)),
-    "activations": lambda: single((13,), *[L.Dense(6, activation=name) for name in (
-        "linear", "relu", "relu6", "tanh", "sigmoid", "hard_sigmoid", "silu", "gelu", "elu", "selu",
-        "softplus", "softsign", "softmax")]),
-    "swish_and_softmax_on_images": lambda: single(IMAGE, L.Conv2D(4, 1, activation="swish"),
-                                                  L.Activation("softmax")),
-    "relu_options": lambda: single((13,), L.Dense(8), L.ReLU(max_value=6.0), L.Dense(8),
-                                   L.ReLU(max_value=2.5, negative_slope=0.1, threshold=0.5), L.Dense(8),
-                                   L.LeakyReLU(negative_slope=0.2), L.Dense(8), L.ELU(alpha=0.5)),
+    "activations": lambda: single(
+        (13,),
+        *[
+            L.Dense(6, activation=name)
+            for name in (
+                "linear",
+                "relu",
+                "relu6",
+                "tanh",
+                "sigmoid",
+                "hard_sigmoid",
+                "silu",
+                "gelu",
+                "elu",
+                "selu",
+                "softplus",
+                "softsign",
+                "softmax",
+            )
+        ],
+    ),
+    "swish_and_softmax_on_images": lambda: single(IMAGE, L.Conv2D(4, 1, activation="swish"), L.Activation("softmax")),
+    "relu_options": lambda: single(
+        (13,),
+        L.Dense(8),
+        L.ReLU(max_value=6.0),
+        L.Dense(8),
+        L.ReLU(max_value=2.5, negative_slope=0.1, threshold=0.5),
+        L.Dense(8),
+        L.LeakyReLU(negative_slope=0.2),
+        L.Dense(8),
+        L.ELU(alpha=0.5),
+    ),
     "softmax_axes": lambda: single(IMAGE, L.Softmax(axis=-1), L.Softmax(axis=2)),
     "add": lambda: two_branches(L.Add()),
     "subtract": lambda: two_branches(L.Subtract()),
@@ -110,10 +141,12 @@ CASES = {
     "concatenate_width": lambda: two_branches(L.Concatenate(axis=2)),
     "rescaling": lambda: single(IMAGE, L.Rescaling(1 / 255.0, offset=-0.5), L.Conv2D(2, 1)),
     "normalization": normalization,
-    "normalization_constants": lambda: single(IMAGE, L.Normalization(mean=[0.1, 0.2, 0.3, 0.4, 0.5],
-                                                                      variance=[1.0, 2.0, 0.5, 0.25, 4.0])),
-    "rescaling_per_channel": lambda: single(IMAGE, L.Rescaling([0.5, 1.0, 2.0, 3.0, 4.0],
-                                                               offset=[0.1, 0.0, -0.1, 0.2, 0.3])),
+    "normalization_constants": lambda: single(
+        IMAGE, L.Normalization(mean=[0.1, 0.2, 0.3, 0.4, 0.5], variance=[1.0, 2.0, 0.5, 0.25, 4.0])
+    ),
+    "rescaling_per_channel": lambda: single(
+        IMAGE, L.Rescaling([0.5, 1.0, 2.0, 3.0, 4.0], offset=[0.1, 0.0, -0.1, 0.2, 0.3])
+    ),
     "squeeze_excitation_broadcast": squeeze_excitation,
     "layer_norm_features": lambda: single((13,), L.LayerNormalization(epsilon=1e-5), L.Dense(4)),
     "layer_norm_image_no_center": lambda: single(IMAGE, L.LayerNormalization(center=False)),
@@ -121,16 +154,24 @@ CASES = {
     "group_norm": lambda: single((9, 12, 6), L.GroupNormalization(groups=3, epsilon=1e-4)),
     "group_norm_no_center": lambda: single((9, 12, 6), L.GroupNormalization(groups=2, center=False)),
     "unit_norm": lambda: single(IMAGE, L.UnitNormalization(), L.Conv2D(3, 1), L.UnitNormalization(axis=2)),
-    "embedding_conv1d_text_classifier": lambda: keras.Sequential([
-        keras.Input((13,), dtype="int32"), L.Embedding(11, 6), L.Conv1D(5, 3, padding="same", activation="relu"),
-        L.GlobalMaxPooling1D(), L.Dense(3, activation="softmax")]),
-    "embedding_permute": lambda: keras.Sequential([keras.Input((13,), dtype="int64"), L.Embedding(9, 4),
-                                                   L.Permute((2, 1)), L.Dense(5)]),
+    "embedding_conv1d_text_classifier": lambda: keras.Sequential(
+        [
+            keras.Input((13,), dtype="int32"),
+            L.Embedding(11, 6),
+            L.Conv1D(5, 3, padding="same", activation="relu"),
+            L.GlobalMaxPooling1D(),
+            L.Dense(3, activation="softmax"),
+        ]
+    ),
+    "embedding_permute": lambda: keras.Sequential(
+        [keras.Input((13,), dtype="int64"), L.Embedding(9, 4), L.Permute((2, 1)), L.Dense(5)]
+    ),
     "permute_image": lambda: single(IMAGE, L.Permute((3, 1, 2)), L.Conv2D(2, 1)),
     "repeat_vector": lambda: single((5,), L.Dense(4), L.RepeatVector(3), L.Conv1D(2, 2)),
     # a per-element Rescaling ties the flat order: the Flatten must give Keras's order
-    "flatten_rescaling_per_element_dense": lambda: single((2, 3, 2), L.Flatten(),
-                                                          L.Rescaling([float(v) for v in range(1, 13)]), L.Dense(2)),
+    "flatten_rescaling_per_element_dense": lambda: single(
+        (2, 3, 2), L.Flatten(), L.Rescaling([float(v) for v in range(1, 13)]), L.Dense(2)
+    ),
     "names_that_are_not_python": lambda: names_that_are_not_python(),
 }
 
@@ -144,8 +185,6 @@ def names_that_are_not_python():
     x = L.Flatten(name="torch")(x)
     x = L.Dense(3, name="compile")(x)
     return keras.Model(inputs, L.Dense(2, name="zero_grad")(x))
-
-
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -178,8 +217,10 @@ def test_torch_module_is_trainable():
     module = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(keras_model)).train()
     loss = module(torch.rand(4, 5, 9, 12)).square().mean()
     loss.backward()
-    assert all(parameter.requires_grad and parameter.grad is not None and parameter.grad.abs().sum() > 0
-               for parameter in module.parameters())
+    assert all(
+        parameter.requires_grad and parameter.grad is not None and parameter.grad.abs().sum() > 0
+        for parameter in module.parameters()
+    )
     assert "conv2d" in module.code and "torch.flatten" in module.code
 
 
@@ -195,11 +236,14 @@ def test_batch_norm_constant_that_keras_cannot_hold_is_refused():
         keras_adapter.model_from_tensors(graph, state)
 
 
-@pytest.mark.parametrize("make_layer, message", [
-    (lambda: L.Dense(3, activation="log_sigmoid"), "unsupported option activation='log_sigmoid'"),
-    (lambda: L.Softmax(axis=0), "'bad' \\(softmax\\): axis 0 is not a feature axis: a softmax over the batch axis"),
-    (lambda: L.SimpleRNN(3, activation="log_sigmoid"), "'bad' \\(SimpleRNN\\): unsupported option activation"),
-])
+@pytest.mark.parametrize(
+    "make_layer, message",
+    [
+        (lambda: L.Dense(3, activation="log_sigmoid"), "unsupported option activation='log_sigmoid'"),
+        (lambda: L.Softmax(axis=0), "'bad' \\(softmax\\): axis 0 is not a feature axis: a softmax over the batch axis"),
+        (lambda: L.SimpleRNN(3, activation="log_sigmoid"), "'bad' \\(SimpleRNN\\): unsupported option activation"),
+    ],
+)
 def test_unsupported_options_are_named(make_layer, message):
     from exchange.errors import UnsupportedLayerError
 
@@ -214,10 +258,14 @@ def test_unsupported_options_are_named(make_layer, message):
 def test_all_problems_of_a_model_in_one_error():
     from exchange.errors import UnsupportedLayerError
 
-    model = keras.Sequential([keras.Input((7, 6)), L.SimpleRNN(3, return_sequences=True, activation="log_sigmoid",
-                                                               name="first"),
-                              L.Dense(2, activation="log_sigmoid", name="second"),
-                              L.GRU(2, recurrent_activation="log_sigmoid", name="third")])
+    model = keras.Sequential(
+        [
+            keras.Input((7, 6)),
+            L.SimpleRNN(3, return_sequences=True, activation="log_sigmoid", name="first"),
+            L.Dense(2, activation="log_sigmoid", name="second"),
+            L.GRU(2, recurrent_activation="log_sigmoid", name="third"),
+        ]
+    )
     with pytest.raises(UnsupportedLayerError) as caught:
         keras_adapter.architecture_of(model)
     message = str(caught.value)
@@ -242,7 +290,8 @@ def test_weights_keep_their_dtype_through_every_direction(dtype, tolerance, tmp_
     cli.convert(tmp_path / "typed.keras", tmp_path / "typed.safetensors")
     exchange_file = fileformat.load(tmp_path / "typed.safetensors")
     assert {key: tensor.dtype.name for key, tensor in exchange_file.tensors.items()} == {
-        key: "int64" if key.endswith("num_batches_tracked") else dtype for key in exchange_file.tensors}
+        key: "int64" if key.endswith("num_batches_tracked") else dtype for key in exchange_file.tensors
+    }
     torch_model = torch_adapter.model_from_file(tmp_path / "typed.safetensors")
     assert {parameter.dtype for parameter in torch_model.parameters()} == {getattr(torch, dtype)}
     (image,) = batch(model)

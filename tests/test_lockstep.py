@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from support import ROOT
+
 from frameworks import train_job
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe, epoch_orders
 
@@ -49,8 +49,9 @@ def test_three_lockstep_epochs_keep_weights_within_1e_6(lockstep_run):
 def test_without_lockstep_the_runs_drift_apart(mnist, tmp_path):
     """The check above can fail: with each framework shuffling its own batches the weights differ
     after one epoch by orders of magnitude more than the lockstep bound."""
-    report = train_job.run(mnist, tmp_path, SEED_ARCHITECTURE, Recipe(epochs=1), lockstep=False,
-                           plots=False, log=lambda line: None)
+    report = train_job.run(
+        mnist, tmp_path, SEED_ARCHITECTURE, Recipe(epochs=1), lockstep=False, plots=False, log=lambda line: None
+    )
     assert report["epochs"][0]["max_weight_diff_all"] > 100 * SHORT_RUN_MAX_WEIGHT_DIFF
 
 
@@ -73,16 +74,24 @@ def test_plots_are_written_and_redrawn_from_the_report(lockstep_run, tmp_path):
     names = ("curves.png", "weight_difference.png", "first_layer.png")
     for name in names:
         _assert_png(out_dir / name)
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/plot.py"), str(out_dir / "report.json"),
-                             "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/plot.py"), str(out_dir / "report.json"), "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     for name in names:
         _assert_png(tmp_path / name)
 
 
 def test_plot_of_a_missing_report_is_one_line_error(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/plot.py"), str(tmp_path / "none.json")],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/plot.py"), str(tmp_path / "none.json")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "cannot plot" in result.stderr
 

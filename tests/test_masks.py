@@ -11,10 +11,10 @@ import importlib.util
 import keras
 import numpy as np
 import pytest
+from kerasmodels import max_difference, randomize
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import ExchangeError
-from kerasmodels import max_difference, randomize
 
 L = keras.layers
 # float32 arithmetic on a few dozen values: differences are rounding (1e-7), a dropped mask is 0.1+.
@@ -27,6 +27,7 @@ def _masked(make_output, mask_dtype: str, mask_shape=(STEPS,)):
         x = keras.Input((STEPS, FEATURES), name="x")
         mask = keras.Input(mask_shape, dtype=mask_dtype, name="m")
         return keras.Model([x, mask], make_output(x, mask))
+
     return build
 
 
@@ -35,18 +36,23 @@ CASES = {
     "gap_keyword_float": _masked(lambda x, m: L.GlobalAveragePooling1D(name="gap")(x, mask=m), "float32"),
     "gap_positional_int": _masked(lambda x, m: L.GlobalAveragePooling1D(name="gap")(x, m), "int32"),
     "softmax_positional_bool": _masked(lambda x, m: L.Softmax(name="sm")(x, m), "bool", (STEPS, FEATURES)),
-    "softmax_keyword_float": _masked(lambda x, m: L.Softmax(axis=1, name="sm")(x, mask=m), "float32",
-                                     (STEPS, FEATURES)),
+    "softmax_keyword_float": _masked(
+        lambda x, m: L.Softmax(axis=1, name="sm")(x, mask=m), "float32", (STEPS, FEATURES)
+    ),
     "softmax_positional_int": _masked(lambda x, m: L.Softmax(name="sm")(x, m), "int32", (STEPS, FEATURES)),
     "lstm_positional_bool": _masked(lambda x, m: L.LSTM(4, name="lstm")(x, None, m), "bool"),
     "gru_keyword_float": _masked(lambda x, m: L.GRU(4, return_sequences=True, name="gru")(x, mask=m), "float32"),
-    "rnn_sequences_into_pooling": _masked(lambda x, m: L.GlobalAveragePooling1D(name="gap")(
-        L.SimpleRNN(4, return_sequences=True, name="rnn")(x, mask=m)), "int32"),
+    "rnn_sequences_into_pooling": _masked(
+        lambda x, m: L.GlobalAveragePooling1D(name="gap")(L.SimpleRNN(4, return_sequences=True, name="rnn")(x, mask=m)),
+        "int32",
+    ),
     "bidirectional_positional": _masked(lambda x, m: L.Bidirectional(L.LSTM(3), name="bi")(x, None, m), "bool"),
-    "bidirectional_keyword_sequences": _masked(lambda x, m: L.Bidirectional(
-        L.GRU(3, return_sequences=True), name="bi")(x, mask=m), "float32"),
+    "bidirectional_keyword_sequences": _masked(
+        lambda x, m: L.Bidirectional(L.GRU(3, return_sequences=True), name="bi")(x, mask=m), "float32"
+    ),
     "flatten_rank1": lambda: (lambda x: keras.Model(x, L.Dense(2, name="dense")(L.Flatten(name="flat")(x))))(
-        keras.Input((), name="x")),
+        keras.Input((), name="x")
+    ),
 }
 
 
@@ -61,7 +67,7 @@ def _inputs(model, rows: int = 6) -> list[np.ndarray]:
             arrays.append(generator.standard_normal(shape).astype(np.float32))
             continue
         pattern = np.array([0.0, 1.0, 0.3, 0.9, 2.0] if dtype.startswith("float") else [0, 1, 2, 0, 1])
-        rolled = np.stack([np.roll(pattern, row) for row in range(rows)])   # (rows, STEPS)
+        rolled = np.stack([np.roll(pattern, row) for row in range(rows)])  # (rows, STEPS)
         if len(shape) == 3:
             rolled = np.stack([np.roll(rolled, column, axis=1) for column in range(shape[2])], axis=-1)
         arrays.append(rolled.astype(dtype))
@@ -81,8 +87,12 @@ def _generated_outputs(code_path, graph, inputs):
     with torch.no_grad():
         outputs = module.eval()(*torch_adapter.torch_inputs(graph, inputs))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return [output.permute(to_keras_order(len(graph.shapes[name]))).numpy() if len(graph.shapes[name]) >= 2
-            else output.numpy() for name, output in zip(graph.outputs, outputs)]
+    return [
+        output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
+        if len(graph.shapes[name]) >= 2
+        else output.numpy()
+        for name, output in zip(graph.outputs, outputs)
+    ]
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
@@ -94,7 +104,7 @@ def test_masks_given_as_inputs_both_directions(case, tmp_path):
     inputs = _inputs(model)
     expected = [np.asarray(output) for output in keras.tree.flatten(model.predict(inputs, verbose=0))]
     assert max(float(np.ptp(output)) for output in expected) > 1e-3, "outputs must vary"
-    if "m" in [tensor.name for tensor in model.inputs]:   # the mask changes Keras's answer
+    if "m" in [tensor.name for tensor in model.inputs]:  # the mask changes Keras's answer
         unmasked = [inputs[0], np.ones_like(inputs[1])]
         assert max_difference(expected, keras.tree.flatten(model.predict(unmasked, verbose=0))) > 0.01
 
@@ -105,7 +115,7 @@ def test_masks_given_as_inputs_both_directions(case, tmp_path):
     assert max_difference(expected, torch_adapter.predict(torch_model, inputs)) <= TOLERANCE
     assert max_difference(expected, _generated_outputs(code, graph, inputs)) <= TOLERANCE
 
-    back = tmp_path / "back.keras"   # torch -> Keras: the rebuilt model takes the mask as Keras does
+    back = tmp_path / "back.keras"  # torch -> Keras: the rebuilt model takes the mask as Keras does
     assert cli.main([str(weights), str(back)]) == 0
     rebuilt = keras.saving.load_model(back)
     assert max_difference(expected, keras.tree.flatten(rebuilt.predict(inputs, verbose=0))) <= TOLERANCE
@@ -120,12 +130,19 @@ def test_flatten_of_a_rank1_input_is_n_by_1(tmp_path):
     assert graph.shapes["flat"] == (1,)
 
 
-@pytest.mark.parametrize("make_model, message", [
-    (_masked(lambda x, m: L.MultiHeadAttention(2, 2, name="mha")(x, x, query_mask=m), "bool"),
-     "layer 'mha' \\(MultiHeadAttention\\): tensor passed as keyword argument 'query_mask' is not supported"),
-    (_masked(lambda x, m: L.Softmax(name="sm")(x, m), "bool", (STEPS,)),
-     "layer 'sm' \\(softmax\\): argument 'mask' of shape \\(batch, 5\\) for an input of shape \\(batch, 5, 3\\)"),
-])
+@pytest.mark.parametrize(
+    "make_model, message",
+    [
+        (
+            _masked(lambda x, m: L.MultiHeadAttention(2, 2, name="mha")(x, x, query_mask=m), "bool"),
+            "layer 'mha' \\(MultiHeadAttention\\): tensor passed as keyword argument 'query_mask' is not supported",
+        ),
+        (
+            _masked(lambda x, m: L.Softmax(name="sm")(x, m), "bool", (STEPS,)),
+            "layer 'sm' \\(softmax\\): argument 'mask' of shape \\(batch, 5\\) for an input of shape \\(batch, 5, 3\\)",
+        ),
+    ],
+)
 def test_masks_that_cannot_be_read_are_refused_naming_the_layer(make_model, message, tmp_path):
     make_model().save(tmp_path / "model.keras")
     with pytest.raises(ExchangeError, match=message):
@@ -140,6 +157,8 @@ def test_bidirectional_initial_state_given_positionally(tmp_path):
     cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
     torch_model = torch_adapter.model_from_file(tmp_path / "model.safetensors")
     generator = np.random.default_rng(0)
-    inputs = [generator.normal(size=(4, STEPS, FEATURES)).astype(np.float32),
-              generator.normal(size=(4, 3)).astype(np.float32)]
+    inputs = [
+        generator.normal(size=(4, STEPS, FEATURES)).astype(np.float32),
+        generator.normal(size=(4, 3)).astype(np.float32),
+    ]
     assert max_difference(keras_adapter.predict(model, inputs), torch_adapter.predict(torch_model, inputs)) <= 1e-5

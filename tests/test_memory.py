@@ -11,12 +11,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-
-from exchange import chunking, keras_adapter
 from kerasmodels import random_torch_state
 from memory_models import branches, conv_chain, measure_forwards, write_model
 
-GENERATED_PEAK_RATIO = 1.2   # the generated module's added peak against the fx module's
+from exchange import chunking, keras_adapter
+
+GENERATED_PEAK_RATIO = 1.2  # the generated module's added peak against the fx module's
 
 
 def test_generated_forward_frees_intermediates_as_the_fx_module_does(tmp_path):
@@ -70,9 +70,11 @@ def test_a_row_larger_than_a_chunk_is_refused_in_one_line(monkeypatch, tmp_path)
     monkeypatch.setattr(chunking, "CHUNK_BYTES", 1 << 10)
     with pytest.raises(ExchangeFileError) as err:
         verify(tmp_path / "m.keras", tmp_path / "m.safetensors", graph, None, 1e-5)
-    assert str(err.value) == (f"{tmp_path / 'm.keras'}: --verify refused: one sample holds 1,024 values at once "
-                              "(at 'add'), 0.0 MiB at 8 bytes a value, more than the 0 MiB --verify gives one "
-                              "chunk of rows")
+    assert str(err.value) == (
+        f"{tmp_path / 'm.keras'}: --verify refused: one sample holds 1,024 values at once "
+        "(at 'add'), 0.0 MiB at 8 bytes a value, more than the 0 MiB --verify gives one "
+        "chunk of rows"
+    )
     assert list(tmp_path.iterdir()) == []
 
 
@@ -90,7 +92,8 @@ def test_verify_peak_is_bounded_on_large_activations(tmp_path):
     graph = cli.convert(keras_path, tmp_path / "branches.py")
     result = cli.verify(keras_path, tmp_path / "branches.py", graph, None, 1e-4)
     added = result.child_peak_mib - result.child_imports_mib
-    print(f"--verify child: {result.child_peak_mib:.0f} MiB peak, {added:.0f} MiB above its imports, "
-          f"on {result.inputs}")
+    print(
+        f"--verify child: {result.child_peak_mib:.0f} MiB peak, {added:.0f} MiB above its imports, on {result.inputs}"
+    )
     assert result.child_imports_mib > 0
     assert added <= (chunking.VERIFY_MEMORY + WEIGHT_COPIES * weight_bytes(graph)) / (1 << 20)

@@ -7,8 +7,8 @@ import sys
 
 import numpy as np
 import pytest
-
 from support import ROOT
+
 from exchange import mnist as mnist_module
 from exchange.mnist import DataError, load_folder, load_mnist, load_pickled_array, write_pickles
 
@@ -27,16 +27,18 @@ def test_idx_folder_gives_the_seed_format(mnist):
     assert mnist.x_train.shape == (60_000, 784) and mnist.x_train.dtype == np.float32
     assert mnist.x_test.shape == (10_000, 784)
     assert mnist.y_train.shape == (60_000, 10) and mnist.y_train.dtype == np.float32
-    assert 0.0 == mnist.x_train.min() and mnist.x_train.max() == 1.0
+    assert mnist.x_train.min() == 0.0 and mnist.x_train.max() == 1.0
     np.testing.assert_array_equal(mnist.y_train.sum(axis=1), 1.0)
     # Label counts from the data's README.
-    assert mnist.y_test.sum(axis=0).astype(int).tolist() == [980, 1135, 1032, 1010, 982, 892, 958,
-                                                            1028, 974, 1009]
+    assert mnist.y_test.sum(axis=0).astype(int).tolist() == [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def test_pickles_round_trip_through_prepare_data(mnist, tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/prepare_data.py"),
-                             os.environ["MNIST_DIR"], str(tmp_path)], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/prepare_data.py"), os.environ["MNIST_DIR"], str(tmp_path)],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(mnist_module.PICKLE_NAMES.values())
     from_pickles = load_folder(tmp_path)
@@ -64,25 +66,41 @@ def test_pickle_that_carries_code_is_refused_and_never_runs(tmp_path):
 
 def test_malicious_pickle_in_a_data_folder_stops_the_main_job(mnist, tmp_path):
     folder = tmp_path / "data"
-    write_pickles(mnist_module.Mnist(mnist.x_train[:10], mnist.y_train[:10], mnist.x_test[:10],
-                                     mnist.y_test[:10]), folder)
+    write_pickles(
+        mnist_module.Mnist(mnist.x_train[:10], mnist.y_train[:10], mnist.x_test[:10], mnist.y_test[:10]), folder
+    )
     marker = tmp_path / "code_ran"
     (folder / "mnist_y_test.pkl").write_bytes(pickle.dumps(RunsCode(marker), protocol=2))
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--data", str(folder),
-                             "--epochs", "1", "--out-dir", str(tmp_path / "out")],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts/train.py"),
+            "--data",
+            str(folder),
+            "--epochs",
+            "1",
+            "--out-dir",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        f"error: {folder / 'mnist_y_test.pkl'}: refusing posix.system: only numpy arrays are accepted"]
+        f"error: {folder / 'mnist_y_test.pkl'}: refusing posix.system: only numpy arrays are accepted"
+    ]
     assert not marker.exists()
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("payload, message", [
-    (pickle.dumps({"not": "an array"}), "holds dict, expected a numeric numpy array"),
-    (pickle.dumps(np.array([object()], dtype=object)[:0]), "expected a numeric numpy array"),
-    (b"not a pickle at all", "not a readable pickle of a numpy array"),
-])
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        (pickle.dumps({"not": "an array"}), "holds dict, expected a numeric numpy array"),
+        (pickle.dumps(np.array([object()], dtype=object)[:0]), "expected a numeric numpy array"),
+        (b"not a pickle at all", "not a readable pickle of a numpy array"),
+    ],
+)
 def test_non_array_pickles_are_refused(tmp_path, payload, message):
     path = tmp_path / "x.pkl"
     path.write_bytes(payload)

@@ -14,18 +14,42 @@ STEP_TOLERANCE = 1e-6
 
 SCHEDULES = {
     "ExponentialDecay": {"initial_learning_rate": 0.05, "decay_steps": 3, "decay_rate": 0.7, "staircase": False},
-    "ExponentialDecay-staircase": {"initial_learning_rate": 0.05, "decay_steps": 3, "decay_rate": 0.7,
-                                   "staircase": True},
+    "ExponentialDecay-staircase": {
+        "initial_learning_rate": 0.05,
+        "decay_steps": 3,
+        "decay_rate": 0.7,
+        "staircase": True,
+    },
     "InverseTimeDecay": {"initial_learning_rate": 0.05, "decay_steps": 2, "decay_rate": 0.5, "staircase": False},
     "PiecewiseConstantDecay": {"boundaries": [2, 5], "values": [0.05, 0.02, 0.01]},
-    "PolynomialDecay": {"initial_learning_rate": 0.05, "decay_steps": 7, "end_learning_rate": 0.001,
-                        "power": 1.5, "cycle": False},
-    "PolynomialDecay-cycle": {"initial_learning_rate": 0.05, "decay_steps": 5, "end_learning_rate": 0.001,
-                              "power": 2.0, "cycle": True},
-    "CosineDecay": {"initial_learning_rate": 0.05, "decay_steps": 8, "alpha": 0.1, "warmup_target": None,
-                    "warmup_steps": 0},
-    "CosineDecay-warmup": {"initial_learning_rate": 0.0, "decay_steps": 6, "alpha": 0.0, "warmup_target": 0.05,
-                           "warmup_steps": 4},
+    "PolynomialDecay": {
+        "initial_learning_rate": 0.05,
+        "decay_steps": 7,
+        "end_learning_rate": 0.001,
+        "power": 1.5,
+        "cycle": False,
+    },
+    "PolynomialDecay-cycle": {
+        "initial_learning_rate": 0.05,
+        "decay_steps": 5,
+        "end_learning_rate": 0.001,
+        "power": 2.0,
+        "cycle": True,
+    },
+    "CosineDecay": {
+        "initial_learning_rate": 0.05,
+        "decay_steps": 8,
+        "alpha": 0.1,
+        "warmup_target": None,
+        "warmup_steps": 0,
+    },
+    "CosineDecay-warmup": {
+        "initial_learning_rate": 0.0,
+        "decay_steps": 6,
+        "alpha": 0.0,
+        "warmup_target": 0.05,
+        "warmup_steps": 4,
+    },
 }
 
 OPTIMIZERS = {
@@ -35,8 +59,13 @@ OPTIMIZERS = {
     "SGD-momentum": {"learning_rate": 0.05, "momentum": 0.9, "nesterov": False},
     "SGD-nesterov": {"learning_rate": 0.05, "momentum": 0.7, "nesterov": True, "weight_decay": 0.01},
     "RMSprop": {"learning_rate": 0.01, "rho": 0.8, "momentum": 0.0, "epsilon": 1e-3, "centered": False},
-    "RMSprop-centered-momentum": {"learning_rate": 0.01, "rho": 0.9, "momentum": 0.5, "epsilon": 1e-7,
-                                  "centered": True},
+    "RMSprop-centered-momentum": {
+        "learning_rate": 0.01,
+        "rho": 0.9,
+        "momentum": 0.5,
+        "epsilon": 1e-7,
+        "centered": True,
+    },
     "Adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 0.3, "epsilon": 1e-7},
     "Adamax": {"learning_rate": 0.02, "beta_1": 0.8, "beta_2": 0.9, "epsilon": 1e-7},
 }
@@ -74,8 +103,9 @@ def test_optimizer_takes_keras_steps(name):
     keras_slots = [variable.numpy() for variable in keras_optimizer.variables[2:]]
     assert len(keras_slots) == len(slots)
     for slot, keras_slot in zip(slots, keras_slots):
-        np.testing.assert_allclose(torch_optimizer.state[parameter][slot].numpy(), keras_slot, rtol=0,
-                                   atol=STEP_TOLERANCE)
+        np.testing.assert_allclose(
+            torch_optimizer.state[parameter][slot].numpy(), keras_slot, rtol=0, atol=STEP_TOLERANCE
+        )
     assert torch_optimizer.iterations == int(keras_optimizer.iterations.numpy()) == STEPS
 
 
@@ -90,15 +120,22 @@ def test_schedule_gives_keras_rates(name):
 
 
 def test_sgd_momentum_under_a_schedule():
-    config = {"learning_rate": {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]},
-              "momentum": 0.9, "nesterov": False}
+    config = {
+        "learning_rate": {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]},
+        "momentum": 0.9,
+        "nesterov": False,
+    }
     keras_value, torch_value, *_ = _run_both("SGD", config)
     np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
 
 
 def test_adam_under_a_schedule():
-    config = {"learning_rate": {"class_name": "CosineDecay", "config": SCHEDULES["CosineDecay-warmup"]},
-              "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
+    config = {
+        "learning_rate": {"class_name": "CosineDecay", "config": SCHEDULES["CosineDecay-warmup"]},
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-7,
+    }
     keras_value, torch_value, *_ = _run_both("Adam", config)
     np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
 
@@ -121,8 +158,9 @@ def test_torch_adam_with_keras_epsilon_drifts():
     config = {"learning_rate": 0.05, "beta_1": 0.8, "beta_2": 0.95, "epsilon": 0.1}
     keras_value, _, *_ = _run_both("Adam", config)
     start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
-    naive = _naive_run(start, lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.95), eps=0.1),
-                       _gradients(0))
+    naive = _naive_run(
+        start, lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.95), eps=0.1), _gradients(0)
+    )
     assert np.max(np.abs(naive - keras_value)) > 1e-3
 
 
@@ -130,8 +168,7 @@ def test_torch_rmsprop_drifts():
     config = OPTIMIZERS["RMSprop"]
     keras_value, _, *_ = _run_both("RMSprop", config)
     start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
-    naive = _naive_run(start, lambda params: torch.optim.RMSprop(params, lr=0.01, alpha=0.8, eps=1e-3),
-                       _gradients(0))
+    naive = _naive_run(start, lambda params: torch.optim.RMSprop(params, lr=0.01, alpha=0.8, eps=1e-3), _gradients(0))
     assert np.max(np.abs(naive - keras_value)) > 1e-3
 
 
@@ -139,8 +176,12 @@ def test_torch_sgd_momentum_under_a_schedule_drifts():
     schedule = {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]}
     keras_value, _, *_ = _run_both("SGD", {"learning_rate": schedule, "momentum": 0.9, "nesterov": False})
     start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
-    naive = _naive_run(start, lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9), _gradients(0),
-                       schedule=optimizers.make_schedule(schedule))
+    naive = _naive_run(
+        start,
+        lambda params: torch.optim.SGD(params, lr=0.05, momentum=0.9),
+        _gradients(0),
+        schedule=optimizers.make_schedule(schedule),
+    )
     assert np.max(np.abs(naive - keras_value)) > 1e-3
 
 
@@ -150,28 +191,38 @@ def test_module_imports_only_torch():
     import inspect
 
     tree = ast.parse(inspect.getsource(optimizers))
-    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
-                for alias in node.names}
+    imported = {
+        alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names
+    }
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
     assert imported <= {"__future__", "math", "torch"}
 
 
-@pytest.mark.parametrize("description, kind", [
-    ("categorical_crossentropy", "probabilities"),
-    ({"class_name": "CategoricalCrossentropy", "config": {"from_logits": True, "label_smoothing": 0.1,
-                                                          "reduction": "sum_over_batch_size", "axis": -1}}, "logits"),
-    ({"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}, "sparse-logits"),
-    ("sparse_categorical_crossentropy", "sparse-probabilities"),
-    ({"class_name": "BinaryCrossentropy", "config": {"label_smoothing": 0.2}}, "binary"),
-    ({"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}, "binary-logits"),
-    ("mse", "values"), ("mae", "values"),
-])
+@pytest.mark.parametrize(
+    "description, kind",
+    [
+        ("categorical_crossentropy", "probabilities"),
+        (
+            {
+                "class_name": "CategoricalCrossentropy",
+                "config": {"from_logits": True, "label_smoothing": 0.1, "reduction": "sum_over_batch_size", "axis": -1},
+            },
+            "logits",
+        ),
+        ({"class_name": "SparseCategoricalCrossentropy", "config": {"from_logits": True}}, "sparse-logits"),
+        ("sparse_categorical_crossentropy", "sparse-probabilities"),
+        ({"class_name": "BinaryCrossentropy", "config": {"label_smoothing": 0.2}}, "binary"),
+        ({"class_name": "BinaryCrossentropy", "config": {"from_logits": True}}, "binary-logits"),
+        ("mse", "values"),
+        ("mae", "values"),
+    ],
+)
 def test_loss_is_keras_loss(description, kind):
     rng = np.random.default_rng(1)
     logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
     if kind in ("probabilities", "sparse-probabilities"):
         y_pred = np.exp(logits) / np.exp(logits).sum(-1, keepdims=True)
-        y_pred[0, 0] = 0.0   # a clipped probability
+        y_pred[0, 0] = 0.0  # a clipped probability
     elif kind == "binary":
         y_pred = 1 / (1 + np.exp(-logits))
     else:

@@ -1,8 +1,8 @@
 """The numpy forward pass that stands in for a missing framework in `convert --verify`."""
 
 import numpy as np
-
 from support import random_file_tensors
+
 from exchange import reference, torch_adapter
 from frameworks import torch_mlp
 

@@ -14,11 +14,11 @@ import re
 import shutil
 import zlib
 
+import hostile
 import numpy as np
 import pytest
-
-import hostile
 from support import ROOT
+
 from exchange import cli, keras_files, savedmodel, torch_adapter
 from exchange.tensors import materialize
 
@@ -51,10 +51,12 @@ def test_saved_model_computes_what_tf_keras_computed(name, expected):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_tensors_are_those_of_the_same_model_saved_as_keras2_h5(name):
-    with savedmodel.open_saved_model(FIXTURES / name) as folder, \
-            keras_files.open_keras_file(FIXTURES / f"{name}.h5") as h5:
+    with (
+        savedmodel.open_saved_model(FIXTURES / name) as folder,
+        keras_files.open_keras_file(FIXTURES / f"{name}.h5") as h5,
+    ):
         assert not folder.architecture.differences(h5.architecture)
-        assert list(folder.tensors) == list(h5.tensors)   # the same keys in the same order
+        assert list(folder.tensors) == list(h5.tensors)  # the same keys in the same order
         for key, tensor in folder.tensors.items():
             stored = materialize(tensor)
             assert stored.dtype == h5.tensors[key].dtype and np.array_equal(stored, materialize(h5.tensors[key])), key
@@ -94,15 +96,18 @@ def test_other_folders_convert_to_keras3(name, tmp_path, expected):
     keras_path = tmp_path / f"{name}.keras"
     graph = cli.convert(FIXTURES / name, keras_path)
     model = keras_adapter.load_keras_file(keras_path, graph)
-    assert max_difference(keras_adapter.predict(model, [expected[f"{name}_inputs"]]),
-                          expected[f"{name}_outputs"]) <= TOLERANCE
+    assert (
+        max_difference(keras_adapter.predict(model, [expected[f"{name}_inputs"]]), expected[f"{name}_outputs"])
+        <= TOLERANCE
+    )
 
 
 def test_convert_command_reads_a_folder(tmp_path, capsys):
     assert cli.main([str(FIXTURES / "rnn"), str(tmp_path / "rnn.safetensors")]) == 0
     assert "wrote" in capsys.readouterr().out
-    assert cli.load_architecture(FIXTURES / "rnn").differences(
-        cli.load_architecture(tmp_path / "rnn.safetensors")) == []
+    assert (
+        cli.load_architecture(FIXTURES / "rnn").differences(cli.load_architecture(tmp_path / "rnn.safetensors")) == []
+    )
 
 
 @pytest.mark.slow
@@ -115,8 +120,9 @@ def test_generated_code_of_each_folder(name, tmp_path, expected):
     code_path = tmp_path / f"{name}.py"
     graph = cli.convert(FIXTURES / name, code_path)
     check_generated_file(code_path)
-    result = run_generated(code_path, class_name(graph.name), expected[f"{name}_inputs"], expected[f"{name}_outputs"],
-                           tmp_path)
+    result = run_generated(
+        code_path, class_name(graph.name), expected[f"{name}_inputs"], expected[f"{name}_outputs"], tmp_path
+    )
     assert result["loaded"] == [] and result["eager"] <= TOLERANCE
 
 
@@ -125,7 +131,7 @@ def test_generated_code_of_each_folder(name, tmp_path, expected):
 
 
 def test_crc32c_known_values():
-    assert savedmodel.crc32c(b"123456789") == 0xE3069283   # the check value of CRC-32C (RFC 3720)
+    assert savedmodel.crc32c(b"123456789") == 0xE3069283  # the check value of CRC-32C (RFC 3720)
     assert savedmodel.crc32c(b"") == 0
     assert savedmodel.masked(0) == 0xA282EAD8
 
@@ -134,9 +140,9 @@ def test_crc32c_lanes_and_chunks_agree_with_byte_at_a_time(monkeypatch):
     data = np.random.default_rng(0).integers(0, 256, 300_007, dtype=np.uint8)
     by_bytes = savedmodel._crc_register(0xFFFFFFFF, data.tobytes()) ^ 0xFFFFFFFF
     assert savedmodel.crc32c(data) == by_bytes
-    monkeypatch.setattr(savedmodel, "CRC_CHUNK_BYTES", 65_536 + 13)   # several chunks, lanes and tails
+    monkeypatch.setattr(savedmodel, "CRC_CHUNK_BYTES", 65_536 + 13)  # several chunks, lanes and tails
     assert savedmodel.crc32c(data) == by_bytes
-    assert zlib.crc32(data.tobytes()) != by_bytes   # not CRC-32 (a different polynomial)
+    assert zlib.crc32(data.tobytes()) != by_bytes  # not CRC-32 (a different polynomial)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -155,6 +161,7 @@ def _header(header: bytes):
         pairs[b""] = header
         index.write_bytes(hostile.checkpoint_index_bytes(pairs))
         return folder
+
     return build
 
 
@@ -163,13 +170,14 @@ def _with(edit):
         folder = hostile.saved_model_copy(tmp_path)
         edit(folder)
         return folder
+
     return build
 
 
 def _flip_index_block_byte(folder):
     index = folder / savedmodel.INDEX_NAME
     data = bytearray(index.read_bytes())
-    data[40] ^= 1   # inside the data block
+    data[40] ^= 1  # inside the data block
     index.write_bytes(bytes(data))
 
 
@@ -183,23 +191,34 @@ def _compressed_block(folder):
     """The first block marked as Snappy-compressed, with a matching checksum."""
     index = folder / savedmodel.INDEX_NAME
     data = bytearray(index.read_bytes())
-    footer = memoryview(bytes(data[-savedmodel.FOOTER_BYTES:]))
+    footer = memoryview(bytes(data[-savedmodel.FOOTER_BYTES :]))
     _, position = savedmodel._block_handle(footer, 0, "")
     (index_offset, index_size), _ = savedmodel._block_handle(footer, position, "")
     handle_bytes = next(savedmodel._block_entries(memoryview(bytes(data)), (index_offset, index_size), ""))[1]
     (offset, size), _ = savedmodel._block_handle(memoryview(handle_bytes), 0, "")
     data[offset + size] = 1
-    data[offset + size + 1:offset + size + 5] = savedmodel.masked(
-        savedmodel.crc32c(bytes(data[offset:offset + size + 1]))).to_bytes(4, "little")
+    data[offset + size + 1 : offset + size + 5] = savedmodel.masked(
+        savedmodel.crc32c(bytes(data[offset : offset + size + 1]))
+    ).to_bytes(4, "little")
     index.write_bytes(bytes(data))
 
 
 def _metadata(*objects: tuple[str, bytes]):
     """A keras_metadata.pb of (path, JSON) objects."""
+
     def edit(folder):
-        (folder / savedmodel.METADATA_NAME).write_bytes(b"".join(
-            hostile.proto_field(1, hostile.proto_field(3, path.encode()) + hostile.proto_field(4, b"_tf_keras_network")
-                                + hostile.proto_field(5, metadata)) for path, metadata in objects))
+        (folder / savedmodel.METADATA_NAME).write_bytes(
+            b"".join(
+                hostile.proto_field(
+                    1,
+                    hostile.proto_field(3, path.encode())
+                    + hostile.proto_field(4, b"_tf_keras_network")
+                    + hostile.proto_field(5, metadata),
+                )
+                for path, metadata in objects
+            )
+        )
+
     return edit
 
 
@@ -207,11 +226,13 @@ def _fifo(name: str):
     def edit(folder):
         (folder / name).unlink()
         os.mkfifo(folder / name)
+
     return edit
 
 
 def _object_graph(graph: bytes):
     """The checkpoint's object graph replaced by `graph`, every checksum right: only its content is wrong."""
+
     def edit(folder):
         import dataclasses
 
@@ -225,41 +246,79 @@ def _object_graph(graph: bytes):
         with open(data_path, "ab") as stream:
             stream.write(tensor)
         entry = savedmodel._bundle_entry(savedmodel.OBJECT_GRAPH_KEY, memoryview(pairs[key]), "")
-        pairs[key] = hostile.bundle_entry_bytes(dataclasses.replace(
-            entry, offset=offset, size=len(tensor),
-            crc32c=savedmodel.masked(savedmodel.crc32c(length + length_checksum + graph))))
+        pairs[key] = hostile.bundle_entry_bytes(
+            dataclasses.replace(
+                entry,
+                offset=offset,
+                size=len(tensor),
+                crc32c=savedmodel.masked(savedmodel.crc32c(length + length_checksum + graph)),
+            )
+        )
         index.write_bytes(hostile.checkpoint_index_bytes(pairs))
+
     return edit
 
 
 BROKEN = {
-    "object graph of garbage": (_with(_object_graph(b"\x0a\x05\x0a\x03\x08\xff\x01")), "damaged object graph",
-                                savedmodel.DATA_NAME),
-    "object graph without the layers": (_with(_object_graph(b"\x0a\x00")), "no object 'root.layer_with_weights-0'",
-                                        savedmodel.DATA_NAME),
-    "object graph entry with a bad checksum": (_with(lambda folder: (_object_graph(b"\x0a\x00")(folder), _flip_last(
-        folder / savedmodel.DATA_NAME))), "checksum mismatch", savedmodel.DATA_NAME),
+    "object graph of garbage": (
+        _with(_object_graph(b"\x0a\x05\x0a\x03\x08\xff\x01")),
+        "damaged object graph",
+        savedmodel.DATA_NAME,
+    ),
+    "object graph without the layers": (
+        _with(_object_graph(b"\x0a\x00")),
+        "no object 'root.layer_with_weights-0'",
+        savedmodel.DATA_NAME,
+    ),
+    "object graph entry with a bad checksum": (
+        _with(lambda folder: (_object_graph(b"\x0a\x00")(folder), _flip_last(folder / savedmodel.DATA_NAME))),
+        "checksum mismatch",
+        savedmodel.DATA_NAME,
+    ),
     "two shards": (_header(hostile.proto_field(1, 2)), "a checkpoint in 2 shards", savedmodel.INDEX_NAME),
     "big-endian": (_header(hostile.proto_field(1, 1) + hostile.proto_field(2, 1)), "big-endian", savedmodel.INDEX_NAME),
     "string kernel": (_entry_edit(dtype=7), "TensorFlow type 7", savedmodel.INDEX_NAME),
     "bfloat16 kernel": (_entry_edit(dtype=14), "TensorFlow type 14", savedmodel.INDEX_NAME),
     "kernel in shard 1": (_entry_edit(shard_id=1), "in shard 1", savedmodel.INDEX_NAME),
     "kernel saved in slices": (_entry_edit(sliced=True), "saved in slices", savedmodel.INDEX_NAME),
-    "kernel of another shape": (_entry_edit(shape=(6, 3, 2, 3)), r"expected shape \(3, 2, 3, 6\), found \(6, 3, 2, 3\)",
-                                "model"),
+    "kernel of another shape": (
+        _entry_edit(shape=(6, 3, 2, 3)),
+        r"expected shape \(3, 2, 3, 6\), found \(6, 3, 2, 3\)",
+        "model",
+    ),
     "index block checksum": (_with(_flip_index_block_byte), "checksum of the block", savedmodel.INDEX_NAME),
     "compressed index block": (_with(_compressed_block), "compressed checkpoint index", savedmodel.INDEX_NAME),
     "FIFO as index": (_with(_fifo(savedmodel.INDEX_NAME)), r"not a regular file \(a FIFO\)", savedmodel.INDEX_NAME),
-    "subclassed model": (_with(_metadata(("root", b'{"class_name": "MyModel", "name": "m"}'))),
-                         "no model config", savedmodel.METADATA_NAME),
+    "subclassed model": (
+        _with(_metadata(("root", b'{"class_name": "MyModel", "name": "m"}'))),
+        "no model config",
+        savedmodel.METADATA_NAME,
+    ),
     "two roots": (_with(_metadata(("root", b"{}"), ("root", b"{}"))), "2 root objects", savedmodel.METADATA_NAME),
-    "metadata not JSON": (_with(_metadata(("root", b"{'model_config': 1"))), "not valid JSON", savedmodel.METADATA_NAME),
-    "metadata path not UTF-8": (_with(lambda folder: (folder / savedmodel.METADATA_NAME).write_bytes(
-        hostile.proto_field(1, hostile.proto_field(3, b"root\xff")))), "not UTF-8", savedmodel.METADATA_NAME),
-    "overlong varint": (_with(lambda folder: (folder / savedmodel.METADATA_NAME).write_bytes(b"\x0a" + b"\xff" * 11)),
-                        "overlong varint", savedmodel.METADATA_NAME),
-    "data file missing": (_with(lambda folder: (folder / savedmodel.DATA_NAME).unlink()), "no such file",
-                          savedmodel.DATA_NAME),
+    "metadata not JSON": (
+        _with(_metadata(("root", b"{'model_config': 1"))),
+        "not valid JSON",
+        savedmodel.METADATA_NAME,
+    ),
+    "metadata path not UTF-8": (
+        _with(
+            lambda folder: (folder / savedmodel.METADATA_NAME).write_bytes(
+                hostile.proto_field(1, hostile.proto_field(3, b"root\xff"))
+            )
+        ),
+        "not UTF-8",
+        savedmodel.METADATA_NAME,
+    ),
+    "overlong varint": (
+        _with(lambda folder: (folder / savedmodel.METADATA_NAME).write_bytes(b"\x0a" + b"\xff" * 11)),
+        "overlong varint",
+        savedmodel.METADATA_NAME,
+    ),
+    "data file missing": (
+        _with(lambda folder: (folder / savedmodel.DATA_NAME).unlink()),
+        "no such file",
+        savedmodel.DATA_NAME,
+    ),
 }
 
 

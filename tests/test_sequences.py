@@ -9,21 +9,29 @@ Sizes are non-square: input width != units, odd sequence lengths.
 import keras
 import numpy as np
 import pytest
-
+from kerasmodels import (
+    check_both_directions,
+    keras_vs_torch,
+    lossy_keys,
+    max_difference,
+    padded_batch,
+    random_torch_state,
+    randomize,
+    same_tensors_but_summed,
+)
 from support import ROOT
+
 from exchange import cli, keras_adapter, keras_files, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
 from exchange.tensors import materialize
-from kerasmodels import (check_both_directions, keras_vs_torch, lossy_keys, max_difference, padded_batch,
-                         random_torch_state, randomize, same_tensors_but_summed)
 
 L = keras.layers
-LAYER_TOLERANCE = 1e-5          # float32 rounding between TensorFlow and PyTorch, as for every kind
+LAYER_TOLERANCE = 1e-5  # float32 rounding between TensorFlow and PyTorch, as for every kind
 # A convention handled the naive way moves outputs by far more than rounding does.
 NAIVE_MINIMUM = 1e-3
 KERAS2_FIXTURES = ROOT / "tests/fixtures/keras2"
-SERIES = (11, 4)                 # odd length, 4 features: no unit count below equals either
+SERIES = (11, 4)  # odd length, 4 features: no unit count below equals either
 
 
 def series(*layers):
@@ -31,8 +39,7 @@ def series(*layers):
 
 
 def tokens(*layers, length=9):
-    return keras.Sequential([keras.Input((length,), dtype="int32"), L.Embedding(10, 4, mask_zero=True)]
-                            + list(layers))
+    return keras.Sequential([keras.Input((length,), dtype="int32"), L.Embedding(10, 4, mask_zero=True)] + list(layers))
 
 
 def lstm_with_states():
@@ -112,28 +119,40 @@ CASES = {
     "simple_rnn": lambda: series(L.SimpleRNN(6, return_sequences=True), L.SimpleRNN(3, activation="relu")),
     "simple_rnn_sigmoid": lambda: series(L.SimpleRNN(5, activation="sigmoid", go_backwards=True)),
     "masked_lstm": lambda: tokens(L.LSTM(5, return_sequences=True), L.LSTM(3)),
-    "masked_gru_backwards": lambda: tokens(L.GRU(5, go_backwards=True, return_sequences=True),
-                                           L.GRU(3, reset_after=False)),
+    "masked_gru_backwards": lambda: tokens(
+        L.GRU(5, go_backwards=True, return_sequences=True), L.GRU(3, reset_after=False)
+    ),
     "masked_rnn_zero_output": lambda: tokens(L.SimpleRNN(5, return_sequences=True, zero_output_for_mask=True)),
-    "masked_mean_through_dense": lambda: tokens(L.Dense(6, activation="tanh"), L.Dropout(0.1),
-                                                L.GlobalAveragePooling1D()),
-    "masked_max_ignores_mask": lambda: tokens(L.Dense(6), L.GlobalMaxPooling1D()),   # Keras drops it here
+    "masked_mean_through_dense": lambda: tokens(
+        L.Dense(6, activation="tanh"), L.Dropout(0.1), L.GlobalAveragePooling1D()
+    ),
+    "masked_max_ignores_mask": lambda: tokens(L.Dense(6), L.GlobalMaxPooling1D()),  # Keras drops it here
     "conv_drops_mask": lambda: tokens(L.Conv1D(5, 3, padding="same"), L.LSTM(4)),
     "bidirectional_concat": lambda: series(L.Bidirectional(L.LSTM(4, return_sequences=True)), L.Dense(3)),
-    "bidirectional_sum_mul_ave": lambda: series(L.Bidirectional(L.GRU(4, return_sequences=True), merge_mode="sum"),
-                                                L.Bidirectional(L.SimpleRNN(4, return_sequences=True),
-                                                                merge_mode="mul"),
-                                                L.Bidirectional(L.LSTM(3), merge_mode="ave")),
-    "bidirectional_masked": lambda: tokens(L.Bidirectional(L.LSTM(4, return_sequences=True)),
-                                           L.Bidirectional(L.GRU(3))),
-    "bidirectional_own_backward": lambda: series(L.Bidirectional(
-        L.LSTM(4, return_sequences=True), backward_layer=L.LSTM(4, return_sequences=True, go_backwards=True,
-                                                                activation="relu"))),
+    "bidirectional_sum_mul_ave": lambda: series(
+        L.Bidirectional(L.GRU(4, return_sequences=True), merge_mode="sum"),
+        L.Bidirectional(L.SimpleRNN(4, return_sequences=True), merge_mode="mul"),
+        L.Bidirectional(L.LSTM(3), merge_mode="ave"),
+    ),
+    "bidirectional_masked": lambda: tokens(
+        L.Bidirectional(L.LSTM(4, return_sequences=True)), L.Bidirectional(L.GRU(3))
+    ),
+    "bidirectional_own_backward": lambda: series(
+        L.Bidirectional(
+            L.LSTM(4, return_sequences=True),
+            backward_layer=L.LSTM(4, return_sequences=True, go_backwards=True, activation="relu"),
+        )
+    ),
     "bidirectional_none": bidirectional_two_outputs,
     "time_distributed_dense": lambda: series(L.TimeDistributed(L.Dense(7, activation="relu")), L.LSTM(3)),
-    "time_distributed_conv": lambda: keras.Sequential([
-        keras.Input((5, 9, 8, 3)), L.TimeDistributed(L.Conv2D(4, (3, 2), strides=2, padding="same")),
-        L.TimeDistributed(L.Flatten()), L.GRU(3)]),
+    "time_distributed_conv": lambda: keras.Sequential(
+        [
+            keras.Input((5, 9, 8, 3)),
+            L.TimeDistributed(L.Conv2D(4, (3, 2), strides=2, padding="same")),
+            L.TimeDistributed(L.Flatten()),
+            L.GRU(3),
+        ]
+    ),
     "lstm_return_state": lstm_with_states,
     "masked_gru_state": gru_state_into_dense,
     "sequence_merges": lambda: keras.Model(*_sequence_merges()),
@@ -144,9 +163,13 @@ CASES = {
     "mask_into_nested_model": mask_into_nested_model,
     "two_embeddings_same_ids": two_embeddings_of_the_same_ids,
     "bidirectional_backward_output_masked": bidirectional_backward_output_masked,
-    "float64_lstm_gru": lambda: keras.Sequential([keras.Input(SERIES, dtype="float64"),
-                                                  L.LSTM(4, return_sequences=True, dtype="float64"),
-                                                  L.GRU(3, dtype="float64")]),
+    "float64_lstm_gru": lambda: keras.Sequential(
+        [
+            keras.Input(SERIES, dtype="float64"),
+            L.LSTM(4, return_sequences=True, dtype="float64"),
+            L.GRU(3, dtype="float64"),
+        ]
+    ),
     "encoder_decoder_gru_masked": lambda: encoder_decoder(L.GRU, masked=True),
     "encoder_decoder_rnn": lambda: encoder_decoder(L.SimpleRNN),
 }
@@ -163,7 +186,7 @@ def _sequence_merges():
 def summed_biases_add_up(graph, torch_state, back):
     """The weights read back bit for bit but those of `Summed` ports, whose sum survives."""
     same_tensors_but_summed(graph, torch_state, back)
-    for key in (key for key in lossy_keys(graph) if key.endswith("bias_ih_l0")):   # LSTM/SimpleRNN
+    for key in (key for key in lossy_keys(graph) if key.endswith("bias_ih_l0")):  # LSTM/SimpleRNN
         twin = key.replace("bias_ih_l0", "bias_hh_l0")
         np.testing.assert_allclose(back[key], torch_state[key] + torch_state[twin], rtol=0, atol=1e-6)
         assert not back[twin].any()
@@ -175,25 +198,38 @@ def test_sequence_kind_both_directions(case):
     keras_model = randomize(CASES[case](), seed=3)
     graph = keras_adapter.architecture_of(keras_model)
     assert Graph.from_json(graph.to_json()) == graph
-    check_both_directions(keras_model, padded_batch(keras_model), graph=graph, tolerance=LAYER_TOLERANCE,
-                          same_weights=summed_biases_add_up)
+    check_both_directions(
+        keras_model,
+        padded_batch(keras_model),
+        graph=graph,
+        tolerance=LAYER_TOLERANCE,
+        same_weights=summed_biases_add_up,
+    )
 
 
 def test_standard_torch_modules_where_they_compute_the_same():
     """nn.LSTM / nn.GRU / nn.RNN for the default forms; KerasRecurrent only where they cannot."""
     import torch
 
-    expected = {"lstm_stacked": torch.nn.LSTM, "gru_reset_after": torch.nn.GRU, "simple_rnn": torch.nn.RNN,
-                "gru_reset_before": "KerasRecurrent", "lstm_activations": "KerasRecurrent",
-                "masked_lstm": "KerasRecurrent"}
+    expected = {
+        "lstm_stacked": torch.nn.LSTM,
+        "gru_reset_after": torch.nn.GRU,
+        "simple_rnn": torch.nn.RNN,
+        "gru_reset_before": "KerasRecurrent",
+        "lstm_activations": "KerasRecurrent",
+        "masked_lstm": "KerasRecurrent",
+    }
     for case, module_type in expected.items():
         keras.utils.set_random_seed(1)
         graph = keras_adapter.architecture_of(CASES[case]())
         module = torch_adapter.build_module(graph)
         recurrent = [child for child in module.children() if not isinstance(child, torch.nn.Embedding)]
         for child in recurrent:
-            assert (type(child).__name__ == module_type) if isinstance(module_type, str) else \
-                isinstance(child, module_type), (case, child)
+            assert (
+                (type(child).__name__ == module_type)
+                if isinstance(module_type, str)
+                else isinstance(child, module_type)
+            ), (case, child)
 
 
 # -- each pitfall, handled the naive way, moves the outputs -------------------------------------
@@ -218,7 +254,7 @@ def test_gru_gates_not_reordered_is_wrong():
     naive = dict(tensors)
     grus = {graph.torch_names[node.name] for node in graph.nodes if node.kind == "gru"}
     for key in [key for key in tensors if key.split(".")[0] in grus]:
-        blocks = np.split(tensors[key], 3, axis=0)          # undo the r, z swap: Keras's z, r, h order
+        blocks = np.split(tensors[key], 3, axis=0)  # undo the r, z swap: Keras's z, r, h order
         naive[key] = np.concatenate([blocks[1], blocks[0], blocks[2]], axis=0)
     assert max_difference(expected, _outputs_with(graph, naive, inputs)) > NAIVE_MINIMUM
 
@@ -228,15 +264,21 @@ def test_lstm_bias_in_both_torch_biases_is_wrong():
     naive = dict(tensors)
     for key in [key for key in tensors if key.endswith("bias_hh_l0")]:
         assert not tensors[key].any(), "Keras's one bias goes to bias_ih_l0, zeros to bias_hh_l0"
-        naive[key] = tensors[key.replace("bias_hh", "bias_ih")]   # Keras's bias copied into both
+        naive[key] = tensors[key.replace("bias_hh", "bias_ih")]  # Keras's bias copied into both
     assert max_difference(expected, _outputs_with(graph, naive, inputs)) > NAIVE_MINIMUM
 
 
 def test_ignoring_the_mask_is_wrong():
     model, graph, tensors, inputs, expected = _case("masked_lstm")
-    unmasked = Graph.from_dict({**graph.to_dict(), "nodes": [
-        {**node, "config": {**node["config"], "mask_zero": False}} if node["kind"] == "embedding" else node
-        for node in graph.to_dict()["nodes"]]})
+    unmasked = Graph.from_dict(
+        {
+            **graph.to_dict(),
+            "nodes": [
+                {**node, "config": {**node["config"], "mask_zero": False}} if node["kind"] == "embedding" else node
+                for node in graph.to_dict()["nodes"]
+            ],
+        }
+    )
     assert unmasked.masks != graph.masks
     assert max_difference(expected, _outputs_with(unmasked, tensors, inputs)) > NAIVE_MINIMUM
 
@@ -285,12 +327,14 @@ def test_keras2_recurrent_files_match_keras2(name, tmp_path):
     cli.convert(KERAS2_FIXTURES / f"{name}.h5", state)
     again = tmp_path / f"{name}_from_pt.safetensors"
     cli.convert(state, again, arch_path=common)
-    assert max_difference([expected], torch_adapter.predict(torch_adapter.model_from_file(again), inputs)) \
+    assert (
+        max_difference([expected], torch_adapter.predict(torch_adapter.model_from_file(again), inputs))
         <= LAYER_TOLERANCE
+    )
     kinds = {node.name: node.config for node in graph.nodes}
     if name == "lstm":
         assert kinds["lstm_b"].recurrent_activation == "hard_sigmoid_keras2" and kinds["lstm_b"].go_backwards
-        assert graph.masks["lstm_a"] == "tokens"   # the mask is `tokens != 0`
+        assert graph.masks["lstm_a"] == "tokens"  # the mask is `tokens != 0`
     else:
         assert kinds["gru_a"].reset_after is False and kinds["gru_b"].reset_after is True
 
@@ -322,9 +366,17 @@ def test_keras2_hard_sigmoid_read_as_keras3_would_be_wrong(tmp_path):
     inputs, expected = keras2_inputs("lstm")
     with keras_files.open_keras_file(KERAS2_FIXTURES / "lstm.h5") as weights:
         graph, tensors = weights.architecture, {key: materialize(value) for key, value in weights.tensors.items()}
-    keras3_meaning = Graph.from_dict({**graph.to_dict(), "nodes": [
-        {**node, "config": {**node["config"], "recurrent_activation": "hard_sigmoid"}} if node["name"] == "lstm_b"
-        else node for node in graph.to_dict()["nodes"]]})
+    keras3_meaning = Graph.from_dict(
+        {
+            **graph.to_dict(),
+            "nodes": [
+                {**node, "config": {**node["config"], "recurrent_activation": "hard_sigmoid"}}
+                if node["name"] == "lstm_b"
+                else node
+                for node in graph.to_dict()["nodes"]
+            ],
+        }
+    )
     assert max_difference([expected], _outputs_with(keras3_meaning, tensors, inputs)) > NAIVE_MINIMUM
     common = tmp_path / "lstm.safetensors"
     cli.convert(KERAS2_FIXTURES / "lstm.h5", common)
@@ -337,20 +389,26 @@ def test_keras2_hard_sigmoid_read_as_keras3_would_be_wrong(tmp_path):
 # -- what is refused, and why -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize("make_model, message", [
-    (lambda: tokens(L.Softmax()), "'softmax.*' \\(Softmax\\) on a masked input"),
-    (lambda: series(L.LSTM(3, activation="log_sigmoid")), "unsupported option activation='log_sigmoid'"),
-])
+@pytest.mark.parametrize(
+    "make_model, message",
+    [
+        (lambda: tokens(L.Softmax()), "'softmax.*' \\(Softmax\\) on a masked input"),
+        (lambda: series(L.LSTM(3, activation="log_sigmoid")), "unsupported option activation='log_sigmoid'"),
+    ],
+)
 def test_unsupported_sequence_layers_are_named(make_model, message):
     with pytest.raises(UnsupportedLayerError, match=message):
         keras_adapter.architecture_of(make_model())
 
 
-@pytest.mark.parametrize("make_mask", [
-    lambda ids: keras.ops.not_equal(ids, 5),
-    lambda ids: keras.ops.greater(ids, 3),
-    lambda ids: keras.ops.logical_and(keras.ops.not_equal(ids, 0), keras.ops.less(ids, 5)),
-])
+@pytest.mark.parametrize(
+    "make_mask",
+    [
+        lambda ids: keras.ops.not_equal(ids, 5),
+        lambda ids: keras.ops.greater(ids, 3),
+        lambda ids: keras.ops.logical_and(keras.ops.not_equal(ids, 0), keras.ops.less(ids, 5)),
+    ],
+)
 def test_explicit_mask_other_than_the_embedding_is_refused(make_mask):
     """Keras 3 records the masks it passes as `mask=`; one that is not the Embedding's `ids != 0`
     would make the graph's derived mask wrong, so it is refused."""
@@ -365,8 +423,13 @@ def test_bidirectional_with_initial_state_keyword():
     """initial_state=[h_forward, h_backward]: Keras gives each layer its half."""
     keras.utils.set_random_seed(2)
     series_input, start, other = keras.Input(SERIES), keras.Input((3,)), keras.Input((3,))
-    model = randomize(keras.Model([series_input, start, other], L.Bidirectional(L.GRU(3), name="bi")(
-        series_input, initial_state=[start, other])), seed=1)
+    model = randomize(
+        keras.Model(
+            [series_input, start, other],
+            L.Bidirectional(L.GRU(3), name="bi")(series_input, initial_state=[start, other]),
+        ),
+        seed=1,
+    )
     graph = keras_adapter.architecture_of(model)
     assert keras_vs_torch(model, graph, keras_adapter.get_tensors(model), padded_batch(model)) <= LAYER_TOLERANCE
 
@@ -374,14 +437,25 @@ def test_bidirectional_with_initial_state_keyword():
 def test_output_node_of_a_single_output_layer_is_refused():
     keras.utils.set_random_seed(1)
     description = keras_adapter.architecture_of(CASES["lstm_return_state"]()).to_dict()
-    bad = dict(description, nodes=description["nodes"] + [
-        {"name": "bogus", "kind": "output", "inputs": ["head"], "config": {"index": 1}}])
+    bad = dict(
+        description,
+        nodes=description["nodes"] + [{"name": "bogus", "kind": "output", "inputs": ["head"], "config": {"index": 1}}],
+    )
     with pytest.raises(ExchangeError, match="'bogus'.*reads output 1 of 'head'"):
         Graph.from_dict(bad).shapes
 
 
-@pytest.mark.parametrize("case", ["encoder_decoder_gru_masked", "encoder_decoder_lstm", "bidirectional_none",
-                                  "time_distributed_conv", "lstm_return_state", "float64_lstm_gru"])
+@pytest.mark.parametrize(
+    "case",
+    [
+        "encoder_decoder_gru_masked",
+        "encoder_decoder_lstm",
+        "bidirectional_none",
+        "time_distributed_conv",
+        "lstm_return_state",
+        "float64_lstm_gru",
+    ],
+)
 def test_generated_code_of_sequence_models(case, tmp_path):
     """The generated source (states, masks, containers, several inputs and outputs) computes what
     Keras computes; tests/test_codegen.py runs the sequence zoo's files in a clean process."""
@@ -408,8 +482,9 @@ def test_generated_code_of_sequence_models(case, tmp_path):
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
     from exchange.kinds.layout import to_keras_order
 
-    outputs = [output.permute(to_keras_order(len(graph.shapes[name]))).numpy()
-               for name, output in zip(graph.outputs, outputs)]
+    outputs = [
+        output.permute(to_keras_order(len(graph.shapes[name]))).numpy() for name, output in zip(graph.outputs, outputs)
+    ]
     assert max_difference(keras_adapter.predict(model, inputs), outputs) <= LAYER_TOLERANCE
 
 
@@ -438,8 +513,12 @@ def test_keras3_legacy_h5_of_a_masked_model(tmp_path):
     common = tmp_path / "masked.safetensors"
     cli.convert(path, common)
     inputs = padded_batch(model)
-    assert max_difference(keras_adapter.predict(model, inputs),
-                          torch_adapter.predict(torch_adapter.model_from_file(common), inputs)) <= LAYER_TOLERANCE
+    assert (
+        max_difference(
+            keras_adapter.predict(model, inputs), torch_adapter.predict(torch_adapter.model_from_file(common), inputs)
+        )
+        <= LAYER_TOLERANCE
+    )
 
 
 def test_torch_biases_summed_going_to_keras_are_named(tmp_path, capsys):
@@ -453,8 +532,15 @@ def test_torch_biases_summed_going_to_keras_are_named(tmp_path, capsys):
     assert cli.main([str(torch_path), str(tmp_path / "trained.keras")]) == 0
     lines = capsys.readouterr().out.splitlines()
     folded = [f"{graph.torch_names[node.name]}.bias_hh_l0" for node in graph.nodes]
-    assert lines[0] == f"note: {', '.join(folded)} added into the bias before them: Keras has one bias where " \
-                       "torch has two (same outputs; converting back gives zeros there)"
+    assert (
+        lines[0] == f"note: {', '.join(folded)} added into the bias before them: Keras has one bias where "
+        "torch has two (same outputs; converting back gives zeros there)"
+    )
     inputs = padded_batch(keras.saving.load_model(tmp_path / "trained.keras"))
-    assert max_difference(keras_adapter.predict(keras.saving.load_model(tmp_path / "trained.keras"), inputs),
-                          torch_adapter.predict(torch_adapter.model_from_file(torch_path), inputs)) <= LAYER_TOLERANCE
+    assert (
+        max_difference(
+            keras_adapter.predict(keras.saving.load_model(tmp_path / "trained.keras"), inputs),
+            torch_adapter.predict(torch_adapter.model_from_file(torch_path), inputs),
+        )
+        <= LAYER_TOLERANCE
+    )

@@ -14,11 +14,11 @@ import layer_suite
 import numpy as np
 import pytest
 import torch
+from kerasmodels import randomize
 
 from exchange import cli, keras_adapter, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
-from kerasmodels import randomize
 
 L = keras.layers
 KERAS2 = Path(__file__).parent / "fixtures" / "keras2"
@@ -50,8 +50,11 @@ def shared_sequence_layers() -> keras.Model:
     back = L.Conv1D(4, 1, name="back")(conv(intron))
     sequence, state_h, _ = lstm(conv(back))
     again, _, state_c = lstm(conv(exon))
-    return keras.Model([exon, intron], L.Concatenate(name="joined")([pooled, sequence, state_h, again, state_c]),
-                       name="shared_sequences")
+    return keras.Model(
+        [exon, intron],
+        L.Concatenate(name="joined")([pooled, sequence, state_h, again, state_c]),
+        name="shared_sequences",
+    )
 
 
 MODELS = {"siamese_encoder": siamese_encoder, "shared_sequence_layers": shared_sequence_layers}
@@ -82,8 +85,11 @@ def test_weights_are_stored_once_and_counted_once():
     keras.utils.set_random_seed(7)
     model = randomize(shared_sequence_layers(), seed=11)
     graph = keras_adapter.architecture_of(model)
-    assert [node.name for node in graph.nodes if node.shares == "conv_exon"] == \
-        ["conv_exon:call1", "conv_exon:call2", "conv_exon:call3"]
+    assert [node.name for node in graph.nodes if node.shares == "conv_exon"] == [
+        "conv_exon:call1",
+        "conv_exon:call2",
+        "conv_exon:call3",
+    ]
     assert [node.name for node in graph.nodes if node.shares == "lstm"] == ["lstm:call1"]
     tensors = keras_adapter.get_tensors(model)
     assert sorted(key for key in tensors if key.startswith("conv_exon")) == ["conv_exon.bias", "conv_exon.weight"]
@@ -124,8 +130,9 @@ def test_fine_tuning_in_torch_keeps_the_calls_tied(tmp_path):
     assert not torch.equal(before, torch_model.enc_dense.weight)
     torch_adapter.save_file(torch_model.eval(), tmp_path / "tuned.safetensors")
     tuned = keras_adapter.model_from_file(tmp_path / "tuned.safetensors")
-    assert np.max(np.abs(keras_adapter.predict(tuned, values)[0] - torch_adapter.predict(torch_model, values)[0])) \
-        <= 1e-6
+    assert (
+        np.max(np.abs(keras_adapter.predict(tuned, values)[0] - torch_adapter.predict(torch_model, values)[0])) <= 1e-6
+    )
 
 
 def test_keras2_file_with_a_shared_layer_and_a_shared_nested_model(tmp_path):
@@ -134,7 +141,10 @@ def test_keras2_file_with_a_shared_layer_and_a_shared_nested_model(tmp_path):
     expected = np.load(KERAS2 / "expected_outputs.npz")
     graph = cli.convert(KERAS2 / "shared.h5", tmp_path / "shared.safetensors")
     assert {node.name: node.shares for node in graph.nodes if node.shares} == {
-        "conv_exon:call1": "conv_exon", "enc_hidden:call1": "enc_hidden", "enc_out:call1": "enc_out"}
+        "conv_exon:call1": "conv_exon",
+        "enc_hidden:call1": "enc_hidden",
+        "enc_out:call1": "enc_out",
+    }
     torch_model = torch_adapter.model_from_file(tmp_path / "shared.safetensors")
     (found,) = torch_adapter.predict(torch_model, [expected["shared_inputs_exon"], expected["shared_inputs_intron"]])
     assert np.max(np.abs(found - expected["shared_outputs"])) <= KERAS2_TOLERANCE
@@ -145,19 +155,38 @@ def test_a_shared_dense_reading_a_flatten_and_a_vector_is_refused():
     image, vector = keras.Input((2, 3, 4), name="image"), keras.Input((24,), name="vector")
     dense = L.Dense(3, name="shared_dense")
     model = keras.Model([image, vector], L.Add(name="sum")([dense(L.Flatten(name="flat")(image)), dense(vector)]))
-    with pytest.raises(UnsupportedLayerError, match=r"layer 'shared_dense:call1': shared layer 'shared_dense' reads "
-                                                    r"a Flatten of an image at call 'shared_dense' only") as err:
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"layer 'shared_dense:call1': shared layer 'shared_dense' reads "
+        r"a Flatten of an image at call 'shared_dense' only",
+    ) as err:
         keras_adapter.architecture_of(model)
     assert "\n" not in str(err.value)
 
 
 def _graph_with_shares(**changes) -> dict:
-    description = {"name": "m", "inputs": [{"name": "x", "shape": [3], "dtype": "float32"}],
-                   "nodes": [{"name": "d", "kind": "dense", "inputs": ["x"], "dtype": "float32",
-                              "config": {"units": 3, "activation": "tanh", "use_bias": True}},
-                             {"name": "d:call1", "kind": "dense", "inputs": ["d"], "dtype": "float32",
-                              "config": {"units": 3, "activation": "tanh", "use_bias": True}, "shares": "d"}],
-                   "outputs": ["d:call1"]}
+    description = {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": [3], "dtype": "float32"}],
+        "nodes": [
+            {
+                "name": "d",
+                "kind": "dense",
+                "inputs": ["x"],
+                "dtype": "float32",
+                "config": {"units": 3, "activation": "tanh", "use_bias": True},
+            },
+            {
+                "name": "d:call1",
+                "kind": "dense",
+                "inputs": ["d"],
+                "dtype": "float32",
+                "config": {"units": 3, "activation": "tanh", "use_bias": True},
+                "shares": "d",
+            },
+        ],
+        "outputs": ["d:call1"],
+    }
     description["nodes"][1].update(changes)
     return description
 
@@ -167,11 +196,12 @@ def test_an_exchange_file_states_sharing_and_is_checked():
     assert Graph.from_json(graph.to_json()) == graph and list(graph.tensor_specs) == ["d.weight", "d.bias"]
     assert json.loads(graph.to_json())["nodes"][0].keys() == {"name", "kind", "inputs", "dtype", "config"}
     for changes, message in (
-            ({"shares": "x"}, r"layer 'd:call1' shares 'x', which is not an earlier layer of its own"),
-            ({"shares": "nowhere"}, r"shares 'nowhere', which is not an earlier layer"),
-            ({"name": "other", "outputs": None}, r"call 2 of shared layer 'd' must be named 'd:call1'"),
-            ({"config": {"units": 3, "activation": "relu", "use_bias": True}}, r"differs from it in kind, config"),
-            ({"shares": ["d"]}, r"malformed architecture")):
+        ({"shares": "x"}, r"layer 'd:call1' shares 'x', which is not an earlier layer of its own"),
+        ({"shares": "nowhere"}, r"shares 'nowhere', which is not an earlier layer"),
+        ({"name": "other", "outputs": None}, r"call 2 of shared layer 'd' must be named 'd:call1'"),
+        ({"config": {"units": 3, "activation": "relu", "use_bias": True}}, r"differs from it in kind, config"),
+        ({"shares": ["d"]}, r"malformed architecture"),
+    ):
         description = _graph_with_shares(**{key: value for key, value in changes.items() if key != "outputs"})
         if "name" in changes:
             description["outputs"] = [changes["name"]]
@@ -182,6 +212,7 @@ def test_an_exchange_file_states_sharing_and_is_checked():
 def test_outputs_of_a_shared_nested_model_and_sequential(tmp_path):
     """Keras 3 numbers a nested functional model's calls from 1 in `output_layers` (its node 0
     is its own build) and from 0 where layers read them; a Sequential's and a layer's from 0."""
+
     def functional(name):
         inputs = keras.Input((4,))
         return keras.Model(inputs, L.Dense(3, name=f"{name}_dense")(inputs), name=name)

@@ -11,10 +11,10 @@ import keras
 import layer_suite
 import numpy as np
 import pytest
+from kerasmodels import randomize
 
 from exchange import cli, kinds, subclassed, torch_adapter
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from kerasmodels import randomize
 
 MODELS_FILE = Path(__file__).resolve().parent / "fixtures" / "subclassed_models.py"
 TOLERANCE = 1e-5
@@ -56,15 +56,19 @@ def conversions(source: Path, arch: Path | None, inputs: list, reference: list) 
     folder.mkdir()
     common = folder / "model.safetensors"
     graph = cli.convert(source, common, arch_path=arch)
-    diffs = {"torch": layer_suite.max_difference(
-        reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs))}
+    diffs = {
+        "torch": layer_suite.max_difference(
+            reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs)
+        )
+    }
     cli.convert(common, folder / "functional.keras")
     rebuilt = keras.saving.load_model(folder / "functional.keras", safe_mode=True)
     diffs[".keras"] = layer_suite.max_difference(reference, [np.asarray(rebuilt.predict(inputs[0], verbose=0))])
     (folder / "code").mkdir()
     cli.convert(source, folder / "code" / "model.py", arch_path=arch)
     diffs[".py"] = layer_suite.max_difference(
-        reference, layer_suite.run_generated_code(folder / "code" / "model.py", graph, inputs))
+        reference, layer_suite.run_generated_code(folder / "code" / "model.py", graph, inputs)
+    )
     return diffs
 
 
@@ -74,8 +78,9 @@ def check_both_files(folder: Path, inputs: np.ndarray, reference: list) -> tuple
     from_weights = conversions(folder / "model.weights.h5", folder / "model.keras", [inputs], reference)
     assert max(from_keras.values()) <= TOLERANCE, from_keras
     assert max(from_weights.values()) <= TOLERANCE, from_weights
-    assert (folder / "from_keras" / "model.safetensors").read_bytes() == \
-        (folder / "from_weights" / "model.safetensors").read_bytes()
+    assert (folder / "from_keras" / "model.safetensors").read_bytes() == (
+        folder / "from_weights" / "model.safetensors"
+    ).read_bytes()
     return from_keras, from_weights
 
 
@@ -105,8 +110,7 @@ def test_keras_ops_in_call(models, tmp_path):
     diffs = conversions(tmp_path / "model.keras", None, [values], reference)
     assert max(diffs.values()) <= TOLERANCE, diffs
     graph = cli.load_architecture(tmp_path / "model.keras")
-    assert [node.kind for node in graph.nodes] == ["dense", "dense", "op_add", "op_multiply", "op_concatenate",
-                                                   "dense"]
+    assert [node.kind for node in graph.nodes] == ["dense", "dense", "op_add", "op_multiply", "op_concatenate", "dense"]
 
 
 @pytest.mark.slow
@@ -127,8 +131,16 @@ def test_custom_layers_inside(models, tmp_path):
     reference = saved(tmp_path, models.WithCustomLayers(), values)
     check_both_files(tmp_path, values, reference)
     graph = cli.load_architecture(tmp_path / "model.keras")
-    assert [node.name for node in graph.nodes] == ["blocks_0_dense", "add", "blocks_0_norm", "blocks_1_dense",
-                                                   "add_1", "blocks_1_norm", "project", "head"]
+    assert [node.name for node in graph.nodes] == [
+        "blocks_0_dense",
+        "add",
+        "blocks_0_norm",
+        "blocks_1_dense",
+        "add_1",
+        "blocks_1_norm",
+        "project",
+        "head",
+    ]
 
 
 def test_untraceable_call_names_the_layer_and_the_line(models, tmp_path, capsys):
@@ -136,27 +148,45 @@ def test_untraceable_call_names_the_layer_and_the_line(models, tmp_path, capsys)
     model = models.Untraceable()
     model(np.ones((2, 5), np.float32))
     model.save(tmp_path / "model.keras")
-    line = next(number for number, text in enumerate(MODELS_FILE.read_text().splitlines(), 1)
-                if "if ops.sum(inputs) > 0:" in text)
-    status = cli.main([str(tmp_path / "model.keras"), str(tmp_path / "model.py"), "--custom-objects",
-                       str(MODELS_FILE), "--input-shape", "5"])
+    line = next(
+        number
+        for number, text in enumerate(MODELS_FILE.read_text().splitlines(), 1)
+        if "if ops.sum(inputs) > 0:" in text
+    )
+    status = cli.main(
+        [
+            str(tmp_path / "model.keras"),
+            str(tmp_path / "model.py"),
+            "--custom-objects",
+            str(MODELS_FILE),
+            "--input-shape",
+            "5",
+        ]
+    )
     error = capsys.readouterr().err
     assert status == 2 and error.count("\n") == 1, error
-    assert error == (f"error: {tmp_path / 'model.keras'}: cannot trace Untraceable.call in layer 'gate' (Gate) at "
-                     f"subclassed_models.py:{line} (`if ops.sum(inputs) > 0:`): TypeError: A symbolic KerasTensor "
-                     "cannot be used as a boolean.\n")
+    assert error == (
+        f"error: {tmp_path / 'model.keras'}: cannot trace Untraceable.call in layer 'gate' (Gate) at "
+        f"subclassed_models.py:{line} (`if ops.sum(inputs) > 0:`): TypeError: A symbolic KerasTensor "
+        "cannot be used as a boolean.\n"
+    )
     assert not (tmp_path / "model.py").exists()
 
 
 def test_tensorflow_function_in_call_names_the_line(models):
     model = models.RawTensorFlow()
     model(np.ones((2, 5), np.float32))
-    line = next(number for number, text in enumerate(MODELS_FILE.read_text().splitlines(), 1)
-                if "return tf.nn.relu(self.dense(x))" in text)
+    line = next(
+        number
+        for number, text in enumerate(MODELS_FILE.read_text().splitlines(), 1)
+        if "return tf.nn.relu(self.dense(x))" in text
+    )
     with pytest.raises(UnsupportedLayerError) as err:
         subclassed.trace(model, "model.keras")
-    assert str(err.value).startswith(f"model.keras: cannot trace RawTensorFlow.call at subclassed_models.py:{line} "
-                                     "(`return tf.nn.relu(self.dense(x))`): ValueError: ")
+    assert str(err.value).startswith(
+        f"model.keras: cannot trace RawTensorFlow.call at subclassed_models.py:{line} "
+        "(`return tf.nn.relu(self.dense(x))`): ValueError: "
+    )
     assert "\n" not in str(err.value)
 
 
@@ -164,8 +194,11 @@ def test_own_variable_in_call_without_a_kind_is_refused(models, tmp_path):
     model = models.OwnVariable()
     model(np.ones((2, 5), np.float32))
     model.save(tmp_path / "model.keras")
-    with pytest.raises(UnsupportedLayerError, match=r"model.keras: layer 'scale' \(Scale\) computes with its own "
-                                                    r"variable 'gamma' in call; register a layer kind for its class"):
+    with pytest.raises(
+        UnsupportedLayerError,
+        match=r"model.keras: layer 'scale' \(Scale\) computes with its own "
+        r"variable 'gamma' in call; register a layer kind for its class",
+    ):
         cli.convert(tmp_path / "model.keras", tmp_path / "model.safetensors")
 
 
@@ -178,7 +211,8 @@ def test_refused_without_custom_objects(models, tmp_path, capsys):
     assert capsys.readouterr().err == (
         f"error: {tmp_path / 'model.keras'}: unsupported model class 'SmallCNN': a subclassed model's config has no "
         "layers; pass the Python file that defines it with --custom-objects FILE (Sequential and functional models "
-        "are read from their config)\n")
+        "are read from their config)\n"
+    )
     assert cli.main([str(tmp_path / "model.weights.h5"), str(tmp_path / "out.safetensors")]) == 2
     assert "a subclassed model's .weights.h5 needs --arch and --custom-objects FILE" in capsys.readouterr().err
 
@@ -195,9 +229,20 @@ def test_verify_runs_the_subclassed_model_itself(models, tmp_path, capsys):
     --kinds, and runs the user's model (not the traced one) against the generated code."""
     keras.utils.set_random_seed(4)
     saved(tmp_path, models.WithCustomLayers(), np.random.default_rng(3).standard_normal((4, 6)).astype(np.float32))
-    status = cli.main([str(tmp_path / "model.keras"), str(tmp_path / "model.py"), "--custom-objects", str(MODELS_FILE),
-                       "--kinds", str(MODELS_FILE), "--verify"])
+    status = cli.main(
+        [
+            str(tmp_path / "model.keras"),
+            str(tmp_path / "model.py"),
+            "--custom-objects",
+            str(MODELS_FILE),
+            "--kinds",
+            str(MODELS_FILE),
+            "--verify",
+        ]
+    )
     output = capsys.readouterr()
     assert status == 0, output.err
-    assert f"verify: Keras on {tmp_path / 'model.keras'} (your WithCustomLayers) vs the generated PyTorch code" \
+    assert (
+        f"verify: Keras on {tmp_path / 'model.keras'} (your WithCustomLayers) vs the generated PyTorch code"
         in output.out
+    )

@@ -35,6 +35,7 @@ def expected_of(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
     def numbered(what):
         keys = [key for key in expected if key.startswith(f"{name}_{what}_")]
         return [expected[key] for key in sorted(keys, key=lambda key: int(key.rsplit("_", 1)[1]))]
+
     return numbered("inputs"), numbered("outputs")
 
 
@@ -54,20 +55,26 @@ def test_every_op_of_the_table_is_in_the_fixtures():
     for name in ("tfop_unet", "tfop_reduce", "tfop_every_op"):
         with h5py.File(KERAS2 / f"{name}.h5", "r") as h5:
             config = json.loads(h5.attrs["model_config"])
-        recorded |= {layer["config"]["function"] for layer in config["config"]["layers"]
-                     if "function" in layer["config"]}
-    assert set(tf_ops.OPS) - recorded == {"math.divide"}   # tf.math.divide is recorded as math.truediv
+        recorded |= {
+            layer["config"]["function"] for layer in config["config"]["layers"] if "function" in layer["config"]
+        }
+    assert set(tf_ops.OPS) - recorded == {"math.divide"}  # tf.math.divide is recorded as math.truediv
 
 
 def test_ops_become_keras3_layers_and_operations(tmp_path):
     """Reshape, transpose and concat become Keras layers; the rest `keras.ops` operations."""
     graph = cli.convert(KERAS2 / "tfop_unet.h5", tmp_path / "model.safetensors")
     kinds = {node.name: node.kind for node in graph.nodes}
-    assert {kinds[name] for name in ("tf.reshape", "tf.compat.v1.transpose", "tf.concat", "tf.nn.softmax")} == \
-        {"reshape", "permute", "concatenate", "softmax"}
+    assert {kinds[name] for name in ("tf.reshape", "tf.compat.v1.transpose", "tf.concat", "tf.nn.softmax")} == {
+        "reshape",
+        "permute",
+        "concatenate",
+        "softmax",
+    }
     assert kinds["tf.math.multiply"] == "op_multiply" and kinds["tf.expand_dims"] == "op_expand_dims"
-    rebuilt = keras.saving.load_model(cli.convert(tmp_path / "model.safetensors", tmp_path / "model.keras")
-                                      and tmp_path / "model.keras")
+    rebuilt = keras.saving.load_model(
+        cli.convert(tmp_path / "model.safetensors", tmp_path / "model.keras") and tmp_path / "model.keras"
+    )
     classes = {operation.name: type(operation).__name__ for operation in rebuilt.operations}
     assert classes["tf.math.exp"] == "Exp" and classes["tf.reshape"] == "Reshape"
 
@@ -77,41 +84,89 @@ def test_unsupported_op_is_refused_naming_layer_and_op(tmp_path):
         cli.convert(KERAS2 / "tfop_unsupported.h5", tmp_path / "model.safetensors")
     message = str(err.value)
     assert "\n" not in message and not (tmp_path / "model.safetensors").exists()
-    assert message.startswith(f"{KERAS2 / 'tfop_unsupported.h5'}: layer 'tf.math.cumsum' (TFOpLambda): "
-                              "TensorFlow op 'math.cumsum' has no converter; supported: __operators__.add, "), message
+    assert message.startswith(
+        f"{KERAS2 / 'tfop_unsupported.h5'}: layer 'tf.math.cumsum' (TFOpLambda): "
+        "TensorFlow op 'math.cumsum' has no converter; supported: __operators__.add, "
+    ), message
     assert "math.reduce_mean" in message and "reshape" in message
 
 
 def _model_config(function: str, node, class_name: str = "TFOpLambda") -> dict:
     """A tf.keras functional config: input `x` (4, 6, 3) -> one TF op layer `op` (the output)."""
-    return {"class_name": "Functional", "config": {
-        "name": "model", "input_layers": [["x", 0, 0]], "output_layers": [["op", 0, 0]],
-        "layers": [{"class_name": "InputLayer", "name": "x", "inbound_nodes": [],
-                    "config": {"batch_input_shape": [None, 4, 6, 3], "dtype": "float32", "name": "x"}},
-                   {"class_name": class_name, "name": "op", "inbound_nodes": [node],
-                    "config": {"name": "op", "trainable": True, "dtype": "float32", "function": function}}]}}
+    return {
+        "class_name": "Functional",
+        "config": {
+            "name": "model",
+            "input_layers": [["x", 0, 0]],
+            "output_layers": [["op", 0, 0]],
+            "layers": [
+                {
+                    "class_name": "InputLayer",
+                    "name": "x",
+                    "inbound_nodes": [],
+                    "config": {"batch_input_shape": [None, 4, 6, 3], "dtype": "float32", "name": "x"},
+                },
+                {
+                    "class_name": class_name,
+                    "name": "op",
+                    "inbound_nodes": [node],
+                    "config": {"name": "op", "trainable": True, "dtype": "float32", "function": function},
+                },
+            ],
+        },
+    }
 
 
-@pytest.mark.parametrize("function, node, message", [
-    ("reshape", ["x", 0, 0, {"shape": [2, 36, 3]}], (r"with shape \[2, 36, 3\] is not supported: the shape must "
-                                                     r"keep the batch axis first as -1")),
-    ("compat.v1.transpose", ["x", 0, 0, {"perm": [1, 0, 2, 3], "conjugate": False}],
-     r"with perm \[1, 0, 2, 3\] is not supported: the permutation must keep the batch axis first"),
-    ("concat", [["x", 0, 0, {"axis": 0}], ["x", 0, 0, {"axis": 0}]], r"along the batch axis \(axis 0\)"),
-    ("math.reduce_mean", ["x", 0, 0, {}], (r"unsupported option axis=None \(mean over every axis includes "
-                                           r"the batch axis\)")),
-    ("math.reduce_sum", ["x", 0, 0, {"axis": [0, 1]}], r"sum over the batch axis \(axis 0\)"),
-    ("compat.v1.squeeze", ["x", 0, 0, {"axis": None}], r"squeeze over every axis includes the batch axis"),
-    ("math.multiply", ["x", 0, 0, {"y": [[[[1.0]]]]}], r"an array constant of shape \[1, 1, 1, 1\] has more axes "
-                                                      r"than the tensor's"),
-    ("math.multiply", ["x", 0, 0, {"y": [[1.0], [2.0, 3.0]]}], r"unsupported option argument=.* \(a rectangular"),
-    ("reshape", ["x", 0, 0, {"shape": ["x", 0, 0]}], r"with a tensor as argument 'shape' is not supported"),
-    ("math.reduce_max", ["x", 0, 0, {"axis": 1, "keep_dims": True}], r"argument\(s\) 'keep_dims' are not supported"),
-    ("nn.softmax", ["x", 0, 0, {"axis": 0}], r"axis 0 is not a feature axis"),
-    ("math.exp", [["x", 0, 0, {}], ["x", 0, 0, {}]], r"'math.exp' on a list is not supported \(one tensor expected\)"),
-    ("math.exp", ["_CONSTANT_VALUE", -1, 2.0, {}], r"'math.exp' on 2.0 is not supported"),
-    ("math.add", ["x", 0, 0, {"y": True}], r"'math.add' on True is not supported \(tensors, numbers and arrays"),
-])
+@pytest.mark.parametrize(
+    "function, node, message",
+    [
+        (
+            "reshape",
+            ["x", 0, 0, {"shape": [2, 36, 3]}],
+            (
+                r"with shape \[2, 36, 3\] is not supported: the shape must "
+                r"keep the batch axis first as -1"
+            ),
+        ),
+        (
+            "compat.v1.transpose",
+            ["x", 0, 0, {"perm": [1, 0, 2, 3], "conjugate": False}],
+            r"with perm \[1, 0, 2, 3\] is not supported: the permutation must keep the batch axis first",
+        ),
+        ("concat", [["x", 0, 0, {"axis": 0}], ["x", 0, 0, {"axis": 0}]], r"along the batch axis \(axis 0\)"),
+        (
+            "math.reduce_mean",
+            ["x", 0, 0, {}],
+            (
+                r"unsupported option axis=None \(mean over every axis includes "
+                r"the batch axis\)"
+            ),
+        ),
+        ("math.reduce_sum", ["x", 0, 0, {"axis": [0, 1]}], r"sum over the batch axis \(axis 0\)"),
+        ("compat.v1.squeeze", ["x", 0, 0, {"axis": None}], r"squeeze over every axis includes the batch axis"),
+        (
+            "math.multiply",
+            ["x", 0, 0, {"y": [[[[1.0]]]]}],
+            r"an array constant of shape \[1, 1, 1, 1\] has more axes "
+            r"than the tensor's",
+        ),
+        ("math.multiply", ["x", 0, 0, {"y": [[1.0], [2.0, 3.0]]}], r"unsupported option argument=.* \(a rectangular"),
+        ("reshape", ["x", 0, 0, {"shape": ["x", 0, 0]}], r"with a tensor as argument 'shape' is not supported"),
+        (
+            "math.reduce_max",
+            ["x", 0, 0, {"axis": 1, "keep_dims": True}],
+            r"argument\(s\) 'keep_dims' are not supported",
+        ),
+        ("nn.softmax", ["x", 0, 0, {"axis": 0}], r"axis 0 is not a feature axis"),
+        (
+            "math.exp",
+            [["x", 0, 0, {}], ["x", 0, 0, {}]],
+            r"'math.exp' on a list is not supported \(one tensor expected\)",
+        ),
+        ("math.exp", ["_CONSTANT_VALUE", -1, 2.0, {}], r"'math.exp' on 2.0 is not supported"),
+        ("math.add", ["x", 0, 0, {"y": True}], r"'math.add' on True is not supported \(tensors, numbers and arrays"),
+    ],
+)
 def test_ops_touching_the_batch_axis_or_unsupported_arguments_are_refused(function, node, message):
     with pytest.raises(UnsupportedLayerError, match=message) as err:
         keras_config.parse_model_config(_model_config(function, node), "model.h5", keras2=True)
@@ -121,17 +176,21 @@ def test_ops_touching_the_batch_axis_or_unsupported_arguments_are_refused(functi
 def test_slicing_the_batch_axis_is_refused():
     node = ["x", 0, 0, {"slice_spec": [{"start": 1, "stop": None, "step": None}]}]
     with pytest.raises(UnsupportedLayerError, match=r"does not keep the batch axis whole first"):
-        keras_config.parse_model_config(_model_config("__operators__.getitem", node, "SlicingOpLambda"),
-                                        "model.h5", keras2=True)
+        keras_config.parse_model_config(
+            _model_config("__operators__.getitem", node, "SlicingOpLambda"), "model.h5", keras2=True
+        )
 
 
-@pytest.mark.parametrize("node, message", [
-    (["x", 0, 0, [1, 2]], r"malformed call: keyword arguments are a list, not an object"),
-    (["x", "n", 0, {}], r"malformed tensor reference \['x', 'n', 0\]"),
-    (["_CONSTANT_VALUE", 0, 2.0, {"y": ["x", 0, 0]}], r"malformed constant"),
-    ("x", r"malformed call 'x'"),
-    (["x", 0, 0, {"y": ["x", -1, 0]}], r"malformed tensor reference \['x', -1, 0\]"),
-])
+@pytest.mark.parametrize(
+    "node, message",
+    [
+        (["x", 0, 0, [1, 2]], r"malformed call: keyword arguments are a list, not an object"),
+        (["x", "n", 0, {}], r"malformed tensor reference \['x', 'n', 0\]"),
+        (["_CONSTANT_VALUE", 0, 2.0, {"y": ["x", 0, 0]}], r"malformed constant"),
+        ("x", r"malformed call 'x'"),
+        (["x", 0, 0, {"y": ["x", -1, 0]}], r"malformed tensor reference \['x', -1, 0\]"),
+    ],
+)
 def test_malformed_op_call_is_one_line_naming_the_file(node, message):
     with pytest.raises(ExchangeFileError, match=r"^model\.h5: layer 'op' \(TFOpLambda\): " + message) as err:
         keras_config.parse_model_config(_model_config("math.multiply", node), "model.h5", keras2=True)
@@ -181,26 +240,41 @@ def test_keras3_operations_in_every_direction(tmp_path):
     assert len(result.diffs) == 4 and max(result.diffs.values()) <= layer_suite.tolerance(reference), result.diffs
 
 
-@pytest.mark.parametrize("kind, config", [("op_exp", {}), ("op_get_item", {"key": [["index", 1, None, None]]}),
-                                          ("op_mean", {"axis": [1], "keepdims": False})])
+@pytest.mark.parametrize(
+    "kind, config",
+    [
+        ("op_exp", {}),
+        ("op_get_item", {"key": [["index", 1, None, None]]}),
+        ("op_mean", {"axis": [1], "keepdims": False}),
+    ],
+)
 def test_an_exchange_file_operation_reading_two_tensors_is_refused(kind, config):
     """An operation's other arguments are constants of its config: a second input is refused,
     never silently left unread."""
-    description = {"name": "m", "inputs": [{"name": name, "shape": [3, 2], "dtype": "float32"} for name in "xy"],
-                   "nodes": [{"name": "op", "kind": kind, "inputs": ["x", "y"], "dtype": "float32", "config": config}],
-                   "outputs": ["op"]}
+    description = {
+        "name": "m",
+        "inputs": [{"name": name, "shape": [3, 2], "dtype": "float32"} for name in "xy"],
+        "nodes": [{"name": "op", "kind": kind, "inputs": ["x", "y"], "dtype": "float32", "config": config}],
+        "outputs": ["op"],
+    }
     with pytest.raises(ExchangeError, match=r"takes one tensor input, found 2"):
-        Graph.from_dict(description).shapes  # noqa: B018
+        Graph.from_dict(description).shapes
 
 
-@pytest.mark.parametrize("config, message", [
-    ({"operands": [None, "array"], "array": [1.0], "array_shape": [2]}, r"must hold as many finite numbers"),
-    ({"operands": [None, "array"]}, r"an 'array' operand and array_shape go together"),
-    ({"operands": [None, "code"]}, r"operand 'code' is not a tensor"),
-])
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ({"operands": [None, "array"], "array": [1.0], "array_shape": [2]}, r"must hold as many finite numbers"),
+        ({"operands": [None, "array"]}, r"an 'array' operand and array_shape go together"),
+        ({"operands": [None, "code"]}, r"operand 'code' is not a tensor"),
+    ],
+)
 def test_an_exchange_file_array_constant_is_checked(config, message):
-    description = {"name": "m", "inputs": [{"name": "x", "shape": [3, 2], "dtype": "float32"}],
-                   "nodes": [{"name": "op", "kind": "op_multiply", "inputs": ["x"], "dtype": "float32",
-                              "config": config}], "outputs": ["op"]}
+    description = {
+        "name": "m",
+        "inputs": [{"name": "x", "shape": [3, 2], "dtype": "float32"}],
+        "nodes": [{"name": "op", "kind": "op_multiply", "inputs": ["x"], "dtype": "float32", "config": config}],
+        "outputs": ["op"],
+    }
     with pytest.raises(ExchangeError, match=message):
         Graph.from_dict(description)

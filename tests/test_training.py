@@ -8,22 +8,25 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from support import ROOT, random_file_tensors
+
 from exchange import fileformat, keras_adapter, torch_adapter
 from frameworks import keras_mlp, torch_mlp, train_job
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe
 
-OUTPUT_TOLERANCE = 1e-6       # float32 rounding between TensorFlow and PyTorch, as elsewhere
+OUTPUT_TOLERANCE = 1e-6  # float32 rounding between TensorFlow and PyTorch, as elsewhere
 LOSS_RELATIVE_TOLERANCE = 1e-5
 
 
 def test_main_job_two_epochs_improves_both_frameworks(mnist, tmp_path):
     out_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, str(ROOT / "scripts/train.py"), "--epochs", "2",
-                             "--no-lockstep", "--out-dir", str(out_dir)],
-                            capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "MNIST_DIR": os.environ["MNIST_DIR"]})
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts/train.py"), "--epochs", "2", "--no-lockstep", "--out-dir", str(out_dir)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "MNIST_DIR": os.environ["MNIST_DIR"]},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     lines = result.stdout.splitlines()
     for role, inputs, biases in (("Input", 784, 50), ("Hidden", 50, 50), ("Output", 50, 10)):
@@ -52,8 +55,9 @@ def test_main_job_two_epochs_improves_both_frameworks(mnist, tmp_path):
 def test_torch_loss_is_keras_categorical_crossentropy(mnist, scale):
     """Same weights, same batch: Keras's loss value and PyTorch's agree, even where the softmax
     saturates (probabilities below 1e-7, where clipping would change the value)."""
-    tensors = {key: value * np.float32(scale / 0.2) for key, value in
-               random_file_tensors(SEED_ARCHITECTURE, seed=5).items()}
+    tensors = {
+        key: value * np.float32(scale / 0.2) for key, value in random_file_tensors(SEED_ARCHITECTURE, seed=5).items()
+    }
     keras_model = keras_mlp.build_keras_model(SEED_ARCHITECTURE)
     keras_adapter.set_tensors(keras_model, tensors)
     keras_mlp.compile_with_recipe(keras_model, Recipe())
@@ -62,8 +66,9 @@ def test_torch_loss_is_keras_categorical_crossentropy(mnist, scale):
     torch_model = torch_mlp.TorchMLP(SEED_ARCHITECTURE)
     torch_adapter.set_tensors(torch_model, tensors)
     with torch.no_grad():
-        torch_loss = float(torch_mlp.keras_categorical_crossentropy(
-            torch_model, torch.from_numpy(x), torch.from_numpy(y)))
+        torch_loss = float(
+            torch_mlp.keras_categorical_crossentropy(torch_model, torch.from_numpy(x), torch.from_numpy(y))
+        )
     assert torch_loss == pytest.approx(keras_loss, rel=LOSS_RELATIVE_TOLERANCE)
     if scale > 1:
         probabilities = torch_mlp.predict(torch_model, x)
@@ -78,7 +83,8 @@ def test_keras_sgd_matches_keras_optimizer_over_decayed_steps():
     start = np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4)
     keras_variable = keras.Variable(start)
     keras_optimizer = keras.optimizers.SGD(
-        learning_rate=keras.optimizers.schedules.InverseTimeDecay(0.1, 1, 0.5), momentum=0.9)
+        learning_rate=keras.optimizers.schedules.InverseTimeDecay(0.1, 1, 0.5), momentum=0.9
+    )
     torch_parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
     torch_optimizer = torch_mlp.KerasSGD([torch_parameter], recipe)
     for step in range(5):
@@ -94,6 +100,6 @@ def test_keras_sgd_matches_keras_optimizer_over_decayed_steps():
         plain.grad = torch.from_numpy(np.full((3, 4), step + 1.0, dtype=np.float32) * start)
         plain_optimizer.step()
         scheduler.step()
-    assert np.max(np.abs(plain.detach().numpy() - keras_variable.numpy())) > 1e-3, \
+    assert np.max(np.abs(plain.detach().numpy() - keras_variable.numpy())) > 1e-3, (
         "PyTorch's own SGD form differs under decay; KerasSGD exists for that reason"
-
+    )

@@ -28,19 +28,25 @@ def test_cnn_continues_in_torch_and_back_in_keras_in_lockstep():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_kind, back_to_keras_at", [("cnn", None), ("lstm", None), ("lstm", 100)],
-                         ids=["cnn-keras-to-torch", "lstm-keras-to-torch", "lstm-and-back-at-100"])
+@pytest.mark.parametrize(
+    "model_kind, back_to_keras_at",
+    [("cnn", None), ("lstm", None), ("lstm", 100)],
+    ids=["cnn-keras-to-torch", "lstm-keras-to-torch", "lstm-and-back-at-100"],
+)
 def test_runs_continue_in_lockstep_for_200_steps(model_kind, back_to_keras_at):
-    result = resume_lockstep.run(keras_steps=5, torch_steps=200, every=50, model_kind=model_kind,
-                                 back_to_keras_at=back_to_keras_at)
+    result = resume_lockstep.run(
+        keras_steps=5, torch_steps=200, every=50, model_kind=model_kind, back_to_keras_at=back_to_keras_at
+    )
     assert result["iterations"] == (205, 205)
     assert max(difference for _, difference in result["weight_differences"]) < LOCKSTEP_TOLERANCE
     assert result["max_slot_difference"] < LOCKSTEP_TOLERANCE
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model_kind, variant", [("cnn", "torch_adam"), ("cnn", "torch_batch_norm"),
-                                                 ("cnn", "no_regularizer"), ("lstm", "torch_rmsprop")])
+@pytest.mark.parametrize(
+    "model_kind, variant",
+    [("cnn", "torch_adam"), ("cnn", "torch_batch_norm"), ("cnn", "no_regularizer"), ("lstm", "torch_rmsprop")],
+)
 def test_torch_conventions_drift_from_keras(model_kind, variant):
     """torch's Adam or RMSprop (given Keras's hyperparameters and state), torch's BatchNorm
     (unbiased running variance), or the loss without Keras's regularization penalty: the runs
@@ -53,7 +59,7 @@ def test_keras_batch_norm_moves_statistics_as_keras():
     """One training step of a BatchNormalization: Keras's moving variance uses the biased batch
     variance; `KerasBatchNorm` does too, torch's BatchNorm2d the unbiased one."""
     rng = np.random.default_rng(0)
-    x = rng.normal(1.0, 2.0, size=(3, 2, 3, 4)).astype(np.float32)   # n = 18 values per channel
+    x = rng.normal(1.0, 2.0, size=(3, 2, 3, 4)).astype(np.float32)  # n = 18 values per channel
     layer = keras.layers.BatchNormalization(momentum=0.5, epsilon=1e-3)
     keras_output = layer(x, training=True).numpy()
     torch_norm = torch.nn.BatchNorm2d(4, momentum=0.5, eps=1e-3)
@@ -68,8 +74,12 @@ def test_keras_batch_norm_moves_statistics_as_keras():
 
 def test_regularization_penalty_is_keras_regularization_loss():
     inputs = keras.Input((3,))
-    layer = keras.layers.Dense(2, kernel_regularizer=keras.regularizers.L1L2(0.01, 0.02),
-                               bias_regularizer=keras.regularizers.L2(0.5), bias_initializer="ones")
+    layer = keras.layers.Dense(
+        2,
+        kernel_regularizer=keras.regularizers.L1L2(0.01, 0.02),
+        bias_regularizer=keras.regularizers.L2(0.5),
+        bias_initializer="ones",
+    )
     model = keras.Model(inputs, layer(inputs))
     keras_penalty = float(sum(loss.numpy() for loss in model.losses))
     module = torch.nn.Module()
@@ -77,16 +87,19 @@ def test_regularization_penalty_is_keras_regularization_loss():
     with torch.no_grad():
         module.dense.weight.copy_(torch.from_numpy(layer.kernel.numpy().T))
         module.dense.bias.copy_(torch.from_numpy(layer.bias.numpy()))
-    penalty = optimizers.regularization_penalty(module, {"dense.weight": {"l1": 0.01, "l2": 0.02},
-                                                         "dense.bias": {"l2": 0.5}})
+    penalty = optimizers.regularization_penalty(
+        module, {"dense.weight": {"l1": 0.01, "l2": 0.02}, "dense.bias": {"l2": 0.5}}
+    )
     assert float(penalty.detach()) == pytest.approx(keras_penalty, rel=1e-6)
 
 
 def test_resumed_runs_plot(tmp_path):
     from frameworks import plots
 
-    results = [{"model": "cnn", "variant": "ported", "weight_differences": [(10, 1e-7), (20, 1.2e-7)]},
-               {"model": "cnn", "variant": "torch_adam", "weight_differences": [(10, 1e-3), (20, 7e-3)]},
-               {"model": "lstm", "variant": "ported", "weight_differences": [(10, 2e-7), (20, 3e-7)]}]
+    results = [
+        {"model": "cnn", "variant": "ported", "weight_differences": [(10, 1e-7), (20, 1.2e-7)]},
+        {"model": "cnn", "variant": "torch_adam", "weight_differences": [(10, 1e-3), (20, 7e-3)]},
+        {"model": "lstm", "variant": "ported", "weight_differences": [(10, 2e-7), (20, 3e-7)]},
+    ]
     path = plots.plot_resumed_runs(results, tmp_path / "resumed.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -20,8 +20,13 @@ RESUME_TOLERANCE = 1e-6
 
 def _batches(count, seed=0, shape=(6, 5, 2), classes=4, batch=8):
     rng = np.random.default_rng(seed)
-    return [(rng.normal(size=(batch, *shape)).astype(np.float32),
-             np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)]) for _ in range(count)]
+    return [
+        (
+            rng.normal(size=(batch, *shape)).astype(np.float32),
+            np.eye(classes, dtype=np.float32)[rng.integers(0, classes, batch)],
+        )
+        for _ in range(count)
+    ]
 
 
 def _cnn(optimizer, seed=3):
@@ -60,20 +65,22 @@ def test_keras_file_slots_go_through_their_variables_ports(trained):
     assert state.regularizers == {"conv.weight": {"l2": 0.01}, "head.bias": {"l1": 0.001, "l2": 0.001}}
     assert state.loss["class_name"] == "CategoricalCrossentropy"
     optimizer = model.optimizer
-    lists = {"momentum": optimizer._momentums, "velocity": optimizer._velocities}   # Keras's own, by variable
+    lists = {"momentum": optimizer._momentums, "velocity": optimizer._velocities}  # Keras's own, by variable
     for slot in ("momentum", "velocity"):
         copy = keras.models.clone_model(model)
         for original, variable in zip(model.trainable_variables, copy.trainable_variables):
             variable.assign(lists[slot][optimizer._get_variable_index(original)])
         expected = keras_adapter.get_tensors(copy)
-        assert sorted(state.slots) == sorted(["conv.weight", "conv.bias", "norm.weight", "norm.bias",
-                                              "head.weight", "head.bias"])
+        assert sorted(state.slots) == sorted(
+            ["conv.weight", "conv.bias", "norm.weight", "norm.bias", "head.weight", "head.bias"]
+        )
         for key, slots in state.slots.items():
             np.testing.assert_array_equal(slots[slot], expected[key])
     # The Dense after Flatten reorders its kernel's rows: its moments are reordered with them.
     head_kernel = model.get_layer("head").kernel
-    assert not np.array_equal(state.slots["head.weight"]["momentum"],
-                              lists["momentum"][optimizer._get_variable_index(head_kernel)].numpy().T)
+    assert not np.array_equal(
+        state.slots["head.weight"]["momentum"], lists["momentum"][optimizer._get_variable_index(head_kernel)].numpy().T
+    )
 
 
 def test_exchange_file_carries_the_state_beside_the_model(trained, tmp_path):
@@ -84,10 +91,12 @@ def test_exchange_file_carries_the_state_beside_the_model(trained, tmp_path):
     assert sorted(loaded.tensors) == sorted(tensors)
     assert "optimizer/head.weight/momentum" in loaded.training_tensors
     fileformat.check_header(path, graph)
-    module = torch_adapter.model_from_file(path)   # the model loads as before
+    module = torch_adapter.model_from_file(path)  # the model loads as before
     raw = safetensors.numpy.load_file(str(path))
-    module.load_state_dict({key: torch.from_numpy(value) for key, value in raw.items()
-                            if not key.startswith(fileformat.TRAINING_PREFIX)}, strict=True)
+    module.load_state_dict(
+        {key: torch.from_numpy(value) for key, value in raw.items() if not key.startswith(fileformat.TRAINING_PREFIX)},
+        strict=True,
+    )
     again = training_state.read_exchange_training(loaded, training_state.parameter_keys_of(graph))
     assert again.optimizer == state.optimizer and again.iteration == state.iteration
     assert again.loss == state.loss and again.regularizers == state.regularizers
@@ -133,12 +142,19 @@ def _read(path):
     return training_state.read_keras_training(path, graph, training_state.parameter_keys_of(graph))
 
 
-@pytest.mark.parametrize("optimizer, message", [
-    (lambda: keras.optimizers.Adam(clipnorm=1.0), "optimizer Adam clipnorm=1.0: gradient clipping is not reproduced"),
-    (lambda: keras.optimizers.Adam(amsgrad=True), "optimizer Adam amsgrad=True: AMSGrad is not reproduced"),
-    (lambda: keras.optimizers.SGD(use_ema=True), "optimizer SGD use_ema=True: an exponential moving average"),
-    (lambda: keras.optimizers.Nadam(), "optimizer 'Nadam' is not supported for training state"),
-], ids=["clipnorm", "amsgrad", "ema", "nadam"])
+@pytest.mark.parametrize(
+    "optimizer, message",
+    [
+        (
+            lambda: keras.optimizers.Adam(clipnorm=1.0),
+            "optimizer Adam clipnorm=1.0: gradient clipping is not reproduced",
+        ),
+        (lambda: keras.optimizers.Adam(amsgrad=True), "optimizer Adam amsgrad=True: AMSGrad is not reproduced"),
+        (lambda: keras.optimizers.SGD(use_ema=True), "optimizer SGD use_ema=True: an exponential moving average"),
+        (lambda: keras.optimizers.Nadam(), "optimizer 'Nadam' is not supported for training state"),
+    ],
+    ids=["clipnorm", "amsgrad", "ema", "nadam"],
+)
 def test_unreproduced_optimizers_are_refused_in_one_line(tmp_path, optimizer, message):
     path = _saved(tmp_path, _cnn(optimizer()))
     with pytest.raises(ExchangeError, match=message) as error:
@@ -151,8 +167,9 @@ def test_a_frozen_layer_is_refused(tmp_path):
     model.get_layer("conv").trainable = False
     model.compile(optimizer=keras.optimizers.SGD(momentum=0.9), loss="mse")
     path = _saved(tmp_path, model)
-    with pytest.raises(ExchangeError, match="optimizer SGD stores 6 variables; the model's 6 trainable variables "
-                                            "need 8 .frozen layers"):
+    with pytest.raises(
+        ExchangeError, match="optimizer SGD stores 6 variables; the model's 6 trainable variables need 8 .frozen layers"
+    ):
         _read(path)
 
 
@@ -164,7 +181,10 @@ def test_an_lstm_trains_its_first_bias_only(tmp_path):
     model.compile(optimizer="rmsprop", loss="mse")
     state = _read(_saved(tmp_path, model))
     assert sorted(key for key in state.slots if key.startswith("lstm")) == [
-        "lstm.bias_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0"]
+        "lstm.bias_ih_l0",
+        "lstm.weight_hh_l0",
+        "lstm.weight_ih_l0",
+    ]
     with keras_files.open_keras_file(tmp_path / "m.keras") as weights:
         graph, tensors = weights.architecture, fileformat.materialize(weights.tensors)
     module = torch_adapter.model_from_tensors(graph, tensors)
@@ -197,11 +217,13 @@ def test_convert_carries_the_state_both_ways(trained, tmp_path):
     assert back.get_layer("conv").kernel_regularizer.get_config()["l2"] == pytest.approx(0.01)
     for original_variable, variable in zip(original.optimizer.variables, back.optimizer.variables):
         np.testing.assert_array_equal(variable.numpy(), original_variable.numpy())
-    cli.convert(path, tmp_path / "weights.safetensors", notes=notes)   # by default exactly the state_dict
+    cli.convert(path, tmp_path / "weights.safetensors", notes=notes)  # by default exactly the state_dict
     assert fileformat.load(tmp_path / "weights.safetensors").training_tensors == {}
-    assert notes == ["optimizer state left out: pass --optimizer-state to carry it into the .safetensors (which "
-                     "then holds optimizer/... keys beside the state_dict's)"]
-    cli.convert(path, tmp_path / "code.py")   # generated code's weights: its load() is the state_dict
+    assert notes == [
+        "optimizer state left out: pass --optimizer-state to carry it into the .safetensors (which "
+        "then holds optimizer/... keys beside the state_dict's)"
+    ]
+    cli.convert(path, tmp_path / "code.py")  # generated code's weights: its load() is the state_dict
     assert fileformat.load(tmp_path / "code.safetensors").training_tensors == {}
 
 
@@ -211,8 +233,9 @@ def test_convert_leaves_out_a_state_it_cannot_carry_with_a_note(tmp_path):
     path = _saved(tmp_path, _cnn(keras.optimizers.Adam(clipvalue=0.5)))
     notes = []
     cli.convert(path, tmp_path / "m.safetensors", notes=notes, optimizer_state=True)
-    assert notes == [f"optimizer state left out: {path}: optimizer Adam clipvalue=0.5: gradient clipping is not "
-                     "reproduced in torch"]
+    assert notes == [
+        f"optimizer state left out: {path}: optimizer Adam clipvalue=0.5: gradient clipping is not reproduced in torch"
+    ]
     assert fileformat.load(tmp_path / "m.safetensors").training_tensors == {}
 
 
@@ -222,8 +245,10 @@ def _exchange_with(tmp_path, optimizer_json, slot_tensors, training_json=None):
 
     graph = dense_chain("tiny", 3, [(2, "linear")])
     tensors = {"dense_0.weight": np.ones((2, 3), np.float32), "dense_0.bias": np.zeros(2, np.float32)}
-    metadata = {"optimizer": json.dumps(optimizer_json),
-                "training": json.dumps(training_json or {"loss": "mse", "regularizers": {}})}
+    metadata = {
+        "optimizer": json.dumps(optimizer_json),
+        "training": json.dumps(training_json or {"loss": "mse", "regularizers": {}}),
+    }
     path = tmp_path / "tiny.safetensors"
     fileformat.save(path, graph, tensors, "torch", training=(metadata, slot_tensors))
     loaded = fileformat.load(path)
@@ -231,8 +256,10 @@ def _exchange_with(tmp_path, optimizer_json, slot_tensors, training_json=None):
 
 
 SGD = {"class_name": "SGD", "config": {"learning_rate": 0.1, "momentum": 0.9, "nesterov": False}, "iteration": 4}
-SLOTS = {"optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32),
-         "optimizer/dense_0.bias/momentum": np.ones(2, np.float32)}
+SLOTS = {
+    "optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32),
+    "optimizer/dense_0.bias/momentum": np.ones(2, np.float32),
+}
 
 
 def test_exchange_file_state_is_read_back(tmp_path):
@@ -241,22 +268,50 @@ def test_exchange_file_state_is_read_back(tmp_path):
     assert sorted(state.slots) == ["dense_0.bias", "dense_0.weight"]
 
 
-@pytest.mark.parametrize("optimizer_json, slots, training_json, message", [
-    ({**SGD, "config": {**SGD["config"], "momentum": "lots"}}, SLOTS, None,
-     "optimizer SGD momentum must be a number, found lots"),
-    ({**SGD, "config": {**SGD["config"], "exec": 1}}, SLOTS, None, "optimizer SGD option 'exec' is not supported"),
-    ({**SGD, "iteration": -1}, SLOTS, None, "optimizer iteration must be a step count"),
-    (SGD, {**SLOTS, "optimizer/dense_0.weight/momentum": np.ones((3, 2), np.float32)}, None,
-     r"optimizer tensor optimizer/dense_0.weight/momentum has shape \(3, 2\), its parameter \(2, 3\)"),
-    (SGD, {**SLOTS, "optimizer/dense_0.weight/velocity": np.ones((2, 3), np.float32)}, None,
-     "unexpected optimizer tensor 'optimizer/dense_0.weight/velocity'"),
-    (SGD, {"optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32)}, None, "optimizer slots are missing"),
-    (SGD, SLOTS, {"loss": "mse", "regularizers": {"dense_0.weight": {"l3": 1.0}}},
-     "unexpected regularizer for 'dense_0.weight'"),
-], ids=["bad-number", "unknown-option", "negative-iteration", "slot-shape", "unknown-slot", "missing-slot",
-        "bad-regularizer"])
-def test_hostile_exchange_training_state_is_refused_in_one_line(tmp_path, optimizer_json, slots, training_json,
-                                                                 message):
+@pytest.mark.parametrize(
+    "optimizer_json, slots, training_json, message",
+    [
+        (
+            {**SGD, "config": {**SGD["config"], "momentum": "lots"}},
+            SLOTS,
+            None,
+            "optimizer SGD momentum must be a number, found lots",
+        ),
+        ({**SGD, "config": {**SGD["config"], "exec": 1}}, SLOTS, None, "optimizer SGD option 'exec' is not supported"),
+        ({**SGD, "iteration": -1}, SLOTS, None, "optimizer iteration must be a step count"),
+        (
+            SGD,
+            {**SLOTS, "optimizer/dense_0.weight/momentum": np.ones((3, 2), np.float32)},
+            None,
+            r"optimizer tensor optimizer/dense_0.weight/momentum has shape \(3, 2\), its parameter \(2, 3\)",
+        ),
+        (
+            SGD,
+            {**SLOTS, "optimizer/dense_0.weight/velocity": np.ones((2, 3), np.float32)},
+            None,
+            "unexpected optimizer tensor 'optimizer/dense_0.weight/velocity'",
+        ),
+        (SGD, {"optimizer/dense_0.weight/momentum": np.ones((2, 3), np.float32)}, None, "optimizer slots are missing"),
+        (
+            SGD,
+            SLOTS,
+            {"loss": "mse", "regularizers": {"dense_0.weight": {"l3": 1.0}}},
+            "unexpected regularizer for 'dense_0.weight'",
+        ),
+    ],
+    ids=[
+        "bad-number",
+        "unknown-option",
+        "negative-iteration",
+        "slot-shape",
+        "unknown-slot",
+        "missing-slot",
+        "bad-regularizer",
+    ],
+)
+def test_hostile_exchange_training_state_is_refused_in_one_line(
+    tmp_path, optimizer_json, slots, training_json, message
+):
     with pytest.raises(ExchangeError, match=message) as error:
         _exchange_with(tmp_path, optimizer_json, slots, training_json)
     assert "\n" not in str(error.value)

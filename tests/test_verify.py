@@ -10,16 +10,16 @@ import json
 import keras
 import numpy as np
 import pytest
-
+from kerasmodels import randomize
 from support import ROOT
+
 from exchange import cli, fileformat, keras_adapter, verify
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
-from kerasmodels import randomize
 
 L = keras.layers
 KERAS2_FIXTURES = ROOT / "tests/fixtures/keras2"
-ROWS = 64   # the random batch here (1,000 by default): enough rows to show each difference
+ROWS = 64  # the random batch here (1,000 by default): enough rows to show each difference
 
 
 @pytest.fixture(autouse=True)
@@ -77,8 +77,10 @@ def test_float32_rounding_beyond_1e5_passes_on_float64(tmp_path):
     both comparisons and every layer's maximum."""
     keras_path, common, graph = saved(conv_bn_stack(), tmp_path)
     result = run(keras_path, common, graph, every_layer=True)
-    print(f"stack: float32 {result.float32.max_abs_diff:.3e} (scale {result.float32.output_scale:.3g}), "
-          f"float64 {result.float64.max_abs_diff:.3e}")
+    print(
+        f"stack: float32 {result.float32.max_abs_diff:.3e} (scale {result.float32.output_scale:.3g}), "
+        f"float64 {result.float64.max_abs_diff:.3e}"
+    )
     assert result.float32.max_abs_diff > 1e-5 and result.float32.passed
     assert result.float64.max_abs_diff < 1e-9 and result.float64.output_scale > 1e3
     assert result.passed and result.verdict is result.float64 and result.first_divergence is None
@@ -126,6 +128,7 @@ def test_a_wrong_convention_fails_in_both_dtypes_naming_its_layer(tmp_path, chan
 
 def test_without_float64_the_float32_comparison_decides_and_names_the_layer(tmp_path, monkeypatch):
     """A side that cannot be built in float64: the verdict and the layer search are float32's."""
+
     def unbuildable(graph):
         raise ExchangeError("no float64 here")
 
@@ -172,11 +175,19 @@ def test_axes_of_unknown_length_get_one(tmp_path):
 
 
 def test_free_axis_length_grows_until_the_model_takes_it_and_input_shape_is_checked():
-    pools = [{"name": f"p{index}", "kind": "max_pool1d", "inputs": [f"p{index - 1}" if index else "x"],
-              "config": {"pool_size": [2], "strides": [2], "padding": "valid"}} for index in range(6)]
-    graph = Graph.from_dict({"name": "m", "inputs": [{"name": "x", "shape": [None, 3]}], "nodes": pools,
-                             "outputs": ["p5"]})
-    assert verify.sized_graph(graph).inputs[0].shape == (64, 3)   # 32 / 2**6 is empty
+    pools = [
+        {
+            "name": f"p{index}",
+            "kind": "max_pool1d",
+            "inputs": [f"p{index - 1}" if index else "x"],
+            "config": {"pool_size": [2], "strides": [2], "padding": "valid"},
+        }
+        for index in range(6)
+    ]
+    graph = Graph.from_dict(
+        {"name": "m", "inputs": [{"name": "x", "shape": [None, 3]}], "nodes": pools, "outputs": ["p5"]}
+    )
+    assert verify.sized_graph(graph).inputs[0].shape == (64, 3)  # 32 / 2**6 is empty
     assert verify.sized_graph(graph, {"x": (128, 3)}).shapes["p5"] == (2, 3)
     assert verify.parse_input_shape("x=128,3") == ("x", (128, 3))
     for text in ("x", "x=", "x=0,3", "=4", "x=a,3"):
@@ -201,14 +212,18 @@ def test_ids_cover_the_vocabulary_and_masks_hold_both_values():
     y = L.Softmax(name="soft")(scores, mask=weights)
     model = keras.Model([token_ids, flags, scores, weights], [x, y], name="inputs")
     graph = keras_adapter.architecture_of(model)
-    batch, drawn = verify.verification_inputs(graph, None)   # 64 rows x 5 ids: room for all 40
+    batch, drawn = verify.verification_inputs(graph, None)  # 64 rows x 5 ids: room for all 40
     ids, bools, floats, mask = batch
     assert sorted(np.unique(ids)) == list(range(40)) and ids.dtype == np.int32
     assert bools.dtype == np.bool_ and bools.any() and not bools.all()
-    assert floats.dtype == np.float32 and 0 < floats.min() and floats.max() < 1
+    assert floats.dtype == np.float32 and floats.min() > 0 and floats.max() < 1
     assert sorted(np.unique(mask)) == pytest.approx([0.0, 0.3, 1.0])
-    assert [item.values for item in drawn.inputs] == ["token ids covering 0..39", "bool, about 70% True",
-                                                      "uniform in [0, 1)", "a mask: 0, 0.3 and 1"]
+    assert [item.values for item in drawn.inputs] == [
+        "token ids covering 0..39",
+        "bool, about 70% True",
+        "uniform in [0, 1)",
+        "a mask: 0, 0.3 and 1",
+    ]
     # one row: a bool mask still holds both values, and the largest vocabulary its extremes
     generator = np.random.default_rng(0)
     array, _ = verify._draw(graph, graph.inputs[1], 1, generator)
@@ -248,8 +263,10 @@ def test_keras2_lstm_with_hard_sigmoid_without_tf_keras(tmp_path, monkeypatch):
     assert result.passed and result.float64 is not None
     assert result.compared == f"the exchange's Keras 3 rebuild of {source} vs PyTorch on {common}"
     assert any("tf-keras is not installed" in note for note in result.notes)
-    assert "Keras 3 has no 'hard_sigmoid_keras2': the rebuild computes hard_sigmoid_keras2 as clip(0.2x + 0.5, " \
-           "0, 1) in keras.ops" in result.notes
+    assert (
+        "Keras 3 has no 'hard_sigmoid_keras2': the rebuild computes hard_sigmoid_keras2 as clip(0.2x + 0.5, "
+        "0, 1) in keras.ops" in result.notes
+    )
     stored = np.load(KERAS2_FIXTURES / "expected_outputs.npz")
     side = verify._rebuild_side("rebuild", graph, fileformat.materialize(fileformat.load(common).tensors), [])
     assert np.max(np.abs(side.run([stored["lstm_ids"]])[0] - stored["lstm_outputs"])) <= 1e-6
@@ -268,8 +285,9 @@ def test_writing_keras2_activation_as_keras3_names_the_file(tmp_path, capsys):
     common = tmp_path / "lstm.safetensors"
     cli.convert(KERAS2_FIXTURES / "lstm.h5", common)
     assert cli.main([str(common), str(tmp_path / "lstm.keras")]) == 2
-    assert capsys.readouterr().err.strip() == (f"error: {common}: layer 'lstm_b': activation 'hard_sigmoid_keras2' "
-                                               "has no Keras 3 equivalent")
+    assert capsys.readouterr().err.strip() == (
+        f"error: {common}: layer 'lstm_b': activation 'hard_sigmoid_keras2' has no Keras 3 equivalent"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,8 +302,10 @@ def test_command_line_prints_both_comparisons_and_writes_the_report(tmp_path, ca
     out, report = tmp_path / "stack.pt", tmp_path / "report.json"
     assert cli.main([str(keras_path), str(out), "--verify", "--report", str(report)]) == 0
     line = capsys.readouterr().out.splitlines()[0]
-    assert line.startswith(f"verify: Keras on {keras_path} vs PyTorch on {out}, on a fixed random batch of {ROWS} "
-                           "inputs: float32 max abs diff ")
+    assert line.startswith(
+        f"verify: Keras on {keras_path} vs PyTorch on {out}, on a fixed random batch of {ROWS} "
+        "inputs: float32 max abs diff "
+    )
     assert ", float64 max abs diff " in line and line.endswith("verdict from float64: match")
     written = json.loads(report.read_text())
     assert written["compared"] == f"Keras on {keras_path} vs PyTorch on {out}" and written["passed"]
@@ -303,6 +323,8 @@ def test_applications_pass_with_the_defaults(tmp_path, name, size):
     randomize(model, seed=5, offset_scale=0.05, positive_range=(0.4, 0.8))
     keras_path, common, graph = saved(model, tmp_path, name)
     result = verify.verify(keras_path, common, graph, None)
-    print(f"{name}: float32 {result.float32.max_abs_diff:.3e} (scale {result.float32.output_scale:.3g}), "
-          f"float64 {result.float64.max_abs_diff:.3e}")
+    print(
+        f"{name}: float32 {result.float32.max_abs_diff:.3e} (scale {result.float32.output_scale:.3g}), "
+        f"float64 {result.float64.max_abs_diff:.3e}"
+    )
     assert result.passed and result.verdict.dtype == "float64", verify.describe(result)

@@ -12,12 +12,21 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-
-from exchange import cli, keras_adapter, keras_files, torch_adapter
 from kerasmodels import batch, max_difference, randomize
 from no_frameworks import convert_without_frameworks
-from zoo_models import (APPLICATION_RELATIVE_TOLERANCE, APPLICATIONS, KERAS2_FIXTURES, L, SMALL, SMALL_TOLERANCE, ZOO,
-                        embedding_bilstm, mnist_cnn)
+from zoo_models import (
+    APPLICATION_RELATIVE_TOLERANCE,
+    APPLICATIONS,
+    KERAS2_FIXTURES,
+    SMALL,
+    SMALL_TOLERANCE,
+    ZOO,
+    L,
+    embedding_bilstm,
+    mnist_cnn,
+)
+
+from exchange import cli, keras_adapter, keras_files, torch_adapter
 
 
 def check(name: str, keras_outputs: list, other_outputs: list, application: bool, what: str) -> float:
@@ -61,8 +70,13 @@ def test_zoo_model_in_every_direction(name, tmp_path):
     convert(keras_path, state)
     from_state = tmp_path / f"{name}_from_pt.keras"
     convert(state, from_state, arch=common)
-    check(name, reference, keras_adapter.predict(keras.saving.load_model(from_state, safe_mode=True), inputs),
-          application, ".keras -> .pt -> .keras")
+    check(
+        name,
+        reference,
+        keras_adapter.predict(keras.saving.load_model(from_state, safe_mode=True), inputs),
+        application,
+        ".keras -> .pt -> .keras",
+    )
 
     again = tmp_path / f"{name}_again.safetensors"
     convert(rebuilt, again)
@@ -76,14 +90,24 @@ def test_keras2_cnn_written_by_tf_keras(tmp_path):
     inputs = [np.random.default_rng(0).random((len(expected), 29, 30, 3), dtype=np.float32)]
     common = tmp_path / "cnn.safetensors"
     convert(KERAS2_FIXTURES / "cnn.h5", common)
-    check("keras2_cnn", [expected], torch_adapter.predict(torch_adapter.model_from_file(common), inputs), False,
-          "Keras 2 .h5 -> .safetensors -> torch vs Keras 2")
+    check(
+        "keras2_cnn",
+        [expected],
+        torch_adapter.predict(torch_adapter.model_from_file(common), inputs),
+        False,
+        "Keras 2 .h5 -> .safetensors -> torch vs Keras 2",
+    )
     with keras_files.open_keras_file(KERAS2_FIXTURES / "cnn.h5") as weights:
         assert weights.architecture.channels_first_flattens == {"flatten": (7, 7, 12)}
     rebuilt = tmp_path / "cnn.keras"
     convert(common, rebuilt)
-    check("keras2_cnn", [expected], keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
-          False, ".safetensors -> Keras 3 .keras vs Keras 2")
+    check(
+        "keras2_cnn",
+        [expected],
+        keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
+        False,
+        ".safetensors -> Keras 3 .keras vs Keras 2",
+    )
     again = tmp_path / "again.safetensors"
     convert(rebuilt, again)
     assert again.read_bytes() == common.read_bytes()
@@ -105,8 +129,9 @@ def test_reading_zoo_files_imports_no_framework(tmp_path):
 
 def application_input_size(name: str) -> int:
     """Small inputs each keras.applications model accepts (NASNetLarge needs its own 331)."""
-    return {"NASNetLarge": 331, "NASNetMobile": 224, "InceptionV3": 75, "InceptionResNetV2": 75,
-            "Xception": 71}.get(name, 64)
+    return {"NASNetLarge": 331, "NASNetMobile": 224, "InceptionV3": 75, "InceptionResNetV2": 75, "Xception": 71}.get(
+        name, 64
+    )
 
 
 @pytest.mark.slow
@@ -122,8 +147,13 @@ def test_every_keras_application(name):
     graph = keras_adapter.architecture_of(model)
     inputs = batch(model, rows=2)
     torch_model = torch_adapter.model_from_tensors(graph, keras_adapter.get_tensors(model))
-    check(name, keras_adapter.predict(model, inputs), torch_adapter.predict(torch_model, inputs), True,
-          f"{len(graph.nodes)} layers, Keras -> torch")
+    check(
+        name,
+        keras_adapter.predict(model, inputs),
+        torch_adapter.predict(torch_model, inputs),
+        True,
+        f"{len(graph.nodes)} layers, Keras -> torch",
+    )
     keras.backend.clear_session()
 
 
@@ -142,7 +172,7 @@ def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert f"verify: Keras on {keras_path} vs PyTorch on {good}, on a fixed random batch of" in printed
     assert ", float64 max abs diff " in printed and "verdict from float64: match" in printed
-    written = json.loads(report.read_text())   # --report: both comparisons, the user's output name
+    written = json.loads(report.read_text())  # --report: both comparisons, the user's output name
     assert written["passed"] and written["verdict"] == "float64" and written["float32"]["torch"] == f"PyTorch on {good}"
 
     tensors = load_file(str(good))
@@ -165,14 +195,21 @@ def nested_multi_io():
     """Two inputs, two outputs, a Sequential and a functional model nested inside."""
     image = keras.Input((10, 9, 3), name="image")
     extra = keras.Input((5,), name="extra")
-    trunk = keras.Sequential([keras.Input((10, 9, 3)), L.Conv2D(4, 3, padding="same", name="inner_conv"),
-                              L.BatchNormalization(name="inner_bn")], name="trunk")
+    trunk = keras.Sequential(
+        [
+            keras.Input((10, 9, 3)),
+            L.Conv2D(4, 3, padding="same", name="inner_conv"),
+            L.BatchNormalization(name="inner_bn"),
+        ],
+        name="trunk",
+    )
     inner_in = keras.Input((4,), name="head_in")
     head = keras.Model(inner_in, L.Dense(3, activation="softmax", name="inner_dense")(inner_in), name="head")
     features = L.GlobalAveragePooling2D(name="gap")(trunk(image))
     joined = L.Concatenate(name="join")([features, L.Dense(4, name="side")(extra)])
-    return keras.Model([image, extra], [head(L.Dense(4, name="mix")(joined)), L.Dense(2, name="aux")(joined)],
-                       name="nested_multi_io")
+    return keras.Model(
+        [image, extra], [head(L.Dense(4, name="mix")(joined)), L.Dense(2, name="aux")(joined)], name="nested_multi_io"
+    )
 
 
 def test_nested_models_with_several_inputs_and_outputs(tmp_path):
@@ -187,16 +224,26 @@ def test_nested_models_with_several_inputs_and_outputs(tmp_path):
     graph = torch_adapter.model_from_file(common).exchange_graph
     assert [spec.name for spec in graph.inputs] == ["image", "extra"] and graph.outputs == ("inner_dense", "aux")
     assert {"inner_conv.weight", "inner_bn.running_var", "inner_dense.weight"} <= set(graph.tensor_specs)
-    check("nested_multi_io", reference, torch_adapter.predict(torch_adapter.model_from_file(common), inputs), False,
-          "nested .keras -> .safetensors -> torch")
+    check(
+        "nested_multi_io",
+        reference,
+        torch_adapter.predict(torch_adapter.model_from_file(common), inputs),
+        False,
+        "nested .keras -> .safetensors -> torch",
+    )
     live = keras_adapter.get_tensors(model)
     with keras_files.open_keras_file(keras_path) as from_file:
         for key, tensor in from_file.tensors.items():
             np.testing.assert_array_equal(live[key], np.asarray(tensor.load() if hasattr(tensor, "load") else tensor))
     rebuilt = tmp_path / "rebuilt.keras"
     convert(common, rebuilt)
-    check("nested_multi_io", reference, keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
-          False, ".safetensors -> .keras (inlined)")
+    check(
+        "nested_multi_io",
+        reference,
+        keras_adapter.predict(keras.saving.load_model(rebuilt, safe_mode=True), inputs),
+        False,
+        ".safetensors -> .keras (inlined)",
+    )
 
 
 @pytest.mark.parametrize("output_name", ["cnn.safetensors", "cnn.pt", "cnn.py"])

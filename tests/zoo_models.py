@@ -3,7 +3,6 @@ shared by tests/test_zoo.py, tests/test_codegen.py and scripts/bench_convert.py.
 
 import keras
 import pytest
-
 from support import ROOT
 
 L = keras.layers
@@ -71,7 +70,7 @@ def mobilenet_v3_small():
     return keras.applications.MobileNetV3Small(weights=None, input_shape=(64, 64, 3))
 
 
-VOCABULARY = 13     # token ids in tests are drawn below kerasmodels.TOKEN_IDS (7), 0 included: padding
+VOCABULARY = 13  # token ids in tests are drawn below kerasmodels.TOKEN_IDS (7), 0 included: padding
 
 
 def text_cnn():
@@ -101,7 +100,7 @@ def embedding_bilstm():
     inputs = keras.Input((13,), dtype="int32", name="tokens")
     x = L.Embedding(VOCABULARY, 5, mask_zero=True, name="embed")(inputs)
     x = L.Bidirectional(L.LSTM(6, return_sequences=True), name="bilstm")(x)
-    x = L.GlobalAveragePooling1D(name="mean")(x)     # masked: the mean of the unpadded steps
+    x = L.GlobalAveragePooling1D(name="mean")(x)  # masked: the mean of the unpadded steps
     return keras.Model(inputs, L.Dense(3, activation="softmax", name="classify")(x), name="embedding_bilstm")
 
 
@@ -126,14 +125,22 @@ def transformer_block():
     return keras.Model(inputs, L.Dense(3, activation="softmax", name="classify")(x), name="transformer_block")
 
 
-SEQUENCE_MODELS = ("text_cnn", "embedding_lstm", "embedding_gru", "embedding_bilstm", "simple_rnn",
-                   "transformer_block")
-SMALL = {"mnist_cnn": mnist_cnn, "conv_bn_relu_gap": conv_bn_relu_gap,
-         "depthwise_separable": depthwise_separable, "autoencoder": conv_transpose_autoencoder,
-         "text_cnn": text_cnn, "embedding_lstm": embedding_lstm, "embedding_gru": embedding_gru,
-         "embedding_bilstm": embedding_bilstm, "simple_rnn": simple_rnn, "transformer_block": transformer_block}
+SEQUENCE_MODELS = ("text_cnn", "embedding_lstm", "embedding_gru", "embedding_bilstm", "simple_rnn", "transformer_block")
+SMALL = {
+    "mnist_cnn": mnist_cnn,
+    "conv_bn_relu_gap": conv_bn_relu_gap,
+    "depthwise_separable": depthwise_separable,
+    "autoencoder": conv_transpose_autoencoder,
+    "text_cnn": text_cnn,
+    "embedding_lstm": embedding_lstm,
+    "embedding_gru": embedding_gru,
+    "embedding_bilstm": embedding_bilstm,
+    "simple_rnn": simple_rnn,
+    "transformer_block": transformer_block,
+}
 APPLICATIONS = {"mobilenet_v2": mobilenet_v2, "resnet50": resnet50, "mobilenet_v3_small": mobilenet_v3_small}
 # The zoo as test parameters: MobileNetV2's layers (depthwise convolutions, relu6, residual adds)
 # are all in MobileNetV3Small and ResNet50 too, so the default run leaves it to `-m slow`.
-ZOO = sorted(SMALL) + [pytest.param(name, marks=pytest.mark.slow) if name == "mobilenet_v2" else name
-                       for name in sorted(APPLICATIONS)]
+ZOO = sorted(SMALL) + [
+    pytest.param(name, marks=pytest.mark.slow) if name == "mobilenet_v2" else name for name in sorted(APPLICATIONS)
+]

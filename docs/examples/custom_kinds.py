@@ -21,7 +21,7 @@ from exchange.kinds import LayerKind, NoConfig, register
 from exchange.ports import Permute, Port
 
 PACKAGE = "custom_layers"
-EPSILON = 1e-7   # what the Keras classes below add to the attention weights' sum (keras.config.epsilon())
+EPSILON = 1e-7  # what the Keras classes below add to the attention weights' sum (keras.config.epsilon())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -79,7 +79,7 @@ class MaskedAverageKind(LayerKind):
     def torch_forward(self, builder, context, inputs):
         torch = builder.torch
         (sequence,) = inputs
-        kept = builder.call(torch.any, builder.call(torch.ne, sequence, 0), 1, keepdim=True)   # (N, 1, steps)
+        kept = builder.call(torch.any, builder.call(torch.ne, sequence, 0), 1, keepdim=True)  # (N, 1, steps)
         kept = builder.method(kept, "type_as", sequence)
         total = builder.call(torch.sum, builder.call(torch.mul, sequence, kept), 2)
         count = builder.call(torch.clamp, builder.call(torch.sum, kept, 2), min=1.0)
@@ -93,8 +93,11 @@ class MaskedAverageKind(LayerKind):
 class AttentionWeightedAverageKind(LayerKind):
     """Softmax over the steps of `sequence @ kernel`, then the weighted sum of the steps."""
 
-    kind, keras_classes, Config = "custom.attention_weighted_average", (f"{PACKAGE}>AttentionWeightedAverage",), \
-        NoConfig
+    kind, keras_classes, Config = (
+        "custom.attention_weighted_average",
+        (f"{PACKAGE}>AttentionWeightedAverage",),
+        NoConfig,
+    )
 
     def from_keras(self, options):
         return NoConfig()
@@ -109,14 +112,15 @@ class AttentionWeightedAverageKind(LayerKind):
     def torch_forward(self, builder, context, inputs):
         torch, features = builder.torch, context.input_shape[-1]
         (sequence,) = inputs
-        steps_last = builder.call(torch.movedim, sequence, 1, -1)                    # (N, steps, features)
-        scores = builder.module(context, builder.nn.Linear(features, 1, bias=False, device="meta",
-                                                           dtype=builder.dtype(context)), steps_last)
-        logits = builder.call(torch.squeeze, scores, -1)                             # (N, steps)
+        steps_last = builder.call(torch.movedim, sequence, 1, -1)  # (N, steps, features)
+        scores = builder.module(
+            context, builder.nn.Linear(features, 1, bias=False, device="meta", dtype=builder.dtype(context)), steps_last
+        )
+        logits = builder.call(torch.squeeze, scores, -1)  # (N, steps)
         peak = builder.call(torch.amax, logits, -1, keepdim=True)
         weights = builder.call(torch.exp, builder.call(torch.sub, logits, peak))
         total = builder.call(torch.add, builder.call(torch.sum, weights, -1, keepdim=True), EPSILON)
-        weights = builder.call(torch.unsqueeze, builder.call(torch.div, weights, total), 1)   # (N, 1, steps)
+        weights = builder.call(torch.unsqueeze, builder.call(torch.div, weights, total), 1)  # (N, 1, steps)
         return builder.call(torch.sum, builder.call(torch.mul, sequence, weights), 2)
 
     def keras_layer(self, keras, context):

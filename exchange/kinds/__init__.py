@@ -23,31 +23,41 @@ import math
 import os
 import sys
 import typing
-from pathlib import Path
 from collections.abc import Callable, Container
+from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar, overload
 
-if TYPE_CHECKING:   # the graph imports this registry; only the type checker needs these names
+if TYPE_CHECKING:  # the graph imports this registry; only the type checker needs these names
     from exchange.graph import Node, NodeContext, Shape
     from exchange.ports import AnyPort
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 
-KINDS: dict[str, "LayerKind"] = {}
+KINDS: dict[str, LayerKind] = {}
 # The value of a keyword argument of a call that is a tensor, in `KerasOptions.call_kwargs`.
 TENSOR = "<tensor>"
 # The metadata of a config field written to an exchange file only when it differs from its
 # default (`mask_input`): files of models without it stay as they were.
 OMIT_DEFAULT = {"omit_default": True}
-KERAS_CLASSES: dict[str, "LayerKind"] = {}
+KERAS_CLASSES: dict[str, LayerKind] = {}
 # Keras classes refused for a reason worth saying (`refuse_keras_class`), by class name.
 REFUSED_CLASSES: dict[str, str] = {}
 
 # Keras config keys that say nothing about what the layer computes at inference.
 IGNORED_SUFFIXES = ("_initializer", "_regularizer", "_constraint")
-IGNORED_OPTIONS = {"name", "trainable", "dtype", "batch_input_shape", "batch_shape", "input_shape",
-                   "activity_regularizer", "input_dim", "autocast", "build_config"}
+IGNORED_OPTIONS = {
+    "name",
+    "trainable",
+    "dtype",
+    "batch_input_shape",
+    "batch_shape",
+    "input_shape",
+    "activity_regularizer",
+    "input_dim",
+    "autocast",
+    "build_config",
+}
 
 # Caps on the sizes a layer config may declare, whichever source it comes from (a Keras config or
 # a format-2 graph). Every real model is far below them (all of keras.applications passes); past
@@ -86,7 +96,7 @@ class TorchBuilder(Protocol):
     """What a kind's `torch_forward` writes with (`exchange.torch_adapter.TorchGraphBuilder`). Each
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
-    masks: dict[str, TorchValue]   # Keras masks already computed, by name (see `torch_mask`)
+    masks: dict[str, TorchValue]  # Keras masks already computed, by name (see `torch_mask`)
 
     @property
     def nn(self) -> ModuleType:
@@ -132,28 +142,28 @@ class LayerKind:
     kind: str = ""
     keras_classes: tuple[str, ...] = ()
     Config: type = NoConfig
-    keeps_element_order = False       # element-wise: a permuted flat order passes through
-    variable_aliases: dict[str, tuple[str, ...]] = {}   # Keras variable name -> other names formats give it
-    reads_permuted_flat = False       # absorbs a channels-first flatten order into its weights (Dense)
-    may_flatten_channels_first = False   # its torch form may flatten channels-first (Flatten)
-    takes_list = False                # Keras calls the layer on a list of tensors (merges)
-    passes_mask = False               # Keras's `supports_masking`: a mask passes through unchanged
-    selects_output = False            # an `output` node: picks output `config.index` of its input
-    autocasts = True                  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
+    keeps_element_order = False  # element-wise: a permuted flat order passes through
+    variable_aliases: dict[str, tuple[str, ...]] = {}  # Keras variable name -> other names formats give it
+    reads_permuted_flat = False  # absorbs a channels-first flatten order into its weights (Dense)
+    may_flatten_channels_first = False  # its torch form may flatten channels-first (Flatten)
+    takes_list = False  # Keras calls the layer on a list of tensors (merges)
+    passes_mask = False  # Keras's `supports_masking`: a mask passes through unchanged
+    selects_output = False  # an `output` node: picks output `config.index` of its input
+    autocasts = True  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
     # Keras computes integer and bool inputs in the layer's float dtype (Dense, LSTM, Rescaling,
     # the image augmentations: measured, `model.predict` gives float32); the torch side casts them.
     # Layers that only move values about (UpSampling, Cropping, Dropout) keep Keras's integers at
     # run time under a float32 symbolic dtype, and LayerNormalization takes its moments in
     # integers (an int8 row comes out one-hot): they read none.
     casts_integers = False
-    keeps_input_dtypes = False        # a Keras layer that takes its inputs as given (Hashing): no cast
+    keeps_input_dtypes = False  # a Keras layer that takes its inputs as given (Hashing): no cast
     # Its Keras dtype may name an integer type (Hashing's "int64": its output's), which the kind
     # reads itself (`integer_output`); the node's dtype is then float32.
     takes_integer_dtype = False
     # The position of `mask` in the Keras call (`call(inputs, mask=None)`: 1), for the kinds that
     # read a mask given as a tensor; such a mask is the node's last input (`mask_name`).
     mask_position: int | None = None
-    tensor_kwargs: tuple[str, ...] = ()   # keywords of the call that may be tensors: extra node inputs
+    tensor_kwargs: tuple[str, ...] = ()  # keywords of the call that may be tensors: extra node inputs
 
     def reads_integers(self, node: Node, position: int) -> bool:
         """Whether the node's input `position` may be an integer tensor. Keras's layers treat
@@ -220,8 +230,10 @@ class LayerKind:
         if len(present) < len(input_masks):
             return None
         if len(set(present)) > 1:
-            raise UnsupportedLayerError(f"layer {node.name!r} ({self.kind}) merges tensors with different masks "
-                                        f"({', '.join(sorted(set(present)))}); not supported")
+            raise UnsupportedLayerError(
+                f"layer {node.name!r} ({self.kind}) merges tensors with different masks "
+                f"({', '.join(sorted(set(present)))}); not supported"
+            )
         return present[0]
 
     def mask_source(self, node: Node) -> tuple[str, float] | None:
@@ -286,8 +298,12 @@ class LayerKind:
         the three kernels, then the three biases) reorders them here."""
         from exchange.ports import TorchOnly
 
-        return [(name, shape) for port in self.ports(context) if not isinstance(port, TorchOnly)
-                for name, shape in port.keras_shapes.items()]
+        return [
+            (name, shape)
+            for port in self.ports(context)
+            if not isinstance(port, TorchOnly)
+            for name, shape in port.keras_shapes.items()
+        ]
 
     # -- building -------------------------------------------------------------------------
 
@@ -306,8 +322,9 @@ class LayerKind:
 
     def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         """Optional: this node in numpy on the file's tensors (keys without the node prefix)."""
-        raise UnsupportedLayerError(f"no numpy forward for layer kind {self.kind!r}; install torch "
-                                    "or keras to run this model")
+        raise UnsupportedLayerError(
+            f"no numpy forward for layer kind {self.kind!r}; install torch or keras to run this model"
+        )
 
 
 KindClass = TypeVar("KindClass", bound=LayerKind)
@@ -340,8 +357,10 @@ def kind_of(name: str) -> LayerKind:
     if name not in KINDS:
         load_installed_kinds()
     if name not in KINDS:
-        raise UnsupportedLayerError(f"unsupported layer kind {_short(name)} (known: {', '.join(sorted(KINDS))}; "
-                                    f"a kind of your own is registered with --kinds FILE, see {KINDS_DOC})")
+        raise UnsupportedLayerError(
+            f"unsupported layer kind {_short(name)} (known: {', '.join(sorted(KINDS))}; "
+            f"a kind of your own is registered with --kinds FILE, see {KINDS_DOC})"
+        )
     return KINDS[name]
 
 
@@ -357,8 +376,8 @@ def kind_for_keras_class(class_name: str) -> LayerKind | None:
 # Kinds of the user's own: from a Python file named on the command line, or installed packages
 
 KINDS_DOC = "docs/adding-a-layer-kind.md"
-ENTRY_POINT_GROUP = "keras_torch_exchange.kinds"   # a package's modules that register kinds when imported
-KIND_FILES: list[str] = []   # files `load_kinds_file` ran, in order (the --verify child runs them too)
+ENTRY_POINT_GROUP = "keras_torch_exchange.kinds"  # a package's modules that register kinds when imported
+KIND_FILES: list[str] = []  # files `load_kinds_file` ran, in order (the --verify child runs them too)
 _installed_kinds_loaded = False
 
 
@@ -372,10 +391,10 @@ def load_kinds_file(path: str | os.PathLike[str]) -> None:
     if not path.is_file() or path.suffix != ".py":
         raise ExchangeError(f"{path}: --kinds takes a Python file (.py) that registers layer kinds")
     spec = importlib.util.spec_from_file_location(f"exchange_user_kinds_{len(KIND_FILES)}", path)
-    if spec is None or spec.loader is None:   # not met for a .py file: Python gives it a source loader
+    if spec is None or spec.loader is None:  # not met for a .py file: Python gives it a source loader
         raise ExchangeError(f"{path}: --kinds takes a Python file (.py) that registers layer kinds")
     module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module   # dataclasses and pickling look classes up by module
+    sys.modules[spec.name] = module  # dataclasses and pickling look classes up by module
     try:
         spec.loader.exec_module(module)
     except ExchangeError:
@@ -397,13 +416,18 @@ def load_installed_kinds() -> None:
         try:
             entry_point.load()
         except Exception as err:
-            raise ExchangeError(f"installed layer kinds {entry_point.value!r} (entry point {entry_point.name!r}) "
-                                f"failed to load ({type(err).__name__}: {err})") from err
+            raise ExchangeError(
+                f"installed layer kinds {entry_point.value!r} (entry point {entry_point.name!r}) "
+                f"failed to load ({type(err).__name__}: {err})"
+            ) from err
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
-    return {field.name: _jsonable(getattr(config, field.name)) for field in dataclasses.fields(config)
-            if not (field.metadata.get("omit_default") and getattr(config, field.name) == field.default)}
+    return {
+        field.name: _jsonable(getattr(config, field.name))
+        for field in dataclasses.fields(config)
+        if not (field.metadata.get("omit_default") and getattr(config, field.name) == field.default)
+    }
 
 
 def mask_name(context: NodeContext) -> str | None:
@@ -427,10 +451,11 @@ def check_step_mask(config: Any, input_shapes: tuple[Shape, ...]) -> tuple[Shape
     """The input shapes without a mask input, after checking that it is (T,) for a (T, F) input."""
     if not getattr(config, "mask_input", False):
         return input_shapes
-    if len(input_shapes) < 2 or len(input_shapes[-1]) != 1 or not _sizes_agree(input_shapes[-1][0],
-                                                                                 input_shapes[0][0]):
-        raise ExchangeError(f"mask of shape (batch, {input_shapes[-1]}) does not match input of shape "
-                            f"(batch, {input_shapes[0]}): expected (batch, {input_shapes[0][:1]})")
+    if len(input_shapes) < 2 or len(input_shapes[-1]) != 1 or not _sizes_agree(input_shapes[-1][0], input_shapes[0][0]):
+        raise ExchangeError(
+            f"mask of shape (batch, {input_shapes[-1]}) does not match input of shape "
+            f"(batch, {input_shapes[0]}): expected (batch, {input_shapes[0][:1]})"
+        )
     return input_shapes[:-1]
 
 
@@ -472,7 +497,7 @@ def coerce(value: Any, hint: Any, what: str) -> Any:
         if isinstance(value, str):
             return value
     elif isinstance(hint, type) and dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):   # a nested config, already read by its kind
+        if isinstance(value, hint):  # a nested config, already read by its kind
             return value
     elif origin is tuple and isinstance(value, (list, tuple)):
         if len(args) == 2 and args[1] is Ellipsis:
@@ -497,10 +522,11 @@ def check_int(value: object, what: str, maximum: int, minimum: int = 1) -> int:
     return value
 
 
-def check_ints(values: object, what: str, maximum: int, minimum: int = 1,
-               count: tuple[int, ...] = ()) -> tuple[int, ...]:
+def check_ints(
+    values: object, what: str, maximum: int, minimum: int = 1, count: tuple[int, ...] = ()
+) -> tuple[int, ...]:
     """A tuple of ints each in [minimum, maximum]; `count`, when given, the lengths allowed."""
-    if not isinstance(values, tuple) or count and len(values) not in count:
+    if not isinstance(values, tuple) or (count and len(values) not in count):
         raise ExchangeError(f"{what} must be {' or '.join(map(str, count)) or 'some'} integers, got {_short(values)}")
     for value in values:
         check_int(value, what, maximum, minimum)
@@ -536,16 +562,24 @@ class KerasOptions:
     that was neither taken nor is known not to matter at inference.
     """
 
-    def __init__(self, class_name: str, layer_name: str, config: dict[str, Any], keras2: bool = False,
-                 call_args: list[Any] | None = None, call_kwargs: dict[str, Any] | None = None,
-                 mask_given: bool = False, mask_input: bool = False) -> None:
+    def __init__(
+        self,
+        class_name: str,
+        layer_name: str,
+        config: dict[str, Any],
+        keras2: bool = False,
+        call_args: list[Any] | None = None,
+        call_kwargs: dict[str, Any] | None = None,
+        mask_given: bool = False,
+        mask_input: bool = False,
+    ) -> None:
         self.class_name, self.layer_name, self.config = class_name, layer_name, config
-        self.keras2 = keras2   # read from a Keras 2 file: some defaults and meanings differ
-        self.call_args = call_args or []   # positional arguments of the call: None for a tensor
+        self.keras2 = keras2  # read from a Keras 2 file: some defaults and meanings differ
+        self.call_args = call_args or []  # positional arguments of the call: None for a tensor
         # keyword arguments of the call (but `mask`): a constant's value, or TENSOR for a tensor, which
         # is a node input after the positional ones, in this dict's order (`LayerKind.tensor_kwargs`)
         self.call_kwargs = call_kwargs or {}
-        self.mask_given = mask_given   # the call passes `mask=` explicitly (Keras 3 records it)
+        self.mask_given = mask_given  # the call passes `mask=` explicitly (Keras 3 records it)
         # ... and that mask is a tensor of the model (an input, a layer's output), not the
         # Embedding's `ids != 0`: the node's last input. A kind reading it calls `take_mask_input`.
         self.mask_input = mask_input
@@ -565,14 +599,17 @@ class KerasOptions:
         return default
 
     @overload
-    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
-                      required: Literal[True] = True) -> tuple[LayerKind, Any, str]: ...
+    def wrapped_layer(
+        self, key: str, accepts: Callable[[LayerKind], bool], what: str, required: Literal[True] = True
+    ) -> tuple[LayerKind, Any, str]: ...
     @overload
-    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
-                      required: bool) -> tuple[LayerKind, Any, str] | None: ...
+    def wrapped_layer(
+        self, key: str, accepts: Callable[[LayerKind], bool], what: str, required: bool
+    ) -> tuple[LayerKind, Any, str] | None: ...
 
-    def wrapped_layer(self, key: str, accepts: Callable[[LayerKind], bool], what: str,
-                      required: bool = True) -> tuple[LayerKind, Any, str] | None:
+    def wrapped_layer(
+        self, key: str, accepts: Callable[[LayerKind], bool], what: str, required: bool = True
+    ) -> tuple[LayerKind, Any, str] | None:
         """(kind, config, Keras name) of the layer a wrapper holds in option `key`
         (TimeDistributed's and Bidirectional's `layer`), read with the wrapper's name in errors;
         `accepts(kind)` says which kinds the wrapper takes, `what` names them. None when the
@@ -615,8 +652,9 @@ class KerasOptions:
             raise self.unsupported(key, value, "must be a finite number")
         return float(value)
 
-    def sizes(self, key: str, count: int, default: Any = dataclasses.MISSING, *, keras2: str | None = None
-              ) -> tuple[int, ...]:
+    def sizes(
+        self, key: str, count: int, default: Any = dataclasses.MISSING, *, keras2: str | None = None
+    ) -> tuple[int, ...]:
         """A per-axis size option (`kernel_size`: `3` or `[3, 5]`) as `count` ints."""
         return ints(self.take(key, default, keras2=keras2), count, f"{self.where()} option {key!r}")
 
@@ -633,8 +671,9 @@ class KerasOptions:
             raise self.unsupported(key, value)
 
     def unsupported(self, key: str, value: Any, why: str = "") -> UnsupportedLayerError:
-        return UnsupportedLayerError(f"{self.where()}: unsupported option {key}={_short(value)}"
-                                     + (f" ({why})" if why else ""))
+        return UnsupportedLayerError(
+            f"{self.where()}: unsupported option {key}={_short(value)}" + (f" ({why})" if why else "")
+        )
 
     def take_mask_input(self) -> bool:
         """Whether the call gives a mask tensor (the node's last input); the kind reads it."""
@@ -643,10 +682,14 @@ class KerasOptions:
 
     def finish(self) -> None:
         if self.mask_input and not self.mask_taken:
-            raise UnsupportedLayerError(f"{self.where()}: argument 'mask' given as a tensor is not supported "
-                                        "for this layer")
-        unknown = sorted(key for key in self.config if key not in self.taken and key not in IGNORED_OPTIONS
-                         and not key.endswith(IGNORED_SUFFIXES))
+            raise UnsupportedLayerError(
+                f"{self.where()}: argument 'mask' given as a tensor is not supported for this layer"
+            )
+        unknown = sorted(
+            key
+            for key in self.config
+            if key not in self.taken and key not in IGNORED_OPTIONS and not key.endswith(IGNORED_SUFFIXES)
+        )
         if unknown:
             raise UnsupportedLayerError(f"{self.where()}: unknown option(s) {', '.join(map(_short, unknown))}")
 
@@ -655,13 +698,32 @@ def ints(value: object, count: int, what: str) -> tuple[int, ...]:
     """A Keras size option (`3` or `[3, 5]`) as `count` ints."""
     if isinstance(value, int) and not isinstance(value, bool):
         return (value,) * count
-    if isinstance(value, (list, tuple)) and len(value) == count and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value):
+    if (
+        isinstance(value, (list, tuple))
+        and len(value) == count
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
         return tuple(value)
     raise UnsupportedLayerError(f"{what}: expected {count} integers, found {_short(value)}")
 
 
 # The families. Importing them fills the registry.
-from exchange.kinds import (activations, arithmetic, attention, conv_lstm, convolution, dense,  # noqa: E402,F401
-                            histogram, merging, normalization, operations, pooling, preprocessing, recurrent,
-                            reshaping, signal, training_only, wrappers)
+from exchange.kinds import (
+    activations,
+    arithmetic,
+    attention,
+    conv_lstm,
+    convolution,
+    dense,
+    histogram,
+    merging,
+    normalization,
+    operations,
+    pooling,
+    preprocessing,
+    recurrent,
+    reshaping,
+    signal,
+    training_only,
+    wrappers,
+)

@@ -60,8 +60,9 @@ ACTIVATIONS: dict[str, Activation] = {
     "tanh": Activation(("torch", "tanh", {}), "tanh", np.tanh),
     "sigmoid": Activation(("torch", "sigmoid", {}), "sigmoid", lambda x: 1 / (1 + np.exp(-x))),
     "hard_sigmoid": Activation(("F", "hardsigmoid", {}), "hard_sigmoid", lambda x: np.clip(x + 3, 0, 6) / 6),
-    "hard_sigmoid_keras2": Activation(("helpers", "keras2_hard_sigmoid", {}), None,
-                                      lambda x: np.clip(0.2 * x + 0.5, 0, 1)),
+    "hard_sigmoid_keras2": Activation(
+        ("helpers", "keras2_hard_sigmoid", {}), None, lambda x: np.clip(0.2 * x + 0.5, 0, 1)
+    ),
     "softmax": Activation(("torch", "softmax", {"dim": 1}), "softmax", _np_softmax),
     "log_softmax": Activation(("torch", "log_softmax", {"dim": 1}), "log_softmax"),
     "silu": Activation(("F", "silu", {}), "silu", lambda x: x / (1 + np.exp(-x))),
@@ -93,9 +94,9 @@ def read_activation(options, key: str = "activation") -> str:
     if name == "hard_sigmoid" and options.keras2:
         name = "hard_sigmoid_keras2"
     formula = name.removeprefix(FORMULA_PACKAGE + ">")
-    if formula != name and formula in _formula_functions:   # a live model of `keras_formulas()`
+    if formula != name and formula in _formula_functions:  # a live model of `keras_formulas()`
         return formula
-    if name not in ACTIVATIONS or ACTIVATIONS[name].keras is None and not options.keras2:
+    if name not in ACTIVATIONS or (ACTIVATIONS[name].keras is None and not options.keras2):
         readable = sorted(name for name, activation in ACTIVATIONS.items() if activation.keras)
         raise options.unsupported(key, value, f"supported: {', '.join(readable)}")
     return name
@@ -203,8 +204,9 @@ class ActivationLayer(LayerKind):
         return torch_activation(builder, context.config.activation, inputs[0])
 
     def keras_layer(self, keras, context):
-        return keras.layers.Activation(keras_activation(context.config.activation, context.node.name),
-                                       **context.keras_identity)
+        return keras.layers.Activation(
+            keras_activation(context.config.activation, context.node.name), **context.keras_identity
+        )
 
     def numpy_forward(self, context, tensors, inputs):
         return numpy_activation(context.config.activation, context.node.name)(inputs[0])
@@ -235,20 +237,28 @@ class ReLU(LayerKind):
 
     def from_keras(self, options):
         max_value = options.take("max_value", None)
-        return ReLUConfig(None if max_value is None else float(max_value),
-                          options.number("negative_slope", 0.0), options.number("threshold", 0.0))
+        return ReLUConfig(
+            None if max_value is None else float(max_value),
+            options.number("negative_slope", 0.0),
+            options.number("threshold", 0.0),
+        )
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         if config.negative_slope == 0 and config.threshold == 0 and config.max_value in (None, 6.0):
             return builder.call(builder.F.relu if config.max_value is None else builder.F.relu6, inputs[0])
-        return builder.module(context, builder.helpers.KerasReLU(config.max_value, config.negative_slope,
-                                                                 config.threshold), inputs[0])
+        return builder.module(
+            context, builder.helpers.KerasReLU(config.max_value, config.negative_slope, config.threshold), inputs[0]
+        )
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.ReLU(max_value=config.max_value, negative_slope=config.negative_slope,
-                                 threshold=config.threshold, **context.keras_identity)
+        return keras.layers.ReLU(
+            max_value=config.max_value,
+            negative_slope=config.negative_slope,
+            threshold=config.threshold,
+            **context.keras_identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -256,7 +266,7 @@ class LeakyReLUConfig:
     negative_slope: float = 0.3
 
     def __post_init__(self) -> None:
-        if not self.negative_slope >= 0:   # Keras's LeakyReLU refuses a negative slope
+        if not self.negative_slope >= 0:  # Keras's LeakyReLU refuses a negative slope
             raise ExchangeError(f"LeakyReLU negative_slope must be a non-negative number, got {self.negative_slope!r}")
 
 
@@ -276,8 +286,7 @@ class LeakyReLU(LayerKind):
         return builder.call(builder.F.leaky_relu, inputs[0], negative_slope=context.config.negative_slope)
 
     def keras_layer(self, keras, context):
-        return keras.layers.LeakyReLU(negative_slope=context.config.negative_slope,
-                                      **context.keras_identity)
+        return keras.layers.LeakyReLU(negative_slope=context.config.negative_slope, **context.keras_identity)
 
 
 @dataclass(frozen=True)
@@ -315,7 +324,7 @@ class SoftmaxConfig:
     # Keras axis, batch included; negative counts from the end. Several axes (a tuple of two or
     # more) normalise over all of them together.
     axis: int | tuple[int, ...] = -1
-    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # Softmax()(x, mask)
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)  # Softmax()(x, mask)
 
     def __post_init__(self) -> None:
         axes = self.axis if isinstance(self.axis, tuple) else (self.axis,)
@@ -331,8 +340,10 @@ def softmax_axes(axis, rank: int) -> tuple[int, ...]:
     which Keras's `predict` and a torch call batch differently."""
     values = axis if isinstance(axis, tuple) else (axis,)
     if any(isinstance(value, int) and value in (0, -rank - 1) for value in values):
-        raise UnsupportedLayerError(f"axis {_short(axis)} is not a feature axis: a softmax over the batch axis "
-                                    "makes each row's output depend on the rows batched with it; not supported")
+        raise UnsupportedLayerError(
+            f"axis {_short(axis)} is not a feature axis: a softmax over the batch axis "
+            "makes each row's output depend on the rows batched with it; not supported"
+        )
     axes = tuple(check_axis(value, rank) for value in values)
     if len(set(axes)) != len(axes):
         raise ExchangeError(f"Softmax axis {_short(axis)} names an axis twice")
@@ -348,22 +359,26 @@ class Softmax(LayerKind):
     its batch axis up with N) is applied with the input in Keras's order."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
-    mask_position = 1   # call(inputs, mask=None)
+    mask_position = 1  # call(inputs, mask=None)
 
     def output_mask(self, node, input_masks):
-        if node.config.mask_input:   # Keras passes the mask it was given on (supports_masking)
+        if node.config.mask_input:  # Keras passes the mask it was given on (supports_masking)
             return node.inputs[-1]
-        if input_masks[0] is not None:   # Keras adds a large negative number at masked steps
-            raise UnsupportedLayerError(f"layer {node.name!r} (Softmax) on a masked input (mask from "
-                                        f"{input_masks[0]!r}) is not supported")
+        if input_masks[0] is not None:  # Keras adds a large negative number at masked steps
+            raise UnsupportedLayerError(
+                f"layer {node.name!r} (Softmax) on a masked input (mask from {input_masks[0]!r}) is not supported"
+            )
         return None
 
     def from_keras(self, options):
         axis = options.take("axis", -1)
         if isinstance(axis, list) and len(axis) == 1:
             axis = axis[0]
-        if isinstance(axis, list) and len(axis) > 1 and all(isinstance(value, int) and not isinstance(value, bool)
-                                                             for value in axis):
+        if (
+            isinstance(axis, list)
+            and len(axis) > 1
+            and all(isinstance(value, int) and not isinstance(value, bool) for value in axis)
+        ):
             axis = tuple(axis)
         if not isinstance(axis, (int, tuple)) or isinstance(axis, bool):
             raise options.unsupported("axis", axis, "an axis or a list of axes")
@@ -374,11 +389,16 @@ class Softmax(LayerKind):
         if config.mask_input:
             # Keras broadcasts the mask from the right (numpy's rules), batch axes included.
             shape, mask = (None,) + tuple(input_shapes[0]), (None,) + tuple(input_shapes[-1])
-            if len(input_shapes) != 2 or len(mask) > len(shape) or any(
-                    m not in (1, None) and s is not None and m != s for m, s in zip(mask[::-1], shape[::-1])):
-                raise ExchangeError(f"argument 'mask' of shape {_batch_shape(input_shapes[-1])} for an input of shape "
-                                    f"{_batch_shape(input_shapes[0])} is not supported: it does not broadcast to it "
-                                    "(numpy's rules, as Keras's)")
+            if (
+                len(input_shapes) != 2
+                or len(mask) > len(shape)
+                or any(m not in (1, None) and s is not None and m != s for m, s in zip(mask[::-1], shape[::-1]))
+            ):
+                raise ExchangeError(
+                    f"argument 'mask' of shape {_batch_shape(input_shapes[-1])} for an input of shape "
+                    f"{_batch_shape(input_shapes[0])} is not supported: it does not broadcast to it "
+                    "(numpy's rules, as Keras's)"
+                )
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
@@ -390,7 +410,7 @@ class Softmax(LayerKind):
             return _softmax(builder, inputs[0], tuple(to_keras_order(rank)[axis] for axis in axes))
         mask_rank = len(context.input_shapes[-1])
         value, mask = inputs[0], inputs[-1]
-        keras_order = mask_rank != rank and rank >= 2   # a shorter mask lines up with Keras's axes
+        keras_order = mask_rank != rank and rank >= 2  # a shorter mask lines up with Keras's axes
         if keras_order:
             value = builder.call(torch.permute, value, to_keras_order(rank))
             if mask_rank >= 2:
@@ -426,7 +446,7 @@ def _softmax(builder, value, dims: tuple[int, ...]):
 
 @dataclass(frozen=True)
 class PReLUConfig:
-    shared_axes: tuple[int, ...] = ()   # Keras axes (batch is 0) along which one alpha is shared
+    shared_axes: tuple[int, ...] = ()  # Keras axes (batch is 0) along which one alpha is shared
 
     def __post_init__(self) -> None:
         for axis in self.shared_axes:
@@ -439,12 +459,15 @@ def _alpha_shape(config, input_shape) -> tuple:
     """Keras's alpha: the input's shape without the batch, 1 along each shared axis."""
     for axis in config.shared_axes:
         if axis > len(input_shape):
-            raise ExchangeError(f"PReLU shared axis {axis} is not an axis of an input of shape "
-                                f"{_batch_shape(input_shape)}")
+            raise ExchangeError(
+                f"PReLU shared axis {axis} is not an axis of an input of shape {_batch_shape(input_shape)}"
+            )
     shape = tuple(1 if axis + 1 in config.shared_axes else size for axis, size in enumerate(input_shape))
     if None in shape:
-        raise UnsupportedLayerError(f"PReLU needs a known size along every axis it does not share, "
-                                    f"found input shape {_batch_shape(input_shape)}")
+        raise UnsupportedLayerError(
+            f"PReLU needs a known size along every axis it does not share, "
+            f"found input shape {_batch_shape(input_shape)}"
+        )
     return shape
 
 
@@ -462,7 +485,8 @@ class PReLU(LayerKind):
         if shared is None:
             shared = []
         if not isinstance(shared, list) or not all(
-                isinstance(axis, int) and not isinstance(axis, bool) and axis >= 1 for axis in shared):
+            isinstance(axis, int) and not isinstance(axis, bool) and axis >= 1 for axis in shared
+        ):
             raise options.unsupported("shared_axes", shared, "positive axes (batch is 0)")
         return PReLUConfig(tuple(shared))
 

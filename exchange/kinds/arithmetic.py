@@ -30,33 +30,38 @@ from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_int,
 from exchange.kinds.layout import to_torch_order
 from exchange.kinds.merging import broadcast_shapes
 
-ARRAY = "array"        # the operand that is the config's array constant
-MAX_ARRAY_VALUES = 1 << 16   # an array constant's values: real ones are per-channel scales, a few thousand at most
+ARRAY = "array"  # the operand that is the config's array constant
+MAX_ARRAY_VALUES = 1 << 16  # an array constant's values: real ones are per-channel scales, a few thousand at most
 
 
 @dataclass(frozen=True)
 class OperandsConfig:
     # None: the next tensor input, in order; a number; "array": the array constant below
     operands: tuple[float | str | None, ...]
-    array: tuple[float, ...] = field(default=(), metadata=OMIT_DEFAULT)           # its values, row-major, float32
+    array: tuple[float, ...] = field(default=(), metadata=OMIT_DEFAULT)  # its values, row-major, float32
     array_shape: tuple[int, ...] = field(default=(), metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
         if len(self.operands) != 2 or None not in self.operands:
             raise ExchangeError(f"operands must be two, at least one a tensor (None), got {list(self.operands)}")
         for value in self.operands:
-            if isinstance(value, str) and value != ARRAY or isinstance(value, float) and not math.isfinite(value):
+            if (isinstance(value, str) and value != ARRAY) or (isinstance(value, float) and not math.isfinite(value)):
                 raise ExchangeError(f"operand {_short(value)} is not a tensor (None), a finite number or {ARRAY!r}")
-        if (ARRAY in self.operands) != bool(self.array_shape) or not 0 < len(self.array_shape) <= MAX_AXIS \
-                and self.array_shape:
+        if (ARRAY in self.operands) != bool(self.array_shape) or (
+            not 0 < len(self.array_shape) <= MAX_AXIS and self.array_shape
+        ):
             raise ExchangeError(f"an {ARRAY!r} operand and array_shape go together (1 to {MAX_AXIS} sizes)")
         for size in self.array_shape:
             check_int(size, "array constant size", MAX_ARRAY_VALUES)
-        if len(self.array) != (math.prod(self.array_shape) if self.array_shape else 0) or \
-                len(self.array) > MAX_ARRAY_VALUES or not all(isinstance(value, float) and math.isfinite(value)
-                                                              for value in self.array):
-            raise ExchangeError(f"array constant of shape {list(self.array_shape)} must hold as many finite "
-                                f"numbers (at most {MAX_ARRAY_VALUES:,}), found {len(self.array)}")
+        if (
+            len(self.array) != (math.prod(self.array_shape) if self.array_shape else 0)
+            or len(self.array) > MAX_ARRAY_VALUES
+            or not all(isinstance(value, float) and math.isfinite(value) for value in self.array)
+        ):
+            raise ExchangeError(
+                f"array constant of shape {list(self.array_shape)} must hold as many finite "
+                f"numbers (at most {MAX_ARRAY_VALUES:,}), found {len(self.array)}"
+            )
 
 
 def _array_constant(value, where) -> tuple[tuple[int, ...], tuple[float, ...]]:
@@ -84,8 +89,8 @@ def _array_constant(value, where) -> tuple[tuple[int, ...], tuple[float, ...]]:
 
 class _Arithmetic(LayerKind):
     Config = OperandsConfig
-    torch_function = ""          # name of the torch function
-    keras_operation = ""         # class name in keras.src.ops.numpy
+    torch_function = ""  # name of the torch function
+    keras_operation = ""  # class name in keras.src.ops.numpy
     autocasts = False
     python_operator = None
 
@@ -112,15 +117,18 @@ class _Arithmetic(LayerKind):
         if config.array_shape:
             rank = len(input_shapes[0])
             if len(config.array_shape) > rank:
-                raise UnsupportedLayerError(f"an array constant of shape {list(config.array_shape)} has more axes than "
-                                    f"the tensor's (batch, {_short(input_shapes[0])[1:-1]}); not supported")
+                raise UnsupportedLayerError(
+                    f"an array constant of shape {list(config.array_shape)} has more axes than "
+                    f"the tensor's (batch, {_short(input_shapes[0])[1:-1]}); not supported"
+                )
             return broadcast_shapes([input_shapes[0], (1,) * (rank - len(config.array_shape)) + config.array_shape])
         return input_shapes[0] if len(input_shapes) == 1 else broadcast_shapes(input_shapes)
 
     def _operands(self, context, inputs: list, array=None) -> list:
         tensors = iter(inputs)
-        return [next(tensors) if value is None else array if value == ARRAY else value
-                for value in context.config.operands]
+        return [
+            next(tensors) if value is None else array if value == ARRAY else value for value in context.config.operands
+        ]
 
     def _torch_array(self, builder, context, inputs):
         """The array constant as a tensor on the input's device, in its dtype and torch layout."""
@@ -139,7 +147,7 @@ class _Arithmetic(LayerKind):
         return np.asarray(config.array, np.float32).reshape(config.array_shape) if config.array_shape else None
 
     def keras_layer(self, keras, context):
-        from keras.src.ops import numpy as keras_numpy_ops   # the operation classes Keras records
+        from keras.src.ops import numpy as keras_numpy_ops  # the operation classes Keras records
 
         return getattr(keras_numpy_ops, self.keras_operation)(name=context.node.name)
 
@@ -177,7 +185,7 @@ class DivideOperation(_Arithmetic):
 class _Extremum(_Arithmetic):
     """maximum/minimum: of two tensors `torch.maximum`; of a tensor and a number a clamp."""
 
-    clamp_bound = ""   # "min" for maximum (the result is at least the number), "max" for minimum
+    clamp_bound = ""  # "min" for maximum (the result is at least the number), "max" for minimum
 
     def torch_forward(self, builder, context, inputs):
         numbers = [value for value in context.config.operands if isinstance(value, float)]

@@ -76,8 +76,17 @@ from dataclasses import dataclass, field
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_HEADS, OMIT_DEFAULT, TENSOR, LayerKind, check_int, check_ints,
-                            register)
+from exchange.kinds import (
+    MAX_AXIS,
+    MAX_FEATURES,
+    MAX_HEADS,
+    OMIT_DEFAULT,
+    TENSOR,
+    LayerKind,
+    check_int,
+    check_ints,
+    register,
+)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
@@ -86,8 +95,8 @@ CALL_INPUTS = ("query", "value", "key", "attention_mask")
 POSITIONAL_INPUTS = ("query", "value", "key")
 # The number Keras puts at masked logits (TensorFlow's dot_product_attention: 0.7 × the dtype's
 # largest value, so that adding a logit cannot overflow to -inf).
-LARGE_NEGATIVE = {"float16": -45850.0}     # 0.7 × 65500
-DEFAULT_LARGE_NEGATIVE = -2.372671e38      # 0.7 × 3.38953e38
+LARGE_NEGATIVE = {"float16": -45850.0}  # 0.7 × 65500
+DEFAULT_LARGE_NEGATIVE = -2.372671e38  # 0.7 × 3.38953e38
 # The four projections in Keras's variable order (kernel, then bias, of each). Keras 3 files keep
 # them in `<layer>/query_dense/vars`, …, `output_dense/vars`; Keras 2 names them `mha/query/kernel:0`,
 # …, `mha/attention_output/bias:0`, so `kernel` and `bias` are aliases of each variable name.
@@ -101,11 +110,11 @@ class MultiHeadAttentionConfig:
     num_heads: int
     key_dim: int
     value_dim: int
-    output_shape: tuple[int, ...] | None = None   # None: the query's width, as in Keras
+    output_shape: tuple[int, ...] | None = None  # None: the query's width, as in Keras
     use_bias: bool = True
     dropout: float = 0.0
     use_causal_mask: bool = False
-    call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    call_inputs: tuple[str, ...] = ("query", "value")  # what each node input is in the call
     use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
     sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
     return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
@@ -125,10 +134,16 @@ class MultiHeadAttentionConfig:
         for size in self.output_shape or ():
             check_int(size, "MultiHeadAttention output_shape", MAX_FEATURES)
         roles = self.call_inputs
-        if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
-                or "query" not in roles or "value" not in roles):
-            raise ExchangeError(f"MultiHeadAttention call_inputs must name query, value and optionally key "
-                                f"and attention_mask once each, got {list(roles)}")
+        if (
+            len(set(roles)) != len(roles)
+            or not set(roles) <= set(CALL_INPUTS)
+            or "query" not in roles
+            or "value" not in roles
+        ):
+            raise ExchangeError(
+                f"MultiHeadAttention call_inputs must name query, value and optionally key "
+                f"and attention_mask once each, got {list(roles)}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
 
@@ -144,8 +159,7 @@ def _output_shape(config, query_width: int) -> tuple[int, ...]:
 def _widths(context) -> dict[str, int]:
     """Feature width of the query, key and value inputs (the key defaults to the value)."""
     shapes = dict(zip(context.config.call_inputs, context.input_shapes))
-    return {"query": shapes["query"][-1], "value": shapes["value"][-1],
-            "key": shapes.get("key", shapes["value"])[-1]}
+    return {"query": shapes["query"][-1], "value": shapes["value"][-1], "key": shapes.get("key", shapes["value"])[-1]}
 
 
 def explicit_scores(config, rank: int = 2) -> bool:
@@ -157,9 +171,13 @@ def explicit_scores(config, rank: int = 2) -> bool:
 
 def fits_torch_multihead(config, query_width: int, rank: int = 2) -> bool:
     """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
-    return (config.num_heads * config.key_dim == query_width and config.value_dim == config.key_dim
-            and _output_shape(config, query_width) == (query_width,) and not config.use_gate
-            and not explicit_scores(config, rank))
+    return (
+        config.num_heads * config.key_dim == query_width
+        and config.value_dim == config.key_dim
+        and _output_shape(config, query_width) == (query_width,)
+        and not config.use_gate
+        and not explicit_scores(config, rank)
+    )
 
 
 def attended_axes(config, rank: int) -> tuple[int, ...]:
@@ -169,8 +187,10 @@ def attended_axes(config, rank: int) -> tuple[int, ...]:
         return tuple(range(1, rank))
     axes = tuple(axis + rank + 1 if axis < 0 else axis for axis in config.attention_axes)
     if len(set(axes)) != len(axes) or not all(1 <= axis < rank for axis in axes):
-        raise UnsupportedLayerError(f"MultiHeadAttention attention_axes {list(config.attention_axes)}: not distinct "
-                                    f"axes between the batch and the features of a rank-{rank + 1} input")
+        raise UnsupportedLayerError(
+            f"MultiHeadAttention attention_axes {list(config.attention_axes)}: not distinct "
+            f"axes between the batch and the features of a rank-{rank + 1} input"
+        )
     return axes
 
 
@@ -187,8 +207,9 @@ def _bias_steps(heads: int, dim: int) -> tuple:
 class MultiHeadAttention(LayerKind):
     kind, keras_classes, Config = "multi_head_attention", ("MultiHeadAttention",), MultiHeadAttentionConfig
     tensor_kwargs = ("query", "value", "key", "attention_mask")
-    variable_aliases = {f"{projection}_{variable}": (variable,)
-                        for projection in GATED_PROJECTIONS for variable in ("kernel", "bias")}
+    variable_aliases = {
+        f"{projection}_{variable}": (variable,) for projection in GATED_PROJECTIONS for variable in ("kernel", "bias")
+    }
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -197,20 +218,23 @@ class MultiHeadAttention(LayerKind):
         return position < len(roles) and roles[position] == "attention_mask"
 
     def from_keras(self, options):
-        options.expect("softmax_robust_masking", False)   # tf-keras: another masked softmax
-        options.take("flash_attention", None)   # an implementation choice: the same attention
+        options.expect("softmax_robust_masking", False)  # tf-keras: another masked softmax
+        options.take("flash_attention", None)  # an implementation choice: the same attention
         window = options.take("sliding_window", None)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
             raise options.unsupported("sliding_window", window, "None or a positive integer")
         axes = options.take("attention_axes", None)
         if isinstance(axes, int) and not isinstance(axes, bool):
             axes = [axes]
-        if axes is not None and not (isinstance(axes, list) and axes and all(
-                isinstance(axis, int) and not isinstance(axis, bool) for axis in axes)):
+        if axes is not None and not (
+            isinstance(axes, list)
+            and axes
+            and all(isinstance(axis, int) and not isinstance(axis, bool) for axis in axes)
+        ):
             raise options.unsupported("attention_axes", axes, "an axis or a list of axes")
-        options.take("seed", None)   # seeds dropout, which acts in training only
+        options.take("seed", None)  # seeds dropout, which acts in training only
         for build_shape in ("query_shape", "key_shape", "value_shape"):
-            options.take(build_shape, None)   # Keras 2 records the build shapes; the graph has them
+            options.take(build_shape, None)  # Keras 2 records the build shapes; the graph has them
         num_heads, key_dim = options.take("num_heads"), options.take("key_dim")
         value_dim = options.take("value_dim", None) or key_dim
         output_shape = options.take("output_shape", None)
@@ -219,21 +243,34 @@ class MultiHeadAttention(LayerKind):
         elif output_shape is not None:
             output_shape = tuple(output_shape) or None
         call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
-        return MultiHeadAttentionConfig(num_heads, key_dim, value_dim, output_shape,
-                                        options.flag("use_bias", True), options.number("dropout", 0.0),
-                                        use_causal_mask, call_inputs, options.flag("use_gate", False), window,
-                                        return_scores, None if axes is None else tuple(axes))
+        return MultiHeadAttentionConfig(
+            num_heads,
+            key_dim,
+            value_dim,
+            output_shape,
+            options.flag("use_bias", True),
+            options.number("dropout", 0.0),
+            use_causal_mask,
+            call_inputs,
+            options.flag("use_gate", False),
+            window,
+            return_scores,
+            None if axes is None else tuple(axes),
+        )
 
     def keras3_subgroups(self, config):
-        return tuple("_gate_dense" if projection == "gate" else f"{projection}_dense"
-                     for projection in _projections(config))
+        return tuple(
+            "_gate_dense" if projection == "gate" else f"{projection}_dense" for projection in _projections(config)
+        )
 
     def output_mask(self, node, input_masks):
         config = node.config
         if config.attention_axes not in (None, (1,), (-2,)) and any(mask is not None for mask in input_masks):
-            raise UnsupportedLayerError(f"layer {node.name!r} (MultiHeadAttention): masked inputs with "
-                                        f"attention_axes {list(config.attention_axes)} are not supported")
-        return input_masks[config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+            raise UnsupportedLayerError(
+                f"layer {node.name!r} (MultiHeadAttention): masked inputs with "
+                f"attention_axes {list(config.attention_axes)} are not supported"
+            )
+        return input_masks[config.call_inputs.index("query")]  # Keras sets the query's mask on the output
 
     def output_count(self, config):
         return 2 if config.return_attention_scores else 1
@@ -246,9 +283,13 @@ class MultiHeadAttention(LayerKind):
         attended = attended_axes(config, len(shapes["query"]))
         others = [axis for axis in range(1, len(shapes["query"])) if axis not in attended]
         # Keras's scores: (other axes, heads, query's attended axes, value's attended axes)
-        return [output, tuple(shapes["query"][axis - 1] for axis in others) + (config.num_heads,)
-                + tuple(shapes["query"][axis - 1] for axis in attended)
-                + tuple(shapes["value"][axis - 1] for axis in attended)]
+        return [
+            output,
+            tuple(shapes["query"][axis - 1] for axis in others)
+            + (config.num_heads,)
+            + tuple(shapes["query"][axis - 1] for axis in attended)
+            + tuple(shapes["value"][axis - 1] for axis in attended),
+        ]
 
     def output_masks(self, node, input_masks):
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
@@ -261,9 +302,11 @@ class MultiHeadAttention(LayerKind):
         shapes = dict(zip(config.call_inputs, input_shapes))
         rank = len(shapes["query"])
         if rank < 2 or any(len(shapes[role]) != rank for role in ("value", "key") if role in shapes):
-            raise ExchangeError(f"MultiHeadAttention: query, value and key of shapes "
-                                f"{[list(shapes[role]) for role in ('query', 'value', 'key') if role in shapes]}; "
-                                "expected one rank, at least (steps, features)")
+            raise ExchangeError(
+                f"MultiHeadAttention: query, value and key of shapes "
+                f"{[list(shapes[role]) for role in ('query', 'value', 'key') if role in shapes]}; "
+                "expected one rank, at least (steps, features)"
+            )
         attended = attended_axes(config, rank)
         if rank > 2 or attended != (1,):
             _check_attention_axes(config, shapes, attended)
@@ -273,10 +316,13 @@ class MultiHeadAttention(LayerKind):
             raise ExchangeError(f"key steps {shapes['key'][0]} differ from value steps {source}")
         if "attention_mask" in shapes:
             mask = shapes["attention_mask"]
-            if len(mask) != 2 or any(size not in (None, 1, want) for size, want in zip(mask, (shapes["query"][0],
-                                                                                             source))):
-                raise ExchangeError(f"attention_mask of shape {list(mask)} does not broadcast to "
-                                    f"(query steps, value steps) = ({shapes['query'][0]}, {source})")
+            if len(mask) != 2 or any(
+                size not in (None, 1, want) for size, want in zip(mask, (shapes["query"][0], source))
+            ):
+                raise ExchangeError(
+                    f"attention_mask of shape {list(mask)} does not broadcast to "
+                    f"(query steps, value steps) = ({shapes['query'][0]}, {source})"
+                )
         return (shapes["query"][0],) + _output_shape(config, shapes["query"][-1])
 
     def ports(self, context):
@@ -286,35 +332,58 @@ class MultiHeadAttention(LayerKind):
         kernel_shapes = {role: (widths[role], heads, dims[role]) for role in dims}
         bias_shapes = {role: (heads, dims[role]) for role in dims}
         kernel_steps = {role: _kernel_steps(widths[role], heads, dims[role]) for role in dims}
-        output_kernel = (Reshape((heads, config.value_dim) + out, (heads * config.value_dim, prod(out))),
-                         Permute((1, 0)))
+        output_kernel = (
+            Reshape((heads, config.value_dim) + out, (heads * config.value_dim, prod(out))),
+            Permute((1, 0)),
+        )
         output_kernel_shape = (heads, config.value_dim) + out
         if not fits_torch_multihead(config, widths["query"], len(context.input_shape)):
-            if config.use_gate:   # projected from the query to the value heads
+            if config.use_gate:  # projected from the query to the value heads
                 dims["gate"] = config.value_dim
-                kernel_shapes["gate"], bias_shapes["gate"] = (widths["query"], heads, config.value_dim), \
-                    (heads, config.value_dim)
+                kernel_shapes["gate"], bias_shapes["gate"] = (
+                    (widths["query"], heads, config.value_dim),
+                    (heads, config.value_dim),
+                )
                 kernel_steps["gate"] = _kernel_steps(widths["query"], heads, config.value_dim)
-            module = {role: "gate_projection" if role == "gate" else role for role in dims}   # `gate` is its flag
-            ports = [Port(f"{role}_kernel", f"{module[role]}.weight", kernel_steps[role], shape=kernel_shapes[role])
-                     for role in dims]
+            module = {role: "gate_projection" if role == "gate" else role for role in dims}  # `gate` is its flag
+            ports = [
+                Port(f"{role}_kernel", f"{module[role]}.weight", kernel_steps[role], shape=kernel_shapes[role])
+                for role in dims
+            ]
             ports.append(Port("output_kernel", "output.weight", output_kernel, shape=output_kernel_shape))
             if config.use_bias:
-                ports += [Port(f"{role}_bias", f"{module[role]}.bias", _bias_steps(heads, dims[role]),
-                               shape=bias_shapes[role]) for role in dims]
+                ports += [
+                    Port(
+                        f"{role}_bias", f"{module[role]}.bias", _bias_steps(heads, dims[role]), shape=bias_shapes[role]
+                    )
+                    for role in dims
+                ]
                 ports.append(Port("output_bias", "output.bias", (Reshape(out, (prod(out),)),), shape=out))
             return ports
         if len({widths["query"], widths["key"], widths["value"]}) == 1:
-            ports = [Packed(("query_kernel", "key_kernel", "value_kernel"), "in_proj_weight",
-                            tuple(kernel_steps[role] for role in dims), shapes=tuple(kernel_shapes.values()))]
+            ports = [
+                Packed(
+                    ("query_kernel", "key_kernel", "value_kernel"),
+                    "in_proj_weight",
+                    tuple(kernel_steps[role] for role in dims),
+                    shapes=tuple(kernel_shapes.values()),
+                )
+            ]
         else:
-            ports = [Port(f"{role}_kernel", f"{role[0]}_proj_weight", kernel_steps[role], shape=kernel_shapes[role])
-                     for role in dims]
+            ports = [
+                Port(f"{role}_kernel", f"{role[0]}_proj_weight", kernel_steps[role], shape=kernel_shapes[role])
+                for role in dims
+            ]
         ports.append(Port("output_kernel", "out_proj.weight", output_kernel, shape=output_kernel_shape))
         if config.use_bias:
-            ports.append(Packed(("query_bias", "key_bias", "value_bias"), "in_proj_bias",
-                                tuple(_bias_steps(heads, dims[role]) for role in dims),
-                                shapes=tuple(bias_shapes.values())))
+            ports.append(
+                Packed(
+                    ("query_bias", "key_bias", "value_bias"),
+                    "in_proj_bias",
+                    tuple(_bias_steps(heads, dims[role]) for role in dims),
+                    shapes=tuple(bias_shapes.values()),
+                )
+            )
             ports.append(Port("output_bias", "out_proj.bias", shape=out))
         return ports
 
@@ -322,8 +391,12 @@ class MultiHeadAttention(LayerKind):
         """Keras keeps each projection's kernel then its bias (query, key, value, output); the
         ports pack the three kernels, then the three biases."""
         shapes = dict(super().keras_variables(context))
-        return [(name, shapes[name]) for projection in _projections(context.config) for name in
-                (f"{projection}_kernel", f"{projection}_bias") if name in shapes]
+        return [
+            (name, shapes[name])
+            for projection in _projections(context.config)
+            for name in (f"{projection}_kernel", f"{projection}_bias")
+            if name in shapes
+        ]
 
     # -- building -------------------------------------------------------------------------
 
@@ -331,12 +404,15 @@ class MultiHeadAttention(LayerKind):
         config, widths, rank = context.config, _widths(context), len(context.input_shape)
         values = dict(zip(config.call_inputs, inputs))
         folding = _Folding(context) if rank > 2 or attended_axes(config, rank) != (1,) else None
-        batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
+        batch_first = {}  # one movedim per distinct input: self-attention reads one tensor
 
         def steps_last(value):
             if value not in batch_first:
-                batch_first[value] = (builder.call(builder.torch.movedim, value, 1, -1) if folding is None
-                                      else folding.fold(builder, value, inputs.index(value)))
+                batch_first[value] = (
+                    builder.call(builder.torch.movedim, value, 1, -1)
+                    if folding is None
+                    else folding.fold(builder, value, inputs.index(value))
+                )
             return batch_first[value]
 
         query, value = steps_last(values["query"]), steps_last(values["value"])
@@ -345,28 +421,48 @@ class MultiHeadAttention(LayerKind):
         dtype = builder.dtype(context)
         if fits_torch_multihead(config, widths["query"], rank):
             attention = builder.nn.MultiheadAttention(
-                widths["query"], config.num_heads, dropout=config.dropout, bias=config.use_bias,
-                kdim=widths["key"], vdim=widths["value"], batch_first=True, device="meta", dtype=dtype)
+                widths["query"],
+                config.num_heads,
+                dropout=config.dropout,
+                bias=config.use_bias,
+                kdim=widths["key"],
+                vdim=widths["value"],
+                batch_first=True,
+                device="meta",
+                dtype=dtype,
+            )
             keywords = {"need_weights": False}
             if bias is not None:
-                if per_example:   # nn.MultiheadAttention takes (T, S) or (N·heads, T, S)
-                    bias = builder.method(bias, "expand", builder.method(query, "size", 0),
-                                          *_steps(builder, context, query, value))
+                if per_example:  # nn.MultiheadAttention takes (T, S) or (N·heads, T, S)
+                    bias = builder.method(
+                        bias, "expand", builder.method(query, "size", 0), *_steps(builder, context, query, value)
+                    )
                     bias = builder.method(bias, "repeat_interleave", config.num_heads, 0)
                 keywords["attn_mask"] = bias
             builder.root.add_module(context.torch_name, attention)
             output = builder.graph.call_module(context.torch_name, (query, key, value), keywords)
-            output = builder.call(operator.getitem, output, 0)   # (output, None) without the weights
+            output = builder.call(operator.getitem, output, 0)  # (output, None) without the weights
         else:
             attention = builder.helpers.KerasMultiHeadAttention(
-                widths["query"], widths["key"], widths["value"], config.num_heads, config.key_dim,
-                config.value_dim, _output_shape(config, widths["query"]), bias=config.use_bias,
-                dropout=config.dropout, gate=config.use_gate, explicit_scores=explicit_scores(config, rank),
-                return_scores=config.return_attention_scores, device="meta", dtype=dtype)
+                widths["query"],
+                widths["key"],
+                widths["value"],
+                config.num_heads,
+                config.key_dim,
+                config.value_dim,
+                _output_shape(config, widths["query"]),
+                bias=config.use_bias,
+                dropout=config.dropout,
+                gate=config.use_gate,
+                explicit_scores=explicit_scores(config, rank),
+                return_scores=config.return_attention_scores,
+                device="meta",
+                dtype=dtype,
+            )
             output = builder.module(context, attention, query, key, value, *(() if bias is None else (bias,)))
         if folding is not None:
             return folding.unfold(builder, output)
-        if config.return_attention_scores:   # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
+        if config.return_attention_scores:  # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
             scores = builder.call(builder.torch.permute, builder.call(operator.getitem, output, 1), to_torch_order(3))
             return builder.call(builder.torch.movedim, builder.call(operator.getitem, output, 0), -1, 1), scores
         return builder.call(builder.torch.movedim, output, -1, 1)
@@ -374,11 +470,17 @@ class MultiHeadAttention(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.MultiHeadAttention(
-            config.num_heads, config.key_dim, value_dim=config.value_dim, dropout=config.dropout,
-            use_bias=config.use_bias, output_shape=config.output_shape, use_gate=config.use_gate,
+            config.num_heads,
+            config.key_dim,
+            value_dim=config.value_dim,
+            dropout=config.dropout,
+            use_bias=config.use_bias,
+            output_shape=config.output_shape,
+            use_gate=config.use_gate,
             sliding_window=config.sliding_window,
             attention_axes=None if config.attention_axes is None else list(config.attention_axes),
-            **context.keras_identity)
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
@@ -395,21 +497,30 @@ def _check_attention_axes(config, shapes: dict, attended: tuple) -> None:
     but the batch's, the value's and key's other axes the query's; a causal or sliding-window mask
     only over axis 1 (Keras builds them from axis 1's sizes); no attention_mask."""
     if "attention_mask" in config.call_inputs:
-        raise UnsupportedLayerError(f"MultiHeadAttention: an attention_mask with attention over axes {list(attended)} "
-                                    f"of inputs of rank {len(shapes['query']) + 1} is not supported")
+        raise UnsupportedLayerError(
+            f"MultiHeadAttention: an attention_mask with attention over axes {list(attended)} "
+            f"of inputs of rank {len(shapes['query']) + 1} is not supported"
+        )
     if (config.use_causal_mask or config.sliding_window is not None) and attended != (1,):
-        raise UnsupportedLayerError(f"MultiHeadAttention: use_causal_mask or sliding_window with attention over axes "
-                                    f"{list(attended)}: Keras builds these masks from axis 1's sizes whatever the "
-                                    "attended axes; only attention over axis 1 is supported with them")
+        raise UnsupportedLayerError(
+            f"MultiHeadAttention: use_causal_mask or sliding_window with attention over axes "
+            f"{list(attended)}: Keras builds these masks from axis 1's sizes whatever the "
+            "attended axes; only attention over axis 1 is supported with them"
+        )
     query = shapes["query"]
     for role in ("query", "value", "key"):
         if role in shapes and None in shapes[role]:
-            raise UnsupportedLayerError(f"MultiHeadAttention: {role} of shape {list(shapes[role])}: attention over "
-                                        f"axes {list(attended)} needs every size known")
-        if role in shapes and any(shapes[role][axis - 1] != query[axis - 1] for axis in range(1, len(query))
-                                  if axis not in attended):
-            raise ExchangeError(f"MultiHeadAttention: {role} of shape {list(shapes[role])} differs from the query "
-                                f"{list(query)} off the attended axes {list(attended)}")
+            raise UnsupportedLayerError(
+                f"MultiHeadAttention: {role} of shape {list(shapes[role])}: attention over "
+                f"axes {list(attended)} needs every size known"
+            )
+        if role in shapes and any(
+            shapes[role][axis - 1] != query[axis - 1] for axis in range(1, len(query)) if axis not in attended
+        ):
+            raise ExchangeError(
+                f"MultiHeadAttention: {role} of shape {list(shapes[role])} differs from the query "
+                f"{list(query)} off the attended axes {list(attended)}"
+            )
     if "key" in shapes and any(shapes["key"][axis - 1] != shapes["value"][axis - 1] for axis in attended):
         raise ExchangeError(f"key shape {list(shapes['key'])} differs from value shape {list(shapes['value'])}")
 
@@ -425,15 +536,17 @@ class _Folding:
         self.rank = len(self.shapes["query"])
         self.attended = attended_axes(config, self.rank)
         self.others = tuple(axis for axis in range(1, self.rank) if axis not in self.attended)
-        self.order = (0,) + self.others + self.attended + (self.rank,)   # Keras axes, folded order
+        self.order = (0,) + self.others + self.attended + (self.rank,)  # Keras axes, folded order
         self.roles = config.call_inputs
         if any(mask is not None for mask in context.input_masks or ()):
-            raise UnsupportedLayerError(f"layer {context.node.name!r} (MultiHeadAttention): masked inputs with "
-                                        f"attention over axes {list(self.attended)} are not supported")
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (MultiHeadAttention): masked inputs with "
+                f"attention over axes {list(self.attended)} are not supported"
+            )
 
     def fold(self, builder, value, index: int):
         shape = self.shapes[self.roles[index]]
-        dims = tuple(to_keras_order(self.rank)[axis] for axis in self.order)   # torch dims, folded order
+        dims = tuple(to_keras_order(self.rank)[axis] for axis in self.order)  # torch dims, folded order
         value = builder.call(builder.torch.permute, value, dims)
         return builder.method(value, "reshape", -1, prod(shape[axis - 1] for axis in self.attended), shape[-1])
 
@@ -443,9 +556,15 @@ class _Folding:
         scores = None
         if self.config.return_attention_scores:
             result, scores = (builder.call(operator.getitem, result, index) for index in (0, 1))
-            scores = builder.method(scores, "reshape", -1, *others, self.config.num_heads,
-                                    *(query[axis - 1] for axis in self.attended),
-                                    *(value[axis - 1] for axis in self.attended))
+            scores = builder.method(
+                scores,
+                "reshape",
+                -1,
+                *others,
+                self.config.num_heads,
+                *(query[axis - 1] for axis in self.attended),
+                *(value[axis - 1] for axis in self.attended),
+            )
             scores = builder.call(torch.permute, scores, to_torch_order(len(others) + 1 + 2 * len(self.attended)))
         out = _output_shape(self.config, query[-1])
         result = builder.method(result, "reshape", -1, *others, *(query[axis - 1] for axis in self.attended), *out)
@@ -474,7 +593,7 @@ def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bo
         elif key == "return_attention_scores" and isinstance(value, bool) and (scores or not value):
             return_scores = value
         elif key == "training":
-            continue   # training only switches dropout on
+            continue  # training only switches dropout on
         elif key in ("key", "attention_mask") and value is None:
             continue
         else:
@@ -489,8 +608,10 @@ def _steps(builder, context, query, value) -> tuple:
     """(query steps, value steps): the sizes where the graph knows them, else read off the tensors."""
     shapes = dict(zip(context.config.call_inputs, context.input_shapes))
     target, source = shapes["query"][0], shapes["value"][0]
-    return (builder.method(query, "size", 1) if target is None else target,
-            builder.method(value, "size", 1) if source is None else source)
+    return (
+        builder.method(query, "size", 1) if target is None else target,
+        builder.method(value, "size", 1) if source is None else source,
+    )
 
 
 def _attention_bias(builder, context, query, value, inputs):
@@ -504,27 +625,31 @@ def _attention_bias(builder, context, query, value, inputs):
     def both(first, second):
         return second if first is None else builder.call(builder.torch.logical_and, first, second)
 
-    if masks.get("query") is not None:   # (N, T) -> (N, T, 1)
+    if masks.get("query") is not None:  # (N, T) -> (N, T, 1)
         keep = builder.method(builder.masks[masks["query"]], "unsqueeze", -1)
         per_example = True
-    for role in ("value", "key"):        # (N, S) -> (N, 1, S)
+    for role in ("value", "key"):  # (N, S) -> (N, 1, S)
         if masks.get(role) is not None:
             keep = both(keep, builder.method(builder.masks[masks[role]], "unsqueeze", -2))
             per_example = True
     window = getattr(config, "sliding_window", None)
     if config.use_causal_mask or window is not None:
-        ones = builder.graph.call_method("new_ones", (query, _steps(builder, context, query, value)),
-                                         {"dtype": builder.torch.bool})
-    if config.use_causal_mask:           # (T, S): the lower triangle, diagonal included
+        ones = builder.graph.call_method(
+            "new_ones", (query, _steps(builder, context, query, value)), {"dtype": builder.torch.bool}
+        )
+    if config.use_causal_mask:  # (T, S): the lower triangle, diagonal included
         keep = both(keep, builder.method(ones, "tril"))
-    if window is not None:               # (T, S): |i - j| < window, a band about the diagonal
-        band = builder.call(builder.torch.logical_and, builder.method(ones, "tril", window - 1),
-                            builder.method(ones, "triu", 1 - window))
+    if window is not None:  # (T, S): |i - j| < window, a band about the diagonal
+        band = builder.call(
+            builder.torch.logical_and,
+            builder.method(ones, "tril", window - 1),
+            builder.method(ones, "triu", 1 - window),
+        )
         keep = both(keep, band)
-    if "attention_mask" in config.call_inputs:   # torch holds Keras's (N, T, S) as (N, S, T)
+    if "attention_mask" in config.call_inputs:  # torch holds Keras's (N, T, S) as (N, S, T)
         explicit = inputs[config.call_inputs.index("attention_mask")]
         explicit = builder.call(builder.torch.movedim, explicit, 1, -1)
-        keep = both(keep, builder.method(explicit, "bool"))   # Keras casts it: non-zero attends
+        keep = both(keep, builder.method(explicit, "bool"))  # Keras casts it: non-zero attends
         per_example = True
     if keep is None:
         return None, False
@@ -541,7 +666,7 @@ ATTENTION_CALL_FLAGS = ("use_causal_mask", "return_attention_scores")
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    score_mode: str = "dot"     # "additive" for AdditiveAttention
+    score_mode: str = "dot"  # "additive" for AdditiveAttention
     use_scale: bool = False
     dropout: float = 0.0
     use_causal_mask: bool = False
@@ -577,9 +702,13 @@ class Attention(LayerKind):
         score_mode = options.take("score_mode", "dot")
         if score_mode not in ("dot", "concat"):
             raise options.unsupported("score_mode", score_mode, "dot or concat")
-        options.take("seed", None)   # seeds dropout, which acts in training only
-        return AttentionConfig(score_mode, options.flag("use_scale", False), options.number("dropout", 0.0),
-                               **_read_attention_call(options))
+        options.take("seed", None)  # seeds dropout, which acts in training only
+        return AttentionConfig(
+            score_mode,
+            options.flag("use_scale", False),
+            options.number("dropout", 0.0),
+            **_read_attention_call(options),
+        )
 
     def output_count(self, config):
         return 2 if config.return_attention_scores else 1
@@ -588,12 +717,17 @@ class Attention(LayerKind):
         if not 2 <= len(input_shapes) <= 3:
             raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
         rank = len(input_shapes[0])
-        leading = zip(*(shape[:-2] for shape in input_shapes))   # the batch-like axes, one per input
-        if rank < 2 or any(len(shape) != rank for shape in input_shapes) or any(
-                len({size for size in sizes if size is not None}) > 1 for sizes in leading):
-            raise UnsupportedLayerError(f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
-                                        "only inputs of one rank, (…, steps, features) with the same leading axes, "
-                                        "are supported")
+        leading = zip(*(shape[:-2] for shape in input_shapes))  # the batch-like axes, one per input
+        if (
+            rank < 2
+            or any(len(shape) != rank for shape in input_shapes)
+            or any(len({size for size in sizes if size is not None}) > 1 for sizes in leading)
+        ):
+            raise UnsupportedLayerError(
+                f"{type(self).__name__}: inputs of shapes {[list(s) for s in input_shapes]}; "
+                "only inputs of one rank, (…, steps, features) with the same leading axes, "
+                "are supported"
+            )
         query, value = input_shapes[:2]
         key = input_shapes[2] if len(input_shapes) == 3 else value
         if None not in (key[0], value[0]) and key[0] != value[0]:
@@ -609,18 +743,22 @@ class Attention(LayerKind):
         return self.output_shapes(config, input_shapes)[0]
 
     def output_mask(self, node, input_masks):
-        return input_masks[0]   # Keras's compute_mask: the query's
+        return input_masks[0]  # Keras's compute_mask: the query's
 
     def output_masks(self, node, input_masks):
         if node.config.return_attention_scores and any(mask is not None for mask in input_masks):
-            raise UnsupportedLayerError(f"layer {node.name!r} ({type(self).__name__}): return_attention_scores "
-                                        "on masked inputs is not supported")
+            raise UnsupportedLayerError(
+                f"layer {node.name!r} ({type(self).__name__}): return_attention_scores "
+                "on masked inputs is not supported"
+            )
         return [input_masks[0]] * self.output_count(node.config)
 
     def _check_masks(self, context):
         if len(context.input_shape) != 2 and any(mask is not None for mask in context.input_masks or ()):
-            raise UnsupportedLayerError(f"layer {context.node.name!r} ({type(self).__name__}): masked inputs of "
-                                        f"rank {len(context.input_shape) + 1} are not supported (only sequences)")
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} ({type(self).__name__}): masked inputs of "
+                f"rank {len(context.input_shape) + 1} are not supported (only sequences)"
+            )
 
     def ports(self, context):
         config = context.config
@@ -637,7 +775,7 @@ class Attention(LayerKind):
         self._check_masks(context)
         masks = list(context.input_masks or (None,) * len(inputs)) + [None, None]
 
-        def keras_layout(value):   # (N, F, …, T) -> (N, …, T, F)
+        def keras_layout(value):  # (N, F, …, T) -> (N, …, T, F)
             if rank == 2:
                 return builder.call(torch.movedim, value, 1, -1)
             return builder.call(torch.permute, value, to_keras_order(rank))
@@ -647,7 +785,7 @@ class Attention(LayerKind):
                 return builder.call(torch.movedim, value, -1, 1)
             return builder.call(torch.permute, value, to_torch_order(rank))
 
-        steps_last = {}   # one move per distinct input: self-attention reads one tensor
+        steps_last = {}  # one move per distinct input: self-attention reads one tensor
         for value in inputs:
             if value not in steps_last:
                 steps_last[value] = keras_layout(value)
@@ -655,8 +793,14 @@ class Attention(LayerKind):
         key = steps_last[inputs[2]] if len(inputs) == 3 else value
         value_mask, query_mask = (None if masks[index] is None else builder.masks[masks[index]] for index in (1, 0))
         module = builder.helpers.KerasAttention(
-            config.score_mode, config.use_scale, context.input_shape[-1], causal=config.use_causal_mask,
-            dropout=config.dropout, device="meta", dtype=builder.dtype(context))
+            config.score_mode,
+            config.use_scale,
+            context.input_shape[-1],
+            causal=config.use_causal_mask,
+            dropout=config.dropout,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         result = builder.module(context, module, query, value, key, value_mask, query_mask)
         output = torch_layout(builder.call(operator.getitem, result, 0))
         if not config.return_attention_scores:
@@ -665,8 +809,9 @@ class Attention(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Attention(use_scale=config.use_scale, score_mode=config.score_mode,
-                                      dropout=config.dropout, **context.keras_identity)
+        return keras.layers.Attention(
+            use_scale=config.use_scale, score_mode=config.score_mode, dropout=config.dropout, **context.keras_identity
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
@@ -679,9 +824,10 @@ class AdditiveAttention(Attention):
     kind, keras_classes = "additive_attention", ("AdditiveAttention",)
 
     def from_keras(self, options):
-        options.take("seed", None)   # seeds dropout, which acts in training only
-        return AttentionConfig("additive", options.flag("use_scale", True), options.number("dropout", 0.0),
-                               **_read_attention_call(options))
+        options.take("seed", None)  # seeds dropout, which acts in training only
+        return AttentionConfig(
+            "additive", options.flag("use_scale", True), options.number("dropout", 0.0), **_read_attention_call(options)
+        )
 
     def output_shapes(self, config, input_shapes):
         if config.score_mode != "additive":
@@ -690,16 +836,22 @@ class AdditiveAttention(Attention):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.AdditiveAttention(use_scale=config.use_scale, dropout=config.dropout,
-                                              **context.keras_identity)
+        return keras.layers.AdditiveAttention(
+            use_scale=config.use_scale, dropout=config.dropout, **context.keras_identity
+        )
 
 
 # -- GroupedQueryAttention (see the module docstring) ----------------------------------------------
 
 # Keras 3 files keep the projections in `<layer>/_query_dense/vars`, …, `_output_dense/vars`.
 # Keras builds (and orders the variables of) the gate between the key and the value.
-GROUPED_PROJECTIONS = (("query", "_query_dense"), ("key", "_key_dense"), ("gate", "_gate_dense"),
-                       ("value", "_value_dense"), ("output", "_output_dense"))
+GROUPED_PROJECTIONS = (
+    ("query", "_query_dense"),
+    ("key", "_key_dense"),
+    ("gate", "_gate_dense"),
+    ("value", "_value_dense"),
+    ("output", "_output_dense"),
+)
 
 
 @dataclass(frozen=True)
@@ -710,7 +862,7 @@ class GroupedQueryAttentionConfig:
     use_bias: bool = True
     dropout: float = 0.0
     use_causal_mask: bool = False
-    call_inputs: tuple[str, ...] = ("query", "value")   # what each node input is in the call
+    call_inputs: tuple[str, ...] = ("query", "value")  # what each node input is in the call
     use_gate: bool = field(default=False, metadata=OMIT_DEFAULT)
     sliding_window: int | None = field(default=None, metadata=OMIT_DEFAULT)
     return_attention_scores: bool = field(default=False, metadata=OMIT_DEFAULT)
@@ -722,15 +874,23 @@ class GroupedQueryAttentionConfig:
         check_int(self.num_query_heads, "GroupedQueryAttention num_query_heads", MAX_HEADS)
         check_int(self.num_key_value_heads, "GroupedQueryAttention num_key_value_heads", MAX_HEADS)
         if self.num_query_heads % self.num_key_value_heads:
-            raise ExchangeError(f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
-                                f"of num_key_value_heads {self.num_key_value_heads}")
+            raise ExchangeError(
+                f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
+                f"of num_key_value_heads {self.num_key_value_heads}"
+            )
         if not 0.0 <= self.dropout < 1.0:
             raise ExchangeError(f"GroupedQueryAttention dropout must be in [0, 1), got {self.dropout!r}")
         roles = self.call_inputs
-        if (len(set(roles)) != len(roles) or not set(roles) <= set(CALL_INPUTS)
-                or "query" not in roles or "value" not in roles):
-            raise ExchangeError(f"GroupedQueryAttention call_inputs must name query, value and optionally key "
-                                f"and attention_mask once each, got {list(roles)}")
+        if (
+            len(set(roles)) != len(roles)
+            or not set(roles) <= set(CALL_INPUTS)
+            or "query" not in roles
+            or "value" not in roles
+        ):
+            raise ExchangeError(
+                f"GroupedQueryAttention call_inputs must name query, value and optionally key "
+                f"and attention_mask once each, got {list(roles)}"
+            )
 
 
 @register
@@ -738,24 +898,35 @@ class GroupedQueryAttention(LayerKind):
     kind, Config = "grouped_query_attention", GroupedQueryAttentionConfig
     keras_classes = ("GroupedQueryAttention", "GroupQueryAttention")
     tensor_kwargs = ("query", "value", "key", "attention_mask")
-    variable_aliases = {f"{projection}_{variable}": (variable,)
-                        for projection, _ in GROUPED_PROJECTIONS for variable in ("kernel", "bias")}
+    variable_aliases = {
+        f"{projection}_{variable}": (variable,)
+        for projection, _ in GROUPED_PROJECTIONS
+        for variable in ("kernel", "bias")
+    }
 
     def reads_integers(self, node, position):
         roles = node.config.call_inputs
         return position < len(roles) and roles[position] == "attention_mask"
 
     def from_keras(self, options):
-        options.take("flash_attention", None)   # an implementation choice: the same attention
-        options.take("seed", None)   # seeds dropout, which acts in training only
+        options.take("flash_attention", None)  # an implementation choice: the same attention
+        options.take("seed", None)  # seeds dropout, which acts in training only
         window = options.take("sliding_window", None)
         if window is not None and (not isinstance(window, int) or isinstance(window, bool)):
             raise options.unsupported("sliding_window", window, "None or a positive integer")
         call_inputs, use_causal_mask, return_scores = _read_call(options, scores=True)
-        return GroupedQueryAttentionConfig(options.integer("head_dim"), options.integer("num_query_heads"),
-                                           options.integer("num_key_value_heads"), options.flag("use_bias", True),
-                                           options.number("dropout", 0.0), use_causal_mask, call_inputs,
-                                           options.flag("use_gate", False), window, return_scores)
+        return GroupedQueryAttentionConfig(
+            options.integer("head_dim"),
+            options.integer("num_query_heads"),
+            options.integer("num_key_value_heads"),
+            options.flag("use_bias", True),
+            options.number("dropout", 0.0),
+            use_causal_mask,
+            call_inputs,
+            options.flag("use_gate", False),
+            window,
+            return_scores,
+        )
 
     def keras3_subgroups(self, config):
         return tuple(group for role, group in GROUPED_PROJECTIONS if role != "gate" or config.use_gate)
@@ -771,7 +942,7 @@ class GroupedQueryAttention(LayerKind):
         return [query, (config.num_query_heads, query[0], shapes["value"][0])]
 
     def output_mask(self, node, input_masks):
-        return input_masks[node.config.call_inputs.index("query")]   # Keras sets the query's mask on the output
+        return input_masks[node.config.call_inputs.index("query")]  # Keras sets the query's mask on the output
 
     def output_masks(self, node, input_masks):
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
@@ -782,8 +953,9 @@ class GroupedQueryAttention(LayerKind):
         shapes = dict(zip(config.call_inputs, input_shapes))
         for role in ("query", "value", "key"):
             if role in shapes and len(shapes[role]) != 2:
-                raise ExchangeError(f"GroupedQueryAttention: {role} of shape {list(shapes[role])}; expected "
-                                    "(steps, features)")
+                raise ExchangeError(
+                    f"GroupedQueryAttention: {role} of shape {list(shapes[role])}; expected (steps, features)"
+                )
         query, value = shapes["query"], shapes["value"]
         if None not in (query[-1], value[-1]) and query[-1] != value[-1]:
             raise ExchangeError(f"query features {query[-1]} differ from value features {value[-1]}")
@@ -792,29 +964,46 @@ class GroupedQueryAttention(LayerKind):
         if "attention_mask" in shapes:
             mask = shapes["attention_mask"]
             if len(mask) != 2 or any(size not in (None, 1, want) for size, want in zip(mask, (query[0], value[0]))):
-                raise ExchangeError(f"attention_mask of shape {list(mask)} does not broadcast to "
-                                    f"(query steps, value steps) = ({query[0]}, {value[0]})")
+                raise ExchangeError(
+                    f"attention_mask of shape {list(mask)} does not broadcast to "
+                    f"(query steps, value steps) = ({query[0]}, {value[0]})"
+                )
         return query
 
     def ports(self, context):
         config, widths = context.config, _widths(context)
         dim = config.head_dim
-        heads = {"query": config.num_query_heads, "key": config.num_key_value_heads,
-                 "value": config.num_key_value_heads}
+        heads = {
+            "query": config.num_query_heads,
+            "key": config.num_key_value_heads,
+            "value": config.num_key_value_heads,
+        }
         heads["gate"] = config.num_query_heads
         widths = dict(widths, gate=widths["query"])
         ports = []
         for role in ("query", "key", "gate", "value") if config.use_gate else ("query", "key", "value"):
-            module = "gate_projection" if role == "gate" else role   # the helper's `gate` is its flag
-            ports.append(Port(f"{role}_kernel", f"{module}.weight", _kernel_steps(widths[role], heads[role], dim),
-                              shape=(widths[role], heads[role], dim)))
+            module = "gate_projection" if role == "gate" else role  # the helper's `gate` is its flag
+            ports.append(
+                Port(
+                    f"{role}_kernel",
+                    f"{module}.weight",
+                    _kernel_steps(widths[role], heads[role], dim),
+                    shape=(widths[role], heads[role], dim),
+                )
+            )
             if config.use_bias:
-                ports.append(Port(f"{role}_bias", f"{module}.bias", _bias_steps(heads[role], dim),
-                                  shape=(heads[role], dim)))
+                ports.append(
+                    Port(f"{role}_bias", f"{module}.bias", _bias_steps(heads[role], dim), shape=(heads[role], dim))
+                )
         output_shape = (config.num_query_heads, dim, widths["query"])
-        ports.append(Port("output_kernel", "output.weight",
-                          (Reshape(output_shape, (config.num_query_heads * dim, widths["query"])), Permute((1, 0))),
-                          shape=output_shape))
+        ports.append(
+            Port(
+                "output_kernel",
+                "output.weight",
+                (Reshape(output_shape, (config.num_query_heads * dim, widths["query"])), Permute((1, 0))),
+                shape=output_shape,
+            )
+        )
         if config.use_bias:
             ports.append(Port("output_bias", "output.bias", shape=(widths["query"],)))
         return ports
@@ -822,7 +1011,7 @@ class GroupedQueryAttention(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, widths = context.config, _widths(context)
         values = dict(zip(config.call_inputs, inputs))
-        batch_first = {}   # one movedim per distinct input: self-attention reads one tensor
+        batch_first = {}  # one movedim per distinct input: self-attention reads one tensor
 
         def steps_last(value):
             if value not in batch_first:
@@ -833,24 +1022,38 @@ class GroupedQueryAttention(LayerKind):
         key = steps_last(values["key"]) if "key" in values else value
         bias, _ = _attention_bias(builder, context, query, value, inputs)
         attention = builder.helpers.KerasGroupedQueryAttention(
-            widths["query"], widths["key"], widths["value"], config.num_query_heads, config.num_key_value_heads,
-            config.head_dim, bias=config.use_bias, dropout=config.dropout, gate=config.use_gate,
-            explicit_scores=explicit_scores(config), device="meta",
-            dtype=builder.dtype(context))
+            widths["query"],
+            widths["key"],
+            widths["value"],
+            config.num_query_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+            bias=config.use_bias,
+            dropout=config.dropout,
+            gate=config.use_gate,
+            explicit_scores=explicit_scores(config),
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         result = builder.module(context, attention, query, key, value, bias)
         output = builder.call(builder.torch.movedim, builder.call(operator.getitem, result, 0), -1, 1)
         if not config.return_attention_scores:
             return output
         # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
-        return output, builder.call(builder.torch.permute, builder.call(operator.getitem, result, 1),
-                                    to_torch_order(3))
+        return output, builder.call(builder.torch.permute, builder.call(operator.getitem, result, 1), to_torch_order(3))
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.GroupQueryAttention(   # Keras exports it under this name only
-            config.head_dim, config.num_query_heads, config.num_key_value_heads, dropout=config.dropout,
-            use_bias=config.use_bias, use_gate=config.use_gate, sliding_window=config.sliding_window,
-            **context.keras_identity)
+        return keras.layers.GroupQueryAttention(  # Keras exports it under this name only
+            config.head_dim,
+            config.num_query_heads,
+            config.num_key_value_heads,
+            dropout=config.dropout,
+            use_bias=config.use_bias,
+            use_gate=config.use_gate,
+            sliding_window=config.sliding_window,
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)

@@ -25,13 +25,18 @@ from dataclasses import dataclass
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_FEATURES, LayerKind, check_int, register
 from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
-from exchange.kinds.convolution import check_window, kernel_permutation, tf_padding, torch_pad_argument, \
-    window_output_sizes
+from exchange.kinds.convolution import (
+    check_window,
+    kernel_permutation,
+    tf_padding,
+    torch_pad_argument,
+    window_output_sizes,
+)
 from exchange.kinds.recurrent import refuse_stateful
 from exchange.ports import Permute, Port
 
 PADDINGS = ("valid", "same")
-GATES = 4    # i, f, c, o
+GATES = 4  # i, f, c, o
 
 
 @dataclass(frozen=True)
@@ -49,8 +54,9 @@ class ConvLSTMConfig:
     go_backwards: bool = False
 
     def __post_init__(self) -> None:
-        check_window(self.kernel_size, self.strides, self.dilation_rate, self.padding, (1, 2, 3), "ConvLSTM",
-                     paddings=PADDINGS)
+        check_window(
+            self.kernel_size, self.strides, self.dilation_rate, self.padding, (1, 2, 3), "ConvLSTM", paddings=PADDINGS
+        )
         check_int(self.filters, "ConvLSTM filters", MAX_FEATURES // GATES)
         for name in (self.activation, self.recurrent_activation):
             check_activation(name, "ConvLSTM")
@@ -63,14 +69,14 @@ class _ConvLSTM(LayerKind):
 
     Config = ConvLSTMConfig
     rank = 2
-    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
-    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
+    tensor_kwargs = ("initial_state",)  # its tensors are node inputs after the sequence
+    mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
 
     def from_keras(self, options):
         refuse_stateful(options)
         options.expect("data_format", "channels_last", None)
         for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias"):
-            options.take(key, None)   # training or initialisation only
+            options.take(key, None)  # training or initialisation only
         # Without a mask (refused) zero_output_for_mask changes nothing; unrolling gives the same outputs.
         options.flag("zero_output_for_mask", False)
         options.flag("unroll", False)
@@ -89,11 +95,13 @@ class _ConvLSTM(LayerKind):
             strides=options.sizes("strides", self.rank, 1),
             padding=padding,
             dilation_rate=options.sizes("dilation_rate", self.rank, 1),
-            activation=activations[0], recurrent_activation=activations[1],
+            activation=activations[0],
+            recurrent_activation=activations[1],
             use_bias=options.flag("use_bias", True),
             return_sequences=options.flag("return_sequences", False),
             return_state=options.flag("return_state", False),
-            go_backwards=options.flag("go_backwards", False))
+            go_backwards=options.flag("go_backwards", False),
+        )
 
     def keras3_subgroups(self, config):
         return ("cell",)
@@ -106,13 +114,16 @@ class _ConvLSTM(LayerKind):
     def output_shapes(self, config, input_shapes):
         shape = tuple(input_shapes[0])
         if len(config.kernel_size) != self.rank or len(shape) != self.rank + 2:
-            raise ExchangeError(f"expects (batch, time, {self.rank} spatial axes, channels) input with a "
-                                f"{self.rank}-D kernel, found input (batch, {shape}) and kernel "
-                                f"{list(config.kernel_size)}")
+            raise ExchangeError(
+                f"expects (batch, time, {self.rank} spatial axes, channels) input with a "
+                f"{self.rank}-D kernel, found input (batch, {shape}) and kernel "
+                f"{list(config.kernel_size)}"
+            )
         if None in shape[1:]:
             raise ExchangeError(f"needs known spatial sizes and channels (as Keras does), found (batch, {shape})")
-        frame = window_output_sizes(shape[1:-1], config.kernel_size, config.strides, config.dilation_rate,
-                                    config.padding) + (config.filters,)
+        frame = window_output_sizes(
+            shape[1:-1], config.kernel_size, config.strides, config.dilation_rate, config.padding
+        ) + (config.filters,)
         states = [tuple(state) for state in input_shapes[1:]]
         if states and states != [frame, frame]:
             raise ExchangeError(f"initial_state must be 2 tensors of shape (batch, {frame}), found {states}")
@@ -124,15 +135,18 @@ class _ConvLSTM(LayerKind):
 
     def output_mask(self, node, input_masks):
         if input_masks and input_masks[0] is not None:
-            raise UnsupportedLayerError(f"layer {node.name!r} ({self.keras_classes[0]}): a masked input is not "
-                                        "supported")
+            raise UnsupportedLayerError(
+                f"layer {node.name!r} ({self.keras_classes[0]}): a masked input is not supported"
+            )
         return None
 
     def ports(self, context):
         config, width = context.config, GATES * context.config.filters
         steps = (Permute(kernel_permutation(self.rank)),)
-        ports = [Port("kernel", "weight_ih", steps, shape=config.kernel_size + (context.input_shape[-1], width)),
-                 Port("recurrent_kernel", "weight_hh", steps, shape=config.kernel_size + (config.filters, width))]
+        ports = [
+            Port("kernel", "weight_ih", steps, shape=config.kernel_size + (context.input_shape[-1], width)),
+            Port("recurrent_kernel", "weight_hh", steps, shape=config.kernel_size + (config.filters, width)),
+        ]
         if config.use_bias:
             ports.append(Port("bias", "bias", shape=(width,)))
         return ports
@@ -141,21 +155,36 @@ class _ConvLSTM(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        pads = [tf_padding(size, k, s, d, config.padding, context.node.name) for size, k, s, d in
-                zip(context.input_shape[1:-1], config.kernel_size, config.strides, config.dilation_rate)]
+        pads = [
+            tf_padding(size, k, s, d, config.padding, context.node.name)
+            for size, k, s, d in zip(
+                context.input_shape[1:-1], config.kernel_size, config.strides, config.dilation_rate
+            )
+        ]
         module = builder.helpers.KerasConvLSTM(
-            context.input_shape[-1], config.filters, config.kernel_size, config.strides, config.dilation_rate,
-            torch_pad_argument(pads), bias=config.use_bias, activation=torch_function(config.activation, builder)[0],
-            recurrent_activation=torch_function(config.recurrent_activation, builder)[0], device="meta",
-            dtype=builder.dtype(context))
-        sequence = inputs[0]   # (N, C, T, *spatial)
+            context.input_shape[-1],
+            config.filters,
+            config.kernel_size,
+            config.strides,
+            config.dilation_rate,
+            torch_pad_argument(pads),
+            bias=config.use_bias,
+            activation=torch_function(config.activation, builder)[0],
+            recurrent_activation=torch_function(config.recurrent_activation, builder)[0],
+            device="meta",
+            dtype=builder.dtype(context),
+        )
+        sequence = inputs[0]  # (N, C, T, *spatial)
         if config.go_backwards:
             sequence = builder.call(builder.torch.flip, sequence, (2,))
         arguments = [sequence] + ([tuple(inputs[1:3])] if len(inputs) > 1 else [])
         result = builder.module(context, module, *arguments)
-        outputs = builder.call(operator.getitem, result, 0)   # (N, filters, T, *out_spatial)
-        output = outputs if config.return_sequences else builder.call(
-            operator.getitem, outputs, (slice(None), slice(None), -1))
+        outputs = builder.call(operator.getitem, result, 0)  # (N, filters, T, *out_spatial)
+        output = (
+            outputs
+            if config.return_sequences
+            else builder.call(operator.getitem, outputs, (slice(None), slice(None), -1))
+        )
         if not config.return_state:
             return output
         state = builder.call(operator.getitem, result, 1)
@@ -166,12 +195,21 @@ class _ConvLSTM(LayerKind):
     def keras_layer(self, keras, context):
         config, where = context.config, f"layer {context.node.name!r}"
         return getattr(keras.layers, self.keras_classes[0])(
-            config.filters, config.kernel_size, strides=config.strides, padding=config.padding,
-            data_format="channels_last", dilation_rate=config.dilation_rate,
+            config.filters,
+            config.kernel_size,
+            strides=config.strides,
+            padding=config.padding,
+            data_format="channels_last",
+            dilation_rate=config.dilation_rate,
             activation=keras_activation(config.activation, where),
-            recurrent_activation=keras_activation(config.recurrent_activation, where), use_bias=config.use_bias,
-            return_sequences=config.return_sequences, return_state=config.return_state,
-            go_backwards=config.go_backwards, stateful=False, **context.keras_identity)
+            recurrent_activation=keras_activation(config.recurrent_activation, where),
+            use_bias=config.use_bias,
+            return_sequences=config.return_sequences,
+            return_state=config.return_state,
+            go_backwards=config.go_backwards,
+            stateful=False,
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         if len(arguments) == 1:

@@ -36,8 +36,16 @@ from dataclasses import dataclass, field
 from math import ceil
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_int, check_ints,
-                            register)
+from exchange.kinds import (
+    MAX_FEATURES,
+    MAX_WINDOW,
+    OMIT_DEFAULT,
+    LayerKind,
+    check_choice,
+    check_int,
+    check_ints,
+    register,
+)
 from exchange.kinds.activations import check_activation, keras_activation, torch_activation
 from exchange.kinds.dense import check_lora, check_lora_dtype, lora_keras_args, read_lora
 from exchange.kinds.layout import to_keras_order, to_torch_order
@@ -53,8 +61,15 @@ SPATIAL_AXES = (1, 2, 3)
 MAX_ADDED_CELLS = 1 << 22
 
 
-def check_window(kernel_size: tuple, strides: tuple, dilation_rate: tuple, padding: str, spatial: tuple,
-                 what: str, paddings: tuple = PADDINGS) -> None:
+def check_window(
+    kernel_size: tuple,
+    strides: tuple,
+    dilation_rate: tuple,
+    padding: str,
+    spatial: tuple,
+    what: str,
+    paddings: tuple = PADDINGS,
+) -> None:
     """The sizes of a sliding window (a convolution's or a pooling's), whichever source they come
     from: 1 to 3 spatial axes, each size positive and under the caps, a known padding, and (as
     Keras and TensorFlow require) not strides > 1 together with dilation > 1."""
@@ -65,8 +80,10 @@ def check_window(kernel_size: tuple, strides: tuple, dilation_rate: tuple, paddi
         check_int((kernel - 1) * dilation + 1, f"{what} dilated kernel size", MAX_WINDOW)
     check_choice(padding, paddings if len(kernel_size) == 1 else ("valid", "same"), f"{what} padding")
     if max(strides) > 1 and max(dilation_rate) > 1:
-        raise ExchangeError(f"{what}: strides {list(strides)} > 1 together with dilation_rate "
-                            f"{list(dilation_rate)} > 1 is not supported (Keras refuses it)")
+        raise ExchangeError(
+            f"{what}: strides {list(strides)} > 1 together with dilation_rate "
+            f"{list(dilation_rate)} > 1 is not supported (Keras refuses it)"
+        )
 
 
 def read_data_format(options) -> str:
@@ -109,8 +126,9 @@ def from_torch_layout(builder, value, data_format: str, rank: int):
     return builder.call(builder.torch.permute, value, to_torch_order(rank))
 
 
-def window_output_sizes(spatial: tuple, kernel_size: tuple, strides: tuple, dilation_rate: tuple,
-                        padding: str) -> tuple:
+def window_output_sizes(
+    spatial: tuple, kernel_size: tuple, strides: tuple, dilation_rate: tuple, padding: str
+) -> tuple:
     """The spatial output sizes of a sliding window over spatial sizes `spatial`: a `valid` window
     must fit the input; a `same` or `causal` padding must add at most `MAX_ADDED_CELLS`."""
     if len(spatial) != len(kernel_size):
@@ -118,17 +136,20 @@ def window_output_sizes(spatial: tuple, kernel_size: tuple, strides: tuple, dila
     unpadded = padded = 1
     for size, kernel, stride, dilation in zip(spatial, kernel_size, strides, dilation_rate):
         if size is None and stride > 1 and padding == "same":
-            before, after = (kernel - 1) * dilation, 0   # at most the dilated window less one
+            before, after = (kernel - 1) * dilation, 0  # at most the dilated window less one
         else:
             before, after = tf_padding(size, kernel, stride, dilation, padding, "window")
         unpadded *= 1 if size is None else size
         padded *= (1 if size is None else size) + before + after
     if padded - unpadded > MAX_ADDED_CELLS:
-        raise ExchangeError(f"{padding!r} padding of a {list(kernel_size)} window (dilation {list(dilation_rate)}) "
-                            f"adds {padded - unpadded:,} cells to input {list(spatial)}, more than the "
-                            f"{MAX_ADDED_CELLS:,} allowed")
-    return tuple(conv_output_size(size, k, s, d, padding)
-                 for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate))
+        raise ExchangeError(
+            f"{padding!r} padding of a {list(kernel_size)} window (dilation {list(dilation_rate)}) "
+            f"adds {padded - unpadded:,} cells to input {list(spatial)}, more than the "
+            f"{MAX_ADDED_CELLS:,} allowed"
+        )
+    return tuple(
+        conv_output_size(size, k, s, d, padding) for size, k, s, d in zip(spatial, kernel_size, strides, dilation_rate)
+    )
 
 
 def conv_output_size(size, kernel: int, stride: int, dilation: int, padding: str):
@@ -195,26 +216,33 @@ class ConvConfig:
         check_window(self.kernel_size, self.strides, self.dilation_rate, self.padding, SPATIAL_AXES, "convolution")
         check_int(self.filters, "convolution filters", MAX_FEATURES)
         check_int(self.groups, "convolution groups", MAX_FEATURES)
-        if self.filters % self.groups:   # Keras refuses filters that do not split into the groups
+        if self.filters % self.groups:  # Keras refuses filters that do not split into the groups
             raise ExchangeError(f"convolution filters {self.filters} do not split into {self.groups} groups")
         check_activation(self.activation, "convolution")
         check_choice(self.data_format, DATA_FORMATS, "convolution data_format")
         if self.output_padding is not None:
-            check_ints(self.output_padding, "convolution output_padding", MAX_WINDOW - 1, minimum=0,
-                       count=(len(self.kernel_size),))
+            check_ints(
+                self.output_padding,
+                "convolution output_padding",
+                MAX_WINDOW - 1,
+                minimum=0,
+                count=(len(self.kernel_size),),
+            )
             if any(extra >= stride for extra, stride in zip(self.output_padding, self.strides)):
-                raise ExchangeError(f"convolution output_padding {list(self.output_padding)} must be below the "
-                                    f"strides {list(self.strides)} (Keras refuses it)")
+                raise ExchangeError(
+                    f"convolution output_padding {list(self.output_padding)} must be below the "
+                    f"strides {list(self.strides)} (Keras refuses it)"
+                )
 
 
 class _Convolution(LayerKind):
     """Shared by the convolution kinds: options, padding, output shape, the torch padding step."""
 
     spatial = 2
-    one_group = True     # all but Conv1D/2D/3D: groups must be 1
-    transposed = False   # only transposed convolutions take output_padding
-    causal = False       # only Conv1D takes `causal` padding (Keras refuses it elsewhere)
-    takes_lora = False   # only Conv1D/2D/3D take a LoRA adapter
+    one_group = True  # all but Conv1D/2D/3D: groups must be 1
+    transposed = False  # only transposed convolutions take output_padding
+    causal = False  # only Conv1D takes `causal` padding (Keras refuses it elsewhere)
+    takes_lora = False  # only Conv1D/2D/3D take a LoRA adapter
 
     def read_common(self, options, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
         if self.takes_lora:
@@ -236,7 +264,9 @@ class _Convolution(LayerKind):
             activation=options.activation(),
             use_bias=options.flag("use_bias", True),
             data_format=read_data_format(options),
-            lora_rank=lora_rank, lora_alpha=lora_alpha)
+            lora_rank=lora_rank,
+            lora_alpha=lora_alpha,
+        )
 
     def check_config(self, config) -> None:
         """What this kind of convolution takes of the shared `ConvConfig` (checked in shape inference)."""
@@ -277,8 +307,10 @@ class _Convolution(LayerKind):
         left for the conv)."""
         config = context.config
         sizes = self.channels(config, context.input_shape)[0]
-        pads = [tf_padding(size, k, s, d, config.padding, context.node.name)
-                for size, k, s, d in zip(sizes, config.kernel_size, config.strides, config.dilation_rate)]
+        pads = [
+            tf_padding(size, k, s, d, config.padding, context.node.name)
+            for size, k, s, d in zip(sizes, config.kernel_size, config.strides, config.dilation_rate)
+        ]
         if all(before == after for before, after in pads):
             return value, tuple(before for before, _ in pads)
         return builder.call(builder.F.pad, value, torch_pad_argument(pads)), (0,) * self.spatial
@@ -299,9 +331,15 @@ class _Convolution(LayerKind):
         raise NotImplementedError
 
     def keras_options(self, config) -> dict:
-        return dict(kernel_size=config.kernel_size, strides=config.strides, padding=config.padding,
-                    dilation_rate=config.dilation_rate, data_format=config.data_format,
-                    activation=keras_activation(config.activation, "convolution"), use_bias=config.use_bias)
+        return dict(
+            kernel_size=config.kernel_size,
+            strides=config.strides,
+            padding=config.padding,
+            dilation_rate=config.dilation_rate,
+            data_format=config.data_format,
+            activation=keras_activation(config.activation, "convolution"),
+            use_bias=config.use_bias,
+        )
 
 
 @register
@@ -310,20 +348,24 @@ class Conv2D(_Convolution):
     spatial, one_group, takes_lora = 2, False, True
 
     def from_keras(self, options):
-        return self.read_common(options, options.take("filters"))   # ConvConfig checks the groups
+        return self.read_common(options, options.take("filters"))  # ConvConfig checks the groups
 
     def ports(self, context):
         config, in_channels = context.config, self.in_channels(context)
         if in_channels % config.groups or config.filters % config.groups:
-            raise ExchangeError(f"layer {context.node.name!r}: {in_channels} input channels and "
-                                f"{config.filters} filters do not split into {config.groups} groups")
+            raise ExchangeError(
+                f"layer {context.node.name!r}: {in_channels} input channels and "
+                f"{config.filters} filters do not split into {config.groups} groups"
+            )
         kernel_shape = config.kernel_size + (in_channels // config.groups, config.filters)
         kernel_steps = (Permute(kernel_permutation(self.spatial)),)
         ports = [Port("kernel", "weight", kernel_steps, shape=kernel_shape), *bias_ports(config, config.filters)]
         if config.lora_rank is not None:
             check_lora_dtype(context)
-            ports += [Port("lora_kernel_a", "lora_a", kernel_steps, shape=kernel_shape[:-1] + (config.lora_rank,)),
-                      Port("lora_kernel_b", "lora_b", (Permute((1, 0)),), shape=(config.lora_rank, config.filters))]
+            ports += [
+                Port("lora_kernel_a", "lora_a", kernel_steps, shape=kernel_shape[:-1] + (config.lora_rank,)),
+                Port("lora_kernel_b", "lora_b", (Permute((1, 0)),), shape=(config.lora_rank, config.filters)),
+            ]
         return ports
 
     def merged_when_saved(self, config):
@@ -333,20 +375,42 @@ class Conv2D(_Convolution):
         config = context.config
         if config.lora_rank is not None:
             return builder.helpers.LoRAConv(
-                self.in_channels(context), config.filters, config.kernel_size, config.lora_rank,
-                scale=config.lora_alpha / config.lora_rank, stride=config.strides, padding=padding,
-                dilation=config.dilation_rate, groups=config.groups, bias=config.use_bias, device="meta",
-                dtype=builder.dtype(context))
+                self.in_channels(context),
+                config.filters,
+                config.kernel_size,
+                config.lora_rank,
+                scale=config.lora_alpha / config.lora_rank,
+                stride=config.strides,
+                padding=padding,
+                dilation=config.dilation_rate,
+                groups=config.groups,
+                bias=config.use_bias,
+                device="meta",
+                dtype=builder.dtype(context),
+            )
         return self.conv_module(builder)(
-            self.in_channels(context), config.filters, kernel_size=config.kernel_size, stride=config.strides,
-            padding=padding, dilation=config.dilation_rate, groups=config.groups, bias=config.use_bias,
-            device="meta", dtype=builder.dtype(context))
+            self.in_channels(context),
+            config.filters,
+            kernel_size=config.kernel_size,
+            stride=config.strides,
+            padding=padding,
+            dilation=config.dilation_rate,
+            groups=config.groups,
+            bias=config.use_bias,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
 
     def keras_layer(self, keras, context):
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
-        return layer_class(config.filters, groups=config.groups, **context.keras_identity,
-                           **self.keras_options(config), **lora_keras_args(config))
+        return layer_class(
+            config.filters,
+            groups=config.groups,
+            **context.keras_identity,
+            **self.keras_options(config),
+            **lora_keras_args(config),
+        )
 
 
 @register
@@ -380,7 +444,7 @@ class Conv2DTranspose(_Convolution):
         kernel = (config.kernel_size[axis] - 1) * config.dilation_rate[axis] + 1
         stride = config.strides[axis]
         extra = None if config.output_padding is None else config.output_padding[axis]
-        size = 1 if size is None else size    # the difference does not depend on the size
+        size = 1 if size is None else size  # the difference does not depend on the size
         full = (size - 1) * stride + kernel
         if config.padding == "valid":
             target = full + (max(kernel, stride) - kernel if extra is None else extra)
@@ -402,8 +466,10 @@ class Conv2DTranspose(_Convolution):
     def ports(self, context):
         config = context.config
         kernel_shape = config.kernel_size + (config.filters, self.in_channels(context))
-        return [Port("kernel", "weight", (Permute(kernel_permutation(self.spatial)),), shape=kernel_shape),
-                *bias_ports(config, config.filters)]
+        return [
+            Port("kernel", "weight", (Permute(kernel_permutation(self.spatial)),), shape=kernel_shape),
+            *bias_ports(config, config.filters),
+        ]
 
     def torch_plan(self, context) -> list[tuple[int, int, tuple[int, int] | None]]:
         """Per spatial axis: (torch padding, torch output_padding, (start, length) of a `narrow`
@@ -414,7 +480,7 @@ class Conv2DTranspose(_Convolution):
             target, full = self._lengths(config, size, axis)
             start = max(full - target, 0) // 2 if config.padding == "same" else 0
             end = start + target
-            limit = max(config.strides[axis], config.dilation_rate[axis])   # torch's bound on output_padding
+            limit = max(config.strides[axis], config.dilation_rate[axis])  # torch's bound on output_padding
             if end <= full:
                 padding, extra = min(start, full - end), 0
             elif end - full + start < limit:
@@ -422,13 +488,16 @@ class Conv2DTranspose(_Convolution):
             elif end - full < limit:
                 padding, extra = 0, end - full
             else:
-                raise UnsupportedLayerError(f"layer {context.node.name!r}: torch cannot extend a transposed "
-                                            f"convolution by {end - full} cells")
+                raise UnsupportedLayerError(
+                    f"layer {context.node.name!r}: torch cannot extend a transposed convolution by {end - full} cells"
+                )
             narrow = None
             if start != padding or full - 2 * padding + extra != target:
                 if size is None:
-                    raise UnsupportedLayerError(f"layer {context.node.name!r}: this transposed convolution crops "
-                                                "unevenly, which needs a fixed input size")
+                    raise UnsupportedLayerError(
+                        f"layer {context.node.name!r}: this transposed convolution crops "
+                        "unevenly, which needs a fixed input size"
+                    )
                 narrow = (start - padding, target)
             plan.append((padding, extra, narrow))
         return plan
@@ -437,9 +506,17 @@ class Conv2DTranspose(_Convolution):
         config = context.config
         plan = self.torch_plan(context)
         conv = (builder.nn.ConvTranspose1d, builder.nn.ConvTranspose2d, builder.nn.ConvTranspose3d)[self.spatial - 1](
-            self.in_channels(context), config.filters, kernel_size=config.kernel_size, stride=config.strides,
-            padding=tuple(padding for padding, _, _ in plan), output_padding=tuple(extra for _, extra, _ in plan),
-            dilation=config.dilation_rate, bias=config.use_bias, device="meta", dtype=builder.dtype(context))
+            self.in_channels(context),
+            config.filters,
+            kernel_size=config.kernel_size,
+            stride=config.strides,
+            padding=tuple(padding for padding, _, _ in plan),
+            output_padding=tuple(extra for _, extra, _ in plan),
+            dilation=config.dilation_rate,
+            bias=config.use_bias,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         value = to_torch_layout(builder, inputs[0], config.data_format, len(context.input_shape))
         value = builder.module(context, conv, value)
         for axis, (_, _, narrow) in enumerate(plan):
@@ -451,8 +528,8 @@ class Conv2DTranspose(_Convolution):
     def keras_layer(self, keras, context):
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
-            config.filters, output_padding=config.output_padding, **context.keras_identity,
-            **self.keras_options(config))
+            config.filters, output_padding=config.output_padding, **context.keras_identity, **self.keras_options(config)
+        )
 
 
 @register
@@ -473,7 +550,7 @@ class DepthwiseConv2D(_Convolution):
 
     kind, keras_classes, Config = "depthwise_conv2d", ("DepthwiseConv2D",), ConvConfig
     spatial = 2
-    variable_aliases = {"kernel": ("depthwise_kernel",)}   # Keras 2's name for it
+    variable_aliases = {"kernel": ("depthwise_kernel",)}  # Keras 2's name for it
 
     def from_keras(self, options):
         config = self.read_common(options, options.take("depth_multiplier", 1))
@@ -486,21 +563,36 @@ class DepthwiseConv2D(_Convolution):
 
     def ports(self, context):
         config, in_channels = context.config, self.in_channels(context)
-        return [Port("kernel", "weight", depthwise_steps(config.kernel_size, in_channels, config.filters),
-                     shape=config.kernel_size + (in_channels, config.filters)),
-                *bias_ports(config, in_channels * config.filters)]
+        return [
+            Port(
+                "kernel",
+                "weight",
+                depthwise_steps(config.kernel_size, in_channels, config.filters),
+                shape=config.kernel_size + (in_channels, config.filters),
+            ),
+            *bias_ports(config, in_channels * config.filters),
+        ]
 
     def torch_module(self, builder, context, padding):
         config, in_channels = context.config, self.in_channels(context)
         return self.conv_module(builder)(
-            in_channels, in_channels * config.filters, kernel_size=config.kernel_size, stride=config.strides,
-            padding=padding, dilation=config.dilation_rate, groups=in_channels, bias=config.use_bias,
-            device="meta", dtype=builder.dtype(context))
+            in_channels,
+            in_channels * config.filters,
+            kernel_size=config.kernel_size,
+            stride=config.strides,
+            padding=padding,
+            dilation=config.dilation_rate,
+            groups=in_channels,
+            bias=config.use_bias,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
 
     def keras_layer(self, keras, context):
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
-            depth_multiplier=config.filters, **context.keras_identity, **self.keras_options(config))
+            depth_multiplier=config.filters, **context.keras_identity, **self.keras_options(config)
+        )
 
 
 @register
@@ -512,8 +604,10 @@ class DepthwiseConv1D(DepthwiseConv2D):
 def depthwise_steps(kernel_size: tuple[int, ...], in_channels: int, multiplier: int) -> tuple:
     """Keras (k…, in, m) -> torch (in·m, 1, k…)."""
     spatial = len(kernel_size)
-    return (Permute((spatial, spatial + 1) + tuple(range(spatial))),
-            Reshape((in_channels, multiplier) + tuple(kernel_size), (in_channels * multiplier, 1) + tuple(kernel_size)))
+    return (
+        Permute((spatial, spatial + 1) + tuple(range(spatial))),
+        Reshape((in_channels, multiplier) + tuple(kernel_size), (in_channels * multiplier, 1) + tuple(kernel_size)),
+    )
 
 
 @dataclass(frozen=True)
@@ -539,25 +633,45 @@ class SeparableConv2D(_Convolution):
     def ports(self, context):
         config, in_channels = context.config, self.in_channels(context)
         middle = in_channels * config.depth_multiplier
-        return [Port("depthwise_kernel", "depthwise.weight",
-                     depthwise_steps(config.kernel_size, in_channels, config.depth_multiplier),
-                     shape=config.kernel_size + (in_channels, config.depth_multiplier)),
-                Port("pointwise_kernel", "pointwise.weight", (Permute(kernel_permutation(self.spatial)),),
-                     shape=(1,) * self.spatial + (middle, config.filters)),
-                *bias_ports(config, config.filters, torch_key="pointwise.bias")]
+        return [
+            Port(
+                "depthwise_kernel",
+                "depthwise.weight",
+                depthwise_steps(config.kernel_size, in_channels, config.depth_multiplier),
+                shape=config.kernel_size + (in_channels, config.depth_multiplier),
+            ),
+            Port(
+                "pointwise_kernel",
+                "pointwise.weight",
+                (Permute(kernel_permutation(self.spatial)),),
+                shape=(1,) * self.spatial + (middle, config.filters),
+            ),
+            *bias_ports(config, config.filters, torch_key="pointwise.bias"),
+        ]
 
     def torch_module(self, builder, context, padding):
         config = context.config
         return builder.helpers.SeparableConv(
-            self.in_channels(context), config.filters, config.kernel_size, stride=config.strides, padding=padding,
-            dilation=config.dilation_rate, depth_multiplier=config.depth_multiplier, bias=config.use_bias,
-            device="meta", dtype=builder.dtype(context))
+            self.in_channels(context),
+            config.filters,
+            config.kernel_size,
+            stride=config.strides,
+            padding=padding,
+            dilation=config.dilation_rate,
+            depth_multiplier=config.depth_multiplier,
+            bias=config.use_bias,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
 
     def keras_layer(self, keras, context):
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
-            config.filters, depth_multiplier=config.depth_multiplier, **context.keras_identity,
-            **self.keras_options(config))
+            config.filters,
+            depth_multiplier=config.depth_multiplier,
+            **context.keras_identity,
+            **self.keras_options(config),
+        )
 
 
 @register

@@ -30,15 +30,24 @@ import re
 from dataclasses import dataclass, field
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_VOCABULARY, OMIT_DEFAULT, LayerKind, _short, check_int, coerce,
-                            register)
+from exchange.kinds import (
+    MAX_AXIS,
+    MAX_FEATURES,
+    MAX_VOCABULARY,
+    OMIT_DEFAULT,
+    LayerKind,
+    _short,
+    check_int,
+    coerce,
+    register,
+)
 from exchange.kinds.activations import check_activation, keras_activation, numpy_activation, torch_activation
 from exchange.kinds.layout import to_torch_order
 from exchange.ports import Permute, Port, Reshape
 
 # A LoRA adapter's rank: real adapters use 4 to 256.
 MAX_LORA_RANK = 1 << 16
-LORA_VARIABLE_DTYPE = "float32"   # Keras's enable_lora creates its variables float32
+LORA_VARIABLE_DTYPE = "float32"  # Keras's enable_lora creates its variables float32
 
 
 def check_lora(rank, alpha, what: str) -> None:
@@ -71,15 +80,21 @@ def read_lora(options, honours_alpha: bool) -> tuple[int | None, float | None]:
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
         raise options.unsupported("lora_alpha", alpha, "must be a positive number")
     if not honours_alpha and alpha != rank:
-        raise options.unsupported("lora_alpha", alpha, f"Keras 3.15's {options.class_name} ignores it and scales "
-                                  "its LoRA update by 1 (alpha = rank); refused rather than guessed")
+        raise options.unsupported(
+            "lora_alpha",
+            alpha,
+            f"Keras 3.15's {options.class_name} ignores it and scales "
+            "its LoRA update by 1 (alpha = rank); refused rather than guessed",
+        )
     return rank, float(alpha)
 
 
 def check_lora_dtype(context) -> None:
     if getattr(context.config, "lora_rank", None) is not None and context.node.dtype != LORA_VARIABLE_DTYPE:
-        raise UnsupportedLayerError(f"layer {context.node.name!r}: LoRA on a {context.node.dtype} layer is not "
-                                    "supported (Keras keeps the adapter float32, the exchange one dtype per layer)")
+        raise UnsupportedLayerError(
+            f"layer {context.node.name!r}: LoRA on a {context.node.dtype} layer is not "
+            "supported (Keras keeps the adapter float32, the exchange one dtype per layer)"
+        )
 
 
 def lora_keras_args(config) -> dict:
@@ -104,8 +119,10 @@ class DenseConfig:
         check_activation(self.activation, "Dense")
         check_lora(self.lora_rank, self.lora_alpha, "Dense")
         if self.lora_rank is not None and self.lora_alpha != self.lora_rank:
-            raise ExchangeError(f"Dense lora_alpha must equal lora_rank (Keras 3.15's Dense scales by 1), "
-                                f"got {self.lora_alpha!r} for rank {self.lora_rank}")
+            raise ExchangeError(
+                f"Dense lora_alpha must equal lora_rank (Keras 3.15's Dense scales by 1), "
+                f"got {self.lora_alpha!r} for rank {self.lora_rank}"
+            )
 
 
 @register
@@ -118,8 +135,7 @@ class Dense(LayerKind):
     def from_keras(self, options):
         options.expect("quantization_config", None)
         rank, alpha = read_lora(options, honours_alpha=False)
-        return DenseConfig(options.integer("units"), options.activation(), options.flag("use_bias", True),
-                           rank, alpha)
+        return DenseConfig(options.integer("units"), options.activation(), options.flag("use_bias", True), rank, alpha)
 
     def merged_when_saved(self, config):
         return () if config.lora_rank is None else ("lora_kernel_a", "lora_kernel_b")
@@ -137,8 +153,11 @@ class Dense(LayerKind):
             source = tuple(context.flat_source)
             unflat = (columns,) + source
             reordered = tuple(unflat[axis] for axis in to_torch_order(len(source)))
-            steps += (Reshape((columns, context.input_shape[-1]), unflat), Permute(to_torch_order(len(source))),
-                      Reshape(reordered, (columns, context.input_shape[-1])))
+            steps += (
+                Reshape((columns, context.input_shape[-1]), unflat),
+                Permute(to_torch_order(len(source))),
+                Reshape(reordered, (columns, context.input_shape[-1])),
+            )
         return steps
 
     def ports(self, context):
@@ -148,20 +167,33 @@ class Dense(LayerKind):
             ports.append(Port("bias", "bias", shape=(config.units,)))
         if config.lora_rank is not None:
             check_lora_dtype(context)
-            ports += [Port("lora_kernel_a", "lora_a", self._input_rows(context, config.lora_rank),
-                           shape=(features, config.lora_rank)),
-                      Port("lora_kernel_b", "lora_b", (Permute((1, 0)),), shape=(config.lora_rank, config.units))]
+            ports += [
+                Port(
+                    "lora_kernel_a",
+                    "lora_a",
+                    self._input_rows(context, config.lora_rank),
+                    shape=(features, config.lora_rank),
+                ),
+                Port("lora_kernel_b", "lora_b", (Permute((1, 0)),), shape=(config.lora_rank, config.units)),
+            ]
         return ports
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         if config.lora_rank is None:
-            linear = builder.nn.Linear(context.input_shape[-1], config.units, bias=config.use_bias,
-                                       device="meta", dtype=builder.dtype(context))
+            linear = builder.nn.Linear(
+                context.input_shape[-1], config.units, bias=config.use_bias, device="meta", dtype=builder.dtype(context)
+            )
         else:
-            linear = builder.helpers.LoRALinear(context.input_shape[-1], config.units, config.lora_rank,
-                                                config.lora_alpha / config.lora_rank, bias=config.use_bias,
-                                                device="meta", dtype=builder.dtype(context))
+            linear = builder.helpers.LoRALinear(
+                context.input_shape[-1],
+                config.units,
+                config.lora_rank,
+                config.lora_alpha / config.lora_rank,
+                bias=config.use_bias,
+                device="meta",
+                dtype=builder.dtype(context),
+            )
         value = inputs[0]
         channels_moved = len(context.input_shape) > 1
         if channels_moved:
@@ -173,8 +205,13 @@ class Dense(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Dense(config.units, activation=keras_activation(config.activation, context.node.name),
-                                  use_bias=config.use_bias, **lora_keras_args(config), **context.keras_identity)
+        return keras.layers.Dense(
+            config.units,
+            activation=keras_activation(config.activation, context.node.name),
+            use_bias=config.use_bias,
+            **lora_keras_args(config),
+            **context.keras_identity,
+        )
 
     def numpy_forward(self, context, tensors, inputs):
         weight = tensors["weight"]
@@ -197,10 +234,10 @@ MAX_EQUATION = 3 * (MAX_AXIS + 1) + 10
 
 @dataclass(frozen=True)
 class EinsumParts:
-    inputs: str       # the input's letters (without the ellipsis)
+    inputs: str  # the input's letters (without the ellipsis)
     kernel: str
     output: str
-    ellipsis: str     # "", "left" or "right"
+    ellipsis: str  # "", "left" or "right"
 
 
 def einsum_parts(equation: str) -> EinsumParts:
@@ -215,8 +252,10 @@ def einsum_parts(equation: str) -> EinsumParts:
             parts = EinsumParts(*match.groups(), ellipsis)
             break
     else:
-        raise ExchangeError(f"EinsumDense equation {_short(equation)} is not of the form ab,bc->ac, "
-                            "...b,bc->...c or ab...,bc->ac... (letters only)")
+        raise ExchangeError(
+            f"EinsumDense equation {_short(equation)} is not of the form ab,bc->ac, "
+            "...b,bc->...c or ab...,bc->ac... (letters only)"
+        )
     for operand in (parts.inputs, parts.kernel, parts.output):
         if len(set(operand)) != len(operand):
             raise ExchangeError(f"EinsumDense equation {equation!r}: a letter repeats in {operand!r}")
@@ -225,15 +264,17 @@ def einsum_parts(equation: str) -> EinsumParts:
     if set(parts.kernel) - set(parts.inputs) - set(parts.output):
         raise ExchangeError(f"EinsumDense equation {equation!r}: kernel letters not in the input or output")
     if parts.ellipsis != "left" and (parts.inputs[0] != parts.output[0] or parts.inputs[0] in parts.kernel):
-        raise ExchangeError(f"EinsumDense equation {equation!r}: the first letter is the batch axis; it must "
-                            "start the output and not be in the kernel")
+        raise ExchangeError(
+            f"EinsumDense equation {equation!r}: the first letter is the batch axis; it must "
+            "start the output and not be in the kernel"
+        )
     return parts
 
 
 @dataclass(frozen=True)
 class EinsumDenseConfig:
     equation: str
-    output_shape: tuple[int | None, ...]   # Keras's partial output shape (no batch, no ellipsis axes)
+    output_shape: tuple[int | None, ...]  # Keras's partial output shape (no batch, no ellipsis axes)
     bias_axes: str | None = None
     activation: str = "linear"
     lora_rank: int | None = field(default=None, metadata=OMIT_DEFAULT)
@@ -248,10 +289,15 @@ class EinsumDenseConfig:
                 check_int(size, "EinsumDense output_shape size", MAX_FEATURES)
         if self.bias_axes is not None:
             coerce(self.bias_axes, str, "EinsumDense bias_axes")
-            if not self.bias_axes or len(set(self.bias_axes)) != len(self.bias_axes) or \
-                    not set(self.bias_axes) <= set(parts.output):
-                raise ExchangeError(f"EinsumDense bias_axes {_short(self.bias_axes)} must be distinct letters of the "
-                                    f"output {parts.output!r}")
+            if (
+                not self.bias_axes
+                or len(set(self.bias_axes)) != len(self.bias_axes)
+                or not set(self.bias_axes) <= set(parts.output)
+            ):
+                raise ExchangeError(
+                    f"EinsumDense bias_axes {_short(self.bias_axes)} must be distinct letters of the "
+                    f"output {parts.output!r}"
+                )
         check_activation(self.activation, "EinsumDense")
         check_lora(self.lora_rank, self.lora_alpha, "EinsumDense")
 
@@ -260,7 +306,7 @@ class EinsumDenseConfig:
 class EinsumShapes:
     kernel: tuple[int, ...]
     bias: tuple[int, ...] | None
-    output: tuple   # without the batch axis
+    output: tuple  # without the batch axis
 
 
 def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes:
@@ -273,28 +319,35 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
     if parts.ellipsis == "":
         expected_outputs = len(parts.output) - 1
         if elided != 0:
-            raise ExchangeError(f"equation {config.equation!r} takes a rank-{len(parts.inputs)} input, found "
-                                f"(batch, {input_shape})")
+            raise ExchangeError(
+                f"equation {config.equation!r} takes a rank-{len(parts.inputs)} input, found (batch, {input_shape})"
+            )
         input_sizes = dict(zip(parts.inputs, full_input))
         lead, trail = [], []
     elif parts.ellipsis == "left":
         expected_outputs = len(parts.output)
         if elided < 1:
-            raise ExchangeError(f"equation {config.equation!r} needs the batch axis in its ellipsis; input "
-                                f"(batch, {input_shape}) has no axis for it")
+            raise ExchangeError(
+                f"equation {config.equation!r} needs the batch axis in its ellipsis; input "
+                f"(batch, {input_shape}) has no axis for it"
+            )
         input_sizes = dict(zip(parts.inputs, full_input[elided:]))
         lead, trail = list(full_input[:elided]), []
     else:
         expected_outputs = len(parts.output) - 1
         if elided < 0:
-            raise ExchangeError(f"equation {config.equation!r} needs at least {len(parts.inputs)} input axes, "
-                                f"found (batch, {input_shape})")
+            raise ExchangeError(
+                f"equation {config.equation!r} needs at least {len(parts.inputs)} input axes, "
+                f"found (batch, {input_shape})"
+            )
         input_sizes = dict(zip(parts.inputs, full_input))
-        lead, trail = [], list(full_input[len(parts.inputs):])
+        lead, trail = [], list(full_input[len(parts.inputs) :])
     if len(partial) != expected_outputs:
-        raise ExchangeError(f"output_shape {config.output_shape} has {len(partial)} sizes; equation "
-                            f"{config.equation!r} needs {expected_outputs}")
-    named = partial if parts.ellipsis == "left" else [None] + partial   # one size per output letter
+        raise ExchangeError(
+            f"output_shape {config.output_shape} has {len(partial)} sizes; equation "
+            f"{config.equation!r} needs {expected_outputs}"
+        )
+    named = partial if parts.ellipsis == "left" else [None] + partial  # one size per output letter
     output_sizes = {}
     for letter, given in zip(parts.output, named):
         if letter in input_sizes:
@@ -307,7 +360,7 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
                 raise ExchangeError(f"output_shape must give the size of kernel axis {letter!r}")
             output_sizes[letter] = given
     if parts.ellipsis != "left":
-        output_sizes[parts.output[0]] = None   # the batch axis
+        output_sizes[parts.output[0]] = None  # the batch axis
     kernel = []
     for letter in parts.kernel:
         size = output_sizes[letter] if letter in output_sizes else input_sizes[letter]
@@ -342,7 +395,8 @@ class EinsumDense(LayerKind):
         if isinstance(output_shape, int) and not isinstance(output_shape, bool):
             output_shape = [output_shape]
         if not isinstance(output_shape, (list, tuple)) or not all(
-                size is None or isinstance(size, int) and not isinstance(size, bool) for size in output_shape):
+            size is None or (isinstance(size, int) and not isinstance(size, bool)) for size in output_shape
+        ):
             raise options.unsupported("output_shape", output_shape, "must be sizes or null")
         bias_axes = options.take("bias_axes", None)
         if bias_axes is not None and not isinstance(bias_axes, str):
@@ -364,17 +418,24 @@ class EinsumDense(LayerKind):
             ports.append(Port("bias", "bias", shape=shapes.bias))
         if config.lora_rank is not None:
             check_lora_dtype(context)
-            ports += [Port("lora_kernel_a", "lora_a", shape=shapes.kernel[:-1] + (config.lora_rank,)),
-                      Port("lora_kernel_b", "lora_b", shape=(config.lora_rank, shapes.kernel[-1]))]
+            ports += [
+                Port("lora_kernel_a", "lora_a", shape=shapes.kernel[:-1] + (config.lora_rank,)),
+                Port("lora_kernel_b", "lora_b", shape=(config.lora_rank, shapes.kernel[-1])),
+            ]
         return ports
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         shapes = einsum_shapes(config, context.input_shape)
         module = builder.helpers.KerasEinsumDense(
-            config.equation, shapes.kernel, shapes.bias, config.lora_rank,
+            config.equation,
+            shapes.kernel,
+            shapes.bias,
+            config.lora_rank,
             1.0 if config.lora_rank is None else config.lora_alpha / config.lora_rank,
-            device="meta", dtype=builder.dtype(context))
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         value = inputs[0]
         if len(context.input_shape) > 1:
             value = builder.call(builder.torch.movedim, value, 1, -1)
@@ -385,10 +446,14 @@ class EinsumDense(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.EinsumDense(config.equation, list(config.output_shape),
-                                        activation=keras_activation(config.activation, context.node.name),
-                                        bias_axes=config.bias_axes, **lora_keras_args(config),
-                                        **context.keras_identity)
+        return keras.layers.EinsumDense(
+            config.equation,
+            list(config.output_shape),
+            activation=keras_activation(config.activation, context.node.name),
+            bias_axes=config.bias_axes,
+            **lora_keras_args(config),
+            **context.keras_identity,
+        )
 
 
 # The reverse dtypes read besides the layer's own: logits of a float32 layer computed in half precision.
@@ -397,8 +462,10 @@ REVERSE_DTYPES = (None, "float16", "bfloat16")
 
 def check_reverse_dtype(context) -> None:
     if context.config.reverse_dtype is not None and context.node.dtype != "float32":
-        raise UnsupportedLayerError(f"layer {context.node.name!r}: reverse_dtype {context.config.reverse_dtype!r} of a "
-                                    f"{context.node.dtype} layer is not supported (only of a float32 layer)")
+        raise UnsupportedLayerError(
+            f"layer {context.node.name!r}: reverse_dtype {context.config.reverse_dtype!r} of a "
+            f"{context.node.dtype} layer is not supported (only of a float32 layer)"
+        )
 
 
 @dataclass(frozen=True)
@@ -407,17 +474,20 @@ class ReversibleEmbeddingConfig:
     output_dim: int
     mask_zero: bool = False
     tie_weights: bool = True
-    reverse: bool = False                 # called with reverse=True: x @ embeddings.T, logits
-    logit_soft_cap: float | None = None   # reverse only: tanh(logits / cap) * cap
+    reverse: bool = False  # called with reverse=True: x @ embeddings.T, logits
+    logit_soft_cap: float | None = None  # reverse only: tanh(logits / cap) * cap
     # reverse only: the half-precision dtype the logits are computed in (None: the layer's)
     reverse_dtype: str | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
-        if self.reverse_dtype not in REVERSE_DTYPES or self.reverse_dtype is not None and (
-                self.logit_soft_cap is not None or not self.reverse):
-            raise ExchangeError(f"ReversibleEmbedding reverse_dtype {_short(self.reverse_dtype)} is not one of "
-                                f"{', '.join(map(repr, REVERSE_DTYPES))}, or is given without a reverse call or "
-                                "with a logit_soft_cap")
+        if self.reverse_dtype not in REVERSE_DTYPES or (
+            self.reverse_dtype is not None and (self.logit_soft_cap is not None or not self.reverse)
+        ):
+            raise ExchangeError(
+                f"ReversibleEmbedding reverse_dtype {_short(self.reverse_dtype)} is not one of "
+                f"{', '.join(map(repr, REVERSE_DTYPES))}, or is given without a reverse call or "
+                "with a logit_soft_cap"
+            )
         check_int(self.input_dim, "ReversibleEmbedding input_dim (the vocabulary)", MAX_VOCABULARY)
         check_int(self.output_dim, "ReversibleEmbedding output_dim", MAX_FEATURES)
         if self.logit_soft_cap is not None:
@@ -443,7 +513,7 @@ class ReversibleEmbedding(LayerKind):
     kind, keras_classes, Config = "reversible_embedding", ("ReversibleEmbedding",), ReversibleEmbeddingConfig
 
     def reads_integers(self, node, position):
-        return not node.config.reverse   # token ids
+        return not node.config.reverse  # token ids
 
     def output_mask(self, node, input_masks):
         config = node.config
@@ -458,20 +528,31 @@ class ReversibleEmbedding(LayerKind):
         if not isinstance(reverse, bool):
             raise options.unsupported("reverse", reverse, "the call's reverse must be true or false")
         reverse_dtype = options.take("reverse_dtype", None)
-        if not reverse or reverse_dtype == "float32":   # no reverse call, or the default
+        if not reverse or reverse_dtype == "float32":  # no reverse call, or the default
             reverse_dtype = None
         if reverse_dtype not in REVERSE_DTYPES:
-            raise options.unsupported("reverse_dtype", reverse_dtype, "only float32, float16 or bfloat16 logits "
-                                      "are supported")
+            raise options.unsupported(
+                "reverse_dtype", reverse_dtype, "only float32, float16 or bfloat16 logits are supported"
+            )
         cap = options.take("logit_soft_cap", None)
         if reverse_dtype is not None and cap is not None:
-            raise options.unsupported("reverse_dtype", reverse_dtype, "with a logit_soft_cap: TensorFlow's "
-                                      "half-precision tanh rounds some logits one unit apart from torch's")
+            raise options.unsupported(
+                "reverse_dtype",
+                reverse_dtype,
+                "with a logit_soft_cap: TensorFlow's "
+                "half-precision tanh rounds some logits one unit apart from torch's",
+            )
         if cap is not None and (not isinstance(cap, (int, float)) or isinstance(cap, bool)):
             raise options.unsupported("logit_soft_cap", cap, "must be a number")
-        return ReversibleEmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"),
-                                         options.flag("mask_zero", False), options.flag("tie_weights", True),
-                                         reverse, None if cap is None else float(cap), reverse_dtype)
+        return ReversibleEmbeddingConfig(
+            options.integer("input_dim"),
+            options.integer("output_dim"),
+            options.flag("mask_zero", False),
+            options.flag("tie_weights", True),
+            reverse,
+            None if cap is None else float(cap),
+            reverse_dtype,
+        )
 
     def output_shape(self, config, input_shapes):
         shape = tuple(input_shapes[0])
@@ -486,17 +567,28 @@ class ReversibleEmbedding(LayerKind):
         check_reverse_dtype(context)
         ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
         if not config.tie_weights:
-            ports.append(Port("reverse_embeddings", "reverse_weight", (Permute((1, 0)),),
-                              shape=(config.output_dim, config.input_dim)))
+            ports.append(
+                Port(
+                    "reverse_embeddings",
+                    "reverse_weight",
+                    (Permute((1, 0)),),
+                    shape=(config.output_dim, config.input_dim),
+                )
+            )
         return ports
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.helpers.KerasReversibleEmbedding(
-            config.input_dim, config.output_dim, tie_weights=config.tie_weights, reverse=config.reverse,
-            logit_soft_cap=config.logit_soft_cap, reverse_dtype=None if config.reverse_dtype is None
-            else getattr(builder.torch, config.reverse_dtype),
-            device="meta", dtype=builder.dtype(context))
+            config.input_dim,
+            config.output_dim,
+            tie_weights=config.tie_weights,
+            reverse=config.reverse,
+            logit_soft_cap=config.logit_soft_cap,
+            reverse_dtype=None if config.reverse_dtype is None else getattr(builder.torch, config.reverse_dtype),
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         value = inputs[0]
         if not config.reverse:
             ids = builder.method(value, "long")
@@ -512,9 +604,15 @@ class ReversibleEmbedding(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.ReversibleEmbedding(config.input_dim, config.output_dim, tie_weights=config.tie_weights,
-                                                mask_zero=config.mask_zero, logit_soft_cap=config.logit_soft_cap,
-                                                reverse_dtype=config.reverse_dtype, **context.keras_identity)
+        return keras.layers.ReversibleEmbedding(
+            config.input_dim,
+            config.output_dim,
+            tie_weights=config.tie_weights,
+            mask_zero=config.mask_zero,
+            logit_soft_cap=config.logit_soft_cap,
+            reverse_dtype=config.reverse_dtype,
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         return keras_layer(arguments[0], reverse=True) if context.config.reverse else keras_layer(arguments[0])

@@ -35,8 +35,11 @@ from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_ints, refuse_keras_class, register
 from exchange.kinds.preprocessing import DATA_FORMATS, _read_data_format, torch_image
 
-refuse_keras_class("Equalization", "Keras 3.15 cannot call it in a functional model (its symbolic output is its "
-                                   "input tensor: a cycle), so no Keras model holds one to check a conversion against")
+refuse_keras_class(
+    "Equalization",
+    "Keras 3.15 cannot call it in a functional model (its symbolic output is its "
+    "input tensor: a cycle), so no Keras model holds one to check a conversion against",
+)
 
 # Real clip limits are a few units (OpenCV's default 40 is the largest in use); past this the float32
 # limit overflows where TensorFlow cannot convert it.
@@ -64,8 +67,9 @@ def _image(shape: tuple, what: str, data_format: str) -> tuple:
     """(height, width, channels) of a Keras image in `data_format`, of fixed height and width."""
     sides = shape[:2] if data_format == "channels_last" else shape[1:]
     if len(shape) != 3 or None in sides:
-        raise UnsupportedLayerError(f"{what} needs a {data_format} image of fixed height and width, found "
-                                    f"(batch, {shape})")
+        raise UnsupportedLayerError(
+            f"{what} needs a {data_format} image of fixed height and width, found (batch, {shape})"
+        )
     return (*sides, shape[2] if data_format == "channels_last" else shape[0])
 
 
@@ -78,25 +82,43 @@ class CLAHEConfig:
 
     def __post_init__(self) -> None:
         check_choice(self.data_format, DATA_FORMATS, "ContrastLimitedAdaptiveHistogramEqualization data_format")
-        check_ints(self.tile_grid_size, "ContrastLimitedAdaptiveHistogramEqualization tile_grid_size", MAX_WINDOW,
-                   count=(2,))
-        if not isinstance(self.value_range, tuple) or len(self.value_range) != 2 or not all(
-                isinstance(value, float) and _float32_finite(value) for value in self.value_range):
-            raise ExchangeError(f"ContrastLimitedAdaptiveHistogramEqualization value_range must be two finite "
-                                f"float32 numbers, got {self.value_range!r}")
+        check_ints(
+            self.tile_grid_size, "ContrastLimitedAdaptiveHistogramEqualization tile_grid_size", MAX_WINDOW, count=(2,)
+        )
+        if (
+            not isinstance(self.value_range, tuple)
+            or len(self.value_range) != 2
+            or not all(isinstance(value, float) and _float32_finite(value) for value in self.value_range)
+        ):
+            raise ExchangeError(
+                f"ContrastLimitedAdaptiveHistogramEqualization value_range must be two finite "
+                f"float32 numbers, got {self.value_range!r}"
+            )
         if not _float32_width_usable(self.value_range):
-            raise ExchangeError(f"ContrastLimitedAdaptiveHistogramEqualization value_range {self.value_range!r} "
-                                "must span a finite, nonzero float32 width (Keras divides by it)")
+            raise ExchangeError(
+                f"ContrastLimitedAdaptiveHistogramEqualization value_range {self.value_range!r} "
+                "must span a finite, nonzero float32 width (Keras divides by it)"
+            )
         if not isinstance(self.clip_limit, float) or not abs(self.clip_limit) <= MAX_CLIP_LIMIT:
-            raise ExchangeError(f"ContrastLimitedAdaptiveHistogramEqualization clip_limit must be a number of at "
-                                f"most {MAX_CLIP_LIMIT:g} in size, got {self.clip_limit!r}")
+            raise ExchangeError(
+                f"ContrastLimitedAdaptiveHistogramEqualization clip_limit must be a number of at "
+                f"most {MAX_CLIP_LIMIT:g} in size, got {self.clip_limit!r}"
+            )
 
 
 def _read_value_range(options) -> tuple[float, float]:
     value = options.take("value_range", [0, 255])
-    if not isinstance(value, (list, tuple)) or len(value) != 2 or not all(
-            isinstance(item, (int, float)) and not isinstance(item, bool) and math.isfinite(item)
-            and _float32_finite(item) for item in value):
+    if (
+        not isinstance(value, (list, tuple))
+        or len(value) != 2
+        or not all(
+            isinstance(item, (int, float))
+            and not isinstance(item, bool)
+            and math.isfinite(item)
+            and _float32_finite(item)
+            for item in value
+        )
+    ):
         raise options.unsupported("value_range", value, "must be two finite float32 numbers")
     return float(value[0]), float(value[1])
 
@@ -113,36 +135,49 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
         policy = options.take("dtype", None)
         policy_name = (policy.get("config") or {}).get("name") if isinstance(policy, dict) else policy
         if isinstance(policy_name, str) and policy_name.startswith("mixed_"):
-            raise options.unsupported("dtype", policy_name, "Keras takes the histogram bins of the image cast to "
-                                      "the half-precision compute dtype; the exchange computes in float32 there")
+            raise options.unsupported(
+                "dtype",
+                policy_name,
+                "Keras takes the histogram bins of the image cast to "
+                "the half-precision compute dtype; the exchange computes in float32 there",
+            )
         value_range = _read_value_range(options)
         if not _float32_width_usable(value_range):
-            raise options.unsupported("value_range", list(value_range), "Keras divides by its float32 width, "
-                                      "which is zero or infinite")
+            raise options.unsupported(
+                "value_range", list(value_range), "Keras divides by its float32 width, which is zero or infinite"
+            )
         clip_limit = options.number("clip_limit", 4.0)
         if abs(clip_limit) > MAX_CLIP_LIMIT:
-            raise options.unsupported("clip_limit", clip_limit, f"at most {MAX_CLIP_LIMIT:g} in size: TensorFlow "
-                                      "cannot convert a larger limit to float32")
-        return CLAHEConfig(value_range, clip_limit, options.sizes("tile_grid_size", 2, (8, 8)),
-                           _read_data_format(options))
+            raise options.unsupported(
+                "clip_limit",
+                clip_limit,
+                f"at most {MAX_CLIP_LIMIT:g} in size: TensorFlow cannot convert a larger limit to float32",
+            )
+        return CLAHEConfig(
+            value_range, clip_limit, options.sizes("tile_grid_size", 2, (8, 8)), _read_data_format(options)
+        )
 
     def _image(self, config, input_shape) -> tuple[int, int]:
         """(height, width) of the input, after checking that TensorFlow can pad it to whole tiles
         (its symmetric padding mirrors at most the whole image) and count their pixels exactly."""
         height, width, _ = _image(input_shape, "ContrastLimitedAdaptiveHistogramEqualization", config.data_format)
-        for side, size, grid, cells in (("height", height, config.tile_grid_size[0], "rows"),
-                                         ("width", width, config.tile_grid_size[1], "columns")):
+        for side, size, grid, cells in (
+            ("height", height, config.tile_grid_size[0], "rows"),
+            ("width", width, config.tile_grid_size[1], "columns"),
+        ):
             padding = -(-size // grid) * grid - size
             if padding > size:
                 raise UnsupportedLayerError(
                     f"ContrastLimitedAdaptiveHistogramEqualization tile_grid_size {config.tile_grid_size} on an "
                     f"image {side} of {size}: Keras pads {padding} mirrored {cells}, more than the image has "
-                    "(TensorFlow raises)")
+                    "(TensorFlow raises)"
+                )
         tile_pixels = -(-height // config.tile_grid_size[0]) * -(-width // config.tile_grid_size[1])
         if tile_pixels > MAX_TILE_PIXELS:
             raise UnsupportedLayerError(
                 f"ContrastLimitedAdaptiveHistogramEqualization tiles of {tile_pixels:,} pixels are not supported "
-                f"(Keras counts them in float32, exact up to {MAX_TILE_PIXELS:,})")
+                f"(Keras counts them in float32, exact up to {MAX_TILE_PIXELS:,})"
+            )
         return height, width
 
     def output_shape(self, config, input_shapes):
@@ -152,13 +187,22 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config = context.config
         height, width = self._image(config, context.input_shape)
-        module = builder.helpers.KerasCLAHE(height, width, value_range=config.value_range,
-                                            clip_limit=config.clip_limit, tile_grid_size=config.tile_grid_size)
+        module = builder.helpers.KerasCLAHE(
+            height,
+            width,
+            value_range=config.value_range,
+            clip_limit=config.clip_limit,
+            tile_grid_size=config.tile_grid_size,
+        )
         value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, 3))
         return torch_image(builder, value, config.data_format, 3, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.ContrastLimitedAdaptiveHistogramEqualization(
-            value_range=config.value_range, clip_limit=config.clip_limit, tile_grid_size=config.tile_grid_size,
-            data_format=config.data_format, **context.keras_identity)
+            value_range=config.value_range,
+            clip_limit=config.clip_limit,
+            tile_grid_size=config.tile_grid_size,
+            data_format=config.data_format,
+            **context.keras_identity,
+        )

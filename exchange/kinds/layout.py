@@ -25,7 +25,7 @@ def to_keras_order(rank: int) -> tuple[int, ...]:
     return (0,) + tuple(range(2, rank + 1)) + (1,)
 
 
-Size = TypeVar("Size")   # int, or int | None for a size known only at run time
+Size = TypeVar("Size")  # int, or int | None for a size known only at run time
 
 
 def torch_shape(keras_shape: tuple[Size, ...]) -> tuple[Size, ...]:
@@ -39,8 +39,7 @@ def keras_axis(axis: int, rank: int, where: str) -> int:
     """A Keras axis (batch included, may be negative) as a positive axis in 1..rank."""
     positive = axis + rank + 1 if axis < 0 else axis
     if not 1 <= positive <= rank:
-        raise UnsupportedLayerError(f"{where}: axis {axis} of a rank-{rank + 1} tensor is not a "
-                                    "feature axis")
+        raise UnsupportedLayerError(f"{where}: axis {axis} of a rank-{rank + 1} tensor is not a feature axis")
     return positive
 
 

@@ -44,7 +44,7 @@ def broadcast_shapes(input_shapes) -> tuple:
 class _ElementwiseMerge(LayerKind):
     takes_list = True
     passes_mask = True
-    torch_function = ""      # name of a two-argument torch function, folded over the inputs
+    torch_function = ""  # name of a two-argument torch function, folded over the inputs
     numpy_function = None
 
     def output_shape(self, config, input_shapes):
@@ -106,7 +106,7 @@ class Average(_ElementwiseMerge):
 
 @dataclass(frozen=True)
 class ConcatenateConfig:
-    axis: int = -1      # Keras axis, batch included
+    axis: int = -1  # Keras axis, batch included
 
     def __post_init__(self) -> None:
         check_int(self.axis, "Concatenate axis", MAX_AXIS, -MAX_AXIS)
@@ -127,12 +127,14 @@ class Concatenate(LayerKind):
     def output_shape(self, config, input_shapes):
         rank = len(input_shapes[0])
         axis = check_axis(config.axis, rank) - 1
-        if len(input_shapes) < 2 or any(len(shape) != rank or shape[:axis] + shape[axis + 1:]
-                                        != input_shapes[0][:axis] + input_shapes[0][axis + 1:]
-                                        for shape in input_shapes):
+        if len(input_shapes) < 2 or any(
+            len(shape) != rank
+            or shape[:axis] + shape[axis + 1 :] != input_shapes[0][:axis] + input_shapes[0][axis + 1 :]
+            for shape in input_shapes
+        ):
             raise ExchangeError(f"cannot concatenate shapes {list(input_shapes)} on axis {config.axis}")
         sizes = [shape[axis] for shape in input_shapes]
-        return input_shapes[0][:axis] + (None if None in sizes else sum(sizes),) + input_shapes[0][axis + 1:]
+        return input_shapes[0][:axis] + (None if None in sizes else sum(sizes),) + input_shapes[0][axis + 1 :]
 
     def torch_forward(self, builder, context, inputs):
         dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
@@ -163,7 +165,7 @@ class ConcatenateOperation(Concatenate):
         return ConcatenateConfig(axis)
 
     def keras_layer(self, keras, context):
-        from keras.src.ops import numpy as keras_numpy_ops   # the operation class Keras records
+        from keras.src.ops import numpy as keras_numpy_ops  # the operation class Keras records
 
         return keras_numpy_ops.Concatenate(axis=context.config.axis, name=context.node.name)
 
@@ -174,7 +176,7 @@ KERAS_EPSILON = 1e-7
 
 @dataclass(frozen=True)
 class DotConfig:
-    axes: tuple[int, int]     # a Keras axis (batch included, may be negative) of each input
+    axes: tuple[int, int]  # a Keras axis (batch included, may be negative) of each input
     normalize: bool = False
 
     def __post_init__(self) -> None:
@@ -192,14 +194,17 @@ def _dot_axes(config, input_shapes) -> tuple[int, int]:
 @register
 class Dot(LayerKind):
     kind, keras_classes, Config = "dot", ("Dot",), DotConfig
-    takes_list = True   # Keras's compute_mask returns None: no mask passes
+    takes_list = True  # Keras's compute_mask returns None: no mask passes
 
     def from_keras(self, options):
         axes = options.take("axes")
         if isinstance(axes, int) and not isinstance(axes, bool):
             axes = [axes, axes]
-        if not isinstance(axes, list) or len(axes) != 2 or not all(
-                isinstance(axis, int) and not isinstance(axis, bool) for axis in axes):
+        if (
+            not isinstance(axes, list)
+            or len(axes) != 2
+            or not all(isinstance(axis, int) and not isinstance(axis, bool) for axis in axes)
+        ):
             raise options.unsupported("axes", axes, "one axis of each input")
         return DotConfig(tuple(axes), options.flag("normalize", False))
 
@@ -208,9 +213,11 @@ class Dot(LayerKind):
         first_axis, second_axis = _dot_axes(config, input_shapes)
         sizes = (first[first_axis - 1], second[second_axis - 1])
         if None not in sizes and sizes[0] != sizes[1]:
-            raise ExchangeError(f"Dot axes {list(config.axes)}: sizes {sizes[0]} and {sizes[1]} differ "
-                                f"(input shapes {list(first)} and {list(second)})")
-        shape = first[:first_axis - 1] + first[first_axis:] + second[:second_axis - 1] + second[second_axis:]
+            raise ExchangeError(
+                f"Dot axes {list(config.axes)}: sizes {sizes[0]} and {sizes[1]} differ "
+                f"(input shapes {list(first)} and {list(second)})"
+            )
+        shape = first[: first_axis - 1] + first[first_axis:] + second[: second_axis - 1] + second[second_axis:]
         return shape or (1,)
 
     def torch_forward(self, builder, context, inputs):
@@ -219,16 +226,29 @@ class Dot(LayerKind):
         letters = iter("bcdefghijklmnopqrstuvwxyz")
         contracted = next(letters)
         # Each input's Keras axes (batch is "a") by their letters; the contracted axis shares one.
-        labels = [["a"] + [contracted if axis == axes[index] else next(letters) for axis in range(1, len(shape) + 1)]
-                  for index, shape in enumerate(shapes)]
-        output = [label for index, keras in enumerate(labels) for axis, label in enumerate(keras)
-                  if axis != axes[index] and (axis or not index)]
+        labels = [
+            ["a"] + [contracted if axis == axes[index] else next(letters) for axis in range(1, len(shape) + 1)]
+            for index, shape in enumerate(shapes)
+        ]
+        output = [
+            label
+            for index, keras in enumerate(labels)
+            for axis, label in enumerate(keras)
+            if axis != axes[index] and (axis or not index)
+        ]
         if config.normalize:
-            inputs = [builder.call(builder.F.normalize, value, p=2.0, dim=torch_axis(axes[index], len(shapes[index]),
-                                                                                     context.node.name),
-                                   eps=KERAS_EPSILON) for index, value in enumerate(inputs)]
+            inputs = [
+                builder.call(
+                    builder.F.normalize,
+                    value,
+                    p=2.0,
+                    dim=torch_axis(axes[index], len(shapes[index]), context.node.name),
+                    eps=KERAS_EPSILON,
+                )
+                for index, value in enumerate(inputs)
+            ]
 
-        def torch_order(keras_labels):   # the letters in the order the torch layout holds the axes
+        def torch_order(keras_labels):  # the letters in the order the torch layout holds the axes
             return "".join(keras_labels[axis] for axis in to_torch_order(len(keras_labels) - 1))
 
         equation = f"{torch_order(labels[0])},{torch_order(labels[1])}->{torch_order(output)}"
@@ -236,8 +256,9 @@ class Dot(LayerKind):
         return builder.method(value, "unsqueeze", 1) if len(output) == 1 else value
 
     def keras_layer(self, keras, context):
-        return keras.layers.Dot(axes=list(context.config.axes), normalize=context.config.normalize,
-                                **context.keras_identity)
+        return keras.layers.Dot(
+            axes=list(context.config.axes), normalize=context.config.normalize, **context.keras_identity
+        )
 
 
 @dataclass(frozen=True)

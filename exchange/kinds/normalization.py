@@ -49,13 +49,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_axis, check_int, check_ints,
-                            register)
+from exchange.kinds import MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_axis, check_int, check_ints, register
 from exchange.kinds.layout import to_keras_order, torch_axis, torch_shape
 from exchange.ports import KerasOnly, Permute, Port, Reshape, TorchOnly
 
-KERAS_EPSILON = 1e-7   # keras.config.epsilon(), Normalization's floor on the standard deviation
-UNIT_NORM_EPSILON = 1e-12   # UnitNormalization's floor on the norm
+KERAS_EPSILON = 1e-7  # keras.config.epsilon(), Normalization's floor on the standard deviation
+UNIT_NORM_EPSILON = 1e-12  # UnitNormalization's floor on the norm
 
 
 def _axes(options, default=-1):
@@ -90,19 +89,22 @@ def norm_axes(axis, shape: tuple, where: str, sorted_as_written: bool = True) ->
     if len(set(positive)) != len(positive):
         raise UnsupportedLayerError(f"{where}: axis {list(written)} names an axis twice")
     if sorted_as_written and [positive[written.index(value)] for value in sorted(written)] != sorted(positive):
-        raise UnsupportedLayerError(f"{where}: axis {list(written)} sorts to another order than the axes' "
-                                    "(Keras then reshapes its weights across axes); write them all positive "
-                                    "or all negative")
+        raise UnsupportedLayerError(
+            f"{where}: axis {list(written)} sorts to another order than the axes' "
+            "(Keras then reshapes its weights across axes); write them all positive "
+            "or all negative"
+        )
     if any(shape[value - 1] is None for value in positive):
-        raise UnsupportedLayerError(f"{where}: axis {list(written)} has an axis of unknown size in input "
-                                    f"shape {list(shape)}")
+        raise UnsupportedLayerError(
+            f"{where}: axis {list(written)} has an axis of unknown size in input shape {list(shape)}"
+        )
     return tuple(sorted(positive))
 
 
 def _axes_last(builder, value, axes: tuple, rank: int):
     """Move the Keras axes `axes` of a channels-first tensor last, in Keras order; return the
     moved value and a function that moves them back."""
-    if axes == (rank,) and rank >= 2:   # the channels
+    if axes == (rank,) and rank >= 2:  # the channels
         moved = builder.call(builder.torch.movedim, value, 1, -1)
         return moved, lambda result: builder.call(builder.torch.movedim, result, -1, 1)
     dims = [to_keras_order(rank)[axis] for axis in axes]
@@ -110,8 +112,9 @@ def _axes_last(builder, value, axes: tuple, rank: int):
     if order == tuple(range(rank + 1)):
         return value, lambda result: result
     back = tuple(int(dim) for dim in np.argsort(order))
-    return builder.call(builder.torch.permute, value, order), \
-        lambda result: builder.call(builder.torch.permute, result, back)
+    return builder.call(builder.torch.permute, value, order), lambda result: builder.call(
+        builder.torch.permute, result, back
+    )
 
 
 def _one_axis(options, default=-1) -> int:
@@ -125,8 +128,7 @@ def _one_axis(options, default=-1) -> int:
 
 def _check_channel_axis(axis: int, shape: tuple, where: str) -> None:
     if check_axis(axis, len(shape)) != len(shape):
-        raise UnsupportedLayerError(f"{where}: axis {axis} is not the channel axis; only "
-                                    "the last axis is supported")
+        raise UnsupportedLayerError(f"{where}: axis {axis} is not the channel axis; only the last axis is supported")
 
 
 @dataclass(frozen=True)
@@ -140,7 +142,8 @@ class BatchNormConfig:
     renorm: bool = field(default=False, metadata=OMIT_DEFAULT)
     renorm_momentum: float = field(default=0.99, metadata=OMIT_DEFAULT)
     renorm_clipping: tuple[float | None, float | None, float | None] | None = field(
-        default=None, metadata=OMIT_DEFAULT)   # (rmax, rmin, dmax)
+        default=None, metadata=OMIT_DEFAULT
+    )  # (rmax, rmin, dmax)
     # BatchNormalization()(x, mask=m): the mask only weighs training's batch moments; at inference
     # it is passed on, as Keras's supports_masking does (the node's last input).
     mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
@@ -159,9 +162,13 @@ def _renorm_clipping(options):
     value = options.take("renorm_clipping", None)
     if value is None:
         return None
-    if not isinstance(value, dict) or set(value) - set(RENORM_CLIPPING_KEYS) or not all(
-            item is None or isinstance(item, (int, float)) and not isinstance(item, bool)
-            for item in value.values()):
+    if (
+        not isinstance(value, dict)
+        or set(value) - set(RENORM_CLIPPING_KEYS)
+        or not all(
+            item is None or (isinstance(item, (int, float)) and not isinstance(item, bool)) for item in value.values()
+        )
+    ):
         raise options.unsupported("renorm_clipping", value, "a dict of rmax, rmin and dmax")
     return tuple(None if value.get(key) is None else float(value[key]) for key in RENORM_CLIPPING_KEYS)
 
@@ -171,33 +178,42 @@ class BatchNormalization(LayerKind):
     kind, keras_classes, Config = "batch_norm", ("BatchNormalization",), BatchNormConfig
     casts_integers = True
     passes_mask = True
-    mask_position = 2   # call(inputs, training=None, mask=None)
+    mask_position = 2  # call(inputs, training=None, mask=None)
 
     def from_keras(self, options):
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
             options.expect(key, allowed)
-        options.take("fused", None)             # Keras 2: an implementation choice
+        options.take("fused", None)  # Keras 2: an implementation choice
         renorm = options.flag("renorm", False)
         renorm_momentum = options.number("renorm_momentum", 0.99)
         clipping = _renorm_clipping(options)
-        if not renorm:   # unused without renorm
+        if not renorm:  # unused without renorm
             renorm_momentum, clipping = 0.99, None
-        return BatchNormConfig(_one_axis(options), options.number("momentum", 0.99),
-                               options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True), renorm, renorm_momentum, clipping,
-                               options.take_mask_input())
+        return BatchNormConfig(
+            _one_axis(options),
+            options.number("momentum", 0.99),
+            options.number("epsilon", 1e-3),
+            options.flag("center", True),
+            options.flag("scale", True),
+            renorm,
+            renorm_momentum,
+            clipping,
+            options.take_mask_input(),
+        )
 
     def output_mask(self, node, input_masks):
-        if node.config.mask_input:   # Keras passes the mask it was given on (supports_masking)
+        if node.config.mask_input:  # Keras passes the mask it was given on (supports_masking)
             return node.inputs[-1]
         return super().output_mask(node, input_masks)
 
     def output_shape(self, config, input_shapes):
         if config.mask_input and (len(input_shapes) != 2 or len(input_shapes[1]) != len(input_shapes[0]) - 1):
-            raise ExchangeError(f"argument 'mask' of shape (batch, {input_shapes[-1]}) for an input of shape "
-                                f"(batch, {input_shapes[0]}): Keras takes a mask of one axis less")
+            raise ExchangeError(
+                f"argument 'mask' of shape (batch, {input_shapes[-1]}) for an input of shape "
+                f"(batch, {input_shapes[0]}): Keras takes a mask of one axis less"
+            )
         norm_axes(config.axis, input_shapes[0], "BatchNormalization")
-        if len(input_shapes[0]) > 4:   # torch has BatchNorm1d/2d/3d only
+        if len(input_shapes[0]) > 4:  # torch has BatchNorm1d/2d/3d only
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
         return input_shapes[0]
 
@@ -207,21 +223,36 @@ class BatchNormalization(LayerKind):
     def ports(self, context):
         channels = (self._channels(context),)
         ports = _affine_ports(context.config, channels) + [
-            Port("moving_mean", "running_mean", shape=channels), Port("moving_variance", "running_var", shape=channels)]
+            Port("moving_mean", "running_mean", shape=channels),
+            Port("moving_variance", "running_var", shape=channels),
+        ]
         if context.config.renorm:
-            ports += [KerasOnly(name, why="batch renormalisation's training statistics", shape=channels)
-                      for name in ("moving_stddev", "renorm_mean", "renorm_stddev")]
+            ports += [
+                KerasOnly(name, why="batch renormalisation's training statistics", shape=channels)
+                for name in ("moving_stddev", "renorm_mean", "renorm_stddev")
+            ]
         # torch's counter comes last in its state_dict; Keras has no variable for it
-        return ports + [TorchOnly("num_batches_tracked", (), 0, dtype="int64",
-                                  why="torch's counter of training batches")]
+        return ports + [
+            TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")
+        ]
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
-        module_class = {1: builder.nn.BatchNorm1d, 2: builder.nn.BatchNorm1d, 3: builder.nn.BatchNorm2d,
-                        4: builder.nn.BatchNorm3d}[rank]
+        module_class = {
+            1: builder.nn.BatchNorm1d,
+            2: builder.nn.BatchNorm1d,
+            3: builder.nn.BatchNorm2d,
+            4: builder.nn.BatchNorm3d,
+        }[rank]
         # round(): 1 - 0.99 is 0.010000000000000009 in floats; torch's momentum is the written 0.01
-        norm = module_class(self._channels(context), eps=config.epsilon, momentum=round(1.0 - config.momentum, 12),
-                            affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
+        norm = module_class(
+            self._channels(context),
+            eps=config.epsilon,
+            momentum=round(1.0 - config.momentum, 12),
+            affine=config.center or config.scale,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         dim = torch_axis(config.axis, rank, context.node.name)
         if dim == 1:
             return builder.module(context, norm, inputs[0])
@@ -233,12 +264,22 @@ class BatchNormalization(LayerKind):
         renorm = {}
         if config.renorm:
             clipping = config.renorm_clipping
-            renorm = {"renorm": True, "renorm_momentum": config.renorm_momentum,
-                      "renorm_clipping": None if clipping is None else
-                      {key: value for key, value in zip(RENORM_CLIPPING_KEYS, clipping) if value is not None}}
-        return keras.layers.BatchNormalization(axis=config.axis, momentum=config.momentum, epsilon=config.epsilon,
-                                               center=config.center, scale=config.scale, **renorm,
-                                               **context.keras_identity)
+            renorm = {
+                "renorm": True,
+                "renorm_momentum": config.renorm_momentum,
+                "renorm_clipping": None
+                if clipping is None
+                else {key: value for key, value in zip(RENORM_CLIPPING_KEYS, clipping) if value is not None},
+            }
+        return keras.layers.BatchNormalization(
+            axis=config.axis,
+            momentum=config.momentum,
+            epsilon=config.epsilon,
+            center=config.center,
+            scale=config.scale,
+            **renorm,
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         if context.config.mask_input:
@@ -248,9 +289,9 @@ class BatchNormalization(LayerKind):
 
 @dataclass(frozen=True)
 class NormalizationConfig:
-    axis: int | tuple[int, ...] = -1     # the axes kept (one mean per position); () for Keras's None
+    axis: int | tuple[int, ...] = -1  # the axes kept (one mean per position); () for Keras's None
     invert: bool = False
-    mean: tuple[float, ...] | None = None       # given in the Keras config: constants, not weights
+    mean: tuple[float, ...] | None = None  # given in the Keras config: constants, not weights
     variance: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
@@ -271,8 +312,9 @@ class Normalization(LayerKind):
             value = options.take(key, None)
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 value = [value]
-            if value is not None and not (isinstance(value, list) and all(
-                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)):
+            if value is not None and not (
+                isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+            ):
                 raise options.unsupported(key, value, "a number or a list of numbers per channel")
             constants[key] = None if value is None else tuple(float(v) for v in value)
         if (constants["mean"] is None) != (constants["variance"] is None):
@@ -285,7 +327,7 @@ class Normalization(LayerKind):
     def _per_channel(self, config, shape) -> bool:
         """Whether one value per channel (or one value) holds the statistics: the torch module's
         (C,) form."""
-        return self._kept(config, shape) == (len(shape),) or config.mean is not None and len(config.mean) == 1
+        return self._kept(config, shape) == (len(shape),) or (config.mean is not None and len(config.mean) == 1)
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
@@ -295,8 +337,10 @@ class Normalization(LayerKind):
             if values is None:
                 continue
             if not self._per_channel(config, shape):
-                raise UnsupportedLayerError(f"Normalization: {len(values)} values given for axis {config.axis}; "
-                                            "only one value, or one per channel of the last axis, is supported")
+                raise UnsupportedLayerError(
+                    f"Normalization: {len(values)} values given for axis {config.axis}; "
+                    "only one value, or one per channel of the last axis, is supported"
+                )
             if len(values) not in (1, channels):
                 raise UnsupportedLayerError(f"Normalization: {len(values)} values for {channels} channels")
         return input_shapes[0]
@@ -313,36 +357,49 @@ class Normalization(LayerKind):
             return []
         if self._per_channel(config, shape):
             keras, steps = (shape[-1],), ()
-        else:   # Keras's statistics -> their broadcast shape, Keras layout -> channels-first
+        else:  # Keras's statistics -> their broadcast shape, Keras layout -> channels-first
             keras, broadcast = self._broadcast(config, shape)
             steps = (Reshape(keras, broadcast),)
             if len(shape) >= 2:
                 steps += (Permute((len(shape) - 1,) + tuple(range(len(shape) - 1))),)
-        return [Port("mean", "mean", steps, shape=keras), Port("variance", "variance", steps, shape=keras),
-                KerasOnly("count", why="the number of samples seen by adapt()", shape=())]
+        return [
+            Port("mean", "mean", steps, shape=keras),
+            Port("variance", "variance", steps, shape=keras),
+            KerasOnly("count", why="the number of samples seen by adapt()", shape=()),
+        ]
 
     def torch_forward(self, builder, context, inputs):
         config, shape = context.config, context.input_shape
         broadcast = None if self._per_channel(config, shape) else torch_shape(self._broadcast(config, shape)[1])
-        module = builder.helpers.KerasNormalization(shape[-1], len(shape), config.invert, KERAS_EPSILON,
-                                                    dtype=builder.dtype(context), constant_mean=config.mean,
-                                                    constant_variance=config.variance, shape=broadcast)
+        module = builder.helpers.KerasNormalization(
+            shape[-1],
+            len(shape),
+            config.invert,
+            KERAS_EPSILON,
+            dtype=builder.dtype(context),
+            constant_mean=config.mean,
+            constant_variance=config.variance,
+            shape=broadcast,
+        )
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
         config = context.config
         constants = {}
-        if config.mean is not None:   # one value as a number: Keras refuses a list longer than its axes
-            constants = {key: values[0] if len(values) == 1 else list(values)
-                         for key, values in (("mean", config.mean), ("variance", config.variance))}
+        if config.mean is not None:  # one value as a number: Keras refuses a list longer than its axes
+            constants = {
+                key: values[0] if len(values) == 1 else list(values)
+                for key, values in (("mean", config.mean), ("variance", config.variance))
+            }
         axis = list(config.axis) if isinstance(config.axis, tuple) else config.axis
-        return keras.layers.Normalization(axis=axis if axis != [] else None, invert=config.invert,
-                                          **context.keras_identity, **constants)
+        return keras.layers.Normalization(
+            axis=axis if axis != [] else None, invert=config.invert, **context.keras_identity, **constants
+        )
 
 
 @dataclass(frozen=True)
 class RescalingConfig:
-    scale: float | tuple[float, ...] = 1.0       # one number, or one per channel
+    scale: float | tuple[float, ...] = 1.0  # one number, or one per channel
     offset: float | tuple[float, ...] = 0.0
 
 
@@ -398,7 +455,7 @@ class LayerNormConfig:
     epsilon: float = 1e-3
     center: bool = True
     scale: bool = True
-    rms_scaling: bool = field(default=False, metadata=OMIT_DEFAULT)   # Keras's formula: see the docstring
+    rms_scaling: bool = field(default=False, metadata=OMIT_DEFAULT)  # Keras's formula: see the docstring
 
     def __post_init__(self) -> None:
         _check_axes(self.axis, "LayerNormalization axis")
@@ -440,8 +497,13 @@ class LayerNormalization(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        return LayerNormConfig(_axes(options), options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True), options.flag("rms_scaling", False))
+        return LayerNormConfig(
+            _axes(options),
+            options.number("epsilon", 1e-3),
+            options.flag("center", True),
+            options.flag("scale", True),
+            options.flag("rms_scaling", False),
+        )
 
     def output_shape(self, config, input_shapes):
         norm_axes(config.axis, input_shapes[0], "LayerNormalization")
@@ -449,27 +511,39 @@ class LayerNormalization(LayerKind):
 
     def ports(self, context):
         shape = _normalised_shape(context, "LayerNormalization")
-        if context.config.rms_scaling:   # Keras keeps gamma, never beta
+        if context.config.rms_scaling:  # Keras keeps gamma, never beta
             return [Port("gamma", "weight", shape=shape)]
         return _affine_ports(context.config, shape, bias_optional=True)
 
     def torch_forward(self, builder, context, inputs):
         config, shape = context.config, _normalised_shape(context, "LayerNormalization")
         if config.rms_scaling:
-            norm = builder.helpers.KerasRMSScaledLayerNorm(shape, config.epsilon, device="meta",
-                                                           dtype=builder.dtype(context))
+            norm = builder.helpers.KerasRMSScaledLayerNorm(
+                shape, config.epsilon, device="meta", dtype=builder.dtype(context)
+            )
         else:
-            norm = builder.nn.LayerNorm(shape, eps=config.epsilon, elementwise_affine=config.center or config.scale,
-                                        bias=config.center, device="meta", dtype=builder.dtype(context))
+            norm = builder.nn.LayerNorm(
+                shape,
+                eps=config.epsilon,
+                elementwise_affine=config.center or config.scale,
+                bias=config.center,
+                device="meta",
+                dtype=builder.dtype(context),
+            )
         axes = norm_axes(config.axis, context.input_shape, "LayerNormalization")
         value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
         return back(builder.module(context, norm, value))
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.LayerNormalization(axis=_keras_axis(config.axis), epsilon=config.epsilon,
-                                               center=config.center, scale=config.scale,
-                                               rms_scaling=config.rms_scaling, **context.keras_identity)
+        return keras.layers.LayerNormalization(
+            axis=_keras_axis(config.axis),
+            epsilon=config.epsilon,
+            center=config.center,
+            scale=config.scale,
+            rms_scaling=config.rms_scaling,
+            **context.keras_identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -493,10 +567,12 @@ class RMSNormalization(LayerKind):
     def output_shape(self, config, input_shapes):
         axes, rank = norm_axes(config.axis, input_shapes[0], "RMSNormalization"), len(input_shapes[0])
         if axes != tuple(range(rank - len(axes) + 1, rank + 1)):
-            raise UnsupportedLayerError(f"RMSNormalization axis {_keras_axis(config.axis)} of an input of shape "
-                                        f"{list(input_shapes[0])}: Keras multiplies its scale along the last "
-                                        f"{len(axes)} axes (broadcasting), not the normalised ones; only the last "
-                                        "axes are supported")
+            raise UnsupportedLayerError(
+                f"RMSNormalization axis {_keras_axis(config.axis)} of an input of shape "
+                f"{list(input_shapes[0])}: Keras multiplies its scale along the last "
+                f"{len(axes)} axes (broadcasting), not the normalised ones; only the last "
+                "axes are supported"
+            )
         return input_shapes[0]
 
     def ports(self, context):
@@ -504,16 +580,21 @@ class RMSNormalization(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        norm = builder.nn.RMSNorm(_normalised_shape(context, "RMSNormalization"), eps=config.epsilon,
-                                  device="meta", dtype=builder.dtype(context))
+        norm = builder.nn.RMSNorm(
+            _normalised_shape(context, "RMSNormalization"),
+            eps=config.epsilon,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         axes = norm_axes(config.axis, context.input_shape, "RMSNormalization")
         value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
         return back(builder.module(context, norm, value))
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.RMSNormalization(axis=_keras_axis(config.axis), epsilon=config.epsilon,
-                                             **context.keras_identity)
+        return keras.layers.RMSNormalization(
+            axis=_keras_axis(config.axis), epsilon=config.epsilon, **context.keras_identity
+        )
 
 
 @dataclass(frozen=True)
@@ -538,9 +619,13 @@ class GroupNormalization(LayerKind):
     passes_mask = True
 
     def from_keras(self, options):
-        return GroupNormConfig(options.integer("groups", 32), _one_axis(options),
-                               options.number("epsilon", 1e-3), options.flag("center", True),
-                               options.flag("scale", True))
+        return GroupNormConfig(
+            options.integer("groups", 32),
+            _one_axis(options),
+            options.number("epsilon", 1e-3),
+            options.flag("center", True),
+            options.flag("scale", True),
+        )
 
     def channels(self, config, shape: tuple) -> int:
         """The size of the grouped axis."""
@@ -549,8 +634,9 @@ class GroupNormalization(LayerKind):
     def output_shape(self, config, input_shapes):
         channels = self.channels(config, input_shapes[0])
         if channels is None or config.groups < 1 or channels % config.groups:
-            raise UnsupportedLayerError(f"GroupNormalization: {channels} channels do not split "
-                                        f"into {config.groups} groups")
+            raise UnsupportedLayerError(
+                f"GroupNormalization: {channels} channels do not split into {config.groups} groups"
+            )
         return input_shapes[0]
 
     def ports(self, context):
@@ -558,8 +644,14 @@ class GroupNormalization(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
-        norm = builder.nn.GroupNorm(config.groups, self.channels(config, context.input_shape), eps=config.epsilon,
-                                    affine=config.center or config.scale, device="meta", dtype=builder.dtype(context))
+        norm = builder.nn.GroupNorm(
+            config.groups,
+            self.channels(config, context.input_shape),
+            eps=config.epsilon,
+            affine=config.center or config.scale,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
         dim = torch_axis(config.axis, rank, context.node.name)
         if dim == 1:
             return builder.module(context, norm, inputs[0])
@@ -568,9 +660,14 @@ class GroupNormalization(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.GroupNormalization(groups=config.groups, axis=config.axis, epsilon=config.epsilon,
-                                               center=config.center, scale=config.scale,
-                                               **context.keras_identity)
+        return keras.layers.GroupNormalization(
+            groups=config.groups,
+            axis=config.axis,
+            epsilon=config.epsilon,
+            center=config.center,
+            scale=config.scale,
+            **context.keras_identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -623,19 +720,19 @@ class LayerScale(LayerKind):
     keeps_element_order = False
 
     def from_keras(self, options):
-        options.take("projection_dim")   # the channel count, known from the input shape
+        options.take("projection_dim")  # the channel count, known from the input shape
         return LayerScaleConfig(options.number("init_values", 1e-6))
 
-    def ports(self, context):   # ConvNeXt adds its gamma without a name: Keras calls it `variable`
+    def ports(self, context):  # ConvNeXt adds its gamma without a name: Keras calls it `variable`
         return [Port("variable", "gamma", shape=(context.input_shape[-1],))]
 
     def torch_forward(self, builder, context, inputs):
-        module = builder.helpers.ChannelScale(context.input_shape[-1], len(context.input_shape),
-                                              dtype=builder.dtype(context))
+        module = builder.helpers.ChannelScale(
+            context.input_shape[-1], len(context.input_shape), dtype=builder.dtype(context)
+        )
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
         from keras.src.applications.convnext import LayerScale as KerasLayerScale
 
-        return KerasLayerScale(context.config.init_values, context.input_shape[-1],
-                               **context.keras_identity)
+        return KerasLayerScale(context.config.init_values, context.input_shape[-1], **context.keras_identity)

@@ -55,8 +55,10 @@ def _feature_axes(axes: tuple[int, ...], rank: int, what: str) -> tuple[int, ...
     for axis in axes:
         value = axis + rank + 1 if axis < 0 else axis
         if value == 0:
-            raise UnsupportedLayerError(f"{what} over the batch axis (axis {axis}) makes each row's output "
-                                        "depend on the rows batched with it; not supported")
+            raise UnsupportedLayerError(
+                f"{what} over the batch axis (axis {axis}) makes each row's output "
+                "depend on the rows batched with it; not supported"
+            )
         if not 1 <= value <= rank:
             raise ExchangeError(f"{what}: axis {axis} is out of range for a rank-{rank + 1} input (batch included)")
         positive.append(value)
@@ -71,8 +73,11 @@ def _read_axes(options, key: str, what: str, required: bool = True) -> tuple[int
     if value is None:
         raise options.unsupported(key, value, f"{what} over every axis includes the batch axis")
     values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(values, (list, tuple)) or not values or not all(
-            isinstance(axis, int) and not isinstance(axis, bool) for axis in values):
+    if (
+        not isinstance(values, (list, tuple))
+        or not values
+        or not all(isinstance(axis, int) and not isinstance(axis, bool) for axis in values)
+    ):
         raise options.unsupported(key, value, "one axis or a list of axes")
     return tuple(values)
 
@@ -100,8 +105,10 @@ class _Operation(LayerKind):
     def input_shape(input_shapes: tuple) -> tuple:
         """The one input's shape: every other value of the call is a constant of the config."""
         if len(input_shapes) != 1:
-            raise UnsupportedLayerError(f"takes one tensor input, found {len(input_shapes)} (a tensor where a "
-                                        "constant is expected is not supported)")
+            raise UnsupportedLayerError(
+                f"takes one tensor input, found {len(input_shapes)} (a tensor where a "
+                "constant is expected is not supported)"
+            )
         return input_shapes[0]
 
     def keras_options(self, config) -> dict:
@@ -110,7 +117,8 @@ class _Operation(LayerKind):
 
     def keras_layer(self, keras, context):
         return _keras_operation(self.keras_module, self.keras_operation)(
-            **self.keras_options(context.config), name=context.node.name)
+            **self.keras_options(context.config), name=context.node.name
+        )
 
 
 # -- element-wise functions -------------------------------------------------------------------
@@ -135,10 +143,19 @@ class _Elementwise(_Operation):
 
 
 def _elementwise(kind: str, keras_module: str, keras_operation: str, torch_namespace: str, torch_function: str):
-    cls = type(keras_operation + "Operation", (_Elementwise,), {
-        "kind": kind, "keras_classes": ("ops." + keras_operation,), "keras_module": keras_module,
-        "keras_operation": keras_operation, "torch_namespace": torch_namespace, "torch_function": torch_function,
-        "__doc__": f"`keras.ops` {keras_operation}: `{torch_namespace}.{torch_function}` element by element."})
+    cls = type(
+        keras_operation + "Operation",
+        (_Elementwise,),
+        {
+            "kind": kind,
+            "keras_classes": ("ops." + keras_operation,),
+            "keras_module": keras_module,
+            "keras_operation": keras_operation,
+            "torch_namespace": torch_namespace,
+            "torch_function": torch_function,
+            "__doc__": f"`keras.ops` {keras_operation}: `{torch_namespace}.{torch_function}` element by element.",
+        },
+    )
     return register(cls)
 
 
@@ -207,7 +224,7 @@ class ClipOperation(_Operation):
 
 @dataclass(frozen=True)
 class ExpandDimsConfig:
-    axis: int   # Keras axis of the output, batch included
+    axis: int  # Keras axis of the output, batch included
 
     def __post_init__(self) -> None:
         check_int(self.axis, "expand_dims axis", MAX_AXIS, -MAX_AXIS)
@@ -231,7 +248,7 @@ class ExpandDimsOperation(_Operation):
     def output_shape(self, config, input_shapes):
         shape = self.input_shape(input_shapes)
         position = _feature_axes((config.axis,), len(shape) + 1, "expand_dims")[0]
-        return shape[:position - 1] + (1,) + shape[position - 1:]
+        return shape[: position - 1] + (1,) + shape[position - 1 :]
 
     def torch_forward(self, builder, context, inputs):
         rank = len(context.input_shape)
@@ -242,7 +259,7 @@ class ExpandDimsOperation(_Operation):
 
 @dataclass(frozen=True)
 class SqueezeConfig:
-    axis: tuple[int, ...]   # Keras axes, batch included, each of size 1
+    axis: tuple[int, ...]  # Keras axes, batch included, each of size 1
 
     def __post_init__(self) -> None:
         _check_axes(self.axis, "squeeze")
@@ -266,8 +283,9 @@ class SqueezeOperation(_Operation):
         shape = self.input_shape(input_shapes)
         axes = _feature_axes(config.axis, len(shape), "squeeze")
         if any(shape[axis - 1] != 1 for axis in axes):
-            raise ExchangeError(f"squeeze: axes {list(config.axis)} of shape (batch, {_short(shape)[1:-1]}) "
-                                "are not all of size 1")
+            raise ExchangeError(
+                f"squeeze: axes {list(config.axis)} of shape (batch, {_short(shape)[1:-1]}) are not all of size 1"
+            )
         return tuple(size for axis, size in enumerate(shape, 1) if axis not in axes)
 
     def torch_forward(self, builder, context, inputs):
@@ -282,7 +300,7 @@ class SqueezeOperation(_Operation):
 
 @dataclass(frozen=True)
 class ReductionConfig:
-    axis: tuple[int, ...]   # Keras axes, batch included
+    axis: tuple[int, ...]  # Keras axes, batch included
     keepdims: bool = False
 
     def __post_init__(self) -> None:
@@ -294,7 +312,7 @@ class ReductionConfig:
 class _Reduction(_Operation):
     Config = ReductionConfig
     torch_function = ""
-    empty_options: tuple[str, ...] = ()   # options that must be None (Max's `initial`, Prod's `dtype`)
+    empty_options: tuple[str, ...] = ()  # options that must be None (Max's `initial`, Prod's `dtype`)
 
     def from_keras(self, options):
         self.check_call(options)
@@ -302,8 +320,9 @@ class _Reduction(_Operation):
             value = options.take(key, None)
             if value is not None:
                 raise options.unsupported(key, value, "only None")
-        return ReductionConfig(_read_axes(options, "axis", self.keras_operation.lower()),
-                               options.flag("keepdims", False))
+        return ReductionConfig(
+            _read_axes(options, "axis", self.keras_operation.lower()), options.flag("keepdims", False)
+        )
 
     def keras_options(self, config):
         axis = config.axis[0] if len(config.axis) == 1 else config.axis
@@ -321,12 +340,13 @@ class _Reduction(_Operation):
         axes = _feature_axes(context.config.axis, rank, self.keras_operation.lower())
         value = _to_keras_layout(builder, inputs[0], rank)
         keepdim = context.config.keepdims
-        if self.torch_function == "prod":   # one dim per call, the last first so the others stay put
+        if self.torch_function == "prod":  # one dim per call, the last first so the others stay put
             for axis in sorted(axes, reverse=True):
                 value = builder.call(builder.torch.prod, value, dim=axis, keepdim=keepdim)
         else:
-            value = builder.call(getattr(builder.torch, self.torch_function), value, dim=tuple(sorted(axes)),
-                                 keepdim=keepdim)
+            value = builder.call(
+                getattr(builder.torch, self.torch_function), value, dim=tuple(sorted(axes)), keepdim=keepdim
+            )
         return _to_torch_layout(builder, value, len(context.output_shape))
 
 
@@ -380,12 +400,15 @@ class GetItemConfig:
             for number in numbers:
                 if number is not None:
                     check_int(number, f"slice key {what}", MAX_INDEX, -MAX_INDEX)
-            if what in (NEWAXIS, ELLIPSIS) and numbers != [None] * 3 or what == INDEX and (
-                    numbers[0] is None or numbers[1:] != [None, None]):
+            if (what in (NEWAXIS, ELLIPSIS) and numbers != [None] * 3) or (
+                what == INDEX and (numbers[0] is None or numbers[1:] != [None, None])
+            ):
                 raise ExchangeError(f"slice key item {_short(item)} is malformed")
             if what == SLICE and numbers[2] is not None and numbers[2] < 1:
-                raise UnsupportedLayerError(f"slice step {numbers[2]}: only positive steps are supported "
-                                            "(torch tensors have no negative strides)")
+                raise UnsupportedLayerError(
+                    f"slice step {numbers[2]}: only positive steps are supported "
+                    "(torch tensors have no negative strides)"
+                )
         if sum(item[0] == ELLIPSIS for item in self.key) > 1:
             raise ExchangeError("slice key has more than one ellipsis")
 
@@ -394,8 +417,15 @@ def _python_key(config: GetItemConfig) -> tuple:
     """The key as Python writes it: slices, ints, None (newaxis) and Ellipsis."""
     items = []
     for what, start, stop, step in config.key:
-        items.append(slice(start, stop, step) if what == SLICE else start if what == INDEX else
-                     None if what == NEWAXIS else Ellipsis)
+        items.append(
+            slice(start, stop, step)
+            if what == SLICE
+            else start
+            if what == INDEX
+            else None
+            if what == NEWAXIS
+            else Ellipsis
+        )
     return tuple(items)
 
 
@@ -406,22 +436,25 @@ def _expanded_key(config: GetItemConfig, rank: int) -> list:
     if consumed > rank + 1:
         raise ExchangeError(f"slice key of {consumed} axes for a rank-{rank + 1} input (batch included)")
     full = (SLICE, None, None, None)
-    items = list(config.key) if any(item[0] == ELLIPSIS for item in config.key) else list(config.key) + [
-        (ELLIPSIS, None, None, None)]
+    items = (
+        list(config.key)
+        if any(item[0] == ELLIPSIS for item in config.key)
+        else list(config.key) + [(ELLIPSIS, None, None, None)]
+    )
     at = next(index for index, item in enumerate(items) if item[0] == ELLIPSIS)
-    return items[:at] + [full] * (rank + 1 - consumed) + items[at + 1:]
+    return items[:at] + [full] * (rank + 1 - consumed) + items[at + 1 :]
 
 
 def _sliced_shape(config: GetItemConfig, shape: tuple) -> tuple:
     """The output shape (no batch axis); the batch axis must be taken whole and first."""
     items = _expanded_key(config, len(shape))
-    if items[0][0] != SLICE or items[0][1:] not in ((None, None, None), (None, None, 1), (0, None, None),
-                                                    (0, None, 1)):
-        raise UnsupportedLayerError(f"slice key {_short(_python_key(config))} does not keep the batch axis whole "
-                                    "first; not supported")
+    if items[0][0] != SLICE or items[0][1:] not in ((None, None, None), (None, None, 1), (0, None, None), (0, None, 1)):
+        raise UnsupportedLayerError(
+            f"slice key {_short(_python_key(config))} does not keep the batch axis whole first; not supported"
+        )
     output: list[int | None] = []
     sizes = iter((None,) + tuple(shape))
-    next(sizes)   # the batch axis, kept whole
+    next(sizes)  # the batch axis, kept whole
     for what, start, stop, step in items[1:]:
         if what == NEWAXIS:
             output.append(1)
@@ -462,7 +495,7 @@ class GetItemOperation(_Operation):
         key = []
         for what, start, stop, step in _expanded_key(context.config, rank):
             key.append(slice(start, stop, step) if what == SLICE else start if what == INDEX else None)
-        while len(key) > 1 and key[-1] == slice(None, None, None):   # `x[:, 1]`, not `x[:, 1, :, :]`
+        while len(key) > 1 and key[-1] == slice(None, None, None):  # `x[:, 1]`, not `x[:, 1, :, :]`
             key.pop()
         value = builder.call(operator.getitem, _to_keras_layout(builder, inputs[0], rank), tuple(key))
         return _to_torch_layout(builder, value, len(context.output_shape))
@@ -484,6 +517,7 @@ def _key_item(options, item) -> tuple:
         bounds = item["config"]
         values = [bounds.get(part) for part in ("start", "stop", "step")]
         if set(bounds) <= {"start", "stop", "step"} and all(
-                value is None or isinstance(value, int) and not isinstance(value, bool) for value in values):
+            value is None or (isinstance(value, int) and not isinstance(value, bool)) for value in values
+        ):
             return (SLICE, *values)
     raise options.unsupported("key", item, "slices, integers, None and an ellipsis")

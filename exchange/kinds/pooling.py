@@ -22,11 +22,30 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError
-from exchange.kinds import (MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_ints, check_step_mask,
-                            mask_name, register, torch_mask)
-from exchange.kinds.convolution import (DATA_FORMATS, SPATIAL_AXES, check_window, from_torch_layout, join_channels,
-                                        read_data_format, split_channels, tf_padding, to_torch_layout,
-                                        torch_pad_argument, window_output_sizes)
+from exchange.kinds import (
+    MAX_WINDOW,
+    OMIT_DEFAULT,
+    LayerKind,
+    check_choice,
+    check_ints,
+    check_step_mask,
+    mask_name,
+    register,
+    torch_mask,
+)
+from exchange.kinds.convolution import (
+    DATA_FORMATS,
+    SPATIAL_AXES,
+    check_window,
+    from_torch_layout,
+    join_channels,
+    read_data_format,
+    split_channels,
+    tf_padding,
+    to_torch_layout,
+    torch_pad_argument,
+    window_output_sizes,
+)
 from exchange.kinds.layout import to_keras_order
 
 # Keras computes adaptive bins in float32: exact while input length × output length < 2**24.
@@ -41,8 +60,15 @@ class PoolConfig:
     data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
-        check_window(self.pool_size, self.strides, (1,) * len(self.pool_size), self.padding, SPATIAL_AXES,
-                     "pooling", paddings=("valid", "same"))
+        check_window(
+            self.pool_size,
+            self.strides,
+            (1,) * len(self.pool_size),
+            self.padding,
+            SPATIAL_AXES,
+            "pooling",
+            paddings=("valid", "same"),
+        )
         check_choice(self.data_format, DATA_FORMATS, "pooling data_format")
 
 
@@ -52,8 +78,11 @@ class _Pooling(LayerKind):
 
     def from_keras(self, options):
         pool_size = options.sizes("pool_size", self.spatial, 2, keras2="pool_length")
-        strides = options.sizes("strides", self.spatial, None, keras2="stride") if options.take(
-            "strides", None, keras2="stride") is not None else pool_size
+        strides = (
+            options.sizes("strides", self.spatial, None, keras2="stride")
+            if options.take("strides", None, keras2="stride") is not None
+            else pool_size
+        )
         padding = options.take("padding", "valid")
         if padding not in ("valid", "same"):
             raise options.unsupported("padding", padding)
@@ -69,15 +98,18 @@ class _Pooling(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, nn = context.config, builder.nn
         sizes, _ = split_channels(context.input_shape, self.spatial, config.data_format)
-        pads = [tf_padding(size, k, s, 1, config.padding, context.node.name)
-                for size, k, s in zip(sizes, config.pool_size, config.strides)]
+        pads = [
+            tf_padding(size, k, s, 1, config.padding, context.node.name)
+            for size, k, s in zip(sizes, config.pool_size, config.strides)
+        ]
         symmetric = all(before == after for before, after in pads)
         value = to_torch_layout(builder, inputs[0], config.data_format, len(context.input_shape))
         if self.average:
             if symmetric:
                 pool_class = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)[self.spatial - 1]
-                module = pool_class(config.pool_size, config.strides, padding=tuple(b for b, _ in pads),
-                                    count_include_pad=False)
+                module = pool_class(
+                    config.pool_size, config.strides, padding=tuple(b for b, _ in pads), count_include_pad=False
+                )
             else:
                 module = builder.helpers.KerasAvgPool(config.pool_size, config.strides, torch_pad_argument(pads))
         else:
@@ -92,8 +124,13 @@ class _Pooling(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
-        return layer_class(pool_size=config.pool_size, strides=config.strides, padding=config.padding,
-                           data_format=config.data_format, **context.keras_identity)
+        return layer_class(
+            pool_size=config.pool_size,
+            strides=config.strides,
+            padding=config.padding,
+            data_format=config.data_format,
+            **context.keras_identity,
+        )
 
 
 @register
@@ -134,7 +171,7 @@ class AveragePooling3D(_Pooling):
 @dataclass(frozen=True)
 class GlobalPoolConfig:
     keepdims: bool = False
-    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # GlobalAveragePooling1D(x, mask)
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)  # GlobalAveragePooling1D(x, mask)
     data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
@@ -153,7 +190,7 @@ class _GlobalPooling(LayerKind):
         _, channels = split_channels(input_shapes[0], self.spatial, config.data_format)
         if config.mask_input and self.mask_position is None:
             raise ExchangeError("takes no mask input")
-        if config.data_format == "channels_first" and config.mask_input:   # a mask (T,) of an input (C, T)
+        if config.data_format == "channels_first" and config.mask_input:  # a mask (T,) of an input (C, T)
             input_shapes = (tuple(reversed(input_shapes[0])),) + tuple(input_shapes[1:])
         check_step_mask(config, input_shapes)
         if not config.keepdims:
@@ -163,7 +200,7 @@ class _GlobalPooling(LayerKind):
     def spatial_dims(self, context) -> tuple[int, ...]:
         """The torch dims holding the spatial axes (see the module docstring)."""
         rank = len(context.input_shape)
-        first = 2 if context.config.data_format == "channels_first" else 1   # Keras's first spatial axis
+        first = 2 if context.config.data_format == "channels_first" else 1  # Keras's first spatial axis
         return tuple(sorted(to_keras_order(rank)[axis] for axis in range(first, first + self.spatial)))
 
     def torch_forward(self, builder, context, inputs):
@@ -172,8 +209,8 @@ class _GlobalPooling(LayerKind):
 
     def keras_layer(self, keras, context):
         return getattr(keras.layers, self.keras_classes[0])(
-            keepdims=context.config.keepdims, data_format=context.config.data_format,
-            **context.keras_identity)
+            keepdims=context.config.keepdims, data_format=context.config.data_format, **context.keras_identity
+        )
 
 
 @register
@@ -186,7 +223,7 @@ class GlobalAveragePooling1D(_GlobalPooling):
     """On a masked sequence Keras averages the unmasked steps only (and drops the mask)."""
 
     kind, keras_classes, spatial = "global_avg_pool1d", ("GlobalAveragePooling1D", "GlobalAvgPool1D"), 1
-    mask_position = 1   # call(inputs, mask=None); a mask tensor is kept where != 0 (Keras casts it to bool)
+    mask_position = 1  # call(inputs, mask=None); a mask tensor is kept where != 0 (Keras casts it to bool)
 
     def from_keras(self, options):
         return replace(super().from_keras(options), mask_input=options.take_mask_input())
@@ -195,8 +232,8 @@ class GlobalAveragePooling1D(_GlobalPooling):
         if mask_name(context) is None:
             return super().torch_forward(builder, context, inputs)
         torch, keepdims = builder.torch, context.config.keepdims
-        (steps,) = self.spatial_dims(context)   # 2 for channels_last (N, C, T), 1 for channels_first (N, T, C)
-        keep = builder.call(torch.unsqueeze, torch_mask(builder, context, inputs), 3 - steps)   # beside the steps
+        (steps,) = self.spatial_dims(context)  # 2 for channels_last (N, C, T), 1 for channels_first (N, T, C)
+        keep = builder.call(torch.unsqueeze, torch_mask(builder, context, inputs), 3 - steps)  # beside the steps
         total = builder.call(torch.sum, builder.call(torch.where, keep, inputs[0], 0.0), dim=steps, keepdim=keepdims)
         return builder.call(torch.div, total, builder.call(torch.sum, keep, dim=steps, keepdim=keepdims))
 
@@ -250,17 +287,23 @@ class _AdaptivePooling(LayerKind):
         sizes, channels = split_channels(input_shapes[0], self.spatial, config.data_format)
         for size, out in zip(sizes, config.output_size):
             if size is None:
-                raise ExchangeError(f"needs fixed spatial sizes (Keras does too), found input shape "
-                                    f"(batch, {input_shapes[0]})")
+                raise ExchangeError(
+                    f"needs fixed spatial sizes (Keras does too), found input shape (batch, {input_shapes[0]})"
+                )
             if size * out >= MAX_ADAPTIVE_PRODUCT:
-                raise ExchangeError(f"pooling {size} cells into {out}: Keras's float32 bin bounds may differ "
-                                    f"from exact ones (input × output length must be below {MAX_ADAPTIVE_PRODUCT:,})")
+                raise ExchangeError(
+                    f"pooling {size} cells into {out}: Keras's float32 bin bounds may differ "
+                    f"from exact ones (input × output length must be below {MAX_ADAPTIVE_PRODUCT:,})"
+                )
         return join_channels(config.output_size, channels, config.data_format)
 
     def torch_forward(self, builder, context, inputs):
         config, nn = context.config, builder.nn
-        modules = (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d) if self.average else \
-            (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+        modules = (
+            (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
+            if self.average
+            else (nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+        )
         value = to_torch_layout(builder, inputs[0], config.data_format, len(context.input_shape))
         value = builder.module(context, modules[self.spatial - 1](config.output_size), value)
         return from_torch_layout(builder, value, config.data_format, len(context.output_shape))
@@ -268,7 +311,8 @@ class _AdaptivePooling(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
-            config.output_size, data_format=config.data_format, **context.keras_identity)
+            config.output_size, data_format=config.data_format, **context.keras_identity
+        )
 
 
 @register

@@ -63,16 +63,30 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, KerasOptions, LayerKind, _short, check_choice,
-                            check_int, check_known_keys, coerce, kind_for_keras_class, kind_of, refuse_keras_class,
-                            register)
+from exchange.kinds import (
+    MAX_FEATURES,
+    OMIT_DEFAULT,
+    TENSOR,
+    KerasOptions,
+    LayerKind,
+    _short,
+    check_choice,
+    check_int,
+    check_known_keys,
+    coerce,
+    kind_for_keras_class,
+    kind_of,
+    refuse_keras_class,
+    register,
+)
 from exchange.kinds.layout import to_keras_order, to_torch_order
 
 STRING_REASON = "torch has no string tensors"
 # Keras classes that work on strings, or hash through them: refused, each with its reason.
 for _class_name, _why in (
-        ("StringLookup", f"it maps strings to ids and {STRING_REASON}"),
-        ("TextVectorization", f"it splits and looks up strings and {STRING_REASON}")):
+    ("StringLookup", f"it maps strings to ids and {STRING_REASON}"),
+    ("TextVectorization", f"it splits and looks up strings and {STRING_REASON}"),
+):
     refuse_keras_class(_class_name, _why)
 
 INTERPOLATIONS = ("bilinear", "nearest", "bicubic", "area", "lanczos3", "lanczos5")
@@ -91,8 +105,9 @@ def _image_shape(input_shape: tuple, height: int, width: int, what: str, data_fo
         return (height, width)
     if len(input_shape) != 3:
         why = " (Keras takes a rank-3 channels_last input for one image whose height is the batch axis)"
-        raise UnsupportedLayerError(f"{what} takes a {data_format} image, found (batch, {input_shape})"
-                                    + (why if len(input_shape) == 2 else ""))
+        raise UnsupportedLayerError(
+            f"{what} takes a {data_format} image, found (batch, {input_shape})" + (why if len(input_shape) == 2 else "")
+        )
     if data_format == "channels_last":
         return (height, width, input_shape[2])
     return (input_shape[0], height, width)
@@ -144,10 +159,16 @@ class Resizing(LayerKind):
         interpolation = options.take("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
             raise options.unsupported("interpolation", interpolation)
-        return ResizingConfig(options.integer("height"), options.integer("width"), interpolation,
-                              options.flag("crop_to_aspect_ratio", False), options.flag("pad_to_aspect_ratio", False),
-                              options.number("fill_value", 0.0), options.flag("antialias", False),
-                              _read_data_format(options))
+        return ResizingConfig(
+            options.integer("height"),
+            options.integer("width"),
+            interpolation,
+            options.flag("crop_to_aspect_ratio", False),
+            options.flag("pad_to_aspect_ratio", False),
+            options.number("fill_value", 0.0),
+            options.flag("antialias", False),
+            _read_data_format(options),
+        )
 
     def output_shape(self, config, input_shapes):
         return _image_shape(input_shapes[0], config.height, config.width, "Resizing", config.data_format)
@@ -155,19 +176,30 @@ class Resizing(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
         module = builder.helpers.KerasResize(
-            (config.height, config.width), interpolation=config.interpolation, antialias=config.antialias,
-            crop_to_aspect_ratio=config.crop_to_aspect_ratio, pad_to_aspect_ratio=config.pad_to_aspect_ratio,
-            fill_value=config.fill_value)
+            (config.height, config.width),
+            interpolation=config.interpolation,
+            antialias=config.antialias,
+            crop_to_aspect_ratio=config.crop_to_aspect_ratio,
+            pad_to_aspect_ratio=config.pad_to_aspect_ratio,
+            fill_value=config.fill_value,
+        )
         value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, rank))
         return torch_image(builder, value, config.data_format, rank, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Resizing(config.height, config.width, interpolation=config.interpolation,
-                                     crop_to_aspect_ratio=config.crop_to_aspect_ratio,
-                                     pad_to_aspect_ratio=config.pad_to_aspect_ratio, fill_mode="constant",
-                                     fill_value=config.fill_value, antialias=config.antialias,
-                                     data_format=config.data_format, **context.keras_identity)
+        return keras.layers.Resizing(
+            config.height,
+            config.width,
+            interpolation=config.interpolation,
+            crop_to_aspect_ratio=config.crop_to_aspect_ratio,
+            pad_to_aspect_ratio=config.pad_to_aspect_ratio,
+            fill_mode="constant",
+            fill_value=config.fill_value,
+            antialias=config.antialias,
+            data_format=config.data_format,
+            **context.keras_identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -195,20 +227,22 @@ class CenterCrop(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, rank = context.config, len(context.input_shape)
         value = torch_image(builder, inputs[0], config.data_format, rank)
-        height, width = context.input_shape[-2:] if config.data_format == "channels_first" or rank == 2 \
-            else context.input_shape[:2]
+        height, width = (
+            context.input_shape[-2:] if config.data_format == "channels_first" or rank == 2 else context.input_shape[:2]
+        )
         if height is not None and width is not None and height >= config.height and width >= config.width:
             value = builder.method(value, "narrow", rank - 1, (height - config.height) // 2, config.height)
             value = builder.method(value, "narrow", rank, (width - config.width) // 2, config.width)
-        else:   # smaller, or unknown until called: KerasResize decides
+        else:  # smaller, or unknown until called: KerasResize decides
             module = builder.helpers.KerasResize((config.height, config.width), center_crop=True)
             value = builder.module(context, module, value)
         return torch_image(builder, value, config.data_format, rank, back=True)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.CenterCrop(config.height, config.width, data_format=config.data_format,
-                                       **context.keras_identity)
+        return keras.layers.CenterCrop(
+            config.height, config.width, data_format=config.data_format, **context.keras_identity
+        )
 
 
 @dataclass(frozen=True)
@@ -223,8 +257,9 @@ class AutoContrastConfig:
         for value in self.value_range:
             coerce(value, int | float, "AutoContrast value_range")
         if not self.value_range[0] < self.value_range[1]:
-            raise ExchangeError(f"AutoContrast value_range must be (low, high) with low < high, got "
-                                f"{self.value_range!r}")
+            raise ExchangeError(
+                f"AutoContrast value_range must be (low, high) with low < high, got {self.value_range!r}"
+            )
 
 
 @register
@@ -234,12 +269,15 @@ class AutoContrast(LayerKind):
     kind, keras_classes, Config = "auto_contrast", ("AutoContrast",), AutoContrastConfig
 
     def from_keras(self, options):
-        options.expect("bounding_box_format", None)   # boxes only travel in dict inputs
+        options.expect("bounding_box_format", None)  # boxes only travel in dict inputs
         value_range = options.take("value_range", [0, 255])
-        if not isinstance(value_range, (list, tuple)) or len(value_range) != 2 or not all(
-                isinstance(value, (int, float)) and not isinstance(value, bool) for value in value_range):
+        if (
+            not isinstance(value_range, (list, tuple))
+            or len(value_range) != 2
+            or not all(isinstance(value, (int, float)) and not isinstance(value, bool) for value in value_range)
+        ):
             raise options.unsupported("value_range", value_range, "must be 2 numbers")
-        low, high = sorted(value_range)   # as Keras's constructor does
+        low, high = sorted(value_range)  # as Keras's constructor does
         if not low < high:
             raise options.unsupported("value_range", value_range, "an empty range divides by zero")
         return AutoContrastConfig((low, high), _read_data_format(options))
@@ -247,8 +285,9 @@ class AutoContrast(LayerKind):
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
         if len(shape) != 3:
-            raise UnsupportedLayerError(f"AutoContrast needs a batch of images (rank 4, batch included), found "
-                                        f"(batch, {shape})")
+            raise UnsupportedLayerError(
+                f"AutoContrast needs a batch of images (rank 4, batch included), found (batch, {shape})"
+            )
         return shape
 
     def torch_forward(self, builder, context, inputs):
@@ -256,8 +295,9 @@ class AutoContrast(LayerKind):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.AutoContrast(value_range=config.value_range, data_format=config.data_format,
-                                         **context.keras_identity)
+        return keras.layers.AutoContrast(
+            value_range=config.value_range, data_format=config.data_format, **context.keras_identity
+        )
 
 
 # -- integer lookups and encodings ------------------------------------------------------------
@@ -276,8 +316,10 @@ def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) 
     if output_mode == "one_hot":
         return (input_shape[:-1] if input_shape and input_shape[-1] == 1 else input_shape) + (depth,)
     if not input_shape:
-        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} on ids of shape (batch,) counts over the "
-                                    f"whole batch (Keras's output ({depth},) has no batch axis); not supported")
+        raise UnsupportedLayerError(
+            f"{what} output_mode {output_mode!r} on ids of shape (batch,) counts over the "
+            f"whole batch (Keras's output ({depth},) has no batch axis); not supported"
+        )
     return tuple(input_shape[1:]) + (depth,)
 
 
@@ -297,14 +339,16 @@ def _encode_in_keras_order(builder, context, module, inputs: list):
 class CategoryEncodingConfig:
     num_tokens: int
     output_mode: str = "multi_hot"
-    count_weights: bool = field(default=False, metadata=OMIT_DEFAULT)   # weights given: a second input
+    count_weights: bool = field(default=False, metadata=OMIT_DEFAULT)  # weights given: a second input
 
     def __post_init__(self) -> None:
         check_int(self.num_tokens, "CategoryEncoding num_tokens", MAX_VALUES)
         check_choice(self.output_mode, ENCODINGS, "CategoryEncoding output_mode")
-        if not isinstance(self.count_weights, bool) or self.count_weights and self.output_mode != "count":
-            raise ExchangeError(f"CategoryEncoding count_weights={self.count_weights!r} needs output_mode 'count' "
-                                "(Keras raises otherwise)")
+        if not isinstance(self.count_weights, bool) or (self.count_weights and self.output_mode != "count"):
+            raise ExchangeError(
+                f"CategoryEncoding count_weights={self.count_weights!r} needs output_mode 'count' "
+                "(Keras raises otherwise)"
+            )
 
 
 @register
@@ -330,7 +374,8 @@ class CategoryEncoding(LayerKind):
         if mode not in ENCODINGS:
             raise options.unsupported("output_mode", mode)
         tensors = sum(argument is None for argument in options.call_args) + sum(
-            value is TENSOR for value in options.call_kwargs.values())
+            value is TENSOR for value in options.call_kwargs.values()
+        )
         unknown = sorted(key for key in options.call_kwargs if key != "count_weights")
         if unknown or tensors > 2 or options.call_kwargs.get("count_weights", TENSOR) is not TENSOR:
             raise UnsupportedLayerError(f"{options.where()}: only a count_weights tensor may be passed with the ids")
@@ -342,26 +387,32 @@ class CategoryEncoding(LayerKind):
     def output_shape(self, config, input_shapes):
         ids = input_shapes[0]
         if config.count_weights and (len(input_shapes) != 2 or input_shapes[1] != ids):
-            raise ExchangeError(f"CategoryEncoding count_weights of shape (batch, {input_shapes[1:]}) do not match "
-                                f"ids of shape (batch, {ids})")
+            raise ExchangeError(
+                f"CategoryEncoding count_weights of shape (batch, {input_shapes[1:]}) do not match "
+                f"ids of shape (batch, {ids})"
+            )
         shape = _encoded_shape(ids, config.num_tokens, config.output_mode, "CategoryEncoding")
         declared = tuple(ids[:-1]) + (config.num_tokens,)
         if config.output_mode != "one_hot" and len(ids) >= 2 and (shape != declared or None in ids):
-            raise UnsupportedLayerError(f"CategoryEncoding output_mode {config.output_mode!r} on ids of shape "
-                                        f"(batch, {ids}): Keras declares (batch, {declared}) but computes "
-                                        f"(batch, {shape}); not supported")
+            raise UnsupportedLayerError(
+                f"CategoryEncoding output_mode {config.output_mode!r} on ids of shape "
+                f"(batch, {ids}): Keras declares (batch, {declared}) but computes "
+                f"(batch, {shape}); not supported"
+            )
         return shape
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        module = builder.helpers.KerasCategoryEncoding(config.num_tokens, config.output_mode,
-                                                       output_dtype=builder.dtype(context))
+        module = builder.helpers.KerasCategoryEncoding(
+            config.num_tokens, config.output_mode, output_dtype=builder.dtype(context)
+        )
         return _encode_in_keras_order(builder, context, module, inputs)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.CategoryEncoding(config.num_tokens, output_mode=config.output_mode,
-                                             **context.keras_identity)
+        return keras.layers.CategoryEncoding(
+            config.num_tokens, output_mode=config.output_mode, **context.keras_identity
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         if context.config.count_weights:
@@ -393,20 +444,21 @@ class Discretization(LayerKind):
     kind, keras_classes, Config = "discretization", ("Discretization",), DiscretizationConfig
 
     def keeps_order(self, config) -> bool:
-        return config.output_mode == "int"   # element-wise then
+        return config.output_mode == "int"  # element-wise then
 
     def integer_output(self, config):
         return "int32" if config.output_mode == "int" else None
 
     def from_keras(self, options):
         options.expect("sparse", False)
-        options.take("num_bins", None)   # how adapt() chose the boundaries
+        options.take("num_bins", None)  # how adapt() chose the boundaries
         options.take("epsilon", None)
         boundaries = options.take("bin_boundaries", None)
         if boundaries is None:
             raise options.unsupported("bin_boundaries", boundaries, "not adapted: no boundaries to compute with")
         if not isinstance(boundaries, list) or not all(
-                isinstance(value, (int, float)) and not isinstance(value, bool) for value in boundaries):
+            isinstance(value, (int, float)) and not isinstance(value, bool) for value in boundaries
+        ):
             raise options.unsupported("bin_boundaries", boundaries, "must be a list of numbers")
         mode = options.take("output_mode", "int")
         if mode not in ("int",) + ENCODINGS:
@@ -420,16 +472,18 @@ class Discretization(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        module = builder.helpers.KerasDiscretization(list(config.bin_boundaries), config.output_mode,
-                                                     output_dtype=builder.dtype(context))
-        if config.output_mode == "int":   # element-wise: in any layout
+        module = builder.helpers.KerasDiscretization(
+            list(config.bin_boundaries), config.output_mode, output_dtype=builder.dtype(context)
+        )
+        if config.output_mode == "int":  # element-wise: in any layout
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Discretization(bin_boundaries=list(config.bin_boundaries), output_mode=config.output_mode,
-                                           **context.keras_identity)
+        return keras.layers.Discretization(
+            bin_boundaries=list(config.bin_boundaries), output_mode=config.output_mode, **context.keras_identity
+        )
 
 
 LOOKUP_MODES = ("int",) + ENCODINGS + ("tf_idf",)
@@ -441,13 +495,13 @@ class IntegerLookupConfig:
     mask_token: int | None = None
     num_oov_indices: int = 1
     vocabulary_dtype: str = "int64"
-    invert: bool = field(default=False, metadata=OMIT_DEFAULT)   # indices -> values
-    oov_token: int = field(default=-1, metadata=OMIT_DEFAULT)    # what an inverted unknown index gives
+    invert: bool = field(default=False, metadata=OMIT_DEFAULT)  # indices -> values
+    oov_token: int = field(default=-1, metadata=OMIT_DEFAULT)  # what an inverted unknown index gives
     output_mode: str = field(default="int", metadata=OMIT_DEFAULT)
-    oov_method: str = field(default="floormod", metadata=OMIT_DEFAULT)   # how several OOV indices are chosen
-    salt: tuple[int, int] | None = field(default=None, metadata=OMIT_DEFAULT)   # farmhash: SipHash's key
-    max_tokens: int | None = field(default=None, metadata=OMIT_DEFAULT)   # the encoded width, padded
-    idf_weights: tuple[float, ...] | None = field(default=None, metadata=OMIT_DEFAULT)   # tf_idf: one per value
+    oov_method: str = field(default="floormod", metadata=OMIT_DEFAULT)  # how several OOV indices are chosen
+    salt: tuple[int, int] | None = field(default=None, metadata=OMIT_DEFAULT)  # farmhash: SipHash's key
+    max_tokens: int | None = field(default=None, metadata=OMIT_DEFAULT)  # the encoded width, padded
+    idf_weights: tuple[float, ...] | None = field(default=None, metadata=OMIT_DEFAULT)  # tf_idf: one per value
 
     def __post_init__(self) -> None:
         if not isinstance(self.vocabulary, tuple) or not 1 <= len(self.vocabulary) <= MAX_VALUES:
@@ -463,8 +517,9 @@ class IntegerLookupConfig:
         check_choice(self.oov_method, ("floormod", "farmhash"), "IntegerLookup oov_method")
         _check_salt(self.salt, "IntegerLookup")
         if self.max_tokens is not None:
-            check_int(self.max_tokens, "IntegerLookup max_tokens", MAX_VALUES, minimum=self.token_start
-                      + len(self.vocabulary))
+            check_int(
+                self.max_tokens, "IntegerLookup max_tokens", MAX_VALUES, minimum=self.token_start + len(self.vocabulary)
+            )
         if (self.idf_weights is not None) != (self.output_mode == "tf_idf"):
             raise ExchangeError("IntegerLookup takes idf_weights with output_mode 'tf_idf' only, and needs them there")
         if self.idf_weights is not None:
@@ -503,7 +558,7 @@ class IntegerLookup(LayerKind):
     kind, keras_classes, Config = "integer_lookup", ("IntegerLookup",), IntegerLookupConfig
 
     def keeps_order(self, config) -> bool:
-        return config.output_mode == "int"   # element-wise then
+        return config.output_mode == "int"  # element-wise then
 
     def reads_integers(self, node, position):
         return position == 0
@@ -516,12 +571,18 @@ class IntegerLookup(LayerKind):
         mode = options.take("output_mode", "int")
         if mode not in LOOKUP_MODES:
             raise options.unsupported("output_mode", mode)
-        options.take("vocabulary_size", None)     # derived from the vocabulary
+        options.take("vocabulary_size", None)  # derived from the vocabulary
         vocabulary = options.take("vocabulary", None)
-        if not isinstance(vocabulary, list) or not vocabulary or not all(
-                isinstance(value, int) and not isinstance(value, bool) for value in vocabulary):
-            raise options.unsupported("vocabulary", vocabulary, "a list of integers in the config is needed (an "
-                                      "adapted or file vocabulary is not in the config)")
+        if (
+            not isinstance(vocabulary, list)
+            or not vocabulary
+            or not all(isinstance(value, int) and not isinstance(value, bool) for value in vocabulary)
+        ):
+            raise options.unsupported(
+                "vocabulary",
+                vocabulary,
+                "a list of integers in the config is needed (an adapted or file vocabulary is not in the config)",
+            )
         mask_token = options.take("mask_token", None)
         if mask_token is not None and (not isinstance(mask_token, int) or isinstance(mask_token, bool)):
             raise options.unsupported("mask_token", mask_token, "must be an integer")
@@ -531,8 +592,9 @@ class IntegerLookup(LayerKind):
         oov_token = options.integer("oov_token", -1)
         num_oov_indices = options.integer("num_oov_indices", 1)
         if num_oov_indices < (0 if invert else 1):
-            raise options.unsupported("num_oov_indices", num_oov_indices, "Keras raises on an unknown value then, "
-                                      "which a torch module cannot")
+            raise options.unsupported(
+                "num_oov_indices", num_oov_indices, "Keras raises on an unknown value then, which a torch module cannot"
+            )
         oov_method, salt = "floormod", None
         if num_oov_indices > 1 and not invert:
             oov_method = options.take("oov_method", "floormod")
@@ -542,18 +604,20 @@ class IntegerLookup(LayerKind):
             if oov_method == "floormod" and salt is not None:
                 raise options.unsupported("salt", salt, "Keras takes a salt with oov_method 'farmhash' only")
         else:
-            options.take("oov_method", None)   # no OOV hashing with at most one OOV index
+            options.take("oov_method", None)  # no OOV hashing with at most one OOV index
             options.take("salt", None)
         dtype = options.take("vocabulary_dtype", "int64")
         if dtype not in INTEGER_DTYPES:
             raise options.unsupported("vocabulary_dtype", dtype)
-        max_tokens = options.take("max_tokens", None)   # caps adapt()'s vocabulary; pads encoded outputs
+        max_tokens = options.take("max_tokens", None)  # caps adapt()'s vocabulary; pads encoded outputs
         padded = options.flag("pad_to_max_tokens", False) and mode != "int"
         if padded and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)):
             raise options.unsupported("max_tokens", max_tokens, "pad_to_max_tokens needs an integer max_tokens")
         idf_weights = options.take("idf_weights", None)
-        if mode == "tf_idf" and (not isinstance(idf_weights, list) or not all(
-                isinstance(weight, (int, float)) and not isinstance(weight, bool) for weight in idf_weights)):
+        if mode == "tf_idf" and (
+            not isinstance(idf_weights, list)
+            or not all(isinstance(weight, (int, float)) and not isinstance(weight, bool) for weight in idf_weights)
+        ):
             raise options.unsupported("idf_weights", idf_weights, "output_mode 'tf_idf' needs a list of numbers")
         if mode != "tf_idf" and idf_weights is not None:
             raise options.unsupported("idf_weights", idf_weights, "only with output_mode 'tf_idf'")
@@ -562,12 +626,26 @@ class IntegerLookup(LayerKind):
         special = [mask_token] * (token_start - num_oov_indices) + [oov_token] * num_oov_indices
         if token_start and vocabulary[:token_start] == special:
             if mode == "tf_idf":
-                raise options.unsupported("vocabulary", vocabulary[:token_start], "a tf_idf vocabulary that lists "
-                                          "its special tokens (their idf weights would be lost) is not supported")
+                raise options.unsupported(
+                    "vocabulary",
+                    vocabulary[:token_start],
+                    "a tf_idf vocabulary that lists "
+                    "its special tokens (their idf weights would be lost) is not supported",
+                )
             vocabulary = vocabulary[token_start:]
-        return IntegerLookupConfig(tuple(vocabulary), mask_token, num_oov_indices, dtype, invert, oov_token, mode,
-                                   oov_method, salt, max_tokens if padded else None,
-                                   None if idf_weights is None else tuple(float(weight) for weight in idf_weights))
+        return IntegerLookupConfig(
+            tuple(vocabulary),
+            mask_token,
+            num_oov_indices,
+            dtype,
+            invert,
+            oov_token,
+            mode,
+            oov_method,
+            salt,
+            max_tokens if padded else None,
+            None if idf_weights is None else tuple(float(weight) for weight in idf_weights),
+        )
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
@@ -576,9 +654,11 @@ class IntegerLookup(LayerKind):
         if config.output_mode == "one_hot" and len(shape) >= 1:
             return (shape[:-1] if shape[-1] == 1 else shape) + (config.depth,)
         if len(shape) != 1:
-            raise UnsupportedLayerError(f"IntegerLookup output_mode {config.output_mode!r} takes values of shape "
-                                        f"(batch, steps); found (batch, {shape}) (Keras's output for it is not its "
-                                        "declared output shape)")
+            raise UnsupportedLayerError(
+                f"IntegerLookup output_mode {config.output_mode!r} takes values of shape "
+                f"(batch, steps); found (batch, {shape}) (Keras's output for it is not its "
+                "declared output shape)"
+            )
         return (config.depth,)
 
     def keras3_saved_extras(self, config):
@@ -587,10 +667,17 @@ class IntegerLookup(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.helpers.KerasIntegerLookup(
-            list(config.vocabulary), config.mask_token, config.num_oov_indices, invert=config.invert,
-            oov_token=config.oov_token, output_mode=config.output_mode, oov_method=config.oov_method,
-            salt=config.salt, depth=None if config.output_mode == "int" else config.depth,
-            idf_weights=config.padded_idf_weights() if config.idf_weights is not None else None)
+            list(config.vocabulary),
+            config.mask_token,
+            config.num_oov_indices,
+            invert=config.invert,
+            oov_token=config.oov_token,
+            output_mode=config.output_mode,
+            oov_method=config.oov_method,
+            salt=config.salt,
+            depth=None if config.output_mode == "int" else config.depth,
+            idf_weights=config.padded_idf_weights() if config.idf_weights is not None else None,
+        )
         if config.output_mode == "int":
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
@@ -598,12 +685,20 @@ class IntegerLookup(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.IntegerLookup(
-            vocabulary=list(config.vocabulary), mask_token=config.mask_token, num_oov_indices=config.num_oov_indices,
-            output_mode=config.output_mode, invert=config.invert, oov_token=config.oov_token,
-            vocabulary_dtype=config.vocabulary_dtype, oov_method=config.oov_method,
-            salt=None if config.salt is None else list(config.salt), max_tokens=config.max_tokens,
+            vocabulary=list(config.vocabulary),
+            mask_token=config.mask_token,
+            num_oov_indices=config.num_oov_indices,
+            output_mode=config.output_mode,
+            invert=config.invert,
+            oov_token=config.oov_token,
+            vocabulary_dtype=config.vocabulary_dtype,
+            oov_method=config.oov_method,
+            salt=None if config.salt is None else list(config.salt),
+            max_tokens=config.max_tokens,
             pad_to_max_tokens=config.max_tokens is not None,
-            idf_weights=None if config.idf_weights is None else list(config.idf_weights), **context.keras_identity)
+            idf_weights=None if config.idf_weights is None else list(config.idf_weights),
+            **context.keras_identity,
+        )
 
 
 # -- hashing --------------------------------------------------------------------------------
@@ -634,8 +729,11 @@ def _read_salt(options) -> tuple[int, int] | None:
         salt = [salt, salt]
     if salt is None:
         return None
-    if not isinstance(salt, list) or len(salt) != 2 or not all(
-            isinstance(word, int) and not isinstance(word, bool) and abs(word) <= MAX_INTEGER for word in salt):
+    if (
+        not isinstance(salt, list)
+        or len(salt) != 2
+        or not all(isinstance(word, int) and not isinstance(word, bool) and abs(word) <= MAX_INTEGER for word in salt)
+    ):
         raise options.unsupported("salt", salt, f"must be one or two integers of magnitude at most {MAX_INTEGER:,}")
     return tuple(salt)
 
@@ -656,9 +754,9 @@ def _check_bins(num_bins: int, output_mode: str, what: str) -> None:
 class HashingConfig:
     num_bins: int
     mask_value: int | None = None
-    salt: tuple[int, int] | None = None   # SipHash's key words; None: FarmHash
+    salt: tuple[int, int] | None = None  # SipHash's key words; None: FarmHash
     output_mode: str = "int"
-    integer_dtype: str | None = "int64"   # the output's integer dtype; None: the node's float dtype
+    integer_dtype: str | None = "int64"  # the output's integer dtype; None: the node's float dtype
 
     def __post_init__(self) -> None:
         check_choice(self.output_mode, ("int",) + ENCODINGS, "Hashing output_mode")
@@ -676,9 +774,11 @@ def _hashed_encoding_shape(input_shape: tuple, depth: int, output_mode: str, wha
     if output_mode == "one_hot" and len(input_shape) == 2 and input_shape[1] == 1:
         return (input_shape[0], depth)
     if len(input_shape) != 1:
-        raise UnsupportedLayerError(f"{what} output_mode {output_mode!r} takes values of shape (batch, steps)"
-                                    f"{' or (batch, steps, 1)' if output_mode == 'one_hot' else ''}; found (batch, "
-                                    f"{input_shape}) (Keras's output for it is not its declared output shape)")
+        raise UnsupportedLayerError(
+            f"{what} output_mode {output_mode!r} takes values of shape (batch, steps)"
+            f"{' or (batch, steps, 1)' if output_mode == 'one_hot' else ''}; found (batch, "
+            f"{input_shape}) (Keras's output for it is not its declared output shape)"
+        )
     return _encoded_shape(input_shape, depth, output_mode, what)
 
 
@@ -689,7 +789,7 @@ class Hashing(LayerKind):
     input (torch has no string tensors)."""
 
     kind, keras_classes, Config = "hashing", ("Hashing",), HashingConfig
-    keeps_input_dtypes = True   # Keras hashes the inputs as given (`_convert_input_args = False`)
+    keeps_input_dtypes = True  # Keras hashes the inputs as given (`_convert_input_args = False`)
     takes_integer_dtype = True
 
     def reads_integers(self, node, position):
@@ -699,7 +799,7 @@ class Hashing(LayerKind):
         return config.integer_dtype
 
     def keeps_order(self, config) -> bool:
-        return config.output_mode == "int"   # element-wise then
+        return config.output_mode == "int"  # element-wise then
 
     def from_keras(self, options):
         options.expect("sparse", False)
@@ -707,12 +807,17 @@ class Hashing(LayerKind):
         if mode not in ("int",) + ENCODINGS:
             raise options.unsupported("output_mode", mode)
         mask_value = options.take("mask_value", None)
-        if mask_value is not None and (not isinstance(mask_value, int) or isinstance(mask_value, bool)
-                                       or abs(mask_value) > MAX_INTEGER):
-            raise options.unsupported("mask_value", mask_value, "only integer mask values are supported (a string "
-                                      f"one masks strings, and {STRING_REASON})")
-        return HashingConfig(options.integer("num_bins"), mask_value, _read_salt(options), mode,
-                             _integer_dtype(options, mode))
+        if mask_value is not None and (
+            not isinstance(mask_value, int) or isinstance(mask_value, bool) or abs(mask_value) > MAX_INTEGER
+        ):
+            raise options.unsupported(
+                "mask_value",
+                mask_value,
+                f"only integer mask values are supported (a string one masks strings, and {STRING_REASON})",
+            )
+        return HashingConfig(
+            options.integer("num_bins"), mask_value, _read_salt(options), mode, _integer_dtype(options, mode)
+        )
 
     def output_shape(self, config, input_shapes):
         if config.output_mode == "int":
@@ -721,10 +826,12 @@ class Hashing(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        output_dtype = builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch,
-                                                                                           config.integer_dtype)
-        module = builder.helpers.KerasHashing(config.num_bins, config.mask_value, config.salt, config.output_mode,
-                                              output_dtype=output_dtype)
+        output_dtype = (
+            builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch, config.integer_dtype)
+        )
+        module = builder.helpers.KerasHashing(
+            config.num_bins, config.mask_value, config.salt, config.output_mode, output_dtype=output_dtype
+        )
         if config.output_mode == "int":
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
@@ -732,16 +839,21 @@ class Hashing(LayerKind):
     def keras_layer(self, keras, context):
         config = context.config
         identity = {**context.keras_identity, "dtype": config.integer_dtype or context.node.dtype}
-        return keras.layers.Hashing(config.num_bins, mask_value=config.mask_value,
-                                    salt=None if config.salt is None else list(config.salt),
-                                    output_mode=config.output_mode, sparse=False, **identity)
+        return keras.layers.Hashing(
+            config.num_bins,
+            mask_value=config.mask_value,
+            salt=None if config.salt is None else list(config.salt),
+            output_mode=config.output_mode,
+            sparse=False,
+            **identity,
+        )
 
 
 @dataclass(frozen=True)
 class HashedCrossingConfig:
     num_bins: int
     output_mode: str = "int"
-    integer_dtype: str | None = "int64"   # the output's integer dtype; None: the node's float dtype
+    integer_dtype: str | None = "int64"  # the output's integer dtype; None: the node's float dtype
 
     def __post_init__(self) -> None:
         check_choice(self.output_mode, ("int", "one_hot"), "HashedCrossing output_mode")
@@ -775,15 +887,18 @@ class HashedCrossing(LayerKind):
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
         if len(input_shapes) != 2 or shape not in ((), (1,)) or any(other != shape for other in input_shapes):
-            raise ExchangeError(f"HashedCrossing takes two features of one shape, (batch,) or (batch, 1) (Keras's "
-                                "output shape takes two); "
-                                f"found {[('batch',) + tuple(other) for other in input_shapes]}")
+            raise ExchangeError(
+                f"HashedCrossing takes two features of one shape, (batch,) or (batch, 1) (Keras's "
+                "output shape takes two); "
+                f"found {[('batch',) + tuple(other) for other in input_shapes]}"
+            )
         return shape if config.output_mode == "int" else (config.num_bins,)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        output_dtype = builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch,
-                                                                                           config.integer_dtype)
+        output_dtype = (
+            builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch, config.integer_dtype)
+        )
         module = builder.helpers.KerasHashedCrossing(config.num_bins, config.output_mode, output_dtype=output_dtype)
         return builder.module(context, module, *inputs)
 
@@ -809,16 +924,23 @@ class PipelineStep:
     layer_name: str
 
     def __post_init__(self) -> None:
-        kind = kind_of(self.layer)   # raises for an unknown kind
+        kind = kind_of(self.layer)  # raises for an unknown kind
         if not _pipeline_takes(kind):
             raise ExchangeError(f"Pipeline cannot hold a {kind.kind!r} layer: {PIPELINE_TAKES}")
         if not isinstance(self.config, kind.Config):
-            raise ExchangeError(f"Pipeline: the config of layer {_short(self.layer_name)} is not a {kind.kind!r} "
-                                "config")
-        if (not isinstance(self.layer_name, str) or not 0 < len(self.layer_name) <= 1000 or "/" in self.layer_name
-                or not self.layer_name.isprintable()):
-            raise ExchangeError(f"Pipeline layer_name {_short(self.layer_name)} is not a Keras layer name "
-                                "(1 to 1000 printable characters, no '/')")
+            raise ExchangeError(
+                f"Pipeline: the config of layer {_short(self.layer_name)} is not a {kind.kind!r} config"
+            )
+        if (
+            not isinstance(self.layer_name, str)
+            or not 0 < len(self.layer_name) <= 1000
+            or "/" in self.layer_name
+            or not self.layer_name.isprintable()
+        ):
+            raise ExchangeError(
+                f"Pipeline layer_name {_short(self.layer_name)} is not a Keras layer name "
+                "(1 to 1000 printable characters, no '/')"
+            )
 
 
 @dataclass(frozen=True)
@@ -826,16 +948,24 @@ class PipelineConfig:
     layers: tuple[PipelineStep, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.layers, tuple) or not 1 <= len(self.layers) <= MAX_PIPELINE_LAYERS or not all(
-                isinstance(step, PipelineStep) for step in self.layers):
+        if (
+            not isinstance(self.layers, tuple)
+            or not 1 <= len(self.layers) <= MAX_PIPELINE_LAYERS
+            or not all(isinstance(step, PipelineStep) for step in self.layers)
+        ):
             raise ExchangeError(f"Pipeline holds 1 to {MAX_PIPELINE_LAYERS} layers")
 
 
 def _pipeline_takes(kind: LayerKind) -> bool:
     """Whether a Pipeline may hold a layer of this kind: one float tensor in, one out."""
-    return (not kind.takes_list and not kind.selects_output and kind.kind != Pipeline.kind
-            and type(kind).output_count is LayerKind.output_count
-            and type(kind).reads_integers is LayerKind.reads_integers and not kind.tensor_kwargs)
+    return (
+        not kind.takes_list
+        and not kind.selects_output
+        and kind.kind != Pipeline.kind
+        and type(kind).output_count is LayerKind.output_count
+        and type(kind).reads_integers is LayerKind.reads_integers
+        and not kind.tensor_kwargs
+    )
 
 
 @register
@@ -861,10 +991,11 @@ class Pipeline(LayerKind):
             name = layer_config["config"].get("name", f"layer_{index}")
             dtype = layer_config["config"].get("dtype")
             policy = (dtype.get("config") or {}).get("name") if isinstance(dtype, dict) else dtype
-            if policy not in (None, "float32"):   # the Pipeline itself has no dtype: float32
+            if policy not in (None, "float32"):  # the Pipeline itself has no dtype: float32
                 raise options.unsupported("layers", f"{name} with dtype {policy}", "only float32 layers")
-            inner = KerasOptions(class_name, f"{options.layer_name}/{name}", layer_config["config"],
-                                 keras2=options.keras2)
+            inner = KerasOptions(
+                class_name, f"{options.layer_name}/{name}", layer_config["config"], keras2=options.keras2
+            )
             config = kind.from_keras(inner)
             inner.finish()
             steps.append(PipelineStep(kind.kind, config, str(name)))
@@ -907,22 +1038,36 @@ class Pipeline(LayerKind):
             kind = kind_of(step.layer)
             output_shape = tuple(kind.output_shape(step.config, (shape,)))
             node = replace(context.node, kind=kind.kind, config=step.config, name=step.layer_name)
-            steps.append((kind, replace(context, node=node, torch_name=f"{context.torch_name}.step{index}",
-                                        input_shapes=(shape,), output_shape=output_shape, flat_source=None,
-                                        channels_first_flatten=False, input_masks=(None,))))
+            steps.append(
+                (
+                    kind,
+                    replace(
+                        context,
+                        node=node,
+                        torch_name=f"{context.torch_name}.step{index}",
+                        input_shapes=(shape,),
+                        output_shape=output_shape,
+                        flat_source=None,
+                        channels_first_flatten=False,
+                        input_masks=(None,),
+                    ),
+                )
+            )
             shape = output_shape
         return steps
 
     def ports(self, context):
         for kind, step_context in self.steps(context):
             if kind.ports(step_context):
-                raise UnsupportedLayerError(f"layer {context.node.name!r} (Pipeline): layer "
-                                            f"{_short(step_context.node.name)} ({kind.kind}) has weights, which a "
-                                            "Pipeline keeps under paths of its own: not supported")
+                raise UnsupportedLayerError(
+                    f"layer {context.node.name!r} (Pipeline): layer "
+                    f"{_short(step_context.node.name)} ({kind.kind}) has weights, which a "
+                    "Pipeline keeps under paths of its own: not supported"
+                )
         return []
 
     def torch_forward(self, builder, context, inputs):
-        builder.root.add_module(context.torch_name, builder.nn.ModuleDict())   # dropped by fx if left empty
+        builder.root.add_module(context.torch_name, builder.nn.ModuleDict())  # dropped by fx if left empty
         value = inputs[0]
         for kind, step_context in self.steps(context):
             value = kind.torch_forward(builder, step_context, [value])

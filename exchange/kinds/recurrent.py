@@ -39,14 +39,24 @@ import operator
 from dataclasses import dataclass, field, replace
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, OMIT_DEFAULT, TENSOR, KerasOptions, LayerKind, check_choice, check_int,
-                            check_step_mask, register, torch_mask)
+from exchange.kinds import (
+    MAX_FEATURES,
+    OMIT_DEFAULT,
+    TENSOR,
+    KerasOptions,
+    LayerKind,
+    check_choice,
+    check_int,
+    check_step_mask,
+    register,
+    torch_mask,
+)
 from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
 from exchange.ports import Blocks, Permute, Port, Stacked, Summed
 
-GRU_GATE_ORDER = (1, 0, 2)           # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
-TORCH_DEFAULTS = ("tanh", "sigmoid")     # nn.LSTM's and nn.GRU's activation and gate activation
-TORCH_RNN_ACTIVATIONS = ("tanh", "relu")   # nn.RNN's nonlinearity
+GRU_GATE_ORDER = (1, 0, 2)  # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
+TORCH_DEFAULTS = ("tanh", "sigmoid")  # nn.LSTM's and nn.GRU's activation and gate activation
+TORCH_RNN_ACTIVATIONS = ("tanh", "relu")  # nn.RNN's nonlinearity
 MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 
 
@@ -54,13 +64,13 @@ MERGE_MODES = ("concat", "sum", "mul", "ave", None)
 class RecurrentConfig:
     units: int
     activation: str = "tanh"
-    recurrent_activation: str = "sigmoid"   # LSTM and GRU only
+    recurrent_activation: str = "sigmoid"  # LSTM and GRU only
     use_bias: bool = True
     return_sequences: bool = False
     return_state: bool = False
     go_backwards: bool = False
     zero_output_for_mask: bool = False
-    reset_after: bool = True                # GRU only
+    reset_after: bool = True  # GRU only
     # Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
     # input only when the call has that one tensor (no initial_state) or passes `mask=`.
     uses_mask: bool = True
@@ -86,15 +96,17 @@ def _recurrent_activation(options, key: str) -> str:
 def refuse_stateful(options) -> None:
     """A stateful layer carries its last states into the next batch: state no file holds."""
     if options.flag("stateful", False):
-        raise options.unsupported("stateful", True, "its states carry over between batches; only stateful=False "
-                                                    "is supported")
+        raise options.unsupported(
+            "stateful", True, "its states carry over between batches; only stateful=False is supported"
+        )
 
 
 def uses_mask(options) -> bool:
     """Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
     input only when the call has that one tensor (no initial_state) or passes `mask=`."""
     tensors = sum(argument is None for argument in options.call_args) + sum(
-        value is TENSOR for value in options.call_kwargs.values())
+        value is TENSOR for value in options.call_kwargs.values()
+    )
     return options.keras2 or options.mask_given or tensors <= 1
 
 
@@ -103,18 +115,20 @@ def cell_options(options, kind) -> dict:
     bias; dropout and the initialisers (unit_forget_bias) only act in training."""
     for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation"):
         options.take(key, None)
-    return dict(units=options.integer("units"),
-                activation=_recurrent_activation(options, "activation"),
-                recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if kind.gates > 1
-                                      else "sigmoid"),
-                use_bias=options.flag("use_bias", True),
-                reset_after=options.flag("reset_after", not options.keras2) if kind.mode == "gru" else True)
+    return dict(
+        units=options.integer("units"),
+        activation=_recurrent_activation(options, "activation"),
+        recurrent_activation=(_recurrent_activation(options, "recurrent_activation") if kind.gates > 1 else "sigmoid"),
+        use_bias=options.flag("use_bias", True),
+        reset_after=options.flag("reset_after", not options.keras2) if kind.mode == "gru" else True,
+    )
 
 
 def cell_arguments(kind, config, where: str) -> dict:
     """The Keras arguments of a layer's or cell's step options (`cell_options`)."""
-    arguments = dict(units=config.units, activation=keras_activation(config.activation, where),
-                     use_bias=config.use_bias)
+    arguments = dict(
+        units=config.units, activation=keras_activation(config.activation, where), use_bias=config.use_bias
+    )
     if kind.gates > 1:
         arguments["recurrent_activation"] = keras_activation(config.recurrent_activation, where)
     if kind.mode == "gru":
@@ -126,19 +140,19 @@ class _Recurrent(LayerKind):
     """LSTM, GRU and SimpleRNN: one kind each, differing in `mode` (gates, biases, torch module)."""
 
     Config = RecurrentConfig
-    mode = ""            # KerasRecurrent's mode: "lstm", "gru" or "rnn"
+    mode = ""  # KerasRecurrent's mode: "lstm", "gru" or "rnn"
     gates = 1
-    state_count = 1      # states after the output with return_state (LSTM: h and c)
+    state_count = 1  # states after the output with return_state (LSTM: h and c)
     passes_mask = True
-    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
+    tensor_kwargs = ("initial_state",)  # its tensors are node inputs after the sequence
     casts_integers = True
-    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
+    mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
 
     def from_keras(self, options):
         refuse_stateful(options)
         options.expect("time_major", False)
         for key in ("use_cudnn", "unroll"):
-            options.take(key, None)   # speed options: the same outputs either way
+            options.take(key, None)  # speed options: the same outputs either way
         return RecurrentConfig(
             **cell_options(options, self),
             return_sequences=options.flag("return_sequences", False),
@@ -146,7 +160,8 @@ class _Recurrent(LayerKind):
             go_backwards=options.flag("go_backwards", False),
             zero_output_for_mask=options.flag("zero_output_for_mask", False),
             uses_mask=uses_mask(options),
-            mask_input=options.take_mask_input())
+            mask_input=options.take_mask_input(),
+        )
 
     def keras3_subgroups(self, config):
         return ("cell",)
@@ -163,8 +178,9 @@ class _Recurrent(LayerKind):
         input_shapes = check_step_mask(config, input_shapes)
         states = [tuple(state) for state in input_shapes[1:]]
         if states and states != [(config.units,)] * self.state_count:
-            raise ExchangeError(f"initial_state must be {self.state_count} tensor(s) of shape (batch, "
-                                f"{config.units}), found {states}")
+            raise ExchangeError(
+                f"initial_state must be {self.state_count} tensor(s) of shape (batch, {config.units}), found {states}"
+            )
         output = (shape[0], config.units) if config.return_sequences else (config.units,)
         return [output] + [(config.units,)] * (self.state_count if config.return_state else 0)
 
@@ -186,8 +202,10 @@ class _Recurrent(LayerKind):
     def ports(self, context):
         config, width = context.config, self.gates * context.config.units
         steps = (Permute((1, 0)),) + self.gate_steps()
-        ports = [Port("kernel", "weight_ih_l0", steps, shape=(context.input_shape[-1], width)),
-                 Port("recurrent_kernel", "weight_hh_l0", steps, shape=(config.units, width))]
+        ports = [
+            Port("kernel", "weight_ih_l0", steps, shape=(context.input_shape[-1], width)),
+            Port("recurrent_kernel", "weight_hh_l0", steps, shape=(config.units, width)),
+        ]
         if config.use_bias:
             ports.append(self.bias_port(config))
         return ports
@@ -197,26 +215,34 @@ class _Recurrent(LayerKind):
 
     # -- torch ----------------------------------------------------------------------------
 
-    torch_class = ""     # nn.LSTM / nn.GRU: what computes this layer with the default activations
+    torch_class = ""  # nn.LSTM / nn.GRU: what computes this layer with the default activations
 
     def standard_module(self, builder, config, input_size, dtype):
         """The `nn.LSTM`/`nn.GRU`/`nn.RNN` computing exactly this layer, or None."""
         if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS or not config.reset_after:
             return None
-        return getattr(builder.nn, self.torch_class)(input_size, config.units, bias=config.use_bias, batch_first=True,
-                                                     device="meta", dtype=dtype)
+        return getattr(builder.nn, self.torch_class)(
+            input_size, config.units, bias=config.use_bias, batch_first=True, device="meta", dtype=dtype
+        )
 
     def torch_module(self, builder, context, masked: bool):
         config, dtype, input_size = context.config, builder.dtype(context), context.input_shape[-1]
         module = None if masked else self.standard_module(builder, config, input_size, dtype)
         return module or builder.helpers.KerasRecurrent(
-            self.mode, input_size, config.units, bias=config.use_bias,
+            self.mode,
+            input_size,
+            config.units,
+            bias=config.use_bias,
             activation=torch_function(config.activation, builder)[0],
-            recurrent_activation=torch_function(config.recurrent_activation, builder)[0], reset_after=config.reset_after,
-            zero_output_for_mask=config.zero_output_for_mask, device="meta", dtype=dtype)
+            recurrent_activation=torch_function(config.recurrent_activation, builder)[0],
+            reset_after=config.reset_after,
+            zero_output_for_mask=config.zero_output_for_mask,
+            device="meta",
+            dtype=dtype,
+        )
 
     def torch_forward(self, builder, context, inputs):
-        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
+        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)  # (N, F, T) -> (N, T, F)
         mask = torch_mask(builder, context, inputs) if context.config.uses_mask else None
         states = inputs[1:-1] if context.config.mask_input else inputs[1:]
         results = run_recurrent(builder, context, self, sequence, mask, context.torch_name, initial_state=states)
@@ -228,16 +254,22 @@ class _Recurrent(LayerKind):
     # -- Keras ----------------------------------------------------------------------------
 
     def keras_layer(self, keras, context):
-        return getattr(keras.layers, self.keras_classes[0])(**self.keras_arguments(context.config, context.node.name),
-                                                            dtype=context.node.dtype)
+        return getattr(keras.layers, self.keras_classes[0])(
+            **self.keras_arguments(context.config, context.node.name), dtype=context.node.dtype
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         return keras_recurrent_call(keras_layer, arguments, context, list)
 
     def keras_arguments(self, config, name: str) -> dict:
-        return dict(cell_arguments(self, config, f"layer {name!r}"), return_sequences=config.return_sequences,
-                    return_state=config.return_state, go_backwards=config.go_backwards,
-                    zero_output_for_mask=config.zero_output_for_mask, name=name)
+        return dict(
+            cell_arguments(self, config, f"layer {name!r}"),
+            return_sequences=config.return_sequences,
+            return_state=config.return_state,
+            go_backwards=config.go_backwards,
+            zero_output_for_mask=config.zero_output_for_mask,
+            name=name,
+        )
 
 
 def keras_recurrent_call(keras_layer, arguments, context, initial_state):
@@ -247,15 +279,19 @@ def keras_recurrent_call(keras_layer, arguments, context, initial_state):
     config = context.config
     if config.mask_input:
         states = list(arguments[1:-1])
-        result = keras_layer(arguments[0], **({"initial_state": initial_state(states)} if states else {}),
-                             mask=arguments[-1])
+        result = keras_layer(
+            arguments[0], **({"initial_state": initial_state(states)} if states else {}), mask=arguments[-1]
+        )
     elif len(arguments) == 1:
         result = keras_layer(arguments[0])
     else:
         # With initial states Keras 3 passes the input's mask only when given as `mask=`.
         mask = context.input_masks[0] is not None and config.uses_mask
-        result = keras_layer(arguments[0], initial_state=initial_state(list(arguments[1:])),
-                             **({"mask": _keras_mask(arguments[0])} if mask else {}))
+        result = keras_layer(
+            arguments[0],
+            initial_state=initial_state(list(arguments[1:])),
+            **({"mask": _keras_mask(arguments[0])} if mask else {}),
+        )
     if config.return_state:
         from keras import tree
 
@@ -281,7 +317,7 @@ def run_recurrent(builder, context, kind: _Recurrent, sequence, mask, module_nam
             mask = builder.call(builder.torch.flip, mask, (1,))
     module = kind.torch_module(builder, context, mask is not None)
     arguments = [sequence] if mask is None else [sequence, mask]
-    if initial_state:   # torch's states are (layers, N, H): one layer
+    if initial_state:  # torch's states are (layers, N, H): one layer
         states = tuple(builder.call(builder.torch.unsqueeze, state, 0) for state in initial_state)
         if mask is None and not isinstance(module, builder.helpers.KerasRecurrent):
             arguments.append(states if kind.state_count == 2 else states[0])
@@ -297,8 +333,11 @@ def run_recurrent(builder, context, kind: _Recurrent, sequence, mask, module_nam
         # The module's last state (1, N, H): not the last output, which a masked last step with
         # zero_output_for_mask makes zero, nor with an initial state carried over a masked row.
         state = builder.call(operator.getitem, result, 1)
-        states = [builder.call(operator.getitem, state, index) for index in range(kind.state_count)] \
-            if kind.state_count == 2 else [state]
+        states = (
+            [builder.call(operator.getitem, state, index) for index in range(kind.state_count)]
+            if kind.state_count == 2
+            else [state]
+        )
         values += [builder.call(operator.getitem, value, 0) for value in states]
     return values
 
@@ -312,7 +351,7 @@ class LSTM(_Recurrent):
 @register
 class GRU(_Recurrent):
     kind, keras_classes, mode, gates = "gru", ("GRU",), "gru", 3
-    torch_class = "GRU"      # with reset_after=True only: nn.GRU applies the reset gate after its matmul
+    torch_class = "GRU"  # with reset_after=True only: nn.GRU applies the reset gate after its matmul
 
     def gate_steps(self):
         return (Blocks(0, GRU_GATE_ORDER),)
@@ -333,16 +372,26 @@ class SimpleRNN(_Recurrent):
     def standard_module(self, builder, config, input_size, dtype):
         if config.activation not in TORCH_RNN_ACTIVATIONS:
             return None
-        return builder.nn.RNN(input_size, config.units, nonlinearity=config.activation, bias=config.use_bias,
-                              batch_first=True, device="meta", dtype=dtype)
+        return builder.nn.RNN(
+            input_size,
+            config.units,
+            nonlinearity=config.activation,
+            bias=config.use_bias,
+            batch_first=True,
+            device="meta",
+            dtype=dtype,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # RNN: a cell, or a StackedRNNCells of several, run over the sequence
 
 # The Keras cells that compute one step of a recurrent kind: (class, Keras 3's group name for it).
-CELL_CLASSES = {"lstm": ("LSTMCell", "lstm_cell"), "gru": ("GRUCell", "gru_cell"),
-                "simple_rnn": ("SimpleRNNCell", "simple_rnn_cell")}
+CELL_CLASSES = {
+    "lstm": ("LSTMCell", "lstm_cell"),
+    "gru": ("GRUCell", "gru_cell"),
+    "simple_rnn": ("SimpleRNNCell", "simple_rnn_cell"),
+}
 CELL_KINDS = {class_name: kind for kind, (class_name, _) in CELL_CLASSES.items()}
 STACKED_CELLS = "StackedRNNCells"
 # Cells in one StackedRNNCells: real stacks have a handful; each is a module and a Python loop.
@@ -354,12 +403,12 @@ CELL_VARIABLES = ("kernel", "recurrent_kernel", "bias")
 class CellConfig:
     """One LSTMCell, GRUCell or SimpleRNNCell: the step of the recurrent kind `cell`."""
 
-    cell: str                               # "lstm", "gru" or "simple_rnn"
+    cell: str  # "lstm", "gru" or "simple_rnn"
     units: int
     activation: str = "tanh"
-    recurrent_activation: str = "sigmoid"   # LSTMCell and GRUCell only
+    recurrent_activation: str = "sigmoid"  # LSTMCell and GRUCell only
     use_bias: bool = True
-    reset_after: bool = True                # GRUCell only
+    reset_after: bool = True  # GRUCell only
 
     def __post_init__(self) -> None:
         check_choice(self.cell, tuple(CELL_CLASSES), "RNN cell")
@@ -368,30 +417,38 @@ class CellConfig:
             raise ExchangeError("a SimpleRNNCell has no recurrent_activation")
         if kind.mode != "gru" and not self.reset_after:
             raise ExchangeError("reset_after=false is a GRUCell option")
-        self.layer_config()   # checks units and activations
+        self.layer_config()  # checks units and activations
 
     def layer_config(self, **layer_options) -> RecurrentConfig:
         """The config of the layer of kind `cell` running this cell (with the RNN's options)."""
-        return RecurrentConfig(units=self.units, activation=self.activation,
-                               recurrent_activation=self.recurrent_activation, use_bias=self.use_bias,
-                               reset_after=self.reset_after, **layer_options)
+        return RecurrentConfig(
+            units=self.units,
+            activation=self.activation,
+            recurrent_activation=self.recurrent_activation,
+            use_bias=self.use_bias,
+            reset_after=self.reset_after,
+            **layer_options,
+        )
 
 
 @dataclass(frozen=True)
 class RNNConfig:
     cells: tuple[CellConfig, ...]
-    stacked: bool = False           # the cell is a StackedRNNCells (Keras's `RNN([cells])`, even of one)
+    stacked: bool = False  # the cell is a StackedRNNCells (Keras's `RNN([cells])`, even of one)
     return_sequences: bool = False
     return_state: bool = False
     go_backwards: bool = False
     zero_output_for_mask: bool = False
-    unroll: bool = False            # Keras builds the loop unrolled: the same outputs
-    uses_mask: bool = True          # as RecurrentConfig's
+    unroll: bool = False  # Keras builds the loop unrolled: the same outputs
+    uses_mask: bool = True  # as RecurrentConfig's
     mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.cells, tuple) or not 1 <= len(self.cells) <= MAX_CELLS or not all(
-                isinstance(cell, CellConfig) for cell in self.cells):
+        if (
+            not isinstance(self.cells, tuple)
+            or not 1 <= len(self.cells) <= MAX_CELLS
+            or not all(isinstance(cell, CellConfig) for cell in self.cells)
+        ):
             raise ExchangeError(f"an RNN has 1 to {MAX_CELLS} cells")
         if len(self.cells) > 1 and not self.stacked:
             raise ExchangeError("an RNN of several cells holds them in a StackedRNNCells (stacked=true)")
@@ -412,7 +469,7 @@ class RNN(LayerKind):
     casts_integers = True
     passes_mask = True
     tensor_kwargs = ("initial_state",)
-    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=False)
+    mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
     # A stacked cell's variables are named `kernel`, … in Keras; its ports `cell1_kernel`, ….
     variable_aliases = {f"cell{index}_{name}": (name,) for index in range(MAX_CELLS) for name in CELL_VARIABLES}
 
@@ -433,25 +490,34 @@ class RNN(LayerKind):
         for cell_config in cell_list:
             class_name = cell_config.get("class_name") if isinstance(cell_config, dict) else None
             if class_name not in CELL_KINDS:
-                raise options.unsupported("cell", class_name if isinstance(class_name, str) else cell_config,
-                                          "an LSTMCell, GRUCell, SimpleRNNCell or a StackedRNNCells of them")
+                raise options.unsupported(
+                    "cell",
+                    class_name if isinstance(class_name, str) else cell_config,
+                    "an LSTMCell, GRUCell, SimpleRNNCell or a StackedRNNCells of them",
+                )
             kind = _recurrent_kind(CELL_KINDS[class_name], options.layer_name)
             inner = _nested_options(options, "cell", cell_config)
             cells.append(CellConfig(kind.kind, **cell_options(inner, kind)))
             inner.finish()
-        return RNNConfig(tuple(cells), stacked=stacked,
-                         return_sequences=options.flag("return_sequences", False),
-                         return_state=options.flag("return_state", False),
-                         go_backwards=options.flag("go_backwards", False),
-                         zero_output_for_mask=options.flag("zero_output_for_mask", False),
-                         unroll=options.flag("unroll", False), uses_mask=uses_mask(options),
-                         mask_input=options.take_mask_input())
+        return RNNConfig(
+            tuple(cells),
+            stacked=stacked,
+            return_sequences=options.flag("return_sequences", False),
+            return_state=options.flag("return_state", False),
+            go_backwards=options.flag("go_backwards", False),
+            zero_output_for_mask=options.flag("zero_output_for_mask", False),
+            unroll=options.flag("unroll", False),
+            uses_mask=uses_mask(options),
+            mask_input=options.take_mask_input(),
+        )
 
     def config_from_dict(self, values, node_name):
         if isinstance(values, dict) and isinstance(values.get("cells"), list):
             if not 1 <= len(values["cells"]) <= MAX_CELLS:
-                raise ExchangeError(f"layer {node_name!r} ({self.kind}): an RNN has 1 to {MAX_CELLS} cells, "
-                                    f"found {len(values['cells']):,}")
+                raise ExchangeError(
+                    f"layer {node_name!r} ({self.kind}): an RNN has 1 to {MAX_CELLS} cells, "
+                    f"found {len(values['cells']):,}"
+                )
             values = dict(values, cells=[_CELL_READER.config_from_dict(cell, node_name) for cell in values["cells"]])
         return super().config_from_dict(values, node_name)
 
@@ -459,7 +525,7 @@ class RNN(LayerKind):
         if not config.stacked:
             return ("cell",)
         groups, counts = [], {}
-        for cell in config.cells:   # Keras 3 names a list's layers by class, counted: lstm_cell, lstm_cell_1
+        for cell in config.cells:  # Keras 3 names a list's layers by class, counted: lstm_cell, lstm_cell_1
             snake = CELL_CLASSES[cell.cell][1]
             counts[snake] = counts.get(snake, -1) + 1
             groups.append(f"cell/cells/{snake}" + (f"_{counts[snake]}" if counts[snake] else ""))
@@ -478,12 +544,15 @@ class RNN(LayerKind):
         if len(shape) != 2:
             raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
         input_shapes = check_step_mask(config, input_shapes)
-        state_shapes = [(cell.units,) for cell, count in zip(config.cells, self.state_counts(config))
-                        for _ in range(count)]
+        state_shapes = [
+            (cell.units,) for cell, count in zip(config.cells, self.state_counts(config)) for _ in range(count)
+        ]
         states = [tuple(state) for state in input_shapes[1:]]
         if states and states != state_shapes:
-            raise ExchangeError(f"initial_state must be tensors of shapes {[(None,) + s for s in state_shapes]}, "
-                                f"found {[(None,) + s for s in states]}")
+            raise ExchangeError(
+                f"initial_state must be tensors of shapes {[(None,) + s for s in state_shapes]}, "
+                f"found {[(None,) + s for s in states]}"
+            )
         units = config.cells[-1].units
         output = (shape[0], units) if config.return_sequences else (units,)
         return [output] + (state_shapes if config.return_state else [])
@@ -503,13 +572,22 @@ class RNN(LayerKind):
         config = context.config
         size, last, found = context.input_shape[-1], len(config.cells) - 1, []
         for index, cell in enumerate(config.cells):
-            layer = cell.layer_config(return_sequences=config.return_sequences or index < last,
-                                      return_state=config.return_state,
-                                      zero_output_for_mask=config.zero_output_for_mask and index == last,
-                                      uses_mask=config.uses_mask)
-            found.append((_recurrent_kind(cell.cell, context.node.name),
-                          replace(context, node=replace(context.node, config=layer),
-                                  input_shapes=((context.input_shape[0], size),))))
+            layer = cell.layer_config(
+                return_sequences=config.return_sequences or index < last,
+                return_state=config.return_state,
+                zero_output_for_mask=config.zero_output_for_mask and index == last,
+                uses_mask=config.uses_mask,
+            )
+            found.append(
+                (
+                    _recurrent_kind(cell.cell, context.node.name),
+                    replace(
+                        context,
+                        node=replace(context.node, config=layer),
+                        input_shapes=((context.input_shape[0], size),),
+                    ),
+                )
+            )
             size = cell.units
         return found
 
@@ -517,17 +595,20 @@ class RNN(LayerKind):
         if not context.config.stacked:
             kind, cell_context = self.cell_contexts(context)[0]
             return kind.ports(cell_context)
-        return [_renamed(port, f"cell{index}_", f"cell{index}.") for index, (kind, cell_context)
-                in enumerate(self.cell_contexts(context)) for port in kind.ports(cell_context)]
+        return [
+            _renamed(port, f"cell{index}_", f"cell{index}.")
+            for index, (kind, cell_context) in enumerate(self.cell_contexts(context))
+            for port in kind.ports(cell_context)
+        ]
 
     # -- torch ----------------------------------------------------------------------------
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
-        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)   # (N, F, T) -> (N, T, F)
+        sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)  # (N, F, T) -> (N, T, F)
         mask = torch_mask(builder, context, inputs) if config.uses_mask else None
         states = list(inputs[1:-1] if config.mask_input else inputs[1:])
-        if config.go_backwards:   # once, for the whole stack (each cell then runs forward)
+        if config.go_backwards:  # once, for the whole stack (each cell then runs forward)
             sequence = builder.call(builder.torch.flip, sequence, (1,))
             if mask is not None:
                 mask = builder.call(builder.torch.flip, mask, (1,))
@@ -536,9 +617,10 @@ class RNN(LayerKind):
         output, final_states = sequence, []
         for index, (kind, cell_context) in enumerate(self.cell_contexts(context)):
             name = f"{context.torch_name}.cell{index}" if config.stacked else context.torch_name
-            results = run_recurrent(builder, cell_context, kind, output, mask, name,
-                                    initial_state=states[:kind.state_count])
-            states = states[kind.state_count:]
+            results = run_recurrent(
+                builder, cell_context, kind, output, mask, name, initial_state=states[: kind.state_count]
+            )
+            states = states[kind.state_count :]
             output, final_states = results[0], final_states + results[1:]
         if config.return_sequences:
             output = builder.call(builder.torch.movedim, output, -1, 1)
@@ -548,22 +630,31 @@ class RNN(LayerKind):
 
     def keras_layer(self, keras, context):
         config, where = context.config, f"layer {context.node.name!r}"
-        cells = [getattr(keras.layers, CELL_CLASSES[cell.cell][0])(
-            **cell_arguments(_recurrent_kind(cell.cell, where), cell, where), dtype=context.node.dtype)
-            for cell in config.cells]
-        return keras.layers.RNN(cells if config.stacked else cells[0], return_sequences=config.return_sequences,
-                                return_state=config.return_state, go_backwards=config.go_backwards, stateful=False,
-                                unroll=config.unroll, zero_output_for_mask=config.zero_output_for_mask,
-                                **context.keras_identity)
+        cells = [
+            getattr(keras.layers, CELL_CLASSES[cell.cell][0])(
+                **cell_arguments(_recurrent_kind(cell.cell, where), cell, where), dtype=context.node.dtype
+            )
+            for cell in config.cells
+        ]
+        return keras.layers.RNN(
+            cells if config.stacked else cells[0],
+            return_sequences=config.return_sequences,
+            return_state=config.return_state,
+            go_backwards=config.go_backwards,
+            stateful=False,
+            unroll=config.unroll,
+            zero_output_for_mask=config.zero_output_for_mask,
+            **context.keras_identity,
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         counts = self.state_counts(context.config)
 
-        def per_cell(states):   # a StackedRNNCells takes a list of states per cell
+        def per_cell(states):  # a StackedRNNCells takes a list of states per cell
             if not context.config.stacked:
                 return states
             starts = [sum(counts[:index]) for index in range(len(counts))]
-            return [states[start:start + count] for start, count in zip(starts, counts)]
+            return [states[start : start + count] for start, count in zip(starts, counts)]
 
         return keras_recurrent_call(keras_layer, arguments, context, per_cell)
 
@@ -582,8 +673,9 @@ def _nested_options(options, key: str, nested) -> KerasOptions:
     if not isinstance(nested, dict) or not isinstance(nested.get("config"), dict):
         raise options.unsupported(key, nested, "expected a layer config")
     name = str(nested["config"].get("name", key))
-    return KerasOptions(str(nested.get("class_name")), f"{options.layer_name}/{name}", nested["config"],
-                        keras2=options.keras2)
+    return KerasOptions(
+        str(nested.get("class_name")), f"{options.layer_name}/{name}", nested["config"], keras2=options.keras2
+    )
 
 
 def _renamed(port, keras_prefix: str, torch_prefix: str):
@@ -592,8 +684,9 @@ def _renamed(port, keras_prefix: str, torch_prefix: str):
     the inner module."""
     torch_names = (port.torch,) if isinstance(port.torch, str) else port.torch
     renamed = tuple(f"{torch_prefix}{name}" for name in torch_names)
-    return replace(port, keras=f"{keras_prefix}{port.keras}",
-                   torch=renamed[0] if isinstance(port.torch, str) else renamed)
+    return replace(
+        port, keras=f"{keras_prefix}{port.keras}", torch=renamed[0] if isinstance(port.torch, str) else renamed
+    )
 
 
 def _sequence_mask(node, input_masks):
@@ -609,11 +702,11 @@ def _sequence_mask(node, input_masks):
 
 @dataclass(frozen=True)
 class BidirectionalConfig:
-    layer: str                      # the wrapped kind: "lstm", "gru" or "simple_rnn"
+    layer: str  # the wrapped kind: "lstm", "gru" or "simple_rnn"
     forward: RecurrentConfig
-    backward: RecurrentConfig       # the other go_backwards (Keras 3 makes it True, Keras 2 the forward's negation)
+    backward: RecurrentConfig  # the other go_backwards (Keras 3 makes it True, Keras 2 the forward's negation)
     merge_mode: str | None = "concat"
-    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)   # the call gives a mask tensor
+    mask_input: bool = field(default=False, metadata=OMIT_DEFAULT)  # the call gives a mask tensor
 
     def __post_init__(self) -> None:
         """What Keras's Bidirectional requires of its two layers (`_verify_layer_config`, and
@@ -622,18 +715,23 @@ class BidirectionalConfig:
         check_choice(self.merge_mode, MERGE_MODES, "Bidirectional merge_mode")
         forward, backward = self.forward, self.backward
         if forward.go_backwards == backward.go_backwards:
-            raise ExchangeError(f"Bidirectional needs forward and backward layers of different go_backwards, got "
-                                f"{forward.go_backwards} for both")
+            raise ExchangeError(
+                f"Bidirectional needs forward and backward layers of different go_backwards, got "
+                f"{forward.go_backwards} for both"
+            )
         for option in ("return_sequences", "return_state"):
             if getattr(forward, option) != getattr(backward, option):
                 raise ExchangeError(f"Bidirectional forward and backward layers differ in {option}")
         for side in (forward, backward):
             if side.zero_output_for_mask != forward.return_sequences:
-                raise ExchangeError("Bidirectional layers must have zero_output_for_mask = return_sequences, as "
-                                    "Keras sets them")
+                raise ExchangeError(
+                    "Bidirectional layers must have zero_output_for_mask = return_sequences, as Keras sets them"
+                )
         if forward.uses_mask != backward.uses_mask:
-            raise ExchangeError("Bidirectional forward and backward layers differ in uses_mask (both read the mask "
-                                "the Bidirectional is given)")
+            raise ExchangeError(
+                "Bidirectional forward and backward layers differ in uses_mask (both read the mask "
+                "the Bidirectional is given)"
+            )
 
 
 @register
@@ -650,33 +748,43 @@ class Bidirectional(LayerKind):
 
     kind, keras_classes, Config = "bidirectional", ("Bidirectional",), BidirectionalConfig
     casts_integers = True
-    variable_aliases = {f"{side}_{name}": (name,) for side in ("forward", "backward")
-                        for name in ("kernel", "recurrent_kernel", "bias")}
+    variable_aliases = {
+        f"{side}_{name}": (name,) for side in ("forward", "backward") for name in ("kernel", "recurrent_kernel", "bias")
+    }
     passes_mask = True
     SIDES = ("forward_layer", "backward_layer")
-    tensor_kwargs = ("initial_state",)   # its tensors are node inputs after the sequence
-    mask_position = 2   # call(sequences, initial_state=None, mask=None, training=None)
+    tensor_kwargs = ("initial_state",)  # its tensors are node inputs after the sequence
+    mask_position = 2  # call(sequences, initial_state=None, mask=None, training=None)
 
     def from_keras(self, options):
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
         forward_kind, forward, _ = options.wrapped_layer("layer", _is_recurrent, "LSTM, GRU or SimpleRNN")
-        backward = options.wrapped_layer("backward_layer", lambda kind: kind is forward_kind,
-                                         f"a {forward_kind.keras_classes[0]}, as the forward layer", required=False)
+        backward = options.wrapped_layer(
+            "backward_layer",
+            lambda kind: kind is forward_kind,
+            f"a {forward_kind.keras_classes[0]}, as the forward layer",
+            required=False,
+        )
         # Without a backward_layer Keras 3 copies the layer with go_backwards=True; Keras 2 negated it.
-        backward_config = replace(forward, go_backwards=not forward.go_backwards if options.keras2 else True) \
-            if backward is None else backward[1]
+        backward_config = (
+            replace(forward, go_backwards=not forward.go_backwards if options.keras2 else True)
+            if backward is None
+            else backward[1]
+        )
         if forward.go_backwards == backward_config.go_backwards:
-            raise options.unsupported("layer", f"go_backwards={forward.go_backwards}",
-                                      "the backward layer's must differ, as Keras requires")
+            raise options.unsupported(
+                "layer", f"go_backwards={forward.go_backwards}", "the backward layer's must differ, as Keras requires"
+            )
         for option in ("return_sequences", "return_state"):
             if getattr(forward, option) != getattr(backward_config, option):
                 raise options.unsupported("backward_layer", option, "differs from the forward layer's")
         # Keras sets zero_output_for_mask = return_sequences on both (Bidirectional.__init__).
         forward = replace(forward, zero_output_for_mask=forward.return_sequences, uses_mask=uses_mask(options))
-        backward_config = replace(backward_config, zero_output_for_mask=forward.return_sequences,
-                                  uses_mask=uses_mask(options))
+        backward_config = replace(
+            backward_config, zero_output_for_mask=forward.return_sequences, uses_mask=uses_mask(options)
+        )
         return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode, options.take_mask_input())
 
     def config_from_dict(self, values, node_name):
@@ -685,7 +793,8 @@ class Bidirectional(LayerKind):
             for side in ("forward", "backward"):
                 if isinstance(values.get(side), dict):
                     values[side] = _recurrent_kind(values.get("layer"), node_name).config_from_dict(
-                        values[side], node_name)
+                        values[side], node_name
+                    )
         return super().config_from_dict(values, node_name)
 
     def wrapped(self, config) -> _Recurrent:
@@ -705,7 +814,7 @@ class Bidirectional(LayerKind):
     def output_shapes(self, config, input_shapes):
         kind = self.wrapped(config)
         sequence, *states = check_step_mask(config, input_shapes)
-        half = len(states) // 2   # Keras's split of the initial states
+        half = len(states) // 2  # Keras's split of the initial states
         forward, *forward_states = kind.output_shapes(config.forward, [sequence] + states[:half])
         backward, *backward_states = kind.output_shapes(config.backward, [sequence] + states[half:])
         if config.merge_mode is None:
@@ -731,28 +840,39 @@ class Bidirectional(LayerKind):
         return [self.output_mask(node, input_masks)] * merged + [None] * (self.output_count(node.config) - merged)
 
     def _side_contexts(self, context):
-        return [replace(context, node=replace(context.node, config=side_config))
-                for side_config in (context.config.forward, context.config.backward)]
+        return [
+            replace(context, node=replace(context.node, config=side_config))
+            for side_config in (context.config.forward, context.config.backward)
+        ]
 
     def ports(self, context):
         kind = self.wrapped(context.config)
-        return [_renamed(port, f"{side}_", f"{attribute}.") for side, attribute, side_context
-                in zip(("forward", "backward"), self.SIDES, self._side_contexts(context))
-                for port in kind.ports(side_context)]
+        return [
+            _renamed(port, f"{side}_", f"{attribute}.")
+            for side, attribute, side_context in zip(("forward", "backward"), self.SIDES, self._side_contexts(context))
+            for port in kind.ports(side_context)
+        ]
 
     def torch_forward(self, builder, context, inputs):
         config, kind = context.config, self.wrapped(context.config)
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
         mask = torch_mask(builder, context, inputs) if config.forward.uses_mask else None
         initial = list(inputs[1:-1] if config.mask_input else inputs[1:])
-        halves = (initial[:len(initial) // 2], initial[len(initial) // 2:])
+        halves = (initial[: len(initial) // 2], initial[len(initial) // 2 :])
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
         results, states = [], []
         for attribute, side_context, initial_state in zip(self.SIDES, self._side_contexts(context), halves):
-            value, *side_states = run_recurrent(builder, side_context, kind, sequence, mask,
-                                                f"{context.torch_name}.{attribute}", initial_state=initial_state)
+            value, *side_states = run_recurrent(
+                builder,
+                side_context,
+                kind,
+                sequence,
+                mask,
+                f"{context.torch_name}.{attribute}",
+                initial_state=initial_state,
+            )
             if attribute == "backward_layer" and side_context.config.return_sequences:
-                value = builder.call(builder.torch.flip, value, (1,))   # Keras flips it whatever its go_backwards
+                value = builder.call(builder.torch.flip, value, (1,))  # Keras flips it whatever its go_backwards
             results.append(value)
             states += side_states
         forward, backward = results
@@ -777,8 +897,9 @@ class Bidirectional(LayerKind):
         name = context.node.name
         forward = layer_class(**kind.keras_arguments(config.forward, f"forward_{name}"), dtype=context.node.dtype)
         backward = layer_class(**kind.keras_arguments(config.backward, f"backward_{name}"), dtype=context.node.dtype)
-        return keras.layers.Bidirectional(forward, merge_mode=config.merge_mode, backward_layer=backward,
-                                          name=name, dtype=context.node.dtype)
+        return keras.layers.Bidirectional(
+            forward, merge_mode=config.merge_mode, backward_layer=backward, name=name, dtype=context.node.dtype
+        )
 
     def keras_call(self, keras_layer, arguments, context):
         config = context.config
@@ -787,7 +908,7 @@ class Bidirectional(LayerKind):
         if config.mask_input:
             options["mask"] = arguments[-1]
         elif states and context.input_masks[0] is not None and config.forward.uses_mask:
-            options["mask"] = _keras_mask(arguments[0])   # with initial states Keras 3 passes it only as `mask=`
+            options["mask"] = _keras_mask(arguments[0])  # with initial states Keras 3 passes it only as `mask=`
         result = keras_layer(arguments[0], **options)
         if config.forward.return_state:
             from keras import tree
@@ -824,7 +945,7 @@ class Output(LayerKind):
     with merge_mode=None). Not a Keras layer: Keras's call returns a list, this picks from it."""
 
     kind, keras_classes, Config = "output", (), OutputConfig
-    selects_output = True    # its shape and mask are those of output `index` of its input (Graph)
+    selects_output = True  # its shape and mask are those of output `index` of its input (Graph)
 
     def torch_forward(self, builder, context, inputs):
         return inputs[0][context.config.index]
@@ -834,4 +955,3 @@ class Output(LayerKind):
 
     def keras_call(self, keras_layer, arguments, context):
         return arguments[0][context.config.index]
-

@@ -37,8 +37,20 @@ from dataclasses import dataclass, field, replace
 from math import prod
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_AXIS, MAX_FEATURES, MAX_PADDING, MAX_REPEATS, MAX_VOCABULARY, MAX_WINDOW, OMIT_DEFAULT,
-                            LayerKind, check_choice, check_int, check_ints, register)
+from exchange.kinds import (
+    MAX_AXIS,
+    MAX_FEATURES,
+    MAX_PADDING,
+    MAX_REPEATS,
+    MAX_VOCABULARY,
+    MAX_WINDOW,
+    OMIT_DEFAULT,
+    LayerKind,
+    check_choice,
+    check_int,
+    check_ints,
+    register,
+)
 from exchange.ports import Port
 
 
@@ -70,7 +82,7 @@ class Flatten(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         value = inputs[0]
-        if not context.input_shape:   # Keras flattens (N,) to (N, 1)
+        if not context.input_shape:  # Keras flattens (N,) to (N, 1)
             return builder.method(value, "unsqueeze", 1)
         if len(context.input_shape) < 2:
             return value
@@ -90,7 +102,7 @@ class Flatten(LayerKind):
     def numpy_forward(self, context, tensors, inputs):
         if len(context.input_shape) > 1:
             raise UnsupportedLayerError(f"no numpy forward for a Flatten of an image ({context.node.name!r})")
-        return inputs[0].reshape(len(inputs[0]), -1)   # (N,) -> (N, 1), as Keras
+        return inputs[0].reshape(len(inputs[0]), -1)  # (N,) -> (N, 1), as Keras
 
 
 @dataclass(frozen=True)
@@ -99,10 +111,14 @@ class ReshapeConfig:
 
     def __post_init__(self) -> None:
         target = self.target_shape
-        if len(target) >= MAX_AXIS or target.count(-1) > 1 or any(
-                not isinstance(size, int) or isinstance(size, bool) or size < -1 or size == 0 for size in target):
-            raise ExchangeError(f"invalid Reshape target shape {list(target)}: up to {MAX_AXIS - 1} sizes, "
-                                "each positive or one -1")
+        if (
+            len(target) >= MAX_AXIS
+            or target.count(-1) > 1
+            or any(not isinstance(size, int) or isinstance(size, bool) or size < -1 or size == 0 for size in target)
+        ):
+            raise ExchangeError(
+                f"invalid Reshape target shape {list(target)}: up to {MAX_AXIS - 1} sizes, each positive or one -1"
+            )
 
 
 @register
@@ -111,8 +127,9 @@ class Reshape(LayerKind):
 
     def from_keras(self, options):
         target = options.take("target_shape")
-        if not isinstance(target, (list, tuple)) or not all(isinstance(s, int) and not isinstance(s, bool)
-                                                            for s in target):
+        if not isinstance(target, (list, tuple)) or not all(
+            isinstance(s, int) and not isinstance(s, bool) for s in target
+        ):
             raise options.unsupported("target_shape", target)
         return ReshapeConfig(tuple(target))
 
@@ -156,9 +173,11 @@ def _amounts(options, key: str, spatial: int, default=1) -> tuple[tuple[int, int
         value = [value]
     try:
         pairs = tuple((item, item) if isinstance(item, int) else tuple(item) for item in value)
-        if len(pairs) == spatial and all(len(pair) == 2 and all(
-                isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0 for amount in pair)
-                for pair in pairs):
+        if len(pairs) == spatial and all(
+            len(pair) == 2
+            and all(isinstance(amount, int) and not isinstance(amount, bool) and amount >= 0 for amount in pair)
+            for pair in pairs
+        ):
             return pairs
     except TypeError:
         pass
@@ -167,7 +186,7 @@ def _amounts(options, key: str, spatial: int, default=1) -> tuple[tuple[int, int
 
 def _data_format(options) -> str:
     value = options.take("data_format", None)
-    if value is None:   # Keras's default: keras.config.image_data_format(), channels_last
+    if value is None:  # Keras's default: keras.config.image_data_format(), channels_last
         return "channels_last"
     if value not in DATA_FORMATS:
         raise options.unsupported("data_format", value)
@@ -190,7 +209,7 @@ def _torch_dims(shape: tuple, indices: range) -> list[int]:
 
 @dataclass(frozen=True)
 class PaddingConfig:
-    amounts: tuple[tuple[int, int], ...]   # (before, after) per spatial axis, in Keras's axis order
+    amounts: tuple[tuple[int, int], ...]  # (before, after) per spatial axis, in Keras's axis order
     data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
@@ -208,7 +227,7 @@ class _Padding(LayerKind):
 
     Config, spatial = PaddingConfig, 2
     has_data_format = True
-    default_amount = 1   # Keras's default padding or cropping on each side
+    default_amount = 1  # Keras's default padding or cropping on each side
 
     def from_keras(self, options):
         data_format = _data_format(options) if self.has_data_format else "channels_last"
@@ -225,11 +244,12 @@ class _Padding(LayerKind):
 
     def torch_forward(self, builder, context, inputs):
         config, shape = context.config, context.input_shape
-        by_dim = dict(zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)),
-                          config.amounts))
+        by_dim = dict(
+            zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)), config.amounts)
+        )
         # F.pad's argument: (before, after) for the last dim, then the one before it, ...
         pads = tuple(amount for dim in range(len(shape), min(by_dim) - 1, -1) for amount in by_dim.get(dim, (0, 0)))
-        if len(pads) == 2 * self.spatial:   # the spatial axes are the trailing dims
+        if len(pads) == 2 * self.spatial:  # the spatial axes are the trailing dims
             pad_class = (builder.nn.ZeroPad1d, builder.nn.ZeroPad2d, builder.nn.ZeroPad3d)[self.spatial - 1]
             return builder.module(context, pad_class(pads), inputs[0])
         return builder.call(builder.F.pad, inputs[0], pads)
@@ -288,7 +308,7 @@ class _Cropping(_Padding):
 @register
 class Cropping1D(_Cropping):
     kind, keras_classes, spatial = "cropping1d", ("Cropping1D",), 1
-    has_data_format = False   # Keras's Cropping1D crops axis 1 of (batch, steps, features)
+    has_data_format = False  # Keras's Cropping1D crops axis 1 of (batch, steps, features)
 
 
 @register
@@ -308,9 +328,9 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "area", "lanczos3", "lanczos
 
 @dataclass(frozen=True)
 class UpSamplingConfig:
-    size: tuple[int, ...]   # the repeat count per spatial axis, in Keras's axis order
+    size: tuple[int, ...]  # the repeat count per spatial axis, in Keras's axis order
     data_format: str = "channels_last"
-    interpolation: str = field(default="nearest", metadata=OMIT_DEFAULT)   # UpSampling2D's
+    interpolation: str = field(default="nearest", metadata=OMIT_DEFAULT)  # UpSampling2D's
 
     def __post_init__(self) -> None:
         check_ints(self.size, "UpSampling size", MAX_WINDOW, count=(1, 2, 3))
@@ -342,8 +362,9 @@ class _UpSampling(LayerKind):
     def torch_forward(self, builder, context, inputs):
         config, shape = context.config, context.input_shape
         value = inputs[0]
-        for dim, factor in zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)),
-                               config.size):
+        for dim, factor in zip(
+            _torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)), config.size
+        ):
             if factor > 1:
                 value = builder.call(builder.torch.repeat_interleave, value, factor, dim=dim)
         return value
@@ -358,7 +379,7 @@ class _UpSampling(LayerKind):
 @register
 class UpSampling1D(_UpSampling):
     kind, keras_classes, spatial = "upsampling1d", ("UpSampling1D",), 1
-    has_data_format = False   # Keras's UpSampling1D repeats axis 1 of (batch, steps, features)
+    has_data_format = False  # Keras's UpSampling1D repeats axis 1 of (batch, steps, features)
 
 
 @register
@@ -376,9 +397,11 @@ class UpSampling2D(_UpSampling):
         if config.interpolation == "nearest":
             return super().torch_forward(builder, context, inputs)
         if context.node.dtype != "float32":
-            raise UnsupportedLayerError(f"UpSampling2D interpolation {config.interpolation!r} on dtype "
-                                        f"{context.node.dtype} is not supported (TensorFlow resizes to float32 and "
-                                        "UpSampling2D does not cast back)")
+            raise UnsupportedLayerError(
+                f"UpSampling2D interpolation {config.interpolation!r} on dtype "
+                f"{context.node.dtype} is not supported (TensorFlow resizes to float32 and "
+                "UpSampling2D does not cast back)"
+            )
         from exchange.kinds.preprocessing import torch_image
 
         module = builder.helpers.KerasResize(scale_factor=config.size, interpolation=config.interpolation)
@@ -387,8 +410,9 @@ class UpSampling2D(_UpSampling):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.UpSampling2D(config.size, data_format=config.data_format,
-                                         interpolation=config.interpolation, **context.keras_identity)
+        return keras.layers.UpSampling2D(
+            config.size, data_format=config.data_format, interpolation=config.interpolation, **context.keras_identity
+        )
 
 
 @register
@@ -400,12 +424,12 @@ class UpSampling3D(_UpSampling):
 class DropoutConfig:
     rate: float = 0.0
     # Only training reads these; kept so that the rebuilt Keras layer is the same (written when set).
-    noise_shape: tuple[int | None, ...] | None = field(default=None, metadata=OMIT_DEFAULT)   # Dropout's
+    noise_shape: tuple[int | None, ...] | None = field(default=None, metadata=OMIT_DEFAULT)  # Dropout's
     seed: int | None = field(default=None, metadata=OMIT_DEFAULT)
-    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)   # SpatialDropout2D's
+    data_format: str = field(default="channels_last", metadata=OMIT_DEFAULT)  # SpatialDropout2D's
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.rate <= 1.0:   # Keras's Dropout refuses a rate outside [0, 1]
+        if not 0.0 <= self.rate <= 1.0:  # Keras's Dropout refuses a rate outside [0, 1]
             raise ExchangeError(f"dropout rate must be from 0 to 1, got {self.rate!r}")
         if self.noise_shape is not None:
             if len(self.noise_shape) > MAX_AXIS:
@@ -427,8 +451,10 @@ class _Dropout(LayerKind):
 
     def from_keras(self, options):
         noise_shape = options.take("noise_shape", None)
-        if noise_shape is not None and (not isinstance(noise_shape, (list, tuple)) or not all(
-                size is None or isinstance(size, int) and not isinstance(size, bool) for size in noise_shape)):
+        if noise_shape is not None and (
+            not isinstance(noise_shape, (list, tuple))
+            or not all(size is None or (isinstance(size, int) and not isinstance(size, bool)) for size in noise_shape)
+        ):
             raise options.unsupported("noise_shape", noise_shape, "sizes or null")
         seed = options.take("seed", None)
         if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
@@ -452,8 +478,9 @@ class Dropout(_Dropout):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.Dropout(config.rate, noise_shape=config.noise_shape, seed=config.seed,
-                                    **context.keras_identity)
+        return keras.layers.Dropout(
+            config.rate, noise_shape=config.noise_shape, seed=config.seed, **context.keras_identity
+        )
 
 
 @register
@@ -466,7 +493,7 @@ class StochasticDepth(_Dropout):
     """keras.applications' ConvNeXt: drops whole residual branches in training only."""
 
     kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
-    passes_mask = False   # ConvNeXt's own layer, without `supports_masking`
+    passes_mask = False  # ConvNeXt's own layer, without `supports_masking`
 
     def from_keras(self, options):
         return DropoutConfig(options.number("drop_path_rate", 0.0))
@@ -486,13 +513,14 @@ class SpatialDropout2D(_Dropout):
 
     def keras_layer(self, keras, context):
         config = context.config
-        return keras.layers.SpatialDropout2D(config.rate, data_format=config.data_format, seed=config.seed,
-                                             **context.keras_identity)
+        return keras.layers.SpatialDropout2D(
+            config.rate, data_format=config.data_format, seed=config.seed, **context.keras_identity
+        )
 
 
 @dataclass(frozen=True)
 class PermuteConfig:
-    dims: tuple[int, ...]   # Keras's: 1-based axes after the batch axis, in Keras layout
+    dims: tuple[int, ...]  # Keras's: 1-based axes after the batch axis, in Keras layout
 
     def __post_init__(self) -> None:
         # as Keras's Permute: a permutation of 1..n, n the input's rank without the batch axis
@@ -566,7 +594,7 @@ class EmbeddingConfig:
     input_dim: int
     output_dim: int
     mask_zero: bool = False
-    lora_rank: int | None = field(default=None, metadata=OMIT_DEFAULT)   # see exchange.kinds.dense
+    lora_rank: int | None = field(default=None, metadata=OMIT_DEFAULT)  # see exchange.kinds.dense
     lora_alpha: float | None = field(default=None, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
@@ -576,8 +604,10 @@ class EmbeddingConfig:
         check_int(self.output_dim, "Embedding output_dim", MAX_FEATURES)
         check_lora(self.lora_rank, self.lora_alpha, "Embedding")
         if self.lora_rank is not None and self.lora_alpha != self.lora_rank:
-            raise ExchangeError(f"Embedding lora_alpha must equal lora_rank (Keras 3.15's Embedding scales by 1), "
-                                f"got {self.lora_alpha!r} for rank {self.lora_rank}")
+            raise ExchangeError(
+                f"Embedding lora_alpha must equal lora_rank (Keras 3.15's Embedding scales by 1), "
+                f"got {self.lora_alpha!r} for rank {self.lora_rank}"
+            )
 
 
 @register
@@ -591,10 +621,10 @@ class Embedding(LayerKind):
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
     def reads_integers(self, node, position):
-        return True   # token ids
+        return True  # token ids
 
     def output_mask(self, node, input_masks):
-        return node.inputs[0] if node.config.mask_zero else None   # `ids != 0`, named by the ids
+        return node.inputs[0] if node.config.mask_zero else None  # `ids != 0`, named by the ids
 
     def from_keras(self, options):
         from exchange.kinds.dense import read_lora
@@ -603,7 +633,7 @@ class Embedding(LayerKind):
         rank, alpha = read_lora(options, honours_alpha=False)
         options.expect("sparse", False)
         options.expect("quantization_config", None)
-        options.take("input_length", None)   # Keras 2: the sequence length, known from the input shape
+        options.take("input_length", None)  # Keras 2: the sequence length, known from the input shape
         return EmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"), mask_zero, rank, alpha)
 
     def merged_when_saved(self, config):
@@ -619,8 +649,10 @@ class Embedding(LayerKind):
         ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
         if config.lora_rank is not None:
             check_lora_dtype(context)
-            ports += [Port("lora_embeddings_a", "lora_a", shape=(config.input_dim, config.lora_rank)),
-                      Port("lora_embeddings_b", "lora_b", shape=(config.lora_rank, config.output_dim))]
+            ports += [
+                Port("lora_embeddings_a", "lora_a", shape=(config.input_dim, config.lora_rank)),
+                Port("lora_embeddings_b", "lora_b", shape=(config.lora_rank, config.output_dim)),
+            ]
         return ports
 
     def torch_forward(self, builder, context, inputs):
@@ -631,11 +663,16 @@ class Embedding(LayerKind):
         if config.lora_rank is None:
             module = builder.nn.Embedding(config.input_dim, config.output_dim, _weight=builder.nn.Parameter(weight))
         else:
-            module = builder.helpers.LoRAEmbedding(config.input_dim, config.output_dim, config.lora_rank,
-                                                   config.lora_alpha / config.lora_rank, device="meta",
-                                                   dtype=builder.dtype(context))
+            module = builder.helpers.LoRAEmbedding(
+                config.input_dim,
+                config.output_dim,
+                config.lora_rank,
+                config.lora_alpha / config.lora_rank,
+                device="meta",
+                dtype=builder.dtype(context),
+            )
         ids = builder.method(inputs[0], "long")
-        if config.mask_zero and context.node.inputs[0] not in builder.masks:   # one per ids tensor
+        if config.mask_zero and context.node.inputs[0] not in builder.masks:  # one per ids tensor
             builder.masks[context.node.inputs[0]] = builder.call(builder.torch.ne, ids, 0)
         value = builder.module(context, module, ids)
         return builder.call(builder.torch.movedim, value, -1, 1) if len(context.input_shape) >= 1 else value
@@ -644,9 +681,13 @@ class Embedding(LayerKind):
         config = context.config
         from exchange.kinds.dense import lora_keras_args
 
-        return keras.layers.Embedding(config.input_dim, config.output_dim, mask_zero=config.mask_zero,
-                                      **lora_keras_args(config), **context.keras_identity)
-
+        return keras.layers.Embedding(
+            config.input_dim,
+            config.output_dim,
+            mask_zero=config.mask_zero,
+            **lora_keras_args(config),
+            **context.keras_identity,
+        )
 
 
 @dataclass(frozen=True)
@@ -668,21 +709,22 @@ class Masking(LayerKind):
         return MaskingConfig(options.number("mask_value", 0.0))
 
     def output_mask(self, node, input_masks):
-        return f"{node.name}:mask"   # Keras's compute_mask ignores any mask the input carries
+        return f"{node.name}:mask"  # Keras's compute_mask ignores any mask the input carries
 
     def mask_source(self, node):
         return node.inputs[0], node.config.mask_value
 
     def output_shape(self, config, input_shapes):
         if len(input_shapes[0]) != 2:
-            raise ExchangeError(f"Masking is supported on (batch, steps, features) sequences, found shape "
-                                f"(batch, {input_shapes[0]})")
+            raise ExchangeError(
+                f"Masking is supported on (batch, steps, features) sequences, found shape (batch, {input_shapes[0]})"
+            )
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
         torch = builder.torch
         differs = builder.call(torch.ne, inputs[0], context.config.mask_value)
-        keep = builder.call(torch.any, differs, dim=1, keepdim=True)   # (N, 1, T)
+        keep = builder.call(torch.any, differs, dim=1, keepdim=True)  # (N, 1, T)
         builder.masks[self.output_mask(context.node, ())] = builder.call(torch.squeeze, keep, 1)
         return builder.call(torch.where, keep, inputs[0], 0.0)
 

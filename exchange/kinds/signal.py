@@ -77,8 +77,9 @@ class MelSpectrogramConfig:
         if not self.sampling_rate > 0:
             raise ExchangeError(f"MelSpectrogram sampling_rate must be positive, got {self.sampling_rate!r}")
         if not self.min_power > 0:
-            raise ExchangeError(f"MelSpectrogram min_power must be positive (log10 of 0 is -inf), got "
-                                f"{self.min_power!r}")
+            raise ExchangeError(
+                f"MelSpectrogram min_power must be positive (log10 of 0 is -inf), got {self.min_power!r}"
+            )
 
 
 @register
@@ -98,14 +99,24 @@ class MelSpectrogram(LayerKind):
             max_freq = self._number(options, "max_freq", None)
         power_to_db = options.flag("power_to_db", True)
         top_db = options.take("top_db", 80.0)
-        if top_db is not None or power_to_db:   # Keras subtracts it from the maximum
+        if top_db is not None or power_to_db:  # Keras subtracts it from the maximum
             top_db = self._number(options, "top_db", 80.0)
         try:
             return MelSpectrogramConfig(
-                fft_length, options.integer("sequence_stride", 512), sequence_length or fft_length, window,
-                sampling_rate, options.integer("num_mel_bins", 128), self._number(options, "min_freq", 20.0),
-                max_freq or int(sampling_rate / 2), power_to_db, top_db, self._number(options, "mag_exp", 2.0),
-                self._number(options, "min_power", 1e-10), self._number(options, "ref_power", 1.0))
+                fft_length,
+                options.integer("sequence_stride", 512),
+                sequence_length or fft_length,
+                window,
+                sampling_rate,
+                options.integer("num_mel_bins", 128),
+                self._number(options, "min_freq", 20.0),
+                max_freq or int(sampling_rate / 2),
+                power_to_db,
+                top_db,
+                self._number(options, "mag_exp", 2.0),
+                self._number(options, "min_power", 1e-10),
+                self._number(options, "ref_power", 1.0),
+            )
         except ExchangeError as err:
             raise UnsupportedLayerError(f"{options.where()}: {err}") from None
 
@@ -120,36 +131,61 @@ class MelSpectrogram(LayerKind):
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
         if len(shape) != 1 or shape[0] is None:
-            raise UnsupportedLayerError(f"MelSpectrogram needs signals of a fixed length, shape (batch, samples); "
-                                        f"found (batch, {shape})")
+            raise UnsupportedLayerError(
+                f"MelSpectrogram needs signals of a fixed length, shape (batch, samples); found (batch, {shape})"
+            )
         length = shape[0]
         if length <= config.fft_length // 2:
-            raise UnsupportedLayerError(f"MelSpectrogram of {length} samples is not supported (reflect padding by "
-                                        f"fft_length // 2 = {config.fft_length // 2} needs more samples)")
+            raise UnsupportedLayerError(
+                f"MelSpectrogram of {length} samples is not supported (reflect padding by "
+                f"fft_length // 2 = {config.fft_length // 2} needs more samples)"
+            )
         frames = 1 + (length + 2 * (config.fft_length // 2) - config.fft_length) // config.sequence_stride
         declared = (length + config.sequence_stride + 1) // config.sequence_stride
         if frames != declared:
-            raise UnsupportedLayerError(f"MelSpectrogram of {length} samples is not supported (Keras declares "
-                                        f"{declared} frames but computes {frames})")
+            raise UnsupportedLayerError(
+                f"MelSpectrogram of {length} samples is not supported (Keras declares "
+                f"{declared} frames but computes {frames})"
+            )
         return (config.num_mel_bins, frames)
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.helpers.KerasMelSpectrogram(
-            config.fft_length, config.sequence_stride, config.sequence_length, window=config.window,
-            sampling_rate=config.sampling_rate, num_mel_bins=config.num_mel_bins, min_freq=config.min_freq,
-            max_freq=config.max_freq, power_to_db=config.power_to_db, top_db=config.top_db, mag_exp=config.mag_exp,
-            min_power=config.min_power, ref_power=config.ref_power)
+            config.fft_length,
+            config.sequence_stride,
+            config.sequence_length,
+            window=config.window,
+            sampling_rate=config.sampling_rate,
+            num_mel_bins=config.num_mel_bins,
+            min_freq=config.min_freq,
+            max_freq=config.max_freq,
+            power_to_db=config.power_to_db,
+            top_db=config.top_db,
+            mag_exp=config.mag_exp,
+            min_power=config.min_power,
+            ref_power=config.ref_power,
+        )
         return builder.module(context, module, inputs[0])
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.MelSpectrogram(
-            fft_length=config.fft_length, sequence_stride=config.sequence_stride,
-            sequence_length=config.sequence_length, window=config.window, sampling_rate=config.sampling_rate,
-            num_mel_bins=config.num_mel_bins, min_freq=config.min_freq, max_freq=config.max_freq,
-            power_to_db=config.power_to_db, top_db=config.top_db, mag_exp=config.mag_exp,
-            min_power=config.min_power, ref_power=config.ref_power, **context.keras_identity)
+            fft_length=config.fft_length,
+            sequence_stride=config.sequence_stride,
+            sequence_length=config.sequence_length,
+            window=config.window,
+            sampling_rate=config.sampling_rate,
+            num_mel_bins=config.num_mel_bins,
+            min_freq=config.min_freq,
+            max_freq=config.max_freq,
+            power_to_db=config.power_to_db,
+            top_db=config.top_db,
+            mag_exp=config.mag_exp,
+            min_power=config.min_power,
+            ref_power=config.ref_power,
+            **context.keras_identity,
+        )
 
 
 STFT_MODES = ("log", "magnitude", "psd", "real", "imag", "angle", "stft")
@@ -167,7 +203,7 @@ class STFTSpectrogramConfig:
     frame_length: int
     frame_step: int | None
     fft_length: int | None
-    window: str | None        # the kernels' initializer only: the file's kernels are what count
+    window: str | None  # the kernels' initializer only: the file's kernels are what count
     periodic: bool
     scaling: str | None
     padding: str
@@ -181,8 +217,9 @@ class STFTSpectrogramConfig:
             check_int(self.frame_step, "STFTSpectrogram frame_step", self.frame_length)
         if self.fft_length is not None:
             check_int(self.fft_length, "STFTSpectrogram fft_length", MAX_FFT, self.frame_length)
-        if self.window is not None and (not isinstance(self.window, str) or not 0 < len(self.window) <= 100
-                                        or not self.window.isprintable()):
+        if self.window is not None and (
+            not isinstance(self.window, str) or not 0 < len(self.window) <= 100 or not self.window.isprintable()
+        ):
             raise ExchangeError("STFTSpectrogram window must be a scipy window name or null")
         coerce(self.periodic, bool, "STFTSpectrogram periodic")
         if self.scaling is not None:
@@ -198,7 +235,7 @@ class STFTSpectrogramConfig:
     @property
     def frequencies(self) -> int:
         """The kernels' output channels: fft_length // 2 + 1 (fft_length: the next power of 2)."""
-        fft_length = self.fft_length or 2 ** int(math.ceil(math.log2(self.frame_length)))
+        fft_length = self.fft_length or 2 ** math.ceil(math.log2(self.frame_length))
         return fft_length // 2 + 1
 
 
@@ -218,8 +255,11 @@ class STFTSpectrogram(LayerKind):
         if scaling is not None and scaling not in SCALINGS:
             raise options.unsupported("scaling", scaling)
         values = {}
-        for key, allowed, default in (("mode", STFT_MODES, "log"), ("padding", PADDINGS, "valid"),
-                                      ("data_format", DATA_FORMATS, None)):
+        for key, allowed, default in (
+            ("mode", STFT_MODES, "log"),
+            ("padding", PADDINGS, "valid"),
+            ("data_format", DATA_FORMATS, None),
+        ):
             value = options.take(key, default)
             value = "channels_last" if key == "data_format" and value is None else value
             if value not in allowed:
@@ -228,19 +268,27 @@ class STFTSpectrogram(LayerKind):
         frame_step, fft_length = options.take("frame_step", None), options.take("fft_length", None)
         try:
             return STFTSpectrogramConfig(
-                values["mode"], options.integer("frame_length", 256),
+                values["mode"],
+                options.integer("frame_length", 256),
                 None if frame_step is None else options.integer("frame_step"),
-                None if fft_length is None else options.integer("fft_length"), window,
-                options.flag("periodic", False), scaling, values["padding"], options.flag("expand_dims", False),
-                values["data_format"])
+                None if fft_length is None else options.integer("fft_length"),
+                window,
+                options.flag("periodic", False),
+                scaling,
+                values["padding"],
+                options.flag("expand_dims", False),
+                values["data_format"],
+            )
         except ExchangeError as err:
             raise UnsupportedLayerError(f"{options.where()}: {err}") from None
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
         if len(shape) != 2:
-            raise UnsupportedLayerError(f"STFTSpectrogram needs signals of shape (batch, samples, channels) or "
-                                        f"(batch, channels, samples), found (batch, {shape})")
+            raise UnsupportedLayerError(
+                f"STFTSpectrogram needs signals of shape (batch, samples, channels) or "
+                f"(batch, channels, samples), found (batch, {shape})"
+            )
         length, channels = shape if config.data_format == "channels_last" else shape[::-1]
         if channels is None:
             raise UnsupportedLayerError("STFTSpectrogram needs a known number of channels")
@@ -250,36 +298,62 @@ class STFTSpectrogram(LayerKind):
             frames = -(-length // config.step)
         else:
             if length < config.frame_length:
-                raise UnsupportedLayerError(f"STFTSpectrogram of {length} samples is shorter than its frame_length "
-                                            f"{config.frame_length}")
+                raise UnsupportedLayerError(
+                    f"STFTSpectrogram of {length} samples is shorter than its frame_length {config.frame_length}"
+                )
             frames = (length - config.frame_length) // config.step + 1
         frequencies = config.frequencies * (2 if config.mode == "stft" else 1)
         if config.expand_dims:
-            return (frames, frequencies, channels) if config.data_format == "channels_last" else \
-                (channels, frames, frequencies)
-        return (frames, frequencies * channels) if config.data_format == "channels_last" else \
-            (frequencies * channels, frames)
+            return (
+                (frames, frequencies, channels)
+                if config.data_format == "channels_last"
+                else (channels, frames, frequencies)
+            )
+        return (
+            (frames, frequencies * channels)
+            if config.data_format == "channels_last"
+            else (frequencies * channels, frames)
+        )
 
     def ports(self, context):
         config = context.config
         shape = (config.frame_length, 1, config.frequencies)
-        return [Port(f"{part}_kernel", f"{part}_weight", (Permute((2, 1, 0)),), shape=shape)
-                for part in ("real", "imag") if config.mode != ("imag" if part == "real" else "real")]
+        return [
+            Port(f"{part}_kernel", f"{part}_weight", (Permute((2, 1, 0)),), shape=shape)
+            for part in ("real", "imag")
+            if config.mode != ("imag" if part == "real" else "real")
+        ]
 
     def torch_forward(self, builder, context, inputs):
         config = context.config
         module = builder.helpers.KerasSTFTSpectrogram(
-            config.mode, config.frame_length, config.step, config.frequencies, padding=config.padding,
-            expand_dims=config.expand_dims, data_format=config.data_format, epsilon=KERAS_EPSILON, device="meta",
-            dtype=builder.dtype(context))
-        signals = builder.call(builder.torch.permute, inputs[0], to_keras_order(2))   # as Keras holds them
+            config.mode,
+            config.frame_length,
+            config.step,
+            config.frequencies,
+            padding=config.padding,
+            expand_dims=config.expand_dims,
+            data_format=config.data_format,
+            epsilon=KERAS_EPSILON,
+            device="meta",
+            dtype=builder.dtype(context),
+        )
+        signals = builder.call(builder.torch.permute, inputs[0], to_keras_order(2))  # as Keras holds them
         value = builder.module(context, module, signals)
         return builder.call(builder.torch.permute, value, to_torch_order(len(context.output_shape)))
 
     def keras_layer(self, keras, context):
         config = context.config
         return keras.layers.STFTSpectrogram(
-            mode=config.mode, frame_length=config.frame_length, frame_step=config.frame_step,
-            fft_length=config.fft_length, window=config.window, periodic=config.periodic, scaling=config.scaling,
-            padding=config.padding, expand_dims=config.expand_dims, data_format=config.data_format,
-            **context.keras_identity)
+            mode=config.mode,
+            frame_length=config.frame_length,
+            frame_step=config.frame_step,
+            fft_length=config.fft_length,
+            window=config.window,
+            periodic=config.periodic,
+            scaling=config.scaling,
+            padding=config.padding,
+            expand_dims=config.expand_dims,
+            data_format=config.data_format,
+            **context.keras_identity,
+        )

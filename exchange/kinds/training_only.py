@@ -26,18 +26,18 @@ be called in a functional model (its symbolic output is its input: Keras reports
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import (MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, coerce,
-                            register)
+from exchange.kinds import MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, coerce, register
 
 # A Keras number option as written: an int stays an int (`factor=1` goes back as 1, not 1.0).
 Number = int | float
 # Keras's "factor" spellings: one number (a symmetric range, or its upper end) or (lower, upper).
 Range = int | float | tuple[int | float, int | float]
 DATA_FORMATS = ("channels_last", "channels_first")
-INTERPOLATIONS = ("nearest", "bilinear")   # what Keras's affine transforms accept (TensorFlow backend)
+INTERPOLATIONS = ("nearest", "bilinear")  # what Keras's affine transforms accept (TensorFlow backend)
 FILL_MODES = ("reflect", "wrap", "constant", "nearest", "mirror")
 FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
 # AugMix's chains and depth and RandAugment's operations: Keras's defaults are 2 or 3; each is a
@@ -55,7 +55,7 @@ class Option:
 
     hint: Any
     default: Any
-    expected: str    # what the value must be, in words, for the one-line refusal of a Keras option
+    expected: str  # what the value must be, in words, for the one-line refusal of a Keras option
     check: Callable[[Any, str], None] = lambda value, what: None
 
     def validated(self, value: Any, what: str) -> Any:
@@ -86,20 +86,24 @@ def seed() -> Option:
 
 
 def choice(default: str, allowed: tuple[str, ...]) -> Option:
-    return Option(str, default, f"one of {', '.join(allowed)}",
-                  lambda value, what: check_choice(value, allowed, what))
+    return Option(str, default, f"one of {', '.join(allowed)}", lambda value, what: check_choice(value, allowed, what))
 
 
 def count(default: Any, maximum: int) -> Option:
     """A count (of steps, of boxes): an integer from 1 to `maximum`."""
-    return Option(int, default, f"an integer from 1 to {maximum:,}",
-                  lambda value, what: check_int(value, what, maximum))
+    return Option(
+        int, default, f"an integer from 1 to {maximum:,}", lambda value, what: check_int(value, what, maximum)
+    )
 
 
 def count_range(default: Any, maximum: int) -> Option:
     """A count, or the (lower, upper) range it is drawn from (AugMix's chain_depth)."""
-    return Option(int | tuple[int, int], default, f"1 or 2 integers from 1 to {maximum:,}",
-                  lambda value, what: check_ints(value if isinstance(value, tuple) else (value,), what, maximum))
+    return Option(
+        int | tuple[int, int],
+        default,
+        f"1 or 2 integers from 1 to {maximum:,}",
+        lambda value, what: check_ints(value if isinstance(value, tuple) else (value,), what, maximum),
+    )
 
 
 def _check_kernel(value, what: str) -> None:
@@ -126,8 +130,12 @@ def options_config(name: str, **options: Option) -> type:
         for key, option in options.items():
             object.__setattr__(self, key, option.validated(getattr(self, key), f"option {key!r}"))
 
-    config = dataclasses.make_dataclass(name, [(key, option.hint) for key, option in options.items()],
-                                        frozen=True, namespace={"__post_init__": __post_init__})
+    config = dataclasses.make_dataclass(
+        name,
+        [(key, option.hint) for key, option in options.items()],
+        frozen=True,
+        namespace={"__post_init__": __post_init__},
+    )
     config.OPTIONS = options
     return config
 
@@ -136,8 +144,8 @@ class _TrainingOnly(LayerKind):
     """The identity at inference in both frameworks; the Keras layer is rebuilt from every option."""
 
     keeps_element_order = True
-    passes_mask = True     # Keras's `supports_masking` (the regularization layers)
-    ranks: tuple[int, ...] = ()   # input ranks (batch excluded) the Keras layer accepts; () any
+    passes_mask = True  # Keras's `supports_masking` (the regularization layers)
+    ranks: tuple[int, ...] = ()  # input ranks (batch excluded) the Keras layer accepts; () any
 
     def from_keras(self, options):
         values = {}
@@ -188,9 +196,12 @@ class GaussianDropout(_TrainingOnly):
 @register
 class AlphaDropout(_TrainingOnly):
     kind, keras_classes = "alpha_dropout", ("AlphaDropout",)
-    Config = options_config("AlphaDropoutConfig", rate=number(), seed=seed(),
-                            noise_shape=Option(tuple[int | None, ...] | None, None, "sizes or null",
-                                               _check_noise_shape))
+    Config = options_config(
+        "AlphaDropoutConfig",
+        rate=number(),
+        seed=seed(),
+        noise_shape=Option(tuple[int | None, ...] | None, None, "sizes or null", _check_noise_shape),
+    )
 
 
 @register
@@ -212,73 +223,216 @@ class _Augmentation(_TrainingOnly):
     (rank 3) and drops any mask (no `supports_masking`)."""
 
     passes_mask = False
-    casts_integers = True   # an image of uint8 or int32 pixels comes out float32
+    casts_integers = True  # an image of uint8 or int32 pixels comes out float32
     ranks = (2, 3)
 
     def from_keras(self, options):
-        options.expect("bounding_box_format", None)   # boxes only travel in dict inputs
+        options.expect("bounding_box_format", None)  # boxes only travel in dict inputs
         return super().from_keras(options)
 
 
 def _augmentation(class_name: str, kind: str, **options: Option) -> type:
     """Register the kind of one Keras augmentation class, its config holding `options`."""
-    namespace = {"kind": kind, "keras_classes": (class_name,), "__doc__": f"keras.layers.{class_name}",
-                 "Config": options_config(f"{class_name}Config", **options)}
+    namespace = {
+        "kind": kind,
+        "keras_classes": (class_name,),
+        "__doc__": f"keras.layers.{class_name}",
+        "Config": options_config(f"{class_name}Config", **options),
+    }
     return register(type(class_name, (_Augmentation,), namespace))
 
 
 # The classes and their options (as `get_config` writes them), with Keras's defaults.
-_augmentation("RandomFlip", "random_flip", mode=choice("horizontal_and_vertical", FLIP_MODES), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomRotation", "random_rotation", factor=factor(), fill_mode=FILL_MODE, interpolation=INTERPOLATION,
-              seed=seed(), fill_value=number(0.0), data_format=DATA_FORMAT)
-_augmentation("RandomZoom", "random_zoom", height_factor=factor(), width_factor=optional_factor(),
-              fill_mode=FILL_MODE, interpolation=INTERPOLATION, seed=seed(), fill_value=number(0.0),
-              data_format=DATA_FORMAT)
-_augmentation("RandomTranslation", "random_translation", height_factor=factor(), width_factor=factor(),
-              fill_mode=FILL_MODE, interpolation=INTERPOLATION, seed=seed(), fill_value=number(0.0),
-              data_format=DATA_FORMAT)
-_augmentation("RandomShear", "random_shear", x_factor=factor(0.0), y_factor=factor(0.0), interpolation=INTERPOLATION,
-              fill_mode=FILL_MODE, fill_value=number(0.0), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("RandomPerspective", "random_perspective", factor=factor(1.0), scale=number(1.0),
-              interpolation=INTERPOLATION, fill_value=number(0.0), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("RandomElasticTransform", "random_elastic_transform", factor=factor(1.0), scale=factor(1.0),
-              interpolation=INTERPOLATION, fill_mode=FILL_MODE, fill_value=number(0.0), value_range=value_range(),
-              seed=seed(), data_format=DATA_FORMAT)
-_augmentation("RandomContrast", "random_contrast", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomBrightness", "random_brightness", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
+_augmentation(
+    "RandomFlip",
+    "random_flip",
+    mode=choice("horizontal_and_vertical", FLIP_MODES),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomRotation",
+    "random_rotation",
+    factor=factor(),
+    fill_mode=FILL_MODE,
+    interpolation=INTERPOLATION,
+    seed=seed(),
+    fill_value=number(0.0),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomZoom",
+    "random_zoom",
+    height_factor=factor(),
+    width_factor=optional_factor(),
+    fill_mode=FILL_MODE,
+    interpolation=INTERPOLATION,
+    seed=seed(),
+    fill_value=number(0.0),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomTranslation",
+    "random_translation",
+    height_factor=factor(),
+    width_factor=factor(),
+    fill_mode=FILL_MODE,
+    interpolation=INTERPOLATION,
+    seed=seed(),
+    fill_value=number(0.0),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomShear",
+    "random_shear",
+    x_factor=factor(0.0),
+    y_factor=factor(0.0),
+    interpolation=INTERPOLATION,
+    fill_mode=FILL_MODE,
+    fill_value=number(0.0),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomPerspective",
+    "random_perspective",
+    factor=factor(1.0),
+    scale=number(1.0),
+    interpolation=INTERPOLATION,
+    fill_value=number(0.0),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomElasticTransform",
+    "random_elastic_transform",
+    factor=factor(1.0),
+    scale=factor(1.0),
+    interpolation=INTERPOLATION,
+    fill_mode=FILL_MODE,
+    fill_value=number(0.0),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomContrast",
+    "random_contrast",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomBrightness",
+    "random_brightness",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
 _augmentation("RandomGrayscale", "random_grayscale", factor=number(0.5), data_format=DATA_FORMAT)
-_augmentation("RandomHue", "random_hue", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomSaturation", "random_saturation", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomSharpness", "random_sharpness", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomColorDegeneration", "random_color_degeneration", factor=factor(), value_range=value_range(),
-              seed=seed(), data_format=DATA_FORMAT)
-_augmentation("RandomColorJitter", "random_color_jitter", value_range=value_range(),
-              brightness_factor=optional_factor(), contrast_factor=optional_factor(),
-              saturation_factor=optional_factor(), hue_factor=optional_factor(), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("RandomPosterization", "random_posterization", factor=factor(), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomInvert", "random_invert", factor=factor(1.0), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomErasing", "random_erasing", factor=factor(1.0), scale=factor((0.02, 0.33)),
-              fill_value=Option(Number | None, None, "a number or null"), value_range=value_range(), seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandomGaussianBlur", "random_gaussian_blur", factor=factor(1.0),
-              kernel_size=Option(int | tuple[int, int], 3, "1 or 2 window sizes", _check_kernel), sigma=factor(1.0),
-              value_range=value_range(), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("Solarization", "solarization", addition_factor=factor(0.0), threshold_factor=factor(0.0),
-              value_range=value_range(), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("AugMix", "aug_mix", value_range=value_range(), num_chains=count(3, MAX_AUGMENTATION_STEPS),
-              chain_depth=count_range(3, MAX_AUGMENTATION_STEPS), factor=factor(0.3), alpha=number(1.0),
-              all_ops=Option(bool, True, "true or false"), interpolation=INTERPOLATION, seed=seed(),
-              data_format=DATA_FORMAT)
-_augmentation("RandAugment", "rand_augment", value_range=value_range(), num_ops=count(2, MAX_AUGMENTATION_STEPS),
-              factor=factor(0.5), interpolation=INTERPOLATION, seed=seed(), data_format=DATA_FORMAT)
+_augmentation(
+    "RandomHue", "random_hue", factor=factor(), value_range=value_range(), seed=seed(), data_format=DATA_FORMAT
+)
+_augmentation(
+    "RandomSaturation",
+    "random_saturation",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomSharpness",
+    "random_sharpness",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomColorDegeneration",
+    "random_color_degeneration",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomColorJitter",
+    "random_color_jitter",
+    value_range=value_range(),
+    brightness_factor=optional_factor(),
+    contrast_factor=optional_factor(),
+    saturation_factor=optional_factor(),
+    hue_factor=optional_factor(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomPosterization",
+    "random_posterization",
+    factor=factor(),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomInvert", "random_invert", factor=factor(1.0), value_range=value_range(), seed=seed(), data_format=DATA_FORMAT
+)
+_augmentation(
+    "RandomErasing",
+    "random_erasing",
+    factor=factor(1.0),
+    scale=factor((0.02, 0.33)),
+    fill_value=Option(Number | None, None, "a number or null"),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandomGaussianBlur",
+    "random_gaussian_blur",
+    factor=factor(1.0),
+    kernel_size=Option(int | tuple[int, int], 3, "1 or 2 window sizes", _check_kernel),
+    sigma=factor(1.0),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "Solarization",
+    "solarization",
+    addition_factor=factor(0.0),
+    threshold_factor=factor(0.0),
+    value_range=value_range(),
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "AugMix",
+    "aug_mix",
+    value_range=value_range(),
+    num_chains=count(3, MAX_AUGMENTATION_STEPS),
+    chain_depth=count_range(3, MAX_AUGMENTATION_STEPS),
+    factor=factor(0.3),
+    alpha=number(1.0),
+    all_ops=Option(bool, True, "true or false"),
+    interpolation=INTERPOLATION,
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
+_augmentation(
+    "RandAugment",
+    "rand_augment",
+    value_range=value_range(),
+    num_ops=count(2, MAX_AUGMENTATION_STEPS),
+    factor=factor(0.5),
+    interpolation=INTERPOLATION,
+    seed=seed(),
+    data_format=DATA_FORMAT,
+)
 
 
 class _RandomCrop(_Augmentation):
@@ -294,15 +448,34 @@ class _RandomCrop(_Augmentation):
         if tuple(sides) != (config.height, config.width):
             raise UnsupportedLayerError(
                 f"RandomCrop to {config.height}x{config.width} of a (batch, {shape}) input is not supported (Keras "
-                "3.15's predict returns the input unchanged but declares the cropped shape: no graph holds both)")
+                "3.15's predict returns the input unchanged but declares the cropped shape: no graph holds both)"
+            )
         return shape
 
 
-register(type("RandomCrop", (_RandomCrop,), {
-    "kind": "random_crop", "keras_classes": ("RandomCrop",), "__doc__": _RandomCrop.__doc__,
-    "Config": options_config("RandomCropConfig", height=count(dataclasses.MISSING, MAX_FEATURES),
-                             width=count(dataclasses.MISSING, MAX_FEATURES), seed=seed(), data_format=DATA_FORMAT)}))
+register(
+    type(
+        "RandomCrop",
+        (_RandomCrop,),
+        {
+            "kind": "random_crop",
+            "keras_classes": ("RandomCrop",),
+            "__doc__": _RandomCrop.__doc__,
+            "Config": options_config(
+                "RandomCropConfig",
+                height=count(dataclasses.MISSING, MAX_FEATURES),
+                width=count(dataclasses.MISSING, MAX_FEATURES),
+                seed=seed(),
+                data_format=DATA_FORMAT,
+            ),
+        },
+    )
+)
 _augmentation("CutMix", "cut_mix", factor=factor(1.0), seed=seed(), data_format=DATA_FORMAT)
 _augmentation("MixUp", "mix_up", alpha=number(0.2), seed=seed(), data_format=DATA_FORMAT)
-_augmentation("MaxNumBoundingBoxes", "max_num_bounding_boxes", max_number=count(dataclasses.MISSING, MAX_BOXES),
-              data_format=DATA_FORMAT)
+_augmentation(
+    "MaxNumBoundingBoxes",
+    "max_num_bounding_boxes",
+    max_number=count(dataclasses.MISSING, MAX_BOXES),
+    data_format=DATA_FORMAT,
+)

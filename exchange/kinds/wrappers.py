@@ -34,9 +34,9 @@ from exchange.ports import Port, TorchOnly
 
 @dataclass(frozen=True)
 class TimeDistributedConfig:
-    layer: str          # the wrapped layer's kind
-    config: Any         # and its config
-    layer_name: str     # the wrapped Keras layer's own name
+    layer: str  # the wrapped layer's kind
+    config: Any  # and its config
+    layer_name: str  # the wrapped Keras layer's own name
 
     def __post_init__(self) -> None:
         check_wrapped(self, wraps, WRAPS, "TimeDistributed")
@@ -44,15 +44,21 @@ class TimeDistributedConfig:
 
 def check_wrapped(config, accepts, what: str, wrapper: str) -> None:
     """A wrapper's config names a kind it `accepts`, holds a config of that kind and a Keras name."""
-    kind = kind_of(config.layer)   # raises for an unknown kind
+    kind = kind_of(config.layer)  # raises for an unknown kind
     if not accepts(kind):
         raise ExchangeError(f"{wrapper} cannot wrap a {kind.kind!r} layer: {what}")
     if not isinstance(config.config, kind.Config):
         raise ExchangeError(f"{wrapper}: the wrapped config is not a {kind.kind!r} config")
-    if (not isinstance(config.layer_name, str) or not 0 < len(config.layer_name) <= 1000 or "/" in config.layer_name
-            or not config.layer_name.isprintable()):
-        raise ExchangeError(f"{wrapper} layer_name {_short(config.layer_name)} is not a Keras layer name "
-                            "(1 to 1000 printable characters, no '/')")
+    if (
+        not isinstance(config.layer_name, str)
+        or not 0 < len(config.layer_name) <= 1000
+        or "/" in config.layer_name
+        or not config.layer_name.isprintable()
+    ):
+        raise ExchangeError(
+            f"{wrapper} layer_name {_short(config.layer_name)} is not a Keras layer name "
+            "(1 to 1000 printable characters, no '/')"
+        )
 
 
 def wrapped_config(kind: LayerKind, values, node_name: str, accepts, what: str) -> dict:
@@ -71,8 +77,12 @@ WRAPS = "a layer with one input and one output, not TimeDistributed"
 
 def wraps(kind: LayerKind) -> bool:
     """Whether TimeDistributed takes a layer of this kind (as Keras applies it to each step)."""
-    return (not kind.takes_list and not kind.selects_output and kind.kind != TimeDistributed.kind
-            and type(kind).output_count is LayerKind.output_count)
+    return (
+        not kind.takes_list
+        and not kind.selects_output
+        and kind.kind != TimeDistributed.kind
+        and type(kind).output_count is LayerKind.output_count
+    )
 
 
 @register
@@ -95,14 +105,22 @@ class TimeDistributed(LayerKind):
         kind = kind_of(config.layer)
         inner_input = tuple(context.input_shape[1:])
         node = replace(context.node, kind=kind.kind, config=config.config)
-        inner_context = replace(context, node=node, input_shapes=(inner_input,),
-                                output_shape=tuple(kind.output_shape(config.config, (inner_input,))),
-                                flat_source=None, channels_first_flatten=False, input_masks=(None,))
+        inner_context = replace(
+            context,
+            node=node,
+            input_shapes=(inner_input,),
+            output_shape=tuple(kind.output_shape(config.config, (inner_input,))),
+            flat_source=None,
+            channels_first_flatten=False,
+            input_masks=(None,),
+        )
         return kind, inner_context
 
     def keras3_subgroups(self, config):
-        return tuple("/".join(part for part in ("layer", sub) if part)
-                     for sub in kind_of(config.layer).keras3_subgroups(config.config))
+        return tuple(
+            "/".join(part for part in ("layer", sub) if part)
+            for sub in kind_of(config.layer).keras3_subgroups(config.config)
+        )
 
     def output_shape(self, config, input_shapes):
         shape = input_shapes[0]
@@ -110,7 +128,7 @@ class TimeDistributed(LayerKind):
             raise ExchangeError(f"expects (batch, time, …) input, found (batch, {shape})")
         return (shape[0],) + tuple(kind_of(config.layer).output_shape(config.config, (tuple(shape[1:]),)))
 
-    def keras_variables(self, context):   # the wrapped kind's order (MultiHeadAttention reorders)
+    def keras_variables(self, context):  # the wrapped kind's order (MultiHeadAttention reorders)
         kind, inner_context = self.inner(context)
         return kind.keras_variables(inner_context)
 
@@ -122,16 +140,16 @@ class TimeDistributed(LayerKind):
         torch = builder.torch
         kind, inner_context = self.inner(context)
         rank, inner_rank = len(context.input_shape), len(inner_context.input_shape)
-        steps = builder.call(torch.permute, inputs[0], to_keras_order(rank))        # (N, T, …) as Keras has it
+        steps = builder.call(torch.permute, inputs[0], to_keras_order(rank))  # (N, T, …) as Keras has it
         batch = builder.method(steps, "size", 0)
-        merged = builder.call(torch.flatten, steps, 0, 1)                          # (N·T, …)
+        merged = builder.call(torch.flatten, steps, 0, 1)  # (N·T, …)
         if inner_rank >= 2:
             merged = builder.call(torch.permute, merged, to_torch_order(inner_rank))
         value = kind.torch_forward(builder, inner_context, [merged])
         out_rank = len(inner_context.output_shape)
         if out_rank >= 2:
             value = builder.call(torch.permute, value, to_keras_order(out_rank))
-        value = builder.call(torch.unflatten, value, 0, (batch, -1))               # (N, T, …)
+        value = builder.call(torch.unflatten, value, 0, (batch, -1))  # (N, T, …)
         return builder.call(torch.permute, value, to_torch_order(out_rank + 1))
 
     def keras_layer(self, keras, context):
@@ -144,8 +162,18 @@ class TimeDistributed(LayerKind):
 # The kinds SpectralNormalization takes: layers with a `kernel` variable, their first (Keras
 # refuses a layer without `kernel` or `embeddings`; an Embedding's output it casts to the integer
 # ids' dtype, refused).
-SPECTRAL_KINDS = ("dense", "einsum_dense", "conv1d", "conv2d", "conv3d", "conv1d_transpose", "conv2d_transpose",
-                  "conv3d_transpose", "depthwise_conv1d", "depthwise_conv2d")
+SPECTRAL_KINDS = (
+    "dense",
+    "einsum_dense",
+    "conv1d",
+    "conv2d",
+    "conv3d",
+    "conv1d_transpose",
+    "conv2d_transpose",
+    "conv3d_transpose",
+    "depthwise_conv1d",
+    "depthwise_conv2d",
+)
 SPECTRAL_WRAPS = "only a Dense, EinsumDense or convolution layer is supported inside it"
 
 
@@ -155,16 +183,18 @@ def spectral_wraps(kind: LayerKind) -> bool:
 
 @dataclass(frozen=True)
 class SpectralNormalizationConfig:
-    layer: str          # the wrapped layer's kind
-    config: Any         # and its config
-    layer_name: str     # the wrapped Keras layer's own name
-    power_iterations: int = 1   # training only: the power iterations per step
+    layer: str  # the wrapped layer's kind
+    config: Any  # and its config
+    layer_name: str  # the wrapped Keras layer's own name
+    power_iterations: int = 1  # training only: the power iterations per step
 
     def __post_init__(self) -> None:
         check_wrapped(self, spectral_wraps, SPECTRAL_WRAPS, "SpectralNormalization")
         if kind_of(self.layer).merged_when_saved(self.config):
-            raise ExchangeError("SpectralNormalization of a layer with a LoRA adapter is not supported (its kernel "
-                                "is the merged kernel, not a variable)")
+            raise ExchangeError(
+                "SpectralNormalization of a layer with a LoRA adapter is not supported (its kernel "
+                "is the merged kernel, not a variable)"
+            )
         check_int(self.power_iterations, "SpectralNormalization power_iterations", MAX_REPEATS)
 
 
@@ -177,14 +207,18 @@ class SpectralNormalization(LayerKind):
 
     def from_keras(self, options):
         if options.keras2:
-            raise UnsupportedLayerError(f"{options.where()}: Keras 2's SpectralNormalization is not supported "
-                                        "(only Keras 3 files are read for it)")
+            raise UnsupportedLayerError(
+                f"{options.where()}: Keras 2's SpectralNormalization is not supported "
+                "(only Keras 3 files are read for it)"
+            )
         kind, config, name = options.wrapped_layer("layer", spectral_wraps, SPECTRAL_WRAPS)
-        inner_dtype = options.config["layer"]["config"].get("dtype")   # a dict: wrapped_layer checked it
+        inner_dtype = options.config["layer"]["config"].get("dtype")  # a dict: wrapped_layer checked it
         if _policy(inner_dtype) != _policy(options.config.get("dtype")):
-            raise UnsupportedLayerError(f"{options.where()}: the wrapped layer's dtype {_short(_policy(inner_dtype))} "
-                                        f"differs from the wrapper's {_short(_policy(options.config.get('dtype')))}; "
-                                        "not supported")
+            raise UnsupportedLayerError(
+                f"{options.where()}: the wrapped layer's dtype {_short(_policy(inner_dtype))} "
+                f"differs from the wrapper's {_short(_policy(options.config.get('dtype')))}; "
+                "not supported"
+            )
         iterations = options.integer("power_iterations", 1)
         if iterations < 1:
             raise options.unsupported("power_iterations", iterations, "must be at least 1")
@@ -192,8 +226,9 @@ class SpectralNormalization(LayerKind):
 
     def config_from_dict(self, values, node_name):
         fields = wrapped_config(self, values, node_name, spectral_wraps, SPECTRAL_WRAPS)
-        check_known_keys(values, ("layer", "config", "layer_name", "power_iterations"),
-                         f"layer {node_name!r} ({self.kind})")
+        check_known_keys(
+            values, ("layer", "config", "layer_name", "power_iterations"), f"layer {node_name!r} ({self.kind})"
+        )
         return self.build_config(node_name, **fields, power_iterations=values.get("power_iterations", 1))
 
     def inner(self, context):
@@ -206,20 +241,24 @@ class SpectralNormalization(LayerKind):
         return kind_of(config.layer).output_shape(config.config, input_shapes)
 
     def keras3_subgroups(self, config):
-        return ("",) + tuple("/".join(part for part in ("layer", sub) if part)
-                             for sub in kind_of(config.layer).keras3_subgroups(config.config))
+        return ("",) + tuple(
+            "/".join(part for part in ("layer", sub) if part)
+            for sub in kind_of(config.layer).keras3_subgroups(config.config)
+        )
 
     def keras3_file_variables(self, config, stored):
-        own, inner = stored[:2], stored[2:]   # [kernel, vector_u] then the layer's [kernel, ...]
+        own, inner = stored[:2], stored[2:]  # [kernel, vector_u] then the layer's [kernel, ...]
         return [inner[0], own[1]] + inner[1:] if len(own) == 2 and inner else stored
 
     def _kernel_shape(self, inner_variables, context) -> tuple:
         if not inner_variables or inner_variables[0][0] != "kernel":
-            raise ExchangeError(f"layer {context.node.name!r}: SpectralNormalization needs the wrapped layer's "
-                                "kernel as its first variable")
+            raise ExchangeError(
+                f"layer {context.node.name!r}: SpectralNormalization needs the wrapped layer's "
+                "kernel as its first variable"
+            )
         return tuple(inner_variables[0][1])
 
-    def keras_variables(self, context):   # the layer's kernel, vector_u, then its other variables
+    def keras_variables(self, context):  # the layer's kernel, vector_u, then its other variables
         kind, inner_context = self.inner(context)
         inner = kind.keras_variables(inner_context)
         return [inner[0], ("vector_u", (1, self._kernel_shape(inner, context)[-1]))] + inner[1:]
@@ -233,18 +272,20 @@ class SpectralNormalization(LayerKind):
     def torch_forward(self, builder, context, inputs):
         kind, inner_context = self.inner(context)
         kernel_shape = self._kernel_shape(kind.keras_variables(inner_context), context)
-        holder = builder.helpers.KerasSpectralNormalization(None, kernel_shape[-1], device="meta",
-                                                            dtype=builder.dtype(context))
-        builder.root.add_module(context.torch_name, holder)   # the layer's module is added below it
-        builder.graph.get_attr(context.torch_name)   # so torch.fx keeps the holder (and vector_u), not a plain Module
+        holder = builder.helpers.KerasSpectralNormalization(
+            None, kernel_shape[-1], device="meta", dtype=builder.dtype(context)
+        )
+        builder.root.add_module(context.torch_name, holder)  # the layer's module is added below it
+        builder.graph.get_attr(context.torch_name)  # so torch.fx keeps the holder (and vector_u), not a plain Module
         return kind.torch_forward(builder, inner_context, inputs)
 
     def keras_layer(self, keras, context):
         kind, inner_context = self.inner(context)
         inner_node = replace(inner_context.node, name=context.config.layer_name)
         layer = kind.keras_layer(keras, replace(inner_context, node=inner_node))
-        return keras.layers.SpectralNormalization(layer, power_iterations=context.config.power_iterations,
-                                                  **context.keras_identity)
+        return keras.layers.SpectralNormalization(
+            layer, power_iterations=context.config.power_iterations, **context.keras_identity
+        )
 
 
 def _policy(dtype):
@@ -259,4 +300,4 @@ def _under(port, prefix: str):
         return replace(port, torch=prefix + port.torch)
     if isinstance(getattr(port, "torch", None), tuple):
         return replace(port, torch=tuple(prefix + key for key in port.torch))
-    return port   # KerasOnly: no torch tensor
+    return port  # KerasOnly: no torch tensor
