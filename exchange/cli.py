@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import fileformat, filekinds, keras_config, keras_files, layout, savedmodel, subclassed, untrusted
+from exchange import fileformat, filekinds, keras_config, keras_files, savedmodel, subclassed, untrusted, weight_layout
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import load_kinds_file
@@ -117,13 +117,13 @@ def load_architecture(path: Path) -> Graph:
     exchange architecture (version 2 or 1) or a Keras model config."""
     kind = filekinds.input_kind(path)
     if kind is filekinds.SAVED_MODEL:  # a Keras 2 SavedModel folder: its keras_metadata.pb
-        return keras_files.describe_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
+        return keras_config.parse_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
     if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path):
         return subclassed.architecture(path)
     if kind in (filekinds.KERAS, filekinds.HDF5):
-        return keras_files.describe_model_config(
+        return keras_config.parse_model_config(
             keras_files.read_keras_config(path, kind), str(path), keras2=keras_files.written_by_keras2(path, kind)
         ).graph
     if kind is not filekinds.JSON:
@@ -136,9 +136,7 @@ def load_architecture(path: Path) -> Graph:
     text = path.read_bytes()
     description = untrusted.load_json(text, str(path), "architecture")
     if isinstance(description, dict) and "class_name" in description:
-        return keras_files.describe_model_config(
-            description, str(path), keras2=keras_files.written_by_keras2(path)
-        ).graph
+        return keras_config.parse_model_config(description, str(path), keras2=keras_files.written_by_keras2(path)).graph
     if not isinstance(description, dict):
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
     try:
@@ -232,7 +230,7 @@ def convert(
                 keras_config.check_depth(graph)
         except ExchangeError as err:
             raise ExchangeFileError(f"{in_path}: {err}") from None
-        folded = layout.folded_tensors(graph, tensors) if out_kind is filekinds.KERAS else []
+        folded = weight_layout.folded_tensors(graph, tensors) if out_kind is filekinds.KERAS else []
         if folded and notes is not None:
             notes.append(
                 f"{', '.join(folded)} added into the bias before them: Keras has one bias where torch "

@@ -26,7 +26,7 @@ from torch import fx, nn
 from exchange import torch_modules
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
-from exchange.kinds.layout import torch_shape
+from exchange.kinds.axis_order import torch_shape
 from exchange.torch_adapter import build_module, class_name
 
 # torch's recurrent modules take `*args, **kwargs`: their arguments and defaults, written out here.

@@ -24,7 +24,7 @@ from typing import cast
 import keras
 import numpy as np
 
-from exchange import fileformat, filekinds, layout
+from exchange import fileformat, filekinds, weight_layout
 from exchange.errors import ExchangeFileError, UnsupportedLayerError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.keras_config import MAX_KERAS_DEPTH, KerasLocation, ParsedModel, check_depth, parse_model_config
@@ -99,7 +99,7 @@ def get_tensors(model: keras.Model) -> dict[str, np.ndarray]:
         if parsed.graph.keras_variables(node):  # operations (`x + 3.0`) are not layers and hold none
             keras_layer = _layer_at(model, parsed.locations[node.name])
             stored[node.name] = [(variable.name, np.asarray(variable.numpy())) for variable in keras_layer.weights]
-    tensors = layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
+    tensors = weight_layout.keras_to_file(parsed.graph, stored, f"Keras model {model.name!r}", parsed.class_names)
     return cast(dict[str, np.ndarray], tensors)  # arrays in memory in, arrays out: nothing is lazy
 
 
@@ -109,7 +109,7 @@ def set_tensors(model: keras.Model, file_tensors: dict[str, np.ndarray], graph: 
     if graph is not None:
         fileformat.check_same_architecture(graph, parsed.graph, f"Keras model {model.name!r}")
     fileformat.check_tensors(parsed.graph, file_tensors)
-    per_node = layout.file_to_keras(parsed.graph, file_tensors)
+    per_node = weight_layout.file_to_keras(parsed.graph, file_tensors)
     for node in parsed.graph.layers:
         if not per_node[node.name]:
             continue

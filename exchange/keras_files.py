@@ -29,7 +29,7 @@ from typing import Protocol
 import h5py
 import numpy as np
 
-from exchange import filekinds, layout, untrusted
+from exchange import filekinds, untrusted, weight_layout
 from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import Graph
 from exchange.keras_config import KerasLocation, ParsedModel, parse_model_config
@@ -40,11 +40,6 @@ KERAS_CONFIG_MEMBER = "config.json"
 HDF5_PROBE_SECONDS = 60  # reading a real model's metadata takes milliseconds; a damaged file can loop
 HDF5_PROBE_MEMORY = 256 << 20  # address space the probe may add: a real model's metadata needs a few MiB,
 # a damaged global heap can make libhdf5 allocate gigabytes
-
-
-def describe_model_config(model_config: dict, source: str, keras2: bool = False) -> ParsedModel:
-    """A Keras 2 or Keras 3 model config -> graph and variable locations."""
-    return parse_model_config(model_config, source, keras2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,7 +409,7 @@ def open_keras_file(
         with _open_zip(path) as archive:
             config = _json(_config_member(archive, path), f"{path}:{KERAS_CONFIG_MEMBER}")
             start, size = _stored_member(path, archive, KERAS_WEIGHTS_MEMBER)
-        parsed = describe_model_config(config, str(path))
+        parsed = parse_model_config(config, str(path))
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
         with hdf5_errors(source.label):
             return _finish(parsed, source, lambda location: _keras3_variables(source, location))
@@ -446,7 +441,7 @@ def check_readable(path: str | os.PathLike, kind: filekinds.FileKind | None = No
 def _open_h5(path: Path, source: _Hdf5Source, h5: h5py.File, architecture_from, by_name: bool) -> KerasWeights:
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
     if "model_config" in h5.attrs and "model_weights" in h5:  # Keras 2 full model
-        parsed = describe_model_config(
+        parsed = parse_model_config(
             _json(_model_config_text(source), str(path)),
             str(path),
             keras2=_keras2_version(source.attribute(h5, "keras_version")),
@@ -498,7 +493,7 @@ def _finish(parsed: ParsedModel, source: _Hdf5Source, variables_of) -> KerasWeig
     """Locate every node's variables and map them to file tensors (shapes checked, data unread)."""
     try:
         stored = {node.name: variables_of(parsed.locations[node.name]) for node in parsed.graph.layers}
-        tensors = layout.keras_to_file(parsed.graph, stored, source.label, parsed.class_names)
+        tensors = weight_layout.keras_to_file(parsed.graph, stored, source.label, parsed.class_names)
     except BaseException:
         source.close()
         raise
@@ -513,7 +508,7 @@ def _description_from(architecture_from, weights_path: Path, keras2: bool = Fals
             ".weights.h5 needs --arch and --custom-objects FILE)"
         )
     config_path = Path(architecture_from)
-    return describe_model_config(
+    return parse_model_config(
         read_keras_config(config_path), str(config_path), keras2=keras2 or written_by_keras2(config_path)
     )
 

@@ -37,9 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import keras_files, layout, untrusted
+from exchange import keras_files, untrusted, weight_layout
 from exchange.errors import ExchangeFileError
-from exchange.keras_config import KerasLocation
+from exchange.keras_config import KerasLocation, parse_model_config
 from exchange.tensors import LazyTensor
 
 METADATA_NAME = "keras_metadata.pb"
@@ -744,7 +744,7 @@ def open_saved_model(folder: str | os.PathLike) -> keras_files.KerasWeights:
         )
     label = str(metadata_path)
     objects = read_metadata(folder)
-    parsed = keras_files.describe_model_config(_root_config(objects, label), label, keras2=True)
+    parsed = parse_model_config(_root_config(objects, label), label, keras2=True)
     paths = _layer_paths(objects, label)
     index_label = str(folder / INDEX_NAME)
     entries = read_index(folder)
@@ -773,7 +773,7 @@ def open_saved_model(folder: str | os.PathLike) -> keras_files.KerasWeights:
             return found
 
         stored = {node.name: variables_of(parsed.locations[node.name]) for node in parsed.graph.layers}
-        tensors = layout.keras_to_file(parsed.graph, stored, str(folder), parsed.class_names)
+        tensors = weight_layout.keras_to_file(parsed.graph, stored, str(folder), parsed.class_names)
     except BaseException:
         data.close()
         raise

@@ -29,7 +29,7 @@ from exchange import fileformat, torch_modules
 from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.kinds import kind_of
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
 TORCH_DTYPES = {
     "float16": torch.float16,

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from exchange import layout
+from exchange import weight_layout
 from exchange.graph import Graph, dense_chain
 
 # The seed's table: 784 -> 50 tanh -> 50 tanh -> 10 softmax; 39,250 + 2,550 + 510 = 42,310.
@@ -68,7 +68,7 @@ def seed_initial_tensors(architecture: Graph, recipe: Recipe = Recipe()) -> dict
             else:
                 variables.append((name, np.zeros(shape, dtype=np.float32)))
         stored[node.name] = variables
-    return layout.keras_to_file(architecture, stored)
+    return weight_layout.keras_to_file(architecture, stored)
 
 
 def validation_split(x: np.ndarray, y: np.ndarray, fraction: float):

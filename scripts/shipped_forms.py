@@ -221,7 +221,7 @@ def generated_outputs(code: Path, graph, inputs: list) -> list[np.ndarray]:
     import torch
 
     from exchange import torch_adapter
-    from exchange.kinds.layout import to_keras_order
+    from exchange.kinds.axis_order import to_keras_order
 
     spec = importlib.util.spec_from_file_location(f"generated_{code.stem}", code)
     module = importlib.util.module_from_spec(spec)

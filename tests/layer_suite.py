@@ -277,7 +277,7 @@ def run_generated_code(code_path: Path, graph, inputs: list[np.ndarray]) -> list
     import torch
 
     from exchange import torch_adapter
-    from exchange.kinds.layout import to_keras_order
+    from exchange.kinds.axis_order import to_keras_order
 
     spec = importlib.util.spec_from_file_location(f"generated_{abs(hash(code_path))}", code_path)
     module = importlib.util.module_from_spec(spec)

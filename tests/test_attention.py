@@ -16,7 +16,7 @@ import pytest
 import torch
 from kerasmodels import batch, check_both_directions, keras_vs_torch, max_difference, random_torch_state, randomize
 
-from exchange import codegen, keras_adapter, keras_files, layout, torch_adapter, torch_modules
+from exchange import codegen, keras_adapter, keras_files, torch_adapter, torch_modules, weight_layout
 from exchange.errors import UnsupportedLayerError
 from exchange.keras_config import parse_model_config
 from exchange.tensors import materialize
@@ -277,7 +277,7 @@ def test_keras2_config_and_weight_names():
             [f"mha/{name}/{part}" for name in names for part in ("kernel", "bias")], layer.weights
         )
     ]
-    tensors = layout.keras_to_file(graph, {"mha": stored})
+    tensors = weight_layout.keras_to_file(graph, {"mha": stored})
     for key, tensor in keras_adapter.get_tensors(keras_model).items():
         np.testing.assert_array_equal(tensors[key], tensor, err_msg=key)
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from exchange import layout
+from exchange import weight_layout
 from exchange.errors import ExchangeError, TensorMismatchError, UnsupportedLayerError
 from exchange.graph import Graph, dense_chain
 from exchange.kinds import KERAS_CLASSES, KINDS, LayerKind, register
@@ -84,10 +84,10 @@ def test_registry_refuses_a_second_registration():
 def test_dense_port_transposes_and_inverts():
     graph = dense_chain("m", 3, [(4, "linear")])
     kernel = np.arange(12, dtype=np.float32).reshape(3, 4)  # Keras (in=3, out=4)
-    tensors = layout.keras_to_file(graph, {"dense_0": [("kernel", kernel), ("bias", np.zeros(4, np.float32))]})
+    tensors = weight_layout.keras_to_file(graph, {"dense_0": [("kernel", kernel), ("bias", np.zeros(4, np.float32))]})
     np.testing.assert_array_equal(tensors["dense_0.weight"], kernel.T)
     assert tensors["dense_0.weight"].flags.c_contiguous
-    back = layout.file_to_keras(graph, tensors)
+    back = weight_layout.file_to_keras(graph, tensors)
     np.testing.assert_array_equal(back["dense_0"][0], kernel)
     assert kernel[0, 1] == 1.0  # the input was not modified
 
@@ -101,7 +101,7 @@ def test_unclaimed_keras_variable_is_an_error_naming_it():
         ("lora_kernel_a", np.zeros((3, 2), np.float32)),
     ]
     with pytest.raises(TensorMismatchError, match="no port claims \\['lora_kernel_a'\\]"):
-        layout.keras_to_file(graph, {"dense_0": stored}, class_names={"dense_0": "Dense"})
+        weight_layout.keras_to_file(graph, {"dense_0": stored}, class_names={"dense_0": "Dense"})
 
 
 def test_ports_map_shapes_exactly_both_ways():
@@ -166,7 +166,9 @@ def test_flatten_of_an_image_into_dense_permutes_the_weight_rows():
     )
     assert graph.channels_first_flattens == {"f": (2, 3, 4)}
     kernel = np.random.default_rng(1).random((24, 5)).astype(np.float32)
-    weight = layout.keras_to_file(graph, {"d": [("kernel", kernel), ("bias", np.zeros(5, np.float32))]})["d.weight"]
+    weight = weight_layout.keras_to_file(graph, {"d": [("kernel", kernel), ("bias", np.zeros(5, np.float32))]})[
+        "d.weight"
+    ]
     image = np.random.default_rng(2).random((2, 3, 4)).astype(np.float32)  # (H, W, C)
     np.testing.assert_allclose(weight @ image.transpose(2, 0, 1).reshape(-1), image.reshape(-1) @ kernel, rtol=1e-6)
     output_graph = Graph.from_dict({**graph.to_dict(), "outputs": ["f"], "nodes": graph.to_dict()["nodes"][:1]})

@@ -92,7 +92,7 @@ def check_generated_code(keras_model, tmp_path):
     with torch.no_grad():
         outputs = module.eval()(*torch_adapter.torch_inputs(graph, inputs))
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    from exchange.kinds.layout import to_keras_order
+    from exchange.kinds.axis_order import to_keras_order
 
     got = [
         output.permute(to_keras_order(len(graph.shapes[name]))).numpy() for name, output in zip(graph.outputs, outputs)

@@ -15,7 +15,7 @@ from kerasmodels import check_both_directions, max_difference, padded_batch, ran
 from exchange import cli, keras_adapter
 from exchange.errors import UnsupportedLayerError
 from exchange.graph import Graph
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
 L = keras.layers
 LAYER_TOLERANCE = 1e-5

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from kerasmodels import batch, check_both_directions, max_difference, randomize
 
-from exchange import cli, keras_adapter, layout, torch_adapter
+from exchange import cli, keras_adapter, torch_adapter, weight_layout
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.graph import Graph
 
@@ -132,7 +132,7 @@ CASES = TRAINING_ONLY | RESHAPING
 
 def folded_biases_add_up(graph, torch_state, back):
     """The weights read back bit for bit, but a recurrent layer's bias_hh: Keras has one bias, the sum."""
-    folded = layout.folded_tensors(graph, torch_state)
+    folded = weight_layout.folded_tensors(graph, torch_state)
     for key, tensor in torch_state.items():
         if key in folded:
             summed = key.replace("bias_hh", "bias_ih")
@@ -211,7 +211,7 @@ def run_generated_code(model, tmp_path, name="generated", inputs=None):
     first), and return its largest difference from Keras."""
     import torch
 
-    from exchange.kinds.layout import to_keras_order, to_torch_order
+    from exchange.kinds.axis_order import to_keras_order, to_torch_order
     from exchange.torch_adapter import class_name
 
     model.save(tmp_path / f"{name}.keras")

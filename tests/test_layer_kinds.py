@@ -304,13 +304,13 @@ def test_weights_keep_their_dtype_through_every_direction(dtype, tolerance, tmp_
 
 def test_keras2_depthwise_kernel_name_is_claimed():
     """Keras 2 calls DepthwiseConv2D's kernel `depthwise_kernel` (Keras 3: `kernel`)."""
-    from exchange import layout
+    from exchange import weight_layout
 
     keras.utils.set_random_seed(3)
     model = randomize(single(IMAGE, L.DepthwiseConv2D(3, depth_multiplier=2, name="dw")), seed=1)
     graph = keras_adapter.architecture_of(model)
     kernel, bias = (np.asarray(v.numpy()) for v in model.get_layer("dw").weights)
-    from_keras2 = layout.keras_to_file(graph, {"dw": [("depthwise_kernel", kernel), ("bias", bias)]})
+    from_keras2 = weight_layout.keras_to_file(graph, {"dw": [("depthwise_kernel", kernel), ("bias", bias)]})
     for key, tensor in keras_adapter.get_tensors(model).items():
         np.testing.assert_array_equal(from_keras2[key], tensor)
 

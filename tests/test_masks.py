@@ -77,7 +77,7 @@ def _inputs(model, rows: int = 6) -> list[np.ndarray]:
 def _generated_outputs(code_path, graph, inputs):
     import torch
 
-    from exchange.kinds.layout import to_keras_order
+    from exchange.kinds.axis_order import to_keras_order
 
     spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
     generated = importlib.util.module_from_spec(spec)

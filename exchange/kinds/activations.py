@@ -30,7 +30,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_axis, check_int, coerce, register
-from exchange.kinds.layout import torch_shape
+from exchange.kinds.axis_order import torch_shape
 from exchange.ports import Permute, Port, Reshape
 
 
@@ -402,7 +402,7 @@ class Softmax(LayerKind):
         return input_shapes[0]
 
     def torch_forward(self, builder, context, inputs):
-        from exchange.kinds.layout import to_keras_order, to_torch_order
+        from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
         torch, rank = builder.torch, len(context.input_shape)
         axes = softmax_axes(context.config.axis, rank)

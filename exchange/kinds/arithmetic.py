@@ -27,7 +27,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_int, register
-from exchange.kinds.layout import to_torch_order
+from exchange.kinds.axis_order import to_torch_order
 from exchange.kinds.merging import broadcast_shapes
 
 ARRAY = "array"  # the operand that is the config's array constant

@@ -87,7 +87,7 @@ from exchange.kinds import (
     check_ints,
     register,
 )
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.ports import Packed, Permute, Port, Reshape
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.

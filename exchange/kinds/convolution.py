@@ -47,8 +47,8 @@ from exchange.kinds import (
     register,
 )
 from exchange.kinds.activations import check_activation, keras_activation, torch_activation
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.kinds.dense import check_lora, check_lora_dtype, lora_keras_args, read_lora
-from exchange.kinds.layout import to_keras_order, to_torch_order
 from exchange.ports import Permute, Port, Reshape
 
 PADDINGS = ("valid", "same", "causal")

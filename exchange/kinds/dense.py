@@ -42,7 +42,7 @@ from exchange.kinds import (
     register,
 )
 from exchange.kinds.activations import check_activation, keras_activation, numpy_activation, torch_activation
-from exchange.kinds.layout import to_torch_order
+from exchange.kinds.axis_order import to_torch_order
 from exchange.ports import Permute, Port, Reshape
 
 # A LoRA adapter's rank: real adapters use 4 to 256.

@@ -24,7 +24,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError
 from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, register
-from exchange.kinds.layout import to_torch_order, torch_axis
+from exchange.kinds.axis_order import to_torch_order, torch_axis
 
 
 def broadcast_shapes(input_shapes) -> tuple:

@@ -50,7 +50,7 @@ import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_axis, check_int, check_ints, register
-from exchange.kinds.layout import to_keras_order, torch_axis, torch_shape
+from exchange.kinds.axis_order import to_keras_order, torch_axis, torch_shape
 from exchange.ports import KerasOnly, Permute, Port, Reshape, TorchOnly
 
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(), Normalization's floor on the standard deviation

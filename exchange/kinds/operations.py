@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_AXIS, LayerKind, NoConfig, _short, check_int, register
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
 KERAS_MODULES = {"numpy": "keras.src.ops.numpy", "nn": "keras.src.ops.nn", "math": "keras.src.ops.math"}
 # A slice bound or an index: real slices are at most a tensor's size (graph sizes fit in 2**31).

@@ -33,6 +33,7 @@ from exchange.kinds import (
     register,
     torch_mask,
 )
+from exchange.kinds.axis_order import to_keras_order
 from exchange.kinds.convolution import (
     DATA_FORMATS,
     SPATIAL_AXES,
@@ -46,7 +47,6 @@ from exchange.kinds.convolution import (
     torch_pad_argument,
     window_output_sizes,
 )
-from exchange.kinds.layout import to_keras_order
 
 # Keras computes adaptive bins in float32: exact while input length × output length < 2**24.
 MAX_ADAPTIVE_PRODUCT = 1 << 24

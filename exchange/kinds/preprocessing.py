@@ -79,7 +79,7 @@ from exchange.kinds import (
     refuse_keras_class,
     register,
 )
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
 STRING_REASON = "torch has no string tensors"
 # Keras classes that work on strings, or hash through them: refused, each with its reason.

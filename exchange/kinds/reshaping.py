@@ -202,7 +202,7 @@ def _spatial_indices(shape: tuple, spatial: int, data_format: str) -> range:
 
 def _torch_dims(shape: tuple, indices: range) -> list[int]:
     """The torch dims holding the Keras axes at `indices` (positions without the batch axis)."""
-    from exchange.kinds.layout import to_keras_order
+    from exchange.kinds.axis_order import to_keras_order
 
     return [to_keras_order(len(shape))[index + 1] for index in indices]
 
@@ -548,7 +548,7 @@ class Permute(LayerKind):
         return tuple(shape[dim - 1] for dim in config.dims)
 
     def torch_forward(self, builder, context, inputs):
-        from exchange.kinds.layout import to_keras_order, to_torch_order
+        from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
         rank = len(context.input_shape)
         keras_permutation = (0,) + tuple(context.config.dims)

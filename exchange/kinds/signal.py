@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, coerce, register
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.ports import Permute, Port
 
 WINDOWS = ("hann", "hamming")

@@ -28,7 +28,7 @@ from typing import Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import MAX_REPEATS, LayerKind, _short, check_int, check_known_keys, kind_of, register
-from exchange.kinds.layout import to_keras_order, to_torch_order
+from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.ports import Port, TorchOnly
 
 
