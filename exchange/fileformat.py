@@ -91,7 +91,14 @@ def check_tensors(architecture: Graph, tensors: Mapping[str, AnyTensor], where: 
 
     `where` (a file name, say) starts the message when given.
     """
-    expected = architecture.tensor_specs
+    check_specs(architecture.tensor_specs, tensors, where)
+
+
+def check_specs(
+    expected: Mapping[str, tuple[tuple[int, ...], str]], tensors: Mapping[str, AnyTensor], where: str = ""
+) -> None:
+    """`check_tensors` against specs (key -> (shape, dtype name)) from anywhere: an architecture,
+    or a torch module's own state_dict (`torch_adapter.set_tensors`)."""
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = []

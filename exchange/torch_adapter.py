@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from exchange import fileformat, torch_modules
-from exchange.errors import ExchangeError, ExchangeFileError, TensorMismatchError, first_line, framework_errors
+from exchange.errors import ExchangeError, ExchangeFileError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.kinds import kind_of
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
@@ -286,16 +286,7 @@ def set_tensors(model: nn.Module, file_tensors: dict[str, np.ndarray], assign: b
     expected = {
         key: (tuple(value.shape), str(value.dtype).replace("torch.", "")) for key, value in model.state_dict().items()
     }
-    missing = sorted(set(expected) - set(file_tensors))
-    unexpected = sorted(set(file_tensors) - set(expected))
-    mismatched = [
-        f"{key}: expected {expected[key][1]} {expected[key][0]}, found "
-        f"{np.dtype(file_tensors[key].dtype).name} {tuple(file_tensors[key].shape)}"
-        for key in sorted(set(expected) & set(file_tensors))
-        if (tuple(file_tensors[key].shape), np.dtype(file_tensors[key].dtype).name) != expected[key]
-    ]
-    if missing or unexpected or mismatched:
-        raise TensorMismatchError(missing, unexpected, mismatched)
+    fileformat.check_specs(expected, file_tensors)
     # Each top-level module loads its own keys: `load_state_dict` on the root filters every key
     # for every child (20,000 layers took 100 s). The keys were checked above, so this is strict.
     children = dict(model.named_children())
