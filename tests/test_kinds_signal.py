@@ -11,16 +11,14 @@ up to 80).
 """
 
 import json
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
-from generated_code import RUNNER, check_generated_file
+from generated_code import check_generated_code
 from kerasmodels import check_both_directions, max_difference, seed_all
 
-from exchange import cli, keras_adapter, torch_adapter
+from exchange import keras_adapter, torch_adapter
 from exchange.errors import UnsupportedLayerError
 
 L = keras.layers
@@ -217,30 +215,6 @@ def difference_allowed(outputs):
     return TOLERANCE * max(1.0, max(float(np.max(np.abs(output))) for output in outputs))
 
 
-def check_generated_code(keras_model, inputs, tmp_path):
-    """The model saved as .keras, converted to Python: the generated module computes Keras's outputs."""
-    (expected,) = keras_adapter.predict(keras_model, inputs)
-    keras_path = tmp_path / "model.keras"
-    keras_model.save(keras_path)
-    code_path = tmp_path / "model.py"
-    graph = cli.convert(keras_path, code_path)
-    check_generated_file(code_path)
-    data_path = tmp_path / "data.npz"
-    np.savez(data_path, inputs=inputs[0], expected=expected)
-    result = subprocess.run(
-        [sys.executable, "-c", RUNNER, str(code_path), torch_adapter.class_name(graph.name), str(data_path)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        cwd=tmp_path,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    outcome = json.loads(result.stdout.strip().splitlines()[-1])
-    assert outcome["eager"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
-    assert outcome["exported"] <= TOLERANCE * max(1.0, outcome["scale"]), outcome
-    return graph
-
-
 # Cases in the default run (about a second each; generated code, run in a fresh process through
 # torch.export, takes several): `-m slow` runs all of them.
 DEFAULT = {
@@ -270,7 +244,7 @@ def test_kind_both_directions(case):
 def test_kind_generated_code(case, tmp_path):
     keras.utils.set_random_seed(11)
     model, inputs = CASES[case]()
-    check_generated_code(seed_all(model, seed=3), inputs, tmp_path)
+    check_generated_code(seed_all(model, seed=3), inputs, tmp_path, TOLERANCE)
 
 
 def test_auto_contrast_keeps_a_flat_channel():
