@@ -139,13 +139,8 @@ def load_architecture(path: Path) -> Graph:
         return keras_config.parse_model_config(description, str(path), keras2=keras_files.written_by_keras2(path)).graph
     if not isinstance(description, dict):
         raise ExchangeFileError(f"{path}: not an architecture (expected a JSON object)")
-    try:
-        if "input_dim" in description:
-            return fileformat.upgrade_v1_architecture(description)
-        untrusted.check_layer_count(len(description.get("nodes") or ()))
-        return Graph.from_dict(description)
-    except ExchangeError as err:
-        raise ExchangeFileError(f"{path}: {err}") from None
+    version = "1" if "input_dim" in description else fileformat.FORMAT_VERSION  # a bare JSON says by its fields
+    return fileformat.architecture_from_description(path, description, version)
 
 
 def write_weights(

@@ -479,6 +479,12 @@ def architecture_from_metadata(path: Path, metadata: dict[str, str]) -> Graph:
             f"(this tool reads versions {', '.join(READABLE_VERSIONS)})"
         )
     description = untrusted.load_json(metadata["architecture"], str(path), "architecture")
+    return architecture_from_description(path, description, version)
+
+
+def architecture_from_description(path: Path, description: object, version: str) -> Graph:
+    """The graph of an architecture's parsed JSON, of either version: from an exchange file's
+    metadata or from a `.json` given as `--arch`. Errors name `path`."""
     try:
         if version == "1":
             return upgrade_v1_architecture(description)

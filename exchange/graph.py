@@ -38,7 +38,8 @@ DTYPES = ("float16", "bfloat16", "float32", "float64")
 INTEGER_DTYPES = ("uint8", "int8", "int16", "int32", "int64")
 INPUT_DTYPES = DTYPES + INTEGER_DTYPES + ("bool",)
 # Caps on what an architecture may declare: a real model is far below them.
-MAX_NODES = 100_000  # keras.applications' largest CNN has under 1,000 layers
+# The one cap on a model's size: a graph's nodes, and the layers of any file read (`untrusted`).
+MAX_NODES = 20_000  # twenty times the largest keras.applications models (NASNetLarge: 1,041 layers)
 MAX_RANK = 8  # Keras layers work on tensors of rank <= 5
 MAX_NAME_LENGTH = 1000  # Keras's generated names are under 100 characters
 # The names Keras on TensorFlow can build: each layer enters a TensorFlow name scope, and the model

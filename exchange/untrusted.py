@@ -24,13 +24,14 @@ import h5py
 import numpy as np
 
 from exchange.errors import ExchangeFileError, first_line
+from exchange.graph import MAX_NODES
 
 # JSON (Keras configs, architectures, safetensors headers).
 MAX_JSON_BYTES = 16 << 20  # the largest keras.applications config (NASNetLarge) is 1.0 MB
 MAX_JSON_DEPTH = 256  # ResNet50's config nests 11 levels, a nested model a few more; Python recurses at 1000
 MAX_JSON_OBJECTS = 200_000  # NASNetLarge has 13,083 (1,041 layers): fifteen times that
 MAX_INT_DIGITS = 20  # int64 has 19 digits: no size, index or count a model holds is longer
-MAX_LAYERS = 20_000  # twenty times the largest keras.applications models (NASNetLarge: 1,041)
+MAX_LAYERS = MAX_NODES  # the graph's cap: a file may not hold more layers than a graph may hold nodes
 MAX_DENSE_WIDTH = 1 << 20  # units or inputs of a version-1 Dense: the seed's are 784, 50 and 10, VGG16's
 # widest 25,088 in, 4,096 out; 2**20 by 2**20 would declare 4 TiB of weights
 
