@@ -79,7 +79,7 @@ WHY_NOT = {
     "gradient_accumulation_steps": "gradient accumulation",
     "amsgrad": "AMSGrad",
 }
-# Per class: its own options, and its slot groups in the order Keras 3.15 creates them.
+# Per class: its own options.
 CLASS_OPTIONS = {
     "Adam": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
     "AdamW": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
@@ -120,21 +120,34 @@ SCHEDULE_OPTIONS = {
 REGULARIZERS = {"L1": ("l1",), "L2": ("l2",), "L1L2": ("l1", "l2")}
 
 
+# Per class: its slot groups (names interleaved per variable within a group) in the order Keras
+# 3.15's `build` creates them, given the optimizer's options (see the module docstring).
+SLOT_GROUPS = {
+    "Adam": lambda options: [("momentum", "velocity")],
+    "AdamW": lambda options: [("momentum", "velocity")],
+    "SGD": lambda options: [("momentum",)] if options["momentum"] != 0 else [],
+    "RMSprop": lambda options: (
+        [("velocity",)]
+        + ([("momentum",)] if options["momentum"] > 0 else [])
+        + ([("average_gradient",)] if options["centered"] else [])
+    ),
+    "Adagrad": lambda options: [("accumulator",)],
+    "Adamax": lambda options: [("momentum", "norm")],
+}
+# Options a class needs although every optimizer has them (AdamW's decay is what makes it AdamW).
+REQUIRED_COMMON_OPTIONS = {"AdamW": ("weight_decay",)}
+# Per schedule: a rule its options together must keep, and what it says when they do not.
+SCHEDULE_RULES = {
+    "PiecewiseConstantDecay": (
+        lambda options: len(options["values"]) == len(options["boundaries"]) + 1,
+        "needs one value more than boundaries",
+    ),
+}
+
+
 def slot_groups(class_name: str, options: dict) -> list[tuple[str, ...]]:
-    """The optimizer's slot names as Keras 3.15's `build` creates them (see the module docstring)."""
-    if class_name in ("Adam", "AdamW"):
-        return [("momentum", "velocity")]
-    if class_name == "SGD":
-        return [("momentum",)] if options["momentum"] != 0 else []
-    if class_name == "RMSprop":
-        return (
-            [("velocity",)]
-            + ([("momentum",)] if options["momentum"] > 0 else [])
-            + ([("average_gradient",)] if options["centered"] else [])
-        )
-    if class_name == "Adagrad":
-        return [("accumulator",)]
-    return [("momentum", "norm")]  # Adamax
+    """The optimizer's slot names as Keras 3.15's `build` creates them (`SLOT_GROUPS`)."""
+    return SLOT_GROUPS[class_name](options)
 
 
 @dataclass(frozen=True)
@@ -224,8 +237,9 @@ def check_optimizer(description, where: str) -> OptimizerSpec:
     )
     if missing:
         raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {', '.join(missing)}")
-    if class_name == "AdamW" and options.get("weight_decay") is None:
-        raise ExchangeFileError(f"{where}: optimizer AdamW config lacks weight_decay")
+    for key in REQUIRED_COMMON_OPTIONS.get(class_name, ()):
+        if options.get(key) is None:
+            raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {key}")
     options.setdefault("weight_decay", None)
     return OptimizerSpec(class_name, options)
 
@@ -250,8 +264,9 @@ def _schedule_or_number(value, where: str):
     missing = sorted(set(known) - set(options))
     if missing:
         raise ExchangeFileError(f"{where}: {class_name} config lacks {', '.join(missing)}")
-    if class_name == "PiecewiseConstantDecay" and len(options["values"]) != len(options["boundaries"]) + 1:
-        raise ExchangeFileError(f"{where}: PiecewiseConstantDecay needs one value more than boundaries")
+    rule, broken = SCHEDULE_RULES.get(class_name, (None, ""))
+    if rule is not None and not rule(options):
+        raise ExchangeFileError(f"{where}: {class_name} {broken}")
     return {"class_name": class_name, "config": options}
 
 

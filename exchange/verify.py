@@ -522,7 +522,7 @@ def _vocabulary(graph: Graph, input_name: str) -> int | None:
 
 def _passes_ids(graph: Graph, node) -> bool:
     """A layer whose output holds its input's values, moved (Reshape, Permute, Flatten, a crop)."""
-    return node.kind in ("reshape", "flatten", "permute", "repeat_vector", "cropping1d", "identity")
+    return kind_of(node.kind).moves_values
 
 
 def _mask_inputs(graph: Graph) -> set[str]:

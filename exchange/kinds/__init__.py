@@ -148,6 +148,7 @@ class LayerKind:
     may_flatten_channels_first = False  # its torch form may flatten channels-first (Flatten)
     takes_list = False  # Keras calls the layer on a list of tensors (merges)
     passes_mask = False  # Keras's `supports_masking`: a mask passes through unchanged
+    moves_values = False  # its output holds its input's values, moved (Reshape, Permute, a crop)
     selects_output = False  # an `output` node: picks output `config.index` of its input
     autocasts = True  # a Keras layer casts float inputs to its dtype; keras.ops calls do not
     # Keras computes integer and bool inputs in the layer's float dtype (Dense, LSTM, Rescaling,

@@ -65,6 +65,7 @@ class FlattenConfig:
 @register
 class Flatten(LayerKind):
     kind, keras_classes, Config = "flatten", ("Flatten",), FlattenConfig
+    moves_values = True
     may_flatten_channels_first = True
 
     def may_keep_channels_first(self, config) -> bool:
@@ -124,6 +125,7 @@ class ReshapeConfig:
 @register
 class Reshape(LayerKind):
     kind, keras_classes, Config = "reshape", ("Reshape",), ReshapeConfig
+    moves_values = True
 
     def from_keras(self, options):
         target = options.take("target_shape")
@@ -308,6 +310,7 @@ class _Cropping(_Padding):
 @register
 class Cropping1D(_Cropping):
     kind, keras_classes, spatial = "cropping1d", ("Cropping1D",), 1
+    moves_values = True
     has_data_format = False  # Keras's Cropping1D crops axis 1 of (batch, steps, features)
 
 
@@ -534,6 +537,7 @@ class Permute(LayerKind):
     layout changes into one `permute`."""
 
     kind, keras_classes, Config = "permute", ("Permute",), PermuteConfig
+    moves_values = True
 
     def from_keras(self, options):
         dims = options.take("dims")
@@ -573,6 +577,7 @@ class RepeatVector(LayerKind):
     """(N, F) -> (N, n, F) in Keras; torch holds the result channels-first, (N, F, n)."""
 
     kind, keras_classes, Config = "repeat_vector", ("RepeatVector",), RepeatVectorConfig
+    moves_values = True
 
     def from_keras(self, options):
         return RepeatVectorConfig(options.integer("n"))

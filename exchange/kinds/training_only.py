@@ -179,6 +179,7 @@ class _TrainingOnly(LayerKind):
 @register
 class Identity(_TrainingOnly):
     kind, keras_classes, Config = "identity", ("Identity",), options_config("IdentityConfig")
+    moves_values = True
 
 
 @register
