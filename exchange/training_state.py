@@ -30,7 +30,9 @@ Conventions that differ:
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
 rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
 frozen layers, activity regularizers, and files whose slots do not match the model's
-trainable variables in number or shape.
+trainable variables in number or shape. Generated code's training functions
+(`exchange.training_code`) also need a loss of `LOSS_OPTIONS` with Keras's reduction, one
+output, and no renormalising BatchNormalization (`check_trainable_in_code`).
 """
 
 from __future__ import annotations
