@@ -209,7 +209,8 @@ def convert(
     replace anything; raising leaves every existing output as it was. `notes`, when given,
     receives what the user should know about a successful conversion (tensors folded together).
     With `optimizer_state`, a compiled `.keras`'s training state goes into an exchange file (an
-    exchange file's into an exchange file or a `.keras`, always): `exchange.training_state`."""
+    exchange file's into an exchange file or a `.keras`, always; either's into generated code,
+    always, with its training functions): `exchange.training_state`."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
@@ -244,7 +245,7 @@ def convert(
             if out_kind is filekinds.CODE:
                 codegen = _framework_module("exchange.codegen", "writing PyTorch code", "torch")
                 with fileformat.atomic_output(out_path) as code_temporary:
-                    codegen.write_module(graph, code_temporary, weights_path.name, in_path.name)
+                    codegen.write_module(graph, code_temporary, weights_path.name, in_path.name, training)
                     if check is not None:
                         check(graph, code_temporary, temporary)
             elif check is not None:
@@ -352,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
         help="carry a compiled .keras's optimizer state (slots, step, config) into the "
         ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
         "torch_adapter.model_from_file, not a plain load_state_dict (see "
-        "docs/continuing-training.md)",
+        "docs/continuing-training.md); a .py output always carries it, for its train_step",
     )
     parser.add_argument(
         "--kinds",

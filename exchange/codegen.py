@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from exchange import torch_modules
+from exchange import optimizers, torch_modules, training_code
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
 from exchange.kinds.axis_order import torch_shape
@@ -58,10 +58,17 @@ SIZE_ARGUMENTS = ("kernel_size", "stride", "padding", "dilation", "output_paddin
 POSITIONAL_ARGUMENTS = 2  # nn.Conv2d(3, 64, kernel_size=7): sizes positional, the rest by keyword
 
 
-def generate(graph: Graph, weights_name: str, source_name: str) -> str:
-    """The source of a standalone module for `graph`; its state_dict is the weights file's."""
+def generate(graph: Graph, weights_name: str, source_name: str, training=None) -> str:
+    """The source of a standalone module for `graph`; its state_dict is the weights file's.
+    With `training` (a checked `training_state.TrainingState` whose slots the weights file holds),
+    its BatchNorms are `KerasBatchNorm`s and it has the training functions of
+    `exchange.training_code`; without, no trace of training."""
     module = build_module(graph)
     module.graph.eliminate_dead_code()  # values only the layer-by-layer check reads
+    uses_batch_norm = False
+    if training is not None:
+        optimizers.use_keras_batch_norm(module)
+        uses_batch_norm = any(isinstance(part, optimizers.KerasBatchNorm) for part in module.modules())
     name = class_name(graph.name)
     used_helpers = []
     init_lines = []
@@ -88,6 +95,12 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
     helper_sources = [
         inspect.getsource(function) for function in HELPER_FUNCTIONS if function in used_functions
     ] + helper_sources
+    training_functions = []
+    if training is not None:
+        helper_sources += training_code.copied_sources(training_code.helper_names(training, uses_batch_norm))
+        training_functions = training_code.functions(
+            graph, training, [key for key, _ in module.named_parameters()], weights_name, parameters
+        )
     layout = "; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs) else ""
     model_class = (
         f"class {name}(nn.Module):\n"
@@ -97,29 +110,33 @@ def generate(graph: Graph, weights_name: str, source_name: str) -> str:
         + f"\n    def forward(self, {', '.join(parameters)}):\n"
         + "".join(f"        {line}\n" for line in body)
     )
-    code = "".join(helper_sources) + model_class
+    code = "".join(helper_sources) + model_class + "".join(training_functions)
+    standard_library = [f"import {name}" for name in ("json", "math") if re.search(rf"\b{name}\.", code)]
     imports = (
-        (["import torch"] if re.search(r"\btorch\.", code) else [])
+        (standard_library + [""] if standard_library else [])
+        + (["import torch"] if re.search(r"\btorch\.", code) else [])
         + (["import torch.nn.functional as F"] if re.search(r"\bF\.", code) else [])
         + ["from torch import nn"]
     )
-    parts = [_docstring(graph, name, weights_name, source_name), "\n".join(imports) + "\n"]
+    parts = [_docstring(graph, name, weights_name, source_name, training), "\n".join(imports) + "\n"]
     parts += helper_sources
     parts.append(model_class)
-    parts.append(
-        f"def load(path={quoted(weights_name)}):\n"
-        '    """The weights file as a state_dict: `model.load_state_dict(load(), strict=True)`."""\n'
-        "    from safetensors.torch import load_file\n\n"
-        "    return load_file(path)\n"
-    )
+    if training is None:
+        parts.append(
+            f"def load(path={quoted(weights_name)}):\n"
+            '    """The weights file as a state_dict: `model.load_state_dict(load(), strict=True)`."""\n'
+            "    from safetensors.torch import load_file\n\n"
+            "    return load_file(path)\n"
+        )
+    parts += training_functions
     docstring, *code = (part.rstrip("\n") for part in parts)
     return docstring + "\n\n" + "\n\n\n".join(code) + "\n"
 
 
-def write_module(graph: Graph, path: str | os.PathLike, weights_name: str, source_name: str) -> None:
+def write_module(graph: Graph, path: str | os.PathLike, weights_name: str, source_name: str, training=None) -> None:
     """Write the generated source to `path` (no atomic rename: the caller owns a temporary)."""
     with open(path, "w", encoding="utf-8") as stream:
-        stream.write(generate(graph, weights_name, source_name))
+        stream.write(generate(graph, weights_name, source_name, training))
 
 
 def quoted(text: str) -> str:
@@ -131,7 +148,7 @@ def quoted(text: str) -> str:
     return "'" + escaped.replace("'", r"\x27").replace('"', r"\x22") + "'"
 
 
-def _docstring(graph: Graph, name: str, weights_name: str, source_name: str) -> str:
+def _docstring(graph: Graph, name: str, weights_name: str, source_name: str, training=None) -> str:
     inputs = ", ".join(
         f"{quoted(spec.name)} (N, {', '.join(str(s) for s in torch_shape(spec.shape))}) {spec.dtype}"
         for spec in graph.inputs
@@ -147,7 +164,8 @@ def _docstring(graph: Graph, name: str, weights_name: str, source_name: str) -> 
         f"    model = {name}()\n"
         f"    model.load_state_dict(load({quoted(weights_name)}), strict=True)\n"
         "    model.eval()\n\n"
-        "Generated by keras-torch-exchange (scripts/convert.py); edit it as your own code.\n"
+        + (training_code.usage(training) if training is not None else "")
+        + "Generated by keras-torch-exchange (scripts/convert.py); edit it as your own code.\n"
         '"""\n'
     )
 
@@ -161,6 +179,8 @@ def _constructor(module: nn.Module) -> str:
         return f"nn.ModuleDict({{{children}}})"
     standard = getattr(nn, module_type.__name__, None) is module_type  # torch.nn's own: nn.Conv2d
     type_name = f"nn.{module_type.__name__}" if standard else HELPERS.get(module_type)
+    if module_type is optimizers.KerasBatchNorm:  # a trained model's (`exchange.training_code`)
+        type_name = module_type.__name__
     if type_name is None:
         raise ExchangeError(
             f"no source form for torch module {module_type.__name__} (neither in torch.nn "

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from exchange import fileformat, torch_modules
+from exchange import fileformat, optimizers, torch_modules
 from exchange.errors import ExchangeError, ExchangeFileError, first_line, framework_errors
 from exchange.graph import Graph
 from exchange.kinds import kind_of
@@ -254,8 +254,9 @@ def class_name(model_name: str) -> str:
     name = "".join(word[0].upper() + word[1:] for word in words) or "Model"
     if name[0].isdigit():
         return f"Model{name}"
-    # Generated code defines it beside `torch`, `F`, `nn`, `load` and the helper classes.
-    return f"{name}Model" if hasattr(torch_modules, name) or name == "load" else name
+    # Generated code defines it beside `torch`, `F`, `nn`, `load`, the helper classes and, when it
+    # trains, the optimizers' (`exchange.training_code`).
+    return f"{name}Model" if hasattr(torch_modules, name) or hasattr(optimizers, name) or name == "load" else name
 
 
 def architecture_of(model: nn.Module) -> Graph:

@@ -30,7 +30,9 @@ Conventions that differ:
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
 rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
 frozen layers, activity regularizers, and files whose slots do not match the model's
-trainable variables in number or shape.
+trainable variables in number or shape. Generated code's training functions
+(`exchange.training_code`) also need a loss of `LOSS_OPTIONS` with Keras's reduction, one
+output, and no renormalising BatchNormalization (`check_trainable_in_code`).
 """
 
 from __future__ import annotations
@@ -299,6 +301,69 @@ def check_loss(loss, where: str):
     raise UnsupportedLayerError(
         f"{where}: the compile config's loss is not a single named loss (several outputs' losses are not supported)"
     )
+
+
+# The losses reproduced in torch (`exchange.optimizers`, generated code): Keras's names for each,
+# and each one's options with their rules and Keras's defaults (beside `name`, and `dtype`,
+# `reduction` and `ignore_class` at Keras's defaults).
+LOSS_OPTIONS = {
+    "categorical_crossentropy": {"from_logits": False, "label_smoothing": 0.0, "axis": -1},
+    "sparse_categorical_crossentropy": {"from_logits": False, "axis": -1},
+    "binary_crossentropy": {"from_logits": False, "label_smoothing": 0.0, "axis": -1},
+    "mean_squared_error": {},
+    "mean_absolute_error": {},
+}
+LOSS_ALIASES = {
+    "CategoricalCrossentropy": "categorical_crossentropy",
+    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
+    "BinaryCrossentropy": "binary_crossentropy",
+    "MeanSquaredError": "mean_squared_error",
+    "mse": "mean_squared_error",
+    "MeanAbsoluteError": "mean_absolute_error",
+    "mae": "mean_absolute_error",
+}
+LOSS_DEFAULTS = {"dtype": (None, "float32"), "reduction": ("sum_over_batch_size",), "ignore_class": (None,)}
+
+
+def loss_call(loss, where: str) -> tuple[str, dict]:
+    """(function name, every option explicit) of a checked compile config's loss, as
+    `exchange.optimizers` names its functions; a loss or option not reproduced is refused."""
+    if isinstance(loss, str):
+        name, config = loss, {}
+    elif isinstance(loss, dict) and isinstance(loss.get("config"), dict):
+        name, config = loss.get("class_name"), loss["config"]
+    else:
+        raise UnsupportedLayerError(f"{where}: the compile config has no loss to train with")
+    function = LOSS_ALIASES.get(name, name) if isinstance(name, str) else None
+    if function not in LOSS_OPTIONS:
+        raise UnsupportedLayerError(
+            f"{where}: loss {str(name)[:60]!r} is not supported for training (supported: {', '.join(LOSS_OPTIONS)})"
+        )
+    options = dict(LOSS_OPTIONS[function])
+    for key, value in config.items():
+        if key == "name":
+            continue
+        if key in LOSS_DEFAULTS:
+            if value not in LOSS_DEFAULTS[key] or isinstance(value, bool):
+                raise UnsupportedLayerError(
+                    f"{where}: loss {function} {key}={str(value)[:40]!r} is not supported "
+                    f"(only {LOSS_DEFAULTS[key][0]!r} is reproduced)"
+                )
+            continue
+        if key not in options:
+            raise UnsupportedLayerError(f"{where}: loss {function} option {str(key)[:60]!r} is not supported")
+        label = f"{where}: loss {function} {key}"
+        if key == "from_logits":
+            options[key] = _value(value, "flag", label)
+        elif key == "axis":
+            if type(value) is not int or not -64 <= value <= 64:
+                raise ExchangeFileError(f"{label} must be an axis, found {str(value)[:40]}")
+            options[key] = value
+        else:
+            options[key] = _value(value, "number", label)
+            if not 0.0 <= options[key] <= 1.0:
+                raise ExchangeFileError(f"{label} must be between 0 and 1, found {options[key]}")
+    return function, options
 
 
 # ---------------------------------------------------------------------------------------------
@@ -697,19 +762,24 @@ def for_conversion(
 ) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
     asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
-    into an exchange file or a `.keras` (never into a `.pt` or generated code's weights, which
-    are read whole into `load_state_dict`). A state that is not carried, or cannot be carried
-    exactly, is left out with a note saying why; the weights convert as without it."""
+    into an exchange file or a `.keras`, and either's into generated code, always (its weights
+    file holds the slots, which its `load()` leaves out and its `make_optimizer` reads; the code
+    gets the training functions: `exchange.training_code`). Never into a `.pt`, which is read
+    whole into `load_state_dict`. A state that is not carried, or cannot be carried exactly, is
+    left out with a note saying why; the weights convert as without it."""
     if not _holds_training(in_path, in_kind):
         return None
     carried = {
         (filekinds.KERAS, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.KERAS),
+        (filekinds.KERAS, filekinds.CODE),
+        (filekinds.SAFETENSORS, filekinds.CODE),
     }
+    what = "optimizer state and training functions" if out_kind is filekinds.CODE else "optimizer state"
     if (in_kind, out_kind) not in carried:
         reason = f"a {out_kind.suffixes[0]} output does not carry it (convert to .safetensors)"
-    elif in_kind is filekinds.KERAS and not carry_keras_state:
+    elif in_kind is filekinds.KERAS and out_kind is filekinds.SAFETENSORS and not carry_keras_state:
         reason = (
             "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
             "beside the state_dict's)"
@@ -718,15 +788,33 @@ def for_conversion(
         try:
             parameter_keys = parameter_keys_of(graph)
             if in_kind is filekinds.KERAS:
-                return read_keras_training(in_path, graph, parameter_keys)
-            return read_exchange_training(fileformat.load(in_path), parameter_keys)
+                state = read_keras_training(in_path, graph, parameter_keys)
+            else:
+                state = read_exchange_training(fileformat.load(in_path), parameter_keys)
+            if out_kind is filekinds.CODE and state is not None:
+                check_trainable_in_code(graph, state, str(in_path))
+            return state
         except ImportError:
             reason = "carrying it needs torch, which is not installed"
         except (UnsupportedLayerError, ExchangeFileError) as err:
             reason = str(err)
     if notes is not None:
-        notes.append(f"optimizer state left out: {reason}")
+        notes.append(f"{what} left out: {reason}")
     return None
+
+
+def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> None:
+    """What generated code's `train_step` needs beyond a carried state: one output, a loss it
+    reproduces (`loss_call`), and BatchNormalizations whose training `KerasBatchNorm` is."""
+    if len(graph.outputs) != 1:
+        raise UnsupportedLayerError(f"{where}: training a model of {len(graph.outputs)} outputs is not supported")
+    loss_call(state.loss, where)
+    for node in graph.layers:
+        if node.kind == "batch_norm" and node.config.renorm:
+            raise UnsupportedLayerError(
+                f"{where}: layer {node.name!r} BatchNormalization renorm=True trains with batch "
+                "renormalisation, which is not reproduced in torch"
+            )
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
