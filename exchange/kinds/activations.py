@@ -356,7 +356,10 @@ class Softmax(LayerKind):
     exp(x - logsumexp(x, axes)), and so does the torch side. A mask given as a tensor broadcasts
     against the input from the right, as numpy's rules (Keras's): one of the input's rank is held
     in torch's layout like the input; a shorter one (a (batch,) mask for a (batch, N) input lines
-    its batch axis up with N) is applied with the input in Keras's order."""
+    its batch axis up with N) is applied with the input in Keras's order. Keras keeps the positions
+    where a bool mask is True, another mask's where it is > 0.5 (an int mask: > 0), puts −1e9
+    (float16: −3e4) elsewhere and zeroes them after the softmax; so does the torch side. A Softmax
+    on an input that carries a Keras mask (from an Embedding or Masking) is refused."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
     mask_position = 1  # call(inputs, mask=None)

@@ -380,7 +380,9 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
 
 @register
 class EinsumDense(LayerKind):
-    """Keras's EinsumDense: `einsum(equation, x, kernel) + bias`, then the activation."""
+    """Keras's EinsumDense: `einsum(equation, x, kernel) + bias`, then the activation. The equation
+    is one of Keras's three forms (ab,bc->ac, ...b,bc->...c, ab...,bc->ac...: letters, `,`, `->`
+    and `...`), no letter twice in one operand."""
 
     kind, keras_classes, Config = "einsum_dense", ("EinsumDense",), EinsumDenseConfig
     casts_integers = True

@@ -714,7 +714,9 @@ class LayerScaleConfig:
 
 @register
 class LayerScale(LayerKind):
-    """keras.applications' ConvNeXt LayerScale: x * gamma per channel (gamma is a weight)."""
+    """keras.applications' ConvNeXt LayerScale: x * gamma per channel (gamma is a weight). ConvNeXt
+    adds its gamma without a name, so Keras calls it `variable`; torch's `ChannelScale` calls it
+    `gamma`."""
 
     kind, keras_classes, Config = "layer_scale", ("LayerScale",), LayerScaleConfig
     keeps_element_order = False

@@ -31,6 +31,9 @@ Conventions that differ:
   keeps each cell's variables in `cell/cells/lstm_cell`, `cell/cells/lstm_cell_1`, … (named by
   class and counted), nests a stack's initial states and returned states per cell ([h1, [h2, c2]]);
   the graph holds them flat, in that order.
+
+Not supported (refused by name): stateful=True (the states carry over between batches: state no
+file holds).
 """
 
 from __future__ import annotations

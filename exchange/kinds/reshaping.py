@@ -64,6 +64,9 @@ class FlattenConfig:
 
 @register
 class Flatten(LayerKind):
+    """Flattens every axis after the batch (see the module docstring for the order). A rank-1
+    input (`keras.Input(shape=())`, (N,)) becomes (N, 1), as in Keras (`unsqueeze(1)`)."""
+
     kind, keras_classes, Config = "flatten", ("Flatten",), FlattenConfig
     moves_values = True
     may_flatten_channels_first = True
@@ -621,7 +624,8 @@ class Embedding(LayerKind):
     is. Keras casts float ids to int; the torch side calls `.long()`. The result is held
     channels-first, (N, dim, T), like a Conv1D's. With `mask_zero=True` it makes the mask
     `ids != 0`, which Keras passes along to the layers that use it (see `Graph.masks`): recurrent
-    layers skip masked steps, GlobalAveragePooling1D leaves them out of the mean."""
+    layers skip masked steps, GlobalAveragePooling1D leaves them out of the mean. Integer ids
+    (int32, int64) keep their dtype; `--verify` draws ids below the vocabulary size."""
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
