@@ -112,6 +112,8 @@ class TorchBuilder(Protocol):
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
     masks: dict[str, TorchValue]  # Keras masks already computed, by name (see `torch_mask`)
+    root: Any  # the torch module being built (SpectralNormalization adds a holder module to it)
+    graph: Any  # its torch.fx graph
 
     @property
     def nn(self) -> ModuleType:
@@ -554,6 +556,19 @@ def check_choice(value: Any, allowed: tuple[Any, ...], what: str) -> Any:
     if value not in allowed or isinstance(value, bool):
         raise ExchangeError(f"{what} {_short(value)} is not one of {', '.join(map(repr, allowed))}")
     return value
+
+
+def known(size: int | None, what: str) -> int:
+    """A size that weights are built from (a kernel's input features). Shape inference refuses
+    unknown ones before a kind builds weights; None here is an error naming `what`."""
+    if size is None:
+        raise ExchangeError(f"{what} must be a known size, found None")
+    return size
+
+
+def known_shape(shape: Shape, what: str) -> tuple[int, ...]:
+    """`shape` with every size known (see `known`)."""
+    return tuple(known(size, what) for size in shape)
 
 
 def check_axis(axis: object, rank: int) -> int:
