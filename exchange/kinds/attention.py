@@ -143,19 +143,24 @@ class MultiHeadAttentionConfig:
             raise ExchangeError("MultiHeadAttention output_shape must be None or 1 to 7 sizes")
         for size in self.output_shape or ():
             check_int(size, "MultiHeadAttention output_shape", MAX_FEATURES)
-        roles = self.call_inputs
-        if (
-            len(set(roles)) != len(roles)
-            or not set(roles) <= set(CALL_INPUTS)
-            or "query" not in roles
-            or "value" not in roles
-        ):
-            raise ExchangeError(
-                f"MultiHeadAttention call_inputs must name query, value and optionally key "
-                f"and attention_mask once each, got {list(roles)}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
+        check_call_inputs_and_dropout(self.call_inputs, self.dropout, "MultiHeadAttention")
+
+
+def check_call_inputs_and_dropout(roles: tuple[str, ...], dropout: float, layer: str) -> None:
+    """The tensors a MultiHeadAttention or GroupedQueryAttention call names (query, value and
+    optionally key and attention_mask, once each) and its dropout rate, in [0, 1)."""
+    if (
+        len(set(roles)) != len(roles)
+        or not set(roles) <= set(CALL_INPUTS)
+        or "query" not in roles
+        or "value" not in roles
+    ):
+        raise ExchangeError(
+            f"{layer} call_inputs must name query, value and optionally key "
+            f"and attention_mask once each, got {list(roles)}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ExchangeError(f"{layer} dropout must be in [0, 1), got {dropout!r}")
 
 
 def _projections(config: Any) -> tuple[str, ...]:
@@ -904,19 +909,7 @@ class GroupedQueryAttentionConfig:
                 f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
                 f"of num_key_value_heads {self.num_key_value_heads}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ExchangeError(f"GroupedQueryAttention dropout must be in [0, 1), got {self.dropout!r}")
-        roles = self.call_inputs
-        if (
-            len(set(roles)) != len(roles)
-            or not set(roles) <= set(CALL_INPUTS)
-            or "query" not in roles
-            or "value" not in roles
-        ):
-            raise ExchangeError(
-                f"GroupedQueryAttention call_inputs must name query, value and optionally key "
-                f"and attention_mask once each, got {list(roles)}"
-            )
+        check_call_inputs_and_dropout(self.call_inputs, self.dropout, "GroupedQueryAttention")
 
 
 @register

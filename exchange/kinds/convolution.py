@@ -391,25 +391,7 @@ class Conv2D(_Convolution):
 
     def torch_module(self, builder: TorchBuilder, context: NodeContext, padding: tuple[int, ...]) -> Any:
         config = context.config
-        if config.lora_rank is not None:
-            return builder.helpers.LoRAConv(
-                self.in_channels(context),
-                config.filters,
-                config.kernel_size,
-                config.lora_rank,
-                scale=config.lora_alpha / config.lora_rank,
-                stride=config.strides,
-                padding=padding,
-                dilation=config.dilation_rate,
-                groups=config.groups,
-                bias=config.use_bias,
-                device="meta",
-                dtype=builder.dtype(context),
-            )
-        return self.conv_module(builder)(
-            self.in_channels(context),
-            config.filters,
-            kernel_size=config.kernel_size,
+        window = dict(
             stride=config.strides,
             padding=padding,
             dilation=config.dilation_rate,
@@ -417,6 +399,14 @@ class Conv2D(_Convolution):
             bias=config.use_bias,
             device="meta",
             dtype=builder.dtype(context),
+        )
+        if config.lora_rank is not None:
+            scale = config.lora_alpha / config.lora_rank
+            return builder.helpers.LoRAConv(
+                self.in_channels(context), config.filters, config.kernel_size, config.lora_rank, scale=scale, **window
+            )
+        return self.conv_module(builder)(
+            self.in_channels(context), config.filters, kernel_size=config.kernel_size, **window
         )
 
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
