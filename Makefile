@@ -28,7 +28,7 @@ test: venv
 
 # The seconds-long tier: tests that import neither Keras nor TensorFlow (graph, exchange file, validation,
 # the numpy reference). `pytest --lf` reruns what failed last.
-CORE_TESTS := tests/test_graph.py tests/test_fileformat.py tests/test_graph_validation.py tests/test_reference.py
+CORE_TESTS := tests/test_graph.py tests/test_fileformat.py tests/test_graph_validation.py tests/test_reference.py tests/test_layer_docs.py
 test-core: venv
 	$(PY) -m pytest -q $(CORE_TESTS)
 

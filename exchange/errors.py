@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 
 def printable(text: str) -> str:
@@ -25,7 +27,7 @@ class ExchangeError(Exception):
     """Base class: anything the exchange refuses to read, write or convert. Its message is made
     `printable`, so whatever a file put in it, it is one line."""
 
-    def __init__(self, message: str = "", *args) -> None:
+    def __init__(self, message: str = "", *args: object) -> None:
         super().__init__(printable(str(message)), *args)
 
 
@@ -62,7 +64,7 @@ class TensorMismatchError(ExchangeError):
 
 
 @contextmanager
-def framework_errors(node, framework: str):
+def framework_errors(node: Any, framework: str) -> Iterator[None]:
     """A framework's own exception while building one layer (a bug, or a config the checks let
     through) as one `UnsupportedLayerError` naming the layer, not a bare ValueError or RuntimeError
     from deep inside Keras or torch."""

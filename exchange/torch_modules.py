@@ -263,6 +263,27 @@ class KerasRecurrent(nn.Module):
         )
 
 
+def attend_heads(q, k, v, attn_mask, scale, dropout, explicit_scores):
+    """Keras's attention of projected heads q (N, heads, T, dim), k and v (N, heads, S, dim), for
+    KerasMultiHeadAttention and KerasGroupedQueryAttention. `attn_mask`, optional, is an additive
+    float mask broadcasting to (N, T, S). With `explicit_scores` (Keras's own path, with dropout
+    or returned scores) it puts −1e9 (float16: −3e4) at masked scores and zeroes them after the
+    softmax, so a fully masked row gives 0; otherwise the mask goes into
+    `scaled_dot_product_attention`. Returns (heads (N, heads, T, dim), scores (N, heads, T, S) or None)."""
+    if attn_mask is not None:
+        attn_mask = attn_mask.unsqueeze(-3)  # the same mask for every head
+    if not explicit_scores:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale, dropout_p=dropout), None
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if attn_mask is not None:
+        keep = attn_mask == 0
+        scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
+    scores = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:
+        scores = torch.where(keep, scores, 0.0)
+    return torch.matmul(F.dropout(scores, dropout) if dropout else scores, v), scores
+
+
 class KerasMultiHeadAttention(nn.Module):
     """Keras's MultiHeadAttention where `nn.MultiheadAttention` cannot hold it: heads narrower or
     wider than query_features / num_heads, value heads of another width than the key's, or an
@@ -327,21 +348,8 @@ class KerasMultiHeadAttention(nn.Module):
         q = self.query(query).view(batch, target, self.num_heads, self.key_dim).transpose(1, 2)
         k = self.key(key).view(batch, source, self.num_heads, self.key_dim).transpose(1, 2)
         v = self.value(value).view(batch, source, self.num_heads, self.value_dim).transpose(1, 2)
-        if attn_mask is not None:
-            attn_mask = attn_mask.unsqueeze(-3)  # the same mask for every head
         dropout = self.dropout if self.training else 0.0
-        scores = None
-        if self.explicit_scores:
-            scores = torch.matmul(q * self.scale, k.transpose(-2, -1))
-            if attn_mask is not None:
-                keep = attn_mask == 0
-                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
-            scores = torch.softmax(scores, dim=-1)
-            if attn_mask is not None:
-                scores = torch.where(keep, scores, 0.0)
-            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
-        else:
-            heads = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale, dropout_p=dropout)
+        heads, scores = attend_heads(q, k, v, attn_mask, self.scale, dropout, self.explicit_scores)
         heads = heads.transpose(1, 2).reshape(batch, target, self.num_heads * self.value_dim)
         if self.gate:
             heads = heads * torch.sigmoid(self.gate_projection(query))
@@ -501,23 +509,8 @@ class KerasGroupedQueryAttention(nn.Module):
         k = self.key(key).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         v = self.value(value).view(batch, source, self.num_key_value_heads, self.head_dim).transpose(1, 2)
         k, v = k.repeat_interleave(repeats, dim=1), v.repeat_interleave(repeats, dim=1)
-        if attn_mask is not None:
-            attn_mask = attn_mask.unsqueeze(-3)  # the same mask for every head
         dropout = self.dropout if self.training else 0.0
-        scores = None
-        if self.explicit_scores:
-            scores = torch.matmul(q * self.head_dim**-0.5, k.transpose(-2, -1))
-            if attn_mask is not None:
-                keep = attn_mask == 0
-                scores = torch.where(keep, scores, -3e4 if scores.dtype == torch.float16 else -1e9)
-            scores = torch.softmax(scores, dim=-1)
-            if attn_mask is not None:
-                scores = torch.where(keep, scores, 0.0)
-            heads = torch.matmul(F.dropout(scores, dropout) if dropout else scores, v)
-        else:
-            heads = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=attn_mask, scale=self.head_dim**-0.5, dropout_p=dropout
-            )
+        heads, scores = attend_heads(q, k, v, attn_mask, self.head_dim**-0.5, dropout, self.explicit_scores)
         heads = heads.transpose(1, 2).reshape(batch, target, self.num_query_heads * self.head_dim)
         if self.gate:
             heads = heads * torch.sigmoid(self.gate_projection(query))

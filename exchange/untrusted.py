@@ -18,10 +18,13 @@ import re
 import stat
 import zipfile
 import zlib
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, NoReturn
 
 import h5py
 import numpy as np
+from numpy.typing import DTypeLike
 
 from exchange.errors import ExchangeFileError, first_line
 from exchange.graph import MAX_NODES
@@ -57,7 +60,7 @@ _FILE_TYPES = (
 )
 
 
-def regular_file(path: str | os.PathLike) -> int:
+def regular_file(path: str | os.PathLike[str]) -> int:
     """The size of `path` after checking, without opening it, that it is a regular file: reading a
     FIFO blocks forever and /dev/zero never ends."""
     try:
@@ -118,7 +121,7 @@ def _json_float(text: str) -> float:
     return value
 
 
-def _json_constant(text: str):
+def _json_constant(text: str) -> NoReturn:
     raise ValueError(f"{text} is not a number this tool accepts")
 
 
@@ -159,12 +162,13 @@ def read_zip_member(archive: zipfile.ZipFile, name: str, label: str, limit: int)
     return data
 
 
-def declared_nbytes(shape, dtype: np.dtype) -> int:
+def declared_nbytes(shape: Iterable[int], dtype: DTypeLike) -> int:
     """Bytes of an array of `shape`, in Python integers (numpy's product wraps around at 2**63)."""
-    return math.prod(int(size) for size in shape) * np.dtype(dtype).itemsize
+    count: int = math.prod(int(size) for size in shape)
+    return count * np.dtype(dtype).itemsize
 
 
-def check_path_text(value, label: str, what: str) -> str:
+def check_path_text(value: object, label: str, what: str) -> str:
     """An HDF5 attribute or name that must be text: bytes are decoded strictly as UTF-8."""
     if isinstance(value, np.ndarray) and value.shape == ():
         value = value.item()
@@ -182,7 +186,7 @@ def check_path_text(value, label: str, what: str) -> str:
     raise ExchangeFileError(f"{label}: {what} is {type(value).__name__}, expected text")
 
 
-def hdf5_get(h5: h5py.Group, path: str, label: str, checked: dict | None = None):
+def hdf5_get(h5: h5py.Group, path: str, label: str, checked: dict[str, Any] | None = None) -> Any:
     """`h5.get(path)`, following hard links only: a soft or external link could lead out of the
     file (h5py opens the file an external link names), and Keras writes neither. `checked` keeps
     the groups already resolved (a model's 300 datasets share a few dozen groups)."""
@@ -260,7 +264,7 @@ def check_torch_archive(path: Path) -> None:
         ) from None
 
 
-def hdf5_attribute(node, name: str, label: str, window_size: int, default=None):
+def hdf5_attribute(node: Any, name: str, label: str, window_size: int, default: Any = None) -> Any:
     """An attribute's value, after checking that its declared size fits the file: h5py allocates
     the declared shape before reading it."""
     if name not in node.attrs:

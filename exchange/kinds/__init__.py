@@ -12,6 +12,21 @@ kind: the graph, the file format, the adapters and the CLI ask the kind.
 
 Registering a kind or a Keras class name twice is an error; an unknown kind or Keras class is an
 error naming it.
+
+Conventions that differ (every layer):
+- Masks. Keras carries a mask beside a tensor, made by an Embedding with `mask_zero=True`
+  (`ids != 0`) or by Masking, and passes it through the layers with `supports_masking` (a kind's
+  `passes_mask`; a merge keeps it only when every input carries the same one) to the layers that
+  read it (recurrent layers, GlobalAveragePooling1D, attention); any other layer drops it, as in
+  Keras. torch has no masks: the graph follows them (`Graph.masks`) and the torch side computes
+  each one as a bool tensor (`builder.masks`) for the layers that read it.
+- A mask given as a tensor (`layer(x, mask)` or `mask=m`, of a bool, int or float input) is the
+  node's last input (`config.mask_input`), kept where it is not 0 unless the kind says otherwise
+  (Softmax). Only the kinds that set `mask_position` read one; any other layer given one is refused.
+- Integer inputs. Keras's layers treat integer and bool inputs each their own way, so such a
+  tensor is read only where a kind says so (`reads_integers`: token ids, lookups and encodings,
+  attention or step masks, and the kinds that `casts_integers`, which Keras computes in the layer's
+  float dtype); elsewhere it is refused (`exchange.verify.check_integer_inputs`).
 """
 
 from __future__ import annotations
@@ -97,6 +112,8 @@ class TorchBuilder(Protocol):
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
     masks: dict[str, TorchValue]  # Keras masks already computed, by name (see `torch_mask`)
+    root: Any  # the torch module being built (SpectralNormalization adds a holder module to it)
+    graph: Any  # its torch.fx graph
 
     @property
     def nn(self) -> ModuleType:
@@ -539,6 +556,19 @@ def check_choice(value: Any, allowed: tuple[Any, ...], what: str) -> Any:
     if value not in allowed or isinstance(value, bool):
         raise ExchangeError(f"{what} {_short(value)} is not one of {', '.join(map(repr, allowed))}")
     return value
+
+
+def known(size: int | None, what: str) -> int:
+    """A size that weights are built from (a kernel's input features). Shape inference refuses
+    unknown ones before a kind builds weights; None here is an error naming `what`."""
+    if size is None:
+        raise ExchangeError(f"{what} must be a known size, found None")
+    return size
+
+
+def known_shape(shape: Shape, what: str) -> tuple[int, ...]:
+    """`shape` with every size known (see `known`)."""
+    return tuple(known(size, what) for size in shape)
 
 
 def check_axis(axis: object, rank: int) -> int:

@@ -21,20 +21,37 @@ Conventions that differ:
 from __future__ import annotations
 
 import contextvars
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_axis, check_int, coerce, register
+from exchange.kinds import (
+    MAX_AXIS,
+    OMIT_DEFAULT,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    _short,
+    check_axis,
+    check_int,
+    coerce,
+    register,
+)
 from exchange.kinds.axis_order import torch_shape
-from exchange.ports import Permute, Port, Reshape
+from exchange.ports import Permute, Port, Reshape, Step
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 
-def _np_softmax(x):
+def _np_softmax(x: Any) -> Any:
     exponentials = np.exp(x - x.max(axis=-1, keepdims=True))
     return exponentials / exponentials.sum(axis=-1, keepdims=True)
 
@@ -47,9 +64,9 @@ class Activation:
     `helpers` (`exchange.torch_modules`) so that this module imports no torch; its Keras 3 name
     (None where Keras 3 has none); and, where written, a numpy form (on Keras-layout arrays)."""
 
-    torch: tuple[str, str, dict]
+    torch: tuple[str, str, dict[str, Any]]
     keras: str | None
-    numpy: object = None
+    numpy: Callable[[Any], Any] | None = None
 
 
 # Keyed by the exchange's name for the activation (Keras 3's, except hard_sigmoid_keras2 and gelu_tanh).
@@ -81,7 +98,7 @@ ELEMENTWISE_ACTIVATIONS = tuple(name for name, activation in ACTIVATIONS.items()
 KERAS_SPELLINGS = {"swish": "silu", "hard_swish": "hard_silu"}
 
 
-def read_activation(options, key: str = "activation") -> str:
+def read_activation(options: KerasOptions, key: str = "activation") -> str:
     """The exchange name of a layer's activation option; anything else is an error naming it."""
     value = options.take(key, "linear")
     if value is None:
@@ -109,14 +126,14 @@ def check_activation(name: str, what: str) -> str:
     return name
 
 
-def torch_function(name: str, namespaces) -> tuple:
+def torch_function(name: str, namespaces: Any) -> tuple[Callable[..., Any], dict[str, Any]]:
     """(function, keyword arguments) of activation `name`, looked up on `namespaces` (an object
     with `torch`, `F` and `helpers`: a torch builder, or `exchange.torch_modules.NAMESPACES`)."""
     namespace, function_name, keywords = ACTIVATIONS[name].torch
     return getattr(getattr(namespaces, namespace), function_name), keywords
 
 
-def torch_activation(builder, name: str, value):
+def torch_activation(builder: TorchBuilder, name: str, value: TorchValue) -> TorchValue:
     """Apply activation `name` in the torch graph: one statement (none for `linear`)."""
     if name == "linear":
         return value
@@ -130,14 +147,14 @@ KERAS_FORMULAS: dict[str, tuple[str, Callable[[Any], Callable[[Any], Any]]]] = {
     "hard_sigmoid_keras2": ("clip(0.2x + 0.5, 0, 1)", lambda ops: lambda x: ops.clip(0.2 * x + 0.5, 0.0, 1.0)),
     "gelu_tanh": ("gelu(x, approximate=True)", lambda ops: lambda x: ops.gelu(x, approximate=True)),
 }
-_formulas_used: contextvars.ContextVar[set | None] = contextvars.ContextVar("keras_formulas", default=None)
+_formulas_used: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("keras_formulas", default=None)
 _formula_functions: dict[str, object] = {}
 # How Keras names such a function in a config (registered, so that the model's config reads back).
 FORMULA_PACKAGE = "exchange"
 
 
 @contextmanager
-def keras_formulas():
+def keras_formulas() -> Iterator[set[str]]:
     """While the block runs, `keras_activation` gives the activations Keras 3 has no name for as
     keras.ops functions (KERAS_FORMULAS) instead of refusing them; yields the set of those used.
     For a model that is run, never saved (`--verify`)."""
@@ -149,7 +166,7 @@ def keras_formulas():
         _formulas_used.reset(token)
 
 
-def _formula_function(name: str):
+def _formula_function(name: str) -> object:
     """KERAS_FORMULAS[name] as a Keras function, registered once as `exchange>NAME`."""
     if name not in _formula_functions:
         import keras
@@ -160,7 +177,7 @@ def _formula_function(name: str):
     return _formula_functions[name]
 
 
-def keras_activation(name: str, what: str):
+def keras_activation(name: str, what: str) -> object:
     """The Keras 3 name of activation `name` (a keras.ops function inside `keras_formulas()`)."""
     keras_name = ACTIVATIONS[name].keras
     if keras_name is None:
@@ -174,7 +191,7 @@ def keras_activation(name: str, what: str):
     return keras_name
 
 
-def numpy_activation(name: str, what: str):
+def numpy_activation(name: str, what: str) -> Callable[[Any], Any]:
     function = ACTIVATIONS[name].numpy
     if function is None:
         from exchange.errors import UnsupportedLayerError
@@ -197,18 +214,18 @@ class ActivationLayer(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ActivationConfig:
         return ActivationConfig(options.activation())
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return torch_activation(builder, context.config.activation, inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Activation(
             keras_activation(context.config.activation, context.node.name), **context.keras_identity
         )
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return numpy_activation(context.config.activation, context.node.name)(inputs[0])
 
 
@@ -235,7 +252,7 @@ class ReLU(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ReLUConfig:
         max_value = options.take("max_value", None)
         return ReLUConfig(
             None if max_value is None else float(max_value),
@@ -243,7 +260,7 @@ class ReLU(LayerKind):
             options.number("threshold", 0.0),
         )
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         if config.negative_slope == 0 and config.threshold == 0 and config.max_value in (None, 6.0):
             return builder.call(builder.F.relu if config.max_value is None else builder.F.relu6, inputs[0])
@@ -251,7 +268,7 @@ class ReLU(LayerKind):
             context, builder.helpers.KerasReLU(config.max_value, config.negative_slope, config.threshold), inputs[0]
         )
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.ReLU(
             max_value=config.max_value,
@@ -279,13 +296,13 @@ class LeakyReLU(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> LeakyReLUConfig:
         return LeakyReLUConfig(options.number("negative_slope", 0.3, keras2="alpha"))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.call(builder.F.leaky_relu, inputs[0], negative_slope=context.config.negative_slope)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.LeakyReLU(negative_slope=context.config.negative_slope, **context.keras_identity)
 
 
@@ -300,13 +317,13 @@ class ELU(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ELUConfig:
         return ELUConfig(options.number("alpha", 1.0))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.call(builder.F.elu, inputs[0], alpha=context.config.alpha)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.ELU(alpha=context.config.alpha, **context.keras_identity)
 
 
@@ -315,7 +332,7 @@ SOFTMAX_LARGE_NEGATIVE = {"float16": -3e4}
 DEFAULT_SOFTMAX_LARGE_NEGATIVE = -1e9
 
 
-def _batch_shape(shape) -> str:
+def _batch_shape(shape: Shape) -> str:
     return "(" + ", ".join(["batch"] + ["None" if size is None else str(size) for size in shape]) + ")"
 
 
@@ -334,7 +351,7 @@ class SoftmaxConfig:
             check_int(axis, "Softmax axis", MAX_AXIS, -MAX_AXIS)
 
 
-def softmax_axes(axis, rank: int) -> tuple[int, ...]:
+def softmax_axes(axis: int | tuple[int, ...], rank: int) -> tuple[int, ...]:
     """The Keras axes (batch included) a Softmax normalises over, as positive feature axes in
     1..rank. The batch axis is refused: each row's output would depend on the rows batched with it,
     which Keras's `predict` and a torch call batch differently."""
@@ -356,12 +373,15 @@ class Softmax(LayerKind):
     exp(x - logsumexp(x, axes)), and so does the torch side. A mask given as a tensor broadcasts
     against the input from the right, as numpy's rules (Keras's): one of the input's rank is held
     in torch's layout like the input; a shorter one (a (batch,) mask for a (batch, N) input lines
-    its batch axis up with N) is applied with the input in Keras's order."""
+    its batch axis up with N) is applied with the input in Keras's order. Keras keeps the positions
+    where a bool mask is True, another mask's where it is > 0.5 (an int mask: > 0), puts −1e9
+    (float16: −3e4) elsewhere and zeroes them after the softmax; so does the torch side. A Softmax
+    on an input that carries a Keras mask (from an Embedding or Masking) is refused."""
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
     mask_position = 1  # call(inputs, mask=None)
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         if node.config.mask_input:  # Keras passes the mask it was given on (supports_masking)
             return node.inputs[-1]
         if input_masks[0] is not None:  # Keras adds a large negative number at masked steps
@@ -370,7 +390,7 @@ class Softmax(LayerKind):
             )
         return None
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> SoftmaxConfig:
         axis = options.take("axis", -1)
         if isinstance(axis, list) and len(axis) == 1:
             axis = axis[0]
@@ -384,7 +404,7 @@ class Softmax(LayerKind):
             raise options.unsupported("axis", axis, "an axis or a list of axes")
         return SoftmaxConfig(axis, options.take_mask_input())
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: SoftmaxConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         softmax_axes(config.axis, len(input_shapes[0]))
         if config.mask_input:
             # Keras broadcasts the mask from the right (numpy's rules), batch axes included.
@@ -401,7 +421,7 @@ class Softmax(LayerKind):
                 )
         return input_shapes[0]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
         torch, rank = builder.torch, len(context.input_shape)
@@ -425,17 +445,17 @@ class Softmax(LayerKind):
         value = builder.call(torch.where, keep, value, 0.0)
         return builder.call(torch.permute, value, to_torch_order(rank)) if keras_order else value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         axis = context.config.axis
         return keras.layers.Softmax(axis=list(axis) if isinstance(axis, tuple) else axis, **context.keras_identity)
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         if context.config.mask_input:
             return keras_layer(arguments[0], mask=arguments[-1])
         return keras_layer(arguments[0])
 
 
-def _softmax(builder, value, dims: tuple[int, ...]):
+def _softmax(builder: TorchBuilder, value: TorchValue, dims: tuple[int, ...]) -> TorchValue:
     """Softmax over torch dims: `torch.softmax` for one, exp(x - logsumexp(x, dims)) for several."""
     torch = builder.torch
     if len(dims) == 1:
@@ -455,7 +475,7 @@ class PReLUConfig:
             raise ExchangeError(f"PReLU shared_axes {list(self.shared_axes)} repeat an axis")
 
 
-def _alpha_shape(config, input_shape) -> tuple:
+def _alpha_shape(config: PReLUConfig, input_shape: Shape) -> tuple[int, ...]:
     """Keras's alpha: the input's shape without the batch, 1 along each shared axis."""
     for axis in config.shared_axes:
         if axis > len(input_shape):
@@ -468,7 +488,7 @@ def _alpha_shape(config, input_shape) -> tuple:
             f"PReLU needs a known size along every axis it does not share, "
             f"found input shape {_batch_shape(input_shape)}"
         )
-    return shape
+    return cast("tuple[int, ...]", shape)
 
 
 @register
@@ -478,7 +498,7 @@ class PReLU(LayerKind):
     kind, keras_classes, Config = "prelu", ("PReLU",), PReLUConfig
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> PReLUConfig:
         shared = options.take("shared_axes", None)
         if isinstance(shared, int) and not isinstance(shared, bool):
             shared = [shared]
@@ -490,24 +510,24 @@ class PReLU(LayerKind):
             raise options.unsupported("shared_axes", shared, "positive axes (batch is 0)")
         return PReLUConfig(tuple(shared))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: PReLUConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         _alpha_shape(config, input_shapes[0])
         return input_shapes[0]
 
-    def _per_channel(self, alpha: tuple) -> bool:
+    def _per_channel(self, alpha: tuple[int, ...]) -> bool:
         """Whether `nn.PReLU` holds this alpha: one value, or one per channel (the last axis)."""
         return all(size == 1 for size in alpha[:-1])
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         alpha = _alpha_shape(context.config, context.input_shape)
-        steps: tuple = ()
+        steps: tuple[Step, ...] = ()
         if len(alpha) >= 2:
             steps = (Permute((len(alpha) - 1,) + tuple(range(len(alpha) - 1))),)
             if self._per_channel(alpha):
                 steps += (Reshape(torch_shape(alpha), alpha[-1:]),)
         return [Port("alpha", "weight", steps, shape=alpha)]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         alpha = _alpha_shape(context.config, context.input_shape)
         if self._per_channel(alpha):
             module = builder.nn.PReLU(alpha[-1], device="meta", dtype=builder.dtype(context))
@@ -515,6 +535,6 @@ class PReLU(LayerKind):
             module = builder.helpers.KerasPReLU(torch_shape(alpha), device="meta", dtype=builder.dtype(context))
         return builder.module(context, module, inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         shared = list(context.config.shared_axes) or None
         return keras.layers.PReLU(shared_axes=shared, **context.keras_identity)

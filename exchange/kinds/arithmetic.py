@@ -21,14 +21,31 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, OMIT_DEFAULT, LayerKind, _short, check_int, register
+from exchange.kinds import (
+    MAX_AXIS,
+    OMIT_DEFAULT,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    _short,
+    check_int,
+    register,
+)
 from exchange.kinds.axis_order import to_torch_order
 from exchange.kinds.merging import broadcast_shapes
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
 ARRAY = "array"  # the operand that is the config's array constant
 MAX_ARRAY_VALUES = 1 << 16  # an array constant's values: real ones are per-channel scales, a few thousand at most
@@ -64,16 +81,20 @@ class OperandsConfig:
             )
 
 
-def _array_constant(value, where) -> tuple[tuple[int, ...], tuple[float, ...]]:
+def _array_constant(
+    value: Any, where: Callable[[str, Any, str], UnsupportedLayerError]
+) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """(shape, row-major float32 values) of a nested list of numbers (Keras 3's `__numpy__` value,
     tf.keras's list); ragged or non-numeric lists are refused."""
-    shape, level = [], value
+    shape: list[int] = []
+    level = value
     while isinstance(level, list):
         if not level or len(shape) >= MAX_AXIS:
             raise where("argument", _short(value), f"an array of 1 to {MAX_AXIS} axes, none empty")
         shape.append(len(level))
         level = level[0]
-    flat, rows = [], [value]
+    flat: list[float] = []
+    rows = [value]
     for _ in shape:
         if not all(isinstance(row, list) and len(row) == len(rows[0]) for row in rows):
             raise where("argument", _short(value), "a rectangular array")
@@ -92,13 +113,15 @@ class _Arithmetic(LayerKind):
     torch_function = ""  # name of the torch function
     keras_operation = ""  # class name in keras.src.ops.numpy
     autocasts = False
-    python_operator = None
+    python_operator: Callable[..., Any]  # the numpy form, of two operands
 
-    def from_keras(self, options):
-        operands, shape, values = [], (), ()
+    def from_keras(self, options: KerasOptions) -> OperandsConfig:
+        operands: list[float | str | None] = []
+        shape: tuple[int, ...] = ()
+        values: tuple[float, ...] = ()
         for value in options.call_args:
             if isinstance(value, dict) and value.get("class_name") == "__numpy__" and not shape:
-                array = value.get("config") if isinstance(value.get("config"), dict) else {}
+                array: Any = value.get("config") if isinstance(value.get("config"), dict) else {}
                 if set(array) != {"value", "dtype"} or array["dtype"] != "float32":
                     raise options.unsupported("argument", value, "float32 arrays")
                 shape, values = _array_constant(array["value"], options.unsupported)
@@ -111,7 +134,7 @@ class _Arithmetic(LayerKind):
             raise options.unsupported("arguments", operands, "two operands")
         return OperandsConfig(tuple(operands), values, shape)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: OperandsConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if config.operands.count(None) != len(input_shapes):
             raise ExchangeError(f"operands {config.operands} do not match {len(input_shapes)} inputs")
         if config.array_shape:
@@ -124,13 +147,13 @@ class _Arithmetic(LayerKind):
             return broadcast_shapes([input_shapes[0], (1,) * (rank - len(config.array_shape)) + config.array_shape])
         return input_shapes[0] if len(input_shapes) == 1 else broadcast_shapes(input_shapes)
 
-    def _operands(self, context, inputs: list, array=None) -> list:
+    def _operands(self, context: NodeContext, inputs: list[Any], array: Any = None) -> list[Any]:
         tensors = iter(inputs)
         return [
             next(tensors) if value is None else array if value == ARRAY else value for value in context.config.operands
         ]
 
-    def _torch_array(self, builder, context, inputs):
+    def _torch_array(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         """The array constant as a tensor on the input's device, in its dtype and torch layout."""
         config, rank = context.config, len(context.output_shape)
         if not config.array_shape:
@@ -139,22 +162,22 @@ class _Arithmetic(LayerKind):
         value = builder.method(value, "reshape", (1,) * (rank + 1 - len(config.array_shape)) + config.array_shape)
         return value if rank < 2 else builder.call(builder.torch.permute, value, to_torch_order(rank))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         operands = self._operands(context, inputs, self._torch_array(builder, context, inputs))
         return builder.call(getattr(builder.torch, self.torch_function), *operands)
 
-    def _numpy_array(self, config):
+    def _numpy_array(self, config: OperandsConfig) -> NDArray[np.float32] | None:
         return np.asarray(config.array, np.float32).reshape(config.array_shape) if config.array_shape else None
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         from keras.src.ops import numpy as keras_numpy_ops  # the operation classes Keras records
 
         return getattr(keras_numpy_ops, self.keras_operation)(name=context.node.name)
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         return keras_layer(*self._operands(context, arguments, self._numpy_array(context.config)))
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return self.python_operator(*self._operands(context, inputs, self._numpy_array(context.config)))
 
 
@@ -187,7 +210,7 @@ class _Extremum(_Arithmetic):
 
     clamp_bound = ""  # "min" for maximum (the result is at least the number), "max" for minimum
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         numbers = [value for value in context.config.operands if isinstance(value, float)]
         if not numbers:
             return super().torch_forward(builder, context, inputs)

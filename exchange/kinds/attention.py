@@ -74,6 +74,8 @@ from __future__ import annotations
 import operator
 from dataclasses import dataclass, field
 from math import prod
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, overload
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (
@@ -82,13 +84,21 @@ from exchange.kinds import (
     MAX_HEADS,
     OMIT_DEFAULT,
     TENSOR,
+    KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     check_int,
     check_ints,
+    known,
     register,
 )
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
-from exchange.ports import Packed, Permute, Port, Reshape
+from exchange.ports import Packed, Permute, Port, Reshape, Step
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 # What each node input is in the Keras call `layer(query, value, key=None, attention_mask=None)`.
 CALL_INPUTS = ("query", "value", "key", "attention_mask")
@@ -133,43 +143,56 @@ class MultiHeadAttentionConfig:
             raise ExchangeError("MultiHeadAttention output_shape must be None or 1 to 7 sizes")
         for size in self.output_shape or ():
             check_int(size, "MultiHeadAttention output_shape", MAX_FEATURES)
-        roles = self.call_inputs
-        if (
-            len(set(roles)) != len(roles)
-            or not set(roles) <= set(CALL_INPUTS)
-            or "query" not in roles
-            or "value" not in roles
-        ):
-            raise ExchangeError(
-                f"MultiHeadAttention call_inputs must name query, value and optionally key "
-                f"and attention_mask once each, got {list(roles)}"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ExchangeError(f"MultiHeadAttention dropout must be in [0, 1), got {self.dropout!r}")
+        check_call_inputs_and_dropout(self.call_inputs, self.dropout, "MultiHeadAttention")
 
 
-def _projections(config) -> tuple[str, ...]:
+def check_call_inputs_and_dropout(roles: tuple[str, ...], dropout: float, layer: str) -> None:
+    """The tensors a MultiHeadAttention or GroupedQueryAttention call names (query, value and
+    optionally key and attention_mask, once each) and its dropout rate, in [0, 1)."""
+    if (
+        len(set(roles)) != len(roles)
+        or not set(roles) <= set(CALL_INPUTS)
+        or "query" not in roles
+        or "value" not in roles
+    ):
+        raise ExchangeError(
+            f"{layer} call_inputs must name query, value and optionally key "
+            f"and attention_mask once each, got {list(roles)}"
+        )
+    if not 0.0 <= dropout < 1.0:
+        raise ExchangeError(f"{layer} dropout must be in [0, 1), got {dropout!r}")
+
+
+def _projections(config: Any) -> tuple[str, ...]:
     return GATED_PROJECTIONS if config.use_gate else PROJECTIONS
 
 
-def _output_shape(config, query_width: int) -> tuple[int, ...]:
+@overload
+def _output_shape(config: Any, query_width: int) -> tuple[int, ...]: ...
+@overload
+def _output_shape(config: Any, query_width: int | None) -> Shape: ...
+def _output_shape(config: Any, query_width: int | None) -> Shape:
     return tuple(config.output_shape) if config.output_shape is not None else (query_width,)
 
 
-def _widths(context) -> dict[str, int]:
+def _widths(context: NodeContext) -> dict[str, int]:
     """Feature width of the query, key and value inputs (the key defaults to the value)."""
-    shapes = dict(zip(context.config.call_inputs, context.input_shapes))
-    return {"query": shapes["query"][-1], "value": shapes["value"][-1], "key": shapes.get("key", shapes["value"])[-1]}
+    shapes: dict[str, Shape] = dict(zip(context.config.call_inputs, context.input_shapes))
+    key = shapes.get("key", shapes["value"])
+    return {
+        role: known(shape[-1], f"the {role}'s features")
+        for role, shape in (("query", shapes["query"]), ("value", shapes["value"]), ("key", key))
+    }
 
 
-def explicit_scores(config, rank: int = 2) -> bool:
+def explicit_scores(config: Any, rank: int = 2) -> bool:
     """Whether Keras computes the scores itself (dropout, returned scores, or inputs other than
     sequences): −1e9 at masked scores, zeroed after the softmax; otherwise its
     dot_product_attention (see the docstring). `rank`: the query's, without the batch."""
-    return config.dropout > 0 or config.return_attention_scores or rank != 2
+    return bool(config.dropout > 0 or config.return_attention_scores or rank != 2)
 
 
-def fits_torch_multihead(config, query_width: int, rank: int = 2) -> bool:
+def fits_torch_multihead(config: Any, query_width: int, rank: int = 2) -> bool:
     """Whether `nn.MultiheadAttention` holds this layer exactly (see the module docstring)."""
     return (
         config.num_heads * config.key_dim == query_width
@@ -180,7 +203,7 @@ def fits_torch_multihead(config, query_width: int, rank: int = 2) -> bool:
     )
 
 
-def attended_axes(config, rank: int) -> tuple[int, ...]:
+def attended_axes(config: Any, rank: int) -> tuple[int, ...]:
     """The Keras axes (positive, in Keras's order) attended over, for inputs of `rank` axes
     after the batch (the last the features): Keras's None is all of 1..rank-1."""
     if config.attention_axes is None:
@@ -194,12 +217,12 @@ def attended_axes(config, rank: int) -> tuple[int, ...]:
     return axes
 
 
-def _kernel_steps(features: int, heads: int, dim: int) -> tuple:
+def _kernel_steps(features: int, heads: int, dim: int) -> tuple[Step, ...]:
     """Keras (features, heads, dim) -> torch (heads·dim, features), heads outermost."""
     return (Reshape((features, heads, dim), (features, heads * dim)), Permute((1, 0)))
 
 
-def _bias_steps(heads: int, dim: int) -> tuple:
+def _bias_steps(heads: int, dim: int) -> tuple[Step, ...]:
     return (Reshape((heads, dim), (heads * dim,)),)
 
 
@@ -213,11 +236,11 @@ class MultiHeadAttention(LayerKind):
 
     # -- reading ----------------------------------------------------------------------------
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         roles = node.config.call_inputs
         return position < len(roles) and roles[position] == "attention_mask"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> MultiHeadAttentionConfig:
         options.expect("softmax_robust_masking", False)  # tf-keras: another masked softmax
         options.take("flash_attention", None)  # an implementation choice: the same attention
         window = options.take("sliding_window", None)
@@ -258,24 +281,25 @@ class MultiHeadAttention(LayerKind):
             None if axes is None else tuple(axes),
         )
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: MultiHeadAttentionConfig) -> tuple[str, ...]:
         return tuple(
             "_gate_dense" if projection == "gate" else f"{projection}_dense" for projection in _projections(config)
         )
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         config = node.config
         if config.attention_axes not in (None, (1,), (-2,)) and any(mask is not None for mask in input_masks):
             raise UnsupportedLayerError(
                 f"layer {node.name!r} (MultiHeadAttention): masked inputs with "
                 f"attention_axes {list(config.attention_axes)} are not supported"
             )
-        return input_masks[config.call_inputs.index("query")]  # Keras sets the query's mask on the output
+        query: int = config.call_inputs.index("query")
+        return input_masks[query]  # Keras sets the query's mask on the output
 
-    def output_count(self, config):
+    def output_count(self, config: MultiHeadAttentionConfig) -> int:
         return 2 if config.return_attention_scores else 1
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: MultiHeadAttentionConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         output = self.output_shape(config, input_shapes)
         if not config.return_attention_scores:
             return [output]
@@ -291,12 +315,12 @@ class MultiHeadAttention(LayerKind):
             + tuple(shapes["value"][axis - 1] for axis in attended),
         ]
 
-    def output_masks(self, node, input_masks):
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: MultiHeadAttentionConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes) != len(config.call_inputs):
             raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
         shapes = dict(zip(config.call_inputs, input_shapes))
@@ -325,7 +349,7 @@ class MultiHeadAttention(LayerKind):
                 )
         return (shapes["query"][0],) + _output_shape(config, shapes["query"][-1])
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, widths = context.config, _widths(context)
         heads, out = config.num_heads, _output_shape(config, widths["query"])
         dims = {"query": config.key_dim, "key": config.key_dim, "value": config.value_dim}
@@ -346,7 +370,7 @@ class MultiHeadAttention(LayerKind):
                 )
                 kernel_steps["gate"] = _kernel_steps(widths["query"], heads, config.value_dim)
             module = {role: "gate_projection" if role == "gate" else role for role in dims}  # `gate` is its flag
-            ports = [
+            ports: list[AnyPort] = [
                 Port(f"{role}_kernel", f"{module[role]}.weight", kernel_steps[role], shape=kernel_shapes[role])
                 for role in dims
             ]
@@ -387,7 +411,7 @@ class MultiHeadAttention(LayerKind):
             ports.append(Port("output_bias", "out_proj.bias", shape=out))
         return ports
 
-    def keras_variables(self, context):
+    def keras_variables(self, context: NodeContext) -> list[tuple[str, tuple[int, ...]]]:
         """Keras keeps each projection's kernel then its bias (query, key, value, output); the
         ports pack the three kernels, then the three biases."""
         shapes = dict(super().keras_variables(context))
@@ -400,13 +424,13 @@ class MultiHeadAttention(LayerKind):
 
     # -- building -------------------------------------------------------------------------
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, widths, rank = context.config, _widths(context), len(context.input_shape)
         values = dict(zip(config.call_inputs, inputs))
         folding = _Folding(context) if rank > 2 or attended_axes(config, rank) != (1,) else None
         batch_first = {}  # one movedim per distinct input: self-attention reads one tensor
 
-        def steps_last(value):
+        def steps_last(value: TorchValue) -> TorchValue:
             if value not in batch_first:
                 batch_first[value] = (
                     builder.call(builder.torch.movedim, value, 1, -1)
@@ -467,7 +491,7 @@ class MultiHeadAttention(LayerKind):
             return builder.call(builder.torch.movedim, builder.call(operator.getitem, output, 0), -1, 1), scores
         return builder.call(builder.torch.movedim, output, -1, 1)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.MultiHeadAttention(
             config.num_heads,
@@ -482,17 +506,22 @@ class MultiHeadAttention(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
-        config = context.config
-        values = dict(zip(config.call_inputs, arguments))
-        keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
-        for flag in ("use_causal_mask", "return_attention_scores"):
-            if getattr(config, flag):
-                keywords[flag] = True
-        return keras_layer(values["query"], values["value"], **keywords)
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
+        return _call_attention_layer(keras_layer, arguments, context)
 
 
-def _check_attention_axes(config, shapes: dict, attended: tuple) -> None:
+def _call_attention_layer(keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
+    """Call a MultiHeadAttention or GroupedQueryAttention layer: its tensors by role, its flags."""
+    config = context.config
+    values = dict(zip(config.call_inputs, arguments))
+    keywords = {role: values[role] for role in ("key", "attention_mask") if role in values}
+    for flag in ("use_causal_mask", "return_attention_scores"):
+        if getattr(config, flag):
+            keywords[flag] = True
+    return keras_layer(values["query"], values["value"], **keywords)
+
+
+def _check_attention_axes(config: Any, shapes: dict[str, Shape], attended: tuple[int, ...]) -> None:
     """Attention over other axes than one sequence axis (see the module docstring): sizes known
     but the batch's, the value's and key's other axes the query's; a causal or sliding-window mask
     only over axis 1 (Keras builds them from axis 1's sizes); no attention_mask."""
@@ -530,7 +559,7 @@ class _Folding:
     batch and the attended ones, in Keras's order, into one sequence ((N·others, steps, F)),
     and back; the scores unfold to Keras's (N, others, heads, query axes, value axes)."""
 
-    def __init__(self, context):
+    def __init__(self, context: NodeContext):
         config = context.config
         self.config, self.shapes = config, dict(zip(config.call_inputs, context.input_shapes))
         self.rank = len(self.shapes["query"])
@@ -544,13 +573,13 @@ class _Folding:
                 f"attention over axes {list(self.attended)} are not supported"
             )
 
-    def fold(self, builder, value, index: int):
+    def fold(self, builder: TorchBuilder, value: TorchValue, index: int) -> TorchValue:
         shape = self.shapes[self.roles[index]]
         dims = tuple(to_keras_order(self.rank)[axis] for axis in self.order)  # torch dims, folded order
         value = builder.call(builder.torch.permute, value, dims)
         return builder.method(value, "reshape", -1, prod(shape[axis - 1] for axis in self.attended), shape[-1])
 
-    def unfold(self, builder, result):
+    def unfold(self, builder: TorchBuilder, result: TorchValue) -> TorchValue:
         torch, query, value = builder.torch, self.shapes["query"], self.shapes["value"]
         others = tuple(query[axis - 1] for axis in self.others)
         scores = None
@@ -576,7 +605,7 @@ class _Folding:
         return result if scores is None else (result, scores)
 
 
-def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bool]:
+def _read_call(options: KerasOptions, scores: bool = False) -> tuple[tuple[str, ...], bool, bool]:
     """What each node input is (positional tensors, then tensor keywords), `use_causal_mask` and
     `return_attention_scores` (refused unless the kind returns them: `scores`)."""
     call_inputs, return_scores = [], False
@@ -604,7 +633,7 @@ def _read_call(options, scores: bool = False) -> tuple[tuple[str, ...], bool, bo
     return tuple(call_inputs), use_causal_mask, return_scores
 
 
-def _steps(builder, context, query, value) -> tuple:
+def _steps(builder: TorchBuilder, context: NodeContext, query: TorchValue, value: TorchValue) -> tuple[Any, Any]:
     """(query steps, value steps): the sizes where the graph knows them, else read off the tensors."""
     shapes = dict(zip(context.config.call_inputs, context.input_shapes))
     target, source = shapes["query"][0], shapes["value"][0]
@@ -614,7 +643,9 @@ def _steps(builder, context, query, value) -> tuple:
     )
 
 
-def _attention_bias(builder, context, query, value, inputs):
+def _attention_bias(
+    builder: TorchBuilder, context: NodeContext, query: TorchValue, value: TorchValue, inputs: list[TorchValue]
+) -> tuple[TorchValue, bool]:
     """The additive float mask Keras's attention applies (0 where it attends, Keras's large
     negative number elsewhere), or None; and whether it differs per example ((N, T, S)
     broadcastable) rather than per step only ((T, S)). `inputs` are the node's torch inputs."""
@@ -622,7 +653,7 @@ def _attention_bias(builder, context, query, value, inputs):
     masks = dict(zip(config.call_inputs, context.input_masks or (None,) * len(config.call_inputs)))
     keep, per_example = None, False
 
-    def both(first, second):
+    def both(first: TorchValue, second: TorchValue) -> TorchValue:
         return second if first is None else builder.call(builder.torch.logical_and, first, second)
 
     if masks.get("query") is not None:  # (N, T) -> (N, T, 1)
@@ -680,7 +711,7 @@ class AttentionConfig:
             raise ExchangeError(f"Attention dropout must be in [0, 1), got {self.dropout!r}")
 
 
-def _read_attention_call(options) -> dict:
+def _read_attention_call(options: KerasOptions) -> dict[str, Any]:
     """`use_causal_mask` and `return_attention_scores` from the call; `training` only switches dropout."""
     flags = {}
     for key, value in options.call_kwargs.items():
@@ -698,7 +729,7 @@ class Attention(LayerKind):
     kind, keras_classes, Config = "attention", ("Attention",), AttentionConfig
     takes_list = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> AttentionConfig:
         score_mode = options.take("score_mode", "dot")
         if score_mode not in ("dot", "concat"):
             raise options.unsupported("score_mode", score_mode, "dot or concat")
@@ -710,10 +741,10 @@ class Attention(LayerKind):
             **_read_attention_call(options),
         )
 
-    def output_count(self, config):
+    def output_count(self, config: AttentionConfig) -> int:
         return 2 if config.return_attention_scores else 1
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: AttentionConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         if not 2 <= len(input_shapes) <= 3:
             raise ExchangeError(f"needs [query, value] or [query, value, key], found {len(input_shapes)} inputs")
         rank = len(input_shapes[0])
@@ -739,13 +770,13 @@ class Attention(LayerKind):
         output = query[:-1] + (value[-1],)
         return [output, query[:-1] + (key[-2],)] if config.return_attention_scores else [output]
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: AttentionConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         return input_masks[0]  # Keras's compute_mask: the query's
 
-    def output_masks(self, node, input_masks):
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         if node.config.return_attention_scores and any(mask is not None for mask in input_masks):
             raise UnsupportedLayerError(
                 f"layer {node.name!r} ({type(self).__name__}): return_attention_scores "
@@ -753,34 +784,34 @@ class Attention(LayerKind):
             )
         return [input_masks[0]] * self.output_count(node.config)
 
-    def _check_masks(self, context):
+    def _check_masks(self, context: NodeContext) -> None:
         if len(context.input_shape) != 2 and any(mask is not None for mask in context.input_masks or ()):
             raise UnsupportedLayerError(
                 f"layer {context.node.name!r} ({type(self).__name__}): masked inputs of "
                 f"rank {len(context.input_shape) + 1} are not supported (only sequences)"
             )
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config = context.config
-        ports = []
+        ports: list[AnyPort] = []
         if config.use_scale:
-            shape = (context.input_shape[-1],) if config.score_mode == "additive" else ()
+            shape = (known(context.input_shape[-1], "the features"),) if config.score_mode == "additive" else ()
             ports.append(Port("scale", "scale", shape=shape))
         if config.score_mode == "concat":
             ports.append(Port("concat_score_weight", "concat_score_weight", shape=()))
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, torch, rank = context.config, builder.torch, len(context.input_shape)
         self._check_masks(context)
         masks = list(context.input_masks or (None,) * len(inputs)) + [None, None]
 
-        def keras_layout(value):  # (N, F, …, T) -> (N, …, T, F)
+        def keras_layout(value: TorchValue) -> TorchValue:  # (N, F, …, T) -> (N, …, T, F)
             if rank == 2:
                 return builder.call(torch.movedim, value, 1, -1)
             return builder.call(torch.permute, value, to_keras_order(rank))
 
-        def torch_layout(value):
+        def torch_layout(value: TorchValue) -> TorchValue:
             if rank == 2:
                 return builder.call(torch.movedim, value, -1, 1)
             return builder.call(torch.permute, value, to_torch_order(rank))
@@ -791,7 +822,7 @@ class Attention(LayerKind):
                 steps_last[value] = keras_layout(value)
         query, value = steps_last[inputs[0]], steps_last[inputs[1]]
         key = steps_last[inputs[2]] if len(inputs) == 3 else value
-        value_mask, query_mask = (None if masks[index] is None else builder.masks[masks[index]] for index in (1, 0))
+        value_mask, query_mask = (None if (mask := masks[index]) is None else builder.masks[mask] for index in (1, 0))
         module = builder.helpers.KerasAttention(
             config.score_mode,
             config.use_scale,
@@ -807,13 +838,13 @@ class Attention(LayerKind):
             return output
         return output, torch_layout(builder.call(operator.getitem, result, 1))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.Attention(
             use_scale=config.use_scale, score_mode=config.score_mode, dropout=config.dropout, **context.keras_identity
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         config = context.config
         flags = {key: True for key in ATTENTION_CALL_FLAGS if getattr(config, key)}
         return keras_layer(list(arguments), **flags)
@@ -823,18 +854,18 @@ class Attention(LayerKind):
 class AdditiveAttention(Attention):
     kind, keras_classes = "additive_attention", ("AdditiveAttention",)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> AttentionConfig:
         options.take("seed", None)  # seeds dropout, which acts in training only
         return AttentionConfig(
             "additive", options.flag("use_scale", True), options.number("dropout", 0.0), **_read_attention_call(options)
         )
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: AttentionConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         if config.score_mode != "additive":
             raise ExchangeError(f"AdditiveAttention score_mode must be 'additive', got {config.score_mode!r}")
         return super().output_shapes(config, input_shapes)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.AdditiveAttention(
             use_scale=config.use_scale, dropout=config.dropout, **context.keras_identity
@@ -878,19 +909,7 @@ class GroupedQueryAttentionConfig:
                 f"GroupedQueryAttention num_query_heads {self.num_query_heads} is not a multiple "
                 f"of num_key_value_heads {self.num_key_value_heads}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ExchangeError(f"GroupedQueryAttention dropout must be in [0, 1), got {self.dropout!r}")
-        roles = self.call_inputs
-        if (
-            len(set(roles)) != len(roles)
-            or not set(roles) <= set(CALL_INPUTS)
-            or "query" not in roles
-            or "value" not in roles
-        ):
-            raise ExchangeError(
-                f"GroupedQueryAttention call_inputs must name query, value and optionally key "
-                f"and attention_mask once each, got {list(roles)}"
-            )
+        check_call_inputs_and_dropout(self.call_inputs, self.dropout, "GroupedQueryAttention")
 
 
 @register
@@ -904,11 +923,11 @@ class GroupedQueryAttention(LayerKind):
         for variable in ("kernel", "bias")
     }
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         roles = node.config.call_inputs
         return position < len(roles) and roles[position] == "attention_mask"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> GroupedQueryAttentionConfig:
         options.take("flash_attention", None)  # an implementation choice: the same attention
         options.take("seed", None)  # seeds dropout, which acts in training only
         window = options.take("sliding_window", None)
@@ -928,26 +947,27 @@ class GroupedQueryAttention(LayerKind):
             return_scores,
         )
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: GroupedQueryAttentionConfig) -> tuple[str, ...]:
         return tuple(group for role, group in GROUPED_PROJECTIONS if role != "gate" or config.use_gate)
 
-    def output_count(self, config):
+    def output_count(self, config: GroupedQueryAttentionConfig) -> int:
         return 2 if config.return_attention_scores else 1
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: GroupedQueryAttentionConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         query = self.output_shape(config, input_shapes)
         if not config.return_attention_scores:
             return [query]
         shapes = dict(zip(config.call_inputs, input_shapes))
         return [query, (config.num_query_heads, query[0], shapes["value"][0])]
 
-    def output_mask(self, node, input_masks):
-        return input_masks[node.config.call_inputs.index("query")]  # Keras sets the query's mask on the output
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
+        query: int = node.config.call_inputs.index("query")
+        return input_masks[query]  # Keras sets the query's mask on the output
 
-    def output_masks(self, node, input_masks):
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: GroupedQueryAttentionConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes) != len(config.call_inputs):
             raise ExchangeError(f"{len(input_shapes)} inputs for the call inputs {list(config.call_inputs)}")
         shapes = dict(zip(config.call_inputs, input_shapes))
@@ -970,7 +990,7 @@ class GroupedQueryAttention(LayerKind):
                 )
         return query
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, widths = context.config, _widths(context)
         dim = config.head_dim
         heads = {
@@ -980,7 +1000,7 @@ class GroupedQueryAttention(LayerKind):
         }
         heads["gate"] = config.num_query_heads
         widths = dict(widths, gate=widths["query"])
-        ports = []
+        ports: list[AnyPort] = []
         for role in ("query", "key", "gate", "value") if config.use_gate else ("query", "key", "value"):
             module = "gate_projection" if role == "gate" else role  # the helper's `gate` is its flag
             ports.append(
@@ -1008,12 +1028,12 @@ class GroupedQueryAttention(LayerKind):
             ports.append(Port("output_bias", "output.bias", shape=(widths["query"],)))
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, widths = context.config, _widths(context)
         values = dict(zip(config.call_inputs, inputs))
         batch_first = {}  # one movedim per distinct input: self-attention reads one tensor
 
-        def steps_last(value):
+        def steps_last(value: TorchValue) -> TorchValue:
             if value not in batch_first:
                 batch_first[value] = builder.call(builder.torch.movedim, value, 1, -1)
             return batch_first[value]
@@ -1042,7 +1062,7 @@ class GroupedQueryAttention(LayerKind):
         # Keras's (N, heads, T, S) held channels-first: (N, S, heads, T)
         return output, builder.call(builder.torch.permute, builder.call(operator.getitem, result, 1), to_torch_order(3))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.GroupQueryAttention(  # Keras exports it under this name only
             config.head_dim,
@@ -1055,5 +1075,5 @@ class GroupedQueryAttention(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
-        return MultiHeadAttention.keras_call(self, keras_layer, arguments, context)
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
+        return _call_attention_layer(keras_layer, arguments, context)

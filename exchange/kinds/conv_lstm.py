@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, LayerKind, check_int, register
+from exchange.kinds import MAX_FEATURES, KerasOptions, LayerKind, TorchBuilder, TorchValue, check_int, register
 from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
 from exchange.kinds.convolution import (
     check_window,
@@ -34,6 +36,10 @@ from exchange.kinds.convolution import (
 )
 from exchange.kinds.recurrent import refuse_stateful
 from exchange.ports import Permute, Port
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 PADDINGS = ("valid", "same")
 GATES = 4  # i, f, c, o
@@ -72,7 +78,7 @@ class _ConvLSTM(LayerKind):
     tensor_kwargs = ("initial_state",)  # its tensors are node inputs after the sequence
     mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConvLSTMConfig:
         refuse_stateful(options)
         options.expect("data_format", "channels_last", None)
         for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias"):
@@ -103,15 +109,15 @@ class _ConvLSTM(LayerKind):
             go_backwards=options.flag("go_backwards", False),
         )
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: ConvLSTMConfig) -> tuple[str, ...]:
         return ("cell",)
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def output_count(self, config) -> int:
+    def output_count(self, config: ConvLSTMConfig) -> int:
         return 3 if config.return_state else 1
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: ConvLSTMConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         shape = tuple(input_shapes[0])
         if len(config.kernel_size) != self.rank or len(shape) != self.rank + 2:
             raise ExchangeError(
@@ -130,20 +136,20 @@ class _ConvLSTM(LayerKind):
         output = (shape[0],) + frame if config.return_sequences else frame
         return [output] + ([frame, frame] if config.return_state else [])
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ConvLSTMConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         if input_masks and input_masks[0] is not None:
             raise UnsupportedLayerError(
                 f"layer {node.name!r} ({self.keras_classes[0]}): a masked input is not supported"
             )
         return None
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, width = context.config, GATES * context.config.filters
         steps = (Permute(kernel_permutation(self.rank)),)
-        ports = [
+        ports: list[AnyPort] = [
             Port("kernel", "weight_ih", steps, shape=config.kernel_size + (context.input_shape[-1], width)),
             Port("recurrent_kernel", "weight_hh", steps, shape=config.kernel_size + (config.filters, width)),
         ]
@@ -153,7 +159,7 @@ class _ConvLSTM(LayerKind):
 
     # -- torch ----------------------------------------------------------------------------
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         pads = [
             tf_padding(size, k, s, d, config.padding, context.node.name)
@@ -192,7 +198,7 @@ class _ConvLSTM(LayerKind):
 
     # -- Keras ----------------------------------------------------------------------------
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config, where = context.config, f"layer {context.node.name!r}"
         return getattr(keras.layers, self.keras_classes[0])(
             config.filters,
@@ -211,7 +217,7 @@ class _ConvLSTM(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         if len(arguments) == 1:
             return keras_layer(arguments[0])
         return keras_layer(arguments[0], initial_state=list(arguments[1:]))

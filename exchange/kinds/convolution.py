@@ -34,13 +34,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from math import ceil
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (
     MAX_FEATURES,
     MAX_WINDOW,
     OMIT_DEFAULT,
+    KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     check_choice,
     check_int,
     check_ints,
@@ -49,7 +54,11 @@ from exchange.kinds import (
 from exchange.kinds.activations import check_activation, keras_activation, torch_activation
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.kinds.dense import check_lora, check_lora_dtype, lora_keras_args, read_lora
-from exchange.ports import Permute, Port, Reshape
+from exchange.ports import Permute, Port, Reshape, Step
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
+    from exchange.ports import AnyPort
 
 PADDINGS = ("valid", "same", "causal")
 DATA_FORMATS = ("channels_last", "channels_first")
@@ -62,13 +71,13 @@ MAX_ADDED_CELLS = 1 << 22
 
 
 def check_window(
-    kernel_size: tuple,
-    strides: tuple,
-    dilation_rate: tuple,
+    kernel_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation_rate: tuple[int, ...],
     padding: str,
-    spatial: tuple,
+    spatial: tuple[int, ...],
     what: str,
-    paddings: tuple = PADDINGS,
+    paddings: tuple[str, ...] = PADDINGS,
 ) -> None:
     """The sizes of a sliding window (a convolution's or a pooling's), whichever source they come
     from: 1 to 3 spatial axes, each size positive and under the caps, a known padding, and (as
@@ -86,17 +95,17 @@ def check_window(
         )
 
 
-def read_data_format(options) -> str:
+def read_data_format(options: KerasOptions) -> str:
     """A layer's `data_format`; absent or None is Keras's default, channels_last."""
     value = options.take("data_format", None)
     if value is None:
         return "channels_last"
     if value not in DATA_FORMATS:
         raise options.unsupported("data_format", value)
-    return value
+    return cast(str, value)
 
 
-def split_channels(shape: tuple, spatial: int, data_format: str) -> tuple[tuple, int | None]:
+def split_channels(shape: Shape, spatial: int, data_format: str) -> tuple[Shape, int | None]:
     """(spatial sizes, channels) of a Keras shape (no batch axis) of a layer with `spatial` axes."""
     if len(shape) != spatial + 1:
         raise ExchangeError(f"expects rank-{spatial + 2} input, found shape (batch, {shape})")
@@ -105,12 +114,12 @@ def split_channels(shape: tuple, spatial: int, data_format: str) -> tuple[tuple,
     return tuple(shape[:-1]), shape[-1]
 
 
-def join_channels(sizes: tuple, channels, data_format: str) -> tuple:
+def join_channels(sizes: Shape, channels: int | None, data_format: str) -> Shape:
     """The Keras shape of spatial `sizes` and `channels` in `data_format`."""
     return (channels,) + tuple(sizes) if data_format == "channels_first" else tuple(sizes) + (channels,)
 
 
-def to_torch_layout(builder, value, data_format: str, rank: int):
+def to_torch_layout(builder: TorchBuilder, value: TorchValue, data_format: str, rank: int) -> TorchValue:
     """The layer's input as torch's convolutions and poolings take it, (N, C, d…). The torch side
     already holds a channels_last tensor so; a channels_first one is held (N, dk, C, d1, …) and is
     permuted to Keras's own order. `rank`: the Keras shape's length without the batch axis."""
@@ -119,7 +128,7 @@ def to_torch_layout(builder, value, data_format: str, rank: int):
     return builder.call(builder.torch.permute, value, to_keras_order(rank))
 
 
-def from_torch_layout(builder, value, data_format: str, rank: int):
+def from_torch_layout(builder: TorchBuilder, value: TorchValue, data_format: str, rank: int) -> TorchValue:
     """The inverse of `to_torch_layout` on the layer's output."""
     if data_format == "channels_last":
         return value
@@ -127,8 +136,12 @@ def from_torch_layout(builder, value, data_format: str, rank: int):
 
 
 def window_output_sizes(
-    spatial: tuple, kernel_size: tuple, strides: tuple, dilation_rate: tuple, padding: str
-) -> tuple:
+    spatial: Shape,
+    kernel_size: tuple[int, ...],
+    strides: tuple[int, ...],
+    dilation_rate: tuple[int, ...],
+    padding: str,
+) -> Shape:
     """The spatial output sizes of a sliding window over spatial sizes `spatial`: a `valid` window
     must fit the input; a `same` or `causal` padding must add at most `MAX_ADDED_CELLS`."""
     if len(spatial) != len(kernel_size):
@@ -152,7 +165,7 @@ def window_output_sizes(
     )
 
 
-def conv_output_size(size, kernel: int, stride: int, dilation: int, padding: str):
+def conv_output_size(size: int | None, kernel: int, stride: int, dilation: int, padding: str) -> int | None:
     """Keras's output length of a convolution or pooling along one axis (None stays None)."""
     if size is None:
         return None
@@ -163,7 +176,7 @@ def conv_output_size(size, kernel: int, stride: int, dilation: int, padding: str
     return (length + stride - 1) // stride
 
 
-def tf_padding(size, kernel: int, stride: int, dilation: int, padding: str, where: str) -> tuple[int, int]:
+def tf_padding(size: int | None, kernel: int, stride: int, dilation: int, padding: str, where: str) -> tuple[int, int]:
     """(before, after) cells TensorFlow pads along one axis."""
     effective = (kernel - 1) * dilation + 1
     if padding == "valid":
@@ -190,7 +203,7 @@ def kernel_permutation(spatial: int) -> tuple[int, ...]:
     return (spatial + 1, spatial) + tuple(range(spatial))
 
 
-def bias_ports(config, size: int, torch_key: str = "bias") -> list[Port]:
+def bias_ports(config: Any, size: int, torch_key: str = "bias") -> list[Port]:
     """The bias of a layer with `use_bias`: (size,) in both frameworks."""
     return [Port("bias", torch_key, shape=(size,))] if config.use_bias else []
 
@@ -244,7 +257,7 @@ class _Convolution(LayerKind):
     causal = False  # only Conv1D takes `causal` padding (Keras refuses it elsewhere)
     takes_lora = False  # only Conv1D/2D/3D take a LoRA adapter
 
-    def read_common(self, options, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
+    def read_common(self, options: KerasOptions, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
         if self.takes_lora:
             lora_rank, lora_alpha = read_lora(options, honours_alpha=True)
         else:
@@ -268,7 +281,7 @@ class _Convolution(LayerKind):
             lora_alpha=lora_alpha,
         )
 
-    def check_config(self, config) -> None:
+    def check_config(self, config: ConvConfig) -> None:
         """What this kind of convolution takes of the shared `ConvConfig` (checked in shape inference)."""
         if len(config.kernel_size) != self.spatial:
             raise ExchangeError(f"kernel size {list(config.kernel_size)} has not {self.spatial} spatial axes")
@@ -281,14 +294,14 @@ class _Convolution(LayerKind):
         if config.lora_rank is not None and not self.takes_lora:
             raise ExchangeError("only Conv1D/2D/3D take a LoRA adapter")
 
-    def channels(self, config, shape) -> tuple[tuple, int]:
+    def channels(self, config: ConvConfig, shape: Shape) -> tuple[Shape, int]:
         """(spatial sizes, channels) of the input, the channel count known."""
         sizes, channels = split_channels(shape, self.spatial, config.data_format)
         if channels is None:
             raise ExchangeError(f"needs a known channel axis, found input shape (batch, {shape})")
         return sizes, channels
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         self.check_config(config)
         sizes, channels = self.channels(config, input_shapes[0])
         out_sizes = window_output_sizes(sizes, config.kernel_size, config.strides, config.dilation_rate, config.padding)
@@ -296,13 +309,15 @@ class _Convolution(LayerKind):
             raise ExchangeError(f"{channels} input channels do not split into {config.groups} groups")
         return join_channels(out_sizes, self.out_channels(config, channels), config.data_format)
 
-    def out_channels(self, config, in_channels: int) -> int:
+    def out_channels(self, config: ConvConfig, in_channels: int) -> int:
         return config.filters
 
-    def in_channels(self, context) -> int:
+    def in_channels(self, context: NodeContext) -> int:
         return self.channels(context.config, context.input_shape)[1]
 
-    def padded(self, builder, context, value):
+    def padded(
+        self, builder: TorchBuilder, context: NodeContext, value: TorchValue
+    ) -> tuple[TorchValue, tuple[int, ...]]:
         """Apply TensorFlow's padding to the (N, C, d…) input; returns (value, symmetric padding
         left for the conv)."""
         config = context.config
@@ -315,10 +330,10 @@ class _Convolution(LayerKind):
             return value, tuple(before for before, _ in pads)
         return builder.call(builder.F.pad, value, torch_pad_argument(pads)), (0,) * self.spatial
 
-    def conv_module(self, builder):
+    def conv_module(self, builder: TorchBuilder) -> Any:
         return (builder.nn.Conv1d, builder.nn.Conv2d, builder.nn.Conv3d)[self.spatial - 1]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         value = to_torch_layout(builder, inputs[0], config.data_format, len(context.input_shape))
         value, padding = self.padded(builder, context, value)
@@ -326,11 +341,11 @@ class _Convolution(LayerKind):
         value = torch_activation(builder, config.activation, value)
         return from_torch_layout(builder, value, config.data_format, len(context.output_shape))
 
-    def torch_module(self, builder, context, padding):
+    def torch_module(self, builder: TorchBuilder, context: NodeContext, padding: tuple[int, ...]) -> Any:
         """The torch module of this convolution, given the symmetric padding it applies."""
         raise NotImplementedError
 
-    def keras_options(self, config) -> dict:
+    def keras_options(self, config: ConvConfig) -> dict[str, Any]:
         return dict(
             kernel_size=config.kernel_size,
             strides=config.strides,
@@ -347,10 +362,10 @@ class Conv2D(_Convolution):
     kind, keras_classes, Config = "conv2d", ("Conv2D", "Convolution2D"), ConvConfig
     spatial, one_group, takes_lora = 2, False, True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConvConfig:
         return self.read_common(options, options.take("filters"))  # ConvConfig checks the groups
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, in_channels = context.config, self.in_channels(context)
         if in_channels % config.groups or config.filters % config.groups:
             raise ExchangeError(
@@ -359,7 +374,10 @@ class Conv2D(_Convolution):
             )
         kernel_shape = config.kernel_size + (in_channels // config.groups, config.filters)
         kernel_steps = (Permute(kernel_permutation(self.spatial)),)
-        ports = [Port("kernel", "weight", kernel_steps, shape=kernel_shape), *bias_ports(config, config.filters)]
+        ports: list[AnyPort] = [
+            Port("kernel", "weight", kernel_steps, shape=kernel_shape),
+            *bias_ports(config, config.filters),
+        ]
         if config.lora_rank is not None:
             check_lora_dtype(context)
             ports += [
@@ -368,30 +386,12 @@ class Conv2D(_Convolution):
             ]
         return ports
 
-    def merged_when_saved(self, config):
+    def merged_when_saved(self, config: ConvConfig) -> tuple[str, ...]:
         return () if config.lora_rank is None else ("lora_kernel_a", "lora_kernel_b")
 
-    def torch_module(self, builder, context, padding):
+    def torch_module(self, builder: TorchBuilder, context: NodeContext, padding: tuple[int, ...]) -> Any:
         config = context.config
-        if config.lora_rank is not None:
-            return builder.helpers.LoRAConv(
-                self.in_channels(context),
-                config.filters,
-                config.kernel_size,
-                config.lora_rank,
-                scale=config.lora_alpha / config.lora_rank,
-                stride=config.strides,
-                padding=padding,
-                dilation=config.dilation_rate,
-                groups=config.groups,
-                bias=config.use_bias,
-                device="meta",
-                dtype=builder.dtype(context),
-            )
-        return self.conv_module(builder)(
-            self.in_channels(context),
-            config.filters,
-            kernel_size=config.kernel_size,
+        window = dict(
             stride=config.strides,
             padding=padding,
             dilation=config.dilation_rate,
@@ -400,8 +400,16 @@ class Conv2D(_Convolution):
             device="meta",
             dtype=builder.dtype(context),
         )
+        if config.lora_rank is not None:
+            scale = config.lora_alpha / config.lora_rank
+            return builder.helpers.LoRAConv(
+                self.in_channels(context), config.filters, config.kernel_size, config.lora_rank, scale=scale, **window
+            )
+        return self.conv_module(builder)(
+            self.in_channels(context), config.filters, kernel_size=config.kernel_size, **window
+        )
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
         return layer_class(
@@ -430,7 +438,7 @@ class Conv2DTranspose(_Convolution):
     kind, keras_classes, Config = "conv2d_transpose", ("Conv2DTranspose", "Convolution2DTranspose"), ConvConfig
     spatial, transposed = 2, True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConvConfig:
         output_padding = options.take("output_padding", None)
         config = self.read_common(options, options.take("filters"))
         if config.groups != 1:
@@ -439,7 +447,7 @@ class Conv2DTranspose(_Convolution):
             output_padding = options.sizes("output_padding", self.spatial)
         return ConvConfig(**{**config.__dict__, "output_padding": output_padding})
 
-    def _lengths(self, config, size, axis):
+    def _lengths(self, config: ConvConfig, size: int | None, axis: int) -> tuple[int, int]:
         """(Keras's output length, torch's full length) along one spatial axis."""
         kernel = (config.kernel_size[axis] - 1) * config.dilation_rate[axis] + 1
         stride = config.strides[axis]
@@ -452,7 +460,7 @@ class Conv2DTranspose(_Convolution):
             target = size * stride if extra is None else (size - 1) * stride + kernel % 2 + extra
         return target, full
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ConvConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         self.check_config(config)
         sizes, _ = self.channels(config, input_shapes[0])
         out_sizes = []
@@ -463,7 +471,7 @@ class Conv2DTranspose(_Convolution):
             out_sizes.append(target)
         return join_channels(tuple(out_sizes), config.filters, config.data_format)
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config = context.config
         kernel_shape = config.kernel_size + (config.filters, self.in_channels(context))
         return [
@@ -471,7 +479,7 @@ class Conv2DTranspose(_Convolution):
             *bias_ports(config, config.filters),
         ]
 
-    def torch_plan(self, context) -> list[tuple[int, int, tuple[int, int] | None]]:
+    def torch_plan(self, context: NodeContext) -> list[tuple[int, int, tuple[int, int] | None]]:
         """Per spatial axis: (torch padding, torch output_padding, (start, length) of a `narrow`
         or None) that give TensorFlow's cells (see the module docstring)."""
         config = context.config
@@ -502,7 +510,7 @@ class Conv2DTranspose(_Convolution):
             plan.append((padding, extra, narrow))
         return plan
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         plan = self.torch_plan(context)
         conv = (builder.nn.ConvTranspose1d, builder.nn.ConvTranspose2d, builder.nn.ConvTranspose3d)[self.spatial - 1](
@@ -525,7 +533,7 @@ class Conv2DTranspose(_Convolution):
         value = torch_activation(builder, config.activation, value)
         return from_torch_layout(builder, value, config.data_format, len(context.output_shape))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
             config.filters, output_padding=config.output_padding, **context.keras_identity, **self.keras_options(config)
@@ -552,16 +560,16 @@ class DepthwiseConv2D(_Convolution):
     spatial = 2
     variable_aliases = {"kernel": ("depthwise_kernel",)}  # Keras 2's name for it
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConvConfig:
         config = self.read_common(options, options.take("depth_multiplier", 1))
         if config.groups != 1:
             raise options.unsupported("groups", config.groups)
         return config
 
-    def out_channels(self, config, in_channels):
+    def out_channels(self, config: ConvConfig, in_channels: int) -> int:
         return in_channels * config.filters
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, in_channels = context.config, self.in_channels(context)
         return [
             Port(
@@ -573,7 +581,7 @@ class DepthwiseConv2D(_Convolution):
             *bias_ports(config, in_channels * config.filters),
         ]
 
-    def torch_module(self, builder, context, padding):
+    def torch_module(self, builder: TorchBuilder, context: NodeContext, padding: tuple[int, ...]) -> Any:
         config, in_channels = context.config, self.in_channels(context)
         return self.conv_module(builder)(
             in_channels,
@@ -588,7 +596,7 @@ class DepthwiseConv2D(_Convolution):
             dtype=builder.dtype(context),
         )
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
             depth_multiplier=config.filters, **context.keras_identity, **self.keras_options(config)
@@ -601,7 +609,7 @@ class DepthwiseConv1D(DepthwiseConv2D):
     spatial = 1
 
 
-def depthwise_steps(kernel_size: tuple[int, ...], in_channels: int, multiplier: int) -> tuple:
+def depthwise_steps(kernel_size: tuple[int, ...], in_channels: int, multiplier: int) -> tuple[Step, ...]:
     """Keras (k…, in, m) -> torch (in·m, 1, k…)."""
     spatial = len(kernel_size)
     return (
@@ -624,13 +632,13 @@ class SeparableConv2D(_Convolution):
     kind, keras_classes, Config = "separable_conv2d", ("SeparableConv2D", "SeparableConvolution2D"), SeparableConfig
     spatial = 2
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> SeparableConfig:
         common = self.read_common(options, options.take("filters"))
         if common.groups != 1:
             raise options.unsupported("groups", common.groups)
         return SeparableConfig(**{**common.__dict__, "depth_multiplier": options.integer("depth_multiplier", 1)})
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, in_channels = context.config, self.in_channels(context)
         middle = in_channels * config.depth_multiplier
         return [
@@ -649,7 +657,7 @@ class SeparableConv2D(_Convolution):
             *bias_ports(config, config.filters, torch_key="pointwise.bias"),
         ]
 
-    def torch_module(self, builder, context, padding):
+    def torch_module(self, builder: TorchBuilder, context: NodeContext, padding: tuple[int, ...]) -> Any:
         config = context.config
         return builder.helpers.SeparableConv(
             self.in_channels(context),
@@ -664,7 +672,7 @@ class SeparableConv2D(_Convolution):
             dtype=builder.dtype(context),
         )
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
             config.filters,

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (
@@ -35,22 +37,31 @@ from exchange.kinds import (
     MAX_FEATURES,
     MAX_VOCABULARY,
     OMIT_DEFAULT,
+    KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     _short,
     check_int,
     coerce,
+    known,
+    known_shape,
     register,
 )
 from exchange.kinds.activations import check_activation, keras_activation, numpy_activation, torch_activation
 from exchange.kinds.axis_order import to_torch_order
-from exchange.ports import Permute, Port, Reshape
+from exchange.ports import Permute, Port, Reshape, Step
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 # A LoRA adapter's rank: real adapters use 4 to 256.
 MAX_LORA_RANK = 1 << 16
 LORA_VARIABLE_DTYPE = "float32"  # Keras's enable_lora creates its variables float32
 
 
-def check_lora(rank, alpha, what: str) -> None:
+def check_lora(rank: int | None, alpha: float | None, what: str) -> None:
     """A LoRA rank (None: no adapter) and its alpha (None exactly when the rank is None)."""
     if rank is None:
         if alpha is not None:
@@ -64,7 +75,7 @@ def check_lora(rank, alpha, what: str) -> None:
         raise ExchangeError(f"{what}: lora_alpha must be above 0 and at most {MAX_FEATURES:,}, got {alpha!r}")
 
 
-def read_lora(options, honours_alpha: bool) -> tuple[int | None, float | None]:
+def read_lora(options: KerasOptions, honours_alpha: bool) -> tuple[int | None, float | None]:
     """(lora_rank, lora_alpha) of a Keras config; alpha defaults to the rank, as in Keras. A layer
     that rebuilds LoRA without its alpha (`honours_alpha=False`) refuses an alpha other than its rank."""
     rank = options.take("lora_rank", None)
@@ -89,7 +100,7 @@ def read_lora(options, honours_alpha: bool) -> tuple[int | None, float | None]:
     return rank, float(alpha)
 
 
-def check_lora_dtype(context) -> None:
+def check_lora_dtype(context: NodeContext) -> None:
     if getattr(context.config, "lora_rank", None) is not None and context.node.dtype != LORA_VARIABLE_DTYPE:
         raise UnsupportedLayerError(
             f"layer {context.node.name!r}: LoRA on a {context.node.dtype} layer is not "
@@ -97,11 +108,11 @@ def check_lora_dtype(context) -> None:
         )
 
 
-def lora_keras_args(config) -> dict:
+def lora_keras_args(config: Any) -> dict[str, Any]:
     return {} if config.lora_rank is None else {"lora_rank": config.lora_rank, "lora_alpha": _number(config.lora_alpha)}
 
 
-def _number(value: float):
+def _number(value: float) -> float:
     """An integral alpha as an int, as Keras configs write it."""
     return int(value) if float(value).is_integer() else value
 
@@ -132,37 +143,40 @@ class Dense(LayerKind):
     reads_permuted_flat = True
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DenseConfig:
         options.expect("quantization_config", None)
         rank, alpha = read_lora(options, honours_alpha=False)
         return DenseConfig(options.integer("units"), options.activation(), options.flag("use_bias", True), rank, alpha)
 
-    def merged_when_saved(self, config):
+    def merged_when_saved(self, config: DenseConfig) -> tuple[str, ...]:
         return () if config.lora_rank is None else ("lora_kernel_a", "lora_kernel_b")
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: DenseConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if not input_shapes[0] or input_shapes[0][-1] is None:
             raise ExchangeError(f"needs a known feature axis, found input shape (batch, {input_shapes[0]})")
         return tuple(input_shapes[0][:-1]) + (config.units,)
 
-    def _input_rows(self, context, columns: int) -> tuple:
+    def _input_rows(self, context: NodeContext, columns: int) -> tuple[Step, ...]:
         """Steps taking a Keras (in, columns) variable to torch's (columns, in), the input axis
         permuted to a channels-first flatten's order where the input is one."""
-        steps: tuple = (Permute((1, 0)),)
+        steps: tuple[Step, ...] = (Permute((1, 0)),)
         if context.flat_source is not None:
-            source = tuple(context.flat_source)
+            source = known_shape(context.flat_source, "the flattened image")
             unflat = (columns,) + source
             reordered = tuple(unflat[axis] for axis in to_torch_order(len(source)))
+            features = known(context.input_shape[-1], "Dense input features")
             steps += (
-                Reshape((columns, context.input_shape[-1]), unflat),
+                Reshape((columns, features), unflat),
                 Permute(to_torch_order(len(source))),
-                Reshape(reordered, (columns, context.input_shape[-1])),
+                Reshape(reordered, (columns, features)),
             )
         return steps
 
-    def ports(self, context):
-        config, features = context.config, context.input_shape[-1]
-        ports = [Port("kernel", "weight", self._input_rows(context, config.units), shape=(features, config.units))]
+    def ports(self, context: NodeContext) -> list[AnyPort]:
+        config, features = context.config, known(context.input_shape[-1], "Dense input features")
+        ports: list[AnyPort] = [
+            Port("kernel", "weight", self._input_rows(context, config.units), shape=(features, config.units))
+        ]
         if config.use_bias:
             ports.append(Port("bias", "bias", shape=(config.units,)))
         if config.lora_rank is not None:
@@ -178,7 +192,7 @@ class Dense(LayerKind):
             ]
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         if config.lora_rank is None:
             linear = builder.nn.Linear(
@@ -203,7 +217,7 @@ class Dense(LayerKind):
             value = builder.call(builder.torch.movedim, value, -1, 1)
         return torch_activation(builder, config.activation, value)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.Dense(
             config.units,
@@ -213,7 +227,7 @@ class Dense(LayerKind):
             **context.keras_identity,
         )
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         weight = tensors["weight"]
         if context.config.lora_rank is not None:
             scale = context.config.lora_alpha / context.config.lora_rank
@@ -249,7 +263,8 @@ def einsum_parts(equation: str) -> EinsumParts:
     for pattern, ellipsis in ((EINSUM_PLAIN, ""), (EINSUM_LEFT, "left"), (EINSUM_RIGHT, "right")):
         match = pattern.fullmatch(equation)
         if match:
-            parts = EinsumParts(*match.groups(), ellipsis)
+            inputs, kernel, output = match.groups()
+            parts = EinsumParts(inputs, kernel, output, ellipsis)
             break
     else:
         raise ExchangeError(
@@ -306,16 +321,18 @@ class EinsumDenseConfig:
 class EinsumShapes:
     kernel: tuple[int, ...]
     bias: tuple[int, ...] | None
-    output: tuple  # without the batch axis
+    output: Shape  # without the batch axis
 
 
-def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes:
+def einsum_shapes(config: EinsumDenseConfig, input_shape: Shape) -> EinsumShapes:
     """Keras's `_analyze_einsum_string` for an input of `input_shape` (no batch axis): the kernel's
     and bias's shapes and the output's, sizes shared with the input taken from it."""
     parts = einsum_parts(config.equation)
     full_input = (None,) + tuple(input_shape)
     elided = len(full_input) - len(parts.inputs)
-    partial = list(config.output_shape)
+    partial: list[int | None] = list(config.output_shape)
+    lead: list[int | None]
+    trail: list[int | None]
     if parts.ellipsis == "":
         expected_outputs = len(parts.output) - 1
         if elided != 0:
@@ -347,8 +364,8 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
             f"output_shape {config.output_shape} has {len(partial)} sizes; equation "
             f"{config.equation!r} needs {expected_outputs}"
         )
-    named = partial if parts.ellipsis == "left" else [None] + partial  # one size per output letter
-    output_sizes = {}
+    named = partial if parts.ellipsis == "left" else [None, *partial]  # one size per output letter
+    output_sizes: dict[str, int | None] = {}
     for letter, given in zip(parts.output, named):
         if letter in input_sizes:
             found = input_sizes[letter]
@@ -361,13 +378,13 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
             output_sizes[letter] = given
     if parts.ellipsis != "left":
         output_sizes[parts.output[0]] = None  # the batch axis
-    kernel = []
+    kernel: list[int] = []
     for letter in parts.kernel:
         size = output_sizes[letter] if letter in output_sizes else input_sizes[letter]
         if size is None:
             raise ExchangeError(f"kernel axis {letter!r} of equation {config.equation!r} needs a fixed size")
         kernel.append(size)
-    bias = None
+    bias: list[int | None] | None = None
     if config.bias_axes is not None:
         first = min(parts.output.index(letter) for letter in config.bias_axes)
         bias = [output_sizes[letter] if letter in config.bias_axes else 1 for letter in parts.output[first:]]
@@ -375,17 +392,19 @@ def einsum_shapes(config: EinsumDenseConfig, input_shape: tuple) -> EinsumShapes
         if None in bias:
             raise ExchangeError(f"bias axes {config.bias_axes!r} need fixed sizes")
     output = lead + [output_sizes[letter] for letter in parts.output] + trail
-    return EinsumShapes(tuple(kernel), None if bias is None else tuple(bias), tuple(output[1:]))
+    return EinsumShapes(tuple(kernel), None if bias is None else known_shape(tuple(bias), "bias"), tuple(output[1:]))
 
 
 @register
 class EinsumDense(LayerKind):
-    """Keras's EinsumDense: `einsum(equation, x, kernel) + bias`, then the activation."""
+    """Keras's EinsumDense: `einsum(equation, x, kernel) + bias`, then the activation. The equation
+    is one of Keras's three forms (ab,bc->ac, ...b,bc->...c, ab...,bc->ac...: letters, `,`, `->`
+    and `...`), no letter twice in one operand."""
 
     kind, keras_classes, Config = "einsum_dense", ("EinsumDense",), EinsumDenseConfig
     casts_integers = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> EinsumDenseConfig:
         options.expect("quantization_config", None)
         options.expect("gptq_unpacked_column_size", None)
         equation = options.take("equation")
@@ -404,16 +423,16 @@ class EinsumDense(LayerKind):
         rank, alpha = read_lora(options, honours_alpha=True)
         return EinsumDenseConfig(equation, tuple(output_shape), bias_axes or None, options.activation(), rank, alpha)
 
-    def merged_when_saved(self, config):
+    def merged_when_saved(self, config: EinsumDenseConfig) -> tuple[str, ...]:
         return () if config.lora_rank is None else ("lora_kernel_a", "lora_kernel_b")
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: EinsumDenseConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return einsum_shapes(config, input_shapes[0]).output
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config = context.config
         shapes = einsum_shapes(config, context.input_shape)
-        ports = [Port("kernel", "kernel", shape=shapes.kernel)]
+        ports: list[AnyPort] = [Port("kernel", "kernel", shape=shapes.kernel)]
         if shapes.bias is not None:
             ports.append(Port("bias", "bias", shape=shapes.bias))
         if config.lora_rank is not None:
@@ -424,7 +443,7 @@ class EinsumDense(LayerKind):
             ]
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         shapes = einsum_shapes(config, context.input_shape)
         module = builder.helpers.KerasEinsumDense(
@@ -444,7 +463,7 @@ class EinsumDense(LayerKind):
             value = builder.call(builder.torch.movedim, value, -1, 1)
         return torch_activation(builder, config.activation, value)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.EinsumDense(
             config.equation,
@@ -460,7 +479,7 @@ class EinsumDense(LayerKind):
 REVERSE_DTYPES = (None, "float16", "bfloat16")
 
 
-def check_reverse_dtype(context) -> None:
+def check_reverse_dtype(context: NodeContext) -> None:
     if context.config.reverse_dtype is not None and context.node.dtype != "float32":
         raise UnsupportedLayerError(
             f"layer {context.node.name!r}: reverse_dtype {context.config.reverse_dtype!r} of a "
@@ -512,14 +531,14 @@ class ReversibleEmbedding(LayerKind):
 
     kind, keras_classes, Config = "reversible_embedding", ("ReversibleEmbedding",), ReversibleEmbeddingConfig
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return not node.config.reverse  # token ids
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         config = node.config
         return node.inputs[0] if config.mask_zero and not config.reverse else None
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ReversibleEmbeddingConfig:
         options.expect("lora_rank", None)
         options.expect("lora_alpha", None)
         options.expect("quantization_config", None)
@@ -554,7 +573,7 @@ class ReversibleEmbedding(LayerKind):
             reverse_dtype,
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ReversibleEmbeddingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = tuple(input_shapes[0])
         if not config.reverse:
             return shape + (config.output_dim,)
@@ -562,10 +581,10 @@ class ReversibleEmbedding(LayerKind):
             raise ExchangeError(f"reverse call needs {config.output_dim} features last, found (batch, {shape})")
         return shape[:-1] + (config.input_dim,)
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config = context.config
         check_reverse_dtype(context)
-        ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
+        ports: list[AnyPort] = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
         if not config.tie_weights:
             ports.append(
                 Port(
@@ -577,7 +596,7 @@ class ReversibleEmbedding(LayerKind):
             )
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasReversibleEmbedding(
             config.input_dim,
@@ -602,7 +621,7 @@ class ReversibleEmbedding(LayerKind):
         value = builder.module(context, module, value)
         return builder.call(builder.torch.movedim, value, -1, 1) if moved else value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.ReversibleEmbedding(
             config.input_dim,
@@ -614,5 +633,5 @@ class ReversibleEmbedding(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         return keras_layer(arguments[0], reverse=True) if context.config.reverse else keras_layer(arguments[0])

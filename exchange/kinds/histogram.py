@@ -28,12 +28,28 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_WINDOW, OMIT_DEFAULT, LayerKind, check_choice, check_ints, refuse_keras_class, register
+from exchange.kinds import (
+    MAX_WINDOW,
+    OMIT_DEFAULT,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    check_choice,
+    check_ints,
+    refuse_keras_class,
+    register,
+)
 from exchange.kinds.preprocessing import DATA_FORMATS, _read_data_format, torch_image
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
 refuse_keras_class(
     "Equalization",
@@ -63,14 +79,15 @@ def _float32_width_usable(value_range: tuple[float, float]) -> bool:
     return bool(width != 0 and np.isfinite(width))
 
 
-def _image(shape: tuple, what: str, data_format: str) -> tuple:
+def _image(shape: Shape, what: str, data_format: str) -> tuple[int, int, int | None]:
     """(height, width, channels) of a Keras image in `data_format`, of fixed height and width."""
     sides = shape[:2] if data_format == "channels_last" else shape[1:]
     if len(shape) != 3 or None in sides:
         raise UnsupportedLayerError(
             f"{what} needs a {data_format} image of fixed height and width, found (batch, {shape})"
         )
-    return (*sides, shape[2] if data_format == "channels_last" else shape[0])
+    height, width = cast("tuple[int, int]", sides)
+    return height, width, shape[2] if data_format == "channels_last" else shape[0]
 
 
 @dataclass(frozen=True)
@@ -106,7 +123,7 @@ class CLAHEConfig:
             )
 
 
-def _read_value_range(options) -> tuple[float, float]:
+def _read_value_range(options: KerasOptions) -> tuple[float, float]:
     value = options.take("value_range", [0, 255])
     if (
         not isinstance(value, (list, tuple))
@@ -131,7 +148,7 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
 
     kind, keras_classes, Config = "clahe", ("ContrastLimitedAdaptiveHistogramEqualization",), CLAHEConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> CLAHEConfig:
         policy = options.take("dtype", None)
         policy_name = (policy.get("config") or {}).get("name") if isinstance(policy, dict) else policy
         if isinstance(policy_name, str) and policy_name.startswith("mixed_"):
@@ -153,11 +170,10 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
                 clip_limit,
                 f"at most {MAX_CLIP_LIMIT:g} in size: TensorFlow cannot convert a larger limit to float32",
             )
-        return CLAHEConfig(
-            value_range, clip_limit, options.sizes("tile_grid_size", 2, (8, 8)), _read_data_format(options)
-        )
+        tile_rows, tile_columns = options.sizes("tile_grid_size", 2, (8, 8))
+        return CLAHEConfig(value_range, clip_limit, (tile_rows, tile_columns), _read_data_format(options))
 
-    def _image(self, config, input_shape) -> tuple[int, int]:
+    def _image(self, config: CLAHEConfig, input_shape: Shape) -> tuple[int, int]:
         """(height, width) of the input, after checking that TensorFlow can pad it to whole tiles
         (its symmetric padding mirrors at most the whole image) and count their pixels exactly."""
         height, width, _ = _image(input_shape, "ContrastLimitedAdaptiveHistogramEqualization", config.data_format)
@@ -180,11 +196,11 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
             )
         return height, width
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: CLAHEConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         self._image(config, input_shapes[0])
         return input_shapes[0]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         height, width = self._image(config, context.input_shape)
         module = builder.helpers.KerasCLAHE(
@@ -197,7 +213,7 @@ class ContrastLimitedAdaptiveHistogramEqualization(LayerKind):
         value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, 3))
         return torch_image(builder, value, config.data_format, 3, back=True)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.ContrastLimitedAdaptiveHistogramEqualization(
             value_range=config.value_range,

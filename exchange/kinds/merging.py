@@ -17,17 +17,23 @@ Conventions that differ:
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import reduce
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from exchange.errors import ExchangeError
-from exchange.kinds import MAX_AXIS, LayerKind, check_axis, check_int, register
+from exchange.kinds import MAX_AXIS, KerasOptions, LayerKind, TorchBuilder, TorchValue, check_axis, check_int, register
 from exchange.kinds.axis_order import to_torch_order, torch_axis
 
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
-def broadcast_shapes(input_shapes) -> tuple:
+
+def broadcast_shapes(input_shapes: Sequence[Shape]) -> Shape:
     """Keras layout shapes of one rank, sizes equal or 1 -> the broadcast shape."""
     rank = len(input_shapes[0])
     if any(len(shape) != rank for shape in input_shapes):
@@ -45,21 +51,21 @@ class _ElementwiseMerge(LayerKind):
     takes_list = True
     passes_mask = True
     torch_function = ""  # name of a two-argument torch function, folded over the inputs
-    numpy_function = None
+    numpy_function: Callable[..., Any]  # two arrays -> one, folded over the inputs
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes) < 2:
             raise ExchangeError(f"needs two or more inputs, found {list(input_shapes)}")
         return broadcast_shapes(input_shapes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         function = getattr(builder.torch, self.torch_function)
         return reduce(lambda left, right: builder.call(function, left, right), inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return getattr(keras.layers, self.keras_classes[0])(**context.keras_identity)
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return reduce(self.numpy_function, inputs)
 
 
@@ -72,7 +78,7 @@ class Add(_ElementwiseMerge):
 class Subtract(_ElementwiseMerge):
     kind, keras_classes, torch_function, numpy_function = "subtract", ("Subtract",), "sub", operator.sub
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes) != 2:
             raise ExchangeError("Subtract needs exactly two inputs")
         return super().output_shape(config, input_shapes)
@@ -97,10 +103,10 @@ class Minimum(_ElementwiseMerge):
 class Average(_ElementwiseMerge):
     kind, keras_classes, torch_function = "average", ("Average",), "add"
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.call(builder.torch.div, super().torch_forward(builder, context, inputs), float(len(inputs)))
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return sum(inputs) / len(inputs)
 
 
@@ -118,13 +124,13 @@ class Concatenate(LayerKind):
     takes_list = True
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConcatenateConfig:
         axis = options.take("axis", -1)
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise options.unsupported("axis", axis)
         return ConcatenateConfig(axis)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ConcatenateConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         rank = len(input_shapes[0])
         axis = check_axis(config.axis, rank) - 1
         if len(input_shapes) < 2 or any(
@@ -134,16 +140,18 @@ class Concatenate(LayerKind):
         ):
             raise ExchangeError(f"cannot concatenate shapes {list(input_shapes)} on axis {config.axis}")
         sizes = [shape[axis] for shape in input_shapes]
-        return input_shapes[0][:axis] + (None if None in sizes else sum(sizes),) + input_shapes[0][axis + 1 :]
+        known = [size for size in sizes if size is not None]
+        total = sum(known) if len(known) == len(sizes) else None
+        return input_shapes[0][:axis] + (total,) + input_shapes[0][axis + 1 :]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         dim = torch_axis(context.config.axis, len(context.input_shape), context.node.name)
         return builder.call(builder.torch.cat, list(inputs), dim=dim)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Concatenate(axis=context.config.axis, **context.keras_identity)
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return np.concatenate(inputs, axis=context.config.axis)
 
 
@@ -158,13 +166,13 @@ class ConcatenateOperation(Concatenate):
     passes_mask = False
     autocasts = False
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ConcatenateConfig:
         axis = options.take("axis", 0)
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise options.unsupported("axis", axis)
         return ConcatenateConfig(axis)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         from keras.src.ops import numpy as keras_numpy_ops  # the operation class Keras records
 
         return keras_numpy_ops.Concatenate(axis=context.config.axis, name=context.node.name)
@@ -184,11 +192,12 @@ class DotConfig:
             check_int(axis, "Dot axes", MAX_AXIS, -MAX_AXIS)
 
 
-def _dot_axes(config, input_shapes) -> tuple[int, int]:
+def _dot_axes(config: DotConfig, input_shapes: tuple[Shape, ...]) -> tuple[int, int]:
     """Each input's contracted axis as a positive Keras axis (1..rank), as Keras resolves it."""
     if len(input_shapes) != 2:
         raise ExchangeError(f"Dot needs exactly two inputs, found {len(input_shapes)}")
-    return tuple(check_axis(axis, len(shape)) for axis, shape in zip(config.axes, input_shapes))
+    first, second = (check_axis(axis, len(shape)) for axis, shape in zip(config.axes, input_shapes))
+    return first, second
 
 
 @register
@@ -196,7 +205,7 @@ class Dot(LayerKind):
     kind, keras_classes, Config = "dot", ("Dot",), DotConfig
     takes_list = True  # Keras's compute_mask returns None: no mask passes
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DotConfig:
         axes = options.take("axes")
         if isinstance(axes, int) and not isinstance(axes, bool):
             axes = [axes, axes]
@@ -208,7 +217,7 @@ class Dot(LayerKind):
             raise options.unsupported("axes", axes, "one axis of each input")
         return DotConfig(tuple(axes), options.flag("normalize", False))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: DotConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         first, second = input_shapes
         first_axis, second_axis = _dot_axes(config, input_shapes)
         sizes = (first[first_axis - 1], second[second_axis - 1])
@@ -220,7 +229,7 @@ class Dot(LayerKind):
         shape = first[: first_axis - 1] + first[first_axis:] + second[: second_axis - 1] + second[second_axis:]
         return shape or (1,)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shapes = context.config, context.input_shapes
         axes = _dot_axes(config, shapes)
         letters = iter("bcdefghijklmnopqrstuvwxyz")
@@ -248,14 +257,14 @@ class Dot(LayerKind):
                 for index, value in enumerate(inputs)
             ]
 
-        def torch_order(keras_labels):  # the letters in the order the torch layout holds the axes
+        def torch_order(keras_labels: Sequence[str]) -> str:  # the letters in the order the torch layout holds the axes
             return "".join(keras_labels[axis] for axis in to_torch_order(len(keras_labels) - 1))
 
         equation = f"{torch_order(labels[0])},{torch_order(labels[1])}->{torch_order(output)}"
         value = builder.call(builder.torch.einsum, equation, inputs[0], inputs[1])
         return builder.method(value, "unsqueeze", 1) if len(output) == 1 else value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Dot(
             axes=list(context.config.axes), normalize=context.config.normalize, **context.keras_identity
         )
@@ -273,22 +282,22 @@ class CustomScaleLayer(LayerKind):
     kind, keras_classes, Config = "residual_scale", ("CustomScaleLayer",), ScaleConfig
     takes_list = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ScaleConfig:
         scale = options.take("scale")
         if isinstance(scale, bool) or not isinstance(scale, (int, float)):
             raise options.unsupported("scale", scale, "a number")
         return ScaleConfig(float(scale))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ScaleConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes) != 2:
             raise ExchangeError("needs two inputs")
         return broadcast_shapes(input_shapes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         scaled = builder.call(builder.torch.mul, inputs[1], context.config.scale)
         return builder.call(builder.torch.add, inputs[0], scaled)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         from keras.src.applications.inception_resnet_v2 import CustomScaleLayer as KerasCustomScaleLayer
 
         return KerasCustomScaleLayer(context.config.scale, **context.keras_identity)

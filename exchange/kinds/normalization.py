@@ -44,20 +44,40 @@ Conventions that differ:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, MAX_FEATURES, OMIT_DEFAULT, LayerKind, check_axis, check_int, check_ints, register
+from exchange.kinds import (
+    MAX_AXIS,
+    MAX_FEATURES,
+    OMIT_DEFAULT,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    check_axis,
+    check_int,
+    check_ints,
+    known,
+    register,
+)
 from exchange.kinds.axis_order import to_keras_order, torch_axis, torch_shape
-from exchange.ports import KerasOnly, Permute, Port, Reshape, TorchOnly
+from exchange.ports import KerasOnly, Permute, Port, Reshape, Step, TorchOnly
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 KERAS_EPSILON = 1e-7  # keras.config.epsilon(), Normalization's floor on the standard deviation
 UNIT_NORM_EPSILON = 1e-12  # UnitNormalization's floor on the norm
 
 
-def _axes(options, default=-1):
+def _axes(options: KerasOptions, default: Any = -1) -> Axes:
     """An `axis` option: one axis as an int, several (or none: Normalization's None) as a tuple."""
     axis = options.take("axis", default)
     if axis is None:
@@ -71,7 +91,7 @@ def _axes(options, default=-1):
     return axis
 
 
-def _check_axes(axis, what: str, allow_none: bool = False):
+def _check_axes(axis: Axes, what: str, allow_none: bool = False) -> None:
     if isinstance(axis, tuple):
         check_ints(axis, what, MAX_AXIS, -MAX_AXIS)
         if not axis and not allow_none:
@@ -80,7 +100,7 @@ def _check_axes(axis, what: str, allow_none: bool = False):
         check_int(axis, what, MAX_AXIS, -MAX_AXIS)
 
 
-def norm_axes(axis, shape: tuple, where: str, sorted_as_written: bool = True) -> tuple[int, ...]:
+def norm_axes(axis: Axes, shape: Shape, where: str, sorted_as_written: bool = True) -> tuple[int, ...]:
     """The Keras axes (positive, 1..rank, increasing) a layer normalises or keeps, each of known
     size. `sorted_as_written`: Keras sorts the list as given (LayerNormalization, RMSNormalization),
     which must be the axes' order (see the module docstring)."""
@@ -101,7 +121,9 @@ def norm_axes(axis, shape: tuple, where: str, sorted_as_written: bool = True) ->
     return tuple(sorted(positive))
 
 
-def _axes_last(builder, value, axes: tuple, rank: int):
+def _axes_last(
+    builder: TorchBuilder, value: TorchValue, axes: tuple[int, ...], rank: int
+) -> tuple[TorchValue, Callable[[TorchValue], TorchValue]]:
     """Move the Keras axes `axes` of a channels-first tensor last, in Keras order; return the
     moved value and a function that moves them back."""
     if axes == (rank,) and rank >= 2:  # the channels
@@ -117,7 +139,7 @@ def _axes_last(builder, value, axes: tuple, rank: int):
     )
 
 
-def _one_axis(options, default=-1) -> int:
+def _one_axis(options: KerasOptions, default: Any = -1) -> int:
     axis = options.take("axis", default)
     if isinstance(axis, (list, tuple)) and len(axis) == 1:
         axis = axis[0]
@@ -126,9 +148,13 @@ def _one_axis(options, default=-1) -> int:
     return axis
 
 
-def _check_channel_axis(axis: int, shape: tuple, where: str) -> None:
+def _check_channel_axis(axis: int, shape: Shape, where: str) -> None:
     if check_axis(axis, len(shape)) != len(shape):
         raise UnsupportedLayerError(f"{where}: axis {axis} is not the channel axis; only the last axis is supported")
+
+
+# An `axis` option: one axis, or several (none: Normalization's axis=None).
+Axes = int | tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -157,7 +183,7 @@ class BatchNormConfig:
 RENORM_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
 
 
-def _renorm_clipping(options):
+def _renorm_clipping(options: KerasOptions) -> tuple[float | None, float | None, float | None] | None:
     """`renorm_clipping` as (rmax, rmin, dmax), each a number or None; None when absent."""
     value = options.take("renorm_clipping", None)
     if value is None:
@@ -170,7 +196,8 @@ def _renorm_clipping(options):
         )
     ):
         raise options.unsupported("renorm_clipping", value, "a dict of rmax, rmin and dmax")
-    return tuple(None if value.get(key) is None else float(value[key]) for key in RENORM_CLIPPING_KEYS)
+    rmax, rmin, dmax = (None if value.get(key) is None else float(value[key]) for key in RENORM_CLIPPING_KEYS)
+    return rmax, rmin, dmax
 
 
 @register
@@ -180,7 +207,7 @@ class BatchNormalization(LayerKind):
     passes_mask = True
     mask_position = 2  # call(inputs, training=None, mask=None)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> BatchNormConfig:
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
             options.expect(key, allowed)
         options.take("fused", None)  # Keras 2: an implementation choice
@@ -201,12 +228,12 @@ class BatchNormalization(LayerKind):
             options.take_mask_input(),
         )
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         if node.config.mask_input:  # Keras passes the mask it was given on (supports_masking)
             return node.inputs[-1]
         return super().output_mask(node, input_masks)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: BatchNormConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if config.mask_input and (len(input_shapes) != 2 or len(input_shapes[1]) != len(input_shapes[0]) - 1):
             raise ExchangeError(
                 f"argument 'mask' of shape (batch, {input_shapes[-1]}) for an input of shape "
@@ -217,10 +244,10 @@ class BatchNormalization(LayerKind):
             raise ExchangeError(f"expects an input of rank 2 to 5, found shape (batch, {input_shapes[0]})")
         return input_shapes[0]
 
-    def _channels(self, context) -> int:
-        return context.input_shape[check_axis(context.config.axis, len(context.input_shape)) - 1]
+    def _channels(self, context: NodeContext) -> int:
+        return known(context.input_shape[check_axis(context.config.axis, len(context.input_shape)) - 1], "channels")
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         channels = (self._channels(context),)
         ports = _affine_ports(context.config, channels) + [
             Port("moving_mean", "running_mean", shape=channels),
@@ -236,7 +263,7 @@ class BatchNormalization(LayerKind):
             TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")
         ]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, rank = context.config, len(context.input_shape)
         module_class = {
             1: builder.nn.BatchNorm1d,
@@ -259,7 +286,7 @@ class BatchNormalization(LayerKind):
         value = builder.module(context, norm, builder.call(builder.torch.movedim, inputs[0], dim, 1))
         return builder.call(builder.torch.movedim, value, 1, dim)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         renorm = {}
         if config.renorm:
@@ -281,7 +308,7 @@ class BatchNormalization(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         if context.config.mask_input:
             return keras_layer(arguments[0], mask=arguments[-1])
         return keras_layer(arguments[0])
@@ -306,7 +333,7 @@ class Normalization(LayerKind):
     casts_integers = True
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> NormalizationConfig:
         constants = {}
         for key in ("mean", "variance"):
             value = options.take(key, None)
@@ -321,15 +348,15 @@ class Normalization(LayerKind):
             raise options.unsupported("mean", constants["mean"], "mean and variance are given together")
         return NormalizationConfig(_axes(options), options.flag("invert", False), **constants)
 
-    def _kept(self, config, shape) -> tuple[int, ...]:
+    def _kept(self, config: NormalizationConfig, shape: Shape) -> tuple[int, ...]:
         return norm_axes(config.axis, shape, "Normalization", sorted_as_written=False) if config.axis != () else ()
 
-    def _per_channel(self, config, shape) -> bool:
+    def _per_channel(self, config: NormalizationConfig, shape: Shape) -> bool:
         """Whether one value per channel (or one value) holds the statistics: the torch module's
         (C,) form."""
         return self._kept(config, shape) == (len(shape),) or (config.mean is not None and len(config.mean) == 1)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: NormalizationConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         self._kept(config, shape)
         channels = shape[-1]
@@ -345,18 +372,20 @@ class Normalization(LayerKind):
                 raise UnsupportedLayerError(f"Normalization: {len(values)} values for {channels} channels")
         return input_shapes[0]
 
-    def _broadcast(self, config, shape) -> tuple[tuple, tuple]:
+    def _broadcast(self, config: NormalizationConfig, shape: Shape) -> tuple[tuple[int, ...], tuple[int, ...]]:
         """(Keras shape of the statistics, their Keras broadcast shape: 1 along the other axes)."""
         kept = self._kept(config, shape)
-        keras = tuple(shape[axis - 1] for axis in kept)
-        return keras, tuple(size if axis + 1 in kept else 1 for axis, size in enumerate(shape))
+        keras = tuple(known(shape[axis - 1], "a kept axis") for axis in kept)
+        return keras, tuple(known(size, "a kept axis") if axis + 1 in kept else 1 for axis, size in enumerate(shape))
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, shape = context.config, context.input_shape
         if config.mean is not None:
             return []
+        steps: tuple[Step, ...]
+        keras: tuple[int, ...]
         if self._per_channel(config, shape):
-            keras, steps = (shape[-1],), ()
+            keras, steps = (known(shape[-1], "channels"),), ()
         else:  # Keras's statistics -> their broadcast shape, Keras layout -> channels-first
             keras, broadcast = self._broadcast(config, shape)
             steps = (Reshape(keras, broadcast),)
@@ -368,7 +397,7 @@ class Normalization(LayerKind):
             KerasOnly("count", why="the number of samples seen by adapt()", shape=()),
         ]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shape = context.config, context.input_shape
         broadcast = None if self._per_channel(config, shape) else torch_shape(self._broadcast(config, shape)[1])
         module = builder.helpers.KerasNormalization(
@@ -383,7 +412,7 @@ class Normalization(LayerKind):
         )
         return builder.module(context, module, inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         constants = {}
         if config.mean is not None:  # one value as a number: Keras refuses a list longer than its axes
@@ -413,12 +442,12 @@ class Rescaling(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
-    def keeps_order(self, config) -> bool:
+    def keeps_order(self, config: RescalingConfig) -> bool:
         # one value per channel is tied to the element order: a permuted Flatten cannot pass
         return not isinstance(config.scale, tuple) and not isinstance(config.offset, tuple)
 
-    def from_keras(self, options):
-        values = {}
+    def from_keras(self, options: KerasOptions) -> RescalingConfig:
+        values: dict[str, float | tuple[float, ...]] = {}
         for key, default in (("scale", 1.0), ("offset", 0.0)):
             value = options.take(key, default)
             if isinstance(value, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
@@ -429,13 +458,13 @@ class Rescaling(LayerKind):
                 raise options.unsupported(key, value, "a number or a list of numbers per channel")
         return RescalingConfig(**values)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: RescalingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         for values in (config.scale, config.offset):
             if isinstance(values, tuple) and len(values) not in (1, input_shapes[0][-1]):
                 raise UnsupportedLayerError(f"Rescaling: {len(values)} values for {input_shapes[0][-1]} channels")
         return input_shapes[0]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         if isinstance(config.scale, tuple) or isinstance(config.offset, tuple):
             module = builder.helpers.ChannelAffine(config.scale, config.offset, len(context.input_shape))
@@ -443,7 +472,7 @@ class Rescaling(LayerKind):
         value = builder.call(builder.torch.mul, inputs[0], config.scale)
         return builder.call(builder.torch.add, value, config.offset)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         scale, offset = (list(v) if isinstance(v, tuple) else v for v in (config.scale, config.offset))
         return keras.layers.Rescaling(scale, offset, **context.keras_identity)
@@ -461,11 +490,11 @@ class LayerNormConfig:
         _check_axes(self.axis, "LayerNormalization axis")
 
 
-def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
+def _affine_ports(config: Any, channels: tuple[int, ...], bias_optional: bool = False) -> list[AnyPort]:
     """gamma/beta as torch weight/bias. torch's affine norms hold both or neither (LayerNorm can
     drop the bias alone: `bias_optional`): with one of them off in Keras, torch holds it as a
     constant (weight 1, bias 0) that Keras cannot change, so torch -> Keras refuses another value."""
-    ports: list = []
+    ports: list[AnyPort] = []
     if config.scale:
         ports.append(Port("gamma", "weight", shape=channels))
     elif config.center:
@@ -477,15 +506,15 @@ def _affine_ports(config, channels: tuple, bias_optional: bool = False) -> list:
     return ports
 
 
-def _keras_axis(axis):
+def _keras_axis(axis: Axes) -> int | list[int]:
     """An axis config value as Keras takes it: an int, or a list."""
     return list(axis) if isinstance(axis, tuple) else axis
 
 
-def _normalised_shape(context, where: str) -> tuple[int, ...]:
+def _normalised_shape(context: NodeContext, where: str) -> tuple[int, ...]:
     """The sizes of the axes a LayerNormalization or RMSNormalization normalises: its weights'."""
     axes = norm_axes(context.config.axis, context.input_shape, where)
-    return tuple(context.input_shape[axis - 1] for axis in axes)
+    return tuple(known(context.input_shape[axis - 1], where) for axis in axes)
 
 
 @register
@@ -496,7 +525,7 @@ class LayerNormalization(LayerKind):
     kind, keras_classes, Config = "layer_norm", ("LayerNormalization",), LayerNormConfig
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> LayerNormConfig:
         return LayerNormConfig(
             _axes(options),
             options.number("epsilon", 1e-3),
@@ -505,17 +534,17 @@ class LayerNormalization(LayerKind):
             options.flag("rms_scaling", False),
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: LayerNormConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         norm_axes(config.axis, input_shapes[0], "LayerNormalization")
         return input_shapes[0]
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         shape = _normalised_shape(context, "LayerNormalization")
         if context.config.rms_scaling:  # Keras keeps gamma, never beta
             return [Port("gamma", "weight", shape=shape)]
         return _affine_ports(context.config, shape, bias_optional=True)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shape = context.config, _normalised_shape(context, "LayerNormalization")
         if config.rms_scaling:
             norm = builder.helpers.KerasRMSScaledLayerNorm(
@@ -534,7 +563,7 @@ class LayerNormalization(LayerKind):
         value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
         return back(builder.module(context, norm, value))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.LayerNormalization(
             axis=_keras_axis(config.axis),
@@ -561,10 +590,10 @@ class RMSNormalization(LayerKind):
 
     kind, keras_classes, Config = "rms_norm", ("RMSNormalization",), RMSNormConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> RMSNormConfig:
         return RMSNormConfig(_axes(options), options.number("epsilon", 1e-6))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: RMSNormConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         axes, rank = norm_axes(config.axis, input_shapes[0], "RMSNormalization"), len(input_shapes[0])
         if axes != tuple(range(rank - len(axes) + 1, rank + 1)):
             raise UnsupportedLayerError(
@@ -575,10 +604,10 @@ class RMSNormalization(LayerKind):
             )
         return input_shapes[0]
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         return [Port("scale", "weight", shape=_normalised_shape(context, "RMSNormalization"))]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         norm = builder.nn.RMSNorm(
             _normalised_shape(context, "RMSNormalization"),
@@ -590,7 +619,7 @@ class RMSNormalization(LayerKind):
         value, back = _axes_last(builder, inputs[0], axes, len(context.input_shape))
         return back(builder.module(context, norm, value))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.RMSNormalization(
             axis=_keras_axis(config.axis), epsilon=config.epsilon, **context.keras_identity
@@ -618,7 +647,7 @@ class GroupNormalization(LayerKind):
     kind, keras_classes, Config = "group_norm", ("GroupNormalization",), GroupNormConfig
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> GroupNormConfig:
         return GroupNormConfig(
             options.integer("groups", 32),
             _one_axis(options),
@@ -627,11 +656,14 @@ class GroupNormalization(LayerKind):
             options.flag("scale", True),
         )
 
-    def channels(self, config, shape: tuple) -> int:
+    def channels(self, config: GroupNormConfig, shape: Shape) -> int | None:
         """The size of the grouped axis."""
         return shape[check_axis(config.axis, len(shape)) - 1]
 
-    def output_shape(self, config, input_shapes):
+    def known_channels(self, context: NodeContext) -> int:
+        return known(self.channels(context.config, context.input_shape), "GroupNormalization axis")
+
+    def output_shape(self, config: GroupNormConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         channels = self.channels(config, input_shapes[0])
         if channels is None or config.groups < 1 or channels % config.groups:
             raise UnsupportedLayerError(
@@ -639,14 +671,14 @@ class GroupNormalization(LayerKind):
             )
         return input_shapes[0]
 
-    def ports(self, context):
-        return _affine_ports(context.config, (self.channels(context.config, context.input_shape),))
+    def ports(self, context: NodeContext) -> list[AnyPort]:
+        return _affine_ports(context.config, (self.known_channels(context),))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, rank = context.config, len(context.input_shape)
         norm = builder.nn.GroupNorm(
             config.groups,
-            self.channels(config, context.input_shape),
+            self.known_channels(context),
             eps=config.epsilon,
             affine=config.center or config.scale,
             device="meta",
@@ -658,7 +690,7 @@ class GroupNormalization(LayerKind):
         value = builder.module(context, norm, builder.call(builder.torch.movedim, inputs[0], dim, 1))
         return builder.call(builder.torch.movedim, value, 1, dim)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.GroupNormalization(
             groups=config.groups,
@@ -685,14 +717,14 @@ class UnitNormalization(LayerKind):
     kind, keras_classes, Config = "unit_norm", ("UnitNormalization",), UnitNormConfig
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> UnitNormConfig:
         return UnitNormConfig(_axes(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: UnitNormConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         norm_axes(config.axis, input_shapes[0], "UnitNormalization", sorted_as_written=False)
         return input_shapes[0]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         rank, torch = len(context.input_shape), builder.torch
         axes = norm_axes(context.config.axis, context.input_shape, "UnitNormalization", sorted_as_written=False)
         dims = [torch_axis(axis, rank, context.node.name) for axis in axes]
@@ -703,7 +735,7 @@ class UnitNormalization(LayerKind):
         scale = builder.call(torch.clamp, builder.call(torch.rsqrt, squares), max=1.0 / UNIT_NORM_EPSILON)
         return builder.call(torch.mul, inputs[0], scale)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.UnitNormalization(axis=_keras_axis(context.config.axis), **context.keras_identity)
 
 
@@ -714,25 +746,29 @@ class LayerScaleConfig:
 
 @register
 class LayerScale(LayerKind):
-    """keras.applications' ConvNeXt LayerScale: x * gamma per channel (gamma is a weight)."""
+    """keras.applications' ConvNeXt LayerScale: x * gamma per channel (gamma is a weight). ConvNeXt
+    adds its gamma without a name, so Keras calls it `variable`; torch's `ChannelScale` calls it
+    `gamma`."""
 
     kind, keras_classes, Config = "layer_scale", ("LayerScale",), LayerScaleConfig
     keeps_element_order = False
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> LayerScaleConfig:
         options.take("projection_dim")  # the channel count, known from the input shape
         return LayerScaleConfig(options.number("init_values", 1e-6))
 
-    def ports(self, context):  # ConvNeXt adds its gamma without a name: Keras calls it `variable`
-        return [Port("variable", "gamma", shape=(context.input_shape[-1],))]
+    def ports(
+        self, context: NodeContext
+    ) -> list[AnyPort]:  # ConvNeXt adds its gamma without a name: Keras calls it `variable`
+        return [Port("variable", "gamma", shape=(known(context.input_shape[-1], "LayerScale channels"),))]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         module = builder.helpers.ChannelScale(
             context.input_shape[-1], len(context.input_shape), dtype=builder.dtype(context)
         )
         return builder.module(context, module, inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         from keras.src.applications.convnext import LayerScale as KerasLayerScale
 
         return KerasLayerScale(context.config.init_values, context.input_shape[-1], **context.keras_identity)

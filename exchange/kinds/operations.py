@@ -22,29 +22,44 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_AXIS, LayerKind, NoConfig, _short, check_int, register
+from exchange.kinds import (
+    MAX_AXIS,
+    KerasOptions,
+    LayerKind,
+    NoConfig,
+    TorchBuilder,
+    TorchValue,
+    _short,
+    check_int,
+    register,
+)
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
 KERAS_MODULES = {"numpy": "keras.src.ops.numpy", "nn": "keras.src.ops.nn", "math": "keras.src.ops.math"}
 # A slice bound or an index: real slices are at most a tensor's size (graph sizes fit in 2**31).
 MAX_INDEX = (1 << 31) - 1
 
 
-def _keras_operation(module: str, class_name: str):
+def _keras_operation(module: str, class_name: str) -> Any:
     """The Keras 3 operation class `keras.src.ops.<module>.<class_name>` (imported when rebuilding)."""
     import importlib
 
     return getattr(importlib.import_module(KERAS_MODULES[module]), class_name)
 
 
-def _to_keras_layout(builder, value, rank: int):
+def _to_keras_layout(builder: TorchBuilder, value: TorchValue, rank: int) -> TorchValue:
     """A torch tensor of Keras rank `rank` (no batch axis) in Keras's axis order."""
     return value if rank < 2 else builder.call(builder.torch.permute, value, to_keras_order(rank))
 
 
-def _to_torch_layout(builder, value, rank: int):
+def _to_torch_layout(builder: TorchBuilder, value: TorchValue, rank: int) -> TorchValue:
     return value if rank < 2 else builder.call(builder.torch.permute, value, to_torch_order(rank))
 
 
@@ -67,7 +82,7 @@ def _feature_axes(axes: tuple[int, ...], rank: int, what: str) -> tuple[int, ...
     return tuple(positive)
 
 
-def _read_axes(options, key: str, what: str, required: bool = True) -> tuple[int, ...]:
+def _read_axes(options: KerasOptions, key: str, what: str, required: bool = True) -> tuple[int, ...]:
     """An axis option, one int or a list of ints, as a tuple; None (all axes) is refused."""
     value = options.take(key, None)
     if value is None:
@@ -96,13 +111,13 @@ class _Operation(LayerKind):
     keras_module, keras_operation = "numpy", ""
 
     @staticmethod
-    def check_call(options, count: int = 1) -> None:
+    def check_call(options: KerasOptions, count: int = 1) -> None:
         """The call gives the tensor first and `count` arguments in all (a key after it: GetItem)."""
         if len(options.call_args) != count or options.call_args[0] is not None:
             raise options.unsupported("arguments", options.call_args, "a tensor" + (" and a key" if count == 2 else ""))
 
     @staticmethod
-    def input_shape(input_shapes: tuple) -> tuple:
+    def input_shape(input_shapes: tuple[Shape, ...]) -> Shape:
         """The one input's shape: every other value of the call is a constant of the config."""
         if len(input_shapes) != 1:
             raise UnsupportedLayerError(
@@ -111,11 +126,11 @@ class _Operation(LayerKind):
             )
         return input_shapes[0]
 
-    def keras_options(self, config) -> dict:
+    def keras_options(self, config: Any) -> dict[str, Any]:
         """The Keras operation's constructor arguments (its config's values)."""
         return {}
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return _keras_operation(self.keras_module, self.keras_operation)(
             **self.keras_options(context.config), name=context.node.name
         )
@@ -130,19 +145,21 @@ class _Elementwise(_Operation):
     keeps_element_order = True
     torch_namespace, torch_function = "torch", ""
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> Any:
         self.check_call(options)
         return NoConfig()
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.input_shape(input_shapes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         namespace = builder.F if self.torch_namespace == "F" else builder.torch
         return builder.call(getattr(namespace, self.torch_function), inputs[0])
 
 
-def _elementwise(kind: str, keras_module: str, keras_operation: str, torch_namespace: str, torch_function: str):
+def _elementwise(
+    kind: str, keras_module: str, keras_operation: str, torch_namespace: str, torch_function: str
+) -> type[LayerKind]:
     cls = type(
         keras_operation + "Operation",
         (_Elementwise,),
@@ -205,17 +222,17 @@ class ClipOperation(_Operation):
     keeps_element_order = True
     keras_operation = "Clip"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ClipConfig:
         self.check_call(options)
         return ClipConfig(options.number("x_min"), options.number("x_max"))
 
-    def keras_options(self, config):
+    def keras_options(self, config: Any) -> dict[str, Any]:
         return {"x_min": config.x_min, "x_max": config.x_max}
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ClipConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.input_shape(input_shapes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.call(builder.torch.clamp, inputs[0], min=context.config.x_min, max=context.config.x_max)
 
 
@@ -235,22 +252,22 @@ class ExpandDimsOperation(_Operation):
     kind, keras_classes, Config = "op_expand_dims", ("ops.ExpandDims",), ExpandDimsConfig
     keras_operation = "ExpandDims"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ExpandDimsConfig:
         self.check_call(options)
         axis = options.take("axis")
         if not isinstance(axis, int) or isinstance(axis, bool):
             raise options.unsupported("axis", axis, "one axis")
         return ExpandDimsConfig(axis)
 
-    def keras_options(self, config):
+    def keras_options(self, config: Any) -> dict[str, Any]:
         return {"axis": config.axis}
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ExpandDimsConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = self.input_shape(input_shapes)
         position = _feature_axes((config.axis,), len(shape) + 1, "expand_dims")[0]
         return shape[: position - 1] + (1,) + shape[position - 1 :]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         rank = len(context.input_shape)
         position = _feature_axes((context.config.axis,), rank + 1, "expand_dims")[0]
         value = builder.method(_to_keras_layout(builder, inputs[0], rank), "unsqueeze", position)
@@ -272,14 +289,14 @@ class SqueezeOperation(_Operation):
     kind, keras_classes, Config = "op_squeeze", ("ops.Squeeze",), SqueezeConfig
     keras_operation = "Squeeze"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> SqueezeConfig:
         self.check_call(options)
         return SqueezeConfig(_read_axes(options, "axis", "squeeze"))
 
-    def keras_options(self, config):
+    def keras_options(self, config: Any) -> dict[str, Any]:
         return {"axis": config.axis[0] if len(config.axis) == 1 else config.axis}
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: SqueezeConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = self.input_shape(input_shapes)
         axes = _feature_axes(config.axis, len(shape), "squeeze")
         if any(shape[axis - 1] != 1 for axis in axes):
@@ -288,7 +305,7 @@ class SqueezeOperation(_Operation):
             )
         return tuple(size for axis, size in enumerate(shape, 1) if axis not in axes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         rank = len(context.input_shape)
         axes = _feature_axes(context.config.axis, rank, "squeeze")
         value = builder.method(_to_keras_layout(builder, inputs[0], rank), "squeeze", tuple(sorted(axes)))
@@ -314,7 +331,7 @@ class _Reduction(_Operation):
     torch_function = ""
     empty_options: tuple[str, ...] = ()  # options that must be None (Max's `initial`, Prod's `dtype`)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ReductionConfig:
         self.check_call(options)
         for key in self.empty_options:
             value = options.take(key, None)
@@ -324,18 +341,18 @@ class _Reduction(_Operation):
             _read_axes(options, "axis", self.keras_operation.lower()), options.flag("keepdims", False)
         )
 
-    def keras_options(self, config):
+    def keras_options(self, config: Any) -> dict[str, Any]:
         axis = config.axis[0] if len(config.axis) == 1 else config.axis
         return {"axis": axis, "keepdims": config.keepdims, **{key: None for key in self.empty_options}}
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ReductionConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = self.input_shape(input_shapes)
         axes = _feature_axes(config.axis, len(shape), self.keras_operation.lower())
         if config.keepdims:
             return tuple(1 if axis in axes else size for axis, size in enumerate(shape, 1))
         return tuple(size for axis, size in enumerate(shape, 1) if axis not in axes)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         rank = len(context.input_shape)
         axes = _feature_axes(context.config.axis, rank, self.keras_operation.lower())
         value = _to_keras_layout(builder, inputs[0], rank)
@@ -384,6 +401,10 @@ SLICE, INDEX, NEWAXIS, ELLIPSIS = "slice", "index", "newaxis", "ellipsis"
 KEY_ITEMS = (SLICE, INDEX, NEWAXIS, ELLIPSIS)
 
 
+# One item of a GetItem key: (what, start, stop, step), see GetItemConfig.
+KeyItem = tuple[str, int | None, int | None, int | None]
+
+
 @dataclass(frozen=True)
 class GetItemConfig:
     # `x[key]`, one item per entry of the key: ("slice", start, stop, step), ("index", i, None,
@@ -413,9 +434,9 @@ class GetItemConfig:
             raise ExchangeError("slice key has more than one ellipsis")
 
 
-def _python_key(config: GetItemConfig) -> tuple:
+def _python_key(config: GetItemConfig) -> tuple[Any, ...]:
     """The key as Python writes it: slices, ints, None (newaxis) and Ellipsis."""
-    items = []
+    items: list[Any] = []
     for what, start, stop, step in config.key:
         items.append(
             slice(start, stop, step)
@@ -429,14 +450,14 @@ def _python_key(config: GetItemConfig) -> tuple:
     return tuple(items)
 
 
-def _expanded_key(config: GetItemConfig, rank: int) -> list:
+def _expanded_key(config: GetItemConfig, rank: int) -> list[KeyItem]:
     """The key with its ellipsis (or the implicit one at the end) as full slices, for a tensor
     of `rank` axes after the batch axis."""
     consumed = sum(item[0] in (SLICE, INDEX) for item in config.key)
     if consumed > rank + 1:
         raise ExchangeError(f"slice key of {consumed} axes for a rank-{rank + 1} input (batch included)")
-    full = (SLICE, None, None, None)
-    items = (
+    full: KeyItem = (SLICE, None, None, None)
+    items: list[KeyItem] = (
         list(config.key)
         if any(item[0] == ELLIPSIS for item in config.key)
         else list(config.key) + [(ELLIPSIS, None, None, None)]
@@ -445,7 +466,7 @@ def _expanded_key(config: GetItemConfig, rank: int) -> list:
     return items[:at] + [full] * (rank + 1 - consumed) + items[at + 1 :]
 
 
-def _sliced_shape(config: GetItemConfig, shape: tuple) -> tuple:
+def _sliced_shape(config: GetItemConfig, shape: Shape) -> Shape:
     """The output shape (no batch axis); the batch axis must be taken whole and first."""
     items = _expanded_key(config, len(shape))
     if items[0][0] != SLICE or items[0][1:] not in ((None, None, None), (None, None, 1), (0, None, None), (0, None, 1)):
@@ -461,7 +482,8 @@ def _sliced_shape(config: GetItemConfig, shape: tuple) -> tuple:
             continue
         size = next(sizes)
         if what == INDEX:
-            if size is not None and not -size <= start < size:
+            index = cast(int, start)  # an index item holds an int (GetItemConfig checks it)
+            if size is not None and not -size <= index < size:
                 raise ExchangeError(f"index {start} is out of range for an axis of size {size}")
             continue
         if size is None:
@@ -481,18 +503,18 @@ class GetItemOperation(_Operation):
     kind, keras_classes, Config = "op_get_item", ("ops.GetItem",), GetItemConfig
     keras_operation = "GetItem"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> GetItemConfig:
         self.check_call(options, 2)
         key = options.call_args[1]
         items = key if isinstance(key, list) else [key]
         return GetItemConfig(tuple(_key_item(options, item) for item in items))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: GetItemConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return _sliced_shape(config, self.input_shape(input_shapes))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         rank = len(context.input_shape)
-        key = []
+        key: list[Any] = []
         for what, start, stop, step in _expanded_key(context.config, rank):
             key.append(slice(start, stop, step) if what == SLICE else start if what == INDEX else None)
         while len(key) > 1 and key[-1] == slice(None, None, None):  # `x[:, 1]`, not `x[:, 1, :, :]`
@@ -500,11 +522,11 @@ class GetItemOperation(_Operation):
         value = builder.call(operator.getitem, _to_keras_layout(builder, inputs[0], rank), tuple(key))
         return _to_torch_layout(builder, value, len(context.output_shape))
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         return keras_layer(arguments[0], _python_key(context.config))
 
 
-def _key_item(options, item) -> tuple:
+def _key_item(options: KerasOptions, item: Any) -> KeyItem:
     """One item of a Keras 3 GetItem key as recorded: a `__slice__` object, an int, None
     (newaxis) or an `__ellipsis__` object."""
     if item is None:

@@ -20,12 +20,17 @@ Conventions that differ:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError
 from exchange.kinds import (
     MAX_WINDOW,
     OMIT_DEFAULT,
+    KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     check_choice,
     check_ints,
     check_step_mask,
@@ -47,6 +52,9 @@ from exchange.kinds.convolution import (
     torch_pad_argument,
     window_output_sizes,
 )
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
 # Keras computes adaptive bins in float32: exact while input length × output length < 2**24.
 MAX_ADAPTIVE_PRODUCT = 1 << 24
@@ -76,7 +84,7 @@ class _Pooling(LayerKind):
     spatial = 2
     average = False
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> Any:
         pool_size = options.sizes("pool_size", self.spatial, 2, keras2="pool_length")
         strides = (
             options.sizes("strides", self.spatial, None, keras2="stride")
@@ -88,14 +96,14 @@ class _Pooling(LayerKind):
             raise options.unsupported("padding", padding)
         return PoolConfig(pool_size, strides, padding, read_data_format(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(config.pool_size) != self.spatial:
             raise ExchangeError(f"pool size {list(config.pool_size)} has not {self.spatial} spatial axes")
         sizes, channels = split_channels(input_shapes[0], self.spatial, config.data_format)
         out_sizes = window_output_sizes(sizes, config.pool_size, config.strides, (1,) * self.spatial, config.padding)
         return join_channels(out_sizes, channels, config.data_format)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, nn = context.config, builder.nn
         sizes, _ = split_channels(context.input_shape, self.spatial, config.data_format)
         pads = [
@@ -121,7 +129,7 @@ class _Pooling(LayerKind):
         value = builder.module(context, module, value)
         return from_torch_layout(builder, value, config.data_format, len(context.output_shape))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         layer_class = getattr(keras.layers, self.keras_classes[0])
         return layer_class(
@@ -183,10 +191,10 @@ class _GlobalPooling(LayerKind):
     average = True
     Config = GlobalPoolConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> GlobalPoolConfig:
         return GlobalPoolConfig(options.flag("keepdims", False), data_format=read_data_format(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: GlobalPoolConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         _, channels = split_channels(input_shapes[0], self.spatial, config.data_format)
         if config.mask_input and self.mask_position is None:
             raise ExchangeError("takes no mask input")
@@ -197,17 +205,17 @@ class _GlobalPooling(LayerKind):
             return (channels,)
         return join_channels((1,) * self.spatial, channels, config.data_format)
 
-    def spatial_dims(self, context) -> tuple[int, ...]:
+    def spatial_dims(self, context: NodeContext) -> tuple[int, ...]:
         """The torch dims holding the spatial axes (see the module docstring)."""
         rank = len(context.input_shape)
         first = 2 if context.config.data_format == "channels_first" else 1  # Keras's first spatial axis
         return tuple(sorted(to_keras_order(rank)[axis] for axis in range(first, first + self.spatial)))
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         reduce = builder.torch.mean if self.average else builder.torch.amax
         return builder.call(reduce, inputs[0], dim=self.spatial_dims(context), keepdim=context.config.keepdims)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return getattr(keras.layers, self.keras_classes[0])(
             keepdims=context.config.keepdims, data_format=context.config.data_format, **context.keras_identity
         )
@@ -225,10 +233,10 @@ class GlobalAveragePooling1D(_GlobalPooling):
     kind, keras_classes, spatial = "global_avg_pool1d", ("GlobalAveragePooling1D", "GlobalAvgPool1D"), 1
     mask_position = 1  # call(inputs, mask=None); a mask tensor is kept where != 0 (Keras casts it to bool)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> GlobalPoolConfig:
         return replace(super().from_keras(options), mask_input=options.take_mask_input())
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         if mask_name(context) is None:
             return super().torch_forward(builder, context, inputs)
         torch, keepdims = builder.torch, context.config.keepdims
@@ -237,7 +245,7 @@ class GlobalAveragePooling1D(_GlobalPooling):
         total = builder.call(torch.sum, builder.call(torch.where, keep, inputs[0], 0.0), dim=steps, keepdim=keepdims)
         return builder.call(torch.div, total, builder.call(torch.sum, keep, dim=steps, keepdim=keepdims))
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         if context.config.mask_input:
             return keras_layer(arguments[0], mask=arguments[-1])
         return keras_layer(arguments[0])
@@ -278,10 +286,10 @@ class _AdaptivePooling(LayerKind):
     average = True
     Config = AdaptivePoolConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> AdaptivePoolConfig:
         return AdaptivePoolConfig(options.sizes("output_size", self.spatial), read_data_format(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: AdaptivePoolConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(config.output_size) != self.spatial:
             raise ExchangeError(f"output_size {list(config.output_size)} has not {self.spatial} spatial axes")
         sizes, channels = split_channels(input_shapes[0], self.spatial, config.data_format)
@@ -297,7 +305,7 @@ class _AdaptivePooling(LayerKind):
                 )
         return join_channels(config.output_size, channels, config.data_format)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, nn = context.config, builder.nn
         modules = (
             (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)
@@ -308,7 +316,7 @@ class _AdaptivePooling(LayerKind):
         value = builder.module(context, modules[self.spatial - 1](config.output_size), value)
         return from_torch_layout(builder, value, config.data_format, len(context.output_shape))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(
             config.output_size, data_format=config.data_format, **context.keras_identity

@@ -59,6 +59,8 @@ Conventions that differ:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 
@@ -69,6 +71,8 @@ from exchange.kinds import (
     TENSOR,
     KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     _short,
     check_choice,
     check_int,
@@ -80,6 +84,10 @@ from exchange.kinds import (
     register,
 )
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 STRING_REASON = "torch has no string tensors"
 # Keras classes that work on strings, or hash through them: refused, each with its reason.
@@ -97,7 +105,7 @@ MAX_SIDE = MAX_FEATURES
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
-def _image_shape(input_shape: tuple, height: int, width: int, what: str, data_format: str) -> tuple:
+def _image_shape(input_shape: Shape, height: int, width: int, what: str, data_format: str) -> Shape:
     """The Keras shape (no batch axis) of the input image resized to height x width: a
     (height, width, channels) or (channels, height, width) image, or a channels_first
     (batch, height, width) one (Keras's unbatched (channels, height, width))."""
@@ -113,16 +121,18 @@ def _image_shape(input_shape: tuple, height: int, width: int, what: str, data_fo
     return (input_shape[0], height, width)
 
 
-def _read_data_format(options) -> str:
+def _read_data_format(options: KerasOptions) -> str:
     value = options.take("data_format", None)
     if value is None:
         return "channels_last"
     if value not in DATA_FORMATS:
         raise options.unsupported("data_format", value)
-    return value
+    return cast(str, value)
 
 
-def torch_image(builder, value, data_format: str, rank: int, back: bool = False):
+def torch_image(
+    builder: TorchBuilder, value: TorchValue, data_format: str, rank: int, back: bool = False
+) -> TorchValue:
     """A channels_first Keras image of `rank` axes after the batch, as torch's (N, C, H, W) or
     (N, H, W) (or back): the permutation between the exchange's torch layout and Keras's."""
     if data_format == "channels_last":
@@ -154,7 +164,7 @@ class ResizingConfig:
 class Resizing(LayerKind):
     kind, keras_classes, Config = "resizing", ("Resizing",), ResizingConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ResizingConfig:
         options.expect("fill_mode", "constant")
         interpolation = options.take("interpolation", "bilinear")
         if interpolation not in INTERPOLATIONS:
@@ -170,10 +180,10 @@ class Resizing(LayerKind):
             _read_data_format(options),
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ResizingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return _image_shape(input_shapes[0], config.height, config.width, "Resizing", config.data_format)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, rank = context.config, len(context.input_shape)
         module = builder.helpers.KerasResize(
             (config.height, config.width),
@@ -186,7 +196,7 @@ class Resizing(LayerKind):
         value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, rank))
         return torch_image(builder, value, config.data_format, rank, back=True)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.Resizing(
             config.height,
@@ -218,13 +228,13 @@ class CenterCropConfig:
 class CenterCrop(LayerKind):
     kind, keras_classes, Config = "center_crop", ("CenterCrop",), CenterCropConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> CenterCropConfig:
         return CenterCropConfig(options.integer("height"), options.integer("width"), _read_data_format(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: CenterCropConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return _image_shape(input_shapes[0], config.height, config.width, "CenterCrop", config.data_format)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, rank = context.config, len(context.input_shape)
         value = torch_image(builder, inputs[0], config.data_format, rank)
         height, width = (
@@ -238,7 +248,7 @@ class CenterCrop(LayerKind):
             value = builder.module(context, module, value)
         return torch_image(builder, value, config.data_format, rank, back=True)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.CenterCrop(
             config.height, config.width, data_format=config.data_format, **context.keras_identity
@@ -268,7 +278,7 @@ class AutoContrast(LayerKind):
 
     kind, keras_classes, Config = "auto_contrast", ("AutoContrast",), AutoContrastConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> AutoContrastConfig:
         options.expect("bounding_box_format", None)  # boxes only travel in dict inputs
         value_range = options.take("value_range", [0, 255])
         if (
@@ -282,7 +292,7 @@ class AutoContrast(LayerKind):
             raise options.unsupported("value_range", value_range, "an empty range divides by zero")
         return AutoContrastConfig((low, high), _read_data_format(options))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: AutoContrastConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(shape) != 3:
             raise UnsupportedLayerError(
@@ -290,10 +300,10 @@ class AutoContrast(LayerKind):
             )
         return shape
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.module(context, builder.helpers.KerasAutoContrast(context.config.value_range), inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.AutoContrast(
             value_range=config.value_range, data_format=config.data_format, **context.keras_identity
@@ -308,7 +318,7 @@ MAX_VALUES = 1 << 22
 INTEGER_DTYPES = ("int32", "int64")
 
 
-def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) -> tuple:
+def _encoded_shape(input_shape: Shape, depth: int, output_mode: str, what: str) -> Shape:
     """Keras's encoded output shape for ids (batch, d1, ..., dk): `one_hot` appends a depth axis
     (replacing a last axis of size 1 where the ids have one after the batch); `multi_hot` and
     `count` encode along axis 1 and drop it, (batch, d2, ..., dk, depth). Ids of shape (batch,)
@@ -323,7 +333,9 @@ def _encoded_shape(input_shape: tuple, depth: int, output_mode: str, what: str) 
     return tuple(input_shape[1:]) + (depth,)
 
 
-def _encode_in_keras_order(builder, context, module, inputs: list):
+def _encode_in_keras_order(
+    builder: TorchBuilder, context: NodeContext, module: Any, inputs: list[TorchValue]
+) -> TorchValue:
     """Call an encoding `module` on Keras-ordered values: the inputs permuted from the torch
     layout, the encoded output permuted back (one_hot of (batch, d1, ..., dk) adds an axis)."""
     rank, output_rank = len(context.input_shape), len(context.output_shape)
@@ -364,10 +376,10 @@ class CategoryEncoding(LayerKind):
     kind, keras_classes, Config = "category_encoding", ("CategoryEncoding",), CategoryEncodingConfig
     tensor_kwargs = ("count_weights",)
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return position == 0
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> CategoryEncodingConfig:
         options.expect("sparse", False)
         mode = options.take("output_mode", "multi_hot")
         mode = "multi_hot" if mode == "binary" else mode
@@ -384,7 +396,7 @@ class CategoryEncoding(LayerKind):
             raise options.unsupported("output_mode", mode, "count_weights need output_mode 'count'")
         return CategoryEncodingConfig(options.integer("num_tokens"), mode, weighted)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: CategoryEncodingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         ids = input_shapes[0]
         if config.count_weights and (len(input_shapes) != 2 or input_shapes[1] != ids):
             raise ExchangeError(
@@ -401,20 +413,20 @@ class CategoryEncoding(LayerKind):
             )
         return shape
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasCategoryEncoding(
             config.num_tokens, config.output_mode, output_dtype=builder.dtype(context)
         )
         return _encode_in_keras_order(builder, context, module, inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.CategoryEncoding(
             config.num_tokens, output_mode=config.output_mode, **context.keras_identity
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         if context.config.count_weights:
             return keras_layer(arguments[0], count_weights=arguments[1])
         return keras_layer(arguments[0])
@@ -443,13 +455,13 @@ class Discretization(LayerKind):
 
     kind, keras_classes, Config = "discretization", ("Discretization",), DiscretizationConfig
 
-    def keeps_order(self, config) -> bool:
+    def keeps_order(self, config: DiscretizationConfig) -> bool:
         return config.output_mode == "int"  # element-wise then
 
-    def integer_output(self, config):
+    def integer_output(self, config: DiscretizationConfig) -> str | None:
         return "int32" if config.output_mode == "int" else None
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DiscretizationConfig:
         options.expect("sparse", False)
         options.take("num_bins", None)  # how adapt() chose the boundaries
         options.take("epsilon", None)
@@ -465,12 +477,12 @@ class Discretization(LayerKind):
             raise options.unsupported("output_mode", mode)
         return DiscretizationConfig(tuple(float(np.float32(value)) for value in boundaries), mode)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: DiscretizationConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if config.output_mode == "int":
             return input_shapes[0]
         return _encoded_shape(input_shapes[0], len(config.bin_boundaries) + 1, config.output_mode, "Discretization")
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasDiscretization(
             list(config.bin_boundaries), config.output_mode, output_dtype=builder.dtype(context)
@@ -479,7 +491,7 @@ class Discretization(LayerKind):
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.Discretization(
             bin_boundaries=list(config.bin_boundaries), output_mode=config.output_mode, **context.keras_identity
@@ -545,6 +557,8 @@ class IntegerLookupConfig:
     def padded_idf_weights(self) -> list[float]:
         """Keras's idf weight per column: the special indices weighted by the mean (in float64),
         the columns past the vocabulary (padding) by 0."""
+        if self.idf_weights is None:
+            raise ExchangeError("IntegerLookup: only tf_idf has idf weights")
         front = [float(np.average(self.idf_weights))] * self.token_start
         return front + list(self.idf_weights) + [0.0] * (self.depth - self.token_start - len(self.vocabulary))
 
@@ -557,16 +571,16 @@ class IntegerLookup(LayerKind):
 
     kind, keras_classes, Config = "integer_lookup", ("IntegerLookup",), IntegerLookupConfig
 
-    def keeps_order(self, config) -> bool:
+    def keeps_order(self, config: IntegerLookupConfig) -> bool:
         return config.output_mode == "int"  # element-wise then
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return position == 0
 
-    def integer_output(self, config):
+    def integer_output(self, config: IntegerLookupConfig) -> str | None:
         return None if config.output_mode == "tf_idf" else "int64"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> IntegerLookupConfig:
         options.expect("sparse", False)
         mode = options.take("output_mode", "int")
         if mode not in LOOKUP_MODES:
@@ -647,7 +661,7 @@ class IntegerLookup(LayerKind):
             None if idf_weights is None else tuple(float(weight) for weight in idf_weights),
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: IntegerLookupConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if config.output_mode == "int":
             return shape
@@ -661,10 +675,10 @@ class IntegerLookup(LayerKind):
             )
         return (config.depth,)
 
-    def keras3_saved_extras(self, config):
+    def keras3_saved_extras(self, config: IntegerLookupConfig) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         return () if config.idf_weights is None else (("idf_weights", tuple(config.padded_idf_weights())),)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasIntegerLookup(
             list(config.vocabulary),
@@ -682,7 +696,7 @@ class IntegerLookup(LayerKind):
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.IntegerLookup(
             vocabulary=list(config.vocabulary),
@@ -710,19 +724,19 @@ MAX_BINS = (1 << 62) - 1
 MAX_INTEGER = (1 << 62) - 1
 
 
-def _integer_dtype(options, mode: str) -> str | None:
+def _integer_dtype(options: KerasOptions, mode: str) -> str | None:
     """The output's integer dtype: the layer's dtype policy where it names int32 or int64 (Keras's
     int output_mode needs one), else None (the node's float dtype)."""
     value = options.take("dtype", None)
     name = (value.get("config") or {}).get("name") if isinstance(value, dict) else value
     if name in INTEGER_DTYPES:
-        return name
+        return cast(str, name)
     if mode == "int":
         raise options.unsupported("dtype", name, "output_mode 'int' needs an integer dtype, int32 or int64")
     return None
 
 
-def _read_salt(options) -> tuple[int, int] | None:
+def _read_salt(options: KerasOptions) -> tuple[int, int] | None:
     """Keras's salt: None, one integer (both key words) or two."""
     salt = options.take("salt", None)
     if isinstance(salt, int) and not isinstance(salt, bool):
@@ -738,7 +752,7 @@ def _read_salt(options) -> tuple[int, int] | None:
     return tuple(salt)
 
 
-def _check_salt(salt, what: str) -> None:
+def _check_salt(salt: tuple[int, int] | None, what: str) -> None:
     if salt is not None:
         if not isinstance(salt, tuple) or len(salt) != 2:
             raise ExchangeError(f"{what} salt must be two integers")
@@ -768,7 +782,7 @@ class HashingConfig:
             check_choice(self.integer_dtype, INTEGER_DTYPES, "Hashing integer dtype")
 
 
-def _hashed_encoding_shape(input_shape: tuple, depth: int, output_mode: str, what: str) -> tuple:
+def _hashed_encoding_shape(input_shape: Shape, depth: int, output_mode: str, what: str) -> Shape:
     """Hashing's encoded shape: ids (batch, steps), or for one_hot also (batch, steps, 1) (the 1
     squeezed); Keras's output for other shapes is not the shape it declares."""
     if output_mode == "one_hot" and len(input_shape) == 2 and input_shape[1] == 1:
@@ -792,16 +806,16 @@ class Hashing(LayerKind):
     keeps_input_dtypes = True  # Keras hashes the inputs as given (`_convert_input_args = False`)
     takes_integer_dtype = True
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return position == 0
 
-    def integer_output(self, config):
+    def integer_output(self, config: HashingConfig) -> str | None:
         return config.integer_dtype
 
-    def keeps_order(self, config) -> bool:
+    def keeps_order(self, config: HashingConfig) -> bool:
         return config.output_mode == "int"  # element-wise then
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> HashingConfig:
         options.expect("sparse", False)
         mode = options.take("output_mode", "int")
         if mode not in ("int",) + ENCODINGS:
@@ -819,12 +833,12 @@ class Hashing(LayerKind):
             options.integer("num_bins"), mask_value, _read_salt(options), mode, _integer_dtype(options, mode)
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: HashingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if config.output_mode == "int":
             return input_shapes[0]
         return _hashed_encoding_shape(input_shapes[0], config.num_bins, config.output_mode, "Hashing")
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         output_dtype = (
             builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch, config.integer_dtype)
@@ -836,7 +850,7 @@ class Hashing(LayerKind):
             return builder.module(context, module, inputs[0])
         return _encode_in_keras_order(builder, context, module, inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         identity = {**context.keras_identity, "dtype": config.integer_dtype or context.node.dtype}
         return keras.layers.Hashing(
@@ -871,20 +885,20 @@ class HashedCrossing(LayerKind):
     takes_list = True
     takes_integer_dtype = True
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return True
 
-    def integer_output(self, config):
+    def integer_output(self, config: HashedCrossingConfig) -> str | None:
         return config.integer_dtype
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> HashedCrossingConfig:
         options.expect("sparse", False)
         mode = options.take("output_mode", "int")
         if mode not in ("int", "one_hot"):
             raise options.unsupported("output_mode", mode)
         return HashedCrossingConfig(options.integer("num_bins"), mode, _integer_dtype(options, mode))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: HashedCrossingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(input_shapes) != 2 or shape not in ((), (1,)) or any(other != shape for other in input_shapes):
             raise ExchangeError(
@@ -894,7 +908,7 @@ class HashedCrossing(LayerKind):
             )
         return shape if config.output_mode == "int" else (config.num_bins,)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         output_dtype = (
             builder.dtype(context) if config.integer_dtype is None else getattr(builder.torch, config.integer_dtype)
@@ -902,7 +916,7 @@ class HashedCrossing(LayerKind):
         module = builder.helpers.KerasHashedCrossing(config.num_bins, config.output_mode, output_dtype=output_dtype)
         return builder.module(context, module, *inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         identity = {**context.keras_identity, "dtype": config.integer_dtype or context.node.dtype}
         return keras.layers.HashedCrossing(config.num_bins, output_mode=config.output_mode, sparse=False, **identity)
@@ -976,11 +990,11 @@ class Pipeline(LayerKind):
 
     kind, keras_classes, Config = "pipeline", ("Pipeline",), PipelineConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> PipelineConfig:
         layers = options.take("layers")
         if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_PIPELINE_LAYERS:
             raise options.unsupported("layers", layers, f"expected a list of 1 to {MAX_PIPELINE_LAYERS} layers")
-        steps = []
+        steps: list[PipelineStep] = []
         for index, layer_config in enumerate(layers):
             if not isinstance(layer_config, dict) or not isinstance(layer_config.get("config"), dict):
                 raise options.unsupported("layers", layer_config, "expected a layer config")
@@ -994,14 +1008,17 @@ class Pipeline(LayerKind):
             if policy not in (None, "float32"):  # the Pipeline itself has no dtype: float32
                 raise options.unsupported("layers", f"{name} with dtype {policy}", "only float32 layers")
             inner = KerasOptions(
-                class_name, f"{options.layer_name}/{name}", layer_config["config"], keras2=options.keras2
+                cast(str, class_name),  # a str: it named a kind
+                f"{options.layer_name}/{name}",
+                layer_config["config"],
+                keras2=options.keras2,
             )
             config = kind.from_keras(inner)
             inner.finish()
             steps.append(PipelineStep(kind.kind, config, str(name)))
         return PipelineConfig(tuple(steps))
 
-    def config_from_dict(self, values, node_name):
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
         where = f"layer {node_name!r} ({self.kind})"
         if not isinstance(values, dict):
             raise ExchangeError(f"layer {node_name!r}: config must be an object")
@@ -1009,7 +1026,7 @@ class Pipeline(LayerKind):
         layers = values.get("layers")
         if not isinstance(layers, list) or not 1 <= len(layers) <= MAX_PIPELINE_LAYERS:
             raise ExchangeError(f"{where}: layers must be a list of 1 to {MAX_PIPELINE_LAYERS} layers")
-        steps = []
+        steps: list[PipelineStep] = []
         for step in layers:
             if not isinstance(step, dict) or not isinstance(step.get("layer"), str):
                 raise ExchangeError(f"{where}: each layer must name its kind")
@@ -1019,21 +1036,23 @@ class Pipeline(LayerKind):
                 raise ExchangeError(f"{where}: cannot hold a {kind.kind!r} layer: {PIPELINE_TAKES}")
             config = kind.config_from_dict(step.get("config", {}), node_name)
             try:
-                steps.append(PipelineStep(kind.kind, config, step.get("layer_name")))
+                layer_name: Any = step.get("layer_name")  # checked by PipelineStep
+                steps.append(PipelineStep(kind.kind, config, layer_name))
             except ExchangeError as err:
                 raise ExchangeError(f"{where}: {err}") from None
         return self.build_config(node_name, layers=tuple(steps))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: PipelineConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         for step in config.layers:
             shape = tuple(kind_of(step.layer).output_shape(step.config, (shape,)))
         return shape
 
-    def steps(self, context):
+    def steps(self, context: NodeContext) -> list[tuple[LayerKind, NodeContext]]:
         """Each layer's kind and context: its input the previous one's output, its torch modules
         below the Pipeline's name."""
-        shape, steps = context.input_shape, []
+        shape = context.input_shape
+        steps: list[tuple[LayerKind, NodeContext]] = []
         for index, step in enumerate(context.config.layers):
             kind = kind_of(step.layer)
             output_shape = tuple(kind.output_shape(step.config, (shape,)))
@@ -1056,7 +1075,7 @@ class Pipeline(LayerKind):
             shape = output_shape
         return steps
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         for kind, step_context in self.steps(context):
             if kind.ports(step_context):
                 raise UnsupportedLayerError(
@@ -1066,13 +1085,13 @@ class Pipeline(LayerKind):
                 )
         return []
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         builder.root.add_module(context.torch_name, builder.nn.ModuleDict())  # dropped by fx if left empty
         value = inputs[0]
         for kind, step_context in self.steps(context):
             value = kind.torch_forward(builder, step_context, [value])
         return value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         layers = [kind.keras_layer(keras, step_context) for kind, step_context in self.steps(context)]
         return keras.layers.Pipeline(layers, name=context.node.name)

@@ -31,12 +31,18 @@ Conventions that differ:
   keeps each cell's variables in `cell/cells/lstm_cell`, `cell/cells/lstm_cell_1`, … (named by
   class and counted), nests a stack's initial states and returned states per cell ([h1, [h2, c2]]);
   the graph holds them flat, in that order.
+
+Not supported (refused by name): stateful=True (the states carry over between batches: state no
+file holds).
 """
 
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (
@@ -45,14 +51,21 @@ from exchange.kinds import (
     TENSOR,
     KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     check_choice,
     check_int,
     check_step_mask,
+    known,
     register,
     torch_mask,
 )
 from exchange.kinds.activations import ELEMENTWISE_ACTIVATIONS, check_activation, keras_activation, torch_function
-from exchange.ports import Blocks, Permute, Port, Stacked, Summed
+from exchange.ports import Blocks, Permute, Port, Stacked, Step, Summed
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 GRU_GATE_ORDER = (1, 0, 2)  # torch's r, z, n are Keras's blocks 1, 0, 2 (z, r, h)
 TORCH_DEFAULTS = ("tanh", "sigmoid")  # nn.LSTM's and nn.GRU's activation and gate activation
@@ -85,7 +98,7 @@ class RecurrentConfig:
                 raise UnsupportedLayerError(f"recurrent layer: activation {name!r} is not supported")
 
 
-def _recurrent_activation(options, key: str) -> str:
+def _recurrent_activation(options: KerasOptions, key: str) -> str:
     """An activation option of a recurrent layer: one `KerasRecurrent` can compute."""
     name = options.activation(key)
     if name not in ELEMENTWISE_ACTIVATIONS:
@@ -93,7 +106,7 @@ def _recurrent_activation(options, key: str) -> str:
     return name
 
 
-def refuse_stateful(options) -> None:
+def refuse_stateful(options: KerasOptions) -> None:
     """A stateful layer carries its last states into the next batch: state no file holds."""
     if options.flag("stateful", False):
         raise options.unsupported(
@@ -101,7 +114,7 @@ def refuse_stateful(options) -> None:
         )
 
 
-def uses_mask(options) -> bool:
+def uses_mask(options: KerasOptions) -> bool:
     """Whether the layer skips its input's masked steps: Keras 3 passes a layer the mask of its
     input only when the call has that one tensor (no initial_state) or passes `mask=`."""
     tensors = sum(argument is None for argument in options.call_args) + sum(
@@ -110,7 +123,7 @@ def uses_mask(options) -> bool:
     return options.keras2 or options.mask_given or tensors <= 1
 
 
-def cell_options(options, kind) -> dict:
+def cell_options(options: KerasOptions, kind: _Recurrent) -> dict[str, Any]:
     """What computes one step of an LSTM, GRU or SimpleRNN (layer or cell): units, activations,
     bias; dropout and the initialisers (unit_forget_bias) only act in training."""
     for key in ("dropout", "recurrent_dropout", "seed", "unit_forget_bias", "implementation"):
@@ -124,7 +137,7 @@ def cell_options(options, kind) -> dict:
     )
 
 
-def cell_arguments(kind, config, where: str) -> dict:
+def cell_arguments(kind: _Recurrent, config: Any, where: str) -> dict[str, Any]:
     """The Keras arguments of a layer's or cell's step options (`cell_options`)."""
     arguments = dict(
         units=config.units, activation=keras_activation(config.activation, where), use_bias=config.use_bias
@@ -148,7 +161,7 @@ class _Recurrent(LayerKind):
     casts_integers = True
     mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> RecurrentConfig:
         refuse_stateful(options)
         options.expect("time_major", False)
         for key in ("use_cudnn", "unroll"):
@@ -163,15 +176,15 @@ class _Recurrent(LayerKind):
             mask_input=options.take_mask_input(),
         )
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: RecurrentConfig) -> tuple[str, ...]:
         return ("cell",)
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def output_count(self, config) -> int:
+    def output_count(self, config: RecurrentConfig) -> int:
         return 1 + self.state_count if config.return_state else 1
 
-    def output_shapes(self, config, input_shapes) -> list[tuple]:
+    def output_shapes(self, config: RecurrentConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         shape = input_shapes[0]
         if len(shape) != 2:
             raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
@@ -181,43 +194,46 @@ class _Recurrent(LayerKind):
             raise ExchangeError(
                 f"initial_state must be {self.state_count} tensor(s) of shape (batch, {config.units}), found {states}"
             )
-        output = (shape[0], config.units) if config.return_sequences else (config.units,)
-        return [output] + [(config.units,)] * (self.state_count if config.return_state else 0)
+        output: Shape = (shape[0], config.units) if config.return_sequences else (config.units,)
+        state_shapes: list[Shape] = [(config.units,)] * (self.state_count if config.return_state else 0)
+        return [output] + state_shapes
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: RecurrentConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         return _sequence_mask(node, input_masks)
 
-    def output_masks(self, node, input_masks) -> list:
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
-    def bias_shape(self, config) -> tuple:
+    def bias_shape(self, config: RecurrentConfig) -> tuple[int, ...]:
         return (self.gates * config.units,)
 
-    def gate_steps(self) -> tuple:
+    def gate_steps(self) -> tuple[Step, ...]:
         return ()
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config, width = context.config, self.gates * context.config.units
         steps = (Permute((1, 0)),) + self.gate_steps()
-        ports = [
-            Port("kernel", "weight_ih_l0", steps, shape=(context.input_shape[-1], width)),
+        ports: list[AnyPort] = [
+            Port("kernel", "weight_ih_l0", steps, shape=(known(context.input_shape[-1], "input features"), width)),
             Port("recurrent_kernel", "weight_hh_l0", steps, shape=(config.units, width)),
         ]
         if config.use_bias:
             ports.append(self.bias_port(config))
         return ports
 
-    def bias_port(self, config):
+    def bias_port(self, config: RecurrentConfig) -> AnyPort:
         return Summed("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps(), shape=self.bias_shape(config))
 
     # -- torch ----------------------------------------------------------------------------
 
     torch_class = ""  # nn.LSTM / nn.GRU: what computes this layer with the default activations
 
-    def standard_module(self, builder, config, input_size, dtype):
+    def standard_module(
+        self, builder: TorchBuilder, config: RecurrentConfig, input_size: int | None, dtype: Any
+    ) -> Any:
         """The `nn.LSTM`/`nn.GRU`/`nn.RNN` computing exactly this layer, or None."""
         if (config.activation, config.recurrent_activation) != TORCH_DEFAULTS or not config.reset_after:
             return None
@@ -225,7 +241,7 @@ class _Recurrent(LayerKind):
             input_size, config.units, bias=config.use_bias, batch_first=True, device="meta", dtype=dtype
         )
 
-    def torch_module(self, builder, context, masked: bool):
+    def torch_module(self, builder: TorchBuilder, context: NodeContext, masked: bool) -> Any:
         config, dtype, input_size = context.config, builder.dtype(context), context.input_shape[-1]
         module = None if masked else self.standard_module(builder, config, input_size, dtype)
         return module or builder.helpers.KerasRecurrent(
@@ -241,7 +257,7 @@ class _Recurrent(LayerKind):
             dtype=dtype,
         )
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)  # (N, F, T) -> (N, T, F)
         mask = torch_mask(builder, context, inputs) if context.config.uses_mask else None
         states = inputs[1:-1] if context.config.mask_input else inputs[1:]
@@ -253,15 +269,15 @@ class _Recurrent(LayerKind):
 
     # -- Keras ----------------------------------------------------------------------------
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return getattr(keras.layers, self.keras_classes[0])(
             **self.keras_arguments(context.config, context.node.name), dtype=context.node.dtype
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         return keras_recurrent_call(keras_layer, arguments, context, list)
 
-    def keras_arguments(self, config, name: str) -> dict:
+    def keras_arguments(self, config: RecurrentConfig, name: str) -> dict[str, Any]:
         return dict(
             cell_arguments(self, config, f"layer {name!r}"),
             return_sequences=config.return_sequences,
@@ -272,7 +288,12 @@ class _Recurrent(LayerKind):
         )
 
 
-def keras_recurrent_call(keras_layer, arguments, context, initial_state):
+def keras_recurrent_call(
+    keras_layer: Any,
+    arguments: list[Any],
+    context: NodeContext,
+    initial_state: Callable[[list[Any]], list[Any]],
+) -> Any:
     """Call a recurrent Keras layer on its sequence, its initial states (`initial_state` shapes
     the flat list of them as the layer takes it) and its mask; with return_state, the outputs
     as one flat list (Keras nests a StackedRNNCells' states per cell), as the graph numbers them."""
@@ -299,14 +320,22 @@ def keras_recurrent_call(keras_layer, arguments, context, initial_state):
     return result
 
 
-def _keras_mask(tensor):
+def _keras_mask(tensor: Any) -> Any:
     """The mask Keras attached to a symbolic tensor (an Embedding's with mask_zero=True)."""
     from keras.src.backend import get_keras_mask
 
     return get_keras_mask(tensor)
 
 
-def run_recurrent(builder, context, kind: _Recurrent, sequence, mask, module_name: str, initial_state=()) -> list:
+def run_recurrent(
+    builder: TorchBuilder,
+    context: NodeContext,
+    kind: _Recurrent,
+    sequence: TorchValue,
+    mask: TorchValue,
+    module_name: str,
+    initial_state: Sequence[TorchValue] = (),
+) -> list[TorchValue]:
     """Add one recurrent module (of `context.config`, under `module_name`) reading `sequence`
     (N, T, F) from the initial states (N, H) given, or zeros; returns [outputs (N, T, H) or last
     output (N, H), then the states (N, H)], in Keras's order."""
@@ -316,9 +345,9 @@ def run_recurrent(builder, context, kind: _Recurrent, sequence, mask, module_nam
         if mask is not None:
             mask = builder.call(builder.torch.flip, mask, (1,))
     module = kind.torch_module(builder, context, mask is not None)
-    arguments = [sequence] if mask is None else [sequence, mask]
+    arguments: list[Any] = [sequence] if mask is None else [sequence, mask]
     if initial_state:  # torch's states are (layers, N, H): one layer
-        states = tuple(builder.call(builder.torch.unsqueeze, state, 0) for state in initial_state)
+        states: Sequence[TorchValue] = tuple(builder.call(builder.torch.unsqueeze, state, 0) for state in initial_state)
         if mask is None and not isinstance(module, builder.helpers.KerasRecurrent):
             arguments.append(states if kind.state_count == 2 else states[0])
         else:
@@ -353,13 +382,13 @@ class GRU(_Recurrent):
     kind, keras_classes, mode, gates = "gru", ("GRU",), "gru", 3
     torch_class = "GRU"  # with reset_after=True only: nn.GRU applies the reset gate after its matmul
 
-    def gate_steps(self):
+    def gate_steps(self) -> tuple[Step, ...]:
         return (Blocks(0, GRU_GATE_ORDER),)
 
-    def bias_shape(self, config):
+    def bias_shape(self, config: RecurrentConfig) -> tuple[int, ...]:
         return (2, 3 * config.units) if config.reset_after else (3 * config.units,)
 
-    def bias_port(self, config):
+    def bias_port(self, config: RecurrentConfig) -> AnyPort:
         if config.reset_after:
             return Stacked("bias", ("bias_ih_l0", "bias_hh_l0"), self.gate_steps(), shape=self.bias_shape(config))
         return Port("bias", "bias_ih_l0", self.gate_steps(), shape=self.bias_shape(config))
@@ -369,7 +398,9 @@ class GRU(_Recurrent):
 class SimpleRNN(_Recurrent):
     kind, keras_classes, mode, gates = "simple_rnn", ("SimpleRNN",), "rnn", 1
 
-    def standard_module(self, builder, config, input_size, dtype):
+    def standard_module(
+        self, builder: TorchBuilder, config: RecurrentConfig, input_size: int | None, dtype: Any
+    ) -> Any:
         if config.activation not in TORCH_RNN_ACTIVATIONS:
             return None
         return builder.nn.RNN(
@@ -419,7 +450,7 @@ class CellConfig:
             raise ExchangeError("reset_after=false is a GRUCell option")
         self.layer_config()  # checks units and activations
 
-    def layer_config(self, **layer_options) -> RecurrentConfig:
+    def layer_config(self, **layer_options: Any) -> RecurrentConfig:
         """The config of the layer of kind `cell` running this cell (with the RNN's options)."""
         return RecurrentConfig(
             units=self.units,
@@ -473,7 +504,7 @@ class RNN(LayerKind):
     # A stacked cell's variables are named `kernel`, … in Keras; its ports `cell1_kernel`, ….
     variable_aliases = {f"cell{index}_{name}": (name,) for index in range(MAX_CELLS) for name in CELL_VARIABLES}
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> RNNConfig:
         refuse_stateful(options)
         options.expect("time_major", False)
         cell = options.take("cell")
@@ -511,7 +542,7 @@ class RNN(LayerKind):
             mask_input=options.take_mask_input(),
         )
 
-    def config_from_dict(self, values, node_name):
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
         if isinstance(values, dict) and isinstance(values.get("cells"), list):
             if not 1 <= len(values["cells"]) <= MAX_CELLS:
                 raise ExchangeError(
@@ -521,10 +552,11 @@ class RNN(LayerKind):
             values = dict(values, cells=[_CELL_READER.config_from_dict(cell, node_name) for cell in values["cells"]])
         return super().config_from_dict(values, node_name)
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: RNNConfig) -> tuple[str, ...]:
         if not config.stacked:
             return ("cell",)
-        groups, counts = [], {}
+        groups: list[str] = []
+        counts: dict[str, int] = {}
         for cell in config.cells:  # Keras 3 names a list's layers by class, counted: lstm_cell, lstm_cell_1
             snake = CELL_CLASSES[cell.cell][1]
             counts[snake] = counts.get(snake, -1) + 1
@@ -533,18 +565,18 @@ class RNN(LayerKind):
 
     # -- shapes and weights -----------------------------------------------------------------
 
-    def state_counts(self, config) -> list[int]:
+    def state_counts(self, config: RNNConfig) -> list[int]:
         return [_recurrent_kind(cell.cell, "RNN cell").state_count for cell in config.cells]
 
-    def output_count(self, config) -> int:
+    def output_count(self, config: RNNConfig) -> int:
         return 1 + sum(self.state_counts(config)) if config.return_state else 1
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: RNNConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         shape = input_shapes[0]
         if len(shape) != 2:
             raise ExchangeError(f"expects (batch, time, features) input, found (batch, {shape})")
         input_shapes = check_step_mask(config, input_shapes)
-        state_shapes = [
+        state_shapes: list[Shape] = [
             (cell.units,) for cell, count in zip(config.cells, self.state_counts(config)) for _ in range(count)
         ]
         states = [tuple(state) for state in input_shapes[1:]]
@@ -554,23 +586,24 @@ class RNN(LayerKind):
                 f"found {[(None,) + s for s in states]}"
             )
         units = config.cells[-1].units
-        output = (shape[0], units) if config.return_sequences else (units,)
+        output: Shape = (shape[0], units) if config.return_sequences else (units,)
         return [output] + (state_shapes if config.return_state else [])
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: RNNConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         return _sequence_mask(node, input_masks)
 
-    def output_masks(self, node, input_masks):
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         return [self.output_mask(node, input_masks)] + [None] * (self.output_count(node.config) - 1)
 
-    def cell_contexts(self, context) -> list:
+    def cell_contexts(self, context: NodeContext) -> list[tuple[_Recurrent, NodeContext]]:
         """(kind, context) of the layer each cell is: every cell but the last returns its
         sequence (for the next cell); the last has the RNN's options."""
         config = context.config
-        size, last, found = context.input_shape[-1], len(config.cells) - 1, []
+        size, last = context.input_shape[-1], len(config.cells) - 1
+        found: list[tuple[_Recurrent, NodeContext]] = []
         for index, cell in enumerate(config.cells):
             layer = cell.layer_config(
                 return_sequences=config.return_sequences or index < last,
@@ -591,7 +624,7 @@ class RNN(LayerKind):
             size = cell.units
         return found
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         if not context.config.stacked:
             kind, cell_context = self.cell_contexts(context)[0]
             return kind.ports(cell_context)
@@ -603,7 +636,7 @@ class RNN(LayerKind):
 
     # -- torch ----------------------------------------------------------------------------
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)  # (N, F, T) -> (N, T, F)
         mask = torch_mask(builder, context, inputs) if config.uses_mask else None
@@ -614,7 +647,8 @@ class RNN(LayerKind):
                 mask = builder.call(builder.torch.flip, mask, (1,))
         if config.stacked:
             builder.root.add_module(context.torch_name, builder.nn.ModuleDict())
-        output, final_states = sequence, []
+        output = sequence
+        final_states: list[TorchValue] = []
         for index, (kind, cell_context) in enumerate(self.cell_contexts(context)):
             name = f"{context.torch_name}.cell{index}" if config.stacked else context.torch_name
             results = run_recurrent(
@@ -628,7 +662,7 @@ class RNN(LayerKind):
 
     # -- Keras ----------------------------------------------------------------------------
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config, where = context.config, f"layer {context.node.name!r}"
         cells = [
             getattr(keras.layers, CELL_CLASSES[cell.cell][0])(
@@ -647,10 +681,10 @@ class RNN(LayerKind):
             **context.keras_identity,
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         counts = self.state_counts(context.config)
 
-        def per_cell(states):  # a StackedRNNCells takes a list of states per cell
+        def per_cell(states: list[Any]) -> list[Any]:  # a StackedRNNCells takes a list of states per cell
             if not context.config.stacked:
                 return states
             starts = [sum(counts[:index]) for index in range(len(counts))]
@@ -668,7 +702,7 @@ class _CellReader(LayerKind):
 _CELL_READER = _CellReader()
 
 
-def _nested_options(options, key: str, nested) -> KerasOptions:
+def _nested_options(options: KerasOptions, key: str, nested: Any) -> KerasOptions:
     """The options of a layer config nested in option `key` (an RNN's cell), named in errors."""
     if not isinstance(nested, dict) or not isinstance(nested.get("config"), dict):
         raise options.unsupported(key, nested, "expected a layer config")
@@ -678,7 +712,7 @@ def _nested_options(options, key: str, nested) -> KerasOptions:
     )
 
 
-def _renamed(port, keras_prefix: str, torch_prefix: str):
+def _renamed(port: Any, keras_prefix: str, torch_prefix: str) -> Any:  # an AnyPort with torch keys
     """A port of a layer inside another (a Bidirectional's side, a stacked cell) under the outer
     layer's names: the Keras variable prefixed (aliased to its own name), the torch keys below
     the inner module."""
@@ -689,7 +723,7 @@ def _renamed(port, keras_prefix: str, torch_prefix: str):
     )
 
 
-def _sequence_mask(node, input_masks):
+def _sequence_mask(node: Node, input_masks: tuple[str | None, ...]) -> str | None:
     """A recurrent layer's output mask: its input's (or the mask given) when it returns sequences
     and skips masked steps."""
     mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
@@ -756,7 +790,7 @@ class Bidirectional(LayerKind):
     tensor_kwargs = ("initial_state",)  # its tensors are node inputs after the sequence
     mask_position = 2  # call(sequences, initial_state=None, mask=None, training=None)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> BidirectionalConfig:
         merge_mode = options.take("merge_mode", "concat")
         if merge_mode not in MERGE_MODES:
             raise options.unsupported("merge_mode", merge_mode)
@@ -787,7 +821,7 @@ class Bidirectional(LayerKind):
         )
         return BidirectionalConfig(forward_kind.kind, forward, backward_config, merge_mode, options.take_mask_input())
 
-    def config_from_dict(self, values, node_name):
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
         if isinstance(values, dict):
             values = dict(values)
             for side in ("forward", "backward"):
@@ -797,55 +831,55 @@ class Bidirectional(LayerKind):
                     )
         return super().config_from_dict(values, node_name)
 
-    def wrapped(self, config) -> _Recurrent:
+    def wrapped(self, config: BidirectionalConfig) -> _Recurrent:
         return _recurrent_kind(config.layer, "bidirectional")
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: BidirectionalConfig) -> tuple[str, ...]:
         return tuple(f"{side}/cell" for side in self.SIDES)
 
-    def merged_count(self, config) -> int:
+    def merged_count(self, config: BidirectionalConfig) -> int:
         """The outputs before the states: 2 with merge_mode None, else 1."""
         return 2 if config.merge_mode is None else 1
 
-    def output_count(self, config):
+    def output_count(self, config: BidirectionalConfig) -> int:
         states = 2 * self.wrapped(config).state_count if config.forward.return_state else 0
         return self.merged_count(config) + states
 
-    def output_shapes(self, config, input_shapes):
+    def output_shapes(self, config: BidirectionalConfig, input_shapes: tuple[Shape, ...]) -> list[Shape]:
         kind = self.wrapped(config)
         sequence, *states = check_step_mask(config, input_shapes)
         half = len(states) // 2  # Keras's split of the initial states
-        forward, *forward_states = kind.output_shapes(config.forward, [sequence] + states[:half])
-        backward, *backward_states = kind.output_shapes(config.backward, [sequence] + states[half:])
+        forward, *forward_states = kind.output_shapes(config.forward, (sequence, *states[:half]))
+        backward, *backward_states = kind.output_shapes(config.backward, (sequence, *states[half:]))
         if config.merge_mode is None:
             merged = [forward, backward]
         elif config.merge_mode == "concat":
-            merged = [forward[:-1] + (forward[-1] + backward[-1],)]
+            merged = [forward[:-1] + (known(forward[-1], "units") + known(backward[-1], "units"),)]
         elif forward != backward:
             raise ExchangeError(f"merge_mode {config.merge_mode!r} needs equal outputs, found {forward} and {backward}")
         else:
             merged = [forward]
         return merged + forward_states + backward_states
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: BidirectionalConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return self.output_shapes(config, input_shapes)[0]
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         mask = node.inputs[-1] if node.config.mask_input else input_masks[0]
         return mask if node.config.forward.return_sequences and node.config.forward.uses_mask else None
 
-    def output_masks(self, node, input_masks):
+    def output_masks(self, node: Node, input_masks: tuple[str | None, ...]) -> list[str | None]:
         """The input's mask on the merged output(s) when they are sequences; none on the states."""
         merged = self.merged_count(node.config)
         return [self.output_mask(node, input_masks)] * merged + [None] * (self.output_count(node.config) - merged)
 
-    def _side_contexts(self, context):
+    def _side_contexts(self, context: NodeContext) -> list[NodeContext]:
         return [
             replace(context, node=replace(context.node, config=side_config))
             for side_config in (context.config.forward, context.config.backward)
         ]
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         kind = self.wrapped(context.config)
         return [
             _renamed(port, f"{side}_", f"{attribute}.")
@@ -853,7 +887,7 @@ class Bidirectional(LayerKind):
             for port in kind.ports(side_context)
         ]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, kind = context.config, self.wrapped(context.config)
         sequence = builder.call(builder.torch.movedim, inputs[0], 1, -1)
         mask = torch_mask(builder, context, inputs) if config.forward.uses_mask else None
@@ -891,7 +925,7 @@ class Bidirectional(LayerKind):
         outputs = merged + states
         return outputs[0] if len(outputs) == 1 else tuple(outputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config, kind = context.config, self.wrapped(context.config)
         layer_class = getattr(keras.layers, kind.keras_classes[0])
         name = context.node.name
@@ -901,7 +935,7 @@ class Bidirectional(LayerKind):
             forward, merge_mode=config.merge_mode, backward_layer=backward, name=name, dtype=context.node.dtype
         )
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         config = context.config
         states = list(arguments[1:-1] if config.mask_input else arguments[1:])
         options = {"initial_state": states} if states else {}
@@ -917,7 +951,7 @@ class Bidirectional(LayerKind):
         return result
 
 
-def _recurrent_kind(name, node_name: str) -> _Recurrent:
+def _recurrent_kind(name: object, node_name: str) -> _Recurrent:
     from exchange.kinds import _short, kind_of
 
     kind = kind_of(name) if isinstance(name, str) else None
@@ -947,11 +981,11 @@ class Output(LayerKind):
     kind, keras_classes, Config = "output", (), OutputConfig
     selects_output = True  # its shape and mask are those of output `index` of its input (Graph)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return inputs[0][context.config.index]
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return None
 
-    def keras_call(self, keras_layer, arguments, context):
+    def keras_call(self, keras_layer: Any, arguments: list[Any], context: NodeContext) -> Any:
         return arguments[0][context.config.index]

@@ -33,8 +33,11 @@ Conventions that differ:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from math import prod
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, cast
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
 from exchange.kinds import (
@@ -45,13 +48,20 @@ from exchange.kinds import (
     MAX_VOCABULARY,
     MAX_WINDOW,
     OMIT_DEFAULT,
+    KerasOptions,
     LayerKind,
+    TorchBuilder,
+    TorchValue,
     check_choice,
     check_int,
     check_ints,
     register,
 )
 from exchange.ports import Port
+
+if TYPE_CHECKING:
+    from exchange.graph import Node, NodeContext, Shape
+    from exchange.ports import AnyPort
 
 
 @dataclass(frozen=True)
@@ -64,24 +74,27 @@ class FlattenConfig:
 
 @register
 class Flatten(LayerKind):
+    """Flattens every axis after the batch (see the module docstring for the order). A rank-1
+    input (`keras.Input(shape=())`, (N,)) becomes (N, 1), as in Keras (`unsqueeze(1)`)."""
+
     kind, keras_classes, Config = "flatten", ("Flatten",), FlattenConfig
     moves_values = True
     may_flatten_channels_first = True
 
-    def may_keep_channels_first(self, config) -> bool:
+    def may_keep_channels_first(self, config: FlattenConfig) -> bool:
         return config.data_format == "channels_last"
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> FlattenConfig:
         data_format = options.take("data_format", None)
         if data_format not in ("channels_last", "channels_first", None):
             raise options.unsupported("data_format", data_format)
         return FlattenConfig(data_format or "channels_last")
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: FlattenConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
-        return (None if None in shape else prod(shape),)
+        return (None if None in shape else prod(cast("tuple[int, ...]", shape)),)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         value = inputs[0]
         if not context.input_shape:  # Keras flattens (N,) to (N, 1)
             return builder.method(value, "unsqueeze", 1)
@@ -97,10 +110,10 @@ class Flatten(LayerKind):
             value = builder.call(builder.torch.movedim, value, 1, -1)
         return builder.call(builder.torch.flatten, value, 1)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Flatten(data_format=context.config.data_format, **context.keras_identity)
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         if len(context.input_shape) > 1:
             raise UnsupportedLayerError(f"no numpy forward for a Flatten of an image ({context.node.name!r})")
         return inputs[0].reshape(len(inputs[0]), -1)  # (N,) -> (N, 1), as Keras
@@ -127,7 +140,7 @@ class Reshape(LayerKind):
     kind, keras_classes, Config = "reshape", ("Reshape",), ReshapeConfig
     moves_values = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> ReshapeConfig:
         target = options.take("target_shape")
         if not isinstance(target, (list, tuple)) or not all(
             isinstance(s, int) and not isinstance(s, bool) for s in target
@@ -135,11 +148,11 @@ class Reshape(LayerKind):
             raise options.unsupported("target_shape", target)
         return ReshapeConfig(tuple(target))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: ReshapeConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape, target = input_shapes[0], list(config.target_shape)
         if None in shape:
             raise ExchangeError("Reshape needs a fixed input size")
-        size = prod(shape)
+        size = prod(cast("tuple[int, ...]", shape))
         if -1 in target:
             known = prod(s for s in target if s != -1)
             if size % known:
@@ -149,7 +162,7 @@ class Reshape(LayerKind):
             raise ExchangeError(f"cannot reshape {shape} to {config.target_shape}")
         return tuple(target)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         value = inputs[0]
         if len(context.input_shape) > 1:
             value = builder.call(builder.torch.movedim, value, 1, -1)
@@ -158,14 +171,14 @@ class Reshape(LayerKind):
             value = builder.call(builder.torch.movedim, value, -1, 1)
         return value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Reshape(context.config.target_shape, **context.keras_identity)
 
 
 DATA_FORMATS = ("channels_last", "channels_first")
 
 
-def _amounts(options, key: str, spatial: int, default=1) -> tuple[tuple[int, int], ...]:
+def _amounts(options: KerasOptions, key: str, spatial: int, default: Any = 1) -> tuple[tuple[int, int], ...]:
     """Keras's padding/cropping spellings, as (before, after) per spatial axis. 1-D: `1` or
     `(1, 2)` (before, after); 2-D and 3-D: `1`, `(1, 2)` (one per axis) or `((1, 0), (2, 1))`."""
     value = options.take(key, default)
@@ -186,23 +199,23 @@ def _amounts(options, key: str, spatial: int, default=1) -> tuple[tuple[int, int
     raise options.unsupported(key, value)
 
 
-def _data_format(options) -> str:
+def _data_format(options: KerasOptions) -> str:
     value = options.take("data_format", None)
     if value is None:  # Keras's default: keras.config.image_data_format(), channels_last
         return "channels_last"
     if value not in DATA_FORMATS:
         raise options.unsupported("data_format", value)
-    return value
+    return cast(str, value)
 
 
-def _spatial_indices(shape: tuple, spatial: int, data_format: str) -> range:
+def _spatial_indices(shape: Sequence[int | None], spatial: int, data_format: str) -> range:
     """The positions in a Keras shape (no batch axis) of its `spatial` axes."""
     if len(shape) != spatial + 1:
         raise ExchangeError(f"expects rank-{spatial + 2} input, found shape (batch, {shape})")
     return range(1, spatial + 1) if data_format == "channels_first" else range(spatial)
 
 
-def _torch_dims(shape: tuple, indices: range) -> list[int]:
+def _torch_dims(shape: Shape, indices: range) -> list[int]:
     """The torch dims holding the Keras axes at `indices` (positions without the batch axis)."""
     from exchange.kinds.axis_order import to_keras_order
 
@@ -231,20 +244,21 @@ class _Padding(LayerKind):
     has_data_format = True
     default_amount = 1  # Keras's default padding or cropping on each side
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> PaddingConfig:
         data_format = _data_format(options) if self.has_data_format else "channels_last"
         return PaddingConfig(_amounts(options, "padding", self.spatial, self.default_amount), data_format)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: PaddingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = list(input_shapes[0])
         indices = _spatial_indices(shape, self.spatial, config.data_format)
         if len(config.amounts) != self.spatial:
             raise ExchangeError(f"padding {config.amounts} has not {self.spatial} spatial axes")
         for index, (before, after) in zip(indices, config.amounts):
-            shape[index] = None if shape[index] is None else shape[index] + before + after
+            size = shape[index]
+            shape[index] = None if size is None else size + before + after
         return tuple(shape)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shape = context.config, context.input_shape
         by_dim = dict(
             zip(_torch_dims(shape, _spatial_indices(shape, self.spatial, config.data_format)), config.amounts)
@@ -256,7 +270,7 @@ class _Padding(LayerKind):
             return builder.module(context, pad_class(pads), inputs[0])
         return builder.call(builder.F.pad, inputs[0], pads)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         amounts = config.amounts[0] if self.spatial == 1 else config.amounts
         data_format = {"data_format": config.data_format} if self.has_data_format else {}
@@ -281,24 +295,25 @@ class ZeroPadding3D(_Padding):
 class _Cropping(_Padding):
     """Cropping1D/2D/3D: `narrow` on each spatial torch dim (the sizes must be known)."""
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> PaddingConfig:
         data_format = _data_format(options) if self.has_data_format else "channels_last"
         return PaddingConfig(_amounts(options, "cropping", self.spatial, self.default_amount), data_format)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: PaddingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = list(input_shapes[0])
         indices = _spatial_indices(shape, self.spatial, config.data_format)
         if len(config.amounts) != self.spatial:
             raise ExchangeError(f"cropping {config.amounts} has not {self.spatial} spatial axes")
         for index, (before, after) in zip(indices, config.amounts):
-            if shape[index] is None:
+            size = shape[index]
+            if size is None:
                 raise ExchangeError(f"{self.keras_classes[0]} needs a fixed input size")
-            if shape[index] <= before + after:
+            if size <= before + after:
                 raise ExchangeError(f"cropping {config.amounts} leaves nothing of {input_shapes[0]}")
-            shape[index] -= before + after
+            shape[index] = size - (before + after)
         return tuple(shape)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shape = context.config, context.input_shape
         indices = _spatial_indices(shape, self.spatial, config.data_format)
         value = inputs[0]
@@ -350,19 +365,20 @@ class _UpSampling(LayerKind):
     Config, spatial = UpSamplingConfig, 2
     has_data_format = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> UpSamplingConfig:
         data_format = _data_format(options) if self.has_data_format else "channels_last"
         return UpSamplingConfig(options.sizes("size", self.spatial, 2), data_format)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: UpSamplingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = list(input_shapes[0])
         if len(config.size) != self.spatial:
             raise ExchangeError(f"size {list(config.size)} has not {self.spatial} spatial axes")
         for index, factor in zip(_spatial_indices(shape, self.spatial, config.data_format), config.size):
-            shape[index] = None if shape[index] is None else shape[index] * factor
+            size = shape[index]
+            shape[index] = None if size is None else size * factor
         return tuple(shape)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config, shape = context.config, context.input_shape
         value = inputs[0]
         for dim, factor in zip(
@@ -372,7 +388,7 @@ class _UpSampling(LayerKind):
                 value = builder.call(builder.torch.repeat_interleave, value, factor, dim=dim)
         return value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         size = config.size[0] if self.spatial == 1 else config.size
         data_format = {"data_format": config.data_format} if self.has_data_format else {}
@@ -389,13 +405,13 @@ class UpSampling1D(_UpSampling):
 class UpSampling2D(_UpSampling):
     kind, keras_classes = "upsampling2d", ("UpSampling2D",)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> UpSamplingConfig:
         interpolation = options.take("interpolation", "nearest")
         if not isinstance(interpolation, str) or interpolation.lower() not in INTERPOLATIONS:
             raise options.unsupported("interpolation", interpolation)
         return replace(super().from_keras(options), interpolation=interpolation.lower())
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         if config.interpolation == "nearest":
             return super().torch_forward(builder, context, inputs)
@@ -411,7 +427,7 @@ class UpSampling2D(_UpSampling):
         value = builder.module(context, module, torch_image(builder, inputs[0], config.data_format, 3))
         return torch_image(builder, value, config.data_format, 3, back=True)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.UpSampling2D(
             config.size, data_format=config.data_format, interpolation=config.interpolation, **context.keras_identity
@@ -452,7 +468,7 @@ class _Dropout(LayerKind):
     keeps_element_order = True
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DropoutConfig:
         noise_shape = options.take("noise_shape", None)
         if noise_shape is not None and (
             not isinstance(noise_shape, (list, tuple))
@@ -464,14 +480,14 @@ class _Dropout(LayerKind):
             raise options.unsupported("seed", seed, "must be an integer or null")
         return DropoutConfig(options.number("rate", 0.0), None if noise_shape is None else tuple(noise_shape), seed)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return inputs[0]
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(config.rate, seed=config.seed, **context.keras_identity)
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return inputs[0]
 
 
@@ -479,7 +495,7 @@ class _Dropout(LayerKind):
 class Dropout(_Dropout):
     kind, keras_classes = "dropout", ("Dropout",)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.Dropout(
             config.rate, noise_shape=config.noise_shape, seed=config.seed, **context.keras_identity
@@ -498,10 +514,10 @@ class StochasticDepth(_Dropout):
     kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
     passes_mask = False  # ConvNeXt's own layer, without `supports_masking`
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DropoutConfig:
         return DropoutConfig(options.number("drop_path_rate", 0.0))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         from keras.src.applications.convnext import StochasticDepth as KerasStochasticDepth
 
         return KerasStochasticDepth(context.config.rate, **context.keras_identity)
@@ -511,10 +527,10 @@ class StochasticDepth(_Dropout):
 class SpatialDropout2D(_Dropout):
     kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> DropoutConfig:
         return replace(super().from_keras(options), data_format=_data_format(options))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.SpatialDropout2D(
             config.rate, data_format=config.data_format, seed=config.seed, **context.keras_identity
@@ -539,19 +555,19 @@ class Permute(LayerKind):
     kind, keras_classes, Config = "permute", ("Permute",), PermuteConfig
     moves_values = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> PermuteConfig:
         dims = options.take("dims")
         if not isinstance(dims, list) or not all(isinstance(dim, int) and not isinstance(dim, bool) for dim in dims):
             raise options.unsupported("dims", dims)
         return PermuteConfig(tuple(dims))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: PermuteConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(config.dims) != len(shape):
             raise ExchangeError(f"dims {config.dims} do not match input shape {shape}")
         return tuple(shape[dim - 1] for dim in config.dims)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         from exchange.kinds.axis_order import to_keras_order, to_torch_order
 
         rank = len(context.input_shape)
@@ -560,7 +576,7 @@ class Permute(LayerKind):
         combined = tuple(to_keras_order(rank)[keras_permutation[axis]] for axis in to_torch_order(rank))
         return builder.method(inputs[0], "permute", *combined)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Permute(context.config.dims, **context.keras_identity)
 
 
@@ -579,18 +595,18 @@ class RepeatVector(LayerKind):
     kind, keras_classes, Config = "repeat_vector", ("RepeatVector",), RepeatVectorConfig
     moves_values = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> RepeatVectorConfig:
         return RepeatVectorConfig(options.integer("n"))
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: RepeatVectorConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes[0]) != 1:
             raise ExchangeError(f"repeats a (batch, features) input, found (batch, {input_shapes[0]})")
         return (config.n, input_shapes[0][0])
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return builder.method(builder.method(inputs[0], "unsqueeze", 2), "repeat", 1, 1, context.config.n)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.RepeatVector(context.config.n, **context.keras_identity)
 
 
@@ -621,17 +637,18 @@ class Embedding(LayerKind):
     is. Keras casts float ids to int; the torch side calls `.long()`. The result is held
     channels-first, (N, dim, T), like a Conv1D's. With `mask_zero=True` it makes the mask
     `ids != 0`, which Keras passes along to the layers that use it (see `Graph.masks`): recurrent
-    layers skip masked steps, GlobalAveragePooling1D leaves them out of the mean."""
+    layers skip masked steps, GlobalAveragePooling1D leaves them out of the mean. Integer ids
+    (int32, int64) keep their dtype; `--verify` draws ids below the vocabulary size."""
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
 
-    def reads_integers(self, node, position):
+    def reads_integers(self, node: Node, position: int) -> bool:
         return True  # token ids
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         return node.inputs[0] if node.config.mask_zero else None  # `ids != 0`, named by the ids
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> EmbeddingConfig:
         from exchange.kinds.dense import read_lora
 
         mask_zero = options.flag("mask_zero", False)
@@ -641,17 +658,17 @@ class Embedding(LayerKind):
         options.take("input_length", None)  # Keras 2: the sequence length, known from the input shape
         return EmbeddingConfig(options.integer("input_dim"), options.integer("output_dim"), mask_zero, rank, alpha)
 
-    def merged_when_saved(self, config):
+    def merged_when_saved(self, config: EmbeddingConfig) -> tuple[str, ...]:
         return () if config.lora_rank is None else ("lora_embeddings_a", "lora_embeddings_b")
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: EmbeddingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return tuple(input_shapes[0]) + (config.output_dim,)
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         from exchange.kinds.dense import check_lora_dtype
 
         config = context.config
-        ports = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
+        ports: list[AnyPort] = [Port("embeddings", "weight", shape=(config.input_dim, config.output_dim))]
         if config.lora_rank is not None:
             check_lora_dtype(context)
             ports += [
@@ -660,7 +677,7 @@ class Embedding(LayerKind):
             ]
         return ports
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         # Given its (meta) weight, nn.Embedding skips its random init: normal_ on `meta` imports
         # torch._dynamo, measured at 1.9 s of a 2 s model_from_file.
@@ -682,7 +699,7 @@ class Embedding(LayerKind):
         value = builder.module(context, module, ids)
         return builder.call(builder.torch.movedim, value, -1, 1) if len(context.input_shape) >= 1 else value
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         from exchange.kinds.dense import lora_keras_args
 
@@ -710,28 +727,28 @@ class Masking(LayerKind):
 
     kind, keras_classes, Config = "masking", ("Masking",), MaskingConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> MaskingConfig:
         return MaskingConfig(options.number("mask_value", 0.0))
 
-    def output_mask(self, node, input_masks):
+    def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str:
         return f"{node.name}:mask"  # Keras's compute_mask ignores any mask the input carries
 
-    def mask_source(self, node):
+    def mask_source(self, node: Node) -> tuple[str, float] | None:
         return node.inputs[0], node.config.mask_value
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: MaskingConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         if len(input_shapes[0]) != 2:
             raise ExchangeError(
                 f"Masking is supported on (batch, steps, features) sequences, found shape (batch, {input_shapes[0]})"
             )
         return input_shapes[0]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         torch = builder.torch
         differs = builder.call(torch.ne, inputs[0], context.config.mask_value)
         keep = builder.call(torch.any, differs, dim=1, keepdim=True)  # (N, 1, T)
         builder.masks[self.output_mask(context.node, ())] = builder.call(torch.squeeze, keep, 1)
         return builder.call(torch.where, keep, inputs[0], 0.0)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         return keras.layers.Masking(mask_value=context.config.mask_value, **context.keras_identity)

@@ -34,11 +34,27 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, LayerKind, check_choice, check_int, coerce, register
+from exchange.kinds import (
+    MAX_FEATURES,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    check_choice,
+    check_int,
+    coerce,
+    register,
+)
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.ports import Permute, Port
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
+    from exchange.ports import AnyPort
 
 WINDOWS = ("hann", "hamming")
 # An FFT length, and a window: real audio front ends use at most a few thousand samples.
@@ -86,7 +102,7 @@ class MelSpectrogramConfig:
 class MelSpectrogram(LayerKind):
     kind, keras_classes, Config = "mel_spectrogram", ("MelSpectrogram",), MelSpectrogramConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> MelSpectrogramConfig:
         fft_length = options.integer("fft_length", 2048)
         sequence_length = options.take("sequence_length", None)
         sequence_length = None if sequence_length is None else options.integer("sequence_length")
@@ -121,14 +137,14 @@ class MelSpectrogram(LayerKind):
             raise UnsupportedLayerError(f"{options.where()}: {err}") from None
 
     @staticmethod
-    def _number(options, key, default):
+    def _number(options: KerasOptions, key: str, default: float | None) -> float:
         """A number option as Keras wrote it (16000 stays an int)."""
         value = options.take(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise options.unsupported(key, value, "must be a number")
         return options.number(key, default) if isinstance(value, float) else value
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: MelSpectrogramConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(shape) != 1 or shape[0] is None:
             raise UnsupportedLayerError(
@@ -149,7 +165,7 @@ class MelSpectrogram(LayerKind):
             )
         return (config.num_mel_bins, frames)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasMelSpectrogram(
             config.fft_length,
@@ -168,7 +184,7 @@ class MelSpectrogram(LayerKind):
         )
         return builder.module(context, module, inputs[0])
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.MelSpectrogram(
             fft_length=config.fft_length,
@@ -247,7 +263,7 @@ class STFTSpectrogram(LayerKind):
 
     kind, keras_classes, Config = "stft_spectrogram", ("STFTSpectrogram",), STFTSpectrogramConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> STFTSpectrogramConfig:
         window = options.take("window", "hann")
         if window is not None and not isinstance(window, str):
             raise options.unsupported("window", window, "window values in the config: only a window name")
@@ -282,7 +298,7 @@ class STFTSpectrogram(LayerKind):
         except ExchangeError as err:
             raise UnsupportedLayerError(f"{options.where()}: {err}") from None
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: STFTSpectrogramConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(shape) != 2:
             raise UnsupportedLayerError(
@@ -315,7 +331,7 @@ class STFTSpectrogram(LayerKind):
             else (frequencies * channels, frames)
         )
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         config = context.config
         shape = (config.frame_length, 1, config.frequencies)
         return [
@@ -324,7 +340,7 @@ class STFTSpectrogram(LayerKind):
             if config.mode != ("imag" if part == "real" else "real")
         ]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         config = context.config
         module = builder.helpers.KerasSTFTSpectrogram(
             config.mode,
@@ -342,7 +358,7 @@ class STFTSpectrogram(LayerKind):
         value = builder.module(context, module, signals)
         return builder.call(builder.torch.permute, value, to_torch_order(len(context.output_shape)))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return keras.layers.STFTSpectrogram(
             mode=config.mode,

@@ -27,10 +27,26 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_FEATURES, MAX_WINDOW, LayerKind, check_choice, check_int, check_ints, coerce, register
+from exchange.kinds import (
+    MAX_FEATURES,
+    MAX_WINDOW,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    check_choice,
+    check_int,
+    check_ints,
+    coerce,
+    register,
+)
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
 
 # A Keras number option as written: an int stays an int (`factor=1` goes back as 1, not 1.0).
 Number = int | float
@@ -56,7 +72,7 @@ class Option:
     hint: Any
     default: Any
     expected: str  # what the value must be, in words, for the one-line refusal of a Keras option
-    check: Callable[[Any, str], None] = lambda value, what: None
+    check: Callable[[Any, str], object] = lambda value, what: None  # its result is not read
 
     def validated(self, value: Any, what: str) -> Any:
         """`value` as the config holds it (lists as tuples), or ExchangeError naming `what`."""
@@ -77,7 +93,7 @@ def optional_factor() -> Option:
     return Option(Range | None, None, "a number, 2 numbers or null")
 
 
-def value_range(default: tuple = (0, 255)) -> Option:
+def value_range(default: tuple[Number, Number] = (0, 255)) -> Option:
     return Option(tuple[Number, Number], default, "2 numbers")
 
 
@@ -106,12 +122,12 @@ def count_range(default: Any, maximum: int) -> Option:
     )
 
 
-def _check_kernel(value, what: str) -> None:
+def _check_kernel(value: int | tuple[int, ...], what: str) -> None:
     for size in value if isinstance(value, tuple) else (value,):
         check_int(size, what, MAX_WINDOW)
 
 
-def _check_noise_shape(value, what: str) -> None:
+def _check_noise_shape(value: tuple[int | None, ...] | None, what: str) -> None:
     for size in value or ():
         if size is not None:
             check_int(size, what, MAX_FEATURES)
@@ -122,15 +138,15 @@ INTERPOLATION = choice("bilinear", INTERPOLATIONS)
 FILL_MODE = choice("reflect", FILL_MODES)
 
 
-def options_config(name: str, **options: Option) -> type:
+def options_config(name: str, **options: Option) -> Any:
     """A frozen dataclass with one field per option (typed by its `hint`, every value explicit),
     its `__post_init__` checking each value whichever source it comes from."""
 
-    def __post_init__(self) -> None:
+    def __post_init__(self: Any) -> None:
         for key, option in options.items():
             object.__setattr__(self, key, option.validated(getattr(self, key), f"option {key!r}"))
 
-    config = dataclasses.make_dataclass(
+    config: Any = dataclasses.make_dataclass(
         name,
         [(key, option.hint) for key, option in options.items()],
         frozen=True,
@@ -146,8 +162,9 @@ class _TrainingOnly(LayerKind):
     keeps_element_order = True
     passes_mask = True  # Keras's `supports_masking` (the regularization layers)
     ranks: tuple[int, ...] = ()  # input ranks (batch excluded) the Keras layer accepts; () any
+    Config: Any  # an `options_config` dataclass, its options in `Config.OPTIONS`
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> Any:
         values = {}
         for key, option in self.Config.OPTIONS.items():
             value = options.take(key, option.default)
@@ -157,22 +174,22 @@ class _TrainingOnly(LayerKind):
                 raise options.unsupported(key, value, f"expected {option.expected}") from None
         return self.Config(**values)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if self.ranks and len(shape) not in self.ranks:
             expected = " or ".join(str(rank + 1) for rank in self.ranks)
             raise ExchangeError(f"expects rank-{expected} input (batch included), found shape (batch, {shape})")
         return shape
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return inputs[0]
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         options = {key: getattr(config, key) for key in self.Config.OPTIONS}
         return getattr(keras.layers, self.keras_classes[0])(**options, **context.keras_identity)
 
-    def numpy_forward(self, context, tensors, inputs):
+    def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return inputs[0]
 
 
@@ -225,9 +242,9 @@ class _Augmentation(_TrainingOnly):
 
     passes_mask = False
     casts_integers = True  # an image of uint8 or int32 pixels comes out float32
-    ranks = (2, 3)
+    ranks: tuple[int, ...] = (2, 3)
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> Any:
         options.expect("bounding_box_format", None)  # boxes only travel in dict inputs
         return super().from_keras(options)
 
@@ -443,7 +460,7 @@ class _RandomCrop(_Augmentation):
 
     ranks = (3,)
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: Any, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = super().output_shape(config, input_shapes)
         sides = shape[-3:-1] if config.data_format == "channels_last" else shape[-2:]
         if tuple(sides) != (config.height, config.width):

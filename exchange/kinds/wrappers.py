@@ -23,13 +23,30 @@ Conventions that differ (SpectralNormalization):
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 from exchange.errors import ExchangeError, UnsupportedLayerError
-from exchange.kinds import MAX_REPEATS, LayerKind, _short, check_int, check_known_keys, kind_of, register
+from exchange.kinds import (
+    MAX_REPEATS,
+    KerasOptions,
+    LayerKind,
+    TorchBuilder,
+    TorchValue,
+    _short,
+    check_int,
+    check_known_keys,
+    kind_of,
+    register,
+)
 from exchange.kinds.axis_order import to_keras_order, to_torch_order
 from exchange.ports import Port, TorchOnly
+
+if TYPE_CHECKING:
+    from exchange.graph import NodeContext, Shape
+    from exchange.ports import AnyPort
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,7 @@ class TimeDistributedConfig:
         check_wrapped(self, wraps, WRAPS, "TimeDistributed")
 
 
-def check_wrapped(config, accepts, what: str, wrapper: str) -> None:
+def check_wrapped(config: Any, accepts: Callable[[LayerKind], bool], what: str, wrapper: str) -> None:
     """A wrapper's config names a kind it `accepts`, holds a config of that kind and a Keras name."""
     kind = kind_of(config.layer)  # raises for an unknown kind
     if not accepts(kind):
@@ -61,7 +78,9 @@ def check_wrapped(config, accepts, what: str, wrapper: str) -> None:
         )
 
 
-def wrapped_config(kind: LayerKind, values, node_name: str, accepts, what: str) -> dict:
+def wrapped_config(
+    kind: LayerKind, values: Any, node_name: str, accepts: Callable[[LayerKind], bool], what: str
+) -> dict[str, Any]:
     """The fields `layer`, `config`, `layer_name` of a wrapper's config read from an exchange file."""
     if not isinstance(values, dict) or not isinstance(values.get("layer"), str):
         raise ExchangeError(f"layer {node_name!r}: config must name the wrapped layer kind")
@@ -90,16 +109,16 @@ class TimeDistributed(LayerKind):
     kind, keras_classes, Config = "time_distributed", ("TimeDistributed",), TimeDistributedConfig
     passes_mask = True
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> TimeDistributedConfig:
         kind, config, name = options.wrapped_layer("layer", wraps, WRAPS)
         return TimeDistributedConfig(kind.kind, config, name)
 
-    def config_from_dict(self, values, node_name):
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
         fields = wrapped_config(self, values, node_name, wraps, WRAPS)
         check_known_keys(values, ("layer", "config", "layer_name"), f"layer {node_name!r} ({self.kind})")
         return self.build_config(node_name, **fields)
 
-    def inner(self, context):
+    def inner(self, context: NodeContext) -> tuple[LayerKind, NodeContext]:
         """The wrapped kind and its context: one time step, the batch axis holding N·T."""
         config = context.config
         kind = kind_of(config.layer)
@@ -116,27 +135,29 @@ class TimeDistributed(LayerKind):
         )
         return kind, inner_context
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: TimeDistributedConfig) -> tuple[str, ...]:
         return tuple(
             "/".join(part for part in ("layer", sub) if part)
             for sub in kind_of(config.layer).keras3_subgroups(config.config)
         )
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: TimeDistributedConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         shape = input_shapes[0]
         if len(shape) < 2:
             raise ExchangeError(f"expects (batch, time, …) input, found (batch, {shape})")
         return (shape[0],) + tuple(kind_of(config.layer).output_shape(config.config, (tuple(shape[1:]),)))
 
-    def keras_variables(self, context):  # the wrapped kind's order (MultiHeadAttention reorders)
+    def keras_variables(
+        self, context: NodeContext
+    ) -> list[tuple[str, tuple[int, ...]]]:  # the wrapped kind's order (MultiHeadAttention reorders)
         kind, inner_context = self.inner(context)
         return kind.keras_variables(inner_context)
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         kind, inner_context = self.inner(context)
         return kind.ports(inner_context)
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         torch = builder.torch
         kind, inner_context = self.inner(context)
         rank, inner_rank = len(context.input_shape), len(inner_context.input_shape)
@@ -152,7 +173,7 @@ class TimeDistributed(LayerKind):
         value = builder.call(torch.unflatten, value, 0, (batch, -1))  # (N, T, …)
         return builder.call(torch.permute, value, to_torch_order(out_rank + 1))
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         kind, inner_context = self.inner(context)
         inner_node = replace(inner_context.node, name=context.config.layer_name)
         layer = kind.keras_layer(keras, replace(inner_context, node=inner_node))
@@ -205,7 +226,7 @@ class SpectralNormalization(LayerKind):
 
     kind, keras_classes, Config = "spectral_normalization", ("SpectralNormalization",), SpectralNormalizationConfig
 
-    def from_keras(self, options):
+    def from_keras(self, options: KerasOptions) -> SpectralNormalizationConfig:
         if options.keras2:
             raise UnsupportedLayerError(
                 f"{options.where()}: Keras 2's SpectralNormalization is not supported "
@@ -224,33 +245,35 @@ class SpectralNormalization(LayerKind):
             raise options.unsupported("power_iterations", iterations, "must be at least 1")
         return SpectralNormalizationConfig(kind.kind, config, name, iterations)
 
-    def config_from_dict(self, values, node_name):
+    def config_from_dict(self, values: Any, node_name: str) -> Any:
         fields = wrapped_config(self, values, node_name, spectral_wraps, SPECTRAL_WRAPS)
         check_known_keys(
             values, ("layer", "config", "layer_name", "power_iterations"), f"layer {node_name!r} ({self.kind})"
         )
         return self.build_config(node_name, **fields, power_iterations=values.get("power_iterations", 1))
 
-    def inner(self, context):
+    def inner(self, context: NodeContext) -> tuple[LayerKind, NodeContext]:
         """The wrapped kind and its context: the same shapes, its torch module at `<name>.layer`."""
         kind = kind_of(context.config.layer)
         node = replace(context.node, kind=kind.kind, config=context.config.config)
         return kind, replace(context, node=node, torch_name=f"{context.torch_name}.layer")
 
-    def output_shape(self, config, input_shapes):
+    def output_shape(self, config: SpectralNormalizationConfig, input_shapes: tuple[Shape, ...]) -> Shape:
         return kind_of(config.layer).output_shape(config.config, input_shapes)
 
-    def keras3_subgroups(self, config):
+    def keras3_subgroups(self, config: SpectralNormalizationConfig) -> tuple[str, ...]:
         return ("",) + tuple(
             "/".join(part for part in ("layer", sub) if part)
             for sub in kind_of(config.layer).keras3_subgroups(config.config)
         )
 
-    def keras3_file_variables(self, config, stored):
+    def keras3_file_variables(self, config: SpectralNormalizationConfig, stored: list[Any]) -> list[Any]:
         own, inner = stored[:2], stored[2:]  # [kernel, vector_u] then the layer's [kernel, ...]
         return [inner[0], own[1]] + inner[1:] if len(own) == 2 and inner else stored
 
-    def _kernel_shape(self, inner_variables, context) -> tuple:
+    def _kernel_shape(
+        self, inner_variables: list[tuple[str, tuple[int, ...]]], context: NodeContext
+    ) -> tuple[int, ...]:
         if not inner_variables or inner_variables[0][0] != "kernel":
             raise ExchangeError(
                 f"layer {context.node.name!r}: SpectralNormalization needs the wrapped layer's "
@@ -258,18 +281,20 @@ class SpectralNormalization(LayerKind):
             )
         return tuple(inner_variables[0][1])
 
-    def keras_variables(self, context):  # the layer's kernel, vector_u, then its other variables
+    def keras_variables(
+        self, context: NodeContext
+    ) -> list[tuple[str, tuple[int, ...]]]:  # the layer's kernel, vector_u, then its other variables
         kind, inner_context = self.inner(context)
         inner = kind.keras_variables(inner_context)
         return [inner[0], ("vector_u", (1, self._kernel_shape(inner, context)[-1]))] + inner[1:]
 
-    def ports(self, context):
+    def ports(self, context: NodeContext) -> list[AnyPort]:
         kind, inner_context = self.inner(context)
         kernel_shape = self._kernel_shape(kind.keras_variables(inner_context), context)
-        ports = [_under(port, "layer.") for port in kind.ports(inner_context)]
+        ports: list[AnyPort] = [_under(port, "layer.") for port in kind.ports(inner_context)]
         return ports[:1] + [Port("vector_u", "vector_u", shape=(1, kernel_shape[-1]))] + ports[1:]
 
-    def torch_forward(self, builder, context, inputs):
+    def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         kind, inner_context = self.inner(context)
         kernel_shape = self._kernel_shape(kind.keras_variables(inner_context), context)
         holder = builder.helpers.KerasSpectralNormalization(
@@ -279,7 +304,7 @@ class SpectralNormalization(LayerKind):
         builder.graph.get_attr(context.torch_name)  # so torch.fx keeps the holder (and vector_u), not a plain Module
         return kind.torch_forward(builder, inner_context, inputs)
 
-    def keras_layer(self, keras, context):
+    def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         kind, inner_context = self.inner(context)
         inner_node = replace(inner_context.node, name=context.config.layer_name)
         layer = kind.keras_layer(keras, replace(inner_context, node=inner_node))
@@ -288,13 +313,13 @@ class SpectralNormalization(LayerKind):
         )
 
 
-def _policy(dtype):
+def _policy(dtype: Any) -> Any:
     """The name of a Keras dtype or dtype policy (None: the default, float32)."""
     name = (dtype.get("config") or {}).get("name") if isinstance(dtype, dict) else dtype
     return "float32" if name is None else name
 
 
-def _under(port, prefix: str):
+def _under(port: Any, prefix: str) -> Any:  # an AnyPort; its `torch` field is read by duck type
     """The port with its torch keys below `prefix` (the wrapped layer's module)."""
     if isinstance(port, TorchOnly) or isinstance(getattr(port, "torch", None), str):
         return replace(port, torch=prefix + port.torch)
