@@ -35,10 +35,12 @@ from exchange.verify import (
     FLOAT32_ATOL,
     FLOAT32_RTOL,
     VERIFY_SECONDS,
+    InputsFile,
     check_integer_inputs,
     describe,
     failure,
     parse_input_shape,
+    read_inputs_file,
     verify,
     write_report,
 )
@@ -309,7 +311,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify", action="store_true", help="run Keras and PyTorch (or numpy where one is missing) on the same inputs"
     )
-    parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
+    parser.add_argument(
+        "--verify-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="--verify runs the models on these arrays (numpy .npz keyed by the model's input names, or one "
+        "array for a one-input model; each of its input's dtype and shape) instead of a fixed random batch",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -384,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     except ExchangeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.verify_inputs is not None and not args.verify:
+        print("error: --verify-inputs gives --verify its inputs: pass --verify too", file=sys.stderr)
+        return 2
     if not (np.isfinite(args.verify_timeout) and args.verify_timeout > 0):
         print(f"error: --verify-timeout must be a finite positive number, got {args.verify_timeout}", file=sys.stderr)
         return 2
@@ -402,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.input,
                 written,
                 graph,
-                args.data,
+                given,
                 args.tolerance,
                 args.arch,
                 code_weights,
@@ -424,8 +435,12 @@ def main(argv: list[str] | None = None) -> int:
             raise VerificationFailed(f"{args.input}: {failure(result)}; {args.output} was not written")
 
     subclassed.use_custom_objects(args.custom_objects, [text for text in args.input_shape if "=" not in text])
+    given: InputsFile | None = None
 
     def command() -> None:
+        nonlocal given
+        if args.verify_inputs is not None:  # read and checked before anything is converted
+            given = read_inputs_file(args.verify_inputs)
         for kinds_file in args.kinds:
             load_kinds_file(kinds_file)
         notes: list[str] = []

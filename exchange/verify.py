@@ -59,13 +59,12 @@ from pathlib import Path
 
 import numpy as np
 
-from exchange import chunking, filekinds, keras_config, subclassed
+from exchange import chunking, filekinds, keras_config, subclassed, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph, InputSpec
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
 
-VERIFY_BATCH = 1000  # rows of the fixed random batch when MNIST is not used
-MNIST_ROWS = 10_000  # the MNIST test set
+VERIFY_BATCH = 1000  # rows of the fixed random batch (without --verify-inputs)
 # Tolerances, `atol + rtol * output scale` (the largest |value| of the Keras outputs); see above.
 FLOAT32_ATOL, FLOAT32_RTOL = 1e-5, 1e-4
 FLOAT64_ATOL, FLOAT64_RTOL = 1e-9, 1e-6
@@ -389,21 +388,41 @@ class VerificationInputs:
     inputs: list[InputUsed]
 
 
+@dataclass(frozen=True)
+class InputsFile:
+    """`--verify-inputs FILE.npz`: the user's own batch, its arrays by name as the guarded reader
+    gave them (`read_inputs_file`); matched to the model's inputs by `verification_inputs`."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+
+
+def read_inputs_file(path: Path) -> InputsFile:
+    """A `.npz` of the model's inputs, read as any hostile file (`untrusted.load_npz`: bounded
+    size, `allow_pickle=False`, every declared shape checked against its bytes)."""
+    return InputsFile(path, untrusted.load_npz(path))
+
+
 def verification_inputs(
-    graph: Graph, data_dir: Path | None, input_shapes: dict[str, tuple[int, ...]] | None = None
+    graph: Graph, given: InputsFile | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> tuple[list[np.ndarray], VerificationInputs]:
-    """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
-    fixed random batch for each input, each in its own dtype; as many rows as
+    """The batch `--verify` runs: the arrays of `given` (`--verify-inputs`) when there are some,
+    else a fixed random batch for each input, each in its own dtype; as many rows as
     VERIFY_ACTIVATION_ELEMENTS allows for the model's largest activation (axes of unknown length
-    sized by `sized_graph`). A folder given with `--data` must hold readable MNIST.
+    sized by `sized_graph`, or by the given arrays).
 
     What the random values exercise: floats in [0, 1); token ids over the whole vocabulary of the
     Embedding (or lookup, encoding) that reads them, every id where the batch has room; masks
     (bool inputs, and inputs given to a layer as its `mask=` or attention mask) hold both values,
     a float mask 0, 0.3 and 1 (Keras keeps `!= 0` steps, Softmax `> 0.5` positions); other
     integers 0..255 (uint8 0..255, int8 -128..127); steps equal to a reading Masking's value."""
-    sized = sized_graph(graph, input_shapes)
-    shapes = [spec.shape for spec in sized.inputs]
+    if given is not None:
+        if input_shapes:
+            raise ExchangeError("--input-shape and --verify-inputs: the file's arrays give the shapes; pass one")
+        arrays = _given_arrays(graph, given)
+        sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, arrays)})
+    else:
+        sized = sized_graph(graph, input_shapes)
     largest, where = largest_activation(sized)
     fitting = VERIFY_ACTIVATION_ELEMENTS // max(largest, 1)
     if fitting < 1:
@@ -411,21 +430,16 @@ def verification_inputs(
             f"--verify refused: {where!r} makes {largest:,} values per sample, more than the "
             f"{VERIFY_ACTIVATION_ELEMENTS:,} --verify holds at once"
         )
-    if shapes == [(784,)] and sized.inputs[0].dtype in FLOAT_DTYPES:
-        from exchange.mnist import DataError, load_folder, local_data_folder
-
-        folder = local_data_folder(data_dir)
-        if folder is not None:
-            try:
-                x_test = load_folder(folder).x_test[:fitting]
-                spec = sized.inputs[0]
-                return [x_test], VerificationInputs(
-                    f"{len(x_test):,} MNIST test images",
-                    [InputUsed(spec.name, list(x_test.shape), str(x_test.dtype), "MNIST test images")],
-                )
-            except DataError as err:
-                if data_dir is not None:  # asked for by --data: a broken folder is an error, not a fallback
-                    raise ExchangeFileError(f"--data: {err}") from None
+    if given is not None:
+        total = len(arrays[0])
+        rows = min(total, fitting)
+        return [array[:rows] for array in arrays], VerificationInputs(
+            f"{rows:,} inputs from {given.path}" + (f" (the first of its {total:,})" if rows < total else ""),
+            [
+                InputUsed(spec.name, [rows, *array.shape[1:]], str(array.dtype), f"from {given.path}")
+                for spec, array in zip(graph.inputs, arrays)
+            ],
+        )
     rows = min(VERIFY_BATCH, fitting)
     generator = np.random.default_rng(0)
     batch, used = [], []
@@ -440,6 +454,45 @@ def verification_inputs(
                 array[generator.random((rows, spec.shape[0])) < 0.3] = value
                 item.values += f", about 30% of the steps equal to the Masking value {value:g}"
     return batch, VerificationInputs(f"a fixed random batch of {rows:,} inputs", used)
+
+
+def _given_arrays(graph: Graph, given: InputsFile) -> list[np.ndarray]:
+    """The file's arrays in the model's input order: keyed by the inputs' names (or one array for
+    a one-input model), each of its input's dtype and shape (any length on an unknown axis), all
+    with the same number of rows, floats finite. Each refusal is one line naming the file."""
+    path, arrays, specs = given.path, given.arrays, graph.inputs
+    names = [spec.name for spec in specs]
+    if set(arrays) == set(names):
+        ordered = [arrays[name] for name in names]
+    elif len(specs) == 1 and len(arrays) == 1:
+        ordered = list(arrays.values())
+    else:
+        raise ExchangeFileError(
+            f"{path}: holds {', '.join(repr(key[:80]) for key in sorted(arrays)[:8]) or 'no arrays'}; expected one "
+            f"array per input of the model, keyed by its name ({', '.join(map(repr, names))})"
+            + (", or a single array" if len(specs) == 1 else "")
+        )
+    for spec, array in zip(specs, ordered):
+        shape = _shape_text(spec.shape)
+        if array.dtype.name != spec.dtype:
+            raise ExchangeFileError(f"{path}: {spec.name!r} is {array.dtype}, the input takes {spec.dtype}")
+        if array.ndim != len(spec.shape) + 1 or any(
+            known is not None and known != size for known, size in zip(spec.shape, array.shape[1:])
+        ):
+            raise ExchangeFileError(
+                f"{path}: {spec.name!r} has shape {array.shape}, the input takes (rows, {shape[1:]}"
+                if spec.shape
+                else f"{path}: {spec.name!r} has shape {array.shape}, the input takes (rows,)"
+            )
+        if any(size < 1 for size in array.shape):
+            raise ExchangeFileError(f"{path}: {spec.name!r} has shape {array.shape}: an empty axis")
+        if len(array) != len(ordered[0]):
+            raise ExchangeFileError(
+                f"{path}: {spec.name!r} has {len(array):,} rows, {specs[0].name!r} {len(ordered[0]):,}"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ExchangeFileError(f"{path}: {spec.name!r} holds values that are not finite (NaN or infinity)")
+    return ordered
 
 
 def _draw(graph: Graph, spec: InputSpec, rows: int, generator: np.random.Generator) -> tuple[np.ndarray, str]:
@@ -553,7 +606,7 @@ def verify(
     in_path: Path,
     out_path: Path,
     graph: Graph,
-    data_dir: Path | None,
+    given: InputsFile | None = None,
     tolerance: float = FLOAT32_ATOL,
     arch_path: Path | None = None,
     code_weights: Path | None = None,
@@ -582,7 +635,7 @@ def verify(
         check_integer_inputs(graph)
         if _installed("keras"):
             keras_config.check_depth(graph)
-        inputs, drawn = verification_inputs(graph, data_dir, input_shapes)
+        inputs, drawn = verification_inputs(graph, given, input_shapes)
         sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
         chunking.chunk_rows(sized, inputs)  # refuses, before the child starts, a row larger than a chunk
     except ExchangeFileError:

@@ -328,3 +328,72 @@ def test_applications_pass_with_the_defaults(tmp_path, name, size):
         f"float64 {result.float64.max_abs_diff:.3e}"
     )
     assert result.passed and result.verdict.dtype == "float64", verify.describe(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify-inputs FILE.npz: the user's own batch
+
+
+def two_inputs() -> Graph:
+    ids = keras.Input((None,), dtype="int32", name="ids")
+    scores = keras.Input((3,), name="scores")
+    x = L.GlobalAveragePooling1D(name="pool")(L.Embedding(10, 3, name="embed")(ids))
+    return keras_adapter.architecture_of(keras.Model([ids, scores], L.Add(name="add")([x, scores]), name="two"))
+
+
+def test_given_inputs_are_matched_by_name_and_checked(tmp_path):
+    graph = two_inputs()
+    path = tmp_path / "inputs.npz"
+    ids, scores = np.arange(35, dtype=np.int32).reshape(5, 7) % 10, np.ones((5, 3), np.float32)
+    np.savez(path, scores=scores, ids=ids)
+    batch, used = verify.verification_inputs(graph, verify.read_inputs_file(path))
+    assert [array.tolist() for array in batch] == [ids.tolist(), scores.tolist()]  # in the model's order
+    assert used.description == f"5 inputs from {path}"
+    assert used.inputs[0] == verify.InputUsed("ids", [5, 7], "int32", f"from {path}")
+
+    def refused(message, input_shapes=None, **arrays):
+        np.savez(path, **arrays)
+        with pytest.raises(ExchangeError, match=message):
+            verify.verification_inputs(graph, verify.read_inputs_file(path), input_shapes)
+
+    refused(
+        rf"^{path}: holds 'ids', 'other'; expected one array per input of the model, keyed by its name \('ids', 'scores'\)$",
+        ids=ids,
+        other=scores,
+    )
+    refused(rf"^{path}: 'scores' is float64, the input takes float32$", ids=ids, scores=scores.astype(np.float64))
+    refused(
+        rf"^{path}: 'scores' has shape \(5, 4\), the input takes \(rows, 3\)$",
+        ids=ids,
+        scores=np.ones((5, 4), np.float32),
+    )
+    refused(rf"^{path}: 'scores' has 4 rows, 'ids' 5$", ids=ids, scores=scores[:4])
+    refused(rf"^{path}: 'ids' has shape \(5, 0\): an empty axis$", ids=ids[:, :0], scores=scores)
+    refused(rf"^{path}: 'scores' holds values that are not finite", ids=ids, scores=scores * np.nan)
+    refused("^--input-shape and --verify-inputs", {"ids": (7,)}, ids=ids, scores=scores)
+
+
+def test_one_array_serves_a_one_input_model_and_rows_are_capped(tmp_path, monkeypatch):
+    frames = keras.Input((None, 4), name="frames")
+    graph = keras_adapter.architecture_of(keras.Model(frames, L.Dense(2, name="d")(frames), name="one"))
+    path = tmp_path / "whatever.npz"
+    np.savez(path, np.zeros((9, 50, 4), np.float32))  # saved as arr_0
+    monkeypatch.setattr(verify, "VERIFY_ACTIVATION_ELEMENTS", 50 * 4 * 6)
+    batch, used = verify.verification_inputs(graph, verify.read_inputs_file(path))
+    assert batch[0].shape == (6, 50, 4) and used.description == f"6 inputs from {path} (the first of its 9)"
+
+
+def test_a_model_verifies_on_given_inputs(tmp_path, capsys):
+    """A model verified on the user's arrays, its sequence length from the file (the command
+    line's child runs it in tests/test_convert_cli.py on the MNIST test images)."""
+    frames = keras.Input((None, 4), name="frames")
+    model = randomize(keras.Model(frames, L.LSTM(3, name="lstm")(frames), name="seq"), seed=2)
+    keras_path, common, graph = saved(model, tmp_path)
+    inputs = tmp_path / "frames.npz"
+    np.savez(inputs, frames=np.random.default_rng(0).standard_normal((20, 11, 4)).astype(np.float32))
+    given = verify.read_inputs_file(inputs)
+    result = verify.verify(keras_path, common, graph, given, in_process=True)
+    assert result.passed and result.inputs == f"20 inputs from {inputs}", verify.describe(result)
+    assert result.inputs_used == [verify.InputUsed("frames", [20, 11, 4], "float32", f"from {inputs}")]
+    assert cli.main([str(keras_path), str(tmp_path / "x.pt"), "--verify-inputs", str(inputs)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --verify-inputs gives --verify its inputs: pass --verify too"
