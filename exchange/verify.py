@@ -31,6 +31,20 @@ The Keras reference: a Keras 3 file opened by Keras itself; a Keras 2 file by tf
 installed, else the exchange's Keras 3 rebuild of its graph (Keras 2's hard_sigmoid written in
 keras.ops, `kinds.activations.KERAS_FORMULAS`), never Keras 3's reading of a Keras 2 file.
 
+What is read again, and why. The conversion opens its input once (its kind decided once, by
+content, in `cli.convert`) and hands what it read down: the graph, and the facts its reader
+learnt (`cli.OpenedInput`: the kind, whether Keras 3 opens the file itself, the Keras 2 file
+holding its config), which `request.json` carries to the child by name. The child is a separate
+interpreter on purpose (a crash, an out-of-memory or a hang of a framework must not take the
+conversion with it), so it cannot share the parent's open file; it opens each of the two files
+once, and re-reading them is what verification means: the input as the reference (a Keras file
+through Keras itself, or tf-keras, or the exchange's reader for the rebuild of a file no Keras
+here reads as written; a `.pt` or `.safetensors` through its reader) and the converted output as
+written (the `.safetensors` or `.pt`, the generated `.py` with its weights, a `.keras` through
+Keras). Nothing decides a kind again or opens a file to ask what it is (the `--arch` of a
+weights-only file and a subclassed model's `--custom-objects` excepted); tests/test_file_kinds.py
+counts the opens.
+
 Example:
     >>> result = verify(Path("model.keras"), Path("model.safetensors"), graph, None)
     >>> result.passed, result.verdict.dtype
@@ -56,6 +70,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -63,6 +78,9 @@ from exchange import chunking, filekinds, keras_config, subclassed, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph, InputSpec
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
+
+if TYPE_CHECKING:
+    from exchange.cli import OpenedInput
 
 VERIFY_BATCH = 1000  # rows of the fixed random batch (without --verify-inputs)
 # Tolerances, `atol + rtol * output scale` (the largest |value| of the Keras outputs); see above.
@@ -616,6 +634,7 @@ def verify(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     every_layer: bool = False,
     in_process: bool = False,
+    opened: OpenedInput | None = None,
 ) -> VerifyResult:
     """Run the two frameworks on the same inputs, each on the weights of its own file, in a child
     process, in float32 (within `tolerance + rtol * output scale`) and, where both sides can be
@@ -628,7 +647,10 @@ def verify(
     forward pass over the same file's tensors, and the result says so. When the verdict fails
     (or for `every_layer`, --report), the layers are compared one by one in the verdict's dtype.
     A crash, an out-of-memory or a hang of the child is an ExchangeError naming `in_path`.
-    `in_process` (tests only) runs the frameworks in this process instead, without the child's
+    `opened`, the input as the conversion read it (`cli.open_weights`), tells the child the
+    input's kind and which Keras reference it takes without opening the input to ask; without
+    it the input's header is read here once. `given` (`--verify-inputs`) is the batch to run,
+    else one is drawn. `in_process` (tests only) runs the frameworks in this process instead, without the child's
     bounds, so that tests share one import of TensorFlow.
     """
     try:
@@ -642,6 +664,11 @@ def verify(
         raise
     except ExchangeError as err:
         raise ExchangeFileError(f"{in_path}: {err}") from None
+    if opened is None:  # a caller that did not read the input itself (the API, tests)
+        from exchange import cli
+
+        with ExitStack() as stack:
+            opened = cli.open_weights(in_path, stack, arch_path or graph, by_name=by_name)
     folder = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=".verify.", suffix=".tmp"))
     try:
         names = []
@@ -661,6 +688,9 @@ def verify(
             "every_layer": every_layer,
             "kinds": list(KIND_FILES),
             "by_name": by_name,
+            "in_kind": opened.kind.name,  # the facts of the input as read once, so the child
+            "keras3_loadable": opened.keras3_loadable,  # opens only the Keras reference and the output
+            "keras2_config": None if opened.keras2_config is None else str(opened.keras2_config),
             "subclassed": subclassed.state(),
             "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph),
         }
@@ -849,20 +879,31 @@ def _run(folder: Path, request: dict) -> dict:
     inputs = [np.load(folder / name, allow_pickle=False) for name in request["inputs"]]
     sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
 
+    kinds = {in_path: filekinds.kind_named(request["in_kind"]), out_path: filekinds.output_kind(out_path)}
+    keras3_loadable = {in_path: request["keras3_loadable"], out_path: kinds[out_path] is filekinds.KERAS}
+    keras2_config = None if request["keras2_config"] is None else Path(request["keras2_config"])
+
     def read_tensors(path: Path) -> dict[str, np.ndarray]:
         with ExitStack() as stack:
-            _, tensors, _ = cli.open_weights(
-                path, stack, (arch_path if path == in_path else None) or graph, by_name=request["by_name"]
+            opened = cli.open_weights(
+                path,
+                stack,
+                (arch_path if path == in_path else None) or graph,
+                by_name=request["by_name"],
+                kind=kinds[path],
             )
-            return fileformat.materialize(tensors)
+            return fileformat.materialize(opened.tensors)
 
-    kinds = {in_path: filekinds.input_kind(in_path), out_path: filekinds.output_kind(out_path)}
     keras_path = next((p for p in (in_path, out_path) if kinds[p] in (filekinds.KERAS, filekinds.HDF5)), None)
     torch_path = next((p for p in (out_path, in_path) if kinds[p] in (filekinds.TORCH, filekinds.SAFETENSORS)), None)
     notes: list[str] = []
     with _framework("Keras", str(in_path)):
+        keras_path = keras_path or in_path
         keras_side = _keras_side(
-            keras_path or in_path,
+            keras_path,
+            kinds[keras_path],
+            keras3_loadable[keras_path],
+            keras2_config if keras_path == in_path else None,
             arch_path if keras_path == in_path else None,
             graph,
             read_tensors,
@@ -1058,11 +1099,20 @@ def _numpy_side(what: str, path: Path, graph: Graph, tensors: dict) -> Side:
 
 
 def _keras_side(
-    path: Path, arch_path: Path | None, graph: Graph, read_tensors, by_name: bool, notes: list[str]
+    path: Path,
+    kind: filekinds.FileKind,
+    keras3_loadable: bool,
+    keras2_config: Path | None,
+    arch_path: Path | None,
+    graph: Graph,
+    read_tensors,
+    by_name: bool,
+    notes: list[str],
 ) -> Side:
-    """Keras on `path`: Keras 3 opens a Keras 3 file itself; a Keras 2 file is opened by tf-keras
-    when installed, else rebuilt by the exchange (never read by Keras 3, whose hard_sigmoid differs);
-    other files are the exchange's rebuild on their tensors."""
+    """Keras on `path`: Keras 3 opens a Keras 3 file itself (`keras3_loadable`); a Keras 2 file
+    (its config in `keras2_config`) is opened by tf-keras when installed, else rebuilt by the
+    exchange (never read by Keras 3, whose hard_sigmoid differs); other files are the exchange's
+    rebuild on their tensors. What the file is was learnt when the conversion read it."""
     try:
         from exchange import keras_adapter
     except ImportError:
@@ -1076,7 +1126,6 @@ def _keras_side(
             _keras3_layers(traced, graph),
             lambda: _keras3_float64(path, traced, graph),
         )
-    keras2_config = _keras2_config_source(path, arch_path)
     if keras2_config is not None:
         if _installed("tf_keras"):
             try:
@@ -1094,10 +1143,9 @@ def _keras_side(
             )
         return _rebuild_side(f"the exchange's Keras 3 rebuild of {path}", graph, read_tensors(path), notes)
     note = ""
-    kind = filekinds.input_kind(path)
-    if kind is filekinds.KERAS or (kind is filekinds.HDF5 and _is_full_keras_model(path)):
+    if keras3_loadable:
         try:
-            model = keras_adapter.load_keras_file(path, graph)
+            model = keras_adapter.load_keras_file(path, graph, kind)
             return Side(
                 f"Keras on {path}",
                 lambda inputs: keras_adapter.predict(model, inputs),
@@ -1107,24 +1155,6 @@ def _keras_side(
         except ExchangeFileError as err:  # e.g. a file Keras 3 cannot deserialize
             note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
     return _rebuild_side(f"Keras on the tensors of {path}{note}", graph, read_tensors(path), notes)
-
-
-def _keras2_config_source(path: Path, arch_path: Path | None) -> Path | None:
-    """The Keras 2 file that holds the model's config (the `.h5` itself, or `--arch` for a
-    weights-only `.h5`), or None when the model is not a Keras 2 one."""
-    from exchange import keras_files
-
-    if filekinds.input_kind(path) is not filekinds.HDF5:
-        return None
-    if _is_full_keras_model(path):
-        return path if keras_files.written_by_keras2(path) else None
-    if (
-        arch_path is not None
-        and filekinds.input_kind(arch_path) in (filekinds.HDF5, filekinds.JSON)
-        and keras_files.written_by_keras2(arch_path)
-    ):
-        return arch_path
-    return None
 
 
 def _rebuild_side(name: str, graph: Graph, tensors: dict, notes: list[str]) -> Side:
@@ -1318,15 +1348,6 @@ def _float_casts(graph: Graph) -> str:
         if isinstance(argument, torch.dtype) and argument.is_floating_point
     }
     return ", ".join(sorted(dtypes))
-
-
-def _is_full_keras_model(path: Path) -> bool:
-    import h5py
-
-    from exchange import keras_files
-
-    with keras_files.hdf5_errors(str(path)), h5py.File(path, "r") as h5:
-        return "model_config" in h5.attrs
 
 
 if __name__ == "__main__":  # run as `python -m`: use the package's copy of this module, as cli does

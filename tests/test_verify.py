@@ -126,23 +126,9 @@ def test_a_wrong_convention_fails_in_both_dtypes_naming_its_layer(tmp_path, chan
     assert "first divergent layer" in verify.failure(result) and repr(layer) in verify.failure(result)
 
 
-def test_without_float64_the_float32_comparison_decides_and_names_the_layer(tmp_path, monkeypatch):
-    """A side that cannot be built in float64: the verdict and the layer search are float32's."""
-
-    def unbuildable(graph):
-        raise ExchangeError("no float64 here")
-
-    monkeypatch.setattr(verify, "float64_graph", unbuildable)
-    keras_path, common, graph = saved(dense_then_gru(), tmp_path)
-    result = run(keras_path, tampered(common, tmp_path, transpose_kernel), graph)
-    assert result.float64 is None and "no float64 here" in result.float64_missing
-    assert result.verdict.dtype == "float32" and not result.passed and result.first_divergence.layer == "square"
-    assert "float64 not run (ExchangeError: no float64 here)" in verify.describe(result)
-
-
-def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
+def dropped_mask(tmp_path):
     """The torch side built without the Embedding's mask_zero: token ids cover the vocabulary,
-    0 included, so the LSTM that reads the mask differs."""
+    0 included, so the LSTM that reads the mask differs. (keras path, torch path, its graph)."""
     keras.utils.set_random_seed(2)
     ids = keras.Input((6,), dtype="int32", name="ids")
     x = L.Embedding(9, 4, mask_zero=True, name="embed")(ids)
@@ -152,10 +138,41 @@ def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
     for node in description["nodes"]:
         if node["name"] == "embed":
             node["config"]["mask_zero"] = False
-    result = run(keras_path, common, Graph.from_dict(description))
-    assert not result.float32.passed and not result.float64.passed
+    return keras_path, common, Graph.from_dict(description)
+
+
+def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
+    result = run(*dropped_mask(tmp_path))
+    assert not result.float32.passed and not result.float64.passed and result.verdict.dtype == "float64"
     assert result.first_divergence.layer == "lstm"
     assert result.inputs_used[0].values == "token ids covering 0..8"
+
+
+def wrong_convention(name, tmp_path):
+    """(keras path, torch path, graph) of a conversion with one convention deliberately wrong."""
+    if name == "dropped mask":
+        return dropped_mask(tmp_path)
+    keras_path, common, graph = saved(dense_then_gru(), tmp_path)
+    change = transpose_kernel if name == "transposed kernel" else swap_gru_gates
+    return keras_path, tampered(common, tmp_path, change), graph
+
+
+@pytest.mark.parametrize(
+    "name, layer", [("transposed kernel", "square"), ("swapped GRU gates", "gru"), ("dropped mask", "lstm")]
+)
+def test_without_float64_the_float32_comparison_decides_and_names_the_layer(tmp_path, monkeypatch, name, layer):
+    """A side that cannot be built in float64: the verdict and the layer search are float32's, and
+    each wrong convention is named at its layer there too."""
+
+    def unbuildable(graph):
+        raise ExchangeError("no float64 here")
+
+    monkeypatch.setattr(verify, "float64_graph", unbuildable)
+    result = run(*wrong_convention(name, tmp_path))
+    print(f"{name}: float32 {result.float32.max_abs_diff:.3e}")
+    assert result.float64 is None and "no float64 here" in result.float64_missing
+    assert result.verdict.dtype == "float32" and not result.passed and result.first_divergence.layer == layer
+    assert "float64 not run (ExchangeError: no float64 here)" in verify.describe(result)
 
 
 # ---------------------------------------------------------------------------------------------
