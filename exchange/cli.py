@@ -93,7 +93,8 @@ def open_weights(
             holds_training=OPTIMIZER_METADATA in exchange_file.metadata,
         )
     if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):  # traced from the user's code
-        return OpenedInput(*subclassed.open_subclassed(path, arch), "keras", kind)
+        graph, tensors = subclassed.open_subclassed(path, arch)
+        return OpenedInput(graph, tensors, "keras", kind)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(
             keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None, by_name, kind)
@@ -131,8 +132,9 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray], act
             f"{path}: a .pt state_dict carries no architecture; pass "
             "--activations (e.g. tanh,tanh,softmax) or --arch FILE"
         )
-    weights = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
-    if any(weight is None or weight.ndim != 2 for weight in weights):
+    found = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
+    weights = [weight for weight in found if weight is not None and weight.ndim == 2]
+    if len(weights) != len(activations):
         raise ExchangeFileError(
             f"{path}: expected 2-D tensors layers.0.weight … "
             f"layers.{len(activations) - 1}.weight (or dense_0.weight …) for "

@@ -70,7 +70,7 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -311,11 +311,7 @@ def check_integer_inputs(graph: Graph) -> None:
     and Softmax raise), so the exchange refuses them rather than guess."""
     integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype in INTEGER_DTYPES + ("bool",)}
     integer_inputs.update(
-        {
-            node.name: kind_of(node.kind).integer_output(node.config)
-            for node in graph.nodes
-            if kind_of(node.kind).integer_output(node.config)
-        }
+        {node.name: dtype for node in graph.nodes if (dtype := kind_of(node.kind).integer_output(node.config))}
     )  # a lookup's ids
     for node in graph.nodes:
         for position, name in enumerate(node.inputs):
@@ -469,7 +465,7 @@ def verification_inputs(
     for tensor, value in sized.mask_sources.values():
         for array, spec, item in zip(batch, sized.inputs, used):
             if spec.name == tensor and len(spec.shape) == 2:
-                array[generator.random((rows, spec.shape[0])) < 0.3] = value
+                array[generator.random((rows, *_sizes(spec.shape)[:1])) < 0.3] = value
                 item.values += f", about 30% of the steps equal to the Masking value {value:g}"
     return batch, VerificationInputs(f"a fixed random batch of {rows:,} inputs", used)
 
@@ -515,7 +511,7 @@ def _given_arrays(graph: Graph, given: InputsFile) -> list[np.ndarray]:
 
 def _draw(graph: Graph, spec: InputSpec, rows: int, generator: np.random.Generator) -> tuple[np.ndarray, str]:
     """One input's random values and what they are."""
-    shape = (rows,) + tuple(spec.shape)
+    shape = (rows, *_sizes(spec.shape))
     if spec.dtype == "bool":
         array = generator.random(shape) < 0.7
         _both_values(array, True, False)
@@ -533,6 +529,14 @@ def _draw(graph: Graph, spec: InputSpec, rows: int, generator: np.random.Generat
         low, high = (-128, 128) if spec.dtype == "int8" else (0, 256)
         return generator.integers(low, high, shape).astype(spec.dtype), f"integers {low}..{high - 1}"
     return generator.random(shape, dtype=np.float32).astype(spec.dtype), "uniform in [0, 1)"
+
+
+def _sizes(shape: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A sized graph's shape (`sized_graph`: every axis has a length) as plain sizes."""
+    sizes = tuple(size for size in shape if size is not None)
+    if len(sizes) != len(shape):
+        raise ExchangeError(f"an input of shape {_shape_text(shape)} was not given a length on every axis")
+    return sizes
 
 
 def _both_values(array: np.ndarray, first, second) -> None:
@@ -675,7 +679,7 @@ def verify(
         for index, array in enumerate(inputs):
             names.append(f"input_{index}.npy")
             np.save(folder / names[-1], array, allow_pickle=False)
-        request = {
+        request: dict[str, Any] = {
             "in": str(in_path),
             "out": str(out_path),
             "arch": None if arch_path is None else str(arch_path),
@@ -791,6 +795,7 @@ def child_main(folder: Path) -> None:
             pass  # replaced by the numpy reference
     imported, imported_rss = _status_kib("VmSize"), _status_kib("VmRSS")
     _cap_address_space(request["address_space"])
+    answer: dict[str, Any]
     try:
         for kinds_file in request["kinds"]:  # the user's own kinds, as the parent loaded them
             load_kinds_file(kinds_file)
@@ -922,12 +927,13 @@ def _run(folder: Path, request: dict) -> dict:
     verdict_sides, verdict_inputs = (keras_side, torch_side), inputs
     differences = _differences(keras_outputs, torch_outputs)
     float64, missing = None, keras_side.float64_missing or torch_side.float64_missing
-    if missing is None:
+    keras_float64, torch_float64 = keras_side.float64, torch_side.float64
+    if missing is None and keras_float64 is not None and torch_float64 is not None:
         inputs64 = [array.astype(np.float64) if array.dtype.name in FLOAT_DTYPES else array for array in inputs]
         try:
-            keras64 = keras_side.float64()
+            keras64 = keras_float64()
             keras64_outputs = _in_chunks(keras64, sized, inputs64)
-            torch64 = torch_side.float64()
+            torch64 = torch_float64()
             torch64_outputs = _in_chunks(torch64, sized, inputs64)
         except MemoryError:
             raise
@@ -1007,6 +1013,9 @@ def layer_differences(
     Compared on `rows` of the inputs (default: all), in chunks of consecutive layers that hold
     at most DIVERGENCE_ELEMENTS values: each chunk runs both models once, recording only its
     layers."""
+    keras_layers, torch_layers = keras_side.layers, torch_side.layers
+    if keras_layers is None or torch_layers is None:  # the numpy reference, generated code: no layers
+        return []
     subset = inputs if rows is None else [array[rows] for array in inputs]
     count = len(subset[0])
     reordered = graph.torch_order_differs  # torch holds these flattened in (C, H, W) order
@@ -1023,8 +1032,8 @@ def layer_differences(
         ):
             continue
         names = [item.name for item in chunk]
-        keras_values = keras_side.layers(subset, names)
-        torch_values = torch_side.layers(subset, names)
+        keras_values = keras_layers(subset, names)
+        torch_values = torch_layers(subset, names)
         for item in chunk:
             if item.name in keras_values and item.name in torch_values:
                 keras_value = keras_values[item.name].astype(np.float64)
@@ -1294,6 +1303,8 @@ def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> S
     sys.dont_write_bytecode = True  # no __pycache__ left beside the user's output
     try:
         spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no module spec for {code_path}")
         generated = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(generated)
         model = getattr(generated, class_name(graph.name))()

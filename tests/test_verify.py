@@ -248,8 +248,8 @@ def test_ids_cover_the_vocabulary_and_masks_hold_both_values():
     assert set(verify._cover(generator, 1000, (1, 5), "int64").reshape(-1)) >= {0, 999}
 
 
-@pytest.mark.slow
-def test_bool_and_float_masks_verify(tmp_path):
+def masks_model() -> keras.Model:
+    """A bool mask read by an LSTM, a float mask read by a Softmax."""
     keras.utils.set_random_seed(4)
     series = keras.Input((6, 3), name="series")
     flags = keras.Input((6,), dtype="bool", name="flags")
@@ -257,10 +257,28 @@ def test_bool_and_float_masks_verify(tmp_path):
     x = L.LSTM(4, name="lstm")(series, mask=flags)
     scores = L.Flatten(name="flat")(L.Dense(1, name="score")(series))
     y = L.Softmax(name="soft")(scores, mask=weights)
-    model = randomize(keras.Model([series, flags, weights], [x, y], name="masks"), seed=3)
-    keras_path, common, graph = saved(model, tmp_path)
+    return randomize(keras.Model([series, flags, weights], [x, y], name="masks"), seed=3)
+
+
+@pytest.mark.slow
+def test_bool_and_float_masks_verify(tmp_path):
+    keras_path, common, graph = saved(masks_model(), tmp_path)
     result = run(keras_path, common, graph)
     assert result.passed and result.float64 is not None, verify.describe(result)
+
+
+@pytest.mark.parametrize("mask, layer", [("weights", "soft"), pytest.param("flags", "lstm", marks=pytest.mark.slow)])
+def test_a_model_that_drops_its_mask_input_fails(tmp_path, mask, layer):
+    """The torch side built as if the layer had no `mask=`: the float mask holds 0 (issue 16: values
+    in [0, 1) never masked anything, and such a model passed), the bool mask False."""
+    keras_path, common, graph = saved(masks_model(), tmp_path)
+    description = graph.to_dict()
+    for node in description["nodes"]:
+        if mask in node["inputs"]:
+            node["inputs"].remove(mask)
+            node["config"].update({key: False for key in ("mask_input", "uses_mask") if key in node["config"]})
+    result = run(keras_path, common, Graph.from_dict(description))
+    assert not result.float32.passed and not result.passed and result.first_divergence.layer == layer
 
 
 # ---------------------------------------------------------------------------------------------
