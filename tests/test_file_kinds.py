@@ -11,6 +11,7 @@ import sys
 import traceback
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 from support import ROOT
@@ -112,28 +113,40 @@ def test_a_folder_is_read_only_as_a_saved_model(tmp_path):
 
 
 class OpenCounter:
-    """Every `open` of one file (Python's audit event, which h5py's file-object reads and zipfile
-    raise too), by who opened it: its kind decided ("kind"), the exchange's reader ("reader"),
-    Keras's own loader ("keras"), a tensor's data mapped as it is written ("data"), or "other"."""
+    """Every open of one file, by who opened it: its kind decided ("kind"), the exchange's reader
+    ("reader"), Keras's own loader ("keras"), a tensor's data mapped as it is written ("data"), or
+    "other". Python's `open` audit event (which zipfile and h5py's file-object reads raise too),
+    and `h5py.File` given the path itself (HDF5's C library opens it unseen by the audit hook)."""
 
-    def __init__(self, path):
+    def __init__(self, path, monkeypatch):
         self.path, self.opens = str(path), []
         sys.addaudithook(self.record)  # audit hooks cannot be removed: this one only records its file
+        counter, original = self, h5py.File
+
+        class CountedFile(original):
+            def __init__(self, name, *args, **kwargs):
+                if isinstance(name, (str, Path)) and str(name) == counter.path:
+                    counter.opens.append(counter.opener())
+                super().__init__(name, *args, **kwargs)
+
+        monkeypatch.setattr(h5py, "File", CountedFile)
 
     def record(self, event, args):
-        if event != "open" or not args or str(args[0]) != self.path:
-            return
-        frames = [(Path(frame.filename).name, frame.name) for frame in traceback.extract_stack()[:-1]]
-        if any(name == "memmap.py" for name, _ in frames):
-            self.opens.append("data")
-        elif any(name == "filekinds.py" for name, _ in frames):
-            self.opens.append("kind")
-        elif any(name == "keras_files.py" for name, _ in frames):
-            self.opens.append("reader")
-        elif any(name in ("saving_lib.py", "saving_api.py") for name, _ in frames):
-            self.opens.append("keras")
-        else:
-            self.opens.append("other: " + " <- ".join(f"{a}:{b}" for a, b in frames[-4:]))
+        if event == "open" and args and str(args[0]) == self.path:
+            self.opens.append(self.opener())
+
+    @staticmethod
+    def opener() -> str:
+        frames = [(Path(frame.filename).name, frame.name) for frame in traceback.extract_stack()[:-2]]
+        for who, files in (
+            ("data", ("memmap.py",)),
+            ("kind", ("filekinds.py",)),
+            ("reader", ("keras_files.py",)),
+            ("keras", ("saving_lib.py", "saving_api.py", "legacy_h5_format.py")),
+        ):
+            if any(name in files for name, _ in frames):
+                return who
+        return "other: " + " <- ".join(f"{name}:{function}" for name, function in frames[-4:])
 
     def metadata(self) -> dict:
         return collections.Counter(item for item in self.opens if item != "data")
@@ -157,7 +170,7 @@ def test_one_conversion_opens_its_input_twice_and_checks_its_tensors_once(tmp_pa
     only the tensors' data is mapped as each is written. The tensors are checked once."""
     source = tmp_path / "cnn.h5"
     shutil.copyfile(FIXTURES / "cnn.h5", source)
-    checks, counter = counted_checks(monkeypatch), OpenCounter(source)
+    checks, counter = counted_checks(monkeypatch), OpenCounter(source, monkeypatch)
     graph = cli.convert(source, tmp_path / "out.safetensors")
     assert counter.metadata() == {"kind": 1, "reader": 1}, counter.opens
     assert counter.opens.count("data") <= len(graph.tensor_specs) + 1  # each tensor's data, one read early by a port
@@ -207,7 +220,7 @@ def test_with_verify_the_input_is_opened_once_more_by_its_reference(
     monkeypatch.setattr(verify, "_installed", lambda module: module != "tf_keras" and installed(module))
     monkeypatch.setattr(verify, "VERIFY_BATCH", 16)
     monkeypatch.setattr(cli, "verify", functools.partial(verify.verify, in_process=True))
-    checks, counter = counted_checks(monkeypatch), OpenCounter(source)
+    checks, counter = counted_checks(monkeypatch), OpenCounter(source, monkeypatch)
     assert cli.main([str(source), str(tmp_path / "out.safetensors"), "--verify"]) == 0
     assert counter.metadata() == expected, counter.opens
     # The conversion checks once, as it writes; the child checks the output as it reads it, and
