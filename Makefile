@@ -1,5 +1,6 @@
 # Two entry points: `make demo` runs the main job, then converts its trained Keras weights to PyTorch
-# code with --verify; `make test` runs the tests; `make lint` checks the house rules.
+# code with --verify on the MNIST test images (which train.py writes with --test-images); `make test`
+# runs the tests; `make lint` checks the house rules.
 # Both create .venv when it is missing (torch 2.13.0 CPU first, then the project with its extras).
 PYTHON ?= python3
 VENV := .venv
@@ -20,8 +21,9 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) scripts/train.py --out-dir runs/demo
-	$(PY) scripts/convert.py runs/demo/keras.safetensors runs/demo/seed_mlp.py --verify
+	$(PY) scripts/train.py --out-dir runs/demo --test-images runs/demo/mnist_test.npz
+	$(PY) scripts/convert.py runs/demo/keras.safetensors runs/demo/seed_mlp.py --verify \
+		--verify-inputs runs/demo/mnist_test.npz
 
 test: venv
 	$(PY) -m pytest -q

@@ -22,6 +22,7 @@ import importlib
 import os
 import sys
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -35,10 +36,12 @@ from exchange.verify import (
     FLOAT32_ATOL,
     FLOAT32_RTOL,
     VERIFY_SECONDS,
+    InputsFile,
     check_integer_inputs,
     describe,
     failure,
     parse_input_shape,
+    read_inputs_file,
     verify,
     write_report,
 )
@@ -49,6 +52,23 @@ DEFAULT_TOLERANCE = FLOAT32_ATOL  # --verify's float32 atol; see exchange/verify
 TF_LOG_LEVEL = "3"
 
 
+@dataclass(frozen=True)
+class OpenedInput:
+    """An input as read once: its graph, file-layout tensors (lazy for Keras files, read as they
+    are written), the framework it came from, its kind, and what its reader learnt of it, handed
+    down so that nothing opens the file again to ask (`keras_files.KerasWeights`): whether Keras 3
+    opens it itself, the Keras 2 file holding its config, whether it holds training state (None:
+    not known from what was read)."""
+
+    graph: Graph
+    tensors: dict
+    source_framework: str
+    kind: filekinds.FileKind
+    keras3_loadable: bool = False
+    keras2_config: Path | None = None
+    holds_training: bool | None = None
+
+
 def open_weights(
     path: Path,
     stack: ExitStack,
@@ -56,24 +76,41 @@ def open_weights(
     activations: list[str] | None = None,
     by_name: bool = False,
     kind: filekinds.FileKind | None = None,
-) -> tuple[Graph, dict, str]:
-    """(graph, file-layout tensors, source framework) from any input kind (`kind`, when the
-    caller has decided it). Keras files give lazy tensors, read when written; `stack` keeps their
-    file open until then. `arch` (a path or a graph) gives the architecture of a weights-only input."""
+) -> OpenedInput:
+    """Any input kind, read once (`kind`, when the caller has decided it). Keras files give lazy
+    tensors, read when written; `stack` keeps their file open until then. `arch` (a path or a
+    graph) gives the architecture of a weights-only input."""
     kind = kind or filekinds.weights_kind(path)
     if kind is filekinds.SAFETENSORS:
+        from exchange.training_state import OPTIMIZER_METADATA
+
         exchange_file = fileformat.load(path)
-        return exchange_file.architecture, exchange_file.tensors, exchange_file.source_framework
+        return OpenedInput(
+            exchange_file.architecture,
+            exchange_file.tensors,
+            exchange_file.source_framework,
+            kind,
+            holds_training=OPTIMIZER_METADATA in exchange_file.metadata,
+        )
     if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):  # traced from the user's code
-        return (*subclassed.open_subclassed(path, arch), "keras")
+        graph, tensors = subclassed.open_subclassed(path, arch)
+        return OpenedInput(graph, tensors, "keras", kind)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(
             keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None, by_name, kind)
         )
-        return keras_weights.architecture, keras_weights.tensors, "keras"
+        return OpenedInput(
+            keras_weights.architecture,
+            keras_weights.tensors,
+            "keras",
+            kind,
+            keras_weights.keras3_loadable,
+            keras_weights.keras2_config,
+            keras_weights.compiled if kind is filekinds.KERAS else False,
+        )
     if kind is filekinds.SAVED_MODEL:  # a Keras 2 SavedModel folder (`model.save("dir")`)
         keras_weights = stack.enter_context(savedmodel.open_saved_model(path))
-        return keras_weights.architecture, keras_weights.tensors, "keras"
+        return OpenedInput(keras_weights.architecture, keras_weights.tensors, "keras", kind, holds_training=False)
     torch_adapter = _framework_module("exchange.torch_adapter", "reading a .pt file", "torch")
     untrusted.check_torch_archive(path)
     tensors = fileformat.upgrade_v1_keys(torch_adapter.load_state_dict_file(path))
@@ -84,7 +121,7 @@ def open_weights(
     else:
         graph = architecture_from_state_dict(path, tensors, activations)
     fileformat.check_tensors(graph, tensors, where=str(path))
-    return graph, tensors, "torch"
+    return OpenedInput(graph, tensors, "torch", kind, holds_training=False)
 
 
 def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray], activations: list[str] | None) -> Graph:
@@ -95,8 +132,9 @@ def architecture_from_state_dict(path: Path, tensors: dict[str, np.ndarray], act
             f"{path}: a .pt state_dict carries no architecture; pass "
             "--activations (e.g. tanh,tanh,softmax) or --arch FILE"
         )
-    weights = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
-    if any(weight is None or weight.ndim != 2 for weight in weights):
+    found = [tensors.get(f"dense_{index}.weight") for index in range(len(activations))]
+    weights = [weight for weight in found if weight is not None and weight.ndim == 2]
+    if len(weights) != len(activations):
         raise ExchangeFileError(
             f"{path}: expected 2-D tensors layers.0.weight … "
             f"layers.{len(activations) - 1}.weight (or dense_0.weight …) for "
@@ -179,7 +217,7 @@ def check_written(path: Path, graph: Graph) -> None:
         fileformat.check_header(path, graph)
     else:
         with ExitStack() as stack:
-            written_graph, _, _ = open_weights(path, stack, arch=graph)
+            written_graph = open_weights(path, stack, arch=graph, kind=filekinds.output_kind(path)).graph
         if written_graph.differences(graph):
             raise ExchangeError(
                 f"{path}: read-back architecture differs: " + "; ".join(written_graph.differences(graph))
@@ -201,24 +239,33 @@ def convert(
     notes: list | None = None,
     by_name: bool = False,
     optimizer_state: bool = False,
+    in_kind: filekinds.FileKind | None = None,
 ) -> Graph:
     """Read `in_path`, write `out_path` atomically after reading its header back. A `.py`
     output is PyTorch source code plus its weights beside it (`model.py`, `model.safetensors`).
 
-    `check(graph, written, code_weights)`, when given, runs on the temporary files before they
+    `check(opened, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
     receives what the user should know about a successful conversion (tensors folded together).
     With `optimizer_state`, a compiled `.keras`'s training state goes into an exchange file (an
     exchange file's into an exchange file or a `.keras`, always; either's into generated code,
-    always, with its training functions): `exchange.training_state`."""
+    always, with its training functions): `exchange.training_state`.
+    `in_kind`, when the caller has decided it, is not decided again.
+
+    The input is opened once here (its kind decided once, by its content); what that reading
+    gives (`OpenedInput`) goes to the writer, the training state and `check`. The read-back check
+    opens the temporary output, and `--verify`'s child opens the Keras reference through Keras
+    and the output as written (exchange/verify.py): re-reading is what those checks are for."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
         if in_path.resolve() == path.resolve():
             raise ExchangeFileError(f"{path}: output would overwrite the input")
     with ExitStack() as stack:
-        in_kind = filekinds.weights_kind(in_path)
-        graph, tensors, source = open_weights(in_path, stack, arch_path, activations, by_name, in_kind)
+        opened = open_weights(
+            in_path, stack, arch_path, activations, by_name, in_kind or filekinds.weights_kind(in_path)
+        )
+        graph, tensors, source, in_kind = opened.graph, opened.tensors, opened.source_framework, opened.kind
         try:  # before anything is built
             check_integer_inputs(graph)  # Keras's layers differ on integers
             if out_kind is filekinds.KERAS:
@@ -234,7 +281,9 @@ def convert(
             )
         from exchange import training_state
 
-        training = training_state.for_conversion(in_path, in_kind, out_kind, graph, notes, optimizer_state)
+        training = training_state.for_conversion(
+            in_path, in_kind, out_kind, graph, notes, optimizer_state, opened.holds_training
+        )
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.
         with fileformat.atomic_file(weights_path) as output:
@@ -247,9 +296,9 @@ def convert(
                 with fileformat.atomic_output(out_path) as code_temporary:
                     codegen.write_module(graph, code_temporary, weights_path.name, in_path.name, training)
                     if check is not None:
-                        check(graph, code_temporary, temporary)
+                        check(opened, code_temporary, temporary)
             elif check is not None:
-                check(graph, temporary, None)
+                check(opened, temporary, None)
     return graph
 
 
@@ -310,7 +359,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--verify", action="store_true", help="run Keras and PyTorch (or numpy where one is missing) on the same inputs"
     )
-    parser.add_argument("--data", type=Path, help="MNIST folder for --verify (default: $MNIST_DIR)")
+    parser.add_argument(
+        "--verify-inputs",
+        type=Path,
+        metavar="FILE.npz",
+        help="--verify runs the models on these arrays (numpy .npz keyed by the model's input names, or one "
+        "array for a one-input model; each of its input's dtype and shape) instead of a fixed random batch",
+    )
     parser.add_argument(
         "--tolerance",
         type=float,
@@ -385,11 +440,14 @@ def main(argv: list[str] | None = None) -> int:
     except ExchangeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    if args.verify_inputs is not None and not args.verify:
+        print("error: --verify-inputs gives --verify its inputs: pass --verify too", file=sys.stderr)
+        return 2
     if not (np.isfinite(args.verify_timeout) and args.verify_timeout > 0):
         print(f"error: --verify-timeout must be a finite positive number, got {args.verify_timeout}", file=sys.stderr)
         return 2
 
-    def check(graph: Graph, written: Path, code_weights: Path | None) -> None:
+    def check(opened: OpenedInput, written: Path, code_weights: Path | None) -> None:
         """--verify on the temporary output, before it replaces anything."""
 
         def shown(text: str) -> str:  # the user's output names, not the temporaries'
@@ -402,8 +460,8 @@ def main(argv: list[str] | None = None) -> int:
             result = verify(
                 args.input,
                 written,
-                graph,
-                args.data,
+                opened.graph,
+                given,
                 args.tolerance,
                 args.arch,
                 code_weights,
@@ -412,6 +470,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.rtol,
                 input_shapes,
                 args.report is not None,
+                opened=opened,
             )
         except ExchangeError as err:
             err.args = (shown(str(err)),)
@@ -425,8 +484,12 @@ def main(argv: list[str] | None = None) -> int:
             raise VerificationFailed(f"{args.input}: {failure(result)}; {args.output} was not written")
 
     subclassed.use_custom_objects(args.custom_objects, [text for text in args.input_shape if "=" not in text])
+    given: InputsFile | None = None
 
     def command() -> None:
+        nonlocal given
+        if args.verify_inputs is not None:  # read and checked before anything is converted
+            given = read_inputs_file(args.verify_inputs)
         for kinds_file in args.kinds:
             load_kinds_file(kinds_file)
         notes: list[str] = []

@@ -57,6 +57,14 @@ SAVED_MODEL = FileKind(
 FILE_KINDS = (KERAS, HDF5, SAFETENSORS, TORCH, CODE, JSON, SAVED_MODEL)
 
 
+def kind_named(name: str) -> FileKind:
+    """The kind of this `name` (a kind decided once and handed on by name, as to --verify's child)."""
+    for kind in FILE_KINDS:
+        if kind.name == name:
+            return kind
+    raise ValueError(f"no file kind named {name!r}")
+
+
 def _suffix_names(kinds) -> str:
     return ", ".join(suffix for kind in kinds for suffix in kind.suffixes)
 

@@ -212,12 +212,15 @@ def intermediate_outputs(
     return {name: np.asarray(output) for name, output in zip(wanted, outputs)}
 
 
-def load_keras_file(path: str | os.PathLike, graph: Graph | None = None) -> keras.Model:
+def load_keras_file(
+    path: str | os.PathLike, graph: Graph | None = None, kind: filekinds.FileKind | None = None
+) -> keras.Model:
     """Open a `.keras` (or legacy Keras 2 `.h5`) file with Keras, in safe mode (no arbitrary
-    code from the file). `graph`, the file's architecture when known, is checked first."""
+    code from the file). `graph`, the file's architecture when known, is checked first; `kind`,
+    when the caller has decided it, is not decided again."""
     if graph is not None:
         check_depth(graph)
-    kind = filekinds.input_kind(Path(path))
+    kind = kind or filekinds.input_kind(Path(path))
     if kind not in (filekinds.KERAS, filekinds.HDF5):
         raise ExchangeFileError(f"{path}: not a Keras file but {kind.description}")
     try:

@@ -345,6 +345,13 @@ class KerasWeights:
     architecture: Graph
     tensors: dict[str, AnyTensor]  # lazy where a port only permutes axes; read where it splits, packs, reshapes
     source: Closable  # what holds the file open: an HDF5 source, a SavedModel's data file
+    # What the reader learnt on the way, so that nobody opens the file again to ask (--verify's
+    # reference, the training state): Keras 3 opens the file itself and means what the exchange
+    # reads (a `.keras`, a Keras 3 full-model `.h5`); the Keras 2 file holding the model's config
+    # (the file, or a Keras 2 `--arch`); a compiled `.keras` (a `compile_config`).
+    keras3_loadable: bool = False
+    keras2_config: Path | None = None
+    compiled: bool = False
 
     def close(self) -> None:
         self.source.close()
@@ -412,7 +419,9 @@ def open_keras_file(
         parsed = parse_model_config(config, str(path))
         source = _Hdf5Source(path, start, size, member=KERAS_WEIGHTS_MEMBER)
         with hdf5_errors(source.label):
-            return _finish(parsed, source, lambda location: _keras3_variables(source, location))
+            weights = _finish(parsed, source, lambda location: _keras3_variables(source, location))
+        weights.keras3_loadable, weights.compiled = True, bool(config.get("compile_config"))
+        return weights
     if kind is not filekinds.HDF5:
         raise ExchangeFileError(f"{path}: not a Keras file but {kind.description}")
     source = _Hdf5Source(path)
@@ -441,12 +450,22 @@ def check_readable(path: str | os.PathLike, kind: filekinds.FileKind | None = No
 def _open_h5(path: Path, source: _Hdf5Source, h5: h5py.File, architecture_from, by_name: bool) -> KerasWeights:
     """The three kinds of `.h5`, told apart by their top-level attributes and groups."""
     if "model_config" in h5.attrs and "model_weights" in h5:  # Keras 2 full model
-        parsed = parse_model_config(
-            _json(_model_config_text(source), str(path)),
-            str(path),
-            keras2=_keras2_version(source.attribute(h5, "keras_version")),
-        )
-        return _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
+        keras2 = _keras2_version(source.attribute(h5, "keras_version"))
+        parsed = parse_model_config(_json(_model_config_text(source), str(path)), str(path), keras2=keras2)
+        weights = _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
+        weights.keras3_loadable, weights.keras2_config = not keras2, path if keras2 else None
+        return weights
+    weights = _open_weights_only_h5(path, source, h5, architecture_from, by_name)
+    config_path = Path(architecture_from)  # given: a weights-only file without it was refused
+    arch_kind = filekinds.input_kind(config_path)
+    if arch_kind in (filekinds.HDF5, filekinds.JSON) and written_by_keras2(config_path, arch_kind):
+        weights.keras2_config = config_path
+    return weights
+
+
+def _open_weights_only_h5(
+    path: Path, source: _Hdf5Source, h5: h5py.File, architecture_from, by_name: bool
+) -> KerasWeights:
     if "layers" in h5 and "layer_names" not in h5.attrs:  # Keras 3 weights only
         parsed = _description_from(architecture_from, path)
         return _finish(parsed, source, lambda location: _keras3_variables(source, location))

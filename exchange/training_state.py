@@ -759,6 +759,7 @@ def for_conversion(
     graph: Graph,
     notes: list | None,
     carry_keras_state: bool = False,
+    holds_training: bool | None = None,
 ) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
     asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
@@ -766,8 +767,9 @@ def for_conversion(
     file holds the slots, which its `load()` leaves out and its `make_optimizer` reads; the code
     gets the training functions: `exchange.training_code`). Never into a `.pt`, which is read
     whole into `load_state_dict`. A state that is not carried, or cannot be carried exactly, is
-    left out with a note saying why; the weights convert as without it."""
-    if not _holds_training(in_path, in_kind):
+    left out with a note saying why; the weights convert as without it.
+    `holds_training`, when the reader already knows, saves opening the input again to ask."""
+    if not (_holds_training(in_path, in_kind) if holds_training is None else holds_training):
         return None
     carried = {
         (filekinds.KERAS, filekinds.SAFETENSORS),

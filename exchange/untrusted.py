@@ -47,6 +47,10 @@ MAX_PICKLE_BYTES = 1 << 30  # the seed's largest pickle (x_train, float32 60000x
 MAX_PICKLE_MEMO = 1 << 16  # an array pickle stores a few dozen memo entries; the C unpickler
 # sizes its memo by the largest index, so 2**28 would take 4 GB
 
+# numpy .npz files (`--verify-inputs`, the seed's mnist.npz): every member a .npy array.
+MAX_NPZ_BYTES = 1 << 30  # MNIST's test images as float32 are 31 MB, Keras's mnist.npz 11 MB
+MAX_NPZ_ARRAYS = 1024  # a model's inputs, or mnist.npz's four arrays
+
 # HDF5 filters Keras and h5py's built-in compression write; plugins (and their code) are refused.
 ALLOWED_HDF5_FILTERS = {1: "deflate", 2: "shuffle", 3: "fletcher32"}
 
@@ -160,6 +164,54 @@ def read_zip_member(archive: zipfile.ZipFile, name: str, label: str, limit: int)
     if len(data) > limit:
         raise ExchangeFileError(f"{label}: {name} holds more than {limit:,} bytes")
     return data
+
+
+def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
+    """Every array of a numpy `.npz`, by name, read with `allow_pickle=False` after the checks:
+    a regular file of at most `limit` bytes, zip members within the compression cap, each member
+    a `.npy` whose declared shape fits its bytes (numpy allocates it before reading) and whose
+    dtype holds no Python objects."""
+    size = regular_file(path)
+    if size > limit:
+        raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {limit:,} a .npz may have here")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            check_zip_members(archive, str(path), size)
+            members = archive.infolist()
+            if len(members) > MAX_NPZ_ARRAYS:
+                raise ExchangeFileError(f"{path}: {len(members):,} members, more than {MAX_NPZ_ARRAYS:,}")
+            for info in members:
+                if not info.filename.endswith(".npy"):
+                    raise ExchangeFileError(f"{path}: member {info.filename!r:.80} is not a .npy array")
+                with archive.open(info) as stream:
+                    version = np.lib.format.read_magic(stream)
+                    read_header = (
+                        np.lib.format.read_array_header_1_0
+                        if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0
+                    )
+                    shape, _, dtype = read_header(stream)
+                if dtype.hasobject:
+                    raise ExchangeFileError(f"{path}: {info.filename} holds Python objects, which are never unpickled")
+                if declared_nbytes(shape, dtype) > info.file_size:
+                    raise ExchangeFileError(
+                        f"{path}: {info.filename} declares {dtype} {shape}, more than its {info.file_size:,} bytes"
+                    )
+        with np.load(path, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+    except ExchangeFileError:
+        raise
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        zipfile.BadZipFile,
+        IndexError,
+        EOFError,
+        zlib.error,
+        NotImplementedError,
+    ) as err:
+        raise ExchangeFileError(f"{path}: not a readable .npz ({first_line(err)})") from None
 
 
 def declared_nbytes(shape: Iterable[int], dtype: DTypeLike) -> int:

@@ -31,6 +31,20 @@ The Keras reference: a Keras 3 file opened by Keras itself; a Keras 2 file by tf
 installed, else the exchange's Keras 3 rebuild of its graph (Keras 2's hard_sigmoid written in
 keras.ops, `kinds.activations.KERAS_FORMULAS`), never Keras 3's reading of a Keras 2 file.
 
+What is read again, and why. The conversion opens its input once (its kind decided once, by
+content, in `cli.convert`) and hands what it read down: the graph, and the facts its reader
+learnt (`cli.OpenedInput`: the kind, whether Keras 3 opens the file itself, the Keras 2 file
+holding its config), which `request.json` carries to the child by name. The child is a separate
+interpreter on purpose (a crash, an out-of-memory or a hang of a framework must not take the
+conversion with it), so it cannot share the parent's open file; it opens each of the two files
+once, and re-reading them is what verification means: the input as the reference (a Keras file
+through Keras itself, or tf-keras, or the exchange's reader for the rebuild of a file no Keras
+here reads as written; a `.pt` or `.safetensors` through its reader) and the converted output as
+written (the `.safetensors` or `.pt`, the generated `.py` with its weights, a `.keras` through
+Keras). Nothing decides a kind again or opens a file to ask what it is (the `--arch` of a
+weights-only file and a subclassed model's `--custom-objects` excepted); tests/test_file_kinds.py
+counts the opens.
+
 Example:
     >>> result = verify(Path("model.keras"), Path("model.safetensors"), graph, None)
     >>> result.passed, result.verdict.dtype
@@ -56,16 +70,19 @@ from collections.abc import Callable
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from exchange import chunking, filekinds, keras_config, subclassed
+from exchange import chunking, filekinds, keras_config, subclassed, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, first_line
 from exchange.graph import INTEGER_DTYPES, Graph, InputSpec
 from exchange.kinds import KIND_FILES, kind_of, load_kinds_file
 
-VERIFY_BATCH = 1000  # rows of the fixed random batch when MNIST is not used
-MNIST_ROWS = 10_000  # the MNIST test set
+if TYPE_CHECKING:
+    from exchange.cli import OpenedInput
+
+VERIFY_BATCH = 1000  # rows of the fixed random batch (without --verify-inputs)
 # Tolerances, `atol + rtol * output scale` (the largest |value| of the Keras outputs); see above.
 FLOAT32_ATOL, FLOAT32_RTOL = 1e-5, 1e-4
 FLOAT64_ATOL, FLOAT64_RTOL = 1e-9, 1e-6
@@ -294,11 +311,7 @@ def check_integer_inputs(graph: Graph) -> None:
     and Softmax raise), so the exchange refuses them rather than guess."""
     integer_inputs = {spec.name: spec.dtype for spec in graph.inputs if spec.dtype in INTEGER_DTYPES + ("bool",)}
     integer_inputs.update(
-        {
-            node.name: kind_of(node.kind).integer_output(node.config)
-            for node in graph.nodes
-            if kind_of(node.kind).integer_output(node.config)
-        }
+        {node.name: dtype for node in graph.nodes if (dtype := kind_of(node.kind).integer_output(node.config))}
     )  # a lookup's ids
     for node in graph.nodes:
         for position, name in enumerate(node.inputs):
@@ -389,21 +402,41 @@ class VerificationInputs:
     inputs: list[InputUsed]
 
 
+@dataclass(frozen=True)
+class InputsFile:
+    """`--verify-inputs FILE.npz`: the user's own batch, its arrays by name as the guarded reader
+    gave them (`read_inputs_file`); matched to the model's inputs by `verification_inputs`."""
+
+    path: Path
+    arrays: dict[str, np.ndarray]
+
+
+def read_inputs_file(path: Path) -> InputsFile:
+    """A `.npz` of the model's inputs, read as any hostile file (`untrusted.load_npz`: bounded
+    size, `allow_pickle=False`, every declared shape checked against its bytes)."""
+    return InputsFile(path, untrusted.load_npz(path))
+
+
 def verification_inputs(
-    graph: Graph, data_dir: Path | None, input_shapes: dict[str, tuple[int, ...]] | None = None
+    graph: Graph, given: InputsFile | None = None, input_shapes: dict[str, tuple[int, ...]] | None = None
 ) -> tuple[list[np.ndarray], VerificationInputs]:
-    """The MNIST test set when the model takes one 784-wide input and MNIST can be found, else a
-    fixed random batch for each input, each in its own dtype; as many rows as
+    """The batch `--verify` runs: the arrays of `given` (`--verify-inputs`) when there are some,
+    else a fixed random batch for each input, each in its own dtype; as many rows as
     VERIFY_ACTIVATION_ELEMENTS allows for the model's largest activation (axes of unknown length
-    sized by `sized_graph`). A folder given with `--data` must hold readable MNIST.
+    sized by `sized_graph`, or by the given arrays).
 
     What the random values exercise: floats in [0, 1); token ids over the whole vocabulary of the
     Embedding (or lookup, encoding) that reads them, every id where the batch has room; masks
     (bool inputs, and inputs given to a layer as its `mask=` or attention mask) hold both values,
     a float mask 0, 0.3 and 1 (Keras keeps `!= 0` steps, Softmax `> 0.5` positions); other
     integers 0..255 (uint8 0..255, int8 -128..127); steps equal to a reading Masking's value."""
-    sized = sized_graph(graph, input_shapes)
-    shapes = [spec.shape for spec in sized.inputs]
+    if given is not None:
+        if input_shapes:
+            raise ExchangeError("--input-shape and --verify-inputs: the file's arrays give the shapes; pass one")
+        arrays = _given_arrays(graph, given)
+        sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, arrays)})
+    else:
+        sized = sized_graph(graph, input_shapes)
     largest, where = largest_activation(sized)
     fitting = VERIFY_ACTIVATION_ELEMENTS // max(largest, 1)
     if fitting < 1:
@@ -411,21 +444,16 @@ def verification_inputs(
             f"--verify refused: {where!r} makes {largest:,} values per sample, more than the "
             f"{VERIFY_ACTIVATION_ELEMENTS:,} --verify holds at once"
         )
-    if shapes == [(784,)] and sized.inputs[0].dtype in FLOAT_DTYPES:
-        from exchange.mnist import DataError, load_folder, local_data_folder
-
-        folder = local_data_folder(data_dir)
-        if folder is not None:
-            try:
-                x_test = load_folder(folder).x_test[:fitting]
-                spec = sized.inputs[0]
-                return [x_test], VerificationInputs(
-                    f"{len(x_test):,} MNIST test images",
-                    [InputUsed(spec.name, list(x_test.shape), str(x_test.dtype), "MNIST test images")],
-                )
-            except DataError as err:
-                if data_dir is not None:  # asked for by --data: a broken folder is an error, not a fallback
-                    raise ExchangeFileError(f"--data: {err}") from None
+    if given is not None:
+        total = len(arrays[0])
+        rows = min(total, fitting)
+        return [array[:rows] for array in arrays], VerificationInputs(
+            f"{rows:,} inputs from {given.path}" + (f" (the first of its {total:,})" if rows < total else ""),
+            [
+                InputUsed(spec.name, [rows, *array.shape[1:]], str(array.dtype), f"from {given.path}")
+                for spec, array in zip(graph.inputs, arrays)
+            ],
+        )
     rows = min(VERIFY_BATCH, fitting)
     generator = np.random.default_rng(0)
     batch, used = [], []
@@ -437,14 +465,53 @@ def verification_inputs(
     for tensor, value in sized.mask_sources.values():
         for array, spec, item in zip(batch, sized.inputs, used):
             if spec.name == tensor and len(spec.shape) == 2:
-                array[generator.random((rows, spec.shape[0])) < 0.3] = value
+                array[generator.random((rows, *_sizes(spec.shape)[:1])) < 0.3] = value
                 item.values += f", about 30% of the steps equal to the Masking value {value:g}"
     return batch, VerificationInputs(f"a fixed random batch of {rows:,} inputs", used)
 
 
+def _given_arrays(graph: Graph, given: InputsFile) -> list[np.ndarray]:
+    """The file's arrays in the model's input order: keyed by the inputs' names (or one array for
+    a one-input model), each of its input's dtype and shape (any length on an unknown axis), all
+    with the same number of rows, floats finite. Each refusal is one line naming the file."""
+    path, arrays, specs = given.path, given.arrays, graph.inputs
+    names = [spec.name for spec in specs]
+    if set(arrays) == set(names):
+        ordered = [arrays[name] for name in names]
+    elif len(specs) == 1 and len(arrays) == 1:
+        ordered = list(arrays.values())
+    else:
+        raise ExchangeFileError(
+            f"{path}: holds {', '.join(repr(key[:80]) for key in sorted(arrays)[:8]) or 'no arrays'}; expected one "
+            f"array per input of the model, keyed by its name ({', '.join(map(repr, names))})"
+            + (", or a single array" if len(specs) == 1 else "")
+        )
+    for spec, array in zip(specs, ordered):
+        shape = _shape_text(spec.shape)
+        if array.dtype.name != spec.dtype:
+            raise ExchangeFileError(f"{path}: {spec.name!r} is {array.dtype}, the input takes {spec.dtype}")
+        if array.ndim != len(spec.shape) + 1 or any(
+            known is not None and known != size for known, size in zip(spec.shape, array.shape[1:])
+        ):
+            raise ExchangeFileError(
+                f"{path}: {spec.name!r} has shape {array.shape}, the input takes (rows, {shape[1:]}"
+                if spec.shape
+                else f"{path}: {spec.name!r} has shape {array.shape}, the input takes (rows,)"
+            )
+        if any(size < 1 for size in array.shape):
+            raise ExchangeFileError(f"{path}: {spec.name!r} has shape {array.shape}: an empty axis")
+        if len(array) != len(ordered[0]):
+            raise ExchangeFileError(
+                f"{path}: {spec.name!r} has {len(array):,} rows, {specs[0].name!r} {len(ordered[0]):,}"
+            )
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            raise ExchangeFileError(f"{path}: {spec.name!r} holds values that are not finite (NaN or infinity)")
+    return ordered
+
+
 def _draw(graph: Graph, spec: InputSpec, rows: int, generator: np.random.Generator) -> tuple[np.ndarray, str]:
     """One input's random values and what they are."""
-    shape = (rows,) + tuple(spec.shape)
+    shape = (rows, *_sizes(spec.shape))
     if spec.dtype == "bool":
         array = generator.random(shape) < 0.7
         _both_values(array, True, False)
@@ -462,6 +529,14 @@ def _draw(graph: Graph, spec: InputSpec, rows: int, generator: np.random.Generat
         low, high = (-128, 128) if spec.dtype == "int8" else (0, 256)
         return generator.integers(low, high, shape).astype(spec.dtype), f"integers {low}..{high - 1}"
     return generator.random(shape, dtype=np.float32).astype(spec.dtype), "uniform in [0, 1)"
+
+
+def _sizes(shape: tuple[int | None, ...]) -> tuple[int, ...]:
+    """A sized graph's shape (`sized_graph`: every axis has a length) as plain sizes."""
+    sizes = tuple(size for size in shape if size is not None)
+    if len(sizes) != len(shape):
+        raise ExchangeError(f"an input of shape {_shape_text(shape)} was not given a length on every axis")
+    return sizes
 
 
 def _both_values(array: np.ndarray, first, second) -> None:
@@ -553,7 +628,7 @@ def verify(
     in_path: Path,
     out_path: Path,
     graph: Graph,
-    data_dir: Path | None,
+    given: InputsFile | None = None,
     tolerance: float = FLOAT32_ATOL,
     arch_path: Path | None = None,
     code_weights: Path | None = None,
@@ -563,6 +638,7 @@ def verify(
     input_shapes: dict[str, tuple[int, ...]] | None = None,
     every_layer: bool = False,
     in_process: bool = False,
+    opened: OpenedInput | None = None,
 ) -> VerifyResult:
     """Run the two frameworks on the same inputs, each on the weights of its own file, in a child
     process, in float32 (within `tolerance + rtol * output scale`) and, where both sides can be
@@ -575,27 +651,35 @@ def verify(
     forward pass over the same file's tensors, and the result says so. When the verdict fails
     (or for `every_layer`, --report), the layers are compared one by one in the verdict's dtype.
     A crash, an out-of-memory or a hang of the child is an ExchangeError naming `in_path`.
-    `in_process` (tests only) runs the frameworks in this process instead, without the child's
+    `opened`, the input as the conversion read it (`cli.open_weights`), tells the child the
+    input's kind and which Keras reference it takes without opening the input to ask; without
+    it the input's header is read here once. `given` (`--verify-inputs`) is the batch to run,
+    else one is drawn. `in_process` (tests only) runs the frameworks in this process instead, without the child's
     bounds, so that tests share one import of TensorFlow.
     """
     try:
         check_integer_inputs(graph)
         if _installed("keras"):
             keras_config.check_depth(graph)
-        inputs, drawn = verification_inputs(graph, data_dir, input_shapes)
+        inputs, drawn = verification_inputs(graph, given, input_shapes)
         sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
         chunking.chunk_rows(sized, inputs)  # refuses, before the child starts, a row larger than a chunk
     except ExchangeFileError:
         raise
     except ExchangeError as err:
         raise ExchangeFileError(f"{in_path}: {err}") from None
+    if opened is None:  # a caller that did not read the input itself (the API, tests)
+        from exchange import cli
+
+        with ExitStack() as stack:
+            opened = cli.open_weights(in_path, stack, arch_path or graph, by_name=by_name)
     folder = Path(tempfile.mkdtemp(dir=out_path.parent, prefix=".verify.", suffix=".tmp"))
     try:
         names = []
         for index, array in enumerate(inputs):
             names.append(f"input_{index}.npy")
             np.save(folder / names[-1], array, allow_pickle=False)
-        request = {
+        request: dict[str, Any] = {
             "in": str(in_path),
             "out": str(out_path),
             "arch": None if arch_path is None else str(arch_path),
@@ -608,6 +692,9 @@ def verify(
             "every_layer": every_layer,
             "kinds": list(KIND_FILES),
             "by_name": by_name,
+            "in_kind": opened.kind.name,  # the facts of the input as read once, so the child
+            "keras3_loadable": opened.keras3_loadable,  # opens only the Keras reference and the output
+            "keras2_config": None if opened.keras2_config is None else str(opened.keras2_config),
             "subclassed": subclassed.state(),
             "address_space": CHILD_ADDRESS_SPACE + WEIGHT_COPIES * weight_bytes(graph),
         }
@@ -708,6 +795,7 @@ def child_main(folder: Path) -> None:
             pass  # replaced by the numpy reference
     imported, imported_rss = _status_kib("VmSize"), _status_kib("VmRSS")
     _cap_address_space(request["address_space"])
+    answer: dict[str, Any]
     try:
         for kinds_file in request["kinds"]:  # the user's own kinds, as the parent loaded them
             load_kinds_file(kinds_file)
@@ -796,20 +884,31 @@ def _run(folder: Path, request: dict) -> dict:
     inputs = [np.load(folder / name, allow_pickle=False) for name in request["inputs"]]
     sized = sized_graph(graph, {spec.name: tuple(array.shape[1:]) for spec, array in zip(graph.inputs, inputs)})
 
+    kinds = {in_path: filekinds.kind_named(request["in_kind"]), out_path: filekinds.output_kind(out_path)}
+    keras3_loadable = {in_path: request["keras3_loadable"], out_path: kinds[out_path] is filekinds.KERAS}
+    keras2_config = None if request["keras2_config"] is None else Path(request["keras2_config"])
+
     def read_tensors(path: Path) -> dict[str, np.ndarray]:
         with ExitStack() as stack:
-            _, tensors, _ = cli.open_weights(
-                path, stack, (arch_path if path == in_path else None) or graph, by_name=request["by_name"]
+            opened = cli.open_weights(
+                path,
+                stack,
+                (arch_path if path == in_path else None) or graph,
+                by_name=request["by_name"],
+                kind=kinds[path],
             )
-            return fileformat.materialize(tensors)
+            return fileformat.materialize(opened.tensors)
 
-    kinds = {in_path: filekinds.input_kind(in_path), out_path: filekinds.output_kind(out_path)}
     keras_path = next((p for p in (in_path, out_path) if kinds[p] in (filekinds.KERAS, filekinds.HDF5)), None)
     torch_path = next((p for p in (out_path, in_path) if kinds[p] in (filekinds.TORCH, filekinds.SAFETENSORS)), None)
     notes: list[str] = []
     with _framework("Keras", str(in_path)):
+        keras_path = keras_path or in_path
         keras_side = _keras_side(
-            keras_path or in_path,
+            keras_path,
+            kinds[keras_path],
+            keras3_loadable[keras_path],
+            keras2_config if keras_path == in_path else None,
             arch_path if keras_path == in_path else None,
             graph,
             read_tensors,
@@ -828,12 +927,13 @@ def _run(folder: Path, request: dict) -> dict:
     verdict_sides, verdict_inputs = (keras_side, torch_side), inputs
     differences = _differences(keras_outputs, torch_outputs)
     float64, missing = None, keras_side.float64_missing or torch_side.float64_missing
-    if missing is None:
+    keras_float64, torch_float64 = keras_side.float64, torch_side.float64
+    if missing is None and keras_float64 is not None and torch_float64 is not None:
         inputs64 = [array.astype(np.float64) if array.dtype.name in FLOAT_DTYPES else array for array in inputs]
         try:
-            keras64 = keras_side.float64()
+            keras64 = keras_float64()
             keras64_outputs = _in_chunks(keras64, sized, inputs64)
-            torch64 = torch_side.float64()
+            torch64 = torch_float64()
             torch64_outputs = _in_chunks(torch64, sized, inputs64)
         except MemoryError:
             raise
@@ -913,6 +1013,9 @@ def layer_differences(
     Compared on `rows` of the inputs (default: all), in chunks of consecutive layers that hold
     at most DIVERGENCE_ELEMENTS values: each chunk runs both models once, recording only its
     layers."""
+    keras_layers, torch_layers = keras_side.layers, torch_side.layers
+    if keras_layers is None or torch_layers is None:  # the numpy reference, generated code: no layers
+        return []
     subset = inputs if rows is None else [array[rows] for array in inputs]
     count = len(subset[0])
     reordered = graph.torch_order_differs  # torch holds these flattened in (C, H, W) order
@@ -929,8 +1032,8 @@ def layer_differences(
         ):
             continue
         names = [item.name for item in chunk]
-        keras_values = keras_side.layers(subset, names)
-        torch_values = torch_side.layers(subset, names)
+        keras_values = keras_layers(subset, names)
+        torch_values = torch_layers(subset, names)
         for item in chunk:
             if item.name in keras_values and item.name in torch_values:
                 keras_value = keras_values[item.name].astype(np.float64)
@@ -1005,11 +1108,20 @@ def _numpy_side(what: str, path: Path, graph: Graph, tensors: dict) -> Side:
 
 
 def _keras_side(
-    path: Path, arch_path: Path | None, graph: Graph, read_tensors, by_name: bool, notes: list[str]
+    path: Path,
+    kind: filekinds.FileKind,
+    keras3_loadable: bool,
+    keras2_config: Path | None,
+    arch_path: Path | None,
+    graph: Graph,
+    read_tensors,
+    by_name: bool,
+    notes: list[str],
 ) -> Side:
-    """Keras on `path`: Keras 3 opens a Keras 3 file itself; a Keras 2 file is opened by tf-keras
-    when installed, else rebuilt by the exchange (never read by Keras 3, whose hard_sigmoid differs);
-    other files are the exchange's rebuild on their tensors."""
+    """Keras on `path`: Keras 3 opens a Keras 3 file itself (`keras3_loadable`); a Keras 2 file
+    (its config in `keras2_config`) is opened by tf-keras when installed, else rebuilt by the
+    exchange (never read by Keras 3, whose hard_sigmoid differs); other files are the exchange's
+    rebuild on their tensors. What the file is was learnt when the conversion read it."""
     try:
         from exchange import keras_adapter
     except ImportError:
@@ -1023,7 +1135,6 @@ def _keras_side(
             _keras3_layers(traced, graph),
             lambda: _keras3_float64(path, traced, graph),
         )
-    keras2_config = _keras2_config_source(path, arch_path)
     if keras2_config is not None:
         if _installed("tf_keras"):
             try:
@@ -1041,10 +1152,9 @@ def _keras_side(
             )
         return _rebuild_side(f"the exchange's Keras 3 rebuild of {path}", graph, read_tensors(path), notes)
     note = ""
-    kind = filekinds.input_kind(path)
-    if kind is filekinds.KERAS or (kind is filekinds.HDF5 and _is_full_keras_model(path)):
+    if keras3_loadable:
         try:
-            model = keras_adapter.load_keras_file(path, graph)
+            model = keras_adapter.load_keras_file(path, graph, kind)
             return Side(
                 f"Keras on {path}",
                 lambda inputs: keras_adapter.predict(model, inputs),
@@ -1054,24 +1164,6 @@ def _keras_side(
         except ExchangeFileError as err:  # e.g. a file Keras 3 cannot deserialize
             note = f" (Keras 3 cannot open the file itself: {str(err).split(': ', 1)[-1]})"
     return _rebuild_side(f"Keras on the tensors of {path}{note}", graph, read_tensors(path), notes)
-
-
-def _keras2_config_source(path: Path, arch_path: Path | None) -> Path | None:
-    """The Keras 2 file that holds the model's config (the `.h5` itself, or `--arch` for a
-    weights-only `.h5`), or None when the model is not a Keras 2 one."""
-    from exchange import keras_files
-
-    if filekinds.input_kind(path) is not filekinds.HDF5:
-        return None
-    if _is_full_keras_model(path):
-        return path if keras_files.written_by_keras2(path) else None
-    if (
-        arch_path is not None
-        and filekinds.input_kind(arch_path) in (filekinds.HDF5, filekinds.JSON)
-        and keras_files.written_by_keras2(arch_path)
-    ):
-        return arch_path
-    return None
 
 
 def _rebuild_side(name: str, graph: Graph, tensors: dict, notes: list[str]) -> Side:
@@ -1211,6 +1303,8 @@ def _generated_code_side(code_path: Path, weights_path: Path, graph: Graph) -> S
     sys.dont_write_bytecode = True  # no __pycache__ left beside the user's output
     try:
         spec = importlib.util.spec_from_file_location(f"generated_{code_path.stem}", code_path)
+        if spec is None or spec.loader is None:
+            raise ImportError(f"no module spec for {code_path}")
         generated = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(generated)
         model = getattr(generated, class_name(graph.name))()
@@ -1265,15 +1359,6 @@ def _float_casts(graph: Graph) -> str:
         if isinstance(argument, torch.dtype) and argument.is_floating_point
     }
     return ", ".join(sorted(dtypes))
-
-
-def _is_full_keras_model(path: Path) -> bool:
-    import h5py
-
-    from exchange import keras_files
-
-    with keras_files.hdf5_errors(str(path)), h5py.File(path, "r") as h5:
-        return "model_config" in h5.attrs
 
 
 if __name__ == "__main__":  # run as `python -m`: use the package's copy of this module, as cli does

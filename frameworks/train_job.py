@@ -18,7 +18,7 @@ import numpy as np
 
 from exchange import fileformat
 from exchange.graph import Graph
-from exchange.mnist import Mnist
+from frameworks.mnist import Mnist
 from frameworks.recipe import Recipe, epoch_orders, layer_role, seed_initial_tensors, validation_split
 
 FRAMEWORKS = ("keras", "torch")

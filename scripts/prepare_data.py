@@ -11,8 +11,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from exchange.mnist import load_folder, write_pickles
 from exchange.runner import OneLineArgumentParser, run_command
+from frameworks.mnist import load_folder, write_pickles
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> None:
         if args.source.suffix == ".npz":
-            from exchange.mnist import load_npz
+            from frameworks.mnist import load_npz
 
             mnist = load_npz(args.source)
         else:

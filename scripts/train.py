@@ -2,6 +2,10 @@
 """Train the seed MLP in Keras and/or PyTorch on MNIST, exchange the weights, compare outputs.
 
 python scripts/train.py [--data DIR] [--epochs N] [--framework keras|torch|both] [--out-dir DIR]
+                        [--test-images FILE.npz]
+
+`--test-images` also writes the MNIST test images, keyed by the seed model's input name, for
+`convert --verify --verify-inputs FILE.npz` (make demo verifies the trained model on them).
 """
 
 from __future__ import annotations
@@ -13,8 +17,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"  # TensorFlow's start-up logging would bury a one-line error
 
-from exchange.mnist import load_mnist
 from exchange.runner import OneLineArgumentParser, run_command
+from frameworks.mnist import load_mnist, write_test_images
 from frameworks.recipe import SEED_ARCHITECTURE, Recipe
 
 
@@ -34,6 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let each framework shuffle its own batches (default: same batch order)",
     )
+    parser.add_argument(
+        "--test-images",
+        type=Path,
+        metavar="FILE.npz",
+        help="also write the MNIST test images there, for convert --verify-inputs",
+    )
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error("--epochs must be at least 1")
@@ -44,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def command() -> None:
         data = load_mnist(args.data)
+        if args.test_images is not None:
+            write_test_images(data, args.test_images, SEED_ARCHITECTURE.inputs[0].name)
         train_job.run(
             data,
             args.out_dir,

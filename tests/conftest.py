@@ -24,7 +24,7 @@ ARCHITECTURES = {"seed": SEED_ARCHITECTURE, "other": OTHER_ARCHITECTURE}
 @pytest.fixture(scope="session")
 def mnist():
     """Real MNIST from $MNIST_DIR; skipped when absent unless MNIST_REQUIRED=1 (CI) fails it."""
-    from exchange.mnist import load_folder
+    from frameworks.mnist import load_folder
 
     folder = os.environ.get("MNIST_DIR")
     if not folder or not Path(folder).is_dir():

@@ -20,6 +20,7 @@ import importlib.util
 import io
 import json
 import os
+import pickle
 import random
 import resource
 import shutil
@@ -764,10 +765,25 @@ def _deep_metadata_architecture(case_dir, base):
     return convert_args(case_dir, path, output="out.pt")
 
 
-def _verify_with_bad_labels(case_dir, base):
-    folder = mnist_copy(case_dir, base)
-    (folder / "t10k-labels-idx1-ubyte").write_bytes(idx_bytes(np.full(MNIST_ROWS, 200, np.uint8)))
-    return convert_args(case_dir, base / "seed.keras", "--verify", "--data", str(folder))
+def _verify_inputs_case(make):
+    """The seed `.keras` converted with --verify on a hostile `--verify-inputs` file."""
+
+    def build(case_dir, base):
+        path = case_dir / "inputs.npz"
+        make(path)
+        return convert_args(case_dir, base / "seed.keras", "--verify", "--verify-inputs", str(path))
+
+    return build
+
+
+def _npz_member(descr: str, shape: tuple, payload: bytes):
+    def make(path):
+        header = io.BytesIO()
+        np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+        with zipfile.ZipFile(path, "w") as archive:
+            archive.writestr("input.npy", header.getvalue() + payload)
+
+    return make
 
 
 # Round 3: names and graph costs
@@ -1142,7 +1158,17 @@ CASES: dict[str, Case] = {
     "pickle unknown codec": Case(
         _pickle_unknown_codec, "refusing the codec 'bogus'", "mnist_X_train.pkl", entry="train", output="run"
     ),
-    "--verify MNIST labels out of range": Case(_verify_with_bad_labels, "labels must be integers", "mnist"),
+    "--verify-inputs pickled objects": Case(
+        _verify_inputs_case(_npz_member("|O", (3,), pickle.dumps([1, 2, 3]))), "holds Python objects", "inputs.npz"
+    ),
+    "--verify-inputs absurd shape": Case(
+        _verify_inputs_case(_npz_member("<f4", (10**9, 784), bytes(64))), "declares float32", "inputs.npz"
+    ),
+    "--verify-inputs wrong shape": Case(
+        _verify_inputs_case(lambda path: np.savez(path, images=np.zeros((5, 783), np.float32))),
+        r"'input' has shape \(5, 783\), the input takes \(rows, 784\)",
+        "inputs.npz",
+    ),
     "--tolerance nan": Case(
         lambda d, b: convert_args(d, b / "seed.safetensors", "--verify", "--tolerance", "nan"),
         "--tolerance must be a finite non-negative number",
@@ -1758,8 +1784,11 @@ def _prepare_process() -> None:
     import torch  # noqa: F401
 
     import exchange.cli  # noqa: F401
-    from exchange import mnist, torch_adapter  # noqa: F401
-    from frameworks import train_job  # noqa: F401
+    from exchange import torch_adapter  # noqa: F401
+    from frameworks import (
+        mnist,  # noqa: F401
+        train_job,  # noqa: F401
+    )
 
     signal.signal(signal.SIGALRM, _timeout)
     limit = _memory_kib("VmSize") * 1024 + ADDRESS_SPACE_HEADROOM

@@ -11,6 +11,7 @@ from support import ROOT, random_file_tensors
 
 from exchange import cli, fileformat, keras_adapter
 from frameworks import keras_mlp, torch_mlp
+from frameworks.mnist import write_test_images
 from frameworks.recipe import SEED_ARCHITECTURE
 
 OUTPUT_TOLERANCE = 1e-6  # as in test_cross_framework: float32 rounding between the frameworks
@@ -33,12 +34,14 @@ def keras_file(tmp_path_factory):
 
 
 def test_keras_to_safetensors_to_keras_and_pt(keras_file, mnist, tmp_path):
+    """--verify on the MNIST test images, as make demo runs it (train.py --test-images)."""
     keras_path, keras_model = keras_file
     common = tmp_path / "seed.safetensors"
-    result = run_convert(keras_path, common, "--verify")
+    images = write_test_images(mnist, tmp_path / "mnist_test.npz", SEED_ARCHITECTURE.inputs[0].name)
+    result = run_convert(keras_path, common, "--verify", "--verify-inputs", images)
     assert result.returncode == 0, result.stderr
     assert f"wrote {common}: 6 tensors, 42,310 parameters" in result.stdout
-    assert "on 10,000 MNIST test images" in result.stdout and "argmax agreement 100.00%" in result.stdout
+    assert f"on 10,000 inputs from {images}:" in result.stdout and "argmax agreement 100.00%" in result.stdout
 
     rebuilt = tmp_path / "rebuilt.keras"
     assert run_convert(common, rebuilt).returncode == 0
@@ -78,10 +81,10 @@ def test_keras_to_pt_directly_and_back(keras_file, tmp_path):
         np.testing.assert_array_equal(exchange_file.tensors[key], tensor)
 
 
-def test_verify_without_mnist_uses_a_fixed_random_batch(keras_file, tmp_path, monkeypatch):
-    monkeypatch.delenv("MNIST_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
+def test_verify_without_inputs_uses_a_fixed_random_batch(keras_file, tmp_path, capsys):
+    """A 784-wide model is no special case: without --verify-inputs it gets the random batch."""
     assert cli.main([str(keras_file[0]), str(tmp_path / "x.safetensors"), "--verify"]) == 0
+    assert "on a fixed random batch of 1,000 inputs:" in capsys.readouterr().out
 
 
 def test_bad_input_is_one_line_exit_2_without_traceback(tmp_path):

@@ -126,23 +126,9 @@ def test_a_wrong_convention_fails_in_both_dtypes_naming_its_layer(tmp_path, chan
     assert "first divergent layer" in verify.failure(result) and repr(layer) in verify.failure(result)
 
 
-def test_without_float64_the_float32_comparison_decides_and_names_the_layer(tmp_path, monkeypatch):
-    """A side that cannot be built in float64: the verdict and the layer search are float32's."""
-
-    def unbuildable(graph):
-        raise ExchangeError("no float64 here")
-
-    monkeypatch.setattr(verify, "float64_graph", unbuildable)
-    keras_path, common, graph = saved(dense_then_gru(), tmp_path)
-    result = run(keras_path, tampered(common, tmp_path, transpose_kernel), graph)
-    assert result.float64 is None and "no float64 here" in result.float64_missing
-    assert result.verdict.dtype == "float32" and not result.passed and result.first_divergence.layer == "square"
-    assert "float64 not run (ExchangeError: no float64 here)" in verify.describe(result)
-
-
-def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
+def dropped_mask(tmp_path):
     """The torch side built without the Embedding's mask_zero: token ids cover the vocabulary,
-    0 included, so the LSTM that reads the mask differs."""
+    0 included, so the LSTM that reads the mask differs. (keras path, torch path, its graph)."""
     keras.utils.set_random_seed(2)
     ids = keras.Input((6,), dtype="int32", name="ids")
     x = L.Embedding(9, 4, mask_zero=True, name="embed")(ids)
@@ -152,10 +138,41 @@ def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
     for node in description["nodes"]:
         if node["name"] == "embed":
             node["config"]["mask_zero"] = False
-    result = run(keras_path, common, Graph.from_dict(description))
-    assert not result.float32.passed and not result.float64.passed
+    return keras_path, common, Graph.from_dict(description)
+
+
+def test_a_dropped_mask_fails_naming_the_layer_that_reads_it(tmp_path):
+    result = run(*dropped_mask(tmp_path))
+    assert not result.float32.passed and not result.float64.passed and result.verdict.dtype == "float64"
     assert result.first_divergence.layer == "lstm"
     assert result.inputs_used[0].values == "token ids covering 0..8"
+
+
+def wrong_convention(name, tmp_path):
+    """(keras path, torch path, graph) of a conversion with one convention deliberately wrong."""
+    if name == "dropped mask":
+        return dropped_mask(tmp_path)
+    keras_path, common, graph = saved(dense_then_gru(), tmp_path)
+    change = transpose_kernel if name == "transposed kernel" else swap_gru_gates
+    return keras_path, tampered(common, tmp_path, change), graph
+
+
+@pytest.mark.parametrize(
+    "name, layer", [("transposed kernel", "square"), ("swapped GRU gates", "gru"), ("dropped mask", "lstm")]
+)
+def test_without_float64_the_float32_comparison_decides_and_names_the_layer(tmp_path, monkeypatch, name, layer):
+    """A side that cannot be built in float64: the verdict and the layer search are float32's, and
+    each wrong convention is named at its layer there too."""
+
+    def unbuildable(graph):
+        raise ExchangeError("no float64 here")
+
+    monkeypatch.setattr(verify, "float64_graph", unbuildable)
+    result = run(*wrong_convention(name, tmp_path))
+    print(f"{name}: float32 {result.float32.max_abs_diff:.3e}")
+    assert result.float64 is None and "no float64 here" in result.float64_missing
+    assert result.verdict.dtype == "float32" and not result.passed and result.first_divergence.layer == layer
+    assert "float64 not run (ExchangeError: no float64 here)" in verify.describe(result)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,8 +248,8 @@ def test_ids_cover_the_vocabulary_and_masks_hold_both_values():
     assert set(verify._cover(generator, 1000, (1, 5), "int64").reshape(-1)) >= {0, 999}
 
 
-@pytest.mark.slow
-def test_bool_and_float_masks_verify(tmp_path):
+def masks_model() -> keras.Model:
+    """A bool mask read by an LSTM, a float mask read by a Softmax."""
     keras.utils.set_random_seed(4)
     series = keras.Input((6, 3), name="series")
     flags = keras.Input((6,), dtype="bool", name="flags")
@@ -240,10 +257,28 @@ def test_bool_and_float_masks_verify(tmp_path):
     x = L.LSTM(4, name="lstm")(series, mask=flags)
     scores = L.Flatten(name="flat")(L.Dense(1, name="score")(series))
     y = L.Softmax(name="soft")(scores, mask=weights)
-    model = randomize(keras.Model([series, flags, weights], [x, y], name="masks"), seed=3)
-    keras_path, common, graph = saved(model, tmp_path)
+    return randomize(keras.Model([series, flags, weights], [x, y], name="masks"), seed=3)
+
+
+@pytest.mark.slow
+def test_bool_and_float_masks_verify(tmp_path):
+    keras_path, common, graph = saved(masks_model(), tmp_path)
     result = run(keras_path, common, graph)
     assert result.passed and result.float64 is not None, verify.describe(result)
+
+
+@pytest.mark.parametrize("mask, layer", [("weights", "soft"), pytest.param("flags", "lstm", marks=pytest.mark.slow)])
+def test_a_model_that_drops_its_mask_input_fails(tmp_path, mask, layer):
+    """The torch side built as if the layer had no `mask=`: the float mask holds 0 (issue 16: values
+    in [0, 1) never masked anything, and such a model passed), the bool mask False."""
+    keras_path, common, graph = saved(masks_model(), tmp_path)
+    description = graph.to_dict()
+    for node in description["nodes"]:
+        if mask in node["inputs"]:
+            node["inputs"].remove(mask)
+            node["config"].update({key: False for key in ("mask_input", "uses_mask") if key in node["config"]})
+    result = run(keras_path, common, Graph.from_dict(description))
+    assert not result.float32.passed and not result.passed and result.first_divergence.layer == layer
 
 
 # ---------------------------------------------------------------------------------------------
@@ -328,3 +363,72 @@ def test_applications_pass_with_the_defaults(tmp_path, name, size):
         f"float64 {result.float64.max_abs_diff:.3e}"
     )
     assert result.passed and result.verdict.dtype == "float64", verify.describe(result)
+
+
+# ---------------------------------------------------------------------------------------------
+# --verify-inputs FILE.npz: the user's own batch
+
+
+def two_inputs() -> Graph:
+    ids = keras.Input((None,), dtype="int32", name="ids")
+    scores = keras.Input((3,), name="scores")
+    x = L.GlobalAveragePooling1D(name="pool")(L.Embedding(10, 3, name="embed")(ids))
+    return keras_adapter.architecture_of(keras.Model([ids, scores], L.Add(name="add")([x, scores]), name="two"))
+
+
+def test_given_inputs_are_matched_by_name_and_checked(tmp_path):
+    graph = two_inputs()
+    path = tmp_path / "inputs.npz"
+    ids, scores = np.arange(35, dtype=np.int32).reshape(5, 7) % 10, np.ones((5, 3), np.float32)
+    np.savez(path, scores=scores, ids=ids)
+    batch, used = verify.verification_inputs(graph, verify.read_inputs_file(path))
+    assert [array.tolist() for array in batch] == [ids.tolist(), scores.tolist()]  # in the model's order
+    assert used.description == f"5 inputs from {path}"
+    assert used.inputs[0] == verify.InputUsed("ids", [5, 7], "int32", f"from {path}")
+
+    def refused(message, input_shapes=None, **arrays):
+        np.savez(path, **arrays)
+        with pytest.raises(ExchangeError, match=message):
+            verify.verification_inputs(graph, verify.read_inputs_file(path), input_shapes)
+
+    refused(
+        rf"^{path}: holds 'ids', 'other'; expected one array per input of the model, keyed by its name \('ids', 'scores'\)$",
+        ids=ids,
+        other=scores,
+    )
+    refused(rf"^{path}: 'scores' is float64, the input takes float32$", ids=ids, scores=scores.astype(np.float64))
+    refused(
+        rf"^{path}: 'scores' has shape \(5, 4\), the input takes \(rows, 3\)$",
+        ids=ids,
+        scores=np.ones((5, 4), np.float32),
+    )
+    refused(rf"^{path}: 'scores' has 4 rows, 'ids' 5$", ids=ids, scores=scores[:4])
+    refused(rf"^{path}: 'ids' has shape \(5, 0\): an empty axis$", ids=ids[:, :0], scores=scores)
+    refused(rf"^{path}: 'scores' holds values that are not finite", ids=ids, scores=scores * np.nan)
+    refused("^--input-shape and --verify-inputs", {"ids": (7,)}, ids=ids, scores=scores)
+
+
+def test_one_array_serves_a_one_input_model_and_rows_are_capped(tmp_path, monkeypatch):
+    frames = keras.Input((None, 4), name="frames")
+    graph = keras_adapter.architecture_of(keras.Model(frames, L.Dense(2, name="d")(frames), name="one"))
+    path = tmp_path / "whatever.npz"
+    np.savez(path, np.zeros((9, 50, 4), np.float32))  # saved as arr_0
+    monkeypatch.setattr(verify, "VERIFY_ACTIVATION_ELEMENTS", 50 * 4 * 6)
+    batch, used = verify.verification_inputs(graph, verify.read_inputs_file(path))
+    assert batch[0].shape == (6, 50, 4) and used.description == f"6 inputs from {path} (the first of its 9)"
+
+
+def test_a_model_verifies_on_given_inputs(tmp_path, capsys):
+    """A model verified on the user's arrays, its sequence length from the file (the command
+    line's child runs it in tests/test_convert_cli.py on the MNIST test images)."""
+    frames = keras.Input((None, 4), name="frames")
+    model = randomize(keras.Model(frames, L.LSTM(3, name="lstm")(frames), name="seq"), seed=2)
+    keras_path, common, graph = saved(model, tmp_path)
+    inputs = tmp_path / "frames.npz"
+    np.savez(inputs, frames=np.random.default_rng(0).standard_normal((20, 11, 4)).astype(np.float32))
+    given = verify.read_inputs_file(inputs)
+    result = verify.verify(keras_path, common, graph, given, in_process=True)
+    assert result.passed and result.inputs == f"20 inputs from {inputs}", verify.describe(result)
+    assert result.inputs_used == [verify.InputUsed("frames", [20, 11, 4], "float32", f"from {inputs}")]
+    assert cli.main([str(keras_path), str(tmp_path / "x.pt"), "--verify-inputs", str(inputs)]) == 2
+    assert capsys.readouterr().err.strip() == "error: --verify-inputs gives --verify its inputs: pass --verify too"

@@ -1,7 +1,8 @@
 """The seed's data: MNIST as four pickles (X float32 (N, 784) in [0, 1], y one-hot float32 (N, 10)).
 
-It lives in `exchange/` because the converter's `--verify` runs models on MNIST when they take it;
-the seed's training (`frameworks/`) reads it from here.
+The seed's training (`frameworks/`, scripts/train.py, scripts/prepare_data.py) reads it from
+here; `scripts/train.py --test-images FILE.npz` writes the test images for `convert --verify-inputs`
+(the converter itself knows no data set).
 
 A folder may hold the seed's pickles, the canonical IDX files (`train-images-idx3-ubyte[.gz]`, …)
 or Keras's `mnist.npz`. Pickles are read with a restricted unpickler that builds numpy arrays and
@@ -22,7 +23,6 @@ import os
 import pickle
 import pickletools
 import reprlib
-import zipfile
 import zlib
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -450,6 +450,16 @@ def write_pickles(mnist: Mnist, folder: str | os.PathLike) -> list[Path]:
     return targets
 
 
+def write_test_images(mnist: Mnist, path: str | os.PathLike, input_name: str) -> Path:
+    """The test images (float32 (N, 784)) as a `.npz` keyed by the model's input name, written
+    atomically: the batch `convert --verify --verify-inputs` runs a model taking MNIST on."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, **{input_name: mnist.x_test})
+    return path
+
+
 def _idx_path(folder: Path, name: str) -> Path | None:
     for candidate in (folder / name, folder / f"{name}.gz"):
         if candidate.exists():
@@ -458,45 +468,17 @@ def _idx_path(folder: Path, name: str) -> Path | None:
 
 
 def load_npz(path: Path) -> Mnist:
-    """MNIST from a Keras `mnist.npz` (x_train, y_train, x_test, y_test as uint8 and labels)."""
-    size = _regular_file(Path(path))
+    """MNIST from a Keras `mnist.npz` (x_train, y_train, x_test, y_test as uint8 and labels),
+    read by the exchange's guarded .npz reader (`untrusted.load_npz`)."""
+    path = Path(path)
     try:
-        _check_npz(path, size)
-        with np.load(path, allow_pickle=False) as npz:
-            x_train, y_train = to_seed_format(npz["x_train"], npz["y_train"])
-            x_test, y_test = to_seed_format(npz["x_test"], npz["y_test"])
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        zipfile.BadZipFile,
-        IndexError,
-        EOFError,
-        zlib.error,
-        DataError,
-        NotImplementedError,
-    ) as err:
-        raise DataError(f"{path}: not a readable Keras mnist.npz ({err})") from None
+        arrays = untrusted.load_npz(path)
+        x_train, y_train = to_seed_format(arrays["x_train"], arrays["y_train"])
+        x_test, y_test = to_seed_format(arrays["x_test"], arrays["y_test"])
+    except (ExchangeFileError, KeyError, DataError) as err:
+        reason = str(err).removeprefix(f"{path}: ") if not isinstance(err, KeyError) else f"no array {err}"
+        raise DataError(f"{path}: not a readable Keras mnist.npz ({reason})") from None
     return Mnist(x_train, y_train, x_test, y_test)
-
-
-def _check_npz(path: Path, size: int) -> None:
-    """Every array's declared shape must fit its zip member, and the members the file:
-    numpy allocates the declared shape before reading."""
-    with zipfile.ZipFile(path) as archive:
-        try:
-            untrusted.check_zip_members(archive, str(path), size)
-        except ExchangeFileError as err:
-            raise DataError(str(err).removeprefix(f"{path}: ")) from None
-        for info in archive.infolist():
-            with archive.open(info) as stream:
-                version = np.lib.format.read_magic(stream)
-                read_header = (
-                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                )
-                shape, _, dtype = read_header(stream)
-            if dtype.hasobject or untrusted.declared_nbytes(shape, dtype) > info.file_size:
-                raise DataError(f"{info.filename} declares {dtype} {shape}, more than its {info.file_size:,} bytes")
 
 
 def _check_seed_format(mnist: Mnist, source: Path) -> None:
