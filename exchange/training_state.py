@@ -6,14 +6,17 @@ A `.keras` file that was compiled and trained holds, beside the weights, its com
 schedule), then the slots, each of its variable's shape, in the order of the model's trainable
 variables. Keras 3.15 stores them as `add_optimizer_variables` made them: one call's slot names
 interleaved per variable (Adam: momentum, velocity of the first variable, then of the second, …),
-successive calls one after the other (RMSprop: every velocity, then every momentum).
+successive calls one after the other (RMSprop: every velocity, then every momentum); an
+optimizer's own scalar variables come last (Nadam's `u_product`, the running product of its
+momentum schedule).
 
 A slot goes through its variable's port, so it is in the torch layout of its parameter (a Dense
 kernel's moments transposed like the kernel); the exchange file keeps it under
-`optimizer/<parameter key>/<slot name>`, the optimizer's checked config and iteration in the
-`optimizer` metadata, the loss and the regularization factors in `training`. `exchange.optimizers`
-continues the run in torch with Keras's update rules; `keras_model_with_training` writes a torch
-run's state back into a compiled Keras model that resumes from it.
+`optimizer/<parameter key>/<slot name>`, the optimizer's checked config, iteration and scalars
+(float32 values, exact in JSON) in the `optimizer` metadata, the loss and the regularization
+factors in `training`. `exchange.optimizers` continues the run in torch with Keras's update
+rules; `keras_model_with_training` writes a torch run's state back into a compiled Keras model
+that resumes from it.
 
 Conventions that differ:
 - Which variables train: Keras's trainable variables are the torch module's parameters whose port
@@ -28,7 +31,7 @@ Conventions that differ:
   left out of the optimizer, so the sum moves as Keras's bias does.
 
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
-rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
+rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Lion, …),
 frozen layers, activity regularizers, and files whose slots do not match the model's
 trainable variables in number or shape.
 """
@@ -87,6 +90,7 @@ CLASS_OPTIONS = {
     "RMSprop": {"rho": "number", "momentum": "number", "epsilon": "number", "centered": "flag"},
     "Adagrad": {"initial_accumulator_value": "number", "epsilon": "number"},
     "Adamax": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
+    "Nadam": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
 }
 SCHEDULE_OPTIONS = {
     "ExponentialDecay": {
@@ -133,7 +137,11 @@ SLOT_GROUPS = {
     ),
     "Adagrad": lambda options: [("accumulator",)],
     "Adamax": lambda options: [("momentum", "norm")],
+    "Nadam": lambda options: [("momentum", "velocity")],
 }
+# Per class: the scalar variables Keras 3.15's `build` creates after the slots, with their
+# initial values (a fresh optimizer's), in that order.
+SCALAR_VARIABLES = {"Nadam": {"u_product": 1.0}}
 # Options a class needs although every optimizer has them (AdamW's decay is what makes it AdamW).
 REQUIRED_COMMON_OPTIONS = {"AdamW": ("weight_decay",)}
 # Per schedule: a rule its options together must keep, and what it says when they do not.
@@ -163,6 +171,10 @@ class OptimizerSpec:
         return tuple(name for group in slot_groups(self.class_name, self.options) for name in group)
 
     @property
+    def initial_scalars(self) -> dict[str, float]:
+        return dict(SCALAR_VARIABLES.get(self.class_name, {}))
+
+    @property
     def learning_rate_is_variable(self) -> bool:
         return not isinstance(self.options["learning_rate"], dict)
 
@@ -173,19 +185,24 @@ class OptimizerSpec:
 @dataclass(frozen=True)
 class TrainingState:
     """What a run needs to continue: the optimizer, its step count and slots (torch layout, by
-    parameter key then slot name), the loss as Keras's compile config names it, and the
-    regularization factors by parameter key (`{"l1": a, "l2": b}`)."""
+    parameter key then slot name), the loss as Keras's compile config names it, the
+    regularization factors by parameter key (`{"l1": a, "l2": b}`), and the optimizer's scalar
+    variables (`SCALAR_VARIABLES`; empty: their initial values)."""
 
     optimizer: OptimizerSpec
     iteration: int
     slots: dict[str, dict[str, np.ndarray]]
     loss: object = None
     regularizers: dict[str, dict[str, float]] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
 
     def file_parts(self) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         """(metadata, tensors) for `fileformat.save(..., training=...)`."""
+        described = {**self.optimizer.to_json(), "iteration": self.iteration}
+        if self.optimizer.initial_scalars:
+            described["scalars"] = {**self.optimizer.initial_scalars, **self.scalars}
         metadata = {
-            OPTIMIZER_METADATA: json.dumps({**self.optimizer.to_json(), "iteration": self.iteration}),
+            OPTIMIZER_METADATA: json.dumps(described),
             TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers}),
         }
         tensors = {
@@ -401,12 +418,12 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
         with keras_files.hdf5_errors(source.label):
             stored = _optimizer_variables(source)
             if not stored:  # compiled, never trained: a fresh optimizer
-                return TrainingState(spec, 0, {}, loss, regularizers)
-            iteration, spec, keras_slots = _unpack(stored, spec, variables, source.label)
+                return TrainingState(spec, 0, {}, loss, regularizers, spec.initial_scalars)
+            iteration, spec, keras_slots, scalars = _unpack(stored, spec, variables, source.label)
     finally:
         source.close()
     return TrainingState(
-        spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers
+        spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers, scalars
     )
 
 
@@ -421,11 +438,11 @@ def _optimizer_variables(source) -> list:
 
 
 def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: str):
-    """(iteration, spec with the stored learning rate, per-variable slots) from `optimizer/vars`,
-    every count and shape checked before any slot is read."""
+    """(iteration, spec with the stored learning rate, per-variable slots, scalars) from
+    `optimizer/vars`, every count and shape checked before any slot is read."""
     groups = slot_groups(spec.class_name, spec.options)
     head = 2 if spec.learning_rate_is_variable else 1
-    expected = head + sum(len(group) for group in groups) * len(variables)
+    expected = head + sum(len(group) for group in groups) * len(variables) + len(spec.initial_scalars)
     if len(stored) != expected:
         raise ExchangeFileError(
             f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
@@ -455,7 +472,13 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
                     )
                 keras_slots[position][slot] = tensor.load()
                 index += 1
-    return iteration, OptimizerSpec(spec.class_name, options), keras_slots
+    scalars = {}
+    for name in spec.initial_scalars:
+        if stored[index].shape != () or not np.issubdtype(stored[index].dtype, np.floating):
+            raise ExchangeFileError(f"{label}: optimizer/vars/{index} is not {spec.class_name}'s {name}")
+        scalars[name] = _value(float(stored[index].load()), "number", f"{label}: optimizer {name}")
+        index += 1
+    return iteration, OptimizerSpec(spec.class_name, options), keras_slots, scalars
 
 
 def read_regularizers(config: dict, graph: Graph, where: str) -> dict[str, dict[str, float]]:
@@ -537,6 +560,16 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
     iteration = description.get("iteration")
     if type(iteration) is not int or not 0 <= iteration <= MAX_ITERATIONS:
         raise ExchangeFileError(f"exchange file: optimizer iteration must be a step count, found {str(iteration)[:40]}")
+    scalars = description.get("scalars", {})
+    if not isinstance(scalars, dict) or sorted(scalars) != sorted(spec.initial_scalars):
+        raise ExchangeFileError(
+            f"exchange file: optimizer {spec.class_name} scalars must be exactly "
+            f"{sorted(spec.initial_scalars)}, found {str(scalars)[:80]}"
+        )
+    scalars = {
+        name: _value(value, "number", f"exchange file: optimizer {spec.class_name} {name}")
+        for name, value in scalars.items()
+    }
     extra = untrusted.load_json(metadata.get(TRAINING_METADATA, "{}"), "exchange file", "training metadata")
     if not isinstance(extra, dict):
         raise ExchangeFileError("exchange file: training metadata is not an object")
@@ -566,7 +599,7 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         raise ExchangeFileError(
             f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs {', '.join(spec.slot_names)})"
         )
-    return TrainingState(spec, iteration, slots, loss, regularizers)
+    return TrainingState(spec, iteration, slots, loss, regularizers, scalars)
 
 
 def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
@@ -615,6 +648,8 @@ def torch_optimizer(model, state: TrainingState):
             for slot, value in slots.items()
         }
     optimizer.iterations = state.iteration
+    for name, value in state.scalars.items():
+        optimizer.scalars[name] = torch.tensor(value, dtype=torch.float32)
     return optimizer
 
 
@@ -626,7 +661,8 @@ def state_of_torch_optimizer(model, optimizer, previous: TrainingState) -> Train
         for parameter, state in optimizer.state.items()
         if state
     }
-    return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers)
+    scalars = {name: float(value) for name, value in optimizer.scalars.items()}
+    return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers, scalars)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -654,14 +690,19 @@ def keras_model_with_training(graph: Graph, file_tensors: dict, state: TrainingS
     ):
         raise ExchangeError("the Keras model's trainable variables differ from the architecture's")
     optimizer.iterations.assign(state.iteration)
+    index = 2 if state.optimizer.learning_rate_is_variable else 1
     if state.slots:
         keras_slots = slots_to_keras(graph, variables, state.optimizer.slot_names, state.slots)
-        index = 2 if state.optimizer.learning_rate_is_variable else 1
         for group in slot_groups(state.optimizer.class_name, state.optimizer.options):
             for slots in keras_slots:
                 for slot in group:
                     optimizer.variables[index].assign(slots[slot])
                     index += 1
+    else:
+        index += len(state.optimizer.slot_names) * len(variables)
+    for name, initial in state.optimizer.initial_scalars.items():
+        optimizer.variables[index].assign(state.scalars.get(name, initial))
+        index += 1
     return model
 
 
