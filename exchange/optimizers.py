@@ -26,6 +26,13 @@ Conventions that differ:
 - Weight decay (AdamW, or `weight_decay` on any Keras optimizer): Keras first shrinks the
   variable, `w -= w * wd * lr`, then takes its step; torch's AdamW multiplies by `1 - lr * wd`
   too, but its Adam's `weight_decay` is an L2 term in the gradient.
+- Embeddings: Keras on TensorFlow gets an Embedding's gradient as `tf.IndexedSlices`, one row
+  per lookup, and its optimizers square each row before a token's rows are summed (Adamax: take
+  its absolute value): a token looked up twice in a batch adds `g1^2 + g2^2` to Adam's or
+  RMSprop's `velocity`, where torch's dense gradient gives `(g1 + g2)^2`. `torch_sparse_lookups`
+  makes torch's Embedding gradients sparse (one row per lookup, `sparse=True`), and these
+  optimizers apply the function row by row (`per_lookup`). Rows not looked up decay as in a dense
+  step (Keras densifies when it adds the rows to a slot); SGD, linear in the gradient, is the same.
 - Schedules: Keras evaluates the schedule at the step count before the update (0 on the first),
   in float32; torch's schedulers are stepped by hand. These classes are called with the count.
 - BatchNormalization in training: Keras moves `moving_variance` towards the biased batch variance
@@ -197,7 +204,8 @@ class KerasOptimizer(torch.optim.Optimizer):
                 for name in self.slots():
                     if name not in state:
                         state[name] = self.initial_slot(name, parameter)
-                self.update_step(parameter, parameter.grad, state, learning_rate, group)
+                gradient = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad  # lookups summed
+                self.update_step(parameter, gradient, state, learning_rate, group)
         self.iterations += 1
         return loss
 
@@ -221,6 +229,27 @@ class KerasOptimizer(torch.optim.Optimizer):
         super().load_state_dict(state_dict)
 
 
+def per_lookup(function, parameter: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """`function(gradient)` element by element, as Keras on TensorFlow computes it: of an
+    embedding's gradient (sparse in torch, one row per lookup: `torch_sparse_lookups`) each
+    lookup's row, then the rows of each token summed."""
+    lookups = parameter.grad
+    if lookups is None or not lookups.is_sparse:
+        return function(gradient)
+    rows = lookups._indices()[0]
+    return torch.zeros_like(gradient).index_add_(0, rows, function(lookups._values()))
+
+
+def torch_sparse_lookups(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every `nn.Embedding` of `model` give its weight a sparse gradient, one row per lookup,
+    as Keras on TensorFlow gets it (`tf.IndexedSlices`), for `per_lookup`. In place; the model
+    computes the same."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.sparse = True
+    return model
+
+
 class Adam(KerasOptimizer):
     """Keras's Adam: bias corrections folded into the step size, epsilon added to `sqrt(v)`."""
 
@@ -236,7 +265,7 @@ class Adam(KerasOptimizer):
         alpha = learning_rate * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
         momentum, velocity = state["momentum"], state["velocity"]
         momentum.add_((gradient - momentum) * (1 - group["beta_1"]))
-        velocity.add_((gradient * gradient - velocity) * (1 - group["beta_2"]))
+        velocity.add_((per_lookup(torch.square, parameter, gradient) - velocity) * (1 - group["beta_2"]))
         parameter.sub_(momentum * alpha / (torch.sqrt(velocity) + group["epsilon"]))
 
 
@@ -289,7 +318,7 @@ class RMSprop(KerasOptimizer):
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         rho, velocity = group["rho"], state["velocity"]
-        velocity.copy_(rho * velocity + (1 - rho) * (gradient * gradient))
+        velocity.copy_(rho * velocity + (1 - rho) * per_lookup(torch.square, parameter, gradient))
         if group["centered"]:
             average = state["average_gradient"]
             average.copy_(rho * average + (1 - rho) * gradient)
@@ -320,7 +349,7 @@ class Adagrad(KerasOptimizer):
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         accumulator = state["accumulator"]
-        accumulator.add_(gradient * gradient)
+        accumulator.add_(per_lookup(torch.square, parameter, gradient))
         parameter.sub_(learning_rate * gradient / torch.sqrt(accumulator + group["epsilon"]))
 
 
@@ -337,7 +366,7 @@ class Adamax(KerasOptimizer):
         beta_1_power = torch.pow(_f32(group["beta_1"]), _f32(self.iterations + 1))
         momentum, norm = state["momentum"], state["norm"]
         momentum.add_((gradient - momentum) * (1 - group["beta_1"]))
-        norm.copy_(torch.maximum(group["beta_2"] * norm, torch.abs(gradient)))
+        norm.copy_(torch.maximum(group["beta_2"] * norm, per_lookup(torch.abs, parameter, gradient)))
         parameter.sub_(learning_rate * momentum / ((1 - beta_1_power) * (norm + group["epsilon"])))
 
 
@@ -367,7 +396,7 @@ class Nadam(KerasOptimizer):
         beta_2_power = torch.pow(beta_2, _f32(step))
         momentum, velocity = state["momentum"], state["velocity"]
         momentum.add_((gradient - momentum) * (1 - beta_1))
-        velocity.add_((gradient * gradient - velocity) * (1 - beta_2))
+        velocity.add_((per_lookup(torch.square, parameter, gradient) - velocity) * (1 - beta_2))
         momentum_hat = u_next * momentum / (1 - u_product_next) + (1 - u_t) * gradient / (1 - u_product)
         velocity_hat = velocity / (1 - beta_2_power)
         parameter.sub_(momentum_hat * learning_rate / (torch.sqrt(velocity_hat) + group["epsilon"]))

@@ -142,6 +142,9 @@ SLOT_GROUPS = {
 # Per class: the scalar variables Keras 3.15's `build` creates after the slots, with their
 # initial values (a fresh optimizer's), in that order.
 SCALAR_VARIABLES = {"Nadam": {"u_product": 1.0}}
+# Classes whose step is linear in the gradient: an Embedding's gradient rows (one per lookup,
+# see `exchange.optimizers.per_lookup`) may be summed first, whatever layer looks them up.
+LINEAR_IN_GRADIENT = {"SGD"}
 # Options a class needs although every optimizer has them (AdamW's decay is what makes it AdamW).
 REQUIRED_COMMON_OPTIONS = {"AdamW": ("weight_decay",)}
 # Per schedule: a rule its options together must keep, and what it says when they do not.
@@ -259,6 +262,20 @@ def check_optimizer(description, where: str) -> OptimizerSpec:
             raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {key}")
     options.setdefault("weight_decay", None)
     return OptimizerSpec(class_name, options)
+
+
+def check_lookups(graph: Graph, spec: OptimizerSpec, where: str) -> None:
+    """Refuse the layers whose Keras gradient is one row per lookup (`tf.IndexedSlices`) but whose
+    torch module gives a dense one, under an optimizer that squares the rows one by one: only
+    a plain Embedding (`nn.Embedding`, made sparse by `torch_sparse_lookups`) is reproduced."""
+    if spec.class_name in LINEAR_IN_GRADIENT:
+        return
+    for node in graph.layers:
+        if node.kind == "reversible_embedding" or (node.kind == "embedding" and node.config.lora_rank is not None):
+            raise UnsupportedLayerError(
+                f"{where}: layer {node.name!r} ({node.kind}, LoRA or reversible) is not supported for training "
+                f"with {spec.class_name}: Keras applies it to each lookup's gradient row, not reproduced for this layer"
+            )
 
 
 def _schedule_or_number(value, where: str):
@@ -412,6 +429,7 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     spec = check_optimizer(compile_config.get("optimizer"), where)
     loss = check_loss(compile_config.get("loss"), where)
     regularizers = read_regularizers(config, graph, where)
+    check_lookups(graph, spec, where)
     variables = trainable_variables(graph, parameter_keys)
     source = keras_files._Hdf5Source(path, start, size, member=keras_files.KERAS_WEIGHTS_MEMBER)
     try:
@@ -575,6 +593,7 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         raise ExchangeFileError("exchange file: training metadata is not an object")
     loss = check_loss(extra.get("loss"), "exchange file")
     regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
+    check_lookups(exchange_file.architecture, spec, "exchange file")
     graph = exchange_file.architecture
     trained = sorted(
         {
@@ -628,7 +647,8 @@ def parameter_keys_of(graph: Graph) -> set[str]:
 
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
-    trains (`trained_keys`), with the state's slots and step count loaded."""
+    trains (`trained_keys`), with the state's slots and step count loaded. The model's Embeddings
+    are made to give sparse gradients, one row per lookup, as Keras's (`torch_sparse_lookups`)."""
     import torch
 
     from exchange import optimizers
@@ -638,6 +658,7 @@ def torch_optimizer(model, state: TrainingState):
     keys = []
     for node, _, _, port in trainable_variables(graph, set(parameters)):
         keys += [key for key in trained_keys(graph, node, port) if key not in keys]
+    optimizers.torch_sparse_lookups(model)  # an Embedding's gradient as Keras on TensorFlow has it
     optimizer = optimizers.make_optimizer(
         [parameters[key] for key in keys], state.optimizer.class_name, state.optimizer.options
     )

@@ -117,6 +117,48 @@ def _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, steps,
     assert torch_optimizer.iterations == int(keras_optimizer.iterations.numpy()) == steps
 
 
+VOCABULARY, WIDTH = 6, 2
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_takes_keras_steps_on_embedding_lookups(name):
+    """An embedding's gradient, one row per lookup (a token twice or thrice in a batch, others
+    not at all): Keras on TensorFlow gets it as `tf.IndexedSlices`, torch as a sparse gradient
+    (`torch_sparse_lookups`); every slot takes the same steps. Summing a token's rows first (a
+    dense torch gradient) gives a different velocity / accumulator / norm to all but SGD."""
+    import tensorflow as tf
+
+    class_name = name.split("-")[0]
+    config = OPTIMIZERS[name]
+    start = np.random.default_rng(5).normal(size=(VOCABULARY, WIDTH)).astype(np.float32)
+    keras_variable = keras.Variable(start)
+    keras_optimizer = getattr(keras.optimizers, class_name)(**config)
+    parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    torch_optimizer = optimizers.make_optimizer([parameter], class_name, config)
+    rng = np.random.default_rng(6)
+    for step in range(STEPS):
+        rows = np.array([1, 1, 2, 1, 4] if step % 2 == 0 else [2, 3, 3], np.int64)
+        values = rng.normal(size=(len(rows), WIDTH)).astype(np.float32)
+        lookups = tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([VOCABULARY, WIDTH], tf.int64))
+        keras_optimizer.apply_gradients([(lookups, keras_variable)])
+        parameter.grad = torch.sparse_coo_tensor(
+            torch.from_numpy(rows)[None], torch.from_numpy(values), (VOCABULARY, WIDTH), check_invariants=True
+        )
+        torch_optimizer.step()
+    np.testing.assert_allclose(parameter.detach().numpy(), keras_variable.numpy(), rtol=0, atol=STEP_TOLERANCE)
+    _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, STEPS, relative=STEP_TOLERANCE)
+
+
+def test_embedding_gradients_are_lookups():
+    """`torch_sparse_lookups`: one gradient row per lookup, not yet summed per token."""
+    model = optimizers.torch_sparse_lookups(torch.nn.Sequential(torch.nn.Embedding(VOCABULARY, WIDTH)))
+    model(torch.tensor([[1, 1, 2], [1, 4, 4]])).sum().backward()
+    gradient = model[0].weight.grad
+    assert gradient.is_sparse and gradient._indices().tolist() == [[1, 1, 2, 1, 4, 4]]
+    squares = optimizers.per_lookup(torch.square, model[0].weight, gradient.to_dense())
+    assert squares[1].tolist() == [3.0, 3.0] and squares[0].tolist() == [0.0, 0.0]
+
+
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
 def test_schedule_gives_keras_rates(name):
     class_name = name.split("-")[0]

@@ -412,3 +412,16 @@ def test_an_activity_regularizer_is_refused(tmp_path):
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ExchangeError, match="layer 'd' activity_regularizer is not supported for training"):
         _read(_saved(tmp_path, model))
+
+
+def test_a_reversible_embedding_under_adam_is_refused(tmp_path):
+    """Its torch module gathers with a dense gradient; Keras's Adam squares each lookup's row."""
+    inputs = keras.Input((4,), dtype="int32")
+    x = keras.layers.ReversibleEmbedding(7, 3, name="tokens")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(
+        ExchangeError,
+        match="layer 'tokens' .reversible_embedding, LoRA or reversible. is not supported for training with Adam",
+    ):
+        _read(_saved(tmp_path, model))
