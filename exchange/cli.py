@@ -208,7 +208,7 @@ def convert(
     `check(graph, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
     receives what the user should know about a successful conversion (tensors folded together).
-    With `optimizer_state`, a compiled `.keras`'s training state goes into an exchange file (an
+    With `optimizer_state`, a compiled `.keras`'s (or Keras 2 `.h5`'s) training state goes into an exchange file (an
     exchange file's into an exchange file or a `.keras`, always): `exchange.training_state`."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--optimizer-state",
         action="store_true",
-        help="carry a compiled .keras's optimizer state (slots, step, config) into the "
+        help="carry a compiled .keras's (or Keras 2 .h5's) optimizer state (slots, step, config) into the "
         ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
         "torch_adapter.model_from_file, not a plain load_state_dict (see "
         "docs/continuing-training.md)",

@@ -189,8 +189,10 @@ class OptimizerSpec:
 class TrainingState:
     """What a run needs to continue: the optimizer, its step count and slots (torch layout, by
     parameter key then slot name), the loss as Keras's compile config names it, the
-    regularization factors by parameter key (`{"l1": a, "l2": b}`), and the optimizer's scalar
-    variables (`SCALAR_VARIABLES`; empty: their initial values)."""
+    regularization factors by parameter key (`{"l1": a, "l2": b}`), the optimizer's scalar
+    variables (`SCALAR_VARIABLES`; empty: their initial values), and whether the run sums a
+    token's Embedding lookups before the update (Keras 2) or takes them one by one (Keras 3,
+    `exchange.optimizers.per_lookup`)."""
 
     optimizer: OptimizerSpec
     iteration: int
@@ -198,12 +200,15 @@ class TrainingState:
     loss: object = None
     regularizers: dict[str, dict[str, float]] = field(default_factory=dict)
     scalars: dict[str, float] = field(default_factory=dict)
+    summed_lookups: bool = False
 
     def file_parts(self) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         """(metadata, tensors) for `fileformat.save(..., training=...)`."""
         described = {**self.optimizer.to_json(), "iteration": self.iteration}
         if self.optimizer.initial_scalars:
             described["scalars"] = {**self.optimizer.initial_scalars, **self.scalars}
+        if self.summed_lookups:
+            described["lookups"] = "summed"
         metadata = {
             OPTIMIZER_METADATA: json.dumps(described),
             TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers}),
@@ -562,6 +567,167 @@ def _regularizer(graph: Graph, node, option: str, value, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Keras 2 `.h5` files (tf-keras 2.11 and later: its optimizers, not the legacy ones)
+
+# tf-keras's slot names (`Adam/m/dense/kernel:0`) -> Keras 3's. Its update rules are Keras 3's
+# (rounding aside: RMSprop multiplies by `rsqrt`) except for an Embedding: tf-keras sums a
+# token's lookups first (`_deduplicate_sparse_grad`), then its rules on those rows are the dense
+# ones, so the state says `summed_lookups` and torch keeps its dense Embedding gradient.
+KERAS2_SLOT_NAMES = {
+    "Adam": {"m": "momentum", "v": "velocity"},
+    "AdamW": {"m": "momentum", "v": "velocity"},
+    "SGD": {"m": "momentum"},
+    "RMSprop": {"velocity": "velocity", "momentum": "momentum", "average_gradient": "average_gradient"},
+    "Adagrad": {"accumulator": "accumulator"},
+    "Adamax": {"m": "momentum", "u": "norm"},
+}
+KERAS2_REFUSED = {
+    "Nadam": "Keras 2's Nadam does not save its u_product (the running product of its momentum schedule)",
+}
+KERAS2_WEIGHT = re.compile(r"([^/]+)/([a-z_]+)/(.+):0")  # optimizer / slot / variable
+
+
+def read_keras2_training(path: str | Path, graph: Graph, parameter_keys: set[str]) -> TrainingState | None:
+    """The training state of a Keras 2 full-model `.h5` saved after `compile` (None without a
+    `training_config`): the optimizer config from `training_config`, its variables from the
+    `optimizer_weights` group (`iteration:0`, then `<optimizer>/<slot>/<variable>:0`), each
+    matched by name to a trainable variable of the model and checked before any is read."""
+    path = Path(path)
+    source = keras_files._Hdf5Source(path)
+    label = source.label
+    try:
+        with keras_files.hdf5_errors(label):
+            raw = source.attribute(source.h5, "training_config")
+            if raw is None:
+                return None
+            training = untrusted.load_json(
+                untrusted.check_path_text(raw, label, "training_config"), label, "training_config"
+            )
+            if not isinstance(training, dict):
+                raise ExchangeFileError(f"{label}: training_config is not an object")
+            spec = _keras2_optimizer(training.get("optimizer_config"), label)
+            if training.get("loss_weights") is not None:
+                raise UnsupportedLayerError(f"{label}: loss_weights are not supported for training state")
+            loss = check_loss(_keras2_loss(training.get("loss")), label)
+            model_config = keras_files._json(keras_files._model_config_text(source), label)
+            regularizers = read_regularizers(model_config, graph, label)
+            variables = trainable_variables(graph, parameter_keys)
+            stored = _keras2_optimizer_weights(source, spec, variables, label)
+            if stored is None:  # compiled, never trained
+                return TrainingState(spec, 0, {}, loss, regularizers, spec.initial_scalars, summed_lookups=True)
+            iteration, keras_slots = stored
+    finally:
+        source.close()
+    slots = slots_to_torch(graph, variables, spec.slot_names, keras_slots)
+    return TrainingState(spec, iteration, slots, loss, regularizers, summed_lookups=True)
+
+
+def _keras2_optimizer(description, label: str) -> OptimizerSpec:
+    """tf-keras's optimizer config as Keras 3's: `Custom>Adam` is Adam; `jit_compile` is how it
+    runs, not what; a legacy optimizer (`is_legacy_optimizer`, or Keras 2.10 and earlier) is
+    refused."""
+    if not isinstance(description, dict) or not isinstance(description.get("config"), dict):
+        raise ExchangeFileError(f"{label}: training_config has no optimizer config")
+    class_name = str(description.get("class_name", ""))[:60].removeprefix("Custom>")
+    config = dict(description["config"])
+    if config.pop("is_legacy_optimizer", None) is not False:
+        raise UnsupportedLayerError(
+            f"{label}: optimizer {class_name!r} is a legacy Keras 2 optimizer (tf.keras before 2.11, or "
+            "optimizers.legacy); its state is not read"
+        )
+    if class_name in KERAS2_REFUSED:
+        raise UnsupportedLayerError(f"{label}: optimizer {class_name}: {KERAS2_REFUSED[class_name]}")
+    if class_name not in KERAS2_SLOT_NAMES:
+        raise UnsupportedLayerError(
+            f"{label}: Keras 2 optimizer {class_name!r} is not supported for training state "
+            f"(supported: {', '.join(KERAS2_SLOT_NAMES)})"
+        )
+    _value(config.pop("jit_compile", False), "flag", f"{label}: optimizer {class_name} jit_compile")
+    return check_optimizer({"class_name": class_name, "config": config}, label)
+
+
+def _keras2_loss(loss):
+    """A Keras 2 loss config as Keras 3 writes it: `reduction="auto"` is `sum_over_batch_size` in
+    `fit`, and `fn` names the function the class wraps."""
+    if not isinstance(loss, dict) or not isinstance(loss.get("config"), dict):
+        return loss
+    config = {key: value for key, value in loss["config"].items() if key != "fn"}
+    if config.get("reduction") == "auto":
+        config["reduction"] = "sum_over_batch_size"
+    return {"class_name": loss.get("class_name"), "config": config}
+
+
+def _keras2_optimizer_weights(source, spec: OptimizerSpec, variables: list[tuple], label: str):
+    """(iteration, per-variable Keras-layout slots) from `optimizer_weights`, or None when the
+    optimizer was never built. Every name is matched and every shape checked before a slot is read."""
+    group = untrusted.hdf5_get(source.h5, "optimizer_weights", label, source.groups)
+    if not isinstance(group, h5py.Group):
+        return None
+    names = keras_files._weight_names(source, group)
+    slot_names = KERAS2_SLOT_NAMES[spec.class_name]
+    groups = slot_groups(spec.class_name, spec.options)
+    wanted = {name for group_names in groups for name in group_names}
+    keras2_slots = {keras3: keras2 for keras2, keras3 in slot_names.items() if keras3 in wanted}
+    expected = 1 + len(keras2_slots) * len(variables)
+    if len(names) != expected or names[:1] != ["iteration:0"]:
+        raise ExchangeFileError(
+            f"{label}: optimizer_weights holds {len(names)} variables; the model's {len(variables)} trainable "
+            f"variables need iteration:0 and {expected - 1} slots (frozen layers are not supported)"
+        )
+    model_names = _keras2_variable_names(source, variables, label)
+    known = set(model_names.values())
+    by_name = {}
+    for name in names[1:]:
+        match = KERAS2_WEIGHT.fullmatch(name)
+        if not match or match.group(2) not in keras2_slots.values() or match.group(3) not in known:
+            raise ExchangeFileError(f"{label}: unexpected optimizer weight {name[:120]!r}")
+        by_name[(match.group(3), match.group(2))] = name
+    iteration_tensor = source.lazy("optimizer_weights/iteration:0")
+    if iteration_tensor.shape != () or not np.issubdtype(iteration_tensor.dtype, np.integer):
+        raise ExchangeFileError(f"{label}: optimizer_weights/iteration:0 is not the iteration count")
+    lazy_slots = []
+    for (node, name, shape, _), model_name in zip(variables, model_names.values()):
+        per_variable = {}
+        for keras3, keras2 in keras2_slots.items():
+            weight = by_name.get((model_name, keras2))
+            if weight is None:
+                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name}")
+            tensor = source.lazy(f"optimizer_weights/{weight}")
+            if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
+                raise ExchangeFileError(
+                    f"{label}: optimizer weight {weight} has shape {tuple(tensor.shape)}, {node.name}/{name} {shape}"
+                )
+            per_variable[keras3] = tensor
+        lazy_slots.append(per_variable)
+    iteration = int(iteration_tensor.load())
+    if not 0 <= iteration <= MAX_ITERATIONS:
+        raise ExchangeFileError(f"{label}: iteration count {iteration} is out of range")
+    return iteration, [{slot: tensor.load() for slot, tensor in slots.items()} for slots in lazy_slots]
+
+
+def _keras2_variable_names(source, variables: list[tuple], label: str) -> dict[tuple[str, str], str]:
+    """(node, variable) -> its Keras 2 name without `:0` (`hidden/kernel`), from the layer's group
+    in `model_weights`, in the order of `variables`; a variable not found there is refused."""
+    found = {}
+    for node, name, _, _ in variables:
+        group = untrusted.hdf5_get(source.h5, f"model_weights/{node.name}", label, source.groups)
+        candidates = []
+        if isinstance(group, h5py.Group):
+            candidates = [
+                weight.removesuffix(":0")
+                for weight in keras_files._weight_names(source, group)
+                if re.sub(r":\d+$", "", weight.split("/")[-1]) == name
+            ]
+        if len(candidates) != 1:
+            raise UnsupportedLayerError(
+                f"{label}: no one Keras 2 weight for {node.name}/{name} in model_weights "
+                "(nested models and renamed weights are not supported for training state)"
+            )
+        found[(node.name, name)] = candidates[0]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # Exchange files
 
 
@@ -588,6 +754,11 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         name: _value(value, "number", f"exchange file: optimizer {spec.class_name} {name}")
         for name, value in scalars.items()
     }
+    lookups = description.get("lookups", "one by one")
+    if lookups not in ("summed", "one by one"):
+        raise ExchangeFileError(
+            f"exchange file: optimizer lookups must be 'summed' if given, found {str(lookups)[:40]}"
+        )
     extra = untrusted.load_json(metadata.get(TRAINING_METADATA, "{}"), "exchange file", "training metadata")
     if not isinstance(extra, dict):
         raise ExchangeFileError("exchange file: training metadata is not an object")
@@ -618,7 +789,7 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         raise ExchangeFileError(
             f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs {', '.join(spec.slot_names)})"
         )
-    return TrainingState(spec, iteration, slots, loss, regularizers, scalars)
+    return TrainingState(spec, iteration, slots, loss, regularizers, scalars, lookups == "summed")
 
 
 def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
@@ -648,7 +819,8 @@ def parameter_keys_of(graph: Graph) -> set[str]:
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
     trains (`trained_keys`), with the state's slots and step count loaded. The model's Embeddings
-    are made to give sparse gradients, one row per lookup, as Keras's (`torch_sparse_lookups`)."""
+    are made to give sparse gradients, one row per lookup, as Keras 3's (`torch_sparse_lookups`),
+    unless the state's run sums them (Keras 2)."""
     import torch
 
     from exchange import optimizers
@@ -658,7 +830,8 @@ def torch_optimizer(model, state: TrainingState):
     keys = []
     for node, _, _, port in trainable_variables(graph, set(parameters)):
         keys += [key for key in trained_keys(graph, node, port) if key not in keys]
-    optimizers.torch_sparse_lookups(model)  # an Embedding's gradient as Keras on TensorFlow has it
+    if not state.summed_lookups:
+        optimizers.torch_sparse_lookups(model)  # an Embedding's gradient as Keras 3 on TensorFlow has it
     optimizer = optimizers.make_optimizer(
         [parameters[key] for key in keys], state.optimizer.class_name, state.optimizer.options
     )
@@ -683,7 +856,15 @@ def state_of_torch_optimizer(model, optimizer, previous: TrainingState) -> Train
         if state
     }
     scalars = {name: float(value) for name, value in optimizer.scalars.items()}
-    return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers, scalars)
+    return TrainingState(
+        previous.optimizer,
+        optimizer.iterations,
+        slots,
+        previous.loss,
+        previous.regularizers,
+        scalars,
+        previous.summed_lookups,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -757,8 +938,8 @@ def for_conversion(
     notes: list | None,
     carry_keras_state: bool = False,
 ) -> TrainingState | None:
-    """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
-    asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
+    """The training state a conversion carries: a compiled `.keras`'s (or Keras 2 `.h5`'s) into an
+    exchange file when asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
     into an exchange file or a `.keras` (never into a `.pt` or generated code's weights, which
     are read whole into `load_state_dict`). A state that is not carried, or cannot be carried
     exactly, is left out with a note saying why; the weights convert as without it."""
@@ -766,12 +947,13 @@ def for_conversion(
         return None
     carried = {
         (filekinds.KERAS, filekinds.SAFETENSORS),
+        (filekinds.HDF5, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.KERAS),
     }
     if (in_kind, out_kind) not in carried:
         reason = f"a {out_kind.suffixes[0]} output does not carry it (convert to .safetensors)"
-    elif in_kind is filekinds.KERAS and not carry_keras_state:
+    elif in_kind in (filekinds.KERAS, filekinds.HDF5) and not carry_keras_state:
         reason = (
             "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
             "beside the state_dict's)"
@@ -781,6 +963,8 @@ def for_conversion(
             parameter_keys = parameter_keys_of(graph)
             if in_kind is filekinds.KERAS:
                 return read_keras_training(in_path, graph, parameter_keys)
+            if in_kind is filekinds.HDF5:
+                return read_keras2_training(in_path, graph, parameter_keys)
             return read_exchange_training(fileformat.load(in_path), parameter_keys)
         except ImportError:
             reason = "carrying it needs torch, which is not installed"
@@ -792,8 +976,9 @@ def for_conversion(
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
-    """Whether a compiled `.keras` or an exchange file with training state (read cheaply: the
-    config, or the header's metadata)."""
+    """Whether a compiled `.keras`, a Keras 2 `.h5` with a `training_config`, or an exchange file
+    with training state (read cheaply: the config, an attribute's presence, or the header's
+    metadata)."""
     try:
         if kind is filekinds.KERAS:
             with keras_files._open_zip(path) as archive:
@@ -801,6 +986,13 @@ def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
             return bool(config.get("compile_config"))
         if kind is filekinds.SAFETENSORS:
             return OPTIMIZER_METADATA in fileformat.read_metadata(path)
+        if kind is filekinds.HDF5:
+            source = keras_files._Hdf5Source(path)
+            try:
+                with keras_files.hdf5_errors(source.label):
+                    return "training_config" in source.h5.attrs
+            finally:
+                source.close()
     except ExchangeFileError:
         return False
     return False
