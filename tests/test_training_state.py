@@ -425,3 +425,27 @@ def test_a_reversible_embedding_under_adam_is_refused(tmp_path):
         match="layer 'tokens' .reversible_embedding, LoRA or reversible. is not supported for training with Adam",
     ):
         _read(_saved(tmp_path, model))
+
+
+def test_parameter_keys_without_torch_are_torchs():
+    """`parameter_keys_of` tells parameters from buffers by kind (no torch import) for every kind in
+    its tables: the same keys as torch's module, on every case of test_layer_kinds and the
+    recurrent kinds; other kinds build the module."""
+    import test_layer_kinds
+
+    inputs = keras.Input((5, 3))
+    x = keras.layers.LSTM(4, return_sequences=True)(inputs)
+    x = keras.layers.GRU(4, return_sequences=True)(x)
+    x = keras.layers.Bidirectional(keras.layers.SimpleRNN(3))(x)
+    y = keras.layers.Conv1DTranspose(2, 3)(keras.layers.SimpleRNN(3, return_sequences=True)(inputs))
+    models = [keras.Model(inputs, [x, y])] + [make() for make in test_layer_kinds.CASES.values()]
+    covered = set()
+    for model in models:
+        graph = keras_adapter.architecture_of(model)
+        by_kind = training_state._parameter_keys_by_kind(graph)
+        if by_kind is None:
+            continue
+        assert by_kind == {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
+        covered |= {node.kind for node in graph.layers}
+    tables = training_state.PARAMETERS_ONLY_KINDS | set(training_state.PARAMETERS_AND_BUFFERS)
+    assert tables - covered == set()
