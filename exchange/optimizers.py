@@ -26,10 +26,11 @@ Conventions that differ:
 - Weight decay (AdamW, or `weight_decay` on any Keras optimizer): Keras first shrinks the
   variable, `w -= w * wd * lr`, then takes its step; torch's AdamW multiplies by `1 - lr * wd`
   too, but its Adam's `weight_decay` is an L2 term in the gradient.
-- Embeddings: Keras on TensorFlow gets an Embedding's gradient as `tf.IndexedSlices`, one row
+- Embeddings: Keras 3 on TensorFlow gets an Embedding's gradient as `tf.IndexedSlices`, one row
   per lookup, and its optimizers square each row before a token's rows are summed (Adamax: take
-  its absolute value): a token looked up twice in a batch adds `g1^2 + g2^2` to Adam's or
-  RMSprop's `velocity`, where torch's dense gradient gives `(g1 + g2)^2`. `torch_sparse_lookups`
+  its absolute value; tf-keras, Keras 2, sums a token's rows first, as torch does): a token
+  looked up twice in a batch adds `g1^2 + g2^2` to Adam's or RMSprop's `velocity`, where
+  torch's dense gradient gives `(g1 + g2)^2`. `torch_sparse_lookups`
   makes torch's Embedding gradients sparse (one row per lookup, `sparse=True`), and these
   optimizers apply the function row by row (`per_lookup`). Rows not looked up decay as in a dense
   step (Keras densifies when it adds the rows to a slot); SGD, linear in the gradient, is the same.

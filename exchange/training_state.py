@@ -29,11 +29,16 @@ Conventions that differ:
 - One Keras variable, two torch parameters (an LSTM's bias is `bias_ih` + `bias_hh`): the first
   trains as Keras's variable, with its slots; the second keeps its value (zeros from Keras) and is
   left out of the optimizer, so the sum moves as Keras's bias does.
+- An Embedding's gradient: Keras 3 on TensorFlow updates the slots lookup by lookup
+  (`exchange.optimizers.per_lookup`), tf-keras (Keras 2) after summing a token's lookups; the
+  state records which (`summed_lookups`), and `torch_optimizer` makes torch's gradient sparse or not.
 
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
 rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Lion, …),
-frozen layers, activity regularizers, and files whose slots do not match the model's
-trainable variables in number or shape.
+frozen layers, activity regularizers, files whose slots do not match the model's trainable
+variables in number or shape, a ReversibleEmbedding or LoRA Embedding under any optimizer but SGD
+(its torch module's gradient is dense), Keras 2's legacy optimizers and its Nadam (whose
+`u_product` it does not save).
 """
 
 from __future__ import annotations
@@ -764,7 +769,8 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         raise ExchangeFileError("exchange file: training metadata is not an object")
     loss = check_loss(extra.get("loss"), "exchange file")
     regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
-    check_lookups(exchange_file.architecture, spec, "exchange file")
+    if lookups != "summed":  # a Keras 2 run sums a token's lookups: any module's dense gradient does
+        check_lookups(exchange_file.architecture, spec, "exchange file")
     graph = exchange_file.architecture
     trained = sorted(
         {

@@ -349,6 +349,7 @@ def test_exchange_file_state_is_read_back(tmp_path):
         ({**SGD, "config": {**SGD["config"], "exec": 1}}, SLOTS, None, "optimizer SGD option 'exec' is not supported"),
         ({**SGD, "iteration": -1}, SLOTS, None, "optimizer iteration must be a step count"),
         ({**SGD, "scalars": {"u_product": 0.5}}, SLOTS, None, r"optimizer SGD scalars must be exactly \[\]"),
+        ({**SGD, "lookups": ["x"]}, SLOTS, None, "optimizer lookups must be 'summed' if given, found"),
         (NADAM, NADAM_SLOTS, None, r"optimizer Nadam scalars must be exactly \['u_product'\], found \{\}"),
         (
             {**NADAM, "scalars": {"u_product": "1"}},
@@ -381,6 +382,7 @@ def test_exchange_file_state_is_read_back(tmp_path):
         "unknown-option",
         "negative-iteration",
         "scalar-not-sgds",
+        "bad-lookups",
         "nadam-without-u-product",
         "u-product-not-a-number",
         "slot-shape",
