@@ -247,9 +247,9 @@ def convert(
     `check(opened, written, code_weights)`, when given, runs on the temporary files before they
     replace anything; raising leaves every existing output as it was. `notes`, when given,
     receives what the user should know about a successful conversion (tensors folded together).
-    With `optimizer_state`, a compiled `.keras`'s training state goes into an exchange file (an
-    exchange file's into an exchange file or a `.keras`, always; either's into generated code,
-    always, with its training functions): `exchange.training_state`.
+    With `optimizer_state`, a compiled `.keras`'s (or Keras 2 `.h5`'s) training state goes into an
+    exchange file (an exchange file's into an exchange file or a `.keras`, always; any of them into
+    generated code, always, with its training functions): `exchange.training_state`.
     `in_kind`, when the caller has decided it, is not decided again.
 
     The input is opened once here (its kind decided once, by its content); what that reading
@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--optimizer-state",
         action="store_true",
-        help="carry a compiled .keras's optimizer state (slots, step, config) into the "
+        help="carry a compiled .keras's (or Keras 2 .h5's) optimizer state (slots, step, config) into the "
         ".safetensors, under optimizer/... keys: read it with exchange.fileformat.load or "
         "torch_adapter.model_from_file, not a plain load_state_dict (see "
         "docs/continuing-training.md); a .py output always carries it, for its train_step",

@@ -16,9 +16,24 @@ Conventions that differ:
   gradients, `b = mu * b + g`, times today's lr); they differ once the learning rate changes.
   Nesterov: Keras steps by `mu * m - lr * g` with the new `m`.
 - Adagrad: Keras's epsilon is inside the root, `sqrt(acc + eps)`; torch's outside.
+- Nadam: Keras's momentum schedule is `mu_t = b1 * (1 - 0.5 * 0.96^t)`; torch's NAdam's is
+  `0.96^(t * momentum_decay)` with `momentum_decay=4e-3` by default (torch with
+  `momentum_decay=1` follows Keras's). Both add epsilon to the bias-corrected root,
+  `sqrt(v / (1 - b2^t)) + eps` (unlike Adam's), defaults 1e-7 and 1e-8. Keras keeps one product
+  `u_product = mu_1 * ... * mu_t` for the whole optimizer (a variable of its own, stored after the
+  slots), torch one `mu_product` per parameter in its state; Keras's weight decay shrinks the
+  variable first, torch's NAdam's `weight_decay` is an L2 term in the gradient.
 - Weight decay (AdamW, or `weight_decay` on any Keras optimizer): Keras first shrinks the
   variable, `w -= w * wd * lr`, then takes its step; torch's AdamW multiplies by `1 - lr * wd`
   too, but its Adam's `weight_decay` is an L2 term in the gradient.
+- Embeddings: Keras 3 on TensorFlow gets an Embedding's gradient as `tf.IndexedSlices`, one row
+  per lookup, and its optimizers square each row before a token's rows are summed (Adamax: take
+  its absolute value; tf-keras, Keras 2, sums a token's rows first, as torch does): a token
+  looked up twice in a batch adds `g1^2 + g2^2` to Adam's or RMSprop's `velocity`, where
+  torch's dense gradient gives `(g1 + g2)^2`. `torch_sparse_lookups`
+  makes torch's Embedding gradients sparse (one row per lookup, `sparse=True`), and these
+  optimizers apply the function row by row (`per_lookup`). Rows not looked up decay as in a dense
+  step (Keras densifies when it adds the rows to a slot); SGD, linear in the gradient, is the same.
 - Schedules: Keras evaluates the schedule at the step count before the update (0 on the first),
   in float32; torch's schedulers are stepped by hand. These classes are called with the count.
 - BatchNormalization in training: Keras moves `moving_variance` towards the biased batch variance
@@ -152,12 +167,15 @@ class KerasOptimizer(torch.optim.Optimizer):
     first step or loaded from a Keras file."""
 
     SLOTS: tuple[str, ...] = ()
+    # Scalar variables of the whole optimizer (not per parameter), with their initial values.
+    SCALARS: dict[str, float] = {}
 
     def __init__(self, params, learning_rate=0.001, weight_decay: float | None = None, **hyper):
         super().__init__(params, hyper)
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.iterations = 0
+        self.scalars = {name: _f32(value) for name, value in self.SCALARS.items()}
 
     def slots(self) -> tuple[str, ...]:
         return self.SLOTS
@@ -176,6 +194,7 @@ class KerasOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         learning_rate = self.current_learning_rate()
+        self.begin_step()
         for group in self.param_groups:
             with_gradient = [parameter for parameter in group["params"] if parameter.grad is not None]
             if self.weight_decay is not None:
@@ -186,9 +205,13 @@ class KerasOptimizer(torch.optim.Optimizer):
                 for name in self.slots():
                     if name not in state:
                         state[name] = self.initial_slot(name, parameter)
-                self.update_step(parameter, parameter.grad, state, learning_rate, group)
+                gradient = parameter.grad.to_dense() if parameter.grad.is_sparse else parameter.grad  # lookups summed
+                self.update_step(parameter, gradient, state, learning_rate, group)
         self.iterations += 1
         return loss
+
+    def begin_step(self) -> None:
+        """Before the variables' updates: what the optimizer updates once per step (its scalars)."""
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         raise NotImplementedError
@@ -196,12 +219,36 @@ class KerasOptimizer(torch.optim.Optimizer):
     def state_dict(self):
         state = super().state_dict()
         state["iterations"] = self.iterations
+        state["scalars"] = {name: float(value) for name, value in self.scalars.items()}
         return state
 
     def load_state_dict(self, state_dict):
         state_dict = dict(state_dict)
         self.iterations = int(state_dict.pop("iterations", 0))
+        for name, value in state_dict.pop("scalars", {}).items():
+            self.scalars[name] = _f32(value)
         super().load_state_dict(state_dict)
+
+
+def per_lookup(function, parameter: torch.Tensor, gradient: torch.Tensor) -> torch.Tensor:
+    """`function(gradient)` element by element, as Keras on TensorFlow computes it: of an
+    embedding's gradient (sparse in torch, one row per lookup: `torch_sparse_lookups`) each
+    lookup's row, then the rows of each token summed."""
+    lookups = parameter.grad
+    if lookups is None or not lookups.is_sparse:
+        return function(gradient)
+    rows = lookups._indices()[0]
+    return torch.zeros_like(gradient).index_add_(0, rows, function(lookups._values()))
+
+
+def torch_sparse_lookups(model: torch.nn.Module) -> torch.nn.Module:
+    """Make every `nn.Embedding` of `model` give its weight a sparse gradient, one row per lookup,
+    as Keras on TensorFlow gets it (`tf.IndexedSlices`), for `per_lookup`. In place; the model
+    computes the same."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            module.sparse = True
+    return model
 
 
 class Adam(KerasOptimizer):
@@ -219,7 +266,7 @@ class Adam(KerasOptimizer):
         alpha = learning_rate * torch.sqrt(1 - beta_2_power) / (1 - beta_1_power)
         momentum, velocity = state["momentum"], state["velocity"]
         momentum.add_((gradient - momentum) * (1 - group["beta_1"]))
-        velocity.add_((gradient * gradient - velocity) * (1 - group["beta_2"]))
+        velocity.add_((per_lookup(torch.square, parameter, gradient) - velocity) * (1 - group["beta_2"]))
         parameter.sub_(momentum * alpha / (torch.sqrt(velocity) + group["epsilon"]))
 
 
@@ -272,7 +319,7 @@ class RMSprop(KerasOptimizer):
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         rho, velocity = group["rho"], state["velocity"]
-        velocity.copy_(rho * velocity + (1 - rho) * (gradient * gradient))
+        velocity.copy_(rho * velocity + (1 - rho) * per_lookup(torch.square, parameter, gradient))
         if group["centered"]:
             average = state["average_gradient"]
             average.copy_(rho * average + (1 - rho) * gradient)
@@ -303,7 +350,7 @@ class Adagrad(KerasOptimizer):
 
     def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
         accumulator = state["accumulator"]
-        accumulator.add_(gradient * gradient)
+        accumulator.add_(per_lookup(torch.square, parameter, gradient))
         parameter.sub_(learning_rate * gradient / torch.sqrt(accumulator + group["epsilon"]))
 
 
@@ -320,8 +367,40 @@ class Adamax(KerasOptimizer):
         beta_1_power = torch.pow(_f32(group["beta_1"]), _f32(self.iterations + 1))
         momentum, norm = state["momentum"], state["norm"]
         momentum.add_((gradient - momentum) * (1 - group["beta_1"]))
-        norm.copy_(torch.maximum(group["beta_2"] * norm, torch.abs(gradient)))
+        norm.copy_(torch.maximum(group["beta_2"] * norm, per_lookup(torch.abs, parameter, gradient)))
         parameter.sub_(learning_rate * momentum / ((1 - beta_1_power) * (norm + group["epsilon"])))
+
+
+class Nadam(KerasOptimizer):
+    """Keras's Nadam: Adam with Nesterov momentum under the schedule `mu_t = b1 * (1 - 0.5 * 0.96^t)`,
+    whose running product `u_product` is updated once per step, before the variables."""
+
+    SLOTS = ("momentum", "velocity")
+    SCALARS = {"u_product": 1.0}
+
+    def __init__(self, params, learning_rate=0.001, beta_1=0.9, beta_2=0.999, epsilon=1e-7, weight_decay=None):
+        super().__init__(params, learning_rate, weight_decay, beta_1=beta_1, beta_2=beta_2, epsilon=epsilon)
+
+    def _mu(self, step: int) -> torch.Tensor:
+        beta_1 = _f32(self.param_groups[0]["beta_1"])
+        return beta_1 * (1.0 - 0.5 * torch.pow(_f32(0.96), _f32(step)))
+
+    def begin_step(self) -> None:
+        self.scalars["u_product"] = self.scalars["u_product"] * self._mu(self.iterations + 1)
+
+    def update_step(self, parameter, gradient, state, learning_rate, group) -> None:
+        step = self.iterations + 1
+        u_t, u_next = self._mu(step), self._mu(step + 1)
+        u_product = self.scalars["u_product"]
+        u_product_next = u_product * u_next
+        beta_1, beta_2 = _f32(group["beta_1"]), _f32(group["beta_2"])  # float32 before `1 - beta`
+        beta_2_power = torch.pow(beta_2, _f32(step))
+        momentum, velocity = state["momentum"], state["velocity"]
+        momentum.add_((gradient - momentum) * (1 - beta_1))
+        velocity.add_((per_lookup(torch.square, parameter, gradient) - velocity) * (1 - beta_2))
+        momentum_hat = u_next * momentum / (1 - u_product_next) + (1 - u_t) * gradient / (1 - u_product)
+        velocity_hat = velocity / (1 - beta_2_power)
+        parameter.sub_(momentum_hat * learning_rate / (torch.sqrt(velocity_hat) + group["epsilon"]))
 
 
 class KerasBatchNorm(torch.nn.modules.batchnorm._BatchNorm):
@@ -470,7 +549,7 @@ def make_loss(description):
     return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
 
 
-OPTIMIZERS = {optimizer.__name__: optimizer for optimizer in (Adam, AdamW, SGD, RMSprop, Adagrad, Adamax)}
+OPTIMIZERS = {optimizer.__name__: optimizer for optimizer in (Adam, AdamW, SGD, RMSprop, Adagrad, Adamax, Nadam)}
 
 
 def make_schedule(learning_rate):

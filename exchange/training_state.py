@@ -6,14 +6,17 @@ A `.keras` file that was compiled and trained holds, beside the weights, its com
 schedule), then the slots, each of its variable's shape, in the order of the model's trainable
 variables. Keras 3.15 stores them as `add_optimizer_variables` made them: one call's slot names
 interleaved per variable (Adam: momentum, velocity of the first variable, then of the second, …),
-successive calls one after the other (RMSprop: every velocity, then every momentum).
+successive calls one after the other (RMSprop: every velocity, then every momentum); an
+optimizer's own scalar variables come last (Nadam's `u_product`, the running product of its
+momentum schedule).
 
 A slot goes through its variable's port, so it is in the torch layout of its parameter (a Dense
 kernel's moments transposed like the kernel); the exchange file keeps it under
-`optimizer/<parameter key>/<slot name>`, the optimizer's checked config and iteration in the
-`optimizer` metadata, the loss and the regularization factors in `training`. `exchange.optimizers`
-continues the run in torch with Keras's update rules; `keras_model_with_training` writes a torch
-run's state back into a compiled Keras model that resumes from it.
+`optimizer/<parameter key>/<slot name>`, the optimizer's checked config, iteration and scalars
+(float32 values, exact in JSON) in the `optimizer` metadata, the loss and the regularization
+factors in `training`. `exchange.optimizers` continues the run in torch with Keras's update
+rules; `keras_model_with_training` writes a torch run's state back into a compiled Keras model
+that resumes from it.
 
 Conventions that differ:
 - Which variables train: Keras's trainable variables are the torch module's parameters whose port
@@ -26,11 +29,17 @@ Conventions that differ:
 - One Keras variable, two torch parameters (an LSTM's bias is `bias_ih` + `bias_hh`): the first
   trains as Keras's variable, with its slots; the second keeps its value (zeros from Keras) and is
   left out of the optimizer, so the sum moves as Keras's bias does.
+- An Embedding's gradient: Keras 3 on TensorFlow updates the slots lookup by lookup
+  (`exchange.optimizers.per_lookup`), tf-keras (Keras 2) after summing a token's lookups; the
+  state records which (`summed_lookups`), and `torch_optimizer` makes torch's gradient sparse or not.
 
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
-rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
-frozen layers, activity regularizers, and files whose slots do not match the model's
-trainable variables in number or shape. Generated code's training functions
+rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Lion, …),
+frozen layers, activity regularizers, files whose slots do not match the model's trainable
+variables in number or shape, a ReversibleEmbedding or LoRA Embedding under any optimizer but SGD
+(its torch module's gradient is dense), Keras 2's legacy optimizers and its Nadam (whose
+`u_product` it does not save).
+Generated code's training functions
 (`exchange.training_code`) also need a loss of `LOSS_OPTIONS` with Keras's reduction, one
 output, and no renormalising BatchNormalization (`check_trainable_in_code`).
 """
@@ -89,6 +98,7 @@ CLASS_OPTIONS = {
     "RMSprop": {"rho": "number", "momentum": "number", "epsilon": "number", "centered": "flag"},
     "Adagrad": {"initial_accumulator_value": "number", "epsilon": "number"},
     "Adamax": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
+    "Nadam": {"beta_1": "number", "beta_2": "number", "epsilon": "number"},
 }
 SCHEDULE_OPTIONS = {
     "ExponentialDecay": {
@@ -135,7 +145,14 @@ SLOT_GROUPS = {
     ),
     "Adagrad": lambda options: [("accumulator",)],
     "Adamax": lambda options: [("momentum", "norm")],
+    "Nadam": lambda options: [("momentum", "velocity")],
 }
+# Per class: the scalar variables Keras 3.15's `build` creates after the slots, with their
+# initial values (a fresh optimizer's), in that order.
+SCALAR_VARIABLES = {"Nadam": {"u_product": 1.0}}
+# Classes whose step is linear in the gradient: an Embedding's gradient rows (one per lookup,
+# see `exchange.optimizers.per_lookup`) may be summed first, whatever layer looks them up.
+LINEAR_IN_GRADIENT = {"SGD"}
 # Options a class needs although every optimizer has them (AdamW's decay is what makes it AdamW).
 REQUIRED_COMMON_OPTIONS = {"AdamW": ("weight_decay",)}
 # Per schedule: a rule its options together must keep, and what it says when they do not.
@@ -165,6 +182,10 @@ class OptimizerSpec:
         return tuple(name for group in slot_groups(self.class_name, self.options) for name in group)
 
     @property
+    def initial_scalars(self) -> dict[str, float]:
+        return dict(SCALAR_VARIABLES.get(self.class_name, {}))
+
+    @property
     def learning_rate_is_variable(self) -> bool:
         return not isinstance(self.options["learning_rate"], dict)
 
@@ -175,19 +196,29 @@ class OptimizerSpec:
 @dataclass(frozen=True)
 class TrainingState:
     """What a run needs to continue: the optimizer, its step count and slots (torch layout, by
-    parameter key then slot name), the loss as Keras's compile config names it, and the
-    regularization factors by parameter key (`{"l1": a, "l2": b}`)."""
+    parameter key then slot name), the loss as Keras's compile config names it, the
+    regularization factors by parameter key (`{"l1": a, "l2": b}`), the optimizer's scalar
+    variables (`SCALAR_VARIABLES`; empty: their initial values), and whether the run sums a
+    token's Embedding lookups before the update (Keras 2) or takes them one by one (Keras 3,
+    `exchange.optimizers.per_lookup`)."""
 
     optimizer: OptimizerSpec
     iteration: int
     slots: dict[str, dict[str, np.ndarray]]
     loss: object = None
     regularizers: dict[str, dict[str, float]] = field(default_factory=dict)
+    scalars: dict[str, float] = field(default_factory=dict)
+    summed_lookups: bool = False
 
     def file_parts(self) -> tuple[dict[str, str], dict[str, np.ndarray]]:
         """(metadata, tensors) for `fileformat.save(..., training=...)`."""
+        described = {**self.optimizer.to_json(), "iteration": self.iteration}
+        if self.optimizer.initial_scalars:
+            described["scalars"] = {**self.optimizer.initial_scalars, **self.scalars}
+        if self.summed_lookups:
+            described["lookups"] = "summed"
         metadata = {
-            OPTIMIZER_METADATA: json.dumps({**self.optimizer.to_json(), "iteration": self.iteration}),
+            OPTIMIZER_METADATA: json.dumps(described),
             TRAINING_METADATA: json.dumps({"loss": self.loss, "regularizers": self.regularizers}),
         }
         tensors = {
@@ -244,6 +275,20 @@ def check_optimizer(description, where: str) -> OptimizerSpec:
             raise ExchangeFileError(f"{where}: optimizer {class_name} config lacks {key}")
     options.setdefault("weight_decay", None)
     return OptimizerSpec(class_name, options)
+
+
+def check_lookups(graph: Graph, spec: OptimizerSpec, where: str) -> None:
+    """Refuse the layers whose Keras gradient is one row per lookup (`tf.IndexedSlices`) but whose
+    torch module gives a dense one, under an optimizer that squares the rows one by one: only
+    a plain Embedding (`nn.Embedding`, made sparse by `torch_sparse_lookups`) is reproduced."""
+    if spec.class_name in LINEAR_IN_GRADIENT:
+        return
+    for node in graph.layers:
+        if node.kind == "reversible_embedding" or (node.kind == "embedding" and node.config.lora_rank is not None):
+            raise UnsupportedLayerError(
+                f"{where}: layer {node.name!r} ({node.kind}, LoRA or reversible) is not supported for training "
+                f"with {spec.class_name}: Keras applies it to each lookup's gradient row, not reproduced for this layer"
+            )
 
 
 def _schedule_or_number(value, where: str):
@@ -460,18 +505,19 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     spec = check_optimizer(compile_config.get("optimizer"), where)
     loss = check_loss(compile_config.get("loss"), where)
     regularizers = read_regularizers(config, graph, where)
+    check_lookups(graph, spec, where)
     variables = trainable_variables(graph, parameter_keys)
     source = keras_files._Hdf5Source(path, start, size, member=keras_files.KERAS_WEIGHTS_MEMBER)
     try:
         with keras_files.hdf5_errors(source.label):
             stored = _optimizer_variables(source)
             if not stored:  # compiled, never trained: a fresh optimizer
-                return TrainingState(spec, 0, {}, loss, regularizers)
-            iteration, spec, keras_slots = _unpack(stored, spec, variables, source.label)
+                return TrainingState(spec, 0, {}, loss, regularizers, spec.initial_scalars)
+            iteration, spec, keras_slots, scalars = _unpack(stored, spec, variables, source.label)
     finally:
         source.close()
     return TrainingState(
-        spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers
+        spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers, scalars
     )
 
 
@@ -486,11 +532,11 @@ def _optimizer_variables(source) -> list:
 
 
 def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: str):
-    """(iteration, spec with the stored learning rate, per-variable slots) from `optimizer/vars`,
-    every count and shape checked before any slot is read."""
+    """(iteration, spec with the stored learning rate, per-variable slots, scalars) from
+    `optimizer/vars`, every count and shape checked before any slot is read."""
     groups = slot_groups(spec.class_name, spec.options)
     head = 2 if spec.learning_rate_is_variable else 1
-    expected = head + sum(len(group) for group in groups) * len(variables)
+    expected = head + sum(len(group) for group in groups) * len(variables) + len(spec.initial_scalars)
     if len(stored) != expected:
         raise ExchangeFileError(
             f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
@@ -520,7 +566,13 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
                     )
                 keras_slots[position][slot] = tensor.load()
                 index += 1
-    return iteration, OptimizerSpec(spec.class_name, options), keras_slots
+    scalars = {}
+    for name in spec.initial_scalars:
+        if stored[index].shape != () or not np.issubdtype(stored[index].dtype, np.floating):
+            raise ExchangeFileError(f"{label}: optimizer/vars/{index} is not {spec.class_name}'s {name}")
+        scalars[name] = _value(float(stored[index].load()), "number", f"{label}: optimizer {name}")
+        index += 1
+    return iteration, OptimizerSpec(spec.class_name, options), keras_slots, scalars
 
 
 def read_regularizers(config: dict, graph: Graph, where: str) -> dict[str, dict[str, float]]:
@@ -586,6 +638,167 @@ def _regularizer(graph: Graph, node, option: str, value, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
+# Keras 2 `.h5` files (tf-keras 2.11 and later: its optimizers, not the legacy ones)
+
+# tf-keras's slot names (`Adam/m/dense/kernel:0`) -> Keras 3's. Its update rules are Keras 3's
+# (rounding aside: RMSprop multiplies by `rsqrt`) except for an Embedding: tf-keras sums a
+# token's lookups first (`_deduplicate_sparse_grad`), then its rules on those rows are the dense
+# ones, so the state says `summed_lookups` and torch keeps its dense Embedding gradient.
+KERAS2_SLOT_NAMES = {
+    "Adam": {"m": "momentum", "v": "velocity"},
+    "AdamW": {"m": "momentum", "v": "velocity"},
+    "SGD": {"m": "momentum"},
+    "RMSprop": {"velocity": "velocity", "momentum": "momentum", "average_gradient": "average_gradient"},
+    "Adagrad": {"accumulator": "accumulator"},
+    "Adamax": {"m": "momentum", "u": "norm"},
+}
+KERAS2_REFUSED = {
+    "Nadam": "Keras 2's Nadam does not save its u_product (the running product of its momentum schedule)",
+}
+KERAS2_WEIGHT = re.compile(r"([^/]+)/([a-z_]+)/(.+):0")  # optimizer / slot / variable
+
+
+def read_keras2_training(path: str | Path, graph: Graph, parameter_keys: set[str]) -> TrainingState | None:
+    """The training state of a Keras 2 full-model `.h5` saved after `compile` (None without a
+    `training_config`): the optimizer config from `training_config`, its variables from the
+    `optimizer_weights` group (`iteration:0`, then `<optimizer>/<slot>/<variable>:0`), each
+    matched by name to a trainable variable of the model and checked before any is read."""
+    path = Path(path)
+    source = keras_files._Hdf5Source(path)
+    label = source.label
+    try:
+        with keras_files.hdf5_errors(label):
+            raw = source.attribute(source.h5, "training_config")
+            if raw is None:
+                return None
+            training = untrusted.load_json(
+                untrusted.check_path_text(raw, label, "training_config"), label, "training_config"
+            )
+            if not isinstance(training, dict):
+                raise ExchangeFileError(f"{label}: training_config is not an object")
+            spec = _keras2_optimizer(training.get("optimizer_config"), label)
+            if training.get("loss_weights") is not None:
+                raise UnsupportedLayerError(f"{label}: loss_weights are not supported for training state")
+            loss = check_loss(_keras2_loss(training.get("loss")), label)
+            model_config = keras_files._json(keras_files._model_config_text(source), label)
+            regularizers = read_regularizers(model_config, graph, label)
+            variables = trainable_variables(graph, parameter_keys)
+            stored = _keras2_optimizer_weights(source, spec, variables, label)
+            if stored is None:  # compiled, never trained
+                return TrainingState(spec, 0, {}, loss, regularizers, spec.initial_scalars, summed_lookups=True)
+            iteration, keras_slots = stored
+    finally:
+        source.close()
+    slots = slots_to_torch(graph, variables, spec.slot_names, keras_slots)
+    return TrainingState(spec, iteration, slots, loss, regularizers, summed_lookups=True)
+
+
+def _keras2_optimizer(description, label: str) -> OptimizerSpec:
+    """tf-keras's optimizer config as Keras 3's: `Custom>Adam` is Adam; `jit_compile` is how it
+    runs, not what; a legacy optimizer (`is_legacy_optimizer`, or Keras 2.10 and earlier) is
+    refused."""
+    if not isinstance(description, dict) or not isinstance(description.get("config"), dict):
+        raise ExchangeFileError(f"{label}: training_config has no optimizer config")
+    class_name = str(description.get("class_name", ""))[:60].removeprefix("Custom>")
+    config = dict(description["config"])
+    if config.pop("is_legacy_optimizer", None) is not False:
+        raise UnsupportedLayerError(
+            f"{label}: optimizer {class_name!r} is a legacy Keras 2 optimizer (tf.keras before 2.11, or "
+            "optimizers.legacy); its state is not read"
+        )
+    if class_name in KERAS2_REFUSED:
+        raise UnsupportedLayerError(f"{label}: optimizer {class_name}: {KERAS2_REFUSED[class_name]}")
+    if class_name not in KERAS2_SLOT_NAMES:
+        raise UnsupportedLayerError(
+            f"{label}: Keras 2 optimizer {class_name!r} is not supported for training state "
+            f"(supported: {', '.join(KERAS2_SLOT_NAMES)})"
+        )
+    _value(config.pop("jit_compile", False), "flag", f"{label}: optimizer {class_name} jit_compile")
+    return check_optimizer({"class_name": class_name, "config": config}, label)
+
+
+def _keras2_loss(loss):
+    """A Keras 2 loss config as Keras 3 writes it: `reduction="auto"` is `sum_over_batch_size` in
+    `fit`, and `fn` names the function the class wraps."""
+    if not isinstance(loss, dict) or not isinstance(loss.get("config"), dict):
+        return loss
+    config = {key: value for key, value in loss["config"].items() if key != "fn"}
+    if config.get("reduction") == "auto":
+        config["reduction"] = "sum_over_batch_size"
+    return {"class_name": loss.get("class_name"), "config": config}
+
+
+def _keras2_optimizer_weights(source, spec: OptimizerSpec, variables: list[tuple], label: str):
+    """(iteration, per-variable Keras-layout slots) from `optimizer_weights`, or None when the
+    optimizer was never built. Every name is matched and every shape checked before a slot is read."""
+    group = untrusted.hdf5_get(source.h5, "optimizer_weights", label, source.groups)
+    if not isinstance(group, h5py.Group):
+        return None
+    names = keras_files._weight_names(source, group)
+    slot_names = KERAS2_SLOT_NAMES[spec.class_name]
+    groups = slot_groups(spec.class_name, spec.options)
+    wanted = {name for group_names in groups for name in group_names}
+    keras2_slots = {keras3: keras2 for keras2, keras3 in slot_names.items() if keras3 in wanted}
+    expected = 1 + len(keras2_slots) * len(variables)
+    if len(names) != expected or names[:1] != ["iteration:0"]:
+        raise ExchangeFileError(
+            f"{label}: optimizer_weights holds {len(names)} variables; the model's {len(variables)} trainable "
+            f"variables need iteration:0 and {expected - 1} slots (frozen layers are not supported)"
+        )
+    model_names = _keras2_variable_names(source, variables, label)
+    known = set(model_names.values())
+    by_name = {}
+    for name in names[1:]:
+        match = KERAS2_WEIGHT.fullmatch(name)
+        if not match or match.group(2) not in keras2_slots.values() or match.group(3) not in known:
+            raise ExchangeFileError(f"{label}: unexpected optimizer weight {name[:120]!r}")
+        by_name[(match.group(3), match.group(2))] = name
+    iteration_tensor = source.lazy("optimizer_weights/iteration:0")
+    if iteration_tensor.shape != () or not np.issubdtype(iteration_tensor.dtype, np.integer):
+        raise ExchangeFileError(f"{label}: optimizer_weights/iteration:0 is not the iteration count")
+    lazy_slots = []
+    for (node, name, shape, _), model_name in zip(variables, model_names.values()):
+        per_variable = {}
+        for keras3, keras2 in keras2_slots.items():
+            weight = by_name.get((model_name, keras2))
+            if weight is None:
+                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name}")
+            tensor = source.lazy(f"optimizer_weights/{weight}")
+            if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
+                raise ExchangeFileError(
+                    f"{label}: optimizer weight {weight} has shape {tuple(tensor.shape)}, {node.name}/{name} {shape}"
+                )
+            per_variable[keras3] = tensor
+        lazy_slots.append(per_variable)
+    iteration = int(iteration_tensor.load())
+    if not 0 <= iteration <= MAX_ITERATIONS:
+        raise ExchangeFileError(f"{label}: iteration count {iteration} is out of range")
+    return iteration, [{slot: tensor.load() for slot, tensor in slots.items()} for slots in lazy_slots]
+
+
+def _keras2_variable_names(source, variables: list[tuple], label: str) -> dict[tuple[str, str], str]:
+    """(node, variable) -> its Keras 2 name without `:0` (`hidden/kernel`), from the layer's group
+    in `model_weights`, in the order of `variables`; a variable not found there is refused."""
+    found = {}
+    for node, name, _, _ in variables:
+        group = untrusted.hdf5_get(source.h5, f"model_weights/{node.name}", label, source.groups)
+        candidates = []
+        if isinstance(group, h5py.Group):
+            candidates = [
+                weight.removesuffix(":0")
+                for weight in keras_files._weight_names(source, group)
+                if re.sub(r":\d+$", "", weight.split("/")[-1]) == name
+            ]
+        if len(candidates) != 1:
+            raise UnsupportedLayerError(
+                f"{label}: no one Keras 2 weight for {node.name}/{name} in model_weights "
+                "(nested models and renamed weights are not supported for training state)"
+            )
+        found[(node.name, name)] = candidates[0]
+    return found
+
+
+# ---------------------------------------------------------------------------------------------
 # Exchange files
 
 
@@ -602,11 +815,28 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
     iteration = description.get("iteration")
     if type(iteration) is not int or not 0 <= iteration <= MAX_ITERATIONS:
         raise ExchangeFileError(f"exchange file: optimizer iteration must be a step count, found {str(iteration)[:40]}")
+    scalars = description.get("scalars", {})
+    if not isinstance(scalars, dict) or sorted(scalars) != sorted(spec.initial_scalars):
+        raise ExchangeFileError(
+            f"exchange file: optimizer {spec.class_name} scalars must be exactly "
+            f"{sorted(spec.initial_scalars)}, found {str(scalars)[:80]}"
+        )
+    scalars = {
+        name: _value(value, "number", f"exchange file: optimizer {spec.class_name} {name}")
+        for name, value in scalars.items()
+    }
+    lookups = description.get("lookups", "one by one")
+    if lookups not in ("summed", "one by one"):
+        raise ExchangeFileError(
+            f"exchange file: optimizer lookups must be 'summed' if given, found {str(lookups)[:40]}"
+        )
     extra = untrusted.load_json(metadata.get(TRAINING_METADATA, "{}"), "exchange file", "training metadata")
     if not isinstance(extra, dict):
         raise ExchangeFileError("exchange file: training metadata is not an object")
     loss = check_loss(extra.get("loss"), "exchange file")
     regularizers = _check_regularizers(extra.get("regularizers") or {}, parameter_keys)
+    if lookups != "summed":  # a Keras 2 run sums a token's lookups: any module's dense gradient does
+        check_lookups(exchange_file.architecture, spec, "exchange file")
     graph = exchange_file.architecture
     trained = sorted(
         {
@@ -631,7 +861,7 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         raise ExchangeFileError(
             f"exchange file: optimizer slots are missing (each of {trained[:3]}… needs {', '.join(spec.slot_names)})"
         )
-    return TrainingState(spec, iteration, slots, loss, regularizers)
+    return TrainingState(spec, iteration, slots, loss, regularizers, scalars, lookups == "summed")
 
 
 def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
@@ -651,16 +881,63 @@ def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
 # Torch (imported when used)
 
 
+# Kinds whose state_dict keys are all torch parameters, and the kinds whose keys split into known
+# parameters and buffers: enough to tell them apart without importing torch (4 s here, most of a
+# conversion that carries the optimizer state). Checked against torch's modules in
+# tests/test_training_state.py; a graph with any other kind holding tensors builds the module.
+PARAMETERS_ONLY_KINDS = frozenset(
+    {
+        "dense",
+        "conv1d",
+        "conv2d",
+        "conv1d_transpose",
+        "conv2d_transpose",
+        "depthwise_conv2d",
+        "separable_conv2d",
+        "embedding",
+        "layer_norm",
+        "group_norm",
+        "lstm",
+        "gru",
+        "simple_rnn",
+        "bidirectional",
+    }
+)
+PARAMETERS_AND_BUFFERS = {
+    "batch_norm": (frozenset({"weight", "bias"}), frozenset({"running_mean", "running_var", "num_batches_tracked"})),
+}
+
+
 def parameter_keys_of(graph: Graph) -> set[str]:
     """The state_dict keys that are parameters (not buffers) of the graph's torch module."""
+    known = _parameter_keys_by_kind(graph)
+    if known is not None:
+        return known
     from exchange import torch_adapter
 
     return {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
 
 
+def _parameter_keys_by_kind(graph: Graph) -> set[str] | None:
+    """`parameter_keys_of` from the tables above, or None when a key's kind is not in them."""
+    kinds = {graph.torch_names[node.name]: node.kind for node in graph.layers}
+    found = set()
+    for key in graph.tensor_specs:
+        prefix, _, suffix = key.partition(".")
+        kind = kinds.get(prefix)
+        parameters, buffers = PARAMETERS_AND_BUFFERS.get(kind or "", (frozenset(), frozenset()))
+        if kind in PARAMETERS_ONLY_KINDS or suffix in parameters:
+            found.add(key)
+        elif suffix not in buffers:
+            return None
+    return found
+
+
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
-    trains (`trained_keys`), with the state's slots and step count loaded."""
+    trains (`trained_keys`), with the state's slots and step count loaded. The model's Embeddings
+    are made to give sparse gradients, one row per lookup, as Keras 3's (`torch_sparse_lookups`),
+    unless the state's run sums them (Keras 2)."""
     import torch
 
     from exchange import optimizers
@@ -670,6 +947,8 @@ def torch_optimizer(model, state: TrainingState):
     keys = []
     for node, _, _, port in trainable_variables(graph, set(parameters)):
         keys += [key for key in trained_keys(graph, node, port) if key not in keys]
+    if not state.summed_lookups:
+        optimizers.torch_sparse_lookups(model)  # an Embedding's gradient as Keras 3 on TensorFlow has it
     optimizer = optimizers.make_optimizer(
         [parameters[key] for key in keys], state.optimizer.class_name, state.optimizer.options
     )
@@ -680,6 +959,8 @@ def torch_optimizer(model, state: TrainingState):
             for slot, value in slots.items()
         }
     optimizer.iterations = state.iteration
+    for name, value in state.scalars.items():
+        optimizer.scalars[name] = torch.tensor(value, dtype=torch.float32)
     return optimizer
 
 
@@ -691,7 +972,16 @@ def state_of_torch_optimizer(model, optimizer, previous: TrainingState) -> Train
         for parameter, state in optimizer.state.items()
         if state
     }
-    return TrainingState(previous.optimizer, optimizer.iterations, slots, previous.loss, previous.regularizers)
+    scalars = {name: float(value) for name, value in optimizer.scalars.items()}
+    return TrainingState(
+        previous.optimizer,
+        optimizer.iterations,
+        slots,
+        previous.loss,
+        previous.regularizers,
+        scalars,
+        previous.summed_lookups,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -719,14 +1009,19 @@ def keras_model_with_training(graph: Graph, file_tensors: dict, state: TrainingS
     ):
         raise ExchangeError("the Keras model's trainable variables differ from the architecture's")
     optimizer.iterations.assign(state.iteration)
+    index = 2 if state.optimizer.learning_rate_is_variable else 1
     if state.slots:
         keras_slots = slots_to_keras(graph, variables, state.optimizer.slot_names, state.slots)
-        index = 2 if state.optimizer.learning_rate_is_variable else 1
         for group in slot_groups(state.optimizer.class_name, state.optimizer.options):
             for slots in keras_slots:
                 for slot in group:
                     optimizer.variables[index].assign(slots[slot])
                     index += 1
+    else:
+        index += len(state.optimizer.slot_names) * len(variables)
+    for name, initial in state.optimizer.initial_scalars.items():
+        optimizer.variables[index].assign(state.scalars.get(name, initial))
+        index += 1
     return model
 
 
@@ -761,27 +1056,29 @@ def for_conversion(
     carry_keras_state: bool = False,
     holds_training: bool | None = None,
 ) -> TrainingState | None:
-    """The training state a conversion carries: a compiled `.keras`'s into an exchange file when
-    asked (`--optimizer-state`: such a file is no longer a plain state_dict), an exchange file's
-    into an exchange file or a `.keras`, and either's into generated code, always (its weights
-    file holds the slots, which its `load()` leaves out and its `make_optimizer` reads; the code
-    gets the training functions: `exchange.training_code`). Never into a `.pt`, which is read
-    whole into `load_state_dict`. A state that is not carried, or cannot be carried exactly, is
-    left out with a note saying why; the weights convert as without it.
-    `holds_training`, when the reader already knows, saves opening the input again to ask."""
+    """The training state a conversion carries: a compiled `.keras`'s (or Keras 2 `.h5`'s) into an
+    exchange file when asked (`--optimizer-state`: such a file is no longer a plain state_dict), an
+    exchange file's into an exchange file or a `.keras`, and any of them into generated code,
+    always (its weights file holds the slots, which its `load()` leaves out and its
+    `make_optimizer` reads; the code gets the training functions: `exchange.training_code`). Never
+    into a `.pt`, which is read whole into `load_state_dict`. A state that is not carried, or
+    cannot be carried exactly, is left out with a note saying why; the weights convert as without
+    it. `holds_training`, when the reader already knows, saves opening the input again to ask."""
     if not (_holds_training(in_path, in_kind) if holds_training is None else holds_training):
         return None
     carried = {
         (filekinds.KERAS, filekinds.SAFETENSORS),
+        (filekinds.HDF5, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.SAFETENSORS),
         (filekinds.SAFETENSORS, filekinds.KERAS),
         (filekinds.KERAS, filekinds.CODE),
+        (filekinds.HDF5, filekinds.CODE),
         (filekinds.SAFETENSORS, filekinds.CODE),
     }
     what = "optimizer state and training functions" if out_kind is filekinds.CODE else "optimizer state"
     if (in_kind, out_kind) not in carried:
         reason = f"a {out_kind.suffixes[0]} output does not carry it (convert to .safetensors)"
-    elif in_kind is filekinds.KERAS and out_kind is filekinds.SAFETENSORS and not carry_keras_state:
+    elif in_kind in (filekinds.KERAS, filekinds.HDF5) and out_kind is filekinds.SAFETENSORS and not carry_keras_state:
         reason = (
             "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
             "beside the state_dict's)"
@@ -791,6 +1088,8 @@ def for_conversion(
             parameter_keys = parameter_keys_of(graph)
             if in_kind is filekinds.KERAS:
                 state = read_keras_training(in_path, graph, parameter_keys)
+            elif in_kind is filekinds.HDF5:
+                state = read_keras2_training(in_path, graph, parameter_keys)
             else:
                 state = read_exchange_training(fileformat.load(in_path), parameter_keys)
             if out_kind is filekinds.CODE and state is not None:
@@ -820,8 +1119,9 @@ def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> N
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
-    """Whether a compiled `.keras` or an exchange file with training state (read cheaply: the
-    config, or the header's metadata)."""
+    """Whether a compiled `.keras`, a Keras 2 `.h5` with a `training_config`, or an exchange file
+    with training state (read cheaply: the config, an attribute's presence, or the header's
+    metadata)."""
     try:
         if kind is filekinds.KERAS:
             with keras_files._open_zip(path) as archive:
@@ -829,6 +1129,13 @@ def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
             return bool(config.get("compile_config"))
         if kind is filekinds.SAFETENSORS:
             return OPTIMIZER_METADATA in fileformat.read_metadata(path)
+        if kind is filekinds.HDF5:
+            source = keras_files._Hdf5Source(path)
+            try:
+                with keras_files.hdf5_errors(source.label):
+                    return "training_config" in source.h5.attrs
+            finally:
+                source.close()
     except ExchangeFileError:
         return False
     return False

@@ -5,12 +5,17 @@ Two models carry the conventions that differ between the frameworks' training:
 - "cnn": Conv2D with an L2 kernel regularizer, BatchNormalization (trained: its moving statistics
   move), Dense logits; Adam with Keras's epsilon under an ExponentialDecay schedule; Keras's
   cross-entropy from logits.
-- "lstm": an LSTM (Keras's one bias is torch's two) and Dense logits over float sequences;
-  centered RMSprop with momentum under a PiecewiseConstantDecay schedule.
+- "lstm": a text model: token ids (0 pads the end, masked) -> Embedding -> LSTM (Keras's one
+  bias is torch's two) -> Dense logits; centered RMSprop with momentum under a
+  PiecewiseConstantDecay schedule. The tokens follow Zipf's law over a small vocabulary: every
+  batch looks up some tokens many times (Keras's RMSprop squares each lookup's gradient row,
+  `exchange.optimizers.per_lookup`) and misses others (their slots decay all the same).
 Neither has Dropout: its randomness cannot be shared between frameworks.
 
 `run(variant=...)` replaces one ported convention by torch's own ("torch_adam", "torch_batch_norm",
-"no_regularizer" for the CNN, "torch_rmsprop" for the LSTM) to show that each is needed.
+"no_regularizer" for the CNN; "torch_rmsprop", "summed_lookups" (the Embedding's dense gradient,
+a token's lookups summed before Keras's RMSprop squares them) for the LSTM) to show that each is
+needed.
 `python -m frameworks.resume_lockstep` prints the figures.
 """
 
@@ -24,7 +29,8 @@ import torch
 
 from exchange import fileformat, keras_adapter, keras_files, optimizers, torch_adapter, training_state
 
-INPUT_SHAPES = {"cnn": (7, 6, 3), "lstm": (9, 4)}  # Keras layout: (height, width, channels), (steps, features)
+INPUT_SHAPES = {"cnn": (7, 6, 3), "lstm": (9,)}  # Keras layout: (height, width, channels), (steps,) token ids
+VOCABULARY = 24  # token 0 pads
 CLASSES = 5
 BATCH = 8
 LEARNING_RATE = {"initial_learning_rate": 0.01, "decay_steps": 20, "decay_rate": 0.5, "staircase": False}
@@ -32,7 +38,10 @@ BETAS = (0.9, 0.999)
 EPSILON = 1e-3  # Keras's epsilon, added to sqrt(v): torch adds its own after the bias correction
 L2 = 0.01
 # The variants each model runs: its ported conventions, then torch's own in place of one of them.
-VARIANTS = {"cnn": ("ported", "torch_adam", "torch_batch_norm", "no_regularizer"), "lstm": ("ported", "torch_rmsprop")}
+VARIANTS = {
+    "cnn": ("ported", "torch_adam", "torch_batch_norm", "no_regularizer"),
+    "lstm": ("ported", "torch_rmsprop", "summed_lookups"),
+}
 RMSPROP = {
     "learning_rate": {"boundaries": [20, 100], "values": [0.01, 0.005, 0.002]},
     "rho": 0.9,
@@ -46,11 +55,22 @@ def batches(count: int, seed: int, model_kind: str = "cnn") -> list[tuple[np.nda
     rng = np.random.default_rng(seed)
     return [
         (
-            rng.normal(size=(BATCH, *INPUT_SHAPES[model_kind])).astype(np.float32),
+            _inputs(rng, model_kind),
             np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, BATCH)],
         )
         for _ in range(count)
     ]
+
+
+def _inputs(rng: np.random.Generator, model_kind: str) -> np.ndarray:
+    if model_kind == "cnn":
+        return rng.normal(size=(BATCH, *INPUT_SHAPES["cnn"])).astype(np.float32)
+    # Token ids 1.. with Zipf's frequencies, then 0 (padding) after each sequence's length.
+    (steps,) = INPUT_SHAPES["lstm"]
+    frequencies = 1.0 / np.arange(1, VOCABULARY)
+    tokens = rng.choice(np.arange(1, VOCABULARY), size=(BATCH, steps), p=frequencies / frequencies.sum())
+    lengths = rng.integers(3, steps + 1, size=(BATCH, 1))
+    return np.where(np.arange(steps) < lengths, tokens, 0).astype(np.int32)
 
 
 def keras_cnn(seed: int = 0):
@@ -77,8 +97,9 @@ def keras_lstm(seed: int = 0):
     import keras
 
     keras.utils.set_random_seed(seed)
-    inputs = keras.Input(INPUT_SHAPES["lstm"])
-    x = keras.layers.LSTM(6, name="lstm")(inputs)
+    inputs = keras.Input(INPUT_SHAPES["lstm"], dtype="int32")
+    x = keras.layers.Embedding(VOCABULARY, 4, mask_zero=True, name="embedding")(inputs)
+    x = keras.layers.LSTM(6, name="lstm")(x)
     outputs = keras.layers.Dense(CLASSES, name="logits")(x)
     model = keras.Model(inputs, outputs, name="rnn")
     options = dict(RMSPROP)
@@ -189,6 +210,9 @@ def _run(
             optimizer, schedule = _naive_rmsprop(module, state)
         else:
             optimizer, schedule = training_state.torch_optimizer(module, state), None
+        if variant == "summed_lookups":
+            for embedding in (child for child in module.modules() if isinstance(child, torch.nn.Embedding)):
+                embedding.sparse = False
         regularizers = {} if variant == "no_regularizer" else state.regularizers
         loss_fn = optimizers.make_loss(state.loss)  # the compile config's, with Keras's semantics
         module.train()

@@ -28,6 +28,12 @@ generated module against the fx module on the same batch (conv_chain, 8 rows: 64
 
     python scripts/bench_convert.py --memory [--repeats 1]
 
+`--optimizer-state` times `convert.py` of a compiled `.keras` that holds Adam's state (a Dense
+model 1024 -> 2048 -> 2048 -> 10, 6.3M parameters, trained one step: three times the tensors)
+without and with `--optimizer-state` (its slots through the ports into the exchange file).
+
+    python scripts/bench_convert.py --optimizer-state [--repeats 3]
+
 Needs Keras (to write the input files and for the by-hand route). Figures go in docs/measured.md.
 """
 
@@ -254,6 +260,42 @@ def write_memory_models(work_dir: Path) -> None:
     branches(size=256, channels=16, count=12).save(work_dir / "branches.keras")
 
 
+def write_optimizer_state_model(work_dir: Path) -> None:
+    """The `--optimizer-state` model (runs in the `--write-models` process)."""
+    import keras
+    import numpy as np
+
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((1024,))
+    x = keras.layers.Dense(2048, activation="relu")(inputs)
+    x = keras.layers.Dense(2048, activation="relu")(x)
+    model = keras.Model(inputs, keras.layers.Dense(10)(x))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    model.train_on_batch(rng.normal(size=(8, 1024)).astype(np.float32), np.eye(10, dtype=np.float32)[:8])
+    model.save(work_dir / "adam.keras")
+
+
+def bench_optimizer_state(work_dir: Path, repeats: int) -> dict:
+    """convert.py of the Adam model without and with its optimizer state."""
+    keras_path, ours = work_dir / "adam.keras", work_dir / "adam.safetensors"
+    command = [sys.executable, str(ROOT / "scripts/convert.py"), str(keras_path), str(ours)]
+    results = {
+        "file_mb": keras_path.stat().st_size / 2**20,
+        "without": repeat(command, repeats, ours),
+        "with": repeat(command + ["--optimizer-state"], repeats, ours),
+    }
+    ratio = results["with"]["seconds"] / results["without"]["seconds"]
+    print(f"\nAdam-trained Dense model, 6.3M parameters ({results['file_mb']:,.1f} MiB .keras)")
+    print("| convert.py | wall time, whole process (s) | peak RSS (MiB) |")
+    print("|---|---|---|")
+    for route in ("without", "with"):
+        figures = results[route]
+        print(f"| {route} --optimizer-state | {figures['seconds']:.3f} | {figures['peak_rss_mb']:,.0f} |")
+    print(f"with / without: {ratio:.2f}x", flush=True)
+    return results
+
+
 def bench_memory(work_dir: Path, repeats: int) -> dict:
     """`--verify`'s peak and time per model and output kind; the generated forward against fx's."""
     results: dict = {}
@@ -308,6 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-sequences", action="store_true")
     parser.add_argument("--only-sequences", action="store_true")
     parser.add_argument("--memory", action="store_true", help="peak memory of --verify and of generated code")
+    parser.add_argument("--optimizer-state", action="store_true", help="conversion with and without Adam's state")
     parser.add_argument("--write-models", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--forward-model", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -323,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.write_models and args.memory:
         write_memory_models(args.write_models)
         return 0
+    if args.write_models and args.optimizer_state:
+        write_optimizer_state_model(args.write_models)
+        return 0
     if args.write_models:
         if not args.only_sequences:
             write_models(args.write_models, args.skip_large)
@@ -336,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.memory:
             subprocess.run([sys.executable, __file__, "--write-models", str(work_dir), "--memory"], check=True)
             results = bench_memory(work_dir, args.repeats)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=1))
+            return 0
+        if args.optimizer_state:
+            subprocess.run([sys.executable, __file__, "--write-models", str(work_dir), "--optimizer-state"], check=True)
+            results = bench_optimizer_state(work_dir, args.repeats)
             if args.json:
                 args.json.write_text(json.dumps(results, indent=1))
             return 0

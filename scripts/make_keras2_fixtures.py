@@ -50,6 +50,13 @@ weight seeded; the inputs and outputs of each in saved_model_expected.npz (`<nam
 SavedModel reader must reproduce. saved_model.pb (the traced graphs, 75 KB to over 1 MB each) is
 deleted from the written folders: the exchange never reads it (only keras_metadata.pb and
 variables/), and the fixtures stay small.
+
+Training state: `--training [OUT_DIR]` (a separate run) writes training_adam.h5, a small text model
+(int32 ids -> Embedding -> Flatten -> Dense with an L2 kernel regularizer -> Dense logits) compiled
+with Adam (epsilon 1e-4) and categorical cross-entropy from logits, trained 3 steps with `fit`, so
+the file holds `training_config` and `optimizer_weights` (`iteration`, `Adam/m/...`, `Adam/v/...`);
+and training_expected.npz: the 20 batches Keras 2 then continues on (`x` ids, `y` one-hot), and
+after them every weight (`weight/<weight name>`) and optimizer variable (`optimizer/<name>`).
 """
 
 from __future__ import annotations
@@ -514,8 +521,50 @@ def main_tfop(out_dir: Path) -> None:
         print(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size:,} bytes)")
 
 
+TRAINING_WEIGHT_SEED = 31
+TRAINING_VOCABULARY, TRAINING_STEPS, TRAINING_BATCH = 10, 20, 8
+
+
+def training_batches(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """`count` batches of 8 rows of 5 token ids (Zipf-like: some looked up often, some not at all)."""
+    rng = np.random.default_rng(seed)
+    frequencies = 1.0 / np.arange(1, TRAINING_VOCABULARY + 1)
+    ids = rng.choice(TRAINING_VOCABULARY, size=(count * TRAINING_BATCH, 5), p=frequencies / frequencies.sum())
+    labels = np.eye(3, dtype=np.float32)[rng.integers(0, 3, count * TRAINING_BATCH)]
+    return ids.astype(np.int32), labels
+
+
+def main_training(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    keras.utils.set_random_seed(TRAINING_WEIGHT_SEED)
+    inputs = keras.Input((5,), dtype="int32")
+    x = keras.layers.Embedding(TRAINING_VOCABULARY, 3, name="tokens")(inputs)
+    x = keras.layers.Flatten(name="flat")(x)
+    x = keras.layers.Dense(4, activation="tanh", kernel_regularizer=keras.regularizers.L2(0.01), name="hidden")(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="logits")(x), name="text")
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01, beta_1=0.8, epsilon=1e-4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    x, y = training_batches(3, TRAINING_WEIGHT_SEED)
+    model.fit(x, y, batch_size=TRAINING_BATCH, shuffle=False, epochs=1, verbose=0)
+    model.save(out_dir / "training_adam.h5")
+    x, y = training_batches(TRAINING_STEPS, TRAINING_WEIGHT_SEED + 1)
+    model.fit(x, y, batch_size=TRAINING_BATCH, shuffle=False, epochs=1, verbose=0)
+    expected = {"x": x, "y": y}
+    expected.update({f"weight/{weight.name}": weight.numpy() for weight in model.weights})
+    expected.update({f"optimizer/{variable.name}": variable.numpy() for variable in model.optimizer.variables})
+    np.savez(out_dir / "training_expected.npz", **expected)
+    for name in ("training_adam.h5", "training_expected.npz"):
+        print(f"wrote {out_dir / name} ({(out_dir / name).stat().st_size:,} bytes)")
+
+
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--tfop"]:
+    if sys.argv[1:2] == ["--training"]:
+        main_training(
+            Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
+        )
+    elif sys.argv[1:2] == ["--tfop"]:
         main_tfop(
             Path(sys.argv[2]) if len(sys.argv) > 2 else Path(__file__).resolve().parent.parent / "tests/fixtures/keras2"
         )

@@ -68,16 +68,17 @@ OPTIMIZERS = {
     },
     "Adagrad": {"learning_rate": 0.1, "initial_accumulator_value": 0.3, "epsilon": 1e-7},
     "Adamax": {"learning_rate": 0.02, "beta_1": 0.8, "beta_2": 0.9, "epsilon": 1e-7},
+    "Nadam": {"learning_rate": 0.01, "beta_1": 0.85, "beta_2": 0.99, "epsilon": 1e-4},
 }
 
 
-def _gradients(seed):
+def _gradients(seed, steps=STEPS):
     rng = np.random.default_rng(seed)
-    return [rng.normal(size=(3, 5)).astype(np.float32) for _ in range(STEPS)]
+    return [rng.normal(size=(3, 5)).astype(np.float32) for _ in range(steps)]
 
 
-def _run_both(class_name, config, seed=0):
-    """STEPS updates of one (3, 5) variable with the same gradients in Keras and in torch."""
+def _run_both(class_name, config, seed=0, steps=STEPS):
+    """`steps` updates of one (3, 5) variable with the same gradients in Keras and in torch."""
     start = np.random.default_rng(seed + 100).normal(size=(3, 5)).astype(np.float32)
     keras_variable = keras.Variable(start)
     keras_config = {key: value for key, value in config.items()}
@@ -86,7 +87,7 @@ def _run_both(class_name, config, seed=0):
     keras_optimizer = getattr(keras.optimizers, class_name)(**keras_config)
     parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
     torch_optimizer = optimizers.make_optimizer([parameter], class_name, config)
-    for gradient in _gradients(seed):
+    for gradient in _gradients(seed, steps):
         keras_optimizer.apply_gradients([(keras.ops.convert_to_tensor(gradient), keras_variable)])
         parameter.grad = torch.from_numpy(gradient.copy())
         torch_optimizer.step()
@@ -98,15 +99,64 @@ def test_optimizer_takes_keras_steps(name):
     class_name = name.split("-")[0]
     keras_value, torch_value, keras_optimizer, torch_optimizer, parameter = _run_both(class_name, OPTIMIZERS[name])
     np.testing.assert_allclose(torch_value, keras_value, rtol=0, atol=STEP_TOLERANCE)
-    # The slots too, named and ordered as Keras's optimizer variables.
+    _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, STEPS)
+
+
+def _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, steps, relative=0, absolute=STEP_TOLERANCE):
+    """The slots, then the optimizer's own scalars, named and ordered as Keras's optimizer variables."""
     slots = torch_optimizer.slots()
-    keras_slots = [variable.numpy() for variable in keras_optimizer.variables[2:]]
-    assert len(keras_slots) == len(slots)
+    head = 2 if isinstance(torch_optimizer.learning_rate, float) else 1  # iterations, learning rate
+    keras_slots = [variable.numpy() for variable in keras_optimizer.variables[head:]]
+    assert len(keras_slots) == len(slots) + len(torch_optimizer.scalars)
     for slot, keras_slot in zip(slots, keras_slots):
         np.testing.assert_allclose(
-            torch_optimizer.state[parameter][slot].numpy(), keras_slot, rtol=0, atol=STEP_TOLERANCE
+            torch_optimizer.state[parameter][slot].numpy(), keras_slot, rtol=relative, atol=absolute
         )
-    assert torch_optimizer.iterations == int(keras_optimizer.iterations.numpy()) == STEPS
+    for value, keras_value in zip(torch_optimizer.scalars.values(), keras_slots[len(slots) :]):
+        assert float(value) == pytest.approx(float(keras_value), rel=STEP_TOLERANCE)
+    assert torch_optimizer.iterations == int(keras_optimizer.iterations.numpy()) == steps
+
+
+VOCABULARY, WIDTH = 6, 2
+
+
+@pytest.mark.parametrize("name", sorted(OPTIMIZERS))
+def test_optimizer_takes_keras_steps_on_embedding_lookups(name):
+    """An embedding's gradient, one row per lookup (a token twice or thrice in a batch, others
+    not at all): Keras on TensorFlow gets it as `tf.IndexedSlices`, torch as a sparse gradient
+    (`torch_sparse_lookups`); every slot takes the same steps. Summing a token's rows first (a
+    dense torch gradient) gives a different velocity / accumulator / norm to all but SGD."""
+    import tensorflow as tf
+
+    class_name = name.split("-")[0]
+    config = OPTIMIZERS[name]
+    start = np.random.default_rng(5).normal(size=(VOCABULARY, WIDTH)).astype(np.float32)
+    keras_variable = keras.Variable(start)
+    keras_optimizer = getattr(keras.optimizers, class_name)(**config)
+    parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
+    torch_optimizer = optimizers.make_optimizer([parameter], class_name, config)
+    rng = np.random.default_rng(6)
+    for step in range(STEPS):
+        rows = np.array([1, 1, 2, 1, 4] if step % 2 == 0 else [2, 3, 3], np.int64)
+        values = rng.normal(size=(len(rows), WIDTH)).astype(np.float32)
+        lookups = tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([VOCABULARY, WIDTH], tf.int64))
+        keras_optimizer.apply_gradients([(lookups, keras_variable)])
+        parameter.grad = torch.sparse_coo_tensor(
+            torch.from_numpy(rows)[None], torch.from_numpy(values), (VOCABULARY, WIDTH), check_invariants=True
+        )
+        torch_optimizer.step()
+    np.testing.assert_allclose(parameter.detach().numpy(), keras_variable.numpy(), rtol=0, atol=STEP_TOLERANCE)
+    _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, STEPS, relative=STEP_TOLERANCE)
+
+
+def test_embedding_gradients_are_lookups():
+    """`torch_sparse_lookups`: one gradient row per lookup, not yet summed per token."""
+    model = optimizers.torch_sparse_lookups(torch.nn.Sequential(torch.nn.Embedding(VOCABULARY, WIDTH)))
+    model(torch.tensor([[1, 1, 2], [1, 4, 4]])).sum().backward()
+    gradient = model[0].weight.grad
+    assert gradient.is_sparse and gradient._indices().tolist() == [[1, 1, 2, 1, 4, 4]]
+    squares = optimizers.per_lookup(torch.square, model[0].weight, gradient.to_dense())
+    assert squares[1].tolist() == [3.0, 3.0] and squares[0].tolist() == [0.0, 0.0]
 
 
 @pytest.mark.parametrize("name", sorted(SCHEDULES))
@@ -162,6 +212,44 @@ def test_torch_adam_with_keras_epsilon_drifts():
         start, lambda params: torch.optim.Adam(params, lr=0.05, betas=(0.8, 0.95), eps=0.1), _gradients(0)
     )
     assert np.max(np.abs(naive - keras_value)) > 1e-3
+
+
+NADAM_STEPS = 40
+
+
+def test_nadam_takes_keras_steps_for_dozens_of_steps():
+    """Keras's Nadam under a schedule, with weight decay: 40 steps, weights, slots and
+    `u_product` (1.5e-7 by then) within 1e-6 relative."""
+    config = {
+        "learning_rate": {"class_name": "ExponentialDecay", "config": SCHEDULES["ExponentialDecay"]},
+        "beta_1": 0.9,
+        "beta_2": 0.999,
+        "epsilon": 1e-7,
+        "weight_decay": 0.01,
+    }
+    keras_value, torch_value, keras_optimizer, torch_optimizer, parameter = _run_both(
+        "Nadam", config, steps=NADAM_STEPS
+    )
+    np.testing.assert_allclose(torch_value, keras_value, rtol=STEP_TOLERANCE)
+    _check_slots_and_scalars(keras_optimizer, torch_optimizer, parameter, NADAM_STEPS, STEP_TOLERANCE, 0)
+
+
+def test_torch_nadam_drifts():
+    """torch's NAdam with Keras's hyperparameters (its momentum schedule 0.96^(0.004 t), not
+    Keras's 0.96^t) moves the variable elsewhere; with `momentum_decay=1` it follows Keras."""
+    config = OPTIMIZERS["Nadam"]
+    keras_value, _, *_ = _run_both("Nadam", config, steps=NADAM_STEPS)
+    start = np.random.default_rng(100).normal(size=(3, 5)).astype(np.float32)
+
+    def torch_nadam(momentum_decay):
+        return lambda params: torch.optim.NAdam(
+            params, lr=0.01, betas=(0.85, 0.99), eps=1e-4, momentum_decay=momentum_decay
+        )
+
+    naive = _naive_run(start, torch_nadam(4e-3), _gradients(0, NADAM_STEPS))
+    assert np.max(np.abs(naive - keras_value)) > 1e-3
+    following = _naive_run(start, torch_nadam(1.0), _gradients(0, NADAM_STEPS))
+    np.testing.assert_allclose(following, keras_value, rtol=1e-5)
 
 
 def test_torch_rmsprop_drifts():

@@ -128,6 +128,64 @@ def test_torch_state_back_to_keras_resumes_as_keras(trained, tmp_path):
         np.testing.assert_allclose(restored.numpy(), original.numpy(), rtol=0, atol=RESUME_TOLERANCE)
 
 
+def test_nadam_state_goes_through_both_ways(tmp_path):
+    """Nadam's `u_product` (a scalar variable after the slots) is carried exactly through the
+    exchange file; torch continues 10 steps as Keras does, and the `.keras` written from torch's
+    state loads into Keras as Keras's own run's state (whose update rule then continues it)."""
+    from exchange import optimizers
+
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((6, 5, 2))
+    x = keras.layers.Conv2D(3, 3, activation="relu", kernel_regularizer=keras.regularizers.L2(1e-2), name="conv")(
+        inputs
+    )
+    outputs = keras.layers.Dense(4, name="head")(keras.layers.Flatten(name="flat")(x))
+    model = keras.Model(inputs, outputs)
+    model.compile(
+        optimizer=keras.optimizers.Nadam(0.01, beta_1=0.85, epsilon=1e-4),
+        loss=keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    for x, y in _batches(3):
+        model.train_on_batch(x, y)
+    path = tmp_path / "nadam.keras"
+    model.save(path)
+    with keras_files.open_keras_file(path) as weights:
+        graph, tensors = weights.architecture, fileformat.materialize(weights.tensors)
+    keys = training_state.parameter_keys_of(graph)
+    state = training_state.read_keras_training(path, graph, keys)
+    assert state.scalars == {"u_product": float(model.optimizer.variables[-1].numpy())}
+    exchange_path = tmp_path / "nadam.safetensors"
+    fileformat.save(exchange_path, graph, tensors, "keras", training=state.file_parts())
+    state = training_state.read_exchange_training(fileformat.load(exchange_path), keys)
+    assert state.scalars == {"u_product": float(model.optimizer.variables[-1].numpy())}
+
+    module = torch_adapter.model_from_tensors(graph, tensors)
+    optimizer = training_state.torch_optimizer(module, state)
+    loss_fn = optimizers.make_loss(state.loss)
+    for x, y in _batches(10, seed=5):
+        model.train_on_batch(x, y)
+        optimizer.zero_grad()
+        (inputs,) = torch_adapter.torch_inputs(graph, [x])
+        loss = loss_fn(module(inputs), torch.from_numpy(y)) + optimizers.regularization_penalty(
+            module, state.regularizers
+        )
+        loss.backward()
+        optimizer.step()
+    torch_tensors = {key: value.detach().numpy() for key, value in module.state_dict().items()}
+    for key, value in keras_adapter.get_tensors(model).items():
+        np.testing.assert_allclose(torch_tensors[key], value, rtol=0, atol=RESUME_TOLERANCE, err_msg=key)
+    assert float(optimizer.scalars["u_product"]) == pytest.approx(float(model.optimizer.variables[-1]), rel=1e-6)
+
+    back = training_state.state_of_torch_optimizer(module, optimizer, state)
+    resumed = training_state.keras_model_with_training(graph, torch_adapter.get_tensors(module), back)
+    keras_adapter.save_keras_file(resumed, tmp_path / "back.keras")
+    reloaded = keras.saving.load_model(tmp_path / "back.keras", compile=True, safe_mode=True)
+    assert float(reloaded.optimizer.variables[-1].numpy()) == back.scalars["u_product"]
+    # Keras loaded the torch run's state: that of Keras's own run, step count, slots and u_product.
+    for original, restored in zip(model.optimizer.variables, reloaded.optimizer.variables, strict=True):
+        np.testing.assert_allclose(restored.numpy(), original.numpy(), rtol=1e-6, atol=RESUME_TOLERANCE)
+
+
 def _saved(tmp_path, model):
     """Saved with the optimizer built (its variables stored), without the cost of a training step."""
     model.optimizer.build(model.trainable_variables)
@@ -151,9 +209,9 @@ def _read(path):
         ),
         (lambda: keras.optimizers.Adam(amsgrad=True), "optimizer Adam amsgrad=True: AMSGrad is not reproduced"),
         (lambda: keras.optimizers.SGD(use_ema=True), "optimizer SGD use_ema=True: an exponential moving average"),
-        (lambda: keras.optimizers.Nadam(), "optimizer 'Nadam' is not supported for training state"),
+        (lambda: keras.optimizers.Lion(), "optimizer 'Lion' is not supported for training state"),
     ],
-    ids=["clipnorm", "amsgrad", "ema", "nadam"],
+    ids=["clipnorm", "amsgrad", "ema", "lion"],
 )
 def test_unreproduced_optimizers_are_refused_in_one_line(tmp_path, optimizer, message):
     path = _saved(tmp_path, _cnn(optimizer()))
@@ -262,6 +320,17 @@ SLOTS = {
     "optimizer/dense_0.bias/momentum": np.ones(2, np.float32),
 }
 
+NADAM = {
+    "class_name": "Nadam",
+    "config": {"learning_rate": 0.1, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7},
+    "iteration": 4,
+}
+NADAM_SLOTS = {
+    f"optimizer/dense_0.{name}/{slot}": np.ones(shape, np.float32)
+    for name, shape in (("weight", (2, 3)), ("bias", (2,)))
+    for slot in ("momentum", "velocity")
+}
+
 
 def test_exchange_file_state_is_read_back(tmp_path):
     state = _exchange_with(tmp_path, SGD, SLOTS)
@@ -280,6 +349,15 @@ def test_exchange_file_state_is_read_back(tmp_path):
         ),
         ({**SGD, "config": {**SGD["config"], "exec": 1}}, SLOTS, None, "optimizer SGD option 'exec' is not supported"),
         ({**SGD, "iteration": -1}, SLOTS, None, "optimizer iteration must be a step count"),
+        ({**SGD, "scalars": {"u_product": 0.5}}, SLOTS, None, r"optimizer SGD scalars must be exactly \[\]"),
+        ({**SGD, "lookups": ["x"]}, SLOTS, None, "optimizer lookups must be 'summed' if given, found"),
+        (NADAM, NADAM_SLOTS, None, r"optimizer Nadam scalars must be exactly \['u_product'\], found \{\}"),
+        (
+            {**NADAM, "scalars": {"u_product": "1"}},
+            NADAM_SLOTS,
+            None,
+            "optimizer Nadam u_product must be a number, found 1",
+        ),
         (
             SGD,
             {**SLOTS, "optimizer/dense_0.weight/momentum": np.ones((3, 2), np.float32)},
@@ -304,6 +382,10 @@ def test_exchange_file_state_is_read_back(tmp_path):
         "bad-number",
         "unknown-option",
         "negative-iteration",
+        "scalar-not-sgds",
+        "bad-lookups",
+        "nadam-without-u-product",
+        "u-product-not-a-number",
         "slot-shape",
         "unknown-slot",
         "missing-slot",
@@ -333,3 +415,40 @@ def test_an_activity_regularizer_is_refused(tmp_path):
     model.compile(optimizer="sgd", loss="mse")
     with pytest.raises(ExchangeError, match="layer 'd' activity_regularizer is not supported for training"):
         _read(_saved(tmp_path, model))
+
+
+def test_a_reversible_embedding_under_adam_is_refused(tmp_path):
+    """Its torch module gathers with a dense gradient; Keras's Adam squares each lookup's row."""
+    inputs = keras.Input((4,), dtype="int32")
+    x = keras.layers.ReversibleEmbedding(7, 3, name="tokens")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    model.compile(optimizer="adam", loss="mse")
+    with pytest.raises(
+        ExchangeError,
+        match="layer 'tokens' .reversible_embedding, LoRA or reversible. is not supported for training with Adam",
+    ):
+        _read(_saved(tmp_path, model))
+
+
+def test_parameter_keys_without_torch_are_torchs():
+    """`parameter_keys_of` tells parameters from buffers by kind (no torch import) for every kind in
+    its tables: the same keys as torch's module, on every case of test_layer_kinds and the
+    recurrent kinds; other kinds build the module."""
+    import test_layer_kinds
+
+    inputs = keras.Input((5, 3))
+    x = keras.layers.LSTM(4, return_sequences=True)(inputs)
+    x = keras.layers.GRU(4, return_sequences=True)(x)
+    x = keras.layers.Bidirectional(keras.layers.SimpleRNN(3))(x)
+    y = keras.layers.Conv1DTranspose(2, 3)(keras.layers.SimpleRNN(3, return_sequences=True)(inputs))
+    models = [keras.Model(inputs, [x, y])] + [make() for make in test_layer_kinds.CASES.values()]
+    covered = set()
+    for model in models:
+        graph = keras_adapter.architecture_of(model)
+        by_kind = training_state._parameter_keys_by_kind(graph)
+        if by_kind is None:
+            continue
+        assert by_kind == {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
+        covered |= {node.kind for node in graph.layers}
+    tables = training_state.PARAMETERS_ONLY_KINDS | set(training_state.PARAMETERS_AND_BUFFERS)
+    assert tables - covered == set()
