@@ -30,7 +30,8 @@ Conventions that differ:
 Refused, each in one line naming what and why: optimizers and options without a Keras-exact torch
 rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad, Nadam, …),
 frozen layers, activity regularizers, and files whose slots do not match the model's
-trainable variables in number or shape. Generated code's training functions
+trainable variables in number or shape (a file compiled but saved before its first step stores
+none: it is read as the fresh state Keras resumes from, `_fresh_state`). Generated code's training functions
 (`exchange.training_code`) also need a loss of `LOSS_OPTIONS` with Keras's reduction, one
 output, and no renormalising BatchNormalization (`check_trainable_in_code`).
 """
@@ -465,14 +466,60 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     try:
         with keras_files.hdf5_errors(source.label):
             stored = _optimizer_variables(source)
-            if not stored:  # compiled, never trained: a fresh optimizer
-                return TrainingState(spec, 0, {}, loss, regularizers)
+            head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
+            if not stored or (variables and spec.slot_names and len(stored) == head):
+                return _fresh_state(config, graph, variables, spec, loss, regularizers, where)
             iteration, spec, keras_slots = _unpack(stored, spec, variables, source.label)
     finally:
         source.close()
     return TrainingState(
         spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers
     )
+
+
+# Slots Keras's `build` starts at another value than zeros: (class, slot) -> the option holding it.
+INITIAL_SLOT_OPTIONS = {("Adagrad", "accumulator"): "initial_accumulator_value"}
+
+
+def _fresh_state(config: dict, graph: Graph, variables: list, spec, loss, regularizers, where: str) -> TrainingState:
+    """A compiled `.keras` saved before any training step stores no slots, only the step count
+    (and the learning rate unless it is a schedule). Keras, resuming, builds its optimizer afresh
+    (the stored count of variables differs from its own, so it loads none): step 0, each slot at
+    its initial value (zeros; Adagrad's `initial_accumulator_value`), the rate of the config.
+    Which variables Keras trains is then not checked by the count: a frozen layer is refused."""
+    frozen = _frozen_layer(config.get("config"))
+    if frozen is not None:
+        raise UnsupportedLayerError(
+            f"{where}: layer {str(frozen)[:60]!r} is frozen (trainable=false): not supported for training state"
+        )
+    specs = graph.tensor_specs
+    slots = {}
+    for node, _, _, port in variables:
+        for key in trained_keys(graph, node, port):
+            shape, dtype = specs[key]
+            slots[key] = {}
+            for slot in spec.slot_names:
+                option = INITIAL_SLOT_OPTIONS.get((spec.class_name, slot))
+                slots[key][slot] = np.full(shape, 0.0 if option is None else spec.options[option], dtype)
+    return TrainingState(spec, 0, slots, loss, regularizers)
+
+
+def _frozen_layer(value):
+    """The name of a layer config (nested models' included) with `trainable: false`, else None
+    (the config's nesting is capped when read: `untrusted.MAX_JSON_DEPTH`)."""
+    if isinstance(value, dict):
+        if value.get("trainable") is False:
+            return value.get("name", "?")
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _frozen_layer(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _optimizer_variables(source) -> list:
