@@ -9,6 +9,7 @@ import importlib.util
 import numpy as np
 import pytest
 import torch
+from generated_code import check_generated_file
 
 from exchange import cli, codegen, keras_adapter, optimizers, torch_adapter, training_state
 from exchange.errors import UnsupportedLayerError
@@ -67,6 +68,7 @@ def _lockstep(activation: str, loss: str, tmp_path) -> dict:
     notes = []
     graph = cli.convert(keras_path, code_path, notes=notes)
     assert notes == []
+    check_generated_file(code_path)
     generated = _import(code_path)
     weights = str(code_path.with_suffix(".safetensors"))
     modules, optimizers_ = [], []
