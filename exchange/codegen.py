@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from exchange import optimizers, torch_modules, training_code
+from exchange import optimizers, torch_modules, training_code, training_state
 from exchange.errors import ExchangeError
 from exchange.graph import Graph
 from exchange.kinds.axis_order import torch_shape
@@ -79,8 +79,20 @@ def generate(graph: Graph, weights_name: str, source_name: str, training=None) -
                 used_helpers.append(type(part))
     keras_names = {graph.torch_names[node.name]: node.name for node in graph.layers}
     parameters, body = _forward(module.graph, keras_names)
+    logits_method = ""
+    activation = None if training is None else training_state.logits_activation(graph, training.loss, "training")
+    if activation is not None:  # forward = the activation of `pre_activation`, which `loss_fn` takes
+        logits, final = training_state.logits_model(module, activation)
+        _, logits_body = _forward(logits.graph, keras_names)
+        call = _Variable(f"self.pre_activation({', '.join(parameters)})")
+        body = [f"return {_statement(final, (call,), final.kwargs, keras_names)}"]
+        logits_method = (
+            f"\n    def pre_activation(self, {', '.join(parameters)}):\n"
+            f'        """The output before its final {activation}: what Keras takes the cross-entropy from."""\n'
+            + "".join(f"        {line}\n" for line in logits_body)
+        )
     helper_sources = [textwrap.dedent(inspect.getsource(helper)) for helper in used_helpers]
-    named = "\n".join(init_lines + body + helper_sources)
+    named = "\n".join(init_lines + body + [logits_method] + helper_sources)
     used_functions: list = []  # named in the code, or by a function already copied (hash_integers' helpers)
     while True:
         added = [
@@ -109,6 +121,7 @@ def generate(graph: Graph, weights_name: str, source_name: str, training=None) -
         + "".join(f"        {line}\n" for line in init_lines)
         + f"\n    def forward(self, {', '.join(parameters)}):\n"
         + "".join(f"        {line}\n" for line in body)
+        + logits_method
     )
     code = "".join(helper_sources) + model_class + "".join(training_functions)
     standard_library = [f"import {name}" for name in ("json", "math") if re.search(rf"\b{name}\.", code)]

@@ -41,7 +41,8 @@ Conventions that differ:
 - Regularizers: Keras adds `l1 * sum|w| + l2 * sum(w^2)` of each regularized variable to the loss;
   torch has no such term unless written (`regularization_penalty`).
 - Losses: Keras's cross-entropy clips probabilities to [1e-7, 1 - 1e-7] (unless from logits),
-  smooths labels before, and averages over the batch (`sum_over_batch_size`).
+  smooths labels before, and averages over the batch (`sum_over_batch_size`). Of a softmax or
+  sigmoid output it takes the logits instead (`make_loss(..., from_logits=True)` on them).
 """
 
 from __future__ import annotations
@@ -529,10 +530,11 @@ LOSS_NAMES = {
 }
 
 
-def make_loss(description):
+def make_loss(description, from_logits=None):
     """Keras's compiled loss (a name, or `{"class_name", "config"}`) as `loss(y_pred, y_true)`: the
-    per-sample losses averaged over the batch (`sum_over_batch_size`, Keras's default). A softmax
-    or sigmoid output's loss is computed by Keras from its logits: give those with `from_logits`."""
+    per-sample losses averaged over the batch (`sum_over_batch_size`, Keras's default). Keras takes
+    a softmax or sigmoid output's cross-entropy from its logits: `from_logits=True` makes a
+    cross-entropy take those (`exchange.training_state.torch_loss` gives both)."""
     if isinstance(description, str):
         name, options = description, {}
     else:
@@ -545,6 +547,8 @@ def make_loss(description):
     reduction = options.pop("reduction", "sum_over_batch_size")
     if reduction != "sum_over_batch_size" or options.pop("ignore_class", None) is not None:
         raise ValueError(f"loss {name!r}: only reduction='sum_over_batch_size' without ignore_class is reproduced")
+    if from_logits is not None and "crossentropy" in name:
+        options["from_logits"] = from_logits
     function = LOSSES[name]
     return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
 

@@ -6,7 +6,9 @@ carries its state into the weights file beside the `.py`) gets, beside its class
   file with what it uses, like `exchange.torch_modules`'s helpers) with the run's options written
   out, and the step count and slots read from the weights file, as `load()` reads the weights;
 - `loss_fn(y_pred, y_true)`: the compiled loss with Keras's semantics (`exchange.optimizers`'s
-  function of that name, its options written out);
+  function of that name, its options written out); `loss_fn(logits, y_true)` where Keras takes a
+  cross-entropy from the logits of the output's softmax or sigmoid: the model class then has
+  `pre_activation`, and `forward` is that activation of it (`training_state.logits_activation`);
 - `regularization_penalty(model)`, when Keras had regularizers: their terms written out. It takes
   the model, so it is not part of `loss_fn` (which takes what Keras's loss takes) but of
   `train_step`, which adds it as Keras adds its regularization losses to the compiled loss;
@@ -106,10 +108,11 @@ def functions(
         f'    return {{key: value for key, value in load_file(path).items() if not key.startswith("{SLOT_PREFIX}")}}\n'
     ]
     sources.append(_make_optimizer(graph, state, parameter_names, weights_name, _format, quoted))
-    sources.append(_loss_fn(graph, state, _format))
+    activation = training_state.logits_activation(graph, state.loss, "the training state")
+    sources.append(_loss_fn(graph, state, _format, activation))
     if state.regularizers:
         sources.append(_regularization_penalty(state.regularizers, _format, quoted))
-    sources.append(_train_step(bool(state.regularizers), input_names))
+    sources.append(_train_step(bool(state.regularizers), input_names, activation is not None))
     return sources
 
 
@@ -183,24 +186,32 @@ def _make_optimizer(graph, state, parameter_names, weights_name, _format, quoted
     return "\n".join(lines) + "\n"
 
 
-def _loss_fn(graph, state, _format) -> str:
+def _loss_fn(graph, state, _format, activation: str | None) -> str:
+    """`activation`: the output's softmax or sigmoid whose logits Keras takes the loss from
+    (`training_state.logits_activation`), then `loss_fn` takes them; else None."""
     function, options = training_state.loss_call(state.loss, "the training state")
     if "axis" in options:  # Keras's axis of its channels-last output, as the torch dim
         rank = len(graph.shapes[graph.outputs[0]])
         dim = torch_axis(options["axis"], rank, "the loss")
         options = {**options, "axis": -1 if dim == rank else dim}
+    if activation is not None:
+        options = {**options, "from_logits": True}
     arguments = "".join(f", {key}={_format(value)}" for key, value in options.items())
-    note = ""
-    if "from_logits" in options and not options["from_logits"]:
+    prediction = "logits" if activation is not None else "y_pred"
+    if activation is not None:
         note = (
-            "\n    Keras computes a softmax or sigmoid output's cross-entropy from its logits: the same but\n"
-            "    where a probability is below 1e-7, which is clipped here."
+            f"\n    `logits`: the model's output before its final {activation} (`model.pre_activation`),"
+            f"\n    which Keras takes a {activation} output's cross-entropy from (no clipping)."
         )
+    elif not options.get("from_logits", True):
+        note = "\n    Probabilities are clipped to [1e-7, 1 - 1e-7], as Keras clips them."
+    else:
+        note = ""
     return (
-        "def loss_fn(y_pred, y_true):\n"
+        f"def loss_fn({prediction}, y_true):\n"
         f'    """Keras\'s {function} as compiled, averaged over the batch (Keras\'s reduction\n'
         f"    'sum_over_batch_size'); `y_true` in the layout of the model's output.{note}\"\"\"\n"
-        f"    return {function}(y_pred, y_true{arguments}).mean()\n"
+        f"    return {function}({prediction}, y_true{arguments}).mean()\n"
     )
 
 
@@ -235,20 +246,22 @@ def _regularization_penalty(regularizers: dict, _format, quoted) -> str:
     )
 
 
-def _train_step(penalty: bool, input_names: list[str]) -> str:
+def _train_step(penalty: bool, input_names: list[str], from_logits: bool = False) -> str:
     several = len(input_names) > 1
     inputs = (
         f"`x`: the inputs ({', '.join(input_names)}) as a tuple, channels-first as `forward` takes them"
         if several
         else "`x`: channels-first, as `forward` takes it"
     )
-    loss = "loss_fn(model(*x), y)" if several else "loss_fn(model(x), y)"
+    method = "model.pre_activation" if from_logits else "model"
+    loss = f"loss_fn({method}(*x), y)" if several else f"loss_fn({method}(x), y)"
     return (
         "def train_step(model, optimizer, x, y):\n"
         + _docstring(
             f"One step of Keras's `train_on_batch`. {inputs}; `y`: in the layout of the output. "
             "The model in training mode (its BatchNorms move their statistics as Keras's do), the loss"
             + (" plus Keras's regularization penalty" if penalty else "")
+            + (" (from `model.pre_activation`'s logits, as Keras takes it)" if from_logits else "")
             + ", its gradients, one optimizer step. Returns the loss as Keras reports it"
             + (" (the penalty included)." if penalty else ".")
         )

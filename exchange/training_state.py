@@ -38,7 +38,8 @@ rule here (EMA, gradient clipping, gradient accumulation, loss scaling, AMSGrad,
 frozen layers, activity regularizers, files whose slots do not match the model's trainable
 variables in number or shape, a ReversibleEmbedding or LoRA Embedding under any optimizer but SGD
 (its torch module's gradient is dense), Keras 2's legacy optimizers and its Nadam (whose
-`u_product` it does not save).
+`u_product` it does not save). A file compiled but saved before its first step stores no
+slots: it is read as the fresh state Keras resumes from (`_fresh_state`).
 Generated code's training functions
 (`exchange.training_code`) also need a loss of `LOSS_OPTIONS` with Keras's reduction, one
 output, and no renormalising BatchNormalization (`check_trainable_in_code`).
@@ -511,14 +512,60 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     try:
         with keras_files.hdf5_errors(source.label):
             stored = _optimizer_variables(source)
-            if not stored:  # compiled, never trained: a fresh optimizer
-                return TrainingState(spec, 0, {}, loss, regularizers, spec.initial_scalars)
+            head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
+            if not stored or (variables and spec.slot_names and len(stored) == head):
+                return _fresh_state(config, graph, variables, spec, loss, regularizers, where)
             iteration, spec, keras_slots, scalars = _unpack(stored, spec, variables, source.label)
     finally:
         source.close()
     return TrainingState(
         spec, iteration, slots_to_torch(graph, variables, spec.slot_names, keras_slots), loss, regularizers, scalars
     )
+
+
+# Slots Keras's `build` starts at another value than zeros: (class, slot) -> the option holding it.
+INITIAL_SLOT_OPTIONS = {("Adagrad", "accumulator"): "initial_accumulator_value"}
+
+
+def _fresh_state(config: dict, graph: Graph, variables: list, spec, loss, regularizers, where: str) -> TrainingState:
+    """A compiled `.keras` saved before any training step stores no slots, only the step count
+    (and the learning rate unless it is a schedule). Keras, resuming, builds its optimizer afresh
+    (the stored count of variables differs from its own, so it loads none): step 0, each slot at
+    its initial value (zeros; Adagrad's `initial_accumulator_value`), the rate of the config.
+    Which variables Keras trains is then not checked by the count: a frozen layer is refused."""
+    frozen = _frozen_layer(config.get("config"))
+    if frozen is not None:
+        raise UnsupportedLayerError(
+            f"{where}: layer {str(frozen)[:60]!r} is frozen (trainable=false): not supported for training state"
+        )
+    specs = graph.tensor_specs
+    slots = {}
+    for node, _, _, port in variables:
+        for key in trained_keys(graph, node, port):
+            shape, dtype = specs[key]
+            slots[key] = {}
+            for slot in spec.slot_names:
+                option = INITIAL_SLOT_OPTIONS.get((spec.class_name, slot))
+                slots[key][slot] = np.full(shape, 0.0 if option is None else spec.options[option], dtype)
+    return TrainingState(spec, 0, slots, loss, regularizers, spec.initial_scalars)
+
+
+def _frozen_layer(value):
+    """The name of a layer config (nested models' included) with `trainable: false`, else None
+    (the config's nesting is capped when read: `untrusted.MAX_JSON_DEPTH`)."""
+    if isinstance(value, dict):
+        if value.get("trainable") is False:
+            return value.get("name", "?")
+        items = list(value.values())
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        found = _frozen_layer(item)
+        if found is not None:
+            return found
+    return None
 
 
 def _optimizer_variables(source) -> list:
@@ -1110,12 +1157,130 @@ def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> N
     if len(graph.outputs) != 1:
         raise UnsupportedLayerError(f"{where}: training a model of {len(graph.outputs)} outputs is not supported")
     loss_call(state.loss, where)
+    activation = logits_activation(graph, state.loss, where)
+    if activation is not None:
+        from exchange import torch_adapter
+
+        logits_model(torch_adapter.build_module(graph), activation, where)
     for node in graph.layers:
         if node.kind == "batch_norm" and node.config.renorm:
             raise UnsupportedLayerError(
                 f"{where}: layer {node.name!r} BatchNormalization renorm=True trains with batch "
                 "renormalisation, which is not reproduced in torch"
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# A softmax or sigmoid output's cross-entropy, which Keras takes from the logits
+
+CROSS_ENTROPIES = ("categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy")
+# Kinds whose Keras call ends with `self.activation(x)`: their output carries the activation's logits.
+ACTIVATION_LAST = (
+    "dense",
+    "einsum_dense",
+    *(f"conv{rank}d{suffix}" for rank in (1, 2, 3) for suffix in ("", "_transpose")),
+    "depthwise_conv1d",
+    "depthwise_conv2d",
+    "separable_conv1d",
+    "separable_conv2d",
+)
+# Kinds that in training return their input tensor itself (so the logits stay attached to it):
+# always (None), or when the option named is 0 (a dropout's rate, a noise's stddev).
+PASSES_TENSOR_ON = {
+    "identity": None,
+    "activity_regularization": None,
+    "dropout": "rate",
+    "spatial_dropout1d": "rate",
+    "spatial_dropout2d": "rate",
+    "spatial_dropout3d": "rate",
+    "gaussian_dropout": "rate",
+    "alpha_dropout": "rate",
+    "gaussian_noise": "stddev",
+}
+
+
+def logits_activation(graph: Graph, loss, where: str) -> str | None:
+    """ "softmax" or "sigmoid" where Keras 3.15 (TensorFlow backend) takes the compiled loss, a
+    cross-entropy, from the logits of the output's final activation, else None.
+
+    Keras's softmax and sigmoid attach their input to their output (`_keras_logits`); its three
+    cross-entropies use it whenever present, whatever `from_logits` says and whichever of the two
+    made it (a sigmoid output's categorical cross-entropy is a softmax cross-entropy of its
+    logits), along the loss's own axis. The output carries them when its layer ends with that
+    activation (`ACTIVATION_LAST`, Activation, a one-axis unmasked Softmax, `ops.sigmoid`), also
+    through layers that pass the tensor itself on (`PASSES_TENSOR_ON`, a linear Activation); a
+    float32 one only (the loss casts another to float32, a new tensor without them)."""
+    function, _ = loss_call(loss, where)
+    if function not in CROSS_ENTROPIES or len(graph.outputs) != 1:
+        return None
+    name = graph.outputs[0]
+    while name not in graph.input_arguments:
+        node = graph.node(name)
+        config, option = node.config, PASSES_TENSOR_ON.get(node.kind, "")
+        if node.dtype != "float32":
+            return None
+        linear = node.kind == "activation" and config.activation == "linear"  # Keras's returns its input
+        if option is None or (option and getattr(config, option) == 0) or linear:
+            name = node.inputs[0]
+            continue
+        if node.kind in ACTIVATION_LAST or node.kind == "activation":
+            activation = config.activation
+        elif node.kind == "softmax" and not isinstance(config.axis, tuple) and not config.mask_input:
+            activation = "softmax"
+        elif node.kind == "op_sigmoid":
+            activation = "sigmoid"
+        elif node.kind in ("simple_rnn", "rnn") and not config.return_sequences:
+            cell = config.cells[-1] if node.kind == "rnn" else config
+            if getattr(cell, "cell", "simple_rnn") == "simple_rnn" and cell.activation in ("softmax", "sigmoid"):
+                raise UnsupportedLayerError(
+                    f"{where}: output layer {node.name!r} SimpleRNN with a {cell.activation} activation: Keras "
+                    "takes its cross-entropy from the logits when the loop is unrolled, not otherwise; not reproduced"
+                )
+            return None
+        else:
+            return None
+        return activation if activation in ("softmax", "sigmoid") else None
+    return None
+
+
+def logits_model(model, activation: str, where: str = "the model"):
+    """(a module sharing `model`'s parameters that returns the input of its output's final
+    `activation`, that activation's fx node): what Keras takes the cross-entropy from
+    (`logits_activation`). `model`: an `exchange.torch_adapter` module (a `torch.fx` one)."""
+    import torch
+    from torch import fx
+
+    (output,) = [node for node in model.graph.nodes if node.op == "output"]
+    final = output.args[0]
+    target = {"softmax": torch.softmax, "sigmoid": torch.sigmoid}[activation]
+    if not (isinstance(final, fx.Node) and final.op == "call_function" and final.target is target):
+        raise UnsupportedLayerError(
+            f"{where}: Keras takes the loss from the logits of the output's {activation}, which the torch "
+            "module does not end with"
+        )
+    graph = fx.Graph()
+    copies: dict = {}
+    graph.graph_copy(model.graph, copies)
+    graph.output(copies[final.args[0]])
+    logits = fx.GraphModule(model, graph, class_name=f"{type(model).__name__}Logits")
+    logits.graph.eliminate_dead_code()
+    logits.recompile()
+    return logits, final
+
+
+def torch_loss(model, state: TrainingState):
+    """(forward, loss) that train `model` (an `exchange.torch_adapter` module) as Keras trains it:
+    `loss(forward(x), y_true)`, the compiled loss averaged over the batch. Where Keras takes the
+    cross-entropy from the logits of the output's softmax or sigmoid (`logits_activation`),
+    `forward` is a module sharing `model`'s parameters that stops before that activation and
+    `loss` takes logits; otherwise `forward` is `model`."""
+    from exchange import optimizers
+
+    activation = logits_activation(model.exchange_graph, state.loss, "the training state")
+    if activation is None:
+        return model, optimizers.make_loss(state.loss)
+    forward, _ = logits_model(model, activation)
+    return forward, optimizers.make_loss(state.loss, from_logits=True)
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
