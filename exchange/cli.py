@@ -106,7 +106,7 @@ def open_weights(
             kind,
             keras_weights.keras3_loadable,
             keras_weights.keras2_config,
-            keras_weights.compiled if kind is filekinds.KERAS else False,
+            keras_weights.compiled,
         )
     if kind is filekinds.SAVED_MODEL:  # a Keras 2 SavedModel folder (`model.save("dir")`)
         keras_weights = stack.enter_context(savedmodel.open_saved_model(path))

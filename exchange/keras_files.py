@@ -348,7 +348,8 @@ class KerasWeights:
     # What the reader learnt on the way, so that nobody opens the file again to ask (--verify's
     # reference, the training state): Keras 3 opens the file itself and means what the exchange
     # reads (a `.keras`, a Keras 3 full-model `.h5`); the Keras 2 file holding the model's config
-    # (the file, or a Keras 2 `--arch`); a compiled `.keras` (a `compile_config`).
+    # (the file, or a Keras 2 `--arch`); a compiled `.keras` or full-model `.h5` (a `compile_config`,
+    # a `training_config`).
     keras3_loadable: bool = False
     keras2_config: Path | None = None
     compiled: bool = False
@@ -454,6 +455,7 @@ def _open_h5(path: Path, source: _Hdf5Source, h5: h5py.File, architecture_from, 
         parsed = parse_model_config(_json(_model_config_text(source), str(path)), str(path), keras2=keras2)
         weights = _finish(parsed, source, lambda location: _keras2_variables(source, "model_weights", location))
         weights.keras3_loadable, weights.keras2_config = not keras2, path if keras2 else None
+        weights.compiled = "training_config" in h5.attrs  # saved after compile: its training state
         return weights
     weights = _open_weights_only_h5(path, source, h5, architecture_from, by_name)
     config_path = Path(architecture_from)  # given: a weights-only file without it was refused

@@ -175,7 +175,15 @@ def _make_optimizer(graph, state, parameter_names, weights_name, _format, quoted
     lines += [
         "    )",
         '    with safe_open(path, framework="pt") as weights:',
-        '        optimizer.iterations = int(json.loads(weights.metadata()["optimizer"])["iteration"])',
+        '        metadata = json.loads(weights.metadata()["optimizer"])',
+        '        optimizer.iterations = int(metadata["iteration"])',
+    ]
+    if spec.initial_scalars:
+        lines += [
+            f"        for name, value in metadata[{quoted('scalars')}].items():  # {', '.join(spec.initial_scalars)}",
+            "            optimizer.scalars[name] = torch.tensor(value, dtype=torch.float32)",
+        ]
+    lines += [
         "        for key in weights.keys():",
         f'            if key.startswith("{SLOT_PREFIX}"):',
         f'                name, slot = key.removeprefix("{SLOT_PREFIX}").rsplit("/", 1)',

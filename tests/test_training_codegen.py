@@ -8,6 +8,7 @@ import importlib.util
 import json
 import shutil
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -108,6 +109,7 @@ def test_generated_lstm_continues_the_keras_run(tmp_path):
     _check(result, 20)
     source = result["source"]
     assert "    untrained = {'lstm.bias_hh_l0'}\n" in source  # Keras's one bias trains as bias_ih
+    assert "sparse=True)" in source  # the Embedding steps lookup by lookup, as Keras 3's
     assert "regularization_penalty" not in source
     assert "PiecewiseConstantDecay(boundaries=[20.0, 100.0], values=[0.01, 0.005, 0.002])" in source
 
@@ -252,3 +254,63 @@ def test_the_small_model_trains_from_its_generated_code(compiled_file, tmp_path)
     assert optimizer.iterations == 1 and set(optimizer.state[module.dense.weight]) == {"momentum"}
     loss = generated.train_step(module, optimizer, torch.ones(4, 3), torch.zeros(4, 2))
     assert loss.shape == () and optimizer.iterations == 2
+
+
+def test_nadam_continues_from_generated_code(tmp_path):
+    """Nadam's `u_product` (one scalar for the whole optimizer) is read from the weights file's
+    metadata by `make_optimizer`, so the generated run goes on as Keras's."""
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(inputs), name="small")
+    model.compile(optimizer=keras.optimizers.Nadam(0.05), loss="mse")
+    rng = np.random.default_rng(3)
+    batches = [
+        (rng.normal(size=(4, 3)).astype(np.float32), rng.normal(size=(4, 2)).astype(np.float32)) for _ in range(9)
+    ]
+    for x, y in batches[:4]:
+        model.train_on_batch(x, y)
+    path = tmp_path / "small.keras"
+    keras_adapter.save_keras_file(model, path)
+    notes = []
+    cli.convert(path, tmp_path / "small.py", notes=notes)
+    assert notes == []
+    source = (tmp_path / "small.py").read_text()
+    assert "optimizer.scalars[name] = torch.tensor(value, dtype=torch.float32)" in source
+    generated = _import(tmp_path / "small.py")
+    module = generated.Small()
+    weights = str(tmp_path / "small.safetensors")
+    module.load_state_dict(generated.load(weights), strict=True)
+    optimizer = generated.make_optimizer(module, weights)
+    assert float(optimizer.scalars["u_product"]) != 1.0  # where Keras's run left it
+    for x, y in batches[4:]:
+        model.reset_metrics()
+        keras_loss = float(np.asarray(model.train_on_batch(x, y)))
+        torch_loss = float(generated.train_step(module, optimizer, torch.from_numpy(x), torch.from_numpy(y)))
+        assert abs(keras_loss - torch_loss) < TOLERANCE
+    kernel = model.get_layer("dense").kernel.numpy()
+    np.testing.assert_allclose(module.dense.weight.detach().numpy(), kernel.T, rtol=0, atol=TOLERANCE)
+
+
+def test_keras2_training_continues_from_generated_code(tmp_path):
+    """A Keras 2 `.h5` with its optimizer state (tf-keras sums a token's Embedding lookups
+    before the update) converts to code whose `train_step` goes on as tf-keras's own run did
+    (tests/fixtures/keras2/training_expected.npz)."""
+    fixtures = Path(__file__).parent / "fixtures" / "keras2"
+    batch = 8  # as make_keras2_fixtures.py --training trained it
+    notes = []
+    graph = cli.convert(fixtures / "training_adam.h5", tmp_path / "m.py", notes=notes)
+    assert notes == []
+    source = (tmp_path / "m.py").read_text()
+    assert "sparse=True" not in source  # Keras 2's steps: a dense Embedding gradient
+    generated = _import(tmp_path / "m.py")
+    module = getattr(generated, torch_adapter.class_name(graph.name))()
+    weights = str(tmp_path / "m.safetensors")
+    module.load_state_dict(generated.load(weights), strict=True)
+    optimizer = generated.make_optimizer(module, weights)
+    expected = np.load(fixtures / "training_expected.npz")
+    for first in range(0, len(expected["x"]), batch):
+        x, y = expected["x"][first : first + batch], expected["y"][first : first + batch]
+        generated.train_step(module, optimizer, torch.from_numpy(x), torch.from_numpy(y))
+    assert optimizer.iterations == int(expected["optimizer/iteration:0"])
+    np.testing.assert_allclose(
+        module.tokens.weight.detach().numpy(), expected["weight/tokens/embeddings:0"], rtol=0, atol=TOLERANCE
+    )
