@@ -64,6 +64,7 @@ def test_keras_to_safetensors_to_keras_and_pt(keras_file, mnist, tmp_path):
     np.testing.assert_array_equal(keras_probs.argmax(-1), torch_probs.argmax(-1))
 
 
+@pytest.mark.slow  # ~15 s; the default run converts to .pt in test_keras_to_safetensors_to_keras_and_pt
 def test_keras_to_pt_directly_and_back(keras_file, tmp_path):
     keras_path, keras_model = keras_file
     state_path = tmp_path / "direct.pt"
@@ -294,6 +295,7 @@ def test_verify_casts_float_inputs_to_the_layer_dtype_as_keras_does(tmp_path, ca
     assert ".to(torch.float16)" in (tmp_path / "code.py").read_text()
 
 
+@pytest.mark.slow  # ~15 s; the layer search itself runs in tests/test_verify.py's wrong-convention tests
 def test_divergent_layer_is_found_in_bounded_memory(tmp_path, monkeypatch):
     """400 activations on a 1000-wide input, outputs differing (tolerances below 0: every layer
     fails): the layers are compared on the rows that differ most, in chunks; all of them at once

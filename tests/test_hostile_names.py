@@ -122,7 +122,14 @@ def _convert_and_run(graph: Graph, tensors: dict, folder: Path, source_name: str
     return actual
 
 
-@pytest.mark.parametrize("payload", list(PAYLOADS))
+# Each payload costs a conversion and a run of the generated code (~5 s): four run by default, the
+# rest with -m slow (one escaping rule, `codegen.quoted`, serves them all).
+SLOW_PAYLOADS = {"string escape", "comment", "fullwidth forward", "not an identifier"}
+
+
+@pytest.mark.parametrize(
+    "payload", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_PAYLOADS else name for name in PAYLOADS]
+)
 def test_hostile_name_neither_runs_nor_changes_the_model(tmp_path, payload):
     """The payload is the model's name, the input's, a layer's (and, plus `2`, another's), and
     the input and output files' names, all at once."""

@@ -157,6 +157,7 @@ def test_every_keras_application(name):
     keras.backend.clear_session()
 
 
+@pytest.mark.slow  # ~12 s; wrong conventions are named at their layer in tests/test_verify.py
 def test_verify_names_the_first_layer_that_diverges(tmp_path, capsys):
     """`--verify` compares the outputs; when they differ it compares every layer and names the
     first one whose outputs diverge (here a tampered bias in the middle of the CNN)."""
