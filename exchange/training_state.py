@@ -59,7 +59,7 @@ import numpy as np
 from exchange import fileformat, filekinds, keras_files, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import Graph
-from exchange.ports import KerasOnly, Packed, Summed, TorchOnly
+from exchange.ports import KerasOnly, Packed, Summed, TorchOnly, torch_keys
 
 OPTIMIZER_METADATA = "optimizer"
 TRAINING_METADATA = "training"
@@ -928,55 +928,17 @@ def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
 # Torch (imported when used)
 
 
-# Kinds whose state_dict keys are all torch parameters, and the kinds whose keys split into known
-# parameters and buffers: enough to tell them apart without importing torch (4 s here, most of a
-# conversion that carries the optimizer state). Checked against torch's modules in
-# tests/test_training_state.py; a graph with any other kind holding tensors builds the module.
-PARAMETERS_ONLY_KINDS = frozenset(
-    {
-        "dense",
-        "conv1d",
-        "conv2d",
-        "conv1d_transpose",
-        "conv2d_transpose",
-        "depthwise_conv2d",
-        "separable_conv2d",
-        "embedding",
-        "layer_norm",
-        "group_norm",
-        "lstm",
-        "gru",
-        "simple_rnn",
-        "bidirectional",
-    }
-)
-PARAMETERS_AND_BUFFERS = {
-    "batch_norm": (frozenset({"weight", "bias"}), frozenset({"running_mean", "running_var", "num_batches_tracked"})),
-}
-
-
 def parameter_keys_of(graph: Graph) -> set[str]:
-    """The state_dict keys that are parameters (not buffers) of the graph's torch module."""
-    known = _parameter_keys_by_kind(graph)
-    if known is not None:
-        return known
-    from exchange import torch_adapter
-
-    return {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
-
-
-def _parameter_keys_by_kind(graph: Graph) -> set[str] | None:
-    """`parameter_keys_of` from the tables above, or None when a key's kind is not in them."""
-    kinds = {graph.torch_names[node.name]: node.kind for node in graph.layers}
+    """The state_dict keys that are parameters (not buffers) of the graph's torch module, read off
+    the layers' ports (`buffer=True` marks a buffer) without importing torch (4 s here, most of a
+    conversion that carries the optimizer state). Checked against torch's modules in
+    tests/test_training_state.py."""
     found = set()
-    for key in graph.tensor_specs:
-        prefix, _, suffix = key.partition(".")
-        kind = kinds.get(prefix)
-        parameters, buffers = PARAMETERS_AND_BUFFERS.get(kind or "", (frozenset(), frozenset()))
-        if kind in PARAMETERS_ONLY_KINDS or suffix in parameters:
-            found.add(key)
-        elif suffix not in buffers:
-            return None
+    for node in graph.layers:
+        prefix = graph.torch_names[node.name]
+        for port in graph.ports(node):
+            if not isinstance(port, KerasOnly) and not port.buffer:
+                found |= {f"{prefix}.{key}" for key in torch_keys(port)}
     return found
 
 
