@@ -207,6 +207,11 @@ class BatchNormalization(LayerKind):
     passes_mask = True
     mask_position = 2  # call(inputs, training=None, mask=None)
 
+    def training_not_reproduced(self, config: BatchNormConfig) -> str | None:
+        if not config.renorm:
+            return None
+        return "BatchNormalization renorm=True trains with batch renormalisation, which is not reproduced in torch"
+
     def from_keras(self, options: KerasOptions) -> BatchNormConfig:
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
             options.expect(key, allowed)
