@@ -22,6 +22,11 @@ Two kinds of tensor live on one side only:
 - `KerasOnly`: a Keras variable that computes nothing at inference (Normalization's `count`).
   Keras -> torch drops it; torch -> Keras leaves the Keras variable as it is.
 
+A port whose torch tensors are buffers of the torch module, not parameters (BatchNorm's running
+statistics and counter, Normalization's mean and variance), says so with `buffer=True`: which
+tensors are parameters, and so which variables an optimizer trains, is read off the ports without
+building the module.
+
 Steps are pure: they never modify the array they are given.
 
 Example:
@@ -130,6 +135,7 @@ class Port:
     torch: str
     steps: tuple[Step, ...] = ()
     shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
+    buffer: bool = dataclasses.field(default=False, kw_only=True)  # torch holds it as a buffer
     lossy = False
 
     @property
@@ -165,6 +171,7 @@ class Stacked:
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
     shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
+    buffer: bool = dataclasses.field(default=False, kw_only=True)  # torch holds it as a buffer
     lossy = False
 
     @property
@@ -204,6 +211,7 @@ class Packed:
     steps: tuple[tuple[Step, ...], ...]
     axis: int = 0
     shapes: tuple[tuple[int, ...], ...] = dataclasses.field(default=(), kw_only=True)  # each Keras variable's
+    buffer: bool = dataclasses.field(default=False, kw_only=True)  # torch holds it as a buffer
     lossy = False
 
     @property
@@ -255,6 +263,7 @@ class Summed:
     torch: tuple[str, ...]
     steps: tuple[Step, ...] = ()
     shape: tuple[int, ...] = dataclasses.field(default=(), kw_only=True)  # the Keras variable's shape
+    buffer: bool = dataclasses.field(default=False, kw_only=True)  # torch holds it as a buffer
     lossy = True
 
     @property
@@ -292,6 +301,7 @@ class TorchOnly:
     dtype: str | None = None  # None: the node's dtype
     must_equal_fill: bool = False  # torch -> Keras refuses any other value (Keras cannot hold it)
     why: str = ""
+    buffer: bool = False  # torch holds it as a buffer (BatchNorm's counter), not a parameter
 
 
 @dataclass(frozen=True)
@@ -308,6 +318,13 @@ class KerasOnly:
 
 
 AnyPort = WeightPort | TorchOnly | KerasOnly
+
+
+def torch_keys(port: AnyPort) -> tuple[str, ...]:
+    """The torch state_dict suffixes that `port` joins (none for a `KerasOnly`)."""
+    if isinstance(port, KerasOnly):
+        return ()
+    return (port.torch,) if isinstance(port.torch, str) else port.torch
 
 
 def _run(steps: tuple[Step, ...], tensor: AnyTensor) -> AnyTensor:

@@ -59,7 +59,8 @@ import numpy as np
 from exchange import fileformat, filekinds, keras_files, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import Graph
-from exchange.ports import KerasOnly, Packed, Summed, TorchOnly
+from exchange.kinds import kind_of
+from exchange.ports import KerasOnly, Packed, Summed, TorchOnly, torch_keys
 
 OPTIMIZER_METADATA = "optimizer"
 TRAINING_METADATA = "training"
@@ -285,7 +286,7 @@ def check_lookups(graph: Graph, spec: OptimizerSpec, where: str) -> None:
     if spec.class_name in LINEAR_IN_GRADIENT:
         return
     for node in graph.layers:
-        if node.kind == "reversible_embedding" or (node.kind == "embedding" and node.config.lora_rank is not None):
+        if kind_of(node.kind).dense_lookup_gradient(node.config):
             raise UnsupportedLayerError(
                 f"{where}: layer {node.name!r} ({node.kind}, LoRA or reversible) is not supported for training "
                 f"with {spec.class_name}: Keras applies it to each lookup's gradient row, not reproduced for this layer"
@@ -928,55 +929,17 @@ def _check_regularizers(regularizers, parameter_keys: set[str]) -> dict:
 # Torch (imported when used)
 
 
-# Kinds whose state_dict keys are all torch parameters, and the kinds whose keys split into known
-# parameters and buffers: enough to tell them apart without importing torch (4 s here, most of a
-# conversion that carries the optimizer state). Checked against torch's modules in
-# tests/test_training_state.py; a graph with any other kind holding tensors builds the module.
-PARAMETERS_ONLY_KINDS = frozenset(
-    {
-        "dense",
-        "conv1d",
-        "conv2d",
-        "conv1d_transpose",
-        "conv2d_transpose",
-        "depthwise_conv2d",
-        "separable_conv2d",
-        "embedding",
-        "layer_norm",
-        "group_norm",
-        "lstm",
-        "gru",
-        "simple_rnn",
-        "bidirectional",
-    }
-)
-PARAMETERS_AND_BUFFERS = {
-    "batch_norm": (frozenset({"weight", "bias"}), frozenset({"running_mean", "running_var", "num_batches_tracked"})),
-}
-
-
 def parameter_keys_of(graph: Graph) -> set[str]:
-    """The state_dict keys that are parameters (not buffers) of the graph's torch module."""
-    known = _parameter_keys_by_kind(graph)
-    if known is not None:
-        return known
-    from exchange import torch_adapter
-
-    return {name for name, _ in torch_adapter.build_module(graph).named_parameters()}
-
-
-def _parameter_keys_by_kind(graph: Graph) -> set[str] | None:
-    """`parameter_keys_of` from the tables above, or None when a key's kind is not in them."""
-    kinds = {graph.torch_names[node.name]: node.kind for node in graph.layers}
+    """The state_dict keys that are parameters (not buffers) of the graph's torch module, read off
+    the layers' ports (`buffer=True` marks a buffer) without importing torch (4 s here, most of a
+    conversion that carries the optimizer state). Checked against torch's modules in
+    tests/test_training_state.py."""
     found = set()
-    for key in graph.tensor_specs:
-        prefix, _, suffix = key.partition(".")
-        kind = kinds.get(prefix)
-        parameters, buffers = PARAMETERS_AND_BUFFERS.get(kind or "", (frozenset(), frozenset()))
-        if kind in PARAMETERS_ONLY_KINDS or suffix in parameters:
-            found.add(key)
-        elif suffix not in buffers:
-            return None
+    for node in graph.layers:
+        prefix = graph.torch_names[node.name]
+        for port in graph.ports(node):
+            if not isinstance(port, KerasOnly) and not port.buffer:
+                found |= {f"{prefix}.{key}" for key in torch_keys(port)}
     return found
 
 
@@ -1163,40 +1126,15 @@ def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> N
 
         logits_model(torch_adapter.build_module(graph), activation, where)
     for node in graph.layers:
-        if node.kind == "batch_norm" and node.config.renorm:
-            raise UnsupportedLayerError(
-                f"{where}: layer {node.name!r} BatchNormalization renorm=True trains with batch "
-                "renormalisation, which is not reproduced in torch"
-            )
+        reason = kind_of(node.kind).training_not_reproduced(node.config)
+        if reason is not None:
+            raise UnsupportedLayerError(f"{where}: layer {node.name!r} {reason}")
 
 
 # ---------------------------------------------------------------------------------------------
 # A softmax or sigmoid output's cross-entropy, which Keras takes from the logits
 
 CROSS_ENTROPIES = ("categorical_crossentropy", "sparse_categorical_crossentropy", "binary_crossentropy")
-# Kinds whose Keras call ends with `self.activation(x)`: their output carries the activation's logits.
-ACTIVATION_LAST = (
-    "dense",
-    "einsum_dense",
-    *(f"conv{rank}d{suffix}" for rank in (1, 2, 3) for suffix in ("", "_transpose")),
-    "depthwise_conv1d",
-    "depthwise_conv2d",
-    "separable_conv1d",
-    "separable_conv2d",
-)
-# Kinds that in training return their input tensor itself (so the logits stay attached to it):
-# always (None), or when the option named is 0 (a dropout's rate, a noise's stddev).
-PASSES_TENSOR_ON = {
-    "identity": None,
-    "activity_regularization": None,
-    "dropout": "rate",
-    "spatial_dropout1d": "rate",
-    "spatial_dropout2d": "rate",
-    "spatial_dropout3d": "rate",
-    "gaussian_dropout": "rate",
-    "alpha_dropout": "rate",
-    "gaussian_noise": "stddev",
-}
 
 
 def logits_activation(graph: Graph, loss, where: str) -> str | None:
@@ -1207,38 +1145,25 @@ def logits_activation(graph: Graph, loss, where: str) -> str | None:
     cross-entropies use it whenever present, whatever `from_logits` says and whichever of the two
     made it (a sigmoid output's categorical cross-entropy is a softmax cross-entropy of its
     logits), along the loss's own axis. The output carries them when its layer ends with that
-    activation (`ACTIVATION_LAST`, Activation, a one-axis unmasked Softmax, `ops.sigmoid`), also
-    through layers that pass the tensor itself on (`PASSES_TENSOR_ON`, a linear Activation); a
-    float32 one only (the loss casts another to float32, a new tensor without them)."""
+    activation (its kind's `output_activation`), also through layers that pass the tensor itself
+    on (`passes_input_in_training`); a float32 one only (the loss casts another to float32, a new
+    tensor without them)."""
     function, _ = loss_call(loss, where)
     if function not in CROSS_ENTROPIES or len(graph.outputs) != 1:
         return None
     name = graph.outputs[0]
     while name not in graph.input_arguments:
         node = graph.node(name)
-        config, option = node.config, PASSES_TENSOR_ON.get(node.kind, "")
+        kind = kind_of(node.kind)
         if node.dtype != "float32":
             return None
-        linear = node.kind == "activation" and config.activation == "linear"  # Keras's returns its input
-        if option is None or (option and getattr(config, option) == 0) or linear:
+        if kind.passes_input_in_training(node.config):
             name = node.inputs[0]
             continue
-        if node.kind in ACTIVATION_LAST or node.kind == "activation":
-            activation = config.activation
-        elif node.kind == "softmax" and not isinstance(config.axis, tuple) and not config.mask_input:
-            activation = "softmax"
-        elif node.kind == "op_sigmoid":
-            activation = "sigmoid"
-        elif node.kind in ("simple_rnn", "rnn") and not config.return_sequences:
-            cell = config.cells[-1] if node.kind == "rnn" else config
-            if getattr(cell, "cell", "simple_rnn") == "simple_rnn" and cell.activation in ("softmax", "sigmoid"):
-                raise UnsupportedLayerError(
-                    f"{where}: output layer {node.name!r} SimpleRNN with a {cell.activation} activation: Keras "
-                    "takes its cross-entropy from the logits when the loop is unrolled, not otherwise; not reproduced"
-                )
-            return None
-        else:
-            return None
+        reason = kind.logits_not_reproduced(node.config)
+        if reason is not None:
+            raise UnsupportedLayerError(f"{where}: output layer {node.name!r} {reason}")
+        activation = kind.output_activation(node.config)
         return activation if activation in ("softmax", "sigmoid") else None
     return None
 

@@ -219,6 +219,27 @@ def test_an_output_keras_takes_logits_of_that_torch_cannot_give_is_refused():
         training_state.check_trainable_in_code(graph, state, "m.keras")
 
 
+def test_the_kinds_say_where_the_logits_are():
+    """The kinds' training hooks (`output_activation`, `passes_input_in_training`,
+    `logits_not_reproduced`) on kinds the cases above leave out."""
+    sigmoid = "binary_crossentropy"
+    noise = _graph(lambda x: LAYERS.GaussianNoise(0.0)(LAYERS.Dense(4, activation="sigmoid")(x)))
+    assert training_state.logits_activation(noise, sigmoid, "m.keras") == "sigmoid"
+    noisy = _graph(lambda x: LAYERS.GaussianNoise(0.1)(LAYERS.Dense(4, activation="sigmoid")(x)))
+    assert training_state.logits_activation(noisy, sigmoid, "m.keras") is None
+    einsum = _graph(lambda x: LAYERS.EinsumDense("ab,bc->ac", 4, activation="sigmoid")(x))
+    assert training_state.logits_activation(einsum, sigmoid, "m.keras") == "sigmoid"
+    spatial = _graph(lambda x: LAYERS.SpatialDropout1D(0.0)(LAYERS.Conv1D(2, 2, activation="sigmoid")(x)), (5, 2))
+    assert training_state.logits_activation(spatial, sigmoid, "m.keras") == "sigmoid"
+    two_axes = _graph(lambda x: LAYERS.Softmax(axis=(1, 2))(x), (5, 2))
+    assert training_state.logits_activation(two_axes, "categorical_crossentropy", "m.keras") is None
+    lstm = _graph(lambda x: LAYERS.RNN(LAYERS.LSTMCell(3), name="rnn")(x), (5, 2))
+    assert training_state.logits_activation(lstm, sigmoid, "m.keras") is None
+    cell = _graph(lambda x: LAYERS.RNN(LAYERS.SimpleRNNCell(3, activation="sigmoid"), name="rnn")(x), (5, 2))
+    with pytest.raises(UnsupportedLayerError, match="^m.keras: output layer 'rnn' SimpleRNN with a sigmoid activation"):
+        training_state.logits_activation(cell, sigmoid, "m.keras")
+
+
 def test_inference_code_and_other_losses_keep_forward_whole(tmp_path):
     """Without training state, or with a loss Keras takes from the output, no `pre_activation`."""
     model = _confident_model("softmax", "mse")

@@ -154,6 +154,13 @@ class LayerKind:
     reads) and `Config` (a frozen dataclass, every value explicit), and writes `from_keras`,
     `ports` (if it has weights), `torch_forward` and `keras_layer`. The other attributes describe
     how the graph treats the layer; their defaults fit most layers.
+
+    Training hooks (`exchange.training_state`; defaults: nothing special):
+    - `output_activation`: the activation the Keras call ends with (a softmax's logits follow it);
+    - `passes_input_in_training`: Keras returns the input tensor itself in training;
+    - `logits_not_reproduced`: why a cross-entropy on this output layer is refused;
+    - `dense_lookup_gradient`: Keras's gradient is one row per lookup, torch's dense;
+    - `training_not_reproduced`: why training this layer in generated code is refused.
     """
 
     kind: str = ""
@@ -343,6 +350,37 @@ class LayerKind:
         raise UnsupportedLayerError(
             f"no numpy forward for layer kind {self.kind!r}; install torch or keras to run this model"
         )
+
+    # -- training (exchange.training_state) -------------------------------------------------
+
+    def output_activation(self, config: Any) -> str | None:
+        """The activation the Keras layer's call ends with (Dense and the convolutions end with
+        `self.activation(x)`), else None. Keras's softmax and sigmoid attach their input to their
+        output (`_keras_logits`), and a cross-entropy loss takes it from there
+        (`training_state.logits_activation`)."""
+        return None
+
+    def passes_input_in_training(self, config: Any) -> bool:
+        """Whether the Keras layer returns its input tensor itself in training (Identity, a linear
+        Activation, a Dropout of rate 0), so the tensor keeps what Keras attached to it."""
+        return False
+
+    def logits_not_reproduced(self, config: Any) -> str | None:
+        """Why a cross-entropy loss on this output layer is not reproduced, where Keras may take
+        it from logits the torch side cannot give (the refusal names the layer, then this); or
+        None."""
+        return None
+
+    def dense_lookup_gradient(self, config: Any) -> bool:
+        """Whether Keras's gradient of this layer is one row per lookup (`tf.IndexedSlices`) where
+        the torch module's is dense (a ReversibleEmbedding, a LoRA Embedding): an optimizer that
+        squares the rows one by one is then refused (`training_state.check_lookups`)."""
+        return False
+
+    def training_not_reproduced(self, config: Any) -> str | None:
+        """Why generated code's `train_step` does not compute what Keras's training does for this
+        layer (the refusal names the layer, then this); or None."""
+        return None
 
 
 KindClass = TypeVar("KindClass", bound=LayerKind)

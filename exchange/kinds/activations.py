@@ -214,6 +214,12 @@ class ActivationLayer(LayerKind):
     passes_mask = True
     keeps_element_order = True
 
+    def output_activation(self, config: ActivationConfig) -> str | None:
+        return config.activation
+
+    def passes_input_in_training(self, config: ActivationConfig) -> bool:
+        return config.activation == "linear"  # Keras's linear returns its input
+
     def from_keras(self, options: KerasOptions) -> ActivationConfig:
         return ActivationConfig(options.activation())
 
@@ -380,6 +386,10 @@ class Softmax(LayerKind):
 
     kind, keras_classes, Config = "softmax", ("Softmax",), SoftmaxConfig
     mask_position = 1  # call(inputs, mask=None)
+
+    def output_activation(self, config: SoftmaxConfig) -> str | None:
+        # a one-axis unmasked Softmax returns `activations.softmax`'s output, which carries the logits
+        return "softmax" if not isinstance(config.axis, tuple) and not config.mask_input else None
 
     def output_mask(self, node: Node, input_masks: tuple[str | None, ...]) -> str | None:
         if node.config.mask_input:  # Keras passes the mask it was given on (supports_masking)

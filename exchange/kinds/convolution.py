@@ -257,6 +257,9 @@ class _Convolution(LayerKind):
     causal = False  # only Conv1D takes `causal` padding (Keras refuses it elsewhere)
     takes_lora = False  # only Conv1D/2D/3D take a LoRA adapter
 
+    def output_activation(self, config: ConvConfig) -> str | None:
+        return config.activation  # Keras's call ends with `self.activation(x)`
+
     def read_common(self, options: KerasOptions, filters: int | None, kernel_key: str = "kernel_size") -> ConvConfig:
         if self.takes_lora:
             lora_rank, lora_alpha = read_lora(options, honours_alpha=True)

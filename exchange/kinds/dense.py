@@ -143,6 +143,9 @@ class Dense(LayerKind):
     reads_permuted_flat = True
     passes_mask = True
 
+    def output_activation(self, config: DenseConfig) -> str | None:
+        return config.activation  # Keras's call ends with `self.activation(x)`
+
     def from_keras(self, options: KerasOptions) -> DenseConfig:
         options.expect("quantization_config", None)
         rank, alpha = read_lora(options, honours_alpha=False)
@@ -404,6 +407,9 @@ class EinsumDense(LayerKind):
     kind, keras_classes, Config = "einsum_dense", ("EinsumDense",), EinsumDenseConfig
     casts_integers = True
 
+    def output_activation(self, config: EinsumDenseConfig) -> str | None:
+        return config.activation  # Keras's call ends with `self.activation(x)`
+
     def from_keras(self, options: KerasOptions) -> EinsumDenseConfig:
         options.expect("quantization_config", None)
         options.expect("gptq_unpacked_column_size", None)
@@ -530,6 +536,9 @@ class ReversibleEmbedding(LayerKind):
     layer's output (its tensor holds the half-precision dtype: the same values)."""
 
     kind, keras_classes, Config = "reversible_embedding", ("ReversibleEmbedding",), ReversibleEmbeddingConfig
+
+    def dense_lookup_gradient(self, config: ReversibleEmbeddingConfig) -> bool:
+        return True  # Keras's lookups give gradient rows; the torch module's is dense
 
     def reads_integers(self, node: Node, position: int) -> bool:
         return not node.config.reverse  # token ids

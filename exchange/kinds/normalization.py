@@ -207,6 +207,11 @@ class BatchNormalization(LayerKind):
     passes_mask = True
     mask_position = 2  # call(inputs, training=None, mask=None)
 
+    def training_not_reproduced(self, config: BatchNormConfig) -> str | None:
+        if not config.renorm:
+            return None
+        return "BatchNormalization renorm=True trains with batch renormalisation, which is not reproduced in torch"
+
     def from_keras(self, options: KerasOptions) -> BatchNormConfig:
         for key, allowed in (("synchronized", False), ("virtual_batch_size", None), ("adjustment", None)):
             options.expect(key, allowed)
@@ -250,8 +255,8 @@ class BatchNormalization(LayerKind):
     def ports(self, context: NodeContext) -> list[AnyPort]:
         channels = (self._channels(context),)
         ports = _affine_ports(context.config, channels) + [
-            Port("moving_mean", "running_mean", shape=channels),
-            Port("moving_variance", "running_var", shape=channels),
+            Port("moving_mean", "running_mean", shape=channels, buffer=True),
+            Port("moving_variance", "running_var", shape=channels, buffer=True),
         ]
         if context.config.renorm:
             ports += [
@@ -260,7 +265,9 @@ class BatchNormalization(LayerKind):
             ]
         # torch's counter comes last in its state_dict; Keras has no variable for it
         return ports + [
-            TorchOnly("num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches")
+            TorchOnly(
+                "num_batches_tracked", (), 0, dtype="int64", why="torch's counter of training batches", buffer=True
+            )
         ]
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
@@ -392,8 +399,8 @@ class Normalization(LayerKind):
             if len(shape) >= 2:
                 steps += (Permute((len(shape) - 1,) + tuple(range(len(shape) - 1))),)
         return [
-            Port("mean", "mean", steps, shape=keras),
-            Port("variance", "variance", steps, shape=keras),
+            Port("mean", "mean", steps, shape=keras, buffer=True),
+            Port("variance", "variance", steps, shape=keras, buffer=True),
             KerasOnly("count", why="the number of samples seen by adapt()", shape=()),
         ]
 

@@ -145,6 +145,9 @@ class _Elementwise(_Operation):
     keeps_element_order = True
     torch_namespace, torch_function = "torch", ""
 
+    def output_activation(self, config: Any) -> str | None:
+        return "sigmoid" if self.kind == "op_sigmoid" else None  # `ops.sigmoid` attaches its logits
+
     def from_keras(self, options: KerasOptions) -> Any:
         self.check_call(options)
         return NoConfig()

@@ -398,6 +398,9 @@ class GRU(_Recurrent):
 class SimpleRNN(_Recurrent):
     kind, keras_classes, mode, gates = "simple_rnn", ("SimpleRNN",), "rnn", 1
 
+    def logits_not_reproduced(self, config: RecurrentConfig) -> str | None:
+        return None if config.return_sequences else unrolled_logits(config.activation)
+
     def standard_module(
         self, builder: TorchBuilder, config: RecurrentConfig, input_size: int | None, dtype: Any
     ) -> Any:
@@ -412,6 +415,17 @@ class SimpleRNN(_Recurrent):
             device="meta",
             dtype=dtype,
         )
+
+
+def unrolled_logits(activation: str) -> str | None:
+    """A SimpleRNN cell's last step ends with its activation; Keras attaches the logits of a
+    softmax or sigmoid one to the output when the loop is unrolled only (`logits_not_reproduced`)."""
+    if activation not in ("softmax", "sigmoid"):
+        return None
+    return (
+        f"SimpleRNN with a {activation} activation: Keras takes its cross-entropy from the logits when "
+        "the loop is unrolled, not otherwise; not reproduced"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -503,6 +517,10 @@ class RNN(LayerKind):
     mask_position = 2  # call(sequences, initial_state=None, mask=None, training=False)
     # A stacked cell's variables are named `kernel`, … in Keras; its ports `cell1_kernel`, ….
     variable_aliases = {f"cell{index}_{name}": (name,) for index in range(MAX_CELLS) for name in CELL_VARIABLES}
+
+    def logits_not_reproduced(self, config: RNNConfig) -> str | None:
+        cell = config.cells[-1]
+        return None if config.return_sequences or cell.cell != "simple_rnn" else unrolled_logits(cell.activation)
 
     def from_keras(self, options: KerasOptions) -> RNNConfig:
         refuse_stateful(options)

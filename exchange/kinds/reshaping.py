@@ -483,6 +483,9 @@ class _Dropout(LayerKind):
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         return inputs[0]
 
+    def passes_input_in_training(self, config: DropoutConfig) -> bool:
+        return config.rate == 0  # Keras's dropouts return their input itself at rate 0
+
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(config.rate, seed=config.seed, **context.keras_identity)
@@ -513,6 +516,9 @@ class StochasticDepth(_Dropout):
 
     kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
     passes_mask = False  # ConvNeXt's own layer, without `supports_masking`
+
+    def passes_input_in_training(self, config: DropoutConfig) -> bool:
+        return False  # not measured at rate 0
 
     def from_keras(self, options: KerasOptions) -> DropoutConfig:
         return DropoutConfig(options.number("drop_path_rate", 0.0))
@@ -641,6 +647,9 @@ class Embedding(LayerKind):
     (int32, int64) keep their dtype; `--verify` draws ids below the vocabulary size."""
 
     kind, keras_classes, Config = "embedding", ("Embedding",), EmbeddingConfig
+
+    def dense_lookup_gradient(self, config: EmbeddingConfig) -> bool:
+        return config.lora_rank is not None  # a plain nn.Embedding is made sparse; LoRAEmbedding is not
 
     def reads_integers(self, node: Node, position: int) -> bool:
         return True  # token ids

@@ -198,17 +198,26 @@ class Identity(_TrainingOnly):
     kind, keras_classes, Config = "identity", ("Identity",), options_config("IdentityConfig")
     moves_values = True
 
+    def passes_input_in_training(self, config: Any) -> bool:
+        return True
+
 
 @register
 class GaussianNoise(_TrainingOnly):
     kind, keras_classes = "gaussian_noise", ("GaussianNoise",)
     Config = options_config("GaussianNoiseConfig", stddev=number(), seed=seed())
 
+    def passes_input_in_training(self, config: Any) -> bool:
+        return bool(config.stddev == 0)  # Keras returns its input itself at stddev 0
+
 
 @register
 class GaussianDropout(_TrainingOnly):
     kind, keras_classes = "gaussian_dropout", ("GaussianDropout",)
     Config = options_config("GaussianDropoutConfig", rate=number(), seed=seed())
+
+    def passes_input_in_training(self, config: Any) -> bool:
+        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
 
 
 @register
@@ -221,6 +230,9 @@ class AlphaDropout(_TrainingOnly):
         noise_shape=Option(tuple[int | None, ...] | None, None, "sizes or null", _check_noise_shape),
     )
 
+    def passes_input_in_training(self, config: Any) -> bool:
+        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+
 
 @register
 class ActivityRegularization(_TrainingOnly):
@@ -229,11 +241,17 @@ class ActivityRegularization(_TrainingOnly):
     kind, keras_classes = "activity_regularization", ("ActivityRegularization",)
     Config = options_config("ActivityRegularizationConfig", l1=number(0.0), l2=number(0.0))
 
+    def passes_input_in_training(self, config: Any) -> bool:
+        return True  # it adds a loss on its input and returns the input itself
+
 
 @register
 class SpatialDropout3D(_TrainingOnly):
     kind, keras_classes, ranks = "spatial_dropout3d", ("SpatialDropout3D",), (4,)
     Config = options_config("SpatialDropout3DConfig", rate=number(), seed=seed(), data_format=DATA_FORMAT)
+
+    def passes_input_in_training(self, config: Any) -> bool:
+        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
 
 
 class _Augmentation(_TrainingOnly):

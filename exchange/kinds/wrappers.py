@@ -292,7 +292,7 @@ class SpectralNormalization(LayerKind):
         kind, inner_context = self.inner(context)
         kernel_shape = self._kernel_shape(kind.keras_variables(inner_context), context)
         ports: list[AnyPort] = [_under(port, "layer.") for port in kind.ports(inner_context)]
-        return ports[:1] + [Port("vector_u", "vector_u", shape=(1, kernel_shape[-1]))] + ports[1:]
+        return ports[:1] + [Port("vector_u", "vector_u", shape=(1, kernel_shape[-1]), buffer=True)] + ports[1:]
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
         kind, inner_context = self.inner(context)
