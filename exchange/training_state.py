@@ -1104,6 +1104,8 @@ def for_conversion(
                 state = read_exchange_training(fileformat.load(in_path), parameter_keys)
             if out_kind is filekinds.CODE and state is not None:
                 check_trainable_in_code(graph, state, str(in_path))
+            if state is not None and notes is not None:
+                notes += training_only_notes(graph)
             return state
         except ImportError:
             reason = "carrying it needs torch, which is not installed"
@@ -1112,6 +1114,23 @@ def for_conversion(
     if notes is not None:
         notes.append(f"{what} left out: {reason}")
     return None
+
+
+def training_only_notes(graph: Graph) -> list[str]:
+    """One note naming the layers that act in Keras training but are the identity in torch
+    (`LayerKind.acts_in_training`): a run continued in torch trains without them. Their
+    randomness could never match Keras's; the note lets the user add torch's own if needed."""
+    acting = [
+        f"{node.name!r:.60} ({reason})"
+        for node in graph.layers
+        if (reason := kind_of(node.kind).acts_in_training(node.config)) is not None
+    ]
+    if not acting:
+        return []
+    return [
+        f"training in torch goes on without what {len(acting)} layer(s) do only in Keras training, "
+        f"the identity in the torch module: {'; '.join(acting[:5])}{'; …' if len(acting) > 5 else ''}"
+    ]
 
 
 def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> None:

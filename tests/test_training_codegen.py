@@ -314,3 +314,25 @@ def test_keras2_training_continues_from_generated_code(tmp_path):
     np.testing.assert_allclose(
         module.tokens.weight.detach().numpy(), expected["weight/tokens/embeddings:0"], rtol=0, atol=TOLERANCE
     )
+
+
+def test_layers_that_act_only_in_training_are_named_in_a_note(tmp_path):
+    """A Dropout (rate > 0) and an augmentation are the identity in torch: a run continued there
+    trains without them, and the conversion says which; a rate-0 Dropout does nothing anyway."""
+    inputs = keras.Input((4, 5, 3))
+    x = keras.layers.RandomFlip(name="flip")(inputs)
+    x = keras.layers.Flatten()(x)
+    x = keras.layers.Dropout(0.0, name="no_drop")(x)
+    x = keras.layers.Dropout(0.25, name="drop")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2, name="dense")(x), name="small")
+    model.compile(optimizer="adam", loss="mse")
+    model.train_on_batch(np.ones((2, 4, 5, 3), np.float32), np.zeros((2, 2), np.float32))
+    path = tmp_path / "small.keras"
+    keras_adapter.save_keras_file(model, path)
+    notes = []
+    cli.convert(path, tmp_path / "small.py", notes=notes)
+    assert notes == [
+        "training in torch goes on without what 2 layer(s) do only in Keras training, the identity in the "
+        "torch module: 'flip' (random in Keras training); 'drop' (drops at random in Keras training (rate 0.25))"
+    ]
+    assert "def train_step" in (tmp_path / "small.py").read_text()

@@ -161,6 +161,7 @@ class LayerKind:
     - `logits_not_reproduced`: why a cross-entropy on this output layer is refused;
     - `dense_lookup_gradient`: Keras's gradient is one row per lookup, torch's dense;
     - `training_not_reproduced`: why training this layer in generated code is refused.
+    - `acts_in_training`: what the Keras layer does only in training (named in a note).
     """
 
     kind: str = ""
@@ -376,6 +377,12 @@ class LayerKind:
         the torch module's is dense (a ReversibleEmbedding, a LoRA Embedding): an optimizer that
         squares the rows one by one is then refused (`training_state.check_lookups`)."""
         return False
+
+    def acts_in_training(self, config: Any) -> str | None:
+        """What the Keras layer does in training that its torch module, the identity, does not
+        (a dropout's random drops, an augmentation, an activity penalty); None where nothing.
+        A conversion that carries a training state names these layers in a note."""
+        return None
 
     def training_not_reproduced(self, config: Any) -> str | None:
         """Why generated code's `train_step` does not compute what Keras's training does for this

@@ -486,6 +486,9 @@ class _Dropout(LayerKind):
     def passes_input_in_training(self, config: DropoutConfig) -> bool:
         return config.rate == 0  # Keras's dropouts return their input itself at rate 0
 
+    def acts_in_training(self, config: DropoutConfig) -> str | None:
+        return None if config.rate == 0 else f"drops at random in Keras training (rate {config.rate})"
+
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
         return getattr(keras.layers, self.keras_classes[0])(config.rate, seed=config.seed, **context.keras_identity)

@@ -192,6 +192,9 @@ class _TrainingOnly(LayerKind):
     def numpy_forward(self, context: NodeContext, tensors: dict[str, Any], inputs: list[Any]) -> Any:
         return inputs[0]
 
+    def acts_in_training(self, config: Any) -> str | None:
+        return None if self.passes_input_in_training(config) else "random in Keras training"
+
 
 @register
 class Identity(_TrainingOnly):
@@ -243,6 +246,10 @@ class ActivityRegularization(_TrainingOnly):
 
     def passes_input_in_training(self, config: Any) -> bool:
         return True  # it adds a loss on its input and returns the input itself
+
+    def acts_in_training(self, config: Any) -> str | None:
+        penalized = config.l1 != 0 or config.l2 != 0
+        return f"adds l1={config.l1}, l2={config.l2} of its input to the loss" if penalized else None
 
 
 @register
