@@ -42,7 +42,7 @@ Conventions that differ:
   torch has no such term unless written (`regularization_penalty`).
 - Losses: Keras's cross-entropy clips probabilities to [1e-7, 1 - 1e-7] (unless from logits),
   smooths labels before, and averages over the batch (`sum_over_batch_size`). Of a softmax or
-  sigmoid output it takes the logits instead (`make_loss(..., from_logits=True)` on them).
+  sigmoid output it takes the logits instead (`training_state.make_loss(..., from_logits=True)` on them).
 """
 
 from __future__ import annotations
@@ -519,40 +519,6 @@ LOSSES = {
     "mean_squared_error": mean_squared_error,
     "mean_absolute_error": mean_absolute_error,
 }
-LOSS_NAMES = {
-    "CategoricalCrossentropy": "categorical_crossentropy",
-    "SparseCategoricalCrossentropy": "sparse_categorical_crossentropy",
-    "BinaryCrossentropy": "binary_crossentropy",
-    "MeanSquaredError": "mean_squared_error",
-    "mse": "mean_squared_error",
-    "MeanAbsoluteError": "mean_absolute_error",
-    "mae": "mean_absolute_error",
-}
-
-
-def make_loss(description, from_logits=None):
-    """Keras's compiled loss (a name, or `{"class_name", "config"}`) as `loss(y_pred, y_true)`: the
-    per-sample losses averaged over the batch (`sum_over_batch_size`, Keras's default). Keras takes
-    a softmax or sigmoid output's cross-entropy from its logits: `from_logits=True` makes a
-    cross-entropy take those (`exchange.training_state.torch_loss` gives both)."""
-    if isinstance(description, str):
-        name, options = description, {}
-    else:
-        name, options = description["class_name"], dict(description["config"])
-    name = LOSS_NAMES.get(name, name)
-    if name not in LOSSES:
-        raise ValueError(f"loss {name!r} has no Keras-exact torch version here (supported: {', '.join(LOSSES)})")
-    options.pop("name", None)
-    options.pop("dtype", None)
-    reduction = options.pop("reduction", "sum_over_batch_size")
-    if reduction != "sum_over_batch_size" or options.pop("ignore_class", None) is not None:
-        raise ValueError(f"loss {name!r}: only reduction='sum_over_batch_size' without ignore_class is reproduced")
-    if from_logits is not None and "crossentropy" in name:
-        options["from_logits"] = from_logits
-    function = LOSSES[name]
-    return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
-
-
 OPTIMIZERS = {optimizer.__name__: optimizer for optimizer in (Adam, AdamW, SGD, RMSprop, Adagrad, Adamax, Nadam)}
 
 

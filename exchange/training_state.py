@@ -372,6 +372,21 @@ LOSS_ALIASES = {
 LOSS_DEFAULTS = {"dtype": (None, "float32"), "reduction": ("sum_over_batch_size",), "ignore_class": (None,)}
 
 
+def make_loss(description, from_logits: bool | None = None):
+    """Keras's compiled loss (a name, or `{"class_name", "config"}`, checked by `loss_call`) as
+    `loss(y_pred, y_true)` in torch (`exchange.optimizers.LOSSES`): the per-sample losses averaged
+    over the batch (`sum_over_batch_size`, Keras's default). Keras takes a softmax or sigmoid
+    output's cross-entropy from its logits: `from_logits=True` makes a cross-entropy take those
+    (`torch_loss` gives both)."""
+    from exchange import optimizers
+
+    name, options = loss_call(description, "loss")
+    if from_logits is not None and "from_logits" in options:
+        options["from_logits"] = from_logits
+    function = optimizers.LOSSES[name]
+    return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
+
+
 def loss_call(loss, where: str) -> tuple[str, dict]:
     """(function name, every option explicit) of a checked compile config's loss, as
     `exchange.optimizers` names its functions; a loss or option not reproduced is refused."""
@@ -1218,13 +1233,12 @@ def torch_loss(model, state: TrainingState):
     cross-entropy from the logits of the output's softmax or sigmoid (`logits_activation`),
     `forward` is a module sharing `model`'s parameters that stops before that activation and
     `loss` takes logits; otherwise `forward` is `model`."""
-    from exchange import optimizers
 
     activation = logits_activation(model.exchange_graph, state.loss, "the training state")
     if activation is None:
-        return model, optimizers.make_loss(state.loss)
+        return model, make_loss(state.loss)
     forward, _ = logits_model(model, activation)
-    return forward, optimizers.make_loss(state.loss, from_logits=True)
+    return forward, make_loss(state.loss, from_logits=True)
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:

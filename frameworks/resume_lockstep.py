@@ -214,7 +214,7 @@ def _run(
             for embedding in (child for child in module.modules() if isinstance(child, torch.nn.Embedding)):
                 embedding.sparse = False
         regularizers = {} if variant == "no_regularizer" else state.regularizers
-        loss_fn = optimizers.make_loss(state.loss)  # the compile config's, with Keras's semantics
+        loss_fn = training_state.make_loss(state.loss)  # the compile config's, with Keras's semantics
         module.train()
         weight_differences = []
         chunk = every or torch_steps

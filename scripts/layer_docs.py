@@ -167,12 +167,15 @@ def section(heading: str, module: ModuleType, kinds: list[LayerKind]) -> list[st
     ]
 
 
+def builtin_kinds() -> list[LayerKind]:
+    """The registry's kinds of `exchange/kinds/`, not those a `--kinds` file registered."""
+    return [kind for kind in KINDS.values() if type(kind).__module__.startswith("exchange.kinds.")]
+
+
 def kinds_by_module() -> dict[str, list[LayerKind]]:
     by_module: dict[str, list[LayerKind]] = {}
-    for kind in KINDS.values():
-        module = type(kind).__module__
-        if module.startswith("exchange.kinds."):  # built-in kinds only, not a --kinds file's
-            by_module.setdefault(module.rpartition(".")[2], []).append(kind)
+    for kind in builtin_kinds():
+        by_module.setdefault(type(kind).__module__.rpartition(".")[2], []).append(kind)
     return by_module
 
 
@@ -181,8 +184,10 @@ def every_layer_section() -> list[str]:
     that pass a mask on and those that read one given as a tensor, from the registry."""
     doc = module_doc(kinds_package)
     conventions = doc[doc.index(CONVENTIONS) :].split("\n", 1)[1]
-    passing = sorted({name for kind in KINDS.values() if kind.passes_mask for name in kind.keras_classes})
-    reading = sorted({name for kind in KINDS.values() if kind.mask_position is not None for name in kind.keras_classes})
+    passing = sorted({name for kind in builtin_kinds() if kind.passes_mask for name in kind.keras_classes})
+    reading = sorted(
+        {name for kind in builtin_kinds() if kind.mask_position is not None for name in kind.keras_classes}
+    )
     return [
         "## Every layer: masks and integer inputs",
         "",

@@ -52,7 +52,7 @@ def _continue_in_torch(lookups_one_by_one=False):
     optimizer = training_state.torch_optimizer(module, state)
     if lookups_one_by_one:
         optimizers.torch_sparse_lookups(module)
-    loss_fn = optimizers.make_loss(state.loss)
+    loss_fn = training_state.make_loss(state.loss)
     for first in range(0, len(expected["x"]), BATCH):
         x, y = expected["x"][first : first + BATCH], expected["y"][first : first + BATCH]
         optimizer.zero_grad(set_to_none=True)

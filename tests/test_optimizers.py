@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from exchange import optimizers
+from exchange import optimizers, training_state
+from exchange.errors import UnsupportedLayerError
 
 keras = pytest.importorskip("keras")
 
@@ -322,12 +323,12 @@ def test_loss_is_keras_loss(description, kind):
     else:
         y_true = np.eye(4, dtype=np.float32)[rng.integers(0, 4, size=6)]
     keras_loss = float(np.mean(keras.losses.get(description)(y_true, keras.ops.convert_to_tensor(y_pred))))
-    torch_loss = float(optimizers.make_loss(description)(torch.from_numpy(y_pred), torch.from_numpy(y_true)))
+    torch_loss = float(training_state.make_loss(description)(torch.from_numpy(y_pred), torch.from_numpy(y_true)))
     assert torch_loss == pytest.approx(keras_loss, rel=1e-6)
 
 
 def test_unreproduced_loss_is_refused():
-    with pytest.raises(ValueError, match="loss 'huber' has no Keras-exact torch version here"):
-        optimizers.make_loss("huber")
-    with pytest.raises(ValueError, match="only reduction='sum_over_batch_size'"):
-        optimizers.make_loss({"class_name": "MeanSquaredError", "config": {"reduction": "sum"}})
+    with pytest.raises(UnsupportedLayerError, match="loss 'huber' is not supported for training"):
+        training_state.make_loss("huber")
+    with pytest.raises(UnsupportedLayerError, match=r"reduction='sum' is not supported \(only 'sum_over_batch_size'"):
+        training_state.make_loss({"class_name": "MeanSquaredError", "config": {"reduction": "sum"}})

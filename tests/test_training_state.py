@@ -161,7 +161,7 @@ def test_nadam_state_goes_through_both_ways(tmp_path):
 
     module = torch_adapter.model_from_tensors(graph, tensors)
     optimizer = training_state.torch_optimizer(module, state)
-    loss_fn = optimizers.make_loss(state.loss)
+    loss_fn = training_state.make_loss(state.loss)
     for x, y in _batches(10, seed=5):
         model.train_on_batch(x, y)
         optimizer.zero_grad()
