@@ -61,10 +61,11 @@ POSITIONAL_ARGUMENTS = 2  # nn.Conv2d(3, 64, kernel_size=7): sizes positional, t
 def generate(graph: Graph, weights_name: str, source_name: str, training=None) -> str:
     """The source of a standalone module for `graph`; its state_dict is the weights file's.
     With `training` (a checked `training_state.TrainingState` whose slots the weights file holds),
-    its BatchNorms are `KerasBatchNorm`s, its Embeddings give sparse gradients (Keras 3's steps,
+    its dropout and noise layers act in `train()` mode (`build_module(training=True)`), its
+    BatchNorms are `KerasBatchNorm`s, its Embeddings give sparse gradients (Keras 3's steps,
     unless the run was Keras 2's) and it has the training functions of
     `exchange.training_code`; without, no trace of training."""
-    module = build_module(graph)
+    module = build_module(graph, training=training is not None)
     module.graph.eliminate_dead_code()  # values only the layer-by-layer check reads
     uses_batch_norm = False
     if training is not None:

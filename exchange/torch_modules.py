@@ -1598,6 +1598,54 @@ class KerasHashedCrossing(nn.Module):
         return (bins.unsqueeze(-1) == torch.arange(self.num_bins, device=bins.device)).to(self.output_dtype)
 
 
+class KerasDropout(nn.Module):
+    """Keras's dropout with a `noise_shape` whose 1s share one draw (SpatialDropout2D/3D with
+    channels_first, whose channels are not torch's dim 1; keras.applications' StochasticDepth, one
+    draw per sample): in training each draw drops with probability `rate` and the kept values are
+    scaled by 1 / (1 - rate), one draw shared along `shared_dims`; in eval mode the identity."""
+
+    def __init__(self, rate: float, shared_dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rate, self.shared_dims = rate, shared_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        if self.rate == 1:  # Keras returns zeros
+            return torch.zeros_like(x)
+        shape = [1 if dim in self.shared_dims else size for dim, size in enumerate(x.shape)]
+        keep = torch.rand(shape, device=x.device) >= self.rate
+        return torch.where(keep, x * (1 / (1 - self.rate)), 0)
+
+
+class KerasGaussianNoise(nn.Module):
+    """Keras's GaussianNoise: in training adds noise drawn from N(0, stddev^2) to each value; in
+    eval mode the identity (torch has no such module)."""
+
+    def __init__(self, stddev: float) -> None:
+        super().__init__()
+        self.stddev = stddev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x + torch.randn_like(x) * self.stddev
+
+
+class KerasGaussianDropout(nn.Module):
+    """Keras's GaussianDropout: in training multiplies each value by noise drawn from
+    N(1, rate / (1 - rate)); in eval mode the identity (torch has no such module)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (1 + torch.randn_like(x) * (self.rate / (1 - self.rate)) ** 0.5)
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

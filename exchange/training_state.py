@@ -958,6 +958,17 @@ def parameter_keys_of(graph: Graph) -> set[str]:
     return found
 
 
+def training_module(graph: Graph, file_tensors: dict):
+    """The torch module (an `exchange.torch_adapter` one, in eval mode) to continue a Keras run
+    with `torch_optimizer` and `torch_loss`: its dropout and noise layers act in `train()` mode as
+    Keras's do in training (`TorchGraphBuilder.training`; the identity in `eval()`), its
+    BatchNorms move their statistics as Keras's do (`optimizers.KerasBatchNorm`). Its state_dict
+    is the inference module's."""
+    from exchange import optimizers, torch_adapter
+
+    return optimizers.use_keras_batch_norm(torch_adapter.model_from_tensors(graph, file_tensors, training=True))
+
+
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
     trains (`trained_keys`), with the state's slots and step count loaded. The model's Embeddings
@@ -1132,9 +1143,10 @@ def for_conversion(
 
 
 def training_only_notes(graph: Graph) -> list[str]:
-    """One note naming the layers that act in Keras training but are the identity in torch
-    (`LayerKind.acts_in_training`): a run continued in torch trains without them. Their
-    randomness could never match Keras's; the note lets the user add torch's own if needed."""
+    """One note naming the layers that act in Keras training but are the identity in torch even
+    when built for training (`LayerKind.acts_in_training`: augmentations, activity penalties; the
+    dropouts and noises act, see `training_module`): a run continued in torch trains without them.
+    The note lets the user add torch's own if needed."""
     acting = [
         f"{node.name!r:.60} ({reason})"
         for node in graph.layers
@@ -1154,11 +1166,12 @@ def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> N
     if len(graph.outputs) != 1:
         raise UnsupportedLayerError(f"{where}: training a model of {len(graph.outputs)} outputs is not supported")
     loss_call(state.loss, where)
+    from exchange import torch_adapter
+
+    module = torch_adapter.build_module(graph, training=True)  # refuses a dropout it cannot train
     activation = logits_activation(graph, state.loss, where)
     if activation is not None:
-        from exchange import torch_adapter
-
-        logits_model(torch_adapter.build_module(graph), activation, where)
+        logits_model(module, activation, where)
     for node in graph.layers:
         reason = kind_of(node.kind).training_not_reproduced(node.config)
         if reason is not None:

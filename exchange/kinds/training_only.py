@@ -11,6 +11,18 @@ Conventions that differ:
 - At inference (`model.predict`, `training=False`) each of these Keras layers returns its input
   unchanged; torch has no augmentation layers, and its noise and dropout modules would act in
   `train()` mode where Keras's need `training=True`: the torch module holds none of them.
+- Built to continue training (`builder.training`), the noise and dropout layers are modules that
+  act in `train()` mode as Keras's do in training (the same distribution; the draws differ):
+  GaussianNoise adds N(0, stddev^2) noise (`KerasGaussianNoise`), GaussianDropout multiplies by
+  N(1, rate / (1 - rate)) noise (`KerasGaussianDropout`), AlphaDropout is `nn.AlphaDropout(rate)`
+  (the same formula: a dropped value is SELU's -alpha * scale, then `a * x + b` with
+  `a = ((1 - rate) * (1 + rate * (alpha * scale)^2))^-0.5`, `b = -a * (-alpha * scale) * rate`),
+  SpatialDropout3D is `nn.Dropout3d` (see `exchange.kinds.reshaping`'s dropouts). Keras's
+  training fails at rate 1 for GaussianDropout and AlphaDropout (a division by zero), and
+  AlphaDropout's `noise_shape` has no torch form: such layers are refused there.
+- ActivityRegularization's penalty (l1 * sum(|x|) + l2 * sum(x^2) of its input, over the batch
+  size) and the random augmentations are not reproduced in torch training: a conversion that
+  carries a training state names them in a note (`acts_in_training`).
 - Keras's image augmentations apply themselves when a model is called without `training=`
   (`model(x)`): the exchange's reference is `model.predict`, which does not.
 
@@ -182,7 +194,15 @@ class _TrainingOnly(LayerKind):
         return shape
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
-        return inputs[0]
+        if not builder.training or not self.reproduced_in_training or self.passes_input_in_training(context.config):
+            return inputs[0]
+        return builder.module(context, self.training_module(builder, context), inputs[0])
+
+    reproduced_in_training = False  # its torch module acts as Keras's layer in training
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        """The torch module that acts in `train()` mode as the Keras layer does in training."""
+        raise NotImplementedError
 
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
@@ -193,7 +213,19 @@ class _TrainingOnly(LayerKind):
         return inputs[0]
 
     def acts_in_training(self, config: Any) -> str | None:
-        return None if self.passes_input_in_training(config) else "random in Keras training"
+        if self.passes_input_in_training(config) or self.reproduced_in_training:
+            return None
+        return "random in Keras training"
+
+
+def _rate_below_one(context: NodeContext) -> float:
+    """The rate of a GaussianDropout or AlphaDropout, which Keras's training divides by 1 - rate."""
+    if context.config.rate >= 1:
+        raise UnsupportedLayerError(
+            f"layer {context.node.name!r} ({context.node.kind}): rate {context.config.rate} is not trained: "
+            "Keras's training divides by 1 - rate"
+        )
+    return float(context.config.rate)
 
 
 @register
@@ -209,18 +241,26 @@ class Identity(_TrainingOnly):
 class GaussianNoise(_TrainingOnly):
     kind, keras_classes = "gaussian_noise", ("GaussianNoise",)
     Config = options_config("GaussianNoiseConfig", stddev=number(), seed=seed())
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.stddev == 0)  # Keras returns its input itself at stddev 0
+        return bool(config.stddev <= 0)  # Keras returns its input itself at stddev 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        return builder.helpers.KerasGaussianNoise(float(context.config.stddev))
 
 
 @register
 class GaussianDropout(_TrainingOnly):
     kind, keras_classes = "gaussian_dropout", ("GaussianDropout",)
     Config = options_config("GaussianDropoutConfig", rate=number(), seed=seed())
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+        return bool(config.rate <= 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        return builder.helpers.KerasGaussianDropout(_rate_below_one(context))
 
 
 @register
@@ -232,9 +272,18 @@ class AlphaDropout(_TrainingOnly):
         seed=seed(),
         noise_shape=Option(tuple[int | None, ...] | None, None, "sizes or null", _check_noise_shape),
     )
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+        return bool(config.rate <= 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        if context.config.noise_shape is not None:
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (AlphaDropout): noise_shape {context.config.noise_shape} is not "
+                "trained (torch's AlphaDropout draws per value)"
+            )
+        return builder.nn.AlphaDropout(_rate_below_one(context))
 
 
 @register
@@ -256,9 +305,15 @@ class ActivityRegularization(_TrainingOnly):
 class SpatialDropout3D(_TrainingOnly):
     kind, keras_classes, ranks = "spatial_dropout3d", ("SpatialDropout3D",), (4,)
     Config = options_config("SpatialDropout3DConfig", rate=number(), seed=seed(), data_format=DATA_FORMAT)
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
         return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        from exchange.kinds.reshaping import spatial_dropout
+
+        return spatial_dropout(builder, context)
 
 
 class _Augmentation(_TrainingOnly):
