@@ -1646,6 +1646,28 @@ class KerasGaussianDropout(nn.Module):
         return x * (1 + torch.randn_like(x) * (self.rate / (1 - self.rate)) ** 0.5)
 
 
+class KerasActivityRegularization(nn.Module):
+    """Keras's ActivityRegularization: passes its input on. Keras adds a loss on that input in
+    training, `(l1 * sum(|x|) + l2 * sum(x^2)) / batch size`; torch has no layer losses, so in
+    training this keeps it in `self.penalty` for the training step to add (None in eval mode)."""
+
+    def __init__(self, l1: float, l2: float) -> None:
+        super().__init__()
+        self.l1, self.l2 = l1, l2
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.penalty = None
+        if self.training:
+            penalty = torch.zeros((), dtype=x.dtype, device=x.device)
+            if self.l1:
+                penalty = penalty + self.l1 * torch.sum(torch.abs(x))
+            if self.l2:
+                penalty = penalty + self.l2 * torch.sum(torch.square(x))
+            self.penalty = penalty / max(x.shape[0], 1)  # an empty batch's is 0, as Keras's
+        return x
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

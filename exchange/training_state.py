@@ -1144,8 +1144,8 @@ def for_conversion(
 
 def training_only_notes(graph: Graph) -> list[str]:
     """One note naming the layers that act in Keras training but are the identity in torch even
-    when built for training (`LayerKind.acts_in_training`: augmentations, activity penalties; the
-    dropouts and noises act, see `training_module`): a run continued in torch trains without them.
+    when built for training (`LayerKind.acts_in_training`: the random augmentations; the
+    dropouts, noises and activity penalties act, see `training_module`): a run continued in torch trains without them.
     The note lets the user add torch's own if needed."""
     acting = [
         f"{node.name!r:.60} ({reason})"
@@ -1245,13 +1245,22 @@ def torch_loss(model, state: TrainingState):
     `loss(forward(x), y_true)`, the compiled loss averaged over the batch. Where Keras takes the
     cross-entropy from the logits of the output's softmax or sigmoid (`logits_activation`),
     `forward` is a module sharing `model`'s parameters that stops before that activation and
-    `loss` takes logits; otherwise `forward` is `model`."""
+    `loss` takes logits; otherwise `forward` is `model`. A `training_module`'s ActivityRegularizations
+    add their penalty of the last forward pass to `loss`, as Keras adds it (`optimizers.activity_penalty`)."""
+    from exchange import optimizers, torch_modules
 
     activation = logits_activation(model.exchange_graph, state.loss, "the training state")
     if activation is None:
-        return model, make_loss(state.loss)
-    forward, _ = logits_model(model, activation)
-    return forward, make_loss(state.loss, from_logits=True)
+        forward, compiled = model, make_loss(state.loss)
+    else:
+        forward, compiled = logits_model(model, activation)[0], make_loss(state.loss, from_logits=True)
+    if not any(isinstance(part, torch_modules.KerasActivityRegularization) for part in model.modules()):
+        return forward, compiled
+
+    def loss(y_pred, y_true):
+        return compiled(y_pred, y_true) + optimizers.activity_penalty(model)
+
+    return forward, loss
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:

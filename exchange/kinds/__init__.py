@@ -386,7 +386,7 @@ class LayerKind:
     def acts_in_training(self, config: Any) -> str | None:
         """What the Keras layer does in training that its torch module does not, even when built
         for training (`TorchBuilder.training`: a dropout's or a noise's module acts in `train()`):
-        an augmentation, an activity penalty; None where nothing. A conversion that carries a
+        a random augmentation; None where nothing. A conversion that carries a
         training state names these layers in a note."""
         return None
 

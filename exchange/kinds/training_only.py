@@ -20,9 +20,13 @@ Conventions that differ:
   SpatialDropout3D is `nn.Dropout3d` (see `exchange.kinds.reshaping`'s dropouts). Keras's
   training fails at rate 1 for GaussianDropout and AlphaDropout (a division by zero), and
   AlphaDropout's `noise_shape` has no torch form: such layers are refused there.
-- ActivityRegularization's penalty (l1 * sum(|x|) + l2 * sum(x^2) of its input, over the batch
-  size) and the random augmentations are not reproduced in torch training: a conversion that
-  carries a training state names them in a note (`acts_in_training`).
+- ActivityRegularization adds `(l1 * sum(|x|) + l2 * sum(x^2)) / batch size` of its input to
+  Keras's loss in training; torch has no layer losses: built for training it is
+  `KerasActivityRegularization`, which keeps that penalty in `penalty` for the training step to
+  add (`optimizers.activity_penalty`; generated `train_step` and `training_state.torch_loss` do).
+  A shared one is refused there (its module would keep one call's penalty).
+- The random augmentations are not reproduced in torch training: a conversion that carries a
+  training state names them in a note (`acts_in_training`).
 - Keras's image augmentations apply themselves when a model is called without `training=`
   (`model(x)`): the exchange's reference is `model.predict`, which does not.
 
@@ -194,11 +198,15 @@ class _TrainingOnly(LayerKind):
         return shape
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
-        if not builder.training or not self.reproduced_in_training or self.passes_input_in_training(context.config):
+        if not builder.training or not self.acts_in_torch_training(context.config):
             return inputs[0]
         return builder.module(context, self.training_module(builder, context), inputs[0])
 
     reproduced_in_training = False  # its torch module acts as Keras's layer in training
+
+    def acts_in_torch_training(self, config: Any) -> bool:
+        """Whether a module built for training holds a module for this layer."""
+        return self.reproduced_in_training and not self.passes_input_in_training(config)
 
     def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
         """The torch module that acts in `train()` mode as the Keras layer does in training."""
@@ -292,13 +300,21 @@ class ActivityRegularization(_TrainingOnly):
 
     kind, keras_classes = "activity_regularization", ("ActivityRegularization",)
     Config = options_config("ActivityRegularizationConfig", l1=number(0.0), l2=number(0.0))
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
         return True  # it adds a loss on its input and returns the input itself
 
-    def acts_in_training(self, config: Any) -> str | None:
-        penalized = config.l1 != 0 or config.l2 != 0
-        return f"adds l1={config.l1}, l2={config.l2} of its input to the loss" if penalized else None
+    def acts_in_torch_training(self, config: Any) -> bool:
+        return bool(config.l1 != 0 or config.l2 != 0)
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        if context.node.shares is not None:
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (ActivityRegularization): a shared layer's penalty is not trained "
+                "(its torch module keeps one call's)"
+            )
+        return builder.helpers.KerasActivityRegularization(float(context.config.l1), float(context.config.l2))
 
 
 @register
