@@ -61,17 +61,19 @@ POSITIONAL_ARGUMENTS = 2  # nn.Conv2d(3, 64, kernel_size=7): sizes positional, t
 def generate(graph: Graph, weights_name: str, source_name: str, training=None) -> str:
     """The source of a standalone module for `graph`; its state_dict is the weights file's.
     With `training` (a checked `training_state.TrainingState` whose slots the weights file holds),
-    its BatchNorms are `KerasBatchNorm`s, its Embeddings give sparse gradients (Keras 3's steps,
+    its dropout and noise layers act in `train()` mode (`build_module(training=True)`), its
+    BatchNorms are `KerasBatchNorm`s, its Embeddings give sparse gradients (Keras 3's steps,
     unless the run was Keras 2's) and it has the training functions of
     `exchange.training_code`; without, no trace of training."""
-    module = build_module(graph)
+    module = build_module(graph, training=training is not None)
     module.graph.eliminate_dead_code()  # values only the layer-by-layer check reads
-    uses_batch_norm = False
+    uses_batch_norm = activity = False
     if training is not None:
         optimizers.use_keras_batch_norm(module)
         if not training.summed_lookups:  # Keras 3 steps an Embedding lookup by lookup: `per_lookup`
             optimizers.torch_sparse_lookups(module)
         uses_batch_norm = any(isinstance(part, optimizers.KerasBatchNorm) for part in module.modules())
+        activity = any(isinstance(part, torch_modules.KerasActivityRegularization) for part in module.modules())
     name = class_name(graph.name)
     used_helpers = []
     init_lines = []
@@ -112,9 +114,9 @@ def generate(graph: Graph, weights_name: str, source_name: str, training=None) -
     ] + helper_sources
     training_functions = []
     if training is not None:
-        helper_sources += training_code.copied_sources(training_code.helper_names(training, uses_batch_norm))
+        helper_sources += training_code.copied_sources(training_code.helper_names(training, uses_batch_norm, activity))
         training_functions = training_code.functions(
-            graph, training, [key for key, _ in module.named_parameters()], weights_name, parameters
+            graph, training, [key for key, _ in module.named_parameters()], weights_name, parameters, activity
         )
     layout = "; images are channels-first (N, C, H, W)" if any(len(spec.shape) > 1 for spec in graph.inputs) else ""
     model_class = (

@@ -461,6 +461,17 @@ def regularization_penalty(model: torch.nn.Module, regularizers: dict) -> torch.
     return total
 
 
+def activity_penalty(model: torch.nn.Module) -> torch.Tensor:
+    """Keras's activity losses of the model's last forward pass in training, which Keras adds to
+    the loss: the `penalty` each of its modules keeps (`KerasActivityRegularization`)."""
+    total = torch.zeros((), dtype=FLOAT)
+    for module in model.modules():
+        penalty = getattr(module, "penalty", None)
+        if isinstance(penalty, torch.Tensor):
+            total = total + penalty
+    return total
+
+
 KERAS_EPSILON = 1e-7  # keras.config.epsilon()
 
 

@@ -79,8 +79,11 @@ class TorchGraphBuilder:
 
     nn, F, torch, helpers = nn, F, torch, torch_modules
 
-    def __init__(self) -> None:
+    def __init__(self, training: bool = False) -> None:
         self.root = nn.Module()
+        # For a run continued in torch: the layers that act only in Keras training (dropouts,
+        # noise) are modules that act in `train()` mode; otherwise they are the identity.
+        self.training = training
         self.graph = fx.Graph()
         self.masks: dict[str, fx.Node] = {}  # Keras masks by the layer that made them: bool (N, T)
 
@@ -139,10 +142,11 @@ def _undoes(function, args: tuple) -> bool:
     )
 
 
-def build_module(graph: Graph, keras_layout: bool = False) -> fx.GraphModule:
+def build_module(graph: Graph, keras_layout: bool = False, training: bool = False) -> fx.GraphModule:
     """The graph as a torch module on the `meta` device (no memory, no random initialisation):
-    load a state_dict into it with `assign=True`."""
-    builder = TorchGraphBuilder()
+    load a state_dict into it with `assign=True`. With `training`, the layers that act only in
+    Keras training act in `train()` mode (`TorchGraphBuilder.training`); the state_dict is the same."""
+    builder = TorchGraphBuilder(training)
     values: dict[str, fx.Node] = {}
     for spec in graph.inputs:
         value = builder.graph.placeholder(graph.input_arguments[spec.name])
@@ -313,10 +317,13 @@ def load_file(model: nn.Module, path: str | os.PathLike) -> None:
     set_tensors(model, exchange_file.tensors)
 
 
-def model_from_tensors(graph: Graph, file_tensors: dict, keras_layout: bool = False) -> fx.GraphModule:
-    """A ready module (eval mode, trainable) built from `graph` with the given file tensors."""
+def model_from_tensors(
+    graph: Graph, file_tensors: dict, keras_layout: bool = False, training: bool = False
+) -> fx.GraphModule:
+    """A ready module (eval mode, trainable) built from `graph` with the given file tensors
+    (`training`: see `build_module`)."""
     fileformat.check_tensors(graph, file_tensors)
-    model = build_module(graph, keras_layout)
+    model = build_module(graph, keras_layout, training)
     set_tensors(model, fileformat.materialize(file_tensors), assign=True)
     return model.eval()
 

@@ -1598,6 +1598,76 @@ class KerasHashedCrossing(nn.Module):
         return (bins.unsqueeze(-1) == torch.arange(self.num_bins, device=bins.device)).to(self.output_dtype)
 
 
+class KerasDropout(nn.Module):
+    """Keras's dropout with a `noise_shape` whose 1s share one draw (SpatialDropout2D/3D with
+    channels_first, whose channels are not torch's dim 1; keras.applications' StochasticDepth, one
+    draw per sample): in training each draw drops with probability `rate` and the kept values are
+    scaled by 1 / (1 - rate), one draw shared along `shared_dims`; in eval mode the identity."""
+
+    def __init__(self, rate: float, shared_dims: tuple[int, ...]) -> None:
+        super().__init__()
+        self.rate, self.shared_dims = rate, shared_dims
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0:
+            return x
+        if self.rate == 1:  # Keras returns zeros
+            return torch.zeros_like(x)
+        shape = [1 if dim in self.shared_dims else size for dim, size in enumerate(x.shape)]
+        keep = torch.rand(shape, device=x.device) >= self.rate
+        return torch.where(keep, x * (1 / (1 - self.rate)), 0)
+
+
+class KerasGaussianNoise(nn.Module):
+    """Keras's GaussianNoise: in training adds noise drawn from N(0, stddev^2) to each value; in
+    eval mode the identity (torch has no such module)."""
+
+    def __init__(self, stddev: float) -> None:
+        super().__init__()
+        self.stddev = stddev
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x + torch.randn_like(x) * self.stddev
+
+
+class KerasGaussianDropout(nn.Module):
+    """Keras's GaussianDropout: in training multiplies each value by noise drawn from
+    N(1, rate / (1 - rate)); in eval mode the identity (torch has no such module)."""
+
+    def __init__(self, rate: float) -> None:
+        super().__init__()
+        self.rate = rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return x
+        return x * (1 + torch.randn_like(x) * (self.rate / (1 - self.rate)) ** 0.5)
+
+
+class KerasActivityRegularization(nn.Module):
+    """Keras's ActivityRegularization: passes its input on. Keras adds a loss on that input in
+    training, `(l1 * sum(|x|) + l2 * sum(x^2)) / batch size`; torch has no layer losses, so in
+    training this keeps it in `self.penalty` for the training step to add (None in eval mode)."""
+
+    def __init__(self, l1: float, l2: float) -> None:
+        super().__init__()
+        self.l1, self.l2 = l1, l2
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.penalty = None
+        if self.training:
+            penalty = torch.zeros((), dtype=x.dtype, device=x.device)
+            if self.l1:
+                penalty = penalty + self.l1 * torch.sum(torch.abs(x))
+            if self.l2:
+                penalty = penalty + self.l2 * torch.sum(torch.square(x))
+            self.penalty = penalty / max(x.shape[0], 1)  # an empty batch's is 0, as Keras's
+        return x
+
+
 class NAMESPACES:
     """Where the exchange's table of activations finds its torch functions (`torch`, `F`, `helpers`)
     outside a torch graph builder (the seed MLP's trainer)."""

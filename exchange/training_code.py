@@ -13,7 +13,8 @@ carries its state into the weights file beside the `.py`) gets, beside its class
   the model, so it is not part of `loss_fn` (which takes what Keras's loss takes) but of
   `train_step`, which adds it as Keras adds its regularization losses to the compiled loss;
 - `train_step(model, optimizer, x, y)`: one step of Keras's `train_on_batch`; the loss it returns
-  includes the penalty, as the loss Keras reports does.
+  includes the penalty, as the loss Keras reports does, and the activity penalty of the model's
+  ActivityRegularizations (`activity_penalty`, copied from `exchange.optimizers`) when it has any.
 The model's BatchNorms are `KerasBatchNorm`s (same state_dict; torch's BatchNorm in eval mode), so
 they move their statistics as Keras's do when trained: written into the class, not swapped in.
 
@@ -78,9 +79,12 @@ def copied_sources(names: set[str]) -> list[str]:
     return sources
 
 
-def helper_names(state: training_state.TrainingState, uses_batch_norm: bool) -> set[str]:
-    """What the training functions use from `exchange.optimizers`."""
+def helper_names(state: training_state.TrainingState, uses_batch_norm: bool, activity: bool = False) -> set[str]:
+    """What the training functions use from `exchange.optimizers` (`activity`: the model has
+    `KerasActivityRegularization`s, whose penalties `train_step` adds)."""
     names = {state.optimizer.class_name, training_state.loss_call(state.loss, "the training state")[0]}
+    if activity:
+        names.add(optimizers.activity_penalty.__name__)
     learning_rate = state.optimizer.options["learning_rate"]
     if isinstance(learning_rate, dict):
         names.add(learning_rate["class_name"])
@@ -95,6 +99,7 @@ def functions(
     parameter_names: list[str],
     weights_name: str,
     input_names: list[str],
+    activity: bool = False,
 ) -> list[str]:
     """The sources of `load` (the weights without the slots), `make_optimizer`, `loss_fn`,
     `regularization_penalty` (when Keras had regularizers) and `train_step`."""
@@ -112,7 +117,7 @@ def functions(
     sources.append(_loss_fn(graph, state, _format, activation))
     if state.regularizers:
         sources.append(_regularization_penalty(state.regularizers, _format, quoted))
-    sources.append(_train_step(bool(state.regularizers), input_names, activation is not None))
+    sources.append(_train_step(bool(state.regularizers), input_names, activation is not None, activity))
     return sources
 
 
@@ -254,7 +259,7 @@ def _regularization_penalty(regularizers: dict, _format, quoted) -> str:
     )
 
 
-def _train_step(penalty: bool, input_names: list[str], from_logits: bool = False) -> str:
+def _train_step(penalty: bool, input_names: list[str], from_logits: bool = False, activity: bool = False) -> str:
     several = len(input_names) > 1
     inputs = (
         f"`x`: the inputs ({', '.join(input_names)}) as a tuple, channels-first as `forward` takes them"
@@ -267,16 +272,21 @@ def _train_step(penalty: bool, input_names: list[str], from_logits: bool = False
         "def train_step(model, optimizer, x, y):\n"
         + _docstring(
             f"One step of Keras's `train_on_batch`. {inputs}; `y`: in the layout of the output. "
-            "The model in training mode (its BatchNorms move their statistics as Keras's do), the loss"
+            "The model in training mode (its BatchNorms move their statistics as Keras's do, its dropouts "
+            "and noises act as Keras's in training), the loss"
             + (" plus Keras's regularization penalty" if penalty else "")
+            + (" plus its ActivityRegularizations' penalty of this forward pass" if activity else "")
             + (" (from `model.pre_activation`'s logits, as Keras takes it)" if from_logits else "")
             + ", its gradients, one optimizer step. Returns the loss as Keras reports it"
-            + (" (the penalty included)." if penalty else ".")
+            + (" (the penalties included)." if penalty or activity else ".")
         )
         + "\n"
         "    model.train()\n"
         "    optimizer.zero_grad()\n"
-        f"    loss = {loss}" + (" + regularization_penalty(model)\n" if penalty else "\n") + "    loss.backward()\n"
+        f"    loss = {loss}"
+        + (" + regularization_penalty(model)" if penalty else "")
+        + (" + activity_penalty(model)" if activity else "")
+        + "\n    loss.backward()\n"
         "    optimizer.step()\n"
         "    return loss.detach()\n"
     )

@@ -958,6 +958,17 @@ def parameter_keys_of(graph: Graph) -> set[str]:
     return found
 
 
+def training_module(graph: Graph, file_tensors: dict):
+    """The torch module (an `exchange.torch_adapter` one, in eval mode) to continue a Keras run
+    with `torch_optimizer` and `torch_loss`: its dropout and noise layers act in `train()` mode as
+    Keras's do in training (`TorchGraphBuilder.training`; the identity in `eval()`), its
+    BatchNorms move their statistics as Keras's do (`optimizers.KerasBatchNorm`). Its state_dict
+    is the inference module's."""
+    from exchange import optimizers, torch_adapter
+
+    return optimizers.use_keras_batch_norm(torch_adapter.model_from_tensors(graph, file_tensors, training=True))
+
+
 def torch_optimizer(model, state: TrainingState):
     """A Keras-rule torch optimizer (`exchange.optimizers`) over the model's parameters that Keras
     trains (`trained_keys`), with the state's slots and step count loaded. The model's Embeddings
@@ -1132,9 +1143,10 @@ def for_conversion(
 
 
 def training_only_notes(graph: Graph) -> list[str]:
-    """One note naming the layers that act in Keras training but are the identity in torch
-    (`LayerKind.acts_in_training`): a run continued in torch trains without them. Their
-    randomness could never match Keras's; the note lets the user add torch's own if needed."""
+    """One note naming the layers that act in Keras training but are the identity in torch even
+    when built for training (`LayerKind.acts_in_training`: the random augmentations; the
+    dropouts, noises and activity penalties act, see `training_module`): a run continued in torch trains without them.
+    The note lets the user add torch's own if needed."""
     acting = [
         f"{node.name!r:.60} ({reason})"
         for node in graph.layers
@@ -1154,11 +1166,12 @@ def check_trainable_in_code(graph: Graph, state: TrainingState, where: str) -> N
     if len(graph.outputs) != 1:
         raise UnsupportedLayerError(f"{where}: training a model of {len(graph.outputs)} outputs is not supported")
     loss_call(state.loss, where)
+    from exchange import torch_adapter
+
+    module = torch_adapter.build_module(graph, training=True)  # refuses a dropout it cannot train
     activation = logits_activation(graph, state.loss, where)
     if activation is not None:
-        from exchange import torch_adapter
-
-        logits_model(torch_adapter.build_module(graph), activation, where)
+        logits_model(module, activation, where)
     for node in graph.layers:
         reason = kind_of(node.kind).training_not_reproduced(node.config)
         if reason is not None:
@@ -1232,13 +1245,22 @@ def torch_loss(model, state: TrainingState):
     `loss(forward(x), y_true)`, the compiled loss averaged over the batch. Where Keras takes the
     cross-entropy from the logits of the output's softmax or sigmoid (`logits_activation`),
     `forward` is a module sharing `model`'s parameters that stops before that activation and
-    `loss` takes logits; otherwise `forward` is `model`."""
+    `loss` takes logits; otherwise `forward` is `model`. A `training_module`'s ActivityRegularizations
+    add their penalty of the last forward pass to `loss`, as Keras adds it (`optimizers.activity_penalty`)."""
+    from exchange import optimizers, torch_modules
 
     activation = logits_activation(model.exchange_graph, state.loss, "the training state")
     if activation is None:
-        return model, make_loss(state.loss)
-    forward, _ = logits_model(model, activation)
-    return forward, make_loss(state.loss, from_logits=True)
+        forward, compiled = model, make_loss(state.loss)
+    else:
+        forward, compiled = logits_model(model, activation)[0], make_loss(state.loss, from_logits=True)
+    if not any(isinstance(part, torch_modules.KerasActivityRegularization) for part in model.modules()):
+        return forward, compiled
+
+    def loss(y_pred, y_true):
+        return compiled(y_pred, y_true) + optimizers.activity_penalty(model)
+
+    return forward, loss
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:

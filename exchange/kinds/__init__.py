@@ -112,6 +112,9 @@ class TorchBuilder(Protocol):
     call adds one statement to the module's `forward`, and so one line of generated code."""
 
     masks: dict[str, TorchValue]  # Keras masks already computed, by name (see `torch_mask`)
+    # Whether the module is built to continue training (`training_state.training_module`, generated
+    # code with `train_step`): the layers that act only in Keras training then act in `train()`.
+    training: bool
     root: Any  # the torch module being built (SpectralNormalization adds a holder module to it)
     graph: Any  # its torch.fx graph
 
@@ -161,7 +164,9 @@ class LayerKind:
     - `logits_not_reproduced`: why a cross-entropy on this output layer is refused;
     - `dense_lookup_gradient`: Keras's gradient is one row per lookup, torch's dense;
     - `training_not_reproduced`: why training this layer in generated code is refused.
-    - `acts_in_training`: what the Keras layer does only in training (named in a note).
+    - `acts_in_training`: what the Keras layer does only in training and its torch module does not
+      (named in a note); a kind whose layer acts only in training and is reproduced builds its
+      module in `torch_forward` when `builder.training` (Dropout: `nn.Dropout`), else the identity.
     """
 
     kind: str = ""
@@ -379,9 +384,10 @@ class LayerKind:
         return False
 
     def acts_in_training(self, config: Any) -> str | None:
-        """What the Keras layer does in training that its torch module, the identity, does not
-        (a dropout's random drops, an augmentation, an activity penalty); None where nothing.
-        A conversion that carries a training state names these layers in a note."""
+        """What the Keras layer does in training that its torch module does not, even when built
+        for training (`TorchBuilder.training`: a dropout's or a noise's module acts in `train()`):
+        a random augmentation; None where nothing. A conversion that carries a
+        training state names these layers in a note."""
         return None
 
     def training_not_reproduced(self, config: Any) -> str | None:

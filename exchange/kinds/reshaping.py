@@ -18,8 +18,17 @@ Conventions that differ:
   are then its axes 2.. (its last one is torch's dim 1, where the torch side keeps Keras's last
   axis); the torch side pads, crops or repeats those dims where they are.
 - Dropout, SpatialDropout and StochasticDepth are the identity at inference in both frameworks:
-  the torch module holds nothing for them (its dropout would act in `train()` mode). Their seed,
-  noise_shape and data_format only matter to training and are kept for the Keras side.
+  the torch module holds nothing for them (its dropout would act in `train()` mode). Built to
+  continue training (`builder.training`) they are torch modules that drop in `train()` mode as
+  Keras does in training (the same distribution; the random draws differ): Dropout is
+  `nn.Dropout(rate)` (both zero each value with probability `rate` and scale the kept ones by
+  1 / (1 - rate)); SpatialDropout1D/2D/3D channels-last are `nn.Dropout1d/2d/3d`, which draw
+  once per (sample, channel) on torch's channels-first tensor, as Keras does along its last axis.
+  Keras's `noise_shape` (its 1s share a draw; a size must be 1 or the input's) and channels_first
+  spatial dropouts (channels on Keras's axis 1, not torch's dim 1) are `KerasDropout`, the same
+  draw shared along the torch dims holding those axes; StochasticDepth (one draw per sample, kept
+  samples divided by 1 - rate) is `KerasDropout` shared along every dim but the batch. Their
+  seed only matters to Keras's draws and is kept for the Keras side.
 - UpSampling repeats cells (Keras's `ops.repeat`): `torch.repeat_interleave`, exact; torch's
   `nn.Upsample(mode="nearest")` computes source indices in float32 and is not used.
   UpSampling2D with another interpolation resizes to size x input size with TensorFlow's
@@ -462,11 +471,20 @@ class DropoutConfig:
 
 
 class _Dropout(LayerKind):
-    """Random only in training; at inference the identity, in both frameworks."""
+    """Random only in training; at inference the identity, in both frameworks. Built for training,
+    the module of `training_module`."""
 
     Config = DropoutConfig
     keeps_element_order = True
     passes_mask = True
+    input_rank: int | None = None  # the rank (batch excluded) Keras's layer takes; None any
+
+    def output_shape(self, config: DropoutConfig, input_shapes: tuple[Shape, ...]) -> Shape:
+        if self.input_rank is not None and len(input_shapes[0]) != self.input_rank:
+            raise ExchangeError(
+                f"expects rank-{self.input_rank + 1} input (batch included), found shape (batch, {input_shapes[0]})"
+            )
+        return input_shapes[0]
 
     def from_keras(self, options: KerasOptions) -> DropoutConfig:
         noise_shape = options.take("noise_shape", None)
@@ -481,13 +499,16 @@ class _Dropout(LayerKind):
         return DropoutConfig(options.number("rate", 0.0), None if noise_shape is None else tuple(noise_shape), seed)
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
-        return inputs[0]
+        if not builder.training or context.config.rate == 0:
+            return inputs[0]
+        return builder.module(context, self.training_module(builder, context), inputs[0])
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        """The torch module that drops in `train()` mode as the Keras layer does in training."""
+        return spatial_dropout(builder, context)
 
     def passes_input_in_training(self, config: DropoutConfig) -> bool:
         return config.rate == 0  # Keras's dropouts return their input itself at rate 0
-
-    def acts_in_training(self, config: DropoutConfig) -> str | None:
-        return None if config.rate == 0 else f"drops at random in Keras training (rate {config.rate})"
 
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
@@ -497,9 +518,41 @@ class _Dropout(LayerKind):
         return inputs[0]
 
 
+def spatial_dropout(builder: TorchBuilder, context: NodeContext) -> Any:
+    """SpatialDropout1D/2D/3D's training module: one draw per (sample, channel), shared along the
+    spatial axes: torch's channel dropout where the channels are torch's dim 1 (channels-last)."""
+    config, rank = context.config, len(context.input_shape)
+    if config.data_format == "channels_last":
+        return getattr(builder.nn, f"Dropout{rank - 1}d")(config.rate)
+    return builder.helpers.KerasDropout(config.rate, shared_dims(rank, range(2, rank + 1)))
+
+
+def shared_dims(rank: int, keras_axes: Sequence[int]) -> tuple[int, ...]:
+    """The torch dims holding Keras axes `keras_axes` (batch included) of a rank-`rank` tensor."""
+    from exchange.kinds.axis_order import to_keras_order
+
+    return tuple(sorted(to_keras_order(rank)[axis] for axis in keras_axes))
+
+
 @register
 class Dropout(_Dropout):
     kind, keras_classes = "dropout", ("Dropout",)
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        config, shape = context.config, context.input_shape
+        if config.noise_shape is None:
+            return builder.nn.Dropout(config.rate)
+        sizes = (None, *shape)
+        if len(config.noise_shape) != len(sizes) or any(
+            size not in (None, 1, known) or (index == 0 and size not in (None, 1))
+            for index, (size, known) in enumerate(zip(config.noise_shape, sizes))
+        ):
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (Dropout): noise_shape {config.noise_shape} does not fit its input "
+                f"(batch, {shape}) (each size None, 1 or the input's): Keras's training fails on it"
+            )
+        shared = [axis for axis, size in enumerate(config.noise_shape) if size == 1 and sizes[axis] != 1]
+        return builder.helpers.KerasDropout(config.rate, shared_dims(len(shape), shared))
 
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
@@ -510,7 +563,7 @@ class Dropout(_Dropout):
 
 @register
 class SpatialDropout1D(_Dropout):
-    kind, keras_classes = "spatial_dropout1d", ("SpatialDropout1D",)
+    kind, keras_classes, input_rank = "spatial_dropout1d", ("SpatialDropout1D",), 2
 
 
 @register
@@ -519,6 +572,10 @@ class StochasticDepth(_Dropout):
 
     kind, keras_classes = "stochastic_depth", ("StochasticDepth",)
     passes_mask = False  # ConvNeXt's own layer, without `supports_masking`
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        rank = len(context.input_shape)
+        return builder.helpers.KerasDropout(context.config.rate, shared_dims(rank, range(1, rank + 1)))
 
     def passes_input_in_training(self, config: DropoutConfig) -> bool:
         return False  # not measured at rate 0
@@ -534,7 +591,7 @@ class StochasticDepth(_Dropout):
 
 @register
 class SpatialDropout2D(_Dropout):
-    kind, keras_classes = "spatial_dropout2d", ("SpatialDropout2D",)
+    kind, keras_classes, input_rank = "spatial_dropout2d", ("SpatialDropout2D",), 3
 
     def from_keras(self, options: KerasOptions) -> DropoutConfig:
         return replace(super().from_keras(options), data_format=_data_format(options))

@@ -11,6 +11,22 @@ Conventions that differ:
 - At inference (`model.predict`, `training=False`) each of these Keras layers returns its input
   unchanged; torch has no augmentation layers, and its noise and dropout modules would act in
   `train()` mode where Keras's need `training=True`: the torch module holds none of them.
+- Built to continue training (`builder.training`), the noise and dropout layers are modules that
+  act in `train()` mode as Keras's do in training (the same distribution; the draws differ):
+  GaussianNoise adds N(0, stddev^2) noise (`KerasGaussianNoise`), GaussianDropout multiplies by
+  N(1, rate / (1 - rate)) noise (`KerasGaussianDropout`), AlphaDropout is `nn.AlphaDropout(rate)`
+  (the same formula: a dropped value is SELU's -alpha * scale, then `a * x + b` with
+  `a = ((1 - rate) * (1 + rate * (alpha * scale)^2))^-0.5`, `b = -a * (-alpha * scale) * rate`),
+  SpatialDropout3D is `nn.Dropout3d` (see `exchange.kinds.reshaping`'s dropouts). Keras's
+  training fails at rate 1 for GaussianDropout and AlphaDropout (a division by zero), and
+  AlphaDropout's `noise_shape` has no torch form: such layers are refused there.
+- ActivityRegularization adds `(l1 * sum(|x|) + l2 * sum(x^2)) / batch size` of its input to
+  Keras's loss in training; torch has no layer losses: built for training it is
+  `KerasActivityRegularization`, which keeps that penalty in `penalty` for the training step to
+  add (`optimizers.activity_penalty`; generated `train_step` and `training_state.torch_loss` do).
+  A shared one is refused there (its module would keep one call's penalty).
+- The random augmentations are not reproduced in torch training: a conversion that carries a
+  training state names them in a note (`acts_in_training`).
 - Keras's image augmentations apply themselves when a model is called without `training=`
   (`model(x)`): the exchange's reference is `model.predict`, which does not.
 
@@ -182,7 +198,19 @@ class _TrainingOnly(LayerKind):
         return shape
 
     def torch_forward(self, builder: TorchBuilder, context: NodeContext, inputs: list[TorchValue]) -> TorchValue:
-        return inputs[0]
+        if not builder.training or not self.acts_in_torch_training(context.config):
+            return inputs[0]
+        return builder.module(context, self.training_module(builder, context), inputs[0])
+
+    reproduced_in_training = False  # its torch module acts as Keras's layer in training
+
+    def acts_in_torch_training(self, config: Any) -> bool:
+        """Whether a module built for training holds a module for this layer."""
+        return self.reproduced_in_training and not self.passes_input_in_training(config)
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        """The torch module that acts in `train()` mode as the Keras layer does in training."""
+        raise NotImplementedError
 
     def keras_layer(self, keras: ModuleType, context: NodeContext) -> Any:
         config = context.config
@@ -193,7 +221,19 @@ class _TrainingOnly(LayerKind):
         return inputs[0]
 
     def acts_in_training(self, config: Any) -> str | None:
-        return None if self.passes_input_in_training(config) else "random in Keras training"
+        if self.passes_input_in_training(config) or self.reproduced_in_training:
+            return None
+        return "random in Keras training"
+
+
+def _rate_below_one(context: NodeContext) -> float:
+    """The rate of a GaussianDropout or AlphaDropout, which Keras's training divides by 1 - rate."""
+    if context.config.rate >= 1:
+        raise UnsupportedLayerError(
+            f"layer {context.node.name!r} ({context.node.kind}): rate {context.config.rate} is not trained: "
+            "Keras's training divides by 1 - rate"
+        )
+    return float(context.config.rate)
 
 
 @register
@@ -209,18 +249,26 @@ class Identity(_TrainingOnly):
 class GaussianNoise(_TrainingOnly):
     kind, keras_classes = "gaussian_noise", ("GaussianNoise",)
     Config = options_config("GaussianNoiseConfig", stddev=number(), seed=seed())
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.stddev == 0)  # Keras returns its input itself at stddev 0
+        return bool(config.stddev <= 0)  # Keras returns its input itself at stddev 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        return builder.helpers.KerasGaussianNoise(float(context.config.stddev))
 
 
 @register
 class GaussianDropout(_TrainingOnly):
     kind, keras_classes = "gaussian_dropout", ("GaussianDropout",)
     Config = options_config("GaussianDropoutConfig", rate=number(), seed=seed())
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+        return bool(config.rate <= 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        return builder.helpers.KerasGaussianDropout(_rate_below_one(context))
 
 
 @register
@@ -232,9 +280,18 @@ class AlphaDropout(_TrainingOnly):
         seed=seed(),
         noise_shape=Option(tuple[int | None, ...] | None, None, "sizes or null", _check_noise_shape),
     )
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
-        return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+        return bool(config.rate <= 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        if context.config.noise_shape is not None:
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (AlphaDropout): noise_shape {context.config.noise_shape} is not "
+                "trained (torch's AlphaDropout draws per value)"
+            )
+        return builder.nn.AlphaDropout(_rate_below_one(context))
 
 
 @register
@@ -243,22 +300,36 @@ class ActivityRegularization(_TrainingOnly):
 
     kind, keras_classes = "activity_regularization", ("ActivityRegularization",)
     Config = options_config("ActivityRegularizationConfig", l1=number(0.0), l2=number(0.0))
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
         return True  # it adds a loss on its input and returns the input itself
 
-    def acts_in_training(self, config: Any) -> str | None:
-        penalized = config.l1 != 0 or config.l2 != 0
-        return f"adds l1={config.l1}, l2={config.l2} of its input to the loss" if penalized else None
+    def acts_in_torch_training(self, config: Any) -> bool:
+        return bool(config.l1 != 0 or config.l2 != 0)
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        if context.node.shares is not None:
+            raise UnsupportedLayerError(
+                f"layer {context.node.name!r} (ActivityRegularization): a shared layer's penalty is not trained "
+                "(its torch module keeps one call's)"
+            )
+        return builder.helpers.KerasActivityRegularization(float(context.config.l1), float(context.config.l2))
 
 
 @register
 class SpatialDropout3D(_TrainingOnly):
     kind, keras_classes, ranks = "spatial_dropout3d", ("SpatialDropout3D",), (4,)
     Config = options_config("SpatialDropout3DConfig", rate=number(), seed=seed(), data_format=DATA_FORMAT)
+    reproduced_in_training = True
 
     def passes_input_in_training(self, config: Any) -> bool:
         return bool(config.rate == 0)  # Keras returns its input itself at rate 0
+
+    def training_module(self, builder: TorchBuilder, context: NodeContext) -> Any:
+        from exchange.kinds.reshaping import spatial_dropout
+
+        return spatial_dropout(builder, context)
 
 
 class _Augmentation(_TrainingOnly):
