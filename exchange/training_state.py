@@ -60,6 +60,7 @@ from exchange import fileformat, filekinds, keras_files, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import Graph
 from exchange.kinds import kind_of
+from exchange.kinds.axis_order import torch_axis
 from exchange.ports import KerasOnly, Packed, Summed, TorchOnly, torch_keys
 
 OPTIMIZER_METADATA = "optimizer"
@@ -1234,11 +1235,28 @@ def torch_loss(model, state: TrainingState):
     `forward` is a module sharing `model`'s parameters that stops before that activation and
     `loss` takes logits; otherwise `forward` is `model`."""
 
-    activation = logits_activation(model.exchange_graph, state.loss, "the training state")
-    if activation is None:
-        return model, make_loss(state.loss)
-    forward, _ = logits_model(model, activation)
-    return forward, make_loss(state.loss, from_logits=True)
+    from exchange import optimizers
+
+    graph = model.exchange_graph
+    activation = logits_activation(graph, state.loss, "the training state")
+    forward = model if activation is None else logits_model(model, activation)[0]
+    name, options = torch_loss_call(graph, state.loss, "the training state", activation is not None)
+    function = optimizers.LOSSES[name]
+    return forward, lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
+
+
+def torch_loss_call(graph: Graph, loss, where: str, from_logits: bool = False) -> tuple[str, dict]:
+    """`loss_call` for the torch module's output, which is channels-first: a Keras `axis` (the
+    classes, last in Keras's layout) as the torch dim holding it (-1 where that is the last);
+    `from_logits` where the loss takes the logits of the output's activation (`logits_activation`)."""
+    function, options = loss_call(loss, where)
+    if "axis" in options:
+        rank = len(graph.shapes[graph.outputs[0]])
+        dim = torch_axis(options["axis"], rank, "the loss")
+        options["axis"] = -1 if dim == rank else dim
+    if from_logits:
+        options["from_logits"] = True
+    return function, options
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:
