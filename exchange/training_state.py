@@ -528,7 +528,7 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     source = keras_files._Hdf5Source(path, start, size, member=keras_files.KERAS_WEIGHTS_MEMBER)
     try:
         with keras_files.hdf5_errors(source.label):
-            stored = _optimizer_variables(source)
+            stored = _optimizer_variables(source, spec, variables)
             head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
             if not stored or (variables and spec.slot_names and len(stored) == head):
                 return _fresh_state(config, graph, variables, spec, loss, regularizers, where)
@@ -585,11 +585,29 @@ def _frozen_layer(value):
     return None
 
 
-def _optimizer_variables(source) -> list:
+def _stored_count(spec: OptimizerSpec, variables: list[tuple]) -> int:
+    """How many `optimizer/vars` Keras 3.15 stores for `spec` over `variables` once it is built."""
+    head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
+    return head + len(spec.slot_names) * len(variables) + len(spec.initial_scalars)
+
+
+def _count_refused(label: str, spec: OptimizerSpec, count: int, variables: list[tuple]) -> ExchangeFileError:
+    return ExchangeFileError(
+        f"{label}: optimizer {spec.class_name} stores {count} variables; the model's "
+        f"{len(variables)} trainable variables need {_stored_count(spec, variables)} (frozen layers or another "
+        "model's optimizer are not supported)"
+    )
+
+
+def _optimizer_variables(source, spec: OptimizerSpec, variables: list[tuple]) -> list:
+    """`optimizer/vars` as lazy tensors, in order; more entries than `spec` stores are refused by
+    their count (cheap in HDF5), before any is listed or opened."""
     group = untrusted.hdf5_get(source.h5, "optimizer/vars", source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
     count = len(group)
+    if count > _stored_count(spec, variables):
+        raise _count_refused(source.label, spec, count, variables)
     if sorted(group) != sorted(str(index) for index in range(count)):
         raise ExchangeFileError(f"{source.label}: unexpected entries in optimizer/vars")
     return [source.lazy(f"optimizer/vars/{index}") for index in range(count)]
@@ -600,13 +618,8 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
     `optimizer/vars`, every count and shape checked before any slot is read."""
     groups = slot_groups(spec.class_name, spec.options)
     head = 2 if spec.learning_rate_is_variable else 1
-    expected = head + sum(len(group) for group in groups) * len(variables) + len(spec.initial_scalars)
-    if len(stored) != expected:
-        raise ExchangeFileError(
-            f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
-            f"{len(variables)} trainable variables need {expected} (frozen layers or another "
-            "model's optimizer are not supported)"
-        )
+    if len(stored) != _stored_count(spec, variables):
+        raise _count_refused(label, spec, len(stored), variables)
     if stored[0].shape != () or not np.issubdtype(stored[0].dtype, np.integer):
         raise ExchangeFileError(f"{label}: optimizer/vars/0 is not the iteration count")
     iteration = int(stored[0].load())
