@@ -92,8 +92,8 @@ def open_weights(
             kind,
             holds_training=OPTIMIZER_METADATA in exchange_file.metadata,
         )
-    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):  # traced from the user's code
-        graph, tensors = subclassed.open_subclassed(path, arch)
+    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch, kind):  # the user's code
+        graph, tensors = subclassed.open_subclassed(path, arch, kind)
         return OpenedInput(graph, tensors, "keras", kind)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(
@@ -158,7 +158,7 @@ def load_architecture(path: Path) -> Graph:
         return keras_config.parse_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
-    if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path):
+    if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path, kind):
         return subclassed.architecture(path)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         return keras_config.parse_model_config(
