@@ -839,11 +839,12 @@ def _keras2_optimizer_weights(source, spec: OptimizerSpec, variables: list[tuple
         for keras3, keras2 in keras2_slots.items():
             weight = by_name.get((model_name, keras2))
             if weight is None:
-                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name}")
+                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name!r:.120}")
             tensor = source.lazy(f"optimizer_weights/{weight}")
             if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
                 raise ExchangeFileError(
-                    f"{label}: optimizer weight {weight} has shape {tuple(tensor.shape)}, {node.name}/{name} {shape}"
+                    f"{label}: optimizer weight {weight!r:.120} has shape {tuple(tensor.shape)}, "
+                    f"{node.name:.60}/{name} {shape}"
                 )
             per_variable[keras3] = tensor
         lazy_slots.append(per_variable)
@@ -868,7 +869,7 @@ def _keras2_variable_names(source, variables: list[tuple], label: str) -> dict[t
             ]
         if len(candidates) != 1:
             raise UnsupportedLayerError(
-                f"{label}: no one Keras 2 weight for {node.name}/{name} in model_weights "
+                f"{label}: no one Keras 2 weight for {node.name:.60}/{name} in model_weights "
                 "(nested models and renamed weights are not supported for training state)"
             )
         found[(node.name, name)] = candidates[0]
