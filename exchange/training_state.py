@@ -748,6 +748,11 @@ def read_keras2_training(path: str | Path, graph: Graph, parameter_keys: set[str
             raw = source.attribute(source.h5, "training_config")
             if raw is None:
                 return None
+            if not keras_files._keras2_version(source.attribute(source.h5, "keras_version")):
+                raise UnsupportedLayerError(
+                    f"{label}: a full-model .h5 saved by Keras 3: its training state is not read here "
+                    "(save the model as .keras to carry it)"
+                )
             training = untrusted.load_json(
                 untrusted.check_path_text(raw, label, "training_config"), label, "training_config"
             )
