@@ -58,7 +58,7 @@ class OpenedInput:
     are written), the framework it came from, its kind, and what its reader learnt of it, handed
     down so that nothing opens the file again to ask (`keras_files.KerasWeights`): whether Keras 3
     opens it itself, the Keras 2 file holding its config, whether it holds training state (None:
-    not known from what was read)."""
+    not known from what was read), whether it was traced from the user's subclassed model."""
 
     graph: Graph
     tensors: dict
@@ -67,6 +67,7 @@ class OpenedInput:
     keras3_loadable: bool = False
     keras2_config: Path | None = None
     holds_training: bool | None = None
+    traced: bool = False
 
 
 def open_weights(
@@ -94,7 +95,7 @@ def open_weights(
         )
     if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch, kind):  # the user's code
         graph, tensors = subclassed.open_subclassed(path, arch, kind)
-        return OpenedInput(graph, tensors, "keras", kind)
+        return OpenedInput(graph, tensors, "keras", kind, traced=True)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(
             keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None, by_name, kind)
@@ -282,7 +283,7 @@ def convert(
         from exchange import training_state
 
         training = training_state.for_conversion(
-            in_path, in_kind, out_kind, graph, notes, optimizer_state, opened.holds_training
+            in_path, in_kind, out_kind, graph, notes, optimizer_state, opened.holds_training, opened.traced
         )
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.

@@ -1100,6 +1100,7 @@ def for_conversion(
     notes: list | None,
     carry_keras_state: bool = False,
     holds_training: bool | None = None,
+    traced: bool = False,
 ) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s (or Keras 2 `.h5`'s) into an
     exchange file when asked (`--optimizer-state`: such a file is no longer a plain state_dict), an
@@ -1108,7 +1109,9 @@ def for_conversion(
     `make_optimizer` reads; the code gets the training functions: `exchange.training_code`). Never
     into a `.pt`, which is read whole into `load_state_dict`. A state that is not carried, or
     cannot be carried exactly, is left out with a note saying why; the weights convert as without
-    it. `holds_training`, when the reader already knows, saves opening the input again to ask."""
+    it. `holds_training`, when the reader already knows, saves opening the input again to ask.
+    A `traced` input (a subclassed model, `exchange.subclassed`) keeps its state out: Keras orders
+    its optimizer's variables by the class's attributes, which the traced graph does not know."""
     if not (_holds_training(in_path, in_kind) if holds_training is None else holds_training):
         return None
     carried = {
@@ -1127,6 +1130,11 @@ def for_conversion(
         reason = (
             "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
             "beside the state_dict's)"
+        )
+    elif traced:
+        reason = (
+            "a subclassed model's optimizer variables follow the order of its class's attributes, not "
+            "of its traced calls: they are not matched to the variables"
         )
     else:
         try:
