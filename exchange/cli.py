@@ -254,9 +254,11 @@ def convert(
     `in_kind`, when the caller has decided it, is not decided again.
 
     The input is opened once here (its kind decided once, by its content); what that reading
-    gives (`OpenedInput`) goes to the writer, the training state and `check`. The read-back check
-    opens the temporary output, and `--verify`'s child opens the Keras reference through Keras
-    and the output as written (exchange/verify.py): re-reading is what those checks are for."""
+    gives (`OpenedInput`) goes to the writer, the training state and `check`. A training state
+    that is carried is read from the input by `training_state.for_conversion` (the optimizer's
+    variables, which the weights reader leaves alone). The read-back check opens the temporary
+    output, and `--verify`'s child opens the Keras reference through Keras and the output as
+    written (exchange/verify.py): re-reading is what those checks are for."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
