@@ -377,8 +377,9 @@ def make_loss(description, from_logits: bool | None = None):
     """Keras's compiled loss (a name, or `{"class_name", "config"}`, checked by `loss_call`) as
     `loss(y_pred, y_true)` in torch (`exchange.optimizers.LOSSES`): the per-sample losses averaged
     over the batch (`sum_over_batch_size`, Keras's default). Keras takes a softmax or sigmoid
-    output's cross-entropy from its logits: `from_logits=True` makes a cross-entropy take those
-    (`torch_loss` gives both)."""
+    output's cross-entropy from its logits: `from_logits=True` makes a cross-entropy take those.
+    Its `axis` is Keras's, for arrays in Keras's layout; `torch_loss` gives the loss of the torch
+    module's channels-first output (`torch_loss_call`)."""
     from exchange import optimizers
 
     name, options = loss_call(description, "loss")
