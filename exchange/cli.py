@@ -58,7 +58,7 @@ class OpenedInput:
     are written), the framework it came from, its kind, and what its reader learnt of it, handed
     down so that nothing opens the file again to ask (`keras_files.KerasWeights`): whether Keras 3
     opens it itself, the Keras 2 file holding its config, whether it holds training state (None:
-    not known from what was read)."""
+    not known from what was read), whether it was traced from the user's subclassed model."""
 
     graph: Graph
     tensors: dict
@@ -67,6 +67,7 @@ class OpenedInput:
     keras3_loadable: bool = False
     keras2_config: Path | None = None
     holds_training: bool | None = None
+    traced: bool = False
 
 
 def open_weights(
@@ -92,9 +93,9 @@ def open_weights(
             kind,
             holds_training=OPTIMIZER_METADATA in exchange_file.metadata,
         )
-    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch):  # traced from the user's code
-        graph, tensors = subclassed.open_subclassed(path, arch)
-        return OpenedInput(graph, tensors, "keras", kind)
+    if kind in (filekinds.KERAS, filekinds.HDF5) and subclassed.model_class(path, arch, kind):  # the user's code
+        graph, tensors = subclassed.open_subclassed(path, arch, kind)
+        return OpenedInput(graph, tensors, "keras", kind, traced=True)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         keras_weights = stack.enter_context(
             keras_files.open_keras_file(path, arch if isinstance(arch, Path) else None, by_name, kind)
@@ -158,7 +159,7 @@ def load_architecture(path: Path) -> Graph:
         return keras_config.parse_model_config(savedmodel.read_config(path), str(path), keras2=True).graph
     if kind is filekinds.SAFETENSORS:
         return fileformat.architecture_from_metadata(path, fileformat.read_metadata(path))
-    if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path):
+    if kind in (filekinds.KERAS, filekinds.HDF5, filekinds.JSON) and subclassed.model_class(path, path, kind):
         return subclassed.architecture(path)
     if kind in (filekinds.KERAS, filekinds.HDF5):
         return keras_config.parse_model_config(
@@ -253,9 +254,11 @@ def convert(
     `in_kind`, when the caller has decided it, is not decided again.
 
     The input is opened once here (its kind decided once, by its content); what that reading
-    gives (`OpenedInput`) goes to the writer, the training state and `check`. The read-back check
-    opens the temporary output, and `--verify`'s child opens the Keras reference through Keras
-    and the output as written (exchange/verify.py): re-reading is what those checks are for."""
+    gives (`OpenedInput`) goes to the writer, the training state and `check`. A training state
+    that is carried is read from the input by `training_state.for_conversion` (the optimizer's
+    variables, which the weights reader leaves alone). The read-back check opens the temporary
+    output, and `--verify`'s child opens the Keras reference through Keras and the output as
+    written (exchange/verify.py): re-reading is what those checks are for."""
     out_kind = filekinds.output_kind(out_path)
     weights_path = code_weights_path(out_path) if out_kind is filekinds.CODE else out_path
     for path in (out_path, weights_path):
@@ -282,7 +285,7 @@ def convert(
         from exchange import training_state
 
         training = training_state.for_conversion(
-            in_path, in_kind, out_kind, graph, notes, optimizer_state, opened.holds_training
+            in_path, in_kind, out_kind, graph, notes, optimizer_state, opened.holds_training, opened.traced
         )
         # The read-back check runs on the temporary file, so a failed check leaves any
         # existing output untouched.

@@ -72,19 +72,21 @@ def state() -> dict:
 # Which files take this path
 
 
-def model_class(path: Path, arch) -> str | None:
+def model_class(path: Path, arch, kind: filekinds.FileKind | None = None) -> str | None:
     """The class name of a subclassed model this conversion reads (a `.keras` of one, or a
     weights-only file whose `--arch` is one) when `--custom-objects` was given; else None, and
-    the usual readers take (or refuse) the file."""
+    the usual readers take (or refuse) the file. `kind`, the input's when the caller has decided
+    it, is not decided again."""
     if not CUSTOM_OBJECT_FILES:
         return None
     from exchange import keras_files
 
-    config_path = path if filekinds.input_kind(path) is filekinds.KERAS else arch if isinstance(arch, Path) else None
+    kind = kind or filekinds.input_kind(path)
+    config_path = path if kind is filekinds.KERAS else arch if isinstance(arch, Path) else None
     if config_path is None:
         return None
     try:
-        config = keras_files.read_keras_config(config_path)
+        config = keras_files.read_keras_config(config_path, kind if config_path == path else None)
     except ExchangeFileError:
         return None  # not a Keras model config (an exchange architecture): the usual readers say
     class_name = config.get("class_name")
@@ -173,15 +175,15 @@ def _user_frame(error: BaseException):
 # Opening the model with Keras
 
 
-def load_model(path: Path, arch=None):
+def load_model(path: Path, arch=None, kind: filekinds.FileKind | None = None):
     """The user's model as Keras loads it: a `.keras` file, or `--arch`'s model with the weights
-    of a `.weights.h5`. The file is checked by the direct reader's guards first (zip members,
-    HDF5 metadata), so Keras reads only what those read safely."""
+    of a `.weights.h5` (`kind`: the input's, when decided). The file is checked by the direct
+    reader's guards first (zip members, HDF5 metadata), so Keras reads only what those read safely."""
     import keras
 
     from exchange import keras_files
 
-    kind = filekinds.input_kind(path)
+    kind = kind or filekinds.input_kind(path)
     if kind not in (filekinds.KERAS, filekinds.HDF5):
         raise ExchangeFileError(
             f"{path}: Keras reads a subclassed model's weights from a .keras file or a "
@@ -563,17 +565,17 @@ def _check_variables(model, operations: list, source: str) -> None:
 # Entry points for the command line
 
 
-def open_subclassed(path: Path, arch=None):
+def open_subclassed(path: Path, arch=None, kind: filekinds.FileKind | None = None):
     """(graph, file-layout tensors) of a subclassed model's `.keras` or `.weights.h5` (with
     `--arch`), traced from its `call`."""
-    model = load_model(path, arch)
+    model = load_model(path, arch, kind)
     functional = trace(model, str(path))
     return _graph_of(functional, path), _tensors_of(functional, path)
 
 
-def open_both(path: Path, arch=None):
+def open_both(path: Path, arch=None, kind: filekinds.FileKind | None = None):
     """The user's model as Keras loaded it and its traced functional model (for `--verify`)."""
-    model = load_model(path, arch)
+    model = load_model(path, arch, kind)
     return model, trace(model, str(path))
 
 

@@ -34,7 +34,6 @@ import numpy as np
 
 from exchange import optimizers, training_state
 from exchange.graph import Graph
-from exchange.kinds.axis_order import torch_axis
 
 SLOT_PREFIX = "optimizer/"
 
@@ -202,13 +201,7 @@ def _make_optimizer(graph, state, parameter_names, weights_name, _format, quoted
 def _loss_fn(graph, state, _format, activation: str | None) -> str:
     """`activation`: the output's softmax or sigmoid whose logits Keras takes the loss from
     (`training_state.logits_activation`), then `loss_fn` takes them; else None."""
-    function, options = training_state.loss_call(state.loss, "the training state")
-    if "axis" in options:  # Keras's axis of its channels-last output, as the torch dim
-        rank = len(graph.shapes[graph.outputs[0]])
-        dim = torch_axis(options["axis"], rank, "the loss")
-        options = {**options, "axis": -1 if dim == rank else dim}
-    if activation is not None:
-        options = {**options, "from_logits": True}
+    function, options = training_state.torch_loss_call(graph, state.loss, "the training state", activation is not None)
     arguments = "".join(f", {key}={_format(value)}" for key, value in options.items())
     prediction = "logits" if activation is not None else "y_pred"
     if activation is not None:

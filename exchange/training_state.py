@@ -60,6 +60,7 @@ from exchange import fileformat, filekinds, keras_files, untrusted
 from exchange.errors import ExchangeError, ExchangeFileError, UnsupportedLayerError
 from exchange.graph import Graph
 from exchange.kinds import kind_of
+from exchange.kinds.axis_order import torch_axis
 from exchange.ports import KerasOnly, Packed, Summed, TorchOnly, torch_keys
 
 OPTIMIZER_METADATA = "optimizer"
@@ -376,8 +377,9 @@ def make_loss(description, from_logits: bool | None = None):
     """Keras's compiled loss (a name, or `{"class_name", "config"}`, checked by `loss_call`) as
     `loss(y_pred, y_true)` in torch (`exchange.optimizers.LOSSES`): the per-sample losses averaged
     over the batch (`sum_over_batch_size`, Keras's default). Keras takes a softmax or sigmoid
-    output's cross-entropy from its logits: `from_logits=True` makes a cross-entropy take those
-    (`torch_loss` gives both)."""
+    output's cross-entropy from its logits: `from_logits=True` makes a cross-entropy take those.
+    Its `axis` is Keras's, for arrays in Keras's layout; `torch_loss` gives the loss of the torch
+    module's channels-first output (`torch_loss_call`)."""
     from exchange import optimizers
 
     name, options = loss_call(description, "loss")
@@ -527,7 +529,7 @@ def read_keras_training(path: str | Path, graph: Graph, parameter_keys: set[str]
     source = keras_files._Hdf5Source(path, start, size, member=keras_files.KERAS_WEIGHTS_MEMBER)
     try:
         with keras_files.hdf5_errors(source.label):
-            stored = _optimizer_variables(source)
+            stored = _optimizer_variables(source, spec, variables)
             head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
             if not stored or (variables and spec.slot_names and len(stored) == head):
                 return _fresh_state(config, graph, variables, spec, loss, regularizers, where)
@@ -584,11 +586,29 @@ def _frozen_layer(value):
     return None
 
 
-def _optimizer_variables(source) -> list:
+def _stored_count(spec: OptimizerSpec, variables: list[tuple]) -> int:
+    """How many `optimizer/vars` Keras 3.15 stores for `spec` over `variables` once it is built."""
+    head = 2 if spec.learning_rate_is_variable else 1  # the step count, and the rate
+    return head + len(spec.slot_names) * len(variables) + len(spec.initial_scalars)
+
+
+def _count_refused(label: str, spec: OptimizerSpec, count: int, variables: list[tuple]) -> ExchangeFileError:
+    return ExchangeFileError(
+        f"{label}: optimizer {spec.class_name} stores {count} variables; the model's "
+        f"{len(variables)} trainable variables need {_stored_count(spec, variables)} (frozen layers or another "
+        "model's optimizer are not supported)"
+    )
+
+
+def _optimizer_variables(source, spec: OptimizerSpec, variables: list[tuple]) -> list:
+    """`optimizer/vars` as lazy tensors, in order; more entries than `spec` stores are refused by
+    their count (cheap in HDF5), before any is listed or opened."""
     group = untrusted.hdf5_get(source.h5, "optimizer/vars", source.label, source.groups)
     if not isinstance(group, h5py.Group):
         return []
     count = len(group)
+    if count > _stored_count(spec, variables):
+        raise _count_refused(source.label, spec, count, variables)
     if sorted(group) != sorted(str(index) for index in range(count)):
         raise ExchangeFileError(f"{source.label}: unexpected entries in optimizer/vars")
     return [source.lazy(f"optimizer/vars/{index}") for index in range(count)]
@@ -599,13 +619,8 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
     `optimizer/vars`, every count and shape checked before any slot is read."""
     groups = slot_groups(spec.class_name, spec.options)
     head = 2 if spec.learning_rate_is_variable else 1
-    expected = head + sum(len(group) for group in groups) * len(variables) + len(spec.initial_scalars)
-    if len(stored) != expected:
-        raise ExchangeFileError(
-            f"{label}: optimizer {spec.class_name} stores {len(stored)} variables; the model's "
-            f"{len(variables)} trainable variables need {expected} (frozen layers or another "
-            "model's optimizer are not supported)"
-        )
+    if len(stored) != _stored_count(spec, variables):
+        raise _count_refused(label, spec, len(stored), variables)
     if stored[0].shape != () or not np.issubdtype(stored[0].dtype, np.integer):
         raise ExchangeFileError(f"{label}: optimizer/vars/0 is not the iteration count")
     iteration = int(stored[0].load())
@@ -734,6 +749,11 @@ def read_keras2_training(path: str | Path, graph: Graph, parameter_keys: set[str
             raw = source.attribute(source.h5, "training_config")
             if raw is None:
                 return None
+            if not keras_files._keras2_version(source.attribute(source.h5, "keras_version")):
+                raise UnsupportedLayerError(
+                    f"{label}: a full-model .h5 saved by Keras 3: its training state is not read here "
+                    "(save the model as .keras to carry it)"
+                )
             training = untrusted.load_json(
                 untrusted.check_path_text(raw, label, "training_config"), label, "training_config"
             )
@@ -825,11 +845,12 @@ def _keras2_optimizer_weights(source, spec: OptimizerSpec, variables: list[tuple
         for keras3, keras2 in keras2_slots.items():
             weight = by_name.get((model_name, keras2))
             if weight is None:
-                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name}")
+                raise ExchangeFileError(f"{label}: optimizer_weights lacks the {keras2} slot of {model_name!r:.120}")
             tensor = source.lazy(f"optimizer_weights/{weight}")
             if tuple(tensor.shape) != shape or not np.issubdtype(tensor.dtype, np.floating):
                 raise ExchangeFileError(
-                    f"{label}: optimizer weight {weight} has shape {tuple(tensor.shape)}, {node.name}/{name} {shape}"
+                    f"{label}: optimizer weight {weight!r:.120} has shape {tuple(tensor.shape)}, "
+                    f"{node.name:.60}/{name} {shape}"
                 )
             per_variable[keras3] = tensor
         lazy_slots.append(per_variable)
@@ -854,7 +875,7 @@ def _keras2_variable_names(source, variables: list[tuple], label: str) -> dict[t
             ]
         if len(candidates) != 1:
             raise UnsupportedLayerError(
-                f"{label}: no one Keras 2 weight for {node.name}/{name} in model_weights "
+                f"{label}: no one Keras 2 weight for {node.name:.60}/{name} in model_weights "
                 "(nested models and renamed weights are not supported for training state)"
             )
         found[(node.name, name)] = candidates[0]
@@ -1091,6 +1112,7 @@ def for_conversion(
     notes: list | None,
     carry_keras_state: bool = False,
     holds_training: bool | None = None,
+    traced: bool = False,
 ) -> TrainingState | None:
     """The training state a conversion carries: a compiled `.keras`'s (or Keras 2 `.h5`'s) into an
     exchange file when asked (`--optimizer-state`: such a file is no longer a plain state_dict), an
@@ -1099,7 +1121,9 @@ def for_conversion(
     `make_optimizer` reads; the code gets the training functions: `exchange.training_code`). Never
     into a `.pt`, which is read whole into `load_state_dict`. A state that is not carried, or
     cannot be carried exactly, is left out with a note saying why; the weights convert as without
-    it. `holds_training`, when the reader already knows, saves opening the input again to ask."""
+    it. `holds_training`, when the reader already knows, saves opening the input again to ask.
+    A `traced` input (a subclassed model, `exchange.subclassed`) keeps its state out: Keras orders
+    its optimizer's variables by the class's attributes, which the traced graph does not know."""
     if not (_holds_training(in_path, in_kind) if holds_training is None else holds_training):
         return None
     carried = {
@@ -1118,6 +1142,11 @@ def for_conversion(
         reason = (
             "pass --optimizer-state to carry it into the .safetensors (which then holds optimizer/... keys "
             "beside the state_dict's)"
+        )
+    elif traced:
+        reason = (
+            "a subclassed model's optimizer variables follow the order of its class's attributes, not "
+            "of its traced calls: they are not matched to the variables"
         )
     else:
         try:
@@ -1249,18 +1278,33 @@ def torch_loss(model, state: TrainingState):
     add their penalty of the last forward pass to `loss`, as Keras adds it (`optimizers.activity_penalty`)."""
     from exchange import optimizers, torch_modules
 
-    activation = logits_activation(model.exchange_graph, state.loss, "the training state")
-    if activation is None:
-        forward, compiled = model, make_loss(state.loss)
-    else:
-        forward, compiled = logits_model(model, activation)[0], make_loss(state.loss, from_logits=True)
-    if not any(isinstance(part, torch_modules.KerasActivityRegularization) for part in model.modules()):
-        return forward, compiled
+    graph = model.exchange_graph
+    activation = logits_activation(graph, state.loss, "the training state")
+    forward = model if activation is None else logits_model(model, activation)[0]
+    name, options = torch_loss_call(graph, state.loss, "the training state", activation is not None)
+    function = optimizers.LOSSES[name]
+
+    penalized = any(isinstance(part, torch_modules.KerasActivityRegularization) for part in model.modules())
 
     def loss(y_pred, y_true):
-        return compiled(y_pred, y_true) + optimizers.activity_penalty(model)
+        value = function(y_pred, y_true, **options).mean()
+        return value + optimizers.activity_penalty(model) if penalized else value
 
     return forward, loss
+
+
+def torch_loss_call(graph: Graph, loss, where: str, from_logits: bool = False) -> tuple[str, dict]:
+    """`loss_call` for the torch module's output, which is channels-first: a Keras `axis` (the
+    classes, last in Keras's layout) as the torch dim holding it (-1 where that is the last);
+    `from_logits` where the loss takes the logits of the output's activation (`logits_activation`)."""
+    function, options = loss_call(loss, where)
+    if "axis" in options:
+        rank = len(graph.shapes[graph.outputs[0]])
+        dim = torch_axis(options["axis"], rank, "the loss")
+        options["axis"] = -1 if dim == rank else dim
+    if from_logits:
+        options["from_logits"] = True
+    return function, options
 
 
 def _holds_training(path: Path, kind: filekinds.FileKind) -> bool:

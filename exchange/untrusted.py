@@ -168,7 +168,7 @@ def read_zip_member(archive: zipfile.ZipFile, name: str, label: str, limit: int)
 
 def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
     """Every array of a numpy `.npz`, by name, read with `allow_pickle=False` after the checks:
-    a regular file of at most `limit` bytes, zip members within the compression cap, each member
+    a regular file of at most `limit` bytes whose members inflate to at most `limit`, each member
     a `.npy` whose declared shape fits its bytes (numpy allocates it before reading) and whose
     dtype holds no Python objects."""
     size = regular_file(path)
@@ -180,6 +180,9 @@ def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
             members = archive.infolist()
             if len(members) > MAX_NPZ_ARRAYS:
                 raise ExchangeFileError(f"{path}: {len(members):,} members, more than {MAX_NPZ_ARRAYS:,}")
+            inflated = sum(info.file_size for info in members)
+            if inflated > limit:  # the arrays are read whole: the compression cap alone allows 32x
+                raise ExchangeFileError(f"{path}: its arrays inflate to {inflated:,} bytes, more than {limit:,}")
             for info in members:
                 if not info.filename.endswith(".npy"):
                     raise ExchangeFileError(f"{path}: member {info.filename!r:.80} is not a .npy array")
@@ -191,11 +194,12 @@ def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
                         else np.lib.format.read_array_header_2_0
                     )
                     shape, _, dtype = read_header(stream)
+                member = f"{info.filename!r:.80}"
                 if dtype.hasobject:
-                    raise ExchangeFileError(f"{path}: {info.filename} holds Python objects, which are never unpickled")
+                    raise ExchangeFileError(f"{path}: {member} holds Python objects, which are never unpickled")
                 if declared_nbytes(shape, dtype) > info.file_size:
                     raise ExchangeFileError(
-                        f"{path}: {info.filename} declares {dtype} {shape}, more than its {info.file_size:,} bytes"
+                        f"{path}: {member} declares {dtype} {shape}, more than its {info.file_size:,} bytes"
                     )
         with np.load(path, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}

@@ -1126,9 +1126,9 @@ def _keras_side(
         from exchange import keras_adapter
     except ImportError:
         return _numpy_side("Keras", path, graph, read_tensors(path))
-    class_name = subclassed.model_class(path, arch_path)
+    class_name = subclassed.model_class(path, arch_path, kind)
     if class_name:  # the user's own model runs; its traced form serves the layer-by-layer comparison
-        model, traced = subclassed.open_both(path, arch_path)
+        model, traced = subclassed.open_both(path, arch_path, kind)
         return Side(
             f"Keras on {path} (your {class_name})",
             lambda inputs: keras_adapter.predict(model, inputs),

@@ -163,7 +163,7 @@ def _one_slot_missing(h5):
     "edit, message",
     [
         (_rename_slot, "unexpected optimizer weight 'Adam/m/../../secret:0'"),
-        (_wrong_shape, r"optimizer weight Adam/m/hidden/kernel:0 has shape \(4, 15\), hidden/kernel \(15, 4\)"),
+        (_wrong_shape, r"optimizer weight 'Adam/m/hidden/kernel:0' has shape \(4, 15\), hidden/kernel \(15, 4\)"),
         (_float_iteration, "optimizer_weights/iteration:0 is not the iteration count"),
         (_soft_link, "is a SoftLink .* links are refused"),
         (_not_json, "training_config"),

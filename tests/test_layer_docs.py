@@ -53,7 +53,10 @@ def test_check_flag_reports_a_stale_page(tmp_path, monkeypatch):
 
 
 def test_generating_imports_no_framework():
-    code = "import runpy, sys; runpy.run_path(%r, run_name='x'); print('keras' in sys.modules, 'torch' in sys.modules)"
+    code = (  # the page is written, not only the script imported
+        "import runpy, sys; runpy.run_path(%r, run_name='x')['page'](); "
+        "print('keras' in sys.modules, 'torch' in sys.modules)"
+    )
     result = subprocess.run(
         [sys.executable, "-c", code % str(SCRIPT)], capture_output=True, text=True, check=True, cwd=ROOT
     )

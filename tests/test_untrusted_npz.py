@@ -1,0 +1,43 @@
+"""`untrusted.load_npz` on hostile `.npz` files: what it reads is bounded by `limit` and its
+messages stay short whatever the member names are."""
+
+import io
+import zipfile
+
+import numpy as np
+import pytest
+
+from exchange import untrusted
+from exchange.errors import ExchangeFileError
+
+MESSAGE_LIMIT = 400  # a path, a member name cut to 80 characters and the reason
+
+
+def _member(descr: str, shape: tuple, payload: bytes) -> bytes:
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": descr, "fortran_order": False, "shape": shape})
+    return header.getvalue() + payload
+
+
+@pytest.mark.parametrize(
+    "descr, shape, payload, reason",
+    [("|O", (3,), b"\x80\x04N.", "Python objects"), ("<f4", (10**6,), bytes(64), "declares float32")],
+    ids=["objects", "shape"],
+)
+def test_a_long_member_name_is_cut_in_the_message(tmp_path, descr, shape, payload, reason):
+    path = tmp_path / "inputs.npz"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("x" * 5000 + ".npy", _member(descr, shape, payload))
+    with pytest.raises(ExchangeFileError, match=reason) as raised:
+        untrusted.load_npz(path)
+    assert len(str(raised.value)) < MESSAGE_LIMIT
+
+
+def test_members_that_inflate_beyond_the_limit_are_refused_before_reading(tmp_path):
+    """Zeros deflate about 1000x: the compression cap alone lets 32x the file's limit through."""
+    path = tmp_path / "inputs.npz"
+    np.savez_compressed(path, x=np.zeros((64, 1024), np.float32))  # 256 KiB inflated, a few KiB on disk
+    limit = 8 * path.stat().st_size
+    with pytest.raises(ExchangeFileError, match="inflate"):
+        untrusted.load_npz(path, limit=limit)
+    assert set(untrusted.load_npz(path, limit=1 << 20)) == {"x"}
