@@ -20,7 +20,7 @@ import zipfile
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, BinaryIO, NoReturn
 
 import h5py
 import numpy as np
@@ -175,34 +175,13 @@ def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
     if size > limit:
         raise ExchangeFileError(f"{path}: {size:,} bytes, more than the {limit:,} a .npz may have here")
     try:
-        with zipfile.ZipFile(path) as archive:
-            check_zip_members(archive, str(path), size)
-            members = archive.infolist()
-            if len(members) > MAX_NPZ_ARRAYS:
-                raise ExchangeFileError(f"{path}: {len(members):,} members, more than {MAX_NPZ_ARRAYS:,}")
-            inflated = sum(info.file_size for info in members)
-            if inflated > limit:  # the arrays are read whole: the compression cap alone allows 32x
-                raise ExchangeFileError(f"{path}: its arrays inflate to {inflated:,} bytes, more than {limit:,}")
-            for info in members:
-                if not info.filename.endswith(".npy"):
-                    raise ExchangeFileError(f"{path}: member {info.filename!r:.80} is not a .npy array")
-                with archive.open(info) as stream:
-                    version = np.lib.format.read_magic(stream)
-                    read_header = (
-                        np.lib.format.read_array_header_1_0
-                        if version == (1, 0)
-                        else np.lib.format.read_array_header_2_0
-                    )
-                    shape, _, dtype = read_header(stream)
-                member = f"{info.filename!r:.80}"
-                if dtype.hasobject:
-                    raise ExchangeFileError(f"{path}: {member} holds Python objects, which are never unpickled")
-                if declared_nbytes(shape, dtype) > info.file_size:
-                    raise ExchangeFileError(
-                        f"{path}: {member} declares {dtype} {shape}, more than its {info.file_size:,} bytes"
-                    )
-        with np.load(path, allow_pickle=False) as npz:
-            return {name: npz[name] for name in npz.files}
+        # One open (never blocking: a FIFO put in its place since would), so the file checked
+        # is the file read.
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb") as handle:
+            status = os.fstat(handle.fileno())
+            if not stat.S_ISREG(status.st_mode) or status.st_size != size:
+                raise ExchangeFileError(f"{path}: changed while it was read")
+            return _checked_npz(path, handle, size, limit)
     except ExchangeFileError:
         raise
     except (
@@ -216,6 +195,37 @@ def load_npz(path: Path, limit: int = MAX_NPZ_BYTES) -> dict[str, np.ndarray]:
         NotImplementedError,
     ) as err:
         raise ExchangeFileError(f"{path}: not a readable .npz ({first_line(err)})") from None
+
+
+def _checked_npz(path: Path, handle: BinaryIO, size: int, limit: int) -> dict[str, np.ndarray]:
+    """`load_npz`'s checks, then its arrays, on one open file."""
+    with zipfile.ZipFile(handle) as archive:
+        check_zip_members(archive, str(path), size)
+        members = archive.infolist()
+        if len(members) > MAX_NPZ_ARRAYS:
+            raise ExchangeFileError(f"{path}: {len(members):,} members, more than {MAX_NPZ_ARRAYS:,}")
+        inflated = sum(info.file_size for info in members)
+        if inflated > limit:  # the arrays are read whole: the compression cap alone allows 32x
+            raise ExchangeFileError(f"{path}: its arrays inflate to {inflated:,} bytes, more than {limit:,}")
+        for info in members:
+            if not info.filename.endswith(".npy"):
+                raise ExchangeFileError(f"{path}: member {info.filename!r:.80} is not a .npy array")
+            with archive.open(info) as stream:
+                version = np.lib.format.read_magic(stream)
+                read_header = (
+                    np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                )
+                shape, _, dtype = read_header(stream)
+            member = f"{info.filename!r:.80}"
+            if dtype.hasobject:
+                raise ExchangeFileError(f"{path}: {member} holds Python objects, which are never unpickled")
+            if declared_nbytes(shape, dtype) > info.file_size:
+                raise ExchangeFileError(
+                    f"{path}: {member} declares {dtype} {shape}, more than its {info.file_size:,} bytes"
+                )
+    handle.seek(0)
+    with np.load(handle, allow_pickle=False) as npz:
+        return {name: npz[name] for name in npz.files}
 
 
 def declared_nbytes(shape: Iterable[int], dtype: DTypeLike) -> int:
