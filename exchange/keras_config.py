@@ -237,7 +237,7 @@ class _Parser:
             current = self.layer(layer, current, container_path, group, keras2_group or name)
         return current
 
-    def functional(self, config, container_path, keras3_prefix, keras2_group, incoming):
+    def functional(self, config, container_path, keras3_prefix, keras2_group, incoming) -> list[str]:
         layers = [
             self.tf_operation(layer)
             if isinstance(layer, dict) and layer.get("class_name") in tf_ops.LAYER_CLASSES
