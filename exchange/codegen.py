@@ -18,6 +18,8 @@ import operator
 import os
 import re
 import textwrap
+from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -147,8 +149,8 @@ def generate(graph: Graph, weights_name: str, source_name: str, training=None) -
             "    return load_file(path)\n"
         )
     parts += training_functions
-    docstring, *code = (part.rstrip("\n") for part in parts)
-    return docstring + "\n\n" + "\n\n\n".join(code) + "\n"
+    docstring, *sections = (part.rstrip("\n") for part in parts)
+    return docstring + "\n\n" + "\n\n\n".join(sections) + "\n"
 
 
 def write_module(graph: Graph, path: str | os.PathLike, weights_name: str, source_name: str, training=None) -> None:
@@ -216,7 +218,8 @@ def _constructor(module: nn.Module) -> str:
             arguments.append(f"dtype={_format(dtype)}")
         return f"{type_name}({', '.join(arguments)})"
     signature = inspect.signature(module_type.__init__)
-    positional, keywords = [], []
+    positional: list[str] = []
+    keywords: list[str] = []
     for parameter_name, parameter in list(signature.parameters.items())[1:]:
         if parameter_name in SKIPPED_ARGUMENTS or parameter.kind in (parameter.VAR_KEYWORD, parameter.VAR_POSITIONAL):
             continue
@@ -301,7 +304,7 @@ def _index(value) -> str:
     return _format(value)
 
 
-def _function_name(function) -> str:
+def _function_name(function: Callable[..., object]) -> str:
     if function in HELPER_FUNCTIONS:
         return HELPER_FUNCTIONS[function]
     module_name = getattr(function, "__module__", None) or ""
@@ -378,13 +381,14 @@ def _statement(node: fx.Node, args: tuple, kwargs: dict, keras_names: dict[str, 
         [_format(argument) for argument in args] + [f"{key}={_format(value)}" for key, value in kwargs.items()]
     )
     if node.op == "call_module":
-        keras_name = keras_names.get(node.target)
+        keras_name = keras_names.get(str(node.target))
         comment = f"  # Keras layer {quoted(keras_name)}" if keras_name and keras_name != node.target else ""
         return f"self.{node.target}({arguments}){comment}"
     if node.op == "call_function" and node.target is operator.getitem:
         return f"{_format(args[0])}[{_index(args[1])}]"
     if node.op == "call_function":
-        return f"{_function_name(node.target)}({arguments})"
+        function = cast("Callable[..., object]", node.target)  # a call_function's target: a callable
+        return f"{_function_name(function)}({arguments})"
     if node.op == "call_method":
         first, *rest = args
         rest_text = ", ".join(

@@ -60,8 +60,8 @@ class MaskRecord:
     operations), the constants its `NotEqual`s compare them with, and whether it uses any
     operation but those Keras's own compute_mask methods record (`ids > 3`: the model's own)."""
 
-    reads: frozenset
-    constants: frozenset
+    reads: frozenset[str]
+    constants: frozenset[float]
     foreign: bool
 
 
@@ -237,7 +237,7 @@ class _Parser:
             current = self.layer(layer, current, container_path, group, keras2_group or name)
         return current
 
-    def functional(self, config, container_path, keras3_prefix, keras2_group, incoming):
+    def functional(self, config, container_path, keras3_prefix, keras2_group, incoming) -> list[str]:
         layers = [
             self.tf_operation(layer)
             if isinstance(layer, dict) and layer.get("class_name") in tf_ops.LAYER_CLASSES
@@ -383,7 +383,9 @@ class _Parser:
 
     def mask_operation(self, name: str, class_name: str, inbound, edges: dict) -> None:
         """Record an operation that only computes masks (not a node) as a `MaskRecord`."""
-        reads, constants, foreign = set(), set(), False
+        reads: set[str] = set()
+        constants: set[float] = set()
+        foreign = False
         for ref in _inbound_refs(inbound, tuple((inbound.get("kwargs") or {}) if isinstance(inbound, dict) else ())):
             edge = edges[ref]
             if edge in self.mask_operations:
@@ -536,7 +538,8 @@ def _dtype(value, name: str, class_name: str = "") -> str:
     if value is None:
         return "float32"
     if isinstance(value, dict):
-        policy = value.get("config") if isinstance(value.get("config"), dict) else {}
+        config = value.get("config")
+        policy = config if isinstance(config, dict) else {}
         if "mode" in policy or "Quantized" in str(value.get("class_name")):
             mode = policy.get("mode", value.get("class_name"))
             raise UnsupportedLayerError(

@@ -87,7 +87,7 @@ class _Hdf5Source:
         self.path, self.start = path, start
         self.label = f"{path}:{member}" if member else str(path)
         untrusted.regular_file(path)
-        self.descriptor = os.open(path, os.O_RDONLY)
+        self.descriptor: int | None = os.open(path, os.O_RDONLY)  # None once closed
         size = os.fstat(self.descriptor).st_size - start if size is None else size
         self.size = size
         self.groups: dict = {}  # groups whose path was checked for links
@@ -244,6 +244,8 @@ def _stored_member(path: Path, archive: zipfile.ZipFile, name: str) -> tuple[int
     info = archive.getinfo(name)
     if info.compress_type != zipfile.ZIP_STORED:
         raise ExchangeFileError(f"{path}: {name} is compressed; Keras stores it uncompressed")
+    if archive.fp is None:
+        raise ExchangeFileError(f"{path}: zip archive already closed")
     archive.fp.seek(info.header_offset)  # the archive's own open file: no second open
     local_header = archive.fp.read(30)
     if local_header[:4] != b"PK\x03\x04":
@@ -283,7 +285,7 @@ def _keras3_variables(source: _Hdf5Source, location: KerasLocation) -> list:
         extras = dict(location.keras3_extras) if not subgroup else {}
         for name in set(extras) & set(group):
             stored = source.lazy(f"{path}/{name}").load()
-            if stored.shape != (len(extras[name]),) or not np.array_equal(stored, np.float32(extras[name])):
+            if stored.shape != (len(extras[name]),) or not np.array_equal(stored, np.asarray(extras[name], np.float32)):
                 raise ExchangeFileError(
                     f"{source.label}: {path}/{name} differs from the values the layer's config "
                     "gives; config and weights do not match"

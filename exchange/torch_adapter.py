@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import os
 import re
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import numpy as np
 import torch
@@ -132,7 +132,7 @@ def _undoes(function, args: tuple) -> bool:
         return False
     if function is torch.movedim and inner.target is torch.movedim:
         return tuple(args[1:]) == (inner.args[2], inner.args[1])
-    rank = len(args[1]) if function is torch.permute else len(inner.args[1])
+    rank = len(args[1]) if function is torch.permute else len(cast("tuple[int, ...]", inner.args[1]))
     first, second = _axes(inner.target, inner.args[1:], rank), _axes(function, args[1:], rank)
     return (
         first is not None
@@ -179,9 +179,11 @@ def build_module(graph: Graph, keras_layout: bool = False, training: bool = Fals
         outputs.append(value)
     builder.graph.output(outputs[0] if len(outputs) == 1 else tuple(outputs))
     module = fx.GraphModule(builder.root, builder.graph, class_name=class_name(graph.name))
-    module.exchange_graph = graph
+    # nn.Module's __setattr__ is typed for tensors and modules: these two attributes are plain data
+    module.exchange_graph = graph  # type: ignore[assignment]
     # fx names of single-output values (a layer with several outputs is read through `output` nodes)
-    module.exchange_values = {name: value.name for name, value in values.items() if isinstance(value, fx.Node)}
+    fx_names = {name: value.name for name, value in values.items() if isinstance(value, fx.Node)}
+    module.exchange_values = fx_names  # type: ignore[assignment]
     return module
 
 
@@ -377,9 +379,10 @@ def intermediate_outputs(
     graph = architecture_of(model)
     input_names = {spec.name for spec in graph.inputs}
     wanted: dict[str, list[str]] = {}  # fx value -> the layers it is the output of (Dropout passes its input)
-    for name in names if names is not None else model.exchange_values:
-        if name in model.exchange_values and name not in input_names:
-            wanted.setdefault(model.exchange_values[name], []).append(name)
+    exchange_values = cast("dict[str, str]", model.exchange_values)  # set by build_module
+    for name in names if names is not None else exchange_values:
+        if name in exchange_values and name not in input_names:
+            wanted.setdefault(exchange_values[name], []).append(name)
     recorded: dict[str, torch.Tensor] = {}
 
     class Recorder(fx.Interpreter):

@@ -94,6 +94,9 @@ class KerasNormalization(nn.Module):
     (Keras's `axis` a list, or None) holds its buffers in `shape`, their channels-first broadcast
     shape without the batch."""
 
+    mean: torch.Tensor  # buffers (register_buffer)
+    variance: torch.Tensor
+
     def __init__(
         self, channels, rank, invert, epsilon, dtype=None, constant_mean=None, constant_variance=None, shape=None
     ):
@@ -149,6 +152,9 @@ class KerasReLU(nn.Module):
 class ChannelAffine(nn.Module):
     """Keras's Rescaling with per-channel values: x * scale + offset, the values constants
     (non-persistent buffers) shaped for the channels-first layout."""
+
+    scale: torch.Tensor  # buffers (register_buffer)
+    offset: torch.Tensor
 
     def __init__(self, scales, offsets, rank):
         super().__init__()
@@ -342,7 +348,7 @@ class KerasMultiHeadAttention(nn.Module):
 
     def forward(
         self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         batch, target, source = query.shape[0], query.shape[1], key.shape[1]
         # (N, T, heads·dim) -> (N, heads, T, dim): the heads are the outer part of the features.
         q = self.query(query).view(batch, target, self.num_heads, self.key_dim).transpose(1, 2)
@@ -690,6 +696,8 @@ class KerasDiscretization(nn.Module):
     """Keras's Discretization: the bucket of each value, i where boundaries[i - 1] <= x <
     boundaries[i] (int32, as Keras's `digitize`), or those buckets encoded (`keras_encode`)."""
 
+    boundaries: torch.Tensor  # a buffer (register_buffer)
+
     def __init__(self, bin_boundaries, output_mode="int", output_dtype=torch.float32):
         super().__init__()
         self.bin_boundaries, self.output_mode, self.output_dtype = bin_boundaries, output_mode, output_dtype
@@ -713,6 +721,11 @@ class KerasIntegerLookup(nn.Module):
     int64 columns (`keras_encode`; the mask token counts nowhere); "tf_idf" counts them as floats
     times `idf_weights` (one per column). With `invert`, indices -> values: the mask index gives
     mask_token, OOV and unknown indices oov_token."""
+
+    sorted_values: torch.Tensor  # buffers (register_buffer)
+    indices: torch.Tensor
+    table: torch.Tensor
+    idf: torch.Tensor  # with idf_weights only
 
     def __init__(
         self,
@@ -803,6 +816,8 @@ class KerasSpectralNormalization(nn.Module):
     """Keras's SpectralNormalization at inference: the wrapped `layer` with its stored weights as
     they are (Keras normalises the kernel only in training, writing the result into it);
     `vector_u` (1, units) is the power iteration's state, kept so the weights go back whole."""
+
+    layer: nn.Module  # a submodule (register_module)
 
     def __init__(self, layer=None, units=1, device=None, dtype=None):
         super().__init__()
@@ -1101,6 +1116,9 @@ class KerasMelSpectrogram(nn.Module):
     log10(max(|ref_power|, min_power)), raised to (the maximum over the whole batch) - top_db.
     Computed in float32 (float64 inputs in float64), as Keras does."""
 
+    window_values: torch.Tensor  # buffers (register_buffer)
+    mel_matrix: torch.Tensor
+
     def __init__(
         self,
         fft_length,
@@ -1251,12 +1269,11 @@ class KerasSTFTSpectrogram(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         signals = x.transpose(1, 2) if self.data_format == "channels_last" else x
-        real = self.convolve(signals, self.real_weight) if self.mode != "imag" else None
-        imag = self.convolve(signals, self.imag_weight) if self.mode != "real" else None
         if self.mode == "real":
-            return self.adjust(real)
+            return self.adjust(self.convolve(signals, self.real_weight))
         if self.mode == "imag":
-            return self.adjust(imag)
+            return self.adjust(self.convolve(signals, self.imag_weight))
+        real, imag = self.convolve(signals, self.real_weight), self.convolve(signals, self.imag_weight)
         if self.mode == "angle":
             return self.adjust(torch.atan2(imag, real))
         if self.mode == "stft":
@@ -1305,6 +1322,15 @@ class KerasCLAHE(nn.Module):
       (tile centres, edges repeated) and interpolated bilinearly;
     - scaled back to `value_range` (r * ((high - low) * (1 / 255)) + low), cast to x's dtype.
     Sizes are fixed at construction, so every index and weight is a constant buffer."""
+
+    row_first: torch.Tensor  # buffers (register_buffer, in __init__'s loop)
+    row_second: torch.Tensor
+    row_weight: torch.Tensor
+    row_weight_first: torch.Tensor
+    column_first: torch.Tensor
+    column_second: torch.Tensor
+    column_weight: torch.Tensor
+    column_weight_first: torch.Tensor
 
     def __init__(self, height, width, value_range=(0.0, 255.0), clip_limit=4.0, tile_grid_size=(8, 8)):
         super().__init__()
@@ -1430,11 +1456,11 @@ def decimal_bytes(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         digits.append(torch.fmod(rest, 10).abs())
         rest = torch.div(rest, 10, rounding_mode="trunc")
         count = count + (rest != 0).long()
-    digits = torch.stack(digits, -1)
+    digit_values = torch.stack(digits, -1)
     length = count + negative.long()
     position = torch.arange(width + 8, device=x.device)
     place = (length.unsqueeze(-1) - 1 - position).clamp(0, width - 2)  # digit shown at each position
-    characters = torch.gather(digits, -1, place) + ord("0")
+    characters = torch.gather(digit_values, -1, place) + ord("0")
     characters = torch.where((position == 0) & negative.unsqueeze(-1), ord("-"), characters)
     return torch.where(position < length.unsqueeze(-1), characters, 0), length
 

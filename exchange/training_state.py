@@ -50,8 +50,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Literal, cast
 
 import h5py
 import numpy as np
@@ -70,7 +72,7 @@ MAX_ITERATIONS = 1 << 53  # an int64 step count past float64's integers is not a
 MAX_SCHEDULE_BOUNDARIES = 1 << 12
 
 # Options every Keras optimizer has, with the only values reproduced here (None: any number or None).
-COMMON_OPTIONS = {
+COMMON_OPTIONS: dict[str, str | Literal[False] | None] = {
     "name": "text",
     "learning_rate": "rate",
     "weight_decay": "number or none",
@@ -94,7 +96,7 @@ WHY_NOT = {
     "amsgrad": "AMSGrad",
 }
 # Per class: its own options.
-CLASS_OPTIONS = {
+CLASS_OPTIONS: dict[str, dict[str, str | Literal[False] | None]] = {
     "Adam": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
     "AdamW": {"beta_1": "number", "beta_2": "number", "epsilon": "number", "amsgrad": False},
     "SGD": {"momentum": "number", "nesterov": "flag"},
@@ -137,7 +139,7 @@ REGULARIZERS = {"L1": ("l1",), "L2": ("l2",), "L1L2": ("l1", "l2")}
 
 # Per class: its slot groups (names interleaved per variable within a group) in the order Keras
 # 3.15's `build` creates them, given the optimizer's options (see the module docstring).
-SLOT_GROUPS = {
+SLOT_GROUPS: dict[str, Callable[[dict], list]] = {  # each a list of tuple[str, ...]
     "Adam": lambda options: [("momentum", "velocity")],
     "AdamW": lambda options: [("momentum", "velocity")],
     "SGD": lambda options: [("momentum",)] if options["momentum"] != 0 else [],
@@ -354,7 +356,7 @@ def check_loss(loss, where: str):
 # The losses reproduced in torch (`exchange.optimizers`, generated code): Keras's names for each,
 # and each one's options with their rules and Keras's defaults (beside `name`, and `dtype`,
 # `reduction` and `ignore_class` at Keras's defaults).
-LOSS_OPTIONS = {
+LOSS_OPTIONS: dict[str, dict[str, bool | float]] = {
     "categorical_crossentropy": {"from_logits": False, "label_smoothing": 0.0, "axis": -1},
     "sparse_categorical_crossentropy": {"from_logits": False, "axis": -1},
     "binary_crossentropy": {"from_logits": False, "label_smoothing": 0.0, "axis": -1},
@@ -385,13 +387,14 @@ def make_loss(description, from_logits: bool | None = None):
     name, options = loss_call(description, "loss")
     if from_logits is not None and "from_logits" in options:
         options["from_logits"] = from_logits
-    function = optimizers.LOSSES[name]
+    function = cast("Callable[..., Any]", optimizers.LOSSES[name])  # LOSSES' functions differ in options
     return lambda y_pred, y_true: function(y_pred, y_true, **options).mean()
 
 
 def loss_call(loss, where: str) -> tuple[str, dict]:
     """(function name, every option explicit) of a checked compile config's loss, as
     `exchange.optimizers` names its functions; a loss or option not reproduced is refused."""
+    name: object  # a class_name from a file: checked below
     if isinstance(loss, str):
         name, config = loss, {}
     elif isinstance(loss, dict) and isinstance(loss.get("config"), dict):
@@ -557,7 +560,7 @@ def _fresh_state(config: dict, graph: Graph, variables: list, spec, loss, regula
             f"{where}: layer {str(frozen)[:60]!r} is frozen (trainable=false): not supported for training state"
         )
     specs = graph.tensor_specs
-    slots = {}
+    slots: dict[str, dict[str, np.ndarray]] = {}
     for node, _, _, port in variables:
         for key in trained_keys(graph, node, port):
             shape, dtype = specs[key]
@@ -631,7 +634,7 @@ def _unpack(stored: list, spec: OptimizerSpec, variables: list[tuple], label: st
         if stored[1].shape != () or not np.issubdtype(stored[1].dtype, np.floating):
             raise ExchangeFileError(f"{label}: optimizer/vars/1 is not the learning rate")
         options["learning_rate"] = _value(float(stored[1].load()), "number", f"{label}: learning rate")
-    keras_slots = [{} for _ in variables]
+    keras_slots: list[dict[str, np.ndarray]] = [{} for _ in variables]
     index = head
     for group in groups:
         for position, (node, name, shape, _) in enumerate(variables):
@@ -706,7 +709,9 @@ def _regularizer(graph: Graph, node, option: str, value, where: str) -> dict:
     keras_shapes = dict(graph.keras_variables(node))
     candidates = [variable, f"{variable}_kernel"] if variable in ("depthwise", "pointwise", "recurrent") else [variable]
     for port in graph.ports(node):
-        names = getattr(port, "keras_names", ())
+        if isinstance(port, (TorchOnly, KerasOnly)):
+            continue  # neither is a Keras variable held by a torch parameter
+        names = port.keras_names
         if any(candidate in names for candidate in candidates):
             if isinstance(port, (Packed, Summed)) or len(names) != 1 or len(port.torch_shapes(keras_shapes)) != 1:
                 raise UnsupportedLayerError(f"{label}: its variable is not one whole torch parameter")
@@ -894,8 +899,8 @@ def read_exchange_training(exchange_file: fileformat.ExchangeFile, parameter_key
         if exchange_file.training_tensors:
             raise ExchangeFileError("the exchange file holds optimizer slots but no optimizer metadata")
         return None
-    description = untrusted.load_json(metadata[OPTIMIZER_METADATA], "exchange file", "optimizer metadata")
-    spec = check_optimizer(description, "exchange file")
+    description: Any = untrusted.load_json(metadata[OPTIMIZER_METADATA], "exchange file", "optimizer metadata")
+    spec = check_optimizer(description, "exchange file")  # refuses anything but an object
     iteration = description.get("iteration")
     if type(iteration) is not int or not 0 <= iteration <= MAX_ITERATIONS:
         raise ExchangeFileError(f"exchange file: optimizer iteration must be a step count, found {str(iteration)[:40]}")
