@@ -71,7 +71,8 @@ SLOT_KEY = re.compile(r"optimizer/([A-Za-z0-9_.]+)/([a-z_]+)")
 MAX_ITERATIONS = 1 << 53  # an int64 step count past float64's integers is not a real run
 MAX_SCHEDULE_BOUNDARIES = 1 << 12
 
-# Options every Keras optimizer has, with the only values reproduced here (None: any number or None).
+# Options every Keras optimizer has, with the only values reproduced here (None or False: the option must
+# be unset, None or False; a rule name: a value that rule checks).
 COMMON_OPTIONS: dict[str, str | Literal[False] | None] = {
     "name": "text",
     "learning_rate": "rate",
