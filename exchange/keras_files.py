@@ -115,7 +115,9 @@ class _Hdf5Source:
     def lazy(self, dataset_path: str) -> LazyTensor:
         dataset = untrusted.hdf5_get(self.h5, dataset_path, self.label, self.groups)
         if not isinstance(dataset, h5py.Dataset):
-            raise ExchangeFileError(f"{self.label}: no weights at {dataset_path}; config and weights do not match")
+            raise ExchangeFileError(
+                f"{self.label}: no weights at {dataset_path!r:.120}; config and weights do not match"
+            )
         untrusted.check_hdf5_dataset(dataset, self.label, self.size)
         shape, dtype = tuple(dataset.shape), np.dtype(dataset.dtype)
         offset = dataset.id.get_offset()

@@ -147,7 +147,7 @@ def check_zip_members(archive: zipfile.ZipFile, label: str, file_size: int) -> N
     for info in archive.infolist():
         if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
             raise ExchangeFileError(
-                f"{label}: member {info.filename} uses an unsupported compression (method {info.compress_type})"
+                f"{label}: member {info.filename!r:.80} uses an unsupported compression (method {info.compress_type})"
             )
 
 

@@ -41,3 +41,15 @@ def test_members_that_inflate_beyond_the_limit_are_refused_before_reading(tmp_pa
     with pytest.raises(ExchangeFileError, match="inflate"):
         untrusted.load_npz(path, limit=limit)
     assert set(untrusted.load_npz(path, limit=1 << 20)) == {"x"}
+
+
+def test_a_member_name_with_a_line_break_stays_one_line(tmp_path):
+    """A zip member's name is the file's: in a refusal it is repr'd (no line break) and cut."""
+    path = tmp_path / "odd.npz"
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_BZIP2) as archive:
+        archive.writestr("x\nerror: forged line" + "y" * 200 + ".npy", b"\x93NUMPY")
+    with pytest.raises(ExchangeFileError) as refused:
+        untrusted.load_npz(path)
+    message = str(refused.value)
+    assert "\n" not in message and "uses an unsupported compression" in message
+    assert "'x\\nerror: forged line" in message and "y" * 100 not in message
