@@ -55,22 +55,29 @@ def batches(count: int, seed: int, model_kind: str = "cnn") -> list[tuple[np.nda
     rng = np.random.default_rng(seed)
     return [
         (
-            _inputs(rng, model_kind),
+            INPUT_BATCHES[model_kind](rng),
             np.eye(CLASSES, dtype=np.float32)[rng.integers(0, CLASSES, BATCH)],
         )
         for _ in range(count)
     ]
 
 
-def _inputs(rng: np.random.Generator, model_kind: str) -> np.ndarray:
-    if model_kind == "cnn":
-        return rng.normal(size=(BATCH, *INPUT_SHAPES["cnn"])).astype(np.float32)
-    # Token ids 1.. with Zipf's frequencies, then 0 (padding) after each sequence's length.
+def image_batch(rng: np.random.Generator) -> np.ndarray:
+    """The CNN's inputs: normal values, (batch, height, width, channels)."""
+    return rng.normal(size=(BATCH, *INPUT_SHAPES["cnn"])).astype(np.float32)
+
+
+def token_batch(rng: np.random.Generator) -> np.ndarray:
+    """The text LSTM's inputs: token ids 1.. with Zipf's frequencies, then 0 (padding) after each
+    sequence's length."""
     (steps,) = INPUT_SHAPES["lstm"]
     frequencies = 1.0 / np.arange(1, VOCABULARY)
     tokens = rng.choice(np.arange(1, VOCABULARY), size=(BATCH, steps), p=frequencies / frequencies.sum())
     lengths = rng.integers(3, steps + 1, size=(BATCH, 1))
     return np.where(np.arange(steps) < lengths, tokens, 0).astype(np.int32)
+
+
+INPUT_BATCHES = {"cnn": image_batch, "lstm": token_batch}
 
 
 def keras_cnn(seed: int = 0):
